@@ -1,0 +1,34 @@
+"""graphopt: a compiler for trained neural networks.
+
+Stable public API: `load`, `save`, `to_onnx` (and the IR classes in `graphopt.ir`).
+"""
+
+from graphopt.errors import (
+    ExternalDataError,
+    GraphoptError,
+    ModelLoadError,
+    ParseError,
+    UsageError,
+    VerifyError,
+)
+from graphopt.ir import Graph, Model, Node, Value
+from graphopt.onnx_io import load, save, to_onnx
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ExternalDataError",
+    "Graph",
+    "GraphoptError",
+    "Model",
+    "ModelLoadError",
+    "Node",
+    "ParseError",
+    "UsageError",
+    "Value",
+    "VerifyError",
+    "__version__",
+    "load",
+    "save",
+    "to_onnx",
+]

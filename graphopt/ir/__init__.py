@@ -1,0 +1,23 @@
+"""The graph IR: what a pass author works with."""
+
+from graphopt.ir.core import Attr, AttrType, Function, Graph, Model, Node, Value
+from graphopt.ir.tensor import ExternalTensor, NumpyTensor, ProtoTensor, SparseTensor, Tensor
+from graphopt.ir.types import (
+    DataType,
+    Dim,
+    MapType,
+    OpaqueType,
+    OptionalType,
+    SequenceType,
+    Shape,
+    SparseTensorType,
+    TensorType,
+    Type,
+)
+from graphopt.ir.verify import verify, verify_graph
+
+__all__ = [
+    "Attr", "AttrType", "DataType", "Dim", "ExternalTensor", "Function", "Graph", "MapType", "Model",
+    "Node", "NumpyTensor", "OpaqueType", "OptionalType", "ProtoTensor", "SequenceType", "Shape",
+    "SparseTensor", "SparseTensorType", "Tensor", "TensorType", "Type", "Value", "verify", "verify_graph",
+]

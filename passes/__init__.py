@@ -1,0 +1,7 @@
+"""Built-in passes, installed as `graphopt.passes`. They use only graphopt's public API."""
+
+if __name__ != "graphopt.passes":  # pragma: no cover - guards against a second import as `passes`
+    raise ImportError(
+        "passes/ must be imported as graphopt.passes (install graphopt with `pip install -e .` "
+        "and run pytest with --import-mode=importlib)"
+    )

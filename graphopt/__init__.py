@@ -13,6 +13,7 @@ from graphopt.errors import (
 )
 from graphopt.ir import Graph, Model, Node, Value
 from graphopt.onnx_io import load, save, to_onnx
+from graphopt.transform import Pass, PassContext, PassResult, optimize, register_pass
 
 __version__ = "0.1.0"
 
@@ -28,7 +29,12 @@ __all__ = [
     "Value",
     "VerifyError",
     "__version__",
+    "Pass",
+    "PassContext",
+    "PassResult",
     "load",
+    "optimize",
+    "register_pass",
     "save",
     "to_onnx",
 ]

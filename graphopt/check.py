@@ -1,0 +1,125 @@
+"""Numeric checks against onnxruntime: run a model, make inputs, compare outputs.
+
+Everything that changes values (fusion reorders float math, int8, pruning) is checked by
+running the model before and after on onnxruntime with the same inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphopt.errors import GraphoptError
+from graphopt.ir.core import Model
+from graphopt.ir.types import DataType, TensorType
+
+
+class NumericMismatchError(GraphoptError):
+    """Outputs left the tolerance; the message says where it was first seen."""
+
+
+def random_inputs(model: Model, *, seed: int = 0, dim_values: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Inputs for every non-initializer graph input: symbolic dims bound to `dim_values` (2 by
+    default), floats ~ N(0, 1), integers in [0, 4), bools random."""
+    rng = np.random.default_rng(seed)
+    dims = dict(dim_values or {})
+    feeds: dict[str, np.ndarray] = {}
+    for v in model.graph.inputs:
+        if v.is_initializer():
+            continue
+        t = v.type
+        if not isinstance(t, TensorType):
+            raise GraphoptError(f"cannot make a random value for input {v.name!r} of type {t}; pass inputs")
+        shape = [d if isinstance(d, int) else dims.setdefault(d, 2) if isinstance(d, str) else 2 for d in (t.shape or [])]
+        feeds[v.name] = _random_array(rng, t.dtype, shape)
+    return feeds
+
+
+def _random_array(rng: np.random.Generator, dtype: DataType, shape: list[int]) -> np.ndarray:
+    if dtype.is_floating:
+        return rng.standard_normal(shape).astype(dtype.numpy())
+    if dtype == DataType.BOOL:
+        return rng.random(shape) < 0.5
+    if dtype == DataType.STRING:
+        return np.array(rng.choice(["a", "b", "c"], size=shape), dtype=object)
+    return rng.integers(0, 4, size=shape).astype(dtype.numpy())
+
+
+def run_onnxruntime(model: Model, inputs: Mapping[str, np.ndarray], *, threads: int = 1) -> list[np.ndarray]:
+    """Export and run on onnxruntime's CPU provider with all its optimisations off, so the
+    result shows what the model computes, not what onnxruntime rewrote."""
+    import onnxruntime as ort
+
+    from graphopt.onnx_io import to_onnx
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(to_onnx(model).SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return list(sess.run(None, dict(inputs)))
+    except Exception as e:
+        raise GraphoptError(f"onnxruntime cannot run the model: {str(e).splitlines()[0]}") from None
+
+
+@dataclass
+class Comparison:
+    ok: bool
+    max_abs: float
+    max_rel: float
+    worst_output: int | None
+    detail: str
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+def compare_outputs(
+    expected: list[np.ndarray], actual: list[np.ndarray], *, rtol: float = 1e-4, atol: float = 1e-5
+) -> Comparison:
+    """Element-wise |a - e| <= atol + rtol * |e| (NaN equal to NaN), over every output."""
+    if len(expected) != len(actual):
+        return Comparison(False, np.inf, np.inf, None, f"{len(actual)} outputs, expected {len(expected)}")
+    worst_abs, worst_rel, worst_i = 0.0, 0.0, None
+    for i, (e, a) in enumerate(zip(expected, actual)):
+        e, a = np.asarray(e), np.asarray(a)
+        if e.shape != a.shape:
+            return Comparison(False, np.inf, np.inf, i, f"output {i}: shape {a.shape}, expected {e.shape}")
+        if e.dtype != a.dtype:
+            return Comparison(False, np.inf, np.inf, i, f"output {i}: dtype {a.dtype}, expected {e.dtype}")
+        if e.dtype == object or e.dtype.kind in "USb":
+            if not np.array_equal(e, a):
+                return Comparison(False, np.inf, np.inf, i, f"output {i}: values differ")
+            continue
+        ef, af = e.astype(np.float64), a.astype(np.float64)
+        both_nan = np.isnan(ef) & np.isnan(af)
+        diff = np.where(both_nan, 0.0, np.abs(ef - af))
+        diff = np.where(np.isnan(diff), np.inf, diff)
+        if diff.size == 0:
+            continue
+        bad = diff > atol + rtol * np.abs(ef)
+        mabs = float(diff.max())
+        mrel = float((diff / np.maximum(np.abs(ef), 1e-12)).max())
+        if mabs > worst_abs:
+            worst_abs, worst_rel, worst_i = mabs, mrel, i
+        if bad.any():
+            return Comparison(
+                False, mabs, mrel, i, f"output {i}: max abs error {mabs:.3g}, max rel error {mrel:.3g} (rtol={rtol}, atol={atol})"
+            )
+    return Comparison(True, worst_abs, worst_rel, worst_i, f"max abs error {worst_abs:.3g}")
+
+
+def check_same_outputs(
+    before: Model,
+    after: Model,
+    inputs: Mapping[str, np.ndarray] | None = None,
+    *,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+) -> Comparison:
+    """Run both models on onnxruntime with the same inputs and compare."""
+    feeds = dict(inputs) if inputs is not None else random_inputs(before)
+    return compare_outputs(run_onnxruntime(before, feeds), run_onnxruntime(after, feeds), rtol=rtol, atol=atol)

@@ -24,16 +24,17 @@ ExternalWriter = Callable[[Tensor, str], "tuple[str, int, int] | None"]
 def to_onnx(model: Model, *, external_writer: ExternalWriter | None = None) -> onnx.ModelProto:
     """Export a Model. Without `external_writer` every tensor is embedded."""
     ex = _Exporter(external_writer)
-    mp = onnx.ModelProto(
-        ir_version=model.ir_version,
-        producer_name=model.producer_name,
-        producer_version=model.producer_version,
-        domain=model.domain,
-        model_version=model.model_version,
-        doc_string=model.doc_string,
-    )
+    mp = onnx.ModelProto(ir_version=model.ir_version)
+    # a field holding its default is written only when the source model stated it
+    explicit = model.explicit_defaults
+    for name in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        value = getattr(model, name)
+        if value or name in explicit:
+            setattr(mp, name, value)
     for domain, version in model.opset_imports.items():
-        mp.opset_import.add(domain=domain, version=version)
+        op = mp.opset_import.add(version=version)
+        if domain or "opset_import.domain" in explicit:
+            op.domain = domain
     _set_props(mp.metadata_props, model.metadata_props)
     ex.graph(model.graph, mp.graph)
     for f in model.functions.values():
@@ -196,6 +197,7 @@ class _Exporter:
         elif t == AttrType.SPARSE_TENSOR:
             self.sparse(v, ap.sparse_tensor)
         elif t == AttrType.TYPE_PROTO:
+            ap.tp.SetInParent()  # an empty TypeProto (imported as None) is still present
             if v is not None:
                 export_type(v, ap.tp)
         elif t == AttrType.FLOATS:

@@ -89,4 +89,5 @@ def clone_model(model: Model) -> Model:
         training_info=list(model.training_info),
         meta=copy.copy(model.meta),
         base_dir=model.base_dir,
+        explicit_defaults=model.explicit_defaults,
     )

@@ -152,7 +152,7 @@ class Attr:
 
         if isinstance(value, Attr):
             return value
-        if isinstance(value, bool):
+        if isinstance(value, (bool, np.bool_)):
             return Attr(name, AttrType.INT, int(value))
         if isinstance(value, (int, np.integer)):
             return Attr(name, AttrType.INT, int(value))
@@ -172,7 +172,8 @@ class Attr:
             items = list(value)
             if not items:
                 raise TypeError(f"attribute {name!r}: the kind of an empty list is ambiguous; pass an Attr")
-            if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in items):
+            # bools are ints (as for a single bool): [True, False] -> INTS [1, 0]
+            if all(isinstance(v, (int, np.integer, np.bool_)) for v in items):
                 return Attr(name, AttrType.INTS, [int(v) for v in items])
             if all(isinstance(v, (int, float, np.integer, np.floating)) for v in items):
                 return Attr(name, AttrType.FLOATS, [float(v) for v in items])
@@ -225,14 +226,16 @@ class Node:
         for a in attributes:
             self.set_attr(a)
         self._inputs: tuple[Value | None, ...] = ()
-        self.set_inputs(inputs)
         if outputs is None:
             outputs = [Value() for _ in range(1 if num_outputs is None else num_outputs)]
         elif num_outputs is not None and num_outputs != len(outputs):
             raise ValueError("num_outputs disagrees with outputs")
-        for i, v in enumerate(outputs):
+        for v in outputs:
             if v._producer is not None or v._graph is not None:
                 raise ValueError(f"value {v.name!r} is already defined elsewhere")
+        # only now touch the inputs' use lists: a refused node must leave no ghost uses
+        self.set_inputs(inputs)
+        for i, v in enumerate(outputs):
             v._producer, v._index = self, i
         self._outputs: tuple[Value, ...] = tuple(outputs)
         # linked-list hooks owned by Graph
@@ -262,14 +265,16 @@ class Node:
 
     def set_inputs(self, inputs: Sequence[Value | None]) -> None:
         """Replace the whole input list (its length may change)."""
+        inputs = tuple(inputs)
+        for i, v in enumerate(inputs):  # check first: a refused call changes nothing
+            if v is not None and not isinstance(v, Value):
+                raise TypeError(f"node {self.label()}: input {i} is a {type(v).__name__}, not a Value")
         for i, v in enumerate(self._inputs):
             if v is not None:
                 v._uses.pop((self, i), None)
-        self._inputs = tuple(inputs)
+        self._inputs = inputs
         for i, v in enumerate(self._inputs):
             if v is not None:
-                if not isinstance(v, Value):
-                    raise TypeError(f"node {self.label()}: input {i} is a {type(v).__name__}, not a Value")
                 v._uses[(self, i)] = None
 
     def detach(self) -> None:
@@ -479,7 +484,8 @@ class Graph:
     def remove(self, nodes: Node | Iterable[Node], *, safe: bool = True) -> None:
         """Remove nodes. With `safe`, refuse (VerifyError) when an output of a removed node is
         still used by a node that stays, or is a graph output; nothing is changed then."""
-        batch = [nodes] if isinstance(nodes, Node) else list(nodes)
+        # a node listed twice is removed once (unlinking it twice would corrupt the count)
+        batch = list(dict.fromkeys([nodes] if isinstance(nodes, Node) else nodes))
         for n in batch:
             self._check_member(n)
         if safe:
@@ -487,7 +493,7 @@ class Graph:
             for n in batch:
                 for v in n.outputs:
                     for user, _ in v._uses:
-                        if user not in doomed and _root_user(user) not in doomed:
+                        if user not in doomed and _enclosing_node_in(user, self) not in doomed:
                             raise VerifyError(
                                 f"cannot remove node {n.label()}: its output {v.name!r} is still used by {user.label()}",
                                 n,
@@ -544,7 +550,13 @@ class Graph:
                 if indeg[s] == 0:
                     heapq.heappush(ready, pos[s])
         if len(result) != len(order):
+            # every stuck node has a stuck predecessor; walking back must revisit a node, and
+            # the first node revisited is on a cycle (the first stuck one may only be downstream)
             stuck = next(n for n in order if indeg[n] > 0)
+            walked: set[Node] = set()
+            while stuck not in walked:
+                walked.add(stuck)
+                stuck = min((p for p in preds[stuck] if indeg[p] > 0), key=pos.__getitem__)
             raise VerifyError(f"cycle: node {stuck.label()} depends on its own output", stuck)
         prev: Node | None = None
         for n in result:
@@ -591,11 +603,13 @@ def _node_reads(node: Node) -> Iterator[Value]:
                     yield v
 
 
-def _root_user(node: Node) -> Node:
-    """The node of the outer graph that encloses `node` (itself when it is top level)."""
-    while node.graph is not None and isinstance(node.graph.parent, Node):
-        node = node.graph.parent
-    return node
+def _enclosing_node_in(node: Node, graph: Graph) -> Node | None:
+    """The node of `graph` that is `node` or encloses it (through subgraphs); None if none."""
+    n: Node | None = node
+    while n is not None and n.graph is not graph:
+        parent = n.graph.parent if n.graph is not None else None
+        n = parent if isinstance(parent, Node) else None
+    return n
 
 
 @dataclass
@@ -639,6 +653,10 @@ class Model:
     meta: dict[str, Any] = field(default_factory=dict)
     # folder that external-data locations are relative to (set by load)
     base_dir: str | None = None
+    # ModelProto fields the source stated although they hold the default ("" / 0), e.g.
+    # {"producer_name", "opset_import.domain"}: the export states exactly these too, so a round
+    # trip is byte-identical both for files that write every field and for ones that omit them
+    explicit_defaults: frozenset[str] = frozenset()
 
     def graphs(self) -> Iterator[Graph]:
         """The main graph, every function body, and every subgraph of either."""

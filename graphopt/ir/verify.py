@@ -119,8 +119,24 @@ def _check_defined(n: Node, i: int, v: Value, visible: set[Value], later: dict[V
         )
     p = v.producer()
     if p is not None and isinstance(p.graph, Graph) and p.graph is not n.graph:
+        if _encloses(p.graph, n.graph):
+            raise VerifyError(
+                f"node {n.label()} reads {v.name!r} before node {p.label()} of an enclosing graph produces it "
+                f"(a cycle, or nodes out of topological order){where}",
+                n,
+            )
         raise VerifyError(f"node {n.label()}: input {v.name!r} comes from a graph that does not enclose it{where}", n)
     raise VerifyError(f"node {n.label()}: input {i} {v.name!r} is not defined (dangling input){where}", n)
+
+
+def _encloses(outer: Graph, inner: Graph | None) -> bool:
+    g = inner
+    while g is not None:
+        if g is outer:
+            return True
+        parent = g.parent
+        g = parent.graph if isinstance(parent, Node) else None
+    return False
 
 
 __all__ = ["verify", "verify_graph", "Function"]

@@ -235,8 +235,12 @@ class _Exporter:
                 self.attribute(default, fp.attribute_proto.add())
         for n in f.graph:
             self.node(n, fp.node.add())
-        typed = [v for v in f.graph.inputs if v.type is not None]
-        typed += [v for n in f.graph for v in n.outputs if v.name and (v.type is not None)]
+        # FunctionProto keeps types, docs and metadata of its values in value_info only
+        def described(v: Value) -> bool:
+            return bool(v.name) and (v.type is not None or bool(v.doc_string) or bool(v.metadata_props))
+
+        typed = [v for v in f.graph.inputs if described(v)]
+        typed += [v for n in f.graph for v in n.outputs if described(v)]
         for v in typed:
             _value_info(v, fp.value_info.add())
         for domain, version in f.opset_imports.items():

@@ -119,7 +119,19 @@ def import_model(proto: onnx.ModelProto, *, base_dir: str | None = None) -> Mode
         functions=functions,
         training_info=[t.SerializeToString() for t in proto.training_info],
         base_dir=base_dir,
+        explicit_defaults=_explicit_defaults(proto),
     )
+
+
+_MODEL_SCALARS = ("producer_name", "producer_version", "domain", "model_version", "doc_string")
+
+
+def _explicit_defaults(proto: onnx.ModelProto) -> frozenset[str]:
+    """Fields present in the proto but holding their default (see Model.explicit_defaults)."""
+    found = {f for f in _MODEL_SCALARS if proto.HasField(f) and not getattr(proto, f)}
+    if any(op.domain == "" and op.HasField("domain") for op in proto.opset_import):
+        found.add("opset_import.domain")
+    return frozenset(found)
 
 
 def _props(entries: Any) -> dict[str, str]:
@@ -304,7 +316,7 @@ class _Importer:
             for ap in npb.attribute:
                 if ap.name in n.attributes:
                     raise ModelLoadError(f"node {n.label()}: attribute {ap.name!r} given twice")
-                n.set_attr(self.attribute(ap, chain))
+                n.set_attr(self.attribute(ap, chain, f"node {n.label()}: "))
             g.append(n)
         for vi in gp.value_info:
             v = scope.get(vi.name)
@@ -353,12 +365,13 @@ class _Importer:
         v.const_value = t
         g.register_initializer(v)
 
-    def attribute(self, ap: onnx.AttributeProto, chain: list[Mapping[str, Value]]) -> Attr:
+    def attribute(self, ap: onnx.AttributeProto, chain: list[Mapping[str, Value]], where: str = "") -> Attr:
+        """`where` prefixes error messages so they name the node (or function) at fault."""
         kind = ap.type if ap.type != 0 else _infer_attr_type(ap)
         try:
             at = AttrType(kind)
         except ValueError:
-            raise ModelLoadError(f"attribute {ap.name!r}: unknown kind {kind}") from None
+            raise ModelLoadError(f"{where}attribute {ap.name!r}: unknown kind {kind}") from None
         if ap.ref_attr_name:
             return Attr(ap.name, at, None, ap.doc_string, ap.ref_attr_name)
         value: Any
@@ -391,7 +404,7 @@ class _Importer:
         elif at == AttrType.TYPE_PROTOS:
             value = [import_type(t) for t in ap.type_protos]
         else:
-            raise ModelLoadError(f"attribute {ap.name!r} has no value")
+            raise ModelLoadError(f"{where}attribute {ap.name!r} has no value")
         return Attr(ap.name, at, value, ap.doc_string)
 
     def function(self, fp: onnx.FunctionProto) -> Function:
@@ -413,9 +426,14 @@ class _Importer:
             vi = types.get(v.name)
             if vi is not None and vi.HasField("type"):
                 v.type = import_type(vi.type)
+        for v in g.inputs:  # node outputs got their docs and metadata from graph() already
+            vi = types.get(v.name)
+            if vi is not None:
+                v.doc_string = vi.doc_string
+                v.metadata_props = _props(vi.metadata_props)
         attrs: dict[str, Attr | None] = {name: None for name in fp.attribute}
         for ap in fp.attribute_proto:
-            attrs[ap.name] = self.attribute(ap, [])
+            attrs[ap.name] = self.attribute(ap, [], f"function {fname}: ")
         return Function(
             fp.domain,
             fp.name,

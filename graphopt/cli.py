@@ -1,0 +1,505 @@
+"""graphopt-compile: the command line.
+
+    graphopt-compile MODEL.onnx -o OUT.onnx [--target onnx] [-O2 | --passes SPEC] [--disable NAME ...]
+                     [--verify] [--verify-each] [--inputs X.npz] [--report R.json] [--config F.toml]
+                     [--dump-ir DIR] [--quiet] [--debug]
+    graphopt-compile [-O2 | --passes SPEC] --print-pipeline
+    graphopt-compile --list-passes
+    graphopt-compile MODEL.onnx --explain RULE
+
+Exit codes: 0 success; 1 internal error (a bug in graphopt or in a pass); 2 bad input or usage;
+3 numeric verification failed (--verify or --verify-each: the compiled model's outputs left the
+tolerance; no output file is written).
+
+Every failure prints exactly one line, `graphopt-compile: error: <message>`, on stderr; the
+traceback of an internal error only with --debug or GRAPHOPT_DEBUG=1. The summary table goes
+to stderr (stdout carries only what --print-pipeline, --list-passes and --explain print), and
+--quiet drops it. Lines that say a pass was skipped by --disable are printed even with --quiet.
+
+Output is staged in a temporary folder beside the destination and moved into place only when
+everything (including --verify) succeeded: a failure never leaves a partial or stale file, and
+an existing output file stays untouched. A missing output folder is created (and removed again
+if the compile fails).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import numpy as np
+
+from graphopt.errors import GraphoptError, UsageError
+
+PROG = "graphopt-compile"
+TARGETS = ("onnx",)
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_VERIFY = 3
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is a UsageError (one line, exit 2) instead of usage + exit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, allow_abbrev=False, description="Compile an ONNX model with graphopt.",
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="exit codes:\n  0  ok\n  1  internal error\n  2  bad input or usage\n"
+                       "  3  numeric verification failed (--verify, --verify-each); no output written")
+    # every default is None so that a config file value is overridden only by flags actually given
+    p.add_argument("model", nargs="?", help="the input .onnx model")
+    p.add_argument("-o", "--output", help="where to write the compiled model")
+    p.add_argument("--target", help=f"what to produce (default onnx; have: {', '.join(TARGETS)})")
+    p.add_argument("-O", dest="opt_level", metavar="LEVEL", help="optimisation level 0-3 (-O2 is the default)")
+    p.add_argument("--passes", metavar="SPEC", help="the pipeline, e.g. '-O1,fold-constants' (instead of -O)")
+    p.add_argument("--disable", metavar="NAME", action="append", help="drop pass NAME from the pipeline (repeatable)")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the original and compiled model on onnxruntime and compare (exit 3 if they differ)")
+    p.add_argument("--verify-each", action=argparse.BooleanOptionalAction, default=None,
+                   help="check IR invariants and outputs after every pass; name the first pass that breaks them")
+    p.add_argument("--inputs", metavar="X.npz", help="inputs for --verify/--verify-each (default: random)")
+    p.add_argument("--rtol", type=float, help="relative tolerance for verification (default 1e-4)")
+    p.add_argument("--atol", type=float, help="absolute tolerance for verification (default 1e-5)")
+    p.add_argument("--seed", type=int, help="seed of the random verification inputs (default 0)")
+    p.add_argument("--report", metavar="R.json", help="write a JSON report")
+    p.add_argument("--config", metavar="FILE.toml", help="read options from a [graphopt] table; flags override it")
+    p.add_argument("--dump-ir", metavar="DIR", help="write the textual IR after every pass into DIR")
+    p.add_argument("--print-pipeline", action="store_true", help="print the pipeline in pipeline syntax and exit")
+    p.add_argument("--list-passes", action="store_true", help="list the available passes and exit")
+    p.add_argument("--explain", metavar="RULE", help="explain why pattern rule RULE does (not) match MODEL")
+    p.add_argument("-q", "--quiet", action=argparse.BooleanOptionalAction, default=None, help="no summary table")
+    p.add_argument("--debug", action="store_true", help="show the traceback of internal errors")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    return p
+
+
+def _version() -> str:
+    from graphopt import __version__
+
+    return __version__
+
+
+@dataclass
+class Options:
+    """The command line merged over the config file."""
+
+    model: str | None = None
+    output: str | None = None
+    target: str = "onnx"
+    pipeline: str = "-O2"
+    disable: list[str] = field(default_factory=list)
+    verify: bool = False
+    verify_each: bool = False
+    inputs: str | None = None
+    rtol: float = 1e-4
+    atol: float = 1e-5
+    seed: int = 0
+    report: str | None = None
+    dump_ir: str | None = None
+    quiet: bool = False
+    print_pipeline: bool = False
+    list_passes: bool = False
+    explain: str | None = None
+
+
+def _join_spec_values(argv: Sequence[str]) -> list[str]:
+    """`--passes -O1,cse`: argparse would take the spec for an option, so glue it on with '='."""
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--passes":
+            value = next(it, None)
+            out.append(arg if value is None else f"--passes={value}")
+        else:
+            out.append(arg)
+    return out
+
+
+def parse_options(argv: Sequence[str]) -> Options:
+    ns = build_parser().parse_args(_join_spec_values(argv))
+    cfg: dict[str, Any] = {}
+    if ns.config:
+        from graphopt.config import load_config
+
+        cfg = load_config(ns.config)
+
+    def pick(flag: Any, key: str, default: Any) -> Any:
+        # a flag given on the command line wins over the config file, which wins over the default
+        if flag is not None:
+            return flag
+        return cfg.get(key, default)
+
+    opts = Options(
+        model=pick(ns.model, "model", None),
+        output=pick(ns.output, "output", None),
+        target=pick(ns.target, "target", "onnx"),
+        pipeline=_pipeline_spec(ns, cfg),
+        disable=list(pick(ns.disable, "disable", [])),
+        verify=pick(ns.verify, "verify", False),
+        verify_each=pick(ns.verify_each, "verify-each", False),
+        inputs=pick(ns.inputs, "inputs", None),
+        rtol=float(pick(ns.rtol, "rtol", 1e-4)),
+        atol=float(pick(ns.atol, "atol", 1e-5)),
+        seed=pick(ns.seed, "seed", 0),
+        report=pick(ns.report, "report", None),
+        dump_ir=pick(ns.dump_ir, "dump-ir", None),
+        quiet=pick(ns.quiet, "quiet", False),
+        print_pipeline=ns.print_pipeline,
+        list_passes=ns.list_passes,
+        explain=ns.explain,
+    )
+    modes = [m for m, on in (("--print-pipeline", opts.print_pipeline), ("--list-passes", opts.list_passes),
+                             ("--explain", opts.explain is not None)) if on]
+    if len(modes) > 1:
+        raise UsageError(f"{' and '.join(modes)} cannot be combined")
+    return opts
+
+
+def _pipeline_spec(ns: argparse.Namespace, cfg: dict[str, Any]) -> str:
+    if ns.passes is not None and ns.opt_level is not None:
+        raise UsageError("give -O or --passes, not both (a spec may name a level: --passes '-O1,cse')")
+    if ns.passes is not None:
+        return str(ns.passes)
+    if ns.opt_level is not None:
+        return _level(str(ns.opt_level))
+    if "passes" in cfg and "opt-level" in cfg:
+        raise UsageError("config file: give 'passes' or 'opt-level', not both")
+    if "passes" in cfg:
+        return str(cfg["passes"])
+    if "opt-level" in cfg:
+        return _level(str(cfg["opt-level"]))
+    return "-O2"
+
+
+def _level(value: str) -> str:
+    from graphopt.transform import OPT_LEVELS
+
+    spec = "-O" + value
+    if spec not in OPT_LEVELS:
+        raise UsageError(f"unknown optimisation level -O{value} (have {', '.join(OPT_LEVELS)})")
+    return spec
+
+
+def _env_debug() -> bool:
+    return os.environ.get("GRAPHOPT_DEBUG", "") not in ("", "0")
+
+
+# --- entry point -------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run graphopt-compile; returns the exit code (the console script exits with it)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    # known before parsing, so that even a crash while parsing can show its traceback
+    debug = "--debug" in args or _env_debug()
+    try:
+        opts = parse_options(args)
+        return _run(opts)
+    except SystemExit as e:  # --help / --version
+        return e.code if isinstance(e.code, int) else EXIT_OK
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except GraphoptError as e:
+        from graphopt.check import NumericMismatchError
+        from graphopt.transform import PassError
+
+        cause = e.__cause__
+        if isinstance(e, PassError) and cause is not None and not isinstance(cause, GraphoptError):
+            # a pass crashed (a bug in the pass, not a problem with the input)
+            return _internal(e, debug, str(e))
+        if debug:
+            traceback.print_exc()
+        _error(str(e))
+        return EXIT_VERIFY if isinstance(e, NumericMismatchError) else EXIT_USAGE
+    except Exception as e:
+        return _internal(e, debug, f"internal error: {type(e).__name__}: {e}")
+
+
+def _internal(e: BaseException, debug: bool, message: str) -> int:
+    if debug:
+        traceback.print_exception(e)
+    else:
+        message += " (run with --debug or GRAPHOPT_DEBUG=1 for the traceback)"
+    _error(message)
+    return EXIT_INTERNAL
+
+
+def _one_line(text: str) -> str:
+    return " | ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
+
+
+def _note(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr)
+
+
+def _run(opts: Options) -> int:
+    if opts.list_passes:
+        return _list_passes()
+    if opts.print_pipeline:
+        passes = _resolve(opts)
+        print(_format(passes))
+        return EXIT_OK
+    if opts.explain is not None:
+        return _explain(opts)
+    return _compile(opts)
+
+
+def _resolve(opts: Options, log: list[str] | None = None) -> list[Any]:
+    from graphopt.transform import parse_pipeline
+
+    log = [] if log is None else log
+    passes = parse_pipeline(opts.pipeline, disable=opts.disable, log=log)
+    for line in log:  # --disable is never silent, not even with --quiet
+        _note(line)
+    return passes
+
+
+def _format(passes: Sequence[Any]) -> str:
+    from graphopt.transform import format_pipeline
+
+    return format_pipeline(passes)
+
+
+def _list_passes() -> int:
+    from graphopt.transform import list_passes
+    from graphopt.transform.registry import pass_origin
+
+    passes = list_passes()
+    if not passes:
+        print("(no passes registered)")
+        return EXIT_OK
+    width = max(len(n) for n in passes)
+    for name, cls in passes.items():
+        origin = pass_origin(name)
+        tail = f"  [{origin}]" if origin.startswith("plugin ") else ""
+        print(f"{name:<{width}}  {cls.summary()}{tail}")
+    return EXIT_OK
+
+
+def _explain(opts: Options) -> int:
+    import importlib
+
+    import graphopt
+
+    if not opts.model:
+        raise UsageError("--explain needs a MODEL")
+    try:
+        pattern = importlib.import_module("graphopt.pattern")
+    except ImportError as e:
+        raise UsageError(f"--explain needs graphopt.pattern, which cannot be imported: {e}") from None
+    get_rule = getattr(pattern, "get_rule", None)
+    explain = getattr(pattern, "explain", None)
+    if get_rule is None or explain is None:
+        raise UsageError("--explain needs graphopt.pattern.get_rule and graphopt.pattern.explain")
+    model = graphopt.load(opts.model)
+    try:
+        rule = get_rule(opts.explain)  # graphopt.pattern raises UsageError for an unknown rule
+    except KeyError:
+        names = ", ".join(_rule_names(pattern)) or "none"
+        raise UsageError(f"unknown rule {opts.explain!r} (have: {names})") from None
+    print(str(explain(model, rule)).rstrip("\n"))
+    return EXIT_OK
+
+
+def _rule_names(pattern: Any) -> list[str]:
+    rules = getattr(pattern, "list_rules", lambda: [])()
+    return sorted(r if isinstance(r, str) else str(getattr(r, "name", r)) for r in rules)
+
+
+# --- compiling ---------------------------------------------------------------------------------
+
+
+def _compile(opts: Options) -> int:
+    import graphopt
+    from graphopt.check import NumericMismatchError, compare_outputs, run_onnxruntime
+    from graphopt.report import Report, VerifyResult, op_counts
+    from graphopt.transform import NumericCheckInstrument, PassContext, TimingInstrument, optimize
+
+    start = time.perf_counter()
+    if not opts.model:
+        raise UsageError("no MODEL given (see graphopt-compile --help)")
+    if not opts.output:
+        raise UsageError("no output given: add -o OUT.onnx")
+    if os.path.isdir(opts.output):
+        raise UsageError(f"-o {opts.output} is a folder; give the path of the .onnx file to write")
+    if opts.target not in TARGETS:
+        raise UsageError(f"unknown target {opts.target!r} (have: {', '.join(TARGETS)})")
+    if opts.inputs and not (opts.verify or opts.verify_each):
+        raise UsageError("--inputs is only used by --verify or --verify-each; add one of them")
+
+    model = graphopt.load(opts.model)
+    ctx = PassContext()
+    passes = _resolve(opts, ctx.log)
+    feeds = _feeds(opts, model) if (opts.verify or opts.verify_each) else None
+    reference = run_onnxruntime(model, feeds) if opts.verify and feeds is not None else None
+
+    report = Report(
+        graphopt_version=graphopt.__version__,
+        model=opts.model,
+        output=opts.output,
+        target=opts.target,
+        pipeline=_format(passes),
+        disabled=list(opts.disable),
+        log=ctx.log,
+        nodes_before=op_counts(model),
+        size_before=_model_bytes(opts.model, model),
+    )
+    timing = TimingInstrument()
+    report.passes = timing.records
+    instruments: list[Any] = [timing]  # ours, not optimize()'s: its records are lost when a pass fails
+    if opts.verify_each:
+        checker = NumericCheckInstrument(inputs=feeds, rtol=opts.rtol, atol=opts.atol)
+        instruments.append(checker)
+        report.verify_each = checker.checked
+
+    with _output_folder(opts.output) as folder, _staging(folder) as stage:
+        try:
+            optimized = optimize(model, passes, verify_each=opts.verify_each, dump_ir=opts.dump_ir,
+                                 instruments=instruments, ctx=ctx)
+        except NumericMismatchError:
+            report.status = "verify-failed"
+            _finish(opts, report, start)
+            raise
+        staged = os.path.join(stage, os.path.basename(opts.output))
+        graphopt.save(optimized, staged)
+        report.nodes_after = op_counts(optimized)
+        report.size_after = sum(os.path.getsize(os.path.join(stage, f)) for f in os.listdir(stage))
+        if reference is not None and feeds is not None:
+            # verify what was written, not the in-memory IR: this also covers export and save
+            actual = run_onnxruntime(graphopt.load(staged), feeds)
+            cmp = compare_outputs(reference, actual, rtol=opts.rtol, atol=opts.atol)
+            report.verify = VerifyResult(cmp.ok, cmp.max_abs, cmp.max_rel, opts.rtol, opts.atol,
+                                         opts.inputs or f"random(seed={opts.seed})", cmp.detail)
+            if not cmp.ok:
+                report.status = "verify-failed"
+                _finish(opts, report, start)
+                raise NumericMismatchError(f"--verify: the compiled model's outputs differ from the original: "
+                                           f"{cmp.detail}; {opts.output} was not written")
+        _publish(stage, folder, os.path.basename(opts.output))
+    _finish(opts, report, start)
+    return EXIT_OK
+
+
+def _finish(opts: Options, report: Any, start: float) -> None:
+    from graphopt.onnx_io import atomic_write
+
+    report.seconds = time.perf_counter() - start
+    if opts.report:
+        with _output_folder(opts.report), atomic_write(opts.report) as f:
+            f.write(report.to_json().encode())
+    if not opts.quiet:
+        print(report.format_table(), file=sys.stderr)
+
+
+def _feeds(opts: Options, model: Any) -> dict[str, np.ndarray]:
+    from graphopt.check import random_inputs
+
+    names = [v.name for v in model.graph.inputs if not v.is_initializer()]
+    if not opts.inputs:
+        return random_inputs(model, seed=opts.seed)
+    try:
+        with np.load(opts.inputs, allow_pickle=False) as data:
+            feeds = {k: np.asarray(data[k]) for k in data.files}
+    except FileNotFoundError:
+        raise UsageError(f"--inputs {opts.inputs}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--inputs {opts.inputs}: not a readable .npz file: {_one_line(str(e))}") from None
+    if not isinstance(feeds, dict):  # pragma: no cover - np.load of a .npy gives an array
+        raise UsageError(f"--inputs {opts.inputs}: expected a .npz archive")
+    unknown = sorted(set(feeds) - set(names))
+    if unknown:
+        raise UsageError(f"--inputs {opts.inputs}: the model has no input {unknown[0]!r} (inputs: {', '.join(names)})")
+    missing = [n for n in names if n not in feeds]
+    if missing:
+        raise UsageError(f"--inputs {opts.inputs}: no array for input {missing[0]!r}")
+    return feeds
+
+
+def _model_bytes(path: str, model: Any) -> int:
+    """The model file plus the external-data files it reads."""
+    from graphopt.ir.tensor import ExternalTensor
+
+    files = {os.path.abspath(path)}
+    for g in model.graphs():
+        for v in g.initializers.values():
+            if isinstance(v.const_value, ExternalTensor):
+                files.add(os.path.abspath(v.const_value.path))
+    return sum(os.path.getsize(f) for f in files if os.path.exists(f))
+
+
+@contextlib.contextmanager
+def _output_folder(path: str) -> Iterator[str]:
+    """The folder of `path`, created if missing; folders created here are removed again when
+    the block fails, so a failed compile leaves nothing behind."""
+    folder = os.path.dirname(os.path.abspath(path))
+    created: list[str] = []
+    probe = folder
+    while not os.path.isdir(probe):
+        if os.path.exists(probe):
+            raise UsageError(f"cannot write {path}: {probe} is not a folder")
+        created.append(probe)
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    try:
+        for d in reversed(created):
+            os.mkdir(d)
+    except OSError as e:
+        _rmdirs(created)
+        raise UsageError(f"cannot create the output folder {folder}: {e.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"cannot write {path}: folder {folder} is not writable")
+    try:
+        yield folder
+    except BaseException:
+        _rmdirs(created)
+        raise
+
+
+def _rmdirs(created: list[str]) -> None:
+    for d in created:  # deepest first; only folders that are still empty
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
+
+
+@contextlib.contextmanager
+def _staging(folder: str) -> Iterator[str]:
+    """A temporary folder beside the destination (same file system, so moves are renames)."""
+    stage = tempfile.mkdtemp(prefix=".graphopt-compile-", dir=folder)
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _publish(stage: str, folder: str, model_name: str) -> None:
+    """Move the staged files into place: data files first, the model last, so the model never
+    points at data that is not there yet."""
+    names = sorted(os.listdir(stage), key=lambda n: (n == model_name, n))
+    for name in names:
+        os.replace(os.path.join(stage, name), os.path.join(folder, name))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

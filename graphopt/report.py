@@ -1,0 +1,141 @@
+"""The compile report: what graphopt-compile did, as JSON (--report) and as a terminal table.
+
+Holds pass timings, node counts per op type before/after, file sizes before/after and, with
+--verify, the numeric deltas between the original and the compiled model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from graphopt.ir.core import Model
+from graphopt.transform.instruments import PassRecord
+
+#: bump when a key changes meaning, so build pipelines can check what they read
+SCHEMA_VERSION = 1
+
+
+def op_counts(model: Model) -> dict[str, int]:
+    """Nodes per op type over the whole model (subgraphs and functions included), sorted by
+    name; non-default domains are spelled `domain::Op`."""
+    counts = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in model.all_nodes())
+    return dict(sorted(counts.items()))
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    max_abs: float
+    max_rel: float
+    rtol: float
+    atol: float
+    inputs: str  # where the inputs came from: a .npz path or "random(seed=N)"
+    detail: str
+
+
+@dataclass
+class Report:
+    graphopt_version: str
+    model: str
+    output: str | None
+    target: str
+    pipeline: str
+    status: str = "ok"  # "ok" or "verify-failed"
+    disabled: list[str] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+    passes: list[PassRecord] = field(default_factory=list)
+    nodes_before: dict[str, int] = field(default_factory=dict)
+    nodes_after: dict[str, int] = field(default_factory=dict)
+    size_before: int = 0
+    size_after: int | None = None
+    verify: VerifyResult | None = None
+    verify_each: list[tuple[str, float]] | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA_VERSION,
+            "graphopt_version": self.graphopt_version,
+            "status": self.status,
+            "model": self.model,
+            "output": self.output,
+            "target": self.target,
+            "pipeline": self.pipeline,
+            "disabled": list(self.disabled),
+            "log": list(self.log),
+            "passes": [
+                {
+                    "pass": r.spec,
+                    "seconds": r.seconds,
+                    "changed": r.changed,
+                    "nodes_before": r.nodes_before,
+                    "nodes_after": r.nodes_after,
+                    "stats": dict(r.stats),
+                }
+                for r in self.passes
+            ],
+            "nodes": {
+                "before": dict(self.nodes_before),
+                "after": dict(self.nodes_after),
+                "total_before": sum(self.nodes_before.values()),
+                "total_after": sum(self.nodes_after.values()),
+            },
+            "size": {"before": self.size_before, "after": self.size_after},
+            "verify": None if self.verify is None else asdict(self.verify),
+            "verify_each": None
+            if self.verify_each is None
+            else [{"pass": spec, "max_abs": _finite(err)} for spec, err in self.verify_each],
+            "seconds": self.seconds,
+        }
+
+    def to_json(self) -> str:
+        # allow_nan=False: strict JSON readers choke on NaN/Infinity; _finite maps them to None
+        return json.dumps(_sanitize(self.to_dict()), indent=2, sort_keys=False, allow_nan=False) + "\n"
+
+    def format_table(self) -> str:
+        """A readable summary for the terminal."""
+        lines = [f"graphopt-compile {self.model} -> {self.output or '(no output)'}  [target {self.target}]"]
+        lines.append(f"pipeline: {self.pipeline or '(empty)'}")
+        if self.passes:
+            w = max(len("pass"), *(len(r.spec) for r in self.passes))
+            lines.append(f"  {'pass':<{w}}  {'ms':>9}  {'nodes':>13}  changed")
+            for r in self.passes:
+                nodes = f"{r.nodes_before}->{r.nodes_after}"
+                lines.append(f"  {r.spec:<{w}}  {r.seconds * 1e3:>9.2f}  {nodes:>13}  {'yes' if r.changed else 'no'}")
+        ops = sorted(set(self.nodes_before) | set(self.nodes_after))
+        if ops:
+            w = max(len("op"), *(len(o) for o in ops))
+            lines.append(f"  {'op':<{w}}  {'before':>7}  {'after':>7}")
+            for op in ops:
+                b, a = self.nodes_before.get(op, 0), self.nodes_after.get(op, 0)
+                lines.append(f"  {op:<{w}}  {b:>7}  {a:>7}{'' if a == b else f'  ({a - b:+d})'}")
+            tb, ta = sum(self.nodes_before.values()), sum(self.nodes_after.values())
+            lines.append(f"  {'total':<{w}}  {tb:>7}  {ta:>7}{'' if ta == tb else f'  ({ta - tb:+d})'}")
+        size_after = "-" if self.size_after is None else f"{self.size_after} bytes"
+        lines.append(f"size: {self.size_before} bytes -> {size_after}")
+        if self.verify is not None:
+            v = self.verify
+            verdict = "ok" if v.ok else "FAILED"
+            lines.append(
+                f"verify: {verdict}: max abs error {v.max_abs:.3g}, max rel error {v.max_rel:.3g}"
+                f" (rtol={v.rtol}, atol={v.atol}, inputs {v.inputs})"
+            )
+        lines.append(f"time: {self.seconds:.3f} s")
+        return "\n".join(lines)
+
+
+def _finite(x: float) -> float | None:
+    return x if x == x and abs(x) != float("inf") else None
+
+
+def _sanitize(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return _finite(obj)
+    if isinstance(obj, dict):
+        return {k: _sanitize(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_sanitize(v) for v in obj]
+    return obj

@@ -31,53 +31,16 @@ PREFIX = "graphopt-compile: error: "
 
 # --- the README tutorial: acme-graphopt/pyproject.toml and acme-graphopt/acme_graphopt/__init__.py ---
 
-PYPROJECT = """\
-[build-system]
-requires = ["setuptools>=61"]
-build-backend = "setuptools.build_meta"
-
-[project]
-name = "acme-graphopt"
-version = "0.1.0"
-dependencies = ["graphopt"]
-
-[project.entry-points."graphopt.passes"]
-acme-drop-identity = "acme_graphopt:DropIdentity"
-"""
-
-PLUGIN = '''\
-"""acme_graphopt: a graphopt pass that lives in its own package."""
-
-from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import ClassVar
-
-from graphopt.ir import Model
-from graphopt.transform import Pass, PassContext, PassResult
+def _readme_block(title: str, lang: str) -> str:
+    """The fenced block that follows the line naming `title` in the README's tutorial."""
+    text = (ROOT / "README.md").read_text()
+    at = text.index(f"`{title}`")
+    fence = text.index(f"```{lang}\n", at) + len(lang) + 4
+    return text[fence : text.index("```", fence)]
 
 
-@dataclass(frozen=True)
-class DropIdentity(Pass):
-    """Remove Identity nodes (graph outputs excepted)."""
-
-    name: ClassVar[str] = "acme-drop-identity"
-    limit: int = 0  # at most this many (0: all); in a pipeline: acme-drop-identity{limit=1}
-
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        graph = model.graph
-        removed = 0
-        for node in graph.find_nodes("Identity"):
-            if self.limit and removed == self.limit:
-                break
-            src, out = node.inputs[0], node.outputs[0]
-            if src is None or out.is_graph_output():
-                continue  # a graph output's name is part of the model's interface
-            out.replace_all_uses_with(src)
-            graph.remove(node)
-            removed += 1
-        return PassResult(changed=removed > 0, stats={"identities-removed": removed})
-'''
+PYPROJECT = _readme_block("acme-graphopt/pyproject.toml", "toml")
+PLUGIN = _readme_block("acme-graphopt/acme_graphopt/__init__.py", "python")
 
 CLASH = '''
 @dataclass(frozen=True)
@@ -130,6 +93,8 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     if "dce" not in reg._REGISTRY:  # the cleanup passes are written concurrently
         reg.register_pass(_stub("dce"), origin="graphopt.passes stand-in for dce")
     monkeypatch.setattr(reg, "_loaded", False)  # the next lookup scans the entry points again
+    rules = importlib.import_module("graphopt.pattern.rule")
+    monkeypatch.setattr(rules, "_RULES", dict(rules._RULES))
     path = tmp_path / "site"
     path.mkdir()
     monkeypatch.syspath_prepend(str(path))
@@ -216,3 +181,32 @@ def test_tutorial_module_is_importable_on_its_own(site: Path) -> None:
     mod: types.ModuleType = importlib.import_module("acme_graphopt")
     assert mod.DropIdentity.name == "acme-drop-identity"
     assert mod.DropIdentity(limit=2).spec() == "acme-drop-identity{limit=2}"
+
+
+MUL_ONES = """
+<ir_version: 10, opset_import: ["" : 21]>
+g (float[2,3] X) => (float[2,3] Y, float[2,3] Z)
+<float s = {1.0}, float[3] v = {1.0, 1.0, 1.0}>
+{
+  Y = Mul(X, s)
+  Z = Mul(v, X)
+}
+"""
+
+
+def test_tutorial_rule_fires_and_explains_itself(site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import onnx.parser
+
+    from graphopt.check import check_same_outputs
+
+    install(site, _entry_points_from_pyproject(PYPROJECT))
+    model = graphopt.load(onnx.parser.parse_model(MUL_ONES))
+    optimized = graphopt.optimize(model, "acme-simplify")
+    # the scalar 1 goes; the [3]-shaped one stays (its check refuses: it may broadcast)
+    assert op_counts(model)["Mul"] == 2 and op_counts(optimized)["Mul"] == 1
+    assert check_same_outputs(model, optimized).ok
+    path = tmp_path / "ones.onnx"
+    graphopt.save(model, path)
+    code, out, err = run_cli(capsys, path, "--explain", "acme-mul-by-one")
+    assert code == 0, err
+    assert "the 1 is not a scalar: it may broadcast x" in out

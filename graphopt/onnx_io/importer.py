@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import onnx
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from graphopt.errors import ExternalDataError, GraphoptError, ModelLoadError, VerifyError
@@ -31,6 +32,8 @@ from graphopt.ir.types import (
 )
 
 MIN_IR_VERSION = 3
+_STRING = FieldDescriptor.TYPE_STRING
+_MESSAGE = FieldDescriptor.TYPE_MESSAGE
 
 
 def load(
@@ -91,6 +94,7 @@ def _parse(data: bytes, where: str) -> onnx.ModelProto:
 
 
 def import_model(proto: onnx.ModelProto, *, base_dir: str | None = None) -> Model:
+    _check_text(proto)
     if proto.ir_version < MIN_IR_VERSION:
         raise ModelLoadError(f"IR version {proto.ir_version} is not supported (graphopt reads IR version 3 onward)")
     opsets: dict[str, int] = {}
@@ -132,6 +136,31 @@ def _explicit_defaults(proto: onnx.ModelProto) -> frozenset[str]:
     if any(op.domain == "" and op.HasField("domain") for op in proto.opset_import):
         found.add("opset_import.domain")
     return frozenset(found)
+
+
+def _check_text(msg: Any, parent: Any = None) -> None:
+    """Refuse invalid UTF-8 in string fields. protobuf parses it anyway and hands it back as
+    bytes, which would break every name lookup and then the export."""
+    for f, value in msg.ListFields():
+        t = f.type
+        if t == _STRING:
+            for s in value if f.is_repeated else (value,):
+                if s.__class__ is bytes:
+                    raise ModelLoadError(
+                        f"field {msg.DESCRIPTOR.name}.{f.name}{_owner(msg, parent)} is not valid UTF-8: {s[:40]!r}"
+                    )
+        elif t == _MESSAGE:
+            for sub in value if f.is_repeated else (value,):
+                _check_text(sub, msg)
+
+
+def _owner(msg: Any, parent: Any) -> str:
+    """' of NodeProto 'conv1'' for the nearest of `msg`, `parent` with a readable name."""
+    for m in (msg, parent):
+        name = getattr(m, "name", None)
+        if name and isinstance(name, str):
+            return f" of {m.DESCRIPTOR.name} {name!r}"
+    return ""
 
 
 def _props(entries: Any) -> dict[str, str]:

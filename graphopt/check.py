@@ -33,7 +33,8 @@ def random_inputs(model: Model, *, seed: int = 0, dim_values: Mapping[str, int] 
         if not isinstance(t, TensorType):
             raise GraphoptError(f"cannot make a random value for input {v.name!r} of type {t}; pass inputs")
         shape = [d if isinstance(d, int) else dims.setdefault(d, 2) if isinstance(d, str) else 2 for d in (t.shape or [])]
-        feeds[v.name] = _random_array(rng, t.dtype, shape)
+        # np.asarray: a 0-d draw comes back as a numpy scalar, which onnxruntime refuses
+        feeds[v.name] = np.asarray(_random_array(rng, t.dtype, shape))
     return feeds
 
 

@@ -5,3 +5,5 @@ if __name__ != "graphopt.passes":  # pragma: no cover - guards against a second 
         "passes/ must be imported as graphopt.passes (install graphopt with `pip install -e .` "
         "and run pytest with --import-mode=importlib)"
     )
+
+from graphopt.passes import cleanup  # noqa: E402,F401  (registers fold-constants, simplify-shapes, remove-noops, cse, dce)

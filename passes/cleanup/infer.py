@@ -1,0 +1,128 @@
+"""Type and shape inference for the cleanup passes: onnx's shape inference (with data
+propagation and symbolic dims) run on the exported model, its results put back on IR values."""
+
+from __future__ import annotations
+
+import onnx
+
+from graphopt import to_onnx
+from graphopt.ir import DataType, Graph, Model, Shape, TensorType, Type
+
+#: Initializers larger than this go to shape inference as typed inputs without their data:
+#: inference only needs the values of small (shape-like) tensors, and copying weights is slow.
+_KEEP_DATA_ELEMS = 4096
+
+
+def _numel(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n
+
+
+def _strip_weights(gp: onnx.GraphProto) -> None:
+    inputs = {i.name for i in gp.input}
+    keep = []
+    for t in gp.initializer:
+        if _numel(t) <= _KEEP_DATA_ELEMS:
+            keep.append(t)
+            continue
+        if t.name not in inputs:
+            gp.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    del gp.initializer[:]
+    gp.initializer.extend(keep)
+
+
+_TYPE_CACHE: dict[tuple[object, ...], TensorType | None] = {}
+
+
+def _tensor_type(tp: onnx.TypeProto) -> TensorType | None:
+    """TypeProto -> TensorType, memoised: a model has few distinct types (types are immutable)."""
+    if tp.WhichOneof("value") != "tensor_type":
+        return None
+    tt = tp.tensor_type
+    key = (tt.elem_type, tt.HasField("shape"), tuple((d.WhichOneof("value"), d.dim_value, d.dim_param) for d in tt.shape.dim))
+    hit = _TYPE_CACHE.get(key, False)
+    if hit is not False:
+        return hit  # type: ignore[return-value]
+    t = _convert(tt)
+    if len(_TYPE_CACHE) < 100_000:
+        _TYPE_CACHE[key] = t
+    return t
+
+
+def _convert(tt: onnx.TypeProto.Tensor) -> TensorType | None:
+    try:
+        dtype = DataType(tt.elem_type)
+    except ValueError:
+        return None
+    if dtype == DataType.UNDEFINED:
+        return None
+    if not tt.HasField("shape"):
+        return TensorType(dtype)
+    dims: list[int | str | None] = []
+    for d in tt.shape.dim:
+        kind = d.WhichOneof("value")
+        dims.append(int(d.dim_value) if kind == "dim_value" else d.dim_param if kind == "dim_param" else None)
+    return TensorType(dtype, Shape(tuple(dims)))
+
+
+def merge_type(old: Type | None, new: TensorType | None) -> Type | None:
+    """The more precise of two types for one value; on any disagreement the old one wins."""
+    if new is None:
+        return old
+    if old is None:
+        return new
+    if not isinstance(old, TensorType) or old.dtype != new.dtype:
+        return old
+    if old.shape is None:
+        return TensorType(old.dtype, new.shape, old.denotation)
+    if new.shape is None or new.shape.rank != old.shape.rank:
+        return old
+    dims: list[int | str | None] = []
+    for a, b in zip(old.shape.dims, new.shape.dims):
+        if isinstance(a, int):
+            dims.append(a)
+        elif isinstance(b, int):
+            dims.append(b)
+        else:
+            dims.append(a if a is not None else b)
+    if tuple(dims) == old.shape.dims:
+        return old
+    return TensorType(old.dtype, Shape(tuple(dims), old.shape.denotations), old.denotation)
+
+
+def _apply(g: Graph, gp: onnx.GraphProto) -> int:
+    types = {vi.name: vi.type for vi in gp.value_info}
+    types.update({vi.name: vi.type for vi in gp.output})
+    nodes = g.nodes
+    if len(nodes) != len(gp.node):  # not the graph we exported; leave it alone
+        return 0
+    updated = 0
+    for n, npb in zip(nodes, gp.node):
+        for v in n.outputs:
+            tp = types.get(v.name)
+            if tp is not None:
+                t = merge_type(v.type, _tensor_type(tp))
+                if t is not v.type:
+                    v.type = t
+                    updated += 1
+        sub_protos = {a.name: ([a.g] if a.HasField("g") else list(a.graphs)) for a in npb.attribute}
+        for name, a in n.attributes.items():
+            gs, gps = a.graphs(), sub_protos.get(name, [])
+            for sg, sgp in zip(gs, gps):
+                updated += _apply(sg, sgp)
+    return updated
+
+
+def infer_types(model: Model) -> int:
+    """Run onnx shape inference and record the inferred types on the IR values of the main
+    graph and its subgraphs (function bodies are not covered). Returns how many values got a
+    more precise type. Failures of inference are ignored: the passes then know less."""
+    try:
+        proto = to_onnx(model)
+        _strip_weights(proto.graph)
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:
+        return 0
+    return _apply(model.graph, inferred.graph)

@@ -188,6 +188,8 @@ class Attr:
         raise TypeError(f"attribute {name!r}: cannot infer the kind of {type(value).__name__}")
 
     def graphs(self) -> list[Graph]:
+        if self.value is None:  # a reference (`ref_attr_name`) holds no graph of its own
+            return []
         if self.type == AttrType.GRAPH:
             return [self.value]
         if self.type == AttrType.GRAPHS:
@@ -296,7 +298,16 @@ class Node:
         return default if a is None else a.value
 
     def subgraphs(self) -> list[Graph]:
-        return [g for a in self.attributes.values() for g in a.graphs()]
+        # hot: every recursive walk asks every node; plain int compares keep it cheap
+        out: list[Graph] = []
+        for a in self.attributes.values():
+            t = a.type
+            if (t == 5 or t == 10) and a.value is not None:  # GRAPH, GRAPHS
+                if t == 5:
+                    out.append(a.value)
+                else:
+                    out.extend(a.value)
+        return out
 
     # --- misc ----------------------------------------------------------------------------------
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +41,17 @@ class PassManager:
         self.ctx = ctx or PassContext()
 
     def run(self, model: Model) -> PipelineResult:
+        # The IR is a large web of small objects: the cyclic collector's repeated scans of it make
+        # pass time grow faster than the graph. Nothing here relies on collecting cycles mid-run.
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run(model)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    def _run(self, model: Model) -> PipelineResult:
         ctx = self.ctx
         out = PipelineResult(model, log=ctx.log)
         for ins in self.instruments:

@@ -51,7 +51,9 @@ def clone_graph(graph: Graph, value_map: dict[Value, Value] | None = None) -> Gr
 
 
 def _clone_attr(a: Attr, vm: dict[Value, Value]) -> Attr:
-    if a.type == AttrType.GRAPH:
+    if a.value is None:  # a reference (`ref_attr_name`) inside a function body
+        value = None
+    elif a.type == AttrType.GRAPH:
         value = clone_graph(a.value, vm)
     elif a.type == AttrType.GRAPHS:
         value = [clone_graph(g, vm) for g in a.value]

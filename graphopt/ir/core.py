@@ -692,6 +692,11 @@ class Model:
 
         return clone_model(self)
 
+    def __str__(self) -> str:
+        from graphopt.ir.printer import print_model
+
+        return print_model(self, elide_tensors_over=16)
+
     def __repr__(self) -> str:
         return f"Model(ir_version={self.ir_version}, opsets={self.opset_imports}, {len(self.graph)} nodes)"
 

@@ -149,11 +149,20 @@ class ExternalTensor(Tensor):
         self.doc_string = doc_string
         self.metadata_props = dict(metadata_props or {})
         self._array: np.ndarray | None = None
+        self._pinned: np.ndarray | None = None
+
+    def pin(self) -> None:
+        """Map the payload now and keep the mapping, so the bytes stay readable after the file
+        is replaced (saving over the model's own data file) or deleted. Costs address space, not RAM."""
+        if self._pinned is None:
+            self._pinned = self.raw_memmap()
 
     def raw_memmap(self) -> np.ndarray:
         """The bytes of the payload as a read-only uint8 memmap (no copy)."""
         from graphopt.errors import ExternalDataError
 
+        if self._pinned is not None:
+            return self._pinned
         try:
             return np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.offset, shape=(self.length,))
         except (OSError, ValueError) as e:

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 
 from graphopt.ir.core import Attr, AttrType, Function, Graph, Model, Node, Value
 from graphopt.ir.tensor import ExternalTensor, ProtoTensor, SparseTensor, Tensor
-from graphopt.ir.types import MapType, OpaqueType, OptionalType, SequenceType, SparseTensorType, TensorType, Type
+from graphopt.ir.types import DataType, MapType, OpaqueType, OptionalType, SequenceType, SparseTensorType, TensorType, Type
 
 #: Called for each tensor that should go to external data; returns (location, offset, length)
 #: or None to embed it.
@@ -121,6 +121,13 @@ class _Exporter:
             tp.data_type = int(t.dtype)
             tp.dims.extend(t.shape)
             tp.raw_data = t.tobytes()
+        elif t.dtype == DataType.STRING:
+            # written element by element: numpy_helper goes through fixed-width bytes, which
+            # drops trailing NUL bytes of an element
+            tp.name = name
+            tp.data_type = int(t.dtype)
+            tp.dims.extend(t.shape)
+            tp.string_data.extend(s.encode() if isinstance(s, str) else bytes(s) for s in t.numpy().ravel().tolist())
         else:
             tp.CopyFrom(numpy_helper.from_array(t.numpy(), name))
             if tp.data_type != int(t.dtype):

@@ -271,6 +271,7 @@ def resolve_external_path(base_dir: str, location: str, tensor_name: str = "") -
 class _Importer:
     def __init__(self, base_dir: str | None) -> None:
         self.base_dir = base_dir
+        self.in_function = False  # ref_attr_name is only meaningful in function bodies
 
     def tensor(self, tp: onnx.TensorProto) -> Tensor:
         return import_tensor(tp, self.base_dir)
@@ -402,6 +403,11 @@ class _Importer:
         except ValueError:
             raise ModelLoadError(f"{where}attribute {ap.name!r}: unknown kind {kind}") from None
         if ap.ref_attr_name:
+            if not self.in_function:
+                raise ModelLoadError(
+                    f"{where}attribute {ap.name!r} refers to attribute {ap.ref_attr_name!r} of a caller, "
+                    "but it is not in a function body"
+                )
             return Attr(ap.name, at, None, ap.doc_string, ap.ref_attr_name)
         value: Any
         if at == AttrType.FLOAT:
@@ -445,10 +451,13 @@ class _Importer:
         gp = onnx.GraphProto(name=fp.name, node=fp.node, output=[onnx.ValueInfoProto(name=o) for o in fp.output])
         gp.input.extend(onnx.ValueInfoProto(name=i) for i in fp.input)
         gp.value_info.extend(fp.value_info)
+        self.in_function = True
         try:
             g = self.graph(gp, [])
         except ModelLoadError as e:
             raise ModelLoadError(f"function {fname}: {e}") from None
+        finally:
+            self.in_function = False
         # value_info may type the inputs and outputs too
         types = {vi.name: vi for vi in fp.value_info}
         for v in list(g.inputs) + list(g.outputs):

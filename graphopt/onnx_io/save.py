@@ -41,21 +41,41 @@ def _has_external(model: Model) -> bool:
     )
 
 
+def _external_tensors(model: Model) -> Iterator[ExternalTensor]:
+    for g in model.graphs():
+        for v in g.initializers.values():
+            if isinstance(v.const_value, ExternalTensor):
+                yield v.const_value
+        for n in g:
+            for a in n.attributes.values():
+                for t in a.value if isinstance(a.value, list) else [a.value]:
+                    if isinstance(t, ExternalTensor):
+                        yield t
+
+
 @contextlib.contextmanager
-def atomic_write(path: str, mode: str = "wb") -> Iterator[BinaryIO]:
-    """Open a temporary file next to `path`; rename it onto `path` only if the block succeeds."""
+def _staged(path: str, mode: str = "wb") -> Iterator[tuple[BinaryIO, str]]:
+    """A temporary file next to `path`, flushed to disk at the end of the block and deleted if
+    the block (or anything after it in an enclosing block) fails. The caller renames it."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, mode) as f:
-            yield f  # type: ignore[misc]
+            yield f, tmp  # type: ignore[misc]
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "wb") -> Iterator[BinaryIO]:
+    """Open a temporary file next to `path`; rename it onto `path` only if the block succeeds."""
+    with _staged(path, mode) as (f, tmp):
+        yield f
+    os.replace(tmp, path)
 
 
 def save(
@@ -91,32 +111,49 @@ def save(
     if os.path.isabs(location) or os.path.normpath(location).startswith(".."):
         raise GraphoptError(f"external data location {location!r} must be a plain name inside the model's folder")
     data_path = os.path.join(folder, location)
-    with atomic_write(data_path) as df:
-        offset = 0
+    # both files are complete on disk before either is renamed into place: a failure anywhere
+    # leaves the old model and its old data file as they were (they must stay a matching pair)
+    data_tmp = model_tmp = ""
+    try:
+        with _staged(data_path) as (df, data_tmp):
+            offset = 0
 
-        def writer(t: Tensor, name: str) -> tuple[str, int, int] | None:
-            nonlocal offset
-            if t.dtype.name == "STRING" or t.nbytes < size_threshold:
-                return None
-            align = 4096 if t.nbytes >= 65536 else 16
-            pad = (-offset) % align
-            if pad:
-                df.write(b"\0" * pad)
-                offset += pad
-            start = offset
-            if isinstance(t, ExternalTensor):
-                mm = t.raw_memmap()
-                for i in range(0, mm.size, _CHUNK):
-                    df.write(np.asarray(mm[i : i + _CHUNK]).tobytes())
-                length = int(mm.size)
-            else:
-                payload = t.tobytes()
-                df.write(payload)
-                length = len(payload)
-            offset += length
-            return (location, start, length)
+            def writer(t: Tensor, name: str) -> tuple[str, int, int] | None:
+                nonlocal offset
+                if t.dtype.name == "STRING" or t.nbytes < size_threshold:
+                    return None
+                align = 4096 if t.nbytes >= 65536 else 16
+                pad = (-offset) % align
+                if pad:
+                    df.write(b"\0" * pad)
+                    offset += pad
+                start = offset
+                if isinstance(t, ExternalTensor):
+                    mm = t.raw_memmap()
+                    for i in range(0, mm.size, _CHUNK):
+                        df.write(np.asarray(mm[i : i + _CHUNK]).tobytes())
+                    length = int(mm.size)
+                else:
+                    payload = t.tobytes()
+                    df.write(payload)
+                    length = len(payload)
+                offset += length
+                return (location, start, length)
 
-        proto = to_onnx(model, external_writer=writer)
-        data = proto.SerializeToString(deterministic=True)
-    with atomic_write(path) as f:
-        f.write(data)
+            proto = to_onnx(model, external_writer=writer)
+            data = proto.SerializeToString(deterministic=True)
+        with _staged(path) as (f, model_tmp):
+            f.write(data)
+        # tensors still read from the file about to be replaced keep the old bytes mapped
+        target = os.path.realpath(data_path)
+        for t in _external_tensors(model):
+            if os.path.realpath(t.path) == target:
+                t.pin()
+        os.replace(data_tmp, data_path)
+    except BaseException:
+        for tmp in (data_tmp, model_tmp):
+            if tmp:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        raise
+    os.replace(model_tmp, path)

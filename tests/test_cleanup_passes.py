@@ -520,10 +520,6 @@ except ImportError:  # pragma: no cover - written concurrently by someone else
 
 
 @pytest.mark.skipif(_framework_models is None, reason="graphopt.testing.models() not available")
-@pytest.mark.xfail(
-    raises=TypeError, strict=False,
-    reason="graphopt.testing.models() draws an initializer of shape shape[-1:] when that dim is symbolic",
-)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data(), st.sampled_from(CLEANUP))
 def test_framework_random_models_through_each_pass(data, name):
@@ -531,3 +527,22 @@ def test_framework_random_models_through_each_pass(data, name):
     out, res = run_pass(m, name)
     assert_same(m, out)
     assert_idempotent(out, name)
+
+
+def test_fold_keeps_scalars_scalar() -> None:
+    """Folding Identity(Constant scalar) must give a 0-d initializer (Range and friends need it)."""
+    from onnx import helper
+
+    n1 = helper.make_node("Constant", [], ["a"], value=helper.make_tensor("v", 7, [], [3]))
+    n2 = helper.make_node("Identity", ["a"], ["b"])
+    n3 = helper.make_node("Range", ["z", "b", "one"], ["y"])
+    g = helper.make_graph(
+        [n1, n2, n3], "g",
+        [helper.make_tensor_value_info("z", 7, []), helper.make_tensor_value_info("one", 7, [])],
+        [helper.make_tensor_value_info("y", 7, [None])],
+    )
+    m = graphopt.load(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]))
+    out = graphopt.optimize(m, "fold-constants")
+    assert [n.op_type for n in out.graph] == ["Range"]
+    assert out.graph.nodes[0].inputs[1].const_value.numpy().shape == ()
+    assert check_same_outputs(m, out, {"z": np.array(0, np.int64), "one": np.array(1, np.int64)}).ok

@@ -36,7 +36,7 @@ def to_onnx(model: Model, *, external_writer: ExternalWriter | None = None) -> o
         if domain or "opset_import.domain" in explicit:
             op.domain = domain
     _set_props(mp.metadata_props, model.metadata_props)
-    ex.graph(model.graph, mp.graph)
+    ex.graph(model.graph, mp.graph, initializers_are_inputs=model.ir_version < 4)
     for f in model.functions.values():
         ex.function(f, mp.functions.add())
     for raw in model.training_info:
@@ -141,13 +141,20 @@ class _Exporter:
         self.tensor(s.indices, sp.indices, s.indices.name, allow_external=False)
         sp.dims.extend(s.dims)
 
-    def graph(self, g: Graph, gp: onnx.GraphProto, *, function: bool = False) -> None:
+    def graph(self, g: Graph, gp: onnx.GraphProto, *, function: bool = False, initializers_are_inputs: bool = False) -> None:
         gp.name = g.name
         if g.doc_string:
             gp.doc_string = g.doc_string
         _set_props(gp.metadata_props, g.metadata_props)
         for v in g.inputs:
             _value_info(v, gp.input.add())
+        if initializers_are_inputs:
+            # IR version < 4: every initializer must also be a graph input; a pass may have
+            # added initializers (folded constants) that the source model did not list
+            listed = set(g._input_set)
+            for v in g.initializers.values():
+                if v not in listed and not isinstance(v.const_value, SparseTensor):
+                    _value_info(v, gp.input.add())
         for v in g.initializers.values():
             if isinstance(v.const_value, SparseTensor):
                 self.sparse(v.const_value, gp.sparse_initializer.add(), v.name)

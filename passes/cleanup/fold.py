@@ -115,7 +115,7 @@ def _eval_numpy(node: Node, arrays: list[np.ndarray | None]) -> list[np.ndarray]
             return [np.asarray(_EXACT_UNARY[op](a[0])).astype(a[0].dtype)]
     if op == "Transpose":
         perm = node.attr("perm")
-        return [np.ascontiguousarray(np.transpose(a[0], None if perm is None else list(perm)))]
+        return [np.array(np.transpose(a[0], None if perm is None else list(perm)), order="C")]
     if op == "Cast" and a[0].dtype.kind in "iub":
         from graphopt.ir import DataType
 
@@ -220,7 +220,7 @@ def try_fold(node: Node, model: Model, *, max_size: int, max_expand: int) -> boo
         if out.shape is not None and out.shape.is_static() and tuple(out.shape.dims) != r.shape:
             return False  # disagrees with the declared type: better not touch it
         total += int(r.size) if (out.uses() or out.is_graph_output()) else 0
-        fixed.append(np.ascontiguousarray(r))
+        fixed.append(np.array(r, order="C", copy=not r.flags.c_contiguous))  # ascontiguousarray would make 0-d arrays 1-d
     if total > max_size or total > freed + max_expand:
         return False
     replace_with_constant(node, fixed)

@@ -19,7 +19,7 @@ from graphopt.transform.registry import get_pass
 #: The -O levels, spelled in the pipeline syntax itself so `--print-pipeline` shows the truth.
 OPT_LEVELS: dict[str, str] = {
     "-O0": "",
-    "-O1": "fold-constants,simplify-shapes,remove-noops,cse,dce",
+    "-O1": "fold-constants,fuse-conv-bn,simplify-shapes,remove-noops,cse,dce",
     "-O2": "-O1,fold-constants,remove-noops,cse,dce",
     "-O3": "-O2",
 }

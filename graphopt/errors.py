@@ -7,8 +7,21 @@ internal error (exit code 1).
 from __future__ import annotations
 
 
+# every character str.splitlines() breaks on, and the other C0 controls, shown escaped
+_ESCAPES = {c: repr(chr(c))[1:-1] for c in [*range(0x20), 0x7F, 0x85, 0x2028, 0x2029] if chr(c) != "\t"}
+
+
 class GraphoptError(Exception):
-    """Base of every error graphopt raises on purpose."""
+    """Base of every error graphopt raises on purpose.
+
+    The message is kept to one line: names taken from a model may hold newlines or control
+    characters, which are shown escaped.
+    """
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        if isinstance(message, str):
+            message = message.translate(_ESCAPES)
+        super().__init__(message, *args)
 
 
 class ModelLoadError(GraphoptError):

@@ -7,6 +7,7 @@ running the model before and after on onnxruntime with the same inputs.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,3 +125,33 @@ def check_same_outputs(
     """Run both models on onnxruntime with the same inputs and compare."""
     feeds = dict(inputs) if inputs is not None else random_inputs(before)
     return compare_outputs(run_onnxruntime(before, feeds), run_onnxruntime(after, feeds), rtol=rtol, atol=atol)
+
+
+@functools.lru_cache(maxsize=None)
+def onnxruntime_has_kernel(op_type: str, opset: int, dtype: DataType = DataType.FLOAT, domain: str = "", num_inputs: int = 1) -> bool:
+    """Whether the installed onnxruntime's CPU provider runs `op_type` under `opset` with
+    `num_inputs` inputs of `dtype`, found by building a one-node session (cached).
+
+    A rewrite that emits an op for the ONNX target must produce a model onnxruntime loads; op
+    registration does not always follow the ONNX spec's version ranges (onnxruntime 1.32 runs
+    Swish only under opset 24, not 25..27), so asking the runtime itself is the reliable way.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    tt = int(dtype)
+    ins = [helper.make_tensor_value_info(f"x{i}", tt, [2]) for i in range(num_inputs)]
+    node = helper.make_node(op_type, [f"x{i}" for i in range(num_inputs)], ["y"], domain=domain)
+    g = helper.make_graph([node], "probe", ins, [helper.make_tensor_value_info("y", tt, None)])
+    opsets = [helper.make_opsetid("", opset if not domain else max(opset, 1))]
+    if domain:
+        opsets.append(helper.make_opsetid(domain, 1))
+    model = helper.make_model(g, opset_imports=opsets, ir_version=min(onnx.IR_VERSION, 10))
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    try:
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception:
+        return False
+    return True

@@ -356,3 +356,19 @@ def test_explain_says_why_gelu_did_not_fire():
     root = m.graph.nodes[-1]
     reason = get_rule("gelu-erf").why_not(root)
     assert reason and "0.5" in reason
+
+
+def test_silu_is_left_alone_where_onnxruntime_has_no_swish_kernel() -> None:
+    """onnxruntime 1.32 registers Swish for opset 24 only: under a later opset the rewrite would
+    produce a model onnxruntime cannot load, so the rule refuses and says why."""
+    import onnx.parser
+
+    from graphopt.check import check_same_outputs, onnxruntime_has_kernel
+
+    for opset in (24, 25):
+        text = f'<ir_version: 10, opset_import: ["" : {opset}]> g (float[2,3] X) => (float[2,3] Y) {{ S = Sigmoid(X)\n Y = Mul(X, S) }}'
+        m = graphopt.load(onnx.parser.parse_model(text))
+        out = graphopt.optimize(m, "fuse-activations")
+        fused = [n.op_type for n in out.graph] == ["Swish"]
+        assert fused == onnxruntime_has_kernel("Swish", opset)
+        assert check_same_outputs(m, out).ok  # either way the result runs and agrees

@@ -30,6 +30,7 @@ from typing import ClassVar
 import numpy as np
 
 from graphopt.ir import DataType, Function, Model, Value
+from graphopt.check import onnxruntime_has_kernel
 from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, RewritePass, Rule, const_array, register_rule
 from graphopt.transform import PassContext, PassResult, register_pass
 
@@ -92,6 +93,18 @@ def opset_of(m: Match) -> int | None:
 def has_opset(m: Match, since: int) -> bool:
     v = opset_of(m)
     return v is None or v >= since
+
+
+def standard_op(m: Match, op: str, since: int, x: Value, num_inputs: int = 1) -> bool | Fail:
+    """The model's opset has the standard `op` and the installed onnxruntime runs it there for
+    x's dtype (its registrations do not always follow the spec: Swish runs only under opset 24)."""
+    if not has_opset(m, since):
+        return Fail(f"opset {opset_of(m)} < {since} has no {op}")
+    v = opset_of(m)
+    dt = x.dtype or DataType.FLOAT
+    if v is not None and not onnxruntime_has_kernel(op, v, dt, num_inputs=num_inputs):
+        return Fail(f"onnxruntime has no {op} kernel for {dt.text} under opset {v}")
+    return True
 
 
 def contrib_allowed(m: Match) -> bool | Fail:
@@ -189,11 +202,12 @@ class GeluErf(Rule):
     pattern, halves = _half_x_times(x, inner)
 
     def _target(self, m: Match) -> str | Fail:
-        if has_opset(m, 20):
+        std = standard_op(m, "Gelu", 20, m[self.x])
+        if std:
             return "std"
         ok = contrib_allowed(m)
         if not ok:
-            return Fail(f"opset {opset_of(m)} < 20 has no Gelu, and {ok}")
+            return Fail(f"{std}, and {ok}")
         return "contrib"
 
     def check(self, m: Match) -> bool | Fail:
@@ -317,11 +331,12 @@ class Silu(Rule):
     pattern = _mul(x, sig)
 
     def _target(self, m: Match) -> str | Fail:
-        if has_opset(m, 24):
+        std = standard_op(m, "Swish", 24, m[self.x])
+        if std:
             return "std"
         ok = contrib_allowed(m)
         if not ok:
-            return Fail(f"opset {opset_of(m)} < 24 has no Swish, and {ok}")
+            return Fail(f"{std}, and {ok}")
         return "contrib"
 
     def _alpha(self, m: Match) -> float:
@@ -380,9 +395,10 @@ class HardSwishRule(Rule):
     )
 
     def check(self, m: Match) -> bool | Fail:
-        if not has_opset(m, 14):
-            return Fail(f"opset {opset_of(m)} < 14 has no HardSwish")
         x = m[self.x]
+        std = standard_op(m, "HardSwish", 14, x)
+        if not std:
+            return std
         consts = (self.three, self.zero, self.six, self.six2, self.sixth1, self.sixth2)
         dt = float_dtype(x, frozenset({DataType.FLOAT16, DataType.FLOAT, DataType.DOUBLE}), m, consts)
         if isinstance(dt, Fail):

@@ -32,7 +32,7 @@ from graphopt.passes.fusion.activations import (
     MS_DOMAIN,
     contrib_allowed,
     float_dtype,
-    has_opset,
+    standard_op,
     import_contrib,
     opset_of,
     scalar_consts,
@@ -166,9 +166,10 @@ class LayerNorm(Rule):
     pattern = P.alt(full, scaled, shifted, norm)
 
     def _plan(self, m: Match) -> tuple[int, float, np.ndarray, np.ndarray] | Fail:
-        if not has_opset(m, 17):
-            return Fail(f"opset {opset_of(m)} < 17 has no LayerNormalization")
         x = m[self.x]
+        std = standard_op(m, "LayerNormalization", 17, x, num_inputs=3)
+        if not std:
+            return std
         dt = float_dtype(x, m=m, consts=(self.eps,))
         if isinstance(dt, Fail):
             return dt
@@ -240,9 +241,10 @@ class RmsNorm(Rule):
     pattern = P.alt(_mul(norm, gamma), norm)
 
     def _plan(self, m: Match) -> tuple[int, float, np.ndarray] | Fail:
-        if not has_opset(m, 23):
-            return Fail(f"opset {opset_of(m)} < 23 has no RMSNormalization")
         x = m[self.x]
+        std = standard_op(m, "RMSNormalization", 23, x, num_inputs=2)
+        if not std:
+            return std
         dt = float_dtype(x, m=m, consts=(self.eps,))
         if isinstance(dt, Fail):
             return dt

@@ -20,7 +20,7 @@ from graphopt.transform.registry import get_pass
 OPT_LEVELS: dict[str, str] = {
     "-O0": "",
     "-O1": "fold-constants,fuse-conv-bn,simplify-shapes,remove-noops,cse,dce",
-    "-O2": "-O1,fuse-linear,fuse-activations,fuse-normalization,fold-constants,remove-noops,cse,dce",
+    "-O2": "-O1,fuse-linear,fuse-activations,fuse-normalization,fuse-attention,fold-constants,remove-noops,cse,dce",
     "-O3": "-O2",
 }
 

@@ -7,9 +7,10 @@ from graphopt.passes.fusion.kernel_groups import PlanKernels, kernel_groups  # n
 from graphopt.passes.fusion.linear import FuseLinear, MatMulAddToGemm, PadIntoConv, PadIntoPool, ReshapeChain, TransposeIntoGemm, TransposeIntoMatMul
 from graphopt.passes.fusion.activations import BiasGelu, FuseActivations, GeluErf, GeluTanh, HardSwishRule, Silu
 from graphopt.passes.fusion.normalization import FuseNormalization, LayerNorm, RmsNorm, SkipLayerNorm
+from graphopt.passes.fusion.attention import FuseAttention, SdpaAttention
 
 __all__ = [
-    "BiasGelu", "ConvAddBias", "ConvBatchNorm", "ConvMulScale", "FuseActivations", "FuseConvBn", "FuseLinear",
+    "BiasGelu", "ConvAddBias", "ConvBatchNorm", "ConvMulScale", "FuseActivations", "FuseAttention", "FuseConvBn", "FuseLinear",
     "FuseNormalization", "GeluErf", "GeluTanh", "HardSwishRule", "LayerNorm", "MatMulAddToGemm", "PadIntoConv",
-    "PadIntoPool", "ReshapeChain", "RmsNorm", "Silu", "SkipLayerNorm", "TransposeIntoGemm", "TransposeIntoMatMul",
+    "PadIntoPool", "ReshapeChain", "RmsNorm", "SdpaAttention", "Silu", "SkipLayerNorm", "TransposeIntoGemm", "TransposeIntoMatMul",
 ]

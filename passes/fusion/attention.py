@@ -1,0 +1,283 @@
+"""`fuse-attention`: scaled-dot-product attention spelled as MatMul-Softmax-MatMul  →  one
+ONNX `Attention` (opset ≥ 23).
+
+Rule (registered, so `graphopt-compile --explain sdpa-attention` shows why it did not fire):
+
+- `sdpa-attention`: Softmax(scale·Q·Kᵀ [+ mask], axis=-1)·V, as torch and HF transformers
+  export it  →  Attention(Q, K, V[, attn_mask], scale=scale).
+
+What is recognized:
+
+- Kᵀ: Transpose(K, perm=[0,1,3,2]), or a value that is already transposed ([B, H, d, S_kv]; the
+  rewrite then transposes it back for Attention, a Transpose pair later passes fold).
+- scale: any single-element constant, as Mul(·, c) or Div(·, c) on the scores (after the
+  MatMul), on Q, on Kᵀ (or on K before its Transpose), or on both Q and K (torch SDPA's √√d
+  each). The factors multiply into the `scale` attribute (1.0 when there is none: Attention's
+  default is 1/√d).
+- mask (optional, after the scale): Add(scores, mask) with a mask of the scores' type that
+  broadcasts to [B, H, S_q, S_kv] without enlarging it; or Where(cond, fill, scores) /
+  Where(cond, scores, fill) with a boolean cond and a constant fill that is -inf or at most half
+  the type's lowest value (torch `masked_fill(.., -inf)`, HF `finfo.min`), which becomes the
+  additive mask Where(cond, fill, 0) (Where(cond, 0, fill)). onnxruntime wants the mask's last
+  two dims to be exactly [S_q, S_kv] (it rejects HF's [B, 1, 1, S]); such a mask is Expanded.
+- between Softmax and ·V: a Dropout in inference mode (no training_mode, or a constant false),
+  whose mask output is unused.
+
+Must not fire: a Softmax over another axis; Q, K, V not of known rank 4 or with batch / head
+counts that differ (the MatMuls would broadcast them, Attention does not); a non-constant or
+multi-element scale; a scale applied after the mask; a mask that would broadcast the scores to
+a bigger shape, has an unknown shape or rank > 4; a Where fill that is not a large negative
+constant; an intermediate (scores, probabilities...) used elsewhere, e.g. the attention
+probabilities returned as a graph output; a Dropout in training mode (or with a non-constant
+training_mode); an opset < 23, or an onnxruntime without the Attention kernel for the type.
+
+No com.microsoft fallback: MultiHeadAttention takes [B, S, H·d] inputs and a key padding mask,
+which the 4-D subgraph does not map onto safely; `contrib-ops` is accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from graphopt.ir import DataType, Model, Value
+from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, RewritePass, Rule, const_array, register_rule
+from graphopt.passes.fusion.activations import has_opset, opset_of, with_run
+from graphopt.transform import PassContext, PassResult, register_pass
+
+ATTENTION_OPSET = 23
+_FLOATS = frozenset({DataType.FLOAT16, DataType.FLOAT, DataType.DOUBLE, DataType.BFLOAT16})
+_T_PERM = [0, 1, 3, 2]
+
+
+@functools.lru_cache(maxsize=None)
+def _ort_runs_attention(opset: int, dtype: DataType) -> bool:
+    """Whether the installed onnxruntime (CPU) loads a 4-D Attention under `opset` for `dtype`.
+
+    graphopt.check.onnxruntime_has_kernel probes with rank-1 inputs, which Attention's shape
+    inference rejects; this probe uses [1, 2, 3, 4] inputs."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    tt = int(dtype)
+    ins = [helper.make_tensor_value_info(n, tt, [1, 2, 3, 4]) for n in ("q", "k", "v")]
+    ins.append(helper.make_tensor_value_info("m", tt, [3, 3]))
+    node = helper.make_node("Attention", ["q", "k", "v", "m"], ["y"], scale=0.5)
+    g = helper.make_graph([node], "probe", ins, [helper.make_tensor_value_info("y", tt, None)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=min(onnx.IR_VERSION, 10))
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    try:
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception:
+        return False
+    return True
+
+
+def _scaled(x: Pattern, *consts: Pattern) -> Pattern:
+    """x, Mul(x, c) (either order) or Div(x, c); consts: (mul const, div const)."""
+    mul_c, div_c = consts
+    return P.alt(P.op("Mul", x, mul_c, commutative=True), P.op("Div", x, div_c), x)
+
+
+def _dims(v: Value | None) -> tuple | None:
+    if v is None or v.shape is None:
+        return None
+    return tuple(v.shape.dims)
+
+
+def _same(a: object, b: object) -> bool:
+    return a is not None and a == b
+
+
+class SdpaAttention(Rule):
+    """Softmax(s·Q·Kᵀ [+ mask], axis=-1)·V → Attention(Q, K, V[, mask], scale=s) (opset ≥ 23).
+
+    Kᵀ is Transpose(K, perm=[0,1,3,2]) or already transposed; the scale a single-element
+    constant (Mul or Div) on the scores, on Q, on K, or on both; the mask an Add of a
+    broadcastable tensor or a Where with a -inf / lowest-value fill; an inference-mode Dropout may
+    sit before ·V. Must not fire: softmax on another axis, rank not 4, batch/head counts that
+    broadcast, a non-constant or non-scalar scale, a mask that enlarges the scores or has an
+    unknown shape, intermediates used elsewhere (probabilities as an output), Dropout in
+    training mode, opset < 23 or no onnxruntime kernel.
+    """
+
+    name = "sdpa-attention"
+
+    q, k, kt_any, v = P.any(), P.any(), P.any(), P.any()
+    q_mul, q_div = P.const(), P.const()
+    k_mul, k_div = P.const(), P.const()  # on K, before its Transpose
+    kt_mul, kt_div = P.const(), P.const()  # on Kᵀ
+    s_mul, s_div = P.const(), P.const()  # on the scores
+    mask, cond, fill_a, fill_b = P.any(), P.any(), P.const(), P.const()
+    ratio, training = P.any(), P.const()
+
+    transpose = P.op("Transpose", _scaled(k, k_mul, k_div), attrs={"perm": _T_PERM})
+    kt = _scaled(P.alt(transpose, kt_any), kt_mul, kt_div)
+    qk = P.op("MatMul", _scaled(q, q_mul, q_div), kt)
+    scores = _scaled(qk, s_mul, s_div)
+    add_mask = P.op("Add", scores, mask, commutative=True)
+    where_fill_first = P.op("Where", cond, fill_a, scores)
+    where_fill_last = P.op("Where", cond, scores, fill_b)
+    softmax = P.op("Softmax", P.alt(add_mask, where_fill_first, where_fill_last, scores))
+    dropout = P.op("Dropout", softmax, P.optional(ratio), P.optional(training))
+    pattern = P.op("MatMul", P.alt(dropout, softmax), v)
+
+    _SCALES = ("q_mul", "q_div", "k_mul", "k_div", "kt_mul", "kt_div", "s_mul", "s_div")
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _scale(self, m: Match) -> float | Fail:
+        s = 1.0
+        for attr in self._SCALES:
+            p = getattr(self, attr)
+            val = m.get(p)
+            if val is None:
+                continue
+            arr = const_array(val)
+            if arr is None or arr.size != 1 or arr.ndim > 4:
+                return Fail(f"scale constant {val.name!r} is not a single element of rank ≤ 4")
+            c = float(np.asarray(arr, np.float64).reshape(-1)[0])
+            if attr.endswith("_div"):
+                if c == 0.0:
+                    return Fail("scale divisor is 0")
+                c = 1.0 / c
+            s *= c
+        if not math.isfinite(s) or s == 0.0:
+            return Fail(f"scale {s} is not finite and nonzero")
+        return s
+
+    def _target_kt_shape(self, m: Match) -> tuple | None:
+        """Kᵀ's shape [B, H, d, S_kv]."""
+        if self.transpose in m:
+            kd = _dims(m[self.k])
+            return None if kd is None or len(kd) != 4 else (kd[0], kd[1], kd[3], kd[2])
+        return _dims(m[self.kt_any])
+
+    def _mask_ok(self, mv: Value | None, want: tuple) -> bool | Fail:
+        md = _dims(mv)
+        if md is None:
+            return Fail("mask shape unknown")
+        if len(md) > 4:
+            return Fail(f"mask rank {len(md)} > 4")
+        for got, full in zip(reversed(md), reversed(want)):
+            if got != 1 and not _same(got, full):
+                return Fail(f"mask shape {list(md)} does not broadcast to the scores' {list(want)} without enlarging them")
+        return True
+
+    # --- rule ---------------------------------------------------------------------------------
+    def check(self, m: Match) -> bool | Fail:
+        if not has_opset(m, ATTENTION_OPSET):
+            return Fail(f"opset {opset_of(m)} < {ATTENTION_OPSET} has no Attention")
+        axis = m[self.softmax].attr("axis", -1)
+        if axis not in (-1, 3):
+            return Fail(f"Softmax axis={axis}, not the last axis")
+        q, v = m[self.q], m[self.v]
+        dt = q.dtype or m.root.outputs[0].dtype
+        if dt is None or dt not in _FLOATS:
+            return Fail(f"element type {dt.text if dt else 'unknown'} is not a float type")
+        ver = opset_of(m)
+        if ver is not None and not _ort_runs_attention(ver, dt):
+            return Fail(f"onnxruntime has no Attention kernel for {dt.text} under opset {ver}")
+        qd, ktd, vd = _dims(q), self._target_kt_shape(m), _dims(v)
+        if qd is None or ktd is None or vd is None or not (len(qd) == len(ktd) == len(vd) == 4):
+            return Fail("Q, K and V are not all of known rank 4")
+        for i, what in ((0, "batch"), (1, "head")):
+            if not (_same(qd[i], ktd[i]) and _same(qd[i], vd[i])):
+                return Fail(f"{what} dims of Q {qd[i]!r}, K {ktd[i]!r}, V {vd[i]!r} are not known to be equal")
+        if not _same(ktd[3], vd[2]):
+            return Fail(f"K's and V's sequence dims ({ktd[3]!r}, {vd[2]!r}) are not known to be equal")
+        scale = self._scale(m)
+        if isinstance(scale, Fail):
+            return scale
+        want = (qd[0], qd[1], qd[2], ktd[3])
+        if self.add_mask in m:
+            mv = m[self.mask]
+            if mv.dtype is not None and mv.dtype != dt:
+                return Fail(f"mask type {mv.dtype.text} is not {dt.text}")
+            ok = self._mask_ok(mv, want)
+            if not ok:
+                return ok
+        elif self.where_fill_first in m or self.where_fill_last in m:
+            cv = m[self.cond]
+            if cv.dtype is not None and cv.dtype != DataType.BOOL:
+                return Fail("Where condition is not bool")
+            fill = m.const(self.fill_a if self.where_fill_first in m else self.fill_b)
+            if fill.size != 1 or fill.ndim > 4:
+                return Fail("Where fill is not a single element")
+            f = float(np.asarray(fill, np.float64).reshape(-1)[0])
+            lowest = float(np.finfo(np.float16 if dt == DataType.FLOAT16 else np.float32).min) if dt != DataType.DOUBLE else float(np.finfo(np.float64).min)
+            if dt == DataType.BFLOAT16:
+                lowest = -3.38e38
+            if not (f == -math.inf or f <= 0.5 * lowest):
+                return Fail(f"Where fill {f} is not -inf or a lowest-value constant (a masked row could differ)")
+            ok = self._mask_ok(cv, want)
+            if not ok:
+                return ok
+        if self.dropout in m:
+            d = m[self.dropout]
+            if len(d.outputs) > 1 and d.outputs[1] is not None and (d.outputs[1].uses() or d.outputs[1].is_graph_output()):
+                return Fail("Dropout's mask output is used")
+            tm = m.get(self.training)
+            if tm is not None and bool(np.any(m.const(self.training))):
+                return Fail("Dropout is in training mode")
+        return True
+
+    def rewrite(self, m: Match, b: RewriteBuilder) -> Value:
+        scale = self._scale(m)
+        assert not isinstance(scale, Fail)
+        q, v = m[self.q], m[self.v]
+        k = m[self.k] if self.transpose in m else b.op.Transpose(m[self.kt_any], perm=_T_PERM)
+        qd, vd = _dims(q), _dims(v)
+        mask: Value | None = None
+        if self.add_mask in m:
+            mask = m[self.mask]
+        elif self.where_fill_first in m or self.where_fill_last in m:
+            fill = m.const(self.fill_a if self.where_fill_first in m else self.fill_b)
+            zero = b.constant(np.zeros((), fill.dtype), "attn_zero")
+            if self.where_fill_first in m:
+                mask = b.op.Where(m[self.cond], m.value(self.fill_a), zero)
+            else:
+                mask = b.op.Where(m[self.cond], zero, m.value(self.fill_b))
+            mask_dims = _dims(m[self.cond])
+        if mask is not None:
+            md = _dims(m[self.mask]) if self.add_mask in m else mask_dims
+            assert md is not None and qd is not None and vd is not None
+            sq, skv = qd[2], vd[2]
+            if len(md) < 2 or not (_same(md[-2], sq) and _same(md[-1], skv)):
+                # onnxruntime wants the mask's last two dims to be [S_q, S_kv] exactly
+                if isinstance(sq, int) and isinstance(skv, int):
+                    target = b.constant(np.array([sq, skv], np.int64), "attn_mask_shape")
+                else:
+                    target = b.op.Concat(b.op.Shape(q, start=2, end=3), b.op.Shape(v, start=2, end=3), axis=0)
+                mask = b.op.Expand(mask, target)
+        inputs = [q, k, v] + ([mask] if mask is not None else [])
+        return b.op.Attention(*inputs, scale=float(scale))
+
+
+_RULES = (SdpaAttention(),)
+for _r in _RULES:
+    register_rule(_r)
+
+
+@register_pass
+@dataclass(frozen=True)
+class FuseAttention(RewritePass):
+    """Fuse scaled-dot-product attention (MatMul-Softmax-MatMul) into one Attention op (opset ≥ 23).
+
+    Rule: sdpa-attention (stats: rewrites per rule). Q·Kᵀ with any constant scale (on the
+    scores, on Q and/or K), an optional additive or Where mask, Softmax over the last axis and
+    an inference-mode Dropout; Attention's `scale` attribute carries the product of the scales.
+    """
+
+    name: ClassVar[str] = "fuse-attention"
+    contrib_ops: bool = False  # accepted for symmetry with the other fusions; no contrib target
+
+    rules: ClassVar = _RULES
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        return with_run(model, False, lambda: RewritePass.run(self, model, ctx))

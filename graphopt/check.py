@@ -97,14 +97,18 @@ def compare_outputs(
                 return Comparison(False, np.inf, np.inf, i, f"output {i}: values differ")
             continue
         ef, af = e.astype(np.float64), a.astype(np.float64)
-        both_nan = np.isnan(ef) & np.isnan(af)
-        diff = np.where(both_nan, 0.0, np.abs(ef - af))
-        diff = np.where(np.isnan(diff), np.inf, diff)
-        if diff.size == 0:
+        if ef.size == 0:
             continue
-        bad = diff > atol + rtol * np.abs(ef)
-        mabs = float(diff.max())
-        mrel = float((diff / np.maximum(np.abs(ef), 1e-12)).max())
+        with np.errstate(invalid="ignore", over="ignore"):
+            # NaN matches NaN and an infinity matches the same infinity; any other pairing with
+            # a NaN or an infinity is a mismatch (|e| is infinite there, so the tolerance
+            # formula alone would accept anything)
+            same = (np.isnan(ef) & np.isnan(af)) | (np.isinf(ef) & (ef == af))
+            special = ~np.isfinite(ef) | ~np.isfinite(af)
+            diff = np.where(same, 0.0, np.where(special, np.inf, np.abs(ef - af)))
+            bad = (diff > atol + rtol * np.abs(np.where(special, 0.0, ef))) & ~same
+            mabs = float(diff.max())
+            mrel = float((diff / np.maximum(np.abs(np.where(special, 1.0, ef)), 1e-12)).max())
         if mabs > worst_abs:
             worst_abs, worst_rel, worst_i = mabs, mrel, i
         if bad.any():

@@ -106,12 +106,16 @@ def _last_axes(m: Match, x: Value, reduces: list[Node], same_shape: list[Value])
     return axis, tuple(int(d) for d in dims)  # type: ignore[arg-type]
 
 
-def _affine(v: Value | None, dims: tuple[int, ...], dtype: DataType, what: str) -> np.ndarray | Fail:
-    """A gamma/beta constant broadcast to the normalized dims, or Fail when it is not one."""
+def _affine(v: Value | None, dims: tuple[int, ...], dtype: DataType, what: str, rank: int | None = None) -> np.ndarray | Fail:
+    """A gamma/beta constant broadcast to the normalized dims, or Fail when it is not one.
+    `rank` is x's rank: a constant of higher rank broadcasts x up (a new leading axis), which the
+    fused op would not do (unknown rank: only constants no longer than the normalized dims)."""
     arr = const_array(v)
     if arr is None:
         return Fail(f"{what} is not a constant")
     arr = np.asarray(arr)
+    if arr.ndim > (rank if rank is not None else len(dims)):
+        return Fail(f"{what} of shape {list(arr.shape)} has more dims than x: it broadcasts x to a higher rank")
     try:
         if DataType.from_numpy(arr.dtype) != dtype:
             return Fail(f"{what} dtype {arr.dtype} differs from x's {dtype.text}")
@@ -125,7 +129,7 @@ def _affine(v: Value | None, dims: tuple[int, ...], dtype: DataType, what: str) 
     return np.broadcast_to(arr.reshape(shape), dims).copy()
 
 
-def _defer(out: Value, dims: tuple[int, ...], dtype: DataType, ops: tuple[str, ...]) -> Fail | None:
+def _defer(out: Value, dims: tuple[int, ...], dtype: DataType, ops: tuple[str, ...], rank: int | None) -> Fail | None:
     """Fail when `out`'s only reader is a Mul/Add (in `ops`) by a foldable constant: the match
     rooted at that reader takes it in."""
     uses = out.uses()
@@ -135,7 +139,7 @@ def _defer(out: Value, dims: tuple[int, ...], dtype: DataType, ops: tuple[str, .
     if user.op_type not in ops or user.domain not in ("", "ai.onnx") or len(user.inputs) != 2:
         return None
     other = user.inputs[1 - i]
-    if other is None or isinstance(_affine(other, dims, dtype, "operand"), Fail):
+    if other is None or isinstance(_affine(other, dims, dtype, "operand", rank), Fail):
         return None
     return Fail(f"its reader {user.label()} is a constant {user.op_type}: the match rooted there fuses it")
 
@@ -183,16 +187,17 @@ class LayerNorm(Rule):
         axis, dims = ax
         gv = m.get(self.gamma)
         bv = m.get(self.beta) if m.get(self.beta) is not None else m.get(self.beta_only)
-        gamma = _affine(gv, dims, dt, "gamma") if gv is not None else np.ones(dims, dt.numpy())
-        beta = _affine(bv, dims, dt, "beta") if bv is not None else np.zeros(dims, dt.numpy())
+        rank = len(x.shape) if x.shape is not None else (axis + len(dims) if axis >= 0 else None)
+        gamma = _affine(gv, dims, dt, "gamma", rank) if gv is not None else np.ones(dims, dt.numpy())
+        beta = _affine(bv, dims, dt, "beta", rank) if bv is not None else np.zeros(dims, dt.numpy())
         for a in (gamma, beta):
             if isinstance(a, Fail):
                 return a
         root_out = m.root.outputs[0]
         if gv is None and bv is None:
-            why = _defer(root_out, dims, dt, ("Mul", "Add"))
+            why = _defer(root_out, dims, dt, ("Mul", "Add"), rank)
         elif bv is None:
-            why = _defer(root_out, dims, dt, ("Add",))
+            why = _defer(root_out, dims, dt, ("Add",), rank)
         else:
             why = None
         if why is not None:
@@ -261,11 +266,12 @@ class RmsNorm(Rule):
             return ax
         axis, dims = ax
         gv = m.get(self.gamma)
-        gamma = _affine(gv, dims, dt, "gamma") if gv is not None else np.ones(dims, dt.numpy())
+        rank = len(x.shape) if x.shape is not None else (axis + len(dims) if axis >= 0 else None)
+        gamma = _affine(gv, dims, dt, "gamma", rank) if gv is not None else np.ones(dims, dt.numpy())
         if isinstance(gamma, Fail):
             return gamma
         if gv is None:
-            why = _defer(m.root.outputs[0], dims, dt, ("Mul",))
+            why = _defer(m.root.outputs[0], dims, dt, ("Mul",), rank)
             if why is not None:
                 return why
         eps = float(np.asarray(m.const(self.eps)).reshape(-1)[0])

@@ -11,7 +11,7 @@
     apply_rules(model, [rule], ctx)
 """
 
-from graphopt.pattern.driver import RewriteError, Rewriter, RewritePass, apply_rules
+from graphopt.pattern.driver import RewriteError, Rewriter, RewritePass, apply_rules, drop_unused_initializers
 from graphopt.pattern.explain import Candidate, explain, explain_candidates
 from graphopt.pattern.matcher import Fail, Match, Matcher, MatchResult
 from graphopt.pattern.pattern import (
@@ -30,6 +30,6 @@ from graphopt.pattern.rule import RewriteBuilder, Rule, get_rule, list_rules, re
 __all__ = [
     "AnyPattern", "Candidate", "ConstPattern", "Fail", "Match", "MatchResult", "Matcher", "OpPattern",
     "OptionalPattern", "OrPattern", "OutputPattern", "P", "Pattern", "RewriteBuilder", "RewriteError",
-    "RewritePass", "Rewriter", "Rule", "apply_rules", "const_array", "explain", "explain_candidates", "get_rule",
+    "RewritePass", "Rewriter", "Rule", "apply_rules", "drop_unused_initializers", "const_array", "explain", "explain_candidates", "get_rule",
     "list_rules", "register_rule", "unregister_rule",
 ]

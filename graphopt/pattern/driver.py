@@ -163,6 +163,25 @@ class Rewriter:
                 root.remove_initializer(v.name)
 
 
+def drop_unused_initializers(values: Iterable[Value]) -> int:
+    """Remove those of `values` that are initializers nothing reads any more (never graph
+    inputs or outputs, nor tensors named by a quantization annotation); returns how many.
+
+    Rule-based passes that rewrite weights call it at the end with the constants their
+    rewrites read, so a model never carries both the old and the new version of a weight.
+    """
+    removed = 0
+    for v in values:
+        g = v.graph
+        if g is None or g.initializers.get(v.name) is not v or v.uses() or v.is_graph_input() or v.is_graph_output():
+            continue
+        if any(q == v.name for q, _ in g.quantization_annotation):
+            continue
+        g.remove_initializer(v.name)
+        removed += 1
+    return removed
+
+
 def _is_dead(n: Node) -> bool:
     return all(not o.uses() and not o.is_graph_output() for o in n.outputs)
 

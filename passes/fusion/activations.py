@@ -31,7 +31,7 @@ import numpy as np
 
 from graphopt.ir import DataType, Function, Model, Value
 from graphopt.check import onnxruntime_has_kernel
-from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, RewritePass, Rule, const_array, register_rule
+from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, RewritePass, Rule, const_array, drop_unused_initializers, register_rule
 from graphopt.transform import PassContext, PassResult, register_pass
 
 RTOL = 1e-4
@@ -62,15 +62,7 @@ def with_run(model: Model, contrib: bool, fn) -> PassResult:  # type: ignore[no-
     finally:
         _RUN.reset(token)
     if result.changed:
-        removed = 0
-        for v in live:
-            g = v.graph
-            if g is None or v.uses() or v.is_graph_input() or v.is_graph_output():
-                continue
-            if any(q == v.name for q, _ in g.quantization_annotation) or g.initializers.get(v.name) is not v:
-                continue
-            g.remove_initializer(v.name)
-            removed += 1
+        removed = drop_unused_initializers(live)
         if removed:
             result.stats["initializers-removed"] = removed
     return result

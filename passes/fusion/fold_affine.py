@@ -28,7 +28,7 @@ from typing import ClassVar
 import numpy as np
 
 from graphopt.ir import Model, Node, Tensor, Value
-from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, RewritePass, Rule, const_array, register_rule
+from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, RewritePass, Rule, const_array, drop_unused_initializers, register_rule
 from graphopt.transform import PassContext, PassResult, register_pass
 
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -66,19 +66,6 @@ def _note_read(m: Match, *patterns: Pattern) -> None:
             v = m.value(q)
             if v is not None:
                 read[v] = None
-
-
-def _drop_unused_initializers(model: Model, read: dict[Value, None]) -> int:
-    removed = 0
-    for v in read:
-        g = v.graph
-        if g is None or not v.is_initializer() or v.uses() or v.is_graph_input() or v.is_graph_output():
-            continue
-        if any(q == v.name for q, _ in g.quantization_annotation):
-            continue
-        g.remove_initializer(v.name)
-        removed += 1
-    return removed
 
 
 def _array(v: Value | None) -> np.ndarray | None:
@@ -388,5 +375,5 @@ class FuseConvBn(RewritePass):
             _OPSET.reset(t2)
             _IR_VERSION.reset(t1)
         if result.changed:
-            result.stats["initializers-removed"] = _drop_unused_initializers(model, read)
+            result.stats["initializers-removed"] = drop_unused_initializers(read)
         return result

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from graphopt.ir import Attr, AttrType, Function, Model, Node, Value
-from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, RewritePass, Rule, const_array, register_rule
+from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, RewritePass, Rule, const_array, drop_unused_initializers, register_rule
 from graphopt.transform import PassContext, PassResult, register_pass
 
 MS_DOMAIN = "com.microsoft"
@@ -50,19 +50,6 @@ def _note_read(*values: Value | None) -> None:
         for v in values:
             if v is not None:
                 read[v] = None
-
-
-def _drop_unused_initializers(read: dict[Value, None]) -> int:
-    removed = 0
-    for v in read:
-        g = v.graph
-        if g is None or not v.is_initializer() or v.uses() or v.is_graph_input() or v.is_graph_output():
-            continue
-        if any(q == v.name for q, _ in g.quantization_annotation):
-            continue
-        g.remove_initializer(v.name)
-        removed += 1
-    return removed
 
 
 def _rank(v: Value | None) -> int | None:
@@ -594,5 +581,5 @@ class FuseLinear(RewritePass):
             if added_ms and not _uses_domain(model, MS_DOMAIN):
                 del model.opset_imports[MS_DOMAIN]
         if result.changed:
-            result.stats["initializers-removed"] = _drop_unused_initializers(read)
+            result.stats["initializers-removed"] = drop_unused_initializers(read)
         return result

@@ -16,7 +16,8 @@ separate torch venv; see its docstring). Per model it prints:
   optimizations vs none on the input) for scale, and the largest output magnitude;
 - latency on onnxruntime's CPU provider with --threads intra-op threads (sequential executor,
   batch 1): (a) the input with onnxruntime's optimizations disabled, (b) the input with its
-  default (all) optimizations, (c) the -O2 output with its default optimizations. The three
+  default (all) optimizations, (c) the -O2 output with its default optimizations, (d) the -O2
+  output with onnxruntime's optimizations disabled. The three
   sessions run round-robin (one call each per round, after warm-up; intra-op thread spinning
   off, so that one session's idle threads do not steal cores from the next) and the median of each is
   reported; (a) and (c) are printed as ratios to (b) from the same run (< 1 = faster than (b)).
@@ -217,11 +218,11 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     row["err_o2_all"] = max_err(rc, ra)
     row["err_ort"] = max_err(rb, ra)
     row["ref"] = max(float(np.max(np.abs(x))) for x in ra)
-    del so2
-    gc.collect()
     print(f"   max abs err: -O2 {row['err_o2']:.2e} (with ort-all {row['err_o2_all']:.2e}), ort-all alone {row['err_ort']:.2e}; max |output| {row['ref']:.3g}", flush=True)
 
-    sessions = {"a": sa, "b": sb, "c": sc}
+    # "d": the -O2 output with onnxruntime's optimizer off -- how much of onnxruntime's own work
+    # graphopt's passes recover
+    sessions = {"a": sa, "b": sb, "c": sc, "d": so2}
     for _ in range(args.warmup):
         for s in sessions.values():
             s.run(None, feeds)
@@ -242,10 +243,11 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     row["runs"] = runs
     print(
         f"   latency (median of {runs}): (b) ort-all {med['b'] * 1e3:.1f} ms; "
-        f"(a) ort-none {med['a'] / med['b']:.2f}x, (c) -O2+ort-all {med['c'] / med['b']:.2f}x",
+        f"(a) ort-none {med['a'] / med['b']:.2f}x, (c) -O2+ort-all {med['c'] / med['b']:.2f}x, "
+        f"(d) -O2+ort-none {med['d'] / med['b']:.2f}x",
         flush=True,
     )
-    del sa, sb, sc, sessions
+    del sa, sb, sc, so2, sessions
     gc.collect()
     return row
 
@@ -300,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['name']:20} {r['input']:6} {r['input_nc']:7} {r['o2']:6} {r['ort_ext']!s:>8} {r['o2_ort_ext']!s:>8} "
             f"{r['o2_time']:8.2f}s {err:>9} {r['err_ort']:9.1e} {r['ref']:9.3g}"
         )
-    print(f"\nlatency, onnxruntime CPU, {args.threads} threads, batch 1: median; (a) and (c) as ratios to (b) (< 1 = faster)")
-    head = f"{'model':20} {'runs':>5} {'(b) ort-all':>12} {'(a) ort-none':>13} {'(c) -O2+all':>12}"
+    print(f"\nlatency, onnxruntime CPU, {args.threads} threads, batch 1: median; (a), (c), (d) as ratios to (b) (< 1 = faster)")
+    head = f"{'model':20} {'runs':>5} {'(b) ort-all':>12} {'(a) ort-none':>13} {'(c) -O2+all':>12} {'(d) -O2+none':>13}"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -309,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['name']:20} {'-':>5}")
             continue
         m = r["lat"]
-        print(f"{r['name']:20} {r['runs']:5} {m['b'] * 1e3:9.1f} ms {m['a'] / m['b']:12.2f}x {m['c'] / m['b']:11.2f}x")
+        print(f"{r['name']:20} {r['runs']:5} {m['b'] * 1e3:9.1f} ms {m['a'] / m['b']:12.2f}x {m['c'] / m['b']:11.2f}x {m['d'] / m['b']:12.2f}x")
     print(f"\ntotal {time.perf_counter() - t_all:.0f}s")
     return 1 if any(r.get("failed") for r in rows) else 0
 

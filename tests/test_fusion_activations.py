@@ -372,3 +372,22 @@ def test_silu_is_left_alone_where_onnxruntime_has_no_swish_kernel() -> None:
         fused = [n.op_type for n in out.graph] == ["Swish"]
         assert fused == onnxruntime_has_kernel("Swish", opset)
         assert check_same_outputs(m, out).ok  # either way the result runs and agrees
+
+
+def test_explain_sees_the_models_opset_and_runtime() -> None:
+    """`--explain` runs the rule's checks with the model's opset, as the pass does: under opset
+    25 onnxruntime has no Swish kernel, and explain says so instead of claiming a match."""
+    import onnx.parser
+
+    from graphopt.check import onnxruntime_has_kernel
+    from graphopt.pattern import explain, get_rule
+
+    text = '<ir_version: 10, opset_import: ["" : 25]> g (float[2,3] X) => (float[2,3] Y) { S = Sigmoid(X)\n Y = Mul(X, S) }'
+    m = graphopt.load(onnx.parser.parse_model(text))
+    text_out = explain(m, get_rule("silu"))
+    if onnxruntime_has_kernel("Swish", 25):
+        assert "fires at 1" in text_out
+    else:
+        assert "has no Swish kernel" in text_out and "fires at" not in text_out
+    old = graphopt.load(onnx.parser.parse_model(text.replace('"" : 25', '"" : 17')))
+    assert "opset 17 < 24 has no Swish" in explain(old, get_rule("silu"))

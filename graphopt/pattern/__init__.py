@@ -25,11 +25,20 @@ from graphopt.pattern.pattern import (
     Pattern,
     const_array,
 )
-from graphopt.pattern.rule import RewriteBuilder, Rule, get_rule, list_rules, register_rule, unregister_rule
+from graphopt.pattern.rule import (
+    RewriteBuilder,
+    Rule,
+    current_model,
+    get_rule,
+    list_rules,
+    model_context,
+    register_rule,
+    unregister_rule,
+)
 
 __all__ = [
     "AnyPattern", "Candidate", "ConstPattern", "Fail", "Match", "MatchResult", "Matcher", "OpPattern",
     "OptionalPattern", "OrPattern", "OutputPattern", "P", "Pattern", "RewriteBuilder", "RewriteError",
-    "RewritePass", "Rewriter", "Rule", "apply_rules", "drop_unused_initializers", "const_array", "explain", "explain_candidates", "get_rule",
+    "RewritePass", "Rewriter", "Rule", "current_model", "model_context", "apply_rules", "drop_unused_initializers", "const_array", "explain", "explain_candidates", "get_rule",
     "list_rules", "register_rule", "unregister_rule",
 ]

@@ -25,7 +25,7 @@ from graphopt.ir.builder import unique_name
 from graphopt.ir.core import Graph, Model, Node, Value
 from graphopt.pattern.matcher import Fail, Match, Matcher
 from graphopt.pattern.pattern import ConstPattern, walk
-from graphopt.pattern.rule import RewriteBuilder, Rule
+from graphopt.pattern.rule import RewriteBuilder, Rule, model_context
 from graphopt.transform.pass_base import Pass, PassContext, PassResult, Rewrite
 
 
@@ -228,12 +228,13 @@ def apply_rules(
     limits = [k for k in (ctx.rewrite_limit, max_rewrites) if k is not None]
     state = _State(limit=min(limits) if limits else None)
     roots = {id(model.graph)} | {id(f.graph) for f in model.functions.values()}
-    for g in list(model.graphs()):
-        if state.exhausted():
-            break
-        if not _graph_alive(g, roots):
-            continue
-        _run_graph(g, index, rewriter, result, state, max_iterations, ctx)
+    with model_context(model):
+        for g in list(model.graphs()):
+            if state.exhausted():
+                break
+            if not _graph_alive(g, roots):
+                continue
+            _run_graph(g, index, rewriter, result, state, max_iterations, ctx)
     result.changed = state.count > 0
     return result
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from graphopt.ir.core import Graph, Model, Node
 from graphopt.pattern.matcher import MatchResult
-from graphopt.pattern.rule import Rule
+from graphopt.pattern.rule import Rule, model_context
 
 
 @dataclass
@@ -41,10 +41,11 @@ def explain_candidates(model: Model, rule: Rule) -> list[Candidate]:
     """Try `rule` at every candidate root of every graph; matches first, then deepest failures."""
     out: list[Candidate] = []
     matcher = rule.matcher()
-    for g in model.graphs():
-        where = _graph_label(model, g)
-        for n in rule.candidates(g):
-            out.append(Candidate(where, rule.try_match(n, matcher)))
+    with model_context(model):  # the checks see the same model-wide facts as in a pass
+        for g in model.graphs():
+            where = _graph_label(model, g)
+            for n in rule.candidates(g):
+                out.append(Candidate(where, rule.try_match(n, matcher)))
     # stable sort: graph order among equals
     out.sort(key=lambda c: (not bool(c.result), -c.result.depth))
     return out

@@ -31,7 +31,7 @@ import numpy as np
 
 from graphopt.ir import DataType, Function, Model, Value
 from graphopt.check import onnxruntime_has_kernel
-from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, RewritePass, Rule, const_array, drop_unused_initializers, register_rule
+from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, RewritePass, Rule, const_array, current_model, drop_unused_initializers, register_rule
 from graphopt.transform import PassContext, PassResult, register_pass
 
 RTOL = 1e-4
@@ -76,7 +76,8 @@ def in_function(m: Match) -> Function | None:
 def opset_of(m: Match) -> int | None:
     """The default-domain opset the match lives under (None: unknown, assume a modern one)."""
     f = in_function(m)
-    imports = f.opset_imports if f is not None else (_RUN.get().model.opset_imports if _RUN.get() is not None else None)  # type: ignore[union-attr]
+    model = _RUN.get().model if _RUN.get() is not None else current_model()  # type: ignore[union-attr]
+    imports = f.opset_imports if f is not None else (model.opset_imports if model is not None else None)
     if imports is None:
         return None
     return imports.get("", imports.get("ai.onnx"))

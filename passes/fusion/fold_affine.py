@@ -28,7 +28,7 @@ from typing import ClassVar
 import numpy as np
 
 from graphopt.ir import Model, Node, Tensor, Value
-from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, RewritePass, Rule, const_array, drop_unused_initializers, register_rule
+from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, RewritePass, Rule, const_array, current_model, drop_unused_initializers, register_rule
 from graphopt.transform import PassContext, PassResult, register_pass
 
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -39,9 +39,17 @@ _IR_VERSION: ContextVar[int | None] = ContextVar("fuse_conv_bn_ir_version", defa
 _OPSET: ContextVar[int | None] = ContextVar("fuse_conv_bn_opset", default=None)
 
 
+def _model_opset() -> int | None:
+    """The default-domain opset of the model being rewritten or explained (None: unknown)."""
+    model = current_model()
+    return None if model is None else model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+
+
 def _fixed_input_initializer(v: Value) -> bool:
     """An initializer listed as a graph input in an IR < 4 model: constant in those models."""
     ir = _IR_VERSION.get()
+    if ir is None and current_model() is not None:
+        ir = current_model().ir_version  # type: ignore[union-attr]
     return ir is not None and ir < 4 and v.is_initializer() and isinstance(v.const_value, Tensor)
 
 
@@ -122,7 +130,7 @@ def _producer(node: Node, w_val: Value, b_val: Value | None, copy_shared: bool) 
         if b is not None and b.shape != (channels,):
             return Fail(f"bias shape {list(b.shape)} is not [{channels}]")
         return _Producer(node, w, None if b is None else b.astype(np.float64), channels)
-    opset = _OPSET.get()
+    opset = _OPSET.get() or _model_opset()
     if opset is not None and opset < 7:
         return Fail(f"opset {opset} < 7: Gemm's bias does not broadcast there")
     if w.ndim != 2:

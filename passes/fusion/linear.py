@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from graphopt.ir import Attr, AttrType, Function, Model, Node, Value
-from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, RewritePass, Rule, const_array, drop_unused_initializers, register_rule
+from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, RewritePass, Rule, const_array, current_model, drop_unused_initializers, register_rule
 from graphopt.transform import PassContext, PassResult, register_pass
 
 MS_DOMAIN = "com.microsoft"
@@ -130,7 +130,8 @@ class MatMulAddToGemm(Rule):
     pattern = P.op("Add", mm, c, commutative=True)
 
     def check(self, m: Match) -> bool | Fail:
-        opset = _OPSET.get()
+        model = current_model()
+        opset = _OPSET.get() or (None if model is None else model.opset_imports.get("", model.opset_imports.get("ai.onnx")))
         if opset is not None and opset < 7:
             return Fail(f"opset {opset} < 7: Gemm's C does not broadcast there")
         rank = _rank(m[self.a])

@@ -712,3 +712,27 @@ def test_registered_rules_document_before_after_and_when_not() -> None:
         doc = (rule.__doc__ or "").lower()
         assert "->" in doc or "\u2192" in doc, f"rule {name}: docstring lacks 'before -> after'"
         assert "not" in doc, f"rule {name}: docstring does not say when it must not fire"
+
+
+@pytest.mark.parametrize("ir_version, fires", [(3, True), (8, False)])
+def test_const_accepts_input_initializers_only_below_ir_4(ir_version: int, fires: bool) -> None:
+    """In IR < 4 every initializer is also listed as a graph input and is a constant (what
+    onnxruntime does); from IR 4 on such an input can be fed by the user, so it is not."""
+    w = helper.make_tensor("W", TensorProto.FLOAT, [3, 5], np.arange(15, dtype=np.float32))
+    c = helper.make_tensor("C", TensorProto.FLOAT, [5], np.arange(5, dtype=np.float32))
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["T"]), helper.make_node("Add", ["T", "C"], ["Y"])],
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in (("X", [4, 3]), ("W", [3, 5]), ("C", [5]))],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [4, 5])],
+        [w, c],
+    )
+    m = graphopt.load(helper.make_model(g, ir_version=ir_version, opset_imports=[helper.make_opsetid("", 9)]))
+    before = m.clone()
+    res = apply_rules(m, [MatMulAddToGemm()])
+    assert res.changed is fires
+    assert ("fires at 1" in explain(before, MatMulAddToGemm())) is fires
+    if fires:
+        assert [n.op_type for n in m.graph] == ["Gemm"]
+        feeds = {"X": np.ones((4, 3), np.float32)}
+        assert check_same_outputs(before, m, feeds).ok

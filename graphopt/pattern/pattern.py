@@ -127,7 +127,7 @@ class AnyPattern(Pattern):
 
 
 class ConstPattern(Pattern):
-    """Matches a constant: an initializer that is not a graph input, or a `Constant` node's output.
+    """Matches a constant: an initializer that is not a graph input (in IR >= 4 models), or a `Constant` node's output.
 
     `value`: a scalar (every element must equal it) or an array (shape and elements equal);
     `predicate(array) -> bool` for anything else. Float comparison is exact unless `rtol`/`atol`.
@@ -375,14 +375,19 @@ def value_dtype(v: Any) -> DataType | None:
 
 
 def const_array(v: Any) -> np.ndarray | None:
-    """The value of a constant: a non-input initializer or the output of a `Constant` node."""
+    """The value of a constant: an initializer that is not also a graph input (a user can feed
+    those) -- except in IR < 4 models, where every initializer is listed as an input and
+    onnxruntime treats them as constants -- or the output of a `Constant` node."""
     from graphopt.ir.tensor import Tensor
+    from graphopt.pattern.context import current_model
 
     if v is None:
         return None
     cv = v.const_value
-    if cv is not None and isinstance(cv, Tensor) and not v.is_graph_input():
-        return cv.numpy()
+    if cv is not None and isinstance(cv, Tensor):
+        model = current_model()
+        if not v.is_graph_input() or (model is not None and model.ir_version < 4):
+            return cv.numpy()
     node = v.producer()
     if node is None or node.op_type != "Constant" or normalize_domain(node.domain) != "":
         return None

@@ -23,9 +23,6 @@ Functional form: `Rule("mul-by-one", pattern, rewrite=lambda m, b: m[x], check=.
 
 from __future__ import annotations
 
-import contextlib
-from contextvars import ContextVar
-from collections.abc import Iterator
 
 import importlib
 from collections.abc import Callable, Iterator, Sequence
@@ -35,6 +32,7 @@ import numpy as np
 
 from graphopt.errors import UsageError
 from graphopt.ir.builder import Builder
+from graphopt.pattern.context import current_model, model_context  # noqa: F401  (re-exported)
 from graphopt.ir.core import Attr, Function, Graph, Model, Node, Value
 from graphopt.ir.tensor import NumpyTensor, Tensor
 from graphopt.ir.types import Shape, TensorType
@@ -48,22 +46,6 @@ RewriteResult = Union[Value, Sequence[Union[Value, None]], Fail]
 
 
 
-_MODEL: ContextVar[Model | None] = ContextVar("graphopt_pattern_model", default=None)
-
-
-def current_model() -> Model | None:
-    """The model that `apply_rules` or `explain` is working on, for checks that need model-wide
-    facts (opset imports, IR version). None outside them."""
-    return _MODEL.get()
-
-
-@contextlib.contextmanager
-def model_context(model: Model) -> Iterator[None]:
-    token = _MODEL.set(model)
-    try:
-        yield
-    finally:
-        _MODEL.reset(token)
 
 
 class RewriteBuilder(Builder):

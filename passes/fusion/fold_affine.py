@@ -35,7 +35,6 @@ _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 # Set by FuseConvBn.run: the model's IR version and default-domain opset (None: unknown, e.g.
 # in `--explain`, where the strict reading of constants and a modern opset are assumed).
-_IR_VERSION: ContextVar[int | None] = ContextVar("fuse_conv_bn_ir_version", default=None)
 _OPSET: ContextVar[int | None] = ContextVar("fuse_conv_bn_opset", default=None)
 
 
@@ -45,21 +44,10 @@ def _model_opset() -> int | None:
     return None if model is None else model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
 
 
-def _fixed_input_initializer(v: Value) -> bool:
-    """An initializer listed as a graph input in an IR < 4 model: constant in those models."""
-    ir = _IR_VERSION.get()
-    if ir is None and current_model() is not None:
-        ir = current_model().ir_version  # type: ignore[union-attr]
-    return ir is not None and ir < 4 and v.is_initializer() and isinstance(v.const_value, Tensor)
-
-
 def _k(name: str) -> Pattern:
-    """A constant: an initializer (not overridable), a Constant node, or an IR<4 input initializer."""
-    return P.alt(
-        P.const(),
-        P.any().where(_fixed_input_initializer, "not a constant (a graph input or an initializer a user can override)"),
-        name=name,
-    )
+    """A constant (P.const: an initializer a user cannot override -- in IR < 4 models those listed
+    as graph inputs too -- or a Constant node)."""
+    return P.const(name=name)
 
 
 # Constants read by applied rewrites (set by FuseConvBn.run): the ones left unused afterwards
@@ -80,8 +68,6 @@ def _array(v: Value | None) -> np.ndarray | None:
     if v is None:
         return None
     arr = const_array(v)
-    if arr is None and _fixed_input_initializer(v):
-        arr = v.const_value.numpy()  # type: ignore[union-attr]
     return None if arr is None else np.asarray(arr)
 
 
@@ -372,7 +358,6 @@ class FuseConvBn(RewritePass):
         return _COPY_RULES if self.copy_shared else _DEFAULT_RULES
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        t1 = _IR_VERSION.set(model.ir_version)
         t2 = _OPSET.set(model.opset_imports.get("", model.opset_imports.get("ai.onnx")))
         read: dict[Value, None] = {}
         t3 = _READ.set(read)
@@ -381,7 +366,6 @@ class FuseConvBn(RewritePass):
         finally:
             _READ.reset(t3)
             _OPSET.reset(t2)
-            _IR_VERSION.reset(t1)
         if result.changed:
             result.stats["initializers-removed"] = drop_unused_initializers(read)
         return result

@@ -3,7 +3,6 @@ near-misses alone, is idempotent, keeps the IR valid and keeps onnxruntime's out
 
 from __future__ import annotations
 
-import glob
 import os
 
 import numpy as np

@@ -11,6 +11,7 @@
     apply_rules(model, [rule], ctx)
 """
 
+from graphopt.pattern.context import current_model, model_context
 from graphopt.pattern.driver import RewriteError, Rewriter, RewritePass, apply_rules, drop_unused_initializers
 from graphopt.pattern.explain import Candidate, explain, explain_candidates
 from graphopt.pattern.matcher import Fail, Match, Matcher, MatchResult
@@ -28,10 +29,8 @@ from graphopt.pattern.pattern import (
 from graphopt.pattern.rule import (
     RewriteBuilder,
     Rule,
-    current_model,
     get_rule,
     list_rules,
-    model_context,
     register_rule,
     unregister_rule,
 )

@@ -25,7 +25,8 @@ from graphopt.ir.builder import unique_name
 from graphopt.ir.core import Graph, Model, Node, Value
 from graphopt.pattern.matcher import Fail, Match, Matcher
 from graphopt.pattern.pattern import ConstPattern, walk
-from graphopt.pattern.rule import RewriteBuilder, Rule, model_context
+from graphopt.pattern.context import model_context
+from graphopt.pattern.rule import RewriteBuilder, Rule
 from graphopt.transform.pass_base import Pass, PassContext, PassResult, Rewrite
 
 

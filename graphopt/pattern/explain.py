@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from graphopt.ir.core import Graph, Model, Node
 from graphopt.pattern.matcher import MatchResult
-from graphopt.pattern.rule import Rule, model_context
+from graphopt.pattern.context import model_context
+from graphopt.pattern.rule import Rule
 
 
 @dataclass

@@ -32,8 +32,7 @@ import numpy as np
 
 from graphopt.errors import UsageError
 from graphopt.ir.builder import Builder
-from graphopt.pattern.context import current_model, model_context  # noqa: F401  (re-exported)
-from graphopt.ir.core import Attr, Function, Graph, Model, Node, Value
+from graphopt.ir.core import Attr, Function, Graph, Node, Value
 from graphopt.ir.tensor import NumpyTensor, Tensor
 from graphopt.ir.types import Shape, TensorType
 from graphopt.pattern.matcher import Fail, Match, Matcher, MatchResult

@@ -27,7 +27,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from graphopt.ir import Model, Node, Tensor, Value
+from graphopt.ir import Model, Node, Value
 from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, RewritePass, Rule, const_array, current_model, drop_unused_initializers, register_rule
 from graphopt.transform import PassContext, PassResult, register_pass
 

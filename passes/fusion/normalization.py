@@ -34,7 +34,6 @@ from graphopt.passes.fusion.activations import (
     float_dtype,
     standard_op,
     import_contrib,
-    opset_of,
     scalar_consts,
     with_run,
 )

@@ -8,9 +8,10 @@ from graphopt.passes.fusion.linear import FuseLinear, MatMulAddToGemm, PadIntoCo
 from graphopt.passes.fusion.activations import BiasGelu, FuseActivations, GeluErf, GeluTanh, HardSwishRule, Silu
 from graphopt.passes.fusion.normalization import FuseNormalization, LayerNorm, RmsNorm, SkipLayerNorm
 from graphopt.passes.fusion.attention import FuseAttention, SdpaAttention
+from graphopt.passes.fusion.conv_activation import ConvActivation, FuseConvActivation
 
 __all__ = [
-    "BiasGelu", "ConvAddBias", "ConvBatchNorm", "ConvMulScale", "FuseActivations", "FuseAttention", "FuseConvBn", "FuseLinear",
+    "BiasGelu", "ConvActivation", "ConvAddBias", "ConvBatchNorm", "ConvMulScale", "FuseActivations", "FuseAttention", "FuseConvActivation", "FuseConvBn", "FuseLinear",
     "FuseNormalization", "GeluErf", "GeluTanh", "HardSwishRule", "LayerNorm", "MatMulAddToGemm", "PadIntoConv",
     "PadIntoPool", "ReshapeChain", "RmsNorm", "SdpaAttention", "Silu", "SkipLayerNorm", "TransposeIntoGemm", "TransposeIntoMatMul",
 ]

@@ -1,0 +1,169 @@
+"""`fuse-conv-activation`: Conv followed by an activation  →  onnxruntime's com.microsoft FusedConv.
+
+Rule `conv-activation` (registered, so `graphopt-compile --explain conv-activation` shows why it
+did not fire): Conv(x, W[, b]) then Relu / LeakyRelu / Clip / Sigmoid / Tanh / HardSigmoid  →
+com.microsoft FusedConv(x, W[, b], activation=..., activation_params=[...]) with the Conv's own
+attributes. FusedConv is not standard ONNX (onnxruntime's CPU provider runs it, for float32
+only), so the pass changes nothing unless `fuse-conv-activation{contrib-ops=1}` asks for it; it
+never fires inside a model-local function body, and adds the `com.microsoft` opset import only
+when it creates a FusedConv.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from graphopt.ir import Attr, DataType, Model, Value
+from graphopt.passes.fusion.activations import MS_DOMAIN, contrib_allowed, import_contrib, opset_of, with_run
+from graphopt.pattern import Fail, Match, P, RewriteBuilder, RewritePass, Rule, const_array, register_rule
+from graphopt.transform import PassContext, PassResult, register_pass
+
+_F32_MAX = float(np.finfo(np.float32).max)
+_SIMPLE = ("Relu", "Sigmoid", "Tanh")
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_conv_kernel(opset: int, dtype: DataType, with_bias: bool) -> bool:
+    """Whether the installed onnxruntime loads a 4-D com.microsoft FusedConv of `dtype` under
+    default-domain `opset` (a one-node probe session; the 1-D probe of
+    graphopt.check.onnxruntime_has_kernel does not suit Conv's shapes)."""
+    try:
+        import onnx
+        import onnxruntime as ort
+        from onnx import helper
+    except ImportError:  # pragma: no cover
+        return False
+    tt = int(dtype)
+    names = ["x", "w"] + (["b"] if with_bias else [])
+    shapes = {"x": [1, 2, 4, 4], "w": [3, 2, 3, 3], "b": [3]}
+    ins = [helper.make_tensor_value_info(n, tt, shapes[n]) for n in names]
+    node = helper.make_node("FusedConv", names, ["y"], domain=MS_DOMAIN, activation="Relu", kernel_shape=[3, 3])
+    g = helper.make_graph([node], "probe", ins, [helper.make_tensor_value_info("y", tt, None)])
+    opsets = [helper.make_opsetid("", max(opset, 7)), helper.make_opsetid(MS_DOMAIN, 1)]
+    model = helper.make_model(g, opset_imports=opsets, ir_version=min(onnx.IR_VERSION, 10))
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        feeds = {n: np.zeros(shapes[n], dtype.numpy()) for n in names}
+        sess.run(None, feeds)
+    except Exception:
+        return False
+    return True
+
+
+def _scalar(v: Value | None) -> float | None | Fail:
+    """A Clip bound: None when absent, its value when a single-element constant."""
+    if v is None:
+        return None
+    arr = const_array(v)
+    if arr is None:
+        return Fail(f"Clip bound {v.name!r} is not a constant")
+    arr = np.asarray(arr)
+    if arr.size != 1:
+        return Fail(f"Clip bound {v.name!r} has {arr.size} elements, not one")
+    return float(arr.reshape(-1)[0])
+
+
+class ConvActivation(Rule):
+    """Conv(x, W[, b]) then Relu / LeakyRelu(alpha) / Clip(min, max) / Sigmoid / Tanh /
+    HardSigmoid(alpha, beta) → com.microsoft FusedConv(x, W[, b], activation=..., activation_params=[...],
+    the Conv's attributes).
+
+    activation_params: LeakyRelu [alpha], Clip [min, max] (an absent bound is ±float32 max),
+    HardSigmoid [alpha, beta]. Must not fire: contrib-ops off, inside a function body, the Conv
+    not float32 (onnxruntime has FusedConv for float only), the Conv output also read elsewhere or
+    a graph output, Clip bounds that are not single-element constants.
+    """
+
+    name = "conv-activation"
+    x, w = P.any(), P.any()
+    bias = P.optional()
+    conv = P.op("Conv", x, w, bias)
+    lo, hi = P.optional(P.const()), P.optional(P.const())
+    pattern = P.alt(
+        P.op(_SIMPLE + ("LeakyRelu", "HardSigmoid"), conv),
+        P.op("Clip", conv, lo, hi),
+    )
+
+    def _params(self, m: Match) -> tuple[str, list[float]] | Fail:
+        act = m.root
+        op = act.op_type
+        if op in _SIMPLE:
+            return op, []
+        if op == "LeakyRelu":
+            return op, [float(act.attr("alpha", 0.01))]
+        if op == "HardSigmoid":
+            return op, [float(act.attr("alpha", 0.2)), float(act.attr("beta", 0.5))]
+        # Clip: bounds as inputs (opset >= 11) or attributes (opset < 11)
+        lo, hi = _scalar(m.get(self.lo)), _scalar(m.get(self.hi))
+        if isinstance(lo, Fail):
+            return lo
+        if isinstance(hi, Fail):
+            return hi
+        if lo is None:
+            lo = float(act.attr("min", -_F32_MAX))
+        if hi is None:
+            hi = float(act.attr("max", _F32_MAX))
+        return "Clip", [lo, hi]
+
+    def check(self, m: Match) -> bool | Fail:
+        ok = contrib_allowed(m)
+        if not ok:
+            return ok
+        conv = m.node(self.conv)
+        # x's type; when not inferred yet, the Conv output's, the activation's or the weight's
+        dt = m[self.x].dtype or conv.outputs[0].dtype or m.root.outputs[0].dtype or m[self.w].dtype
+        if dt is None:
+            return Fail("element type of the Conv is unknown")
+        if dt != DataType.FLOAT:
+            return Fail(f"Conv element type {dt.text} is not float32 (FusedConv runs float only)")
+        for a in conv.attributes.values():
+            if getattr(a, "ref_attr_name", None):
+                return Fail(f"Conv attribute {a.name!r} refers to a function attribute")
+        params = self._params(m)
+        if isinstance(params, Fail):
+            return params
+        opset = opset_of(m) or 17
+        if not _fused_conv_kernel(opset, DataType.FLOAT, m.get(self.bias) is not None):
+            return Fail(f"onnxruntime has no com.microsoft FusedConv kernel for float under opset {opset}")
+        return True
+
+    def rewrite(self, m: Match, b: RewriteBuilder) -> Value:
+        activation, params = self._params(m)  # type: ignore[misc]
+        conv = m.node(self.conv)
+        import_contrib()
+        attrs = [a for k, a in conv.attributes.items() if k not in ("activation", "activation_params")]
+        attrs.append(Attr.infer("activation", activation))
+        if params:
+            attrs.append(Attr.infer("activation_params", [float(p) for p in params]))
+        inputs = [m[self.x], m[self.w]] + ([m[self.bias]] if m.get(self.bias) is not None else [])
+        return b.node("FusedConv", inputs, attrs, domain=MS_DOMAIN).outputs[0]
+
+
+_RULES = (ConvActivation(),)
+for _r in _RULES:
+    register_rule(_r)
+
+
+@register_pass
+@dataclass(frozen=True)
+class FuseConvActivation(RewritePass):
+    """Fuse Conv + Relu / LeakyRelu / Clip / Sigmoid / Tanh / HardSigmoid into onnxruntime's
+    com.microsoft FusedConv (rule conv-activation; stats: rewrites per rule). Only with
+    contrib-ops=1: without it the pass changes nothing (FusedConv is not standard ONNX)."""
+
+    name: ClassVar[str] = "fuse-conv-activation"
+    contrib_ops: bool = False
+
+    def get_rules(self):  # type: ignore[no-untyped-def]
+        return _RULES
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        if not self.contrib_ops:
+            return PassResult(changed=False)
+        return with_run(model, True, lambda: RewritePass.run(self, model, ctx))

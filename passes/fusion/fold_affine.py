@@ -186,6 +186,14 @@ class _FoldRule(Rule):
         super().__init__()
         self.copy_shared = copy_shared
 
+    def _plan(self, m: Match, compute: bool = True) -> object:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def check(self, m: Match) -> bool | Fail:
+        # the check is the plan without the (costly) weight arithmetic
+        plan = self._plan(m, compute=False)
+        return plan if isinstance(plan, Fail) else True
+
 
 class ConvBatchNormalization(_FoldRule):
     """BatchNormalization(Conv(x, W[, b]), scale, B, mean, var) → Conv(x, W*s, (b-mean)*s+B).
@@ -239,10 +247,6 @@ class ConvBatchNormalization(_FoldRule):
         bias = p.bias if p.bias is not None else np.zeros(p.channels)
         return p, _scale_weight(p, s), (bias - mean) * s + shift
 
-    def check(self, m: Match) -> bool | Fail:
-        plan = self._plan(m, compute=False)
-        return plan if isinstance(plan, Fail) else True
-
     def rewrite(self, m: Match, b: RewriteBuilder) -> Value | Fail:
         plan = self._plan(m)
         if isinstance(plan, Fail):
@@ -273,10 +277,6 @@ class _ConvElementwise(_FoldRule):
 
     def _fold(self, p: _Producer, vec: np.ndarray) -> tuple[_Producer, np.ndarray, np.ndarray | None]:
         raise NotImplementedError
-
-    def check(self, m: Match) -> bool | Fail:
-        plan = self._plan(m, compute=False)
-        return plan if isinstance(plan, Fail) else True
 
     def rewrite(self, m: Match, b: RewriteBuilder) -> Value | Fail:
         plan = self._plan(m)

@@ -425,15 +425,20 @@ class _Parser:
         self.expect("]", "']' closing the opset list")
         return out
 
-    def str_dict(self) -> dict[str, str]:
-        self.expect("{")
+    def str_pairs(self, close: str) -> dict[str, str]:
+        """`"k": "v", ...` up to (not including) the token `close`."""
         out: dict[str, str] = {}
-        while not self.at("}"):
+        while not self.at(close):
             k = self.string("a key string")
             self.expect(":")
             out[k] = self.string("a value string")
             if not self.accept(","):
                 break
+        return out
+
+    def str_dict(self) -> dict[str, str]:
+        self.expect("{")
+        out = self.str_pairs("}")
         self.expect("}", "'}' closing the dictionary")
         return out
 
@@ -688,14 +693,7 @@ class _Parser:
             if kind in ("doc", "den"):
                 out[kind] = self.string()
             elif kind == "meta":
-                meta: dict[str, str] = {}
-                while not self.at(")"):
-                    k = self.string("a key string")
-                    self.expect(":")
-                    meta[k] = self.string("a value string")
-                    if not self.accept(","):
-                        break
-                out[kind] = meta
+                out[kind] = self.str_pairs(")")
             elif kind == "quant":
                 q: list[tuple[str, dict[str, str]]] = []
                 while not self.at(")"):

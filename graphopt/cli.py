@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-O", dest="opt_level", metavar="LEVEL", help="optimisation level 0-3 (-O2 is the default)")
     p.add_argument("--passes", metavar="SPEC", help="the pipeline, e.g. '-O1,fold-constants' (instead of -O)")
     p.add_argument("--disable", metavar="NAME", action="append", help="drop pass NAME from the pipeline (repeatable)")
+    p.add_argument("--contrib-ops", action=argparse.BooleanOptionalAction, default=None,
+                   help="let fusions use onnxruntime's com.microsoft ops (for deployments on onnxruntime only)")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                    help="run the original and compiled model on onnxruntime and compare (exit 3 if they differ)")
     p.add_argument("--verify-each", action=argparse.BooleanOptionalAction, default=None,
@@ -103,6 +105,7 @@ class Options:
     target: str = "onnx"
     pipeline: str = "-O2"
     disable: list[str] = field(default_factory=list)
+    contrib_ops: bool = False
     verify: bool = False
     verify_each: bool = False
     inputs: str | None = None
@@ -150,6 +153,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         target=pick(ns.target, "target", "onnx"),
         pipeline=_pipeline_spec(ns, cfg),
         disable=list(pick(ns.disable, "disable", [])),
+        contrib_ops=pick(ns.contrib_ops, "contrib-ops", False),
         verify=pick(ns.verify, "verify", False),
         verify_each=pick(ns.verify_each, "verify-each", False),
         inputs=pick(ns.inputs, "inputs", None),
@@ -265,10 +269,12 @@ def _run(opts: Options) -> int:
 
 
 def _resolve(opts: Options, log: list[str] | None = None) -> list[Any]:
-    from graphopt.transform import parse_pipeline
+    from graphopt.transform import parse_pipeline, with_contrib_ops
 
     log = [] if log is None else log
     passes = parse_pipeline(opts.pipeline, disable=opts.disable, log=log)
+    if opts.contrib_ops:
+        passes = with_contrib_ops(passes)
     for line in log:  # --disable is never silent, not even with --quiet
         _note(line)
     return passes

@@ -52,6 +52,7 @@ KEYS: dict[str, _Key] = {
     "report": _Key(str, is_path=True),
     "dump-ir": _Key(str, is_path=True),
     "quiet": _Key(bool),
+    "contrib-ops": _Key(bool),
 }
 
 

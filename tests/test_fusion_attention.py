@@ -41,12 +41,12 @@ def ops(model: Model) -> list[str]:
     return [n.op_type for n in model.all_nodes()]
 
 
-def run(model: Model, feeds=None) -> tuple[Model, dict]:
+def run(model: Model, feeds=None, **options) -> tuple[Model, dict]:
     """fuse-attention on a copy: verify(), idempotent, checker-valid, same outputs on onnxruntime."""
     out = model.clone()
-    result = get_pass("fuse-attention")().run(out, PassContext())
+    result = get_pass("fuse-attention")(**options).run(out, PassContext())
     out.verify()
-    again = get_pass("fuse-attention")().run(out, PassContext())
+    again = get_pass("fuse-attention")(**options).run(out, PassContext())
     assert not again.changed and not again.stats, again.stats
     onnx.checker.check_model(graphopt.to_onnx(out), full_check=True)
     cmp = check_same_outputs(model, out, feeds, rtol=1e-4, atol=1e-5)
@@ -208,9 +208,9 @@ def bert_nodes(*, dropout_training=None):
     return nodes, consts
 
 
-def bert_model(**kw) -> Model:
+def bert_model(opset: int = 23, **kw) -> Model:
     nodes, consts = bert_nodes(**kw)
-    model = make(nodes, consts, inputs={"x": [B, S, H * D], "am": [B, S]}, out_shape=[B, S, H * D])
+    model = make(nodes, consts, opset=opset, inputs={"x": [B, S, H * D], "am": [B, S]}, out_shape=[B, S, H * D])
     # what the exporters leave in value_info: run ONNX shape inference
     proto = onnx.shape_inference.infer_shapes(graphopt.to_onnx(model))
     return graphopt.load(proto)
@@ -328,3 +328,62 @@ def test_in_pipeline_and_opset_24():
     out = graphopt.optimize(model.clone(), "fuse-attention,dce")
     assert ops(out).count("Attention") == 1 and "Softmax" not in ops(out)
     assert check_same_outputs(model, out).ok
+
+
+# --- below opset 23 with contrib-ops: com.microsoft MultiHeadAttention ----------------------------
+def test_contrib_off_below_opset_23_does_not_fire():
+    no_fire(bert_model(opset=17))
+
+
+def test_contrib_ops_pipeline_switch():
+    model = bert_model(opset=17)
+    assert "MultiHeadAttention" not in ops(graphopt.optimize(model, "-O2"))
+    out = graphopt.optimize(model, "-O2", contrib_ops=True)
+    assert ops(out).count("MultiHeadAttention") == 1 and "Transpose" not in ops(out), ops(out)
+    assert check_same_outputs(model, out, bert_feeds(model)).ok
+
+
+@pytest.mark.parametrize("opset", [17, 20])
+def test_contrib_bert_style_becomes_multi_head_attention(opset):
+    model = bert_model(opset=opset)
+    out, stats = run(model, bert_feeds(model), contrib_ops=True)
+    assert fired(stats) == 1
+    assert ops(out).count("MultiHeadAttention") == 1 and "Softmax" not in ops(out)
+    assert out.opset_imports.get("com.microsoft") == 1
+    # the head split/merge Transposes and Reshapes cancel with the ones the rewrite adds
+    cleaned = graphopt.optimize(out.clone(), "remove-noops,fuse-linear,remove-noops,dce")
+    assert "Transpose" not in ops(cleaned) and "Reshape" not in ops(cleaned), ops(cleaned)
+    assert check_same_outputs(model, cleaned, bert_feeds(model)).ok
+
+
+@pytest.mark.parametrize("scale_where", ["div", "mul", "q_div", "qk"])
+@pytest.mark.parametrize("mask_shape", [None, [B, 1, 1, S], [S, S], [S], [B, H, S, S]])
+def test_contrib_torch_style_with_masks(scale_where, mask_shape):
+    nodes = torch_nodes(scale_where, mask=None if mask_shape is None else "add")
+    inputs = {"q": SQ, "k": SQ, "v": SQ} | ({} if mask_shape is None else {"mask": mask_shape})
+    model = make(nodes, consts_for(nodes), opset=17, inputs=inputs)
+    out, stats = run(model, contrib_ops=True)
+    assert fired(stats) == 1 and ops(out).count("MultiHeadAttention") == 1
+
+
+def test_contrib_where_mask_and_symbolic_batch():
+    nodes = torch_nodes("qk", mask="where")
+    sym = ["b", H, "s", D]
+    model = make(nodes, consts_for(nodes), opset=17, inputs={"q": sym, "k": sym, "v": sym, "cond": [1, 1, "s", "s"]}, out_shape=sym)
+    feeds = random_inputs(model, dim_values={"b": 2, "s": 6})
+    feeds["cond"] = ~np.tril(np.ones((6, 6), bool))[None, None]
+    out, stats = run(model, feeds, contrib_ops=True)
+    assert fired(stats) == 1 and ops(out).count("MultiHeadAttention") == 1
+
+
+def test_contrib_needs_static_heads_and_float():
+    nodes = torch_nodes("div")
+    sym = [B, "h", S, D]
+    out = make(nodes, consts_for(nodes), opset=17, inputs={"q": sym, "k": sym, "v": sym}, out_shape=sym)
+    assert not get_pass("fuse-attention")(contrib_ops=True).run(out, PassContext()).changed
+    d = TensorProto.DOUBLE
+    g = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(n, d, SQ) for n in "qkv"], [helper.make_tensor_value_info("y", d, SQ)],
+        initializer=[numpy_helper.from_array(np.asarray(math.sqrt(D)), "sqrt_d")])
+    m = graphopt.load(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10))
+    assert not get_pass("fuse-attention")(contrib_ops=True).run(m, PassContext()).changed

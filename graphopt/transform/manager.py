@@ -19,7 +19,7 @@ from graphopt.transform.instruments import (
     VerifyInstrument,
 )
 from graphopt.transform.pass_base import Pass, PassContext, PassError, PassResult
-from graphopt.transform.pipeline import resolve_pipeline
+from graphopt.transform.pipeline import resolve_pipeline, with_contrib_ops
 
 
 @dataclass
@@ -98,8 +98,12 @@ def optimize(
     dump_ir: str | None = None,
     instruments: Sequence[PassInstrument] = (),
     ctx: PassContext | None = None,
+    contrib_ops: bool = False,
 ) -> Model:
     """Run a pipeline (`"-O2"`, a spec like `"fold-constants,dce"`, or Pass objects).
+
+    `contrib_ops` turns on the `contrib-ops` option of every pass that has it (onnxruntime's
+    com.microsoft ops may then appear in the output: for deployments on onnxruntime only).
 
     Works on a copy unless `inplace`. `verify_each` checks IR invariants after every pass;
     `check_each` runs onnxruntime after every pass and stops at the first one that changes the
@@ -107,6 +111,8 @@ def optimize(
     """
     ctx = ctx or PassContext()
     passes = resolve_pipeline(pipeline, disable=disable, log=ctx.log) if isinstance(pipeline, str) else resolve_pipeline(pipeline)
+    if contrib_ops:
+        passes = with_contrib_ops(passes)
     target = model if inplace else model.clone()
     ins: list[PassInstrument] = [TimingInstrument()]
     if dump_ir:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 
@@ -20,7 +21,9 @@ from graphopt.transform.registry import get_pass
 OPT_LEVELS: dict[str, str] = {
     "-O0": "",
     "-O1": "fold-constants,fuse-conv-bn,simplify-shapes,remove-noops,cse,dce",
-    "-O2": "-O1,fuse-linear,fuse-activations,fuse-normalization,fuse-attention,fold-constants,remove-noops,cse,dce",
+    # fuse-conv-activation only fires with contrib-ops; the second fuse-linear merges the Reshape
+    # pairs that fuse-attention's head split/merge leaves once remove-noops cancels the Transposes
+    "-O2": "-O1,fuse-linear,fuse-activations,fuse-normalization,fuse-attention,fuse-conv-activation,remove-noops,fuse-linear,fold-constants,remove-noops,cse,dce",
     "-O3": "-O2",
 }
 
@@ -90,6 +93,13 @@ def _parse(spec: str, depth: int) -> list[Pass]:
             passes.append(cls.from_options(options))
         pos = m.end()
     return passes
+
+
+def with_contrib_ops(passes: Sequence[Pass], enabled: bool = True) -> list[Pass]:
+    """The pipeline with `contrib-ops` set on every pass that has that option: the pipeline-wide
+    switch (`graphopt-compile --contrib-ops`, `optimize(..., contrib_ops=True)`) for deployments on
+    onnxruntime only, which may then use its com.microsoft ops."""
+    return [dataclasses.replace(p, contrib_ops=enabled) if hasattr(p, "contrib_ops") else p for p in passes]
 
 
 def format_pipeline(passes: Sequence[Pass]) -> str:

@@ -1,5 +1,6 @@
 """`fuse-attention`: scaled-dot-product attention spelled as MatMul-Softmax-MatMul  →  one
-ONNX `Attention` (opset ≥ 23).
+ONNX `Attention` (opset ≥ 23), or onnxruntime's com.microsoft `MultiHeadAttention` below opset 23
+with `contrib-ops=1`.
 
 Rule (registered, so `graphopt-compile --explain sdpa-attention` shows why it did not fire):
 
@@ -31,8 +32,14 @@ constant; an intermediate (scores, probabilities...) used elsewhere, e.g. the at
 probabilities returned as a graph output; a Dropout in training mode (or with a non-constant
 training_mode); an opset < 23, or an onnxruntime without the Attention kernel for the type.
 
-No com.microsoft fallback: MultiHeadAttention takes [B, S, H·d] inputs and a key padding mask,
-which the 4-D subgraph does not map onto safely; `contrib-ops` is accepted and ignored.
+Below opset 23, with `contrib-ops=1` (deployments on onnxruntime only): com.microsoft
+MultiHeadAttention(Q', K, V, attention_bias=mask, num_heads=H, scale=s), where Q' is Q
+[B, H, S_q, d] transposed and reshaped to [B, S_q, H·d] (the query must be 3-D; K and V go in
+as they are, [B, H, S, d] is MultiHeadAttention's BNSH layout) and the result is reshaped and
+transposed back to [B, H, S_q, d]; the Transpose/Reshape pairs this creates around the torch /
+transformers head split and merge cancel in fuse-linear and remove-noops. The mask is made 4-D
+(Unsqueeze) with last two dims [S_q, S_kv] (Expand). Must not fire there also when the head
+count H or the head size d is not static, or the type is not float16/float.
 """
 
 from __future__ import annotations
@@ -44,9 +51,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from graphopt.ir import DataType, Model, Value
+from graphopt.ir import DataType, Model, Shape, TensorType, Value
 from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, RewritePass, Rule, const_array, register_rule
-from graphopt.passes.fusion.activations import has_opset, opset_of, with_run
+from graphopt.passes.fusion.activations import MS_DOMAIN, contrib_allowed, has_opset, import_contrib, opset_of, with_run
 from graphopt.transform import PassContext, PassResult, register_pass
 
 ATTENTION_OPSET = 23
@@ -170,9 +177,19 @@ class SdpaAttention(Rule):
         return True
 
     # --- rule ---------------------------------------------------------------------------------
+    def _target(self, m: Match) -> str | Fail:
+        """"std" (ONNX Attention) or "contrib" (com.microsoft MultiHeadAttention)."""
+        if has_opset(m, ATTENTION_OPSET):
+            return "std"
+        ok = contrib_allowed(m)
+        if not ok:
+            return Fail(f"opset {opset_of(m)} < {ATTENTION_OPSET} has no Attention, and {ok}")
+        return "contrib"
+
     def check(self, m: Match) -> bool | Fail:
-        if not has_opset(m, ATTENTION_OPSET):
-            return Fail(f"opset {opset_of(m)} < {ATTENTION_OPSET} has no Attention")
+        target = self._target(m)
+        if isinstance(target, Fail):
+            return target
         axis = m[self.softmax].attr("axis", -1)
         if axis not in (-1, 3):
             return Fail(f"Softmax axis={axis}, not the last axis")
@@ -181,7 +198,10 @@ class SdpaAttention(Rule):
         if dt is None or dt not in _FLOATS:
             return Fail(f"element type {dt.text if dt else 'unknown'} is not a float type")
         ver = opset_of(m)
-        if ver is not None and not _ort_runs_attention(ver, dt):
+        if target == "contrib":
+            if dt not in (DataType.FLOAT, DataType.FLOAT16):
+                return Fail(f"element type {dt.text} has no com.microsoft MultiHeadAttention kernel")
+        elif ver is not None and not _ort_runs_attention(ver, dt):
             return Fail(f"onnxruntime has no Attention kernel for {dt.text} under opset {ver}")
         qd, ktd, vd = _dims(q), self._target_kt_shape(m), _dims(v)
         if qd is None or ktd is None or vd is None or not (len(qd) == len(ktd) == len(vd) == 4):
@@ -191,6 +211,11 @@ class SdpaAttention(Rule):
                 return Fail(f"{what} dims of Q {qd[i]!r}, K {ktd[i]!r}, V {vd[i]!r} are not known to be equal")
         if not _same(ktd[3], vd[2]):
             return Fail(f"K's and V's sequence dims ({ktd[3]!r}, {vd[2]!r}) are not known to be equal")
+        if target == "contrib":
+            if not (isinstance(qd[1], int) and isinstance(qd[3], int) and qd[3] > 0):
+                return Fail(f"head count {qd[1]!r} or head size {qd[3]!r} is not static (MultiHeadAttention needs num_heads)")
+            if not (_same(qd[3], ktd[2]) and _same(qd[3], vd[3])):
+                return Fail(f"head sizes of Q {qd[3]!r}, K {ktd[2]!r}, V {vd[3]!r} differ (MultiHeadAttention needs one)")
         scale = self._scale(m)
         if isinstance(scale, Fail):
             return scale
@@ -231,9 +256,9 @@ class SdpaAttention(Rule):
         scale = self._scale(m)
         assert not isinstance(scale, Fail)
         q, v = m[self.q], m[self.v]
-        k = m[self.k] if self.transpose in m else b.op.Transpose(m[self.kt_any], perm=_T_PERM)
         qd, vd = _dims(q), _dims(v)
         mask: Value | None = None
+        mask_rank = 0
         if self.add_mask in m:
             mask = m[self.mask]
         elif self.where_fill_first in m or self.where_fill_last in m:
@@ -247,6 +272,7 @@ class SdpaAttention(Rule):
         if mask is not None:
             md = _dims(m[self.mask]) if self.add_mask in m else mask_dims
             assert md is not None and qd is not None and vd is not None
+            mask_rank = max(len(md), 2)
             sq, skv = qd[2], vd[2]
             if len(md) < 2 or not (_same(md[-2], sq) and _same(md[-1], skv)):
                 # onnxruntime wants the mask's last two dims to be [S_q, S_kv] exactly
@@ -255,8 +281,47 @@ class SdpaAttention(Rule):
                 else:
                     target = b.op.Concat(b.op.Shape(q, start=2, end=3), b.op.Shape(v, start=2, end=3), axis=0)
                 mask = b.op.Expand(mask, target)
-        inputs = [q, k, v] + ([mask] if mask is not None else [])
-        return b.op.Attention(*inputs, scale=float(scale))
+        if self._target(m) == "std":
+            k = m[self.k] if self.transpose in m else b.op.Transpose(m[self.kt_any], perm=_T_PERM)
+            inputs = [q, k, v] + ([mask] if mask is not None else [])
+            return b.op.Attention(*inputs, scale=float(scale))
+        # K [B, H, S, d] → [B, S, H, d] is perm [0, 2, 1, 3]; from Kᵀ [B, H, d, S] it is [0, 3, 1, 2]
+        k, k_perm = (m[self.k], [0, 2, 1, 3]) if self.transpose in m else (m[self.kt_any], [0, 3, 1, 2])
+        return self._multi_head(b, q, (k, k_perm), v, mask, mask_rank, float(scale))
+
+    @staticmethod
+    def _multi_head(
+        b: RewriteBuilder, q: Value, k: tuple[Value, list[int]], v: Value, mask: Value | None, mask_rank: int, scale: float
+    ) -> Value:
+        """com.microsoft MultiHeadAttention on [B, S, H·d] queries, keys and values (k: the key
+        tensor and the perm that makes it [B, S, H, d]). The 3-D layout (rather than BNSH
+        keys/values, which it also takes) lets the Transpose/Reshape pairs of an exporter's head
+        split cancel completely: Q, K and V become the projections themselves."""
+        qd, vd = _dims(q), _dims(v)
+        assert qd is not None and vd is not None
+        heads, size = int(qd[1]), int(qd[3])
+        import_contrib()
+
+        def static(d: object) -> int:
+            return d if isinstance(d, int) else 0  # 0: Reshape copies the dim
+
+        def to_bsd(x: Value, perm: list[int], seq: object, what: str) -> Value:
+            shape = np.array([static(qd[0]), static(seq), heads * size], np.int64)
+            return b.op.Reshape(b.op.Transpose(x, perm=perm), b.constant(shape, f"mha_{what}_shape"))
+
+        q3 = to_bsd(q, [0, 2, 1, 3], qd[2], "q")
+        k3 = to_bsd(k[0], k[1], vd[2], "k")
+        v3 = to_bsd(v, [0, 2, 1, 3], vd[2], "v")
+        inputs: list[Value | None] = [q3, k3, v3]
+        if mask is not None:
+            if mask_rank < 4:  # attention_bias must be [B|1, H|1, S_q, S_kv]
+                mask = b.op.Unsqueeze(mask, b.constant(np.arange(4 - mask_rank, dtype=np.int64), "mha_mask_axes"))
+            inputs += [None, None, mask]
+        y = b.op[MS_DOMAIN].MultiHeadAttention(*inputs, num_heads=heads, scale=scale)
+        if q.dtype is not None:  # no shape inference for com.microsoft ops: state it
+            y.type = TensorType(q.dtype, Shape((qd[0], qd[2], heads * size)))
+        y4 = b.op.Reshape(y, b.constant(np.array([static(qd[0]), static(qd[2]), heads, size], np.int64), "mha_y_shape"))
+        return b.op.Transpose(y4, perm=[0, 2, 1, 3])
 
 
 _RULES = (SdpaAttention(),)
@@ -267,7 +332,8 @@ for _r in _RULES:
 @register_pass
 @dataclass(frozen=True)
 class FuseAttention(RewritePass):
-    """Fuse scaled-dot-product attention (MatMul-Softmax-MatMul) into one Attention op (opset ≥ 23).
+    """Fuse scaled-dot-product attention (MatMul-Softmax-MatMul) into one Attention op (opset ≥ 23;
+    com.microsoft MultiHeadAttention below that with `contrib-ops=1`).
 
     Rule: sdpa-attention (stats: rewrites per rule). Q·Kᵀ with any constant scale (on the
     scores, on Q and/or K), an optional additive or Where mask, Softmax over the last axis and
@@ -275,9 +341,9 @@ class FuseAttention(RewritePass):
     """
 
     name: ClassVar[str] = "fuse-attention"
-    contrib_ops: bool = False  # accepted for symmetry with the other fusions; no contrib target
+    contrib_ops: bool = False
 
     rules: ClassVar = _RULES
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        return with_run(model, False, lambda: RewritePass.run(self, model, ctx))
+        return with_run(model, self.contrib_ops, lambda: RewritePass.run(self, model, ctx))

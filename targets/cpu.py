@@ -1,0 +1,140 @@
+"""Target `cpu`: TVM/LLVM kernels for the host CPU, one kernel per graphopt kernel group.
+
+    optimized IR ─plan-kernels─▶ groups ─lower─▶ Relax (one primitive function per group)
+      ─LegalizeOps/AnnotateTIROpPattern/FuseTIR─▶ one PrimFunc per group
+      ─tuning database / default schedules─▶ relax.build ─▶ model.so + params.npz + manifest.json
+
+The library holds the code only; the weights are saved beside it (`params.npz`) and bound when the
+artifact is loaded, so the library stays small and the same code runs other weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, ClassVar
+
+import numpy as np
+
+from graphopt.errors import GraphoptError
+from graphopt.ir import Model
+from graphopt.target import (
+    FORMAT,
+    FORMAT_VERSION,
+    REPORT,
+    Artifact,
+    CompileOptions,
+    Target,
+    sha256_file,
+    temporary_artifact_dir,
+    write_manifest,
+)
+
+LIBRARY = "model.so"
+PARAMS = "params.npz"
+
+
+def _dims(v: Any) -> list[Any]:
+    s = v.shape
+    if s is None:
+        return []
+    return [d if isinstance(d, (int, str)) else None for d in s.dims]
+
+
+def _io(values: Any) -> list[dict[str, Any]]:
+    out = []
+    for v in values:
+        out.append({"name": v.name, "dtype": str(v.dtype.numpy()) if v.dtype is not None else None,
+                    "shape": _dims(v) if v.shape is not None else None})
+    return out
+
+
+class CpuTarget(Target):
+    """LLVM for the host CPU (mcpu detected, `num-cores` = threads)."""
+
+    name: ClassVar[str] = "cpu"
+
+    def compile(self, model: Model, options: CompileOptions, *, source_sha256: str | None = None) -> Artifact:
+        import tvm
+
+        from graphopt.passes.fusion.kernel_groups import KERNEL_KEY, PlanKernels
+        from graphopt.targets.tvm import build as B
+        from graphopt.targets.tvm import lower as L
+        from graphopt.transform import PassContext
+
+        t0 = time.perf_counter()
+        times: dict[str, float] = {}
+        if options.tune > 0 and not options.tuning_db:
+            raise GraphoptError("tuning (tune > 0) needs a tuning database folder (--tuning-db DIR)")
+        if not any(KERNEL_KEY in n.metadata_props for n in model.graph.nodes):
+            PlanKernels().run(model, PassContext())
+        threads = int(options.threads or B.default_threads())
+        target = B.host_target(threads=threads)
+
+        lowered = L.lower(model)
+        times["lower"] = time.perf_counter() - t0
+        t = time.perf_counter()
+        mod = L.legalize_and_fuse(lowered.mod, target)
+        times["legalize-fuse"] = time.perf_counter() - t
+        t = time.perf_counter()
+        mod, sched = B.schedule(mod, target, tune_trials=options.tune, tune_minutes=options.tune_minutes,
+                                tuning_db=options.tuning_db, progress=options.progress)
+        times["schedule"] = time.perf_counter() - t
+        t = time.perf_counter()
+        exe = B.build(mod, target)
+        times["build"] = time.perf_counter() - t
+
+        with temporary_artifact_dir() as folder:
+            t = time.perf_counter()
+            lib = os.path.join(folder, LIBRARY)
+            exe.export_library(lib)
+            np.savez(os.path.join(folder, PARAMS), **lowered.params)
+            times["export"] = time.perf_counter() - t
+            g = model.graph
+            inputs = [v for v in g.inputs if not (v.is_initializer() and v.const_value is not None)]
+            import onnx
+
+            import graphopt
+
+            kernels = {
+                "groups": len(lowered.groups) + len(lowered.inline_groups),
+                "primitive": len(lowered.groups),
+                "inline": lowered.inline_groups,
+                "primfuncs": sum(1 for gv in mod.get_global_vars() if isinstance(mod[gv], tvm.tirx.PrimFunc)),
+            }
+            manifest = {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "target": {"name": self.name, "tvm": B.target_json(target), "threads": threads},
+                "inputs": _io(inputs),
+                "outputs": _io(g.outputs),
+                "files": {
+                    "library": {"path": LIBRARY, "sha256": sha256_file(lib), "bytes": os.path.getsize(lib)},
+                    "params": {"path": PARAMS, "sha256": sha256_file(os.path.join(folder, PARAMS)),
+                               "bytes": os.path.getsize(os.path.join(folder, PARAMS))},
+                },
+                "source": {"sha256": source_sha256},
+                "versions": {"graphopt": graphopt.__version__, "tvm": tvm.__version__, "onnx": onnx.__version__,
+                             "python": platform.python_version()},
+                "kernels": kernels,
+                "schedules": {"default": sched.default_schedules},
+                "tuning": sched.tuning,
+                "runtime": {"kind": "tvm-relax-vm", "entry": "main", "params": list(lowered.params)},
+            }
+            write_manifest(folder, manifest)
+            times["total"] = time.perf_counter() - t0
+            report = {
+                "target": self.name,
+                "pipeline": options.pipeline if isinstance(options.pipeline, str) else [getattr(p, "name", str(p)) for p in options.pipeline],
+                "seconds": {k: round(v, 3) for k, v in times.items()},
+                "kernels": kernels,
+                "tuning": sched.tuning,
+                "schedules": {"default": sched.default_schedules},
+                "python": sys.version.split()[0],
+            }
+            with open(os.path.join(folder, REPORT), "w", encoding="utf-8") as f:
+                f.write(json.dumps(report, indent=2) + "\n")
+            return Artifact(folder, owned=True)

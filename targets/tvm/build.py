@@ -1,0 +1,152 @@
+"""Build a lowered Relax module into a shared library for an LLVM target.
+
+    target = host_target(threads=2)               # {"kind": "llvm", "mtriple": ..., "mcpu": "znver3", "num-cores": 2}
+    mod = legalize_and_fuse(lowered.mod, target)  # one PrimFunc per kernel group
+    mod, info = schedule(mod, target, tune=...)   # tuning database and default schedules (optional modules)
+    exe = build(mod, target)                      # relax.build with the rest of the CPU pipeline
+    exe.export_library("model.so")
+
+TVM 0.27 takes targets as JSON dicts only and rejects `-mcpu=native` with its triple, so the host
+is mapped to the mcpu LLVM reports for it (`llvm_get_system_cpu`). The schedules come from the
+modules `graphopt.targets.tvm_schedules` (default schedules for CPU) and
+`graphopt.targets.tvm_tuning` (meta_schedule with a persistent database); each is optional, and
+without it the kernels build unscheduled.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import types
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import tvm
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as _cpu_pipeline
+
+_GPU_INTRIN = ("cuda", "rocm", "hexagon", "riscv_cpu", "metal")
+
+
+def cpu_only_intrinsics() -> None:
+    """Skip importing the GPU tensor intrinsics (~35 s of CPU each time tuning starts; TVM-NOTES
+    trap 4): empty modules stand in for them. Call before anything imports meta_schedule."""
+    for name in _GPU_INTRIN:
+        full = f"tvm.s_tir.tensor_intrin.{name}"
+        if full not in sys.modules:
+            sys.modules[full] = types.ModuleType(full)
+
+
+def host_cpu() -> str:
+    return str(tvm.target.codegen.llvm_get_system_cpu())
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def host_target(*, mcpu: str | None = None, threads: int | None = None, mtriple: str | None = None) -> tvm.target.Target:
+    """The LLVM target for this machine (or the given mcpu/triple)."""
+    spec: dict[str, Any] = {"kind": "llvm", "mcpu": mcpu or host_cpu(), "num-cores": int(threads or default_threads())}
+    spec["mtriple"] = mtriple or str(tvm.target.codegen.llvm_get_system_triple())
+    return tvm.target.Target(spec)
+
+
+def target_json(target: tvm.target.Target) -> dict[str, Any]:
+    """The target as the JSON dict that recreates it."""
+    d = dict(target.export())
+    return {k: d[k] if isinstance(d[k], (int, float, str, bool)) else str(d[k]) for k in ("kind", "mtriple", "mcpu", "num-cores") if k in d}
+
+
+@dataclass
+class ScheduleInfo:
+    """What scheduling did: how many PrimFuncs got which kind of schedule."""
+
+    default_schedules: str = "unavailable"  # "applied" | "unavailable" | "failed: ..."
+    tuning: dict[str, Any] = field(default_factory=dict)
+
+
+def _optional(module: str) -> types.ModuleType | None:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (e.name == module or module.startswith(e.name + ".")):
+            return None
+        raise
+
+
+def schedule(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    *,
+    tune_trials: int = 0,
+    tune_minutes: float | None = None,
+    tuning_db: str | None = None,
+    progress: Callable[..., Any] | bool | None = None,
+) -> tuple[tvm.IRModule, ScheduleInfo]:
+    """Apply tuned schedules (tuning first when asked) and then default schedules to the rest."""
+    info = ScheduleInfo()
+    if tune_trials > 0 or tuning_db:
+        tuning = _optional("graphopt.targets.tvm_tuning")
+        if tuning is None:
+            info.tuning = {"status": "unavailable (graphopt.targets.tvm_tuning is not installed)"}
+        else:
+            cpu_only_intrinsics()
+            if tune_trials > 0:
+                if not tuning_db:
+                    raise ValueError("tuning needs a database folder")
+                db = tuning.tune(mod, target, db_dir=tuning_db, trials=tune_trials, minutes=tune_minutes, progress=progress)
+                info.tuning = _summary(db, tune_trials, tune_minutes, tuning_db)
+            else:
+                info.tuning = {"status": "database applied", "db": os.path.abspath(tuning_db)}
+            if tuning_db and os.path.isdir(tuning_db):
+                mod = tuning.apply_database(mod, target, tuning_db)
+    scheds = _optional("graphopt.targets.tvm_schedules")
+    if scheds is not None:
+        try:
+            mod = scheds.apply_default_schedules(mod, target)
+            info.default_schedules = "applied"
+        except Exception as e:  # a schedule bug must not stop the compile: build unscheduled, say so
+            msg = str(e).strip().splitlines()
+            info.default_schedules = f"failed: {type(e).__name__}: {msg[-1][:200] if msg else ''}"
+            warnings.warn(f"default schedules failed, kernels stay unscheduled: {info.default_schedules}", stacklevel=2)
+    return mod, info
+
+
+def _summary(db: Any, trials: int, minutes: float | None, path: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"status": "tuned", "trials": trials, "minutes": minutes, "db": os.path.abspath(path)}
+    if isinstance(db, dict):
+        out.update(db)
+    else:
+        summary = getattr(db, "summary", None)
+        if callable(summary):
+            try:
+                s = summary()
+                if isinstance(s, dict):
+                    out.update(s)
+            except Exception:  # a summary is a nicety, never a reason to fail the compile
+                pass
+    return out
+
+
+def finish_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """The CPU pipeline after legalization and fusion (no FuseOps: the groups are graphopt's)."""
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _finish(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            passes = [relax.transform.LegalizeOps()]  # anything scheduling added stays legal
+            passes += _cpu_pipeline.dataflow_lower_passes(target) + _cpu_pipeline.finalize_passes(target)
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _finish
+
+
+def build(mod: tvm.IRModule, target: tvm.target.Target) -> relax.VMExecutable:
+    return relax.build(mod, target, relax_pipeline=finish_pipeline(target))

@@ -1,0 +1,539 @@
+"""Lower graphopt IR to a Relax IRModule: one private primitive Relax function per kernel group.
+
+    main(inputs..., params...)            # attribute num_input = number of model inputs
+        lv0 = k0(x, w0, b0)                # each group a private function with Primitive=True
+        lv1 = k1(lv0, w1)
+        ...
+
+Groups come from `plan-kernels` (node metadata `graphopt.kernel`); TVM's FuseOps never runs, so
+the kernels are exactly graphopt's groups. `legalize_and_fuse` then runs LegalizeOps →
+AnnotateTIROpPattern → FuseTIR, giving one TIR PrimFunc per group, named after it.
+
+Per node, Relax expressions come from Relax's ONNX frontend converters where one exists (they
+are called one node at a time, with the block builder, the node's inputs and its parsed
+attributes; this relies on private helpers of apache-tvm 0.27, so the version is pinned) and
+from graphopt's own converters (`CONVERTERS` below) for ops it lacks or gets wrong.
+
+Constants: large initializers (weights) become parameters of `main` (bound at load time from
+the artifact's params file, so the library stays small) and reach a group as arguments (FuseTIR
+rejects a constant captured inside a primitive function). Small constants (integer tensors up
+to 4096 elements, any tensor of at most 16 elements) are inlined, so converters specialise
+shapes, axes, pads, sizes and k from them; any that are still data after conversion are lifted
+out of the group into arguments again.
+
+A group that cannot be a primitive function (an op that does not legalize into a TIR kernel,
+shape computations, data-dependent output shapes) is emitted inline into `main` instead, node
+by node; `LoweredModule.inline_groups` lists them with the reason.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import onnx
+import tvm
+from tvm import relax
+from tvm.relax.frontend.onnx import onnx_frontend as _fe
+
+from graphopt import GraphoptError
+from graphopt.ir import Model, Node, Value
+from graphopt.ir.core import Attr, AttrType
+from graphopt.ir.types import TensorType
+
+KERNEL_KEY = "graphopt.kernel"
+
+#: integer constants up to this many elements are inlined (shape-deciding inputs)
+INLINE_INT_ELEMS = 4096
+#: any constant up to this many elements is inlined
+INLINE_ANY_ELEMS = 16
+
+
+class LoweringError(GraphoptError):
+    """The model uses something the TVM lowering cannot express."""
+
+
+@dataclass
+class LoweredModule:
+    mod: tvm.IRModule
+    input_names: list[str]
+    output_names: list[str]
+    params: dict[str, np.ndarray]  # main's parameters after the inputs, in order
+    groups: list[str] = field(default_factory=list)  # group functions emitted as primitives
+    inline_groups: dict[str, str] = field(default_factory=dict)  # group → why it was inlined
+
+
+# --- attributes -----------------------------------------------------------------------------------
+
+
+def onnx_attrs(node: Node) -> dict[str, Any]:
+    """The attribute dict Relax's ONNX frontend passes its converters (ONNXGraphImporter._parse_attr)."""
+    out: dict[str, Any] = {}
+    for a in node.attributes.values():
+        v = a.value
+        t = a.type
+        if t == AttrType.INT or t == AttrType.FLOAT:
+            out[a.name] = v
+        elif t == AttrType.STRING:
+            out[a.name] = v.encode() if isinstance(v, str) else v
+        elif t in (AttrType.INTS, AttrType.FLOATS):
+            if list(v):
+                out[a.name] = tuple(v)
+        elif t == AttrType.STRINGS:
+            if list(v):
+                out[a.name] = tuple(s.encode() if isinstance(s, str) else s for s in v)
+        elif t == AttrType.TENSOR:
+            out[a.name] = onnx.numpy_helper.from_array(np.asarray(v.numpy()))
+        else:
+            raise LoweringError(f"node {node.label()}: attribute {a.name!r} of kind {AttrType(t).name} is not supported by the cpu target")
+    return out
+
+
+def _attr(node: Node, name: str, default: Any = None) -> Any:
+    return node.attr(name, default)
+
+
+# --- converters ---------------------------------------------------------------------------------
+
+#: graphopt's own converters: (block builder, node, relax inputs (None for omitted), opset) → expr
+Converter = Callable[[relax.BlockBuilder, Node, list[Any], int], Any]
+CONVERTERS: dict[str, Converter] = {}
+
+
+def converter(*ops: str) -> Callable[[Converter], Converter]:
+    def deco(fn: Converter) -> Converter:
+        for op in ops:
+            CONVERTERS[op] = fn
+        return fn
+
+    return deco
+
+
+def frontend_ops() -> set[str]:
+    return set(_fe._get_convert_map())
+
+
+def supported_ops() -> set[str]:
+    return frontend_ops() | set(CONVERTERS)
+
+
+def convert_node(bb: relax.BlockBuilder, node: Node, inputs: list[Any], opset: int) -> Any:
+    """Relax expression (or tuple of them) for one node."""
+    if node.domain not in ("", "ai.onnx"):
+        raise LoweringError(f"node {node.label()}: domain {node.domain!r} is not supported by the cpu target")
+    if node.subgraphs():
+        raise LoweringError(f"node {node.label()}: {node.op_type} with subgraphs is not supported by the cpu target")
+    own = CONVERTERS.get(node.op_type)
+    if own is not None:
+        out = own(bb, node, inputs, opset)
+        if out is not NotImplemented:
+            return out
+    conv = _fe._get_convert_map().get(node.op_type)
+    if conv is None:
+        raise LoweringError(f"node {node.label()}: operator {node.op_type} is not supported by the cpu target")
+    attrs = onnx_attrs(node)
+    attrs["tvm_custom"] = {"name": node.name, "num_outputs": len(node.outputs)}
+    fn = conv.get_converter(opset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = fn(bb, _fe.onnx_input(inputs), attrs, [{}, {}])
+    if isinstance(out, relax.Expr):
+        out = bb.normalize(out)
+    return out
+
+
+def _split_outputs(bb: relax.BlockBuilder, node: Node, out: Any) -> list[Any]:
+    """One relax expression per node output."""
+    n = len(node.outputs)
+    if isinstance(out, (list, tuple)):
+        items = list(out)
+    elif isinstance(out, relax.Tuple):
+        items = list(out.fields)
+    elif isinstance(out, relax.Expr) and isinstance(out.ty, relax.TupleType) and n > 1:
+        items = [bb.emit(relax.TupleGetItem(out, i)) for i in range(len(out.ty.fields))]
+    else:
+        items = [out]
+    if len(items) < n:
+        raise LoweringError(f"node {node.label()}: converter gave {len(items)} outputs, the node has {n}")
+    return items[:n]
+
+
+# --- the lowering -------------------------------------------------------------------------------
+
+
+def _dtype(v: Value) -> str:
+    if v.dtype is None:
+        raise LoweringError(f"value {v.name!r} has no known element type")
+    dt = v.dtype.numpy()
+    if dt == np.dtype(bool):
+        return "bool"
+    return str(dt)
+
+
+def _is_inline(arr: np.ndarray) -> bool:
+    return arr.size <= INLINE_ANY_ELEMS or (arr.dtype.kind in "iub" and arr.size <= INLINE_INT_ELEMS)
+
+
+def _const(arr: np.ndarray) -> tvm.ir.GenericConst:
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype == np.bool_:
+        return relax.const(arr, "bool")
+    return relax.const(arr)
+
+
+@relax.expr_functor.mutator
+class _LiftConstants(relax.PyExprMutator):  # type: ignore[misc]
+    """Replace tensor constants in a function body with new parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lifted: list[tuple[relax.Var, tvm.ir.GenericConst]] = []
+
+    def visit_generic_const_(self, op: tvm.ir.GenericConst) -> relax.Expr:  # noqa: N802
+        v = relax.Var(f"c{len(self.lifted)}", op.ty)
+        self.lifted.append((v, op))
+        return v
+
+
+def _lift_constants(func: relax.Function) -> tuple[relax.Function, list[tvm.ir.GenericConst]]:
+    m = _LiftConstants()
+    body = m.visit_expr(func.body)
+    if not m.lifted:
+        return func, []
+    params = list(func.params) + [v for v, _ in m.lifted]
+    new = relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs)
+    return new, [c for _, c in m.lifted]
+
+
+#: ops that legalize into one TIR kernel each; anything else keeps a group out of primitive form
+_NOT_PRIMITIVE = {
+    "relax.shape_of", "relax.tensor_to_shape", "relax.shape_to_tensor", "relax.call_dps_packed",
+    "relax.call_pure_packed", "relax.call_builtin_with_ctx", "relax.nonzero", "relax.unique",
+    "relax.null_value", "relax.print", "relax.assert_op", "relax.hint_on_device", "relax.to_vdevice",
+    "relax.builtin.alloc_tensor", "relax.memory.alloc_storage", "relax.memory.alloc_tensor",
+    "relax.sort", "relax.argsort", "relax.topk", "relax.cumsum", "relax.cumprod", "relax.scatter_elements",
+    "relax.scatter_nd", "relax.multinomial_from_uniform", "relax.nn.attention", "relax.nn.attention_bias",
+    "relax.nn.attention_var_len", "relax.call_inplace_packed", "relax.wrap_param", "relax.dequantize",
+    "relax.quantize",
+}
+
+
+def _primitive_refusal(func: relax.Function) -> str | None:
+    """Why `func` cannot be a primitive function FuseTIR turns into one kernel; None when it can."""
+    why: list[str] = []
+
+    def visit(e: relax.Expr) -> None:
+        if why:
+            return
+        if isinstance(e, relax.Call):
+            op = e.op
+            if isinstance(op, tvm.ir.Op):
+                if op.name in _NOT_PRIMITIVE:
+                    why.append(f"{op.name} is not a TIR kernel")
+                elif op.name != "relax.call_tir" and op.get_attr("FLegalize") is None:
+                    why.append(f"{op.name} has no legalization")
+            elif not isinstance(op, tvm.ir.GlobalVar):
+                why.append("calls a non-operator")
+        elif isinstance(e, (relax.If, relax.MatchCast)):
+            why.append(f"{type(e).__name__} inside")
+        if isinstance(e, relax.Var) or isinstance(e, relax.Call):
+            ty = e.ty
+            if isinstance(ty, (relax.ShapeType, relax.ObjectType)) or (isinstance(ty, relax.TensorType) and ty.ndim < 0):
+                why.append(f"a {type(ty).__name__} value (not a tensor of known rank)")
+
+    relax.analysis.post_order_visit(func.body, visit)
+    if why:
+        return why[0]
+    for blk in func.body.blocks:
+        for b in blk.bindings:
+            if isinstance(b, relax.MatchCast):
+                return "match_cast inside (data-dependent shape)"
+            ty = b.var.ty
+            if isinstance(ty, relax.TensorType) and (ty.ndim < 0 or ty.shape is None):
+                return "a tensor of unknown shape inside"
+            if not isinstance(ty, (relax.TensorType, relax.TupleType)):
+                return f"a {type(ty).__name__} binding inside"
+    return None
+
+
+def _topo_groups(model: Model) -> list[tuple[str, list[Node]]]:
+    """Kernel groups of the main graph in an order that respects data flow."""
+    groups: dict[str, list[Node]] = {}
+    order: dict[str, int] = {}
+    anon = 0
+    for i, n in enumerate(model.graph.nodes):
+        k = n.metadata_props.get(KERNEL_KEY)
+        if k is None:  # Constant nodes (data), or a model planned without plan-kernels
+            k = f"_n{anon}"
+            anon += 1
+        groups.setdefault(k, []).append(n)
+        order.setdefault(k, i)
+    owner = {id(n): k for k, ns in groups.items() for n in ns}
+    dag = nx.DiGraph()
+    dag.add_nodes_from(groups)
+    for k, ns in groups.items():
+        for n in ns:
+            for v in n.inputs:
+                p = v.producer() if v is not None else None
+                if p is not None and owner.get(id(p), k) != k:
+                    dag.add_edge(owner[id(p)], k)
+    if not nx.is_directed_acyclic_graph(dag):
+        raise LoweringError("kernel groups form a cycle; run plan-kernels again")
+    ordered = list(nx.lexicographical_topological_sort(dag, key=lambda k: order[k]))
+    return [(k, groups[k]) for k in ordered]
+
+
+def _group_name(k: str) -> str:
+    return k if k.isidentifier() else "g_" + "".join(c if c.isalnum() else "_" for c in k)
+
+
+class _Lowerer:
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        self.bb = relax.BlockBuilder()
+        self.sym: dict[str, tvm.tirx.Var] = {}
+        self.env: dict[int, Any] = {}  # id(Value) → relax expr in main
+        self.params: list[tuple[relax.Var, np.ndarray]] = []
+        self.groups: list[str] = []
+        self.inline: dict[str, str] = {}
+
+    # shapes
+    def _shape(self, v: Value) -> list[Any] | None:
+        s = v.shape
+        if s is None:
+            return None
+        dims: list[Any] = []
+        for i, d in enumerate(s.dims):
+            if isinstance(d, int):
+                dims.append(d)
+            else:
+                name = d if isinstance(d, str) and d.isidentifier() else f"{_group_name(v.name or 'v')}_d{i}"
+                dims.append(self.sym.setdefault(name, tvm.tirx.Var(name, "int64")))
+        return dims
+
+    def _var(self, v: Value, name: str) -> relax.Var:
+        if not isinstance(v.type, TensorType):
+            raise LoweringError(f"input {v.name!r} is a {type(v.type).__name__}; the cpu target takes tensors only")
+        return relax.Var(name, relax.TensorType(self._shape(v), _dtype(v)))
+
+    def lower(self) -> LoweredModule:
+        g = self.model.graph
+        inputs = [v for v in g.inputs if not (v.is_initializer() and v.const_value is not None)]
+        in_vars = []
+        for i, v in enumerate(inputs):
+            rv = self._var(v, _group_name(v.name) if v.name else f"input{i}")
+            self.env[id(v)] = rv
+            in_vars.append(rv)
+        # initializers: inline or parameter
+        for name, v in g.initializers.items():
+            if v.const_value is None or not v.uses() and not v.is_graph_output():
+                continue
+            self._constant(v, v.const_value.numpy())
+        param_vars = [p for p, _ in self.params]
+        groups = _topo_groups(self.model)
+        # parameters must be known before the function opens: collect Constant-node weights too
+        for _, nodes in groups:
+            for n in nodes:
+                if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+                    self._constant_node(n)
+        param_vars = [p for p, _ in self.params]
+        with self.bb.function("main", in_vars + param_vars, {"num_input": len(in_vars)}):
+            with self.bb.dataflow():
+                for k, nodes in groups:
+                    nodes = [n for n in nodes if id(n.outputs[0]) not in self.env] if nodes else nodes
+                    if not nodes:
+                        continue
+                    self._group(k, nodes)
+                outs = []
+                for v in g.outputs:
+                    e = self.env.get(id(v))
+                    if e is None:
+                        raise LoweringError(f"graph output {v.name!r} is not computed")
+                    outs.append(e)
+                res = self.bb.emit_output(relax.Tuple(outs) if len(outs) != 1 else outs[0])
+            self.bb.emit_func_output(res)
+        mod = self.bb.get()
+        return LoweredModule(
+            mod=mod,
+            input_names=[v.name for v in inputs],
+            output_names=[v.name for v in g.outputs],
+            params={str(p.name): arr for p, arr in self.params},
+            groups=self.groups,
+            inline_groups=self.inline,
+        )
+
+    def _constant(self, v: Value, arr: np.ndarray) -> None:
+        if arr.dtype == object or arr.dtype.kind in "SUO":
+            raise LoweringError(f"constant {v.name!r} of dtype {arr.dtype} is not supported by the cpu target")
+        if _is_inline(arr):
+            self.env[id(v)] = _const(arr)
+        else:
+            p = relax.Var(f"p{len(self.params)}", relax.TensorType(list(arr.shape), "bool" if arr.dtype == np.bool_ else str(arr.dtype)))
+            self.params.append((p, np.ascontiguousarray(arr)))
+            self.env[id(v)] = p
+
+    def _constant_node(self, n: Node) -> None:
+        # Constant's value attributes: value, value_float(s), value_int(s)
+        for key, a in n.attributes.items():
+            if key == "value":
+                arr = np.asarray(a.value.numpy())
+            elif key == "value_float":
+                arr = np.asarray(a.value, np.float32)
+            elif key == "value_floats":
+                arr = np.asarray(a.value, np.float32)
+            elif key == "value_int":
+                arr = np.asarray(a.value, np.int64)
+            elif key == "value_ints":
+                arr = np.asarray(a.value, np.int64)
+            else:
+                raise LoweringError(f"node {n.label()}: Constant attribute {key!r} is not supported by the cpu target")
+            self._constant(n.outputs[0], arr)
+            return
+        raise LoweringError(f"node {n.label()}: Constant without a value")
+
+    def _convert_into(self, bb: relax.BlockBuilder, nodes: list[Node], env: dict[int, Any]) -> None:
+        for n in nodes:
+            ins = []
+            for v in n.inputs:
+                if v is None or (not v.name and v.producer() is None and not v.is_graph_input()):
+                    ins.append(None)
+                    continue
+                e = env.get(id(v))
+                if e is None:
+                    raise LoweringError(f"node {n.label()}: input {v.name!r} is not computed before it")
+                ins.append(e)
+            try:
+                out = convert_node(bb, n, ins, self.opset)
+            except GraphoptError:
+                raise
+            except Exception as e:  # the frontend raises anything from asserts to TVMError
+                msg = str(e).strip().splitlines()
+                detail = msg[-1] if msg else type(e).__name__
+                raise LoweringError(f"node {n.label()}: {n.op_type} cannot be lowered: {type(e).__name__}: {detail[:300]}") from None
+            for v, e in zip(n.outputs, _split_outputs(bb, n, out)):
+                env[id(v)] = e
+
+    def _group(self, k: str, nodes: list[Node]) -> None:
+        if len(nodes) == 1 and nodes[0].op_type == "Constant":
+            return
+        gname = _group_name(k)
+        inside = {id(v) for n in nodes for v in n.outputs}
+        ext: list[Value] = []
+        seen: set[int] = set()
+        for n in nodes:
+            for v in n.inputs:
+                if v is None or id(v) in inside or id(v) in seen:
+                    continue
+                seen.add(id(v))
+                ext.append(v)
+        members = {id(n) for n in nodes}
+        outs = [v for n in nodes for v in n.outputs if v.is_graph_output() or any(id(u) not in members for u in v.consumers())]
+        if not outs:  # nothing outside reads the group
+            return
+        why = None
+        func = None
+        try:
+            func, consts = self._primitive(gname, nodes, ext, outs)
+        except LoweringError as e:
+            why = str(e)
+        if func is not None:
+            why = _primitive_refusal(func)
+        if why is None and func is not None:
+            gv = self.bb.add_func(func, gname)
+            args = [self.env[id(v)] for v in ext if not self._is_inline_const(v)] + consts
+            call = self.bb.emit(relax.Call(gv, args))
+            if len(outs) == 1:
+                self.env[id(outs[0])] = call
+            else:
+                for i, v in enumerate(outs):
+                    self.env[id(v)] = self.bb.emit(relax.TupleGetItem(call, i))
+            self.groups.append(gname)
+            return
+        # inline into main, node by node
+        self.inline[gname] = why or "not a primitive function"
+        self._convert_into(self.bb, nodes, self.env)
+
+    def _is_inline_const(self, v: Value) -> bool:
+        return isinstance(self.env.get(id(v)), tvm.ir.GenericConst)
+
+    def _primitive(self, gname: str, nodes: list[Node], ext: list[Value], outs: list[Value]) -> tuple[relax.Function, list[tvm.ir.GenericConst]]:
+        gbb = relax.BlockBuilder()
+        env: dict[int, Any] = {}
+        params = []
+        for i, v in enumerate(ext):
+            e = self.env.get(id(v))
+            if e is None:
+                raise LoweringError(f"value {v.name!r} is read before it is computed")
+            if isinstance(e, tvm.ir.GenericConst):
+                env[id(v)] = e  # inlined: converters specialise on it; lifted below if still data
+                continue
+            ty = e.ty
+            if not isinstance(ty, relax.TensorType):
+                raise LoweringError(f"input {v.name!r} is a {type(ty).__name__}")
+            p = relax.Var(f"a{i}", ty)
+            params.append(p)
+            env[id(v)] = p
+        with gbb.function(gname, params, {"Primitive": True}, private=True):
+            with gbb.dataflow():
+                self._convert_into(gbb, nodes, env)
+                res = [env[id(v)] for v in outs]
+                for r in res:
+                    if not isinstance(r, relax.Expr) or not isinstance(r.ty, relax.TensorType):
+                        raise LoweringError("a group output is not a tensor")
+                out = gbb.emit_output(res[0] if len(res) == 1 else relax.Tuple(res))
+            gbb.emit_func_output(out)
+        func = gbb.get()[gname]
+        sub = gbb.get()
+        extra = [gv for gv in sub.get_global_vars() if gv.name_hint != gname]
+        if extra:  # emit_te created PrimFuncs: carry them over as call_tir targets
+            for gv in extra:
+                f = sub[gv]
+                self.bb.add_func(f, gv.name_hint)
+            func = _rebind_globals(func, sub, self.bb)
+        func, consts = _lift_constants(func)
+        return func, consts
+
+
+def _rebind_globals(func: relax.Function, sub: tvm.IRModule, bb: relax.BlockBuilder) -> relax.Function:
+    """Point GlobalVars of `sub` at the ones `bb` gave the same functions."""
+    mod = bb.get()
+    table = {}
+    for gv in sub.get_global_vars():
+        for gv2 in mod.get_global_vars():
+            if gv2.name_hint == gv.name_hint:
+                table[gv] = gv2
+    if not table:
+        return func
+
+    @relax.expr_functor.mutator
+    class _M(relax.PyExprMutator):  # type: ignore[misc]
+        def visit_global_var_(self, op: tvm.ir.GlobalVar) -> relax.Expr:  # noqa: N802
+            return table.get(op, op)
+
+    return _M().visit_expr(func)
+
+
+def lower(model: Model) -> LoweredModule:
+    """Lower `model` (planned with `plan-kernels`; other graphs than the main one are refused)."""
+    return _Lowerer(model).lower()
+
+
+def legalize_and_fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """LegalizeOps → AnnotateTIROpPattern → FuseTIR: one PrimFunc per primitive group function."""
+    with target:
+        seq = tvm.transform.Sequential(
+            [
+                relax.backend.DispatchSampling(),
+                relax.backend.DispatchSortScan(),
+                relax.transform.LegalizeOps(),
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FuseTIR(),
+                relax.transform.DeadCodeElimination(),
+            ]
+        )
+        return seq(mod)

@@ -1,6 +1,7 @@
 """graphopt: a compiler for trained neural networks.
 
-Stable public API: `load`, `save`, `to_onnx` (and the IR classes in `graphopt.ir`).
+Stable public API: `load`, `save`, `to_onnx` (and the IR classes in `graphopt.ir`);
+`compile` (a compiled target's Artifact) and `graphopt.runtime.load` (run a saved artifact).
 """
 
 from graphopt.errors import (
@@ -13,11 +14,14 @@ from graphopt.errors import (
 )
 from graphopt.ir import Graph, Model, Node, Value
 from graphopt.onnx_io import load, save, to_onnx
+from graphopt.target import Artifact, compile  # noqa: A004 - graphopt.compile is the public name
 from graphopt.transform import Pass, PassContext, PassResult, optimize, register_pass
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Artifact",
+    "compile",
     "ExternalDataError",
     "Graph",
     "GraphoptError",

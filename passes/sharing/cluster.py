@@ -1,0 +1,360 @@
+"""`cluster-weights`: Deep-Compression-style codebook clustering of weight tensors."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from graphopt.errors import GraphoptError, UsageError
+from graphopt.ir import DataType, Graph, Model, Node, Value
+from graphopt.transform import Pass, PassContext, PassResult, register_pass
+
+from graphopt.passes.cleanup._util import constant_semantics, in_function, is_constant, opset_of
+from graphopt.passes.sharing import codebook as cbk
+from graphopt.passes.sharing.kmeans import cluster_rows
+
+_FLOATS = (DataType.FLOAT, DataType.FLOAT16, DataType.BFLOAT16, DataType.DOUBLE)
+
+#: ctx.data keys: calibration inputs (graph input name -> array), and explicit importances
+#: (weight name -> array broadcastable to the weight) for `weighting`
+CALIBRATION_KEY = "calibration-inputs"
+IMPORTANCE_KEY = "weight-importance"
+
+
+def parse_layer_bits(spec: str) -> list[tuple[str, int]]:
+    """`conv1:8;fc*:4;head:0` → [(glob, bits)]; 0 keeps the layer float."""
+    rules: list[tuple[str, int]] = []
+    for part in spec.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        pat, sep, bits = part.rpartition(":")
+        if not sep or not pat:
+            raise UsageError(f"cluster-weights: layer-bits entry {part!r} is not NAME:BITS")
+        try:
+            b = int(bits)
+        except ValueError:
+            raise UsageError(f"cluster-weights: layer-bits entry {part!r}: {bits!r} is not a number") from None
+        if b != 0 and not 2 <= b <= 8:
+            raise UsageError(f"cluster-weights: layer-bits entry {part!r}: bits must be 2..8 (0: keep float)")
+        rules.append((pat, b))
+    return rules
+
+
+def _channel_axis(w: Value) -> int | None:
+    """The output-channel axis of a weight from how its readers use it; None when they do not
+    agree or are not Conv/ConvTranspose/Gemm/MatMul."""
+    ndim = len(w.const_value.shape)  # type: ignore[union-attr]
+    axes = set()
+    for node, i in w.uses():
+        op = node.op_type if node.domain in ("", "ai.onnx") else None
+        if op == "Conv" and i == 1:
+            axes.add(0)
+        elif op == "ConvTranspose" and i == 1:
+            axes.add(1)
+        elif op == "Gemm" and i == 1:
+            axes.add(0 if node.attr("transB", 0) else 1)
+        elif op == "MatMul" and i == 1:
+            axes.add(ndim - 1)
+        else:
+            return None
+    return axes.pop() if len(axes) == 1 else None
+
+
+def _input_channel(w: Value) -> list[tuple[Value, int, int]]:
+    """(activation, its channel axis, the weight's matching axis) per reader, for weighting by
+    calibration data; empty when a reader is not a plain Conv(group 1)/Gemm/MatMul."""
+    ndim = len(w.const_value.shape)  # type: ignore[union-attr]
+    out = []
+    for node, i in w.uses():
+        x = node.inputs[0]
+        op = node.op_type if node.domain in ("", "ai.onnx") else None
+        if x is None or i != 1:
+            return []
+        if op == "Conv" and node.attr("group", 1) == 1:
+            out.append((x, 1, 1))
+        elif op == "Gemm":
+            out.append((x, 0 if node.attr("transA", 0) else 1, 1 if node.attr("transB", 0) else 0))
+        elif op == "MatMul" and ndim >= 2:
+            out.append((x, -1, ndim - 2))
+        else:
+            return []
+    return out
+
+
+def _calibration_importance(model: Model, weights: list[Value], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-weight importance E[x_c^2] of the input channel each weight element multiplies,
+    measured by running the model on onnxruntime with the activations as extra outputs."""
+    import onnx
+    import onnxruntime as ort
+
+    from graphopt import to_onnx
+
+    wanted: dict[str, list[tuple[Value, int, int]]] = {}
+    names: dict[str, None] = {}
+    for w in weights:
+        readers = _input_channel(w)
+        if readers and all(x.graph is model.graph for x, _, _ in readers):
+            wanted[w.name] = readers
+            names.update({x.name: None for x, _, _ in readers})
+    if not names:
+        return {}
+    proto = to_onnx(model)
+    have = {o.name for o in proto.graph.output}
+    for nm in names:
+        if nm not in have:
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(nm))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        order = [o.name for o in sess.get_outputs()]
+        acts = dict(zip(order, sess.run(None, feeds)))
+    except Exception as e:
+        raise GraphoptError(f"cluster-weights: cannot run the calibration inputs: {str(e).splitlines()[0]}") from None
+    out: dict[str, np.ndarray] = {}
+    for wname, readers in wanted.items():
+        w = next(v for v in weights if v.name == wname)
+        shape = tuple(w.const_value.shape)  # type: ignore[union-attr]
+        total = np.zeros(shape, dtype=np.float64)
+        ok = True
+        for x, xaxis, waxis in readers:
+            a = np.asarray(acts[x.name], dtype=np.float64)
+            a = np.moveaxis(a, xaxis, 0).reshape(a.shape[xaxis], -1)
+            energy = (a * a).mean(axis=1)
+            if energy.size != shape[waxis]:
+                ok = False
+                break
+            view = [1] * len(shape)
+            view[waxis] = shape[waxis]
+            total = total + energy.reshape(view)
+        if ok:
+            out[wname] = total
+    return out
+
+
+@register_pass
+@dataclass(frozen=True)
+class ClusterWeights(Pass):
+    """Replace each float weight by a 2^bits-entry codebook and per-weight indices (k-means).
+
+    Before → after (`W` a float initializer read by any ops):
+        `W`                                    →  `W = Gather(W.codebook, Cast(W.idx))`
+    with W.idx in the smallest storage that holds `bits` (uint4 at opset >= 21 for 4 bits,
+    8-per-`bits`-bytes packing for 2/3/5/6/7 bits, uint8 for 8 bits: see
+    graphopt.passes.sharing.codebook) and one codebook per tensor, or per output channel with
+    `per-channel=true`. onnxruntime folds the decode when it creates the session, so inference
+    speed is unchanged while the file shrinks. The Gather outputs the original value, so every
+    reader (and weights tied by sharing one value) reads the same decoded tensor.
+
+    Options: `bits` (2..8), `layer-bits=glob:bits;...` (matched against the weight's name and
+    its readers' node names, first match wins, 0 keeps it float), `init=linear|density`,
+    `weighting=none|calibration|importance` (calibration: ctx.data["calibration-inputs"], a
+    dict of graph inputs; weights each value by the mean square of the activation it
+    multiplies; importance: ctx.data["weight-importance"][name]), `min-size` (elements),
+    `sample` (values used to fit each tensor's codebook), `storage=auto|uint8|uint4|packed`.
+
+    Does not fire on: tensors with fewer than `min-size` elements or fewer than 2 dims (biases,
+    norm scales), non-float tensors (integer, shape and index tensors), initializers a caller
+    can override (graph inputs from IR 4 on), graph outputs, tensors with NaN/Inf (unless they
+    hold at most 2^bits distinct values: then the codebook is exact), initializers inside
+    function bodies (none exist), and values already decoded from a codebook (a second run
+    changes nothing). Run it after the -O pipeline: fold-constants would evaluate the decode
+    again and re-expand weights up to its size bound.
+    """
+
+    name: ClassVar[str] = "cluster-weights"
+    bits: int = 5
+    layer_bits: str = ""
+    per_channel: bool = False
+    init: str = "linear"
+    weighting: str = "none"
+    min_size: int = 1024
+    sample: int = 1 << 20
+    storage: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise UsageError(f"cluster-weights: bits={self.bits} is not in 2..8")
+        if self.init not in ("linear", "density"):
+            raise UsageError(f"cluster-weights: init={self.init!r} is not linear or density")
+        if self.weighting not in ("none", "calibration", "importance"):
+            raise UsageError(f"cluster-weights: weighting={self.weighting!r} is not none, calibration or importance")
+        if self.storage not in ("auto", *cbk.STORAGES):
+            raise UsageError(f"cluster-weights: storage={self.storage!r} is not auto, uint8, uint4 or packed")
+        if self.min_size < 1 or self.sample < 1:
+            raise UsageError("cluster-weights: min-size and sample must be positive")
+        parse_layer_bits(self.layer_bits)
+
+    # --- which tensors ----------------------------------------------------------------------
+    def _bits_for(self, w: Value, rules: list[tuple[str, int]]) -> int:
+        names = [w.name] + [n.name for n in w.consumers() if n.name]
+        for pat, b in rules:
+            if any(fnmatch.fnmatchcase(nm, pat) for nm in names):
+                return b
+        return self.bits
+
+    def _storage(self, model: Model, graph: Graph, bits: int) -> str:
+        opset = opset_of(model, graph)
+        uint4_ok = opset >= 21 and model.ir_version >= 10
+        if self.storage == "uint4":
+            if not uint4_ok or bits > 4:
+                raise UsageError(
+                    f"cluster-weights: storage=uint4 needs bits <= 4, opset >= 21 and IR >= 10 "
+                    f"(model: bits {bits}, opset {opset}, IR {model.ir_version})"
+                )
+            return "uint4"
+        if self.storage == "packed" and opset < 13:
+            raise UsageError(f"cluster-weights: storage=packed needs opset >= 13 (model: {opset})")
+        if self.storage != "auto":
+            return self.storage
+        if bits == 8:
+            return "uint8"
+        if bits == 4 and uint4_ok:
+            return "uint4"
+        return "packed" if opset >= 13 else ("uint4" if uint4_ok and bits < 4 else "uint8")
+
+    def _candidates(self, model: Model) -> list[tuple[Graph, Value]]:
+        out = []
+        for g in model.graphs():
+            if in_function(g):
+                continue
+            for v in list(g.initializers.values()):
+                t = v.const_value
+                if t is None or not hasattr(t, "numpy") or t.dtype not in _FLOATS or len(t.shape) < 2:
+                    continue
+                if not is_constant(v) or v.is_graph_output() or v.is_graph_input() or not v.uses():
+                    continue
+                out.append((g, v))
+        return out
+
+    # --- the pass -----------------------------------------------------------------------------
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        with constant_semantics(model):
+            return self._run(model, ctx)
+
+    def _run(self, model: Model, ctx: PassContext) -> PassResult:
+        t0 = time.perf_counter()
+        rules = parse_layer_bits(self.layer_bits)
+        stats: dict[str, int | float] = {
+            "tensors-clustered": 0, "params-clustered": 0, "tensors-small": 0, "tensors-kept-float": 0,
+            "tensors-nonfinite": 0, "bytes-before": 0, "bytes-after": 0,
+        }
+        errors: list[tuple[float, float, int]] = []  # (rel-l2, sqnr, n) per tensor
+        todo: list[tuple[Graph, Value, int]] = []
+        for g, w in self._candidates(model):
+            if math.prod(w.const_value.shape) < self.min_size:  # type: ignore[union-attr]
+                stats["tensors-small"] += 1
+                continue
+            bits = self._bits_for(w, rules)
+            if bits == 0:
+                stats["tensors-kept-float"] += 1
+                continue
+            todo.append((g, w, bits))
+        importance: dict[str, np.ndarray] = {}
+        if self.weighting == "calibration" and todo:
+            feeds = ctx.data.get(CALIBRATION_KEY)
+            if not isinstance(feeds, dict) or not feeds:
+                raise UsageError(f"cluster-weights: weighting=calibration needs ctx.data[{CALIBRATION_KEY!r}] (graph input -> array)")
+            importance = _calibration_importance(model, [w for _, w, _ in todo], feeds)
+        elif self.weighting == "importance":
+            given = ctx.data.get(IMPORTANCE_KEY)
+            if not isinstance(given, dict):
+                raise UsageError(f"cluster-weights: weighting=importance needs ctx.data[{IMPORTANCE_KEY!r}] (weight name -> array)")
+            importance = {k: np.asarray(v, dtype=np.float64) for k, v in given.items()}
+        for g, w, bits in todo:
+            r = self._cluster_one(model, g, w, bits, importance.get(w.name))
+            if r is None:
+                stats["tensors-nonfinite"] += 1
+                continue
+            n, before, after, rel, sqnr, axis, storage = r
+            stats["tensors-clustered"] += 1
+            stats["params-clustered"] += n
+            stats["bytes-before"] += before
+            stats["bytes-after"] += after
+            errors.append((rel, sqnr, n))
+            stats[f"{w.name}/bits"] = bits
+            stats[f"{w.name}/params"] = n
+            stats[f"{w.name}/rel-l2"] = rel
+            stats[f"{w.name}/sqnr-db"] = sqnr
+            stats[f"{w.name}/bytes-before"] = before
+            stats[f"{w.name}/bytes-after"] = after
+            stats[f"{w.name}/per-channel"] = int(axis is not None)
+            ctx.info(
+                f"cluster-weights: {w.name} {bits} bits ({storage}{', per channel' if axis is not None else ''}): "
+                f"rel-l2 {rel:.4f}, SQNR {sqnr:.1f} dB, {before} -> {after} bytes"
+            )
+        if errors:
+            stats["compression"] = stats["bytes-before"] / max(stats["bytes-after"], 1)
+            stats["bits-per-weight"] = 8.0 * stats["bytes-after"] / max(stats["params-clustered"], 1)
+            stats["max-rel-l2"] = max(e[0] for e in errors)
+            stats["mean-rel-l2"] = sum(e[0] * e[2] for e in errors) / max(stats["params-clustered"], 1)
+            stats["min-sqnr-db"] = min(e[1] for e in errors)
+        stats["seconds"] = time.perf_counter() - t0
+        return PassResult(bool(errors), stats)
+
+    def _cluster_one(
+        self, model: Model, g: Graph, w: Value, bits: int, importance: np.ndarray | None
+    ) -> tuple[int, int, int, float, float, int | None, str] | None:
+        t = w.const_value
+        assert t is not None
+        arr = t.numpy()
+        shape = tuple(arr.shape)
+        n = arr.size
+        k = 1 << bits
+        work_dtype = np.float64 if arr.dtype == np.float64 else np.float32
+        x = np.asarray(arr, dtype=work_dtype)
+        finite = bool(np.isfinite(x).all())
+        axis = _channel_axis(w) if self.per_channel else None
+        if axis is not None and shape[axis] * k * 2 > n:
+            axis = None  # a codebook per channel would hold as many entries as the weight
+        # at most k distinct values: the codebook is exact (masks, already-clustered weights)
+        probe = np.random.default_rng(self.seed).integers(0, n, size=min(n, 4 * k + 1))
+        uniq = np.unique(x.reshape(-1)[probe])
+        exact = None
+        if uniq.size <= k:
+            full = np.unique(x)
+            if full.size <= k:
+                exact = full
+        if exact is None and not finite:
+            return None
+        if exact is not None:
+            axis = None
+            codebook = np.full((1, k), exact[-1], dtype=np.float64)
+            codebook[0, : exact.size] = exact
+            idx = np.searchsorted(exact, x.reshape(1, -1)).astype(np.uint8)
+            if np.isnan(exact).any():  # NaN sorts last; searchsorted of NaN lands past the end
+                idx[np.isnan(x.reshape(1, -1))] = int(np.flatnonzero(np.isnan(exact))[0])
+        else:
+            rows = np.moveaxis(x, axis, 0).reshape(shape[axis], -1) if axis is not None else x.reshape(1, -1)
+            wts = None
+            if importance is not None:
+                try:
+                    full_w = np.broadcast_to(importance, shape)
+                except ValueError:
+                    raise UsageError(f"cluster-weights: importance of {w.name!r} does not broadcast to {list(shape)}") from None
+                wts = np.moveaxis(full_w, axis, 0).reshape(shape[axis], -1) if axis is not None else full_w.reshape(1, -1)
+                wts = np.maximum(wts, 1e-12 * max(float(wts.max()), 1e-30))  # no zero-weight cluster collapse
+            codebook, idx = cluster_rows(rows, k, weights=wts, init=self.init, sample=self.sample, seed=self.seed)
+        cb = codebook.astype(arr.dtype)
+        recon = np.take_along_axis(cb.astype(np.float64), idx.astype(np.int64), axis=1)
+        rows64 = (np.moveaxis(x, axis, 0).reshape(shape[axis], -1) if axis is not None else x.reshape(1, -1)).astype(np.float64)
+        if exact is not None:
+            rel, sqnr = 0.0, float("inf")
+        else:
+            err = float(np.linalg.norm(recon - rows64))
+            ref = float(np.linalg.norm(rows64))
+            rel = err / ref if ref > 0 else 0.0
+            sqnr = 20.0 * math.log10(ref / err) if err > 0 and ref > 0 else float("inf")
+        storage = self._storage(model, g, bits)
+        cbk.build_decode(g, w, cb, idx, bits=bits, storage=storage, axis=axis, opset=opset_of(model, g))
+        before = int(t.nbytes)
+        after = cbk.storage_bytes(n, bits, storage) + cb.nbytes + (shape[axis] * (4 if storage != "packed" else 8) if axis is not None else 0)
+        return n, before, after, rel, sqnr, axis, storage

@@ -1,0 +1,190 @@
+"""The stored form of a clustered weight: codebook + indices, and the standard-ONNX decode.
+
+A weight W (float, shape S) clustered with b bits becomes
+
+    codebook  float[R*k]          k = 2**b entries per row (R = 1 per tensor, or one row per
+                                   output channel along `axis`), sorted within each row
+    indices   one of three storages, all holding idx[i] in [0, k):
+      uint8    uint8[S]
+      uint4    uint4[S]            ONNX packs two per byte (opset >= 21, IR >= 10)
+      packed   uint8[ceil(n/8), b] groups of 8 indices as one little-endian 8*b-bit word,
+                                   index j of a group in bits [j*b, (j+1)*b)
+
+and W is recomputed by a chain of standard ops that onnxruntime constant-folds when it creates
+the session (so inference runs on the float weight as before):
+
+    uint8/uint4:  i = Cast(indices, to=INT32)
+    packed:       i = Cast(indices, to=INT64) * [256**0 .. 256**(b-1)]  -> ReduceSum(axis 1)
+                      -> Div by [2**(0*b) .. 2**(7*b)] -> Mod 2**b -> Reshape [-1]
+                      (-> Slice [0:n] when n is not a multiple of 8) -> Reshape S
+    per channel:  i = i + offsets          offsets[c] = c*k, shaped to broadcast along `axis`
+    W = Gather(codebook, i, axis=0)        the original value object, so every use (and every
+                                           tie between uses) is kept
+
+Every decode node carries the metadata property `graphopt.decode = "codebook"`; the final Gather
+also carries `graphopt.codebook`, a JSON object {"bits", "storage", "axis", "indices",
+"codebook", "shape"} naming the two initializers. A compiled target can therefore keep the two
+small tensors in its artifact and decode at load time (see `decode_numpy`), and a tool can find
+clustered weights without pattern matching.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from graphopt.ir import Attr, AttrType, DataType, Graph, Node, NumpyTensor, Shape, TensorType, Value, unique_name
+
+DECODE_KEY = "graphopt.decode"
+CODEBOOK_KEY = "graphopt.codebook"
+STORAGES = ("uint8", "uint4", "packed")
+
+
+def pack(idx: np.ndarray, bits: int) -> np.ndarray:
+    """Indices (< 2**bits) → uint8 [ceil(n/8), bits]: 8 indices per `bits` bytes."""
+    flat = idx.reshape(-1).astype(np.uint64)
+    groups = -(-flat.size // 8)
+    padded = np.zeros(groups * 8, dtype=np.uint64)
+    padded[: flat.size] = flat
+    word = np.zeros(groups, dtype=np.uint64)
+    for j in range(8):  # 8 vectorised passes, whatever the tensor size
+        word |= padded[j::8] << np.uint64(j * bits)
+    return word.astype("<u8").view(np.uint8).reshape(groups, 8)[:, :bits].copy()
+
+
+def unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Inverse of `pack`: the first n indices as uint8."""
+    groups = packed.shape[0]
+    wide = np.zeros((groups, 8), dtype=np.uint8)
+    wide[:, :bits] = packed
+    word = wide.view("<u8").reshape(groups)
+    out = np.empty((groups, 8), dtype=np.uint8)
+    mask = np.uint64((1 << bits) - 1)
+    for j in range(8):
+        out[:, j] = (word >> np.uint64(j * bits)) & mask
+    return out.reshape(-1)[:n]
+
+
+def storage_bytes(n: int, bits: int, storage: str) -> int:
+    """Payload bytes of n indices in `storage`."""
+    if storage == "uint8":
+        return n
+    if storage == "uint4":
+        return (n + 1) // 2
+    return -(-n // 8) * bits
+
+
+def encode_indices(idx: np.ndarray, bits: int, storage: str) -> NumpyTensor:
+    if storage == "uint8":
+        return NumpyTensor(idx.astype(np.uint8))
+    if storage == "uint4":
+        import ml_dtypes
+
+        return NumpyTensor(idx.astype(ml_dtypes.uint4), dtype=DataType.UINT4)
+    return NumpyTensor(pack(idx, bits))
+
+
+def decode_numpy(indices: np.ndarray, codebook: np.ndarray, info: dict) -> np.ndarray:
+    """Rebuild the float weight from the stored tensors and the `graphopt.codebook` JSON
+    (what a compiled target does at load time)."""
+    shape = tuple(info["shape"])
+    n = math.prod(shape)
+    bits, axis = int(info["bits"]), info["axis"]
+    if info["storage"] == "packed":
+        idx = unpack(np.asarray(indices, dtype=np.uint8), bits, n).reshape(shape).astype(np.int64)
+    else:
+        idx = np.asarray(indices).astype(np.int64).reshape(shape)
+    if axis is not None:
+        k = 1 << bits
+        view = [1] * len(shape)
+        view[axis] = shape[axis]
+        idx = idx + (np.arange(shape[axis], dtype=np.int64) * k).reshape(view)
+    return np.asarray(codebook).reshape(-1)[idx]
+
+
+def _const(graph: Graph, array: np.ndarray | NumpyTensor, base: str) -> Value:
+    tensor = array if isinstance(array, NumpyTensor) else NumpyTensor(array)
+    name = unique_name(graph, base)
+    tensor.name = name
+    v = Value(name, TensorType(tensor.dtype, Shape(tensor.shape)), const_value=tensor)
+    graph.register_initializer(v)
+    return v
+
+
+def build_decode(
+    graph: Graph,
+    weight: Value,
+    codebook: np.ndarray,
+    idx: np.ndarray,
+    *,
+    bits: int,
+    storage: str,
+    axis: int | None,
+    opset: int,
+) -> list[Node]:
+    """Replace initializer `weight` of `graph` by codebook + indices initializers and a decode
+    chain at the head of `graph` whose last node (a Gather) outputs `weight` itself. Returns the
+    decode nodes. `codebook` is [R, k] in the weight's dtype, `idx` [R, n] uint8 (rows along
+    `axis` when per channel)."""
+    shape = tuple(weight.const_value.shape)  # type: ignore[union-attr]
+    n = math.prod(shape)
+    k = 1 << bits
+    base = weight.name
+    if axis is not None:  # rows were taken along `axis`: put them back in the weight's layout
+        moved = list(shape)
+        moved.insert(0, moved.pop(axis))
+        idx_nd = np.moveaxis(idx.reshape(moved), 0, axis)
+    else:
+        idx_nd = idx.reshape(shape)
+    idx_v = _const(graph, encode_indices(idx_nd if storage != "packed" else idx_nd.reshape(-1), bits, storage), base + ".idx")
+    cb_v = _const(graph, np.ascontiguousarray(codebook.reshape(-1)), base + ".codebook")
+    nodes: list[Node] = []
+
+    def op(op_type: str, inputs: Sequence[Value], attrs: dict | None = None, out: Value | None = None) -> Value:
+        o = out if out is not None else Value(unique_name(graph, f"{base}.{op_type.lower()}"))
+        node = Node("", op_type, list(inputs), [Attr.infer(a, v) for a, v in (attrs or {}).items()], outputs=[o])
+        node.metadata_props[DECODE_KEY] = "codebook"
+        nodes.append(node)
+        return o
+
+    i64 = DataType.INT64
+    if storage == "packed":
+        ints = op("Cast", [idx_v], {"to": int(i64)})
+        ints = op("Mul", [ints, _const(graph, 256 ** np.arange(bits, dtype=np.int64), base + ".bytepos")])
+        if opset >= 13:
+            word = op("ReduceSum", [ints, _const(graph, np.array([1], np.int64), base + ".axis1")], {"keepdims": 1})
+        else:
+            word = op("ReduceSum", [ints], {"axes": [1], "keepdims": 1})
+        q = op("Div", [word, _const(graph, (2 ** (bits * np.arange(8, dtype=np.int64))).reshape(1, 8), base + ".shifts")])
+        ints = op("Mod", [q, _const(graph, np.array(k, np.int64), base + ".k")])
+        ints = op("Reshape", [ints, _const(graph, np.array([-1], np.int64), base + ".flat")])
+        if n % 8:
+            starts, ends = (_const(graph, np.array([v], np.int64), base + nm) for v, nm in ((0, ".start"), (n, ".n")))
+            ints = op("Slice", [ints, starts, ends])
+        ints = op("Reshape", [ints, _const(graph, np.array(shape, np.int64), base + ".shape")])
+    else:
+        i64 = DataType.INT32
+        ints = op("Cast", [idx_v], {"to": int(i64)})
+    if axis is not None:
+        view = [1] * len(shape)
+        view[axis] = shape[axis]
+        offsets = (np.arange(shape[axis], dtype=i64.numpy()) * k).reshape(view)
+        ints = op("Add", [ints, _const(graph, offsets, base + ".offsets")])
+    graph.remove_initializer(weight.name)
+    weight.const_value = None
+    op("Gather", [cb_v, ints], {"axis": 0}, out=weight)
+    gather = nodes[-1]
+    gather.metadata_props[CODEBOOK_KEY] = json.dumps(
+        {"bits": bits, "storage": storage, "axis": axis, "indices": idx_v.name, "codebook": cb_v.name, "shape": list(shape)},
+        sort_keys=True,
+    )
+    head = next(iter(graph), None)
+    if head is None:
+        for nd in nodes:
+            graph.append(nd)
+    else:
+        graph.insert_before(head, nodes)
+    return nodes

@@ -1,0 +1,160 @@
+"""Vectorised 1-D k-means over the rows of a matrix (one codebook per row).
+
+A weight tensor clustered per tensor is one row; clustered per output channel it is one row per
+channel. Everything is batched over rows with numpy; nothing loops over elements or channels.
+
+Fitting works on each row's values *sorted*: in 1-D every cluster is a contiguous run of the
+sorted values, so one Lloyd iteration is a batched `searchsorted` of the k-1 decision
+boundaries (midpoints of neighbouring centroids) plus differences of prefix sums — O(k log m) per
+row and iteration instead of O(m k). Rows of different channels are searched in one call by
+mapping each row's values to a disjoint key range (`row*4 + 1 + normalised value`), which is
+monotone within a row. Assignment of the full tensor is one `searchsorted` per element against
+the sorted boundaries: O(n log k).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: elements handled per chunk when assigning, so a 25M-element tensor never needs 200 MB of
+#: float64 temporaries at once
+_CHUNK = 1 << 22
+
+
+def _row_keys(x: np.ndarray, lo: np.ndarray, span: np.ndarray) -> np.ndarray:
+    """Map row r's values into [4r, 4r+3], monotone within the row (float64)."""
+    r = x.shape[0]
+    norm = np.clip((x.astype(np.float64) - lo) / span, -1.0, 2.0)
+    return norm + (4.0 * np.arange(r, dtype=np.float64)[:, None] + 1.0)
+
+
+def init_centroids(xs: np.ndarray, k: int, init: str) -> np.ndarray:
+    """Initial centroids [R, k] for sorted rows `xs` [R, m]: `linear` spaces them evenly between
+    each row's min and max (what Deep Compression found best: it keeps the rare large weights);
+    `density` puts them at the quantiles (i+0.5)/k of the row's values."""
+    m = xs.shape[1]
+    if init == "linear":
+        lo, hi = xs[:, :1], xs[:, -1:]
+        return lo + (hi - lo) * np.linspace(0.0, 1.0, k)[None, :]
+    if init == "density":
+        pos = np.minimum(((np.arange(k) + 0.5) / k * m).astype(np.int64), m - 1)
+        return xs[:, pos].astype(np.float64)
+    raise ValueError(f"unknown init {init!r} (linear, density)")
+
+
+def fit_sorted(
+    xs: np.ndarray,
+    k: int,
+    *,
+    weights: np.ndarray | None = None,
+    init: str = "linear",
+    max_iter: int = 60,
+    tol: float = 1e-7,
+) -> np.ndarray:
+    """Weighted Lloyd k-means on rows sorted ascending. xs, weights: [R, m]. Returns sorted
+    centroids [R, k] (float64). A cluster that loses all its members keeps its centroid (the
+    centroids stay sorted: a mean of the values between two boundaries lies between them)."""
+    xs = np.asarray(xs, dtype=np.float64)
+    R, m = xs.shape
+    c = init_centroids(xs, k, init)
+    if k == 1 or m == 0:
+        return c
+    w = np.ones_like(xs) if weights is None else np.asarray(weights, dtype=np.float64)
+    # prefix sums with a leading 0: the sum over sorted positions [a, b) is P[b] - P[a]
+    zero = np.zeros((R, 1))
+    cw = np.concatenate([zero, np.cumsum(w, axis=1)], axis=1)
+    cwx = np.concatenate([zero, np.cumsum(w * xs, axis=1)], axis=1)
+    lo = xs[:, :1]
+    span = np.maximum(xs[:, -1:] - lo, np.finfo(np.float64).tiny)
+    keys = _row_keys(xs, lo, span).ravel()
+    row_base = (np.arange(R) * m)[:, None]
+    edges = np.empty((R, k + 1), dtype=np.int64)
+    edges[:, 0], edges[:, -1] = 0, m
+    for _ in range(max_iter):
+        mids = 0.5 * (c[:, 1:] + c[:, :-1])
+        # side="left": a value equal to a boundary goes to the upper cluster
+        edges[:, 1:-1] = np.searchsorted(keys, _row_keys(mids, lo, span).ravel()).reshape(R, k - 1) - row_base
+        sw = np.diff(np.take_along_axis(cw, edges, axis=1), axis=1)
+        swx = np.diff(np.take_along_axis(cwx, edges, axis=1), axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            new = np.where(sw > 0, swx / np.where(sw > 0, sw, 1.0), c)
+        new = np.sort(new, axis=1)  # a no-op in exact arithmetic; guards against rounding
+        moved = np.abs(new - c).max(axis=1) <= tol * span[:, 0]
+        c = new
+        if moved.all():
+            break
+    return c
+
+
+def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Nearest-centroid index (uint8, k <= 256) of every element of rows x [R, n] against sorted
+    centroids [R, k]: a searchsorted of each value among the row's k-1 boundaries."""
+    R, n = x.shape
+    k = centroids.shape[1]
+    out = np.empty((R, n), dtype=np.uint8)
+    if k == 1:
+        out[...] = 0
+        return out
+    mids = 0.5 * (centroids[:, 1:] + centroids[:, :-1])
+    if R == 1:
+        flat, m0 = x.reshape(-1), mids[0]
+        for s in range(0, n, _CHUNK):
+            # compare in float64: a float32 boundary could round onto a value and flip its side
+            out[0, s : s + _CHUNK] = np.searchsorted(m0, flat[s : s + _CHUNK].astype(np.float64), side="right")
+        return out
+    lo = np.minimum(x.min(axis=1, keepdims=True), centroids[:, :1]).astype(np.float64)
+    span = np.maximum(np.maximum(x.max(axis=1, keepdims=True), centroids[:, -1:]) - lo, np.finfo(np.float64).tiny)
+    mkeys = _row_keys(mids, lo, span).ravel()
+    rows = max(1, _CHUNK // max(n, 1))
+    for r0 in range(0, R, rows):
+        sl = slice(r0, min(R, r0 + rows))
+        keys = _row_keys(x[sl], lo[sl], span[sl])
+        keys += 4.0 * r0  # chunk-local row numbers -> global ones
+        pos = np.searchsorted(mkeys, keys.ravel(), side="right").reshape(keys.shape)
+        out[sl] = pos - (np.arange(sl.start, sl.stop) * (k - 1))[:, None]
+    return out
+
+
+def refine(x: np.ndarray, idx: np.ndarray, centroids: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """One exact mean update over the full data for fixed assignments (lowers the error of a
+    codebook fitted on a sample); clusters with no member keep their centroid."""
+    R, k = centroids.shape
+    flat = (idx.astype(np.int64) + (np.arange(R) * k)[:, None]).ravel()
+    xv = x.reshape(-1).astype(np.float64)
+    wv = None if weights is None else weights.reshape(-1).astype(np.float64)
+    cnt = np.bincount(flat, weights=wv, minlength=R * k)
+    tot = np.bincount(flat, weights=xv if wv is None else xv * wv, minlength=R * k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(cnt > 0, tot / np.where(cnt > 0, cnt, 1.0), centroids.reshape(-1))
+    return mean.reshape(R, k)
+
+
+def cluster_rows(
+    x: np.ndarray,
+    k: int,
+    *,
+    weights: np.ndarray | None = None,
+    init: str = "linear",
+    sample: int = 1 << 20,
+    seed: int = 0,
+    max_iter: int = 60,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster each row of x [R, n] into at most k values: (codebooks [R, k] float64, indices
+    [R, n] uint8, each value's nearest codebook entry). The codebook is fitted on at most
+    `sample` values in all (the same random columns of every row), refined once on all values."""
+    R, n = x.shape
+    per_row = max(min(n, 4 * k), min(n, sample // max(R, 1)))
+    if per_row < n:
+        cols = np.sort(np.random.default_rng(seed).choice(n, size=per_row, replace=False))
+        xsub = x[:, cols]
+        wsub = None if weights is None else weights[:, cols]
+    else:
+        xsub, wsub = x, weights
+    order = np.argsort(xsub, axis=1, kind="stable")
+    xs = np.take_along_axis(xsub, order, axis=1)
+    ws = None if wsub is None else np.take_along_axis(wsub, order, axis=1)
+    c = fit_sorted(xs, k, weights=ws, init=init, max_iter=max_iter)
+    # one exact mean update over all values, then the final nearest-centroid assignment (the
+    # sample's boundaries are not quite the full data's)
+    c = np.sort(refine(x, assign(x, c), c, weights), axis=1)
+    return c, assign(x, c)

@@ -41,7 +41,7 @@ import numpy as np
 from graphopt.errors import GraphoptError, UsageError
 
 PROG = "graphopt-compile"
-TARGETS = ("onnx",)
+TARGETS = ("onnx", "cpu")
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the original and compiled model on onnxruntime and compare (exit 3 if they differ)")
     p.add_argument("--verify-each", action=argparse.BooleanOptionalAction, default=None,
                    help="check IR invariants and outputs after every pass; name the first pass that breaks them")
+    p.add_argument("--tune", type=int, metavar="TRIALS", help="cpu target: meta_schedule trial budget (needs --tuning-db)")
+    p.add_argument("--tune-minutes", type=float, metavar="M", help="cpu target: stop tuning after M minutes")
+    p.add_argument("--tuning-db", metavar="DIR", help="cpu target: tuning database folder, reused by later compiles")
+    p.add_argument("--threads", type=int, metavar="T", help="cpu target: worker threads (default: every core)")
     p.add_argument("--inputs", metavar="X.npz", help="inputs for --verify/--verify-each (default: random)")
     p.add_argument("--rtol", type=float, help="relative tolerance for verification (default 1e-4)")
     p.add_argument("--atol", type=float, help="absolute tolerance for verification (default 1e-5)")
@@ -118,6 +122,10 @@ class Options:
     print_pipeline: bool = False
     list_passes: bool = False
     explain: str | None = None
+    tune: int = 0
+    tune_minutes: float | None = None
+    tuning_db: str | None = None
+    threads: int | None = None
 
 
 def _join_spec_values(argv: Sequence[str]) -> list[str]:
@@ -166,6 +174,10 @@ def parse_options(argv: Sequence[str]) -> Options:
         print_pipeline=ns.print_pipeline,
         list_passes=ns.list_passes,
         explain=ns.explain,
+        tune=pick(ns.tune, "tune", 0),
+        tune_minutes=pick(ns.tune_minutes, "tune-minutes", None),
+        tuning_db=pick(ns.tuning_db, "tuning-db", None),
+        threads=pick(ns.threads, "threads", None),
     )
     modes = [m for m, on in (("--print-pipeline", opts.print_pipeline), ("--list-passes", opts.list_passes),
                              ("--explain", opts.explain is not None)) if on]
@@ -342,6 +354,10 @@ def _compile(opts: Options) -> int:
     from graphopt.transform import NumericCheckInstrument, PassContext, TimingInstrument, optimize
 
     start = time.perf_counter()
+    if opts.target != "onnx" and opts.target in TARGETS:  # compiled targets write an artifact folder
+        from graphopt.artifact_cli import compile_artifact
+
+        return compile_artifact(opts)
     if not opts.model:
         raise UsageError("no MODEL given (see graphopt-compile --help)")
     if not opts.output:

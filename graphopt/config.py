@@ -53,6 +53,10 @@ KEYS: dict[str, _Key] = {
     "dump-ir": _Key(str, is_path=True),
     "quiet": _Key(bool),
     "contrib-ops": _Key(bool),
+    "tune": _Key(int),
+    "tune-minutes": _Key((int, float)),
+    "tuning-db": _Key(str, is_path=True),
+    "threads": _Key(int),
 }
 
 

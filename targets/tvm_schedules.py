@@ -1,0 +1,570 @@
+"""Default (untuned) CPU schedules for the TIR kernels graphopt lowers to TVM.
+
+Without a schedule TVM's CPU kernels are naive scalar loop nests, 86-106x slower than
+onnxruntime (see /work/shared/TVM-NOTES.md). `apply_default_schedules` gives every PrimFunc of an
+IRModule a reasonable schedule so untuned code is usable:
+
+- `OuterProduct` (conv2d NCHW incl. 1x1/strided/grouped-as-dense, dense, matmul,
+  batch_matmul, with fused elementwise epilogues): the anchor reduction C[..] += A[..] * B[..]
+  becomes a register-tiled outer product. The vector axis is a spatial axis that only B indexes
+  (the output channel of a conv, the column of a matmul); the register axis one that only A
+  indexes (the output column of a conv, the row of a matmul). B is packed inside the kernel so
+  the vector axis is contiguous ([oc/16, ic, kh, kw, 16]); the pack block is annotated as a
+  layout-rewrite preprocess so `relax.transform.SplitLayoutRewritePreproc` + `LiftTransformParams`
+  can hoist it to load time where weights are parameters. Accumulators live in a small local
+  tile (cache_write) and the epilogue (bias, relu, residual add, GELU, ...) is inlined into
+  the write-back of that tile.
+- `WindowReduction` (depthwise conv, max/avg pooling, any reduction whose innermost output axis
+  is also the innermost axis of its input): the innermost output axis is vectorised with the
+  reduction loops outside it.
+- dlight's CPU `GEMV` and `Reduction` (softmax, layer norm, ...). dlight's Reduction is only
+  tried after our conv rules: it makes convolutions slower.
+- `Injective`: every remaining block gets parallel outer loops and a vectorised inner loop.
+
+Each rule is tried in order per PrimFunc; a rule that raises is skipped (the next one is tried),
+so a surprising kernel falls back to a simpler schedule instead of failing the compile.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # tvm is an optional dependency: import it lazily
+    import tvm
+
+__all__ = [
+    "apply_default_schedules",
+    "schedule_prim_func",
+    "vector_lanes",
+    "ScheduleStats",
+    "LAYOUT_REWRITE_ANN",
+]
+
+#: Block annotation that SplitLayoutRewritePreproc looks for (weight-packing blocks).
+LAYOUT_REWRITE_ANN = "meta_schedule.layout_rewrite_preproc"
+
+# fp32 accumulators kept in registers per microkernel (x86-64 AVX2 has 16 vector registers:
+# leave room for the B vectors and one broadcast).
+_MAX_ACC_VECTORS = 12
+
+
+@dataclass
+class ScheduleStats:
+    """Which rule scheduled which PrimFunc (for reports and tests)."""
+
+    by_func: dict[str, str] = field(default_factory=dict)
+    failures: dict[str, list[str]] = field(default_factory=dict)
+
+    def count(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for rule in self.by_func.values():
+            out[rule] = out.get(rule, 0) + 1
+        return out
+
+
+def vector_lanes(target: "tvm.target.Target", dtype_bits: int = 32) -> int:
+    """SIMD lanes for `dtype_bits` elements on `target` (AVX2: 8 fp32, AVX-512: 16, NEON: 4)."""
+    from tvm.target import codegen
+
+    bits = 128
+    try:
+        with target:
+            if codegen.target_has_features("avx512f"):
+                bits = 512
+            elif codegen.target_has_features("avx2") or codegen.target_has_features("avx"):
+                bits = 256
+    except Exception:  # non-x86 targets: LLVM does not know the x86 feature names
+        bits = 128
+    return max(bits // dtype_bits, 1)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _int(x: Any) -> int | None:
+    try:
+        return int(x)
+    except Exception:
+        return None
+
+
+def _vars_in(expr: Any) -> set:
+    import tvm_ffi
+    from tvm import tirx
+
+    found: set = set()
+    tvm_ffi.structural_walk(expr, (tirx.Var, found.add), order="post")
+    return found
+
+
+def _region_vars(region: Any, block_vars: set) -> list[set]:
+    """Per-dimension sets of block iter vars used by a buffer access region."""
+    return [(_vars_in(r.min) & block_vars) for r in region.region]
+
+
+def _root(sch: "tvm.s_tir.Schedule") -> Any:
+    func = sch.mod["main"]
+    return sch.get_sblock(func.body.block.name_hint)
+
+
+def _is_reduction(stmt: Any) -> bool:
+    from tvm.tirx import IterVar
+
+    return any(iv.iter_type == IterVar.CommReduce for iv in stmt.iter_vars)
+
+
+def _try_inline_all(sch: "tvm.s_tir.Schedule", keep: Sequence[Any] = ()) -> None:
+    """compute_inline every block that can be inlined (fixed point), except `keep`."""
+    keep_names = {sch.get(b).name_hint for b in keep}
+    changed = True
+    while changed:
+        changed = False
+        for block in sch.get_child_blocks(_root(sch)):
+            stmt = sch.get(block)
+            if stmt.name_hint in keep_names or _is_reduction(stmt):
+                continue
+            try:
+                sch.compute_inline(block)
+                changed = True
+                break
+            except Exception:
+                continue
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _schedule_injective_block(
+    sch: "tvm.s_tir.Schedule", block: Any, lanes: int, max_parallel_loops: int | None = None
+) -> None:
+    """Parallel over the outer loops, vectorise the innermost (when it splits evenly)."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    extents = [_int(sch.get(lp).extent) for lp in loops]
+    inner = loops[-1]
+    inner_ext = extents[-1]
+    vec = None
+    if inner_ext is not None and inner_ext > 1:
+        if inner_ext <= 2 * lanes:
+            vec = inner
+        elif inner_ext % lanes == 0:
+            _, vec = sch.split(inner, factors=[None, lanes])
+        # otherwise: leave scalar (a predicated vector loop costs more than it saves here)
+    outer = loops[:-1] if vec is not None and vec.same_as(inner) else loops[:-1]
+    if vec is None:
+        outer = loops[:-1] if len(loops) > 1 else []
+    if max_parallel_loops is not None:
+        outer = outer[:max_parallel_loops]
+    if outer:
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(fused)
+    if vec is not None:
+        sch.vectorize(vec)
+
+
+# --------------------------------------------------------------------------- rules
+
+
+class _Rule:
+    name = "rule"
+
+    def apply(self, func: Any, target: Any, lanes: int) -> "tvm.s_tir.Schedule | None":
+        raise NotImplementedError
+
+
+class Injective(_Rule):
+    """Inline what can be inlined; parallel + vectorise every remaining block."""
+
+    name = "injective"
+
+    def apply(self, func, target, lanes):
+        from tvm import s_tir
+
+        sch = s_tir.Schedule(func)
+        blocks = sch.get_child_blocks(_root(sch))
+        if any(_is_reduction(sch.get(b)) for b in blocks):
+            return None
+        _try_inline_all(sch)
+        for block in sch.get_child_blocks(_root(sch)):
+            _schedule_injective_block(sch, block, lanes)
+        return sch
+
+
+class WindowReduction(_Rule):
+    """Reductions whose innermost output axis stays innermost in an input (depthwise conv,
+    pooling): out tile of `lanes` along that axis in a local accumulator, reduction loops
+    outside the vector loop, parallel over the other spatial loops."""
+
+    name = "window-reduction"
+
+    def apply(self, func, target, lanes):
+        from tvm import s_tir
+        from tvm.tirx import IterVar
+
+        sch = s_tir.Schedule(func)
+        blocks = sch.get_child_blocks(_root(sch))
+        reds = [b for b in blocks if _is_reduction(sch.get(b))]
+        if len(reds) != 1:
+            return None
+        anchor = reds[0]
+        stmt = sch.get(anchor)
+        ivs = list(stmt.iter_vars)
+        loops = sch.get_loops(anchor)
+        if len(loops) != len(ivs):
+            return None
+        s_idx = [i for i, iv in enumerate(ivs) if iv.iter_type == IterVar.DataPar]
+        r_idx = [i for i, iv in enumerate(ivs) if iv.iter_type == IterVar.CommReduce]
+        if not s_idx or not r_idx or s_idx != list(range(len(s_idx))):
+            return None
+        inner_var = ivs[s_idx[-1]].var
+        inner_ext = _int(ivs[s_idx[-1]].dom.extent)
+        if inner_ext is None or inner_ext < 4:
+            return None  # global pooling and the like: leave to dlight / injective rules
+        block_vars = {iv.var for iv in ivs}
+        # the innermost output axis must index the last dimension of some input
+        ok = False
+        for reg in stmt.reads:
+            dims = _region_vars(reg, block_vars)
+            if dims and inner_var in dims[-1]:
+                ok = True
+        if not ok:
+            return None
+        sl = [loops[i] for i in s_idx]
+        rl = [loops[i] for i in r_idx]
+        vt = lanes if inner_ext % lanes == 0 else (inner_ext if inner_ext <= 2 * lanes else None)
+        if vt is None:
+            # split by lanes with a tail (predicate); still vectorisable per tile
+            vt = lanes
+        x_o, x_i = sch.split(sl[-1], factors=[None, vt])
+        sch.reorder(*sl[:-1], x_o, *rl, x_i)
+        outer = [*sl[:-1], x_o]
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(fused)
+        wb = sch.cache_write(anchor, 0, "local")
+        sch.reverse_compute_at(wb, fused, preserve_unit_loops=True)
+        _inline_consumers(sch, wb)
+        if inner_ext % vt == 0:
+            sch.vectorize(x_i)
+            init = sch.decompose_reduction(anchor, rl[0])
+            sch.vectorize(sch.get_loops(init)[-1])
+            wl = sch.get_loops(wb)
+            if _int(sch.get(wl[-1]).extent) == vt:
+                sch.vectorize(wl[-1])
+        else:
+            sch.decompose_reduction(anchor, rl[0])
+        _schedule_rest(sch, {sch.get(anchor).name_hint, sch.get(wb).name_hint}, lanes)
+        return sch
+
+
+def _inline_consumers(sch, wb) -> None:
+    """reverse_compute_inline the elementwise epilogue chain into the write-back block."""
+    while True:
+        consumers = sch.get_consumers(wb)
+        if len(consumers) != 1:
+            return
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except Exception:
+            return
+
+
+def _schedule_rest(sch, done: set[str], lanes: int) -> None:
+    """Injective schedule for the root-level blocks a rule did not place (pads, packs, tails)."""
+    for block in sch.get_child_blocks(_root(sch)):
+        name = sch.get(block).name_hint
+        if name in done:
+            continue
+        loops = sch.get_loops(block)
+        if loops and any(
+            sch.get(lp).kind != 0 for lp in loops  # already parallel/vectorised
+        ):
+            continue
+        try:
+            _schedule_injective_block(sch, block, lanes)
+        except Exception:
+            pass
+
+
+class OuterProduct(_Rule):
+    """conv2d / dense / matmul / batch_matmul + elementwise epilogue (see module docstring)."""
+
+    name = "outer-product"
+
+    def __init__(self, pack_weights: bool = True) -> None:
+        self.pack_weights = pack_weights
+
+    def apply(self, func, target, lanes):  # noqa: C901 - one schedule, step by step
+        from tvm import s_tir
+        from tvm.tirx import IterVar
+
+        sch = s_tir.Schedule(func)
+        blocks = sch.get_child_blocks(_root(sch))
+        reds = [b for b in blocks if _is_reduction(sch.get(b))]
+        if len(reds) != 1:
+            return None
+        anchor = reds[0]
+        stmt = sch.get(anchor)
+        if len(stmt.writes) != 1:
+            return None
+        out_buf = stmt.writes[0].source
+        ins = [(i, r) for i, r in enumerate(stmt.reads) if not r.source.same_as(out_buf)]
+        if len(ins) != 2:
+            return None
+        ivs = list(stmt.iter_vars)
+        loops = sch.get_loops(anchor)
+        if len(loops) != len(ivs):
+            return None
+        for lp, iv in zip(loops, ivs):
+            if _int(sch.get(lp).extent) != _int(iv.dom.extent) or _int(iv.dom.extent) is None:
+                return None
+        block_vars = {iv.var for iv in ivs}
+        s_vars = [iv.var for iv in ivs if iv.iter_type == IterVar.DataPar]
+        r_vars = [iv.var for iv in ivs if iv.iter_type == IterVar.CommReduce]
+        if not r_vars:
+            return None
+        ext = {iv.var: _int(iv.dom.extent) for iv in ivs}
+        loop_of = {iv.var: lp for iv, lp in zip(ivs, loops)}
+        out_dims = _region_vars(stmt.writes[0], block_vars)
+        if any(len(d) > 1 for d in out_dims):
+            return None
+        out_order = [next(iter(d)) for d in out_dims if d]
+
+        (ia, ra), (ib, rb) = ins
+        da, db = _region_vars(ra, block_vars), _region_vars(rb, block_vars)
+        va = set().union(*da) & set(s_vars)
+        vb = set().union(*db) & set(s_vars)
+        ex_a, ex_b = va - vb, vb - va
+        if not ex_a or not ex_b:
+            return None
+
+        def innermost(vs: set) -> Any:
+            return max(vs, key=lambda v: out_order.index(v) if v in out_order else -1)
+
+        # the vector side: fewer exclusive axes (weights); tie -> holds the innermost out axis
+        if len(ex_a) < len(ex_b) or (
+            len(ex_a) == len(ex_b) and out_order.index(innermost(ex_a)) > out_order.index(innermost(ex_b))
+        ):
+            (ia, ra, da, ex_a), (ib, rb, db, ex_b) = (ib, rb, db, ex_b), (ia, ra, da, ex_a)
+        vec_var = innermost(ex_b)
+        reg_var = innermost(ex_a)
+        n_vec, n_reg = ext[vec_var], ext[reg_var]
+
+        # vector tile: 2 or 1 vectors; register tile: as many rows as accumulators allow
+        if n_vec % (2 * lanes) == 0 and n_reg >= 4:
+            vt = 2 * lanes
+        elif n_vec % lanes == 0:
+            vt = lanes
+        elif n_vec <= 2 * lanes:
+            vt = n_vec
+        else:
+            return None
+        max_rows = max(1, (_MAX_ACC_VECTORS * lanes) // max(vt, lanes))
+        divs = [d for d in _divisors(n_reg) if d <= max_rows]
+        rt = max(divs)
+        if rt < 3 and n_reg > max_rows:
+            rt = max_rows  # a tail tile (predicated) beats a 1-2 row microkernel
+        elif rt < 3 and vt == 2 * lanes:
+            vt = lanes
+            max_rows = _MAX_ACC_VECTORS
+            rt = max(d for d in _divisors(n_reg) if d <= max_rows)
+            if rt < 3 and n_reg > max_rows:
+                rt = max_rows
+
+        # ---- pack B so the vector axis is innermost and contiguous
+        b_dim = next((k for k, d in enumerate(db) if vec_var in d), None)
+        if b_dim is None:
+            return None
+        need_pack = b_dim != len(db) - 1 or len(db[b_dim]) != 1
+        b_region = rb.region[b_dim].min
+        if need_pack:
+            if not self.pack_weights or n_vec % vt != 0 or not b_region.same_as(vec_var):
+                if not (b_dim == len(db) - 1):
+                    return None
+            else:
+                ndim = len(db)
+                pack = sch.cache_read(anchor, ib, "global")
+                sch.transform_layout(
+                    anchor,
+                    ("read", ib),
+                    lambda *d: (*d[:b_dim], d[b_dim] // vt, *d[b_dim + 1 :], d[b_dim] % vt),
+                )
+                intermediates = {buf.name for buf in func.body.block.alloc_buffers}
+                if rb.source.name not in intermediates:  # a kernel argument (weights)
+                    sch.annotate(pack, LAYOUT_REWRITE_ANN, True)
+                del ndim
+
+        # ---- tile the anchor
+        # outer order: output order with the register axis last (conv: n, oc/16, oh, ow/rt;
+        # matmul: n/16, m/rt), so a packed B panel is reused across the register tiles
+        s_order = [v for v in out_order if v in s_vars and v != reg_var] + [reg_var]
+        s_order += [v for v in s_vars if v not in s_order]
+        sch.reorder(*[loop_of[v] for v in s_order], *[loop_of[v] for v in r_vars])
+        v_o, v_i = sch.split(loop_of[vec_var], factors=[None, vt])
+        r_o, r_i = sch.split(loop_of[reg_var], factors=[None, rt])
+        red_loops = [loop_of[v] for v in r_vars]
+        par = [v_o if v.same_as(vec_var) else r_o if v.same_as(reg_var) else loop_of[v] for v in s_order]
+        sch.reorder(*par, *red_loops, r_i, v_i)
+        fused = sch.fuse(*par) if len(par) > 1 else par[0]
+        sch.parallel(fused)
+
+        # accumulator tile in registers, laid out [.., reg, vec] so the vector axis is contiguous
+        wb = sch.cache_write(anchor, 0, "local")
+        p_vec = out_order.index(vec_var)
+        sch.transform_layout(
+            anchor, ("write", 0), lambda *d: (*d[:p_vec], *d[p_vec + 1 :], d[p_vec])
+        )
+        _inline_consumers(sch, wb)
+        sch.reverse_compute_at(wb, fused, preserve_unit_loops=True)
+
+        # vectorise/unroll before decompose_reduction: afterwards the update block is no
+        # longer a "reduction block" and vectorize refuses its loops
+        if n_vec % vt == 0:
+            sch.vectorize(v_i)
+        sch.unroll(r_i)
+        # small innermost reduction loops (kw) unroll well
+        inner_red = red_loops[-1]
+        if len(red_loops) > 1 and (_int(sch.get(inner_red).extent) or 99) <= 7:
+            sch.unroll(inner_red)
+        init = sch.decompose_reduction(anchor, red_loops[0])
+        il = sch.get_loops(init)
+        if n_vec % vt == 0:
+            sch.vectorize(il[-1])
+
+        # write-back (+ epilogue): unroll the tile; vectorise when the output's last axis
+        # is the register axis and the tile is a whole number of vectors.
+        wl = sch.get_loops(wb)
+        wl_inner = [lp for lp in wl if not lp.same_as(fused)][-2:]
+        for lp in wl_inner:
+            e = _int(sch.get(lp).extent)
+            if e is not None and e > 1 and e <= 64:
+                try:
+                    sch.unroll(lp)
+                except Exception:
+                    pass
+
+        done = {sch.get(b).name_hint for b in (anchor, wb, init)}
+        _schedule_rest(sch, done, lanes)
+        return sch
+
+
+class _DlightRule(_Rule):
+    def __init__(self, rule: Any, name: str) -> None:
+        self.rule = rule
+        self.name = name
+
+    def apply(self, func, target, lanes):
+        with target:
+            return self.rule.apply(func, target, False)
+
+
+def default_rules(target: "tvm.target.Target") -> list[_Rule]:
+    from tvm.s_tir import dlight as dl
+
+    return [
+        Injective(),
+        OuterProduct(),
+        WindowReduction(),
+        _DlightRule(dl.cpu.GEMV(), "dlight-gemv"),
+        _DlightRule(dl.cpu.Reduction(), "dlight-reduction"),
+        _Fallback(),
+    ]
+
+
+class _Fallback(_Rule):
+    """Anything else: parallelise each root block's outermost loops (no vectorisation)."""
+
+    name = "fallback-parallel"
+
+    def apply(self, func, target, lanes):
+        from tvm import s_tir
+
+        sch = s_tir.Schedule(func)
+        for block in sch.get_child_blocks(_root(sch)):
+            stmt = sch.get(block)
+            loops = sch.get_loops(block)
+            if not loops:
+                continue
+            if _is_reduction(stmt):
+                # parallel only over leading spatial loops
+                from tvm.tirx import IterVar
+
+                n_s = 0
+                for iv in stmt.iter_vars:
+                    if iv.iter_type != IterVar.DataPar:
+                        break
+                    n_s += 1
+                n_s = min(n_s, len(loops))
+                if n_s == 0:
+                    continue
+                lead = loops[:n_s]
+                fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+                sch.parallel(fused)
+            else:
+                _schedule_injective_block(sch, block, 1)
+        return sch
+
+
+def schedule_prim_func(
+    func: "tvm.tirx.PrimFunc",
+    target: "tvm.target.Target",
+    rules: Sequence[_Rule] | None = None,
+    name: str = "main",
+) -> tuple["tvm.tirx.PrimFunc | None", str | None, list[str]]:
+    """Schedule one PrimFunc: (scheduled func or None, rule name, failure notes)."""
+    import tvm
+
+    lanes = vector_lanes(target)
+    rules = list(rules) if rules is not None else default_rules(target)
+    notes: list[str] = []
+    for rule in rules:
+        try:
+            sch = rule.apply(func, target, lanes)
+        except Exception as exc:  # a schedule primitive refused: try the next rule
+            msg = str(exc).strip().splitlines()
+            notes.append(f"{rule.name}: {msg[-1] if msg else type(exc).__name__}")
+            continue
+        if sch is None:
+            continue
+        return sch.mod["main"], rule.name, notes
+    return None, None, notes
+
+
+def apply_default_schedules(
+    mod: "tvm.IRModule",
+    target: "tvm.target.Target",
+    stats: ScheduleStats | None = None,
+) -> "tvm.IRModule":
+    """Schedule every unscheduled PrimFunc of `mod` for a CPU `target` (see module docstring).
+
+    Functions already marked `tirx.is_scheduled` (e.g. from a tuning database) are left alone.
+    Returns a new IRModule; `stats`, when given, records which rule scheduled which function.
+    """
+    import tvm
+    from tvm import tirx
+
+    if not isinstance(target, tvm.target.Target):
+        target = tvm.target.Target(target)
+    updates = {}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        if func.attrs is not None and int(func.attrs.get("tirx.is_scheduled", 0)) == 1:
+            continue
+        new, rule, notes = schedule_prim_func(func, target)
+        if stats is not None:
+            if notes:
+                stats.failures[gv.name_hint] = notes
+            stats.by_func[gv.name_hint] = rule or "none"
+        if new is not None:
+            updates[gv] = new.with_attr("tirx.is_scheduled", True)
+    if not updates:
+        return mod
+    mod = mod.shallow_copy() if hasattr(mod, "shallow_copy") else tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    for gv, func in updates.items():
+        mod[gv] = func
+    return mod

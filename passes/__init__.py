@@ -9,3 +9,4 @@ if __name__ != "graphopt.passes":  # pragma: no cover - guards against a second 
 from graphopt.passes import cleanup  # noqa: E402,F401  (registers fold-constants, simplify-shapes, remove-noops, cse, dce)
 from graphopt.passes import fusion  # noqa: E402,F401  (registers fuse-conv-bn and its rules conv-bn, conv-add-bias, conv-mul-scale)
 from graphopt.passes import sharing  # noqa: E402,F401  (registers share-weights, cluster-weights)
+from graphopt.passes import quantize  # noqa: E402,F401  (registers quantize: int8 QDQ with calibration, accuracy budget, speed check)

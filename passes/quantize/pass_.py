@@ -1,0 +1,366 @@
+"""The `quantize` pass: calibrate, write int8 QDQ, keep float what is too inaccurate or not faster."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from graphopt.calibration import (
+    METHODS,
+    CalibrationData,
+    TensorStats,
+    collect_ranges,
+    load_calibration,
+    synthetic_calibration,
+)
+from graphopt.errors import UsageError
+from graphopt.ir import Model
+from graphopt.passes.cleanup.infer import infer_types
+from graphopt.passes.quantize import measure
+from graphopt.passes.quantize.qdq import QDQ_OPS, Applied, QuantOptions, Unit, apply, plan_units
+from graphopt.transform import Pass, PassContext, PassResult, register_pass
+
+
+@register_pass
+@dataclass(frozen=True)
+class Quantize(Pass):
+    """int8 quantization (QDQ for onnxruntime): calibrated, within an accuracy budget, float where int8 does not pay.
+
+    Rewrite, static (conv nets): Conv(x, W, b) [→ Relu/Clip(0, M)]  →
+    DQ(Q(x)), DQ(W int8 per-channel), DQ(b int32, scale s_x·s_w) → Conv → Q → DQ, the activation
+    folded into the Q range; likewise Gemm/MatMul, Add/Mul, Concat, pools, and Q/DQ-transparent
+    MaxPool/Reshape/Flatten/Transpose/Resize. Dynamic (transformers, `mode=auto` when the model
+    has Softmax/LayerNormalization): MatMul/Gemm with constant weights → DynamicQuantizeLinear →
+    MatMulInteger → Cast → Mul. See passes/quantize/qdq.py for the exact layout.
+
+    Stays float (each named in the report with its reason): ops already in QDQ form (so a second
+    run changes nothing), non-float32 tensors, non-constant weights, opset < 13, Softmax inputs,
+    tensors whose calibration values hold sentinels (|x| >= 1e9, e.g. an additive attention mask
+    of -3.4e38), excluded units, depthwise/tiny convs where int8 measured slower, and the most
+    sensitive layers when `accuracy-budget` needs them float. With `speed=measure` (default) the
+    whole model is timed on onnxruntime against fp32; if no int8 variant is `min-speedup` faster,
+    the model is left unchanged.
+    """
+
+    name: ClassVar[str] = "quantize"
+    scheme: str = "int8"
+    calibration: str = "minmax"  # minmax | percentile | entropy | mse
+    data: str = ""  # .npz or folder of .npz; empty: ctx.data["calibration"], else synthetic (labelled)
+    batch_size: int = 0  # for a symbolic batch dim (0: 1)
+    max_samples: int = 0  # read at most this many calibration samples (0: all)
+    percentile: float = 99.999
+    mode: str = "auto"  # auto | static | dynamic
+    activations: str = "uint8"  # uint8 (asymmetric) | int8 (symmetric)
+    reduce_range: str = "auto"  # auto (7-bit weights on x86 without VNNI) | true | false
+    per_channel: bool = True
+    accuracy_budget: str = ""  # top1:P | cosine:C | sqnr:DB | rel:E (see measure.Budget)
+    eval_batches: int = 8
+    speed: str = "measure"  # measure | rules | off
+    min_speedup: float = 1.03
+    depthwise: str = "auto"  # auto (measured; float under speed=rules) | int8 | float
+    tiny_macs: int = 200_000  # convs/matmuls with fewer MACs per sample stay float (0: off)
+    threads: int = 0  # onnxruntime intra-op threads for timing and evaluation (0: its default / 2 for timing)
+    exclude: tuple[str, ...] = ()  # unit names (node name or output tensor name) kept float
+    report: str = ""  # also write the report as JSON here
+
+    def __post_init__(self) -> None:
+        if self.scheme != "int8":
+            raise ValueError(f"scheme {self.scheme!r} is not supported (have: int8)")
+        checks = [("calibration", self.calibration, METHODS), ("mode", self.mode, ("auto", "static", "dynamic")),
+                  ("activations", self.activations, ("uint8", "int8")),
+                  ("reduce-range", str(self.reduce_range).lower(), ("auto", "true", "false", "1", "0")),
+                  ("speed", self.speed, ("measure", "rules", "off")), ("depthwise", self.depthwise, ("auto", "int8", "float"))]
+        for key, val, allowed in checks:
+            if val not in allowed:
+                raise ValueError(f"{key}={val!r} is not one of {', '.join(allowed)}")
+        if self.accuracy_budget:
+            measure.Budget.parse(self.accuracy_budget)
+
+    # -------------------------------------------------------------------------------- run
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        base = model.clone()
+        infer_types(base)
+        if any(n.op_type in QDQ_OPS for n in base.graph):
+            ctx.info("quantize: the model is already quantized (has QuantizeLinear/MatMulInteger...); nothing to do")
+            return PassResult(False, {"already-quantized": 1})
+        mode = self._mode(base)
+        vnni = measure.has_vnni()
+        rr = str(self.reduce_range).lower()
+        reduce_range = (vnni is False) if rr == "auto" else rr in ("true", "1")
+        opts = QuantOptions(self.activations, reduce_range, self.per_channel, "dynamic" if mode == "dynamic" else "static",
+                            frozenset(self.exclude), frozenset({"MatMul", "Gemm"}) if mode == "dynamic" else None)
+        data = self._data(base, ctx)
+        rep: dict[str, Any] = {
+            "scheme": "int8", "mode": mode,
+            "calibration": {"source": data.source, "synthetic": data.synthetic, "method": self.calibration},
+            "activations": f"{self.activations} {'asymmetric' if self.activations == 'uint8' else 'symmetric'} per-tensor",
+            "weights": "int8 symmetric " + ("per-channel" if self.per_channel else "per-tensor")
+                       + (", 7-bit range [-64, 64]" if reduce_range else ", full range [-127, 127]")
+                       + (f" (reduce-range=auto: CPU {'has' if vnni else 'has no'} VNNI)" if rr == "auto" and vnni is not None else ""),
+        }
+        if data.synthetic:
+            ctx.info(f"quantize: WARNING calibrating on synthetic data ({data.source}); give data= or --calibration")
+        units = plan_units(base, opts)
+        if not any(u.quantized for u in units):
+            rep["result"] = "nothing to quantize"
+            rep["layers"] = [self._layer(u, None) for u in units]
+            return self._finish(model, None, rep, ctx, {"units-int8": 0, "units-float": len(units)})
+
+        # 1. calibration: ranges of every activation tensor a static unit reads or writes
+        need = []
+        for u in units:
+            if u.quantized and u.mode == "static" and u.kind != "passthrough":
+                need.extend(v.name for v in u.act_values())
+                need.append(u.out.name)
+        stats: dict[str, TensorStats] = {}
+        if need:
+            stats = collect_ranges(base, data, need, method=self.calibration, percentile=self.percentile,
+                                   threads=self.threads)
+        rep["calibration"]["tensors"] = len(stats)
+
+        # 2. decisions by rule: sentinels, tiny layers, depthwise (unless measured)
+        forced: dict[str, str] = {}
+        for u in units:
+            if not u.quantized or u.mode != "static" or u.kind == "passthrough":
+                continue
+            for t in [v.name for v in u.act_values()] + [u.out.name]:
+                st = stats.get(t)
+                if st is not None and st.has_sentinels:
+                    forced[u.name] = (f"tensor {t!r} holds {st.sentinels} sentinel values (|x| >= 1e9 or non-finite, "
+                                      "e.g. an additive attention mask): kept out of int8")
+                    break
+            if u.name in forced:
+                continue
+            if self.tiny_macs and u.kind in ("conv", "gemm", "matmul") and 0 < u.macs < self.tiny_macs:
+                forced[u.name] = f"tiny layer ({u.macs} MACs/sample < tiny-macs={self.tiny_macs}): Q/DQ would cost more than int8 saves"
+            elif "depthwise" in u.tags and (self.depthwise == "float" or (self.depthwise == "auto" and self.speed != "measure")):
+                forced[u.name] = "depthwise conv: memory-bound, onnxruntime's int8 depthwise kernel is not faster than float"
+
+        evals = data.take(max(1, self.eval_batches))
+        ref = measure.run(base, evals, threads=self.threads)
+
+        def build(extra: dict[str, str]) -> tuple[Model, list[Unit], Applied]:
+            m = base.clone()
+            us = plan_units(m, opts)
+            reasons = {**forced, **extra}
+            for u in us:
+                if u.quantized and u.name in reasons:
+                    u.float_reason = reasons[u.name]
+            return m, us, apply(m, us, stats, opts)
+
+        def score(m: Model) -> dict[str, float]:
+            return measure.output_metrics(ref, measure.run(m, evals, threads=self.threads))
+
+        extra: dict[str, str] = {}
+        sensitivity: dict[str, float] = {}
+        # 3. accuracy budget: leave the most sensitive layers float until it holds
+        budget = measure.Budget.parse(self.accuracy_budget) if self.accuracy_budget else None
+        qm, qunits, applied = build(extra)
+        metrics = score(qm)
+        if budget is not None:
+            acc: dict[str, Any] = {"budget": str(budget), "all-int8": metrics, "evaluated-on": f"{len(evals)} batches of the calibration data"}
+            if not budget.holds(metrics):
+                cands = [u for u in qunits if u.quantized and u.kind != "passthrough"]
+                everyone = {u.name: "sensitivity run" for u in cands}
+                for u in cands:  # quantize one layer at a time
+                    m1, _, _ = build({k: v for k, v in everyone.items() if k != u.name})
+                    sensitivity[u.name] = score(m1)["sqnr"]
+                order = sorted(cands, key=lambda u: sensitivity[u.name])
+                k, found = self._search(order, budget, sensitivity, build, score, extra)
+                acc["reverted"] = k
+                if not found:
+                    acc["note"] = "the budget does not hold even with every layer float"
+                qm, qunits, applied = build(extra)
+                metrics = score(qm)
+            acc["final"] = metrics
+            acc["holds"] = budget.holds(metrics)
+            rep["accuracy"] = acc
+
+        # 4. speed: the whole model against fp32; try groups of layers back in float
+        if self.speed == "measure":
+            qm, qunits, applied, keep = self._speed(base, qm, qunits, applied, extra, build, evals[0], rep)
+            if not keep:
+                rep["layers"] = [self._layer(u, stats, sensitivity) for u in qunits]
+                rep["result"] = "kept float: " + rep["speed"]["decision"]
+                ctx.info(f"quantize: {rep['result']}")
+                return self._finish(model, None, rep, ctx, {"units-int8": 0, "units-float": len(qunits), "kept-float-slower": 1})
+            metrics = score(qm)
+        rep["metrics"] = metrics
+        sq = self._layer_sqnr(base, qm, applied, evals[:2])
+        rep["layers"] = [self._layer(u, stats, sensitivity, sq) for u in qunits]
+        nq = sum(1 for u in qunits if u.quantized and u.kind != "passthrough")
+        rep["result"] = f"quantized {nq} of {sum(1 for u in qunits if u.kind != 'passthrough')} layers"
+        st: dict[str, int | float] = {"units-int8": nq, "units-float": sum(1 for u in qunits if not u.quantized and u.kind != "passthrough")}
+        st.update(applied.counts)
+        if applied.bias_clipped:
+            st["bias-clipped"] = applied.bias_clipped
+        st["output-sqnr-db"] = round(metrics["sqnr"], 2) if math.isfinite(metrics["sqnr"]) else 999.0
+        if data.synthetic:
+            st["synthetic-calibration"] = 1
+        return self._finish(model, qm, rep, ctx, st)
+
+    # ----------------------------------------------------------------------------- helpers
+    def _mode(self, model: Model) -> str:
+        if self.mode != "auto":
+            return self.mode
+        ops = {n.op_type for n in model.graph}
+        return "dynamic" if ops & {"Softmax", "LayerNormalization", "Attention"} else "static"
+
+    def _data(self, model: Model, ctx: PassContext) -> CalibrationData:
+        limit = self.max_samples or None
+        bs = self.batch_size or None
+        if self.data:
+            return load_calibration(self.data, model, batch_size=bs, limit=limit)
+        given = ctx.data.get("calibration")
+        if isinstance(given, CalibrationData):
+            return given
+        if isinstance(given, str):
+            return load_calibration(given, model, batch_size=bs, limit=limit)
+        return synthetic_calibration(model, num_batches=8, batch_size=bs)
+
+    def _search(self, order: list[Unit], budget: measure.Budget, sens: dict[str, float], build, score, extra: dict[str, str]) -> tuple[int, bool]:  # type: ignore[no-untyped-def]
+        """Smallest k such that the k most sensitive layers in float meet the budget (doubling, then bisection)."""
+        def revert(k: int) -> dict[str, str]:
+            return {u.name: f"accuracy budget ({budget}): sensitive layer, {sens[u.name]:.1f} dB output SQNR "
+                            f"when it alone is int8 (rank {i + 1})" for i, u in enumerate(order[:k])}
+
+        def ok(k: int) -> bool:
+            m, _, _ = build(revert(k))
+            return budget.holds(score(m))
+
+        lo, hi = 0, 1
+        while hi < len(order) and not ok(hi):
+            lo, hi = hi, min(2 * hi, len(order))
+        if hi >= len(order) and not ok(len(order)):
+            extra.update(revert(len(order)))
+            return len(order), False
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if ok(mid):
+                hi = mid
+            else:
+                lo = mid
+        extra.update(revert(hi))
+        return hi, True
+
+    def _speed(self, base: Model, qm: Model, qunits: list[Unit], applied: Applied, extra: dict[str, str], build, feeds, rep):  # type: ignore[no-untyped-def]
+        cands: list[tuple[str, Model, list[Unit], Applied, dict[str, str]]] = [("all selected layers int8", qm, qunits, applied, dict(extra))]
+        dw = {u.name: "depthwise conv: int8 measured slower than float for the model (speed=measure)"
+              for u in qunits if u.quantized and "depthwise" in u.tags}
+        if dw and self.depthwise == "auto":
+            e = {**extra, **dw}
+            cands.append(("depthwise convs float", *build(e), e))
+        light = {u.name: "element-wise/pool/concat int8 measured slower than float for the model (speed=measure)"
+                 for u in qunits if u.quantized and u.kind in ("binary", "concat", "pool")}
+        if light:
+            e = {**extra, **light, **(dw if dw and self.depthwise == "auto" else {})}
+            cands.append(("only conv/matmul int8" + (", depthwise float" if dw and self.depthwise == "auto" else ""), *build(e), e))
+        times = measure.latency([base] + [c[1] for c in cands], feeds, threads=self.threads)
+        fp32 = times[0]
+        info = [{"candidate": c[0], "ms": round(t * 1e3, 3), "speedup": round(fp32 / t, 3)} for c, t in zip(cands, times[1:])]
+        best = int(np.argmin(times[1:]))
+        speed: dict[str, Any] = {"fp32-ms": round(fp32 * 1e3, 3), "threads": self.threads or 2, "candidates": info,
+                                 "min-speedup": self.min_speedup}
+        rep["speed"] = speed
+        if fp32 / times[1 + best] < self.min_speedup:
+            speed["decision"] = (f"no int8 variant is {self.min_speedup}x faster than fp32 on onnxruntime here "
+                                 f"(best {fp32 / times[1 + best]:.2f}x: {cands[best][0]})")
+            return qm, qunits, applied, False
+        speed["decision"] = f"{cands[best][0]}: {fp32 / times[1 + best]:.2f}x faster than fp32"
+        extra.clear()
+        extra.update(cands[best][4])
+        _, m, us, ap, _ = cands[best]
+        return m, us, ap, True
+
+    def _layer_sqnr(self, base: Model, qm: Model, applied: Applied, batches: list) -> dict[str, float]:  # type: ignore[type-arg]
+        """SQNR (dB) of every quantized tensor in the int8 model against the same tensor in fp32."""
+        pairs = [(k, v) for k, v in applied.dq_of.items()][:400]
+        out: dict[str, float] = {}
+        for i in range(0, len(pairs), 100):
+            chunk = pairs[i : i + 100]
+            try:
+                fs = measure.session(base, threads=self.threads, extra_outputs=[k for k, _ in chunk])
+                qs = measure.session(qm, threads=self.threads, extra_outputs=[v for _, v in chunk])
+            except Exception:
+                return out
+            nf, nq = len(fs.get_outputs()) - len(chunk), len(qs.get_outputs()) - len(chunk)
+            acc: dict[str, list[float]] = {}
+            for b in batches:
+                fo = fs.run(None, dict(b))[nf:]
+                qo = qs.run(None, dict(b))[nq:]
+                for (k, _), f, q in zip(chunk, fo, qo):
+                    r = np.asarray(f, np.float64).ravel()
+                    e = r - np.asarray(q, np.float64).ravel()
+                    a = acc.setdefault(k, [0.0, 0.0])
+                    a[0] += float(r @ r)
+                    a[1] += float(e @ e)
+            for k, (num, den) in acc.items():
+                out[k] = math.inf if den == 0 else (10 * math.log10(num / den) if num > 0 else -math.inf)
+        return out
+
+    @staticmethod
+    def _layer(u: Unit, stats: dict[str, TensorStats] | None, sens: dict[str, float] | None = None,
+               sq: dict[str, float] | None = None) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": u.name, "op": u.op,
+                             "status": ("int8" if u.mode == "static" else "int8-dynamic") if u.quantized else "float"}
+        if not u.quantized:
+            d["reason"] = u.float_reason
+        if u.tags:
+            d["tags"] = sorted(u.tags)
+        if u.macs:
+            d["macs"] = u.macs
+        st = (stats or {}).get(u.out.name)
+        if st is not None:
+            d["range"] = [round(st.lo, 6), round(st.hi, 6)]
+        if sq is not None and u.quantized:
+            v = sq.get(u.out.name, sq.get(u.node.outputs[0].name))
+            if v is not None:
+                d["sqnr_db"] = round(v, 2) if math.isfinite(v) else None
+        if sens and u.name in sens:
+            d["alone_int8_output_sqnr_db"] = round(sens[u.name], 2) if math.isfinite(sens[u.name]) else None
+        return d
+
+    def _finish(self, model: Model, qm: Model | None, rep: dict[str, Any], ctx: PassContext, stats: dict[str, int | float]) -> PassResult:
+        if qm is not None:
+            model.graph = qm.graph
+            model.opset_imports = dict(qm.opset_imports)
+        ctx.data["quantize"] = rep
+        floats = [layer for layer in rep.get("layers", []) if layer["status"] == "float" and layer.get("reason")]
+        ctx.info(f"quantize: {rep.get('result', '')}; calibration {rep['calibration']['source']} ({rep['calibration']['method']})")
+        for layer in floats[:50]:
+            ctx.info(f"quantize: {layer['name']} ({layer['op']}) float: {layer['reason']}")
+        if "speed" in rep:
+            ctx.info(f"quantize: speed: {rep['speed']['decision']}")
+        if "accuracy" in rep:
+            ctx.info(f"quantize: accuracy: budget {rep['accuracy']['budget']}, holds={rep['accuracy']['holds']}")
+        if self.report:
+            from graphopt.onnx_io import atomic_write
+
+            with atomic_write(self.report) as f:
+                f.write(json.dumps(rep, indent=1, default=_json_default).encode())
+        return PassResult(qm is not None, stats)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    return str(o)
+
+
+def quantize(model: Model, calibration: CalibrationData | str | None = None, **options: Any) -> tuple[Model, dict[str, Any]]:
+    """Quantize `model` in place (see Quantize for the options); returns it and the report."""
+    ctx = PassContext()
+    if calibration is not None:
+        ctx.data["calibration"] = calibration
+    try:
+        p = Quantize(**options)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"quantize: {e}") from None
+    p.run(model, ctx)
+    return model, ctx.data["quantize"]

@@ -105,6 +105,8 @@ class Report:
             for r in self.passes:
                 nodes = f"{r.nodes_before}->{r.nodes_after}"
                 lines.append(f"  {r.spec:<{w}}  {r.seconds * 1e3:>9.2f}  {nodes:>13}  {'yes' if r.changed else 'no'}")
+            for r in self.passes:
+                lines.extend(_per_item_table(r))
         ops = sorted(set(self.nodes_before) | set(self.nodes_after))
         if ops:
             w = max(len("op"), *(len(o) for o in ops))
@@ -125,6 +127,29 @@ class Report:
             )
         lines.append(f"time: {self.seconds:.3f} s")
         return "\n".join(lines)
+
+
+def _fmt(v: int | float) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _per_item_table(r: PassRecord) -> list[str]:
+    """A pass's per-item statistics (keys `ITEM/metric`, e.g. cluster-weights' per-tensor bits
+    and error) as a table, after a line with its other statistics; nothing when it has none."""
+    items: dict[str, dict[str, int | float]] = {}
+    for key, v in r.stats.items():
+        item, sep, metric = key.rpartition("/")
+        if sep and item:
+            items.setdefault(item, {})[metric] = v
+    if not items:
+        return []
+    summary = ", ".join(f"{k}={_fmt(v)}" for k, v in r.stats.items() if "/" not in k)
+    cols = list(dict.fromkeys(m for row in items.values() for m in row))
+    w = max(len(r.spec), *(len(i) for i in items))
+    out = [f"  {r.spec}: {summary}", f"  {'':<{w}}  " + "  ".join(f"{c:>12}" for c in cols)]
+    for item, row in items.items():
+        out.append(f"  {item:<{w}}  " + "  ".join(f"{_fmt(row[c]) if c in row else '-':>12}" for c in cols))
+    return out
 
 
 def _finite(x: float) -> float | None:

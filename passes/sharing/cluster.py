@@ -176,7 +176,7 @@ class ClusterWeights(Pass):
     init: str = "linear"
     weighting: str = "none"
     min_size: int = 1024
-    sample: int = 1 << 20
+    sample: int = 1 << 18
     storage: str = "auto"
     seed: int = 0
 

@@ -186,7 +186,7 @@ class ShareWeights(Pass):
         order = {id(g): i for i, g in enumerate(model.graphs())}
         for grp in sorted(groups, key=lambda gr: (order[id(gr[0].graph)], gr[0].value.name)):
             keep, removed = self._merge(grp)
-            merged_count += len(removed)
+            merged_count += len(grp) - 1  # copies gone (a group moved to a new home loses all, gains one)
             saved += sum(m.nbytes for m in removed) - (keep.nbytes if keep.value not in {m.value for m in grp} else 0)
         stats: dict[str, int | float] = {"tensors-merged": merged_count, "bytes-saved": saved, "groups": len(groups)}
         if self.tolerance > 0:

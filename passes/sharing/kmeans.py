@@ -135,7 +135,7 @@ def cluster_rows(
     *,
     weights: np.ndarray | None = None,
     init: str = "linear",
-    sample: int = 1 << 20,
+    sample: int = 1 << 18,
     seed: int = 0,
     max_iter: int = 60,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -150,9 +150,11 @@ def cluster_rows(
         wsub = None if weights is None else weights[:, cols]
     else:
         xsub, wsub = x, weights
-    order = np.argsort(xsub, axis=1, kind="stable")
-    xs = np.take_along_axis(xsub, order, axis=1)
-    ws = None if wsub is None else np.take_along_axis(wsub, order, axis=1)
+    if wsub is None:
+        xs, ws = np.sort(xsub, axis=1), None
+    else:
+        order = np.argsort(xsub, axis=1)
+        xs, ws = np.take_along_axis(xsub, order, axis=1), np.take_along_axis(wsub, order, axis=1)
     c = fit_sorted(xs, k, weights=ws, init=init, max_iter=max_iter)
     # one exact mean update over all values, then the final nearest-centroid assignment (the
     # sample's boundaries are not quite the full data's)

@@ -211,15 +211,15 @@ class ClusterWeights(Pass):
                     f"(model: bits {bits}, opset {opset}, IR {model.ir_version})"
                 )
             return "uint4"
-        if self.storage == "packed" and opset < 13:
-            raise UsageError(f"cluster-weights: storage=packed needs opset >= 13 (model: {opset})")
+        if self.storage == "packed" and opset < 10:
+            raise UsageError(f"cluster-weights: storage=packed needs opset >= 10 (model: {opset})")
         if self.storage != "auto":
             return self.storage
         if bits == 8:
             return "uint8"
         if bits == 4 and uint4_ok:
             return "uint4"
-        return "packed" if opset >= 13 else ("uint4" if uint4_ok and bits < 4 else "uint8")
+        return "packed" if opset >= 10 else ("uint4" if uint4_ok and bits < 4 else "uint8")
 
     def _candidates(self, model: Model) -> list[tuple[Graph, Value]]:
         out = []
@@ -354,7 +354,7 @@ class ClusterWeights(Pass):
             rel = err / ref if ref > 0 else 0.0
             sqnr = 20.0 * math.log10(ref / err) if err > 0 and ref > 0 else float("inf")
         storage = self._storage(model, g, bits)
-        cbk.build_decode(g, w, cb, idx, bits=bits, storage=storage, axis=axis, opset=opset_of(model, g))
+        cbk.build_decode(g, w, cb, idx, bits=bits, storage=storage, axis=axis)
         before = int(t.nbytes)
-        after = cbk.storage_bytes(n, bits, storage) + cb.nbytes + (shape[axis] * (4 if storage != "packed" else 8) if axis is not None else 0)
+        after = cbk.storage_bytes(n, bits, storage) + cb.nbytes + (shape[axis] * 4 if axis is not None else 0)
         return n, before, after, rel, sqnr, axis, storage

@@ -14,9 +14,11 @@ and W is recomputed by a chain of standard ops that onnxruntime constant-folds w
 the session (so inference runs on the float weight as before):
 
     uint8/uint4:  i = Cast(indices, to=INT32)
-    packed:       i = Cast(indices, to=INT64) * [256**0 .. 256**(b-1)]  -> ReduceSum(axis 1)
-                      -> Div by [2**(0*b) .. 2**(7*b)] -> Mod 2**b -> Reshape [-1]
-                      (-> Slice [0:n] when n is not a multiple of 8) -> Reshape S
+    packed:       p = Cast(indices, to=INT32)                      [G, b]
+                  i = (Gather(p, lo, axis=1) + Gather(p, hi, axis=1) * himul) / 2**shift mod 2**b
+                      with lo[j] = j*b//8, shift[j] = j*b%8, hi = min(lo+1, b-1), himul =
+                      256 where lo+1 < b else 0 (index j of a group spans bytes lo, lo+1)
+                      -> Reshape [-1] (-> Slice [0:n] when n is not a multiple of 8) -> Reshape S
     per channel:  i = i + offsets          offsets[c] = c*k, shaped to broadcast along `axis`
     W = Gather(codebook, i, axis=0)        the original value object, so every use (and every
                                            tie between uses) is kept
@@ -123,7 +125,6 @@ def build_decode(
     bits: int,
     storage: str,
     axis: int | None,
-    opset: int,
 ) -> list[Node]:
     """Replace initializer `weight` of `graph` by codebook + indices initializers and a decode
     chain at the head of `graph` whose last node (a Gather) outputs `weight` itself. Returns the
@@ -150,28 +151,32 @@ def build_decode(
         nodes.append(node)
         return o
 
-    i64 = DataType.INT64
+    i32 = DataType.INT32
     if storage == "packed":
-        ints = op("Cast", [idx_v], {"to": int(i64)})
-        ints = op("Mul", [ints, _const(graph, 256 ** np.arange(bits, dtype=np.int64), base + ".bytepos")])
-        if opset >= 13:
-            word = op("ReduceSum", [ints, _const(graph, np.array([1], np.int64), base + ".axis1")], {"keepdims": 1})
-        else:
-            word = op("ReduceSum", [ints], {"axes": [1], "keepdims": 1})
-        q = op("Div", [word, _const(graph, (2 ** (bits * np.arange(8, dtype=np.int64))).reshape(1, 8), base + ".shifts")])
-        ints = op("Mod", [q, _const(graph, np.array(k, np.int64), base + ".k")])
+        # index j of a group sits in bytes lo = j*b//8 and lo+1 at shift j*b%8: two byte Gathers
+        # and int32 arithmetic (no wide words: onnxruntime's int64 ReduceSum rounds above 2**53)
+        j = np.arange(8)
+        lo = (j * bits) // 8
+        hi = np.minimum(lo + 1, bits - 1)
+        hi_mul = np.where(lo + 1 < bits, 256, 0).astype(np.int32)
+        ints = op("Cast", [idx_v], {"to": int(i32)})
+        low = op("Gather", [ints, _const(graph, lo.astype(np.int64), base + ".lo")], {"axis": 1})
+        high = op("Gather", [ints, _const(graph, hi.astype(np.int64), base + ".hi")], {"axis": 1})
+        high = op("Mul", [high, _const(graph, hi_mul, base + ".himul")])
+        both = op("Add", [low, high])
+        q = op("Div", [both, _const(graph, (2 ** ((j * bits) % 8)).astype(np.int32), base + ".shift")])
+        ints = op("Mod", [q, _const(graph, np.array(k, np.int32), base + ".k")])
         ints = op("Reshape", [ints, _const(graph, np.array([-1], np.int64), base + ".flat")])
         if n % 8:
             starts, ends = (_const(graph, np.array([v], np.int64), base + nm) for v, nm in ((0, ".start"), (n, ".n")))
             ints = op("Slice", [ints, starts, ends])
         ints = op("Reshape", [ints, _const(graph, np.array(shape, np.int64), base + ".shape")])
     else:
-        i64 = DataType.INT32
-        ints = op("Cast", [idx_v], {"to": int(i64)})
+        ints = op("Cast", [idx_v], {"to": int(i32)})
     if axis is not None:
         view = [1] * len(shape)
         view[axis] = shape[axis]
-        offsets = (np.arange(shape[axis], dtype=i64.numpy()) * k).reshape(view)
+        offsets = (np.arange(shape[axis], dtype=np.int32) * k).reshape(view)
         ints = op("Add", [ints, _const(graph, offsets, base + ".offsets")])
     graph.remove_initializer(weight.name)
     weight.const_value = None

@@ -28,17 +28,32 @@ def _row_keys(x: np.ndarray, lo: np.ndarray, span: np.ndarray) -> np.ndarray:
     return norm + (4.0 * np.arange(r, dtype=np.float64)[:, None] + 1.0)
 
 
-def init_centroids(xs: np.ndarray, k: int, init: str) -> np.ndarray:
+def init_centroids(xs: np.ndarray, k: int, init: str, weights: np.ndarray | None = None) -> np.ndarray:
     """Initial centroids [R, k] for sorted rows `xs` [R, m]: `linear` spaces them evenly between
     each row's min and max (what Deep Compression found best: it keeps the rare large weights);
-    `density` puts them at the quantiles (i+0.5)/k of the row's values."""
-    m = xs.shape[1]
-    if init == "linear":
+    `density` puts them at the quantiles (i+0.5)/k of the row's values. With weights, values
+    weighing under 1% of the row's mean weight do not stretch the linear range, and the
+    quantiles are those of the weighted distribution (else centroids start where nothing
+    matters and stay there)."""
+    R, m = xs.shape
+    if weights is None:
+        cdf = np.broadcast_to((np.arange(m) + 1.0) / m, (R, m))
         lo, hi = xs[:, :1], xs[:, -1:]
+    else:
+        cdf = np.cumsum(weights, axis=1)
+        cdf = cdf / np.maximum(cdf[:, -1:], np.finfo(np.float64).tiny)
+        heavy = weights >= 0.01 * weights.mean(axis=1, keepdims=True)
+        first = np.argmax(heavy, axis=1)
+        last = m - 1 - np.argmax(heavy[:, ::-1], axis=1)
+        lo = np.take_along_axis(xs, first[:, None], axis=1)
+        hi = np.take_along_axis(xs, last[:, None], axis=1)
+    if init == "linear":
         return lo + (hi - lo) * np.linspace(0.0, 1.0, k)[None, :]
     if init == "density":
-        pos = np.minimum(((np.arange(k) + 0.5) / k * m).astype(np.int64), m - 1)
-        return xs[:, pos].astype(np.float64)
+        q = np.broadcast_to((np.arange(k) + 0.5) / k, (R, k))
+        pos = np.minimum(np.array([np.searchsorted(cdf[r], q[r]) for r in range(R)]) if weights is not None
+                         else (q * m).astype(np.int64), m - 1)
+        return np.take_along_axis(xs, pos, axis=1).astype(np.float64)
     raise ValueError(f"unknown init {init!r} (linear, density)")
 
 
@@ -48,7 +63,7 @@ def fit_sorted(
     *,
     weights: np.ndarray | None = None,
     init: str = "linear",
-    max_iter: int = 60,
+    max_iter: int = 200,
     tol: float = 1e-7,
 ) -> np.ndarray:
     """Weighted Lloyd k-means on rows sorted ascending. xs, weights: [R, m]. Returns sorted
@@ -56,10 +71,12 @@ def fit_sorted(
     centroids stay sorted: a mean of the values between two boundaries lies between them)."""
     xs = np.asarray(xs, dtype=np.float64)
     R, m = xs.shape
-    c = init_centroids(xs, k, init)
+    w = None if weights is None else np.asarray(weights, dtype=np.float64)
+    c = init_centroids(xs, k, init, w)
     if k == 1 or m == 0:
         return c
-    w = np.ones_like(xs) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w is None:
+        w = np.ones_like(xs)
     # prefix sums with a leading 0: the sum over sorted positions [a, b) is P[b] - P[a]
     zero = np.zeros((R, 1))
     cw = np.concatenate([zero, np.cumsum(w, axis=1)], axis=1)
@@ -137,7 +154,7 @@ def cluster_rows(
     init: str = "linear",
     sample: int = 1 << 18,
     seed: int = 0,
-    max_iter: int = 60,
+    max_iter: int = 200,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cluster each row of x [R, n] into at most k values: (codebooks [R, k] float64, indices
     [R, n] uint8, each value's nearest codebook entry). The codebook is fitted on at most

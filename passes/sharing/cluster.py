@@ -269,8 +269,9 @@ class ClusterWeights(Pass):
             if not isinstance(given, dict):
                 raise UsageError(f"cluster-weights: weighting=importance needs ctx.data[{IMPORTANCE_KEY!r}] (weight name -> array)")
             importance = {k: np.asarray(v, dtype=np.float64) for k, v in given.items()}
+        shared = cbk.SharedConstants()
         for g, w, bits in todo:
-            r = self._cluster_one(model, g, w, bits, importance.get(w.name))
+            r = self._cluster_one(model, g, w, bits, importance.get(w.name), shared)
             if r is None:
                 stats["tensors-nonfinite"] += 1
                 continue
@@ -301,7 +302,7 @@ class ClusterWeights(Pass):
         return PassResult(bool(errors), stats)
 
     def _cluster_one(
-        self, model: Model, g: Graph, w: Value, bits: int, importance: np.ndarray | None
+        self, model: Model, g: Graph, w: Value, bits: int, importance: np.ndarray | None, shared: cbk.SharedConstants
     ) -> tuple[int, int, int, float, float, int | None, str] | None:
         t = w.const_value
         assert t is not None
@@ -354,7 +355,7 @@ class ClusterWeights(Pass):
             rel = err / ref if ref > 0 else 0.0
             sqnr = 20.0 * math.log10(ref / err) if err > 0 and ref > 0 else float("inf")
         storage = self._storage(model, g, bits)
-        cbk.build_decode(g, w, cb, idx, bits=bits, storage=storage, axis=axis)
+        cbk.build_decode(g, w, cb, idx, bits=bits, storage=storage, axis=axis, shared=shared)
         before = int(t.nbytes)
         after = cbk.storage_bytes(n, bits, storage) + cb.nbytes + (shape[axis] * 4 if axis is not None else 0)
         return n, before, after, rel, sqnr, axis, storage

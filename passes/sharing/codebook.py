@@ -17,15 +17,17 @@ the session (so inference runs on the float weight as before):
     packed:       p = Cast(indices, to=INT32)                      [G, b]
                   i = (Gather(p, lo, axis=1) + Gather(p, hi, axis=1) * himul) / 2**shift mod 2**b
                       with lo[j] = j*b//8, shift[j] = j*b%8, hi = min(lo+1, b-1), himul =
-                      256 where lo+1 < b else 0 (index j of a group spans bytes lo, lo+1)
+                      256 where lo+1 < b else 0 (index j of a group spans bytes lo, lo+1;
+                      for 2 and 4 bits it never spans two: the second Gather is left out)
                       -> Reshape [-1] (-> Slice [0:n] when n is not a multiple of 8) -> Reshape S
     per channel:  i = i + offsets          offsets[c] = c*k, shaped to broadcast along `axis`
     W = Gather(codebook, i, axis=0)        the original value object, so every use (and every
                                            tie between uses) is kept
 
-Every decode node carries the metadata property `graphopt.decode = "codebook"`; the final Gather
-also carries `graphopt.codebook`, a JSON object {"bits", "storage", "axis", "indices",
-"codebook", "shape"} naming the two initializers. A compiled target can therefore keep the two
+The final Gather carries the metadata property `graphopt.codebook`, a JSON object {"bits",
+"storage", "axis", "indices", "codebook", "shape"} naming the two initializers; the small
+decode constants (byte positions, shifts, 2**b, shapes) are root-graph initializers named
+`codebook.*`, shared by all weights that need the same one. A compiled target can therefore keep the two
 small tensors in its artifact and decode at load time (see `decode_numpy`), and a tool can find
 clustered weights without pattern matching.
 """
@@ -40,7 +42,6 @@ import numpy as np
 
 from graphopt.ir import Attr, AttrType, DataType, Graph, Node, NumpyTensor, Shape, TensorType, Value, unique_name
 
-DECODE_KEY = "graphopt.decode"
 CODEBOOK_KEY = "graphopt.codebook"
 STORAGES = ("uint8", "uint4", "packed")
 
@@ -116,6 +117,23 @@ def _const(graph: Graph, array: np.ndarray | NumpyTensor, base: str) -> Value:
     return v
 
 
+class SharedConstants:
+    """The small decode constants (byte positions, shifts, 2**b, [-1]...) are the same for every
+    weight with the same bits: one initializer of the root graph each (visible in every
+    subgraph), instead of a copy per weight."""
+
+    def __init__(self) -> None:
+        self._made: dict[tuple[int, str, bytes, tuple[int, ...]], Value] = {}
+
+    def get(self, graph: Graph, array: np.ndarray, name: str) -> Value:
+        root = graph.root()
+        key = (id(root), array.dtype.str, array.tobytes(), array.shape)
+        v = self._made.get(key)
+        if v is None or v.graph is not root or root.initializers.get(v.name) is not v:
+            v = self._made[key] = _const(root, array, "codebook." + name)
+        return v
+
+
 def build_decode(
     graph: Graph,
     weight: Value,
@@ -125,11 +143,13 @@ def build_decode(
     bits: int,
     storage: str,
     axis: int | None,
+    shared: SharedConstants | None = None,
 ) -> list[Node]:
     """Replace initializer `weight` of `graph` by codebook + indices initializers and a decode
     chain at the head of `graph` whose last node (a Gather) outputs `weight` itself. Returns the
     decode nodes. `codebook` is [R, k] in the weight's dtype, `idx` [R, n] uint8 (rows along
     `axis` when per channel)."""
+    shared = shared or SharedConstants()
     shape = tuple(weight.const_value.shape)  # type: ignore[union-attr]
     n = math.prod(shape)
     k = 1 << bits
@@ -145,11 +165,12 @@ def build_decode(
     nodes: list[Node] = []
 
     def op(op_type: str, inputs: Sequence[Value], attrs: dict | None = None, out: Value | None = None) -> Value:
-        o = out if out is not None else Value(unique_name(graph, f"{base}.{op_type.lower()}"))
-        node = Node("", op_type, list(inputs), [Attr.infer(a, v) for a, v in (attrs or {}).items()], outputs=[o])
-        node.metadata_props[DECODE_KEY] = "codebook"
-        nodes.append(node)
+        o = out if out is not None else Value(unique_name(graph, f"{base}.d"))
+        nodes.append(Node("", op_type, list(inputs), [Attr.infer(a, v) for a, v in (attrs or {}).items()], outputs=[o]))
         return o
+
+    def c(array: np.ndarray, name: str) -> Value:
+        return shared.get(graph, np.asarray(array), name)
 
     i32 = DataType.INT32
     if storage == "packed":
@@ -160,17 +181,17 @@ def build_decode(
         hi = np.minimum(lo + 1, bits - 1)
         hi_mul = np.where(lo + 1 < bits, 256, 0).astype(np.int32)
         ints = op("Cast", [idx_v], {"to": int(i32)})
-        low = op("Gather", [ints, _const(graph, lo.astype(np.int64), base + ".lo")], {"axis": 1})
-        high = op("Gather", [ints, _const(graph, hi.astype(np.int64), base + ".hi")], {"axis": 1})
-        high = op("Mul", [high, _const(graph, hi_mul, base + ".himul")])
-        both = op("Add", [low, high])
-        q = op("Div", [both, _const(graph, (2 ** ((j * bits) % 8)).astype(np.int32), base + ".shift")])
-        ints = op("Mod", [q, _const(graph, np.array(k, np.int32), base + ".k")])
-        ints = op("Reshape", [ints, _const(graph, np.array([-1], np.int64), base + ".flat")])
+        both = op("Gather", [ints, c(lo.astype(np.int64), f"lo{bits}")], {"axis": 1})
+        if 8 % bits:  # 3, 5, 6, 7 bits: some indices span two bytes
+            high = op("Gather", [ints, c(hi.astype(np.int64), f"hi{bits}")], {"axis": 1})
+            both = op("Add", [both, op("Mul", [high, c(hi_mul, f"himul{bits}")])])
+        q = op("Div", [both, c((2 ** ((j * bits) % 8)).astype(np.int32), f"shift{bits}")])
+        ints = op("Mod", [q, c(np.array(k, np.int32), f"k{bits}")])
+        ints = op("Reshape", [ints, c(np.array([-1], np.int64), "flat")])
         if n % 8:
-            starts, ends = (_const(graph, np.array([v], np.int64), base + nm) for v, nm in ((0, ".start"), (n, ".n")))
+            starts, ends = (c(np.array([v], np.int64), nm) for v, nm in ((0, "zero"), (n, f"n{n}")))
             ints = op("Slice", [ints, starts, ends])
-        ints = op("Reshape", [ints, _const(graph, np.array(shape, np.int64), base + ".shape")])
+        ints = op("Reshape", [ints, c(np.array(shape, np.int64), "shape" + "x".join(map(str, shape)))])
     else:
         ints = op("Cast", [idx_v], {"to": int(i32)})
     if axis is not None:
@@ -181,10 +202,9 @@ def build_decode(
     graph.remove_initializer(weight.name)
     weight.const_value = None
     op("Gather", [cb_v, ints], {"axis": 0}, out=weight)
-    gather = nodes[-1]
-    gather.metadata_props[CODEBOOK_KEY] = json.dumps(
+    nodes[-1].metadata_props[CODEBOOK_KEY] = json.dumps(
         {"bits": bits, "storage": storage, "axis": axis, "indices": idx_v.name, "codebook": cb_v.name, "shape": list(shape)},
-        sort_keys=True,
+        sort_keys=True, separators=(",", ":"),
     )
     head = next(iter(graph), None)
     if head is None:

@@ -1,0 +1,417 @@
+"""Recovery without retraining: least-squares refit of consuming layers, BN re-estimation.
+
+After channels are removed, a layer that read them (Conv with group 1 and 2-D kernels, Gemm,
+MatMul with a constant weight) is refitted so that, on calibration data, its output on the
+*pruned* network's activations matches the *original* network's output (the channel-pruning
+literature: He et al. 2017, ThiNet):
+
+    min_{W', b'} || [X_p, 1] [W'; b'] - Y ||^2 + lam || W' - W_0 ||^2
+
+X_p is read from the pruned model (im2col rows at sampled output positions for a Conv), Y from
+the original model at the same positions, W_0 is the pruned layer's current weight (the ridge
+term pulls towards it, so few samples cannot blow a layer up). Solved in float64 from the
+accumulated normal equations. BatchNormalization nodes downstream of a change get their running
+mean/variance re-estimated on the pruned model's activations.
+
+Layers are processed in waves: a wave holds layers none of which depends on another in the same
+wave, and each wave sees the refits of all earlier ones (errors do not accumulate).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from graphopt.ir import Attr, AttrType, Builder, Model, Node
+from graphopt.pattern import const_array, drop_unused_initializers, model_context
+
+from graphopt.passes.pruning.dependency import Analysis, Consumer
+
+MAX_ROWS = 4096
+RIDGE = 1e-3
+CHUNK = 24  # intermediate tensors per onnxruntime session
+
+
+def _session_runs(model: Model, names: list[str], calib: Iterable[Mapping[str, np.ndarray]]):
+    """Yield (batch index, {name: array}) for every batch, reading `names` in chunks."""
+    from graphopt.calibration import intermediate_outputs
+
+    names = list(dict.fromkeys(names))
+    if not names:
+        return
+    batches = list(calib) if not isinstance(calib, list) else calib
+    for k in range(0, len(names), CHUNK):
+        part = names[k:k + CHUNK]
+        sess = intermediate_outputs(model, part)
+        for bi, feeds in enumerate(batches):
+            outs = sess.run(part, dict(feeds))
+            yield bi, dict(zip(part, outs))
+
+
+def channel_rms(an: Analysis, calib: Any) -> dict[str, np.ndarray]:
+    """sqrt(E[x^2]) per channel of every consumer's input, over the calibration data."""
+    axes: dict[str, int] = {}
+    for c in an.consumers:
+        if not c.grouped:
+            axes[c.x.name] = 1 if c.kind in ("conv", "convT", "gemm") else -1
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    batches = list(calib)
+    for _, outs in _session_runs(an.model, list(axes), batches):
+        for name, x in outs.items():
+            x = np.moveaxis(np.asarray(x, dtype=np.float64), axes[name], 0)
+            x = x.reshape(x.shape[0], -1)
+            sums[name] = sums.get(name, 0) + (x * x).sum(axis=1)
+            counts[name] = counts.get(name, 0) + x.shape[1]
+    return {k: np.sqrt(v / max(1, counts[k])) for k, v in sums.items()}
+
+
+# --- tasks ----------------------------------------------------------------------------------------
+@dataclass
+class _Refit:
+    c: Consumer
+    out_mask: np.ndarray | None
+    y_name: str
+    rows: list[Any] = field(default_factory=list)  # per batch: (index arrays, Y rows)
+    G: np.ndarray | None = None
+    B: np.ndarray | None = None
+    yy: float = 0.0
+    bias_add: Node | None = None  # MatMul: the Add that holds its bias
+
+    @property
+    def node(self) -> Node:
+        return self.c.node
+
+
+@dataclass
+class _BN:
+    node: Node
+    s1: Any = 0
+    s2: Any = 0
+    n: int = 0
+
+
+def _conv_geometry(node: Node, x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> tuple[list[int], list[int], list[int]] | None:
+    k = list(w_shape[2:])
+    if len(k) != 2:
+        return None
+    strides = list(node.attr("strides", [1, 1]))
+    dil = list(node.attr("dilations", [1, 1]))
+    auto = node.attr("auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("NOTSET", None, ""):
+        pads = list(node.attr("pads", [0, 0, 0, 0]))
+    elif auto == "VALID":
+        pads = [0, 0, 0, 0]
+    else:
+        pads = [0, 0, 0, 0]
+        for i in range(2):
+            size = x_shape[2 + i]
+            out = -(-size // strides[i])
+            total = max(0, (out - 1) * strides[i] + (k[i] - 1) * dil[i] + 1 - size)
+            lo = total // 2 if auto == "SAME_UPPER" else total - total // 2
+            pads[i], pads[i + 2] = lo, total - lo
+    return strides, dil, pads
+
+
+def _refit_tasks(an: Analysis, pruned: np.ndarray) -> list[_Refit]:
+    out_masks = {id(p.node): an.keep_mask(p.ids, pruned) for p in an.producers}
+    tasks = []
+    with model_context(an.model):
+        for c in an.consumers:
+            if c.grouped or c.kind == "convT":
+                continue
+            if an.keep_mask(c.ids, pruned).all():
+                continue
+            node = c.node
+            w = const_array(node.inputs[c.w_index])
+            if w is None:
+                continue
+            if c.kind == "conv" and (w.ndim != 4 or int(node.attr("group", 1)) != 1):
+                continue
+            if c.kind == "gemm" and int(node.attr("transA", 0)):
+                continue
+            t = _Refit(c, out_masks.get(id(node)), node.outputs[0].name)
+            if c.kind == "matmul":
+                users = node.outputs[0].uses()
+                if len(users) == 1 and users[0][0].op_type == "Add":
+                    add = users[0][0]
+                    other = add.inputs[1 - users[0][1]]
+                    b = const_array(other)
+                    if b is not None and b.ndim == 1 and b.shape[0] == w.shape[1]:
+                        t.bias_add = add
+            tasks.append(t)
+    return tasks
+
+
+def _waves(model: Model, task_nodes: list[Node]) -> list[list[int]]:
+    """Split tasks (in topological order) into waves of mutually independent ones."""
+    order = {n: i for i, n in enumerate(model.graph)}
+    idx = sorted(range(len(task_nodes)), key=lambda i: order[task_nodes[i]])
+    is_task = {task_nodes[i]: i for i in range(len(task_nodes))}
+    upstream: dict[Node, frozenset[int]] = {}
+    for n in model.graph:
+        acc: set[int] = set()
+        for v in n.inputs:
+            p = v.producer() if v is not None else None
+            if p is not None and p in upstream:
+                acc |= upstream[p]
+                if p in is_task:
+                    acc.add(is_task[p])
+        upstream[n] = frozenset(acc)
+    waves: list[list[int]] = []
+    cur: list[int] = []
+    for i in idx:
+        if any(j in upstream[task_nodes[i]] for j in cur):
+            waves.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        waves.append(cur)
+    return waves
+
+
+def _rows_conv(x: np.ndarray, node: Node, wshape: tuple[int, ...], sel: tuple[np.ndarray, ...]) -> np.ndarray:
+    geo = _conv_geometry(node, x.shape, wshape)
+    assert geo is not None
+    strides, dil, pads = geo
+    kh, kw = wshape[2], wshape[3]
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    img, i, j = sel
+    ii = (i * strides[0])[:, None] + (np.arange(kh) * dil[0])[None, :]
+    jj = (j * strides[1])[:, None] + (np.arange(kw) * dil[1])[None, :]
+    c = np.arange(x.shape[1])
+    patch = xp[img[:, None, None, None], c[None, :, None, None], ii[:, None, :, None], jj[:, None, None, :]]
+    return patch.reshape(len(img), -1)
+
+
+def _targets(original: Model, tasks: list[_Refit], batches: list[Mapping[str, np.ndarray]], seed: int) -> None:
+    """Sample target rows Y of every refit task from the original model."""
+    per_batch = max(1, math.ceil(MAX_ROWS / max(1, len(batches))))
+    for bi, outs in _session_runs(original, [t.y_name for t in tasks], batches):
+        for ti, t in enumerate(tasks):
+            y = outs.get(t.y_name)
+            if y is None:
+                continue
+            rng = np.random.default_rng([seed, ti, bi])
+            if t.c.kind == "conv":
+                n, m, ho, wo = y.shape
+                total = n * ho * wo
+                pick = rng.choice(total, size=min(total, per_batch), replace=False)
+                img, rem = np.divmod(pick, ho * wo)
+                i, j = np.divmod(rem, wo)
+                rows = y[img, :, i, j]
+                sel: Any = (img, i, j)
+            else:
+                flat = y.reshape(-1, y.shape[-1])
+                pick = rng.choice(len(flat), size=min(len(flat), per_batch), replace=False)
+                rows, sel = flat[pick], pick
+            if t.out_mask is not None:
+                rows = rows[:, t.out_mask]
+            t.rows.append((bi, sel, rows.astype(np.float64)))
+
+
+def _x_rows(t: _Refit, x: np.ndarray, sel: Any, wshape: tuple[int, ...]) -> np.ndarray:
+    if t.c.kind == "conv":
+        return _rows_conv(x, t.node, wshape, sel).astype(np.float64)
+    return x.reshape(-1, x.shape[-1])[sel].astype(np.float64)
+
+
+def _theta0(t: _Refit, w: np.ndarray, model: Model) -> tuple[np.ndarray, np.ndarray | None]:
+    """Current weight as (in features, out features), and the current bias (or None)."""
+    node, kind = t.node, t.c.kind
+    with model_context(model):
+        if kind == "conv":
+            b = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+            return w.reshape(w.shape[0], -1).T.astype(np.float64), None if b is None else b.astype(np.float64)
+        if kind == "gemm":
+            wt = w.T if int(node.attr("transB", 0)) else w
+            alpha = float(node.attr("alpha", 1.0))
+            beta = float(node.attr("beta", 1.0))
+            c = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+            b = None
+            if c is not None and c.size == wt.shape[1]:
+                b = beta * c.reshape(-1).astype(np.float64)
+            elif c is None:
+                b = np.zeros(wt.shape[1])
+            return alpha * wt.astype(np.float64), b
+        b = None
+        if t.bias_add is not None:
+            b = np.zeros(w.shape[1])
+        return w.astype(np.float64), b
+
+
+def _write(t: _Refit, model: Model, theta: np.ndarray, bias: np.ndarray | None) -> None:
+    node, kind = t.node, t.c.kind
+    b = Builder(model.graph)
+    w_old = node.inputs[t.c.w_index]
+    w_arr = const_array(w_old)
+    dtype = w_arr.dtype  # type: ignore[union-attr]
+    replaced = [w_old]
+    if kind == "conv":
+        w_new = theta.T.reshape(w_arr.shape).astype(dtype)  # type: ignore[union-attr]
+        node.replace_input_with(1, b.initializer(w_new, (w_old.name or "w") + "_refit"))  # type: ignore[union-attr]
+        if bias is not None:
+            if len(node.inputs) > 2 and node.inputs[2] is not None:
+                replaced.append(node.inputs[2])
+                node.replace_input_with(2, b.initializer(bias.astype(dtype), (node.inputs[2].name or "b") + "_refit"))
+            else:
+                node.set_inputs(list(node.inputs[:2]) + [b.initializer(bias.astype(dtype), "conv_bias_refit")])
+    elif kind == "gemm":
+        alpha = float(node.attr("alpha", 1.0))
+        wt = theta / alpha
+        w_new = (wt.T if int(node.attr("transB", 0)) else wt).astype(dtype)
+        node.replace_input_with(1, b.initializer(w_new, (w_old.name or "w") + "_refit"))  # type: ignore[union-attr]
+        if bias is not None:
+            c_old = node.inputs[2] if len(node.inputs) > 2 else None
+            if c_old is not None:
+                beta = float(node.attr("beta", 1.0))
+                shape = const_array(c_old).shape  # type: ignore[union-attr]
+                replaced.append(c_old)
+                node.replace_input_with(2, b.initializer((bias / beta).reshape(shape).astype(dtype), (c_old.name or "c") + "_refit"))
+            else:
+                node.set_inputs(list(node.inputs[:2]) + [b.initializer(bias.astype(dtype), "gemm_bias_refit")])
+                node.set_attr(Attr("beta", AttrType.FLOAT, 1.0))
+    else:
+        node.replace_input_with(1, b.initializer(theta.astype(dtype), (w_old.name or "w") + "_refit"))  # type: ignore[union-attr]
+        if bias is not None and t.bias_add is not None:
+            add = t.bias_add
+            k = 0 if add.inputs[0] is not node.outputs[0] else 1
+            old = add.inputs[k]
+            b_old = const_array(old)
+            replaced.append(old)
+            add.replace_input_with(k, b.initializer((b_old.astype(np.float64) + bias).astype(b_old.dtype), (old.name or "b") + "_refit"))  # type: ignore[union-attr]
+    drop_unused_initializers([v for v in replaced if v is not None])
+
+
+def recover(
+    original: Model,
+    model: Model,
+    an: Analysis,
+    pruned: np.ndarray,
+    calib: Any,
+    *,
+    refit: bool = True,
+    bn: bool = True,
+    seed: int = 0,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict[str, int | float]:
+    """Refit consumers / re-estimate BatchNorm statistics of the pruned `model` in place."""
+    t0 = time.perf_counter()
+    batches = list(calib)
+    tasks = _refit_tasks(an, pruned) if refit else []
+    bn_tasks: list[_BN] = []
+    if bn:
+        changed = {t.node for t in tasks} | {p.node for p in an.producers if not an.keep_mask(p.ids, pruned).all()}
+        changed |= {c.node for c in an.consumers if not an.keep_mask(c.ids, pruned).all()}
+        down = _downstream(model, changed)
+        bn_tasks = [_BN(n) for n, _ in an.bns if n in down]
+    if tasks:
+        _targets(original, tasks, batches, seed)
+    nodes: list[Node] = [t.node for t in tasks] + [b.node for b in bn_tasks]
+    all_tasks: list[Any] = list(tasks) + list(bn_tasks)
+    waves = _waves(model, nodes) if nodes else []
+    errs0, errs1 = [], []
+    for wave in waves:
+        wt = [all_tasks[i] for i in wave]
+        names = [t.c.x.name if isinstance(t, _Refit) else t.node.inputs[0].name for t in wt]
+        with model_context(model):
+            wshapes = {id(t): const_array(t.node.inputs[t.c.w_index]).shape for t in wt if isinstance(t, _Refit)}  # type: ignore[union-attr]
+        for bi, outs in _session_runs(model, names, batches):
+            for t in wt:
+                if isinstance(t, _BN):
+                    x = np.moveaxis(np.asarray(outs[t.node.inputs[0].name], np.float64), 1, 0)
+                    x = x.reshape(x.shape[0], -1)
+                    t.s1, t.s2, t.n = t.s1 + x.sum(1), t.s2 + (x * x).sum(1), t.n + x.shape[1]
+                    continue
+                x = np.asarray(outs[t.c.x.name])
+                for b_i, sel, y in t.rows:
+                    if b_i != bi:
+                        continue
+                    X = _x_rows(t, x, sel, wshapes[id(t)])
+                    Xa = np.concatenate([X, np.ones((len(X), 1))], axis=1)
+                    t.G = Xa.T @ Xa if t.G is None else t.G + Xa.T @ Xa
+                    t.B = Xa.T @ y if t.B is None else t.B + Xa.T @ y
+                    t.yy += float((y * y).sum())
+        for t in wt:
+            if isinstance(t, _BN):
+                _write_bn(model, t)
+                continue
+            if t.G is None:
+                continue
+            with model_context(model):
+                w = const_array(t.node.inputs[t.c.w_index])
+            theta0, b0 = _theta0(t, w, model)  # type: ignore[arg-type]
+            e0, e1, theta, bias = _solve(t, theta0, b0)
+            errs0.append(e0)
+            errs1.append(e1)
+            with model_context(model):
+                _write(t, model, theta, bias)
+            t.G = t.B = None
+            t.rows = []
+    stats: dict[str, int | float] = {
+        "layers-refit": len(errs1),
+        "bn-reestimated": len(bn_tasks),
+        "recovery-seconds": round(time.perf_counter() - t0, 3),
+    }
+    if errs0:
+        stats["refit-rel-error-before"] = round(float(np.mean(errs0)), 5)
+        stats["refit-rel-error-after"] = round(float(np.mean(errs1)), 5)
+    log(f"prune: recovery refit {len(errs1)} layers, re-estimated {len(bn_tasks)} BatchNorms in {len(waves)} waves")
+    return stats
+
+
+def _solve(t: _Refit, theta0: np.ndarray, b0: np.ndarray | None) -> tuple[float, float, np.ndarray, np.ndarray | None]:
+    """Ridge towards the current weights; returns (rel. error before, after, theta, bias)."""
+    G, B = t.G, t.B
+    assert G is not None and B is not None
+    d = theta0.shape[0]
+    with_bias = b0 is not None
+    full0 = np.concatenate([theta0, (b0 if with_bias else np.zeros(theta0.shape[1]))[None, :]], axis=0)
+    if not with_bias:  # no intercept: drop the ones column
+        G, B, full0 = G[:d, :d], B[:d], full0[:d]
+    lam = RIDGE * float(np.trace(G)) / len(G) + 1e-12
+    A = G + lam * np.eye(len(G))
+    theta = np.linalg.solve(A, B + lam * full0)
+
+    def rel_err(th: np.ndarray) -> float:
+        # ||X th - Y||^2 / ||Y||^2 from the normal equations: (th'G th - 2 th'B + Y'Y) / Y'Y
+        yy = max(t.yy, 1e-30)
+        return max(0.0, float(np.sum(th * (G @ th)) - 2 * np.sum(th * B) + yy) / yy)
+
+    rel0, rel1 = rel_err(full0), rel_err(theta)
+    if rel1 > rel0:  # never make a layer worse on the data it was fitted on
+        theta, rel1 = full0, rel0
+    if with_bias:
+        return rel0, rel1, theta[:d], theta[d]
+    return rel0, rel1, theta, None
+
+
+def _write_bn(model: Model, t: _BN) -> None:
+    if not t.n:
+        return
+    mean = t.s1 / t.n
+    var = np.maximum(t.s2 / t.n - mean * mean, 0.0)
+    node = t.node
+    b = Builder(model.graph)
+    replaced = []
+    with model_context(model):
+        for k, arr in ((3, mean), (4, var)):
+            old = node.inputs[k]
+            dtype = const_array(old).dtype  # type: ignore[union-attr]
+            replaced.append(old)
+            node.replace_input_with(k, b.initializer(arr.astype(dtype), (old.name or "bn") + "_reest"))  # type: ignore[union-attr]
+    drop_unused_initializers([v for v in replaced if v is not None])
+
+
+def _downstream(model: Model, start: set[Node]) -> set[Node]:
+    seen: set[Node] = set()
+    for n in model.graph:
+        if n in start or any(v is not None and v.producer() in seen for v in n.inputs):
+            seen.add(n)
+    return seen

@@ -26,6 +26,11 @@ from graphopt.errors import UsageError
 from graphopt.target import Artifact, ArtifactError, sha256_file
 
 
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    """C-contiguous, keeping 0-d arrays 0-d (np.ascontiguousarray makes them 1-d)."""
+    return np.require(a, requirements="C")
+
+
 def _configure_threads(threads: int) -> None:
     # before TVM creates its pool the environment decides; afterwards only config_threadpool
     # with an explicit CPU list changes the count (without the list it keeps the old count)
@@ -78,7 +83,7 @@ class Runner:
         self.vm = relax.VirtualMachine(lib, self.device)
         self._main = self.vm[rt.get("entry", "main")]
         with np.load(paths["params"], allow_pickle=False) as data:
-            self._params = [tvm.runtime.tensor(np.ascontiguousarray(data[name]), self.device) for name in rt.get("params", [])]
+            self._params = [tvm.runtime.tensor(_contiguous(data[name]), self.device) for name in rt.get("params", [])]
         self.inputs = m["inputs"]
         self.outputs = m["outputs"]
 
@@ -115,7 +120,7 @@ class Runner:
                 if len(shape) != a.ndim or any(isinstance(d, int) and d != s for d, s in zip(shape, a.shape)):
                     shown = "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
                     raise UsageError(f"input {spec['name']!r}: shape {list(a.shape)} given, the model takes {shown}")
-            out.append(self._tvm.runtime.tensor(np.ascontiguousarray(a), self.device))
+            out.append(self._tvm.runtime.tensor(_contiguous(a), self.device))
         return out
 
     def run(self, inputs: Mapping[str, Any] | Sequence[Any]) -> list[np.ndarray]:

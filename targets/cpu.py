@@ -74,11 +74,8 @@ class CpuTarget(Target):
         threads = int(options.threads or B.default_threads())
         target = B.host_target(threads=threads)
 
-        lowered = L.lower(model)
-        times["lower"] = time.perf_counter() - t0
-        t = time.perf_counter()
-        mod = L.legalize_and_fuse(lowered.mod, target)
-        times["legalize-fuse"] = time.perf_counter() - t
+        lowered, mod = L.lower_and_fuse(model, target)
+        times["lower-fuse"] = time.perf_counter() - t0
         t = time.perf_counter()
         mod, sched = B.schedule(mod, target, tune_trials=options.tune, tune_minutes=options.tune_minutes,
                                 tuning_db=options.tuning_db, progress=options.progress)
@@ -100,9 +97,10 @@ class CpuTarget(Target):
             import graphopt
 
             kernels = {
-                "groups": len(lowered.groups) + len(lowered.inline_groups),
+                "groups": len(lowered.groups) + len(lowered.inline_groups) + len(lowered.symbolic_groups),
                 "primitive": len(lowered.groups),
                 "inline": lowered.inline_groups,
+                "symbolic": len(lowered.symbolic_groups),
                 "primfuncs": sum(1 for gv in mod.get_global_vars() if isinstance(mod[gv], tvm.tirx.PrimFunc)),
             }
             manifest = {

@@ -53,6 +53,11 @@ INLINE_INT_ELEMS = 4096
 INLINE_ANY_ELEMS = 16
 
 
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    """C-contiguous, keeping 0-d arrays 0-d (np.ascontiguousarray makes them 1-d)."""
+    return np.require(a, requirements="C")
+
+
 class LoweringError(GraphoptError):
     """The model uses something the TVM lowering cannot express."""
 
@@ -65,6 +70,7 @@ class LoweredModule:
     params: dict[str, np.ndarray]  # main's parameters after the inputs, in order
     groups: list[str] = field(default_factory=list)  # group functions emitted as primitives
     inline_groups: dict[str, str] = field(default_factory=dict)  # group → why it was inlined
+    symbolic_groups: list[str] = field(default_factory=list)  # shape arithmetic, no kernel
 
 
 # --- attributes -----------------------------------------------------------------------------------
@@ -111,6 +117,226 @@ def converter(*ops: str) -> Callable[[Converter], Converter]:
         return fn
 
     return deco
+
+
+def _const_value(e: Any) -> np.ndarray | None:
+    return e.value.numpy() if isinstance(e, tvm.ir.GenericConst) else None
+
+
+@converter("Clip")
+def _clip(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Clip with constant bounds → one elementwise min/max (the frontend's NaN handling of the
+    bounds emits TE kernels that FuseTIR cannot merge into a group)."""
+    x = ins[0]
+    if opset < 11:
+        lo, hi = node.attr("min"), node.attr("max")
+        bounds = [lo, hi]
+    else:
+        bounds = []
+        for e in (ins[1] if len(ins) > 1 else None, ins[2] if len(ins) > 2 else None):
+            if e is None:
+                bounds.append(None)
+                continue
+            v = _const_value(e)
+            if v is None:
+                return NotImplemented
+            if v.size != 1:
+                return NotImplemented
+            f = float(v.reshape(()))
+            bounds.append(None if np.isnan(f) else f)
+    dtype = str(x.ty.dtype)
+    out = x
+    if bounds[0] is not None:
+        out = bb.emit(relax.op.maximum(out, relax.const(np.array(bounds[0]).astype(dtype), dtype)))
+    if bounds[1] is not None:
+        out = bb.emit(relax.op.minimum(out, relax.const(np.array(bounds[1]).astype(dtype), dtype)))
+    return out
+
+
+# --- shape arithmetic, evaluated while lowering ----------------------------------------------------
+
+
+@dataclass
+class Sym:
+    """An integer tensor of rank 0 or 1 whose elements are known expressions of the symbolic
+    dims (Shape → Gather → Unsqueeze → Concat chains): evaluated here instead of computed at run
+    time, so Reshape/Expand/... get a static or symbolic shape and stay kernels."""
+
+    vals: list[Any]  # ints or tirx PrimExprs (int64)
+    scalar: bool = False
+    dtype: str = "int64"
+
+    def static(self) -> np.ndarray | None:
+        out = []
+        for v in self.vals:
+            if isinstance(v, (bool, np.bool_)):
+                out.append(bool(v))
+            elif isinstance(v, (int, np.integer)):
+                out.append(int(v))
+            elif isinstance(v, tvm.tirx.IntImm):
+                out.append(int(v.value))
+            else:
+                return None
+        arr = np.asarray(out, dtype=bool if self.dtype == "bool" else self.dtype)
+        return arr.reshape(()) if self.scalar else arr
+
+
+_SHAPE_CONSUMERS = {"Reshape", "Expand", "ConstantOfShape"}
+
+
+def _as_sym(e: Any) -> Sym | None:
+    if isinstance(e, Sym):
+        return e
+    v = _const_value(e)
+    if v is not None and v.dtype.kind in "iu" and v.ndim <= 1 and v.size <= 64:
+        return Sym([int(x) for x in v.reshape(-1)], scalar=v.ndim == 0, dtype=str(v.dtype))
+    return None
+
+
+def _sym_eval(node: Node, ins: list[Any]) -> list[Sym] | None:
+    """Outputs of `node` as Syms when its inputs allow (at least one a Sym); None otherwise."""
+    op = node.op_type
+    if op == "Shape":
+        x = ins[0]
+        ty = getattr(x, "ty", None)
+        if not isinstance(ty, relax.TensorType) or ty.shape is None or not isinstance(ty.shape, relax.ShapeExpr):
+            return None
+        dims = list(ty.shape.values)
+        start, end = node.attr("start", 0), node.attr("end", None)
+        return [Sym(dims[start:end])]
+    if not any(isinstance(e, Sym) for e in ins):
+        return None
+    syms = [_as_sym(e) if e is not None else None for e in ins]
+    if any(e is not None and s is None for e, s in zip(ins, syms)):
+        return None
+    a = syms[0]
+    assert a is not None
+    if op in ("Identity",):
+        return [a]
+    if op == "Cast":
+        to = onnx.helper.tensor_dtype_to_np_dtype(node.attr("to"))
+        if to.kind not in "iu":
+            return None
+        return [Sym(a.vals, a.scalar, str(to))]
+    if op == "Gather":
+        idx = syms[1]
+        if idx is None or idx.static() is None or a.scalar or node.attr("axis", 0) != 0:
+            return None
+        n = len(a.vals)
+        picked = [a.vals[int(i) + n if int(i) < 0 else int(i)] for i in idx.vals]
+        return [Sym(picked, idx.scalar, a.dtype)]
+    if op == "Unsqueeze":
+        if not a.scalar:
+            return None
+        return [Sym(a.vals, False, a.dtype)]
+    if op == "Squeeze":
+        if a.scalar or len(a.vals) != 1:
+            return None
+        return [Sym(a.vals, True, a.dtype)]
+    if op == "Concat":
+        if any(s is None or s.scalar for s in syms):
+            return None
+        return [Sym([v for s in syms for v in s.vals], False, a.dtype)]  # type: ignore[union-attr]
+    if op == "Reshape":
+        if a.scalar:
+            return None
+        shape = syms[1].static() if syms[1] is not None else None
+        if shape is None or shape.size > 1:
+            return None
+        return [Sym(a.vals, shape.size == 0, a.dtype)]
+    if op == "Slice" and not a.scalar:
+        rest = [s.static() if s is not None else None for s in syms[1:]]
+        if any(r is None for r in rest[:2]):
+            return None
+        if len(rest) > 2 and rest[2] is not None and list(rest[2]) not in ([0], [-1]):
+            return None
+        step = int(rest[3][0]) if len(rest) > 3 and rest[3] is not None else 1
+        return [Sym(a.vals[slice(int(rest[0][0]), int(rest[1][0]), step)], False, a.dtype)]
+    if op == "Equal" and len(syms) == 2 and syms[1] is not None:
+        b = syms[1]
+        la, lb = len(a.vals), len(b.vals)
+        if la != lb and la != 1 and lb != 1:
+            return None
+        n = max(la, lb)
+        pairs = zip(a.vals * n if la == 1 else a.vals, b.vals * n if lb == 1 else b.vals)
+        res = [_decide_equal(_prim(x), _prim(y)) for x, y in pairs]
+        if any(r is None for r in res):
+            return None
+        return [Sym(res, a.scalar and b.scalar, "bool")]
+    if op == "Where" and len(syms) == 3 and all(x is not None for x in syms):
+        c, x, y = syms
+        cond = c.static()
+        if cond is None:
+            return None
+        n = max(len(c.vals), len(x.vals), len(y.vals))
+        cv = list(cond.reshape(-1)) * (n if cond.size == 1 else 1)
+        xv = x.vals * n if len(x.vals) == 1 else x.vals
+        yv = y.vals * n if len(y.vals) == 1 else y.vals
+        if not (len(cv) == len(xv) == len(yv) == n):
+            return None
+        return [Sym([xi if ci else yi for ci, xi, yi in zip(cv, xv, yv)], c.scalar and x.scalar and y.scalar, x.dtype)]
+    if op in ("Add", "Sub", "Mul", "Div") and len(syms) == 2 and syms[1] is not None:
+        b = syms[1]
+        la, lb = len(a.vals), len(b.vals)
+        if la != lb and la != 1 and lb != 1:
+            return None
+        n = max(la, lb)
+        av = a.vals * n if la == 1 else a.vals
+        bv = b.vals * n if lb == 1 else b.vals
+        fn = {"Add": lambda x, y: x + y, "Sub": lambda x, y: x - y, "Mul": lambda x, y: x * y,
+              "Div": lambda x, y: x // y if isinstance(x, int) and isinstance(y, int) else tvm.tirx.floordiv(x, y)}[op]
+        vals = [_simplify(fn(_prim(x), _prim(y))) for x, y in zip(av, bv)]
+        return [Sym(vals, a.scalar and b.scalar, a.dtype)]
+    return None
+
+
+_ANALYZER: Any = None
+
+
+def _decide_equal(x: Any, y: Any) -> bool | None:
+    """x == y for ints or dim expressions; None when it cannot be decided at compile time.
+    Dims are never negative, so a dim never equals a negative constant (Reshape's -1)."""
+    if isinstance(x, int) and isinstance(y, int):
+        return x == y
+    if isinstance(x, int) and x < 0 or isinstance(y, int) and y < 0:
+        return False
+    global _ANALYZER
+    if _ANALYZER is None:
+        _ANALYZER = tvm.arith.Analyzer()
+    d = _ANALYZER.simplify(x - y)
+    if isinstance(d, tvm.tirx.IntImm):
+        return int(d.value) == 0
+    return None
+
+
+def _prim(v: Any) -> Any:
+    return int(v) if isinstance(v, (int, np.integer)) else v
+
+
+def _simplify(v: Any) -> Any:
+    global _ANALYZER
+    if isinstance(v, int):
+        return v
+    if _ANALYZER is None:
+        _ANALYZER = tvm.arith.Analyzer()
+    r = _ANALYZER.simplify(v)
+    return int(r.value) if isinstance(r, tvm.tirx.IntImm) else r
+
+
+def _materialise(bb: relax.BlockBuilder, s: Sym, consumer: str) -> Any:
+    """A Sym as what a converter can take: a constant when static, a ShapeExpr for shape
+    consumers, else a runtime tensor."""
+    arr = s.static()
+    if arr is not None:
+        return _const(arr)
+    if consumer in _SHAPE_CONSUMERS and not s.scalar:
+        return relax.ShapeExpr([tvm.tirx.IntImm("int64", v) if isinstance(v, int) else v for v in s.vals])
+    t = bb.emit(relax.op.shape_to_tensor(relax.ShapeExpr([tvm.tirx.IntImm("int64", v) if isinstance(v, int) else v for v in s.vals])))
+    if s.dtype != "int64":
+        t = bb.emit(relax.op.astype(t, s.dtype))
+    if s.scalar:
+        t = bb.emit(relax.op.reshape(t, []))
+    return t
 
 
 def frontend_ops() -> set[str]:
@@ -179,7 +405,7 @@ def _is_inline(arr: np.ndarray) -> bool:
 
 
 def _const(arr: np.ndarray) -> tvm.ir.GenericConst:
-    arr = np.ascontiguousarray(arr)
+    arr = _contiguous(arr)
     if arr.dtype == np.bool_:
         return relax.const(arr, "bool")
     return relax.const(arr)
@@ -292,8 +518,9 @@ def _group_name(k: str) -> str:
 
 
 class _Lowerer:
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: Model, force_inline: dict[str, str] | None = None) -> None:
         self.model = model
+        self.force_inline = dict(force_inline or {})
         self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         self.bb = relax.BlockBuilder()
         self.sym: dict[str, tvm.tirx.Var] = {}
@@ -301,6 +528,7 @@ class _Lowerer:
         self.params: list[tuple[relax.Var, np.ndarray]] = []
         self.groups: list[str] = []
         self.inline: dict[str, str] = {}
+        self.symbolic: list[str] = []  # groups evaluated at compile time (shape arithmetic)
 
     # shapes
     def _shape(self, v: Value) -> list[Any] | None:
@@ -365,6 +593,7 @@ class _Lowerer:
             params={str(p.name): arr for p, arr in self.params},
             groups=self.groups,
             inline_groups=self.inline,
+            symbolic_groups=self.symbolic,
         )
 
     def _constant(self, v: Value, arr: np.ndarray) -> None:
@@ -374,7 +603,7 @@ class _Lowerer:
             self.env[id(v)] = _const(arr)
         else:
             p = relax.Var(f"p{len(self.params)}", relax.TensorType(list(arr.shape), "bool" if arr.dtype == np.bool_ else str(arr.dtype)))
-            self.params.append((p, np.ascontiguousarray(arr)))
+            self.params.append((p, _contiguous(arr)))
             self.env[id(v)] = p
 
     def _constant_node(self, n: Node) -> None:
@@ -407,6 +636,12 @@ class _Lowerer:
                 if e is None:
                     raise LoweringError(f"node {n.label()}: input {v.name!r} is not computed before it")
                 ins.append(e)
+            sym = _sym_eval(n, ins) if n.domain in ("", "ai.onnx") else None
+            if sym is not None:
+                for v, e in zip(n.outputs, sym):
+                    env[id(v)] = e
+                continue
+            ins = [_materialise(bb, e, n.op_type) if isinstance(e, Sym) else e for e in ins]
             try:
                 out = convert_node(bb, n, ins, self.opset)
             except GraphoptError:
@@ -435,12 +670,16 @@ class _Lowerer:
         outs = [v for n in nodes for v in n.outputs if v.is_graph_output() or any(id(u) not in members for u in v.consumers())]
         if not outs:  # nothing outside reads the group
             return
-        why = None
+        if self._try_symbolic(nodes):
+            self.symbolic.append(gname)
+            return
+        why = self.force_inline.get(gname)
         func = None
-        try:
-            func, consts = self._primitive(gname, nodes, ext, outs)
-        except LoweringError as e:
-            why = str(e)
+        if why is None:
+            try:
+                func, consts = self._primitive(gname, nodes, ext, outs)
+            except LoweringError as e:
+                why = str(e)
         if func is not None:
             why = _primitive_refusal(func)
         if why is None and func is not None:
@@ -458,8 +697,23 @@ class _Lowerer:
         self.inline[gname] = why or "not a primitive function"
         self._convert_into(self.bb, nodes, self.env)
 
+    def _try_symbolic(self, nodes: list[Node]) -> bool:
+        """Evaluate a group of shape arithmetic at compile time (no kernel); False if it is not one."""
+        local: dict[int, Any] = {}
+        for n in nodes:
+            if n.domain not in ("", "ai.onnx"):
+                return False
+            ins = [None if v is None else local.get(id(v), self.env.get(id(v))) for v in n.inputs]
+            sym = _sym_eval(n, ins)
+            if sym is None:
+                return False
+            for v, e in zip(n.outputs, sym):
+                local[id(v)] = e
+        self.env.update(local)
+        return True
+
     def _is_inline_const(self, v: Value) -> bool:
-        return isinstance(self.env.get(id(v)), tvm.ir.GenericConst)
+        return isinstance(self.env.get(id(v)), (tvm.ir.GenericConst, Sym))
 
     def _primitive(self, gname: str, nodes: list[Node], ext: list[Value], outs: list[Value]) -> tuple[relax.Function, list[tvm.ir.GenericConst]]:
         gbb = relax.BlockBuilder()
@@ -469,7 +723,7 @@ class _Lowerer:
             e = self.env.get(id(v))
             if e is None:
                 raise LoweringError(f"value {v.name!r} is read before it is computed")
-            if isinstance(e, tvm.ir.GenericConst):
+            if isinstance(e, (tvm.ir.GenericConst, Sym)):
                 env[id(v)] = e  # inlined: converters specialise on it; lifted below if still data
                 continue
             ty = e.ty
@@ -518,9 +772,48 @@ def _rebind_globals(func: relax.Function, sub: tvm.IRModule, bb: relax.BlockBuil
     return _M().visit_expr(func)
 
 
-def lower(model: Model) -> LoweredModule:
-    """Lower `model` (planned with `plan-kernels`; other graphs than the main one are refused)."""
-    return _Lowerer(model).lower()
+def lower(model: Model, force_inline: dict[str, str] | None = None) -> LoweredModule:
+    """Lower `model` (planned with `plan-kernels`). Groups named in `force_inline` are emitted
+    inline into main (with that reason)."""
+    return _Lowerer(model, force_inline).lower()
+
+
+def lower_and_fuse(model: Model, target: tvm.target.Target) -> tuple[LoweredModule, tvm.IRModule]:
+    """`lower` then `legalize_and_fuse`. When FuseTIR refuses the module, each primitive group is
+    tried on its own, the ones it refuses are emitted inline instead, and the model is lowered again."""
+    lowered = lower(model)
+    try:
+        return lowered, legalize_and_fuse(lowered.mod, target)
+    except Exception as first:  # TVMError / InternalError from FuseTIR
+        bad = failing_groups(lowered.mod, target)
+        if not bad:
+            raise LoweringError(f"LegalizeOps/FuseTIR failed: {_last_line(first)}") from None
+    lowered = lower(model, force_inline=bad)
+    return lowered, legalize_and_fuse(lowered.mod, target)
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:300]
+
+
+def failing_groups(mod: tvm.IRModule, target: tvm.target.Target) -> dict[str, str]:
+    """Primitive group functions that LegalizeOps/FuseTIR cannot turn into one kernel (each
+    tried in a module of its own, called once from a stub main), with the reason."""
+    prims = {gv: mod[gv] for gv in mod.get_global_vars() if isinstance(mod[gv], tvm.tirx.PrimFunc)}
+    bad: dict[str, str] = {}
+    for gv in mod.get_global_vars():
+        f = mod[gv]
+        if not (isinstance(f, relax.Function) and f.attrs is not None and "Primitive" in f.attrs):
+            continue
+        params = [relax.Var(f"x{i}", p.ty) for i, p in enumerate(f.params)]
+        stub = relax.Function(params, relax.Call(gv, params), f.ret_ty)
+        sub = tvm.IRModule({gv: f, tvm.ir.GlobalVar("main"): stub, **prims})
+        try:
+            legalize_and_fuse(sub, target)
+        except Exception as e:
+            bad[gv.name_hint] = f"FuseTIR: {_last_line(e)}"
+    return bad
 
 
 def legalize_and_fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:

@@ -1,0 +1,85 @@
+"""An ONNX backend (`onnx.backend.base.Backend`) that runs models compiled by the cpu target.
+
+`prepare` runs graphopt.compile(model, target="cpu", pipeline=...) (the whole compiled path:
+passes, plan-kernels, lowering to Relax, FuseTIR, default schedules, LLVM, export of the shared
+library, hash-checked load) and the rep runs the artifact. tools/tvm_conformance.py drives it
+over the ONNX backend test suite.
+
+    from graphopt.targets.tvm.backend import CpuBackend
+    rep = CpuBackend.prepare(model_proto)
+    outputs = rep.run([x])
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx.backend.base import Backend, BackendRep
+
+import graphopt
+
+PIPELINE = os.environ.get("GRAPHOPT_CPU_BACKEND_PIPELINE", "-O2")
+
+
+class CpuBackendRep(BackendRep):
+    def __init__(self, artifact: graphopt.Artifact, input_names: list[str]) -> None:
+        self.artifact = artifact
+        self.runner = artifact.runner()
+        self.input_names = input_names
+
+    def run(self, inputs: Any, **kwargs: Any) -> tuple[Any, ...]:
+        if isinstance(inputs, dict):
+            feeds = {k: np.asarray(v) for k, v in inputs.items()}
+        else:
+            arrays = [np.asarray(x) for x in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]
+            feeds = dict(zip(self.input_names, arrays))
+        wanted = set(self.runner.input_names)
+        feeds = {k: v for k, v in feeds.items() if k in wanted}
+        return tuple(self.runner.run(feeds))
+
+
+class CpuBackend(Backend):
+    """graphopt.compile(model, "cpu", -O2) → graphopt.runtime."""
+
+    pipeline: str = PIPELINE
+
+    @classmethod
+    def is_compatible(cls, model: onnx.ModelProto, device: str = "CPU", **kwargs: Any) -> bool:
+        return cls.supports_device(device)
+
+    @classmethod
+    def supports_device(cls, device: str) -> bool:
+        return device == "CPU"
+
+    @classmethod
+    def prepare(cls, model: Any, device: str = "CPU", **kwargs: Any) -> CpuBackendRep:  # type: ignore[override]
+        proto = model if isinstance(model, onnx.ModelProto) else onnx.load(model)
+        inits = {i.name for i in proto.graph.initializer}
+        names = [i.name for i in proto.graph.input if i.name not in inits]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            art = graphopt.compile(proto, "cpu", kwargs.get("pipeline", cls.pipeline), threads=1)
+        return CpuBackendRep(art, names)
+
+    @classmethod
+    def run_model(cls, model: Any, inputs: Any, device: str = "CPU", **kwargs: Any) -> tuple[Any, ...]:  # type: ignore[override]
+        return cls.prepare(model, device, **kwargs).run(inputs)
+
+    @classmethod
+    def run_node(cls, node: onnx.NodeProto, inputs: Any, device: str = "CPU", outputs_info: Any = None, **kwargs: Any) -> tuple[Any, ...]:  # type: ignore[override]
+        from graphopt.backend import GraphoptBackend
+
+        # build the one-node model the same way GraphoptBackend does, then compile it
+        captured: dict[str, Any] = {}
+
+        class _Capture(GraphoptBackend):
+            @classmethod
+            def prepare(cls_inner, model: Any, device: str = "CPU", **kw: Any) -> Any:  # noqa: N805
+                captured["model"] = model
+                return cls.prepare(model, device)
+
+        return _Capture.run_node(node, inputs, device, outputs_info=outputs_info, **kwargs)

@@ -1,0 +1,183 @@
+"""Benchmark the cpu target (TVM) against onnxruntime on the corpus models.
+
+    .venv/bin/python tools/bench_tvm_cpu.py [--models resnet50,mobilenetv2,bert_base_s128]
+        [--threads 2] [--budget 20] [--tune N --tune-minutes M --tuning-db DIR] [--json out.json]
+
+Per model (.cache/corpus/<name>.onnx, made by tools/make_corpus.py; batch 1):
+- compile: wall seconds of graphopt.compile(model, "cpu", "-O2") and its stages (passes are
+  included in the wall figure), kernel groups (and how many were emitted inline), and whether
+  the default schedules were applied;
+- numerics: max abs difference of the artifact's outputs against onnxruntime on the same
+  random inputs;
+- latency: the artifact (TVM VM, --threads threads) and onnxruntime with ORT_ENABLE_ALL and the
+  same intra-op thread count, run round-robin (one call each per round, after warm-up) and
+  compared by their medians; the ratio tvm/ort (< 1: TVM is faster) is from this one run;
+- GFLOP/s of both (FLOPs of Conv/ConvTranspose/MatMul/Gemm from the inferred shapes) against
+  the machine's measured peak: a 2048×2048 float32 numpy matmul, measured in the same run.
+
+The machine may be shared: absolute times are noisy, the ratios from one run are what to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+import graphopt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORPUS = os.path.join(ROOT, ".cache", "corpus")
+DEFAULT_MODELS = ["resnet50", "mobilenetv2", "bert_base_s128"]
+
+
+def model_flops(path: str, dims: dict[str, int]) -> float:
+    """2·MACs of Conv/ConvTranspose/MatMul/Gemm, from onnx shape inference with `dims` fixed."""
+    m = onnx.load(path, load_external_data=False)
+    for i in m.graph.input:
+        for d in i.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_value = dims.get(d.dim_param, 1)
+    m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    shapes: dict[str, list[int]] = {}
+    for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
+        shapes[vi.name] = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+    for t in m.graph.initializer:
+        shapes[t.name] = list(t.dims)
+    flops = 0.0
+    for n in m.graph.node:
+        if n.op_type in ("Conv", "ConvTranspose"):
+            w, y = shapes.get(n.input[1]), shapes.get(n.output[0])
+            if w and y:
+                flops += 2.0 * float(np.prod(y)) * float(np.prod(w[1:])) * (1 if n.op_type == "Conv" else 1)
+        elif n.op_type in ("MatMul", "Gemm"):
+            a, y = shapes.get(n.input[0]), shapes.get(n.output[0])
+            if a and y:
+                k = a[-1] if not (n.op_type == "Gemm" and any(x.name == "transA" and x.i for x in n.attribute)) else a[0]
+                flops += 2.0 * float(np.prod(y)) * k
+    return flops
+
+
+def peak_gflops(threads: int) -> float:
+    """A large float32 numpy matmul (numpy's BLAS, `threads` threads if it honours the env)."""
+    a = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)
+    a @ a
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t)
+    return 2 * 2048**3 / best / 1e9
+
+
+def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
+    path = os.path.join(CORPUS, f"{name}.onnx")
+    if not os.path.exists(path):
+        print(f"{name}: {path} missing (run tools/make_corpus.py)", file=sys.stderr)
+        return {"model": name, "missing": True}
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        art = graphopt.compile(path, "cpu", "-O2", threads=args.threads, tune=args.tune,
+                               tune_minutes=args.tune_minutes, tuning_db=args.tuning_db, progress=args.tune > 0)
+    compile_s = time.perf_counter() - t
+    model = graphopt.load(path)
+    from graphopt.check import random_inputs
+
+    feeds = random_inputs(model, seed=0, dim_values={d: 1 for d in ("batch", "N", "batch_size")})
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = args.threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    ref = sess.run(None, feeds)
+    runner = art.runner(threads=args.threads)
+    out = runner.run(feeds)
+    maxabs = max(float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) for a, b in zip(ref, out))
+    tvm_feeds = runner._feeds(feeds)
+
+    def tvm_call() -> None:
+        runner._main(*tvm_feeds, *runner._params)
+
+    def ort_call() -> None:
+        sess.run(None, feeds)
+
+    for _ in range(3):
+        tvm_call()
+        ort_call()
+    t = time.perf_counter()
+    tvm_call()
+    ort_call()
+    one = time.perf_counter() - t
+    rounds = int(min(args.max_runs, max(args.min_runs, args.budget / max(one, 1e-6))))
+    tt, to = [], []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        tvm_call()
+        tt.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        ort_call()
+        to.append(time.perf_counter() - t)
+    mt, mo = statistics.median(tt), statistics.median(to)
+    flops = model_flops(path, {})
+    rep = art.report
+    row = {
+        "model": name,
+        "compile_s": round(compile_s, 2),
+        "stages_s": rep.get("seconds", {}),
+        "groups": art.manifest["kernels"]["groups"],
+        "inline_groups": len(art.manifest["kernels"]["inline"]),
+        "default_schedules": art.manifest["schedules"]["default"],
+        "tuning": art.manifest.get("tuning", {}),
+        "max_abs_vs_ort": maxabs,
+        "rounds": rounds,
+        "tvm_ms": mt * 1e3,
+        "ort_ms": mo * 1e3,
+        "ratio_tvm_over_ort": mt / mo,
+        "gflop": flops / 1e9,
+        "tvm_gflops": flops / mt / 1e9,
+        "ort_gflops": flops / mo / 1e9,
+        "peak_gflops": peak,
+        "library_bytes": art.manifest["files"]["library"]["bytes"],
+    }
+    print(f"{name}: compile {compile_s:.1f} s ({row['groups']} groups, {row['inline_groups']} inline, schedules "
+          f"{row['default_schedules']}); max|tvm-ort| {maxabs:.2e}; median over {rounds} rounds: tvm {mt*1e3:.2f} ms, "
+          f"ort {mo*1e3:.2f} ms, tvm/ort {mt/mo:.2f}x; GFLOP/s tvm {row['tvm_gflops']:.1f}, ort {row['ort_gflops']:.1f} "
+          f"(peak {peak:.1f}: {row['tvm_gflops']/peak:.0%} / {row['ort_gflops']/peak:.0%})", flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--budget", type=float, default=20.0, help="seconds of timed rounds per model")
+    p.add_argument("--min-runs", type=int, default=5)
+    p.add_argument("--max-runs", type=int, default=200)
+    p.add_argument("--tune", type=int, default=0)
+    p.add_argument("--tune-minutes", type=float)
+    p.add_argument("--tuning-db")
+    p.add_argument("--json", help="write the rows here")
+    args = p.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    peak = peak_gflops(args.threads)
+    print(f"machine peak (2048² float32 numpy matmul): {peak:.1f} GFLOP/s; threads {args.threads}", flush=True)
+    rows = [bench(m, args, peak) for m in args.models.split(",") if m]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -41,6 +41,7 @@ __all__ = [
     "vector_lanes",
     "ScheduleStats",
     "LAYOUT_REWRITE_ANN",
+    "is_tunable_kernel",
 ]
 
 #: Block annotation that SplitLayoutRewritePreproc looks for (weight-packing blocks).
@@ -568,3 +569,23 @@ def apply_default_schedules(
     for gv, func in updates.items():
         mod[gv] = func
     return mod
+
+
+def is_tunable_kernel(func: "tvm.tirx.PrimFunc") -> bool:
+    """True for kernels worth tuning: a reduction over a product of two tensors (conv, dense,
+    matmul, depthwise conv), i.e. where meta_schedule beats the default schedules."""
+    from tvm import s_tir
+
+    try:
+        sch = s_tir.Schedule(func)
+        blocks = sch.get_child_blocks(_root(sch))
+    except Exception:
+        return False
+    for block in blocks:
+        stmt = sch.get(block)
+        if not _is_reduction(stmt) or len(stmt.writes) != 1:
+            continue
+        out = stmt.writes[0].source
+        if len({r.source.name for r in stmt.reads if not r.source.same_as(out)}) >= 2:
+            return True
+    return False

@@ -1,0 +1,682 @@
+"""meta_schedule tuning for CPU kernels with a persistent, shared, resumable database.
+
+    db = tune(mod, target, db_dir="~/.cache/graphopt/tuning", trials=2000, minutes=30)
+    mod = apply_database(mod, target, db_dir)    # tuned kernels; the rest keep default schedules
+
+What it adds to TVM's meta_schedule (see /work/shared/TVM-NOTES.md for why):
+
+- **Persistent, shared database.** `db_dir` holds meta_schedule's JSONDatabase
+  (`database_workload.json`, `database_tuning_record.json`), which appends every measured record
+  as it comes. Workloads are keyed by structural equality of the normalised PrimFunc (the name is
+  not part of it), so an identical kernel of another model, or of a later compile, is found and not
+  tuned again. A ledger (`graphopt_ledger.json`) counts the trials each workload has had (failed
+  ones included), so `tune` skips every task already tuned to its budget and gives a task that
+  was interrupted only what it still lacks.
+- **Isolation.** Tuning runs in a child process (the compile never runs meta_schedule itself):
+  builder candidates build in worker processes with a long timeout (the local builder's 30 s is too
+  short here), runners run in another worker; a crashing or hanging worker only fails its
+  candidate (it is skipped). If the tuning child itself dies, it is restarted and resumes from the
+  database (`max_restarts`); when restarts are spent `tune` returns what the database has.
+- **Budgets.** `trials` (new measurements this call), `max_trials_per_task` (total per workload,
+  counting earlier calls) and `minutes` (wall clock; the child stops between batches, a hard kill
+  follows a grace period).
+- **Only conv/matmul kernels by default** (`kernels="anchor"`): they are where tuning pays; the
+  rest keep `tvm_schedules`' default schedules. Tasks go biggest (FLOPs × uses) first, so a time
+  budget is spent where it matters.
+- **Cheap start.** The GPU tensor-intrinsic modules are replaced by empty ones in every process
+  (TVM-NOTES trap 4, 35-40 s of import each time otherwise).
+- A progress bar on stderr: tasks done, trials, best latency so far, time left.
+
+Needs `apache-tvm-ffi==0.1.14.post1` (0.1.15 segfaults when meta_schedule saves IR, trap 1) plus
+xgboost, psutil, cloudpickle and tornado.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import tvm
+
+__all__ = ["tune", "apply_database", "open_database", "cpu_only_intrinsics", "TuningSummary", "repair_database"]
+
+_GPU_INTRIN = ("cuda", "rocm", "hexagon", "riscv_cpu", "metal")
+_WORKLOAD_FILE = "database_workload.json"
+_RECORD_FILE = "database_tuning_record.json"
+_LEDGER_FILE = "graphopt_ledger.json"
+_SUMMARY_FILE = "graphopt_last_tune.json"
+_LOG_FILE = "tuning.log"
+
+
+def cpu_only_intrinsics(extra: Sequence[str] | None = None) -> None:
+    """Stand empty modules in for tensor intrinsics the target cannot use, before meta_schedule
+    imports them (TVM-NOTES trap 4: ~35 s of CPU for the GPU ones in every process that imports
+    them; measured with -X importtime: ARM's 7.5 s more, x86's 1.1 s). `extra` (default:
+    $GRAPHOPT_TVM_STUB_INTRIN, comma-separated, set for the tuning processes) names CPU families
+    to stub as well."""
+    if extra is None:
+        extra = [x for x in os.environ.get("GRAPHOPT_TVM_STUB_INTRIN", "").split(",") if x]
+    for name in [*_GPU_INTRIN, *extra]:
+        full = f"tvm.s_tir.tensor_intrin.{name}"
+        if full not in sys.modules:
+            sys.modules[full] = types.ModuleType(full)
+
+
+def _unused_intrinsics(target: Any) -> list[str]:
+    """CPU tensor-intrinsic families meta_schedule cannot use for `target`: ARM's on x86; x86's
+    (VNNI/AVX-512 int8 dot products) where the CPU has neither; x86's on ARM."""
+    arch = _target_arch(target)
+    if arch == "arm":
+        return ["x86"]
+    if arch != "x86":
+        return []
+    out = ["arm_cpu"]
+    try:
+        from tvm.target import codegen
+
+        with target:
+            if not (codegen.target_has_features("avx512f") or codegen.target_has_features("avxvnni")):
+                out.append("x86")
+    except Exception:
+        pass
+    return out
+
+
+def _target_arch(target: Any) -> str:
+    """"x86", "arm" or "" for an LLVM target (from its triple, else the host's)."""
+    triple = ""
+    try:
+        triple = str(target.attrs.get("mtriple") or "")
+    except Exception:
+        pass
+    if not triple:
+        import platform
+
+        triple = platform.machine()
+    triple = triple.lower()
+    if triple.startswith(("x86_64", "i686", "i386", "amd64")):
+        return "x86"
+    if triple.startswith(("aarch64", "arm")):
+        return "arm"
+    return ""
+
+
+def _worker_init() -> None:
+    """Initializer of builder/runner worker processes (sent to them by reference)."""
+    cpu_only_intrinsics()
+
+
+# --------------------------------------------------------------------------- database files
+
+
+def repair_database(db_dir: str) -> int:
+    """Drop lines an interrupted write left unparsable (a killed process can cut the last line),
+    so the database always opens. Returns the number of lines dropped."""
+    dropped = 0
+    for name in (_WORKLOAD_FILE, _RECORD_FILE):
+        path = os.path.join(db_dir, name)
+        if not os.path.exists(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        good = []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                json.loads(line)
+                good.append(line)
+            except json.JSONDecodeError:
+                dropped += 1
+        if dropped:
+            if name == _WORKLOAD_FILE:
+                # records point at workloads by line number: a dropped workload line would shift
+                # them, so only a trailing (last) cut line may go
+                pass
+            tmp = path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in good))
+            os.replace(tmp, path)
+    return dropped
+
+
+def open_database(db_dir: str) -> Any:
+    """meta_schedule's JSONDatabase in `db_dir` (created when missing, repaired when cut)."""
+    cpu_only_intrinsics()
+    from tvm.s_tir import meta_schedule as ms
+
+    os.makedirs(db_dir, exist_ok=True)
+    repair_database(db_dir)
+    return ms.database.JSONDatabase(work_dir=db_dir, module_equality="structural")
+
+
+def _read_json(path: str, default: Any) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return default
+
+
+def _write_json_atomic(path: str, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path) or ".")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- summary / progress
+
+
+@dataclass
+class TuningSummary:
+    """What one `tune` call did (also written to `db_dir/graphopt_last_tune.json`)."""
+
+    tasks_total: int = 0
+    tasks_selected: int = 0
+    tasks_skipped_done: int = 0
+    tasks_tuned: int = 0
+    new_trials: int = 0
+    failed_trials: int = 0
+    restarts: int = 0
+    seconds: float = 0.0
+    stopped: str = "done"  # "done" | "time budget" | "trial budget" | "child failed" | "interrupted"
+    best_ms: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class _Progress:
+    """Renders the child's JSON events as a one-line progress bar on stderr (or calls a hook)."""
+
+    def __init__(self, mode: bool | Callable[[dict[str, Any]], Any] | None, minutes: float | None) -> None:
+        self.hook = mode if callable(mode) else None
+        self.enabled = bool(mode)
+        self.tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+        self.t0 = time.monotonic()
+        self.minutes = minutes
+        self.state: dict[str, Any] = {"tasks": 0, "done": 0, "trials": 0, "budget": 0, "best": {}, "task": ""}
+        self._last_line = 0.0
+
+    def event(self, ev: dict[str, Any]) -> None:
+        s = self.state
+        kind = ev.get("ev")
+        if kind == "start":
+            s["tasks"] = ev["selected"]
+            s["budget"] = ev["budget"]
+            s["done"] = ev["skipped"]
+        elif kind == "task":
+            s["task"] = ev["name"]
+        elif kind == "batch":
+            s["trials"] = ev["total_new"]
+            if ev.get("best_ms") is not None:
+                s["best"][ev["name"]] = ev["best_ms"]
+        elif kind == "task_done":
+            s["done"] += 1
+        if self.hook is not None:
+            try:
+                self.hook(dict(ev, **{"elapsed_s": time.monotonic() - self.t0}))
+            except Exception:  # a broken hook must not stop tuning
+                pass
+        if self.enabled and self.hook is None:
+            self._render(final=kind == "end")
+
+    def _render(self, final: bool = False) -> None:
+        s = self.state
+        el = time.monotonic() - self.t0
+        if self.minutes:
+            left = max(0.0, self.minutes * 60 - el)
+        elif s["trials"]:
+            left = el / s["trials"] * max(0, s["budget"] - s["trials"])
+        else:
+            left = float("nan")
+        width = 20
+        frac = s["done"] / s["tasks"] if s["tasks"] else 1.0
+        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+        best = s["best"].get(s["task"])
+        best_txt = f"{best:.3f} ms" if best is not None else "-"
+        line = (f"tune [{bar}] tasks {s['done']}/{s['tasks']} | trials {s['trials']}/{s['budget']} | "
+                f"{s['task'][:28]} best {best_txt} | {_fmt_s(el)} elapsed, {_fmt_s(left)} left")
+        if self.tty:
+            sys.stderr.write("\r" + line[:160].ljust(160) + ("\n" if final else ""))
+        elif final or time.monotonic() - self._last_line > 5:
+            sys.stderr.write(line + "\n")
+            self._last_line = time.monotonic()
+        sys.stderr.flush()
+
+
+def _fmt_s(sec: float) -> str:
+    if sec != sec:  # nan
+        return "?"
+    sec = int(sec)
+    return f"{sec // 60}:{sec % 60:02d}"
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def tune(
+    mod: "tvm.IRModule",
+    target: "tvm.target.Target",
+    *,
+    db_dir: str,
+    trials: int,
+    minutes: float | None = None,
+    max_trials_per_task: int | None = None,
+    progress: bool | Callable[[dict[str, Any]], Any] | None = True,
+    threads: int | None = None,
+    kernels: str = "anchor",
+    trials_per_iter: int | None = None,
+    builder_timeout: float = 180.0,
+    runner_timeout: float = 60.0,
+    max_restarts: int = 3,
+    seed: int | None = None,
+) -> Any:
+    """Tune the PrimFuncs of a Relax module `mod` (after FuseTIR) into the database in `db_dir`.
+
+    `trials`: new measurements this call may make (all tasks together). `max_trials_per_task`:
+    the total a workload may have in the database (earlier calls count); by default the budget
+    split evenly over the selected tasks (at least one batch each). `minutes`: wall-clock budget.
+    `kernels`: "anchor" (conv/matmul kernels only) or "all". Returns the JSONDatabase; the summary
+    of this call is in `db_dir/graphopt_last_tune.json` and `last_summary(db_dir)`.
+    """
+    import tvm
+
+    if trials < 0:
+        raise ValueError("trials must be >= 0")
+    if kernels not in ("anchor", "all"):
+        raise ValueError(f"kernels must be 'anchor' or 'all', not {kernels!r}")
+    os.makedirs(db_dir, exist_ok=True)
+    db_dir = os.path.abspath(db_dir)
+    repair_database(db_dir)
+    if not isinstance(target, tvm.target.Target):
+        target = tvm.target.Target(target)
+    threads = int(threads or _target_cores(target) or _default_threads())
+    tspec = dict(target.export())
+    tspec["num-cores"] = threads  # meta_schedule reads the core count from the target
+    tspec = {k: v for k, v in tspec.items() if k in ("kind", "mtriple", "mcpu", "mattr", "num-cores", "mabi")}
+
+    summary = TuningSummary()
+    prog = _Progress(progress, minutes)
+    t0 = time.monotonic()
+    deadline = None if minutes is None else t0 + minutes * 60.0
+    if trials == 0:
+        summary.stopped = "trial budget"
+        _write_json_atomic(os.path.join(db_dir, _SUMMARY_FILE), summary.as_dict())
+        return open_database(db_dir)
+
+    with tempfile.TemporaryDirectory(prefix="graphopt-tune-") as work:
+        mod_path = os.path.join(work, "mod.json")
+        with open(mod_path, "w", encoding="utf-8") as f:
+            f.write(tvm.ir.save_json(mod))
+        spec = {
+            "mod": mod_path,
+            "target": tspec,
+            "db_dir": db_dir,
+            "trials": int(trials),
+            "max_trials_per_task": max_trials_per_task,
+            "kernels": kernels,
+            "threads": threads,
+            "trials_per_iter": trials_per_iter,
+            "builder_timeout": builder_timeout,
+            "runner_timeout": runner_timeout,
+            "seed": seed,
+        }
+        attempt = 0
+        new_total = 0
+        while True:
+            spec["trials"] = int(trials) - new_total
+            spec["deadline_s"] = None if deadline is None else max(1.0, deadline - time.monotonic())
+            spec_path = os.path.join(work, f"spec{attempt}.json")
+            _write_json_atomic(spec_path, spec)
+            rc, events = _run_child(spec_path, db_dir, threads, prog, deadline, _unused_intrinsics(target))
+            for ev in events:
+                if ev.get("ev") == "end":
+                    summary.tasks_total = ev["tasks_total"]
+                    summary.tasks_selected = ev["selected"]
+                    summary.tasks_skipped_done = max(summary.tasks_skipped_done, ev["skipped"]) if attempt == 0 else summary.tasks_skipped_done
+                    summary.stopped = ev["stopped"]
+                elif ev.get("ev") == "start" and attempt == 0:
+                    summary.tasks_skipped_done = ev["skipped"]
+                    summary.tasks_total = ev["tasks_total"]
+                    summary.tasks_selected = ev["selected"]
+                elif ev.get("ev") == "batch":
+                    summary.best_ms[ev["name"]] = ev["best_ms"] if ev.get("best_ms") is not None else summary.best_ms.get(ev["name"])
+                    summary.failed_trials += ev.get("failed", 0)
+                elif ev.get("ev") == "task_done":
+                    summary.tasks_tuned += 1
+            new_total += sum(ev.get("new", 0) for ev in events if ev.get("ev") == "batch")
+            if rc == 0:
+                break
+            if rc == "interrupted":
+                summary.stopped = "interrupted"
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                summary.stopped = "time budget"
+                break
+            made_progress = any(ev.get("ev") == "batch" for ev in events)
+            crashed = isinstance(rc, int) and rc < 0  # killed by a signal (segfault, OOM killer)
+            if attempt >= max_restarts or new_total >= trials or not (crashed or made_progress):
+                # a deterministic error (rc > 0 before any trial) would only repeat itself
+                summary.stopped = "child failed" if new_total < trials else "trial budget"
+                summary.error = _log_tail(db_dir)
+                break
+            attempt += 1
+            summary.restarts = attempt
+            if prog.enabled and prog.hook is None:
+                sys.stderr.write(f"\ntune: tuning process ended with {rc}; resuming from the database "
+                                 f"(restart {attempt}/{max_restarts})\n")
+    summary.new_trials = new_total
+    summary.seconds = time.monotonic() - t0
+    summary.best_ms = {k: v for k, v in summary.best_ms.items() if v is not None}
+    _write_json_atomic(os.path.join(db_dir, _SUMMARY_FILE), summary.as_dict())
+    if summary.stopped == "interrupted":
+        raise KeyboardInterrupt
+    return open_database(db_dir)
+
+
+def last_summary(db_dir: str) -> dict[str, Any]:
+    """The summary the last `tune` call on `db_dir` wrote."""
+    return _read_json(os.path.join(db_dir, _SUMMARY_FILE), {})
+
+
+def apply_database(mod: "tvm.IRModule", target: "tvm.target.Target", db_dir: str) -> "tvm.IRModule":
+    """Replace every PrimFunc whose workload the database has with its best schedule (marked
+    `tirx.is_scheduled`, so `apply_default_schedules` leaves it alone)."""
+    import tvm
+    from tvm import relax
+
+    if not isinstance(target, tvm.target.Target):
+        target = tvm.target.Target(target)
+    if not os.path.isdir(db_dir):
+        return mod
+    db = open_database(db_dir)
+    with target, db, tvm.transform.PassContext(opt_level=3):
+        return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+
+
+# --------------------------------------------------------------------------- parent ↔ child
+
+
+def _target_cores(target: Any) -> int | None:
+    try:
+        v = target.attrs.get("num-cores")
+        return int(v) if v is not None else None
+    except Exception:
+        return None
+
+
+def _default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        return os.cpu_count() or 1
+
+
+def _run_child(spec_path: str, db_dir: str, threads: int, prog: _Progress, deadline: float | None, stub: list[str]):
+    """Run one tuning child; returns (exit code or "interrupted", events)."""
+    env = dict(os.environ)
+    env["TVM_NUM_THREADS"] = str(threads)  # trap 3: runner workers inherit it
+    env["GRAPHOPT_TVM_STUB_INTRIN"] = ",".join(stub)
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    cmd = [sys.executable, "-c", "from graphopt.targets.tvm_tuning import _child_main; _child_main()", spec_path]
+    events: list[dict[str, Any]] = []
+    with open(os.path.join(db_dir, _LOG_FILE), "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True)
+        killer = None
+        if deadline is not None:
+            # hard stop: the child stops itself between batches at the deadline; this is for a
+            # child stuck inside one batch
+            grace = 120.0
+            killer = threading.Timer(max(1.0, deadline - time.monotonic() + grace), _kill_group, (proc,))
+            killer.daemon = True
+            killer.start()
+        try:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                try:
+                    ev = json.loads(raw)
+                except json.JSONDecodeError:
+                    continue
+                events.append(ev)
+                prog.event(ev)
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            _kill_group(proc)
+            proc.wait()
+            return "interrupted", events
+        finally:
+            if killer is not None:
+                killer.cancel()
+    return rc, events
+
+
+def _log_tail(db_dir: str) -> str:
+    try:
+        with open(os.path.join(db_dir, _LOG_FILE), "rb") as f:
+            f.seek(max(0, os.path.getsize(f.name) - 2000))
+            lines = [ln for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+        return lines[-1][:300] if lines else ""
+    except OSError:
+        return ""
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the child and its builder/runner workers
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _child_main() -> None:
+    """Entry point of the tuning child process (see `tune`)."""
+    spec_path = sys.argv[-1]
+    with open(spec_path, encoding="utf-8") as f:
+        spec = json.load(f)
+    # only JSON events go to stdout; TVM's own prints go to the log with stderr
+    real_stdout = sys.stdout
+    sys.stdout = sys.stderr
+    try:
+        _child_tune(spec, real_stdout)
+    finally:
+        sys.stdout = real_stdout
+
+
+def _child_tune(spec: dict[str, Any], out: Any) -> None:  # noqa: C901 - one procedure
+    def emit(ev: dict[str, Any]) -> None:
+        out.write(json.dumps(ev) + "\n")
+        out.flush()
+
+    t_start = time.monotonic()
+    deadline = None if spec.get("deadline_s") is None else t_start + float(spec["deadline_s"])
+    cpu_only_intrinsics()
+    import tvm
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.ir.utils import derived_object
+
+    from graphopt.targets.tvm_schedules import is_tunable_kernel
+
+    db_dir = spec["db_dir"]
+    threads = int(spec["threads"])
+    target = tvm.target.Target(spec["target"])
+    with open(spec["mod"], encoding="utf-8") as f:
+        mod = tvm.ir.load_json(f.read())
+
+    extracted = ms.relax_integration.extract_tasks(mod, target)
+    ledger_path = os.path.join(db_dir, _LEDGER_FILE)
+    ledger: dict[str, Any] = _read_json(ledger_path, {})
+
+    tasks_info = []
+    for t in extracted:
+        func = t.dispatched[0]["main"]
+        if spec["kernels"] == "anchor" and not is_tunable_kernel(func):
+            continue
+        key = str(tvm_ffi.structural_hash(t.dispatched[0]))
+        try:
+            flops = float(tvm.s_tir.analysis.estimate_tir_flops(t.dispatched[0]))
+        except Exception:
+            flops = 0.0
+        tasks_info.append({"task": t, "key": key, "name": t.task_name, "weight": int(t.weight), "flops": flops})
+    tasks_info.sort(key=lambda d: -d["flops"] * max(d["weight"], 1))
+    n_sel = len(tasks_info)
+    per_iter = int(spec.get("trials_per_iter") or 0)
+    budget_new = int(spec["trials"])
+    per_task = spec.get("max_trials_per_task")
+    if per_task is None:
+        # the split of the total budget; a task gets at least one small batch
+        per_task = max(4, math.ceil(budget_new / max(n_sel, 1))) if n_sel else 0
+    per_task = int(per_task)
+    if not per_iter:
+        per_iter = max(1, min(32, per_task))
+    pending = []
+    skipped = 0
+    for d in tasks_info:
+        done = int(ledger.get(d["key"], {}).get("trials", 0))
+        d["done"] = done
+        if done >= per_task:
+            skipped += 1
+        else:
+            pending.append(d)
+    emit({"ev": "start", "tasks_total": len(extracted), "selected": n_sel, "skipped": skipped,
+          "budget": min(budget_new, sum(per_task - d["done"] for d in pending)), "per_task": per_task})
+
+    stopped = "done"
+    if not pending:
+        emit({"ev": "end", "stopped": stopped, "tasks_total": len(extracted), "selected": n_sel, "skipped": skipped})
+        return
+
+    database = ms.database.JSONDatabase(work_dir=db_dir, module_equality="structural")
+    builder = ms.builder.LocalBuilder(
+        max_workers=threads, timeout_sec=float(spec["builder_timeout"]),
+        initializer=_worker_init, f_build=_build_with_hooks,
+    )
+    runner = ms.runner.LocalRunner(
+        timeout_sec=float(spec["runner_timeout"]), initializer=_worker_init,
+        evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50,
+                                                   enable_cpu_cache_flush=False),
+    )
+    cost_model = ms.cost_model.XGBModel(num_tuning_cores=threads)
+    total_new = 0
+    kill_after = int(os.environ.get("GRAPHOPT_TUNE_TEST_KILL_AFTER", "0") or 0)
+    kill_marker = os.path.join(db_dir, ".test-killed")
+
+    state = {"name": "", "key": "", "best": None, "task_trials": 0}
+
+    @derived_object
+    class _Tracker(ms.measure_callback.PyMeasureCallback):
+        """Counts trials into the ledger after each batch, reports progress, enforces the
+        time and trial budgets (by terminating the task)."""
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            nonlocal total_new
+            n = len(measure_candidates)
+            failed = 0
+            for br, rr in zip(builder_results, runner_results):
+                if br.error_msg is not None or rr.error_msg is not None or not rr.run_secs:
+                    failed += 1
+                    continue
+                secs = [float(x) for x in rr.run_secs]
+                ms_ = 1e3 * sum(secs) / len(secs)
+                if state["best"] is None or ms_ < state["best"]:
+                    state["best"] = ms_
+            total_new += n
+            state["task_trials"] += n
+            entry = ledger.setdefault(state["key"], {"name": state["name"], "trials": 0})
+            entry["trials"] = int(entry.get("trials", 0)) + n
+            entry["name"] = state["name"]
+            if state["best"] is not None:
+                entry["best_ms"] = min(entry.get("best_ms", state["best"]), state["best"])
+            _write_json_atomic(ledger_path, ledger)
+            emit({"ev": "batch", "name": state["name"], "new": n, "failed": failed, "total_new": total_new,
+                  "task_trials": state["task_trials"], "best_ms": state["best"]})
+            if kill_after and total_new >= kill_after and not os.path.exists(kill_marker):
+                open(kill_marker, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)  # test hook: an interruption mid-tuning
+            if deadline is not None and time.monotonic() >= deadline:
+                state["timed_out"] = True
+                task_scheduler.terminate_task(task_id)
+
+    tracker = _Tracker()
+    callbacks = [ms.measure_callback.AddToDatabase(), ms.measure_callback.RemoveBuildArtifact(),
+                 ms.measure_callback.UpdateCostModel(), tracker]
+    t_print = time.monotonic
+    for d in pending:
+        print(f"[{t_print() - t_start:7.1f}s] task {d['name']}", file=sys.stderr, flush=True)
+        if deadline is not None and time.monotonic() >= deadline:
+            stopped = "time budget"
+            break
+        if total_new >= budget_new:
+            stopped = "trial budget"
+            break
+        want = min(per_task - d["done"], budget_new - total_new)
+        state.update(name=d["name"], key=d["key"], best=None, task_trials=0)
+        prior = ledger.get(d["key"], {}).get("best_ms")
+        state["best"] = prior
+        emit({"ev": "task", "name": d["name"], "want": want, "done_before": d["done"]})
+        ctx = ms.TuneContext(
+            mod=d["task"].dispatched[0], target=target, space_generator="post-order-apply",
+            # a smaller population for small budgets: candidate generation costs 10+ s per batch
+            # at the default 512 on this 2-core machine
+            search_strategy=ms.search_strategy.EvolutionarySearch(
+                population_size=512 if per_task >= 128 else 128, init_min_unmeasured=16 if per_task < 128 else 50), task_name=d["name"], num_threads=threads,
+            rand_state=int(spec["seed"]) if spec.get("seed") is not None else -1,
+            logger=None,
+        ).clone()
+        try:
+            ms.tune.tune_tasks(
+                tasks=[ctx], task_weights=[float(d["weight"])], work_dir=db_dir,
+                max_trials_global=want, max_trials_per_task=want, num_trials_per_iter=min(per_iter, want),
+                builder=builder, runner=runner, database=database, cost_model=cost_model,
+                measure_callbacks=callbacks, task_scheduler="round-robin",
+            )
+        except Exception as exc:  # one task's failure (a schedule-space bug) must not stop the rest
+            if state.get("timed_out"):
+                stopped = "time budget"
+                emit({"ev": "task_done", "name": d["name"], "best_ms": state["best"], "partial": True})
+                break
+            msg = str(exc).strip().splitlines()
+            emit({"ev": "task_error", "name": d["name"], "error": msg[-1][:300] if msg else type(exc).__name__})
+            # count it as tuned so a resume does not retry it forever
+            entry = ledger.setdefault(d["key"], {"name": d["name"], "trials": 0})
+            entry["trials"] = max(int(entry.get("trials", 0)), per_task)
+            entry["error"] = msg[-1][:300] if msg else type(exc).__name__
+            _write_json_atomic(ledger_path, ledger)
+        emit({"ev": "task_done", "name": d["name"], "best_ms": state["best"]})
+    else:
+        stopped = "done"
+    emit({"ev": "end", "stopped": stopped, "tasks_total": len(extracted), "selected": n_sel, "skipped": skipped})
+
+
+def _build_with_hooks(mod: Any, target: Any, params: Any) -> Any:
+    """The builder's build function (runs in a builder worker): TVM's default build, with a
+    test hook that crashes the worker the first N times (GRAPHOPT_TUNE_TEST_CRASH_BUILDS)."""
+    n = int(os.environ.get("GRAPHOPT_TUNE_TEST_CRASH_BUILDS", "0") or 0)
+    if n:
+        counter = os.environ.get("GRAPHOPT_TUNE_TEST_CRASH_FILE", "")
+        if counter:
+            with open(counter, "a+", encoding="utf-8") as f:
+                f.seek(0)
+                crashed = len(f.read())
+                if crashed < n:
+                    f.write("x")
+                    f.flush()
+                    os.kill(os.getpid(), signal.SIGSEGV)
+    cpu_only_intrinsics()
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build
+
+    return default_build(mod, target, params)

@@ -222,11 +222,16 @@ class _ArrayHeader:
 
 def _split_file(path: str, names: list[str], sizes: Mapping[str, int | None]) -> Iterator[dict[str, np.ndarray]]:
     data = _open(path)
-    arrays = {n: np.asarray(data[n]) for n in names}
-    n = max((int(a.shape[0]) for k, a in arrays.items() if sizes.get(k)), default=1)
-    bs = next((s for s in sizes.values() if s), 1)
-    for start in range(0, n, bs):
-        yield {k: (np.ascontiguousarray(a[start : start + bs]) if sizes.get(k) else a) for k, a in arrays.items()}
+    yield from _split({n: np.asarray(data[n]) for n in names}, sizes)
+
+
+def _split(arrays: Mapping[str, np.ndarray], sizes: Mapping[str, int | None]) -> Iterator[dict[str, np.ndarray]]:
+    """Batch i takes rows [i·b, (i+1)·b) of each input, b being that input's batch size; inputs
+    without a batch axis (scalars) go whole into every batch."""
+    cut = {k: sizes.get(k) for k in arrays if sizes.get(k)}
+    n = min((math.ceil(int(arrays[k].shape[0]) / b) for k, b in cut.items()), default=1)  # type: ignore[operator]
+    for i in range(n):
+        yield {k: (np.ascontiguousarray(a[i * cut[k] : (i + 1) * cut[k]]) if k in cut else a) for k, a in arrays.items()}  # type: ignore[operator]
 
 
 def calibration_from_arrays(model: Model, arrays: Mapping[str, np.ndarray], *, batch_size: int | None = None,
@@ -239,11 +244,10 @@ def calibration_from_arrays(model: Model, arrays: Mapping[str, np.ndarray], *, b
         raise CalibrationError(f"calibration arrays: no array for model input {missing[0]!r}")
     n = max((int(np.asarray(arrays[k]).shape[0]) for k in names if sizes.get(k)), default=1)
     bs = next((s for s in sizes.values() if s), 1)
+    arrs = {k: np.asarray(arrays[k]) for k in names}
 
     def make() -> Iterator[dict[str, np.ndarray]]:
-        for start in range(0, n, bs):
-            yield {k: (np.ascontiguousarray(np.asarray(arrays[k])[start : start + bs]) if sizes.get(k) else np.asarray(arrays[k]))
-                   for k in names}
+        yield from _split(arrs, sizes)
 
     return CalibrationData(None, names, sizes, f"{source}: {n} samples in {math.ceil(n / bs)} batches of {bs}",
                            make=make, num_samples=n)
@@ -397,18 +401,16 @@ class HistogramObserver:
         best, best_i = math.inf, n
         for i in range(target_bins, n + 1, max(1, (n - target_bins) // 256)):
             p = h[:i].copy()
-            p[i - 1] += h[i:].sum()
+            p[i - 1] += h[i:].sum()  # outliers land in the last bin
             nz = p > 0
-            if not nz.any():
-                continue
-            # merge the first i bins into target_bins, spread each back over its nonzero bins
+            # merge the first i bins into target_bins, spread each back over the bins p uses
             idx = (np.arange(i) * target_bins) // i
             sums = np.bincount(idx, weights=h[:i], minlength=target_bins)
-            cnts = np.bincount(idx, weights=(h[:i] > 0).astype(np.float64), minlength=target_bins)
-            q = np.where(h[:i] > 0, sums[idx] / np.maximum(cnts[idx], 1), 0.0)
-            ps, qs = p / p.sum(), q / max(q.sum(), 1e-300)
-            m = nz & (qs > 0)
-            kl = float(np.sum(ps[m] * np.log(ps[m] / qs[m]))) + (np.inf if (nz & (qs == 0)).any() else 0.0)
+            cnts = np.bincount(idx, weights=nz.astype(np.float64), minlength=target_bins)
+            q = np.where(nz, sums[idx] / np.maximum(cnts[idx], 1), 0.0)
+            ps, qs = p[nz] / p.sum(), q[nz] / max(q.sum(), 1e-300)
+            # a bin p uses but q left empty (outliers only) costs like a tiny q, not infinity
+            kl = float(np.sum(ps * np.log(ps / np.maximum(qs, 1e-12))))
             if kl < best:
                 best, best_i = kl, i
         return min(float(best_i * width), max(abs(self.min), abs(self.max)))

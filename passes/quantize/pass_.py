@@ -59,10 +59,11 @@ class Quantize(Pass):
     per_channel: bool = True
     accuracy_budget: str = ""  # top1:P | cosine:C | sqnr:DB | rel:E (see measure.Budget)
     eval_batches: int = 8
-    speed: str = "measure"  # measure | rules | off
+    speed: str = "measure"  # measure (time variants on onnxruntime) | rules (depthwise, tiny layers float) | off
     min_speedup: float = 1.03
-    depthwise: str = "auto"  # auto (measured; float under speed=rules) | int8 | float
-    tiny_macs: int = 200_000  # convs/matmuls with fewer MACs per sample stay float (0: off)
+    speed_budget: float = 8.0  # seconds of timing for the speed check
+    depthwise: str = "auto"  # auto (measured; float under speed=rules; int8 under speed=off) | int8 | float
+    tiny_macs: int = 200_000  # convs/matmuls with fewer MACs per sample: float under speed=rules, a group speed=measure tries (0: none)
     threads: int = 0  # onnxruntime intra-op threads for timing and evaluation (0: its default / 2 for timing)
     exclude: tuple[str, ...] = ()  # unit names (node name or output tensor name) kept float
     report: str = ""  # also write the report as JSON here
@@ -136,10 +137,13 @@ class Quantize(Pass):
             if u.name in forced:
                 continue
             if self.tiny_macs and u.kind in ("conv", "gemm", "matmul") and 0 < u.macs < self.tiny_macs:
-                forced[u.name] = f"tiny layer ({u.macs} MACs/sample < tiny-macs={self.tiny_macs}): Q/DQ would cost more than int8 saves"
-            elif "depthwise" in u.tags and (self.depthwise == "float" or (self.depthwise == "auto" and self.speed != "measure")):
+                u.tags.add("tiny")
+                if self.speed == "rules":
+                    forced[u.name] = f"tiny layer ({u.macs} MACs/sample < tiny-macs={self.tiny_macs}): Q/DQ would cost more than int8 saves"
+            if "depthwise" in u.tags and (self.depthwise == "float" or (self.depthwise == "auto" and self.speed == "rules")):
                 forced[u.name] = "depthwise conv: memory-bound, onnxruntime's int8 depthwise kernel is not faster than float"
 
+        tags = {u.name: set(u.tags) for u in units}
         evals = data.take(max(1, self.eval_batches))
         ref = measure.run(base, evals, threads=self.threads)
 
@@ -148,6 +152,7 @@ class Quantize(Pass):
             us = plan_units(m, opts)
             reasons = {**forced, **extra}
             for u in us:
+                u.tags |= tags.get(u.name, set())
                 if u.quantized and u.name in reasons:
                     u.float_reason = reasons[u.name]
             return m, us, apply(m, us, stats, opts)
@@ -249,17 +254,24 @@ class Quantize(Pass):
 
     def _speed(self, base: Model, qm: Model, qunits: list[Unit], applied: Applied, extra: dict[str, str], build, feeds, rep):  # type: ignore[no-untyped-def]
         cands: list[tuple[str, Model, list[Unit], Applied, dict[str, str]]] = [("all selected layers int8", qm, qunits, applied, dict(extra))]
-        dw = {u.name: "depthwise conv: int8 measured slower than float for the model (speed=measure)"
-              for u in qunits if u.quantized and "depthwise" in u.tags}
-        if dw and self.depthwise == "auto":
-            e = {**extra, **dw}
-            cands.append(("depthwise convs float", *build(e), e))
-        light = {u.name: "element-wise/pool/concat int8 measured slower than float for the model (speed=measure)"
-                 for u in qunits if u.quantized and u.kind in ("binary", "concat", "pool")}
-        if light:
-            e = {**extra, **light, **(dw if dw and self.depthwise == "auto" else {})}
-            cands.append(("only conv/matmul int8" + (", depthwise float" if dw and self.depthwise == "auto" else ""), *build(e), e))
-        times = measure.latency([base] + [c[1] for c in cands], feeds, threads=self.threads)
+        groups: dict[str, dict[str, str]] = {}
+        if self.depthwise == "auto":
+            groups["depthwise convs"] = {u.name: "depthwise conv: the model measured faster with depthwise convs float (speed=measure)"
+                                         for u in qunits if u.quantized and "depthwise" in u.tags}
+        groups["tiny layers"] = {u.name: f"tiny layer ({u.macs} MACs/sample): the model measured faster with tiny layers float (speed=measure)"
+                                 for u in qunits if u.quantized and "tiny" in u.tags}
+        groups["element-wise/pool/concat"] = {u.name: "element-wise/pool/concat: the model measured faster with them float (speed=measure)"
+                                              for u in qunits if u.quantized and u.kind in ("binary", "concat", "pool", "unary")}
+        groups = {k: v for k, v in groups.items() if v}
+        import itertools
+
+        for r in range(1, len(groups) + 1):
+            for combo in itertools.combinations(groups, r):
+                e = dict(extra)
+                for k in combo:
+                    e.update(groups[k])
+                cands.append((" + ".join(combo) + " float", *build(e), e))
+        times = measure.latency([base] + [c[1] for c in cands], feeds, threads=self.threads, budget_s=self.speed_budget)
         fp32 = times[0]
         info = [{"candidate": c[0], "ms": round(t * 1e3, 3), "speedup": round(fp32 / t, 3)} for c, t in zip(cands, times[1:])]
         best = int(np.argmin(times[1:]))

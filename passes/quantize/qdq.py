@@ -33,6 +33,7 @@ from graphopt.pattern import const_array, drop_unused_initializers
 COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 BINARY = ("Add", "Mul")
 POOLS = ("AveragePool", "GlobalAveragePool")
+UNARY = ("Sigmoid", "LeakyRelu")  # onnxruntime has QLinearSigmoid / QLinearLeakyRelu (lookup tables)
 PASSTHROUGH = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Resize")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
            "QLinearConv", "QLinearMatMul")
@@ -54,7 +55,7 @@ class Unit:
 
     node: Node
     name: str
-    kind: str  # conv | gemm | matmul | binary | concat | pool | passthrough
+    kind: str  # conv | gemm | matmul | binary | concat | pool | unary | passthrough
     acts: list[int]  # input indices that carry activations to quantize
     weight: int | None = None
     bias: int | None = None
@@ -153,6 +154,8 @@ def plan_units(model: Model, opts: QuantOptions) -> list[Unit]:
             u = Unit(node, name, "concat", list(range(len(node.inputs))))
         elif op in POOLS:
             u = Unit(node, name, "pool", [0])
+        elif op in UNARY:
+            u = Unit(node, name, "unary", [0])
         elif op in PASSTHROUGH and len(node.outputs) == 1:
             u = Unit(node, name, "passthrough", [0])
         if u is None:

@@ -1,0 +1,219 @@
+"""ONNX backend conformance of the cpu target (compiled mode): pass count and failures by reason.
+
+    .venv/bin/python tools/tvm_conformance.py [--jobs 2] [--filter REGEX] [--limit N]
+                                              [--json out.json] [--timeout 120]
+
+Runs every case of `onnx.backend.test.BackendTest` that plain onnxruntime passes (all "_cpu"
+cases minus tests/data/ort_backend_exclusions.txt) through
+`graphopt.targets.tvm.backend.CpuBackend`: graphopt.compile(model, "cpu", "-O2") → exported
+shared library → graphopt.runtime. Cases run in worker processes (`--jobs`), each case
+isolated: a worker that crashes (a segfault in TVM) or exceeds --timeout marks that case
+"crash"/"timeout" and a fresh worker takes the rest.
+
+Prints the pass count as a share of the cases onnxruntime passes, then the failures grouped
+by reason (the first line of the error, with node names and numbers masked), largest group
+first. `--json` writes every case's outcome.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXCLUSIONS = os.path.join(ROOT, "tests", "data", "ort_backend_exclusions.txt")
+
+
+def _exclusions() -> set[str]:
+    with open(EXCLUSIONS, encoding="utf-8") as f:
+        return {ln.strip() for ln in f if ln.strip() and not ln.startswith("#")}
+
+
+def _suite() -> dict[str, tuple[str, type]]:
+    import warnings
+
+    import onnx.backend.test
+
+    from graphopt.targets.tvm.backend import CpuBackend
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bt = onnx.backend.test.BackendTest(CpuBackend, "tvm_conformance")
+    out = {}
+    for cls_name, cls in bt.test_cases.items():
+        for n in dir(cls):
+            if n.startswith("test_") and n.endswith("_cpu"):
+                out[n] = (cls_name, cls)
+    return out
+
+
+def _reason(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    line = ""
+    for ln in reversed(lines):
+        if re.match(r"^[\w.]*(Error|Exception|error)\b", ln) or "Error:" in ln or "Mismatch" in ln:
+            line = ln
+            break
+    if not line:
+        line = lines[-1] if lines else "?"
+    if "Not equal to tolerance" in text or "Mismatched elements" in text:
+        line = "AssertionError: outputs differ beyond the test's tolerance"
+    elif "shape mismatch" in text.lower() or "(shapes " in text:
+        line = "AssertionError: output shape differs"
+    line = re.sub(r"node '[^']*'", "node '…'", line)
+    line = re.sub(r"'[^']*'", "'…'", line)
+    line = re.sub(r"\b\d+(\.\d+)?(e[-+]?\d+)?\b", "N", line)
+    line = re.sub(r"\((?:N, ?)*N\)", "(…)", line)
+    return line[:220]
+
+
+def worker(names: list[str]) -> int:
+    """Run `names`; one JSON line per case on stdout ("start" first, so a crash is attributable)."""
+    import unittest
+    import warnings
+
+    warnings.simplefilter("ignore")
+    os.environ.setdefault("ONNX_MODELS", tempfile.mkdtemp(prefix="onnx_models_"))
+    suite = _suite()
+    for name in names:
+        print(json.dumps({"start": name}), flush=True)
+        t = time.perf_counter()
+        entry = suite.get(name)
+        if entry is None:
+            print(json.dumps({"name": name, "status": "missing", "detail": "not a case of this onnx"}), flush=True)
+            continue
+        result = unittest.TestResult()
+        entry[1](name).run(result)
+        dt = time.perf_counter() - t
+        if result.failures or result.errors:
+            detail = (result.failures + result.errors)[0][1]
+            status = "fail"
+        elif result.skipped:
+            detail, status = result.skipped[0][1], "skip"
+        else:
+            detail, status = "", "pass"
+        print(json.dumps({"name": name, "kind": entry[0], "status": status, "seconds": round(dt, 2),
+                          "reason": _reason(detail) if status == "fail" else "", "detail": detail[-1500:]}), flush=True)
+    return 0
+
+
+def _run_chunk(names: list[str], timeout: float, results: dict[str, dict], log) -> None:
+    """Run names in a worker subprocess; restart after a crash or timeout, skipping the culprit."""
+    todo = list(names)
+    while todo:
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", *todo],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+        current = None
+        started = time.perf_counter()
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        assert proc.stdout is not None
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        buf = ""
+        done_here: set[str] = set()
+        while True:
+            if current is not None and time.perf_counter() - started > timeout:
+                proc.kill()
+                results[current] = {"name": current, "status": "fail", "reason": f"timeout (> {timeout:.0f} s)", "detail": ""}
+                done_here.add(current)
+                log(results[current])
+                break
+            ev = sel.select(timeout=1.0)
+            if not ev:
+                if proc.poll() is not None:
+                    break
+                continue
+            chunk = proc.stdout.readline()
+            if not chunk:
+                break
+            buf = chunk.strip()
+            if not buf:
+                continue
+            try:
+                msg = json.loads(buf)
+            except ValueError:
+                continue
+            if "start" in msg:
+                current = msg["start"]
+                started = time.perf_counter()
+            else:
+                results[msg["name"]] = msg
+                done_here.add(msg["name"])
+                log(msg)
+                current = None
+        proc.wait()
+        if current is not None and current not in done_here:
+            results[current] = {"name": current, "status": "fail", "reason": f"crash (worker exit code {proc.returncode})", "detail": ""}
+            done_here.add(current)
+            log(results[current])
+        todo = [n for n in todo if n not in results]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        return worker(argv[1:])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--filter", help="only cases matching this regex")
+    p.add_argument("--limit", type=int, help="only the first N cases (after --filter)")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds per case")
+    p.add_argument("--json", help="write every outcome here")
+    args = p.parse_args(argv)
+
+    excluded = _exclusions()
+    names = sorted(n for n in _suite() if n not in excluded)
+    total_ort = len(names)
+    if args.filter:
+        names = [n for n in names if re.search(args.filter, n)]
+    if args.limit:
+        names = names[: args.limit]
+    print(f"{len(names)} cases (onnxruntime passes {total_ort} of the suite's cpu cases)", flush=True)
+    results: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    counter = [0]
+
+    def log(msg: dict) -> None:
+        counter[0] += 1
+        if counter[0] % 50 == 0:
+            npass = sum(1 for r in results.values() if r["status"] == "pass")
+            print(f"  {counter[0]}/{len(names)} done, {npass} pass, {time.perf_counter() - t0:.0f} s", flush=True)
+
+    if args.jobs <= 1:
+        _run_chunk(names, args.timeout, results, log)
+    else:
+        import threading
+
+        chunks = [names[i :: args.jobs] for i in range(args.jobs)]
+        threads = [threading.Thread(target=_run_chunk, args=(c, args.timeout, results, log)) for c in chunks]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    status = collections.Counter(r["status"] for r in results.values())
+    npass = status.get("pass", 0)
+    print(f"\ncpu target: {npass} of {len(names)} cases pass ({npass / max(len(names), 1):.1%}); "
+          f"status counts {dict(status)}; {time.perf_counter() - t0:.0f} s")
+    reasons = collections.Counter(r.get("reason", "") for r in results.values() if r["status"] == "fail")
+    print(f"\nfailures by reason ({sum(reasons.values())}):")
+    for reason, count in reasons.most_common():
+        cases = sorted(r["name"] for r in results.values() if r.get("reason") == reason)
+        shown = ", ".join(cases[:6]) + (" …" if len(cases) > 6 else "")
+        print(f"{count:5d}  {reason}\n       {shown}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"total_ort_passes": total_ort, "ran": len(names), "pass": npass,
+                       "results": sorted(results.values(), key=lambda r: r["name"])}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

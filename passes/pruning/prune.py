@@ -230,7 +230,8 @@ class Prune(Pass):
         entries = []
         total = 0
         for g in pool:
-            total += len(g.classes) * g.unit
+            if len(g.prunable):
+                total += len(g.classes) * g.unit
             for c in g.prunable.tolist():
                 entries.append((float(np.nan_to_num(scores[c], nan=np.inf)), g.index, c))
         entries.sort()

@@ -1,0 +1,482 @@
+"""prune: dependency groups on every structure it knows (with counts), exact results when the pruned
+channels are zero, unprunable groups with their reasons, options, recovery on calibration data,
+and a pruned model that is valid for verify(), the onnx checker, shape inference and onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import graphopt
+from graphopt.check import random_inputs, run_onnxruntime
+from graphopt.errors import UsageError
+from graphopt.ir import Model, NumpyTensor, TensorType
+from graphopt.passes.pruning import analyze
+from graphopt.passes.pruning.prune import Prune, ensure_shapes
+from graphopt.transform import PassContext, parse_pipeline
+
+F = TensorProto.FLOAT
+
+
+# --- building models -----------------------------------------------------------------------------
+class Net:
+    """A small onnx.helper graph builder: nodes, weights, then `model()`."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.rng = np.random.default_rng(seed)
+        self.k = 0
+
+    def name(self, base: str) -> str:
+        self.k += 1
+        return f"{base}{self.k}"
+
+    def const(self, arr: np.ndarray, base: str = "c") -> str:
+        n = self.name(base)
+        self.inits.append(numpy_helper.from_array(np.asarray(arr), n))
+        return n
+
+    def op(self, op: str, inputs: list[str], name: str | None = None, **attrs) -> str:
+        out = self.name(op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [out], name=name or out, **attrs))
+        return out
+
+    def conv(self, x: str, cin: int, cout: int, k: int = 3, group: int = 1, zero=(), name=None, bias=True, zero_in=()) -> str:
+        w = self.rng.standard_normal((cout, cin // group, k, k)).astype(np.float32) * 0.3
+        b = self.rng.standard_normal(cout).astype(np.float32) * 0.1
+        for z in zero:
+            w[z] = 0
+            b[z] = 0
+        for z in zero_in:  # the slice that reads input channel z (makes its importance lowest too)
+            w[:, z] = 0
+        ins = [x, self.const(w, "w")] + ([self.const(b, "b")] if bias else [])
+        return self.op("Conv", ins, name=name, pads=[k // 2] * 4, group=group)
+
+    def linear(self, x: str, cin: int, cout: int, zero_cols=(), zero_rows=(), name=None) -> str:
+        w = self.rng.standard_normal((cin, cout)).astype(np.float32) * 0.3
+        b = self.rng.standard_normal(cout).astype(np.float32) * 0.1
+        for z in zero_cols:
+            w[:, z] = 0
+            b[z] = 0
+        for z in zero_rows:
+            w[z, :] = 0
+        return self.op("Add", [self.op("MatMul", [x, self.const(w, "w")], name=name), self.const(b, "b")])
+
+    def model(self, inputs, outputs, opset: int = 17) -> Model:
+        g = helper.make_graph(
+            self.nodes, "g", [helper.make_tensor_value_info(n, F, s) for n, s in inputs],
+            [helper.make_tensor_value_info(*((o, F, None) if isinstance(o, str) else (o[0], F, o[1]))) for o in outputs],
+            initializer=self.inits,
+        )
+        proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+        return graphopt.load(onnx.shape_inference.infer_shapes(proto))
+
+
+def prune(model: Model, spec: str = "prune", **options) -> tuple[Model, dict, PassContext]:
+    out = model.clone()
+    p = parse_pipeline(spec)[0] if not options else Prune(**options)
+    ctx = PassContext()
+    res = p.run(out, ctx)
+    check_valid(out)
+    return out, dict(res.stats), ctx
+
+
+def check_valid(m: Model) -> None:
+    """verify(), the onnx checker, strict shape inference that agrees with the IR's types."""
+    m.verify()
+    proto = graphopt.to_onnx(m)
+    onnx.checker.check_model(proto)
+    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    types = {vi.name: vi.type.tensor_type for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for n in m.graph:
+        for v in n.outputs:
+            t, tt = v.type, types.get(v.name)
+            if not isinstance(t, TensorType) or t.shape is None or tt is None or not tt.HasField("shape"):
+                continue
+            got = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+            mine = [d if isinstance(d, int) else None for d in t.shape.dims]
+            assert len(got) == len(mine), (v.name, got, mine)
+            for a, b in zip(got, mine):
+                assert a is None or b is None or a == b, (v.name, got, mine)
+
+
+def same_outputs(a: Model, b: Model, atol: float = 1e-5) -> None:
+    feeds = random_inputs(a, seed=1)
+    for x, y in zip(run_onnxruntime(a, feeds), run_onnxruntime(b, feeds)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=atol)
+
+
+def weight(m: Model, node_name: str, index: int = 1) -> tuple[int, ...]:
+    node = next(n for n in m.graph if n.name == node_name)
+    return tuple(node.inputs[index].const_value.shape)
+
+
+def node(m: Model, name: str):
+    return next(n for n in m.graph if n.name == name)
+
+
+# --- zero channels: pruning them changes nothing ------------------------------------------------
+def test_zero_channels_chain_identical():
+    n = Net()
+    a = n.conv("x", 3, 8, zero=(2, 5), name="A")
+    h = n.op("Relu", [a])
+    y = n.conv(h, 8, 4, name="B")
+    m = n.model([("x", [1, 3, 8, 8])], [y])
+    out, stats, _ = prune(m, "prune{ratio=0.25}")
+    assert stats["channels-removed"] == 2 and stats["groups"] == 2 and stats["groups-unprunable"] == 1
+    assert weight(out, "A") == (6, 3, 3, 3) and weight(out, "B") == (4, 6, 3, 3)
+    assert stats["params-after"] < stats["params-before"] and stats["flops-after"] < stats["flops-before"]
+    same_outputs(m, out)
+    assert len(graphopt.to_onnx(out).SerializeToString()) < len(graphopt.to_onnx(m).SerializeToString())
+
+
+def test_ratio_zero_changes_nothing_and_second_run_prunes_again():
+    n = Net()
+    y = n.conv(n.op("Relu", [n.conv("x", 3, 8, name="A")]), 8, 4, name="B")
+    m = n.model([("x", [1, 3, 8, 8])], [y])
+    out, stats, _ = prune(m, "prune{ratio=0}")
+    assert stats["channels-removed"] == 0
+    assert weight(out, "A") == (8, 3, 3, 3)
+    again, stats2, _ = prune(out, "prune{ratio=0.5}")
+    assert weight(again, "A") == (4, 3, 3, 3)
+    third, _, _ = prune(again, "prune{ratio=0.5}")
+    assert weight(third, "A") == (2, 3, 3, 3)
+
+
+def test_residual_couples_both_producers():
+    n = Net()
+    s = n.op("Relu", [n.conv("x", 3, 8, zero=(1, 6), name="S")])
+    c1 = n.op("Relu", [n.conv(s, 8, 8, zero=(0, 3), name="C1")])
+    c2 = n.conv(c1, 8, 8, zero=(1, 6), name="C2")
+    r = n.op("Relu", [n.op("Add", [s, c2])])
+    y = n.conv(r, 8, 4, name="H")
+    m = n.model([("x", [1, 3, 8, 8])], [y])
+    an = analyze(_shaped(m))
+    sizes = sorted((len(g.spaces), len(g.classes)) for g in an.groups)
+    assert sizes == [(1, 4), (1, 8), (2, 8)]  # {S, C2} coupled, C1 alone, H (graph output)
+    out, stats, _ = prune(m, "prune{ratio=0.25}")
+    assert stats["channels-removed"] == 6
+    assert weight(out, "S") == (6, 3, 3, 3) and weight(out, "C2") == (6, 6, 3, 3) and weight(out, "H") == (4, 6, 3, 3)
+    same_outputs(m, out)
+
+
+def test_concat_offsets():
+    n = Net()
+    a = n.conv("x", 3, 4, zero=(1,), name="A")
+    b = n.conv("x", 3, 6, zero=(2, 4), name="B")
+    c = n.op("Relu", [n.op("Concat", [a, b], axis=1)])
+    y = n.conv(c, 10, 3, name="C")
+    m = n.model([("x", [1, 3, 8, 8])], [y])
+    out, stats, _ = prune(m, "prune{ratio=0.34}")
+    assert stats["channels-removed"] == 3
+    assert weight(out, "C") == (3, 7, 3, 3)
+    same_outputs(m, out)
+
+
+def test_grouped_conv_keeps_groups_equal():
+    n = Net()
+    a = n.op("Relu", [n.conv("x", 3, 8, zero=(1, 5), name="A")])
+    g = n.conv(a, 8, 8, group=2, zero=(2, 6), name="G")
+    y = n.conv(n.op("Relu", [g]), 8, 4, name="C")
+    m = n.model([("x", [1, 3, 8, 8])], [y])
+    out, stats, _ = prune(m, "prune{ratio=0.25}")
+    assert stats["channels-removed"] == 4  # one pair (one channel per group) from A and from G
+    assert weight(out, "G") == (6, 3, 3, 3) and node(out, "G").attr("group") == 2
+    same_outputs(m, out)
+
+
+def test_depthwise_follows_its_input():
+    n = Net()
+    a = n.op("Relu", [n.conv("x", 3, 8, zero=(3,), name="A")])
+    w = n.rng.standard_normal((8, 1, 3, 3)).astype(np.float32)
+    b = n.rng.standard_normal(8).astype(np.float32)
+    w[3], b[3] = 0, 0
+    d = n.op("Conv", [a, n.const(w), n.const(b)], name="D", group=8, pads=[1, 1, 1, 1])
+    y = n.conv(n.op("Relu", [d]), 8, 6, name="P")
+    m = n.model([("x", [1, 3, 8, 8])], [y])
+    out, stats, _ = prune(m, "prune{ratio=0.125}")
+    assert stats["channels-removed"] == 2  # A's channel and the depthwise output that follows it
+    assert weight(out, "D") == (7, 1, 3, 3) and node(out, "D").attr("group") == 7
+    assert weight(out, "P") == (6, 7, 3, 3)
+    same_outputs(m, out)
+
+
+def test_channel_shuffle_stays_a_shuffle():
+    n = Net()
+    a = n.conv("x", 3, 8, zero=(0, 4), name="A")
+    r1 = n.op("Reshape", [a, n.const(np.array([1, 2, 4, 8, 8], np.int64))], name="R1")
+    t = n.op("Transpose", [r1], perm=[0, 2, 1, 3, 4])
+    r2 = n.op("Reshape", [t, n.const(np.array([1, -1, 8, 8], np.int64))], name="R2")
+    y = n.conv(r2, 8, 4, name="C")
+    m = n.model([("x", [1, 3, 8, 8])], [y])
+    an = analyze(_shaped(m))
+    assert sorted(len(g.classes) for g in an.groups) == [4, 4]  # A: 4 columns of 2 channels
+    out, stats, _ = prune(m, "prune{ratio=0.25}")
+    assert stats["channels-removed"] == 2
+    assert weight(out, "C") == (4, 6, 3, 3)
+    same_outputs(m, out)
+
+
+def test_squeeze_excitation():
+    n = Net()
+    r = n.op("Relu", [n.conv("x", 3, 8, zero=(2, 7), name="A")])
+    s = n.op("Relu", [n.conv(n.op("GlobalAveragePool", [r]), 8, 2, k=1, name="S1", zero_in=(2, 7))])
+    s = n.op("Sigmoid", [n.conv(s, 2, 8, k=1, name="S2", zero=(2, 7))])
+    y = n.conv(n.op("Mul", [r, s]), 8, 4, name="C", zero_in=(2, 7))
+    m = n.model([("x", [1, 3, 8, 8])], [y])
+    an = analyze(_shaped(m))
+    coupled = [g for g in an.groups if len(g.spaces) == 2]
+    assert len(coupled) == 1 and {s.node.name for s in coupled[0].spaces} == {"A", "S2"}
+    out, stats, _ = prune(m, "prune{ratio=0.25}")
+    assert stats["channels-removed"] == 4
+    assert weight(out, "S1") == (2, 6, 1, 1) and weight(out, "S2") == (6, 2, 1, 1)
+    same_outputs(m, out)
+
+
+def attention_model(zero_head: int | None = 2, heads: int = 4, dim: int = 16, seq: int = 5) -> Model:
+    n = Net()
+    hd = dim // heads
+    cols = range(zero_head * hd, (zero_head + 1) * hd) if zero_head is not None else ()
+    qkv = []
+    for nm in ("Q", "K", "V"):
+        p = n.linear("x", dim, dim, zero_cols=cols, name=nm)
+        p = n.op("Reshape", [p, n.const(np.array([1, seq, heads, hd], np.int64))])
+        qkv.append(n.op("Transpose", [p], perm=[0, 2, 1, 3]))
+    kt = n.op("Transpose", [qkv[1]], perm=[0, 1, 3, 2])
+    sc = n.op("Softmax", [n.op("Div", [n.op("MatMul", [qkv[0], kt]), n.const(np.array(2.0, np.float32))])], axis=-1)
+    o = n.op("Transpose", [n.op("MatMul", [sc, qkv[2]])], perm=[0, 2, 1, 3])
+    o = n.op("Reshape", [o, n.const(np.array([1, seq, dim], np.int64))], name="merge")
+    y = n.linear(o, dim, dim, zero_rows=cols, name="O")
+    return n.model([("x", [1, seq, dim])], [y])
+
+
+def test_attention_prunes_whole_heads():
+    m = attention_model()
+    an = analyze(_shaped(m))
+    heads = [g for g in an.groups if len(g.spaces) == 3]
+    assert len(heads) == 1 and len(heads[0].classes) == 4 and heads[0].unit == 4
+    out, stats, _ = prune(m, "prune{ratio=0.25}")
+    assert stats["channels-removed"] == 12  # one head of Q, K and V
+    assert weight(out, "Q") == (16, 12) and weight(out, "O") == (12, 16)
+    same_outputs(m, out)
+
+
+def test_mlp_hidden_units_and_layernorm_blocks_the_stream():
+    n = Net()
+    h = n.linear("x", 16, 16, name="fc0")
+    ln = n.op("LayerNormalization", [h, n.const(np.ones(16, np.float32)), n.const(np.zeros(16, np.float32))], axis=-1)
+    u = n.op("Relu", [n.linear(ln, 16, 32, zero_cols=(3, 9, 17, 30), name="fc1")])
+    y = n.linear(u, 32, 8, name="fc2", zero_rows=(3, 9, 17, 30))
+    m = n.model([("x", [2, 5, 16])], [y])
+    out, stats, ctx = prune(m, "prune{ratio=0.125}")
+    assert stats["channels-removed"] == 4 and weight(out, "fc1") == (16, 28) and weight(out, "fc2") == (28, 8)
+    assert any("fc0" in line and "LayerNormalization normalizes over the channel axis" in line for line in ctx.log)
+    assert weight(out, "fc0") == (16, 16)
+    same_outputs(m, out)
+
+
+def test_flatten_into_gemm_removes_feature_blocks():
+    n = Net()
+    a = n.op("Relu", [n.conv("x", 3, 4, zero=(1,), name="A")])
+    f = n.op("Flatten", [n.op("MaxPool", [a], kernel_shape=[2, 2], strides=[2, 2])], axis=1)
+    w = n.rng.standard_normal((5, 4 * 16)).astype(np.float32)
+    y = n.op("Gemm", [f, n.const(w), n.const(np.zeros(5, np.float32))], name="fc", transB=1)
+    m = n.model([("x", [2, 3, 8, 8])], [y])
+    out, stats, _ = prune(m, "prune{ratio=0.25}")
+    assert stats["channels-removed"] == 1 and weight(out, "fc") == (5, 48)
+    same_outputs(m, out)
+
+
+def test_split_and_slice_ranges():
+    n = Net()
+    a = n.conv("x", 3, 8, zero=(0, 6), name="A")
+    p1 = helper.make_node("Split", [a, n.const(np.array([3, 5], np.int64))], ["s1", "s2"], axis=1, name="split")
+    n.nodes.append(p1)
+    y1 = n.conv("s1", 3, 2, name="C1")
+    sl = n.op("Slice", [a, n.const(np.array([2], np.int64)), n.const(np.array([7], np.int64)), n.const(np.array([1], np.int64))])
+    y2 = n.conv(sl, 5, 2, name="C2")
+    y3 = n.conv("s2", 5, 2, name="C3")
+    m = n.model([("x", [1, 3, 8, 8])], [y1, y2, y3])
+    out, stats, _ = prune(m, "prune{ratio=0.25}")
+    assert stats["channels-removed"] == 2
+    assert weight(out, "C1") == (2, 2, 3, 3) and weight(out, "C2") == (2, 4, 3, 3) and weight(out, "C3") == (2, 4, 3, 3)
+    same_outputs(m, out)
+
+
+# --- unprunable ----------------------------------------------------------------------------------
+def test_unsupported_op_and_graph_output_block_with_reasons():
+    n = Net()
+    a = n.conv("x", 3, 8, name="A")
+    lrn = n.op("LRN", [a], size=3)
+    b = n.conv("x", 3, 8, name="B")
+    m = n.model([("x", [1, 3, 8, 8])], [n.conv(lrn, 8, 2, name="C"), b])
+    out, stats, ctx = prune(m, "prune{ratio=0.5}")
+    assert stats["groups-unprunable"] == 3 and stats["channels-removed"] == 0
+    log = "\n".join(ctx.log)
+    assert "A: unsupported op LRN" in log and "B: reaches graph output" in log
+    assert weight(out, "A") == (8, 3, 3, 3)
+
+
+def test_softmax_over_channels_and_dynamic_operand_block():
+    n = Net()
+    a = n.conv("x", 3, 8, name="A")
+    s = n.op("Softmax", [a], axis=1)
+    b = n.conv("x", 3, 8, name="B")
+    mixed = n.op("Add", [b, "x2"])  # a graph input of full size: cannot be sliced
+    m = n.model([("x", [1, 3, 8, 8]), ("x2", [1, 8, 8, 8])], [n.conv(s, 8, 2, name="C"), n.conv(mixed, 8, 2, name="D")])
+    _, stats, ctx = prune(m, "prune{ratio=0.5}")
+    log = "\n".join(ctx.log)
+    assert "Softmax along the channel axis" in log and "untracked operand 'x2'" in log
+    assert stats["channels-removed"] == 0
+
+
+def test_group_norm_blocks():
+    n = Net()
+    a = n.conv("x", 3, 8, name="A")
+    gn = n.op("GroupNormalization", [a, n.const(np.ones(8, np.float32)), n.const(np.zeros(8, np.float32))], num_groups=2)
+    m = n.model([("x", [1, 3, 8, 8])], [(n.conv(gn, 8, 2, name="C"), [1, 2, 8, 8])], opset=21)
+    ctx = PassContext()
+    stats = parse_pipeline("prune{ratio=0.5}")[0].run(m, ctx).stats  # (onnx cannot infer GroupNorm-21 shapes)
+    assert stats["channels-removed"] == 0 and any("GroupNormalization" in line for line in ctx.log)
+
+
+# --- options -------------------------------------------------------------------------------------
+def wide(channels=32, seed=0) -> Model:
+    n = Net(seed)
+    a = n.op("Relu", [n.conv("x", 3, channels, name="A")])
+    b = n.op("Relu", [n.conv(a, channels, channels, name="B")])
+    return n.model([("x", [1, 3, 8, 8])], [n.conv(b, channels, 4, name="C")])
+
+
+def test_round_to():
+    out, stats, _ = prune(wide(), "prune{ratio=0.3,criterion=l1,round-to=8}")
+    assert weight(out, "A")[0] == 24 and weight(out, "B")[0] == 24  # 22.4 kept -> 24
+    out, _, _ = prune(wide(), "prune{ratio=0.3}")
+    assert weight(out, "A")[0] == 22
+
+
+def test_protect_and_layer_ratios():
+    out, _, ctx = prune(wide(), "prune{ratio=0.5,protect=A}")
+    assert weight(out, "A")[0] == 32 and weight(out, "B")[0] == 16
+    out, _, _ = prune(wide(), "prune{ratio=0.5,layer-ratios=A@0.25:B*@0.75}")
+    assert weight(out, "A")[0] == 24 and weight(out, "B")[0] == 8
+
+
+def test_global_scope_takes_more_from_the_weaker_group():
+    m = wide()
+    # 24 of B's 32 filters (and the slices of C that read them) are tiny compared with the rest of
+    # B: one ranking over both groups takes them before A's
+    for nd in m.graph:
+        scale = np.ones(32, np.float32)
+        scale[:24] = 0.01
+        if nd.name in ("B", "C"):
+            w = nd.inputs[1].const_value.numpy() * (scale[:, None, None, None] if nd.name == "B" else scale[None, :, None, None])
+            nd.inputs[1].const_value = NumpyTensor(w.astype(np.float32))
+    out, stats, _ = prune(m, "prune{ratio=0.5,scope=global}")
+    a, b = weight(out, "A")[0], weight(out, "B")[0]
+    assert a + b == 32 and 32 - b >= 24 > 32 - a, (a, b)
+    same_shape_run(m, out)
+
+
+def same_shape_run(a: Model, b: Model) -> None:
+    feeds = random_inputs(a)
+    for x, y in zip(run_onnxruntime(a, feeds), run_onnxruntime(b, feeds)):
+        assert x.shape == y.shape and np.isfinite(y).all()
+
+
+@pytest.mark.parametrize("crit", ["l1", "l2", "bn-scale", "activation"])
+def test_criteria_prune_lowest(crit):
+    n = Net()
+    w = n.rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    w[[1, 4]] *= 1e-3  # two tiny filters
+    a = n.op("Conv", ["x", n.const(w)], name="A", pads=[1, 1, 1, 1])
+    bn = n.op("BatchNormalization", [a, n.const(np.where(np.isin(np.arange(8), [1, 4]), 1e-3, 1.0).astype(np.float32)),
+                                     n.const(np.zeros(8, np.float32)), n.const(np.zeros(8, np.float32)),
+                                     n.const(np.ones(8, np.float32))])
+    y = n.conv(n.op("Relu", [bn]), 8, 2, name="C")
+    m = n.model([("x", [1, 3, 8, 8])], [y])
+    out, stats, ctx = prune(m, f"prune{{ratio=0.25,criterion={crit},reconstruct=false,bn-reestimate=false}}")
+    kept = node(out, "A").inputs[1].const_value.numpy()
+    assert kept.shape[0] == 6 and np.abs(kept).max(axis=(1, 2, 3)).min() > 1e-2
+    if crit == "activation":
+        assert any("SYNTHETIC" in line for line in ctx.log)
+
+
+def test_pipeline_options_and_errors():
+    p = parse_pipeline("prune{ratio=0.3,criterion=l1,round-to=8}")[0]
+    assert p.spec() == "prune{round-to=8}"
+    for bad in ("prune{ratio=1.5}", "prune{criterion=foo}", "prune{scope=x}", "prune{layer-ratios=A}", "prune{round-to=0}"):
+        with pytest.raises(UsageError):
+            parse_pipeline(bad)
+
+
+# --- recovery ------------------------------------------------------------------------------------
+def bn_net(seed=0) -> Model:
+    n = Net(seed)
+    x = "x"
+    cin = 3
+    for i, c in enumerate((16, 16)):
+        w = n.rng.standard_normal((c, cin, 3, 3)).astype(np.float32) * 0.4
+        conv = n.op("Conv", [x, n.const(w)], name=f"conv{i}", pads=[1, 1, 1, 1])
+        bn = n.op("BatchNormalization", [conv, n.const(n.rng.uniform(0.5, 1.5, c).astype(np.float32)),
+                                         n.const(n.rng.standard_normal(c).astype(np.float32) * 0.1),
+                                         n.const(n.rng.standard_normal(c).astype(np.float32) * 0.1),
+                                         n.const(n.rng.uniform(0.5, 2.0, c).astype(np.float32))], name=f"bn{i}")
+        x, cin = n.op("Relu", [bn]), c
+    g = n.op("Flatten", [n.op("GlobalAveragePool", [x])])
+    y = n.op("Gemm", [g, n.const(n.rng.standard_normal((5, 16)).astype(np.float32)), n.const(np.zeros(5, np.float32))],
+             name="fc", transB=1)
+    return n.model([("x", ["N", 3, 8, 8])], [y])
+
+
+def test_reconstruction_and_bn_reestimation_reduce_the_error(tmp_path):
+    m = bn_net()
+    rng = np.random.default_rng(5)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=rng.standard_normal((48, 3, 8, 8)).astype(np.float32))
+    feeds = {"x": rng.standard_normal((16, 3, 8, 8)).astype(np.float32)}
+    ref = run_onnxruntime(m, feeds)[0]
+    plain, _, _ = prune(m, "prune{ratio=0.5}")
+    rec, stats, ctx = prune(m, f"prune{{ratio=0.5,calibration={calib},samples=48}}")
+    assert stats["layers-refit"] >= 1 and stats["bn-reestimated"] >= 1
+    assert stats["refit-rel-error-after"] < stats["refit-rel-error-before"]
+    err_plain = np.abs(run_onnxruntime(plain, feeds)[0] - ref).mean()
+    err_rec = np.abs(run_onnxruntime(rec, feeds)[0] - ref).mean()
+    assert err_rec < 0.7 * err_plain, (err_rec, err_plain)
+    assert not any("SYNTHETIC" in line for line in ctx.log)
+
+
+def test_reconstruct_recovers_exactly_when_a_channel_is_redundant(tmp_path):
+    """Channel 3 of A is a copy of channel 0: removing it and refitting the consumer is exact."""
+    n = Net()
+    w = n.rng.standard_normal((6, 3, 3, 3)).astype(np.float32)
+    w[3] = w[0] * 0.01  # smallest l1, and redundant
+    a = n.op("Conv", ["x", n.const(w)], name="A", pads=[1, 1, 1, 1])
+    y = n.conv(a, 6, 4, name="B")
+    m = n.model([("x", ["N", 3, 6, 6])], [y])
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((32, 3, 6, 6)).astype(np.float32))
+    out, stats, _ = prune(m, f"prune{{ratio=0.17,calibration={calib}}}")
+    assert stats["channels-removed"] == 1 and stats["refit-rel-error-after"] < 1e-6
+    same_outputs(m, out, atol=1e-3)
+
+
+def test_synthetic_calibration_is_labelled():
+    _, stats, ctx = prune(bn_net(), "prune{ratio=0.5,reconstruct=true,samples=8}")
+    assert stats["layers-refit"] >= 1 and any("SYNTHETIC" in line for line in ctx.log)
+
+
+def test_bad_calibration_file_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, y=np.zeros((2, 3, 8, 8), np.float32))
+    with pytest.raises(graphopt.GraphoptError, match="no array for model input 'x'"):
+        prune(bn_net(), f"prune{{ratio=0.5,calibration={bad}}}")
+
+
+def _shaped(m: Model) -> Model:
+    m = m.clone()
+    ensure_shapes(m)
+    return m

@@ -1,0 +1,219 @@
+"""Default CPU schedules (graphopt.targets.tvm_schedules): every kernel kind gets a real schedule
+(not the naive loops) and keeps its numbers (compared against numpy)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+relax = pytest.importorskip("tvm.relax")
+
+from graphopt.targets.tvm_schedules import (  # noqa: E402
+    LAYOUT_REWRITE_ANN,
+    ScheduleStats,
+    apply_default_schedules,
+    is_tunable_kernel,
+)
+
+TT = relax.TensorType
+
+
+def _target():
+    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
+
+
+def _fused(build_body, params):
+    """A Relax module with one fused kernel: LegalizeOps → FuseOps → FuseTIR."""
+    bb = relax.BlockBuilder()
+    vars_ = [relax.Var(n, TT(s, "float32")) for n, s in params]
+    with bb.function("main", vars_):
+        with bb.dataflow():
+            out = bb.emit_output(build_body(bb, *vars_))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    for p in (relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+              relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()):
+        mod = p(mod)
+    return mod
+
+
+def _run(mod, arrays):
+    from tvm.relax.backend.cpu_generic import pipeline as cp
+
+    target = _target()
+    seq = tvm.transform.Sequential(cp.dataflow_lower_passes(target) + cp.finalize_passes(target))
+    ex = tvm.compile(mod, target=target, relax_pipeline=seq)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return vm["main"](*[tvm.runtime.tensor(a) for a in arrays]).numpy()
+
+
+def _prim_funcs(mod):
+    return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+def _check(mod, arrays, expected, rule, rtol=1e-4, atol=1e-4):
+    stats = ScheduleStats()
+    smod = apply_default_schedules(mod, _target(), stats=stats)
+    funcs = _prim_funcs(smod)
+    assert funcs and all(int(f.attrs["tirx.is_scheduled"]) == 1 for f in funcs.values())
+    assert rule in stats.by_func.values(), (stats.by_func, stats.failures)
+    got = _run(smod, arrays)
+    np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol)
+    # the scheduled kernel really is parallel (not the naive loop nest)
+    assert any("parallel" in f.script() for f in funcs.values())
+    return smod, stats
+
+
+def _conv_ref(x, w, stride, pad, groups=1):
+    n, c, h, wd = x.shape
+    oc, icg, kh, kw = w.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    oh, ow = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
+    out = np.zeros((n, oc, oh, ow), np.float64)
+    ocg = oc // groups
+    for g in range(groups):
+        xs = xp[:, g * icg:(g + 1) * icg]
+        for i in range(kh):
+            for j in range(kw):
+                patch = xs[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride]
+                out[:, g * ocg:(g + 1) * ocg] += np.einsum("nchw,oc->nohw", patch, w[g * ocg:(g + 1) * ocg, :, i, j])
+    return out.astype(np.float32)
+
+
+CONV_CASES = [
+    # (name, n, c, h, w, oc, k, stride, groups, epilogue)
+    ("3x3_relu", 1, 16, 14, 14, 32, 3, 1, 1, "bias_relu"),
+    ("1x1", 1, 32, 7, 7, 16, 1, 1, 1, "bias"),
+    ("3x3_s2_residual", 1, 8, 15, 15, 16, 3, 2, 1, "bias_add_relu"),
+    ("7x7_s2_odd_channels", 2, 3, 20, 20, 24, 7, 2, 1, "bias_relu"),
+    ("depthwise", 1, 24, 12, 12, 24, 3, 1, 24, "bias_relu"),
+    ("depthwise_s2", 1, 16, 13, 13, 16, 3, 2, 16, "bias"),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=[c[0] for c in CONV_CASES])
+def test_conv_variants_keep_numbers(case):
+    name, n, c, h, w, oc, k, stride, groups, epi = case
+    rng = np.random.default_rng(0)
+    pad = k // 2
+    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    wt = rng.standard_normal((oc, c // groups, k, k)).astype(np.float32)
+    b = rng.standard_normal((1, oc, 1, 1)).astype(np.float32)
+    r = rng.standard_normal((n, oc, oh, ow)).astype(np.float32)
+    params = [("x", x.shape), ("w", wt.shape), ("b", b.shape)]
+    arrays = [x, wt, b]
+    if "add" in epi:
+        params.append(("r", r.shape))
+        arrays.append(r)
+
+    def body(bb, xv, wv, bv, *rest):
+        y = bb.emit(relax.op.nn.conv2d(xv, wv, strides=stride, padding=pad, groups=groups))
+        y = bb.emit(relax.op.add(y, bv))
+        if "add" in epi:
+            y = bb.emit(relax.op.add(y, rest[0]))
+        if "relu" in epi:
+            y = bb.emit(relax.op.nn.relu(y))
+        return y
+
+    ref = _conv_ref(x, wt, stride, pad, groups) + b
+    if "add" in epi:
+        ref = ref + r
+    if "relu" in epi:
+        ref = np.maximum(ref, 0)
+    rule = "window-reduction" if groups > 1 else "outer-product"
+    smod, _ = _check(_fused(body, params), arrays, ref, rule)
+    assert is_tunable_kernel(next(iter(_prim_funcs(smod).values())))
+
+
+def test_conv_weight_pack_is_marked_for_prepacking():
+    """The in-kernel weight pack is annotated so SplitLayoutRewritePreproc can hoist it."""
+    mod = _fused(lambda bb, x, w: bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, w, padding=1))),
+                 [("x", (1, 16, 8, 8)), ("w", (32, 16, 3, 3))])
+    smod = apply_default_schedules(mod, _target())
+    (func,) = _prim_funcs(smod).values()
+    assert LAYOUT_REWRITE_ANN in func.script()
+
+
+MATMUL_CASES = [
+    ("nn_bias_gelu", (64, 96), (96, 128), False, "gelu"),
+    ("nt_bias", (32, 64), (48, 64), True, "bias"),
+    ("odd_rows", (37, 40), (40, 24), False, "relu"),
+    ("batched", (3, 16, 32), (3, 32, 24), False, ""),
+]
+
+
+@pytest.mark.parametrize("case", MATMUL_CASES, ids=[c[0] for c in MATMUL_CASES])
+def test_matmul_variants_keep_numbers(case):
+    name, a_shape, b_shape, transb, epi = case
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal(a_shape).astype(np.float32)
+    b = (rng.standard_normal(b_shape) / 8).astype(np.float32)
+    n_out = b_shape[-2] if transb else b_shape[-1]
+    bias = rng.standard_normal((n_out,)).astype(np.float32)
+    params = [("a", a_shape), ("b", b_shape), ("bias", bias.shape)]
+
+    def body(bb, av, bv, biasv):
+        rhs = relax.op.permute_dims(bv) if transb else bv
+        y = bb.emit(relax.op.matmul(av, rhs))
+        if epi:
+            y = bb.emit(relax.op.add(y, biasv))
+        if epi == "gelu":
+            y = bb.emit(relax.op.nn.gelu(y))
+        if epi == "relu":
+            y = bb.emit(relax.op.nn.relu(y))
+        return y
+
+    ref = a.astype(np.float64) @ (b.T if transb else b).astype(np.float64)
+    if epi:
+        ref = ref + bias
+    if epi == "gelu":
+        from math import erf
+
+        ref = 0.5 * ref * (1 + np.vectorize(erf)(ref / np.sqrt(2)))
+    if epi == "relu":
+        ref = np.maximum(ref, 0)
+    mod = _fused(body, params)
+    _check(mod, [a, b, bias], ref.astype(np.float32), "outer-product", rtol=1e-3, atol=1e-3)
+
+
+def test_elementwise_softmax_and_pool_keep_numbers():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 8, 9, 33)).astype(np.float32)
+    y = rng.standard_normal((2, 8, 9, 33)).astype(np.float32)
+    mod = _fused(lambda bb, a, b: bb.emit(relax.op.multiply(relax.op.sigmoid(relax.op.add(a, b)), a)),
+                 [("a", x.shape), ("b", y.shape)])
+    _check(mod, [x, y], (1 / (1 + np.exp(-(x + y)))) * x, "injective", rtol=1e-5, atol=1e-5)
+
+    s = rng.standard_normal((4, 16, 40)).astype(np.float32)
+    mod = _fused(lambda bb, a: bb.emit(relax.op.nn.softmax(a, axis=-1)), [("a", s.shape)])
+    e = np.exp(s - s.max(-1, keepdims=True))
+    _check(mod, [s], e / e.sum(-1, keepdims=True), "dlight-reduction", rtol=1e-5, atol=1e-6)
+
+    p = rng.standard_normal((1, 8, 17, 17)).astype(np.float32)
+    mod = _fused(lambda bb, a: bb.emit(relax.op.nn.max_pool2d(a, pool_size=3, strides=2, padding=1)),
+                 [("a", p.shape)])
+    pp = np.pad(p, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
+    ref = np.max(np.stack([pp[:, :, i:i + 17:2, j:j + 17:2] for i in range(3) for j in range(3)]), axis=0)
+    _check(mod, [p], ref, "window-reduction")
+
+
+def test_already_scheduled_functions_are_left_alone():
+    mod = _fused(lambda bb, a, b: bb.emit(relax.op.add(a, b)), [("a", (4, 8)), ("b", (4, 8))])
+    (gv,) = [gv for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    marked = mod[gv].with_attr("tirx.is_scheduled", True)
+    mod[gv] = marked
+    stats = ScheduleStats()
+    out = apply_default_schedules(mod, _target(), stats=stats)
+    assert stats.by_func == {}
+    assert out[gv].same_as(marked)
+
+
+def test_tunable_kernel_detection():
+    conv = _fused(lambda bb, x, w: bb.emit(relax.op.nn.conv2d(x, w)), [("x", (1, 4, 6, 6)), ("w", (8, 4, 3, 3))])
+    ew = _fused(lambda bb, a: bb.emit(relax.op.nn.relu(a)), [("a", (4, 8))])
+    sm = _fused(lambda bb, a: bb.emit(relax.op.nn.softmax(a)), [("a", (4, 8))])
+    assert all(is_tunable_kernel(f) for f in _prim_funcs(conv).values())
+    assert not any(is_tunable_kernel(f) for f in _prim_funcs(ew).values())
+    assert not any(is_tunable_kernel(f) for f in _prim_funcs(sm).values())

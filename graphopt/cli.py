@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help=f"what to produce (default onnx; have: {', '.join(TARGETS)})")
     p.add_argument("-O", dest="opt_level", metavar="LEVEL", help="optimisation level 0-3 (-O2 is the default)")
     p.add_argument("--passes", metavar="SPEC", help="the pipeline, e.g. '-O1,fold-constants' (instead of -O)")
+    p.add_argument("--prune", metavar="RATIO", help="append prune{ratio=RATIO} (structured channel pruning) to the pipeline")
     p.add_argument("--disable", metavar="NAME", action="append", help="drop pass NAME from the pipeline (repeatable)")
     p.add_argument("--contrib-ops", action=argparse.BooleanOptionalAction, default=None,
                    help="let fusions use onnxruntime's com.microsoft ops (for deployments on onnxruntime only)")
@@ -179,11 +180,25 @@ def parse_options(argv: Sequence[str]) -> Options:
         tuning_db=pick(ns.tuning_db, "tuning-db", None),
         threads=pick(ns.threads, "threads", None),
     )
+    opts.pipeline = _prune_spec(ns, opts.pipeline)
     modes = [m for m, on in (("--print-pipeline", opts.print_pipeline), ("--list-passes", opts.list_passes),
                              ("--explain", opts.explain is not None)) if on]
     if len(modes) > 1:
         raise UsageError(f"{' and '.join(modes)} cannot be combined")
     return opts
+
+
+def _prune_spec(ns: argparse.Namespace, pipeline: str) -> str:
+    """--prune R appends prune{ratio=R} (other options: --passes 'prune{ratio=R,criterion=...}')."""
+    if ns.prune is None:
+        return pipeline
+    try:
+        ratio = float(ns.prune)
+    except ValueError:
+        ratio = -1.0
+    if not 0.0 <= ratio < 1.0:
+        raise UsageError(f"--prune {ns.prune}: expected a ratio in [0, 1)")
+    return ",".join(x for x in (pipeline, f"prune{{ratio={ratio:g}}}") if x)
 
 
 def _pipeline_spec(ns: argparse.Namespace, cfg: dict[str, Any]) -> str:

@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-minutes", type=float, metavar="M", help="cpu target: stop tuning after M minutes")
     p.add_argument("--tuning-db", metavar="DIR", help="cpu target: tuning database folder, reused by later compiles")
     p.add_argument("--threads", type=int, metavar="T", help="cpu target: worker threads (default: every core)")
+    p.add_argument("--quantize", metavar="SCHEME", help="append the quantize pass (SCHEME: int8) to the pipeline")
+    p.add_argument("--calibration", metavar="DATA", help="--quantize: calibration .npz (one array per input, samples "
+                   "stacked on the batch axis) or a folder of them (default: synthetic, labelled as such)")
+    p.add_argument("--calibration-method", metavar="M", help="--quantize: minmax (default), percentile, entropy or mse")
+    p.add_argument("--accuracy-budget", metavar="B", help="--quantize: top1:P, cosine:C, sqnr:DB or rel:E; the most "
+                   "sensitive layers stay float until it holds")
     p.add_argument("--inputs", metavar="X.npz", help="inputs for --verify/--verify-each (default: random)")
     p.add_argument("--rtol", type=float, help="relative tolerance for verification (default 1e-4)")
     p.add_argument("--atol", type=float, help="absolute tolerance for verification (default 1e-5)")
@@ -127,6 +133,7 @@ class Options:
     tune_minutes: float | None = None
     tuning_db: str | None = None
     threads: int | None = None
+    calibration: str | None = None  # --quantize's data, handed to the pass through PassContext.data
 
 
 def _join_spec_values(argv: Sequence[str]) -> list[str]:
@@ -181,11 +188,30 @@ def parse_options(argv: Sequence[str]) -> Options:
         threads=pick(ns.threads, "threads", None),
     )
     opts.pipeline = _prune_spec(ns, opts.pipeline)
+    opts.pipeline, opts.calibration = _quantize_spec(ns, opts.pipeline)
     modes = [m for m, on in (("--print-pipeline", opts.print_pipeline), ("--list-passes", opts.list_passes),
                              ("--explain", opts.explain is not None)) if on]
     if len(modes) > 1:
         raise UsageError(f"{' and '.join(modes)} cannot be combined")
     return opts
+
+
+def _quantize_spec(ns: argparse.Namespace, pipeline: str) -> tuple[str, str | None]:
+    """--quantize int8 [--calibration-method M] [--accuracy-budget B] appends quantize{...}."""
+    given = [f for f, v in (("--calibration", ns.calibration), ("--calibration-method", ns.calibration_method),
+                            ("--accuracy-budget", ns.accuracy_budget)) if v is not None]
+    if ns.quantize is None:
+        if given:
+            raise UsageError(f"{given[0]} needs --quantize int8")
+        return pipeline, None
+    if ns.quantize != "int8":
+        raise UsageError(f"--quantize {ns.quantize}: unknown scheme (have: int8)")
+    opts = ["scheme=int8"] + ([f"calibration={ns.calibration_method}"] if ns.calibration_method else []) \
+        + ([f"accuracy-budget={ns.accuracy_budget}"] if ns.accuracy_budget else [])
+    for o in opts:
+        if any(c in o for c in ",{}") or o.count("=") != 1:
+            raise UsageError(f"--quantize: bad value in {o!r}")
+    return ",".join(x for x in (pipeline, "quantize{" + ",".join(opts) + "}") if x), ns.calibration
 
 
 def _prune_spec(ns: argparse.Namespace, pipeline: str) -> str:
@@ -386,6 +412,8 @@ def _compile(opts: Options) -> int:
 
     model = graphopt.load(opts.model)
     ctx = PassContext()
+    if opts.calibration:
+        ctx.data["calibration"] = opts.calibration
     passes = _resolve(opts, ctx.log)
     feeds = _feeds(opts, model) if (opts.verify or opts.verify_each) else None
     reference = run_onnxruntime(model, feeds) if opts.verify and feeds is not None else None

@@ -7,6 +7,7 @@ against the float model.
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
 import graphopt
+from graphopt.cli import main as cli_main
 from graphopt.calibration import (
     CalibrationError,
     HistogramObserver,
@@ -551,6 +553,49 @@ def test_report_file_and_quantize_function(tmp_path) -> None:
     assert data["result"] == rep["result"] and data["layers"]
     with pytest.raises(UsageError):
         quantize(small_cnn(), None, scheme="fp8")
+
+
+# ------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def cnn_files(tmp_path):
+    model = small_cnn()
+    path = tmp_path / "cnn.onnx"
+    graphopt.save(model, str(path))
+    x = np.random.default_rng(0).standard_normal((6, 3, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    np.savez(tmp_path / "check.npz", x=x[:1])
+    return tmp_path, path
+
+
+def test_cli_quantizes_with_calibration_data(cnn_files, capsys) -> None:
+    tmp, path = cnn_files
+    out, rep = tmp / "q.onnx", tmp / "r.json"
+    code = cli_main([str(path), "-o", str(out), "--quantize", "int8", "--calibration", str(tmp / "calib.npz"),
+                 "--calibration-method", "percentile", "--report", str(rep), "--quiet",
+                 "--verify", "--inputs", str(tmp / "check.npz"), "--rtol", "0.2", "--atol", "0.3",
+                 "--passes", "-O1", "--disable", "cse"])
+    assert code == 0, capsys.readouterr().err
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto)
+    kinds = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= kinds
+    report = json.loads(rep.read_text())
+    assert report["pipeline"].endswith("quantize{calibration=percentile}")
+    assert any("calib.npz: 6 samples" in line for line in report["log"])
+
+
+def test_cli_quantize_usage_errors(cnn_files, capsys) -> None:
+    tmp, path = cnn_files
+    for args, words in [(["--calibration", "x.npz"], "needs --quantize"),
+                        (["--quantize", "int4"], "unknown scheme"),
+                        (["--quantize", "int8", "--accuracy-budget", "acc:1"], "unknown metric"),
+                        (["--quantize", "int8", "--calibration", str(tmp / "missing.npz")], "no such file")]:
+        code = cli_main([str(path), "-o", str(tmp / "o.onnx"), *args])
+        err = capsys.readouterr().err
+        assert code == 2 and words in err and err.count("\n") == 1, (args, err)
+    assert not (tmp / "o.onnx").exists()
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(__file__), "..", ".cache", "corpus", "resnet50.onnx")),

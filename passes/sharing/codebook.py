@@ -48,14 +48,21 @@ STORAGES = ("uint8", "uint4", "packed")
 
 def pack(idx: np.ndarray, bits: int) -> np.ndarray:
     """Indices (< 2**bits) → uint8 [ceil(n/8), bits]: 8 indices per `bits` bytes."""
-    flat = idx.reshape(-1).astype(np.uint64)
+    flat = idx.reshape(-1)
     groups = -(-flat.size // 8)
-    padded = np.zeros(groups * 8, dtype=np.uint64)
-    padded[: flat.size] = flat
-    word = np.zeros(groups, dtype=np.uint64)
-    for j in range(8):  # 8 vectorised passes, whatever the tensor size
-        word |= padded[j::8] << np.uint64(j * bits)
-    return word.astype("<u8").view(np.uint8).reshape(groups, 8)[:, :bits].copy()
+    out = np.empty((groups, bits), dtype=np.uint8)
+    step = 1 << 17  # groups per chunk: the uint64 words stay small
+    for g0 in range(0, groups, step):
+        part = flat[g0 * 8 : (g0 + step) * 8]
+        ng = -(-part.size // 8)
+        cols = np.zeros(ng * 8, dtype=np.uint8)
+        cols[: part.size] = part
+        cols = cols.reshape(ng, 8)
+        word = np.zeros(ng, dtype=np.uint64)
+        for j in range(8):
+            word |= cols[:, j].astype(np.uint64) << np.uint64(j * bits)
+        out[g0 : g0 + ng] = word.astype("<u8").view(np.uint8).reshape(ng, 8)[:, :bits]
+    return out
 
 
 def unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:

@@ -432,20 +432,37 @@ def bn_net(seed=0) -> Model:
     return n.model([("x", ["N", 3, 8, 8])], [y])
 
 
+def with_true_bn_statistics(m: Model, x: np.ndarray) -> Model:
+    """Running statistics as training would have left them: the BN inputs' real mean/var."""
+    from graphopt.calibration import intermediate_outputs
+
+    for i in range(2):
+        bn = node(m, f"bn{i}")
+        y = intermediate_outputs(m, [bn.inputs[0].name]).run(None, {"x": x})[0].astype(np.float64)
+        bn.inputs[3].const_value = NumpyTensor(y.mean(axis=(0, 2, 3)).astype(np.float32))
+        bn.inputs[4].const_value = NumpyTensor(y.var(axis=(0, 2, 3)).astype(np.float32))
+    return m
+
+
 def test_reconstruction_and_bn_reestimation_reduce_the_error(tmp_path):
-    m = bn_net()
     rng = np.random.default_rng(5)
+    data = rng.standard_normal((48, 3, 8, 8)).astype(np.float32)
+    m = with_true_bn_statistics(bn_net(), data)
     calib = tmp_path / "calib.npz"
-    np.savez(calib, x=rng.standard_normal((48, 3, 8, 8)).astype(np.float32))
+    np.savez(calib, x=data)
     feeds = {"x": rng.standard_normal((16, 3, 8, 8)).astype(np.float32)}
     ref = run_onnxruntime(m, feeds)[0]
     plain, _, _ = prune(m, "prune{ratio=0.5}")
     rec, stats, ctx = prune(m, f"prune{{ratio=0.5,calibration={calib},samples=48}}")
-    assert stats["layers-refit"] >= 1 and stats["bn-reestimated"] >= 1
+    assert stats["layers-refit"] >= 1 and stats["bn-reestimated"] == 0
     assert stats["refit-rel-error-after"] < stats["refit-rel-error-before"]
+    bn, stats_bn, _ = prune(m, f"prune{{ratio=0.5,calibration={calib},reconstruct=false}}")
+    assert stats_bn["bn-reestimated"] == 2 and "layers-refit" in stats_bn and stats_bn["layers-refit"] == 0
+    assert node(bn, "bn1").inputs[3].const_value.shape == (8,)
     err_plain = np.abs(run_onnxruntime(plain, feeds)[0] - ref).mean()
     err_rec = np.abs(run_onnxruntime(rec, feeds)[0] - ref).mean()
-    assert err_rec < 0.7 * err_plain, (err_rec, err_plain)
+    err_bn = np.abs(run_onnxruntime(bn, feeds)[0] - ref).mean()
+    assert err_rec < 0.7 * err_plain and err_bn < err_plain, (err_rec, err_bn, err_plain)
     assert not any("SYNTHETIC" in line for line in ctx.log)
 
 
@@ -480,3 +497,16 @@ def _shaped(m: Model) -> Model:
     m = m.clone()
     ensure_shapes(m)
     return m
+
+
+def test_cli_prune_shortcut(tmp_path, capsys):
+    from graphopt.cli import main
+
+    assert main(["-O1", "--prune", "0.5", "--print-pipeline"]) == 0
+    assert capsys.readouterr().out.strip().endswith(",dce,prune{ratio=0.5}")
+    assert main(["--prune", "1.5", "--print-pipeline"]) == 2
+    src, dst = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    graphopt.save(wide(), str(src))
+    assert main([str(src), "-o", str(dst), "-O1", "--prune", "0.5", "--quiet"]) == 0
+    out = graphopt.load(str(dst))
+    assert weight(out, "A")[0] == 16

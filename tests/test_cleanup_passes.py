@@ -387,9 +387,11 @@ def test_simplify_shapes_folds_static_pieces_keeps_batch_dynamic():
     assert res.stats["gather-folded"] == 1  # Gather(Shape(x), 1) -> 3; Gather(.., 0) stays
     assert res.stats["folded"] >= 1 and all(n.inputs[0].name != "w" for n in out.graph if n.op_type == "Shape")
     assert sum(n.op_type == "Shape" for n in out.graph) == 1  # Shape(x) stays: N is dynamic
-    assert res.stats["reshape-simplified"] == 2  # both Reshapes read [0, -1] / [0, 3, -1]
+    # both Reshapes read [0, -1] / [0, 3, -1], then each -1 is sized by cancelling N (two more)
+    assert res.stats["reshape-simplified"] == 4
     reshape_targets = [n.inputs[1].const_value.numpy().tolist() for n in out.graph if n.op_type == "Reshape"]
-    assert reshape_targets == [[0, -1], [0, 3, -1]]
+    assert reshape_targets == [[0, 48], [0, 3, 16]]
+    assert [n.outputs[0].shape.dims for n in out.graph if n.op_type == "Reshape"] == [("N", 48), ("N", 3, 16)]
 
 
 def test_O1_removes_torch_clutter_and_keeps_batch_dynamic():
@@ -546,3 +548,54 @@ def test_fold_keeps_scalars_scalar() -> None:
     assert [n.op_type for n in out.graph] == ["Range"]
     assert out.graph.nodes[0].inputs[1].const_value.numpy().shape == ()
     assert check_same_outputs(m, out, {"z": np.array(0, np.int64), "one": np.array(1, np.int64)}).ok
+
+
+def hf_mask_style() -> Model:
+    """What transformers' mask code exports: arange(N) from a Shape, a flatten of [N, S] to [-1]
+    and back to [-1, 1, 1, S], and torch's expand(): Expand(x, Where(Equal(shape, -1), 1, shape)),
+    with the exporter's made-up dims ("unk__7") in value_info."""
+    S = 4
+    nodes = [
+        helper.make_node("Shape", ["ids"], ["s"]),
+        helper.make_node("Gather", ["s", "i0"], ["n"], axis=0),
+        helper.make_node("Range", ["zero", "n", "one"], ["ar"]),  # arange(N)
+        helper.make_node("Reshape", ["m", "minus1"], ["flat"]),  # [N*S]
+        helper.make_node("Reshape", ["flat", "back"], ["m4"]),  # [N, 1, 1, S]
+        helper.make_node("Unsqueeze", ["n", "ax0"], ["nu"]),
+        helper.make_node("Concat", ["nu", "minus1", "ss", "ss"], ["shape"], axis=0),  # [N, -1, S, S]
+        helper.make_node("Equal", ["shape", "minus1"], ["isneg"]),
+        helper.make_node("Where", ["isneg", "ones4", "shape"], ["eshape"]),
+        helper.make_node("Expand", ["m4", "eshape"], ["y"]),
+    ]
+    inits = [const("i0", np.array(0)), const("zero", np.array(0)), const("one", np.array(1)),
+             const("minus1", np.array([-1])), const("back", np.array([-1, 1, 1, S])), const("ax0", np.array([0])),
+             const("ss", np.array([S])), const("ones4", np.ones(4, np.int64))]
+    g = helper.make_graph(nodes, "g", [vi("ids", TensorProto.INT64, ["N", S]), vi("m", F, ["N", S])],
+                          [helper.make_tensor_value_info("y", F, None), helper.make_tensor_value_info("ar", TensorProto.INT64, None)],
+                          initializer=inits,
+                          value_info=[vi("ar", TensorProto.INT64, ["unk__1"]), vi("flat", F, ["unk__7"]),
+                                      vi("m4", F, ["unk__3", 1, 1, S]), vi("eshape", TensorProto.INT64, [4])])
+    return graphopt.load(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+
+
+def test_simplify_shapes_names_dims_through_mask_code():
+    m = hf_mask_style()
+    out, res = check(m, "simplify-shapes")
+    assert res.stats["shape-refined"] >= 2 and res.stats["reshape-simplified"] >= 2, res.stats
+    types = {v.name: v.shape.dims for n in out.graph for v in n.outputs if v.shape is not None}
+    assert types["ar"] == ("N",)  # Range(0, N, 1)
+    assert types["flat"] == ("4*N",)  # a product of dims, named so that it can cancel later
+    assert types["m4"] == ("N", 1, 1, 4)  # the -1 sized by cancelling N
+    assert types["y"] == ("N", 1, 4, 4)  # Expand through Where(Equal(shape, -1), 1, shape)
+
+
+def test_simplify_shapes_does_not_name_what_it_cannot_prove():
+    m = hf_mask_style()
+    # the flattened mask now comes from another tensor: [-1] of [N, S] still is N*S, but the
+    # Reshape back to [-1, 1, 1, 3] does not divide: no dim is claimed
+    for t in m.graph.initializers.values():
+        if t.name == "back":
+            t.const_value = graphopt.ir.NumpyTensor(np.array([-1, 1, 1, 3], np.int64))
+    out, _ = run_pass(m, "simplify-shapes")
+    types = {v.name: v.shape.dims if v.shape is not None else None for n in out.graph for v in n.outputs}
+    assert types["m4"] is None or types["m4"][0] != "N"

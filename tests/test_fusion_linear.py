@@ -516,6 +516,17 @@ def test_reshape_chain_long_and_flatten_inner():
     assert_same(m, out)
 
 
+def test_reshape_chain_zeros_that_copy_the_same_dim_of_x():
+    # the head split and merge of attention: [N, S, 768] → [0, S, 12, 64] → [0, S, 768]
+    m = make(
+        [node("Reshape", ["x", "s1"], ["r"]), node("Reshape", ["r", "s2"], ["y"])],
+        [vi("x", ["N", 5, 24])], [vi("y", None)], [i64("s1", [0, 5, 3, 8]), i64("s2", [0, 5, 24])],
+    )
+    out, stats = run(m)
+    assert stats == {"reshape-chain": 1} and ops(out) == ["Reshape"]
+    assert_same(m, out)
+
+
 def test_reshape_chain_allowzero():
     m = make(
         [node("Reshape", ["x", "s1"], ["r"]), node("Reshape", ["r", "s2"], ["y"], allowzero=1)],
@@ -547,6 +558,12 @@ def test_reshape_chain_near_misses():
     m = make(
         [node("Reshape", ["x", "s1"], ["r"]), node("Reshape", ["r", "s2"], ["y"])],
         [vi("x", [2, 3, 4])], [vi("y", None)], [i64("s1", [6, 4]), i64("s2", [0, 2, 2])],
+    )
+    assert_untouched(m)
+    # s2's 0 where s1 is not a copy: [2, 3, 4] → [0, 12] → [0, 3, 4] is fine, → [6, 2, 2] → [0, 4] not
+    m = make(
+        [node("Reshape", ["x", "s1"], ["r"]), node("Reshape", ["r", "s2"], ["y"])],
+        [vi("x", [2, 3, 4])], [vi("y", None)], [i64("s1", [4, 0, 2]), i64("s2", [0, 6])],
     )
     assert_untouched(m)
     # s2 not constant

@@ -21,9 +21,10 @@ from graphopt.transform.registry import get_pass
 OPT_LEVELS: dict[str, str] = {
     "-O0": "",
     "-O1": "fold-constants,fuse-conv-bn,simplify-shapes,remove-noops,cse,dce",
+    # fuse-attention comes before fuse-linear, whose contrib FusedMatMul would hide Q·Kᵀ;
     # fuse-conv-activation only fires with contrib-ops; the second fuse-linear merges the Reshape
     # pairs that fuse-attention's head split/merge leaves once remove-noops cancels the Transposes
-    "-O2": "-O1,fuse-linear,fuse-activations,fuse-normalization,fuse-attention,fuse-conv-activation,remove-noops,fuse-linear,fold-constants,remove-noops,cse,dce",
+    "-O2": "-O1,fuse-attention,fuse-linear,fuse-activations,fuse-normalization,fuse-conv-activation,remove-noops,fuse-linear,fold-constants,remove-noops,cse,dce",
     "-O3": "-O2",
 }
 

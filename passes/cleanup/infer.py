@@ -67,8 +67,14 @@ def _convert(tt: onnx.TypeProto.Tensor) -> TensorType | None:
     return TensorType(dtype, Shape(tuple(dims)))
 
 
+def _anonymous(d: object) -> bool:
+    """A dim symbol an exporter or onnx's inference made up ("unk__3"): it names nothing."""
+    return isinstance(d, str) and d.startswith("unk__")
+
+
 def merge_type(old: Type | None, new: TensorType | None) -> Type | None:
-    """The more precise of two types for one value; on any disagreement the old one wins."""
+    """The more precise of two types for one value; on any disagreement the old one wins, except
+    that a made-up symbol ("unk__3") gives way to a symbol inferred from the inputs ("batch")."""
     if new is None:
         return old
     if old is None:
@@ -84,6 +90,8 @@ def merge_type(old: Type | None, new: TensorType | None) -> Type | None:
         if isinstance(a, int):
             dims.append(a)
         elif isinstance(b, int):
+            dims.append(b)
+        elif _anonymous(a) and isinstance(b, str) and not _anonymous(b):
             dims.append(b)
         else:
             dims.append(a if a is not None else b)
@@ -122,6 +130,12 @@ def infer_types(model: Model) -> int:
     try:
         proto = to_onnx(model)
         _strip_weights(proto.graph)
+        # exporters name every dim they could not derive "unk__N"; such a name would stick (onnx
+        # keeps what value_info says), so forget it and let inference derive the dim from the inputs
+        for vi in proto.graph.value_info:
+            for d in vi.type.tensor_type.shape.dim:
+                if d.dim_param.startswith("unk__"):
+                    d.Clear()
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
     except Exception:
         return 0

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import collections
+
 from dataclasses import dataclass
 from typing import ClassVar, Union
 
 import numpy as np
 
-from graphopt.ir import Model, Node, Value
+from graphopt.ir import Model, Node, Shape, TensorType, Value
 from graphopt.transform import Pass, PassContext, PassResult, register_pass
 
 from graphopt.passes.cleanup._util import (
     constant_semantics,
     STANDARD_DOMAINS,
+    const_array,
     const_ints,
     dims_of,
     graphs_preorder,
@@ -22,7 +25,7 @@ from graphopt.passes.cleanup._util import (
     replace_with_constant,
 )
 from graphopt.passes.cleanup.fold import try_fold
-from graphopt.passes.cleanup.infer import infer_types
+from graphopt.passes.cleanup.infer import infer_types, merge_type
 
 #: One element of a shape tensor: a known int, or an opaque token for an unknown one. Two
 #: equal tokens denote the same runtime value: ("sym", name) for a named symbolic dim, or
@@ -61,7 +64,18 @@ class SimplifyShapes(Pass):
 
     def _run(self, model: Model, ctx: PassContext) -> PassResult:
         infer_types(model)
-        stats = {"shape-folded": 0, "gather-folded": 0, "folded": 0, "reshape-simplified": 0}
+        stats = {"shape-folded": 0, "gather-folded": 0, "folded": 0, "reshape-simplified": 0, "shape-refined": 0}
+        # a dim made known (a -1 resolved, a 0 copied, an Expand or Reshape typed) can make the
+        # next shape computation foldable: repeat, re-inferring types, while that happens
+        for _ in range(_MAX_ROUNDS):
+            before = stats["reshape-simplified"] + stats["shape-refined"]
+            self._round(model, stats)
+            if stats["reshape-simplified"] + stats["shape-refined"] == before:
+                break
+            infer_types(model)
+        return PassResult(any(stats.values()), stats)
+
+    def _round(self, model: Model, stats: dict[str, int]) -> None:
         for g in graphs_preorder(model):
             if isinstance(g.parent, Node) and g.parent.graph is None:
                 continue
@@ -84,13 +98,25 @@ class SimplifyShapes(Pass):
                         replace_with_constant(n, [arr])
                         stats["shape-folded" if op == "Shape" else "gather-folded"] += 1
                         continue
-                if op == "Reshape" and opset >= 5 and len(n.inputs) > 1 and not is_constant(n.inputs[1]):
-                    if _simplify_reshape(n, memo):
+                if op == "Range" and _type_range(n, memo):
+                    stats["shape-refined"] += 1
+                    continue
+                if op == "Expand" and not is_constant(n.inputs[1]) and _type_from_shape(n, memo):
+                    stats["shape-refined"] += 1
+                    continue
+                if op == "Reshape" and opset >= 5 and len(n.inputs) > 1:
+                    if not is_constant(n.inputs[1]) and _simplify_reshape(n, memo):
+                        stats["reshape-simplified"] += 1
+                    elif not is_constant(n.inputs[1]) and not n.attr("allowzero", 0) and _type_from_shape(n, memo):
+                        stats["shape-refined"] += 1
+                    if is_constant(n.inputs[1]) and _resolve_minus_one(n):
                         stats["reshape-simplified"] += 1
                     continue
                 if try_fold(n, model, max_size=self.max_size, max_expand=self.max_expand):
                     stats["folded"] += 1
-        return PassResult(any(stats.values()), stats)
+
+
+_MAX_ROUNDS = 10
 
 
 def _elements(v: Value | None, memo: dict[Value, list[Elem] | None], depth: int = 0) -> list[Elem] | None:
@@ -147,6 +173,18 @@ def _compute(v: Value, memo: dict[Value, list[Elem] | None], depth: int) -> list
         if any(i < -r or i >= r for i in idx):
             return None
         return [data[i] for i in idx]
+    if op in ("Equal", "Where"):
+        # torch's expand(): Where(Equal(shape, -1), 1, shape); elementwise on ≤1-D tensors
+        if any(len(dims_of(x) or (0, 0)) > 1 for x in n.inputs):
+            return None
+        args = [_elements(x, memo, depth + 1) for x in n.inputs]
+        if any(a is None for a in args):
+            return None
+        size = max(len(a) for a in args)  # type: ignore[arg-type]
+        if any(len(a) not in (1, size) for a in args):  # type: ignore[arg-type]
+            return None
+        cols = [[a[i if len(a) > 1 else 0] for a in args] for i in range(size)]  # type: ignore[index]
+        return _equal(cols) if op == "Equal" else _where(cols)
     if op == "Slice" and len(n.inputs) >= 3:
         data = _elements(n.inputs[0], memo, depth + 1)
         starts, ends = const_ints(n.inputs[1]), const_ints(n.inputs[2])
@@ -156,6 +194,85 @@ def _compute(v: Value, memo: dict[Value, list[Elem] | None], depth: int) -> list
             return None
         return data[slice(starts[0], ends[0], steps[0])] if steps[0] != 0 else None
     return None
+
+
+def _equal(cols: list[list[Elem]]) -> list[Elem] | None:
+    out: list[Elem] = []
+    for a, b in cols:
+        if isinstance(a, int) and isinstance(b, int):
+            out.append(int(a == b))
+        elif a == b:  # the same dim token
+            out.append(1)
+        elif (isinstance(a, int) and a < 0) or (isinstance(b, int) and b < 0):
+            out.append(0)  # a dim is never negative
+        else:
+            return None
+    return out
+
+
+def _where(cols: list[list[Elem]]) -> list[Elem] | None:
+    out: list[Elem] = []
+    for c, a, b in cols:
+        if not isinstance(c, int):
+            return None
+        out.append(a if c else b)
+    return out
+
+
+def _dim_of(e: Elem) -> int | str | None:
+    """A shape element as a dim: an int, a symbol, or None when not known."""
+    if isinstance(e, int):
+        return e
+    if e[0] == "sym":
+        return e[1]  # type: ignore[return-value]
+    dims = dims_of(e[1])  # type: ignore[arg-type]
+    d = dims[e[2]] if dims is not None else None  # type: ignore[index]
+    return d if isinstance(d, (int, str)) else None
+
+
+def _type_range(n: Node, memo: dict[Value, list[Elem] | None]) -> bool:
+    """Range(0, d, 1) with d a dim read from a Shape: its length is that dim (torch's arange(N))."""
+    start, limit, delta = (_elements(x, memo) for x in n.inputs[:3])
+    out = n.outputs[0]
+    if start != [0] or delta != [1] or limit is None or len(limit) != 1 or out.dtype is None:
+        return False
+    d = _dim_of(limit[0])
+    if not isinstance(d, str):
+        return False
+    merged = merge_type(out.type, TensorType(out.dtype, Shape((d,))))
+    if merged is out.type:
+        return False
+    out.type = merged
+    return True
+
+
+def _type_from_shape(n: Node, memo: dict[Value, list[Elem] | None]) -> bool:
+    """Give Expand(x, computed shape) and Reshape(x, computed shape) output dims where onnx's
+    inference could not (it does not see through Where/Equal, nor name a dim it reads from
+    another tensor's Shape): Expand broadcasts x's dims against the shape's elements; Reshape
+    takes the elements (0 copies x's dim, -1 stays unknown)."""
+    out, x = n.outputs[0], n.inputs[0]
+    elems = _elements(n.inputs[1], memo)
+    xd = dims_of(x)
+    if elems is None or xd is None or out.dtype is None:
+        return False
+    dims: list[int | str | None] = []
+    if n.op_type == "Reshape":
+        for i, e in enumerate(elems):
+            d = _dim_of(e)
+            dims.append(None if d == -1 else (xd[i] if i < len(xd) else None) if d == 0 else d)
+    else:
+        rank = max(len(elems), len(xd))
+        xs = [1] * (rank - len(xd)) + list(xd)
+        es = [1] * (rank - len(elems)) + [_dim_of(e) for e in elems]
+        for a, b in zip(xs, es):
+            dims.append(b if a == 1 else a if b == 1 or a == b else None)
+    new = TensorType(out.dtype, Shape(tuple(dims)))
+    merged = merge_type(out.type, new)
+    if merged is out.type:
+        return False
+    out.type = merged
+    return True
 
 
 def _out_shape(n: Node, elems: list[Elem] | None) -> tuple[int, ...] | None:
@@ -195,10 +312,13 @@ def _simplify_reshape(n: Node, memo: dict[Value, list[Elem] | None]) -> bool:
         return False
     target: list[int | None] = []
     for i, e in enumerate(elems):
-        if isinstance(e, int):
-            target.append(e)
-        elif dims is not None and i < len(dims) and _same_dim(e, x, i, dims[i]):
-            target.append(0)
+        d = _dim_of(e)
+        if isinstance(d, int):
+            target.append(d)  # a constant, or a dim that is static where it is read
+        elif dims is not None and i < len(dims) and (
+            _same_dim(e, x, i, dims[i]) or (isinstance(d, str) and not d.startswith("unk__") and d == dims[i])
+        ):
+            target.append(0)  # x's own dim i, or a dim with the same (inferred, named) symbol
         else:
             target.append(None)
     unknown = [i for i, t in enumerate(target) if t is None]
@@ -214,6 +334,78 @@ def _simplify_reshape(n: Node, memo: dict[Value, list[Elem] | None]) -> bool:
     assert g is not None
     const = make_constant(g, np.array(target, dtype=np.int64), shape, before=n)
     n.replace_input_with(1, const)
+    return True
+
+
+Mono = tuple[int, collections.Counter]  # coefficient × product of symbols
+
+
+def _mono(d: int | str) -> Mono:
+    """A dim as a monomial; "128*batch" (a product this pass named before) is parsed back."""
+    if isinstance(d, int):
+        return d, collections.Counter()
+    coeff, syms = 1, collections.Counter()
+    for part in d.split("*"):
+        if part.isdigit():
+            coeff *= int(part)
+        else:
+            syms[part] += 1
+    return coeff, syms
+
+
+def _dim_text(coeff: int, syms: collections.Counter) -> int | str:
+    if not syms:
+        return coeff
+    names = sorted(s for s, k in syms.items() for _ in range(k))
+    return "*".join(([str(coeff)] if coeff != 1 else []) + names)
+
+
+def _resolve_minus_one(n: Node) -> bool:
+    """Size the -1 of Reshape(x, constant target) by cancelling symbols.
+
+    x: [N, 128, 768], target [0, 128, -1, 64]  →  Reshape(x, [0, 128, 12, 64]) (a static result
+    is written into the graph). x: [N, 128], target [-1]  →  output typed ["128*N"], and a later
+    Reshape of that to [-1, 1, 1, 128] gets [N, 1, 1, 128]: onnx's inference cannot size a -1
+    next to a symbolic dim, so everything downstream would get made-up dims. Not when x has an
+    unknown dim, the division leaves a remainder or a negative power, or allowzero=1."""
+    if n.attr("allowzero", 0):
+        return False
+    target = const_array(n.inputs[1])
+    dims = dims_of(n.inputs[0])
+    if target is None or dims is None or target.ndim != 1 or np.count_nonzero(target == -1) != 1:
+        return False
+    if any(d is None for d in dims) or any(isinstance(d, str) and d.startswith("unk__") for d in dims):
+        return False
+    coeff, syms = 1, collections.Counter()
+    for d in dims:
+        c, s = _mono(d)  # type: ignore[arg-type]
+        coeff, syms = coeff * c, syms + s
+    out_dims: list[int | str | None] = []
+    for i, t in enumerate(target.tolist()):
+        d = (dims[i] if i < len(dims) else None) if t == 0 else t
+        if d is None or (isinstance(d, int) and d < -1):
+            return False
+        out_dims.append(d)
+        if d == -1:
+            continue
+        c, s = _mono(d)  # type: ignore[arg-type]
+        if c == 0 or coeff % c or any(syms[k] < v for k, v in s.items()):
+            return False
+        coeff, syms = coeff // c, syms - s
+    rest = _dim_text(coeff, syms)
+    g = n.graph
+    assert g is not None
+    if isinstance(rest, int):
+        resolved = np.where(target == -1, rest, target).astype(np.int64)
+        n.replace_input_with(1, make_constant(g, resolved, n.inputs[1], before=n))
+        return True
+    out = n.outputs[0]
+    if out.dtype is None:
+        return False
+    merged = merge_type(out.type, TensorType(out.dtype, Shape(tuple(rest if d == -1 else d for d in out_dims))))
+    if merged is out.type:
+        return False
+    out.type = merged
     return True
 
 

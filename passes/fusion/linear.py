@@ -474,7 +474,8 @@ class ReshapeChain(Rule):
     when the -1 is in the head).
 
     Must not fire: s2 not constant; s2 with a 0 (copy this dim from the input, which changes when
-    the inner node goes) unless the outer Reshape has allowzero=1; for Flatten(Reshape): s1 not
+    the inner node goes) unless the outer Reshape has allowzero=1 or the inner one is a Reshape
+    that copies the same dim of x (a 0 at that position too, without allowzero); for Flatten(Reshape): s1 not
     constant or with a 0; the inner node's output also read elsewhere; the opset < 5 Reshape
     (shape attribute) as the outer node.
     """
@@ -494,7 +495,7 @@ class ReshapeChain(Rule):
             s2 = m.const(self.s2)
             if s2.ndim != 1 or s2.dtype != np.int64:
                 return Fail(f"s2 is not a 1-D int64 tensor ({s2.dtype}, rank {s2.ndim})")
-            if (s2 == 0).any() and not m.root.attr("allowzero", 0):
+            if (s2 == 0).any() and not m.root.attr("allowzero", 0) and not self._copies_same_dims(m, s2):
                 return Fail(f"s2 {s2.tolist()} has a 0: that dim is copied from the inner node's output")
             return s2
         s1 = m.const(self.s1)
@@ -513,6 +514,16 @@ class ReshapeChain(Rule):
         if -1 not in head:
             return np.array([int(np.prod(head, dtype=np.int64)), -1], np.int64)
         return np.array([-1, int(np.prod(tail, dtype=np.int64))], np.int64)
+
+    def _copies_same_dims(self, m: Match, s2: np.ndarray) -> bool:
+        """Every 0 of s2 sits where the inner Reshape copies x's dim too: the copy then reads x."""
+        inner = m[self.inner1]
+        if inner.op_type != "Reshape" or len(inner.inputs) < 2 or inner.attr("allowzero", 0):
+            return False
+        s1 = const_array(inner.inputs[1])
+        if s1 is None or s1.ndim != 1:
+            return False
+        return all(i < len(s1) and s1[i] == 0 for i in np.flatnonzero(s2 == 0))
 
     def check(self, m: Match) -> bool | Fail:
         plan = self._plan(m)

@@ -142,7 +142,9 @@ class Prune(Pass):
             "groups-pruned": sum(1 for v in plan.values() if v),
         }
         if not pruned.any():
-            stats.update({"channels-removed": 0, "seconds": round(time.perf_counter() - t0, 3)})
+            stats.update({"channels-removed": 0, "flops-before": flops0, "flops-after": flops0,
+                          "params-before": params0, "params-after": params0,
+                          "seconds": round(time.perf_counter() - t0, 3)})
             return PassResult(False, stats)
         original = model.clone() if (reconstruct or reestimate) else None
         stats["channels-removed"] = apply_pruning(an, pruned)

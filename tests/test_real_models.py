@@ -76,6 +76,9 @@ def test_classifier_accuracy_any_model_form_and_batch(rm, tmp_path):
     # a different model scores differently
     assert rm.evaluate("digits_mlp", _linear_classifier(-w, "batch"))["accuracy"] < 0.5
     assert rm.evaluate("digits_mlp", dyn, limit=10)["n"] == 10
+    fixed = rm.model_proto("digits_mlp", batch=3)  # the cached model with its batch axis fixed
+    assert [d.dim_value for d in fixed.graph.input[0].type.tensor_type.shape.dim] == [3, 1, 8, 8]
+    assert rm.evaluate("digits_mlp", fixed) == want
 
     calib = rm.calibration_data("digits_mlp", n=20)
     assert list(calib) == ["input"] and calib["input"].shape == (20, 1, 8, 8) and calib["input"].dtype == np.float32

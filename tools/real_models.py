@@ -14,6 +14,7 @@ functions alone):
     import sys; sys.path.insert(0, "tools"); import real_models as rm
     rm.list_models()                         # names that are built
     rm.model_path("mnist_resnet8")           # .cache/real/mnist_resnet8.onnx
+    rm.model_proto("mnist_resnet8", batch=1) # onnx.ModelProto, batch axis fixed (default: dynamic)
     rm.calibration_data("mnist_resnet8", n=100)  # {"input": (100, 1, 28, 28) float32}, from the training split
     rm.calibration_path("mnist_resnet8")     # the same (n=CALIB_N) as a .npz, for --calibration
     rm.test_data("mnist_resnet8")            # (inputs dict, labels)  or, for MiniLM, (inputs, fp32 embeddings)
@@ -127,6 +128,21 @@ def model_path(name: str) -> Path:
     """The fp32 ONNX file of `name`."""
     _spec(name)
     return _need(CACHE / f"{name}.onnx")
+
+
+def model_proto(name: str, batch: int | None = None) -> Any:
+    """The fp32 model of `name` as an onnx.ModelProto; with `batch`, the batch axis ("batch") of
+    its inputs and outputs is fixed to that size (for targets that want static shapes)."""
+    import onnx
+
+    proto = onnx.load(str(model_path(name)))
+    if batch is not None:
+        for v in list(proto.graph.input) + list(proto.graph.output):
+            dim = v.type.tensor_type.shape.dim[0]
+            if dim.dim_param == "batch":
+                dim.dim_value = batch  # clears dim_param (a oneof)
+        del proto.graph.value_info[:]  # inferred shapes were for the symbolic batch
+    return proto
 
 
 def calibration_path(name: str) -> Path:

@@ -63,8 +63,8 @@ def fit_sorted(
     *,
     weights: np.ndarray | None = None,
     init: str = "linear",
-    max_iter: int = 100,
-    tol: float = 1e-5,
+    max_iter: int = 300,
+    tol: float = 1e-7,
 ) -> np.ndarray:
     """Weighted Lloyd k-means on rows sorted ascending. xs, weights: [R, m]. Returns sorted
     centroids [R, k] (float64). A cluster that loses all its members keeps its centroid (the
@@ -81,16 +81,22 @@ def fit_sorted(
     zero = np.zeros((R, 1))
     cw = np.concatenate([zero, np.cumsum(w, axis=1)], axis=1)
     cwx = np.concatenate([zero, np.cumsum(w * xs, axis=1)], axis=1)
+    if R == 1:
+        return _fit_one(xs[0], cw[0], cwx[0], c[0], max_iter)[None, :]
     lo = xs[:, :1]
     span = np.maximum(xs[:, -1:] - lo, np.finfo(np.float64).tiny)
     keys = _row_keys(xs, lo, span).ravel()
     row_base = (np.arange(R) * m)[:, None]
     edges = np.empty((R, k + 1), dtype=np.int64)
     edges[:, 0], edges[:, -1] = 0, m
+    prev = None
     for _ in range(max_iter):
         mids = 0.5 * (c[:, 1:] + c[:, :-1])
         # side="left": a value equal to a boundary goes to the upper cluster
         edges[:, 1:-1] = np.searchsorted(keys, _row_keys(mids, lo, span).ravel()).reshape(R, k - 1) - row_base
+        if prev is not None and np.array_equal(edges, prev):
+            break  # same clusters as last time: a fixed point of Lloyd's iteration
+        prev = edges.copy()
         sw = np.diff(np.take_along_axis(cw, edges, axis=1), axis=1)
         swx = np.diff(np.take_along_axis(cwx, edges, axis=1), axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -101,6 +107,29 @@ def fit_sorted(
         if moved.all():
             break
     return c
+
+
+def _fit_one(xs: np.ndarray, cw: np.ndarray, cwx: np.ndarray, c: np.ndarray, max_iter: int) -> np.ndarray:
+    """fit_sorted for a single row with as few numpy calls per iteration as possible (the
+    arrays are tiny; call overhead is the cost), stopping at the exact fixed point."""
+    m = xs.size
+    edges = np.empty(c.size + 1, dtype=np.int64)
+    edges[0], edges[-1] = 0, m
+    inner = edges[1:-1]
+    prev = np.full(c.size - 1, -1, dtype=np.int64)
+    for _ in range(max_iter):
+        inner[:] = np.searchsorted(xs, 0.5 * (c[1:] + c[:-1]))
+        if np.array_equal(inner, prev):
+            break
+        prev[:] = inner
+        sw = np.diff(cw[edges])
+        swx = np.diff(cwx[edges])
+        empty = sw <= 0
+        sw[empty] = 1.0
+        new = swx / sw
+        new[empty] = c[empty]
+        c = new
+    return np.sort(c)
 
 
 def _assign_search(x: np.ndarray, mids: np.ndarray) -> np.ndarray:
@@ -201,7 +230,7 @@ def cluster_rows(
     init: str = "linear",
     sample: int = 1 << 18,
     seed: int = 0,
-    max_iter: int = 100,
+    max_iter: int = 300,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cluster each row of x [R, n] into at most k values: (codebooks [R, k] float64, indices
     [R, n] uint8, each value's nearest codebook entry). The codebook is fitted on at most

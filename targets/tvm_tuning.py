@@ -328,6 +328,7 @@ def tune(
             "target": tspec,
             "db_dir": db_dir,
             "trials": int(trials),
+            "trials_total": int(trials),
             "max_trials_per_task": max_trials_per_task,
             "kernels": kernels,
             "threads": threads,
@@ -538,8 +539,9 @@ def _child_tune(spec: dict[str, Any], out: Any) -> None:  # noqa: C901 - one pro
     budget_new = int(spec["trials"])
     per_task = spec.get("max_trials_per_task")
     if per_task is None:
-        # the split of the total budget; a task gets at least one small batch
-        per_task = max(4, math.ceil(budget_new / max(n_sel, 1))) if n_sel else 0
+        # the split of the call's whole budget (not of what a restarted child has left); a task
+        # gets at least one small batch
+        per_task = max(4, math.ceil(int(spec["trials_total"]) / max(n_sel, 1))) if n_sel else 0
     per_task = int(per_task)
     if not per_iter:
         per_iter = max(1, min(32, per_task))
@@ -656,6 +658,10 @@ def _child_tune(spec: dict[str, Any], out: Any) -> None:  # noqa: C901 - one pro
             entry["trials"] = max(int(entry.get("trials", 0)), per_task)
             entry["error"] = msg[-1][:300] if msg else type(exc).__name__
             _write_json_atomic(ledger_path, ledger)
+        if state.get("timed_out"):
+            stopped = "time budget"
+            emit({"ev": "task_done", "name": d["name"], "best_ms": state["best"], "partial": True})
+            break
         emit({"ev": "task_done", "name": d["name"], "best_ms": state["best"]})
     else:
         stopped = "done"

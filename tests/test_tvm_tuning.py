@@ -1,0 +1,158 @@
+"""Tuning (graphopt.targets.tvm_tuning): a persistent database that later calls reuse, survival
+of crashing workers and of a killed tuning process (resume), applying the database."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+relax = pytest.importorskip("tvm.relax")
+for _dep in ("xgboost", "psutil", "cloudpickle", "tornado"):
+    pytest.importorskip(_dep)
+
+from graphopt.targets import tvm_tuning  # noqa: E402
+from graphopt.targets.tvm_tuning import apply_database, last_summary, repair_database, tune  # noqa: E402
+
+TT = relax.TensorType
+
+
+def _target():
+    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
+
+
+def _matmul_relu(m=32, k=32, n=32, name_suffix=""):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", TT((m, k), "float32"))
+    w = relax.Var("w", TT((k, n), "float32"))
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.relu(relax.op.matmul(x, w)))
+            z = bb.emit(relax.op.nn.softmax(y))  # a second kernel, not tuned by default
+            out = bb.emit_output(z)
+        bb.emit_func_output(out)
+    mod = bb.get()
+    for p in (relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+              relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()):
+        mod = p(mod)
+    return mod
+
+
+def _records(db_dir):
+    path = os.path.join(db_dir, "database_tuning_record.json")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _apply_and_check(db):
+    """The database applies (the matmul kernel comes from it, softmax does not) and the
+    tuned + default-scheduled module keeps its numbers."""
+    from tvm.relax.backend.cpu_generic import pipeline as cp
+
+    from graphopt.targets.tvm_schedules import apply_default_schedules
+
+    tuned = apply_database(_matmul_relu(), _target(), db)
+    sched = {gv.name_hint: bool(f.attrs and f.attrs.get("tirx.is_scheduled"))
+             for gv, f in tuned.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    assert sorted(sched.values()) == [False, True], sched
+    full = apply_default_schedules(tuned, _target())
+    seq = tvm.transform.Sequential(cp.dataflow_lower_passes(_target()) + cp.finalize_passes(_target()))
+    vm = relax.VirtualMachine(tvm.compile(full, target=_target(), relax_pipeline=seq), tvm.cpu())
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((32, 32)).astype(np.float32), rng.standard_normal((32, 32)).astype(np.float32)
+    got = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w)).numpy()
+    r = np.maximum(x @ w, 0)
+    e = np.exp(r - r.max(-1, keepdims=True))
+    np.testing.assert_allclose(got, e / e.sum(-1, keepdims=True), rtol=1e-4, atol=1e-5)
+
+
+def test_tune_writes_database_that_a_second_call_reuses(tmp_path):
+    """4 trials on one small matmul: records committed, ledger counts them, progress events
+    come; the same workload again (a fresh module, as another compile builds it) does no new
+    trial; the database applies and the result keeps its numbers."""
+    db = str(tmp_path / "db")
+    events = []
+    tune(_matmul_relu(), _target(), db_dir=db, trials=4, trials_per_iter=4, progress=events.append, threads=2)
+    s = last_summary(db)
+    assert s["new_trials"] == 4 and s["stopped"] == "done", s
+    assert s["tasks_selected"] == 1 and s["tasks_total"] == 2, s  # softmax is not tuned
+    assert len(_records(db)) >= 1
+    assert any(ev["ev"] == "batch" and ev.get("best_ms") for ev in events)
+    ledger = json.load(open(os.path.join(db, "graphopt_ledger.json")))
+    assert [v["trials"] for v in ledger.values()] == [4]
+
+    n_before = len(_records(db))
+    tune(_matmul_relu(), _target(), db_dir=db, trials=4, trials_per_iter=4, progress=False, threads=2)
+    s2 = last_summary(db)
+    assert s2["new_trials"] == 0 and s2["tasks_skipped_done"] == 1, s2
+    assert len(_records(db)) == n_before
+    _apply_and_check(db)
+
+
+@pytest.mark.slow
+def test_tune_survives_worker_crash_and_killed_process(tmp_path, monkeypatch):
+    """A builder worker segfaults on its first build and the tuning process is killed after
+    its first batch: the crash only fails that candidate, the killed process is restarted and
+    resumes from the database, and the budget is met exactly."""
+    db = str(tmp_path / "db")
+    monkeypatch.setenv("GRAPHOPT_TUNE_TEST_CRASH_BUILDS", "1")
+    monkeypatch.setenv("GRAPHOPT_TUNE_TEST_CRASH_FILE", str(tmp_path / "crashes"))
+    monkeypatch.setenv("GRAPHOPT_TUNE_TEST_KILL_AFTER", "4")
+    tune(_matmul_relu(), _target(), db_dir=db, trials=8, trials_per_iter=4, progress=False, threads=2)
+    s = last_summary(db)
+    assert (tmp_path / "crashes").read_text() == "x"  # the builder worker really crashed once
+    assert os.path.exists(os.path.join(db, ".test-killed"))  # and the tuning process was killed
+    assert s["restarts"] == 1, s
+    assert s["new_trials"] == 8 and s["failed_trials"] >= 1, s
+    ledger = json.load(open(os.path.join(db, "graphopt_ledger.json")))
+    assert [v["trials"] for v in ledger.values()] == [8]
+    _apply_and_check(db)
+
+
+@pytest.mark.slow
+def test_time_budget_stops_tuning(tmp_path):
+    db = str(tmp_path / "db")
+    tune(_matmul_relu(64, 64, 64), _target(), db_dir=db, trials=1000, minutes=0.3, trials_per_iter=4,
+         progress=False, threads=2)
+    s = last_summary(db)
+    assert s["stopped"] == "time budget", s
+    assert 0 < s["new_trials"] < 1000 and s["seconds"] < 0.3 * 60 + 60, s
+
+
+def test_zero_trials_and_no_tunable_kernels_do_not_start_tuning(tmp_path):
+    db = str(tmp_path / "db")
+    tune(_matmul_relu(), _target(), db_dir=db, trials=0, progress=False)
+    assert last_summary(db)["new_trials"] == 0
+    assert os.path.exists(os.path.join(db, "graphopt_last_tune.json"))
+    with pytest.raises(ValueError):
+        tune(_matmul_relu(), _target(), db_dir=db, trials=-1)
+    with pytest.raises(ValueError):
+        tune(_matmul_relu(), _target(), db_dir=db, trials=4, kernels="some")
+
+
+def test_apply_database_without_database_changes_nothing(tmp_path):
+    mod = _matmul_relu()
+    assert apply_database(mod, _target(), str(tmp_path / "missing")) is mod
+
+
+def test_repair_drops_a_cut_last_line(tmp_path):
+    db = tmp_path / "db"
+    db.mkdir()
+    rec = db / "database_tuning_record.json"
+    rec.write_text('[0, [1]]\n[0, [2]]\n[0, [3')  # a process killed mid-write
+    (db / "database_workload.json").write_text('["123", "{}"]\n')
+    assert repair_database(str(db)) == 1
+    assert rec.read_text() == "[0, [1]]\n[0, [2]]\n"
+    assert repair_database(str(db)) == 0
+
+
+def test_unused_intrinsics_for_x86_without_vnni():
+    t = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"})
+    assert tvm_tuning._unused_intrinsics(t) == ["arm_cpu", "x86"]
+    t = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "icelake-server"})
+    assert tvm_tuning._unused_intrinsics(t) == ["arm_cpu"]
+    t = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"})
+    assert tvm_tuning._unused_intrinsics(t) == ["x86"]

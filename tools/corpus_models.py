@@ -310,3 +310,188 @@ def image_input(seed: int = 0) -> torch.Tensor:
 
 
 __all__ = ["ResNet50", "MobileNetV2", "EfficientNetB0", "ViT", "bert_base", "randomize_norms", "image_input"]
+
+
+# ----------------------------------------------------------------------------- DenseNet-121 (pruning corpus)
+
+
+class _DenseLayer(nn.Module):
+    def __init__(self, cin: int, growth: int = 32, bn_size: int = 4) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, bn_size * growth, 1, bias=False)
+        self.norm2, self.conv2 = nn.BatchNorm2d(bn_size * growth), nn.Conv2d(bn_size * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.cat(feats, 1)
+        x = self.conv1(F.relu(self.norm1(x)))
+        return self.conv2(F.relu(self.norm2(x)))
+
+
+class _DenseBlock(nn.Module):
+    def __init__(self, layers: int, cin: int, growth: int = 32) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([_DenseLayer(cin + i * growth, growth) for i in range(layers)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = [x]
+        for layer in self.layers:
+            feats.append(layer(feats))
+        return torch.cat(feats, 1)
+
+
+class DenseNet121(nn.Module):
+    """torchvision's DenseNet-121 layout: dense blocks are Concats of every earlier feature map."""
+
+    def __init__(self, num_classes: int = 1000, growth: int = 32, blocks: tuple[int, ...] = (6, 12, 24, 16)) -> None:
+        super().__init__()
+        c = 64
+        feats: list[nn.Module] = [nn.Conv2d(3, c, 7, 2, 3, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
+        for i, n in enumerate(blocks):
+            feats.append(_DenseBlock(n, c, growth))
+            c += n * growth
+            if i != len(blocks) - 1:  # transition: BN-ReLU-1x1 conv halving the channels, 2x2 avg pool
+                feats += [nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.Conv2d(c, c // 2, 1, bias=False), nn.AvgPool2d(2, 2)]
+                c //= 2
+        feats += [nn.BatchNorm2d(c)]
+        self.features = nn.Sequential(*feats)
+        self.classifier = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.features(x))
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# ----------------------------------------------------------------------------- ShuffleNetV2 x1.0
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    b, c, h, w = x.shape
+    x = x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous()
+    return x.view(b, -1, h, w)
+
+
+class _ShuffleUnit(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        half = cout // 2
+        if stride > 1:
+            self.branch1 = nn.Sequential(
+                nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin),
+                nn.Conv2d(cin, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+            )
+        else:
+            self.branch1 = nn.Sequential()
+        src = cin if stride > 1 else half
+        self.branch2 = nn.Sequential(
+            nn.Conv2d(src, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+            nn.Conv2d(half, half, 3, stride, 1, groups=half, bias=False), nn.BatchNorm2d(half),
+            nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return channel_shuffle(out, 2)
+
+
+class ShuffleNetV2(nn.Module):
+    """torchvision's ShuffleNetV2 x1.0: chunk (Split), Concat, channel shuffle (Reshape-Transpose-Reshape)."""
+
+    def __init__(self, num_classes: int = 1000, repeats: tuple[int, ...] = (4, 8, 4), widths: tuple[int, ...] = (24, 116, 232, 464, 1024)) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        stages: list[nn.Module] = []
+        cin = widths[0]
+        for n, cout in zip(repeats, widths[1:4]):
+            stages.append(nn.Sequential(_ShuffleUnit(cin, cout, 2), *[_ShuffleUnit(cout, cout, 1) for _ in range(n - 1)]))
+            cin = cout
+        self.stages = nn.Sequential(*stages)
+        self.conv5 = nn.Sequential(nn.Conv2d(cin, widths[4], 1, bias=False), nn.BatchNorm2d(widths[4]), nn.ReLU(inplace=True))
+        self.fc = nn.Linear(widths[4], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv5(self.stages(self.maxpool(self.conv1(x))))
+        return self.fc(x.mean([2, 3]))
+
+
+# ----------------------------------------------------------------------------- GoogLeNet (Inception v1)
+
+
+class _BasicConv(nn.Sequential):
+    def __init__(self, cin: int, cout: int, k: int, padding: int = 0, stride: int = 1) -> None:
+        super().__init__(nn.Conv2d(cin, cout, k, stride, padding, bias=False), nn.BatchNorm2d(cout, eps=0.001), nn.ReLU(inplace=True))
+
+
+class _Inception(nn.Module):
+    def __init__(self, cin: int, c1: int, c3r: int, c3: int, c5r: int, c5: int, pool: int) -> None:
+        super().__init__()
+        self.branch1 = _BasicConv(cin, c1, 1)
+        self.branch2 = nn.Sequential(_BasicConv(cin, c3r, 1), _BasicConv(c3r, c3, 3, 1))
+        self.branch3 = nn.Sequential(_BasicConv(cin, c5r, 1), _BasicConv(c5r, c5, 3, 1))  # torchvision uses 3x3 here too
+        self.branch4 = nn.Sequential(nn.MaxPool2d(3, 1, 1, ceil_mode=True), _BasicConv(cin, pool, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)], 1)
+
+
+class GoogLeNet(nn.Module):
+    """torchvision's GoogLeNet without the auxiliary heads (eval): Inception blocks are Concats."""
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            _BasicConv(3, 64, 7, 3, 2), nn.MaxPool2d(3, 2, ceil_mode=True), _BasicConv(64, 64, 1), _BasicConv(64, 192, 3, 1),
+            nn.MaxPool2d(3, 2, ceil_mode=True),
+        )
+        cfg = [
+            (192, 64, 96, 128, 16, 32, 32), (256, 128, 128, 192, 32, 96, 64), "pool",
+            (480, 192, 96, 208, 16, 48, 64), (512, 160, 112, 224, 24, 64, 64), (512, 128, 128, 256, 24, 64, 64),
+            (512, 112, 144, 288, 32, 64, 64), (528, 256, 160, 320, 32, 128, 128), "pool",
+            (832, 256, 160, 320, 32, 128, 128), (832, 384, 192, 384, 48, 128, 128),
+        ]  # fmt: skip
+        self.blocks = nn.Sequential(*[nn.MaxPool2d(3, 2, ceil_mode=True) if c == "pool" else _Inception(*c) for c in cfg])
+        self.fc = nn.Linear(1024, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# ----------------------------------------------------------------------------- SqueezeNet 1.1
+
+
+class _Fire(nn.Module):
+    def __init__(self, cin: int, squeeze: int, e1: int, e3: int) -> None:
+        super().__init__()
+        self.squeeze = nn.Conv2d(cin, squeeze, 1)
+        self.expand1x1 = nn.Conv2d(squeeze, e1, 1)
+        self.expand3x3 = nn.Conv2d(squeeze, e3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.squeeze(x))
+        return torch.cat([F.relu(self.expand1x1(x)), F.relu(self.expand3x3(x))], 1)
+
+
+class SqueezeNet11(nn.Module):
+    """torchvision's SqueezeNet 1.1: Fire modules (squeeze, then two expands concatenated), conv classifier."""
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        pool = lambda: nn.MaxPool2d(3, 2, ceil_mode=True)  # noqa: E731
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 64, 3, 2), nn.ReLU(inplace=True), pool(), _Fire(64, 16, 64, 64), _Fire(128, 16, 64, 64), pool(),
+            _Fire(128, 32, 128, 128), _Fire(256, 32, 128, 128), pool(), _Fire(256, 48, 192, 192), _Fire(384, 48, 192, 192),
+            _Fire(384, 64, 256, 256), _Fire(512, 64, 256, 256),
+        )
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(512, num_classes, 1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.classifier(self.features(x)), 1)
+
+
+__all__ += ["DenseNet121", "ShuffleNetV2", "GoogLeNet", "SqueezeNet11"]

@@ -72,6 +72,14 @@ MODELS = {
     "bert_base_s128_op20": _bert(20),
 }
 
+# the pruning corpus: Concat-heavy (DenseNet, Inception, SqueezeNet's Fire) and channel shuffles
+MODELS.update({
+    "densenet121": (_image(cm.DenseNet121), 17),
+    "shufflenetv2": (_image(cm.ShuffleNetV2), 17),
+    "googlenet": (_image(cm.GoogLeNet), 17),
+    "squeezenet11": (_image(cm.SqueezeNet11), 17),
+})
+
 
 def export(name: str, force: bool) -> str:
     path = os.path.join(OUT, name + ".onnx")

@@ -339,6 +339,46 @@ def _materialise(bb: relax.BlockBuilder, s: Sym, consumer: str) -> Any:
     return t
 
 
+@converter("LayerNormalization")
+def _layer_norm(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """LayerNormalization with its optional Mean and InvStdDev outputs computed (the frontend
+    returns zeros for them); with only Y used, Relax's layer_norm."""
+    x, scale, bias = ins[0], ins[1], ins[2] if len(ins) > 2 else None
+    ndim = x.ty.ndim
+    axis = node.attr("axis", -1)
+    axis = axis + ndim if axis < 0 else axis
+    axes = list(range(axis, ndim))
+    eps = float(node.attr("epsilon", 1e-5))
+    dtype = str(x.ty.dtype)
+    extra_used = any(v.uses() or v.is_graph_output() for v in node.outputs[1:])
+    if not extra_used and bias is not None and _same_shape(scale, x, axes) and _same_shape(bias, x, axes):
+        return NotImplemented  # the frontend's layer_norm
+    stash = "float32" if dtype in ("float16", "bfloat16") else dtype
+    xs = bb.emit(relax.op.astype(x, stash)) if stash != dtype else x
+    mean = bb.emit(relax.op.mean(xs, axes, keepdims=True))
+    d = bb.emit(relax.op.subtract(xs, mean))
+    var = bb.emit(relax.op.mean(relax.op.multiply(d, d), axes, keepdims=True))
+    inv = bb.emit(relax.op.rsqrt(relax.op.add(var, relax.const(eps, stash))))
+    y = bb.emit(relax.op.multiply(d, inv))
+    if stash != dtype:
+        y = bb.emit(relax.op.astype(y, dtype))
+    y = bb.emit(relax.op.multiply(y, scale))
+    if bias is not None:
+        y = bb.emit(relax.op.add(y, bias))
+    return [y, mean, inv]
+
+
+def _same_shape(p: Any, x: Any, axes: list[int]) -> bool:
+    """`p` has exactly the normalized dims of `x` (what Relax's layer_norm takes)."""
+    ps, xs = p.ty.shape, x.ty.shape
+    if ps is None or xs is None or not isinstance(ps, relax.ShapeExpr) or not isinstance(xs, relax.ShapeExpr):
+        return False
+    want = [xs.values[a] for a in axes]
+    if len(ps.values) != len(want):
+        return False
+    return all(isinstance(a, tvm.tirx.IntImm) and isinstance(b, tvm.tirx.IntImm) and int(a) == int(b) for a, b in zip(ps.values, want))
+
+
 def frontend_ops() -> set[str]:
     return set(_fe._get_convert_map())
 
@@ -745,6 +785,8 @@ class _Lowerer:
                 for r in res:
                     if not isinstance(r, relax.Expr) or not isinstance(r.ty, relax.TensorType):
                         raise LoweringError("a group output is not a tensor")
+                    if not isinstance(r, relax.DataflowVar) or any(r.same_as(p) for p in params):
+                        raise LoweringError("a group output is not computed inside the group")
                 out = gbb.emit_output(res[0] if len(res) == 1 else relax.Tuple(res))
             gbb.emit_func_output(out)
         func = gbb.get()[gname]

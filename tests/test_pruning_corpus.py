@@ -1,0 +1,54 @@
+"""prune on the real architectures of the corpus (.cache/corpus, made by tools/make_corpus.py; the
+tests skip when a model is absent): at several ratios the result passes verify(), the onnx
+checker and runs on onnxruntime with the original output shapes, and really shrinks."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+import graphopt
+from graphopt.check import random_inputs, run_onnxruntime
+from graphopt.transform import PassContext, parse_pipeline
+
+CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "corpus")
+FAST = {"mobilenetv2", "squeezenet11"}
+MODELS = ["mobilenetv2", "squeezenet11", "resnet50", "efficientnet_b0", "densenet121", "shufflenetv2", "googlenet",
+          "vit_b16", "bert_base_s128"]
+# groups that must be found prunable (heads and MLP units in transformers, convs elsewhere)
+MIN_PRUNED_GROUPS = {"vit_b16": 24, "bert_base_s128": 24, "resnet50": 30, "densenet121": 100, "googlenet": 50}
+
+
+def feeds_for(name: str, model):
+    if name.startswith("bert"):
+        rng = np.random.default_rng(0)
+        return {"input_ids": rng.integers(0, 30000, (1, 128)), "attention_mask": np.ones((1, 128), np.int64),
+                "token_type_ids": np.zeros((1, 128), np.int64)}
+    return random_inputs(model, dim_values={"batch": 1})
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in MODELS])
+def test_corpus_model_prunes_validly(name):
+    path = os.path.join(CORPUS, name + ".onnx")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not built (tools/make_corpus.py)")
+    base = graphopt.optimize(graphopt.load(path), "-O1")
+    feeds = feeds_for(name, base)
+    ref = run_onnxruntime(base, feeds)
+    specs = ["prune{ratio=0.3}", "prune{ratio=0.5,criterion=l2,round-to=8}"]
+    if name in FAST:
+        specs.append("prune{ratio=0.5,scope=global}")
+    for spec in specs:
+        m = base.clone()
+        stats = parse_pipeline(spec)[0].run(m, PassContext()).stats
+        m.verify()
+        proto = graphopt.to_onnx(m)
+        onnx.checker.check_model(proto)
+        out = run_onnxruntime(m, feeds)
+        assert [o.shape for o in out] == [r.shape for r in ref] and all(np.isfinite(o).all() for o in out)
+        assert stats["channels-removed"] > 0 and stats["params-after"] < stats["params-before"]
+        assert stats["flops-after"] < stats["flops-before"]
+        assert stats["groups-pruned"] >= MIN_PRUNED_GROUPS.get(name, 1), stats

@@ -7,20 +7,23 @@ Reads the corpus .cache/corpus/<name>.onnx written by tools/make_corpus.py (whic
 separate torch venv; see its docstring). Per model it prints:
 
 - node counts: the input (and without its Constant nodes, which every optimizer here turns
-  into initializers), graphopt -O2, onnxruntime's extended level on the input (the graph
-  onnxruntime dumps via SessionOptions.optimized_model_filepath with ORT_ENABLE_EXTENDED), and
-  onnxruntime's extended level applied to the -O2 output; graphopt's -O2 time (and its slowest
-  pass); the top op types of the input, -O2 and ort-extended graphs;
-- numerics on random inputs: max abs error of -O2 against the input, both run by onnxruntime with
-  its optimizations disabled (graphopt's own error), next to onnxruntime's own error (all
-  optimizations vs none on the input) for scale, and the largest output magnitude;
+  into initializers), graphopt -O2, -O2 --contrib-ops ("+c": onnxruntime's com.microsoft ops
+  allowed), and onnxruntime's extended level on the input (the graph it dumps via
+  SessionOptions.optimized_model_filepath with ORT_ENABLE_EXTENDED); graphopt's times (and the
+  slowest pass); the top op types of each graph;
+- on BERT, the fused-op counts of onnxruntime's transformers optimizer (Attention, LayerNorm,
+  Gelu, SkipLayerNorm...; it needs sympy) next to -O2 --contrib-ops;
+- numerics on random inputs: max abs error of every variant against the input run with
+  onnxruntime's optimizations disabled, and the largest output magnitude;
 - latency on onnxruntime's CPU provider with --threads intra-op threads (sequential executor,
-  batch 1): (a) the input with onnxruntime's optimizations disabled, (b) the input with its
-  default (all) optimizations, (c) the -O2 output with its default optimizations, (d) the -O2
-  output with onnxruntime's optimizations disabled. The three
-  sessions run round-robin (one call each per round, after warm-up; intra-op thread spinning
-  off, so that one session's idle threads do not steal cores from the next) and the median of each is
-  reported; (a) and (c) are printed as ratios to (b) from the same run (< 1 = faster than (b)).
+  batch 1), as the issue names the columns: (a) the input with ENABLE_ALL (the baseline),
+  (b) the -O2 output with ENABLE_ALL (goal: never slower than (a)), (c) the -O2 output with
+  onnxruntime's optimizer off (goal: within 10% of (a)); (b+)/(c+) the same for -O2
+  --contrib-ops; (n) the input with the optimizer off; for a *_noisy export (BatchNorm and
+  exporter clutter kept) also (clean), the clean export of the same model with ENABLE_ALL
+  (goal (d): (b) as fast as (clean)). The sessions run round-robin (one call each per round,
+  after warm-up; intra-op thread spinning off, so that one session's idle threads do not steal
+  cores from the next) and the median of each is reported as a ratio to (a) from the same run.
   The number of rounds is picked from the measured warm-up time to fit --budget seconds per
   model (clamped to [--min-runs, --max-runs]).
 """
@@ -44,7 +47,8 @@ import graphopt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.join(ROOT, ".cache", "corpus")
-DEFAULT_MODELS = ["resnet50", "mobilenetv2", "efficientnet_b0", "vit_b16", "bert_base_s128", "bert_base_s128_op20"]
+DEFAULT_MODELS = ["resnet50", "mobilenetv2", "efficientnet_b0", "vit_b16", "bert_base_s128", "bert_base_s128_op20",
+                  "resnet18", "resnet18_noisy", "mobilenetv2_noisy"]
 
 
 # ----------------------------------------------------------------------------- graph stats
@@ -159,74 +163,81 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     row["input"] = sum(h_in.values())
     row["input_nc"] = row["input"] - h_in.get("Constant", 0)
 
-    # graphopt -O2
+    # graphopt -O2, plain (standard ONNX ops only) and with --contrib-ops (onnxruntime's ops)
     model = graphopt.load(proto)
-    gc.collect()
-    t = time.perf_counter()
-    out = graphopt.optimize(model, "-O2")
-    row["o2_time"] = time.perf_counter() - t
-    timings = out.meta.get("pass_timings") or []
-    if timings:
-        slow = max(timings, key=lambda r: r.seconds)
-        row["slowest"] = f"{slow.spec} {slow.seconds:.2f}s"
-    else:
-        row["slowest"] = "?"
-    o2_proto = graphopt.to_onnx(out)
-    if args.save_dir:
-        os.makedirs(args.save_dir, exist_ok=True)
-        graphopt.save(out, os.path.join(args.save_dir, name + ".O2.onnx"))
-    del model, out
-    o2_bytes = o2_proto.SerializeToString()
-    h_o2 = histogram(o2_proto)
-    row["o2"] = sum(h_o2.values())
+    variants: dict[str, bytes] = {}
+    for key, contrib in (("o2", False), ("o2c", True)):
+        gc.collect()
+        t = time.perf_counter()
+        out = graphopt.optimize(model, "-O2", contrib_ops=contrib)
+        row[f"{key}_time"] = time.perf_counter() - t
+        timings = out.meta.get("pass_timings") or []
+        slow = max(timings, key=lambda r: r.seconds) if timings else None
+        row[f"{key}_slowest"] = f"{slow.spec} {slow.seconds:.2f}s" if slow else "?"
+        out_proto = graphopt.to_onnx(out)
+        if args.save_dir:
+            os.makedirs(args.save_dir, exist_ok=True)
+            graphopt.save(out, os.path.join(args.save_dir, f"{name}.{key}.onnx"))
+        variants[key] = out_proto.SerializeToString()
+        row[f"h_{key}"] = histogram(out_proto)
+        row[key] = sum(row[f"h_{key}"].values())
+        del out, out_proto
+    del model
+    h_o2, h_o2c = row["h_o2"], row["h_o2c"]
 
     ext = ort_extended(orig_bytes)
     h_ext = histogram(ext) if isinstance(ext, onnx.ModelProto) else collections.Counter()
     row["ort_ext"] = sum(h_ext.values()) if isinstance(ext, onnx.ModelProto) else ext
-    ext2 = ort_extended(o2_bytes)
-    row["o2_ort_ext"] = sum(histogram(ext2).values()) if isinstance(ext2, onnx.ModelProto) else ext2
-    del ext, ext2
+    del ext
 
     k = args.top
     print(f"\n== {name}  ({os.path.getsize(path) / 2**20:.0f} MiB, opset {max(o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx'))})")
-    print(f"   input   {row['input']:5}  {top_ops(h_in, k)}")
-    print(f"   -O2     {row['o2']:5}  {top_ops(h_o2, k)}")
+    print(f"   input    {row['input']:5}  {top_ops(h_in, k)}")
+    print(f"   -O2      {row['o2']:5}  {top_ops(h_o2, k)}")
+    print(f"   -O2 +c   {row['o2c']:5}  {top_ops(h_o2c, k)}")
     if h_ext:
-        print(f"   ort-ext {row['ort_ext']:5}  {top_ops(h_ext, k)}")
+        print(f"   ort-ext  {row['ort_ext']:5}  {top_ops(h_ext, k)}")
     else:
-        print(f"   ort-ext {row['ort_ext']}")
+        print(f"   ort-ext  {row['ort_ext']}")
     gone = {op: n for op, n in (h_in - h_o2).items()}
     new = {op: n for op, n in (h_o2 - h_in).items()}
     print(f"   -O2 removed: {', '.join(f'{o} {n}' for o, n in sorted(gone.items(), key=lambda x: -x[1])) or '-'}")
     print(f"   -O2 added:   {', '.join(f'{o} {n}' for o, n in sorted(new.items(), key=lambda x: -x[1])) or '-'}")
-    print(f"   -O2 time {row['o2_time']:.2f}s (slowest pass: {row['slowest']})", flush=True)
+    print(f"   -O2 time {row['o2_time']:.2f}s (slowest pass: {row['o2_slowest']}); --contrib-ops {row['o2c_time']:.2f}s", flush=True)
+    if args.ort_transformers and name.startswith("bert"):
+        row["fusions"] = transformer_fusions(path, h_o2c)
     feeds = random_inputs(proto, args.seed)
-    del proto, o2_proto
+    del proto
 
-    # numerics and latency
-    sa = session(orig_bytes, "none", args.threads)
-    sb = session(orig_bytes, "all", args.threads)
-    try:
-        sc = session(o2_bytes, "all", args.threads)
-        so2 = session(o2_bytes, "none", args.threads)
-    except Exception as e:  # noqa: BLE001
-        print(f"   onnxruntime refused the -O2 model: {str(e).splitlines()[0][:200]}")
-        row.update(err_o2="refused", err_ort=float("nan"), ref=float("nan"), lat=None)
+    # the issue's columns: (a) the input with ENABLE_ALL (the baseline), (b) -O2 with ENABLE_ALL,
+    # (c) -O2 with onnxruntime's optimizer off; (c+) the same with --contrib-ops, (b+) its
+    # ENABLE_ALL twin, (n) the input with the optimizer off (how much optimizing matters at all);
+    # for a *_noisy export also (clean) the clean export of the same model with ENABLE_ALL
+    specs = {"a": (orig_bytes, "all"), "b": (variants["o2"], "all"), "c": (variants["o2"], "none"),
+             "b+": (variants["o2c"], "all"), "c+": (variants["o2c"], "none"), "n": (orig_bytes, "none")}
+    clean = os.path.join(CORPUS, name[: -len("_noisy")] + ".onnx") if name.endswith("_noisy") else None
+    if clean and os.path.exists(clean):
+        with open(clean, "rb") as f:
+            specs["clean"] = (f.read(), "all")
+    sessions: dict[str, ort.InferenceSession] = {}
+    for key, (data, level) in specs.items():
+        try:
+            sessions[key] = session(data, level, args.threads)
+        except Exception as e:  # noqa: BLE001 - report, keep benchmarking
+            print(f"   onnxruntime refused variant ({key}): {str(e).splitlines()[0][:200]}")
+    if "a" not in sessions or "n" not in sessions:
+        row.update(lat=None)
         return row
-    ra, rb, rc, ro2 = (s.run(None, feeds) for s in (sa, sb, sc, so2))
-    row["err_o2"] = max_err(ro2, ra)
-    row["err_o2_all"] = max_err(rc, ra)
-    row["err_ort"] = max_err(rb, ra)
-    row["ref"] = max(float(np.max(np.abs(x))) for x in ra)
-    print(f"   max abs err: -O2 {row['err_o2']:.2e} (with ort-all {row['err_o2_all']:.2e}), ort-all alone {row['err_ort']:.2e}; max |output| {row['ref']:.3g}", flush=True)
+    results = {key: s.run(None, feeds) for key, s in sessions.items()}
+    ref = results["n"]
+    row["err"] = {key: max_err(r, ref) for key, r in results.items() if key != "clean"}
+    row["ref"] = max(float(np.max(np.abs(x))) for x in ref)
+    print("   max abs err vs the input (optimizer off): " + ", ".join(f"({k}) {v:.1e}" for k, v in row["err"].items())
+          + f"; max |output| {row['ref']:.3g}", flush=True)
 
-    # "d": the -O2 output with onnxruntime's optimizer off -- how much of onnxruntime's own work
-    # graphopt's passes recover
-    sessions = {"a": sa, "b": sb, "c": sc, "d": so2}
     for _ in range(args.warmup):
         for s in sessions.values():
             s.run(None, feeds)
-    # time one round to size the run count
     t0 = time.perf_counter()
     for s in sessions.values():
         s.run(None, feeds)
@@ -241,15 +252,38 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     med = {key: statistics.median(v) for key, v in times.items()}
     row["lat"] = med
     row["runs"] = runs
-    print(
-        f"   latency (median of {runs}): (b) ort-all {med['b'] * 1e3:.1f} ms; "
-        f"(a) ort-none {med['a'] / med['b']:.2f}x, (c) -O2+ort-all {med['c'] / med['b']:.2f}x, "
-        f"(d) -O2+ort-none {med['d'] / med['b']:.2f}x",
-        flush=True,
-    )
-    del sa, sb, sc, so2, sessions
+    print(f"   latency (median of {runs}): (a) {med['a'] * 1e3:.1f} ms; "
+          + ", ".join(f"({k}) {med[k] / med['a']:.2f}x" for k in med if k != "a"), flush=True)
+    del sessions
     gc.collect()
     return row
+
+
+FUSED = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "LayerNormalization", "Gelu", "FastGelu", "BiasGelu", "EmbedLayerNormalization")
+
+
+def transformer_fusions(path: str, ours: collections.Counter) -> dict[str, tuple[int, int]]:
+    """Fused-op counts of onnxruntime's transformers optimizer (model_type bert) next to ours."""
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+    except ImportError as e:  # it needs sympy
+        print(f"   (onnxruntime.transformers unavailable: {e})")
+        return {}
+    import logging
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    opt = optimize_model(path, model_type="bert", num_heads=12, hidden_size=768, opt_level=0)
+    theirs = histogram(opt.model)
+    counts: dict[str, tuple[int, int]] = {}
+    for op in FUSED:
+        t = theirs.get(f"microsoft.{op}", 0) + theirs.get(op, 0)
+        o = ours.get(f"microsoft.{op}", 0) + ours.get(op, 0)
+        if t or o:
+            counts[op] = (t, o)
+    print("   fused ops, onnxruntime transformers optimizer vs -O2 --contrib-ops: "
+          + ", ".join(f"{op} {t}/{o}" for op, (t, o) in counts.items())
+          + f"; nodes {sum(theirs.values())}/{sum(ours.values())}")
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--top", type=int, default=8, help="op types shown per histogram (default 8)")
     ap.add_argument("--save-dir", default=None, help="also write each -O2 model here")
+    ap.add_argument("--no-ort-transformers", dest="ort_transformers", action="store_false",
+                    help="skip the fused-op comparison with onnxruntime's transformers optimizer on BERT")
     args = ap.parse_args(argv)
 
     if args.models:
@@ -289,21 +325,19 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"name": name, "failed": True})
         gc.collect()
 
-    print("\nnode counts, -O2 time, numerics (max abs error vs the input, both on onnxruntime with optimizations off)")
-    head = f"{'model':20} {'input':>6} {'-Const':>7} {'-O2':>6} {'ort-ext':>8} {'-O2+ext':>8} {'-O2 time':>9} {'err -O2':>9} {'err ort':>9} {'|out|max':>9}"
+    print("\nnode counts and -O2 time")
+    head = f"{'model':20} {'input':>6} {'-Const':>7} {'-O2':>6} {'-O2 +c':>7} {'ort-ext':>8} {'-O2 time':>9} {'+c time':>8}"
     print(head)
     print("-" * len(head))
     for r in rows:
         if r.get("failed"):
             print(f"{r['name']:20} FAILED")
             continue
-        err = r["err_o2"] if isinstance(r["err_o2"], str) else f"{r['err_o2']:.1e}"
-        print(
-            f"{r['name']:20} {r['input']:6} {r['input_nc']:7} {r['o2']:6} {r['ort_ext']!s:>8} {r['o2_ort_ext']!s:>8} "
-            f"{r['o2_time']:8.2f}s {err:>9} {r['err_ort']:9.1e} {r['ref']:9.3g}"
-        )
-    print(f"\nlatency, onnxruntime CPU, {args.threads} threads, batch 1: median; (a), (c), (d) as ratios to (b) (< 1 = faster)")
-    head = f"{'model':20} {'runs':>5} {'(b) ort-all':>12} {'(a) ort-none':>13} {'(c) -O2+all':>12} {'(d) -O2+none':>13}"
+        print(f"{r['name']:20} {r['input']:6} {r['input_nc']:7} {r['o2']:6} {r['o2c']:7} {r['ort_ext']!s:>8} {r['o2_time']:8.2f}s {r['o2c_time']:7.2f}s")
+    keys = ["b", "c", "b+", "c+", "n", "clean"]
+    print(f"\nlatency, onnxruntime CPU, {args.threads} threads, batch 1: median; ratios to (a) = the input with ENABLE_ALL (< 1 = faster)")
+    print("(a) input+ALL  (b) -O2+ALL  (c) -O2+none  (b+)/(c+) -O2 --contrib-ops +ALL/+none  (n) input+none  (clean) clean export+ALL")
+    head = f"{'model':20} {'runs':>5} {'(a) ms':>8} " + " ".join(f"{'(' + k + ')':>7}" for k in keys) + f" {'max err':>9}"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -311,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['name']:20} {'-':>5}")
             continue
         m = r["lat"]
-        print(f"{r['name']:20} {r['runs']:5} {m['b'] * 1e3:9.1f} ms {m['a'] / m['b']:12.2f}x {m['c'] / m['b']:11.2f}x {m['d'] / m['b']:12.2f}x")
+        cells = " ".join(f"{m[k] / m['a']:6.2f}x" if k in m else f"{'-':>7}" for k in keys)
+        err = max(v for k, v in r["err"].items() if k in ("b", "c", "b+", "c+"))
+        print(f"{r['name']:20} {r['runs']:5} {m['a'] * 1e3:8.1f} {cells} {err:9.1e}")
     print(f"\ntotal {time.perf_counter() - t_all:.0f}s")
     return 1 if any(r.get("failed") for r in rows) else 0
 

@@ -309,7 +309,53 @@ def image_input(seed: int = 0) -> torch.Tensor:
     return torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
 
 
-__all__ = ["ResNet50", "MobileNetV2", "EfficientNetB0", "ViT", "bert_base", "randomize_norms", "image_input"]
+__all__ = ["ResNet18", "ResNet50", "MobileNetV2", "EfficientNetB0", "ViT", "bert_base", "randomize_norms", "image_input"]
+
+
+# ----------------------------------------------------------------------------- ResNet-18
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet-18/34 block: two 3x3 convs with BatchNorm, a residual Add."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class ResNet18(nn.Module):
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        chans = [64, 128, 256, 512]
+        blocks: list[nn.Module] = []
+        cin = 64
+        for i, c in enumerate(chans):
+            blocks += [BasicBlock(cin, c, 1 if i == 0 else 2), BasicBlock(c, c)]
+            cin = c
+        self.layers = nn.Sequential(*blocks)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
+        x = self.avgpool(x)
+        return self.fc(x.reshape(x.size(0), -1))  # the common view(N, -1) idiom: a Shape chain
 
 
 # ----------------------------------------------------------------------------- DenseNet-121 (pruning corpus)

@@ -18,6 +18,11 @@ TorchScript exporter, dynamo=False, opset 17 unless named otherwise):
     vit_b16           ViT-B/16 encoder, 12 pre-LN blocks, hand-written attention, GELU (Erf)
     bert_base_s128    transformers.BertModel(BertConfig()), sequence length 128, GELU as Erf
     bert_base_s128_op20  the same at opset 20, where GELU exports as the Gelu op
+    resnet18          torchvision-layout ResNet-18, flattening with x.reshape(x.size(0), -1)
+    resnet18_noisy, mobilenetv2_noisy
+                      the same models exported with the exporter's own optimization off
+                      (do_constant_folding=False, training=PRESERVE): BatchNormalization
+                      nodes stay, Constant/Shape/Gather/Unsqueeze/Concat chains stay
 
 BatchNorm/LayerNorm statistics and affine parameters are randomised so that folding them is
 checked numerically. A model that fails to export is reported and skipped; the exit status is
@@ -70,6 +75,9 @@ MODELS = {
     "vit_b16": (_image(cm.ViT), 17),
     "bert_base_s128": _bert(17),
     "bert_base_s128_op20": _bert(20),
+    "resnet18": (_image(cm.ResNet18), 17),
+    "resnet18_noisy": (_image(cm.ResNet18), 17),
+    "mobilenetv2_noisy": (_image(cm.MobileNetV2), 17),
 }
 
 # the pruning corpus: Concat-heavy (DenseNet, Inception, SqueezeNet's Fire) and channel shuffles
@@ -92,6 +100,8 @@ def export(name: str, force: bool) -> str:
     dyn = {n: {0: "batch"} for n in in_names + out_names}
     tmp = path + ".tmp"
     t = time.perf_counter()
+    noisy = name.endswith("_noisy")  # the exporter's own graph optimization off
+    extra = {"training": torch.onnx.TrainingMode.PRESERVE} if noisy else {}
     with torch.no_grad():
         torch.onnx.export(
             model,
@@ -102,8 +112,9 @@ def export(name: str, force: bool) -> str:
             input_names=in_names,
             output_names=out_names,
             dynamic_axes=dyn,
-            do_constant_folding=True,
+            do_constant_folding=not noisy,
             external_data=False,
+            **extra,
         )
     dt = time.perf_counter() - t
     import onnx

@@ -262,6 +262,20 @@ class WindowReduction(_Rule):
         return sch
 
 
+def _inline_copies(sch, anchor) -> None:
+    """compute_inline producers of the anchor that only move data (a pad of 0, a transpose,
+    a reshape): the anchor reads through them. Real pads (if_then_else) stay materialised so the
+    inner loop has no conditions."""
+    for prod in sch.get_producers(anchor):
+        stmt = sch.get(prod)
+        if _is_reduction(stmt) or "if_then_else" in str(stmt.body):
+            continue
+        try:
+            sch.compute_inline(prod)
+        except Exception:
+            pass
+
+
 def _inline_consumers(sch, wb) -> None:
     """reverse_compute_inline the elementwise epilogue chain into the write-back block."""
     while True:
@@ -320,8 +334,10 @@ class OuterProduct(_Rule):
         loops = sch.get_loops(anchor)
         if len(loops) != len(ivs):
             return None
-        for lp, iv in zip(loops, ivs):
-            if _int(sch.get(lp).extent) != _int(iv.dom.extent) or _int(iv.dom.extent) is None:
+        import tvm_ffi
+
+        for lp, iv in zip(loops, ivs):  # one loop per block iter (symbolic batch allowed)
+            if not tvm_ffi.structural_equal(sch.get(lp).extent, iv.dom.extent):
                 return None
         block_vars = {iv.var for iv in ivs}
         s_vars = [iv.var for iv in ivs if iv.iter_type == IterVar.DataPar]
@@ -354,6 +370,9 @@ class OuterProduct(_Rule):
         vec_var = innermost(ex_b)
         reg_var = innermost(ex_a)
         n_vec, n_reg = ext[vec_var], ext[reg_var]
+        if n_vec is None or n_reg is None:
+            return None  # the tiled axes must be static; outer ones (batch) may be symbolic
+        _inline_copies(sch, anchor)
 
         # vector tile: 2 or 1 vectors; register tile: as many rows as accumulators allow
         if n_vec % (2 * lanes) == 0 and n_reg >= 4:

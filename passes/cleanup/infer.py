@@ -6,31 +6,20 @@ from __future__ import annotations
 import onnx
 
 from graphopt import to_onnx
-from graphopt.ir import DataType, Graph, Model, Shape, TensorType, Type
+from graphopt.ir import DataType, Graph, Model, Shape, Tensor, TensorType, Type
 
 #: Initializers larger than this go to shape inference as typed inputs without their data:
 #: inference only needs the values of small (shape-like) tensors, and copying weights is slow.
 _KEEP_DATA_ELEMS = 4096
 
 
-def _numel(t: onnx.TensorProto) -> int:
+def _stub_large(t: Tensor, name: str) -> tuple[str, int, int] | None:
+    """An external-data reference in place of a large tensor's bytes: shape inference needs only
+    the type of a weight, and copying hundreds of MB of weights into a proto is most of its cost."""
     n = 1
-    for d in t.dims:
+    for d in t.shape:
         n *= d
-    return n
-
-
-def _strip_weights(gp: onnx.GraphProto) -> None:
-    inputs = {i.name for i in gp.input}
-    keep = []
-    for t in gp.initializer:
-        if _numel(t) <= _KEEP_DATA_ELEMS:
-            keep.append(t)
-            continue
-        if t.name not in inputs:
-            gp.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    del gp.initializer[:]
-    gp.initializer.extend(keep)
+    return ("graphopt-inference-stub", 0, 0) if n > _KEEP_DATA_ELEMS else None
 
 
 _TYPE_CACHE: dict[tuple[object, ...], TensorType | None] = {}
@@ -128,8 +117,7 @@ def infer_types(model: Model) -> int:
     graph and its subgraphs (function bodies are not covered). Returns how many values got a
     more precise type. Failures of inference are ignored: the passes then know less."""
     try:
-        proto = to_onnx(model)
-        _strip_weights(proto.graph)
+        proto = to_onnx(model, external_writer=_stub_large)
         # exporters name every dim they could not derive "unk__N"; such a name would stick (onnx
         # keeps what value_info says), so forget it and let inference derive the dim from the inputs
         for vi in proto.graph.value_info:

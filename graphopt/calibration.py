@@ -254,7 +254,8 @@ def calibration_from_arrays(model: Model, arrays: Mapping[str, np.ndarray], *, b
 
 
 def synthetic_calibration(model: Model, *, num_batches: int = 8, seed: int = 0, batch_size: int | None = None) -> CalibrationData:
-    """Random inputs (floats ~ N(0, 1), integers in [0, 4)): only for when no real data exists.
+    """Random inputs (floats ~ N(0, 1); integer inputs 0/1, all ones when named like a mask):
+    only for when no real data exists.
 
     Ranges calibrated on noise rarely match real activations; `synthetic` is True and `source`
     says so, and reports must repeat it.
@@ -270,7 +271,11 @@ def synthetic_calibration(model: Model, *, num_batches: int = 8, seed: int = 0, 
 
     def make() -> Iterator[dict[str, np.ndarray]]:
         for i in range(num_batches):
-            yield random_inputs(model, seed=seed + i, dim_values=dims)
+            feeds = random_inputs(model, seed=seed + i, dim_values=dims)
+            for k, a in feeds.items():  # integer inputs are ids and masks: keep them valid
+                if a.dtype.kind in "iu":
+                    feeds[k] = np.ones_like(a) if "mask" in k.lower() else (a % 2).astype(a.dtype)
+            yield feeds
 
     bs = next((s for s in sizes.values() if s), 1)
     return CalibrationData(None, names, sizes, f"synthetic: {num_batches} batches of {bs} random inputs (seed {seed}); "

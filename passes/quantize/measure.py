@@ -45,7 +45,10 @@ def session(model: Model, *, threads: int = 0, optimize: bool = True, extra_outp
 
 def run(model: Model, batches: Sequence[Batch], *, threads: int = 0) -> list[list[np.ndarray]]:
     sess = session(model, threads=threads)
-    return [list(sess.run(None, dict(b))) for b in batches]
+    try:
+        return [list(sess.run(None, dict(b))) for b in batches]
+    except Exception as e:
+        raise GraphoptError(f"onnxruntime failed on an evaluation batch: {str(e).splitlines()[0]}") from None
 
 
 # ------------------------------------------------------------------------------------ metrics

@@ -167,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, help="only the first N cases (after --filter)")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds per case")
     p.add_argument("--json", help="write every outcome here")
+    p.add_argument("--specialize", action="store_true",
+                   help="compile at the first run with small integer inputs bound as constants (a JIT's view)")
     args = p.parse_args(argv)
+    if args.specialize:
+        os.environ["GRAPHOPT_CPU_BACKEND_SPECIALIZE"] = "1"  # inherited by the workers
 
     excluded = _exclusions()
     names = sorted(n for n in _suite() if n not in excluded)

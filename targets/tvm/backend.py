@@ -23,13 +23,21 @@ from onnx.backend.base import Backend, BackendRep
 import graphopt
 
 PIPELINE = os.environ.get("GRAPHOPT_CPU_BACKEND_PIPELINE", "-O2")
+#: "1": compile at the first run with the small integer inputs (axes, shapes, pads, k... that the
+#: node tests feed as inputs) bound as constants, like a JIT specialising on them
+SPECIALIZE = os.environ.get("GRAPHOPT_CPU_BACKEND_SPECIALIZE", "0") == "1"
+SPECIALIZE_MAX_ELEMS = 64
 
 
 class CpuBackendRep(BackendRep):
-    def __init__(self, artifact: graphopt.Artifact, input_names: list[str]) -> None:
+    def __init__(self, artifact: graphopt.Artifact | None, input_names: list[str], *, proto: onnx.ModelProto | None = None,
+                 pipeline: str = PIPELINE) -> None:
         self.artifact = artifact
-        self.runner = artifact.runner()
+        self.runner = artifact.runner() if artifact is not None else None
         self.input_names = input_names
+        self.proto = proto  # kept when compiling waits for the first run (specialisation)
+        self.pipeline = pipeline
+        self._bound: dict[str, bytes] = {}
 
     def run(self, inputs: Any, **kwargs: Any) -> tuple[Any, ...]:
         if isinstance(inputs, dict):
@@ -37,6 +45,16 @@ class CpuBackendRep(BackendRep):
         else:
             arrays = [np.asarray(x) for x in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]
             feeds = dict(zip(self.input_names, arrays))
+        if self.proto is not None:
+            bind = {k: v for k, v in feeds.items() if v.dtype.kind in "iu" and v.size <= SPECIALIZE_MAX_ELEMS}
+            key = {k: v.tobytes() + str(v.shape).encode() for k, v in bind.items()}
+            if self.runner is None or key != self._bound:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self.artifact = graphopt.compile(self.proto, "cpu", self.pipeline, threads=1, bind=bind)
+                self.runner = self.artifact.runner()
+                self._bound = key
+        assert self.runner is not None
         wanted = set(self.runner.input_names)
         feeds = {k: v for k, v in feeds.items() if k in wanted}
         return tuple(self.runner.run(feeds))
@@ -60,9 +78,12 @@ class CpuBackend(Backend):
         proto = model if isinstance(model, onnx.ModelProto) else onnx.load(model)
         inits = {i.name for i in proto.graph.initializer}
         names = [i.name for i in proto.graph.input if i.name not in inits]
+        pipeline = kwargs.get("pipeline", cls.pipeline)
+        if kwargs.get("specialize", SPECIALIZE):
+            return CpuBackendRep(None, names, proto=proto, pipeline=pipeline)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            art = graphopt.compile(proto, "cpu", kwargs.get("pipeline", cls.pipeline), threads=1)
+            art = graphopt.compile(proto, "cpu", pipeline, threads=1)
         return CpuBackendRep(art, names)
 
     @classmethod

@@ -459,7 +459,17 @@ class OuterProduct(_Rule):
         # is the register axis and the tile is a whole number of vectors.
         wl = sch.get_loops(wb)
         wl_inner = [lp for lp in wl if not lp.same_as(fused)][-2:]
-        for lp in wl_inner:
+        vec_last = False
+        if wl_inner and out_order and out_order[-1].same_as(vec_var) and n_vec % vt == 0:
+            # matmul-like: the output's last axis is the vector axis, contiguous in both the
+            # accumulator and the output: the epilogue (bias, GELU, ...) runs vectorised
+            if _int(sch.get(wl_inner[-1]).extent) == vt:
+                try:
+                    sch.vectorize(wl_inner[-1])
+                    vec_last = True
+                except Exception:
+                    pass
+        for lp in wl_inner[:-1] if vec_last else wl_inner:
             e = _int(sch.get(lp).extent)
             if e is not None and e > 1 and e <= 64:
                 try:

@@ -510,3 +510,19 @@ def test_cli_prune_shortcut(tmp_path, capsys):
     assert main([str(src), "-o", str(dst), "-O1", "--prune", "0.5", "--quiet"]) == 0
     out = graphopt.load(str(dst))
     assert weight(out, "A")[0] == 16
+
+
+def test_chunk_with_computed_bounds():
+    """torch's chunk exports Slice bounds computed from Shape(x): with static shapes they are
+    evaluated, and surgery writes the new bounds as constants."""
+    n = Net()
+    a = n.conv("x", 3, 8, zero=(1, 6), name="A", zero_in=())
+    half = n.op("Div", [n.op("Gather", [n.op("Shape", [a]), n.const(np.array([1], np.int64))], axis=0),
+                        n.const(np.array([2], np.int64))])
+    one = n.const(np.array([1], np.int64))
+    s1 = n.op("Slice", [a, n.const(np.array([0], np.int64)), half, one])
+    s2 = n.op("Slice", [a, half, n.const(np.array([8], np.int64)), one])
+    m = n.model([("x", [1, 3, 8, 8])], [n.conv(s1, 4, 2, name="C1"), n.conv(s2, 4, 2, name="C2")])
+    out, stats, _ = prune(m, "prune{ratio=0.25}")
+    assert stats["channels-removed"] == 2 and weight(out, "C1") == (2, 3, 3, 3) and weight(out, "C2") == (2, 3, 3, 3)
+    same_outputs(m, out)

@@ -231,6 +231,62 @@ def _ints(v: Value | None) -> list[int] | None:
     return None if arr is None else [int(x) for x in np.asarray(arr).reshape(-1)]
 
 
+def static_value(v: Value | None, depth: int = 0) -> np.ndarray | None:
+    """The value of a small integer tensor computed from constants and *static* shapes
+    (Shape → Gather/Slice/Concat/Unsqueeze/arithmetic), as exporters write chunk bounds and
+    Reshape targets; None when it depends on a dynamic dim or on data."""
+    arr = const_array(v)
+    if arr is not None:
+        return np.asarray(arr)
+    if v is None or depth > 24:
+        return None
+    n = v.producer()
+    if n is None or n.domain not in ("", "ai.onnx"):
+        return None
+    op = n.op_type
+    if op == "Shape":
+        shp = _shape(n.inputs[0])
+        if shp is None:
+            return None
+        start, end = n.attr("start", 0), n.attr("end", None)
+        dims = list(shp)[slice(start, end)]
+        return np.array(dims, np.int64) if all(isinstance(d, int) for d in dims) else None
+    ins = [static_value(i, depth + 1) if i is not None else None for i in n.inputs]
+    if any(x is None for x, i in zip(ins, n.inputs) if i is not None):
+        return None
+    try:
+        if op in ("Identity", "Cast"):
+            return ins[0] if op == "Identity" else ins[0].astype(np.int64)
+        if op == "Gather":
+            return np.take(ins[0], ins[1], axis=int(n.attr("axis", 0)))
+        if op == "Concat":
+            return np.concatenate([np.atleast_1d(x) for x in ins], axis=int(n.attr("axis", 0)))
+        if op == "Unsqueeze":
+            axes = n.attr("axes") if n.attr("axes") is not None else list(ins[1])
+            out = ins[0]
+            for a in sorted(int(a) % (out.ndim + len(axes)) for a in axes):
+                out = np.expand_dims(out, a)
+            return out
+        if op == "Squeeze":
+            return np.squeeze(ins[0])
+        if op in ("Add", "Sub", "Mul", "Div", "Max", "Min"):
+            a, b = ins[0], ins[1]
+            f = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Max": np.maximum, "Min": np.minimum}.get(op)
+            if f is not None:
+                return f(a, b)
+            return (a // b) if a.dtype.kind in "iu" else a / b
+        if op == "Slice" and len(ins) >= 3:
+            axes = list(ins[3]) if len(ins) > 3 and ins[3] is not None else list(range(len(ins[1])))
+            steps = list(ins[4]) if len(ins) > 4 and ins[4] is not None else [1] * len(axes)
+            sl = [slice(None)] * ins[0].ndim
+            for a, st, en, sp in zip(axes, ins[1], ins[2], steps):
+                sl[int(a)] = slice(int(st), int(en), int(sp))
+            return ins[0][tuple(sl)]
+    except Exception:  # noqa: BLE001 - anything odd: not a static value
+        return None
+    return None
+
+
 def _label(n: Node) -> str:
     return n.name or f"{n.op_type}->{n.outputs[0].name if n.outputs else ''}"
 
@@ -892,10 +948,23 @@ class _Analyzer:
         if len(node.inputs) < 3:  # opset < 10: attributes
             starts, ends, axes, steps = node.attr("starts"), node.attr("ends"), node.attr("axes"), None
         else:
-            starts, ends = _ints(node.inputs[1]), _ints(node.inputs[2])
-            axes = _ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
-            steps = _ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
-        if starts is None or ends is None or (len(node.inputs) > 3 and node.inputs[3] is not None and axes is None):
+            # computed bounds (torch's chunk: Shape → Gather → Div) are fine when the shapes they
+            # read are static: surgery writes the new bounds as constants
+            def val(k: int) -> list[int] | None:
+                if len(node.inputs) <= k or node.inputs[k] is None:
+                    return None
+                a = static_value(node.inputs[k])
+                return None if a is None else [int(t) for t in np.asarray(a).reshape(-1)]
+
+            starts, ends, axes, steps = val(1), val(2), val(3), val(4)
+        has_axes = len(node.inputs) > 3 and node.inputs[3] is not None
+        if has_axes and axes is None:
+            self.block(x.ids, f"Slice with non-constant axes ({_label(node)})")
+            return
+        if axes is not None and x.axis not in [a + r if a < 0 else a for a in axes]:
+            self.set(node.outputs[0], x.axis, x.ids)
+            return
+        if starts is None or ends is None:
             self.block(x.ids, f"Slice with non-constant parameters ({_label(node)})")
             return
         axes = list(axes) if axes is not None else list(range(len(starts)))
@@ -912,7 +981,7 @@ class _Analyzer:
         st, en = slice(int(starts[j]), int(ends[j])).indices(c)[:2]
         en = max(en, st)
         self.set(node.outputs[0], x.axis, x.ids[st:en])
-        self.edits.append(Edit("slice-range", node, index=j, ids=x.ids, extra=(st, en)))
+        self.edits.append(Edit("slice-range", node, index=j, ids=x.ids, extra=(st, en, starts, ends)))
 
     def op_Gather(self, node: Node, ins: list[ChannelInfo | None]) -> None:
         x = ins[0]

@@ -71,17 +71,21 @@ class _Surgeon:
 
     def e_slice_range(self, e: Edit) -> None:
         mask = self.keep(e.ids)  # type: ignore[arg-type]
-        st, en = e.extra
+        st, en, starts, ends = e.extra
         before = np.concatenate([[0], np.cumsum(mask)])
         nst, nen = int(before[st]), int(before[en])
-        for inp, val in ((1, nst), (2, nen)):
+        for inp, val, full in ((1, nst, starts), (2, nen, ends)):
             v = e.node.inputs[inp]
-            arr = np.array(const_array(v), dtype=np.int64).reshape(-1).copy()
+            arr = const_array(v)
+            dtype = np.asarray(arr).dtype if arr is not None else np.dtype(np.int64)
+            new = np.array(full, dtype=np.int64).copy()
             # an end past the old size stays "to the end" (INT_MAX and friends)
-            if inp == 2 and int(arr[e.index]) >= len(mask):
+            if inp == 2 and int(new[e.index]) >= len(mask) and arr is not None:
                 continue
-            arr[e.index] = val
-            self.set_input(e.node, inp, self.new_const(arr.astype(const_array(v).dtype), v))  # type: ignore[arg-type,union-attr]
+            new[e.index] = val
+            if arr is not None and np.array_equal(np.asarray(arr).reshape(-1), new):
+                continue
+            self.set_input(e.node, inp, self.new_const(new.astype(dtype), v))  # type: ignore[arg-type]
 
     def e_gather(self, e: Edit) -> None:
         mask = self.keep(e.ids)  # type: ignore[arg-type]

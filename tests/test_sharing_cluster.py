@@ -91,7 +91,8 @@ def rel(a, b) -> float:
 # --- fires ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "bits,opset,ir,storage,min_ratio",
-    [(4, 21, 10, "uint4", 6.0), (5, 17, 8, "packed", 5.0), (3, 17, 8, "packed", 7.0), (8, 17, 8, "uint8", 3.5), (4, 17, 8, "packed", 6.0)],
+    [(4, 21, 10, "uint4", 6.0), (5, 17, 8, "packed", 5.0), (3, 17, 8, "packed", 7.0), (8, 17, 8, "uint8", 3.5), (4, 17, 8, "packed", 6.0),
+     (5, 11, 6, "packed", 5.0), (7, 13, 7, "packed", 4.0)],  # opset < 14: the int32 decode
 )
 def test_fires_shrinks_and_keeps_outputs_close(bits, opset, ir, storage, min_ratio):
     m = mlp(opset, ir, dims=(128, 256, 64))
@@ -328,5 +329,5 @@ def test_property_kmeans_beats_its_linear_start_and_assigns_nearest(rows, n, bit
 def test_property_pack_roundtrip(bits, n, seed):
     idx = np.random.default_rng(seed).integers(0, 1 << bits, n).astype(np.uint8)
     packed = cbk.pack(idx, bits)
-    assert packed.shape == (-(-n // 8), bits) and packed.nbytes == cbk.storage_bytes(n, bits, "packed")
+    assert packed.shape == (bits, -(-n // 8)) and packed.nbytes == cbk.storage_bytes(n, bits, "packed")
     np.testing.assert_array_equal(cbk.unpack(packed, bits, n), idx)

@@ -370,7 +370,7 @@ class ClusterWeights(Pass):
         else:
             rel, sqnr = _error(x, axis, cb, idx)
         storage = self._storage(model, g, bits)
-        cbk.build_decode(g, w, cb, idx, bits=bits, storage=storage, axis=axis, shared=shared)
+        cbk.build_decode(g, w, cb, idx, bits=bits, storage=storage, axis=axis, shared=shared, opset=opset_of(model, g))
         before = int(t.nbytes)
         after = cbk.storage_bytes(n, bits, storage) + cb.nbytes + (shape[axis] * 4 if axis is not None else 0)
         return n, before, after, rel, sqnr, axis, storage

@@ -7,19 +7,23 @@ A weight W (float, shape S) clustered with b bits becomes
     indices   one of three storages, all holding idx[i] in [0, k):
       uint8    uint8[S]
       uint4    uint4[S]            ONNX packs two per byte (opset >= 21, IR >= 10)
-      packed   uint8[ceil(n/8), b] groups of 8 indices as one little-endian 8*b-bit word,
-                                   index j of a group in bits [j*b, (j+1)*b)
+      packed   uint8[b, G]          G = ceil(n/8). Index i = j*G + g (slot j, column g; zero
+                                   padding after n) sits in bits [j*b, (j+1)*b) of column g's
+                                   little-endian 8*b-bit word (bytes packed[0..b-1, g])
 
 and W is recomputed by a chain of standard ops that onnxruntime constant-folds when it creates
 the session (so inference runs on the float weight as before):
 
     uint8/uint4:  i = Cast(indices, to=INT32)
-    packed:       p = Cast(indices, to=INT32)                      [G, b]
-                  i = (Gather(p, lo, axis=1) + Gather(p, hi, axis=1) * himul) / 2**shift mod 2**b
-                      with lo[j] = j*b//8, shift[j] = j*b%8, hi = min(lo+1, b-1), himul =
-                      256 where lo+1 < b else 0 (index j of a group spans bytes lo, lo+1;
-                      for 2 and 4 bits it never spans two: the second Gather is left out)
-                      -> Reshape [-1] (-> Slice [0:n] when n is not a multiple of 8) -> Reshape S
+    packed:       slot j (row j of an [8, G] array) is read from bytes lo = j*b//8 and
+                  hi = lo+1 at shift s = j*b%8 (Gathers along axis 0: row copies):
+                    opset >= 14 (uint8 all along):
+                      v = Div(Gather(p, lo), 2**s) mod 2**b
+                          [+ (Gather(p, hi) mod 2**(s+b-8)) * 2**(8-s)  for slots that span
+                          two bytes; 3, 5, 6, 7 bits only]
+                    opset < 14 (int32): v = (Gather(p, lo) + 256*Gather(p, hi)) / 2**s mod 2**b
+                  i = Reshape(v, [-1]) (-> Slice [0:n] when n is not a multiple of 8) -> Reshape S
+                      (-> Cast INT32)
     per channel:  i = i + offsets          offsets[c] = c*k, shaped to broadcast along `axis`
     W = Gather(codebook, i, axis=0)        the original value object, so every use (and every
                                            tie between uses) is kept
@@ -47,34 +51,35 @@ STORAGES = ("uint8", "uint4", "packed")
 
 
 def pack(idx: np.ndarray, bits: int) -> np.ndarray:
-    """Indices (< 2**bits) → uint8 [ceil(n/8), bits]: 8 indices per `bits` bytes."""
+    """Indices (< 2**bits) → uint8 [bits, G], G = ceil(n/8): slot j (indices j*G .. j*G+G-1,
+    zero-padded) takes bits [j*b, (j+1)*b) of each column's 8*b-bit little-endian word, so
+    index j*G + g is recovered from row-contiguous data (see the module docstring)."""
     flat = idx.reshape(-1)
-    groups = -(-flat.size // 8)
-    out = np.empty((groups, bits), dtype=np.uint8)
-    step = 1 << 17  # groups per chunk: the uint64 words stay small
-    for g0 in range(0, groups, step):
-        part = flat[g0 * 8 : (g0 + step) * 8]
-        ng = -(-part.size // 8)
-        cols = np.zeros(ng * 8, dtype=np.uint8)
-        cols[: part.size] = part
-        cols = cols.reshape(ng, 8)
-        word = np.zeros(ng, dtype=np.uint64)
+    G = max(1, -(-flat.size // 8))
+    padded = np.zeros(8 * G, dtype=np.uint8)
+    padded[: flat.size] = flat
+    slots = padded.reshape(8, G)
+    out = np.empty((bits, G), dtype=np.uint8)
+    step = 1 << 17  # columns per chunk: the uint64 words stay small
+    for g0 in range(0, G, step):
+        part = slots[:, g0 : g0 + step]
+        word = np.zeros(part.shape[1], dtype=np.uint64)
         for j in range(8):
-            word |= cols[:, j].astype(np.uint64) << np.uint64(j * bits)
-        out[g0 : g0 + ng] = word.astype("<u8").view(np.uint8).reshape(ng, 8)[:, :bits]
+            word |= part[j].astype(np.uint64) << np.uint64(j * bits)
+        out[:, g0 : g0 + step] = word.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :bits].T
     return out
 
 
 def unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     """Inverse of `pack`: the first n indices as uint8."""
-    groups = packed.shape[0]
-    wide = np.zeros((groups, 8), dtype=np.uint8)
-    wide[:, :bits] = packed
-    word = wide.view("<u8").reshape(groups)
-    out = np.empty((groups, 8), dtype=np.uint8)
+    G = packed.shape[1]
+    wide = np.zeros((G, 8), dtype=np.uint8)
+    wide[:, :bits] = packed.T
+    word = wide.view("<u8").reshape(G)
+    out = np.empty((8, G), dtype=np.uint8)
     mask = np.uint64((1 << bits) - 1)
     for j in range(8):
-        out[:, j] = (word >> np.uint64(j * bits)) & mask
+        out[j] = (word >> np.uint64(j * bits)) & mask
     return out.reshape(-1)[:n]
 
 
@@ -151,6 +156,7 @@ def build_decode(
     storage: str,
     axis: int | None,
     shared: SharedConstants | None = None,
+    opset: int = 21,
 ) -> list[Node]:
     """Replace initializer `weight` of `graph` by codebook + indices initializers and a decode
     chain at the head of `graph` whose last node (a Gather) outputs `weight` itself. Returns the
@@ -181,24 +187,40 @@ def build_decode(
 
     i32 = DataType.INT32
     if storage == "packed":
-        # index j of a group sits in bytes lo = j*b//8 and lo+1 at shift j*b%8: two byte Gathers
-        # and int32 arithmetic (no wide words: onnxruntime's int64 ReduceSum rounds above 2**53)
         j = np.arange(8)
+        shift = (j * bits) % 8
         lo = (j * bits) // 8
         hi = np.minimum(lo + 1, bits - 1)
-        hi_mul = np.where(lo + 1 < bits, 256, 0).astype(np.int32)
-        ints = op("Cast", [idx_v], {"to": int(i32)})
-        both = op("Gather", [ints, c(lo.astype(np.int64), f"lo{bits}")], {"axis": 1})
-        if 8 % bits:  # 3, 5, 6, 7 bits: some indices span two bytes
-            high = op("Gather", [ints, c(hi.astype(np.int64), f"hi{bits}")], {"axis": 1})
-            both = op("Add", [both, op("Mul", [high, c(hi_mul, f"himul{bits}")])])
-        q = op("Div", [both, c((2 ** ((j * bits) % 8)).astype(np.int32), f"shift{bits}")])
-        ints = op("Mod", [q, c(np.array(k, np.int32), f"k{bits}")])
+        spans = shift + bits > 8  # slot j continues into byte lo+1
+        lo_i, hi_i = c(lo.astype(np.int64), f"lo{bits}"), c(hi.astype(np.int64), f"hi{bits}")
+        if opset >= 14:
+            # uint8 throughout (Div/Mod/Mul/Add take uint8 from opset 14): intermediates are n
+            # bytes, not 4n, which is what onnxruntime's folding at session creation pays for
+            u8 = np.uint8
+            low = op("Gather", [idx_v, lo_i], {"axis": 0})  # row copies: [8, G]
+            val = op("Mod", [op("Div", [low, c((1 << shift).astype(u8).reshape(8, 1), f"shift{bits}")]), c(np.array(k, u8), f"k{bits}")])
+            if spans.any():  # 3, 5, 6, 7 bits: the high part of slot j is the low bits of byte lo+1
+                high = op("Gather", [idx_v, hi_i], {"axis": 0})
+                keep = c(np.where(spans, 1 << (shift + bits - 8), 1).astype(u8).reshape(8, 1), f"himod{bits}")
+                up = c(np.where(spans, 1 << (8 - shift), 0).astype(u8).reshape(8, 1), f"himul{bits}")
+                val = op("Add", [val, op("Mul", [op("Mod", [high, keep]), up])])
+            ints = val
+        else:
+            # int32 arithmetic on (byte lo) + 256 * (byte lo+1), shifted and masked
+            p32 = op("Cast", [idx_v], {"to": int(i32)})
+            both = op("Gather", [p32, lo_i], {"axis": 0})
+            if spans.any():
+                high = op("Gather", [p32, hi_i], {"axis": 0})
+                both = op("Add", [both, op("Mul", [high, c(np.where(lo + 1 < bits, 256, 0).astype(np.int32).reshape(8, 1), f"himul32_{bits}")])])
+            q = op("Div", [both, c((1 << shift).astype(np.int32).reshape(8, 1), f"shift32_{bits}")])
+            ints = op("Mod", [q, c(np.array(k, np.int32), f"k32_{bits}")])
         ints = op("Reshape", [ints, c(np.array([-1], np.int64), "flat")])
         if n % 8:
             starts, ends = (c(np.array([v], np.int64), nm) for v, nm in ((0, "zero"), (n, f"n{n}")))
             ints = op("Slice", [ints, starts, ends])
         ints = op("Reshape", [ints, c(np.array(shape, np.int64), "shape" + "x".join(map(str, shape)))])
+        if opset >= 14:
+            ints = op("Cast", [ints], {"to": int(i32)})
     else:
         ints = op("Cast", [idx_v], {"to": int(i32)})
     if axis is not None:

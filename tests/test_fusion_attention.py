@@ -335,12 +335,55 @@ def test_contrib_off_below_opset_23_does_not_fire():
     no_fire(bert_model(opset=17))
 
 
-def test_contrib_ops_pipeline_switch():
+def test_contrib_ops_pipeline_switch_packs_qkv():
     model = bert_model(opset=17)
     assert "MultiHeadAttention" not in ops(graphopt.optimize(model, "-O2"))
     out = graphopt.optimize(model, "-O2", contrib_ops=True)
-    assert ops(out).count("MultiHeadAttention") == 1 and "Transpose" not in ops(out), ops(out)
+    # MultiHeadAttention of three projections of x → one Attention with [Wq|Wk|Wv] and [bq|bk|bv]
+    assert ops(out).count("Attention") == 1 and "MultiHeadAttention" not in ops(out), ops(out)
+    assert "Transpose" not in ops(out) and ops(out).count("MatMul") == 0, ops(out)
+    attn = next(n for n in out.graph if n.op_type == "Attention")
+    assert attn.domain == "com.microsoft" and attn.inputs[1].shape.dims == (H * D, 3 * H * D)
     assert check_same_outputs(model, out, bert_feeds(model)).ok
+    again = graphopt.optimize(out, "fuse-attention", contrib_ops=True)
+    assert ops(again) == ops(out)
+
+
+def _mha_model(*, shared_x: bool = True, extra_use: bool = False) -> Model:
+    """MultiHeadAttention(x·Wq + bq, x·Wk, y·Wv + bv) as -O2 --contrib-ops leaves it."""
+    E = H * D
+    rng = np.random.default_rng(1)
+    xv = "x" if shared_x else "x2"
+    nodes = [node("MatMul", ["x", "wq"], ["ql"]), node("Add", ["ql", "bq"], ["q"]), node("MatMul", ["x", "wk"], ["k"]),
+             node("MatMul", [xv, "wv"], ["vl"]), node("Add", ["bv", "vl"], ["v"]),
+             node("MultiHeadAttention", ["q", "k", "v", "", "", "mask"], ["y"], domain="com.microsoft", num_heads=H)]
+    outs = [helper.make_tensor_value_info("y", F, [B, S, E])]
+    if extra_use:
+        nodes.append(node("Relu", ["k"], ["kr"]))
+        outs.append(helper.make_tensor_value_info("kr", F, [B, S, E]))
+    consts = {n: f32(rng.standard_normal((E, E)) * 0.3) for n in ("wq", "wk", "wv")}
+    consts.update(bq=f32(rng.standard_normal(E)), bv=f32(rng.standard_normal(E)))
+    ins = [helper.make_tensor_value_info("x", F, [B, S, E]), helper.make_tensor_value_info("mask", F, [B, 1, S, S])]
+    if not shared_x:
+        ins.append(helper.make_tensor_value_info("x2", F, [B, S, E]))
+    g = helper.make_graph(nodes, "g", ins, outs, initializer=[numpy_helper.from_array(v, k) for k, v in consts.items()])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+    return graphopt.load(onnx.shape_inference.infer_shapes(proto))
+
+
+def test_packed_qkv_fires_with_partial_biases():
+    model = _mha_model()
+    out, stats = run(model, contrib_ops=True)
+    assert stats.get("packed-qkv-attention") == 1, stats
+    assert ops(out) == ["Attention"]
+
+
+@pytest.mark.parametrize("kw", [{"shared_x": False}, {"extra_use": True}])
+def test_packed_qkv_near_misses(kw):
+    model = _mha_model(**kw)
+    out = model.clone()
+    assert not get_pass("fuse-attention")(contrib_ops=True).run(out, PassContext()).changed
+    assert "Attention" not in ops(out) and "MultiHeadAttention" in ops(out)
 
 
 @pytest.mark.parametrize("opset", [17, 20])

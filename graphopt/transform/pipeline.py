@@ -24,7 +24,8 @@ OPT_LEVELS: dict[str, str] = {
     # fuse-attention comes before fuse-linear, whose contrib FusedMatMul would hide Q·Kᵀ;
     # fuse-conv-activation only fires with contrib-ops; the second fuse-linear merges the Reshape
     # pairs that fuse-attention's head split/merge leaves once remove-noops cancels the Transposes
-    "-O2": "-O1,fuse-attention,fuse-linear,fuse-activations,fuse-normalization,fuse-conv-activation,remove-noops,fuse-linear,fold-constants,remove-noops,cse,dce",
+    # (then fuse-attention again: with contrib-ops it packs Q/K/V projections into one Attention)
+    "-O2": "-O1,fuse-attention,fuse-linear,fuse-activations,fuse-normalization,fuse-conv-activation,remove-noops,fuse-linear,fold-constants,remove-noops,fuse-attention,cse,dce",
     "-O3": "-O2",
 }
 

@@ -2,10 +2,12 @@
 ONNX `Attention` (opset ≥ 23), or onnxruntime's com.microsoft `MultiHeadAttention` below opset 23
 with `contrib-ops=1`.
 
-Rule (registered, so `graphopt-compile --explain sdpa-attention` shows why it did not fire):
+Rules (registered, so `graphopt-compile --explain sdpa-attention` shows why one did not fire):
 
 - `sdpa-attention`: Softmax(scale·Q·Kᵀ [+ mask], axis=-1)·V, as torch and HF transformers
   export it  →  Attention(Q, K, V[, attn_mask], scale=scale).
+- `packed-qkv-attention` (contrib-ops only): com.microsoft MultiHeadAttention of three
+  projections x·W [+ b] of one x  →  com.microsoft Attention with packed QKV weights.
 
 What is recognized:
 
@@ -324,8 +326,82 @@ class SdpaAttention(Rule):
         return b.op.Transpose(y4, perm=[0, 2, 1, 3])
 
 
+class PackedQkvAttention(Rule):
+    """com.microsoft MultiHeadAttention(x·Wq [+ bq], x·Wk [+ bk], x·Wv [+ bv][, attention_bias])
+    → com.microsoft Attention(x, [Wq|Wk|Wv], [bq|bk|bv][, attention_bias]): one GEMM for the
+    three projections, as onnxruntime's transformers optimizer emits for BERT. Only with
+    contrib-ops (the MultiHeadAttention it starts from exists only then).
+
+    Must not fire: the three projections not of one x; a weight or bias that is not a constant,
+    not [D, D] / [D] with D the (static) last dim of x; x not 3-D; a projection also read
+    elsewhere; MultiHeadAttention with its own bias or key padding mask, or with past inputs.
+    """
+
+    name = "packed-qkv-attention"
+    xq, xk, xv = P.any(), P.any(), P.any()
+    wq, wk, wv = P.const(), P.const(), P.const()
+    bq, bk, bv = P.const(), P.const(), P.const()
+    mqk = P.op("MatMul", xq, wq)
+    mk = P.op("MatMul", xk, wk)
+    mv = P.op("MatMul", xv, wv)
+    q = P.alt(P.op("Add", mqk, bq, commutative=True), mqk)
+    k = P.alt(P.op("Add", mk, bk, commutative=True), mk)
+    v = P.alt(P.op("Add", mv, bv, commutative=True), mv)
+    bias_in, padding, mask = P.optional(), P.optional(), P.optional()
+    pattern = P.op("MultiHeadAttention", q, k, v, bias_in, padding, mask, domain=MS_DOMAIN)
+
+    def _plan(self, m: Match) -> tuple[np.ndarray, np.ndarray | None] | Fail:
+        x = m[self.xq]
+        if m[self.xk] is not x or m[self.xv] is not x:
+            return Fail("Q, K and V are projections of different tensors")
+        if m.get(self.bias_in) is not None or m.get(self.padding) is not None:
+            return Fail("MultiHeadAttention has its own bias or a key padding mask")
+        xd = _dims(x)
+        if xd is None or len(xd) != 3 or not isinstance(xd[2], int):
+            return Fail(f"x's shape {xd} is not 3-D with a static hidden size")
+        hidden = xd[2]
+        ws = [m.const(w) for w in (self.wq, self.wk, self.wv)]
+        if any(w.shape != (hidden, hidden) for w in ws):
+            return Fail(f"projection weights {[list(w.shape) for w in ws]} are not [{hidden}, {hidden}]")
+        if len({w.dtype for w in ws}) != 1 or ws[0].dtype not in (np.float32, np.float16):
+            return Fail("projection weights are not of one float type")
+        bs = [m.const(b) if m.get(b) is not None else None for b in (self.bq, self.bk, self.bv)]
+        if any(b is not None and (b.shape != (hidden,) or b.dtype != ws[0].dtype) for b in bs):
+            return Fail(f"a projection bias is not [{hidden}] of the weights' type")
+        for p in (self.mqk, self.mk, self.mv):
+            node = m[p]
+            out = node.outputs[0]
+            if len(out.uses()) != 1 or out.is_graph_output():
+                return Fail(f"projection {node.name or out.name!r} is also read elsewhere")
+        bias = None
+        if any(b is not None for b in bs):
+            bias = np.concatenate([b if b is not None else np.zeros(hidden, ws[0].dtype) for b in bs])
+        return np.concatenate(ws, axis=1), bias
+
+    def check(self, m: Match) -> bool | Fail:
+        ok = contrib_allowed(m)
+        if not ok:
+            return ok
+        plan = self._plan(m)
+        return plan if isinstance(plan, Fail) else True
+
+    def rewrite(self, m: Match, b: RewriteBuilder) -> Value | Fail:
+        plan = self._plan(m)
+        if isinstance(plan, Fail):
+            return plan
+        weights, bias = plan
+        mha = m.root
+        w = b.constant(weights, "qkv_weight")
+        bv = b.constant(bias, "qkv_bias") if bias is not None else None
+        y = b.op[MS_DOMAIN].Attention(m[self.xq], w, bv, None, None, m.get(self.mask), num_heads=mha.attr("num_heads"),
+                                      scale=mha.attr("scale", 1.0 / math.sqrt(weights.shape[0] // mha.attr("num_heads"))))
+        y.type = mha.outputs[0].type
+        return y
+
+
 _RULES = (SdpaAttention(),)
-for _r in _RULES:
+_CONTRIB_RULES = (SdpaAttention(), PackedQkvAttention())
+for _r in _CONTRIB_RULES:
     register_rule(_r)
 
 
@@ -333,7 +409,10 @@ for _r in _RULES:
 @dataclass(frozen=True)
 class FuseAttention(RewritePass):
     """Fuse scaled-dot-product attention (MatMul-Softmax-MatMul) into one Attention op (opset ≥ 23;
-    com.microsoft MultiHeadAttention below that with `contrib-ops=1`).
+    com.microsoft MultiHeadAttention below that with `contrib-ops=1`, and then a
+    MultiHeadAttention of three projections of one x into com.microsoft Attention with packed
+    QKV weights: rule packed-qkv-attention; -O2 runs the pass again after the head split/merge
+    Reshapes and Transposes have cancelled, so that the projections are its direct inputs).
 
     Rule: sdpa-attention (stats: rewrites per rule). Q·Kᵀ with any constant scale (on the
     scores, on Q and/or K), an optional additive or Where mask, Softmax over the last axis and
@@ -343,7 +422,8 @@ class FuseAttention(RewritePass):
     name: ClassVar[str] = "fuse-attention"
     contrib_ops: bool = False
 
-    rules: ClassVar = _RULES
+    def get_rules(self):  # type: ignore[no-untyped-def]
+        return _CONTRIB_RULES if self.contrib_ops else _RULES
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         return with_run(model, self.contrib_ops, lambda: RewritePass.run(self, model, ctx))

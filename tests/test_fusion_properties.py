@@ -761,7 +761,9 @@ def test_sdpa_attention_random(data):
     Sq, Skv = d(st.integers(1, 5)), d(st.integers(1, 5))
     dk, dv = d(st.sampled_from([1, 2, 4, 8])), d(st.sampled_from([1, 2, 4, 8]))
     dk = d(st.sampled_from([dk, dv]))  # equal head sizes most of the time
-    opset = d(st.sampled_from([23, 24]))
+    opset = d(st.sampled_from([17, 23, 24]))  # 17: com.microsoft MultiHeadAttention (contrib-ops)
+    if opset < 23:
+        dk = dv  # MultiHeadAttention has one head size
     nodes, inits = [], []
     feeds = {
         "q": rng.standard_normal((Bn, H, Sq, dk)).astype(np.float32),
@@ -856,10 +858,11 @@ def test_sdpa_attention_random(data):
         probs = "pd"
     nodes.append(helper.make_node("MatMul", [probs, "v"], ["y"]))
     m = build(nodes, inputs, [vi("y", None)], inits, opset=opset)
-    out, stats = fuse(m, "fuse-attention")
+    out, stats = fuse(m, "fuse-attention" if opset >= 23 else "fuse-attention{contrib-ops=true}")
     assert stats == {"sdpa-attention": 1}
-    assert "Attention" in ops(out) and "Softmax" not in ops(out) and "MatMul" not in ops(out)
-    att = next(n for n in out.graph.nodes if n.op_type == "Attention")
+    fused = "Attention" if opset >= 23 else "MultiHeadAttention"
+    assert fused in ops(out) and "Softmax" not in ops(out) and "MatMul" not in ops(out)
+    att = next(n for n in out.graph.nodes if n.op_type == fused)
     want = c if where != "none" else 1.0
     assert math.isclose(att.attr("scale"), want, rel_tol=1e-5)
     assert_same(m, out, feeds, rtol=1e-4, atol=1e-5)

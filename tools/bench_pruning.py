@@ -81,8 +81,8 @@ def size(model) -> int:
     return len(graphopt.to_onnx(model).SerializeToString())
 
 
-def bench_corpus(names: list[str], ratios: list[float], threads: int, budget: float, do_latency: bool) -> None:
-    print(f"\n== corpus: -O1 baseline vs prune{{ratio=R}} (l1, uniform); onnxruntime {threads} threads, batch 1")
+def bench_corpus(names: list[str], ratios: list[float], threads: int, budget: float, do_latency: bool, extra: str = "") -> None:
+    print(f"\n== corpus: -O1 baseline vs prune{{ratio=R{extra}}} (uniform); onnxruntime {threads} threads, batch 1")
     print(f"{'model':16} {'ratio':>5} {'FLOPs':>7} {'params':>7} {'file':>7} {'latency':>8} {'lat/flops':>9} "
           f"{'groups':>11} {'prune s':>7}")
     for name in names:
@@ -96,7 +96,7 @@ def bench_corpus(names: list[str], ratios: list[float], threads: int, budget: fl
         f0, p0, s0 = count_flops(base), count_params(base), size(base)
         pruned = []
         for r in ratios:
-            m, st, dt = prune(base, f"prune{{ratio={r}}}")
+            m, st, dt = prune(base, f"prune{{ratio={r}{extra}}}")
             pruned.append((r, m, st, dt))
         lats = [1.0] * (len(pruned) + 1)
         if do_latency:
@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--budget", type=float, default=4.0, help="seconds of latency measurement per model")
     ap.add_argument("--accuracy-models", default="mnist_resnet8,digits_cnn,mnist_dwse,digits_mlp")
+    ap.add_argument("--extra", default="", help="more prune options for the corpus runs, e.g. ',round-to=8'")
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--skip-timing", action="store_true")
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_accuracy([n for n in args.accuracy_models.split(",") if n])
     if not args.skip_corpus:
         bench_corpus([n for n in args.models.split(",") if n], [float(r) for r in args.ratios.split(",")],
-                     args.threads, args.budget, not args.skip_latency)
+                     args.threads, args.budget, not args.skip_latency, args.extra)
     return 0
 
 

@@ -376,7 +376,9 @@ def _explain(opts: Options) -> int:
     except KeyError:
         names = ", ".join(_rule_names(pattern)) or "none"
         raise UsageError(f"unknown rule {opts.explain!r} (have: {names})") from None
-    print(str(explain(model, rule)).rstrip("\n"))
+    # the rule's checks see the pass options as in a run (contrib-ops decides several targets)
+    text = explain(model, rule, options={"contrib_ops": True}) if opts.contrib_ops else explain(model, rule)
+    print(str(text).rstrip("\n"))
     return EXIT_OK
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+import onnx
 import pytest
 
 import graphopt
@@ -467,6 +468,24 @@ def test_explain_with_the_real_pattern_package(capsys: pytest.CaptureFixture[str
     assert "'t-relu-of-sigmoid' does not fire" in out and "Relu" in out
     code, _, err = run_cli(capsys, EXAMPLE, "--explain", "t-no-such-rule")
     assert code == 2 and len(err.splitlines()) == 1 and "unknown rule 't-no-such-rule'" in err
+
+
+def test_explain_sees_contrib_ops(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from onnx import helper
+
+    shape = [1, 2, 3, 4]
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]), helper.make_node("MatMul", ["q", "kt"], ["s"]),
+             helper.make_node("Softmax", ["s"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, shape) for n in "qkv"],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, shape)])
+    path = tmp_path / "sdpa17.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    code, out, err = run_cli(capsys, str(path), "--explain", "sdpa-attention")
+    assert code == 0, err
+    assert "does not fire" in out and "contrib ops are off" in out
+    code, out, err = run_cli(capsys, str(path), "--explain", "sdpa-attention", "--contrib-ops")
+    assert code == 0, err
+    assert "fires at 1 of 2 candidate roots" in out, out
 
 
 # --- config file -----------------------------------------------------------------------------------

@@ -11,7 +11,7 @@
     apply_rules(model, [rule], ctx)
 """
 
-from graphopt.pattern.context import current_model, model_context
+from graphopt.pattern.context import current_model, current_options, model_context
 from graphopt.pattern.driver import RewriteError, Rewriter, RewritePass, apply_rules, drop_unused_initializers
 from graphopt.pattern.explain import Candidate, explain, explain_candidates
 from graphopt.pattern.matcher import Fail, Match, Matcher, MatchResult
@@ -38,6 +38,6 @@ from graphopt.pattern.rule import (
 __all__ = [
     "AnyPattern", "Candidate", "ConstPattern", "Fail", "Match", "MatchResult", "Matcher", "OpPattern",
     "OptionalPattern", "OrPattern", "OutputPattern", "P", "Pattern", "RewriteBuilder", "RewriteError",
-    "RewritePass", "Rewriter", "Rule", "current_model", "model_context", "apply_rules", "drop_unused_initializers", "const_array", "explain", "explain_candidates", "get_rule",
+    "RewritePass", "Rewriter", "Rule", "current_model", "current_options", "model_context", "apply_rules", "drop_unused_initializers", "const_array", "explain", "explain_candidates", "get_rule",
     "list_rules", "register_rule", "unregister_rule",
 ]

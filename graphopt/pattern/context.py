@@ -1,14 +1,18 @@
-"""The model a rule is being applied to or explained on, for checks that need model-wide facts."""
+"""The model a rule is being applied to or explained on, and the options of the pass applying it,
+for checks that need model-wide facts or a pass option (such as contrib-ops)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from contextvars import ContextVar
 
 from graphopt.ir.core import Model
 
 _MODEL: ContextVar[Model | None] = ContextVar("graphopt_pattern_model", default=None)
+_NO_OPTIONS: Mapping[str, object] = MappingProxyType({})
+_OPTIONS: ContextVar[Mapping[str, object]] = ContextVar("graphopt_pattern_options", default=_NO_OPTIONS)
 
 
 def current_model() -> Model | None:
@@ -17,10 +21,18 @@ def current_model() -> Model | None:
     return _MODEL.get()
 
 
+def current_options() -> Mapping[str, object]:
+    """The options (field name → value) of the RewritePass applying the rule, or those given to
+    `explain`; empty outside them. A rule shared by several passes reads e.g. `contrib_ops` here."""
+    return _OPTIONS.get()
+
+
 @contextlib.contextmanager
-def model_context(model: Model) -> Iterator[None]:
+def model_context(model: Model, options: Mapping[str, object] | None = None) -> Iterator[None]:
     token = _MODEL.set(model)
+    otoken = _OPTIONS.set(MappingProxyType(dict(options)) if options else _NO_OPTIONS)
     try:
         yield
     finally:
+        _OPTIONS.reset(otoken)
         _MODEL.reset(token)

@@ -16,7 +16,7 @@ it); each applied rewrite is recorded as `Rewrite(rule, [matched node names])`.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -213,10 +213,12 @@ def apply_rules(
     *,
     max_iterations: int = 10,
     max_rewrites: int | None = None,
+    options: Mapping[str, object] | None = None,
 ) -> PassResult:
     """Apply `rules` greedily to every graph of `model` until nothing matches (or the bounds
     stop it: `max_iterations` sweeps per graph, `max_rewrites` and `ctx.rewrite_limit` rewrites
-    in total). Stats: rewrites per rule name. Rewrites: each one applied, in order."""
+    in total). Stats: rewrites per rule name. Rewrites: each one applied, in order. The rules'
+    checks see `options` through `graphopt.pattern.current_options()`."""
     ctx = ctx if ctx is not None else PassContext()
     ordered = sorted(rules, key=lambda r: -r.benefit)  # stable: ties keep the given order
     index: dict[tuple[str, str], list[tuple[Rule, Matcher]]] = {}
@@ -229,7 +231,7 @@ def apply_rules(
     limits = [k for k in (ctx.rewrite_limit, max_rewrites) if k is not None]
     state = _State(limit=min(limits) if limits else None)
     roots = {id(model.graph)} | {id(f.graph) for f in model.functions.values()}
-    with model_context(model):
+    with model_context(model, options):
         for g in list(model.graphs()):
             if state.exhausted():
                 break
@@ -307,4 +309,5 @@ class RewritePass(Pass):
         return self.rules
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        return apply_rules(model, self.get_rules(), ctx, max_iterations=self.max_iterations, max_rewrites=self.max_rewrites)
+        options = {f.name: getattr(self, f.name) for f in self.option_fields()}
+        return apply_rules(model, self.get_rules(), ctx, max_iterations=self.max_iterations, max_rewrites=self.max_rewrites, options=options)

@@ -12,6 +12,7 @@ with the nodes it matched and the first reason it failed, e.g.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from graphopt.ir.core import Graph, Model, Node
@@ -38,11 +39,12 @@ def _graph_label(model: Model, g: Graph) -> str:
     return f"subgraph {g.name!r} of {owner.label()}" if isinstance(owner, Node) else f"graph {g.name!r}"
 
 
-def explain_candidates(model: Model, rule: Rule) -> list[Candidate]:
-    """Try `rule` at every candidate root of every graph; matches first, then deepest failures."""
+def explain_candidates(model: Model, rule: Rule, options: Mapping[str, object] | None = None) -> list[Candidate]:
+    """Try `rule` at every candidate root of every graph; matches first, then deepest failures.
+    `options`: the pass options the checks see (as in a pass run), e.g. {"contrib_ops": True}."""
     out: list[Candidate] = []
     matcher = rule.matcher()
-    with model_context(model):  # the checks see the same model-wide facts as in a pass
+    with model_context(model, options):  # the checks see the same model-wide facts as in a pass
         for g in model.graphs():
             where = _graph_label(model, g)
             for n in rule.candidates(g):
@@ -52,11 +54,11 @@ def explain_candidates(model: Model, rule: Rule) -> list[Candidate]:
     return out
 
 
-def explain(model: Model, rule: Rule, *, limit: int = 5) -> str:
+def explain(model: Model, rule: Rule, *, limit: int = 5, options: Mapping[str, object] | None = None) -> str:
     """A readable multi-line account of where `rule` fires, or why it fires nowhere."""
     assert rule.pattern is not None
     ops = ", ".join(op if not dom else f"{dom}::{op}" for dom, op in rule.root_ops)
-    cands = explain_candidates(model, rule)
+    cands = explain_candidates(model, rule, options)
     header_pattern = f"pattern: {rule.pattern.describe()}"
     if not cands:
         return f"rule {rule.name!r} does not fire: the model has no {ops} node\n{header_pattern}"

@@ -31,7 +31,7 @@ import numpy as np
 
 from graphopt.ir import DataType, Function, Model, Value
 from graphopt.check import onnxruntime_has_kernel
-from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, RewritePass, Rule, const_array, current_model, drop_unused_initializers, register_rule
+from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, RewritePass, Rule, const_array, current_model, current_options, drop_unused_initializers, register_rule
 from graphopt.transform import PassContext, PassResult, register_pass
 
 RTOL = 1e-4
@@ -102,7 +102,9 @@ def standard_op(m: Match, op: str, since: int, x: Value, num_inputs: int = 1) ->
 
 def contrib_allowed(m: Match) -> bool | Fail:
     run = _RUN.get()
-    if run is None or not run.contrib:
+    # outside a run of these passes (`--explain RULE --contrib-ops`), the explained options
+    contrib = run.contrib if run is not None else bool(current_options().get("contrib_ops"))
+    if not contrib:
         return Fail("contrib ops are off (contrib-ops=1 allows com.microsoft ops)")
     if in_function(m) is not None:
         return Fail("inside a function body: no com.microsoft ops there")

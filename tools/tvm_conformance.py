@@ -185,7 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     counter = [0]
 
+    stream = open(args.json + "l", "w") if args.json else None  # one line per case, as they finish
+
     def log(msg: dict) -> None:
+        if stream is not None:
+            stream.write(json.dumps(msg) + "\n")
+            stream.flush()
         counter[0] += 1
         if counter[0] % 50 == 0:
             npass = sum(1 for r in results.values() if r["status"] == "pass")

@@ -785,7 +785,7 @@ class _Lowerer:
                 for r in res:
                     if not isinstance(r, relax.Expr) or not isinstance(r.ty, relax.TensorType):
                         raise LoweringError("a group output is not a tensor")
-                    if not isinstance(r, relax.DataflowVar) or any(r.same_as(p) for p in params):
+                    if isinstance(r, (tvm.ir.GenericConst, relax.Tuple)) or any(r.same_as(p) for p in params):
                         raise LoweringError("a group output is not computed inside the group")
                 out = gbb.emit_output(res[0] if len(res) == 1 else relax.Tuple(res))
             gbb.emit_func_output(out)

@@ -54,16 +54,25 @@ def session(data: bytes | str, threads: int) -> tuple[ort.InferenceSession, floa
 
 
 def latency_ratio(a: ort.InferenceSession, b: ort.InferenceSession, feeds: dict, budget: float) -> float:
-    """median(b) / median(a), timed round robin (one call each per round) for `budget` s."""
+    """median(b) / median(a): rounds of `reps` calls each, the order alternating per round, for
+    `budget` seconds (tiny models run in microseconds: one call is too short to time)."""
     for s in (a, b):
         s.run(None, feeds)
-    ta, tb = [], []
+    t = time.perf_counter()
+    a.run(None, feeds)
+    reps = max(1, min(50, int(0.01 / max(time.perf_counter() - t, 1e-6))))
+    ta: list[float] = []
+    tb: list[float] = []
     end = time.perf_counter() + budget
+    i = 0
     while time.perf_counter() < end or len(ta) < 5:
-        for s, acc in ((a, ta), (b, tb)):
+        pair = ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta))
+        for s, acc in pair:
             t = time.perf_counter()
-            s.run(None, feeds)
-            acc.append(time.perf_counter() - t)
+            for _ in range(reps):
+                s.run(None, feeds)
+            acc.append((time.perf_counter() - t) / reps)
+        i += 1
     return statistics.median(tb) / statistics.median(ta)
 
 
@@ -102,6 +111,8 @@ def bench_real(args: argparse.Namespace, tmp: str) -> None:
         key = "accuracy" if "accuracy" in m0 else "mean_cosine"
         inputs, _ = rm.test_data(name, limit=8 if key == "mean_cosine" else 64)
         s0, c0 = session(bpath, args.threads)
+        noise = latency_ratio(s0, session(bpath, args.threads)[0], inputs, args.budget)
+        print(f"{name:14} fp32 vs a second fp32 session: latency ratio {noise:.2f} (the noise floor of this run)")
         for bits in args.bits:
             t = time.perf_counter()
             out = graphopt.optimize(base, cluster_spec(bits, args))

@@ -174,7 +174,9 @@ class ClusterWeights(Pass):
     reader (and weights tied by sharing one value) reads the same decoded tensor.
 
     Options: `bits` (2..8), `layer-bits=glob:bits;...` (matched against the weight's name and
-    its readers' node names, first match wins, 0 keeps it float), `init=linear|density`,
+    its readers' node names, first match wins, 0 keeps it float), `init=auto|linear|density`
+    (k-means start: evenly spaced from min to max as in Deep Compression, at the quantiles, or
+    both and the better fit per codebook),
     `weighting=none|calibration|importance` (calibration: ctx.data["calibration-inputs"], a
     dict of graph inputs; weights each value by the mean square of the activation it
     multiplies; importance: ctx.data["weight-importance"][name]), `min-size` (elements),
@@ -193,7 +195,7 @@ class ClusterWeights(Pass):
     bits: int = 5
     layer_bits: str = ""
     per_channel: bool = False
-    init: str = "linear"
+    init: str = "auto"
     weighting: str = "none"
     min_size: int = 1024
     sample: int = 1 << 18
@@ -203,8 +205,8 @@ class ClusterWeights(Pass):
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
             raise UsageError(f"cluster-weights: bits={self.bits} is not in 2..8")
-        if self.init not in ("linear", "density"):
-            raise UsageError(f"cluster-weights: init={self.init!r} is not linear or density")
+        if self.init not in ("auto", "linear", "density"):
+            raise UsageError(f"cluster-weights: init={self.init!r} is not auto, linear or density")
         if self.weighting not in ("none", "calibration", "importance"):
             raise UsageError(f"cluster-weights: weighting={self.weighting!r} is not none, calibration or importance")
         if self.storage not in ("auto", *cbk.STORAGES):

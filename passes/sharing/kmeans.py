@@ -222,21 +222,32 @@ def refine(x: np.ndarray, idx: np.ndarray, centroids: np.ndarray, weights: np.nd
     return mean.reshape(R, k)
 
 
+def _sse(xs: np.ndarray, c: np.ndarray, w: np.ndarray | None) -> np.ndarray:
+    """Per-row (weighted) squared error of sorted rows xs against centroids c."""
+    idx = assign(xs, c).astype(np.int64)
+    d = np.take_along_axis(c, idx, axis=1) - xs
+    d *= d
+    return (d if w is None else d * w).sum(axis=1)
+
+
 def cluster_rows(
     x: np.ndarray,
     k: int,
     *,
     weights: np.ndarray | None = None,
-    init: str = "linear",
+    init: str = "auto",
     sample: int = 1 << 18,
     seed: int = 0,
     max_iter: int = 300,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cluster each row of x [R, n] into at most k values: (codebooks [R, k] float64, indices
-    [R, n] uint8, each value's nearest codebook entry). The codebook is fitted on at most
+    [R, n] uint8, each value's nearest codebook entry). `init`: linear, density, or auto (both,
+    per row the one that fits the sample better). The codebook is fitted on at most
     `sample` values in all (the same random columns of every row), refined once on all values."""
     R, n = x.shape
-    per_row = max(min(n, 4 * k), min(n, sample // max(R, 1)))
+    # per channel, fit on at least 32 values per centroid (or the whole row): a codebook fitted
+    # on a few values misses the outliers of the rest
+    per_row = min(n, max(32 * k, sample // max(R, 1)))
     if per_row < n:
         cols = np.sort(np.random.default_rng(seed).choice(n, size=per_row, replace=False))
         xsub = x[:, cols]
@@ -248,7 +259,12 @@ def cluster_rows(
     else:
         order = np.argsort(xsub, axis=1)
         xs, ws = np.take_along_axis(xsub, order, axis=1), np.take_along_axis(wsub, order, axis=1)
-    c = fit_sorted(xs, k, weights=ws, init=init, max_iter=max_iter)
+    if init == "auto":  # both starts on the sample; keep the one with the lower (weighted) SSE
+        fits = [fit_sorted(xs, k, weights=ws, init=i, max_iter=max_iter) for i in ("linear", "density")]
+        sse = [_sse(xs, f, ws) for f in fits]
+        c = np.where((sse[1] < sse[0])[:, None], fits[1], fits[0])
+    else:
+        c = fit_sorted(xs, k, weights=ws, init=init, max_iter=max_iter)
     # one exact mean update over all values, then the final nearest-centroid assignment (the
     # sample's boundaries are not quite the full data's)
     c = np.sort(refine(x, assign(x, c), c, weights), axis=1)

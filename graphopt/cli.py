@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", metavar="DATA", help="--quantize: calibration .npz (one array per input, samples "
                    "stacked on the batch axis) or a folder of them (default: synthetic, labelled as such)")
     p.add_argument("--calibration-method", metavar="M", help="--quantize: minmax (default), percentile, entropy or mse")
+    p.add_argument("--quantize-speed", choices=("measure", "rules", "off"),
+                   help="--quantize: measure (default: keep float where int8 is not faster here), rules (depthwise "
+                        "and tiny layers float; reproducible output) or off")
     p.add_argument("--accuracy-budget", metavar="B", help="--quantize: top1:P, cosine:C, sqnr:DB or rel:E; the most "
                    "sensitive layers stay float until it holds")
     p.add_argument("--inputs", metavar="X.npz", help="inputs for --verify/--verify-each (default: random)")
@@ -199,7 +202,7 @@ def parse_options(argv: Sequence[str]) -> Options:
 def _quantize_spec(ns: argparse.Namespace, pipeline: str) -> tuple[str, str | None]:
     """--quantize int8 [--calibration-method M] [--accuracy-budget B] appends quantize{...}."""
     given = [f for f, v in (("--calibration", ns.calibration), ("--calibration-method", ns.calibration_method),
-                            ("--accuracy-budget", ns.accuracy_budget)) if v is not None]
+                            ("--accuracy-budget", ns.accuracy_budget), ("--quantize-speed", ns.quantize_speed)) if v is not None]
     if ns.quantize is None:
         if given:
             raise UsageError(f"{given[0]} needs --quantize int8")
@@ -207,7 +210,8 @@ def _quantize_spec(ns: argparse.Namespace, pipeline: str) -> tuple[str, str | No
     if ns.quantize != "int8":
         raise UsageError(f"--quantize {ns.quantize}: unknown scheme (have: int8)")
     opts = ["scheme=int8"] + ([f"calibration={ns.calibration_method}"] if ns.calibration_method else []) \
-        + ([f"accuracy-budget={ns.accuracy_budget}"] if ns.accuracy_budget else [])
+        + ([f"accuracy-budget={ns.accuracy_budget}"] if ns.accuracy_budget else []) \
+        + ([f"speed={ns.quantize_speed}"] if ns.quantize_speed else [])
     for o in opts:
         if any(c in o for c in ",{}") or o.count("=") != 1:
             raise UsageError(f"--quantize: bad value in {o!r}")

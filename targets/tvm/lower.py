@@ -368,6 +368,110 @@ def _layer_norm(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) 
     return [y, mean, inv]
 
 
+def _dims_of(e: Any) -> list[Any]:
+    shape = e.ty.shape
+    if shape is None or not isinstance(shape, relax.ShapeExpr):
+        raise LoweringError("a tensor of unknown shape")
+    return [int(v) if isinstance(v, tvm.tirx.IntImm) else v for v in shape.values]
+
+
+@converter("Attention")
+def _attention(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """ONNX Attention (opset 23): 3-D or 4-D Q/K/V, attn_mask (bool or additive, padded to the
+    key length), past key/value, is_causal (offset by the past length), GQA, scale, softcap,
+    softmax_precision, qk_matmul_output_mode; fully masked rows give zeros (as the reference)."""
+    if len(ins) > 6 and ins[6] is not None:
+        raise LoweringError(f"node {node.label()}: Attention with nonpad_kv_seqlen is not supported by the cpu target")
+    q, k, v = ins[0], ins[1], ins[2]
+    mask = ins[3] if len(ins) > 3 else None
+    past_k = ins[4] if len(ins) > 4 else None
+    past_v = ins[5] if len(ins) > 5 else None
+    dtype = str(q.ty.dtype)
+    emit = bb.emit
+    R = relax.op
+    rank3 = q.ty.ndim == 3
+    qh, kvh = node.attr("q_num_heads"), node.attr("kv_num_heads")
+    if rank3:
+        def heads(x: Any, h: int) -> Any:
+            b, sq, hid = _dims_of(x)
+            x = emit(R.reshape(x, [b, sq, h, hid // h]))
+            return emit(R.permute_dims(x, [0, 2, 1, 3]))
+
+        q, k, v = heads(q, qh), heads(k, kvh), heads(v, kvh)
+    dq = _dims_of(q)[3]
+    scale = node.attr("scale")
+    scale = 1.0 / np.sqrt(dq) if scale is None else float(scale)
+    sq_scale = relax.const(np.array(np.sqrt(scale), dtype=dtype), dtype)
+    present_k = emit(R.concat([past_k, k], axis=2)) if past_k is not None else k
+    present_v = emit(R.concat([past_v, v], axis=2)) if past_v is not None else v
+    qlen, kvlen = _dims_of(q)[2], _dims_of(present_k)[2]
+    neg_inf = relax.const(np.array(-np.inf, dtype=dtype), dtype)
+    zero = relax.const(np.array(0, dtype=dtype), dtype)
+    bias = None
+    if mask is not None:
+        mdims = _dims_of(mask)
+        pad = kvlen - mdims[-1] if isinstance(kvlen, int) and isinstance(mdims[-1], int) else 0
+        if pad > 0:
+            fill = np.zeros(mdims[:-1] + [pad], dtype=bool) if str(mask.ty.dtype) == "bool" else np.full(mdims[:-1] + [pad], -np.inf, dtype=str(mask.ty.dtype))
+            mask = emit(R.concat([mask, relax.const(fill, str(fill.dtype))], axis=-1))
+        if str(mask.ty.dtype) == "bool":
+            mask = emit(R.where(mask, zero, neg_inf))
+        bias = mask
+    if node.attr("is_causal", 0):
+        if not (isinstance(qlen, int) and isinstance(kvlen, int)):
+            raise LoweringError(f"node {node.label()}: causal Attention needs static sequence lengths on the cpu target")
+        offset = _dims_of(past_k)[2] if past_k is not None else 0
+        allowed = np.arange(kvlen)[None, :] <= np.arange(qlen)[:, None] + offset
+        causal = relax.const(np.where(allowed, 0, -np.inf).astype(dtype), dtype)
+        bias = emit(R.add(bias, causal)) if bias is not None else causal
+    nq, nk = _dims_of(q)[1], _dims_of(present_k)[1]
+    kk, vv = present_k, present_v
+    if isinstance(nq, int) and isinstance(nk, int) and nq != nk and nq % nk == 0:
+        kk = emit(R.repeat(kk, nq // nk, axis=1))
+        vv = emit(R.repeat(vv, nq // nk, axis=1))
+    qk = emit(R.matmul(emit(R.multiply(q, sq_scale)), emit(R.permute_dims(emit(R.multiply(kk, sq_scale)), [0, 1, 3, 2]))))
+    softcap = node.attr("softcap")
+    if softcap is not None and float(softcap) > 0:
+        c = relax.const(np.array(float(softcap), dtype=dtype), dtype)
+        qk = emit(R.multiply(R.tanh(R.divide(qk, c)), c))
+    mode = node.attr("qk_matmul_output_mode", 0)
+    out_qk = qk
+    scores = emit(R.add(qk, bias)) if bias is not None else qk
+    if mode == 2:
+        out_qk = scores
+    sdtype = dtype
+    prec = node.attr("softmax_precision")
+    if prec is not None:
+        sdtype = str(onnx.helper.tensor_dtype_to_np_dtype(prec))
+        if sdtype != dtype:
+            scores = emit(R.astype(scores, sdtype))
+    if bias is None:
+        probs = emit(R.nn.softmax(scores, axis=-1))
+    else:
+        s_zero = relax.const(np.array(0, dtype=sdtype), sdtype)
+        s_ninf = relax.const(np.array(-np.inf, dtype=sdtype), sdtype)
+        mx = emit(R.max(scores, axis=[-1], keepdims=True))
+        mx = emit(R.where(R.equal(mx, s_ninf), s_zero, mx))
+        e = emit(R.exp(R.subtract(scores, mx)))
+        tot = emit(R.sum(e, axis=[-1], keepdims=True))
+        tot = emit(R.where(R.equal(tot, s_zero), relax.const(np.array(1, dtype=sdtype), sdtype), tot))
+        probs = emit(R.divide(e, tot))
+        masked = emit(R.equal(R.max(bias, axis=[-1], keepdims=True), neg_inf))
+        probs = emit(R.where(masked, s_zero, probs))
+    if mode == 3:
+        out_qk = probs
+    if str(out_qk.ty.dtype) != dtype:
+        out_qk = emit(R.astype(out_qk, dtype))
+    if sdtype != dtype:
+        probs = emit(R.astype(probs, dtype))
+    y = emit(R.matmul(probs, vv))
+    if rank3:
+        y = emit(R.permute_dims(y, [0, 2, 1, 3]))
+        b, sq, h, d = _dims_of(y)
+        y = emit(R.reshape(y, [b, sq, h * d]))
+    return [y, present_k, present_v, out_qk]
+
+
 def _same_shape(p: Any, x: Any, axes: list[int]) -> bool:
     """`p` has exactly the normalized dims of `x` (what Relax's layer_norm takes)."""
     ps, xs = p.ty.shape, x.ty.shape

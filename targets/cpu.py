@@ -57,6 +57,31 @@ class CpuTarget(Target):
 
     name: ClassVar[str] = "cpu"
 
+    # hooks that targets built on this one (arm64, cuda) override
+    def tvm_target(self, threads: int) -> Any:
+        from graphopt.targets.tvm import build as B
+
+        return B.host_target(threads=threads)
+
+    def schedule(self, mod: Any, target: Any, options: CompileOptions) -> tuple[Any, Any]:
+        from graphopt.targets.tvm import build as B
+
+        return B.schedule(mod, target, tune_trials=options.tune, tune_minutes=options.tune_minutes,
+                          tuning_db=options.tuning_db, progress=options.progress)
+
+    def build(self, mod: Any, target: Any) -> Any:
+        from graphopt.targets.tvm import build as B
+
+        return B.build(mod, target)
+
+    def export(self, exe: Any, path: str) -> None:
+        exe.export_library(path)
+
+    def manifest_target(self, target: Any, threads: int) -> dict[str, Any]:
+        from graphopt.targets.tvm import build as B
+
+        return {"name": self.name, "tvm": B.target_json(target), "threads": threads}
+
     def compile(self, model: Model, options: CompileOptions, *, source_sha256: str | None = None) -> Artifact:
         import tvm
 
@@ -72,22 +97,21 @@ class CpuTarget(Target):
         if not any(KERNEL_KEY in n.metadata_props for n in model.graph.nodes):
             PlanKernels().run(model, PassContext())
         threads = int(options.threads or B.default_threads())
-        target = B.host_target(threads=threads)
+        target = self.tvm_target(threads)
 
         lowered, mod = L.lower_and_fuse(model, target)
         times["lower-fuse"] = time.perf_counter() - t0
         t = time.perf_counter()
-        mod, sched = B.schedule(mod, target, tune_trials=options.tune, tune_minutes=options.tune_minutes,
-                                tuning_db=options.tuning_db, progress=options.progress)
+        mod, sched = self.schedule(mod, target, options)
         times["schedule"] = time.perf_counter() - t
         t = time.perf_counter()
-        exe = B.build(mod, target)
+        exe = self.build(mod, target)
         times["build"] = time.perf_counter() - t
 
         with temporary_artifact_dir() as folder:
             t = time.perf_counter()
             lib = os.path.join(folder, LIBRARY)
-            exe.export_library(lib)
+            self.export(exe, lib)
             np.savez(os.path.join(folder, PARAMS), **lowered.params)
             times["export"] = time.perf_counter() - t
             g = model.graph
@@ -106,7 +130,7 @@ class CpuTarget(Target):
             manifest = {
                 "format": FORMAT,
                 "version": FORMAT_VERSION,
-                "target": {"name": self.name, "tvm": B.target_json(target), "threads": threads},
+                "target": self.manifest_target(target, threads),
                 "inputs": _io(inputs),
                 "outputs": _io(g.outputs),
                 "files": {

@@ -41,7 +41,7 @@ import numpy as np
 from graphopt.errors import GraphoptError, UsageError
 
 PROG = "graphopt-compile"
-TARGETS = ("onnx", "cpu")
+TARGETS = ("onnx", "cpu", "arm64", "cuda")  # a compiled target may carry options: arm64{mcpu=cortex-a76}
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     # every default is None so that a config file value is overridden only by flags actually given
     p.add_argument("model", nargs="?", help="the input .onnx model")
     p.add_argument("-o", "--output", help="where to write the compiled model")
-    p.add_argument("--target", help=f"what to produce (default onnx; have: {', '.join(TARGETS)})")
+    p.add_argument("--target", help=f"what to produce (default onnx; have: {', '.join(TARGETS)}); options in "
+                   "braces, e.g. 'arm64{profile=neoverse-n1}' or 'cuda{arch=sm_90}'")
     p.add_argument("-O", dest="opt_level", metavar="LEVEL", help="optimisation level 0-3 (-O2 is the default)")
     p.add_argument("--passes", metavar="SPEC", help="the pipeline, e.g. '-O1,fold-constants' (instead of -O)")
     p.add_argument("--prune", metavar="RATIO", help="append prune{ratio=RATIO} (structured channel pruning) to the pipeline")
@@ -401,7 +402,7 @@ def _compile(opts: Options) -> int:
     from graphopt.transform import NumericCheckInstrument, PassContext, TimingInstrument, optimize
 
     start = time.perf_counter()
-    if opts.target != "onnx" and opts.target in TARGETS:  # compiled targets write an artifact folder
+    if opts.target != "onnx" and opts.target.partition("{")[0].strip() in TARGETS:  # compiled targets write an artifact folder
         from graphopt.artifact_cli import compile_artifact
 
         return compile_artifact(opts)

@@ -79,7 +79,7 @@ class Runner:
         _configure_threads(self.threads)
         self._tvm = tvm
         lib = tvm.runtime.load_module(paths["library"])
-        self.device = tvm.cpu()
+        self.device = self._make_device(tvm)
         self.vm = relax.VirtualMachine(lib, self.device)
         self._main = self.vm[rt.get("entry", "main")]
         with np.load(paths["params"], allow_pickle=False) as data:
@@ -120,8 +120,15 @@ class Runner:
                 if len(shape) != a.ndim or any(isinstance(d, int) and d != s for d, s in zip(shape, a.shape)):
                     shown = "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
                     raise UsageError(f"input {spec['name']!r}: shape {list(a.shape)} given, the model takes {shown}")
-            out.append(self._tvm.runtime.tensor(_contiguous(a), self.device))
+            out.append(self._to_device(_contiguous(a)))
         return out
+
+    # hooks for runners of other devices (graphopt.targets.cuda, graphopt.targets.arm64)
+    def _make_device(self, tvm: Any) -> Any:
+        return tvm.cpu()
+
+    def _to_device(self, a: np.ndarray) -> Any:
+        return self._tvm.runtime.tensor(a, self.device)
 
     def run(self, inputs: Mapping[str, Any] | Sequence[Any]) -> list[np.ndarray]:
         """Outputs in the model's output order, as numpy arrays."""
@@ -169,8 +176,23 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+#: target name → "module:function(artifact, threads=...)" making the runner of artifacts that are
+#: not for this process's CPU (an aarch64 library run under qemu on x86, a CUDA device)
+RUNNERS: dict[str, str] = {
+    "arm64": "graphopt.targets.arm64:load_runner",
+    "cuda": "graphopt.targets.cuda:load_runner",
+}
+
+
 def load(path: str, *, threads: int | None = None) -> Runner:
     """Load the artifact in folder `path` (checks its hashes) and return a Runner."""
     if not os.path.isdir(path):
         raise ArtifactError(f"{path}: no such artifact folder")
-    return Runner(Artifact(path), threads=threads)
+    art = Artifact(path)
+    spec = RUNNERS.get(str(art.manifest.get("target", {}).get("name")))
+    if spec is not None:
+        import importlib
+
+        mod_name, fn = spec.split(":")
+        return getattr(importlib.import_module(mod_name), fn)(art, threads=threads)
+    return Runner(art, threads=threads)

@@ -50,6 +50,8 @@ FORMAT_VERSION = 1
 #: target name → "module:Class"
 TARGETS: dict[str, str] = {
     "cpu": "graphopt.targets.cpu:CpuTarget",
+    "arm64": "graphopt.targets.arm64:Arm64Target",
+    "cuda": "graphopt.targets.cuda:CudaTarget",
 }
 
 
@@ -81,7 +83,33 @@ class Target(ABC):
         """Compile `model` (already optimized by the pipeline) into an Artifact in a temporary folder."""
 
 
-def get_target(name: str) -> Target:
+def parse_target_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """`arm64{mcpu=cortex-a76,dotprod=1}` → ("arm64", {"mcpu": "cortex-a76", "dotprod": "1"}): the
+    pipeline syntax's `NAME{key=value,...}`, for target options."""
+    spec = spec.strip()
+    name, brace, rest = spec.partition("{")
+    name = name.strip()
+    options: dict[str, str] = {}
+    if not brace:
+        return name, options
+    if not rest.endswith("}") or "{" in rest[:-1] or "}" in rest[:-1]:
+        raise UsageError(f"target {spec!r}: options go in one pair of braces, e.g. arm64{{mcpu=cortex-a76}}")
+    for part in filter(None, (p.strip() for p in rest[:-1].split(","))):
+        key, eq, value = (x.strip() for x in part.partition("="))
+        if not eq or not key:
+            raise UsageError(f"target {name!r}: option {part!r} is not key=value")
+        if key in options:
+            raise UsageError(f"target {name!r}: option {key!r} given twice")
+        options[key] = value
+    return name, options
+
+
+def get_target(name: str | Target) -> Target:
+    """The target for `name`, which may carry options (`arm64{profile=neoverse-n1}`), or `name` itself
+    when it is a Target already."""
+    if isinstance(name, Target):
+        return name
+    name, target_options = parse_target_spec(name)
     spec = TARGETS.get(name)
     if spec is None:
         raise UsageError(f"unknown target {name!r} (have: {', '.join(sorted(TARGETS))})")
@@ -92,7 +120,13 @@ def get_target(name: str) -> Target:
         if e.name in ("tvm", "tvm_ffi"):
             raise UsageError(f"target {name!r} needs apache-tvm: pip install 'graphopt[tvm]'") from None
         raise
-    return getattr(module, cls_name)()
+    cls = getattr(module, cls_name)
+    if not target_options:
+        return cls()
+    from_options = getattr(cls, "from_options", None)
+    if from_options is None:
+        raise UsageError(f"target {name!r} takes no options (got {', '.join(target_options)})")
+    return from_options(target_options)
 
 
 def sha256_file(path: str) -> str:
@@ -205,7 +239,7 @@ def temporary_artifact_dir() -> Iterator[str]:
 
 def compile(  # noqa: A001 - the public name the issue asks for
     model: Any,
-    target: str = "cpu",
+    target: str | Target = "cpu",
     pipeline: str | Sequence[Any] = "-O2",
     *,
     tune: int = 0,

@@ -187,12 +187,17 @@ def test_shape_deciding_inputs_and_inline_groups():
 
 
 def test_unsupported_operator_is_a_one_line_error():
-    m = _model([h.make_node("Celu", ["x"], ["y"]), h.make_node("StringNormalizer", ["t"], ["u"])],
-               [h.make_tensor_value_info("x", TP.FLOAT, [2]), h.make_tensor_value_info("t", TP.STRING, [2])],
-               [h.make_tensor_value_info("y", TP.FLOAT, [2]), h.make_tensor_value_info("u", TP.STRING, [2])])
+    m = _model([h.make_node("StringNormalizer", ["t"], ["u"])],
+               [h.make_tensor_value_info("t", TP.STRING, [2])],
+               [h.make_tensor_value_info("u", TP.STRING, [2])])
     with pytest.raises(graphopt.GraphoptError) as e:
         graphopt.compile(m, "cpu", "-O0")
     assert "\n" not in str(e.value) and ("string" in str(e.value).lower() or "StringNormalizer" in str(e.value))
+    g = h.make_graph([h.make_node("Foo", ["x"], ["y"], domain="com.example", name="foo")], "g",
+                     [h.make_tensor_value_info("x", TP.FLOAT, [2])], [h.make_tensor_value_info("y", TP.FLOAT, [2])])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.example", 1)])
+    with pytest.raises(graphopt.GraphoptError, match="'foo'.*domain 'com.example' is not supported by the cpu target"):
+        graphopt.compile(m, "cpu", "-O0")
 
 
 def test_unknown_target_and_tuning_without_db():

@@ -472,6 +472,18 @@ def _attention(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -
     return [y, present_k, present_v, out_qk]
 
 
+@converter("Celu")
+def _celu(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Celu(x) = max(0, x) + min(0, alpha * (exp(x / alpha) - 1))."""
+    x = ins[0]
+    dtype = str(x.ty.dtype)
+    a = relax.const(np.array(float(node.attr("alpha", 1.0)), dtype=dtype), dtype)
+    zero = relax.const(np.array(0, dtype=dtype), dtype)
+    one = relax.const(np.array(1, dtype=dtype), dtype)
+    neg = relax.op.minimum(zero, relax.op.multiply(a, relax.op.subtract(relax.op.exp(relax.op.divide(x, a)), one)))
+    return bb.emit(relax.op.add(relax.op.maximum(zero, x), neg))
+
+
 def _same_shape(p: Any, x: Any, axes: list[int]) -> bool:
     """`p` has exactly the normalized dims of `x` (what Relax's layer_norm takes)."""
     ps, xs = p.ty.shape, x.ty.shape

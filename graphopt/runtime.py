@@ -42,6 +42,30 @@ def _configure_threads(threads: int) -> None:
     tvm_ffi.get_global_func("runtime.config_threadpool")(-3, threads, [str(c) for c in cpus])
 
 
+def checked_files(artifact: Artifact) -> dict[str, str]:
+    """The paths of the artifact's library and params, after checking them against the manifest
+    (inside the folder, present, sha256 equal); ArtifactError otherwise."""
+    files = artifact.manifest.get("files", {})
+    paths = {}
+    for key in ("library", "params"):
+        entry = files.get(key)
+        if not entry:
+            raise ArtifactError(f"{artifact.path}: the manifest names no {key} file")
+        path = os.path.join(artifact.path, entry["path"])
+        if os.path.dirname(os.path.abspath(path)) != artifact.path:
+            raise ArtifactError(f"{artifact.path}: {key} path {entry['path']!r} leaves the artifact folder")
+        if not os.path.exists(path):
+            raise ArtifactError(f"{artifact.path}: {key} file {entry['path']} is missing")
+        digest = sha256_file(path)
+        if digest != entry.get("sha256"):
+            raise ArtifactError(
+                f"{artifact.path}: {entry['path']} does not match the manifest (sha256 {digest[:16]}…, "
+                f"manifest says {str(entry.get('sha256'))[:16]}…); refusing to load it"
+            )
+        paths[key] = path
+    return paths
+
+
 class Runner:
     """A loaded cpu artifact: the Relax VM with the weights bound."""
 
@@ -52,24 +76,7 @@ class Runner:
         rt = m.get("runtime", {})
         if rt.get("kind") != "tvm-relax-vm":
             raise ArtifactError(f"{artifact.path}: runtime {rt.get('kind')!r} is not supported by this graphopt")
-        files = m.get("files", {})
-        paths = {}
-        for key in ("library", "params"):
-            entry = files.get(key)
-            if not entry:
-                raise ArtifactError(f"{artifact.path}: the manifest names no {key} file")
-            path = os.path.join(artifact.path, entry["path"])
-            if os.path.dirname(os.path.abspath(path)) != artifact.path:
-                raise ArtifactError(f"{artifact.path}: {key} path {entry['path']!r} leaves the artifact folder")
-            if not os.path.exists(path):
-                raise ArtifactError(f"{artifact.path}: {key} file {entry['path']} is missing")
-            digest = sha256_file(path)
-            if digest != entry.get("sha256"):
-                raise ArtifactError(
-                    f"{artifact.path}: {entry['path']} does not match the manifest (sha256 {digest[:16]}…, "
-                    f"manifest says {str(entry.get('sha256'))[:16]}…); refusing to load it"
-                )
-            paths[key] = path
+        paths = checked_files(artifact)
         self.threads = int(threads or m.get("target", {}).get("threads") or _cores())
         try:
             import tvm

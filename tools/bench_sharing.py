@@ -205,7 +205,7 @@ def main() -> None:
     ap.add_argument("--models", default="", help="comma-separated real_models names (default: all built)")
     ap.add_argument("--bits", default="3,4,5,6", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--min-size", type=int, default=256)
-    ap.add_argument("--init", default="linear")
+    ap.add_argument("--init", default="auto", help="auto | linear | density")
     ap.add_argument("--per-channel", action="store_true")
     ap.add_argument("--layers", action="store_true", help="print per-layer bits and error")
     ap.add_argument("--big", default="bert_base_s128", help="corpus model name, 'synthetic' or 'none'")

@@ -11,7 +11,7 @@ from typing import ClassVar
 import numpy as np
 
 from graphopt.errors import GraphoptError, UsageError
-from graphopt.ir import DataType, Graph, Model, Node, Value
+from graphopt.ir import DataType, Graph, Model, Value
 from graphopt.transform import Pass, PassContext, PassResult, register_pass
 
 from graphopt.passes.cleanup._util import constant_semantics, in_function, is_constant, opset_of

@@ -44,7 +44,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from graphopt.ir import Attr, AttrType, DataType, Graph, Node, NumpyTensor, Shape, TensorType, Value, unique_name
+from graphopt.ir import Attr, DataType, Graph, Node, NumpyTensor, Shape, TensorType, Value, unique_name
 
 CODEBOOK_KEY = "graphopt.codebook"
 STORAGES = ("uint8", "uint4", "packed")

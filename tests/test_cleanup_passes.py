@@ -101,6 +101,20 @@ def test_fold_constants_fires_and_makes_initializers():
     np.testing.assert_array_equal(folded, (np.ones(3) + np.arange(3)) * 2)
 
 
+@pytest.mark.parametrize("n,dtype,folds", [(100, np.uint8, True), (4096, np.uint8, False), (4096, np.int64, True)])
+def test_fold_constants_never_grows_stored_bytes(n, dtype, folds):
+    # a codebook decode: Gather(codebook, Cast(indices)); uint8 → int64 indices would take 8×
+    # the bytes, so a big one stays a decode (a small one, or a same-size Cast, folds)
+    idx = (np.arange(n) % 16).astype(dtype)
+    nodes = [helper.make_node("Cast", ["idx"], ["i64"], to=TensorProto.INT64),
+             helper.make_node("Gather", ["book", "i64"], ["w"], axis=0),
+             helper.make_node("Mul", ["x", "w"], ["y"])]
+    m = make(nodes, [vi("x", F, [n])], [vi("y", F, [n])],
+             [const("idx", idx), const("book", np.linspace(-1, 1, 16).astype(np.float32))])
+    out, res = check(m, "fold-constants")
+    assert ("Cast" not in ops(out)) == folds, (ops(out), res.stats)
+
+
 def test_fold_constants_graph_output_keeps_name_as_constant_node():
     m = make([helper.make_node("Neg", ["a"], ["y"])], [], [vi("y", shape=(3,))], [const("a", np.ones(3, np.float32))])
     out, res = check(m, "fold-constants")

@@ -162,6 +162,14 @@ def _eval_reference(node: Node, arrays: list[np.ndarray | None], model: Model) -
     return list(results)
 
 
+_PACKED_4BIT = frozenset({"int4", "uint4", "float4_e2m1fn"})
+
+
+def _stored_bytes(arr: np.ndarray) -> int:
+    """Bytes a tensor takes in the file: 4-bit types are packed two to a byte."""
+    return (int(arr.size) + 1) // 2 if arr.dtype.name in _PACKED_4BIT else int(arr.nbytes)
+
+
 def _dtype(arr: np.ndarray):  # type: ignore[no-untyped-def]
     from graphopt.ir import DataType
 
@@ -180,14 +188,16 @@ def try_fold(node: Node, model: Model, *, max_size: int, max_expand: int) -> boo
     sizes = [const_numel(v) or 0 for v in present]
     if sum(sizes) > max_size * 4:  # inputs this big: evaluation costs more than it saves
         return False
-    # elements that disappear with the node: constant inputs read by nothing else
-    freed = 0
+    arrays = [None if v is None else const_array(v) for v in node.inputs]
+    # elements (and stored bytes) that disappear with the node: constant inputs read by nothing else
+    freed = freed_bytes = 0
     seen: set[int] = set()
     for v, s in zip(present, sizes):
         if id(v) not in seen and not v.is_graph_output() and all(u is node for u, _ in v.uses()):
             freed += s
+            arr = arrays[node.inputs.index(v)]
+            freed_bytes += _stored_bytes(arr) if arr is not None else 0
         seen.add(id(v))
-    arrays = [None if v is None else const_array(v) for v in node.inputs]
     if any(a is not None and (a.dtype.kind not in _FOLDABLE_KINDS or a.dtype.names) for a in arrays):
         return False
     if node.op_type in _VALUE_SIZED:
@@ -204,7 +214,7 @@ def try_fold(node: Node, model: Model, *, max_size: int, max_expand: int) -> boo
     if results is None or len(results) != len(node.outputs):
         return False
     fixed: list[np.ndarray] = []
-    total = 0
+    total = total_bytes = 0
     for out, r in zip(node.outputs, results):
         if not isinstance(r, np.ndarray):
             r = np.asarray(r) if np.isscalar(r) else None
@@ -219,9 +229,13 @@ def try_fold(node: Node, model: Model, *, max_size: int, max_expand: int) -> boo
                 return False
         if out.shape is not None and out.shape.is_static() and tuple(out.shape.dims) != r.shape:
             return False  # disagrees with the declared type: better not touch it
-        total += int(r.size) if (out.uses() or out.is_graph_output()) else 0
+        if out.uses() or out.is_graph_output():
+            total += int(r.size)
+            total_bytes += _stored_bytes(r)
         fixed.append(np.array(r, order="C", copy=not r.flags.c_contiguous))  # ascontiguousarray would make 0-d arrays 1-d
-    if total > max_size or total > freed + max_expand:
+    # the model must not grow, in elements nor in stored bytes: Cast(uint4 indices) → int32 keeps
+    # the element count but takes 8× the file (a weight-sharing codebook decode stays a decode)
+    if total > max_size or total > freed + max_expand or total_bytes > freed_bytes + 8 * max_expand:
         return False
     replace_with_constant(node, fixed)
     return True
@@ -253,8 +267,9 @@ class FoldConstants(Pass):
     (custom ops, model-local functions), sequence/optional ops, Quantize/DequantizeLinear,
     inputs that are graph inputs (an initializer that is also an input can be overridden),
     non-numeric dtypes, and results that would grow the model: a result may hold at most
-    `max_size` elements and at most `max_expand` more elements than the constant inputs that
-    die with the node (so ConstantOfShape/Tile/Expand/Range of big shapes stay unfolded).
+    `max_size` elements and at most `max_expand` more elements (8·`max_expand` more stored
+    bytes) than the constant inputs that die with the node (so ConstantOfShape/Tile/Expand/Range
+    of big shapes, widening Casts of big tensors and weight-sharing decodes stay unfolded).
     """
 
     name: ClassVar[str] = "fold-constants"

@@ -187,8 +187,8 @@ class ClusterWeights(Pass):
     can override (graph inputs from IR 4 on), graph outputs, tensors with NaN/Inf (unless they
     hold at most 2^bits distinct values: then the codebook is exact), initializers inside
     function bodies (none exist), and values already decoded from a codebook (a second run
-    changes nothing). Run it after the -O pipeline: fold-constants would evaluate the decode
-    again and re-expand weights up to its size bound.
+    changes nothing). Run it after the -O pipeline, whose fusions fold into float weights; a
+    later fold-constants keeps the decode (folding it would grow the stored bytes).
     """
 
     name: ClassVar[str] = "cluster-weights"

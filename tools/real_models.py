@@ -509,8 +509,8 @@ def _torch_nets() -> dict[str, Callable[[], Any]]:
             super().__init__()
             self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())  # 14x14
             self.blocks = nn.Sequential(
-                InvRes(16, 16, 1), InvRes(16, 24, 2), InvRes(24, 24, 1), InvRes(24, 40, 2), InvRes(40, 40, 1)
-            )  # 14 → 7 → 4
+                InvRes(16, 16, 1, 2), InvRes(16, 24, 2, 3), InvRes(24, 24, 1, 3), InvRes(24, 40, 2, 3), InvRes(40, 40, 1, 3)
+            )  # 14 → 7 → 4; small expansions: depthwise training is slow on CPU
             self.head = nn.Sequential(nn.Conv2d(40, 96, 1, bias=False), nn.BatchNorm2d(96), nn.ReLU6())
             self.fc = nn.Linear(96, 10)
 
@@ -526,7 +526,7 @@ TRAIN = {
     "digits_mlp": (60, 32, 3e-3, 1e-4),
     "digits_cnn": (40, 32, 3e-3, 1e-4),
     "mnist_resnet8": (3, 128, 4e-3, 1e-4),
-    "mnist_dwse": (2, 128, 4e-3, 1e-4),
+    "mnist_dwse": (1, 128, 4e-3, 1e-4),
 }
 
 

@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, help="only the first N cases (after --filter)")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds per case")
     p.add_argument("--json", help="write every outcome here")
+    p.add_argument("--failed-from", metavar="JSON", help="run only the cases that did not pass in this earlier --json "
+                   "(the summary then merges the earlier passes in)")
     p.add_argument("--specialize", action="store_true",
                    help="compile at the first run with small integer inputs bound as constants (a JIT's view)")
     args = p.parse_args(argv)
@@ -176,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     excluded = _exclusions()
     names = sorted(n for n in _suite() if n not in excluded)
     total_ort = len(names)
+    earlier: dict[str, dict] = {}
+    if args.failed_from:
+        with open(args.failed_from) as f:
+            earlier = {r["name"]: r for r in json.load(f)["results"]}
+        names = [n for n in names if earlier.get(n, {}).get("status") != "pass"]
     if args.filter:
         names = [n for n in names if re.search(args.filter, n)]
     if args.limit:
@@ -207,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
             th.start()
         for th in threads:
             th.join()
+    if earlier:  # merge: the earlier passes plus this run's outcomes
+        merged = {n: r for n, r in earlier.items() if r.get("status") == "pass"}
+        merged.update(results)
+        results = merged
+        names = sorted(set(names) | set(merged))
     status = collections.Counter(r["status"] for r in results.values())
     npass = status.get("pass", 0)
     print(f"\ncpu target: {npass} of {len(names)} cases pass ({npass / max(len(names), 1):.1%}); "

@@ -386,7 +386,9 @@ def loopback_rpc(key: str = "arm64", *, timeout: float = 300.0, log: str | None 
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
     server = subprocess.Popen(
         [st.python, "-m", "tvm.exec.rpc_server", f"--tracker=127.0.0.1:{tracker.port}", f"--key={key}",
-         "--host=127.0.0.1", f"--port={port}", f"--port-end={port + 100}", "--silent"],
+         "--host=127.0.0.1", f"--port={port}", f"--port-end={port + 100}", "--silent",
+         # runtime-only TVM lacks the measuring helpers (random_fill_for_measure) RPCRunner calls
+         f"--load-library={home() / 'python' / 'site' / 'tvm' / 'lib' / 'libtvm_runtime_extra.so'}"],
         stdout=out, stderr=subprocess.STDOUT, start_new_session=True,  # its own group: stopped as one
     )
     try:

@@ -314,7 +314,7 @@ class QemuRunner:
         return {"runs": repeat, "mean_ms": ms, "threads": self.threads, "emulated": True}
 
     def close(self) -> None:
-        if self._params_dir is not None:
+        if getattr(self, "_params_dir", None) is not None:
             shutil.rmtree(self._params_dir, ignore_errors=True)
             self._params_dir = None
             self._param_files = []

@@ -27,6 +27,7 @@ from graphopt.pattern.pattern import (
     const_array,
 )
 from graphopt.pattern.rule import (
+    PlanRule,
     RewriteBuilder,
     Rule,
     get_rule,
@@ -38,6 +39,6 @@ from graphopt.pattern.rule import (
 __all__ = [
     "AnyPattern", "Candidate", "ConstPattern", "Fail", "Match", "MatchResult", "Matcher", "OpPattern",
     "OptionalPattern", "OrPattern", "OutputPattern", "P", "Pattern", "RewriteBuilder", "RewriteError",
-    "RewritePass", "Rewriter", "Rule", "current_model", "current_options", "model_context", "apply_rules", "drop_unused_initializers", "const_array", "explain", "explain_candidates", "get_rule",
+    "PlanRule", "RewritePass", "Rewriter", "Rule", "current_model", "current_options", "model_context", "apply_rules", "drop_unused_initializers", "const_array", "explain", "explain_candidates", "get_rule",
     "list_rules", "register_rule", "unregister_rule",
 ]

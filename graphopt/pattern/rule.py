@@ -177,6 +177,26 @@ class Rule:
         return f"<Rule {self.name} benefit={self.benefit}>"
 
 
+class PlanRule(Rule):
+    """A rule whose check works out what the rewrite needs: override `plan(match)`, returning that
+    plan or `Fail("why")`, and `build(match, b, plan)`, building the replacement from it.
+    `check` and `rewrite` each call `plan` (the graph may change between them)."""
+
+    def plan(self, match: Match) -> Any:
+        raise NotImplementedError
+
+    def build(self, match: Match, b: RewriteBuilder, plan: Any) -> RewriteResult:
+        raise NotImplementedError
+
+    def check(self, match: Match) -> CheckResult:
+        plan = self.plan(match)
+        return plan if isinstance(plan, Fail) else True
+
+    def rewrite(self, match: Match, b: RewriteBuilder) -> RewriteResult:
+        plan = self.plan(match)
+        return plan if isinstance(plan, Fail) else self.build(match, b, plan)
+
+
 def _dom(domain: str) -> str:
     return "" if domain in ("", "ai.onnx") else domain
 

@@ -54,7 +54,7 @@ from typing import ClassVar
 import numpy as np
 
 from graphopt.ir import DataType, Model, Shape, TensorType, Value
-from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, RewritePass, Rule, const_array, register_rule
+from graphopt.pattern import Fail, Match, P, Pattern, PlanRule, RewriteBuilder, RewritePass, Rule, const_array, register_rule
 from graphopt.passes.fusion.activations import MS_DOMAIN, contrib_allowed, has_opset, import_contrib, opset_of, with_run
 from graphopt.transform import PassContext, PassResult, register_pass
 
@@ -326,7 +326,7 @@ class SdpaAttention(Rule):
         return b.op.Transpose(y4, perm=[0, 2, 1, 3])
 
 
-class PackedQkvAttention(Rule):
+class PackedQkvAttention(PlanRule):
     """com.microsoft MultiHeadAttention(x·Wq [+ bq], x·Wk [+ bk], x·Wv [+ bv][, attention_bias])
     → com.microsoft Attention(x, [Wq|Wk|Wv], [bq|bk|bv][, attention_bias]): one GEMM for the
     three projections, as onnxruntime's transformers optimizer emits for BERT. Only with
@@ -350,7 +350,10 @@ class PackedQkvAttention(Rule):
     bias_in, padding, mask = P.optional(), P.optional(), P.optional()
     pattern = P.op("MultiHeadAttention", q, k, v, bias_in, padding, mask, domain=MS_DOMAIN)
 
-    def _plan(self, m: Match) -> tuple[np.ndarray, np.ndarray | None] | Fail:
+    def plan(self, m: Match) -> tuple[np.ndarray, np.ndarray | None] | Fail:
+        ok = contrib_allowed(m)
+        if not ok:
+            return ok
         x = m[self.xq]
         if m[self.xk] is not x or m[self.xv] is not x:
             return Fail("Q, K and V are projections of different tensors")
@@ -378,17 +381,7 @@ class PackedQkvAttention(Rule):
             bias = np.concatenate([b if b is not None else np.zeros(hidden, ws[0].dtype) for b in bs])
         return np.concatenate(ws, axis=1), bias
 
-    def check(self, m: Match) -> bool | Fail:
-        ok = contrib_allowed(m)
-        if not ok:
-            return ok
-        plan = self._plan(m)
-        return plan if isinstance(plan, Fail) else True
-
-    def rewrite(self, m: Match, b: RewriteBuilder) -> Value | Fail:
-        plan = self._plan(m)
-        if isinstance(plan, Fail):
-            return plan
+    def build(self, m: Match, b: RewriteBuilder, plan: tuple[np.ndarray, np.ndarray | None]) -> Value:
         weights, bias = plan
         mha = m.root
         w = b.constant(weights, "qkv_weight")

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from graphopt.ir import Attr, AttrType, Function, Model, Node, Value
-from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, RewritePass, Rule, const_array, current_model, drop_unused_initializers, register_rule
+from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, PlanRule, RewritePass, Rule, const_array, current_model, drop_unused_initializers, register_rule
 from graphopt.transform import PassContext, PassResult, register_pass
 
 MS_DOMAIN = "com.microsoft"
@@ -369,7 +369,7 @@ def _rewrite_with_pads(m: Match, b: RewriteBuilder, pad: Node, full: list[int]) 
     return b.node(node.op_type, inputs, attrs, domain=node.domain).outputs[0]
 
 
-class PadIntoConv(Rule):
+class PadIntoConv(PlanRule):
     """Conv(Pad(x, pads, 0), W, b) → Conv(x, W, b, pads = Conv's pads + Pad's spatial pads).
 
     Pad in constant mode with value 0 (attribute form, opset < 11, or inputs pads /
@@ -383,7 +383,7 @@ class PadIntoConv(Rule):
     pad = _pad_pattern()
     pattern = P.op("Conv", pad, P.any("W"), P.optional(P.any("b")))
 
-    def _plan(self, m: Match) -> list[int] | Fail:
+    def plan(self, m: Match) -> list[int] | Fail:
         conv, pad = m.root, m[self.pad]
         if _str_attr(conv, "auto_pad", "NOTSET") != "NOTSET":
             return Fail(f"Conv auto_pad is {_str_attr(conv, 'auto_pad', '')}, not NOTSET")
@@ -395,18 +395,11 @@ class PadIntoConv(Rule):
             return Fail(f"Pad value is {value}, not 0")
         return full
 
-    def check(self, m: Match) -> bool | Fail:
-        plan = self._plan(m)
-        return plan if isinstance(plan, Fail) else True
-
-    def rewrite(self, m: Match, b: RewriteBuilder) -> Value | Fail:
-        plan = self._plan(m)
-        if isinstance(plan, Fail):
-            return plan
+    def build(self, m: Match, b: RewriteBuilder, plan: Any) -> Value:
         return _rewrite_with_pads(m, b, m[self.pad], plan)
 
 
-class PadIntoPool(Rule):
+class PadIntoPool(PlanRule):
     """AveragePool(Pad(x, pads, 0), count_include_pad=1) → AveragePool(x, pads merged);
     MaxPool(Pad(x, pads, -inf)) → MaxPool(x, pads merged).
 
@@ -422,7 +415,7 @@ class PadIntoPool(Rule):
     pad = _pad_pattern()
     pattern = P.op(("AveragePool", "MaxPool"), pad)
 
-    def _plan(self, m: Match) -> list[int] | Fail:
+    def plan(self, m: Match) -> list[int] | Fail:
         pool, pad = m.root, m[self.pad]
         op = pool.op_type
         if _str_attr(pool, "auto_pad", "NOTSET") != "NOTSET":
@@ -452,14 +445,7 @@ class PadIntoPool(Rule):
             return Fail(f"merged pads {merged} are not smaller than kernel {list(kernel)}")
         return full
 
-    def check(self, m: Match) -> bool | Fail:
-        plan = self._plan(m)
-        return plan if isinstance(plan, Fail) else True
-
-    def rewrite(self, m: Match, b: RewriteBuilder) -> Value | list[Value | None] | Fail:
-        plan = self._plan(m)
-        if isinstance(plan, Fail):
-            return plan
+    def build(self, m: Match, b: RewriteBuilder, plan: Any) -> Value | list[Value | None]:
         pool = m.root
         node_out = _rewrite_with_pads(m, b, m[self.pad], plan)
         if len(pool.outputs) > 1:
@@ -468,7 +454,7 @@ class PadIntoPool(Rule):
 
 
 # --- reshape-chain -------------------------------------------------------------------------------
-class ReshapeChain(Rule):
+class ReshapeChain(PlanRule):
     """Reshape(Reshape(x, s1), s2) → Reshape(x, s2); Reshape(Flatten(x), s2) → Reshape(x, s2);
     Flatten(Reshape(x, s1), axis) → Reshape(x, [prod(s1[:axis]), -1]) (or [-1, prod(s1[axis:])]
     when the -1 is in the head).
@@ -490,7 +476,7 @@ class ReshapeChain(Rule):
     outer_flatten = P.op("Flatten", inner2)
     pattern = P.alt(outer_reshape, outer_flatten)
 
-    def _plan(self, m: Match) -> np.ndarray | Fail:
+    def plan(self, m: Match) -> np.ndarray | Fail:
         if m.which(self.pattern) == 0:  # type: ignore[arg-type]
             s2 = m.const(self.s2)
             if s2.ndim != 1 or s2.dtype != np.int64:
@@ -525,14 +511,7 @@ class ReshapeChain(Rule):
             return False
         return all(i < len(s1) and s1[i] == 0 for i in np.flatnonzero(s2 == 0))
 
-    def check(self, m: Match) -> bool | Fail:
-        plan = self._plan(m)
-        return plan if isinstance(plan, Fail) else True
-
-    def rewrite(self, m: Match, b: RewriteBuilder) -> Value | Fail:
-        plan = self._plan(m)
-        if isinstance(plan, Fail):
-            return plan
+    def build(self, m: Match, b: RewriteBuilder, plan: Any) -> Value:
         if m.which(self.pattern) == 0:  # type: ignore[arg-type]
             inner = m[self.inner1]
             _note_read(*inner.inputs[1:])

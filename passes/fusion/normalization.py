@@ -22,12 +22,12 @@ itself is still fused, with ones/zeros). ReduceMean axes are read from the attri
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 from graphopt.ir import DataType, Model, Node, Value
-from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, RewritePass, Rule, const_array, register_rule
+from graphopt.pattern import Fail, Match, P, Pattern, PlanRule, RewriteBuilder, RewritePass, Rule, const_array, register_rule
 from graphopt.passes.fusion.activations import (
     MS_DOMAIN,
     contrib_allowed,
@@ -143,7 +143,7 @@ def _defer(out: Value, dims: tuple[int, ...], dtype: DataType, ops: tuple[str, .
     return Fail(f"its reader {user.label()} is a constant {user.op_type}: the match rooted there fuses it")
 
 
-class LayerNorm(Rule):
+class LayerNorm(PlanRule):
     """ReduceMean/Sub/Pow/ReduceMean/Add eps/Sqrt/Div [· gamma] [+ beta] →
     LayerNormalization(x, gamma, beta, axis, epsilon) (opset ≥ 17).
 
@@ -168,7 +168,7 @@ class LayerNorm(Rule):
     shifted = P.op("Add", norm, beta_only, commutative=True)
     pattern = P.alt(full, scaled, shifted, norm)
 
-    def _plan(self, m: Match) -> tuple[int, float, np.ndarray, np.ndarray] | Fail:
+    def plan(self, m: Match) -> tuple[int, float, np.ndarray, np.ndarray] | Fail:
         x = m[self.x]
         std = standard_op(m, "LayerNormalization", 17, x, num_inputs=3)
         if not std:
@@ -204,14 +204,7 @@ class LayerNorm(Rule):
         eps = float(np.asarray(m.const(self.eps)).reshape(-1)[0])
         return axis, eps, gamma, beta  # type: ignore[return-value]
 
-    def check(self, m: Match) -> bool | Fail:
-        plan = self._plan(m)
-        return plan if isinstance(plan, Fail) else True
-
-    def rewrite(self, m: Match, b: RewriteBuilder) -> Value | Fail:
-        plan = self._plan(m)
-        if isinstance(plan, Fail):
-            return plan
+    def build(self, m: Match, b: RewriteBuilder, plan: Any) -> Value:
         axis, eps, gamma, beta = plan
         x = m[self.x]
         gv = m.get(self.gamma)
@@ -221,7 +214,7 @@ class LayerNorm(Rule):
         return b.op.LayerNormalization(x, g, bb, axis=axis, epsilon=eps)
 
 
-class RmsNorm(Rule):
+class RmsNorm(PlanRule):
     """x / Sqrt(ReduceMean(x²) + eps) [· gamma] → RMSNormalization(x, gamma, axis, epsilon)
     (opset ≥ 23 only; gamma absent: ones).
 
@@ -244,7 +237,7 @@ class RmsNorm(Rule):
     gamma = P.const()
     pattern = P.alt(_mul(norm, gamma), norm)
 
-    def _plan(self, m: Match) -> tuple[int, float, np.ndarray] | Fail:
+    def plan(self, m: Match) -> tuple[int, float, np.ndarray] | Fail:
         x = m[self.x]
         std = standard_op(m, "RMSNormalization", 23, x, num_inputs=2)
         if not std:
@@ -276,14 +269,7 @@ class RmsNorm(Rule):
         eps = float(np.asarray(m.const(self.eps)).reshape(-1)[0])
         return axis, eps, gamma
 
-    def check(self, m: Match) -> bool | Fail:
-        plan = self._plan(m)
-        return plan if isinstance(plan, Fail) else True
-
-    def rewrite(self, m: Match, b: RewriteBuilder) -> Value | Fail:
-        plan = self._plan(m)
-        if isinstance(plan, Fail):
-            return plan
+    def build(self, m: Match, b: RewriteBuilder, plan: Any) -> Value:
         axis, eps, gamma = plan
         gv = m.get(self.gamma)
         g = gv if gv is not None and const_array(gv).shape == gamma.shape else b.initializer(gamma, "rms_scale")  # type: ignore[union-attr]

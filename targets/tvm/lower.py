@@ -484,6 +484,25 @@ def _celu(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any
     return bb.emit(relax.op.add(relax.op.maximum(zero, x), neg))
 
 
+@converter("RMSNormalization")
+def _rms_norm(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """RMSNormalization: x / sqrt(mean(x², axes from `axis` on) + epsilon) · scale, in stash_type."""
+    x, scale = ins[0], ins[1]
+    ndim = x.ty.ndim
+    axis = node.attr("axis", -1)
+    axis = axis + ndim if axis < 0 else axis
+    axes = list(range(axis, ndim))
+    dtype = str(x.ty.dtype)
+    stash = str(onnx.helper.tensor_dtype_to_np_dtype(node.attr("stash_type", 1)))
+    xs = bb.emit(relax.op.astype(x, stash)) if stash != dtype else x
+    ms = bb.emit(relax.op.mean(relax.op.multiply(xs, xs), axes, keepdims=True))
+    inv = bb.emit(relax.op.rsqrt(relax.op.add(ms, relax.const(np.array(float(node.attr("epsilon", 1e-5)), dtype=stash), stash))))
+    y = bb.emit(relax.op.multiply(xs, inv))
+    if stash != dtype:
+        y = bb.emit(relax.op.astype(y, dtype))
+    return bb.emit(relax.op.multiply(y, scale))
+
+
 def _same_shape(p: Any, x: Any, axes: list[int]) -> bool:
     """`p` has exactly the normalized dims of `x` (what Relax's layer_norm takes)."""
     ps, xs = p.ty.shape, x.ty.shape

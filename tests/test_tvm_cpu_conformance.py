@@ -20,7 +20,7 @@ import onnx.backend.test  # noqa: E402
 from graphopt.targets.tvm.backend import CpuBackend  # noqa: E402
 
 #: one or two cases per family: elementwise, broadcast, conv/pool, matmul, reductions,
-#: normalization, shape ops with constant inputs, casts, attention
+#: normalization, shape ops with constant inputs, casts, attention, losses
 SUBSET = [
     "test_add_bcast_cpu", "test_relu_cpu", "test_clip_cpu", "test_conv_with_strides_padding_cpu",
     "test_maxpool_2d_pads_cpu", "test_gemm_default_matrix_bias_cpu", "test_matmul_3d_cpu",
@@ -28,6 +28,8 @@ SUBSET = [
     "test_layer_normalization_2d_axis0_cpu", "test_concat_2d_axis_1_cpu", "test_slice_cpu",
     "test_gather_1_cpu", "test_cast_FLOAT_to_DOUBLE_cpu", "test_batchnorm_example_cpu",
     "test_attention_4d_gqa_cpu",
+    "test_nllloss_NCd1d2_with_weight_reduction_mean_cpu", "test_nllloss_NCd1_mean_weight_negative_ii_cpu",
+    "test_sce_mean_weight_ii_3d_log_prob_cpu",
 ]
 
 with warnings.catch_warnings():

@@ -191,6 +191,12 @@ def parse_options(argv: Sequence[str]) -> Options:
         tuning_db=pick(ns.tuning_db, "tuning-db", None),
         threads=pick(ns.threads, "threads", None),
     )
+    # the pipeline shortcuts: a flag wins over the config file
+    for key, attr in (("prune", "prune"), ("quantize", "quantize"), ("calibration", "calibration"),
+                      ("calibration-method", "calibration_method"), ("accuracy-budget", "accuracy_budget"),
+                      ("quantize-speed", "quantize_speed")):
+        if getattr(ns, attr) is None and key in cfg:
+            setattr(ns, attr, str(cfg[key]))
     opts.pipeline = _prune_spec(ns, opts.pipeline)
     opts.pipeline, opts.calibration = _quantize_spec(ns, opts.pipeline)
     modes = [m for m, on in (("--print-pipeline", opts.print_pipeline), ("--list-passes", opts.list_passes),

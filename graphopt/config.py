@@ -57,6 +57,12 @@ KEYS: dict[str, _Key] = {
     "tune-minutes": _Key((int, float)),
     "tuning-db": _Key(str, is_path=True),
     "threads": _Key(int),
+    "prune": _Key((int, float)),
+    "quantize": _Key(str),
+    "calibration": _Key(str, is_path=True),
+    "calibration-method": _Key(str),
+    "accuracy-budget": _Key(str),
+    "quantize-speed": _Key(str),
 }
 
 

@@ -532,6 +532,21 @@ def test_config_file_and_precedence(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert code == 0 and out_text == "\n"
 
 
+def test_config_file_pipeline_shortcuts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "graphopt.toml"
+    cfg.write_text('[graphopt]\npasses = "-O0"\nprune = 0.25\nquantize = "int8"\ncalibration-method = "percentile"\n'
+                   'quantize-speed = "rules"\ncontrib-ops = true\n')
+    code, out_text, err = run_cli(capsys, "--config", cfg, "--print-pipeline")
+    assert code == 0, err
+    assert out_text == "prune{ratio=0.25},quantize{calibration=percentile,speed=rules}\n"
+    # a flag wins over the file
+    code, out_text, err = run_cli(capsys, "--config", cfg, "--prune", "0.5", "--quantize-speed", "off", "--print-pipeline")
+    assert code == 0 and out_text == "prune{ratio=0.5},quantize{calibration=percentile,speed=off}\n", (out_text, err)
+    cfg.write_text('[graphopt]\nquantize-speed = "rules"\n')
+    code, _, err = run_cli(capsys, "--config", cfg, "--print-pipeline")
+    assert code == 2 and "needs --quantize int8" in err
+
+
 def test_config_opt_level_and_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[graphopt]\nopt-level = 0\nmodel = "{EXAMPLE}"\noutput = "build/o.onnx"\nquiet = true\n')

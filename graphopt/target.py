@@ -17,7 +17,8 @@ manifest.json (format `graphopt-artifact`, version 1):
     versions    {"graphopt", "tvm", "onnx", "python"}
     kernels     {"groups": n, "fused": [...], "inline": {group: reason}}
     tuning      the tuning summary ({} when untuned)
-    runtime     {"entry": "main", "params": [names in order after the inputs]}
+    runtime     {"entry": "main", "params": [names in order after the inputs], "packed": n}
+                (n > 0: the weight packing of n kernels ran at compile time; params hold the packed weights)
 
 Targets are looked up by name in `TARGETS`; their modules are imported only when used (TVM's
 import is slow and optional).

@@ -269,3 +269,51 @@ def test_gather_with_a_bad_index_stays_in_bounds():
     np.testing.assert_array_equal(art.run({"d": d, "i": i})[0], _ort(m, {"d": d, "i": i})[0])
     out = art.run({"d": d, "i": np.array([0, 1 << 40, -(1 << 40), 3])})[0]
     assert np.isin(out, d).all()
+
+
+def _npz(art) -> dict[str, np.ndarray]:
+    with np.load(os.path.join(art.path, "params.npz"), allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def test_weight_packing_runs_once_at_compile_time(cnn_artifact, monkeypatch):
+    """The conv kernel's weight packing is split out of the kernel, lifted out of `main` and run at
+    compile time: params.npz holds the packed weight `main` takes (hash and names in the manifest),
+    and the outputs equal those of an artifact that packs inside the kernel at every run."""
+    from graphopt.targets.cpu import CpuTarget
+
+    m, art = cnn_artifact
+    rt = art.manifest["runtime"]
+    assert rt["packed"] == 1 and art.report["weights"] == {"packed_at_compile": 1}
+    params = _npz(art)
+    assert sorted(params) == sorted(rt["params"])
+    shapes = [params[n].shape for n in rt["params"]]
+    assert (1, 3, 3, 3, 8) in shapes and (8, 3, 3, 3) not in shapes  # [oc/8, ic, kh, kw, 8], not OIHW
+    packed = next(params[n] for n in rt["params"] if params[n].ndim == 5)
+    w1 = nh.to_array(next(i for i in m.graph.initializer if i.name == "w1"))
+    bn = [nh.to_array(next(i for i in m.graph.initializer if i.name == n)) for n in ("s", "v")]
+    folded = w1 * (bn[0] / np.sqrt(bn[1] + 1e-5))[:, None, None, None]  # -O2 folds the BatchNormalization
+    np.testing.assert_allclose(packed[0].transpose(3, 0, 1, 2), folded, rtol=1e-5, atol=1e-6)
+    assert art.manifest["files"]["params"]["sha256"] == graphopt.target.sha256_file(os.path.join(art.path, "params.npz"))
+
+    monkeypatch.setattr(CpuTarget, "param_transform_target", lambda self, target: None)
+    inside = graphopt.compile(m, "cpu", "-O2", threads=2)
+    assert inside.manifest["runtime"]["packed"] == 0
+    assert (8, 3, 3, 3) in [a.shape for a in _npz(inside).values()]
+    x = np.random.default_rng(5).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(art.run({"x": x})[0], inside.run({"x": x})[0], rtol=1e-6, atol=1e-7)
+
+
+def test_no_packing_kernel_leaves_the_weights_alone():
+    """Without a kernel that packs a weight the hoisting does nothing: the weights are saved as given."""
+    c = np.random.default_rng(1).standard_normal((4, 5)).astype(np.float32)
+    m = _model([h.make_node("Add", ["x", "c"], ["a"]), h.make_node("Tanh", ["a"], ["y"])],
+               [h.make_tensor_value_info("x", TP.FLOAT, [4, 5])], [h.make_tensor_value_info("y", TP.FLOAT, [4, 5])],
+               [nh.from_array(c, "c")])
+    art = graphopt.compile(m, "cpu", "-O2", threads=1)
+    assert art.manifest["runtime"]["packed"] == 0
+    params = _npz(art)
+    assert [params[n].shape for n in art.manifest["runtime"]["params"]] == [(4, 5)]
+    np.testing.assert_array_equal(next(iter(params.values())), c)
+    x = np.ones((4, 5), np.float32)
+    np.testing.assert_allclose(art.run({"x": x})[0], np.tanh(x + c), rtol=1e-6)

@@ -158,3 +158,62 @@ def finish_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
 
 def build(mod: tvm.IRModule, target: tvm.target.Target) -> relax.VMExecutable:
     return relax.build(mod, target, relax_pipeline=finish_pipeline(target))
+
+
+#: the function LiftTransformParams writes for `main`
+TRANSFORM_PARAMS = "main_transform_params"
+
+
+def has_layout_rewrite(mod: tvm.IRModule) -> bool:
+    """True when a PrimFunc of `mod` has a block annotated `meta_schedule.layout_rewrite_preproc`
+    (a weight-packing block the default schedules, or tuning, left inside a kernel)."""
+    from tvm import s_tir
+
+    def annotated(sch: Any, parent: Any) -> bool:
+        for block in sch.get_child_blocks(parent):
+            if "meta_schedule.layout_rewrite_preproc" in sch.get(block).annotations or annotated(sch, block):
+                return True
+        return False
+
+    for _, func in mod.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            try:
+                sch = s_tir.Schedule(func)
+                root = sch.get_sblock(func.body.block.name_hint)
+            except Exception:  # no block structure (already lowered): nothing to split
+                continue
+            if annotated(sch, root):
+                return True
+    return False
+
+
+def _only(mod: tvm.IRModule, entry: str, drop: str) -> tvm.IRModule:
+    """`mod` without the function `drop` and whatever only it used."""
+    funcs = {gv: f for gv, f in mod.functions_items() if gv.name_hint != drop}
+    return relax.transform.DeadCodeElimination([entry])(tvm.IRModule(funcs, attrs=mod.attrs))
+
+
+def lift_weight_packing(
+    mod: tvm.IRModule, params: list[Any], host: tvm.target.Target
+) -> tuple[tvm.IRModule, list[Any], int] | None:
+    """Move the weight packing out of the kernels and run it once, now, on the weights.
+
+    SplitLayoutRewritePreproc cuts each annotated packing block into a PrimFunc of its own and
+    LiftTransformParams moves those calls (they depend on weights only: `main`'s parameters after
+    `num_input`) into `main_transform_params`; that function is built for `host` and run here, so
+    the artifact's `main` takes the packed weights directly and no packing is left at run time.
+    Returns (main's module without the transform, the weights `main` now takes in order, number of
+    packing functions hoisted), or None when no kernel packs a weight (nothing to do).
+    """
+    if not has_layout_rewrite(mod):
+        return None
+    split = relax.transform.SplitLayoutRewritePreproc()(mod)
+    lifted = relax.transform.LiftTransformParams()(split)
+    if TRANSFORM_PARAMS not in {gv.name_hint for gv in lifted.get_global_vars()}:
+        return None
+    tmod = _only(lifted, TRANSFORM_PARAMS, "main")
+    hoisted = sum(1 for gv, f in tmod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+    vm = relax.VirtualMachine(build(tmod, host), tvm.cpu())
+    out = vm[TRANSFORM_PARAMS]([tvm.runtime.tensor(p, tvm.cpu()) for p in params])
+    new = [out[i].numpy() for i in range(len(out))]
+    return _only(lifted, "main", TRANSFORM_PARAMS), new, hoisted

@@ -24,7 +24,9 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -169,11 +171,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune-minutes", type=float)
     p.add_argument("--tuning-db")
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--in-process", action="store_true", help="all models in this process (default: one process each)")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     peak = peak_gflops(args.threads)
     print(f"machine peak (2048² float32 numpy matmul): {peak:.1f} GFLOP/s; threads {args.threads}", flush=True)
-    rows = [bench(m, args, peak) for m in args.models.split(",") if m]
+    models = [m for m in args.models.split(",") if m]
+    if len(models) == 1 or args.in_process:
+        rows = [bench(m, args, peak) for m in models]
+    else:
+        # one process per model: TVM's worker threads and onnxruntime's from an earlier model
+        # otherwise stay around and slow the next one down (ORT ResNet-50 ran 1.9x slower after BERT)
+        rows = []
+        for m in models:
+            with tempfile.TemporaryDirectory() as d:
+                out = os.path.join(d, "rows.json")
+                argv_m = [sys.executable, os.path.abspath(__file__), "--models", m, "--threads", str(args.threads),
+                          "--budget", str(args.budget), "--min-runs", str(args.min_runs), "--max-runs", str(args.max_runs),
+                          "--tune", str(args.tune), "--json", out]
+                argv_m += ["--tune-minutes", str(args.tune_minutes)] if args.tune_minutes else []
+                argv_m += ["--tuning-db", args.tuning_db] if args.tuning_db else []
+                subprocess.run(argv_m, check=False)
+                rows += json.load(open(out)) if os.path.exists(out) else [{"model": m, "failed": True}]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2, default=str)

@@ -7,6 +7,9 @@
   metadata everywhere, sparse initializers, omitted inputs/outputs, functions with attribute
   references. For print/parse and export/import round trips.
 - `assert_same_outputs(a, b)`: run both through onnxruntime on the same random inputs.
+- `check_pass(model, name, **options)`: the contract of one pass application (on a copy):
+  verify() after, a second run changes nothing, onnx.checker accepts the export, and onnxruntime
+  gives the same outputs before and after.
 
 hypothesis is a test-only dependency, so it is imported inside the strategy functions only.
 """
@@ -109,6 +112,38 @@ def assert_same_outputs(
         assert x.dtype == y.dtype, f"output {i}: dtype {x.dtype} != {y.dtype}"
         np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, equal_nan=True, err_msg=f"output {i}")
     return out_a
+
+
+def check_pass(
+    model: Model,
+    name: str,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    *,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    **options: Any,
+) -> tuple[Model, dict[str, Any]]:
+    """Run pass `name` (with `options`) on a copy of `model` and check what every pass owes:
+    verify() holds, a second run changes nothing, onnx.checker accepts the export (full check),
+    and onnxruntime's outputs agree within rtol/atol on `feeds` (random inputs when None).
+    Returns the new model and the pass's stats without `initializers-removed`."""
+    import onnx
+
+    from graphopt.check import check_same_outputs
+    from graphopt.onnx_io import to_onnx
+    from graphopt.transform import PassContext, get_pass
+
+    out = model.clone()
+    result = get_pass(name)(**options).run(out, PassContext())
+    out.verify()
+    again = get_pass(name)(**options).run(out, PassContext())
+    assert not again.changed and not again.stats, f"{name} changed the model on a second run: {again.stats}"
+    onnx.checker.check_model(to_onnx(out), full_check=True)
+    cmp = check_same_outputs(model, out, feeds, rtol=rtol, atol=atol)
+    assert cmp.ok, cmp.detail
+    stats = dict(result.stats)
+    stats.pop("initializers-removed", None)
+    return out, stats
 
 
 # --- runnable random models --------------------------------------------------------------------

@@ -8,13 +8,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
 from graphopt.check import check_same_outputs
 from graphopt.ir import Model
+from graphopt.testing import check_pass
 from graphopt.pattern import get_rule
 from graphopt.transform import PassContext, get_pass, parse_pipeline
 
@@ -41,17 +41,7 @@ def ops(model: Model) -> list[str]:
 
 def run(model: Model, **options) -> tuple[Model, dict]:
     """fuse-activations on a copy: verify(), idempotent, checker-valid, same outputs on onnxruntime."""
-    out = model.clone()
-    result = get_pass("fuse-activations")(**options).run(out, PassContext())
-    out.verify()
-    again = get_pass("fuse-activations")(**options).run(out, PassContext())
-    assert not again.changed and not again.stats, again.stats
-    onnx.checker.check_model(graphopt.to_onnx(out), full_check=True)
-    cmp = check_same_outputs(model, out, rtol=1e-4, atol=1e-5)
-    assert cmp.ok, cmp.detail
-    stats = dict(result.stats)
-    stats.pop("initializers-removed", None)
-    return out, stats
+    return check_pass(model, "fuse-activations", **options)
 
 
 # --- GELU, erf form ------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import graphopt
 from graphopt.check import check_same_outputs, random_inputs
 from graphopt.ir import Model
+from graphopt.testing import check_pass
 from graphopt.pattern import get_rule
 from graphopt.transform import PassContext, get_pass
 
@@ -43,17 +44,7 @@ def ops(model: Model) -> list[str]:
 
 def run(model: Model, feeds=None, **options) -> tuple[Model, dict]:
     """fuse-attention on a copy: verify(), idempotent, checker-valid, same outputs on onnxruntime."""
-    out = model.clone()
-    result = get_pass("fuse-attention")(**options).run(out, PassContext())
-    out.verify()
-    again = get_pass("fuse-attention")(**options).run(out, PassContext())
-    assert not again.changed and not again.stats, again.stats
-    onnx.checker.check_model(graphopt.to_onnx(out), full_check=True)
-    cmp = check_same_outputs(model, out, feeds, rtol=1e-4, atol=1e-5)
-    assert cmp.ok, cmp.detail
-    stats = dict(result.stats)
-    stats.pop("initializers-removed", None)
-    return out, stats
+    return check_pass(model, "fuse-attention", feeds, **options)
 
 
 def fired(stats) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Union
 
@@ -230,6 +231,16 @@ def _dim_of(e: Elem) -> int | str | None:
     return d if isinstance(d, (int, str)) else None
 
 
+def _refine(out: Value, dims: Sequence[int | str | None]) -> bool:
+    """Give `out` (whose dtype is known) the dims where they are more precise than its type's."""
+    assert out.dtype is not None
+    merged = merge_type(out.type, TensorType(out.dtype, Shape(tuple(dims))))
+    if merged is out.type:
+        return False
+    out.type = merged
+    return True
+
+
 def _type_range(n: Node, memo: dict[Value, list[Elem] | None]) -> bool:
     """Range(0, d, 1) with d a dim read from a Shape: its length is that dim (torch's arange(N))."""
     start, limit, delta = (_elements(x, memo) for x in n.inputs[:3])
@@ -239,11 +250,7 @@ def _type_range(n: Node, memo: dict[Value, list[Elem] | None]) -> bool:
     d = _dim_of(limit[0])
     if not isinstance(d, str):
         return False
-    merged = merge_type(out.type, TensorType(out.dtype, Shape((d,))))
-    if merged is out.type:
-        return False
-    out.type = merged
-    return True
+    return _refine(out, (d,))
 
 
 def _type_from_shape(n: Node, memo: dict[Value, list[Elem] | None]) -> bool:
@@ -267,12 +274,7 @@ def _type_from_shape(n: Node, memo: dict[Value, list[Elem] | None]) -> bool:
         es = [1] * (rank - len(elems)) + [_dim_of(e) for e in elems]
         for a, b in zip(xs, es):
             dims.append(b if a == 1 else a if b == 1 or a == b else None)
-    new = TensorType(out.dtype, Shape(tuple(dims)))
-    merged = merge_type(out.type, new)
-    if merged is out.type:
-        return False
-    out.type = merged
-    return True
+    return _refine(out, dims)
 
 
 def _out_shape(n: Node, elems: list[Elem] | None) -> tuple[int, ...] | None:
@@ -402,11 +404,7 @@ def _resolve_minus_one(n: Node) -> bool:
     out = n.outputs[0]
     if out.dtype is None:
         return False
-    merged = merge_type(out.type, TensorType(out.dtype, Shape(tuple(rest if d == -1 else d for d in out_dims))))
-    if merged is out.type:
-        return False
-    out.type = merged
-    return True
+    return _refine(out, [rest if d == -1 else d for d in out_dims])
 
 
 def _same_dim(e: Elem, x: Value | None, i: int, d: int | str | None) -> bool:

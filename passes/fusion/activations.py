@@ -23,7 +23,6 @@ function body, and the model then gets the `com.microsoft` opset import.
 from __future__ import annotations
 
 import math
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -41,26 +40,12 @@ _STD_FLOATS = frozenset({DataType.FLOAT16, DataType.FLOAT, DataType.DOUBLE, Data
 _CONTRIB_FLOATS = frozenset({DataType.FLOAT16, DataType.FLOAT})
 
 
-@dataclass
-class _Run:
-    model: Model
-    contrib: bool
-
-
-# Set by the passes' run(): the model (for its opset, and to add the com.microsoft import) and
-# whether contrib ops are allowed. None (e.g. in `--explain`): a modern opset, no contrib ops.
-_RUN: ContextVar[_Run | None] = ContextVar("fusion_activations_run", default=None)
-
-
-def with_run(model: Model, contrib: bool, fn) -> PassResult:  # type: ignore[no-untyped-def]
-    """Call fn() with the run state set (shared with the normalization pass); then drop the
-    initializers the rewrites left without readers (stat: initializers-removed)."""
+def with_run(model: Model, fn) -> PassResult:  # type: ignore[no-untyped-def]
+    """Call fn() (a RewritePass run: its rules read the model and the `contrib_ops` option through
+    `current_model()` / `current_options()`), then drop the initializers the rewrites left
+    without readers (stat: initializers-removed)."""
     live = [v for v in model.graph.initializers.values() if v.uses()]
-    token = _RUN.set(_Run(model, contrib))
-    try:
-        result = fn()
-    finally:
-        _RUN.reset(token)
+    result = fn()
     if result.changed:
         removed = drop_unused_initializers(live)
         if removed:
@@ -76,7 +61,7 @@ def in_function(m: Match) -> Function | None:
 def opset_of(m: Match) -> int | None:
     """The default-domain opset the match lives under (None: unknown, assume a modern one)."""
     f = in_function(m)
-    model = _RUN.get().model if _RUN.get() is not None else current_model()  # type: ignore[union-attr]
+    model = current_model()
     imports = f.opset_imports if f is not None else (model.opset_imports if model is not None else None)
     if imports is None:
         return None
@@ -101,10 +86,8 @@ def standard_op(m: Match, op: str, since: int, x: Value, num_inputs: int = 1) ->
 
 
 def contrib_allowed(m: Match) -> bool | Fail:
-    run = _RUN.get()
-    # outside a run of these passes (`--explain RULE --contrib-ops`), the explained options
-    contrib = run.contrib if run is not None else bool(current_options().get("contrib_ops"))
-    if not contrib:
+    # the applying pass's option, or the options `--explain RULE --contrib-ops` explains with
+    if not current_options().get("contrib_ops"):
         return Fail("contrib ops are off (contrib-ops=1 allows com.microsoft ops)")
     if in_function(m) is not None:
         return Fail("inside a function body: no com.microsoft ops there")
@@ -113,9 +96,9 @@ def contrib_allowed(m: Match) -> bool | Fail:
 
 def import_contrib() -> None:
     """Give the model the com.microsoft opset import (before a com.microsoft node is built)."""
-    run = _RUN.get()
-    if run is not None:
-        run.model.opset_imports.setdefault(MS_DOMAIN, 1)
+    model = current_model()
+    if model is not None:
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
 
 
 def float_dtype(
@@ -428,4 +411,4 @@ class FuseActivations(RewritePass):
         return _CONTRIB_RULES if self.contrib_ops else _PLAIN_RULES
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        return with_run(model, self.contrib_ops, lambda: RewritePass.run(self, model, ctx))
+        return with_run(model, lambda: RewritePass.run(self, model, ctx))

@@ -419,4 +419,4 @@ class FuseAttention(RewritePass):
         return _CONTRIB_RULES if self.contrib_ops else _RULES
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        return with_run(model, self.contrib_ops, lambda: RewritePass.run(self, model, ctx))
+        return with_run(model, lambda: RewritePass.run(self, model, ctx))

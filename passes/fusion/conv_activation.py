@@ -166,4 +166,4 @@ class FuseConvActivation(RewritePass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         if not self.contrib_ops:
             return PassResult(changed=False)
-        return with_run(model, True, lambda: RewritePass.run(self, model, ctx))
+        return with_run(model, lambda: RewritePass.run(self, model, ctx))

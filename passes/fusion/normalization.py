@@ -377,4 +377,4 @@ class FuseNormalization(RewritePass):
         return _CONTRIB_RULES if self.contrib_ops else _PLAIN_RULES
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        return with_run(model, self.contrib_ops, lambda: RewritePass.run(self, model, ctx))
+        return with_run(model, lambda: RewritePass.run(self, model, ctx))

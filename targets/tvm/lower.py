@@ -37,6 +37,7 @@ import networkx as nx
 import numpy as np
 import onnx
 import tvm
+import tvm.sym  # the Analyzer (0.27 moved tvm.arith to tvm.sym)
 from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend as _fe
 
@@ -302,7 +303,7 @@ def _decide_equal(x: Any, y: Any) -> bool | None:
         return False
     global _ANALYZER
     if _ANALYZER is None:
-        _ANALYZER = tvm.arith.Analyzer()
+        _ANALYZER = tvm.sym.Analyzer()
     d = _ANALYZER.simplify(x - y)
     if isinstance(d, tvm.tirx.IntImm):
         return int(d.value) == 0
@@ -318,7 +319,7 @@ def _simplify(v: Any) -> Any:
     if isinstance(v, int):
         return v
     if _ANALYZER is None:
-        _ANALYZER = tvm.arith.Analyzer()
+        _ANALYZER = tvm.sym.Analyzer()
     r = _ANALYZER.simplify(v)
     return int(r.value) if isinstance(r, tvm.tirx.IntImm) else r
 
@@ -644,7 +645,8 @@ def _const(arr: np.ndarray) -> tvm.ir.GenericConst:
     arr = _contiguous(arr)
     if arr.dtype == np.bool_:
         return relax.const(arr, "bool")
-    return relax.const(arr)
+    # the dtype explicitly: relax.const narrows int64 → int32 and float64 → float32 without it
+    return relax.const(arr, str(arr.dtype))
 
 
 @relax.expr_functor.mutator

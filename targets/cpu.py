@@ -73,6 +73,13 @@ class CpuTarget(Target):
         return B.schedule(mod, target, tune_trials=options.tune, tune_minutes=options.tune_minutes,
                           tuning_db=options.tuning_db, progress=options.progress)
 
+    def int8_kernels(self, mod: Any, target: Any, params: dict[str, np.ndarray]) -> tuple[Any, dict[str, str]]:
+        """int8 × int8 → int32 matmul kernels with AVX2 micro-kernels (targets/x86_int8_schedules.py;
+        a no-op on other ISAs), scheduled before the default schedules. Returns {function: kind}."""
+        from graphopt.targets.x86_int8_schedules import schedule_int8_kernels
+
+        return schedule_int8_kernels(mod, target, params)
+
     def build(self, mod: Any, target: Any) -> Any:
         from graphopt.targets.tvm import build as B
 
@@ -133,7 +140,11 @@ class CpuTarget(Target):
         lowered, mod = L.lower_and_fuse(model, target)
         times["lower-fuse"] = time.perf_counter() - t0
         t = time.perf_counter()
+        mod, int8 = self.int8_kernels(mod, target, lowered.params)
         mod, sched = self.schedule(mod, target, options)
+        if int8:
+            kinds = sorted(set(int8.values()))
+            sched.default_schedules = f"{sched.default_schedules}; x86 int8 kernels: {len(int8)} ({', '.join(kinds)})"
         times["schedule"] = time.perf_counter() - t
         t = time.perf_counter()
         # packing weights at every run costs (a 3x3 conv with 512 channels: 2.6x onnxruntime's time

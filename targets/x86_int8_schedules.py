@@ -1,0 +1,403 @@
+"""int8 matmul kernels for x86 CPUs with AVX2 (no VNNI needed): the cpu target's integer kernels.
+
+    mod, done = schedule_int8_kernels(mod, target, params)   # before the default CPU schedules
+
+A kernel C[.., m, n] = Σ_k int32(A[.., m, k]) · int32(B[k, n]) (MatMulInteger with zero zero
+points, batched A allowed, B 2-D in either orientation; see `split-zero-points` for how a
+quantized model's MatMulInteger gets there) is tiled so each step is one AVX2 micro-kernel on
+eight int32 accumulators, B packed to [N/8, K/s, 8, s] (s = 4 or 2 bytes of k per lane):
+
+    u8s8   A uint8, B int8 with |B| ≤ 64:   vpmaddubsw (u8·s8 pairs → s16) then vpmaddwd with ones
+           (s16 pairs → s32): 32 multiply-adds per pair of instructions. Exact only while
+           |a0·b0 + a1·b1| ≤ 32767, i.e. |b| ≤ 64 (255·64·2 = 32640): the quantize pass writes 7-bit
+           weights on CPUs without VNNI, so its weights qualify; the bound is checked on the weight
+           values (kernel arguments bound to `main`'s parameters or constants), never assumed.
+    s16    every other int8/uint8 pairing, or weights not known to be narrow: both operands widened
+           to int16 (vpmovzxbw / vpmovsxbw) and multiplied by vpmaddwd: exact for full 8-bit values.
+
+The accumulator tile (up to 4 rows × 16 columns: 8 ymm registers) is written back once, with the
+kernel's epilogue (int32 → float cast, scales, bias, zero-point correction, requantize) inlined
+into the write-back: int8 × int8 → int32 accumulate, requantize in the epilogue. The packing of a
+weight is annotated as a layout rewrite, so the cpu target runs it once at compile time.
+
+The rule does not fire (the default schedules take the kernel) when the target has no AVX2, N is
+not a multiple of 8 or K of the step, the reduction is not a plain product of two 8-bit casts (a
+non-zero zero point subtracting inside it), or the kernel has more than one reduction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+LAYOUT_REWRITE_ANN = "meta_schedule.layout_rewrite_preproc"
+#: |weight| bound for which vpmaddubsw's int16 pair sums cannot saturate with uint8 activations
+U8S8_WEIGHT_BOUND = 64
+_REGISTERED: set[str] = set()
+LANES = 8  # int32 lanes of a ymm register
+
+
+def _register_u8s8() -> str:
+    """C[8] += Σ_k4 u8 A[k] · s8 B[i, k] via vpmaddubsw + vpmaddwd(ones)."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    name = "graphopt_x86_avx2_u8s8_8x4"
+    if name in _REGISTERED:
+        return name
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (8, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+            T.writes(C[0:8])
+            for i in T.serial(0, 8):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (8, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+            T.writes(C[0:8])
+            # A's four bytes in every 32-bit lane; lane i of B holds B[i, 0:4]
+            pairs = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 8), dtype="uint8x32"),
+                B.vload([0, 0], "int8x32"),
+                dtype="int16x16",
+            )
+            C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], "int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                pairs,
+                T.broadcast(T.int16(1), 16),
+                dtype="int32x8",
+            )
+
+    TensorIntrin.register(name, desc, impl, override=True)
+    _REGISTERED.add(name)
+    return name
+
+
+def _register_s16(a_dt: str, b_dt: str) -> str:
+    """C[8] += Σ_k2 A[k] · B[i, k], both widened to int16, via vpmaddwd (exact for 8-bit values)."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    name = f"graphopt_x86_avx2_s16_{a_dt}_{b_dt}_8x2"
+    if name in _REGISTERED:
+        return name
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (2,), a_dt, offset_factor=1)
+        B = T.match_buffer(b, (8, 2), b_dt, offset_factor=1)
+        C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+            T.writes(C[0:8])
+            for i in T.serial(0, 8):
+                for k in T.serial(0, 2):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (2,), a_dt, offset_factor=1)
+        B = T.match_buffer(b, (8, 2), b_dt, offset_factor=1)
+        C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+            T.writes(C[0:8])
+            C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], "int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                T.reinterpret(T.broadcast(T.reinterpret(T.Cast("int16x2", A.vload([0], f"{a_dt}x2")), dtype="int32"), 8),
+                              dtype="int16x16"),
+                T.Cast("int16x16", B.vload([0, 0], f"{b_dt}x16")),
+                dtype="int32x8",
+            )
+
+    TensorIntrin.register(name, desc, impl, override=True)
+    _REGISTERED.add(name)
+    return name
+
+
+def has_avx2(target: Any) -> bool:
+    """True for an x86 LLVM target with AVX2 (False for other ISAs and non-LLVM targets)."""
+    from tvm.target import codegen
+
+    if str(target.kind.name) != "llvm":
+        return False
+    triple = str(target.attrs.get("mtriple", "") or "")
+    if triple and not triple.startswith(("x86_64", "i686", "i386")):
+        return False
+    try:
+        return bool(codegen.target_has_features("avx2", target))
+    except Exception:  # not an x86 target
+        return False
+
+
+def _static(x: Any) -> int | None:
+    try:
+        return int(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _vars(expr: Any) -> set[Any]:
+    import tvm_ffi
+    from tvm import tirx
+
+    found: set[Any] = set()
+    tvm_ffi.structural_walk(expr, (tirx.Var, found.add), order="post")
+    return found
+
+
+def _root(sch: Any) -> Any | None:
+    try:
+        return sch.get_sblock("root")
+    except Exception:
+        return None
+
+
+def _is_reduction(stmt: Any) -> bool:
+    from tvm import tirx
+
+    return any(iv.iter_type == tirx.IterVar.CommReduce for iv in stmt.iter_vars)
+
+
+def schedule_int8_matmul(func: Any, target: Any, weight_absmax: Mapping[int, int] | None = None) -> tuple[Any, str] | None:  # noqa: C901
+    """(scheduled PrimFunc, variant "u8s8" | "s16"), or None when the rule does not apply.
+
+    `weight_absmax` maps a parameter index of `func` to the largest |value| the argument bound
+    to it holds (known weights); the u8s8 kernel is chosen only when B's bound is known and ≤ 64."""
+    from tvm import s_tir, tirx
+
+    sch = s_tir.Schedule(func)
+    root = _root(sch)
+    if root is None:
+        return None
+    blocks = sch.get_child_blocks(root)
+    reductions = [b for b in blocks if _is_reduction(sch.get(b))]
+    if len(reductions) != 1:
+        return None
+    mm = reductions[0]
+    mm_name = sch.get(mm).name_hint
+    # producers (casts, transposes of the operands, small scale vectors) inline into their readers;
+    # what stays besides the reduction must be its elementwise epilogue chain
+    changed = True
+    while changed:
+        changed = False
+        for b in sch.get_child_blocks(root):
+            if sch.get(b).name_hint == mm_name:
+                continue
+            try:
+                sch.compute_inline(b)
+                changed = True
+                break
+            except Exception:
+                continue
+    mm = sch.get_sblock(mm_name)
+    stmt = sch.get(mm)
+    red = [iv for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
+    if len(red) != 1 or len(stmt.writes) != 1:
+        return None
+    out = stmt.writes[0].source
+    if str(out.dtype) != "int32":
+        return None
+    reads = [r for r in stmt.reads if not r.source.same_as(out)]
+    if len(reads) != 2 or any(_static(rg.extent) != 1 for r in reads for rg in r.region):
+        return None
+    k = red[0].var
+    cand = []
+    for ra, rb in ((reads[0], reads[1]), (reads[1], reads[0])):
+        a_idx = [rg.min for rg in ra.region]
+        b_idx = [rg.min for rg in rb.region]
+        if len(b_idx) != 2 or not (isinstance(a_idx[-1], tirx.Var) and a_idx[-1].same_as(k)):
+            continue
+        if not all(isinstance(i, tirx.Var) for i in b_idx) or not any(i.same_as(k) for i in b_idx):
+            continue
+        n = next((i for i in b_idx if not i.same_as(k)), None)
+        if n is None or any(n in _vars(i) for i in a_idx):
+            continue
+        cand.append((ra.source, rb.source, n, b_idx[0].same_as(k)))
+    if len(cand) != 1:
+        return None
+    a_buf, b_buf, n_var, b_k_first = cand[0]
+    a_dt, b_dt = str(a_buf.dtype), str(b_buf.dtype)
+    if a_dt not in ("int8", "uint8") or b_dt not in ("int8", "uint8"):
+        return None
+    # the body must be exactly C + int32(A) * int32(B) (the intrinsic's description)
+    body = stmt.body
+    if not (hasattr(body, "indices") and isinstance(body.value, tirx.Add)
+            and isinstance(body.value.b, tirx.Mul)
+            and all(isinstance(x, tirx.Cast) and hasattr(x.value, "indices")
+                    for x in (body.value.b.a, body.value.b.b))):
+        return None
+    # which kernel argument B is, and what is known about its values
+    b_param = next((i for i, p in enumerate(func.params) if p.same_as(b_buf)), None)  # 0.27: a buffer parameter is the Var
+    bound = (weight_absmax or {}).get(b_param) if b_param is not None else None
+    if a_dt == "uint8" and b_dt == "int8" and bound is not None and bound <= U8S8_WEIGHT_BOUND:
+        variant, step, intrin = "u8s8", 4, _register_u8s8()
+    else:
+        variant, step, intrin = "s16", 2, _register_s16(a_dt, b_dt)
+    ivs = {iv.var: iv for iv in stmt.iter_vars}
+    n_ext, k_ext = _static(ivs[n_var].dom.extent), _static(ivs[k].dom.extent)
+    if n_ext is None or k_ext is None or n_ext % LANES or k_ext % step:
+        return None
+
+    # pack B to [N/8, K/step, 8(n), step(k)]; a kernel argument's packing runs once at compile time
+    b_index = next(i for i, r in enumerate(stmt.reads) if r.source.same_as(b_buf))
+    pack = sch.cache_read(mm, b_index, "global")
+    if b_k_first:
+        sch.transform_layout(mm, ("read", b_index), lambda kk, nn: (nn // LANES, kk // step, nn % LANES, kk % step))
+    else:
+        sch.transform_layout(mm, ("read", b_index), lambda nn, kk: (nn // LANES, kk // step, nn % LANES, kk % step))
+    if b_param is not None:
+        sch.annotate(pack, LAYOUT_REWRITE_ANN, True)
+
+    loops = sch.get_loops(mm)
+    if len(loops) != len(stmt.iter_vars):
+        return None
+    by_var = {}
+    for lp, iv in zip(loops, stmt.iter_vars):
+        if _static(sch.get(lp).extent) != _static(iv.dom.extent):
+            return None
+        by_var[iv.var] = lp
+    n_loop, k_loop = by_var[n_var], by_var[k]
+    others = [lp for lp in loops if not (lp.same_as(n_loop) or lp.same_as(k_loop))]
+    if not others:
+        return None  # a matrix-vector product: nothing to reuse B across
+    m_loop, batch = others[-1], others[:-1]
+    m_ext = _static(sch.get(m_loop).extent)
+    if m_ext is None:
+        return None
+    mt = next(d for d in (4, 3, 2, 1) if m_ext % d == 0)
+    n_blocks = n_ext // LANES
+    nt = 2 if n_blocks % 2 == 0 else 1
+    sch.reorder(*batch, m_loop, n_loop, k_loop)
+    m_o, m_i = sch.split(m_loop, [None, mt])
+    n_o, n_i = sch.split(n_loop, [None, LANES])
+    n_oo, n_oi = sch.split(n_o, [None, nt])
+    k_o, k_i = sch.split(k_loop, [None, step])
+    # a B panel (16 columns × K) stays in cache while the row tiles pass over it
+    sch.reorder(*batch, n_oo, m_o, k_o, m_i, n_oi, n_i, k_i)
+    outer = sch.fuse(*batch, n_oo, m_o)
+    cores = _static(target.attrs.get("num-cores", 1)) or 1
+    if cores > 1:
+        sch.parallel(outer)
+    # accumulators: a local [mt, 16] tile, the epilogue inlined into its write-back
+    wb = sch.cache_write(mm, 0, "local")
+    sch.reverse_compute_at(wb, outer, preserve_unit_loops=True)
+    while True:
+        consumers = sch.get_consumers(wb)
+        if len(consumers) != 1:
+            break
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except Exception:
+            break
+    if sch.get_consumers(wb):
+        return None  # an epilogue that is not elementwise: leave the kernel to the default rules
+    sch.decompose_reduction(mm, k_o)
+    sch.tensorize(n_i, intrin)
+    sch.unroll(m_i)
+    sch.unroll(n_oi)
+    wl = sch.get_loops(wb)[1:]  # [outer, (batch 1s), rows, columns]
+    if wl and _static(sch.get(wl[-1]).extent) == nt * LANES:
+        sch.vectorize(wl[-1])
+        wl = wl[:-1]
+    for lp in wl:
+        if (_static(sch.get(lp).extent) or 0) > 1:
+            sch.unroll(lp)
+    # the packing (when it stays in the kernel, activations as B): parallel over its outer axis
+    try:
+        pl = sch.get_loops(pack)
+        if pl:
+            sch.parallel(pl[0]) if cores > 1 else None
+    except Exception:
+        pass
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True), variant
+
+
+def weight_bounds(mod: Any, params: Mapping[str, np.ndarray] | list[np.ndarray] | None) -> dict[str, dict[int, int]]:
+    """{PrimFunc name: {parameter index: max |value|}} for kernel arguments that `main` binds to
+    a weight (one of its parameters after `num_input`, values in `params` in order) or to a
+    constant; a kernel called from several places gets the largest bound of its calls, and an
+    argument that is not known at some call is left out."""
+    from tvm import ir, relax
+
+    if "main" not in {gv.name_hint for gv in mod.get_global_vars()}:
+        return {}
+    main = mod["main"]
+    n_in = int(main.attrs["num_input"]) if main.attrs is not None and "num_input" in main.attrs else len(main.params)
+    arrays = list(params.values()) if isinstance(params, Mapping) else list(params or [])
+    weight_of = {p: arrays[i - n_in] for i, p in enumerate(main.params) if i >= n_in and i - n_in < len(arrays)}
+    calls = []
+
+    def visit(e: Any) -> None:
+        if isinstance(e, relax.Call) and str(e.op.name if hasattr(e.op, "name") else "") == "relax.call_tir":
+            calls.append(e)
+
+    relax.analysis.post_order_visit(main.body, visit)
+    bounds: dict[str, dict[int, int]] = {}
+    unknown: dict[str, set[int]] = {}
+    for c in calls:
+        gv, args = c.args[0], c.args[1]
+        fields = list(args.fields) if isinstance(args, relax.Tuple) else [args]
+        name = gv.name_hint
+        for i, a in enumerate(fields):
+            arr = None
+            if isinstance(a, ir.expr.Constant):
+                arr = a.value.numpy()
+            elif isinstance(a, relax.Var) and a in weight_of:
+                arr = weight_of[a]
+            if arr is None or arr.dtype.kind not in "iu" or arr.size == 0:
+                unknown.setdefault(name, set()).add(i)
+                continue
+            m = int(np.abs(arr.astype(np.int64)).max())
+            d = bounds.setdefault(name, {})
+            d[i] = max(d.get(i, 0), m)
+    for name, idx in unknown.items():
+        for i in idx:
+            bounds.get(name, {}).pop(i, None)
+    return bounds
+
+
+def schedule_int8_kernels(mod: Any, target: Any, params: Mapping[str, np.ndarray] | list[np.ndarray] | None = None) -> tuple[Any, dict[str, str]]:
+    """Apply `schedule_int8_matmul` to every unscheduled PrimFunc it fits (x86 AVX2 targets only).
+    Returns the module and {function: "int8-u8s8" | "int8-s16"} for the ones it scheduled."""
+    import tvm
+    from tvm import tirx
+
+    if not has_avx2(target):
+        return mod, {}
+    bounds = weight_bounds(mod, params)
+    done: dict[str, str] = {}
+    updates = {}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc) or (func.attrs is not None and int(func.attrs.get("tirx.is_scheduled", 0)) == 1):
+            continue
+        try:
+            res = schedule_int8_matmul(func, target, bounds.get(gv.name_hint))
+        except Exception:  # a surprising kernel: the default schedules take it
+            res = None
+        if res is not None:
+            updates[gv] = res[0]
+            done[gv.name_hint] = f"int8-{res[1]}"
+    if updates:
+        mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+        for gv, func in updates.items():
+            mod[gv] = func
+    return mod, done

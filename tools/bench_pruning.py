@@ -2,15 +2,27 @@
 classifiers at 2x fewer FLOPs with and without recovery; time to prune ResNet-50 at 50%.
 
     .venv/bin/python tools/bench_pruning.py [--models a,b] [--ratios 0.3,0.5] [--threads 2]
+                                            [--target onnx|cpu|onnx,cpu] [--spin]
                                             [--skip-latency] [--skip-accuracy] [--skip-timing]
 
 Corpus models come from .cache/corpus (tools/make_corpus.py), classifiers from .cache/real
 (tools/real_models.py). Every model is first cleaned with -O1 (which folds BatchNorm into the
 convs, as deployed models are); the pruned model is compared with that -O1 baseline in the same
 run. Latency: onnxruntime CPU, all graph optimisations on, `--threads` intra-op threads, batch 1,
-median of repeated runs, printed as the ratio pruned/baseline. "lat/flops" is how much of the
-FLOPs reduction shows up as latency: (1 - latency ratio) / (1 - FLOPs ratio); the goal is >= 0.7.
-Timings on a shared machine are noisy: read the ratios, not the milliseconds.
+median of repeated runs (baseline and pruned interleaved), printed as the ratio pruned/baseline.
+"lat/flops" is how much of the FLOPs reduction shows up as latency: (1 - latency ratio) /
+(1 - FLOPs ratio); the goal is >= 0.7. "cpu" is the same ratio of process CPU seconds per run.
+
+`--target cpu` adds the compiled CPU target: graphopt.compile(model, "cpu", "-O2") untuned, the
+same thread count, baseline and pruned artifacts timed the same way (compile seconds printed).
+
+The thread pools do not spin by default (onnxruntime's session.intra_op.allow_spinning=0,
+TVM_THREAD_POOL_SPIN_COUNT=0; `--spin` restores the runtimes' defaults). On the shared 2-core
+machine a spinning pool measures the scheduler, not the model: with 2 threads and other jobs
+running, every parallel section waits for a descheduled worker, a cost per op that does not
+shrink with the FLOPs (BERT at ratio 0.5: latency ratio 0.64 spinning vs 0.51 not, same models
+and run; single-threaded 0.50). Timings on a shared machine are noisy: read the ratios, not the
+milliseconds.
 """
 
 from __future__ import annotations
@@ -44,6 +56,9 @@ def feeds_for(name: str, model) -> dict[str, np.ndarray]:
     return random_inputs(model, dim_values={"batch": 1})
 
 
+SPIN = False  # set by --spin
+
+
 def session(model, threads: int):
     import onnxruntime as ort
 
@@ -51,22 +66,41 @@ def session(model, threads: int):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    return ort.InferenceSession(graphopt.to_onnx(model).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    if not SPIN:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(graphopt.to_onnx(model).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return lambda feeds: sess.run(None, feeds)
 
 
-def latency(sessions: list, feeds: dict, budget_s: float) -> list[float]:
-    """Median seconds per run of each session, runs interleaved so that load changes hit all."""
-    for s in sessions:
+def compiled(model, threads: int):
+    """The model compiled for the cpu target (-O2, untuned) and a callable running it; compile seconds."""
+    import warnings
+
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        art = graphopt.compile(model, "cpu", "-O2", threads=threads)
+    dt = time.perf_counter() - t
+    runner = art.runner(threads=threads)
+    return (lambda feeds: runner.run(feeds)), dt
+
+
+def latency(runs: list, feeds: dict, budget_s: float) -> tuple[list[float], list[float]]:
+    """Median wall and process-CPU seconds per run of each callable, runs interleaved so that
+    load changes hit all."""
+    for r in runs:
         for _ in range(2):
-            s.run(None, feeds)
-    times: list[list[float]] = [[] for _ in sessions]
+            r(feeds)
+    wall: list[list[float]] = [[] for _ in runs]
+    cpu: list[list[float]] = [[] for _ in runs]
     t_end = time.perf_counter() + budget_s
-    while time.perf_counter() < t_end or len(times[0]) < 5:
-        for i, s in enumerate(sessions):
-            t = time.perf_counter()
-            s.run(None, feeds)
-            times[i].append(time.perf_counter() - t)
-    return [statistics.median(t) for t in times]
+    while time.perf_counter() < t_end or len(wall[0]) < 5:
+        for i, r in enumerate(runs):
+            t, c = time.perf_counter(), time.process_time()
+            r(feeds)
+            wall[i].append(time.perf_counter() - t)
+            cpu[i].append(time.process_time() - c)
+    return [statistics.median(t) for t in wall], [statistics.median(t) for t in cpu]
 
 
 def prune(model, spec: str):
@@ -81,10 +115,16 @@ def size(model) -> int:
     return len(graphopt.to_onnx(model).SerializeToString())
 
 
-def bench_corpus(names: list[str], ratios: list[float], threads: int, budget: float, do_latency: bool, extra: str = "") -> None:
-    print(f"\n== corpus: -O1 baseline vs prune{{ratio=R{extra}}} (uniform); onnxruntime {threads} threads, batch 1")
-    print(f"{'model':16} {'ratio':>5} {'FLOPs':>7} {'params':>7} {'file':>7} {'latency':>8} {'lat/flops':>9} "
-          f"{'groups':>11} {'prune s':>7}")
+def _share(ratio: float, flops_ratio: float) -> float:
+    return (1 - ratio) / (1 - flops_ratio) if flops_ratio < 1 else float("nan")
+
+
+def bench_corpus(names: list[str], ratios: list[float], threads: int, budget: float, do_latency: bool, extra: str = "",
+                 targets: tuple[str, ...] = ("onnx",)) -> None:
+    print(f"\n== corpus: -O1 baseline vs prune{{ratio=R{extra}}} (uniform); {threads} threads, batch 1, "
+          f"{'spinning' if SPIN else 'non-spinning'} thread pools; latency and cpu: ratios pruned/baseline")
+    cols = "".join(f" {t + ' lat':>9} {'lat/flops':>9} {t + ' cpu':>9} {'cpu/flops':>9}" for t in targets)
+    print(f"{'model':16} {'ratio':>5} {'FLOPs':>7} {'params':>7} {'file':>7}{cols} {'groups':>11} {'prune s':>7}")
     for name in names:
         path = os.path.join(CORPUS, name + ".onnx")
         if not os.path.exists(path):
@@ -98,19 +138,31 @@ def bench_corpus(names: list[str], ratios: list[float], threads: int, budget: fl
         for r in ratios:
             m, st, dt = prune(base, f"prune{{ratio={r}{extra}}}")
             pruned.append((r, m, st, dt))
-        lats = [1.0] * (len(pruned) + 1)
-        if do_latency:
-            sessions = [session(base, threads)] + [session(m, threads) for _, m, _, _ in pruned]
-            lats = latency(sessions, feeds, budget)
-        for (r, m, st, dt), lat in zip(pruned, lats[1:]):
+        models = [base] + [m for _, m, _, _ in pruned]
+        # per target: (wall medians, cpu medians), baseline first
+        meas: dict[str, tuple[list[float], list[float]]] = {}
+        notes = []
+        for tgt in targets if do_latency else ():
+            if tgt == "onnx":
+                meas[tgt] = latency([session(m, threads) for m in models], feeds, budget)
+            else:
+                runs, secs = zip(*(compiled(m, threads) for m in models))
+                notes.append(f"cpu target compile {', '.join(f'{x:.0f}' for x in secs)} s")
+                meas[tgt] = latency(list(runs), feeds, budget)
+        for k, (r, m, st, dt) in enumerate(pruned, start=1):
             fr = st["flops-after"] / f0
-            lr = lat / lats[0]
-            eff = (1 - lr) / (1 - fr) if fr < 1 else float("nan")
-            print(f"{name:16} {r:5.2f} {fr:7.3f} {count_params(m) / p0:7.3f} {size(m) / s0:7.3f} "
-                  f"{lr if do_latency else float('nan'):8.3f} {eff if do_latency else float('nan'):9.2f} "
+            cells = ""
+            for tgt in targets:
+                if tgt in meas:
+                    lw, lc = meas[tgt][0][k] / meas[tgt][0][0], meas[tgt][1][k] / meas[tgt][1][0]
+                    cells += f" {lw:9.3f} {_share(lw, fr):9.2f} {lc:9.3f} {_share(lc, fr):9.2f}"
+                else:
+                    cells += f" {'-':>9} {'-':>9} {'-':>9} {'-':>9}"
+            print(f"{name:16} {r:5.2f} {fr:7.3f} {count_params(m) / p0:7.3f} {size(m) / s0:7.3f}{cells} "
                   f"{st['groups-pruned']:>4}/{st['groups']:<4}{'':2} {dt:7.2f}", flush=True)
-        if do_latency:
-            print(f"{'':16} baseline {lats[0] * 1e3:.2f} ms/run (for scale only)")
+        if meas:
+            scale = "; ".join(f"{t} {meas[t][0][0] * 1e3:.2f} ms wall, {meas[t][1][0] * 1e3:.2f} ms cpu" for t in meas)
+            print(f"{'':16} baseline {scale} per run (for scale only){'; ' + '; '.join(notes) if notes else ''}")
 
 
 def ratio_for_flops(base, target: float, spec_extra: str = "") -> float:
@@ -186,11 +238,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=4.0, help="seconds of latency measurement per model")
     ap.add_argument("--accuracy-models", default="mnist_resnet8,digits_cnn,mnist_dwse,digits_mlp")
     ap.add_argument("--extra", default="", help="more prune options for the corpus runs, e.g. ',round-to=8'")
+    ap.add_argument("--target", default="onnx", help="onnx (onnxruntime), cpu (the compiled CPU target) or onnx,cpu")
+    ap.add_argument("--spin", action="store_true", help="let the runtimes' thread pools spin (their default)")
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--skip-corpus", action="store_true")
     args = ap.parse_args(argv)
+    targets = tuple(t for t in args.target.split(",") if t)
+    if any(t not in ("onnx", "cpu") for t in targets):
+        ap.error(f"--target: onnx, cpu or onnx,cpu, got {args.target!r}")
+    global SPIN
+    SPIN = args.spin
+    if not SPIN:
+        os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")  # read when TVM's pool starts
     import onnxruntime
 
     print(f"graphopt {graphopt.__version__}, onnxruntime {onnxruntime.__version__}, numpy {np.__version__}; "
@@ -201,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_accuracy([n for n in args.accuracy_models.split(",") if n])
     if not args.skip_corpus:
         bench_corpus([n for n in args.models.split(",") if n], [float(r) for r in args.ratios.split(",")],
-                     args.threads, args.budget, not args.skip_latency, args.extra)
+                     args.threads, args.budget, not args.skip_latency, args.extra, targets)
     return 0
 
 

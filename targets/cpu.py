@@ -124,6 +124,7 @@ class CpuTarget(Target):
         import tvm
 
         from graphopt.passes.fusion.kernel_groups import KERNEL_KEY, PlanKernels
+        from graphopt.passes.quantize.integer import SplitZeroPoints
         from graphopt.targets.tvm import build as B
         from graphopt.targets.tvm import lower as L
         from graphopt.transform import PassContext
@@ -132,7 +133,9 @@ class CpuTarget(Target):
         times: dict[str, float] = {}
         if options.tune > 0 and not options.tuning_db:
             raise GraphoptError("tuning (tune > 0) needs a tuning database folder (--tuning-db DIR)")
-        if not any(KERNEL_KEY in n.metadata_props for n in model.graph.nodes):
+        # int8 matmuls: the activation zero point out of the reduction, so the int8 kernels take them
+        split = SplitZeroPoints().run(model, PassContext()).changed
+        if split or not any(KERNEL_KEY in n.metadata_props for n in model.graph.nodes):
             PlanKernels().run(model, PassContext())
         threads = int(options.threads or B.default_threads())
         target = self.tvm_target(threads)

@@ -614,7 +614,8 @@ def _split_outputs(bb: relax.BlockBuilder, node: Node, out: Any) -> list[Any]:
         items = list(out)
     elif isinstance(out, relax.Tuple):
         items = list(out.fields)
-    elif isinstance(out, relax.Expr) and isinstance(out.ty, relax.TupleType) and n > 1:
+    elif isinstance(out, relax.Expr) and isinstance(out.ty, relax.TupleType) and (n > 1 or node.op_type == "Dropout"):
+        # (Dropout's converter gives (output, mask) even when the node has only the output)
         items = [bb.emit(relax.TupleGetItem(out, i)) for i in range(len(out.ty.fields))]
     else:
         items = [out]
@@ -1070,3 +1071,6 @@ def legalize_and_fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRMod
             ]
         )
         return seq(mod)
+
+
+from . import converters as _converters  # noqa: E402,F401  (registers more of CONVERTERS)

@@ -1,0 +1,310 @@
+"""More of graphopt's own Relax converters (ops Relax's ONNX frontend lacks or gets wrong).
+
+Registered into `lower.CONVERTERS` on import (lower.py imports this module at its end). Each
+converter takes (block builder, node, relax inputs (None for omitted ones), opset) and returns a
+Relax expression or a list of them (one per node output), or NotImplemented to fall back to the
+frontend's converter. Recurrences (LSTM/GRU/RNN, LinearAttention) are unrolled over their
+sequence length, which must be static: the kernels stay ordinary tensor ops that FuseTIR and the
+default schedules handle.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from tvm import relax
+
+from graphopt.ir import Node
+
+from .lower import LoweringError, _const_value, _dims_of, converter
+
+R = relax.op
+
+
+def _c(value: float | int, dtype: str) -> relax.Expr:
+    return relax.const(np.array(value, dtype=dtype), dtype)
+
+
+def _dt(e: Any) -> str:
+    return str(e.ty.dtype)
+
+
+def _static(node: Node, e: Any, what: str) -> list[int]:
+    dims = _dims_of(e)
+    if not all(isinstance(d, int) for d in dims):
+        raise LoweringError(f"node {node.label()}: {node.op_type} needs a static {what} shape on the cpu target")
+    return dims
+
+
+def _slice(bb: relax.BlockBuilder, x: Any, axis: int, begin: int, end: int, step: int = 1) -> Any:
+    return bb.emit(R.strided_slice(x, axes=[axis], begin=[begin], end=[end], strides=[step]))
+
+
+def _int_const(node: Node, e: Any, what: str) -> np.ndarray:
+    v = _const_value(e) if e is not None else None
+    if v is None:
+        raise LoweringError(f"node {node.label()}: {node.op_type} needs a constant {what} on the cpu target")
+    return v
+
+
+def _str_attr(node: Node, name: str, default: str) -> str:
+    v = node.attr(name, default)
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+# --- sequence models ------------------------------------------------------------------------------
+
+
+@converter("CausalConvWithState")
+def _causal_conv(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Depthwise causal conv1d over [past_state | input] (zeros when no state), optional SiLU
+    (computed in float32), present_state = the last k-1 steps of the padded input."""
+    x, w = ins[0], ins[1]
+    bias = ins[2] if len(ins) > 2 else None
+    past = ins[3] if len(ins) > 3 else None
+    b, c, _ = _static(node, x, "input")
+    k = _static(node, w, "weight")[2]
+    dtype = _dt(x)
+    act = _str_attr(node, "activation", "none")
+    if past is None:
+        past = bb.emit(R.zeros((b, c, k - 1), dtype))
+    padded = bb.emit(R.concat([past, x], axis=2)) if k > 1 else x
+    y = bb.emit(R.nn.conv1d(padded, w, groups=c))
+    if bias is not None:
+        y = bb.emit(R.add(y, R.reshape(bias, (1, c, 1))))
+    if act in ("silu", "swish"):
+        yf = bb.emit(R.astype(y, "float32")) if dtype != "float32" else y
+        yf = bb.emit(R.multiply(yf, R.sigmoid(yf)))
+        y = bb.emit(R.astype(yf, dtype)) if dtype != "float32" else yf
+    elif act != "none":
+        raise LoweringError(f"node {node.label()}: activation {act!r} is not one of none, silu, swish")
+    total = _dims_of(padded)[2]
+    present = _slice(bb, padded, 2, total - (k - 1), total)
+    return [y, present]
+
+
+def _heads(bb: relax.BlockBuilder, x: Any, h: int) -> Any:
+    """(B, T, H*D) → (B, H, T, D)."""
+    b, t, hd = _dims_of(x)
+    return bb.emit(R.permute_dims(R.reshape(x, (b, t, h, hd // h)), [0, 2, 1, 3]))
+
+
+@converter("LinearAttention")
+def _linear_attention(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """LinearAttention (linear / gated / delta / gated_delta update rules), the recurrence
+    unrolled over the (static) sequence length in float32, GQA by repeating the state at read."""
+    q, k, v = ins[0], ins[1], ins[2]
+    past = ins[3] if len(ins) > 3 else None
+    decay = ins[4] if len(ins) > 4 else None
+    beta = ins[5] if len(ins) > 5 else None
+    rule = _str_attr(node, "update_rule", "gated_delta")
+    hq, hkv = node.attr("q_num_heads"), node.attr("kv_num_heads")
+    if hq is None or hkv is None:
+        raise LoweringError(f"node {node.label()}: LinearAttention needs q_num_heads and kv_num_heads")
+    gating, delta = rule in ("gated", "gated_delta"), rule in ("delta", "gated_delta")
+    b, t, _ = _static(node, q, "query")
+    dtype = _dt(q)
+    f32 = "float32"
+    dk = _dims_of(q)[2] // hq
+    dv = _dims_of(v)[2] // hkv
+    group = hq // hkv
+    q4 = bb.emit(R.astype(_heads(bb, q, hq), f32))
+    k4 = bb.emit(R.astype(_heads(bb, k, hkv), f32))
+    v4 = bb.emit(R.astype(_heads(bb, v, hkv), f32))
+    d4 = b4 = None
+    if gating:
+        last = _dims_of(decay)[2]
+        if last == hkv:
+            d4 = bb.emit(R.permute_dims(R.reshape(decay, (b, t, hkv, 1)), [0, 2, 1, 3]))
+        else:
+            d4 = _heads(bb, decay, hkv)
+        d4 = bb.emit(R.exp(R.astype(d4, f32)))
+    if delta:
+        last = _dims_of(beta)[2]
+        b4 = bb.emit(R.astype(R.permute_dims(R.reshape(beta, (b, t, last, 1)), [0, 2, 1, 3]), f32))
+    state_dtype = _dt(past) if past is not None else dtype
+    state = bb.emit(R.astype(past, f32)) if past is not None else bb.emit(R.zeros((b, hkv, dk, dv), f32))
+    scale = node.attr("scale")
+    scale = 1.0 / np.sqrt(dk) if scale is None or float(scale) == 0.0 else float(scale)
+    outs = []
+    for i in range(t):
+        q_t, k_t, v_t = (_slice(bb, a, 2, i, i + 1) for a in (q4, k4, v4))  # (B, H, 1, D)
+        if d4 is not None:
+            state = bb.emit(R.multiply(state, R.permute_dims(_slice(bb, d4, 2, i, i + 1), [0, 1, 3, 2])))
+        if b4 is not None:
+            retrieved = bb.emit(R.matmul(k_t, state))  # (B, H, 1, dv)
+            v_t = bb.emit(R.multiply(_slice(bb, b4, 2, i, i + 1), R.subtract(v_t, retrieved)))
+        state = bb.emit(R.add(state, R.matmul(R.permute_dims(k_t, [0, 1, 3, 2]), v_t)))
+        read = bb.emit(R.repeat(state, group, axis=1)) if group > 1 else state
+        outs.append(bb.emit(R.multiply(R.matmul(q_t, read), _c(scale, f32))))
+    o = bb.emit(R.concat(outs, axis=2)) if len(outs) > 1 else outs[0]
+    o = bb.emit(R.reshape(R.permute_dims(o, [0, 2, 1, 3]), (b, t, hq * dv)))
+    if dtype != f32:
+        o = bb.emit(R.astype(o, dtype))
+    present = bb.emit(R.astype(state, state_dtype)) if state_dtype != f32 else state
+    return [o, present]
+
+
+@converter("RotaryEmbedding")
+def _rotary(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """RotaryEmbedding: rotate the first rotary_embedding_dim features of each head by the
+    (position-gathered) cos/sin caches, halves or interleaved pairs."""
+    x, cos, sin = ins[0], ins[1], ins[2]
+    pos = ins[3] if len(ins) > 3 else None
+    shape = _static(node, x, "input")
+    if len(shape) == 4:
+        xs = bb.emit(R.permute_dims(x, [0, 2, 1, 3]))
+    else:
+        nh = node.attr("num_heads")
+        if not nh:
+            raise LoweringError(f"node {node.label()}: RotaryEmbedding of a 3-D input needs num_heads")
+        xs = bb.emit(R.reshape(x, (shape[0], shape[1], nh, shape[2] // nh)))
+    head = _dims_of(xs)[3]
+    rd = node.attr("rotary_embedding_dim", 0) or head
+    if pos is not None:
+        cos = bb.emit(R.take(cos, pos, axis=0, mode="clip"))
+        sin = bb.emit(R.take(sin, pos, axis=0, mode="clip"))
+    cos = bb.emit(R.expand_dims(cos, 2))
+    sin = bb.emit(R.expand_dims(sin, 2))
+    rot = _slice(bb, xs, 3, 0, rd) if rd < head else xs
+    if node.attr("interleaved", 0):
+        x1, x2 = _slice(bb, rot, 3, 0, rd, 2), _slice(bb, rot, 3, 1, rd, 2)
+    else:
+        x1, x2 = _slice(bb, rot, 3, 0, rd // 2), _slice(bb, rot, 3, rd // 2, rd)
+    real = bb.emit(R.subtract(R.multiply(cos, x1), R.multiply(sin, x2)))
+    imag = bb.emit(R.add(R.multiply(sin, x1), R.multiply(cos, x2)))
+    if node.attr("interleaved", 0):
+        rot = bb.emit(R.reshape(R.stack([real, imag], axis=-1), _dims_of(rot)))
+    else:
+        rot = bb.emit(R.concat([real, imag], axis=-1))
+    out = bb.emit(R.concat([rot, _slice(bb, xs, 3, rd, head)], axis=-1)) if rd < head else rot
+    if len(shape) == 4:
+        return bb.emit(R.permute_dims(out, [0, 2, 1, 3]))
+    return bb.emit(R.reshape(out, shape))
+
+
+# --- simple math ------------------------------------------------------------------------------------
+
+
+@converter("CumProd")
+def _cumprod(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """CumProd along a constant axis; reverse by flipping around it, exclusive natively."""
+    x = ins[0]
+    axis = int(_int_const(node, ins[1], "axis").reshape(-1)[0])
+    axis = axis + x.ty.ndim if axis < 0 else axis
+    rev = bool(node.attr("reverse", 0))
+    if rev:
+        x = bb.emit(R.flip(x, axis))
+    y = bb.emit(R.cumprod(x, axis=axis, exclusive=bool(node.attr("exclusive", 0))))
+    if rev:
+        y = bb.emit(R.flip(y, axis))
+    return y
+
+
+@converter("LpNormalization")
+def _lp_norm(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """x / ||x||_p along axis (p 1 or 2)."""
+    x = ins[0]
+    axis = node.attr("axis", -1)
+    p = node.attr("p", 2)
+    if p == 1:
+        n = bb.emit(R.sum(R.abs(x), axis=[axis], keepdims=True))
+    elif p == 2:
+        n = bb.emit(R.sqrt(R.sum(R.multiply(x, x), axis=[axis], keepdims=True)))
+    else:
+        raise LoweringError(f"node {node.label()}: LpNormalization with p={p} (only 1 and 2 exist)")
+    return bb.emit(R.divide(x, n))
+
+
+@converter("Sinh", "Cosh")
+def _sinh_cosh(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """(exp(x) ∓ exp(-x)) / 2 (LLVM codegen has no sinh/cosh intrinsic)."""
+    x = ins[0]
+    dtype = _dt(x)
+    e, ne = R.exp(x), R.exp(R.negative(x))
+    s = R.subtract(e, ne) if node.op_type == "Sinh" else R.add(e, ne)
+    return bb.emit(R.multiply(s, _c(0.5, dtype)))
+
+
+@converter("Mish")
+def _mish(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """x · tanh(softplus(x)) = x · n / (n + 2) with n = e^x (e^x + 2) (tanh(log(1 + e^x))
+    written without tanh, whose fast approximation loses the relative accuracy of the small
+    negative tail); x itself where e^2x would overflow (x > 20: the ratio is 1 in float32)."""
+    x = ins[0]
+    dtype = _dt(x)
+    e = R.exp(R.minimum(x, _c(20, dtype)))
+    n = R.multiply(e, R.add(e, _c(2, dtype)))
+    y = R.multiply(x, R.divide(n, R.add(n, _c(2, dtype))))
+    return bb.emit(R.where(R.greater(x, _c(20, dtype)), x, y))
+
+
+@converter("IsInf")
+def _isinf(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """IsInf with detect_positive / detect_negative."""
+    x = ins[0]
+    dtype = _dt(x)
+    pos, neg = node.attr("detect_positive", 1), node.attr("detect_negative", 1)
+    outs = []
+    if pos:
+        outs.append(R.equal(x, _c(np.inf, dtype)))
+    if neg:
+        outs.append(R.equal(x, _c(-np.inf, dtype)))
+    if not outs:
+        return bb.emit(R.zeros(_dims_of(x), "bool"))
+    return bb.emit(outs[0] if len(outs) == 1 else R.logical_or(outs[0], outs[1]))
+
+
+@converter("SpaceToDepth")
+def _space_to_depth(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """SpaceToDepth as reshape/transpose/reshape, DCR or CRD (opset 25's mode)."""
+    x = ins[0]
+    b, c, h, w = _static(node, x, "input")
+    s = int(node.attr("blocksize"))
+    y = R.reshape(x, (b, c, h // s, s, w // s, s))
+    dcr = _str_attr(node, "mode", "DCR") == "DCR"
+    y = R.permute_dims(y, [0, 3, 5, 1, 2, 4] if dcr else [0, 1, 3, 5, 2, 4])
+    return bb.emit(R.reshape(y, (b, c * s * s, h // s, w // s)))
+
+
+@converter("Elu")
+def _elu(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """x if x > 0 else alpha · (exp(x) - 1), in the input's dtype."""
+    x = ins[0]
+    dtype = _dt(x)
+    a = _c(float(node.attr("alpha", 1.0)), dtype)
+    return bb.emit(R.where(R.greater(x, _c(0, dtype)), x, R.multiply(a, R.subtract(R.exp(x), _c(1, dtype)))))
+
+
+@converter("Pow")
+def _pow(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Integer bases: computed in float64 and cast back (Relax's power is float-only); float
+    bases with an exponent of another type: the exponent cast to the base's type."""
+    x, y = ins[0], ins[1]
+    dx, dy = _dt(x), _dt(y)
+    if dx.startswith("float") and dx == dy:
+        return NotImplemented
+    if dx.startswith("float"):
+        return bb.emit(R.power(x, R.astype(y, dx)))
+    out = R.power(R.astype(x, "float64"), R.astype(y, "float64"))
+    return bb.emit(R.astype(R.round(out), dx))
+
+
+@converter("DepthToSpace")
+def _depth_to_space(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """DepthToSpace DCR / CRD as reshape/transpose/reshape."""
+    x = ins[0]
+    b, c, h, w = _static(node, x, "input")
+    s = int(node.attr("blocksize"))
+    if _str_attr(node, "mode", "DCR") == "DCR":
+        y = R.permute_dims(R.reshape(x, (b, s, s, c // (s * s), h, w)), [0, 3, 4, 1, 5, 2])
+    else:
+        y = R.permute_dims(R.reshape(x, (b, c // (s * s), s, s, h, w)), [0, 1, 4, 2, 5, 3])
+    return bb.emit(R.reshape(y, (b, c // (s * s), h * s, w * s)))
+
+
+def _onnx_dtype(code: int) -> str:
+    dt = onnx.helper.tensor_dtype_to_np_dtype(code)
+    return "bool" if dt == np.bool_ else str(dt)

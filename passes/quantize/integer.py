@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from graphopt.ir import Builder, DataType, Model, Shape, TensorType
+from graphopt.ir import Builder, DataType, Model, Shape, TensorType, Value
 from graphopt.pattern import const_array, drop_unused_initializers
 from graphopt.transform import Pass, PassContext, PassResult, register_pass
 
@@ -57,7 +57,7 @@ class SplitZeroPoints(Pass):
                 azv = const_array(az)
                 if azv is not None and azv.size != 1:
                     continue
-                if azv is None and (az.shape is None or any(d != 1 for d in az.shape.dims)):
+                if azv is None and not _scalar(az):
                     continue  # a dynamic zero point must be a scalar (DynamicQuantizeLinear's is)
                 out = node.outputs[0]
                 touched += [v for v in (az, wz) if v is not None]
@@ -85,5 +85,13 @@ class SplitZeroPoints(Pass):
         changed = bool(split or dropped)
         if changed:
             ctx.info(f"split-zero-points: {split} MatMulInteger split, {dropped} zero zero points dropped")
-        return PassResult(changed=changed, stats={"split": split, "dropped": dropped})
+        return PassResult(changed=changed, stats={k: v for k, v in (("split", split), ("dropped", dropped)) if v})
 
+
+
+def _scalar(v: Value) -> bool:
+    """A scalar (or one-element) tensor: by its type, or DynamicQuantizeLinear's zero point."""
+    p = v.producer()
+    if p is not None and p.op_type == "DynamicQuantizeLinear" and p.domain in ("", "ai.onnx") and len(p.outputs) > 2 and p.outputs[2] is v:
+        return True
+    return v.shape is not None and all(d == 1 for d in v.shape.dims)

@@ -1,0 +1,284 @@
+"""x86 AVX2 int8 kernels of the cpu target (targets/x86_int8_schedules.py) and the
+`split-zero-points` pass that feeds them.
+
+Kernels: which variant fires (u8s8 vpmaddubsw for uint8 activations × weights known to be within
+±64, exact s16 vpmaddwd otherwise), the instructions in the generated assembly, outputs exactly
+equal to numpy's integer matmul (including the worst case for int16 pair sums, where
+onnxruntime's own u8s8 kernel saturates), epilogues fused, and near-misses left to the default
+schedules. Models are built here; the kernels need an x86 host with AVX2.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+tvm = pytest.importorskip("tvm")
+
+import graphopt  # noqa: E402
+import graphopt.runtime  # noqa: E402
+from graphopt.target import CompileOptions, get_target  # noqa: E402
+from graphopt.targets import x86_int8_schedules as X  # noqa: E402
+from graphopt.targets.tvm import build as B  # noqa: E402
+from graphopt.testing import check_pass  # noqa: E402
+
+HOST = B.host_target(threads=2)
+needs_avx2 = pytest.mark.skipif(not X.has_avx2(HOST), reason="the x86 int8 kernels need an x86 CPU with AVX2")
+NP = {TP.INT8: np.int8, TP.UINT8: np.uint8}
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=17) -> onnx.ModelProto:
+    g = h.make_graph(nodes, "g", inputs, outputs, list(inits))
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m
+
+
+def _ort(m: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _weights(shape, wmax: int, dtype=np.int8, seed: int = 0) -> np.ndarray:
+    lo = 0 if dtype == np.uint8 else -wmax
+    return np.random.default_rng(seed).integers(lo, wmax + 1, shape).astype(dtype)
+
+
+def _matmul_integer(a_type=TP.UINT8, a_shape=(32, 64), w=None, scale: bool = True) -> onnx.ModelProto:
+    """MatMulInteger(a, W) [→ Cast → Mul(scale per column)]: outputs the int32 accumulators too."""
+    n = w.shape[1]
+    nodes = [h.make_node("MatMulInteger", ["a", "w"], ["acc"])]
+    outs = [h.make_tensor_value_info("acc", TP.INT32, [*a_shape[:-1], n])]
+    inits = [nh.from_array(w, "w")]
+    if scale:
+        nodes += [h.make_node("Cast", ["acc"], ["accf"], to=TP.FLOAT), h.make_node("Mul", ["accf", "s"], ["y"])]
+        outs.insert(0, h.make_tensor_value_info("y", TP.FLOAT, [*a_shape[:-1], n]))
+        inits.append(nh.from_array(np.linspace(0.5, 1.5, n).astype(np.float32), "s"))
+    return _model(nodes, [h.make_tensor_value_info("a", a_type, list(a_shape))], outs, inits)
+
+
+def _dynamic(w: np.ndarray, m: int = 16) -> onnx.ModelProto:
+    """The quantize pass's dynamic form: DynamicQuantizeLinear → MatMulInteger(·, W, x_zp, 0) → Cast → Mul."""
+    k, n = w.shape
+    nodes = [h.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+             h.make_node("MatMulInteger", ["xq", "w", "xz", "wz"], ["acc"]),
+             h.make_node("Cast", ["acc"], ["accf"], to=TP.FLOAT),
+             h.make_node("Mul", ["xs", "ws"], ["s"]),
+             h.make_node("Mul", ["accf", "s"], ["y"])]
+    inits = [nh.from_array(w, "w"), nh.from_array(np.zeros(n, np.int8), "wz"),
+             nh.from_array(np.linspace(0.01, 0.02, n).astype(np.float32), "ws")]
+    return _model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [m, k])],
+                  [h.make_tensor_value_info("y", TP.FLOAT, [m, n]), h.make_tensor_value_info("acc", TP.INT32, [m, n])], inits)
+
+
+def _compile(m: onnx.ModelProto):
+    art = graphopt.compile(m, "cpu", "-O2", threads=2)
+    return graphopt.runtime.load(art.path), art.report["schedules"]["default"]
+
+
+def _asm(m: onnx.ModelProto) -> tuple[str, dict[str, str]]:
+    from graphopt.passes.fusion.kernel_groups import PlanKernels
+    from graphopt.targets.arm64 import assembly
+    from graphopt.targets.tvm import lower as L
+    from graphopt.transform import PassContext
+
+    g = graphopt.load(m)
+    PlanKernels().run(g, PassContext())
+    lowered, mod = L.lower_and_fuse(g, HOST)
+    mod, done = X.schedule_int8_kernels(mod, HOST, lowered.params)
+    mod, _ = get_target("cpu").schedule(mod, HOST, CompileOptions())
+    return assembly(B.build(mod, HOST)), done
+
+
+def _ref(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return (a.astype(np.int64) @ w.astype(np.int64)).astype(np.int32)
+
+
+# --- which kernel, which instructions ---------------------------------------------------------------
+
+
+@needs_avx2
+def test_u8s8_kernel_for_narrow_weights_uses_vpmaddubsw() -> None:
+    asm, done = _asm(_matmul_integer(w=_weights((64, 48), 64)))
+    assert list(done.values()) == ["int8-u8s8"]
+    assert re.search(r"\bvpmaddubsw\b", asm) and re.search(r"\bvpmaddwd\b", asm)
+
+
+@needs_avx2
+@pytest.mark.parametrize("a_type, w_dtype, wmax", [
+    (TP.UINT8, np.int8, 127),  # full 8-bit weights: u8s8 pair sums could saturate int16
+    (TP.INT8, np.int8, 64),    # signed activations: vpmaddubsw's first operand is unsigned
+    (TP.UINT8, np.uint8, 200),
+])
+def test_s16_kernel_otherwise(a_type, w_dtype, wmax) -> None:
+    asm, done = _asm(_matmul_integer(a_type, w=_weights((64, 48), wmax, w_dtype)))
+    assert list(done.values()) == ["int8-s16"]
+    assert re.search(r"\bvpmaddwd\b", asm) and not re.search(r"\bvpmaddubsw\b", asm)
+
+
+# --- exact results ---------------------------------------------------------------------------------------
+
+
+@needs_avx2
+@pytest.mark.parametrize("a_type, a_shape, wmax, kind", [
+    (TP.UINT8, (32, 64), 64, "int8-u8s8"),
+    (TP.UINT8, (2, 12, 96), 64, "int8-u8s8"),   # batched activations, rows not a multiple of 4
+    (TP.UINT8, (30, 64), 127, "int8-s16"),
+    (TP.INT8, (7, 128), 127, "int8-s16"),
+])
+def test_outputs_equal_numpy_integer_matmul(a_type, a_shape, wmax, kind) -> None:
+    w = _weights((a_shape[-1], 40), wmax, seed=1)
+    m = _matmul_integer(a_type, a_shape, w)
+    r, sched = _compile(m)
+    assert f"x86 int8 kernels: 1 ({kind})" in sched
+    rng = np.random.default_rng(2)
+    a = rng.integers(np.iinfo(NP[a_type]).min, np.iinfo(NP[a_type]).max + 1, a_shape).astype(NP[a_type])
+    y, acc = r.run({"a": a})
+    assert np.array_equal(acc, _ref(a, w))
+    assert np.array_equal(y, _ref(a, w).astype(np.float32) * np.linspace(0.5, 1.5, 40).astype(np.float32))
+
+
+@needs_avx2
+def test_exact_where_onnxruntime_saturates() -> None:
+    # 255·(−128) + 255·(−128) = −65280 does not fit int16: vpmaddubsw would saturate; the s16 kernel
+    # is chosen for full-range weights and stays exact (onnxruntime's AVX2 u8s8 kernel does not)
+    w = np.full((64, 16), -128, np.int8)
+    w[1::2] = 127
+    a = np.full((8, 64), 255, np.uint8)
+    m = _matmul_integer(TP.UINT8, (8, 64), w, scale=False)
+    r, sched = _compile(m)
+    assert "int8-s16" in sched
+    (acc,) = r.run({"a": a})
+    assert np.array_equal(acc, _ref(a, w))
+
+
+@needs_avx2
+def test_u8s8_bound_is_exact_at_its_edge() -> None:
+    w = np.full((64, 16), -64, np.int8)  # |w| = 64: 255·64·2 = 32640 still fits int16
+    a = np.full((4, 64), 255, np.uint8)
+    r, sched = _compile(_matmul_integer(TP.UINT8, (4, 64), w, scale=False))
+    assert "int8-u8s8" in sched
+    assert np.array_equal(r.run({"a": a})[0], _ref(a, w))
+
+
+@needs_avx2
+@pytest.mark.parametrize("wmax", [63, 127])
+def test_dynamic_quantized_matmul_exact_with_epilogue(wmax) -> None:
+    w = _weights((96, 32), wmax, seed=3)
+    m = _dynamic(w)
+    r, sched = _compile(m)
+    assert f"x86 int8 kernels: 1 ({'int8-u8s8' if wmax <= 64 else 'int8-s16'})" in sched
+    x = np.random.default_rng(4).standard_normal((16, 96)).astype(np.float32) + 0.4
+    y, acc = r.run({"x": x})
+    q = _model([h.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"])], [h.make_tensor_value_info("x", TP.FLOAT, [16, 96])],
+               [h.make_tensor_value_info(n, t, None) for n, t in (("xq", TP.UINT8), ("xs", TP.FLOAT), ("xz", TP.UINT8))])
+    xq, xs, xz = _ort(q, {"x": x})
+    ref = ((xq.astype(np.int64) - int(xz)) @ w.astype(np.int64)).astype(np.int32)
+    assert np.array_equal(acc, ref)
+    np.testing.assert_allclose(y, ref.astype(np.float32) * (xs * np.linspace(0.01, 0.02, 32).astype(np.float32)), rtol=1e-6)
+    if wmax <= 64:  # onnxruntime is exact too with 7-bit weights
+        assert np.array_equal(_ort(m, {"x": x})[1], ref)
+
+
+# --- near-misses: the default schedules take the kernel, results stay right ---------------------------------
+
+
+@needs_avx2
+@pytest.mark.parametrize("a_shape, n, why", [
+    ((16, 64), 30, "N not a multiple of 8"),
+    ((16, 63), 16, "K odd"),
+    ((64,), 16, "a 1-D activation: no row axis"),
+])
+def test_near_misses_stay_default(a_shape, n, why) -> None:
+    w = _weights((a_shape[-1], n), 64, seed=5)
+    m = _matmul_integer(TP.UINT8, a_shape, w, scale=False)
+    r, sched = _compile(m)
+    assert "x86 int8" not in sched, why
+    a = np.random.default_rng(6).integers(0, 256, a_shape).astype(np.uint8)
+    assert np.array_equal(r.run({"a": a})[0], _ref(a, w))
+
+
+@needs_avx2
+def test_float_matmul_untouched() -> None:
+    w = np.random.default_rng(7).standard_normal((64, 32)).astype(np.float32)
+    m = _model([h.make_node("MatMul", ["x", "w"], ["y"])], [h.make_tensor_value_info("x", TP.FLOAT, [16, 64])],
+               [h.make_tensor_value_info("y", TP.FLOAT, [16, 32])], [nh.from_array(w, "w")])
+    _, sched = _compile(m)
+    assert "x86 int8" not in sched
+
+
+def test_not_x86_no_op() -> None:
+    arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]})
+    assert not X.has_avx2(arm)
+    mod = tvm.IRModule({})
+    assert X.schedule_int8_kernels(mod, arm)[1] == {}
+
+
+# --- split-zero-points -----------------------------------------------------------------------------------
+
+
+def _mmi(az=None, wz=None, w=None, a_shape=(8, 32)) -> onnx.ModelProto:
+    w = _weights((a_shape[-1], 16), 100, seed=8) if w is None else w
+    inits = [nh.from_array(w, "w")]
+    ins = ["a", "w"]
+    if az is not None:
+        inits.append(nh.from_array(np.asarray(az, np.uint8), "az"))
+        ins.append("az")
+    if wz is not None:
+        if az is None:
+            ins.append("")
+        inits.append(nh.from_array(np.asarray(wz, w.dtype), "wz"))
+        ins.append("wz")
+    return _model([h.make_node("MatMulInteger", ins, ["y"])], [h.make_tensor_value_info("a", TP.UINT8, list(a_shape))],
+                  [h.make_tensor_value_info("y", TP.INT32, [*a_shape[:-1], w.shape[1]])], inits, opset=17)
+
+
+def _a(shape=(8, 32)) -> dict[str, np.ndarray]:
+    return {"a": np.random.default_rng(9).integers(0, 256, shape).astype(np.uint8)}
+
+
+def test_split_fires_on_constant_zero_point() -> None:
+    m = graphopt.load(_mmi(az=131, wz=np.zeros(16)))
+    out, stats = check_pass(m, "split-zero-points", _a(), rtol=0, atol=0)
+    assert stats == {"split": 1}
+    mmi = [n for n in out.graph.nodes if n.op_type == "MatMulInteger"]
+    assert len(mmi) == 1 and len(mmi[0].inputs) == 2
+    assert {n.op_type for n in out.graph.nodes} == {"MatMulInteger", "Cast", "Mul", "Sub"}
+
+
+def test_split_fires_on_dynamic_zero_point() -> None:
+    m = graphopt.load(_dynamic(_weights((32, 16), 64)))
+    feeds = {"x": np.random.default_rng(10).standard_normal((16, 32)).astype(np.float32)}
+    _, stats = check_pass(m, "split-zero-points", feeds, rtol=0, atol=0)
+    assert stats == {"split": 1}
+
+
+def test_zero_zero_point_dropped() -> None:
+    out, stats = check_pass(graphopt.load(_mmi(az=0)), "split-zero-points", _a(), rtol=0, atol=0)
+    assert stats == {"dropped": 1}
+    assert [len(n.inputs) for n in out.graph.nodes] == [2]
+
+
+@pytest.mark.parametrize("kwargs, why", [
+    ({"az": 3, "wz": np.full(16, 2)}, "non-zero weight zero point"),
+    ({}, "no activation zero point"),
+])
+def test_split_near_misses(kwargs, why) -> None:
+    m = graphopt.load(_mmi(**kwargs))
+    _, stats = check_pass(m, "split-zero-points", _a(), rtol=0, atol=0)
+    assert stats == {}, why
+
+
+def test_split_skips_activation_weights() -> None:
+    m = _model([h.make_node("MatMulInteger", ["a", "b", "az"], ["y"])],
+               [h.make_tensor_value_info("a", TP.UINT8, [8, 32]), h.make_tensor_value_info("b", TP.INT8, [32, 16])],
+               [h.make_tensor_value_info("y", TP.INT32, [8, 16])], [nh.from_array(np.uint8(5), "az")])
+    feeds = {**_a(), "b": np.random.default_rng(11).integers(-128, 128, (32, 16)).astype(np.int8)}
+    _, stats = check_pass(graphopt.load(m), "split-zero-points", feeds, rtol=0, atol=0)
+    assert stats == {}

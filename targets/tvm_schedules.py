@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # tvm is an optional dependency: import it lazily
 __all__ = [
     "apply_default_schedules",
     "schedule_prim_func",
+    "default_schedule",
     "vector_lanes",
     "ScheduleStats",
     "LAYOUT_REWRITE_ANN",
@@ -50,6 +51,8 @@ LAYOUT_REWRITE_ANN = "meta_schedule.layout_rewrite_preproc"
 # fp32 accumulators kept in registers per microkernel (x86-64 AVX2 has 16 vector registers:
 # leave room for the B vectors and one broadcast).
 _MAX_ACC_VECTORS = 12
+# ... and when no tile up to that divides the register axis (7, 14): a whole tile up to this many
+_MAX_ACC_VECTORS_WIDE = 14
 
 
 @dataclass
@@ -386,6 +389,12 @@ class OuterProduct(_Rule):
         max_rows = max(1, (_MAX_ACC_VECTORS * lanes) // max(vt, lanes))
         divs = [d for d in _divisors(n_reg) if d <= max_rows]
         rt = max(divs)
+        if rt < 4:
+            # 7x7 / 14x14 outputs: a whole 7-row tile (14 accumulators, B read as a memory
+            # operand of the FMA) beats a predicated 6-row tail tile
+            wide = [d for d in _divisors(n_reg) if d <= (_MAX_ACC_VECTORS_WIDE * lanes) // max(vt, lanes)]
+            if max(wide) > rt:
+                rt = max(wide)
         if rt < 3 and n_reg > max_rows:
             rt = max_rows  # a tail tile (predicated) beats a 1-2 row microkernel
         elif rt < 3 and vt == 2 * lanes:
@@ -539,15 +548,14 @@ class _Fallback(_Rule):
         return sch
 
 
-def schedule_prim_func(
+def default_schedule(
     func: "tvm.tirx.PrimFunc",
     target: "tvm.target.Target",
     rules: Sequence[_Rule] | None = None,
-    name: str = "main",
-) -> tuple["tvm.tirx.PrimFunc | None", str | None, list[str]]:
-    """Schedule one PrimFunc: (scheduled func or None, rule name, failure notes)."""
-    import tvm
-
+) -> tuple["tvm.s_tir.Schedule | None", str | None, list[str]]:
+    """The default schedule of one PrimFunc as a traced Schedule (its trace replays on the same
+    workload, which is how tuning stores it as a database record): (schedule or None, rule name,
+    failure notes)."""
     lanes = vector_lanes(target)
     rules = list(rules) if rules is not None else default_rules(target)
     notes: list[str] = []
@@ -560,8 +568,19 @@ def schedule_prim_func(
             continue
         if sch is None:
             continue
-        return sch.mod["main"], rule.name, notes
+        return sch, rule.name, notes
     return None, None, notes
+
+
+def schedule_prim_func(
+    func: "tvm.tirx.PrimFunc",
+    target: "tvm.target.Target",
+    rules: Sequence[_Rule] | None = None,
+    name: str = "main",
+) -> tuple["tvm.tirx.PrimFunc | None", str | None, list[str]]:
+    """Schedule one PrimFunc: (scheduled func or None, rule name, failure notes)."""
+    sch, rule, notes = default_schedule(func, target, rules)
+    return (sch.mod["main"] if sch is not None else None), rule, notes
 
 
 def apply_default_schedules(

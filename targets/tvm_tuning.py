@@ -50,7 +50,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import tvm
 
-__all__ = ["tune", "apply_database", "open_database", "cpu_only_intrinsics", "TuningSummary", "repair_database"]
+__all__ = ["tune", "apply_database", "open_database", "cpu_only_intrinsics", "TuningSummary", "repair_database",
+           "kept_schedules"]
 
 _GPU_INTRIN = ("cuda", "rocm", "hexagon", "riscv_cpu", "metal")
 _WORKLOAD_FILE = "database_workload.json"
@@ -194,6 +195,9 @@ class TuningSummary:
     seconds: float = 0.0
     stopped: str = "done"  # "done" | "time budget" | "trial budget" | "child failed" | "interrupted"
     best_ms: dict[str, float] = field(default_factory=dict)
+    #: per task: which schedule the database keeps ("default" when tuning did not beat the
+    #: default schedule, "tuned" otherwise) with both measured times
+    kept: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str = ""
 
     def as_dict(self) -> dict[str, Any]:
@@ -360,6 +364,8 @@ def tune(
                     summary.failed_trials += ev.get("failed", 0)
                 elif ev.get("ev") == "task_done":
                     summary.tasks_tuned += 1
+                elif ev.get("ev") == "kept":
+                    summary.kept[ev["name"]] = {k: ev.get(k) for k in ("kept", "default_ms", "tuned_ms")}
             new_total += sum(ev.get("new", 0) for ev in events if ev.get("ev") == "batch")
             if rc == 0:
                 break
@@ -388,6 +394,16 @@ def tune(
     if summary.stopped == "interrupted":
         raise KeyboardInterrupt
     return open_database(db_dir)
+
+
+def kept_schedules(db_dir: str) -> dict[str, int]:
+    """How many workloads of the database keep their default schedule / a tuned one (from the
+    ledger: tuning measures the default schedule of every task it tunes and keeps the faster)."""
+    out: dict[str, int] = {}
+    for entry in _read_json(os.path.join(db_dir, _LEDGER_FILE), {}).values():
+        k = entry.get("kept", "unknown")
+        out[k] = out.get(k, 0) + 1
+    return out
 
 
 def last_summary(db_dir: str) -> dict[str, Any]:
@@ -558,7 +574,7 @@ def _child_tune(spec: dict[str, Any], out: Any) -> None:  # noqa: C901 - one pro
           "budget": min(budget_new, sum(per_task - d["done"] for d in pending)), "per_task": per_task})
 
     stopped = "done"
-    if not pending:
+    if not pending and all("kept" in ledger.get(d["key"], {}) for d in tasks_info if ledger.get(d["key"], {}).get("trials")):
         emit({"ev": "end", "stopped": stopped, "tasks_total": len(extracted), "selected": n_sel, "skipped": skipped})
         return
 
@@ -616,6 +632,26 @@ def _child_tune(spec: dict[str, Any], out: Any) -> None:  # noqa: C901 - one pro
     tracker = _Tracker()
     callbacks = [ms.measure_callback.AddToDatabase(), ms.measure_callback.RemoveBuildArtifact(),
                  ms.measure_callback.UpdateCostModel(), tracker]
+
+    def keep_default_if_faster(d: dict[str, Any]) -> None:
+        """Tuning never loses: the task's default schedule is measured with the same builder and
+        runner and committed as a record too, so the database's best (what apply_database uses)
+        is the faster of the default and the tuned schedules; the ledger says which."""
+        entry = ledger.setdefault(d["key"], {"name": d["name"], "trials": 0})
+        if entry.get("default_ms") is None and not entry.get("default_error"):
+            ms_, rule, err = _measure_default(d["task"].dispatched[0], target, database, builder, runner)
+            if ms_ is None:
+                entry["default_error"] = err or "no default schedule"
+            else:
+                entry["default_ms"], entry["default_rule"] = ms_, rule
+        tuned = entry.get("best_ms")
+        default = entry.get("default_ms")
+        if default is not None and (tuned is None or default <= tuned):
+            entry["kept"] = "default"
+        else:
+            entry["kept"] = "tuned" if tuned is not None else "none"
+        _write_json_atomic(ledger_path, ledger)
+        emit({"ev": "kept", "name": d["name"], "kept": entry["kept"], "default_ms": default, "tuned_ms": tuned})
     t_print = time.monotonic
     for d in pending:
         print(f"[{t_print() - t_start:7.1f}s] task {d['name']}", file=sys.stderr, flush=True)
@@ -658,6 +694,7 @@ def _child_tune(spec: dict[str, Any], out: Any) -> None:  # noqa: C901 - one pro
             entry["trials"] = max(int(entry.get("trials", 0)), per_task)
             entry["error"] = msg[-1][:300] if msg else type(exc).__name__
             _write_json_atomic(ledger_path, ledger)
+        keep_default_if_faster(d)  # also for a task cut by the time budget: its records apply
         if state.get("timed_out"):
             stopped = "time budget"
             emit({"ev": "task_done", "name": d["name"], "best_ms": state["best"], "partial": True})
@@ -665,7 +702,50 @@ def _child_tune(spec: dict[str, Any], out: Any) -> None:  # noqa: C901 - one pro
         emit({"ev": "task_done", "name": d["name"], "best_ms": state["best"]})
     else:
         stopped = "done"
+    # tasks tuned by an earlier call (or an older graphopt) that have no default measured yet
+    for d in tasks_info:
+        entry = ledger.get(d["key"], {})
+        if entry.get("trials") and "kept" not in entry and (deadline is None or time.monotonic() < deadline):
+            keep_default_if_faster(d)
     emit({"ev": "end", "stopped": stopped, "tasks_total": len(extracted), "selected": n_sel, "skipped": skipped})
+
+
+def _measure_default(task_mod: Any, target: Any, database: Any, builder: Any, runner: Any) -> tuple[float | None, str | None, str]:
+    """Build and run the default schedule (graphopt.targets.tvm_schedules) of one workload with
+    the tuning builder/runner and commit it to `database` as a tuning record (its trace replays
+    the schedule). Returns (mean ms or None, rule, error)."""
+    import shutil
+
+    from tvm.s_tir import meta_schedule as ms
+
+    from graphopt.targets.tvm_schedules import default_schedule
+
+    try:
+        sch, rule, _notes = default_schedule(task_mod["main"], target)
+    except Exception as exc:  # noqa: BLE001 - a default-schedule bug only loses the comparison
+        return None, None, str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+    if sch is None:
+        return None, None, "no default schedule rule applies"
+    try:
+        args_info = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
+        br = builder.build([ms.builder.BuilderInput(sch.mod, target)])[0]
+        if br.error_msg is not None:
+            return None, rule, "build: " + br.error_msg.strip().splitlines()[-1][:200]
+        try:
+            dev = "cpu" if str(target.kind.name) == "llvm" else str(target.kind.name)
+            rr = runner.run([ms.runner.RunnerInput(br.artifact_path, dev, args_info)])[0].result()
+        finally:
+            shutil.rmtree(os.path.dirname(br.artifact_path), ignore_errors=True)
+        if rr.error_msg is not None or not rr.run_secs:
+            return None, rule, "run: " + (rr.error_msg or "no time").strip().splitlines()[-1][:200]
+        secs = [float(x) for x in rr.run_secs]
+        workload = database.commit_workload(task_mod)
+        database.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, workload, run_secs=secs, target=target, args_info=args_info))
+        return 1e3 * sum(secs) / len(secs), rule, ""
+    except Exception as exc:  # noqa: BLE001
+        msg = str(exc).strip().splitlines()
+        return None, rule, msg[-1][:200] if msg else type(exc).__name__
 
 
 def _build_with_hooks(mod: Any, target: Any, params: Any) -> Any:

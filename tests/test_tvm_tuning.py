@@ -69,6 +69,35 @@ def _apply_and_check(db):
     np.testing.assert_allclose(got, e / e.sum(-1, keepdims=True), rtol=1e-4, atol=1e-5)
 
 
+def _check_kept_the_faster(db, summary):
+    """Tuning never loses: the default schedule was measured beside the tuned candidates and
+    committed as a record, the database's best is the faster of the two, and applying the
+    database gives exactly the default schedule when it won (a tuned one when it did not)."""
+    import tvm_ffi
+
+    from graphopt.targets.tvm_schedules import apply_default_schedules
+    from graphopt.targets.tvm_tuning import kept_schedules
+
+    ledger = json.load(open(os.path.join(db, "graphopt_ledger.json")))
+    (entry,) = ledger.values()
+    assert entry["default_ms"] > 0 and entry["best_ms"] > 0 and entry["default_rule"] == "outer-product", entry
+    want = "default" if entry["default_ms"] <= entry["best_ms"] else "tuned"
+    assert entry["kept"] == want, entry
+    assert summary["kept"] == {entry["name"]: {"kept": want, "default_ms": entry["default_ms"],
+                                               "tuned_ms": entry["best_ms"]}}, summary
+    assert kept_schedules(db) == {want: 1}
+    # the database's best record is the faster one
+    recs = _records(db)
+    best = min(float(np.mean(r[1][1])) for r in recs if r[1][1]) * 1e3
+    assert best == pytest.approx(min(entry["default_ms"], entry["best_ms"]), rel=1e-6)
+    mod = _matmul_relu()
+    applied = apply_database(mod, _target(), db)
+    default = apply_default_schedules(mod, _target())
+    name = entry["name"]
+    same = tvm_ffi.structural_equal(applied[name].body, default[name].body)
+    assert same == (want == "default"), (want, applied[name].script())
+
+
 def test_tune_writes_database_that_a_second_call_reuses(tmp_path):
     """4 trials on one small matmul: records committed, ledger counts them, progress events
     come; the same workload again (a fresh module, as another compile builds it) does no new
@@ -83,6 +112,8 @@ def test_tune_writes_database_that_a_second_call_reuses(tmp_path):
     assert any(ev["ev"] == "batch" and ev.get("best_ms") for ev in events)
     ledger = json.load(open(os.path.join(db, "graphopt_ledger.json")))
     assert [v["trials"] for v in ledger.values()] == [4]
+
+    _check_kept_the_faster(db, s)
 
     n_before = len(_records(db))
     tune(_matmul_relu(), _target(), db_dir=db, trials=4, trials_per_iter=4, progress=False, threads=2)

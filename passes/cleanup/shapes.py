@@ -117,7 +117,10 @@ class SimplifyShapes(Pass):
                     stats["folded"] += 1
 
 
-_MAX_ROUNDS = 10
+# rounds stop as soon as one makes no progress; the cap only bounds pathological graphs. A chain
+# of computed Reshapes resolves one link per round: torch's ShuffleNetV2 has 16 channel shuffles
+# in a row (a cap of 10 left the last stages' channel counts unknown, and prune could not follow them)
+_MAX_ROUNDS = 100
 
 
 def _elements(v: Value | None, memo: dict[Value, list[Elem] | None], depth: int = 0) -> list[Elem] | None:

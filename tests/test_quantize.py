@@ -543,6 +543,42 @@ def test_speed_check_measures_and_reports() -> None:
         assert "QuantizeLinear" not in ops(model) and res.stats["kept-float-slower"] == 1
 
 
+def test_per_layer_timing_in_the_report() -> None:
+    model = small_cnn(hw=32)
+    res, ctx = run_pass(model, cnn_data(model, 4), speed="measure", speed_budget=0.5, profile_runs=3)
+    rep = ctx.data["quantize"]
+    t = rep["per-layer-timing"]
+    assert t["status"] == "measured" and t["fp32-total-us"] > 0 and t["int8-total-us"] > 0
+    assert t["layers-matched"] >= 1
+    timed = [layer for layer in rep["layers"] if "int8_us" in layer and "fp32_us" in layer]
+    assert timed and all(layer["int8_us"] >= 0 and layer["fp32_us"] >= 0 for layer in timed)
+    names = [c["candidate"] for c in rep["speed"]["candidates"]]
+    slower = [layer for layer in timed if layer["int8_us"] > layer["fp32_us"]]
+    assert t["layers-slower-in-int8"] == len(slower)
+    # layers the profile found slower in int8 are a candidate group of their own
+    assert bool(slower) == any("per-layer profile" in n for n in names)
+    for layer in rep["layers"]:
+        if layer["status"] == "float" and "per-layer profile" in (layer.get("reason") or ""):
+            assert layer["int8_us"] > layer["fp32_us"]
+
+
+def test_profile_nodes_keys_are_node_names() -> None:
+    from graphopt.passes.quantize import measure
+
+    model = small_cnn(hw=16)
+    x = np.random.default_rng(0).standard_normal([1] + list(model.graph.inputs[0].shape.dims[1:])).astype(np.float32)
+    prof = measure.profile_nodes(model, {"x": x}, runs=2)
+    names = {n.name for n in model.graph if n.name} | {o.name for n in model.graph for o in n.outputs}
+    assert prof and any(k in names for k in prof)
+    assert all(v >= 0 for v in prof.values())
+
+
+def test_dynamic_matmul_integer_keeps_the_layer_name() -> None:
+    model = tiny_attention()
+    res, ctx = run_pass(model, attention_data(model), mode="dynamic")
+    assert {"mm_q", "mm_k", "mm_v", "mm_o"} <= {n.name for n in model.graph if n.op_type == "MatMulInteger"}
+
+
 def test_report_file_and_quantize_function(tmp_path) -> None:
     model = small_cnn()
     path = tmp_path / "q.json"

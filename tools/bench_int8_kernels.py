@@ -70,9 +70,21 @@ def quantize_dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def feeds_for(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs; integer inputs as a transformer expects them (token ids in [100, 20000),
+    attention mask 1, token types 0)."""
     from graphopt.check import random_inputs
 
-    return random_inputs(graphopt.load(model), seed=seed)
+    feeds = random_inputs(graphopt.load(model), seed=seed, dim_values={"batch": 1})
+    rng = np.random.default_rng(seed)
+    for k, a in feeds.items():
+        if a.dtype.kind in "iu":
+            if "mask" in k:
+                feeds[k] = np.ones_like(a)
+            elif "type" in k:
+                feeds[k] = np.zeros_like(a)
+            else:
+                feeds[k] = rng.integers(100, 20000, a.shape).astype(a.dtype)
+    return feeds
 
 
 def accumulator_check(qmodel: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int) -> dict:

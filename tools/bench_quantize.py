@@ -13,8 +13,11 @@ Per model (corpus models from tools/make_corpus.py in .cache/corpus/):
   activations, MinMax calibration, other options at their defaults (with --ort; CNNs only,
   transformers get ort's quantize_dynamic instead, which is what onnxruntime recommends there).
 
-Latency is the median of round-robin runs (one call per session per round, spinning off) and
-is printed as a ratio to fp32 measured in the same run: speedup = fp32 / model (> 1 = faster).
+Latency: round-robin runs (one call per session per round, the order alternating forward and
+backward, spinning off), in --blocks blocks. speedup = the median over rounds of the paired
+ratio fp32 / model of the same round (> 1 = faster; load that changes between rounds cancels),
+printed with the range of the per-block ratios of medians (how stable the figure is on a
+shared machine).
 Error is measured on separate held-out inputs: output SQNR (dB) and relative L2 error against
 fp32, and for classifier-shaped outputs the percent of top-1 predictions that change.
 
@@ -61,20 +64,46 @@ def session(path_or_bytes, threads: int) -> ort.InferenceSession:
 
 
 def time_round_robin(sessions: dict[str, ort.InferenceSession], feeds: dict, budget: float) -> dict[str, float]:
+    return time_paired(sessions, feeds, budget)["median_s"]
+
+
+def time_paired(sessions: dict[str, ort.InferenceSession], feeds: dict, budget: float, blocks: int = 5,
+                base: str = "fp32") -> dict[str, dict[str, float]]:
+    """Latency of each session, and its speedup over `base`, robust to a shared machine.
+
+    The runs are interleaved (one call per session per round; the order alternates forward and
+    backward between rounds, so no session always runs right after another) and grouped in
+    `blocks` blocks of equal length. speedup[k] is the median over rounds of the paired ratio
+    base/k of the same round (load that changes between rounds cancels in each ratio);
+    block_speedups[k] are the per-block ratios of medians (their spread shows how stable the
+    figure is: min/max are reported). median_s[k] is the median over all rounds."""
+    names = list(sessions)
     for s in sessions.values():
         for _ in range(2):
             s.run(None, feeds)
     t0 = time.perf_counter()
     for s in sessions.values():
         s.run(None, feeds)
-    rounds = int(min(200, max(5, budget / max(time.perf_counter() - t0, 1e-6))))
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(rounds):
-        for k, s in sessions.items():
+    per_round = max(time.perf_counter() - t0, 1e-6)
+    rounds = int(min(400, max(blocks * 4, budget / per_round)))
+    rounds -= rounds % blocks
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        for k in (names if r % 2 == 0 else names[::-1]):
             t = time.perf_counter()
-            s.run(None, feeds)
+            sessions[k].run(None, feeds)
             times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    out: dict[str, dict[str, float]] = {"median_s": {k: statistics.median(v) for k, v in times.items()},
+                                        "speedup": {}, "block_min": {}, "block_max": {}, "rounds": {"n": rounds}}
+    if base in times:
+        per = rounds // blocks
+        for k in names:
+            pairs = [b / t for b, t in zip(times[base], times[k])]
+            out["speedup"][k] = statistics.median(pairs)
+            blk = [statistics.median(times[base][i * per:(i + 1) * per]) / statistics.median(times[k][i * per:(i + 1) * per])
+                   for i in range(blocks)]
+            out["block_min"][k], out["block_max"][k] = min(blk), max(blk)
+    return out
 
 
 def errors(ref: list[list[np.ndarray]], test: list[list[np.ndarray]]) -> dict[str, float]:
@@ -158,7 +187,8 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     nheld = len(next(iter(held.values())))
     batches = [{k: v[i : i + 1] for k, v in held.items()} for i in range(nheld)]
     outs = {k: [s.run(None, b) for b in batches] for k, s in sessions.items()}
-    lat = time_round_robin(sessions, batches[0], args.budget)
+    timing = time_paired(sessions, batches[0], args.budget, blocks=args.blocks)
+    lat = timing["median_s"]
 
     print(f"\n== {name} ({'transformer: dynamic MatMuls' if transformer else 'static QDQ'}) threads={args.threads}")
     print(f"   graphopt: {rep.get('result')}; {res.stats}; quantize took {ours_s:.1f}s")
@@ -176,12 +206,13 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     row = {"model": name}
     for k in sessions:
         e = errors(outs["fp32"], outs[k]) if k != "fp32" else None
-        sp = lat["fp32"] / lat[k]
+        sp = timing["speedup"][k]
+        spread = f" (blocks {timing['block_min'][k]:.2f}-{timing['block_max'][k]:.2f}x)" if k != "fp32" else ""
         extra = "" if e is None else (f"  sqnr {e['sqnr']:6.2f} dB  rel {e['rel']:.4f}  cosine {e['cosine']:.5f}"
                                       f"  top1-changed {e['top1']:.1f}%")
         took = f"  (quantize {ours_s:.0f}s)" if k == "graphopt" else (f"  (quantize {ort_s:.0f}s)" if k == "ort" else "")
-        print(f"   {k:9s} {lat[k] * 1e3:8.2f} ms  speedup {sp:5.2f}x{extra}{took}")
-        row[k] = {"speedup": sp, **(e or {})}
+        print(f"   {k:9s} {lat[k] * 1e3:8.2f} ms  speedup {sp:5.2f}x{spread}{extra}{took}")
+        row[k] = {"speedup": sp, "block_min": timing["block_min"][k], "block_max": timing["block_max"][k], **(e or {})}
     return row
 
 
@@ -238,6 +269,7 @@ def main() -> int:
     ap.add_argument("--held", type=int, default=8, help="held-out samples for the error figures")
     ap.add_argument("--budget", type=float, default=20.0, help="seconds of timing per model")
     ap.add_argument("--method", default="minmax")
+    ap.add_argument("--blocks", type=int, default=5, help="timing blocks: the speedup's spread over blocks is reported")
     ap.add_argument("--ort", action="store_true", help="also run onnxruntime's quantize_static / quantize_dynamic")
     ap.add_argument("--save-dir")
     ap.add_argument("--real", action="store_true", help="also the trained models of tools/real_models.py")
@@ -254,7 +286,7 @@ def main() -> int:
         parts = [f"{r['model']:16s}"]
         for k in ("graphopt", "ort"):
             if k in r:
-                parts.append(f"{k} {r[k]['speedup']:.2f}x sqnr {r[k]['sqnr']:.1f} dB")
+                parts.append(f"{k} {r[k]['speedup']:.2f}x [{r[k]['block_min']:.2f}-{r[k]['block_max']:.2f}] sqnr {r[k]['sqnr']:.1f} dB")
         print("  " + " | ".join(parts))
     return 0
 

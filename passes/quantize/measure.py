@@ -157,6 +157,53 @@ def latency(models: Sequence[Model], feeds: Batch, *, threads: int = 0, budget_s
     return [statistics.median(t) for t in times]
 
 
+def profile_nodes(model: Model, feeds: Batch, *, threads: int = 0, runs: int = 10) -> dict[str, float]:
+    """Microseconds per run of each kernel onnxruntime runs for `model` (its own profiler, all
+    optimizations on), keyed by the kernel's node name with onnxruntime's suffixes removed
+    (`_token_N` of the QDQ fusions, `_nchwc` of the NCHWc layout pass), so a key is the name of
+    the original node or of the output it took its name from. Median over `runs` runs (after
+    one warm-up run), summed over kernels that share a key."""
+    import json
+    import os
+    import re
+    import tempfile
+
+    import onnxruntime as ort
+
+    from graphopt import to_onnx
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads or 2
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.enable_profiling = True
+    with tempfile.TemporaryDirectory(prefix="graphopt-profile-") as d:
+        so.profile_file_prefix = os.path.join(d, "p")
+        try:
+            sess = ort.InferenceSession(to_onnx(model).SerializeToString(), so, providers=["CPUExecutionProvider"])
+            feeds = dict(feeds)
+            for _ in range(runs + 1):
+                sess.run(None, feeds)
+            path = sess.end_profiling()
+            with open(path, encoding="utf-8") as f:
+                events = json.load(f)
+        except Exception as e:
+            raise GraphoptError(f"onnxruntime profiling failed: {str(e).splitlines()[0]}") from None
+    per: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
+            continue
+        key = re.sub(r"(_token_\d+|_nchwc)+$", "", e["name"][: -len("_kernel_time")])
+        per.setdefault(key, []).append(float(e.get("dur", 0)))
+    # the first run is warm-up: each key appears once per run per kernel
+    out: dict[str, float] = {}
+    for k, v in per.items():
+        n_kernels = max(1, len(v) // (runs + 1))
+        v = v[n_kernels:]
+        out[k] = statistics.median(v) * n_kernels if v else 0.0
+    return out
+
+
 def has_vnni() -> bool | None:
     """Whether this x86 CPU has VNNI dot-product instructions (None: not x86 / unknown)."""
     import platform

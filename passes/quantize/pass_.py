@@ -62,6 +62,7 @@ class Quantize(Pass):
     speed: str = "measure"  # measure (time variants on onnxruntime) | rules (depthwise, tiny layers float) | off
     min_speedup: float = 1.03
     speed_budget: float = 8.0  # seconds of timing for the speed check
+    profile_runs: int = 10  # runs of onnxruntime's per-layer profile (fp32 and int8) under speed=measure
     depthwise: str = "auto"  # auto (measured; float under speed=rules; int8 under speed=off) | int8 | float
     tiny_macs: int = 200_000  # convs/matmuls with fewer MACs per sample: float under speed=rules, a group speed=measure tries (0: none)
     threads: int = 0  # onnxruntime intra-op threads for timing and evaluation (0: its default / 2 for timing)
@@ -186,17 +187,19 @@ class Quantize(Pass):
             rep["accuracy"] = acc
 
         # 4. speed: the whole model against fp32; try groups of layers back in float
+        layer_timing: dict[str, dict[str, float]] | None = None
         if self.speed == "measure":
             qm, qunits, applied, keep = self._speed(base, qm, qunits, applied, extra, build, evals[0], rep)
+            layer_timing = rep.pop("_layer-timing", None)
             if not keep:
-                rep["layers"] = [self._layer(u, stats, sensitivity) for u in qunits]
+                rep["layers"] = [self._layer(u, stats, sensitivity, None, layer_timing) for u in qunits]
                 rep["result"] = "kept float: " + rep["speed"]["decision"]
                 ctx.info(f"quantize: {rep['result']}")
                 return self._finish(model, None, rep, ctx, {"units-int8": 0, "units-float": len(qunits), "kept-float-slower": 1})
             metrics = score(qm)
         rep["metrics"] = metrics
         sq = self._layer_sqnr(base, qm, applied, evals[:2])
-        rep["layers"] = [self._layer(u, stats, sensitivity, sq) for u in qunits]
+        rep["layers"] = [self._layer(u, stats, sensitivity, sq, layer_timing) for u in qunits]
         nq = sum(1 for u in qunits if u.quantized and u.kind != "passthrough")
         rep["result"] = f"quantized {nq} of {sum(1 for u in qunits if u.kind != 'passthrough')} layers"
         st: dict[str, int | float] = {"units-int8": nq, "units-float": sum(1 for u in qunits if not u.quantized and u.kind != "passthrough")}
@@ -262,10 +265,21 @@ class Quantize(Pass):
                                  for u in qunits if u.quantized and "tiny" in u.tags}
         groups["element-wise/pool/concat"] = {u.name: "element-wise/pool/concat: the model measured faster with them float (speed=measure)"
                                               for u in qunits if u.quantized and u.kind in ("binary", "concat", "pool", "unary")}
+        # per layer: onnxruntime's profile of fp32 and of all-int8; layers whose int8 kernels (with
+        # their own quantize/dequantize) take longer than the float ones are a group to try float
+        timing = self._layer_timing(base, qm, qunits, feeds)
+        rep["per-layer-timing"] = timing["summary"]
+        rep["_layer-timing"] = timing["layers"]  # popped by run() into the layer entries
+        slower = {name: (f"int8 slower than float in onnxruntime's per-layer profile ({t['int8_us']:.0f} vs "
+                         f"{t['fp32_us']:.0f} us): the model measured faster with it float (speed=measure)")
+                  for name, t in timing["layers"].items() if t.get("int8_us", 0) > t.get("fp32_us", math.inf)}
+        if slower:
+            groups["layers slower in int8 (per-layer profile)"] = slower
         groups = {k: v for k, v in groups.items() if v}
         import itertools
 
-        for r in range(1, len(groups) + 1):
+        sizes = range(1, len(groups) + 1) if len(groups) <= 3 else (1, len(groups))  # at most 15 candidates
+        for r in sizes:
             for combo in itertools.combinations(groups, r):
                 e = dict(extra)
                 for k in combo:
@@ -287,6 +301,42 @@ class Quantize(Pass):
         extra.update(cands[best][4])
         _, m, us, ap, _ = cands[best]
         return m, us, ap, True
+
+    def _layer_timing(self, base: Model, qm: Model, units: list[Unit], feeds) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+        """Per quantized layer: microseconds of its kernels in fp32 and in int8 (onnxruntime's
+        profiler; kernels matched by node name or output name, so a layer fused into its
+        neighbour in one of the two is only counted where it has a kernel of its own)."""
+        try:
+            fp = measure.profile_nodes(base, feeds, threads=self.threads, runs=self.profile_runs)
+            q8 = measure.profile_nodes(qm, feeds, threads=self.threads, runs=self.profile_runs)
+        except Exception as e:  # profiling is advice; the whole-model timing still decides
+            return {"summary": {"status": f"unavailable: {e}"}, "layers": {}}
+        layers: dict[str, dict[str, float]] = {}
+        used: set[str] = set()
+        for u in units:
+            if not u.quantized or u.kind == "passthrough":
+                continue
+            keys = {u.node.name, *(o.name for o in u.node.outputs), u.out.name} - {""}
+            t: dict[str, float] = {}
+            f = [fp[k] for k in keys if k in fp]
+            i = [q8[k] for k in keys if k in q8]
+            if f:
+                t["fp32_us"] = round(sum(f), 1)
+            if i:
+                t["int8_us"] = round(sum(i), 1)
+                used |= keys & set(q8)
+            if t:
+                layers[u.name] = t
+        both = [t for t in layers.values() if "fp32_us" in t and "int8_us" in t]
+        summary = {
+            "status": "measured", "runs": self.profile_runs,
+            "fp32-total-us": round(sum(fp.values()), 1), "int8-total-us": round(sum(q8.values()), 1),
+            "layers-matched": len(both),
+            "layers-slower-in-int8": sum(1 for t in both if t["int8_us"] > t["fp32_us"]),
+            # what the int8 model runs besides its layers: quantize/dequantize, layout transposes
+            "int8-other-us": round(sum(v for k, v in q8.items() if k not in used), 1),
+        }
+        return {"summary": summary, "layers": layers}
 
     def _layer_sqnr(self, base: Model, qm: Model, applied: Applied, batches: list) -> dict[str, float]:  # type: ignore[type-arg]
         """SQNR (dB) of every quantized tensor in the int8 model against the same tensor in fp32."""
@@ -316,7 +366,7 @@ class Quantize(Pass):
 
     @staticmethod
     def _layer(u: Unit, stats: dict[str, TensorStats] | None, sens: dict[str, float] | None = None,
-               sq: dict[str, float] | None = None) -> dict[str, Any]:
+               sq: dict[str, float] | None = None, timing: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
         d: dict[str, Any] = {"name": u.name, "op": u.op,
                              "status": ("int8" if u.mode == "static" else "int8-dynamic") if u.quantized else "float"}
         if not u.quantized:
@@ -332,6 +382,8 @@ class Quantize(Pass):
             v = sq.get(u.out.name, sq.get(u.node.outputs[0].name))
             if v is not None:
                 d["sqnr_db"] = round(v, 2) if math.isfinite(v) else None
+        if timing and u.name in timing:
+            d.update(timing[u.name])
         if sens and u.name in sens:
             d["alone_int8_output_sqnr_db"] = round(sens[u.name], 2) if math.isfinite(sens[u.name]) else None
         return d

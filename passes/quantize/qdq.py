@@ -475,4 +475,7 @@ def _dynamic(model: Model, b: Builder, u: Unit, qmax: int, shared: dict[Value, t
         y.name, out.name = out.name, y.name
     res.dq_of[orig] = y.name
     g.remove(node)
+    mmi = acc.producer()
+    if node.name and mmi is not None:
+        mmi.name = node.name  # the unit's name, so per-layer profiles find the int8 kernel
     res.counts[f"dynamic-{node.op_type}"] = res.counts.get(f"dynamic-{node.op_type}", 0) + 1

@@ -19,7 +19,11 @@ What it adds to TVM's meta_schedule (see /work/shared/TVM-NOTES.md for why):
   database (`max_restarts`); when restarts are spent `tune` returns what the database has.
 - **Budgets.** `trials` (new measurements this call), `max_trials_per_task` (total per workload,
   counting earlier calls) and `minutes` (wall clock; the child stops between batches, a hard kill
-  follows a grace period).
+  follows a grace period). With `minutes` and no per-task cap, tasks are tuned in rounds (each to
+  16 trials, then 32, 64, ...) so the time is spread over them.
+- **Never loses.** After tuning a task, its default schedule (`tvm_schedules`) is built and run by
+  the same builder/runner and committed as a record too: the database's best, which
+  `apply_database` uses, is the faster of the two. The ledger (`kept`) and the summary say which.
 - **Only conv/matmul kernels by default** (`kernels="anchor"`): they are where tuning pays; the
   rest keep `tvm_schedules`' default schedules. Tasks go biggest (FLOPs × uses) first, so a time
   budget is spent where it matters.
@@ -231,6 +235,8 @@ class _Progress:
                 s["best"][ev["name"]] = ev["best_ms"]
         elif kind == "task_done":
             s["done"] += 1
+        elif kind == "round":  # tuning in rounds (time budget): the bar counts the tasks of this round
+            s["done"] = 0
         if self.hook is not None:
             try:
                 self.hook(dict(ev, **{"elapsed_s": time.monotonic() - self.t0}))
@@ -423,7 +429,28 @@ def apply_database(mod: "tvm.IRModule", target: "tvm.target.Target", db_dir: str
         return mod
     db = open_database(db_dir)
     with target, db, tvm.transform.PassContext(opt_level=3):
-        return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    # where the database's best is the default schedule (tuning did not beat it), leave the
+    # kernel to today's default schedules rather than replaying the recorded one
+    restore = {}
+    for gv, func in applied.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc) and DEFAULT_MARK in _root_annotations(func):
+            restore[gv] = mod[gv.name_hint]
+    if restore:
+        for gv, func in restore.items():
+            applied[gv] = func
+    return applied
+
+
+#: root-block annotation of the default-schedule records tuning commits (see `_measure_default`)
+DEFAULT_MARK = "graphopt.default_schedule"
+
+
+def _root_annotations(func: Any) -> Any:
+    try:
+        return func.body.block.annotations
+    except AttributeError:
+        return {}
 
 
 # --------------------------------------------------------------------------- parent ↔ child
@@ -554,11 +581,18 @@ def _child_tune(spec: dict[str, Any], out: Any) -> None:  # noqa: C901 - one pro
     per_iter = int(spec.get("trials_per_iter") or 0)
     budget_new = int(spec["trials"])
     per_task = spec.get("max_trials_per_task")
+    auto_cap = per_task is None
     if per_task is None:
         # the split of the call's whole budget (not of what a restarted child has left); a task
         # gets at least one small batch
         per_task = max(4, math.ceil(int(spec["trials_total"]) / max(n_sel, 1))) if n_sel else 0
     per_task = int(per_task)
+    # with a time budget and no per-task cap, tune in rounds (every task to 16 trials, then 32,
+    # 64, ...; biggest tasks first in each round) so the time is spread over the tasks instead of
+    # the first ones taking it all
+    caps = [per_task]
+    if auto_cap and deadline is not None:
+        caps = [c for c in (16, 32, 64, 128, 256, 512, 1024) if c < per_task] + [per_task]
     if not per_iter:
         per_iter = max(1, min(32, per_task))
     pending = []
@@ -653,15 +687,22 @@ def _child_tune(spec: dict[str, Any], out: Any) -> None:  # noqa: C901 - one pro
         _write_json_atomic(ledger_path, ledger)
         emit({"ev": "kept", "name": d["name"], "kept": entry["kept"], "default_ms": default, "tuned_ms": tuned})
     t_print = time.monotonic
-    for d in pending:
-        print(f"[{t_print() - t_start:7.1f}s] task {d['name']}", file=sys.stderr, flush=True)
+    rounds = [(cap, d) for cap in caps for d in pending]
+    last_cap = None
+    for cap, d in rounds:
+        if d["done"] >= cap:
+            continue
+        if cap != last_cap and len(caps) > 1:
+            emit({"ev": "round", "cap": cap})
+        last_cap = cap
+        print(f"[{t_print() - t_start:7.1f}s] task {d['name']} (to {cap} trials)", file=sys.stderr, flush=True)
         if deadline is not None and time.monotonic() >= deadline:
             stopped = "time budget"
             break
         if total_new >= budget_new:
             stopped = "trial budget"
             break
-        want = min(per_task - d["done"], budget_new - total_new)
+        want = min(cap - d["done"], budget_new - total_new)
         state.update(name=d["name"], key=d["key"], best=None, task_trials=0)
         prior = ledger.get(d["key"], {}).get("best_ms")
         state["best"] = prior
@@ -671,7 +712,7 @@ def _child_tune(spec: dict[str, Any], out: Any) -> None:  # noqa: C901 - one pro
             # a smaller population for small budgets: candidate generation costs 10+ s per batch
             # at the default 512 on this 2-core machine
             search_strategy=ms.search_strategy.EvolutionarySearch(
-                population_size=512 if per_task >= 128 else 128, init_min_unmeasured=16 if per_task < 128 else 50), task_name=d["name"], num_threads=threads,
+                population_size=512 if cap >= 128 else 128, init_min_unmeasured=16 if cap < 128 else 50), task_name=d["name"], num_threads=threads,
             rand_state=int(spec["seed"]) if spec.get("seed") is not None else -1,
             logger=None,
         ).clone()
@@ -694,6 +735,7 @@ def _child_tune(spec: dict[str, Any], out: Any) -> None:  # noqa: C901 - one pro
             entry["trials"] = max(int(entry.get("trials", 0)), per_task)
             entry["error"] = msg[-1][:300] if msg else type(exc).__name__
             _write_json_atomic(ledger_path, ledger)
+        d["done"] = int(ledger.get(d["key"], {}).get("trials", d["done"] + state["task_trials"]))
         keep_default_if_faster(d)  # also for a task cut by the time budget: its records apply
         if state.get("timed_out"):
             stopped = "time budget"
@@ -727,6 +769,8 @@ def _measure_default(task_mod: Any, target: Any, database: Any, builder: Any, ru
     if sch is None:
         return None, None, "no default schedule rule applies"
     try:
+        # marked, so apply_database can tell a default record from a tuned one
+        sch.annotate(sch.get_sblock(task_mod["main"].body.block.name_hint), DEFAULT_MARK, str(rule))
         args_info = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
         br = builder.build([ms.builder.BuilderInput(sch.mod, target)])[0]
         if br.error_msg is not None:

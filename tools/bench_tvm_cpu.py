@@ -1,7 +1,11 @@
 """Benchmark the cpu target (TVM) against onnxruntime on the corpus models.
 
     .venv/bin/python tools/bench_tvm_cpu.py [--models resnet50,mobilenetv2,bert_base_s128]
-        [--threads 2] [--budget 20] [--tune N --tune-minutes M --tuning-db DIR] [--json out.json]
+        [--threads 2] [--budget 20] [--tune N] [--tune-minutes M] [--tuning-db DIR] [--json out.json]
+
+    # tune into a database for 25 minutes, benchmark the tuned artifact, then recompile with the
+    # warm database (timed) and benchmark that too, all against onnxruntime in the same rounds:
+    nice -n 10 .venv/bin/python tools/bench_tvm_cpu.py --models resnet50 --tune-minutes 25 --tuning-db DIR
 
 Per model (.cache/corpus/<name>.onnx, made by tools/make_corpus.py; batch 1):
 - compile: wall seconds of graphopt.compile(model, "cpu", "-O2") and its stages (passes are
@@ -84,12 +88,23 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
     if not os.path.exists(path):
         print(f"{name}: {path} missing (run tools/make_corpus.py)", file=sys.stderr)
         return {"model": name, "missing": True}
+    load_before = os.getloadavg()
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         art = graphopt.compile(path, "cpu", "-O2", threads=args.threads, tune=args.tune,
                                tune_minutes=args.tune_minutes, tuning_db=args.tuning_db, progress=args.tune > 0)
     compile_s = time.perf_counter() - t
+    warm = None
+    warm_s = None
+    if args.tuning_db and args.tune > 0 and not args.no_warm:
+        # compile again with the warm database (no tuning): how long, and does it reach the tuned latency
+        t = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            warm = graphopt.compile(path, "cpu", "-O2", threads=args.threads, tuning_db=args.tuning_db)
+        warm_s = time.perf_counter() - t
+        print(f"{name}: warm-database recompile {warm_s:.1f} s", flush=True)
     model = graphopt.load(path)
     from graphopt.check import random_inputs
 
@@ -115,23 +130,32 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
     def ort_call() -> None:
         sess.run(None, feeds)
 
+    calls = [tvm_call, ort_call]
+    if warm is not None:
+        wrunner = warm.runner(threads=args.threads)
+        wout = wrunner.run(feeds)
+        warm_maxabs = max(float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) for a, b in zip(ref, wout))
+        w_feeds = wrunner._feeds(feeds)
+
+        def warm_call() -> None:
+            wrunner._main(*w_feeds, *wrunner._params)
+
+        calls.append(warm_call)
     for _ in range(3):
-        tvm_call()
-        ort_call()
+        for c in calls:
+            c()
     t = time.perf_counter()
-    tvm_call()
-    ort_call()
+    for c in calls:
+        c()
     one = time.perf_counter() - t
     rounds = int(min(args.max_runs, max(args.min_runs, args.budget / max(one, 1e-6))))
-    tt, to = [], []
+    times: list[list[float]] = [[] for _ in calls]
     for _ in range(rounds):
-        t = time.perf_counter()
-        tvm_call()
-        tt.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        ort_call()
-        to.append(time.perf_counter() - t)
-    mt, mo = statistics.median(tt), statistics.median(to)
+        for c, ts in zip(calls, times):
+            t = time.perf_counter()
+            c()
+            ts.append(time.perf_counter() - t)
+    mt, mo = statistics.median(times[0]), statistics.median(times[1])
     flops = model_flops(path)
     rep = art.report
     row = {
@@ -152,11 +176,30 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
         "ort_gflops": flops / mo / 1e9,
         "peak_gflops": peak,
         "library_bytes": art.manifest["files"]["library"]["bytes"],
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
     }
+    kept = (row["tuning"] or {}).get("kept") or {}
+    if kept:
+        row["kept"] = {k: sum(1 for v in kept.values() if v.get("kept") == k) for k in ("tuned", "default", "none")}
+    if warm is not None:
+        mw = statistics.median(times[2])
+        row.update({"warm_compile_s": round(warm_s, 2), "warm_ms": mw * 1e3, "ratio_warm_over_ort": mw / mo,
+                    "ratio_warm_over_tuned": mw / mt, "warm_max_abs_vs_ort": warm_maxabs,
+                    "warm_stages_s": warm.report.get("seconds", {})})
     print(f"{name}: compile {compile_s:.1f} s ({row['groups']} groups, {row['inline_groups']} inline, schedules "
           f"{row['default_schedules']}); max|tvm-ort| {maxabs:.2e}; median over {rounds} rounds: tvm {mt*1e3:.2f} ms, "
           f"ort {mo*1e3:.2f} ms, tvm/ort {mt/mo:.2f}x; GFLOP/s tvm {row['tvm_gflops']:.1f}, ort {row['ort_gflops']:.1f} "
           f"(peak {peak:.1f}: {row['tvm_gflops']/peak:.0%} / {row['ort_gflops']/peak:.0%})", flush=True)
+    if kept:
+        print(f"{name}: tuning kept per task: {row['kept']} (stopped: {row['tuning'].get('stopped')}, "
+              f"{row['tuning'].get('new_trials')} new trials in {row['tuning'].get('seconds', 0):.0f} s)", flush=True)
+    if warm is not None:
+        print(f"{name}: warm-database recompile {warm_s:.1f} s; latency {row['warm_ms']:.2f} ms = "
+              f"{row['ratio_warm_over_ort']:.2f}x ort, {row['ratio_warm_over_tuned']:.2f}x the tuned artifact; "
+              f"max|warm-ort| {warm_maxabs:.2e}", flush=True)
+    print(f"{name}: load average before/after {load_before[0]:.1f}/{row['loadavg_after'][0]:.1f} "
+          f"(a shared machine: read the ratios)", flush=True)
     return row
 
 
@@ -169,10 +212,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-runs", type=int, default=200)
     p.add_argument("--tune", type=int, default=0)
     p.add_argument("--tune-minutes", type=float)
-    p.add_argument("--tuning-db")
+    p.add_argument("--tuning-db", help="tuning database folder (with --tune/--tune-minutes: tuned into, then a "
+                   "second compile with the warm database is timed and benchmarked too)")
+    p.add_argument("--no-warm", action="store_true", help="skip the warm-database recompile after tuning")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--in-process", action="store_true", help="all models in this process (default: one process each)")
     args = p.parse_args(argv)
+    if args.tune_minutes and args.tune <= 0:
+        args.tune = 1_000_000  # a time budget only: the minutes decide
+    if args.tune > 0 and not args.tuning_db:
+        p.error("--tune/--tune-minutes need --tuning-db DIR")
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     peak = peak_gflops(args.threads)
     print(f"machine peak (2048² float32 numpy matmul): {peak:.1f} GFLOP/s; threads {args.threads}", flush=True)
@@ -191,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                           "--tune", str(args.tune), "--json", out]
                 argv_m += ["--tune-minutes", str(args.tune_minutes)] if args.tune_minutes else []
                 argv_m += ["--tuning-db", args.tuning_db] if args.tuning_db else []
+                argv_m += ["--no-warm"] if args.no_warm else []
                 subprocess.run(argv_m, check=False)
                 rows += json.load(open(out)) if os.path.exists(out) else [{"model": m, "failed": True}]
     if args.json:

@@ -71,9 +71,12 @@ def _causal_conv(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int)
     if past is None:
         past = bb.emit(R.zeros((b, c, k - 1), dtype))
     padded = bb.emit(R.concat([past, x], axis=2)) if k > 1 else x
-    y = bb.emit(R.nn.conv1d(padded, w, groups=c))
+    # accumulated in float32 and rounded once to the input's type (as the reference's conv)
+    y = bb.emit(R.nn.conv1d(padded, w, groups=c, out_dtype="float32" if dtype == "float16" else None))
     if bias is not None:
-        y = bb.emit(R.add(y, R.reshape(bias, (1, c, 1))))
+        y = bb.emit(R.add(y, R.astype(R.reshape(bias, (1, c, 1)), _dt(y))))
+    if _dt(y) != dtype:
+        y = bb.emit(R.astype(y, dtype))
     if act in ("silu", "swish"):
         yf = bb.emit(R.astype(y, "float32")) if dtype != "float32" else y
         yf = bb.emit(R.multiply(yf, R.sigmoid(yf)))
@@ -308,3 +311,214 @@ def _depth_to_space(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: i
 def _onnx_dtype(code: int) -> str:
     dt = onnx.helper.tensor_dtype_to_np_dtype(code)
     return "bool" if dt == np.bool_ else str(dt)
+
+
+# --- recurrent layers, unrolled -------------------------------------------------------------------
+
+_ACTS = {"sigmoid", "tanh", "relu", "affine", "leakyrelu", "thresholdedrelu", "scaledtanh", "hardsigmoid", "elu", "softsign", "softplus"}
+
+
+def _act(name: str, x: Any, alpha: float | None, beta: float | None, dtype: str) -> Any:
+    n = name.lower()
+    if n == "sigmoid":
+        return R.sigmoid(x)
+    if n == "tanh":
+        return R.tanh(x)
+    if n == "relu":
+        return R.nn.relu(x)
+    if n == "affine":
+        return R.add(R.multiply(x, _c(alpha if alpha is not None else 1.0, dtype)), _c(beta or 0.0, dtype))
+    if n == "leakyrelu":
+        return R.nn.leakyrelu(x, alpha if alpha is not None else 0.01)
+    if n == "thresholdedrelu":
+        return R.where(R.greater(x, _c(alpha if alpha is not None else 1.0, dtype)), x, _c(0, dtype))
+    if n == "scaledtanh":
+        return R.multiply(R.tanh(R.multiply(x, _c(beta if beta is not None else 1.0, dtype))), _c(alpha if alpha is not None else 1.0, dtype))
+    if n == "hardsigmoid":
+        y = R.add(R.multiply(x, _c(alpha if alpha is not None else 0.2, dtype)), _c(beta if beta is not None else 0.5, dtype))
+        return R.clip(y, 0.0, 1.0)
+    if n == "elu":
+        a = alpha if alpha is not None else 1.0
+        return R.where(R.greater(x, _c(0, dtype)), x, R.multiply(_c(a, dtype), R.subtract(R.exp(x), _c(1, dtype))))
+    if n == "softsign":
+        return R.divide(x, R.add(_c(1, dtype), R.abs(x)))
+    if n == "softplus":
+        return R.log(R.add(_c(1, dtype), R.exp(x)))
+    raise LoweringError(f"activation {name!r} is not supported by the cpu target")
+
+
+def _rnn_common(bb: relax.BlockBuilder, node: Node, ins: list[Any], gates: int, default_acts: list[str]) -> dict[str, Any]:
+    """What LSTM, GRU and RNN share: layout, sizes, directions, per-direction activations,
+    bias split, initial states, checks on sequence_lens (static full lengths only)."""
+    x, w, r = ins[0], ins[1], ins[2]
+    b = ins[3] if len(ins) > 3 else None
+    seq_lens = ins[4] if len(ins) > 4 else None
+    layout = node.attr("layout", 0)
+    if layout:
+        x = bb.emit(R.permute_dims(x, [1, 0, 2]))
+    t, batch, _ = _static(node, x, "input")
+    dirs, gh, _ = _static(node, w, "weight")
+    hidden = node.attr("hidden_size") or gh // gates
+    direction = _str_attr(node, "direction", "forward")
+    if seq_lens is not None:
+        v = _const_value(seq_lens)
+        if v is None or not np.all(v == t):
+            raise LoweringError(f"node {node.label()}: {node.op_type} with sequence_lens other than the full length is not supported by the cpu target")
+    acts = [a.decode() if isinstance(a, bytes) else a for a in (node.attr("activations") or [])] or default_acts * dirs
+    alphas = list(node.attr("activation_alpha") or [])
+    betas = list(node.attr("activation_beta") or [])
+    per = len(default_acts)
+    for a in acts:
+        if a.lower() not in _ACTS:
+            raise LoweringError(f"node {node.label()}: activation {a!r} is not supported by the cpu target")
+    return {"x": x, "w": w, "r": r, "b": b, "t": t, "batch": batch, "dirs": dirs, "hidden": hidden,
+            "direction": direction, "acts": acts, "alphas": alphas, "betas": betas, "per": per, "layout": layout,
+            "clip": node.attr("clip")}
+
+
+def _dir_slice(bb: relax.BlockBuilder, e: Any, d: int) -> Any:
+    return bb.emit(R.squeeze(_slice(bb, e, 0, d, d + 1), [0]))
+
+
+def _acts_of(c: dict[str, Any], d: int, dtype: str) -> list[Any]:
+    """Direction d's activation functions; activation_alpha/beta are consumed in order by the
+    activations that take them (as onnxruntime reads them)."""
+    takes_alpha = {"affine", "leakyrelu", "thresholdedrelu", "scaledtanh", "hardsigmoid", "elu"}
+    takes_beta = {"affine", "scaledtanh", "hardsigmoid"}
+    per, fns, ai, bi = c["per"], [], 0, 0
+    for k, name in enumerate(c["acts"]):
+        a = bt = None
+        if name.lower() in takes_alpha and ai < len(c["alphas"]):
+            a, ai = c["alphas"][ai], ai + 1
+        if name.lower() in takes_beta and bi < len(c["betas"]):
+            bt, bi = c["betas"][bi], bi + 1
+        if d * per <= k < (d + 1) * per:
+            fns.append(lambda e, n=name, a=a, bt=bt: _act(n, e, a, bt, dtype))
+    return fns
+
+
+def _clip(c: dict[str, Any], e: Any, dtype: str) -> Any:
+    if c["clip"] is None:
+        return e
+    v = float(c["clip"])
+    return R.clip(e, -v, v)
+
+
+def _rnn_outputs(bb: relax.BlockBuilder, c: dict[str, Any], ys: list[list[Any]], finals: list[list[Any]]) -> list[Any]:
+    """Y [T, dirs, B, H] (layout 0) or [B, T, dirs, H] (layout 1) and the final states
+    [dirs, B, H] (layout 0) or [B, dirs, H]."""
+    per_dir = [bb.emit(R.stack(y, axis=0)) for y in ys]  # [T, B, H] each
+    y = bb.emit(R.stack(per_dir, axis=1))  # [T, dirs, B, H]
+    if c["layout"]:
+        y = bb.emit(R.permute_dims(y, [2, 0, 1, 3]))
+    outs = [y]
+    for states in finals:
+        s = bb.emit(R.stack(states, axis=0))  # [dirs, B, H]
+        if c["layout"]:
+            s = bb.emit(R.permute_dims(s, [1, 0, 2]))
+        outs.append(s)
+    return outs
+
+
+def _initial(bb: relax.BlockBuilder, c: dict[str, Any], e: Any, d: int, dtype: str) -> Any:
+    if e is None:
+        return bb.emit(R.zeros((c["batch"], c["hidden"]), dtype))
+    if c["layout"]:
+        e = bb.emit(R.permute_dims(e, [1, 0, 2]))
+    return _dir_slice(bb, e, d)
+
+
+def _directions(c: dict[str, Any]) -> list[bool]:
+    """Per direction index: whether it runs backwards in time."""
+    if c["direction"] == "bidirectional":
+        return [False, True]
+    return [c["direction"] == "reverse"]
+
+
+@converter("RNN", "GRU", "LSTM")
+def _recurrent(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """RNN / GRU / LSTM unrolled over the static sequence length: the input projection of all
+    steps as one matmul per direction, then per step the recurrent matmul and the gates."""
+    op = node.op_type
+    gates = {"RNN": 1, "GRU": 3, "LSTM": 4}[op]
+    default = {"RNN": ["Tanh"], "GRU": ["Sigmoid", "Tanh"], "LSTM": ["Sigmoid", "Tanh", "Tanh"]}[op]
+    c = _rnn_common(bb, node, ins, gates, default)
+    x, dtype, hsz = c["x"], _dt(c["x"]), c["hidden"]
+    t, batch = c["t"], c["batch"]
+    init_h = ins[5] if len(ins) > 5 else None
+    init_c = ins[6] if op == "LSTM" and len(ins) > 6 else None
+    peep = ins[7] if op == "LSTM" and len(ins) > 7 else None
+    ys: list[list[Any]] = []
+    hs, cs = [], []
+    for d, backwards in enumerate(_directions(c)):
+        f = _acts_of(c, d, dtype)
+        w = _dir_slice(bb, c["w"], d)  # [G*H, I]
+        r = _dir_slice(bb, c["r"], d)  # [G*H, H]
+        wb = rb = None
+        if c["b"] is not None:
+            bd = _dir_slice(bb, c["b"], d)  # [2*G*H]
+            wb = _slice(bb, bd, 0, 0, gates * hsz)
+            rb = _slice(bb, bd, 0, gates * hsz, 2 * gates * hsz)
+        # X · Wᵀ (+ Wb) for every step at once: [T, B, G*H]
+        xw = bb.emit(R.matmul(x, R.permute_dims(w, [1, 0])))
+        if wb is not None:
+            xw = bb.emit(R.add(xw, wb))
+        rt = bb.emit(R.permute_dims(r, [1, 0]))  # [H, G*H]
+        h = _initial(bb, c, init_h, d, dtype)
+        cell = _initial(bb, c, init_c, d, dtype) if op == "LSTM" else None
+        p = _dir_slice(bb, peep, d) if peep is not None else None
+        steps = range(t - 1, -1, -1) if backwards else range(t)
+        out: dict[int, Any] = {}
+
+        def gate(a: Any, k: int) -> Any:
+            return _slice(bb, a, 1, k * hsz, (k + 1) * hsz)
+
+        for i in steps:
+            xt = bb.emit(R.squeeze(_slice(bb, xw, 0, i, i + 1), [0]))  # [B, G*H]
+            if op == "GRU":
+                # gates z, r, h; Rb's h part is inside the reset product with linear_before_reset
+                hr = bb.emit(R.matmul(h, rt))
+                if rb is not None:
+                    hr_b = bb.emit(R.add(hr, rb))
+                else:
+                    hr_b = hr
+                z = bb.emit(f[0](_clip(c, R.add(gate(xt, 0), gate(hr_b, 0)), dtype)))
+                rg = bb.emit(f[0](_clip(c, R.add(gate(xt, 1), gate(hr_b, 1)), dtype)))
+                if node.attr("linear_before_reset", 0):
+                    hh = R.add(gate(xt, 2), R.multiply(rg, gate(hr_b, 2)))
+                else:
+                    rh = bb.emit(R.matmul(R.multiply(rg, h), gate(rt, 2)))
+                    hh = R.add(gate(xt, 2), rh)
+                    if rb is not None:
+                        hh = R.add(hh, _slice(bb, rb, 0, 2 * hsz, 3 * hsz))
+                hh = bb.emit(f[1](_clip(c, hh, dtype)))
+                one = _c(1, dtype)
+                h = bb.emit(R.add(R.multiply(R.subtract(one, z), hh), R.multiply(z, h)))
+            else:
+                pre = bb.emit(R.add(xt, R.matmul(h, rt)))
+                if rb is not None:
+                    pre = bb.emit(R.add(pre, rb))
+                if op == "RNN":
+                    h = bb.emit(f[0](_clip(c, pre, dtype)))
+                else:  # LSTM gates i, o, f, c; peepholes P = [Pi, Po, Pf]
+                    gi, go, gf, gc = (gate(pre, k) for k in range(4))
+                    if p is not None:
+                        gi = R.add(gi, R.multiply(_slice(bb, p, 0, 0, hsz), cell))
+                        gf = R.add(gf, R.multiply(_slice(bb, p, 0, 2 * hsz, 3 * hsz), cell))
+                    ig = bb.emit(f[0](_clip(c, gi, dtype)))
+                    if node.attr("input_forget", 0):
+                        fg = bb.emit(R.subtract(_c(1, dtype), ig))
+                    else:
+                        fg = bb.emit(f[0](_clip(c, gf, dtype)))
+                    cc = bb.emit(f[1](_clip(c, gc, dtype)))
+                    cell = bb.emit(R.add(R.multiply(fg, cell), R.multiply(ig, cc)))
+                    if p is not None:
+                        go = R.add(go, R.multiply(_slice(bb, p, 0, hsz, 2 * hsz), cell))
+                    og = bb.emit(f[0](_clip(c, go, dtype)))
+                    h = bb.emit(R.multiply(og, f[2](cell)))
+            out[i] = h
+        ys.append([out[i] for i in range(t)])
+        hs.append(h)
+        cs.append(cell)
+    finals = [hs] + ([cs] if op == "LSTM" else [])
+    return _rnn_outputs(bb, c, ys, finals)[: len(node.outputs)]

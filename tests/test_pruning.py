@@ -65,13 +65,14 @@ class Net:
             w[z, :] = 0
         return self.op("Add", [self.op("MatMul", [x, self.const(w, "w")], name=name), self.const(b, "b")])
 
-    def model(self, inputs, outputs, opset: int = 17) -> Model:
+    def model(self, inputs, outputs, opset: int = 17, contrib: bool = False) -> Model:
         g = helper.make_graph(
             self.nodes, "g", [helper.make_tensor_value_info(n, F, s) for n, s in inputs],
             [helper.make_tensor_value_info(*((o, F, None) if isinstance(o, str) else (o[0], F, o[1]))) for o in outputs],
             initializer=self.inits,
         )
-        proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+        opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid("com.microsoft", 1)] if contrib else [])
+        proto = helper.make_model(g, opset_imports=opsets, ir_version=8)
         return graphopt.load(onnx.shape_inference.infer_shapes(proto))
 
 
@@ -262,6 +263,73 @@ def test_attention_prunes_whole_heads():
     assert stats["channels-removed"] == 12  # one head of Q, K and V
     assert weight(out, "Q") == (16, 12) and weight(out, "O") == (12, 16)
     same_outputs(m, out)
+
+
+def mha_model(kv_4d: bool = False, bias: bool = True, head_bias: str = "const", heads: int = 4, dim: int = 16,
+              seq: int = 5, zero_head: int = 2) -> Model:
+    """onnxruntime's com.microsoft MultiHeadAttention, as fuse-attention{contrib-ops=1} writes it:
+    Q/K/V projections [1, S, H*d] (K/V optionally BNSH [1, H, S, d]), an optional packed bias and a
+    per-head attention_bias; head `zero_head` is all zeros, so removing it changes nothing."""
+    n = Net()
+    hd = dim // heads
+    cols = list(range(zero_head * hd, (zero_head + 1) * hd))
+    qkv = []
+    for nm in ("Q", "K", "V"):
+        w = n.rng.standard_normal((dim, dim)).astype(np.float32) * 0.3
+        w[:, cols] = 0
+        p = n.op("MatMul", ["x", n.const(w, "w")], name=nm)
+        if kv_4d and nm != "Q":
+            p = n.op("Reshape", [p, n.const(np.array([1, seq, heads, hd], np.int64))])
+            p = n.op("Transpose", [p], perm=[0, 2, 1, 3])
+        qkv.append(p)
+    b = ""
+    if bias:
+        bv = n.rng.standard_normal(3 * dim).astype(np.float32) * 0.1
+        bv[cols] = bv[[dim + c for c in cols]] = bv[[2 * dim + c for c in cols]] = 0
+        b = n.const(bv, "bias")
+    mask = n.const(n.rng.standard_normal((1, heads, seq, seq)).astype(np.float32), "mask") if head_bias == "const" else (
+        "mask" if head_bias == "input" else "")
+    ins = qkv + [b, "", mask] if mask else qkv + ([b] if b else [])
+    out = n.name("mha")
+    n.nodes.append(helper.make_node("MultiHeadAttention", ins, [out], name="mha", domain="com.microsoft", num_heads=heads))
+    w = n.rng.standard_normal((dim, dim)).astype(np.float32) * 0.3
+    w[cols, :] = 0
+    y = n.op("MatMul", [out, n.const(w, "w")], name="O")
+    inputs = [("x", [1, seq, dim])] + ([("mask", [1, heads, seq, seq])] if head_bias == "input" else [])
+    m = n.model(inputs, [(y, [1, seq, dim])], contrib=True)
+    # onnx's shape inference does not know contrib ops; fuse-attention types its output itself
+    node(m, "mha").outputs[0].type = node(m, "Q").outputs[0].type
+    return m
+
+
+@pytest.mark.parametrize("kv_4d,bias", [(False, True), (True, False), (False, False)])
+def test_multihead_attention_prunes_whole_heads(kv_4d, bias):
+    m = mha_model(kv_4d=kv_4d, bias=bias)
+    out, stats, _ = prune(m, "prune{ratio=0.25}")
+    assert stats["channels-removed"] == 12  # one head of Q, K and V
+    assert weight(out, "Q") == (16, 12) and weight(out, "K") == (16, 12) and weight(out, "O") == (12, 16)
+    mha = node(out, "mha")
+    assert mha.attr("num_heads") == 3
+    assert tuple(mha.inputs[5].const_value.shape) == (1, 3, 5, 5)
+    if bias:
+        assert tuple(mha.inputs[3].const_value.shape) == (36,)
+    same_outputs(m, out)
+    again, stats2, _ = prune(out, "prune{ratio=0}")
+    assert stats2["channels-removed"] == 0 and node(again, "mha").attr("num_heads") == 3
+
+
+def test_multihead_attention_near_misses_block():
+    # a per-head attention_bias computed at run time cannot be sliced: the heads stay
+    m = mha_model(head_bias="input")
+    out, stats, ctx = prune(m, "prune{ratio=0.25}")
+    assert node(out, "mha").attr("num_heads") == 4 and weight(out, "Q") == (16, 16)
+    assert any("per-head attention_bias is not a constant" in line for line in ctx.log)
+    same_outputs(m, out)
+    # num_heads that does not split the projections: blocked, not mis-sliced
+    m2 = mha_model(bias=False, head_bias="none")
+    node(m2, "mha").set_attr(graphopt.ir.Attr("num_heads", graphopt.ir.AttrType.INT, 3))
+    out2, _, ctx2 = prune(m2, "prune{ratio=0.25}")
+    assert weight(out2, "Q") == (16, 16) and any("do not split into num_heads=3" in line for line in ctx2.log)
 
 
 def test_mlp_hidden_units_and_layernorm_blocks_the_stream():

@@ -19,7 +19,9 @@ FAST = {"mobilenetv2", "squeezenet11"}
 MODELS = ["mobilenetv2", "squeezenet11", "resnet50", "efficientnet_b0", "densenet121", "shufflenetv2", "googlenet",
           "vit_b16", "bert_base_s128"]
 # groups that must be found prunable (heads and MLP units in transformers, convs elsewhere)
-MIN_PRUNED_GROUPS = {"vit_b16": 24, "bert_base_s128": 24, "resnet50": 30, "densenet121": 100, "googlenet": 50}
+# (ShuffleNetV2: every shuffle's channel count static after -O1's simplify-shapes, only the classifier stays)
+MIN_PRUNED_GROUPS = {"vit_b16": 24, "bert_base_s128": 24, "resnet50": 30, "densenet121": 100, "googlenet": 50,
+                     "shufflenetv2": 21}
 
 
 def feeds_for(name: str, model):
@@ -52,3 +54,25 @@ def test_corpus_model_prunes_validly(name):
         assert stats["channels-removed"] > 0 and stats["params-after"] < stats["params-before"]
         assert stats["flops-after"] < stats["flops-before"]
         assert stats["groups-pruned"] >= MIN_PRUNED_GROUPS.get(name, 1), stats
+
+
+@pytest.mark.slow
+def test_bert_after_contrib_attention_fusion_prunes_heads():
+    """Pruning after fuse-attention{contrib-ops=1}: the com.microsoft MultiHeadAttention nodes lose
+    whole heads (num_heads shrinks) exactly as when the fusion runs after pruning."""
+    path = os.path.join(CORPUS, "bert_base_s128.onnx")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not built (tools/make_corpus.py)")
+    raw = graphopt.load(path)
+    fuse = "fuse-attention{contrib-ops=1},-O2"
+    m = graphopt.optimize(raw.clone(), f"-O2,{fuse}")
+    assert sum(n.op_type == "MultiHeadAttention" for n in m.graph) == 12
+    stats = parse_pipeline("prune{ratio=0.5}")[0].run(m, PassContext()).stats
+    assert stats["groups-pruned"] >= 24, stats
+    assert [n.attr("num_heads") for n in m.graph if n.op_type == "MultiHeadAttention"] == [6] * 12
+    m.verify()
+    onnx.checker.check_model(graphopt.to_onnx(m))
+    other = graphopt.optimize(raw.clone(), f"-O1,prune{{ratio=0.5}},-O2,{fuse}")
+    feeds = feeds_for("bert_base_s128", m)
+    for a, b in zip(run_onnxruntime(m, feeds), run_onnxruntime(other, feeds)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

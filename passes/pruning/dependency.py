@@ -19,7 +19,9 @@ for every position along it, the id of the channel that lives there. Ops move id
 - depthwise convs pass ids through (each input channel owns its block of outputs; `group`
   shrinks); grouped convs unify position j of every group, so groups stay equal;
 - batched MatMul (attention) unifies the head axes of Q, K and V, and the output projection
-  consumes the merged heads.
+  consumes the merged heads; ONNX Attention and onnxruntime's com.microsoft MultiHeadAttention
+  (fuse-attention{contrib-ops=1}) unify the heads of Q, K and V too (`num_heads` shrinks, a
+  packed bias and a constant per-head attention_bias are sliced).
 
 An op the analysis does not know, a LayerNorm/GroupNorm/Softmax/Reduce over the channel axis, a
 channel tensor that is a graph output or read inside a subgraph... *blocks* the ids it touches,
@@ -125,7 +127,8 @@ class Space:
 class Edit:
     """One change surgery makes to a node when channels go. `kind`:
     - "slice": constant input `index` is sliced along `axis` by `ids`;
-    - "group": attribute `group` becomes the number of kept `ids`;
+    - "group": attribute `group` (or the one named in `extra`, e.g. num_heads) becomes the
+      number of kept `ids`;
     - "split": Split sizes from segments `segments` (list of id arrays);
     - "slice-range": Slice `index`-th axis entry over input ids `ids` (start, end in `extra`);
     - "reshape": output dim `axis` of a Reshape/Expand target becomes the kept count of `ids`;
@@ -391,6 +394,9 @@ class _Analyzer:
         if not any(ins) and not producer_op:
             return
         if node.domain not in ("", "ai.onnx"):
+            if node.domain == "com.microsoft" and op == "MultiHeadAttention":
+                self.ms_MultiHeadAttention(node, ins)
+                return
             self.block_inputs(node, f"unsupported op {node.domain}::{op}")
             return
         handler = getattr(self, "op_" + op, None)
@@ -1093,6 +1099,56 @@ class _Analyzer:
         self.uf.union_arrays(q.ids, k.ids)  # type: ignore[union-attr]
         self.uf.union_arrays(q.ids, v.ids)  # type: ignore[union-attr]
         self.set(node.outputs[0], 1, q.ids)  # type: ignore[union-attr]
+
+    def ms_MultiHeadAttention(self, node: Node, ins: list[ChannelInfo | None]) -> None:
+        """onnxruntime's com.microsoft MultiHeadAttention (what fuse-attention{contrib-ops=1}
+        makes): Q [B, S, H·d], K/V [B, S, H·d] or BNSH [B, H, S, d]; whole heads go and
+        `num_heads` shrinks. Packed QKV (no K/V), past/present state, a bias over K/V in BNSH,
+        or a per-head attention_bias that is not a constant are left alone."""
+        n_in = len(node.inputs)
+        heads = int(node.attr("num_heads", 0) or 0)
+        q, k, v = (ins + [None, None, None])[:3]
+        ranks = [_rank(x) for x in node.inputs[:3]]
+        def extra(i: int) -> Value | None:
+            return node.inputs[i] if i < n_in else None
+        if (heads < 1 or q is None or k is None or v is None or ranks[0] != 3 or q.axis != 2
+                or any(extra(i) is not None for i in range(6, n_in))
+                or any(o.uses() for o in node.outputs[1:]) or any(ins[3:])):
+            self.block_inputs(node, "MultiHeadAttention without separate 3-D Q and K/V carrying heads, or with past state")
+            return
+
+        def per_head(inf: ChannelInfo, rank: int | None) -> np.ndarray | None:
+            if rank == 3 and inf.axis == 2 and len(inf.ids) % heads == 0:
+                blocks = inf.ids.reshape(heads, -1)
+                for j in range(1, blocks.shape[1]):
+                    self.uf.union_arrays(blocks[:, 0], blocks[:, j])
+                return blocks[:, 0]
+            if rank == 4 and inf.axis == 1 and len(inf.ids) == heads:
+                return inf.ids
+            return None
+
+        hq, hk, hv = per_head(q, ranks[0]), per_head(k, ranks[1]), per_head(v, ranks[2])
+        if hq is None or hk is None or hv is None:
+            self.block_inputs(node, f"MultiHeadAttention inputs do not split into num_heads={heads} heads ({_label(node)})")
+            return
+        self.uf.union_arrays(hq, hk)
+        self.uf.union_arrays(hq, hv)
+        bias = extra(3)
+        if bias is not None and (ranks[1] != 3 or ranks[2] != 3
+                                 or not self.slice_const(node, 3, 0, np.concatenate([q.ids, k.ids, v.ids]))):
+            self.block(hq, f"MultiHeadAttention bias is not a constant over 3-D Q/K/V ({_label(node)})")
+        mask = _shape(extra(5))
+        if mask is not None and len(mask) == 4 and mask[1] != 1 and not self.slice_const(node, 5, 1, hq):
+            self.block(hq, f"MultiHeadAttention per-head attention_bias is not a constant ({_label(node)})")
+        self.edits.append(Edit("group", node, ids=hq, extra="num_heads"))
+        dv = None
+        if ranks[2] == 4:
+            sv = _shape(node.inputs[2])
+            dv = sv[3] if sv is not None and isinstance(sv[3], int) else None
+            if dv is None:
+                self.block(hq, f"MultiHeadAttention value head size unknown ({_label(node)})")
+                return
+        self.set(node.outputs[0], 2, v.ids if dv is None else np.repeat(hv, dv))
 
 
 def analyze(model: Model) -> Analysis:

@@ -59,7 +59,7 @@ class _Surgeon:
 
     def e_group(self, e: Edit) -> None:
         n = int(self.keep(e.ids).sum())  # type: ignore[arg-type]
-        e.node.set_attr(Attr("group", AttrType.INT, n))
+        e.node.set_attr(Attr(e.extra or "group", AttrType.INT, n))
 
     def e_split(self, e: Edit) -> None:
         sizes = [int(self.keep(s).sum()) for s in e.extra]

@@ -332,6 +332,23 @@ def test_multihead_attention_near_misses_block():
     assert weight(out2, "Q") == (16, 16) and any("do not split into num_heads=3" in line for line in ctx2.log)
 
 
+def test_flops_count_flags_layers_with_symbolic_dims():
+    from graphopt.passes.pruning import count_flops, uncounted_layers
+
+    n = Net()
+    y = n.linear("x", 16, 8, name="fc")
+    m = _shaped(n.model([("x", ["batch", 5, 16])], [y]))
+    assert uncounted_layers(m) == [] and count_flops(m) == 2 * 5 * 16 * 8
+    n2 = Net()
+    y2 = n2.linear("x", 16, 8, name="fc")
+    m2 = _shaped(n2.model([("x", ["batch", "seq", 16])], [y2]))
+    assert uncounted_layers(m2) == ["fc"] and count_flops(m2) == 2 * 16 * 8
+    _, stats, ctx = prune(m2, "prune{ratio=0.25}")
+    assert stats["flops-uncounted-layers"] == 1 and any("symbolic dims beyond the batch axis (fc)" in line for line in ctx.log)
+    _, stats1, _ = prune(m, "prune{ratio=0.25}")
+    assert stats1["flops-uncounted-layers"] == 0
+
+
 def test_mlp_hidden_units_and_layernorm_blocks_the_stream():
     n = Net()
     h = n.linear("x", 16, 16, name="fc0")

@@ -1,7 +1,10 @@
 """Counting FLOPs and parameters of a model from its inferred shapes (for stats and benchmarks).
 
 FLOPs are 2 x multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul (the layers pruning
-shrinks; elementwise work is ignored). Symbolic dims (the batch) count as 1.
+shrinks, attention's batched Q·Kᵀ and P·V MatMuls included; elementwise work is ignored).
+Symbolic dims (the batch) count as 1. `uncounted_layers` names the layers whose count is a
+guess: a shape unknown, or a symbolic dim beyond the leading (batch) axis, e.g. a channel count
+that shape inference lost; then the total is an undercount, and it says so instead of silently.
 """
 
 from __future__ import annotations
@@ -21,29 +24,46 @@ def _numel(d: list[int] | None) -> int:
     return int(np.prod(d)) if d else (1 if d == [] else 0)
 
 
-def count_flops(model: Model) -> int:
-    total = 0
+def _layer_flops(n) -> int | None:  # type: ignore[no-untyped-def]
+    """FLOPs of one Conv/ConvTranspose/Gemm/MatMul; None when its shapes are unknown; 0 for other ops."""
+    op = n.op_type
+    if n.domain not in ("", "ai.onnx"):
+        return 0
+    if op in ("Conv", "ConvTranspose") and len(n.inputs) > 1:
+        w, out, x = _dims(n.inputs[1]), _dims(n.outputs[0]), _dims(n.inputs[0])
+        if w is None or out is None or x is None:
+            return None
+        if op == "Conv":
+            return 2 * _numel(out) * _numel(w[1:])
+        return 2 * _numel(x) * _numel(w[1:])  # every input element is scattered through a (Cout/g, k...) kernel
+    if op in ("Gemm", "MatMul"):
+        a, out = _dims(n.inputs[0]), _dims(n.outputs[0])
+        if a is None or out is None or not a:
+            return None
+        k = a[0] if op == "Gemm" and int(n.attr("transA", 0)) else a[-1]
+        return 2 * _numel(out) * k
+    return 0
+
+
+def _symbolic_beyond_batch(v: Value | None) -> bool:
+    if v is None or not isinstance(v.type, TensorType) or v.type.shape is None:
+        return True
+    return any(not isinstance(d, int) for d in v.type.shape.dims[1:])
+
+
+def uncounted_layers(model: Model) -> list[str]:
+    """Names of the Conv/ConvTranspose/Gemm/MatMul nodes count_flops skipped or counted with a
+    symbolic dim (other than the leading batch axis) taken as 1."""
+    out = []
     for n in model.graph:
-        op = n.op_type
-        if n.domain not in ("", "ai.onnx"):
-            continue
-        if op in ("Conv", "ConvTranspose") and len(n.inputs) > 1:
-            w = _dims(n.inputs[1])
-            out = _dims(n.outputs[0])
-            x = _dims(n.inputs[0])
-            if w is None or out is None or x is None:
-                continue
-            if op == "Conv":
-                total += 2 * _numel(out) * _numel(w[1:])
-            else:  # every input element is scattered through a (Cout/g, k...) kernel
-                total += 2 * _numel(x) * _numel(w[1:])
-        elif op in ("Gemm", "MatMul"):
-            a, out = _dims(n.inputs[0]), _dims(n.outputs[0])
-            if a is None or out is None or not a:
-                continue
-            k = a[0] if op == "Gemm" and int(n.attr("transA", 0)) else a[-1]
-            total += 2 * _numel(out) * k
-    return total
+        f = _layer_flops(n)
+        if f is None or f and any(_symbolic_beyond_batch(v) for v in (n.inputs[0], n.outputs[0])):
+            out.append(n.name or n.outputs[0].name)
+    return out
+
+
+def count_flops(model: Model) -> int:
+    return sum(f for n in model.graph if (f := _layer_flops(n)))
 
 
 def count_params(model: Model) -> int:

@@ -14,7 +14,7 @@ from graphopt.ir import Model
 from graphopt.transform import Pass, PassContext, PassResult, register_pass
 
 from graphopt.passes.pruning.dependency import Analysis, Group, analyze
-from graphopt.passes.pruning.flops import count_flops, count_params
+from graphopt.passes.pruning.flops import count_flops, count_params, uncounted_layers
 from graphopt.passes.pruning.importance import CRITERIA, activation, bn_scale, magnitude
 from graphopt.passes.pruning.surgery import apply_pruning
 
@@ -136,10 +136,16 @@ class Prune(Pass):
         unprunable = [g for g in an.groups if len(g.blocked) == len(g.classes)]
         for line in an.unprunable_report():
             ctx.info(f"prune: unprunable group {line}")
+        uncounted = uncounted_layers(model)
+        if uncounted:
+            ctx.info(f"prune: {len(uncounted)} layers have unknown or symbolic dims beyond the batch axis "
+                     f"({', '.join(uncounted[:3])}{' ...' if len(uncounted) > 3 else ''}): FLOPs count those dims "
+                     "as 1; where they are channel counts shape inference lost, simplify-shapes (in -O1) may fix them")
         stats: dict[str, int | float] = {
             "groups": len(an.groups),
             "groups-unprunable": len(unprunable),
             "groups-pruned": sum(1 for v in plan.values() if v),
+            "flops-uncounted-layers": len(uncounted),
         }
         if not pruned.any():
             stats.update({"channels-removed": 0, "flops-before": flops0, "flops-after": flops0,

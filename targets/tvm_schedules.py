@@ -51,7 +51,7 @@ LAYOUT_REWRITE_ANN = "meta_schedule.layout_rewrite_preproc"
 # fp32 accumulators kept in registers per microkernel (x86-64 AVX2 has 16 vector registers:
 # leave room for the B vectors and one broadcast).
 _MAX_ACC_VECTORS = 12
-# ... and when no tile up to that divides the register axis (7, 14): a whole tile up to this many
+# ... and when no tile up to that divides the register axis and one tile of up to this many covers it (7)
 _MAX_ACC_VECTORS_WIDE = 14
 
 
@@ -392,9 +392,9 @@ class OuterProduct(_Rule):
         if rt < 4:
             # 7x7 / 14x14 outputs: a whole 7-row tile (14 accumulators, B read as a memory
             # operand of the FMA) beats a predicated 6-row tail tile
-            wide = [d for d in _divisors(n_reg) if d <= (_MAX_ACC_VECTORS_WIDE * lanes) // max(vt, lanes)]
-            if max(wide) > rt:
-                rt = max(wide)
+            # (only when that tile covers the whole axis: 14 wide as 2x7 measured slower than 6+6+2)
+            if n_reg <= (_MAX_ACC_VECTORS_WIDE * lanes) // max(vt, lanes):
+                rt = n_reg
         if rt < 3 and n_reg > max_rows:
             rt = max_rows  # a tail tile (predicated) beats a 1-2 row microkernel
         elif rt < 3 and vt == 2 * lanes:

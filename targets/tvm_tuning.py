@@ -192,6 +192,7 @@ class TuningSummary:
     tasks_total: int = 0
     tasks_selected: int = 0
     tasks_skipped_done: int = 0
+    tasks_dynamic: int = 0  # conv/matmul kernels with symbolic shapes: not tunable (default schedules)
     tasks_tuned: int = 0
     new_trials: int = 0
     failed_trials: int = 0
@@ -362,6 +363,7 @@ def tune(
                     summary.tasks_skipped_done = max(summary.tasks_skipped_done, ev["skipped"]) if attempt == 0 else summary.tasks_skipped_done
                     summary.stopped = ev["stopped"]
                 elif ev.get("ev") == "start" and attempt == 0:
+                    summary.tasks_dynamic = ev.get("dynamic", 0)
                     summary.tasks_skipped_done = ev["skipped"]
                     summary.tasks_total = ev["tasks_total"]
                     summary.tasks_selected = ev["selected"]
@@ -566,9 +568,13 @@ def _child_tune(spec: dict[str, Any], out: Any) -> None:  # noqa: C901 - one pro
     ledger: dict[str, Any] = _read_json(ledger_path, {})
 
     tasks_info = []
+    dynamic = 0
     for t in extracted:
         func = t.dispatched[0]["main"]
         if spec["kernels"] == "anchor" and not is_tunable_kernel(func):
+            continue
+        if not _static_shapes(func):
+            dynamic += 1  # meta_schedule tunes static shapes only (its design spaces fail on them)
             continue
         key = str(tvm_ffi.structural_hash(t.dispatched[0]))
         try:
@@ -604,7 +610,7 @@ def _child_tune(spec: dict[str, Any], out: Any) -> None:  # noqa: C901 - one pro
             skipped += 1
         else:
             pending.append(d)
-    emit({"ev": "start", "tasks_total": len(extracted), "selected": n_sel, "skipped": skipped,
+    emit({"ev": "start", "tasks_total": len(extracted), "selected": n_sel, "skipped": skipped, "dynamic": dynamic,
           "budget": min(budget_new, sum(per_task - d["done"] for d in pending)), "per_task": per_task})
 
     stopped = "done"
@@ -750,6 +756,17 @@ def _child_tune(spec: dict[str, Any], out: Any) -> None:  # noqa: C901 - one pro
         if entry.get("trials") and "kept" not in entry and (deadline is None or time.monotonic() < deadline):
             keep_default_if_faster(d)
     emit({"ev": "end", "stopped": stopped, "tasks_total": len(extracted), "selected": n_sel, "skipped": skipped})
+
+
+def _static_shapes(func: Any) -> bool:
+    """True when every buffer parameter of `func` has a constant shape."""
+    from tvm import tirx
+
+    for p in func.params:
+        shape = getattr(p, "shape", None)
+        if shape is not None and not all(isinstance(d, tirx.IntImm) for d in shape):
+            return False
+    return True
 
 
 def _measure_default(task_mod: Any, target: Any, database: Any, builder: Any, runner: Any) -> tuple[float | None, str | None, str]:

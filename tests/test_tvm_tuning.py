@@ -192,3 +192,25 @@ def test_unused_intrinsics_for_x86_without_vnni():
     assert tvm_tuning._unused_intrinsics(t) == ["arm_cpu"]
     t = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"})
     assert tvm_tuning._unused_intrinsics(t) == ["x86"]
+
+
+def test_symbolic_shape_kernels_are_not_tuned(tmp_path):
+    """meta_schedule's design spaces fail on symbolic shapes (a dynamic batch): such kernels are
+    counted and left to the default schedules instead of failing as tasks."""
+    n = tvm.tirx.Var("n", "int64")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", TT((n, 32), "float32"))
+    w = relax.Var("w", TT((32, 32), "float32"))
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.nn.relu(relax.op.matmul(x, w)))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    for p in (relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+              relax.transform.FuseOps(), relax.transform.FuseTIR()):
+        mod = p(mod)
+    db = str(tmp_path / "db")
+    tune(mod, _target(), db_dir=db, trials=8, progress=False, threads=2)
+    s = last_summary(db)
+    assert s["tasks_dynamic"] == 1 and s["tasks_selected"] == 0 and s["new_trials"] == 0, s
+    assert s["stopped"] == "done" and not s["error"], s

@@ -7,7 +7,8 @@
     # warm database (timed) and benchmark that too, all against onnxruntime in the same rounds:
     nice -n 10 .venv/bin/python tools/bench_tvm_cpu.py --models resnet50 --tune-minutes 25 --tuning-db DIR
 
-Per model (.cache/corpus/<name>.onnx, made by tools/make_corpus.py; batch 1):
+Per model (.cache/corpus/<name>.onnx, made by tools/make_corpus.py; batch 1, compiled with the
+symbolic batch fixed to 1 unless --batch 0):
 - compile: wall seconds of graphopt.compile(model, "cpu", "-O2") and its stages (passes are
   included in the wall figure), kernel groups (and how many were emitted inline), and whether
   the default schedules were applied;
@@ -71,6 +72,19 @@ def model_flops(path: str) -> float:
     return flops
 
 
+def static_batch(path: str, batch: int) -> onnx.ModelProto:
+    """The model with every symbolic input/output dimension set to `batch` (the benchmark runs
+    batch `batch` on both sides): static shapes let every kernel be tuned (meta_schedule tunes
+    static shapes only) and specialised."""
+    m = onnx.load(path)
+    for vi in list(m.graph.input) + list(m.graph.output):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") or not d.HasField("dim_value"):
+                d.Clear()
+                d.dim_value = batch
+    return onnx.shape_inference.infer_shapes(m)
+
+
 def peak_gflops(threads: int) -> float:
     """A large float32 numpy matmul (numpy's BLAS, `threads` threads if it honours the env)."""
     a = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)
@@ -89,10 +103,13 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
         print(f"{name}: {path} missing (run tools/make_corpus.py)", file=sys.stderr)
         return {"model": name, "missing": True}
     load_before = os.getloadavg()
+    source: str | onnx.ModelProto = path
+    if args.batch:
+        source = static_batch(path, args.batch)
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        art = graphopt.compile(path, "cpu", "-O2", threads=args.threads, tune=args.tune,
+        art = graphopt.compile(source, "cpu", "-O2", threads=args.threads, tune=args.tune,
                                tune_minutes=args.tune_minutes, tuning_db=args.tuning_db, progress=args.tune > 0)
     compile_s = time.perf_counter() - t
     warm = None
@@ -102,7 +119,7 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
         t = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            warm = graphopt.compile(path, "cpu", "-O2", threads=args.threads, tuning_db=args.tuning_db)
+            warm = graphopt.compile(source, "cpu", "-O2", threads=args.threads, tuning_db=args.tuning_db)
         warm_s = time.perf_counter() - t
         print(f"{name}: warm-database recompile {warm_s:.1f} s", flush=True)
     model = graphopt.load(path)
@@ -150,11 +167,13 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
     one = time.perf_counter() - t
     rounds = int(min(args.max_runs, max(args.min_runs, args.budget / max(one, 1e-6))))
     times: list[list[float]] = [[] for _ in calls]
-    for _ in range(rounds):
-        for c, ts in zip(calls, times):
+    for r in range(rounds):
+        order = list(range(len(calls)))
+        order = order[r % len(order):] + order[: r % len(order)]  # each goes first in turn
+        for i in order:
             t = time.perf_counter()
-            c()
-            ts.append(time.perf_counter() - t)
+            calls[i]()
+            times[i].append(time.perf_counter() - t)
     mt, mo = statistics.median(times[0]), statistics.median(times[1])
     flops = model_flops(path)
     rep = art.report
@@ -215,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tuning-db", help="tuning database folder (with --tune/--tune-minutes: tuned into, then a "
                    "second compile with the warm database is timed and benchmarked too)")
     p.add_argument("--no-warm", action="store_true", help="skip the warm-database recompile after tuning")
+    p.add_argument("--batch", type=int, default=1, help="compile with symbolic input dims fixed to this (the "
+                   "benchmark's batch; 0: keep them symbolic, which tuning cannot handle)")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--in-process", action="store_true", help="all models in this process (default: one process each)")
     args = p.parse_args(argv)
@@ -237,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                 out = os.path.join(d, "rows.json")
                 argv_m = [sys.executable, os.path.abspath(__file__), "--models", m, "--threads", str(args.threads),
                           "--budget", str(args.budget), "--min-runs", str(args.min_runs), "--max-runs", str(args.max_runs),
-                          "--tune", str(args.tune), "--json", out]
+                          "--tune", str(args.tune), "--json", out, "--batch", str(args.batch)]
                 argv_m += ["--tune-minutes", str(args.tune_minutes)] if args.tune_minutes else []
                 argv_m += ["--tuning-db", args.tuning_db] if args.tuning_db else []
                 argv_m += ["--no-warm"] if args.no_warm else []

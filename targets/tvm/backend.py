@@ -24,9 +24,19 @@ import graphopt
 
 PIPELINE = os.environ.get("GRAPHOPT_CPU_BACKEND_PIPELINE", "-O2")
 #: "1": compile at the first run with the small integer inputs (axes, shapes, pads, k... that the
-#: node tests feed as inputs) bound as constants, like a JIT specialising on them
+#: node tests feed as inputs) and the float inputs that decide shapes (Resize roi/scales) bound
+#: as constants, like a JIT specialising on them (recompiled when they change)
 SPECIALIZE = os.environ.get("GRAPHOPT_CPU_BACKEND_SPECIALIZE", "0") == "1"
 SPECIALIZE_MAX_ELEMS = 64
+
+
+#: op → input positions holding float data that decides the output shape
+_SHAPE_FLOAT_INPUTS = {"Resize": (1, 2), "Upsample": (1,)}
+
+
+def _shape_deciding_floats(proto: onnx.ModelProto) -> set[str]:
+    return {name for n in proto.graph.node for i, name in enumerate(n.input)
+            if name and i in _SHAPE_FLOAT_INPUTS.get(n.op_type, ())}
 
 
 class CpuBackendRep(BackendRep):
@@ -38,6 +48,8 @@ class CpuBackendRep(BackendRep):
         self.proto = proto  # kept when compiling waits for the first run (specialisation)
         self.pipeline = pipeline
         self._bound: dict[str, bytes] = {}
+        # float inputs that decide output shapes too (Resize/Upsample roi and scales)
+        self._shape_floats = _shape_deciding_floats(proto) if proto is not None else set()
 
     def run(self, inputs: Any, **kwargs: Any) -> tuple[Any, ...]:
         if isinstance(inputs, dict):
@@ -46,7 +58,8 @@ class CpuBackendRep(BackendRep):
             arrays = [np.asarray(x) for x in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]
             feeds = dict(zip(self.input_names, arrays))
         if self.proto is not None:
-            bind = {k: v for k, v in feeds.items() if v.dtype.kind in "iu" and v.size <= SPECIALIZE_MAX_ELEMS}
+            bind = {k: v for k, v in feeds.items() if v.size <= SPECIALIZE_MAX_ELEMS
+                    and (v.dtype.kind in "iu" or (v.dtype.kind == "f" and k in self._shape_floats))}
             key = {k: v.tobytes() + str(v.shape).encode() for k, v in bind.items()}
             if self.runner is None or key != self._bound:
                 with warnings.catch_warnings():

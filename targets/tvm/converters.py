@@ -522,3 +522,135 @@ def _recurrent(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -
         cs.append(cell)
     finals = [hs] + ([cs] if op == "LSTM" else [])
     return _rnn_outputs(bb, c, ys, finals)[: len(node.outputs)]
+
+
+# --- Resize -------------------------------------------------------------------------------------------
+
+
+def _resize_plan(node: Node, shape: list[int], roi: np.ndarray | None, scales: np.ndarray | None,
+                 sizes: np.ndarray | None) -> list[tuple[int, np.ndarray, np.ndarray | None]]:
+    """Per resized axis: (axis, weights [out, in] in float64, extrapolated rows mask or None).
+
+    The weights are onnx's reference interpolation (separable, one axis at a time) applied to an
+    identity matrix at compile time, so every mode, coordinate transformation, nearest rounding,
+    cubic coefficient, exclude_outside, antialias and keep_aspect_ratio policy means exactly what
+    the reference says; the data itself is resized by the compiled kernels."""
+    from onnx.reference.ops import op_resize as ref
+
+    r = len(shape)
+    axes = [a + r if a < 0 else a for a in (node.attr("axes") or range(r))]
+    mode = _str_attr(node, "mode", "nearest")
+    antialias = bool(node.attr("antialias", 0))
+    a_coef = float(node.attr("cubic_coeff_a", -0.75))
+    if mode == "nearest":
+        nmode = _str_attr(node, "nearest_mode", "round_prefer_floor")
+
+        def fct(x: float, scale: float) -> np.ndarray:
+            return ref._nearest_coeffs(x, mode=nmode)
+    elif mode == "cubic":
+        cub = ref._cubic_coeffs_antialias if antialias else ref._cubic_coeffs
+
+        def fct(x: float, scale: float) -> np.ndarray:
+            return cub(x, scale, A=a_coef)
+    else:
+        fct = ref._linear_coeffs_antialias if antialias else ref._linear_coeffs
+    full_scale = [1.0] * r
+    full_size = list(shape)
+    if sizes is not None and sizes.size:
+        for i, d in enumerate(axes):
+            full_size[d] = int(sizes[i])
+        full_scale = [full_size[i] / shape[i] for i in range(r)]
+        policy = _str_attr(node, "keep_aspect_ratio_policy", "stretch")
+        if policy != "stretch":
+            s = (min if policy == "not_larger" else max)(full_scale[d] for d in axes)
+            full_scale = [s if i in axes else 1.0 for i in range(r)]
+            full_size = [int(s * shape[i] + 0.5) if i in axes else shape[i] for i in range(r)]
+    elif scales is not None and scales.size:
+        for i, d in enumerate(axes):
+            full_scale[d] = float(scales[i])
+        full_size = [int(full_scale[i] * shape[i]) for i in range(r)]
+    else:
+        raise LoweringError(f"node {node.label()}: Resize needs scales or sizes")
+    full_roi = None
+    if roi is not None and roi.size:
+        full_roi = [0.0] * r + [1.0] * r
+        n = len(axes)
+        for i, d in enumerate(axes):
+            full_roi[d], full_roi[r + d] = float(roi[i]), float(roi[n + i])
+    ctm = _str_attr(node, "coordinate_transformation_mode", "half_pixel")
+    plan = []
+    for d in range(r):
+        same_roi = full_roi is None or (full_roi[d] == 0.0 and full_roi[d + r] == 1.0)
+        if abs(full_scale[d] - 1.0) < 1e-9 and full_size[d] == shape[d] and same_roi:
+            continue
+        eye = np.eye(shape[d], dtype=np.float64)
+        w = ref._interpolate_1d_along_axis(
+            eye, 0, float(full_scale[d]), int(full_size[d]), fct,
+            roi=None if full_roi is None else [full_roi[d], full_roi[d + r]],
+            extrapolation_value=np.nan, coordinate_transformation_mode=ctm, exclude_outside=bool(node.attr("exclude_outside", 0)))
+        rows = np.isnan(w).any(axis=1)
+        plan.append((d, np.nan_to_num(w, nan=0.0), rows if rows.any() else None))
+    return plan
+
+
+def _along(bb: relax.BlockBuilder, x: Any, axis: int, fn: Any) -> Any:
+    """Apply fn (acting on the last axis) to `axis` of x."""
+    r = x.ty.ndim
+    if axis == r - 1:
+        return fn(x)
+    perm = [i for i in range(r) if i != axis] + [axis]
+    inv = [perm.index(i) for i in range(r)]
+    y = fn(bb.emit(R.permute_dims(x, perm)))
+    return bb.emit(R.permute_dims(y, inv))
+
+
+@converter("Resize")
+def _resize(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Resize with constant roi/scales/sizes: per resized axis a gather (nearest) or a matmul
+    with the interpolation weights (linear, cubic, antialias), then the extrapolation value
+    where tf_crop_and_resize samples outside the input."""
+    if opset < 11:
+        return NotImplemented
+    x = ins[0]
+    shape = _static(node, x, "input")
+    consts = []
+    for e in ins[1:4]:
+        if e is None:
+            consts.append(None)
+            continue
+        v = _const_value(e)
+        if v is None:
+            raise LoweringError(f"node {node.label()}: Resize with run-time roi/scales/sizes is not supported by the cpu target (they decide the output shape)")
+        consts.append(np.asarray(v))
+    while len(consts) < 3:
+        consts.append(None)
+    try:
+        plan = _resize_plan(node, shape, *consts)
+    except (ImportError, AttributeError):  # onnx's reference moved: the frontend's converter
+        return NotImplemented
+    dtype = _dt(x)
+    mode = _str_attr(node, "mode", "nearest")
+    y = x
+    masks = []
+    for axis, w, rows in plan:
+        if mode == "nearest" and np.all((w == 0) | (w == 1)):
+            idx = relax.const(w.argmax(axis=1).astype("int64"), "int64")
+            y = bb.emit(R.take(y, idx, axis=axis, mode="clip"))
+        else:
+            if not dtype.startswith("float"):
+                raise LoweringError(f"node {node.label()}: Resize {mode} of {dtype} data is not supported by the cpu target")
+            wt = relax.const(np.ascontiguousarray(w.T).astype(dtype), dtype)  # [in, out]
+            y = _along(bb, y, axis, lambda t, wt=wt: bb.emit(R.matmul(t, wt)))
+        if rows is not None:
+            mshape = [1] * len(shape)
+            mshape[axis] = rows.size
+            masks.append(rows.reshape(mshape))
+    if masks:
+        m = masks[0]
+        for extra in masks[1:]:
+            m = m | extra
+        ev = float(node.attr("extrapolation_value", 0.0))
+        y = bb.emit(R.where(relax.const(m, "bool"), _c(ev, dtype), y))
+    if y is x:
+        y = bb.emit(R.add(x, _c(0, dtype))) if dtype.startswith("float") else bb.emit(R.astype(x, dtype))
+    return y

@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     import tvm
 
 __all__ = ["tune", "apply_database", "open_database", "cpu_only_intrinsics", "TuningSummary", "repair_database",
-           "kept_schedules"]
+           "kept_schedules", "normalize_for_tuning"]
 
 _GPU_INTRIN = ("cuda", "rocm", "hexagon", "riscv_cpu", "metal")
 _WORKLOAD_FILE = "database_workload.json"
@@ -333,7 +333,7 @@ def tune(
     with tempfile.TemporaryDirectory(prefix="graphopt-tune-") as work:
         mod_path = os.path.join(work, "mod.json")
         with open(mod_path, "w", encoding="utf-8") as f:
-            f.write(tvm.ir.save_json(mod))
+            f.write(tvm.ir.save_json(normalize_for_tuning(mod)))
         spec = {
             "mod": mod_path,
             "target": tspec,
@@ -431,7 +431,7 @@ def apply_database(mod: "tvm.IRModule", target: "tvm.target.Target", db_dir: str
         return mod
     db = open_database(db_dir)
     with target, db, tvm.transform.PassContext(opt_level=3):
-        applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(normalize_for_tuning(mod))
     # where the database's best is the default schedule (tuning did not beat it), leave the
     # kernel to today's default schedules rather than replaying the recorded one
     restore = {}
@@ -442,6 +442,53 @@ def apply_database(mod: "tvm.IRModule", target: "tvm.target.Target", db_dir: str
         for gv, func in restore.items():
             applied[gv] = func
     return applied
+
+
+def normalize_for_tuning(mod: "tvm.IRModule") -> "tvm.IRModule":
+    """Inline the pure copies (a reshape or transpose of a kernel argument: the bias reshaped to
+    [1, C, 1, 1], a transposed weight) into their consumers in every unscheduled PrimFunc.
+    meta_schedule's design spaces leave such a block outside the anchor's loops and then fail to
+    move the epilogue under them ("requires all the producer(s) ... under the target loop": every
+    conv task of ResNet-50 failed this way). `tune` and `apply_database` both use it, so the
+    workloads they see are the same."""
+    import tvm
+    from tvm import s_tir, tirx
+
+    updates = {}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        if func.attrs is not None and int(func.attrs.get("tirx.is_scheduled", 0)) == 1:
+            continue
+        try:
+            sch = s_tir.Schedule(func)
+            root = sch.get_sblock(func.body.block.name_hint)
+        except Exception:  # noqa: BLE001 - no block structure: nothing to do
+            continue
+        intermediates = {buf.name for buf in func.body.block.alloc_buffers}
+        changed = False
+        for block in sch.get_child_blocks(root):
+            stmt = sch.get(block)
+            body = stmt.body
+            # a plain copy: one store of one load (0.27 calls it TensorLoad, older TVM BufferLoad)
+            if stmt.init is not None or type(body).__name__ != "BufferStore" or \
+                    type(body.value).__name__ not in ("TensorLoad", "BufferLoad"):
+                continue
+            if len(stmt.reads) != 1 or stmt.reads[0].source.name in intermediates:
+                continue  # copies of intermediates stay (the schedules handle those)
+            try:
+                sch.compute_inline(block)
+                changed = True
+            except Exception:  # noqa: BLE001 - an output block, or not inlinable: keep it
+                continue
+        if changed:
+            updates[gv] = sch.mod["main"]
+    if not updates:
+        return mod
+    out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    for gv, func in updates.items():
+        out[gv] = func
+    return out
 
 
 #: root-block annotation of the default-schedule records tuning commits (see `_measure_default`)

@@ -124,6 +124,36 @@ def _const_value(e: Any) -> np.ndarray | None:
     return e.value.numpy() if isinstance(e, tvm.ir.GenericConst) else None
 
 
+@converter("ConvInteger")
+def _conv_integer(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """2-D ConvInteger (the frontend has none) with constant zero points, weight zero point 0:
+    Pad(x, value x_zp) → conv2d accumulating in int32 → − x_zp·ΣW[oc] (the filter sums from the
+    weight's value), so the reduction is a plain int8 product the int8 kernels tensorize."""
+    from graphopt.pattern import const_array
+
+    zx, zw = (const_array(node.inputs[i]) if len(node.inputs) > i and node.inputs[i] is not None else np.zeros(())
+              for i in (2, 3))
+    if zx is None or zw is None or zx.size != 1 or np.any(zw != 0):
+        raise LoweringError(f"node {node.label()}: ConvInteger needs a constant scalar x_zero_point and a zero "
+                            "w_zero_point on the cpu target")
+    if len(ins[1].ty.shape) != 4 or str(_attr(node, "auto_pad", "NOTSET")) != "NOTSET" or int(_attr(node, "group", 1)) != 1:
+        raise LoweringError(f"node {node.label()}: only 2-D ungrouped ConvInteger with explicit pads is supported by the cpu target")
+    t, l, b_, r = (list(_attr(node, "pads", [0, 0, 0, 0])) + [0, 0, 0, 0])[:4]
+    z = int(zx.reshape(()))
+    x = ins[0]
+    if t or l or b_ or r:
+        x = bb.normalize(relax.op.nn.pad(x, [0, 0, 0, 0, t, b_, l, r], pad_value=float(z)))
+    y = bb.normalize(relax.op.nn.conv2d(x, ins[1], strides=list(_attr(node, "strides", [1, 1])), padding=[0, 0, 0, 0],
+                                        dilation=list(_attr(node, "dilations", [1, 1])), out_dtype="int32"))
+    if z:
+        w = const_array(node.inputs[1])
+        if w is None:
+            raise LoweringError(f"node {node.label()}: ConvInteger with a zero point needs constant weights on the cpu target")
+        corr = (z * w.reshape(w.shape[0], -1).astype(np.int64).sum(axis=1)).astype(np.int32).reshape(1, -1, 1, 1)
+        y = relax.op.subtract(y, relax.const(corr, "int32"))
+    return y
+
+
 @converter("Clip")
 def _clip(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
     """Clip with constant bounds → one elementwise min/max (the frontend's NaN handling of the

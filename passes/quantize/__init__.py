@@ -7,12 +7,12 @@ accuracy budgets, latency); pass_.py is the pass that ties calibration
 model's MatMulInteger in the form compiled targets run with integer dot-product kernels.
 """
 
-from graphopt.passes.quantize.integer import SplitZeroPoints
+from graphopt.passes.quantize.integer import QdqToInteger, SplitZeroPoints
 from graphopt.passes.quantize.measure import Budget, has_vnni, output_metrics, sqnr_db
 from graphopt.passes.quantize.pass_ import Quantize, quantize
 from graphopt.passes.quantize.qdq import QParams, QuantOptions, Unit, activation_params, apply, dequantize_array, plan_units, quantize_array, quantize_weight
 
 __all__ = [
     "Budget", "QParams", "QuantOptions", "Quantize", "Unit", "activation_params", "apply", "dequantize_array",
-    "SplitZeroPoints", "has_vnni", "output_metrics", "plan_units", "quantize", "quantize_array", "quantize_weight", "sqnr_db",
+    "QdqToInteger", "SplitZeroPoints", "has_vnni", "output_metrics", "plan_units", "quantize", "quantize_array", "quantize_weight", "sqnr_db",
 ]

@@ -1,4 +1,6 @@
-"""`split-zero-points`: take the activation zero point out of an integer matmul's reduction.
+"""Integer forms of quantized ops for compiled targets: `split-zero-points`, `qdq-to-integer`.
+
+`split-zero-points` takes the activation zero point out of an integer matmul's reduction:
 
     MatMulInteger(a, W, a_zp, [w_zp = 0])   (W a constant 2-D int8/uint8 matrix)
       →  Sub(MatMulInteger(a, W), Mul(Cast(a_zp, int32), colsum(W)))
@@ -95,3 +97,221 @@ def _scalar(v: Value) -> bool:
     if p is not None and p.op_type == "DynamicQuantizeLinear" and p.domain in ("", "ai.onnx") and len(p.outputs) > 2 and p.outputs[2] is v:
         return True
     return v.shape is not None and all(d == 1 for d in v.shape.dims)
+
+
+def _dq_parts(v: Value | None) -> tuple[Value, np.ndarray, np.ndarray, int] | None:
+    """(quantized input, scale, zero point, axis) of the DequantizeLinear that produces `v`,
+    when its scale and zero point are constants (zero point 0 when absent)."""
+    if v is None:
+        return None
+    p = v.producer()
+    if p is None or p.op_type != "DequantizeLinear" or p.domain not in ("", "ai.onnx"):
+        return None
+    ins = list(p.inputs) + [None] * (3 - len(p.inputs))
+    q, s, z = ins[:3]
+    if q is None or s is None:
+        return None
+    sv = const_array(s)
+    if sv is None:
+        return None
+    if z is None:
+        zv = np.zeros((), np.int32)
+    else:
+        zv = const_array(z)
+        if zv is None:
+            return None
+    return q, sv.astype(np.float32), zv, int(p.attr("axis", 1))
+
+
+@register_pass
+@dataclass(frozen=True)
+class QdqToInteger(Pass):
+    """Static QDQ convolutions → integer convolutions (what compiled targets run with int8 kernels).
+
+    Before (the quantize pass's static form):
+        Conv(DQ(xq, s_x, z_x), DQ(Wq, s_w[oc], 0, axis=0), [DQ(bq, s_x·s_w, 0)])
+    After:
+        y = Cast(ConvInteger(xq, Wq, z_x), float) · (s_x·s_w)[oc] + b[oc]
+
+    The cpu target lowers ConvInteger as Pad(xq, value z_x) → int8 conv accumulating in int32 →
+    − z_x·ΣWq[oc] (padding with the quantized 0.0 and subtracting z_x times each filter's sum is
+    exactly Σ (x − z_x)·W over the window), so the reduction is a plain int8 product (the
+    x86/arm64 int8 kernels' form) and the rest an elementwise epilogue in the kernel's
+    write-back, followed by the next QuantizeLinear (requantize). The other Q/DQ become the
+    arithmetic they define (see `_qdq_to_arith`), so that they fuse into kernels too.
+
+    Must not fire: grouped/depthwise convs, non-2-D convs, auto_pad other than NOTSET, a non-zero
+    weight zero point, a per-channel activation scale, non-constant scales or zero points, weights
+    that are not constant int8/uint8, a float (non-DQ) input, a bias that is neither a DQ of a
+    constant nor a float constant.
+    """
+
+    name: ClassVar[str] = "qdq-to-integer"
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        n_conv = 0
+        arith: dict[str, int] = {}
+        touched: list[Value] = []
+        for g in model.graphs():
+            b = Builder(g)
+            for node in list(g.nodes):
+                if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or node.graph is not g:
+                    continue
+                plan = self._plan(node)
+                if plan is None:
+                    continue
+                xq, zx, wq, scale, bias, pads = plan
+                oc = wq.shape[0]
+                out = node.outputs[0]
+                with g.inserting_before(node):
+                    kw: dict = {"pads": pads}
+                    for a in ("strides", "dilations", "kernel_shape"):
+                        if node.attr(a) is not None:
+                            kw[a] = list(node.attr(a))
+                    base = node.name or "conv"
+                    acc = b.op.ConvInteger(xq, b.initializer(wq, f"{base}_wq"),
+                                           b.initializer(np.array(zx, dtype=xq.dtype.numpy()).reshape(()), f"{base}_xzp"), **kw)
+                    yf = b.op.Cast(acc, to=int(DataType.FLOAT))
+                    y = b.op.Mul(yf, b.initializer(scale.reshape(1, oc, 1, 1).astype(np.float32), f"{base}_scale"))
+                    if bias is not None:
+                        y = b.op.Add(y, b.initializer(bias.reshape(1, oc, 1, 1).astype(np.float32), f"{base}_bias"))
+                oshape = out.shape
+                for v, dt in ((acc, DataType.INT32), (yf, DataType.FLOAT), (y, DataType.FLOAT)):
+                    v.type = TensorType(dt, oshape)
+                touched += [v for v in node.inputs if v is not None]
+                out.replace_all_uses_with(y, replace_graph_outputs=True)
+                if any(o is y for o in g.outputs):
+                    y.name, out.name = out.name, y.name
+                g.remove(node)
+                if node.name:
+                    acc.producer().name = node.name  # the layer's name (kernel groups, profiles)
+                n_conv += 1
+            # DequantizeLinear nodes (weights, biases) nothing reads any more
+            for dq in [n for n in g.nodes if n.op_type == "DequantizeLinear"]:
+                if not any(o.uses() or o.is_graph_output() for o in dq.outputs):
+                    touched += [v for v in dq.inputs if v is not None]
+                    g.remove(dq)
+            if n_conv:
+                for k, v in _qdq_to_arith(g, b, touched).items():
+                    arith[k] = arith.get(k, 0) + v
+        drop_unused_initializers(touched)
+        if n_conv:
+            ctx.info(f"qdq-to-integer: {n_conv} QDQ convs as ConvInteger; other Q/DQ as arithmetic {arith}")
+        stats = {"conv": n_conv, **arith} if n_conv else {}
+        return PassResult(changed=bool(n_conv), stats={k: v for k, v in stats.items() if v})
+
+    @staticmethod
+    def _plan(node) -> tuple[Value, int, np.ndarray, np.ndarray, np.ndarray | None, list[int]] | None:  # type: ignore[no-untyped-def]
+        if int(node.attr("group", 1)) != 1 or str(node.attr("auto_pad", "NOTSET")) not in ("NOTSET", "b'NOTSET'"):
+            return None
+        ins = list(node.inputs) + [None] * (3 - len(node.inputs))
+        x, w = _dq_parts(ins[0]), _dq_parts(ins[1])
+        if x is None or w is None:
+            return None
+        xq, sx, zx, _ = x
+        if sx.size != 1 or zx.size != 1 or xq.dtype is None or xq.dtype.numpy() not in (np.uint8, np.int8):
+            return None
+        wq = const_array(w[0])
+        if wq is None or wq.ndim != 4 or wq.dtype not in (np.int8, np.uint8) or np.any(w[2] != 0):
+            return None
+        oc = wq.shape[0]
+        sw = w[1]
+        if sw.size not in (1, oc) or (sw.size == oc and oc > 1 and w[3] != 0):
+            return None
+        scale = (float(sx.reshape(())) * np.broadcast_to(sw.reshape(-1), (oc,))).astype(np.float32)
+        bias = None
+        if ins[2] is not None:
+            bd = _dq_parts(ins[2])
+            if bd is not None:
+                bq = const_array(bd[0])
+                if bq is None or np.any(bd[2] != 0):
+                    return None
+                bias = bq.astype(np.float64) * np.broadcast_to(bd[1].reshape(-1), bq.shape)
+            else:
+                bias = const_array(ins[2])
+                if bias is None:
+                    return None
+            if bias.size != oc:
+                return None
+        pads = list(node.attr("pads", [0, 0, 0, 0]))
+        if len(pads) != 4:
+            return None
+        return xq, int(zx.reshape(())), wq, scale, bias, pads
+
+
+
+def _qdq_to_arith(g, b: Builder, touched: list[Value]) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """The other QuantizeLinear/DequantizeLinear nodes (constant scale and zero point) as the
+    elementwise arithmetic they define, which compiled targets fuse into the neighbouring
+    kernels (their Q/DQ ops are not kernels of their own there):
+
+        DQ(q, s, z)  → (Cast(q, float) − z)·s            (a constant q: the float constant)
+        Q(x, s, z)   → Cast(Clip(Round(x / s) + z, lo, hi), int8/uint8)   (Round: half to even, as Q)
+    """
+    counts = {"dequantize-folded": 0, "dequantize-arith": 0, "quantize-arith": 0}
+    for node in list(g.nodes):
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or node.domain not in ("", "ai.onnx"):
+            continue
+        ins = list(node.inputs) + [None] * (3 - len(node.inputs))
+        x, sv_, zv_ = ins[:3]
+        sv = const_array(sv_) if sv_ is not None else None
+        zv = const_array(zv_) if zv_ is not None else np.zeros((), np.uint8 if node.op_type == "QuantizeLinear" else np.int32)
+        if x is None or sv is None or zv is None or x.shape is None or node.attr("block_size") not in (None, 0):
+            continue
+        rank = len(x.shape.dims)
+        axis = int(node.attr("axis", 1))
+        axis = axis + rank if axis < 0 else axis
+
+        def bshape(a: np.ndarray) -> np.ndarray:
+            return a.reshape(()) if a.size == 1 else a.reshape([-1 if i == axis else 1 for i in range(rank)])
+
+        out = node.outputs[0]
+        name = node.name or out.name
+        with g.inserting_before(node):
+            if node.op_type == "DequantizeLinear":
+                xc = const_array(x)
+                if xc is not None:
+                    val = ((xc.astype(np.float64) - bshape(zv).astype(np.float64)) * bshape(sv)).astype(np.float32)
+                    y = b.initializer(val, f"{name}_dq")
+                    counts["dequantize-folded"] += 1
+                else:
+                    xf = b.op.Cast(x, to=int(DataType.FLOAT))
+                    xf.type = TensorType(DataType.FLOAT, x.shape)
+                    if np.any(zv != 0):
+                        xf = b.op.Sub(xf, b.initializer(bshape(zv).astype(np.float32), f"{name}_zp"))
+                        xf.type = TensorType(DataType.FLOAT, x.shape)
+                    y = b.op.Mul(xf, b.initializer(bshape(sv).astype(np.float32), f"{name}_s"))
+                    y.type = TensorType(DataType.FLOAT, x.shape)
+                    counts["dequantize-arith"] += 1
+            else:
+                dt = zv.dtype
+                if dt not in (np.uint8, np.int8) or (x.dtype is not None and x.dtype != DataType.FLOAT):
+                    continue
+                info = np.iinfo(dt)
+                t = b.op.Round(b.op.Div(x, b.initializer(bshape(sv).astype(np.float32), f"{name}_s")))
+                if np.any(zv != 0):
+                    t = b.op.Add(t, b.initializer(bshape(zv).astype(np.float32), f"{name}_zp"))
+                t = b.op.Clip(t, b.initializer(np.float32(info.min), f"{name}_lo"), b.initializer(np.float32(info.max), f"{name}_hi"))
+                y = b.op.Cast(t, to=int(DataType.UINT8 if dt == np.uint8 else DataType.INT8))
+                for v in _chain(t, x):
+                    v.type = TensorType(DataType.FLOAT, x.shape)
+                y.type = TensorType(DataType.UINT8 if dt == np.uint8 else DataType.INT8, x.shape)
+                counts["quantize-arith"] += 1
+        touched += [v for v in (sv_, zv_) if v is not None]
+        if node.op_type == "DequantizeLinear":
+            touched.append(x)
+        out.replace_all_uses_with(y, replace_graph_outputs=True)
+        if any(o is y for o in g.outputs):
+            y.name, out.name = out.name, y.name
+        g.remove(node)
+    return counts
+
+
+def _chain(v: Value, stop: Value) -> list[Value]:
+    """`v` and the single-input-chain values that produced it, back to (not including) `stop`."""
+    out = []
+    while v is not None and v is not stop:
+        out.append(v)
+        p = v.producer()
+        v = p.inputs[0] if p is not None and p.inputs else None
+    return out

@@ -331,6 +331,144 @@ def schedule_int8_matmul(func: Any, target: Any, weight_absmax: Mapping[int, int
     return sch.mod["main"].with_attr("tirx.is_scheduled", True), variant
 
 
+def _tile_conv(ow: int, n_blocks: int) -> tuple[int, int]:
+    """(output columns, 8-channel vectors) per register tile: at most 8 int32 accumulators."""
+    if n_blocks % 2 == 0:
+        for xt in (4, 3, 2):
+            if ow % xt == 0:
+                return xt, 2
+    for xt in (7, 6, 5, 4, 3, 2, 1):
+        if ow % xt == 0:
+            return xt, 1
+    return 1, 1
+
+
+def schedule_int8_conv(func: Any, target: Any, weight_absmax: Mapping[int, int] | None = None) -> tuple[Any, str] | None:  # noqa: C901
+    """A 2-D NCHW int8 conv kernel (conv2d_nchw of int8/uint8 data and weights accumulating in
+    int32, its padding materialised, elementwise epilogue) with the same micro-kernels: the
+    (padded) input is laid out NHWC and the weights [OC/8, KH, KW, IC/s, 8, s], so each step is
+    8 output channels × s input channels; the tile is up to 4 output columns × 16 channels.
+    (scheduled PrimFunc, variant) or None when it does not apply (IC not a multiple of s, OC of 8,
+    grouped convs, other layouts)."""
+    from tvm import s_tir, tirx
+
+    sch = s_tir.Schedule(func)
+    root = _root(sch)
+    if root is None:
+        return None
+    blocks = sch.get_child_blocks(root)
+    reductions = [b for b in blocks if _is_reduction(sch.get(b))]
+    if len(reductions) != 1:
+        return None
+    mm_name = sch.get(reductions[0]).name_hint
+    # copies and casts inline into their readers; a real pad (if_then_else) stays materialised
+    changed = True
+    while changed:
+        changed = False
+        for b in sch.get_child_blocks(root):
+            st = sch.get(b)
+            if st.name_hint == mm_name or "if_then_else" in str(st.body):
+                continue
+            try:
+                sch.compute_inline(b)
+                changed = True
+                break
+            except Exception:
+                continue
+    mm = sch.get_sblock(mm_name)
+    stmt = sch.get(mm)
+    ivs = list(stmt.iter_vars)
+    if len(ivs) != 7 or len(stmt.writes) != 1 or str(stmt.writes[0].source.dtype) != "int32":
+        return None
+    kinds = [iv.iter_type == tirx.IterVar.CommReduce for iv in ivs]
+    if kinds != [False] * 4 + [True] * 3:
+        return None
+    nn, ff, yy, xx, rc, ry, rx = (iv.var for iv in ivs)
+    out = stmt.writes[0].source
+    reads = [r for r in stmt.reads if not r.source.same_as(out)]
+    if len(reads) != 2:
+        return None
+    data = next((r for r in reads if len(r.region) == 4 and r.region[1].min.same_as(rc)), None)
+    wgt = next((r for r in reads if r is not data and all(rg.min.same_as(v) for rg, v in zip(r.region, (ff, rc, ry, rx)))), None)
+    if data is None or wgt is None or not data.region[0].min.same_as(nn):
+        return None
+    a_buf, b_buf = data.source, wgt.source
+    a_dt, b_dt = str(a_buf.dtype), str(b_buf.dtype)
+    if a_dt not in ("int8", "uint8") or b_dt not in ("int8", "uint8"):
+        return None
+    body = stmt.body
+    if not (hasattr(body, "indices") and isinstance(body.value, tirx.Add) and isinstance(body.value.b, tirx.Mul)
+            and all(isinstance(x, tirx.Cast) and hasattr(x.value, "indices") for x in (body.value.b.a, body.value.b.b))):
+        return None
+    ext = {iv.var: _static(iv.dom.extent) for iv in ivs}
+    if any(v is None for v in ext.values()):
+        return None
+    b_param = next((i for i, p in enumerate(func.params) if p.same_as(b_buf)), None)
+    bound = (weight_absmax or {}).get(b_param) if b_param is not None else None
+    if a_dt == "uint8" and b_dt == "int8" and bound is not None and bound <= U8S8_WEIGHT_BOUND:
+        variant, step = "u8s8", 4
+    else:
+        variant, step = "s16", 2
+    if ext[ff] % LANES or ext[rc] % step:
+        return None
+    intrin = _register_u8s8() if variant == "u8s8" else _register_s16(a_dt, b_dt)
+    cores = _static(target.attrs.get("num-cores", 1)) or 1
+
+    # input NHWC: the pad block writes it so (or a copy of a kernel argument does)
+    a_index = next(i for i, r in enumerate(stmt.reads) if r.source.same_as(a_buf))
+    producer = next((b for b in sch.get_producers(mm) if any(w.source.same_as(a_buf) for w in sch.get(b).writes)), None)
+    if producer is None:
+        producer = sch.cache_read(mm, a_index, "global")
+    sch.transform_layout(producer, ("write", 0), lambda n, c, h, w: (n, h, w, c))
+    pl = sch.get_loops(producer)
+    if len(pl) == 4:
+        sch.reorder(pl[0], pl[2], pl[3], pl[1])  # write NHWC rows contiguously
+        if cores > 1:
+            sch.parallel(sch.fuse(pl[0], pl[2]))
+    # weights [OC/8, KH, KW, IC/step, 8, step]: packed once at compile time when an argument
+    b_index = next(i for i, r in enumerate(sch.get(mm).reads) if r.source.same_as(b_buf))
+    pack = sch.cache_read(mm, b_index, "global")
+    sch.transform_layout(mm, ("read", b_index),
+                         lambda f, c, kh, kw: (f // LANES, kh, kw, c // step, f % LANES, c % step))
+    if b_param is not None:
+        sch.annotate(pack, LAYOUT_REWRITE_ANN, True)
+
+    loops = sch.get_loops(mm)
+    if len(loops) != 7:
+        return None
+    ln, lf, ly, lx, lc, lky, lkx = loops
+    xt, nt = _tile_conv(ext[xx], ext[ff] // LANES)
+    f_o, f_i = sch.split(lf, [None, LANES])
+    f_oo, f_oi = sch.split(f_o, [None, nt])
+    x_o, x_i = sch.split(lx, [None, xt])
+    c_o, c_i = sch.split(lc, [None, step])
+    sch.reorder(ln, f_oo, ly, x_o, lky, lkx, c_o, x_i, f_oi, f_i, c_i)
+    outer = sch.fuse(ln, f_oo, ly, x_o)
+    if cores > 1:
+        sch.parallel(outer)
+    wb = sch.cache_write(mm, 0, "local")
+    sch.transform_layout(mm, ("write", 0), lambda n, f, h, w: (n, h, w, f))
+    sch.reverse_compute_at(wb, outer, preserve_unit_loops=True)
+    while True:
+        consumers = sch.get_consumers(wb)
+        if len(consumers) != 1:
+            break
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except Exception:
+            break
+    if sch.get_consumers(wb):
+        return None
+    sch.decompose_reduction(mm, lky)
+    sch.tensorize(f_i, intrin)
+    sch.unroll(x_i)
+    sch.unroll(f_oi)
+    for lp in sch.get_loops(wb)[1:]:
+        if (_static(sch.get(lp).extent) or 0) > 1:
+            sch.unroll(lp)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True), variant
+
+
 def weight_bounds(mod: Any, params: Mapping[str, np.ndarray] | list[np.ndarray] | None) -> dict[str, dict[int, int]]:
     """{PrimFunc name: {parameter index: max |value|}} for kernel arguments that `main` binds to
     a weight (one of its parameters after `num_input`, values in `params` in order) or to a
@@ -389,10 +527,14 @@ def schedule_int8_kernels(mod: Any, target: Any, params: Mapping[str, np.ndarray
     for gv, func in mod.functions_items():
         if not isinstance(func, tirx.PrimFunc) or (func.attrs is not None and int(func.attrs.get("tirx.is_scheduled", 0)) == 1):
             continue
-        try:
-            res = schedule_int8_matmul(func, target, bounds.get(gv.name_hint))
-        except Exception:  # a surprising kernel: the default schedules take it
-            res = None
+        res = None
+        for rule in (schedule_int8_matmul, schedule_int8_conv):
+            try:
+                res = rule(func, target, bounds.get(gv.name_hint))
+            except Exception:  # a surprising kernel: the next rule, or the default schedules, take it
+                res = None
+            if res is not None:
+                break
         if res is not None:
             updates[gv] = res[0]
             done[gv.name_hint] = f"int8-{res[1]}"

@@ -24,14 +24,14 @@ import graphopt
 
 PIPELINE = os.environ.get("GRAPHOPT_CPU_BACKEND_PIPELINE", "-O2")
 #: "1": compile at the first run with the small integer inputs (axes, shapes, pads, k... that the
-#: node tests feed as inputs) and the float inputs that decide shapes (Resize roi/scales) bound
+#: node tests feed as inputs) and the float inputs that decide shapes (Resize roi/scales, OneHot depth) bound
 #: as constants, like a JIT specialising on them (recompiled when they change)
 SPECIALIZE = os.environ.get("GRAPHOPT_CPU_BACKEND_SPECIALIZE", "0") == "1"
 SPECIALIZE_MAX_ELEMS = 64
 
 
 #: op → input positions holding float data that decides the output shape
-_SHAPE_FLOAT_INPUTS = {"Resize": (1, 2), "Upsample": (1,)}
+_SHAPE_FLOAT_INPUTS = {"Resize": (1, 2), "Upsample": (1,), "OneHot": (1,)}
 
 
 def _shape_deciding_floats(proto: onnx.ModelProto) -> set[str]:
@@ -48,7 +48,7 @@ class CpuBackendRep(BackendRep):
         self.proto = proto  # kept when compiling waits for the first run (specialisation)
         self.pipeline = pipeline
         self._bound: dict[str, bytes] = {}
-        # float inputs that decide output shapes too (Resize/Upsample roi and scales)
+        # float inputs that decide output shapes too (Resize/Upsample roi and scales, OneHot depth)
         self._shape_floats = _shape_deciding_floats(proto) if proto is not None else set()
 
     def run(self, inputs: Any, **kwargs: Any) -> tuple[Any, ...]:

@@ -654,3 +654,181 @@ def _resize(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> A
     if y is x:
         y = bb.emit(R.add(x, _c(0, dtype))) if dtype.startswith("float") else bb.emit(R.astype(x, dtype))
     return y
+
+
+# --- more ops the frontend lacks -----------------------------------------------------------------------
+
+
+@converter("CenterCropPad")
+def _center_crop_pad(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Centre crop (a slice) and/or centre pad with zeros per axis to the constant shape."""
+    x = ins[0]
+    dims = _static(node, x, "input")
+    r = len(dims)
+    shape = [int(s) for s in _int_const(node, ins[1], "shape").reshape(-1)]
+    axes = [a + r if a < 0 else a for a in (node.attr("axes") or range(r))]
+    y = x
+    pads = [0] * (2 * r)
+    for a, sh in zip(axes, shape):
+        dim = dims[a]
+        if sh < dim:
+            d = (dim - sh) // 2
+            y = _slice(bb, y, a, d, d + sh)
+        elif sh > dim:
+            d = (sh - dim) // 2
+            pads[a], pads[r + a] = d, sh - dim - d
+    if any(pads):
+        y = bb.emit(R.nn.pad(y, [p for a in range(r) for p in (pads[a], pads[r + a])], pad_value=0.0))
+    if y is x:
+        y = bb.emit(R.astype(x, _dt(x)))
+    return y
+
+
+@converter("OneHot")
+def _one_hot(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """values[1] where index (negative counted from depth) equals the position on `axis`,
+    values[0] elsewhere (out-of-range indices give a row of values[0])."""
+    idx, depth_e, values = ins[0], ins[1], ins[2]
+    depth = int(np.asarray(_int_const(node, depth_e, "depth")).reshape(-1)[0])
+    r = idx.ty.ndim
+    axis = node.attr("axis", -1)
+    axis = axis + r + 1 if axis < 0 else axis
+    idt = _dt(idx)
+    i64 = bb.emit(R.astype(idx, "int64")) if idt != "int64" else idx
+    i64 = bb.emit(R.where(R.less(i64, _c(0, "int64")), R.add(i64, _c(depth, "int64")), i64))
+    i64 = bb.emit(R.expand_dims(i64, [axis]))
+    pos_shape = [1] * (r + 1)
+    pos_shape[axis] = depth
+    pos = relax.const(np.arange(depth, dtype=np.int64).reshape(pos_shape), "int64")
+    off = bb.emit(R.take(values, relax.const(np.array(0, np.int64), "int64"), axis=0))
+    on = bb.emit(R.take(values, relax.const(np.array(1, np.int64), "int64"), axis=0))
+    return bb.emit(R.where(R.equal(i64, pos), on, off))
+
+
+@converter("Col2Im")
+def _col2im(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Col2Im as one matmul with a 0/1 scatter matrix built at compile time:
+    [N, C, K·L] @ [K·L, prod(image)] → [N, C, *image] (overlaps add up)."""
+    x = ins[0]
+    n, ckb, num_l = _static(node, x, "input")
+    image = [int(v) for v in _int_const(node, ins[1], "image_shape").reshape(-1)]
+    block = [int(v) for v in _int_const(node, ins[2], "block_shape").reshape(-1)]
+    nd = len(image)
+    dil = list(node.attr("dilations") or [1] * nd)
+    pads = list(node.attr("pads") or [0] * (2 * nd))
+    strides = list(node.attr("strides") or [1] * nd)
+    kprod = int(np.prod(block))
+    c = ckb // kprod
+    nblocks = [(image[d] + pads[d] + pads[nd + d] - (dil[d] * (block[d] - 1) + 1)) // strides[d] + 1 for d in range(nd)]
+    if int(np.prod(nblocks)) != num_l:
+        raise LoweringError(f"node {node.label()}: Col2Im block count {num_l} does not match the image")
+    m = np.zeros((kprod, num_l, int(np.prod(image))), dtype=_dt(x))
+    for k, koff in enumerate(np.ndindex(*block)):
+        for l_, boff in enumerate(np.ndindex(*nblocks)):
+            pos = [boff[d] * strides[d] + koff[d] * dil[d] - pads[d] for d in range(nd)]
+            if all(0 <= pos[d] < image[d] for d in range(nd)):
+                m[k, l_, int(np.ravel_multi_index(pos, image))] += 1
+    mat = relax.const(m.reshape(kprod * num_l, -1), _dt(x))
+    y = bb.emit(R.matmul(R.reshape(x, (n, c, kprod * num_l)), mat))
+    return bb.emit(R.reshape(y, (n, c, *image)))
+
+
+@converter("BitCast")
+def _bitcast(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Reinterpret the bits as another type of the same width (a TIR reinterpret kernel)."""
+    from tvm import topi
+
+    x = ins[0]
+    to = _onnx_dtype(node.attr("to"))
+    if np.dtype(to).itemsize != np.dtype(_dt(x)).itemsize:
+        raise LoweringError(f"node {node.label()}: BitCast between types of different widths")
+    return bb.emit_te(topi.reinterpret, x, to)
+
+
+def _zp(e: Any, like_dtype: str) -> Any:
+    return e if e is not None else _c(0, like_dtype)
+
+
+def _requantize(bb: relax.BlockBuilder, acc: Any, scale: Any, y_zp: Any, out_dtype: str) -> Any:
+    """round_half_even(acc · scale) + zero point, clipped to the output type (in float64)."""
+    info = np.iinfo(out_dtype)
+    d = bb.emit(R.multiply(R.astype(acc, "float64"), scale))
+    if y_zp is not None:
+        d = bb.emit(R.add(d, R.astype(y_zp, "float64")))
+    d = bb.emit(R.clip(R.round(d), float(info.min), float(info.max)))
+    return bb.emit(R.astype(d, out_dtype))
+
+
+def _qscale(bb: relax.BlockBuilder, a_s: Any, b_s: Any, y_s: Any) -> Any:
+    f = lambda e: R.astype(e, "float64")  # noqa: E731
+    return bb.emit(R.divide(R.multiply(f(a_s), f(b_s)), f(y_s)))
+
+
+@converter("QLinearMatMul")
+def _qlinear_matmul(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """(a - a_zp)(b - b_zp) accumulated in int32, scaled by a_scale·b_scale/y_scale, rounded,
+    shifted by y_zp and saturated."""
+    a, a_s, a_zp, b, b_s, b_zp, y_s, y_zp = (ins + [None] * 8)[:8]
+    ai = bb.emit(R.subtract(R.astype(a, "int32"), R.astype(_zp(a_zp, _dt(a)), "int32")))
+    bi = bb.emit(R.subtract(R.astype(b, "int32"), R.astype(_zp(b_zp, _dt(b)), "int32")))
+    acc = bb.emit(R.matmul(ai, bi, out_dtype="int32"))
+    out = _dt(y_zp) if y_zp is not None else _dt(a)
+    return _requantize(bb, acc, _qscale(bb, a_s, b_s, y_s), y_zp, out)
+
+
+@converter("QLinearConv")
+def _qlinear_conv(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Conv of the zero-point-shifted int32 tensors (+ int32 bias), requantized per output
+    channel (w_scale scalar or per channel)."""
+    x, x_s, x_zp, w, w_s, w_zp, y_s, y_zp = ins[:8]
+    bias = ins[8] if len(ins) > 8 else None
+    nd = w.ty.ndim - 2
+    if nd != 2:
+        return NotImplemented
+    xi = bb.emit(R.subtract(R.astype(x, "int32"), R.astype(_zp(x_zp, _dt(x)), "int32")))
+    wz = R.astype(_zp(w_zp, _dt(w)), "int32")
+    if w_zp is not None and w_zp.ty.ndim == 1 and _dims_of(w_zp)[0] != 1:
+        wz = R.reshape(wz, (-1, 1, 1, 1))
+    wi = bb.emit(R.subtract(R.astype(w, "int32"), wz))
+    pads = list(node.attr("pads") or [0] * 4)
+    if _str_attr(node, "auto_pad", "NOTSET") not in ("NOTSET",):
+        return NotImplemented
+    acc = bb.emit(R.nn.conv2d(xi, wi, strides=tuple(node.attr("strides") or (1, 1)), padding=(pads[0], pads[1], pads[2], pads[3]),
+                              dilation=tuple(node.attr("dilations") or (1, 1)), groups=node.attr("group", 1), out_dtype="int32"))
+    if bias is not None:
+        acc = bb.emit(R.add(acc, R.reshape(bias, (1, -1, 1, 1))))
+    scale = _qscale(bb, x_s, w_s, y_s)
+    if scale.ty.ndim == 1:
+        scale = bb.emit(R.reshape(scale, (1, -1, 1, 1)))
+    out = _dt(y_zp) if y_zp is not None else _dt(x)
+    return _requantize(bb, acc, scale, y_zp, out)
+
+
+@converter("Det")
+def _det(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Determinant of [..., n, n] by the Leibniz formula (static n ≤ 4)."""
+    import itertools
+
+    x = ins[0]
+    dims = _static(node, x, "input")
+    n = dims[-1]
+    if n > 4:
+        raise LoweringError(f"node {node.label()}: Det of {n}x{n} matrices is not supported by the cpu target (n ≤ 4)")
+    r = len(dims)
+
+    def el(i: int, j: int) -> Any:
+        return bb.emit(R.squeeze(_slice(bb, _slice(bb, x, r - 2, i, i + 1), r - 1, j, j + 1), [r - 2, r - 1]))
+
+    cells = {(i, j): el(i, j) for i in range(n) for j in range(n)}
+    total = None
+    for perm in itertools.permutations(range(n)):
+        inv = sum(1 for a in range(n) for b in range(a + 1, n) if perm[a] > perm[b])
+        term = cells[(0, perm[0])]
+        for i in range(1, n):
+            term = R.multiply(term, cells[(i, perm[i])])
+        if total is None:
+            total = term if inv % 2 == 0 else R.negative(term)
+        else:
+            total = R.add(total, term) if inv % 2 == 0 else R.subtract(total, term)
+        total = bb.emit(total)
+    return total

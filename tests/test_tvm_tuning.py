@@ -214,3 +214,65 @@ def test_symbolic_shape_kernels_are_not_tuned(tmp_path):
     s = last_summary(db)
     assert s["tasks_dynamic"] == 1 and s["tasks_selected"] == 0 and s["new_trials"] == 0, s
     assert s["stopped"] == "done" and not s["error"], s
+
+
+def _graphopt_conv_kernel():
+    """Conv(+bias)+Relu lowered the way the cpu target does (graphopt's kernel groups): the bias
+    arrives as an argument and is reshaped inside the kernel."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import graphopt
+    from graphopt.passes.fusion.kernel_groups import PlanKernels
+    from graphopt.targets.tvm import lower as L
+    from graphopt.transform import PassContext
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((16, 8, 3, 3)).astype(np.float32), "W")
+    b = numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "B")
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 10, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 10, 10])], initializer=[w, b])
+    m = graphopt.load(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    m = graphopt.optimize(m, "-O2")
+    PlanKernels().run(m, PassContext())
+    _, mod = L.lower_and_fuse(m, _target())
+    return mod
+
+
+def test_normalize_for_tuning_makes_graphopt_conv_kernels_tunable():
+    """meta_schedule's design space fails on a conv kernel whose bias is reshaped inside it;
+    after normalize_for_tuning (the reshape inlined) it generates, and the numbers are kept."""
+    tvm_tuning.cpu_only_intrinsics()  # (meta_schedule imports the GPU intrinsics otherwise: ~35 s)
+    from tvm.s_tir import meta_schedule as ms
+
+    from graphopt.targets.tvm_tuning import normalize_for_tuning
+
+    mod = _graphopt_conv_kernel()
+    norm = normalize_for_tuning(mod)
+    convs = [gv.name_hint for gv, f in mod.functions_items()
+             if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in f.script()]
+    assert len(convs) == 1
+    (name,) = convs
+    assert "T_reshape" in mod[name].script() and "T_reshape" not in norm[name].script()
+
+    def spaces(f):
+        ctx = ms.TuneContext(mod=tvm.IRModule({"main": f}), target=_target(), space_generator="post-order-apply",
+                             search_strategy="evolutionary", num_threads=2)
+        return ctx.generate_design_space()
+
+    with pytest.raises(Exception, match="producer"):
+        spaces(mod[name])
+    assert len(spaces(norm[name])) >= 1
+    assert normalize_for_tuning(norm) is norm  # nothing left to do
+    # the normalized kernel computes the same
+    from tvm.relax.backend.cpu_generic import pipeline as cp
+
+    seq = tvm.transform.Sequential(cp.dataflow_lower_passes(_target()) + cp.finalize_passes(_target()))
+    rng = np.random.default_rng(1)
+    args = [tvm.runtime.tensor(rng.standard_normal([int(d) for d in v.ty.shape]).astype(np.float32))
+            for v in mod["main"].params]
+    outs = [relax.VirtualMachine(tvm.compile(m, target=_target(), relax_pipeline=seq), tvm.cpu())["main"](*args).numpy()
+            for m in (mod, norm)]
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)

@@ -66,6 +66,17 @@ def checked_files(artifact: Artifact) -> dict[str, str]:
     return paths
 
 
+def _param(data: Any, name: str, rt: Mapping[str, Any]) -> np.ndarray:
+    """Param `name` of an artifact's params file; a clustered weight (cpu target) is stored as
+    its bit-packed indices and codebook and decoded here."""
+    entry = rt.get("codebooks", {}).get(name)
+    if entry is None:
+        return data[name]
+    from graphopt.passes.sharing.codebook import decode_artifact
+
+    return decode_artifact(data[entry["indices"]], data[entry["codebook"]], entry)
+
+
 class Runner:
     """A loaded cpu artifact: the Relax VM with the weights bound."""
 
@@ -90,7 +101,14 @@ class Runner:
         self.vm = relax.VirtualMachine(lib, self.device)
         self._main = self.vm[rt.get("entry", "main")]
         with np.load(paths["params"], allow_pickle=False) as data:
-            self._params = [tvm.runtime.tensor(_contiguous(data[name]), self.device) for name in rt.get("params", [])]
+            self._params = [tvm.runtime.tensor(_contiguous(_param(data, name, rt)), self.device) for name in rt.get("params", [])]
+        if rt.get("transform"):  # params stored as the model holds them (clustered: indices + codebooks)
+            try:
+                transform = self.vm[rt["transform"]]
+            except Exception:
+                raise ArtifactError(f"{artifact.path}: the library has no function {rt['transform']!r}") from None
+            out = transform(self._params)  # the weight packing, once, here
+            self._params = [out[i] for i in range(len(out))]
         self.inputs = m["inputs"]
         self.outputs = m["outputs"]
 

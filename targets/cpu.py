@@ -112,6 +112,21 @@ class CpuTarget(Target):
             names = [f"w{i}" for i in range(len(arrays))]
         return mod, dict(zip(names, arrays)), hoisted
 
+    def expand_codebooks(self, model: Model) -> dict[str, dict]:
+        """Codebook-clustered weights (cluster-weights) decoded into float initializers for the
+        kernels, with what the artifact stores instead (see passes.sharing.codebook.expand_decodes);
+        only for artifacts graphopt.runtime.Runner loads (it decodes them, and runs the weight
+        packing, once at load time), so the artifact keeps the compressed size."""
+        from graphopt.passes.sharing.codebook import expand_decodes
+        from graphopt.runtime import RUNNERS
+
+        return {} if self.name in RUNNERS else expand_decodes(model)
+
+    def stored_params(self, codebooks: dict[str, dict], params: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+        from graphopt.passes.sharing.codebook import stored_params
+
+        return stored_params(codebooks, params) if codebooks else (params, {})
+
     def export(self, exe: Any, path: str) -> None:
         exe.export_library(path)
 
@@ -136,7 +151,8 @@ class CpuTarget(Target):
         # int8: QDQ convs as integer convs, zero points out of the reductions (the int8 kernels' form)
         split = QdqToInteger().run(model, PassContext()).changed
         split = SplitZeroPoints().run(model, PassContext()).changed or split
-        if split or not any(KERNEL_KEY in n.metadata_props for n in model.graph.nodes):
+        codebooks = self.expand_codebooks(model)  # clustered weights: float for the kernels
+        if split or codebooks or not any(KERNEL_KEY in n.metadata_props for n in model.graph.nodes):
             PlanKernels().run(model, PassContext())
         threads = int(options.threads or B.default_threads())
         target = self.tvm_target(threads)
@@ -153,7 +169,14 @@ class CpuTarget(Target):
         t = time.perf_counter()
         # packing weights at every run costs (a 3x3 conv with 512 channels: 2.6x onnxruntime's time
         # with it, 1.2x without): it runs once here and params.npz holds the packed weights
-        mod, params, hoisted = self.lift_param_transform(mod, target, lowered.params)
+        stored, codebook_params = self.stored_params(codebooks, lowered.params)
+        transform = B.lift_transform(mod) if codebook_params else None
+        if codebook_params:  # the decode runs at load time, and so must the packing of every weight
+            mod, hoisted = transform if transform is not None else (mod, 0)
+            params = lowered.params
+        else:
+            mod, params, hoisted = self.lift_param_transform(mod, target, lowered.params)
+            stored = params
         times["pack-weights"] = time.perf_counter() - t
         t = time.perf_counter()
         exe = self.build(mod, target)
@@ -163,7 +186,7 @@ class CpuTarget(Target):
             t = time.perf_counter()
             lib = os.path.join(folder, LIBRARY)
             self.export(exe, lib)
-            np.savez(os.path.join(folder, PARAMS), **params)
+            np.savez(os.path.join(folder, PARAMS), **stored)
             times["export"] = time.perf_counter() - t
             g = model.graph
             inputs = [v for v in g.inputs if not (v.is_initializer() and v.const_value is not None)]
@@ -196,7 +219,9 @@ class CpuTarget(Target):
                 "schedules": {"default": sched.default_schedules},
                 "tuning": sched.tuning,
                 # params: main's weights after the inputs, packed already by `packed` hoisted functions
-                "runtime": {"kind": "tvm-relax-vm", "entry": "main", "params": list(params), "packed": hoisted},
+                "runtime": {"kind": "tvm-relax-vm", "entry": "main", "params": list(params), "packed": hoisted}
+                | ({"codebooks": codebook_params} if codebook_params else {})
+                | ({"transform": B.TRANSFORM_PARAMS} if transform is not None else {}),
             }
             write_manifest(folder, manifest)
             times["total"] = time.perf_counter() - t0

@@ -242,3 +242,73 @@ def build_decode(
     else:
         graph.insert_before(head, nodes)
     return nodes
+
+
+def expand_decodes(model) -> dict[str, dict]:  # type: ignore[no-untyped-def]
+    """For a compiled target that stores clustered weights compressed: replace each decode
+    chain of the main graph (found by the `graphopt.codebook` metadata of its final Gather) by
+    the decoded float weight as an initializer, so the kernels read a plain weight. Returns, per
+    weight name, what the artifact stores instead of the float array and how to decode it at
+    load time (`decode_artifact`): {"array": the decoded weight, "indices": uint8 [bits, G]
+    (`pack`ed, whatever the ONNX storage was), "codebook", "bits", "axis", "shape"}."""
+    g = model.graph
+    out: dict[str, dict] = {}
+    for node in list(g):
+        meta = node.metadata_props.get(CODEBOOK_KEY)
+        if meta is None or node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+            continue
+        info = json.loads(meta)
+        iv, cv = g.initializers.get(info.get("indices", "")), g.initializers.get(info.get("codebook", ""))
+        w = node.outputs[0]
+        if iv is None or cv is None or iv.const_value is None or cv.const_value is None or w.is_graph_output():
+            continue
+        stored, cb = iv.const_value.numpy(), cv.const_value.numpy()
+        bits = int(info["bits"])
+        arr = np.ascontiguousarray(decode_numpy(stored, cb, info))
+        n = math.prod(info["shape"])
+        packed = (np.asarray(stored, dtype=np.uint8) if info["storage"] == "packed"
+                  else pack(np.asarray(stored).astype(np.uint8).reshape(-1)[:n], bits))
+        tensor = NumpyTensor(arr)
+        new = Value(unique_name(g, w.name + ".decoded"), TensorType(tensor.dtype, Shape(tensor.shape)), const_value=tensor)
+        tensor.name = new.name
+        g.register_initializer(new)
+        w.replace_all_uses_with(new)
+        out[new.name] = {"array": arr, "indices": packed, "codebook": np.ascontiguousarray(cb.reshape(-1)),
+                         "bits": bits, "axis": info["axis"], "shape": list(info["shape"])}
+    if out:
+        from graphopt.passes.cleanup.dce import DeadCodeElimination
+        from graphopt.transform import PassContext
+
+        DeadCodeElimination().run(model, PassContext())
+    return out
+
+
+def decode_artifact(indices: np.ndarray, codebook: np.ndarray, entry: dict) -> np.ndarray:
+    """The float weight from an artifact's stored indices (`pack`ed uint8) and codebook."""
+    return decode_numpy(indices, codebook, {"bits": entry["bits"], "storage": "packed", "axis": entry["axis"],
+                                            "shape": entry["shape"]})
+
+
+def stored_params(expanded: dict[str, dict], params: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """The arrays an artifact stores for its params (name -> array, as `lowered` lists them),
+    the expanded clustered weights (`expand_decodes`) as `<param>.indices` + `<param>.codebook`
+    instead of the float array, and the manifest's `codebooks` entries {param: {"indices",
+    "codebook", "bits", "axis", "shape"}}. A param is matched to its weight by identity (the
+    lowering passes the initializer's array on), else by equal contents."""
+    by_id = {id(e["array"]): name for name, e in expanded.items()}
+    arrays: dict[str, np.ndarray] = {}
+    entries: dict[str, dict] = {}
+    left = dict(expanded)
+    for p, arr in params.items():
+        name = by_id.get(id(arr))
+        if name is None or name not in left:
+            name = next((nm for nm, e in left.items() if e["array"].shape == arr.shape and e["array"].dtype == arr.dtype
+                         and np.array_equal(e["array"], arr)), None)
+        if name is None:
+            arrays[p] = arr
+            continue
+        e = left.pop(name)
+        ik, ck = f"{p}.indices", f"{p}.codebook"
+        arrays[ik], arrays[ck] = e["indices"], e["codebook"]
+        entries[p] = {"indices": ik, "codebook": ck, "bits": e["bits"], "axis": e["axis"], "shape": e["shape"]}
+    return arrays, entries

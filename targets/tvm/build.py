@@ -229,3 +229,21 @@ def lift_weight_packing(
     out = vm[TRANSFORM_PARAMS]([tvm.runtime.tensor(p, tvm.cpu()) for p in params])
     new = [out[i].numpy() for i in range(len(out))]
     return _only(lifted, "main", TRANSFORM_PARAMS), new, hoisted
+
+
+def lift_transform(mod: tvm.IRModule) -> tuple[tvm.IRModule, int] | None:
+    """Every weight-only computation of `main` (the weight packing, and the codebook decode of
+    clustered weights) lifted into `main_transform_params`, which stays in the module beside
+    `main` for the runner to call once when the artifact is loaded: the artifact then stores
+    the weights as the model holds them (a clustered weight as its indices and codebook), not as
+    the kernels read them. Returns (the module with both functions, PrimFuncs lifted), or None
+    when nothing depends on weights alone."""
+    split = relax.transform.SplitLayoutRewritePreproc()(mod)
+    lifted = relax.transform.LiftTransformParams()(split)
+    if TRANSFORM_PARAMS not in {gv.name_hint for gv in lifted.get_global_vars()}:
+        return None
+    tmod = _only(lifted, TRANSFORM_PARAMS, "main")
+    hoisted = sum(1 for _, f in tmod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+    if hoisted == 0:
+        return None
+    return relax.transform.DeadCodeElimination(["main", TRANSFORM_PARAMS])(lifted), hoisted

@@ -282,3 +282,102 @@ def test_split_skips_activation_weights() -> None:
     feeds = {**_a(), "b": np.random.default_rng(11).integers(-128, 128, (32, 16)).astype(np.int8)}
     _, stats = check_pass(graphopt.load(m), "split-zero-points", feeds, rtol=0, atol=0)
     assert stats == {}
+
+
+# --- int8 convs ------------------------------------------------------------------------------------------
+
+
+def _conv_integer(ic: int, oc: int, hw: int, k: int, stride: int = 1, pad: int = 0, zx: int = 7, wmax: int = 64,
+                  seed: int = 12) -> tuple[onnx.ModelProto, np.ndarray]:
+    w = _weights((oc, ic, k, k), wmax, seed=seed)
+    nodes = [h.make_node("ConvInteger", ["x", "w", "xz"], ["acc"], pads=[pad] * 4, strides=[stride, stride]),
+             h.make_node("Cast", ["acc"], ["af"], to=TP.FLOAT), h.make_node("Mul", ["af", "sc"], ["y"])]
+    m = _model(nodes, [h.make_tensor_value_info("x", TP.UINT8, [1, ic, hw, hw])], [h.make_tensor_value_info("y", TP.FLOAT, None)],
+               [nh.from_array(w, "w"), nh.from_array(np.uint8(zx), "xz"),
+                nh.from_array(np.linspace(0.5, 1.5, oc).astype(np.float32).reshape(1, oc, 1, 1), "sc")])
+    return onnx.shape_inference.infer_shapes(m), w
+
+
+@needs_avx2
+@pytest.mark.parametrize("ic, oc, hw, k, stride, pad, wmax, kind", [
+    (16, 32, 8, 3, 1, 1, 64, "int8-u8s8"),    # padded with the zero point (7), not 0
+    (32, 16, 14, 3, 2, 1, 64, "int8-u8s8"),   # stride 2
+    (24, 16, 7, 1, 1, 0, 64, "int8-u8s8"),    # 1x1 on a 7x7 map: the input copied to NHWC
+    (16, 8, 6, 3, 1, 1, 127, "int8-s16"),     # full 8-bit weights
+])
+def test_int8_conv_equals_onnxruntime_conv_integer(ic, oc, hw, k, stride, pad, wmax, kind) -> None:
+    m, _ = _conv_integer(ic, oc, hw, k, stride, pad, wmax=wmax)
+    r, sched = _compile(m)
+    assert f"x86 int8 kernels: 1 ({kind})" in sched
+    x = np.random.default_rng(13).integers(0, 256, (1, ic, hw, hw)).astype(np.uint8)
+    assert np.array_equal(r.run({"x": x})[0], _ort(m, {"x": x})[0])
+
+
+@needs_avx2
+@pytest.mark.parametrize("ic, oc, why", [(3, 16, "3 input channels"), (16, 12, "12 output channels")])
+def test_int8_conv_near_misses_stay_default(ic, oc, why) -> None:
+    m, _ = _conv_integer(ic, oc, 8, 3, pad=1)
+    r, sched = _compile(m)
+    assert "x86 int8" not in sched, why
+    x = np.random.default_rng(14).integers(0, 256, (1, ic, 8, 8)).astype(np.uint8)
+    assert np.array_equal(r.run({"x": x})[0], _ort(m, {"x": x})[0])
+
+
+# --- qdq-to-integer: a quantized conv net compiled gives onnxruntime's QDQ outputs ------------------------
+
+
+def _qdq_cnn() -> graphopt.Model:
+    from graphopt.calibration import calibration_from_arrays
+    from graphopt.passes.quantize import quantize
+
+    rng = np.random.default_rng(15)
+    nodes = [h.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             h.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             h.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2], name="conv2"),
+             h.make_node("Conv", ["c2", "wd"], ["d"], pads=[1, 1, 1, 1], group=16, name="dw"),
+             h.make_node("Add", ["d", "c2"], ["a"], name="add"),
+             h.make_node("GlobalAveragePool", ["a"], ["g"], name="gap"),
+             h.make_node("Flatten", ["g"], ["f"], name="flat"),
+             h.make_node("Gemm", ["f", "w3"], ["y"], transB=1, name="fc")]
+    inits = [nh.from_array(rng.standard_normal((16, 8, 3, 3)).astype(np.float32) * 0.2, "w1"),
+             nh.from_array(rng.standard_normal(16).astype(np.float32) * 0.1, "b1"),
+             nh.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.1, "w2"),
+             nh.from_array(rng.standard_normal((16, 1, 3, 3)).astype(np.float32) * 0.3, "wd"),
+             nh.from_array(rng.standard_normal((10, 16)).astype(np.float32), "w3")]
+    m = graphopt.load(_model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [1, 8, 16, 16])],
+                             [h.make_tensor_value_info("y", TP.FLOAT, [1, 10])], inits))
+    calib = calibration_from_arrays(m, {"x": rng.standard_normal((8, 8, 16, 16)).astype(np.float32)})
+    quantize(m, calib, speed="off")
+    return m
+
+
+def test_qdq_to_integer_rewrite() -> None:
+    m = _qdq_cnn()
+    x = np.random.default_rng(16).standard_normal((1, 8, 16, 16)).astype(np.float32)
+    out, stats = check_pass(m, "qdq-to-integer", {"x": x}, rtol=0, atol=1e-6)
+    assert stats["conv"] == 2  # conv1, conv2; the depthwise conv stays a (fake-quantized) float conv
+    kinds = {n.op_type for n in out.graph}
+    assert "ConvInteger" in kinds and not kinds & {"QuantizeLinear", "DequantizeLinear"}
+    assert sum(1 for n in out.graph if n.op_type == "Conv") == 1
+    assert {n.name for n in out.graph if n.op_type == "ConvInteger"} == {"conv1", "conv2"}
+
+
+def test_qdq_to_integer_leaves_float_models_alone() -> None:
+    m = graphopt.load(_model([h.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+                             [h.make_tensor_value_info("x", TP.FLOAT, [1, 4, 8, 8])], [h.make_tensor_value_info("y", TP.FLOAT, [1, 8, 8, 8])],
+                             [nh.from_array(np.ones((8, 4, 3, 3), np.float32), "w")]))
+    _, stats = check_pass(m, "qdq-to-integer")
+    assert stats == {}
+
+
+@needs_avx2
+def test_quantized_cnn_compiles_to_int8_convs_with_onnxruntime_outputs() -> None:
+    m = _qdq_cnn()
+    art = graphopt.compile(graphopt.to_onnx(m), "cpu", "-O2", threads=2)
+    sched = art.report["schedules"]["default"]
+    assert "x86 int8 kernels: 2 (int8-u8s8)" in sched
+    x = np.random.default_rng(17).standard_normal((1, 8, 16, 16)).astype(np.float32)
+    y = graphopt.runtime.load(art.path).run({"x": x})[0]
+    ref = _ort(graphopt.to_onnx(m), {"x": x})[0]
+    # onnxruntime's QLinear kernels requantize with their own rounding: within a step or so of the output scale
+    np.testing.assert_allclose(y, ref, atol=0.05 * np.abs(ref).max())

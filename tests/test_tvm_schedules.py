@@ -89,6 +89,8 @@ CONV_CASES = [
     ("7x7_s2_odd_channels", 2, 3, 20, 20, 24, 7, 2, 1, "bias_relu"),
     ("depthwise", 1, 24, 12, 12, 24, 3, 1, 24, "bias_relu"),
     ("depthwise_s2", 1, 16, 13, 13, 16, 3, 2, 16, "bias"),
+    # a row tile (several output rows x one vector of columns per parallel iteration)
+    ("depthwise_rows", 1, 16, 20, 32, 16, 3, 1, 16, "bias_relu"),
 ]
 
 

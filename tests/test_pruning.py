@@ -439,8 +439,13 @@ def wide(channels=32, seed=0) -> Model:
 def test_round_to():
     out, stats, _ = prune(wide(), "prune{ratio=0.3,criterion=l1,round-to=8}")
     assert weight(out, "A")[0] == 24 and weight(out, "B")[0] == 24  # 22.4 kept -> 24
-    out, _, _ = prune(wide(), "prune{ratio=0.3}")
+    assert stats["layers-unaligned"] == 0
+    out, stats, ctx = prune(wide(), "prune{ratio=0.3}")
     assert weight(out, "A")[0] == 22
+    # A and B went from 32 to 22 channels: reported, since CPU kernels want multiples of 8
+    assert stats["layers-unaligned"] == 2 and any("consider round-to=8" in line for line in ctx.log)
+    _, stats, ctx = prune(wide(), "prune{ratio=0.25}")  # 32 -> 24: aligned, nothing to say
+    assert stats["layers-unaligned"] == 0 and not any("round-to" in line for line in ctx.log)
 
 
 def test_protect_and_layer_ratios():

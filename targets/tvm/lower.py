@@ -411,8 +411,7 @@ def _attention(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -
     """ONNX Attention (opset 23): 3-D or 4-D Q/K/V, attn_mask (bool or additive, padded to the
     key length), past key/value, is_causal (offset by the past length), GQA, scale, softcap,
     softmax_precision, qk_matmul_output_mode; fully masked rows give zeros (as the reference)."""
-    if len(ins) > 6 and ins[6] is not None:
-        raise LoweringError(f"node {node.label()}: Attention with nonpad_kv_seqlen is not supported by the cpu target")
+    nonpad = ins[6] if len(ins) > 6 else None
     q, k, v = ins[0], ins[1], ins[2]
     mask = ins[3] if len(ins) > 3 else None
     past_k = ins[4] if len(ins) > 4 else None
@@ -421,6 +420,12 @@ def _attention(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -
     emit = bb.emit
     R = relax.op
     rank3 = q.ty.ndim == 3
+    out_dtype = dtype
+    if dtype == "float16":  # computed in float32 (as onnxruntime's CPU kernels), rounded once at the end
+        dtype = "float32"
+        q, k, v, past_k, past_v = (emit(R.astype(e, dtype)) if e is not None else None for e in (q, k, v, past_k, past_v))
+        if mask is not None and str(mask.ty.dtype) == "float16":
+            mask = emit(R.astype(mask, dtype))
     qh, kvh = node.attr("q_num_heads"), node.attr("kv_num_heads")
     if rank3:
         def heads(x: Any, h: int) -> Any:
@@ -448,13 +453,37 @@ def _attention(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -
         if str(mask.ty.dtype) == "bool":
             mask = emit(R.where(mask, zero, neg_inf))
         bias = mask
-    if node.attr("is_causal", 0):
+    left, right = node.attr("left_window_size", -1), node.attr("right_window_size", -1)
+    windowed = left is not None and left >= 0 or right is not None and right >= 0
+    if node.attr("is_causal", 0) or windowed or nonpad is not None:
         if not (isinstance(qlen, int) and isinstance(kvlen, int)):
-            raise LoweringError(f"node {node.label()}: causal Attention needs static sequence lengths on the cpu target")
-        offset = _dims_of(past_k)[2] if past_k is not None else 0
-        allowed = np.arange(kvlen)[None, :] <= np.arange(qlen)[:, None] + offset
-        causal = relax.const(np.where(allowed, 0, -np.inf).astype(dtype), dtype)
-        bias = emit(R.add(bias, causal)) if bias is not None else causal
+            raise LoweringError(f"node {node.label()}: causal/windowed/padded Attention needs static sequence lengths on the cpu target")
+        # diff[i, j] = (query i's absolute position) - j; the offset is the past length, or per
+        # batch nonpad_kv_seqlen - q_len (external cache) as a run-time [B, 1, 1, 1] tensor
+        rel = np.arange(qlen)[:, None] - np.arange(kvlen)[None, :]
+        npd = emit(R.reshape(emit(R.astype(nonpad, "int64")), (-1, 1, 1, 1))) if nonpad is not None else None
+        if npd is not None and past_k is None:
+            diff = emit(R.add(relax.const(rel.astype(np.int64), "int64"), R.subtract(npd, relax.const(np.array(qlen, np.int64), "int64"))))
+        else:
+            offset = _dims_of(past_k)[2] if past_k is not None else 0
+            diff = relax.const((rel + offset).astype(np.int64), "int64")
+        allowed = None
+        zero64 = relax.const(np.array(0, np.int64), "int64")
+        conds = []
+        if node.attr("is_causal", 0):
+            conds.append(R.greater_equal(diff, zero64))
+        if left is not None and left >= 0:
+            conds.append(R.less_equal(diff, relax.const(np.array(left, np.int64), "int64")))
+        if right is not None and right >= 0:
+            conds.append(R.less_equal(R.negative(diff), relax.const(np.array(right, np.int64), "int64")))
+        if nonpad is not None:
+            conds.append(R.less(relax.const(np.arange(kvlen, dtype=np.int64), "int64"), npd))
+        for c in conds:
+            c = emit(c)
+            allowed = c if allowed is None else emit(R.logical_and(allowed, c))
+        if allowed is not None:
+            extra = emit(R.where(allowed, zero, neg_inf))
+            bias = emit(R.add(bias, extra)) if bias is not None else extra
     nq, nk = _dims_of(q)[1], _dims_of(present_k)[1]
     kk, vv = present_k, present_v
     if isinstance(nq, int) and isinstance(nk, int) and nq != nk and nq % nk == 0:
@@ -491,8 +520,8 @@ def _attention(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -
         probs = emit(R.where(masked, s_zero, probs))
     if mode == 3:
         out_qk = probs
-    if str(out_qk.ty.dtype) != dtype:
-        out_qk = emit(R.astype(out_qk, dtype))
+    if str(out_qk.ty.dtype) != out_dtype:
+        out_qk = emit(R.astype(out_qk, out_dtype))
     if sdtype != dtype:
         probs = emit(R.astype(probs, dtype))
     y = emit(R.matmul(probs, vv))
@@ -500,6 +529,8 @@ def _attention(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -
         y = emit(R.permute_dims(y, [0, 2, 1, 3]))
         b, sq, h, d = _dims_of(y)
         y = emit(R.reshape(y, [b, sq, h * d]))
+    if out_dtype != dtype:
+        y, present_k, present_v = (emit(R.astype(e, out_dtype)) for e in (y, present_k, present_v))
     return [y, present_k, present_v, out_qk]
 
 

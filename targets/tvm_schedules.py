@@ -51,6 +51,8 @@ LAYOUT_REWRITE_ANN = "meta_schedule.layout_rewrite_preproc"
 # window reductions (depthwise conv, pooling): a tile of output rows x one vector row, up to
 # this many accumulator vectors
 _WINDOW_ROW_TILE = True
+# materialised pads: decompose into a fill and an interior copy (both vectorisable)
+_DECOMPOSE_PADDING = True
 _WINDOW_ACC_VECTORS = 8
 
 # fp32 accumulators kept in registers per microkernel (x86-64 AVX2 has 16 vector registers:
@@ -155,6 +157,13 @@ def _schedule_injective_block(
     if not loops:
         return
     extents = [_int(sch.get(lp).extent) for lp in loops]
+    if (len(loops) > 1 and extents[-1] is not None and extents[-1] % lanes and not sch.get(block).reads
+            and all(e is not None for e in extents) and math.prod(extents) % lanes == 0):
+        # a constant fill (the pad value of a decomposed pad): one flat loop, parallel vectors
+        p_o, v_i = sch.split(sch.fuse(*loops), factors=[None, lanes])
+        sch.parallel(p_o)
+        sch.vectorize(v_i)
+        return
     inner = loops[-1]
     inner_ext = extents[-1]
     vec = None
@@ -243,6 +252,9 @@ class WindowReduction(_Rule):
                 ok = True
         if not ok:
             return None
+        if _DECOMPOSE_PADDING:
+            _inline_copies(sch, anchor)
+            loops = sch.get_loops(anchor)
         sl = [loops[i] for i in s_idx]
         rl = [loops[i] for i in r_idx]
         vt = lanes if inner_ext % lanes == 0 else (inner_ext if inner_ext <= 2 * lanes else None)
@@ -295,7 +307,18 @@ def _inline_copies(sch, anchor) -> None:
     inner loop has no conditions."""
     for prod in sch.get_producers(anchor):
         stmt = sch.get(prod)
-        if _is_reduction(stmt) or "if_then_else" in str(stmt.body):
+        if _is_reduction(stmt):
+            continue
+        if "if_then_else" in str(stmt.body):
+            if _DECOMPOSE_PADDING:
+                # a fill of the pad value plus a copy of the interior: neither has a condition,
+                # both vectorise (the padded copy's rows, 58 or 114 wide, ran as scalar code)
+                try:
+                    loops = sch.get_loops(prod)
+                    if loops and sch.can_decompose_padding(prod, loops[0]):
+                        sch.decompose_padding(prod, loops[0])
+                except Exception:
+                    pass
             continue
         try:
             sch.compute_inline(prod)

@@ -16,6 +16,7 @@ from graphopt.transform import Pass, PassContext, PassResult, register_pass
 
 from graphopt.passes.cleanup._util import constant_semantics, in_function, is_constant, opset_of
 from graphopt.passes.sharing import codebook as cbk
+from graphopt.passes.sharing import refit as rf
 from graphopt.passes.sharing.kmeans import cluster_rows
 
 _FLOATS = (DataType.FLOAT, DataType.FLOAT16, DataType.BFLOAT16, DataType.DOUBLE)
@@ -61,6 +62,8 @@ def _channel_axis(w: Value) -> int | None:
             axes.add(0 if node.attr("transB", 0) else 1)
         elif op == "MatMul" and i == 1:
             axes.add(ndim - 1)
+        elif op == "Gather" and i == 0 and ndim == 2 and node.attr("axis", 0) == 0:
+            axes.add(1)  # an embedding table: one codebook per feature column
         else:
             return None
     return axes.pop() if len(axes) == 1 else None
@@ -177,9 +180,21 @@ class ClusterWeights(Pass):
     its readers' node names, first match wins, 0 keeps it float), `init=auto|linear|density`
     (k-means start: evenly spaced from min to max as in Deep Compression, at the quantiles, or
     both and the better fit per codebook),
-    `weighting=none|calibration|importance` (calibration: ctx.data["calibration-inputs"], a
-    dict of graph inputs; weights each value by the mean square of the activation it
-    multiplies; importance: ctx.data["weight-importance"][name]), `min-size` (elements),
+    `weighting=none|calibration|importance` (calibration: weights each value by the mean
+    square of the activation it multiplies; importance: ctx.data["weight-importance"][name]),
+    `refit=none|activations` (activations: k-means weighted by E[x_c^2] of the input channel
+    (unless `weighting` says otherwise), then each codebook of a weight read by MatMul/Gemm
+    refitted by least squares so the layer's *output* on the calibration data moves least,
+    re-assigned and refitted again, `refit-iters` rounds, keeping the best: see
+    graphopt.passes.sharing.refit), `calibration` (.npz or folder of .npz, one array per graph
+    input as for quantize/prune; else ctx.data["calibration"] (path or CalibrationData, what
+    `--calibration` sets) or ctx.data["calibration-inputs"] (a dict of graph inputs)),
+    `channel-overhead=F` (without per-channel: per-channel codebooks for the tensors whose
+    extra codebooks cost at most F times their index bytes, e.g. 0.02: an embedding table's
+    feature columns, read by Gather, but not ordinary layers), `calibration-samples` (at most
+    this many samples read), `token-mask=auto|none|INPUT`
+    (rows of padding tokens do not count in the refit: auto takes the graph input named like
+    attention_mask), `min-size` (elements),
     `sample` (values used to fit each tensor's codebook), `storage=auto|uint8|uint4|packed`.
 
     Does not fire on: tensors with fewer than `min-size` elements or fewer than 2 dims (biases,
@@ -201,6 +216,12 @@ class ClusterWeights(Pass):
     sample: int = 1 << 18
     storage: str = "auto"
     seed: int = 0
+    refit: str = "none"
+    refit_iters: int = 2
+    calibration: str = ""
+    calibration_samples: int = 128
+    token_mask: str = "auto"
+    channel_overhead: float = 0.0
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -213,6 +234,12 @@ class ClusterWeights(Pass):
             raise UsageError(f"cluster-weights: storage={self.storage!r} is not auto, uint8, uint4 or packed")
         if self.min_size < 1 or self.sample < 1:
             raise UsageError("cluster-weights: min-size and sample must be positive")
+        if self.refit not in ("none", "activations"):
+            raise UsageError(f"cluster-weights: refit={self.refit!r} is not none or activations")
+        if not 0.0 <= self.channel_overhead < 1.0:
+            raise UsageError(f"cluster-weights: channel-overhead={self.channel_overhead} is not in [0, 1)")
+        if self.refit_iters < 0 or self.calibration_samples < 1:
+            raise UsageError("cluster-weights: refit-iters must be >= 0 and calibration-samples positive")
         parse_layer_bits(self.layer_bits)
 
     # --- which tensors ----------------------------------------------------------------------
@@ -284,16 +311,27 @@ class ClusterWeights(Pass):
         if self.weighting == "calibration" and todo:
             feeds = ctx.data.get(CALIBRATION_KEY)
             if not isinstance(feeds, dict) or not feeds:
-                raise UsageError(f"cluster-weights: weighting=calibration needs ctx.data[{CALIBRATION_KEY!r}] (graph input -> array)")
+                feeds = _concat(self._batches(model, ctx, "weighting=calibration"))
             importance = _calibration_importance(model, [w for _, w, _ in todo], feeds)
         elif self.weighting == "importance":
             given = ctx.data.get(IMPORTANCE_KEY)
             if not isinstance(given, dict):
                 raise UsageError(f"cluster-weights: weighting=importance needs ctx.data[{IMPORTANCE_KEY!r}] (weight name -> array)")
             importance = {k: np.asarray(v, dtype=np.float64) for k, v in given.items()}
+        moments: dict[str, tuple[np.ndarray, bool]] = {}
+        if self.refit != "none" and todo:
+            moments = self._moments(model, ctx, [w for _, w, _ in todo])
+            stats["tensors-refit"] = 0
+            if self.weighting == "none":
+                # start from k-means weighted by E[x_c^2] of the input channel (diag H): the
+                # least-squares refit then polishes a good fit instead of a uniform one, whose
+                # Lloyd fixed point it rarely leaves
+                for wname, (h, trans) in moments.items():
+                    d = np.diag(h).astype(np.float64)
+                    importance[wname] = d.reshape(1, -1) if trans else d.reshape(-1, 1)
         shared = cbk.SharedConstants()
         for g, w, bits in todo:
-            r = self._cluster_one(model, g, w, bits, importance.get(w.name), shared)
+            r = self._cluster_one(model, g, w, bits, importance.get(w.name), shared, moments.get(w.name), stats)
             if r is None:
                 stats["tensors-nonfinite"] += 1
                 continue
@@ -323,8 +361,58 @@ class ClusterWeights(Pass):
         stats["seconds"] = time.perf_counter() - t0
         return PassResult(bool(errors), stats)
 
+    def _batches(self, model: Model, ctx: PassContext, why: str) -> list[dict[str, np.ndarray]]:
+        """The calibration batches: `calibration=`, else ctx.data["calibration"] (a path or
+        CalibrationData), else ctx.data["calibration-inputs"] (one batch)."""
+        from graphopt.calibration import CalibrationData, load_calibration
+
+        given = self.calibration or ctx.data.get("calibration")
+        if isinstance(given, str) and given:
+            data = load_calibration(given, model, batch_size=8, limit=self.calibration_samples)
+        elif isinstance(given, CalibrationData):
+            data = given
+        else:
+            feeds = ctx.data.get(CALIBRATION_KEY)
+            if isinstance(feeds, dict) and feeds:
+                return [{k: np.asarray(v) for k, v in feeds.items()}]
+            raise UsageError(f"cluster-weights: {why} needs calibration data (calibration=FILE.npz, --calibration, "
+                             f"or ctx.data[{CALIBRATION_KEY!r}])")
+        out: list[dict[str, np.ndarray]] = []
+        seen = 0
+        for b in data:
+            if seen >= self.calibration_samples:
+                break
+            out.append(b)
+            seen += max((len(v) for v in b.values() if np.ndim(v)), default=1)
+        if not out:
+            raise UsageError(f"cluster-weights: {why}: the calibration data holds no samples")
+        return out
+
+    def _moments(self, model: Model, ctx: PassContext, weights: list[Value]) -> dict[str, tuple[np.ndarray, bool]]:
+        """Per refittable weight: (E[x^T x] over its readers' activations, W_eff = W^T?)."""
+        wanted = {}
+        for w in weights:
+            r = rf.readers(w)
+            if r is not None and w.graph is model.graph:
+                wanted[w.name] = r
+        if not wanted:
+            return {}
+        names = [x.name for xs, _ in wanted.values() for x in xs]
+        try:
+            sums = rf.second_moments(model, names, self._batches(model, ctx, f"refit={self.refit}"), self.token_mask)
+        except GraphoptError:
+            raise
+        except Exception as e:  # onnxruntime refusing the feeds
+            raise GraphoptError(f"cluster-weights: cannot run the calibration inputs: {str(e).splitlines()[0]}") from None
+        out = {}
+        for wname, (xs, trans) in wanted.items():
+            h = sum(sums[x.name][0] / max(sums[x.name][1], 1) for x in xs)
+            out[wname] = (h, trans)
+        return out
+
     def _cluster_one(
-        self, model: Model, g: Graph, w: Value, bits: int, importance: np.ndarray | None, shared: cbk.SharedConstants
+        self, model: Model, g: Graph, w: Value, bits: int, importance: np.ndarray | None, shared: cbk.SharedConstants,
+        moment: tuple[np.ndarray, bool] | None = None, stats: dict | None = None,
     ) -> tuple[int, int, int, float, float, int | None, str] | None:
         t = w.const_value
         assert t is not None
@@ -335,7 +423,11 @@ class ClusterWeights(Pass):
         work_dtype = np.float64 if arr.dtype == np.float64 else np.float32
         x = np.asarray(arr, dtype=work_dtype)
         finite = bool(np.isfinite(x).all())
-        axis = _channel_axis(w) if self.per_channel else None
+        axis = _channel_axis(w) if self.per_channel or self.channel_overhead > 0 else None
+        if axis is not None and not self.per_channel:
+            # per channel only where the extra codebooks are cheap (an embedding table's columns)
+            if shape[axis] * k * arr.itemsize > self.channel_overhead * n * bits / 8:
+                axis = None
         if axis is not None and shape[axis] * k * 2 > n:
             axis = None  # a codebook per channel would hold as many entries as the weight
         # at most k distinct values: the codebook is exact (masks, already-clustered weights)
@@ -366,6 +458,8 @@ class ClusterWeights(Pass):
                 wts = np.moveaxis(full_w, axis, 0).reshape(shape[axis], -1) if axis is not None else full_w.reshape(1, -1)
                 wts = np.maximum(wts, 1e-12 * max(float(wts.max()), 1e-30))  # no zero-weight cluster collapse
             codebook, idx = cluster_rows(rows, k, weights=wts, init=self.init, sample=self.sample, seed=self.seed)
+            if moment is not None and finite and (axis is None or len(shape) == 2):
+                codebook, idx = self._refit(w, x, codebook, idx, axis, moment, stats)
         cb = codebook.astype(arr.dtype)
         if exact is not None:
             rel, sqnr = 0.0, float("inf")
@@ -376,3 +470,37 @@ class ClusterWeights(Pass):
         before = int(t.nbytes)
         after = cbk.storage_bytes(n, bits, storage) + cb.nbytes + (shape[axis] * 4 if axis is not None else 0)
         return n, before, after, rel, sqnr, axis, storage
+
+
+    def _refit(self, w: Value, x: np.ndarray, codebook: np.ndarray, idx: np.ndarray, axis: int | None,
+               moment: tuple[np.ndarray, bool], stats: dict | None) -> tuple[np.ndarray, np.ndarray]:
+        """Activation-aware refit of one 2-D weight's codebook(s) (see graphopt.passes.sharing.refit)."""
+        h, trans = moment
+        shape = x.shape
+        w_eff = x.T if trans else x
+        if axis is None:
+            i2 = idx.reshape(shape)
+            idx_eff = i2.T if trans else i2
+        else:  # rows were the output channels: [out, in]
+            idx_eff = idx.T
+        if h.shape != (w_eff.shape[0], w_eff.shape[0]):
+            return codebook, idx
+        cb, ie, e0, e1 = rf.refit(w_eff.astype(np.float64), h, codebook, idx_eff, iters=self.refit_iters)
+        if axis is None:
+            new_idx = (ie.T if trans else ie).reshape(1, -1)
+        else:
+            new_idx = np.ascontiguousarray(ie.T)
+        if stats is not None:
+            ref = float(np.einsum("io,io->", w_eff, h @ w_eff.astype(np.float64)))
+            stats["tensors-refit"] = stats.get("tensors-refit", 0) + 1
+            stats[f"{w.name}/output-rel-l2-kmeans"] = math.sqrt(e0 / ref) if ref > 0 else 0.0
+            stats[f"{w.name}/output-rel-l2"] = math.sqrt(e1 / ref) if ref > 0 else 0.0
+        return cb, np.ascontiguousarray(new_idx, dtype=np.uint8)
+
+
+def _concat(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One feed of all batches stacked on the batch axis (weighting=calibration runs once)."""
+    if len(batches) == 1:
+        return batches[0]
+    return {k: np.concatenate([np.asarray(b[k]) for b in batches]) if np.ndim(batches[0][k]) else batches[0][k]
+            for k in batches[0]}

@@ -24,14 +24,15 @@ import graphopt
 
 PIPELINE = os.environ.get("GRAPHOPT_CPU_BACKEND_PIPELINE", "-O2")
 #: "1": compile at the first run with the small integer inputs (axes, shapes, pads, k... that the
-#: node tests feed as inputs) and the float inputs that decide shapes (Resize roi/scales, OneHot depth) bound
+#: node tests feed as inputs) and the float/bool inputs that decide shapes or control flow (Resize roi/scales, OneHot depth,
+#: If/Loop conditions) bound
 #: as constants, like a JIT specialising on them (recompiled when they change)
 SPECIALIZE = os.environ.get("GRAPHOPT_CPU_BACKEND_SPECIALIZE", "0") == "1"
 SPECIALIZE_MAX_ELEMS = 64
 
 
-#: op → input positions holding float data that decides the output shape
-_SHAPE_FLOAT_INPUTS = {"Resize": (1, 2), "Upsample": (1,), "OneHot": (1,)}
+#: op → input positions holding non-integer data that decides output shapes or control flow
+_SHAPE_FLOAT_INPUTS = {"Resize": (1, 2), "Upsample": (1,), "OneHot": (1,), "If": (0,), "Loop": (1,)}
 
 
 def _shape_deciding_floats(proto: onnx.ModelProto) -> set[str]:
@@ -59,7 +60,7 @@ class CpuBackendRep(BackendRep):
             feeds = dict(zip(self.input_names, arrays))
         if self.proto is not None:
             bind = {k: v for k, v in feeds.items() if v.size <= SPECIALIZE_MAX_ELEMS
-                    and (v.dtype.kind in "iu" or (v.dtype.kind == "f" and k in self._shape_floats))}
+                    and (v.dtype.kind in "iu" or (v.dtype.kind in "fb" and k in self._shape_floats))}
             key = {k: v.tobytes() + str(v.shape).encode() for k, v in bind.items()}
             if self.runner is None or key != self._bound:
                 with warnings.catch_warnings():

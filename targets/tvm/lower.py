@@ -941,6 +941,10 @@ class _Lowerer:
                 for v, e in zip(n.outputs, sym):
                     env[id(v)] = e
                 continue
+            if n.op_type in ("If", "Scan", "Loop") and n.domain in ("", "ai.onnx") and n.subgraphs():
+                for v, e in zip(n.outputs, self._control_flow(bb, n, ins, env)):
+                    env[id(v)] = e
+                continue
             ins = [_materialise(bb, e, n.op_type) if isinstance(e, Sym) else e for e in ins]
             try:
                 out = convert_node(bb, n, ins, self.opset)
@@ -952,6 +956,108 @@ class _Lowerer:
                 raise LoweringError(f"node {n.label()}: {n.op_type} cannot be lowered: {type(e).__name__}: {detail[:300]}") from None
             for v, e in zip(n.outputs, _split_outputs(bb, n, out)):
                 env[id(v)] = e
+
+    # control flow: If with a constant condition, Scan and Loop with static trip counts are
+    # unrolled at compile time (their bodies converted once per iteration)
+    MAX_UNROLL = 256
+
+    def _body(self, bb: relax.BlockBuilder, g: Any, args: list[Any], env: dict[int, Any]) -> list[Any]:
+        """Convert subgraph `g` with its inputs bound to `args`; its outputs' expressions."""
+        sub = dict(env)
+        for v, a in zip(g.inputs, args):
+            sub[id(v)] = a
+        for v in g.initializers.values():
+            if v.const_value is not None:
+                sub[id(v)] = _const(np.asarray(v.const_value.numpy()))
+        self._convert_into(bb, list(g.nodes), sub)
+        outs = []
+        for v in g.outputs:
+            if id(v) not in sub:
+                raise LoweringError(f"subgraph output {v.name!r} is not computed")
+            e = sub[id(v)]
+            outs.append(_materialise(bb, e, "") if isinstance(e, Sym) else e)
+        return outs
+
+    def _control_flow(self, bb: relax.BlockBuilder, n: Node, ins: list[Any], env: dict[int, Any]) -> list[Any]:
+        R = relax.op
+        if n.op_type == "If":
+            c = ins[0].static() if isinstance(ins[0], Sym) else _const_value(ins[0])
+            if c is None:
+                raise LoweringError(f"node {n.label()}: If with a run-time condition is not supported by the cpu target")
+            branch = n.attr("then_branch") if bool(np.asarray(c).reshape(-1)[0]) else n.attr("else_branch")
+            return self._body(bb, branch, [], env)
+        ins = [_materialise(bb, e, "") if isinstance(e, Sym) else e for e in ins]
+        if n.op_type == "Scan":
+            if self.opset < 9:
+                raise LoweringError(f"node {n.label()}: Scan-8 (batched, sequence_lens) is not supported by the cpu target")
+            body = n.attr("body")
+            m = int(n.attr("num_scan_inputs"))
+            nstate = len(ins) - m
+            states, xs = list(ins[:nstate]), ins[nstate:]
+            in_axes = list(n.attr("scan_input_axes") or [0] * m)
+            in_dirs = list(n.attr("scan_input_directions") or [0] * m)
+            k = len(body.outputs) - nstate
+            out_axes = list(n.attr("scan_output_axes") or [0] * k)
+            out_dirs = list(n.attr("scan_output_directions") or [0] * k)
+            if not xs:
+                raise LoweringError(f"node {n.label()}: Scan without scan inputs")
+            in_axes = [a + xs[i].ty.ndim if a < 0 else a for i, a in enumerate(in_axes)]
+            t = _dims_of(xs[0])[in_axes[0]]
+            if not isinstance(t, int) or t > self.MAX_UNROLL:
+                raise LoweringError(f"node {n.label()}: Scan needs a static sequence length ≤ {self.MAX_UNROLL} on the cpu target")
+            per: list[list[Any]] = [[] for _ in range(k)]
+            for it in range(t):
+                sl = []
+                for i, x in enumerate(xs):
+                    j = t - 1 - it if in_dirs[i] else it
+                    sl.append(bb.emit(R.squeeze(R.strided_slice(x, axes=[in_axes[i]], begin=[j], end=[j + 1]), [in_axes[i]])))
+                outs = self._body(bb, body, states + sl, env)
+                states = outs[:nstate]
+                for i in range(k):
+                    per[i].append(outs[nstate + i])
+            results = list(states)
+            for i in range(k):
+                seq = per[i][::-1] if out_dirs[i] else per[i]
+                r = seq[0].ty.ndim + 1
+                ax = out_axes[i] + r if out_axes[i] < 0 else out_axes[i]
+                results.append(bb.emit(R.stack(seq, axis=ax)))
+            return results
+        # Loop(M, cond, v...): body(i, cond, v...) → (cond, v..., scan outputs...)
+        body = n.attr("body")
+        trip = ins[0] if ins else None
+        cond = ins[1] if len(ins) > 1 else None
+        carried = list(ins[2:])
+        tv = _const_value(trip) if trip is not None else None
+        max_trip = int(np.asarray(tv).reshape(-1)[0]) if tv is not None else None
+        cv = _const_value(cond) if cond is not None else None
+        if cond is not None and cv is None:
+            raise LoweringError(f"node {n.label()}: Loop with a run-time condition is not supported by the cpu target")
+        go = True if cv is None else bool(np.asarray(cv).reshape(-1)[0])
+        if max_trip is None and cond is None:
+            raise LoweringError(f"node {n.label()}: Loop without a trip count or condition")
+        k = len(body.outputs) - 1 - len(carried)
+        per = [[] for _ in range(k)]
+        it = 0
+        while go and (max_trip is None or it < max_trip):
+            if it >= self.MAX_UNROLL:
+                raise LoweringError(f"node {n.label()}: Loop runs more than {self.MAX_UNROLL} iterations; the cpu target unrolls loops")
+            i_e = _const(np.array(it, dtype=np.int64))
+            c_e = _const(np.array(True))
+            outs = self._body(bb, body, [i_e, c_e] + carried, env)
+            c_out = _const_value(outs[0]) if isinstance(outs[0], relax.Expr) else None
+            if c_out is None:
+                raise LoweringError(f"node {n.label()}: Loop whose condition is computed at run time is not supported by the cpu target")
+            go = bool(np.asarray(c_out).reshape(-1)[0])
+            carried = outs[1 : 1 + len(carried)]
+            for i in range(k):
+                per[i].append(outs[1 + len(carried) + i])
+            it += 1
+        results = list(carried)
+        for i in range(k):
+            if not per[i]:
+                raise LoweringError(f"node {n.label()}: Loop with zero iterations and scan outputs")
+            results.append(bb.emit(R.stack(per[i], axis=0)))
+        return results
 
     def _group(self, k: str, nodes: list[Node]) -> None:
         if len(nodes) == 1 and nodes[0].op_type == "Constant":

@@ -51,6 +51,8 @@ LAYOUT_REWRITE_ANN = "meta_schedule.layout_rewrite_preproc"
 # window reductions (depthwise conv, pooling): a tile of output rows x one vector row, up to
 # this many accumulator vectors
 _WINDOW_ROW_TILE = True
+# symbolic (dynamic batch) outer loops stay serial, outside the fused parallel loop
+_SERIAL_SYMBOLIC_OUTER = True
 # materialised pads: decompose into a fill and an interior copy (both vectorisable)
 _DECOMPOSE_PADDING = True
 _WINDOW_ACC_VECTORS = 8
@@ -179,10 +181,24 @@ def _schedule_injective_block(
     if max_parallel_loops is not None:
         outer = outer[:max_parallel_loops]
     if outer:
-        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-        sch.parallel(fused)
+        _fuse_parallel(sch, outer)
     if vec is not None:
         sch.vectorize(vec)
+
+
+def _fuse_parallel(sch: "tvm.s_tir.Schedule", loops: Sequence[Any]) -> Any:
+    """Fuse `loops` into one parallel loop and return it. Leading loops of symbolic extent (a
+    dynamic batch) stay serial outside: fused with them, every index inside is recovered with
+    divisions by symbolic values (ResNet-50 with a symbolic batch ran 1.7x slower than with
+    batch 1 fixed, same schedules)."""
+    loops = list(loops)
+    lead = 0
+    while lead < len(loops) - 1 and _int(sch.get(loops[lead]).extent) is None:
+        lead += 1
+    rest = loops[lead:] if _SERIAL_SYMBOLIC_OUTER else loops
+    fused = sch.fuse(*rest) if len(rest) > 1 else rest[0]
+    sch.parallel(fused)
+    return fused
 
 
 # --------------------------------------------------------------------------- rules
@@ -278,8 +294,7 @@ class WindowReduction(_Rule):
         else:
             sch.reorder(*sl[:-1], x_o, *rl, x_i)
             outer = [*sl[:-1], x_o]
-        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-        sch.parallel(fused)
+        fused = _fuse_parallel(sch, outer)
         wb = sch.cache_write(anchor, 0, "local")
         sch.reverse_compute_at(wb, fused, preserve_unit_loops=True)
         _inline_consumers(sch, wb)
@@ -485,8 +500,7 @@ class OuterProduct(_Rule):
         red_loops = [loop_of[v] for v in r_vars]
         par = [v_o if v.same_as(vec_var) else r_o if v.same_as(reg_var) else loop_of[v] for v in s_order]
         sch.reorder(*par, *red_loops, r_i, v_i)
-        fused = sch.fuse(*par) if len(par) > 1 else par[0]
-        sch.parallel(fused)
+        fused = _fuse_parallel(sch, par)
 
         # accumulator tile in registers, laid out [.., reg, vec] so the vector axis is contiguous
         wb = sch.cache_write(anchor, 0, "local")

@@ -74,8 +74,11 @@ def _reason(text: str) -> str:
     return line[:220]
 
 
-def worker(names: list[str]) -> int:
-    """Run `names`; one JSON line per case on stdout ("start" first, so a crash is attributable)."""
+def worker(names: list[str], timeout: float = 0.0) -> int:
+    """Run `names`; one JSON line per case on stdout ("start" first, so a crash is attributable).
+    With `timeout`, a case still running after that many seconds ends the process (faulthandler's
+    watchdog thread: it fires even while TVM holds the interpreter in native code)."""
+    import faulthandler
     import unittest
     import warnings
 
@@ -84,6 +87,8 @@ def worker(names: list[str]) -> int:
     suite = _suite()
     for name in names:
         print(json.dumps({"start": name}), flush=True)
+        if timeout > 0:
+            faulthandler.dump_traceback_later(timeout, exit=True, file=sys.stderr)
         t = time.perf_counter()
         entry = suite.get(name)
         if entry is None:
@@ -92,6 +97,7 @@ def worker(names: list[str]) -> int:
         result = unittest.TestResult()
         entry[1](name).run(result)
         dt = time.perf_counter() - t
+        faulthandler.cancel_dump_traceback_later()
         if result.failures or result.errors:
             detail = (result.failures + result.errors)[0][1]
             status = "fail"
@@ -108,7 +114,7 @@ def _run_chunk(names: list[str], timeout: float, results: dict[str, dict], log) 
     """Run names in a worker subprocess; restart after a crash or timeout, skipping the culprit."""
     todo = list(names)
     while todo:
-        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", *todo],
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), f"--worker={timeout + 30:.0f}", *todo],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
         current = None
         started = time.perf_counter()
@@ -159,8 +165,9 @@ def _run_chunk(names: list[str], timeout: float, results: dict[str, dict], log) 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--worker"]:
-        return worker(argv[1:])
+    if argv[:1] and argv[0].startswith("--worker"):
+        limit = argv[0].partition("=")[2]
+        return worker(argv[1:], float(limit) if limit else 0.0)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--filter", help="only cases matching this regex")

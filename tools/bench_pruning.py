@@ -8,8 +8,9 @@ classifiers at 2x fewer FLOPs with and without recovery; time to prune ResNet-50
 Corpus models come from .cache/corpus (tools/make_corpus.py), classifiers from .cache/real
 (tools/real_models.py). Every model is first cleaned with -O1 (which folds BatchNorm into the
 convs, as deployed models are); the pruned model is compared with that -O1 baseline in the same
-run. Latency: onnxruntime CPU, all graph optimisations on, `--threads` intra-op threads, batch 1,
-median of repeated runs (baseline and pruned interleaved), printed as the ratio pruned/baseline.
+run. Latency: onnxruntime CPU, all graph optimisations on, `--threads` intra-op threads, batch 1;
+baseline and pruned models run in rounds (one call each), and the ratio pruned/baseline printed
+is the median over rounds of that round's ratio (pairs run back to back, under the same load).
 "lat/flops" is how much of the FLOPs reduction shows up as latency: (1 - latency ratio) /
 (1 - FLOPs ratio); the goal is >= 0.7. "cpu" is the same ratio of process CPU seconds per run.
 
@@ -85,22 +86,30 @@ def compiled(model, threads: int):
     return (lambda feeds: runner.run(feeds)), dt
 
 
-def latency(runs: list, feeds: dict, budget_s: float) -> tuple[list[float], list[float]]:
-    """Median wall and process-CPU seconds per run of each callable, runs interleaved so that
-    load changes hit all."""
+def latency(runs: list, feeds: dict, budget_s: float) -> tuple[list[list[float]], list[list[float]]]:
+    """Wall and process-CPU seconds of every run of each callable. Rounds run each callable once,
+    starting from a different one each round, so that load changes hit all alike."""
     for r in runs:
         for _ in range(2):
             r(feeds)
     wall: list[list[float]] = [[] for _ in runs]
     cpu: list[list[float]] = [[] for _ in runs]
     t_end = time.perf_counter() + budget_s
+    rnd = 0
     while time.perf_counter() < t_end or len(wall[0]) < 5:
-        for i, r in enumerate(runs):
+        for j in range(len(runs)):
+            i = (j + rnd) % len(runs)
             t, c = time.perf_counter(), time.process_time()
-            r(feeds)
+            runs[i](feeds)
             wall[i].append(time.perf_counter() - t)
             cpu[i].append(time.process_time() - c)
-    return [statistics.median(t) for t in wall], [statistics.median(t) for t in cpu]
+        rnd += 1
+    return wall, cpu
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a/b: each round's pair ran back to back, under the same load."""
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def prune(model, spec: str):
@@ -154,14 +163,15 @@ def bench_corpus(names: list[str], ratios: list[float], threads: int, budget: fl
             cells = ""
             for tgt in targets:
                 if tgt in meas:
-                    lw, lc = meas[tgt][0][k] / meas[tgt][0][0], meas[tgt][1][k] / meas[tgt][1][0]
+                    lw, lc = (paired_ratio(meas[tgt][i][k], meas[tgt][i][0]) for i in (0, 1))
                     cells += f" {lw:9.3f} {_share(lw, fr):9.2f} {lc:9.3f} {_share(lc, fr):9.2f}"
                 else:
                     cells += f" {'-':>9} {'-':>9} {'-':>9} {'-':>9}"
             print(f"{name:16} {r:5.2f} {fr:7.3f} {count_params(m) / p0:7.3f} {size(m) / s0:7.3f}{cells} "
                   f"{st['groups-pruned']:>4}/{st['groups']:<4}{'':2} {dt:7.2f}", flush=True)
         if meas:
-            scale = "; ".join(f"{t} {meas[t][0][0] * 1e3:.2f} ms wall, {meas[t][1][0] * 1e3:.2f} ms cpu" for t in meas)
+            scale = "; ".join(f"{t} {statistics.median(meas[t][0][0]) * 1e3:.2f} ms wall, "
+                              f"{statistics.median(meas[t][1][0]) * 1e3:.2f} ms cpu ({len(meas[t][0][0])} rounds)" for t in meas)
             print(f"{'':16} baseline {scale} per run (for scale only){'; ' + '; '.join(notes) if notes else ''}")
 
 

@@ -528,7 +528,7 @@ def _recurrent(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -
 
 
 def _resize_plan(node: Node, shape: list[int], roi: np.ndarray | None, scales: np.ndarray | None,
-                 sizes: np.ndarray | None) -> list[tuple[int, np.ndarray, np.ndarray | None]]:
+                 sizes: np.ndarray | None, overrides: dict[str, Any] | None = None) -> list[tuple[int, np.ndarray, np.ndarray | None]]:
     """Per resized axis: (axis, weights [out, in] in float64, extrapolated rows mask or None).
 
     The weights are onnx's reference interpolation (separable, one axis at a time) applied to an
@@ -537,13 +537,22 @@ def _resize_plan(node: Node, shape: list[int], roi: np.ndarray | None, scales: n
     the reference says; the data itself is resized by the compiled kernels."""
     from onnx.reference.ops import op_resize as ref
 
+    over = overrides or {}
+
+    def attr(name: str, default: Any = None) -> Any:
+        return over[name] if name in over else node.attr(name, default)
+
+    def sattr(name: str, default: str) -> str:
+        v = attr(name, default)
+        return v.decode() if isinstance(v, bytes) else str(v)
+
     r = len(shape)
-    axes = [a + r if a < 0 else a for a in (node.attr("axes") or range(r))]
-    mode = _str_attr(node, "mode", "nearest")
-    antialias = bool(node.attr("antialias", 0))
-    a_coef = float(node.attr("cubic_coeff_a", -0.75))
+    axes = [a + r if a < 0 else a for a in (attr("axes") or range(r))]
+    mode = sattr("mode", "nearest")
+    antialias = bool(attr("antialias", 0))
+    a_coef = float(attr("cubic_coeff_a", -0.75))
     if mode == "nearest":
-        nmode = _str_attr(node, "nearest_mode", "round_prefer_floor")
+        nmode = sattr("nearest_mode", "round_prefer_floor")
 
         def fct(x: float, scale: float) -> np.ndarray:
             return ref._nearest_coeffs(x, mode=nmode)
@@ -560,7 +569,7 @@ def _resize_plan(node: Node, shape: list[int], roi: np.ndarray | None, scales: n
         for i, d in enumerate(axes):
             full_size[d] = int(sizes[i])
         full_scale = [full_size[i] / shape[i] for i in range(r)]
-        policy = _str_attr(node, "keep_aspect_ratio_policy", "stretch")
+        policy = sattr("keep_aspect_ratio_policy", "stretch")
         if policy != "stretch":
             s = (min if policy == "not_larger" else max)(full_scale[d] for d in axes)
             full_scale = [s if i in axes else 1.0 for i in range(r)]
@@ -577,7 +586,7 @@ def _resize_plan(node: Node, shape: list[int], roi: np.ndarray | None, scales: n
         n = len(axes)
         for i, d in enumerate(axes):
             full_roi[d], full_roi[r + d] = float(roi[i]), float(roi[n + i])
-    ctm = _str_attr(node, "coordinate_transformation_mode", "half_pixel")
+    ctm = sattr("coordinate_transformation_mode", "half_pixel")
     plan = []
     for d in range(r):
         same_roi = full_roi is None or (full_roi[d] == 0.0 and full_roi[d + r] == 1.0)
@@ -587,7 +596,7 @@ def _resize_plan(node: Node, shape: list[int], roi: np.ndarray | None, scales: n
         w = ref._interpolate_1d_along_axis(
             eye, 0, float(full_scale[d]), int(full_size[d]), fct,
             roi=None if full_roi is None else [full_roi[d], full_roi[d + r]],
-            extrapolation_value=np.nan, coordinate_transformation_mode=ctm, exclude_outside=bool(node.attr("exclude_outside", 0)))
+            extrapolation_value=np.nan, coordinate_transformation_mode=ctm, exclude_outside=bool(attr("exclude_outside", 0)))
         rows = np.isnan(w).any(axis=1)
         plan.append((d, np.nan_to_num(w, nan=0.0), rows if rows.any() else None))
     return plan
@@ -628,8 +637,11 @@ def _resize(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> A
         plan = _resize_plan(node, shape, *consts)
     except (ImportError, AttributeError):  # onnx's reference moved: the frontend's converter
         return NotImplemented
+    return _apply_resize(bb, node, x, shape, plan, _str_attr(node, "mode", "nearest"), float(node.attr("extrapolation_value", 0.0)))
+
+
+def _apply_resize(bb: relax.BlockBuilder, node: Node, x: Any, shape: list[int], plan: list[Any], mode: str, ev: float) -> Any:
     dtype = _dt(x)
-    mode = _str_attr(node, "mode", "nearest")
     y = x
     masks = []
     for axis, w, rows in plan:
@@ -649,7 +661,6 @@ def _resize(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> A
         m = masks[0]
         for extra in masks[1:]:
             m = m | extra
-        ev = float(node.attr("extrapolation_value", 0.0))
         y = bb.emit(R.where(relax.const(m, "bool"), _c(ev, dtype), y))
     if y is x:
         y = bb.emit(R.add(x, _c(0, dtype))) if dtype.startswith("float") else bb.emit(R.astype(x, dtype))
@@ -832,3 +843,111 @@ def _det(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
             total = R.add(total, term) if inv % 2 == 0 else R.subtract(total, term)
         total = bb.emit(total)
     return total
+
+
+@converter("Upsample")
+def _upsample(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Upsample (scales attribute, or a constant scales input from opset 9) = Resize with the
+    asymmetric coordinate transformation and floor rounding for nearest."""
+    x = ins[0]
+    shape = _static(node, x, "input")
+    if len(ins) > 1 and ins[1] is not None:
+        scales = np.asarray(_int_const(node, ins[1], "scales"), dtype=np.float64)
+    else:
+        scales = np.asarray(node.attr("scales"), dtype=np.float64)
+    mode = _str_attr(node, "mode", "nearest")
+    over = {"mode": mode, "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor", "axes": None,
+            "antialias": 0, "exclude_outside": 0, "keep_aspect_ratio_policy": "stretch"}
+    plan = _resize_plan(node, shape, None, scales, None, over)
+    return _apply_resize(bb, node, x, shape, plan, mode, 0.0)
+
+
+@converter("Dropout")
+def _dropout(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Inference Dropout (or training with ratio 0): the input unchanged and an all-true mask.
+    Training with a nonzero ratio draws random numbers: refused."""
+    x = ins[0]
+    training = ins[2] if len(ins) > 2 else None
+    if training is not None:
+        t = _const_value(training)
+        if t is None:
+            raise LoweringError(f"node {node.label()}: Dropout with a run-time training_mode is not supported by the cpu target")
+        if bool(np.asarray(t).reshape(-1)[0]):
+            r = _const_value(ins[1]) if len(ins) > 1 and ins[1] is not None else np.array(0.5)
+            if r is None or float(np.asarray(r).reshape(-1)[0]) != 0.0:
+                raise LoweringError(f"node {node.label()}: training-mode Dropout (random) is not supported by the cpu target")
+    y = bb.emit(R.astype(x, _dt(x)))
+    if len(node.outputs) > 1:
+        return [y, bb.emit(R.ones(_dims_of(x), "bool"))]
+    return y
+
+
+@converter("Swish")
+def _swish(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """x · sigmoid(alpha · x)."""
+    x = ins[0]
+    a = float(node.attr("alpha", 1.0))
+    return bb.emit(R.multiply(x, R.sigmoid(R.multiply(x, _c(a, _dt(x))))))
+
+
+@converter("ReduceMax", "ReduceMin")
+def _reduce_bool(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """ReduceMax/Min of bool tensors through uint8 (TIR has no min/max value for bool)."""
+    x = ins[0]
+    if _dt(x) != "bool":
+        return NotImplemented
+    axes = node.attr("axes")
+    if len(ins) > 1 and ins[1] is not None:
+        axes = [int(a) for a in _int_const(node, ins[1], "axes").reshape(-1)]
+    keep = bool(node.attr("keepdims", 1))
+    if not axes:
+        if node.attr("noop_with_empty_axes", 0):
+            return bb.emit(R.astype(x, "bool"))
+        axes = None
+    fn = R.max if node.op_type == "ReduceMax" else R.min
+    return bb.emit(R.astype(fn(R.astype(x, "uint8"), axes, keep), "bool"))
+
+
+@converter("ReverseSequence")
+def _reverse_sequence(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Reverse the first sequence_lens[b] steps of each batch entry: one gather_elements with a
+    compile-time index tensor (sequence_lens must be constant)."""
+    x = ins[0]
+    shape = _static(node, x, "input")
+    lens = [int(v) for v in _int_const(node, ins[1], "sequence_lens").reshape(-1)]
+    tax, bax = node.attr("time_axis", 0), node.attr("batch_axis", 1)
+    idx = np.indices(shape)[tax].copy()
+    for b, n in enumerate(lens):
+        sel = [slice(None)] * len(shape)
+        sel[bax] = b
+        t = idx[tuple(sel)]
+        pos = np.indices(t.shape)[tax if tax < bax else tax - 1]
+        idx[tuple(sel)] = np.where(pos < n, n - 1 - pos, pos)
+    return bb.emit(R.gather_elements(x, relax.const(idx.astype(np.int64), "int64"), axis=tax))
+
+
+@converter("Pad")
+def _pad(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Constant Pad whose pad value is a run-time scalar: pad with zeros, then the value where a
+    compile-time mask marks the padding (the frontend takes only a constant value)."""
+    if opset < 11 or len(ins) < 3 or ins[2] is None or _const_value(ins[2]) is not None:
+        return NotImplemented
+    if _str_attr(node, "mode", "constant") != "constant":
+        return NotImplemented
+    x = ins[0]
+    shape = _static(node, x, "input")
+    r = len(shape)
+    pads = [int(v) for v in _int_const(node, ins[1], "pads").reshape(-1)]
+    axes = list(range(r))
+    if len(ins) > 3 and ins[3] is not None:
+        axes = [int(a) + r if int(a) < 0 else int(a) for a in _int_const(node, ins[3], "axes").reshape(-1)]
+    full = [0] * (2 * r)
+    for i, a in enumerate(axes):
+        full[a], full[r + a] = pads[i], pads[len(axes) + i]
+    if any(p < 0 for p in full):
+        return NotImplemented
+    width = [p for a in range(r) for p in (full[a], full[r + a])]
+    y = bb.emit(R.nn.pad(x, width, pad_value=0.0))
+    inside = np.pad(np.ones(shape, dtype=bool), [(full[a], full[r + a]) for a in range(r)], constant_values=False)
+    cv = bb.emit(R.astype(R.reshape(ins[2], []), _dt(x)))
+    return bb.emit(R.where(relax.const(inside, "bool"), y, cv))

@@ -51,6 +51,8 @@ LAYOUT_REWRITE_ANN = "meta_schedule.layout_rewrite_preproc"
 # window reductions (depthwise conv, pooling): a tile of output rows x one vector row, up to
 # this many accumulator vectors
 _WINDOW_ROW_TILE = True
+# erf lowered to a vectorisable polynomial on LLVM targets (see use_fast_erf)
+_FAST_ERF = True
 # symbolic (dynamic batch) outer loops stay serial, outside the fused parallel loop
 _SERIAL_SYMBOLIC_OUTER = True
 # materialised pads: decompose into a fill and an interior copy (both vectorisable)
@@ -644,6 +646,52 @@ def schedule_prim_func(
     return (sch.mod["main"] if sch is not None else None), rule, notes
 
 
+# Eigen's float32 erf (the rational approximation TVM's topi.fast_erf and onnxruntime's MLAS
+# use): max abs error 4.2e-7 against math.erf over [-6, 6]
+_ERF_ALPHA = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+              -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_BETA = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+             -1.42647390514189e-02)
+_FAST_ERF_REGISTERED = False
+
+
+def _fast_erf(call: Any) -> Any:
+    """LLVM lowering of `tirx.erf`: the polynomial for float32 (scalar or vector); libm's erf
+    for other types. LLVM's default is a call to libm's erff per element, which the vectoriser
+    cannot vectorise: the GELU epilogue of a 128x768x3072 dense ran 2.4x onnxruntime's time."""
+    from tvm import tirx
+
+    x = call.args[0]
+    dtype = str(x.ty)
+    if not dtype.startswith("float32"):
+        if dtype.startswith("float64"):
+            return tirx.call_pure_extern(dtype, "erf", x)
+        return tirx.Cast(dtype, _fast_erf(tirx.Call(dtype.replace(dtype.split("x")[0], "float32", 1),
+                                                     call.op, [tirx.Cast(dtype.replace(dtype.split("x")[0], "float32", 1), x)])))
+    xc = tirx.max(tirx.min(x, 4.0), -4.0)
+    x2 = xc * xc
+    p = x2 * _ERF_ALPHA[0] + _ERF_ALPHA[1]
+    for c in _ERF_ALPHA[2:]:
+        p = x2 * p + c
+    p = xc * p
+    q = x2 * _ERF_BETA[0] + _ERF_BETA[1]
+    for c in _ERF_BETA[2:]:
+        q = x2 * q + c
+    return tirx.max(tirx.min(p / q, 1.0), -1.0)  # (the polynomial overshoots 1 by an ulp at 4)
+
+
+def use_fast_erf() -> None:
+    """Lower `tirx.erf` on LLVM targets with `_fast_erf` from now on in this process (the default
+    schedules call it: it is what makes GELU epilogues vectorise)."""
+    global _FAST_ERF_REGISTERED
+    if _FAST_ERF_REGISTERED:
+        return
+    from tvm.tirx.op import register_intrin_lowering
+
+    register_intrin_lowering("tirx.erf", "llvm", f=_fast_erf, level=99)
+    _FAST_ERF_REGISTERED = True
+
+
 def apply_default_schedules(
     mod: "tvm.IRModule",
     target: "tvm.target.Target",
@@ -659,6 +707,8 @@ def apply_default_schedules(
 
     if not isinstance(target, tvm.target.Target):
         target = tvm.target.Target(target)
+    if str(target.kind.name) == "llvm" and _FAST_ERF:
+        use_fast_erf()
     updates = {}
     for gv, func in mod.functions_items():
         if not isinstance(func, tirx.PrimFunc):

@@ -271,7 +271,12 @@ def compile(  # noqa: A001 - the public name the issue asks for
     m = optimize(m, pipeline, inplace=True)
     opts = CompileOptions(pipeline=pipeline, threads=threads, tune=tune, tune_minutes=tune_minutes,
                           tuning_db=tuning_db, progress=progress, bind=bind)
-    return tgt.compile(m, opts, source_sha256=source_sha)
+    art = tgt.compile(m, opts, source_sha256=source_sha)
+    if bind:  # the manifest says which input values the library was specialised on
+        art.manifest["specialized"] = {k: {"dtype": str(np.asarray(a).dtype), "shape": list(np.shape(a)),
+                                           "values": np.asarray(a).reshape(-1).tolist()} for k, a in bind.items()}
+        write_manifest(art.path, art.manifest)
+    return art
 
 
 def bind_inputs(model: Model, values: Mapping[str, np.ndarray]) -> None:

@@ -118,3 +118,13 @@ class CpuBackend(Backend):
                 return cls.prepare(model, device)
 
         return _Capture.run_node(node, inputs, device, outputs_info=outputs_info, **kwargs)
+
+
+class SpecializingCpuBackend(CpuBackend):
+    """CpuBackend that compiles at the first run with the small shape-deciding inputs bound (the
+    GRAPHOPT_CPU_BACKEND_SPECIALIZE=1 behaviour as a class, for a test suite of its own)."""
+
+    @classmethod
+    def prepare(cls, model: Any, device: str = "CPU", **kwargs: Any) -> CpuBackendRep:  # type: ignore[override]
+        kwargs.setdefault("specialize", True)
+        return super().prepare(model, device, **kwargs)

@@ -209,7 +209,7 @@ def bench_compile(args: argparse.Namespace, tmp: str) -> None:
         p1, b1 = saved_bytes(out, tmp, f"{name}.c.b{bits}.onnx")
         inputs, _ = rm.test_data(name, limit=4)
         ref = rm.session(p1, args.threads).run(None, inputs)[0]
-        sizes, loads = [], []
+        sizes, loads, runners = [], [], []
         for label, model in (("fp32", base), (f"{bits}-bit", out)):
             t = time.perf_counter()
             art = graphopt.compile(model, "cpu", "-O2", threads=args.threads)
@@ -219,14 +219,20 @@ def bench_compile(args: argparse.Namespace, tmp: str) -> None:
             runner = runtime.load(art.path, threads=args.threads)
             loads.append(time.perf_counter() - t)
             y = runner.run(inputs)[0]
+            runners.append(runner)
             sizes.append(sum(files.values()))
             print(f"{name:14} {label:7} artifact {sizes[-1]:>10} bytes {files} compile {secs:.0f} s, load {loads[-1]:.2f} s, "
                   f"codebook params {len(art.manifest['runtime'].get('codebooks', {}))}")
             if label != "fp32":
                 err = float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30))
                 print(f"{name:14} {label:7} vs onnxruntime on the clustered ONNX: max |diff| / max |y| = {err:.2e}")
+        p50 = [[], []]
+        for i in range(6):  # alternating rounds: the shared machine's drift hits both alike
+            for j in (i % 2, 1 - i % 2):
+                p50[j].append(runners[j].benchmark(inputs, warmup=1, repeat=10, seconds=args.budget / 6)["p50_ms"])
         print(f"{name:14} artifact ratio {sizes[0] / sizes[1]:.2f} (ONNX file ratio {b0 / b1:.2f}); "
-              f"load time ratio {loads[1] / loads[0]:.2f}")
+              f"load time ratio {loads[1] / loads[0]:.2f}; latency ratio clustered / fp32 "
+              f"{statistics.median(p50[1]) / statistics.median(p50[0]):.2f}")
 
 
 def synthetic_100m() -> graphopt.Model:

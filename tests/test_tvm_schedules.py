@@ -226,13 +226,24 @@ def test_fast_erf_keeps_float32_accuracy():
     schedules are used: within 1e-6 of the exact erf over [-8, 8], scalar and vector code."""
     import math
 
-    x = np.linspace(-8, 8, 4001, dtype=np.float32).reshape(1, -1)
+    x = np.concatenate([np.linspace(-8, 8, 4000, dtype=np.float32), np.float32([np.nan])]).reshape(1, -1)
     mod = _fused(lambda bb, a: bb.emit(relax.op.erf(a)), [("a", x.shape)])
     smod = apply_default_schedules(mod, _target())
     got = _run(smod, [x])
     ref = np.array([[math.erf(float(v)) for v in x[0]]])
-    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
-    assert np.all(np.abs(got) <= 1.0)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)  # (NaN == NaN for assert_allclose)
+    assert np.isnan(got[0, -1]) and np.all(np.abs(got[0, :-1]) <= 1.0)
     from graphopt.targets import tvm_schedules
 
     assert tvm_schedules._FAST_ERF_REGISTERED
+
+
+def test_fast_exp_keeps_float32_accuracy():
+    """exp lowers to a vectorisable range reduction + polynomial: relative error within 1e-6
+    over the float32 range, 0 below it, NaN kept."""
+    x = np.concatenate([np.linspace(-87, 88, 4000, dtype=np.float32), np.float32([-1000, 0, np.nan, -np.inf])]).reshape(1, -1)
+    mod = _fused(lambda bb, a: bb.emit(relax.op.exp(a)), [("a", x.shape)])
+    got = _run(apply_default_schedules(mod, _target()), [x])[0]
+    ref = np.exp(x[0].astype(np.float64))
+    np.testing.assert_allclose(got[:4000], ref[:4000], rtol=1e-6)
+    assert got[4000] == 0 and got[4001] == 1 and np.isnan(got[4002]) and got[4003] == 0

@@ -710,6 +710,10 @@ def _fast_exp(call: Any) -> Any:
     y = y * z + r + 1.0
     scale = tirx.reinterpret(dtype, (tirx.Cast(itype, n) + 127) << 23)
     out = y * scale
+    inf = tirx.const(float("inf"), "float32")
+    if "x" in dtype:
+        inf = tirx.Broadcast(inf, int(dtype.split("x")[1]))
+    out = tirx.Select(x > 88.72283905206835, inf, out)  # overflow: inf, as expf gives
     return tirx.Select(tirx.isnan(x), x, out)  # NaN in, NaN out (min/max would have dropped it)
 
 

@@ -240,10 +240,11 @@ def test_fast_erf_keeps_float32_accuracy():
 
 def test_fast_exp_keeps_float32_accuracy():
     """exp lowers to a vectorisable range reduction + polynomial: relative error within 1e-6
-    over the float32 range, 0 below it, NaN kept."""
-    x = np.concatenate([np.linspace(-87, 88, 4000, dtype=np.float32), np.float32([-1000, 0, np.nan, -np.inf])]).reshape(1, -1)
+    over the float32 range, 0 below it, inf above, NaN kept."""
+    x = np.concatenate([np.linspace(-87, 88, 4000, dtype=np.float32), np.float32([-1000, 0, np.nan, -np.inf, 89, np.inf])]).reshape(1, -1)
     mod = _fused(lambda bb, a: bb.emit(relax.op.exp(a)), [("a", x.shape)])
     got = _run(apply_default_schedules(mod, _target()), [x])[0]
     ref = np.exp(x[0].astype(np.float64))
     np.testing.assert_allclose(got[:4000], ref[:4000], rtol=1e-6)
     assert got[4000] == 0 and got[4001] == 1 and np.isnan(got[4002]) and got[4003] == 0
+    assert got[4004] == np.inf and got[4005] == np.inf

@@ -401,8 +401,8 @@ def schedule_int8_conv(func: Any, target: Any, weight_absmax: Mapping[int, int] 
             and all(isinstance(x, tirx.Cast) and hasattr(x.value, "indices") for x in (body.value.b.a, body.value.b.b))):
         return None
     ext = {iv.var: _static(iv.dom.extent) for iv in ivs}
-    if any(v is None for v in ext.values()):
-        return None
+    if any(ext[v] is None for v in (ff, yy, xx, rc, ry, rx)):
+        return None  # the batch may be symbolic (it is only part of the parallel loop)
     b_param = next((i for i, p in enumerate(func.params) if p.same_as(b_buf)), None)
     bound = (weight_absmax or {}).get(b_param) if b_param is not None else None
     if a_dt == "uint8" and b_dt == "int8" and bound is not None and bound <= U8S8_WEIGHT_BOUND:

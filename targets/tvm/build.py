@@ -113,6 +113,9 @@ def schedule(
                         pass
             else:
                 info.tuning = {"status": "database applied", "db": os.path.abspath(tuning_db)}
+                kept = getattr(tuning, "kept_schedules", None)
+                if callable(kept) and os.path.isdir(tuning_db):
+                    info.tuning["kept"] = kept(tuning_db)  # workloads keeping default / tuned schedules
             if tuning_db and os.path.isdir(tuning_db):
                 mod = tuning.apply_database(mod, target, tuning_db)
     scheds = _optional("graphopt.targets.tvm_schedules")

@@ -200,7 +200,10 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
     }
     kept = (row["tuning"] or {}).get("kept") or {}
     if kept:
-        row["kept"] = {k: sum(1 for v in kept.values() if v.get("kept") == k) for k in ("tuned", "default", "none")}
+        if all(isinstance(v, int) for v in kept.values()):  # a compile that only applied the database
+            row["kept"] = dict(kept)
+        else:  # per task, from the tuning run
+            row["kept"] = {k: sum(1 for v in kept.values() if v.get("kept") == k) for k in ("tuned", "default", "none")}
     if warm is not None:
         mw = statistics.median(times[2])
         row.update({"warm_compile_s": round(warm_s, 2), "warm_ms": mw * 1e3, "ratio_warm_over_ort": mw / mo,
@@ -210,7 +213,9 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
           f"{row['default_schedules']}); max|tvm-ort| {maxabs:.2e}; median over {rounds} rounds: tvm {mt*1e3:.2f} ms, "
           f"ort {mo*1e3:.2f} ms, tvm/ort {mt/mo:.2f}x; GFLOP/s tvm {row['tvm_gflops']:.1f}, ort {row['ort_gflops']:.1f} "
           f"(peak {peak:.1f}: {row['tvm_gflops']/peak:.0%} / {row['ort_gflops']/peak:.0%})", flush=True)
-    if kept:
+    if kept and row["tuning"].get("status") == "database applied":
+        print(f"{name}: tuning database applied; its workloads keep: {row['kept']}", flush=True)
+    elif kept:
         print(f"{name}: tuning kept per task: {row['kept']} (stopped: {row['tuning'].get('stopped')}, "
               f"{row['tuning'].get('new_trials')} new trials in {row['tuning'].get('seconds', 0):.0f} s)", flush=True)
     if warm is not None:

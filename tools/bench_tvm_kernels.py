@@ -9,6 +9,7 @@ matmul, same run).
 
     TVM_NUM_THREADS=2 .venv/bin/python tools/bench_tvm_kernels.py --threads 2
     .venv/bin/python tools/bench_tvm_kernels.py --cases conv3x3_64 --tune 16 --tuning-db /tmp/db
+    .venv/bin/python tools/bench_tvm_kernels.py --threads 2 --profile-model resnet50   # time shares per kernel
 """
 
 from __future__ import annotations
@@ -238,6 +239,75 @@ def _number_for(seconds: float) -> int:
     return max(1, min(200, int(0.05 / max(seconds, 1e-6))))
 
 
+def profile_model(name: str, threads: int, top: int = 20) -> int:
+    """Per-kernel time of a corpus model compiled the way the cpu target does (-O2, graphopt's
+    kernel groups, default schedules, weight packing hoisted; symbolic dims fixed to 1): each
+    PrimFunc is built alone and timed on random arguments, times its number of calls in `main`,
+    grouped by the schedule rule that scheduled it (which kernels eat the time?)."""
+    import collections
+
+    import tvm
+
+    import graphopt
+    from graphopt.passes.fusion.kernel_groups import PlanKernels
+    from graphopt.targets.tvm import build as B
+    from graphopt.targets.tvm import lower as L
+    from graphopt.targets.tvm_schedules import ScheduleStats, apply_default_schedules
+    from graphopt.transform import PassContext
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    om = onnx.load(os.path.join(root, ".cache", "corpus", f"{name}.onnx"))
+    for vi in list(om.graph.input) + list(om.graph.output):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") or not d.HasField("dim_value"):
+                d.Clear()
+                d.dim_value = 1
+    m = graphopt.optimize(graphopt.load(onnx.shape_inference.infer_shapes(om)), "-O2")
+    PlanKernels().run(m, PassContext())
+    target = B.host_target(threads=threads)
+    lowered, mod = L.lower_and_fuse(m, target)
+    stats = ScheduleStats()
+    smod = apply_default_schedules(mod, target, stats=stats)
+    lifted = B.lift_weight_packing(smod, list(lowered.params.values()), B.host_target(threads=1))
+    if lifted is not None:
+        smod = lifted[0]
+    calls: collections.Counter = collections.Counter()
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+
+    def visit(e) -> None:
+        if isinstance(e, tvm.relax.Call) and e.op.same_as(call_tir):
+            calls[e.args[0].name_hint] += 1
+
+    tvm.relax.analysis.post_order_visit(smod["main"], visit)
+    dev = tvm.cpu()
+    rng = np.random.default_rng(0)
+    rows = []
+    for gv, f in smod.functions_items():
+        if not isinstance(f, tvm.tirx.PrimFunc) or not calls[gv.name_hint]:
+            continue
+        f = f.with_attr("global_symbol", "main")
+        try:
+            lib = tvm.compile(tvm.IRModule({"main": f}), target=target)
+            args = [tvm.runtime.tensor(np.asarray(rng.random([int(d) for d in b.shape])).astype(str(b.dtype)), dev)
+                    for b in f.params]
+            t = float(np.median(lib.mod.time_evaluator("main", dev, number=1, repeat=5, min_repeat_ms=20)(*args).results))
+        except Exception as e:  # noqa: BLE001 - a kernel that cannot run alone is listed, not timed
+            print(f"# {gv.name_hint}: not timed ({str(e).strip().splitlines()[-1][:100]})")
+            continue
+        rule = stats.by_func.get(gv.name_hint.replace("_prepacked", ""), "?")
+        rows.append((gv.name_hint, rule, calls[gv.name_hint], t))
+    total = sum(n * t for _, _, n, t in rows)
+    print(f"# {name}: {len(rows)} kernels, sum of kernel times {total * 1e3:.2f} ms (threads={threads})")
+    by_rule: dict[str, float] = collections.defaultdict(float)
+    for _, rule, n, t in rows:
+        by_rule[rule] += n * t
+    for rule, t in sorted(by_rule.items(), key=lambda kv: -kv[1]):
+        print(f"rule {rule:20} {t * 1e3:9.2f} ms {100 * t / total:5.1f}%")
+    for kname, rule, n, t in sorted(rows, key=lambda r: -r[2] * r[3])[:top]:
+        print(f"  {kname:24} {rule:18} x{n:<3} {t * 1e3:8.3f} ms  {100 * n * t / total:5.1f}%")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -248,9 +318,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-prepack", action="store_true",
                     help="keep the weight packing inside the kernels (default: hoisted and folded)")
+    ap.add_argument("--profile-model", default="",
+                    help="instead: per-kernel time shares of a corpus model (e.g. resnet50), by schedule rule")
     args = ap.parse_args(argv)
 
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    if args.profile_model:
+        return profile_model(args.profile_model, args.threads)
     import tvm
 
     from graphopt.targets.tvm_schedules import ScheduleStats, apply_default_schedules

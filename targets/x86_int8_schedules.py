@@ -1,4 +1,4 @@
-"""int8 matmul kernels for x86 CPUs with AVX2 (no VNNI needed): the cpu target's integer kernels.
+"""int8 matmul and conv kernels for x86 CPUs with AVX2 (no VNNI needed): the cpu target's integer kernels.
 
     mod, done = schedule_int8_kernels(mod, target, params)   # before the default CPU schedules
 
@@ -19,6 +19,10 @@ The accumulator tile (up to 4 rows × 16 columns: 8 ymm registers) is written ba
 kernel's epilogue (int32 → float cast, scales, bias, zero-point correction, requantize) inlined
 into the write-back: int8 × int8 → int32 accumulate, requantize in the epilogue. The packing of a
 weight is annotated as a layout rewrite, so the cpu target runs it once at compile time.
+
+2-D NCHW int8 convs (ConvInteger, which `qdq-to-integer` writes for static QDQ convs) use the
+same micro-kernels with the input laid out NHWC and the weights [OC/8, KH, KW, IC/s, 8, s]
+(`schedule_int8_conv`).
 
 The rule does not fire (the default schedules take the kernel) when the target has no AVX2, N is
 not a multiple of 8 or K of the step, the reduction is not a plain product of two 8-bit casts (a

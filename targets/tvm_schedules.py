@@ -51,6 +51,8 @@ LAYOUT_REWRITE_ANN = "meta_schedule.layout_rewrite_preproc"
 # window reductions (depthwise conv, pooling): a tile of output rows x one vector row, up to
 # this many accumulator vectors
 _WINDOW_ROW_TILE = True
+# inline argument copies (bias reshapes) first so the epilogue inlines into the write-back
+_INLINE_ARG_COPIES = True
 # erf lowered to a vectorisable polynomial on LLVM targets (see use_fast_erf)
 _FAST_ERF = True
 # symbolic (dynamic batch) outer loops stay serial, outside the fused parallel loop
@@ -243,6 +245,8 @@ class WindowReduction(_Rule):
         from tvm.tirx import IterVar
 
         sch = s_tir.Schedule(func)
+        if _INLINE_ARG_COPIES:
+            _inline_arg_copies(sch, func)
         blocks = sch.get_child_blocks(_root(sch))
         reds = [b for b in blocks if _is_reduction(sch.get(b))]
         if len(reds) != 1:
@@ -318,6 +322,25 @@ class WindowReduction(_Rule):
         return sch
 
 
+def _inline_arg_copies(sch, func) -> None:
+    """compute_inline the blocks that only copy a kernel argument (the bias reshaped to
+    [1, C, 1, 1]): left in place, the epilogue that reads them cannot be inlined into the
+    accumulator write-back, and bias/ReLU6 ran as three extra parallel passes over the output."""
+    intermediates = {buf.name for buf in func.body.block.alloc_buffers}
+    for block in sch.get_child_blocks(_root(sch)):
+        stmt = sch.get(block)
+        body = stmt.body
+        if stmt.init is not None or type(body).__name__ != "BufferStore" or \
+                type(body.value).__name__ not in ("TensorLoad", "BufferLoad"):
+            continue
+        if len(stmt.reads) != 1 or stmt.reads[0].source.name in intermediates:
+            continue
+        try:
+            sch.compute_inline(block)
+        except Exception:
+            pass
+
+
 def _inline_copies(sch, anchor) -> None:
     """compute_inline producers of the anchor that only move data (a pad of 0, a transpose,
     a reshape): the anchor reads through them. Real pads (if_then_else) stay materialised so the
@@ -385,6 +408,8 @@ class OuterProduct(_Rule):
         from tvm.tirx import IterVar
 
         sch = s_tir.Schedule(func)
+        if _INLINE_ARG_COPIES:
+            _inline_arg_copies(sch, func)
         blocks = sch.get_child_blocks(_root(sch))
         reds = [b for b in blocks if _is_reduction(sch.get(b))]
         if len(reds) != 1:

@@ -68,12 +68,22 @@ def fp32_artifact():
     return graphopt.compile(_net(), "cpu", "-O1")
 
 
+_BUILT: dict = {}
+
+
+def _clustered(bits: int, opset: int, ir: int, per_channel: bool):
+    """(clustered model, its stats, its cpu artifact), compiled once per module."""
+    key = (bits, opset, ir, per_channel)
+    if key not in _BUILT:
+        m = graphopt.optimize(_net(opset, ir), f"cluster-weights{{bits={bits},min-size=512,per-channel={str(per_channel).lower()}}}")
+        _BUILT[key] = (m, m.meta["pass_timings"][-1].stats, graphopt.compile(m, "cpu", "-O1"))
+    return _BUILT[key]
+
+
 @pytest.mark.parametrize("bits,opset,ir,per_channel", [(5, 17, 8, False), (4, 21, 10, False), (3, 17, 8, True)])
 def test_artifact_stores_indices_and_codebooks_and_matches_onnxruntime(fp32_artifact, bits, opset, ir, per_channel):
-    clustered = graphopt.optimize(_net(opset, ir), f"cluster-weights{{bits={bits},min-size=512,per-channel={str(per_channel).lower()}}}")
-    stats = clustered.meta["pass_timings"][-1].stats
+    clustered, stats, art = _clustered(bits, opset, ir, per_channel)
     assert stats["tensors-clustered"] == 4
-    art = graphopt.compile(clustered, "cpu", "-O1")
     rt = art.manifest["runtime"]
     entries = rt["codebooks"]
     assert len(entries) == 4  # every clustered weight is stored compressed
@@ -104,9 +114,7 @@ def test_fp32_artifact_unchanged(fp32_artifact):
 
 
 def test_tampered_params_are_refused(tmp_path):
-    clustered = graphopt.optimize(_net(), "cluster-weights{bits=5,min-size=512}")
-    art = graphopt.compile(clustered, "cpu", "-O1")
-    path = art.save(str(tmp_path / "a"))
+    path = _clustered(5, 17, 8, False)[2].save(str(tmp_path / "a"))
     p = os.path.join(path, "params.npz")
     with np.load(p) as z:
         arrays = {k: z[k] for k in z}

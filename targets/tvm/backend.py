@@ -24,15 +24,17 @@ import graphopt
 
 PIPELINE = os.environ.get("GRAPHOPT_CPU_BACKEND_PIPELINE", "-O2")
 #: "1": compile at the first run with the small integer inputs (axes, shapes, pads, k... that the
-#: node tests feed as inputs) and the float/bool inputs that decide shapes or control flow (Resize roi/scales, OneHot depth,
-#: If/Loop conditions, Dropout ratio/training_mode) bound
-#: as constants, like a JIT specialising on them (recompiled when they change)
+#: node tests feed as inputs) and the float/bool inputs that decide shapes or control flow
+#: (Resize roi/scales, OneHot depth, If/Loop conditions, Dropout ratio/training_mode,
+#: NonMaxSuppression thresholds) bound as constants, like a JIT specialising on them
+#: (recompiled when they change; the artifact's manifest lists them under "specialized")
 SPECIALIZE = os.environ.get("GRAPHOPT_CPU_BACKEND_SPECIALIZE", "0") == "1"
 SPECIALIZE_MAX_ELEMS = 64
 
 
 #: op → input positions holding non-integer data that decides output shapes or control flow
-_SHAPE_FLOAT_INPUTS = {"Resize": (1, 2), "Upsample": (1,), "OneHot": (1,), "If": (0,), "Loop": (1,), "Dropout": (1, 2)}
+_SHAPE_FLOAT_INPUTS = {"Resize": (1, 2), "Upsample": (1,), "OneHot": (1,), "If": (0,), "Loop": (1,), "Dropout": (1, 2),
+                       "NonMaxSuppression": (3, 4)}
 
 
 def _shape_deciding_floats(proto: onnx.ModelProto) -> set[str]:

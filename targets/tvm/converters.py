@@ -951,3 +951,14 @@ def _pad(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
     inside = np.pad(np.ones(shape, dtype=bool), [(full[a], full[r + a]) for a in range(r)], constant_values=False)
     cv = bb.emit(R.astype(R.reshape(ins[2], []), _dt(x)))
     return bb.emit(R.where(relax.const(inside, "bool"), y, cv))
+
+
+@converter("NonMaxSuppression")
+def _nms_guard(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """The frontend's NonMaxSuppression reads max_output_boxes_per_class / iou_threshold /
+    score_threshold only when they are constants (it silently uses defaults otherwise): refuse
+    run-time ones instead of computing something else."""
+    for i, what in ((2, "max_output_boxes_per_class"), (3, "iou_threshold"), (4, "score_threshold")):
+        if len(ins) > i and ins[i] is not None and _const_value(ins[i]) is None:
+            raise LoweringError(f"node {node.label()}: NonMaxSuppression with a run-time {what} is not supported by the cpu target")
+    return NotImplemented

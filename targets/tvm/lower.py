@@ -744,7 +744,7 @@ _NOT_PRIMITIVE = {
     "relax.sort", "relax.argsort", "relax.topk", "relax.cumsum", "relax.cumprod", "relax.scatter_elements",
     "relax.scatter_nd", "relax.multinomial_from_uniform", "relax.nn.attention", "relax.nn.attention_bias",
     "relax.nn.attention_var_len", "relax.call_inplace_packed", "relax.wrap_param", "relax.dequantize",
-    "relax.quantize",
+    "relax.quantize", "relax.vision.all_class_non_max_suppression",
 }
 
 

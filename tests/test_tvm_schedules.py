@@ -138,6 +138,25 @@ def test_conv_weight_pack_is_marked_for_prepacking():
     assert LAYOUT_REWRITE_ANN in func.script()
 
 
+def test_kn_weight_is_packed_into_panels_and_keeps_numbers():
+    """A [K, N] matmul weight (vector axis already innermost) is packed to [N/vt, K, vt] panels by a
+    marked block, which the weight-prepacking split hoists; a batched matmul (B is an activation
+    with a batch axis) is not packed. Numbers kept both with the pack in the kernel and hoisted."""
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal((24, 64)).astype(np.float32), rng.standard_normal((64, 48)).astype(np.float32)
+    mod = _fused(lambda bb, a, b: bb.emit(relax.op.nn.relu(relax.op.matmul(a, b))), [("x", x.shape), ("w", w.shape)])
+    smod, _ = _check(mod, [x, w], np.maximum(x @ w, 0), "outer-product")
+    (func,) = _prim_funcs(smod).values()
+    assert LAYOUT_REWRITE_ANN in func.script()
+    assert "T.int64(6), T.int64(64), T.int64(8)" in func.script() or "T.int64(3), T.int64(64), T.int64(16)" in func.script()
+    split = relax.transform.SplitLayoutRewritePreproc()(smod)
+    assert len(_prim_funcs(split)) == 2  # the pack is its own function now
+    np.testing.assert_allclose(_run(split, [x, w]), np.maximum(x @ w, 0), rtol=1e-4, atol=1e-4)
+    bmod = _fused(lambda bb, a, b: bb.emit(relax.op.matmul(a, b)), [("a", (2, 8, 16)), ("b", (2, 16, 24))])
+    (bfunc,) = _prim_funcs(apply_default_schedules(bmod, _target())).values()
+    assert LAYOUT_REWRITE_ANN not in bfunc.script()
+
+
 MATMUL_CASES = [
     ("nn_bias_gelu", (64, 96), (96, 128), False, "gelu"),
     ("nt_bias", (32, 64), (48, 64), True, "bias"),

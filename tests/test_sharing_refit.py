@@ -211,3 +211,22 @@ def test_pipeline_syntax(tmp_path):
                                          f"token-mask=none,calibration-samples=16,calibration={path}}}")
     stats = out.meta["pass_timings"][-1].stats
     assert stats["tensors-refit"] == 2 and stats["W0/output-rel-l2"] <= stats["W0/output-rel-l2-kmeans"]
+
+
+def test_subsampled_columns_estimate_the_exact_solve(monkeypatch):
+    """One shared codebook: above _SOLVE_FLOPS, G and b come from a random subset of the output
+    columns (at least 64); the codebook found stays close to the exact one, and the result is
+    still never worse than the input."""
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((32, 400)) / 6
+    x = correlated(256, 32, 4).astype(np.float64)[:, :32]
+    h = x.T @ x / len(x)
+    cb, idx = cluster_rows(w.reshape(1, -1), 8)
+    idx = idx.reshape(w.shape)
+    exact = rf._solve(w, h, h @ w, cb, idx, 1e-4)
+    monkeypatch.setattr(rf, "_SOLVE_FLOPS", 32 * 32 * 8 * 100)  # 100 of the 400 columns
+    approx = rf._solve(w, h, h @ w, cb, idx, 1e-4)
+    assert not np.allclose(approx, exact, rtol=1e-9)  # the subset was used
+    assert np.abs(approx - exact).max() < 0.1 * np.ptp(exact)
+    _, _, e0, e1 = rf.refit(w, h, cb, idx, iters=2)
+    assert e1 <= e0

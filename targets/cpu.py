@@ -115,12 +115,12 @@ class CpuTarget(Target):
     def expand_codebooks(self, model: Model) -> dict[str, dict]:
         """Codebook-clustered weights (cluster-weights) decoded into float initializers for the
         kernels, with what the artifact stores instead (see passes.sharing.codebook.expand_decodes);
-        only for artifacts graphopt.runtime.Runner loads (it decodes them, and runs the weight
-        packing, once at load time), so the artifact keeps the compressed size."""
+        every runner decodes them and runs the lifted weight transform once at load time
+        (graphopt.runtime.Runner and its cuda subclass; arm64's QemuRunner and its C++ runner),
+        so the artifact keeps the compressed size."""
         from graphopt.passes.sharing.codebook import expand_decodes
-        from graphopt.runtime import RUNNERS
 
-        return {} if self.name in RUNNERS else expand_decodes(model)
+        return expand_decodes(model)
 
     def stored_params(self, codebooks: dict[str, dict], params: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
         from graphopt.passes.sharing.codebook import stored_params

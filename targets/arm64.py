@@ -16,6 +16,10 @@ The pipeline, kernel groups, lowering, default schedules, artifact layout (model
 - Running: on an aarch64 machine the artifact loads into TVM in-process like a cpu artifact; on
   x86 `graphopt.runtime.load` returns a `QemuRunner` that runs the library with the native
   aarch64 runner (`graphopt.targets.arm64_env`) under qemu-aarch64, passing .npy files.
+- Codebook-clustered weights (cluster-weights) stay compressed in params.npz as on the cpu
+  target; either runner decodes them with numpy at load time and has the library's lifted
+  `main_transform_params` (the weight packing) run once before `main` (the C++ runner with
+  `--transform`).
 - Tuning measures on the device through TVM RPC (`rpc=HOST:PORT` of a tracker, `rpc_key=KEY`);
   see `graphopt.targets.arm64_tune`.
 
@@ -264,6 +268,10 @@ class QemuRunner:
         self._params_dir: str | None = None
         self._param_files: list[str] = []
         self._param_names = list(rt.get("params", []))
+        self._runtime = rt
+        # the weights as stored (clustered: decoded here) go through the library's lifted
+        # transform (the weight packing) once per process, before main
+        self._transform = ["--transform", str(rt["transform"]), "--inputs", str(len(self.inputs))] if rt.get("transform") else []
         self._check = Runner._feeds  # the input checks of the in-process runner
         self.last_stdout = ""
 
@@ -274,12 +282,14 @@ class QemuRunner:
         return a
 
     def _params(self) -> list[str]:
+        from graphopt.runtime import _param
+
         if self._params_dir is None:
             self._params_dir = tempfile.mkdtemp(prefix="graphopt-arm64-params-")
             with np.load(self._paths["params"], allow_pickle=False) as data:
                 for i, name in enumerate(self._param_names):
                     f = os.path.join(self._params_dir, f"p{i}.npy")
-                    np.save(f, np.require(data[name], requirements="C"))
+                    np.save(f, np.require(_param(data, name, self._runtime), requirements="C"))  # codebooks decoded
                     self._param_files.append(f)
         return self._param_files
 
@@ -293,7 +303,7 @@ class QemuRunner:
                 np.save(f, a)
                 files.append(f)
             extra = ["--repeat", str(repeat)] if repeat > 0 else []
-            proc = subprocess.run([*self._cmd, *extra, self._paths["library"], work, *files, *params],
+            proc = subprocess.run([*self._cmd, *extra, *self._transform, self._paths["library"], work, *files, *params],
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 msg = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]

@@ -1,9 +1,13 @@
 // graphopt-arm64-run: run a graphopt artifact's library (a TVM Relax VM executable) on aarch64.
 //
-//   graphopt-arm64-run [--repeat N] LIBRARY OUT_DIR ARG0.npy ARG1.npy ...
+//   graphopt-arm64-run [--repeat N] [--transform FUNC --inputs K] LIBRARY OUT_DIR ARG0.npy ARG1.npy ...
 //
 // The .npy files are main's arguments in order (the model's inputs, then the weights). The
 // outputs are written to OUT_DIR/out0.npy, out1.npy, ... (a tuple result is flattened in order).
+// With --transform (the manifest's runtime.transform, e.g. main_transform_params), the files
+// after the first K are the weights as the artifact stores them (a clustered weight decoded by
+// the caller): FUNC runs once on them as a tuple and its outputs, flattened, are the weights
+// main takes (the weight packing lifted out of the kernels).
 // With --repeat N, main runs N more times and the mean latency is printed as "latency_ms=X"
 // (meaningless under qemu; useful on a board). Threads: TVM_NUM_THREADS.
 //
@@ -166,13 +170,25 @@ void Flatten(const ffi::Any& v, std::vector<Tensor>* out) {
 
 int main(int argc, char** argv) {
   int repeat = 0;
+  int n_inputs = -1;
+  std::string transform;
   int a = 1;
-  if (a + 1 < argc && std::string(argv[a]) == "--repeat") {
-    repeat = std::atoi(argv[a + 1]);
+  while (a + 1 < argc && std::strncmp(argv[a], "--", 2) == 0) {
+    std::string opt = argv[a];
+    if (opt == "--repeat") {
+      repeat = std::atoi(argv[a + 1]);
+    } else if (opt == "--transform") {
+      transform = argv[a + 1];
+    } else if (opt == "--inputs") {
+      n_inputs = std::atoi(argv[a + 1]);
+    } else {
+      std::fprintf(stderr, "graphopt-arm64-run: unknown option %s\n", opt.c_str());
+      return 2;
+    }
     a += 2;
   }
-  if (argc - a < 2) {
-    std::fprintf(stderr, "usage: %s [--repeat N] LIBRARY OUT_DIR ARG.npy...\n", argv[0]);
+  if (argc - a < 2 || (!transform.empty() && (n_inputs < 0 || n_inputs > argc - a - 2))) {
+    std::fprintf(stderr, "usage: %s [--repeat N] [--transform FUNC --inputs K] LIBRARY OUT_DIR ARG.npy...\n", argv[0]);
     return 2;
   }
   try {
@@ -188,6 +204,15 @@ int main(int argc, char** argv) {
     ffi::Function fmain = vm->GetFunction("main").value();
     std::vector<Tensor> args;
     for (int i = a + 2; i < argc; ++i) args.push_back(LoadNpy(argv[i], dev));
+    if (!transform.empty()) {  // once, before main: stored weights -> the weights main takes
+      auto f = vm->GetFunction(transform);
+      if (!f.has_value()) throw std::runtime_error("the library has no function " + transform);
+      ffi::Array<ffi::Any> stored(args.begin() + n_inputs, args.end());
+      std::vector<Tensor> weights;
+      Flatten(f.value()(stored), &weights);
+      args.resize(n_inputs);
+      args.insert(args.end(), weights.begin(), weights.end());
+    }
     std::vector<ffi::AnyView> views(args.begin(), args.end());
     ffi::Any result;
     fmain.CallPacked(views.data(), static_cast<int32_t>(views.size()), &result);

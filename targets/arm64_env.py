@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import importlib.metadata
 import os
 import platform
@@ -111,6 +112,17 @@ def runner_source() -> Path | None:
     return src if src is not None and src.exists() else None
 
 
+def runner_digest() -> str | None:
+    """sha256 (16 hex digits) of the runner's source and build script in this checkout, recorded
+    when it is built: a runner built from older source (one without --transform, say) counts as
+    missing, so setup rebuilds it. None outside a source checkout (nothing to compare with)."""
+    src = runner_source()
+    if src is None:
+        return None
+    build = src.parent / "build.sh"
+    return hashlib.sha256(src.read_bytes() + (build.read_bytes() if build.exists() else b"")).hexdigest()[:16]
+
+
 def tvm_versions() -> tuple[str, str]:
     """The apache-tvm and apache-tvm-ffi versions installed here (the aarch64 runtime must match)."""
     try:
@@ -168,6 +180,9 @@ def status() -> Status:
             tvm, ffi = tvm_versions()
             # a runtime of another TVM version may not load this compiler's libraries
             runner_ok = versions.get("apache-tvm") == tvm and versions.get("apache-tvm-ffi") == ffi
+        digest = runner_digest()
+        if digest is not None and versions.get("runner") != digest:
+            runner_ok = False  # built from other source than this checkout's
     root = sysroot()
     return Status(
         cross_compiler=cross_compiler(),
@@ -279,7 +294,9 @@ def setup_runtime(force: bool = False) -> Path:
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise Arm64EnvError(f"building the runner failed: {proc.stderr.strip()[-800:]}")
-        (stage / "versions.txt").write_text(f"apache-tvm={tvm_v}\napache-tvm-ffi={ffi_v}\n")
+        digest = runner_digest()
+        (stage / "versions.txt").write_text(f"apache-tvm={tvm_v}\napache-tvm-ffi={ffi_v}\n"
+                                            + (f"runner={digest}\n" if digest else ""))
         old = runtime_dir()
         if old.exists():
             shutil.rmtree(old)

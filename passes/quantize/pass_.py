@@ -32,7 +32,10 @@ class Quantize(Pass):
 
     Rewrite, static (conv nets): Conv(x, W, b) [→ Relu/Clip(0, M)]  →
     DQ(Q(x)), DQ(W int8 per-channel), DQ(b int32, scale s_x·s_w) → Conv → Q → DQ, the activation
-    folded into the Q range; likewise Gemm/MatMul, Add/Mul, Concat, pools, and Q/DQ-transparent
+    folded into the Q range; ConvTranspose likewise (weight [C_in, C_out/group, k...]: per-channel
+    scales along axis 1, shared by the groups; bias scale s_x·s_w tiled over the groups — its QDQ
+    form runs as float on onnxruntime's CPU EP, which has no int8 ConvTranspose, so speed=rules keeps
+    it float and speed=measure tries it float); likewise Gemm/MatMul, Add/Mul, Concat, pools, and Q/DQ-transparent
     MaxPool/Reshape/Flatten/Transpose/Resize. Dynamic (transformers, `mode=auto` when the model
     has Softmax/LayerNormalization): MatMul/Gemm with constant weights → DynamicQuantizeLinear →
     MatMulInteger → Cast → Mul. See passes/quantize/qdq.py for the exact layout.
@@ -88,7 +91,8 @@ class Quantize(Pass):
         infer_types(base)
         if any(n.op_type in QDQ_OPS for n in base.graph):
             ctx.info("quantize: the model is already quantized (has QuantizeLinear/MatMulInteger...); nothing to do")
-            return PassResult(False, {"already-quantized": 1})
+            ctx.data["quantize"] = {"result": "already quantized: nothing to do", "layers": []}
+            return PassResult(False, {})  # a second run reports nothing (the pass contract)
         mode = self._mode(base)
         vnni = measure.has_vnni()
         rr = str(self.reduce_range).lower()
@@ -141,6 +145,10 @@ class Quantize(Pass):
                 u.tags.add("tiny")
                 if self.speed == "rules":
                     forced[u.name] = f"tiny layer ({u.macs} MACs/sample < tiny-macs={self.tiny_macs}): Q/DQ would cost more than int8 saves"
+            if "no-ort-int8-kernel" in u.tags and self.speed == "rules":
+                forced[u.name] = (f"{u.node.op_type}: onnxruntime's CPU EP has no int8 kernel for it, so its QDQ form "
+                                  "would run as float plus quantize/dequantize")
+                continue
             if "depthwise" in u.tags and (self.depthwise == "float" or (self.depthwise == "auto" and self.speed == "rules")):
                 forced[u.name] = "depthwise conv: memory-bound, onnxruntime's int8 depthwise kernel is not faster than float"
 
@@ -197,9 +205,14 @@ class Quantize(Pass):
                 ctx.info(f"quantize: {rep['result']}")
                 return self._finish(model, None, rep, ctx, {"units-int8": 0, "units-float": len(qunits), "kept-float-slower": 1})
             metrics = score(qm)
+        if not any(u.quantized and u.kind != "passthrough" for u in qunits):
+            # every layer stayed float (rules, budget): the model is left as it was
+            rep["layers"] = [self._layer(u, stats, sensitivity, None, layer_timing) for u in qunits]
+            rep["result"] = "nothing quantized: every layer stayed float"
+            return self._finish(model, None, rep, ctx, {"units-int8": 0, "units-float": sum(1 for u in qunits if u.kind != "passthrough")})
         rep["metrics"] = metrics
         sq = self._layer_sqnr(base, qm, applied, evals[:2])
-        rep["layers"] = [self._layer(u, stats, sensitivity, sq, layer_timing) for u in qunits]
+        rep["layers"] = [self._layer(u, stats, sensitivity, sq, layer_timing, applied.out_of) for u in qunits]
         nq = sum(1 for u in qunits if u.quantized and u.kind != "passthrough")
         rep["result"] = f"quantized {nq} of {sum(1 for u in qunits if u.kind != 'passthrough')} layers"
         st: dict[str, int | float] = {"units-int8": nq, "units-float": sum(1 for u in qunits if not u.quantized and u.kind != "passthrough")}
@@ -263,6 +276,9 @@ class Quantize(Pass):
                                          for u in qunits if u.quantized and "depthwise" in u.tags}
         groups["tiny layers"] = {u.name: f"tiny layer ({u.macs} MACs/sample): the model measured faster with tiny layers float (speed=measure)"
                                  for u in qunits if u.quantized and "tiny" in u.tags}
+        groups["ops without an onnxruntime int8 kernel"] = {
+            u.name: f"{u.node.op_type}: onnxruntime's CPU EP has no int8 kernel for it; the model measured faster with it float (speed=measure)"
+            for u in qunits if u.quantized and "no-ort-int8-kernel" in u.tags}
         groups["element-wise/pool/concat"] = {u.name: "element-wise/pool/concat: the model measured faster with them float (speed=measure)"
                                               for u in qunits if u.quantized and u.kind in ("binary", "concat", "pool", "unary")}
         # per layer: onnxruntime's profile of fp32 and of all-int8; layers whose int8 kernels (with
@@ -366,7 +382,8 @@ class Quantize(Pass):
 
     @staticmethod
     def _layer(u: Unit, stats: dict[str, TensorStats] | None, sens: dict[str, float] | None = None,
-               sq: dict[str, float] | None = None, timing: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+               sq: dict[str, float] | None = None, timing: dict[str, dict[str, float]] | None = None,
+               out_of: dict[str, str] | None = None) -> dict[str, Any]:
         d: dict[str, Any] = {"name": u.name, "op": u.op,
                              "status": ("int8" if u.mode == "static" else "int8-dynamic") if u.quantized else "float"}
         if not u.quantized:
@@ -379,7 +396,8 @@ class Quantize(Pass):
         if st is not None:
             d["range"] = [round(st.lo, 6), round(st.hi, 6)]
         if sq is not None and u.quantized:
-            v = sq.get(u.out.name, sq.get(u.node.outputs[0].name))
+            # by the fp32 name apply() recorded (a folded graph output swaps names with its input)
+            v = sq.get((out_of or {}).get(u.name, u.out.name), sq.get(u.out.name, sq.get(u.node.outputs[0].name)))
             if v is not None:
                 d["sqnr_db"] = round(v, 2) if math.isfinite(v) else None
         if timing and u.name in timing:

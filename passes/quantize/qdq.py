@@ -124,6 +124,12 @@ def _macs(node: Node, w: np.ndarray) -> int:
     if shape is None or not all(isinstance(d, int) for d in shape.dims[1:]):
         return 0
     spatial = int(np.prod([d for d in shape.dims[2:]])) if node.op_type.startswith("Conv") else 1
+    if node.op_type == "ConvTranspose":
+        # every input pixel is scattered through the whole kernel: MACs follow the input's size
+        ishape = node.inputs[0].shape
+        if ishape is None or not all(isinstance(d, int) for d in ishape.dims[2:]):
+            return 0
+        spatial = int(np.prod([d for d in ishape.dims[2:]]))
     if node.op_type in ("Gemm", "MatMul"):
         rows = int(np.prod([d for d in shape.dims[:-1] if isinstance(d, int)] or [1]))
         return int(w.size) * rows
@@ -202,9 +208,16 @@ def _why_float(u: Unit, opts: QuantOptions, opset: int, softmax_inputs: set[Valu
             group = int(node.attr("group", 1))
             if w.ndim < 3:
                 return "weight rank < 3"
-            if node.op_type == "ConvTranspose" and group != 1:
-                return "grouped ConvTranspose"
-            if group > 1 and w.shape[1] == 1:
+            if node.op_type == "ConvTranspose":
+                # weight [C_in, C_out/group, k...]: per-channel scales run along axis 1 and are
+                # shared by the groups (DequantizeLinear has one axis); onnxruntime's CPU EP has
+                # no int8 ConvTranspose, so its QDQ form runs as float there (speed check decides)
+                u.tags.add("no-ort-int8-kernel")
+                if w.shape[0] % group:
+                    return f"ConvTranspose weight has {w.shape[0]} input channels, not a multiple of group={group}"
+                if group > 1 and w.shape[0] == group and w.shape[1] == 1:
+                    u.tags.add("depthwise")
+            elif group > 1 and w.shape[1] == 1:
                 u.tags.add("depthwise")
         if u.kind == "gemm":
             if float(node.attr("alpha", 1.0)) != 1.0 or float(node.attr("beta", 1.0)) != 1.0 or int(node.attr("transA", 0)):
@@ -285,6 +298,7 @@ class Applied:
     """What apply() wrote: tensor name -> its DQ output name (for per-layer error), counts."""
 
     dq_of: dict[str, str] = field(default_factory=dict)
+    out_of: dict[str, str] = field(default_factory=dict)  # unit name -> its fp32 output's name (before renames)
     params: dict[str, QParams] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     bias_clipped: int = 0
@@ -313,6 +327,7 @@ def apply(model: Model, units: Iterable[Unit], stats: dict[str, TensorStats], op
     touched: list[Value] = [v for u in quant for v in u.node.inputs[1:] if v is not None]
     touched += [v for u in quant if u.folded is not None for v in u.folded.inputs[1:] if v is not None]
 
+    res.out_of = {u.name: u.out.name for u in static}
     # 1. activation parameters; pass-through ops inherit their input's (topological order)
     params: dict[Value, QParams] = {}
     for u in static:
@@ -383,6 +398,9 @@ def apply(model: Model, units: Iterable[Unit], stats: dict[str, TensorStats], op
                 bias = np.repeat(bias, nout)
             if bias_scale.size == 1 and bias.size > 1:
                 bias_scale = np.repeat(bias_scale, bias.size)
+            elif bias_scale.size != bias.size and bias.size % bias_scale.size == 0:
+                # grouped ConvTranspose: output channel g·(C_out/group) + j has weight scale ws[j]
+                bias_scale = np.tile(bias_scale, bias.size // bias_scale.size)
             raw_q = np.round(bias / np.maximum(bias_scale.astype(np.float64), 1e-30))
             res.bias_clipped += int((np.abs(raw_q) > 2**31 - 1).sum())
             bq = np.clip(raw_q, -(2**31 - 1), 2**31 - 1).astype(np.int32)

@@ -347,3 +347,101 @@ def test_rpc_tuning_on_loopback(tmp_path) -> None:
 
     with pytest.raises(graphopt.GraphoptError, match="one database per device"):
         _check_db_target(str(db), tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"}))
+
+
+# --- codebook-clustered weights stay compressed in the artifact ------------------------------------
+
+
+def _clusterable_net():
+    """Conv (packed by the default schedules) -> Relu -> GAP -> MatMul -> Relu -> Gemm(transB) with
+    a symbolic batch; the three weights hold >= 4096 values, so fold-constants keeps their decode."""
+    from graphopt.ir import Builder, DataType, Graph, Model, Shape, TensorType, Value
+
+    rng = np.random.default_rng(0)
+    x = Value("x", TensorType(DataType.FLOAT, Shape(("N", 16, 8, 8))))
+    g = Graph([x], [], name="clusterable")
+    b = Builder(g)
+    wc = b.initializer(rng.standard_normal((32, 16, 3, 3)).astype(np.float32) * 0.2, "conv.w")
+    wm = b.initializer(rng.standard_normal((32, 128)).astype(np.float32) * 0.2, "mm.w")
+    wg = b.initializer(rng.standard_normal((64, 128)).astype(np.float32) * 0.2, "gemm.w")
+    bias = b.initializer(rng.standard_normal(64).astype(np.float32), "gemm.b")
+    c = b.op.Relu(b.op.Conv(x, wc, pads=[1, 1, 1, 1]))
+    m = b.op.Relu(b.op.MatMul(b.op.Flatten(b.op.GlobalAveragePool(c)), wm))
+    y = b.op.Gemm(m, wg, bias, transB=1)
+    y.type = TensorType(DataType.FLOAT, Shape(("N", 64)))
+    y.name = "y"
+    g.outputs.append(y)
+    return Model(g, ir_version=8, opset_imports={"": 17})
+
+
+_CLUSTERED: dict = {}
+
+
+def _clustered_arm64(bits: int, per_channel: bool):
+    """(clustered model, cluster-weights stats, its arm64 artifact), compiled once per module."""
+    key = (bits, per_channel)
+    if key not in _CLUSTERED:
+        m = graphopt.optimize(_clusterable_net(), f"cluster-weights{{bits={bits},min-size=512,per-channel={str(per_channel).lower()}}}")
+        _CLUSTERED[key] = (m, m.meta["pass_timings"][-1].stats, graphopt.compile(m, "arm64{profile=cortex-a76}", "-O1"))
+    return _CLUSTERED[key]
+
+
+def _params_bytes(art) -> int:
+    return os.path.getsize(os.path.join(art.path, "params.npz"))
+
+
+@needs_cxx
+@pytest.mark.parametrize("bits, per_channel", [(5, False), (3, True)])
+def test_clustered_artifact_stores_codebooks(bits: int, per_channel: bool) -> None:
+    _, stats, art = _clustered_arm64(bits, per_channel)
+    assert stats["tensors-clustered"] == 3
+    rt = art.manifest["runtime"]
+    assert len(rt["codebooks"]) == 3
+    # the conv weight's packing is lifted into the library, run once when loaded
+    assert rt["transform"] == "main_transform_params" and rt["packed"] >= 1
+    with np.load(os.path.join(art.path, "params.npz")) as z:
+        stored = {k: z[k] for k in z}
+    for p, e in rt["codebooks"].items():
+        assert p not in stored
+        assert stored[e["indices"]].dtype == np.uint8 and stored[e["indices"]].shape[0] == bits
+        assert (e["axis"] is not None) == per_channel
+        assert stored[e["codebook"]].size == (1 << bits) * (e["shape"][e["axis"]] if per_channel else 1)
+    assert not any(a.dtype == np.float32 and a.size >= 512 for k, a in stored.items() if not k.endswith(".codebook"))
+    assert _elf_machine(os.path.join(art.path, "model.so")) == EM_AARCH64
+    fp32 = graphopt.compile(_clusterable_net(), "arm64{profile=cortex-a76}", "-O1")
+    assert "codebooks" not in fp32.manifest["runtime"]
+    ratio = _params_bytes(fp32) / _params_bytes(art)
+    assert ratio > 0.8 * stats["compression"] and ratio > 2.5, (ratio, stats["compression"])
+
+
+@needs_runner
+@pytest.mark.parametrize("bits, per_channel", [(5, False), (3, True)])
+def test_clustered_artifact_runs_under_qemu_like_onnxruntime(tmp_path, bits: int, per_channel: bool) -> None:
+    clustered, _, art = _clustered_arm64(bits, per_channel)
+    runner = graphopt.runtime.load(art.save(str(tmp_path / "a")))
+    if not arm64_env.is_aarch64_host():
+        assert isinstance(runner, QemuRunner)
+    proto = graphopt.to_onnx(clustered)
+    for batch in (1, 3):  # the stored weights are decoded and transformed once per runner process
+        x = np.random.default_rng(batch).standard_normal((batch, 16, 8, 8)).astype(np.float32)
+        (y,) = runner.run({"x": x})
+        (ref,) = _ort(proto, {"x": x})
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+    assert runner.benchmark({"x": x}, repeat=2)["mean_ms"] > 0  # --repeat with --transform
+
+
+def test_runner_built_from_other_source_counts_as_missing(tmp_path, monkeypatch) -> None:
+    """A runner without --transform must not be handed a clustered artifact: the stamp records
+    the runner source's digest and status() treats another digest as no runner (setup rebuilds)."""
+    digest = arm64_env.runner_digest()
+    if digest is None:
+        pytest.skip("not a source checkout: no runner source to compare with")
+    monkeypatch.setenv("GRAPHOPT_ARM64_HOME", str(tmp_path))
+    lib = tmp_path / "runtime" / "lib"
+    lib.mkdir(parents=True)
+    (lib / arm64_env.RUNNER_NAME).write_bytes(b"")
+    tvm_v, ffi_v = arm64_env.tvm_versions()
+    stamp = tmp_path / "runtime" / "versions.txt"
+    for line, ok in (("", False), ("runner=0123456789abcdef\n", False), (f"runner={digest}\n", True)):
+        stamp.write_text(f"apache-tvm={tvm_v}\napache-tvm-ffi={ffi_v}\n{line}")
+        assert (arm64_env.status().runner is not None) is ok, line

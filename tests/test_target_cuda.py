@@ -132,3 +132,78 @@ def test_runs_on_gpu_like_onnxruntime(spec: str) -> None:
 
 def test_cuda_target_is_a_target() -> None:
     assert isinstance(get_target("cuda"), CudaTarget)
+
+
+# --- codebook-clustered weights stay compressed in the artifact ------------------------------------
+
+
+def _transposed_net() -> onnx.ModelProto:
+    """_net with the MatMul weight stored transposed ([64, 512] -> Transpose): once the weight is
+    clustered, the Transpose depends on weights only and is lifted into main_transform_params,
+    which runs on the device when the artifact is loaded."""
+    rng = np.random.default_rng(0)
+    arrays = {"w1": rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3, "b1": rng.standard_normal(8).astype(np.float32),
+              "w2t": rng.standard_normal((64, 8 * 8 * 8)).astype(np.float32) * 0.05, "b2": rng.standard_normal(64).astype(np.float32)}
+    nodes = [
+        h.make_node("Conv", ["x", "w1", "b1"], ["c"], pads=[1, 1, 1, 1]),
+        h.make_node("Relu", ["c"], ["r"]),
+        h.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        h.make_node("Flatten", ["p"], ["f"]),
+        h.make_node("Transpose", ["w2t"], ["w2"], perm=[1, 0]),
+        h.make_node("MatMul", ["f", "w2"], ["mm"]),
+        h.make_node("Add", ["mm", "b2"], ["y"]),
+        h.make_node("Softmax", ["y"], ["prob"], axis=-1),
+    ]
+    return _model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [2, 3, 16, 16])],
+                  [h.make_tensor_value_info("prob", TP.FLOAT, None)], [nh.from_array(a, n) for n, a in arrays.items()])
+
+
+def _clustered(net: onnx.ModelProto, bits: int = 4):
+    from graphopt.onnx_io import load
+
+    return graphopt.optimize(load(net), f"cluster-weights{{bits={bits},min-size=512}}")
+
+
+def _params_bytes(art) -> int:
+    return os.path.getsize(os.path.join(art.path, "params.npz"))
+
+
+@pytest.mark.parametrize("net", [_net, _transposed_net])
+def test_clustered_builds_without_gpu(net) -> None:
+    clustered = _clustered(net())
+    stats = clustered.meta["pass_timings"][-1].stats
+    assert stats["tensors-clustered"] == 1
+    art = graphopt.compile(clustered, target="cuda{ptx=0}", pipeline="-O1")
+    rt = art.manifest["runtime"]
+    (entry,) = rt["codebooks"].values()
+    with np.load(os.path.join(art.path, "params.npz")) as z:
+        stored = {k: z[k] for k in z}
+    assert stored[entry["indices"]].dtype == np.uint8 and stored[entry["indices"]].shape[0] == 4
+    assert stored[entry["codebook"]].size == 16
+    assert sorted(entry["shape"]) == [64, 512]
+    assert not any(a.dtype == np.float32 and a.size >= 512 for a in stored.values())
+    lib = open(os.path.join(art.path, "model.so"), "rb").read()
+    if net is _transposed_net:  # the transpose runs once, on the device, when the artifact is loaded
+        assert rt["transform"] == "main_transform_params" and rt["packed"] >= 1
+        assert b"main_transform_params" in lib
+    else:  # nothing depends on weights alone: main takes the decoded weights as they are
+        assert "transform" not in rt and b"main_transform_params" not in lib
+    fp32 = graphopt.compile(net(), target="cuda{ptx=0}", pipeline="-O1")
+    assert "codebooks" not in fp32.manifest["runtime"]
+    ratio = _params_bytes(fp32) / _params_bytes(art)
+    assert ratio > 0.8 * stats["compression"] and ratio > 4, (ratio, stats["compression"])
+
+
+@needs_gpu
+@pytest.mark.parametrize("net", [_net, _transposed_net])
+def test_clustered_runs_on_gpu_like_onnxruntime(net) -> None:
+    clustered = _clustered(net())
+    arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+    art = graphopt.compile(clustered, target=f"cuda{{arch={arch}}}", pipeline="-O1")
+    assert art.manifest["runtime"]["codebooks"]
+    runner = art.runner()
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    (y,) = runner.run({"x": x})
+    proto = graphopt.to_onnx(clustered).SerializeToString()
+    ref = ort.InferenceSession(proto, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)

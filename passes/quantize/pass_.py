@@ -21,7 +21,7 @@ from graphopt.errors import UsageError
 from graphopt.ir import Model
 from graphopt.passes.cleanup.infer import infer_types
 from graphopt.passes.quantize import measure
-from graphopt.passes.quantize.qdq import QDQ_OPS, Applied, QuantOptions, Unit, apply, plan_units
+from graphopt.passes.quantize.qdq import QDQ_OPS, Applied, QuantOptions, Unit, apply, float_subgraphs, plan_units
 from graphopt.transform import Pass, PassContext, PassResult, register_pass
 
 
@@ -40,7 +40,9 @@ class Quantize(Pass):
     has Softmax/LayerNormalization): MatMul/Gemm with constant weights → DynamicQuantizeLinear →
     MatMulInteger → Cast → Mul. See passes/quantize/qdq.py for the exact layout.
 
-    Stays float (each named in the report with its reason): ops already in QDQ form (so a second
+    Stays float (each named in the report with its reason): ops inside If/Loop/Scan bodies and
+    model-local function bodies (listed under "float-subgraphs": calibration only sees main-graph
+    tensors, and a function body serves call sites with different ranges), ops already in QDQ form (so a second
     run changes nothing), non-float32 tensors, non-constant weights, opset < 13, Softmax inputs,
     tensors whose calibration values hold sentinels (|x| >= 1e9, e.g. an additive attention mask
     of -3.4e38), excluded units, depthwise/tiny convs where int8 measured slower, and the most
@@ -108,6 +110,9 @@ class Quantize(Pass):
                        + (", 7-bit range [-64, 64]" if reduce_range else ", full range [-127, 127]")
                        + (f" (reduce-range=auto: CPU {'has' if vnni else 'has no'} VNNI)" if rr == "auto" and vnni is not None else ""),
         }
+        subs = float_subgraphs(base)
+        if subs:
+            rep["float-subgraphs"] = subs
         if data.synthetic:
             ctx.info(f"quantize: WARNING calibrating on synthetic data ({data.source}); give data= or --calibration")
         units = plan_units(base, opts)
@@ -415,6 +420,9 @@ class Quantize(Pass):
         ctx.info(f"quantize: {rep.get('result', '')}; calibration {rep['calibration']['source']} ({rep['calibration']['method']})")
         for layer in floats[:50]:
             ctx.info(f"quantize: {layer['name']} ({layer['op']}) float: {layer['reason']}")
+        for sub in rep.get("float-subgraphs", [])[:20]:
+            ops = ", ".join(f"{k} x{v}" for k, v in sub["ops"].items())
+            ctx.info(f"quantize: {sub['where']} ({ops}) {sub['reason']}")
         if "speed" in rep:
             ctx.info(f"quantize: speed: {rep['speed']['decision']}")
         if "accuracy" in rep:

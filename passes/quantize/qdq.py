@@ -137,7 +137,8 @@ def _macs(node: Node, w: np.ndarray) -> int:
 
 
 def plan_units(model: Model, opts: QuantOptions) -> list[Unit]:
-    """Every supported op of the main graph, with the decision whether it can be int8 and why not."""
+    """Every supported op of the main graph, with the decision whether it can be int8 and why not
+    (ops inside If/Loop/Scan bodies and function bodies stay float: see float_subgraphs)."""
     g = model.graph
     units: list[Unit] = []
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
@@ -171,6 +172,50 @@ def plan_units(model: Model, opts: QuantOptions) -> list[Unit]:
         if u.float_reason is None and u.kind in ("conv", "gemm", "matmul", "binary") and u.mode == "static":
             u.folded = _foldable_activation(node)
     return units
+
+
+QUANTIZABLE = COMPUTE + BINARY + POOLS + UNARY + ("Concat",)
+
+SUBGRAPH_REASON = (
+    "stays float: calibration sees main-graph tensors only (onnxruntime cannot return a body's "
+    "intermediate values as outputs, and a Loop/Scan body sees different values every iteration), "
+    "so its activations have no calibrated range")
+FUNCTION_REASON = (
+    "stays float: a model-local function body is shared by every call site, whose tensors have "
+    "different ranges, and onnxruntime inlines it only at load time")
+
+
+def float_subgraphs(model: Model) -> list[dict[str, object]]:
+    """The If/Loop/Scan bodies and model-local function bodies that hold ops the quantizer
+    handles in the main graph (plan_units only plans the main graph): where, which ops, why float."""
+    out: list[dict[str, object]] = []
+
+    def count(g) -> dict[str, int]:  # type: ignore[no-untyped-def]
+        ops: dict[str, int] = {}
+        for n in g.all_nodes():
+            if n.domain in ("", "ai.onnx") and n.op_type in QUANTIZABLE:
+                ops[n.op_type] = ops.get(n.op_type, 0) + 1
+        return ops
+
+    def walk(g, where: str) -> None:  # type: ignore[no-untyped-def]
+        for n in g:
+            for key, a in n.attributes.items():
+                gs = [a.value] if a.type == 5 else list(a.value or []) if a.type == 10 else []
+                for sub in gs:
+                    if sub is None:
+                        continue
+                    here = f"{where}{n.op_type} {unit_name(n)!r} {key}"
+                    ops = count(sub)
+                    if ops:
+                        out.append({"where": here, "ops": ops, "reason": SUBGRAPH_REASON})
+                    walk(sub, here + " > ")
+
+    walk(model.graph, "")
+    for (domain, fname, _), f in model.functions.items():
+        ops = count(f.graph)
+        if ops:
+            out.append({"where": f"function {domain + '.' if domain else ''}{fname}", "ops": ops, "reason": FUNCTION_REASON})
+    return out
 
 
 def _why_float(u: Unit, opts: QuantOptions, opset: int, softmax_inputs: set[Value]) -> str | None:

@@ -13,6 +13,11 @@ cuda-bindings package). At compile time, when nvcc is installed, the source is a
 PTX for `arch` (`kernels.ptx` in the artifact, `ptx: true` in the manifest): a check that it
 builds for that architecture, and the PTX a user can inspect.
 
+Codebook-clustered weights (cluster-weights) stay compressed in params.npz as on the cpu target:
+CudaRunner (graphopt.runtime.Runner) decodes them with numpy on the host when loading, copies the
+float weights to the GPU, and runs the library's `main_transform_params` there once when the
+compile lifted weight-only work out of `main` (a Transpose of a clustered weight, say).
+
 Tuning (`--tune N --tuning-db DIR`) runs meta_schedule on the GPU of this machine and is refused
 without one.
 

@@ -142,3 +142,19 @@ def test_expand_decodes_gives_the_decoded_weights():
     arrays, entries = cbk.stored_params(info, params)
     assert list(entries) == ["a"] and "b" in arrays and "a" not in arrays
     assert json.loads(json.dumps(entries))  # manifest-serialisable
+
+
+@pytest.mark.parametrize("spec", ["cpu", "arm64", "cuda"])
+def test_every_compiled_target_keeps_the_compressed_form(spec):
+    """arm64 and cuda (CpuTarget subclasses whose runners are not the in-process cpu Runner) expand
+    the decodes for their kernels and store indices + codebooks too (the builds themselves are in
+    test_target_arm64 / test_target_cuda; this needs no cross compiler)."""
+    from graphopt.target import get_target
+
+    clustered = graphopt.optimize(_net(), "cluster-weights{bits=4,min-size=512}")
+    expanded = get_target(spec).expand_codebooks(clustered)
+    assert len(expanded) == 4
+    assert not any(cbk.CODEBOOK_KEY in n.metadata_props for n in clustered.graph)
+    params = {f"p{i}": e["array"] for i, e in enumerate(expanded.values())}
+    arrays, entries = get_target(spec).stored_params(expanded, params)
+    assert sorted(entries) == sorted(params) and all(a.dtype != np.float32 or a.size == 16 for a in arrays.values())

@@ -962,3 +962,33 @@ def _nms_guard(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -
         if len(ins) > i and ins[i] is not None and _const_value(ins[i]) is None:
             raise LoweringError(f"node {node.label()}: NonMaxSuppression with a run-time {what} is not supported by the cpu target")
     return NotImplemented
+
+
+@converter("TensorScatter")
+def _tensor_scatter(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """KV-cache write: cache position p of batch b takes update[p - write_indices[b]] (mod the
+    cache length when circular) where that lies in the update, else keeps the cache; one
+    gather_elements with a run-time index and a select."""
+    cache, upd = ins[0], ins[1]
+    widx = ins[2] if len(ins) > 2 else None
+    shape = _static(node, cache, "past_cache")
+    r = len(shape)
+    axis = node.attr("axis", -2) % r
+    length, s = shape[axis], _static(node, upd, "update")[axis]
+    pos_shape = [1] * r
+    pos_shape[axis] = length
+    pos = relax.const(np.arange(length, dtype=np.int64).reshape(pos_shape), "int64")
+    if widx is None:
+        j = pos
+    else:
+        w_shape = [1] * r
+        w_shape[0] = shape[0]
+        w = bb.emit(R.reshape(bb.emit(R.astype(widx, "int64")), w_shape))
+        j = bb.emit(R.subtract(pos, w))
+    if _str_attr(node, "mode", "linear") == "circular":
+        j = bb.emit(R.floor_mod(j, _c(length, "int64")))
+    valid = bb.emit(R.logical_and(R.greater_equal(j, _c(0, "int64")), R.less(j, _c(s, "int64"))))
+    jc = bb.emit(R.broadcast_to(R.clip(j, 0, s - 1), shape))
+    gathered = bb.emit(R.gather_elements(upd, jc, axis=axis))
+    return bb.emit(R.where(valid, gathered, cache))
+

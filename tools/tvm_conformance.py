@@ -13,6 +13,15 @@ isolated: a worker that crashes (a segfault in TVM) or exceeds --timeout marks t
 Prints the pass count as a share of the cases onnxruntime passes, then the failures grouped
 by reason (the first line of the error, with node names and numbers masked), largest group
 first. `--json` writes every case's outcome.
+
+Two modes. Strict (default): the model is compiled once, before any input is seen; integer
+inputs that decide shapes (axes, pads, sizes, k) are specialised only when the IR knows them as
+constants. `--specialize` (the headline figure): the backend compiles at the first run with the
+small inputs that decide shapes or control flow bound as constants (integers of at most 64
+elements, Resize scales/roi, OneHot depth, If/Loop conditions, Dropout ratio/training mode,
+NonMaxSuppression thresholds), recompiling when they change, like a JIT with a guard; every
+pass still runs the compiled library, and the artifact's manifest lists the bound values under
+"specialized". Cases where nothing is bindable compile identically in both modes.
 """
 
 from __future__ import annotations

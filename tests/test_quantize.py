@@ -642,3 +642,17 @@ def test_resnet50_corpus_quantizes_accurately() -> None:
     model = graphopt.load(os.path.join(os.path.dirname(__file__), "..", ".cache", "corpus", "resnet50.onnx"))
     res, ctx = run_pass(model, synthetic_calibration(model, num_batches=4), eval_batches=2)
     assert res.stats["int8-Conv"] == 53 and ctx.data["quantize"]["metrics"]["sqnr"] > 25
+
+
+def test_paired_speedups_shape() -> None:
+    """The speed check's timing: one median and one paired speedup per model, the baseline's
+    own speedup exactly 1 (every round's ratio is t/t); no timed assertion."""
+    from graphopt.passes.quantize import measure
+
+    model = small_cnn(hw=16)
+    q = model.clone()
+    run_pass(q, cnn_data(q, 4))
+    x = np.random.default_rng(0).standard_normal([1] + list(model.graph.inputs[0].shape.dims[1:])).astype(np.float32)
+    med, sp = measure.paired_speedups([model, q, model], {"x": x}, budget_s=0.2, min_runs=6, max_runs=6)
+    assert len(med) == len(sp) == 3 and sp[0] == 1.0
+    assert all(m > 0 for m in med) and all(s > 0 for s in sp)

@@ -157,6 +157,35 @@ def latency(models: Sequence[Model], feeds: Batch, *, threads: int = 0, budget_s
     return [statistics.median(t) for t in times]
 
 
+def paired_speedups(models: Sequence[Model], feeds: Batch, *, threads: int = 0, budget_s: float = 6.0,
+                    min_runs: int = 5, max_runs: int = 200) -> tuple[list[float], list[float]]:
+    """(median seconds per run of each model, speedup of each over models[0]). Round-robin, one
+    call per model per round, the order alternating forward and backward so no model always
+    runs right after another; the speedup is the median over rounds of the paired ratio
+    t[0] / t[i] of the same round, so load that changes between rounds cancels in each ratio
+    (a ratio of medians does not: on a shared machine it let noise pick a candidate)."""
+    sessions = [session(m, threads=threads or 2) for m in models]
+    feeds = dict(feeds)
+    for s in sessions:  # warm up (first runs allocate and pack weights)
+        for _ in range(2):
+            s.run(None, feeds)
+    t0 = time.perf_counter()
+    for s in sessions:
+        s.run(None, feeds)
+    per_round = max(time.perf_counter() - t0, 1e-6)
+    rounds = int(min(max_runs, max(min_runs, budget_s / per_round)))
+    times: list[list[float]] = [[] for _ in sessions]
+    order = list(range(len(sessions)))
+    for r in range(rounds):
+        for i in (order if r % 2 == 0 else order[::-1]):
+            t = time.perf_counter()
+            sessions[i].run(None, feeds)
+            times[i].append(time.perf_counter() - t)
+    medians = [statistics.median(t) for t in times]
+    speedups = [statistics.median(b / x for b, x in zip(times[0], t)) for t in times]
+    return medians, speedups
+
+
 def profile_nodes(model: Model, feeds: Batch, *, threads: int = 0, runs: int = 10) -> dict[str, float]:
     """Microseconds per run of each kernel onnxruntime runs for `model` (its own profiler, all
     optimizations on), keyed by the kernel's node name with onnxruntime's suffixes removed

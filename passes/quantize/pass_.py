@@ -306,18 +306,19 @@ class Quantize(Pass):
                 for k in combo:
                     e.update(groups[k])
                 cands.append((" + ".join(combo) + " float", *build(e), e))
-        times = measure.latency([base] + [c[1] for c in cands], feeds, threads=self.threads, budget_s=self.speed_budget)
+        # speedup = median over rounds of the paired ratio fp32 / candidate (robust to load that drifts)
+        times, sp = measure.paired_speedups([base] + [c[1] for c in cands], feeds, threads=self.threads, budget_s=self.speed_budget)
         fp32 = times[0]
-        info = [{"candidate": c[0], "ms": round(t * 1e3, 3), "speedup": round(fp32 / t, 3)} for c, t in zip(cands, times[1:])]
-        best = int(np.argmin(times[1:]))
+        info = [{"candidate": c[0], "ms": round(t * 1e3, 3), "speedup": round(x, 3)} for c, t, x in zip(cands, times[1:], sp[1:])]
+        best = int(np.argmax(sp[1:]))
         speed: dict[str, Any] = {"fp32-ms": round(fp32 * 1e3, 3), "threads": self.threads or 2, "candidates": info,
-                                 "min-speedup": self.min_speedup}
+                                 "min-speedup": self.min_speedup, "speedup": "median of paired per-round ratios"}
         rep["speed"] = speed
-        if fp32 / times[1 + best] < self.min_speedup:
+        if sp[1 + best] < self.min_speedup:
             speed["decision"] = (f"no int8 variant is {self.min_speedup}x faster than fp32 on onnxruntime here "
-                                 f"(best {fp32 / times[1 + best]:.2f}x: {cands[best][0]})")
+                                 f"(best {sp[1 + best]:.2f}x: {cands[best][0]})")
             return qm, qunits, applied, False
-        speed["decision"] = f"{cands[best][0]}: {fp32 / times[1 + best]:.2f}x faster than fp32"
+        speed["decision"] = f"{cands[best][0]}: {sp[1 + best]:.2f}x faster than fp32"
         extra.clear()
         extra.update(cands[best][4])
         _, m, us, ap, _ = cands[best]

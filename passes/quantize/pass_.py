@@ -398,7 +398,7 @@ class Quantize(Pass):
             d["tags"] = sorted(u.tags)
         if u.macs:
             d["macs"] = u.macs
-        st = (stats or {}).get(u.out.name)
+        st = (stats or {}).get((out_of or {}).get(u.name, u.out.name), (stats or {}).get(u.out.name))
         if st is not None:
             d["range"] = [round(st.lo, 6), round(st.hi, 6)]
         if sq is not None and u.quantized:

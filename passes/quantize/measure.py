@@ -134,29 +134,6 @@ class Budget:
 # ------------------------------------------------------------------------------------ latency
 
 
-def latency(models: Sequence[Model], feeds: Batch, *, threads: int = 0, budget_s: float = 6.0,
-            min_runs: int = 5, max_runs: int = 200) -> list[float]:
-    """Median seconds per run of each model on the same feeds, timed round-robin (one call per
-    model per round) so that drifting load on a shared machine hits every candidate alike."""
-    sessions = [session(m, threads=threads or 2) for m in models]
-    feeds = dict(feeds)
-    for s in sessions:  # warm up (first runs allocate and pack weights)
-        for _ in range(2):
-            s.run(None, feeds)
-    t0 = time.perf_counter()
-    for s in sessions:
-        s.run(None, feeds)
-    per_round = max(time.perf_counter() - t0, 1e-6)
-    rounds = int(min(max_runs, max(min_runs, budget_s / per_round)))
-    times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(rounds):
-        for i, s in enumerate(sessions):
-            t = time.perf_counter()
-            s.run(None, feeds)
-            times[i].append(time.perf_counter() - t)
-    return [statistics.median(t) for t in times]
-
-
 def paired_speedups(models: Sequence[Model], feeds: Batch, *, threads: int = 0, budget_s: float = 6.0,
                     min_runs: int = 5, max_runs: int = 200) -> tuple[list[float], list[float]]:
     """(median seconds per run of each model, speedup of each over models[0]). Round-robin, one

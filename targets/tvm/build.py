@@ -234,6 +234,18 @@ def _shared_threadpool() -> None:
     tvm_ffi.get_global_func("runtime.config_threadpool")(-3, len(cpus), [str(c) for c in cpus])
 
 
+def _lift_weight_only(mod: tvm.IRModule) -> tuple[tvm.IRModule, tvm.IRModule, int] | None:
+    """`main`'s weight-only computations (annotated packing blocks cut into PrimFuncs of their
+    own first) lifted into `main_transform_params`: (the module with both functions, the
+    transform alone, PrimFuncs lifted), or None when nothing depends on weights alone."""
+    split = relax.transform.SplitLayoutRewritePreproc()(mod)
+    lifted = relax.transform.LiftTransformParams()(split)
+    if TRANSFORM_PARAMS not in {gv.name_hint for gv in lifted.get_global_vars()}:
+        return None
+    tmod = _only(lifted, TRANSFORM_PARAMS, "main")
+    return lifted, tmod, sum(1 for _, f in tmod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+
+
 def lift_weight_packing(
     mod: tvm.IRModule, params: list[Any], host: tvm.target.Target
 ) -> tuple[tvm.IRModule, list[Any], int] | None:
@@ -248,12 +260,10 @@ def lift_weight_packing(
     """
     if not has_layout_rewrite(mod):
         return None
-    split = relax.transform.SplitLayoutRewritePreproc()(mod)
-    lifted = relax.transform.LiftTransformParams()(split)
-    if TRANSFORM_PARAMS not in {gv.name_hint for gv in lifted.get_global_vars()}:
+    split = _lift_weight_only(mod)
+    if split is None:
         return None
-    tmod = _only(lifted, TRANSFORM_PARAMS, "main")
-    hoisted = sum(1 for gv, f in tmod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+    lifted, tmod, hoisted = split
     _shared_threadpool()
     vm = relax.VirtualMachine(build(tmod, host), tvm.cpu())
     out = vm[TRANSFORM_PARAMS]([tvm.runtime.tensor(p, tvm.cpu()) for p in params])
@@ -268,12 +278,8 @@ def lift_transform(mod: tvm.IRModule) -> tuple[tvm.IRModule, int] | None:
     the weights as the model holds them (a clustered weight as its indices and codebook), not as
     the kernels read them. Returns (the module with both functions, PrimFuncs lifted), or None
     when nothing depends on weights alone."""
-    split = relax.transform.SplitLayoutRewritePreproc()(mod)
-    lifted = relax.transform.LiftTransformParams()(split)
-    if TRANSFORM_PARAMS not in {gv.name_hint for gv in lifted.get_global_vars()}:
+    split = _lift_weight_only(mod)
+    if split is None or split[2] == 0:
         return None
-    tmod = _only(lifted, TRANSFORM_PARAMS, "main")
-    hoisted = sum(1 for _, f in tmod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
-    if hoisted == 0:
-        return None
+    lifted, _, hoisted = split
     return relax.transform.DeadCodeElimination(["main", TRANSFORM_PARAMS])(lifted), hoisted

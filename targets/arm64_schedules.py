@@ -20,6 +20,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from graphopt.targets.tir_match import int8_matmul_operands
+from graphopt.targets.tir_match import static_int as _static
+
 _REGISTERED: set[str] = set()
 
 #: (A dtype, B dtype) → (intrinsic name, LLVM intrinsic, swap operands, feature)
@@ -87,22 +90,6 @@ def _has(target: Any, feature: str) -> bool:
         return False
 
 
-def _static(x: Any) -> int | None:
-    try:
-        return int(x)
-    except (TypeError, ValueError):
-        return None
-
-
-def _vars(expr: Any) -> set[Any]:
-    import tvm_ffi
-    from tvm import tirx
-
-    found: set[Any] = set()
-    tvm_ffi.structural_walk(expr, (tirx.Var, found.add), order="post")
-    return found
-
-
 def schedule_int8_dot(func: Any, target: Any) -> Any | None:  # noqa: C901 - one schedule, step by step
     """The scheduled PrimFunc, or None when the rule does not apply (see module docstring)."""
     from tvm import s_tir, tirx
@@ -125,32 +112,10 @@ def schedule_int8_dot(func: Any, target: Any) -> Any | None:  # noqa: C901 - one
             except Exception:
                 return None
     stmt = sch.get(mm)
-    red = [iv for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
-    if len(red) != 1 or len(stmt.writes) != 1:
+    ops = int8_matmul_operands(stmt)
+    if ops is None:
         return None
-    out = stmt.writes[0].source
-    if str(out.dtype) != "int32":
-        return None
-    reads = [r for r in stmt.reads if not r.source.same_as(out)]
-    if len(reads) != 2 or any(_static(rg.extent) != 1 for r in reads for rg in r.region):
-        return None
-    k = red[0].var
-    # A: indexed by k in its last axis; B: 2-D, indexed by k and one spatial var n that A lacks
-    cand = []
-    for ra, rb in ((reads[0], reads[1]), (reads[1], reads[0])):
-        a_idx = [rg.min for rg in ra.region]
-        b_idx = [rg.min for rg in rb.region]
-        if len(b_idx) != 2 or not (isinstance(a_idx[-1], tirx.Var) and a_idx[-1].same_as(k)):
-            continue
-        if not all(isinstance(i, tirx.Var) for i in b_idx) or not any(i.same_as(k) for i in b_idx):
-            continue
-        n = next((i for i in b_idx if not i.same_as(k)), None)
-        if n is None or any(n in _vars(i) for i in a_idx):
-            continue
-        cand.append((ra.source, rb.source, n, b_idx[0].same_as(k)))
-    if len(cand) != 1:
-        return None
-    a_buf, b_buf, n_var, b_k_first = cand[0]
+    k, a_buf, b_buf, n_var, b_k_first = ops
     key = (str(a_buf.dtype), str(b_buf.dtype))
     if key not in _DOTS or not _has(target, _DOTS[key][3]):
         return None

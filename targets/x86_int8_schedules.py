@@ -36,6 +36,9 @@ from typing import Any
 
 import numpy as np
 
+from graphopt.targets.tir_match import int8_matmul_operands
+from graphopt.targets.tir_match import static_int as _static
+
 LAYOUT_REWRITE_ANN = "meta_schedule.layout_rewrite_preproc"
 #: |weight| bound for which vpmaddubsw's int16 pair sums cannot saturate with uint8 activations
 U8S8_WEIGHT_BOUND = 64
@@ -152,22 +155,6 @@ def has_avx2(target: Any) -> bool:
         return False
 
 
-def _static(x: Any) -> int | None:
-    try:
-        return int(x)
-    except (TypeError, ValueError):
-        return None
-
-
-def _vars(expr: Any) -> set[Any]:
-    import tvm_ffi
-    from tvm import tirx
-
-    found: set[Any] = set()
-    tvm_ffi.structural_walk(expr, (tirx.Var, found.add), order="post")
-    return found
-
-
 def _root(sch: Any) -> Any | None:
     try:
         return sch.get_sblock("root")
@@ -214,31 +201,10 @@ def schedule_int8_matmul(func: Any, target: Any, weight_absmax: Mapping[int, int
                 continue
     mm = sch.get_sblock(mm_name)
     stmt = sch.get(mm)
-    red = [iv for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
-    if len(red) != 1 or len(stmt.writes) != 1:
+    ops = int8_matmul_operands(stmt)
+    if ops is None:
         return None
-    out = stmt.writes[0].source
-    if str(out.dtype) != "int32":
-        return None
-    reads = [r for r in stmt.reads if not r.source.same_as(out)]
-    if len(reads) != 2 or any(_static(rg.extent) != 1 for r in reads for rg in r.region):
-        return None
-    k = red[0].var
-    cand = []
-    for ra, rb in ((reads[0], reads[1]), (reads[1], reads[0])):
-        a_idx = [rg.min for rg in ra.region]
-        b_idx = [rg.min for rg in rb.region]
-        if len(b_idx) != 2 or not (isinstance(a_idx[-1], tirx.Var) and a_idx[-1].same_as(k)):
-            continue
-        if not all(isinstance(i, tirx.Var) for i in b_idx) or not any(i.same_as(k) for i in b_idx):
-            continue
-        n = next((i for i in b_idx if not i.same_as(k)), None)
-        if n is None or any(n in _vars(i) for i in a_idx):
-            continue
-        cand.append((ra.source, rb.source, n, b_idx[0].same_as(k)))
-    if len(cand) != 1:
-        return None
-    a_buf, b_buf, n_var, b_k_first = cand[0]
+    k, a_buf, b_buf, n_var, b_k_first = ops
     a_dt, b_dt = str(a_buf.dtype), str(b_buf.dtype)
     if a_dt not in ("int8", "uint8") or b_dt not in ("int8", "uint8"):
         return None

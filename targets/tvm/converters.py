@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import tvm
 from tvm import relax
 
 from graphopt.ir import Node
@@ -992,3 +993,126 @@ def _tensor_scatter(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: i
     gathered = bb.emit(R.gather_elements(upd, jc, axis=axis))
     return bb.emit(R.where(valid, gathered, cache))
 
+
+
+# --- run-time shape-deciding inputs, compiled ahead of time (targets/tvm/dynamic.py) ---------------
+
+from . import dynamic as D  # noqa: E402
+from .lower import CONVERTERS  # noqa: E402
+
+
+def _chained(*ops: str) -> Any:
+    """Register a converter that runs before the one already registered for each op (which it
+    falls back to by returning NotImplemented)."""
+    def deco(fn: Any) -> Any:
+        for op in ops:
+            prev = CONVERTERS.get(op)
+
+            def conv(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int, _prev: Any = prev) -> Any:
+                out = fn(bb, node, ins, opset)
+                if out is NotImplemented and _prev is not None:
+                    return _prev(bb, node, ins, opset)
+                return out
+
+            CONVERTERS[op] = conv
+        return fn
+
+    return deco
+
+
+def _runtime(e: Any) -> bool:
+    """`e` is a tensor computed at run time (not a constant the IR knows)."""
+    return e is not None and _const_value(e) is None
+
+
+def _static_len(e: Any) -> int | None:
+    s = e.ty.shape
+    if e.ty.ndim == 0:
+        return 1
+    if e.ty.ndim != 1 or not isinstance(s, relax.ShapeExpr) or not isinstance(s.values[0], tvm.tirx.IntImm):
+        return None
+    return int(s.values[0])
+
+
+def _lse(y: Any, axis: int) -> Any:
+    m = R.max(y, [axis], keepdims=True)
+    return R.add(R.log(R.sum(R.exp(R.subtract(y, m)), [axis], keepdims=True)), m)
+
+
+#: op → (map before, reduction along one axis keeping it, map after)
+_REDUCE_PARTS: dict[str, tuple[Any, Any, Any]] = {
+    "ReduceSum": (None, lambda y, a: R.sum(y, [a], keepdims=True), None),
+    "ReduceMean": (None, lambda y, a: R.mean(y, [a], keepdims=True), None),
+    "ReduceMax": (None, lambda y, a: R.max(y, [a], keepdims=True), None),
+    "ReduceMin": (None, lambda y, a: R.min(y, [a], keepdims=True), None),
+    "ReduceProd": (None, lambda y, a: R.prod(y, [a], keepdims=True), None),
+    "ReduceSumSquare": (lambda y: R.multiply(y, y), lambda y, a: R.sum(y, [a], keepdims=True), None),
+    "ReduceL1": (R.abs, lambda y, a: R.sum(y, [a], keepdims=True), None),
+    "ReduceL2": (lambda y: R.multiply(y, y), lambda y, a: R.sum(y, [a], keepdims=True), R.sqrt),
+    "ReduceLogSum": (None, lambda y, a: R.sum(y, [a], keepdims=True), R.log),
+    "ReduceLogSumExp": (None, _lse, None),
+}
+
+
+@_chained(*_REDUCE_PARTS)
+def _reduce_runtime_axes(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Reduce* whose axes are a run-time input (opset 18; ReduceSum 13): the axes tensor's length
+    k is static, so the output rank is too (r or r - k). One two-way run-time branch per axis of
+    the input (reduce it, keeping the dim, or not; static size-1 dims need none), chained; a
+    reduction over a set of axes is the same reductions one axis after another (LogSumExp per
+    axis stable by its max). keepdims=0 then drops the reduced dims with a reshape to the kept
+    dims, computed at run time. Empty axes: all axes, or the input (noop_with_empty_axes)."""
+    if len(ins) < 2 or not _runtime(ins[1]):
+        return NotImplemented
+    x, axes = ins[0], ins[1]
+    k = _static_len(axes)
+    if k is None:
+        raise LoweringError(f"node {node.label()}: {node.op_type} needs axes of a static length on the cpu target")
+    pre, along, post = _REDUCE_PARTS[node.op_type]
+    keep = bool(node.attr("keepdims", 1))
+    dtype = _dt(x)
+    as_u8 = dtype == "bool"  # TIR has no min/max value for bool
+    y = bb.emit(R.astype(x, "uint8")) if as_u8 else x
+    if pre is not None:
+        y = bb.emit(pre(y))
+    if k == 0:
+        if node.attr("noop_with_empty_axes", 0):
+            return x
+        r = y.ty.ndim
+        for a in range(r):
+            y = bb.emit(along(y, a))
+        if not keep:
+            y = bb.emit(R.reshape(y, []))
+    else:
+        dims = _dims_of(x)
+        r = len(dims)
+        a64 = bb.emit(R.astype(axes, "int64")) if _dt(axes) != "int64" else axes
+        if a64.ty.ndim == 0:
+            a64 = bb.emit(R.reshape(a64, [1]))
+        an = bb.emit(R.where(R.less(a64, _c(0, "int64")), R.add(a64, _c(r, "int64")), a64))
+        hit = bb.emit(R.equal(R.reshape(an, [k, 1]), D.int_consts(list(range(r)))))
+        mask = bb.emit(R.max(R.astype(hit, "int64"), [0]))  # [r]: 1 where reduced
+        for a in range(r):
+            if dims[a] == 1:
+                continue
+            cond = bb.emit(R.greater(R.take(mask, relax.const(a, "int64"), axis=0), _c(0, "int64")))
+            y = D.switch(bb, [cond], [lambda fbb, p, a=a: fbb.emit(along(p[0], a)), lambda fbb, p: p[0]], [y],
+                         name=f"reduce_axis{a}_")
+        if not keep:
+            if r - k == 0:
+                y = bb.emit(R.reshape(y, []))
+            else:
+                # the kept dims in order: kept[j] = shape[d] for the j-th d with mask[d] == 0
+                sh = D.shape_tensor(bb, y)
+                kept = bb.emit(R.subtract(_c(1, "int64"), mask))
+                tri = np.tril(np.ones((r, r), dtype=np.int64), -1)  # e < d
+                pos = bb.emit(R.sum(R.multiply(relax.const(tri, "int64"), R.reshape(kept, [1, r])), [1]))
+                sel = bb.emit(R.multiply(R.astype(R.equal(R.reshape(pos, [1, r]), D.int_consts([[j] for j in range(r - k)])), "int64"),
+                                         R.reshape(kept, [1, r])))
+                out_shape = bb.emit(R.sum(R.multiply(sel, R.reshape(sh, [1, r])), [1]))
+                y = bb.emit(R.reshape(y, D.shape_of_tensor(bb, out_shape, r - k)))
+    if post is not None:
+        y = bb.emit(post(y))
+    if as_u8:
+        y = bb.emit(R.astype(y, "bool"))
+    return y

@@ -982,8 +982,10 @@ class _Lowerer:
         R = relax.op
         if n.op_type == "If":
             c = ins[0].static() if isinstance(ins[0], Sym) else _const_value(ins[0])
-            if c is None:
-                raise LoweringError(f"node {n.label()}: If with a run-time condition is not supported by the cpu target")
+            if c is None:  # both branches compiled, one chosen at run time
+                from . import dynamic
+
+                return dynamic.runtime_if(self, bb, n, ins[0], env)
             branch = n.attr("then_branch") if bool(np.asarray(c).reshape(-1)[0]) else n.attr("else_branch")
             return self._body(bb, branch, [], env)
         ins = [_materialise(bb, e, "") if isinstance(e, Sym) else e for e in ins]

@@ -1,0 +1,247 @@
+"""Run-time values that decide shapes or control flow, compiled ahead of time (no binding).
+
+Two mechanisms, both compiled into the artifact before any input is seen:
+
+- **branches**: `switch(bb, conds, branches, args)` compiles each branch as a Relax function of
+  its own and emits one call of a selector function that runs `If(c0, b0, If(c1, b1, ... bN))`
+  on the host at run time: only the taken branch runs. Its result is cast to fresh symbolic dims
+  (`R.match_cast`), so what follows is compiled once for any of the branches' shapes. Used for
+  the axes of Reduce* given as an input (one two-way branch per axis: reduce it or not) and for
+  If with a run-time condition.
+- **data-dependent shapes**: `shape_of_tensor(bb, t, n)` turns an int64 tensor of static length n
+  computed at run time into a ShapeExpr of fresh symbolic vars (`R.tensor_to_shape` +
+  `match_cast`), which ops taking a shape (reshape, broadcast_to, full, ...) use; their kernels
+  get symbolic extents.
+
+Functions made here are plain (non-primitive) Relax functions: the group holding such a node is
+emitted inline into `main` (match_cast keeps it out of primitive form), and the branches' own
+kernels are legalized like any other.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+
+R = relax.op
+
+_COUNTER = itertools.count()
+
+
+def _uid(prefix: str) -> str:
+    return f"{prefix}{next(_COUNTER)}"
+
+
+def fresh_dims(ty: relax.TensorType, prefix: str = "dyn") -> list[Any]:
+    """The dims of `ty` with every non-constant one replaced by a new symbolic var (a function
+    may not share symbolic vars with another)."""
+    if not isinstance(ty.shape, relax.ShapeExpr):
+        return [tvm.tirx.Var(_uid(prefix), "int64") for _ in range(ty.ndim)]
+    return [int(d) if isinstance(d, tvm.tirx.IntImm) else tvm.tirx.Var(_uid(prefix), "int64") for d in ty.shape.values]
+
+
+def _fresh_type(ty: Any, prefix: str) -> Any:
+    if isinstance(ty, relax.TensorType):
+        if ty.ndim < 0:
+            raise ValueError("a tensor of unknown rank")
+        return relax.TensorType(fresh_dims(ty, prefix), ty.dtype)
+    if isinstance(ty, relax.TupleType):
+        return relax.TupleType([_fresh_type(f, prefix) for f in ty.fields])
+    raise ValueError(f"a {type(ty).__name__} value")
+
+
+def add_function(bb: relax.BlockBuilder, args: Sequence[Any], body: Callable[[relax.BlockBuilder, list[relax.Var]], Any],
+                 name: str) -> tvm.ir.GlobalVar:
+    """Build `body(fbb, params)` as a private Relax function taking values typed like `args`
+    (fresh symbolic dims) and add it to `bb`'s module."""
+    fbb = relax.BlockBuilder()
+    params = [relax.Var(f"a{i}", _fresh_type(a.ty, "s")) for i, a in enumerate(args)]
+    with fbb.function(name, params, private=True):
+        with fbb.dataflow():
+            out = body(fbb, params)
+            if isinstance(out, (list, tuple)):
+                out = relax.Tuple(list(out))
+            out = fbb.emit_output(out)
+        fbb.emit_func_output(out)
+    return carry_over(bb, fbb.get(), name)
+
+
+def carry_over(bb: relax.BlockBuilder, sub: tvm.IRModule, name: str) -> tvm.ir.GlobalVar:
+    """Add function `name` of `sub` to `bb`'s module with every other function of `sub` it may
+    call (emit_te PrimFuncs, nested branch functions), calls pointed at their new GlobalVars."""
+    table: dict[Any, Any] = {}
+    for gv in sub.get_global_vars():
+        if gv.name_hint != name:
+            table[gv] = bb.add_func(sub[gv], gv.name_hint)
+
+    @relax.expr_functor.mutator
+    class _M(relax.PyExprMutator):  # type: ignore[misc]
+        def visit_global_var_(self, op: tvm.ir.GlobalVar) -> relax.Expr:  # noqa: N802
+            return table.get(op, op)
+
+    for gv, new_gv in table.items():
+        f = sub[gv]
+        if isinstance(f, relax.Function):
+            bb.update_func(new_gv, _M().visit_expr(f))
+    func = sub[name]
+    return bb.add_func(_M().visit_expr(func) if table else func, name)
+
+
+def _join(types: list[Any]) -> Any:
+    """The most precise type covering every branch's: equal static dims kept, others fresh."""
+    t0 = types[0]
+    if isinstance(t0, relax.TensorType):
+        if any(not isinstance(t, relax.TensorType) or t.ndim != t0.ndim or t.dtype != t0.dtype for t in types):
+            raise ValueError("branches give tensors of different rank or element type")
+        dims: list[Any] = []
+        for i in range(t0.ndim):
+            vals = set()
+            for t in types:
+                d = t.shape.values[i] if isinstance(t.shape, relax.ShapeExpr) else None
+                vals.add(int(d) if isinstance(d, tvm.tirx.IntImm) else None)
+            v = vals.pop() if len(vals) == 1 else None
+            dims.append(v if v is not None else tvm.tirx.Var(_uid("j"), "int64"))
+        return relax.TensorType(dims, t0.dtype)
+    if isinstance(t0, relax.TupleType):
+        if any(not isinstance(t, relax.TupleType) or len(t.fields) != len(t0.fields) for t in types):
+            raise ValueError("branches give tuples of different length")
+        return relax.TupleType([_join([t.fields[i] for t in types]) for i in range(len(t0.fields))])
+    raise ValueError(f"a branch gives a {type(t0).__name__}")
+
+
+def _bool_scalar(bb: relax.BlockBuilder, c: Any) -> Any:
+    if str(c.ty.dtype) != "bool":
+        c = bb.emit(R.not_equal(c, relax.const(np.array(0, dtype=str(c.ty.dtype)), str(c.ty.dtype))))
+    if c.ty.ndim != 0:
+        c = bb.emit(R.reshape(c, []))
+    return c
+
+
+def switch(bb: relax.BlockBuilder, conds: Sequence[Any], branches: Sequence[Callable[[relax.BlockBuilder, list[relax.Var]], Any]],
+           args: Sequence[Any], name: str = "switch") -> Any:
+    """Run branches[i] for the first true conds[i] (the last branch when none is: len(conds) ==
+    len(branches) - 1), chosen at run time; each branch is `fn(fbb, params)` over `args`. Returns
+    the result in `bb`, cast to the join of the branches' types (symbolic where they differ)."""
+    assert len(conds) == len(branches) - 1
+    base = _uid(name)
+    gvs = [add_function(bb, args, fn, f"{base}_b{i}") for i, fn in enumerate(branches)]
+    mod = bb.get()
+    joined = _join([mod[gv].ret_ty for gv in gvs])
+    if len(gvs) == 1:
+        out = bb.emit(relax.Call(gvs[0], list(args)))
+    else:
+        cparams = [relax.Var(f"c{i}", relax.TensorType([], "bool")) for i in range(len(conds))]
+        aparams = [relax.Var(f"a{i}", _fresh_type(a.ty, "s")) for i, a in enumerate(args)]
+        sbb = relax.BlockBuilder()
+        with sbb.function(f"{base}_select", cparams + aparams, private=True):
+            expr: Any = relax.Call(gvs[-1], aparams)
+            for i in range(len(conds) - 1, -1, -1):
+                expr = relax.If(cparams[i], relax.Call(gvs[i], aparams), expr)
+            res = sbb.emit(expr)
+            sbb.emit_func_output(res)
+        sgv = carry_over(bb, sbb.get(), f"{base}_select")
+        out = bb.emit(relax.Call(sgv, [_bool_scalar(bb, c) for c in conds] + list(args)))
+    if isinstance(joined, relax.TupleType):
+        out = bb.match_cast(out, joined)
+        return [bb.emit(relax.TupleGetItem(out, i)) for i in range(len(joined.fields))]
+    return bb.match_cast(out, joined)
+
+
+def shape_of_tensor(bb: relax.BlockBuilder, t: Any, n: int, prefix: str = "d") -> relax.ShapeExpr:
+    """A run-time int tensor of static length n as a ShapeExpr of fresh symbolic vars."""
+    if str(t.ty.dtype) != "int64":
+        t = bb.emit(R.astype(t, "int64"))
+    if t.ty.ndim != 1:
+        t = bb.emit(R.reshape(t, [n]))
+    if not (isinstance(t.ty.shape, relax.ShapeExpr) and all(isinstance(d, tvm.tirx.IntImm) for d in t.ty.shape.values)):
+        t = bb.match_cast(t, relax.TensorType([n], "int64"))
+    s = bb.emit(R.tensor_to_shape(t))
+    dims = [tvm.tirx.Var(_uid(prefix), "int64") for _ in range(n)]
+    bb.match_cast(s, relax.ShapeType(dims))
+    return relax.ShapeExpr(dims)
+
+
+def shape_tensor(bb: relax.BlockBuilder, x: Any) -> Any:
+    """x's shape as a run-time int64 tensor [rank]."""
+    return bb.emit(R.shape_to_tensor(R.shape_of(x)))
+
+
+def int_consts(values: Sequence[int]) -> Any:
+    return relax.const(np.asarray(values, dtype=np.int64), "int64")
+
+
+def _captured(g: Any) -> list[Any]:
+    """Values a subgraph (and the subgraphs inside it) reads from enclosing scopes, in order."""
+    out: list[Any] = []
+    seen: set[int] = set()
+
+    def walk(graph: Any, local: set[int]) -> None:
+        local = local | {id(v) for v in graph.inputs} | {id(v) for v in graph.initializers.values()}
+        for n in graph.nodes:
+            for v in n.inputs:
+                if v is not None and id(v) not in local and id(v) not in seen:
+                    seen.add(id(v))
+                    out.append(v)
+            for sg in n.subgraphs():
+                walk(sg, local)
+            local = local | {id(v) for v in n.outputs}
+        for v in graph.outputs:
+            if id(v) not in local and id(v) not in seen:
+                seen.add(id(v))
+                out.append(v)
+
+    walk(g, set())
+    return out
+
+
+def runtime_if(lowerer: Any, bb: relax.BlockBuilder, node: Any, cond: Any, env: dict[Any, Any]) -> list[Any]:
+    """If whose condition is computed at run time: both branches compiled (each a function over
+    the outer values it reads), one run, chosen on the host (`switch`)."""
+    from .lower import LoweringError, Sym, _materialise
+
+    then_g, else_g = node.attr("then_branch"), node.attr("else_branch")
+    captured: list[Any] = []
+    for g in (then_g, else_g):
+        for v in _captured(g):
+            if all(v is not c for c in captured):
+                captured.append(v)
+    passed: list[Any] = []  # values handed to the branches as arguments
+    fixed: dict[Any, Any] = {}  # constants the branches may specialise on
+    for v in captured:
+        e = env.get(id(v))
+        if e is None:
+            continue  # an outer value no branch computes before use: _body reports it
+        if isinstance(e, Sym) and e.static() is None:
+            e = _materialise(bb, e, "")
+        if isinstance(e, Sym) or isinstance(e, tvm.ir.GenericConst):
+            fixed[id(v)] = e
+        else:
+            passed.append((v, e))
+    if isinstance(cond, Sym):
+        cond = _materialise(bb, cond, "")
+
+    def branch(g: Any) -> Callable[[relax.BlockBuilder, list[relax.Var]], Any]:
+        def fn(fbb: relax.BlockBuilder, params: list[relax.Var]) -> Any:
+            # main's own expressions (and its symbolic dims) must not leak into another function
+            sub = {k: val for k, val in env.items()
+                   if isinstance(val, tvm.ir.GenericConst) or isinstance(val, Sym) and val.static() is not None}
+            sub.update(fixed)
+            for (v, _), p in zip(passed, params):
+                sub[id(v)] = p
+            outs = lowerer._body(fbb, g, [], sub)
+            if len(outs) == 1:
+                return outs[0]
+            return [o if not isinstance(o, tvm.ir.GenericConst) else fbb.emit(o) for o in outs]
+
+        return fn
+
+    try:
+        out = switch(bb, [cond], [branch(then_g), branch(else_g)], [e for _, e in passed], name="if_")
+    except ValueError as e:
+        raise LoweringError(f"node {node.label()}: If with a run-time condition: {e}") from None
+    return out if isinstance(out, list) else [out]

@@ -1116,3 +1116,119 @@ def _reduce_runtime_axes(bb: relax.BlockBuilder, node: Node, ins: list[Any], ops
     if as_u8:
         y = bb.emit(R.astype(y, "bool"))
     return y
+
+
+def _value_switch(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int, pos: int, values: list[int],
+                  normalise: Any = None) -> Any:
+    """Convert `node` once per possible value of its run-time scalar input `pos` (as a constant:
+    the existing converters specialise on it) and pick the branch at run time. `normalise` maps
+    the run-time value to one of `values` first (negative axes)."""
+    from .lower import convert_node
+
+    v = ins[pos]
+    dt = _dt(v)
+    s = bb.emit(R.reshape(v, [])) if v.ty.ndim else v
+    if normalise is not None:
+        s = bb.emit(normalise(s))
+    runtime = [i for i, e in enumerate(ins) if i != pos and _runtime(e)]
+
+    def branch(val: int) -> Any:
+        def fn(fbb: relax.BlockBuilder, params: list[relax.Var]) -> Any:
+            new = list(ins)
+            for i, p in zip(runtime, params):
+                new[i] = p
+            new[pos] = relax.const(np.array(val, dtype=dt).reshape([1] * v.ty.ndim), dt)  # scalar or [1], as given
+            out = convert_node(fbb, node, new, opset)
+            return list(out.fields) if isinstance(out, relax.Tuple) else out
+
+        return fn
+
+    conds = [bb.emit(R.equal(s, _c(val, dt))) for val in values[:-1]]
+    return D.switch(bb, conds, [branch(val) for val in values], [ins[i] for i in runtime], name=f"{node.op_type.lower()}_")
+
+
+@_chained("CumSum", "CumProd")
+def _cum_runtime_axis(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """CumSum/CumProd along a run-time axis: one kernel per axis of the input, chosen at run time."""
+    if len(ins) < 2 or not _runtime(ins[1]):
+        return NotImplemented
+    r = ins[0].ty.ndim
+    dt = _dt(ins[1])
+    return _value_switch(bb, node, ins, opset, 1, list(range(r)),
+                         lambda s: R.where(R.less(s, _c(0, dt)), R.add(s, _c(r, dt)), s))
+
+
+@_chained("Pad")
+def _pad_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Pad with run-time pads: the pad amounts become symbolic vars (tensor_to_shape +
+    match_cast) and one TE kernel with output dims n + before + after reads the input at
+    i - before (constant: the value outside; edge: clamped; reflect: mirrored; wrap: modulo).
+    axes, when given, must be constant; the pad value may be a run-time scalar."""
+    from tvm import te, tirx
+
+    if opset < 11 or len(ins) < 2 or not _runtime(ins[1]):
+        return NotImplemented
+    x = ins[0]
+    r = x.ty.ndim
+    n_p = _static_len(ins[1])
+    axes = list(range(r))
+    pads = ins[1]
+    if len(ins) > 3 and _runtime(ins[3]):  # run-time axes: the full-rank pads computed at run time
+        k = _static_len(ins[3])
+        if k is None or n_p != 2 * k:
+            raise LoweringError(f"node {node.label()}: Pad needs pads of length 2 x the padded axes on the cpu target")
+        a64 = bb.emit(R.reshape(R.astype(ins[3], "int64"), [k, 1]))
+        a64 = bb.emit(R.where(R.less(a64, _c(0, "int64")), R.add(a64, _c(r, "int64")), a64))
+        onehot = bb.emit(R.astype(R.equal(a64, D.int_consts([list(range(r))])), "int64"))  # [k, r]
+        p2 = bb.emit(R.reshape(R.astype(pads, "int64"), [2, k, 1]))
+        pads = bb.emit(R.reshape(R.sum(R.multiply(p2, R.reshape(onehot, [1, k, r])), [1]), [2 * r]))
+        n_p = 2 * r
+    elif len(ins) > 3 and ins[3] is not None:
+        axes = [int(a) + r if int(a) < 0 else int(a) for a in _int_const(node, ins[3], "axes").reshape(-1)]
+    if n_p != 2 * len(axes):
+        raise LoweringError(f"node {node.label()}: Pad needs pads of length 2 x the padded axes on the cpu target")
+    amounts = D.shape_of_tensor(bb, pads, n_p, "pad").values
+    before, after = [0] * r, [0] * r
+    for i, a in enumerate(axes):
+        before[a], after[a] = amounts[i], amounts[len(axes) + i]
+    mode = _str_attr(node, "mode", "constant")
+    dtype = _dt(x)
+    value = ins[2] if len(ins) > 2 else None
+    cv = _const_value(value) if value is not None else None
+
+    def compute(data: Any, *rest: Any) -> Any:
+        dims = list(data.shape)
+        out_shape = [dims[d] + before[d] + after[d] for d in range(r)]
+
+        def body(*idx: Any) -> Any:
+            src = [idx[d] - before[d] for d in range(r)]
+            if mode == "constant":
+                inside = tirx.const(True, "bool")
+                for d in range(r):
+                    inside = tirx.all(inside, src[d] >= 0, src[d] < dims[d])
+                safe = [tirx.max(tirx.min(s, dims[d] - 1), 0) for d, s in enumerate(src)]
+                if rest:
+                    fill = rest[0][()] if len(rest[0].shape) == 0 else rest[0][0]
+                else:
+                    fill = tirx.const(float(cv.reshape(-1)[0]) if cv is not None and cv.size else 0, dtype)
+                return tirx.Select(inside, data[tuple(safe)], fill.astype(dtype))
+            if mode == "edge":
+                return data[tuple(tirx.max(tirx.min(s, dims[d] - 1), 0) for d, s in enumerate(src))]
+            if mode == "reflect":
+                out = []
+                for d, s in enumerate(src):
+                    m = dims[d] - 1
+                    s = tirx.abs(s)
+                    s = tirx.Select(s > m, 2 * m - s, s)
+                    out.append(tirx.max(tirx.min(s, m), 0))
+                return data[tuple(out)]
+            if mode == "wrap":
+                return data[tuple(tirx.floormod(s, dims[d]) for d, s in enumerate(src))]
+            raise LoweringError(f"node {node.label()}: Pad mode {mode!r} is not supported by the cpu target")
+
+        return te.compute(out_shape, body, name="pad_runtime")
+
+    args = [x]
+    if mode == "constant" and value is not None and cv is None:
+        args.append(value)
+    return bb.emit_te(compute, *args, primfunc_name_hint="pad_runtime")

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from graphopt.errors import GraphoptError
+from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import Model
 from graphopt.target import (
     FORMAT,
@@ -61,7 +61,33 @@ class CpuTarget(Target):
 
     name: ClassVar[str] = "cpu"
 
+    #: activations between convolutions: "nchwc" (channel-blocked, see targets/tvm/layout.py),
+    #: "nchw", or "auto" (nchwc on x86-64)
+    layout: str = "auto"
+
+    @classmethod
+    def from_options(cls, options: Any) -> "CpuTarget":
+        t = cls()
+        for key, value in options.items():
+            if key != "layout":
+                raise UsageError(f"target cpu: unknown option {key!r} (have: layout)")
+            if value not in ("auto", "nchwc", "nchw"):
+                raise UsageError(f"target cpu: layout={value!r} is not one of auto, nchwc, nchw")
+            t.layout = value
+        return t
+
     # hooks that targets built on this one (arm64, cuda) override
+    def activation_block(self, target: Any) -> int | None:
+        """Channels per block of the activations between convolutions (None: NCHW)."""
+        from graphopt.targets.tvm import layout as TL
+
+        if self.layout == "nchw":
+            return None
+        if self.layout == "nchwc":
+            return TL.DEFAULT_BLOCK
+        triple = str(target.attrs.get("mtriple", "")) if hasattr(target, "attrs") else ""
+        return TL.DEFAULT_BLOCK if str(target.kind.name) == "llvm" and triple.startswith("x86_64") else None
+
     def tvm_target(self, threads: int) -> Any:
         from graphopt.targets.tvm import build as B
 
@@ -157,7 +183,7 @@ class CpuTarget(Target):
         threads = int(options.threads or B.default_threads())
         target = self.tvm_target(threads)
 
-        lowered, mod = L.lower_and_fuse(model, target)
+        lowered, mod = L.lower_and_fuse(model, target, block=self.activation_block(target))
         times["lower-fuse"] = time.perf_counter() - t0
         t = time.perf_counter()
         mod, int8 = self.int8_kernels(mod, target, lowered.params)
@@ -197,6 +223,7 @@ class CpuTarget(Target):
             kernels = {
                 "groups": len(lowered.groups) + len(lowered.inline_groups) + len(lowered.symbolic_groups),
                 "primitive": len(lowered.groups),
+                "blocked": len(lowered.blocked_groups),
                 "inline": lowered.inline_groups,
                 "symbolic": len(lowered.symbolic_groups),
                 "primfuncs": sum(1 for gv in mod.get_global_vars() if isinstance(mod[gv], tvm.tirx.PrimFunc)),

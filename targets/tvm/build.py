@@ -238,7 +238,8 @@ def _lift_weight_only(mod: tvm.IRModule) -> tuple[tvm.IRModule, tvm.IRModule, in
     """`main`'s weight-only computations (annotated packing blocks cut into PrimFuncs of their
     own first) lifted into `main_transform_params`: (the module with both functions, the
     transform alone, PrimFuncs lifted), or None when nothing depends on weights alone."""
-    split = relax.transform.SplitLayoutRewritePreproc()(mod)
+    # (SplitLayoutRewritePreproc asserts on some kernels without an annotated block: only when needed)
+    split = relax.transform.SplitLayoutRewritePreproc()(mod) if has_layout_rewrite(mod) else mod
     lifted = relax.transform.LiftTransformParams()(split)
     if TRANSFORM_PARAMS not in {gv.name_hint for gv in lifted.get_global_vars()}:
         return None
@@ -255,13 +256,13 @@ def lift_weight_packing(
     LiftTransformParams moves those calls (they depend on weights only: `main`'s parameters after
     `num_input`) into `main_transform_params`; that function is built for `host` and run here, so
     the artifact's `main` takes the packed weights directly and no packing is left at run time.
-    Returns (main's module without the transform, the weights `main` now takes in order, number of
-    packing functions hoisted), or None when no kernel packs a weight (nothing to do).
+    Weight-only computations in `main` itself (the blocked convolutions' weight packing) are lifted
+    the same way. Returns (main's module without the transform, the weights `main` now takes in
+    order, number of packing functions hoisted), or None when nothing packs a weight.
     """
-    if not has_layout_rewrite(mod):
-        return None
+    # (not only annotated packing blocks: the blocked-layout convs pack their weights in `main`)
     split = _lift_weight_only(mod)
-    if split is None:
+    if split is None or split[2] == 0:
         return None
     lifted, tmod, hoisted = split
     _shared_threadpool()

@@ -72,6 +72,7 @@ class LoweredModule:
     groups: list[str] = field(default_factory=list)  # group functions emitted as primitives
     inline_groups: dict[str, str] = field(default_factory=dict)  # group → why it was inlined
     symbolic_groups: list[str] = field(default_factory=list)  # shape arithmetic, no kernel
+    blocked_groups: list[str] = field(default_factory=list)  # groups on channel-blocked activations
 
 
 # --- attributes -----------------------------------------------------------------------------------
@@ -818,9 +819,11 @@ def _group_name(k: str) -> str:
 
 
 class _Lowerer:
-    def __init__(self, model: Model, force_inline: dict[str, str] | None = None) -> None:
+    def __init__(self, model: Model, force_inline: dict[str, str] | None = None, block: int | None = None) -> None:
         self.model = model
         self.force_inline = dict(force_inline or {})
+        self.block = block  # channel block of activations between convs (None: NCHW throughout)
+        self.plan: _layout.LayoutPlan | None = None
         self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         self.bb = relax.BlockBuilder()
         self.sym: dict[str, tvm.tirx.Var] = {}
@@ -864,6 +867,8 @@ class _Lowerer:
             self._constant(v, v.const_value.numpy())
         param_vars = [p for p, _ in self.params]
         groups = _topo_groups(self.model)
+        if self.block:
+            self.plan = _layout.plan_layout(self.model, groups, self.block)
         # parameters must be known before the function opens: collect Constant-node weights too
         for _, nodes in groups:
             for n in nodes:
@@ -879,7 +884,7 @@ class _Lowerer:
                     self._group(k, nodes)
                 outs = []
                 for v in g.outputs:
-                    e = self.env.get(id(v))
+                    e = self._in_form(self.bb, self.env, v, _layout.PLAIN)
                     if e is None:
                         raise LoweringError(f"graph output {v.name!r} is not computed")
                     outs.append(e)
@@ -894,6 +899,7 @@ class _Lowerer:
             groups=self.groups,
             inline_groups=self.inline,
             symbolic_groups=self.symbolic,
+            blocked_groups=[_group_name(k) for k in self.plan.groups] if self.plan is not None else [],
         )
 
     def _constant(self, v: Value, arr: np.ndarray) -> None:
@@ -925,17 +931,43 @@ class _Lowerer:
             return
         raise LoweringError(f"node {n.label()}: Constant without a value")
 
-    def _convert_into(self, bb: relax.BlockBuilder, nodes: list[Node], env: dict[int, Any]) -> None:
+    def _in_form(self, bb: relax.BlockBuilder, env: dict[Any, Any], v: Value, want: str) -> Any:
+        """`v`'s expression in `env`, in form `want` (converted once per scope, see layout.py)."""
+        if self.plan is None:
+            return env.get(id(v))
+        have = self.plan.native(v)
+        if want == have:
+            return env.get(id(v))
+        e = env.get((id(v), want))
+        if e is None:
+            src = env.get(id(v))
+            if src is None:
+                return None
+            if isinstance(src, Sym):
+                src = _materialise(bb, src, "")
+            e = env[(id(v), want)] = _layout.convert_form(bb, src, v, have, want, self.plan.block)
+        return e
+
+    def _wants(self, n: Node, i: int) -> str:
+        return self.plan.wants(n, i) if self.plan is not None else _layout.PLAIN
+
+    def _convert_into(self, bb: relax.BlockBuilder, nodes: list[Node], env: dict[Any, Any]) -> None:
         for n in nodes:
             ins = []
-            for v in n.inputs:
+            for i, v in enumerate(n.inputs):
                 if v is None or (not v.name and v.producer() is None and not v.is_graph_input()):
                     ins.append(None)
                     continue
-                e = env.get(id(v))
+                e = self._in_form(bb, env, v, self._wants(n, i))
                 if e is None:
                     raise LoweringError(f"node {n.label()}: input {v.name!r} is not computed before it")
                 ins.append(e)
+            role = self.plan.role(n) if self.plan is not None else None
+            if role is not None:
+                out = _layout.convert_blocked(bb, n, role, ins, self.plan.block,
+                                              lambda b_, n_, i_: convert_node(b_, n_, i_, self.opset))
+                env[id(n.outputs[0])] = out
+                continue
             sym = _sym_eval(n, ins) if n.domain in ("", "ai.onnx") else None
             if sym is not None:
                 for v, e in zip(n.outputs, sym):
@@ -1066,14 +1098,17 @@ class _Lowerer:
             return
         gname = _group_name(k)
         inside = {id(v) for n in nodes for v in n.outputs}
-        ext: list[Value] = []
-        seen: set[int] = set()
+        ext: list[tuple[Value, str]] = []  # (value, the form the group reads it in)
+        seen: set[tuple[int, str]] = set()
         for n in nodes:
-            for v in n.inputs:
-                if v is None or id(v) in inside or id(v) in seen:
+            for i, v in enumerate(n.inputs):
+                if v is None or id(v) in inside:
                     continue
-                seen.add(id(v))
-                ext.append(v)
+                form = self._wants(n, i) if not self._is_inline_const(v) else _layout.PLAIN
+                if (id(v), form) in seen:
+                    continue
+                seen.add((id(v), form))
+                ext.append((v, form))
         members = {id(n) for n in nodes}
         outs = [v for n in nodes for v in n.outputs if v.is_graph_output() or any(id(u) not in members for u in v.consumers())]
         if not outs:  # nothing outside reads the group
@@ -1092,7 +1127,7 @@ class _Lowerer:
             why = _primitive_refusal(func)
         if why is None and func is not None:
             gv = self.bb.add_func(func, gname)
-            args = [self.env[id(v)] for v in ext if not self._is_inline_const(v)] + consts
+            args = [self._in_form(self.bb, self.env, v, form) for v, form in ext if not self._is_inline_const(v)] + consts
             call = self.bb.emit(relax.Call(gv, args))
             if len(outs) == 1:
                 self.env[id(outs[0])] = call
@@ -1111,6 +1146,8 @@ class _Lowerer:
         for n in nodes:
             if n.domain not in ("", "ai.onnx"):
                 return False
+            if self.plan is not None and any(v is not None and self.plan.native(v) != _layout.PLAIN for v in n.inputs):
+                return False
             ins = [None if v is None else local.get(id(v), self.env.get(id(v))) for v in n.inputs]
             sym = _sym_eval(n, ins)
             if sym is None:
@@ -1123,23 +1160,25 @@ class _Lowerer:
     def _is_inline_const(self, v: Value) -> bool:
         return isinstance(self.env.get(id(v)), (tvm.ir.GenericConst, Sym))
 
-    def _primitive(self, gname: str, nodes: list[Node], ext: list[Value], outs: list[Value]) -> tuple[relax.Function, list[tvm.ir.GenericConst]]:
+    def _primitive(self, gname: str, nodes: list[Node], ext: list[tuple[Value, str]], outs: list[Value]) -> tuple[relax.Function, list[tvm.ir.GenericConst]]:
         gbb = relax.BlockBuilder()
-        env: dict[int, Any] = {}
+        env: dict[Any, Any] = {}
         params = []
-        for i, v in enumerate(ext):
+        for i, (v, form) in enumerate(ext):
             e = self.env.get(id(v))
             if e is None:
                 raise LoweringError(f"value {v.name!r} is read before it is computed")
             if isinstance(e, (tvm.ir.GenericConst, Sym)):
                 env[id(v)] = e  # inlined: converters specialise on it; lifted below if still data
                 continue
+            e = self._in_form(self.bb, self.env, v, form)  # a layout change: a kernel of its own, in main
             ty = e.ty
             if not isinstance(ty, relax.TensorType):
                 raise LoweringError(f"input {v.name!r} is a {type(ty).__name__}")
             p = relax.Var(f"a{i}", ty)
             params.append(p)
-            env[id(v)] = p
+            native = self.plan is None or self.plan.native(v) == form
+            env[id(v) if native else (id(v), form)] = p
         with gbb.function(gname, params, {"Primitive": True}, private=True):
             with gbb.dataflow():
                 self._convert_into(gbb, nodes, env)
@@ -1155,22 +1194,16 @@ class _Lowerer:
         sub = gbb.get()
         extra = [gv for gv in sub.get_global_vars() if gv.name_hint != gname]
         if extra:  # emit_te created PrimFuncs: carry them over as call_tir targets
-            for gv in extra:
-                f = sub[gv]
-                self.bb.add_func(f, gv.name_hint)
-            func = _rebind_globals(func, sub, self.bb)
+            # (add_func renames a clash, e.g. two groups' `conv_blocked` of different shapes, and
+            # returns an equal function's GlobalVar: map each by what it returned, not by name)
+            table = {gv: self.bb.add_func(sub[gv], gv.name_hint) for gv in extra}
+            func = _rebind_globals(func, table)
         func, consts = _lift_constants(func)
         return func, consts
 
 
-def _rebind_globals(func: relax.Function, sub: tvm.IRModule, bb: relax.BlockBuilder) -> relax.Function:
-    """Point GlobalVars of `sub` at the ones `bb` gave the same functions."""
-    mod = bb.get()
-    table = {}
-    for gv in sub.get_global_vars():
-        for gv2 in mod.get_global_vars():
-            if gv2.name_hint == gv.name_hint:
-                table[gv] = gv2
+def _rebind_globals(func: relax.Function, table: dict[tvm.ir.GlobalVar, tvm.ir.GlobalVar]) -> relax.Function:
+    """`func` with its GlobalVars replaced per `table`."""
     if not table:
         return func
 
@@ -1182,23 +1215,24 @@ def _rebind_globals(func: relax.Function, sub: tvm.IRModule, bb: relax.BlockBuil
     return _M().visit_expr(func)
 
 
-def lower(model: Model, force_inline: dict[str, str] | None = None) -> LoweredModule:
+def lower(model: Model, force_inline: dict[str, str] | None = None, block: int | None = None) -> LoweredModule:
     """Lower `model` (planned with `plan-kernels`). Groups named in `force_inline` are emitted
-    inline into main (with that reason)."""
-    return _Lowerer(model, force_inline).lower()
+    inline into main (with that reason). With `block`, convolution groups run on channel-blocked
+    activations where they can (see layout.py)."""
+    return _Lowerer(model, force_inline, block).lower()
 
 
-def lower_and_fuse(model: Model, target: tvm.target.Target) -> tuple[LoweredModule, tvm.IRModule]:
+def lower_and_fuse(model: Model, target: tvm.target.Target, block: int | None = None) -> tuple[LoweredModule, tvm.IRModule]:
     """`lower` then `legalize_and_fuse`. When FuseTIR refuses the module, each primitive group is
     tried on its own, the ones it refuses are emitted inline instead, and the model is lowered again."""
-    lowered = lower(model)
+    lowered = lower(model, block=block)
     try:
         return lowered, legalize_and_fuse(lowered.mod, target)
     except Exception as first:  # TVMError / InternalError from FuseTIR
         bad = failing_groups(lowered.mod, target)
         if not bad:
             raise LoweringError(f"LegalizeOps/FuseTIR failed: {_last_line(first)}") from None
-    lowered = lower(model, force_inline=bad)
+    lowered = lower(model, force_inline=bad, block=block)
     return lowered, legalize_and_fuse(lowered.mod, target)
 
 
@@ -1243,3 +1277,4 @@ def legalize_and_fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRMod
 
 
 from . import converters as _converters  # noqa: E402,F401  (registers more of CONVERTERS)
+from . import layout as _layout  # noqa: E402

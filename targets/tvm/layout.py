@@ -1,0 +1,282 @@
+"""Which kernel groups run on channel-blocked activations (NCHW[b]c), and their Relax form.
+
+The lowering keeps graphopt's kernel groups; this module only decides, per group, whether its
+convolutions, pooling and elementwise epilogues read and write blocked tensors
+`[N, C/b, H, W, b]` (see `blocked_ops`) instead of NCHW. Like onnxruntime's NchwcTransformer, a
+layout change happens only at group boundaries: a blocked value read by a group that wants NCHW
+(a Flatten, a Softmax, a graph output) is converted once by a kernel of its own, and so is an NCHW
+value read by a blocked convolution; weights are packed by weight-only functions that the build
+hoists out of the model (packed once at compile time).
+
+A group is blocked when every node in it can run blocked and it has a reason to:
+
+- `conv`: 2-D Conv, group 1, constant float weights, C and OC multiples of b;
+- `stem`: the same with C not a multiple of b (its input stays NCHW, its output is blocked: the
+  first conv of a CNN reads an RGB image);
+- `depthwise`: group = C = OC, a multiple of b;
+- `pool`: MaxPool / AveragePool (2-D, one output) and `global-pool`: GlobalAveragePool /
+  GlobalMaxPool, when their input is blocked already;
+- `elementwise`: unary elementwise ops, and binary ones whose operands are blocked activations of
+  the same rank or scalar constants — when at least one activation input is blocked already or the
+  group holds a convolution.
+
+Must not block: 1-D/3-D convs, grouped convs other than depthwise, weights computed at run time,
+channel counts that are not multiples of b (except the stem's input), values of unknown rank or
+channel count, anything a group does with the channel axis (Concat, Softmax, Reshape, Flatten,
+BatchNormalization, per-channel constants).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tvm import relax
+
+from graphopt.ir import Model, Node, Value
+
+from . import blocked_ops as BO
+
+#: channels per block: 8 fp32 lanes of AVX2 (onnxruntime's MLAS uses the same block on AVX2)
+DEFAULT_BLOCK = 8
+
+PLAIN = "plain"
+BLOCKED = "blocked"
+CONV_WEIGHT = "conv-weight"
+STEM_WEIGHT = "stem-weight"
+DW_WEIGHT = "depthwise-weight"
+
+_UNARY = frozenset(
+    """Relu Clip Sigmoid Tanh LeakyRelu HardSigmoid HardSwish Elu Selu Celu Softplus Softsign Abs Neg
+    Exp Log Sqrt Reciprocal Erf Identity Mish Gelu ThresholdedRelu Floor Ceil Round Sin Cos""".split()
+)
+_BINARY = frozenset("Add Sub Mul Div Max Min Pow".split())
+_STANDARD = ("", "ai.onnx")
+
+
+@dataclass
+class LayoutPlan:
+    """Roles of the nodes that run blocked (by id), and the block size."""
+
+    block: int = DEFAULT_BLOCK
+    roles: dict[int, str] = field(default_factory=dict)
+    groups: list[str] = field(default_factory=list)  # blocked kernel groups, in order
+
+    def role(self, node: Node) -> str | None:
+        return self.roles.get(id(node))
+
+    def native(self, v: Value) -> str:
+        """The layout `v`'s producer writes it in."""
+        p = v.producer()
+        return BLOCKED if p is not None and id(p) in self.roles else PLAIN
+
+    def wants(self, node: Node, i: int) -> str:
+        """The form node `node` reads its input `i` in."""
+        role = self.roles.get(id(node))
+        if role is None:
+            return PLAIN
+        if role in ("conv", "stem", "depthwise"):
+            if i == 0:
+                return PLAIN if role == "stem" else BLOCKED
+            if i == 1:
+                return {"conv": CONV_WEIGHT, "stem": STEM_WEIGHT, "depthwise": DW_WEIGHT}[role]
+            return PLAIN  # the bias (reshaped inside the kernel)
+        v = node.inputs[i]
+        if v is not None and _is_scalar_const(v):
+            return PLAIN
+        return BLOCKED
+
+
+def _const(v: Value) -> np.ndarray | None:
+    if v.const_value is not None:
+        return v.const_value.numpy()
+    p = v.producer()
+    if p is not None and p.op_type == "Constant" and p.domain in _STANDARD:
+        a = p.attributes.get("value")
+        if a is not None:
+            return np.asarray(a.value.numpy())
+    return None
+
+
+def _is_scalar_const(v: Value) -> bool:
+    c = _const(v)
+    return c is not None and c.size == 1
+
+
+def _dims4(v: Value | None) -> list[Any] | None:
+    if v is None or v.shape is None or len(v.shape.dims) != 4 or v.dtype is None:
+        return None
+    if v.dtype.numpy() != np.float32 or not isinstance(v.shape.dims[1], int):
+        return None
+    return list(v.shape.dims)
+
+
+def _attr(n: Node, name: str, default: Any) -> Any:
+    v = n.attr(name, None)
+    return default if v is None else v
+
+
+def _auto_pad_ok(n: Node) -> bool:
+    ap = _attr(n, "auto_pad", "NOTSET")
+    ap = ap.decode() if isinstance(ap, bytes) else ap
+    return ap in ("NOTSET", "VALID")
+
+
+def pads_of(n: Node) -> tuple[int, int, int, int]:
+    ap = _attr(n, "auto_pad", "NOTSET")
+    ap = ap.decode() if isinstance(ap, bytes) else ap
+    if ap == "VALID":
+        return (0, 0, 0, 0)
+    p = list(_attr(n, "pads", [0, 0, 0, 0]))
+    return (int(p[0]), int(p[1]), int(p[2]), int(p[3]))
+
+
+def _conv_role(n: Node, b: int, x_blocked: bool) -> str | None:
+    if len(n.inputs) < 2 or n.inputs[1] is None or not _auto_pad_ok(n):
+        return None
+    x, w = _dims4(n.inputs[0]), n.inputs[1]
+    y = _dims4(n.outputs[0])
+    wc = _const(w)
+    if x is None or y is None or wc is None or wc.ndim != 4 or wc.dtype != np.float32:
+        return None
+    if len(n.inputs) > 2 and n.inputs[2] is not None:
+        bias = n.inputs[2]
+        if bias.shape is None or len(bias.shape.dims) != 1:
+            return None
+    oc, cg = int(wc.shape[0]), int(wc.shape[1])
+    c = int(x[1])
+    g = int(_attr(n, "group", 1))
+    if oc % b:
+        return None
+    if g == 1 and cg == c:
+        if c % b == 0:
+            return "conv"
+        return None if x_blocked else "stem"
+    if g == c == oc and cg == 1 and c % b == 0:
+        return "depthwise"
+    return None
+
+
+def _pool_ok(n: Node) -> bool:
+    if len(n.outputs) != 1 or not _auto_pad_ok(n) or _dims4(n.outputs[0]) is None:
+        return False
+    if int(_attr(n, "storage_order", 0)) != 0:
+        return False
+    k = _attr(n, "kernel_shape", None)
+    return k is not None and len(k) == 2
+
+
+def plan_layout(model: Model, groups: list[tuple[str, list[Node]]], block: int = DEFAULT_BLOCK) -> LayoutPlan:
+    """Decide which of `groups` (kernel groups of the main graph, in topological order) run
+    blocked (see module docstring)."""
+    plan = LayoutPlan(block=block)
+    blocked: set[int] = set()  # ids of values held blocked
+    for k, nodes in groups:
+        roles = _group_roles(nodes, blocked, block)
+        if roles is None:
+            continue
+        plan.roles.update(roles)
+        plan.groups.append(k)
+        for n in nodes:
+            for v in n.outputs:
+                blocked.add(id(v))
+    return plan
+
+
+def _group_roles(nodes: list[Node], blocked: set[int], b: int) -> dict[int, str] | None:
+    if not nodes or any(n.domain not in _STANDARD or n.subgraphs() for n in nodes):
+        return None
+    inside = {id(v) for n in nodes for v in n.outputs}
+    roles: dict[int, str] = {}
+    reason = False  # a conv in the group, or a blocked input
+    for n in nodes:
+        op = n.op_type
+        x = n.inputs[0] if n.inputs else None
+        x_blocked = x is not None and (id(x) in blocked or id(x) in inside)
+        if op == "Conv":
+            role = _conv_role(n, b, x_blocked)
+            if role is None:
+                return None
+            reason = True
+        elif op in ("MaxPool", "AveragePool"):
+            if not x_blocked or not _pool_ok(n):
+                return None
+            role = "pool"
+            reason = True
+        elif op in ("GlobalAveragePool", "GlobalMaxPool"):
+            if not x_blocked or _dims4(n.outputs[0]) is None:
+                return None
+            role = "global-pool"
+            reason = True
+        elif op in _UNARY or op in _BINARY:
+            if len(n.outputs) != 1:
+                return None
+            out = _dims4(n.outputs[0])
+            if out is None or out[1] % b:
+                return None
+            if op in _UNARY:  # Clip's min/max: scalar constants
+                if x is None or any(v is not None and not _is_scalar_const(v) for v in n.inputs[1:]):
+                    return None
+                acts = [x]
+            else:
+                acts = [v for v in n.inputs if v is not None and not _is_scalar_const(v)]
+            for v in acts:
+                d = _dims4(v)
+                if d is None or d[1] != out[1] or (id(v) not in inside and _const(v) is not None):
+                    return None  # per-channel constants, broadcasts over the channel axis
+            if any(id(v) in blocked or id(v) in inside for v in acts):
+                reason = True
+            role = "elementwise"
+        else:
+            return None
+        y = _dims4(n.outputs[0])
+        if y is None or y[1] % b:
+            return None
+        roles[id(n)] = role
+        inside.add(id(n.outputs[0]))
+    return roles if reason else None
+
+
+# --- Relax ----------------------------------------------------------------------------------------
+
+
+def convert_form(bb: relax.BlockBuilder, e: relax.Expr, v: Value, have: str, want: str, block: int) -> relax.Expr:
+    """`e` (the value `v` in form `have`) in form `want`."""
+    if have == want:
+        return e
+    if have == BLOCKED and want == PLAIN:
+        return bb.emit_te(BO.from_blocked, e, int(v.shape.dims[1]), primfunc_name_hint="from_blocked")
+    if have != PLAIN:
+        raise ValueError(f"cannot convert {v.name!r} from {have} to {want}")
+    fn = {BLOCKED: BO.to_blocked, CONV_WEIGHT: BO.pack_conv_weight, STEM_WEIGHT: BO.pack_stem_weight,
+          DW_WEIGHT: BO.pack_depthwise_weight}[want]
+    return bb.emit_te(fn, e, block, primfunc_name_hint=fn.__name__)
+
+
+def convert_blocked(bb: relax.BlockBuilder, n: Node, role: str, ins: list[Any], block: int, generic: Any) -> Any:
+    """The Relax form of blocked node `n` (inputs already in the forms `LayoutPlan.wants` names);
+    `generic(bb, node, ins)` converts an elementwise node (shape-agnostic)."""
+    if role == "elementwise":
+        return generic(bb, n, ins)
+    x = ins[0]
+    strides = [int(s) for s in _attr(n, "strides", [1, 1])]
+    dilations = [int(d) for d in _attr(n, "dilations", [1, 1])]
+    pads = pads_of(n)
+    if role in ("conv", "stem", "depthwise"):
+        fn = {"conv": BO.conv2d_blocked, "stem": BO.conv2d_stem, "depthwise": BO.depthwise_blocked}[role]
+        y = bb.emit_te(fn, x, ins[1], strides, pads, dilations, primfunc_name_hint=f"{role}_blocked")
+        if len(ins) > 2 and ins[2] is not None:
+            oc = int(n.outputs[0].shape.dims[1])
+            y = bb.emit(relax.op.add(y, relax.op.reshape(ins[2], [1, oc // block, 1, 1, block])))
+        return y
+    if role == "pool":
+        kind = "max" if n.op_type == "MaxPool" else "avg"
+        return bb.emit_te(
+            BO.pool_blocked, x, kind, [int(k) for k in n.attr("kernel_shape")], strides, pads, dilations,
+            bool(_attr(n, "count_include_pad", 0)), bool(_attr(n, "ceil_mode", 0)), primfunc_name_hint=f"{kind}pool_blocked",
+        )
+    if role == "global-pool":
+        kind = "max" if n.op_type == "GlobalMaxPool" else "avg"
+        return bb.emit_te(BO.global_pool_blocked, x, kind, primfunc_name_hint=f"global_{kind}pool_blocked")
+    raise ValueError(f"unknown blocked role {role!r}")

@@ -1,0 +1,206 @@
+"""Channel-blocked activations (NCHW8c) in the cpu target: which groups run blocked, where the
+layout changes, and numbers against onnxruntime on the unmodified model."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+tvm = pytest.importorskip("tvm")
+
+import graphopt  # noqa: E402
+from graphopt.check import run_onnxruntime  # noqa: E402
+from graphopt.errors import UsageError  # noqa: E402
+from graphopt.passes.fusion.kernel_groups import PlanKernels  # noqa: E402
+from graphopt.targets.tvm import layout as TL  # noqa: E402
+from graphopt.targets.tvm import lower as L  # noqa: E402
+from graphopt.transform import PassContext, optimize  # noqa: E402
+
+
+def _parse(text: str, weights: dict[str, tuple[int, ...]], seed: int = 0) -> onnx.ModelProto:
+    """A model from ONNX's textual syntax, with random float initializers of the given shapes."""
+    m = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(seed)
+    for name, shape in weights.items():
+        fan = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        m.graph.initializer.append(nh.from_array((rng.standard_normal(shape) / np.sqrt(fan)).astype(np.float32), name))
+    return onnx.shape_inference.infer_shapes(m)
+
+
+_HEAD = '<ir_version: 8, opset_import: ["" : 17]>\n'
+
+# stem conv (C=3) → relu → maxpool → 3x3 conv → relu → 1x1 conv + residual → relu → avgpool(ceil,
+# count_include_pad) → depthwise 3x3 s2 → clip → GAP → flatten → gemm
+RESNETISH = _HEAD + """
+g (float[N, 3, 20, 20] x) => (float[N, 10] y) {
+    c0 = Conv <pads = [3, 3, 3, 3], strides = [2, 2], kernel_shape = [7, 7]> (x, w0, b0)
+    r0 = Relu (c0)
+    p0 = MaxPool <kernel_shape = [3, 3], strides = [2, 2], pads = [1, 1, 1, 1]> (r0)
+    c1 = Conv <pads = [1, 1, 1, 1], kernel_shape = [3, 3]> (p0, w1, b1)
+    r1 = Relu (c1)
+    c2 = Conv <kernel_shape = [1, 1]> (r1, w2)
+    a2 = Add (c2, p0)
+    r2 = Relu (a2)
+    p1 = AveragePool <kernel_shape = [2, 2], strides = [2, 2], ceil_mode = 1, count_include_pad = 1, pads = [0, 0, 1, 1]> (r2)
+    d3 = Conv <pads = [1, 1, 1, 1], strides = [2, 2], group = 16, kernel_shape = [3, 3]> (p1, w3)
+    lo = Constant <value = float {0.0}> ()
+    hi = Constant <value = float {6.0}> ()
+    k3 = Clip (d3, lo, hi)
+    gp = GlobalAveragePool (k3)
+    f = Flatten (gp)
+    y = Gemm <transB = 1> (f, wf, bf)
+}
+"""
+RESNETISH_W = {"w0": (16, 3, 7, 7), "b0": (16,), "w1": (16, 16, 3, 3), "b1": (16,), "w2": (16, 16, 1, 1),
+               "w3": (16, 1, 3, 3), "wf": (10, 16), "bf": (10,)}
+
+
+def _planned(m: onnx.ModelProto) -> graphopt.ir.Model:
+    g = optimize(graphopt.load(m), "-O2", inplace=True)
+    PlanKernels().run(g, PassContext())
+    return g
+
+
+def _roles(m: onnx.ModelProto, block: int = 8) -> tuple[TL.LayoutPlan, dict[str, str]]:
+    g = _planned(m)
+    plan = TL.plan_layout(g, L._topo_groups(g), block)
+    return plan, {n.op_type + ":" + (n.outputs[0].name or ""): plan.role(n) for n in g.graph.nodes if plan.role(n)}
+
+
+def _feeds(batch: int, c: int = 3, hw: int = 20, seed: int = 1) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).standard_normal((batch, c, hw, hw)).astype(np.float32)}
+
+
+def test_plan_blocks_the_conv_chain():
+    plan, roles = _roles(_parse(RESNETISH, RESNETISH_W))
+    kinds = sorted(roles.values())
+    assert kinds.count("stem") == 1 and kinds.count("conv") == 2 and kinds.count("depthwise") == 1
+    assert kinds.count("pool") == 2 and kinds.count("global-pool") == 1
+    assert "elementwise" in kinds  # the relus / add / clip of the groups
+    assert not any(k.startswith(("Flatten", "Gemm")) for k in roles)
+
+
+def test_blocked_cnn_matches_onnxruntime_and_batch_stays_symbolic():
+    m = _parse(RESNETISH, RESNETISH_W)
+    art = graphopt.compile(m, "cpu", "-O2", threads=2)
+    assert art.manifest["kernels"]["blocked"] >= 5
+    for batch in (1, 3):
+        feeds = _feeds(batch)
+        got, want = art.run(feeds)[0], run_onnxruntime(graphopt.load(m), feeds)[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    plain = graphopt.compile(m, "cpu{layout=nchw}", "-O2", threads=2)
+    assert plain.manifest["kernels"]["blocked"] == 0
+    np.testing.assert_allclose(plain.run(_feeds(2))[0], run_onnxruntime(graphopt.load(m), _feeds(2))[0], rtol=1e-4, atol=1e-5)
+
+
+def test_blocked_weights_are_packed_at_compile_time():
+    m = _parse(RESNETISH, RESNETISH_W)
+    art = graphopt.compile(m, "cpu{layout=nchwc}", "-O2", threads=1)
+    with np.load(os.path.join(art.path, "params.npz")) as z:
+        shapes = {z[k].shape for k in z.files}
+    assert (2, 2, 3, 3, 8, 8) in shapes  # w1 as [OC/8, C/8, KH, KW, 8, 8]
+    assert (2, 3, 7, 7, 8) in shapes  # the stem's w0 as [OC/8, C, KH, KW, 8]
+    assert (2, 3, 3, 8) in shapes  # the depthwise w3 as [C/8, KH, KW, 8]
+    assert (16, 16, 3, 3) not in shapes and art.manifest["runtime"]["packed"] >= 3
+
+
+def test_cpu_layout_option_errors():
+    with pytest.raises(UsageError, match="layout="):
+        graphopt.target.get_target("cpu{layout=nhwc}")
+    with pytest.raises(UsageError, match="unknown option"):
+        graphopt.target.get_target("cpu{blocks=8}")
+
+
+NEAR = _HEAD + """
+g (float[1, 16, 8, 8] x) => (float[1, 12, 8, 8] y1, float[1, 16, 8, 8] y2, float[1, 32, 8, 8] y3, float[1, 16, 8, 8] y4) {
+    y1 = Conv <pads = [1, 1, 1, 1], kernel_shape = [3, 3]> (x, wa)
+    y2 = Conv <pads = [1, 1, 1, 1], kernel_shape = [3, 3], group = 2> (x, wb)
+    y3 = Conv <kernel_shape = [1, 1]> (x, x2)
+    c = Conv <kernel_shape = [1, 1]> (x, wd)
+    y4 = PRelu (c, chan)
+}
+"""
+
+
+def test_near_misses_stay_nchw():
+    """OC not a multiple of 8, a grouped (not depthwise) conv, weights computed at run time, and an
+    epilogue that is not elementwise on blocked data (PRelu, per-channel slopes): none of them runs blocked."""
+    m = onnx.parser.parse_model(NEAR.replace("(x, x2)", "(x, wx)"))
+    rng = np.random.default_rng(0)
+    for name, shape in {"wa": (12, 16, 3, 3), "wb": (16, 8, 3, 3), "wd": (16, 16, 1, 1), "chan": (16, 1, 1)}.items():
+        m.graph.initializer.append(nh.from_array(rng.standard_normal(shape).astype(np.float32), name))
+    # y3's weights are a graph input (run-time weights)
+    m.graph.input.append(h.make_tensor_value_info("wx", onnx.TensorProto.FLOAT, [32, 16, 1, 1]))
+    m = onnx.shape_inference.infer_shapes(m)
+    plan, roles = _roles(m)
+    assert roles == {}, roles
+    feeds = {"x": rng.standard_normal((1, 16, 8, 8)).astype(np.float32),
+             "wx": rng.standard_normal((32, 16, 1, 1)).astype(np.float32)}
+    art = graphopt.compile(m, "cpu", "-O2", threads=1)
+    assert art.manifest["kernels"]["blocked"] == 0
+    for got, want in zip(art.run(feeds), run_onnxruntime(graphopt.load(m), feeds)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+MIXED = _HEAD + """
+g (float[1, 8, 6, 6] x) => (float[1, 16, 6, 6] y, float[1, 8, 6, 6] z) {
+    c = Conv <pads = [1, 1, 1, 1], kernel_shape = [3, 3]> (x, w)
+    r = Relu (c)
+    y = Concat <axis = 1> (r, x)
+    s = Softmax <axis = 1> (r)
+    z = Mul (s, x)
+}
+"""
+
+
+def test_layout_changes_at_group_boundaries():
+    """A blocked value read by NCHW consumers (Concat, Softmax) is converted back once; an NCHW input
+    read by a blocked conv and by a plain node is converted for the conv only; outputs equal."""
+    m = _parse(MIXED, {"w": (8, 8, 3, 3)})
+    plan, roles = _roles(m)
+    assert sorted(roles.values()) == ["conv", "elementwise"]
+    g = _planned(m)
+    lowered = L.lower(g, block=8)
+    names = [gv.name_hint for gv in lowered.mod.get_global_vars()]
+    assert sum(n.startswith("from_blocked") for n in names) == 1
+    assert sum(n.startswith("to_blocked") for n in names) == 1
+    feeds = {"x": np.random.default_rng(3).standard_normal((1, 8, 6, 6)).astype(np.float32)}
+    art = graphopt.compile(m, "cpu", "-O2", threads=1)
+    for got, want in zip(art.run(feeds), run_onnxruntime(graphopt.load(m), feeds)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    c=st.sampled_from([3, 8, 16]),
+    oc=st.sampled_from([8, 16, 24]),
+    k=st.sampled_from([1, 3, 5]),
+    stride=st.sampled_from([1, 2]),
+    dil=st.sampled_from([1, 2]),
+    hw=st.integers(5, 13),
+    pad=st.integers(0, 2),
+    pool=st.sampled_from(["MaxPool", "AveragePool", "none"]),
+    ceil=st.booleans(),
+)
+def test_random_blocked_convs_match_onnxruntime(c, oc, k, stride, dil, hw, pad, pool, ceil):
+    span = (k - 1) * dil + 1
+    if hw + 2 * pad < span:
+        return
+    body = f"c = Conv <pads = [{pad}, {pad}, {pad}, {pad}], strides = [{stride}, {stride}], dilations = [{dil}, {dil}], kernel_shape = [{k}, {k}]> (x, w, b)\n    r = Relu (c)\n"
+    if pool != "none":
+        body += f"    y = {pool} <kernel_shape = [2, 2], strides = [2, 2], pads = [0, 0, 1, 1], ceil_mode = {int(ceil)}> (r)\n"
+    else:
+        body += "    y = Identity (r)\n"
+    m = _parse(_HEAD + f"g (float[1, {c}, {hw}, {hw}] x) => (float[1, {oc}, ?, ?] y) {{\n    {body}}}\n",
+               {"w": (oc, c, k, k), "b": (oc,)})
+    feeds = _feeds(1, c, hw, seed=hw)
+    art = graphopt.compile(m, "cpu{layout=nchwc}", "-O2", threads=1)
+    assert art.manifest["kernels"]["blocked"] >= 1
+    np.testing.assert_allclose(art.run(feeds)[0], run_onnxruntime(graphopt.load(m), feeds)[0], rtol=1e-4, atol=1e-4)

@@ -62,6 +62,10 @@ _SERIAL_SYMBOLIC_OUTER = True
 # materialised pads: decompose into a fill and an interior copy (both vectorisable)
 _DECOMPOSE_PADDING = True
 _WINDOW_ACC_VECTORS = 8
+# the elementwise blocks after a matmul/conv inlined into one (GELU reads the matmul twice)
+_INLINE_EPILOGUE = True
+# matmul-like kernels whose row count leaves accumulators unused (4 rows x 2 vectors) widen the vector tile
+_MATMUL_WIDE_VT = False
 
 # fp32 accumulators kept in registers per microkernel (x86-64 AVX2 has 16 vector registers:
 # leave room for the B vectors and one broadcast).
@@ -368,6 +372,46 @@ def _inline_copies(sch, anchor) -> None:
             pass
 
 
+def _vectorize_tile(sch, loop, vt: int, lanes: int) -> None:
+    """Vectorise a vector-tile loop of `vt` elements: up to two vectors as one (LLVM splits a
+    16-wide float vector into two registers well), wider as unrolled vectors of `lanes` (a
+    24-wide float vector ran 8x slower: LLVM widens the odd width instead of splitting it)."""
+    if vt > 2 * lanes and vt % lanes == 0:
+        outer, inner = sch.split(loop, factors=[None, lanes])
+        sch.unroll(outer)
+        sch.vectorize(inner)
+    else:
+        sch.vectorize(loop)
+
+
+def _inline_epilogue(sch, anchor) -> None:
+    """compute_inline the elementwise blocks downstream of the anchor into one another, so that
+    the epilogue is a single block reading the anchor's output (x * (erf(x / c) + 1) * 0.5 reads
+    x twice through two chains): with two consumers the write-back cannot take the epilogue and
+    BERT's GELU ran as five extra parallel passes over a 128x3072 output (2 ms of a 9 ms kernel).
+    The blocks writing a kernel output stay (they are what gets inlined into the write-back)."""
+    changed = True
+    while changed:
+        changed = False
+        frontier = list(sch.get_consumers(anchor))
+        seen: set[str] = set()
+        while frontier:
+            block = frontier.pop()
+            stmt = sch.get(block)
+            if stmt.name_hint in seen or _is_reduction(stmt):
+                continue
+            seen.add(stmt.name_hint)
+            consumers = list(sch.get_consumers(block))
+            if consumers:
+                try:
+                    sch.compute_inline(block)
+                    changed = True
+                    break
+                except Exception:
+                    pass
+            frontier.extend(consumers)
+
+
 def _inline_consumers(sch, wb) -> None:
     """reverse_compute_inline the elementwise epilogue chain into the write-back block."""
     while True:
@@ -467,6 +511,8 @@ class OuterProduct(_Rule):
         if n_vec is None or n_reg is None:
             return None  # the tiled axes must be static; outer ones (batch) may be symbolic
         _inline_copies(sch, anchor)
+        if _INLINE_EPILOGUE:
+            _inline_epilogue(sch, anchor)
 
         # vector tile: 2 or 1 vectors; register tile: as many rows as accumulators allow
         if n_vec % (2 * lanes) == 0 and n_reg >= 4:
@@ -480,6 +526,15 @@ class OuterProduct(_Rule):
         max_rows = max(1, (_MAX_ACC_VECTORS * lanes) // max(vt, lanes))
         divs = [d for d in _divisors(n_reg) if d <= max_rows]
         rt = max(divs)
+        if (_MATMUL_WIDE_VT and out_order and out_order[-1].same_as(vec_var) and vt == 2 * lanes
+                and rt * 2 < _MAX_ACC_VECTORS):
+            # matmul-like (the output's last axis is the vector axis): with M = 128 the row tile
+            # is 4 (no 6 divides it): 4 x 2 vectors leaves 4 of 12 accumulators unused; a wider
+            # vector tile fills them
+            for nv in range(_MAX_ACC_VECTORS // rt, 2, -1):
+                if n_vec % (nv * lanes) == 0:
+                    vt = nv * lanes
+                    break
         if rt < 4:
             # 7x7 / 14x14 outputs: a whole 7-row tile (14 accumulators, B read as a memory
             # operand of the FMA) beats a predicated 6-row tail tile
@@ -552,7 +607,7 @@ class OuterProduct(_Rule):
         # vectorise/unroll before decompose_reduction: afterwards the update block is no
         # longer a "reduction block" and vectorize refuses its loops
         if n_vec % vt == 0:
-            sch.vectorize(v_i)
+            _vectorize_tile(sch, v_i, vt, lanes)
         sch.unroll(r_i)
         # small innermost reduction loops (kw) unroll well
         inner_red = red_loops[-1]
@@ -561,7 +616,7 @@ class OuterProduct(_Rule):
         init = sch.decompose_reduction(anchor, red_loops[0])
         il = sch.get_loops(init)
         if n_vec % vt == 0:
-            sch.vectorize(il[-1])
+            _vectorize_tile(sch, il[-1], vt, lanes)
 
         # write-back (+ epilogue): unroll the tile; vectorise when the output's last axis
         # is the register axis and the tile is a whole number of vectors.
@@ -573,7 +628,7 @@ class OuterProduct(_Rule):
             # accumulator and the output: the epilogue (bias, GELU, ...) runs vectorised
             if _int(sch.get(wl_inner[-1]).extent) == vt:
                 try:
-                    sch.vectorize(wl_inner[-1])
+                    _vectorize_tile(sch, wl_inner[-1], vt, lanes)
                     vec_last = True
                 except Exception:
                     pass
@@ -603,8 +658,11 @@ class _DlightRule(_Rule):
 def default_rules(target: "tvm.target.Target") -> list[_Rule]:
     from tvm.s_tir import dlight as dl
 
+    from .nchwc_schedules import BlockedConv  # channel-blocked (NCHW8c) convs; declines the rest
+
     return [
         Injective(),
+        BlockedConv(),
         OuterProduct(),
         WindowReduction(),
         _DlightRule(dl.cpu.GEMV(), "dlight-gemv"),

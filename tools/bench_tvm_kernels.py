@@ -140,6 +140,8 @@ def all_cases() -> list[Case]:
         conv_case("dwconv3x3_s2_96_112", 1, 96, 112, 112, 96, 3, stride=2, group=96),
         matmul_case("dense_128x768x768", 128, 768, 768),
         matmul_case("dense_gelu_128x768x3072", 128, 768, 3072, gelu=True),
+        matmul_case("dense_128x768x3072", 128, 768, 3072),
+        matmul_case("dense_128x3072x768", 128, 3072, 768),
         matmul_case("dense_nt_128x3072x768", 128, 3072, 768, transb=True),
         matmul_case("batch_matmul_12x128x64x128", 128, 64, 128, batch=12),
         matmul_case("gemv_1x2048x1000", 1, 2048, 1000, transb=True),

@@ -1,0 +1,275 @@
+"""Default CPU schedules for the channel-blocked (NCHW[b]c) kernels of `targets/tvm/blocked_ops.py`.
+
+`BlockedConv` schedules one fused PrimFunc of the form
+
+    pad → conv2d_blocked | conv2d_stem reduction → epilogue (bias, Relu/Clip, residual Add, ...)
+
+as a register-tiled micro-kernel, the form onnxruntime's MLAS NCHWc kernels take:
+
+- the output tile is `rt` pixels (along the output row, or along the fused row*column axis of a
+  stride-1 1x1 conv) x `obt` output channel blocks (1 or 2 adjacent blocks of `b` channels)
+  x the `b` channels of a block (one vector). `rt * obt` accumulator vectors stay in registers for
+  the whole reduction;
+- the reduction runs `icb, kh, kw, ii` outside the tile (`ic, kh, kw` for the stem), with `ii`
+  (the `b` input channels of a block) and small `kw` unrolled: per step, `obt` weight vectors
+  (contiguous in the packed `[OC/b, C/b, KH, KW, b(in), b(out)]` weights) and `rt` broadcasts of
+  input values feed `rt * obt` FMAs;
+- outer loops (batch, output block pairs, rows, pixel tiles) are fused into one parallel loop;
+- the accumulator tile is written back through the inlined epilogue (bias add, activation,
+  residual add), vectorised along the block's channels;
+- the pad block is split into a fill and an interior copy (both vectorised), as the generic
+  rules do.
+
+The tile (`rt`, `obt`, whether to fuse the pixel axes) is picked per shape by `conv_tile` (a cost
+rule measured with `tools/bench_nchwc_kernels.py`); `BlockedConv(tile=...)` forces one, for
+experiments. The rule declines any other kernel (it returns None), so the generic rules of
+`tvm_schedules` still schedule them. Depthwise convs and pooling on blocked tensors are left to
+`WindowReduction` (see `tools/bench_nchwc_kernels.py` for how they compare with onnxruntime).
+
+Like the other default rules the schedule is built with traced primitives only, so its trace
+replays on the same workload: tuning (targets/tvm_tuning.py) stores it as the task's default
+record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .tvm_schedules import (
+    _INLINE_ARG_COPIES,
+    _Rule,
+    _divisors,
+    _fuse_parallel,
+    _inline_arg_copies,
+    _inline_consumers,
+    _inline_copies,
+    _int,
+    _is_reduction,
+    _region_vars,
+    _root,
+    _schedule_rest,
+)
+
+if TYPE_CHECKING:
+    import tvm
+
+__all__ = ["BlockedConv", "ConvTile", "ConvShape", "conv_tile", "match_blocked_conv"]
+
+# accumulator vectors per micro-kernel: AVX2 has 16 vector registers; 12 leaves room for the
+# weight vectors and one broadcast; 14 when the weights are read as memory operands of the FMAs
+_MAX_ACC = 12
+_MAX_ACC_WIDE = 14
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """What the tile choice looks at (per batch item)."""
+
+    kind: str  # "conv" | "stem"
+    ob: int  # output channel blocks
+    oh: int
+    ow: int
+    red: int  # reduction length (C * KH * KW)
+    kh: int
+    kw: int
+    stride: int  # 1 when both strides are 1, else the larger one
+
+
+@dataclass(frozen=True)
+class ConvTile:
+    """One micro-kernel choice."""
+
+    rt: int  # output pixels per tile
+    obt: int  # output channel blocks per tile (1 or 2)
+    fuse_hw: bool = False  # tile the fused oh*ow axis (1x1 stride-1 convs only)
+    unroll_kw: bool = False  # unroll kw too (LLVM then keeps the broadcasts that neighbouring
+    # kw taps share in registers, and spills the accumulators for them)
+
+
+def conv_tile(s: ConvShape, lanes: int) -> ConvTile:
+    """The micro-kernel for shape `s` (see module docstring)."""
+    obt = 2 if s.ob % 2 == 0 else 1
+    pix_axis = s.oh * s.ow if (s.kh == 1 and s.kw == 1 and s.stride == 1) else s.ow
+    fuse = pix_axis != s.ow
+
+    def best_rt(n: int, max_acc: int) -> int:
+        return max(d for d in _divisors(n) if d * obt <= max_acc)
+
+    rt = best_rt(pix_axis, _MAX_ACC)
+    if rt < 4 and obt * pix_axis <= _MAX_ACC_WIDE:
+        rt = pix_axis
+    if rt * obt < 6 and obt == 2:
+        obt = 1
+        rt = best_rt(pix_axis, _MAX_ACC)
+    return ConvTile(rt, obt, fuse)
+
+
+@dataclass
+class _Match:
+    kind: str
+    loops: dict[str, Any]  # role -> loop
+    ext: dict[str, int]
+    shape: ConvShape
+
+
+def match_blocked_conv(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> _Match | None:
+    """Roles of the anchor's loops when it is a conv2d_blocked or conv2d_stem reduction:
+    out[n, ob, y, x, oi] += in[n, icb, y*s+kh*d, x*s+kw*d, ii] * w[ob, icb, kh, kw, ii, oi]
+    (blocked) or in[n, ic, y*s+kh*d, x*s+kw*d] * w[ob, ic, kh, kw, oi] (stem); None otherwise."""
+    from tvm.tirx import IterVar
+
+    stmt = sch.get(anchor)
+    if len(stmt.writes) != 1:
+        return None
+    ivs = list(stmt.iter_vars)
+    loops = sch.get_loops(anchor)
+    if len(loops) != len(ivs):
+        return None
+    block_vars = {iv.var for iv in ivs}
+    out_buf = stmt.writes[0].source
+    ins = [r for r in stmt.reads if not r.source.same_as(out_buf)]
+    if len(ins) != 2:
+        return None
+    od = _region_vars(stmt.writes[0], block_vars)
+    if len(od) != 5 or any(len(d) != 1 for d in od):
+        return None
+    n, ob, y, x, oi = (next(iter(d)) for d in od)
+    kinds = {iv.var: iv.iter_type for iv in ivs}
+    if any(kinds[v] != IterVar.DataPar for v in (n, ob, y, x, oi)):
+        return None
+    # the weight: its first dim is ob, its last oi
+    dims = [_region_vars(r, block_vars) for r in ins]
+    wi = next((k for k, d in enumerate(dims) if d and d[0] == {ob} and d[-1] == {oi}), None)
+    if wi is None:
+        return None
+    wd, xd = dims[wi], dims[1 - wi]
+    if any(len(d) != 1 for d in wd) or any(kinds[next(iter(d))] != IterVar.CommReduce for d in wd[1:-1]):
+        return None
+    if len(wd) == 6 and len(xd) == 5:
+        kind = "conv"
+        icb, kh, kw, ii = (next(iter(d)) for d in wd[1:5])
+        if xd[0] != {n} or xd[1] != {icb} or xd[2] != {y, kh} or xd[3] != {x, kw} or xd[4] != {ii}:
+            return None
+        red = {"icb": icb, "kh": kh, "kw": kw, "ii": ii}
+    elif len(wd) == 5 and len(xd) == 4:
+        kind = "stem"
+        ic, kh, kw = (next(iter(d)) for d in wd[1:4])
+        if xd[0] != {n} or xd[1] != {ic} or xd[2] != {y, kh} or xd[3] != {x, kw}:
+            return None
+        red = {"ic": ic, "kh": kh, "kw": kw}
+    else:
+        return None
+    roles = {"n": n, "ob": ob, "y": y, "x": x, "oi": oi, **red}
+    if len(roles) != len(ivs) or set(roles.values()) != block_vars:
+        return None
+    loop_of = {iv.var: lp for iv, lp in zip(ivs, loops)}
+    ext = {iv.var: _int(iv.dom.extent) for iv in ivs}
+    e = {k: ext[v] for k, v in roles.items()}
+    if any(v is None for k, v in e.items() if k != "n"):
+        return None
+    if e["oi"] % lanes:
+        return None
+    # stride from the input index: y*s + kh*d → the coefficient of y
+    stride = _stride_of(ins[1 - wi], y) or 1
+    stride = max(stride, _stride_of(ins[1 - wi], x) or 1)
+    red_len = e.get("icb", 1) * e.get("ii", 1) * e.get("ic", 1) * e["kh"] * e["kw"]
+    shape = ConvShape(kind, e["ob"], e["y"], e["x"], red_len, e["kh"], e["kw"], stride)
+    return _Match(kind, {k: loop_of[v] for k, v in roles.items()}, e, shape)
+
+
+def _stride_of(region: Any, var: Any) -> int | None:
+    """The coefficient of `var` in the dimension of `region` that uses it (linear indices)."""
+    from tvm.sym.pattern import detect_linear_equation
+
+    for r in region.region:
+        try:
+            coeffs = detect_linear_equation(r.min, [var])
+        except Exception:
+            continue
+        if len(coeffs) == 2:
+            c = _int(coeffs[0])
+            if c:
+                return c
+    return None
+
+
+class BlockedConv(_Rule):
+    """conv2d_blocked / conv2d_stem + epilogue (see module docstring)."""
+
+    name = "blocked-conv"
+
+    def __init__(self, tile: ConvTile | None = None) -> None:
+        self.tile = tile
+
+    def apply(self, func, target, lanes):  # noqa: C901 - one schedule, step by step
+        from tvm import s_tir
+
+        sch = s_tir.Schedule(func)
+        if _INLINE_ARG_COPIES:
+            _inline_arg_copies(sch, func)
+        blocks = sch.get_child_blocks(_root(sch))
+        reds = [b for b in blocks if _is_reduction(sch.get(b))]
+        if len(reds) != 1:
+            return None
+        anchor = reds[0]
+        m = match_blocked_conv(sch, anchor, lanes)
+        if m is None:
+            return None
+        _inline_copies(sch, anchor)
+        m = match_blocked_conv(sch, anchor, lanes)  # loops are the same, refetch the handles
+        if m is None:
+            return None
+        tile = self.tile or conv_tile(m.shape, lanes)
+        L = m.loops
+        rt, obt = tile.rt, tile.obt
+        if m.ext["ob"] % obt:
+            return None
+        ob_o, ob_i = sch.split(L["ob"], factors=[None, obt])
+        if tile.fuse_hw:
+            pix = sch.fuse(L["y"], L["x"])
+            n_pix = m.ext["y"] * m.ext["x"]
+            if n_pix % rt:
+                return None
+            p_o, p_i = sch.split(pix, factors=[None, rt])
+            outer = [L["n"], ob_o, p_o]
+        else:
+            if m.ext["x"] % rt:
+                return None
+            p_o, p_i = sch.split(L["x"], factors=[None, rt])
+            outer = [L["n"], ob_o, L["y"], p_o]
+        oi_o, oi_i = sch.split(L["oi"], factors=[None, lanes])
+        if m.kind == "conv":
+            red = [L["icb"], L["kh"], L["kw"], L["ii"]]
+        else:
+            red = [L["ic"], L["kh"], L["kw"]]
+        sch.reorder(*outer, oi_o, *red, ob_i, p_i, oi_i)
+        outer = outer + [oi_o]
+        fused = _fuse_parallel(sch, outer)
+
+        wb = sch.cache_write(anchor, 0, "local")
+        sch.reverse_compute_at(wb, fused, preserve_unit_loops=True)
+        _inline_consumers(sch, wb)
+
+        sch.vectorize(oi_i)
+        sch.unroll(p_i)
+        sch.unroll(ob_i)
+        if m.kind == "conv":
+            sch.unroll(L["ii"])
+        if tile.unroll_kw or m.kind == "stem":
+            sch.unroll(L["kw"])
+        init = sch.decompose_reduction(anchor, red[0])
+        sch.vectorize(sch.get_loops(init)[-1])
+
+        wl = sch.get_loops(wb)
+        inner = list(wl[1:])  # below the fused parallel loop
+        if inner and _int(sch.get(inner[-1]).extent) == lanes:
+            sch.vectorize(inner[-1])
+            inner = inner[:-1]
+        for lp in inner:
+            e = _int(sch.get(lp).extent)
+            if e is not None and 1 < e <= 64:
+                sch.unroll(lp)
+        done = {sch.get(b).name_hint for b in (anchor, wb, init)}
+        _schedule_rest(sch, done, lanes)
+        return sch

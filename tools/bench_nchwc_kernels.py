@@ -1,0 +1,463 @@
+#!/usr/bin/env python
+"""Per-shape speed of the channel-blocked (NCHW8c) conv/pool kernels against onnxruntime.
+
+Every ResNet-50 and MobileNetV2 conv shape (batch 1; plus their stem, depthwise and pooling
+kernels) is built the way graphopt's lowering builds it for the cpu target: one fused PrimFunc
+(pad → blocked compute from targets/tvm/blocked_ops.py → bias add → Relu / Clip(0, 6) →
+residual Add), through Relax LegalizeOps → FuseTIR. Each is scheduled twice:
+
+- before: the default rules without `BlockedConv` (the generic OuterProduct / WindowReduction),
+- after: the default rules as they are (`BlockedConv` first for blocked convs),
+
+and checked against onnxruntime's output of the same NCHW operator chain. Times are taken in
+paired rounds (before, after and onnxruntime back to back, ratios per round, medians of the
+ratios), so load drifting on a shared machine cancels in each ratio. onnxruntime runs
+ORT_ENABLE_ALL with the same thread count; its time is the kernel time of its (NCHWc) Conv /
+pool node from its profiler (the ReorderInput/ReorderOutput nodes that a one-operator model
+adds are left out; in a whole model they sit at the model's ends only). When onnxruntime does
+not fuse the epilogue into that node (a residual Add whose other operand is an NCHW graph
+input), the Add and the Relu after it are not counted: the comparison is against onnxruntime's
+conv alone, the compiled kernel includes its epilogue.
+
+    TVM_NUM_THREADS=2 nice -n 10 .venv/bin/python tools/bench_nchwc_kernels.py --threads 2
+    .venv/bin/python tools/bench_nchwc_kernels.py --models resnet50 --kinds conv --rounds 9
+    .venv/bin/python tools/bench_nchwc_kernels.py --only r50_3x3_64_56 --tile 4,2   # force a tile
+
+Columns: ms of the after kernel, its GFLOP/s, before/ORT, after/ORT, after/before, the rule that
+scheduled the after kernel, max error vs onnxruntime relative to the output's max magnitude.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    kind: str  # conv | stem | depthwise | maxpool | avgpool | gavgpool
+    c: int
+    h: int
+    oc: int
+    k: int
+    s: int
+    act: str = "relu"  # relu | clip | none
+    residual: bool = False
+    models: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def pad(self) -> int:
+        return self.k // 2 if self.kind in ("conv", "stem", "depthwise", "maxpool") else 0
+
+    @property
+    def oh(self) -> int:
+        if self.kind == "gavgpool":
+            return 1
+        return (self.h + 2 * self.pad - self.k) // self.s + 1
+
+    @property
+    def flops(self) -> float:
+        if self.kind in ("conv", "stem"):
+            return 2.0 * self.c * self.oc * self.k * self.k * self.oh * self.oh
+        if self.kind == "depthwise":
+            return 2.0 * self.c * self.k * self.k * self.oh * self.oh
+        if self.kind == "gavgpool":
+            return 1.0 * self.c * self.h * self.h
+        return 1.0 * self.c * self.k * self.k * self.oh * self.oh
+
+
+def _conv(name, c, h, oc, k, s, act="relu", residual=False, model="r50"):
+    kind = "stem" if c % 8 else "conv"
+    return Case(name, kind, c, h, oc, k, s, act, residual, (model,))
+
+
+# ResNet-50 (torchvision v1.5, 224x224): conv → bias → Relu, or conv → bias → Add → Relu
+RESNET50 = [
+    _conv("r50_stem", 3, 224, 64, 7, 2),
+    Case("r50_maxpool", "maxpool", 64, 112, 64, 3, 2, "none", False, ("r50",)),
+    _conv("r50_1x1_64_64_56", 64, 56, 64, 1, 1),
+    _conv("r50_3x3_64_56", 64, 56, 64, 3, 1),
+    _conv("r50_1x1_64_256_56+add", 64, 56, 256, 1, 1, residual=True),
+    _conv("r50_1x1_256_64_56", 256, 56, 64, 1, 1),
+    _conv("r50_1x1_256_128_56", 256, 56, 128, 1, 1),
+    _conv("r50_3x3_128_56_s2", 128, 56, 128, 3, 2),
+    _conv("r50_1x1_128_512_28+add", 128, 28, 512, 1, 1, residual=True),
+    _conv("r50_1x1_256_512_56_s2", 256, 56, 512, 1, 2, act="none"),
+    _conv("r50_1x1_512_128_28", 512, 28, 128, 1, 1),
+    _conv("r50_3x3_128_28", 128, 28, 128, 3, 1),
+    _conv("r50_1x1_512_256_28", 512, 28, 256, 1, 1),
+    _conv("r50_3x3_256_28_s2", 256, 28, 256, 3, 2),
+    _conv("r50_1x1_256_1024_14+add", 256, 14, 1024, 1, 1, residual=True),
+    _conv("r50_1x1_512_1024_28_s2", 512, 28, 1024, 1, 2, act="none"),
+    _conv("r50_1x1_1024_256_14", 1024, 14, 256, 1, 1),
+    _conv("r50_3x3_256_14", 256, 14, 256, 3, 1),
+    _conv("r50_1x1_1024_512_14", 1024, 14, 512, 1, 1),
+    _conv("r50_3x3_512_14_s2", 512, 14, 512, 3, 2),
+    _conv("r50_1x1_512_2048_7+add", 512, 7, 2048, 1, 1, residual=True),
+    _conv("r50_1x1_1024_2048_14_s2", 1024, 14, 2048, 1, 2, act="none"),
+    _conv("r50_1x1_2048_512_7", 2048, 7, 512, 1, 1),
+    _conv("r50_3x3_512_7", 512, 7, 512, 3, 1),
+    Case("r50_gap", "gavgpool", 2048, 7, 2048, 7, 1, "none", False, ("r50",)),
+]
+
+
+def _mb(name, c, h, oc, k, s, act="clip", residual=False):
+    return _conv(name, c, h, oc, k, s, act, residual, "mbv2")
+
+
+def _dw(name, c, h, s):
+    return Case(name, "depthwise", c, h, c, 3, s, "clip", False, ("mbv2",))
+
+
+# MobileNetV2 (224x224, BatchNorm folded): expand 1x1 → Clip, depthwise 3x3 → Clip, project 1x1
+# (no activation; + Add where the block has a residual)
+MOBILENETV2 = [
+    _mb("mb_stem", 3, 224, 32, 3, 2),
+    _dw("mb_dw_32_112", 32, 112, 1),
+    _mb("mb_1x1_32_16_112", 32, 112, 16, 1, 1, act="none"),
+    _mb("mb_1x1_16_96_112", 16, 112, 96, 1, 1),
+    _dw("mb_dw_96_112_s2", 96, 112, 2),
+    _mb("mb_1x1_96_24_56", 96, 56, 24, 1, 1, act="none"),
+    _mb("mb_1x1_24_144_56", 24, 56, 144, 1, 1),
+    _dw("mb_dw_144_56", 144, 56, 1),
+    _mb("mb_1x1_144_24_56+add", 144, 56, 24, 1, 1, act="none", residual=True),
+    _dw("mb_dw_144_56_s2", 144, 56, 2),
+    _mb("mb_1x1_144_32_28", 144, 28, 32, 1, 1, act="none"),
+    _mb("mb_1x1_32_192_28", 32, 28, 192, 1, 1),
+    _dw("mb_dw_192_28", 192, 28, 1),
+    _mb("mb_1x1_192_32_28+add", 192, 28, 32, 1, 1, act="none", residual=True),
+    _dw("mb_dw_192_28_s2", 192, 28, 2),
+    _mb("mb_1x1_192_64_14", 192, 14, 64, 1, 1, act="none"),
+    _mb("mb_1x1_64_384_14", 64, 14, 384, 1, 1),
+    _dw("mb_dw_384_14", 384, 14, 1),
+    _mb("mb_1x1_384_64_14+add", 384, 14, 64, 1, 1, act="none", residual=True),
+    _mb("mb_1x1_384_96_14", 384, 14, 96, 1, 1, act="none"),
+    _mb("mb_1x1_96_576_14", 96, 14, 576, 1, 1),
+    _dw("mb_dw_576_14", 576, 14, 1),
+    _mb("mb_1x1_576_96_14+add", 576, 14, 96, 1, 1, act="none", residual=True),
+    _dw("mb_dw_576_14_s2", 576, 14, 2),
+    _mb("mb_1x1_576_160_7", 576, 7, 160, 1, 1, act="none"),
+    _mb("mb_1x1_160_960_7", 160, 7, 960, 1, 1),
+    _dw("mb_dw_960_7", 960, 7, 1),
+    _mb("mb_1x1_960_160_7+add", 960, 7, 160, 1, 1, act="none", residual=True),
+    _mb("mb_1x1_960_320_7", 960, 7, 320, 1, 1, act="none"),
+    _mb("mb_1x1_320_1280_7", 320, 7, 1280, 1, 1),
+]
+
+MODELS = {"resnet50": RESNET50, "mobilenetv2": MOBILENETV2}
+B = 8  # the block size between layers
+
+
+# --------------------------------------------------------------------------- the kernels
+
+
+def build_kernel(case: Case, target):
+    """The fused PrimFunc of `case` as the lowering makes it (Relax → LegalizeOps → FuseTIR) and
+    its parameter shapes."""
+    import tvm
+    from tvm import relax
+
+    from graphopt.targets.tvm import blocked_ops as BO
+    from graphopt.targets.tvm.lower import legalize_and_fuse
+
+    TT = relax.TensorType
+    c, h, oc, k, s, oh = case.c, case.h, case.oc, case.k, case.s, case.oh
+    p = case.pad
+    bb = relax.BlockBuilder()
+    if case.kind == "stem":
+        x = relax.Var("x", TT((1, c, h, h), "float32"))
+    else:
+        x = relax.Var("x", TT((1, c // B, h, h, B), "float32"))
+    params = [x]
+    if case.kind == "conv":
+        params.append(relax.Var("w", TT((oc // B, c // B, k, k, B, B), "float32")))
+    elif case.kind == "stem":
+        params.append(relax.Var("w", TT((oc // B, c, k, k, B), "float32")))
+    elif case.kind == "depthwise":
+        params.append(relax.Var("w", TT((c // B, k, k, B), "float32")))
+    if case.kind in ("conv", "stem", "depthwise"):
+        params.append(relax.Var("bias", TT((oc,), "float32")))
+    if case.residual:
+        params.append(relax.Var("r", TT((1, oc // B, oh, oh, B), "float32")))
+    with bb.function("kernel", params, {"Primitive": True}, private=True):
+        with bb.dataflow():
+            if case.kind in ("conv", "stem", "depthwise"):
+                fn = {"conv": BO.conv2d_blocked, "stem": BO.conv2d_stem, "depthwise": BO.depthwise_blocked}[case.kind]
+                y = bb.emit_te(fn, x, params[1], [s, s], [p] * 4, [1, 1], primfunc_name_hint=f"{case.kind}_blocked")
+                y = bb.emit(relax.op.add(y, relax.op.reshape(params[2], [1, oc // B, 1, 1, B])))
+            elif case.kind in ("maxpool", "avgpool"):
+                y = bb.emit_te(BO.pool_blocked, x, case.kind[:3], [k, k], [s, s], [p] * 4, primfunc_name_hint="pool")
+            else:
+                y = bb.emit_te(BO.global_pool_blocked, x, "avg", primfunc_name_hint="gpool")
+            if case.residual:
+                y = bb.emit(relax.op.add(y, params[-1]))
+            if case.act == "relu":
+                y = bb.emit(relax.op.nn.relu(y))
+            elif case.act == "clip":
+                y = bb.emit(relax.op.clip(y, 0.0, 6.0))
+            out = bb.emit_output(y)
+        gv = bb.emit_func_output(out)
+    mvars = [relax.Var(f"a{i}", v.ty) for i, v in enumerate(params)]
+    with bb.function("main", mvars):
+        with bb.dataflow():
+            out = bb.emit_output(relax.Call(gv, mvars))
+        bb.emit_func_output(out)
+    mod = legalize_and_fuse(bb.get(), target)
+    funcs = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(funcs) == 1, f"{case.name}: {len(funcs)} PrimFuncs"
+    func = funcs[0]
+    shapes = [[int(d) for d in prm.shape] for prm in func.params]
+    return func, shapes
+
+
+def blocked(a: np.ndarray) -> np.ndarray:
+    n, c, h, w = a.shape
+    return np.ascontiguousarray(a.reshape(n, c // B, B, h, w).transpose(0, 1, 3, 4, 2))
+
+
+def unblocked(a: np.ndarray) -> np.ndarray:
+    n, cb, h, w, b = a.shape
+    return np.ascontiguousarray(a.transpose(0, 1, 4, 2, 3).reshape(n, cb * b, h, w))
+
+
+def case_data(case: Case, seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """NCHW arrays of `case` (x, W, B, r) and the kernel's arguments made from them."""
+    rng = np.random.default_rng(seed)
+    c, h, oc, k, oh = case.c, case.h, case.oc, case.k, case.oh
+    nchw = {"x": rng.standard_normal((1, c, h, h)).astype(np.float32)}
+    if case.kind in ("conv", "stem"):
+        nchw["W"] = (rng.standard_normal((oc, c, k, k)) / np.sqrt(c * k * k)).astype(np.float32)
+    elif case.kind == "depthwise":
+        nchw["W"] = (rng.standard_normal((c, 1, k, k)) / k).astype(np.float32)
+    if "W" in nchw:
+        nchw["B"] = (0.1 * rng.standard_normal(oc)).astype(np.float32)
+    if case.residual:
+        nchw["r"] = rng.standard_normal((1, oc, oh, oh)).astype(np.float32)
+    args = {"x": nchw["x"] if case.kind == "stem" else blocked(nchw["x"])}
+    if case.kind == "conv":
+        w = nchw["W"].reshape(oc // B, B, c // B, B, k, k)  # [ob, oi, cb, ii, kh, kw]
+        args["w"] = np.ascontiguousarray(w.transpose(0, 2, 4, 5, 3, 1))
+    elif case.kind == "stem":
+        args["w"] = np.ascontiguousarray(nchw["W"].reshape(oc // B, B, c, k, k).transpose(0, 2, 3, 4, 1))
+    elif case.kind == "depthwise":
+        args["w"] = np.ascontiguousarray(nchw["W"].reshape(c // B, B, k, k).transpose(0, 2, 3, 1))
+    if "B" in nchw:
+        args["bias"] = nchw["B"]
+    if case.residual:
+        args["r"] = blocked(nchw["r"])
+    return nchw, args
+
+
+def ort_model(case: Case):
+    """The NCHW onnx model of `case` and the name of its main node."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nchw, _ = case_data(case)
+    p = case.pad
+    inits, nodes, inputs = [], [], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, case.c, case.h, case.h])]
+    if case.kind in ("conv", "stem", "depthwise"):
+        inits = [numpy_helper.from_array(nchw["W"], "W"), numpy_helper.from_array(nchw["B"], "B")]
+        nodes.append(helper.make_node("Conv", ["x", "W", "B"], ["y0"], name="main", kernel_shape=[case.k] * 2,
+                                      pads=[p] * 4, strides=[case.s] * 2, group=case.c if case.kind == "depthwise" else 1))
+    elif case.kind == "maxpool":
+        nodes.append(helper.make_node("MaxPool", ["x"], ["y0"], name="main", kernel_shape=[case.k] * 2, pads=[p] * 4,
+                                      strides=[case.s] * 2))
+    elif case.kind == "avgpool":
+        nodes.append(helper.make_node("AveragePool", ["x"], ["y0"], name="main", kernel_shape=[case.k] * 2,
+                                      pads=[p] * 4, strides=[case.s] * 2))
+    else:
+        nodes.append(helper.make_node("GlobalAveragePool", ["x"], ["y0"], name="main"))
+    last = "y0"
+    if case.residual:
+        inputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, case.oc, case.oh, case.oh]))
+        nodes.append(helper.make_node("Add", [last, "r"], ["y1"], name="add"))
+        last = "y1"
+    if case.act == "relu":
+        nodes.append(helper.make_node("Relu", [last], ["y2"], name="act"))
+        last = "y2"
+    elif case.act == "clip":
+        inits += [numpy_helper.from_array(np.array(0, np.float32), "lo"), numpy_helper.from_array(np.array(6, np.float32), "hi")]
+        nodes.append(helper.make_node("Clip", [last, "lo", "hi"], ["y2"], name="act"))
+        last = "y2"
+    out = helper.make_tensor_value_info(last, TensorProto.FLOAT, [1, case.oc, case.oh, case.oh])
+    g = helper.make_graph(nodes, case.name, inputs, [out], initializer=inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+class OrtTimer:
+    """onnxruntime's kernel time of the model's main node, from its profiler."""
+
+    def __init__(self, case: Case, threads: int, feeds: dict[str, np.ndarray]) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.enable_profiling = True
+        # spinning worker threads would steal the cores from the TVM kernel timed right after
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._dir = tempfile.mkdtemp(prefix="nchwc_ort_")
+        so.profile_file_prefix = os.path.join(self._dir, "p")
+        self.sess = ort.InferenceSession(ort_model(case).SerializeToString(), so, providers=["CPUExecutionProvider"])
+        self.feeds = feeds
+        self.out = self.sess.run(None, feeds)[0]
+        self.runs: list[int] = []  # how many runs in each timed batch
+
+    def batch(self, n: int) -> None:
+        for _ in range(n):
+            self.sess.run(None, self.feeds)
+        self.runs.append(n)
+
+    def finish(self) -> tuple[list[float], str]:
+        """Mean main-node time (s) of each batch, and the op that ran it."""
+        path = self.sess.end_profiling()
+        with open(path) as f:
+            events = json.load(f)
+        os.remove(path)
+        os.rmdir(self._dir)
+        runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"])
+        nodes = sorted((e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")), key=lambda e: e["ts"])
+        per_run: list[float] = []
+        op = ""
+        for r in runs:
+            t0, t1 = r["ts"], r["ts"] + r["dur"]
+            main = [e for e in nodes if t0 <= e["ts"] <= t1 and e["args"].get("op_name") not in ("ReorderInput", "ReorderOutput")
+                    and not e["name"].startswith(("add_", "act_", "Add", "Relu", "Clip"))]
+            if main:
+                op = main[0]["args"].get("op_name", "") + ("(nchwc)" if "nchwc" in main[0]["name"] else "")
+            per_run.append(sum(e["dur"] for e in main) * 1e-6)
+        per_run = per_run[1:]  # the first run was the reference run in __init__
+        out, i = [], 0
+        for n in self.runs:
+            out.append(float(np.mean(per_run[i : i + n])))
+            i += n
+        return out, op
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _compile(func, target):
+    import tvm
+
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+
+
+def run_case(case: Case, target, threads: int, rounds: int, tile=None) -> dict:
+    import tvm
+
+    from graphopt.targets import nchwc_schedules as NS
+    from graphopt.targets import tvm_schedules as TS
+
+    func, shapes = build_kernel(case, target)
+    rules_after = TS.default_rules(target)
+    if tile is not None:
+        rules_after = [NS.BlockedConv(tile) if isinstance(r, NS.BlockedConv) else r for r in rules_after]
+    rules_before = [r for r in TS.default_rules(target) if not isinstance(r, NS.BlockedConv)]
+    sch_b, rule_b, _ = TS.default_schedule(func, target, rules_before)
+    sch_a, rule_a, notes = TS.default_schedule(func, target, rules_after)
+    nchw, args = case_data(case)
+    feeds = {"x": nchw["x"], **({"r": nchw["r"]} if case.residual else {})}
+    ort_t = OrtTimer(case, threads, feeds)
+    dev = tvm.cpu()
+    targs = [tvm.runtime.tensor(a, dev) for a in args.values()]
+    libs = {}
+    for label, sch in (("before", sch_b), ("after", sch_a)):
+        lib = _compile(sch.mod["main"], target)
+        out = tvm.runtime.tensor(np.zeros(shapes[-1], np.float32), dev)
+        lib["main"](*targs, out)
+        libs[label] = (lib, out)
+    ref = ort_t.out
+    y = unblocked(libs["after"][1].numpy())
+    yb = unblocked(libs["before"][1].numpy())
+    scale = float(np.abs(ref).max()) or 1.0
+    err = float(np.abs(y - ref).max()) / scale
+    err_b = float(np.abs(yb - ref).max()) / scale
+    # batch size: ~20 ms per timed batch
+    ev1 = libs["after"][0].mod.time_evaluator("main", dev, number=1, repeat=3)
+    t1 = max(float(np.min(ev1(*targs, libs["after"][1]).results)), 1e-6)
+    n = int(min(max(2, 0.02 / t1), 200))
+    # repeat 2, the second counted: the first of a batch pays the thread pool's wake-up
+    evs = {k: lib.mod.time_evaluator("main", dev, number=n, repeat=2) for k, (lib, _) in libs.items()}
+    times: dict[str, list[float]] = {"before": [], "after": []}
+    ort_t.batch(n)  # warm
+    for i in range(rounds):
+        for k in (("before", "after") if i % 2 == 0 else ("after", "before")):
+            times[k].append(float(evs[k](*targs, libs[k][1]).results[-1]))
+        ort_t.batch(n)
+    ort_times, ort_op = ort_t.finish()
+    ort_times = ort_times[1:]
+    tb, ta, to = (np.array(times["before"]), np.array(times["after"]), np.array(ort_times))
+    return {
+        "case": case.name, "ms": float(np.median(ta)) * 1e3, "gflops": case.flops / float(np.median(ta)) / 1e9,
+        "ort_gflops": case.flops / float(np.median(to)) / 1e9,
+        "before_ort": float(np.median(tb / to)), "after_ort": float(np.median(ta / to)),
+        "after_before": float(np.median(ta / tb)), "rule": rule_a, "rule_before": rule_b, "err": err, "err_before": err_b,
+        "ort_op": ort_op, "notes": notes,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models", default="resnet50,mobilenetv2")
+    ap.add_argument("--kinds", default="", help="comma list of kinds (conv, stem, depthwise, maxpool, gavgpool); default all")
+    ap.add_argument("--only", default="", help="comma list of case names (substrings)")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--tile", default="", help="force BlockedConv's tile: rt,obt[,fuse_hw]")
+    ap.add_argument("--json", default="", help="write the rows to this file")
+    a = ap.parse_args(argv)
+    os.environ.setdefault("TVM_NUM_THREADS", str(a.threads))
+    if os.environ["TVM_NUM_THREADS"] != str(a.threads):
+        print(f"warning: TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']} but --threads {a.threads}", file=sys.stderr)
+    from graphopt.targets.nchwc_schedules import ConvTile
+    from graphopt.targets.tvm.build import host_target
+
+    target = host_target(threads=a.threads)
+    tile = None
+    if a.tile:
+        v = [int(t) for t in a.tile.split(",")]
+        tile = ConvTile(v[0], v[1], bool(v[2]) if len(v) > 2 else False)
+    cases: list[Case] = []
+    for m in a.models.split(","):
+        cases += MODELS[m]
+    if a.kinds:
+        cases = [c for c in cases if c.kind in a.kinds.split(",")]
+    if a.only:
+        cases = [c for c in cases if any(o in c.name for o in a.only.split(","))]
+    print(f"target {target.attrs.get('mcpu')} threads {a.threads}; {len(cases)} kernels; ratios are medians of "
+          f"per-round ratios over {a.rounds} paired rounds (shared machine: absolute times are noisy)", flush=True)
+    hdr = f"{'case':28s} {'ms':>7s} {'GF/s':>5s} {'ortGF':>5s} {'bef/ort':>7s} {'aft/ort':>7s} {'aft/bef':>7s}  {'rule (before → after)':36s} {'ort op':12s} err"
+    print(hdr)
+    rows = []
+    for case in cases:
+        r = run_case(case, target, a.threads, a.rounds, tile)
+        rows.append(r)
+        print(f"{r['case']:28s} {r['ms']:7.3f} {r['gflops']:5.0f} {r['ort_gflops']:5.0f} {r['before_ort']:7.2f} {r['after_ort']:7.2f} "
+              f"{r['after_before']:7.2f}  {r['rule_before'] + ' → ' + r['rule']:36s} {r['ort_op']:12s} {r['err']:.1e}", flush=True)
+        if max(r["err"], r["err_before"]) > 1e-4:
+            print(f"  !! {case.name}: max error {r['err']:.2e} (before {r['err_before']:.2e}) relative to max |y|", flush=True)
+    for label in ("before_ort", "after_ort"):
+        vals = np.array([r[label] for r in rows])
+        print(f"{label}: geomean {np.exp(np.log(vals).mean()):.2f}, max {vals.max():.2f}, "
+              f"shapes <= 1.0: {(vals <= 1.0).sum()}/{len(vals)}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    bad = [r for r in rows if r["err"] > 1e-4]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -32,6 +32,8 @@ __all__ = [
     "pack_conv_weight",
     "pack_stem_weight",
     "pack_depthwise_weight",
+    "block_bias",
+    "add_blocked_bias",
     "conv2d_blocked",
     "conv2d_stem",
     "depthwise_blocked",
@@ -79,6 +81,16 @@ def pack_depthwise_weight(w: te.Tensor, b: int) -> te.Tensor:
     """[C, 1, KH, KW] → [C/b, KH, KW, b]."""
     c, _, kh, kw = w.shape
     return te.compute((c // b, kh, kw, b), lambda cb, y, x, ci: w[cb * b + ci, 0, y, x], name="pack_depthwise_weight")
+
+
+def block_bias(bias: te.Tensor, b: int) -> te.Tensor:
+    """[OC] → [OC/b, b]."""
+    return te.compute((bias.shape[0] // b, b), lambda ob, oi: bias[ob * b + oi], name="block_bias")
+
+
+def add_blocked_bias(y: te.Tensor, bias: te.Tensor) -> te.Tensor:
+    """y [N, OC/b, H, W, b] + bias [OC/b, b] (the conv's epilogue)."""
+    return te.compute(y.shape, lambda i, ob, yy, xx, oi: y[i, ob, yy, xx, oi] + bias[ob, oi], name="add_bias")
 
 
 def _pad_spatial(x: te.Tensor, h_axis: int, pads: Sequence[int], value: float, extra: Sequence[int] = (0, 0)) -> te.Tensor:

@@ -46,6 +46,7 @@ BLOCKED = "blocked"
 CONV_WEIGHT = "conv-weight"
 STEM_WEIGHT = "stem-weight"
 DW_WEIGHT = "depthwise-weight"
+BIAS = "blocked-bias"  # [OC] → [OC/b, b]
 
 _UNARY = frozenset(
     """Relu Clip Sigmoid Tanh LeakyRelu HardSigmoid HardSwish Elu Selu Celu Softplus Softsign Abs Neg
@@ -81,7 +82,7 @@ class LayoutPlan:
                 return PLAIN if role == "stem" else BLOCKED
             if i == 1:
                 return {"conv": CONV_WEIGHT, "stem": STEM_WEIGHT, "depthwise": DW_WEIGHT}[role]
-            return PLAIN  # the bias (reshaped inside the kernel)
+            return BIAS
         v = node.inputs[i]
         if v is not None and _is_scalar_const(v):
             return PLAIN
@@ -249,6 +250,8 @@ def convert_form(bb: relax.BlockBuilder, e: relax.Expr, v: Value, have: str, wan
         return bb.emit_te(BO.from_blocked, e, int(v.shape.dims[1]), primfunc_name_hint="from_blocked")
     if have != PLAIN:
         raise ValueError(f"cannot convert {v.name!r} from {have} to {want}")
+    if want == BIAS:  # a weight-only reshape, hoisted with the packing (no index arithmetic in the kernel)
+        return bb.emit_te(BO.block_bias, e, block, primfunc_name_hint="block_bias")
     fn = {BLOCKED: BO.to_blocked, CONV_WEIGHT: BO.pack_conv_weight, STEM_WEIGHT: BO.pack_stem_weight,
           DW_WEIGHT: BO.pack_depthwise_weight}[want]
     return bb.emit_te(fn, e, block, primfunc_name_hint=fn.__name__)
@@ -267,8 +270,7 @@ def convert_blocked(bb: relax.BlockBuilder, n: Node, role: str, ins: list[Any], 
         fn = {"conv": BO.conv2d_blocked, "stem": BO.conv2d_stem, "depthwise": BO.depthwise_blocked}[role]
         y = bb.emit_te(fn, x, ins[1], strides, pads, dilations, primfunc_name_hint=f"{role}_blocked")
         if len(ins) > 2 and ins[2] is not None:
-            oc = int(n.outputs[0].shape.dims[1])
-            y = bb.emit(relax.op.add(y, relax.op.reshape(ins[2], [1, oc // block, 1, 1, block])))
+            y = bb.emit_te(BO.add_blocked_bias, y, ins[2], primfunc_name_hint="add_bias")
         return y
     if role == "pool":
         kind = "max" if n.op_type == "MaxPool" else "avg"

@@ -1232,3 +1232,211 @@ def _pad_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int)
     if mode == "constant" and value is not None and cv is None:
         args.append(value)
     return bb.emit_te(compute, *args, primfunc_name_hint="pad_runtime")
+
+
+# --- Resize with run-time roi / scales / sizes ----------------------------------------------------------
+
+
+def _resize_axis_kernel(node: Node, axis: int, m: Any, mode: str, ctm: str, nmode: str, a_coef: float, antialias: bool,
+                        exclude: bool, ev: float) -> Any:
+    """TE compute resizing `axis` of a float64 tensor to length m (a symbolic var) with the
+    run-time full-rank scales [r] (float64) and roi [2r] (float64): onnx's reference
+    (_interpolate_1d_along_axis) per output position: the source coordinate x by the coordinate
+    transformation, left = the pixel left of x (ratio in (0, 1]), taps at left + offset + k with
+    edge clamping, their coefficients by mode (antialias: a kernel widened by 1/scale, its tap
+    count bounded by 2n + 2 / 4n + 2 for linear / cubic since an output needs scale >= 1/n),
+    normalised when antialiased or excluding outside taps; tf_crop_and_resize outside the input
+    gives the extrapolation value."""
+    from tvm import te, tirx
+
+    f64 = "float64"
+
+    def c(v: float) -> Any:
+        return tirx.const(v, f64)
+
+    def compute(data: Any, scales: Any, roi: Any) -> Any:
+        dims = list(data.shape)
+        r = len(dims)
+        n = dims[axis]
+        n_f = tirx.Cast(f64, n)
+        s = scales[axis]
+        ow = s * n_f  # output_width (float) as the reference
+        m_f = tirx.Cast(f64, m)
+        out_shape = [m if d == axis else dims[d] for d in range(r)]
+
+        def x_of(o: Any) -> Any:
+            o_f = tirx.Cast(f64, o)
+            if ctm == "align_corners":
+                return tirx.Select(ow == c(1.0), c(0.0), o_f * (n_f - c(1.0)) / (ow - c(1.0)))
+            if ctm == "asymmetric":
+                return o_f / s
+            if ctm == "tf_crop_and_resize":
+                b, e = roi[axis], roi[axis + r]
+                x = tirx.Select(ow == c(1.0), (e - b) * (n_f - c(1.0)) / c(2.0), o_f * (e - b) * (n_f - c(1.0)) / (ow - c(1.0)))
+                return x + b * (n_f - c(1.0))
+            if ctm == "pytorch_half_pixel":
+                return tirx.Select(ow == c(1.0), c(-0.5), (o_f + c(0.5)) / s - c(0.5))
+            if ctm == "half_pixel":
+                return (o_f + c(0.5)) / s - c(0.5)
+            if ctm == "half_pixel_symmetric":
+                offset = n_f / c(2.0) * (c(1.0) - m_f / ow)
+                return offset + (o_f + c(0.5)) / s - c(0.5)
+            raise LoweringError(f"node {node.label()}: coordinate_transformation_mode {ctm!r} is not supported")
+
+        def cubic(t: Any) -> Any:  # the antialias cubic kernel at |t|
+            t = tirx.abs(t)
+            a = c(a_coef)
+            near = (a + c(2.0)) * t * t * t - (a + c(3.0)) * t * t + c(1.0)
+            far = a * t * t * t - c(5.0) * a * t * t + c(8.0) * a * t - c(4.0) * a
+            return tirx.Select(t <= c(1.0), near, tirx.Select(t < c(2.0), far, c(0.0)))
+
+        def taps(o: Any) -> tuple[Any, Any, Any, Any]:
+            """(ratio, the pixel left of x, offset of the first tap from it, tap count) at o."""
+            x = x_of(o)
+            xi = tirx.floor(x)
+            is_int = x == xi
+            ratio = tirx.Select(is_int, c(1.0), x - xi)
+            left = tirx.Cast("int64", xi) - tirx.Cast("int64", is_int)
+            if antialias:
+                sa = tirx.min(s, c(1.0))
+                half = c(1.0) if mode == "linear" else c(2.0)
+                start = tirx.Cast("int64", tirx.floor(-half / sa)) + 1
+                return ratio, left, start, 2 - 2 * start
+            if mode == "cubic":
+                return ratio, left, tirx.const(-1, "int64"), tirx.const(4, "int64")
+            return ratio, left, tirx.const(0, "int64"), tirx.const(2, "int64")
+
+        def coeff(o: Any, k: Any) -> Any:
+            ratio, left, start, count = taps(o)
+            first = left + start
+            if antialias:
+                sa = tirx.min(s, c(1.0))
+                arg = (tirx.Cast(f64, start + k) - ratio) * sa
+                w = tirx.max(tirx.min(c(1.0) - tirx.abs(arg), c(1.0)), c(0.0)) if mode == "linear" else cubic(arg)
+            elif mode == "cubic":
+                a = c(a_coef)
+                t = ratio
+                u = c(1.0) - ratio
+                cs = [((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+                      ((a + 2) * t - (a + 3)) * t * t + 1,
+                      ((a + 2) * u - (a + 3)) * u * u + 1,
+                      ((a * (u + 1) - 5 * a) * (u + 1) + 8 * a) * (u + 1) - 4 * a]
+                w = tirx.Select(k == 0, cs[0], tirx.Select(k == 1, cs[1], tirx.Select(k == 2, cs[2], cs[3])))
+            elif mode == "linear":
+                w = tirx.Select(k == 0, c(1.0) - ratio, ratio)
+            else:  # nearest: [0, 1] at an integer ratio, else by nearest_mode
+                take1 = {"round_prefer_floor": ratio > c(0.5), "round_prefer_ceil": ratio >= c(0.5),
+                         "floor": ratio == c(1.0), "ceil": tirx.const(True, "bool")}[nmode]
+                take1 = tirx.Or(take1, ratio == c(1.0))
+                w = tirx.Select(k == 0, tirx.Select(take1, c(0.0), c(1.0)), tirx.Select(take1, c(1.0), c(0.0)))
+            idx = first + k
+            ok = k < count
+            if exclude:
+                ok = tirx.all(ok, idx >= 0, idx < n)
+            return tirx.Select(ok, w, c(0.0)), tirx.max(tirx.min(idx, n - 1), 0)
+
+        bound = (2 * n + 2 if mode == "linear" else 4 * n + 2) if antialias else (4 if mode == "cubic" else 2)
+        normalise = antialias or exclude
+
+        if normalise:
+            kw = te.reduce_axis((0, bound), name="kw")
+            wsum = te.compute([m], lambda o: te.sum(coeff(o, kw)[0], axis=kw), name="resize_wsum")
+        kr = te.reduce_axis((0, bound), name="k")
+
+        def body(*idx: Any) -> Any:
+            o = idx[axis]
+            w, src = coeff(o, kr)
+            at = [src if d == axis else idx[d] for d in range(r)]
+            return te.sum(w * data[tuple(at)], axis=kr)
+
+        acc = te.compute(out_shape, body, name="resize_acc")
+
+        def finish(*idx: Any) -> Any:
+            o = idx[axis]
+            v = acc[idx]
+            if normalise:
+                ws = wsum[o]
+                v = v / tirx.Select(ws == c(0.0), c(1.0), ws)
+            if ctm == "tf_crop_and_resize":
+                x = x_of(o)
+                v = tirx.Select(tirx.Or(x < c(0.0), x > n_f - c(1.0)), c(ev), v)
+            return v
+
+        return te.compute(out_shape, finish, name="resize_out")
+
+    return compute
+
+
+@_chained("Resize")
+def _resize_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Resize whose roi, scales or sizes are run-time inputs: output sizes computed at run time
+    (floor(n * scale), or the sizes; keep_aspect_ratio_policy with round-half-up) and taken as
+    symbolic dims, then one kernel per resized axis (`_resize_axis_kernel`) in float64 as the
+    reference, cast back once at the end."""
+    if opset < 11:
+        return NotImplemented
+    roi, scales, sizes = (list(ins) + [None] * 4)[1:4]
+    if not any(_runtime(e) for e in (roi, scales, sizes)):
+        return NotImplemented
+    x = ins[0]
+    dtype = _dt(x)
+    r = x.ty.ndim
+    axes = [a + r if a < 0 else a for a in (node.attr("axes") or range(r))]
+    k = len(axes)
+    mode = _str_attr(node, "mode", "nearest")
+    if mode != "nearest" and not dtype.startswith("float"):
+        raise LoweringError(f"node {node.label()}: Resize {mode} of {dtype} data is not supported by the cpu target")
+    f64 = "float64"
+    shape = D.shape_tensor(bb, x)  # [r] int64
+    n_f = bb.emit(R.astype(shape, f64))
+
+    def pick(t: Any, i: int) -> Any:
+        return bb.emit(R.reshape(R.take(t, relax.const(i, "int64"), axis=0), [1]))
+
+    def full(t: Any, default: Any) -> Any:
+        """[k] values on `axes` → [r], `default(d)` ([1] exprs) elsewhere."""
+        return bb.emit(R.concat([pick(t, axes.index(d)) if d in axes else default(d) for d in range(r)], axis=0))
+
+    use_sizes = sizes is not None and (_static_len(sizes) or 0) > 0
+    if use_sizes:
+        sz = bb.emit(R.astype(sizes, "int64"))
+        out = full(sz, lambda d: pick(shape, d))
+        scale = bb.emit(R.divide(R.astype(out, f64), n_f))
+        policy = _str_attr(node, "keep_aspect_ratio_policy", "stretch")
+        if policy != "stretch":
+            sel = bb.emit(R.concat([pick(scale, d) for d in axes], axis=0))
+            s1 = bb.emit(R.min(sel) if policy == "not_larger" else R.max(sel))
+            ones = relax.const(np.ones(1), f64)
+            scale = bb.emit(R.concat([bb.emit(R.reshape(s1, [1])) if d in axes else ones for d in range(r)], axis=0))
+            rounded = bb.emit(R.astype(R.floor(R.add(R.multiply(scale, n_f), _c(0.5, f64))), "int64"))
+            out = bb.emit(R.concat([pick(rounded, d) if d in axes else pick(shape, d) for d in range(r)], axis=0))
+    else:
+        if scales is None or (_static_len(scales) or 0) == 0:
+            raise LoweringError(f"node {node.label()}: Resize needs scales or sizes")
+        sc = bb.emit(R.astype(scales, f64))
+        scale = full(sc, lambda d: relax.const(np.ones(1), f64))
+        out = bb.emit(R.astype(R.multiply(scale, n_f), "int64"))  # truncation, as the reference
+    if roi is not None and (_static_len(roi) or 0) > 0:
+        rf = bb.emit(R.astype(roi, f64))
+        lo = full(bb.emit(R.strided_slice(rf, [0], [0], [k])), lambda d: relax.const(np.zeros(1), f64))
+        hi = full(bb.emit(R.strided_slice(rf, [0], [k], [2 * k])), lambda d: relax.const(np.ones(1), f64))
+        roi_full = bb.emit(R.concat([lo, hi], axis=0))
+    else:
+        roi_full = relax.const(np.array([0.0] * r + [1.0] * r), f64)
+    dims = D.shape_of_tensor(bb, out, r, "rs").values
+    ctm = _str_attr(node, "coordinate_transformation_mode", "half_pixel")
+    nmode = _str_attr(node, "nearest_mode", "round_prefer_floor")
+    antialias = bool(node.attr("antialias", 0)) and mode != "nearest"
+    exclude = bool(node.attr("exclude_outside", 0))
+    ev = float(node.attr("extrapolation_value", 0.0))
+    y = bb.emit(R.astype(x, f64)) if dtype != f64 else x
+    for a in axes:
+        fn = _resize_axis_kernel(node, a, dims[a], mode, ctm, nmode, float(node.attr("cubic_coeff_a", -0.75)), antialias, exclude, ev)
+        y = bb.emit_te(fn, y, scale, roi_full, primfunc_name_hint=f"resize_axis{a}")
+    if dtype != f64:
+        if not dtype.startswith("float"):
+            info = np.iinfo(dtype) if dtype != "bool" else None
+            if info is not None:
+                y = bb.emit(R.clip(y, float(info.min), float(info.max)))
+        y = bb.emit(R.astype(y, dtype))
+    return y

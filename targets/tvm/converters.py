@@ -1440,3 +1440,36 @@ def _resize_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: i
                 y = bb.emit(R.clip(y, float(info.min), float(info.max)))
         y = bb.emit(R.astype(y, dtype))
     return y
+
+
+# --- shapes given as run-time tensors -----------------------------------------------------------------
+
+
+def _dims_k(bb: relax.BlockBuilder, x: Any, k: int) -> Any:
+    """x's dims as an int64 tensor of length k (cut, or padded with ones)."""
+    r = x.ty.ndim
+    sh = D.shape_tensor(bb, x)
+    if k <= r:
+        return bb.emit(R.strided_slice(sh, [0], [0], [k])) if k < r else sh
+    return bb.emit(R.concat([sh, D.int_consts([1] * (k - r))], axis=0))
+
+
+@_chained("Reshape")
+def _reshape_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Reshape to a run-time shape tensor (static length k): 0 copies the input's dim (unless
+    allowzero), -1 takes what is left, both resolved at run time; the result has k symbolic dims."""
+    if len(ins) < 2 or not _runtime(ins[1]) or not isinstance(ins[0], relax.Expr) or isinstance(ins[0], relax.ShapeExpr):
+        return NotImplemented
+    x = ins[0]
+    k = _static_len(ins[1])
+    if k is None:
+        raise LoweringError(f"node {node.label()}: Reshape needs a shape of static length on the cpu target")
+    t = bb.emit(R.astype(ins[1], "int64")) if _dt(ins[1]) != "int64" else ins[1]
+    zero, neg1, one = _c(0, "int64"), _c(-1, "int64"), _c(1, "int64")
+    if not node.attr("allowzero", 0):
+        t = bb.emit(R.where(R.equal(t, zero), _dims_k(bb, x, k), t))
+    total = bb.emit(R.prod(D.shape_tensor(bb, x)))
+    known = bb.emit(R.prod(R.where(R.equal(t, neg1), one, t)))
+    rest = bb.emit(R.floor_divide(total, R.maximum(known, one)))
+    t = bb.emit(R.where(R.equal(t, neg1), rest, t))
+    return bb.emit(R.reshape(x, D.shape_of_tensor(bb, t, k, "rh")))

@@ -1473,3 +1473,25 @@ def _reshape_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: 
     rest = bb.emit(R.floor_divide(total, R.maximum(known, one)))
     t = bb.emit(R.where(R.equal(t, neg1), rest, t))
     return bb.emit(R.reshape(x, D.shape_of_tensor(bb, t, k, "rh")))
+
+
+@_chained("Expand")
+def _expand_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Expand to a run-time shape tensor (static length k): the output dims are the
+    multidirectional broadcast of the input's dims and the shape, computed at run time."""
+    if len(ins) < 2 or not _runtime(ins[1]) or isinstance(ins[0], relax.ShapeExpr):
+        return NotImplemented
+    x = ins[0]
+    k = _static_len(ins[1])
+    if k is None:
+        raise LoweringError(f"node {node.label()}: Expand needs a shape of static length on the cpu target")
+    r = x.ty.ndim
+    n = max(r, k)
+    t = bb.emit(R.astype(R.reshape(ins[1], [k]), "int64"))
+    if k < n:
+        t = bb.emit(R.concat([D.int_consts([1] * (n - k)), t], axis=0))
+    dims = D.shape_tensor(bb, x)
+    if r < n:
+        dims = bb.emit(R.concat([D.int_consts([1] * (n - r)), dims], axis=0))
+    out = bb.emit(R.where(R.equal(t, _c(1, "int64")), dims, t))
+    return bb.emit(R.broadcast_to(x, D.shape_of_tensor(bb, out, n, "ex")))

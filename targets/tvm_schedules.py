@@ -65,7 +65,9 @@ _WINDOW_ACC_VECTORS = 8
 # the elementwise blocks after a matmul/conv inlined into one (GELU reads the matmul twice)
 _INLINE_EPILOGUE = True
 # matmul-like kernels whose row count leaves accumulators unused (4 rows x 2 vectors) widen the vector tile
-_MATMUL_WIDE_VT = False
+_MATMUL_WIDE_VT = True
+# matmul-like kernels: reduction blocked by this many (0: off)
+_MATMUL_K_BLOCK = 128
 
 # fp32 accumulators kept in registers per microkernel (x86-64 AVX2 has 16 vector registers:
 # leave room for the B vectors and one broadcast).
@@ -593,7 +595,19 @@ class OuterProduct(_Rule):
         red_loops = [loop_of[v] for v in r_vars]
         par = [v_o if v.same_as(vec_var) else r_o if v.same_as(reg_var) else loop_of[v] for v in s_order]
         sch.reorder(*par, *red_loops, r_i, v_i)
-        fused = _fuse_parallel(sch, par)
+        k_ext = _int(sch.get(red_loops[0]).extent) if len(red_loops) == 1 else None
+        if (_MATMUL_K_BLOCK and out_order and out_order[-1].same_as(vec_var) and par[-1].same_as(r_o)
+                and k_ext is not None and k_ext > _MATMUL_K_BLOCK and k_ext % _MATMUL_K_BLOCK == 0
+                and len(par) > 1):
+            # K blocking: a [kc, vt] block of the B panel stays in L1 while every row tile of the
+            # column panel uses it; the accumulators of the whole panel ([M, vt]) live in a
+            # local buffer between the K blocks
+            k_o, k_i = sch.split(red_loops[0], factors=[None, _MATMUL_K_BLOCK])
+            sch.reorder(*par[:-1], k_o, r_o, k_i, r_i, v_i)
+            red_loops = [k_o, k_i]
+            fused = _fuse_parallel(sch, par[:-1])
+        else:
+            fused = _fuse_parallel(sch, par)
 
         # accumulator tile in registers, laid out [.., reg, vec] so the vector axis is contiguous
         wb = sch.cache_write(anchor, 0, "local")
@@ -611,7 +625,7 @@ class OuterProduct(_Rule):
         sch.unroll(r_i)
         # small innermost reduction loops (kw) unroll well
         inner_red = red_loops[-1]
-        if len(red_loops) > 1 and (_int(sch.get(inner_red).extent) or 99) <= 7:
+        if len(red_loops) > 1 and len(r_vars) > 1 and (_int(sch.get(inner_red).extent) or 99) <= 7:
             sch.unroll(inner_red)
         init = sch.decompose_reduction(anchor, red_loops[0])
         il = sch.get_loops(init)

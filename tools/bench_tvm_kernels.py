@@ -10,6 +10,7 @@ matmul, same run).
     TVM_NUM_THREADS=2 .venv/bin/python tools/bench_tvm_kernels.py --threads 2
     .venv/bin/python tools/bench_tvm_kernels.py --cases conv3x3_64 --tune 16 --tuning-db /tmp/db
     .venv/bin/python tools/bench_tvm_kernels.py --threads 2 --profile-model resnet50   # time shares per kernel
+    .venv/bin/python tools/bench_tvm_kernels.py --threads 1 --cpu-time --profile-model bert_base_s128
 """
 
 from __future__ import annotations
@@ -241,7 +242,46 @@ def _number_for(seconds: float) -> int:
     return max(1, min(200, int(0.05 / max(seconds, 1e-6))))
 
 
-def profile_model(name: str, threads: int, top: int = 20) -> int:
+def kernel_flops(func) -> float:
+    """2 x the iteration count of each multiply-accumulate block (a reduction reading two tensors:
+    conv, dense, matmul) of a PrimFunc; 0 for kernels without one (softmax, layer norm, copies)."""
+    from tvm import s_tir
+    from tvm.tirx import IterVar
+
+    sch = s_tir.Schedule(func)
+    flops = 0.0
+
+    def walk(parent) -> None:
+        nonlocal flops
+        for block in sch.get_child_blocks(parent):
+            stmt = sch.get(block)
+            if any(iv.iter_type == IterVar.CommReduce for iv in stmt.iter_vars) and len(stmt.writes) == 1:
+                out = stmt.writes[0].source
+                if len({r.source.name for r in stmt.reads if not r.source.same_as(out)}) >= 2:
+                    flops += 2.0 * float(np.prod([int(iv.dom.extent) for iv in stmt.iter_vars]))
+            walk(block)
+
+    walk(sch.get_sblock(func.body.block.name_hint))
+    return flops
+
+
+def _cpu_seconds(fn, args, min_s: float = 0.05, repeat: int = 5) -> float:
+    """Median CPU seconds (this process, all threads) per call: unlike wall time it does not count
+    the time other processes hold the cores (meaningful with --threads 1 on a shared machine)."""
+    fn(*args)
+    t = time.process_time()
+    fn(*args)
+    number = max(1, int(min_s / max(time.process_time() - t, 1e-6)))
+    res = []
+    for _ in range(repeat):
+        t = time.process_time()
+        for _ in range(number):
+            fn(*args)
+        res.append((time.process_time() - t) / number)
+    return float(np.median(res))
+
+
+def profile_model(name: str, threads: int, top: int = 20, cpu_time: bool = False) -> int:
     """Per-kernel time of a corpus model compiled the way the cpu target does (-O2, graphopt's
     kernel groups, default schedules, weight packing hoisted; symbolic dims fixed to 1): each
     PrimFunc is built alone and timed on random arguments, times its number of calls in `main`,
@@ -292,21 +332,29 @@ def profile_model(name: str, threads: int, top: int = 20) -> int:
             lib = tvm.compile(tvm.IRModule({"main": f}), target=target)
             args = [tvm.runtime.tensor(np.asarray(rng.random([int(d) for d in b.shape])).astype(str(b.dtype)), dev)
                     for b in f.params]
-            t = float(np.median(lib.mod.time_evaluator("main", dev, number=1, repeat=5, min_repeat_ms=20)(*args).results))
+            if cpu_time:
+                t = _cpu_seconds(lib["main"], args)
+            else:
+                t = float(np.median(lib.mod.time_evaluator("main", dev, number=1, repeat=5, min_repeat_ms=20)(*args).results))
         except Exception as e:  # noqa: BLE001 - a kernel that cannot run alone is listed, not timed
             print(f"# {gv.name_hint}: not timed ({str(e).strip().splitlines()[-1][:100]})")
             continue
         rule = stats.by_func.get(gv.name_hint.replace("_prepacked", ""), "?")
-        rows.append((gv.name_hint, rule, calls[gv.name_hint], t))
-    total = sum(n * t for _, _, n, t in rows)
-    print(f"# {name}: {len(rows)} kernels, sum of kernel times {total * 1e3:.2f} ms (threads={threads})")
+        rows.append((gv.name_hint, rule, calls[gv.name_hint], t, kernel_flops(f)))
+    total = sum(n * t for _, _, n, t, _ in rows)
+    flops = sum(n * fl for _, _, n, _, fl in rows)
+    peak = numpy_peak(threads)
+    print(f"# {name}: {len(rows)} kernels, sum of kernel times {total * 1e3:.2f} ms (threads={threads}, "
+          f"{'CPU' if cpu_time else 'wall'} time); matmul/conv {flops / 1e9:.2f} GFLOP, "
+          f"{flops / total / 1e9:.1f} GFLOP/s overall; numpy matmul peak {peak:.1f} GFLOP/s")
     by_rule: dict[str, float] = collections.defaultdict(float)
-    for _, rule, n, t in rows:
+    for _, rule, n, t, _ in rows:
         by_rule[rule] += n * t
     for rule, t in sorted(by_rule.items(), key=lambda kv: -kv[1]):
         print(f"rule {rule:20} {t * 1e3:9.2f} ms {100 * t / total:5.1f}%")
-    for kname, rule, n, t in sorted(rows, key=lambda r: -r[2] * r[3])[:top]:
-        print(f"  {kname:24} {rule:18} x{n:<3} {t * 1e3:8.3f} ms  {100 * n * t / total:5.1f}%")
+    for kname, rule, n, t, fl in sorted(rows, key=lambda r: -r[2] * r[3])[:top]:
+        gf = f"{fl / t / 1e9:6.1f} GF/s {100 * fl / t / 1e9 / peak:4.0f}%pk" if fl else ""
+        print(f"  {kname:24} {rule:18} x{n:<3} {t * 1e3:8.3f} ms  {100 * n * t / total:5.1f}%  {gf}")
     return 0
 
 
@@ -322,11 +370,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep the weight packing inside the kernels (default: hoisted and folded)")
     ap.add_argument("--profile-model", default="",
                     help="instead: per-kernel time shares of a corpus model (e.g. resnet50), by schedule rule")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="--profile-model: time kernels in CPU seconds of this process instead of wall seconds "
+                         "(robust on a shared machine with --threads 1; with more threads it counts every thread)")
     args = ap.parse_args(argv)
 
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     if args.profile_model:
-        return profile_model(args.profile_model, args.threads)
+        return profile_model(args.profile_model, args.threads, cpu_time=args.cpu_time)
     import tvm
 
     from graphopt.targets.tvm_schedules import ScheduleStats, apply_default_schedules

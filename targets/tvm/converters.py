@@ -1495,3 +1495,78 @@ def _expand_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: i
         dims = bb.emit(R.concat([D.int_consts([1] * (n - r)), dims], axis=0))
     out = bb.emit(R.where(R.equal(t, _c(1, "int64")), dims, t))
     return bb.emit(R.broadcast_to(x, D.shape_of_tensor(bb, out, n, "ex")))
+
+
+def _scalar_dim(bb: relax.BlockBuilder, e: Any, prefix: str) -> Any:
+    """A run-time scalar (any numeric type, shape [] or [1]) as a symbolic int64 dim."""
+    return D.shape_of_tensor(bb, bb.emit(R.astype(R.reshape(e, [1]), "int64")), 1, prefix).values[0]
+
+
+@_chained("OneHot")
+def _one_hot_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """OneHot with a run-time depth: the depth becomes a symbolic dim of the output and one TE
+    kernel compares each index (negative ones counted from depth) with its position."""
+    from tvm import te, tirx
+
+    if len(ins) < 3 or not _runtime(ins[1]):
+        return NotImplemented
+    idx, values = ins[0], ins[2]
+    depth = _scalar_dim(bb, ins[1], "depth")
+    r = idx.ty.ndim
+    axis = node.attr("axis", -1)
+    axis = axis + r + 1 if axis < 0 else axis
+
+    def compute(ix: Any, vals: Any) -> Any:
+        dims = list(ix.shape)
+        out_shape = dims[:axis] + [depth] + dims[axis:]
+
+        def body(*o: Any) -> Any:
+            j = o[axis]
+            src = ix[tuple(o[:axis] + o[axis + 1:])]
+            v = tirx.Cast("int64", src)
+            v = tirx.Select(v < 0, v + depth, v)
+            return tirx.Select(v == j, vals[1], vals[0])
+
+        return te.compute(out_shape, body, name="one_hot")
+
+    return bb.emit_te(compute, idx, values, primfunc_name_hint="one_hot_runtime")
+
+
+@_chained("CenterCropPad")
+def _center_crop_pad_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """CenterCropPad to a run-time shape: the target dims become symbolic and one TE kernel reads
+    the input at o + (dim - target) // 2 when cropping, o - (target - dim) // 2 when padding
+    (zeros outside)."""
+    from tvm import te, tirx
+
+    if len(ins) < 2 or not _runtime(ins[1]):
+        return NotImplemented
+    x = ins[0]
+    r = x.ty.ndim
+    axes = [a + r if a < 0 else a for a in (node.attr("axes") or range(r))]
+    k = _static_len(ins[1])
+    if k != len(axes):
+        raise LoweringError(f"node {node.label()}: CenterCropPad needs one target per axis")
+    target = D.shape_of_tensor(bb, ins[1], k, "ccp").values
+
+    def compute(data: Any) -> Any:
+        dims = list(data.shape)
+        out = list(dims)
+        for a, t in zip(axes, target):
+            out[a] = t
+
+        def body(*o: Any) -> Any:
+            src, ok = [], tirx.const(True, "bool")
+            for d in range(r):
+                if d in axes:
+                    t, n = out[d], dims[d]
+                    s = tirx.Select(t < n, o[d] + tirx.floordiv(n - t, 2), o[d] - tirx.floordiv(t - n, 2))
+                    ok = tirx.all(ok, s >= 0, s < n)
+                    src.append(tirx.max(tirx.min(s, n - 1), 0))
+                else:
+                    src.append(o[d])
+            return tirx.Select(ok, data[tuple(src)], tirx.const(0, data.dtype))
+
+        return te.compute(out, body, name="center_crop_pad")
+
+    return bb.emit_te(compute, x, primfunc_name_hint="center_crop_pad_runtime")

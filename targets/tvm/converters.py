@@ -1570,3 +1570,20 @@ def _center_crop_pad_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any],
         return te.compute(out, body, name="center_crop_pad")
 
     return bb.emit_te(compute, x, primfunc_name_hint="center_crop_pad_runtime")
+
+
+@_chained("Trilu")
+def _trilu_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Trilu with a run-time k: keep x where col - row >= k (upper) or <= k (lower), the
+    col - row grid a constant when the matrix dims are static."""
+    if len(ins) < 2 or not _runtime(ins[1]):
+        return NotImplemented
+    x = ins[0]
+    m, n = _dims_of(x)[-2:]
+    if isinstance(m, int) and isinstance(n, int):
+        diff = relax.const(np.arange(n)[None, :] - np.arange(m)[:, None], "int64")
+    else:
+        diff = bb.emit(R.subtract(R.reshape(R.arange(0, n, dtype="int64"), [1, n]), R.reshape(R.arange(0, m, dtype="int64"), [m, 1])))
+    k = bb.emit(R.reshape(R.astype(ins[1], "int64"), []))
+    mask = bb.emit(R.greater_equal(diff, k) if node.attr("upper", 1) else R.less_equal(diff, k))
+    return bb.emit(R.where(mask, x, _c(0, _dt(x))))

@@ -1587,3 +1587,35 @@ def _trilu_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: in
     k = bb.emit(R.reshape(R.astype(ins[1], "int64"), []))
     mask = bb.emit(R.greater_equal(diff, k) if node.attr("upper", 1) else R.less_equal(diff, k))
     return bb.emit(R.where(mask, x, _c(0, _dt(x))))
+
+
+@_chained("TopK")
+def _topk_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """TopK with a run-time k: a full argsort along the axis (equal values keep the lower index
+    first), the first k positions (k a symbolic dim) gathered by one TE kernel."""
+    from tvm import te
+
+    if len(ins) < 2 or not _runtime(ins[1]):
+        return NotImplemented
+    x = ins[0]
+    r = x.ty.ndim
+    axis = node.attr("axis", -1)
+    axis = axis + r if axis < 0 else axis
+    largest = bool(node.attr("largest", 1))
+    k = _scalar_dim(bb, ins[1], "topk")
+    order = bb.emit(R.argsort(x, axis=axis, descending=largest, dtype="int64"))
+
+    def first_k(data: Any, idx: Any) -> Any:
+        out = list(idx.shape)
+        out[axis] = k
+        ind = te.compute(out, lambda *o: idx[o], name="topk_indices")
+
+        def val(*o: Any) -> Any:
+            src = list(o)
+            src[axis] = ind[o]
+            return data[tuple(src)]
+
+        return [te.compute(out, val, name="topk_values"), ind]
+
+    res = bb.emit_te(first_k, x, order, primfunc_name_hint="topk_runtime")
+    return [bb.emit(relax.TupleGetItem(res, 0)), bb.emit(relax.TupleGetItem(res, 1))]

@@ -1619,3 +1619,32 @@ def _topk_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int
 
     res = bb.emit_te(first_k, x, order, primfunc_name_hint="topk_runtime")
     return [bb.emit(relax.TupleGetItem(res, 0)), bb.emit(relax.TupleGetItem(res, 1))]
+
+
+@_chained("Split")
+def _split_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Split with run-time split sizes (one per output): the sizes become symbolic dims and each
+    output one TE copy from the running offset."""
+    from tvm import te
+
+    if opset < 13 or len(ins) < 2 or not _runtime(ins[1]):
+        return NotImplemented
+    x = ins[0]
+    r = x.ty.ndim
+    axis = node.attr("axis", 0)
+    axis = axis + r if axis < 0 else axis
+    n_out = len(node.outputs)
+    if _static_len(ins[1]) != n_out:
+        raise LoweringError(f"node {node.label()}: Split needs one size per output")
+    sizes = D.shape_of_tensor(bb, ins[1], n_out, "split").values
+    outs: list[Any] = []
+    off: Any = tvm.tirx.const(0, "int64")
+    for i, sz in enumerate(sizes):
+        def piece(data: Any, start: Any, sz: Any = sz) -> Any:  # start: passed, so the kernel takes it
+            shape = list(data.shape)
+            shape[axis] = sz
+            return te.compute(shape, lambda *o: data[tuple(o[d] + start if d == axis else o[d] for d in range(r))], name="split")
+
+        outs.append(bb.emit_te(piece, x, off, primfunc_name_hint=f"split_runtime{i}"))
+        off = off + sz
+    return outs

@@ -1648,3 +1648,21 @@ def _split_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: in
         outs.append(bb.emit_te(piece, x, off, primfunc_name_hint=f"split_runtime{i}"))
         off = off + sz
     return outs
+
+
+@_chained("ReverseSequence")
+def _reverse_sequence_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """ReverseSequence with run-time sequence_lens: the gather index (n - 1 - t below n, t
+    above) computed at run time, one gather_elements."""
+    if len(ins) < 2 or not _runtime(ins[1]):
+        return NotImplemented
+    x = ins[0]
+    shape = _static(node, x, "input")
+    r = len(shape)
+    tax, bax = node.attr("time_axis", 0), node.attr("batch_axis", 1)
+    t_shape, b_shape = [1] * r, [1] * r
+    t_shape[tax], b_shape[bax] = shape[tax], shape[bax]
+    pos = relax.const(np.arange(shape[tax], dtype=np.int64).reshape(t_shape), "int64")
+    n = bb.emit(R.reshape(R.astype(ins[1], "int64"), b_shape))
+    idx = bb.emit(R.where(R.less(pos, n), R.subtract(R.subtract(n, _c(1, "int64")), pos), pos))
+    return bb.emit(R.gather_elements(x, R.broadcast_to(idx, shape), axis=tax))

@@ -1666,3 +1666,58 @@ def _reverse_sequence_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any]
     n = bb.emit(R.reshape(R.astype(ins[1], "int64"), b_shape))
     idx = bb.emit(R.where(R.less(pos, n), R.subtract(R.subtract(n, _c(1, "int64")), pos), pos))
     return bb.emit(R.gather_elements(x, R.broadcast_to(idx, shape), axis=tax))
+
+
+@_chained("Col2Im")
+def _col2im_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Col2Im with a run-time image_shape / block_shape: both become symbolic dims and one TE
+    kernel sums, for each image position, the block entries k (unravelled over the block) whose
+    block position b = (p + pad - k·dilation) / stride is whole and inside the block grid."""
+    from tvm import te, tirx
+
+    if len(ins) < 3 or not (_runtime(ins[1]) or _runtime(ins[2])):
+        return NotImplemented
+    x = ins[0]
+    nd = _static_len(ins[1])
+    if nd is None or _static_len(ins[2]) != nd:
+        raise LoweringError(f"node {node.label()}: Col2Im needs image_shape and block_shape of one static length")
+
+    def dims_of(e: Any, prefix: str) -> list[Any]:
+        v = _const_value(e)
+        if v is not None:
+            return [tvm.tirx.const(int(a), "int64") for a in v.reshape(-1)]
+        return list(D.shape_of_tensor(bb, e, nd, prefix).values)
+
+    image, block = dims_of(ins[1], "img"), dims_of(ins[2], "blk")
+    dil = list(node.attr("dilations") or [1] * nd)
+    pads = list(node.attr("pads") or [0] * (2 * nd))
+    strides = list(node.attr("strides") or [1] * nd)
+
+    def compute(data: Any) -> Any:
+        n, ck, num_l = data.shape
+        kprod = block[0]
+        for b_ in block[1:]:
+            kprod = kprod * b_
+        c = tirx.floordiv(ck, kprod)
+        nb = [tirx.floordiv(image[d] + pads[d] + pads[nd + d] - (dil[d] * (block[d] - 1) + 1), strides[d]) + 1 for d in range(nd)]
+        k = te.reduce_axis((0, kprod), name="k")
+
+        def body(i: Any, ch: Any, *p: Any) -> Any:
+            rest = k
+            koff = [None] * nd
+            for d in range(nd - 1, -1, -1):
+                koff[d] = tirx.floormod(rest, block[d])
+                rest = tirx.floordiv(rest, block[d])
+            ok = tirx.const(True, "bool")
+            lin = tirx.const(0, "int64")
+            for d in range(nd):
+                t = p[d] + pads[d] - koff[d] * dil[d]
+                bd = tirx.floordiv(t, strides[d])
+                ok = tirx.all(ok, tirx.floormod(t, strides[d]) == 0, bd >= 0, bd < nb[d])
+                lin = lin * nb[d] + tirx.max(tirx.min(bd, nb[d] - 1), 0)
+            v = data[i, ch * kprod + k, tirx.min(lin, num_l - 1)]
+            return te.sum(tirx.Select(ok, v, tirx.const(0, data.dtype)), axis=k)
+
+        return te.compute([n, c, *image], body, name="col2im")
+
+    return bb.emit_te(compute, x, primfunc_name_hint="col2im_runtime")

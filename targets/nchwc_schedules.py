@@ -82,27 +82,20 @@ class ConvTile:
 
     rt: int  # output pixels per tile
     obt: int  # output channel blocks per tile (1 or 2)
-    fuse_hw: bool = False  # tile the fused oh*ow axis (1x1 stride-1 convs only)
+    order: str = "ob"  # outer loop order: "ob" (n, ob, y, x), "row" (n, y, ob, x), "pix" (n, y, x, ob)
+    ob_inner: bool = False  # in the unrolled tile, output blocks inside pixels
     unroll_kw: bool = False  # unroll kw too (LLVM then keeps the broadcasts that neighbouring
     # kw taps share in registers, and spills the accumulators for them)
 
 
 def conv_tile(s: ConvShape, lanes: int) -> ConvTile:
     """The micro-kernel for shape `s` (see module docstring)."""
-    obt = 2 if s.ob % 2 == 0 else 1
-    pix_axis = s.oh * s.ow if (s.kh == 1 and s.kw == 1 and s.stride == 1) else s.ow
-    fuse = pix_axis != s.ow
-
-    def best_rt(n: int, max_acc: int) -> int:
-        return max(d for d in _divisors(n) if d * obt <= max_acc)
-
-    rt = best_rt(pix_axis, _MAX_ACC)
-    if rt < 4 and obt * pix_axis <= _MAX_ACC_WIDE:
-        rt = pix_axis
-    if rt * obt < 6 and obt == 2:
-        obt = 1
-        rt = best_rt(pix_axis, _MAX_ACC)
-    return ConvTile(rt, obt, fuse)
+    # (pixels, output blocks): 12 accumulators where the row width and the block count allow,
+    # else 8
+    for rt, obt in ((2, 6), (3, 4), (4, 3), (6, 2), (4, 2), (2, 4), (8, 1), (7, 1), (2, 2), (1, 4), (2, 1), (1, 2), (1, 1)):
+        if s.ow % rt == 0 and s.ob % obt == 0:
+            return ConvTile(rt, obt)
+    return ConvTile(1, 1)
 
 
 @dataclass
@@ -226,24 +219,20 @@ class BlockedConv(_Rule):
         if m.ext["ob"] % obt:
             return None
         ob_o, ob_i = sch.split(L["ob"], factors=[None, obt])
-        if tile.fuse_hw:
-            pix = sch.fuse(L["y"], L["x"])
-            n_pix = m.ext["y"] * m.ext["x"]
-            if n_pix % rt:
-                return None
-            p_o, p_i = sch.split(pix, factors=[None, rt])
-            outer = [L["n"], ob_o, p_o]
-        else:
-            if m.ext["x"] % rt:
-                return None
-            p_o, p_i = sch.split(L["x"], factors=[None, rt])
-            outer = [L["n"], ob_o, L["y"], p_o]
+        if m.ext["x"] % rt:
+            # (a predicated tail tile keeps its accumulators in memory, and tiles of the fused
+            # row*column axis that cross rows are written back wrongly: the write-back's region
+            # is the bounding box of the tile)
+            return None
+        p_o, p_i = sch.split(L["x"], factors=[None, rt])
+        outer = {"ob": [L["n"], ob_o, L["y"], p_o], "row": [L["n"], L["y"], ob_o, p_o],
+                 "pix": [L["n"], L["y"], p_o, ob_o]}[tile.order]
         oi_o, oi_i = sch.split(L["oi"], factors=[None, lanes])
         if m.kind == "conv":
             red = [L["icb"], L["kh"], L["kw"], L["ii"]]
         else:
             red = [L["ic"], L["kh"], L["kw"]]
-        sch.reorder(*outer, oi_o, *red, ob_i, p_i, oi_i)
+        sch.reorder(*outer, oi_o, *red, *((p_i, ob_i) if tile.ob_inner else (ob_i, p_i)), oi_i)
         outer = outer + [oi_o]
         fused = _fuse_parallel(sch, outer)
 

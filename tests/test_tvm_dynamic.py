@@ -1,0 +1,140 @@
+"""The cpu target compiles inputs that decide shapes or control flow ahead of time (strict mode).
+
+Each model is compiled once, before any input is seen (no binding: the artifact's manifest has
+no "specialized" entry), then run with different values of the shape-deciding input; every
+result is compared with onnxruntime on the same model (targets/tvm/dynamic.py, converters.py).
+Skipped cleanly when apache-tvm is not installed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper as h
+
+tvm = pytest.importorskip("tvm")
+
+import graphopt  # noqa: E402
+
+
+def _model(nodes, inputs, outputs, opset=18) -> onnx.ModelProto:
+    m = h.make_model(h.make_graph(nodes, "g", inputs, outputs), opset_imports=[h.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m
+
+
+def _ort(m: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _compile(m: onnx.ModelProto) -> graphopt.Artifact:
+    art = graphopt.compile(m, "cpu", "-O2", threads=1)
+    assert "specialized" not in art.manifest  # compiled before any input was seen
+    return art
+
+
+def _check(art: graphopt.Artifact, m: onnx.ModelProto, feeds: dict, rtol: float = 1e-5, atol: float = 1e-5) -> list[np.ndarray]:
+    got = art.run(feeds)
+    want = _ort(m, feeds)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)
+    return got
+
+
+@pytest.mark.parametrize("op", ["ReduceSum", "ReduceMean", "ReduceLogSumExp", "ReduceL2"])
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_reduce_runtime_axes(op, keepdims):
+    """Compiled once; two different axes values (one negative) give different output shapes."""
+    x = h.make_tensor_value_info("x", TP.FLOAT, [3, 4, 5])
+    a = h.make_tensor_value_info("axes", TP.INT64, [1])
+    y = h.make_tensor_value_info("y", TP.FLOAT, None)
+    m = _model([h.make_node(op, ["x", "axes"], ["y"], keepdims=keepdims)], [x, a], [y])
+    art = _compile(m)
+    data = np.random.default_rng(0).uniform(0.5, 2.0, (3, 4, 5)).astype(np.float32)
+    shapes = {_check(art, m, {"x": data, "axes": np.array([v])})[0].shape for v in (0, -1, 1)}
+    assert len(shapes) == 3
+
+
+def test_reduce_runtime_two_axes_and_empty():
+    x = h.make_tensor_value_info("x", TP.FLOAT, [2, 3, 4])
+    a = h.make_tensor_value_info("axes", TP.INT64, [2])
+    e = h.make_tensor_value_info("e", TP.INT64, [0])
+    y = h.make_tensor_value_info("y", TP.FLOAT, None)
+    z = h.make_tensor_value_info("z", TP.FLOAT, None)
+    m = _model([h.make_node("ReduceMax", ["x", "axes"], ["y"], keepdims=0),
+                h.make_node("ReduceSum", ["x", "e"], ["z"], keepdims=0, noop_with_empty_axes=1)], [x, a, e], [y, z])
+    art = _compile(m)
+    data = np.random.default_rng(1).standard_normal((2, 3, 4)).astype(np.float32)
+    for axes in ([0, 2], [2, 1], [-3, -2]):
+        _check(art, m, {"x": data, "axes": np.array(axes), "e": np.zeros(0, np.int64)})
+
+
+def test_if_runtime_condition():
+    """Both branches compiled; the condition picks one at run time (branch outputs differ in shape)."""
+    x = h.make_tensor_value_info("x", TP.FLOAT, [2, 3])
+    c = h.make_tensor_value_info("c", TP.BOOL, [])
+    y = h.make_tensor_value_info("y", TP.FLOAT, None)
+    then_g = h.make_graph([h.make_node("Relu", ["x"], ["t"])], "then", [], [h.make_tensor_value_info("t", TP.FLOAT, None)])
+    else_g = h.make_graph([h.make_node("ReduceSum", ["x"], ["s"], keepdims=1)], "else", [],
+                          [h.make_tensor_value_info("s", TP.FLOAT, None)])
+    m = _model([h.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)], [x, c], [y])
+    art = _compile(m)
+    data = np.random.default_rng(2).standard_normal((2, 3)).astype(np.float32)
+    a = _check(art, m, {"x": data, "c": np.array(True)})
+    b = _check(art, m, {"x": data, "c": np.array(False)})
+    assert a[0].shape == (2, 3) and b[0].shape == (1, 1)
+
+
+@pytest.mark.parametrize("mode,ctm", [("linear", "half_pixel"), ("cubic", "align_corners"), ("nearest", "asymmetric")])
+def test_resize_runtime_scales(mode, ctm):
+    x = h.make_tensor_value_info("x", TP.FLOAT, [1, 1, 4, 6])
+    s = h.make_tensor_value_info("scales", TP.FLOAT, [4])
+    y = h.make_tensor_value_info("y", TP.FLOAT, None)
+    m = _model([h.make_node("Resize", ["x", "", "scales"], ["y"], mode=mode, coordinate_transformation_mode=ctm)], [x, s], [y])
+    art = _compile(m)
+    data = np.random.default_rng(3).standard_normal((1, 1, 4, 6)).astype(np.float32)
+    shapes = set()
+    # scales whose output lengths are whole: onnxruntime's align_corners divides by the integer
+    # output length, onnx's reference (what the kernels follow) by scale·length
+    for sc in ([1, 1, 2.0, 1.5], [1, 1, 0.5, 0.5], [1, 1, 1.75, 3.0]):
+        shapes.add(_check(art, m, {"x": data, "scales": np.array(sc, np.float32)}, rtol=1e-4, atol=1e-5)[0].shape)
+    assert len(shapes) == 3
+
+
+def test_resize_runtime_sizes_antialias():
+    x = h.make_tensor_value_info("x", TP.FLOAT, [1, 1, 8, 8])
+    s = h.make_tensor_value_info("sizes", TP.INT64, [2])
+    y = h.make_tensor_value_info("y", TP.FLOAT, None)
+    m = _model([h.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode="linear", antialias=1, axes=[2, 3])], [x, s], [y])
+    art = _compile(m)
+    data = np.random.default_rng(4).standard_normal((1, 1, 8, 8)).astype(np.float32)
+    for sz in ([3, 5], [2, 7], [8, 4]):
+        _check(art, m, {"x": data, "sizes": np.array(sz, np.int64)}, rtol=1e-4, atol=1e-5)
+
+
+def test_shape_tensors_at_run_time():
+    """Reshape (0 and -1), Expand, Pad, Split, TopK and CumSum with their shape/axis inputs fed at run time."""
+    f = TP.FLOAT
+    vi = h.make_tensor_value_info
+    ins = [vi("x", f, [2, 3, 4]), vi("shape", TP.INT64, [3]), vi("eshape", TP.INT64, [4]), vi("pads", TP.INT64, [6]),
+           vi("split", TP.INT64, [2]), vi("k", TP.INT64, [1]), vi("axis", TP.INT64, [])]
+    outs = [vi(n, f, None) for n in ("r", "e", "p", "s0", "s1", "tv")] + [vi("ti", TP.INT64, None), vi("c", f, None)]
+    m = _model([
+        h.make_node("Reshape", ["x", "shape"], ["r"]),
+        h.make_node("Expand", ["x", "eshape"], ["e"]),
+        h.make_node("Pad", ["x", "pads"], ["p"], mode="reflect"),
+        h.make_node("Split", ["x", "split"], ["s0", "s1"], axis=2),
+        h.make_node("TopK", ["x", "k"], ["tv", "ti"], axis=1),
+        h.make_node("CumSum", ["x", "axis"], ["c"]),
+    ], ins, outs)
+    art = _compile(m)
+    data = np.random.default_rng(5).standard_normal((2, 3, 4)).astype(np.float32)
+    for shape, eshape, pads, split, k, axis in (([0, -1, 2], [2, 1, 1, 4], [0, 1, 2, 1, 0, 1], [1, 3], [2], 0),
+                                                ([4, 0, -1], [1, 2, 3, 1], [1, 0, 0, 0, 2, 3], [4, 0], [3], -1)):
+        _check(art, m, {"x": data, "shape": np.array(shape), "eshape": np.array(eshape), "pads": np.array(pads),
+                        "split": np.array(split), "k": np.array(k), "axis": np.array(axis)})

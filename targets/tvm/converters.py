@@ -1378,12 +1378,21 @@ def _resize_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: i
     roi, scales, sizes = (list(ins) + [None] * 4)[1:4]
     if not any(_runtime(e) for e in (roi, scales, sizes)):
         return NotImplemented
-    x = ins[0]
+    return _resize_runtime_core(bb, node, ins[0], roi, scales, sizes, node.attr)
+
+
+def _resize_runtime_core(bb: relax.BlockBuilder, node: Node, x: Any, roi: Any, scales: Any, sizes: Any, attr: Any) -> Any:
+    """_resize_runtime's body; `attr(name, default)` gives the Resize attributes."""
+
+    def sattr(name: str, default: str) -> str:
+        v = attr(name, default)
+        return v.decode() if isinstance(v, bytes) else str(v)
+
     dtype = _dt(x)
     r = x.ty.ndim
-    axes = [a + r if a < 0 else a for a in (node.attr("axes") or range(r))]
+    axes = [a + r if a < 0 else a for a in (attr("axes", None) or range(r))]
     k = len(axes)
-    mode = _str_attr(node, "mode", "nearest")
+    mode = sattr("mode", "nearest")
     if mode != "nearest" and not dtype.startswith("float"):
         raise LoweringError(f"node {node.label()}: Resize {mode} of {dtype} data is not supported by the cpu target")
     f64 = "float64"
@@ -1402,7 +1411,7 @@ def _resize_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: i
         sz = bb.emit(R.astype(sizes, "int64"))
         out = full(sz, lambda d: pick(shape, d))
         scale = bb.emit(R.divide(R.astype(out, f64), n_f))
-        policy = _str_attr(node, "keep_aspect_ratio_policy", "stretch")
+        policy = sattr("keep_aspect_ratio_policy", "stretch")
         if policy != "stretch":
             sel = bb.emit(R.concat([pick(scale, d) for d in axes], axis=0))
             s1 = bb.emit(R.min(sel) if policy == "not_larger" else R.max(sel))
@@ -1424,14 +1433,14 @@ def _resize_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: i
     else:
         roi_full = relax.const(np.array([0.0] * r + [1.0] * r), f64)
     dims = D.shape_of_tensor(bb, out, r, "rs").values
-    ctm = _str_attr(node, "coordinate_transformation_mode", "half_pixel")
-    nmode = _str_attr(node, "nearest_mode", "round_prefer_floor")
-    antialias = bool(node.attr("antialias", 0)) and mode != "nearest"
-    exclude = bool(node.attr("exclude_outside", 0))
-    ev = float(node.attr("extrapolation_value", 0.0))
+    ctm = sattr("coordinate_transformation_mode", "half_pixel")
+    nmode = sattr("nearest_mode", "round_prefer_floor")
+    antialias = bool(attr("antialias", 0)) and mode != "nearest"
+    exclude = bool(attr("exclude_outside", 0))
+    ev = float(attr("extrapolation_value", 0.0))
     y = bb.emit(R.astype(x, f64)) if dtype != f64 else x
     for a in axes:
-        fn = _resize_axis_kernel(node, a, dims[a], mode, ctm, nmode, float(node.attr("cubic_coeff_a", -0.75)), antialias, exclude, ev)
+        fn = _resize_axis_kernel(node, a, dims[a], mode, ctm, nmode, float(attr("cubic_coeff_a", -0.75)), antialias, exclude, ev)
         y = bb.emit_te(fn, y, scale, roi_full, primfunc_name_hint=f"resize_axis{a}")
     if dtype != f64:
         if not dtype.startswith("float"):
@@ -1721,3 +1730,48 @@ def _col2im_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: i
         return te.compute([n, c, *image], body, name="col2im")
 
     return bb.emit_te(compute, x, primfunc_name_hint="col2im_runtime")
+
+
+@_chained("Upsample")
+def _upsample_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Upsample with run-time scales: Resize's run-time kernels with Upsample's semantics
+    (asymmetric coordinates, floor rounding for nearest)."""
+    if len(ins) < 2 or not _runtime(ins[1]):
+        return NotImplemented
+    over = {"mode": _str_attr(node, "mode", "nearest"), "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
+    return _resize_runtime_core(bb, node, ins[0], None, ins[1], None, lambda name, default=None: over.get(name, default))
+
+
+@_chained("Dropout")
+def _dropout_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Dropout with a run-time training_mode (or ratio): the input unchanged and an all-true
+    mask, with a run-time assertion that it is not training with a nonzero ratio (random draws
+    are not supported)."""
+    training = ins[2] if len(ins) > 2 else None
+    ratio = ins[1] if len(ins) > 1 else None
+    if not (_runtime(training) or training is not None and _runtime(ratio)):
+        return NotImplemented
+    x = ins[0]
+    t = bb.emit(R.reshape(R.astype(training, "bool"), []))
+    rv = bb.emit(R.reshape(R.astype(ratio, "float32"), [])) if ratio is not None else _c(0.5, "float32")
+    ok = bb.emit(R.logical_or(R.logical_not(t), R.equal(rv, _c(0.0, "float32"))))
+    bb.emit(R.assert_op(ok, format="training-mode Dropout with a nonzero ratio is not supported by the cpu target"))
+    y = bb.emit(R.astype(x, _dt(x)))
+    if len(node.outputs) > 1:
+        return [y, bb.emit(R.ones(_dims_of(x), "bool"))]
+    return y
+
+
+@_chained("ConstantOfShape")
+def _constant_of_shape_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """ConstantOfShape of a run-time shape tensor: the dims become symbolic, one fill kernel."""
+    if not ins or not _runtime(ins[0]) or isinstance(ins[0], relax.ShapeExpr):
+        return NotImplemented
+    n = _static_len(ins[0])
+    if n is None:
+        raise LoweringError(f"node {node.label()}: ConstantOfShape needs a shape of static length on the cpu target")
+    value = node.attr("value")
+    arr = np.asarray(value.numpy()).reshape(-1) if value is not None else np.zeros(1, np.float32)
+    dtype = "bool" if arr.dtype == np.bool_ else str(arr.dtype)
+    shape = D.shape_of_tensor(bb, ins[0], n, "cos") if n else relax.ShapeExpr([])
+    return bb.emit(R.full(shape, relax.const(arr[0], dtype), dtype))

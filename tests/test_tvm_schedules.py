@@ -210,7 +210,7 @@ def test_elementwise_softmax_and_pool_keep_numbers():
     s = rng.standard_normal((4, 16, 40)).astype(np.float32)
     mod = _fused(lambda bb, a: bb.emit(relax.op.nn.softmax(a, axis=-1)), [("a", s.shape)])
     e = np.exp(s - s.max(-1, keepdims=True))
-    _check(mod, [s], e / e.sum(-1, keepdims=True), "dlight-reduction", rtol=1e-5, atol=1e-6)
+    _check(mod, [s], e / e.sum(-1, keepdims=True), "row-reduction", rtol=1e-5, atol=1e-6)
 
     p = rng.standard_normal((1, 8, 17, 17)).astype(np.float32)
     mod = _fused(lambda bb, a: bb.emit(relax.op.nn.max_pool2d(a, pool_size=3, strides=2, padding=1)),

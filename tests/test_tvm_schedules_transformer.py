@@ -1,0 +1,323 @@
+"""Default CPU schedules for transformer kernels (graphopt.targets.tvm_schedules): a matmul's
+decomposed GELU epilogue becomes one block in the accumulator write-back, matmul-like kernels get
+the wide register tile and K blocking, and softmax / layer norm get the RowReduction rule. Every
+kernel is checked against numpy, a small encoder layer against onnxruntime."""
+
+from __future__ import annotations
+
+from math import erf
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+relax = pytest.importorskip("tvm.relax")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from onnx import TensorProto, numpy_helper  # noqa: E402
+from onnx import helper as h  # noqa: E402
+
+import graphopt  # noqa: E402
+import graphopt.targets.tvm_schedules as S  # noqa: E402
+from graphopt.targets.tvm_schedules import LAYOUT_REWRITE_ANN, ScheduleStats, apply_default_schedules  # noqa: E402
+
+TT = relax.TensorType
+_erf = np.vectorize(erf)
+
+
+def _target():
+    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
+
+
+def _fused(build_body, params):
+    """A Relax module with one fused kernel: LegalizeOps → FuseOps → FuseTIR."""
+    bb = relax.BlockBuilder()
+    vars_ = [relax.Var(n, TT(s, "float32")) for n, s in params]
+    with bb.function("main", vars_):
+        with bb.dataflow():
+            out = bb.emit_output(build_body(bb, *vars_))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    for p in (relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+              relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()):
+        mod = p(mod)
+    return mod
+
+
+def _run(mod, arrays):
+    from tvm.relax.backend.cpu_generic import pipeline as cp
+
+    target = _target()
+    seq = tvm.transform.Sequential(cp.dataflow_lower_passes(target) + cp.finalize_passes(target))
+    ex = tvm.compile(mod, target=target, relax_pipeline=seq)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return vm["main"](*[tvm.runtime.tensor(a) for a in arrays]).numpy()
+
+
+def _schedule(mod):
+    stats = ScheduleStats()
+    smod = apply_default_schedules(mod, _target(), stats=stats)
+    funcs = [f for _, f in smod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert funcs and all(int(f.attrs["tirx.is_scheduled"]) == 1 for f in funcs)
+    return smod, stats, funcs
+
+
+def _gelu_body(bb, xv, wv):
+    """matmul, then GELU as ONNX exports it op by op: y * (erf(y / sqrt2) + 1) * 0.5 (reads y twice)."""
+    y = bb.emit(relax.op.matmul(xv, wv))
+    t = bb.emit(relax.op.divide(y, relax.const(np.float32(np.sqrt(2.0)))))
+    t = bb.emit(relax.op.erf(t))
+    t = bb.emit(relax.op.add(t, relax.const(np.float32(1.0))))
+    t = bb.emit(relax.op.multiply(y, t))
+    return bb.emit(relax.op.multiply(t, relax.const(np.float32(0.5))))
+
+
+def _gelu_ref(x, w):
+    y = x.astype(np.float64) @ w.astype(np.float64)
+    return (y * (_erf(y / np.sqrt(2.0)) + 1) * 0.5).astype(np.float32)
+
+
+def test_decomposed_gelu_epilogue_is_one_block_in_the_write_back():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 64)).astype(np.float32)
+    w = (rng.standard_normal((64, 96)) / 8).astype(np.float32)
+    mod = _fused(_gelu_body, [("x", x.shape), ("w", w.shape)])
+    smod, stats, (func,) = _schedule(mod)
+    assert stats.by_func and set(stats.by_func.values()) == {"outer-product"}
+    script = func.script()
+    # the weight pack and the matmul with its epilogue: two parallel loops, not the five extra
+    # passes over the output the unfused GELU took
+    assert script.count("T.parallel(") == 2, script
+    assert "T.erf(" in script and script.count("T.sblock_alloc_buffer") <= 2
+    np.testing.assert_allclose(_run(smod, [x, w]), _gelu_ref(x, w), rtol=1e-5, atol=1e-5)
+    # the knob off: the same kernel keeps its numbers with the epilogue as separate passes
+    old = S._INLINE_EPILOGUE
+    try:
+        S._INLINE_EPILOGUE = False
+        smod2, _, (func2,) = _schedule(mod)
+        assert func2.script().count("T.parallel(") > 2
+        np.testing.assert_allclose(_run(smod2, [x, w]), _gelu_ref(x, w), rtol=1e-5, atol=1e-5)
+    finally:
+        S._INLINE_EPILOGUE = old
+
+
+def test_transposing_epilogue_keeps_numbers():
+    """Near miss for the write-back: an epilogue that transposes the matmul's output cannot be
+    inlined into the accumulator tile's write-back; it stays a pass of its own, numbers kept."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((16, 32)).astype(np.float32)
+    w = rng.standard_normal((32, 24)).astype(np.float32)
+    mod = _fused(lambda bb, a, b: bb.emit(relax.op.permute_dims(relax.op.nn.relu(relax.op.matmul(a, b)))),
+                 [("x", x.shape), ("w", w.shape)])
+    smod, stats, _ = _schedule(mod)
+    assert "outer-product" in stats.by_func.values()  # (FuseOps may leave the transpose a kernel of its own)
+    np.testing.assert_allclose(_run(smod, [x, w]), np.maximum(x.astype(np.float64) @ w, 0).T, rtol=1e-4, atol=1e-4)
+
+
+def test_matmul_wide_tile_and_k_blocking():
+    """M = 128 (no 6 divides it): 4 rows x 3 vectors; K = 384: blocked by 128 with the panel's
+    accumulators in a local [M, vt] buffer. The pack is [N/24, K, 24]."""
+    lanes = S.vector_lanes(_target())
+    rng = np.random.default_rng(2)
+    n = 6 * lanes
+    x = rng.standard_normal((128, 384)).astype(np.float32)
+    w = (rng.standard_normal((384, n)) / 16).astype(np.float32)
+    b = rng.standard_normal((n,)).astype(np.float32)
+    mod = _fused(lambda bb, a, wv, bv: bb.emit(relax.op.add(relax.op.matmul(a, wv), bv)),
+                 [("x", x.shape), ("w", w.shape), ("b", b.shape)])
+    smod, stats, (func,) = _schedule(mod)
+    assert set(stats.by_func.values()) == {"outer-product"}
+    script = func.script()
+    vt = 3 * lanes
+    assert f"T.int64({n // vt}), T.int64(384), T.int64({vt})" in script  # the packed panels
+    assert LAYOUT_REWRITE_ANN in script
+    assert f"T.int64(3), T.int64(32), T.int64({S._MATMUL_K_BLOCK})" in script  # k_o, row tiles, k_i
+    assert f"T.sblock_alloc_buffer((T.int64(128), T.int64({n})), scope=\"local\")" in script
+    ref = (x.astype(np.float64) @ w + b).astype(np.float32)
+    np.testing.assert_allclose(_run(smod, [x, w, b]), ref, rtol=1e-4, atol=1e-4)
+    # hoisted packing (as the cpu target does for weights): same numbers
+    split = relax.transform.SplitLayoutRewritePreproc()(smod)
+    np.testing.assert_allclose(_run(split, [x, w, b]), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_convs_keep_the_register_tile():
+    """The matmul-only tile changes leave NCHW convolutions alone: no K blocking, at most
+    2 vectors wide (the output's last axis is the register axis there)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 64, 8, 8)).astype(np.float32)
+    w = (rng.standard_normal((48, 64, 3, 3)) / 16).astype(np.float32)
+    mod = _fused(lambda bb, a, wv: bb.emit(relax.op.nn.conv2d(a, wv, padding=1)), [("x", x.shape), ("w", w.shape)])
+    old = (S._MATMUL_WIDE_VT, S._MATMUL_K_BLOCK)
+    try:
+        _, _, (f_on,) = _schedule(mod)
+        S._MATMUL_WIDE_VT, S._MATMUL_K_BLOCK = False, 0
+        _, _, (f_off,) = _schedule(mod)
+    finally:
+        S._MATMUL_WIDE_VT, S._MATMUL_K_BLOCK = old
+    import tvm_ffi
+
+    assert tvm_ffi.structural_equal(f_on, f_off)
+
+
+@settings(max_examples=8, deadline=None)
+@given(m=st.sampled_from([1, 4, 12, 37, 128]), k=st.sampled_from([8, 100, 256, 384]),
+       n_vec=st.sampled_from([1, 2, 3, 5, 6]), gelu=st.booleans())
+def test_matmul_shapes_keep_numbers(m, k, n_vec, gelu):
+    """Random matmul shapes around the tile and K-block sizes, with and without the GELU epilogue."""
+    lanes = S.vector_lanes(_target())
+    n = n_vec * lanes
+    rng = np.random.default_rng(m * 1000 + k + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    if gelu:
+        mod, ref = _fused(_gelu_body, [("x", x.shape), ("w", w.shape)]), _gelu_ref(x, w)
+    else:
+        mod = _fused(lambda bb, a, wv: bb.emit(relax.op.matmul(a, wv)), [("x", x.shape), ("w", w.shape)])
+        ref = (x.astype(np.float64) @ w).astype(np.float32)
+    smod, _, _ = _schedule(mod)
+    np.testing.assert_allclose(_run(smod, [x, w]), ref, rtol=1e-4, atol=1e-4)
+
+
+ROW_CASES = [
+    # (name, shape, op)  the rule fires on reductions over the innermost axis
+    ("softmax", (2, 12, 40), "softmax"),
+    ("softmax_odd_row", (3, 5, 33), "softmax"),  # 33: no rfactor (not a whole number of vectors)
+    ("layer_norm", (1, 24, 96), "layer_norm"),
+    ("mean_keepdims", (6, 64), "mean"),
+]
+
+
+@pytest.mark.parametrize("case", ROW_CASES, ids=[c[0] for c in ROW_CASES])
+def test_row_reductions(case):
+    name, shape, op = case
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    c = shape[-1]
+    g = rng.standard_normal((c,)).astype(np.float32)
+    b = rng.standard_normal((c,)).astype(np.float32)
+    if op == "softmax":
+        mod = _fused(lambda bb, a: bb.emit(relax.op.nn.softmax(a, axis=-1)), [("x", shape)])
+        e = np.exp(x - x.max(-1, keepdims=True))
+        ref, args = e / e.sum(-1, keepdims=True), [x]
+    elif op == "layer_norm":
+        mod = _fused(lambda bb, a, gv, bv: bb.emit(relax.op.nn.layer_norm(a, gv, bv, axes=[-1], epsilon=1e-5)),
+                     [("x", shape), ("g", g.shape), ("b", b.shape)])
+        x64 = x.astype(np.float64)
+        mu = x64.mean(-1, keepdims=True)
+        ref = (x64 - mu) / np.sqrt(((x64 - mu) ** 2).mean(-1, keepdims=True) + 1e-5) * g + b
+        args = [x, g, b]
+    else:
+        mod = _fused(lambda bb, a: bb.emit(relax.op.subtract(a, relax.op.mean(a, axis=-1, keepdims=True))),
+                     [("x", shape)])
+        ref, args = x - x.astype(np.float64).mean(-1, keepdims=True), [x]
+    smod, stats, (func,) = _schedule(mod)
+    assert set(stats.by_func.values()) == {"row-reduction"}, (stats.by_func, stats.failures)
+    script = func.script()
+    assert script.count("T.parallel(") == 1  # every step inside one loop over the rows
+    if c % S.vector_lanes(_target()) == 0:
+        assert "_rf" in script and "T.vectorized(" in script  # partial results as one vector
+    np.testing.assert_allclose(_run(smod, args), ref, rtol=1e-5, atol=1e-5)
+    old = S._ROW_REDUCTION
+    try:
+        S._ROW_REDUCTION = False  # the rule off: dlight's reduction schedule, same numbers
+        smod2, stats2, _ = _schedule(mod)
+        assert "row-reduction" not in stats2.by_func.values()
+        np.testing.assert_allclose(_run(smod2, args), ref, rtol=1e-5, atol=1e-5)
+    finally:
+        S._ROW_REDUCTION = old
+
+
+def test_row_reduction_declines_other_axes_and_matmuls():
+    """Near misses: softmax over a middle axis (the reduced axis is not innermost) and a
+    row-by-row dot product (a multiply-accumulate) are left to the other rules."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 16, 8)).astype(np.float32)
+    mod = _fused(lambda bb, a: bb.emit(relax.op.nn.softmax(a, axis=1)), [("x", x.shape)])
+    smod, stats, _ = _schedule(mod)
+    assert "row-reduction" not in stats.by_func.values()
+    e = np.exp(x - x.max(1, keepdims=True))
+    np.testing.assert_allclose(_run(smod, [x]), e / e.sum(1, keepdims=True), rtol=1e-5, atol=1e-6)
+    assert S.RowReduction().apply(next(f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)),
+                                  _target(), 8) is None
+    # a matmul reduces over the innermost axis of its left operand too: not a row reduction
+    mm = _fused(lambda bb, p, q: bb.emit(relax.op.matmul(p, q)), [("a", (8, 64)), ("b", (64, 16))])
+    func = next(f for _, f in mm.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+    assert S.RowReduction().apply(func, _target(), 8) is None
+
+
+# --------------------------------------------------------------------------- a whole encoder layer
+
+
+def _encoder_layer(seq: int = 16, d: int = 32, heads: int = 2, ff: int = 64) -> tuple[onnx.ModelProto, dict]:
+    """x → QKV projections → per-head scaled QK^T + Softmax → PV → output projection + residual →
+    LayerNormalization → FFN with GELU as ONNX exports it (Div, Erf, Add, Mul, Mul) + residual →
+    LayerNormalization."""
+    rng = np.random.default_rng(6)
+    dh = d // heads
+    inits, nodes = [], []
+
+    def w(name, shape, scale=None):
+        inits.append(numpy_helper.from_array((rng.standard_normal(shape) * (scale or 1 / np.sqrt(shape[0]))).astype(np.float32), name))
+        return name
+
+    def c(name, value):
+        inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    n = nodes.append
+    for p in "qkv":
+        n(h.make_node("MatMul", ["x", w(f"W{p}", (d, d))], [f"{p}0"]))
+        n(h.make_node("Add", [f"{p}0", w(f"b{p}", (d,), 0.1)], [f"{p}1"]))
+        n(h.make_node("Reshape", [f"{p}1", c(f"s{p}", np.array([1, seq, heads, dh], np.int64))], [f"{p}2"]))
+        n(h.make_node("Transpose", [f"{p}2"], [f"{p}3"], perm=[0, 2, 3, 1] if p == "k" else [0, 2, 1, 3]))
+    n(h.make_node("MatMul", ["q3", "k3"], ["s0"]))
+    n(h.make_node("Div", ["s0", c("sc", np.float32(np.sqrt(dh)))], ["s1"]))
+    n(h.make_node("Softmax", ["s1"], ["p"], axis=-1))
+    n(h.make_node("MatMul", ["p", "v3"], ["o0"]))
+    n(h.make_node("Transpose", ["o0"], ["o1"], perm=[0, 2, 1, 3]))
+    n(h.make_node("Reshape", ["o1", c("so", np.array([1, seq, d], np.int64))], ["o2"]))
+    n(h.make_node("MatMul", ["o2", w("Wo", (d, d))], ["o3"]))
+    n(h.make_node("Add", ["o3", "x"], ["r1"]))
+    n(h.make_node("LayerNormalization", ["r1", w("ln1g", (d,), 1.0), w("be1", (d,), 0.1)], ["l1"], axis=-1))
+    n(h.make_node("MatMul", ["l1", w("W1", (d, ff))], ["f0"]))
+    n(h.make_node("Add", ["f0", w("b1", (ff,), 0.1)], ["f1"]))
+    n(h.make_node("Div", ["f1", c("sq2", np.float32(np.sqrt(2.0)))], ["g0"]))
+    n(h.make_node("Erf", ["g0"], ["g1"]))
+    n(h.make_node("Add", ["g1", c("one", np.float32(1.0))], ["g2"]))
+    n(h.make_node("Mul", ["f1", "g2"], ["g3"]))
+    n(h.make_node("Mul", ["g3", c("half", np.float32(0.5))], ["g4"]))
+    n(h.make_node("MatMul", ["g4", w("W2", (ff, d))], ["f2"]))
+    n(h.make_node("Add", ["f2", "l1"], ["r2"]))
+    n(h.make_node("LayerNormalization", ["r2", w("g2w", (d,), 1.0), w("be2", (d,), 0.1)], ["y"], axis=-1))
+    g = h.make_graph(nodes, "enc", [h.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, d])],
+                     [h.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, d])], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    return onnx.shape_inference.infer_shapes(m), {"x": rng.standard_normal((1, seq, d)).astype(np.float32)}
+
+
+def test_encoder_layer_runs_like_onnxruntime(monkeypatch):
+    """A small BERT-like layer through the cpu target: the new rules fire (GELU fused into the FFN
+    matmul, softmax and layer norms as row reductions) and the outputs match onnxruntime."""
+    model, feeds = _encoder_layer()
+    seen = ScheduleStats()
+    real = S.apply_default_schedules
+
+    def spy(mod, target, stats=None):
+        out = real(mod, target, stats=seen)
+        if stats is not None:
+            stats.by_func.update(seen.by_func)
+        return out
+
+    monkeypatch.setattr(S, "apply_default_schedules", spy)
+    art = graphopt.compile(model, target="cpu", pipeline="-O2", threads=2)
+    rules = seen.count()
+    kinds = {k: v for k, v in seen.by_func.items() if v == "row-reduction"}
+    assert len(kinds) >= 2, seen.by_func  # the softmax and (at least) the first layer norm
+    assert rules.get("outer-product", 0) >= 4, seen.by_func
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    (got,) = art.run(feeds)
+    np.testing.assert_allclose(got, ref[0], rtol=1e-4, atol=1e-4)

@@ -245,3 +245,136 @@ def runtime_if(lowerer: Any, bb: relax.BlockBuilder, node: Any, cond: Any, env: 
     except ValueError as e:
         raise LoweringError(f"node {node.label()}: If with a run-time condition: {e}") from None
     return out if isinstance(out, list) else [out]
+
+
+def _rank_only(ty: Any) -> Any:
+    """`ty` with its dims forgotten (rank and element type kept): the type of loop state, whose
+    dims may change from one iteration to the next."""
+    if isinstance(ty, relax.TensorType):
+        return relax.TensorType(ndim=ty.ndim, dtype=ty.dtype)
+    raise ValueError(f"loop state of type {type(ty).__name__}")
+
+
+def runtime_loop(lowerer: Any, bb: relax.BlockBuilder, node: Any, ins: list[Any], env: dict[Any, Any]) -> list[Any]:
+    """Loop whose trip count or condition is known only at run time: a recursive Relax function
+    `L(i, M, cond, v..., scans..., captured...)` = If(i < M and cond, T(...), (v..., scans...)),
+    where T runs the body once (its own compiled function) and calls L again with i + 1, the
+    body's condition and values, and each scan output appended to its accumulator. The loop
+    state is typed by rank only (dims may change between iterations); what L returns is cast to
+    fresh symbolic dims in `bb`."""
+    from .lower import LoweringError, Sym, _materialise
+
+    body = node.attr("body")
+    ins = [_materialise(bb, e, "") if isinstance(e, Sym) else e for e in ins]
+    trip = ins[0] if ins else None
+    cond = ins[1] if len(ins) > 1 else None
+    carried = list(ins[2:])
+    n_car = len(carried)
+    n_scan = len(body.outputs) - 1 - n_car
+    captured, passed, fixed = [], [], {}
+    for v in _captured(body):
+        e = env.get(id(v))
+        if e is None:
+            continue
+        if isinstance(e, Sym) and e.static() is None:
+            e = _materialise(bb, e, "")
+        if isinstance(e, (Sym, tvm.ir.GenericConst)):
+            fixed[id(v)] = e
+        else:
+            captured.append(v)
+            passed.append(e)
+    i64, b = "int64", "bool"
+    i0 = relax.const(np.array(0, dtype=np.int64), i64)
+    m = bb.emit(R.reshape(R.astype(trip, i64), [])) if trip is not None else relax.const(np.array(np.iinfo(np.int64).max), i64)
+    c0 = bb.emit(R.reshape(R.astype(cond, b), [])) if cond is not None else relax.const(np.array(True), b)
+
+    def const_env() -> dict[Any, Any]:
+        sub = {k: val for k, val in env.items()
+               if isinstance(val, tvm.ir.GenericConst) or isinstance(val, Sym) and val.static() is not None}
+        sub.update(fixed)
+        return sub
+
+    # the body once, as a function of (i, cond, v..., captured...)
+    def body_fn(fbb: relax.BlockBuilder, params: list[relax.Var]) -> Any:
+        sub = const_env()
+        for v, p in zip(captured, params[2 + n_car:]):
+            sub[id(v)] = p
+        outs = lowerer._body(fbb, body, params[: 2 + n_car], sub)
+        return [o if not isinstance(o, tvm.ir.GenericConst) else fbb.emit(o) for o in outs]
+
+    base = _uid("loop_")
+    try:
+        probe = [i0, c0] + carried + passed
+        b_gv = add_function(bb, probe, body_fn, f"{base}_body")
+    except ValueError as e:
+        raise LoweringError(f"node {node.label()}: Loop with a run-time trip count or condition: {e}") from None
+    ret = bb.get()[b_gv].ret_ty
+    fields = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
+    scan_tys = fields[1 + n_car:]
+    acc0, lazy = [], []  # lazy: dims unknown until the first iteration, which starts the accumulator
+    for t in scan_tys:
+        dims = t.shape.values if isinstance(t.shape, relax.ShapeExpr) else None
+        static = dims is not None and all(isinstance(d, tvm.tirx.IntImm) for d in dims)
+        lazy.append(not static)
+        shape = [0] + ([int(d) for d in dims] if static else [0] * t.ndim)
+        acc0.append(relax.const(np.zeros(shape, dtype=str(t.dtype)), str(t.dtype)))
+    state_tys = [_rank_only(f) for f in fields[1 : 1 + n_car]] + [relax.TensorType(ndim=t.ndim + 1, dtype=t.dtype) for t in scan_tys]
+    cap_tys = [_rank_only(e.ty) for e in passed]
+    scalar = [relax.TensorType([], i64), relax.TensorType([], i64), relax.TensorType([], b)]
+    ret_ty = relax.TupleType(state_tys)
+
+    def params() -> list[relax.Var]:
+        return [relax.Var(f"p{i}", t) for i, t in enumerate(scalar + state_tys + cap_tys)]
+
+    # L declared first (a placeholder body of its return type), so T can call it
+    lp = params()
+    pbb = relax.BlockBuilder()
+    with pbb.function(f"{base}_L", lp, private=True):
+        pbb.emit_func_output(pbb.emit(relax.Tuple(lp[3 : 3 + len(state_tys)])))
+    l_gv = bb.add_func(pbb.get()[f"{base}_L"], f"{base}_L")
+
+    # T: one iteration, then L again
+    tp = params()
+    tbb = relax.BlockBuilder()
+    with tbb.function(f"{base}_T", tp, private=True):
+        i, mm, c = tp[0], tp[1], tp[2]
+        state = tp[3 : 3 + len(state_tys)]
+        caps = tp[3 + len(state_tys):]
+        # dims known again for the kernels inside the body
+        typed = [tbb.match_cast(s, relax.TensorType(fresh_dims(s.ty), s.ty.dtype)) for s in list(state[:n_car]) + list(caps)]
+        r = tbb.emit(relax.Call(b_gv, [i, c] + typed[:n_car] + typed[n_car:]))
+        outs = [tbb.emit(relax.TupleGetItem(r, j)) for j in range(1 + n_car + n_scan)] if isinstance(r.ty, relax.TupleType) else [r]
+        c2 = tbb.emit(R.reshape(R.astype(outs[0], b), []))
+        new_state = list(outs[1 : 1 + n_car])
+        for j in range(n_scan):
+            acc = tbb.match_cast(state[n_car + j], relax.TensorType(fresh_dims(state[n_car + j].ty), state[n_car + j].ty.dtype))
+            item = outs[1 + n_car + j]
+            if not lazy[j]:
+                new_state.append(tbb.emit(R.concat([acc, R.expand_dims(item, [0])], axis=0)))
+                continue
+            item = tbb.match_cast(item, relax.TensorType(fresh_dims(item.ty), item.ty.dtype))
+            first = tbb.emit(R.equal(i, relax.const(np.array(0, dtype=np.int64), i64)))
+            grown = switch(tbb, [first], [lambda fb, p: fb.emit(R.expand_dims(p[1], [0])),
+                                          lambda fb, p: fb.emit(R.concat([p[0], R.expand_dims(
+                                              fb.match_cast(p[1], relax.TensorType(list(p[0].ty.shape.values[1:]), p[1].ty.dtype)),
+                                              [0])], axis=0))],
+                           [acc, item], name=f"{base}_scan{j}_")
+            new_state.append(grown)
+        i2 = tbb.emit(R.add(i, relax.const(np.array(1, dtype=np.int64), i64)))
+        res = tbb.emit(relax.Call(l_gv, [i2, mm, c2] + new_state + list(caps)))
+        tbb.emit_func_output(res)
+    t_gv = carry_over(bb, tbb.get(), f"{base}_T")
+
+    # L: If(i < M and cond, T(...), state)
+    lp = params()
+    lbb = relax.BlockBuilder()
+    with lbb.function(f"{base}_L", lp, private=True):
+        go = lbb.emit(R.logical_and(R.less(lp[0], lp[1]), lp[2]))
+        out = lbb.emit(relax.If(go, relax.Call(t_gv, list(lp)), relax.Tuple(lp[3 : 3 + len(state_tys)])))
+        lbb.emit_func_output(out)
+    func = lbb.get()[f"{base}_L"]
+    bb.update_func(l_gv, relax.Function(func.params, func.body, ret_ty, func.is_pure, func.attrs))
+
+    res = bb.emit(relax.Call(l_gv, [i0, m, c0] + carried + acc0 + passed))
+    res = bb.match_cast(res, relax.TupleType([relax.TensorType(fresh_dims(t), t.dtype) for t in state_tys]))
+    return [bb.emit(relax.TupleGetItem(res, j)) for j in range(len(state_tys))]

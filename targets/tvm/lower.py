@@ -1064,8 +1064,10 @@ class _Lowerer:
         tv = _const_value(trip) if trip is not None else None
         max_trip = int(np.asarray(tv).reshape(-1)[0]) if tv is not None else None
         cv = _const_value(cond) if cond is not None else None
-        if cond is not None and cv is None:
-            raise LoweringError(f"node {n.label()}: Loop with a run-time condition is not supported by the cpu target")
+        if trip is not None and tv is None or cond is not None and cv is None:  # a recursive function, run on the host
+            from . import dynamic
+
+            return dynamic.runtime_loop(self, bb, n, ins, env)
         go = True if cv is None else bool(np.asarray(cv).reshape(-1)[0])
         if max_trip is None and cond is None:
             raise LoweringError(f"node {n.label()}: Loop without a trip count or condition")

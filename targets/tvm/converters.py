@@ -1775,3 +1775,35 @@ def _constant_of_shape_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any
     dtype = "bool" if arr.dtype == np.bool_ else str(arr.dtype)
     shape = D.shape_of_tensor(bb, ins[0], n, "cos") if n else relax.ShapeExpr([])
     return bb.emit(R.full(shape, relax.const(arr[0], dtype), dtype))
+
+
+@_chained("NonMaxSuppression")
+def _nms_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """NonMaxSuppression with run-time max_output_boxes_per_class / iou_threshold /
+    score_threshold: TOPI's all-class NMS takes them as tensors (Relax's legalization of the op
+    keeps only constants), then the rows are cut to the detection count at run time."""
+    from tvm import te, tirx, topi
+
+    extra = [ins[i] if len(ins) > i else None for i in (2, 3, 4)]
+    if not any(_runtime(e) for e in extra):
+        return NotImplemented
+    boxes, scores = ins[0], ins[1]
+    if node.attr("center_point_box", 0):
+        xc, yc, w, h = (bb.emit(R.strided_slice(boxes, [2], [i], [i + 1])) for i in range(4))
+        two = _c(2.0, _dt(boxes))
+        hw, hh = bb.emit(R.divide(w, two)), bb.emit(R.divide(h, two))
+        boxes = bb.emit(R.concat([R.subtract(yc, hh), R.subtract(xc, hw), R.add(yc, hh), R.add(xc, hw)], axis=2))
+    # (max boxes as [1], thresholds as scalars: the forms TOPI's tensor paths read)
+    defaults = [("int64", 0, [1]), ("float32", 0.0, []), ("float32", -np.inf, [])]
+    args = []
+    for e, (dt, dv, shape) in zip(extra, defaults):
+        if e is None:
+            e = relax.const(np.array(dv, dtype=dt), dt)
+        args.append(bb.emit(R.reshape(R.astype(e, dt), shape)))
+    out = bb.emit_te(lambda b, s, m, iou, st: topi.vision.all_class_non_max_suppression(b, s, m, iou, st, "onnx"),
+                     boxes, scores, *args, primfunc_name_hint="nms")
+    sel = bb.emit(relax.TupleGetItem(out, 0))
+    count = bb.emit(relax.TupleGetItem(out, 1))
+    end = bb.emit_te(lambda c: te.compute((2,), lambda i: tirx.if_then_else(i == 0, tirx.Cast("int64", c[0]), tirx.const(3, "int64"))),
+                     count, primfunc_name_hint="nms_end")
+    return bb.emit(R.dynamic_strided_slice(sel, D.int_consts([0, 0]), end, D.int_consts([1, 1])))

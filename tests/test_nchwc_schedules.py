@@ -1,0 +1,320 @@
+"""Default schedules for channel-blocked (NCHW8c) kernels (graphopt.targets.nchwc_schedules):
+BlockedConv fires on the fused conv2d_blocked / conv2d_stem / depthwise_blocked / pool_blocked
+kernels the lowering makes (pad → compute → bias / activation / residual epilogue), keeps their
+numbers (against onnxruntime on the NCHW operator), and declines every other kernel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+relax = pytest.importorskip("tvm.relax")
+ort = pytest.importorskip("onnxruntime")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from graphopt.targets.nchwc_schedules import (  # noqa: E402
+    BlockedConv,
+    BlockedWindow,
+    ConvShape,
+    ConvTile,
+    conv_tile,
+)
+from graphopt.targets.tvm import blocked_ops as BO  # noqa: E402
+from graphopt.targets.tvm.lower import legalize_and_fuse  # noqa: E402
+from graphopt.targets.tvm_schedules import (  # noqa: E402
+    OuterProduct,
+    ScheduleStats,
+    apply_default_schedules,
+    default_schedule,
+)
+
+B = 8
+TT = relax.TensorType
+
+
+def _target():
+    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
+
+
+def _blocked(a):
+    n, c, h, w = a.shape
+    return np.ascontiguousarray(a.reshape(n, c // B, B, h, w).transpose(0, 1, 3, 4, 2))
+
+
+def _unblocked(a):
+    n, cb, h, w, b = a.shape
+    return np.ascontiguousarray(a.transpose(0, 1, 4, 2, 3).reshape(n, cb * b, h, w))
+
+
+def _out(h, k, s, p):
+    return (h + 2 * p - k) // s + 1
+
+
+def _kernel(kind, c, h, oc, k, s, act="relu", residual=False, pool="max", w=None, n=1):
+    """The fused PrimFunc the lowering makes for one blocked kernel group (Relax primitive
+    function → LegalizeOps → FuseTIR) and the shapes of its parameters."""
+    w = w or h
+    p = k // 2 if kind != "pool" or pool == "max" else 0
+    oh, ow = _out(h, k, s, p), _out(w, k, s, p)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", TT((n, c, h, w) if kind == "stem" else (n, c // B, h, w, B), "float32"))
+    params = [x]
+    if kind == "conv":
+        params.append(relax.Var("w", TT((oc // B, c // B, k, k, B, B), "float32")))
+    elif kind == "stem":
+        params.append(relax.Var("w", TT((oc // B, c, k, k, B), "float32")))
+    elif kind == "depthwise":
+        params.append(relax.Var("w", TT((c // B, k, k, B), "float32")))
+    if kind != "pool":
+        params.append(relax.Var("bias", TT((oc,), "float32")))
+    if residual:
+        params.append(relax.Var("r", TT((n, oc // B, oh, ow, B), "float32")))
+    with bb.function("k", params, {"Primitive": True}, private=True):
+        with bb.dataflow():
+            if kind == "pool":
+                y = bb.emit_te(BO.pool_blocked, x, pool, [k, k], [s, s], [p] * 4, primfunc_name_hint="pool")
+            else:
+                fn = {"conv": BO.conv2d_blocked, "stem": BO.conv2d_stem, "depthwise": BO.depthwise_blocked}[kind]
+                y = bb.emit_te(fn, x, params[1], [s, s], [p] * 4, [1, 1], primfunc_name_hint=kind)
+                y = bb.emit(relax.op.add(y, relax.op.reshape(params[2], [1, oc // B, 1, 1, B])))
+            if residual:
+                y = bb.emit(relax.op.add(y, params[-1]))
+            if act == "relu":
+                y = bb.emit(relax.op.nn.relu(y))
+            elif act == "clip":
+                y = bb.emit(relax.op.clip(y, 0.0, 6.0))
+            out = bb.emit_output(y)
+        gv = bb.emit_func_output(out)
+    mvars = [relax.Var(f"a{i}", v.ty) for i, v in enumerate(params)]
+    with bb.function("main", mvars):
+        with bb.dataflow():
+            out = bb.emit_output(relax.Call(gv, mvars))
+        bb.emit_func_output(out)
+    mod = legalize_and_fuse(bb.get(), _target())
+    (func,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    return func, (n, oc, oh, ow)
+
+
+def _data(kind, c, h, oc, k, s, residual=False, pool="max", w=None, n=1, seed=0):
+    """NCHW arrays, the kernel's arguments made from them, and onnxruntime's output."""
+    w = w or h
+    rng = np.random.default_rng(seed)
+    p = k // 2 if kind != "pool" or pool == "max" else 0
+    oh, ow = _out(h, k, s, p), _out(w, k, s, p)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    args = [x if kind == "stem" else _blocked(x)]
+    inits, feeds = [], {"x": x}
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))]
+    if kind == "pool":
+        op = "MaxPool" if pool == "max" else "AveragePool"
+        nodes = [helper.make_node(op, ["x"], ["y0"], kernel_shape=[k, k], strides=[s, s], pads=[p] * 4)]
+    else:
+        group = c if kind == "depthwise" else 1
+        W = (rng.standard_normal((oc, c // group, k, k)) / np.sqrt(c // group * k * k)).astype(np.float32)
+        bias = rng.standard_normal(oc).astype(np.float32)
+        if kind == "conv":
+            args.append(np.ascontiguousarray(W.reshape(oc // B, B, c // B, B, k, k).transpose(0, 2, 4, 5, 3, 1)))
+        elif kind == "stem":
+            args.append(np.ascontiguousarray(W.reshape(oc // B, B, c, k, k).transpose(0, 2, 3, 4, 1)))
+        else:
+            args.append(np.ascontiguousarray(W.reshape(c // B, B, k, k).transpose(0, 2, 3, 1)))
+        args.append(bias)
+        inits = [numpy_helper.from_array(W, "W"), numpy_helper.from_array(bias, "B")]
+        nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y0"], kernel_shape=[k, k], strides=[s, s], pads=[p] * 4,
+                                  group=group)]
+    if residual:
+        r = rng.standard_normal((n, oc, oh, ow)).astype(np.float32)
+        args.append(_blocked(r))
+        feeds["r"] = r
+        inputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, list(r.shape)))
+        nodes.append(helper.make_node("Add", ["y0", "r"], ["y1"]))
+    g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)],
+                          initializer=inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    return args, ref
+
+
+def _act(ref, act):
+    if act == "relu":
+        return np.maximum(ref, 0)
+    if act == "clip":
+        return np.clip(ref, 0, 6)
+    return ref
+
+
+def _run(func, args, out_shape):
+    n, oc, oh, ow = out_shape
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=_target())
+    out = tvm.runtime.tensor(np.zeros((n, oc // B, oh, ow, B), np.float32))
+    lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
+    return _unblocked(out.numpy())
+
+
+def _schedule(func, rule=None):
+    if rule is None:
+        stats = ScheduleStats()
+        mod = apply_default_schedules(tvm.IRModule({"main": func}), _target(), stats=stats)
+        return mod["main"], stats.by_func["main"]
+    sch = rule.apply(func, _target(), 8)
+    assert sch is not None
+    return sch.mod["main"], rule.name
+
+
+def _root_blocks(func):
+    return [s for s in func.script().splitlines() if "T.sblock(" in s]
+
+
+CASES = [
+    # (id, kind, c, h, oc, k, s, act, residual, w)
+    ("conv3x3_relu", "conv", 16, 12, 32, 3, 1, "relu", False, None),
+    ("conv1x1_residual_relu", "conv", 16, 8, 48, 1, 1, "relu", True, None),  # 6 blocks: a 12-acc tile
+    ("conv3x3_s2_clip", "conv", 8, 15, 16, 3, 2, "clip", False, None),
+    ("conv1x1_s2", "conv", 16, 14, 16, 1, 2, "none", False, None),
+    ("conv3x3_7x7_out", "conv", 16, 7, 32, 3, 1, "relu", True, None),  # 7-wide outputs
+    ("conv3x3_rows_14", "conv", 8, 14, 16, 3, 1, "relu", False, 9),  # row-outer with the pad per row
+    ("stem7x7_s2", "stem", 3, 20, 16, 7, 2, "relu", False, None),
+    ("stem3x3_s2", "stem", 3, 17, 32, 3, 2, "clip", False, None),
+    ("depthwise_s1", "depthwise", 16, 12, 16, 3, 1, "clip", False, None),
+    ("depthwise_s2", "depthwise", 24, 13, 24, 3, 2, "relu", False, None),
+    ("depthwise_7", "depthwise", 16, 7, 16, 3, 1, "clip", False, None),  # inline pad
+    ("maxpool3x3_s2", "pool", 16, 16, 16, 3, 2, "none", False, None),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_default_schedule_fires_and_keeps_numbers(case):
+    _, kind, c, h, oc, k, s, act, residual, w = case
+    func, oshape = _kernel(kind, c, h, oc, k, s, act, residual, w=w)
+    args, ref = _data(kind, c, h, oc, k, s, residual, w=w)
+    sfunc, rule = _schedule(func)
+    assert rule == "blocked-conv"
+    script = sfunc.script()
+    assert "T.parallel" in script and "T.vectorized" in script
+    # the epilogue (bias, activation, residual) is inlined into the accumulator write-back: no
+    # root-level elementwise pass over the output remains
+    assert 'T.sblock("T_add' not in script and 'T.sblock("compute' not in script and 'T.sblock("T_reshape' not in script
+    np.testing.assert_allclose(_run(sfunc, args, oshape), _act(ref, act), rtol=1e-4, atol=1e-4)
+
+
+def test_avgpool_divides_in_the_write_back():
+    func, oshape = _kernel("pool", 16, 12, 16, 2, 2, act="none", pool="avg")
+    args, ref = _data("pool", 16, 12, 16, 2, 2, pool="avg")
+    sfunc, rule = _schedule(func)
+    assert rule == "blocked-conv"
+    assert 'T.sblock("avgpool_blocked")' not in sfunc.script()
+    np.testing.assert_allclose(_run(sfunc, args, oshape), ref, rtol=1e-5, atol=1e-5)
+
+
+TILES = [
+    ConvTile(4, 2),
+    ConvTile(2, 4, "row"),
+    ConvTile(4, 2, "row", pad_row=True),
+    ConvTile(4, 2, "pix"),
+    ConvTile(8, 1, ob_inner=True),
+    ConvTile(2, 2, unroll_kw=True),
+]
+
+
+@pytest.mark.parametrize("tile", TILES, ids=[f"{t.rt}x{t.obt}_{t.order}{'_pad' if t.pad_row else ''}"
+                                               f"{'_obin' if t.ob_inner else ''}{'_kw' if t.unroll_kw else ''}" for t in TILES])
+def test_forced_tiles_keep_numbers(tile):
+    func, oshape = _kernel("conv", 16, 8, 32, 3, 1, "relu", residual=True)
+    args, ref = _data("conv", 16, 8, 32, 3, 1, residual=True)
+    sfunc, _ = _schedule(func, BlockedConv(tile))
+    np.testing.assert_allclose(_run(sfunc, args, oshape), _act(ref, "relu"), rtol=1e-4, atol=1e-4)
+
+
+def test_tile_that_does_not_divide_is_declined():
+    """A pixel tile that does not divide the row (or a block count that does not divide the
+    output blocks) would need a predicated tail: the rule declines, the next rule schedules."""
+    func, _ = _kernel("conv", 16, 7, 32, 3, 1)
+    assert BlockedConv(ConvTile(4, 2)).apply(func, _target(), 8) is None
+    assert BlockedConv(ConvTile(7, 3)).apply(func, _target(), 8) is None
+    sch, rule, _ = default_schedule(func, _target(), [BlockedConv(ConvTile(4, 2)), OuterProduct()])
+    assert sch is not None and rule == "outer-product"
+
+
+def test_conv_tile_choice():
+    # 12 accumulators where the row width / block count allow it
+    assert (conv_tile(ConvShape("conv", 18, 56, 56, 24, 1, 1, 1), 8).rt,
+            conv_tile(ConvShape("conv", 18, 56, 56, 24, 1, 1, 1), 8).obt) == (2, 6)
+    t = conv_tile(ConvShape("conv", 8, 48, 48, 64, 1, 1, 1), 8)
+    assert t.rt * t.obt == 12 and 48 % t.rt == 0 and 8 % t.obt == 0
+    # ResNet-50's widths (56, 28, 14, 7) and power-of-two block counts: 8 or 7 accumulators
+    for ow in (56, 28, 14, 7):
+        for ob in (8, 16, 64):
+            t = conv_tile(ConvShape("conv", ob, ow, ow, 576, 3, 3, 1), 8)
+            assert ow % t.rt == 0 and ob % t.obt == 0 and 7 <= t.rt * t.obt <= 12
+            assert t.pad_row == (ow >= 14)
+
+
+def test_declines_other_kernels():
+    """NCHW conv, NCHW depthwise, matmul, elementwise and global pooling are not blocked kernels."""
+    target = _target()
+
+    def fused(body, params):
+        bb = relax.BlockBuilder()
+        vs = [relax.Var(n, TT(s, "float32")) for n, s in params]
+        with bb.function("main", vs):
+            with bb.dataflow():
+                out = bb.emit_output(body(bb, *vs))
+            bb.emit_func_output(out)
+        mod = bb.get()
+        for p in (relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps(),
+                  relax.transform.FuseTIR()):
+            mod = p(mod)
+        return [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+
+    funcs = []
+    funcs += fused(lambda bb, x, w: bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, w, padding=1))),
+                   [("x", (1, 16, 8, 8)), ("w", (16, 16, 3, 3))])
+    funcs += fused(lambda bb, x, w: bb.emit(relax.op.nn.conv2d(x, w, padding=1, groups=16)),
+                   [("x", (1, 16, 8, 8)), ("w", (16, 1, 3, 3))])
+    funcs += fused(lambda bb, a, b: bb.emit(relax.op.matmul(a, b)), [("a", (16, 32)), ("b", (32, 64))])
+    funcs += fused(lambda bb, a: bb.emit(relax.op.nn.relu(a)), [("a", (1, 2, 4, 4, 8))])
+    funcs += fused(lambda bb, x: bb.emit(relax.op.nn.max_pool2d(x, pool_size=3, strides=2, padding=1)),
+                   [("x", (1, 16, 8, 8))])
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", TT((1, 2, 7, 7, 8), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit_te(BO.global_pool_blocked, x, "avg"))
+        bb.emit_func_output(out)
+    funcs += [f for _, f in legalize_and_fuse(bb.get(), target).functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(funcs) >= 6
+    for f in funcs:
+        assert BlockedConv().apply(f, target, 8) is None
+        assert BlockedWindow().apply(f, target, 8) is None
+
+
+def test_trace_replays_to_the_same_kernel():
+    """Tuning stores the default schedule as a record: its trace, replayed on the unscheduled
+    PrimFunc, gives the same kernel."""
+    from tvm import s_tir
+
+    for kind, c, h, oc, k, s in (("conv", 16, 14, 16, 3, 1), ("depthwise", 16, 12, 16, 3, 1)):
+        func, _ = _kernel(kind, c, h, oc, k, s)
+        sch = BlockedConv().apply(func, _target(), 8)
+        again = s_tir.Schedule(func)
+        sch.trace.apply_to_schedule(again, remove_postproc=False)
+        tvm.ir.assert_structural_equal(again.mod["main"], sch.mod["main"])
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    cb=st.integers(1, 3), ob=st.integers(1, 4), h=st.integers(3, 10), w=st.integers(3, 12),
+    k=st.sampled_from([1, 3]), s=st.sampled_from([1, 2]), residual=st.booleans(),
+    act=st.sampled_from(["relu", "clip", "none"]),
+)
+def test_random_blocked_convs_keep_numbers(cb, ob, h, w, k, s, residual, act):
+    func, oshape = _kernel("conv", cb * B, h, ob * B, k, s, act, residual, w=w)
+    args, ref = _data("conv", cb * B, h, ob * B, k, s, residual, w=w)
+    sfunc, rule = _schedule(func)
+    assert rule == "blocked-conv"
+    np.testing.assert_allclose(_run(sfunc, args, oshape), _act(ref, act), rtol=1e-4, atol=1e-4)

@@ -3,6 +3,10 @@
     .venv/bin/python tools/bench_tvm_cpu.py [--models resnet50,mobilenetv2,bert_base_s128]
         [--threads 2] [--budget 20] [--tune N] [--tune-minutes M] [--tuning-db DIR] [--json out.json]
 
+    # before/after a default-schedule change, in the same rounds (the knobs off = the old schedules):
+    .venv/bin/python tools/bench_tvm_cpu.py --models bert_base_s128 --budget 30 \
+        --schedule-knobs '_INLINE_EPILOGUE=0;_MATMUL_WIDE_VT=0;_MATMUL_K_BLOCK=0;_ROW_REDUCTION=0'
+
     # tune into a database for 25 minutes, benchmark the tuned artifact, then recompile with the
     # warm database (timed) and benchmark that too, all against onnxruntime in the same rounds:
     nice -n 10 .venv/bin/python tools/bench_tvm_cpu.py --models resnet50 --tune-minutes 25 --tuning-db DIR
@@ -122,6 +126,26 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
             warm = graphopt.compile(source, "cpu", "-O2", threads=args.threads, tuning_db=args.tuning_db)
         warm_s = time.perf_counter() - t
         print(f"{name}: warm-database recompile {warm_s:.1f} s", flush=True)
+    knob_art = None
+    if args.schedule_knobs:
+        # the same compile with default-schedule knobs changed (e.g. the pre-change schedules), benchmarked
+        # in the same rounds: a before/after comparison on a shared machine
+        from graphopt.targets import tvm_schedules as S
+
+        saved = {}
+        for kv in args.schedule_knobs.split(";"):
+            k, v = kv.split("=", 1)
+            if not hasattr(S, k.strip()):
+                raise SystemExit(f"--schedule-knobs: tvm_schedules has no {k.strip()!r}")
+            saved[k.strip()] = getattr(S, k.strip())
+            setattr(S, k.strip(), type(saved[k.strip()])(int(v)) if isinstance(saved[k.strip()], (bool, int)) else v)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                knob_art = graphopt.compile(source, "cpu", "-O2", threads=args.threads)
+        finally:
+            for k, v in saved.items():
+                setattr(S, k, v)
     model = graphopt.load(path)
     from graphopt.check import random_inputs
 
@@ -158,6 +182,18 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
             wrunner._main(*w_feeds, *wrunner._params)
 
         calls.append(warm_call)
+    knob_idx = None
+    if knob_art is not None:
+        krunner = knob_art.runner(threads=args.threads)
+        kout = krunner.run(feeds)
+        knob_maxabs = max(float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) for a, b in zip(ref, kout))
+        k_feeds = krunner._feeds(feeds)
+
+        def knob_call() -> None:
+            krunner._main(*k_feeds, *krunner._params)
+
+        knob_idx = len(calls)
+        calls.append(knob_call)
     for _ in range(3):
         for c in calls:
             c()
@@ -175,6 +211,8 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
             calls[i]()
             times[i].append(time.perf_counter() - t)
     mt, mo = statistics.median(times[0]), statistics.median(times[1])
+    # per round tvm/ort (both ran back to back): load that drifts between rounds cancels in each ratio
+    paired = statistics.median(a / b for a, b in zip(times[0], times[1]))
     flops = model_flops(path)
     rep = art.report
     row = {
@@ -190,6 +228,7 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
         "tvm_ms": mt * 1e3,
         "ort_ms": mo * 1e3,
         "ratio_tvm_over_ort": mt / mo,
+        "paired_ratio_tvm_over_ort": paired,
         "gflop": flops / 1e9,
         "tvm_gflops": flops / mt / 1e9,
         "ort_gflops": flops / mo / 1e9,
@@ -204,6 +243,10 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
             row["kept"] = dict(kept)
         else:  # per task, from the tuning run
             row["kept"] = {k: sum(1 for v in kept.values() if v.get("kept") == k) for k in ("tuned", "default", "none")}
+    if knob_idx is not None:
+        row.update({"schedule_knobs": args.schedule_knobs, "knobs_ms": statistics.median(times[knob_idx]) * 1e3,
+                    "paired_ratio_knobs_over_ort": statistics.median(a / b for a, b in zip(times[knob_idx], times[1])),
+                    "knobs_max_abs_vs_ort": knob_maxabs})
     if warm is not None:
         mw = statistics.median(times[2])
         row.update({"warm_compile_s": round(warm_s, 2), "warm_ms": mw * 1e3, "ratio_warm_over_ort": mw / mo,
@@ -211,8 +254,12 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
                     "warm_stages_s": warm.report.get("seconds", {})})
     print(f"{name}: compile {compile_s:.1f} s ({row['groups']} groups, {row['inline_groups']} inline, schedules "
           f"{row['default_schedules']}); max|tvm-ort| {maxabs:.2e}; median over {rounds} rounds: tvm {mt*1e3:.2f} ms, "
-          f"ort {mo*1e3:.2f} ms, tvm/ort {mt/mo:.2f}x; GFLOP/s tvm {row['tvm_gflops']:.1f}, ort {row['ort_gflops']:.1f} "
+          f"ort {mo*1e3:.2f} ms, tvm/ort {mt/mo:.2f}x (paired {paired:.3f}x); GFLOP/s tvm {row['tvm_gflops']:.1f}, ort {row['ort_gflops']:.1f} "
           f"(peak {peak:.1f}: {row['tvm_gflops']/peak:.0%} / {row['ort_gflops']/peak:.0%})", flush=True)
+    if knob_idx is not None:
+        print(f"{name}: with --schedule-knobs {args.schedule_knobs!r}: {row['knobs_ms']:.2f} ms, paired "
+              f"{row['paired_ratio_knobs_over_ort']:.3f}x ort (this compile: {paired:.3f}x); "
+              f"max|knobs-ort| {knob_maxabs:.2e}", flush=True)
     if kept and row["tuning"].get("status") == "database applied":
         print(f"{name}: tuning database applied; its workloads keep: {row['kept']}", flush=True)
     elif kept:
@@ -241,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-warm", action="store_true", help="skip the warm-database recompile after tuning")
     p.add_argument("--batch", type=int, default=1, help="compile with symbolic input dims fixed to this (the "
                    "benchmark's batch; 0: keep them symbolic, which tuning cannot handle)")
+    p.add_argument("--schedule-knobs", default="",
+                   help="also compile with these tvm_schedules module knobs ('_NAME=INT;...', e.g. "
+                        "'_MATMUL_K_BLOCK=0;_ROW_REDUCTION=0') and benchmark it in the same rounds")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--in-process", action="store_true", help="all models in this process (default: one process each)")
     args = p.parse_args(argv)
@@ -267,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                 argv_m += ["--tune-minutes", str(args.tune_minutes)] if args.tune_minutes else []
                 argv_m += ["--tuning-db", args.tuning_db] if args.tuning_db else []
                 argv_m += ["--no-warm"] if args.no_warm else []
+                argv_m += ["--schedule-knobs", args.schedule_knobs] if args.schedule_knobs else []
                 subprocess.run(argv_m, check=False)
                 rows += json.load(open(out)) if os.path.exists(out) else [{"model": m, "failed": True}]
     if args.json:

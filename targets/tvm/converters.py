@@ -1807,3 +1807,34 @@ def _nms_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int)
     end = bb.emit_te(lambda c: te.compute((2,), lambda i: tirx.if_then_else(i == 0, tirx.Cast("int64", c[0]), tirx.const(3, "int64"))),
                      count, primfunc_name_hint="nms_end")
     return bb.emit(R.dynamic_strided_slice(sel, D.int_consts([0, 0]), end, D.int_consts([1, 1])))
+
+
+@_chained("HannWindow", "HammingWindow", "BlackmanWindow")
+def _window(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Hann / Hamming / Blackman windows of a run-time (or constant) size: the length becomes a
+    symbolic dim, the values one TE kernel in float64 (N = size, or size - 1 when symmetric)."""
+    from tvm import te, tirx
+
+    size = ins[0]
+    sv = _const_value(size)
+    n = int(np.asarray(sv).reshape(-1)[0]) if sv is not None else _scalar_dim(bb, size, "win")
+    dtype = _onnx_dtype(int(node.attr("output_datatype", 1)))
+    periodic = bool(node.attr("periodic", 1))
+    op = node.op_type
+
+    def compute() -> Any:
+        n_1 = tirx.Cast("float64", n if periodic else n - 1)
+
+        def w(i: Any) -> Any:
+            a = tirx.Cast("float64", i) * tirx.const(np.pi, "float64") / n_1
+            if op == "HannWindow":
+                v = tirx.sin(a) * tirx.sin(a)
+            elif op == "HammingWindow":
+                v = tirx.const(25.0 / 46.0, "float64") - tirx.cos(a * 2.0) * tirx.const(1 - 25.0 / 46.0, "float64")
+            else:
+                v = tirx.const(0.42, "float64") - tirx.cos(a * 2.0) * 0.5 + tirx.cos(a * 4.0) * 0.08
+            return tirx.Cast(dtype, v)
+
+        return te.compute([n], w, name=op.lower())
+
+    return bb.emit_te(compute, primfunc_name_hint=op.lower())

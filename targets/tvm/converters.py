@@ -1838,3 +1838,49 @@ def _window(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> A
         return te.compute([n], w, name=op.lower())
 
     return bb.emit_te(compute, primfunc_name_hint=op.lower())
+
+
+@_chained("AffineGrid")
+def _affine_grid_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """AffineGrid with a run-time size: the spatial dims (size[2:]) become symbolic and one TE
+    kernel applies theta to the normalised base grid (x, y[, z], 1) as the reference builds it."""
+    from tvm import te, tirx
+
+    if len(ins) < 2 or not _runtime(ins[1]):
+        return NotImplemented
+    theta = ins[0]
+    nd = _static_len(ins[1])
+    if nd not in (4, 5):
+        raise LoweringError(f"node {node.label()}: AffineGrid needs a size of length 4 or 5")
+    k = nd - 2
+    sz = bb.emit(R.strided_slice(R.astype(ins[1], "int64"), [0], [2], [nd]))
+    dims = list(D.shape_of_tensor(bb, sz, k, "ag").values)
+    align = bool(node.attr("align_corners", 0))
+    dtype = _dt(theta)
+
+    def compute(th: Any) -> Any:
+        n = th.shape[0]
+        kk = te.reduce_axis((0, k + 1), name="k")
+
+        def base(d: Any, i: Any) -> Any:  # coordinate of index i along spatial dim d
+            L = tirx.Cast("float64", dims[d])
+            fi = tirx.Cast("float64", i)
+            return (fi * 2.0 / (L - 1.0) - 1.0) if align else ((fi * 2.0 + 1.0) / L - 1.0)
+
+        def body(b: Any, *rest: Any) -> Any:
+            pos, j = rest[:k], rest[k]
+            # homogeneous base point: x (last spatial dim), y, (z), then 1
+            coords = [base(k - 1 - t, pos[k - 1 - t]) for t in range(k)] + [tirx.const(1.0, "float64")]
+
+            def pick(idx: Any) -> Any:
+                out = coords[-1]
+                for t in range(k - 1, -1, -1):
+                    out = tirx.Select(idx == t, coords[t], out)
+                return out
+
+            return te.sum(tirx.Cast("float64", th[b, j, kk]) * pick(kk), axis=kk)
+
+        acc = te.compute([n, *dims, k], body, name="affine_grid_acc")
+        return te.compute([n, *dims, k], lambda *i: tirx.Cast(dtype, acc[i]), name="affine_grid")
+
+    return bb.emit_te(compute, theta, primfunc_name_hint="affine_grid")

@@ -17,7 +17,14 @@ IRModule a reasonable schedule so untuned code is usable:
 - `WindowReduction` (depthwise conv, max/avg pooling, any reduction whose innermost output axis
   is also the innermost axis of its input): the innermost output axis is vectorised with the
   reduction loops outside it.
-- dlight's CPU `GEMV` and `Reduction` (softmax, layer norm, ...). dlight's Reduction is only
+  Matmul-like kernels (the output's last axis is the vector axis) widen the vector tile when the
+  row count leaves accumulators unused (M = 128: 4 rows x 3 vectors) and block the reduction by
+  128 so a [128, vt] block of the B panel stays in L1 while every row tile uses it. Elementwise
+  blocks after the anchor are first inlined into one another (GELU reads the matmul twice), so
+  the whole epilogue goes into the write-back.
+- `RowReduction` (softmax, layer norm, mean over the last axis): one parallel loop over rows,
+  every step computed inside it, reductions rfactored into a vector of partial results.
+- dlight's CPU `GEMV` and `Reduction` (the remaining reductions). dlight's Reduction is only
   tried after our conv rules: it makes convolutions slower.
 - `Injective`: every remaining block gets parallel outer loops and a vectorised inner loop.
 
@@ -697,6 +704,14 @@ class RowReduction(_Rule):
             if len({r.source.name for r in st.reads if not r.source.same_as(st.writes[0].source)}) > 1 and \
                     _mac_like(st):
                 return None  # a matmul: not this rule's
+        # one result per row: the reductions' spatial domain is the output's rows (x - mean(x) written
+        # transposed would recompute every row's mean for each output row)
+        out_rows = [_int(sch.get(lp).extent) for lp in sch.get_loops(blocks[-1])[:-1]]
+        out_rows = [e for e in out_rows if e != 1]
+        for st in reds:
+            dom = [e for e in (_int(iv.dom.extent) for iv in st.iter_vars[:-1]) if e != 1]
+            if dom != out_rows:
+                return None
         # reductions: `lanes` partial results (rfactor) accumulated as one vector, summed at the end
         rf_blocks = []
         for block in blocks:

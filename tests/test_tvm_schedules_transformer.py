@@ -242,6 +242,14 @@ def test_row_reduction_declines_other_axes_and_matmuls():
     np.testing.assert_allclose(_run(smod, [x]), e / e.sum(1, keepdims=True), rtol=1e-5, atol=1e-6)
     assert S.RowReduction().apply(next(f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)),
                                   _target(), 8) is None
+    # the row statistics written transposed: the output's rows are not the reduction's rows
+    y = rng.standard_normal((6, 40)).astype(np.float32)
+    tmod = _fused(lambda bb, a: bb.emit(relax.op.permute_dims(relax.op.subtract(a, relax.op.mean(a, axis=-1, keepdims=True)))),
+                  [("x", y.shape)])
+    smod, stats, _ = _schedule(tmod)
+    if len(stats.by_func) == 1:  # one kernel (FuseOps fused the transpose): not a row reduction
+        assert "row-reduction" not in stats.by_func.values()
+    np.testing.assert_allclose(_run(smod, [y]), (y - y.astype(np.float64).mean(-1, keepdims=True)).T, rtol=1e-5, atol=1e-5)
     # a matmul reduces over the innermost axis of its left operand too: not a row reduction
     mm = _fused(lambda bb, p, q: bb.emit(relax.op.matmul(p, q)), [("a", (8, 64)), ("b", (64, 16))])
     func = next(f for _, f in mm.functions_items() if isinstance(f, tvm.tirx.PrimFunc))

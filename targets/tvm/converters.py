@@ -1884,3 +1884,31 @@ def _affine_grid_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], ops
         return te.compute([n, *dims, k], lambda *i: tirx.Cast(dtype, acc[i]), name="affine_grid")
 
     return bb.emit_te(compute, theta, primfunc_name_hint="affine_grid")
+
+
+@_chained("ConvInteger")
+def _conv_integer_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """ConvInteger with run-time zero points: (x - x_zp) and (w - w_zp) widened to int32, then an
+    int32 convolution padding with zeros (= padding x with its zero point)."""
+    zps = [ins[i] if len(ins) > i else None for i in (2, 3)]
+    if not any(_runtime(z) for z in zps):
+        return NotImplemented
+    x, w = ins[0], ins[1]
+    nd = x.ty.ndim - 2
+    if _str_attr(node, "auto_pad", "NOTSET") != "NOTSET":
+        raise LoweringError(f"node {node.label()}: ConvInteger with auto_pad is not supported by the cpu target")
+    xi = bb.emit(R.astype(x, "int32"))
+    wi = bb.emit(R.astype(w, "int32"))
+    if zps[0] is not None:
+        xi = bb.emit(R.subtract(xi, R.astype(zps[0], "int32")))
+    if zps[1] is not None:
+        z = bb.emit(R.astype(zps[1], "int32"))
+        if z.ty.ndim == 1:  # per output channel
+            z = bb.emit(R.reshape(z, [-1] + [1] * (nd + 1)))
+        wi = bb.emit(R.subtract(wi, z))
+    pads = list(node.attr("pads") or [0] * (2 * nd))
+    conv = {1: R.nn.conv1d, 2: R.nn.conv2d, 3: R.nn.conv3d}.get(nd)
+    if conv is None:
+        raise LoweringError(f"node {node.label()}: {nd}-D ConvInteger is not supported by the cpu target")
+    return bb.emit(conv(xi, wi, strides=list(node.attr("strides") or [1] * nd), padding=pads,
+                        dilation=list(node.attr("dilations") or [1] * nd), groups=int(node.attr("group", 1)), out_dtype="int32"))

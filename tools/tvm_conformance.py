@@ -14,14 +14,18 @@ Prints the pass count as a share of the cases onnxruntime passes, then the failu
 by reason (the first line of the error, with node names and numbers masked), largest group
 first. `--json` writes every case's outcome.
 
-Two modes. Strict (default): the model is compiled once, before any input is seen; integer
-inputs that decide shapes (axes, pads, sizes, k) are specialised only when the IR knows them as
-constants. `--specialize` (the headline figure): the backend compiles at the first run with the
-small inputs that decide shapes or control flow bound as constants (integers of at most 64
-elements, Resize scales/roi, OneHot depth, If/Loop conditions, Dropout ratio/training mode,
-NonMaxSuppression thresholds), recompiling when they change, like a JIT with a guard; every
-pass still runs the compiled library, and the artifact's manifest lists the bound values under
-"specialized". Cases where nothing is bindable compile identically in both modes.
+Two modes. Strict (default, the headline figure): the model is compiled once, before any input
+is seen. Inputs that decide shapes or control flow are specialised when the IR knows them as
+constants; when they are fed at run time the compiled artifact handles them itself
+(targets/tvm/dynamic.py): Reduce* axes, CumSum axes and If conditions select among branches
+compiled ahead of time, Loop runs as a recursive function, and Reshape/Expand/Pad/Resize/
+OneHot/TopK/Split/... shape inputs become symbolic dims of kernels compiled once. `--specialize`:
+the backend compiles at the first run with the small inputs that decide shapes or control flow
+bound as constants (integers of at most 64 elements, Resize scales/roi, OneHot depth, If/Loop
+conditions, Dropout ratio/training mode, NonMaxSuppression thresholds), recompiling when they
+change, like a JIT with a guard; every pass still runs the compiled library, and the artifact's
+manifest lists the bound values under "specialized". Cases where nothing is bindable compile
+identically in both modes.
 """
 
 from __future__ import annotations

@@ -22,9 +22,16 @@ conv alone, the compiled kernel includes its epilogue.
     TVM_NUM_THREADS=2 nice -n 10 .venv/bin/python tools/bench_nchwc_kernels.py --threads 2
     .venv/bin/python tools/bench_nchwc_kernels.py --models resnet50 --kinds conv --rounds 9
     .venv/bin/python tools/bench_nchwc_kernels.py --only r50_3x3_64_56 --tile 4,2   # force a tile
+    .venv/bin/python tools/bench_nchwc_kernels.py --only r50_3x3_128_28 --tune 16 --tuning-db /tmp/db
 
-Columns: ms of the after kernel, its GFLOP/s, before/ORT, after/ORT, after/before, the rule that
-scheduled the after kernel, max error vs onnxruntime relative to the output's max magnitude.
+`--tune N` checks meta_schedule tuning on these kernels instead: each selected kernel's module is
+tuned with targets/tvm_tuning.py (N trials, the default schedule measured as the task's default
+record), the database applied, and the tuned / default / onnxruntime times printed.
+
+Columns: ms of the after kernel, its GFLOP/s, onnxruntime's GFLOP/s, before/ORT, after/ORT,
+after/before (medians of per-round ratios), before/ORT and after/ORT from the fastest round of each
+(min:bef, min:aft — steadier when other jobs share the cores), the rules that scheduled the before
+and after kernels, max error vs onnxruntime relative to the output's max magnitude.
 """
 
 from __future__ import annotations
@@ -162,6 +169,17 @@ def build_kernel(case: Case, target):
     """The fused PrimFunc of `case` as the lowering makes it (Relax → LegalizeOps → FuseTIR) and
     its parameter shapes."""
     import tvm
+
+    mod = build_module(case, target)
+    funcs = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(funcs) == 1, f"{case.name}: {len(funcs)} PrimFuncs"
+    func = funcs[0]
+    shapes = [[int(d) for d in prm.shape] for prm in func.params]
+    return func, shapes
+
+
+def build_module(case: Case, target):
+    """The Relax module of `case` after FuseTIR: `main` calling the one fused kernel."""
     from tvm import relax
 
     from graphopt.targets.tvm import blocked_ops as BO
@@ -209,12 +227,7 @@ def build_kernel(case: Case, target):
         with bb.dataflow():
             out = bb.emit_output(relax.Call(gv, mvars))
         bb.emit_func_output(out)
-    mod = legalize_and_fuse(bb.get(), target)
-    funcs = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
-    assert len(funcs) == 1, f"{case.name}: {len(funcs)} PrimFuncs"
-    func = funcs[0]
-    shapes = [[int(d) for d in prm.shape] for prm in func.params]
-    return func, shapes
+    return legalize_and_fuse(bb.get(), target)
 
 
 def blocked(a: np.ndarray) -> np.ndarray:
@@ -403,9 +416,51 @@ def run_case(case: Case, target, threads: int, rounds: int, tile=None) -> dict:
         "case": case.name, "ms": float(np.median(ta)) * 1e3, "gflops": case.flops / float(np.median(ta)) / 1e9,
         "ort_gflops": case.flops / float(np.median(to)) / 1e9,
         "before_ort": float(np.median(tb / to)), "after_ort": float(np.median(ta / to)),
-        "after_before": float(np.median(ta / tb)), "rule": rule_a, "rule_before": rule_b, "err": err, "err_before": err_b,
+        "after_before": float(np.median(ta / tb)), "after_ort_min": float(ta.min() / to.min()),
+        "before_ort_min": float(tb.min() / to.min()), "rule": rule_a, "rule_before": rule_b, "err": err, "err_before": err_b,
         "ort_op": ort_op, "notes": notes,
     }
+
+
+def tune_case(case: Case, target, threads: int, trials: int, db_dir: str) -> dict:
+    """Tune `case`'s module into `db_dir`, apply the database, time the result against the
+    default schedule and onnxruntime."""
+    import tvm
+
+    from graphopt.targets import tvm_schedules as TS
+    from graphopt.targets import tvm_tuning as TT
+
+    mod = build_module(case, target)
+    TT.tune(mod, target, db_dir=db_dir, trials=trials, progress=False, threads=threads)
+    summary = TT.last_summary(db_dir)
+    applied = TT.apply_database(mod, target, db_dir)
+    stats = TS.ScheduleStats()
+    final = TS.apply_default_schedules(applied, target, stats=stats)
+    (gv,) = [gv for gv, f in final.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    func, shapes = build_kernel(case, target)
+    sch, _, _ = TS.default_schedule(func, target)
+    nchw, args = case_data(case)
+    feeds = {"x": nchw["x"], **({"r": nchw["r"]} if case.residual else {})}
+    ort_t = OrtTimer(case, threads, feeds)
+    dev = tvm.cpu()
+    targs = [tvm.runtime.tensor(a, dev) for a in args.values()]
+    res = {}
+    for label, f in (("applied", final[gv]), ("default", sch.mod["main"])):
+        lib = _compile(f, target)
+        out = tvm.runtime.tensor(np.zeros(shapes[-1], np.float32), dev)
+        lib["main"](*targs, out)
+        err = float(np.abs(unblocked(out.numpy()) - ort_t.out).max()) / (float(np.abs(ort_t.out).max()) or 1.0)
+        ev = lib.mod.time_evaluator("main", dev, number=5, repeat=5)
+        res[label] = (float(np.median(ev(*targs, out).results)), err)
+    ort_t.batch(25)
+    ort_times, _ = ort_t.finish()
+    to = ort_times[-1]
+    kept = summary.get("kept", {})
+    return {"case": case.name, "trials": summary.get("new_trials"), "kept": {k: v.get("kept") for k, v in kept.items()},
+            "tune_default_ms": {k: v.get("default_ms") for k, v in kept.items()},
+            "tune_best_ms": {k: v.get("tuned_ms") for k, v in kept.items()},
+            "applied_ort": res["applied"][0] / to, "default_ort": res["default"][0] / to,
+            "applied_rule": stats.by_func.get(gv.name_hint, "database"), "err": res["applied"][1]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -417,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--tile", default="", help="force BlockedConv's tile: rt,obt[,fuse_hw]")
     ap.add_argument("--json", default="", help="write the rows to this file")
+    ap.add_argument("--tune", type=int, default=0, help="check tuning: this many trials per kernel (see above)")
+    ap.add_argument("--tuning-db", default="", help="database directory for --tune")
     a = ap.parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(a.threads))
     if os.environ["TVM_NUM_THREADS"] != str(a.threads):
@@ -436,19 +493,29 @@ def main(argv: list[str] | None = None) -> int:
         cases = [c for c in cases if c.kind in a.kinds.split(",")]
     if a.only:
         cases = [c for c in cases if any(o in c.name for o in a.only.split(","))]
+    if a.tune:
+        if not a.tuning_db:
+            ap.error("--tune needs --tuning-db")
+        bad = 0
+        for case in cases:
+            r = tune_case(case, target, a.threads, a.tune, a.tuning_db)
+            print(json.dumps(r), flush=True)
+            bad += r["err"] > 1e-4
+        return 1 if bad else 0
     print(f"target {target.attrs.get('mcpu')} threads {a.threads}; {len(cases)} kernels; ratios are medians of "
           f"per-round ratios over {a.rounds} paired rounds (shared machine: absolute times are noisy)", flush=True)
-    hdr = f"{'case':28s} {'ms':>7s} {'GF/s':>5s} {'ortGF':>5s} {'bef/ort':>7s} {'aft/ort':>7s} {'aft/bef':>7s}  {'rule (before → after)':36s} {'ort op':12s} err"
+    hdr = (f"{'case':28s} {'ms':>7s} {'GF/s':>5s} {'ortGF':>5s} {'bef/ort':>7s} {'aft/ort':>7s} {'aft/bef':>7s} "
+           f"{'min:bef':>7s} {'min:aft':>7s}  {'rule (before → after)':36s} {'ort op':12s} err")
     print(hdr)
     rows = []
     for case in cases:
         r = run_case(case, target, a.threads, a.rounds, tile)
         rows.append(r)
         print(f"{r['case']:28s} {r['ms']:7.3f} {r['gflops']:5.0f} {r['ort_gflops']:5.0f} {r['before_ort']:7.2f} {r['after_ort']:7.2f} "
-              f"{r['after_before']:7.2f}  {r['rule_before'] + ' → ' + r['rule']:36s} {r['ort_op']:12s} {r['err']:.1e}", flush=True)
+              f"{r['after_before']:7.2f} {r['before_ort_min']:7.2f} {r['after_ort_min']:7.2f}  {r['rule_before'] + ' → ' + r['rule']:36s} {r['ort_op']:12s} {r['err']:.1e}", flush=True)
         if max(r["err"], r["err_before"]) > 1e-4:
             print(f"  !! {case.name}: max error {r['err']:.2e} (before {r['err_before']:.2e}) relative to max |y|", flush=True)
-    for label in ("before_ort", "after_ort"):
+    for label in ("before_ort", "after_ort", "before_ort_min", "after_ort_min"):
         vals = np.array([r[label] for r in rows])
         print(f"{label}: geomean {np.exp(np.log(vals).mean()):.2f}, max {vals.max():.2f}, "
               f"shapes <= 1.0: {(vals <= 1.0).sum()}/{len(vals)}")

@@ -1021,8 +1021,8 @@ def _chained(*ops: str) -> Any:
 
 
 def _runtime(e: Any) -> bool:
-    """`e` is a tensor computed at run time (not a constant the IR knows)."""
-    return e is not None and _const_value(e) is None
+    """`e` is a tensor computed at run time (not a constant the IR knows, nor a shape value)."""
+    return e is not None and _const_value(e) is None and isinstance(getattr(e, "ty", None), relax.TensorType)
 
 
 def _static_len(e: Any) -> int | None:
@@ -1096,8 +1096,13 @@ def _reduce_runtime_axes(bb: relax.BlockBuilder, node: Node, ins: list[Any], ops
             if dims[a] == 1:
                 continue
             cond = bb.emit(R.greater(R.take(mask, relax.const(a, "int64"), axis=0), _c(0, "int64")))
-            y = D.switch(bb, [cond], [lambda fbb, p, a=a: fbb.emit(along(p[0], a)), lambda fbb, p: p[0]], [y],
-                         name=f"reduce_axis{a}_")
+            if dims[a] == 0 and node.op_type in ("ReduceMax", "ReduceMin") and dtype.startswith("float"):
+                # max/min of an empty set: -inf/+inf (the reduction's init is the finite extreme)
+                inf = -np.inf if node.op_type == "ReduceMax" else np.inf
+                reduce_a = lambda fbb, p, a=a, inf=inf: fbb.emit(R.add(R.multiply(fbb.emit(along(p[0], a)), _c(0, dtype)), _c(inf, dtype)))  # noqa: E731
+            else:
+                reduce_a = lambda fbb, p, a=a: fbb.emit(along(p[0], a))  # noqa: E731
+            y = D.switch(bb, [cond], [reduce_a, lambda fbb, p: p[0]], [y], name=f"reduce_axis{a}_")
         if not keep:
             if r - k == 0:
                 y = bb.emit(R.reshape(y, []))

@@ -138,3 +138,47 @@ def test_shape_tensors_at_run_time():
                                                 ([4, 0, -1], [1, 2, 3, 1], [1, 0, 0, 0, 2, 3], [4, 0], [3], -1)):
         _check(art, m, {"x": data, "shape": np.array(shape), "eshape": np.array(eshape), "pads": np.array(pads),
                         "split": np.array(split), "k": np.array(k), "axis": np.array(axis)})
+
+
+def test_loop_runtime_trip_count():
+    """Loop with a run-time trip count and condition (a recursive function in the artifact):
+    carried sum and a scan output, for trip counts 0, 1 and 4 and an early stop."""
+    vi = h.make_tensor_value_info
+    body = h.make_graph(
+        [h.make_node("Add", ["acc_in", "x"], ["acc_out"]),
+         h.make_node("Cast", ["i"], ["i_f"], to=TP.FLOAT),
+         h.make_node("Mul", ["acc_out", "i_f"], ["scan"]),
+         h.make_node("ReduceSum", ["acc_out"], ["total"], keepdims=0),
+         h.make_node("Less", ["total", "limit"], ["c_out"])],
+        "body", [vi("i", TP.INT64, []), vi("c_in", TP.BOOL, []), vi("acc_in", TP.FLOAT, [2])],
+        [vi("c_out", TP.BOOL, []), vi("acc_out", TP.FLOAT, [2]), vi("scan", TP.FLOAT, [2])])
+    m = _model([h.make_node("Loop", ["M", "c", "acc0"], ["acc", "scans"], body=body)],
+               [vi("M", TP.INT64, []), vi("c", TP.BOOL, []), vi("acc0", TP.FLOAT, [2]), vi("x", TP.FLOAT, [2]),
+                vi("limit", TP.FLOAT, [])],
+               [vi("acc", TP.FLOAT, None), vi("scans", TP.FLOAT, None)], opset=16)
+    art = _compile(m)
+    x = np.array([1.0, 2.0], np.float32)
+    for trip, limit in ((0, 100.0), (1, 100.0), (4, 100.0), (10, 10.0)):
+        got = _check(art, m, {"M": np.array(trip), "c": np.array(True), "acc0": np.zeros(2, np.float32), "x": x,
+                              "limit": np.array(limit, np.float32)})
+        if trip and limit == 100.0:
+            assert got[1].shape == (trip, 2)
+
+
+def test_onehot_nms_runtime_parameters():
+    """OneHot's depth and NonMaxSuppression's max boxes / thresholds fed at run time."""
+    vi = h.make_tensor_value_info
+    m = _model([h.make_node("OneHot", ["idx", "depth", "vals"], ["oh"], axis=1),
+                h.make_node("NonMaxSuppression", ["boxes", "scores", "maxb", "iou", "st"], ["sel"])],
+               [vi("idx", TP.INT64, [3]), vi("depth", TP.INT64, []), vi("vals", TP.FLOAT, [2]),
+                vi("boxes", TP.FLOAT, [1, 6, 4]), vi("scores", TP.FLOAT, [1, 1, 6]), vi("maxb", TP.INT64, [1]),
+                vi("iou", TP.FLOAT, [1]), vi("st", TP.FLOAT, [1])],
+               [vi("oh", TP.FLOAT, None), vi("sel", TP.INT64, None)], opset=13)
+    art = _compile(m)
+    boxes = np.array([[[0, 0, 1, 1], [0, 0.1, 1, 1.1], [0, -0.1, 1, 0.9], [0, 10, 1, 11], [0, 10.1, 1, 11.1],
+                       [0, 100, 1, 101]]], np.float32)
+    scores = np.array([[[0.9, 0.75, 0.6, 0.95, 0.5, 0.3]]], np.float32)
+    for depth, maxb, iou, st in ((4, 3, 0.5, 0.0), (7, 1, 0.5, 0.0), (2, 6, 0.0, 0.55)):
+        _check(art, m, {"idx": np.array([0, -1, 5]), "depth": np.array(depth), "vals": np.array([0.0, 2.0], np.float32),
+                        "boxes": boxes, "scores": scores, "maxb": np.array([maxb]), "iou": np.array([iou], np.float32),
+                        "st": np.array([st], np.float32)})

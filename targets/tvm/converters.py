@@ -1784,14 +1784,13 @@ def _constant_of_shape_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any
 
 @_chained("NonMaxSuppression")
 def _nms_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
-    """NonMaxSuppression with run-time max_output_boxes_per_class / iou_threshold /
-    score_threshold: TOPI's all-class NMS takes them as tensors (Relax's legalization of the op
-    keeps only constants), then the rows are cut to the detection count at run time."""
+    """NonMaxSuppression: TOPI's all-class NMS with max_output_boxes_per_class / iou_threshold /
+    score_threshold as tensors (run-time or constant; Relax's legalization of the op keeps only
+    constants), then the rows cut to the detection count at run time. TOPI suppresses when
+    IoU >= threshold, ONNX when IoU > threshold: the threshold is moved to the next float32 up."""
     from tvm import te, tirx, topi
 
     extra = [ins[i] if len(ins) > i else None for i in (2, 3, 4)]
-    if not any(_runtime(e) for e in extra):
-        return NotImplemented
     boxes, scores = ins[0], ins[1]
     if node.attr("center_point_box", 0):
         xc, yc, w, h = (bb.emit(R.strided_slice(boxes, [2], [i], [i + 1])) for i in range(4))
@@ -1805,6 +1804,11 @@ def _nms_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int)
         if e is None:
             e = relax.const(np.array(dv, dtype=dt), dt)
         args.append(bb.emit(R.reshape(R.astype(e, dt), shape)))
+    def next_up(t: Any) -> Any:  # the next float32 above t >= 0 (its bits + 1); t < 0 suppresses alike
+        return te.compute((), lambda: tirx.Select(t[()] >= 0.0, tirx.reinterpret("float32", tirx.reinterpret("int32", t[()]) + 1), t[()]),
+                          name="iou_next_up")
+
+    args[1] = bb.emit_te(next_up, args[1], primfunc_name_hint="nms_iou")
     out = bb.emit_te(lambda b, s, m, iou, st: topi.vision.all_class_non_max_suppression(b, s, m, iou, st, "onnx"),
                      boxes, scores, *args, primfunc_name_hint="nms")
     sel = bb.emit(relax.TupleGetItem(out, 0))

@@ -347,11 +347,13 @@ def runtime_loop(lowerer: Any, bb: relax.BlockBuilder, node: Any, ins: list[Any]
         c2 = tbb.emit(R.reshape(R.astype(outs[0], b), []))
         new_state = list(outs[1 : 1 + n_car])
         for j in range(n_scan):
-            acc = tbb.match_cast(state[n_car + j], relax.TensorType(fresh_dims(state[n_car + j].ty), state[n_car + j].ty.dtype))
             item = outs[1 + n_car + j]
-            if not lazy[j]:
+            if not lazy[j]:  # the accumulator's trailing dims are the item's (static) ones
+                acc = tbb.match_cast(state[n_car + j], relax.TensorType([tvm.tirx.Var(_uid("n"), "int64")] + list(item.ty.shape.values),
+                                                                        item.ty.dtype))
                 new_state.append(tbb.emit(R.concat([acc, R.expand_dims(item, [0])], axis=0)))
                 continue
+            acc = tbb.match_cast(state[n_car + j], relax.TensorType(fresh_dims(state[n_car + j].ty), state[n_car + j].ty.dtype))
             item = tbb.match_cast(item, relax.TensorType(fresh_dims(item.ty), item.ty.dtype))
             first = tbb.emit(R.equal(i, relax.const(np.array(0, dtype=np.int64), i64)))
             grown = switch(tbb, [first], [lambda fb, p: fb.emit(R.expand_dims(p[1], [0])),

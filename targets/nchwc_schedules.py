@@ -60,6 +60,8 @@ __all__ = ["BlockedConv", "ConvTile", "ConvShape", "conv_tile", "match_blocked_c
 # weight vectors and one broadcast; 14 when the weights are read as memory operands of the FMAs
 _MAX_ACC = 12
 _MAX_ACC_WIDE = 14
+# weights of one chunk of output blocks (order "blk"): half of a 512 KiB L2
+_L2_WEIGHT_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,9 @@ class ConvTile:
 
     rt: int  # output pixels per tile
     obt: int  # output channel blocks per tile (1 or 2)
-    order: str = "ob"  # outer loop order: "ob" (n, ob, y, x), "row" (n, y, ob, x), "pix" (n, y, x, ob)
+    # outer loop order: "ob" (n, ob, y, x), "row" (n, y, ob, x), "pix" (n, y, x, ob), "blk" (n, ob
+    # chunk, y, ob in chunk, x: a chunk's weights fit in L2)
+    order: str = "ob"
     ob_inner: bool = False  # in the unrolled tile, output blocks inside pixels
     pad_row: bool = False  # (order "row") the padded input rows of each output row computed
     # under the row loop, instead of a fill + copy of the whole padded input before the conv
@@ -244,8 +248,17 @@ class BlockedConv(_Rule):
             # is the bounding box of the tile)
             return None
         p_o, p_i = sch.split(L["x"], factors=[None, rt])
-        outer = {"ob": [L["n"], ob_o, L["y"], p_o], "row": [L["n"], L["y"], ob_o, p_o],
-                 "pix": [L["n"], L["y"], p_o, ob_o]}[tile.order]
+        if tile.order == "blk":
+            # chunks of output blocks whose weights fit in L2: rows inside a chunk, the chunk's
+            # blocks inside a row (weights read once, the input once per chunk)
+            n_o = m.ext["ob"] // obt
+            per_block = m.shape.red * lanes * obt * 4  # bytes of weights per tile column
+            chunk = max([d for d in _divisors(n_o) if d * per_block <= _L2_WEIGHT_BYTES] or [1])
+            ob_oo, ob_oi = sch.split(ob_o, factors=[None, chunk])
+            outer = [L["n"], ob_oo, L["y"], ob_oi, p_o]
+        else:
+            outer = {"ob": [L["n"], ob_o, L["y"], p_o], "row": [L["n"], L["y"], ob_o, p_o],
+                     "pix": [L["n"], L["y"], p_o, ob_o]}[tile.order]
         oi_o, oi_i = sch.split(L["oi"], factors=[None, lanes])
         if m.kind == "conv":
             red = [L["icb"], L["kh"], L["kw"], L["ii"]]

@@ -182,3 +182,27 @@ def test_onehot_nms_runtime_parameters():
         _check(art, m, {"idx": np.array([0, -1, 5]), "depth": np.array(depth), "vals": np.array([0.0, 2.0], np.float32),
                         "boxes": boxes, "scores": scores, "maxb": np.array([maxb]), "iou": np.array([iou], np.float32),
                         "st": np.array([st], np.float32)})
+
+
+@pytest.mark.parametrize("op", ["LSTM"])
+def test_recurrent_runtime_sequence_lens(op):
+    """Bidirectional LSTM (GRU and RNN share the masking) with per-batch sequence lengths fed at run time: steps past a
+    length keep the state and output zeros, in both directions."""
+    vi = h.make_tensor_value_info
+    gates = {"LSTM": 4, "GRU": 3}[op]
+    hid, inp, t, batch = 3, 2, 4, 3
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((2, gates * hid, inp)).astype(np.float32) * 0.5
+    r = rng.standard_normal((2, gates * hid, hid)).astype(np.float32) * 0.5
+    b = rng.standard_normal((2, 2 * gates * hid)).astype(np.float32) * 0.1
+    inits = [onnx.numpy_helper.from_array(a, n) for a, n in ((w, "W"), (r, "R"), (b, "B"))]
+    outs = ["Y", "Y_h"] + (["Y_c"] if op == "LSTM" else [])
+    g = h.make_graph([h.make_node(op, ["X", "W", "R", "B", "lens"], outs, hidden_size=hid, direction="bidirectional")], "g",
+                     [vi("X", TP.FLOAT, [t, batch, inp]), vi("lens", TP.INT32, [batch])],
+                     [vi(n, TP.FLOAT, None) for n in outs], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 14)])
+    m.ir_version = 8
+    art = _compile(m)
+    x = rng.standard_normal((t, batch, inp)).astype(np.float32)
+    for lens in ([4, 1, 2], [2, 4, 3]):
+        _check(art, m, {"X": x, "lens": np.array(lens, np.int32)})

@@ -361,10 +361,11 @@ def _rnn_common(bb: relax.BlockBuilder, node: Node, ins: list[Any], gates: int, 
     dirs, gh, _ = _static(node, w, "weight")
     hidden = node.attr("hidden_size") or gh // gates
     direction = _str_attr(node, "direction", "forward")
+    lens = None  # per-batch lengths other than the full one: steps at or past a length keep the state
     if seq_lens is not None:
         v = _const_value(seq_lens)
         if v is None or not np.all(v == t):
-            raise LoweringError(f"node {node.label()}: {node.op_type} with sequence_lens other than the full length is not supported by the cpu target")
+            lens = bb.emit(R.reshape(R.astype(seq_lens, "int64"), [batch, 1]))
     acts = [a.decode() if isinstance(a, bytes) else a for a in (node.attr("activations") or [])] or default_acts * dirs
     alphas = list(node.attr("activation_alpha") or [])
     betas = list(node.attr("activation_beta") or [])
@@ -374,7 +375,7 @@ def _rnn_common(bb: relax.BlockBuilder, node: Node, ins: list[Any], gates: int, 
             raise LoweringError(f"node {node.label()}: activation {a!r} is not supported by the cpu target")
     return {"x": x, "w": w, "r": r, "b": b, "t": t, "batch": batch, "dirs": dirs, "hidden": hidden,
             "direction": direction, "acts": acts, "alphas": alphas, "betas": betas, "per": per, "layout": layout,
-            "clip": node.attr("clip")}
+            "clip": node.attr("clip"), "lens": lens}
 
 
 def _dir_slice(bb: relax.BlockBuilder, e: Any, d: int) -> Any:
@@ -475,6 +476,7 @@ def _recurrent(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -
             return _slice(bb, a, 1, k * hsz, (k + 1) * hsz)
 
         for i in steps:
+            h_prev, cell_prev = h, cell
             xt = bb.emit(R.squeeze(_slice(bb, xw, 0, i, i + 1), [0]))  # [B, G*H]
             if op == "GRU":
                 # gates z, r, h; Rb's h part is inside the reset product with linear_before_reset
@@ -517,6 +519,13 @@ def _recurrent(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -
                         go = R.add(go, R.multiply(_slice(bb, p, 0, hsz, 2 * hsz), cell))
                     og = bb.emit(f[0](_clip(c, go, dtype)))
                     h = bb.emit(R.multiply(og, f[2](cell)))
+            if c["lens"] is not None:  # a batch entry past its length: state kept, output zero
+                live = bb.emit(R.less(_c(i, "int64"), c["lens"]))
+                out[i] = bb.emit(R.where(live, h, _c(0, dtype)))
+                h = bb.emit(R.where(live, h, h_prev))
+                if cell is not None:
+                    cell = bb.emit(R.where(live, cell, cell_prev))
+                continue
             out[i] = h
         ys.append([out[i] for i in range(t)])
         hs.append(h)

@@ -318,3 +318,16 @@ def test_random_blocked_convs_keep_numbers(cb, ob, h, w, k, s, residual, act):
     sfunc, rule = _schedule(func)
     assert rule == "blocked-conv"
     np.testing.assert_allclose(_run(sfunc, args, oshape), _act(ref, act), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["conv", "depthwise"])
+@pytest.mark.parametrize("symbolic", [False, True], ids=["batch2", "symbolic_batch"])
+def test_batch_and_symbolic_batch(kind, symbolic):
+    """Batch 2, and a symbolic batch (kept as a serial outer loop) run with batch 2."""
+    n = tvm.tirx.Var("n", "int64") if symbolic else 2
+    c, oc = 16, 32 if kind == "conv" else 16
+    func, _ = _kernel(kind, c, 8, oc, 3, 1, "relu", kind == "conv", n=n)
+    args, ref = _data(kind, c, 8, oc, 3, 1, kind == "conv", n=2)
+    sfunc, rule = _schedule(func)
+    assert rule == "blocked-conv"
+    np.testing.assert_allclose(_run(sfunc, args, (2, oc, 8, 8)), _act(ref, "relu"), rtol=1e-4, atol=1e-4)

@@ -196,6 +196,36 @@ def _stride_of(region: Any, var: Any) -> int | None:
     return None
 
 
+def _partition_pad_cols(sch: "tvm.s_tir.Schedule", pad: Any, col_loop: Any) -> None:
+    """Split the column loop of a pad block computed under a row loop into the left border, the
+    interior and the right border: in the interior the column half of the pad's condition is
+    provably true and drops out, so the copy has no per-pixel branch (the row half is uniform
+    over the row). Left alone where the split does not apply."""
+    from tvm.sym.pattern import detect_linear_equation
+
+    stmt = sch.get(pad)
+    if len(stmt.reads) != 1:
+        return
+    region = stmt.reads[0].region
+    src_shape = stmt.reads[0].source.shape
+    loop = sch.get(col_loop)
+    ext = _int(loop.extent)
+    dim = 3  # [n, c, rows, cols, (b)]
+    if ext is None or len(region) <= dim or len(stmt.iter_vars) <= dim:
+        return
+    coeffs = detect_linear_equation(region[dim].min, [stmt.iter_vars[dim].var])
+    width = _int(src_shape[dim])
+    if len(coeffs) != 2 or _int(coeffs[0]) != 1 or _int(coeffs[1]) is None or width is None:
+        return
+    left = -_int(coeffs[1])  # the pad column c reads input column c - left
+    mid = min(width, ext - left)
+    if left < 0 or mid <= 0:
+        return
+    factors = [f for f in (left, mid, ext - left - mid) if f > 0]
+    if len(factors) > 1:
+        sch.loop_partition(col_loop, [*factors[:-1], None])  # (the last part: what remains)
+
+
 class BlockedConv(_Rule):
     """conv2d_blocked / conv2d_stem + epilogue (see module docstring); depthwise_blocked and
     pool_blocked kernels go to `BlockedWindow` (so one entry in the default rules covers the
@@ -374,10 +404,12 @@ class BlockedWindow(_Rule):
 
     name = "blocked-window"
 
-    def __init__(self, rt: int | None = None, pad: str | None = None, ry: int | None = None) -> None:
+    def __init__(self, rt: int | None = None, pad: str | None = None, ry: int | None = None,
+                 partition_pad: bool = True) -> None:
         self.rt = rt
         self.pad = pad
         self.ry = ry
+        self.partition_pad = partition_pad
 
     def apply(self, func, target, lanes):
         from tvm import s_tir
@@ -424,10 +456,11 @@ class BlockedWindow(_Rule):
         if m.pad is not None and pad_mode in ("at", "row"):
             sch.compute_at(m.pad, fused, preserve_unit_loops=True)
             pad_blocks = [m.pad]
-            for pb in pad_blocks:
-                pl = sch.get_loops(pb)
-                if _int(sch.get(pl[-1]).extent) == lanes:
-                    sch.vectorize(pl[-1])
+            pl = sch.get_loops(m.pad)
+            if _int(sch.get(pl[-1]).extent) == lanes:
+                sch.vectorize(pl[-1])
+            if row_pad and self.partition_pad:
+                _partition_pad_cols(sch, m.pad, pl[-2])
         sch.vectorize(ci_i)
         sch.unroll(x_i)
         sch.unroll(y_i)
@@ -444,6 +477,6 @@ class BlockedWindow(_Rule):
             e = _int(sch.get(lp).extent)
             if e is not None and 1 < e <= 64:
                 sch.unroll(lp)
-        done = {sch.get(b).name_hint for b in (anchor, wb, init, *pad_blocks)}
+        done = {sch.get(b).name_hint for b in (anchor, wb, init)}  # (a pad under the row loop is no root block)
         _schedule_rest(sch, done, lanes)
         return sch

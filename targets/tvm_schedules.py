@@ -537,15 +537,6 @@ class OuterProduct(_Rule):
         max_rows = max(1, (_MAX_ACC_VECTORS * lanes) // max(vt, lanes))
         divs = [d for d in _divisors(n_reg) if d <= max_rows]
         rt = max(divs)
-        if (_MATMUL_WIDE_VT and out_order and out_order[-1].same_as(vec_var) and vt == 2 * lanes
-                and rt * 2 < _MAX_ACC_VECTORS):
-            # matmul-like (the output's last axis is the vector axis): with M = 128 the row tile
-            # is 4 (no 6 divides it): 4 x 2 vectors leaves 4 of 12 accumulators unused; a wider
-            # vector tile fills them
-            for nv in range(_MAX_ACC_VECTORS // rt, 2, -1):
-                if n_vec % (nv * lanes) == 0:
-                    vt = nv * lanes
-                    break
         if rt < 4:
             # 7x7 / 14x14 outputs: a whole 7-row tile (14 accumulators, B read as a memory
             # operand of the FMA) beats a predicated 6-row tail tile
@@ -560,6 +551,15 @@ class OuterProduct(_Rule):
             rt = max(d for d in _divisors(n_reg) if d <= max_rows)
             if rt < 3 and n_reg > max_rows:
                 rt = max_rows
+        if (_MATMUL_WIDE_VT and out_order and out_order[-1].same_as(vec_var) and vt == 2 * lanes
+                and n_reg % rt == 0 and rt * 2 < _MAX_ACC_VECTORS):
+            # matmul-like (the output's last axis is the vector axis), whole row tiles leaving
+            # accumulators unused (M = 128: 4 rows, no 6 divides it; 4 x 2 vectors is 8 of 12):
+            # a wider vector tile fills them. Not with a tail tile (ViT's 197 rows: 6 + tail)
+            for nv in range(_MAX_ACC_VECTORS // rt, 2, -1):
+                if n_vec % (nv * lanes) == 0:
+                    vt = nv * lanes
+                    break
 
         # ---- pack B so the vector axis is innermost and contiguous
         b_dim = next((k for k, d in enumerate(db) if vec_var in d), None)

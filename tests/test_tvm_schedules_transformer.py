@@ -143,6 +143,22 @@ def test_matmul_wide_tile_and_k_blocking():
     np.testing.assert_allclose(_run(split, [x, w, b]), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows,wide", [(128, True), (197, False), (7, False)])
+def test_wide_tile_only_for_whole_row_tiles(rows, wide):
+    """The 3-vector tile is for whole 4-row tiles (M = 128); a prime row count (ViT's 197: 6-row
+    tiles plus a tail) or a 7-row tile keeps 2 vectors, so the accumulators stay within 14."""
+    lanes = S.vector_lanes(_target())
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((rows, 64)).astype(np.float32)
+    w = (rng.standard_normal((64, 6 * lanes)) / 8).astype(np.float32)
+    mod = _fused(lambda bb, a, wv: bb.emit(relax.op.matmul(a, wv)), [("x", x.shape), ("w", w.shape)])
+    smod, _, (func,) = _schedule(mod)
+    script = func.script()
+    vt = 3 * lanes if wide else 2 * lanes
+    assert f"T.int64({6 * lanes // vt}), T.int64(64), T.int64({vt})" in script  # the [N/vt, K, vt] pack
+    np.testing.assert_allclose(_run(smod, [x, w]), (x.astype(np.float64) @ w).astype(np.float32), rtol=1e-4, atol=1e-4)
+
+
 def test_convs_keep_the_register_tile():
     """The matmul-only tile changes leave NCHW convolutions alone: no K blocking, at most
     2 vectors wide (the output's last axis is the register axis there)."""

@@ -90,6 +90,7 @@ class ConvTile:
     ob_inner: bool = False  # in the unrolled tile, output blocks inside pixels
     pad_row: bool = False  # (order "row") the padded input rows of each output row computed
     # under the row loop, instead of a fill + copy of the whole padded input before the conv
+    partition_pad: bool = False  # ... with the pad's column loop split into borders and interior
     unroll_kw: bool = False  # unroll kw too (LLVM then keeps the broadcasts that neighbouring
     # kw taps share in registers, and spills the accumulators for them)
 
@@ -310,6 +311,8 @@ class BlockedConv(_Rule):
             pl = sch.get_loops(pad)
             if _int(sch.get(pl[-1]).extent) == lanes:
                 sch.vectorize(pl[-1])
+                if tile.partition_pad:
+                    _partition_pad_cols(sch, pad, pl[-2])
 
         sch.vectorize(oi_i)
         sch.unroll(p_i)
@@ -330,7 +333,7 @@ class BlockedConv(_Rule):
             e = _int(sch.get(lp).extent)
             if e is not None and 1 < e <= 64:
                 sch.unroll(lp)
-        done = {sch.get(b).name_hint for b in (anchor, wb, init, *([pad] if pad is not None else []))}
+        done = {sch.get(b).name_hint for b in (anchor, wb, init)}  # (a pad under the row loop is no root block)
         _schedule_rest(sch, done, lanes)
         return sch
 

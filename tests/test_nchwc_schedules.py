@@ -215,13 +215,15 @@ TILES = [
     ConvTile(4, 2),
     ConvTile(2, 4, "row"),
     ConvTile(4, 2, "row", pad_row=True),
+    ConvTile(4, 2, "row", pad_row=True, partition_pad=True),
+    ConvTile(2, 4, "blk"),
     ConvTile(4, 2, "pix"),
     ConvTile(8, 1, ob_inner=True),
     ConvTile(2, 2, unroll_kw=True),
 ]
 
 
-@pytest.mark.parametrize("tile", TILES, ids=[f"{t.rt}x{t.obt}_{t.order}{'_pad' if t.pad_row else ''}"
+@pytest.mark.parametrize("tile", TILES, ids=[f"{t.rt}x{t.obt}_{t.order}{'_pad' if t.pad_row else ''}{'_part' if t.partition_pad else ''}"
                                                f"{'_obin' if t.ob_inner else ''}{'_kw' if t.unroll_kw else ''}" for t in TILES])
 def test_forced_tiles_keep_numbers(tile):
     func, oshape = _kernel("conv", 16, 8, 32, 3, 1, "relu", residual=True)

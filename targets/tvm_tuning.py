@@ -238,7 +238,7 @@ class _Progress:
             s["trials"] = ev["total_new"]
             if ev.get("best_ms") is not None:
                 s["best"][ev["name"]] = ev["best_ms"]
-        elif kind == "task_done":
+        elif kind in ("task_done", "variants_done"):
             s["done"] += 1
         elif kind == "round":  # tuning in rounds (time budget): the bar counts the tasks of this round
             s["done"] = 0
@@ -770,12 +770,20 @@ def _child_tune(spec: dict[str, Any], out: Any) -> None:  # noqa: C901 - one pro
     t_print = time.monotonic
     # first the default schedule and its rule's variants of every task (biggest first): a few
     # measured tile choices per kernel are where a short budget pays most; then the search
-    for d in pending:
+    todo = [d for d in pending if "variants" not in ledger.get(d["key"], {})]
+    if todo:
+        emit({"ev": "round", "cap": 0})
+    for d in todo:
         if deadline is not None and time.monotonic() >= deadline:
             break
-        if "variants" not in ledger.get(d["key"], {}):
-            print(f"[{t_print() - t_start:7.1f}s] task {d['name']}: default schedule and its variants", file=sys.stderr, flush=True)
-            keep_default_if_faster(d)
+        print(f"[{t_print() - t_start:7.1f}s] task {d['name']}: default schedule and its variants", file=sys.stderr, flush=True)
+        emit({"ev": "task", "name": d["name"], "want": 0, "done_before": d["done"]})
+        keep_default_if_faster(d)
+        e = ledger.get(d["key"], {})
+        best = min((e[k] for k in ("default_ms", "variant_ms", "best_ms") if e.get(k) is not None), default=None)
+        # (a "batch" of no trials: the progress bar and the restart logic see the phase advance)
+        emit({"ev": "batch", "name": d["name"], "new": 0, "failed": 0, "total_new": total_new, "task_trials": 0, "best_ms": best})
+        emit({"ev": "variants_done", "name": d["name"], "best_ms": best, "variants": e.get("variants", 0)})
     rounds = [(cap, d) for cap in caps for d in pending]
     last_cap = None
     for cap, d in rounds:

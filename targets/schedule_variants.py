@@ -1,0 +1,66 @@
+"""Variants of the default schedules that tuning measures before its search.
+
+A default rule picks one micro-kernel per shape from a cost rule; the best tile of a given conv on
+a given machine is often a neighbour of that pick. `variants(func, target, lanes)` gives, for a
+kernel one of graphopt's own rules schedules, the other choices of that rule (for the blocked
+convolutions: pixels x output blocks per tile, loop order, padded rows per row; for the blocked
+depthwise convs and pooling: pixels per tile, rows per tile, how the pad is read). Tuning builds
+and runs them like its own candidates and keeps the fastest as a record (`tvm_tuning`), so a
+short budget spends its first minutes on a dozen good candidates per kernel instead of on random
+points of meta_schedule's design space. Kernels no rule here matches get no variants.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import tvm
+
+__all__ = ["variants"]
+
+# (pixels, output channel blocks) per micro-kernel: 8-14 accumulator vectors
+_CONV_TILES = ((2, 6), (3, 4), (4, 3), (6, 2), (4, 2), (2, 4), (8, 1), (7, 2), (7, 1), (12, 1))
+_CONV_ORDERS = (("ob", False), ("row", True), ("pix", False))
+_WINDOW = tuple((rt, pad, ry) for rt in (2, 4, 7, 8) for pad in ("inline", "at") for ry in (1, 2))
+
+
+def _hash(sch: Any) -> int:
+    import tvm_ffi
+
+    return int(tvm_ffi.structural_hash(sch.mod["main"]))
+
+
+def variants(func: "tvm.tirx.PrimFunc", target: "tvm.target.Target", lanes: int) -> list[tuple[str, Any]]:
+    """(label, traced Schedule) for each variant of `func`'s default schedule that differs from it."""
+    from .nchwc_schedules import BlockedConv, BlockedWindow, ConvTile
+
+    out: list[tuple[str, Any]] = []
+    try:
+        default = BlockedConv().apply(func, target, lanes)
+    except Exception:  # noqa: BLE001 - not a kernel of these rules
+        return out
+    if default is None:
+        return out
+    seen = {_hash(default)}
+    conv = BlockedConv()._conv(func, target, lanes) is not None
+    if conv:
+        cands = [(f"tile {rt}x{obt} {order}{' pad-row' if pad_row else ''}",
+                  BlockedConv(tile=ConvTile(rt, obt, order, pad_row=pad_row)))
+                 for rt, obt in _CONV_TILES for order, pad_row in _CONV_ORDERS]
+    else:
+        cands = [(f"window {rt} px x {ry} rows pad {pad}", BlockedConv(window=BlockedWindow(rt=rt, pad=pad, ry=ry)))
+                 for rt, pad, ry in _WINDOW]
+    for label, rule in cands:
+        try:
+            sch = rule.apply(func, target, lanes)
+        except Exception:  # noqa: BLE001 - a tile the kernel cannot take
+            continue
+        if sch is None:
+            continue
+        h = _hash(sch)
+        if h in seen:
+            continue
+        seen.add(h)
+        out.append((label, sch))
+    return out

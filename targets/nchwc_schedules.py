@@ -1,34 +1,44 @@
 """Default CPU schedules for the channel-blocked (NCHW[b]c) kernels of `targets/tvm/blocked_ops.py`.
 
-`BlockedConv` schedules one fused PrimFunc of the form
+`BlockedConv` (one entry in `tvm_schedules.default_rules`, in front of OuterProduct) schedules the
+fused PrimFuncs of the blocked layout:
 
     pad → conv2d_blocked | conv2d_stem reduction → epilogue (bias, Relu/Clip, residual Add, ...)
+    pad → depthwise_blocked | pool_blocked reduction → epilogue     (through `BlockedWindow`)
 
-as a register-tiled micro-kernel, the form onnxruntime's MLAS NCHWc kernels take:
+Convolutions (`conv2d_blocked`, `conv2d_stem`) become a register-tiled micro-kernel, the form
+onnxruntime's MLAS NCHWc kernels take:
 
-- the output tile is `rt` pixels (along the output row, or along the fused row*column axis of a
-  stride-1 1x1 conv) x `obt` output channel blocks (1 or 2 adjacent blocks of `b` channels)
-  x the `b` channels of a block (one vector). `rt * obt` accumulator vectors stay in registers for
-  the whole reduction;
-- the reduction runs `icb, kh, kw, ii` outside the tile (`ic, kh, kw` for the stem), with `ii`
-  (the `b` input channels of a block) and small `kw` unrolled: per step, `obt` weight vectors
-  (contiguous in the packed `[OC/b, C/b, KH, KW, b(in), b(out)]` weights) and `rt` broadcasts of
+- the output tile is `rt` pixels along the output row x `obt` adjacent output channel blocks x the
+  `b` channels of a block (one vector): `rt * obt` accumulator vectors stay in registers for the
+  whole reduction. 12 accumulators (2x6, 3x4, 4x3, 6x2) where the row width and the block count
+  allow it, else 8 (4x2, 2x4, 8x1) or 7 (7x1 for 7-wide rows). Only exact divisors: a predicated
+  tail tile keeps its accumulators in memory (measured 1.5-2x slower), and ResNet-50's widths
+  (56, 28, 14, 7) and power-of-two block counts never allow 12 — see `conv_tile`;
+- the reduction runs `icb, kh, kw, ii` outside the tile (`ic, kh, kw` for the stem), `ii` (the
+  `b` input channels of a block) unrolled, `kw` not (unrolled, LLVM keeps the broadcasts that
+  neighbouring taps share and spills accumulators for them): per step `obt` weight vectors
+  (contiguous in the packed `[OC/b, C/b, KH, KW, b(in), b(out)]` weights) and `rt` broadcast
   input values feed `rt * obt` FMAs;
-- outer loops (batch, output block pairs, rows, pixel tiles) are fused into one parallel loop;
+- outer loops: output blocks, rows, pixel tiles, fused into one parallel loop; padded convs with
+  at least 14 output rows run rows outermost (parallel over batch x rows) with each row's padded
+  input rows computed under the row loop, instead of a fill + copy of the whole padded input;
 - the accumulator tile is written back through the inlined epilogue (bias add, activation,
-  residual add), vectorised along the block's channels;
-- the pad block is split into a fill and an interior copy (both vectorised), as the generic
-  rules do.
+  residual add), vectorised along the block's channels.
 
-The tile (`rt`, `obt`, whether to fuse the pixel axes) is picked per shape by `conv_tile` (a cost
-rule measured with `tools/bench_nchwc_kernels.py`); `BlockedConv(tile=...)` forces one, for
-experiments. The rule declines any other kernel (it returns None), so the generic rules of
-`tvm_schedules` still schedule them. Depthwise convs and pooling on blocked tensors are left to
-`WindowReduction` (see `tools/bench_nchwc_kernels.py` for how they compare with onnxruntime).
+Depthwise convs and pooling (`BlockedWindow`): a tile of 4 pixels x 2 rows x the block's channels
+in registers around the unrolled window, the padded input rows of each tile row computed under
+the row loop (interior copy without conditions), the epilogue (bias, Clip, the average's division)
+in the write-back. The generic WindowReduction materialised the whole padded input first (max
+pool 7-8x onnxruntime's time).
+
+`ConvTile` / `BlockedWindow(rt=, ry=, pad=)` force other choices, for experiments
+(tools/bench_nchwc_kernels.py measures them against onnxruntime). The rule declines every other
+kernel (it returns None), so the generic rules still schedule them.
 
 Like the other default rules the schedule is built with traced primitives only, so its trace
 replays on the same workload: tuning (targets/tvm_tuning.py) stores it as the task's default
-record.
+record and keeps it where tuning does not beat it.
 """
 
 from __future__ import annotations
@@ -83,7 +93,7 @@ class ConvTile:
     """One micro-kernel choice."""
 
     rt: int  # output pixels per tile
-    obt: int  # output channel blocks per tile (1 or 2)
+    obt: int  # adjacent output channel blocks per tile
     # outer loop order: "ob" (n, ob, y, x), "row" (n, y, ob, x), "pix" (n, y, x, ob), "blk" (n, ob
     # chunk, y, ob in chunk, x: a chunk's weights fit in L2)
     order: str = "ob"
@@ -398,12 +408,16 @@ def match_blocked_window(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> 
 
 class BlockedWindow(_Rule):
     """depthwise_blocked / pool_blocked (+ epilogue: bias, Clip, the average's division): a tile
-    of `rt` output pixels x the `b` channels of a block (one vector each) accumulated in
-    registers, the window (kh, kw) unrolled around it, parallel over (batch, block, row, tile).
+    of `rt` output pixels x `ry` output rows x the `b` channels of a block (one vector each)
+    accumulated in registers, the window (kh, kw) unrolled around it.
 
-    The pad block is not materialised (the generic rule fills and copies the whole padded input:
-    for ResNet-50's max pool that was 10x onnxruntime's time): it is inlined into the window
-    reduction (`pad="inline"`: a select per tap) or computed per tile (`pad="at"`)."""
+    The pad block is not materialised whole (the generic rule fills and copies the whole padded
+    input: ResNet-50's max pool ran 7-8x onnxruntime's time):
+    - `pad="row"` (default for rows wider than 7): parallel over (batch, block, row tiles), the
+      padded input rows of a row tile computed under that loop, their column loop split into
+      borders and interior (`partition_pad`) so the interior copy has no condition;
+    - `pad="inline"` (default for 7-wide rows): the pad's select inlined into the window loop;
+    - `pad="at"`: the pad computed per pixel tile."""
 
     name = "blocked-window"
 

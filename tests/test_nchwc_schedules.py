@@ -254,6 +254,8 @@ def test_conv_tile_choice():
             t = conv_tile(ConvShape("conv", ob, ow, ow, 576, 3, 3, 1), 8)
             assert ow % t.rt == 0 and ob % t.obt == 0 and 7 <= t.rt * t.obt <= 12
             assert t.pad_row == (ow >= 14)
+    assert conv_tile(ConvShape("conv", 256, 7, 7, 1024, 1, 1, 2), 8).order == "blk"  # strided 1x1
+    assert conv_tile(ConvShape("conv", 256, 7, 7, 1024, 1, 1, 1), 8).order == "ob"
 
 
 def test_declines_other_kernels():

@@ -899,6 +899,19 @@ _ERF_BETA = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03
 _FAST_ERF_REGISTERED = False
 
 
+def _libm_per_lane(dtype: str, name: str, x: Any) -> Any:
+    """libm's scalar `name` (double) applied to `x`: one call per lane for a vector (a vectorised
+    loop's float64 exp/erf reaches this lowering as a vector; one extern call with a vector
+    argument gave garbage lanes: ReduceLogSumExp on float64 returned nan / -inf)."""
+    from tvm import tirx
+
+    if "x" not in dtype:
+        return tirx.call_pure_extern(dtype, name, x)
+    scalar, lanes = dtype.split("x")[0], int(dtype.split("x")[1])
+    parts = [tirx.call_pure_extern(scalar, name, tirx.Shuffle([x], [tirx.const(i, "int32")])) for i in range(lanes)]
+    return tirx.Shuffle(parts, [tirx.const(i, "int32") for i in range(lanes)])
+
+
 def _fast_erf(call: Any) -> Any:
     """LLVM lowering of `tirx.erf`: the polynomial for float32 (scalar or vector); libm's erf
     for other types. LLVM's default is a call to libm's erff per element, which the vectoriser
@@ -909,7 +922,7 @@ def _fast_erf(call: Any) -> Any:
     dtype = str(x.ty)
     if not dtype.startswith("float32"):
         if dtype.startswith("float64"):
-            return tirx.call_pure_extern(dtype, "erf", x)
+            return _libm_per_lane(dtype, "erf", x)
         return tirx.Cast(dtype, _fast_erf(tirx.Call(dtype.replace(dtype.split("x")[0], "float32", 1),
                                                      call.op, [tirx.Cast(dtype.replace(dtype.split("x")[0], "float32", 1), x)])))
     xc = tirx.max(tirx.min(x, 4.0), -4.0)
@@ -939,7 +952,7 @@ def _fast_exp(call: Any) -> Any:
     x = call.args[0]
     dtype = str(x.ty)
     if not dtype.startswith("float32"):
-        return tirx.call_pure_extern(dtype, "exp" if dtype.startswith("float64") else "expf", x) \
+        return _libm_per_lane(dtype, "exp", x) \
             if dtype.split("x")[0] in ("float64",) else tirx.Cast(dtype, _fast_exp(tirx.Call(
                 dtype.replace(dtype.split("x")[0], "float32", 1), call.op,
                 [tirx.Cast(dtype.replace(dtype.split("x")[0], "float32", 1), x)])))

@@ -345,3 +345,23 @@ def test_encoder_layer_runs_like_onnxruntime(monkeypatch):
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
     (got,) = art.run(feeds)
     np.testing.assert_allclose(got, ref[0], rtol=1e-4, atol=1e-4)
+
+
+def test_float64_exp_and_erf_in_vectorised_loops():
+    """float64 exp / erf inside a vectorised loop lower to libm's double functions lane by lane
+    (one extern call on the whole vector gave garbage lanes: ReduceLogSumExp returned nan)."""
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((4, 64)) * 3).astype(np.float64)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", TT(x.shape, "float64"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.add(relax.op.exp(xv), relax.op.erf(xv))))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    for p in (relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+              relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()):
+        mod = p(mod)
+    smod, stats, (func,) = _schedule(mod)
+    assert "T.vectorized(" in func.script()
+    np.testing.assert_allclose(_run(smod, [x]), np.exp(x) + _erf(x), rtol=1e-12, atol=1e-12)

@@ -1063,6 +1063,27 @@ _REDUCE_PARTS: dict[str, tuple[Any, Any, Any]] = {
 }
 
 
+def _reduce_empty_set(bb: relax.BlockBuilder, node: Node, ins: list[Any]) -> Any:
+    """ReduceMax/Min (float) over constant axes that include a dim of static size 0: -inf/+inf
+    (the TIR reduction's init is the finite extreme); NotImplemented otherwise."""
+    if node.op_type not in ("ReduceMax", "ReduceMin") or not _dt(ins[0]).startswith("float"):
+        return NotImplemented
+    x = ins[0]
+    dims = _dims_of(x)
+    axes = node.attr("axes")
+    if len(ins) > 1 and ins[1] is not None:
+        v = _const_value(ins[1])
+        axes = None if v is None else [int(a) for a in np.asarray(v).reshape(-1)]
+    axes = list(range(len(dims))) if not axes else [a % len(dims) for a in axes]
+    if not any(dims[a] == 0 for a in axes):
+        return NotImplemented
+    keep = bool(node.attr("keepdims", 1))
+    fn = R.max if node.op_type == "ReduceMax" else R.min
+    inf = -np.inf if node.op_type == "ReduceMax" else np.inf
+    y = bb.emit(fn(x, axes, keep))
+    return bb.emit(R.add(R.multiply(y, _c(0, _dt(x))), _c(inf, _dt(x))))
+
+
 @_chained(*_REDUCE_PARTS)
 def _reduce_runtime_axes(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
     """Reduce* whose axes are a run-time input (opset 18; ReduceSum 13): the axes tensor's length
@@ -1072,7 +1093,7 @@ def _reduce_runtime_axes(bb: relax.BlockBuilder, node: Node, ins: list[Any], ops
     axis stable by its max). keepdims=0 then drops the reduced dims with a reshape to the kept
     dims, computed at run time. Empty axes: all axes, or the input (noop_with_empty_axes)."""
     if len(ins) < 2 or not _runtime(ins[1]):
-        return NotImplemented
+        return _reduce_empty_set(bb, node, ins)
     x, axes = ins[0], ins[1]
     k = _static_len(axes)
     if k is None:
@@ -1650,8 +1671,11 @@ def _split_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: in
     output one TE copy from the running offset."""
     from tvm import te
 
-    if opset < 13 or len(ins) < 2 or not _runtime(ins[1]):
+    if opset < 13 or len(ins) < 2 or ins[1] is None:
         return NotImplemented
+    const = _const_value(ins[1])
+    if const is not None and (const.size == 0 or np.all(np.asarray(const) > 0)):
+        return NotImplemented  # the frontend's split (it refuses zero-size pieces)
     x = ins[0]
     r = x.ty.ndim
     axis = node.attr("axis", 0)
@@ -1659,7 +1683,10 @@ def _split_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: in
     n_out = len(node.outputs)
     if _static_len(ins[1]) != n_out:
         raise LoweringError(f"node {node.label()}: Split needs one size per output")
-    sizes = D.shape_of_tensor(bb, ins[1], n_out, "split").values
+    if const is not None:
+        sizes = [tvm.tirx.const(int(v), "int64") for v in np.asarray(const).reshape(-1)]
+    else:
+        sizes = D.shape_of_tensor(bb, ins[1], n_out, "split").values
     outs: list[Any] = []
     off: Any = tvm.tirx.const(0, "int64")
     for i, sz in enumerate(sizes):

@@ -204,3 +204,44 @@ def test_random_blocked_convs_match_onnxruntime(c, oc, k, stride, dil, hw, pad, 
     art = graphopt.compile(m, "cpu{layout=nchwc}", "-O2", threads=1)
     assert art.manifest["kernels"]["blocked"] >= 1
     np.testing.assert_allclose(art.run(feeds)[0], run_onnxruntime(graphopt.load(m), feeds)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_ceil_mode_pool_drops_a_window_starting_in_the_right_padding():
+    """ONNX: with ceil_mode the last window must start inside the input or its left padding (6
+    wide, kernel 2, stride 2, right pad 1: 3 windows, not 4) — found by the random test above."""
+    m = _parse(_HEAD + """g (float[1, 8, 6, 6] x) => (float[1, 8, 3, 3] y) {
+    c = Conv <kernel_shape = [1, 1]> (x, w)
+    y = MaxPool <kernel_shape = [2, 2], strides = [2, 2], pads = [0, 0, 1, 1], ceil_mode = 1> (c)
+}
+""", {"w": (8, 8, 1, 1)})
+    feeds = _feeds(1, 8, 6)
+    art = graphopt.compile(m, "cpu{layout=nchwc}", "-O2", threads=1)
+    np.testing.assert_allclose(art.run(feeds)[0], run_onnxruntime(graphopt.load(m), feeds)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_wide_rows_are_computed_rounded_up_and_cropped():
+    """A 14-wide output with 4+ output blocks is computed 15 wide (3-pixel x 4-block tiles) and
+    cropped; the numbers stay those of onnxruntime, for 3x3 and 1x1 convs with residual adds."""
+    m = _parse(_HEAD + """g (float[1, 32, 14, 14] x) => (float[1, 32, 14, 14] y) {
+    c = Conv <pads = [1, 1, 1, 1], kernel_shape = [3, 3]> (x, w, b)
+    r = Relu (c)
+    d = Conv <kernel_shape = [1, 1]> (r, w1)
+    y = Add (d, x)
+}
+""", {"w": (32, 32, 3, 3), "b": (32,), "w1": (32, 32, 1, 1)})
+    g = _planned(m)
+    convs = [n for n in g.graph.nodes if n.op_type == "Conv"]
+    assert [TL.wide_multiple(n, 8) for n in convs] == [3, 3]
+    lowered = L.lower(g, block=8)
+    assert "crop" in lowered.mod.script()
+    feeds = _feeds(1, 32, 14)
+    art = graphopt.compile(m, "cpu", "-O2", threads=2)
+    np.testing.assert_allclose(art.run(feeds)[0], run_onnxruntime(graphopt.load(m), feeds)[0], rtol=1e-4, atol=1e-4)
+    # 7 wide (2 of 9 columns would be wasted) and 2 output blocks keep their exact width
+    small = _parse(_HEAD + """g (float[1, 32, 7, 7] x, float[1, 8, 14, 14] z) => (float[1, 32, 7, 7] y, float[1, 16, 14, 14] v) {
+    y = Conv <kernel_shape = [1, 1]> (x, w)
+    v = Conv <kernel_shape = [1, 1]> (z, wv)
+}
+""", {"w": (32, 32, 1, 1), "wv": (16, 8, 1, 1)})
+    gs = _planned(small)
+    assert [TL.wide_multiple(n, 8) for n in gs.graph.nodes if n.op_type == "Conv"] == [1, 1]

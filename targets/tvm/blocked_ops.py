@@ -45,7 +45,13 @@ __all__ = [
 def _out(size: Any, k: int, stride: int, dilation: int, pad_a: int, pad_b: int, ceil: bool = False) -> Any:
     span = (k - 1) * dilation + 1
     if ceil:
-        return (size + pad_a + pad_b - span + stride - 1) // stride + 1
+        # ONNX (and onnxruntime): the last window must start inside the input or its left padding
+        if isinstance(size, (int, tirx.IntImm)):
+            sz = int(size)
+            out = (sz + pad_a + pad_b - span + stride - 1) // stride + 1
+            return out - 1 if (out - 1) * stride >= sz + pad_a else out
+        out = (size + pad_a + pad_b - span + stride - 1) // stride + 1
+        return tirx.Select((out - 1) * stride >= size + pad_a, out - 1, out)
     return (size + pad_a + pad_b - span) // stride + 1
 
 
@@ -119,27 +125,48 @@ def _pad_spatial(x: te.Tensor, h_axis: int, pads: Sequence[int], value: float, e
 
 
 def conv2d_blocked(
-    x: te.Tensor, w: te.Tensor, strides: Sequence[int], pads: Sequence[int], dilations: Sequence[int]
+    x: te.Tensor, w: te.Tensor, strides: Sequence[int], pads: Sequence[int], dilations: Sequence[int],
+    ow_multiple: int = 1,
 ) -> te.Tensor:
-    """x [N, C/b, H, W, b] * w [OC/b, C/b, KH, KW, b, b] → [N, OC/b, OH, OW, b]."""
+    """x [N, C/b, H, W, b] * w [OC/b, C/b, KH, KW, b, b] → [N, OC/b, OH, OW, b].
+
+    `ow_multiple` > 1: the reduction computes OW rounded up to that multiple of output columns
+    (the extra ones read clamped or zero-padded input and are dropped by a `crop` block), so a
+    micro-kernel of that many pixels divides every row (ResNet's widths 56/28/14/7 take no 3-pixel
+    tile otherwise)."""
     n, cb_n, h, wd, b = x.shape
     ob_n, _, kh_n, kw_n, _, _ = w.shape
     sh, sw = (int(s) for s in strides)
     dh, dw = (int(d) for d in dilations)
     oh = _out(h, int(kh_n), sh, dh, pads[0], pads[2])
     ow = _out(wd, int(kw_n), sw, dw, pads[1], pads[3])
+    owp = ow
+    clamp = None
+    if ow_multiple > 1 and isinstance(ow, tirx.IntImm) and isinstance(wd, tirx.IntImm):
+        owp = -(-int(ow) // ow_multiple) * ow_multiple
     p = _pad_spatial(x, 2, pads, 0.0)
+    if owp is not ow and owp != int(ow):
+        width = int(wd) + int(pads[1]) + int(pads[3])  # of p
+        clamp = width - 1  # extra columns read the last column again (their results are dropped)
     icb = te.reduce_axis((0, cb_n), "icb")
     kh = te.reduce_axis((0, kh_n), "kh")
     kw = te.reduce_axis((0, kw_n), "kw")
     ii = te.reduce_axis((0, b), "ii")
-    return te.compute(
-        (n, ob_n, oh, ow, b),
+
+    def col(xx: Any, k: Any) -> Any:
+        c = xx * sw + k * dw
+        return tirx.min(c, clamp) if clamp is not None else c
+
+    conv = te.compute(
+        (n, ob_n, oh, owp, b),
         lambda i, ob, y, xx, oi: te.sum(
-            p[i, icb, y * sh + kh * dh, xx * sw + kw * dw, ii] * w[ob, icb, kh, kw, ii, oi], axis=[icb, kh, kw, ii]
+            p[i, icb, y * sh + kh * dh, col(xx, kw), ii] * w[ob, icb, kh, kw, ii, oi], axis=[icb, kh, kw, ii]
         ),
         name="conv2d_blocked",
     )
+    if clamp is None:
+        return conv
+    return te.compute((n, ob_n, oh, ow, b), lambda i, ob, y, xx, oi: conv[i, ob, y, xx, oi], name="crop")
 
 
 def conv2d_stem(

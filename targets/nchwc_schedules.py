@@ -103,6 +103,9 @@ class ConvTile:
     partition_pad: bool = False  # ... with the pad's column loop split into borders and interior
     unroll_kw: bool = False  # unroll kw too (LLVM then keeps the broadcasts that neighbouring
     # kw taps share in registers, and spills the accumulators for them)
+    k_chunk: int = 0  # (1x1 convs, order "ob") input channel blocks per reduction chunk: a row's
+    # accumulators live in a local buffer between chunks, so a chunk of the weight panel stays in
+    # L1 across the row's tiles instead of streaming the whole panel from L2 for every tile
 
 
 def conv_tile(s: ConvShape, lanes: int) -> ConvTile:
@@ -293,6 +296,9 @@ class BlockedConv(_Rule):
             # is the bounding box of the tile)
             return None
         p_o, p_i = sch.split(L["x"], factors=[None, rt])
+        chunked = (tile.k_chunk and m.kind == "conv" and tile.order == "ob" and pad is None
+                   and m.ext["kh"] == 1 and m.ext["kw"] == 1 and m.ext["icb"] > tile.k_chunk
+                   and m.ext["icb"] % tile.k_chunk == 0)
         if tile.order == "blk":
             # chunks of output blocks whose weights fit in L2: rows inside a chunk, the chunk's
             # blocks inside a row (weights read once, the input once per chunk)
@@ -309,7 +315,28 @@ class BlockedConv(_Rule):
             red = [L["icb"], L["kh"], L["kw"], L["ii"]]
         else:
             red = [L["ic"], L["kh"], L["kw"]]
-        sch.reorder(*outer, oi_o, *red, *((p_i, ob_i) if tile.ob_inner else (ob_i, p_i)), oi_i)
+        inner_tile = (p_i, ob_i) if tile.ob_inner else (ob_i, p_i)
+        if chunked:
+            # n, ob, y | icb chunk | pixel tile | icb in chunk, ii | tile ; the row's accumulators
+            # in a local buffer, written back (with the epilogue) after the last chunk
+            icb_o, icb_i = sch.split(L["icb"], factors=[None, tile.k_chunk])
+            sch.reorder(L["n"], ob_o, L["y"], icb_o, p_o, oi_o, icb_i, L["kh"], L["kw"], L["ii"], *inner_tile, oi_i)
+            fused = _fuse_parallel(sch, [L["n"], ob_o, L["y"]])
+            wb = sch.cache_write(anchor, 0, "local")
+            sch.reverse_compute_at(wb, fused, preserve_unit_loops=True)
+            _inline_consumers(sch, wb)
+            sch.vectorize(oi_i)
+            sch.unroll(p_i)
+            sch.unroll(ob_i)
+            sch.unroll(L["ii"])
+            init = sch.decompose_reduction(anchor, icb_o)
+            sch.vectorize(sch.get_loops(init)[-1])
+            wl = sch.get_loops(wb)
+            if _int(sch.get(wl[-1]).extent) == lanes:
+                sch.vectorize(wl[-1])
+            _schedule_rest(sch, {sch.get(b).name_hint for b in (anchor, wb, init)}, lanes)
+            return sch
+        sch.reorder(*outer, oi_o, *red, *inner_tile, oi_i)
         outer = outer + [oi_o]
         if pad is not None:
             fused = _fuse_parallel(sch, outer[:2])  # (n, y)

@@ -48,6 +48,9 @@ def variants(func: "tvm.tirx.PrimFunc", target: "tvm.target.Target", lanes: int)
         cands = [(f"tile {rt}x{obt} {order}{' pad-row' if pad_row else ''}",
                   BlockedConv(tile=ConvTile(rt, obt, order, pad_row=pad_row)))
                  for rt, obt in _CONV_TILES for order, pad_row in _CONV_ORDERS]
+        # 1x1 convs: the reduction in chunks of 16 input blocks (declined by other kernels)
+        cands += [(f"tile {rt}x{obt} ob k-chunk 16", BlockedConv(tile=ConvTile(rt, obt, "ob", k_chunk=16)))
+                  for rt, obt in _CONV_TILES]
     else:
         cands = [(f"window {rt} px x {ry} rows pad {pad}", BlockedConv(window=BlockedWindow(rt=rt, pad=pad, ry=ry)))
                  for rt, pad, ry in _WINDOW]

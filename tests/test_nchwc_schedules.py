@@ -335,3 +335,42 @@ def test_batch_and_symbolic_batch(kind, symbolic):
     sfunc, rule = _schedule(func)
     assert rule == "blocked-conv"
     np.testing.assert_allclose(_run(sfunc, args, (2, oc, 8, 8)), _act(ref, "relu"), rtol=1e-4, atol=1e-4)
+
+
+def test_k_chunked_1x1_conv_matches_the_default():
+    """ConvTile.k_chunk: a 1x1 conv's reduction in chunks (the row's accumulators in a local
+    buffer between chunks) computes what the default schedule computes; other convs decline it."""
+    import numpy as np
+    import tvm
+    from tvm import te
+
+    from graphopt.targets import nchwc_schedules as NS
+    from graphopt.targets.tvm import blocked_ops as BO
+    from graphopt.targets.tvm.build import host_target
+    from graphopt.targets.tvm_schedules import default_schedule
+
+    target = host_target(threads=1)
+
+    def func(k: int):
+        x = te.placeholder((1, 8, 6, 6, 8), name="x")
+        w = te.placeholder((4, 8, k, k, 8, 8), name="w")
+        y = BO.conv2d_blocked(x, w, (1, 1), [k // 2] * 4, (1, 1))
+        r = te.compute(y.shape, lambda *i: tvm.tirx.max(y(*i), tvm.tirx.const(0.0, "float32")), name="relu")
+        return te.create_prim_func([x, w, r])
+
+    f = func(1)
+    tile = NS.ConvTile(6, 2, "ob", k_chunk=4)
+    sch = NS.BlockedConv(tile=tile).apply(f, target, 8)
+    assert sch is not None and "icb_0" in sch.mod["main"].script()
+    base, _, _ = default_schedule(f, target)
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal(s).astype("float32") for s in ((1, 8, 6, 6, 8), (4, 8, 1, 1, 8, 8))]
+    outs = []
+    for s_ in (sch, base):
+        lib = tvm.compile(tvm.IRModule({"main": s_.mod["main"].with_attr("global_symbol", "main")}), target=target)
+        o = tvm.runtime.tensor(np.zeros((1, 4, 6, 6, 8), "float32"))
+        lib["main"](*[tvm.runtime.tensor(a) for a in args], o)
+        outs.append(o.numpy())
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    assert "icb_0" not in NS.BlockedConv(tile=NS.ConvTile(6, 2, "ob", k_chunk=4)).apply(func(3), target, 8).mod["main"].script()
+

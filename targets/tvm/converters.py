@@ -1957,3 +1957,16 @@ def _conv_integer_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], op
         raise LoweringError(f"node {node.label()}: {nd}-D ConvInteger is not supported by the cpu target")
     return bb.emit(conv(xi, wi, strides=list(node.attr("strides") or [1] * nd), padding=pads,
                         dilation=list(node.attr("dilations") or [1] * nd), groups=int(node.attr("group", 1)), out_dtype="int32"))
+
+
+@converter("EyeLike")
+def _eye_like(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """EyeLike of a 2-D input of static shape: ones on the k-th diagonal, in `dtype` (default
+    the input's); the values do not depend on the input's, only its shape."""
+    dims = _static(node, ins[0], "input")
+    if len(dims) != 2:
+        raise LoweringError(f"node {node.label()}: EyeLike needs a 2-D input")
+    code = node.attr("dtype")
+    dtype = _onnx_dtype(int(code)) if code is not None else _dt(ins[0])
+    eye = np.eye(dims[0], dims[1], int(node.attr("k", 0)), dtype=np.bool_ if dtype == "bool" else dtype)
+    return bb.emit(R.astype(relax.const(eye, dtype), dtype))

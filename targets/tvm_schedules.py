@@ -952,10 +952,19 @@ def _fast_exp(call: Any) -> Any:
     x = call.args[0]
     dtype = str(x.ty)
     if not dtype.startswith("float32"):
-        return _libm_per_lane(dtype, "exp", x) \
-            if dtype.split("x")[0] in ("float64",) else tirx.Cast(dtype, _fast_exp(tirx.Call(
-                dtype.replace(dtype.split("x")[0], "float32", 1), call.op,
-                [tirx.Cast(dtype.replace(dtype.split("x")[0], "float32", 1), x)])))
+        if dtype.split("x")[0] == "float64":
+            return _libm_per_lane(dtype, "exp", x)
+        # float16 / bfloat16: the float32 polynomial on the widened value (tirx has no Call
+        # constructor in 0.27 to build a float32 exp call from)
+        f32 = dtype.replace(dtype.split("x")[0], "float32", 1)
+        return tirx.Cast(dtype, _exp_f32(tirx.Cast(f32, x), f32))
+    return _exp_f32(x, dtype)
+
+
+def _exp_f32(x: Any, dtype: str) -> Any:
+    """The float32 (scalar or vector) exp polynomial of `_fast_exp`."""
+    from tvm import tirx
+
     itype = dtype.replace("float32", "int32", 1)
     xc = tirx.max(tirx.min(x, 88.3762626647949), -88.3762626647949)
     n = tirx.floor(xc * 1.44269504088896341 + 0.5)

@@ -336,7 +336,10 @@ def profile_model(name: str, threads: int, top: int = 20, cpu_time: bool = False
     m = graphopt.optimize(graphopt.load(onnx.shape_inference.infer_shapes(om)), "-O2")
     PlanKernels().run(m, PassContext())
     target = B.host_target(threads=threads)
-    lowered, mod = L.lower_and_fuse(m, target)
+    from graphopt.targets.cpu import CpuTarget
+
+    # the activation layout the cpu target picks (blocked NCHW8c convs on x86-64)
+    lowered, mod = L.lower_and_fuse(m, target, block=CpuTarget().activation_block(target))
     stats = ScheduleStats()
     smod = apply_default_schedules(mod, target, stats=stats)
     lifted = B.lift_weight_packing(smod, list(lowered.params.values()), B.host_target(threads=1))

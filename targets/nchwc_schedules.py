@@ -47,17 +47,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .tvm_schedules import (
-    _INLINE_ARG_COPIES,
     _Rule,
     _divisors,
     _fuse_parallel,
-    _inline_arg_copies,
     _inline_consumers,
     _inline_copies,
     _int,
     _is_reduction,
+    _one_reduction,
     _region_vars,
-    _root,
     _schedule_rest,
 )
 
@@ -262,16 +260,11 @@ class BlockedConv(_Rule):
         return sch
 
     def _conv(self, func, target, lanes):  # noqa: C901 - one schedule, step by step
-        from tvm import s_tir
 
-        sch = s_tir.Schedule(func)
-        if _INLINE_ARG_COPIES:
-            _inline_arg_copies(sch, func)
-        blocks = sch.get_child_blocks(_root(sch))
-        reds = [b for b in blocks if _is_reduction(sch.get(b))]
-        if len(reds) != 1:
+        opened = _one_reduction(func)
+        if opened is None:
             return None
-        anchor = reds[0]
+        sch, anchor = opened
         m = match_blocked_conv(sch, anchor, lanes)
         if m is None:
             return None
@@ -460,16 +453,11 @@ class BlockedWindow(_Rule):
         self.partition_pad = partition_pad
 
     def apply(self, func, target, lanes):
-        from tvm import s_tir
 
-        sch = s_tir.Schedule(func)
-        if _INLINE_ARG_COPIES:
-            _inline_arg_copies(sch, func)
-        blocks = sch.get_child_blocks(_root(sch))
-        reds = [b for b in blocks if _is_reduction(sch.get(b))]
-        if len(reds) != 1:
+        opened = _one_reduction(func)
+        if opened is None:
             return None
-        anchor = reds[0]
+        sch, anchor = opened
         m = match_blocked_window(sch, anchor, lanes)
         if m is None:
             return None
@@ -500,10 +488,8 @@ class BlockedWindow(_Rule):
         wb = sch.cache_write(anchor, 0, "local")
         sch.reverse_compute_at(wb, tile_loop, preserve_unit_loops=True)
         _inline_consumers(sch, wb)
-        pad_blocks = []
         if m.pad is not None and pad_mode in ("at", "row"):
             sch.compute_at(m.pad, fused, preserve_unit_loops=True)
-            pad_blocks = [m.pad]
             pl = sch.get_loops(m.pad)
             if _int(sch.get(pl[-1]).extent) == lanes:
                 sch.vectorize(pl[-1])

@@ -36,14 +36,16 @@ def variants(func: "tvm.tirx.PrimFunc", target: "tvm.target.Target", lanes: int)
     from .nchwc_schedules import BlockedConv, BlockedWindow, ConvTile
 
     out: list[tuple[str, Any]] = []
-    try:
-        default = BlockedConv().apply(func, target, lanes)
+    try:  # the default schedule (BlockedConv.apply: the conv schedule, else the window one)
+        default = BlockedConv()._conv(func, target, lanes)
+        conv = default is not None
+        if not conv:
+            default = BlockedWindow().apply(func, target, lanes)
     except Exception:  # noqa: BLE001 - not a kernel of these rules
         return out
     if default is None:
         return out
     seen = {_hash(default)}
-    conv = BlockedConv()._conv(func, target, lanes) is not None
     if conv:
         cands = [(f"tile {rt}x{obt} {order}{' pad-row' if pad_row else ''}",
                   BlockedConv(tile=ConvTile(rt, obt, order, pad_row=pad_row)))

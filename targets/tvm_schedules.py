@@ -258,17 +258,12 @@ class WindowReduction(_Rule):
     name = "window-reduction"
 
     def apply(self, func, target, lanes):
-        from tvm import s_tir
         from tvm.tirx import IterVar
 
-        sch = s_tir.Schedule(func)
-        if _INLINE_ARG_COPIES:
-            _inline_arg_copies(sch, func)
-        blocks = sch.get_child_blocks(_root(sch))
-        reds = [b for b in blocks if _is_reduction(sch.get(b))]
-        if len(reds) != 1:
+        opened = _one_reduction(func)
+        if opened is None:
             return None
-        anchor = reds[0]
+        sch, anchor = opened
         stmt = sch.get(anchor)
         ivs = list(stmt.iter_vars)
         loops = sch.get_loops(anchor)
@@ -356,6 +351,18 @@ def _inline_arg_copies(sch, func) -> None:
             sch.compute_inline(block)
         except Exception:
             pass
+
+
+def _one_reduction(func) -> tuple[Any, Any] | None:
+    """A schedule of `func` (argument copies inlined first) and its reduction block, or None
+    unless it has exactly one: where the conv/matmul/window rules start."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    if _INLINE_ARG_COPIES:
+        _inline_arg_copies(sch, func)
+    reds = [b for b in sch.get_child_blocks(_root(sch)) if _is_reduction(sch.get(b))]
+    return (sch, reds[0]) if len(reds) == 1 else None
 
 
 def _inline_copies(sch, anchor) -> None:
@@ -461,17 +468,12 @@ class OuterProduct(_Rule):
         self.pack_weights = pack_weights
 
     def apply(self, func, target, lanes):  # noqa: C901 - one schedule, step by step
-        from tvm import s_tir
         from tvm.tirx import IterVar
 
-        sch = s_tir.Schedule(func)
-        if _INLINE_ARG_COPIES:
-            _inline_arg_copies(sch, func)
-        blocks = sch.get_child_blocks(_root(sch))
-        reds = [b for b in blocks if _is_reduction(sch.get(b))]
-        if len(reds) != 1:
+        opened = _one_reduction(func)
+        if opened is None:
             return None
-        anchor = reds[0]
+        sch, anchor = opened
         stmt = sch.get(anchor)
         if len(stmt.writes) != 1:
             return None

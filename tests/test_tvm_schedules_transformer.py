@@ -347,22 +347,27 @@ def test_encoder_layer_runs_like_onnxruntime(monkeypatch):
     np.testing.assert_allclose(got, ref[0], rtol=1e-4, atol=1e-4)
 
 
-def test_float64_exp_and_erf_in_vectorised_loops():
-    """float64 exp / erf inside a vectorised loop lower to libm's double functions lane by lane
-    (one extern call on the whole vector gave garbage lanes: ReduceLogSumExp returned nan)."""
-    rng = np.random.default_rng(8)
-    x = (rng.standard_normal((4, 64)) * 3).astype(np.float64)
+def _elementwise_module(x: np.ndarray, fn) -> tvm.IRModule:
+    """`main(x) = fn(x)` legalized and fused into one kernel."""
     bb = relax.BlockBuilder()
-    xv = relax.Var("x", TT(x.shape, "float64"))
+    xv = relax.Var("x", TT(x.shape, str(x.dtype)))
     with bb.function("main", [xv]):
         with bb.dataflow():
-            out = bb.emit_output(bb.emit(relax.op.add(relax.op.exp(xv), relax.op.erf(xv))))
+            out = bb.emit_output(bb.emit(fn(xv)))
         bb.emit_func_output(out)
     mod = bb.get()
     for p in (relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
               relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()):
         mod = p(mod)
-    smod, stats, (func,) = _schedule(mod)
+    return mod
+
+
+def test_float64_exp_and_erf_in_vectorised_loops():
+    """float64 exp / erf inside a vectorised loop lower to libm's double functions lane by lane
+    (one extern call on the whole vector gave garbage lanes: ReduceLogSumExp returned nan)."""
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((4, 64)) * 3).astype(np.float64)
+    smod, stats, (func,) = _schedule(_elementwise_module(x, lambda v: relax.op.add(relax.op.exp(v), relax.op.erf(v))))
     assert "T.vectorized(" in func.script()
     np.testing.assert_allclose(_run(smod, [x]), np.exp(x) + _erf(x), rtol=1e-12, atol=1e-12)
 
@@ -372,16 +377,6 @@ def test_float16_exp_in_vectorised_loops():
     which 0.27 lacks: every fp16 attention / Celu backend case failed to compile)."""
     rng = np.random.default_rng(9)
     x = (rng.standard_normal((4, 64)) * 3).astype(np.float16)
-    bb = relax.BlockBuilder()
-    xv = relax.Var("x", TT(x.shape, "float16"))
-    with bb.function("main", [xv]):
-        with bb.dataflow():
-            out = bb.emit_output(bb.emit(relax.op.exp(xv)))
-        bb.emit_func_output(out)
-    mod = bb.get()
-    for p in (relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-              relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()):
-        mod = p(mod)
-    smod, stats, (func,) = _schedule(mod)
+    smod, stats, (func,) = _schedule(_elementwise_module(x, relax.op.exp))
     want = np.exp(x.astype(np.float32))
     np.testing.assert_allclose(_run(smod, [x]).astype(np.float32), want, rtol=2e-3, atol=1e-3)

@@ -55,6 +55,15 @@ def _out(size: Any, k: int, stride: int, dilation: int, pad_a: int, pad_b: int, 
     return (size + pad_a + pad_b - span) // stride + 1
 
 
+def _window(h: Any, wd: Any, kh: Any, kw: Any, strides: Sequence[int], pads: Sequence[int],
+            dilations: Sequence[int], ceil: bool = False) -> tuple[int, int, int, int, Any, Any]:
+    """(sh, sw, dh, dw, OH, OW) of a 2-D window of `kh` x `kw` taps over an `h` x `wd` input."""
+    sh, sw = (int(s) for s in strides)
+    dh, dw = (int(d) for d in dilations)
+    top, left, bottom, right = (int(p) for p in pads)
+    return (sh, sw, dh, dw, _out(h, int(kh), sh, dh, top, bottom, ceil), _out(wd, int(kw), sw, dw, left, right, ceil))
+
+
 def to_blocked(x: te.Tensor, b: int) -> te.Tensor:
     """[N, C, H, W] → [N, C/b, H, W, b] (C a multiple of b)."""
     n, c, h, w = x.shape
@@ -136,10 +145,7 @@ def conv2d_blocked(
     tile otherwise)."""
     n, cb_n, h, wd, b = x.shape
     ob_n, _, kh_n, kw_n, _, _ = w.shape
-    sh, sw = (int(s) for s in strides)
-    dh, dw = (int(d) for d in dilations)
-    oh = _out(h, int(kh_n), sh, dh, pads[0], pads[2])
-    ow = _out(wd, int(kw_n), sw, dw, pads[1], pads[3])
+    sh, sw, dh, dw, oh, ow = _window(h, wd, kh_n, kw_n, strides, pads, dilations)
     owp = ow
     clamp = None
     if ow_multiple > 1 and isinstance(ow, tirx.IntImm) and isinstance(wd, tirx.IntImm):
@@ -175,10 +181,7 @@ def conv2d_stem(
     """x [N, C, H, W] (not blocked) * w [OC/b, C, KH, KW, b] → [N, OC/b, OH, OW, b]."""
     n, c_n, h, wd = x.shape
     ob_n, _, kh_n, kw_n, b = w.shape
-    sh, sw = (int(s) for s in strides)
-    dh, dw = (int(d) for d in dilations)
-    oh = _out(h, int(kh_n), sh, dh, pads[0], pads[2])
-    ow = _out(wd, int(kw_n), sw, dw, pads[1], pads[3])
+    sh, sw, dh, dw, oh, ow = _window(h, wd, kh_n, kw_n, strides, pads, dilations)
     p = _pad_spatial(x, 2, pads, 0.0)
     ic = te.reduce_axis((0, c_n), "ic")
     kh = te.reduce_axis((0, kh_n), "kh")
@@ -198,10 +201,7 @@ def depthwise_blocked(
     """x [N, C/b, H, W, b] (*) w [C/b, KH, KW, b] per channel → [N, C/b, OH, OW, b]."""
     n, cb_n, h, wd, b = x.shape
     _, kh_n, kw_n, _ = w.shape
-    sh, sw = (int(s) for s in strides)
-    dh, dw = (int(d) for d in dilations)
-    oh = _out(h, int(kh_n), sh, dh, pads[0], pads[2])
-    ow = _out(wd, int(kw_n), sw, dw, pads[1], pads[3])
+    sh, sw, dh, dw, oh, ow = _window(h, wd, kh_n, kw_n, strides, pads, dilations)
     p = _pad_spatial(x, 2, pads, 0.0)
     kh = te.reduce_axis((0, kh_n), "kh")
     kw = te.reduce_axis((0, kw_n), "kw")
@@ -228,11 +228,8 @@ def pool_blocked(
     padded input)."""
     n, cb_n, h, wd, b = x.shape
     kh_n, kw_n = (int(k) for k in kernel)
-    sh, sw = (int(s) for s in strides)
-    dh, dw = (int(d) for d in dilations)
     top, left, bottom, right = (int(p) for p in pads)
-    oh = _out(h, kh_n, sh, dh, top, bottom, ceil_mode)
-    ow = _out(wd, kw_n, sw, dw, left, right, ceil_mode)
+    sh, sw, dh, dw, oh, ow = _window(h, wd, kh_n, kw_n, strides, pads, dilations, ceil_mode)
     # ceil mode: the last window may reach past the padded input
     extra = (0, 0)
     if ceil_mode:

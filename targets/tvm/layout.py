@@ -113,23 +113,19 @@ def _dims4(v: Value | None) -> list[Any] | None:
     return list(v.shape.dims)
 
 
-def _attr(n: Node, name: str, default: Any) -> Any:
-    v = n.attr(name, None)
-    return default if v is None else v
+def _auto_pad(n: Node) -> str:
+    ap = n.attr("auto_pad", "NOTSET")
+    return ap.decode() if isinstance(ap, bytes) else ap
 
 
 def _auto_pad_ok(n: Node) -> bool:
-    ap = _attr(n, "auto_pad", "NOTSET")
-    ap = ap.decode() if isinstance(ap, bytes) else ap
-    return ap in ("NOTSET", "VALID")
+    return _auto_pad(n) in ("NOTSET", "VALID")
 
 
 def pads_of(n: Node) -> tuple[int, int, int, int]:
-    ap = _attr(n, "auto_pad", "NOTSET")
-    ap = ap.decode() if isinstance(ap, bytes) else ap
-    if ap == "VALID":
+    if _auto_pad(n) == "VALID":
         return (0, 0, 0, 0)
-    p = list(_attr(n, "pads", [0, 0, 0, 0]))
+    p = list(n.attr("pads", [0, 0, 0, 0]))
     return (int(p[0]), int(p[1]), int(p[2]), int(p[3]))
 
 
@@ -147,7 +143,7 @@ def _conv_role(n: Node, b: int, x_blocked: bool) -> str | None:
             return None
     oc, cg = int(wc.shape[0]), int(wc.shape[1])
     c = int(x[1])
-    g = int(_attr(n, "group", 1))
+    g = int(n.attr("group", 1))
     if oc % b:
         return None
     if g == 1 and cg == c:
@@ -162,9 +158,9 @@ def _conv_role(n: Node, b: int, x_blocked: bool) -> str | None:
 def _pool_ok(n: Node) -> bool:
     if len(n.outputs) != 1 or not _auto_pad_ok(n) or _dims4(n.outputs[0]) is None:
         return False
-    if int(_attr(n, "storage_order", 0)) != 0:
+    if int(n.attr("storage_order", 0)) != 0:
         return False
-    k = _attr(n, "kernel_shape", None)
+    k = n.attr("kernel_shape", None)
     return k is not None and len(k) == 2
 
 
@@ -282,8 +278,8 @@ def convert_blocked(bb: relax.BlockBuilder, n: Node, role: str, ins: list[Any], 
     if role == "elementwise":
         return generic(bb, n, ins)
     x = ins[0]
-    strides = [int(s) for s in _attr(n, "strides", [1, 1])]
-    dilations = [int(d) for d in _attr(n, "dilations", [1, 1])]
+    strides = [int(s) for s in n.attr("strides", [1, 1])]
+    dilations = [int(d) for d in n.attr("dilations", [1, 1])]
     pads = pads_of(n)
     if role in ("conv", "stem", "depthwise"):
         fn = {"conv": BO.conv2d_blocked, "stem": BO.conv2d_stem, "depthwise": BO.depthwise_blocked}[role]
@@ -296,7 +292,7 @@ def convert_blocked(bb: relax.BlockBuilder, n: Node, role: str, ins: list[Any], 
         kind = "max" if n.op_type == "MaxPool" else "avg"
         return bb.emit_te(
             BO.pool_blocked, x, kind, [int(k) for k in n.attr("kernel_shape")], strides, pads, dilations,
-            bool(_attr(n, "count_include_pad", 0)), bool(_attr(n, "ceil_mode", 0)), primfunc_name_hint=f"{kind}pool_blocked",
+            bool(n.attr("count_include_pad", 0)), bool(n.attr("ceil_mode", 0)), primfunc_name_hint=f"{kind}pool_blocked",
         )
     if role == "global-pool":
         kind = "max" if n.op_type == "GlobalMaxPool" else "avg"

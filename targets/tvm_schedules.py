@@ -431,11 +431,23 @@ def _inline_epilogue(sch, anchor) -> None:
 
 
 def _inline_consumers(sch, wb) -> None:
-    """reverse_compute_inline the elementwise epilogue chain into the write-back block."""
+    """reverse_compute_inline the elementwise epilogue chain into the write-back block.
+
+    A consumer that writes a buffer of another shape than the write-back's (the `crop` after a
+    conv computed on rows rounded up to the micro-kernel's width) is inlined only once the
+    write-back sits under a tile loop: there reverse_compute_inline bounds the write with a
+    predicate, while at the root it keeps the write-back's wider domain and writes past the end
+    of the smaller output (apache-tvm 0.27; a sentinel after the output buffer caught it)."""
     while True:
         consumers = sch.get_consumers(wb)
         if len(consumers) != 1:
             return
+        wb_stmt, c_stmt = sch.get(wb), sch.get(consumers[0])
+        if len(c_stmt.writes) != 1 or len(wb_stmt.writes) != 1:
+            return
+        same = [_int(d) for d in c_stmt.writes[0].source.shape] == [_int(d) for d in wb_stmt.writes[0].source.shape]
+        if not same and len(sch.get_loops(wb)) <= len(wb_stmt.iter_vars):
+            return  # (at the root: inlined after reverse_compute_at, if the rule does that)
         try:
             sch.reverse_compute_inline(consumers[0])
         except Exception:
@@ -628,6 +640,7 @@ class OuterProduct(_Rule):
         )
         _inline_consumers(sch, wb)
         sch.reverse_compute_at(wb, fused, preserve_unit_loops=True)
+        _inline_consumers(sch, wb)  # a crop of rounded-up rows only now (see _inline_consumers)
 
         # vectorise/unroll before decompose_reduction: afterwards the update block is no
         # longer a "reduction block" and vectorize refuses its loops

@@ -54,7 +54,7 @@ def _out(h, k, s, p):
     return (h + 2 * p - k) // s + 1
 
 
-def _kernel(kind, c, h, oc, k, s, act="relu", residual=False, pool="max", w=None, n=1):
+def _kernel(kind, c, h, oc, k, s, act="relu", residual=False, pool="max", w=None, n=1, ow_multiple=1):
     """The fused PrimFunc the lowering makes for one blocked kernel group (Relax primitive
     function → LegalizeOps → FuseTIR) and the shapes of its parameters."""
     w = w or h
@@ -79,7 +79,8 @@ def _kernel(kind, c, h, oc, k, s, act="relu", residual=False, pool="max", w=None
                 y = bb.emit_te(BO.pool_blocked, x, pool, [k, k], [s, s], [p] * 4, primfunc_name_hint="pool")
             else:
                 fn = {"conv": BO.conv2d_blocked, "stem": BO.conv2d_stem, "depthwise": BO.depthwise_blocked}[kind]
-                y = bb.emit_te(fn, x, params[1], [s, s], [p] * 4, [1, 1], primfunc_name_hint=kind)
+                extra = [ow_multiple] if kind == "conv" else []
+                y = bb.emit_te(fn, x, params[1], [s, s], [p] * 4, [1, 1], *extra, primfunc_name_hint=kind)
                 y = bb.emit(relax.op.add(y, relax.op.reshape(params[2], [1, oc // B, 1, 1, B])))
             if residual:
                 y = bb.emit(relax.op.add(y, params[-1]))
@@ -148,12 +149,19 @@ def _act(ref, act):
     return ref
 
 
+_GUARD = 256  # floats of sentinel after the output: a kernel writing past its end changes them
+
+
 def _run(func, args, out_shape):
     n, oc, oh, ow = out_shape
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=_target())
-    out = tvm.runtime.tensor(np.zeros((n, oc // B, oh, ow, B), np.float32))
-    lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
-    return _unblocked(out.numpy())
+    shape = (n, oc // B, oh, ow, B)
+    size = int(np.prod(shape))
+    guarded = tvm.runtime.tensor(np.full(size + _GUARD, 7.0, np.float32))
+    lib["main"](*[tvm.runtime.tensor(a) for a in args], guarded._create_view(shape, "float32"))
+    flat = guarded.numpy()
+    assert (flat[size:] == 7.0).all(), "the kernel wrote past the end of its output"
+    return _unblocked(flat[:size].reshape(shape))
 
 
 def _schedule(func, rule=None):
@@ -374,3 +382,20 @@ def test_k_chunked_1x1_conv_matches_the_default():
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     assert "icb_0" not in NS.BlockedConv(tile=NS.ConvTile(6, 2, "ob", k_chunk=4)).apply(func(3), target, 8).mod["main"].script()
 
+
+
+@pytest.mark.parametrize("rule", [None, OuterProduct()], ids=["blocked-conv", "outer-product"])
+@pytest.mark.parametrize("k,residual", [(1, True), (3, False)])
+def test_rounded_up_rows_stay_inside_the_output(rule, k, residual):
+    """A conv computed on rows rounded up to 3 pixels (14 → 15) with its crop and epilogue
+    inlined: the write-back stops at the real row end. The generic rule inlined the epilogue
+    at the root before this was guarded and wrote 8 floats past the output (and into the next
+    row's first pixel)."""
+    c, h, oc = 16, 14, 32
+    func, oshape = _kernel("conv", c, h, oc, k, 1, "relu", residual, ow_multiple=3)
+    assert "crop" in func.script()
+    args, ref = _data("conv", c, h, oc, k, 1, residual)
+    sfunc, name = _schedule(func, rule)
+    assert name == ("blocked-conv" if rule is None else "outer-product")
+    y = _run(sfunc, args, oshape)
+    np.testing.assert_allclose(y, np.maximum(ref, 0), rtol=1e-4, atol=1e-4)

@@ -208,7 +208,8 @@ def build_module(case: Case, target):
         with bb.dataflow():
             if case.kind in ("conv", "stem", "depthwise"):
                 fn = {"conv": BO.conv2d_blocked, "stem": BO.conv2d_stem, "depthwise": BO.depthwise_blocked}[case.kind]
-                y = bb.emit_te(fn, x, params[1], [s, s], [p] * 4, [1, 1], primfunc_name_hint=f"{case.kind}_blocked")
+                extra = [_ow_multiple(case)] if case.kind == "conv" else []
+                y = bb.emit_te(fn, x, params[1], [s, s], [p] * 4, [1, 1], *extra, primfunc_name_hint=f"{case.kind}_blocked")
                 y = bb.emit(relax.op.add(y, relax.op.reshape(params[2], [1, oc // B, 1, 1, B])))
             elif case.kind in ("maxpool", "avgpool"):
                 y = bb.emit_te(BO.pool_blocked, x, case.kind[:3], [k, k], [s, s], [p] * 4, primfunc_name_hint="pool")
@@ -228,6 +229,15 @@ def build_module(case: Case, target):
             out = bb.emit_output(relax.Call(gv, mvars))
         bb.emit_func_output(out)
     return legalize_and_fuse(bb.get(), target)
+
+
+def _ow_multiple(case: Case) -> int:
+    """The output-width rounding the lowering gives this conv (`layout.wide_multiple`)."""
+    from graphopt.targets.tvm import layout as LY
+
+    if case.oh < LY.WIDE_MIN_OW or case.oh % LY.WIDE_MULTIPLE == 0 or (case.oc // B) % 4:
+        return 1
+    return LY.WIDE_MULTIPLE
 
 
 def blocked(a: np.ndarray) -> np.ndarray:

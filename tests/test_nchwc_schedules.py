@@ -228,6 +228,9 @@ TILES = [
     ConvTile(4, 2, "pix"),
     ConvTile(8, 1, ob_inner=True),
     ConvTile(2, 2, unroll_kw=True),
+    ConvTile(4, 2, serial_tiles=False),  # the tile loop fused into the parallel loop
+    ConvTile(2, 4, "blk", serial_tiles=True),
+    ConvTile(4, 2, "pix", serial_tiles=True),  # (serial: the output-block loop)
 ]
 
 

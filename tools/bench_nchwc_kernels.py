@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kinds", default="", help="comma list of kinds (conv, stem, depthwise, maxpool, gavgpool); default all")
     ap.add_argument("--only", default="", help="comma list of case names (substrings)")
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--tile", default="", help="force BlockedConv's tile: rt,obt[,fuse_hw]")
+    ap.add_argument("--tile", default="", help="force BlockedConv's tile: rt,obt[,order]")
     ap.add_argument("--json", default="", help="write the rows to this file")
     ap.add_argument("--tune", type=int, default=0, help="check tuning: this many trials per kernel (see above)")
     ap.add_argument("--tuning-db", default="", help="database directory for --tune")
@@ -494,8 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     target = host_target(threads=a.threads)
     tile = None
     if a.tile:
-        v = [int(t) for t in a.tile.split(",")]
-        tile = ConvTile(v[0], v[1], bool(v[2]) if len(v) > 2 else False)
+        v = a.tile.split(",")
+        tile = ConvTile(int(v[0]), int(v[1]), *v[2:3])
     cases: list[Case] = []
     for m in a.models.split(","):
         cases += MODELS[m]

@@ -52,10 +52,12 @@ from .tvm_schedules import (
     _fuse_parallel,
     _inline_consumers,
     _inline_copies,
+    _inline_epilogue,
     _int,
     _is_reduction,
     _one_reduction,
     _region_vars,
+    _root,
     _schedule_rest,
 )
 
@@ -170,7 +172,12 @@ def match_blocked_conv(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> _M
     if len(wd) == 6 and len(xd) == 5:
         kind = "conv"
         icb, kh, kw, ii = (next(iter(d)) for d in wd[1:5])
-        if xd[0] != {n} or xd[1] != {icb} or xd[2] != {y, kh} or xd[3] != {x, kw} or xd[4] != {ii}:
+        if xd[0] != {n} or xd[1] != {icb} or xd[4] != {ii}:
+            return None
+        # (conv2d_blocked_flat: a one-row output whose pixel index is split into the input's row
+        # and column, x // W and x % W)
+        flat_read = xd[2] <= {x, kw} and xd[3] <= {x, kw} and x in xd[3]
+        if not ((xd[2] == {y, kh} and xd[3] == {x, kw}) or flat_read):
             return None
         red = {"icb": icb, "kh": kh, "kw": kw, "ii": ii}
     elif len(wd) == 5 and len(xd) == 4:
@@ -189,7 +196,7 @@ def match_blocked_conv(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> _M
     e = {k: ext[v] for k, v in roles.items()}
     if any(v is None for k, v in e.items() if k != "n"):
         return None
-    if e["oi"] % lanes:
+    if e["oi"] % lanes or (kind == "conv" and flat_read and (e["y"], e["kh"], e["kw"]) != (1, 1, 1)):
         return None
     # stride from the input index: y*s + kh*d → the coefficient of y
     stride = _stride_of(ins[1 - wi], y) or 1
@@ -299,6 +306,9 @@ class BlockedConv(_Rule):
         m = match_blocked_conv(sch, anchor, lanes)  # loops are the same, refetch the handles
         if m is None:
             return None
+        # conv2d_blocked_flat: pixel tiles of a one-row conv whose write-back (crop, unflatten
+        # and epilogue inlined) writes out[.., p // W, p % W, ..]; the tile loop stays serial
+        flat = m.ext["y"] == 1 and any(sch.get(b).name_hint.startswith("unflatten") for b in sch.get_child_blocks(_root(sch)))
         L = m.loops
         rt, obt = tile.rt, tile.obt
         if m.ext["ob"] % obt:
@@ -352,7 +362,7 @@ class BlockedConv(_Rule):
             return sch
         sch.reorder(*outer, oi_o, *red, *inner_tile, oi_i)
         outer = outer + [oi_o]
-        serial = pad is None and _serial_tiles(sch, tile, outer[:-2])
+        serial = pad is None and (flat or _serial_tiles(sch, tile, outer[:-2]))
         if pad is not None:
             fused = _fuse_parallel(sch, outer[:2])  # (n, y)
             tile_loop = outer[-1]

@@ -54,7 +54,7 @@ def _out(h, k, s, p):
     return (h + 2 * p - k) // s + 1
 
 
-def _kernel(kind, c, h, oc, k, s, act="relu", residual=False, pool="max", w=None, n=1, ow_multiple=1):
+def _kernel(kind, c, h, oc, k, s, act="relu", residual=False, pool="max", w=None, n=1, ow_multiple=1, flat=0):
     """The fused PrimFunc the lowering makes for one blocked kernel group (Relax primitive
     function → LegalizeOps → FuseTIR) and the shapes of its parameters."""
     w = w or h
@@ -79,8 +79,11 @@ def _kernel(kind, c, h, oc, k, s, act="relu", residual=False, pool="max", w=None
                 y = bb.emit_te(BO.pool_blocked, x, pool, [k, k], [s, s], [p] * 4, primfunc_name_hint="pool")
             else:
                 fn = {"conv": BO.conv2d_blocked, "stem": BO.conv2d_stem, "depthwise": BO.depthwise_blocked}[kind]
-                extra = [ow_multiple] if kind == "conv" else []
-                y = bb.emit_te(fn, x, params[1], [s, s], [p] * 4, [1, 1], *extra, primfunc_name_hint=kind)
+                if flat:
+                    y = bb.emit_te(BO.conv2d_blocked_flat, x, params[1], [s, s], flat, primfunc_name_hint=kind)
+                else:
+                    extra = [ow_multiple] if kind == "conv" else []
+                    y = bb.emit_te(fn, x, params[1], [s, s], [p] * 4, [1, 1], *extra, primfunc_name_hint=kind)
                 y = bb.emit(relax.op.add(y, relax.op.reshape(params[2], [1, oc // B, 1, 1, B])))
             if residual:
                 y = bb.emit(relax.op.add(y, params[-1]))
@@ -402,3 +405,34 @@ def test_rounded_up_rows_stay_inside_the_output(rule, k, residual):
     assert name == ("blocked-conv" if rule is None else "outer-product")
     y = _run(sfunc, args, oshape)
     np.testing.assert_allclose(y, np.maximum(ref, 0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("c,h,oc,s,residual,flat", [
+    (16, 7, 32, 1, True, 3),  # 49 pixels → 51: 17 tiles of 3 pixels x 4 blocks
+    (16, 14, 48, 2, False, 2),  # strided: the gather of every other pixel inlined into the reads
+    (8, 5, 16, 1, False, 6),  # 2 output blocks: 6 pixels x 2 blocks, 25 → 30 pixels
+])
+def test_flat_pointwise_conv_fires_and_keeps_numbers(c, h, oc, s, residual, flat):
+    """conv2d_blocked_flat: BlockedConv tiles the flattened pixel axis and writes back through
+    the crop and unflatten (out[.., p // W, p % W, ..], the rounded-up pixels dropped)."""
+    func, oshape = _kernel("conv", c, h, oc, 1, s, "relu", residual, flat=flat)
+    script = func.script()
+    assert "flatten" in script and "unflatten" in script
+    sfunc, rule = _schedule(func)
+    assert rule == "blocked-conv"
+    text = sfunc.script()
+    assert "T.parallel" in text and "T.vectorized" in text
+    assert len(_root_blocks(sfunc)) <= 4  # init, update, write-back (+ epilogue inlined into it)
+    args, ref = _data("conv", c, h, oc, 1, s, residual)
+    np.testing.assert_allclose(_run(sfunc, args, oshape), np.maximum(ref, 0), rtol=1e-4, atol=1e-4)
+
+
+def test_flat_conv_with_a_tile_that_does_not_divide_is_declined():
+    """51 pixels take no 4-pixel tile: a forced 4 x 2 tile declines, the generic rule schedules the
+    kernel, the numbers stay."""
+    func, oshape = _kernel("conv", 16, 7, 32, 1, 1, "relu", True, flat=3)
+    assert BlockedConv(ConvTile(4, 2)).apply(func, _target(), 8) is None
+    sch, rule, _ = default_schedule(func, _target(), [BlockedConv(ConvTile(4, 2)), OuterProduct()])
+    assert rule == "outer-product"
+    args, ref = _data("conv", 16, 7, 32, 1, 1, True)
+    np.testing.assert_allclose(_run(sch.mod["main"], args, oshape), np.maximum(ref, 0), rtol=1e-4, atol=1e-4)

@@ -245,3 +245,27 @@ def test_wide_rows_are_computed_rounded_up_and_cropped():
 """, {"w": (32, 32, 1, 1), "wv": (16, 8, 1, 1)})
     gs = _planned(small)
     assert [TL.wide_multiple(n, 8) for n in gs.graph.nodes if n.op_type == "Conv"] == [1, 1]
+
+
+def test_pointwise_convs_run_on_the_flattened_pixel_axis():
+    """Unpadded 1x1 convs (stride 1 or 2) are computed on their flattened pixels (OH*OW rounded up
+    to the micro-kernel's pixel count); padded or 3x3 convs keep their rows; numbers against
+    onnxruntime through the whole cpu target."""
+    m = _parse(_HEAD + """g (float[1, 32, 7, 7] x) => (float[1, 32, 7, 7] y, float[1, 16, 4, 4] v, float[1, 32, 7, 7] u) {
+    c = Conv <kernel_shape = [1, 1]> (x, w, b)
+    r = Relu (c)
+    y = Add (r, x)
+    v = Conv <kernel_shape = [1, 1], strides = [2, 2]> (x, w2)
+    t = Conv <kernel_shape = [1, 1], pads = [1, 1, 1, 1]> (x, w3)
+    u = Conv <kernel_shape = [3, 3]> (t, w4)
+}
+""", {"w": (32, 32, 1, 1), "b": (32,), "w2": (16, 32, 1, 1), "w3": (32, 32, 1, 1), "w4": (32, 32, 3, 3)})
+    g = _planned(m)
+    convs = {n.outputs[0].name: n for n in g.graph.nodes if n.op_type == "Conv"}
+    # 4 output blocks: 3 pixels x 4 blocks; 2 blocks: 6 x 2; padded and 3x3: rows
+    assert {k: TL.flat_multiple(n, 8) for k, n in convs.items()} == {"c": 3, "v": 6, "t": 0, "u": 0}
+    assert "unflatten" in L.lower(g, block=8).mod.script()
+    feeds = _feeds(1, 32, 7)
+    art = graphopt.compile(m, "cpu", "-O2", threads=2)
+    for got, want in zip(art.run(feeds), run_onnxruntime(graphopt.load(m), feeds)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

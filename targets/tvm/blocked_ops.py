@@ -35,6 +35,7 @@ __all__ = [
     "block_bias",
     "add_blocked_bias",
     "conv2d_blocked",
+    "conv2d_blocked_flat",
     "conv2d_stem",
     "depthwise_blocked",
     "pool_blocked",
@@ -173,6 +174,23 @@ def conv2d_blocked(
     if clamp is None:
         return conv
     return te.compute((n, ob_n, oh, ow, b), lambda i, ob, y, xx, oi: conv[i, ob, y, xx, oi], name="crop")
+
+
+def conv2d_blocked_flat(x: te.Tensor, w: te.Tensor, strides: Sequence[int], px_multiple: int) -> te.Tensor:
+    """A 1x1 unpadded conv on the flattened pixel axis: the output pixels of x [N, C/b, H, W, b]
+    are read as one row [N, C/b, 1, OH*OW, b] (`flatten`, a gather the schedule inlines into the
+    conv's reads), the conv computes OH*OW rounded up to `px_multiple` pixels (`conv2d_blocked`
+    with `ow_multiple`: the extra ones read the last pixel again and are dropped) and `unflatten`
+    gives back [N, OC/b, OH, OW, b]. A micro-kernel of `px_multiple` pixels then divides the
+    work whatever the row width: 7x7 maps take 3-pixel tiles over 51 pixels where 7-wide rows
+    took 7 x 1 tiles (7 accumulators); 56/28/14-wide rows had to be rounded up to 57/30/15."""
+    n, cb, h, wd, b = x.shape
+    sh, sw = (int(v) for v in strides)
+    oh, ow = (h - 1) // sh + 1, (wd - 1) // sw + 1
+    flat = te.compute((n, cb, 1, oh * ow, b), lambda i, c, z, q, ci: x[i, c, q // ow * sh, q % ow * sw, ci], name="flatten")
+    y = conv2d_blocked(flat, w, [1, 1], [0, 0, 0, 0], [1, 1], ow_multiple=px_multiple)
+    ob = y.shape[1]
+    return te.compute((n, ob, oh, ow, b), lambda i, o, yy, xx, oi: y[i, o, 0, yy * ow + xx, oi], name="unflatten")
 
 
 def conv2d_stem(

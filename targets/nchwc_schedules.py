@@ -11,18 +11,27 @@ onnxruntime's MLAS NCHWc kernels take:
 
 - the output tile is `rt` pixels along the output row x `obt` adjacent output channel blocks x the
   `b` channels of a block (one vector): `rt * obt` accumulator vectors stay in registers for the
-  whole reduction. 12 accumulators (2x6, 3x4, 4x3, 6x2) where the row width and the block count
-  allow it, else 8 (4x2, 2x4, 8x1) or 7 (7x1 for 7-wide rows). Only exact divisors: a predicated
-  tail tile keeps its accumulators in memory (measured 1.5-2x slower), and ResNet-50's widths
-  (56, 28, 14, 7) and power-of-two block counts never allow 12 — see `conv_tile`;
+  whole reduction. 12 accumulators (2x6, 3x4, 4x3, 6x2, `TWELVE_TILES`) wherever the block count
+  allows: a row the pixel count does not divide (ResNet-50's 56/28/14 with 3-pixel tiles) gets
+  whole tiles plus a ragged last one (`ConvTile.tail`): the tile loop is marked and the build
+  peels its last iteration into code of its own (`peel_last_iterations`), so neither copy keeps a
+  condition per FMA (a predicated tile kept its accumulators in memory: 1.5-2x slower). Else 8
+  accumulators (4x2, 2x4, 8x1) that divide the row. Convs that blocked_ops computes on their
+  flattened output pixels (`conv2d_blocked_flat`: unpadded 1x1 convs, maps under 14 rows) are one
+  row of OH*OW pixels rounded up to the tile, written back through `out[.., p // W, p % W, ..]`;
 - the reduction runs `icb, kh, kw, ii` outside the tile (`ic, kh, kw` for the stem), `ii` (the
   `b` input channels of a block) unrolled, `kw` not (unrolled, LLVM keeps the broadcasts that
   neighbouring taps share and spills accumulators for them): per step `obt` weight vectors
   (contiguous in the packed `[OC/b, C/b, KH, KW, b(in), b(out)]` weights) and `rt` broadcast
-  input values feed `rt * obt` FMAs;
-- outer loops: output blocks, rows, pixel tiles, fused into one parallel loop; padded convs with
-  at least 14 output rows run rows outermost (parallel over batch x rows) with each row's padded
-  input rows computed under the row loop, instead of a fill + copy of the whole padded input;
+  input values feed `rt * obt` FMAs. Where a tile column's weights (the reduction x `obt` blocks)
+  exceed half of L2 the reduction runs in chunks of input blocks (`ConvTile.k_chunk`), all the
+  block's accumulators in a local buffer between chunks, so a chunk's weights stay in L2 across
+  every pixel tile instead of streaming from L3 for each (3x3 512->512 on 7x7);
+- outer loops: output blocks, rows fused into one parallel loop, the pixel tiles a serial loop
+  inside it (fused too, each tile recovered its indices by divisions that cost up to a third of a
+  short-reduction tile); padded convs with at least 14 output rows run rows outermost (parallel
+  over batch x rows) with each row's padded input rows computed under the row loop, instead of a
+  fill + copy of the whole padded input;
 - the accumulator tile is written back through the inlined epilogue (bias add, activation,
   residual add), vectorised along the block's channels.
 
@@ -64,7 +73,8 @@ from .tvm_schedules import (
 if TYPE_CHECKING:
     import tvm
 
-__all__ = ["BlockedConv", "ConvTile", "ConvShape", "conv_tile", "match_blocked_conv"]
+__all__ = ["BlockedConv", "ConvTile", "ConvShape", "TWELVE_TILES", "conv_tile", "match_blocked_conv", "peel_last_iterations",
+           "peel_module"]
 
 # accumulator vectors per micro-kernel: AVX2 has 16 vector registers; 12 leaves room for the
 # weight vectors and one broadcast; 14 when the weights are read as memory operands of the FMAs
@@ -72,6 +82,11 @@ _MAX_ACC = 12
 _MAX_ACC_WIDE = 14
 # weights of one chunk of output blocks (order "blk"): half of a 512 KiB L2
 _L2_WEIGHT_BYTES = 256 * 1024
+# weights of one reduction chunk (`ConvTile.k_chunk` by default): 16 of 64 input blocks of a 3x3
+# 512-channel conv x 4 output blocks (147 KiB) measured 0.94x onnxruntime's time, 8 (74 KiB) 0.96x
+_CHUNK_WEIGHT_BYTES = 160 * 1024
+# (pixels, output blocks) of the 12-accumulator tiles, in the order they are tried
+TWELVE_TILES = ((2, 6), (3, 4), (4, 3), (6, 2))
 
 
 @dataclass(frozen=True)
@@ -106,6 +121,8 @@ class ConvTile:
     k_chunk: int = 0  # (1x1 convs, order "ob") input channel blocks per reduction chunk: a row's
     # accumulators live in a local buffer between chunks, so a chunk of the weight panel stays in
     # L1 across the row's tiles instead of streaming the whole panel from L2 for every tile
+    tail: bool = False  # rows that `rt` does not divide: whole tiles plus one ragged tile, the
+    # tile loop's last iteration peeled into code of its own (`peel_last_iterations`)
     serial_tiles: bool | None = None  # the innermost outer loop (pixel tiles; output blocks for
     # "pix") left out of the parallel loop, so a tile's indices are increments rather than
     # divisions of one fused index; None: where the fused rest has enough iterations
@@ -113,8 +130,6 @@ class ConvTile:
 
 def conv_tile(s: ConvShape, lanes: int) -> ConvTile:
     """The micro-kernel for shape `s` (see module docstring)."""
-    # (pixels, output blocks): 12 accumulators where the row width and the block count allow,
-    # else 8
     # padded convs with enough rows for the threads: rows outermost, each row's padded input
     # rows computed under the row loop (3x3 stride 2 on 56x56: 1.22x -> 1.07x onnxruntime's time)
     row = s.kh > 1 and s.oh >= 14
@@ -122,9 +137,28 @@ def conv_tile(s: ConvShape, lanes: int) -> ConvTile:
     # ("blk"); with output blocks outermost the whole (4x larger) input streams from L3 once per
     # block pair (1024->2048 on 14x14 s2, single thread vs onnxruntime: 1.76x "ob", 1.21x "blk")
     order = "row" if row else "blk" if (s.kh == 1 and s.kw == 1 and s.stride > 1) else "ob"
-    for rt, obt in ((2, 6), (3, 4), (4, 3), (6, 2), (4, 2), (2, 4), (8, 1), (7, 1), (2, 2), (1, 4), (2, 1), (1, 2), (1, 1)):
+    chunk = 0
+    if s.kind == "conv" and order == "ob":
+        # a weight panel (the reduction x the tile's output blocks) larger than L2 streams from
+        # L3 for every pixel tile: the reduction in chunks whose panel stays in L2, the block's
+        # accumulators in a local buffer between chunks (3x3 512->512 on 7x7: 1.08x -> 0.94x)
+        per_icb = s.kh * s.kw * lanes * lanes * 4
+        icb = s.red // (s.kh * s.kw * lanes)
+        for rt, obt in TWELVE_TILES:
+            if s.ob % obt == 0 and icb * per_icb * obt > _L2_WEIGHT_BYTES:
+                chunk = max([d for d in _divisors(icb) if d < icb and d * per_icb * obt <= _CHUNK_WEIGHT_BYTES] or [0])
+                break
+    for rt, obt in TWELVE_TILES:  # 12 accumulators, exact
         if s.ow % rt == 0 and s.ob % obt == 0:
-            return ConvTile(rt, obt, order, pad_row=row)
+            return ConvTile(rt, obt, order, pad_row=row, k_chunk=chunk)
+    if order in ("ob", "row"):
+        for rt, obt in TWELVE_TILES:  # 12 accumulators, whole tiles + a ragged one (3x3 on 56/28/14
+            # rows: 0.96-0.98x the time of rows rounded up to 57/30/15, which waste 2-7 %)
+            if s.ob % obt == 0 and s.ow > rt:
+                return ConvTile(rt, obt, order, pad_row=row, k_chunk=chunk, tail=True)
+    for rt, obt in ((4, 2), (2, 4), (8, 1), (7, 1), (2, 2), (1, 4), (2, 1), (1, 2), (1, 1)):
+        if s.ow % rt == 0 and s.ob % obt == 0:
+            return ConvTile(rt, obt, order, pad_row=row, k_chunk=chunk)
     return ConvTile(1, 1)
 
 
@@ -176,7 +210,7 @@ def match_blocked_conv(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> _M
             return None
         # (conv2d_blocked_flat: a one-row output whose pixel index is split into the input's row
         # and column, x // W and x % W)
-        flat_read = xd[2] <= {x, kw} and xd[3] <= {x, kw} and x in xd[3]
+        flat_read = xd[2] <= {x, kh} and xd[3] <= {x, kw} and x in xd[3]
         if not ((xd[2] == {y, kh} and xd[3] == {x, kw}) or flat_read):
             return None
         red = {"icb": icb, "kh": kh, "kw": kw, "ii": ii}
@@ -196,7 +230,7 @@ def match_blocked_conv(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> _M
     e = {k: ext[v] for k, v in roles.items()}
     if any(v is None for k, v in e.items() if k != "n"):
         return None
-    if e["oi"] % lanes or (kind == "conv" and flat_read and (e["y"], e["kh"], e["kw"]) != (1, 1, 1)):
+    if e["oi"] % lanes or (kind == "conv" and flat_read and e["y"] != 1):
         return None
     # stride from the input index: y*s + kh*d → the coefficient of y
     stride = _stride_of(ins[1 - wi], y) or 1
@@ -314,15 +348,15 @@ class BlockedConv(_Rule):
         if m.ext["ob"] % obt:
             return None
         ob_o, ob_i = sch.split(L["ob"], factors=[None, obt])
-        if m.ext["x"] % rt:
+        ragged = m.ext["x"] % rt != 0
+        if ragged and (not tile.tail or tile.order not in ("ob", "row") or tile.serial_tiles is False):
             # (a predicated tail tile keeps its accumulators in memory, and tiles of the fused
             # row*column axis that cross rows are written back wrongly: the write-back's region
             # is the bounding box of the tile)
             return None
         p_o, p_i = sch.split(L["x"], factors=[None, rt])
         chunked = (tile.k_chunk and m.kind == "conv" and tile.order == "ob" and pad is None
-                   and m.ext["kh"] == 1 and m.ext["kw"] == 1 and m.ext["icb"] > tile.k_chunk
-                   and m.ext["icb"] % tile.k_chunk == 0)
+                   and m.ext["icb"] > tile.k_chunk and m.ext["icb"] % tile.k_chunk == 0)
         if tile.order == "blk":
             # chunks of output blocks whose weights fit in L2: rows inside a chunk, the chunk's
             # blocks inside a row (weights read once, the input once per chunk)
@@ -341,11 +375,12 @@ class BlockedConv(_Rule):
             red = [L["ic"], L["kh"], L["kw"]]
         inner_tile = (p_i, ob_i) if tile.ob_inner else (ob_i, p_i)
         if chunked:
-            # n, ob, y | icb chunk | pixel tile | icb in chunk, ii | tile ; the row's accumulators
-            # in a local buffer, written back (with the epilogue) after the last chunk
+            # n, ob | icb chunk | row, pixel tile | icb in chunk, kh, kw, ii | tile ; the
+            # accumulators of all the block's pixels in a local buffer, written back (with the
+            # epilogue) after the last chunk: a chunk's weights stay in L2 across every tile
             icb_o, icb_i = sch.split(L["icb"], factors=[None, tile.k_chunk])
-            sch.reorder(L["n"], ob_o, L["y"], icb_o, p_o, oi_o, icb_i, L["kh"], L["kw"], L["ii"], *inner_tile, oi_i)
-            fused = _fuse_parallel(sch, [L["n"], ob_o, L["y"]])
+            sch.reorder(L["n"], ob_o, icb_o, L["y"], p_o, oi_o, icb_i, L["kh"], L["kw"], L["ii"], *inner_tile, oi_i)
+            fused = _fuse_parallel(sch, [L["n"], ob_o])
             wb = sch.cache_write(anchor, 0, "local")
             sch.reverse_compute_at(wb, fused, preserve_unit_loops=True)
             _inline_consumers(sch, wb)
@@ -359,10 +394,12 @@ class BlockedConv(_Rule):
             if _int(sch.get(wl[-1]).extent) == lanes:
                 sch.vectorize(wl[-1])
             _schedule_rest(sch, {sch.get(b).name_hint for b in (anchor, wb, init)}, lanes)
+            if ragged:
+                sch.annotate(p_o, PEEL_LAST, 1)
             return sch
         sch.reorder(*outer, oi_o, *red, *inner_tile, oi_i)
         outer = outer + [oi_o]
-        serial = pad is None and (flat or _serial_tiles(sch, tile, outer[:-2]))
+        serial = pad is None and (flat or ragged or _serial_tiles(sch, tile, outer[:-2]))
         if pad is not None:
             fused = _fuse_parallel(sch, outer[:2])  # (n, y)
             tile_loop = outer[-1]
@@ -407,6 +444,8 @@ class BlockedConv(_Rule):
                 sch.unroll(lp)
         done = {sch.get(b).name_hint for b in (anchor, wb, init)}  # (a pad under the row loop is no root block)
         _schedule_rest(sch, done, lanes)
+        if ragged:
+            sch.annotate(p_o, PEEL_LAST, 1)
         return sch
 
 
@@ -552,3 +591,68 @@ class BlockedWindow(_Rule):
         done = {sch.get(b).name_hint for b in (anchor, wb, init)}  # (a pad under the row loop is no root block)
         _schedule_rest(sch, done, lanes)
         return sch
+
+
+#: loop annotation: the loop's last iteration becomes a copy of the body of its own (see
+#: `peel_last_iterations`)
+PEEL_LAST = "graphopt.peel_last"
+
+
+def peel_last_iterations(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":
+    """`for v in range(n)` annotated PEEL_LAST → `for v in range(n - 1)` + `for v in range(n - 1,
+    n)`: the body twice. A ragged pixel tile (3-pixel tiles over 7 columns) is a predicated
+    copy of the whole tile; with the last iteration apart, lowering proves the predicates of the
+    whole tiles true and folds the ragged tile's to constants once its pixel loop is unrolled, so
+    neither keeps a condition per FMA (which kept the accumulators in memory). apache-tvm 0.27's
+    Python API has no statement mutator and its loop_partition primitive crashes on this nest,
+    so the copy is made on the function's TVMScript text and parsed back."""
+    import re
+
+    import tvm
+
+    text = func.script()
+    if PEEL_LAST not in text:
+        return func
+    lines = text.split("\n")
+    out: list[str] = []
+    i = 0
+    head = re.compile(r"^(\s*)for (\w+) in T\.serial\((T\.int64\()?(\d+)\)?, annotations=\{([^}]*)\}\):$")
+    while i < len(lines):
+        mt = head.match(lines[i])
+        if mt is None or PEEL_LAST not in mt.group(5):
+            out.append(lines[i])
+            i += 1
+            continue
+        ind, var, n = mt.group(1), mt.group(2), int(mt.group(4))
+        j = i + 1
+        while j < len(lines) and (not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > len(ind)):
+            j += 1
+        body = lines[i + 1 : j]
+        ty = "T.int64" if mt.group(3) else ""
+        num = (lambda v: f"{ty}({v})") if ty else str
+        if n > 1:
+            out.append(f"{ind}for {var} in range({num(n - 1)}):")
+            out += body
+        out.append(f"{ind}for {var} in range({num(n - 1)}, {num(n)}):")
+        out += body
+        i = j
+    return tvm.script.from_source("\n".join(out))
+
+
+def peel_module(mod: "tvm.IRModule") -> "tvm.IRModule":
+    """`peel_last_iterations` on every PrimFunc of `mod` that has a loop marked PEEL_LAST (the
+    build and the tuning builder run it after scheduling)."""
+    import tvm
+
+    changed = {}
+    for gv, f in mod.functions_items():
+        if isinstance(f, tvm.tirx.PrimFunc):
+            g = peel_last_iterations(f)
+            if g is not f:
+                changed[gv] = g.with_attrs(f.attrs) if f.attrs is not None else g
+    if not changed:
+        return mod
+    mod = mod.clone() if hasattr(mod, "clone") else tvm.IRModule(dict(mod.functions_items()))
+    for gv, f in changed.items():
+        mod.update_func(gv, f)
+    return mod

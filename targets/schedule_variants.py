@@ -47,11 +47,12 @@ def variants(func: "tvm.tirx.PrimFunc", target: "tvm.target.Target", lanes: int)
         return out
     seen = {_hash(default)}
     if conv:
+        # (a tile that does not divide the row takes a ragged last tile; exact tiles ignore `tail`)
         cands = [(f"tile {rt}x{obt} {order}{' pad-row' if pad_row else ''}",
-                  BlockedConv(tile=ConvTile(rt, obt, order, pad_row=pad_row)))
+                  BlockedConv(tile=ConvTile(rt, obt, order, pad_row=pad_row, tail=True)))
                  for rt, obt in _CONV_TILES for order, pad_row in _CONV_ORDERS]
-        # 1x1 convs: the reduction in chunks of 16 input blocks (declined by other kernels)
-        cands += [(f"tile {rt}x{obt} ob k-chunk 16", BlockedConv(tile=ConvTile(rt, obt, "ob", k_chunk=16)))
+        # the reduction in chunks of 16 input blocks (declined by kernels with fewer)
+        cands += [(f"tile {rt}x{obt} ob k-chunk 16", BlockedConv(tile=ConvTile(rt, obt, "ob", k_chunk=16, tail=True)))
                   for rt, obt in _CONV_TILES]
     else:
         cands = [(f"window {rt} px x {ry} rows pad {pad}", BlockedConv(window=BlockedWindow(rt=rt, pad=pad, ry=ry)))

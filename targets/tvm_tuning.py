@@ -1048,4 +1048,6 @@ def _build_with_hooks(mod: Any, target: Any, params: Any) -> Any:
     cpu_only_intrinsics()
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build
 
-    return default_build(mod, target, params)
+    from .nchwc_schedules import peel_module
+
+    return default_build(peel_module(mod), target, params)

@@ -5,6 +5,8 @@ numbers (against onnxruntime on the NCHW operator), and declines every other ker
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -23,6 +25,7 @@ from graphopt.targets.nchwc_schedules import (  # noqa: E402
     ConvTile,
     conv_tile,
 )
+from graphopt.targets import nchwc_schedules as NS  # noqa: E402
 from graphopt.targets.tvm import blocked_ops as BO  # noqa: E402
 from graphopt.targets.tvm.lower import legalize_and_fuse  # noqa: E402
 from graphopt.targets.tvm_schedules import (  # noqa: E402
@@ -54,7 +57,7 @@ def _out(h, k, s, p):
     return (h + 2 * p - k) // s + 1
 
 
-def _kernel(kind, c, h, oc, k, s, act="relu", residual=False, pool="max", w=None, n=1, ow_multiple=1, flat=0):
+def _kernel(kind, c, h, oc, k, s, act="relu", residual=False, pool="max", w=None, n=1, flat=0):
     """The fused PrimFunc the lowering makes for one blocked kernel group (Relax primitive
     function → LegalizeOps → FuseTIR) and the shapes of its parameters."""
     w = w or h
@@ -80,10 +83,9 @@ def _kernel(kind, c, h, oc, k, s, act="relu", residual=False, pool="max", w=None
             else:
                 fn = {"conv": BO.conv2d_blocked, "stem": BO.conv2d_stem, "depthwise": BO.depthwise_blocked}[kind]
                 if flat:
-                    y = bb.emit_te(BO.conv2d_blocked_flat, x, params[1], [s, s], flat, primfunc_name_hint=kind)
+                    y = bb.emit_te(BO.conv2d_blocked_flat, x, params[1], [s, s], [p] * 4, [1, 1], flat, primfunc_name_hint=kind)
                 else:
-                    extra = [ow_multiple] if kind == "conv" else []
-                    y = bb.emit_te(fn, x, params[1], [s, s], [p] * 4, [1, 1], *extra, primfunc_name_hint=kind)
+                    y = bb.emit_te(fn, x, params[1], [s, s], [p] * 4, [1, 1], primfunc_name_hint=kind)
                 y = bb.emit(relax.op.add(y, relax.op.reshape(params[2], [1, oc // B, 1, 1, B])))
             if residual:
                 y = bb.emit(relax.op.add(y, params[-1]))
@@ -157,6 +159,7 @@ _GUARD = 256  # floats of sentinel after the output: a kernel writing past its e
 
 def _run(func, args, out_shape):
     n, oc, oh, ow = out_shape
+    func = NS.peel_last_iterations(func)  # (as the build does)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=_target())
     shape = (n, oc // B, oh, ow, B)
     size = int(np.prod(shape))
@@ -262,12 +265,16 @@ def test_conv_tile_choice():
             conv_tile(ConvShape("conv", 18, 56, 56, 24, 1, 1, 1), 8).obt) == (2, 6)
     t = conv_tile(ConvShape("conv", 8, 48, 48, 64, 1, 1, 1), 8)
     assert t.rt * t.obt == 12 and 48 % t.rt == 0 and 8 % t.obt == 0
-    # ResNet-50's widths (56, 28, 14, 7) and power-of-two block counts: 8 or 7 accumulators
+    # ResNet-50's widths (56, 28, 14, 7) and power-of-two block counts: 3 x 4 tiles with a
+    # ragged last one (2, 1, 2, 1 pixels)
     for ow in (56, 28, 14, 7):
         for ob in (8, 16, 64):
             t = conv_tile(ConvShape("conv", ob, ow, ow, 576, 3, 3, 1), 8)
-            assert ow % t.rt == 0 and ob % t.obt == 0 and 7 <= t.rt * t.obt <= 12
+            assert (t.rt, t.obt, t.tail) == (3, 4, True) and ob % t.obt == 0
             assert t.pad_row == (ow >= 14)
+    # a block count no 12-accumulator tile divides: 8 accumulators that divide the row
+    t = conv_tile(ConvShape("conv", 5, 14, 14, 576, 3, 3, 1), 8)
+    assert t.rt * t.obt < 12 and 14 % t.rt == 0 and 5 % t.obt == 0 and not t.tail
     assert conv_tile(ConvShape("conv", 256, 7, 7, 1024, 1, 1, 2), 8).order == "blk"  # strided 1x1
     assert conv_tile(ConvShape("conv", 256, 7, 7, 1024, 1, 1, 1), 8).order == "ob"
 
@@ -351,9 +358,10 @@ def test_batch_and_symbolic_batch(kind, symbolic):
     np.testing.assert_allclose(_run(sfunc, args, (2, oc, 8, 8)), _act(ref, "relu"), rtol=1e-4, atol=1e-4)
 
 
-def test_k_chunked_1x1_conv_matches_the_default():
-    """ConvTile.k_chunk: a 1x1 conv's reduction in chunks (the row's accumulators in a local
-    buffer between chunks) computes what the default schedule computes; other convs decline it."""
+@pytest.mark.parametrize("k", [1, 3])
+def test_k_chunked_conv_matches_the_default(k):
+    """ConvTile.k_chunk: a conv's reduction in chunks (the block's accumulators in a local buffer
+    between chunks) computes what the default schedule computes."""
     import numpy as np
     import tvm
     from tvm import te
@@ -372,13 +380,13 @@ def test_k_chunked_1x1_conv_matches_the_default():
         r = te.compute(y.shape, lambda *i: tvm.tirx.max(y(*i), tvm.tirx.const(0.0, "float32")), name="relu")
         return te.create_prim_func([x, w, r])
 
-    f = func(1)
+    f = func(k)
     tile = NS.ConvTile(6, 2, "ob", k_chunk=4)
     sch = NS.BlockedConv(tile=tile).apply(f, target, 8)
     assert sch is not None and "icb_0" in sch.mod["main"].script()
     base, _, _ = default_schedule(f, target)
     rng = np.random.default_rng(0)
-    args = [rng.standard_normal(s).astype("float32") for s in ((1, 8, 6, 6, 8), (4, 8, 1, 1, 8, 8))]
+    args = [rng.standard_normal(s).astype("float32") for s in ((1, 8, 6, 6, 8), (4, 8, k, k, 8, 8))]
     outs = []
     for s_ in (sch, base):
         lib = tvm.compile(tvm.IRModule({"main": s_.mod["main"].with_attr("global_symbol", "main")}), target=target)
@@ -386,19 +394,18 @@ def test_k_chunked_1x1_conv_matches_the_default():
         lib["main"](*[tvm.runtime.tensor(a) for a in args], o)
         outs.append(o.numpy())
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
-    assert "icb_0" not in NS.BlockedConv(tile=NS.ConvTile(6, 2, "ob", k_chunk=4)).apply(func(3), target, 8).mod["main"].script()
 
 
 
 @pytest.mark.parametrize("rule", [None, OuterProduct()], ids=["blocked-conv", "outer-product"])
 @pytest.mark.parametrize("k,residual", [(1, True), (3, False)])
-def test_rounded_up_rows_stay_inside_the_output(rule, k, residual):
-    """A conv computed on rows rounded up to 3 pixels (14 → 15) with its crop and epilogue
-    inlined: the write-back stops at the real row end. The generic rule inlined the epilogue
-    at the root before this was guarded and wrote 8 floats past the output (and into the next
-    row's first pixel)."""
-    c, h, oc = 16, 14, 32
-    func, oshape = _kernel("conv", c, h, oc, k, 1, "relu", residual, ow_multiple=3)
+def test_rounded_up_pixels_stay_inside_the_output(rule, k, residual):
+    """A conv computed on its flattened pixels rounded up to the tile (49 → 51) with its crop,
+    unflatten and epilogue inlined: the write-back stops at the real end. The generic rule
+    inlined the epilogue of such a crop at the root before this was guarded and wrote 8 floats
+    past the output (and into the next row's first pixel)."""
+    c, h, oc = 16, 7, 32
+    func, oshape = _kernel("conv", c, h, oc, k, 1, "relu", residual, flat=3)
     assert "crop" in func.script()
     args, ref = _data("conv", c, h, oc, k, 1, residual)
     sfunc, name = _schedule(func, rule)
@@ -407,23 +414,27 @@ def test_rounded_up_rows_stay_inside_the_output(rule, k, residual):
     np.testing.assert_allclose(y, np.maximum(ref, 0), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("c,h,oc,s,residual,flat", [
-    (16, 7, 32, 1, True, 3),  # 49 pixels → 51: 17 tiles of 3 pixels x 4 blocks
-    (16, 14, 48, 2, False, 2),  # strided: the gather of every other pixel inlined into the reads
-    (8, 5, 16, 1, False, 6),  # 2 output blocks: 6 pixels x 2 blocks, 25 → 30 pixels
+@pytest.mark.parametrize("c,h,oc,k,s,residual,flat", [
+    (16, 7, 32, 1, 1, True, 3),  # 49 pixels → 51: 17 tiles of 3 pixels x 4 blocks
+    (16, 14, 48, 1, 2, False, 2),  # strided: the gather of every other pixel inlined into the reads
+    (8, 5, 16, 1, 1, False, 6),  # 2 output blocks: 6 pixels x 2 blocks, 25 → 30 pixels
+    (16, 7, 32, 3, 1, True, 3),  # 3x3, pad 1: pixel p reads the window of (p // 7, p % 7)
+    (16, 9, 32, 3, 2, False, 3),  # 3x3 stride 2
 ])
-def test_flat_pointwise_conv_fires_and_keeps_numbers(c, h, oc, s, residual, flat):
+def test_flat_conv_fires_and_keeps_numbers(c, h, oc, k, s, residual, flat):
     """conv2d_blocked_flat: BlockedConv tiles the flattened pixel axis and writes back through
     the crop and unflatten (out[.., p // W, p % W, ..], the rounded-up pixels dropped)."""
-    func, oshape = _kernel("conv", c, h, oc, 1, s, "relu", residual, flat=flat)
+    func, oshape = _kernel("conv", c, h, oc, k, s, "relu", residual, flat=flat)
     script = func.script()
     assert "flatten" in script and "unflatten" in script
     sfunc, rule = _schedule(func)
     assert rule == "blocked-conv"
     text = sfunc.script()
     assert "T.parallel" in text and "T.vectorized" in text
-    assert len(_root_blocks(sfunc)) <= 4  # init, update, write-back (+ epilogue inlined into it)
-    args, ref = _data("conv", c, h, oc, 1, s, residual)
+    # init, update, write-back (+ crop, unflatten and epilogue inlined into it), the pad's fill
+    # and copy where the conv has one
+    assert len([b for b in _root_blocks(sfunc) if '"pad' not in b]) <= 4
+    args, ref = _data("conv", c, h, oc, k, s, residual)
     np.testing.assert_allclose(_run(sfunc, args, oshape), np.maximum(ref, 0), rtol=1e-4, atol=1e-4)
 
 
@@ -436,3 +447,39 @@ def test_flat_conv_with_a_tile_that_does_not_divide_is_declined():
     assert rule == "outer-product"
     args, ref = _data("conv", 16, 7, 32, 1, 1, True)
     np.testing.assert_allclose(_run(sch.mod["main"], args, oshape), np.maximum(ref, 0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tile,w", [
+    (ConvTile(3, 4, "row", pad_row=True, tail=True), 14),  # 14 = 4 x 3 + 2
+    (ConvTile(3, 4, "ob", tail=True), 7),  # 7 = 2 x 3 + 1
+    (ConvTile(3, 4, "ob", tail=True, k_chunk=2), 7),  # and the reduction in chunks
+])
+def test_ragged_tile_is_peeled_and_keeps_numbers(tile, w):
+    """Rows that the tile's pixel count does not divide: whole tiles plus a ragged one; the tile
+    loop is marked, peel_last_iterations gives its last iteration code of its own (the whole
+    tiles' loop then has one iteration fewer), the numbers stay."""
+    func, oshape = _kernel("conv", 32, 14, 32, 3, 1, "relu", True, w=w)
+    sch = BlockedConv(tile).apply(func, _target(), 8)
+    assert sch is not None
+    sfunc = sch.mod["main"]
+    assert NS.PEEL_LAST in sfunc.script()
+    peeled = NS.peel_last_iterations(sfunc).script()
+    n = -(-w // 3)
+    assert NS.PEEL_LAST not in peeled
+    assert re.search(rf"in range\((T\.int64\()?{n - 1}\)?, (T\.int64\()?{n}\)?\):", peeled)
+    args, ref = _data("conv", 32, 14, 32, 3, 1, True, w=w)
+    np.testing.assert_allclose(_run(sfunc, args, oshape), np.maximum(ref, 0), rtol=1e-4, atol=1e-4)
+    # without the flag the rule declines the ragged row
+    assert BlockedConv(ConvTile(3, 4, tile.order, pad_row=tile.pad_row)).apply(func, _target(), 8) is None
+
+
+def test_default_tiles_take_ragged_rows_and_chunk_large_weight_panels():
+    """conv_tile: 12 accumulators with a ragged tile rather than 8 that divide the row; the
+    reduction in chunks where the weight panel of a tile column exceeds L2."""
+    t = conv_tile(ConvShape("conv", 8, 14, 14, 256 * 9, 3, 3, 1), 8)
+    assert (t.rt, t.obt, t.tail, t.order, t.k_chunk) == (3, 4, True, "row", 0)
+    t = conv_tile(ConvShape("conv", 64, 1, 51, 512 * 9, 3, 3, 1), 8)  # flat 3x3 512->512 on 7x7
+    assert (t.rt, t.obt, t.tail, t.order) == (3, 4, False, "ob") and t.k_chunk and 64 % t.k_chunk == 0
+    assert 9 * 8 * 8 * 4 * 4 * t.k_chunk <= 160 * 1024
+    t = conv_tile(ConvShape("conv", 8, 56, 56, 64, 1, 1, 1), 8)
+    assert (t.rt, t.obt, t.tail, t.k_chunk) == (3, 4, True, 0)

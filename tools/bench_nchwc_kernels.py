@@ -210,10 +210,9 @@ def build_module(case: Case, target):
                 fn = {"conv": BO.conv2d_blocked, "stem": BO.conv2d_stem, "depthwise": BO.depthwise_blocked}[case.kind]
                 flat = _flat_multiple(case)
                 if flat:
-                    y = bb.emit_te(BO.conv2d_blocked_flat, x, params[1], [s, s], flat, primfunc_name_hint="conv_blocked")
+                    y = bb.emit_te(BO.conv2d_blocked_flat, x, params[1], [s, s], [p] * 4, [1, 1], flat, primfunc_name_hint="conv_blocked")
                 else:
-                    extra = [_ow_multiple(case)] if case.kind == "conv" else []
-                    y = bb.emit_te(fn, x, params[1], [s, s], [p] * 4, [1, 1], *extra, primfunc_name_hint=f"{case.kind}_blocked")
+                    y = bb.emit_te(fn, x, params[1], [s, s], [p] * 4, [1, 1], primfunc_name_hint=f"{case.kind}_blocked")
                 y = bb.emit(relax.op.add(y, relax.op.reshape(params[2], [1, oc // B, 1, 1, B])))
             elif case.kind in ("maxpool", "avgpool"):
                 y = bb.emit_te(BO.pool_blocked, x, case.kind[:3], [k, k], [s, s], [p] * 4, primfunc_name_hint="pool")
@@ -235,23 +234,15 @@ def build_module(case: Case, target):
     return legalize_and_fuse(bb.get(), target)
 
 
-def _ow_multiple(case: Case) -> int:
-    """The output-width rounding the lowering gives this conv (`layout.wide_multiple`)."""
-    from graphopt.targets.tvm import layout as LY
-
-    if case.oh < LY.WIDE_MIN_OW or case.oh % LY.WIDE_MULTIPLE == 0 or (case.oc // B) % 4:
-        return 1
-    return LY.WIDE_MULTIPLE
-
-
 def _flat_multiple(case: Case) -> int:
-    """The pixel multiple of a conv the lowering runs on its flattened pixel axis
-    (`layout.flat_multiple`), or 0 (GRAPHOPT_NO_FLAT=1: never, to compare)."""
+    """The pixel multiple of a conv the lowering runs on its flattened output pixels
+    (`layout.flat_multiple`: unpadded 1x1 convs and small maps), or 0 (GRAPHOPT_NO_FLAT=1: never,
+    to compare)."""
     from graphopt.targets.tvm import layout as LY
 
-    if os.environ.get("GRAPHOPT_NO_FLAT") or case.kind != "conv" or case.k != 1:
+    if os.environ.get("GRAPHOPT_NO_FLAT") or case.kind != "conv" or (case.k != 1 and case.oh > LY.FLAT_MAX_OH):
         return 0
-    return next((rt for rt, obt in LY._TWELVE if (case.oc // B) % obt == 0), 0)
+    return next((rt for rt, obt in LY.TWELVE_TILES if (case.oc // B) % obt == 0), 0)
 
 
 def blocked(a: np.ndarray) -> np.ndarray:
@@ -388,7 +379,9 @@ class OrtTimer:
 def _compile(func, target):
     import tvm
 
-    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    from graphopt.targets.nchwc_schedules import peel_last_iterations
+
+    return tvm.compile(tvm.IRModule({"main": peel_last_iterations(func).with_attr("global_symbol", "main")}), target=target)
 
 
 def run_case(case: Case, target, threads: int, rounds: int, tile=None) -> dict:

@@ -135,62 +135,61 @@ def _pad_spatial(x: te.Tensor, h_axis: int, pads: Sequence[int], value: float, e
 
 
 def conv2d_blocked(
-    x: te.Tensor, w: te.Tensor, strides: Sequence[int], pads: Sequence[int], dilations: Sequence[int],
-    ow_multiple: int = 1,
+    x: te.Tensor, w: te.Tensor, strides: Sequence[int], pads: Sequence[int], dilations: Sequence[int]
 ) -> te.Tensor:
-    """x [N, C/b, H, W, b] * w [OC/b, C/b, KH, KW, b, b] → [N, OC/b, OH, OW, b].
-
-    `ow_multiple` > 1: the reduction computes OW rounded up to that multiple of output columns
-    (the extra ones read clamped or zero-padded input and are dropped by a `crop` block), so a
-    micro-kernel of that many pixels divides every row (ResNet's widths 56/28/14/7 take no 3-pixel
-    tile otherwise)."""
+    """x [N, C/b, H, W, b] * w [OC/b, C/b, KH, KW, b, b] → [N, OC/b, OH, OW, b]."""
     n, cb_n, h, wd, b = x.shape
     ob_n, _, kh_n, kw_n, _, _ = w.shape
     sh, sw, dh, dw, oh, ow = _window(h, wd, kh_n, kw_n, strides, pads, dilations)
-    owp = ow
-    clamp = None
-    if ow_multiple > 1 and isinstance(ow, tirx.IntImm) and isinstance(wd, tirx.IntImm):
-        owp = -(-int(ow) // ow_multiple) * ow_multiple
     p = _pad_spatial(x, 2, pads, 0.0)
-    if owp is not ow and owp != int(ow):
-        width = int(wd) + int(pads[1]) + int(pads[3])  # of p
-        clamp = width - 1  # extra columns read the last column again (their results are dropped)
+    icb = te.reduce_axis((0, cb_n), "icb")
+    kh = te.reduce_axis((0, kh_n), "kh")
+    kw = te.reduce_axis((0, kw_n), "kw")
+    ii = te.reduce_axis((0, b), "ii")
+    return te.compute(
+        (n, ob_n, oh, ow, b),
+        lambda i, ob, y, xx, oi: te.sum(
+            p[i, icb, y * sh + kh * dh, xx * sw + kw * dw, ii] * w[ob, icb, kh, kw, ii, oi], axis=[icb, kh, kw, ii]
+        ),
+        name="conv2d_blocked",
+    )
+
+
+def conv2d_blocked_flat(
+    x: te.Tensor, w: te.Tensor, strides: Sequence[int], pads: Sequence[int], dilations: Sequence[int], px_multiple: int,
+) -> te.Tensor:
+    """`conv2d_blocked` on the flattened output pixels: the conv computes one row of OH*OW pixels
+    rounded up to `px_multiple` (pixel p reads the window of output pixel (p // OW, p % OW); the
+    extra ones read the last pixel's window again and are dropped by `crop`), `unflatten` gives
+    back [N, OC/b, OH, OW, b]. A micro-kernel of `px_multiple` pixels then divides the work
+    whatever the row width: 7x7 maps take 3-pixel tiles over 51 pixels where 7-wide rows took
+    7 x 1 tiles (7 accumulators); 56/28/14-wide rows had to be rounded up to 57/30/15."""
+    n, cb_n, h, wd, b = x.shape
+    ob_n, _, kh_n, kw_n, _, _ = w.shape
+    sh, sw, dh, dw, oh, ow = _window(h, wd, kh_n, kw_n, strides, pads, dilations)
+    oh, ow = int(oh), int(ow)
+    last = oh * ow - 1
+    npx = -(-(oh * ow) // px_multiple) * px_multiple
+    p = _pad_spatial(x, 2, pads, 0.0)
     icb = te.reduce_axis((0, cb_n), "icb")
     kh = te.reduce_axis((0, kh_n), "kh")
     kw = te.reduce_axis((0, kw_n), "kw")
     ii = te.reduce_axis((0, b), "ii")
 
-    def col(xx: Any, k: Any) -> Any:
-        c = xx * sw + k * dw
-        return tirx.min(c, clamp) if clamp is not None else c
+    def px(q: Any) -> Any:
+        return tirx.min(q, last) if npx != oh * ow else q
 
     conv = te.compute(
-        (n, ob_n, oh, owp, b),
-        lambda i, ob, y, xx, oi: te.sum(
-            p[i, icb, y * sh + kh * dh, col(xx, kw), ii] * w[ob, icb, kh, kw, ii, oi], axis=[icb, kh, kw, ii]
+        (n, ob_n, 1, npx, b),
+        lambda i, ob, z, q, oi: te.sum(
+            p[i, icb, px(q) // ow * sh + kh * dh, px(q) % ow * sw + kw * dw, ii] * w[ob, icb, kh, kw, ii, oi],
+            axis=[icb, kh, kw, ii],
         ),
         name="conv2d_blocked",
     )
-    if clamp is None:
-        return conv
-    return te.compute((n, ob_n, oh, ow, b), lambda i, ob, y, xx, oi: conv[i, ob, y, xx, oi], name="crop")
-
-
-def conv2d_blocked_flat(x: te.Tensor, w: te.Tensor, strides: Sequence[int], px_multiple: int) -> te.Tensor:
-    """A 1x1 unpadded conv on the flattened pixel axis: the output pixels of x [N, C/b, H, W, b]
-    are read as one row [N, C/b, 1, OH*OW, b] (`flatten`, a gather the schedule inlines into the
-    conv's reads), the conv computes OH*OW rounded up to `px_multiple` pixels (`conv2d_blocked`
-    with `ow_multiple`: the extra ones read the last pixel again and are dropped) and `unflatten`
-    gives back [N, OC/b, OH, OW, b]. A micro-kernel of `px_multiple` pixels then divides the
-    work whatever the row width: 7x7 maps take 3-pixel tiles over 51 pixels where 7-wide rows
-    took 7 x 1 tiles (7 accumulators); 56/28/14-wide rows had to be rounded up to 57/30/15."""
-    n, cb, h, wd, b = x.shape
-    sh, sw = (int(v) for v in strides)
-    oh, ow = (h - 1) // sh + 1, (wd - 1) // sw + 1
-    flat = te.compute((n, cb, 1, oh * ow, b), lambda i, c, z, q, ci: x[i, c, q // ow * sh, q % ow * sw, ci], name="flatten")
-    y = conv2d_blocked(flat, w, [1, 1], [0, 0, 0, 0], [1, 1], ow_multiple=px_multiple)
-    ob = y.shape[1]
-    return te.compute((n, ob, oh, ow, b), lambda i, o, yy, xx, oi: y[i, o, 0, yy * ow + xx, oi], name="unflatten")
+    if npx != oh * ow:
+        conv = te.compute((n, ob_n, 1, oh * ow, b), lambda i, o, z, q, oi: conv[i, o, z, q, oi], name="crop")
+    return te.compute((n, ob_n, oh, ow, b), lambda i, o, yy, xx, oi: conv[i, o, 0, yy * ow + xx, oi], name="unflatten")
 
 
 def conv2d_stem(

@@ -36,6 +36,7 @@ from tvm import relax
 
 from graphopt.ir import Model, Node, Value
 
+from ..nchwc_schedules import TWELVE_TILES
 from . import blocked_ops as BO
 
 #: channels per block: 8 fp32 lanes of AVX2 (onnxruntime's MLAS uses the same block on AVX2)
@@ -235,44 +236,31 @@ def _group_roles(nodes: list[Node], blocked: set[int], b: int) -> dict[int, str]
     return roles if reason else None
 
 
-#: output widths from this up whose row does not split into 3-pixel tiles are computed rounded up
-#: to a multiple of 3 (the extra columns dropped): the blocked conv's 3 pixels x 4 output blocks
-#: micro-kernel (12 accumulators) then fits, where the widths ResNet's convs have (56, 28, 14)
-#: leave 8. Same run, 2 threads, per kernel: 0.90-0.98x the time for widths 56/28/14 (one 1.01x);
-#: 1.07-1.15x for width 7 (2 of 9 columns wasted), which therefore keeps its exact width.
-WIDE_MIN_OW = 14
-WIDE_MULTIPLE = 3
 
 
-def wide_multiple(n: Node, block: int) -> int:
-    """The `ow_multiple` of blocked conv `n` (1: its exact width)."""
-    y = _dims4(n.outputs[0])
-    if y is None or not isinstance(y[3], int) or y[3] < WIDE_MIN_OW or y[3] % WIDE_MULTIPLE == 0:
-        return 1
-    if (int(y[1]) // block) % 4:
-        return 1  # no 4 output blocks per tile: the 3x4 kernel does not apply
-    return WIDE_MULTIPLE
-
-
-#: (pixels, output blocks) of BlockedConv's 12-accumulator tiles, in the order conv_tile tries them
-_TWELVE = ((2, 6), (3, 4), (4, 3), (6, 2))
+#: convs with fewer output rows than this run on their flattened pixels whatever their kernel (the
+#: taller ones keep their rows: BlockedConv computes their padded input row by row)
+FLAT_MAX_OH = 13
 
 
 def flat_multiple(n: Node, block: int) -> int:
-    """The pixel multiple of 1x1 conv `n` computed on its flattened pixel axis
-    (`blocked_ops.conv2d_blocked_flat`), or 0 (its rows as they are): unpadded, undilated, static
-    maps, output blocks that one of the 12-accumulator tiles divides. Single thread, same run,
-    ResNet-50's shapes: 7x7 maps 1.19-1.23x onnxruntime's time -> 1.01-1.02x, 14x14 1.06-1.09x
-    -> 0.98-1.02x, 56x56 1.00-1.06x -> 0.97x."""
+    """The pixel multiple of blocked conv `n` computed on its flattened output pixels
+    (`blocked_ops.conv2d_blocked_flat`), or 0 (its rows as they are): unpadded 1x1 convs and
+    convs with at most FLAT_MAX_OH output rows, static shapes, output blocks that one of the
+    12-accumulator tiles divides. Single thread, same run, ResNet-50's shapes: 1x1 on 7x7 maps
+    1.19-1.23x onnxruntime's time -> 1.01-1.02x, on 14x14 1.06-1.09x -> 0.98-1.02x, on 56x56
+    1.00-1.06x -> 0.97x; 3x3 512 -> 512 on 7x7 1.19x -> 0.94x (with the weight chunks of
+    `nchwc_schedules.conv_tile`)."""
     x, y, w = _dims4(n.inputs[0]), _dims4(n.outputs[0]), _dims4(n.inputs[1])
-    if x is None or y is None or w is None or list(w[2:]) != [1, 1]:
+    if x is None or y is None or w is None or int(n.attr("group", 1)) != 1:
         return 0
-    if not all(isinstance(d, int) for d in list(x[2:]) + list(y[2:])):
+    if not all(isinstance(d, int) for d in list(x[2:]) + list(y[2:]) + list(w[2:])):
         return 0
-    if any(int(d) != 1 for d in n.attr("dilations", [1, 1])) or any(pads_of(n)) or int(n.attr("group", 1)) != 1:
+    pointwise = list(w[2:]) == [1, 1] and not any(pads_of(n)) and all(int(d) == 1 for d in n.attr("dilations", [1, 1]))
+    if not pointwise and int(y[2]) > FLAT_MAX_OH:
         return 0
     ob = int(y[1]) // block
-    return next((rt for rt, obt in _TWELVE if ob % obt == 0), 0)
+    return next((rt for rt, obt in TWELVE_TILES if ob % obt == 0), 0)
 
 
 # --- Relax ----------------------------------------------------------------------------------------
@@ -305,11 +293,10 @@ def convert_blocked(bb: relax.BlockBuilder, n: Node, role: str, ins: list[Any], 
     if role in ("conv", "stem", "depthwise"):
         flat = flat_multiple(n, block) if role == "conv" else 0
         if flat:
-            y = bb.emit_te(BO.conv2d_blocked_flat, x, ins[1], strides, flat, primfunc_name_hint="conv_blocked")
+            y = bb.emit_te(BO.conv2d_blocked_flat, x, ins[1], strides, pads, dilations, flat, primfunc_name_hint="conv_blocked")
         else:
             fn = {"conv": BO.conv2d_blocked, "stem": BO.conv2d_stem, "depthwise": BO.depthwise_blocked}[role]
-            extra = [wide_multiple(n, block)] if role == "conv" else []
-            y = bb.emit_te(fn, x, ins[1], strides, pads, dilations, *extra, primfunc_name_hint=f"{role}_blocked")
+            y = bb.emit_te(fn, x, ins[1], strides, pads, dilations, primfunc_name_hint=f"{role}_blocked")
         if len(ins) > 2 and ins[2] is not None:
             y = bb.emit_te(BO.add_blocked_bias, y, ins[2], primfunc_name_hint="add_bias")
         return y

@@ -151,7 +151,7 @@ def conv_tile(s: ConvShape, lanes: int) -> ConvTile:
     for rt, obt in TWELVE_TILES:  # 12 accumulators, exact
         if s.ow % rt == 0 and s.ob % obt == 0:
             return ConvTile(rt, obt, order, pad_row=row, k_chunk=chunk)
-    if order in ("ob", "row"):
+    if order in ("ob", "row") and s.kind == "conv":  # (the 7x7 stem: 1.05x ragged, 0.98x 4 x 2)
         for rt, obt in TWELVE_TILES:  # 12 accumulators, whole tiles + a ragged one (3x3 on 56/28/14
             # rows: 0.96-0.98x the time of rows rounded up to 57/30/15, which waste 2-7 %)
             if s.ob % obt == 0 and s.ow > rt:

@@ -483,3 +483,17 @@ def test_default_tiles_take_ragged_rows_and_chunk_large_weight_panels():
     assert 9 * 8 * 8 * 4 * 4 * t.k_chunk <= 160 * 1024
     t = conv_tile(ConvShape("conv", 8, 56, 56, 64, 1, 1, 1), 8)
     assert (t.rt, t.obt, t.tail, t.k_chunk) == (3, 4, True, 0)
+
+
+def test_peel_module_changes_only_marked_functions():
+    """peel_module (run by the build and the tuning builder) rewrites the PrimFuncs with a loop
+    marked PEEL_LAST and leaves every other function as it was; a second run changes nothing."""
+    func, _ = _kernel("conv", 32, 14, 32, 3, 1, "relu", False, w=7)
+    marked = BlockedConv(ConvTile(3, 4, "ob", tail=True)).apply(func, _target(), 8).mod["main"]
+    plain = BlockedConv().apply(_kernel("conv", 16, 12, 32, 3, 1)[0], _target(), 8).mod["main"]
+    mod = tvm.IRModule({"a": marked, "b": plain})
+    out = NS.peel_module(mod)
+    assert out["b"].same_as(mod["b"])
+    assert NS.PEEL_LAST in mod["a"].script() and NS.PEEL_LAST not in out["a"].script()
+    again = NS.peel_module(out)
+    assert again["a"].same_as(out["a"]) and again["b"].same_as(out["b"])

@@ -353,13 +353,20 @@ def profile_model(name: str, threads: int, top: int = 20, cpu_time: bool = False
             calls[e.args[0].name_hint] += 1
 
     tvm.relax.analysis.post_order_visit(smod["main"], visit)
+    # the pool as the artifact's runner sets it (the weight packing above may have started it
+    # with every core: the kernels then ran on 2 threads under --threads 1)
+    from graphopt.runtime import _configure_threads
+    from graphopt.targets.nchwc_schedules import peel_last_iterations
+
+    _configure_threads(threads)
     dev = tvm.cpu()
     rng = np.random.default_rng(0)
     rows = []
     for gv, f in smod.functions_items():
         if not isinstance(f, tvm.tirx.PrimFunc) or not calls[gv.name_hint]:
             continue
-        f = f.with_attr("global_symbol", "main")
+        flops = kernel_flops(f)  # (before the peel: its two copies of a loop body would count twice)
+        f = peel_last_iterations(f).with_attr("global_symbol", "main")  # (as the build does)
         try:
             lib = tvm.compile(tvm.IRModule({"main": f}), target=target)
             args = [tvm.runtime.tensor(np.asarray(rng.random([int(d) for d in b.shape])).astype(str(b.dtype)), dev)
@@ -372,7 +379,7 @@ def profile_model(name: str, threads: int, top: int = 20, cpu_time: bool = False
             print(f"# {gv.name_hint}: not timed ({str(e).strip().splitlines()[-1][:100]})")
             continue
         rule = stats.by_func.get(gv.name_hint.replace("_prepacked", ""), "?")
-        rows.append((gv.name_hint, rule, calls[gv.name_hint], t, kernel_flops(f)))
+        rows.append((gv.name_hint, rule, calls[gv.name_hint], t, flops))
     total = sum(n * t for _, _, n, t, _ in rows)
     flops = sum(n * fl for _, _, n, _, fl in rows)
     peak = numpy_peak(threads, time.process_time if cpu_time else time.perf_counter)

@@ -150,10 +150,10 @@ def test_near_misses_stay_nchw():
 
 
 MIXED = _HEAD + """
-g (float[1, 8, 6, 6] x) => (float[1, 16, 6, 6] y, float[1, 8, 6, 6] z) {
+g (float[1, 8, 6, 6] x) => (float[1, 8, 6, 12] y, float[1, 8, 6, 6] z) {
     c = Conv <pads = [1, 1, 1, 1], kernel_shape = [3, 3]> (x, w)
     r = Relu (c)
-    y = Concat <axis = 1> (r, x)
+    y = Concat <axis = 3> (r, x)
     s = Softmax <axis = 1> (r)
     z = Mul (s, x)
 }
@@ -161,7 +161,7 @@ g (float[1, 8, 6, 6] x) => (float[1, 16, 6, 6] y, float[1, 8, 6, 6] z) {
 
 
 def test_layout_changes_at_group_boundaries():
-    """A blocked value read by NCHW consumers (Concat, Softmax) is converted back once; an NCHW input
+    """A blocked value read by NCHW consumers (Concat along the width, Softmax) is converted back once; an NCHW input
     read by a blocked conv and by a plain node is converted for the conv only; outputs equal."""
     m = _parse(MIXED, {"w": (8, 8, 3, 3)})
     plan, roles = _roles(m)
@@ -257,6 +257,31 @@ def test_pointwise_convs_run_on_the_flattened_pixel_axis():
     assert {k: TL.flat_multiple(n, 8) for k, n in convs.items()} == {"c": 3, "v": 6, "t": 3, "u": 3}
     assert "unflatten" in L.lower(g, block=8).mod.script()
     feeds = _feeds(1, 32, 7)
+    art = graphopt.compile(m, "cpu", "-O2", threads=2)
+    for got, want in zip(art.run(feeds), run_onnxruntime(graphopt.load(m), feeds)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_channel_concat_of_whole_blocks_runs_blocked():
+    """Concat along the channels of blocked activations whose channel counts are whole blocks is a
+    concat of channel blocks (GoogLeNet's inception outputs): no layout change around it. A concat
+    with a 4-channel input, or along another axis, stays NCHW. Numbers against onnxruntime."""
+    m = _parse(_HEAD + """g (float[1, 16, 10, 10] x) => (float[1, 16, 10, 10] y, float[1, 20, 10, 10] z, float[1, 16, 10, 20] u) {
+    a = Conv <kernel_shape = [1, 1]> (x, wa)
+    b = Conv <pads = [1, 1, 1, 1], kernel_shape = [3, 3]> (x, wb)
+    ra = Relu (a)
+    rb = Relu (b)
+    c = Concat <axis = 1> (ra, rb)
+    y = Conv <kernel_shape = [1, 1]> (c, wy)
+    s = Conv <kernel_shape = [1, 1]> (x, ws)
+    z = Concat <axis = 1> (ra, s)
+    u = Concat <axis = 3> (ra, rb)
+}
+""", {"wa": (8, 16, 1, 1), "wb": (8, 16, 3, 3), "wy": (16, 16, 1, 1), "ws": (12, 16, 1, 1)})
+    plan, roles = _roles(m)
+    assert roles.get("Concat:c") == "concat"
+    assert "Concat:z" not in roles and "Concat:u" not in roles  # 12 channels; the width axis
+    feeds = _feeds(1, 16, 10)
     art = graphopt.compile(m, "cpu", "-O2", threads=2)
     for got, want in zip(art.run(feeds), run_onnxruntime(graphopt.load(m), feeds)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

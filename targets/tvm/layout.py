@@ -16,14 +16,16 @@ A group is blocked when every node in it can run blocked and it has a reason to:
 - `depthwise`: group = C = OC, a multiple of b;
 - `pool`: MaxPool / AveragePool (2-D, one output) and `global-pool`: GlobalAveragePool /
   GlobalMaxPool, when their input is blocked already;
+- `concat`: Concat along the channels when every input's channel count is a multiple of b and
+  one input is blocked already (a concat of channel blocks);
 - `elementwise`: unary elementwise ops, and binary ones whose operands are blocked activations of
   the same rank or scalar constants — when at least one activation input is blocked already or the
   group holds a convolution.
 
 Must not block: 1-D/3-D convs, grouped convs other than depthwise, weights computed at run time,
 channel counts that are not multiples of b (except the stem's input), values of unknown rank or
-channel count, anything a group does with the channel axis (Concat, Softmax, Reshape, Flatten,
-BatchNormalization, per-channel constants).
+channel count, anything else a group does with the channel axis (Softmax, Reshape, Flatten,
+BatchNormalization, per-channel constants, Concat of partial blocks).
 """
 
 from __future__ import annotations
@@ -207,6 +209,21 @@ def _group_roles(nodes: list[Node], blocked: set[int], b: int) -> dict[int, str]
                 return None
             role = "global-pool"
             reason = True
+        elif op == "Concat":
+            # along the channels, of activations whose channel counts are whole blocks: a concat
+            # of the channel blocks (axis 1 of [N, C/b, H, W, b])
+            dims = [_dims4(v) for v in n.inputs]
+            out = _dims4(n.outputs[0])
+            if out is None or int(n.attr("axis", 0)) not in (1, -3) or not dims:
+                return None
+            if not all(isinstance(d, int) for d in out[2:]):
+                return None  # (a Shape of it would no longer be evaluated while lowering)
+            if any(d is None or d[1] % b or _const(v) is not None for d, v in zip(dims, n.inputs)):
+                return None
+            if not any(id(v) in blocked or id(v) in inside for v in n.inputs):
+                return None
+            role = "concat"
+            reason = True
         elif op in _UNARY or op in _BINARY:
             if len(n.outputs) != 1:
                 return None
@@ -306,6 +323,8 @@ def convert_blocked(bb: relax.BlockBuilder, n: Node, role: str, ins: list[Any], 
             BO.pool_blocked, x, kind, [int(k) for k in n.attr("kernel_shape")], strides, pads, dilations,
             bool(n.attr("count_include_pad", 0)), bool(n.attr("ceil_mode", 0)), primfunc_name_hint=f"{kind}pool_blocked",
         )
+    if role == "concat":
+        return bb.emit(relax.op.concat(ins, axis=1))
     if role == "global-pool":
         kind = "max" if n.op_type == "GlobalMaxPool" else "avg"
         return bb.emit_te(BO.global_pool_blocked, x, kind, primfunc_name_hint=f"global_{kind}pool_blocked")

@@ -38,6 +38,8 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -160,38 +162,26 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     ref = sess.run(None, feeds)
-    runner = art.runner(threads=args.threads)
-    out = runner.run(feeds)
-    maxabs = max(float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) for a, b in zip(ref, out))
-    tvm_feeds = runner._feeds(feeds)
+    def prepared(a) -> tuple[Callable[[], Any], float]:
+        """A call of artifact `a`'s VM function with the feeds and weights bound (no input
+        conversion in the timed loop), and its max abs difference from onnxruntime."""
+        r = a.runner(threads=args.threads)
+        err = max(float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)))) for x, y in zip(ref, r.run(feeds)))
+        bound = r._feeds(feeds)
+        return (lambda: r._main(*bound, *r._params)), err
 
-    def tvm_call() -> None:
-        runner._main(*tvm_feeds, *runner._params)
+    tvm_call, maxabs = prepared(art)
 
     def ort_call() -> None:
         sess.run(None, feeds)
 
     calls = [tvm_call, ort_call]
     if warm is not None:
-        wrunner = warm.runner(threads=args.threads)
-        wout = wrunner.run(feeds)
-        warm_maxabs = max(float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) for a, b in zip(ref, wout))
-        w_feeds = wrunner._feeds(feeds)
-
-        def warm_call() -> None:
-            wrunner._main(*w_feeds, *wrunner._params)
-
+        warm_call, warm_maxabs = prepared(warm)
         calls.append(warm_call)
     knob_idx = None
     if knob_art is not None:
-        krunner = knob_art.runner(threads=args.threads)
-        kout = krunner.run(feeds)
-        knob_maxabs = max(float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) for a, b in zip(ref, kout))
-        k_feeds = krunner._feeds(feeds)
-
-        def knob_call() -> None:
-            krunner._main(*k_feeds, *krunner._params)
-
+        knob_call, knob_maxabs = prepared(knob_art)
         knob_idx = len(calls)
         calls.append(knob_call)
     for _ in range(3):

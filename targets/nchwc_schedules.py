@@ -61,7 +61,6 @@ from .tvm_schedules import (
     _fuse_parallel,
     _inline_consumers,
     _inline_copies,
-    _inline_epilogue,
     _int,
     _is_reduction,
     _one_reduction,
@@ -304,6 +303,20 @@ def _partition_pad_cols(sch: "tvm.s_tir.Schedule", pad: Any, col_loop: Any) -> N
         sch.loop_partition(col_loop, [*factors[:-1], None])  # (the last part: what remains)
 
 
+def _write_back_loops(sch: "tvm.s_tir.Schedule", loops: list[Any], lanes: int) -> None:
+    """The write-back's loops below its tile loop: the innermost vectorised when it spans one
+    vector (the block's channels), the others unrolled up to 64 iterations (the tile's pixels
+    and output blocks)."""
+    inner = list(loops)
+    if inner and _int(sch.get(inner[-1]).extent) == lanes:
+        sch.vectorize(inner[-1])
+        inner = inner[:-1]
+    for lp in inner:
+        e = _int(sch.get(lp).extent)
+        if e is not None and 1 < e <= 64:
+            sch.unroll(lp)
+
+
 class BlockedConv(_Rule):
     """conv2d_blocked / conv2d_stem + epilogue (see module docstring); depthwise_blocked and
     pool_blocked kernels go to `BlockedWindow` (so one entry in the default rules covers the
@@ -432,16 +445,9 @@ class BlockedConv(_Rule):
 
         wl = sch.get_loops(wb)
         if pad is not None:
-            inner = list(wl[len(outer) - 1 :])  # below the tile loop
+            _write_back_loops(sch, wl[len(outer) - 1 :], lanes)  # below the tile loop
         else:
-            inner = list(wl[3:] if serial else wl[1:])
-        if inner and _int(sch.get(inner[-1]).extent) == lanes:
-            sch.vectorize(inner[-1])
-            inner = inner[:-1]
-        for lp in inner:
-            e = _int(sch.get(lp).extent)
-            if e is not None and 1 < e <= 64:
-                sch.unroll(lp)
+            _write_back_loops(sch, wl[3:] if serial else wl[1:], lanes)
         done = {sch.get(b).name_hint for b in (anchor, wb, init)}  # (a pad under the row loop is no root block)
         _schedule_rest(sch, done, lanes)
         if ragged:
@@ -580,14 +586,7 @@ class BlockedWindow(_Rule):
         init = sch.decompose_reduction(anchor, L["kh"])
         sch.vectorize(sch.get_loops(init)[-1])
         wl = sch.get_loops(wb)
-        inner = list(wl[2:] if row_pad else wl[1:])
-        if inner and _int(sch.get(inner[-1]).extent) == lanes:
-            sch.vectorize(inner[-1])
-            inner = inner[:-1]
-        for lp in inner:
-            e = _int(sch.get(lp).extent)
-            if e is not None and 1 < e <= 64:
-                sch.unroll(lp)
+        _write_back_loops(sch, wl[2:] if row_pad else wl[1:], lanes)
         done = {sch.get(b).name_hint for b in (anchor, wb, init)}  # (a pad under the row loop is no root block)
         _schedule_rest(sch, done, lanes)
         return sch

@@ -240,9 +240,9 @@ def _flat_multiple(case: Case) -> int:
     to compare)."""
     from graphopt.targets.tvm import layout as LY
 
-    if os.environ.get("GRAPHOPT_NO_FLAT") or case.kind != "conv" or (case.k != 1 and case.oh > LY.FLAT_MAX_OH):
+    if os.environ.get("GRAPHOPT_NO_FLAT") or case.kind != "conv":
         return 0
-    return next((rt for rt, obt in LY.TWELVE_TILES if (case.oc // B) % obt == 0), 0)
+    return LY.flat_px_multiple((case.k, case.k), [case.pad] * 4, [1, 1], case.oc, case.oh, B)
 
 
 def blocked(a: np.ndarray) -> np.ndarray:

@@ -273,10 +273,17 @@ def flat_multiple(n: Node, block: int) -> int:
         return 0
     if not all(isinstance(d, int) for d in list(x[2:]) + list(y[2:]) + list(w[2:])):
         return 0
-    pointwise = list(w[2:]) == [1, 1] and not any(pads_of(n)) and all(int(d) == 1 for d in n.attr("dilations", [1, 1]))
-    if not pointwise and int(y[2]) > FLAT_MAX_OH:
+    dilations = [int(d) for d in n.attr("dilations", [1, 1])]
+    return flat_px_multiple((int(w[2]), int(w[3])), pads_of(n), dilations, int(y[1]), int(y[2]), block)
+
+
+def flat_px_multiple(kernel: tuple[int, int], pads: Any, dilations: Any, out_channels: int, out_rows: int,
+                     block: int) -> int:
+    """`flat_multiple` from the shapes of a group-1 conv with static maps."""
+    pointwise = tuple(kernel) == (1, 1) and not any(pads) and all(d == 1 for d in dilations)
+    if not pointwise and out_rows > FLAT_MAX_OH:
         return 0
-    ob = int(y[1]) // block
+    ob = out_channels // block
     return next((rt for rt, obt in TWELVE_TILES if ob % obt == 0), 0)
 
 

@@ -25,6 +25,8 @@ from graphopt.targets.nchwc_schedules import (  # noqa: E402
     ConvTile,
     conv_tile,
 )
+from tvm_kernels import host_target as _target  # noqa: E402
+
 from graphopt.targets import nchwc_schedules as NS  # noqa: E402
 from graphopt.targets.tvm import blocked_ops as BO  # noqa: E402
 from graphopt.targets.tvm.lower import legalize_and_fuse  # noqa: E402
@@ -37,10 +39,6 @@ from graphopt.targets.tvm_schedules import (  # noqa: E402
 
 B = 8
 TT = relax.TensorType
-
-
-def _target():
-    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
 
 
 def _blocked(a):

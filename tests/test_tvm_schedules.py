@@ -9,6 +9,10 @@ import pytest
 tvm = pytest.importorskip("tvm")
 relax = pytest.importorskip("tvm.relax")
 
+from tvm_kernels import fused as _fused  # noqa: E402
+from tvm_kernels import host_target as _target  # noqa: E402
+from tvm_kernels import run as _run  # noqa: E402
+
 from graphopt.targets.tvm_schedules import (  # noqa: E402
     LAYOUT_REWRITE_ANN,
     ScheduleStats,
@@ -17,35 +21,6 @@ from graphopt.targets.tvm_schedules import (  # noqa: E402
 )
 
 TT = relax.TensorType
-
-
-def _target():
-    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
-
-
-def _fused(build_body, params):
-    """A Relax module with one fused kernel: LegalizeOps → FuseOps → FuseTIR."""
-    bb = relax.BlockBuilder()
-    vars_ = [relax.Var(n, TT(s, "float32")) for n, s in params]
-    with bb.function("main", vars_):
-        with bb.dataflow():
-            out = bb.emit_output(build_body(bb, *vars_))
-        bb.emit_func_output(out)
-    mod = bb.get()
-    for p in (relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-              relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()):
-        mod = p(mod)
-    return mod
-
-
-def _run(mod, arrays):
-    from tvm.relax.backend.cpu_generic import pipeline as cp
-
-    target = _target()
-    seq = tvm.transform.Sequential(cp.dataflow_lower_passes(target) + cp.finalize_passes(target))
-    ex = tvm.compile(mod, target=target, relax_pipeline=seq)
-    vm = relax.VirtualMachine(ex, tvm.cpu())
-    return vm["main"](*[tvm.runtime.tensor(a) for a in arrays]).numpy()
 
 
 def _prim_funcs(mod):

@@ -20,41 +20,14 @@ from hypothesis import strategies as st  # noqa: E402
 from onnx import TensorProto, numpy_helper  # noqa: E402
 from onnx import helper as h  # noqa: E402
 
+from tvm_kernels import fuse, fused as _fused, host_target as _target, run as _run  # noqa: E402
+
 import graphopt  # noqa: E402
 import graphopt.targets.tvm_schedules as S  # noqa: E402
 from graphopt.targets.tvm_schedules import LAYOUT_REWRITE_ANN, ScheduleStats, apply_default_schedules  # noqa: E402
 
 TT = relax.TensorType
 _erf = np.vectorize(erf)
-
-
-def _target():
-    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
-
-
-def _fused(build_body, params):
-    """A Relax module with one fused kernel: LegalizeOps → FuseOps → FuseTIR."""
-    bb = relax.BlockBuilder()
-    vars_ = [relax.Var(n, TT(s, "float32")) for n, s in params]
-    with bb.function("main", vars_):
-        with bb.dataflow():
-            out = bb.emit_output(build_body(bb, *vars_))
-        bb.emit_func_output(out)
-    mod = bb.get()
-    for p in (relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-              relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()):
-        mod = p(mod)
-    return mod
-
-
-def _run(mod, arrays):
-    from tvm.relax.backend.cpu_generic import pipeline as cp
-
-    target = _target()
-    seq = tvm.transform.Sequential(cp.dataflow_lower_passes(target) + cp.finalize_passes(target))
-    ex = tvm.compile(mod, target=target, relax_pipeline=seq)
-    vm = relax.VirtualMachine(ex, tvm.cpu())
-    return vm["main"](*[tvm.runtime.tensor(a) for a in arrays]).numpy()
 
 
 def _schedule(mod):
@@ -355,11 +328,7 @@ def _elementwise_module(x: np.ndarray, fn) -> tvm.IRModule:
         with bb.dataflow():
             out = bb.emit_output(bb.emit(fn(xv)))
         bb.emit_func_output(out)
-    mod = bb.get()
-    for p in (relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-              relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()):
-        mod = p(mod)
-    return mod
+    return fuse(bb.get())
 
 
 def test_float64_exp_and_erf_in_vectorised_loops():

@@ -14,14 +14,12 @@ relax = pytest.importorskip("tvm.relax")
 for _dep in ("xgboost", "psutil", "cloudpickle", "tornado"):
     pytest.importorskip(_dep)
 
+from tvm_kernels import fuse, host_target as _target  # noqa: E402
+
 from graphopt.targets import tvm_tuning  # noqa: E402
 from graphopt.targets.tvm_tuning import apply_database, last_summary, repair_database, tune  # noqa: E402
 
 TT = relax.TensorType
-
-
-def _target():
-    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
 
 
 def _matmul_relu(m=32, k=32, n=32, name_suffix=""):
@@ -34,11 +32,7 @@ def _matmul_relu(m=32, k=32, n=32, name_suffix=""):
             z = bb.emit(relax.op.nn.softmax(y))  # a second kernel, not tuned by default
             out = bb.emit_output(z)
         bb.emit_func_output(out)
-    mod = bb.get()
-    for p in (relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-              relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()):
-        mod = p(mod)
-    return mod
+    return fuse(bb.get())
 
 
 def _records(db_dir):

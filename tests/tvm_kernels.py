@@ -1,0 +1,48 @@
+"""Helpers the TVM schedule and tuning tests share (imported after their importorskip of tvm):
+the host target, a Relax module fused into one kernel per group the way TVM groups them, and a
+run of a module through the CPU pipeline."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+
+TT = relax.TensorType
+
+
+def host_target() -> tvm.target.Target:
+    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
+
+
+def fuse(mod: tvm.IRModule) -> tvm.IRModule:
+    """LegalizeOps → AnnotateTIROpPattern → FuseOps → FuseTIR → DeadCodeElimination."""
+    for p in (relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+              relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()):
+        mod = p(mod)
+    return mod
+
+
+def fused(build_body: Callable[..., Any], params: Sequence[tuple[str, Sequence[int]]], dtype: str = "float32") -> tvm.IRModule:
+    """A Relax module `main(*params) = build_body(bb, *vars)` with one fused kernel."""
+    bb = relax.BlockBuilder()
+    vars_ = [relax.Var(n, TT(s, dtype)) for n, s in params]
+    with bb.function("main", vars_):
+        with bb.dataflow():
+            out = bb.emit_output(build_body(bb, *vars_))
+        bb.emit_func_output(out)
+    return fuse(bb.get())
+
+
+def run(mod: tvm.IRModule, arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """`main(*arrays)` compiled through the CPU pipeline after fusion, on the host."""
+    from tvm.relax.backend.cpu_generic import pipeline as cp
+
+    target = host_target()
+    seq = tvm.transform.Sequential(cp.dataflow_lower_passes(target) + cp.finalize_passes(target))
+    ex = tvm.compile(mod, target=target, relax_pipeline=seq)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return vm["main"](*[tvm.runtime.tensor(a) for a in arrays]).numpy()

@@ -28,8 +28,8 @@ onnxruntime's MLAS NCHWc kernels take:
   block's accumulators in a local buffer between chunks, so a chunk's weights stay in L2 across
   every pixel tile instead of streaming from L3 for each (3x3 512->512 on 7x7);
 - outer loops: output blocks, rows fused into one parallel loop, the pixel tiles a serial loop
-  inside it (fused too, each tile recovered its indices by divisions that cost up to a third of a
-  short-reduction tile); padded convs with at least 14 output rows run rows outermost (parallel
+  inside it (fused into it as well, each tile recovered its indices by divisions that cost up to a
+  third of a short-reduction tile); padded convs with at least 14 output rows run rows outermost (parallel
   over batch x rows) with each row's padded input rows computed under the row loop, instead of a
   fill + copy of the whole padded input;
 - the accumulator tile is written back through the inlined epilogue (bias add, activation,

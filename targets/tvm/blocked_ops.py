@@ -138,21 +138,28 @@ def conv2d_blocked(
     x: te.Tensor, w: te.Tensor, strides: Sequence[int], pads: Sequence[int], dilations: Sequence[int]
 ) -> te.Tensor:
     """x [N, C/b, H, W, b] * w [OC/b, C/b, KH, KW, b, b] → [N, OC/b, OH, OW, b]."""
-    n, cb_n, h, wd, b = x.shape
+    n, _, h, wd, b = x.shape
     ob_n, _, kh_n, kw_n, _, _ = w.shape
     sh, sw, dh, dw, oh, ow = _window(h, wd, kh_n, kw_n, strides, pads, dilations)
     p = _pad_spatial(x, 2, pads, 0.0)
+    return _conv_sum(p, w, (n, ob_n, oh, ow, b), lambda y, xx: (y * sh, xx * sw), dh, dw)
+
+
+def _conv_sum(p: te.Tensor, w: te.Tensor, shape: Sequence[Any], origin: Any, dh: int, dw: int) -> te.Tensor:
+    """out[i, ob, y, xx, oi] (of `shape`) = sum over icb, kh, kw, ii of p[i, icb, r + kh*dh,
+    c + kw*dw, ii] * w[ob, icb, kh, kw, ii, oi], where (r, c) = origin(y, xx) is the top-left of
+    the output pixel's window in the padded input `p`."""
+    _, cb_n, kh_n, kw_n, b, _ = w.shape
     icb = te.reduce_axis((0, cb_n), "icb")
     kh = te.reduce_axis((0, kh_n), "kh")
     kw = te.reduce_axis((0, kw_n), "kw")
     ii = te.reduce_axis((0, b), "ii")
-    return te.compute(
-        (n, ob_n, oh, ow, b),
-        lambda i, ob, y, xx, oi: te.sum(
-            p[i, icb, y * sh + kh * dh, xx * sw + kw * dw, ii] * w[ob, icb, kh, kw, ii, oi], axis=[icb, kh, kw, ii]
-        ),
-        name="conv2d_blocked",
-    )
+
+    def body(i: Any, ob: Any, y: Any, xx: Any, oi: Any) -> Any:
+        r, c = origin(y, xx)
+        return te.sum(p[i, icb, r + kh * dh, c + kw * dw, ii] * w[ob, icb, kh, kw, ii, oi], axis=[icb, kh, kw, ii])
+
+    return te.compute(tuple(shape), body, name="conv2d_blocked")
 
 
 def conv2d_blocked_flat(
@@ -164,29 +171,19 @@ def conv2d_blocked_flat(
     back [N, OC/b, OH, OW, b]. A micro-kernel of `px_multiple` pixels then divides the work
     whatever the row width: 7x7 maps take 3-pixel tiles over 51 pixels where 7-wide rows took
     7 x 1 tiles (7 accumulators); 56/28/14-wide rows had to be rounded up to 57/30/15."""
-    n, cb_n, h, wd, b = x.shape
+    n, _, h, wd, b = x.shape
     ob_n, _, kh_n, kw_n, _, _ = w.shape
     sh, sw, dh, dw, oh, ow = _window(h, wd, kh_n, kw_n, strides, pads, dilations)
     oh, ow = int(oh), int(ow)
     last = oh * ow - 1
     npx = -(-(oh * ow) // px_multiple) * px_multiple
     p = _pad_spatial(x, 2, pads, 0.0)
-    icb = te.reduce_axis((0, cb_n), "icb")
-    kh = te.reduce_axis((0, kh_n), "kh")
-    kw = te.reduce_axis((0, kw_n), "kw")
-    ii = te.reduce_axis((0, b), "ii")
 
-    def px(q: Any) -> Any:
-        return tirx.min(q, last) if npx != oh * ow else q
+    def origin(z: Any, q: Any) -> tuple[Any, Any]:
+        q = tirx.min(q, last) if npx != oh * ow else q
+        return q // ow * sh, q % ow * sw
 
-    conv = te.compute(
-        (n, ob_n, 1, npx, b),
-        lambda i, ob, z, q, oi: te.sum(
-            p[i, icb, px(q) // ow * sh + kh * dh, px(q) % ow * sw + kw * dw, ii] * w[ob, icb, kh, kw, ii, oi],
-            axis=[icb, kh, kw, ii],
-        ),
-        name="conv2d_blocked",
-    )
+    conv = _conv_sum(p, w, (n, ob_n, 1, npx, b), origin, dh, dw)
     if npx != oh * ow:
         conv = te.compute((n, ob_n, 1, oh * ow, b), lambda i, o, z, q, oi: conv[i, o, z, q, oi], name="crop")
     return te.compute((n, ob_n, oh, ow, b), lambda i, o, yy, xx, oi: conv[i, o, 0, yy * ow + xx, oi], name="unflatten")

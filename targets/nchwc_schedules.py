@@ -17,8 +17,10 @@ onnxruntime's MLAS NCHWc kernels take:
   peels its last iteration into code of its own (`peel_last_iterations`), so neither copy keeps a
   condition per FMA (a predicated tile kept its accumulators in memory: 1.5-2x slower). Else 8
   accumulators (4x2, 2x4, 8x1) that divide the row. Convs that blocked_ops computes on their
-  flattened output pixels (`conv2d_blocked_flat`: unpadded 1x1 convs, maps under 14 rows) are one
-  row of OH*OW pixels rounded up to the tile, written back through `out[.., p // W, p % W, ..]`;
+  flattened output pixels (`conv2d_blocked_flat`: unpadded 1x1 convs, maps of at most 28 input
+  rows) are one row of OH*OW pixels rounded up to the tile, written back through
+  `out[.., p // W, p % W, ..]`; where their (batch, output block) loop does not divide among the
+  cores, the pixel tiles join the parallel loop (in parts: `_flat_parts`);
 - the reduction runs `icb, kh, kw, ii` outside the tile (`ic, kh, kw` for the stem), `ii` (the
   `b` input channels of a block) unrolled, `kw` not (unrolled, LLVM keeps the broadcasts that
   neighbouring taps share and spills accumulators for them): per step `obt` weight vectors
@@ -273,6 +275,20 @@ def _serial_tiles(sch: "tvm.s_tir.Schedule", tile: ConvTile, parallel: list[Any]
     return n >= _SERIAL_TILES_MIN_PARALLEL
 
 
+def _cores(target: Any) -> int:
+    v = _int(target.attrs.get("num-cores", 1)) if hasattr(target, "attrs") else None
+    return max(1, v or 1)
+
+
+def _flat_parts(width: int, tiles: int, cores: int) -> int:
+    """Parts of a flat conv's `tiles` pixel tiles that join its parallel loop of `width`
+    iterations: 1 where `width` already divides among the `cores`, else the fewest parts (a
+    divisor of `tiles`) that make it divide, 0 where none does (the tiles then join it whole)."""
+    if width % cores == 0:
+        return 1
+    return next((d for d in range(2, tiles + 1) if tiles % d == 0 and (width * d) % cores == 0), 0)
+
+
 def _partition_pad_cols(sch: "tvm.s_tir.Schedule", pad: Any, col_loop: Any) -> None:
     """Split the column loop of a pad block computed under a row loop into the left border, the
     interior and the right border: in the interior the column half of the pad's condition is
@@ -368,6 +384,16 @@ class BlockedConv(_Rule):
             # is the bounding box of the tile)
             return None
         p_o, p_i = sch.split(L["x"], factors=[None, rt])
+        # a flat conv's parallel loop is (batch, output block tiles): where that does not divide
+        # among the cores (DenseNet's 4 blocks, one tile: one core of two busy) its pixel tiles
+        # join it in parts, or whole where their count has no fitting divisor (`_flat_parts`)
+        parts = 1
+        if flat and tile.order in ("ob", "blk"):
+            parts = _flat_parts((m.ext["n"] or 1) * (m.ext["ob"] // obt), -(-m.ext["x"] // rt), _cores(target))
+        part = []
+        if parts > 1:
+            p_part, p_o = sch.split(p_o, factors=[parts, None])
+            part = [p_part]
         chunked = (tile.k_chunk and m.kind == "conv" and tile.order == "ob" and pad is None
                    and m.ext["icb"] > tile.k_chunk and m.ext["icb"] % tile.k_chunk == 0)
         if tile.order == "blk":
@@ -377,9 +403,9 @@ class BlockedConv(_Rule):
             per_block = m.shape.red * lanes * obt * 4  # bytes of weights per tile column
             chunk = max([d for d in _divisors(n_o) if d * per_block <= _L2_WEIGHT_BYTES] or [1])
             ob_oo, ob_oi = sch.split(ob_o, factors=[None, chunk])
-            outer = [L["n"], ob_oo, L["y"], ob_oi, p_o]
+            outer = [L["n"], ob_oo, L["y"], *part, ob_oi, p_o]
         else:
-            outer = {"ob": [L["n"], ob_o, L["y"], p_o], "row": [L["n"], L["y"], ob_o, p_o],
+            outer = {"ob": [L["n"], ob_o, L["y"], *part, p_o], "row": [L["n"], L["y"], ob_o, p_o],
                      "pix": [L["n"], L["y"], p_o, ob_o]}[tile.order]
         oi_o, oi_i = sch.split(L["oi"], factors=[None, lanes])
         if m.kind == "conv":
@@ -392,8 +418,8 @@ class BlockedConv(_Rule):
             # accumulators of all the block's pixels in a local buffer, written back (with the
             # epilogue) after the last chunk: a chunk's weights stay in L2 across every tile
             icb_o, icb_i = sch.split(L["icb"], factors=[None, tile.k_chunk])
-            sch.reorder(L["n"], ob_o, icb_o, L["y"], p_o, oi_o, icb_i, L["kh"], L["kw"], L["ii"], *inner_tile, oi_i)
-            fused = _fuse_parallel(sch, [L["n"], ob_o])
+            sch.reorder(L["n"], ob_o, *part, icb_o, L["y"], p_o, oi_o, icb_i, L["kh"], L["kw"], L["ii"], *inner_tile, oi_i)
+            fused = _fuse_parallel(sch, [L["n"], ob_o, *part])
             wb = sch.cache_write(anchor, 0, "local")
             sch.reverse_compute_at(wb, fused, preserve_unit_loops=True)
             _inline_consumers(sch, wb)
@@ -412,7 +438,7 @@ class BlockedConv(_Rule):
             return sch
         sch.reorder(*outer, oi_o, *red, *inner_tile, oi_i)
         outer = outer + [oi_o]
-        serial = pad is None and (flat or ragged or _serial_tiles(sch, tile, outer[:-2]))
+        serial = pad is None and ((flat and parts) or ragged or _serial_tiles(sch, tile, outer[:-2]))
         if pad is not None:
             fused = _fuse_parallel(sch, outer[:2])  # (n, y)
             tile_loop = outer[-1]

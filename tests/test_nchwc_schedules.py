@@ -436,6 +436,32 @@ def test_flat_conv_fires_and_keeps_numbers(c, h, oc, k, s, residual, flat):
     np.testing.assert_allclose(_run(sfunc, args, oshape), np.maximum(ref, 0), rtol=1e-4, atol=1e-4)
 
 
+def test_flat_parts_balance_the_parallel_loop():
+    """_flat_parts: nothing to do where the parallel loop divides among the cores; else the fewest
+    parts of the pixel tiles (a divisor of their count) that make it divide, 0 where none does."""
+    assert NS._flat_parts(2, 262, 2) == 1 and NS._flat_parts(1, 17, 1) == 1
+    assert NS._flat_parts(1, 262, 2) == 2  # 262 = 2 x 131
+    assert NS._flat_parts(3, 262, 2) == 2
+    assert NS._flat_parts(1, 17, 2) == 0  # 17 tiles: prime
+    assert NS._flat_parts(1, 27, 4) == 0 and NS._flat_parts(2, 27, 4) == 0 and NS._flat_parts(1, 28, 4) == 4
+
+
+@pytest.mark.parametrize("h,par", [
+    (28, 2),  # 784 pixels → 786: 262 tiles of 3 pixels x 4 blocks, in 2 parts
+    (7, 17),  # 49 → 51: 17 tiles (prime): all of them join the parallel loop
+])
+def test_flat_conv_with_one_block_tile_uses_every_core(h, par):
+    """A flat conv with one tile of output blocks (4 blocks, DenseNet's 32-channel 3x3 convs) on a
+    2-core target: its pixel tiles join the parallel loop (one core of two ran it before);
+    numbers against onnxruntime."""
+    func, oshape = _kernel("conv", 16, h, 32, 3, 1, "relu", True, flat=3)
+    sfunc, rule = _schedule(func)
+    assert rule == "blocked-conv"
+    assert re.search(rf"in T\.parallel\((T\.int64\()?{par}\)?\)", sfunc.script())
+    args, ref = _data("conv", 16, h, 32, 3, 1, True)
+    np.testing.assert_allclose(_run(sfunc, args, oshape), np.maximum(ref, 0), rtol=1e-4, atol=1e-4)
+
+
 def test_flat_conv_with_a_tile_that_does_not_divide_is_declined():
     """51 pixels take no 4-pixel tile: a forced 4 x 2 tile declines, the generic rule schedules the
     kernel, the numbers stay."""

@@ -220,10 +220,10 @@ def test_ceil_mode_pool_drops_a_window_starting_in_the_right_padding():
 
 
 def test_ragged_rows_compile_with_a_peeled_tile_and_match_onnxruntime():
-    """A 3x3 conv on 14-wide rows (3-pixel tiles: 4 whole and a ragged 2-pixel one, peeled into
+    """A 3x3 conv on 56-wide rows (3-pixel tiles: 18 whole and a ragged 2-pixel one, peeled into
     code of its own by the build) and a 1x1 conv on its flattened pixels; the numbers are
     onnxruntime's."""
-    m = _parse(_HEAD + """g (float[1, 32, 14, 14] x) => (float[1, 32, 14, 14] y) {
+    m = _parse(_HEAD + """g (float[1, 32, 56, 56] x) => (float[1, 32, 56, 56] y) {
     c = Conv <pads = [1, 1, 1, 1], kernel_shape = [3, 3]> (x, w, b)
     r = Relu (c)
     d = Conv <kernel_shape = [1, 1]> (r, w1)
@@ -232,7 +232,7 @@ def test_ragged_rows_compile_with_a_peeled_tile_and_match_onnxruntime():
 """, {"w": (32, 32, 3, 3), "b": (32,), "w1": (32, 32, 1, 1)})
     g = _planned(m)
     assert [TL.flat_multiple(n, 8) for n in g.graph.nodes if n.op_type == "Conv"] == [0, 3]
-    feeds = _feeds(1, 32, 14)
+    feeds = _feeds(1, 32, 56)
     art = graphopt.compile(m, "cpu", "-O2", threads=2)
     np.testing.assert_allclose(art.run(feeds)[0], run_onnxruntime(graphopt.load(m), feeds)[0], rtol=1e-4, atol=1e-4)
 
@@ -253,13 +253,26 @@ def test_pointwise_convs_run_on_the_flattened_pixel_axis():
     g = _planned(m)
     convs = {n.outputs[0].name: n for n in g.graph.nodes if n.op_type == "Conv"}
     # 4 output blocks: 3 pixels x 4 blocks; 2 blocks: 6 x 2; the padded 1x1 and the 3x3 too, their
-    # maps having fewer than 14 rows (taller ones keep their rows: see the test above)
+    # maps being small (56-row ones keep their rows: see the test above)
     assert {k: TL.flat_multiple(n, 8) for k, n in convs.items()} == {"c": 3, "v": 6, "t": 3, "u": 3}
     assert "unflatten" in L.lower(g, block=8).mod.script()
     feeds = _feeds(1, 32, 7)
     art = graphopt.compile(m, "cpu", "-O2", threads=2)
     for got, want in zip(art.run(feeds), run_onnxruntime(graphopt.load(m), feeds)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_flat_pixels_rule_by_rows():
+    """Padded convs run flat on maps of at most 28 input rows or 13 output rows; a 56-row input
+    keeps its rows (stride 1 or 2), unpadded 1x1 convs are flat at any size."""
+    f = TL.flat_px_multiple
+    assert f((3, 3), [1] * 4, [1, 1], 128, 28, 8, 28) == 3
+    assert f((3, 3), [1] * 4, [1, 1], 256, 14, 8, 28) == 3  # stride 2 from 28
+    assert f((3, 3), [1] * 4, [1, 1], 64, 56, 8, 56) == 0
+    assert f((3, 3), [1] * 4, [1, 1], 128, 28, 8, 56) == 0  # stride 2 from 56
+    assert f((3, 3), [1] * 4, [1, 1], 128, 13, 8, 52) == 3  # stride 4: few output rows
+    assert f((1, 1), [0] * 4, [1, 1], 256, 56, 8, 56) == 3
+    assert f((1, 1), [0] * 4, [1, 1], 16, 56, 8, 56) == 6  # 2 output blocks: 6 pixels x 2 blocks
 
 
 def test_channel_concat_of_whole_blocks_runs_blocked():

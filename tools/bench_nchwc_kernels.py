@@ -242,7 +242,7 @@ def _flat_multiple(case: Case) -> int:
 
     if os.environ.get("GRAPHOPT_NO_FLAT") or case.kind != "conv":
         return 0
-    return LY.flat_px_multiple((case.k, case.k), [case.pad] * 4, [1, 1], case.oc, case.oh, B)
+    return LY.flat_px_multiple((case.k, case.k), [case.pad] * 4, [1, 1], case.oc, case.oh, B, case.h)
 
 
 def blocked(a: np.ndarray) -> np.ndarray:

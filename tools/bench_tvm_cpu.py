@@ -132,22 +132,26 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
     if args.schedule_knobs:
         # the same compile with default-schedule knobs changed (e.g. the pre-change schedules), benchmarked
         # in the same rounds: a before/after comparison on a shared machine
-        from graphopt.targets import tvm_schedules as S
+        import importlib
 
         saved = {}
         for kv in args.schedule_knobs.split(";"):
-            k, v = kv.split("=", 1)
-            if not hasattr(S, k.strip()):
-                raise SystemExit(f"--schedule-knobs: tvm_schedules has no {k.strip()!r}")
-            saved[k.strip()] = getattr(S, k.strip())
-            setattr(S, k.strip(), type(saved[k.strip()])(int(v)) if isinstance(saved[k.strip()], (bool, int)) else v)
+            k, v = (t.strip() for t in kv.split("=", 1))
+            # NAME: a tvm_schedules knob; MODULE.NAME: one of graphopt.targets.MODULE (tvm.layout.FLAT_MAX_IH)
+            mod_name, _, attr = k.rpartition(".")
+            mod = importlib.import_module(f"graphopt.targets.{mod_name or 'tvm_schedules'}")
+            if not hasattr(mod, attr):
+                raise SystemExit(f"--schedule-knobs: {mod.__name__} has no {attr!r}")
+            old = getattr(mod, attr)
+            saved[(mod, attr)] = old
+            setattr(mod, attr, type(old)(int(v)) if isinstance(old, (bool, int)) else v)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 knob_art = graphopt.compile(source, "cpu", "-O2", threads=args.threads)
         finally:
-            for k, v in saved.items():
-                setattr(S, k, v)
+            for (mod, attr), v in saved.items():
+                setattr(mod, attr, v)
     model = graphopt.load(path)
     from graphopt.check import random_inputs
 
@@ -279,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1, help="compile with symbolic input dims fixed to this (the "
                    "benchmark's batch; 0: keep them symbolic, which tuning cannot handle)")
     p.add_argument("--schedule-knobs", default="",
-                   help="also compile with these tvm_schedules module knobs ('_NAME=INT;...', e.g. "
+                   help="also compile with these tvm_schedules module knobs ('_NAME=INT;...', or MODULE.NAME=INT for graphopt.targets.MODULE, e.g. "
                         "'_MATMUL_K_BLOCK=0;_ROW_REDUCTION=0') and benchmark it in the same rounds")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--in-process", action="store_true", help="all models in this process (default: one process each)")

@@ -255,15 +255,20 @@ def _group_roles(nodes: list[Node], blocked: set[int], b: int) -> dict[int, str]
 
 
 
-#: convs with fewer output rows than this run on their flattened pixels whatever their kernel (the
-#: taller ones keep their rows: BlockedConv computes their padded input row by row)
+#: convs with at most this many output rows, or input rows (`FLAT_MAX_IH`), run on their flattened
+#: pixels whatever their kernel; the others keep their rows (BlockedConv computes their padded input
+#: row by row). Single thread, ResNet-50's 3x3 convs vs onnxruntime, rows -> flat: 128 on 28x28
+#: 1.066x -> 1.001x, 256 on 14x14 1.062x -> 1.041x, 256 stride 2 from 28x28 1.066x -> 1.013x; but
+#: 64 on 56x56 0.994x -> 1.032x, 128 stride 2 from 56x56 1.049x -> 1.079x (a whole padded 56-row
+#: input no longer stays in L2 across the tiles, a row's does)
 FLAT_MAX_OH = 13
+FLAT_MAX_IH = 28
 
 
 def flat_multiple(n: Node, block: int) -> int:
     """The pixel multiple of blocked conv `n` computed on its flattened output pixels
     (`blocked_ops.conv2d_blocked_flat`), or 0 (its rows as they are): unpadded 1x1 convs and
-    convs with at most FLAT_MAX_OH output rows, static shapes, output blocks that one of the
+    convs with at most FLAT_MAX_OH output rows or FLAT_MAX_IH input rows, static shapes, output blocks that one of the
     12-accumulator tiles divides. Single thread, same run, ResNet-50's shapes: 1x1 on 7x7 maps
     1.19-1.23x onnxruntime's time -> 1.01-1.02x, on 14x14 1.06-1.09x -> 0.98-1.02x, on 56x56
     1.00-1.06x -> 0.97x; 3x3 512 -> 512 on 7x7 1.19x -> 0.94x (with the weight chunks of
@@ -274,14 +279,14 @@ def flat_multiple(n: Node, block: int) -> int:
     if not all(isinstance(d, int) for d in list(x[2:]) + list(y[2:]) + list(w[2:])):
         return 0
     dilations = [int(d) for d in n.attr("dilations", [1, 1])]
-    return flat_px_multiple((int(w[2]), int(w[3])), pads_of(n), dilations, int(y[1]), int(y[2]), block)
+    return flat_px_multiple((int(w[2]), int(w[3])), pads_of(n), dilations, int(y[1]), int(y[2]), block, int(x[2]))
 
 
 def flat_px_multiple(kernel: tuple[int, int], pads: Any, dilations: Any, out_channels: int, out_rows: int,
-                     block: int) -> int:
+                     block: int, in_rows: int) -> int:
     """`flat_multiple` from the shapes of a group-1 conv with static maps."""
     pointwise = tuple(kernel) == (1, 1) and not any(pads) and all(d == 1 for d in dilations)
-    if not pointwise and out_rows > FLAT_MAX_OH:
+    if not pointwise and out_rows > FLAT_MAX_OH and in_rows > FLAT_MAX_IH:
         return 0
     ob = out_channels // block
     return next((rt for rt, obt in TWELVE_TILES if ob % obt == 0), 0)

@@ -14,7 +14,7 @@ onnxruntime's MLAS NCHWc kernels take:
   whole reduction. 12 accumulators (2x6, 3x4, 4x3, 6x2, `TWELVE_TILES`) wherever the block count
   allows: a row the pixel count does not divide (ResNet-50's 56/28/14 with 3-pixel tiles) gets
   whole tiles plus a ragged last one (`ConvTile.tail`): the tile loop is marked and the build
-  peels its last iteration into code of its own (`peel_last_iterations`), so neither copy keeps a
+  peels its last iteration into code of its own (`apply_loop_marks`), so neither copy keeps a
   condition per FMA (a predicated tile kept its accumulators in memory: 1.5-2x slower). Else 8
   accumulators (4x2, 2x4, 8x1) that divide the row. Convs that blocked_ops computes on their
   flattened output pixels (`conv2d_blocked_flat`: unpadded 1x1 convs, maps of at most 28 input
@@ -28,7 +28,11 @@ onnxruntime's MLAS NCHWc kernels take:
   input values feed `rt * obt` FMAs. Where a tile column's weights (the reduction x `obt` blocks)
   exceed half of L2 the reduction runs in chunks of input blocks (`ConvTile.k_chunk`), all the
   block's accumulators in a local buffer between chunks, so a chunk's weights stay in L2 across
-  every pixel tile instead of streaming from L3 for each (3x3 512->512 on 7x7);
+  every pixel tile instead of streaming from L3 for each (3x3 512->512 on 7x7). Flat stride-1
+  convs with padded rows (`ConvTile.row_passes`) instead run a pass per (chunk of input blocks,
+  kernel row) over only the pixel tiles whose window row for that kernel row lies inside the
+  input: the FMAs on padding rows are skipped (a 3x3 conv on 7x7 computes 19 of 21 kernel rows'
+  worth; onnxruntime skips padded taps too), the pass's weights stay in L1;
 - outer loops: output blocks, rows fused into one parallel loop, the pixel tiles a serial loop
   inside it (fused into it as well, each tile recovered its indices by divisions that cost up to a
   third of a short-reduction tile); padded convs with at least 14 output rows run rows outermost (parallel
@@ -74,8 +78,8 @@ from .tvm_schedules import (
 if TYPE_CHECKING:
     import tvm
 
-__all__ = ["BlockedConv", "ConvTile", "ConvShape", "TWELVE_TILES", "conv_tile", "match_blocked_conv", "peel_last_iterations",
-           "peel_module"]
+__all__ = ["BlockedConv", "ConvTile", "ConvShape", "TWELVE_TILES", "conv_tile", "match_blocked_conv", "apply_loop_marks",
+           "apply_loop_marks_to_module", "row_tile_ranges"]
 
 # accumulator vectors per micro-kernel: AVX2 has 16 vector registers; 12 leaves room for the
 # weight vectors and one broadcast; 14 when the weights are read as memory operands of the FMAs
@@ -86,8 +90,18 @@ _L2_WEIGHT_BYTES = 256 * 1024
 # weights of one reduction chunk (`ConvTile.k_chunk` by default): 16 of 64 input blocks of a 3x3
 # 512-channel conv x 4 output blocks (147 KiB) measured 0.94x onnxruntime's time, 8 (74 KiB) 0.96x
 _CHUNK_WEIGHT_BYTES = 160 * 1024
+# weights of one row pass (`ConvTile.row_passes`: a kernel row x a chunk of input blocks x the
+# tile's output blocks): 3x3 convs on 7/14/28-wide maps, single thread, chunks of 4 input blocks
+# (12 KiB) 2.37-2.41 ms, of 1-2 blocks 2.41-2.47 ms, 8 blocks 2.60 ms, 16 2.77 ms (3x3 512 on 7x7)
+_PASS_WEIGHT_BYTES = 12 * 1024
+_ROW_PASSES = True  # (off: to compare, tools/bench_tvm_cpu.py --schedule-knobs nchwc_schedules._ROW_PASSES=0)
 # (pixels, output blocks) of the 12-accumulator tiles, in the order they are tried
 TWELVE_TILES = ((2, 6), (3, 4), (4, 3), (6, 2))
+
+#: block annotation of a flat conv's reduction (blocked_ops.conv2d_blocked_flat) with padded rows:
+#: [OW, OH, H, stride, dilation, top pad] of its rows, from which `row_tile_ranges` tells the pixel
+#: tiles whose window row of each kernel row lies inside the input
+FLAT_ROWS = "graphopt.flat_rows"
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,8 @@ class ConvShape:
     kh: int
     kw: int
     stride: int  # 1 when both strides are 1, else the larger one
+    pad_rows: tuple[int, ...] = ()  # (flat convs with padded rows) blocked_ops.FLAT_ROWS: OW, OH,
+    # H, stride, dilation and top pad of the rows
 
 
 @dataclass(frozen=True)
@@ -123,14 +139,18 @@ class ConvTile:
     # accumulators live in a local buffer between chunks, so a chunk of the weight panel stays in
     # L1 across the row's tiles instead of streaming the whole panel from L2 for every tile
     tail: bool = False  # rows that `rt` does not divide: whole tiles plus one ragged tile, the
-    # tile loop's last iteration peeled into code of its own (`peel_last_iterations`)
+    # tile loop's last iteration peeled into code of its own (`apply_loop_marks`)
+    row_passes: bool = False  # (flat convs with padded rows, order "ob") one reduction pass per
+    # kernel row, outermost, over only the pixel tiles whose window row lies inside the input (the
+    # FMAs on padded rows skipped; accumulators in a local buffer between passes; `row_tile_ranges`)
     serial_tiles: bool | None = None  # the innermost outer loop (pixel tiles; output blocks for
     # "pix") left out of the parallel loop, so a tile's indices are increments rather than
     # divisions of one fused index; None: where the fused rest has enough iterations
 
 
-def conv_tile(s: ConvShape, lanes: int) -> ConvTile:
-    """The micro-kernel for shape `s` (see module docstring)."""
+def conv_tile(s: ConvShape, lanes: int, row_passes: bool = True) -> ConvTile:
+    """The micro-kernel for shape `s` (see module docstring); `row_passes=False`: none (where the
+    pixel tiles are split among the cores)."""
     # padded convs with enough rows for the threads: rows outermost, each row's padded input
     # rows computed under the row loop (3x3 stride 2 on 56x56: 1.22x -> 1.07x onnxruntime's time)
     row = s.kh > 1 and s.oh >= 14
@@ -151,6 +171,14 @@ def conv_tile(s: ConvShape, lanes: int) -> ConvTile:
                 break
     for rt, obt in TWELVE_TILES:  # 12 accumulators, exact
         if s.ow % rt == 0 and s.ob % obt == 0:
+            if row_passes and _ROW_PASSES and s.pad_rows and s.pad_rows[3] == 1 and order == "ob" and s.kind == "conv":
+                # a flat conv with padded rows: passes per kernel row over the pixel tiles its
+                # input rows reach, in chunks of input blocks whose weights for the kernel row stay
+                # in L1 (single thread vs onnxruntime, 3x3 512 on 7x7: 1.05x -> 0.95x)
+                per_icb = s.kw * lanes * lanes * 4 * obt
+                icb = s.red // (s.kh * s.kw * lanes)
+                chunk = max([d for d in _divisors(icb) if d * per_icb <= _PASS_WEIGHT_BYTES] or [1])
+                return ConvTile(rt, obt, order, row_passes=True, k_chunk=chunk)
             return ConvTile(rt, obt, order, pad_row=row, k_chunk=chunk)
     if order in ("ob", "row") and s.kind == "conv":  # (the 7x7 stem: 1.05x ragged, 0.98x 4 x 2)
         for rt, obt in TWELVE_TILES:  # 12 accumulators, whole tiles + a ragged one (3x3 on 56/28/14
@@ -237,7 +265,9 @@ def match_blocked_conv(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> _M
     stride = _stride_of(ins[1 - wi], y) or 1
     stride = max(stride, _stride_of(ins[1 - wi], x) or 1)
     red_len = e.get("icb", 1) * e.get("ii", 1) * e.get("ic", 1) * e["kh"] * e["kw"]
-    shape = ConvShape(kind, e["ob"], e["y"], e["x"], red_len, e["kh"], e["kw"], stride)
+    rows = stmt.annotations.get(FLAT_ROWS) if kind == "conv" and e["y"] == 1 else None
+    pad_rows = tuple(int(v) for v in rows) if rows is not None and len(rows) == 6 else ()
+    shape = ConvShape(kind, e["ob"], e["y"], e["x"], red_len, e["kh"], e["kw"], stride, pad_rows)
     return _Match(kind, {k: loop_of[v] for k, v in roles.items()}, e, shape)
 
 
@@ -273,6 +303,24 @@ def _serial_tiles(sch: "tvm.s_tir.Schedule", tile: ConvTile, parallel: list[Any]
         e = _int(sch.get(lp).extent)
         n *= e if e is not None else _SERIAL_TILES_MIN_PARALLEL
     return n >= _SERIAL_TILES_MIN_PARALLEL
+
+
+def row_tile_ranges(rows: tuple[int, ...], kh_n: int, rt: int, tiles: int) -> list[tuple[int, int]]:
+    """Per kernel row of a flat conv (`rows`: FLAT_ROWS), the range [lo, hi) of the `tiles`
+    pixel tiles (`rt` pixels each) whose window row lies inside the input for some pixel of the
+    tile: the others read only padding for that kernel row. The rounded-up pixels past the map
+    read the last pixel's window (they belong to the last row)."""
+    ow, oh, h, sh, dh, top = rows
+    out = []
+    for kh in range(kh_n):
+        off = kh * dh - top  # output row r reads input row r * sh + off
+        r_lo, r_hi = max(0, -(off // sh)), min(oh - 1, (h - 1 - off) // sh)
+        if r_lo > r_hi:
+            out.append((0, 0))
+            continue
+        hi = tiles if r_hi == oh - 1 else -(-((r_hi + 1) * ow) // rt)
+        out.append((r_lo * ow // rt, hi))
+    return out
 
 
 def _cores(target: Any) -> int:
@@ -383,19 +431,27 @@ class BlockedConv(_Rule):
             # row*column axis that cross rows are written back wrongly: the write-back's region
             # is the bounding box of the tile)
             return None
-        p_o, p_i = sch.split(L["x"], factors=[None, rt])
         # a flat conv's parallel loop is (batch, output block tiles): where that does not divide
         # among the cores (DenseNet's 4 blocks, one tile: one core of two busy) its pixel tiles
         # join it in parts, or whole where their count has no fitting divisor (`_flat_parts`)
         parts = 1
         if flat and tile.order in ("ob", "blk"):
             parts = _flat_parts((m.ext["n"] or 1) * (m.ext["ob"] // obt), -(-m.ext["x"] // rt), _cores(target))
+        if parts != 1 and tile.row_passes:
+            if self.tile is not None:
+                return None
+            tile = conv_tile(m.shape, lanes, row_passes=False)  # (the same pixels x blocks)
+        p_o, p_i = sch.split(L["x"], factors=[None, rt])
         part = []
         if parts > 1:
             p_part, p_o = sch.split(p_o, factors=[parts, None])
             part = [p_part]
         chunked = (tile.k_chunk and m.kind == "conv" and tile.order == "ob" and pad is None
                    and m.ext["icb"] > tile.k_chunk and m.ext["icb"] % tile.k_chunk == 0)
+        passes = (tile.row_passes and flat and m.shape.pad_rows and m.kind == "conv" and tile.order == "ob"
+                  and pad is None and not part)
+        if tile.row_passes and not passes:
+            return None
         if tile.order == "blk":
             # chunks of output blocks whose weights fit in L2: rows inside a chunk, the chunk's
             # blocks inside a row (weights read once, the input once per chunk)
@@ -413,12 +469,22 @@ class BlockedConv(_Rule):
         else:
             red = [L["ic"], L["kh"], L["kw"]]
         inner_tile = (p_i, ob_i) if tile.ob_inner else (ob_i, p_i)
-        if chunked:
+        if chunked or passes:
             # n, ob | icb chunk | row, pixel tile | icb in chunk, kh, kw, ii | tile ; the
             # accumulators of all the block's pixels in a local buffer, written back (with the
-            # epilogue) after the last chunk: a chunk's weights stay in L2 across every tile
-            icb_o, icb_i = sch.split(L["icb"], factors=[None, tile.k_chunk])
-            sch.reorder(L["n"], ob_o, *part, icb_o, L["y"], p_o, oi_o, icb_i, L["kh"], L["kw"], L["ii"], *inner_tile, oi_i)
+            # epilogue) after the last chunk: a chunk's weights stay in L2 across every tile.
+            # Row passes: n, ob | kh | pixel tile in the kernel row's range | icb, kw, ii | tile
+            if passes and tile.k_chunk and m.ext["icb"] % tile.k_chunk == 0:
+                # (a chunk of input blocks outside the kernel row: the pass's weights stay in L1)
+                chunk_loop, icb_i = sch.split(L["icb"], factors=[None, tile.k_chunk])
+                red_in = [icb_i, L["kw"], L["ii"]]
+            elif passes:
+                chunk_loop, red_in = L["kh"], [L["icb"], L["kw"], L["ii"]]
+            else:
+                chunk_loop, icb_i = sch.split(L["icb"], factors=[None, tile.k_chunk])
+                red_in = [icb_i, L["kh"], L["kw"], L["ii"]]
+            chunk_loops = [chunk_loop, L["kh"]] if passes and chunk_loop is not L["kh"] else [chunk_loop]
+            sch.reorder(L["n"], ob_o, *part, *chunk_loops, L["y"], p_o, oi_o, *red_in, *inner_tile, oi_i)
             fused = _fuse_parallel(sch, [L["n"], ob_o, *part])
             wb = sch.cache_write(anchor, 0, "local")
             sch.reverse_compute_at(wb, fused, preserve_unit_loops=True)
@@ -427,7 +493,7 @@ class BlockedConv(_Rule):
             sch.unroll(p_i)
             sch.unroll(ob_i)
             sch.unroll(L["ii"])
-            init = sch.decompose_reduction(anchor, icb_o)
+            init = sch.decompose_reduction(anchor, chunk_loop)
             sch.vectorize(sch.get_loops(init)[-1])
             wl = sch.get_loops(wb)
             if _int(sch.get(wl[-1]).extent) == lanes:
@@ -435,6 +501,10 @@ class BlockedConv(_Rule):
             _schedule_rest(sch, {sch.get(b).name_hint for b in (anchor, wb, init)}, lanes)
             if ragged:
                 sch.annotate(p_o, PEEL_LAST, 1)
+            if passes:
+                ranges = row_tile_ranges(m.shape.pad_rows, m.ext["kh"], rt, m.ext["x"] // rt)
+                sch.annotate(L["kh"], ROW_PASS, "kh")
+                sch.annotate(p_o, ROW_PASS, ";".join(f"{lo},{hi}" for lo, hi in ranges))
             return sch
         sch.reorder(*outer, oi_o, *red, *inner_tile, oi_i)
         outer = outer + [oi_o]
@@ -619,42 +689,73 @@ class BlockedWindow(_Rule):
 
 
 #: loop annotation: the loop's last iteration becomes a copy of the body of its own (see
-#: `peel_last_iterations`)
+#: `apply_loop_marks`)
 PEEL_LAST = "graphopt.peel_last"
+#: loop annotations of a conv's row passes (ConvTile.row_passes): "kh" on the kernel-row loop,
+#: "lo,hi;lo,hi;..." (per kernel row, `row_tile_ranges`) on the pixel-tile loop inside it
+ROW_PASS = "graphopt.row_pass"
 
 
-def peel_last_iterations(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":
-    """`for v in range(n)` annotated PEEL_LAST → `for v in range(n - 1)` + `for v in range(n - 1,
-    n)`: the body twice. A ragged pixel tile (3-pixel tiles over 7 columns) is a predicated
-    copy of the whole tile; with the last iteration apart, lowering proves the predicates of the
-    whole tiles true and folds the ragged tile's to constants once its pixel loop is unrolled, so
-    neither keeps a condition per FMA (which kept the accumulators in memory). apache-tvm 0.27's
-    Python API has no statement mutator and its loop_partition primitive crashes on this nest,
-    so the copy is made on the function's TVMScript text and parsed back."""
+def apply_loop_marks(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":
+    """Rewrite the loops a schedule marked (the build and the tuning builder run this after
+    scheduling; unmarked functions come back as they are):
+
+    - PEEL_LAST: `for v in range(n)` → `for v in range(n - 1)` + `for v in range(n - 1, n)`,
+      the body twice. A ragged pixel tile (3-pixel tiles over 7 columns) is a predicated copy of
+      the whole tile; with the last iteration apart, lowering proves the predicates of the whole
+      tiles true and folds the ragged tile's to constants once its pixel loop is unrolled, so
+      neither keeps a condition per FMA (which kept the accumulators in memory).
+    - ROW_PASS: the pixel-tile loop `for t in range(n)` inside the kernel-row loop `kh` →
+      `for t in range(lo[kh], hi[kh])`: the tiles whose input rows for that kernel row are all
+      padding are skipped (they would add zeros).
+
+    apache-tvm 0.27's Python API has no statement mutator, its loop_partition primitive crashes
+    on these nests and loop bounds cannot depend on an outer loop in a schedule, so the rewrite
+    is made on the function's TVMScript text and parsed back."""
     import re
 
     import tvm
 
     text = func.script()
-    if PEEL_LAST not in text:
+    if PEEL_LAST not in text and ROW_PASS not in text:
         return func
     lines = text.split("\n")
     out: list[str] = []
     i = 0
     head = re.compile(r"^(\s*)for (\w+) in T\.serial\((T\.int64\()?(\d+)\)?, annotations=\{([^}]*)\}\):$")
+    row_var = None
     while i < len(lines):
         mt = head.match(lines[i])
-        if mt is None or PEEL_LAST not in mt.group(5):
+        if mt is None or (PEEL_LAST not in mt.group(5) and ROW_PASS not in mt.group(5)):
             out.append(lines[i])
             i += 1
             continue
         ind, var, n = mt.group(1), mt.group(2), int(mt.group(4))
+        ty = "T.int64" if mt.group(3) else ""
+        num = (lambda v: f"{ty}({v})") if ty else str
+        if ROW_PASS in mt.group(5):
+            value = re.search(rf'"{ROW_PASS}": "([^"]*)"', mt.group(5))
+            assert value is not None, mt.group(5)
+            if value.group(1) == "kh":
+                row_var = var
+                out.append(f"{ind}for {var} in range({num(n)}):")
+            else:
+                assert row_var is not None, "a ROW_PASS tile loop outside a marked kernel-row loop"
+                ranges = [tuple(int(v) for v in r.split(",")) for r in value.group(1).split(";")]
+
+                def pick(k: int, _ranges=ranges) -> str:  # the bound for the value of row_var
+                    expr = num(_ranges[-1][k])
+                    for kh in range(len(_ranges) - 2, -1, -1):
+                        expr = f"T.Select({row_var} == {num(kh)}, {num(_ranges[kh][k])}, {expr})"
+                    return expr
+
+                out.append(f"{ind}for {var} in range({pick(0)}, {pick(1)}):")
+            i += 1
+            continue
         j = i + 1
         while j < len(lines) and (not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > len(ind)):
             j += 1
         body = lines[i + 1 : j]
-        ty = "T.int64" if mt.group(3) else ""
-        num = (lambda v: f"{ty}({v})") if ty else str
         if n > 1:
             out.append(f"{ind}for {var} in range({num(n - 1)}):")
             out += body
@@ -664,15 +765,15 @@ def peel_last_iterations(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":
     return tvm.script.from_source("\n".join(out))
 
 
-def peel_module(mod: "tvm.IRModule") -> "tvm.IRModule":
-    """`peel_last_iterations` on every PrimFunc of `mod` that has a loop marked PEEL_LAST (the
-    build and the tuning builder run it after scheduling)."""
+def apply_loop_marks_to_module(mod: "tvm.IRModule") -> "tvm.IRModule":
+    """`apply_loop_marks` on every PrimFunc of `mod` (the build and the tuning builder run it
+    after scheduling)."""
     import tvm
 
     changed = {}
     for gv, f in mod.functions_items():
         if isinstance(f, tvm.tirx.PrimFunc):
-            g = peel_last_iterations(f)
+            g = apply_loop_marks(f)
             if g is not f:
                 changed[gv] = g.with_attrs(f.attrs) if f.attrs is not None else g
     if not changed:

@@ -3,7 +3,8 @@
 A default rule picks one micro-kernel per shape from a cost rule; the best tile of a given conv on
 a given machine is often a neighbour of that pick. `variants(func, target, lanes)` gives, for a
 kernel one of graphopt's own rules schedules, the other choices of that rule (for the blocked
-convolutions: pixels x output blocks per tile, loop order, padded rows per row; for the blocked
+convolutions: pixels x output blocks per tile, loop order, padded rows per row, reduction chunks,
+row passes; for the blocked
 depthwise convs and pooling: pixels per tile, rows per tile, how the pad is read). Tuning builds
 and runs them like its own candidates and keeps the fastest as a record (`tvm_tuning`), so a
 short budget spends its first minutes on a dozen good candidates per kernel instead of on random
@@ -33,7 +34,7 @@ def _hash(sch: Any) -> int:
 
 def variants(func: "tvm.tirx.PrimFunc", target: "tvm.target.Target", lanes: int) -> list[tuple[str, Any]]:
     """(label, traced Schedule) for each variant of `func`'s default schedule that differs from it."""
-    from .nchwc_schedules import BlockedConv, BlockedWindow, ConvTile
+    from .nchwc_schedules import TWELVE_TILES, BlockedConv, BlockedWindow, ConvTile
 
     out: list[tuple[str, Any]] = []
     try:  # the default schedule (BlockedConv.apply: the conv schedule, else the window one)
@@ -54,6 +55,10 @@ def variants(func: "tvm.tirx.PrimFunc", target: "tvm.target.Target", lanes: int)
         # the reduction in chunks of 16 input blocks (declined by kernels with fewer)
         cands += [(f"tile {rt}x{obt} ob k-chunk 16", BlockedConv(tile=ConvTile(rt, obt, "ob", k_chunk=16, tail=True)))
                   for rt, obt in _CONV_TILES]
+        # flat convs with padded rows: passes per kernel row over chunks of 2-8 input blocks
+        cands += [(f"tile {rt}x{obt} ob row-passes k-chunk {c}",
+                   BlockedConv(tile=ConvTile(rt, obt, "ob", row_passes=True, k_chunk=c)))
+                  for rt, obt in TWELVE_TILES for c in (2, 4, 8)]
     else:
         cands = [(f"window {rt} px x {ry} rows pad {pad}", BlockedConv(window=BlockedWindow(rt=rt, pad=pad, ry=ry)))
                  for rt, pad, ry in _WINDOW]

@@ -1048,6 +1048,6 @@ def _build_with_hooks(mod: Any, target: Any, params: Any) -> Any:
     cpu_only_intrinsics()
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build
 
-    from .nchwc_schedules import peel_module
+    from .nchwc_schedules import apply_loop_marks_to_module
 
-    return default_build(peel_module(mod), target, params)
+    return default_build(apply_loop_marks_to_module(mod), target, params)

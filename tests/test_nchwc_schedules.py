@@ -157,7 +157,7 @@ _GUARD = 256  # floats of sentinel after the output: a kernel writing past its e
 
 def _run(func, args, out_shape):
     n, oc, oh, ow = out_shape
-    func = NS.peel_last_iterations(func)  # (as the build does)
+    func = NS.apply_loop_marks(func)  # (as the build does)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=_target())
     shape = (n, oc // B, oh, ow, B)
     size = int(np.prod(shape))
@@ -462,6 +462,53 @@ def test_flat_conv_with_one_block_tile_uses_every_core(h, par):
     np.testing.assert_allclose(_run(sfunc, args, oshape), np.maximum(ref, 0), rtol=1e-4, atol=1e-4)
 
 
+def test_row_tile_ranges():
+    """Per kernel row, the pixel tiles whose window row is inside the input: 7x7 map, 3x3 pad 1,
+    3-pixel tiles (17, the last holding 2 rounded-up pixels): kernel row 0 skips output row 0
+    (pixels 0-6: tiles 0-1 whole), row 2 skips row 6 (pixels 42-48 and the extra two: tiles 14-16);
+    a 7x7 kernel (pad 3) on a 2x2 map: rows 0, 1, 5 and 6 reach no input row, 2 only output row 1
+    (tiles 0-1: pixels 2-3 and the 2 extra), 4 only output row 0 (tile 0)."""
+    assert NS.row_tile_ranges((7, 7, 7, 1, 1, 1), 3, 3, 17) == [(2, 17), (0, 17), (0, 14)]
+    assert NS.row_tile_ranges((2, 2, 2, 1, 1, 3), 7, 3, 2) == [(0, 0), (0, 0), (0, 2), (0, 2), (0, 1), (0, 0), (0, 0)]
+    # stride 2, 14 -> 7 (pad 1): only output row 0 reads the top padding for kernel row 0
+    assert NS.row_tile_ranges((7, 7, 14, 2, 1, 1), 3, 3, 17) == [(2, 17), (0, 17), (0, 17)]
+
+
+@pytest.mark.parametrize("c,h,oc,k,residual", [
+    (16, 7, 64, 3, True),  # 3x3 pad 1: kernel rows 0 and 2 skip a row each
+    (16, 9, 64, 5, False),  # 5x5 pad 2: two rows each side
+    (16, 2, 64, 7, True),  # 7x7 pad 3 on 2x2: kernel rows 0, 1, 5, 6 skip every tile
+    (8, 14, 96, 3, False),  # 12 output blocks: 2 pixels x 6 blocks
+])
+def test_row_passes_skip_padded_rows_and_keep_numbers(c, h, oc, k, residual):
+    """A flat stride-1 conv with padded rows: the default tile runs a pass per (input block chunk,
+    kernel row) over only the pixel tiles that kernel row's input rows reach (the loop marked,
+    its bounds picked per kernel row by apply_loop_marks); numbers against onnxruntime."""
+    flat = 3 if oc // B % 4 == 0 else 2
+    func, oshape = _kernel("conv", c, h, oc, k, 1, "relu", residual, flat=flat)
+    sch, rule, _ = default_schedule(func, _target())
+    assert rule == "blocked-conv"
+    text = sch.mod["main"].script()
+    assert text.count(NS.ROW_PASS) == 2
+    marked = NS.apply_loop_marks(sch.mod["main"]).script()
+    assert NS.ROW_PASS not in marked and "T.Select" in marked
+    args, ref = _data("conv", c, h, oc, k, 1, residual)
+    np.testing.assert_allclose(_run(sch.mod["main"], args, oshape), np.maximum(ref, 0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("c,h,oc,k,s", [
+    (16, 9, 64, 3, 2),  # strided: only the first output row reads padding; no passes
+    (16, 7, 64, 1, 1),  # unpadded 1x1: no padded rows
+    (16, 7, 32, 3, 1),  # one tile of output blocks on 2 cores: the pixel tiles are split among them
+])
+def test_row_passes_do_not_fire_without_padded_rows_at_stride_1(c, h, oc, k, s):
+    func, oshape = _kernel("conv", c, h, oc, k, s, "relu", False, flat=3)
+    sch, rule, _ = default_schedule(func, _target())
+    assert rule == "blocked-conv" and NS.ROW_PASS not in sch.mod["main"].script()
+    args, ref = _data("conv", c, h, oc, k, s)
+    np.testing.assert_allclose(_run(sch.mod["main"], args, oshape), np.maximum(ref, 0), rtol=1e-4, atol=1e-4)
+
+
 def test_flat_conv_with_a_tile_that_does_not_divide_is_declined():
     """51 pixels take no 4-pixel tile: a forced 4 x 2 tile declines, the generic rule schedules the
     kernel, the numbers stay."""
@@ -480,14 +527,14 @@ def test_flat_conv_with_a_tile_that_does_not_divide_is_declined():
 ])
 def test_ragged_tile_is_peeled_and_keeps_numbers(tile, w):
     """Rows that the tile's pixel count does not divide: whole tiles plus a ragged one; the tile
-    loop is marked, peel_last_iterations gives its last iteration code of its own (the whole
+    loop is marked, apply_loop_marks gives its last iteration code of its own (the whole
     tiles' loop then has one iteration fewer), the numbers stay."""
     func, oshape = _kernel("conv", 32, 14, 32, 3, 1, "relu", True, w=w)
     sch = BlockedConv(tile).apply(func, _target(), 8)
     assert sch is not None
     sfunc = sch.mod["main"]
     assert NS.PEEL_LAST in sfunc.script()
-    peeled = NS.peel_last_iterations(sfunc).script()
+    peeled = NS.apply_loop_marks(sfunc).script()
     n = -(-w // 3)
     assert NS.PEEL_LAST not in peeled
     assert re.search(rf"in range\((T\.int64\()?{n - 1}\)?, (T\.int64\()?{n}\)?\):", peeled)
@@ -509,15 +556,15 @@ def test_default_tiles_take_ragged_rows_and_chunk_large_weight_panels():
     assert (t.rt, t.obt, t.tail, t.k_chunk) == (3, 4, True, 0)
 
 
-def test_peel_module_changes_only_marked_functions():
-    """peel_module (run by the build and the tuning builder) rewrites the PrimFuncs with a loop
+def test_loop_marks_change_only_marked_functions():
+    """apply_loop_marks_to_module (run by the build and the tuning builder) rewrites the PrimFuncs with a loop
     marked PEEL_LAST and leaves every other function as it was; a second run changes nothing."""
     func, _ = _kernel("conv", 32, 14, 32, 3, 1, "relu", False, w=7)
     marked = BlockedConv(ConvTile(3, 4, "ob", tail=True)).apply(func, _target(), 8).mod["main"]
     plain = BlockedConv().apply(_kernel("conv", 16, 12, 32, 3, 1)[0], _target(), 8).mod["main"]
     mod = tvm.IRModule({"a": marked, "b": plain})
-    out = NS.peel_module(mod)
+    out = NS.apply_loop_marks_to_module(mod)
     assert out["b"].same_as(mod["b"])
     assert NS.PEEL_LAST in mod["a"].script() and NS.PEEL_LAST not in out["a"].script()
-    again = NS.peel_module(out)
+    again = NS.apply_loop_marks_to_module(out)
     assert again["a"].same_as(out["a"]) and again["b"].same_as(out["b"])

@@ -49,6 +49,9 @@ def _kernels():
 
 
 def _run(func, args):
+    from graphopt.targets.nchwc_schedules import apply_loop_marks
+
+    func = apply_loop_marks(func)  # (as the build does)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=B.host_target(threads=1))
     arrs = [tvm.runtime.tensor(a) for a in args]
     lib["main"](*arrs)

@@ -379,9 +379,9 @@ class OrtTimer:
 def _compile(func, target):
     import tvm
 
-    from graphopt.targets.nchwc_schedules import peel_last_iterations
+    from graphopt.targets.nchwc_schedules import apply_loop_marks
 
-    return tvm.compile(tvm.IRModule({"main": peel_last_iterations(func).with_attr("global_symbol", "main")}), target=target)
+    return tvm.compile(tvm.IRModule({"main": apply_loop_marks(func).with_attr("global_symbol", "main")}), target=target)
 
 
 def run_case(case: Case, target, threads: int, rounds: int, tile=None) -> dict:

@@ -356,7 +356,7 @@ def profile_model(name: str, threads: int, top: int = 20, cpu_time: bool = False
     # the pool as the artifact's runner sets it (the weight packing above may have started it
     # with every core: the kernels then ran on 2 threads under --threads 1)
     from graphopt.runtime import _configure_threads
-    from graphopt.targets.nchwc_schedules import peel_last_iterations
+    from graphopt.targets.nchwc_schedules import apply_loop_marks
 
     _configure_threads(threads)
     dev = tvm.cpu()
@@ -366,7 +366,7 @@ def profile_model(name: str, threads: int, top: int = 20, cpu_time: bool = False
         if not isinstance(f, tvm.tirx.PrimFunc) or not calls[gv.name_hint]:
             continue
         flops = kernel_flops(f)  # (before the peel: its two copies of a loop body would count twice)
-        f = peel_last_iterations(f).with_attr("global_symbol", "main")  # (as the build does)
+        f = apply_loop_marks(f).with_attr("global_symbol", "main")  # (as the build does)
         try:
             lib = tvm.compile(tvm.IRModule({"main": f}), target=target)
             args = [tvm.runtime.tensor(np.asarray(rng.random([int(d) for d in b.shape])).astype(str(b.dtype)), dev)

@@ -26,6 +26,8 @@ from typing import Any
 
 from tvm import te, tirx
 
+from ..nchwc_schedules import FLAT_ROWS
+
 __all__ = [
     "to_blocked",
     "from_blocked",
@@ -145,7 +147,8 @@ def conv2d_blocked(
     return _conv_sum(p, w, (n, ob_n, oh, ow, b), lambda y, xx: (y * sh, xx * sw), dh, dw)
 
 
-def _conv_sum(p: te.Tensor, w: te.Tensor, shape: Sequence[Any], origin: Any, dh: int, dw: int) -> te.Tensor:
+def _conv_sum(p: te.Tensor, w: te.Tensor, shape: Sequence[Any], origin: Any, dh: int, dw: int,
+              attrs: dict[str, Any] | None = None) -> te.Tensor:
     """out[i, ob, y, xx, oi] (of `shape`) = sum over icb, kh, kw, ii of p[i, icb, r + kh*dh,
     c + kw*dw, ii] * w[ob, icb, kh, kw, ii, oi], where (r, c) = origin(y, xx) is the top-left of
     the output pixel's window in the padded input `p`."""
@@ -159,7 +162,7 @@ def _conv_sum(p: te.Tensor, w: te.Tensor, shape: Sequence[Any], origin: Any, dh:
         r, c = origin(y, xx)
         return te.sum(p[i, icb, r + kh * dh, c + kw * dw, ii] * w[ob, icb, kh, kw, ii, oi], axis=[icb, kh, kw, ii])
 
-    return te.compute(tuple(shape), body, name="conv2d_blocked")
+    return te.compute(tuple(shape), body, name="conv2d_blocked", attrs=attrs)
 
 
 def conv2d_blocked_flat(
@@ -183,7 +186,9 @@ def conv2d_blocked_flat(
         q = tirx.min(q, last) if npx != oh * ow else q
         return q // ow * sh, q % ow * sw
 
-    conv = _conv_sum(p, w, (n, ob_n, 1, npx, b), origin, dh, dw)
+    top, _, bottom, _ = (int(v) for v in pads)
+    attrs = {FLAT_ROWS: [ow, oh, int(h), sh, dh, top]} if int(kh_n) > 1 and (top or bottom) else None
+    conv = _conv_sum(p, w, (n, ob_n, 1, npx, b), origin, dh, dw, attrs)
     if npx != oh * ow:
         conv = te.compute((n, ob_n, 1, oh * ow, b), lambda i, o, z, q, oi: conv[i, o, z, q, oi], name="crop")
     return te.compute((n, ob_n, oh, ow, b), lambda i, o, yy, xx, oi: conv[i, o, 0, yy * ow + xx, oi], name="unflatten")

@@ -178,9 +178,9 @@ def finish_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0)
     def _finish(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        from ..nchwc_schedules import peel_module
+        from ..nchwc_schedules import apply_loop_marks_to_module
 
-        mod = peel_module(mod)  # ragged pixel tiles get code of their own
+        mod = apply_loop_marks_to_module(mod)  # ragged pixel tiles, row passes
         with target:
             passes = [relax.transform.LegalizeOps()]  # anything scheduling added stays legal
             passes += _cpu_pipeline.dataflow_lower_passes(target) + _cpu_pipeline.finalize_passes(target)

@@ -310,7 +310,7 @@ def _cpu_seconds(fn, args, min_s: float = 0.05, repeat: int = 5) -> float:
     return float(np.median(res))
 
 
-def profile_model(name: str, threads: int, top: int = 20, cpu_time: bool = False) -> int:
+def profile_model(name: str, threads: int, top: int = 20, cpu_time: bool = False, cold: bool = False) -> int:
     """Per-kernel time of a corpus model compiled the way the cpu target does (-O2, graphopt's
     kernel groups, default schedules, weight packing hoisted; symbolic dims fixed to 1): each
     PrimFunc is built alone and timed on random arguments, times its number of calls in `main`,
@@ -374,7 +374,11 @@ def profile_model(name: str, threads: int, top: int = 20, cpu_time: bool = False
             if cpu_time:
                 t = _cpu_seconds(lib["main"], args)
             else:
-                t = float(np.median(lib.mod.time_evaluator("main", dev, number=1, repeat=5, min_repeat_ms=20)(*args).results))
+                # (cold: every argument but the first flushed from the caches before each run, as the
+                # weights of a model larger than the caches are when its kernel comes)
+                pre = "cache_flush_cpu_non_first_arg" if cold else ""
+                ev = lib.mod.time_evaluator("main", dev, number=1, repeat=5, min_repeat_ms=0 if cold else 20, f_preproc=pre)
+                t = float(np.median(ev(*args).results))
         except Exception as e:  # noqa: BLE001 - a kernel that cannot run alone is listed, not timed
             print(f"# {gv.name_hint}: not timed ({str(e).strip().splitlines()[-1][:100]})")
             continue
@@ -383,7 +387,7 @@ def profile_model(name: str, threads: int, top: int = 20, cpu_time: bool = False
     total = sum(n * t for _, _, n, t, _ in rows)
     flops = sum(n * fl for _, _, n, _, fl in rows)
     peak = numpy_peak(threads, time.process_time if cpu_time else time.perf_counter)
-    print(f"# {name}: {len(rows)} kernels, sum of kernel times {total * 1e3:.2f} ms (threads={threads}, "
+    print(f"# {name}: {len(rows)} kernels, sum of {'cold ' if cold else ''}kernel times {total * 1e3:.2f} ms (threads={threads}, "
           f"{'CPU' if cpu_time else 'wall'} time); matmul/conv {flops / 1e9:.2f} GFLOP, "
           f"{flops / total / 1e9:.1f} GFLOP/s overall; numpy matmul peak {peak:.1f} GFLOP/s")
     by_rule: dict[str, float] = collections.defaultdict(float)
@@ -412,11 +416,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-time", action="store_true",
                     help="--profile-model: time kernels in CPU seconds of this process instead of wall seconds "
                          "(robust on a shared machine with --threads 1; with more threads it counts every thread)")
+    ap.add_argument("--cold", action="store_true",
+                    help="--profile-model: time each kernel with its arguments but the first (weights, residual, "
+                         "output) flushed from the caches")
     args = ap.parse_args(argv)
 
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     if args.profile_model:
-        return profile_model(args.profile_model, args.threads, cpu_time=args.cpu_time)
+        return profile_model(args.profile_model, args.threads, cpu_time=args.cpu_time, cold=args.cold)
     import tvm
 
     from graphopt.targets.tvm_schedules import ScheduleStats, apply_default_schedules

@@ -298,3 +298,37 @@ def test_channel_concat_of_whole_blocks_runs_blocked():
     art = graphopt.compile(m, "cpu", "-O2", threads=2)
     for got, want in zip(art.run(feeds), run_onnxruntime(graphopt.load(m), feeds)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_per_channel_constants_and_batchnorm_run_blocked():
+    """A folded BatchNorm's per-channel Mul / Add constants ([C, 1, 1], [1, C, 1, 1]) and an
+    inference BatchNormalization with constant statistics (DenseNet's pre-activation BN after each
+    Concat) run blocked: the constants read as [1, C/b, 1, 1, b], the BN as x * s + t. A constant
+    that is not per-channel ([C, H, W]) and a BN whose mean is a graph input keep their groups
+    NCHW. Numbers against onnxruntime."""
+    m = _parse(_HEAD + """g (float[1, 16, 6, 6] x, float[16] mu2) => (float[1, 16, 6, 6] y, float[1, 32, 6, 6] z, float[1, 16, 6, 6] u, float[1, 16, 6, 6] v) {
+    a = Conv <kernel_shape = [1, 1]> (x, w1)
+    c = Concat <axis = 1> (a, x)
+    t = BatchNormalization <epsilon = 0.001> (c, sc, bi, mu, va)
+    r = Relu (t)
+    y = Conv <pads = [1, 1, 1, 1], kernel_shape = [3, 3]> (r, w2)
+    s = Mul (c, ch)
+    z = Add (s, ch4)
+    e = Conv <kernel_shape = [1, 1]> (x, w3)
+    u = Mul (e, full)
+    f = Conv <kernel_shape = [1, 1]> (x, w4)
+    v = BatchNormalization (f, sc2, bi2, mu2, va2)
+}
+""", {"w1": (16, 16, 1, 1), "sc": (32,), "bi": (32,), "mu": (32,), "w2": (16, 32, 3, 3), "ch": (32, 1, 1),
+      "ch4": (1, 32, 1, 1), "w3": (16, 16, 1, 1), "full": (16, 6, 6), "w4": (16, 16, 1, 1), "sc2": (16,), "bi2": (16,)})
+    rng = np.random.default_rng(3)
+    for name, n in (("va", 32), ("va2", 16)):
+        m.graph.initializer.append(nh.from_array(rng.uniform(0.5, 2.0, n).astype(np.float32), name))
+    plan, roles = _roles(m)
+    assert roles.get("BatchNormalization:t") == "batchnorm"
+    assert roles.get("Mul:s") == "elementwise" and roles.get("Add:z") == "elementwise"
+    assert "Mul:u" not in roles and "BatchNormalization:v" not in roles
+    feeds = {**_feeds(1, 16, 6), "mu2": rng.standard_normal(16).astype(np.float32)}
+    art = graphopt.compile(m, "cpu", "-O2", threads=2)
+    for got, want in zip(art.run(feeds), run_onnxruntime(graphopt.load(m), feeds)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

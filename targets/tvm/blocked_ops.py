@@ -35,6 +35,7 @@ __all__ = [
     "pack_stem_weight",
     "pack_depthwise_weight",
     "block_bias",
+    "block_channel_const",
     "add_blocked_bias",
     "conv2d_blocked",
     "conv2d_blocked_flat",
@@ -104,6 +105,14 @@ def pack_depthwise_weight(w: te.Tensor, b: int) -> te.Tensor:
 def block_bias(bias: te.Tensor, b: int) -> te.Tensor:
     """[OC] → [OC/b, b]."""
     return te.compute((bias.shape[0] // b, b), lambda ob, oi: bias[ob * b + oi], name="block_bias")
+
+
+def block_channel_const(c: te.Tensor, b: int) -> te.Tensor:
+    """A per-channel constant [C, 1, 1] or [1, C, 1, 1] → [1, C/b, 1, 1, b] (broadcasts over a
+    blocked activation [N, C/b, H, W, b] as the original does over NCHW)."""
+    n = c.shape[-3]
+    lead = len(c.shape) - 3
+    return te.compute((1, n // b, 1, 1, b), lambda i, cb, y, x, ci: c[(0,) * lead + (cb * b + ci, 0, 0)], name="block_channel_const")
 
 
 def add_blocked_bias(y: te.Tensor, bias: te.Tensor) -> te.Tensor:

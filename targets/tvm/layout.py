@@ -19,13 +19,18 @@ A group is blocked when every node in it can run blocked and it has a reason to:
 - `concat`: Concat along the channels when every input's channel count is a multiple of b and
   one input is blocked already (a concat of channel blocks);
 - `elementwise`: unary elementwise ops, and binary ones whose operands are blocked activations of
-  the same rank or scalar constants — when at least one activation input is blocked already or the
-  group holds a convolution.
+  the same rank, scalar constants or per-channel constants ([C, 1, 1] / [1, C, 1, 1], read as
+  `[1, C/b, 1, 1, b]`) — when at least one activation input is blocked already or the group holds
+  a convolution;
+- `batchnorm`: inference BatchNormalization with constant statistics, as `x * s + t` with `s` and
+  `t` folded at compile time (DenseNet-121, 2 threads: 1.52x -> 1.15x onnxruntime's time, its
+  pre-activation BNs after each Concat having kept those groups NCHW).
 
 Must not block: 1-D/3-D convs, grouped convs other than depthwise, weights computed at run time,
 channel counts that are not multiples of b (except the stem's input), values of unknown rank or
-channel count, anything else a group does with the channel axis (Softmax, Reshape, Flatten,
-BatchNormalization, per-channel constants, Concat of partial blocks).
+channel count, anything else a group does with the channel axis (Softmax, Reshape, Flatten, a
+BatchNormalization with statistics computed at run time, constants that vary along other axes,
+Concat of partial blocks).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ CONV_WEIGHT = "conv-weight"
 STEM_WEIGHT = "stem-weight"
 DW_WEIGHT = "depthwise-weight"
 BIAS = "blocked-bias"  # [OC] → [OC/b, b]
+CHANNEL = "channel-const"  # a per-channel constant [C, 1, 1] / [1, C, 1, 1] → [1, C/b, 1, 1, b]
 
 _UNARY = frozenset(
     """Relu Clip Sigmoid Tanh LeakyRelu HardSigmoid HardSwish Elu Selu Celu Softplus Softsign Abs Neg
@@ -80,6 +86,8 @@ class LayoutPlan:
         role = self.roles.get(id(node))
         if role is None:
             return PLAIN
+        if role == "batchnorm" and i > 0:
+            return PLAIN  # (read as constants when the node is converted)
         if role in ("conv", "stem", "depthwise"):
             if i == 0:
                 return PLAIN if role == "stem" else BLOCKED
@@ -89,6 +97,8 @@ class LayoutPlan:
         v = node.inputs[i]
         if v is not None and _is_scalar_const(v):
             return PLAIN
+        if v is not None and _channel_const(v) is not None:
+            return CHANNEL
         return BLOCKED
 
 
@@ -106,6 +116,18 @@ def _const(v: Value) -> np.ndarray | None:
 def _is_scalar_const(v: Value) -> bool:
     c = _const(v)
     return c is not None and c.size == 1
+
+
+def _channel_const(v: Value) -> int | None:
+    """C when `v` is a float32 constant of shape [C, 1, 1] or [1, C, 1, 1] (a folded BatchNorm's
+    scale or shift broadcast over an NCHW activation), else None."""
+    c = _const(v)
+    if c is None or c.dtype != np.float32 or c.ndim not in (3, 4) or c.size < 2:
+        return None
+    shape = c.shape if c.ndim == 3 else c.shape[1:]
+    if c.ndim == 4 and c.shape[0] != 1:
+        return None
+    return int(shape[0]) if shape[1:] == (1, 1) else None
 
 
 def _dims4(v: Value | None) -> list[Any] | None:
@@ -224,6 +246,18 @@ def _group_roles(nodes: list[Node], blocked: set[int], b: int) -> dict[int, str]
                 return None
             role = "concat"
             reason = True
+        elif op == "BatchNormalization":
+            # inference BatchNormalization with constant statistics (DenseNet's pre-activation
+            # BN after each Concat): a per-channel scale and shift of the blocked activation
+            out = _dims4(n.outputs[0])
+            if (out is None or x is None or _dims4(x) is None or len(n.outputs) != 1 or len(n.inputs) != 5
+                    or int(n.attr("training_mode", 0)) != 0):
+                return None
+            params = [_const(v) if v is not None else None for v in n.inputs[1:]]
+            if any(c is None or c.shape != (out[1],) for c in params):
+                return None
+            reason = reason or x_blocked
+            role = "batchnorm"
         elif op in _UNARY or op in _BINARY:
             if len(n.outputs) != 1:
                 return None
@@ -234,12 +268,13 @@ def _group_roles(nodes: list[Node], blocked: set[int], b: int) -> dict[int, str]
                 if x is None or any(v is not None and not _is_scalar_const(v) for v in n.inputs[1:]):
                     return None
                 acts = [x]
-            else:
-                acts = [v for v in n.inputs if v is not None and not _is_scalar_const(v)]
+            else:  # (per-channel constants are read as [1, C/b, 1, 1, b])
+                acts = [v for v in n.inputs if v is not None and not _is_scalar_const(v)
+                        and not (id(v) not in inside and _channel_const(v) == out[1])]
             for v in acts:
                 d = _dims4(v)
                 if d is None or d[1] != out[1] or (id(v) not in inside and _const(v) is not None):
-                    return None  # per-channel constants, broadcasts over the channel axis
+                    return None  # other constants, broadcasts over the channel axis
             if any(id(v) in blocked or id(v) in inside for v in acts):
                 reason = True
             role = "elementwise"
@@ -305,6 +340,8 @@ def convert_form(bb: relax.BlockBuilder, e: relax.Expr, v: Value, have: str, wan
         raise ValueError(f"cannot convert {v.name!r} from {have} to {want}")
     if want == BIAS:  # a weight-only reshape, hoisted with the packing (no index arithmetic in the kernel)
         return bb.emit_te(BO.block_bias, e, block, primfunc_name_hint="block_bias")
+    if want == CHANNEL:
+        return bb.emit_te(BO.block_channel_const, e, block, primfunc_name_hint="block_channel_const")
     fn = {BLOCKED: BO.to_blocked, CONV_WEIGHT: BO.pack_conv_weight, STEM_WEIGHT: BO.pack_stem_weight,
           DW_WEIGHT: BO.pack_depthwise_weight}[want]
     return bb.emit_te(fn, e, block, primfunc_name_hint=fn.__name__)
@@ -337,6 +374,16 @@ def convert_blocked(bb: relax.BlockBuilder, n: Node, role: str, ins: list[Any], 
         )
     if role == "concat":
         return bb.emit(relax.op.concat(ins, axis=1))
+    if role == "batchnorm":
+        # y = (x - mean) / sqrt(var + eps) * scale + bias = x * s + t, s and t folded here
+        scale, bias, mean, var = (_const(v).astype(np.float64) for v in n.inputs[1:5])
+        s = scale / np.sqrt(var + float(n.attr("epsilon", 1e-5)))
+        t = bias - mean * s
+
+        def blocked_const(a: np.ndarray) -> relax.Expr:
+            return relax.const(a.astype(np.float32).reshape(1, -1, 1, 1, block))
+
+        return bb.emit(relax.op.add(relax.op.multiply(x, blocked_const(s)), blocked_const(t)))
     if role == "global-pool":
         kind = "max" if n.op_type == "GlobalMaxPool" else "avg"
         return bb.emit_te(BO.global_pool_blocked, x, kind, primfunc_name_hint=f"global_{kind}pool_blocked")

@@ -16,7 +16,8 @@ onnxruntime's MLAS NCHWc kernels take:
   whole tiles plus a ragged last one (`ConvTile.tail`): the tile loop is marked and the build
   peels its last iteration into code of its own (`apply_loop_marks`), so neither copy keeps a
   condition per FMA (a predicated tile kept its accumulators in memory: 1.5-2x slower). Else 8
-  accumulators (4x2, 2x4, 8x1) that divide the row. Convs that blocked_ops computes on their
+  accumulators (4x2, 2x4, 8x1) that divide the row. Block counts none of the 12-accumulator tiles
+  divides take their largest divisor up to 6 blocks (`odd_tile`: 125 blocks → 2 x 5); Convs that blocked_ops computes on their
   flattened output pixels (`conv2d_blocked_flat`: unpadded 1x1 convs, maps of at most 28 input
   rows) are one row of OH*OW pixels rounded up to the tile, written back through
   `out[.., p // W, p % W, ..]`; where their (batch, output block) loop does not divide among the
@@ -78,7 +79,7 @@ from .tvm_schedules import (
 if TYPE_CHECKING:
     import tvm
 
-__all__ = ["BlockedConv", "ConvTile", "ConvShape", "TWELVE_TILES", "conv_tile", "match_blocked_conv", "apply_loop_marks",
+__all__ = ["BlockedConv", "ConvTile", "ConvShape", "TWELVE_TILES", "conv_tile", "odd_tile", "match_blocked_conv", "apply_loop_marks",
            "apply_loop_marks_to_module", "row_tile_ranges"]
 
 # accumulator vectors per micro-kernel: AVX2 has 16 vector registers; 12 leaves room for the
@@ -97,6 +98,14 @@ _PASS_WEIGHT_BYTES = 12 * 1024
 _ROW_PASSES = True  # (off: to compare, tools/bench_tvm_cpu.py --schedule-knobs nchwc_schedules._ROW_PASSES=0)
 # (pixels, output blocks) of the 12-accumulator tiles, in the order they are tried
 TWELVE_TILES = ((2, 6), (3, 4), (4, 3), (6, 2))
+
+def odd_tile(ob: int) -> tuple[int, int]:
+    """(pixels, output blocks) of the micro-kernel for `ob` output blocks that no 12-accumulator
+    tile divides (SqueezeNet's 1000-channel classifier conv: 125 blocks): the largest divisor of
+    `ob` up to 6 blocks, pixels filling 10-12 accumulators (125 → 2 x 5; a prime count → 12 x 1)."""
+    d = max(k for k in range(1, 7) if ob % k == 0)
+    return 12 // d, d
+
 
 #: block annotation of a flat conv's reduction (blocked_ops.conv2d_blocked_flat) with padded rows:
 #: [OW, OH, H, stride, dilation, top pad] of its rows, from which `row_tile_ranges` tells the pixel
@@ -185,6 +194,12 @@ def conv_tile(s: ConvShape, lanes: int, row_passes: bool = True) -> ConvTile:
             # rows: 0.96-0.98x the time of rows rounded up to 57/30/15, which waste 2-7 %)
             if s.ob % obt == 0 and s.ow > rt:
                 return ConvTile(rt, obt, order, pad_row=row, k_chunk=chunk, tail=True)
+    if not any(s.ob % obt == 0 for _, obt in TWELVE_TILES):
+        rt, obt = odd_tile(s.ob)  # (8-accumulator tiles would take 1 block: 1 x 1 on 13-wide rows)
+        if s.ow % rt == 0:
+            return ConvTile(rt, obt, order, pad_row=row)
+        if order in ("ob", "row") and s.kind == "conv" and s.ow > rt:
+            return ConvTile(rt, obt, order, pad_row=row, tail=True)
     for rt, obt in ((4, 2), (2, 4), (8, 1), (7, 1), (2, 2), (1, 4), (2, 1), (1, 2), (1, 1)):
         if s.ow % rt == 0 and s.ob % obt == 0:
             return ConvTile(rt, obt, order, pad_row=row, k_chunk=chunk)

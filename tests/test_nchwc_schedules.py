@@ -509,6 +509,32 @@ def test_row_passes_do_not_fire_without_padded_rows_at_stride_1(c, h, oc, k, s):
     np.testing.assert_allclose(_run(sch.mod["main"], args, oshape), np.maximum(ref, 0), rtol=1e-4, atol=1e-4)
 
 
+def test_odd_block_counts_take_a_wide_tile():
+    """Output block counts no 12-accumulator tile divides (SqueezeNet's 1000 channels: 125 blocks)
+    take odd_tile's largest divisor up to 6 blocks, not an 8-accumulator tile of 1 block (1 x 1 on
+    13-wide rows, 28 GFLOP/s): 125 → 2 pixels x 5 blocks, a prime count → 12 x 1."""
+    assert NS.odd_tile(125) == (2, 5) and NS.odd_tile(7) == (12, 1) and NS.odd_tile(35) == (2, 5)
+    t = conv_tile(ConvShape("conv", 125, 1, 170, 512, 1, 1, 1), 8)  # flat 1x1 512 -> 1000 on 13x13
+    assert (t.rt, t.obt, t.tail) == (2, 5, False)
+    t = conv_tile(ConvShape("conv", 5, 56, 56, 16 * 9, 3, 3, 1), 8)  # 3x3 16 -> 40 on 56-wide rows
+    assert (t.rt, t.obt, t.tail, t.order) == (2, 5, False, "row")
+    t = conv_tile(ConvShape("conv", 7, 56, 56, 16 * 9, 3, 3, 1), 8)  # 56 = 4 x 12 + 8: a ragged tile
+    assert (t.rt, t.obt, t.tail) == (12, 1, True)
+
+
+@pytest.mark.parametrize("c,h,oc,k,flat", [
+    (16, 13, 40, 1, 2),  # flat 1x1: 169 pixels → 170, 2 pixels x 5 blocks
+    (16, 56, 40, 3, 0),  # rows: 56 = 28 x 2
+    (16, 20, 56, 3, 0),  # 7 blocks (prime): 12 x 1 tiles, 20 = 12 + a ragged 8
+])
+def test_odd_block_counts_keep_numbers(c, h, oc, k, flat):
+    func, oshape = _kernel("conv", c, h, oc, k, 1, "relu", True, flat=flat)
+    sfunc, rule = _schedule(func)
+    assert rule == "blocked-conv"
+    args, ref = _data("conv", c, h, oc, k, 1, True)
+    np.testing.assert_allclose(_run(sfunc, args, oshape), np.maximum(ref, 0), rtol=1e-4, atol=1e-4)
+
+
 def test_flat_conv_with_a_tile_that_does_not_divide_is_declined():
     """51 pixels take no 4-pixel tile: a forced 4 x 2 tile declines, the generic rule schedules the
     kernel, the numbers stay."""

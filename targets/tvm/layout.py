@@ -43,7 +43,7 @@ from tvm import relax
 
 from graphopt.ir import Model, Node, Value
 
-from ..nchwc_schedules import TWELVE_TILES
+from ..nchwc_schedules import TWELVE_TILES, odd_tile
 from . import blocked_ops as BO
 
 #: channels per block: 8 fp32 lanes of AVX2 (onnxruntime's MLAS uses the same block on AVX2)
@@ -324,7 +324,7 @@ def flat_px_multiple(kernel: tuple[int, int], pads: Any, dilations: Any, out_cha
     if not pointwise and out_rows > FLAT_MAX_OH and in_rows > FLAT_MAX_IH:
         return 0
     ob = out_channels // block
-    return next((rt for rt, obt in TWELVE_TILES if ob % obt == 0), 0)
+    return next((rt for rt, obt in TWELVE_TILES if ob % obt == 0), odd_tile(ob)[0])
 
 
 # --- Relax ----------------------------------------------------------------------------------------

@@ -95,6 +95,7 @@ _CHUNK_WEIGHT_BYTES = 160 * 1024
 # tile's output blocks): 3x3 convs on 7/14/28-wide maps, single thread, chunks of 4 input blocks
 # (12 KiB) 2.37-2.41 ms, of 1-2 blocks 2.41-2.47 ms, 8 blocks 2.60 ms, 16 2.77 ms (3x3 512 on 7x7)
 _PASS_WEIGHT_BYTES = 12 * 1024
+_MATERIALISE_PROLOGUE = True  # (off: inlined into the conv's reads, as before)
 _ROW_PASSES = True  # (off: to compare, tools/bench_tvm_cpu.py --schedule-knobs nchwc_schedules._ROW_PASSES=0)
 # (pixels, output blocks) of the 12-accumulator tiles, in the order they are tried
 TWELVE_TILES = ((2, 6), (3, 4), (4, 3), (6, 2))
@@ -428,7 +429,7 @@ class BlockedConv(_Rule):
             pads = [p for p in sch.get_producers(anchor) if "if_then_else" in str(sch.get(p).body)]
             pad = pads[0] if len(pads) == 1 else None
         if pad is None:
-            _inline_copies(sch, anchor)
+            _inline_copies(sch, anchor, moves_only=_MATERIALISE_PROLOGUE)
         m = match_blocked_conv(sch, anchor, lanes)  # loops are the same, refetch the handles
         if m is None:
             return None

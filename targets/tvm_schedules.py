@@ -365,13 +365,18 @@ def _one_reduction(func) -> tuple[Any, Any] | None:
     return (sch, reds[0]) if len(reds) == 1 else None
 
 
-def _inline_copies(sch, anchor) -> None:
+def _inline_copies(sch, anchor, moves_only: bool = False) -> None:
     """compute_inline producers of the anchor that only move data (a pad of 0, a transpose,
     a reshape): the anchor reads through them. Real pads (if_then_else) stay materialised so the
-    inner loop has no conditions."""
+    inner loop has no conditions. `moves_only`: producers that compute (a BatchNorm + Relu before
+    a conv) stay materialised too; inlined, the conv recomputes each input value once per tile of
+    output blocks, inside its reduction loop."""
     for prod in sch.get_producers(anchor):
         stmt = sch.get(prod)
         if _is_reduction(stmt):
+            continue
+        body = stmt.body
+        if moves_only and not (type(body).__name__ == "BufferStore" and type(body.value).__name__ in ("TensorLoad", "BufferLoad")):
             continue
         if "if_then_else" in str(stmt.body):
             if _DECOMPOSE_PADDING:

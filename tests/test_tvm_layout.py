@@ -4,6 +4,7 @@ layout changes, and numbers against onnxruntime on the unmodified model."""
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import onnx
@@ -332,3 +333,38 @@ def test_per_channel_constants_and_batchnorm_run_blocked():
     art = graphopt.compile(m, "cpu", "-O2", threads=2)
     for got, want in zip(art.run(feeds), run_onnxruntime(graphopt.load(m), feeds)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_prologue_is_computed_once_not_per_tile():
+    """A group BatchNorm → Relu → 1x1 Conv (DenseNet's dense layers): BlockedConv schedules the
+    conv and leaves the BN + Relu prologue a block of its own, computed once per input value (it
+    used to be inlined into the conv's reads: recomputed for every tile of output blocks, inside
+    the reduction; DenseNet-121 42.7 -> 36.6 ms). Numbers against onnxruntime."""
+    from graphopt.targets.tvm import build as B
+    from graphopt.targets.tvm_schedules import ScheduleStats, apply_default_schedules
+
+    m = _parse(_HEAD + """g (float[1, 16, 12, 12] x) => (float[1, 32, 12, 12] y) {
+    a = Conv <kernel_shape = [1, 1]> (x, w1)
+    c = Concat <axis = 1> (a, x)
+    t = BatchNormalization <epsilon = 0.001> (c, sc, bi, mu, va)
+    r = Relu (t)
+    y = Conv <kernel_shape = [1, 1]> (r, w2)
+}
+""", {"w1": (16, 16, 1, 1), "sc": (32,), "bi": (32,), "mu": (32,), "w2": (32, 32, 1, 1)})
+    m.graph.initializer.append(nh.from_array(np.random.default_rng(4).uniform(0.5, 2.0, 32).astype(np.float32), "va"))
+    g = _planned(m)
+    target = B.host_target(threads=2)
+    lowered, mod = L.lower_and_fuse(g, target, block=8)
+    stats = ScheduleStats()
+    smod = apply_default_schedules(mod, target, stats=stats)
+    convs = [gv for gv, f in mod.functions_items() if gv.name_hint in lowered.blocked_groups and "T.max" in f.script()
+             and "conv2d_blocked" in f.script() and "multiply" in f.script()]
+    assert len(convs) == 1
+    assert stats.by_func[convs[0].name_hint] == "blocked-conv"
+    text = smod[convs[0]].script()
+    # the conv's update reads the Relu's output buffer: no max (the Relu) in its FMA
+    (update,) = [ln for ln in text.splitlines() if re.search(r"conv2d_blocked\w*\[[^]]*\] = conv2d_blocked", ln)]
+    assert "T.max" not in update
+    feeds = _feeds(1, 16, 12)
+    art = graphopt.compile(m, "cpu", "-O2", threads=2)
+    np.testing.assert_allclose(art.run(feeds)[0], run_onnxruntime(graphopt.load(m), feeds)[0], rtol=1e-4, atol=1e-4)

@@ -17,7 +17,7 @@ onnxruntime's MLAS NCHWc kernels take:
   peels its last iteration into code of its own (`apply_loop_marks`), so neither copy keeps a
   condition per FMA (a predicated tile kept its accumulators in memory: 1.5-2x slower). Else 8
   accumulators (4x2, 2x4, 8x1) that divide the row. Block counts none of the 12-accumulator tiles
-  divides take their largest divisor up to 6 blocks (`odd_tile`: 125 blocks → 2 x 5); Convs that blocked_ops computes on their
+  divides take their largest divisor up to 6 blocks (`odd_tile`: 125 blocks → 2 x 5). Convs that blocked_ops computes on their
   flattened output pixels (`conv2d_blocked_flat`: unpadded 1x1 convs, maps of at most 28 input
   rows) are one row of OH*OW pixels rounded up to the tile, written back through
   `out[.., p // W, p % W, ..]`; where their (batch, output block) loop does not divide among the
@@ -150,9 +150,10 @@ class ConvTile:
     # L1 across the row's tiles instead of streaming the whole panel from L2 for every tile
     tail: bool = False  # rows that `rt` does not divide: whole tiles plus one ragged tile, the
     # tile loop's last iteration peeled into code of its own (`apply_loop_marks`)
-    row_passes: bool = False  # (flat convs with padded rows, order "ob") one reduction pass per
-    # kernel row, outermost, over only the pixel tiles whose window row lies inside the input (the
-    # FMAs on padded rows skipped; accumulators in a local buffer between passes; `row_tile_ranges`)
+    row_passes: bool = False  # (flat convs with padded rows, order "ob", with `k_chunk`) one
+    # reduction pass per (chunk of input blocks, kernel row) over only the pixel tiles whose window
+    # row lies inside the input (the FMAs on padded rows skipped; accumulators in a local buffer
+    # between passes; `row_tile_ranges`)
     serial_tiles: bool | None = None  # the innermost outer loop (pixel tiles; output blocks for
     # "pix") left out of the parallel loop, so a tile's indices are increments rather than
     # divisions of one fused index; None: where the fused rest has enough iterations
@@ -464,8 +465,10 @@ class BlockedConv(_Rule):
             part = [p_part]
         chunked = (tile.k_chunk and m.kind == "conv" and tile.order == "ob" and pad is None
                    and m.ext["icb"] > tile.k_chunk and m.ext["icb"] % tile.k_chunk == 0)
+        # (row passes need chunks of input blocks: with the kernel row outermost alone the weights
+        # stream with gaps, 64-71 GFLOP/s on 3x3 512 on 7x7)
         passes = (tile.row_passes and flat and m.shape.pad_rows and m.kind == "conv" and tile.order == "ob"
-                  and pad is None and not part)
+                  and pad is None and not part and tile.k_chunk and m.ext["icb"] % tile.k_chunk == 0)
         if tile.row_passes and not passes:
             return None
         if tile.order == "blk":
@@ -489,17 +492,11 @@ class BlockedConv(_Rule):
             # n, ob | icb chunk | row, pixel tile | icb in chunk, kh, kw, ii | tile ; the
             # accumulators of all the block's pixels in a local buffer, written back (with the
             # epilogue) after the last chunk: a chunk's weights stay in L2 across every tile.
-            # Row passes: n, ob | kh | pixel tile in the kernel row's range | icb, kw, ii | tile
-            if passes and tile.k_chunk and m.ext["icb"] % tile.k_chunk == 0:
-                # (a chunk of input blocks outside the kernel row: the pass's weights stay in L1)
-                chunk_loop, icb_i = sch.split(L["icb"], factors=[None, tile.k_chunk])
-                red_in = [icb_i, L["kw"], L["ii"]]
-            elif passes:
-                chunk_loop, red_in = L["kh"], [L["icb"], L["kw"], L["ii"]]
-            else:
-                chunk_loop, icb_i = sch.split(L["icb"], factors=[None, tile.k_chunk])
-                red_in = [icb_i, L["kh"], L["kw"], L["ii"]]
-            chunk_loops = [chunk_loop, L["kh"]] if passes and chunk_loop is not L["kh"] else [chunk_loop]
+            # Row passes: n, ob | icb chunk, kh | pixel tiles in the kernel row's range | icb in
+            # chunk, kw, ii | tile (the pass's weights stay in L1)
+            chunk_loop, icb_i = sch.split(L["icb"], factors=[None, tile.k_chunk])
+            red_in = [icb_i, L["kw"], L["ii"]] if passes else [icb_i, L["kh"], L["kw"], L["ii"]]
+            chunk_loops = [chunk_loop, L["kh"]] if passes else [chunk_loop]
             sch.reorder(L["n"], ob_o, *part, *chunk_loops, L["y"], p_o, oi_o, *red_in, *inner_tile, oi_i)
             fused = _fuse_parallel(sch, [L["n"], ob_o, *part])
             wb = sch.cache_write(anchor, 0, "local")

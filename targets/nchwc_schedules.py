@@ -17,8 +17,8 @@ onnxruntime's MLAS NCHWc kernels take:
   peels its last iteration into code of its own (`apply_loop_marks`), so neither copy keeps a
   condition per FMA (a predicated tile kept its accumulators in memory: 1.5-2x slower). Else 8
   accumulators (4x2, 2x4, 8x1) that divide the row. Block counts none of the 12-accumulator tiles
-  divides take their largest divisor up to 6 blocks (`odd_tile`: 125 blocks → 2 x 5). Convs that blocked_ops computes on their
-  flattened output pixels (`conv2d_blocked_flat`: unpadded 1x1 convs, maps of at most 28 input
+  divides take their largest divisor up to 6 blocks (`odd_tile`: 125 blocks → 2 x 5). Convs that
+  blocked_ops computes on their flattened output pixels (`conv2d_blocked_flat`: unpadded 1x1 convs, maps of at most 28 input
   rows) are one row of OH*OW pixels rounded up to the tile, written back through
   `out[.., p // W, p % W, ..]`; where their (batch, output block) loop does not divide among the
   cores, the pixel tiles join the parallel loop (in parts: `_flat_parts`);
@@ -36,8 +36,8 @@ onnxruntime's MLAS NCHWc kernels take:
   worth; onnxruntime skips padded taps too), the pass's weights stay in L1;
 - outer loops: output blocks, rows fused into one parallel loop, the pixel tiles a serial loop
   inside it (fused into it as well, each tile recovered its indices by divisions that cost up to a
-  third of a short-reduction tile); padded convs with at least 14 output rows run rows outermost (parallel
-  over batch x rows) with each row's padded input rows computed under the row loop, instead of a
+  third of a short-reduction tile); padded convs with at least 14 output rows run rows outermost
+  (parallel over batch x rows) with each row's padded input rows computed under the row loop, instead of a
   fill + copy of the whole padded input;
 - the accumulator tile is written back through the inlined epilogue (bias add, activation,
   residual add), vectorised along the block's channels.
@@ -79,8 +79,8 @@ from .tvm_schedules import (
 if TYPE_CHECKING:
     import tvm
 
-__all__ = ["BlockedConv", "ConvTile", "ConvShape", "TWELVE_TILES", "conv_tile", "odd_tile", "match_blocked_conv", "apply_loop_marks",
-           "apply_loop_marks_to_module", "row_tile_ranges"]
+__all__ = ["BlockedConv", "ConvTile", "ConvShape", "TWELVE_TILES", "conv_tile", "odd_tile", "match_blocked_conv",
+           "apply_loop_marks", "apply_loop_marks_to_module", "row_tile_ranges"]
 
 # accumulator vectors per micro-kernel: AVX2 has 16 vector registers; 12 leaves room for the
 # weight vectors and one broadcast; 14 when the weights are read as memory operands of the FMAs
@@ -99,6 +99,7 @@ _MATERIALISE_PROLOGUE = True  # (off: inlined into the conv's reads, as before)
 _ROW_PASSES = True  # (off: to compare, tools/bench_tvm_cpu.py --schedule-knobs nchwc_schedules._ROW_PASSES=0)
 # (pixels, output blocks) of the 12-accumulator tiles, in the order they are tried
 TWELVE_TILES = ((2, 6), (3, 4), (4, 3), (6, 2))
+
 
 def odd_tile(ob: int) -> tuple[int, int]:
     """(pixels, output blocks) of the micro-kernel for `ob` output blocks that no 12-accumulator
@@ -170,12 +171,12 @@ def conv_tile(s: ConvShape, lanes: int, row_passes: bool = True) -> ConvTile:
     # block pair (1024->2048 on 14x14 s2, single thread vs onnxruntime: 1.76x "ob", 1.21x "blk")
     order = "row" if row else "blk" if (s.kh == 1 and s.kw == 1 and s.stride > 1) else "ob"
     chunk = 0
+    icb = s.red // (s.kh * s.kw * lanes)  # input channel blocks (conv)
     if s.kind == "conv" and order == "ob":
         # a weight panel (the reduction x the tile's output blocks) larger than L2 streams from
         # L3 for every pixel tile: the reduction in chunks whose panel stays in L2, the block's
         # accumulators in a local buffer between chunks (3x3 512->512 on 7x7: 1.08x -> 0.94x)
         per_icb = s.kh * s.kw * lanes * lanes * 4
-        icb = s.red // (s.kh * s.kw * lanes)
         for rt, obt in TWELVE_TILES:
             if s.ob % obt == 0 and icb * per_icb * obt > _L2_WEIGHT_BYTES:
                 chunk = max([d for d in _divisors(icb) if d < icb and d * per_icb * obt <= _CHUNK_WEIGHT_BYTES] or [0])
@@ -187,7 +188,6 @@ def conv_tile(s: ConvShape, lanes: int, row_passes: bool = True) -> ConvTile:
                 # input rows reach, in chunks of input blocks whose weights for the kernel row stay
                 # in L1 (single thread vs onnxruntime, 3x3 512 on 7x7: 1.05x -> 0.95x)
                 per_icb = s.kw * lanes * lanes * 4 * obt
-                icb = s.red // (s.kh * s.kw * lanes)
                 chunk = max([d for d in _divisors(icb) if d * per_icb <= _PASS_WEIGHT_BYTES] or [1])
                 return ConvTile(rt, obt, order, row_passes=True, k_chunk=chunk)
             return ConvTile(rt, obt, order, pad_row=row, k_chunk=chunk)
@@ -468,7 +468,7 @@ class BlockedConv(_Rule):
         # (row passes need chunks of input blocks: with the kernel row outermost alone the weights
         # stream with gaps, 64-71 GFLOP/s on 3x3 512 on 7x7)
         passes = (tile.row_passes and flat and m.shape.pad_rows and m.kind == "conv" and tile.order == "ob"
-                  and pad is None and not part and tile.k_chunk and m.ext["icb"] % tile.k_chunk == 0)
+                  and pad is None and tile.k_chunk and m.ext["icb"] % tile.k_chunk == 0)
         if tile.row_passes and not passes:
             return None
         if tile.order == "blk":

@@ -334,6 +334,12 @@ class WindowReduction(_Rule):
         return sch
 
 
+def _is_copy(stmt) -> bool:
+    """A block whose body stores one loaded value: it moves data, computes nothing."""
+    body = stmt.body
+    return type(body).__name__ == "BufferStore" and type(body.value).__name__ in ("TensorLoad", "BufferLoad")
+
+
 def _inline_arg_copies(sch, func) -> None:
     """compute_inline the blocks that only copy a kernel argument (the bias reshaped to
     [1, C, 1, 1]): left in place, the epilogue that reads them cannot be inlined into the
@@ -341,9 +347,7 @@ def _inline_arg_copies(sch, func) -> None:
     intermediates = {buf.name for buf in func.body.block.alloc_buffers}
     for block in sch.get_child_blocks(_root(sch)):
         stmt = sch.get(block)
-        body = stmt.body
-        if stmt.init is not None or type(body).__name__ != "BufferStore" or \
-                type(body.value).__name__ not in ("TensorLoad", "BufferLoad"):
+        if stmt.init is not None or not _is_copy(stmt):
             continue
         if len(stmt.reads) != 1 or stmt.reads[0].source.name in intermediates:
             continue
@@ -368,15 +372,16 @@ def _one_reduction(func) -> tuple[Any, Any] | None:
 def _inline_copies(sch, anchor, moves_only: bool = False) -> None:
     """compute_inline producers of the anchor that only move data (a pad of 0, a transpose,
     a reshape): the anchor reads through them. Real pads (if_then_else) stay materialised so the
-    inner loop has no conditions. `moves_only`: producers that compute (a BatchNorm + Relu before
-    a conv) stay materialised too; inlined, the conv recomputes each input value once per tile of
-    output blocks, inside its reduction loop."""
+    inner loop has no conditions. `moves_only`: only copies are touched; producers that compute (a
+    BatchNorm + Relu before a conv) stay materialised (inlined, the conv recomputes each input
+    value once per tile of output blocks, inside its reduction loop) and pads are left whole."""
     for prod in sch.get_producers(anchor):
         stmt = sch.get(prod)
         if _is_reduction(stmt):
             continue
-        body = stmt.body
-        if moves_only and not (type(body).__name__ == "BufferStore" and type(body.value).__name__ in ("TensorLoad", "BufferLoad")):
+        if moves_only and not _is_copy(stmt):
+            # (a pad stays one block with its condition: BlockedConv's flat padded convs, 2
+            # threads, 3x3 128 on 28x28 1.20 ms against 1.23 ms with the fill + copy below)
             continue
         if "if_then_else" in str(stmt.body):
             if _DECOMPOSE_PADDING:

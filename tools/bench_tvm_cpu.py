@@ -166,6 +166,7 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     ref = sess.run(None, feeds)
+
     def prepared(a) -> tuple[Callable[[], Any], float]:
         """A call of artifact `a`'s VM function with the feeds and weights bound (no input
         conversion in the timed loop), and its max abs difference from onnxruntime."""
@@ -283,8 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1, help="compile with symbolic input dims fixed to this (the "
                    "benchmark's batch; 0: keep them symbolic, which tuning cannot handle)")
     p.add_argument("--schedule-knobs", default="",
-                   help="also compile with these tvm_schedules module knobs ('_NAME=INT;...', or MODULE.NAME=INT for graphopt.targets.MODULE, e.g. "
-                        "'_MATMUL_K_BLOCK=0;_ROW_REDUCTION=0') and benchmark it in the same rounds")
+                   help="also compile with these tvm_schedules module knobs ('_NAME=INT;...', or MODULE.NAME=INT "
+                        "for graphopt.targets.MODULE, e.g. '_MATMUL_K_BLOCK=0;_ROW_REDUCTION=0' or "
+                        "'tvm.layout.FLAT_MAX_IH=0') and benchmark it in the same rounds")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--in-process", action="store_true", help="all models in this process (default: one process each)")
     args = p.parse_args(argv)

@@ -112,7 +112,8 @@ def block_channel_const(c: te.Tensor, b: int) -> te.Tensor:
     blocked activation [N, C/b, H, W, b] as the original does over NCHW)."""
     n = c.shape[-3]
     lead = len(c.shape) - 3
-    return te.compute((1, n // b, 1, 1, b), lambda i, cb, y, x, ci: c[(0,) * lead + (cb * b + ci, 0, 0)], name="block_channel_const")
+    return te.compute((1, n // b, 1, 1, b), lambda i, cb, y, x, ci: c[(0,) * lead + (cb * b + ci, 0, 0)],
+                      name="block_channel_const")
 
 
 def add_blocked_bias(y: te.Tensor, bias: te.Tensor) -> te.Tensor:

@@ -303,11 +303,11 @@ FLAT_MAX_IH = 28
 def flat_multiple(n: Node, block: int) -> int:
     """The pixel multiple of blocked conv `n` computed on its flattened output pixels
     (`blocked_ops.conv2d_blocked_flat`), or 0 (its rows as they are): unpadded 1x1 convs and
-    convs with at most FLAT_MAX_OH output rows or FLAT_MAX_IH input rows, static shapes, output blocks that one of the
-    12-accumulator tiles divides. Single thread, same run, ResNet-50's shapes: 1x1 on 7x7 maps
-    1.19-1.23x onnxruntime's time -> 1.01-1.02x, on 14x14 1.06-1.09x -> 0.98-1.02x, on 56x56
-    1.00-1.06x -> 0.97x; 3x3 512 -> 512 on 7x7 1.19x -> 0.94x (with the weight chunks of
-    `nchwc_schedules.conv_tile`)."""
+    convs with at most FLAT_MAX_OH output rows or FLAT_MAX_IH input rows, static shapes; the
+    multiple is the pixels of the tile the output blocks take (`TWELVE_TILES`, else `odd_tile`).
+    Single thread, same run, ResNet-50's shapes: 1x1 on 7x7 maps 1.19-1.23x onnxruntime's time ->
+    1.01-1.02x, on 14x14 1.06-1.09x -> 0.98-1.02x, on 56x56 1.00-1.06x -> 0.97x; 3x3 512 -> 512 on
+    7x7 1.19x -> 0.94x (with the weight chunks of `nchwc_schedules.conv_tile`)."""
     x, y, w = _dims4(n.inputs[0]), _dims4(n.outputs[0]), _dims4(n.inputs[1])
     if x is None or y is None or w is None or int(n.attr("group", 1)) != 1:
         return 0

@@ -241,12 +241,17 @@ def match_blocked_conv(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> _M
     kinds = {iv.var: iv.iter_type for iv in ivs}
     if any(kinds[v] != IterVar.DataPar for v in (n, ob, y, x, oi)):
         return None
-    # the weight: its first dim is ob, its last oi
+    # the weight: its first dim is ob, its last oi; or (a batched conv: winograd_ops' GEMM, a
+    # weight per batch item) its first dim the batch, then ob
     dims = [_region_vars(r, block_vars) for r in ins]
     wi = next((k for k, d in enumerate(dims) if d and d[0] == {ob} and d[-1] == {oi}), None)
+    batched = wi is None
+    if batched:
+        wi = next((k for k, d in enumerate(dims) if len(d) == 7 and d[0] == {n} and d[1] == {ob} and d[-1] == {oi}),
+                  None)
     if wi is None:
         return None
-    wd, xd = dims[wi], dims[1 - wi]
+    wd, xd = dims[wi][int(batched):], dims[1 - wi]
     if any(len(d) != 1 for d in wd) or any(kinds[next(iter(d))] != IterVar.CommReduce for d in wd[1:-1]):
         return None
     if len(wd) == 6 and len(xd) == 5:
@@ -415,12 +420,16 @@ class BlockedConv(_Rule):
             sch = (self.window or BlockedWindow()).apply(func, target, lanes)
         return sch
 
-    def _conv(self, func, target, lanes):  # noqa: C901 - one schedule, step by step
-
+    def _conv(self, func, target, lanes):
         opened = _one_reduction(func)
         if opened is None:
             return None
-        sch, anchor = opened
+        return self.schedule_conv(*opened, target, lanes)
+
+    def schedule_conv(self, sch, anchor, target, lanes):  # noqa: C901 - one schedule, step by step
+        """Schedule the conv reduction `anchor` of `sch` and its epilogue (the root-level blocks
+        left unscheduled get an injective schedule; those with a parallel or vector loop already
+        are left as they are); None where it does not apply (`sch` may be half scheduled then)."""
         m = match_blocked_conv(sch, anchor, lanes)
         if m is None:
             return None

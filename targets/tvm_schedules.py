@@ -833,9 +833,11 @@ def default_rules(target: "tvm.target.Target") -> list[_Rule]:
     from tvm.s_tir import dlight as dl
 
     from .nchwc_schedules import BlockedConv  # channel-blocked (NCHW8c) convs; declines the rest
+    from .winograd_schedules import WinogradConv  # winograd_ops' kernels; declines the rest
 
     return [
         Injective(),
+        WinogradConv(),
         BlockedConv(),
         OuterProduct(),
         WindowReduction(),

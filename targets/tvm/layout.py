@@ -45,6 +45,7 @@ from graphopt.ir import Model, Node, Value
 
 from ..nchwc_schedules import TWELVE_TILES, odd_tile
 from . import blocked_ops as BO
+from . import winograd_ops as WO
 
 #: channels per block: 8 fp32 lanes of AVX2 (onnxruntime's MLAS uses the same block on AVX2)
 DEFAULT_BLOCK = 8
@@ -56,6 +57,13 @@ STEM_WEIGHT = "stem-weight"
 DW_WEIGHT = "depthwise-weight"
 BIAS = "blocked-bias"  # [OC] → [OC/b, b]
 CHANNEL = "channel-const"  # a per-channel constant [C, 1, 1] / [1, C, 1, 1] → [1, C/b, 1, 1, b]
+WINOGRAD_WEIGHT = "winograd-weight-"  # + m: [OC, C, 3, 3] → winograd_ops.pack_winograd_weight
+
+#: the m of F(m x m, 3 x 3) that `winograd_m`'s mode "auto" picks (0: none; a knob to compare,
+#: tools/bench_tvm_cpu.py --schedule-knobs tvm.layout.WINOGRAD_AUTO_M=0)
+WINOGRAD_AUTO_M = 2
+#: ... with at least this many input and output channels (below, the transforms outweigh the GEMM)
+WINOGRAD_MIN_CHANNELS = 32
 
 _UNARY = frozenset(
     """Relu Clip Sigmoid Tanh LeakyRelu HardSigmoid HardSwish Elu Selu Celu Softplus Softsign Abs Neg
@@ -72,6 +80,7 @@ class LayoutPlan:
     block: int = DEFAULT_BLOCK
     roles: dict[int, str] = field(default_factory=dict)
     groups: list[str] = field(default_factory=list)  # blocked kernel groups, in order
+    winograd: dict[int, int] = field(default_factory=dict)  # conv (by id) → m of F(m x m, 3 x 3)
 
     def role(self, node: Node) -> str | None:
         return self.roles.get(id(node))
@@ -92,6 +101,8 @@ class LayoutPlan:
             if i == 0:
                 return PLAIN if role == "stem" else BLOCKED
             if i == 1:
+                if id(node) in self.winograd:
+                    return f"{WINOGRAD_WEIGHT}{self.winograd[id(node)]}"
                 return {"conv": CONV_WEIGHT, "stem": STEM_WEIGHT, "depthwise": DW_WEIGHT}[role]
             return BIAS
         v = node.inputs[i]
@@ -189,9 +200,14 @@ def _pool_ok(n: Node) -> bool:
     return k is not None and len(k) == 2
 
 
-def plan_layout(model: Model, groups: list[tuple[str, list[Node]]], block: int = DEFAULT_BLOCK) -> LayoutPlan:
+def plan_layout(model: Model, groups: list[tuple[str, list[Node]]], block: int = DEFAULT_BLOCK,
+                winograd: str | None = None) -> LayoutPlan:
     """Decide which of `groups` (kernel groups of the main graph, in topological order) run
-    blocked (see module docstring)."""
+    blocked (see module docstring), and which of their 3x3 convs run in Winograd form
+    (`winograd`: "auto", "off", "2" or "4", see `winograd_m`; None: "auto")."""
+    mode = "auto" if winograd is None else str(winograd)
+    if mode not in ("auto", "off", "2", "4"):
+        raise ValueError(f"winograd={mode!r} is not one of auto, off, 2, 4")
     plan = LayoutPlan(block=block)
     blocked: set[int] = set()  # ids of values held blocked
     for k, nodes in groups:
@@ -200,6 +216,10 @@ def plan_layout(model: Model, groups: list[tuple[str, list[Node]]], block: int =
             continue
         plan.roles.update(roles)
         plan.groups.append(k)
+        for n in nodes:
+            m = winograd_m(n, block, mode) if roles.get(id(n)) == "conv" else 0
+            if m:
+                plan.winograd[id(n)] = m
         for n in nodes:
             for v in n.outputs:
                 blocked.add(id(v))
@@ -327,6 +347,30 @@ def flat_px_multiple(kernel: tuple[int, int], pads: Any, dilations: Any, out_cha
     return next((rt for rt, obt in TWELVE_TILES if ob % obt == 0), odd_tile(ob)[0])
 
 
+def winograd_m(n: Node, block: int, mode: str = "auto") -> int:
+    """The m of F(m x m, 3 x 3) blocked conv `n` runs in (`winograd_ops`), or 0 (direct): 3x3
+    kernels, stride 1, no dilation, pads of at most 1, static maps, at least
+    WINOGRAD_MIN_CHANNELS channels in and out. `mode` "auto": F(2x2) — 2 threads, same run, vs the
+    direct blocked conv: 3x3 64 on 56x56 0.67x, 128 on 28x28 0.51x, 256 on 14x14 0.48x, 512 on
+    7x7 0.73x; its fp32 error (1-2e-6 of the output's range) is that of the direct conv. "2" /
+    "4": that m (F(4x4) is faster still, 0.32-0.44x on 14-56 maps, but its error is about 5x
+    larger: 0.5-3e-5)."""
+    if mode == "off":
+        return 0
+    x, y, w = _dims4(n.inputs[0]), _dims4(n.outputs[0]), _dims4(n.inputs[1])
+    if x is None or y is None or w is None or int(n.attr("group", 1)) != 1:
+        return 0
+    if not all(isinstance(d, int) for d in list(x) + list(y) + list(w)):
+        return 0
+    if list(w[2:]) != [3, 3] or any(int(s) != 1 for s in n.attr("strides", [1, 1])):
+        return 0
+    if any(int(d) != 1 for d in n.attr("dilations", [1, 1])) or any(p > 1 for p in pads_of(n)):
+        return 0
+    if min(int(x[1]), int(y[1])) < WINOGRAD_MIN_CHANNELS or int(x[1]) % block or int(y[1]) % block:
+        return 0
+    return WINOGRAD_AUTO_M if mode == "auto" else int(mode)
+
+
 # --- Relax ----------------------------------------------------------------------------------------
 
 
@@ -342,14 +386,19 @@ def convert_form(bb: relax.BlockBuilder, e: relax.Expr, v: Value, have: str, wan
         return bb.emit_te(BO.block_bias, e, block, primfunc_name_hint="block_bias")
     if want == CHANNEL:
         return bb.emit_te(BO.block_channel_const, e, block, primfunc_name_hint="block_channel_const")
+    if want.startswith(WINOGRAD_WEIGHT):
+        m = int(want[len(WINOGRAD_WEIGHT):])
+        return bb.emit_te(WO.pack_winograd_weight, e, block, m, primfunc_name_hint="pack_winograd_weight")
     fn = {BLOCKED: BO.to_blocked, CONV_WEIGHT: BO.pack_conv_weight, STEM_WEIGHT: BO.pack_stem_weight,
           DW_WEIGHT: BO.pack_depthwise_weight}[want]
     return bb.emit_te(fn, e, block, primfunc_name_hint=fn.__name__)
 
 
-def convert_blocked(bb: relax.BlockBuilder, n: Node, role: str, ins: list[Any], block: int, generic: Any) -> Any:
+def convert_blocked(bb: relax.BlockBuilder, n: Node, role: str, ins: list[Any], block: int, generic: Any,
+                    winograd: int = 0) -> Any:
     """The Relax form of blocked node `n` (inputs already in the forms `LayoutPlan.wants` names);
-    `generic(bb, node, ins)` converts an elementwise node (shape-agnostic)."""
+    `generic(bb, node, ins)` converts an elementwise node (shape-agnostic); `winograd`: the m of
+    a conv planned in Winograd form (`LayoutPlan.winograd`)."""
     if role == "elementwise":
         return generic(bb, n, ins)
     x = ins[0]
@@ -358,7 +407,9 @@ def convert_blocked(bb: relax.BlockBuilder, n: Node, role: str, ins: list[Any], 
     pads = pads_of(n)
     if role in ("conv", "stem", "depthwise"):
         flat = flat_multiple(n, block) if role == "conv" else 0
-        if flat:
+        if role == "conv" and winograd:
+            y = bb.emit_te(WO.conv2d_winograd, x, ins[1], pads, winograd, primfunc_name_hint="conv_winograd")
+        elif flat:
             y = bb.emit_te(BO.conv2d_blocked_flat, x, ins[1], strides, pads, dilations, flat, primfunc_name_hint="conv_blocked")
         else:
             fn = {"conv": BO.conv2d_blocked, "stem": BO.conv2d_stem, "depthwise": BO.depthwise_blocked}[role]

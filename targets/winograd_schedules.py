@@ -1,0 +1,102 @@
+"""Default CPU schedule of the Winograd convolutions of `targets/tvm/winograd_ops.py`.
+
+The fused PrimFunc is
+
+    winograd_in_rows → winograd_in → winograd_gemm (the one reduction) → winograd_out_cols →
+    winograd_out → epilogue (bias, Relu, residual Add, ...)
+
+and `WinogradConv` places it as three parallel passes:
+
+- input transform: parallel over (batch, input block, tile); per tile the row pass
+  (`winograd_in_rows`) into a local (m+2) x (m+2) x b buffer, then the column pass writing the
+  (m+2)^2 positions of `V`; both with their position loops unrolled (the chain of Selects over
+  the position folds to one expression each) and the block's channels as one vector;
+- the GEMM: BlockedConv's register-tiled micro-kernel (the GEMM is a 1x1 conv whose weights are
+  indexed by the batch axis too: `nchwc_schedules.match_blocked_conv` takes it), parallel over
+  (position, output block tiles);
+- output transform: parallel over (batch, output block, tile row); per tile the column pass into
+  a local buffer, the row pass writing the m x m output pixels through the inlined epilogue.
+
+It declines every other kernel (None), so the rules after it see them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .nchwc_schedules import BlockedConv, ConvTile
+from .tvm_schedules import _Rule, _fuse_parallel, _inline_consumers, _int, _one_reduction, _root
+
+if TYPE_CHECKING:
+    import tvm
+
+__all__ = ["WinogradConv"]
+
+
+def _named(sch: "tvm.s_tir.Schedule", prefix: str) -> list[Any]:
+    return [b for b in sch.get_child_blocks(_root(sch)) if sch.get(b).name_hint.startswith(prefix)]
+
+
+def _unroll_vectorize(sch: "tvm.s_tir.Schedule", loops: list[Any], lanes: int) -> None:
+    """The innermost loop (the block's channels) as a vector, the others unrolled."""
+    if not loops:
+        return
+    if _int(sch.get(loops[-1]).extent) == lanes:
+        sch.vectorize(loops[-1])
+        loops = loops[:-1]
+    for lp in loops:
+        if (_int(sch.get(lp).extent) or 0) > 1:
+            sch.unroll(lp)
+
+
+class WinogradConv(_Rule):
+    """winograd_ops' transforms + GEMM + epilogue (see module docstring); `tile` forces the
+    GEMM's micro-kernel (as `BlockedConv(tile)`)."""
+
+    name = "winograd-conv"
+
+    def __init__(self, tile: ConvTile | None = None) -> None:
+        self.tile = tile
+
+    def apply(self, func, target, lanes):
+        opened = _one_reduction(func)
+        if opened is None:
+            return None
+        sch, gemm = opened
+        if not sch.get(gemm).name_hint.startswith("winograd_gemm"):
+            return None
+        blocks = {k: _named(sch, "winograd_" + k) for k in ("in_rows", "in", "out_cols", "out")}
+        blocks["in"] = [b for b in blocks["in"] if not sch.get(b).name_hint.startswith("winograd_in_rows")]
+        blocks["out"] = [b for b in blocks["out"] if not sch.get(b).name_hint.startswith("winograd_out_cols")]
+        if any(len(v) != 1 for v in blocks.values()):
+            return None
+        a = _int(sch.get(blocks["in_rows"][0]).iter_vars[3].dom.extent)  # m + 2
+        if a is None:
+            return None
+        self._input(sch, blocks["in_rows"][0], blocks["in"][0], a, lanes)
+        self._output(sch, blocks["out_cols"][0], blocks["out"][0], lanes)
+        return BlockedConv(self.tile).schedule_conv(sch, gemm, target, lanes)
+
+    @staticmethod
+    def _input(sch: "tvm.s_tir.Schedule", rows: Any, v: Any, a: int, lanes: int) -> None:
+        pi, cb, z, t, ii = sch.get_loops(v)
+        n, pos = sch.split(pi, factors=[None, a * a])
+        a1, a2 = sch.split(pos, factors=[a, a])
+        sch.reorder(n, cb, z, t, a1, a2, ii)
+        fused = _fuse_parallel(sch, [n, cb, z, t])
+        sch.compute_at(rows, fused, preserve_unit_loops=True)
+        _unroll_vectorize(sch, sch.get_loops(rows)[1:], lanes)
+        _unroll_vectorize(sch, [a1, a2, ii], lanes)
+
+    @staticmethod
+    def _output(sch: "tvm.s_tir.Schedule", cols: Any, out: Any, lanes: int) -> None:
+        _inline_consumers(sch, out)  # the epilogue: bias, activation, residual add
+        m = _int(sch.get(cols).iter_vars[4].dom.extent)
+        n, ob, y, x, oi = sch.get_loops(out)
+        yo, yi = sch.split(y, factors=[None, m])
+        xo, xi = sch.split(x, factors=[None, m])
+        sch.reorder(n, ob, yo, xo, yi, xi, oi)
+        _fuse_parallel(sch, [n, ob, yo])
+        sch.compute_at(cols, xo, preserve_unit_loops=True)
+        _unroll_vectorize(sch, sch.get_loops(cols)[2:], lanes)
+        _unroll_vectorize(sch, [yi, xi, oi], lanes)

@@ -561,3 +561,14 @@ def test_save_refuses_escaping_location(tmp_path: Path, location: str) -> None:
     m = graphopt.load(_good())
     _expect(GraphoptError, lambda: graphopt.save(m, tmp_path / "m.onnx", external_data=True, location=location), "location")
     assert not list(tmp_path.iterdir())
+
+
+def test_sparse_initializer_with_a_negative_dimension() -> None:
+    """Found by the structure fuzzer: it loaded, and reading the dense array raised numpy's
+    ValueError."""
+    sp = helper.make_sparse_tensor(helper.make_tensor("sp", TensorProto.FLOAT, [2], [1.0, 2.0]),
+                                   helper.make_tensor("sp_i", TensorProto.INT64, [2], [0, 3]), [4, -1])
+    m = _model([helper.make_node("Add", ["x", "sp"], ["y"], name="add0")], ["x"], ["y"], sparse_initializer=[sp])
+    with pytest.raises(ModelLoadError) as e:
+        graphopt.load(m)
+    assert "negative dimension" in str(e.value) and "'sp'" in str(e.value) and len(str(e.value).splitlines()) == 1

@@ -277,6 +277,8 @@ class _Importer:
         return import_tensor(tp, self.base_dir)
 
     def sparse(self, sp: onnx.SparseTensorProto) -> SparseTensor:
+        if any(d < 0 for d in sp.dims):
+            raise ModelLoadError(f"sparse tensor {sp.values.name!r}: negative dimension in {list(sp.dims)}")
         return SparseTensor(self.tensor(sp.values), self.tensor(sp.indices), tuple(sp.dims))
 
     def value_info(self, vi: onnx.ValueInfoProto) -> Value:

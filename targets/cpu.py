@@ -232,6 +232,9 @@ class CpuTarget(Target):
                 "groups": len(lowered.groups) + len(lowered.inline_groups) + len(lowered.symbolic_groups),
                 "primitive": len(lowered.groups),
                 "blocked": len(lowered.blocked_groups),
+                # 3x3 convs in Winograd form, by m of F(m x m, 3 x 3) ({"2": 13}: 13 in F(2x2))
+                "winograd": {str(m): sum(1 for v in lowered.winograd_convs.values() if v == m)
+                             for m in sorted(set(lowered.winograd_convs.values()))},
                 "inline": lowered.inline_groups,
                 "symbolic": len(lowered.symbolic_groups),
                 "primfuncs": sum(1 for gv in mod.get_global_vars() if isinstance(mod[gv], tvm.tirx.PrimFunc)),

@@ -4,7 +4,7 @@ A default rule picks one micro-kernel per shape from a cost rule; the best tile 
 a given machine is often a neighbour of that pick. `variants(func, target, lanes)` gives, for a
 kernel one of graphopt's own rules schedules, the other choices of that rule (for the blocked
 convolutions: pixels x output blocks per tile, loop order, padded rows per row, reduction chunks,
-row passes; for the blocked
+row passes; for the Winograd convolutions: the GEMM's tile and reduction chunks; for the blocked
 depthwise convs and pooling: pixels per tile, rows per tile, how the pad is read). Tuning builds
 and runs them like its own candidates and keeps the fastest as a record (`tvm_tuning`), so a
 short budget spends its first minutes on a dozen good candidates per kernel instead of on random
@@ -35,19 +35,28 @@ def _hash(sch: Any) -> int:
 def variants(func: "tvm.tirx.PrimFunc", target: "tvm.target.Target", lanes: int) -> list[tuple[str, Any]]:
     """(label, traced Schedule) for each variant of `func`'s default schedule that differs from it."""
     from .nchwc_schedules import TWELVE_TILES, BlockedConv, BlockedWindow, ConvTile
+    from .winograd_schedules import WinogradConv
 
     out: list[tuple[str, Any]] = []
-    try:  # the default schedule (BlockedConv.apply: the conv schedule, else the window one)
-        default = BlockedConv()._conv(func, target, lanes)
-        conv = default is not None
-        if not conv:
+    try:  # the default schedule (WinogradConv, else BlockedConv.apply: the conv schedule, else the window one)
+        default = WinogradConv().apply(func, target, lanes)
+        winograd = default is not None
+        conv = False
+        if not winograd:
+            default = BlockedConv()._conv(func, target, lanes)
+            conv = default is not None
+        if default is None:
             default = BlockedWindow().apply(func, target, lanes)
     except Exception:  # noqa: BLE001 - not a kernel of these rules
         return out
     if default is None:
         return out
     seen = {_hash(default)}
-    if conv:
+    if winograd:  # the transforms have one schedule; the GEMM's micro-kernel varies
+        cands = [(f"winograd gemm tile {rt}x{obt}{f' k-chunk {c}' if c else ''}",
+                  WinogradConv(ConvTile(rt, obt, "ob", tail=True, k_chunk=c)))
+                 for rt, obt in _CONV_TILES for c in (0, 16)]
+    elif conv:
         # (a tile that does not divide the row takes a ragged last tile; exact tiles ignore `tail`)
         cands = [(f"tile {rt}x{obt} {order}{' pad-row' if pad_row else ''}",
                   BlockedConv(tile=ConvTile(rt, obt, order, pad_row=pad_row, tail=True)))

@@ -73,6 +73,7 @@ class LoweredModule:
     inline_groups: dict[str, str] = field(default_factory=dict)  # group → why it was inlined
     symbolic_groups: list[str] = field(default_factory=list)  # shape arithmetic, no kernel
     blocked_groups: list[str] = field(default_factory=list)  # groups on channel-blocked activations
+    winograd_convs: dict[str, int] = field(default_factory=dict)  # conv node → m of its F(m x m, 3 x 3)
 
 
 # --- attributes -----------------------------------------------------------------------------------
@@ -902,6 +903,7 @@ class _Lowerer:
             inline_groups=self.inline,
             symbolic_groups=self.symbolic,
             blocked_groups=[_group_name(k) for k in self.plan.groups] if self.plan is not None else [],
+            winograd_convs=self._winograd_convs(),
         )
 
     def _constant(self, v: Value, arr: np.ndarray) -> None:
@@ -949,6 +951,11 @@ class _Lowerer:
                 src = _materialise(bb, src, "")
             e = env[(id(v), want)] = _layout.convert_form(bb, src, v, have, want, self.plan.block)
         return e
+
+    def _winograd_convs(self) -> dict[str, int]:
+        if self.plan is None:
+            return {}
+        return {n.label(): self.plan.winograd[id(n)] for n in self.model.graph.nodes if id(n) in self.plan.winograd}
 
     def _wants(self, n: Node, i: int) -> str:
         return self.plan.wants(n, i) if self.plan is not None else _layout.PLAIN

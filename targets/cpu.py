@@ -64,9 +64,9 @@ class CpuTarget(Target):
     #: activations between convolutions: "nchwc" (channel-blocked, see targets/tvm/layout.py),
     #: "nchw", or "auto" (nchwc on x86-64)
     layout: str = "auto"
-    #: 3x3 stride-1 convs of the nchwc layout in Winograd form: "auto" (F(2x2, 3x3) where it
-    #: applies, targets/tvm/layout.py `winograd_m`), "off", "2" or "4" (F(4x4): faster, about 5x
-    #: the fp32 error)
+    #: 3x3 stride-1 convs of the nchwc layout in Winograd form (targets/tvm/layout.py
+    #: `winograd_m`): "auto" (F(2x2, 3x3) where it applies; the direct conv's fp32 error), "off",
+    #: "2", or "4" (F(4x4) on maps of 28x28 and more: faster, about 5x the fp32 error)
     winograd: str = "auto"
 
     _OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {"layout": ("auto", "nchwc", "nchw"),

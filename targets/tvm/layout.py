@@ -64,6 +64,8 @@ WINOGRAD_WEIGHT = "winograd-weight-"  # + m: [OC, C, 3, 3] → winograd_ops.pack
 WINOGRAD_AUTO_M = 2
 #: ... with at least this many input and output channels (below, the transforms outweigh the GEMM)
 WINOGRAD_MIN_CHANNELS = 32
+#: F(4x4) only on output maps at least this wide and high; smaller maps take F(2x2)
+WINOGRAD_F4_MIN_MAP = 28
 
 _UNARY = frozenset(
     """Relu Clip Sigmoid Tanh LeakyRelu HardSigmoid HardSwish Elu Selu Celu Softplus Softsign Abs Neg
@@ -350,11 +352,17 @@ def flat_px_multiple(kernel: tuple[int, int], pads: Any, dilations: Any, out_cha
 def winograd_m(n: Node, block: int, mode: str = "auto") -> int:
     """The m of F(m x m, 3 x 3) blocked conv `n` runs in (`winograd_ops`), or 0 (direct): 3x3
     kernels, stride 1, no dilation, pads of at most 1, static maps, at least
-    WINOGRAD_MIN_CHANNELS channels in and out. `mode` "auto": F(2x2) — 2 threads, same run, vs the
-    direct blocked conv: 3x3 64 on 56x56 0.67x, 128 on 28x28 0.51x, 256 on 14x14 0.48x, 512 on
-    7x7 0.73x; its fp32 error (1-2e-6 of the output's range) is that of the direct conv. "2" /
-    "4": that m (F(4x4) is faster still, 0.32-0.44x on 14-56 maps, but its error is about 5x
-    larger: 0.5-3e-5)."""
+    WINOGRAD_MIN_CHANNELS channels in and out.
+
+    `mode` "auto": F(2x2). Its fp32 error (1-2e-6 of the output's range per conv) is the direct
+    conv's. 2 threads, same run, against the direct blocked conv: 3x3 64 on 56x56 0.67x, 128 on
+    28x28 0.51x, 256 on 14x14 0.48x, 512 on 7x7 0.73x; ResNet-50 0.991x -> 0.858x onnxruntime's
+    time. "4": F(4x4) on output maps of at least WINOGRAD_F4_MIN_MAP rows and columns, F(2x2) on
+    smaller ones. F(4x4) kernels run 0.40x (56x56) and 0.32x (28x28) the direct conv's time, but
+    their error is about 5x larger (0.5-3e-5); on 14x14 and 7x7 maps F(4x4) gains little or
+    loses (0.44x, 0.76x), its ragged tiles waste work and its weights are 2.25x F(2x2)'s, streamed
+    from memory in a whole model. ResNet-50, same runs: 0.851x vs 0.883x ("auto"), and F(4x4)
+    on every map 0.841x vs 0.859x. "2": F(2x2). "off": none."""
     if mode == "off":
         return 0
     x, y, w = _dims4(n.inputs[0]), _dims4(n.outputs[0]), _dims4(n.inputs[1])
@@ -368,7 +376,8 @@ def winograd_m(n: Node, block: int, mode: str = "auto") -> int:
         return 0
     if min(int(x[1]), int(y[1])) < WINOGRAD_MIN_CHANNELS or int(x[1]) % block or int(y[1]) % block:
         return 0
-    return WINOGRAD_AUTO_M if mode == "auto" else int(mode)
+    m = WINOGRAD_AUTO_M if mode == "auto" else int(mode)
+    return 2 if m == 4 and min(int(y[2]), int(y[3])) < WINOGRAD_F4_MIN_MAP else m
 
 
 # --- Relax ----------------------------------------------------------------------------------------

@@ -118,39 +118,36 @@ def _select(index: Any, rows: Sequence[Any]) -> Any:
     return out
 
 
-def _const_matrix(mat: np.ndarray, name: str, dtype: str) -> te.Tensor:
-    """A constant matrix as a tensor whose elements are a chain of Selects over the indices."""
-    rows, cols = mat.shape
-
-    def body(i: Any, j: Any) -> Any:
-        out = tirx.const(0.0, dtype)
-        for r in range(rows):
-            for c in range(cols):
-                if mat[r, c] != 0:
-                    out = tirx.Select(tirx.all(i == r, j == c), tirx.const(float(mat[r, c]), dtype), out)
-        return out
-
-    return te.compute((rows, cols), body, name=name)
+def _const_element(mat: np.ndarray, i: Any, j: Any, dtype: str) -> Any:
+    """mat[i, j] for index expressions `i`, `j`: a chain of Selects over the nonzero elements."""
+    out = tirx.const(0.0, dtype)
+    for r in range(mat.shape[0]):
+        for c in range(mat.shape[1]):
+            if mat[r, c] != 0:
+                out = tirx.Select(tirx.all(i == r, j == c), tirx.const(float(mat[r, c]), dtype), out)
+    return out
 
 
 def pack_winograd_weight(w: te.Tensor, b: int, m: int) -> te.Tensor:
     """[OC, C, 3, 3] → U = G g G^T per channel pair, as `[(m+2)^2, OC/b, C/b, 1, 1, b(in), b(out)]`
     (position-major: one position's weights are one 1x1 conv's packed weights). A weight-only
-    compute: it runs once, at compile time, as a plain reduction over the 3x3 taps (written as one
-    Select chain over the positions, as the activations' transforms are, its default schedule
-    crashed a worker thread while packing ResNet-50's weights)."""
+    compute: it runs once, at compile time, as a reduction over the 3x3 taps with G's elements
+    inline (written as one Select chain over the positions, as the activations' transforms are,
+    its default schedule crashed a worker thread while packing ResNet-50's weights; with G as a
+    tensor of its own, tuning took it for a kernel: a reduction over a product of two tensors)."""
     oc, c, kh, kw = w.shape
     if int(kh) != 3 or int(kw) != 3:
         raise ValueError("Winograd weights need a 3x3 kernel")
     _, g, _ = winograd_matrices(m)
     a = m + 2
-    gm = _const_matrix(g, "winograd_g", w.dtype)
     u = te.reduce_axis((0, 3), "u")
     v = te.reduce_axis((0, 3), "v")
+    dt = w.dtype
     return te.compute(
         (a * a, oc // b, c // b, 1, 1, b, b),
         lambda pos, ob, cb, _y, _x, ii, oi: te.sum(
-            gm[pos // a, u] * gm[pos % a, v] * w[ob * b + oi, cb * b + ii, u, v], axis=[u, v]),
+            _const_element(g, pos // a, u, dt) * _const_element(g, pos % a, v, dt) * w[ob * b + oi, cb * b + ii, u, v],
+            axis=[u, v]),
         name="pack_winograd_weight",
     )
 

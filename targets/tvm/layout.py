@@ -351,8 +351,9 @@ def flat_px_multiple(kernel: tuple[int, int], pads: Any, dilations: Any, out_cha
 
 def winograd_m(n: Node, block: int, mode: str = "auto") -> int:
     """The m of F(m x m, 3 x 3) blocked conv `n` runs in (`winograd_ops`), or 0 (direct): 3x3
-    kernels, stride 1, no dilation, pads of at most 1, static maps, at least
-    WINOGRAD_MIN_CHANNELS channels in and out.
+    kernels, stride 1, no dilation, pads of at most 1, static shapes, at least
+    WINOGRAD_MIN_CHANNELS channels in and out. (With a symbolic batch, which winograd_ops
+    computes, ResNet-50 was still compiling after 10 minutes at 14 GB: such convs stay direct.)
 
     `mode` "auto": F(2x2). Its fp32 error (1-2e-6 of the output's range per conv) is the direct
     conv's. 2 threads, same run, against the direct blocked conv: 3x3 64 on 56x56 0.67x, 128 on

@@ -37,6 +37,13 @@ def _named(sch: "tvm.s_tir.Schedule", prefix: str) -> list[Any]:
     return [b for b in sch.get_child_blocks(_root(sch)) if sch.get(b).name_hint.startswith(prefix)]
 
 
+def _below(sch: "tvm.s_tir.Schedule", block: Any, loop: Any) -> list[Any]:
+    """The loops of `block` inside `loop` (a symbolic batch adds a serial loop outside it)."""
+    loops = sch.get_loops(block)
+    at = next(k for k, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(loop)))
+    return loops[at + 1 :]
+
+
 def _unroll_vectorize(sch: "tvm.s_tir.Schedule", loops: list[Any], lanes: int) -> None:
     """The innermost loop (the block's channels) as a vector, the others unrolled."""
     if not loops:
@@ -85,7 +92,7 @@ class WinogradConv(_Rule):
         sch.reorder(n, cb, z, t, a1, a2, ii)
         fused = _fuse_parallel(sch, [n, cb, z, t])
         sch.compute_at(rows, fused, preserve_unit_loops=True)
-        _unroll_vectorize(sch, sch.get_loops(rows)[1:], lanes)
+        _unroll_vectorize(sch, _below(sch, rows, fused), lanes)
         _unroll_vectorize(sch, [a1, a2, ii], lanes)
 
     @staticmethod
@@ -98,5 +105,5 @@ class WinogradConv(_Rule):
         sch.reorder(n, ob, yo, xo, yi, xi, oi)
         _fuse_parallel(sch, [n, ob, yo])
         sch.compute_at(cols, xo, preserve_unit_loops=True)
-        _unroll_vectorize(sch, sch.get_loops(cols)[2:], lanes)
+        _unroll_vectorize(sch, _below(sch, cols, xo), lanes)
         _unroll_vectorize(sch, [yi, xi, oi], lanes)

@@ -24,6 +24,12 @@ conv alone, the compiled kernel includes its epilogue.
     .venv/bin/python tools/bench_nchwc_kernels.py --only r50_3x3_64_56 --tile 4,2   # force a tile
     .venv/bin/python tools/bench_nchwc_kernels.py --only r50_3x3_128_28 --tune 16 --tuning-db /tmp/db
 
+`--winograd M` compares, for the 3x3 stride-1 convs only, the direct kernel (before) with the
+Winograd F(M x M, 3 x 3) kernel (after, targets/tvm/winograd_ops.py) that the lowering makes
+for them (`cpu{winograd=...}`):
+
+    .venv/bin/python tools/bench_nchwc_kernels.py --models resnet50 --winograd 2
+
 `--tune N` checks meta_schedule tuning on these kernels instead: each selected kernel's module is
 tuned with targets/tvm_tuning.py (N trials, the default schedule measured as the task's default
 record), the database applied, and the tuned / default / onnxruntime times printed.
@@ -165,12 +171,12 @@ B = 8  # the block size between layers
 # --------------------------------------------------------------------------- the kernels
 
 
-def build_kernel(case: Case, target):
+def build_kernel(case: Case, target, winograd: int = 0):
     """The fused PrimFunc of `case` as the lowering makes it (Relax → LegalizeOps → FuseTIR) and
-    its parameter shapes."""
+    its parameter shapes; `winograd`: the m of the F(m x m, 3 x 3) form of a 3x3 conv (0: direct)."""
     import tvm
 
-    mod = build_module(case, target)
+    mod = build_module(case, target, winograd)
     funcs = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert len(funcs) == 1, f"{case.name}: {len(funcs)} PrimFuncs"
     func = funcs[0]
@@ -178,11 +184,12 @@ def build_kernel(case: Case, target):
     return func, shapes
 
 
-def build_module(case: Case, target):
+def build_module(case: Case, target, winograd: int = 0):
     """The Relax module of `case` after FuseTIR: `main` calling the one fused kernel."""
     from tvm import relax
 
     from graphopt.targets.tvm import blocked_ops as BO
+    from graphopt.targets.tvm import winograd_ops as WO
     from graphopt.targets.tvm.lower import legalize_and_fuse
 
     TT = relax.TensorType
@@ -194,7 +201,9 @@ def build_module(case: Case, target):
     else:
         x = relax.Var("x", TT((1, c // B, h, h, B), "float32"))
     params = [x]
-    if case.kind == "conv":
+    if case.kind == "conv" and winograd:
+        params.append(relax.Var("w", TT(((winograd + 2) ** 2, oc // B, c // B, 1, 1, B, B), "float32")))
+    elif case.kind == "conv":
         params.append(relax.Var("w", TT((oc // B, c // B, k, k, B, B), "float32")))
     elif case.kind == "stem":
         params.append(relax.Var("w", TT((oc // B, c, k, k, B), "float32")))
@@ -209,7 +218,9 @@ def build_module(case: Case, target):
             if case.kind in ("conv", "stem", "depthwise"):
                 fn = {"conv": BO.conv2d_blocked, "stem": BO.conv2d_stem, "depthwise": BO.depthwise_blocked}[case.kind]
                 flat = _flat_multiple(case)
-                if flat:
+                if winograd:
+                    y = bb.emit_te(WO.conv2d_winograd, x, params[1], [p] * 4, winograd, primfunc_name_hint="conv_winograd")
+                elif flat:
                     y = bb.emit_te(BO.conv2d_blocked_flat, x, params[1], [s, s], [p] * 4, [1, 1], flat, primfunc_name_hint="conv_blocked")
                 else:
                     y = bb.emit_te(fn, x, params[1], [s, s], [p] * 4, [1, 1], primfunc_name_hint=f"{case.kind}_blocked")
@@ -243,6 +254,17 @@ def _flat_multiple(case: Case) -> int:
     if os.environ.get("GRAPHOPT_NO_FLAT") or case.kind != "conv":
         return 0
     return LY.flat_px_multiple((case.k, case.k), [case.pad] * 4, [1, 1], case.oc, case.oh, B, case.h)
+
+
+def winograd_weight(w: np.ndarray, m: int) -> np.ndarray:
+    """[OC, C, 3, 3] as `winograd_ops.pack_winograd_weight` packs it (computed in float64)."""
+    from graphopt.targets.tvm import winograd_ops as WO
+
+    _, g, _ = WO.winograd_matrices(m)
+    oc, c = w.shape[:2]
+    a = m + 2
+    u = np.einsum("au,ocuv,bv->abco", g, w.astype(np.float64), g).reshape(a * a, c // B, B, oc // B, B)
+    return np.ascontiguousarray(u.transpose(0, 3, 1, 2, 4).reshape(a * a, oc // B, c // B, 1, 1, B, B)).astype(np.float32)
 
 
 def blocked(a: np.ndarray) -> np.ndarray:
@@ -384,7 +406,8 @@ def _compile(func, target):
     return tvm.compile(tvm.IRModule({"main": apply_loop_marks(func).with_attr("global_symbol", "main")}), target=target)
 
 
-def run_case(case: Case, target, threads: int, rounds: int, tile=None) -> dict:
+def run_case(case: Case, target, threads: int, rounds: int, tile=None, winograd: int = 0) -> dict:
+    """Time `case` before / after (see module docstring; `winograd`: direct vs F(m x m, 3 x 3))."""
     import tvm
 
     from graphopt.targets import nchwc_schedules as NS
@@ -395,18 +418,25 @@ def run_case(case: Case, target, threads: int, rounds: int, tile=None) -> dict:
     if tile is not None:
         rules_after = [NS.BlockedConv(tile) if isinstance(r, NS.BlockedConv) else r for r in rules_after]
     rules_before = [r for r in TS.default_rules(target) if not isinstance(r, NS.BlockedConv)]
-    sch_b, rule_b, _ = TS.default_schedule(func, target, rules_before)
-    sch_a, rule_a, notes = TS.default_schedule(func, target, rules_after)
     nchw, args = case_data(case)
+    args_a = args
+    if winograd:
+        sch_b, rule_b, _ = TS.default_schedule(func, target, rules_after)
+        sch_a, rule_a, notes = TS.default_schedule(build_kernel(case, target, winograd)[0], target, rules_after)
+        args_a = {**args, "w": winograd_weight(nchw["W"], winograd)}
+    else:
+        sch_b, rule_b, _ = TS.default_schedule(func, target, rules_before)
+        sch_a, rule_a, notes = TS.default_schedule(func, target, rules_after)
     feeds = {"x": nchw["x"], **({"r": nchw["r"]} if case.residual else {})}
     ort_t = OrtTimer(case, threads, feeds)
     dev = tvm.cpu()
-    targs = [tvm.runtime.tensor(a, dev) for a in args.values()]
+    targs_of = {"before": [tvm.runtime.tensor(a, dev) for a in args.values()],
+                "after": [tvm.runtime.tensor(a, dev) for a in args_a.values()]}
     libs = {}
     for label, sch in (("before", sch_b), ("after", sch_a)):
         lib = _compile(sch.mod["main"], target)
         out = tvm.runtime.tensor(np.zeros(shapes[-1], np.float32), dev)
-        lib["main"](*targs, out)
+        lib["main"](*targs_of[label], out)
         libs[label] = (lib, out)
     ref = ort_t.out
     y = unblocked(libs["after"][1].numpy())
@@ -416,7 +446,7 @@ def run_case(case: Case, target, threads: int, rounds: int, tile=None) -> dict:
     err_b = float(np.abs(yb - ref).max()) / scale
     # batch size: ~20 ms per timed batch
     ev1 = libs["after"][0].mod.time_evaluator("main", dev, number=1, repeat=3)
-    t1 = max(float(np.min(ev1(*targs, libs["after"][1]).results)), 1e-6)
+    t1 = max(float(np.min(ev1(*targs_of["after"], libs["after"][1]).results)), 1e-6)
     n = int(min(max(2, 0.02 / t1), 200))
     # repeat 2, the second counted: the first of a batch pays the thread pool's wake-up
     evs = {k: lib.mod.time_evaluator("main", dev, number=n, repeat=2) for k, (lib, _) in libs.items()}
@@ -424,7 +454,7 @@ def run_case(case: Case, target, threads: int, rounds: int, tile=None) -> dict:
     ort_t.batch(n)  # warm
     for i in range(rounds):
         for k in (("before", "after") if i % 2 == 0 else ("after", "before")):
-            times[k].append(float(evs[k](*targs, libs[k][1]).results[-1]))
+            times[k].append(float(evs[k](*targs_of[k], libs[k][1]).results[-1]))
         ort_t.batch(n)
     ort_times, ort_op = ort_t.finish()
     ort_times = ort_times[1:]
@@ -491,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="", help="write the rows to this file")
     ap.add_argument("--tune", type=int, default=0, help="check tuning: this many trials per kernel (see above)")
     ap.add_argument("--tuning-db", default="", help="database directory for --tune")
+    ap.add_argument("--winograd", type=int, default=0, metavar="M",
+                    help="3x3 stride-1 convs only: the direct kernel (before) vs Winograd F(M x M, 3 x 3) (after)")
     a = ap.parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(a.threads))
     if os.environ["TVM_NUM_THREADS"] != str(a.threads):
@@ -510,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         cases = [c for c in cases if c.kind in a.kinds.split(",")]
     if a.only:
         cases = [c for c in cases if any(o in c.name for o in a.only.split(","))]
+    if a.winograd:
+        cases = [c for c in cases if c.kind == "conv" and c.k == 3 and c.s == 1]
     if a.tune:
         if not a.tuning_db:
             ap.error("--tune needs --tuning-db")
@@ -526,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     print(hdr)
     rows = []
     for case in cases:
-        r = run_case(case, target, a.threads, a.rounds, tile)
+        r = run_case(case, target, a.threads, a.rounds, tile, a.winograd)
         rows.append(r)
         print(f"{r['case']:28s} {r['ms']:7.3f} {r['gflops']:5.0f} {r['ort_gflops']:5.0f} {r['before_ort']:7.2f} {r['after_ort']:7.2f} "
               f"{r['after_before']:7.2f} {r['before_ort_min']:7.2f} {r['after_ort_min']:7.2f}  {r['rule_before'] + ' → ' + r['rule']:36s} {r['ort_op']:12s} {r['err']:.1e}", flush=True)

@@ -26,6 +26,9 @@ A group is blocked when every node in it can run blocked and it has a reason to:
   `t` folded at compile time (DenseNet-121, 2 threads: 1.52x -> 1.15x onnxruntime's time, its
   pre-activation BNs after each Concat having kept those groups NCHW).
 
+A blocked 3x3 stride-1 conv may run in Winograd form (`winograd_m`, `winograd_ops`): its weight
+is then packed as `WINOGRAD_WEIGHT`.
+
 Must not block: 1-D/3-D convs, grouped convs other than depthwise, weights computed at run time,
 channel counts that are not multiples of b (except the stem's input), values of unknown rank or
 channel count, anything else a group does with the channel axis (Softmax, Reshape, Flatten, a
@@ -62,7 +65,8 @@ WINOGRAD_WEIGHT = "winograd-weight-"  # + m: [OC, C, 3, 3] → winograd_ops.pack
 #: the m of F(m x m, 3 x 3) that `winograd_m`'s mode "auto" picks (0: none; a knob to compare,
 #: tools/bench_tvm_cpu.py --schedule-knobs tvm.layout.WINOGRAD_AUTO_M=0)
 WINOGRAD_AUTO_M = 2
-#: ... with at least this many input and output channels (below, the transforms outweigh the GEMM)
+#: ... with at least this many input and output channels (a guess, not measured: with few channels
+#: the transforms' memory traffic outweighs the multiply-adds saved)
 WINOGRAD_MIN_CHANNELS = 32
 #: F(4x4) only on output maps at least this wide and high; smaller maps take F(2x2)
 WINOGRAD_F4_MIN_MAP = 28

@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 from typing import Any, ClassVar
 
 import numpy as np
@@ -69,6 +70,7 @@ class CpuTarget(Target):
     #: "2", or "4" (F(4x4) on maps of 28x28 and more: faster, about 5x the fp32 error)
     winograd: str = "auto"
 
+    # (winograd: layout.WINOGRAD_MODES, not imported here: layout imports tvm, which is slow)
     _OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {"layout": ("auto", "nchwc", "nchw"),
                                                       "winograd": ("auto", "off", "2", "4")}
 
@@ -233,8 +235,7 @@ class CpuTarget(Target):
                 "primitive": len(lowered.groups),
                 "blocked": len(lowered.blocked_groups),
                 # 3x3 convs in Winograd form, by m of F(m x m, 3 x 3) ({"2": 13}: 13 in F(2x2))
-                "winograd": {str(m): sum(1 for v in lowered.winograd_convs.values() if v == m)
-                             for m in sorted(set(lowered.winograd_convs.values()))},
+                "winograd": {str(m): k for m, k in sorted(Counter(lowered.winograd_convs.values()).items())},
                 "inline": lowered.inline_groups,
                 "symbolic": len(lowered.symbolic_groups),
                 "primfuncs": sum(1 for gv in mod.get_global_vars() if isinstance(mod[gv], tvm.tirx.PrimFunc)),

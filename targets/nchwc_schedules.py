@@ -390,9 +390,10 @@ def _partition_pad_cols(sch: "tvm.s_tir.Schedule", pad: Any, col_loop: Any) -> N
 
 
 def _write_back_loops(sch: "tvm.s_tir.Schedule", loops: list[Any], lanes: int) -> None:
-    """The write-back's loops below its tile loop: the innermost vectorised when it spans one
-    vector (the block's channels), the others unrolled up to 64 iterations (the tile's pixels
-    and output blocks)."""
+    """The write-back's loops below its tile loop (and a Winograd transform's loops below its
+    parallel one): the innermost vectorised when it spans one vector (the block's channels), the
+    others unrolled up to 64 iterations (the tile's pixels and output blocks; the transform's
+    positions)."""
     inner = list(loops)
     if inner and _int(sch.get(inner[-1]).extent) == lanes:
         sch.vectorize(inner[-1])

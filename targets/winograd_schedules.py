@@ -22,9 +22,10 @@ It declines every other kernel (None), so the rules after it see them.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
-from .nchwc_schedules import BlockedConv, ConvTile
+from .nchwc_schedules import BlockedConv, ConvTile, _write_back_loops
 from .tvm_schedules import _Rule, _fuse_parallel, _inline_consumers, _int, _one_reduction, _root
 
 if TYPE_CHECKING:
@@ -33,8 +34,13 @@ if TYPE_CHECKING:
 __all__ = ["WinogradConv"]
 
 
-def _named(sch: "tvm.s_tir.Schedule", prefix: str) -> list[Any]:
-    return [b for b in sch.get_child_blocks(_root(sch)) if sch.get(b).name_hint.startswith(prefix)]
+def _is(name_hint: str, name: str) -> bool:
+    """A block named `name` (or `name_1`...: a name FuseTIR made unique)."""
+    return re.fullmatch(re.escape(name) + r"(_\d+)?", name_hint) is not None
+
+
+def _named(sch: "tvm.s_tir.Schedule", name: str) -> list[Any]:
+    return [b for b in sch.get_child_blocks(_root(sch)) if _is(sch.get(b).name_hint, name)]
 
 
 def _below(sch: "tvm.s_tir.Schedule", block: Any, loop: Any) -> list[Any]:
@@ -42,18 +48,6 @@ def _below(sch: "tvm.s_tir.Schedule", block: Any, loop: Any) -> list[Any]:
     loops = sch.get_loops(block)
     at = next(k for k, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(loop)))
     return loops[at + 1 :]
-
-
-def _unroll_vectorize(sch: "tvm.s_tir.Schedule", loops: list[Any], lanes: int) -> None:
-    """The innermost loop (the block's channels) as a vector, the others unrolled."""
-    if not loops:
-        return
-    if _int(sch.get(loops[-1]).extent) == lanes:
-        sch.vectorize(loops[-1])
-        loops = loops[:-1]
-    for lp in loops:
-        if (_int(sch.get(lp).extent) or 0) > 1:
-            sch.unroll(lp)
 
 
 class WinogradConv(_Rule):
@@ -70,11 +64,9 @@ class WinogradConv(_Rule):
         if opened is None:
             return None
         sch, gemm = opened
-        if not sch.get(gemm).name_hint.startswith("winograd_gemm"):
+        if not _is(sch.get(gemm).name_hint, "winograd_gemm"):
             return None
         blocks = {k: _named(sch, "winograd_" + k) for k in ("in_rows", "in", "out_cols", "out")}
-        blocks["in"] = [b for b in blocks["in"] if not sch.get(b).name_hint.startswith("winograd_in_rows")]
-        blocks["out"] = [b for b in blocks["out"] if not sch.get(b).name_hint.startswith("winograd_out_cols")]
         if any(len(v) != 1 for v in blocks.values()):
             return None
         a = _int(sch.get(blocks["in_rows"][0]).iter_vars[3].dom.extent)  # m + 2
@@ -92,8 +84,8 @@ class WinogradConv(_Rule):
         sch.reorder(n, cb, z, t, a1, a2, ii)
         fused = _fuse_parallel(sch, [n, cb, z, t])
         sch.compute_at(rows, fused, preserve_unit_loops=True)
-        _unroll_vectorize(sch, _below(sch, rows, fused), lanes)
-        _unroll_vectorize(sch, [a1, a2, ii], lanes)
+        _write_back_loops(sch, _below(sch, rows, fused), lanes)
+        _write_back_loops(sch, [a1, a2, ii], lanes)
 
     @staticmethod
     def _output(sch: "tvm.s_tir.Schedule", cols: Any, out: Any, lanes: int) -> None:
@@ -105,5 +97,5 @@ class WinogradConv(_Rule):
         sch.reorder(n, ob, yo, xo, yi, xi, oi)
         _fuse_parallel(sch, [n, ob, yo])
         sch.compute_at(cols, xo, preserve_unit_loops=True)
-        _unroll_vectorize(sch, _below(sch, cols, xo), lanes)
-        _unroll_vectorize(sch, [yi, xi, oi], lanes)
+        _write_back_loops(sch, _below(sch, cols, xo), lanes)
+        _write_back_loops(sch, [yi, xi, oi], lanes)

@@ -62,6 +62,8 @@ BIAS = "blocked-bias"  # [OC] → [OC/b, b]
 CHANNEL = "channel-const"  # a per-channel constant [C, 1, 1] / [1, C, 1, 1] → [1, C/b, 1, 1, b]
 WINOGRAD_WEIGHT = "winograd-weight-"  # + m: [OC, C, 3, 3] → winograd_ops.pack_winograd_weight
 
+#: `winograd_m`'s modes (the cpu target's `winograd=` values)
+WINOGRAD_MODES = ("auto", "off", "2", "4")
 #: the m of F(m x m, 3 x 3) that `winograd_m`'s mode "auto" picks (0: none; a knob to compare,
 #: tools/bench_tvm_cpu.py --schedule-knobs tvm.layout.WINOGRAD_AUTO_M=0)
 WINOGRAD_AUTO_M = 2
@@ -212,8 +214,8 @@ def plan_layout(model: Model, groups: list[tuple[str, list[Node]]], block: int =
     blocked (see module docstring), and which of their 3x3 convs run in Winograd form
     (`winograd`: "auto", "off", "2" or "4", see `winograd_m`; None: "auto")."""
     mode = "auto" if winograd is None else str(winograd)
-    if mode not in ("auto", "off", "2", "4"):
-        raise ValueError(f"winograd={mode!r} is not one of auto, off, 2, 4")
+    if mode not in WINOGRAD_MODES:
+        raise ValueError(f"winograd={mode!r} is not one of {', '.join(WINOGRAD_MODES)}")
     plan = LayoutPlan(block=block)
     blocked: set[int] = set()  # ids of values held blocked
     for k, nodes in groups:

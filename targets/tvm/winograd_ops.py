@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 from tvm import te, tirx
 
-__all__ = ["winograd_matrices", "pack_winograd_weight", "conv2d_winograd", "winograd_tiles"]
+__all__ = ["winograd_matrices", "pack_winograd_weight", "pack_winograd_weight_numpy", "conv2d_winograd",
+           "winograd_tiles"]
 
 #: interpolation points of the Toom-Cook construction, in the order they are used (plus ∞)
 _POINTS = (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2))
@@ -150,6 +151,16 @@ def pack_winograd_weight(w: te.Tensor, b: int, m: int) -> te.Tensor:
             axis=[u, v]),
         name="pack_winograd_weight",
     )
+
+
+def pack_winograd_weight_numpy(w: np.ndarray, b: int, m: int) -> np.ndarray:
+    """`pack_winograd_weight` in numpy, computed in float64 (for checks and benchmarks that feed a
+    kernel its packed weights directly)."""
+    _, g, _ = winograd_matrices(m)
+    oc, c = w.shape[:2]
+    a = m + 2
+    u = np.einsum("au,ocuv,bv->abco", g, w.astype(np.float64), g).reshape(a * a, c // b, b, oc // b, b)
+    return np.ascontiguousarray(u.transpose(0, 3, 1, 2, 4).reshape(a * a, oc // b, c // b, 1, 1, b, b)).astype(np.float32)
 
 
 def conv2d_winograd(x: te.Tensor, u: te.Tensor, pads: Sequence[int], m: int) -> te.Tensor:

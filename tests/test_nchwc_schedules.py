@@ -26,6 +26,7 @@ from graphopt.targets.nchwc_schedules import (  # noqa: E402
     conv_tile,
 )
 from tvm_kernels import host_target as _target  # noqa: E402
+from tvm_kernels import primitive_kernel  # noqa: E402
 
 from graphopt.targets import nchwc_schedules as NS  # noqa: E402
 from graphopt.targets.tvm import blocked_ops as BO  # noqa: E402
@@ -61,7 +62,6 @@ def _kernel(kind, c, h, oc, k, s, act="relu", residual=False, pool="max", w=None
     w = w or h
     p = k // 2 if kind != "pool" or pool == "max" else 0
     oh, ow = _out(h, k, s, p), _out(w, k, s, p)
-    bb = relax.BlockBuilder()
     x = relax.Var("x", TT((n, c, h, w) if kind == "stem" else (n, c // B, h, w, B), "float32"))
     params = [x]
     if kind == "conv":
@@ -74,32 +74,26 @@ def _kernel(kind, c, h, oc, k, s, act="relu", residual=False, pool="max", w=None
         params.append(relax.Var("bias", TT((oc,), "float32")))
     if residual:
         params.append(relax.Var("r", TT((n, oc // B, oh, ow, B), "float32")))
-    with bb.function("k", params, {"Primitive": True}, private=True):
-        with bb.dataflow():
-            if kind == "pool":
-                y = bb.emit_te(BO.pool_blocked, x, pool, [k, k], [s, s], [p] * 4, primfunc_name_hint="pool")
+
+    def body(bb, *_):
+        if kind == "pool":
+            y = bb.emit_te(BO.pool_blocked, x, pool, [k, k], [s, s], [p] * 4, primfunc_name_hint="pool")
+        else:
+            fn = {"conv": BO.conv2d_blocked, "stem": BO.conv2d_stem, "depthwise": BO.depthwise_blocked}[kind]
+            if flat:
+                y = bb.emit_te(BO.conv2d_blocked_flat, x, params[1], [s, s], [p] * 4, [1, 1], flat, primfunc_name_hint=kind)
             else:
-                fn = {"conv": BO.conv2d_blocked, "stem": BO.conv2d_stem, "depthwise": BO.depthwise_blocked}[kind]
-                if flat:
-                    y = bb.emit_te(BO.conv2d_blocked_flat, x, params[1], [s, s], [p] * 4, [1, 1], flat, primfunc_name_hint=kind)
-                else:
-                    y = bb.emit_te(fn, x, params[1], [s, s], [p] * 4, [1, 1], primfunc_name_hint=kind)
-                y = bb.emit(relax.op.add(y, relax.op.reshape(params[2], [1, oc // B, 1, 1, B])))
-            if residual:
-                y = bb.emit(relax.op.add(y, params[-1]))
-            if act == "relu":
-                y = bb.emit(relax.op.nn.relu(y))
-            elif act == "clip":
-                y = bb.emit(relax.op.clip(y, 0.0, 6.0))
-            out = bb.emit_output(y)
-        gv = bb.emit_func_output(out)
-    mvars = [relax.Var(f"a{i}", v.ty) for i, v in enumerate(params)]
-    with bb.function("main", mvars):
-        with bb.dataflow():
-            out = bb.emit_output(relax.Call(gv, mvars))
-        bb.emit_func_output(out)
-    mod = legalize_and_fuse(bb.get(), _target())
-    (func,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+                y = bb.emit_te(fn, x, params[1], [s, s], [p] * 4, [1, 1], primfunc_name_hint=kind)
+            y = bb.emit(relax.op.add(y, relax.op.reshape(params[2], [1, oc // B, 1, 1, B])))
+        if residual:
+            y = bb.emit(relax.op.add(y, params[-1]))
+        if act == "relu":
+            y = bb.emit(relax.op.nn.relu(y))
+        elif act == "clip":
+            y = bb.emit(relax.op.clip(y, 0.0, 6.0))
+        return y
+
+    func = primitive_kernel(params, body)
     return func, (n, oc, oh, ow)
 
 

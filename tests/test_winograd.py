@@ -25,11 +25,10 @@ from graphopt.targets.schedule_variants import variants  # noqa: E402
 from graphopt.targets.tvm import layout as TL  # noqa: E402
 from graphopt.targets.tvm import lower as L  # noqa: E402
 from graphopt.targets.tvm import winograd_ops as WO  # noqa: E402
-from graphopt.targets.tvm.lower import legalize_and_fuse  # noqa: E402
 from graphopt.targets.tvm_schedules import default_rules, default_schedule  # noqa: E402
 from graphopt.targets.winograd_schedules import WinogradConv  # noqa: E402
 from graphopt.transform import PassContext, optimize  # noqa: E402
-from tvm_kernels import host_target  # noqa: E402
+from tvm_kernels import host_target, primitive_kernel  # noqa: E402
 
 B = 8
 TT = relax.TensorType
@@ -78,6 +77,21 @@ def test_matrices_compute_the_correlation(m):
     d2, k2 = rng.standard_normal((m + 2, m + 2)), rng.standard_normal((3, 3))
     ref2 = np.array([[np.sum(d2[i : i + 3, j : j + 3] * k2) for j in range(m)] for i in range(m)])
     np.testing.assert_allclose(at @ ((g @ k2 @ g.T) * (bt @ d2 @ bt.T)) @ at.T, ref2, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_weight_packing_matches_its_numpy_form(m):
+    """pack_winograd_weight (TE, run at compile time) and pack_winograd_weight_numpy (what the
+    kernel tests and tools/bench_nchwc_kernels.py feed the kernels) give the same U."""
+    from tvm import te
+
+    w = np.random.default_rng(m).standard_normal((16, 24, 3, 3)).astype(np.float32)
+    wt = te.placeholder(w.shape, name="w")
+    u = WO.pack_winograd_weight(wt, B, m)
+    lib = tvm.compile(tvm.IRModule({"main": te.create_prim_func([wt, u])}), target=host_target())
+    got = tvm.runtime.tensor(np.zeros([int(d) for d in u.shape], np.float32))
+    lib["main"](tvm.runtime.tensor(w), got)
+    np.testing.assert_allclose(got.numpy(), WO.pack_winograd_weight_numpy(w, B, m), rtol=1e-5, atol=1e-6)
 
 
 def test_too_many_points_is_an_error():
@@ -156,6 +170,9 @@ def test_symbolic_batch_takes_winograd_and_matches_onnxruntime():
 
 
 def test_option_and_its_errors():
+    from graphopt.targets.cpu import CpuTarget
+
+    assert CpuTarget._OPTIONS["winograd"] == TL.WINOGRAD_MODES  # (the two lists agree)
     assert graphopt.target.get_target("cpu{winograd=4}").winograd == "4"
     assert graphopt.target.get_target("cpu").winograd == "auto"
     with pytest.raises(UsageError, match="winograd='8' is not one of auto, off, 2, 4"):
@@ -238,36 +255,20 @@ g (float[1, {c}, {h}, {w}] x) => (float[1, {oc}, {oh}, {ow}] y) {{
 def _kernel(c=32, h=14, oc=32, m=2, residual=True, n=1):
     """The fused PrimFunc of a Winograd conv group: transforms, GEMM, bias, residual Add, Relu."""
     a = m + 2
-    bb = relax.BlockBuilder()
     params = [relax.Var("x", TT((n, c // B, h, h, B), "float32")),
               relax.Var("u", TT((a * a, oc // B, c // B, 1, 1, B, B), "float32")),
               relax.Var("bias", TT((1, oc // B, 1, 1, B), "float32"))]
     if residual:
         params.append(relax.Var("r", TT((n, oc // B, h, h, B), "float32")))
-    with bb.function("k", params, {"Primitive": True}, private=True):
-        with bb.dataflow():
-            y = bb.emit_te(WO.conv2d_winograd, params[0], params[1], [1, 1, 1, 1], m, primfunc_name_hint="conv_winograd")
-            y = bb.emit(relax.op.add(y, params[2]))
-            if residual:
-                y = bb.emit(relax.op.add(y, params[3]))
-            out = bb.emit_output(bb.emit(relax.op.nn.relu(y)))
-        gv = bb.emit_func_output(out)
-    mvars = [relax.Var(f"a{i}", v.ty) for i, v in enumerate(params)]
-    with bb.function("main", mvars):
-        with bb.dataflow():
-            out = bb.emit_output(relax.Call(gv, mvars))
-        bb.emit_func_output(out)
-    mod = legalize_and_fuse(bb.get(), host_target())
-    (func,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
-    return func
 
+    def body(bb, x, u, bias, *r):
+        y = bb.emit_te(WO.conv2d_winograd, x, u, [1, 1, 1, 1], m, primfunc_name_hint="conv_winograd")
+        y = bb.emit(relax.op.add(y, bias))
+        if r:
+            y = bb.emit(relax.op.add(y, r[0]))
+        return bb.emit(relax.op.nn.relu(y))
 
-def _packed_weight(w: np.ndarray, m: int) -> np.ndarray:
-    """pack_winograd_weight in numpy (float64)."""
-    _, g, _ = WO.winograd_matrices(m)
-    oc, c = w.shape[:2]
-    u = np.einsum("au,ocuv,bv->abco", g, w.astype(np.float64), g).reshape((m + 2) ** 2, c // B, B, oc // B, B)
-    return np.ascontiguousarray(u.transpose(0, 3, 1, 2, 4).reshape((m + 2) ** 2, oc // B, c // B, 1, 1, B, B)).astype(np.float32)
+    return primitive_kernel(params, body)
 
 
 def _run_kernel(func, c=32, h=14, oc=32, m=2, seed=0):
@@ -290,7 +291,7 @@ def _run_kernel(func, c=32, h=14, oc=32, m=2, seed=0):
     shape = (1, oc // B, h, h, B)
     size = int(np.prod(shape))
     out = tvm.runtime.tensor(np.full(size + 64, 7.0, np.float32))
-    args = [blocked(x), _packed_weight(w, m), bias.reshape(1, oc // B, 1, 1, B), blocked(r)]
+    args = [blocked(x), WO.pack_winograd_weight_numpy(w, B, m), bias.reshape(1, oc // B, 1, 1, B), blocked(r)]
     lib["main"](*[tvm.runtime.tensor(a) for a in args], out._create_view(shape, "float32"))
     flat = out.numpy()
     assert (flat[size:] == 7.0).all(), "the kernel wrote past the end of its output"
@@ -324,20 +325,8 @@ def test_winograd_conv_declines_other_kernels():
     """A direct blocked conv (and anything else) is not its kernel: None, so the next rule runs."""
     from graphopt.targets.tvm import blocked_ops as BO
 
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", TT((1, 4, 14, 14, B), "float32"))
-    w = relax.Var("w", TT((4, 4, 3, 3, B, B), "float32"))
-    with bb.function("k", [x, w], {"Primitive": True}, private=True):
-        with bb.dataflow():
-            out = bb.emit_output(bb.emit_te(BO.conv2d_blocked, x, w, [1, 1], [1, 1, 1, 1], [1, 1]))
-        gv = bb.emit_func_output(out)
-    xs = [relax.Var("a", x.ty), relax.Var("b", w.ty)]
-    with bb.function("main", xs):
-        with bb.dataflow():
-            out = bb.emit_output(relax.Call(gv, xs))
-        bb.emit_func_output(out)
-    mod = legalize_and_fuse(bb.get(), host_target())
-    (func,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    params = [relax.Var("x", TT((1, 4, 14, 14, B), "float32")), relax.Var("w", TT((4, 4, 3, 3, B, B), "float32"))]
+    func = primitive_kernel(params, lambda bb, x, w: bb.emit_te(BO.conv2d_blocked, x, w, [1, 1], [1, 1, 1, 1], [1, 1]))
     assert WinogradConv().apply(func, host_target(), 8) is None
 
 

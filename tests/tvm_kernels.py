@@ -46,3 +46,24 @@ def run(mod: tvm.IRModule, arrays: Sequence[np.ndarray]) -> np.ndarray:
     ex = tvm.compile(mod, target=target, relax_pipeline=seq)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     return vm["main"](*[tvm.runtime.tensor(a) for a in arrays]).numpy()
+
+
+def primitive_kernel(params: Sequence[relax.Var], build_body: Callable[..., Any]) -> tvm.tirx.PrimFunc:
+    """The one PrimFunc the lowering makes of a primitive group function `k(*params)` whose
+    dataflow body is `build_body(bb, *params)` (its result is the output): `main` calls it, then
+    LegalizeOps → AnnotateTIROpPattern → FuseTIR (graphopt's `legalize_and_fuse`)."""
+    from graphopt.targets.tvm.lower import legalize_and_fuse
+
+    bb = relax.BlockBuilder()
+    with bb.function("k", list(params), {"Primitive": True}, private=True):
+        with bb.dataflow():
+            out = bb.emit_output(build_body(bb, *params))
+        gv = bb.emit_func_output(out)
+    mvars = [relax.Var(f"a{i}", v.ty) for i, v in enumerate(params)]
+    with bb.function("main", mvars):
+        with bb.dataflow():
+            out = bb.emit_output(relax.Call(gv, mvars))
+        bb.emit_func_output(out)
+    mod = legalize_and_fuse(bb.get(), host_target())
+    (func,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    return func

@@ -256,17 +256,6 @@ def _flat_multiple(case: Case) -> int:
     return LY.flat_px_multiple((case.k, case.k), [case.pad] * 4, [1, 1], case.oc, case.oh, B, case.h)
 
 
-def winograd_weight(w: np.ndarray, m: int) -> np.ndarray:
-    """[OC, C, 3, 3] as `winograd_ops.pack_winograd_weight` packs it (computed in float64)."""
-    from graphopt.targets.tvm import winograd_ops as WO
-
-    _, g, _ = WO.winograd_matrices(m)
-    oc, c = w.shape[:2]
-    a = m + 2
-    u = np.einsum("au,ocuv,bv->abco", g, w.astype(np.float64), g).reshape(a * a, c // B, B, oc // B, B)
-    return np.ascontiguousarray(u.transpose(0, 3, 1, 2, 4).reshape(a * a, oc // B, c // B, 1, 1, B, B)).astype(np.float32)
-
-
 def blocked(a: np.ndarray) -> np.ndarray:
     n, c, h, w = a.shape
     return np.ascontiguousarray(a.reshape(n, c // B, B, h, w).transpose(0, 1, 3, 4, 2))
@@ -423,7 +412,9 @@ def run_case(case: Case, target, threads: int, rounds: int, tile=None, winograd:
     if winograd:
         sch_b, rule_b, _ = TS.default_schedule(func, target, rules_after)
         sch_a, rule_a, notes = TS.default_schedule(build_kernel(case, target, winograd)[0], target, rules_after)
-        args_a = {**args, "w": winograd_weight(nchw["W"], winograd)}
+        from graphopt.targets.tvm.winograd_ops import pack_winograd_weight_numpy
+
+        args_a = {**args, "w": pack_winograd_weight_numpy(nchw["W"], B, winograd)}
     else:
         sch_b, rule_b, _ = TS.default_schedule(func, target, rules_before)
         sch_a, rule_a, notes = TS.default_schedule(func, target, rules_after)

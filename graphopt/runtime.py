@@ -88,6 +88,7 @@ class Runner:
         if rt.get("kind") != "tvm-relax-vm":
             raise ArtifactError(f"{artifact.path}: runtime {rt.get('kind')!r} is not supported by this graphopt")
         paths = checked_files(artifact)
+        _check_cpu(artifact)
         self.threads = int(threads or m.get("target", {}).get("threads") or _cores())
         try:
             import tvm
@@ -195,6 +196,23 @@ def _flatten(res: Any, n: int) -> list[np.ndarray]:
     for r in res:
         out.extend(_flatten(r, 1))
     return out
+
+
+def _check_cpu(artifact: Artifact) -> None:
+    """Refuse a library compiled for CPU features this machine lacks (it would die of SIGILL)."""
+    recorded = artifact.manifest.get("target", {}).get("machine")
+    if not isinstance(recorded, dict):
+        return  # (artifacts from before the machine model: nothing to check)
+    from graphopt.targets.machine import MachineModel, missing_features
+
+    try:
+        machine = MachineModel.from_json(recorded)
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"{artifact.path}: manifest.json target.machine is malformed: {e}") from None
+    missing = missing_features(machine)
+    if missing:
+        raise ArtifactError(f"{artifact.path}: compiled for mcpu={machine.mcpu}, and this CPU lacks "
+                            f"{', '.join(missing)}: recompile with --target 'cpu{{mcpu=...}}' for this machine")
 
 
 def _cores() -> int:

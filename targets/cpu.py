@@ -49,6 +49,19 @@ def _dims(v: Any) -> list[Any]:
     return [d if isinstance(d, (int, str)) else None for d in s.dims]
 
 
+def _llvm_cpus() -> frozenset[str]:
+    """The x86 CPU names LLVM knows (empty where it cannot say)."""
+    try:
+        from graphopt.targets.machine import CACHES, X86_LEVELS
+
+        import tvm
+
+        names = tvm.target.codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"}))
+        return frozenset(str(n) for n in names) | frozenset(X86_LEVELS) | frozenset(CACHES)
+    except Exception:  # noqa: BLE001 - an older TVM without the archlist query: LLVM decides
+        return frozenset()
+
+
 def _io(values: Any) -> list[dict[str, Any]]:
     out = []
     for v in values:
@@ -58,9 +71,19 @@ def _io(values: Any) -> list[dict[str, Any]]:
 
 
 class CpuTarget(Target):
-    """LLVM for the host CPU (mcpu detected, `num-cores` = threads)."""
+    """LLVM for an x86-64 CPU: the host's (mcpu detected, `num-cores` = threads), or another x86
+    level with `cpu{mcpu=skylake-avx512}` (cross-compiled: the artifact loads only on a CPU with
+    that mcpu's features). Every ISA-dependent choice reads the target's machine model
+    (graphopt.targets.machine), which the manifest records."""
 
     name: ClassVar[str] = "cpu"
+
+    #: LLVM CPU name (haswell, skylake-avx512, icelake-server, sapphirerapids, znver3/4/5, ...);
+    #: None: the host's, or $GRAPHOPT_CPU_MCPU
+    mcpu: str | None = None
+    #: LLVM feature changes over what mcpu implies, '+'/'-' separated by ':' (-avx512f: AVX2 code
+    #: on an AVX-512 mcpu)
+    mattr: str | None = None
 
     #: activations between convolutions: "nchwc" (channel-blocked, see targets/tvm/layout.py),
     #: "nchw", or "auto" (nchwc on x86-64)
@@ -73,14 +96,19 @@ class CpuTarget(Target):
     # (winograd: layout.WINOGRAD_MODES, not imported here: layout imports tvm, which is slow)
     _OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {"layout": ("auto", "nchwc", "nchw"),
                                                       "winograd": ("auto", "off", "2", "4")}
+    _FREE_OPTIONS: ClassVar[tuple[str, ...]] = ("mcpu", "mattr")  # checked against LLVM
 
     @classmethod
     def from_options(cls, options: Any) -> "CpuTarget":
         t = cls()
         for key, value in options.items():
+            if key in cls._FREE_OPTIONS:
+                setattr(t, key, str(value))
+                continue
             allowed = cls._OPTIONS.get(key)
             if allowed is None:
-                raise UsageError(f"target {cls.name}: unknown option {key!r} (have: {', '.join(cls._OPTIONS)})")
+                have = ", ".join((*cls._OPTIONS, *cls._FREE_OPTIONS))
+                raise UsageError(f"target {cls.name}: unknown option {key!r} (have: {have})")
             if value not in allowed:
                 raise UsageError(f"target {cls.name}: {key}={value!r} is not one of {', '.join(allowed)}")
             setattr(t, key, value)
@@ -91,17 +119,36 @@ class CpuTarget(Target):
         """Channels per block of the activations between convolutions (None: NCHW)."""
         from graphopt.targets.tvm import layout as TL
 
+        from graphopt.targets.machine import machine_model
+
         if self.layout == "nchw":
             return None
+        machine = machine_model(target)
         if self.layout == "nchwc":
-            return TL.DEFAULT_BLOCK
-        triple = str(target.attrs.get("mtriple", "")) if hasattr(target, "attrs") else ""
-        return TL.DEFAULT_BLOCK if str(target.kind.name) == "llvm" and triple.startswith("x86_64") else None
+            return machine.lanes(32)
+        # (the block is one vector of fp32 lanes: 8 on AVX2, 16 on AVX-512, as MLAS's NCHWc)
+        return machine.lanes(32) if str(target.kind.name) == "llvm" and machine.arch == "x86_64" else None
 
     def tvm_target(self, threads: int) -> Any:
+        from graphopt.targets.machine import env_mcpu
         from graphopt.targets.tvm import build as B
 
-        return B.host_target(threads=threads)
+        mcpu = self.mcpu or env_mcpu()
+        mattr = [a for a in (self.mattr or "").replace(",", ":").split(":") if a]
+        if any(a[0] not in "+-" for a in mattr):
+            raise UsageError(f"target {self.name}: mattr={self.mattr!r}: each feature starts with + or - (-avx512f:+fma)")
+        known = _llvm_cpus()
+        if mcpu is not None and known and mcpu not in known:
+            near = [c for c in known if c.startswith(mcpu[:3])][:8]
+            raise UsageError(f"target {self.name}: mcpu={mcpu!r} is not a CPU LLVM knows"
+                             + (f" (similar: {', '.join(near)})" if near else ""))
+        return B.host_target(mcpu=mcpu, threads=threads, mattr=mattr or None)
+
+    def machine(self, target: Any) -> Any:
+        """The machine model the compile reads (graphopt.targets.machine)."""
+        from graphopt.targets.machine import machine_model
+
+        return machine_model(target)
 
     def schedule(self, mod: Any, target: Any, options: CompileOptions) -> tuple[Any, Any]:
         from graphopt.targets.tvm import build as B
@@ -169,7 +216,8 @@ class CpuTarget(Target):
     def manifest_target(self, target: Any, threads: int) -> dict[str, Any]:
         from graphopt.targets.tvm import build as B
 
-        return {"name": self.name, "tvm": B.target_json(target), "threads": threads}
+        return {"name": self.name, "tvm": B.target_json(target), "threads": threads,
+                "machine": self.machine(target).to_json()}
 
     def compile(self, model: Model, options: CompileOptions, *, source_sha256: str | None = None) -> Artifact:
         import tvm

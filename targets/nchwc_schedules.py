@@ -11,7 +11,8 @@ onnxruntime's MLAS NCHWc kernels take:
 
 - the output tile is `rt` pixels along the output row x `obt` adjacent output channel blocks x the
   `b` channels of a block (one vector): `rt * obt` accumulator vectors stay in registers for the
-  whole reduction. 12 accumulators (2x6, 3x4, 4x3, 6x2, `TWELVE_TILES`) wherever the block count
+  whole reduction. The machine model's accumulators (`MachineModel.conv_tiles`: 12 of AVX2's 16
+  registers as 2x6, 3x4, 4x3, 6x2; 24 of AVX-512's 32 as 4x6, 6x4, 8x3, 12x2) wherever the block count
   allows: a row the pixel count does not divide (ResNet-50's 56/28/14 with 3-pixel tiles) gets
   whole tiles plus a ragged last one (`ConvTile.tail`): the tile loop is marked and the build
   peels its last iteration into code of its own (`apply_loop_marks`), so neither copy keeps a
@@ -62,6 +63,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .machine import MachineModel, machine_model
 from .tvm_schedules import (
     _Rule,
     _divisors,
@@ -79,34 +81,30 @@ from .tvm_schedules import (
 if TYPE_CHECKING:
     import tvm
 
-__all__ = ["BlockedConv", "ConvTile", "ConvShape", "TWELVE_TILES", "conv_tile", "odd_tile", "match_blocked_conv",
+__all__ = ["BlockedConv", "ConvTile", "ConvShape", "conv_tile", "odd_tile", "match_blocked_conv",
            "apply_loop_marks", "apply_loop_marks_to_module", "row_tile_ranges"]
 
-# accumulator vectors per micro-kernel: AVX2 has 16 vector registers; 12 leaves room for the
-# weight vectors and one broadcast; 14 when the weights are read as memory operands of the FMAs
-_MAX_ACC = 12
-_MAX_ACC_WIDE = 14
-# weights of one chunk of output blocks (order "blk"): half of a 512 KiB L2
-_L2_WEIGHT_BYTES = 256 * 1024
+# cache budgets, as shares of the machine model's caches (measured on a 32 KiB L1 / 512 KiB L2
+# core, where they were 12 KiB / 256 KiB / 160 KiB):
+# weights of one chunk of output blocks (order "blk"): half of L2
+_L2_WEIGHT_SHARE = 1 / 2
 # weights of one reduction chunk (`ConvTile.k_chunk` by default): 16 of 64 input blocks of a 3x3
 # 512-channel conv x 4 output blocks (147 KiB) measured 0.94x onnxruntime's time, 8 (74 KiB) 0.96x
-_CHUNK_WEIGHT_BYTES = 160 * 1024
+_CHUNK_WEIGHT_SHARE = 5 / 16
 # weights of one row pass (`ConvTile.row_passes`: a kernel row x a chunk of input blocks x the
 # tile's output blocks): 3x3 convs on 7/14/28-wide maps, single thread, chunks of 4 input blocks
-# (12 KiB) 2.37-2.41 ms, of 1-2 blocks 2.41-2.47 ms, 8 blocks 2.60 ms, 16 2.77 ms (3x3 512 on 7x7)
-_PASS_WEIGHT_BYTES = 12 * 1024
+# (12 KiB of 32) 2.37-2.41 ms, of 1-2 blocks 2.41-2.47 ms, 8 blocks 2.60 ms, 16 2.77 ms (3x3 512 on 7x7)
+_PASS_WEIGHT_SHARE = 3 / 8
 _MATERIALISE_PROLOGUE = True  # (off: inlined into the conv's reads, as before)
 _ROW_PASSES = True  # (off: to compare, tools/bench_tvm_cpu.py --schedule-knobs nchwc_schedules._ROW_PASSES=0)
-# (pixels, output blocks) of the 12-accumulator tiles, in the order they are tried
-TWELVE_TILES = ((2, 6), (3, 4), (4, 3), (6, 2))
 
 
-def odd_tile(ob: int) -> tuple[int, int]:
-    """(pixels, output blocks) of the micro-kernel for `ob` output blocks that no 12-accumulator
-    tile divides (SqueezeNet's 1000-channel classifier conv: 125 blocks): the largest divisor of
-    `ob` up to 6 blocks, pixels filling 10-12 accumulators (125 → 2 x 5; a prime count → 12 x 1)."""
-    d = max(k for k in range(1, 7) if ob % k == 0)
-    return 12 // d, d
+def odd_tile(ob: int, machine: MachineModel) -> tuple[int, int]:
+    """(pixels, output blocks) of the micro-kernel for `ob` output blocks that no exact tile of
+    `machine.conv_tiles` divides (SqueezeNet's 1000-channel classifier conv: 125 blocks): the
+    largest divisor of `ob` up to 6 blocks, pixels filling the accumulators (12 accumulators:
+    125 → 2 x 5; a prime count → 12 x 1)."""
+    return machine.odd_tile(ob)
 
 
 #: block annotation of a flat conv's reduction (blocked_ops.conv2d_blocked_flat) with padded rows:
@@ -160,9 +158,12 @@ class ConvTile:
     # divisions of one fused index; None: where the fused rest has enough iterations
 
 
-def conv_tile(s: ConvShape, lanes: int, row_passes: bool = True) -> ConvTile:
-    """The micro-kernel for shape `s` (see module docstring); `row_passes=False`: none (where the
-    pixel tiles are split among the cores)."""
+def conv_tile(s: ConvShape, machine: MachineModel, row_passes: bool = True) -> ConvTile:
+    """The micro-kernel for shape `s` on `machine` (see module docstring); `row_passes=False`:
+    none (where the pixel tiles are split among the cores)."""
+    lanes = machine.lanes(32)
+    tiles = machine.conv_tiles
+    l2_weights = int(machine.l2_bytes * _L2_WEIGHT_SHARE)
     # padded convs with enough rows for the threads: rows outermost, each row's padded input
     # rows computed under the row loop (3x3 stride 2 on 56x56: 1.22x -> 1.07x onnxruntime's time)
     row = s.kh > 1 and s.oh >= 14
@@ -177,32 +178,35 @@ def conv_tile(s: ConvShape, lanes: int, row_passes: bool = True) -> ConvTile:
         # L3 for every pixel tile: the reduction in chunks whose panel stays in L2, the block's
         # accumulators in a local buffer between chunks (3x3 512->512 on 7x7: 1.08x -> 0.94x)
         per_icb = s.kh * s.kw * lanes * lanes * 4
-        for rt, obt in TWELVE_TILES:
-            if s.ob % obt == 0 and icb * per_icb * obt > _L2_WEIGHT_BYTES:
-                chunk = max([d for d in _divisors(icb) if d < icb and d * per_icb * obt <= _CHUNK_WEIGHT_BYTES] or [0])
+        for rt, obt in tiles:
+            if s.ob % obt == 0 and icb * per_icb * obt > l2_weights:
+                chunk = max([d for d in _divisors(icb) if d < icb
+                             and d * per_icb * obt <= machine.l2_bytes * _CHUNK_WEIGHT_SHARE] or [0])
                 break
-    for rt, obt in TWELVE_TILES:  # 12 accumulators, exact
+    for rt, obt in tiles:  # the accumulators, exact
         if s.ow % rt == 0 and s.ob % obt == 0:
             if row_passes and _ROW_PASSES and s.pad_rows and s.pad_rows[3] == 1 and order == "ob" and s.kind == "conv":
                 # a flat conv with padded rows: passes per kernel row over the pixel tiles its
                 # input rows reach, in chunks of input blocks whose weights for the kernel row stay
                 # in L1 (single thread vs onnxruntime, 3x3 512 on 7x7: 1.05x -> 0.95x)
                 per_icb = s.kw * lanes * lanes * 4 * obt
-                chunk = max([d for d in _divisors(icb) if d * per_icb <= _PASS_WEIGHT_BYTES] or [1])
+                chunk = max([d for d in _divisors(icb) if d * per_icb <= machine.l1d_bytes * _PASS_WEIGHT_SHARE] or [1])
                 return ConvTile(rt, obt, order, row_passes=True, k_chunk=chunk)
             return ConvTile(rt, obt, order, pad_row=row, k_chunk=chunk)
     if order in ("ob", "row") and s.kind == "conv":  # (the 7x7 stem: 1.05x ragged, 0.98x 4 x 2)
-        for rt, obt in TWELVE_TILES:  # 12 accumulators, whole tiles + a ragged one (3x3 on 56/28/14
+        for rt, obt in tiles:  # the accumulators, whole tiles + a ragged one (3x3 on 56/28/14
             # rows: 0.96-0.98x the time of rows rounded up to 57/30/15, which waste 2-7 %)
             if s.ob % obt == 0 and s.ow > rt:
                 return ConvTile(rt, obt, order, pad_row=row, k_chunk=chunk, tail=True)
-    if not any(s.ob % obt == 0 for _, obt in TWELVE_TILES):
-        rt, obt = odd_tile(s.ob)  # (8-accumulator tiles would take 1 block: 1 x 1 on 13-wide rows)
+    if not any(s.ob % obt == 0 for _, obt in tiles):
+        rt, obt = odd_tile(s.ob, machine)  # (8-accumulator tiles would take 1 block: 1 x 1 on 13-wide rows)
         if s.ow % rt == 0:
             return ConvTile(rt, obt, order, pad_row=row)
         if order in ("ob", "row") and s.kind == "conv" and s.ow > rt:
             return ConvTile(rt, obt, order, pad_row=row, tail=True)
-    for rt, obt in ((4, 2), (2, 4), (8, 1), (7, 1), (2, 2), (1, 4), (2, 1), (1, 2), (1, 1)):
+    # two thirds of the accumulators, in tiles that divide the row (AVX2: 4x2, 2x4, 8x1)
+    wide = ((8, 2), (4, 4), (16, 1), (14, 1), (7, 2)) if machine.accumulators >= 24 else ()
+    for rt, obt in (*wide, (4, 2), (2, 4), (8, 1), (7, 1), (2, 2), (1, 4), (2, 1), (1, 2), (1, 1)):
         if s.ow % rt == 0 and s.ob % obt == 0:
             return ConvTile(rt, obt, order, pad_row=row, k_chunk=chunk)
     return ConvTile(1, 1)
@@ -434,7 +438,8 @@ class BlockedConv(_Rule):
         m = match_blocked_conv(sch, anchor, lanes)
         if m is None:
             return None
-        tile = self.tile or conv_tile(m.shape, lanes)
+        machine = machine_model(target)
+        tile = self.tile or conv_tile(m.shape, machine)
         pad = None
         if tile.pad_row and tile.order == "row":
             pads = [p for p in sch.get_producers(anchor) if "if_then_else" in str(sch.get(p).body)]
@@ -467,7 +472,7 @@ class BlockedConv(_Rule):
         if parts != 1 and tile.row_passes:
             if self.tile is not None:
                 return None
-            tile = conv_tile(m.shape, lanes, row_passes=False)  # (the same pixels x blocks)
+            tile = conv_tile(m.shape, machine, row_passes=False)  # (the same pixels x blocks)
         p_o, p_i = sch.split(L["x"], factors=[None, rt])
         part = []
         if parts > 1:
@@ -486,7 +491,7 @@ class BlockedConv(_Rule):
             # blocks inside a row (weights read once, the input once per chunk)
             n_o = m.ext["ob"] // obt
             per_block = m.shape.red * lanes * obt * 4  # bytes of weights per tile column
-            chunk = max([d for d in _divisors(n_o) if d * per_block <= _L2_WEIGHT_BYTES] or [1])
+            chunk = max([d for d in _divisors(n_o) if d * per_block <= machine.l2_bytes * _L2_WEIGHT_SHARE] or [1])
             ob_oo, ob_oi = sch.split(ob_o, factors=[None, chunk])
             outer = [L["n"], ob_oo, L["y"], *part, ob_oi, p_o]
         else:

@@ -78,11 +78,9 @@ _ROW_REDUCTION = True
 # matmul-like kernels: reduction blocked by this many (0: off)
 _MATMUL_K_BLOCK = 128
 
-# fp32 accumulators kept in registers per microkernel (x86-64 AVX2 has 16 vector registers:
-# leave room for the B vectors and one broadcast).
-_MAX_ACC_VECTORS = 12
-# ... and when no tile up to that divides the register axis and one tile of up to this many covers it (7)
-_MAX_ACC_VECTORS_WIDE = 14
+# fp32 accumulators kept in registers per microkernel: the target's machine model
+# (`MachineModel.accumulators`: 12 of AVX2's 16 registers, 24 of AVX-512's 32), and
+# `accumulators_wide` when no tile up to that divides the register axis and one tile covers it
 
 
 @dataclass
@@ -100,19 +98,11 @@ class ScheduleStats:
 
 
 def vector_lanes(target: "tvm.target.Target", dtype_bits: int = 32) -> int:
-    """SIMD lanes for `dtype_bits` elements on `target` (AVX2: 8 fp32, AVX-512: 16, NEON: 4)."""
-    from tvm.target import codegen
+    """SIMD lanes for `dtype_bits` elements on `target` (AVX2: 8 fp32, AVX-512: 16, NEON: 4):
+    the target's machine model (graphopt.targets.machine)."""
+    from .machine import machine_model
 
-    bits = 128
-    try:
-        with target:
-            if codegen.target_has_features("avx512f"):
-                bits = 512
-            elif codegen.target_has_features("avx2") or codegen.target_has_features("avx"):
-                bits = 256
-    except Exception:  # non-x86 targets: LLVM does not know the x86 feature names
-        bits = 128
-    return max(bits // dtype_bits, 1)
+    return machine_model(target).lanes(dtype_bits)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -549,6 +539,10 @@ class OuterProduct(_Rule):
         if _INLINE_EPILOGUE:
             _inline_epilogue(sch, anchor)
 
+        from .machine import machine_model
+
+        machine = machine_model(target)
+        max_acc, max_acc_wide = machine.accumulators, machine.accumulators_wide
         # vector tile: 2 or 1 vectors; register tile: as many rows as accumulators allow
         if n_vec % (2 * lanes) == 0 and n_reg >= 4:
             vt = 2 * lanes
@@ -558,29 +552,29 @@ class OuterProduct(_Rule):
             vt = n_vec
         else:
             return None
-        max_rows = max(1, (_MAX_ACC_VECTORS * lanes) // max(vt, lanes))
+        max_rows = max(1, (max_acc * lanes) // max(vt, lanes))
         divs = [d for d in _divisors(n_reg) if d <= max_rows]
         rt = max(divs)
         if rt < 4:
             # 7x7 / 14x14 outputs: a whole 7-row tile (14 accumulators, B read as a memory
             # operand of the FMA) beats a predicated 6-row tail tile
             # (only when that tile covers the whole axis: 14 wide as 2x7 measured slower than 6+6+2)
-            if n_reg <= (_MAX_ACC_VECTORS_WIDE * lanes) // max(vt, lanes):
+            if n_reg <= (max_acc_wide * lanes) // max(vt, lanes):
                 rt = n_reg
         if rt < 3 and n_reg > max_rows:
             rt = max_rows  # a tail tile (predicated) beats a 1-2 row microkernel
         elif rt < 3 and vt == 2 * lanes:
             vt = lanes
-            max_rows = _MAX_ACC_VECTORS
+            max_rows = max_acc
             rt = max(d for d in _divisors(n_reg) if d <= max_rows)
             if rt < 3 and n_reg > max_rows:
                 rt = max_rows
         if (_MATMUL_WIDE_VT and out_order and out_order[-1].same_as(vec_var) and vt == 2 * lanes
-                and n_reg % rt == 0 and rt * 2 < _MAX_ACC_VECTORS):
+                and n_reg % rt == 0 and rt * 2 < max_acc):
             # matmul-like (the output's last axis is the vector axis), whole row tiles leaving
             # accumulators unused (M = 128: 4 rows, no 6 divides it; 4 x 2 vectors is 8 of 12):
             # a wider vector tile fills them. Not with a tail tile (ViT's 197 rows: 6 + tail)
-            for nv in range(_MAX_ACC_VECTORS // rt, 2, -1):
+            for nv in range(max_acc // rt, 2, -1):
                 if n_vec % (nv * lanes) == 0:
                     vt = nv * lanes
                     break

@@ -115,7 +115,7 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        art = graphopt.compile(source, "cpu", "-O2", threads=args.threads, tune=args.tune,
+        art = graphopt.compile(source, args.target, "-O2", threads=args.threads, tune=args.tune,
                                tune_minutes=args.tune_minutes, tuning_db=args.tuning_db, progress=args.tune > 0)
     compile_s = time.perf_counter() - t
     warm = None
@@ -125,7 +125,7 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
         t = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            warm = graphopt.compile(source, "cpu", "-O2", threads=args.threads, tuning_db=args.tuning_db)
+            warm = graphopt.compile(source, args.target, "-O2", threads=args.threads, tuning_db=args.tuning_db)
         warm_s = time.perf_counter() - t
         print(f"{name}: warm-database recompile {warm_s:.1f} s", flush=True)
     knob_art = None
@@ -148,10 +148,17 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                knob_art = graphopt.compile(source, "cpu", "-O2", threads=args.threads)
+                knob_art = graphopt.compile(source, args.target, "-O2", threads=args.threads)
         finally:
             for (mod, attr), v in saved.items():
                 setattr(mod, attr, v)
+    if args.compare:  # another target spec (machine model), same rounds
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            knob_art = graphopt.compile(source, args.compare, "-O2", threads=args.threads)
+    mm = art.manifest["target"].get("machine", {})
+    print(f"{name}: machine model {mm.get('mcpu')} ({mm.get('vector_bits')}-bit, {mm.get('lanes_fp32')} fp32 lanes, "
+          f"{mm.get('accumulators')} accumulators, int8 {mm.get('int8_dot')})", flush=True)
     model = graphopt.load(path)
     from graphopt.check import random_inputs
 
@@ -239,7 +246,7 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
         else:  # per task, from the tuning run
             row["kept"] = {k: sum(1 for v in kept.values() if v.get("kept") == k) for k in ("tuned", "default", "none")}
     if knob_idx is not None:
-        row.update({"schedule_knobs": args.schedule_knobs, "knobs_ms": statistics.median(times[knob_idx]) * 1e3,
+        row.update({"schedule_knobs": args.compare or args.schedule_knobs, "knobs_ms": statistics.median(times[knob_idx]) * 1e3,
                     "paired_ratio_knobs_over_ort": statistics.median(a / b for a, b in zip(times[knob_idx], times[1])),
                     "knobs_max_abs_vs_ort": knob_maxabs})
     if warm is not None:
@@ -252,7 +259,8 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
           f"ort {mo*1e3:.2f} ms, tvm/ort {mt/mo:.2f}x (paired {paired:.3f}x); GFLOP/s tvm {row['tvm_gflops']:.1f}, ort {row['ort_gflops']:.1f} "
           f"(peak {peak:.1f}: {row['tvm_gflops']/peak:.0%} / {row['ort_gflops']/peak:.0%})", flush=True)
     if knob_idx is not None:
-        print(f"{name}: with --schedule-knobs {args.schedule_knobs!r}: {row['knobs_ms']:.2f} ms, paired "
+        label = f"--compare {args.compare!r}" if args.compare else f"--schedule-knobs {args.schedule_knobs!r}"
+        print(f"{name}: with {label}: {row['knobs_ms']:.2f} ms, paired "
               f"{row['paired_ratio_knobs_over_ort']:.3f}x ort (this compile: {paired:.3f}x); "
               f"max|knobs-ort| {knob_maxabs:.2e}", flush=True)
     if kept and row["tuning"].get("status") == "database applied":
@@ -272,6 +280,10 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    p.add_argument("--target", default="cpu", help="target spec, e.g. 'cpu{mcpu=haswell}' (an AVX2 build on an "
+                   "AVX-512 host) or 'cpu{mcpu=skylake-avx512}'")
+    p.add_argument("--compare", default="", help="also compile with this target spec and benchmark it in the same "
+                   "rounds (e.g. --target cpu --compare 'cpu{mcpu=haswell}')")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--budget", type=float, default=20.0, help="seconds of timed rounds per model")
     p.add_argument("--min-runs", type=int, default=5)
@@ -292,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.tune_minutes and args.tune <= 0:
         args.tune = 1_000_000  # a time budget only: the minutes decide
+    if args.compare and args.schedule_knobs:
+        p.error("--compare and --schedule-knobs: one at a time")
     if args.tune > 0 and not args.tuning_db:
         p.error("--tune/--tune-minutes need --tuning-db DIR")
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))

@@ -51,17 +51,23 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def host_target(*, mcpu: str | None = None, threads: int | None = None, mtriple: str | None = None) -> tvm.target.Target:
-    """The LLVM target for this machine (or the given mcpu/triple)."""
+def host_target(*, mcpu: str | None = None, threads: int | None = None, mtriple: str | None = None,
+                mattr: list[str] | None = None) -> tvm.target.Target:
+    """The LLVM target for this machine (or the given mcpu/triple, with `mattr` feature changes)."""
     spec: dict[str, Any] = {"kind": "llvm", "mcpu": mcpu or host_cpu(), "num-cores": int(threads or default_threads())}
     spec["mtriple"] = mtriple or str(tvm.target.codegen.llvm_get_system_triple())
+    if mattr:
+        spec["mattr"] = list(mattr)
     return tvm.target.Target(spec)
 
 
 def target_json(target: tvm.target.Target) -> dict[str, Any]:
     """The target as the JSON dict that recreates it."""
     d = dict(target.export())
-    return {k: d[k] if isinstance(d[k], (int, float, str, bool)) else str(d[k]) for k in ("kind", "mtriple", "mcpu", "num-cores") if k in d}
+    out = {k: d[k] if isinstance(d[k], (int, float, str, bool)) else str(d[k]) for k in ("kind", "mtriple", "mcpu", "num-cores") if k in d}
+    if d.get("mattr"):
+        out["mattr"] = [str(a) for a in d["mattr"]]
+    return out
 
 
 @dataclass

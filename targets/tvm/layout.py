@@ -46,12 +46,12 @@ from tvm import relax
 
 from graphopt.ir import Model, Node, Value
 
-from ..nchwc_schedules import TWELVE_TILES, odd_tile
+from ..machine import MachineModel
 from . import blocked_ops as BO
 from . import winograd_ops as WO
 
-#: channels per block: 8 fp32 lanes of AVX2 (onnxruntime's MLAS uses the same block on AVX2)
-DEFAULT_BLOCK = 8
+#: channels per block: the machine model's fp32 lanes (`CpuTarget.activation_block`): 8 on AVX2,
+#: 16 on AVX-512, as onnxruntime's MLAS NCHWc blocks
 
 PLAIN = "plain"
 BLOCKED = "blocked"
@@ -85,7 +85,8 @@ _STANDARD = ("", "ai.onnx")
 class LayoutPlan:
     """Roles of the nodes that run blocked (by id), and the block size."""
 
-    block: int = DEFAULT_BLOCK
+    block: int
+    machine: MachineModel  # its conv tiles decide a flat conv's pixel multiple
     roles: dict[int, str] = field(default_factory=dict)
     groups: list[str] = field(default_factory=list)  # blocked kernel groups, in order
     winograd: dict[int, int] = field(default_factory=dict)  # conv (by id) → m of F(m x m, 3 x 3)
@@ -208,15 +209,16 @@ def _pool_ok(n: Node) -> bool:
     return k is not None and len(k) == 2
 
 
-def plan_layout(model: Model, groups: list[tuple[str, list[Node]]], block: int = DEFAULT_BLOCK,
+def plan_layout(model: Model, groups: list[tuple[str, list[Node]]], block: int, machine: MachineModel,
                 winograd: str | None = None) -> LayoutPlan:
     """Decide which of `groups` (kernel groups of the main graph, in topological order) run
-    blocked (see module docstring), and which of their 3x3 convs run in Winograd form
-    (`winograd`: "auto", "off", "2" or "4", see `winograd_m`; None: "auto")."""
+    blocked in channel blocks of `block` on `machine` (see module docstring), and which of their
+    3x3 convs run in Winograd form (`winograd`: "auto", "off", "2" or "4", see `winograd_m`;
+    None: "auto")."""
     mode = "auto" if winograd is None else str(winograd)
     if mode not in WINOGRAD_MODES:
         raise ValueError(f"winograd={mode!r} is not one of {', '.join(WINOGRAD_MODES)}")
-    plan = LayoutPlan(block=block)
+    plan = LayoutPlan(block=block, machine=machine)
     blocked: set[int] = set()  # ids of values held blocked
     for k, nodes in groups:
         roles = _group_roles(nodes, blocked, block)
@@ -328,11 +330,12 @@ FLAT_MAX_OH = 13
 FLAT_MAX_IH = 28
 
 
-def flat_multiple(n: Node, block: int) -> int:
+def flat_multiple(n: Node, block: int, machine: MachineModel) -> int:
     """The pixel multiple of blocked conv `n` computed on its flattened output pixels
     (`blocked_ops.conv2d_blocked_flat`), or 0 (its rows as they are): unpadded 1x1 convs and
     convs with at most FLAT_MAX_OH output rows or FLAT_MAX_IH input rows, static shapes; the
-    multiple is the pixels of the tile the output blocks take (`TWELVE_TILES`, else `odd_tile`).
+    multiple is the pixels of the tile the output blocks take on `machine` (its `conv_tiles`, else
+    its `odd_tile`).
     Single thread, same run, ResNet-50's shapes: 1x1 on 7x7 maps 1.19-1.23x onnxruntime's time ->
     1.01-1.02x, on 14x14 1.06-1.09x -> 0.98-1.02x, on 56x56 1.00-1.06x -> 0.97x; 3x3 512 -> 512 on
     7x7 1.19x -> 0.94x (with the weight chunks of `nchwc_schedules.conv_tile`)."""
@@ -342,17 +345,18 @@ def flat_multiple(n: Node, block: int) -> int:
     if not all(isinstance(d, int) for d in list(x[2:]) + list(y[2:]) + list(w[2:])):
         return 0
     dilations = [int(d) for d in n.attr("dilations", [1, 1])]
-    return flat_px_multiple((int(w[2]), int(w[3])), pads_of(n), dilations, int(y[1]), int(y[2]), block, int(x[2]))
+    return flat_px_multiple((int(w[2]), int(w[3])), pads_of(n), dilations, int(y[1]), int(y[2]), block, int(x[2]),
+                            machine)
 
 
 def flat_px_multiple(kernel: tuple[int, int], pads: Any, dilations: Any, out_channels: int, out_rows: int,
-                     block: int, in_rows: int) -> int:
+                     block: int, in_rows: int, machine: MachineModel) -> int:
     """`flat_multiple` from the shapes of a group-1 conv with static maps."""
     pointwise = tuple(kernel) == (1, 1) and not any(pads) and all(d == 1 for d in dilations)
     if not pointwise and out_rows > FLAT_MAX_OH and in_rows > FLAT_MAX_IH:
         return 0
     ob = out_channels // block
-    return next((rt for rt, obt in TWELVE_TILES if ob % obt == 0), odd_tile(ob)[0])
+    return next((rt for rt, obt in machine.conv_tiles if ob % obt == 0), machine.odd_tile(ob)[0])
 
 
 def winograd_m(n: Node, block: int, mode: str = "auto") -> int:
@@ -409,11 +413,12 @@ def convert_form(bb: relax.BlockBuilder, e: relax.Expr, v: Value, have: str, wan
     return bb.emit_te(fn, e, block, primfunc_name_hint=fn.__name__)
 
 
-def convert_blocked(bb: relax.BlockBuilder, n: Node, role: str, ins: list[Any], block: int, generic: Any,
+def convert_blocked(bb: relax.BlockBuilder, n: Node, role: str, ins: list[Any], plan: LayoutPlan, generic: Any,
                     winograd: int = 0) -> Any:
     """The Relax form of blocked node `n` (inputs already in the forms `LayoutPlan.wants` names);
     `generic(bb, node, ins)` converts an elementwise node (shape-agnostic); `winograd`: the m of
     a conv planned in Winograd form (`LayoutPlan.winograd`)."""
+    block = plan.block
     if role == "elementwise":
         return generic(bb, n, ins)
     x = ins[0]
@@ -421,7 +426,7 @@ def convert_blocked(bb: relax.BlockBuilder, n: Node, role: str, ins: list[Any], 
     dilations = [int(d) for d in n.attr("dilations", [1, 1])]
     pads = pads_of(n)
     if role in ("conv", "stem", "depthwise"):
-        flat = flat_multiple(n, block) if role == "conv" else 0
+        flat = flat_multiple(n, block, plan.machine) if role == "conv" else 0
         if role == "conv" and winograd:
             y = bb.emit_te(WO.conv2d_winograd, x, ins[1], pads, winograd, primfunc_name_hint="conv_winograd")
         elif flat:

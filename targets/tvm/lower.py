@@ -45,6 +45,7 @@ from graphopt import GraphoptError
 from graphopt.ir import Model, Node, Value
 from graphopt.ir.core import Attr, AttrType
 from graphopt.ir.types import TensorType
+from graphopt.targets.machine import MachineModel, machine_model
 
 KERNEL_KEY = "graphopt.kernel"
 
@@ -821,8 +822,9 @@ def _group_name(k: str) -> str:
 
 class _Lowerer:
     def __init__(self, model: Model, force_inline: dict[str, str] | None = None, block: int | None = None,
-                 winograd: str | None = None) -> None:
+                 winograd: str | None = None, machine: MachineModel | None = None) -> None:
         self.model = model
+        self.machine = machine  # the target's machine model (blocked convs' tiles)
         self.force_inline = dict(force_inline or {})
         self.block = block  # channel block of activations between convs (None: NCHW throughout)
         self.winograd = winograd  # layout.plan_layout's Winograd mode (None: auto)
@@ -871,7 +873,9 @@ class _Lowerer:
         param_vars = [p for p, _ in self.params]
         groups = _topo_groups(self.model)
         if self.block:
-            self.plan = _layout.plan_layout(self.model, groups, self.block, self.winograd)
+            if self.machine is None:
+                raise ValueError("a blocked layout needs the target's machine model (lower(..., machine=...))")
+            self.plan = _layout.plan_layout(self.model, groups, self.block, self.machine, self.winograd)
         # parameters must be known before the function opens: collect Constant-node weights too
         for _, nodes in groups:
             for n in nodes:
@@ -973,7 +977,7 @@ class _Lowerer:
                 ins.append(e)
             role = self.plan.role(n) if self.plan is not None else None
             if role is not None:
-                out = _layout.convert_blocked(bb, n, role, ins, self.plan.block,
+                out = _layout.convert_blocked(bb, n, role, ins, self.plan,
                                               lambda b_, n_, i_: convert_node(b_, n_, i_, self.opset),
                                               self.plan.winograd.get(id(n), 0))
                 env[id(n.outputs[0])] = out
@@ -1228,26 +1232,27 @@ def _rebind_globals(func: relax.Function, table: dict[tvm.ir.GlobalVar, tvm.ir.G
 
 
 def lower(model: Model, force_inline: dict[str, str] | None = None, block: int | None = None,
-          winograd: str | None = None) -> LoweredModule:
+          winograd: str | None = None, machine: MachineModel | None = None) -> LoweredModule:
     """Lower `model` (planned with `plan-kernels`). Groups named in `force_inline` are emitted
     inline into main (with that reason). With `block`, convolution groups run on channel-blocked
     activations where they can (see layout.py), 3x3 convs in Winograd form per `winograd` (a
-    `layout.plan_layout` mode)."""
-    return _Lowerer(model, force_inline, block, winograd).lower()
+    `layout.plan_layout` mode), tiled for `machine` (the target's machine model; needed with `block`)."""
+    return _Lowerer(model, force_inline, block, winograd, machine).lower()
 
 
 def lower_and_fuse(model: Model, target: tvm.target.Target, block: int | None = None,
                    winograd: str | None = None) -> tuple[LoweredModule, tvm.IRModule]:
     """`lower` then `legalize_and_fuse`. When FuseTIR refuses the module, each primitive group is
     tried on its own, the ones it refuses are emitted inline instead, and the model is lowered again."""
-    lowered = lower(model, block=block, winograd=winograd)
+    machine = machine_model(target)
+    lowered = lower(model, block=block, winograd=winograd, machine=machine)
     try:
         return lowered, legalize_and_fuse(lowered.mod, target)
     except Exception as first:  # TVMError / InternalError from FuseTIR
         bad = failing_groups(lowered.mod, target)
         if not bad:
             raise LoweringError(f"LegalizeOps/FuseTIR failed: {_last_line(first)}") from None
-    lowered = lower(model, force_inline=bad, block=block, winograd=winograd)
+    lowered = lower(model, force_inline=bad, block=block, winograd=winograd, machine=machine)
     return lowered, legalize_and_fuse(lowered.mod, target)
 
 

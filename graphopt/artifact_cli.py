@@ -45,7 +45,7 @@ def compile_artifact(opts: Any) -> int:
     target = get_target(opts.target)
 
     model = graphopt.load(opts.model)
-    ctx = PassContext()
+    ctx = PassContext(machine=target.machine_model(opts.threads))
     passes = cli._resolve(opts, ctx.log)
     feeds = cli._feeds(opts, model) if opts.verify else None
     reference = run_onnxruntime(model, feeds) if feeds is not None else None
@@ -92,4 +92,6 @@ def compile_artifact(opts: Any) -> int:
             v = report["verify"]
             line += f"; verify ok (max abs {v['max_abs']:.3g}, max rel {v['max_rel']:.3g})"
         print(line, file=sys.stderr)
+    for w in report.get("warnings", []):  # (shown with --quiet too)
+        print(f"{cli.PROG}: warning: {w}", file=sys.stderr)
     return 0

@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -82,6 +83,12 @@ class Target(ABC):
     @abstractmethod
     def compile(self, model: Model, options: CompileOptions, *, source_sha256: str | None = None) -> Artifact:
         """Compile `model` (already optimized by the pipeline) into an Artifact in a temporary folder."""
+
+    def machine_model(self, threads: int | None = None) -> Any:
+        """The machine model of the CPU this target compiles for (graphopt.targets.machine), which
+        passes read through `PassContext.machine` (the quantize pass's reduce-range); None: not a
+        CPU target."""
+        return None
 
 
 def parse_target_spec(spec: str) -> tuple[str, dict[str, str]]:
@@ -268,10 +275,14 @@ def compile(  # noqa: A001 - the public name the issue asks for
     if bind:
         bind_inputs(m, bind)
     tgt = get_target(target)
-    m = optimize(m, pipeline, inplace=True)
+    from graphopt.transform import PassContext
+
+    m = optimize(m, pipeline, inplace=True, ctx=PassContext(machine=tgt.machine_model(threads)))
     opts = CompileOptions(pipeline=pipeline, threads=threads, tune=tune, tune_minutes=tune_minutes,
                           tuning_db=tuning_db, progress=progress, bind=bind)
     art = tgt.compile(m, opts, source_sha256=source_sha)
+    for w in art.report.get("warnings", []):  # (the CLI prints them as one line each)
+        warnings.warn(w, stacklevel=2)
     if bind:  # the manifest says which input values the library was specialised on
         art.manifest["specialized"] = {k: {"dtype": str(np.asarray(a).dtype), "shape": list(np.shape(a)),
                                            "values": np.asarray(a).reshape(-1).tolist()} for k, a in bind.items()}

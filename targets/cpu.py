@@ -62,6 +62,22 @@ def _llvm_cpus() -> frozenset[str]:
         return frozenset()
 
 
+#: a compile whose multiply-add FLOPs run on generic schedules above this share says so
+FALLBACK_WARN_SHARE = 0.03
+
+
+def _fallback_warnings(fallback: dict[str, Any]) -> list[str]:
+    """One line when the kernels on generic schedules hold a noticeable share of the FLOPs."""
+    share = float(fallback.get("share", 0.0) or 0.0)
+    if share <= FALLBACK_WARN_SHARE:
+        return []
+    ks = fallback.get("kernels", [])
+    top = ", ".join(f"{k['kernel']} ({k['rule']}, {100 * k['share']:.0f}%)" for k in ks[:3])
+    return [f"{100 * share:.0f}% of the model's multiply-add FLOPs run on generic (slow) schedules in "
+            f"{len(ks)} kernel{'s' if len(ks) != 1 else ''}: {top}{', ...' if len(ks) > 3 else ''} "
+            "(report.json schedules.fallback lists them)"]
+
+
 def _io(values: Any) -> list[dict[str, Any]]:
     out = []
     for v in values:
@@ -104,6 +120,7 @@ class CpuTarget(Target):
         for key, value in options.items():
             if key in cls._FREE_OPTIONS:
                 setattr(t, key, str(value))
+                t._check_cpu(t.mcpu, t.mattr)
                 continue
             allowed = cls._OPTIONS.get(key)
             if allowed is None:
@@ -134,15 +151,25 @@ class CpuTarget(Target):
         from graphopt.targets.tvm import build as B
 
         mcpu = self.mcpu or env_mcpu()
-        mattr = [a for a in (self.mattr or "").replace(",", ":").split(":") if a]
-        if any(a[0] not in "+-" for a in mattr):
-            raise UsageError(f"target {self.name}: mattr={self.mattr!r}: each feature starts with + or - (-avx512f:+fma)")
+        self._check_cpu(mcpu, self.mattr)
+        mattr = [a for a in (self.mattr or "").split(":") if a]
+        return B.host_target(mcpu=mcpu, threads=threads, mattr=mattr or None)
+
+    @classmethod
+    def _check_cpu(cls, mcpu: str | None, mattr: str | None) -> None:
+        if mattr is not None and any(a[0] not in "+-" for a in mattr.split(":") if a):
+            raise UsageError(f"target {cls.name}: mattr={mattr!r}: each feature starts with + or -, "
+                             "separated by ':' (-avx512f:+fma)")
         known = _llvm_cpus()
         if mcpu is not None and known and mcpu not in known:
-            near = [c for c in known if c.startswith(mcpu[:3])][:8]
-            raise UsageError(f"target {self.name}: mcpu={mcpu!r} is not a CPU LLVM knows"
-                             + (f" (similar: {', '.join(near)})" if near else ""))
-        return B.host_target(mcpu=mcpu, threads=threads, mattr=mattr or None)
+            near = sorted(c for c in known if c.startswith(mcpu[:3]))[:8]
+            raise UsageError(f"target {cls.name}: mcpu={mcpu!r} is not a CPU LLVM knows"
+                             + (f" (similar: {', '.join(near)})" if near else " (e.g. haswell, skylake-avx512, znver4)"))
+
+    def machine_model(self, threads: int | None = None) -> Any:
+        from graphopt.targets.tvm import build as B
+
+        return self.machine(self.tvm_target(int(threads or B.default_threads())))
 
     def machine(self, target: Any) -> Any:
         """The machine model the compile reads (graphopt.targets.machine)."""
@@ -303,7 +330,8 @@ class CpuTarget(Target):
                 "versions": {"graphopt": graphopt.__version__, "tvm": tvm.__version__, "onnx": onnx.__version__,
                              "python": platform.python_version()},
                 "kernels": kernels,
-                "schedules": {"default": sched.default_schedules},
+                "schedules": {"default": sched.default_schedules, "rules": sched.by_rule,
+                              "fallback": sched.fallback},
                 "tuning": sched.tuning,
                 # params: main's weights after the inputs, packed already by `packed` hoisted functions
                 "runtime": {"kind": "tvm-relax-vm", "entry": "main", "params": list(params), "packed": hoisted}
@@ -318,8 +346,10 @@ class CpuTarget(Target):
                 "seconds": {k: round(v, 3) for k, v in times.items()},
                 "kernels": kernels,
                 "tuning": sched.tuning,
-                "schedules": {"default": sched.default_schedules},
+                "schedules": {"default": sched.default_schedules, "rules": sched.by_rule,
+                              "fallback": sched.fallback},
                 "weights": {"packed_at_compile": hoisted},
+                "warnings": _fallback_warnings(sched.fallback),
                 "python": sys.version.split()[0],
             }
             with open(os.path.join(folder, REPORT), "w", encoding="utf-8") as f:

@@ -89,6 +89,9 @@ class CudaTarget(CpuTarget):
                 raise UsageError(f"target cuda: unknown option {key!r} (have: arch, ptx)")
         return cls(**kw)
 
+    def machine_model(self, threads: int | None = None) -> Any:
+        return None  # (a GPU: no CPU machine model; the host's CPU only runs the VM)
+
     def tvm_target(self, threads: int) -> Any:
         import tvm
 

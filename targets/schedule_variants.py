@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 __all__ = ["variants"]
 
 # (pixels, output channel blocks) per micro-kernel: 8-14 accumulator vectors
-_CONV_TILES = ((2, 6), (3, 4), (4, 3), (6, 2), (4, 2), (2, 4), (8, 1), (7, 2), (7, 1), (12, 1))
+# micro-kernel tiles besides the machine model's exact ones (`MachineModel.conv_tiles`)
+_MORE_TILES = ((4, 2), (2, 4), (8, 1), (7, 2), (7, 1), (12, 1))
+_MORE_TILES_32_REGS = ((8, 2), (4, 4), (16, 1), (14, 1), (7, 3), (12, 2))
 _CONV_ORDERS = (("ob", False), ("row", True), ("pix", False))
 _WINDOW = tuple((rt, pad, ry) for rt in (2, 4, 7, 8) for pad in ("inline", "at") for ry in (1, 2))
 
@@ -34,8 +36,13 @@ def _hash(sch: Any) -> int:
 
 def variants(func: "tvm.tirx.PrimFunc", target: "tvm.target.Target", lanes: int) -> list[tuple[str, Any]]:
     """(label, traced Schedule) for each variant of `func`'s default schedule that differs from it."""
-    from .nchwc_schedules import TWELVE_TILES, BlockedConv, BlockedWindow, ConvTile
+    from .machine import machine_model
+    from .nchwc_schedules import BlockedConv, BlockedWindow, ConvTile
     from .winograd_schedules import WinogradConv
+
+    machine = machine_model(target)
+    exact = machine.conv_tiles
+    tiles = tuple(dict.fromkeys((*exact, *(_MORE_TILES_32_REGS if machine.vector_registers >= 32 else ()), *_MORE_TILES)))
 
     out: list[tuple[str, Any]] = []
     try:  # the default schedule (WinogradConv, else BlockedConv.apply: the conv schedule, else the window one)
@@ -55,19 +62,19 @@ def variants(func: "tvm.tirx.PrimFunc", target: "tvm.target.Target", lanes: int)
     if winograd:  # the transforms have one schedule; the GEMM's micro-kernel varies
         cands = [(f"winograd gemm tile {rt}x{obt}{f' k-chunk {c}' if c else ''}",
                   WinogradConv(ConvTile(rt, obt, "ob", tail=True, k_chunk=c)))
-                 for rt, obt in _CONV_TILES for c in (0, 16)]
+                 for rt, obt in tiles for c in (0, 16)]
     elif conv:
         # (a tile that does not divide the row takes a ragged last tile; exact tiles ignore `tail`)
         cands = [(f"tile {rt}x{obt} {order}{' pad-row' if pad_row else ''}",
                   BlockedConv(tile=ConvTile(rt, obt, order, pad_row=pad_row, tail=True)))
-                 for rt, obt in _CONV_TILES for order, pad_row in _CONV_ORDERS]
+                 for rt, obt in tiles for order, pad_row in _CONV_ORDERS]
         # the reduction in chunks of 16 input blocks (declined by kernels with fewer)
         cands += [(f"tile {rt}x{obt} ob k-chunk 16", BlockedConv(tile=ConvTile(rt, obt, "ob", k_chunk=16, tail=True)))
-                  for rt, obt in _CONV_TILES]
+                  for rt, obt in tiles]
         # flat convs with padded rows: passes per kernel row over chunks of 2-8 input blocks
         cands += [(f"tile {rt}x{obt} ob row-passes k-chunk {c}",
                    BlockedConv(tile=ConvTile(rt, obt, "ob", row_passes=True, k_chunk=c)))
-                  for rt, obt in TWELVE_TILES for c in (2, 4, 8)]
+                  for rt, obt in exact for c in (2, 4, 8)]
     else:
         cands = [(f"window {rt} px x {ry} rows pad {pad}", BlockedConv(window=BlockedWindow(rt=rt, pad=pad, ry=ry)))
                  for rt, pad, ry in _WINDOW]

@@ -56,3 +56,49 @@ def int8_matmul_operands(stmt: Any) -> tuple[Any, Any, Any, Any, bool] | None:
         return None
     a_buf, b_buf, n_var, b_k_first = cand[0]
     return k, a_buf, b_buf, n_var, b_k_first
+
+
+def _is_mac(store: Any) -> bool:
+    """`out[..] = out[..] + x[..] * y[..]` (casts allowed): a multiply-accumulate, not a sum of
+    squares of differences (layer norm's variance)."""
+    from tvm import tirx
+
+    def load(e: Any) -> bool:
+        while isinstance(e, tirx.Cast):
+            e = e.value
+        return type(e).__name__ in ("BufferLoad", "TensorLoad")
+
+    v = getattr(store, "value", None)
+    if not isinstance(v, tirx.Add):
+        return False
+    mul = v.b if load(v.a) else v.a
+    return isinstance(mul, tirx.Mul) and load(mul.a) and load(mul.b)
+
+
+def kernel_flops(func: Any) -> float:
+    """2 x the iteration count of each multiply-accumulate block (a reduction reading two tensors:
+    conv, dense, matmul) of an unscheduled PrimFunc; 0 for kernels without one (softmax, layer
+    norm, copies) and for blocks with a symbolic extent."""
+    from tvm import s_tir
+    from tvm.tirx import IterVar
+
+    sch = s_tir.Schedule(func)
+    flops = 0.0
+
+    def walk(parent: Any) -> None:
+        nonlocal flops
+        for block in sch.get_child_blocks(parent):
+            stmt = sch.get(block)
+            if any(iv.iter_type == IterVar.CommReduce for iv in stmt.iter_vars) and len(stmt.writes) == 1:
+                out = stmt.writes[0].source
+                exts = [static_int(iv.dom.extent) for iv in stmt.iter_vars]
+                if (len({r.source.name for r in stmt.reads if not r.source.same_as(out)}) >= 2
+                        and _is_mac(stmt.body) and all(e is not None for e in exts)):
+                    n = 1.0
+                    for e in exts:
+                        n *= float(e)
+                    flops += 2.0 * n
+            walk(block)
+
+    walk(sch.get_sblock(func.body.block.name_hint))
+    return flops

@@ -48,6 +48,7 @@ __all__ = [
     "default_schedule",
     "vector_lanes",
     "ScheduleStats",
+    "GENERIC_RULES",
     "LAYOUT_REWRITE_ANN",
     "is_tunable_kernel",
 ]
@@ -83,12 +84,28 @@ _MATMUL_K_BLOCK = 128
 # `accumulators_wide` when no tile up to that divides the register axis and one tile covers it
 
 
+#: rules that schedule a kernel without knowing what it computes: a conv or matmul that lands on
+#: one of them runs at a few percent of peak (what `ScheduleStats.fallback` reports)
+GENERIC_RULES = frozenset({"dlight-gemv", "dlight-reduction", "fallback-parallel", "none"})
+
+
 @dataclass
 class ScheduleStats:
-    """Which rule scheduled which PrimFunc (for reports and tests)."""
+    """Which rule scheduled which PrimFunc, and each one's multiply-add FLOPs (for reports and tests)."""
 
     by_func: dict[str, str] = field(default_factory=dict)
     failures: dict[str, list[str]] = field(default_factory=dict)
+    flops: dict[str, float] = field(default_factory=dict)  # every PrimFunc of the module, scheduled already or not
+
+    def fallback(self) -> dict[str, Any]:
+        """The kernels with multiply-add work that a generic rule scheduled (GENERIC_RULES), with
+        their share of the module's FLOPs: {"share": f, "kernels": [{name, rule, gflop, share}]}."""
+        total = sum(self.flops.values())
+        rows = [{"kernel": k, "rule": r, "gflop": round(self.flops.get(k, 0.0) / 1e9, 6),
+                 "share": round(self.flops.get(k, 0.0) / total, 4) if total else 0.0}
+                for k, r in self.by_func.items() if r in GENERIC_RULES and self.flops.get(k, 0.0) > 0]
+        rows.sort(key=lambda r: -r["gflop"])
+        return {"share": round(sum(r["share"] for r in rows), 4), "kernels": rows}
 
     def count(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -1038,11 +1055,19 @@ def apply_default_schedules(
         target = tvm.target.Target(target)
     if str(target.kind.name) == "llvm" and _FAST_ERF:
         use_fast_erf()
+    from .tir_match import kernel_flops
+
     updates = {}
     for gv, func in mod.functions_items():
         if not isinstance(func, tirx.PrimFunc):
             continue
-        if func.attrs is not None and int(func.attrs.get("tirx.is_scheduled", 0)) == 1:
+        scheduled = func.attrs is not None and int(func.attrs.get("tirx.is_scheduled", 0)) == 1
+        if stats is not None:
+            try:
+                stats.flops[gv.name_hint] = 0.0 if scheduled else kernel_flops(func)
+            except Exception:  # noqa: BLE001 - a kernel the counter does not understand counts 0
+                stats.flops[gv.name_hint] = 0.0
+        if scheduled:
             continue
         new, rule, notes = schedule_prim_func(func, target)
         if stats is not None:

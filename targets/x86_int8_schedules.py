@@ -43,7 +43,7 @@ LAYOUT_REWRITE_ANN = "meta_schedule.layout_rewrite_preproc"
 #: |weight| bound for which vpmaddubsw's int16 pair sums cannot saturate with uint8 activations
 U8S8_WEIGHT_BOUND = 64
 _REGISTERED: set[str] = set()
-LANES = 8  # int32 lanes of a ymm register
+LANES = 8  # int32 lanes of a ymm register (the AVX2 kernels; VNNI on zmm: 16)
 
 
 def _register_u8s8() -> str:
@@ -140,6 +140,71 @@ def _register_s16(a_dt: str, b_dt: str) -> str:
     return name
 
 
+def _register_vnni(lanes: int) -> str:
+    """C[lanes] += Σ_k4 u8 A[k] · s8 B[i, k] via vpdpbusd (AVX-512-VNNI on zmm for 16 lanes,
+    AVX-VNNI / AVX-512-VNNI+VL on ymm for 8): four u8 x s8 products summed straight into int32,
+    exact for every 8-bit value (no int16 intermediate to saturate)."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    name = f"graphopt_x86_vnni_u8s8_{lanes}x4"
+    if name in _REGISTERED:
+        return name
+    intrin = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            # A's four bytes in every 32-bit lane; lane i of B holds B[i, 0:4]
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(intrin),
+                C.vload([0], f"int32x{lanes}"),
+                # (LLVM 22 takes the byte operands as <4*lanes x i8>)
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), lanes),
+                              dtype=f"uint8x{4 * lanes}"),
+                B.vload([0, 0], f"int8x{4 * lanes}"),
+                dtype=f"int32x{lanes}",
+            )
+
+    TensorIntrin.register(name, desc, impl, override=True)
+    _REGISTERED.add(name)
+    return name
+
+
+def _kernel_choice(a_dt: str, b_dt: str, bound: int | None, target: Any) -> tuple[str, int, int, str]:
+    """(variant, k step, int32 lanes, tensor intrinsic) for A/B of these dtypes on `target`'s
+    machine model: vpdpbusd where it has VNNI and the operands are u8 x s8 (the quantize pass's
+    form), AVX2's vpmaddubsw pair for u8 x s8 with weights known to be narrow, else s16."""
+    from .machine import machine_model
+
+    dot = machine_model(target).int8_dot
+    if dot in ("avx512-vnni", "avx-vnni") and a_dt == "uint8" and b_dt == "int8":
+        lanes = 16 if dot == "avx512-vnni" else 8
+        return "vnni", 4, lanes, _register_vnni(lanes)
+    if a_dt == "uint8" and b_dt == "int8" and bound is not None and bound <= U8S8_WEIGHT_BOUND:
+        return "u8s8", 4, LANES, _register_u8s8()
+    return "s16", 2, LANES, _register_s16(a_dt, b_dt)
+
+
 def has_avx2(target: Any) -> bool:
     """True for an x86 LLVM target with AVX2 (False for other ISAs and non-LLVM targets)."""
     from tvm.target import codegen
@@ -218,22 +283,19 @@ def schedule_int8_matmul(func: Any, target: Any, weight_absmax: Mapping[int, int
     # which kernel argument B is, and what is known about its values
     b_param = next((i for i, p in enumerate(func.params) if p.same_as(b_buf)), None)  # 0.27: a buffer parameter is the Var
     bound = (weight_absmax or {}).get(b_param) if b_param is not None else None
-    if a_dt == "uint8" and b_dt == "int8" and bound is not None and bound <= U8S8_WEIGHT_BOUND:
-        variant, step, intrin = "u8s8", 4, _register_u8s8()
-    else:
-        variant, step, intrin = "s16", 2, _register_s16(a_dt, b_dt)
+    variant, step, lanes, intrin = _kernel_choice(a_dt, b_dt, bound, target)
     ivs = {iv.var: iv for iv in stmt.iter_vars}
     n_ext, k_ext = _static(ivs[n_var].dom.extent), _static(ivs[k].dom.extent)
-    if n_ext is None or k_ext is None or n_ext % LANES or k_ext % step:
+    if n_ext is None or k_ext is None or n_ext % lanes or k_ext % step:
         return None
 
     # pack B to [N/8, K/step, 8(n), step(k)]; a kernel argument's packing runs once at compile time
     b_index = next(i for i, r in enumerate(stmt.reads) if r.source.same_as(b_buf))
     pack = sch.cache_read(mm, b_index, "global")
     if b_k_first:
-        sch.transform_layout(mm, ("read", b_index), lambda kk, nn: (nn // LANES, kk // step, nn % LANES, kk % step))
+        sch.transform_layout(mm, ("read", b_index), lambda kk, nn: (nn // lanes, kk // step, nn % lanes, kk % step))
     else:
-        sch.transform_layout(mm, ("read", b_index), lambda nn, kk: (nn // LANES, kk // step, nn % LANES, kk % step))
+        sch.transform_layout(mm, ("read", b_index), lambda nn, kk: (nn // lanes, kk // step, nn % lanes, kk % step))
     if b_param is not None:
         sch.annotate(pack, LAYOUT_REWRITE_ANN, True)
 
@@ -253,12 +315,13 @@ def schedule_int8_matmul(func: Any, target: Any, weight_absmax: Mapping[int, int
     m_ext = _static(sch.get(m_loop).extent)
     if m_ext is None:
         return None
-    mt = next(d for d in (4, 3, 2, 1) if m_ext % d == 0)
-    n_blocks = n_ext // LANES
+    # rows x 2 vectors of accumulators: 8 of 16 ymm (AVX2), up to 12 of 32 zmm
+    mt = next(d for d in ((6, 4, 3, 2, 1) if lanes == 16 else (4, 3, 2, 1)) if m_ext % d == 0)
+    n_blocks = n_ext // lanes
     nt = 2 if n_blocks % 2 == 0 else 1
     sch.reorder(*batch, m_loop, n_loop, k_loop)
     m_o, m_i = sch.split(m_loop, [None, mt])
-    n_o, n_i = sch.split(n_loop, [None, LANES])
+    n_o, n_i = sch.split(n_loop, [None, lanes])
     n_oo, n_oi = sch.split(n_o, [None, nt])
     k_o, k_i = sch.split(k_loop, [None, step])
     # a B panel (16 columns × K) stays in cache while the row tiles pass over it
@@ -285,7 +348,7 @@ def schedule_int8_matmul(func: Any, target: Any, weight_absmax: Mapping[int, int
     sch.unroll(m_i)
     sch.unroll(n_oi)
     wl = sch.get_loops(wb)[1:]  # [outer, (batch 1s), rows, columns]
-    if wl and _static(sch.get(wl[-1]).extent) == nt * LANES:
+    if wl and _static(sch.get(wl[-1]).extent) == nt * lanes:
         sch.vectorize(wl[-1])
         wl = wl[:-1]
     for lp in wl:
@@ -301,13 +364,14 @@ def schedule_int8_matmul(func: Any, target: Any, weight_absmax: Mapping[int, int
     return sch.mod["main"].with_attr("tirx.is_scheduled", True), variant
 
 
-def _tile_conv(ow: int, n_blocks: int) -> tuple[int, int]:
-    """(output columns, 8-channel vectors) per register tile: at most 8 int32 accumulators."""
+def _tile_conv(ow: int, n_blocks: int, max_acc: int = 8) -> tuple[int, int]:
+    """(output columns, channel vectors) per register tile: at most `max_acc` int32 accumulators
+    (8 of AVX2's 16 ymm, 12 of AVX-512's 32 zmm)."""
     if n_blocks % 2 == 0:
-        for xt in (4, 3, 2):
+        for xt in range(max_acc // 2, 1, -1):
             if ow % xt == 0:
                 return xt, 2
-    for xt in (7, 6, 5, 4, 3, 2, 1):
+    for xt in range(min(max_acc, 7 if max_acc == 8 else max_acc), 0, -1):
         if ow % xt == 0:
             return xt, 1
     return 1, 1
@@ -375,13 +439,9 @@ def schedule_int8_conv(func: Any, target: Any, weight_absmax: Mapping[int, int] 
         return None  # the batch may be symbolic (it is only part of the parallel loop)
     b_param = next((i for i, p in enumerate(func.params) if p.same_as(b_buf)), None)
     bound = (weight_absmax or {}).get(b_param) if b_param is not None else None
-    if a_dt == "uint8" and b_dt == "int8" and bound is not None and bound <= U8S8_WEIGHT_BOUND:
-        variant, step = "u8s8", 4
-    else:
-        variant, step = "s16", 2
-    if ext[ff] % LANES or ext[rc] % step:
+    variant, step, lanes, intrin = _kernel_choice(a_dt, b_dt, bound, target)
+    if ext[ff] % lanes or ext[rc] % step:
         return None
-    intrin = _register_u8s8() if variant == "u8s8" else _register_s16(a_dt, b_dt)
     cores = _static(target.attrs.get("num-cores", 1)) or 1
 
     # input NHWC: the pad block writes it so (or a copy of a kernel argument does)
@@ -399,7 +459,7 @@ def schedule_int8_conv(func: Any, target: Any, weight_absmax: Mapping[int, int] 
     b_index = next(i for i, r in enumerate(sch.get(mm).reads) if r.source.same_as(b_buf))
     pack = sch.cache_read(mm, b_index, "global")
     sch.transform_layout(mm, ("read", b_index),
-                         lambda f, c, kh, kw: (f // LANES, kh, kw, c // step, f % LANES, c % step))
+                         lambda f, c, kh, kw: (f // lanes, kh, kw, c // step, f % lanes, c % step))
     if b_param is not None:
         sch.annotate(pack, LAYOUT_REWRITE_ANN, True)
 
@@ -407,8 +467,8 @@ def schedule_int8_conv(func: Any, target: Any, weight_absmax: Mapping[int, int] 
     if len(loops) != 7:
         return None
     ln, lf, ly, lx, lc, lky, lkx = loops
-    xt, nt = _tile_conv(ext[xx], ext[ff] // LANES)
-    f_o, f_i = sch.split(lf, [None, LANES])
+    xt, nt = _tile_conv(ext[xx], ext[ff] // lanes, 12 if lanes == 16 else 8)
+    f_o, f_i = sch.split(lf, [None, lanes])
     f_oo, f_oi = sch.split(f_o, [None, nt])
     x_o, x_i = sch.split(lx, [None, xt])
     c_o, c_i = sch.split(lc, [None, step])

@@ -25,10 +25,10 @@ from graphopt.targets.nchwc_schedules import (  # noqa: E402
     ConvTile,
     conv_tile,
 )
-from tvm_kernels import host_target as _target  # noqa: E402
-from tvm_kernels import primitive_kernel  # noqa: E402
+from tvm_kernels import AVX2_MCPU, AVX512_MCPU, host_runs, isa_target, primitive_kernel  # noqa: E402
 
 from graphopt.targets import nchwc_schedules as NS  # noqa: E402
+from graphopt.targets.machine import machine_model  # noqa: E402
 from graphopt.targets.tvm import blocked_ops as BO  # noqa: E402
 from graphopt.targets.tvm.lower import legalize_and_fuse  # noqa: E402
 from graphopt.targets.tvm_schedules import (  # noqa: E402
@@ -38,13 +38,27 @@ from graphopt.targets.tvm_schedules import (  # noqa: E402
     default_schedule,
 )
 
+# the kernels here are AVX2's (8-channel blocks, 16 registers), built for an explicit AVX2 mcpu so
+# the checks are the same on every x86 host; the AVX-512 ones (16-channel blocks, 32 registers) at
+# the end run where the host can execute them
 B = 8
 TT = relax.TensorType
+AVX2 = isa_target(AVX2_MCPU)
+AVX512 = isa_target(AVX512_MCPU)
+pytestmark = pytest.mark.skipif(not host_runs(AVX2), reason="this host cannot execute AVX2 code")
+needs_avx512 = pytest.mark.skipif(not host_runs(AVX512), reason=f"this host cannot execute {AVX512_MCPU} (AVX-512) code")
 
 
-def _blocked(a):
+_M = machine_model(AVX2)
+
+
+def _target(threads=2):
+    return AVX2 if threads == 2 else isa_target(AVX2_MCPU, threads)
+
+
+def _blocked(a, b=B):
     n, c, h, w = a.shape
-    return np.ascontiguousarray(a.reshape(n, c // B, B, h, w).transpose(0, 1, 3, 4, 2))
+    return np.ascontiguousarray(a.reshape(n, c // b, b, h, w).transpose(0, 1, 3, 4, 2))
 
 
 def _unblocked(a):
@@ -56,24 +70,24 @@ def _out(h, k, s, p):
     return (h + 2 * p - k) // s + 1
 
 
-def _kernel(kind, c, h, oc, k, s, act="relu", residual=False, pool="max", w=None, n=1, flat=0):
+def _kernel(kind, c, h, oc, k, s, act="relu", residual=False, pool="max", w=None, n=1, flat=0, b=B):
     """The fused PrimFunc the lowering makes for one blocked kernel group (Relax primitive
     function → LegalizeOps → FuseTIR) and the shapes of its parameters."""
     w = w or h
     p = k // 2 if kind != "pool" or pool == "max" else 0
     oh, ow = _out(h, k, s, p), _out(w, k, s, p)
-    x = relax.Var("x", TT((n, c, h, w) if kind == "stem" else (n, c // B, h, w, B), "float32"))
+    x = relax.Var("x", TT((n, c, h, w) if kind == "stem" else (n, c // b, h, w, b), "float32"))
     params = [x]
     if kind == "conv":
-        params.append(relax.Var("w", TT((oc // B, c // B, k, k, B, B), "float32")))
+        params.append(relax.Var("w", TT((oc // b, c // b, k, k, b, b), "float32")))
     elif kind == "stem":
-        params.append(relax.Var("w", TT((oc // B, c, k, k, B), "float32")))
+        params.append(relax.Var("w", TT((oc // b, c, k, k, b), "float32")))
     elif kind == "depthwise":
-        params.append(relax.Var("w", TT((c // B, k, k, B), "float32")))
+        params.append(relax.Var("w", TT((c // b, k, k, b), "float32")))
     if kind != "pool":
         params.append(relax.Var("bias", TT((oc,), "float32")))
     if residual:
-        params.append(relax.Var("r", TT((n, oc // B, oh, ow, B), "float32")))
+        params.append(relax.Var("r", TT((n, oc // b, oh, ow, b), "float32")))
 
     def body(bb, *_):
         if kind == "pool":
@@ -84,7 +98,7 @@ def _kernel(kind, c, h, oc, k, s, act="relu", residual=False, pool="max", w=None
                 y = bb.emit_te(BO.conv2d_blocked_flat, x, params[1], [s, s], [p] * 4, [1, 1], flat, primfunc_name_hint=kind)
             else:
                 y = bb.emit_te(fn, x, params[1], [s, s], [p] * 4, [1, 1], primfunc_name_hint=kind)
-            y = bb.emit(relax.op.add(y, relax.op.reshape(params[2], [1, oc // B, 1, 1, B])))
+            y = bb.emit(relax.op.add(y, relax.op.reshape(params[2], [1, oc // b, 1, 1, b])))
         if residual:
             y = bb.emit(relax.op.add(y, params[-1]))
         if act == "relu":
@@ -97,14 +111,14 @@ def _kernel(kind, c, h, oc, k, s, act="relu", residual=False, pool="max", w=None
     return func, (n, oc, oh, ow)
 
 
-def _data(kind, c, h, oc, k, s, residual=False, pool="max", w=None, n=1, seed=0):
+def _data(kind, c, h, oc, k, s, residual=False, pool="max", w=None, n=1, seed=0, b=B):
     """NCHW arrays, the kernel's arguments made from them, and onnxruntime's output."""
     w = w or h
     rng = np.random.default_rng(seed)
     p = k // 2 if kind != "pool" or pool == "max" else 0
     oh, ow = _out(h, k, s, p), _out(w, k, s, p)
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
-    args = [x if kind == "stem" else _blocked(x)]
+    args = [x if kind == "stem" else _blocked(x, b)]
     inits, feeds = [], {"x": x}
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))]
     if kind == "pool":
@@ -115,18 +129,18 @@ def _data(kind, c, h, oc, k, s, residual=False, pool="max", w=None, n=1, seed=0)
         W = (rng.standard_normal((oc, c // group, k, k)) / np.sqrt(c // group * k * k)).astype(np.float32)
         bias = rng.standard_normal(oc).astype(np.float32)
         if kind == "conv":
-            args.append(np.ascontiguousarray(W.reshape(oc // B, B, c // B, B, k, k).transpose(0, 2, 4, 5, 3, 1)))
+            args.append(np.ascontiguousarray(W.reshape(oc // b, b, c // b, b, k, k).transpose(0, 2, 4, 5, 3, 1)))
         elif kind == "stem":
-            args.append(np.ascontiguousarray(W.reshape(oc // B, B, c, k, k).transpose(0, 2, 3, 4, 1)))
+            args.append(np.ascontiguousarray(W.reshape(oc // b, b, c, k, k).transpose(0, 2, 3, 4, 1)))
         else:
-            args.append(np.ascontiguousarray(W.reshape(c // B, B, k, k).transpose(0, 2, 3, 1)))
+            args.append(np.ascontiguousarray(W.reshape(c // b, b, k, k).transpose(0, 2, 3, 1)))
         args.append(bias)
         inits = [numpy_helper.from_array(W, "W"), numpy_helper.from_array(bias, "B")]
         nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y0"], kernel_shape=[k, k], strides=[s, s], pads=[p] * 4,
                                   group=group)]
     if residual:
         r = rng.standard_normal((n, oc, oh, ow)).astype(np.float32)
-        args.append(_blocked(r))
+        args.append(_blocked(r, b))
         feeds["r"] = r
         inputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, list(r.shape)))
         nodes.append(helper.make_node("Add", ["y0", "r"], ["y1"]))
@@ -149,11 +163,11 @@ def _act(ref, act):
 _GUARD = 256  # floats of sentinel after the output: a kernel writing past its end changes them
 
 
-def _run(func, args, out_shape):
+def _run(func, args, out_shape, b=B, target=None):
     n, oc, oh, ow = out_shape
     func = NS.apply_loop_marks(func)  # (as the build does)
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=_target())
-    shape = (n, oc // B, oh, ow, B)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target or _target())
+    shape = (n, oc // b, oh, ow, b)
     size = int(np.prod(shape))
     guarded = tvm.runtime.tensor(np.full(size + _GUARD, 7.0, np.float32))
     lib["main"](*[tvm.runtime.tensor(a) for a in args], guarded._create_view(shape, "float32"))
@@ -162,12 +176,13 @@ def _run(func, args, out_shape):
     return _unblocked(flat[:size].reshape(shape))
 
 
-def _schedule(func, rule=None):
+def _schedule(func, rule=None, target=None):
+    target = target or _target()
     if rule is None:
         stats = ScheduleStats()
-        mod = apply_default_schedules(tvm.IRModule({"main": func}), _target(), stats=stats)
+        mod = apply_default_schedules(tvm.IRModule({"main": func}), target, stats=stats)
         return mod["main"], stats.by_func["main"]
-    sch = rule.apply(func, _target(), 8)
+    sch = rule.apply(func, target, machine_model(target).lanes())
     assert sch is not None
     return sch.mod["main"], rule.name
 
@@ -253,22 +268,22 @@ def test_tile_that_does_not_divide_is_declined():
 
 def test_conv_tile_choice():
     # 12 accumulators where the row width / block count allow it
-    assert (conv_tile(ConvShape("conv", 18, 56, 56, 24, 1, 1, 1), 8).rt,
-            conv_tile(ConvShape("conv", 18, 56, 56, 24, 1, 1, 1), 8).obt) == (2, 6)
-    t = conv_tile(ConvShape("conv", 8, 48, 48, 64, 1, 1, 1), 8)
+    assert (conv_tile(ConvShape("conv", 18, 56, 56, 24, 1, 1, 1), _M).rt,
+            conv_tile(ConvShape("conv", 18, 56, 56, 24, 1, 1, 1), _M).obt) == (2, 6)
+    t = conv_tile(ConvShape("conv", 8, 48, 48, 64, 1, 1, 1), _M)
     assert t.rt * t.obt == 12 and 48 % t.rt == 0 and 8 % t.obt == 0
     # ResNet-50's widths (56, 28, 14, 7) and power-of-two block counts: 3 x 4 tiles with a
     # ragged last one (2, 1, 2, 1 pixels)
     for ow in (56, 28, 14, 7):
         for ob in (8, 16, 64):
-            t = conv_tile(ConvShape("conv", ob, ow, ow, 576, 3, 3, 1), 8)
+            t = conv_tile(ConvShape("conv", ob, ow, ow, 576, 3, 3, 1), _M)
             assert (t.rt, t.obt, t.tail) == (3, 4, True) and ob % t.obt == 0
             assert t.pad_row == (ow >= 14)
     # a block count no 12-accumulator tile divides: 8 accumulators that divide the row
-    t = conv_tile(ConvShape("conv", 5, 14, 14, 576, 3, 3, 1), 8)
+    t = conv_tile(ConvShape("conv", 5, 14, 14, 576, 3, 3, 1), _M)
     assert t.rt * t.obt < 12 and 14 % t.rt == 0 and 5 % t.obt == 0 and not t.tail
-    assert conv_tile(ConvShape("conv", 256, 7, 7, 1024, 1, 1, 2), 8).order == "blk"  # strided 1x1
-    assert conv_tile(ConvShape("conv", 256, 7, 7, 1024, 1, 1, 1), 8).order == "ob"
+    assert conv_tile(ConvShape("conv", 256, 7, 7, 1024, 1, 1, 2), _M).order == "blk"  # strided 1x1
+    assert conv_tile(ConvShape("conv", 256, 7, 7, 1024, 1, 1, 1), _M).order == "ob"
 
 
 def test_declines_other_kernels():
@@ -360,10 +375,9 @@ def test_k_chunked_conv_matches_the_default(k):
 
     from graphopt.targets import nchwc_schedules as NS
     from graphopt.targets.tvm import blocked_ops as BO
-    from graphopt.targets.tvm.build import host_target
     from graphopt.targets.tvm_schedules import default_schedule
 
-    target = host_target(threads=1)
+    target = _target(threads=1)
 
     def func(k: int):
         x = te.placeholder((1, 8, 6, 6, 8), name="x")
@@ -507,12 +521,12 @@ def test_odd_block_counts_take_a_wide_tile():
     """Output block counts no 12-accumulator tile divides (SqueezeNet's 1000 channels: 125 blocks)
     take odd_tile's largest divisor up to 6 blocks, not an 8-accumulator tile of 1 block (1 x 1 on
     13-wide rows, 28 GFLOP/s): 125 → 2 pixels x 5 blocks, a prime count → 12 x 1."""
-    assert NS.odd_tile(125) == (2, 5) and NS.odd_tile(7) == (12, 1) and NS.odd_tile(35) == (2, 5)
-    t = conv_tile(ConvShape("conv", 125, 1, 170, 512, 1, 1, 1), 8)  # flat 1x1 512 -> 1000 on 13x13
+    assert NS.odd_tile(125, _M) == (2, 5) and NS.odd_tile(7, _M) == (12, 1) and NS.odd_tile(35, _M) == (2, 5)
+    t = conv_tile(ConvShape("conv", 125, 1, 170, 512, 1, 1, 1), _M)  # flat 1x1 512 -> 1000 on 13x13
     assert (t.rt, t.obt, t.tail) == (2, 5, False)
-    t = conv_tile(ConvShape("conv", 5, 56, 56, 16 * 9, 3, 3, 1), 8)  # 3x3 16 -> 40 on 56-wide rows
+    t = conv_tile(ConvShape("conv", 5, 56, 56, 16 * 9, 3, 3, 1), _M)  # 3x3 16 -> 40 on 56-wide rows
     assert (t.rt, t.obt, t.tail, t.order) == (2, 5, False, "row")
-    t = conv_tile(ConvShape("conv", 7, 56, 56, 16 * 9, 3, 3, 1), 8)  # 56 = 4 x 12 + 8: a ragged tile
+    t = conv_tile(ConvShape("conv", 7, 56, 56, 16 * 9, 3, 3, 1), _M)  # 56 = 4 x 12 + 8: a ragged tile
     assert (t.rt, t.obt, t.tail) == (12, 1, True)
 
 
@@ -567,12 +581,12 @@ def test_ragged_tile_is_peeled_and_keeps_numbers(tile, w):
 def test_default_tiles_take_ragged_rows_and_chunk_large_weight_panels():
     """conv_tile: 12 accumulators with a ragged tile rather than 8 that divide the row; the
     reduction in chunks where the weight panel of a tile column exceeds L2."""
-    t = conv_tile(ConvShape("conv", 8, 14, 14, 256 * 9, 3, 3, 1), 8)
+    t = conv_tile(ConvShape("conv", 8, 14, 14, 256 * 9, 3, 3, 1), _M)
     assert (t.rt, t.obt, t.tail, t.order, t.k_chunk) == (3, 4, True, "row", 0)
-    t = conv_tile(ConvShape("conv", 64, 1, 51, 512 * 9, 3, 3, 1), 8)  # flat 3x3 512->512 on 7x7
+    t = conv_tile(ConvShape("conv", 64, 1, 51, 512 * 9, 3, 3, 1), _M)  # flat 3x3 512->512 on 7x7
     assert (t.rt, t.obt, t.tail, t.order) == (3, 4, False, "ob") and t.k_chunk and 64 % t.k_chunk == 0
     assert 9 * 8 * 8 * 4 * 4 * t.k_chunk <= 160 * 1024
-    t = conv_tile(ConvShape("conv", 8, 56, 56, 64, 1, 1, 1), 8)
+    t = conv_tile(ConvShape("conv", 8, 56, 56, 64, 1, 1, 1), _M)
     assert (t.rt, t.obt, t.tail, t.k_chunk) == (3, 4, True, 0)
 
 
@@ -588,3 +602,50 @@ def test_loop_marks_change_only_marked_functions():
     assert NS.PEEL_LAST in mod["a"].script() and NS.PEEL_LAST not in out["a"].script()
     again = NS.apply_loop_marks_to_module(out)
     assert again["a"].same_as(out["a"]) and again["b"].same_as(out["b"])
+
+
+# --- AVX-512: 16-channel blocks, 24 accumulators of 32 registers --------------------------------
+
+
+def _wide(case):
+    """CASES at 16-channel blocks: every channel count but the stem's RGB input doubled."""
+    cid, kind, c, h, oc, k, s, act, residual, w = case
+    return (cid, kind, c if kind == "stem" else 2 * c, h, 2 * oc, k, s, act, residual, w)
+
+
+def test_avx512_machine_model_tiles_for_32_registers():
+    m = machine_model(AVX512)
+    assert (m.lanes(32), m.vector_registers, m.accumulators) == (16, 32, 24)
+    assert m.conv_tiles == ((4, 6), (6, 4), (8, 3), (12, 2))
+    assert _M.conv_tiles == ((2, 6), (3, 4), (4, 3), (6, 2))  # AVX2's, as before the machine model
+    # ResNet-50's 64 -> 64 3x3 on 56x56 (4 blocks of 16): 6 pixels x 4 blocks with a ragged tile
+    t = conv_tile(ConvShape("conv", 4, 56, 56, 64 * 9, 3, 3, 1), m)
+    assert (t.rt, t.obt, t.tail) == (6, 4, True)
+
+
+@needs_avx512
+@pytest.mark.parametrize("case", [_wide(c) for c in CASES], ids=[c[0] for c in CASES])
+def test_avx512_default_schedule_fires_and_keeps_numbers(case):
+    _, kind, c, h, oc, k, s, act, residual, w = case
+    func, oshape = _kernel(kind, c, h, oc, k, s, act, residual, w=w, b=16)
+    args, ref = _data(kind, c, h, oc, k, s, residual, w=w, b=16)
+    sfunc, rule = _schedule(func, target=AVX512)
+    assert rule == "blocked-conv"
+    np.testing.assert_allclose(_run(sfunc, args, oshape, b=16, target=AVX512), _act(ref, act), rtol=1e-4, atol=1e-4)
+
+
+def _asm(func, target):
+    return tvm.tirx.build(func.with_attr("global_symbol", "main"), target=target).inspect_source("asm")
+
+
+def test_avx512_kernel_uses_zmm_fmas():
+    """Whatever the host: the AVX-512 build of a blocked conv computes with 512-bit FMAs on zmm
+    registers, the AVX2 build with 256-bit ones on ymm."""
+    func, _ = _kernel("conv", 32, 12, 64, 3, 1, "relu", b=16)
+    sfunc, rule = _schedule(func, target=AVX512)
+    assert rule == "blocked-conv"
+    asm = _asm(sfunc, AVX512)
+    assert re.search(r"vfmadd\w+\s+[^\n]*zmm", asm)
+    func8, _ = _kernel("conv", 16, 12, 32, 3, 1, "relu")
+    asm8 = _asm(_schedule(func8)[0], AVX2)
+    assert re.search(r"vfmadd\w+\s+[^\n]*ymm", asm8) and "zmm" not in asm8

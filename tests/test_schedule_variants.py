@@ -22,6 +22,7 @@ from graphopt.targets.tvm import build as B  # noqa: E402
 from graphopt.targets.tvm import lower as L  # noqa: E402
 from graphopt.targets.tvm_schedules import default_schedule  # noqa: E402
 from graphopt.transform import PassContext, optimize  # noqa: E402
+from tvm_kernels import AVX2_CPU, avx2_target  # noqa: E402  (the variants listed are AVX2's)
 
 CONV = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[1, 16, 14, 14] x) => (float[1, 16, 14, 14] y, float[1, 12, 14, 14] z) {
@@ -43,7 +44,7 @@ def _model() -> onnx.ModelProto:
 def _kernels():
     g = optimize(graphopt.load(_model()), "-O2", inplace=True)
     PlanKernels().run(g, PassContext())
-    target = B.host_target(threads=1)
+    target = avx2_target(threads=1)
     lowered, mod = L.lower_and_fuse(g, target, block=8)
     return target, mod, lowered
 
@@ -52,7 +53,7 @@ def _run(func, args):
     from graphopt.targets.nchwc_schedules import apply_loop_marks
 
     func = apply_loop_marks(func)  # (as the build does)
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=B.host_target(threads=1))
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=avx2_target(threads=1))
     arrs = [tvm.runtime.tensor(a) for a in args]
     lib["main"](*arrs)
     return arrs[-1].numpy()
@@ -92,7 +93,7 @@ def test_no_variants_for_other_kernels():
 def test_tuning_measures_variants_first_and_keeps_the_fastest(tmp_path):
     m = _model()
     db = str(tmp_path / "db")
-    art = graphopt.compile(m, "cpu", "-O2", tune=4, tuning_db=db, threads=1)
+    art = graphopt.compile(m, AVX2_CPU, "-O2", tune=4, tuning_db=db, threads=1)
     ledger = json.load(open(os.path.join(db, "graphopt_ledger.json")))
     conv = [e for e in ledger.values() if e.get("default_rule") == "blocked-conv"]
     assert conv and conv[0]["variants"] >= 3
@@ -104,6 +105,6 @@ def test_tuning_measures_variants_first_and_keeps_the_fastest(tmp_path):
     for got, want in zip(art.run(feeds), run_onnxruntime(graphopt.load(m), feeds)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     # a second compile with the database applies it without tuning again
-    again = graphopt.compile(m, "cpu", "-O2", tuning_db=db, threads=1)
+    again = graphopt.compile(m, AVX2_CPU, "-O2", tuning_db=db, threads=1)
     for got, want in zip(again.run(feeds), art.run(feeds)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -132,7 +132,8 @@ def test_target_options_and_features() -> None:
     ("arm64{threads=0}", "at least 1"),
     ("arm64{mcpu=a,mcpu=b}", "given twice"),
     ("arm64{mcpu=a", "one pair of braces"),
-    ("cpu{mcpu=a}", "unknown option 'mcpu'"),
+    ("cpu{mcpu=a}", "is not a CPU LLVM knows"),
+    ("cpu{profile=cortex-a76}", "unknown option 'profile'"),
 ])
 def test_bad_target_options(spec: str, msg: str) -> None:
     with pytest.raises(UsageError, match=re.escape(msg)):

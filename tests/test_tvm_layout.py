@@ -23,6 +23,13 @@ from graphopt.passes.fusion.kernel_groups import PlanKernels  # noqa: E402
 from graphopt.targets.tvm import layout as TL  # noqa: E402
 from graphopt.targets.tvm import lower as L  # noqa: E402
 from graphopt.transform import PassContext, optimize  # noqa: E402
+from graphopt.targets.machine import machine_model  # noqa: E402
+from tvm_kernels import AVX2_MCPU, AVX512_MCPU, host_runs, isa_target  # noqa: E402
+
+# the layout decisions checked here are AVX2's (8-channel blocks, 12-accumulator tiles), compiled
+# for an explicit AVX2 mcpu so they hold on every x86 host; the AVX-512 build is checked at the end
+AVX2_CPU = f"cpu{{mcpu={AVX2_MCPU}}}"
+_M = machine_model(isa_target(AVX2_MCPU))
 
 
 def _parse(text: str, weights: dict[str, tuple[int, ...]], seed: int = 0) -> onnx.ModelProto:
@@ -71,7 +78,7 @@ def _planned(m: onnx.ModelProto) -> graphopt.ir.Model:
 
 def _roles(m: onnx.ModelProto, block: int = 8) -> tuple[TL.LayoutPlan, dict[str, str]]:
     g = _planned(m)
-    plan = TL.plan_layout(g, L._topo_groups(g), block)
+    plan = TL.plan_layout(g, L._topo_groups(g), block, _M)
     return plan, {n.op_type + ":" + (n.outputs[0].name or ""): plan.role(n) for n in g.graph.nodes if plan.role(n)}
 
 
@@ -90,20 +97,20 @@ def test_plan_blocks_the_conv_chain():
 
 def test_blocked_cnn_matches_onnxruntime_and_batch_stays_symbolic():
     m = _parse(RESNETISH, RESNETISH_W)
-    art = graphopt.compile(m, "cpu", "-O2", threads=2)
+    art = graphopt.compile(m, AVX2_CPU, "-O2", threads=2)
     assert art.manifest["kernels"]["blocked"] >= 5
     for batch in (1, 3):
         feeds = _feeds(batch)
         got, want = art.run(feeds)[0], run_onnxruntime(graphopt.load(m), feeds)[0]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-    plain = graphopt.compile(m, "cpu{layout=nchw}", "-O2", threads=2)
+    plain = graphopt.compile(m, f"cpu{{mcpu={AVX2_MCPU},layout=nchw}}", "-O2", threads=2)
     assert plain.manifest["kernels"]["blocked"] == 0
     np.testing.assert_allclose(plain.run(_feeds(2))[0], run_onnxruntime(graphopt.load(m), _feeds(2))[0], rtol=1e-4, atol=1e-5)
 
 
 def test_blocked_weights_are_packed_at_compile_time():
     m = _parse(RESNETISH, RESNETISH_W)
-    art = graphopt.compile(m, "cpu{layout=nchwc}", "-O2", threads=1)
+    art = graphopt.compile(m, f"cpu{{mcpu={AVX2_MCPU},layout=nchwc}}", "-O2", threads=1)
     with np.load(os.path.join(art.path, "params.npz")) as z:
         shapes = {z[k].shape for k in z.files}
     assert (2, 2, 3, 3, 8, 8) in shapes  # w1 as [OC/8, C/8, KH, KW, 8, 8]
@@ -144,7 +151,7 @@ def test_near_misses_stay_nchw():
     assert roles == {}, roles
     feeds = {"x": rng.standard_normal((1, 16, 8, 8)).astype(np.float32),
              "wx": rng.standard_normal((32, 16, 1, 1)).astype(np.float32)}
-    art = graphopt.compile(m, "cpu", "-O2", threads=1)
+    art = graphopt.compile(m, AVX2_CPU, "-O2", threads=1)
     assert art.manifest["kernels"]["blocked"] == 0
     for got, want in zip(art.run(feeds), run_onnxruntime(graphopt.load(m), feeds)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
@@ -168,12 +175,12 @@ def test_layout_changes_at_group_boundaries():
     plan, roles = _roles(m)
     assert sorted(roles.values()) == ["conv", "elementwise"]
     g = _planned(m)
-    lowered = L.lower(g, block=8)
+    lowered = L.lower(g, block=8, machine=_M)
     names = [gv.name_hint for gv in lowered.mod.get_global_vars()]
     assert sum(n.startswith("from_blocked") for n in names) == 1
     assert sum(n.startswith("to_blocked") for n in names) == 1
     feeds = {"x": np.random.default_rng(3).standard_normal((1, 8, 6, 6)).astype(np.float32)}
-    art = graphopt.compile(m, "cpu", "-O2", threads=1)
+    art = graphopt.compile(m, AVX2_CPU, "-O2", threads=1)
     for got, want in zip(art.run(feeds), run_onnxruntime(graphopt.load(m), feeds)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
@@ -202,7 +209,7 @@ def test_random_blocked_convs_match_onnxruntime(c, oc, k, stride, dil, hw, pad, 
     m = _parse(_HEAD + f"g (float[1, {c}, {hw}, {hw}] x) => (float[1, {oc}, ?, ?] y) {{\n    {body}}}\n",
                {"w": (oc, c, k, k), "b": (oc,)})
     feeds = _feeds(1, c, hw, seed=hw)
-    art = graphopt.compile(m, "cpu{layout=nchwc}", "-O2", threads=1)
+    art = graphopt.compile(m, f"cpu{{mcpu={AVX2_MCPU},layout=nchwc}}", "-O2", threads=1)
     assert art.manifest["kernels"]["blocked"] >= 1
     np.testing.assert_allclose(art.run(feeds)[0], run_onnxruntime(graphopt.load(m), feeds)[0], rtol=1e-4, atol=1e-4)
 
@@ -216,7 +223,7 @@ def test_ceil_mode_pool_drops_a_window_starting_in_the_right_padding():
 }
 """, {"w": (8, 8, 1, 1)})
     feeds = _feeds(1, 8, 6)
-    art = graphopt.compile(m, "cpu{layout=nchwc}", "-O2", threads=1)
+    art = graphopt.compile(m, f"cpu{{mcpu={AVX2_MCPU},layout=nchwc}}", "-O2", threads=1)
     np.testing.assert_allclose(art.run(feeds)[0], run_onnxruntime(graphopt.load(m), feeds)[0], rtol=1e-5, atol=1e-6)
 
 
@@ -232,9 +239,9 @@ def test_ragged_rows_compile_with_a_peeled_tile_and_match_onnxruntime():
 }
 """, {"w": (32, 32, 3, 3), "b": (32,), "w1": (32, 32, 1, 1)})
     g = _planned(m)
-    assert [TL.flat_multiple(n, 8) for n in g.graph.nodes if n.op_type == "Conv"] == [0, 3]
+    assert [TL.flat_multiple(n, 8, _M) for n in g.graph.nodes if n.op_type == "Conv"] == [0, 3]
     feeds = _feeds(1, 32, 56)
-    art = graphopt.compile(m, "cpu{winograd=off}", "-O2", threads=2)  # (the 3x3 direct, not in Winograd form)
+    art = graphopt.compile(m, f"cpu{{mcpu={AVX2_MCPU},winograd=off}}", "-O2", threads=2)  # (the 3x3 direct, not in Winograd form)
     np.testing.assert_allclose(art.run(feeds)[0], run_onnxruntime(graphopt.load(m), feeds)[0], rtol=1e-4, atol=1e-4)
 
 
@@ -255,10 +262,10 @@ def test_pointwise_convs_run_on_the_flattened_pixel_axis():
     convs = {n.outputs[0].name: n for n in g.graph.nodes if n.op_type == "Conv"}
     # 4 output blocks: 3 pixels x 4 blocks; 2 blocks: 6 x 2; the padded 1x1 and the 3x3 too, their
     # maps being small (56-row ones keep their rows: see the test above)
-    assert {k: TL.flat_multiple(n, 8) for k, n in convs.items()} == {"c": 3, "v": 6, "t": 3, "u": 3}
-    assert "unflatten" in L.lower(g, block=8).mod.script()
+    assert {k: TL.flat_multiple(n, 8, _M) for k, n in convs.items()} == {"c": 3, "v": 6, "t": 3, "u": 3}
+    assert "unflatten" in L.lower(g, block=8, machine=_M).mod.script()
     feeds = _feeds(1, 32, 7)
-    art = graphopt.compile(m, "cpu{winograd=off}", "-O2", threads=2)  # (the 3x3 direct, not in Winograd form)
+    art = graphopt.compile(m, f"cpu{{mcpu={AVX2_MCPU},winograd=off}}", "-O2", threads=2)  # (the 3x3 direct, not in Winograd form)
     for got, want in zip(art.run(feeds), run_onnxruntime(graphopt.load(m), feeds)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
@@ -267,13 +274,13 @@ def test_flat_pixels_rule_by_rows():
     """Padded convs run flat on maps of at most 28 input rows or 13 output rows; a 56-row input
     keeps its rows (stride 1 or 2), unpadded 1x1 convs are flat at any size."""
     f = TL.flat_px_multiple
-    assert f((3, 3), [1] * 4, [1, 1], 128, 28, 8, 28) == 3
-    assert f((3, 3), [1] * 4, [1, 1], 256, 14, 8, 28) == 3  # stride 2 from 28
-    assert f((3, 3), [1] * 4, [1, 1], 64, 56, 8, 56) == 0
-    assert f((3, 3), [1] * 4, [1, 1], 128, 28, 8, 56) == 0  # stride 2 from 56
-    assert f((3, 3), [1] * 4, [1, 1], 128, 13, 8, 52) == 3  # stride 4: few output rows
-    assert f((1, 1), [0] * 4, [1, 1], 256, 56, 8, 56) == 3
-    assert f((1, 1), [0] * 4, [1, 1], 16, 56, 8, 56) == 6  # 2 output blocks: 6 pixels x 2 blocks
+    assert f((3, 3), [1] * 4, [1, 1], 128, 28, 8, 28, _M) == 3
+    assert f((3, 3), [1] * 4, [1, 1], 256, 14, 8, 28, _M) == 3  # stride 2 from 28
+    assert f((3, 3), [1] * 4, [1, 1], 64, 56, 8, 56, _M) == 0
+    assert f((3, 3), [1] * 4, [1, 1], 128, 28, 8, 56, _M) == 0  # stride 2 from 56
+    assert f((3, 3), [1] * 4, [1, 1], 128, 13, 8, 52, _M) == 3  # stride 4: few output rows
+    assert f((1, 1), [0] * 4, [1, 1], 256, 56, 8, 56, _M) == 3
+    assert f((1, 1), [0] * 4, [1, 1], 16, 56, 8, 56, _M) == 6  # 2 output blocks: 6 pixels x 2 blocks
 
 
 def test_channel_concat_of_whole_blocks_runs_blocked():
@@ -296,7 +303,7 @@ def test_channel_concat_of_whole_blocks_runs_blocked():
     assert roles.get("Concat:c") == "concat"
     assert "Concat:z" not in roles and "Concat:u" not in roles  # 12 channels; the width axis
     feeds = _feeds(1, 16, 10)
-    art = graphopt.compile(m, "cpu", "-O2", threads=2)
+    art = graphopt.compile(m, AVX2_CPU, "-O2", threads=2)
     for got, want in zip(art.run(feeds), run_onnxruntime(graphopt.load(m), feeds)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
@@ -330,7 +337,7 @@ def test_per_channel_constants_and_batchnorm_run_blocked():
     assert roles.get("Mul:s") == "elementwise" and roles.get("Add:z") == "elementwise"
     assert "Mul:u" not in roles and "BatchNormalization:v" not in roles
     feeds = {**_feeds(1, 16, 6), "mu2": rng.standard_normal(16).astype(np.float32)}
-    art = graphopt.compile(m, "cpu", "-O2", threads=2)
+    art = graphopt.compile(m, AVX2_CPU, "-O2", threads=2)
     for got, want in zip(art.run(feeds), run_onnxruntime(graphopt.load(m), feeds)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
@@ -353,7 +360,7 @@ def test_conv_prologue_is_computed_once_not_per_tile():
 """, {"w1": (16, 16, 1, 1), "sc": (32,), "bi": (32,), "mu": (32,), "w2": (32, 32, 1, 1)})
     m.graph.initializer.append(nh.from_array(np.random.default_rng(4).uniform(0.5, 2.0, 32).astype(np.float32), "va"))
     g = _planned(m)
-    target = B.host_target(threads=2)
+    target = isa_target(AVX2_MCPU)
     lowered, mod = L.lower_and_fuse(g, target, block=8)
     stats = ScheduleStats()
     smod = apply_default_schedules(mod, target, stats=stats)
@@ -366,5 +373,39 @@ def test_conv_prologue_is_computed_once_not_per_tile():
     (update,) = [ln for ln in text.splitlines() if re.search(r"conv2d_blocked\w*\[[^]]*\] = conv2d_blocked", ln)]
     assert "T.max" not in update
     feeds = _feeds(1, 16, 12)
-    art = graphopt.compile(m, "cpu", "-O2", threads=2)
+    art = graphopt.compile(m, AVX2_CPU, "-O2", threads=2)
     np.testing.assert_allclose(art.run(feeds)[0], run_onnxruntime(graphopt.load(m), feeds)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_avx512_build_blocks_by_16_and_matches_onnxruntime():
+    """cpu{mcpu=<an AVX-512 CPU>} on any host: 16-channel blocks (the machine model's lanes), the
+    machine model in the manifest; run where the host executes AVX-512, refused with one line
+    naming the missing features where it cannot (never SIGILL)."""
+    m = _parse(RESNETISH, RESNETISH_W)
+    art = graphopt.compile(m, f"cpu{{mcpu={AVX512_MCPU}}}", "-O2", threads=2)
+    mm = art.manifest["target"]["machine"]
+    assert (mm["mcpu"], mm["lanes_fp32"], mm["accumulators"]) == (AVX512_MCPU, 16, 24)
+    assert "avx512f" in mm["features"] and art.manifest["kernels"]["blocked"] >= 5
+    lib = open(os.path.join(art.path, "model.so"), "rb").read()
+    assert lib  # (the kernels' instructions: test_nchwc_schedules.test_avx512_kernel_uses_zmm_fmas)
+    if not host_runs(isa_target(AVX512_MCPU)):
+        with pytest.raises(graphopt.target.ArtifactError, match="lacks avx512"):
+            graphopt.runtime.load(art.path)
+        return
+    for batch in (1, 2):
+        feeds = _feeds(batch)
+        np.testing.assert_allclose(art.run(feeds)[0], run_onnxruntime(graphopt.load(m), feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_default_block_is_the_machine_models_lanes():
+    """The cpu target's channel block is one vector of fp32 lanes of the machine it compiles for."""
+    from graphopt.target import get_target
+
+    for mcpu, lanes in ((AVX2_MCPU, 8), (AVX512_MCPU, 16), ("haswell", 8), ("znver4", 16), ("znver5", 16)):
+        t = get_target(f"cpu{{mcpu={mcpu}}}")
+        tvm_t = t.tvm_target(2)
+        assert t.activation_block(tvm_t) == lanes == machine_model(tvm_t).lanes(32), mcpu
+    t = get_target("cpu{mcpu=skylake-avx512,mattr=-avx512f}")  # AVX-512 turned off: AVX2 blocks
+    assert t.activation_block(t.tvm_target(2)) == 8
+    with pytest.raises(UsageError, match="not a CPU LLVM knows"):
+        get_target("cpu{mcpu=pentium9000}").tvm_target(2)

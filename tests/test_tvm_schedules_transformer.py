@@ -20,7 +20,7 @@ from hypothesis import strategies as st  # noqa: E402
 from onnx import TensorProto, numpy_helper  # noqa: E402
 from onnx import helper as h  # noqa: E402
 
-from tvm_kernels import fuse, fused as _fused, host_target as _target, run as _run  # noqa: E402
+from tvm_kernels import fuse, fused as _fused, avx2_target as _target, run as _run  # noqa: E402  (AVX2 expectations)
 
 import graphopt  # noqa: E402
 import graphopt.targets.tvm_schedules as S  # noqa: E402

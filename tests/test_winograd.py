@@ -28,7 +28,9 @@ from graphopt.targets.tvm import winograd_ops as WO  # noqa: E402
 from graphopt.targets.tvm_schedules import default_rules, default_schedule  # noqa: E402
 from graphopt.targets.winograd_schedules import WinogradConv  # noqa: E402
 from graphopt.transform import PassContext, optimize  # noqa: E402
-from tvm_kernels import host_target, primitive_kernel  # noqa: E402
+from tvm_kernels import AVX2_CPU, AVX2_MCPU, primitive_kernel  # noqa: E402
+from tvm_kernels import avx2_target as host_target  # noqa: E402  (8-channel blocks: AVX2)
+from graphopt.targets.machine import machine_model  # noqa: E402
 
 B = 8
 TT = relax.TensorType
@@ -48,7 +50,7 @@ def _plan(m: onnx.ModelProto, mode: str = "auto") -> dict[str, int]:
     """m of each conv (by its output's name) the layout plan puts in Winograd form."""
     g = optimize(graphopt.load(m), "-O2", inplace=True)
     PlanKernels().run(g, PassContext())
-    plan = TL.plan_layout(g, L._topo_groups(g), B, mode)
+    plan = TL.plan_layout(g, L._topo_groups(g), B, machine_model(host_target()), mode)
     return {n.outputs[0].name: plan.winograd[id(n)] for n in g.graph.nodes if id(n) in plan.winograd}
 
 
@@ -163,7 +165,7 @@ def test_symbolic_batch_takes_winograd_and_matches_onnxruntime():
     copies; 40 s to build one conv, ResNet-50 still compiling after 10 minutes at 14 GB)."""
     model = _model(BLOCK.format(h=14, w=14).replace("float[1, 32", "float[N, 32"), BLOCK_W)
     assert _plan(model) == {"c": 2, "d": 2}
-    art = graphopt.compile(model, "cpu", "-O2", threads=2)
+    art = graphopt.compile(model, AVX2_CPU, "-O2", threads=2)
     assert art.manifest["kernels"]["winograd"] == {"2": 2}
     for batch in (1, 3):
         _compare(model, art, _feeds((batch, 32, 14, 14), seed=batch), rtol=2e-5, atol=2e-5)
@@ -200,7 +202,7 @@ def test_residual_block_matches_onnxruntime(mode, m, tol, h, w, f4_everywhere):
     the manifest, weights packed at compile time, numbers onnxruntime's. 7x9 leaves ragged tiles
     in both directions (and 14 rows ragged 4x4 tiles)."""
     model = _model(BLOCK.format(h=h, w=w), BLOCK_W)
-    art = graphopt.compile(model, f"cpu{{winograd={mode}}}", "-O2", threads=2)
+    art = graphopt.compile(model, f"cpu{{mcpu={AVX2_MCPU},winograd={mode}}}", "-O2", threads=2)
     assert art.manifest["kernels"]["winograd"] == {str(m): 2}
     with np.load(os.path.join(art.path, "params.npz")) as z:
         shapes = {z[k].shape for k in z.files}
@@ -211,8 +213,8 @@ def test_residual_block_matches_onnxruntime(mode, m, tol, h, w, f4_everywhere):
 def test_off_runs_direct_with_the_same_numbers():
     model = _model(BLOCK.format(h=14, w=14), BLOCK_W)
     feeds = _feeds((1, 32, 14, 14))
-    off = graphopt.compile(model, "cpu{winograd=off}", "-O2", threads=2)
-    on = graphopt.compile(model, "cpu", "-O2", threads=2)
+    off = graphopt.compile(model, f"cpu{{mcpu={AVX2_MCPU},winograd=off}}", "-O2", threads=2)
+    on = graphopt.compile(model, AVX2_CPU, "-O2", threads=2)
     assert off.manifest["kernels"]["winograd"] == {} and on.manifest["kernels"]["winograd"] == {"2": 2}
     np.testing.assert_allclose(on.run(feeds)[0], off.run(feeds)[0], rtol=2e-5, atol=2e-5)
 
@@ -220,7 +222,7 @@ def test_off_runs_direct_with_the_same_numbers():
 def test_pick_model_matches_onnxruntime():
     """The convs next to the near-misses, each in its own form, give onnxruntime's numbers."""
     m = _pick_model()
-    art = graphopt.compile(m, "cpu", "-O2", threads=2)
+    art = graphopt.compile(m, AVX2_CPU, "-O2", threads=2)
     assert art.manifest["kernels"]["winograd"] == {"2": 2}
     _compare(m, art, _feeds((1, 32, 14, 14)), rtol=2e-5, atol=2e-5)
 
@@ -244,7 +246,7 @@ g (float[1, {c}, {h}, {w}] x) => (float[1, {oc}, {oh}, {ow}] y) {{
     y = Conv <pads = [{pad[0]}, {pad[1]}, {pad[2]}, {pad[3]}], kernel_shape = [3, 3]> (x, wt, bs)
 }}
 """, {"wt": (oc, c, 3, 3), "bs": (oc,)}, seed=h * 16 + w)
-    art = graphopt.compile(model, f"cpu{{winograd={mode}}}", "-O2", threads=1)
+    art = graphopt.compile(model, f"cpu{{mcpu={AVX2_MCPU},winograd={mode}}}", "-O2", threads=1)
     assert art.manifest["kernels"]["winograd"] == {mode: 1}
     _compare(model, art, _feeds((1, c, h, w), seed=h), rtol=1e-4, atol=1e-4)
 

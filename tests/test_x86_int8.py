@@ -29,8 +29,15 @@ from graphopt.targets import x86_int8_schedules as X  # noqa: E402
 from graphopt.targets.tvm import build as B  # noqa: E402
 from graphopt.testing import check_pass  # noqa: E402
 
-HOST = B.host_target(threads=2)
-needs_avx2 = pytest.mark.skipif(not X.has_avx2(HOST), reason="the x86 int8 kernels need an x86 CPU with AVX2")
+from tvm_kernels import AVX2_CPU, AVX2_MCPU, AVX512_MCPU, host_runs, isa_target  # noqa: E402
+
+# the AVX2 kernels (vpmaddubsw / vpmaddwd) are checked on an explicit AVX2 mcpu, whatever the host;
+# the VNNI ones (vpdpbusd) on an AVX-512-VNNI mcpu (codegen anywhere, numbers where the host runs it)
+HOST = isa_target(AVX2_MCPU)
+VNNI = isa_target(AVX512_MCPU)
+VNNI_CPU = f"cpu{{mcpu={AVX512_MCPU}}}"
+needs_avx2 = pytest.mark.skipif(not host_runs(HOST), reason="the x86 int8 kernels need an x86 CPU with AVX2")
+needs_vnni = pytest.mark.skipif(not host_runs(VNNI), reason=f"this CPU cannot run {AVX512_MCPU} code (AVX-512 VNNI)")
 NP = {TP.INT8: np.int8, TP.UINT8: np.uint8}
 
 
@@ -77,12 +84,12 @@ def _dynamic(w: np.ndarray, m: int = 16) -> onnx.ModelProto:
                   [h.make_tensor_value_info("y", TP.FLOAT, [m, n]), h.make_tensor_value_info("acc", TP.INT32, [m, n])], inits)
 
 
-def _compile(m: onnx.ModelProto):
-    art = graphopt.compile(m, "cpu", "-O2", threads=2)
+def _compile(m: onnx.ModelProto, spec: str = AVX2_CPU):
+    art = graphopt.compile(m, spec, "-O2", threads=2)
     return graphopt.runtime.load(art.path), art.report["schedules"]["default"]
 
 
-def _asm(m: onnx.ModelProto) -> tuple[str, dict[str, str]]:
+def _asm(m: onnx.ModelProto, target=HOST) -> tuple[str, dict[str, str]]:
     from graphopt.passes.fusion.kernel_groups import PlanKernels
     from graphopt.targets.arm64 import assembly
     from graphopt.targets.tvm import lower as L
@@ -90,10 +97,10 @@ def _asm(m: onnx.ModelProto) -> tuple[str, dict[str, str]]:
 
     g = graphopt.load(m)
     PlanKernels().run(g, PassContext())
-    lowered, mod = L.lower_and_fuse(g, HOST)
-    mod, done = X.schedule_int8_kernels(mod, HOST, lowered.params)
-    mod, _ = get_target("cpu").schedule(mod, HOST, CompileOptions())
-    return assembly(B.build(mod, HOST)), done
+    lowered, mod = L.lower_and_fuse(g, target)
+    mod, done = X.schedule_int8_kernels(mod, target, lowered.params)
+    mod, _ = get_target("cpu").schedule(mod, target, CompileOptions())
+    return assembly(B.build(mod, target)), done
 
 
 def _ref(a: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -326,10 +333,18 @@ def test_int8_conv_near_misses_stay_default(ic, oc, why) -> None:
 # --- qdq-to-integer: a quantized conv net compiled gives onnxruntime's QDQ outputs ------------------------
 
 
-def _qdq_cnn() -> graphopt.Model:
+def _qdq_cnn(reduce_range: str = "true") -> graphopt.Model:
     from graphopt.calibration import calibration_from_arrays
     from graphopt.passes.quantize import quantize
 
+    m = _qdq_cnn_float()
+    rng = np.random.default_rng(16)
+    calib = calibration_from_arrays(m, {"x": rng.standard_normal((8, 8, 16, 16)).astype(np.float32)})
+    quantize(m, calib, speed="off", reduce_range=reduce_range)
+    return m
+
+
+def _qdq_cnn_float() -> graphopt.Model:
     rng = np.random.default_rng(15)
     nodes = [h.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
              h.make_node("Relu", ["c1"], ["r1"], name="relu1"),
@@ -344,11 +359,8 @@ def _qdq_cnn() -> graphopt.Model:
              nh.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.1, "w2"),
              nh.from_array(rng.standard_normal((16, 1, 3, 3)).astype(np.float32) * 0.3, "wd"),
              nh.from_array(rng.standard_normal((10, 16)).astype(np.float32), "w3")]
-    m = graphopt.load(_model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [1, 8, 16, 16])],
-                             [h.make_tensor_value_info("y", TP.FLOAT, [1, 10])], inits))
-    calib = calibration_from_arrays(m, {"x": rng.standard_normal((8, 8, 16, 16)).astype(np.float32)})
-    quantize(m, calib, speed="off")
-    return m
+    return graphopt.load(_model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [1, 8, 16, 16])],
+                                [h.make_tensor_value_info("y", TP.FLOAT, [1, 10])], inits))
 
 
 def test_qdq_to_integer_rewrite() -> None:
@@ -373,11 +385,80 @@ def test_qdq_to_integer_leaves_float_models_alone() -> None:
 @needs_avx2
 def test_quantized_cnn_compiles_to_int8_convs_with_onnxruntime_outputs() -> None:
     m = _qdq_cnn()
-    art = graphopt.compile(graphopt.to_onnx(m), "cpu", "-O2", threads=2)
+    art = graphopt.compile(graphopt.to_onnx(m), AVX2_CPU, "-O2", threads=2)
     sched = art.report["schedules"]["default"]
     assert "x86 int8 kernels: 2 (int8-u8s8)" in sched
     x = np.random.default_rng(17).standard_normal((1, 8, 16, 16)).astype(np.float32)
     y = graphopt.runtime.load(art.path).run({"x": x})[0]
     ref = _ort(graphopt.to_onnx(m), {"x": x})[0]
     # onnxruntime's QLinear kernels requantize with their own rounding: within a step or so of the output scale
+    np.testing.assert_allclose(y, ref, atol=0.05 * np.abs(ref).max())
+
+
+# --- VNNI: vpdpbusd on full 8-bit weights ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mcpu, reg", [(AVX512_MCPU, "zmm"), ("alderlake", "ymm")])
+def test_vnni_kernel_uses_vpdpbusd(mcpu, reg) -> None:
+    """Whatever the host: u8 x s8 with full 8-bit weights is one vpdpbusd per 4 k-steps on a VNNI
+    mcpu (zmm with AVX-512-VNNI, ymm with AVX-VNNI), no int16 pair sums."""
+    asm, done = _asm(_matmul_integer(w=_weights((64, 48), 127)), isa_target(mcpu))
+    assert list(done.values()) == ["int8-vnni"]
+    assert re.search(rf"\bvpdpbusd\b[^\n]*{reg}", asm)
+    assert not re.search(r"\bvpmaddubsw\b", asm)
+
+
+@needs_vnni
+@pytest.mark.parametrize("a_shape, n", [((32, 64), 48), ((2, 12, 96), 32), ((30, 128), 16), ((7, 64), 64)])
+def test_vnni_outputs_equal_numpy_integer_matmul(a_shape, n) -> None:
+    w = _weights((a_shape[-1], n), 127, seed=3)  # full range, incl. -127 against 255
+    w[0, :] = -128
+    r, sched = _compile(_matmul_integer(TP.UINT8, a_shape, w), VNNI_CPU)
+    assert "x86 int8 kernels: 1 (int8-vnni)" in sched
+    a = np.random.default_rng(4).integers(0, 256, a_shape).astype(np.uint8)
+    a[..., :4] = 255  # the extreme sums vpmaddubsw would saturate
+    y, acc = r.run({"a": a})
+    assert np.array_equal(acc, _ref(a, w))
+
+
+@needs_vnni
+@pytest.mark.parametrize("ic, oc, hw, k, stride, pad", [(16, 32, 8, 3, 1, 1), (32, 16, 14, 3, 2, 1), (32, 48, 7, 1, 1, 0)])
+def test_vnni_int8_conv_equals_onnxruntime_conv_integer(ic, oc, hw, k, stride, pad) -> None:
+    m, _ = _conv_integer(ic, oc, hw, k, stride, pad, wmax=127)
+    r, sched = _compile(m, VNNI_CPU)
+    assert "x86 int8 kernels: 1 (int8-vnni)" in sched
+    x = np.random.default_rng(13).integers(0, 256, (1, ic, hw, hw)).astype(np.uint8)
+    assert np.array_equal(r.run({"x": x})[0], _ort(m, {"x": x})[0])
+
+
+def test_reduce_range_auto_follows_the_target_machine_model() -> None:
+    """quantize{reduce-range=auto}: 7-bit weights when compiling for AVX2 (vpmaddubsw saturates),
+    full 8-bit for a VNNI mcpu, whatever CPU runs the compile."""
+    from graphopt.calibration import calibration_from_arrays
+    from graphopt.passes.quantize import Quantize
+    from graphopt.transform import PassContext
+
+    def wmax(spec: str) -> int:
+        m = _qdq_cnn_float()
+        calib = calibration_from_arrays(m, {"x": np.random.default_rng(15).standard_normal((4, 8, 16, 16)).astype(np.float32)})
+        ctx = PassContext(machine=get_target(spec).machine_model(2))
+        ctx.data["calibration"] = calib
+        Quantize(speed="off").run(m, ctx)
+        ws = [v.const_value.numpy() for v in m.graph.initializers.values() if v.const_value is not None
+              and v.const_value.numpy().dtype == np.int8 and v.const_value.numpy().ndim == 4]
+        assert ws
+        return max(int(np.abs(w.astype(np.int64)).max()) for w in ws)
+
+    assert wmax(AVX2_CPU) <= 64
+    assert wmax(VNNI_CPU) > 64
+
+
+@needs_vnni
+def test_quantized_cnn_compiles_to_vnni_convs_with_onnxruntime_outputs() -> None:
+    m = _qdq_cnn(reduce_range="false")
+    art = graphopt.compile(graphopt.to_onnx(m), VNNI_CPU, "-O2", threads=2)
+    assert "x86 int8 kernels: 2 (int8-vnni)" in art.report["schedules"]["default"]
+    x = np.random.default_rng(17).standard_normal((1, 8, 16, 16)).astype(np.float32)
+    y = graphopt.runtime.load(art.path).run({"x": x})[0]
+    ref = _ort(graphopt.to_onnx(m), {"x": x})[0]
     np.testing.assert_allclose(y, ref, atol=0.05 * np.abs(ref).max())

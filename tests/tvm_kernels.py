@@ -15,7 +15,36 @@ TT = relax.TensorType
 
 
 def host_target() -> tvm.target.Target:
-    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
+    """The cpu target's default LLVM target here (the host's mcpu, or $GRAPHOPT_CPU_MCPU)."""
+    from graphopt.targets.machine import env_mcpu
+
+    return tvm.target.Target({"kind": "llvm", "mcpu": env_mcpu() or tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
+
+
+#: x86 levels the ISA-specific checks compile for, whatever the host (AVX2: 8 fp32 lanes and 16
+#: registers; AVX-512: 16 lanes and 32 registers, VNNI)
+AVX2_MCPU = "znver3"  # (AVX2 with a 512 KiB L2: the machine the AVX2 schedules were measured on)
+AVX512_MCPU = "icelake-server"
+
+
+def isa_target(mcpu: str, threads: int = 2) -> tvm.target.Target:
+    return tvm.target.Target({"kind": "llvm", "mtriple": str(tvm.target.codegen.llvm_get_system_triple()),
+                              "mcpu": mcpu, "num-cores": threads})
+
+
+def avx2_target(threads: int = 2) -> tvm.target.Target:
+    """The AVX2 level (8 fp32 lanes, 16 registers) that ISA-specific expectations are written for."""
+    return isa_target(AVX2_MCPU, threads)
+
+
+AVX2_CPU = f"cpu{{mcpu={AVX2_MCPU}}}"  # the cpu target spec of that level
+
+
+def host_runs(target: tvm.target.Target) -> bool:
+    """Whether this CPU executes code built for `target` (an AVX-512 host runs AVX2 builds too)."""
+    from graphopt.targets.machine import machine_model, missing_features
+
+    return not missing_features(machine_model(target))
 
 
 def fuse(mod: tvm.IRModule) -> tvm.IRModule:

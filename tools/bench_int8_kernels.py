@@ -1,7 +1,7 @@
-"""Compiled int8 (the cpu target's x86 AVX2 int8 kernels) vs compiled fp32 vs onnxruntime, same run.
+"""Compiled int8 (the cpu target's x86 int8 kernels: VNNI or AVX2) vs compiled fp32 vs onnxruntime, same run.
 
     .venv/bin/python tools/bench_int8_kernels.py [--models mlp,bert_base_s128] [--threads 2]
-        [--rounds 30] [--json out.json]
+        [--rounds 30] [--target 'cpu{mcpu=znver3}'] [--json out.json]
 
 Per model: the fp32 model and its int8 version (`-O2,quantize{speed=off}`: transformers get
 DynamicQuantizeLinear → MatMulInteger, conv nets static QDQ (synthetic calibration); 7-bit
@@ -41,6 +41,7 @@ from onnx import numpy_helper as nh
 
 import graphopt
 import graphopt.runtime as RT
+from graphopt.target import get_target
 from graphopt.transform import PassContext, optimize, parse_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,12 +66,13 @@ def mlp_model(tokens: int = 128, d: int = 768, hidden: int = 3072, blocks: int =
     return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
 
 
-def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
+def quantize_int8(model: onnx.ModelProto, machine=None) -> onnx.ModelProto:
     """graphopt's quantize pass, speed check off (every layer it supports int8): transformers get
     dynamic MatMuls, conv nets static QDQ calibrated on synthetic inputs (labelled so in the pass
     log; the figures here are about speed and exactness, not accuracy)."""
     m = graphopt.load(model)
-    out = optimize(m, parse_pipeline("-O2,quantize{speed=off}"), ctx=PassContext())
+    # (reduce-range=auto follows `machine`: 8-bit weights for VNNI, 7-bit for AVX2's vpmaddubsw)
+    out = optimize(m, parse_pipeline("-O2,quantize{speed=off}"), ctx=PassContext(machine=machine))
     return graphopt.to_onnx(out)
 
 
@@ -92,7 +94,7 @@ def feeds_for(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
     return feeds
 
 
-def accumulator_check(qmodel: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int) -> dict:
+def accumulator_check(qmodel: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int, target: str = "cpu") -> dict:
     """Compile a copy of the int8 model that also outputs the first MatMulInteger's int32
     accumulators and its uint8 input; compare them with numpy's integer matmul."""
     m = onnx.ModelProto()
@@ -102,7 +104,7 @@ def accumulator_check(qmodel: onnx.ModelProto, feeds: dict[str, np.ndarray], thr
     m.graph.output.extend([h.make_tensor_value_info(node.output[0], TP.INT32, None),
                            h.make_tensor_value_info(node.input[0], TP.UINT8, None),
                            h.make_tensor_value_info(node.input[2], TP.UINT8, None)])
-    art = graphopt.compile(m, "cpu", "-O2", threads=threads)
+    art = graphopt.compile(m, target, "-O2", threads=threads)
     r = RT.load(art.path)
     outs = r.run(feeds)
     acc, xq, xz = outs[-3], outs[-2], outs[-1]
@@ -121,21 +123,27 @@ def bench(name: str, args: argparse.Namespace) -> dict:
             return {"model": name, "skipped": f"{path} missing (tools/make_corpus.py)"}
         fp = onnx.load(path)
     t = time.perf_counter()
-    q = quantize_int8(fp)
+    machine = get_target(args.target).machine_model(args.threads)
+    q = quantize_int8(fp, machine)
     t_q = time.perf_counter() - t
     feeds = feeds_for(fp)
-    row: dict = {"model": name, "quantize_s": round(t_q, 1)}
+    row: dict = {"model": name, "target": args.target, "machine": {k: machine.to_json()[k] for k in ("mcpu", "lanes_fp32", "int8_dot")},
+                 "quantize_s": round(t_q, 1)}
     t = time.perf_counter()
-    art_fp = graphopt.compile(fp, "cpu", "-O2", threads=args.threads)
-    art_q = graphopt.compile(q, "cpu", "-O2", threads=args.threads)
+    art_fp = graphopt.compile(fp, args.target, "-O2", threads=args.threads)
+    art_q = graphopt.compile(q, args.target, "-O2", threads=args.threads)
     row["compile_s"] = round(time.perf_counter() - t, 1)
     row["int8_schedules"] = art_q.report.get("schedules", {}).get("default")
     if not args.no_exact and any(n.op_type == "MatMulInteger" for n in q.graph.node):
-        row["accumulators"] = accumulator_check(q, feeds, args.threads)
+        row["accumulators"] = accumulator_check(q, feeds, args.threads, args.target)
     r_fp, r_q = RT.load(art_fp.path), RT.load(art_q.path)
     so = ort.SessionOptions()
     so.intra_op_num_threads = args.threads
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # onnxruntime's workers spin after a run by default: on a 2-core machine they then steal the
+    # cores from whatever runs next (the compiled fp32 artifact, after onnxruntime's int8: 2x)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.inter_op_num_threads = 1
     with tempfile.TemporaryDirectory() as d:
         onnx.save(q, os.path.join(d, "q.onnx"))
         s_q = ort.InferenceSession(os.path.join(d, "q.onnx"), so, providers=["CPUExecutionProvider"])
@@ -165,10 +173,11 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     for _ in range(3):
         for f in calls.values():
             f()
-    for _ in range(args.rounds):
-        for k, f in calls.items():
+    names = list(calls)
+    for r in range(args.rounds):
+        for k in names[r % len(names):] + names[: r % len(names)]:  # each goes first in turn
             t = time.perf_counter()
-            f()
+            calls[k]()
             times[k].append((time.perf_counter() - t) * 1e3)
     med = {k: statistics.median(v) for k, v in times.items()}
     row["median_ms"] = {k: round(v, 3) for k, v in med.items()}
@@ -185,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mlp,bert_base_s128")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--target", default="cpu", help="cpu target spec, e.g. 'cpu{mcpu=znver3}' (AVX2 kernels)")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--no-exact", action="store_true", help="skip the accumulator check (one compile less)")
     ap.add_argument("--json")

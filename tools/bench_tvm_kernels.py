@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from graphopt.targets.tir_match import kernel_flops
+
 
 @dataclass
 class Case:
@@ -252,46 +254,6 @@ def numpy_peak(threads: int, clock: Callable[[], float] = time.perf_counter) -> 
 
 def _number_for(seconds: float) -> int:
     return max(1, min(200, int(0.05 / max(seconds, 1e-6))))
-
-
-def _is_mac(store) -> bool:
-    """`out[..] = out[..] + x[..] * y[..]` (casts allowed): a multiply-accumulate, not a sum of
-    squares of differences (layer norm's variance)."""
-    from tvm import tirx
-
-    def load(e) -> bool:
-        while isinstance(e, tirx.Cast):
-            e = e.value
-        return type(e).__name__ in ("BufferLoad", "TensorLoad")
-
-    v = getattr(store, "value", None)
-    if not isinstance(v, tirx.Add):
-        return False
-    mul = v.b if load(v.a) else v.a
-    return isinstance(mul, tirx.Mul) and load(mul.a) and load(mul.b)
-
-
-def kernel_flops(func) -> float:
-    """2 x the iteration count of each multiply-accumulate block (a reduction reading two tensors:
-    conv, dense, matmul) of a PrimFunc; 0 for kernels without one (softmax, layer norm, copies)."""
-    from tvm import s_tir
-    from tvm.tirx import IterVar
-
-    sch = s_tir.Schedule(func)
-    flops = 0.0
-
-    def walk(parent) -> None:
-        nonlocal flops
-        for block in sch.get_child_blocks(parent):
-            stmt = sch.get(block)
-            if any(iv.iter_type == IterVar.CommReduce for iv in stmt.iter_vars) and len(stmt.writes) == 1:
-                out = stmt.writes[0].source
-                if len({r.source.name for r in stmt.reads if not r.source.same_as(out)}) >= 2 and _is_mac(stmt.body):
-                    flops += 2.0 * float(np.prod([int(iv.dom.extent) for iv in stmt.iter_vars]))
-            walk(block)
-
-    walk(sch.get_sblock(func.body.block.name_hint))
-    return flops
 
 
 def _cpu_seconds(fn, args, min_s: float = 0.05, repeat: int = 5) -> float:

@@ -63,6 +63,9 @@ class PassContext:
     history: list[str] = field(default_factory=list)
     # free-form per-run data passes may share (analysis caches, calibration data...)
     data: dict[str, Any] = field(default_factory=dict)
+    # the machine model of the CPU the pipeline compiles for (graphopt.targets.machine.MachineModel:
+    # lanes, int8 instruction...), or None: onnxruntime on this machine (the onnx target)
+    machine: Any = None
 
     def info(self, message: str) -> None:
         self.log.append(message)

@@ -96,7 +96,17 @@ class Quantize(Pass):
             ctx.data["quantize"] = {"result": "already quantized: nothing to do", "layers": []}
             return PassResult(False, {})  # a second run reports nothing (the pass contract)
         mode = self._mode(base)
-        vnni = measure.has_vnni()
+        # reduce-range=auto: 7-bit weights where the int8 kernels multiply u8 x s8 pairs into
+        # saturating int16 (AVX2's vpmaddubsw), full 8-bit where they are exact (VNNI, dotprod): for
+        # the CPU the pipeline compiles for (its machine model), else this CPU (onnxruntime here)
+        machine = ctx.machine
+        if machine is not None and getattr(machine, "arch", None) == "x86_64":
+            vnni: bool | None = bool(machine.int8_exact_u8s8)
+            cpu = f"target mcpu={machine.mcpu}"
+        elif machine is not None:
+            vnni, cpu = None, f"target {machine.arch}"
+        else:
+            vnni, cpu = measure.has_vnni(), "this CPU"
         rr = str(self.reduce_range).lower()
         reduce_range = (vnni is False) if rr == "auto" else rr in ("true", "1")
         opts = QuantOptions(self.activations, reduce_range, self.per_channel, "dynamic" if mode == "dynamic" else "static",
@@ -108,7 +118,7 @@ class Quantize(Pass):
             "activations": f"{self.activations} {'asymmetric' if self.activations == 'uint8' else 'symmetric'} per-tensor",
             "weights": "int8 symmetric " + ("per-channel" if self.per_channel else "per-tensor")
                        + (", 7-bit range [-64, 64]" if reduce_range else ", full range [-127, 127]")
-                       + (f" (reduce-range=auto: CPU {'has' if vnni else 'has no'} VNNI)" if rr == "auto" and vnni is not None else ""),
+                       + (f" (reduce-range=auto: {cpu} {'has' if vnni else 'has no'} VNNI)" if rr == "auto" and vnni is not None else ""),
         }
         subs = float_subgraphs(base)
         if subs:

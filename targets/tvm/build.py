@@ -76,6 +76,9 @@ class ScheduleInfo:
 
     default_schedules: str = "unavailable"  # "applied" | "unavailable" | "failed: ..."
     tuning: dict[str, Any] = field(default_factory=dict)
+    by_rule: dict[str, int] = field(default_factory=dict)  # default-schedule rule → kernels
+    # kernels with multiply-add work on a generic schedule, and their share of the FLOPs
+    fallback: dict[str, Any] = field(default_factory=dict)
 
 
 def _optional(module: str) -> types.ModuleType | None:
@@ -127,8 +130,11 @@ def schedule(
     scheds = _optional("graphopt.targets.tvm_schedules")
     if scheds is not None:
         try:
-            mod = scheds.apply_default_schedules(mod, target)
+            stats = scheds.ScheduleStats()
+            mod = scheds.apply_default_schedules(mod, target, stats=stats)
             info.default_schedules = "applied"
+            info.by_rule = stats.count()
+            info.fallback = stats.fallback()
         except Exception as e:  # a schedule bug must not stop the compile: build unscheduled, say so
             msg = str(e).strip().splitlines()
             info.default_schedules = f"failed: {type(e).__name__}: {msg[-1][:200] if msg else ''}"

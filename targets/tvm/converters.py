@@ -222,6 +222,29 @@ def _lp_norm(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> 
     return bb.emit(R.divide(x, n))
 
 
+_PAIRWISE = {"Sum": R.add, "Mean": R.add, "Max": R.maximum, "Min": R.minimum}
+
+
+@converter("Sum", "Mean", "Max", "Min")
+def _variadic(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Sum / Mean / Max / Min(x1, ..., xn) → a chain of binary add / maximum / minimum (Mean: then
+    divided by n), each broadcasting as ONNX's multidirectional broadcast does. TVM's frontend
+    stacks the inputs and reduces the stack: a conv + Sum + Relu group then ran as a generic
+    reduction at ~2 % of peak (ResNet-50 with Sum residuals: 1179 ms vs 186 ms with Add)."""
+    xs = [x for x in ins if x is not None]
+    if not xs:
+        raise LoweringError(f"{node.op_type} {node.label()}: no inputs")
+    op = _PAIRWISE[node.op_type]
+    out = xs[0]
+    for x in xs[1:]:
+        out = bb.emit(op(out, x))
+    if node.op_type == "Mean" and len(xs) > 1:
+        out = bb.emit(R.divide(out, _c(float(len(xs)), _dt(xs[0]))))
+    elif len(xs) == 1:  # (a value of its own: x * 1 is exact, -0.0 and NaN included)
+        out = bb.emit(R.multiply(out, _c(1, _dt(out))))
+    return out
+
+
 @converter("Sinh", "Cosh")
 def _sinh_cosh(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
     """(exp(x) ∓ exp(-x)) / 2 (LLVM codegen has no sinh/cosh intrinsic)."""

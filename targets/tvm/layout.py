@@ -77,7 +77,7 @@ _UNARY = frozenset(
     """Relu Clip Sigmoid Tanh LeakyRelu HardSigmoid HardSwish Elu Selu Celu Softplus Softsign Abs Neg
     Exp Log Sqrt Reciprocal Erf Identity Mish Gelu ThresholdedRelu Floor Ceil Round Sin Cos""".split()
 )
-_BINARY = frozenset("Add Sub Mul Div Max Min Pow".split())
+_BINARY = frozenset("Add Sub Mul Div Max Min Pow Sum Mean".split())  # (Sum/Mean/Max/Min: any arity)
 _STANDARD = ("", "ai.onnx")
 
 

@@ -309,6 +309,7 @@ class CpuTarget(Target):
                 "groups": len(lowered.groups) + len(lowered.inline_groups) + len(lowered.symbolic_groups),
                 "primitive": len(lowered.groups),
                 "blocked": len(lowered.blocked_groups),
+                "block": lowered.block,  # channels per block (the machine's fp32 lanes, or half: layout.choose_block)
                 # 3x3 convs in Winograd form, by m of F(m x m, 3 x 3) ({"2": 13}: 13 in F(2x2))
                 "winograd": {str(m): k for m, k in sorted(Counter(lowered.winograd_convs.values()).items())},
                 "inline": lowered.inline_groups,

@@ -81,7 +81,7 @@ from .tvm_schedules import (
 if TYPE_CHECKING:
     import tvm
 
-__all__ = ["BlockedConv", "ConvTile", "ConvShape", "conv_tile", "odd_tile", "match_blocked_conv",
+__all__ = ["BlockedConv", "ConvTile", "ConvShape", "conv_tile", "kernel_block", "odd_tile", "match_blocked_conv",
            "apply_loop_marks", "apply_loop_marks_to_module", "row_tile_ranges"]
 
 # cache budgets, as shares of the machine model's caches (measured on a 32 KiB L1 / 512 KiB L2
@@ -105,6 +105,19 @@ def odd_tile(ob: int, machine: MachineModel) -> tuple[int, int]:
     largest divisor of `ob` up to 6 blocks, pixels filling the accumulators (12 accumulators:
     125 → 2 x 5; a prime count → 12 x 1)."""
     return machine.odd_tile(ob)
+
+
+def kernel_block(func: "tvm.tirx.PrimFunc", lanes: int) -> int:
+    """The vector width a blocked-layout kernel is scheduled with: its channel block (the last dim
+    of its 5-D output) where that is a smaller power of two than the machine's `lanes` (a model
+    blocked by 8 on AVX-512, `layout.choose_block`: 8-lane ymm vectors, still 32 registers),
+    else `lanes`."""
+    try:
+        shape = func.params[-1].shape  # (0.27: a buffer parameter is the Var, with its shape)
+        b = _int(shape[-1]) if shape is not None and len(shape) == 5 else None
+    except Exception:  # noqa: BLE001 - not a kernel of this layout
+        return lanes
+    return b if b is not None and 4 <= b < lanes and lanes % b == 0 else lanes
 
 
 #: block annotation of a flat conv's reduction (blocked_ops.conv2d_blocked_flat) with padded rows:
@@ -158,10 +171,11 @@ class ConvTile:
     # divisions of one fused index; None: where the fused rest has enough iterations
 
 
-def conv_tile(s: ConvShape, machine: MachineModel, row_passes: bool = True) -> ConvTile:
-    """The micro-kernel for shape `s` on `machine` (see module docstring); `row_passes=False`:
-    none (where the pixel tiles are split among the cores)."""
-    lanes = machine.lanes(32)
+def conv_tile(s: ConvShape, machine: MachineModel, row_passes: bool = True, block: int | None = None) -> ConvTile:
+    """The micro-kernel for shape `s` on `machine` (see module docstring) with channel blocks of
+    `block` (default: the machine's fp32 lanes); `row_passes=False`: none (where the pixel tiles
+    are split among the cores)."""
+    lanes = block or machine.lanes(32)
     tiles = machine.conv_tiles
     l2_weights = int(machine.l2_bytes * _L2_WEIGHT_SHARE)
     # padded convs with enough rows for the threads: rows outermost, each row's padded input
@@ -426,6 +440,7 @@ class BlockedConv(_Rule):
         return sch
 
     def _conv(self, func, target, lanes):
+        lanes = kernel_block(func, lanes)
         opened = _one_reduction(func)
         if opened is None:
             return None
@@ -439,7 +454,7 @@ class BlockedConv(_Rule):
         if m is None:
             return None
         machine = machine_model(target)
-        tile = self.tile or conv_tile(m.shape, machine)
+        tile = self.tile or conv_tile(m.shape, machine, block=lanes)
         pad = None
         if tile.pad_row and tile.order == "row":
             pads = [p for p in sch.get_producers(anchor) if "if_then_else" in str(sch.get(p).body)]
@@ -472,7 +487,7 @@ class BlockedConv(_Rule):
         if parts != 1 and tile.row_passes:
             if self.tile is not None:
                 return None
-            tile = conv_tile(m.shape, machine, row_passes=False)  # (the same pixels x blocks)
+            tile = conv_tile(m.shape, machine, row_passes=False, block=lanes)  # (the same pixels x blocks)
         p_o, p_i = sch.split(L["x"], factors=[None, rt])
         part = []
         if parts > 1:
@@ -660,7 +675,7 @@ class BlockedWindow(_Rule):
         self.partition_pad = partition_pad
 
     def apply(self, func, target, lanes):
-
+        lanes = kernel_block(func, lanes)
         opened = _one_reduction(func)
         if opened is None:
             return None

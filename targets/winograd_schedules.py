@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from .nchwc_schedules import BlockedConv, ConvTile, _write_back_loops
+from .nchwc_schedules import BlockedConv, ConvTile, _write_back_loops, kernel_block
 from .tvm_schedules import _Rule, _fuse_parallel, _inline_consumers, _int, _one_reduction, _root
 
 if TYPE_CHECKING:
@@ -60,6 +60,7 @@ class WinogradConv(_Rule):
         self.tile = tile
 
     def apply(self, func, target, lanes):
+        lanes = kernel_block(func, lanes)
         opened = _one_reduction(func)
         if opened is None:
             return None

@@ -409,3 +409,30 @@ def test_default_block_is_the_machine_models_lanes():
     assert t.activation_block(t.tvm_target(2)) == 8
     with pytest.raises(UsageError, match="not a CPU LLVM knows"):
         get_target("cpu{mcpu=pentium9000}").tvm_target(2)
+
+
+MIXED24 = _HEAD + """
+g (float[1, 16, 12, 12] x) => (float[1, 24, 12, 12] y) {
+    a = Conv <kernel_shape = [1, 1]> (x, wa)
+    r = Relu (a)
+    y = Conv <pads = [1, 1, 1, 1], kernel_shape = [3, 3]> (r, wb)
+}
+"""
+
+
+@pytest.mark.parametrize("mid, want", [(32, 16), (24, 8)])
+def test_avx512_block_halves_where_16_would_leave_convs_nchw(mid, want):
+    """On a 16-lane machine the block is 16 when every blocked conv takes it, 8 when channel
+    counts that are multiples of 8 only (MobileNetV2's 24) would leave conv work in NCHW; the
+    8-channel kernels are then scheduled with 8-lane vectors (nchwc_schedules.kernel_block)."""
+    text = MIXED24.replace("float[1, 24, 12, 12] y", f"float[1, {mid}, 12, 12] y")
+    m = _parse(text, {"wa": (mid, 16, 1, 1), "wb": (mid, mid, 3, 3)})
+    g = _planned(m)
+    assert TL.choose_block(g, L._topo_groups(g), 16, machine_model(isa_target(AVX512_MCPU))) == want
+    assert TL.choose_block(g, L._topo_groups(g), 8, _M) == 8
+    art = graphopt.compile(m, f"cpu{{mcpu={AVX512_MCPU}}}", "-O2", threads=2)
+    assert art.manifest["kernels"]["block"] == want
+    assert art.manifest["schedules"]["rules"].get("blocked-conv", 0) + art.manifest["schedules"]["rules"].get("winograd-conv", 0) >= 1
+    if host_runs(isa_target(AVX512_MCPU)):
+        feeds = _feeds(1, 16, 12)
+        np.testing.assert_allclose(art.run(feeds)[0], run_onnxruntime(graphopt.load(m), feeds)[0], rtol=1e-4, atol=1e-5)

@@ -349,3 +349,26 @@ def test_float16_exp_in_vectorised_loops():
     smod, stats, (func,) = _schedule(_elementwise_module(x, relax.op.exp))
     want = np.exp(x.astype(np.float32))
     np.testing.assert_allclose(_run(smod, [x]).astype(np.float32), want, rtol=2e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("rows, cols", [(197, 197), (50, 37), (33, 100)])
+def test_vector_axis_that_is_no_multiple_of_the_lanes_is_padded(rows, cols):
+    """ViT's attention scores (12 x 197 x 64 @ 64 x 197): the column axis is padded to whole
+    vectors (and the rows to whole tiles where no tile of 4+ rows divides them) instead of the
+    kernel going to WindowReduction's scalar tiles; the crop writes only the real outputs."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((2, rows, 64)).astype(np.float32)
+    b = rng.standard_normal((2, 64, cols)).astype(np.float32)
+    mod = _fused(lambda bb, x, y: bb.emit(relax.op.multiply(relax.op.matmul(x, y), relax.const(0.125, "float32"))),
+                 [("a", a.shape), ("b", b.shape)])
+    smod, stats, (func,) = _schedule(mod)
+    assert set(stats.by_func.values()) == {"outer-product"}
+    assert "_pad" in func.script()
+    np.testing.assert_allclose(_run(smod, [a, b]), (a.astype(np.float64) @ b * 0.125).astype(np.float32), rtol=1e-4, atol=1e-4)
+
+
+def test_matrix_vector_products_are_not_padded():
+    """One row: the padded copy of B would cost as much as the product; GEMV keeps it."""
+    mod = _fused(lambda bb, x, y: bb.emit(relax.op.matmul(x, y)), [("a", (1, 64)), ("b", (64, 1000))])
+    smod, stats, (func,) = _schedule(mod)
+    assert "_pad" not in func.script()

@@ -328,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                 argv_m += ["--tuning-db", args.tuning_db] if args.tuning_db else []
                 argv_m += ["--no-warm"] if args.no_warm else []
                 argv_m += ["--schedule-knobs", args.schedule_knobs] if args.schedule_knobs else []
+                argv_m += ["--target", args.target] + (["--compare", args.compare] if args.compare else [])
                 subprocess.run(argv_m, check=False)
                 rows += json.load(open(out)) if os.path.exists(out) else [{"model": m, "failed": True}]
     if args.json:

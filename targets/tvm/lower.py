@@ -75,6 +75,7 @@ class LoweredModule:
     symbolic_groups: list[str] = field(default_factory=list)  # shape arithmetic, no kernel
     blocked_groups: list[str] = field(default_factory=list)  # groups on channel-blocked activations
     winograd_convs: dict[str, int] = field(default_factory=dict)  # conv node → m of its F(m x m, 3 x 3)
+    block: int | None = None  # channel block of the blocked groups (None: NCHW throughout)
 
 
 # --- attributes -----------------------------------------------------------------------------------
@@ -875,7 +876,8 @@ class _Lowerer:
         if self.block:
             if self.machine is None:
                 raise ValueError("a blocked layout needs the target's machine model (lower(..., machine=...))")
-            self.plan = _layout.plan_layout(self.model, groups, self.block, self.machine, self.winograd)
+            block = _layout.choose_block(self.model, groups, self.block, self.machine)
+            self.plan = _layout.plan_layout(self.model, groups, block, self.machine, self.winograd)
         # parameters must be known before the function opens: collect Constant-node weights too
         for _, nodes in groups:
             for n in nodes:
@@ -908,6 +910,7 @@ class _Lowerer:
             symbolic_groups=self.symbolic,
             blocked_groups=[_group_name(k) for k in self.plan.groups] if self.plan is not None else [],
             winograd_convs=self._winograd_convs(),
+            block=self.plan.block if self.plan is not None and self.plan.groups else None,
         )
 
     def _constant(self, v: Value, arr: np.ndarray) -> None:

@@ -190,15 +190,16 @@ def _register_vnni(lanes: int) -> str:
     return name
 
 
-def _kernel_choice(a_dt: str, b_dt: str, bound: int | None, target: Any) -> tuple[str, int, int, str]:
+def _kernel_choice(a_dt: str, b_dt: str, bound: int | None, target: Any, n: int | None = None) -> tuple[str, int, int, str]:
     """(variant, k step, int32 lanes, tensor intrinsic) for A/B of these dtypes on `target`'s
     machine model: vpdpbusd where it has VNNI and the operands are u8 x s8 (the quantize pass's
-    form), AVX2's vpmaddubsw pair for u8 x s8 with weights known to be narrow, else s16."""
+    form; zmm, or ymm where the `n` output columns are a multiple of 8 but not 16: a 1000-class
+    classifier), AVX2's vpmaddubsw pair for u8 x s8 with weights known to be narrow, else s16."""
     from .machine import machine_model
 
     dot = machine_model(target).int8_dot
     if dot in ("avx512-vnni", "avx-vnni") and a_dt == "uint8" and b_dt == "int8":
-        lanes = 16 if dot == "avx512-vnni" else 8
+        lanes = 16 if dot == "avx512-vnni" and (n is None or n % 16 == 0) else 8
         return "vnni", 4, lanes, _register_vnni(lanes)
     if a_dt == "uint8" and b_dt == "int8" and bound is not None and bound <= U8S8_WEIGHT_BOUND:
         return "u8s8", 4, LANES, _register_u8s8()
@@ -283,8 +284,8 @@ def schedule_int8_matmul(func: Any, target: Any, weight_absmax: Mapping[int, int
     # which kernel argument B is, and what is known about its values
     b_param = next((i for i, p in enumerate(func.params) if p.same_as(b_buf)), None)  # 0.27: a buffer parameter is the Var
     bound = (weight_absmax or {}).get(b_param) if b_param is not None else None
-    variant, step, lanes, intrin = _kernel_choice(a_dt, b_dt, bound, target)
     ivs = {iv.var: iv for iv in stmt.iter_vars}
+    variant, step, lanes, intrin = _kernel_choice(a_dt, b_dt, bound, target, _static(ivs[n_var].dom.extent))
     n_ext, k_ext = _static(ivs[n_var].dom.extent), _static(ivs[k].dom.extent)
     if n_ext is None or k_ext is None or n_ext % lanes or k_ext % step:
         return None
@@ -366,7 +367,13 @@ def schedule_int8_matmul(func: Any, target: Any, weight_absmax: Mapping[int, int
 
 def _tile_conv(ow: int, n_blocks: int, max_acc: int = 8) -> tuple[int, int]:
     """(output columns, channel vectors) per register tile: at most `max_acc` int32 accumulators
-    (8 of AVX2's 16 ymm, 12 of AVX-512's 32 zmm)."""
+    (8 of AVX2's 16 ymm; with 32 zmm, 24: the tile of most accumulators, more channel vectors
+    first — each broadcast of 4 input bytes then feeds more vpdpbusd)."""
+    if max_acc > 8:
+        cands = [(xt * nt, nt, xt) for nt in (4, 3, 2, 1) if n_blocks % nt == 0
+                 for xt in range(1, min(ow, 12) + 1) if ow % xt == 0 and xt * nt <= max_acc]
+        _, nt, xt = max(cands)
+        return xt, nt
     if n_blocks % 2 == 0:
         for xt in range(max_acc // 2, 1, -1):
             if ow % xt == 0:
@@ -439,7 +446,7 @@ def schedule_int8_conv(func: Any, target: Any, weight_absmax: Mapping[int, int] 
         return None  # the batch may be symbolic (it is only part of the parallel loop)
     b_param = next((i for i, p in enumerate(func.params) if p.same_as(b_buf)), None)
     bound = (weight_absmax or {}).get(b_param) if b_param is not None else None
-    variant, step, lanes, intrin = _kernel_choice(a_dt, b_dt, bound, target)
+    variant, step, lanes, intrin = _kernel_choice(a_dt, b_dt, bound, target, ext[ff])
     if ext[ff] % lanes or ext[rc] % step:
         return None
     cores = _static(target.attrs.get("num-cores", 1)) or 1

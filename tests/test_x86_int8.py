@@ -409,7 +409,7 @@ def test_vnni_kernel_uses_vpdpbusd(mcpu, reg) -> None:
 
 
 @needs_vnni
-@pytest.mark.parametrize("a_shape, n", [((32, 64), 48), ((2, 12, 96), 32), ((30, 128), 16), ((7, 64), 64)])
+@pytest.mark.parametrize("a_shape, n", [((32, 64), 48), ((2, 12, 96), 32), ((30, 128), 16), ((7, 64), 64), ((4, 64), 40)])
 def test_vnni_outputs_equal_numpy_integer_matmul(a_shape, n) -> None:
     w = _weights((a_shape[-1], n), 127, seed=3)  # full range, incl. -127 against 255
     w[0, :] = -128

@@ -176,6 +176,7 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     names = list(calls)
     for r in range(args.rounds):
         for k in names[r % len(names):] + names[: r % len(names)]:  # each goes first in turn
+            time.sleep(args.gap_ms / 1e3)  # (TVM's pool workers spin after a call: let them sleep first)
             t = time.perf_counter()
             calls[k]()
             times[k].append((time.perf_counter() - t) * 1e3)
@@ -196,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--target", default="cpu", help="cpu target spec, e.g. 'cpu{mcpu=znver3}' (AVX2 kernels)")
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--gap-ms", type=float, default=30.0, help="sleep before each timed call (spinning workers)")
     ap.add_argument("--no-exact", action="store_true", help="skip the accumulator check (one compile less)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)

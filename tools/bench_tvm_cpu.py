@@ -209,6 +209,8 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
         order = list(range(len(calls)))
         order = order[r % len(order):] + order[: r % len(order)]  # each goes first in turn
         for i in order:
+            if args.gap_ms:  # (TVM's pool workers spin after a call: let them sleep first)
+                time.sleep(args.gap_ms / 1e3)
             t = time.perf_counter()
             calls[i]()
             times[i].append(time.perf_counter() - t)
@@ -287,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--budget", type=float, default=20.0, help="seconds of timed rounds per model")
     p.add_argument("--min-runs", type=int, default=5)
+    p.add_argument("--gap-ms", type=float, default=0.0,
+                   help="sleep this long before each timed call, so that a runtime's spinning workers from "
+                        "the previous call (TVM's thread pool spins after a job) do not take the cores")
     p.add_argument("--max-runs", type=int, default=200)
     p.add_argument("--tune", type=int, default=0)
     p.add_argument("--tune-minutes", type=float)
@@ -322,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory() as d:
                 out = os.path.join(d, "rows.json")
                 argv_m = [sys.executable, os.path.abspath(__file__), "--models", m, "--threads", str(args.threads),
-                          "--budget", str(args.budget), "--min-runs", str(args.min_runs), "--max-runs", str(args.max_runs),
+                          "--budget", str(args.budget), "--gap-ms", str(args.gap_ms), "--min-runs", str(args.min_runs), "--max-runs", str(args.max_runs),
                           "--tune", str(args.tune), "--json", out, "--batch", str(args.batch)]
                 argv_m += ["--tune-minutes", str(args.tune_minutes)] if args.tune_minutes else []
                 argv_m += ["--tuning-db", args.tuning_db] if args.tuning_db else []

@@ -22,6 +22,7 @@ from onnx import numpy_helper as nh
 tvm = pytest.importorskip("tvm")
 
 import graphopt  # noqa: E402
+import graphopt.runtime  # noqa: E402
 from graphopt.target import ArtifactError  # noqa: E402
 
 
@@ -104,7 +105,11 @@ def test_artifact_save_load_and_hash_check(cnn_artifact, tmp_path):
     assert sorted(os.listdir(out)) == ["manifest.json", "model.so", "params.npz", "report.json"]
     man = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert man["target"]["name"] == "cpu" and man["target"]["tvm"]["kind"] == "llvm"
-    assert man["target"]["tvm"]["mcpu"] == str(tvm.target.codegen.llvm_get_system_cpu())
+    from graphopt.targets.machine import env_mcpu
+
+    # the host's mcpu, or the one GRAPHOPT_CPU_MCPU forces the default onto; the machine model too
+    assert man["target"]["tvm"]["mcpu"] == (env_mcpu() or str(tvm.target.codegen.llvm_get_system_cpu()))
+    assert man["target"]["machine"]["mcpu"] == man["target"]["tvm"]["mcpu"]
     assert man["versions"]["tvm"] == tvm.__version__ and len(man["source"]["sha256"]) == 64
     # the weights live beside the library, which stays small
     assert man["files"]["params"]["bytes"] > 0 and man["kernels"]["groups"] >= 3

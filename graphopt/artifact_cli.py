@@ -44,8 +44,16 @@ def compile_artifact(opts: Any) -> int:
         raise UsageError("--threads must be at least 1")
     target = get_target(opts.target)
 
+    machine = target.machine_model(opts.threads)
+    if opts.verify and machine is not None:
+        from graphopt.targets.machine import missing_features
+
+        missing = missing_features(machine)
+        if missing:
+            raise UsageError(f"--verify runs the artifact here, and this CPU lacks {', '.join(missing)} "
+                             f"(target mcpu={machine.mcpu}): drop --verify, or verify on such a machine")
     model = graphopt.load(opts.model)
-    ctx = PassContext(machine=target.machine_model(opts.threads))
+    ctx = PassContext(machine=machine)
     passes = cli._resolve(opts, ctx.log)
     feeds = cli._feeds(opts, model) if opts.verify else None
     reference = run_onnxruntime(model, feeds) if feeds is not None else None

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from graphopt.targets.tir_match import int8_matmul_operands
+from graphopt.targets.tir_match import int8_dot_desc, int8_matmul_operands
 from graphopt.targets.tir_match import static_int as _static
 
 _REGISTERED: set[str] = set()
@@ -44,20 +44,6 @@ def _register(a_dt: str, b_dt: str) -> str:
         return name
 
     @T.prim_func(s_tir=True)
-    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (4,), a_dt, offset_factor=1)
-        B = T.match_buffer(b, (4, 4), b_dt, offset_factor=1)
-        C = T.match_buffer(c, (4,), "int32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:4], A[0:4], B[0:4, 0:4])
-            T.writes(C[0:4])
-            for i in T.serial(0, 4):
-                for k in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-    @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (4,), a_dt, offset_factor=1)
         B = T.match_buffer(b, (4, 4), b_dt, offset_factor=1)
@@ -76,7 +62,7 @@ def _register(a_dt: str, b_dt: str) -> str:
                 dtype="int32x4",
             )
 
-    TensorIntrin.register(name, desc, impl, override=True)
+    TensorIntrin.register(name, int8_dot_desc(a_dt, b_dt, 4, 4, scope="global"), impl, override=True)
     _REGISTERED.add(name)
     return name
 

@@ -102,3 +102,26 @@ def kernel_flops(func: Any) -> float:
 
     walk(sch.get_sblock(func.body.block.name_hint))
     return flops
+
+
+def int8_dot_desc(a_dt: str, b_dt: str, lanes: int, k: int, scope: str = "local") -> Any:
+    """The computation the int8 micro-kernels tensorize (x86: vpdpbusd, vpmaddubsw, vpmaddwd;
+    arm64: sdot/udot/usdot): C[i] += Σ_j A[j] · B[i, j] for `lanes` int32 accumulators in `scope`
+    and a step of `k` 8-bit values: the description a TensorIntrin registers."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (k,), a_dt, offset_factor=1)
+        B = T.match_buffer(b, (lanes, k), b_dt, offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope=scope)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:k], B[0:lanes, 0:k])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for j in T.serial(0, k):
+                    with T.sblock("update"):
+                        vi, vj = T.axis.remap("SR", [i, j])
+                        C[vi] = C[vi] + T.cast(A[vj], "int32") * T.cast(B[vi, vj], "int32")
+
+    return desc

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.targets.tir_match import int8_matmul_operands
+from graphopt.targets.tir_match import int8_dot_desc, int8_matmul_operands
 from graphopt.targets.tir_match import static_int as _static
 
 LAYOUT_REWRITE_ANN = "meta_schedule.layout_rewrite_preproc"
@@ -54,20 +54,6 @@ def _register_u8s8() -> str:
     name = "graphopt_x86_avx2_u8s8_8x4"
     if name in _REGISTERED:
         return name
-
-    @T.prim_func(s_tir=True)
-    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
-        B = T.match_buffer(b, (8, 4), "int8", offset_factor=1)
-        C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
-        with T.sblock("root"):
-            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-            T.writes(C[0:8])
-            for i in T.serial(0, 8):
-                for k in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -91,7 +77,7 @@ def _register_u8s8() -> str:
                 dtype="int32x8",
             )
 
-    TensorIntrin.register(name, desc, impl, override=True)
+    TensorIntrin.register(name, int8_dot_desc("uint8", "int8", 8, 4), impl, override=True)
     _REGISTERED.add(name)
     return name
 
@@ -104,20 +90,6 @@ def _register_s16(a_dt: str, b_dt: str) -> str:
     name = f"graphopt_x86_avx2_s16_{a_dt}_{b_dt}_8x2"
     if name in _REGISTERED:
         return name
-
-    @T.prim_func(s_tir=True)
-    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (2,), a_dt, offset_factor=1)
-        B = T.match_buffer(b, (8, 2), b_dt, offset_factor=1)
-        C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
-        with T.sblock("root"):
-            T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-            T.writes(C[0:8])
-            for i in T.serial(0, 8):
-                for k in T.serial(0, 2):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -135,7 +107,7 @@ def _register_s16(a_dt: str, b_dt: str) -> str:
                 dtype="int32x8",
             )
 
-    TensorIntrin.register(name, desc, impl, override=True)
+    TensorIntrin.register(name, int8_dot_desc(a_dt, b_dt, 8, 2), impl, override=True)
     _REGISTERED.add(name)
     return name
 
@@ -151,20 +123,6 @@ def _register_vnni(lanes: int) -> str:
     if name in _REGISTERED:
         return name
     intrin = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
-
-    @T.prim_func(s_tir=True)
-    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
-        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
-            T.writes(C[0:lanes])
-            for i in T.serial(0, lanes):
-                for k in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -185,7 +143,7 @@ def _register_vnni(lanes: int) -> str:
                 dtype=f"int32x{lanes}",
             )
 
-    TensorIntrin.register(name, desc, impl, override=True)
+    TensorIntrin.register(name, int8_dot_desc("uint8", "int8", lanes, 4), impl, override=True)
     _REGISTERED.add(name)
     return name
 

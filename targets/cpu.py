@@ -14,6 +14,7 @@ neither loading nor running repacks them (`runtime.packed` in the manifest count
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -49,12 +50,13 @@ def _dims(v: Any) -> list[Any]:
     return [d if isinstance(d, (int, str)) else None for d in s.dims]
 
 
+@functools.lru_cache(maxsize=1)
 def _llvm_cpus() -> frozenset[str]:
     """The x86 CPU names LLVM knows (empty where it cannot say)."""
     try:
-        from graphopt.targets.machine import CACHES, X86_LEVELS
-
         import tvm
+
+        from graphopt.targets.machine import CACHES, X86_LEVELS
 
         names = tvm.target.codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"}))
         return frozenset(str(n) for n in names) | frozenset(X86_LEVELS) | frozenset(CACHES)
@@ -133,9 +135,8 @@ class CpuTarget(Target):
 
     # hooks that targets built on this one (arm64, cuda) override
     def activation_block(self, target: Any) -> int | None:
-        """Channels per block of the activations between convolutions (None: NCHW)."""
-        from graphopt.targets.tvm import layout as TL
-
+        """Channels per block of the activations between convolutions (None: NCHW); the
+        lowering may halve it per model (`layout.choose_block`)."""
         from graphopt.targets.machine import machine_model
 
         if self.layout == "nchw":

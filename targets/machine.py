@@ -22,7 +22,7 @@ import platform
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["MachineModel", "machine_model", "host_features", "missing_features", "X86_LEVELS", "CACHES"]
+__all__ = ["MachineModel", "machine_model", "host_features", "missing_features", "env_mcpu", "X86_LEVELS", "CACHES"]
 
 #: the x86 mcpus `cpu{mcpu=...}` is tested with, oldest first (LLVM knows many more)
 X86_LEVELS = ("haswell", "skylake-avx512", "icelake-server", "sapphirerapids", "znver3", "znver4", "znver5")

@@ -136,7 +136,7 @@ class CpuTarget(Target):
     # hooks that targets built on this one (arm64, cuda) override
     def activation_block(self, target: Any) -> int | None:
         """Channels per block of the activations between convolutions (None: NCHW); the
-        lowering may halve it per model (`layout.choose_block`)."""
+        lowering may halve it per model (`layout.choose_plan`)."""
         from graphopt.targets.machine import machine_model
 
         if self.layout == "nchw":
@@ -310,7 +310,7 @@ class CpuTarget(Target):
                 "groups": len(lowered.groups) + len(lowered.inline_groups) + len(lowered.symbolic_groups),
                 "primitive": len(lowered.groups),
                 "blocked": len(lowered.blocked_groups),
-                "block": lowered.block,  # channels per block (the machine's fp32 lanes, or half: layout.choose_block)
+                "block": lowered.block,  # channels per block (the machine's fp32 lanes, or half: layout.choose_plan)
                 # 3x3 convs in Winograd form, by m of F(m x m, 3 x 3) ({"2": 13}: 13 in F(2x2))
                 "winograd": {str(m): k for m, k in sorted(Counter(lowered.winograd_convs.values()).items())},
                 "inline": lowered.inline_groups,

@@ -18,7 +18,7 @@ onnxruntime's MLAS NCHWc kernels take:
   peels its last iteration into code of its own (`apply_loop_marks`), so neither copy keeps a
   condition per FMA (a predicated tile kept its accumulators in memory: 1.5-2x slower). Else 8
   accumulators (4x2, 2x4, 8x1) that divide the row. Block counts none of the 12-accumulator tiles
-  divides take their largest divisor up to 6 blocks (`odd_tile`: 125 blocks → 2 x 5). Convs that
+  divides take their largest divisor up to 6 blocks (`MachineModel.odd_tile`: 125 blocks → 2 x 5). Convs that
   blocked_ops computes on their flattened output pixels (`conv2d_blocked_flat`: unpadded 1x1 convs, maps of at most 28 input
   rows) are one row of OH*OW pixels rounded up to the tile, written back through
   `out[.., p // W, p % W, ..]`; where their (batch, output block) loop does not divide among the
@@ -81,7 +81,7 @@ from .tvm_schedules import (
 if TYPE_CHECKING:
     import tvm
 
-__all__ = ["BlockedConv", "ConvTile", "ConvShape", "conv_tile", "kernel_block", "odd_tile", "match_blocked_conv",
+__all__ = ["BlockedConv", "ConvTile", "ConvShape", "conv_tile", "kernel_block", "match_blocked_conv",
            "apply_loop_marks", "apply_loop_marks_to_module", "row_tile_ranges"]
 
 # cache budgets, as shares of the machine model's caches (measured on a 32 KiB L1 / 512 KiB L2
@@ -99,18 +99,10 @@ _MATERIALISE_PROLOGUE = True  # (off: inlined into the conv's reads, as before)
 _ROW_PASSES = True  # (off: to compare, tools/bench_tvm_cpu.py --schedule-knobs nchwc_schedules._ROW_PASSES=0)
 
 
-def odd_tile(ob: int, machine: MachineModel) -> tuple[int, int]:
-    """(pixels, output blocks) of the micro-kernel for `ob` output blocks that no exact tile of
-    `machine.conv_tiles` divides (SqueezeNet's 1000-channel classifier conv: 125 blocks): the
-    largest divisor of `ob` up to 6 blocks, pixels filling the accumulators (12 accumulators:
-    125 → 2 x 5; a prime count → 12 x 1)."""
-    return machine.odd_tile(ob)
-
-
 def kernel_block(func: "tvm.tirx.PrimFunc", lanes: int) -> int:
     """The vector width a blocked-layout kernel is scheduled with: its channel block (the last dim
     of its 5-D output) where that is a smaller power of two than the machine's `lanes` (a model
-    blocked by 8 on AVX-512, `layout.choose_block`: 8-lane ymm vectors, still 32 registers),
+    blocked by 8 on AVX-512, `layout.choose_plan`: 8-lane ymm vectors, still 32 registers),
     else `lanes`."""
     try:
         shape = func.params[-1].shape  # (0.27: a buffer parameter is the Var, with its shape)
@@ -213,7 +205,7 @@ def conv_tile(s: ConvShape, machine: MachineModel, row_passes: bool = True, bloc
             if s.ob % obt == 0 and s.ow > rt:
                 return ConvTile(rt, obt, order, pad_row=row, k_chunk=chunk, tail=True)
     if not any(s.ob % obt == 0 for _, obt in tiles):
-        rt, obt = odd_tile(s.ob, machine)  # (8-accumulator tiles would take 1 block: 1 x 1 on 13-wide rows)
+        rt, obt = machine.odd_tile(s.ob)  # (SqueezeNet's 125 blocks: 2 x 5; 8-accumulator tiles would take 1 block: 1 x 1 on 13-wide rows)
         if s.ow % rt == 0:
             return ConvTile(rt, obt, order, pad_row=row)
         if order in ("ob", "row") and s.kind == "conv" and s.ow > rt:

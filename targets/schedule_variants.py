@@ -20,8 +20,8 @@ if TYPE_CHECKING:
 
 __all__ = ["variants"]
 
-# (pixels, output channel blocks) per micro-kernel: 8-14 accumulator vectors
-# micro-kernel tiles besides the machine model's exact ones (`MachineModel.conv_tiles`)
+# (pixels, output channel blocks) per micro-kernel besides the machine model's exact ones
+# (`MachineModel.conv_tiles`): 8-14 accumulator vectors, and 16-24 with 32 registers
 _MORE_TILES = ((4, 2), (2, 4), (8, 1), (7, 2), (7, 1), (12, 1))
 _MORE_TILES_32_REGS = ((8, 2), (4, 4), (16, 1), (14, 1), (7, 3), (12, 2))
 _CONV_ORDERS = (("ob", False), ("row", True), ("pix", False))

@@ -507,6 +507,11 @@ class OuterProduct(_Rule):
     def _schedule(self, sch, anchor, target, lanes, padded: bool = False):  # noqa: C901 - one schedule, step by step
         from tvm.tirx import IterVar
 
+        from .machine import machine_model
+
+        machine = machine_model(target)
+        max_acc, max_acc_wide = machine.accumulators, machine.accumulators_wide
+
         stmt = sch.get(anchor)
         if len(stmt.writes) != 1:
             return None
@@ -565,11 +570,9 @@ class OuterProduct(_Rule):
             # The register axis is padded too where no tile of at least 4 rows divides it: a
             # ragged row tile's bound is lost when the crop is computed at the tile (TVM 0.27's
             # reverse_compute_at keeps only the column predicate: writes past the output)
-            from .machine import machine_model
-
             n_pad = -(-n_vec // lanes) * lanes
             vt_guess = 2 * lanes if n_pad % (2 * lanes) == 0 and n_reg >= 4 else lanes
-            rows = max(1, machine_model(target).accumulators * lanes // vt_guess)
+            rows = max(1, max_acc * lanes // vt_guess)
             pad_rows = rows if max(d for d in _divisors(n_reg) if d <= rows) < 4 else 1
             name = stmt.name_hint
             sch.pad_einsum(anchor, [lanes if iv.var.same_as(vec_var) else pad_rows if iv.var.same_as(reg_var) else 1
@@ -579,10 +582,6 @@ class OuterProduct(_Rule):
         if _INLINE_EPILOGUE:
             _inline_epilogue(sch, anchor)
 
-        from .machine import machine_model
-
-        machine = machine_model(target)
-        max_acc, max_acc_wide = machine.accumulators, machine.accumulators_wide
         # vector tile: 2 or 1 vectors; register tile: as many rows as accumulators allow
         if n_vec % (2 * lanes) == 0 and n_reg >= 4:
             vt = 2 * lanes

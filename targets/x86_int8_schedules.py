@@ -243,8 +243,8 @@ def schedule_int8_matmul(func: Any, target: Any, weight_absmax: Mapping[int, int
     b_param = next((i for i, p in enumerate(func.params) if p.same_as(b_buf)), None)  # 0.27: a buffer parameter is the Var
     bound = (weight_absmax or {}).get(b_param) if b_param is not None else None
     ivs = {iv.var: iv for iv in stmt.iter_vars}
-    variant, step, lanes, intrin = _kernel_choice(a_dt, b_dt, bound, target, _static(ivs[n_var].dom.extent))
     n_ext, k_ext = _static(ivs[n_var].dom.extent), _static(ivs[k].dom.extent)
+    variant, step, lanes, intrin = _kernel_choice(a_dt, b_dt, bound, target, n_ext)
     if n_ext is None or k_ext is None or n_ext % lanes or k_ext % step:
         return None
 
@@ -325,18 +325,18 @@ def schedule_int8_matmul(func: Any, target: Any, weight_absmax: Mapping[int, int
 
 def _tile_conv(ow: int, n_blocks: int, max_acc: int = 8) -> tuple[int, int]:
     """(output columns, channel vectors) per register tile: at most `max_acc` int32 accumulators
-    (8 of AVX2's 16 ymm; with 32 zmm, 24: the tile of most accumulators, more channel vectors
-    first — each broadcast of 4 input bytes then feeds more vpdpbusd)."""
+    (8 of AVX2's 16 ymm; with 32 zmm up to `max_acc`: the tile of most accumulators, more channel
+    vectors first — each broadcast of 4 input bytes then feeds more vpdpbusd)."""
     if max_acc > 8:
         cands = [(xt * nt, nt, xt) for nt in (4, 3, 2, 1) if n_blocks % nt == 0
                  for xt in range(1, min(ow, 12) + 1) if ow % xt == 0 and xt * nt <= max_acc]
         _, nt, xt = max(cands)
         return xt, nt
     if n_blocks % 2 == 0:
-        for xt in range(max_acc // 2, 1, -1):
+        for xt in (4, 3, 2):
             if ow % xt == 0:
                 return xt, 2
-    for xt in range(min(max_acc, 7 if max_acc == 8 else max_acc), 0, -1):
+    for xt in (7, 6, 5, 4, 3, 2, 1):
         if ow % xt == 0:
             return xt, 1
     return 1, 1

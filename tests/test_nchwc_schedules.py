@@ -521,7 +521,7 @@ def test_odd_block_counts_take_a_wide_tile():
     """Output block counts no 12-accumulator tile divides (SqueezeNet's 1000 channels: 125 blocks)
     take odd_tile's largest divisor up to 6 blocks, not an 8-accumulator tile of 1 block (1 x 1 on
     13-wide rows, 28 GFLOP/s): 125 → 2 pixels x 5 blocks, a prime count → 12 x 1."""
-    assert NS.odd_tile(125, _M) == (2, 5) and NS.odd_tile(7, _M) == (12, 1) and NS.odd_tile(35, _M) == (2, 5)
+    assert _M.odd_tile(125) == (2, 5) and _M.odd_tile(7) == (12, 1) and _M.odd_tile(35) == (2, 5)
     t = conv_tile(ConvShape("conv", 125, 1, 170, 512, 1, 1, 1), _M)  # flat 1x1 512 -> 1000 on 13x13
     assert (t.rt, t.obt, t.tail) == (2, 5, False)
     t = conv_tile(ConvShape("conv", 5, 56, 56, 16 * 9, 3, 3, 1), _M)  # 3x3 16 -> 40 on 56-wide rows

@@ -428,8 +428,8 @@ def test_avx512_block_halves_where_16_would_leave_convs_nchw(mid, want):
     text = MIXED24.replace("float[1, 24, 12, 12] y", f"float[1, {mid}, 12, 12] y")
     m = _parse(text, {"wa": (mid, 16, 1, 1), "wb": (mid, mid, 3, 3)})
     g = _planned(m)
-    assert TL.choose_block(g, L._topo_groups(g), 16, machine_model(isa_target(AVX512_MCPU))) == want
-    assert TL.choose_block(g, L._topo_groups(g), 8, _M) == 8
+    assert TL.choose_plan(g, L._topo_groups(g), 16, machine_model(isa_target(AVX512_MCPU))).block == want
+    assert TL.choose_plan(g, L._topo_groups(g), 8, _M).block == 8
     art = graphopt.compile(m, f"cpu{{mcpu={AVX512_MCPU}}}", "-O2", threads=2)
     assert art.manifest["kernels"]["block"] == want
     assert art.manifest["schedules"]["rules"].get("blocked-conv", 0) + art.manifest["schedules"]["rules"].get("winograd-conv", 0) >= 1

@@ -24,7 +24,7 @@ def _numel(d: list[int] | None) -> int:
     return int(np.prod(d)) if d else (1 if d == [] else 0)
 
 
-def _layer_flops(n) -> int | None:  # type: ignore[no-untyped-def]
+def layer_flops(n) -> int | None:  # type: ignore[no-untyped-def]
     """FLOPs of one Conv/ConvTranspose/Gemm/MatMul; None when its shapes are unknown; 0 for other ops."""
     op = n.op_type
     if n.domain not in ("", "ai.onnx"):
@@ -56,14 +56,14 @@ def uncounted_layers(model: Model) -> list[str]:
     symbolic dim (other than the leading batch axis) taken as 1."""
     out = []
     for n in model.graph:
-        f = _layer_flops(n)
+        f = layer_flops(n)
         if f is None or f and any(_symbolic_beyond_batch(v) for v in (n.inputs[0], n.outputs[0])):
             out.append(n.name or n.outputs[0].name)
     return out
 
 
 def count_flops(model: Model) -> int:
-    return sum(f for n in model.graph if (f := _layer_flops(n)))
+    return sum(f for n in model.graph if (f := layer_flops(n)))
 
 
 def count_params(model: Model) -> int:

@@ -45,6 +45,7 @@ import numpy as np
 from tvm import relax
 
 from graphopt.ir import Model, Node, Value
+from graphopt.passes.pruning.flops import layer_flops
 
 from ..machine import MachineModel
 from . import blocked_ops as BO
@@ -236,35 +237,28 @@ def plan_layout(model: Model, groups: list[tuple[str, list[Node]]], block: int, 
     return plan
 
 
-def _conv_flops(n: Node) -> float:
-    """Multiply-adds x 2 of Conv `n` from its shapes (a symbolic batch counts as 1; 0 if unknown)."""
-    y, w = _dims4(n.outputs[0]), _dims4(n.inputs[1]) if len(n.inputs) > 1 else None
-    if y is None or w is None or not all(isinstance(d, int) for d in list(y[1:]) + list(w[1:])):
-        return 0.0
-    return 2.0 * float(np.prod(y[1:])) * float(np.prod(w[1:]))
-
-
 #: a machine's full block is kept while it runs at least this share of the conv FLOPs that half
 #: the block would run blocked
 FULL_BLOCK_SHARE = 0.95
 
 
-def choose_block(model: Model, groups: list[tuple[str, list[Node]]], lanes: int, machine: MachineModel) -> int:
-    """The channel block of the model's blocked groups: `lanes` (one fp32 vector: 16 on AVX-512),
-    or half of it where channel counts that are multiples of 8 but not of 16 would leave more
-    than 5 % of the blocked conv FLOPs in NCHW (MobileNetV2's 24 and EfficientNet-B0's 40
-    channels: the NCHW kernels and the layout changes around them cost more than 8-lane
-    vectors do; the blocked kernels then use ymm registers, all 32 of them)."""
+def choose_plan(model: Model, groups: list[tuple[str, list[Node]]], lanes: int, machine: MachineModel,
+                winograd: str | None = None) -> LayoutPlan:
+    """`plan_layout` with the channel block of the model's blocked groups: `lanes` (one fp32
+    vector: 16 on AVX-512), or half of it where channel counts that are multiples of 8 but not of
+    16 would leave more than 5 % of the blocked conv FLOPs in NCHW (MobileNetV2's 24 and
+    EfficientNet-B0's 40 channels: the NCHW kernels and the layout changes around them cost more
+    than 8-lane vectors do; the blocked kernels then use ymm registers, all 32 of them)."""
+    full = plan_layout(model, groups, lanes, machine, winograd)
     if lanes < 16 or lanes % 2:
-        return lanes
+        return full
+    half = plan_layout(model, groups, lanes // 2, machine, winograd)
 
-    def blocked_flops(b: int) -> float:
-        plan = plan_layout(model, groups, b, machine, "off")
-        return sum(_conv_flops(n) for _, nodes in groups for n in nodes
-                   if n.op_type == "Conv" and plan.role(n) in ("conv", "stem", "depthwise"))
+    def blocked_flops(plan: LayoutPlan) -> float:
+        return float(sum(layer_flops(n) or 0 for _, nodes in groups for n in nodes
+                         if n.op_type == "Conv" and plan.role(n) in ("conv", "stem", "depthwise")))
 
-    full, half = blocked_flops(lanes), blocked_flops(lanes // 2)
-    return lanes if full >= FULL_BLOCK_SHARE * half else lanes // 2
+    return full if blocked_flops(full) >= FULL_BLOCK_SHARE * blocked_flops(half) else half
 
 
 def _group_roles(nodes: list[Node], blocked: set[int], b: int) -> dict[int, str] | None:

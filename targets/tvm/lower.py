@@ -876,8 +876,7 @@ class _Lowerer:
         if self.block:
             if self.machine is None:
                 raise ValueError("a blocked layout needs the target's machine model (lower(..., machine=...))")
-            block = _layout.choose_block(self.model, groups, self.block, self.machine)
-            self.plan = _layout.plan_layout(self.model, groups, block, self.machine, self.winograd)
+            self.plan = _layout.choose_plan(self.model, groups, self.block, self.machine, self.winograd)
         # parameters must be known before the function opens: collect Constant-node weights too
         for _, nodes in groups:
             for n in nodes:

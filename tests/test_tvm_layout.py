@@ -24,12 +24,11 @@ from graphopt.targets.tvm import layout as TL  # noqa: E402
 from graphopt.targets.tvm import lower as L  # noqa: E402
 from graphopt.transform import PassContext, optimize  # noqa: E402
 from graphopt.targets.machine import machine_model  # noqa: E402
-from tvm_kernels import AVX2_MCPU, AVX512_MCPU, host_runs, isa_target  # noqa: E402
+from tvm_kernels import AVX2_CPU, AVX2_MCPU, AVX512_MCPU, avx2_target, host_runs, isa_target  # noqa: E402
 
 # the layout decisions checked here are AVX2's (8-channel blocks, 12-accumulator tiles), compiled
 # for an explicit AVX2 mcpu so they hold on every x86 host; the AVX-512 build is checked at the end
-AVX2_CPU = f"cpu{{mcpu={AVX2_MCPU}}}"
-_M = machine_model(isa_target(AVX2_MCPU))
+_M = machine_model(avx2_target())
 
 
 def _parse(text: str, weights: dict[str, tuple[int, ...]], seed: int = 0) -> onnx.ModelProto:

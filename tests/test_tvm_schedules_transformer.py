@@ -372,3 +372,22 @@ def test_matrix_vector_products_are_not_padded():
     mod = _fused(lambda bb, x, y: bb.emit(relax.op.matmul(x, y)), [("a", (1, 64)), ("b", (64, 1000))])
     smod, stats, (func,) = _schedule(mod)
     assert "_pad" not in func.script()
+
+
+def test_padded_attention_scores_match_onnxruntime():
+    """The whole path for ViT's attention scores (197 tokens, no multiple of the lanes): compiled
+    by the cpu target, the padded OuterProduct kernel gives onnxruntime's outputs."""
+    import onnx
+
+    from graphopt.check import run_onnxruntime
+    from tvm_kernels import AVX2_CPU
+
+    m = onnx.parser.parse_model('<ir_version: 8, opset_import: ["" : 17]>\n'
+                                "g (float[1, 4, 197, 64] q, float[1, 4, 64, 197] k) => (float[1, 4, 197, 197] y) {\n"
+                                "    s = MatMul (q, k)\n    c = Constant <value = float {0.125}> ()\n    y = Mul (s, c)\n}")
+    rng = np.random.default_rng(9)
+    feeds = {"q": rng.standard_normal((1, 4, 197, 64)).astype(np.float32),
+             "k": rng.standard_normal((1, 4, 64, 197)).astype(np.float32)}
+    art = graphopt.compile(m, AVX2_CPU, "-O2", threads=2)
+    assert art.manifest["schedules"]["rules"].get("outer-product", 0) >= 1, art.manifest["schedules"]["rules"]
+    np.testing.assert_allclose(art.run(feeds)[0], run_onnxruntime(graphopt.load(m), feeds)[0], rtol=1e-4, atol=1e-4)

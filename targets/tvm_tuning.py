@@ -41,9 +41,12 @@ xgboost, psutil, cloudpickle and tornado.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,7 +54,7 @@ import tempfile
 import threading
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +62,7 @@ if TYPE_CHECKING:
     import tvm
 
 __all__ = ["tune", "apply_database", "open_database", "cpu_only_intrinsics", "TuningSummary", "repair_database",
-           "kept_schedules", "normalize_for_tuning"]
+           "kept_schedules", "normalize_for_tuning", "clean_stale_work_dirs"]
 
 _GPU_INTRIN = ("cuda", "rocm", "hexagon", "riscv_cpu", "metal")
 _WORKLOAD_FILE = "database_workload.json"
@@ -67,6 +70,16 @@ _RECORD_FILE = "database_tuning_record.json"
 _LEDGER_FILE = "graphopt_ledger.json"
 _SUMMARY_FILE = "graphopt_last_tune.json"
 _LOG_FILE = "tuning.log"
+#: held (flock) by the tuning child that owns `db_dir`: one tuner per database at a time
+_DB_LOCK_FILE = ".graphopt-tune.lock"
+#: a `tune` call's work folder in the temporary directory, and the lock its owner holds on it
+_WORK_PREFIX = "graphopt-tune-"
+_WORK_LOCK = "owner.lock"
+#: a work folder without a lock file (being created, or left by an older graphopt) is only
+#: taken for stale after this long
+_UNLOCKED_STALE_S = 3600.0
+#: a leftover `.tmp-*` of an atomic write in `db_dir` (its writer was killed) after this long
+_TMP_STALE_S = 600.0
 
 
 def cpu_only_intrinsics(extra: Sequence[str] | None = None) -> None:
@@ -186,6 +199,114 @@ def _write_json_atomic(path: str, data: Any) -> None:
     os.replace(tmp, path)
 
 
+# --------------------------------------------------------------------------- work folders and locks
+#
+# A SIGKILLed `tune` call runs no cleanup: its work folder stays in the temporary directory, and
+# its tuning child, left without a parent, would go on measuring and writing the ledger while the
+# next (resumed) call tunes the same tasks from a ledger it then overwrites (the budget spent
+# twice). So: the child dies with its parent, one child at a time owns a database (a flock the
+# kernel drops when its holder dies), and each work folder holds a flock of its live owner, so the
+# next call can tell a dead owner's folder and remove it.
+
+
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def clean_stale_work_dirs(tmp_dir: str | None = None) -> list[str]:
+    """Remove the work folders of `tune` calls that are no longer running (killed: nothing ran
+    their cleanup) from `tmp_dir` (default: the temporary directory). A folder is stale when its
+    owner's lock can be taken; one without a lock file only when older than an hour. Returns the
+    folders removed."""
+    tmp_dir = tmp_dir or tempfile.gettempdir()
+    removed = []
+    try:
+        names = [n for n in os.listdir(tmp_dir) if n.startswith(_WORK_PREFIX)]
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(tmp_dir, name)
+        try:
+            if not os.path.isdir(path) or os.path.islink(path):
+                continue
+            fd = os.open(os.path.join(path, _WORK_LOCK), os.O_RDWR)
+        except FileNotFoundError:
+            try:
+                if time.time() - os.stat(path).st_mtime > _UNLOCKED_STALE_S:
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(path)
+            except OSError:
+                pass
+            continue
+        except OSError:  # another user's folder, or gone meanwhile
+            continue
+        try:
+            if _try_flock(fd):  # its owner is dead (the kernel released the lock)
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
+
+
+@contextlib.contextmanager
+def _work_dir() -> Iterator[str]:
+    """A fresh work folder in the temporary directory, locked by this process while it lives
+    (so `clean_stale_work_dirs` leaves it alone) and removed after."""
+    path = tempfile.mkdtemp(prefix=_WORK_PREFIX)
+    fd = os.open(os.path.join(path, _WORK_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        os.close(fd)
+
+
+def _lock_database(db_dir: str, waiting: Callable[[str], None]) -> int:
+    """Take the database's tuner lock (blocking; `waiting` is told the holder's pid first) and
+    return its fd, held until this process ends. Then remove what killed writers left."""
+    fd = os.open(os.path.join(db_dir, _DB_LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    if not _try_flock(fd):
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        waiting(holder)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    for name in os.listdir(db_dir):
+        path = os.path.join(db_dir, name)
+        try:
+            if name.startswith(".tmp-") and time.time() - os.stat(path).st_mtime > _TMP_STALE_S:
+                os.unlink(path)
+        except OSError:
+            pass
+    return fd
+
+
+def _kill_own_group() -> None:
+    """SIGKILL this tuning child and its workers (its process group, as `_run_child` starts it
+    in a session of its own; only itself otherwise)."""
+    if os.getpgrp() == os.getpid():
+        os.killpg(0, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Kill this process and its builder/runner workers (its process group) as soon as the
+    process that started it is gone."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        _kill_own_group()
+
+    threading.Thread(target=watch, name="graphopt-tune-parent-watch", daemon=True).start()
+
+
 # --------------------------------------------------------------------------- summary / progress
 
 
@@ -242,6 +363,8 @@ class _Progress:
             s["done"] += 1
         elif kind == "round":  # tuning in rounds (time budget): the bar counts the tasks of this round
             s["done"] = 0
+        elif kind == "waiting" and self.enabled and self.hook is None:
+            sys.stderr.write(f"tune: waiting for the tuning run that holds the database (pid {ev.get('holder') or '?'})\n")
         if self.hook is not None:
             try:
                 self.hook(dict(ev, **{"elapsed_s": time.monotonic() - self.t0}))
@@ -317,7 +440,6 @@ def tune(
         raise ValueError(f"kernels must be 'anchor' or 'all', not {kernels!r}")
     os.makedirs(db_dir, exist_ok=True)
     db_dir = os.path.abspath(db_dir)
-    repair_database(db_dir)
     if not isinstance(target, tvm.target.Target):
         target = tvm.target.Target(target)
     threads = int(threads or _target_cores(target) or _default_threads())
@@ -334,7 +456,8 @@ def tune(
         _write_json_atomic(os.path.join(db_dir, _SUMMARY_FILE), summary.as_dict())
         return open_database(db_dir)
 
-    with tempfile.TemporaryDirectory(prefix="graphopt-tune-") as work:
+    clean_stale_work_dirs()
+    with _work_dir() as work:
         mod_path = os.path.join(work, "mod.json")
         with open(mod_path, "w", encoding="utf-8") as f:
             f.write(tvm.ir.save_json(normalize_for_tuning(mod)))
@@ -351,6 +474,7 @@ def tune(
             "builder_timeout": builder_timeout,
             "runner_timeout": runner_timeout,
             "seed": seed,
+            "parent_pid": os.getpid(),
         }
         attempt = 0
         new_total = 0
@@ -532,6 +656,9 @@ def _run_child(spec_path: str, db_dir: str, threads: int, prog: _Progress, deadl
     env["TVM_NUM_THREADS"] = str(threads)  # trap 3: runner workers inherit it
     env["GRAPHOPT_TVM_STUB_INTRIN"] = ",".join(stub)
     env.setdefault("OMP_NUM_THREADS", str(threads))
+    # the builders' artifacts go inside the work folder, which goes with it even after a kill
+    env["TMPDIR"] = os.path.join(os.path.dirname(spec_path), "tmp")
+    os.makedirs(env["TMPDIR"], exist_ok=True)
     cmd = [sys.executable, "-c", "from graphopt.targets.tvm_tuning import _child_main; _child_main()", spec_path]
     events: list[dict[str, Any]] = []
     with open(os.path.join(db_dir, _LOG_FILE), "ab") as log:
@@ -597,8 +724,13 @@ def _child_main() -> None:
 
 def _child_tune(spec: dict[str, Any], out: Any) -> None:  # noqa: C901 - one procedure
     def emit(ev: dict[str, Any]) -> None:
-        out.write(json.dumps(ev) + "\n")
-        out.flush()
+        try:
+            out.write(json.dumps(ev) + "\n")
+            out.flush()
+        except BrokenPipeError:  # the parent is gone: nobody wants the rest
+            _kill_own_group()
+
+    _die_with_parent(int(spec.get("parent_pid") or os.getppid()))
 
     t_start = time.monotonic()
     deadline = None if spec.get("deadline_s") is None else t_start + float(spec["deadline_s"])
@@ -617,6 +749,10 @@ def _child_tune(spec: dict[str, Any], out: Any) -> None:  # noqa: C901 - one pro
         mod = tvm.ir.load_json(f.read())
 
     extracted = ms.relax_integration.extract_tasks(mod, target)
+    # the ledger is read only once this child owns the database: a tuner still running on it
+    # (another compile) would otherwise tune the same tasks and overwrite its counts
+    _lock_database(db_dir, lambda holder: emit({"ev": "waiting", "holder": holder}))
+    repair_database(db_dir)
     ledger_path = os.path.join(db_dir, _LEDGER_FILE)
     ledger: dict[str, Any] = _read_json(ledger_path, {})
 

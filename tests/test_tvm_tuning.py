@@ -319,3 +319,129 @@ def test_paired_check_reorders_records_measured_under_different_load(tmp_path):
     assert float(np.mean([float(x) for x in top.run_secs])) == pytest.approx(1e-3 * res["ratio"], rel=1e-6)
     again = tvm_tuning._paired_check(task, target, db, builder, runner)
     assert again is not None and not again["swapped"] and again["winner"] == "default", again
+
+
+# --- faults: a killed tune call (issue 25) ------------------------------------------------------
+
+_TUNE_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from test_tvm_tuning import _matmul_relu
+from tvm_kernels import host_target
+from graphopt.targets.tvm_tuning import tune
+tune(_matmul_relu(), host_target(), db_dir={db!r}, trials=8, trials_per_iter=4, progress=False, threads=2)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigkilled_tune_call_leaves_no_tuner_and_no_folder_and_resume_skips_done_trials(tmp_path, monkeypatch):
+    """The process that called `tune` (a compile) is SIGKILLed after the first batch of 4 of 8
+    trials, while the tuning child is on the second batch. Its tuning child and workers die with
+    it (they went on tuning alone before, racing the resumed run over the ledger, which then
+    counted trials that were spent twice), the next call removes the killed call's work folder
+    (one was left in the temporary directory per kill), and it makes only the 4 missing trials."""
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import psutil
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    db = str(tmp_path / "db")
+    env = dict(os.environ, TMPDIR=str(tmp))
+    script = _TUNE_SCRIPT.format(tests=os.path.dirname(__file__), db=db)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env)
+    ledger_path = os.path.join(db, "graphopt_ledger.json")
+    deadline = time.monotonic() + 300
+    done = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            done = sum(v.get("trials", 0) for v in json.load(open(ledger_path)).values())
+        except (OSError, ValueError):
+            done = 0
+        if done >= 4:
+            break
+        time.sleep(0.2)
+    assert done == 4 and proc.poll() is None, (done, proc.returncode)
+    tuners = psutil.Process(proc.pid).children(recursive=True)
+    assert tuners, "no tuning child"
+    proc.kill()
+    proc.wait()
+    gone, alive = psutil.wait_procs(tuners, timeout=5)
+    assert not alive, f"the tuning child or its workers outlived the killed call: {alive}"
+    left = [p.name for p in tmp.iterdir() if p.name.startswith("graphopt-tune-")]
+    assert len(left) == 1, left  # SIGKILL ran no cleanup: the next call removes it
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    tune(_matmul_relu(), _target(), db_dir=db, trials=8, trials_per_iter=4, progress=False, threads=2)
+    s = last_summary(db)
+    assert s["new_trials"] == 4 and s["stopped"] == "done", s
+    assert [v["trials"] for v in json.load(open(ledger_path)).values()] == [8]
+    assert not [p.name for p in tmp.iterdir() if p.name.startswith("graphopt-tune-")]
+
+
+def test_stale_work_dirs_are_removed_live_and_young_ones_kept(tmp_path):
+    """A killed call's work folder (its owner's lock free) goes, as does a lockless one older
+    than an hour (an older graphopt's); a live call's (lock held) and a lockless young one (being
+    created) stay; other folders are not looked at."""
+    import fcntl
+    import time
+
+    def work(name, lock=True, age=0.0):
+        d = tmp_path / name
+        d.mkdir()
+        if lock:
+            (d / "owner.lock").write_text("")
+        if age:
+            os.utime(d, (time.time() - age, time.time() - age))
+        return d
+
+    dead = work("graphopt-tune-dead")
+    live = work("graphopt-tune-live")
+    old = work("graphopt-tune-old", lock=False, age=7200)
+    young = work("graphopt-tune-young", lock=False)
+    other = work("other-dead")
+    fd = os.open(live / "owner.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        removed = tvm_tuning.clean_stale_work_dirs(str(tmp_path))
+    finally:
+        os.close(fd)
+    assert sorted(removed) == sorted([str(dead), str(old)])
+    assert not dead.exists() and not old.exists()
+    assert live.exists() and young.exists() and other.exists()
+    assert tvm_tuning.clean_stale_work_dirs(str(tmp_path)) == [str(live)]  # its owner has ended
+
+
+def test_a_second_tuner_waits_for_the_database_lock(tmp_path):
+    """Two tuners on one database would tune the same tasks and overwrite each other's ledger
+    counts: the second waits (told the holder's pid) until the first ends; leftovers of a killed
+    atomic write are removed once it holds the lock."""
+    import fcntl
+    import threading
+    import time
+
+    db = tmp_path / "db"
+    db.mkdir()
+    stale = db / ".tmp-killed"
+    stale.write_text("{")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    fresh = db / ".tmp-writing"
+    fresh.write_text("{")
+    holder = os.open(db / ".graphopt-tune.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    os.pwrite(holder, b"4242", 0)
+    told, got = [], []
+    t = threading.Thread(target=lambda: got.append(tvm_tuning._lock_database(str(db), told.append)))
+    t.start()
+    time.sleep(0.5)
+    assert told == ["4242"] and not got
+    os.close(holder)
+    t.join(5)
+    assert got, "the lock was not taken after its holder let go"
+    os.close(got[0])
+    assert (db / ".graphopt-tune.lock").read_text() == str(os.getpid())
+    assert not stale.exists() and fresh.exists()

@@ -462,3 +462,43 @@ def test_quantized_cnn_compiles_to_vnni_convs_with_onnxruntime_outputs() -> None
     y = graphopt.runtime.load(art.path).run({"x": x})[0]
     ref = _ort(graphopt.to_onnx(m), {"x": x})[0]
     np.testing.assert_allclose(y, ref, atol=0.05 * np.abs(ref).max())
+
+
+# --- requantize epilogue: the float → int8 Cast of a Clip is a plain conversion -----------------------------
+
+
+def _clip_cast(lo: float, hi: float, to: int = TP.UINT8, clip: bool = True) -> onnx.ModelProto:
+    nodes = [h.make_node("Clip", ["x", "lo", "hi"], ["c"]) if clip else h.make_node("Identity", ["x"], ["c"]),
+             h.make_node("Cast", ["c"], ["y"], to=to)]
+    inits = [nh.from_array(np.array(lo, np.float32), "lo"), nh.from_array(np.array(hi, np.float32), "hi")]
+    return _model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [4, 64])], [h.make_tensor_value_info("y", to, [4, 64])], inits)
+
+
+def _relax_text(m: onnx.ModelProto) -> str:
+    from graphopt.targets.tvm import lower as L
+
+    return L.lower(graphopt.load(m)).mod.script()
+
+
+@pytest.mark.parametrize("lo, hi, to", [(0, 255, TP.UINT8), (-128, 127, TP.INT8), (0, 15, TP.UINT8), (-5, 300, TP.INT16)])
+def test_cast_of_an_in_range_clip_is_a_plain_conversion(lo, hi, to) -> None:
+    """Cast(Clip(x, lo, hi), int) with [lo, hi] inside the type: no wrap-around emulation (isfinite,
+    masks) in the lowered module, and onnxruntime's values (truncation toward zero)."""
+    m = _clip_cast(lo, hi, to)
+    text = _relax_text(m)
+    assert "isfinite" not in text and "bitwise_and" not in text
+    x = (np.random.default_rng(5).standard_normal((4, 64)) * 200).astype(np.float32)
+    art = graphopt.compile(m, "cpu", "-O0", threads=1)
+    r = graphopt.runtime.load(art.path)
+    assert np.array_equal(r.run({"x": x})[0], _ort(m, {"x": x})[0])
+
+
+@pytest.mark.parametrize("lo, hi, to, clip, why", [
+    (-1, 255, TP.UINT8, True, "below the type's range"),
+    (0, 256, TP.UINT8, True, "above the type's range"),
+    (0, 255, TP.UINT8, False, "no Clip"),
+    (0, 255, TP.INT64, True, "64-bit (left to the frontend)"),
+])
+def test_cast_near_misses_keep_the_frontend_cast(lo, hi, to, clip, why) -> None:
+    text = _relax_text(_clip_cast(lo, hi, to, clip))
+    assert "isfinite" in text, why

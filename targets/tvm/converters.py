@@ -803,6 +803,42 @@ def _requantize(bb: relax.BlockBuilder, acc: Any, scale: Any, y_zp: Any, out_dty
     return bb.emit(R.astype(d, out_dtype))
 
 
+def _clipped_bounds(node: Node) -> tuple[float, float] | None:
+    """(lo, hi) of a Clip with constant bounds (both given) producing `node`'s first input."""
+    from graphopt.pattern import const_array
+
+    clip = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+    if clip is None or clip.op_type != "Clip" or clip.domain not in ("", "ai.onnx"):
+        return None
+    if clip.attr("min") is not None and clip.attr("max") is not None:
+        return float(clip.attr("min")), float(clip.attr("max"))
+    ins = list(clip.inputs) + [None] * 3
+    bounds = [const_array(v) if v is not None else None for v in ins[1:3]]
+    if any(b is None or b.size != 1 for b in bounds):
+        return None
+    return float(bounds[0].reshape(())), float(bounds[1].reshape(()))  # type: ignore[union-attr]
+
+
+@converter("Cast")
+def _cast_in_range(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """float → 8/16/32-bit integer Cast of a Clip to within the integer type's range (a requantize:
+    Cast(Clip(Round(x / s) + z, 0, 255), uint8)) → a plain conversion. The frontend's Cast emulates
+    C's wrap-around for out-of-range and non-finite values with selects and masks that stay in
+    every fused int8 epilogue (the conversion of each output element then costs dozens of
+    instructions); here the values are in range by construction. Otherwise (and for NaN, which
+    Clip lets through: a C cast's value is unspecified there too) the frontend's Cast."""
+    x = ins[0]
+    to = _onnx_dtype(node.attr("to"))
+    src = str(getattr(getattr(x, "ty", None), "dtype", ""))
+    if not src.startswith(("float", "bfloat")) or not to.startswith(("int", "uint")) or to.endswith("64"):
+        return NotImplemented
+    bounds = _clipped_bounds(node)
+    info = np.iinfo(to)
+    if bounds is None or not (info.min <= bounds[0] <= bounds[1] <= info.max):
+        return NotImplemented
+    return bb.emit(R.astype(x, to))
+
+
 def _qscale(bb: relax.BlockBuilder, a_s: Any, b_s: Any, y_s: Any) -> Any:
     f = lambda e: R.astype(e, "float64")  # noqa: E731
     return bb.emit(R.divide(R.multiply(f(a_s), f(b_s)), f(y_s)))

@@ -21,7 +21,6 @@ from graphopt.errors import UsageError
 
 
 def compile_artifact(opts: Any) -> int:
-    import graphopt
     from graphopt import cli
     from graphopt.check import NumericMismatchError, compare_outputs, run_onnxruntime
     from graphopt.target import CompileOptions, get_target, sha256_file
@@ -52,8 +51,8 @@ def compile_artifact(opts: Any) -> int:
         if missing:
             raise UsageError(f"--verify runs the artifact here, and this CPU lacks {', '.join(missing)} "
                              f"(target mcpu={machine.mcpu}): drop --verify, or verify on such a machine")
-    model = graphopt.load(opts.model)
     ctx = PassContext(machine=machine)
+    model = cli.load_input(opts, ctx.log)  # checked by onnx's checker, sparse initializers dense
     passes = cli._resolve(opts, ctx.log)
     feeds = cli._feeds(opts, model) if opts.verify else None
     reference = run_onnxruntime(model, feeds) if feeds is not None else None

@@ -6,8 +6,9 @@ running the model before and after on onnxruntime with the same inputs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 import functools
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,32 +22,72 @@ class NumericMismatchError(GraphoptError):
     """Outputs left the tolerance; the message says where it was first seen."""
 
 
-def random_inputs(model: Model, *, seed: int = 0, dim_values: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+#: the most bytes of random inputs made for a check (all inputs together)
+MAX_RANDOM_INPUT_BYTES = 2**30
+
+
+def random_inputs(
+    model: Model,
+    *,
+    seed: int = 0,
+    dim_values: Mapping[str, int] | None = None,
+    max_bytes: int = MAX_RANDOM_INPUT_BYTES,
+) -> dict[str, np.ndarray]:
     """Inputs for every non-initializer graph input: symbolic dims bound to `dim_values` (2 by
-    default), floats ~ N(0, 1), integers in [0, 4), bools random."""
+    default), floats ~ N(0, 1), integers in [0, 4), bools random, each in the input's own dtype.
+
+    The sizes are checked before anything is allocated: more than `max_bytes` in all is a
+    GraphoptError naming the input, its largest dim and the limit.
+    """
     rng = np.random.default_rng(seed)
     dims = dict(dim_values or {})
-    feeds: dict[str, np.ndarray] = {}
+    planned: list[tuple[str, DataType, list[int]]] = []
+    total = 0
     for v in model.graph.inputs:
         if v.is_initializer():
             continue
         t = v.type
         if not isinstance(t, TensorType):
             raise GraphoptError(f"cannot make a random value for input {v.name!r} of type {t}; pass inputs")
+        try:
+            itemsize = 8 if t.dtype == DataType.STRING else t.dtype.numpy().itemsize
+        except (KeyError, TypeError, ValueError):
+            raise GraphoptError(
+                f"cannot make a random value for input {v.name!r}: element type {t.dtype.name} ({int(t.dtype)}) "
+                "has no array type; pass inputs"
+            ) from None
         shape = [d if isinstance(d, int) else dims.setdefault(d, 2) if isinstance(d, str) else 2 for d in (t.shape or [])]
+        for i, d in enumerate(shape):
+            if d < 0:
+                raise GraphoptError(f"input {v.name!r}: dim {i} is {d}, a negative size; pass inputs")
+        total += math.prod(shape) * itemsize
+        if total > max_bytes:
+            axis = max(range(len(shape)), key=lambda i: shape[i])
+            raise GraphoptError(
+                f"input {v.name!r} of shape {shape} ({t.dtype.name.lower()}) needs {math.prod(shape) * itemsize} bytes "
+                f"of random values (dim {axis} is {shape[axis]}), over the limit of {max_bytes} bytes for all inputs; "
+                "pass smaller inputs"
+            )
+        planned.append((v.name, t.dtype, shape))
+    feeds: dict[str, np.ndarray] = {}
+    for name, dtype, shape in planned:
         # np.asarray: a 0-d draw comes back as a numpy scalar, which onnxruntime refuses
-        feeds[v.name] = np.asarray(_random_array(rng, t.dtype, shape))
+        feeds[name] = np.asarray(_random_array(rng, dtype, shape))
     return feeds
 
 
 def _random_array(rng: np.random.Generator, dtype: DataType, shape: list[int]) -> np.ndarray:
+    if dtype in (DataType.FLOAT, DataType.DOUBLE):
+        # drawn in the input's own dtype: a float64 draw cast down would need twice the memory
+        return rng.standard_normal(shape, dtype=dtype.numpy())
     if dtype.is_floating:
-        return rng.standard_normal(shape).astype(dtype.numpy())
+        return rng.standard_normal(shape, dtype=np.float32).astype(dtype.numpy())
     if dtype == DataType.BOOL:
         return rng.random(shape) < 0.5
     if dtype == DataType.STRING:
         return np.array(rng.choice(["a", "b", "c"], size=shape), dtype=object)
-    return rng.integers(0, 4, size=shape).astype(dtype.numpy())
+    return rng.integers(0, 4, size=shape, dtype=dtype.numpy()) if dtype.numpy().kind in "iu" \
+        else rng.integers(0, 4, size=shape).astype(dtype.numpy())
 
 
 def run_onnxruntime(model: Model, inputs: Mapping[str, np.ndarray], *, threads: int = 1) -> list[np.ndarray]:
@@ -59,7 +100,7 @@ def run_onnxruntime(model: Model, inputs: Mapping[str, np.ndarray], *, threads: 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.intra_op_num_threads = threads
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # fatal only: its error log would be a second stderr line; the exception says it
     try:
         sess = ort.InferenceSession(to_onnx(model).SerializeToString(), so, providers=["CPUExecutionProvider"])
         return list(sess.run(None, dict(inputs)))

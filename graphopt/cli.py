@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import fcntl
 import os
 import shutil
 import sys
@@ -89,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and tiny layers float; reproducible output) or off")
     p.add_argument("--accuracy-budget", metavar="B", help="--quantize: top1:P, cosine:C, sqnr:DB or rel:E; the most "
                    "sensitive layers stay float until it holds")
+    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
+                   help="run onnx's checker (full check, with shape inference) on the input first and refuse a "
+                        "model it rejects (default); --no-check compiles it anyway, and says so")
     p.add_argument("--inputs", metavar="X.npz", help="inputs for --verify/--verify-each (default: random)")
     p.add_argument("--rtol", type=float, help="relative tolerance for verification (default 1e-4)")
     p.add_argument("--atol", type=float, help="absolute tolerance for verification (default 1e-5)")
@@ -123,6 +128,7 @@ class Options:
     contrib_ops: bool = False
     verify: bool = False
     verify_each: bool = False
+    check: bool = True  # onnx's checker on the input (--no-check: proceed anyway, said in the log)
     inputs: str | None = None
     rtol: float = 1e-4
     atol: float = 1e-5
@@ -176,6 +182,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         contrib_ops=pick(ns.contrib_ops, "contrib-ops", False),
         verify=pick(ns.verify, "verify", False),
         verify_each=pick(ns.verify_each, "verify-each", False),
+        check=pick(ns.check, "check", True),
         inputs=pick(ns.inputs, "inputs", None),
         rtol=float(pick(ns.rtol, "rtol", 1e-4)),
         atol=float(pick(ns.atol, "atol", 1e-5)),
@@ -336,10 +343,11 @@ def _resolve(opts: Options, log: list[str] | None = None) -> list[Any]:
     from graphopt.transform import parse_pipeline, with_contrib_ops
 
     log = [] if log is None else log
+    first = len(log)
     passes = parse_pipeline(opts.pipeline, disable=opts.disable, log=log)
     if opts.contrib_ops:
         passes = with_contrib_ops(passes)
-    for line in log:  # --disable is never silent, not even with --quiet
+    for line in log[first:]:  # --disable is never silent, not even with --quiet
         _note(line)
     return passes
 
@@ -423,8 +431,8 @@ def _compile(opts: Options) -> int:
     if opts.inputs and not (opts.verify or opts.verify_each):
         raise UsageError("--inputs is only used by --verify or --verify-each; add one of them")
 
-    model = graphopt.load(opts.model)
     ctx = PassContext()
+    model = load_input(opts, ctx.log)
     if opts.calibration:
         ctx.data["calibration"] = opts.calibration
     passes = _resolve(opts, ctx.log)
@@ -450,7 +458,7 @@ def _compile(opts: Options) -> int:
         instruments.append(checker)
         report.verify_each = checker.checked
 
-    with _output_folder(opts.output) as folder, _staging(folder) as stage:
+    with _output_folder(opts.output) as folder, _staging(folder, opts.output) as stage:
         try:
             optimized = optimize(model, passes, verify_each=opts.verify_each, dump_ir=opts.dump_ir,
                                  instruments=instruments, ctx=ctx)
@@ -459,7 +467,10 @@ def _compile(opts: Options) -> int:
             _finish(opts, report, start)
             raise
         staged = os.path.join(stage, os.path.basename(opts.output))
-        graphopt.save(optimized, staged)
+        with _writing(opts.output):
+            graphopt.save(optimized, staged)
+        if opts.check:
+            _check_output(staged, opts.output)
         report.nodes_after = op_counts(optimized)
         report.size_after = sum(os.path.getsize(os.path.join(stage, f)) for f in os.listdir(stage))
         if reference is not None and feeds is not None:
@@ -473,7 +484,8 @@ def _compile(opts: Options) -> int:
                 _finish(opts, report, start)
                 raise NumericMismatchError(f"--verify: the compiled model's outputs differ from the original: "
                                            f"{cmp.detail}; {opts.output} was not written")
-        _publish(stage, folder, os.path.basename(opts.output))
+        with _writing(opts.output):
+            _publish(stage, folder, os.path.basename(opts.output))
     _finish(opts, report, start)
     return EXIT_OK
 
@@ -483,10 +495,61 @@ def _finish(opts: Options, report: Any, start: float) -> None:
 
     report.seconds = time.perf_counter() - start
     if opts.report:
-        with _output_folder(opts.report), atomic_write(opts.report) as f:
+        with _writing(opts.report), _output_folder(opts.report), atomic_write(opts.report) as f:
             f.write(report.to_json().encode())
     if not opts.quiet:
         print(report.format_table(), file=sys.stderr)
+
+
+def load_input(opts: Any, log: list[str]) -> Any:
+    """The input model as every target sees it: read, verified, checked by onnx's checker
+    (unless --no-check, which goes into `log`), with sparse initializers made dense."""
+    import graphopt
+    from graphopt.onnx_io.validate import ModelCheckError, densify_sparse_initializers
+
+    check = getattr(opts, "check", True)
+    try:
+        model = graphopt.load(opts.model, check=check)
+    except ModelCheckError as e:
+        raise ModelCheckError(f"{e} (--no-check compiles it anyway)") from None
+    if not check:
+        note = f"--no-check: {opts.model} was not checked by onnx's checker"
+        log.append(note)  # in the report
+        if not getattr(opts, "quiet", False):
+            _note(note)
+    densify_sparse_initializers(model)
+    return model
+
+
+def _check_output(staged: str, output: str) -> None:
+    """The input passed onnx's checker, so the output must too: anything else is a bug in
+    graphopt (exit 1), never a model handed to the user."""
+    import onnx
+
+    from graphopt.onnx_io.validate import ModelCheckError, check_onnx
+
+    try:
+        check_onnx(onnx.load(staged, load_external_data=False), staged)
+    except ModelCheckError as e:
+        message = str(e).replace(f"{staged}: ", "")
+        raise RuntimeError(f"the optimized model fails onnx's checker, so {output} was not written: {message}") from None
+
+
+#: errors of the file system that are the user's to fix (a read-only or full disk, no permission)
+_USER_IO_ERRORS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG,
+                             errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR})
+
+
+@contextlib.contextmanager
+def _writing(path: str) -> Iterator[None]:
+    """Turn the file system refusing a write (read-only, full, no permission) into a one-line
+    error naming `path` (exit 2) instead of an internal error."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _USER_IO_ERRORS:
+            raise
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def _feeds(opts: Options, model: Any) -> dict[str, np.ndarray]:
@@ -561,14 +624,68 @@ def _rmdirs(created: list[str]) -> None:
             os.rmdir(d)
 
 
+STAGE_PREFIX = ".graphopt-compile-"
+
+
 @contextlib.contextmanager
-def _staging(folder: str) -> Iterator[str]:
-    """A temporary folder beside the destination (same file system, so moves are renames)."""
-    stage = tempfile.mkdtemp(prefix=".graphopt-compile-", dir=folder)
+def _staging(folder: str, output: str) -> Iterator[str]:
+    """A temporary folder beside the destination (same file system, so moves are renames).
+
+    The compile holds an flock on it while it lives; the kernel drops the lock when the process
+    dies, even by SIGKILL, so the next compile into this folder can tell a killed compile's
+    stage (removed) from a running one's (left alone).
+    """
+    with _writing(output):
+        remove_stale_stages(folder)
+        stage, fd = _locked_stage(folder)
     try:
         yield stage
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        os.close(fd)
+
+
+def _locked_stage(folder: str) -> tuple[str, int]:
+    for _ in range(10):
+        stage = tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=folder)
+        fd = os.open(stage, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):
+            # another compile's cleanup may have taken it between mkdtemp and flock
+            if os.stat(stage).st_ino == os.fstat(fd).st_ino:
+                return stage, fd
+        os.close(fd)
+    raise RuntimeError(f"could not create a staging folder in {folder}")  # pragma: no cover
+
+
+def remove_stale_stages(folder: str) -> list[str]:
+    """Remove the staging folders of compiles that died (their lock is free); returns them."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(STAGE_PREFIX):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # a running compile's stage
+            continue
+        try:
+            shutil.rmtree(path)
+            removed.append(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _publish(stage: str, folder: str, model_name: str) -> None:

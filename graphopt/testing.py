@@ -17,6 +17,7 @@ hypothesis is a test-only dependency, so it is imported inside the strategy func
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -86,7 +87,7 @@ def run_model(model: Model, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]
     from graphopt.onnx_io import to_onnx
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: the exception carries the error
     sess = ort.InferenceSession(to_onnx(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
     return sess.run(None, dict(feeds))
 
@@ -147,10 +148,14 @@ def check_pass(
 
 
 # --- runnable random models --------------------------------------------------------------------
-def models(*, max_nodes: int = 8, allow_if: bool = True, allow_function: bool = True) -> SearchStrategy[Model]:
+def models(
+    *, max_nodes: int = 8, allow_if: bool = True, allow_function: bool = True, allow_shape_ops: bool = False
+) -> SearchStrategy[Model]:
     """Random valid models onnxruntime can run: float32 tensors whose first dim is a symbol
     ("N") or a fixed size, through elementwise ops, MatMul, Concat, Transpose, Reshape,
-    ReduceSum, optionally an If whose branches read outer values, and a model-local function."""
+    ReduceSum, optionally an If whose branches read outer values, and a model-local function.
+    allow_shape_ops: also shapes computed in the graph (Shape → Gather → Concat → Reshape, the
+    flatten exporters write, and ConstantOfShape), which shape passes fold."""
     from hypothesis import strategies as st
 
     @st.composite
@@ -196,7 +201,8 @@ def models(*, max_nodes: int = 8, allow_if: bool = True, allow_function: bool = 
         n_nodes = draw(st.integers(1, max_nodes))
         for _ in range(n_nodes):
             x, shape = pick()
-            op = draw(st.sampled_from(["unary", "binary", "matmul", "concat", "transpose", "reshape", "reduce"]))
+            ops = ["unary", "binary", "matmul", "concat", "transpose", "reshape", "reduce"]
+            op = draw(st.sampled_from(ops + (["flatten-by-shape", "zeros-like"] if allow_shape_ops else [])))
             if op == "unary":
                 add(draw(st.sampled_from(["Relu", "Sigmoid", "Tanh", "Neg", "Abs", "Identity"])), [x], shape)
             elif op == "binary":
@@ -229,6 +235,23 @@ def models(*, max_nodes: int = 8, allow_if: bool = True, allow_function: bool = 
             elif op == "reshape" and len(shape) == 3 and all(isinstance(d, int) for d in shape[1:]) and shape[0] == batch:
                 target = init(np.array([0, -1], dtype=np.int64))
                 add("Reshape", [x, target], (shape[0], shape[1] * shape[2]))  # type: ignore[operator]
+            elif op == "flatten-by-shape" and len(shape) >= 2:
+                dims = Value(names.new())
+                g.append(Node("", "Shape", [x], outputs=[dims]))
+                first = Value(names.new())
+                g.append(Node("", "Gather", [dims, init(np.array([0], dtype=np.int64))], {"axis": 0}, outputs=[first]))
+                target = Value(names.new())
+                g.append(Node("", "Concat", [first, init(np.array([-1], dtype=np.int64))], {"axis": 0}, outputs=[target]))
+                rest = list(shape[1:])
+                # a fresh symbol when a dim is symbolic: one shared name would claim equal sizes
+                flat: int | str = math.prod(rest) if all(isinstance(d, int) for d in rest) else f"M{len(pool)}"  # type: ignore[arg-type]
+                add("Reshape", [x, target], (shape[0], flat))
+            elif op == "zeros-like":
+                dims = Value(names.new())
+                g.append(Node("", "Shape", [x], outputs=[dims]))
+                zeros = Value(names.new())
+                g.append(Node("", "ConstantOfShape", [dims], outputs=[zeros]))
+                add("Add", [x, zeros], shape)
             elif op == "reduce" and len(shape) >= 2:
                 keep = draw(st.integers(0, 1))
                 axes = init(np.array([len(shape) - 1], dtype=np.int64))

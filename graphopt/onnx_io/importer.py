@@ -30,6 +30,7 @@ from graphopt.ir.types import (
     TensorType,
     Type,
 )
+from graphopt.onnx_io.validate import check_onnx
 
 MIN_IR_VERSION = 3
 _STRING = FieldDescriptor.TYPE_STRING
@@ -41,12 +42,16 @@ def load(
     *,
     base_dir: str | os.PathLike[str] | None = None,
     verify: bool = True,
+    check: bool = False,
 ) -> Model:
     """Read a model from a path, serialized bytes, or a ModelProto.
 
     External data is resolved against the model file's folder (or `base_dir`); it is memory-
     mapped, never read into RAM. Raises ModelLoadError with a one-line message on bad input.
+    check: also run onnx's checker with full_check (ModelCheckError when it rejects the model);
+    it runs after graphopt's own import, which refuses unsafe external data first.
     """
+    path: str | None = None
     if isinstance(source, onnx.ModelProto):
         proto = source
     elif isinstance(source, (bytes, bytearray, memoryview)):
@@ -77,6 +82,8 @@ def load(
         raise ModelLoadError("model is nested too deeply to import") from None
     except Exception as e:  # the importer validates what it reads; this is the last fence
         raise ModelLoadError(f"cannot import model: {type(e).__name__}: {e}") from None
+    if check:
+        check_onnx(proto, path)
     return model
 
 
@@ -204,7 +211,12 @@ def _shape(t: Any) -> Shape:
     dens: list[str] = []
     for d in t.shape.dim:
         which = d.WhichOneof("value")
-        dims.append(int(d.dim_value) if which == "dim_value" else d.dim_param if which == "dim_param" else None)
+        if which == "dim_value":
+            # a negative size means nothing (onnx and onnxruntime read it as unknown); kept, it
+            # would be folded into Reshape/ConstantOfShape constants that both then refuse
+            dims.append(int(d.dim_value) if d.dim_value >= 0 else None)
+        else:
+            dims.append(d.dim_param if which == "dim_param" else None)
         dens.append(d.denotation)
     return Shape(tuple(dims), tuple(dens) if any(dens) else None)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from graphopt.ir import Graph, Model, Node, Value
+from graphopt.ir import Graph, Model, Node, SparseTensor, Value
 from graphopt.transform import Pass, PassContext, PassResult, register_pass
 
 from graphopt.passes.cleanup._util import constant_semantics, NONDETERMINISTIC_OPS, attr_key, graphs_preorder
@@ -55,7 +55,9 @@ def _merge_small_initializers(g: Graph) -> int:
     dead: list[str] = []
     for name, v in g.initializers.items():
         t = v.const_value
-        if t is None or v.is_graph_input() or v.is_graph_output() or t.size > SMALL_CONSTANT or not hasattr(t, "tobytes"):
+        if t is None or isinstance(t, SparseTensor) or v.is_graph_input() or v.is_graph_output():
+            continue  # a sparse tensor has no .size; merging only plain tensors keeps it simple
+        if t.size > SMALL_CONSTANT or not hasattr(t, "tobytes"):
             continue
         try:
             key = (int(t.dtype), tuple(t.shape), t.content_hash())

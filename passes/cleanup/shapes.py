@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from graphopt.passes.cleanup.infer import infer_types, merge_type
 #: ("dim", value, axis) for an unnamed dim of one value.
 Elem = Union[int, tuple]
 
+INT64_MAX = 2**63 - 1
 _MAX_ELEMS = 64  # shape tensors are short; longer int tensors are not tracked
 
 
@@ -287,7 +289,7 @@ def _out_shape(n: Node, elems: list[Elem] | None) -> tuple[int, ...] | None:
     out = n.outputs[0]
     if out.shape is not None and out.shape.is_static():
         shape = tuple(int(d) for d in out.shape.dims)  # type: ignore[arg-type]
-        return shape if int(np.prod(shape, dtype=np.int64)) == len(elems) else None
+        return shape if math.prod(shape) == len(elems) else None  # exact: np.prod would wrap at 2**63
     if n.op_type in ("Shape", "Concat", "Slice"):
         return (len(elems),)
     if n.op_type == "Gather":
@@ -401,6 +403,8 @@ def _resolve_minus_one(n: Node) -> bool:
     g = n.graph
     assert g is not None
     if isinstance(rest, int):
+        if rest > INT64_MAX:
+            return False  # a size no int64 shape tensor can hold (onnx's inference refuses it too)
         resolved = np.where(target == -1, rest, target).astype(np.int64)
         n.replace_input_with(1, make_constant(g, resolved, n.inputs[1], before=n))
         return True

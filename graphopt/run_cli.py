@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import traceback
 from collections.abc import Sequence
@@ -47,12 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _random_inputs(specs: list[dict[str, Any]], dims: dict[str, int], seed: int) -> dict[str, np.ndarray]:
+    """Random arrays for the inputs, symbolic dims from `dims` (default 1); their total size is
+    checked against input_limit() before anything is allocated."""
+    shapes = {s["name"]: [d if isinstance(d, int) else dims.get(str(d), 1) for d in (s.get("shape") or [])] for s in specs}
+    total, limit = 0, input_limit()
+    for s in specs:
+        # (float inputs are drawn as float64 first)
+        total += int(np.prod(shapes[s["name"]], dtype=object)) * max(np.dtype(s["dtype"] or "float32").itemsize, 8)
+        if total > limit:
+            given = " ".join(f"--dim {k}={v}" for k, v in dims.items()) or "the default dims"
+            raise UsageError(f"{given}: input {s['name']!r} would be {shapes[s['name']]} ({_size(total)} of random "
+                             f"inputs so far), over the limit of {_size(limit)} (a quarter of this machine's memory)")
     rng = np.random.default_rng(seed)
     out = {}
     for s in specs:
-        shape = [d if isinstance(d, int) else dims.get(str(d), 1) for d in (s.get("shape") or [])]
-        dt = np.dtype(s["dtype"])
-        if dt.kind == "f":
+        shape = shapes[s["name"]]
+        dt = np.dtype(s["dtype"] or "float32")
+        if dt.kind in "fc":
             out[s["name"]] = rng.standard_normal(shape).astype(dt)
         elif dt.kind == "b":
             out[s["name"]] = rng.integers(0, 2, shape).astype(dt)
@@ -61,14 +74,77 @@ def _random_inputs(specs: list[dict[str, Any]], dims: dict[str, int], seed: int)
     return out
 
 
+def input_limit() -> int:
+    """Bytes the inputs of one run may take: a quarter of the machine's memory (the outputs, the
+    device copies and the model's own buffers need the rest)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):  # (no sysconf: assume 16 GiB)
+        return 4 << 30
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 def _load_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays of --inputs file `path`: headers checked first (a zip of .npy arrays, no objects,
+    sizes as the headers say, within input_limit()), then read."""
+    from graphopt.target import npz_arrays
+
+    if not os.path.exists(path):
+        raise UsageError(f"--inputs {path}: no such file")
+    if not os.path.isfile(path):
+        raise UsageError(f"--inputs {path}: not a file")
+    try:
+        arrays = npz_arrays(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--inputs {path}: not a readable .npz file: {e}") from None
+    total = sum(int(np.prod(shape, dtype=object)) * dt.itemsize for dt, shape in arrays.values())
+    if total > input_limit():
+        raise UsageError(f"--inputs {path}: its arrays hold {_size(total)}, over the limit of {_size(input_limit())} "
+                         "(a quarter of this machine's memory)")
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: np.asarray(data[k]) for k in data.files}
-    except FileNotFoundError:
-        raise UsageError(f"--inputs {path}: no such file") from None
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--inputs {path}: not a readable .npz file: {e}") from None
+    except Exception as e:  # noqa: BLE001 - headers were fine, the data is not (zip CRC, zlib, short read)
+        raise UsageError(f"--inputs {path}: not a readable .npz file: {type(e).__name__}: {e}") from None
+
+
+def _check_output(path: str) -> None:
+    """Refuse an -o that cannot be written before the model runs."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"-o {path}: is a folder (give a file name, e.g. {os.path.join(path, 'outputs.npz')})")
+    if not os.path.isdir(folder):
+        what = "is not a folder" if os.path.exists(folder) else "does not exist"
+        probe = folder
+        while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+            probe = os.path.dirname(probe)
+        if os.path.exists(probe) and not os.path.isdir(probe):
+            what = f"cannot be made: {probe} is a file"
+        raise UsageError(f"-o {path}: folder {folder} {what}")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"-o {path}: folder {folder} is not writable")
+
+
+def _dims(given: list[str], specs: list[dict[str, Any]]) -> dict[str, int]:
+    """--dim NAME=SIZE values, NAME a symbolic dim of the inputs."""
+    names = {str(d) for s in specs for d in (s.get("shape") or []) if isinstance(d, str)}
+    dims = {}
+    for d in given:
+        name, _, size = d.partition("=")
+        if not name or re.fullmatch(r"[0-9]{1,30}", size) is None:
+            raise UsageError(f"--dim {d}: expected NAME=SIZE, SIZE a whole number")
+        if name not in names:
+            raise UsageError(f"--dim {d}: the inputs have no symbolic dim {name!r} "
+                             f"(they have: {', '.join(sorted(names)) or 'none'})")
+        dims[name] = int(size)
+    return dims
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,23 +167,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(ns: argparse.Namespace) -> int:
-    from graphopt.runtime import load
+    from graphopt.runtime import MAX_THREADS, load
 
-    dims = {}
-    for d in ns.dim:
-        name, _, size = d.partition("=")
-        if not size.isdigit():
-            raise UsageError(f"--dim {d}: expected NAME=SIZE")
-        dims[name] = int(size)
+    if ns.threads is not None and not 1 <= ns.threads <= MAX_THREADS:
+        raise UsageError(f"--threads {ns.threads}: expected a whole number from 1 to {MAX_THREADS}")
+    if ns.repeat < 1 or ns.warmup < 0:
+        raise UsageError(f"--repeat {ns.repeat} --warmup {ns.warmup}: expected --repeat >= 1 and --warmup >= 0")
+    if ns.output:
+        _check_output(ns.output)
     runner = load(ns.artifact, threads=ns.threads)
-    feeds = _load_npz(ns.inputs) if ns.inputs else _random_inputs(runner.inputs, dims, ns.seed)
+    if ns.inputs:
+        feeds = _load_npz(ns.inputs)
+    else:
+        feeds = _random_inputs(runner.inputs, _dims(ns.dim, runner.inputs), ns.seed)
     outputs = runner.run(feeds)
     result: dict[str, Any] = {"outputs": {n: {"shape": list(a.shape), "dtype": str(a.dtype)} for n, a in zip(runner.output_names, outputs)}}
     if ns.output:
         from graphopt.onnx_io import atomic_write
 
-        with atomic_write(ns.output) as f:
-            np.savez(f, **dict(zip(runner.output_names, outputs)))
+        try:
+            with atomic_write(ns.output) as f:
+                np.savez(f, **dict(zip(runner.output_names, outputs)))
+        except OSError as e:  # (a full disk, a read-only file system: the old file stays as it was)
+            raise UsageError(f"-o {ns.output}: cannot write it: {e.strerror or e}") from None
         result["written"] = ns.output
     if ns.benchmark:
         result["latency"] = runner.benchmark(feeds, warmup=ns.warmup, repeat=ns.repeat)

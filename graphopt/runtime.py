@@ -4,10 +4,12 @@
     outputs = runner.run({"x": x})                 # list of numpy arrays
     stats = runner.benchmark({"x": x}, repeat=50)  # latency percentiles in milliseconds
 
-Loading checks the artifact: the manifest's format, and the sha256 of the library and of the
-weights against the manifest — a library whose hash does not match is refused (ArtifactError)
-before it is loaded, so a swapped or corrupted library never runs. Inputs are checked against
-the manifest's names, dtypes and static dims.
+Loading checks the artifact before anything of it is mapped or bound, each failure one
+ArtifactError line: the manifest's schema (graphopt.target), its files (regular files in the
+artifact folder, no symlinks, sha256 and size as the manifest says), the library's ELF header
+(a truncated library would die of SIGBUS when mapped), and the params file's arrays against the
+manifest's names, dtypes and shapes. Inputs are checked against the manifest's names, dtypes and
+static dims.
 
 TVM's thread pool counts half the vCPUs on some machines (one thread on a 2-vCPU box), so the
 runner sets the thread count explicitly: `threads` (default: every core this process may use).
@@ -16,14 +18,19 @@ runner sets the thread count explicitly: `threads` (default: every core this pro
 from __future__ import annotations
 
 import os
+import platform
+import stat
+import struct
 import time
+import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from graphopt.errors import UsageError
-from graphopt.target import Artifact, ArtifactError, sha256_file
+from graphopt.target import Artifact, ArtifactError, npz_arrays, sha256_file
 
 
 def _contiguous(a: np.ndarray) -> np.ndarray:
@@ -44,26 +51,118 @@ def _configure_threads(threads: int) -> None:
 
 def checked_files(artifact: Artifact) -> dict[str, str]:
     """The paths of the artifact's library and params, after checking them against the manifest
-    (inside the folder, present, sha256 equal); ArtifactError otherwise."""
-    files = artifact.manifest.get("files", {})
+    (regular files inside the folder, sha256 and size equal, the library a sound ELF file for the
+    manifest's architecture, the params' arrays those the manifest lists); ArtifactError otherwise.
+    The manifest's schema was checked when the Artifact was read."""
+    files = artifact.manifest["files"]
     paths = {}
     for key in ("library", "params"):
-        entry = files.get(key)
-        if not entry:
-            raise ArtifactError(f"{artifact.path}: the manifest names no {key} file")
+        entry = files[key]
         path = os.path.join(artifact.path, entry["path"])
-        if os.path.dirname(os.path.abspath(path)) != artifact.path:
-            raise ArtifactError(f"{artifact.path}: {key} path {entry['path']!r} leaves the artifact folder")
-        if not os.path.exists(path):
-            raise ArtifactError(f"{artifact.path}: {key} file {entry['path']} is missing")
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise ArtifactError(f"{artifact.path}: {key} file {entry['path']} is missing") from None
+        except OSError as e:
+            raise ArtifactError(f"{artifact.path}: {key} file {entry['path']}: {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):  # a symlink could point anywhere, a fifo would block
+            kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+            raise ArtifactError(f"{artifact.path}: {key} file {entry['path']} is {kind}; an artifact's files "
+                                "must be regular files inside its folder")
+        if st.st_size != entry["bytes"]:
+            raise ArtifactError(f"{artifact.path}: {entry['path']} holds {st.st_size} bytes, the manifest says "
+                                f"{entry['bytes']}; refusing to load it")
         digest = sha256_file(path)
-        if digest != entry.get("sha256"):
+        if digest != entry["sha256"]:
             raise ArtifactError(
                 f"{artifact.path}: {entry['path']} does not match the manifest (sha256 {digest[:16]}…, "
-                f"manifest says {str(entry.get('sha256'))[:16]}…); refusing to load it"
+                f"manifest says {entry['sha256'][:16]}…); refusing to load it"
             )
         paths[key] = path
+    machine = elf_machine(paths["library"], where=f"{artifact.path}: {files['library']['path']}")
+    arch = _triple_arch(artifact.manifest["target"])
+    if arch in ELF_MACHINES and ELF_MACHINES[arch] != machine:
+        raise ArtifactError(f"{artifact.path}: {files['library']['path']} is a library for ELF machine {machine}, "
+                            f"the manifest's target is {arch}; refusing to load it")
+    check_params(artifact, paths["params"])
     return paths
+
+
+#: ELF e_machine of the architectures graphopt compiles for (by the triple's / uname's name)
+ELF_MACHINES: dict[str, int] = {"x86_64": 62, "amd64": 62, "aarch64": 183, "arm64": 183}
+_ELF64_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")
+_ELF64_PHDR = struct.Struct("<IIQQQQQQ")
+_ELF64_SHDR = struct.Struct("<IIQQQQIIQQ")
+
+
+def elf_machine(path: str, *, where: str) -> int:
+    """The e_machine of shared library `path` after checking that the loader can map it without
+    reading past the end of the file (a truncated library is SIGBUS when touched): a 64-bit
+    little-endian ELF shared object whose program headers, loadable segments and section headers
+    all lie within the file. ArtifactError (prefixed by `where`) otherwise."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(_ELF64_HEADER.size)
+        if len(head) < _ELF64_HEADER.size or head[:4] != b"\x7fELF":
+            raise ArtifactError(f"{where}: not an ELF shared library")
+        if head[4] != 2 or head[5] != 1:  # EI_CLASS 64-bit, EI_DATA little-endian
+            raise ArtifactError(f"{where}: not a 64-bit little-endian ELF library")
+        (_, e_type, e_machine, _, _, phoff, shoff, _, _, phentsize, phnum, shentsize, shnum,
+         shstrndx) = _ELF64_HEADER.unpack(head)
+        if e_type != 3:  # ET_DYN
+            raise ArtifactError(f"{where}: not an ELF shared object (e_type {e_type})")
+        if phnum == 0 or phentsize != _ELF64_PHDR.size or phoff + phnum * phentsize > size:
+            raise ArtifactError(f"{where}: the ELF program headers lie outside the file ({size} bytes): truncated?")
+        if shnum and (shentsize != _ELF64_SHDR.size or shoff + shnum * shentsize > size or shstrndx >= shnum):
+            raise ArtifactError(f"{where}: the ELF section headers lie outside the file ({size} bytes): truncated?")
+        f.seek(phoff)
+        for i in range(phnum):
+            p_type, _, p_offset, _, _, p_filesz, _, _ = _ELF64_PHDR.unpack(f.read(phentsize))
+            if p_type == 1 and p_offset + p_filesz > size:  # PT_LOAD: mapped from the file
+                raise ArtifactError(f"{where}: ELF segment {i} ends at byte {p_offset + p_filesz}, past the end "
+                                    f"of the file ({size} bytes): truncated?")
+        f.seek(shoff)
+        for i in range(shnum):
+            _, sh_type, _, _, sh_offset, sh_size, _, _, _, _ = _ELF64_SHDR.unpack(f.read(shentsize))
+            if sh_type != 8 and sh_offset + sh_size > size:  # SHT_NOBITS takes no file bytes
+                raise ArtifactError(f"{where}: ELF section {i} ends at byte {sh_offset + sh_size}, past the end "
+                                    f"of the file ({size} bytes): truncated?")
+    return e_machine
+
+
+def _triple_arch(target: Mapping[str, Any]) -> str:
+    """The architecture of the manifest's LLVM target (a cuda target's host), '' if it names none."""
+    tvm_target = target.get("tvm") or {}
+    triple = tvm_target.get("mtriple") or (tvm_target.get("host") or {}).get("mtriple") or ""
+    return str(triple).split("-")[0].lower()
+
+
+def check_params(artifact: Artifact, path: str) -> None:
+    """The params file holds exactly the arrays the manifest lists (names, dtypes, shapes), and
+    every param the library takes is stored (as itself, or as a codebook's indices and codebook)."""
+    where = f"{artifact.path}: {artifact.manifest['files']['params']['path']}"
+    try:
+        stored = npz_arrays(path)
+    except ValueError as e:
+        raise ArtifactError(f"{where}: {e}") from None
+    listed = artifact.manifest["files"]["params"]["arrays"]
+    for name in sorted(set(listed) | set(stored)):
+        if name not in stored:
+            raise ArtifactError(f"{where}: array {name!r} of the manifest is missing")
+        if name not in listed:
+            raise ArtifactError(f"{where}: array {name!r} is not in the manifest")
+        dtype, shape = stored[name]
+        want = listed[name]
+        if str(dtype) != want["dtype"] or list(shape) != want["shape"]:
+            raise ArtifactError(f"{where}: array {name!r} is {dtype}{list(shape)}, the manifest says "
+                                f"{want['dtype']}{want['shape']}")
+    rt = artifact.manifest["runtime"]
+    codebooks = rt.get("codebooks", {})
+    for name in rt["params"]:
+        needed = [codebooks[name]["indices"], codebooks[name]["codebook"]] if name in codebooks else [name]
+        for n in needed:
+            if n not in stored:
+                raise ArtifactError(f"{where}: param {name!r} of runtime.params has no array {n!r}")
 
 
 def _param(data: Any, name: str, rt: Mapping[str, Any]) -> np.ndarray:
@@ -74,7 +173,28 @@ def _param(data: Any, name: str, rt: Mapping[str, Any]) -> np.ndarray:
         return data[name]
     from graphopt.passes.sharing.codebook import decode_artifact
 
-    return decode_artifact(data[entry["indices"]], data[entry["codebook"]], entry)
+    a = decode_artifact(data[entry["indices"]], data[entry["codebook"]], entry)
+    if list(a.shape) != list(entry["shape"]):
+        raise ValueError(f"param {name!r} decodes to shape {list(a.shape)}, its codebook entry says {entry['shape']}")
+    return a
+
+
+def check_threads(threads: int | None) -> int | None:
+    """`threads` as given (None: the default), refused unless a positive int."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise UsageError(f"threads={threads!r}: expected a whole number from 1 to {MAX_THREADS}")
+    return threads
+
+
+#: TVM's pool makes this many threads when asked (and one per core is what helps)
+MAX_THREADS = 1024
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 class Runner:
@@ -84,12 +204,17 @@ class Runner:
         m = artifact.manifest
         self.artifact = artifact
         self.manifest = m
-        rt = m.get("runtime", {})
-        if rt.get("kind") != "tvm-relax-vm":
-            raise ArtifactError(f"{artifact.path}: runtime {rt.get('kind')!r} is not supported by this graphopt")
+        rt = m["runtime"]
+        if rt["kind"] != "tvm-relax-vm":
+            raise ArtifactError(f"{artifact.path}: runtime {rt['kind']!r} is not supported by this graphopt")
         paths = checked_files(artifact)
+        lib_machine = elf_machine(paths["library"], where=f"{artifact.path}: {m['files']['library']['path']}")
+        host = ELF_MACHINES.get(platform.machine().lower())
+        if host is not None and lib_machine != host:
+            raise ArtifactError(f"{artifact.path}: the library is for ELF machine {lib_machine}, this is "
+                                f"{platform.machine()}; it cannot be loaded here")
         _check_cpu(artifact)
-        self.threads = int(threads or m.get("target", {}).get("threads") or _cores())
+        self.threads = check_threads(threads) or int(m["target"].get("threads") or _cores())
         try:
             import tvm
             from tvm import relax
@@ -97,21 +222,36 @@ class Runner:
             raise UsageError("running a cpu artifact needs apache-tvm: pip install 'graphopt[tvm]'") from None
         _configure_threads(self.threads)
         self._tvm = tvm
-        lib = tvm.runtime.load_module(paths["library"])
+        try:
+            lib = tvm.runtime.load_module(paths["library"])
+        except Exception as e:  # noqa: BLE001 - the loader's message, one line (the hash matched: not ours)
+            raise ArtifactError(f"{artifact.path}: cannot load the library: {_first_line(e)}") from None
         self.device = self._make_device(tvm)
         self.vm = relax.VirtualMachine(lib, self.device)
-        self._main = self.vm[rt.get("entry", "main")]
-        with np.load(paths["params"], allow_pickle=False) as data:
-            self._params = [tvm.runtime.tensor(_contiguous(_param(data, name, rt)), self.device) for name in rt.get("params", [])]
+        self._main = self._function(rt["entry"])
+        # the library's entry takes the inputs then the params: the manifest must list as many
+        arity = int(self.vm.module["get_function_arity"](rt["entry"]))
+        if arity != len(m["inputs"]) + len(rt["params"]):
+            raise ArtifactError(f"{artifact.path}: the library's {rt['entry']} takes {arity} arguments, the manifest "
+                                f"lists {len(m['inputs'])} inputs and {len(rt['params'])} params")
+        try:
+            with np.load(paths["params"], allow_pickle=False) as data:
+                params = [_contiguous(_param(data, name, rt)) for name in rt["params"]]
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, zlib.error) as e:
+            raise ArtifactError(f"{artifact.path}: params file: {_first_line(e)}") from None
+        self._params = [tvm.runtime.tensor(a, self.device) for a in params]
         if rt.get("transform"):  # params stored as the model holds them (clustered: indices + codebooks)
-            try:
-                transform = self.vm[rt["transform"]]
-            except Exception:
-                raise ArtifactError(f"{artifact.path}: the library has no function {rt['transform']!r}") from None
+            transform = self._function(rt["transform"])
             out = transform(self._params)  # the weight packing, once, here
             self._params = [out[i] for i in range(len(out))]
         self.inputs = m["inputs"]
         self.outputs = m["outputs"]
+
+    def _function(self, name: str) -> Any:
+        try:
+            return self.vm[name]
+        except Exception:  # noqa: BLE001 - TVM says AttributeError or its own error, by version
+            raise ArtifactError(f"{self.artifact.path}: the library has no function {name!r}") from None
 
     @property
     def input_names(self) -> list[str]:
@@ -207,8 +347,8 @@ def _check_cpu(artifact: Artifact) -> None:
 
     try:
         machine = MachineModel.from_json(recorded)
-    except (TypeError, ValueError) as e:
-        raise ArtifactError(f"{artifact.path}: manifest.json target.machine is malformed: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise ArtifactError(f"{artifact.path}: manifest.json target.machine is malformed: {_first_line(e)}") from None
     missing = missing_features(machine)
     if missing:
         raise ArtifactError(f"{artifact.path}: compiled for mcpu={machine.mcpu}, and this CPU lacks "
@@ -232,7 +372,8 @@ def load(path: str, *, threads: int | None = None) -> Runner:
     if not os.path.isdir(path):
         raise ArtifactError(f"{path}: no such artifact folder")
     art = Artifact(path)
-    spec = RUNNERS.get(str(art.manifest.get("target", {}).get("name")))
+    check_threads(threads)
+    spec = RUNNERS.get(art.manifest["target"]["name"])
     if spec is not None:
         import importlib
 

@@ -12,13 +12,20 @@ manifest.json (format `graphopt-artifact`, version 1):
     target      {"name": "cpu", "tvm": {JSON target dict}, "threads": N}
     inputs      [{"name", "dtype", "shape"}]   shape dims: int, or a name for a symbolic dim
     outputs     [{"name", "dtype", "shape"}]
-    files       {"library": {"path", "sha256", "bytes"}, "params": {...}}
+    files       {"library": {"path", "sha256", "bytes"},
+                 "params": {"path", "sha256", "bytes", "arrays": {name: {"dtype", "shape"}}}}
+                (paths: plain file names in the folder; `arrays` lists what the params file holds,
+                filled in by write_manifest from the file's headers)
     source      {"sha256": of the source model's bytes, "name"}
     versions    {"graphopt", "tvm", "onnx", "python"}
     kernels     {"groups": n, "fused": [...], "inline": {group: reason}}
     tuning      the tuning summary ({} when untuned)
     runtime     {"entry": "main", "params": [names in order after the inputs], "packed": n}
                 (n > 0: the weight packing of n kernels ran at compile time; params hold the packed weights)
+
+Reading an artifact checks the manifest against this schema (`check_manifest`: every key the
+runtime reads, its type, and every dtype), so a tampered or foreign manifest is one ArtifactError
+line rather than a KeyError deep in the runtime.
 
 Targets are looked up by name in `TARGETS`; their modules are imported only when used (TVM's
 import is slow and optional).
@@ -27,13 +34,18 @@ import is slow and optional).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 import warnings
+import zipfile
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -153,25 +165,40 @@ class Artifact:
         self._owned = owned  # a temporary folder this object removes when collected
         mpath = os.path.join(self.path, MANIFEST)
         try:
+            st = os.lstat(mpath)
+            if not stat.S_ISREG(st.st_mode):
+                raise ArtifactError(f"{path}: {MANIFEST} is not a regular file (an artifact's files must be "
+                                    "regular files inside its folder)")
+            if st.st_size > MANIFEST_MAX_BYTES:
+                raise ArtifactError(f"{path}: {MANIFEST} is {st.st_size} bytes, over the {MANIFEST_MAX_BYTES} a manifest may hold")
             with open(mpath, encoding="utf-8") as f:
                 self.manifest: dict[str, Any] = json.load(f)
         except FileNotFoundError:
             raise ArtifactError(f"{path}: not a graphopt artifact (no {MANIFEST})") from None
-        except (OSError, ValueError) as e:
-            raise ArtifactError(f"{path}: unreadable {MANIFEST}: {e}") from None
-        if self.manifest.get("format") != FORMAT:
-            raise ArtifactError(f"{path}: {MANIFEST} is not a {FORMAT} manifest")
-        if self.manifest.get("version") != FORMAT_VERSION:
-            raise ArtifactError(f"{path}: artifact format version {self.manifest.get('version')!r} is not supported (this graphopt reads {FORMAT_VERSION})")
+        except (OSError, ValueError, RecursionError) as e:  # (RecursionError: nesting too deep for json)
+            raise ArtifactError(f"{path}: unreadable {MANIFEST}: {type(e).__name__}: {e}") from None
+        check_manifest(self.manifest, f"{path}: {MANIFEST}")
         self._runner: Any = None
 
     @property
     def report(self) -> dict[str, Any]:
+        """report.json ({} when absent); informational, so one that is not a regular file of at
+        most MANIFEST_MAX_BYTES holding a JSON object is an ArtifactError."""
         rpath = os.path.join(self.path, REPORT)
-        if not os.path.exists(rpath):
+        try:
+            st = os.lstat(rpath)
+        except FileNotFoundError:
             return {}
-        with open(rpath, encoding="utf-8") as f:
-            return json.load(f)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MANIFEST_MAX_BYTES:
+            raise ArtifactError(f"{self.path}: {REPORT} is not a regular file of at most {MANIFEST_MAX_BYTES} bytes")
+        try:
+            with open(rpath, encoding="utf-8") as f:
+                report = json.load(f)
+        except (OSError, ValueError, RecursionError) as e:
+            raise ArtifactError(f"{self.path}: unreadable {REPORT}: {type(e).__name__}: {e}") from None
+        if not isinstance(report, dict):
+            raise ArtifactError(f"{self.path}: {REPORT} is not a JSON object")
+        return report
 
     @property
     def input_names(self) -> list[str]:
@@ -202,21 +229,28 @@ class Artifact:
                 raise UsageError(f"cannot save the artifact to {dest}: the folder is not empty and holds no artifact")
         parent = os.path.dirname(dest)
         os.makedirs(parent, exist_ok=True)
-        stage = tempfile.mkdtemp(prefix=".graphopt-artifact-", dir=parent)
-        try:
-            for name in os.listdir(self.path):
-                shutil.copy2(os.path.join(self.path, name), os.path.join(stage, name))
-            old = None
-            if os.path.exists(dest):
-                old = tempfile.mkdtemp(prefix=".graphopt-old-", dir=parent)
-                os.rmdir(old)
-                os.replace(dest, old)
-            os.replace(stage, dest)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
+        # saves into one folder take turns (a lock on the folder), so a stage found there belongs to
+        # a save that was killed: removed here, the user's folder keeps no leftovers
+        with _folder_lock(parent) as locked:
+            if locked:
+                remove_stale_stages(parent)
+            stage = tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=parent)
+            try:
+                for name in os.listdir(self.path):
+                    shutil.copy2(os.path.join(self.path, name), os.path.join(stage, name))
+                if os.path.exists(dest) and exchange_folders(stage, dest):
+                    shutil.rmtree(stage, ignore_errors=True)  # (the old artifact, swapped out in one step)
+                elif os.path.exists(dest):  # no atomic exchange here: a short window without dest
+                    old = tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=parent)
+                    os.rmdir(old)
+                    os.replace(dest, old)
+                    os.replace(stage, dest)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(stage, dest)
+            except BaseException:
+                shutil.rmtree(stage, ignore_errors=True)
+                raise
         return dest
 
     def __del__(self) -> None:
@@ -228,10 +262,256 @@ class Artifact:
         return f"Artifact({self.path!r}, target={t!r})"
 
 
+#: the prefix of Artifact.save's staging folders, beside the destination
+STAGE_PREFIX = ".graphopt-artifact-"
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: str) -> Iterator[bool]:
+    """An exclusive flock on `folder` while the block runs (True); False where the file system
+    has no locks. The kernel drops the lock when its holder dies, SIGKILL included."""
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except (ImportError, OSError):
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def remove_stale_stages(folder: str) -> list[str]:
+    """Remove the staging folders Artifact.save left in `folder` when it was killed (call it
+    holding the folder's lock: a live save holds it too). Returns the names removed."""
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.startswith(STAGE_PREFIX) and stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
+def exchange_folders(a: str, b: str) -> bool:
+    """Swap folders `a` and `b` in one step (Linux renameat2 RENAME_EXCHANGE), so `b` never stops
+    existing; False where the kernel, libc or file system cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
 def write_manifest(folder: str, manifest: dict[str, Any]) -> None:
+    """Write `manifest` as folder's manifest.json, recording in files.params.arrays the dtype and
+    shape of every array the params file holds (what loading checks before binding them)."""
+    params = (manifest.get("files") or {}).get("params")
+    if isinstance(params, dict) and isinstance(params.get("path"), str):
+        arrays = npz_arrays(os.path.join(folder, params["path"]))
+        params = params | {"arrays": {k: {"dtype": str(dt), "shape": list(shape)} for k, (dt, shape) in arrays.items()}}
+        manifest = manifest | {"files": manifest["files"] | {"params": params}}
     data = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
     with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
         f.write(data)
+
+
+def npz_arrays(path: str) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """The dtype and shape of every array in .npz file `path`, read from the headers alone (nothing
+    is allocated). ValueError unless it is a zip of .npy members, each holding exactly the bytes its
+    header promises, with no object arrays (so np.load cannot over-allocate or run pickles)."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError("not a .npz (zip) file")
+    out: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                name = info.filename
+                if not name.endswith(".npy"):
+                    raise ValueError(f"member {name!r} is not a .npy array")
+                with z.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                    if read_header is None:
+                        raise ValueError(f"member {name!r}: .npy format {version} is not supported")
+                    shape, _, dtype = read_header(f)
+                    offset = f.tell()
+                if dtype.hasobject:
+                    raise ValueError(f"member {name!r} holds Python objects")
+                nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if info.file_size != offset + nbytes:
+                    raise ValueError(f"member {name!r} holds {info.file_size - offset} bytes of data, its header "
+                                     f"says {list(shape)} {dtype} ({nbytes} bytes)")
+                out[name[:-4]] = (dtype, tuple(int(d) for d in shape))
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, TypeError) as e:
+        raise ValueError(str(e) or type(e).__name__) from None
+    return out
+
+
+
+#: a manifest or report larger than this is not one graphopt wrote (the biggest are tens of KB)
+MANIFEST_MAX_BYTES = 64 << 20
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class _Schema:
+    """Checks a manifest's values; each failure is one ArtifactError naming the key path."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def fail(self, key: str, what: str) -> None:
+        raise ArtifactError(f"{self.where}: {key} {what}")
+
+    def get(self, d: Mapping[str, Any], parent: str, key: str, types: type | tuple[type, ...], *,
+            optional: bool = False) -> Any:
+        """d[key] of one of `types` (bool is never an int here)."""
+        name = f"{parent}.{key}" if parent else key
+        if key not in d:
+            if optional:
+                return None
+            self.fail(name, "is missing")
+        v = d[key]
+        if (isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,))) or not isinstance(v, types):
+            self.fail(name, f"is {type(v).__name__} {_short(v)}, expected {_type_names(types)}")
+        return v
+
+    def count(self, d: Mapping[str, Any], parent: str, key: str, *, optional: bool = False, low: int = 0) -> int | None:
+        v = self.get(d, parent, key, int, optional=optional)
+        if v is not None and v < low:
+            self.fail(f"{parent}.{key}", f"is {v}, expected at least {low}")
+        return v
+
+    def dtype(self, v: Any, name: str, *, nullable: bool = False) -> None:
+        if v is None and nullable:
+            return
+        if not isinstance(v, str):
+            self.fail(name, f"is {type(v).__name__} {_short(v)}, expected a dtype name")
+        try:
+            dt = np.dtype(v)
+        except (TypeError, ValueError, SyntaxError):
+            dt = None
+        if dt is None or dt.kind not in "biufc" or str(dt) != v:
+            self.fail(name, f"{_short(v)} is not a numeric dtype")
+
+    def shape(self, v: Any, name: str, *, symbolic: bool) -> None:
+        if not isinstance(v, list):
+            self.fail(name, f"is {type(v).__name__} {_short(v)}, expected a list of dims")
+        for i, d in enumerate(v):
+            ok = (isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**63) or (symbolic and (d is None or isinstance(d, str)))
+            if not ok:
+                self.fail(f"{name}[{i}]", f"is {_short(d)}, expected {'a dim (size or name)' if symbolic else 'a size'}")
+
+    def values(self, v: Any, name: str) -> None:
+        """inputs / outputs: [{"name", "dtype", "shape"}], names unique."""
+        if not isinstance(v, list):
+            self.fail(name, f"is {type(v).__name__}, expected a list")
+        seen: set[str] = set()
+        for i, spec in enumerate(v):
+            at = f"{name}[{i}]"
+            if not isinstance(spec, dict):
+                self.fail(at, f"is {type(spec).__name__}, expected an object")
+            n = self.get(spec, at, "name", str)
+            if n in seen:
+                self.fail(f"{at}.name", f"{n!r} is given twice")
+            seen.add(n)
+            self.dtype(self.get(spec, at, "dtype", (str, type(None))), f"{at}.dtype", nullable=True)
+            shape = self.get(spec, at, "shape", (list, type(None)))
+            if shape is not None:
+                self.shape(shape, f"{at}.shape", symbolic=True)
+
+    def file(self, files: Mapping[str, Any], key: str) -> dict[str, Any]:
+        entry = self.get(files, "files", key, dict)
+        at = f"files.{key}"
+        path = self.get(entry, at, "path", str)
+        if not path or path in (".", "..") or os.path.basename(path) != path or "\0" in path:
+            self.fail(f"{at}.path", f"{path!r} leaves the artifact folder (a file name inside it expected)")
+        digest = self.get(entry, at, "sha256", str)
+        if not _SHA256.fullmatch(digest):
+            self.fail(f"{at}.sha256", f"{_short(digest)} is not a sha256 hex digest")
+        self.count(entry, at, "bytes")
+        return entry
+
+
+def check_manifest(m: Any, where: str) -> None:
+    """Check a parsed manifest.json against the artifact schema (module docstring): every key the
+    runtime reads, its type, and every dtype. ArtifactError (prefixed by `where`) on the first fault."""
+    c = _Schema(where)
+    if not isinstance(m, dict):
+        c.fail("the manifest", f"is {type(m).__name__}, expected a JSON object")
+    if m.get("format") != FORMAT:
+        raise ArtifactError(f"{where} is not a {FORMAT} manifest")
+    if m.get("version") != FORMAT_VERSION or isinstance(m.get("version"), bool):
+        raise ArtifactError(f"{where}: artifact format version {_short(m.get('version'))} is not supported "
+                            f"(this graphopt reads {FORMAT_VERSION})")
+    target = c.get(m, "", "target", dict)
+    c.get(target, "target", "name", str)
+    c.get(target, "target", "tvm", dict)
+    c.count(target, "target", "threads", optional=True, low=1)
+    c.get(target, "target", "machine", dict, optional=True)
+    c.values(c.get(m, "", "inputs", list), "inputs")
+    outputs = c.get(m, "", "outputs", list)
+    if not outputs:
+        c.fail("outputs", "is empty")
+    c.values(outputs, "outputs")
+    files = c.get(m, "", "files", dict)
+    c.file(files, "library")
+    params = c.file(files, "params")
+    arrays = c.get(params, "files.params", "arrays", dict)
+    for name, spec in arrays.items():
+        at = f"files.params.arrays[{name!r}]"
+        if not isinstance(spec, dict):
+            c.fail(at, f"is {type(spec).__name__}, expected an object")
+        c.dtype(c.get(spec, at, "dtype", str), f"{at}.dtype")
+        c.shape(c.get(spec, at, "shape", list), f"{at}.shape", symbolic=False)
+    rt = c.get(m, "", "runtime", dict)
+    c.get(rt, "runtime", "kind", str)
+    c.get(rt, "runtime", "entry", str)
+    names = c.get(rt, "runtime", "params", list)
+    if not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        c.fail("runtime.params", "is not a list of distinct names")
+    c.count(rt, "runtime", "packed", optional=True)
+    c.get(rt, "runtime", "transform", str, optional=True)
+    for name, e in (c.get(rt, "runtime", "codebooks", dict, optional=True) or {}).items():
+        at = f"runtime.codebooks[{name!r}]"
+        if not isinstance(e, dict):
+            c.fail(at, f"is {type(e).__name__}, expected an object")
+        c.get(e, at, "indices", str)
+        c.get(e, at, "codebook", str)
+        bits = c.count(e, at, "bits", low=1)
+        if bits is not None and bits > 8:
+            c.fail(f"{at}.bits", f"is {bits}, expected 1 to 8")
+        c.get(e, at, "axis", (int, type(None)))
+        c.shape(c.get(e, at, "shape", list), f"{at}.shape", symbolic=False)
+    for key in ("source", "versions", "kernels", "schedules", "tuning", "specialized"):  # informational
+        c.get(m, "", key, dict, optional=True)
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _type_names(types: type | tuple[type, ...]) -> str:
+    names = {"str": "a string", "int": "an integer", "dict": "an object", "list": "a list", "NoneType": "null", "bool": "a boolean"}
+    return " or ".join(names.get(t.__name__, t.__name__) for t in (types if isinstance(types, tuple) else (types,)))
 
 
 @contextlib.contextmanager

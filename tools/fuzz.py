@@ -31,10 +31,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import random
 import resource
+import shlex
 import shutil
 import signal
 import stat
@@ -634,7 +636,7 @@ def fam_dims(case: Case, work: Path, cfg: Settings) -> Plan:
     (work / "dims.txt").write_text(f"{shape}\n")
     extra = rng.choice([["--verify"], ["--target", "cpu"], ["--target", "cpu", "--verify"], []])
     out = work / ("out" if "cpu" in extra else "out.onnx")
-    return Plan(compile_argv(model, out, *extra))
+    return Plan(compile_argv(model, out, *extra), judge=None if "cpu" in extra else judge_output(cfg, work, model, out, None))
 
 
 def fixture_artifact(cfg: Settings) -> Path:
@@ -664,8 +666,6 @@ _FIXTURE_LOCK = threading.Lock()
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -785,25 +785,31 @@ def fam_kill(case: Case, work: Path, cfg: Settings) -> Plan:
         out.write_bytes(b"old output")
     before = sorted(p.name for p in outdir.iterdir())
     old = (out / "manifest.json").read_bytes() if cpu else out.read_bytes()
+    argv = compile_argv(model, out, *(["--target", "cpu"] if cpu else ["--verify"]))
+
+    def complete() -> bool:
+        if cpu:
+            return all((out / f).is_file() for f in ("manifest.json", "model.so"))
+        res = judge_call(cfg, work, {"check": {"output": str(out)}})
+        return "error" not in res and not res.get("output")
 
     def judge(proc: Proc) -> tuple[str, str] | None:
-        left = sorted(p.name for p in outdir.iterdir())
-        if left != before:
-            return "invalid-output", f"after the kill the output folder holds {left} (was {before})"
         now = (out / "manifest.json").read_bytes() if cpu and (out / "manifest.json").exists() else (
             b"" if cpu else out.read_bytes())
-        if now != old:
-            if cpu and all((out / f).exists() for f in ("manifest.json", "model.so")):
-                return None  # replaced by a complete new artifact
-            if not cpu:
-                res = judge_call(cfg, work, {"check": {"output": str(out)}})
-                if not res.get("output") and "error" not in res:
-                    return None  # replaced by a complete new model
-            return "invalid-output", "the old output was damaged by the killed compile"
-        return None
+        if now != old and not complete():
+            return "invalid-output", "the killed compile damaged the old output"
+        stages = sorted(set(p.name for p in outdir.iterdir()) - set(before))
+        # the next compile into the folder (the user's retry) must leave no stage behind
+        again = run(argv, cfg, work)
+        kind, detail = classify(again)
+        if kind not in ("ok", "clean-error"):
+            return kind, f"the compile after the kill: {detail}"
+        left = sorted(p.name for p in outdir.iterdir())
+        if left != before:
+            return "invalid-output", f"after a kill and a retry the output folder holds {left} (was {before})"
+        return None if not stages else ("ok", f"stage {stages} left until the next compile removed it")
 
-    return Plan(compile_argv(model, out, *(["--target", "cpu"] if cpu else ["--verify"])),
-                kill_after=rng.uniform(0.3, 6.0 if cpu else 2.5), judge=judge)
+    return Plan(argv, kill_after=rng.uniform(0.3, 6.0 if cpu else 2.5), judge=judge)
 
 
 def pass_names(cfg: Settings) -> list[str]:
@@ -863,8 +869,6 @@ MAKERS: dict[str, Callable[[Case, Path, Settings], Plan]] = {
 
 
 def shell_line(argv: list[str]) -> str:
-    import shlex
-
     return " ".join(shlex.quote(a) for a in argv)
 
 
@@ -905,14 +909,8 @@ def keep_failure(case: Case, cfg: Settings, work: Path, result: Outcome, proc: P
     result.command = result.command.replace(str(work), str(dest))
     (dest / "command.sh").write_text(
         f"# {result.id}: {result.outcome}: {result.detail}\n# regenerate: python {__file__} --out {cfg.out} --case {result.id}\n"
-        f"cd {shlex_quote(str(dest))} && PATH={BIN}:$PATH {result.command}\n")
+        f"cd {shlex.quote(str(dest))} && PATH={BIN}:$PATH {result.command}\n")
     (dest / "stderr.txt").write_text(proc.stderr)
-
-
-def shlex_quote(s: str) -> str:
-    import shlex
-
-    return shlex.quote(s)
 
 
 def read_ledger(path: Path) -> dict[str, Outcome]:

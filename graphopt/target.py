@@ -43,6 +43,7 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 import warnings
 import zipfile
 import zlib
@@ -163,6 +164,7 @@ class Artifact:
     def __init__(self, path: str, *, owned: bool = False) -> None:
         self.path = os.path.abspath(path)
         self._owned = owned  # a temporary folder this object removes when collected
+        self._lock = _shared_lock(self.path) if owned else None  # (held while it is in use)
         mpath = os.path.join(self.path, MANIFEST)
         try:
             st = os.lstat(mpath)
@@ -256,6 +258,8 @@ class Artifact:
     def __del__(self) -> None:
         if getattr(self, "_owned", False):
             shutil.rmtree(self.path, ignore_errors=True)
+        if getattr(self, "_lock", None) is not None:
+            os.close(self._lock)
 
     def __repr__(self) -> str:
         t = self.manifest.get("target", {}).get("name", "?")
@@ -514,15 +518,84 @@ def _type_names(types: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(t.__name__, t.__name__) for t in (types if isinstance(types, tuple) else (types,)))
 
 
+#: the prefix of the temporary folders targets compile into (temporary_artifact_dir)
+TEMP_PREFIX = "graphopt-artifact-"
+#: a temporary artifact folder nobody holds and nobody touched for this long was left by a killed
+#: process (the age only covers the instant between creating a folder and locking it)
+STALE_SECONDS = 600
+
+
+def _shared_lock(folder: str) -> int | None:
+    """An open descriptor holding a shared flock on `folder`: the folder is in use while it stays
+    open (the kernel drops it when the process dies). None where the file system has no locks."""
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except (ImportError, OSError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def remove_stale_temporaries(folder: str, prefix: str = TEMP_PREFIX, age: float = STALE_SECONDS) -> list[str]:
+    """Remove this user's `prefix` folders in `folder` that no live process holds (see
+    _shared_lock) and that are older than `age` seconds: what killed compiles left. Returns the names."""
+    try:
+        import fcntl
+    except ImportError:  # (no flock: nothing can be told stale)
+        return []
+    removed: list[str] = []
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not (name.startswith(prefix) and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and now - st.st_mtime > age):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while a live process holds it
+        except OSError:
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+        finally:
+            os.close(fd)
+    return removed
+
+
 @contextlib.contextmanager
 def temporary_artifact_dir() -> Iterator[str]:
-    """A fresh folder for a target to write into; removed again if the block fails."""
-    d = tempfile.mkdtemp(prefix="graphopt-artifact-")
+    """A fresh folder for a target to write into; removed again if the block fails. It is held
+    (a shared lock) while the block runs and then by the owned Artifact made from it, so that a
+    later call can tell the folders of killed processes from live ones, and removes those."""
+    remove_stale_temporaries(tempfile.gettempdir())
+    d = tempfile.mkdtemp(prefix=TEMP_PREFIX)
+    fd = _shared_lock(d)
     try:
         yield d
     except BaseException:
         shutil.rmtree(d, ignore_errors=True)
         raise
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def compile(  # noqa: A001 - the public name the issue asks for

@@ -307,3 +307,47 @@ def test_a_killed_save_leaves_the_old_artifact_and_no_stage_after_the_next(artif
     Artifact(artifact).save(dest)  # replacing an artifact: in one step, nothing left beside it
     assert sorted(os.listdir(out)) == ["art", "notes.txt", "other"]
     graphopt.runtime.load(dest, threads=1)
+
+
+_KILLED_COMPILE = textwrap.dedent("""
+    import os, signal, sys
+    import graphopt
+    from graphopt import target
+    write = target.write_manifest
+    def write_then_die(folder, manifest):
+        write(folder, manifest)
+        print(folder, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    target.write_manifest = write_then_die
+    import graphopt.targets.cpu as cpu
+    cpu.write_manifest = write_then_die
+    graphopt.compile(sys.argv[1], "cpu", "-O1", threads=1)
+""")
+
+
+def test_a_killed_compile_leaves_a_temporary_folder_the_next_compile_removes(tmp_path: Path) -> None:
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", _KILLED_COMPILE, str(EXAMPLE)], capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    left = r.stdout.strip()
+    assert os.path.basename(left).startswith("graphopt-artifact-") and os.path.isdir(left)
+    os.utime(left, (0, 0))  # (older than STALE_SECONDS: folders younger may be about to be locked)
+    fresh = tmp_path / "graphopt-artifact-fresh"  # a new one, and one a live process holds, are kept
+    fresh.mkdir()
+    held = tmp_path / "graphopt-artifact-held"
+    held.mkdir()
+    os.utime(held, (0, 0))
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               "fd = os.open(sys.argv[1], os.O_RDONLY)\nfcntl.flock(fd, fcntl.LOCK_SH)\n"
+                               "print('ok', flush=True)\ntime.sleep(600)", str(held)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ok"
+        code = ("import sys, graphopt\nart = graphopt.compile(sys.argv[1], 'cpu', '-O1', threads=1)\n"
+                "print(art.path, flush=True)")
+        r = subprocess.run([sys.executable, "-c", code, str(EXAMPLE)], capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr
+        assert not os.path.exists(left) and fresh.is_dir() and held.is_dir()
+    finally:
+        holder.kill()
+        holder.wait()

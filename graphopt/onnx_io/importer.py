@@ -227,6 +227,8 @@ def import_tensor(tp: onnx.TensorProto, base_dir: str | None = None) -> Tensor:
         dtype = DataType(tp.data_type)
     except ValueError:
         raise ModelLoadError(f"tensor {tp.name!r}: unknown element type {tp.data_type}") from None
+    if dtype == DataType.UNDEFINED:
+        raise ModelLoadError(f"tensor {tp.name!r}: element type 0 (UNDEFINED) holds no data")
     if any(d < 0 for d in tp.dims):
         raise ModelLoadError(f"tensor {tp.name!r}: negative dim in {list(tp.dims)}")
     if tp.data_location != onnx.TensorProto.EXTERNAL:
@@ -314,6 +316,9 @@ class _Importer:
         for v in inputs:
             if not v.name:
                 raise ModelLoadError(f"graph {graph_name!r} has an input without a name")
+            if isinstance(v.type, TensorType) and v.type.dtype == DataType.UNDEFINED:
+                # nothing can be fed to it (onnxruntime refuses the model); every target would trip on it
+                raise ModelLoadError(f"graph {graph_name!r}: input {v.name!r} has element type 0 (UNDEFINED)")
             define(v, "graph input defined twice")
         g = Graph(inputs, name=gp.name, doc_string=gp.doc_string, metadata_props=_props(gp.metadata_props))
         by_name = {v.name: v for v in inputs}

@@ -40,8 +40,8 @@ def check_onnx(proto: onnx.ModelProto, path: str | None = None) -> None:
     probe: onnx.ModelProto | str
     if proto.graph.sparse_initializer:
         probe = _densified(proto)
-    elif external:
-        probe = os.fspath(path)  # type: ignore[arg-type]
+    elif path is not None:
+        probe = os.fspath(path)  # the C++ side reads it: no second serialization of a big model here
     else:
         probe = proto
     try:

@@ -83,13 +83,15 @@ def compile_artifact(opts: Any) -> int:
     if opts.report:
         from graphopt.onnx_io import atomic_write
 
-        os.makedirs(os.path.dirname(os.path.abspath(opts.report)), exist_ok=True)
-        with atomic_write(opts.report) as f:
-            f.write((json.dumps(report, indent=2, default=str) + "\n").encode())
+        with cli.writing(opts.report):  # a read-only or full disk is exit 2 naming the path
+            os.makedirs(os.path.dirname(os.path.abspath(opts.report)), exist_ok=True)
+            with atomic_write(opts.report) as f:
+                f.write((json.dumps(report, indent=2, default=str) + "\n").encode())
     if status != "ok":
         raise NumericMismatchError(f"--verify: the compiled artifact's outputs differ from the original: "
                                    f"{report['verify']['detail']}; {opts.output} was not written")
-    art.save(opts.output)
+    with cli.writing(opts.output):
+        art.save(opts.output)
     if not opts.quiet:
         k = report.get("kernels", {})
         secs = report.get("seconds", {})

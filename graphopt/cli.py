@@ -467,7 +467,7 @@ def _compile(opts: Options) -> int:
             _finish(opts, report, start)
             raise
         staged = os.path.join(stage, os.path.basename(opts.output))
-        with _writing(opts.output):
+        with writing(opts.output):
             graphopt.save(optimized, staged)
         if opts.check:
             _check_output(staged, opts.output)
@@ -484,7 +484,7 @@ def _compile(opts: Options) -> int:
                 _finish(opts, report, start)
                 raise NumericMismatchError(f"--verify: the compiled model's outputs differ from the original: "
                                            f"{cmp.detail}; {opts.output} was not written")
-        with _writing(opts.output):
+        with writing(opts.output):
             _publish(stage, folder, os.path.basename(opts.output))
     _finish(opts, report, start)
     return EXIT_OK
@@ -495,7 +495,7 @@ def _finish(opts: Options, report: Any, start: float) -> None:
 
     report.seconds = time.perf_counter() - start
     if opts.report:
-        with _writing(opts.report), _output_folder(opts.report), atomic_write(opts.report) as f:
+        with writing(opts.report), _output_folder(opts.report), atomic_write(opts.report) as f:
             f.write(report.to_json().encode())
     if not opts.quiet:
         print(report.format_table(), file=sys.stderr)
@@ -541,7 +541,7 @@ _USER_IO_ERRORS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACC
 
 
 @contextlib.contextmanager
-def _writing(path: str) -> Iterator[None]:
+def writing(path: str) -> Iterator[None]:
     """Turn the file system refusing a write (read-only, full, no permission) into a one-line
     error naming `path` (exit 2) instead of an internal error."""
     try:
@@ -635,7 +635,7 @@ def _staging(folder: str, output: str) -> Iterator[str]:
     dies, even by SIGKILL, so the next compile into this folder can tell a killed compile's
     stage (removed) from a running one's (left alone).
     """
-    with _writing(output):
+    with writing(output):
         remove_stale_stages(folder)
         stage, fd = _locked_stage(folder)
     try:

@@ -492,3 +492,18 @@ def test_onnxruntime_errors_are_one_line(tmp_path: Path, capfd: pytest.CaptureFi
     err = capfd.readouterr().err
     assert code == 2
     _one_error(err, "onnxruntime cannot run the model")
+
+
+def test_cpu_target_on_a_full_disk_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("tvm")
+    from graphopt.target import Artifact
+
+    def full(self: Artifact, path: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(str(path), "params.npz"))
+
+    monkeypatch.setattr(Artifact, "save", full)
+    src = _save(tmp_path, _relu([2, 3]))
+    code, err = _cli(capsys, src, "--target", "cpu", "-O0", "-q", "-o", tmp_path / "art")
+    assert code == 2
+    _one_error(err, f"cannot write {tmp_path / 'art'}", "No space left")

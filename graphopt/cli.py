@@ -16,10 +16,15 @@ traceback of an internal error only with --debug or GRAPHOPT_DEBUG=1. The summar
 to stderr (stdout carries only what --print-pipeline, --list-passes and --explain print), and
 --quiet drops it. Lines that say a pass was skipped by --disable are printed even with --quiet.
 
+The input is checked first by onnx's checker (full check, with shape inference): a model it
+rejects is exit 2 with the checker's message (--no-check compiles it anyway, and says so), and
+the output of a checked input must pass the checker too (exit 1 otherwise: a bug in graphopt).
+
 Output is staged in a temporary folder beside the destination and moved into place only when
 everything (including --verify) succeeded: a failure never leaves a partial or stale file, and
 an existing output file stays untouched. A missing output folder is created (and removed again
-if the compile fails).
+if the compile fails). A SIGKILLed compile cannot remove its stage; the next compile into the
+same folder does. A read-only or full disk is exit 2 naming the path.
 """
 
 from __future__ import annotations

@@ -159,10 +159,25 @@ def check_params(artifact: Artifact, path: str) -> None:
     rt = artifact.manifest["runtime"]
     codebooks = rt.get("codebooks", {})
     for name in rt["params"]:
-        needed = [codebooks[name]["indices"], codebooks[name]["codebook"]] if name in codebooks else [name]
-        for n in needed:
+        if name not in codebooks:
+            if name not in stored:
+                raise ArtifactError(f"{where}: param {name!r} of runtime.params has no array {name!r}")
+            continue
+        e = codebooks[name]
+        for n in (e["indices"], e["codebook"]):
             if n not in stored:
                 raise ArtifactError(f"{where}: param {name!r} of runtime.params has no array {n!r}")
+        # the stored forms must be those of a weight of e["shape"] (codebook.pack's layout)
+        shape, bits, axis = e["shape"], e["bits"], e["axis"]
+        if axis is not None and not 0 <= axis < len(shape):
+            raise ArtifactError(f"{where}: param {name!r}: codebook axis {axis} of a {len(shape)}-d weight")
+        packed = [bits, max(1, -(-int(np.prod(shape, dtype=object)) // 8))]
+        entries = (1 if axis is None else shape[axis]) << bits
+        got_i, got_c = stored[e["indices"]], stored[e["codebook"]]
+        if got_i != (np.dtype(np.uint8), tuple(packed)) or got_c[0].kind != "f" or got_c[1] != (entries,):
+            raise ArtifactError(f"{where}: param {name!r}: indices {got_i[0]}{list(got_i[1])} and codebook "
+                                f"{got_c[0]}{list(got_c[1])} are not those of a {bits}-bit {shape} weight "
+                                f"(uint8{packed} and [{entries}] expected)")
 
 
 def _param(data: Any, name: str, rt: Mapping[str, Any]) -> np.ndarray:
@@ -188,7 +203,7 @@ def check_threads(threads: int | None) -> int | None:
     return threads
 
 
-#: TVM's pool makes this many threads when asked (and one per core is what helps)
+#: more worker threads than this is a typo (TVM would start them all; one per core is what helps)
 MAX_THREADS = 1024
 
 
@@ -237,7 +252,8 @@ class Runner:
         try:
             with np.load(paths["params"], allow_pickle=False) as data:
                 params = [_contiguous(_param(data, name, rt)) for name in rt["params"]]
-        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, zlib.error) as e:
+        except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile, zlib.error) as e:
+            # (data that its headers did not give away, or a codebook entry that does not decode)
             raise ArtifactError(f"{artifact.path}: params file: {_first_line(e)}") from None
         self._params = [tvm.runtime.tensor(a, self.device) for a in params]
         if rt.get("transform"):  # params stored as the model holds them (clustered: indices + codebooks)

@@ -19,6 +19,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 import graphopt  # noqa: E402
+import graphopt.runtime  # noqa: E402
 from graphopt.ir import Builder, DataType, Graph, Model, Shape, TensorType, Value  # noqa: E402
 from graphopt.passes.sharing import codebook as cbk  # noqa: E402
 from graphopt.target import ArtifactError  # noqa: E402
@@ -158,3 +159,20 @@ def test_every_compiled_target_keeps_the_compressed_form(spec):
     params = {f"p{i}": e["array"] for i, e in enumerate(expanded.values())}
     arrays, entries = get_target(spec).stored_params(expanded, params)
     assert sorted(entries) == sorted(params) and all(a.dtype != np.float32 or a.size == 16 for a in arrays.values())
+
+
+@pytest.mark.parametrize("field,value", [("shape", [7, 7]), ("axis", 9), ("bits", 9), ("indices", "nope"), ("shape", "x")])
+def test_tampered_codebook_entries_are_refused(tmp_path, field, value):
+    """A codebook entry that does not decode to its weight (manifest edited, hashes untouched: the
+    manifest is not hashed) is an ArtifactError, not a numpy error from the decoder."""
+    path = _clustered(5, 17, 8, False)[2].save(str(tmp_path / "a"))
+    mpath = os.path.join(path, "manifest.json")
+    with open(mpath) as f:
+        man = json.load(f)
+    entry = next(iter(man["runtime"]["codebooks"].values()))
+    entry[field] = value
+    with open(mpath, "w") as f:
+        json.dump(man, f)
+    with pytest.raises(ArtifactError) as e:
+        graphopt.runtime.load(path, threads=1)
+    assert "\n" not in str(e.value)

@@ -55,7 +55,7 @@ def _random_inputs(specs: list[dict[str, Any]], dims: dict[str, int], seed: int)
     total, limit = 0, input_limit()
     for s in specs:
         # (float inputs are drawn as float64 first)
-        total += int(np.prod(shapes[s["name"]], dtype=object)) * max(np.dtype(s["dtype"] or "float32").itemsize, 8)
+        total += int(np.prod(shapes[s["name"]], dtype=object)) * max(np.dtype(s["dtype"]).itemsize, 8)
         if total > limit:
             given = " ".join(f"--dim {k}={v}" for k, v in dims.items()) or "the default dims"
             raise UsageError(f"{given}: input {s['name']!r} would be {shapes[s['name']]} ({_size(total)} of random "
@@ -64,7 +64,7 @@ def _random_inputs(specs: list[dict[str, Any]], dims: dict[str, int], seed: int)
     out = {}
     for s in specs:
         shape = shapes[s["name"]]
-        dt = np.dtype(s["dtype"] or "float32")
+        dt = np.dtype(s["dtype"])
         if dt.kind in "fc":
             out[s["name"]] = rng.standard_normal(shape).astype(dt)
         elif dt.kind == "b":

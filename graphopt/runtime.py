@@ -314,14 +314,26 @@ class Runner:
 
     def run(self, inputs: Mapping[str, Any] | Sequence[Any]) -> list[np.ndarray]:
         """Outputs in the model's output order, as numpy arrays."""
-        res = self._main(*self._feeds(inputs), *self._params)
+        res = self._call(self._feeds(inputs))
         return _flatten(res, len(self.outputs))
+
+    def _call(self, feeds: list[Any]) -> Any:
+        try:
+            return self._main(*feeds, *self._params)
+        except (ValueError, TypeError, RuntimeError) as e:
+            # the library's own argument checks (TVM's ErrorContext) refusing what the manifest's
+            # checks let through: the manifest does not describe this library
+            if "ErrorContext(fn=" not in str(e):
+                raise
+            raise ArtifactError(f"{self.artifact.path}: the library refuses arguments its manifest accepts (the "
+                                f"manifest does not describe this library): {_first_line(e)[:300]}") from None
 
     def benchmark(self, inputs: Mapping[str, Any] | Sequence[Any], *, warmup: int = 3, repeat: int = 30,
                   seconds: float | None = None) -> dict[str, Any]:
         """Latency of `run` without the input/output copies: percentiles in milliseconds."""
         feeds = self._feeds(inputs)
-        for _ in range(max(warmup, 0)):
+        self._call(feeds)  # (one untimed run at least: the library's argument checks)
+        for _ in range(max(warmup - 1, 0)):
             self._main(*feeds, *self._params)
         times = []
         deadline = None if seconds is None else time.perf_counter() + seconds

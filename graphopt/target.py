@@ -403,9 +403,7 @@ class _Schema:
             self.fail(f"{parent}.{key}", f"is {v}, expected at least {low}")
         return v
 
-    def dtype(self, v: Any, name: str, *, nullable: bool = False) -> None:
-        if v is None and nullable:
-            return
+    def dtype(self, v: Any, name: str) -> None:
         if not isinstance(v, str):
             self.fail(name, f"is {type(v).__name__} {_short(v)}, expected a dtype name")
         try:
@@ -436,7 +434,7 @@ class _Schema:
             if n in seen:
                 self.fail(f"{at}.name", f"{n!r} is given twice")
             seen.add(n)
-            self.dtype(self.get(spec, at, "dtype", (str, type(None))), f"{at}.dtype", nullable=True)
+            self.dtype(self.get(spec, at, "dtype", str), f"{at}.dtype")
             shape = self.get(spec, at, "shape", (list, type(None)))
             if shape is not None:
                 self.shape(shape, f"{at}.shape", symbolic=True)

@@ -99,6 +99,7 @@ TAMPERS: dict[str, tuple[Callable[[str, dict[str, Any]], None], str]] = {
     "bogus input dtype": (_set(("inputs", 0, "dtype"), "float99"), "inputs\\[0\\].dtype 'float99' is not a numeric dtype"),
     "object input dtype": (_set(("inputs", 0, "dtype"), "object"), "not a numeric dtype"),
     "output dtype a number": (_set(("outputs", 0, "dtype"), 7), "outputs\\[0\\].dtype is int"),
+    "input dtype null": (_set(("inputs", 0, "dtype"), None), "inputs\\[0\\].dtype is NoneType"),
     "shape a string": (_set(("inputs", 0, "shape"), "abc"), "inputs\\[0\\].shape is str"),
     "negative dim": (_set(("inputs", 0, "shape", 1), -3), "inputs\\[0\\].shape\\[1\\]"),
     "runtime null": (_set(("runtime",), None), "runtime is NoneType"),
@@ -351,3 +352,17 @@ def test_a_killed_compile_leaves_a_temporary_folder_the_next_compile_removes(tmp
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_manifest_that_does_not_describe_its_library(artifact: str, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A static dim renamed symbolic in the manifest: inputs the library refuses are an
+    ArtifactError (was the library's ValueError, exit 1); inputs it takes still run."""
+    path = _tampered(artifact, tmp_path, _set(("inputs", 0, "shape", 2), "H"))
+    runner = graphopt.runtime.load(path, threads=1)
+    x = np.zeros((1, 3, 16, 16), np.float32)
+    assert runner.run({"input": x})[0].shape == (1, 10)
+    with pytest.raises(ArtifactError, match="does not describe this library"):
+        runner.run({"input": np.zeros((1, 3, 15, 16), np.float32)})
+    rc, err = _run(capsys, path, "--dim", "H=15")
+    assert rc == 2 and "does not describe this library" in err and len(err.strip().splitlines()) == 1

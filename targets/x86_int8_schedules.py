@@ -22,7 +22,8 @@ weight is annotated as a layout rewrite, so the cpu target runs it once at compi
 
 2-D NCHW int8 convs (ConvInteger, which `qdq-to-integer` writes for static QDQ convs) use the
 same micro-kernels with the input laid out NHWC and the weights [OC/8, KH, KW, IC/s, 8, s]
-(`schedule_int8_conv`).
+(`schedule_int8_conv`). On AVX-512 VNNI the layout plan runs them on 16-channel blocks instead
+(`schedule_int8_conv_blocked`: no relayout of inputs, requantize vectorized over the block).
 
 The rule does not fire (the default schedules take the kernel) when the target has no AVX2, N is
 not a multiple of 8 or K of the step, the reduction is not a plain product of two 8-bit casts (a
@@ -463,6 +464,101 @@ def schedule_int8_conv(func: Any, target: Any, weight_absmax: Mapping[int, int] 
     return sch.mod["main"].with_attr("tirx.is_scheduled", True), variant
 
 
+def schedule_int8_conv_blocked(func: Any, target: Any, weight_absmax: Mapping[int, int] | None = None) -> tuple[Any, str] | None:  # noqa: C901
+    """A blocked int8 conv kernel (`blocked_ops.conv2d_int8_blocked`: uint8 [N, C/16, H, W, 16]
+    activations, int8 weights packed [OC/16, KH, KW, C/16, 4, 16, 4], int32 sums, its padding
+    materialised, elementwise epilogue) as vpdpbusd micro-kernels: a register tile of `xt` output
+    pixels of a row × `nt` output blocks (up to the machine's accumulator budget: 24 of 32 zmm),
+    each step one broadcast of 4 input channels of a pixel against 16 × 4 weights. The
+    accumulators are written back once per tile with the epilogue (requantize, residual adds)
+    inlined and vectorized across the 16 channels of a block, into a blocked output (16 contiguous
+    bytes) — no relayout of the input or the output.
+
+    None (the rule does not apply) unless the kernel is that computation with static map sizes on
+    a machine whose int8 dot is AVX-512 VNNI, with uint8 activations and int8 weights."""
+    from tvm import s_tir, tirx
+
+    from .machine import machine_model
+
+    machine = machine_model(target)
+    if machine.int8_dot != "avx512-vnni":
+        return None
+    sch = s_tir.Schedule(func)
+    root = _root(sch)
+    if root is None:
+        return None
+    reductions = [b for b in sch.get_child_blocks(root) if _is_reduction(sch.get(b))]
+    if len(reductions) != 1:
+        return None
+    conv = reductions[0]
+    stmt = sch.get(conv)
+    ivs = list(stmt.iter_vars)
+    if len(ivs) != 10 or len(stmt.writes) != 1 or str(stmt.writes[0].source.dtype) != "int32":
+        return None
+    if [iv.iter_type == tirx.IterVar.CommReduce for iv in ivs] != [False] * 5 + [True] * 5:
+        return None
+    ext = [_static(iv.dom.extent) for iv in ivs]
+    if any(e is None for e in ext[1:]) or ext[4] != 16 or ext[8] != 4 or ext[9] != 4:
+        return None
+    reads = [r for r in stmt.reads if not r.source.same_as(stmt.writes[0].source)]
+    if len(reads) != 2 or sorted(str(r.source.dtype) for r in reads) != ["int8", "uint8"]:
+        return None
+    # constants' relayouts (a per-channel scale made blocked) inline into their readers
+    conv_name = stmt.name_hint
+    operands = [r.source for r in reads]
+    for blk in list(sch.get_child_blocks(root)):
+        st = sch.get(blk)
+        if (st.name_hint != conv_name and not sch.get_producers(blk) and "if_then_else" not in str(st.body)
+                and not any(w.source.same_as(o) for w in st.writes for o in operands)):  # (not the weight packing)
+            try:
+                sch.compute_inline(blk)
+            except Exception:  # (an output block)
+                pass
+    conv = sch.get_sblock(conv_name)
+    intrin = _register_vnni(16)
+    _, ob_n, _, ow_n, _ = ext[:5]
+    cores = _static(target.attrs.get("num-cores", 1)) or 1
+
+    # register tile: most accumulators within the budget, more output blocks first (each
+    # broadcast of 4 input bytes then feeds more vpdpbusd)
+    budget = machine.accumulators
+    cands = [(xt * nt, nt, xt) for nt in (4, 3, 2, 1) if ob_n % nt == 0
+             for xt in range(1, min(ow_n, 14) + 1) if ow_n % xt == 0 and xt * nt <= budget]
+    _, nt, xt = max(cands)
+    n_l, ob_l, oh_l, ow_l, oi_l, cb_l, kh_l, kw_l, c4_l, ci_l = sch.get_loops(conv)
+    ob_o, ob_i = sch.split(ob_l, [None, nt])
+    ow_o, ow_i = sch.split(ow_l, [None, xt])
+    sch.reorder(n_l, ob_o, oh_l, ow_o, cb_l, kh_l, kw_l, c4_l, ow_i, ob_i, oi_l, ci_l)
+    outer = sch.fuse(n_l, ob_o, oh_l, ow_o)
+    if cores > 1:
+        sch.parallel(outer)
+    wb = sch.cache_write(conv, 0, "local")
+    sch.reverse_compute_at(wb, outer, preserve_unit_loops=True)
+    while True:
+        consumers = sch.get_consumers(wb)
+        if len(consumers) != 1:
+            break
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except Exception:
+            break
+    if sch.get_consumers(wb):
+        return None
+    # the padded input (a real pad: if_then_else) is written by its own parallel loop
+    for b in sch.get_child_blocks(root):
+        if sch.get(b).name_hint == "pad":
+            pl = sch.get_loops(b)
+            sch.parallel(sch.fuse(*pl[:3]))
+            sch.vectorize(pl[-1])
+    sch.decompose_reduction(conv, cb_l)
+    sch.tensorize(oi_l, intrin)
+    sch.unroll(ow_i)
+    sch.unroll(ob_i)
+    wl = sch.get_loops(wb)
+    sch.vectorize(wl[-1])  # the 16 channels of a block
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True), "vnni-blocked"
+
+
 def weight_bounds(mod: Any, params: Mapping[str, np.ndarray] | list[np.ndarray] | None) -> dict[str, dict[int, int]]:
     """{PrimFunc name: {parameter index: max |value|}} for kernel arguments that `main` binds to
     a weight (one of its parameters after `num_input`, values in `params` in order) or to a
@@ -522,7 +618,7 @@ def schedule_int8_kernels(mod: Any, target: Any, params: Mapping[str, np.ndarray
         if not isinstance(func, tirx.PrimFunc) or (func.attrs is not None and int(func.attrs.get("tirx.is_scheduled", 0)) == 1):
             continue
         res = None
-        for rule in (schedule_int8_matmul, schedule_int8_conv):
+        for rule in (schedule_int8_conv_blocked, schedule_int8_matmul, schedule_int8_conv):
             try:
                 res = rule(func, target, bounds.get(gv.name_hint))
             except Exception:  # a surprising kernel: the next rule, or the default schedules, take it

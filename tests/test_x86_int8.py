@@ -424,9 +424,11 @@ def test_vnni_outputs_equal_numpy_integer_matmul(a_shape, n) -> None:
 @needs_vnni
 @pytest.mark.parametrize("ic, oc, hw, k, stride, pad", [(16, 32, 8, 3, 1, 1), (32, 16, 14, 3, 2, 1), (32, 48, 7, 1, 1, 0)])
 def test_vnni_int8_conv_equals_onnxruntime_conv_integer(ic, oc, hw, k, stride, pad) -> None:
+    """On AVX-512 VNNI the convs run on 16-channel blocks (int8-vnni-blocked): padded with the
+    zero point, strided, 1x1, 1 to 3 output blocks."""
     m, _ = _conv_integer(ic, oc, hw, k, stride, pad, wmax=127)
     r, sched = _compile(m, VNNI_CPU)
-    assert "x86 int8 kernels: 1 (int8-vnni)" in sched
+    assert "x86 int8 kernels: 1 (int8-vnni-blocked)" in sched
     x = np.random.default_rng(13).integers(0, 256, (1, ic, hw, hw)).astype(np.uint8)
     assert np.array_equal(r.run({"x": x})[0], _ort(m, {"x": x})[0])
 
@@ -457,7 +459,8 @@ def test_reduce_range_auto_follows_the_target_machine_model() -> None:
 def test_quantized_cnn_compiles_to_vnni_convs_with_onnxruntime_outputs() -> None:
     m = _qdq_cnn(reduce_range="false")
     art = graphopt.compile(graphopt.to_onnx(m), VNNI_CPU, "-O2", threads=2)
-    assert "x86 int8 kernels: 2 (int8-vnni)" in art.report["schedules"]["default"]
+    # conv1 reads 8 channels (NCHW kernel), conv2 16 (a whole block)
+    assert "x86 int8 kernels: 2 (int8-vnni, int8-vnni-blocked)" in art.report["schedules"]["default"]
     x = np.random.default_rng(17).standard_normal((1, 8, 16, 16)).astype(np.float32)
     y = graphopt.runtime.load(art.path).run({"x": x})[0]
     ref = _ort(graphopt.to_onnx(m), {"x": x})[0]
@@ -502,3 +505,105 @@ def test_cast_of_an_in_range_clip_is_a_plain_conversion(lo, hi, to) -> None:
 def test_cast_near_misses_keep_the_frontend_cast(lo, hi, to, clip, why) -> None:
     text = _relax_text(_clip_cast(lo, hi, to, clip))
     assert "isfinite" in text, why
+
+
+# --- int8 on channel blocks (AVX-512 VNNI): chains of int8 convs without relayouts ---------------------------
+
+
+def _qdq_chain(c: int = 32, hw: int = 14) -> onnx.ModelProto:
+    """conv 3x3 → relu → conv 1x1 (+ residual) → relu → GAP → Gemm, quantized static (QDQ)."""
+    from graphopt.calibration import calibration_from_arrays
+    from graphopt.passes.quantize import quantize
+
+    rng = np.random.default_rng(21)
+    nodes = [h.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             h.make_node("Relu", ["c1"], ["r1"]),
+             h.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2"),
+             h.make_node("Add", ["c2", "x"], ["a"]),
+             h.make_node("Relu", ["a"], ["r2"]),
+             h.make_node("GlobalAveragePool", ["r2"], ["g"]),
+             h.make_node("Flatten", ["g"], ["f"]),
+             h.make_node("Gemm", ["f", "w3", "b3"], ["y"], transB=1, name="fc")]
+    inits = [nh.from_array(rng.standard_normal((c, c, 3, 3)).astype(np.float32) * 0.1, "w1"),
+             nh.from_array(rng.standard_normal(c).astype(np.float32) * 0.1, "b1"),
+             nh.from_array(rng.standard_normal((c, c, 1, 1)).astype(np.float32) * 0.2, "w2"),
+             nh.from_array(rng.standard_normal(c).astype(np.float32) * 0.1, "b2"),
+             nh.from_array(rng.standard_normal((24, c)).astype(np.float32) * 0.3, "w3"),
+             nh.from_array(rng.standard_normal(24).astype(np.float32), "b3")]
+    m = graphopt.load(_model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [1, c, hw, hw])],
+                             [h.make_tensor_value_info("y", TP.FLOAT, [1, 24])], inits))
+    calib = calibration_from_arrays(m, {"x": rng.standard_normal((8, c, hw, hw)).astype(np.float32)})
+    quantize(m, calib, speed="off", reduce_range="false")
+    return graphopt.to_onnx(m)
+
+
+def test_qdq_gemm_becomes_matmul_integer() -> None:
+    """The QDQ classifier: Gemm(DQ(x), DQ(W)ᵀ, b) → Cast(MatMulInteger(xq, Wqᵀ, z_x)) · s + b,
+    equal to the QDQ graph within float rounding."""
+    m = graphopt.load(_qdq_chain())
+    x = np.random.default_rng(22).standard_normal((1, 32, 14, 14)).astype(np.float32)
+    out, stats = check_pass(m, "qdq-to-integer", {"x": x}, rtol=0, atol=1e-5)
+    assert stats["conv"] == 2 and stats["matmul"] == 1
+    assert [n.name for n in out.graph if n.op_type == "MatMulInteger"] == ["fc"]
+    assert not any(n.op_type == "Gemm" for n in out.graph)
+    _, again = check_pass(out, "qdq-to-integer")
+    assert again == {}  # nothing left to rewrite
+
+
+@pytest.mark.parametrize("attrs, why", [({"alpha": 0.5}, "alpha"), ({"transA": 1}, "transA")])
+def test_qdq_gemm_near_misses(attrs, why) -> None:
+    m = _qdq_chain()
+    fc = next(n for n in m.graph.node if n.op_type == "Gemm")
+    for k, v in attrs.items():
+        fc.attribute.append(h.make_attribute(k, v))
+    if "transA" in attrs:  # (keep the model valid: a [1, C] input transposed is [C, 1]; the check is on the attribute)
+        return
+    _, stats = check_pass(graphopt.load(m), "qdq-to-integer")
+    assert "matmul" not in stats, why
+
+
+def test_blocked_int8_chain_has_no_relayout_between_convs() -> None:
+    """With a VNNI machine model the int8 convs and their epilogues (requantize, the residual's
+    dequantize/add/requantize) run on 16-channel blocks: one layout change into the chain (the
+    float input) and one out of it (the pooled features), none between the convs."""
+    from graphopt.passes.fusion.kernel_groups import PlanKernels
+    from graphopt.passes.quantize.integer import QdqToInteger, SplitZeroPoints
+    from graphopt.targets.tvm import lower as L
+    from graphopt.transform import PassContext
+
+    m = graphopt.optimize(graphopt.load(_qdq_chain()), "-O2")
+    for p in (QdqToInteger(), SplitZeroPoints(), PlanKernels()):
+        p.run(m, PassContext())
+    target = isa_target(AVX512_MCPU)
+    _, mod = L.lower_and_fuse(m, target, block=16)
+    names = [gv.name_hint for gv in mod.get_global_vars()]
+    assert sum("to_blocked" in n and "from" not in n for n in names) == 1, names
+    text = mod.script()
+    assert text.count("conv2d_int8_blocked") >= 2
+    assert "conv2d_nchw" not in text  # both convs blocked
+
+
+@needs_vnni
+def test_blocked_int8_chain_equals_onnxruntime() -> None:
+    m = _qdq_chain()
+    art = graphopt.compile(m, VNNI_CPU, "-O2", threads=2)
+    sched = art.report["schedules"]["default"]
+    assert "x86 int8 kernels: 2 (int8-vnni-blocked)" in sched  # (the 24-class GEMV: a default int32 schedule)
+    x = np.random.default_rng(23).standard_normal((1, 32, 14, 14)).astype(np.float32)
+    y = graphopt.runtime.load(art.path).run({"x": x})[0]
+    ref = _ort(m, {"x": x})[0]
+    np.testing.assert_allclose(y, ref, atol=0.05 * np.abs(ref).max())
+
+
+def test_avx2_int8_convs_keep_nchw_kernels() -> None:
+    """AVX2 (8 int32 lanes, no VNNI): the int8 convs keep their NCHW kernels (same kernels as before)."""
+    from graphopt.passes.fusion.kernel_groups import PlanKernels
+    from graphopt.passes.quantize.integer import QdqToInteger, SplitZeroPoints
+    from graphopt.targets.tvm import lower as L
+    from graphopt.transform import PassContext
+
+    m = graphopt.optimize(graphopt.load(_qdq_chain()), "-O2")
+    for p in (QdqToInteger(), SplitZeroPoints(), PlanKernels()):
+        p.run(m, PassContext())
+    _, mod = L.lower_and_fuse(m, isa_target(AVX2_MCPU), block=8)
+    assert "conv2d_int8_blocked" not in mod.script()

@@ -140,21 +140,32 @@ class QdqToInteger(Pass):
     write-back, followed by the next QuantizeLinear (requantize). The other Q/DQ become the
     arithmetic they define (see `_qdq_to_arith`), so that they fuse into kernels too.
 
+    QDQ Gemm / MatMul with constant weights (a CNN's classifier) likewise:
+        Gemm(DQ(xq, s_x, z_x), DQ(Wq, s_w[n]), [b], transB=1)
+        → Cast(MatMulInteger(xq, Wqᵀ, z_x), float) · (s_x·s_w)[n] + b
+    (a float GEMV that re-quantized its input inside the reduction, 2048 x 1000 in ResNet-50: 5.7
+    ms, becomes the int8 matmul kernels' work).
+
     Must not fire: grouped/depthwise convs, non-2-D convs, auto_pad other than NOTSET, a non-zero
     weight zero point, a per-channel activation scale, non-constant scales or zero points, weights
     that are not constant int8/uint8, a float (non-DQ) input, a bias that is neither a DQ of a
-    constant nor a float constant.
+    constant nor a float constant; for Gemm also alpha/beta other than 1, transA, a weight scale
+    along K, activations of rank other than 2 (MatMul: weights other than 2-D).
     """
 
     name: ClassVar[str] = "qdq-to-integer"
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        n_conv = 0
+        n_conv = n_mm = 0
         arith: dict[str, int] = {}
         touched: list[Value] = []
         for g in model.graphs():
             b = Builder(g)
             for node in list(g.nodes):
+                if node.op_type in ("Gemm", "MatMul") and node.domain in ("", "ai.onnx") and node.graph is g:
+                    if self._rewrite_matmul(g, b, node, touched):
+                        n_mm += 1
+                    continue
                 if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or node.graph is not g:
                     continue
                 plan = self._plan(node)
@@ -172,11 +183,11 @@ class QdqToInteger(Pass):
                     acc = b.op.ConvInteger(xq, b.initializer(wq, f"{base}_wq"),
                                            b.initializer(np.array(zx, dtype=xq.dtype.numpy()).reshape(()), f"{base}_xzp"), **kw)
                     yf = b.op.Cast(acc, to=int(DataType.FLOAT))
-                    y = b.op.Mul(yf, b.initializer(scale.reshape(1, oc, 1, 1).astype(np.float32), f"{base}_scale"))
+                    y = ys = b.op.Mul(yf, b.initializer(scale.reshape(1, oc, 1, 1).astype(np.float32), f"{base}_scale"))
                     if bias is not None:
                         y = b.op.Add(y, b.initializer(bias.reshape(1, oc, 1, 1).astype(np.float32), f"{base}_bias"))
                 oshape = out.shape
-                for v, dt in ((acc, DataType.INT32), (yf, DataType.FLOAT), (y, DataType.FLOAT)):
+                for v, dt in ((acc, DataType.INT32), (yf, DataType.FLOAT), (ys, DataType.FLOAT), (y, DataType.FLOAT)):
                     v.type = TensorType(dt, oshape)
                 touched += [v for v in node.inputs if v is not None]
                 out.replace_all_uses_with(y, replace_graph_outputs=True)
@@ -191,14 +202,75 @@ class QdqToInteger(Pass):
                 if not any(o.uses() or o.is_graph_output() for o in dq.outputs):
                     touched += [v for v in dq.inputs if v is not None]
                     g.remove(dq)
-            if n_conv:
+            if n_conv or n_mm:
                 for k, v in _qdq_to_arith(g, b, touched).items():
                     arith[k] = arith.get(k, 0) + v
         drop_unused_initializers(touched)
-        if n_conv:
-            ctx.info(f"qdq-to-integer: {n_conv} QDQ convs as ConvInteger; other Q/DQ as arithmetic {arith}")
-        stats = {"conv": n_conv, **arith} if n_conv else {}
-        return PassResult(changed=bool(n_conv), stats={k: v for k, v in stats.items() if v})
+        if n_conv or n_mm:
+            ctx.info(f"qdq-to-integer: {n_conv} QDQ convs as ConvInteger, {n_mm} QDQ Gemm/MatMul as MatMulInteger; "
+                     f"other Q/DQ as arithmetic {arith}")
+        stats = {"conv": n_conv, "matmul": n_mm, **arith} if n_conv or n_mm else {}
+        return PassResult(changed=bool(n_conv or n_mm), stats={k: v for k, v in stats.items() if v})
+
+    @staticmethod
+    def _rewrite_matmul(g, b: Builder, node, touched: list[Value]) -> bool:  # type: ignore[no-untyped-def]
+        """Gemm/MatMul of a DQ activation and a DQ constant weight → MatMulInteger (see docstring)."""
+        gemm = node.op_type == "Gemm"
+        ins = list(node.inputs) + [None] * (3 - len(node.inputs))
+        if gemm and (float(node.attr("alpha", 1.0)) != 1.0 or float(node.attr("beta", 1.0)) != 1.0 or int(node.attr("transA", 0))):
+            return False
+        x, w = _dq_parts(ins[0]), _dq_parts(ins[1])
+        if x is None or w is None:
+            return False
+        xq, sx, zx, _ = x
+        if sx.size != 1 or zx.size != 1 or xq.dtype is None or xq.dtype.numpy() not in (np.uint8, np.int8):
+            return False
+        if xq.shape is None or (gemm and len(xq.shape.dims) != 2) or len(xq.shape.dims) < 2:
+            return False
+        wq = const_array(w[0])
+        if wq is None or wq.ndim != 2 or wq.dtype not in (np.int8, np.uint8) or np.any(w[2] != 0):
+            return False
+        trans = gemm and bool(int(node.attr("transB", 0)))
+        n_axis = 0 if trans else 1  # the output-channel axis of the weight as stored
+        n = int(wq.shape[n_axis])
+        sw = w[1]
+        axis = w[3] + 2 if w[3] < 0 else w[3]
+        if sw.size not in (1, n) or (sw.size == n and n > 1 and axis != n_axis):
+            return False
+        scale = (float(sx.reshape(())) * np.broadcast_to(sw.reshape(-1), (n,))).astype(np.float32)
+        bias = None
+        if gemm and ins[2] is not None:
+            bd = _dq_parts(ins[2])
+            if bd is not None:
+                bq = const_array(bd[0])
+                if bq is None or np.any(bd[2] != 0):
+                    return False
+                bias = bq.astype(np.float64) * np.broadcast_to(bd[1].reshape(-1), bq.shape)
+            else:
+                bias = const_array(ins[2])
+            if bias is None or bias.size not in (1, n):
+                return False
+        out = node.outputs[0]
+        base = node.name or "matmul"
+        with g.inserting_before(node):
+            wk = np.ascontiguousarray(wq.T if trans else wq)
+            acc = b.op.MatMulInteger(xq, b.initializer(wk, f"{base}_wq"),
+                                     b.initializer(np.array(zx, dtype=xq.dtype.numpy()).reshape(()), f"{base}_xzp"))
+            yf = b.op.Cast(acc, to=int(DataType.FLOAT))
+            y = ys = b.op.Mul(yf, b.initializer(scale, f"{base}_scale"))
+            if bias is not None:
+                y = b.op.Add(y, b.initializer(np.broadcast_to(bias.reshape(-1), (n,)).astype(np.float32), f"{base}_bias"))
+        oshape = out.shape
+        for v, dt in ((acc, DataType.INT32), (yf, DataType.FLOAT), (ys, DataType.FLOAT), (y, DataType.FLOAT)):
+            v.type = TensorType(dt, oshape)
+        touched += [v for v in node.inputs if v is not None]
+        out.replace_all_uses_with(y, replace_graph_outputs=True)
+        if any(o is y for o in g.outputs):
+            y.name, out.name = out.name, y.name
+        g.remove(node)
+        if node.name:
+            acc.producer().name = node.name
+        return True
 
     @staticmethod
     def _plan(node) -> tuple[Value, int, np.ndarray, np.ndarray, np.ndarray | None, list[int]] | None:  # type: ignore[no-untyped-def]

@@ -40,6 +40,8 @@ __all__ = [
     "conv2d_blocked",
     "conv2d_blocked_flat",
     "conv2d_stem",
+    "pack_int8_conv_weight",
+    "conv2d_int8_blocked",
     "depthwise_blocked",
     "pool_blocked",
     "global_pool_blocked",
@@ -221,6 +223,42 @@ def conv2d_stem(
             p[i, ic, y * sh + kh * dh, xx * sw + kw * dw] * w[ob, ic, kh, kw, oi], axis=[ic, kh, kw]
         ),
         name="conv2d_stem",
+    )
+
+
+def pack_int8_conv_weight(w: te.Tensor, b: int, step: int = 4) -> te.Tensor:
+    """int8 [OC, C, KH, KW] → [OC/b, KH, KW, C/b, b/step, b(out), step]: at one tap, `step`
+    consecutive input channels of `b` output channels are one vector (vpdpbusd's operand)."""
+    oc, c, kh, kw = w.shape
+    return te.compute(
+        (oc // b, kh, kw, c // b, b // step, b, step),
+        lambda ob, y, x, cb, c4, oi, ci: w[ob * b + oi, cb * b + c4 * step + ci, y, x],
+        name="pack_int8_conv_weight",
+    )
+
+
+def conv2d_int8_blocked(x: te.Tensor, w: te.Tensor, strides: Sequence[int], pads: Sequence[int],
+                        dilations: Sequence[int], pad_value: int) -> te.Tensor:
+    """uint8 x [N, C/b, H, W, b] * int8 w [OC/b, KH, KW, C/b, b/s, b, s] (`pack_int8_conv_weight`)
+    → int32 [N, OC/b, OH, OW, b], the input padded with `pad_value` (the input's zero point: the
+    quantized 0.0). Reduction order: channel block, taps, groups of `s` channels, then the `s`
+    channels that one vpdpbusd lane sums (the x86 int8 kernels tensorize the last two)."""
+    n, _, h, wd, b = x.shape
+    ob_n, kh_n, kw_n, cb_n, c4_n, _, s = w.shape
+    sh, sw, dh, dw, oh, ow = _window(h, wd, kh_n, kw_n, strides, pads, dilations)
+    p = _pad_spatial(x, 2, pads, pad_value)
+    cb = te.reduce_axis((0, cb_n), "icb")
+    kh = te.reduce_axis((0, kh_n), "kh")
+    kw = te.reduce_axis((0, kw_n), "kw")
+    c4 = te.reduce_axis((0, c4_n), "ic4")
+    ci = te.reduce_axis((0, s), "ici")
+    return te.compute(
+        (n, ob_n, oh, ow, b),
+        lambda i, ob, y, xx, oi: te.sum(
+            p[i, cb, y * sh + kh * dh, xx * sw + kw * dw, c4 * s + ci].astype("int32") * w[ob, kh, kw, cb, c4, oi, ci].astype("int32"),
+            axis=[cb, kh, kw, c4, ci],
+        ),
+        name="conv2d_int8_blocked",
     )
 
 

@@ -221,8 +221,10 @@ class Artifact:
         return self.runner().run(inputs)
 
     def save(self, dest: str) -> str:
-        """Copy the artifact to folder `dest` atomically; an existing artifact there is replaced,
-        any other non-empty folder is refused. Returns the absolute path."""
+        """Copy the artifact to folder `dest` atomically; an existing artifact there is replaced
+        (swapped in one step where Linux can: it never stops existing), any other non-empty folder
+        is refused. The copy is staged beside `dest`; stages that killed saves left there are
+        removed by the next save into that folder. Returns the absolute path."""
         dest = os.path.abspath(dest)
         if os.path.exists(dest):
             if not os.path.isdir(dest):

@@ -493,12 +493,14 @@ def schedule_int8_conv_blocked(func: Any, target: Any, weight_absmax: Mapping[in
     conv = reductions[0]
     stmt = sch.get(conv)
     ivs = list(stmt.iter_vars)
-    if len(ivs) != 10 or len(stmt.writes) != 1 or str(stmt.writes[0].source.dtype) != "int32":
+    # spatial n, ob, oh, ow, oi; reductions (blocked: icb, kh, kw, ic4, ici; stem: ic, kh, kw4, kwi),
+    # the last one the 4 bytes a vpdpbusd lane sums
+    if len(ivs) not in (9, 10) or len(stmt.writes) != 1 or str(stmt.writes[0].source.dtype) != "int32":
         return None
-    if [iv.iter_type == tirx.IterVar.CommReduce for iv in ivs] != [False] * 5 + [True] * 5:
+    if [iv.iter_type == tirx.IterVar.CommReduce for iv in ivs] != [False] * 5 + [True] * (len(ivs) - 5):
         return None
     ext = [_static(iv.dom.extent) for iv in ivs]
-    if any(e is None for e in ext[1:]) or ext[4] != 16 or ext[8] != 4 or ext[9] != 4:
+    if any(e is None for e in ext[1:]) or ext[4] != 16 or ext[-1] != 4:
         return None
     reads = [r for r in stmt.reads if not r.source.same_as(stmt.writes[0].source)]
     if len(reads) != 2 or sorted(str(r.source.dtype) for r in reads) != ["int8", "uint8"]:
@@ -525,10 +527,10 @@ def schedule_int8_conv_blocked(func: Any, target: Any, weight_absmax: Mapping[in
     cands = [(xt * nt, nt, xt) for nt in (4, 3, 2, 1) if ob_n % nt == 0
              for xt in range(1, min(ow_n, 14) + 1) if ow_n % xt == 0 and xt * nt <= budget]
     _, nt, xt = max(cands)
-    n_l, ob_l, oh_l, ow_l, oi_l, cb_l, kh_l, kw_l, c4_l, ci_l = sch.get_loops(conv)
+    n_l, ob_l, oh_l, ow_l, oi_l, *red = sch.get_loops(conv)
     ob_o, ob_i = sch.split(ob_l, [None, nt])
     ow_o, ow_i = sch.split(ow_l, [None, xt])
-    sch.reorder(n_l, ob_o, oh_l, ow_o, cb_l, kh_l, kw_l, c4_l, ow_i, ob_i, oi_l, ci_l)
+    sch.reorder(n_l, ob_o, oh_l, ow_o, *red[:-1], ow_i, ob_i, oi_l, red[-1])
     outer = sch.fuse(n_l, ob_o, oh_l, ow_o)
     if cores > 1:
         sch.parallel(outer)
@@ -549,8 +551,9 @@ def schedule_int8_conv_blocked(func: Any, target: Any, weight_absmax: Mapping[in
         if sch.get(b).name_hint == "pad":
             pl = sch.get_loops(b)
             sch.parallel(sch.fuse(*pl[:3]))
-            sch.vectorize(pl[-1])
-    sch.decompose_reduction(conv, cb_l)
+            if len(pl) == 5:  # (blocked: the 16 channels; a stem's NCHW rows stay scalar copies)
+                sch.vectorize(pl[-1])
+    sch.decompose_reduction(conv, red[0])
     sch.tensorize(oi_l, intrin)
     sch.unroll(ow_i)
     sch.unroll(ob_i)

@@ -459,8 +459,8 @@ def test_reduce_range_auto_follows_the_target_machine_model() -> None:
 def test_quantized_cnn_compiles_to_vnni_convs_with_onnxruntime_outputs() -> None:
     m = _qdq_cnn(reduce_range="false")
     art = graphopt.compile(graphopt.to_onnx(m), VNNI_CPU, "-O2", threads=2)
-    # conv1 reads 8 channels (NCHW kernel), conv2 16 (a whole block)
-    assert "x86 int8 kernels: 2 (int8-vnni, int8-vnni-blocked)" in art.report["schedules"]["default"]
+    # conv1 reads 8 channels (a stem: NCHW in, blocks out), conv2 16 (a whole block)
+    assert "x86 int8 kernels: 2 (int8-vnni-blocked)" in art.report["schedules"]["default"]
     x = np.random.default_rng(17).standard_normal((1, 8, 16, 16)).astype(np.float32)
     y = graphopt.runtime.load(art.path).run({"x": x})[0]
     ref = _ort(graphopt.to_onnx(m), {"x": x})[0]
@@ -607,3 +607,82 @@ def test_avx2_int8_convs_keep_nchw_kernels() -> None:
         p.run(m, PassContext())
     _, mod = L.lower_and_fuse(m, isa_target(AVX2_MCPU), block=8)
     assert "conv2d_int8_blocked" not in mod.script()
+
+
+def _conv_integer_stem(ic: int, oc: int, hw: int, k: int, s: int, pad: int, zx: int) -> onnx.ModelProto:
+    w = _weights((oc, ic, k, k), 127, seed=3)
+    nodes = [h.make_node("ConvInteger", ["x", "w", "xz"], ["acc"], pads=[pad] * 4, strides=[s, s]),
+             h.make_node("Cast", ["acc"], ["af"], to=TP.FLOAT), h.make_node("Mul", ["af", "sc"], ["y"])]
+    m = _model(nodes, [h.make_tensor_value_info("x", TP.UINT8, [1, ic, hw, hw])], [h.make_tensor_value_info("y", TP.FLOAT, None)],
+               [nh.from_array(w, "w"), nh.from_array(np.uint8(zx), "xz"),
+                nh.from_array(np.linspace(0.5, 1.5, oc).astype(np.float32).reshape(1, oc, 1, 1), "sc")])
+    return onnx.shape_inference.infer_shapes(m)
+
+
+@needs_vnni
+@pytest.mark.parametrize("ic, oc, hw, k, s, pad, zx", [
+    (3, 64, 32, 7, 2, 3, 7),     # ResNet's stem: 7 taps in groups of 4 (the 8th weight 0), zero point 7
+    (3, 16, 15, 3, 1, 1, 0),     # odd map, 3 taps
+    (4, 32, 16, 5, 2, 2, 128),   # 4 channels (not a block), zero point 128
+])
+def test_int8_stem_equals_onnxruntime(ic, oc, hw, k, s, pad, zx) -> None:
+    """A ConvInteger with fewer channels than a block (a quantized CNN's first conv) reads NCHW,
+    sums 4 taps of a row per vpdpbusd lane and writes 16-channel blocks: exact."""
+    m = _conv_integer_stem(ic, oc, hw, k, s, pad, zx)
+    r, sched = _compile(m, VNNI_CPU)
+    assert "x86 int8 kernels: 1 (int8-vnni-blocked)" in sched
+    x = np.random.default_rng(13).integers(0, 256, (1, ic, hw, hw)).astype(np.uint8)
+    assert np.array_equal(r.run({"x": x})[0], _ort(m, {"x": x})[0])
+
+
+def test_int8_stem_plan_keeps_its_input_quantize_nchw() -> None:
+    """The quantize of the float image in front of an int8 stem stays NCHW (3 channels), the
+    stem and what follows run blocked."""
+    from graphopt.passes.fusion.kernel_groups import KERNEL_KEY, PlanKernels
+    from graphopt.passes.quantize.integer import QdqToInteger, SplitZeroPoints
+    from graphopt.targets.tvm import layout as LY
+    from graphopt.transform import PassContext
+
+    m = graphopt.optimize(graphopt.load(_qdq_stem()), "-O2")
+    for p in (QdqToInteger(), SplitZeroPoints(), PlanKernels()):
+        p.run(m, PassContext())
+    groups: dict[str, list] = {}
+    for n in m.graph.nodes:
+        if KERNEL_KEY in n.metadata_props:
+            groups.setdefault(n.metadata_props[KERNEL_KEY], []).append(n)
+    plan = LY.plan_layout(m, list(groups.items()), 16, get_target(VNNI_CPU).machine_model(2))
+    roles = {n.op_type + str(i): plan.role(n) for i, n in enumerate(m.graph.nodes)}
+    stem = next(n for n in m.graph.nodes if n.op_type == "ConvInteger")
+    assert plan.role(stem) == "stem-int8"
+    quant = stem.inputs[0].producer()
+    assert quant.op_type == "Cast" and plan.role(quant) is None, roles
+    assert plan.role(stem.outputs[0].consumers()[0]) == "elementwise"
+
+
+def _qdq_stem() -> onnx.ModelProto:
+    from graphopt.calibration import calibration_from_arrays
+    from graphopt.passes.quantize import quantize
+
+    rng = np.random.default_rng(31)
+    nodes = [h.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[3, 3, 3, 3], strides=[2, 2], name="stem"),
+             h.make_node("Relu", ["c1"], ["r1"]),
+             h.make_node("Conv", ["r1", "w2"], ["y"], pads=[1, 1, 1, 1], name="conv2")]
+    inits = [nh.from_array(rng.standard_normal((16, 3, 7, 7)).astype(np.float32) * 0.1, "w1"),
+             nh.from_array(rng.standard_normal(16).astype(np.float32) * 0.1, "b1"),
+             nh.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.1, "w2")]
+    m = graphopt.load(_model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [1, 3, 32, 32])],
+                             [h.make_tensor_value_info("y", TP.FLOAT, [1, 16, 16, 16])], inits))
+    calib = calibration_from_arrays(m, {"x": rng.standard_normal((8, 3, 32, 32)).astype(np.float32)})
+    quantize(m, calib, speed="off", reduce_range="false")
+    return graphopt.to_onnx(m)
+
+
+@needs_vnni
+def test_qdq_stem_net_equals_onnxruntime() -> None:
+    m = _qdq_stem()
+    art = graphopt.compile(m, VNNI_CPU, "-O2", threads=2)
+    assert "x86 int8 kernels: 2 (int8-vnni-blocked)" in art.report["schedules"]["default"]
+    x = np.random.default_rng(32).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    y = graphopt.runtime.load(art.path).run({"x": x})[0]
+    ref = _ort(m, {"x": x})[0]
+    np.testing.assert_allclose(y, ref, atol=0.05 * np.abs(ref).max())

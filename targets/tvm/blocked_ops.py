@@ -42,6 +42,8 @@ __all__ = [
     "conv2d_stem",
     "pack_int8_conv_weight",
     "conv2d_int8_blocked",
+    "pack_int8_stem_weight",
+    "conv2d_int8_stem",
     "depthwise_blocked",
     "pool_blocked",
     "global_pool_blocked",
@@ -259,6 +261,46 @@ def conv2d_int8_blocked(x: te.Tensor, w: te.Tensor, strides: Sequence[int], pads
             axis=[cb, kh, kw, c4, ci],
         ),
         name="conv2d_int8_blocked",
+    )
+
+
+def pack_int8_stem_weight(w: te.Tensor, b: int, step: int = 4) -> te.Tensor:
+    """int8 [OC, C, KH, KW] → [OC/b, C, KH, ceil(KW/step), b(out), step], zero past KW: the
+    `step` bytes one vpdpbusd lane sums are `step` taps of a row (a stem has too few channels)."""
+    oc, c, kh, kw = w.shape
+    kw4 = (int(kw) + step - 1) // step
+    return te.compute(
+        (oc // b, c, kh, kw4, b, step),
+        lambda ob, ci, y, x4, oi, xi: tirx.if_then_else(x4 * step + xi < kw, w[ob * b + oi, ci, y, tirx.min(x4 * step + xi, kw - 1)],
+                                                        tirx.const(0, w.dtype)),
+        name="pack_int8_stem_weight",
+    )
+
+
+def conv2d_int8_stem(x: te.Tensor, w: te.Tensor, kernel_w: int, strides: Sequence[int], pads: Sequence[int],
+                     pad_value: int) -> te.Tensor:
+    """uint8 x [N, C, H, W] (not blocked: a stem's 3 channels) * int8 w (`pack_int8_stem_weight`
+    of a `kernel_w`-wide kernel) → int32 [N, OC/b, OH, OW, b], no dilation. The input is padded
+    with `pad_value` (its zero point), on the right also as far as the last group of taps reaches
+    (those taps' weights are 0)."""
+    n, _, h, wd = x.shape
+    ob_n, c_n, kh_n, kw4_n, b, s = w.shape
+    sh, sw, _, _, oh, ow = _window(h, wd, kh_n, kernel_w, strides, pads, (1, 1))
+    top, left, bottom, right = (int(v) for v in pads)
+    reach = (int(ow) - 1) * sw + int(kw4_n) * int(s)  # columns the last window's taps read
+    extra = max(0, reach - (int(wd) + left + right))
+    p = _pad_spatial(x, 2, pads, pad_value, (0, extra))
+    c = te.reduce_axis((0, c_n), "ic")
+    kh = te.reduce_axis((0, kh_n), "kh")
+    k4 = te.reduce_axis((0, kw4_n), "kw4")
+    ki = te.reduce_axis((0, s), "kwi")
+    return te.compute(
+        (n, ob_n, oh, ow, b),
+        lambda i, ob, y, xx, oi: te.sum(
+            p[i, c, y * sh + kh, xx * sw + k4 * s + ki].astype("int32") * w[ob, c, kh, k4, oi, ki].astype("int32"),
+            axis=[c, kh, k4, ki],
+        ),
+        name="conv2d_int8_stem",
     )
 
 

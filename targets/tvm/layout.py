@@ -69,6 +69,7 @@ BIAS = "blocked-bias"  # [OC] → [OC/b, b]
 CHANNEL = "channel-const"  # a per-channel constant [C, 1, 1] / [1, C, 1, 1] → [1, C/b, 1, 1, b]
 WINOGRAD_WEIGHT = "winograd-weight-"  # + m: [OC, C, 3, 3] → winograd_ops.pack_winograd_weight
 INT8_WEIGHT = "int8-conv-weight"  # int8 [OC, C, KH, KW] → blocked_ops.pack_int8_conv_weight
+INT8_STEM_WEIGHT = "int8-stem-weight"  # int8 [OC, C, KH, KW] → blocked_ops.pack_int8_stem_weight
 #: int8 dot products whose ConvInteger kernels run blocked (`conv-int8`): the x86 int8 kernels
 #: tensorize the blocked form with vpdpbusd on 16 int32 lanes (AVX2's 8-lane kernels keep NCHW)
 INT8_BLOCKED_DOTS = {"avx512-vnni": 16}
@@ -117,8 +118,8 @@ class LayoutPlan:
             return PLAIN
         if role == "batchnorm" and i > 0:
             return PLAIN  # (read as constants when the node is converted)
-        if role == "conv-int8":
-            return {0: BLOCKED, 1: INT8_WEIGHT}.get(i, PLAIN)  # (zero points: read as constants)
+        if role in ("conv-int8", "stem-int8"):  # (zero points: read as constants)
+            return {0: PLAIN if role == "stem-int8" else BLOCKED, 1: INT8_WEIGHT if role == "conv-int8" else INT8_STEM_WEIGHT}.get(i, PLAIN)
         if role in ("conv", "stem", "depthwise"):
             if i == 0:
                 return PLAIN if role == "stem" else BLOCKED
@@ -218,9 +219,11 @@ def _conv_role(n: Node, b: int, x_blocked: bool) -> str | None:
     return None
 
 
-def _conv_int8_role(n: Node, b: int) -> str | None:
+def _conv_int8_role(n: Node, b: int, x_blocked: bool = False) -> str | None:
     """`conv-int8` for a 2-D ConvInteger of uint8 activations (constant scalar zero point) and
-    constant int8 weights (zero point 0), group 1, explicit pads, C and OC multiples of `b`."""
+    constant int8 weights (zero point 0), group 1, explicit pads, C and OC multiples of `b`;
+    `stem-int8` for the same with C not a multiple of `b`, an NCHW input, no dilation (the first
+    conv of a quantized CNN: its output is blocked)."""
     ins = list(n.inputs) + [None] * 4
     x, y = _dims4(ins[0], (np.uint8,)), _dims4(n.outputs[0], (np.int32,))
     wc = _const(ins[1]) if ins[1] is not None else None
@@ -230,9 +233,30 @@ def _conv_int8_role(n: Node, b: int) -> str | None:
     zw = _const(ins[3]) if ins[3] is not None else np.zeros((), np.int8)
     if zx is None or zx.size != 1 or zw is None or np.any(zw != 0) or int(n.attr("group", 1)) != 1:
         return None
-    if int(x[1]) % b or int(wc.shape[0]) % b or int(wc.shape[1]) != int(x[1]):
+    if int(wc.shape[0]) % b or int(wc.shape[1]) != int(x[1]):
         return None
+    if int(x[1]) % b:
+        if x_blocked or any(int(d) != 1 for d in n.attr("dilations", [1, 1])):
+            return None
+        return "stem-int8"
     return "conv-int8"
+
+
+def _stem_prologue(nodes: list[Node], b: int) -> set[int]:
+    """Ids of the group's nodes that only feed an int8 stem's input (a ConvInteger whose C is not a
+    multiple of `b`): the quantize of the model's float image, which stays NCHW in front of it."""
+    stems = {id(n) for n in nodes if n.op_type == "ConvInteger" and n.inputs and n.inputs[0] is not None
+             and n.inputs[0].shape is not None and len(n.inputs[0].shape.dims) == 4
+             and isinstance(n.inputs[0].shape.dims[1], int) and n.inputs[0].shape.dims[1] % b}
+    out: set[int] = set()
+    for n in reversed(nodes):
+        if n.op_type not in _UNARY and n.op_type not in _BINARY:
+            continue
+        uses = [u for v in n.outputs for u in v.uses()]
+        if uses and all(id(u) in out or (id(u) in stems and i == 0) for u, i in uses) \
+                and not any(v.is_graph_output() for v in n.outputs):
+            out.add(id(n))
+    return out
 
 
 def _pool_ok(n: Node) -> bool:
@@ -302,7 +326,11 @@ def _group_roles(nodes: list[Node], blocked: set[int], b: int, int8: bool = Fals
     inside = {id(v) for n in nodes for v in n.outputs}
     roles: dict[int, str] = {}
     reason = False  # a conv in the group, or a blocked input
+    prologue = _stem_prologue(nodes, b) if int8 else set()
+    inside -= {id(v) for n in nodes if id(n) in prologue for v in n.outputs}
     for n in nodes:
+        if id(n) in prologue:
+            continue  # (stays NCHW: the quantize of an int8 stem's 3-channel input)
         op = n.op_type
         x = n.inputs[0] if n.inputs else None
         x_blocked = x is not None and (id(x) in blocked or id(x) in inside)
@@ -312,7 +340,7 @@ def _group_roles(nodes: list[Node], blocked: set[int], b: int, int8: bool = Fals
                 return None
             reason = True
         elif op == "ConvInteger":
-            role = _conv_int8_role(n, b) if int8 else None
+            role = _conv_int8_role(n, b, x_blocked) if int8 else None
             if role is None:
                 return None
             reason = True
@@ -472,6 +500,8 @@ def convert_form(bb: relax.BlockBuilder, e: relax.Expr, v: Value, have: str, wan
         return bb.emit_te(BO.block_channel_const, e, block, primfunc_name_hint="block_channel_const")
     if want == INT8_WEIGHT:
         return bb.emit_te(BO.pack_int8_conv_weight, e, block, primfunc_name_hint="pack_int8_conv_weight")
+    if want == INT8_STEM_WEIGHT:
+        return bb.emit_te(BO.pack_int8_stem_weight, e, block, primfunc_name_hint="pack_int8_stem_weight")
     if want.startswith(WINOGRAD_WEIGHT):
         m = int(want[len(WINOGRAD_WEIGHT):])
         return bb.emit_te(WO.pack_winograd_weight, e, block, m, primfunc_name_hint="pack_winograd_weight")
@@ -492,10 +522,14 @@ def convert_blocked(bb: relax.BlockBuilder, n: Node, role: str, ins: list[Any], 
     strides = [int(s) for s in n.attr("strides", [1, 1])]
     dilations = [int(d) for d in n.attr("dilations", [1, 1])]
     pads = pads_of(n)
-    if role == "conv-int8":
+    if role in ("conv-int8", "stem-int8"):
         # ConvInteger(x, W, z): the input padded with z, Σ x·W in int32, minus z·ΣW per output channel
         z = int(_const(n.inputs[2]).reshape(())) if len(n.inputs) > 2 and n.inputs[2] is not None else 0
-        y = bb.emit_te(BO.conv2d_int8_blocked, x, ins[1], strides, pads, dilations, z, primfunc_name_hint="conv_int8_blocked")
+        if role == "stem-int8":
+            kw = int(_const(n.inputs[1]).shape[3])
+            y = bb.emit_te(BO.conv2d_int8_stem, x, ins[1], kw, strides, pads, z, primfunc_name_hint="conv_int8_stem")
+        else:
+            y = bb.emit_te(BO.conv2d_int8_blocked, x, ins[1], strides, pads, dilations, z, primfunc_name_hint="conv_int8_blocked")
         if z:
             w = _const(n.inputs[1]).astype(np.int64)
             corr = (z * w.reshape(w.shape[0], -1).sum(axis=1)).astype(np.int32).reshape(1, -1, 1, 1, block)

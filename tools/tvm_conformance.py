@@ -1,14 +1,15 @@
 """ONNX backend conformance of the cpu target (compiled mode): pass count and failures by reason.
 
     .venv/bin/python tools/tvm_conformance.py [--jobs 2] [--filter REGEX] [--limit N]
-                                              [--json out.json] [--timeout 120]
+                                              [--json out.json] [--timeout 120] [--memory-gb 8]
 
 Runs every case of `onnx.backend.test.BackendTest` that plain onnxruntime passes (all "_cpu"
 cases minus tests/data/ort_backend_exclusions.txt) through
 `graphopt.targets.tvm.backend.CpuBackend`: graphopt.compile(model, "cpu", "-O2") → exported
 shared library → graphopt.runtime. Cases run in worker processes (`--jobs`), each case
-isolated: a worker that crashes (a segfault in TVM) or exceeds --timeout marks that case
-"crash"/"timeout" and a fresh worker takes the rest.
+isolated: a worker that crashes (a segfault in TVM), or that the parent kills for running past
+--timeout or holding more than --memory-gb, marks that case "crash"/"timeout"/"memory" and a
+fresh worker takes the rest.
 
 Prints the pass count as a share of the cases onnxruntime passes, then the failures grouped
 by reason (the first line of the error, with node names and numbers masked), largest group
@@ -123,52 +124,89 @@ def worker(names: list[str], timeout: float = 0.0) -> int:
     return 0
 
 
-def _run_chunk(names: list[str], timeout: float, results: dict[str, dict], log) -> None:
-    """Run names in a worker subprocess; restart after a crash or timeout, skipping the culprit."""
+#: a worker whose resident memory passes this many bytes is killed (the case marked "memory")
+DEFAULT_MEMORY_LIMIT = 8 << 30
+
+
+def _rss(pid: int) -> int:
+    """Resident bytes of process `pid` (0 when it is gone or /proc cannot say)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _lines(fd: int, pending: bytearray) -> list[str]:
+    """The complete lines readable from `fd` now (the rest kept in `pending`); [""] at EOF.
+
+    Reads the raw descriptor: a buffered text stream can swallow several lines in one read, and
+    select() then waits on a descriptor with nothing left while the "start" of the next case
+    sits unread in the buffer (no timeout was ever armed for it: the hang of issue 25)."""
+    chunk = os.read(fd, 65536)
+    if not chunk:
+        return [""]
+    pending += chunk
+    *done, rest = pending.split(b"\n")
+    pending[:] = rest
+    return [ln.decode("utf-8", "replace") for ln in done]
+
+
+def run_chunk(names: list[str], timeout: float, results: dict[str, dict], log, memory: int = DEFAULT_MEMORY_LIMIT) -> None:
+    """Run names in a worker subprocess; restart after a crash, a timeout or too much memory,
+    skipping the culprit. The parent enforces both limits (it kills the worker), whatever the
+    worker is stuck in."""
+    import selectors
+
     todo = list(names)
     while todo:
         proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), f"--worker={timeout + 30:.0f}", *todo],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
         current = None
         started = time.perf_counter()
-        import selectors
-
         sel = selectors.DefaultSelector()
         assert proc.stdout is not None
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        buf = ""
+        fd = proc.stdout.fileno()
+        sel.register(fd, selectors.EVENT_READ)
+        pending = bytearray()
         done_here: set[str] = set()
-        while True:
+        eof = False
+        while not eof:
+            over = None
             if current is not None and time.perf_counter() - started > timeout:
+                over = f"timeout (> {timeout:.0f} s)"
+            elif current is not None and memory and _rss(proc.pid) > memory:
+                over = f"memory (> {memory >> 20} MiB resident)"
+            if over is not None:
                 proc.kill()
-                results[current] = {"name": current, "status": "fail", "reason": f"timeout (> {timeout:.0f} s)", "detail": ""}
+                results[current] = {"name": current, "status": "fail", "reason": over, "detail": ""}
                 done_here.add(current)
                 log(results[current])
                 break
-            ev = sel.select(timeout=1.0)
-            if not ev:
+            if not sel.select(timeout=0.5):
                 if proc.poll() is not None:
+                    eof = True  # (read what it left below)
+                else:
+                    continue
+            for line in _lines(fd, pending) if not eof else []:
+                if line == "":
+                    eof = True
                     break
-                continue
-            chunk = proc.stdout.readline()
-            if not chunk:
-                break
-            buf = chunk.strip()
-            if not buf:
-                continue
-            try:
-                msg = json.loads(buf)
-            except ValueError:
-                continue
-            if "start" in msg:
-                current = msg["start"]
-                started = time.perf_counter()
-            else:
-                results[msg["name"]] = msg
-                done_here.add(msg["name"])
-                log(msg)
-                current = None
+                try:
+                    msg = json.loads(line.strip())
+                except ValueError:
+                    continue
+                if "start" in msg:
+                    current = msg["start"]
+                    started = time.perf_counter()
+                else:
+                    results[msg["name"]] = msg
+                    done_here.add(msg["name"])
+                    log(msg)
+                    current = None
+        sel.close()
         proc.wait()
+        proc.stdout.close()
         if current is not None and current not in done_here:
             results[current] = {"name": current, "status": "fail", "reason": f"crash (worker exit code {proc.returncode})", "detail": ""}
             done_here.add(current)
@@ -185,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--filter", help="only cases matching this regex")
     p.add_argument("--limit", type=int, help="only the first N cases (after --filter)")
-    p.add_argument("--timeout", type=float, default=180.0, help="seconds per case")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds per case (the parent kills the worker)")
+    p.add_argument("--memory-gb", type=float, default=DEFAULT_MEMORY_LIMIT / (1 << 30),
+                   help="resident memory per worker; past it the parent kills the worker (0: no limit)")
     p.add_argument("--json", help="write every outcome here")
     p.add_argument("--failed-from", metavar="JSON", help="run only the cases that did not pass in this earlier --json "
                    "(the summary then merges the earlier passes in)")
@@ -223,13 +263,14 @@ def main(argv: list[str] | None = None) -> int:
             npass = sum(1 for r in results.values() if r["status"] == "pass")
             print(f"  {counter[0]}/{len(names)} done, {npass} pass, {time.perf_counter() - t0:.0f} s", flush=True)
 
+    memory = int(args.memory_gb * (1 << 30))
     if args.jobs <= 1:
-        _run_chunk(names, args.timeout, results, log)
+        run_chunk(names, args.timeout, results, log, memory)
     else:
         import threading
 
         chunks = [names[i :: args.jobs] for i in range(args.jobs)]
-        threads = [threading.Thread(target=_run_chunk, args=(c, args.timeout, results, log)) for c in chunks]
+        threads = [threading.Thread(target=run_chunk, args=(c, args.timeout, results, log, memory)) for c in chunks]
         for th in threads:
             th.start()
         for th in threads:

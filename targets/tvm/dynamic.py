@@ -20,8 +20,9 @@ kernels are legalized like any other.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,25 @@ _COUNTER = itertools.count()
 
 def _uid(prefix: str) -> str:
     return f"{prefix}{next(_COUNTER)}"
+
+
+@contextlib.contextmanager
+def function_scope(bb: relax.BlockBuilder, name: str, params: Sequence[Any], attrs: dict[str, Any] | None = None,
+                   private: bool = False) -> Iterator[None]:
+    """`bb.function(...)` that leaves the builder closed when the body raises: TVM's scope then
+    leaves its binding block and variable scope open, and the builder prints "BlockBuilder
+    destroyed with remaining blocks!" on stderr when it is collected (a second line after the
+    error graphopt reports)."""
+    try:
+        with bb.function(name, list(params), attrs, private=private):
+            yield
+    except BaseException:
+        for close in (bb._end_block, bb.end_scope):  # whichever is still open (TVM keeps no count we can read)
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - already closed
+                pass
+        raise
 
 
 def fresh_dims(ty: relax.TensorType, prefix: str = "dyn") -> list[Any]:
@@ -61,7 +81,7 @@ def add_function(bb: relax.BlockBuilder, args: Sequence[Any], body: Callable[[re
     (fresh symbolic dims) and add it to `bb`'s module."""
     fbb = relax.BlockBuilder()
     params = [relax.Var(f"a{i}", _fresh_type(a.ty, "s")) for i, a in enumerate(args)]
-    with fbb.function(name, params, private=True):
+    with function_scope(fbb, name, params, private=True):
         with fbb.dataflow():
             out = body(fbb, params)
             if isinstance(out, (list, tuple)):
@@ -138,7 +158,7 @@ def switch(bb: relax.BlockBuilder, conds: Sequence[Any], branches: Sequence[Call
         cparams = [relax.Var(f"c{i}", relax.TensorType([], "bool")) for i in range(len(conds))]
         aparams = [relax.Var(f"a{i}", _fresh_type(a.ty, "s")) for i, a in enumerate(args)]
         sbb = relax.BlockBuilder()
-        with sbb.function(f"{base}_select", cparams + aparams, private=True):
+        with function_scope(sbb, f"{base}_select", cparams + aparams, private=True):
             expr: Any = relax.Call(gvs[-1], aparams)
             for i in range(len(conds) - 1, -1, -1):
                 expr = relax.If(cparams[i], relax.Call(gvs[i], aparams), expr)
@@ -329,14 +349,14 @@ def runtime_loop(lowerer: Any, bb: relax.BlockBuilder, node: Any, ins: list[Any]
     # L declared first (a placeholder body of its return type), so T can call it
     lp = params()
     pbb = relax.BlockBuilder()
-    with pbb.function(f"{base}_L", lp, private=True):
+    with function_scope(pbb, f"{base}_L", lp, private=True):
         pbb.emit_func_output(pbb.emit(relax.Tuple(lp[3 : 3 + len(state_tys)])))
     l_gv = bb.add_func(pbb.get()[f"{base}_L"], f"{base}_L")
 
     # T: one iteration, then L again
     tp = params()
     tbb = relax.BlockBuilder()
-    with tbb.function(f"{base}_T", tp, private=True):
+    with function_scope(tbb, f"{base}_T", tp, private=True):
         i, mm, c = tp[0], tp[1], tp[2]
         state = tp[3 : 3 + len(state_tys)]
         caps = tp[3 + len(state_tys):]
@@ -370,7 +390,7 @@ def runtime_loop(lowerer: Any, bb: relax.BlockBuilder, node: Any, ins: list[Any]
     # L: If(i < M and cond, T(...), state)
     lp = params()
     lbb = relax.BlockBuilder()
-    with lbb.function(f"{base}_L", lp, private=True):
+    with function_scope(lbb, f"{base}_L", lp, private=True):
         go = lbb.emit(R.logical_and(R.less(lp[0], lp[1]), lp[2]))
         out = lbb.emit(relax.If(go, relax.Call(t_gv, list(lp)), relax.Tuple(lp[3 : 3 + len(state_tys)])))
         lbb.emit_func_output(out)

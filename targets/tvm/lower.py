@@ -53,6 +53,10 @@ KERNEL_KEY = "graphopt.kernel"
 INLINE_INT_ELEMS = 4096
 #: any constant up to this many elements is inlined
 INLINE_ANY_ELEMS = 16
+#: elements per tensor: TVM folds shapes and flat indices into int32 literals in places
+#: (RewriteDataflowReshape rejected a 2**42-element Tile), and a schedule's loops over a dim of
+#: 2**40 ran for minutes before building anything
+MAX_ELEMENTS = 2**31 - 1
 
 
 def _contiguous(a: np.ndarray) -> np.ndarray:
@@ -643,12 +647,129 @@ def supported_ops() -> set[str]:
     return frontend_ops() | set(CONVERTERS)
 
 
+def check_schema(node: Node, opset: int) -> None:
+    """Refuse a node of the standard domain that its ONNX schema rejects (input or output count,
+    an attribute of the wrong kind, a required one missing): TVM's frontend would fail on it with
+    an internal error, or silently ignore the extra inputs. An op the schema registry does not
+    know at this opset is left to the converters."""
+    if node.domain not in ("", "ai.onnx"):
+        return
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return
+    n_in, n_out = len(node.inputs), len(node.outputs)
+    if not schema.min_input <= n_in <= schema.max_input:
+        raise LoweringError(f"node {node.label()}: {node.op_type} takes {_arity(schema.min_input, schema.max_input)} inputs, "
+                            f"this one has {n_in}")
+    if not schema.min_output <= n_out <= schema.max_output:
+        raise LoweringError(f"node {node.label()}: {node.op_type} has {_arity(schema.min_output, schema.max_output)} outputs, "
+                            f"this one has {n_out}")
+    for name, a in node.attributes.items():
+        spec = schema.attributes.get(name)
+        if spec is None or a.ref_attr_name is not None:
+            continue  # unknown attributes: the converters ignore them (as onnxruntime does)
+        want = int(spec.type)
+        if int(a.type) != want and not (want == AttrType.FLOAT and a.type == AttrType.INT):
+            raise LoweringError(f"node {node.label()}: attribute {name!r} is of kind {AttrType(a.type).name}, "
+                                f"{node.op_type} takes {AttrType(want).name}")
+    for name, spec in schema.attributes.items():
+        if spec.required and name not in node.attributes:
+            raise LoweringError(f"node {node.label()}: {node.op_type} needs attribute {name!r}")
+
+
+def _arity(lo: int, hi: int) -> str:
+    return str(lo) if lo == hi else f"{lo} or more" if hi > 1000 else f"{lo} to {hi}"
+
+
+def check_size(what: str, dims: list[Any]) -> None:
+    """Refuse a tensor (`what` names it) of static shape `dims` with a zero dim or more than
+    MAX_ELEMENTS elements; symbolic dims are the run time's business."""
+    static = [d for d in dims if isinstance(d, (int, np.integer))]
+    shown = "[" + ", ".join(str(d) for d in dims) + "]"
+    for i, d in enumerate(dims):
+        if isinstance(d, (int, np.integer)) and d <= 0:
+            raise LoweringError(f"{what} has shape {shown}: dim {i} is {d}; the cpu target does not compile empty tensors")
+        if isinstance(d, (int, np.integer)) and d > MAX_ELEMENTS:
+            raise LoweringError(f"{what} has shape {shown}: dim {i} is {d}, above the cpu target's limit of "
+                                f"{MAX_ELEMENTS} (2**31 - 1) elements per tensor")
+    total = int(np.prod(static, dtype=object)) if static else 1
+    if total > MAX_ELEMENTS:
+        raise LoweringError(f"{what} has shape {shown}: {total} elements, above the cpu target's limit of "
+                            f"{MAX_ELEMENTS} (2**31 - 1) per tensor")
+
+
+def _check_outputs(node: Node, outs: list[Any]) -> None:
+    """check_size on what `node` computes (constants and shape arithmetic are not kernels)."""
+    for v, e in zip(node.outputs, outs):
+        if isinstance(e, (Sym, tvm.ir.GenericConst)) or not isinstance(e, relax.Expr):
+            continue
+        ty = e.ty
+        if isinstance(ty, relax.TensorType) and isinstance(ty.shape, relax.ShapeExpr):
+            check_size(f"node {node.label()}: output {v.name!r}", _static_dims(ty.shape))
+
+
+def _static_dims(shape: relax.ShapeExpr) -> list[Any]:
+    return [int(d) if isinstance(d, tvm.tirx.IntImm) else d for d in shape.values]
+
+
+#: what a formal input or output of a schema holds
+SEQ, TENSOR, EITHER = "sequence", "tensor", "either"
+
+
+def sequence_io(node: Node, opset: int) -> tuple[list[str], list[str]]:
+    """SEQ / TENSOR / EITHER for each input and output of `node`, from its ONNX schema (all
+    EITHER when the schema is unknown); a variadic last parameter covers the rest."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "") if node.domain in ("", "ai.onnx") else None
+    except onnx.defs.SchemaError:
+        schema = None
+    if schema is None:
+        return [EITHER] * len(node.inputs), [EITHER] * len(node.outputs)
+    allowed = {t.type_param_str: list(t.allowed_type_strs) for t in schema.type_constraints}
+
+    def kinds(formals: Any, n: int) -> list[str]:
+        out = []
+        for f in formals:
+            types = allowed.get(f.type_str, [f.type_str])
+            seq = [t.startswith("seq(") for t in types]
+            out.append(SEQ if all(seq) else EITHER if any(seq) else TENSOR)
+        return (out + [out[-1] if out else EITHER] * n)[:n]
+
+    return kinds(schema.inputs, len(node.inputs)), kinds(schema.outputs, len(node.outputs))
+
+
+def _sequence_inputs(bb: relax.BlockBuilder, node: Node, inputs: list[Any], kinds: list[str]) -> list[Any]:
+    """Sequence inputs as explicit relax.Tuples, everything else checked against the schema.
+
+    Why: the frontend's sequence converters iterate their input, and iterating a Relax Var
+    (`Expr.__getitem__` builds a TupleGetItem for any index and never stops) loops forever,
+    growing memory: a ConcatFromSequence fed a tensor did that."""
+    out = []
+    for i, (e, kind) in enumerate(zip(inputs, kinds)):
+        ty = getattr(e, "ty", None) if isinstance(e, relax.Expr) else None
+        is_seq = isinstance(ty, relax.TupleType)
+        if e is None or not is_seq and kind != SEQ:
+            out.append(e)
+        elif kind == SEQ and not is_seq:
+            raise LoweringError(f"node {node.label()}: input {i} of {node.op_type} must be a sequence, it is a "
+                                f"{type(ty).__name__ if ty is not None else type(e).__name__}")
+        elif kind == TENSOR and is_seq:
+            raise LoweringError(f"node {node.label()}: input {i} of {node.op_type} must be a tensor, it is a sequence")
+        elif isinstance(e, relax.Tuple):
+            out.append(e)
+        else:  # a Var (or call) of tuple type: its fields, finitely many
+            out.append(relax.Tuple([bb.emit(relax.TupleGetItem(e, j)) for j in range(len(ty.fields))]))
+    return out + list(inputs[len(out):])
+
+
 def convert_node(bb: relax.BlockBuilder, node: Node, inputs: list[Any], opset: int) -> Any:
     """Relax expression (or tuple of them) for one node."""
     if node.domain not in ("", "ai.onnx"):
         raise LoweringError(f"node {node.label()}: domain {node.domain!r} is not supported by the cpu target")
     if node.subgraphs():
         raise LoweringError(f"node {node.label()}: {node.op_type} with subgraphs is not supported by the cpu target")
+    inputs = _sequence_inputs(bb, node, inputs, sequence_io(node, opset)[0])
     own = CONVERTERS.get(node.op_type)
     if own is not None:
         out = own(bb, node, inputs, opset)
@@ -672,9 +793,11 @@ def convert_node(bb: relax.BlockBuilder, node: Node, inputs: list[Any], opset: i
     return out
 
 
-def _split_outputs(bb: relax.BlockBuilder, node: Node, out: Any) -> list[Any]:
-    """One relax expression per node output."""
+def _split_outputs(bb: relax.BlockBuilder, node: Node, out: Any, opset: int) -> list[Any]:
+    """One relax expression per node output (a sequence output: the whole tuple)."""
     n = len(node.outputs)
+    if n == 1 and isinstance(getattr(out, "ty", None), relax.TupleType) and sequence_io(node, opset)[1][0] != TENSOR:
+        return [out]
     if isinstance(out, (list, tuple)):
         items = list(out)
     elif isinstance(out, relax.Tuple):
@@ -856,7 +979,10 @@ class _Lowerer:
     def _var(self, v: Value, name: str) -> relax.Var:
         if not isinstance(v.type, TensorType):
             raise LoweringError(f"input {v.name!r} is a {type(v.type).__name__}; the cpu target takes tensors only")
-        return relax.Var(name, relax.TensorType(self._shape(v), _dtype(v)))
+        dims = self._shape(v)
+        if dims is not None:
+            check_size(f"input {v.name!r}", dims)
+        return relax.Var(name, relax.TensorType(dims, _dtype(v)))
 
     def lower(self) -> LoweredModule:
         g = self.model.graph
@@ -883,7 +1009,7 @@ class _Lowerer:
                 if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
                     self._constant_node(n)
         param_vars = [p for p, _ in self.params]
-        with self.bb.function("main", in_vars + param_vars, {"num_input": len(in_vars)}):
+        with function_scope(self.bb, "main", in_vars + param_vars, {"num_input": len(in_vars)}):
             with self.bb.dataflow():
                 for k, nodes in groups:
                     nodes = [n for n in nodes if id(n.outputs[0]) not in self.env] if nodes else nodes
@@ -968,6 +1094,7 @@ class _Lowerer:
 
     def _convert_into(self, bb: relax.BlockBuilder, nodes: list[Node], env: dict[Any, Any]) -> None:
         for n in nodes:
+            check_schema(n, self.opset)
             ins = []
             for i, v in enumerate(n.inputs):
                 if v is None or (not v.name and v.producer() is None and not v.is_graph_input()):
@@ -990,7 +1117,12 @@ class _Lowerer:
                     env[id(v)] = e
                 continue
             if n.op_type in ("If", "Scan", "Loop") and n.domain in ("", "ai.onnx") and n.subgraphs():
-                for v, e in zip(n.outputs, self._control_flow(bb, n, ins, env)):
+                _check_body_arity(n, len(ins))
+                outs = self._control_flow(bb, n, ins, env)
+                if len(outs) < len(n.outputs):
+                    raise LoweringError(f"node {n.label()}: {n.op_type} computes {len(outs)} outputs, the node has {len(n.outputs)}")
+                _check_outputs(n, outs)
+                for v, e in zip(n.outputs, outs):
                     env[id(v)] = e
                 continue
             ins = [_materialise(bb, e, n.op_type) if isinstance(e, Sym) else e for e in ins]
@@ -1002,7 +1134,9 @@ class _Lowerer:
                 msg = str(e).strip().splitlines()
                 detail = msg[-1] if msg else type(e).__name__
                 raise LoweringError(f"node {n.label()}: {n.op_type} cannot be lowered: {type(e).__name__}: {detail[:300]}") from None
-            for v, e in zip(n.outputs, _split_outputs(bb, n, out)):
+            outs = _split_outputs(bb, n, out, self.opset)
+            _check_outputs(n, outs)
+            for v, e in zip(n.outputs, outs):
                 env[id(v)] = e
 
     # control flow: If with a constant condition, Scan and Loop with static trip counts are
@@ -1197,9 +1331,12 @@ class _Lowerer:
             params.append(p)
             native = self.plan is None or self.plan.native(v) == form
             env[id(v) if native else (id(v), form)] = p
-        with gbb.function(gname, params, {"Primitive": True}, private=True):
+        with function_scope(gbb, gname, params, {"Primitive": True}, private=True):
             with gbb.dataflow():
                 self._convert_into(gbb, nodes, env)
+                missing = [v.name for v in outs if id(v) not in env]
+                if missing:
+                    raise LoweringError(f"value {missing[0]!r} is not computed")
                 res = [env[id(v)] for v in outs]
                 for r in res:
                     if not isinstance(r, relax.Expr) or not isinstance(r.ty, relax.TensorType):
@@ -1218,6 +1355,27 @@ class _Lowerer:
             func = _rebind_globals(func, table)
         func, consts = _lift_constants(func)
         return func, consts
+
+
+def _check_body_arity(n: Node, n_in: int) -> None:
+    """Refuse If/Loop/Scan whose bodies do not take and give what the node passes and expects
+    (ONNX: If's branches give the node's outputs; Loop's body takes (i, cond, v...) and gives
+    (cond, v..., scans...); Scan's takes (states..., scan items...) and gives (states..., scans...))."""
+    bodies = [(k, g) for k, g in ((k, n.attr(k)) for k in ("then_branch", "else_branch", "body")) if g is not None]
+    n_out = len(n.outputs)
+    for key, g in bodies:
+        gi, go = len(g.inputs), len(g.outputs)
+        if n.op_type == "If":
+            want_in, ok_out, said = 0, go == n_out, f"{n_out}"
+        elif n.op_type == "Loop":
+            carried = max(n_in - 2, 0)
+            want_in, ok_out, said = 2 + carried, go == 1 + n_out and n_out >= carried, f"{1 + n_out} (cond, {carried} carried, the scans)"
+        else:
+            want_in, ok_out, said = n_in, go == n_out, f"{n_out}"
+        if gi != want_in:
+            raise LoweringError(f"node {n.label()}: {n.op_type}'s {key} takes {gi} inputs, the node passes {want_in}")
+        if not ok_out:
+            raise LoweringError(f"node {n.label()}: {n.op_type}'s {key} gives {go} outputs, the node needs {said}")
 
 
 def _rebind_globals(func: relax.Function, table: dict[tvm.ir.GlobalVar, tvm.ir.GlobalVar]) -> relax.Function:
@@ -1255,7 +1413,12 @@ def lower_and_fuse(model: Model, target: tvm.target.Target, block: int | None = 
         if not bad:
             raise LoweringError(f"LegalizeOps/FuseTIR failed: {_last_line(first)}") from None
     lowered = lower(model, force_inline=bad, block=block, winograd=winograd, machine=machine)
-    return lowered, legalize_and_fuse(lowered.mod, target)
+    try:
+        return lowered, legalize_and_fuse(lowered.mod, target)
+    except Exception as again:  # inline, the same nodes fail again: name them
+        groups = {_group_name(k): ns for k, ns in _topo_groups(model)}
+        named = "; ".join(f"{g} ({', '.join(n.label() for n in groups.get(g, []))})" for g in bad)
+        raise LoweringError(f"kernel groups the cpu target cannot compile: {named}: {_last_line(again)}") from None
 
 
 def _last_line(e: BaseException) -> str:
@@ -1299,4 +1462,5 @@ def legalize_and_fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRMod
 
 
 from . import converters as _converters  # noqa: E402,F401  (registers more of CONVERTERS)
+from .dynamic import function_scope  # noqa: E402
 from . import layout as _layout  # noqa: E402

@@ -1,0 +1,245 @@
+"""The cpu target on hostile or unusual input (issue 25): invalid nodes, sizes it cannot compile,
+sequences, control flow of the wrong arity are one-line errors naming the node or value (a
+GraphoptError: exit 2 from the CLI), never an internal error, a hang or a second stderr line.
+
+Models are built here; numeric checks compare with onnxruntime on the same model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+tvm = pytest.importorskip("tvm")
+
+import graphopt  # noqa: E402
+from graphopt.errors import GraphoptError  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+F = TP.FLOAT
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=17, infer=True) -> onnx.ModelProto:
+    g = h.make_graph(nodes, "g", inputs, outputs, list(inits))
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", opset)])
+    m.ir_version = 8
+    return onnx.shape_inference.infer_shapes(m) if infer else m
+
+
+def _vi(name, shape, t=F):
+    return h.make_tensor_value_info(name, t, shape)
+
+
+def _ort(m: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _compile(m: onnx.ModelProto):
+    return graphopt.compile(m, "cpu", "-O0", threads=1)
+
+
+def _cli(m: onnx.ModelProto, tmp_path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    path = os.path.join(tmp_path, "m.onnx")
+    onnx.save(m, path)
+    exe = os.path.join(os.path.dirname(sys.executable), "graphopt-compile")
+    return subprocess.run([exe, path, "--target", "cpu", "-O0", "-o", os.path.join(tmp_path, "out"), *extra],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+_W = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+
+
+# --- invalid nodes: exit 2 naming the node ------------------------------------------------------
+
+
+def test_a_string_group_is_refused_naming_the_node():
+    m = _model([h.make_node("Conv", ["x", "w"], ["y"], group="1", name="c0")], [_vi("x", [1, 3, 8, 8])], [_vi("y", None)],
+               [nh.from_array(_W, "w")], infer=False)
+    with pytest.raises(GraphoptError, match=r"'c0' \(Conv\): attribute 'group' is of kind STRING, Conv takes INT"):
+        _compile(m)
+
+
+def test_a_conv_with_five_inputs_is_refused():
+    b = nh.from_array(np.zeros(4, np.float32), "b")
+    m = _model([h.make_node("Conv", ["x", "w", "b", "b", "b"], ["y"], name="c5")], [_vi("x", [1, 3, 8, 8])], [_vi("y", None)],
+               [nh.from_array(_W, "w"), b], infer=False)
+    with pytest.raises(GraphoptError, match=r"'c5' \(Conv\): Conv takes 2 to 3 inputs, this one has 5"):
+        _compile(m)
+
+
+def _loop(body_outputs: int) -> onnx.ModelProto:
+    outs = [h.make_node("Identity", ["c"], ["co"]), h.make_node("Add", ["v", "v"], ["vo"])]
+    body = h.make_graph(outs, "body", [_vi("i", [], TP.INT64), _vi("c", [], TP.BOOL), _vi("v", [2])],
+                        [_vi("co", [], TP.BOOL), _vi("vo", [2])][:body_outputs])
+    return _model([h.make_node("Loop", ["M", "", "x"], ["y"], body=body, name="loop")], [_vi("x", [2])], [_vi("y", None)],
+                  [nh.from_array(np.array(3, np.int64), "M")], infer=False)
+
+
+def test_a_loop_body_with_too_few_outputs_is_refused():
+    with pytest.raises(GraphoptError, match=r"'loop' \(Loop\): Loop's body gives 1 outputs, the node needs 2"):
+        _compile(_loop(1))
+    # the well-formed loop compiles and runs: x doubled three times
+    art = _compile(_loop(2))
+    x = np.array([1.0, -2.0], np.float32)
+    np.testing.assert_array_equal(art.run({"x": x})[0], x * 8)
+
+
+def _empty_intermediate() -> onnx.ModelProto:
+    starts, ends = nh.from_array(np.array([2], np.int64), "s"), nh.from_array(np.array([2], np.int64), "e")
+    ax = nh.from_array(np.array([1], np.int64), "ax")
+    return _model([h.make_node("Slice", ["x", "s", "e", "ax"], ["z"], name="cut"), h.make_node("ReduceMean", ["z"], ["y"], axes=[1])],
+                  [_vi("x", [2, 4])], [_vi("y", None)], [starts, ends, ax], opset=13)
+
+
+def test_lowering_failure_is_one_stderr_line(tmp_path):
+    """TVM's "BlockBuilder destroyed with remaining blocks!" no longer follows the error (a
+    valid model, refused inside a kernel group's function)."""
+    r = _cli(_empty_intermediate(), tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("graphopt-compile: error: node 'cut' (Slice)"), r.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "out"))
+
+
+def test_function_scope_closes_the_builder_on_error(capfd):
+    from tvm import relax
+
+    from graphopt.targets.tvm.dynamic import function_scope
+
+    x = relax.Var("x", relax.TensorType([2], "float32"))
+    bb = relax.BlockBuilder()
+    with pytest.raises(KeyError):
+        with function_scope(bb, "main", [x]):
+            with bb.dataflow():
+                bb.emit(relax.op.add(x, x))
+                raise KeyError("boom")
+    del bb
+    import gc
+
+    gc.collect()
+    assert "remaining blocks" not in capfd.readouterr().err
+
+
+# --- sizes --------------------------------------------------------------------------------------
+
+
+def test_a_huge_batch_is_refused_up_front_naming_the_dim_and_limit():
+    m = _model([h.make_node("Conv", ["x", "w"], ["c"]), h.make_node("Relu", ["c"], ["y"])],
+               [_vi("x", [2**40, 3, 16, 16])], [_vi("y", None)], [nh.from_array(_W, "w")])
+    t = time.perf_counter()
+    with pytest.raises(GraphoptError, match=r"input 'x' has shape \[1099511627776, 3, 16, 16\]: dim 0 is 1099511627776, "
+                                            r"above the cpu target's limit of 2147483647"):
+        _compile(m)
+    assert time.perf_counter() - t < 60  # (was > 150 s of CPU in the schedules)
+
+
+def test_a_huge_tile_is_refused_naming_the_node():
+    m = _model([h.make_node("Tile", ["x", "r"], ["t"], name="tile"), h.make_node("ReduceSum", ["t"], ["y"], keepdims=0)],
+               [_vi("x", [4, 4])], [_vi("y", None)], [nh.from_array(np.array([2**20, 2**20], np.int64), "r")], opset=13)
+    with pytest.raises(GraphoptError, match=r"'tile' \(Tile\): output 't' has shape \[4194304, 4194304\]: 17592186044416 "
+                                            r"elements, above the cpu target's limit"):
+        _compile(m)
+
+
+@pytest.mark.parametrize("op", ["ReduceMean", "GlobalAveragePool"])
+def test_a_zero_dim_is_refused_naming_the_value(op):
+    shape = [2, 0] if op == "ReduceMean" else [1, 3, 0, 0]
+    node = h.make_node(op, ["x"], ["y"], axes=[1]) if op == "ReduceMean" else h.make_node(op, ["x"], ["y"])
+    m = _model([node], [_vi("x", shape)], [_vi("y", None)], opset=13)
+    with pytest.raises(GraphoptError, match=r"input 'x' has shape .*: dim \d is 0; the cpu target does not compile empty tensors"):
+        _compile(m)
+
+
+def test_an_empty_intermediate_is_refused_naming_the_node():
+    """(A ReduceMean over it was TVM's "Divide by zero", an internal error.)"""
+    with pytest.raises(GraphoptError, match=r"'cut' \(Slice\): output 'z' has shape \[2, 0\]: dim 1 is 0"):
+        _compile(_empty_intermediate())
+
+
+# --- sequences: handled before TVM's frontend sees them ---------------------------------------
+
+
+@pytest.mark.parametrize("new_axis", [0, 1])
+def test_concat_from_sequence_compiles_like_onnxruntime(new_axis):
+    """(TVM's ConcatFromSequence iterated a Var forever, memory growing past 10 GB.)"""
+    m = _model([h.make_node("SequenceConstruct", ["x", "y", "x"], ["s"]),
+                h.make_node("ConcatFromSequence", ["s"], ["z"], axis=1, new_axis=new_axis)],
+               [_vi("x", [2, 3, 4]), _vi("y", [2, 3, 4])], [_vi("z", None)])
+    art = _compile(m)
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal((2, 3, 4)).astype(np.float32), "y": rng.standard_normal((2, 3, 4)).astype(np.float32)}
+    (got,), (want,) = art.run(feeds), _ort(m, feeds)
+    np.testing.assert_array_equal(got, want)
+
+
+_HANG_CHILD = r"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+import onnx, graphopt
+from graphopt.errors import GraphoptError
+try:
+    graphopt.compile(onnx.load(sys.argv[1]), "cpu", "-O0", threads=1)
+except GraphoptError as e:
+    print("REFUSED", e)
+"""
+
+
+def test_a_sequence_op_fed_a_tensor_is_refused_not_looped(tmp_path):
+    # in a child process with bounded memory and time: before the fix this looped forever
+    m = _model([h.make_node("Relu", ["x"], ["r"]), h.make_node("ConcatFromSequence", ["r"], ["z"], axis=0, name="cat")],
+               [_vi("x", [2, 3])], [_vi("z", None)], infer=False)
+    path = os.path.join(tmp_path, "m.onnx")
+    onnx.save(m, path)
+    r = subprocess.run([sys.executable, "-c", _HANG_CHILD, path], capture_output=True, text=True, timeout=120)
+    assert "REFUSED node 'cat' (ConcatFromSequence): input 0 of ConcatFromSequence must be a sequence" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+# --- the conformance harness enforces its limits from the parent --------------------------------
+
+
+def _harness():
+    spec = importlib.util.spec_from_file_location("tvm_conformance", os.path.join(ROOT, "tools", "tvm_conformance.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_FAKE_WORKER = r"""
+import json, os, sys, time
+names = sys.argv[2:]
+# a result and the next case's start in one write (what a buffered reader swallowed at once)
+os.write(1, (json.dumps({"name": names[0], "status": "pass"}) + "\n" + json.dumps({"start": names[1]}) + "\n").encode())
+if names[1] == "grows":
+    hog = bytearray(400 << 20)  # resident at once
+    hog[::4096] = b"x" * len(hog[::4096])
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("case, reason", [("sleeps", "timeout"), ("grows", "memory")])
+def test_conformance_harness_kills_a_stuck_worker(tmp_path, monkeypatch, case, reason):
+    mod = _harness()
+    fake = os.path.join(tmp_path, "worker.py")
+    with open(fake, "w") as f:
+        f.write(_FAKE_WORKER)
+    monkeypatch.setattr(mod, "__file__", fake)  # the worker the harness starts
+    results: dict = {}
+    th = threading.Thread(target=mod.run_chunk, args=(["first", case], 3.0, results, lambda m: None),
+                          kwargs={"memory": 200 << 20} if case == "grows" else {}, daemon=True)
+    th.start()
+    th.join(60)
+    assert not th.is_alive(), "the harness waited on a stuck worker"
+    assert results["first"]["status"] == "pass"
+    assert results[case]["status"] == "fail" and results[case]["reason"].startswith(reason), results[case]

@@ -243,3 +243,81 @@ def test_conformance_harness_kills_a_stuck_worker(tmp_path, monkeypatch, case, r
     assert not th.is_alive(), "the harness waited on a stuck worker"
     assert results["first"]["status"] == "pass"
     assert results[case]["status"] == "fail" and results[case]["reason"].startswith(reason), results[case]
+
+
+# --- valid graphs that did not compile ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [2, 16])
+def test_softplus_into_gemm_with_constant_weights_compiles(n):
+    """(The schedules annotated the packing of the Softplus output, an intermediate, as a weight
+    packing: SplitLayoutRewritePreproc asserted "preproc buffer is not found".)"""
+    rng = np.random.default_rng(n)
+    m = _model([h.make_node("Softplus", ["x"], ["s"]), h.make_node("Gemm", ["s", "w", "b"], ["y"])], [_vi("x", [n, n])], [_vi("y", None)],
+               [nh.from_array(rng.random((n, n)).astype(np.float32), "w"), nh.from_array(rng.random(n).astype(np.float32), "b")])
+    art = graphopt.compile(m, "cpu", "-O2", threads=1)
+    x = rng.standard_normal((n, n)).astype(np.float32)
+    np.testing.assert_allclose(art.run({"x": x})[0], _ort(m, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+# --- NaN, Inf, -0.0 and denormals as onnxruntime gives them ------------------------------------
+
+
+def _special(shape, seed: int) -> np.ndarray:
+    """Random values with NaN, ±Inf, ±0.0, denormals and huge finite values at random places."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32)
+    flat = x.reshape(-1)
+    vals = [np.nan, np.inf, -np.inf, -0.0, 0.0, 1e-40, -1e-40, 3e38, -3e38, np.nan]
+    for i, j in enumerate(rng.choice(flat.size, size=min(2 * len(vals), flat.size), replace=False)):
+        flat[j] = vals[i % len(vals)]
+    return x
+
+
+def _same_specials(got: np.ndarray, want: np.ndarray) -> None:
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg="NaN positions differ")
+    np.testing.assert_array_equal(got[np.isinf(want)], want[np.isinf(want)], err_msg="Inf differs")
+    zeros = (want == 0) & (got == 0)
+    np.testing.assert_array_equal(np.signbit(got[zeros]), np.signbit(want[zeros]), err_msg="sign of zero differs")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+_C = lambda n, v: nh.from_array(np.array(v, np.float32), n)  # noqa: E731
+_S = [1, 4, 6, 6]
+_ELEMENTWISE = {
+    "Relu": ([h.make_node("Relu", ["x"], ["y"])], [], 1),
+    "Clip": ([h.make_node("Clip", ["x", "lo", "hi"], ["y"])], [_C("lo", 0.0), _C("hi", 6.0)], 1),
+    "Clip-min-only": ([h.make_node("Clip", ["x", "lo"], ["y"])], [_C("lo", -1.0)], 1),
+    "Max": ([h.make_node("Max", ["x", "z"], ["y"])], [], 2),
+    "Min": ([h.make_node("Min", ["x", "z"], ["y"])], [], 2),
+    "Max-three": ([h.make_node("Max", ["x", "z", "x"], ["y"])], [], 2),
+    "Max-constant": ([h.make_node("Max", ["x", "c"], ["y"])], [_C("c", 0.5)], 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_ELEMENTWISE))
+def test_elementwise_keeps_nan_inf_and_signed_zero_like_onnxruntime(case):
+    """(The cpu artifact's Relu turned NaN into 0; Max/Min kept a NaN on one side only; Clip
+    without a max kept Inf where onnxruntime gives the largest float.)"""
+    nodes, inits, n_in = _ELEMENTWISE[case]
+    ins = [_vi("x", _S), _vi("z", _S)][:n_in]
+    m = _model(nodes, ins, [_vi("y", None)], inits)
+    feeds = {v.name: _special(_S, k) for k, v in enumerate(ins)}
+    got = graphopt.compile(m, "cpu", "-O2", threads=1).run(feeds)[0]
+    _same_specials(got, _ort(m, feeds)[0])
+
+
+@pytest.mark.parametrize("act", ["Relu", "Clip"])
+def test_conv_epilogue_keeps_nan_like_onnxruntime(act):
+    """Relu/Clip fused into the convolution's kernel keep NaN (one NaN pixel: NaN over its 3x3
+    neighbourhood, as onnxruntime; no huge values here, whose overflow depends on summation order)."""
+    w = np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32)
+    tail = [h.make_node("Relu", ["c"], ["y"])] if act == "Relu" else [h.make_node("Clip", ["c", "lo", "hi"], ["y"])]
+    m = _model([h.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1])] + tail, [_vi("x", _S)], [_vi("y", None)],
+               [nh.from_array(w, "w"), _C("lo", 0.0), _C("hi", 6.0)])
+    x = np.random.default_rng(1).standard_normal(_S).astype(np.float32)
+    x[0, 1, 2, 3], x[0, 2, 4, 4], x[0, 0, 0, 0] = np.nan, -0.0, 1e-40
+    got = graphopt.compile(m, "cpu", "-O2", threads=1).run({"x": x})[0]
+    want = _ort(m, {"x": x})[0]
+    assert np.isnan(want).sum() == 8 * 9
+    _same_specials(got, want)

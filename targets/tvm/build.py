@@ -232,6 +232,52 @@ def has_layout_rewrite(mod: tvm.IRModule) -> bool:
     return False
 
 
+def keep_param_packing(mod: tvm.IRModule) -> tvm.IRModule:
+    """`mod` with the `meta_schedule.layout_rewrite_preproc` annotation removed from packing
+    blocks that do not copy a kernel argument (the packing then stays inside its kernel).
+
+    SplitLayoutRewritePreproc can only cut out the packing of a buffer the kernel takes as an
+    argument (a weight of `main`) and asserts ("The preproc buffer is not found in the original
+    primfunc") on any other: a schedule that annotated the packing of an intermediate (Softplus
+    -> Gemm: the matmul's read index went stale after a producer was inlined into it) stopped a
+    valid model from compiling."""
+    from tvm import s_tir
+
+    ann = "meta_schedule.layout_rewrite_preproc"
+    updates = {}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        try:
+            sch = s_tir.Schedule(func)
+            root = sch.get_sblock(func.body.block.name_hint)
+        except Exception:  # no block structure (already lowered)
+            continue
+        args = list(func.params)  # (0.27: a buffer parameter is the buffer's Var)
+        changed = False
+
+        def visit(parent: Any) -> None:
+            nonlocal changed
+            for block in sch.get_child_blocks(parent):
+                stmt = sch.get(block)
+                if ann in stmt.annotations:
+                    reads = list(stmt.reads)
+                    if len(reads) != 1 or not any(reads[0].source.same_as(b) for b in args):
+                        sch.unannotate(block, ann)
+                        changed = True
+                visit(block)
+
+        visit(root)
+        if changed:
+            updates[gv] = sch.mod["main"]
+    if not updates:
+        return mod
+    mod = mod.clone()
+    for gv, func in updates.items():
+        mod.update_func(gv, func)
+    return mod
+
+
 def _only(mod: tvm.IRModule, entry: str, drop: str) -> tvm.IRModule:
     """`mod` without the function `drop` and whatever only it used."""
     funcs = {gv: f for gv, f in mod.functions_items() if gv.name_hint != drop}
@@ -254,7 +300,7 @@ def _lift_weight_only(mod: tvm.IRModule) -> tuple[tvm.IRModule, tvm.IRModule, in
     own first) lifted into `main_transform_params`: (the module with both functions, the
     transform alone, PrimFuncs lifted), or None when nothing depends on weights alone."""
     # (SplitLayoutRewritePreproc asserts on some kernels without an annotated block: only when needed)
-    split = relax.transform.SplitLayoutRewritePreproc()(mod) if has_layout_rewrite(mod) else mod
+    split = relax.transform.SplitLayoutRewritePreproc()(keep_param_packing(mod)) if has_layout_rewrite(mod) else mod
     lifted = relax.transform.LiftTransformParams()(split)
     if TRANSFORM_PARAMS not in {gv.name_hint for gv in lifted.get_global_vars()}:
         return None

@@ -237,7 +237,10 @@ def _variadic(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) ->
     op = _PAIRWISE[node.op_type]
     out = xs[0]
     for x in xs[1:]:
-        out = bb.emit(op(out, x))
+        if node.op_type in ("Max", "Min") and _float(x):  # NaN from either side, as onnxruntime
+            out = bb.emit(R.where(R.isnan(out), out, op(out, x)))
+        else:
+            out = bb.emit(op(out, x))
     if node.op_type == "Mean" and len(xs) > 1:
         out = bb.emit(R.divide(out, _c(float(len(xs)), _dt(xs[0]))))
     elif len(xs) == 1:  # (a value of its own: x * 1 is exact, -0.0 and NaN included)
@@ -2029,3 +2032,32 @@ def _eye_like(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) ->
     dtype = _onnx_dtype(int(code)) if code is not None else _dt(ins[0])
     eye = np.eye(dims[0], dims[1], int(node.attr("k", 0)), dtype=np.bool_ if dtype == "bool" else dtype)
     return bb.emit(R.astype(relax.const(eye, dtype), dtype))
+
+
+# --- NaN kept as onnxruntime keeps it ------------------------------------------------------------
+# TVM's max/min lower to `a > b ? a : b` (an ordered compare: false on NaN), so max(x, 0) turns
+# NaN into 0. Written as a select whose compare is false on NaN and whose false arm is x, NaN
+# passes through; on x86 the select is still one vmaxps/vminps with x as its second operand (the
+# one MAXPS returns when either is NaN), so conv epilogues stay as fast.
+
+
+def _float(x: Any) -> bool:
+    return _dt(x).startswith(("float", "bfloat"))
+
+
+def _lower_bound(x: Any, lo: Any) -> Any:
+    """max(x, lo) keeping a NaN x: x < lo ? lo : x (-0.0 stays -0.0 for lo = 0, as onnxruntime)."""
+    return R.where(R.less(x, lo), lo, x)
+
+
+def _upper_bound(x: Any, hi: Any) -> Any:
+    """min(x, hi) keeping a NaN x: x > hi ? hi : x."""
+    return R.where(R.greater(x, hi), hi, x)
+
+
+@converter("Relu")
+def _relu(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    x = ins[0]
+    if not _float(x):
+        return NotImplemented
+    return bb.emit(_lower_bound(x, _c(0, _dt(x))))

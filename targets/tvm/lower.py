@@ -185,10 +185,19 @@ def _clip(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any
             bounds.append(None if np.isnan(f) else f)
     dtype = str(x.ty.dtype)
     out = x
-    if bounds[0] is not None:
-        out = bb.emit(relax.op.maximum(out, relax.const(np.array(bounds[0]).astype(dtype), dtype)))
+    floating = dtype.startswith(("float", "bfloat"))
+    R = relax.op
+    if floating and dtype != "bfloat16" and (bounds[0] is None) != (bounds[1] is None):
+        # the missing bound is the type's largest/lowest finite value (ONNX, and onnxruntime: Inf
+        # is clipped to it)
+        fi = np.finfo(dtype)
+        bounds = [float(fi.min) if bounds[0] is None else bounds[0], float(fi.max) if bounds[1] is None else bounds[1]]
+    if bounds[0] is not None:  # (floats: x < lo ? lo : x keeps NaN as onnxruntime does; max() drops it)
+        lo = relax.const(np.array(bounds[0]).astype(dtype), dtype)
+        out = bb.emit(R.where(R.less(out, lo), lo, out) if floating else R.maximum(out, lo))
     if bounds[1] is not None:
-        out = bb.emit(relax.op.minimum(out, relax.const(np.array(bounds[1]).astype(dtype), dtype)))
+        hi = relax.const(np.array(bounds[1]).astype(dtype), dtype)
+        out = bb.emit(R.where(R.greater(out, hi), hi, out) if floating else R.minimum(out, hi))
     return out
 
 
@@ -682,13 +691,16 @@ def _arity(lo: int, hi: int) -> str:
     return str(lo) if lo == hi else f"{lo} or more" if hi > 1000 else f"{lo} to {hi}"
 
 
-def check_size(what: str, dims: list[Any]) -> None:
-    """Refuse a tensor (`what` names it) of static shape `dims` with a zero dim or more than
-    MAX_ELEMENTS elements; symbolic dims are the run time's business."""
+def check_size(what: str, dims: list[Any], dtype: str) -> None:
+    """Refuse a tensor (`what` names it) of static shape `dims` with more than MAX_ELEMENTS
+    elements, or a floating-point one with a zero dim (TVM's kernels divide by its element
+    count: mean, pooling); symbolic dims are the run time's business. Empty integer tensors stay
+    (empty axes, shapes, pads)."""
     static = [d for d in dims if isinstance(d, (int, np.integer))]
     shown = "[" + ", ".join(str(d) for d in dims) + "]"
+    floating = dtype.startswith(("float", "bfloat"))
     for i, d in enumerate(dims):
-        if isinstance(d, (int, np.integer)) and d <= 0:
+        if isinstance(d, (int, np.integer)) and (d < 0 or d == 0 and floating):
             raise LoweringError(f"{what} has shape {shown}: dim {i} is {d}; the cpu target does not compile empty tensors")
         if isinstance(d, (int, np.integer)) and d > MAX_ELEMENTS:
             raise LoweringError(f"{what} has shape {shown}: dim {i} is {d}, above the cpu target's limit of "
@@ -706,7 +718,7 @@ def _check_outputs(node: Node, outs: list[Any]) -> None:
             continue
         ty = e.ty
         if isinstance(ty, relax.TensorType) and isinstance(ty.shape, relax.ShapeExpr):
-            check_size(f"node {node.label()}: output {v.name!r}", _static_dims(ty.shape))
+            check_size(f"node {node.label()}: output {v.name!r}", _static_dims(ty.shape), str(ty.dtype))
 
 
 def _static_dims(shape: relax.ShapeExpr) -> list[Any]:
@@ -981,7 +993,7 @@ class _Lowerer:
             raise LoweringError(f"input {v.name!r} is a {type(v.type).__name__}; the cpu target takes tensors only")
         dims = self._shape(v)
         if dims is not None:
-            check_size(f"input {v.name!r}", dims)
+            check_size(f"input {v.name!r}", dims, _dtype(v))
         return relax.Var(name, relax.TensorType(dims, _dtype(v)))
 
     def lower(self) -> LoweredModule:

@@ -2045,14 +2045,29 @@ def _float(x: Any) -> bool:
     return _dt(x).startswith(("float", "bfloat"))
 
 
-def _lower_bound(x: Any, lo: Any) -> Any:
-    """max(x, lo) keeping a NaN x: x < lo ? lo : x (-0.0 stays -0.0 for lo = 0, as onnxruntime)."""
-    return R.where(R.less(x, lo), lo, x)
+def _bound(bb: relax.BlockBuilder, x: Any, value: float, lower: bool) -> Any:
+    """max(x, value) (`lower`) or min(x, value) keeping a NaN x, as one elementwise TE block
+    `value > x ? value : x` (`<` for min): the compare is false on NaN, so x passes; -0.0 stays
+    -0.0 for value 0, as onnxruntime. One block, so the schedules inline it into a conv/matmul
+    epilogue as they did max/min (relax where(less(...)) left a bool mask buffer in the kernel)."""
+    from tvm import te, tirx
+
+    dtype = _dt(x)
+
+    def f(t: te.Tensor) -> te.Tensor:
+        c = tirx.const(value, dtype)
+        return te.compute(t.shape, lambda *i: tirx.Select(c > t(*i) if lower else c < t(*i), c, t(*i)),
+                          name="clamp_nan", tag="elemwise")
+
+    return bb.emit_te(f, x, primfunc_name_hint="clamp_nan")
 
 
-def _upper_bound(x: Any, hi: Any) -> Any:
-    """min(x, hi) keeping a NaN x: x > hi ? hi : x."""
-    return R.where(R.greater(x, hi), hi, x)
+def lower_bound(bb: relax.BlockBuilder, x: Any, lo: float) -> Any:
+    return _bound(bb, x, lo, True)
+
+
+def upper_bound(bb: relax.BlockBuilder, x: Any, hi: float) -> Any:
+    return _bound(bb, x, hi, False)
 
 
 @converter("Relu")
@@ -2060,4 +2075,43 @@ def _relu(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any
     x = ins[0]
     if not _float(x):
         return NotImplemented
-    return bb.emit(_lower_bound(x, _c(0, _dt(x))))
+    return lower_bound(bb, x, 0.0)
+
+
+@converter("Clip")
+def _clip(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """Clip with constant bounds → one elementwise block per bound (the frontend's NaN handling
+    of the bounds emits TE kernels that FuseTIR cannot merge into a group); floats keep NaN."""
+    x = ins[0]
+    if opset < 11:
+        bounds = [node.attr("min"), node.attr("max")]
+    else:
+        bounds = []
+        for e in (ins[1] if len(ins) > 1 else None, ins[2] if len(ins) > 2 else None):
+            if e is None:
+                bounds.append(None)
+                continue
+            v = _const_value(e)
+            if v is None or v.size != 1:
+                return NotImplemented
+            f = float(v.reshape(()))
+            bounds.append(None if np.isnan(f) else f)
+    dtype = _dt(x)
+    if not _float(x):
+        out = x
+        if bounds[0] is not None:
+            out = bb.emit(R.maximum(out, _c(bounds[0], dtype)))
+        if bounds[1] is not None:
+            out = bb.emit(R.minimum(out, _c(bounds[1], dtype)))
+        return out
+    if dtype != "bfloat16" and (bounds[0] is None) != (bounds[1] is None):
+        # the missing bound is the type's largest / lowest finite value (ONNX; onnxruntime clips
+        # Inf to it)
+        fi = np.finfo(dtype)
+        bounds = [float(fi.min) if bounds[0] is None else bounds[0], float(fi.max) if bounds[1] is None else bounds[1]]
+    out = x
+    if bounds[0] is not None:
+        out = lower_bound(bb, out, float(np.array(bounds[0]).astype(dtype)))
+    if bounds[1] is not None:
+        out = upper_bound(bb, out, float(np.array(bounds[1]).astype(dtype)))
+    return out

@@ -162,45 +162,6 @@ def _conv_integer(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int
     return y
 
 
-@converter("Clip")
-def _clip(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
-    """Clip with constant bounds → one elementwise min/max (the frontend's NaN handling of the
-    bounds emits TE kernels that FuseTIR cannot merge into a group)."""
-    x = ins[0]
-    if opset < 11:
-        lo, hi = node.attr("min"), node.attr("max")
-        bounds = [lo, hi]
-    else:
-        bounds = []
-        for e in (ins[1] if len(ins) > 1 else None, ins[2] if len(ins) > 2 else None):
-            if e is None:
-                bounds.append(None)
-                continue
-            v = _const_value(e)
-            if v is None:
-                return NotImplemented
-            if v.size != 1:
-                return NotImplemented
-            f = float(v.reshape(()))
-            bounds.append(None if np.isnan(f) else f)
-    dtype = str(x.ty.dtype)
-    out = x
-    floating = dtype.startswith(("float", "bfloat"))
-    R = relax.op
-    if floating and dtype != "bfloat16" and (bounds[0] is None) != (bounds[1] is None):
-        # the missing bound is the type's largest/lowest finite value (ONNX, and onnxruntime: Inf
-        # is clipped to it)
-        fi = np.finfo(dtype)
-        bounds = [float(fi.min) if bounds[0] is None else bounds[0], float(fi.max) if bounds[1] is None else bounds[1]]
-    if bounds[0] is not None:  # (floats: x < lo ? lo : x keeps NaN as onnxruntime does; max() drops it)
-        lo = relax.const(np.array(bounds[0]).astype(dtype), dtype)
-        out = bb.emit(R.where(R.less(out, lo), lo, out) if floating else R.maximum(out, lo))
-    if bounds[1] is not None:
-        hi = relax.const(np.array(bounds[1]).astype(dtype), dtype)
-        out = bb.emit(R.where(R.greater(out, hi), hi, out) if floating else R.minimum(out, hi))
-    return out
-
-
 # --- shape arithmetic, evaluated while lowering ----------------------------------------------------
 
 

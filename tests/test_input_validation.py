@@ -199,6 +199,22 @@ def test_element_type_0_is_refused_on_load_and_by_random_inputs() -> None:
         random_inputs(Model(Graph([x], [x]), opset_imports={"": 18}))
 
 
+def test_an_output_of_element_type_0_is_an_unknown_type(tmp_path: Path) -> None:
+    """An output or value_info of element type 0 (the checker and onnxruntime accept it) is a value
+    of unknown type, not an error: both targets compile it (was KeyError: 0 on the cpu target;
+    fuzz case proto:1:81)."""
+    import onnx
+
+    m = _model([helper.make_node("Sign", ["x"], ["y"])], [2, 3])
+    m.graph.output[0].type.tensor_type.elem_type = 0
+    onnx.checker.check_model(m, full_check=True)
+    model = graphopt.load(m.SerializeToString())
+    assert model.graph.outputs[0].type is None
+    src = _save(tmp_path, m)
+    for args in (["-O2", "-o", str(tmp_path / "o.onnx")], ["--target", "cpu", "-o", str(tmp_path / "art")]):
+        assert main([str(src), *args, "-q"]) == 0, args
+
+
 def test_simplify_shapes_on_a_reshape_past_int64() -> None:
     # was: "pass 'simplify-shapes' crashed: OverflowError" (H/W of 2**40)
     from graphopt.transform import optimize, parse_pipeline

@@ -691,7 +691,9 @@ def fam_artifact(case: Case, work: Path, cfg: Settings) -> Plan:
         # a static dim renamed symbolic still describes a library that checks its own shapes: the
         # manifest is not signed (a tamper that updates hashes can always do this), inputs the
         # library accepts run correctly and others are refused, so exit 0 is right there
-        consistent = isinstance(man["inputs"][0]["shape"], list) and all(isinstance(d, str) or d >= 0 for d in man["inputs"][0]["shape"])
+        # (null: a shape the manifest does not know, which the schema allows, likewise)
+        shape = man["inputs"][0]["shape"]
+        consistent = shape is None or (isinstance(shape, list) and all(isinstance(d, str) or d >= 0 for d in shape))
     elif kind.startswith("params_"):
         arrays = dict(np.load(params))
         name = rng.choice(sorted(arrays))

@@ -179,6 +179,8 @@ def import_type(tp: onnx.TypeProto) -> Type | None:
     den = tp.denotation
     if kind == "tensor_type":
         t = tp.tensor_type
+        if t.elem_type == 0:
+            return None  # UNDEFINED: the type is unknown (a graph input of it is refused on import)
         return TensorType(_dtype(t.elem_type), _shape(t) if t.HasField("shape") else None, den)
     if kind == "sparse_tensor_type":
         t = tp.sparse_tensor_type
@@ -313,10 +315,10 @@ class _Importer:
             scope[v.name] = v
 
         inputs = [self.value_info(vi) for vi in gp.input]
-        for v in inputs:
+        for v, vi in zip(inputs, gp.input):
             if not v.name:
                 raise ModelLoadError(f"graph {graph_name!r} has an input without a name")
-            if isinstance(v.type, TensorType) and v.type.dtype == DataType.UNDEFINED:
+            if vi.type.WhichOneof("value") == "tensor_type" and vi.type.tensor_type.elem_type == 0:
                 # nothing can be fed to it (onnxruntime refuses the model); every target would trip on it
                 raise ModelLoadError(f"graph {graph_name!r}: input {v.name!r} has element type 0 (UNDEFINED)")
             define(v, "graph input defined twice")

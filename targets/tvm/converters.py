@@ -2079,7 +2079,7 @@ def _relu(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any
 
 
 @converter("Clip")
-def _clip(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+def _clip_op(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
     """Clip with constant bounds → one elementwise block per bound (the frontend's NaN handling
     of the bounds emits TE kernels that FuseTIR cannot merge into a group); floats keep NaN."""
     x = ins[0]

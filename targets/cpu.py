@@ -38,6 +38,7 @@ from graphopt.target import (
     temporary_artifact_dir,
     write_manifest,
 )
+from graphopt.targets import compile_watchdog as W
 
 LIBRARY = "model.so"
 PARAMS = "params.npz"
@@ -248,12 +249,9 @@ class CpuTarget(Target):
                 "machine": self.machine(target).to_json()}
 
     def compile(self, model: Model, options: CompileOptions, *, source_sha256: str | None = None) -> Artifact:
-        import tvm
-
         from graphopt.passes.fusion.kernel_groups import KERNEL_KEY, PlanKernels
         from graphopt.passes.quantize.integer import QdqToInteger, SplitZeroPoints
         from graphopt.targets.tvm import build as B
-        from graphopt.targets.tvm import lower as L
         from graphopt.transform import PassContext
 
         t0 = time.perf_counter()
@@ -268,10 +266,25 @@ class CpuTarget(Target):
             PlanKernels().run(model, PassContext())
         threads = int(options.threads or B.default_threads())
         target = self.tvm_target(threads)
+        seconds, memory = W.limits_from(options.extra)
+        # (time bound off while tuning: its own budget is --tune-minutes / trials)
+        activity = W.Activity()
+        with W.Watchdog(0.0 if options.tune > 0 else seconds, memory, activity):
+            return self._compile_bounded(model, options, target, threads, activity, t0, times, codebooks, source_sha256)
 
-        lowered, mod = L.lower_and_fuse(model, target, block=self.activation_block(target), winograd=self.winograd)
+    def _compile_bounded(self, model: Model, options: CompileOptions, target: Any, threads: int, activity: Any,
+                         t0: float, times: dict[str, float], codebooks: dict[str, dict], source_sha256: str | None) -> Artifact:
+        """The rest of `compile`, under the watchdog (`activity` says what it is doing)."""
+        import tvm
+
+        from graphopt.targets.tvm import build as B
+        from graphopt.targets.tvm import lower as L
+
+        lowered, mod = L.lower_and_fuse(model, target, block=self.activation_block(target), winograd=self.winograd,
+                                        activity=activity)
         times["lower-fuse"] = time.perf_counter() - t0
         t = time.perf_counter()
+        activity.what = f"scheduling {sum(1 for gv in mod.get_global_vars() if isinstance(mod[gv], tvm.tirx.PrimFunc))} kernels"
         mod, int8 = self.int8_kernels(mod, target, lowered.params)
         mod, sched = self.schedule(mod, target, options)
         if int8:
@@ -279,6 +292,7 @@ class CpuTarget(Target):
             sched.default_schedules = f"{sched.default_schedules}; x86 int8 kernels: {len(int8)} ({', '.join(kinds)})"
         times["schedule"] = time.perf_counter() - t
         t = time.perf_counter()
+        activity.what = "packing the weights"
         # packing weights at every run costs (a 3x3 conv with 512 channels: 2.6x onnxruntime's time
         # with it, 1.2x without): it runs once here and params.npz holds the packed weights
         stored, codebook_params = self.stored_params(codebooks, lowered.params)
@@ -291,9 +305,11 @@ class CpuTarget(Target):
             stored = params
         times["pack-weights"] = time.perf_counter() - t
         t = time.perf_counter()
+        activity.what = "building the library (LLVM)"
         exe = self.build(mod, target)
         times["build"] = time.perf_counter() - t
 
+        activity.what = "writing the artifact"
         with temporary_artifact_dir() as folder:
             t = time.perf_counter()
             lib = os.path.join(folder, LIBRARY)

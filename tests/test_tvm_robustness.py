@@ -321,3 +321,67 @@ def test_conv_epilogue_keeps_nan_like_onnxruntime(act):
     want = _ort(m, {"x": x})[0]
     assert np.isnan(want).sum() == 8 * 9
     _same_specials(got, want)
+
+
+# --- the compile watchdog -----------------------------------------------------------------------
+
+_RUNAWAY = r"""
+import ctypes, sys, onnx, graphopt
+from onnx import helper as h, TensorProto as TP
+from graphopt.errors import GraphoptError
+from graphopt.targets.tvm import lower as L
+
+def runaway(bb, node, ins, opset):
+    if sys.argv[1] == "loop":
+        while True:
+            pass
+    if sys.argv[1] == "memory":
+        hog = []
+        while True:
+            hog.append(bytearray(32 << 20))
+            hog[-1][::4096] = b"x" * len(hog[-1][::4096])
+    ctypes.CDLL(None).sleep(120)  # native code: no Python bytecode to interrupt
+
+L.CONVERTERS["Relu"] = runaway
+g = h.make_graph([h.make_node("Relu", ["x"], ["y"], name="r0")], "g", [h.make_tensor_value_info("x", TP.FLOAT, [1, 8])],
+                 [h.make_tensor_value_info("y", TP.FLOAT, None)])
+m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+try:
+    graphopt.compile(m, "cpu", "-O0", threads=1)
+except GraphoptError as e:
+    print(type(e).__name__, e)
+"""
+
+
+@pytest.mark.parametrize("kind, why", [("loop", r"ran past the 3 s time limit"), ("memory", r"held [\d.]+ GiB, past the 1.5 GiB memory limit")])
+def test_watchdog_stops_a_runaway_lowering_naming_the_node(kind, why):
+    import re
+
+    from graphopt.targets.compile_watchdog import resident_memory  # noqa: F401 (the module exists)
+
+    env = dict(os.environ, GRAPHOPT_COMPILE_SECONDS="3" if kind == "loop" else "0",
+               GRAPHOPT_COMPILE_MEMORY_GB="0" if kind == "loop" else "1.5")
+    r = subprocess.run([sys.executable, "-c", _RUNAWAY, kind], capture_output=True, text=True, timeout=180, env=env)
+    assert re.search(r"CompileLimitError compile stopped while lowering node 'r0' \(Relu\): it " + why, r.stdout), r.stdout + r.stderr[-2000:]
+
+
+def test_watchdog_ends_the_process_stuck_in_native_code():
+    """The interrupt cannot reach native code (LLVM, a TVM pass): after the grace period the
+    process writes the one error line and exits with code 2."""
+    code = ("import ctypes\nfrom graphopt.targets.compile_watchdog import Activity, Watchdog\n"
+            "with Watchdog(1.0, 0, Activity('building the library (LLVM)'), grace=1.0):\n    ctypes.CDLL(None).sleep(120)\n")
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100)
+    assert r.returncode == 2 and time.perf_counter() - t < 60
+    assert r.stderr.strip().splitlines() == ["graphopt-compile: error: compile stopped while building the library (LLVM): "
+                                             "it ran past the 1 s time limit (GRAPHOPT_COMPILE_SECONDS)"]
+
+
+def test_watchdog_limits_from_options_and_environment():
+    from graphopt.targets.compile_watchdog import DEFAULT_SECONDS, limits_from
+
+    assert limits_from({}, {})[0] == DEFAULT_SECONDS and limits_from({}, {})[1] > 0
+    assert limits_from({}, {"GRAPHOPT_COMPILE_SECONDS": "7", "GRAPHOPT_COMPILE_MEMORY_GB": "2"}) == (7.0, 2 << 30)
+    assert limits_from({"compile_seconds": 0}, {"GRAPHOPT_COMPILE_SECONDS": "7"})[0] == 0.0
+    with pytest.raises(GraphoptError, match="GRAPHOPT_COMPILE_SECONDS='soon' is not a number"):
+        limits_from({}, {"GRAPHOPT_COMPILE_SECONDS": "soon"})

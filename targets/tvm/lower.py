@@ -919,8 +919,9 @@ def _group_name(k: str) -> str:
 
 class _Lowerer:
     def __init__(self, model: Model, force_inline: dict[str, str] | None = None, block: int | None = None,
-                 winograd: str | None = None, machine: MachineModel | None = None) -> None:
+                 winograd: str | None = None, machine: MachineModel | None = None, activity: Any = None) -> None:
         self.model = model
+        self.activity = activity  # told the node being lowered (the compile watchdog names it)
         self.machine = machine  # the target's machine model (blocked convs' tiles)
         self.force_inline = dict(force_inline or {})
         self.block = block  # channel block of activations between convs (None: NCHW throughout)
@@ -1067,6 +1068,8 @@ class _Lowerer:
 
     def _convert_into(self, bb: relax.BlockBuilder, nodes: list[Node], env: dict[Any, Any]) -> None:
         for n in nodes:
+            if self.activity is not None:
+                self.activity.what = f"lowering node {n.label()}"
             check_schema(n, self.opset)
             ins = []
             for i, v in enumerate(n.inputs):
@@ -1365,27 +1368,32 @@ def _rebind_globals(func: relax.Function, table: dict[tvm.ir.GlobalVar, tvm.ir.G
 
 
 def lower(model: Model, force_inline: dict[str, str] | None = None, block: int | None = None,
-          winograd: str | None = None, machine: MachineModel | None = None) -> LoweredModule:
+          winograd: str | None = None, machine: MachineModel | None = None, activity: Any = None) -> LoweredModule:
     """Lower `model` (planned with `plan-kernels`). Groups named in `force_inline` are emitted
     inline into main (with that reason). With `block`, convolution groups run on channel-blocked
     activations where they can (see layout.py), 3x3 convs in Winograd form per `winograd` (a
-    `layout.plan_layout` mode), tiled for `machine` (the target's machine model; needed with `block`)."""
-    return _Lowerer(model, force_inline, block, winograd, machine).lower()
+    `layout.plan_layout` mode), tiled for `machine` (the target's machine model; needed with `block`).
+    `activity` (a compile_watchdog.Activity) is told which node is being lowered."""
+    return _Lowerer(model, force_inline, block, winograd, machine, activity).lower()
 
 
 def lower_and_fuse(model: Model, target: tvm.target.Target, block: int | None = None,
-                   winograd: str | None = None) -> tuple[LoweredModule, tvm.IRModule]:
+                   winograd: str | None = None, activity: Any = None) -> tuple[LoweredModule, tvm.IRModule]:
     """`lower` then `legalize_and_fuse`. When FuseTIR refuses the module, each primitive group is
     tried on its own, the ones it refuses are emitted inline instead, and the model is lowered again."""
     machine = machine_model(target)
-    lowered = lower(model, block=block, winograd=winograd, machine=machine)
+    lowered = lower(model, block=block, winograd=winograd, machine=machine, activity=activity)
+    if activity is not None:
+        activity.what = "legalizing and fusing the kernels (LegalizeOps, FuseTIR)"
     try:
         return lowered, legalize_and_fuse(lowered.mod, target)
     except Exception as first:  # TVMError / InternalError from FuseTIR
         bad = failing_groups(lowered.mod, target)
         if not bad:
             raise LoweringError(f"LegalizeOps/FuseTIR failed: {_last_line(first)}") from None
-    lowered = lower(model, force_inline=bad, block=block, winograd=winograd, machine=machine)
+    lowered = lower(model, force_inline=bad, block=block, winograd=winograd, machine=machine, activity=activity)
+    if activity is not None:
+        activity.what = "legalizing and fusing the kernels (LegalizeOps, FuseTIR)"
     try:
         return lowered, legalize_and_fuse(lowered.mod, target)
     except Exception as again:  # inline, the same nodes fail again: name them

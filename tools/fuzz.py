@@ -440,6 +440,8 @@ def judge_output(cfg: Settings, work: Path, model: Path, output: Path, inputs: P
         if "error" in res:
             return "invalid-output", f"judging the output failed: {res['error']}"
         if res["output"]:
+            if res["input"] and all("NOT_IMPLEMENTED" in r for r in (res["input"], res["output"])):
+                return None  # valid ONNX that onnxruntime has no kernel for (an int32 Gemm): kept so
             was = "checker-valid input" if not res["input"] else f"input already invalid ({res['input']})"
             return "invalid-output", f"{res['output']} ({was})"
         if res.get("compare"):
@@ -832,6 +834,10 @@ def pass_names(cfg: Settings) -> list[str]:
         return cache.read_text().split()
 
 
+#: passes that change the numbers on purpose (checked for a valid, runnable output, not by --verify)
+LOSSY_PASSES = frozenset({"quantize", "prune", "cluster-weights"})
+
+
 def fam_valid(case: Case, work: Path, cfg: Settings) -> Plan:
     """A random valid graph, inputs with special values; the output must compute what the input
     computes on onnxruntime (NaN and Inf at the same places)."""
@@ -848,6 +854,8 @@ def fam_valid(case: Case, work: Path, cfg: Settings) -> Plan:
         names = pass_names(cfg)
         name = names[case.index % len(names)] if names else "dce"
         out = work / "out.onnx"
+        if name in LOSSY_PASSES:  # (their outputs differ by design: valid and runnable is what they must stay)
+            return Plan(compile_argv(model, out, "--passes", name), judge=judge_output(cfg, work, model, out, None))
         return Plan(compile_argv(model, out, "--passes", name, *verify), judge=judge_output(cfg, work, model, out, inputs))
     art, y = work / "art", work / "y.npz"
     names = [o.name for o in m.graph.output]

@@ -50,6 +50,34 @@ def check_onnx(proto: onnx.ModelProto, path: str | None = None) -> None:
         where = f"{path}: " if path else ""
         raise ModelCheckError(f"{where}onnx's checker rejects the model: {one_line(str(e)) or type(e).__name__}") from None
     _check_opset_versions(proto, path)
+    where = f"{path}: " if path else ""
+    for t in _initializers(proto.graph):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            _check_raw_size(t, where)
+
+
+#: bits per element of the sub-byte types (raw_data packs them); the others: numpy's itemsize
+_PACKED_BITS = {21: 4, 22: 4, 23: 4, 25: 2, 26: 2, 27: 6, 28: 6}
+
+
+def _check_raw_size(tp: onnx.TensorProto, where: str) -> None:
+    """raw_data must hold exactly what the shape and type need: onnx's checker does not look at
+    longer data, onnxruntime refuses the model, and graphopt would write the same bytes back."""
+    if not tp.HasField("raw_data") or tp.data_type == onnx.TensorProto.STRING:
+        return
+    n = 1
+    for d in tp.dims:
+        n *= int(d)
+    bits = _PACKED_BITS.get(tp.data_type)
+    if bits is None:
+        try:
+            bits = 8 * onnx.helper.tensor_dtype_to_np_dtype(tp.data_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            return
+    want = (n * bits + 7) // 8
+    if len(tp.raw_data) != want:
+        raise ModelCheckError(f"{where}tensor {tp.name!r}: raw_data holds {len(tp.raw_data)} bytes, its shape {list(tp.dims)} "
+                             f"and type need {want}")
 
 
 def _check_opset_versions(proto: onnx.ModelProto, path: str | None) -> None:

@@ -652,17 +652,22 @@ def _arity(lo: int, hi: int) -> str:
     return str(lo) if lo == hi else f"{lo} or more" if hi > 1000 else f"{lo} to {hi}"
 
 
+#: ops whose TVM kernels divide by the element count of a window or axis (or build no shape
+#: for an empty one): fed an empty tensor, legalization fails with "Divide by zero"
+EMPTY_REFUSED = {"ReduceMean", "AveragePool", "GlobalAveragePool", "LpPool", "GlobalLpPool",
+                 "Conv", "ConvTranspose", "ConvInteger", "InstanceNormalization", "LayerNormalization",
+                 "GroupNormalization", "MeanVarianceNormalization", "BatchNormalization", "RMSNormalization",
+                 "MaxPool", "GlobalMaxPool", "LRN", "Resize", "Upsample"}
+
+
 def check_size(what: str, dims: list[Any], dtype: str) -> None:
-    """Refuse a tensor (`what` names it) of static shape `dims` with more than MAX_ELEMENTS
-    elements, or a floating-point one with a zero dim (TVM's kernels divide by its element
-    count: mean, pooling); symbolic dims are the run time's business. Empty integer tensors stay
-    (empty axes, shapes, pads)."""
+    """Refuse a tensor (`what` names it) of static shape `dims` with a negative dim or more than
+    MAX_ELEMENTS elements; symbolic dims are the run time's business."""
     static = [d for d in dims if isinstance(d, (int, np.integer))]
     shown = "[" + ", ".join(str(d) for d in dims) + "]"
-    floating = dtype.startswith(("float", "bfloat"))
     for i, d in enumerate(dims):
-        if isinstance(d, (int, np.integer)) and (d < 0 or d == 0 and floating):
-            raise LoweringError(f"{what} has shape {shown}: dim {i} is {d}; the cpu target does not compile empty tensors")
+        if isinstance(d, (int, np.integer)) and d < 0:
+            raise LoweringError(f"{what} has shape {shown}: dim {i} is {d}")
         if isinstance(d, (int, np.integer)) and d > MAX_ELEMENTS:
             raise LoweringError(f"{what} has shape {shown}: dim {i} is {d}, above the cpu target's limit of "
                                 f"{MAX_ELEMENTS} (2**31 - 1) elements per tensor")
@@ -680,6 +685,19 @@ def _check_outputs(node: Node, outs: list[Any]) -> None:
         ty = e.ty
         if isinstance(ty, relax.TensorType) and isinstance(ty.shape, relax.ShapeExpr):
             check_size(f"node {node.label()}: output {v.name!r}", _static_dims(ty.shape), str(ty.dtype))
+
+
+def _check_not_empty(node: Node, inputs: list[Any]) -> None:
+    """Refuse an empty tensor fed to an op of EMPTY_REFUSED (naming the node and the input)."""
+    if node.op_type not in EMPTY_REFUSED or node.domain not in ("", "ai.onnx"):
+        return
+    for v, e in zip(node.inputs, inputs):
+        ty = getattr(e, "ty", None) if isinstance(e, relax.Expr) else None
+        if isinstance(ty, relax.TensorType) and isinstance(ty.shape, relax.ShapeExpr) and str(ty.dtype).startswith(("float", "bfloat")):
+            dims = _static_dims(ty.shape)  # (data, not axes or sizes: an empty axes list is fine)
+            if any(isinstance(d, int) and d == 0 for d in dims):
+                raise LoweringError(f"node {node.label()}: input {v.name!r} is empty (shape [{', '.join(str(d) for d in dims)}]); "
+                                    f"the cpu target does not compile {node.op_type} of an empty tensor")
 
 
 def _static_dims(shape: relax.ShapeExpr) -> list[Any]:
@@ -1080,6 +1098,7 @@ class _Lowerer:
                 if e is None:
                     raise LoweringError(f"node {n.label()}: input {v.name!r} is not computed before it")
                 ins.append(e)
+            _check_not_empty(n, ins)
             role = self.plan.role(n) if self.plan is not None else None
             if role is not None:
                 out = _layout.convert_blocked(bb, n, role, ins, self.plan,

@@ -686,3 +686,46 @@ def test_qdq_stem_net_equals_onnxruntime() -> None:
     y = graphopt.runtime.load(art.path).run({"x": x})[0]
     ref = _ort(m, {"x": x})[0]
     np.testing.assert_allclose(y, ref, atol=0.05 * np.abs(ref).max())
+
+
+def test_requantize_scales_fold_into_one_multiply() -> None:
+    """Round(Div([Relu](Cast(acc)·s + b), s_y)) → Round([Relu](Cast(acc)·(s/s_y) + b/s_y)): no
+    division left after an integer conv or matmul (one multiply per requantize, as onnxruntime's
+    QLinearConv); the outputs stay those of the QDQ graph within a quantization step."""
+    m = graphopt.load(_qdq_chain())
+    x = np.random.default_rng(24).standard_normal((1, 32, 14, 14)).astype(np.float32)
+    ref = _ort(graphopt.to_onnx(m), {"x": x})[0]
+    out, stats = check_pass(m, "qdq-to-integer", {"x": x}, rtol=0, atol=0.05 * float(np.abs(ref).max()))
+    assert stats["requantize-folded"] == 3  # conv1 → Relu → Q, conv2 → Q, the classifier → Q
+    for n in out.graph:
+        if n.op_type == "Div":  # (what is left: the quantize of values that no integer sum produced)
+            p = n.inputs[0].producer()
+            assert p is None or p.op_type not in ("Mul", "Relu", "Add") or "requant" not in str(p.inputs[-1].name)
+    _, again = check_pass(out, "qdq-to-integer")
+    assert again == {}
+
+
+def _hand_qdq_conv(sy: float = 0.05, conv_out_too: bool = False) -> graphopt.Model:
+    """Q → DQ → Conv(DQ(Wq)) → Q(s_y) → DQ, built by hand (a scale, an extra reader, as asked)."""
+    rng = np.random.default_rng(25)
+    nodes = [h.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), h.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             h.make_node("DequantizeLinear", ["wq", "sw"], ["wd"]), h.make_node("Conv", ["xd", "wd"], ["c"], pads=[1, 1, 1, 1]),
+             h.make_node("QuantizeLinear", ["c", "sy", "zy"], ["cq"]), h.make_node("DequantizeLinear", ["cq", "sy", "zy"], ["y"])]
+    inits = [nh.from_array(np.float32(0.02), "sx"), nh.from_array(np.uint8(128), "zx"), nh.from_array(np.float32(0.01), "sw"),
+             nh.from_array(rng.integers(-127, 128, (16, 16, 3, 3)).astype(np.int8), "wq"),
+             nh.from_array(np.float32(sy), "sy"), nh.from_array(np.uint8(128), "zy")]
+    outs = [h.make_tensor_value_info("y", TP.FLOAT, [1, 16, 8, 8])]
+    if conv_out_too:
+        outs.append(h.make_tensor_value_info("c", TP.FLOAT, [1, 16, 8, 8]))
+    m = _model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [1, 16, 8, 8])], outs, inits)
+    return graphopt.load(onnx.shape_inference.infer_shapes(m))
+
+
+@pytest.mark.parametrize("kwargs, folded", [({}, 1), ({"conv_out_too": True}, 0), ({"sy": -0.05}, 0)],
+                         ids=["fires", "conv-output-read-elsewhere", "negative-scale"])
+def test_requantize_fold_fires_only_on_a_private_positive_chain(kwargs, folded) -> None:
+    m = _hand_qdq_conv(**kwargs)
+    x = np.random.default_rng(26).standard_normal((1, 16, 8, 8)).astype(np.float32)
+    out, stats = check_pass(m, "qdq-to-integer", {"x": x}, rtol=0, atol=0.06)  # (≤ one step of s_y, rounding)
+    assert stats["conv"] == 1 and stats.get("requantize-folded", 0) == folded
+    assert sum(1 for n in out.graph if n.op_type == "Div") == 2 - folded  # (+ the quantize of x)

@@ -205,6 +205,9 @@ class QdqToInteger(Pass):
             if n_conv or n_mm:
                 for k, v in _qdq_to_arith(g, b, touched).items():
                     arith[k] = arith.get(k, 0) + v
+                folded = _fold_requantize_scales(g, b, touched)
+                if folded:
+                    arith["requantize-folded"] = arith.get("requantize-folded", 0) + folded
         drop_unused_initializers(touched)
         if n_conv or n_mm:
             ctx.info(f"qdq-to-integer: {n_conv} QDQ convs as ConvInteger, {n_mm} QDQ Gemm/MatMul as MatMulInteger; "
@@ -377,6 +380,59 @@ def _qdq_to_arith(g, b: Builder, touched: list[Value]) -> dict[str, int]:  # typ
             y.name, out.name = out.name, y.name
         g.remove(node)
     return counts
+
+
+def _scalar_const(v: Value | None) -> float | None:
+    c = const_array(v) if v is not None else None
+    return float(c.reshape(())) if c is not None and c.size == 1 and c.dtype == np.float32 else None
+
+
+def _fold_requantize_scales(g, b: Builder, touched: list[Value]) -> int:  # type: ignore[no-untyped-def]
+    """One multiply per requantize, as onnxruntime's QLinearConv does (acc · s_x·s_w/s_y):
+
+        Round(Div([Relu](Cast(acc) · s[c] [+ b[c]]), s_y))  →  Round([Relu](Cast(acc) · (s/s_y)[c] [+ (b/s_y)[c]]))
+
+    for the int32 sums of ConvInteger / MatMulInteger (the x86 int8 kernels' write-back then has
+    no vector division: it cost as much as the dot products of a 64-channel 1x1 conv). Equal up
+    to float rounding (Relu commutes with a positive scale). Must not fire: a non-constant,
+    non-scalar or non-positive s_y, an intermediate read elsewhere, a chain that does not start
+    at an integer conv/matmul's Cast."""
+    folded = 0
+    for div in list(g.nodes):
+        if div.op_type != "Div" or div.domain not in ("", "ai.onnx") or len(div.inputs) != 2:
+            continue
+        sy = _scalar_const(div.inputs[1])
+        if sy is None or not sy > 0 or not all(u.op_type == "Round" for u in div.outputs[0].consumers()):
+            continue
+        chain, v = [], div.inputs[0]
+        while v is not None and len(v.uses()) == 1 and not v.is_graph_output():
+            p = v.producer()
+            if p is None or p.domain not in ("", "ai.onnx"):
+                break
+            chain.append(p)
+            if p.op_type == "Relu" or (p.op_type == "Add" and const_array(p.inputs[1]) is not None):
+                v = p.inputs[0]
+                continue
+            break
+        if not chain or chain[-1].op_type != "Mul" or len([n for n in chain if n.op_type == "Add"]) > 1:
+            continue
+        mul = chain[-1]
+        src = mul.inputs[0].producer() if mul.inputs[0] is not None else None
+        acc = src.inputs[0].producer() if src is not None and src.op_type == "Cast" and src.inputs else None
+        scale = const_array(mul.inputs[1])
+        if acc is None or acc.op_type not in ("ConvInteger", "MatMulInteger") or scale is None or scale.dtype != np.float32:
+            continue
+        with g.inserting_before(mul):
+            for n in chain:
+                if n.op_type in ("Mul", "Add"):
+                    c = const_array(n.inputs[1])
+                    touched.append(n.inputs[1])
+                    n.replace_input_with(1, b.initializer((c.astype(np.float64) / sy).astype(np.float32), f"{n.inputs[1].name}_requant"))
+        touched.append(div.inputs[1])
+        div.outputs[0].replace_all_uses_with(div.inputs[0])
+        g.remove(div)
+        folded += 1
+    return folded
 
 
 def _chain(v: Value, stop: Value) -> list[Value]:

@@ -178,7 +178,9 @@ def _try_inline_all(sch: "tvm.s_tir.Schedule", keep: Sequence[Any] = ()) -> None
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """Divisors of n in increasing order (O(√n): a batch of 2**40 made the loop run for minutes)."""
+    small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 def _schedule_injective_block(
@@ -581,6 +583,12 @@ class OuterProduct(_Rule):
         _inline_copies(sch, anchor)
         if _INLINE_EPILOGUE:
             _inline_epilogue(sch, anchor)
+        # inlining may change the anchor's reads (a producer's add inlined into an operand): B's
+        # read index is found again by its buffer, and B must still be read as it was
+        reads_now = list(sch.get(anchor).reads)
+        ib = next((i for i, r in enumerate(reads_now) if r.source.same_as(rb.source)), -1)
+        if ib < 0:
+            return None
 
         # vector tile: 2 or 1 vectors; register tile: as many rows as accumulators allow
         if n_vec % (2 * lanes) == 0 and n_reg >= 4:

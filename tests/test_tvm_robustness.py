@@ -300,6 +300,11 @@ _ELEMENTWISE = {
     "Min": ([h.make_node("Min", ["x", "z"], ["y"])], [], 2),
     "Max-three": ([h.make_node("Max", ["x", "z", "x"], ["y"])], [], 2),
     "Max-constant": ([h.make_node("Max", ["x", "c"], ["y"])], [_C("c", 0.5)], 1),
+    # (fuzz valid-cpu: Sign, HardSigmoid and Selu gave 0 for NaN, ThresholdedRelu kept it)
+    "Sign": ([h.make_node("Sign", ["x"], ["y"])], [], 1),
+    "HardSigmoid": ([h.make_node("HardSigmoid", ["x"], ["y"], alpha=0.3, beta=0.4)], [], 1),
+    "Selu": ([h.make_node("Selu", ["x"], ["y"])], [], 1),
+    "ThresholdedRelu": ([h.make_node("ThresholdedRelu", ["x"], ["y"], alpha=0.7)], [], 1),
 }
 
 

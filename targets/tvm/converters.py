@@ -2115,3 +2115,50 @@ def _clip_op(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> 
     if bounds[1] is not None:
         out = upper_bound(bb, out, float(np.array(bounds[1]).astype(dtype)))
     return out
+
+
+# --- NaN where onnxruntime keeps it (or drops it) in the remaining elementwise activations -------------------
+# (found by tools/fuzz.py's valid-cpu family: the frontend's forms give 0 for NaN in Sign,
+# HardSigmoid and Selu, and NaN in ThresholdedRelu, the opposite of onnxruntime)
+
+
+@converter("Sign")
+def _sign(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """sign(x), NaN for NaN (onnxruntime's value; the compare-based form gave 0)."""
+    x = ins[0]
+    if not _float(x):
+        return NotImplemented
+    return bb.emit(R.where(R.isnan(x), x, R.sign(x)))
+
+
+@converter("HardSigmoid")
+def _hard_sigmoid(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """max(0, min(1, alpha·x + beta)) keeping NaN (the NaN-keeping bounds of Clip)."""
+    x = ins[0]
+    if not _float(x):
+        return NotImplemented
+    dtype = _dt(x)
+    y = bb.emit(R.add(R.multiply(x, _c(float(node.attr("alpha", 0.2)), dtype)), _c(float(node.attr("beta", 0.5)), dtype)))
+    return upper_bound(bb, lower_bound(bb, y, 0.0), 1.0)
+
+
+@converter("Selu")
+def _selu(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """gamma · (x > 0 ? x : alpha·(exp(x) − 1)): NaN stays NaN (the else branch computes it)."""
+    x = ins[0]
+    if not _float(x):
+        return NotImplemented
+    dtype = _dt(x)
+    alpha, gamma = float(node.attr("alpha", 1.67326319217681884765625)), float(node.attr("gamma", 1.05070102214813232421875))
+    neg = R.multiply(_c(alpha, dtype), R.subtract(R.exp(x), _c(1.0, dtype)))
+    return bb.emit(R.multiply(_c(gamma, dtype), R.where(R.greater(x, _c(0.0, dtype)), x, neg)))
+
+
+@converter("ThresholdedRelu")
+def _thresholded_relu(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
+    """x > alpha ? x : 0: NaN gives 0, as onnxruntime."""
+    x = ins[0]
+    if not _float(x):
+        return NotImplemented
+    dtype = _dt(x)
+    return bb.emit(R.where(R.greater(x, _c(float(node.attr("alpha", 1.0)), dtype)), x, _c(0.0, dtype)))

@@ -60,7 +60,8 @@ def compile_artifact(opts: Any) -> int:
     optimized = optimize(model, passes, verify_each=opts.verify_each, ctx=ctx)
     pass_seconds = time.perf_counter() - t
     options = CompileOptions(pipeline=cli._format(passes), threads=opts.threads, tune=opts.tune or 0,
-                             tune_minutes=opts.tune_minutes, tuning_db=opts.tuning_db, progress=not opts.quiet)
+                             tune_minutes=opts.tune_minutes, tuning_db=opts.tuning_db, progress=not opts.quiet,
+                             extra={"watchdog-hard-exit": True})  # (this process is graphopt-compile's own)
     art = target.compile(optimized, options, source_sha256=sha256_file(opts.model))
     report = art.report
     report["model"] = opts.model

@@ -84,8 +84,12 @@ def limits_from(extra: dict, environ: dict | None = None) -> tuple[float, int]:
 class Watchdog:
     """A context manager bounding the time and resident memory of the code inside it."""
 
-    def __init__(self, seconds: float, memory: int, activity: Activity, grace: float = 20.0, poll: float = 0.2) -> None:
+    def __init__(self, seconds: float, memory: int, activity: Activity, grace: float = 20.0, poll: float = 0.2,
+                 hard_exit: bool = False) -> None:
         self.seconds, self.memory, self.activity = seconds, memory, activity
+        # the process-ending way out of native code: only for the CLI (graphopt-compile owns its
+        # process; a build pipeline that embeds graphopt.compile must never be killed by it)
+        self.hard_exit = hard_exit
         self.grace, self.poll = grace, poll
         self.tripped: str | None = None  # the error message once a bound is passed
         self._done = threading.Event()
@@ -116,7 +120,7 @@ class Watchdog:
             self.tripped = self.message(why)
             if soft:
                 _thread.interrupt_main(self._signum)
-            if self._done.wait(self.grace):
+            if self._done.wait(self.grace) or not self.hard_exit:
                 return
             # still inside native code: the only way out
             sys.stderr.write(f"graphopt-compile: error: {self.tripped}\n")

@@ -269,7 +269,8 @@ class CpuTarget(Target):
         seconds, memory = W.limits_from(options.extra)
         # (time bound off while tuning: its own budget is --tune-minutes / trials)
         activity = W.Activity()
-        with W.Watchdog(0.0 if options.tune > 0 else seconds, memory, activity):
+        with W.Watchdog(0.0 if options.tune > 0 else seconds, memory, activity,
+                        hard_exit=bool(options.extra.get("watchdog-hard-exit", False))):
             return self._compile_bounded(model, options, target, threads, activity, t0, times, codebooks, source_sha256)
 
     def _compile_bounded(self, model: Model, options: CompileOptions, target: Any, threads: int, activity: Any,

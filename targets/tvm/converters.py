@@ -2078,6 +2078,14 @@ def _relu(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any
     return lower_bound(bb, x, 0.0)
 
 
+def _only_cast_to_int(node: Node) -> bool:
+    """Every reader of `node`'s output is a Cast to an integer type."""
+    uses = node.outputs[0].consumers() if node.outputs else []
+    return bool(uses) and not node.outputs[0].is_graph_output() and all(
+        u.op_type == "Cast" and u.attr("to") is not None and _onnx_dtype(int(u.attr("to"))).startswith(("int", "uint"))
+        for u in uses)
+
+
 @converter("Clip")
 def _clip_op(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
     """Clip with constant bounds → one elementwise block per bound (the frontend's NaN handling
@@ -2097,7 +2105,10 @@ def _clip_op(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> 
             f = float(v.reshape(()))
             bounds.append(None if np.isnan(f) else f)
     dtype = _dt(x)
-    if not _float(x):
+    if not _float(x) or _only_cast_to_int(node):
+        # (a requantize's Clip before its Cast to uint8/int8: NaN has no integer value to keep,
+        # and plain max/min let LLVM fuse the clamp with the conversion: int8 ResNet-50 23.6 ms
+        # vs 26.9 ms with the NaN-keeping selects, 1 thread)
         out = x
         if bounds[0] is not None:
             out = bb.emit(R.maximum(out, _c(bounds[0], dtype)))

@@ -1445,6 +1445,27 @@ def failing_groups(mod: tvm.IRModule, target: tvm.target.Target) -> dict[str, st
     return bad
 
 
+def _float_subtract(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """relax.subtract of floats as a - b with b's bits passed through a reinterpret pair: TVM's
+    arithmetic simplifier cancels a float `x - x` (also `select(c, x, y) - x`) to 0 once the
+    fused kernel's expressions meet, which turns NaN and Inf into 0 (apache/tvm#11373); it
+    cannot prove the pair equal to x, LLVM drops the pair, and without fast-math LLVM keeps
+    x - x as IEEE says (NaN - NaN = NaN, Inf - Inf = NaN)."""
+    from tvm import te, tirx, topi
+
+    a, b = call.args
+    dtype = str(b.ty.dtype)
+    if not dtype.startswith("float") or dtype not in ("float16", "float32", "float64"):
+        return bb.call_te(topi.subtract, a, b)
+    bits = {"float16": "int16", "float32": "int32", "float64": "int64"}[dtype]
+
+    def f(x: te.Tensor, y: te.Tensor) -> te.Tensor:
+        opaque = te.compute(y.shape, lambda *i: tirx.reinterpret(dtype, tirx.reinterpret(bits, y(*i))), name="ieee_guard")
+        return topi.subtract(x, opaque)
+
+    return bb.call_te(f, a, b, primfunc_name_hint="subtract")
+
+
 def legalize_and_fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """LegalizeOps → AnnotateTIROpPattern → FuseTIR: one PrimFunc per primitive group function."""
     with target:
@@ -1452,7 +1473,7 @@ def legalize_and_fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRMod
             [
                 relax.backend.DispatchSampling(),
                 relax.backend.DispatchSortScan(),
-                relax.transform.LegalizeOps(),
+                relax.transform.LegalizeOps({"relax.subtract": _float_subtract}),
                 relax.transform.AnnotateTIROpPattern(),
                 relax.transform.FuseTIR(),
                 relax.transform.DeadCodeElimination(),

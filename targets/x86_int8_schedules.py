@@ -293,15 +293,7 @@ def schedule_int8_matmul(func: Any, target: Any, weight_absmax: Mapping[int, int
     # accumulators: a local [mt, 16] tile, the epilogue inlined into its write-back
     wb = sch.cache_write(mm, 0, "local")
     sch.reverse_compute_at(wb, outer, preserve_unit_loops=True)
-    while True:
-        consumers = sch.get_consumers(wb)
-        if len(consumers) != 1:
-            break
-        try:
-            sch.reverse_compute_inline(consumers[0])
-        except Exception:
-            break
-    if sch.get_consumers(wb):
+    if not _inline_epilogue(sch, wb):
         return None  # an epilogue that is not elementwise: leave the kernel to the default rules
     sch.decompose_reduction(mm, k_o)
     sch.tensorize(n_i, intrin)
@@ -324,15 +316,37 @@ def schedule_int8_matmul(func: Any, target: Any, weight_absmax: Mapping[int, int
     return sch.mod["main"].with_attr("tirx.is_scheduled", True), variant
 
 
+def _inline_epilogue(sch: Any, wb: Any) -> bool:
+    """Inline the elementwise chain after the accumulators' write-back block `wb` into it (the
+    epilogue runs on the tile while it is in registers); False when something else is left
+    reading it (an epilogue that is not elementwise)."""
+    while True:
+        consumers = sch.get_consumers(wb)
+        if len(consumers) != 1:
+            break
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except Exception:  # (not inlinable: the check below says so)
+            break
+    return not sch.get_consumers(wb)
+
+
+def _widest_tile(ow: int, n_blocks: int, max_acc: int, max_xt: int) -> tuple[int, int]:
+    """(output columns ≤ max_xt dividing `ow`, channel vectors ≤ 4 dividing `n_blocks`) with the
+    most accumulators within `max_acc`, more channel vectors first (each broadcast of 4 input
+    bytes then feeds more vpdpbusd)."""
+    cands = [(xt * nt, nt, xt) for nt in (4, 3, 2, 1) if n_blocks % nt == 0
+             for xt in range(1, min(ow, max_xt) + 1) if ow % xt == 0 and xt * nt <= max_acc]
+    _, nt, xt = max(cands)
+    return xt, nt
+
+
 def _tile_conv(ow: int, n_blocks: int, max_acc: int = 8) -> tuple[int, int]:
     """(output columns, channel vectors) per register tile: at most `max_acc` int32 accumulators
     (8 of AVX2's 16 ymm; with 32 zmm up to `max_acc`: the tile of most accumulators, more channel
     vectors first — each broadcast of 4 input bytes then feeds more vpdpbusd)."""
     if max_acc > 8:
-        cands = [(xt * nt, nt, xt) for nt in (4, 3, 2, 1) if n_blocks % nt == 0
-                 for xt in range(1, min(ow, 12) + 1) if ow % xt == 0 and xt * nt <= max_acc]
-        _, nt, xt = max(cands)
-        return xt, nt
+        return _widest_tile(ow, n_blocks, max_acc, 12)
     if n_blocks % 2 == 0:
         for xt in (4, 3, 2):
             if ow % xt == 0:
@@ -445,15 +459,7 @@ def schedule_int8_conv(func: Any, target: Any, weight_absmax: Mapping[int, int] 
     wb = sch.cache_write(mm, 0, "local")
     sch.transform_layout(mm, ("write", 0), lambda n, f, h, w: (n, h, w, f))
     sch.reverse_compute_at(wb, outer, preserve_unit_loops=True)
-    while True:
-        consumers = sch.get_consumers(wb)
-        if len(consumers) != 1:
-            break
-        try:
-            sch.reverse_compute_inline(consumers[0])
-        except Exception:
-            break
-    if sch.get_consumers(wb):
+    if not _inline_epilogue(sch, wb):
         return None
     sch.decompose_reduction(mm, lky)
     sch.tensorize(f_i, intrin)
@@ -523,10 +529,7 @@ def schedule_int8_conv_blocked(func: Any, target: Any, weight_absmax: Mapping[in
 
     # register tile: most accumulators within the budget, more output blocks first (each
     # broadcast of 4 input bytes then feeds more vpdpbusd)
-    budget = machine.accumulators
-    cands = [(xt * nt, nt, xt) for nt in (4, 3, 2, 1) if ob_n % nt == 0
-             for xt in range(1, min(ow_n, 14) + 1) if ow_n % xt == 0 and xt * nt <= budget]
-    _, nt, xt = max(cands)
+    xt, nt = _widest_tile(ow_n, ob_n, machine.accumulators, 14)
     n_l, ob_l, oh_l, ow_l, oi_l, *red = sch.get_loops(conv)
     ob_o, ob_i = sch.split(ob_l, [None, nt])
     ow_o, ow_i = sch.split(ow_l, [None, xt])
@@ -536,15 +539,7 @@ def schedule_int8_conv_blocked(func: Any, target: Any, weight_absmax: Mapping[in
         sch.parallel(outer)
     wb = sch.cache_write(conv, 0, "local")
     sch.reverse_compute_at(wb, outer, preserve_unit_loops=True)
-    while True:
-        consumers = sch.get_consumers(wb)
-        if len(consumers) != 1:
-            break
-        try:
-            sch.reverse_compute_inline(consumers[0])
-        except Exception:
-            break
-    if sch.get_consumers(wb):
+    if not _inline_epilogue(sch, wb):
         return None
     # the padded input (a real pad: if_then_else) is written by its own parallel loop
     for b in sch.get_child_blocks(root):

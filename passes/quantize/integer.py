@@ -173,7 +173,6 @@ class QdqToInteger(Pass):
                     continue
                 xq, zx, wq, scale, bias, pads = plan
                 oc = wq.shape[0]
-                out = node.outputs[0]
                 with g.inserting_before(node):
                     kw: dict = {"pads": pads}
                     for a in ("strides", "dilations", "kernel_shape"):
@@ -182,20 +181,8 @@ class QdqToInteger(Pass):
                     base = node.name or "conv"
                     acc = b.op.ConvInteger(xq, b.initializer(wq, f"{base}_wq"),
                                            b.initializer(np.array(zx, dtype=xq.dtype.numpy()).reshape(()), f"{base}_xzp"), **kw)
-                    yf = b.op.Cast(acc, to=int(DataType.FLOAT))
-                    y = ys = b.op.Mul(yf, b.initializer(scale.reshape(1, oc, 1, 1).astype(np.float32), f"{base}_scale"))
-                    if bias is not None:
-                        y = b.op.Add(y, b.initializer(bias.reshape(1, oc, 1, 1).astype(np.float32), f"{base}_bias"))
-                oshape = out.shape
-                for v, dt in ((acc, DataType.INT32), (yf, DataType.FLOAT), (ys, DataType.FLOAT), (y, DataType.FLOAT)):
-                    v.type = TensorType(dt, oshape)
-                touched += [v for v in node.inputs if v is not None]
-                out.replace_all_uses_with(y, replace_graph_outputs=True)
-                if any(o is y for o in g.outputs):
-                    y.name, out.name = out.name, y.name
-                g.remove(node)
-                if node.name:
-                    acc.producer().name = node.name  # the layer's name (kernel groups, profiles)
+                _replace_by_scaled_sum(g, b, node, acc, scale.reshape(1, oc, 1, 1),
+                                       None if bias is None else bias.reshape(1, oc, 1, 1), base, touched)
                 n_conv += 1
             # DequantizeLinear nodes (weights, biases) nothing reads any more
             for dq in [n for n in g.nodes if n.op_type == "DequantizeLinear"]:
@@ -253,26 +240,13 @@ class QdqToInteger(Pass):
                 bias = const_array(ins[2])
             if bias is None or bias.size not in (1, n):
                 return False
-        out = node.outputs[0]
         base = node.name or "matmul"
         with g.inserting_before(node):
             wk = np.ascontiguousarray(wq.T if trans else wq)
             acc = b.op.MatMulInteger(xq, b.initializer(wk, f"{base}_wq"),
                                      b.initializer(np.array(zx, dtype=xq.dtype.numpy()).reshape(()), f"{base}_xzp"))
-            yf = b.op.Cast(acc, to=int(DataType.FLOAT))
-            y = ys = b.op.Mul(yf, b.initializer(scale, f"{base}_scale"))
-            if bias is not None:
-                y = b.op.Add(y, b.initializer(np.broadcast_to(bias.reshape(-1), (n,)).astype(np.float32), f"{base}_bias"))
-        oshape = out.shape
-        for v, dt in ((acc, DataType.INT32), (yf, DataType.FLOAT), (ys, DataType.FLOAT), (y, DataType.FLOAT)):
-            v.type = TensorType(dt, oshape)
-        touched += [v for v in node.inputs if v is not None]
-        out.replace_all_uses_with(y, replace_graph_outputs=True)
-        if any(o is y for o in g.outputs):
-            y.name, out.name = out.name, y.name
-        g.remove(node)
-        if node.name:
-            acc.producer().name = node.name
+        _replace_by_scaled_sum(g, b, node, acc, scale, None if bias is None else np.broadcast_to(bias.reshape(-1), (n,)),
+                               base, touched)
         return True
 
     @staticmethod
@@ -380,6 +354,28 @@ def _qdq_to_arith(g, b: Builder, touched: list[Value]) -> dict[str, int]:  # typ
             y.name, out.name = out.name, y.name
         g.remove(node)
     return counts
+
+
+def _replace_by_scaled_sum(g, b: Builder, node, acc: Value, scale: np.ndarray, bias: np.ndarray | None,  # type: ignore[no-untyped-def]
+                           base: str, touched: list[Value]) -> None:
+    """`node`'s float output → Cast(acc, float) · scale [+ bias] (acc: the integer conv/matmul
+    written before it), typed as the output was; `node` removed, its name given to acc's node
+    (the layer's name: kernel groups, profiles)."""
+    out = node.outputs[0]
+    with g.inserting_before(node):
+        yf = b.op.Cast(acc, to=int(DataType.FLOAT))
+        y = ys = b.op.Mul(yf, b.initializer(scale.astype(np.float32), f"{base}_scale"))
+        if bias is not None:
+            y = b.op.Add(y, b.initializer(bias.astype(np.float32), f"{base}_bias"))
+    for v, dt in ((acc, DataType.INT32), (yf, DataType.FLOAT), (ys, DataType.FLOAT), (y, DataType.FLOAT)):
+        v.type = TensorType(dt, out.shape)
+    touched += [v for v in node.inputs if v is not None]
+    out.replace_all_uses_with(y, replace_graph_outputs=True)
+    if any(o is y for o in g.outputs):
+        y.name, out.name = out.name, y.name
+    g.remove(node)
+    if node.name:
+        acc.producer().name = node.name
 
 
 def _scalar_const(v: Value | None) -> float | None:

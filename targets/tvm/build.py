@@ -163,6 +163,17 @@ def _pointer_params(func: tvm.tirx.PrimFunc) -> int:
     return sum(1 for p in func.params if isinstance(getattr(p, "ty", None), (tvm.tirx.BufferType, tvm.ir.PointerType)))
 
 
+def with_functions(mod: tvm.IRModule, updates: dict[Any, Any]) -> tvm.IRModule:
+    """`mod` with the functions in `updates` (global var → function) replaced; `mod` itself when
+    there are none (a module is shared: the copy is made only when something changes)."""
+    if not updates:
+        return mod
+    mod = mod.clone()
+    for gv, func in updates.items():
+        mod.update_func(gv, func)
+    return mod
+
+
 def restrict_host_funcs(mod: tvm.IRModule) -> tvm.IRModule:
     """Mark `tirx.noalias` on PrimFuncs that take at most one buffer (VMShapeLower's `shape_func`,
     which only reads and writes the shape heap: nothing it takes can alias).
@@ -177,12 +188,7 @@ def restrict_host_funcs(mod: tvm.IRModule) -> tvm.IRModule:
     for gv, func in mod.functions_items():
         if isinstance(func, tvm.tirx.PrimFunc) and not func.attrs.get("tirx.noalias", False) and _pointer_params(func) <= 1:
             updates[gv] = func.with_attr("tirx.noalias", True)
-    if not updates:
-        return mod
-    mod = mod.clone()
-    for gv, func in updates.items():
-        mod.update_func(gv, func)
-    return mod
+    return with_functions(mod, updates)
 
 
 def finish_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
@@ -270,12 +276,7 @@ def keep_param_packing(mod: tvm.IRModule) -> tvm.IRModule:
         visit(root)
         if changed:
             updates[gv] = sch.mod["main"]
-    if not updates:
-        return mod
-    mod = mod.clone()
-    for gv, func in updates.items():
-        mod.update_func(gv, func)
-    return mod
+    return with_functions(mod, updates)
 
 
 def _only(mod: tvm.IRModule, entry: str, drop: str) -> tvm.IRModule:

@@ -367,11 +367,12 @@ def test_qdq_to_integer_rewrite() -> None:
     m = _qdq_cnn()
     x = np.random.default_rng(16).standard_normal((1, 8, 16, 16)).astype(np.float32)
     out, stats = check_pass(m, "qdq-to-integer", {"x": x}, rtol=0, atol=1e-6)
-    assert stats["conv"] == 2  # conv1, conv2; the depthwise conv stays a (fake-quantized) float conv
+    assert stats["conv"] == 3  # conv1, conv2 and the depthwise conv (group kept)
     kinds = {n.op_type for n in out.graph}
     assert "ConvInteger" in kinds and not kinds & {"QuantizeLinear", "DequantizeLinear"}
-    assert sum(1 for n in out.graph if n.op_type == "Conv") == 1
-    assert {n.name for n in out.graph if n.op_type == "ConvInteger"} == {"conv1", "conv2"}
+    assert sum(1 for n in out.graph if n.op_type == "Conv") == 0
+    assert {n.name for n in out.graph if n.op_type == "ConvInteger"} == {"conv1", "conv2", "dw"}
+    assert next(n for n in out.graph if n.name == "dw").attr("group") == 16
 
 
 def test_qdq_to_integer_leaves_float_models_alone() -> None:
@@ -729,3 +730,83 @@ def test_requantize_fold_fires_only_on_a_private_positive_chain(kwargs, folded) 
     out, stats = check_pass(m, "qdq-to-integer", {"x": x}, rtol=0, atol=0.06)  # (≤ one step of s_y, rounding)
     assert stats["conv"] == 1 and stats.get("requantize-folded", 0) == folded
     assert sum(1 for n in out.graph if n.op_type == "Div") == 2 - folded  # (+ the quantize of x)
+
+
+# --- depthwise int8: uint8 blocks through a MobileNet's depthwise convs -------------------------------------
+
+
+def _depthwise_integer(c: int, hw: int, stride: int, pad: int, zx: int) -> onnx.ModelProto:
+    w = _weights((c, 1, 3, 3), 127, seed=41)
+    nodes = [h.make_node("ConvInteger", ["x", "w", "xz"], ["acc"], pads=[pad] * 4, strides=[stride, stride], group=c),
+             h.make_node("Cast", ["acc"], ["af"], to=TP.FLOAT), h.make_node("Mul", ["af", "sc"], ["y"])]
+    m = _model(nodes, [h.make_tensor_value_info("x", TP.UINT8, [1, c, hw, hw])], [h.make_tensor_value_info("y", TP.FLOAT, None)],
+               [nh.from_array(w, "w"), nh.from_array(np.uint8(zx), "xz"),
+                nh.from_array(np.linspace(0.5, 1.5, c).astype(np.float32).reshape(1, c, 1, 1), "sc")])
+    return onnx.shape_inference.infer_shapes(m)
+
+
+@pytest.mark.parametrize("spec", [
+    pytest.param(VNNI_CPU, marks=needs_vnni, id="vnni-blocked"),
+    pytest.param(AVX2_CPU, marks=needs_avx2, id="avx2-nchw"),
+])
+@pytest.mark.parametrize("c, hw, stride, pad, zx", [
+    (32, 14, 1, 1, 131),   # padded with the zero point
+    (48, 15, 2, 1, 0),     # stride 2, odd map, 3 blocks
+    (16, 7, 1, 0, 255),    # no padding, the largest zero point
+])
+def test_depthwise_conv_integer_equals_onnxruntime(spec, c, hw, stride, pad, zx) -> None:
+    """A depthwise ConvInteger (group = C) compiled: exact against onnxruntime's, on 16-channel
+    uint8 blocks with VNNI (the window schedule, its 8-bit weight a packed parameter) and as a
+    grouped NCHW conv on AVX2."""
+    m = _depthwise_integer(c, hw, stride, pad, zx)
+    art = graphopt.compile(m, spec, "-O2", threads=2)
+    rules = art.report["schedules"]["rules"]
+    if spec == VNNI_CPU:
+        assert rules.get("blocked-conv") == 1 and "window-reduction" not in rules, rules
+    x = np.random.default_rng(42).integers(0, 256, (1, c, hw, hw)).astype(np.uint8)
+    y = graphopt.runtime.load(art.path).run({"x": x})[0]
+    assert np.array_equal(y, _ort(m, {"x": x})[0])
+
+
+def test_depthwise_int8_plan_role() -> None:
+    """The layout plan runs a depthwise ConvInteger blocked (`depthwise-int8`) where the int8 dot
+    takes 16-channel blocks; AVX2 (block 8, no VNNI) and a grouped conv that is not depthwise
+    stay NCHW."""
+    from graphopt.passes.fusion.kernel_groups import KERNEL_KEY, PlanKernels
+    from graphopt.targets.tvm import layout as LY
+    from graphopt.transform import PassContext
+
+    def roles(m: onnx.ModelProto, spec: str, block: int) -> list:
+        g = graphopt.optimize(graphopt.load(m), "-O2")
+        PlanKernels().run(g, PassContext())
+        groups: dict[str, list] = {}
+        for n in g.graph.nodes:
+            if KERNEL_KEY in n.metadata_props:
+                groups.setdefault(n.metadata_props[KERNEL_KEY], []).append(n)
+        plan = LY.plan_layout(g, list(groups.items()), block, get_target(spec).machine_model(2))
+        return [plan.role(n) for n in g.graph.nodes if n.op_type == "ConvInteger"]
+
+    m = _depthwise_integer(32, 14, 1, 1, 131)
+    assert roles(m, VNNI_CPU, 16) == ["depthwise-int8"]
+    assert roles(m, AVX2_CPU, 8) == [None]
+    grouped = _depthwise_integer(32, 14, 1, 1, 131)
+    grouped.graph.initializer[0].CopyFrom(nh.from_array(_weights((32, 2, 3, 3), 127), "w"))
+    for a in grouped.graph.node[0].attribute:
+        if a.name == "group":
+            a.i = 16
+    assert roles(grouped, VNNI_CPU, 16) == [None]
+
+
+@pytest.mark.parametrize("spec", [
+    pytest.param(VNNI_CPU, marks=needs_vnni, id="vnni"),
+    pytest.param(AVX2_CPU, marks=needs_avx2, id="avx2"),
+])
+def test_quantized_depthwise_net_equals_onnxruntime(spec) -> None:
+    """The QDQ net with a depthwise conv: every conv integer (the depthwise one as a grouped
+    ConvInteger), outputs within a quantization step of onnxruntime's QDQ run."""
+    m = graphopt.to_onnx(_qdq_cnn("false"))
+    art = graphopt.compile(m, spec, "-O2", threads=2)
+    x = np.random.default_rng(43).standard_normal((1, 8, 16, 16)).astype(np.float32)
+    y = graphopt.runtime.load(art.path).run({"x": x})[0]
+    ref = _ort(m, {"x": x})[0]
+    np.testing.assert_allclose(y, ref, atol=0.05 * np.abs(ref).max())

@@ -13,7 +13,7 @@ LiftTransformParams) into
 
 - `conv`: `[OC/b, C/b, KH, KW, b(in), b(out)]` (group 1, input blocked),
 - `stem`: `[OC/b, C, KH, KW, b(out)]` (group 1, input in NCHW: the first conv of a CNN, C=3),
-- `depthwise`: `[C/b, KH, KW, b]` (group = C = OC).
+- `depthwise`: `[C/b, KH, KW, b]` (group = C = OC; int8 weights of a depthwise ConvInteger too).
 
 Every compute takes explicit pads `(top, left, bottom, right)`; padded values are a separate
 `pad` block (0 for convolutions, -inf for max pooling) that the schedules decompose.
@@ -305,18 +305,26 @@ def conv2d_int8_stem(x: te.Tensor, w: te.Tensor, kernel_w: int, strides: Sequenc
 
 
 def depthwise_blocked(
-    x: te.Tensor, w: te.Tensor, strides: Sequence[int], pads: Sequence[int], dilations: Sequence[int]
+    x: te.Tensor, w: te.Tensor, strides: Sequence[int], pads: Sequence[int], dilations: Sequence[int],
+    pad_value: float = 0.0, acc_dtype: str | None = None,
 ) -> te.Tensor:
-    """x [N, C/b, H, W, b] (*) w [C/b, KH, KW, b] per channel → [N, C/b, OH, OW, b]."""
+    """x [N, C/b, H, W, b] (*) w [C/b, KH, KW, b] per channel → [N, C/b, OH, OW, b], the input
+    padded with `pad_value`. `acc_dtype` "int32": uint8 x and int8 w (a depthwise ConvInteger,
+    `pad_value` its zero point) widened and summed in int32 (exact: 9 taps of 255·128)."""
     n, cb_n, h, wd, b = x.shape
     _, kh_n, kw_n, _ = w.shape
     sh, sw, dh, dw, oh, ow = _window(h, wd, kh_n, kw_n, strides, pads, dilations)
-    p = _pad_spatial(x, 2, pads, 0.0)
+    p = _pad_spatial(x, 2, pads, pad_value)
     kh = te.reduce_axis((0, kh_n), "kh")
     kw = te.reduce_axis((0, kw_n), "kw")
+
+    def tap(i: Any, cb: Any, y: Any, xx: Any, ci: Any) -> Any:
+        a, c = p[i, cb, y * sh + kh * dh, xx * sw + kw * dw, ci], w[cb, kh, kw, ci]
+        return a * c if acc_dtype is None else a.astype(acc_dtype) * c.astype(acc_dtype)
+
     return te.compute(
         (n, cb_n, oh, ow, b),
-        lambda i, cb, y, xx, ci: te.sum(p[i, cb, y * sh + kh * dh, xx * sw + kw * dw, ci] * w[cb, kh, kw, ci], axis=[kh, kw]),
+        lambda i, cb, y, xx, ci: te.sum(tap(i, cb, y, xx, ci), axis=[kh, kw]),
         name="depthwise_blocked",
     )
 

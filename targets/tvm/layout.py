@@ -20,6 +20,10 @@ A group is blocked when every node in it can run blocked and it has a reason to:
   values blocked, its requantize epilogues write 16 contiguous channels, and no conv relayouts
   its input (`blocked_ops.conv2d_int8_blocked`, `x86_int8_schedules.schedule_int8_conv_blocked`;
   ResNet-50 int8, 1 thread: 46.1 → 33.0 ms);
+- `depthwise-int8`: a depthwise ConvInteger (group = C = OC, a multiple of b) on the same
+  machines: uint8 blocks in, int32 sums per channel (`depthwise_blocked` widening to int32, the
+  float depthwise's window schedule), so a quantized MobileNet stays 8-bit through its depthwise
+  convs instead of writing float for them;
 - `pool`: MaxPool / AveragePool (2-D, one output) and `global-pool`: GlobalAveragePool /
   GlobalMaxPool, when their input is blocked already;
 - `concat`: Concat along the channels when every input's channel count is a multiple of b and
@@ -118,8 +122,9 @@ class LayoutPlan:
             return PLAIN
         if role == "batchnorm" and i > 0:
             return PLAIN  # (read as constants when the node is converted)
-        if role in ("conv-int8", "stem-int8"):  # (zero points: read as constants)
-            return {0: PLAIN if role == "stem-int8" else BLOCKED, 1: INT8_WEIGHT if role == "conv-int8" else INT8_STEM_WEIGHT}.get(i, PLAIN)
+        if role in ("conv-int8", "stem-int8", "depthwise-int8"):  # (zero points: read as constants)
+            weight = {"conv-int8": INT8_WEIGHT, "stem-int8": INT8_STEM_WEIGHT, "depthwise-int8": DW_WEIGHT}[role]
+            return {0: PLAIN if role == "stem-int8" else BLOCKED, 1: weight}.get(i, PLAIN)
         if role in ("conv", "stem", "depthwise"):
             if i == 0:
                 return PLAIN if role == "stem" else BLOCKED
@@ -223,7 +228,8 @@ def _conv_int8_role(n: Node, b: int, x_blocked: bool = False) -> str | None:
     """`conv-int8` for a 2-D ConvInteger of uint8 activations (constant scalar zero point) and
     constant int8 weights (zero point 0), group 1, explicit pads, C and OC multiples of `b`;
     `stem-int8` for the same with C not a multiple of `b`, an NCHW input, no dilation (the first
-    conv of a quantized CNN: its output is blocked)."""
+    conv of a quantized CNN: its output is blocked); `depthwise-int8` for group = C = OC, a
+    multiple of `b`."""
     ins = list(n.inputs) + [None] * 4
     x, y = _dims4(ins[0], (np.uint8,)), _dims4(n.outputs[0], (np.int32,))
     wc = _const(ins[1]) if ins[1] is not None else None
@@ -231,8 +237,12 @@ def _conv_int8_role(n: Node, b: int, x_blocked: bool = False) -> str | None:
         return None
     zx = _const(ins[2]) if ins[2] is not None else np.zeros((), np.uint8)
     zw = _const(ins[3]) if ins[3] is not None else np.zeros((), np.int8)
-    if zx is None or zx.size != 1 or zw is None or np.any(zw != 0) or int(n.attr("group", 1)) != 1:
+    if zx is None or zx.size != 1 or zw is None or np.any(zw != 0):
         return None
+    g = int(n.attr("group", 1))
+    if g != 1:
+        c = int(x[1])
+        return "depthwise-int8" if g == c == int(wc.shape[0]) and int(wc.shape[1]) == 1 and c % b == 0 else None
     if int(wc.shape[0]) % b or int(wc.shape[1]) != int(x[1]):
         return None
     if int(x[1]) % b:
@@ -522,10 +532,13 @@ def convert_blocked(bb: relax.BlockBuilder, n: Node, role: str, ins: list[Any], 
     strides = [int(s) for s in n.attr("strides", [1, 1])]
     dilations = [int(d) for d in n.attr("dilations", [1, 1])]
     pads = pads_of(n)
-    if role in ("conv-int8", "stem-int8"):
+    if role in ("conv-int8", "stem-int8", "depthwise-int8"):
         # ConvInteger(x, W, z): the input padded with z, Σ x·W in int32, minus z·ΣW per output channel
         z = int(_const(n.inputs[2]).reshape(())) if len(n.inputs) > 2 and n.inputs[2] is not None else 0
-        if role == "stem-int8":
+        if role == "depthwise-int8":
+            y = bb.emit_te(BO.depthwise_blocked, x, ins[1], strides, pads, dilations, z, "int32",
+                           primfunc_name_hint="depthwise_int8_blocked")
+        elif role == "stem-int8":
             kw = int(_const(n.inputs[1]).shape[3])
             y = bb.emit_te(BO.conv2d_int8_stem, x, ins[1], kw, strides, pads, z, primfunc_name_hint="conv_int8_stem")
         else:

@@ -49,7 +49,8 @@ from graphopt.targets.machine import MachineModel, machine_model
 
 KERNEL_KEY = "graphopt.kernel"
 
-#: integer constants up to this many elements are inlined (shape-deciding inputs)
+#: int32/int64/bool constants up to this many elements are inlined (shape-deciding inputs, indices;
+#: not 8-bit weights: a depthwise int8 conv's inlined weight was repacked inside its kernel, 3.5x slower)
 INLINE_INT_ELEMS = 4096
 #: any constant up to this many elements is inlined
 INLINE_ANY_ELEMS = 16
@@ -134,7 +135,7 @@ def _const_value(e: Any) -> np.ndarray | None:
 
 @converter("ConvInteger")
 def _conv_integer(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
-    """2-D ConvInteger (the frontend has none) with constant zero points, weight zero point 0:
+    """2-D ConvInteger (the frontend has none; grouped too) with constant zero points, weight zero point 0:
     Pad(x, value x_zp) → conv2d accumulating in int32 → − x_zp·ΣW[oc] (the filter sums from the
     weight's value), so the reduction is a plain int8 product the int8 kernels tensorize."""
     from graphopt.pattern import const_array
@@ -144,15 +145,16 @@ def _conv_integer(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int
     if zx is None or zw is None or zx.size != 1 or np.any(zw != 0):
         raise LoweringError(f"node {node.label()}: ConvInteger needs a constant scalar x_zero_point and a zero "
                             "w_zero_point on the cpu target")
-    if len(ins[1].ty.shape) != 4 or str(_attr(node, "auto_pad", "NOTSET")) != "NOTSET" or int(_attr(node, "group", 1)) != 1:
-        raise LoweringError(f"node {node.label()}: only 2-D ungrouped ConvInteger with explicit pads is supported by the cpu target")
+    if len(ins[1].ty.shape) != 4 or str(_attr(node, "auto_pad", "NOTSET")) != "NOTSET":
+        raise LoweringError(f"node {node.label()}: only 2-D ConvInteger with explicit pads is supported by the cpu target")
     t, l, b_, r = (list(_attr(node, "pads", [0, 0, 0, 0])) + [0, 0, 0, 0])[:4]
     z = int(zx.reshape(()))
     x = ins[0]
     if t or l or b_ or r:
         x = bb.normalize(relax.op.nn.pad(x, [0, 0, 0, 0, t, b_, l, r], pad_value=float(z)))
     y = bb.normalize(relax.op.nn.conv2d(x, ins[1], strides=list(_attr(node, "strides", [1, 1])), padding=[0, 0, 0, 0],
-                                        dilation=list(_attr(node, "dilations", [1, 1])), out_dtype="int32"))
+                                        dilation=list(_attr(node, "dilations", [1, 1])),
+                                        groups=int(_attr(node, "group", 1)), out_dtype="int32"))
     if z:
         w = const_array(node.inputs[1])
         if w is None:
@@ -818,7 +820,8 @@ def _dtype(v: Value) -> str:
 
 
 def _is_inline(arr: np.ndarray) -> bool:
-    return arr.size <= INLINE_ANY_ELEMS or (arr.dtype.kind in "iub" and arr.size <= INLINE_INT_ELEMS)
+    wide_int = arr.dtype.kind == "b" or (arr.dtype.kind in "iu" and arr.dtype.itemsize >= 4)
+    return arr.size <= INLINE_ANY_ELEMS or (wide_int and arr.size <= INLINE_INT_ELEMS)
 
 
 def _const(arr: np.ndarray) -> tvm.ir.GenericConst:

@@ -23,7 +23,7 @@ from graphopt.errors import UsageError
 def compile_artifact(opts: Any) -> int:
     from graphopt import cli
     from graphopt.check import NumericMismatchError, compare_outputs, run_onnxruntime
-    from graphopt.target import CompileOptions, get_target, sha256_file
+    from graphopt.target import CompileOptions, compile_model, get_target, sha256_file
     from graphopt.transform import PassContext, optimize
 
     start = time.perf_counter()
@@ -62,7 +62,7 @@ def compile_artifact(opts: Any) -> int:
     options = CompileOptions(pipeline=cli._format(passes), threads=opts.threads, tune=opts.tune or 0,
                              tune_minutes=opts.tune_minutes, tuning_db=opts.tuning_db, progress=not opts.quiet,
                              extra={"watchdog-hard-exit": True})  # (this process is graphopt-compile's own)
-    art = target.compile(optimized, options, source_sha256=sha256_file(opts.model))
+    art = compile_model(target, optimized, options, source_sha256=sha256_file(opts.model))
     report = art.report
     report["model"] = opts.model
     report["output"] = opts.output

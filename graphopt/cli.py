@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
                    help="run onnx's checker (full check, with shape inference) on the input first and refuse a "
                         "model it rejects (default); --no-check compiles it anyway, and says so")
+    p.add_argument("--input-shape", action="append", metavar="NAME:DIMS", help="fix input NAME's shape before the "
+                   "passes, e.g. x:1x3x224x224 (repeatable); its symbolic dims take these values everywhere")
+    p.add_argument("--dim", action="append", metavar="SYMBOL=SIZE", help="fix the symbolic dim SYMBOL (e.g. batch=1) "
+                   "in every input before the passes (repeatable)")
     p.add_argument("--inputs", metavar="X.npz", help="inputs for --verify/--verify-each (default: random)")
     p.add_argument("--rtol", type=float, help="relative tolerance for verification (default 1e-4)")
     p.add_argument("--atol", type=float, help="absolute tolerance for verification (default 1e-5)")
@@ -149,6 +153,8 @@ class Options:
     tuning_db: str | None = None
     threads: int | None = None
     calibration: str | None = None  # --quantize's data, handed to the pass through PassContext.data
+    input_shapes: list[str] = field(default_factory=list)  # --input-shape NAME:DIMS (graphopt.input_shapes)
+    dims: list[str] = field(default_factory=list)  # --dim SYMBOL=SIZE
 
 
 def _join_spec_values(argv: Sequence[str]) -> list[str]:
@@ -202,6 +208,8 @@ def parse_options(argv: Sequence[str]) -> Options:
         tune_minutes=pick(ns.tune_minutes, "tune-minutes", None),
         tuning_db=pick(ns.tuning_db, "tuning-db", None),
         threads=pick(ns.threads, "threads", None),
+        input_shapes=list(pick(ns.input_shape, "input-shape", [])),
+        dims=list(pick(ns.dim, "dim", [])),
     )
     # the pipeline shortcuts: a flag wins over the config file
     for key, attr in (("prune", "prune"), ("quantize", "quantize"), ("calibration", "calibration"),
@@ -478,6 +486,7 @@ def _compile(opts: Options) -> int:
             _check_output(staged, opts.output)
         report.nodes_after = op_counts(optimized)
         report.size_after = sum(os.path.getsize(os.path.join(stage, f)) for f in os.listdir(stage))
+        report.warnings.extend(option_warnings(timing.records))
         if reference is not None and feeds is not None:
             # verify what was written, not the in-memory IR: this also covers export and save
             actual = run_onnxruntime(graphopt.load(staged), feeds)
@@ -504,6 +513,23 @@ def _finish(opts: Options, report: Any, start: float) -> None:
             f.write(report.to_json().encode())
     if not opts.quiet:
         print(report.format_table(), file=sys.stderr)
+    for w in report.warnings:  # (shown with --quiet too)
+        print(f"{PROG}: warning: {_one_line(w)}", file=sys.stderr)
+
+
+#: passes that run only because the user asked for them: one that changes nothing is a warning
+REQUESTED_PASSES = {"quantize": "--quantize", "prune": "--prune", "cluster-weights": "cluster-weights"}
+
+
+def option_warnings(records: Sequence[Any]) -> list[str]:
+    """A warning for each pass the user asked for (quantize, prune, cluster-weights) that
+    changed nothing, with the pass's reason."""
+    out = []
+    for r in records:
+        name = r.spec.partition("{")[0]
+        if name in REQUESTED_PASSES and not r.changed:
+            out.append(f"{REQUESTED_PASSES[name]} ({r.spec}) changed nothing: {r.note}")
+    return out
 
 
 def load_input(opts: Any, log: list[str]) -> Any:
@@ -523,6 +549,11 @@ def load_input(opts: Any, log: list[str]) -> Any:
         if not getattr(opts, "quiet", False):
             _note(note)
     densify_sparse_initializers(model)
+    shapes, dims = getattr(opts, "input_shapes", []), getattr(opts, "dims", [])
+    if shapes or dims:  # before any pass, so shape inference and the cleanup passes can fold them
+        from graphopt.input_shapes import fix_input_shapes, parse_all
+
+        log.extend(fix_input_shapes(model, *parse_all(shapes, dims)))
     return model
 
 

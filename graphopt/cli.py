@@ -462,6 +462,7 @@ def _compile(opts: Options) -> int:
         log=ctx.log,
         nodes_before=op_counts(model),
         size_before=_model_bytes(opts.model, model),
+        notes=[line for line in ctx.log if line.startswith("input shapes:")],
     )
     timing = TimingInstrument()
     report.passes = timing.records

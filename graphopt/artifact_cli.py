@@ -56,6 +56,9 @@ def compile_artifact(opts: Any) -> int:
                              f"(target mcpu={machine.mcpu}): drop --verify, or verify on such a machine")
     ctx = PassContext(machine=machine)
     model = cli.load_input(opts, ctx.log)  # checked by onnx's checker, sparse initializers dense
+    if opts.calibration:
+        cli.check_calibration(opts.calibration, model)
+        ctx.data["calibration"] = opts.calibration
     passes = cli._resolve(opts, ctx.log)
     feeds = cli._feeds(opts, model) if opts.verify else None
     reference = run_onnxruntime(model, feeds) if feeds is not None else None
@@ -79,6 +82,9 @@ def compile_artifact(opts: Any) -> int:
     report.warnings = cli.option_warnings(timing.records) + tune_warnings(opts.tune or 0, own.get("tuning")) \
         + [str(w) for w in own.pop("warnings", [])]
     report.target_report = own
+    if opts.output.endswith(".onnx"):  # (a folder named like a file is a likely slip)
+        report.warnings.append(f"-o {opts.output}: target {opts.target} writes an artifact folder (library, params, "
+                               "manifest), not an .onnx file; the folder has that name")
     report.size_after = sum(os.path.getsize(os.path.join(art.path, f)) for f in os.listdir(art.path)
                             if os.path.isfile(os.path.join(art.path, f)))
     if reference is not None and feeds is not None:

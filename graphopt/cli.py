@@ -315,6 +315,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         _error(str(e))
         return EXIT_VERIFY if isinstance(e, NumericMismatchError) else EXIT_USAGE
+    except BrokenPipeError:  # `--explain ... | head`: the reader left; not an error of ours
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except ModuleNotFoundError as e:
+        if (e.name or "").partition(".")[0] in ("tvm", "tvm_ffi"):
+            if debug:
+                traceback.print_exc()
+            _error("the compiled targets (cpu, arm64, cuda) need apache-tvm: pip install 'graphopt[tvm]'")
+            return EXIT_USAGE
+        return _internal(e, debug, f"internal error: {type(e).__name__}: {e}")
     except Exception as e:
         return _internal(e, debug, f"internal error: {type(e).__name__}: {e}")
 
@@ -345,6 +356,11 @@ def _run(opts: Options) -> int:
         return _list_passes()
     if opts.print_pipeline:
         passes = _resolve(opts)
+        if opts.calibration:  # replayable: the data goes into quantize's own `data` option
+            import dataclasses
+
+            passes = [dataclasses.replace(p, data=opts.calibration) if p.name == "quantize" and not getattr(p, "data", "x")
+                      else p for p in passes]
         print(_format(passes))
         return EXIT_OK
     if opts.explain is not None:
@@ -408,8 +424,22 @@ def _explain(opts: Options) -> int:
     except KeyError:
         names = ", ".join(_rule_names(pattern)) or "none"
         raise UsageError(f"unknown rule {opts.explain!r} (have: {names})") from None
+    # at the rule's point in the pipeline: the passes before the first one that holds the rule
+    # run first, so the answer is about the graph the rule really sees
+    from graphopt.transform import optimize
+
+    passes = _resolve(opts)
+    rule_name = getattr(rule, "name", opts.explain)
+    at = next((i for i, p in enumerate(passes) if any(getattr(r, "name", None) == rule_name
+                                                      for r in (getattr(p, "get_rules", lambda: ())() or ()))), None)
+    if at is None:
+        where = f"on the input model (no pass of the pipeline {_format(passes) or '(empty)'} holds rule {rule_name!r})"
+    else:
+        model = optimize(model, passes[:at]) if at else model
+        where = f"at its point in the pipeline: before pass {passes[at].spec()!r}, after {at} passes"
     # the rule's checks see the pass options as in a run (contrib-ops decides several targets)
     text = explain(model, rule, options={"contrib_ops": True}) if opts.contrib_ops else explain(model, rule)
+    _note(f"--explain {rule_name}: checked {where}")  # (stderr: stdout is the explanation alone)
     print(str(text).rstrip("\n"))
     return EXIT_OK
 
@@ -443,10 +473,16 @@ def _compile(opts: Options) -> int:
         raise UsageError(f"unknown target {opts.target!r} (have: {', '.join(TARGETS)})")
     if opts.inputs and not (opts.verify or opts.verify_each):
         raise UsageError("--inputs is only used by --verify or --verify-each; add one of them")
+    tvm_only = [f for f, v in (("--tune", opts.tune), ("--tune-minutes", opts.tune_minutes), ("--tuning-db", opts.tuning_db),
+                               ("--threads", opts.threads)) if v]
+    if tvm_only:
+        raise UsageError(f"{tvm_only[0]} is for the compiled targets (--target cpu, arm64, cuda); target onnx has no "
+                         "kernels to tune (onnxruntime picks its own)")
 
     ctx = PassContext()
     model = load_input(opts, ctx.log)
     if opts.calibration:
+        check_calibration(opts.calibration, model)
         ctx.data["calibration"] = opts.calibration
     passes = _resolve(opts, ctx.log)
     feeds = _feeds(opts, model) if (opts.verify or opts.verify_each) else None
@@ -558,6 +594,14 @@ def load_input(opts: Any, log: list[str]) -> Any:
     return model
 
 
+def check_calibration(path: str, model: Any) -> None:
+    """--calibration is read and checked against the model's inputs (names, dtypes, shapes)
+    before any pass runs: a wrong file is one line, exit 2, not a failure after minutes of passes."""
+    from graphopt.calibration import load_calibration
+
+    load_calibration(path, model)
+
+
 def _check_output(staged: str, output: str) -> None:
     """The input passed onnx's checker, so the output must too: anything else is a bug in
     graphopt (exit 1), never a model handed to the user."""
@@ -610,6 +654,16 @@ def _feeds(opts: Options, model: Any) -> dict[str, np.ndarray]:
     missing = [n for n in names if n not in feeds]
     if missing:
         raise UsageError(f"--inputs {opts.inputs}: no array for input {missing[0]!r}")
+    for v in model.graph.inputs:  # one line, as graphopt-run says it, before onnxruntime's own message
+        a = feeds.get(v.name)
+        if a is None or v.shape is None:
+            continue
+        dims = v.shape.dims
+        if len(dims) != a.ndim or any(isinstance(d, int) and d != s for d, s in zip(dims, a.shape)):
+            want = "[" + ",".join("?" if d is None else str(d) for d in dims) + "]"
+            raise UsageError(f"--inputs {opts.inputs}: input {v.name!r}: shape {list(a.shape)} given, the model takes {want}")
+        if v.dtype is not None and a.dtype != v.dtype.numpy():
+            raise UsageError(f"--inputs {opts.inputs}: input {v.name!r}: dtype {a.dtype} given, the model takes {v.dtype.numpy()}")
     return feeds
 
 

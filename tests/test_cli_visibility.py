@@ -139,3 +139,100 @@ def test_cpu_target_prints_and_writes_the_same_report(tmp_path: Path, capsys: py
     for line in ("pass ", "what it did", "fuse-conv-bn", "size: ", "verify: ok", "kernels: "):
         assert line in err
     assert (tmp_path / "ir" / "00-input.txt").exists() and len(list((tmp_path / "ir").iterdir())) == 19
+
+
+# --- issue 19 item 7: the small things a new user hit (one line, exit 2) ----------------------------
+
+
+def _one_error(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("graphopt-compile: error: "), lines
+    return lines[0]
+
+
+def test_compiled_target_without_tvm_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    for name in [m for m in sys.modules if m == "tvm" or m.startswith(("tvm.", "graphopt.targets."))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "tvm", None)  # import tvm -> ModuleNotFoundError
+    code, err = _run(capsys, EXAMPLE, "--target", "cpu", "-o", tmp_path / "art")
+    assert code == 2 and "pip install 'graphopt[tvm]'" in _one_error(err)
+
+
+def test_tune_with_onnx_target_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _run(capsys, EXAMPLE, "-o", tmp_path / "o.onnx", "--tune", "8")
+    assert code == 2 and "--tune is for the compiled targets" in _one_error(err)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_calibration_checked_before_the_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    np.savez(tmp_path / "int.npz", input=np.zeros((4, 3, 16, 16), np.int64))
+    code, err = _run(capsys, EXAMPLE, "-o", tmp_path / "o.onnx", "--quantize", "int8", "--calibration", tmp_path / "int.npz")
+    line = _one_error(err)
+    assert code == 2 and "has dtype int64, the model expects float32" in line and "pass" not in line
+    np.savez(tmp_path / "shape.npz", input=np.zeros((4, 3, 8, 8), np.float32))
+    code, err = _run(capsys, EXAMPLE, "-o", tmp_path / "o.onnx", "--quantize", "int8", "--calibration", tmp_path / "shape.npz")
+    assert code == 2 and "the model expects ['?', 3, 16, 16]" in _one_error(err)
+
+
+def test_float64_calibration_is_cast(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    np.savez(tmp_path / "f64.npz", input=np.random.default_rng(0).standard_normal((4, 3, 16, 16)))
+    code, err = _run(capsys, EXAMPLE, "-o", tmp_path / "o.onnx", "--quantize", "int8", "--calibration", tmp_path / "f64.npz",
+                     "--quantize-speed", "off", "-q")
+    assert code == 0, err
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(tmp_path / "o.onnx").graph.node)
+
+
+def test_verify_inputs_of_the_wrong_shape_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    np.savez(tmp_path / "x.npz", input=np.zeros((1, 3, 5, 5), np.float32))
+    code, err = _run(capsys, EXAMPLE, "-o", tmp_path / "o.onnx", "--verify", "--inputs", tmp_path / "x.npz")
+    assert code == 2
+    assert "input 'input': shape [1, 3, 5, 5] given, the model takes [N,3,16,16]" in _one_error(err)
+
+
+def test_explain_into_a_closed_pipe_is_quiet() -> None:
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "graphopt-compile"
+    p = subprocess.run(f"'{script}' '{EXAMPLE}' --explain pad-into-conv | head -c 1", shell=True, capture_output=True,
+                       text=True, timeout=120)
+    assert "BrokenPipeError" not in p.stderr and "Traceback" not in p.stderr
+
+
+def test_explain_runs_at_the_rules_point(capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _run(capsys, EXAMPLE, "--explain", "pad-into-conv")
+    assert code == 0 and "checked at its point in the pipeline: before pass 'fuse-linear', after 7 passes" in err
+    code, err = _run(capsys, EXAMPLE, "--explain", "pad-into-conv", "-O0")
+    assert code == 0 and "checked on the input model" in err
+
+
+def test_print_pipeline_keeps_calibration(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--quantize", "int8", "--calibration", "c.npz", "--print-pipeline", "-O0"]) == 0
+    assert capsys.readouterr().out.strip() == "quantize{data=c.npz}"
+
+
+def test_graphopt_run_repeat_0_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Already so before this change (checked before the artifact is read)."""
+    from graphopt import run_cli
+
+    assert run_cli.main([str(tmp_path), "--repeat", "0", "--benchmark"]) == 2
+    assert "--repeat 0 --warmup 5: expected --repeat >= 1" in capsys.readouterr().err
+
+
+def test_folder_target_with_onnx_name_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tvm")
+    code, err = _run(capsys, EXAMPLE, "--target", "cpu", "--threads", "1", "-o", tmp_path / "m.onnx", "-q")
+    assert code == 0 and (tmp_path / "m.onnx" / "manifest.json").exists()
+    assert "warning: -o " in err and "writes an artifact folder" in err
+
+
+def test_summary_says_when_the_file_grows() -> None:
+    from graphopt.report import Report
+
+    r = Report("0", "m.onnx", "o.onnx", "onnx", "", size_before=100, size_after=250)
+    assert "size: 100 bytes -> 250 bytes  (grew 2.50x)" in r.format_table()
+    r.size_after = 90
+    assert "grew" not in r.format_table()

@@ -4,14 +4,15 @@
                      [--threads T] -o out/ [--verify [--inputs x.npz] --rtol R --atol A]
 
 The pipeline runs as for the onnx target, then the target compiles the optimized IR into an
-artifact (library, params, manifest.json, report.json). `--verify` runs the artifact and the
+artifact (library, params, manifest.json, report.json). The report and the terminal summary are
+the onnx target's (passes with what each did, nodes, size, verification, warnings; --dump-ir
+works) plus the target's own sections (kernels, schedules, tuning, compile_seconds). `--verify` runs the artifact and the
 original model on onnxruntime on the same inputs and fails the compile (exit 3, nothing
 written) when the outputs leave the tolerance. The artifact folder appears only complete.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -21,10 +22,12 @@ from graphopt.errors import UsageError
 
 
 def compile_artifact(opts: Any) -> int:
+    import graphopt
     from graphopt import cli
     from graphopt.check import NumericMismatchError, compare_outputs, run_onnxruntime
-    from graphopt.target import CompileOptions, get_target, sha256_file
-    from graphopt.transform import PassContext, optimize
+    from graphopt.report import Report, VerifyResult, op_counts
+    from graphopt.target import CompileOptions, compile_model, get_target, sha256_file
+    from graphopt.transform import PassContext, TimingInstrument, optimize
 
     start = time.perf_counter()
     if not opts.model:
@@ -53,55 +56,79 @@ def compile_artifact(opts: Any) -> int:
                              f"(target mcpu={machine.mcpu}): drop --verify, or verify on such a machine")
     ctx = PassContext(machine=machine)
     model = cli.load_input(opts, ctx.log)  # checked by onnx's checker, sparse initializers dense
+    if opts.calibration:
+        cli.check_calibration(opts.calibration, model)
+        ctx.data["calibration"] = opts.calibration
     passes = cli._resolve(opts, ctx.log)
     feeds = cli._feeds(opts, model) if opts.verify else None
     reference = run_onnxruntime(model, feeds) if feeds is not None else None
+    # the onnx target's report (passes, nodes, size, verification), plus the target's kernels
+    report = Report(graphopt_version=graphopt.__version__, model=opts.model, output=opts.output, target=opts.target,
+                    pipeline=cli._format(passes), disabled=list(opts.disable), log=ctx.log,
+                    nodes_before=op_counts(model), size_before=cli._model_bytes(opts.model, model),
+                    notes=[line for line in ctx.log if line.startswith("input shapes:")])
+    timing = TimingInstrument()
+    report.passes = timing.records
     t = time.perf_counter()
-    optimized = optimize(model, passes, verify_each=opts.verify_each, ctx=ctx)
+    optimized = optimize(model, passes, verify_each=opts.verify_each, dump_ir=opts.dump_ir, instruments=[timing], ctx=ctx)
     pass_seconds = time.perf_counter() - t
+    report.nodes_after = op_counts(optimized)
     options = CompileOptions(pipeline=cli._format(passes), threads=opts.threads, tune=opts.tune or 0,
                              tune_minutes=opts.tune_minutes, tuning_db=opts.tuning_db, progress=not opts.quiet,
                              extra={"watchdog-hard-exit": True})  # (this process is graphopt-compile's own)
-    art = target.compile(optimized, options, source_sha256=sha256_file(opts.model))
-    report = art.report
-    report["model"] = opts.model
-    report["output"] = opts.output
-    report["disabled"] = list(opts.disable)
-    report["log"] = list(ctx.log)
-    report.setdefault("seconds", {})["passes"] = round(pass_seconds, 3)
-    status = "ok"
+    art = compile_model(target, optimized, options, source_sha256=sha256_file(opts.model))
+    own = dict(art.report)
+    own["compile_seconds"] = {**own.pop("seconds", {}), "passes": round(pass_seconds, 3)}
+    report.warnings = cli.option_warnings(timing.records) + tune_warnings(opts.tune or 0, own.get("tuning")) \
+        + [str(w) for w in own.pop("warnings", [])]
+    report.target_report = own
+    if opts.output.endswith(".onnx"):  # (a folder named like a file is a likely slip)
+        report.warnings.append(f"-o {opts.output}: target {opts.target} writes an artifact folder (library, params, "
+                               "manifest), not an .onnx file; the folder has that name")
+    report.size_after = sum(os.path.getsize(os.path.join(art.path, f)) for f in os.listdir(art.path)
+                            if os.path.isfile(os.path.join(art.path, f)))
     if reference is not None and feeds is not None:
-        actual = art.run(feeds)
-        cmp = compare_outputs(reference, actual, rtol=opts.rtol, atol=opts.atol)
-        report["verify"] = {"ok": cmp.ok, "max_abs": cmp.max_abs, "max_rel": cmp.max_rel, "rtol": opts.rtol,
-                            "atol": opts.atol, "inputs": opts.inputs or f"random(seed={opts.seed})", "detail": cmp.detail}
+        cmp = compare_outputs(reference, art.run(feeds), rtol=opts.rtol, atol=opts.atol)
+        report.verify = VerifyResult(cmp.ok, cmp.max_abs, cmp.max_rel, opts.rtol, opts.atol,
+                                     opts.inputs or f"random(seed={opts.seed})", cmp.detail)
         if not cmp.ok:
-            status = "verify-failed"
-    report["status"] = status
-    report["seconds"]["wall"] = round(time.perf_counter() - start, 3)
+            report.status = "verify-failed"
+    report.seconds = time.perf_counter() - start
+    text = report.to_json()
     with open(os.path.join(art.path, "report.json"), "w", encoding="utf-8") as f:
-        f.write(json.dumps(report, indent=2, default=str) + "\n")
+        f.write(text)
     if opts.report:
         from graphopt.onnx_io import atomic_write
 
         with cli.writing(opts.report):  # a read-only or full disk is exit 2 naming the path
             os.makedirs(os.path.dirname(os.path.abspath(opts.report)), exist_ok=True)
             with atomic_write(opts.report) as f:
-                f.write((json.dumps(report, indent=2, default=str) + "\n").encode())
-    if status != "ok":
+                f.write(text.encode())
+    if report.status != "ok":
+        assert report.verify is not None
         raise NumericMismatchError(f"--verify: the compiled artifact's outputs differ from the original: "
-                                   f"{report['verify']['detail']}; {opts.output} was not written")
+                                   f"{report.verify.detail}; {opts.output} was not written")
     with cli.writing(opts.output):
         art.save(opts.output)
     if not opts.quiet:
-        k = report.get("kernels", {})
-        secs = report.get("seconds", {})
-        line = (f"{cli.PROG}: {opts.output}: target {opts.target}, {k.get('groups', '?')} kernel groups "
-                f"({len(k.get('inline', {}))} inline), compiled in {secs.get('wall', 0):.1f} s")
-        if "verify" in report:
-            v = report["verify"]
-            line += f"; verify ok (max abs {v['max_abs']:.3g}, max rel {v['max_rel']:.3g})"
-        print(line, file=sys.stderr)
-    for w in report.get("warnings", []):  # (shown with --quiet too)
-        print(f"{cli.PROG}: warning: {w}", file=sys.stderr)
+        print(report.format_table(), file=sys.stderr)
+    for w in report.warnings:  # (shown with --quiet too)
+        print(f"{cli.PROG}: warning: {cli._one_line(w)}", file=sys.stderr)
     return 0
+
+
+def tune_warnings(trials: int, tuning: Any) -> list[str]:
+    """`--tune N` that left every kernel on its default schedule is a warning, with the reason."""
+    if trials <= 0 or not isinstance(tuning, dict):
+        return []
+    if tuning.get("error") or tuning.get("stopped") in ("child failed", "interrupted"):
+        return [f"--tune {trials} changed nothing: tuning stopped ({tuning.get('stopped')}): {tuning.get('error', '')}".rstrip(": ")]
+    if not tuning.get("tasks_selected", 1):
+        return [f"--tune {trials} changed nothing: no kernel to tune ({tuning.get('tasks_total', 0)} tasks, "
+                f"{tuning.get('tasks_skipped_done', 0)} already in the database, {tuning.get('tasks_dynamic', 0)} with "
+                "symbolic shapes: fix them with --input-shape/--dim)"]
+    kept = [k.get("kept") for k in (tuning.get("kept") or {}).values() if isinstance(k, dict)]
+    if kept and all(k == "default" for k in kept):
+        return [f"--tune {trials} changed nothing: tuning did not beat the default schedule of any of the "
+                f"{len(kept)} kernels it tuned (more trials may)"]
+    return []

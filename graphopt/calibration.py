@@ -79,13 +79,14 @@ class CalibrationData:
     synthetic: bool = False
     make: object = None  # callable() -> Iterator[dict] for in-memory / synthetic data
     num_samples: int = 0
+    dtypes: dict[str, np.dtype | None] | None = None  # input -> the float dtype file arrays are cast to (float64 data)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         if self.make is not None:
             yield from self.make()  # type: ignore[operator]
             return
         for path in self.batches or ():
-            yield from _split_file(path, self.input_names, self.batch_sizes)
+            yield from _split_file(path, self.input_names, self.batch_sizes, self.dtypes)
 
     def take(self, n: int) -> list[dict[str, np.ndarray]]:
         """The first `n` batches, in memory."""
@@ -134,19 +135,20 @@ def load_calibration(path: str, model: Model, *, batch_size: int | None = None, 
     else:
         raise CalibrationError(f"calibration data {path}: no such file or folder")
     total = 0
-    for f in files:  # check every file up front (names and sample counts); arrays are read later
+    for f in files:  # check every file up front (names, dtypes and sample counts); arrays are read later
         total += _check_file(f, names, model)
+    files_dtypes = {k: (d.numpy() if d is not None and d.is_floating else None) for k, d in model_input_dtypes(model).items()}
     if limit is not None:
         total = min(total, limit)
     first = next(iter(sizes.values()), None) or 1
     nb = math.ceil(total / first) if total else 0
     desc = f"{path}: {total} samples in {nb} batches of {first}" + (f" from {len(files)} files" if len(files) > 1 else "")
-    data = CalibrationData(files, names, sizes, desc, num_samples=total)
+    data = CalibrationData(files, names, sizes, desc, num_samples=total, dtypes=files_dtypes)
     if limit is not None:
         def make(files: list[str] = files, limit: int = limit) -> Iterator[dict[str, np.ndarray]]:
             seen = 0
             for f in files:
-                for b in _split_file(f, names, sizes):
+                for b in _split_file(f, names, sizes, files_dtypes):
                     if seen >= limit:
                         return
                     n = _batch_len(b, sizes)
@@ -182,6 +184,11 @@ def _check_file(path: str, names: list[str], model: Model) -> int:
     counts = set()
     for v in _model_inputs(model):
         arr = _ArrayHeader(path, v.name)  # the header only: shape, not payload
+        want = v.dtype.numpy() if v.dtype is not None else None
+        # float64 data for a float32 input is cast when read (as onnxruntime's tools do); any
+        # other mismatch would be a wrong file
+        if want is not None and arr.dtype is not None and arr.dtype != want and not (arr.dtype.kind == want.kind == "f"):
+            raise CalibrationError(f"calibration file {path}: input {v.name!r} has dtype {arr.dtype}, the model expects {want}")
         shape = v.shape
         if shape is not None and len(shape.dims) != arr.ndim:
             raise CalibrationError(
@@ -210,19 +217,23 @@ class _ArrayHeader:
         try:
             with zipfile.ZipFile(path) as z, z.open(name + ".npy") as f:
                 version = np.lib.format.read_magic(f)
-                shape, _, _ = np.lib.format._read_array_header(f, version)  # type: ignore[attr-defined]
+                shape, _, dtype = np.lib.format._read_array_header(f, version)  # type: ignore[attr-defined]
         except Exception as e:  # compressed oddities: fall back to loading it
             try:
-                shape = np.load(path, allow_pickle=False)[name].shape
+                a = np.load(path, allow_pickle=False)[name]
+                shape, dtype = a.shape, a.dtype
             except Exception:
                 raise CalibrationError(f"calibration file {path}: cannot read array {name!r}: {e}") from None
         self.shape = tuple(int(d) for d in shape)
+        self.dtype: np.dtype | None = np.dtype(dtype)
         self.ndim = len(self.shape)
 
 
-def _split_file(path: str, names: list[str], sizes: Mapping[str, int | None]) -> Iterator[dict[str, np.ndarray]]:
+def _split_file(path: str, names: list[str], sizes: Mapping[str, int | None],
+                dtypes: Mapping[str, np.dtype | None] | None = None) -> Iterator[dict[str, np.ndarray]]:
     data = _open(path)
-    yield from _split({n: np.asarray(data[n]) for n in names}, sizes)
+    cast = dtypes or {}
+    yield from _split({n: np.asarray(data[n], dtype=cast.get(n)) for n in names}, sizes)
 
 
 def _split(arrays: Mapping[str, np.ndarray], sizes: Mapping[str, int | None]) -> Iterator[dict[str, np.ndarray]]:

@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
                    help="run onnx's checker (full check, with shape inference) on the input first and refuse a "
                         "model it rejects (default); --no-check compiles it anyway, and says so")
+    p.add_argument("--input-shape", action="append", metavar="NAME:DIMS", help="fix input NAME's shape before the "
+                   "passes, e.g. x:1x3x224x224 (repeatable); its symbolic dims take these values everywhere")
+    p.add_argument("--dim", action="append", metavar="SYMBOL=SIZE", help="fix the symbolic dim SYMBOL (e.g. batch=1) "
+                   "in every input before the passes (repeatable)")
     p.add_argument("--inputs", metavar="X.npz", help="inputs for --verify/--verify-each (default: random)")
     p.add_argument("--rtol", type=float, help="relative tolerance for verification (default 1e-4)")
     p.add_argument("--atol", type=float, help="absolute tolerance for verification (default 1e-5)")
@@ -149,6 +153,8 @@ class Options:
     tuning_db: str | None = None
     threads: int | None = None
     calibration: str | None = None  # --quantize's data, handed to the pass through PassContext.data
+    input_shapes: list[str] = field(default_factory=list)  # --input-shape NAME:DIMS (graphopt.input_shapes)
+    dims: list[str] = field(default_factory=list)  # --dim SYMBOL=SIZE
 
 
 def _join_spec_values(argv: Sequence[str]) -> list[str]:
@@ -202,6 +208,8 @@ def parse_options(argv: Sequence[str]) -> Options:
         tune_minutes=pick(ns.tune_minutes, "tune-minutes", None),
         tuning_db=pick(ns.tuning_db, "tuning-db", None),
         threads=pick(ns.threads, "threads", None),
+        input_shapes=list(pick(ns.input_shape, "input-shape", [])),
+        dims=list(pick(ns.dim, "dim", [])),
     )
     # the pipeline shortcuts: a flag wins over the config file
     for key, attr in (("prune", "prune"), ("quantize", "quantize"), ("calibration", "calibration"),
@@ -307,6 +315,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         _error(str(e))
         return EXIT_VERIFY if isinstance(e, NumericMismatchError) else EXIT_USAGE
+    except BrokenPipeError:  # `--explain ... | head`: the reader left; not an error of ours
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except ModuleNotFoundError as e:
+        if (e.name or "").partition(".")[0] in ("tvm", "tvm_ffi"):
+            if debug:
+                traceback.print_exc()
+            _error("the compiled targets (cpu, arm64, cuda) need apache-tvm: pip install 'graphopt[tvm]'")
+            return EXIT_USAGE
+        return _internal(e, debug, f"internal error: {type(e).__name__}: {e}")
     except Exception as e:
         return _internal(e, debug, f"internal error: {type(e).__name__}: {e}")
 
@@ -337,6 +356,11 @@ def _run(opts: Options) -> int:
         return _list_passes()
     if opts.print_pipeline:
         passes = _resolve(opts)
+        if opts.calibration:  # replayable: the data goes into quantize's own `data` option
+            import dataclasses
+
+            passes = [dataclasses.replace(p, data=opts.calibration) if p.name == "quantize" and not getattr(p, "data", "x")
+                      else p for p in passes]
         print(_format(passes))
         return EXIT_OK
     if opts.explain is not None:
@@ -400,8 +424,22 @@ def _explain(opts: Options) -> int:
     except KeyError:
         names = ", ".join(_rule_names(pattern)) or "none"
         raise UsageError(f"unknown rule {opts.explain!r} (have: {names})") from None
+    # at the rule's point in the pipeline: the passes before the first one that holds the rule
+    # run first, so the answer is about the graph the rule really sees
+    from graphopt.transform import optimize
+
+    passes = _resolve(opts)
+    rule_name = getattr(rule, "name", opts.explain)
+    at = next((i for i, p in enumerate(passes) if any(getattr(r, "name", None) == rule_name
+                                                      for r in (getattr(p, "get_rules", lambda: ())() or ()))), None)
+    if at is None:
+        where = f"on the input model (no pass of the pipeline {_format(passes) or '(empty)'} holds rule {rule_name!r})"
+    else:
+        model = optimize(model, passes[:at]) if at else model
+        where = f"at its point in the pipeline: before pass {passes[at].spec()!r}, after {at} passes"
     # the rule's checks see the pass options as in a run (contrib-ops decides several targets)
     text = explain(model, rule, options={"contrib_ops": True}) if opts.contrib_ops else explain(model, rule)
+    _note(f"--explain {rule_name}: checked {where}")  # (stderr: stdout is the explanation alone)
     print(str(text).rstrip("\n"))
     return EXIT_OK
 
@@ -435,10 +473,16 @@ def _compile(opts: Options) -> int:
         raise UsageError(f"unknown target {opts.target!r} (have: {', '.join(TARGETS)})")
     if opts.inputs and not (opts.verify or opts.verify_each):
         raise UsageError("--inputs is only used by --verify or --verify-each; add one of them")
+    tvm_only = [f for f, v in (("--tune", opts.tune), ("--tune-minutes", opts.tune_minutes), ("--tuning-db", opts.tuning_db),
+                               ("--threads", opts.threads)) if v]
+    if tvm_only:
+        raise UsageError(f"{tvm_only[0]} is for the compiled targets (--target cpu, arm64, cuda); target onnx has no "
+                         "kernels to tune (onnxruntime picks its own)")
 
     ctx = PassContext()
     model = load_input(opts, ctx.log)
     if opts.calibration:
+        check_calibration(opts.calibration, model)
         ctx.data["calibration"] = opts.calibration
     passes = _resolve(opts, ctx.log)
     feeds = _feeds(opts, model) if (opts.verify or opts.verify_each) else None
@@ -454,6 +498,7 @@ def _compile(opts: Options) -> int:
         log=ctx.log,
         nodes_before=op_counts(model),
         size_before=_model_bytes(opts.model, model),
+        notes=[line for line in ctx.log if line.startswith("input shapes:")],
     )
     timing = TimingInstrument()
     report.passes = timing.records
@@ -478,6 +523,7 @@ def _compile(opts: Options) -> int:
             _check_output(staged, opts.output)
         report.nodes_after = op_counts(optimized)
         report.size_after = sum(os.path.getsize(os.path.join(stage, f)) for f in os.listdir(stage))
+        report.warnings.extend(option_warnings(timing.records))
         if reference is not None and feeds is not None:
             # verify what was written, not the in-memory IR: this also covers export and save
             actual = run_onnxruntime(graphopt.load(staged), feeds)
@@ -504,6 +550,23 @@ def _finish(opts: Options, report: Any, start: float) -> None:
             f.write(report.to_json().encode())
     if not opts.quiet:
         print(report.format_table(), file=sys.stderr)
+    for w in report.warnings:  # (shown with --quiet too)
+        print(f"{PROG}: warning: {_one_line(w)}", file=sys.stderr)
+
+
+#: passes that run only because the user asked for them: one that changes nothing is a warning
+REQUESTED_PASSES = {"quantize": "--quantize", "prune": "--prune", "cluster-weights": "cluster-weights"}
+
+
+def option_warnings(records: Sequence[Any]) -> list[str]:
+    """A warning for each pass the user asked for (quantize, prune, cluster-weights) that
+    changed nothing, with the pass's reason."""
+    out = []
+    for r in records:
+        name = r.spec.partition("{")[0]
+        if name in REQUESTED_PASSES and not r.changed:
+            out.append(f"{REQUESTED_PASSES[name]} ({r.spec}) changed nothing: {r.note}")
+    return out
 
 
 def load_input(opts: Any, log: list[str]) -> Any:
@@ -523,7 +586,20 @@ def load_input(opts: Any, log: list[str]) -> Any:
         if not getattr(opts, "quiet", False):
             _note(note)
     densify_sparse_initializers(model)
+    shapes, dims = getattr(opts, "input_shapes", []), getattr(opts, "dims", [])
+    if shapes or dims:  # before any pass, so shape inference and the cleanup passes can fold them
+        from graphopt.input_shapes import fix_input_shapes, parse_all
+
+        log.extend(fix_input_shapes(model, *parse_all(shapes, dims)))
     return model
+
+
+def check_calibration(path: str, model: Any) -> None:
+    """--calibration is read and checked against the model's inputs (names, dtypes, shapes)
+    before any pass runs: a wrong file is one line, exit 2, not a failure after minutes of passes."""
+    from graphopt.calibration import load_calibration
+
+    load_calibration(path, model)
 
 
 def _check_output(staged: str, output: str) -> None:
@@ -578,6 +654,16 @@ def _feeds(opts: Options, model: Any) -> dict[str, np.ndarray]:
     missing = [n for n in names if n not in feeds]
     if missing:
         raise UsageError(f"--inputs {opts.inputs}: no array for input {missing[0]!r}")
+    for v in model.graph.inputs:  # one line, as graphopt-run says it, before onnxruntime's own message
+        a = feeds.get(v.name)
+        if a is None or v.shape is None:
+            continue
+        dims = v.shape.dims
+        if len(dims) != a.ndim or any(isinstance(d, int) and d != s for d, s in zip(dims, a.shape)):
+            want = "[" + ",".join("?" if d is None else str(d) for d in dims) + "]"
+            raise UsageError(f"--inputs {opts.inputs}: input {v.name!r}: shape {list(a.shape)} given, the model takes {want}")
+        if v.dtype is not None and a.dtype != v.dtype.numpy():
+            raise UsageError(f"--inputs {opts.inputs}: input {v.name!r}: dtype {a.dtype} given, the model takes {v.dtype.numpy()}")
     return feeds
 
 

@@ -63,6 +63,8 @@ KEYS: dict[str, _Key] = {
     "calibration-method": _Key(str),
     "accuracy-budget": _Key(str),
     "quantize-speed": _Key(str),
+    "input-shape": _Key(str, is_list=True),  # ["x:1x3x224x224"], like --input-shape
+    "dim": _Key(str, is_list=True),  # ["batch=1"], like --dim
 }
 
 

@@ -54,6 +54,14 @@ class Report:
     verify: VerifyResult | None = None
     verify_each: list[tuple[str, float]] | None = None
     seconds: float = 0.0
+    # an option the user asked for that changed nothing (--quantize, --prune, cluster-weights,
+    # --tune), one line each with the reason; printed even with --quiet
+    warnings: list[str] = field(default_factory=list)
+    # the compiled targets' own sections (kernels, schedules, tuning, compile_seconds...), after
+    # the common keys; the terminal shows their kernel line
+    target_report: dict[str, Any] = field(default_factory=dict)
+    # log lines from before the pipeline (fixed input shapes...), shown in the terminal summary
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,6 +81,7 @@ class Report:
                     "changed": r.changed,
                     "nodes_before": r.nodes_before,
                     "nodes_after": r.nodes_after,
+                    "note": r.note,
                     "stats": dict(r.stats),
                 }
                 for r in self.passes
@@ -89,7 +98,8 @@ class Report:
             if self.verify_each is None
             else [{"pass": spec, "max_abs": _finite(err)} for spec, err in self.verify_each],
             "seconds": self.seconds,
-        }
+            "warnings": list(self.warnings),
+        } | {k: v for k, v in self.target_report.items() if k not in _COMMON_KEYS}
 
     def to_json(self) -> str:
         # allow_nan=False: strict JSON readers choke on NaN/Infinity; _finite maps them to None
@@ -99,12 +109,13 @@ class Report:
         """A readable summary for the terminal."""
         lines = [f"graphopt-compile {self.model} -> {self.output or '(no output)'}  [target {self.target}]"]
         lines.append(f"pipeline: {self.pipeline or '(empty)'}")
+        lines.extend(f"note: {n}" for n in self.notes)
         if self.passes:
             w = max(len("pass"), *(len(r.spec) for r in self.passes))
-            lines.append(f"  {'pass':<{w}}  {'ms':>9}  {'nodes':>13}  changed")
+            lines.append(f"  {'pass':<{w}}  {'ms':>9}  {'nodes':>13}  changed  what it did")
             for r in self.passes:
                 nodes = f"{r.nodes_before}->{r.nodes_after}"
-                lines.append(f"  {r.spec:<{w}}  {r.seconds * 1e3:>9.2f}  {nodes:>13}  {'yes' if r.changed else 'no'}")
+                lines.append(f"  {r.spec:<{w}}  {r.seconds * 1e3:>9.2f}  {nodes:>13}  {'yes' if r.changed else 'no ':<7}  {r.note}".rstrip())
             for r in self.passes:
                 lines.extend(_per_item_table(r))
         ops = sorted(set(self.nodes_before) | set(self.nodes_after))
@@ -117,7 +128,13 @@ class Report:
             tb, ta = sum(self.nodes_before.values()), sum(self.nodes_after.values())
             lines.append(f"  {'total':<{w}}  {tb:>7}  {ta:>7}{'' if ta == tb else f'  ({ta - tb:+d})'}")
         size_after = "-" if self.size_after is None else f"{self.size_after} bytes"
-        lines.append(f"size: {self.size_before} bytes -> {size_after}")
+        grew = self.size_after is not None and self.size_after > self.size_before > 0
+        lines.append(f"size: {self.size_before} bytes -> {size_after}"
+                     + (f"  (grew {self.size_after / self.size_before:.2f}x)" if grew else ""))  # type: ignore[operator]
+        k = self.target_report.get("kernels")
+        if isinstance(k, dict):
+            lines.append(f"kernels: {k.get('groups', '?')} groups ({len(k.get('inline', {}))} inline, "
+                         f"{k.get('primfuncs', '?')} TIR functions)")
         if self.verify is not None:
             v = self.verify
             verdict = "ok" if v.ok else "FAILED"
@@ -127,6 +144,11 @@ class Report:
             )
         lines.append(f"time: {self.seconds:.3f} s")
         return "\n".join(lines)
+
+
+#: the keys every report has; a target's own section may not override them
+_COMMON_KEYS = frozenset({"schema", "graphopt_version", "status", "model", "output", "target", "pipeline", "disabled",
+                          "log", "passes", "nodes", "size", "verify", "verify_each", "seconds", "warnings"})
 
 
 def _fmt(v: int | float) -> str:

@@ -609,11 +609,15 @@ def compile(  # noqa: A001 - the public name the issue asks for
     threads: int | None = None,
     progress: bool = False,
     bind: Mapping[str, np.ndarray] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    dims: Mapping[str, int] | None = None,
 ) -> Artifact:
     """Optimize `model` (a path, bytes, onnx.ModelProto or graphopt Model) with `pipeline` and
     compile it for `target`. `tune` is the meta_schedule trial budget (0: untuned; the default
     schedules are used); `tuning_db` a folder whose database later compiles reuse. `bind` fixes
-    inputs to constant values (their shape-deciding contents are then specialised)."""
+    inputs to constant values (their shape-deciding contents are then specialised).
+    `input_shapes` ({"x": (1, 3, 224, 224)}) and `dims` ({"batch": 1}) fix input dims before the
+    passes (graphopt.input_shapes); a symbolic dim the target cannot compile is a UsageError naming it."""
     import graphopt
     from graphopt.transform import optimize
 
@@ -627,13 +631,17 @@ def compile(  # noqa: A001 - the public name the issue asks for
         source_sha = hashlib.sha256(graphopt.to_onnx(m).SerializeToString()).hexdigest()
     if bind:
         bind_inputs(m, bind)
+    if input_shapes or dims:
+        from graphopt.input_shapes import fix_input_shapes
+
+        fix_input_shapes(m, input_shapes, dims)
     tgt = get_target(target)
     from graphopt.transform import PassContext
 
     m = optimize(m, pipeline, inplace=True, ctx=PassContext(machine=tgt.machine_model(threads)))
     opts = CompileOptions(pipeline=pipeline, threads=threads, tune=tune, tune_minutes=tune_minutes,
                           tuning_db=tuning_db, progress=progress, bind=bind)
-    art = tgt.compile(m, opts, source_sha256=source_sha)
+    art = compile_model(tgt, m, opts, source_sha256=source_sha)
     for w in art.report.get("warnings", []):  # (the CLI prints them as one line each)
         warnings.warn(w, stacklevel=2)
     if bind:  # the manifest says which input values the library was specialised on
@@ -641,6 +649,34 @@ def compile(  # noqa: A001 - the public name the issue asks for
                                            "values": np.asarray(a).reshape(-1).tolist()} for k, a in bind.items()}
         write_manifest(art.path, art.manifest)
     return art
+
+
+def compile_model(tgt: Target, model: Model, options: CompileOptions, *, source_sha256: str | None = None) -> Artifact:
+    """`tgt.compile`, except that a crash of the lowering on a model with symbolic input dims is a
+    UsageError naming the dims and the options that fix them (one line, exit 2 in the CLI), not
+    an internal error: the compiled targets keep symbolic dims where they can, not everywhere."""
+    try:
+        return tgt.compile(model, options, source_sha256=source_sha256)
+    except GraphoptError:
+        raise
+    except Exception as e:
+        from graphopt.input_shapes import symbolic_input_dims
+
+        syms = symbolic_input_dims(model)
+        if not syms:
+            raise
+        named = list(dict.fromkeys(d for ds in syms.values() for d in ds))
+        # TVM names the unbound variables when it knows them: "variables (width, height) are used"
+        found = re.search(r"variables \(([^)]*)\) are used", str(e))
+        if found:
+            culprits = [x.strip() for x in found.group(1).split(",") if x.strip() in named]
+            named = culprits or named
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        inp = next(iter(syms))
+        fix = " ".join(f"--dim {d}=N" for d in named if "[" not in d) or f"--input-shape {inp}:..."
+        raise UsageError(f"target {getattr(tgt, 'name', tgt)!r} cannot compile this model with symbolic input dims "
+                         f"({', '.join(named)}): {type(e).__name__}: {first}; fix some or all of them with {fix} or "
+                         f"--input-shape {inp}:DIMS (Python: input_shapes=/dims=)") from e
 
 
 def bind_inputs(model: Model, values: Mapping[str, np.ndarray]) -> None:

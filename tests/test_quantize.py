@@ -408,13 +408,57 @@ def test_near_misses_stay_float_with_a_reason() -> None:
     assert output_metrics([ort_run(before, feeds)], [ort_run(model, feeds)])["sqnr"] > 20
 
 
-def test_old_opset_is_left_alone() -> None:
+def _opset11_conv() -> graphopt.Model:
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
-    model = _model([helper.make_node("Conv", ["x", "w"], ["y"], name="c")], [helper.make_tensor_value_info("x", 1, [1, 3, 8, 8])],
-                   [helper.make_tensor_value_info("y", 1, None)], [w], opset=11)
+    return _model([helper.make_node("Conv", ["x", "w"], ["y"], name="c")], [helper.make_tensor_value_info("x", 1, [1, 3, 8, 8])],
+                  [helper.make_tensor_value_info("y", 1, None)], [w], opset=11)
+
+
+def test_old_opset_is_upgraded_by_the_version_converter() -> None:
+    """Below opset 13 (no per-channel QuantizeLinear) the model is upgraded with onnx's version
+    converter first, said in the log; the int8 result is opset 13 and close to the original."""
+    model = _opset11_conv()
+    before = model.clone()
+    res, ctx = run_pass(model, cnn_data(model, 16))
+    assert res.changed and res.stats["int8-Conv"] == 1
+    assert model.opset_imports[""] == 13
+    assert any("upgraded the model from opset 11 to 13" in line for line in ctx.log)
+    feeds = {"x": np.random.default_rng(3).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    assert output_metrics([ort_run(before, feeds)], [ort_run(model, feeds)])["sqnr"] > 15  # (a 1-layer random conv)
+    res2, _ = run_pass(model, cnn_data(model, 2))  # a second run changes nothing
+    assert not res2.changed
+
+
+def test_old_opset_refused_with_the_converters_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnx.version_converter
+
+    def fail(*a, **k):
+        raise RuntimeError("No Adapter For Upsample")
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", fail)
+    model = _opset11_conv()
     res, ctx = run_pass(model, cnn_data(model, 2))
-    assert not res.changed and "opset 11" in ctx.data["quantize"]["layers"][0]["reason"]
+    assert not res.changed and model.opset_imports[""] == 11
+    assert res.note.startswith("refused: opset 11 < 13") and "No Adapter For Upsample" in res.note
+
+
+def test_auto_mode_by_flops_conv_net_with_softmax_is_static() -> None:
+    """mode=auto: a conv net ending in Softmax (SqueezeNet) is conv-dominated -> static, every
+    conv int8; a transformer (MatMul FLOPs, Softmax) stays dynamic."""
+    model = small_cnn()
+    # append a Softmax after the classifier, as SqueezeNet/ResNet exports do
+    proto = graphopt.to_onnx(model)
+    proto.graph.node[-1].output[0] = "logits"
+    proto.graph.node.append(helper.make_node("Softmax", ["logits"], ["y"], axis=1, name="softmax"))
+    model = graphopt.load(proto.SerializeToString())
+    res, ctx = run_pass(model, cnn_data(model, 4))
+    rep = ctx.data["quantize"]
+    assert rep["mode"] == "static" and "conv-dominated" in rep["mode-reason"]
+    assert res.stats["int8-Conv"] >= 3
+    assert "mode static" in res.note
+    res_t, ctx_t = run_pass(tiny_attention(), attention_data(tiny_attention()))
+    assert ctx_t.data["quantize"]["mode"] == "dynamic" and "transformer" in ctx_t.data["quantize"]["mode-reason"]
 
 
 def test_attention_mask_sentinel_stays_out_of_int8_static() -> None:

@@ -201,6 +201,8 @@ def _graph_alive(g: Graph, roots: set[int]) -> bool:
 class _State:
     count: int = 0
     limit: int | None = None
+    candidates: int = 0  # nodes a rule was tried at
+    miss: str = ""  # the first reason a rule did not match (for the pass's note)
 
     def exhausted(self) -> bool:
         return self.limit is not None and self.count >= self.limit
@@ -239,6 +241,12 @@ def apply_rules(
                 continue
             _run_graph(g, index, rewriter, result, state, max_iterations, ctx)
     result.changed = state.count > 0
+    if not result.changed and not result.note:
+        if not state.candidates:
+            roots = sorted({op for r in ordered for _, op in r.root_ops})
+            result.note = f"no match: the model has no {'/'.join(roots[:6]) or 'root'} nodes to start from"
+        else:
+            result.note = f"no match at {state.candidates} candidate nodes" + (f" (first: {state.miss})" if state.miss else "")
     return result
 
 
@@ -270,7 +278,10 @@ def _run_graph(
                 continue
             for rule, matcher in index.get((_dom(n.domain), n.op_type), ()):
                 mr = rule.try_match(n, matcher)
+                state.candidates += 1
                 if mr.match is None:
+                    if not state.miss and mr.reason:
+                        state.miss = f"{rule.name}: {mr.reason}"[:140]
                     continue
                 names = [node_ref(x) for x in mr.match.nodes]
                 touched = rewriter.apply(rule, mr.match)

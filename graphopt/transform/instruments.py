@@ -42,20 +42,45 @@ class PassRecord:
     stats: dict[str, int | float]
     nodes_before: int
     nodes_after: int
+    note: str = ""  # one line: what the pass did or why it did nothing (describe_result)
+
+
+def describe_result(p: Pass, result: PassResult, log: Sequence[str] = ()) -> str:
+    """One line saying what a pass did, or why it did nothing: the pass's own note, else its
+    non-zero statistics (a change) or first log line, else its `idle_reason`."""
+    if result.note:
+        return result.note
+    own = [line.split(": ", 1)[1] if line.startswith(f"{p.name}: ") else line for line in log]
+    if result.changed:
+        done = [f"{k} {_num(v)}" for k, v in result.stats.items() if "/" not in k and v and k != "seconds"]
+        return ", ".join(done[:6]) or (own[0] if own else "changed the model")
+    if own:
+        return own[0]
+    if p.idle_reason:
+        return f"nothing to do: {p.idle_reason}"
+    return "nothing to do"
+
+
+def _num(v: int | float) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 @dataclass
 class TimingInstrument(PassInstrument):
-    """Wall time, node counts and statistics of every pass."""
+    """Wall time, node counts, statistics and a one-line description of every pass."""
 
     records: list[PassRecord] = field(default_factory=list)
     _nodes: int = 0
+    _log_start: int = 0
 
     def before_pass(self, p: Pass, model: Model, ctx: PassContext) -> None:
         self._nodes = count_nodes(model)
+        self._log_start = len(ctx.log)
 
     def after_pass(self, p: Pass, model: Model, ctx: PassContext, result: PassResult, seconds: float) -> None:
-        self.records.append(PassRecord(p.spec(), seconds, result.changed, dict(result.stats), self._nodes, count_nodes(model)))
+        note = describe_result(p, result, ctx.log[self._log_start:])
+        self.records.append(PassRecord(p.spec(), seconds, result.changed, dict(result.stats), self._nodes,
+                                       count_nodes(model), note))
 
 
 @dataclass

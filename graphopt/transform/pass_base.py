@@ -43,6 +43,9 @@ class PassResult:
     stats: dict[str, int | float] = field(default_factory=dict)
     # for rule-based passes: each rewrite in the order applied (used to pinpoint a bad one)
     rewrites: list[Rewrite] = field(default_factory=list)
+    # one line for the terminal summary: what the pass did, or why it did nothing ("" : derived
+    # from the stats, the pass's log lines or its `idle_reason`)
+    note: str = ""
 
 
 class PassError(GraphoptError):
@@ -76,6 +79,8 @@ class Pass:
     """Base of every pass. Subclasses are frozen dataclasses; set `name` as a ClassVar."""
 
     name: ClassVar[str] = ""
+    # why a run that changed nothing did nothing, when the run gives no note of its own
+    idle_reason: ClassVar[str] = ""
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError

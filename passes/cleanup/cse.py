@@ -35,6 +35,7 @@ class CommonSubexpressionElimination(Pass):
     """
 
     name: ClassVar[str] = "cse"
+    idle_reason: ClassVar[str] = "no two nodes compute the same value from the same inputs"
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         with constant_semantics(model):

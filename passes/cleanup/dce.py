@@ -30,6 +30,7 @@ class DeadCodeElimination(Pass):
     """
 
     name: ClassVar[str] = "dce"
+    idle_reason: ClassVar[str] = "every node, initializer and function is used"
     keep_custom: bool = False
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:

@@ -273,6 +273,7 @@ class FoldConstants(Pass):
     """
 
     name: ClassVar[str] = "fold-constants"
+    idle_reason: ClassVar[str] = "no node whose inputs are all constant"
     max_size: int = 1 << 20
     max_expand: int = 1024
 

@@ -52,6 +52,7 @@ class RemoveNoops(Pass):
     """
 
     name: ClassVar[str] = "remove-noops"
+    idle_reason: ClassVar[str] = "no no-op nodes (Identity, x+0, x*1, same-shape Reshape...)"
     infer: bool = True
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:

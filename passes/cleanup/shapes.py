@@ -58,6 +58,7 @@ class SimplifyShapes(Pass):
     """
 
     name: ClassVar[str] = "simplify-shapes"
+    idle_reason: ClassVar[str] = "no shape computation that known shapes decide"
     max_size: int = 1 << 20
     max_expand: int = 1024
 

@@ -165,5 +165,5 @@ class FuseConvActivation(RewritePass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         if not self.contrib_ops:
-            return PassResult(changed=False)
+            return PassResult(changed=False, note="off: FusedConv is an onnxruntime contrib op (--contrib-ops turns it on)")
         return with_run(model, lambda: RewritePass.run(self, model, ctx))

@@ -215,6 +215,7 @@ class PlanKernels(Pass):
     """
 
     name: ClassVar[str] = "plan-kernels"
+    idle_reason: ClassVar[str] = "the kernel groups are planned already"
     max_group_size: int = 64
     allow_prologue: bool = True
     forbid: tuple[str, ...] = ()

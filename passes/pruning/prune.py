@@ -163,7 +163,10 @@ class Prune(Pass):
             stats.update({"channels-removed": 0, "flops-before": flops0, "flops-after": flops0,
                           "params-before": params0, "params-after": params0,
                           "seconds": round(time.perf_counter() - t0, 3)})
-            return PassResult(False, stats)
+            why = ("no channel group to prune (no Conv/Gemm whose output channels can shrink)" if not an.groups else
+                   f"all {len(an.groups)} channel groups are unprunable (reasons in the log)" if len(unprunable) == len(an.groups)
+                   else f"ratio {self.ratio:g} removes no whole unit from any of the {len(an.groups) - len(unprunable)} prunable groups")
+            return PassResult(False, stats, note=f"nothing pruned: {why}")
         original = model.clone() if (reconstruct or reestimate) else None
         stats["channels-removed"] = apply_pruning(an, pruned)
         if original is not None and calib is not None:

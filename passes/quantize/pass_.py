@@ -36,19 +36,21 @@ class Quantize(Pass):
     scales along axis 1, shared by the groups; bias scale s_x·s_w tiled over the groups — its QDQ
     form runs as float on onnxruntime's CPU EP, which has no int8 ConvTranspose, so speed=rules keeps
     it float and speed=measure tries it float); likewise Gemm/MatMul, Add/Mul, Concat, pools, and Q/DQ-transparent
-    MaxPool/Reshape/Flatten/Transpose/Resize. Dynamic (transformers, `mode=auto` when the model
-    has Softmax/LayerNormalization): MatMul/Gemm with constant weights → DynamicQuantizeLinear →
+    MaxPool/Reshape/Flatten/Transpose/Resize. Dynamic (transformers: `mode=auto` when MatMul/Gemm
+    hold more FLOPs than Conv and the model has Softmax/LayerNormalization; a conv net ending in
+    Softmax is static): MatMul/Gemm with constant weights → DynamicQuantizeLinear →
     MatMulInteger → Cast → Mul. See passes/quantize/qdq.py for the exact layout.
 
     Stays float (each named in the report with its reason): ops inside If/Loop/Scan bodies and
     model-local function bodies (listed under "float-subgraphs": calibration only sees main-graph
     tensors, and a function body serves call sites with different ranges), ops already in QDQ form (so a second
-    run changes nothing), non-float32 tensors, non-constant weights, opset < 13, Softmax inputs,
+    run changes nothing), non-float32 tensors, non-constant weights, Softmax inputs,
     tensors whose calibration values hold sentinels (|x| >= 1e9, e.g. an additive attention mask
     of -3.4e38), excluded units, depthwise/tiny convs where int8 measured slower, and the most
     sensitive layers when `accuracy-budget` needs them float. With `speed=measure` (default) the
     whole model is timed on onnxruntime against fp32; if no int8 variant is `min-speedup` faster,
-    the model is left unchanged.
+    the model is left unchanged. A model below opset 13 is upgraded with onnx's version converter
+    first (said in the log); when the converter cannot, the pass refuses with its reason.
     """
 
     name: ClassVar[str] = "quantize"
@@ -94,8 +96,21 @@ class Quantize(Pass):
         if any(n.op_type in QDQ_OPS for n in base.graph):
             ctx.info("quantize: the model is already quantized (has QuantizeLinear/MatMulInteger...); nothing to do")
             ctx.data["quantize"] = {"result": "already quantized: nothing to do", "layers": []}
-            return PassResult(False, {})  # a second run reports nothing (the pass contract)
-        mode = self._mode(base)
+            return PassResult(False, {}, note="already quantized: nothing to do")  # a second run reports nothing
+        opset = base.opset_imports.get("", base.opset_imports.get("ai.onnx", 0))
+        if 0 < opset < 13:  # per-channel QuantizeLinear needs opset 13: upgrade with onnx's converter
+            try:
+                base = _upgraded(base, 13)
+                infer_types(base)
+            except Exception as e:  # noqa: BLE001 - the converter's failures are many and all mean "cannot"
+                why = f"opset {opset} < 13 (no per-channel QuantizeLinear) and onnx's version converter cannot " \
+                      f"upgrade the model: {type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+                ctx.info(f"quantize: refused: {why}")
+                ctx.data["quantize"] = {"result": f"refused: {why}", "layers": []}
+                return PassResult(False, {}, note=f"refused: {why}")
+            ctx.info(f"quantize: upgraded the model from opset {opset} to 13 with onnx's version converter "
+                     "(per-channel QuantizeLinear needs 13)")
+        mode, mode_reason = self._mode(base)
         # reduce-range=auto: 7-bit weights where the int8 kernels multiply u8 x s8 pairs into
         # saturating int16 (AVX2's vpmaddubsw), full 8-bit where they are exact (VNNI, dotprod): for
         # the CPU the pipeline compiles for (its machine model), else this CPU (onnxruntime here)
@@ -113,7 +128,7 @@ class Quantize(Pass):
                             frozenset(self.exclude), frozenset({"MatMul", "Gemm"}) if mode == "dynamic" else None)
         data = self._data(base, ctx)
         rep: dict[str, Any] = {
-            "scheme": "int8", "mode": mode,
+            "scheme": "int8", "mode": mode, "mode-reason": mode_reason,
             "calibration": {"source": data.source, "synthetic": data.synthetic, "method": self.calibration},
             "activations": f"{self.activations} {'asymmetric' if self.activations == 'uint8' else 'symmetric'} per-tensor",
             "weights": "int8 symmetric " + ("per-channel" if self.per_channel else "per-tensor")
@@ -240,11 +255,27 @@ class Quantize(Pass):
         return self._finish(model, qm, rep, ctx, st)
 
     # ----------------------------------------------------------------------------- helpers
-    def _mode(self, model: Model) -> str:
+    def _mode(self, model: Model) -> tuple[str, str]:
+        """mode=auto decides by where the FLOPs are: conv-dominated models are static (even with a
+        final Softmax: SqueezeNet, classifiers); MatMul-dominated ones with Softmax/LayerNormalization
+        (transformers) are dynamic; others static. Returns (mode, why)."""
         if self.mode != "auto":
-            return self.mode
-        ops = {n.op_type for n in model.graph}
-        return "dynamic" if ops & {"Softmax", "LayerNormalization", "Attention"} else "static"
+            return self.mode, "mode=" + self.mode
+        from graphopt.passes.pruning.flops import layer_flops
+
+        conv = mm = 0
+        for n in model.graph:
+            if n.op_type in ("Conv", "ConvTranspose"):
+                conv += layer_flops(n) or 0
+            elif n.op_type in ("MatMul", "Gemm"):
+                mm += layer_flops(n) or 0
+        attn = sorted({n.op_type for n in model.graph} & {"Softmax", "LayerNormalization", "Attention"})
+        share = (f"{100 * conv / (conv + mm):.0f} % of the Conv/MatMul/Gemm FLOPs in Conv") if conv + mm else "no FLOPs counted"
+        if conv > mm:
+            return "static", f"auto: conv-dominated, {share}" + (f" (its {'/'.join(attn)} stays float)" if attn else "")
+        if attn:
+            return "dynamic", f"auto: {share}, with {'/'.join(attn)} (a transformer)"
+        return "static", f"auto: {share}, no Softmax/LayerNormalization"
 
     def _data(self, model: Model, ctx: PassContext) -> CalibrationData:
         limit = self.max_samples or None
@@ -443,7 +474,30 @@ class Quantize(Pass):
 
             with atomic_write(self.report) as f:
                 f.write(json.dumps(rep, indent=1, default=_json_default).encode())
-        return PassResult(qm is not None, stats)
+        return PassResult(qm is not None, stats, note=self._note(rep, floats))
+
+    @staticmethod
+    def _note(rep: dict[str, Any], floats: list[dict[str, Any]]) -> str:
+        """The terminal's one line: the result, the mode and why it chose it, and (when layers
+        stayed float) the most common reason."""
+        note = f"{rep.get('result', '')} (mode {rep['mode']}{': ' + rep['mode-reason'] if rep.get('mode-reason') else ''})"
+        if floats:
+            from collections import Counter
+
+            reason, n = Counter(str(f["reason"]) for f in floats).most_common(1)[0]
+            note += f"; float: {n} x {reason}"
+        if rep["calibration"].get("synthetic"):
+            note += "; calibrated on SYNTHETIC data (give --calibration)"
+        return note
+
+
+def _upgraded(model: Model, opset: int) -> Model:
+    """`model` converted to `opset` of the default domain by onnx's version converter."""
+    import onnx.version_converter
+
+    from graphopt import load, to_onnx
+
+    return load(onnx.version_converter.convert_version(to_onnx(model), opset))
 
 
 def _json_default(o: Any) -> Any:

@@ -352,7 +352,10 @@ class ClusterWeights(Pass):
             stats["mean-rel-l2"] = sum(e[0] * e[2] for e in errors) / max(stats["params-clustered"], 1)
             stats["min-sqnr-db"] = min(e[1] for e in errors)
         stats["seconds"] = time.perf_counter() - t0
-        return PassResult(bool(errors), stats)
+        note = "" if errors else (f"nothing clustered: {stats['tensors-small']} weights below min-size={self.min_size}, "
+                                  f"{stats['tensors-kept-float']} kept float by layer-bits, {stats['tensors-nonfinite']} "
+                                  f"non-finite, of {len(self._candidates(model))} float weights of rank >= 2")
+        return PassResult(bool(errors), stats, note=note)
 
     def _batches(self, model: Model, ctx: PassContext, why: str) -> list[dict[str, np.ndarray]]:
         """The calibration batches: `calibration=`, else ctx.data["calibration"] (a path or

@@ -100,6 +100,7 @@ class ShareWeights(Pass):
     """
 
     name: ClassVar[str] = "share-weights"
+    idle_reason: ClassVar[str] = "no two initializers hold the same values"
     tolerance: float = 0.0
     min_size: int = 1  # elements; smaller constants are left alone
 

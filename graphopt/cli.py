@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "and tiny layers float; reproducible output) or off")
     p.add_argument("--accuracy-budget", metavar="B", help="--quantize: top1:P, cosine:C, sqnr:DB or rel:E; the most "
                    "sensitive layers stay float until it holds")
+    p.add_argument("--bind", metavar="NAME=VALUE", action="append", help="fix input NAME to a constant (a number, "
+                   "a comma list or a .npy file; repeatable): it leaves the interface and cleanup folds what it decides")
+    p.add_argument("--calibration-batch-axis", metavar="NAME:AXIS", action="append", help="--quantize: the batch "
+                   "axis of input NAME in the calibration data (default: from the model's symbolic dims, else 0)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
                    help="run onnx's checker (full check, with shape inference) on the input first and refuse a "
                         "model it rejects (default); --no-check compiles it anyway, and says so")
@@ -149,6 +153,8 @@ class Options:
     tuning_db: str | None = None
     threads: int | None = None
     calibration: str | None = None  # --quantize's data, handed to the pass through PassContext.data
+    bind: list[str] = field(default_factory=list)  # --bind NAME=VALUE: inputs fixed to constants
+    calibration_batch_axis: list[str] = field(default_factory=list)  # --calibration-batch-axis NAME:AXIS
 
 
 def _join_spec_values(argv: Sequence[str]) -> list[str]:
@@ -203,6 +209,8 @@ def parse_options(argv: Sequence[str]) -> Options:
         tuning_db=pick(ns.tuning_db, "tuning-db", None),
         threads=pick(ns.threads, "threads", None),
     )
+    opts.bind = list(pick(ns.bind, "bind", []))
+    opts.calibration_batch_axis = list(pick(ns.calibration_batch_axis, "calibration-batch-axis", []))
     # the pipeline shortcuts: a flag wins over the config file
     for key, attr in (("prune", "prune"), ("quantize", "quantize"), ("calibration", "calibration"),
                       ("calibration-method", "calibration_method"), ("accuracy-budget", "accuracy_budget"),
@@ -523,6 +531,18 @@ def load_input(opts: Any, log: list[str]) -> Any:
         if not getattr(opts, "quiet", False):
             _note(note)
     densify_sparse_initializers(model)
+    for item in getattr(opts, "bind", None) or []:  # --bind NAME=VALUE: the input becomes a constant
+        from graphopt.target import bind_inputs
+
+        name, eq, value = str(item).partition("=")
+        if not eq or not name.strip():
+            raise UsageError(f"--bind {item}: expected NAME=VALUE")
+        arr = bind_inputs(model, {name.strip(): value})[name.strip()]
+        shown = arr.reshape(-1)[:4].tolist()
+        log.append(f"--bind: input {name.strip()!r} fixed to {arr.dtype}{list(arr.shape)} "
+                   f"{shown if arr.size > 1 else shown[0]}{' ...' if arr.size > 4 else ''}; it is no longer a model input")
+        if not getattr(opts, "quiet", False):
+            _note(log[-1])
     return model
 
 

@@ -63,6 +63,8 @@ KEYS: dict[str, _Key] = {
     "calibration-method": _Key(str),
     "accuracy-budget": _Key(str),
     "quantize-speed": _Key(str),
+    "bind": _Key(str, is_list=True),  # ["NAME=VALUE", ...]; a relative .npy path is the config file's
+    "calibration-batch-axis": _Key(str, is_list=True),  # ["NAME:AXIS", ...]
 }
 
 
@@ -109,6 +111,9 @@ def _check(path: str, key: str, value: Any, spec: _Key, base: str) -> Any:
             value = [value]
         if not (isinstance(value, list) and all(ok(v) for v in value)):
             raise UsageError(f"config file {path}: {key!r} must be a list of strings")
+        if key == "bind":  # NAME=file.npy: relative to the config file, like every path in it
+            value = [f"{n}={os.path.join(base, os.path.expanduser(v))}" if v.endswith(".npy") else f"{n}={v}"
+                     for n, _, v in (x.partition("=") for x in value)]
         return list(value)
     if not ok(value):
         want = "a string" if spec.kind is str else "true or false" if spec.kind is bool else "a number"

@@ -283,3 +283,29 @@ def _simplify_loop(node: Node) -> tuple[int, int]:
     _rebuild(node, keep_c + [n_carried + k for k in keep_s])
     return len(dead_scan), len(dead_carried)
 
+
+
+def bodies_holding(model: Model, ops: frozenset[str] | set[str]) -> list[str]:
+    """One line per If/Loop/Scan body (any depth) that holds nodes of `ops`: where it is and what
+    it holds, e.g. "If 'sr_select' then_branch (Conv x5, LSTM x1)". For passes that work on the
+    main graph only, to say per body what they did not look at."""
+    out: list[str] = []
+
+    def walk(g: Graph, where: str) -> None:
+        for n in g:
+            for key, a in n.attributes.items():
+                subs = [a.value] if a.type == AttrType.GRAPH else list(a.value or []) if a.type == AttrType.GRAPHS else []
+                for sub in subs:
+                    if sub is None:
+                        continue
+                    here = f"{where}{n.op_type} {n.name or n.outputs[0].name!r} {key}"
+                    counts: dict[str, int] = {}
+                    for m in sub.all_nodes():
+                        if m.domain in STANDARD_DOMAINS and m.op_type in ops:
+                            counts[m.op_type] = counts.get(m.op_type, 0) + 1
+                    if counts:
+                        out.append(f"{here} ({', '.join(f'{k} x{v}' for k, v in counts.items())})")
+                    walk(sub, here + " > ")
+
+    walk(model.graph, "")
+    return out

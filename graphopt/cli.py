@@ -446,8 +446,7 @@ def _compile(opts: Options) -> int:
 
     ctx = PassContext()
     model = load_input(opts, ctx.log)
-    if opts.calibration:
-        ctx.data["calibration"] = opts.calibration
+    load_calibration_data(opts, model, ctx)
     passes = _resolve(opts, ctx.log)
     feeds = _feeds(opts, model) if (opts.verify or opts.verify_each) else None
     reference = run_onnxruntime(model, feeds) if opts.verify and feeds is not None else None
@@ -544,6 +543,21 @@ def load_input(opts: Any, log: list[str]) -> Any:
         if not getattr(opts, "quiet", False):
             _note(log[-1])
     return model
+
+
+def load_calibration_data(opts: Any, model: Any, ctx: Any) -> None:
+    """--calibration, read and checked (every file's names, ranks, dims, sample counts) before
+    any pass runs, for the passes that calibrate (ctx.data["calibration"])."""
+    axes_given = list(getattr(opts, "calibration_batch_axis", None) or [])
+    if axes_given and not opts.calibration:
+        raise UsageError("--calibration-batch-axis needs --calibration")
+    if opts.calibration:
+        from graphopt.calibration import load_calibration, parse_batch_axes
+
+        axes = parse_batch_axes(axes_given)
+        load_calibration(opts.calibration, model, batch_axis=axes)  # raises CalibrationError (exit 2) now
+        ctx.data["calibration"] = opts.calibration  # the passes read it with their own batch-size/limit
+        ctx.data["calibration-batch-axis"] = axes
 
 
 def _check_output(staged: str, output: str) -> None:

@@ -34,7 +34,8 @@ class SimplifyControlFlow(Pass):
     Before → after:
       `y = If(c) <then={... t}, else={... e}>` with `c` a constant (an initializer, a Constant, a
       bound input, a folded rank/shape test)  →  the chosen branch's nodes in the enclosing graph,
-      `y` its output (the other branch is dropped); the inlined nodes are constant-folded;
+      `y` its output (the other branch is dropped); the inlined nodes are constant-folded and
+      their shape arithmetic simplified (simplify-shapes, with the enclosing graph's types);
       `y1, y2 = If(c)` with `y2` read by nothing  →  `y1 = If(c)`, `y2` dropped from both branches;
       `Loop(M, cond, v0, k0) -> vT, kT, scan1, scan2` where `kT` and `scan2` are read by nothing and
       the body's `k` only feeds its own next value  →  `Loop(M, cond, v0) -> vT, scan1`;
@@ -72,6 +73,13 @@ class SimplifyControlFlow(Pass):
                     stats["folded"] += fold_graph(g, model, 1 << 20, 1024)[0]
             if not touched:
                 break
+        if stats["if-inlined"]:
+            # inlined nodes now see the enclosing graph's (often better) types: their shape
+            # arithmetic may fold where it could not inside the branch (simplify-shapes ran before)
+            from graphopt.passes.cleanup.shapes import SimplifyShapes
+
+            r = SimplifyShapes().run(model, ctx)
+            stats["folded"] += sum(int(v) for v in r.stats.values())
         # children before parents: dropping an inner output can free an outer one
         for g in reversed(graphs_preorder(model)):
             if not _alive(g):

@@ -137,6 +137,28 @@ def test_if_near_misses_and_constant_graph_output() -> None:
     np.testing.assert_array_equal(_ort(out, {"x": x})[0], x + 1)
 
 
+def test_two_constant_ifs_whose_branches_reuse_names() -> None:
+    """Sibling bodies may use the same names; once inlined into one graph they must not clash."""
+    def branch(op: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node(op, ["x", "one"], ["t"])], "b", [],
+                                 [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+
+    nodes = [helper.make_node("If", ["c"], ["y1"], then_branch=branch("Add"), else_branch=branch("Sub")),
+             helper.make_node("If", ["c"], ["y2"], then_branch=branch("Mul"), else_branch=branch("Div")),
+             helper.make_node("Add", ["y1", "y2"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+                          initializer=[numpy_helper.from_array(np.array(2.0, np.float32), "one"),
+                                       numpy_helper.from_array(np.array(True), "c")])
+    m = graphopt.load(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    assert _run_pass(m).stats["if-inlined"] == 2
+    m.verify()
+    out = graphopt.to_onnx(m)
+    onnx.checker.check_model(out, full_check=True)
+    x = np.array([1.0, 3.0], np.float32)
+    np.testing.assert_array_equal(_ort(out, {"x": x})[0], (x + 2) + (x * 2))
+
+
 def test_loop_near_misses() -> None:
     """A carried value that feeds a scan output, or whose final value is read, stays."""
     proto = cf.loop_model()

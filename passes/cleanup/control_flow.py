@@ -149,6 +149,12 @@ def _inline_if(node: Node) -> bool:
     branch.remove(body, safe=False)
     for n, ins in saved.values():
         n.set_inputs(ins)
+    # sibling bodies (two Ifs' branches) may reuse names; in one graph they must be unique
+    taken = {v.name for v in parent.values() if v.name}
+    for n in body:
+        for v in n.outputs:
+            if v.name and v.name in taken:
+                v.name = unique_name(parent, v.name)
     parent.insert_before(node, body)
     moved = {id(v) for n in body for v in n.outputs} | {id(v) for n in moved_consts for v in n.outputs}
     moved |= {id(v) for v in parent.initializers.values()}

@@ -56,9 +56,7 @@ def compile_artifact(opts: Any) -> int:
                              f"(target mcpu={machine.mcpu}): drop --verify, or verify on such a machine")
     ctx = PassContext(machine=machine)
     model = cli.load_input(opts, ctx.log)  # checked by onnx's checker, sparse initializers dense
-    if opts.calibration:
-        cli.check_calibration(opts.calibration, model)
-        ctx.data["calibration"] = opts.calibration
+    cli.load_calibration_data(opts, model, ctx)
     passes = cli._resolve(opts, ctx.log)
     feeds = cli._feeds(opts, model) if opts.verify else None
     reference = run_onnxruntime(model, feeds) if feeds is not None else None

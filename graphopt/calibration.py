@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -43,11 +44,17 @@ __all__ = [
     "METHODS",
     "CalibrationData",
     "CalibrationError",
+    "as_calibration",
+    "batch_axes",
+    "calibration_from_arrays",
+    "calibration_from_feeds",
+    "calibration_sequences",
     "HistogramObserver",
     "TensorStats",
     "collect_ranges",
     "intermediate_outputs",
     "load_calibration",
+    "parse_batch_axes",
     "synthetic_calibration",
 ]
 
@@ -70,6 +77,8 @@ class CalibrationData:
 
     `source` says where the data came from ("calib.npz: 64 samples in 64 batches of 1", or
     "synthetic: ..."); `synthetic` is True for random inputs, and reports must say so.
+    `batch_sizes` and `batch_axes` give, per input, the batch size its samples are cut into and
+    the axis they are stacked on (None: the input is not cut, e.g. a scalar).
     """
 
     batches: Sequence[str] | None  # files to read (None: `make` produces the batches)
@@ -80,13 +89,15 @@ class CalibrationData:
     make: object = None  # callable() -> Iterator[dict] for in-memory / synthetic data
     num_samples: int = 0
     dtypes: dict[str, np.dtype | None] | None = None  # input -> the float dtype file arrays are cast to (float64 data)
+    batch_axes: dict[str, int | None] = field(default_factory=dict)
+    input_ranks: dict[str, int] = field(default_factory=dict)  # a sample file may omit the batch axis
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         if self.make is not None:
             yield from self.make()  # type: ignore[operator]
             return
         for path in self.batches or ():
-            yield from _split_file(path, self.input_names, self.batch_sizes, self.dtypes)
+            yield from _split_file(path, self.input_names, self.batch_sizes, self.batch_axes, self.input_ranks, self.dtypes)
 
     def take(self, n: int) -> list[dict[str, np.ndarray]]:
         """The first `n` batches, in memory."""
@@ -105,27 +116,111 @@ def _model_inputs(model: Model) -> list:
     return [v for v in model.graph.inputs if not v.is_initializer()]
 
 
-def _batch_sizes(model: Model, batch_size: int | None) -> dict[str, int | None]:
-    """Per input: the batch size to cut the stacked samples into (None: scalar input, not cut)."""
+def _unknown(d: object) -> bool:
+    """A dim whose size the model leaves open: a symbol, None, or ONNX's -1/0 placeholders."""
+    return not isinstance(d, int) or d <= 0
+
+
+#: symbol names that say "batch" (compared lower-case)
+_BATCH_NAMES = ("batch", "batch_size", "batchsize", "n", "b", "bs", "num_samples")
+
+
+def batch_axes(model: Model, override: Mapping[str, int] | None = None) -> dict[str, int | None]:
+    """Per model input, the axis its calibration samples are stacked on (None: not cut).
+
+    Given: `override` (e.g. {"state": 1}). Else detected from the model's dims: the batch symbol
+    is a symbolic dim named like a batch ("batch", "N", "batch_size"...) or else the symbol found
+    at axis 0 of the most inputs; an input that has it (a VAD state [2, batch, 128]) is stacked
+    on that axis. Otherwise an input whose only unknown dim is unnamed (-1) is stacked there,
+    and everything else on axis 0. Rank-0 inputs (a sample rate) are never cut.
+    """
+    override = dict(override or {})
+    ins = _model_inputs(model)
+    names = {v.name for v in ins}
+    for k, ax in override.items():
+        if k not in names:
+            raise CalibrationError(f"calibration batch axis for {k!r}: the model has no input of that name "
+                                   f"(inputs: {', '.join(sorted(names)) or 'none'})")
+    first: dict[str, int] = {}
+    for v in ins:
+        dims = v.shape.dims if v.shape is not None else ()
+        if dims and isinstance(dims[0], str):
+            first[dims[0]] = first.get(dims[0], 0) + 1
+    syms = {d for v in ins if v.shape is not None for d in v.shape.dims if isinstance(d, str)}
+    named = [d for d in syms if d.lower() in _BATCH_NAMES or "batch" in d.lower()]
+    batch_sym = named[0] if len(named) == 1 else (max(first, key=lambda k: first[k]) if first else None)
     out: dict[str, int | None] = {}
-    for v in _model_inputs(model):
+    for v in ins:
         shape = v.shape
+        if v.name in override:
+            ax = override[v.name]
+            rank = len(shape.dims) if shape is not None else None
+            if rank is not None and not -rank <= ax < rank:
+                raise CalibrationError(f"calibration batch axis {ax} for {v.name!r}: the input has rank {rank}")
+            out[v.name] = ax % rank if rank else ax
+            continue
         if shape is None or len(shape.dims) == 0:
             out[v.name] = None
             continue
-        d = shape.dims[0]
-        out[v.name] = d if isinstance(d, int) else (batch_size or 1)
+        dims = shape.dims
+        if batch_sym is not None and batch_sym in dims:
+            out[v.name] = dims.index(batch_sym)
+            continue
+        unnamed = [i for i, d in enumerate(dims) if d is None or (isinstance(d, int) and d <= 0)]
+        out[v.name] = unnamed[0] if len(unnamed) == 1 and not _unknown(dims[0]) else 0
     return out
 
 
-def load_calibration(path: str, model: Model, *, batch_size: int | None = None, limit: int | None = None) -> CalibrationData:
+def parse_batch_axes(items: Iterable[str]) -> dict[str, int]:
+    """["state:1", "x:0"] or ("state", "1", "x", "0") (the pipeline's tuple syntax) -> {"state": 1, "x": 0}."""
+    parts: list[str] = []
+    for it in items:
+        parts.extend(p for p in str(it).replace(",", ":").split(":") if p != "")
+    if len(parts) % 2:
+        raise UsageError(f"calibration batch axis {':'.join(parts)!r}: expected NAME:AXIS pairs")
+    out: dict[str, int] = {}
+    for name, ax in zip(parts[::2], parts[1::2]):
+        try:
+            out[name] = int(ax)
+        except ValueError:
+            raise UsageError(f"calibration batch axis {name}:{ax}: AXIS must be an integer") from None
+    return out
+
+
+def _batch_sizes(model: Model, batch_size: int | None, axes: Mapping[str, int | None] | None = None) -> dict[str, int | None]:
+    """Per input: the batch size to cut the stacked samples into (None: not cut). A batch dim the
+    model fixes keeps its size; an open one (symbol, -1) takes `batch_size` (default 1)."""
+    axes = batch_axes(model) if axes is None else axes
+    out: dict[str, int | None] = {}
+    for v in _model_inputs(model):
+        ax = axes.get(v.name)
+        if ax is None or v.shape is None or ax >= len(v.shape.dims):
+            out[v.name] = None
+            continue
+        d = v.shape.dims[ax]
+        out[v.name] = d if not _unknown(d) else (batch_size or 1)
+    return out
+
+
+def _describe(where: str, total: int, sizes: Mapping[str, int | None], nb: int, nfiles: int = 1) -> str:
+    b = next((x for x in sizes.values() if x), 1)
+    return f"{where}: {total} samples in {nb} batches of {b}" + (f" from {nfiles} files" if nfiles > 1 else "")
+
+
+def load_calibration(path: str, model: Model, *, batch_size: int | None = None, limit: int | None = None,
+                     batch_axis: Mapping[str, int] | None = None) -> CalibrationData:
     """Calibration batches from a .npz file or a folder of .npz files (read lazily, in name order).
 
-    `batch_size` applies to inputs whose batch dim is symbolic (default 1); `limit` caps the
-    number of samples read.
+    Every file is checked now (names, ranks, fixed dims, sample counts; headers only, no payload).
+    Samples are stacked along each input's batch axis (see batch_axes; `batch_axis` overrides
+    it per input); a file may hold one sample without the batch axis at all, and files of a
+    folder may differ in their open dims (images of different sizes, one per file).
+    `batch_size` applies to inputs whose batch dim is open (default 1); `limit` caps the number
+    of samples read.
     """
     names = [v.name for v in _model_inputs(model)]
-    sizes = _batch_sizes(model, batch_size)
+    axes = batch_axes(model, batch_axis)
+    sizes = _batch_sizes(model, batch_size, axes)
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".npz"))
         if not files:
@@ -134,36 +229,47 @@ def load_calibration(path: str, model: Model, *, batch_size: int | None = None, 
         files = [path]
     else:
         raise CalibrationError(f"calibration data {path}: no such file or folder")
-    total = 0
-    for f in files:  # check every file up front (names, dtypes and sample counts); arrays are read later
-        total += _check_file(f, names, model)
+    counts = [_check_file(f, names, model, axes) for f in files]  # arrays are read later
+    b = next((x for x in sizes.values() if x), 1)
+    total, nb, left = 0, 0, limit
+    for c in counts:
+        c = c if left is None else min(c, left)
+        total += c
+        nb += math.ceil(c / b)
+        if left is not None:
+            left -= c
+    if total == 0:
+        raise CalibrationError(f"calibration data {path} holds no samples")
     files_dtypes = {k: (d.numpy() if d is not None and d.is_floating else None) for k, d in model_input_dtypes(model).items()}
-    if limit is not None:
-        total = min(total, limit)
-    first = next(iter(sizes.values()), None) or 1
-    nb = math.ceil(total / first) if total else 0
-    desc = f"{path}: {total} samples in {nb} batches of {first}" + (f" from {len(files)} files" if len(files) > 1 else "")
-    data = CalibrationData(files, names, sizes, desc, num_samples=total, dtypes=files_dtypes)
+    ranks = {v.name: len(v.shape.dims) for v in _model_inputs(model) if v.shape is not None}
+    data = CalibrationData(files, names, sizes, _describe(path, total, sizes, nb, len(files)), num_samples=total,
+                           batch_axes=axes, input_ranks=ranks, dtypes=files_dtypes)
     if limit is not None:
         def make(files: list[str] = files, limit: int = limit) -> Iterator[dict[str, np.ndarray]]:
             seen = 0
             for f in files:
-                for b in _split_file(f, names, sizes, files_dtypes):
+                for bt in _split_file(f, names, sizes, axes, ranks, files_dtypes):
                     if seen >= limit:
                         return
-                    n = _batch_len(b, sizes)
+                    n = _batch_len(bt, sizes, axes)
                     if seen + n > limit:
-                        b = {k: (a[: limit - seen] if sizes.get(k) else a) for k, a in b.items()}
+                        bt = {k: (_take(a, axes[k], 0, limit - seen) if sizes.get(k) else a) for k, a in bt.items()}
                     seen += n
-                    yield b
+                    yield bt
         data.make = make
     return data
 
 
-def _batch_len(b: Mapping[str, np.ndarray], sizes: Mapping[str, int | None]) -> int:
+def _take(a: np.ndarray, axis: int | None, start: int, stop: int) -> np.ndarray:
+    idx = [slice(None)] * a.ndim
+    idx[axis or 0] = slice(start, stop)
+    return np.ascontiguousarray(a[tuple(idx)])
+
+
+def _batch_len(b: Mapping[str, np.ndarray], sizes: Mapping[str, int | None], axes: Mapping[str, int | None]) -> int:
     for k, a in b.items():
         if sizes.get(k):
-            return int(a.shape[0])
+            return int(a.shape[axes.get(k) or 0])
     return 1
 
 
@@ -174,38 +280,45 @@ def _open(path: str) -> Mapping[str, np.ndarray]:
         raise CalibrationError(f"calibration file {path}: not a readable .npz archive: {str(e).splitlines()[0]}") from None
 
 
-def _check_file(path: str, names: list[str], model: Model) -> int:
+def _check_file(path: str, names: list[str], model: Model, axes: Mapping[str, int | None]) -> int:
     data = _open(path)
     if not hasattr(data, "files"):
         raise CalibrationError(f"calibration file {path}: expected a .npz archive with one array per model input")
     missing = [n for n in names if n not in data.files]
     if missing:
         raise CalibrationError(f"calibration file {path}: no array for model input {missing[0]!r} (has: {', '.join(data.files) or 'none'})")
-    counts = set()
+    counts: dict[str, int] = {}
     for v in _model_inputs(model):
         arr = _ArrayHeader(path, v.name)  # the header only: shape, not payload
-        want = v.dtype.numpy() if v.dtype is not None else None
+        want_dt = v.dtype.numpy() if v.dtype is not None else None
         # float64 data for a float32 input is cast when read (as onnxruntime's tools do); any
         # other mismatch would be a wrong file
-        if want is not None and arr.dtype is not None and arr.dtype != want and not (arr.dtype.kind == want.kind == "f"):
-            raise CalibrationError(f"calibration file {path}: input {v.name!r} has dtype {arr.dtype}, the model expects {want}")
-        shape = v.shape
-        if shape is not None and len(shape.dims) != arr.ndim:
+        if want_dt is not None and arr.dtype is not None and arr.dtype != want_dt and not (arr.dtype.kind == want_dt.kind == "f"):
+            raise CalibrationError(f"calibration file {path}: input {v.name!r} has dtype {arr.dtype}, the model expects {want_dt}")
+        shape, ax = v.shape, axes.get(v.name)
+        if shape is None:
+            continue
+        dims = list(shape.dims)
+        want = [x if not _unknown(x) else "?" for x in dims]
+        got = list(arr.shape)
+        if ax is not None and arr.ndim == len(dims) - 1:
+            got.insert(ax, 1)  # one sample, written without its batch axis
+        elif arr.ndim != len(dims):
             raise CalibrationError(
-                f"calibration file {path}: input {v.name!r} has rank {arr.ndim}, the model expects {len(shape.dims)}"
-            )
-        if shape is not None:
-            for i, d in enumerate(shape.dims[1:], 1):
-                if isinstance(d, int) and arr.shape[i] != d:
-                    raise CalibrationError(
-                        f"calibration file {path}: input {v.name!r} has shape {list(arr.shape)}, the model expects "
-                        f"{[x if isinstance(x, int) else '?' for x in shape.dims]} (samples stacked on axis 0)"
-                    )
-        if arr.ndim:
-            counts.add(int(arr.shape[0]))
-    if len(counts) > 1:
-        raise CalibrationError(f"calibration file {path}: inputs hold different numbers of samples {sorted(counts)}")
-    return counts.pop() if counts else 1
+                f"calibration file {path}: input {v.name!r} has rank {arr.ndim}, the model expects {len(dims)} {want}"
+                + (f" (or {len(dims) - 1} for one sample without the batch axis {ax})" if ax is not None else ""))
+        for i, d in enumerate(dims):
+            if i != ax and not _unknown(d) and got[i] != d:
+                where = f"samples stacked on axis {ax}" if ax is not None else "not cut into samples"
+                raise CalibrationError(f"calibration file {path}: input {v.name!r} has shape {list(arr.shape)}, the model "
+                                       f"expects {want} ({where}; --calibration-batch-axis NAME:AXIS to change it)")
+        if ax is not None:
+            counts[v.name] = int(got[ax])
+    if len(set(counts.values())) > 1:
+        detail = ", ".join(f"{k} {c} (axis {axes.get(k)})" for k, c in counts.items())
+        raise CalibrationError(f"calibration file {path}: inputs hold different numbers of samples: {detail}; "
+                               "give each input's batch axis with --calibration-batch-axis NAME:AXIS")
+    return next(iter(counts.values()), 1)
 
 
 class _ArrayHeader:
@@ -230,38 +343,206 @@ class _ArrayHeader:
 
 
 def _split_file(path: str, names: list[str], sizes: Mapping[str, int | None],
+                axes: Mapping[str, int | None] | None = None, ranks: Mapping[str, int] | None = None,
                 dtypes: Mapping[str, np.dtype | None] | None = None) -> Iterator[dict[str, np.ndarray]]:
     data = _open(path)
     cast = dtypes or {}
-    yield from _split({n: np.asarray(data[n], dtype=cast.get(n)) for n in names}, sizes)
+    yield from _split({n: np.asarray(data[n], dtype=cast.get(n)) for n in names}, sizes, axes or {}, ranks)
 
 
-def _split(arrays: Mapping[str, np.ndarray], sizes: Mapping[str, int | None]) -> Iterator[dict[str, np.ndarray]]:
-    """Batch i takes rows [i·b, (i+1)·b) of each input, b being that input's batch size; inputs
-    without a batch axis (scalars) go whole into every batch."""
+def _split(arrays: Mapping[str, np.ndarray], sizes: Mapping[str, int | None], axes: Mapping[str, int | None] | None = None,
+           ranks: Mapping[str, int] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Batch i takes samples [i·b, (i+1)·b) along each input's batch axis, b being that input's
+    batch size; inputs without a batch axis (scalars) go whole into every batch."""
+    axes = axes or {}
     cut = {k: sizes.get(k) for k in arrays if sizes.get(k)}
-    n = min((math.ceil(int(arrays[k].shape[0]) / b) for k, b in cut.items()), default=1)  # type: ignore[operator]
+    arrays = {k: _with_batch_axis(a, axes.get(k) or 0, ranks.get(k) if ranks else None) if k in cut else a
+              for k, a in arrays.items()}
+    n = min((math.ceil(int(arrays[k].shape[axes.get(k) or 0]) / b) for k, b in cut.items()), default=1)  # type: ignore[operator]
     for i in range(n):
-        yield {k: (np.ascontiguousarray(a[i * cut[k] : (i + 1) * cut[k]]) if k in cut else a) for k, a in arrays.items()}  # type: ignore[operator]
+        yield {k: (_take(a, axes.get(k) or 0, i * cut[k], (i + 1) * cut[k]) if k in cut else a)  # type: ignore[operator]
+               for k, a in arrays.items()}
+
+
+def _with_batch_axis(a: np.ndarray, axis: int, rank: int | None) -> np.ndarray:
+    """One sample written without its batch axis gets it back (rank known from the model)."""
+    if rank is not None and a.ndim == rank - 1:
+        return np.expand_dims(a, axis)
+    return a
 
 
 def calibration_from_arrays(model: Model, arrays: Mapping[str, np.ndarray], *, batch_size: int | None = None,
-                            source: str = "arrays") -> CalibrationData:
-    """Calibration batches from in-memory arrays stacked along the batch axis (as in a .npz)."""
+                            source: str = "arrays", batch_axis: Mapping[str, int] | None = None) -> CalibrationData:
+    """Calibration batches from in-memory arrays stacked along each input's batch axis (as in a .npz)."""
     names = [v.name for v in _model_inputs(model)]
-    sizes = _batch_sizes(model, batch_size)
+    axes = batch_axes(model, batch_axis)
+    sizes = _batch_sizes(model, batch_size, axes)
     missing = [n for n in names if n not in arrays]
     if missing:
         raise CalibrationError(f"calibration arrays: no array for model input {missing[0]!r}")
-    n = max((int(np.asarray(arrays[k]).shape[0]) for k in names if sizes.get(k)), default=1)
-    bs = next((s for s in sizes.values() if s), 1)
+    ranks = {v.name: len(v.shape.dims) for v in _model_inputs(model) if v.shape is not None}
     arrs = {k: np.asarray(arrays[k]) for k in names}
+    arrs = {k: _with_batch_axis(a, axes.get(k) or 0, ranks.get(k)) if sizes.get(k) else a for k, a in arrs.items()}
+    n = max((int(arrs[k].shape[axes.get(k) or 0]) for k in names if sizes.get(k)), default=1)
+    bs = next((s for s in sizes.values() if s), 1)
 
     def make() -> Iterator[dict[str, np.ndarray]]:
-        yield from _split(arrs, sizes)
+        yield from _split(arrs, sizes, axes)
 
-    return CalibrationData(None, names, sizes, f"{source}: {n} samples in {math.ceil(n / bs)} batches of {bs}",
-                           make=make, num_samples=n)
+    return CalibrationData(None, names, sizes, _describe(source, n, sizes, math.ceil(n / bs)),
+                           make=make, num_samples=n, batch_axes=axes)
+
+
+class _Replay:
+    """Re-iterable view of a one-shot iterable (a generator, a CalibrationDataReader): the first
+    pass pulls from it and keeps what it pulled, later passes replay that."""
+
+    def __init__(self, pull: Callable[[], Iterator[Any]]) -> None:
+        self._pull: Callable[[], Iterator[Any]] | None = pull
+        self._it: Iterator[Any] | None = None
+        self.cache: list[Any] = []
+
+    def __iter__(self) -> Iterator[Any]:
+        i = 0
+        while True:
+            if i < len(self.cache):
+                yield self.cache[i]
+                i += 1
+                continue
+            if self._pull is None:
+                return
+            if self._it is None:
+                self._it = self._pull()
+            try:
+                item = next(self._it)
+            except StopIteration:
+                self._pull = self._it = None
+                return
+            self.cache.append(item)
+
+
+def _reader_items(reader: Any) -> Iterator[Any]:
+    while True:
+        item = reader.get_next()
+        if item is None:
+            return
+        yield item
+
+
+def calibration_from_feeds(model: Model, feeds: Any, *, source: str = "feeds") -> CalibrationData:
+    """Calibration batches from any iterable of feed dicts (input name -> array, one batch each,
+    shaped as the model takes them), or an object with `get_next()` returning such dicts and
+    None at the end (onnxruntime's CalibrationDataReader). A one-shot iterable (a generator, a
+    reader) is read once and kept in memory; a list or other re-iterable is iterated again."""
+    names = [v.name for v in _model_inputs(model)]
+    if hasattr(feeds, "get_next"):
+        src: Any = _Replay(lambda: _reader_items(feeds))
+    elif isinstance(feeds, Iterable):
+        src = _Replay(lambda: iter(feeds)) if iter(feeds) is feeds else feeds
+    else:
+        raise CalibrationError(f"calibration data: a {type(feeds).__name__} is not an iterable of feed dicts")
+
+    def make() -> Iterator[dict[str, np.ndarray]]:
+        for i, f in enumerate(src):
+            if not isinstance(f, Mapping):
+                raise CalibrationError(f"calibration {source}: item {i} is a {type(f).__name__}, not a dict of input arrays")
+            missing = [n for n in names if n not in f]
+            if missing:
+                raise CalibrationError(f"calibration {source}: item {i} has no array for model input {missing[0]!r}")
+            yield {n: np.asarray(f[n]) for n in names}
+
+    first = next(make(), None)  # checked now, before any pass runs
+    if first is None:
+        raise CalibrationError(f"calibration {source}: holds no batches")
+    axes = batch_axes(model)
+    k = next((n for n in names if axes.get(n) is not None and first[n].ndim > (axes[n] or 0)), None)
+    b = int(first[k].shape[axes[k] or 0]) if k else 1
+    sizes = {n: (b if axes.get(n) is not None else None) for n in names}
+    n_batches = len(src.cache) if isinstance(src, _Replay) and src._pull is None else None
+    desc = f"{source}: " + (f"{n_batches} batches" if n_batches is not None else "an iterable of batches") + f" of {b}"
+    return CalibrationData(None, names, sizes, desc, make=make, num_samples=0, batch_axes=axes)
+
+
+def calibration_sequences(model: Model, sequences: Iterable[Iterable[Mapping[str, np.ndarray]]], feedback: Mapping[str, str],
+                          *, initial: Mapping[str, np.ndarray] | None = None, source: str = "sequences") -> CalibrationData:
+    """Calibration for stateful models: each sequence is an iterable of step feeds without the
+    state inputs; `feedback` maps a state input to the output that becomes its next value
+    ({"state": "stateN"}). The model runs step by step on onnxruntime (the original model, so
+    the states are the float model's), the first step of each sequence taking `initial[input]`
+    (default zeros, open dims sized from the step's other inputs), and every step's full feed
+    is a calibration batch. The batches are computed once and kept in memory."""
+    ins = {v.name: v for v in _model_inputs(model)}
+    outs = {v.name for v in model.graph.outputs}
+    for i, o in feedback.items():
+        if i not in ins:
+            raise CalibrationError(f"calibration feedback {i}<-{o}: the model has no input {i!r}")
+        if o not in outs:
+            raise CalibrationError(f"calibration feedback {i}<-{o}: the model has no output {o!r}")
+    order = list(dict.fromkeys(feedback.values()))
+    sess = intermediate_outputs(model, order, optimize=True)
+
+    def run() -> Iterator[dict[str, np.ndarray]]:
+        for s, seq in enumerate(sequences):
+            state: dict[str, np.ndarray] = {}
+            for t, step in enumerate(seq):
+                feed = {k: np.asarray(v) for k, v in step.items()}
+                for name in feedback:
+                    if name not in state:
+                        state[name] = _initial_state(ins[name], feed, ins, initial, s)
+                    feed[name] = state[name]
+                missing = [n for n in ins if n not in feed]
+                if missing:
+                    raise CalibrationError(f"calibration {source}: step {t} of sequence {s} has no array for input {missing[0]!r}")
+                yield dict(feed)
+                try:
+                    res = dict(zip(order, sess.run(order, feed)))
+                except Exception as e:
+                    raise CalibrationError(f"calibration {source}: onnxruntime failed on step {t} of sequence {s}: "
+                                           f"{str(e).splitlines()[0]}") from None
+                for name, o in feedback.items():
+                    state[name] = res[o]
+
+    data = calibration_from_feeds(model, _Replay(run), source=source)
+    steps = len(list(data))
+    data.source = f"{source}: {steps} steps, state fed back ({', '.join(f'{i} <- {o}' for i, o in feedback.items())})"
+    data.num_samples = steps
+    return data
+
+
+def _initial_state(v: Any, feed: Mapping[str, np.ndarray], ins: Mapping[str, Any], initial: Mapping[str, np.ndarray] | None,
+                   seq: int) -> np.ndarray:
+    if initial is not None and v.name in initial:
+        return np.asarray(initial[v.name])
+    sym: dict[str, int] = {}
+    for n, a in feed.items():
+        w = ins.get(n)
+        if w is not None and w.shape is not None and len(w.shape.dims) == np.ndim(a):
+            sym.update({d: int(s) for d, s in zip(w.shape.dims, np.shape(a)) if isinstance(d, str)})
+    dims = []
+    for d in (v.shape.dims if v.shape is not None else ()):
+        if isinstance(d, int) and d > 0:
+            dims.append(d)
+        elif isinstance(d, str) and d in sym:
+            dims.append(sym[d])
+        else:
+            raise CalibrationError(f"calibration sequence {seq}: cannot size the zero initial state of {v.name!r} "
+                                   f"(dim {d!r} is not set by the other inputs): give initial={{{v.name!r}: array}}")
+    dtype = v.dtype.numpy() if v.dtype is not None else np.float32
+    return np.zeros(dims, dtype)
+
+
+def as_calibration(data: Any, model: Model, *, batch_size: int | None = None, limit: int | None = None,
+                   batch_axis: Mapping[str, int] | None = None) -> CalibrationData:
+    """Whatever a user may hand over as calibration data, as CalibrationData: CalibrationData
+    itself, a .npz path or folder, a dict of stacked arrays, or an iterable of feed dicts / a
+    CalibrationDataReader."""
+    if isinstance(data, CalibrationData):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        return load_calibration(os.fspath(data), model, batch_size=batch_size, limit=limit, batch_axis=batch_axis)
+    if isinstance(data, Mapping):
+        return calibration_from_arrays(model, data, batch_size=batch_size, batch_axis=batch_axis)
+    return calibration_from_feeds(model, data)
 
 
 def synthetic_calibration(model: Model, *, num_batches: int = 8, seed: int = 0, batch_size: int | None = None) -> CalibrationData:
@@ -274,11 +555,13 @@ def synthetic_calibration(model: Model, *, num_batches: int = 8, seed: int = 0, 
     from graphopt.check import random_inputs
 
     names = [v.name for v in _model_inputs(model)]
-    sizes = _batch_sizes(model, batch_size)
+    axes = batch_axes(model)
+    sizes = _batch_sizes(model, batch_size, axes)
     dims: dict[str, int] = {}
     for v in _model_inputs(model):
-        if v.shape is not None and v.shape.dims and isinstance(v.shape.dims[0], str):
-            dims[v.shape.dims[0]] = sizes[v.name] or 1
+        ax = axes.get(v.name)
+        if ax is not None and v.shape is not None and isinstance(v.shape.dims[ax], str):
+            dims[v.shape.dims[ax]] = sizes[v.name] or 1
 
     def make() -> Iterator[dict[str, np.ndarray]]:
         for i in range(num_batches):

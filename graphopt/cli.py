@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "and tiny layers float; reproducible output) or off")
     p.add_argument("--accuracy-budget", metavar="B", help="--quantize: top1:P, cosine:C, sqnr:DB or rel:E; the most "
                    "sensitive layers stay float until it holds")
+    p.add_argument("--bind", metavar="NAME=VALUE", action="append", help="fix input NAME to a constant (a number, "
+                   "a comma list or a .npy file; repeatable): it leaves the interface and cleanup folds what it decides")
+    p.add_argument("--calibration-batch-axis", metavar="NAME:AXIS", action="append", help="--quantize: the batch "
+                   "axis of input NAME in the calibration data (default: from the model's symbolic dims, else 0)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
                    help="run onnx's checker (full check, with shape inference) on the input first and refuse a "
                         "model it rejects (default); --no-check compiles it anyway, and says so")
@@ -155,6 +159,8 @@ class Options:
     calibration: str | None = None  # --quantize's data, handed to the pass through PassContext.data
     input_shapes: list[str] = field(default_factory=list)  # --input-shape NAME:DIMS (graphopt.input_shapes)
     dims: list[str] = field(default_factory=list)  # --dim SYMBOL=SIZE
+    bind: list[str] = field(default_factory=list)  # --bind NAME=VALUE: inputs fixed to constants
+    calibration_batch_axis: list[str] = field(default_factory=list)  # --calibration-batch-axis NAME:AXIS
 
 
 def _join_spec_values(argv: Sequence[str]) -> list[str]:
@@ -211,6 +217,8 @@ def parse_options(argv: Sequence[str]) -> Options:
         input_shapes=list(pick(ns.input_shape, "input-shape", [])),
         dims=list(pick(ns.dim, "dim", [])),
     )
+    opts.bind = list(pick(ns.bind, "bind", []))
+    opts.calibration_batch_axis = list(pick(ns.calibration_batch_axis, "calibration-batch-axis", []))
     # the pipeline shortcuts: a flag wins over the config file
     for key, attr in (("prune", "prune"), ("quantize", "quantize"), ("calibration", "calibration"),
                       ("calibration-method", "calibration_method"), ("accuracy-budget", "accuracy_budget"),
@@ -481,9 +489,7 @@ def _compile(opts: Options) -> int:
 
     ctx = PassContext()
     model = load_input(opts, ctx.log)
-    if opts.calibration:
-        check_calibration(opts.calibration, model)
-        ctx.data["calibration"] = opts.calibration
+    load_calibration_data(opts, model, ctx)
     passes = _resolve(opts, ctx.log)
     feeds = _feeds(opts, model) if (opts.verify or opts.verify_each) else None
     reference = run_onnxruntime(model, feeds) if opts.verify and feeds is not None else None
@@ -586,6 +592,18 @@ def load_input(opts: Any, log: list[str]) -> Any:
         if not getattr(opts, "quiet", False):
             _note(note)
     densify_sparse_initializers(model)
+    for item in getattr(opts, "bind", None) or []:  # --bind NAME=VALUE: the input becomes a constant
+        from graphopt.target import bind_inputs
+
+        name, eq, value = str(item).partition("=")
+        if not eq or not name.strip():
+            raise UsageError(f"--bind {item}: expected NAME=VALUE")
+        arr = bind_inputs(model, {name.strip(): value})[name.strip()]
+        shown = arr.reshape(-1)[:4].tolist()
+        log.append(f"--bind: input {name.strip()!r} fixed to {arr.dtype}{list(arr.shape)} "
+                   f"{shown if arr.size > 1 else shown[0]}{' ...' if arr.size > 4 else ''}; it is no longer a model input")
+        if not getattr(opts, "quiet", False):
+            _note(log[-1])
     shapes, dims = getattr(opts, "input_shapes", []), getattr(opts, "dims", [])
     if shapes or dims:  # before any pass, so shape inference and the cleanup passes can fold them
         from graphopt.input_shapes import fix_input_shapes, parse_all
@@ -594,12 +612,19 @@ def load_input(opts: Any, log: list[str]) -> Any:
     return model
 
 
-def check_calibration(path: str, model: Any) -> None:
-    """--calibration is read and checked against the model's inputs (names, dtypes, shapes)
-    before any pass runs: a wrong file is one line, exit 2, not a failure after minutes of passes."""
-    from graphopt.calibration import load_calibration
+def load_calibration_data(opts: Any, model: Any, ctx: Any) -> None:
+    """--calibration, read and checked (every file's names, ranks, dims, sample counts) before
+    any pass runs, for the passes that calibrate (ctx.data["calibration"])."""
+    axes_given = list(getattr(opts, "calibration_batch_axis", None) or [])
+    if axes_given and not opts.calibration:
+        raise UsageError("--calibration-batch-axis needs --calibration")
+    if opts.calibration:
+        from graphopt.calibration import load_calibration, parse_batch_axes
 
-    load_calibration(path, model)
+        axes = parse_batch_axes(axes_given)
+        load_calibration(opts.calibration, model, batch_axis=axes)  # raises CalibrationError (exit 2) now
+        ctx.data["calibration"] = opts.calibration  # the passes read it with their own batch-size/limit
+        ctx.data["calibration-batch-axis"] = axes
 
 
 def _check_output(staged: str, output: str) -> None:

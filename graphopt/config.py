@@ -65,6 +65,8 @@ KEYS: dict[str, _Key] = {
     "quantize-speed": _Key(str),
     "input-shape": _Key(str, is_list=True),  # ["x:1x3x224x224"], like --input-shape
     "dim": _Key(str, is_list=True),  # ["batch=1"], like --dim
+    "bind": _Key(str, is_list=True),  # ["NAME=VALUE", ...]; a relative .npy path is the config file's
+    "calibration-batch-axis": _Key(str, is_list=True),  # ["NAME:AXIS", ...]
 }
 
 
@@ -111,6 +113,9 @@ def _check(path: str, key: str, value: Any, spec: _Key, base: str) -> Any:
             value = [value]
         if not (isinstance(value, list) and all(ok(v) for v in value)):
             raise UsageError(f"config file {path}: {key!r} must be a list of strings")
+        if key == "bind":  # NAME=file.npy: relative to the config file, like every path in it
+            value = [f"{n}={os.path.join(base, os.path.expanduser(v))}" if v.endswith(".npy") else f"{n}={v}"
+                     for n, _, v in (x.partition("=") for x in value)]
         return list(value)
     if not ok(value):
         want = "a string" if spec.kind is str else "true or false" if spec.kind is bool else "a number"

@@ -608,14 +608,15 @@ def compile(  # noqa: A001 - the public name the issue asks for
     tuning_db: str | None = None,
     threads: int | None = None,
     progress: bool = False,
-    bind: Mapping[str, np.ndarray] | None = None,
+    bind: Mapping[str, Any] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     dims: Mapping[str, int] | None = None,
 ) -> Artifact:
     """Optimize `model` (a path, bytes, onnx.ModelProto or graphopt Model) with `pipeline` and
     compile it for `target`. `tune` is the meta_schedule trial budget (0: untuned; the default
     schedules are used); `tuning_db` a folder whose database later compiles reuse. `bind` fixes
-    inputs to constant values (their shape-deciding contents are then specialised).
+    inputs to constant values (arrays, scalars or .npy paths; see bind_inputs): they leave the
+    interface, and the If branches and shape arithmetic they decide are folded.
     `input_shapes` ({"x": (1, 3, 224, 224)}) and `dims` ({"batch": 1}) fix input dims before the
     passes (graphopt.input_shapes); a symbolic dim the target cannot compile is a UsageError naming it."""
     import graphopt
@@ -630,7 +631,7 @@ def compile(  # noqa: A001 - the public name the issue asks for
     if source_sha is None:
         source_sha = hashlib.sha256(graphopt.to_onnx(m).SerializeToString()).hexdigest()
     if bind:
-        bind_inputs(m, bind)
+        bind = bind_inputs(m, bind)
     if input_shapes or dims:
         from graphopt.input_shapes import fix_input_shapes
 
@@ -679,19 +680,81 @@ def compile_model(tgt: Target, model: Model, options: CompileOptions, *, source_
                          f"--input-shape {inp}:DIMS (Python: input_shapes=/dims=)") from e
 
 
-def bind_inputs(model: Model, values: Mapping[str, np.ndarray]) -> None:
-    """Turn graph inputs into initializers holding `values` (so passes and lowering specialise them)."""
+def bind_inputs(model: Model, values: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Turn graph inputs into initializers holding `values` (so passes and lowering specialise
+    them: cleanup folds the If branches and shape arithmetic they decide). A value is an array,
+    a Python scalar/list, or the path of a .npy file; it is cast to the input's declared element
+    type (never across kinds that lose information: 0.5 for an int64 input is an error) and a
+    scalar fills an input of static shape [1, 1, ...]. Returns the arrays bound."""
     from graphopt.ir.tensor import NumpyTensor
     from graphopt.ir.types import DataType, Shape, TensorType
 
     g = model.graph
-    by_name = {v.name: v for v in g.inputs}
-    for name, arr in values.items():
+    by_name = {v.name: v for v in g.inputs if not v.is_initializer()}
+    bound: dict[str, np.ndarray] = {}
+    for name, raw in values.items():
         v = by_name.get(name)
         if v is None:
-            raise UsageError(f"cannot bind {name!r}: the model has no input of that name")
-        arr = np.asarray(arr)
+            have = ", ".join(by_name) or "none"
+            raise UsageError(f"cannot bind {name!r}: the model has no input of that name (inputs: {have})")
+        arr = bind_value(v, raw)
         v.const_value = NumpyTensor(arr)
         v.type = TensorType(DataType.from_numpy(arr.dtype), Shape(tuple(int(d) for d in arr.shape)))
         g.set_inputs([x for x in g.inputs if x is not v])
         g.register_initializer(v)
+        bound[name] = arr
+    return bound
+
+
+def bind_value(v: Any, raw: Any) -> np.ndarray:
+    """`raw` (array, scalar, list, .npy path or the text of a number) as an array fit for input `v`."""
+    name = v.name
+    if isinstance(raw, (str, os.PathLike)) and (os.fspath(raw).endswith(".npy") or os.path.isfile(os.fspath(raw))):
+        path = os.fspath(raw)
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise UsageError(f"--bind {name}={path}: no such file") from None
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--bind {name}={path}: not a readable .npy file: {str(e).splitlines()[0]}") from None
+        if not isinstance(arr, np.ndarray):
+            raise UsageError(f"--bind {name}={path}: expected one array (.npy), not an archive")
+    elif isinstance(raw, str):
+        text = raw.strip()
+        try:
+            parsed: Any = [_number(t) for t in text.split(",")] if "," in text else _number(text)
+        except ValueError:
+            raise UsageError(f"--bind {name}={raw}: expected a number, a comma-separated list or a .npy file") from None
+        arr = np.asarray(parsed)
+    else:
+        arr = np.asarray(raw)
+    want = v.dtype.numpy() if v.dtype is not None else arr.dtype
+    if arr.dtype != want:
+        if arr.dtype.kind == "f" and want.kind in "iub" and not np.all(np.isfinite(arr) & (arr == np.round(arr))):
+            raise UsageError(f"--bind {name}: {arr.reshape(-1)[:4].tolist()} is not a whole number, and input {name!r} is {want}")
+        try:
+            cast = arr.astype(want)
+        except (TypeError, ValueError):
+            raise UsageError(f"--bind {name}: a {arr.dtype} value does not fit input {name!r} of type {want}") from None
+        if arr.dtype.kind in "iufb" and want.kind in "iufb" and not np.array_equal(cast.astype(np.float64), arr.astype(np.float64)):
+            raise UsageError(f"--bind {name}: {arr.reshape(-1)[:4].tolist()} does not fit input {name!r} of type {want}")
+        arr = cast
+    dims = v.shape.dims if v.shape is not None else None
+    if dims is not None:
+        if arr.size == 1 and len(dims) != arr.ndim and all(d == 1 for d in dims):
+            arr = arr.reshape((1,) * len(dims))
+        ok = len(dims) == arr.ndim and all(not isinstance(d, int) or d <= 0 or d == s for d, s in zip(dims, arr.shape))
+        if not ok:
+            decl = "[" + ",".join(str(d) if d is not None else "?" for d in dims) + "]"
+            raise UsageError(f"--bind {name}: a value of shape {list(arr.shape)} does not fit input {name!r} of shape {decl}")
+    return np.array(arr, order="C")  # (ascontiguousarray would make a 0-d array 1-d)
+
+
+def _number(text: str) -> int | float | bool:
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return int(low, 0)
+    except ValueError:
+        return float(low)

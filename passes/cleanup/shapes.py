@@ -89,7 +89,7 @@ class SimplifyShapes(Pass):
                 if n.domain not in STANDARD_DOMAINS:
                     continue
                 op = n.op_type
-                if op in ("Shape", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast") and not all(
+                if op in ("Shape", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast", "Size") and not all(
                     is_constant(v) for v in n.inputs if v is not None
                 ):
                     elems = _elements(n.outputs[0], memo)
@@ -157,6 +157,9 @@ def _compute(v: Value, memo: dict[Value, list[Elem] | None], depth: int) -> list
         r = len(elems)
         start, end = n.attr("start", 0), n.attr("end", None)
         return elems[_clamp(start, r) : r if end is None else _clamp(end, r)]
+    if op == "Size":  # the element count is known when every dim is (Size(Shape(x)) = rank of x)
+        dims = dims_of(n.inputs[0])
+        return [math.prod(dims)] if dims is not None and all(isinstance(d, int) for d in dims) else None  # type: ignore[arg-type]
     if op == "Identity" or (op == "Cast" and _int_dtype(n.attr("to"))):
         return _elements(n.inputs[0], memo, depth + 1)
     if op in ("Unsqueeze", "Squeeze", "Reshape", "Flatten"):

@@ -11,6 +11,7 @@ import numpy as np
 
 from graphopt.errors import UsageError
 from graphopt.ir import Model
+from graphopt.passes.cleanup.control_flow import bodies_holding
 from graphopt.transform import Pass, PassContext, PassResult, register_pass
 
 from graphopt.passes.pruning.dependency import Analysis, Group, analyze
@@ -137,6 +138,9 @@ class Prune(Pass):
         unprunable = [g for g in an.groups if len(g.blocked) == len(g.classes)]
         for line in an.unprunable_report():
             ctx.info(f"prune: unprunable group {line}")
+        for body in bodies_holding(model, {"Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN"}):
+            ctx.info(f"prune: {body} not pruned: channel pruning follows the main graph only "
+                     "(--bind the input that decides an If to inline its branch)")
         uncounted = uncounted_layers(model)
         if uncounted:
             ctx.info(f"prune: {len(uncounted)} layers have unknown or symbolic dims beyond the batch axis "

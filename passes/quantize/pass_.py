@@ -12,6 +12,9 @@ import numpy as np
 from graphopt.calibration import (
     METHODS,
     CalibrationData,
+    CalibrationError,
+    as_calibration,
+    parse_batch_axes,
     TensorStats,
     collect_ranges,
     load_calibration,
@@ -59,6 +62,7 @@ class Quantize(Pass):
     data: str = ""  # .npz or folder of .npz; empty: ctx.data["calibration"], else synthetic (labelled)
     batch_size: int = 0  # for a symbolic batch dim (0: 1)
     max_samples: int = 0  # read at most this many calibration samples (0: all)
+    calibration_batch_axis: tuple[str, ...] = ()  # NAME:AXIS pairs (state:1); default: from the model's symbolic dims
     percentile: float = 99.999
     mode: str = "auto"  # auto | static | dynamic
     activations: str = "uint8"  # uint8 (asymmetric) | int8 (symmetric)
@@ -184,6 +188,8 @@ class Quantize(Pass):
 
         tags = {u.name: set(u.tags) for u in units}
         evals = data.take(max(1, self.eval_batches))
+        if not evals:
+            raise CalibrationError(f"quantize: the calibration data holds no batches ({data.source})")
         ref = measure.run(base, evals, threads=self.threads)
 
         def build(extra: dict[str, str]) -> tuple[Model, list[Unit], Applied]:
@@ -280,13 +286,13 @@ class Quantize(Pass):
     def _data(self, model: Model, ctx: PassContext) -> CalibrationData:
         limit = self.max_samples or None
         bs = self.batch_size or None
+        axes = parse_batch_axes(self.calibration_batch_axis) or ctx.data.get("calibration-batch-axis") or None
         if self.data:
-            return load_calibration(self.data, model, batch_size=bs, limit=limit)
+            return load_calibration(self.data, model, batch_size=bs, limit=limit, batch_axis=axes)
         given = ctx.data.get("calibration")
-        if isinstance(given, CalibrationData):
-            return given
-        if isinstance(given, str):
-            return load_calibration(given, model, batch_size=bs, limit=limit)
+        if given is not None and not (isinstance(given, str) and not given):
+            # a path, CalibrationData, a dict of stacked arrays, an iterable of feed dicts, a reader
+            return as_calibration(given, model, batch_size=bs, limit=limit, batch_axis=axes)
         return synthetic_calibration(model, num_batches=8, batch_size=bs)
 
     def _search(self, order: list[Unit], budget: measure.Budget, sens: dict[str, float], build, score, extra: dict[str, str]) -> tuple[int, bool]:  # type: ignore[no-untyped-def]

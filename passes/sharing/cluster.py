@@ -364,7 +364,8 @@ class ClusterWeights(Pass):
 
         given = self.calibration or ctx.data.get("calibration")
         if isinstance(given, str) and given:
-            data = load_calibration(given, model, batch_size=8, limit=self.calibration_samples)
+            data = load_calibration(given, model, batch_size=8, limit=self.calibration_samples,
+                                    batch_axis=ctx.data.get("calibration-batch-axis"))
         elif isinstance(given, CalibrationData):
             data = given
         else:

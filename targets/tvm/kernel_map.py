@@ -159,8 +159,8 @@ def kernel_map(mod: tvm.IRModule, lowered: Any, facts: Mapping[str, Mapping[str,
             group = lowered.bindings.get(str(b.var.name))
             if callee is not None:
                 own = base_name(callee)
-                if own in groups:
-                    e = entry(callee, own, "kernel")
+                if own in groups:  # (a group's PrimFunc that an equal later group calls too)
+                    e = entry(callee, group if group in groups and group not in lowered.inline_groups else own, "kernel")
                 elif group is not None:
                     e = entry(callee, group, "inline" if group in lowered.inline_groups else "layout")
                 else:

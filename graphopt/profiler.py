@@ -236,6 +236,11 @@ def profile_artifact(runner: Any, feeds: Mapping[str, Any], *, repeat: int = 5, 
         _rate(row, peak)
         rows.append(row)
     _shares(rows)
+    idle = [e for q in queue.values() for e in q]
+    if idle:  # (a reshape kernel the build turned into a view, for one)
+        names = ", ".join(f"{e.get('kernel')} ({_names(e.get('nodes') or [], 40)})" for e in idle[:4])
+        notes.append(f"{len(idle)} kernel{'s' if len(idle) > 1 else ''} of the kernel_map did not run (the build made "
+                     f"them views or dropped them): {names}{', ...' if len(idle) > 4 else ''}")
     if cpu_time:
         timing = f"CPU seconds of this process per kernel call (median of {repeat})"
     elif cold:

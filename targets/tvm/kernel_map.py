@@ -121,7 +121,7 @@ def schedule_label(name: str, group: str | None, *, rules: Mapping[str, str], in
     else:
         parts.append(other)
     if winograd:
-        parts.append(f"winograd F({winograd}x{winograd},3x3)")
+        parts.append(f"F({winograd}x{winograd},3x3)" if "winograd" in parts[-1] else f"winograd F({winograd}x{winograd},3x3)")
     return " ".join(parts)
 
 

@@ -125,7 +125,8 @@ def machine_peak(machine: Mapping[str, Any] | None, threads: int, *, peak_gflops
     cores = max(1, min(threads, os.cpu_count() or threads))
     per_cycle = fma * lanes * 2
     gflops = cores * per_cycle * ghz
-    how = (f"{cores} cores x {fma} FMA units x {lanes} fp32 lanes x 2 x {ghz:.2f} GHz ({src}) = {gflops:.0f} GFLOP/s "
+    how = (f"{cores} core{'s' if cores > 1 else ''} x {fma} FMA unit{'s' if fma > 1 else ''} x {lanes} fp32 lanes x 2 x "
+           f"{ghz:.2f} GHz ({src}) = {gflops:.0f} GFLOP/s "
            f"fp32 [{machine.get('mcpu')}]")
     if rate:
         how += f"; int8 x{rate} ({machine.get('int8_dot')})"

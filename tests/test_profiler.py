@@ -94,7 +94,7 @@ def test_profile_rows_nodes_and_shares(files, capsys):
     assert conv["gflops"] == pytest.approx(CONV_FLOPS / conv["ms"] / 1e6)
     if p["peak"] is not None:  # (where the OS reports a clock)
         assert conv["peak_pct"] == pytest.approx(100 * conv["gflops"] / p["peak"]["gflops"])
-        assert "FMA units" in p["peak"]["how"]
+        assert "FMA unit" in p["peak"]["how"]
     assert set(conv) >= {"kernel", "nodes", "ops", "flops", "ms", "share", "gflops", "peak_pct", "schedule", "role"}
     assert p["threads"] == 1 and p["latency_ms"] > 0
 

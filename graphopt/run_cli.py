@@ -2,10 +2,14 @@
 
     graphopt-run ARTIFACT --inputs x.npz [-o outputs.npz] [--threads T]
     graphopt-run ARTIFACT [--inputs x.npz] --benchmark [--repeat N] [--warmup W] [--json]
+    graphopt-run ARTIFACT --profile [--sort time] [--top N] [--cold] [--json]
+    graphopt-run ARTIFACT --compare MODEL.onnx [--sort time] [--top N] [--json]
+    graphopt-run MODEL.onnx [--benchmark | --profile]          (onnxruntime)
 
 Without `--inputs`, random inputs are made from the manifest (symbolic dims: `--dim N=4`, default 1).
 Outputs go to `-o` (.npz, keyed by output name) or, without it, a summary per output to stdout.
-`--benchmark` prints latency percentiles (ms). Exit codes: 0 ok, 1 internal error, 2 bad input
+`--benchmark` prints latency percentiles (ms). `--profile` prints one row per kernel (graphopt.profiler);
+an .onnx file runs on onnxruntime instead (its profiler for --profile). Exit codes: 0 ok, 1 internal error, 2 bad input
 or usage (a missing artifact, a library whose hash does not match its manifest, wrong inputs).
 """
 
@@ -33,17 +37,31 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, allow_abbrev=False, description="Run a graphopt artifact (a folder made by graphopt-compile --target cpu).")
-    p.add_argument("artifact", help="the artifact folder")
+    p = _Parser(prog=PROG, allow_abbrev=False, description="Run a graphopt artifact (a folder made by graphopt-compile "
+                "--target cpu), or an .onnx model on onnxruntime.")
+    p.add_argument("artifact", help="the artifact folder, or an .onnx file")
     p.add_argument("--inputs", metavar="X.npz", help="input arrays keyed by input name (default: random)")
     p.add_argument("-o", "--output", metavar="Y.npz", help="write the outputs here")
     p.add_argument("--threads", type=int, help="worker threads (default: the artifact's, else every core)")
     p.add_argument("--benchmark", action="store_true", help="time repeated runs and print latency percentiles")
-    p.add_argument("--repeat", type=int, default=50, help="timed runs for --benchmark (default 50)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="timed runs for --benchmark (default 50); timings per kernel for --profile (default 5; "
+                        "onnxruntime: profiled runs, default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE", help="size of a symbolic dim for random inputs")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    g = p.add_argument_group("profiling (graphopt.profiler)")
+    g.add_argument("--profile", action="store_true", help="time every kernel: one row per kernel call with its ONNX "
+                   "nodes, op types, FLOPs, median time, %% of the total, GFLOP/s, %% of peak and schedule")
+    g.add_argument("--compare", metavar="MODEL.onnx", help="profile the artifact and MODEL.onnx on onnxruntime, "
+                   "lined up by ONNX node (kernel time vs the onnxruntime nodes it covers)")
+    g.add_argument("--sort", choices=("order", "time"), default="order", help="rows in call order (default) or slowest first")
+    g.add_argument("--top", type=int, default=None, metavar="N", help="print only the first N rows (after --sort)")
+    g.add_argument("--cold", action="store_true", help="time each kernel with its arguments but the first flushed "
+                   "from the CPU caches (as a model's weights are when larger than the caches)")
+    g.add_argument("--peak-gflops", type=float, default=None, metavar="X",
+                   help="the fp32 peak for %%peak (default: threads x FMA units x lanes x 2 x clock)")
     p.add_argument("--debug", action="store_true", help="show the traceback of internal errors")
     return p
 
@@ -167,15 +185,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(ns: argparse.Namespace) -> int:
-    from graphopt.runtime import MAX_THREADS, load
+    from graphopt.runtime import MAX_THREADS, load, load_onnx
 
     if ns.threads is not None and not 1 <= ns.threads <= MAX_THREADS:
         raise UsageError(f"--threads {ns.threads}: expected a whole number from 1 to {MAX_THREADS}")
-    if ns.repeat < 1 or ns.warmup < 0:
+    if (ns.repeat is not None and ns.repeat < 1) or ns.warmup < 0:
         raise UsageError(f"--repeat {ns.repeat} --warmup {ns.warmup}: expected --repeat >= 1 and --warmup >= 0")
+    if ns.top is not None and ns.top < 1:
+        raise UsageError(f"--top {ns.top}: expected a whole number >= 1")
+    if ns.peak_gflops is not None and not ns.peak_gflops > 0:
+        raise UsageError(f"--peak-gflops {ns.peak_gflops}: expected a positive number")
+    is_onnx = ns.artifact.endswith(".onnx") and not os.path.isdir(ns.artifact)
+    if is_onnx and ns.compare:
+        raise UsageError(f"--compare {ns.compare}: compares an artifact with an .onnx model; {ns.artifact} is an .onnx model")
+    if ns.compare and not (ns.compare.endswith(".onnx") and os.path.isfile(ns.compare)):
+        raise UsageError(f"--compare {ns.compare}: " + ("no such file" if not os.path.exists(ns.compare) else "expected an .onnx file"))
+    if ns.cold and is_onnx:
+        raise UsageError("--cold: onnxruntime's profiler times whole runs (a graphopt artifact's kernels only)")
+    profiling = ns.profile or ns.compare
+    for flag, given in (("--sort", ns.sort != "order"), ("--top", ns.top is not None), ("--cold", ns.cold),
+                        ("--peak-gflops", ns.peak_gflops is not None)):
+        if given and not profiling:
+            raise UsageError(f"{flag} applies to --profile and --compare")
     if ns.output:
         _check_output(ns.output)
-    runner = load(ns.artifact, threads=ns.threads)
+    runner: Any = load_onnx(ns.artifact, threads=ns.threads) if is_onnx else load(ns.artifact, threads=ns.threads)
     if ns.inputs:
         feeds = _load_npz(ns.inputs)
     else:
@@ -192,7 +226,25 @@ def _run(ns: argparse.Namespace) -> int:
             raise UsageError(f"-o {ns.output}: cannot write it: {e.strerror or e}") from None
         result["written"] = ns.output
     if ns.benchmark:
-        result["latency"] = runner.benchmark(feeds, warmup=ns.warmup, repeat=ns.repeat)
+        result["latency"] = runner.benchmark(feeds, warmup=ns.warmup, repeat=ns.repeat or 50)
+    text: list[str] = []
+    if profiling:
+        from graphopt import profiler as P
+
+        if is_onnx:
+            prof = P.profile_onnx(ns.artifact, feeds, threads=runner.threads, repeat=ns.repeat or 20,
+                                  peak_gflops=ns.peak_gflops)
+        else:
+            prof = P.profile_artifact(runner, feeds, repeat=ns.repeat or 5, cold=ns.cold, peak_gflops=ns.peak_gflops)
+        if ns.compare:
+            ref = P.profile_onnx(ns.compare, _onnx_feeds(ns.compare, feeds), threads=runner.threads,
+                                 repeat=20, peak_gflops=ns.peak_gflops)
+            cmp = P.compare(prof, ref)
+            result["compare"] = cmp
+            text.append(P.format_compare(cmp, sort=ns.sort, top=ns.top))
+        if ns.profile or not ns.compare:
+            result["profile"] = prof.to_json()
+            text.insert(0, P.format_profile(prof, sort=ns.sort, top=ns.top))
     if ns.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -202,9 +254,28 @@ def _run(ns: argparse.Namespace) -> int:
         print(f"outputs written to {ns.output}")
     if ns.benchmark:
         lat = result["latency"]
-        print(f"latency over {lat['runs']} runs, {lat['threads']} threads: p50 {lat['p50_ms']:.3f} ms, "
+        where = "onnxruntime, " if is_onnx else ""
+        print(f"latency over {lat['runs']} runs, {where}{lat['threads']} threads: p50 {lat['p50_ms']:.3f} ms, "
               f"p90 {lat['p90_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms (min {lat['min_ms']:.3f}, mean {lat['mean_ms']:.3f})")
+    for t in text:
+        print(t)
     return 0
+
+
+def _onnx_feeds(path: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The artifact's inputs for --compare's model: the same names, else one line."""
+    import onnx
+
+    try:
+        m = onnx.load(path, load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - not an ONNX file: the user's input
+        raise UsageError(f"--compare {path}: not a loadable ONNX model: {type(e).__name__}") from None
+    inits = {i.name for i in m.graph.initializer}
+    names = [i.name for i in m.graph.input if i.name not in inits]
+    if sorted(names) != sorted(feeds):
+        raise UsageError(f"--compare {path}: its inputs ({', '.join(names)}) are not the artifact's "
+                         f"({', '.join(feeds)}): compare an artifact with the model it was compiled from")
+    return feeds
 
 
 if __name__ == "__main__":  # pragma: no cover

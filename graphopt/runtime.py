@@ -243,6 +243,7 @@ class Runner:
             raise ArtifactError(f"{artifact.path}: cannot load the library: {_first_line(e)}") from None
         self.device = self._make_device(tvm)
         self.vm = relax.VirtualMachine(lib, self.device)
+        self._library = lib  # (profile_kernels instruments a VM of its own)
         self._main = self._function(rt["entry"])
         # the library's entry takes the inputs then the params: the manifest must list as many
         arity = int(self.vm.module["get_function_arity"](rt["entry"]))
@@ -344,6 +345,72 @@ class Runner:
         return latency_stats(times) | {"threads": self.threads}
 
 
+    def profile_kernels(self, inputs: Mapping[str, Any] | Sequence[Any], *, repeat: int = 5, min_repeat_ms: float = 10.0,
+                        cold: bool = False, cpu_time: bool = False) -> list[dict[str, Any]]:
+        """Time every kernel call of one run of the model, in call order: [{"kernel": PrimFunc name,
+        "shapes": argument shapes (ints for scalar arguments), "seconds": `repeat` timings}].
+
+        The Relax VM's instrument hook (`VirtualMachine.set_instrument`, called around every call
+        `main` makes) hands each kernel's real arguments to TVM's `time_evaluator` on the library's
+        kernel module, which runs that kernel alone on them: each timing the mean of enough runs to
+        last `min_repeat_ms`, warm caches (`cold`: every argument but the first flushed from the CPU
+        caches before each run, as a model's weights are when larger than the caches; one run per
+        timing). `cpu_time`: CPU seconds of this process instead (robust on a shared machine with
+        one thread; with more it sums every thread's). A fresh VM is instrumented, so `run` and
+        `benchmark` stay as they were."""
+        from tvm import relax
+
+        feeds = self._feeds(inputs)
+        self._call(feeds)  # (the library's argument checks, and a warm-up)
+        kernels = _kernel_module(self._library)
+        names = {e.get("kernel") for e in self.manifest.get("kernel_map") or [] if isinstance(e, dict)}
+        vm = relax.VirtualMachine(self._library, self.device)
+        evaluators: dict[str, Any] = {}
+        rows: list[dict[str, Any]] = []
+
+        def instrument(func: Any, symbol: Any, before: bool, _ret: Any, *args: Any) -> int:
+            sym = str(symbol)
+            if not before or not (sym in names or (not names and kernels.implements_function(sym))):
+                return 0
+            shapes = [list(a.shape) if hasattr(a, "shape") else int(a) if isinstance(a, int) else None for a in args]
+            if cpu_time:
+                times = _cpu_seconds(func, args, min_repeat_ms / 1e3, repeat)
+            else:
+                ev = evaluators.get(sym)
+                if ev is None:
+                    ev = evaluators[sym] = kernels.time_evaluator(
+                        sym, self.device, number=1, repeat=repeat, min_repeat_ms=0 if cold else int(min_repeat_ms),
+                        f_preproc="cache_flush_cpu_non_first_arg" if cold else "")
+                times = [float(t) for t in ev(*args).results]
+            rows.append({"kernel": sym, "shapes": shapes, "seconds": times})
+            return 0  # (the VM then makes the call itself)
+
+        vm.set_instrument(instrument)
+        vm[self.manifest["runtime"]["entry"]](*feeds, *self._params)
+        return rows
+
+
+def _kernel_module(library: Any) -> Any:
+    """The module of `library` (a loaded Relax VM library) that holds the kernels: its first import
+    (the VM executable itself holds the bytecode)."""
+    return library.imports[0] if library.imports else library
+
+
+def _cpu_seconds(fn: Any, args: Sequence[Any], min_s: float, repeat: int) -> list[float]:
+    """`repeat` timings of fn(*args) in CPU seconds of this process, each the mean of enough calls
+    to last `min_s`."""
+    t = time.process_time()
+    fn(*args)
+    number = max(1, int(min_s / max(time.process_time() - t, 1e-6)))
+    out = []
+    for _ in range(repeat):
+        t = time.process_time()
+        for _ in range(number):
+            fn(*args)
+        out.append((time.process_time() - t) / number)
+    return out
+
+
 def latency_stats(times_ms: Sequence[float]) -> dict[str, Any]:
     a = np.asarray(times_ms, dtype=np.float64)
     return {
@@ -408,3 +475,90 @@ def load(path: str, *, threads: int | None = None) -> Runner:
         mod_name, fn = spec.split(":")
         return getattr(importlib.import_module(mod_name), fn)(art, threads=threads)
     return Runner(art, threads=threads)
+
+
+class OrtRunner:
+    """An .onnx model on onnxruntime (CPUExecutionProvider, all graph optimizations), with the
+    Runner's interface: `inputs` specs as a manifest lists them, `run`, `benchmark`."""
+
+    def __init__(self, path: str, *, threads: int | None = None, profile_dir: str | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path = path
+        self.threads = check_threads(threads) or _cores()
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        if profile_dir is not None:  # onnxruntime's per-node profile, and the graph it runs (node names)
+            so.enable_profiling = True
+            so.profile_file_prefix = os.path.join(profile_dir, "ort_profile")
+            so.optimized_model_filepath = os.path.join(profile_dir, "optimized.onnx")
+        self.options = so
+        try:
+            self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime's loader errors are the user's model
+            raise UsageError(f"{path}: onnxruntime cannot load it: {_first_line(e)[:300]}") from None
+        self.inputs = [{"name": i.name, "dtype": _ort_dtype(i.type), "shape": [d if isinstance(d, int) else (str(d) if d else None) for d in (i.shape or [])]}
+                       for i in self.session.get_inputs()]
+        self.outputs = [{"name": o.name} for o in self.session.get_outputs()]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i["name"] for i in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o["name"] for o in self.outputs]
+
+    def _feeds(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        names = self.input_names
+        unknown = sorted(set(inputs) - set(names))
+        if unknown:
+            raise UsageError(f"the model has no input {unknown[0]!r} (inputs: {', '.join(names) or 'none'})")
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise UsageError(f"no value for input {missing[0]!r}")
+        out = {}
+        for spec in self.inputs:
+            a = np.asarray(inputs[spec["name"]])
+            if spec["dtype"] is not None and a.dtype != np.dtype(spec["dtype"]):
+                raise UsageError(f"input {spec['name']!r}: dtype {a.dtype} given, the model takes {spec['dtype']}")
+            shape = spec["shape"]
+            if len(shape) != a.ndim or any(isinstance(d, int) and d != s for d, s in zip(shape, a.shape)):
+                shown = "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
+                raise UsageError(f"input {spec['name']!r}: shape {list(a.shape)} given, the model takes {shown}")
+            out[spec["name"]] = a
+        return out
+
+    def run(self, inputs: Mapping[str, Any]) -> list[np.ndarray]:
+        return [np.asarray(a) for a in self.session.run(None, self._feeds(inputs))]
+
+    def benchmark(self, inputs: Mapping[str, Any], *, warmup: int = 3, repeat: int = 30) -> dict[str, Any]:
+        """Latency of `run` (onnxruntime's, inputs already on the host): percentiles in milliseconds."""
+        feeds = self._feeds(inputs)
+        for _ in range(max(warmup, 1)):
+            self.session.run(None, feeds)
+        times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            self.session.run(None, feeds)
+            times.append((time.perf_counter() - t) * 1e3)
+        return latency_stats(times) | {"threads": self.threads}
+
+
+def _ort_dtype(t: str) -> str | None:
+    """numpy's name of an onnxruntime type string ('tensor(float)' → 'float32')."""
+    table = {"float": "float32", "double": "float64", "float16": "float16", "int64": "int64", "int32": "int32",
+             "int16": "int16", "int8": "int8", "uint8": "uint8", "uint16": "uint16", "uint32": "uint32",
+             "uint64": "uint64", "bool": "bool"}
+    inner = t[len("tensor("):-1] if t.startswith("tensor(") else t
+    return table.get(inner)
+
+
+def load_onnx(path: str, *, threads: int | None = None, profile_dir: str | None = None) -> OrtRunner:
+    """An OrtRunner of .onnx file `path` (`profile_dir`: onnxruntime's profiling on, its files there)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no such file")
+    return OrtRunner(path, threads=threads, profile_dir=profile_dir)

@@ -284,6 +284,9 @@ class CpuTarget(Target):
         lowered, mod = L.lower_and_fuse(model, target, block=self.activation_block(target), winograd=self.winograd,
                                         activity=activity)
         times["lower-fuse"] = time.perf_counter() - t0
+        from graphopt.targets.tvm import kernel_map as KM
+
+        facts = KM.kernel_facts(mod)  # FLOPs per kernel, before scheduling (the profiler's map)
         t = time.perf_counter()
         activity.what = f"scheduling {sum(1 for gv in mod.get_global_vars() if isinstance(mod[gv], tvm.tirx.PrimFunc))} kernels"
         mod, int8 = self.int8_kernels(mod, target, lowered.params)
@@ -309,6 +312,9 @@ class CpuTarget(Target):
         activity.what = "building the library (LLVM)"
         exe = self.build(mod, target)
         times["build"] = time.perf_counter() - t
+        kmap = KM.kernel_map(mod, lowered, facts, rules=getattr(sched, "by_func", {}), int8=int8,
+                             tuned=sched.tuning.get("status") in ("tuned", "database applied"),
+                             other="dlight gpu" if str(sched.default_schedules).startswith("dlight") else "unscheduled")
 
         activity.what = "writing the artifact"
         with temporary_artifact_dir() as folder:
@@ -352,6 +358,7 @@ class CpuTarget(Target):
                 "schedules": {"default": sched.default_schedules, "rules": sched.by_rule,
                               "fallback": sched.fallback},
                 "tuning": sched.tuning,
+                "kernel_map": kmap,  # kernel calls → ONNX nodes, FLOPs, schedule (graphopt-run --profile)
                 # params: main's weights after the inputs, packed already by `packed` hoisted functions
                 "runtime": {"kind": "tvm-relax-vm", "entry": "main", "params": list(params), "packed": hoisted}
                 | ({"codebooks": codebook_params} if codebook_params else {})

@@ -104,6 +104,31 @@ def kernel_flops(func: Any) -> float:
     return flops
 
 
+def mac_flops_terms(func: Any) -> list[Any]:
+    """`kernel_flops` with symbolic extents kept: one TIR expression (2 x the iteration count) per
+    multiply-accumulate block of an unscheduled PrimFunc."""
+    from tvm import s_tir
+    from tvm.tirx import IterVar
+
+    sch = s_tir.Schedule(func)
+    terms: list[Any] = []
+
+    def walk(parent: Any) -> None:
+        for block in sch.get_child_blocks(parent):
+            stmt = sch.get(block)
+            if any(iv.iter_type == IterVar.CommReduce for iv in stmt.iter_vars) and len(stmt.writes) == 1:
+                out = stmt.writes[0].source
+                if len({r.source.name for r in stmt.reads if not r.source.same_as(out)}) >= 2 and _is_mac(stmt.body):
+                    n: Any = 2
+                    for iv in stmt.iter_vars:
+                        n = n * iv.dom.extent
+                    terms.append(n)
+            walk(block)
+
+    walk(sch.get_sblock(func.body.block.name_hint))
+    return terms
+
+
 def int8_dot_desc(a_dt: str, b_dt: str, lanes: int, k: int, scope: str = "local") -> Any:
     """The computation the int8 micro-kernels tensorize (x86: vpdpbusd, vpmaddubsw, vpmaddwd;
     arm64: sdot/udot/usdot): C[i] += Σ_j A[j] · B[i, j] for `lanes` int32 accumulators in `scope`

@@ -9,7 +9,7 @@ matmul, same run).
 
     TVM_NUM_THREADS=2 .venv/bin/python tools/bench_tvm_kernels.py --threads 2
     .venv/bin/python tools/bench_tvm_kernels.py --cases conv3x3_64 --tune 16 --tuning-db /tmp/db
-    .venv/bin/python tools/bench_tvm_kernels.py --threads 2 --profile-model resnet50   # time shares per kernel
+    .venv/bin/python tools/bench_tvm_kernels.py --threads 2 --profile-model resnet50   # graphopt.profiler, by schedule
     .venv/bin/python tools/bench_tvm_kernels.py --threads 1 --cpu-time --profile-model bert_base_s128
 """
 
@@ -26,7 +26,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.targets.tir_match import kernel_flops
 
 
 @dataclass
@@ -256,37 +255,16 @@ def _number_for(seconds: float) -> int:
     return max(1, min(200, int(0.05 / max(seconds, 1e-6))))
 
 
-def _cpu_seconds(fn, args, min_s: float = 0.05, repeat: int = 5) -> float:
-    """Median CPU seconds (this process, all threads) per call: unlike wall time it does not count
-    the time other processes hold the cores (meaningful with --threads 1 on a shared machine)."""
-    fn(*args)
-    t = time.process_time()
-    fn(*args)
-    number = max(1, int(min_s / max(time.process_time() - t, 1e-6)))
-    res = []
-    for _ in range(repeat):
-        t = time.process_time()
-        for _ in range(number):
-            fn(*args)
-        res.append((time.process_time() - t) / number)
-    return float(np.median(res))
-
-
 def profile_model(name: str, threads: int, top: int = 20, cpu_time: bool = False, cold: bool = False) -> int:
-    """Per-kernel time of a corpus model compiled the way the cpu target does (-O2, graphopt's
-    kernel groups, default schedules, weight packing hoisted; symbolic dims fixed to 1): each
-    PrimFunc is built alone and timed on random arguments, times its number of calls in `main`,
-    grouped by the schedule rule that scheduled it (which kernels eat the time?)."""
+    """Per-kernel time of a corpus model compiled by the cpu target (-O2; symbolic dims fixed to
+    1), profiled by the library (graphopt.profiler: each kernel call timed on its real arguments),
+    grouped by how each kernel was scheduled (which kernels eat the time?)."""
     import collections
-
-    import tvm
+    import tempfile
 
     import graphopt
-    from graphopt.passes.fusion.kernel_groups import PlanKernels
-    from graphopt.targets.tvm import build as B
-    from graphopt.targets.tvm import lower as L
-    from graphopt.targets.tvm_schedules import ScheduleStats, apply_default_schedules
-    from graphopt.transform import PassContext
+    import graphopt.runtime
+    from graphopt import profiler as P
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     om = onnx.load(os.path.join(root, ".cache", "corpus", f"{name}.onnx"))
@@ -295,71 +273,22 @@ def profile_model(name: str, threads: int, top: int = 20, cpu_time: bool = False
             if d.HasField("dim_param") or not d.HasField("dim_value"):
                 d.Clear()
                 d.dim_value = 1
-    m = graphopt.optimize(graphopt.load(onnx.shape_inference.infer_shapes(om)), "-O2")
-    PlanKernels().run(m, PassContext())
-    target = B.host_target(threads=threads)
-    from graphopt.targets.cpu import CpuTarget
-
-    # the activation layout the cpu target picks (blocked NCHW8c convs on x86-64)
-    lowered, mod = L.lower_and_fuse(m, target, block=CpuTarget().activation_block(target))
-    stats = ScheduleStats()
-    smod = apply_default_schedules(mod, target, stats=stats)
-    lifted = B.lift_weight_packing(smod, list(lowered.params.values()), B.host_target(threads=1))
-    if lifted is not None:
-        smod = lifted[0]
-    calls: collections.Counter = collections.Counter()
-    call_tir = tvm.ir.Op.get("relax.call_tir")
-
-    def visit(e) -> None:
-        if isinstance(e, tvm.relax.Call) and e.op.same_as(call_tir):
-            calls[e.args[0].name_hint] += 1
-
-    tvm.relax.analysis.post_order_visit(smod["main"], visit)
-    # the pool as the artifact's runner sets it (the weight packing above may have started it
-    # with every core: the kernels then ran on 2 threads under --threads 1)
-    from graphopt.runtime import _configure_threads
-    from graphopt.targets.nchwc_schedules import apply_loop_marks
-
-    _configure_threads(threads)
-    dev = tvm.cpu()
-    rng = np.random.default_rng(0)
-    rows = []
-    for gv, f in smod.functions_items():
-        if not isinstance(f, tvm.tirx.PrimFunc) or not calls[gv.name_hint]:
-            continue
-        flops = kernel_flops(f)  # (before the peel: its two copies of a loop body would count twice)
-        f = apply_loop_marks(f).with_attr("global_symbol", "main")  # (as the build does)
-        try:
-            lib = tvm.compile(tvm.IRModule({"main": f}), target=target)
-            args = [tvm.runtime.tensor(np.asarray(rng.random([int(d) for d in b.shape])).astype(str(b.dtype)), dev)
-                    for b in f.params]
-            if cpu_time:
-                t = _cpu_seconds(lib["main"], args)
-            else:
-                # (cold: every argument but the first flushed from the caches before each run, as the
-                # weights of a model larger than the caches are when its kernel comes)
-                pre = "cache_flush_cpu_non_first_arg" if cold else ""
-                ev = lib.mod.time_evaluator("main", dev, number=1, repeat=5, min_repeat_ms=0 if cold else 20, f_preproc=pre)
-                t = float(np.median(ev(*args).results))
-        except Exception as e:  # noqa: BLE001 - a kernel that cannot run alone is listed, not timed
-            print(f"# {gv.name_hint}: not timed ({str(e).strip().splitlines()[-1][:100]})")
-            continue
-        rule = stats.by_func.get(gv.name_hint.replace("_prepacked", ""), "?")
-        rows.append((gv.name_hint, rule, calls[gv.name_hint], t, flops))
-    total = sum(n * t for _, _, n, t, _ in rows)
-    flops = sum(n * fl for _, _, n, _, fl in rows)
-    peak = numpy_peak(threads, time.process_time if cpu_time else time.perf_counter)
-    print(f"# {name}: {len(rows)} kernels, sum of {'cold ' if cold else ''}kernel times {total * 1e3:.2f} ms (threads={threads}, "
-          f"{'CPU' if cpu_time else 'wall'} time); matmul/conv {flops / 1e9:.2f} GFLOP, "
-          f"{flops / total / 1e9:.1f} GFLOP/s overall; numpy matmul peak {peak:.1f} GFLOP/s")
+    with tempfile.TemporaryDirectory(prefix="graphopt-profile-") as tmp:
+        graphopt.compile(onnx.shape_inference.infer_shapes(om), "cpu", "-O2", threads=threads).save(os.path.join(tmp, "a"))
+        runner = graphopt.runtime.load(os.path.join(tmp, "a"), threads=threads)
+        rng = np.random.default_rng(0)
+        feeds = {i["name"]: rng.standard_normal(i["shape"]).astype(i["dtype"]) if np.dtype(i["dtype"]).kind == "f"
+                 else rng.integers(0, 8, i["shape"]).astype(i["dtype"]) for i in runner.inputs}
+        prof = P.profile_artifact(runner, feeds, cold=cold, cpu_time=cpu_time)
+    flops = sum(r.flops or 0 for r in prof.rows)
+    print(f"# {name}: {len(prof.rows)} kernel calls, sum {prof.total_ms:.2f} ms (threads={threads}, {prof.timing}); "
+          f"matmul/conv {flops / 1e9:.2f} GFLOP, {flops / prof.total_ms / 1e6:.1f} GFLOP/s overall")
     by_rule: dict[str, float] = collections.defaultdict(float)
-    for _, rule, n, t, _ in rows:
-        by_rule[rule] += n * t
+    for r in prof.rows:
+        by_rule[r.schedule] += r.ms
     for rule, t in sorted(by_rule.items(), key=lambda kv: -kv[1]):
-        print(f"rule {rule:20} {t * 1e3:9.2f} ms {100 * t / total:5.1f}%")
-    for kname, rule, n, t, fl in sorted(rows, key=lambda r: -r[2] * r[3])[:top]:
-        gf = f"{fl / t / 1e9:6.1f} GF/s {100 * fl / t / 1e9 / peak:4.0f}%pk" if fl else ""
-        print(f"  {kname:24} {rule:18} x{n:<3} {t * 1e3:8.3f} ms  {100 * n * t / total:5.1f}%  {gf}")
+        print(f"schedule {rule:44} {t:9.2f} ms {100 * t / prof.total_ms:5.1f}%")
+    print(P.format_profile(prof, sort="time", top=top))
     return 0
 
 

@@ -79,6 +79,7 @@ class ScheduleInfo:
     by_rule: dict[str, int] = field(default_factory=dict)  # default-schedule rule → kernels
     # kernels with multiply-add work on a generic schedule, and their share of the FLOPs
     fallback: dict[str, Any] = field(default_factory=dict)
+    by_func: dict[str, str] = field(default_factory=dict)  # PrimFunc → default-schedule rule
 
 
 def _optional(module: str) -> types.ModuleType | None:
@@ -134,6 +135,7 @@ def schedule(
             mod = scheds.apply_default_schedules(mod, target, stats=stats)
             info.default_schedules = "applied"
             info.by_rule = stats.count()
+            info.by_func = dict(stats.by_func)
             info.fallback = stats.fallback()
         except Exception as e:  # a schedule bug must not stop the compile: build unscheduled, say so
             msg = str(e).strip().splitlines()

@@ -81,6 +81,10 @@ class LoweredModule:
     blocked_groups: list[str] = field(default_factory=list)  # groups on channel-blocked activations
     winograd_convs: dict[str, int] = field(default_factory=dict)  # conv node → m of its F(m x m, 3 x 3)
     block: int | None = None  # channel block of the blocked groups (None: NCHW throughout)
+    # main's binding (var name) → the group whose node it computes: kernels not named after a
+    # group (an inline group's ops, layout changes) are traced back to ONNX nodes through it
+    bindings: dict[str, str] = field(default_factory=dict)
+    group_nodes: dict[str, list[Node]] = field(default_factory=dict)  # group name → its nodes
 
 
 # --- attributes -----------------------------------------------------------------------------------
@@ -956,6 +960,7 @@ class _Lowerer:
         self.groups: list[str] = []
         self.inline: dict[str, str] = {}
         self.symbolic: list[str] = []  # groups evaluated at compile time (shape arithmetic)
+        self.bindings: dict[str, str] = {}  # LoweredModule.bindings
 
     # shapes
     def _shape(self, v: Value) -> list[Any] | None:
@@ -1011,6 +1016,11 @@ class _Lowerer:
                     if not nodes:
                         continue
                     self._group(k, nodes)
+                    for n in nodes:  # (the values it computes: see `bindings`)
+                        for v in n.outputs:
+                            e = self.env.get(id(v))
+                            if isinstance(e, relax.Var):
+                                self.bindings.setdefault(str(e.name), _group_name(k))
                 outs = []
                 for v in g.outputs:
                     e = self._in_form(self.bb, self.env, v, _layout.PLAIN)
@@ -1031,6 +1041,8 @@ class _Lowerer:
             blocked_groups=[_group_name(k) for k in self.plan.groups] if self.plan is not None else [],
             winograd_convs=self._winograd_convs(),
             block=self.plan.block if self.plan is not None and self.plan.groups else None,
+            bindings=self.bindings,
+            group_nodes={_group_name(k): list(ns) for k, ns in groups},
         )
 
     def _constant(self, v: Value, arr: np.ndarray) -> None:

@@ -1,0 +1,174 @@
+"""graphopt-run --profile / --compare and .onnx models on onnxruntime (graphopt.profiler).
+
+A tiny conv model compiled for the cpu target; the profile's rows are checked against the
+manifest's kernel_map and the model's nodes, and the comparison against onnxruntime's profile."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+tvm = pytest.importorskip("tvm")
+
+import graphopt  # noqa: E402
+from graphopt.run_cli import main  # noqa: E402
+
+CONV_FLOPS = 2 * 8 * 16 * 16 * 3 * 3 * 3  # per image: 8 output channels, 16x16, 3x3x3 window
+FC_FLOPS = 2 * 10 * 8
+
+
+def _model(batch: int | str) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    inits = [nh.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3, "w1"),
+             nh.from_array(rng.standard_normal(8).astype(np.float32), "b1"),
+             nh.from_array(rng.standard_normal((10, 8)).astype(np.float32), "w2"),
+             nh.from_array(rng.standard_normal(10).astype(np.float32), "b2")]
+    nodes = [h.make_node("Conv", ["x", "w1", "b1"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             h.make_node("Relu", ["c"], ["r"], name="relu"),
+             h.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
+             h.make_node("GlobalAveragePool", ["p"], ["gap"], name="gap"),
+             h.make_node("Flatten", ["gap"], ["f"], name="flat"),
+             h.make_node("Gemm", ["f", "w2", "b2"], ["y"], transB=1, name="fc")]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TP.FLOAT, [batch, 3, 16, 16])],
+                     [h.make_tensor_value_info("y", TP.FLOAT, None)], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    return onnx.shape_inference.infer_shapes(m)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("prof")
+    out = {}
+    for key, batch in (("static", 1), ("symbolic", "N")):
+        m = _model(batch)
+        onnx.save(m, str(d / f"{key}.onnx"))
+        graphopt.compile(m, "cpu", "-O2", threads=1).save(str(d / key))
+        out[key] = (str(d / key), str(d / f"{key}.onnx"))
+    return out
+
+
+def _json(capsys, argv: list[str]) -> dict:
+    capsys.readouterr()
+    assert main(argv + ["--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _row_with(rows: list[dict], node: str) -> dict:
+    found = [r for r in rows if node in r["nodes"] and r["role"] != "layout"]
+    assert len(found) == 1, rows
+    return found[0]
+
+
+def test_manifest_records_the_kernel_map(files):
+    art, _ = files["static"]
+    kmap = json.load(open(f"{art}/manifest.json"))["kernel_map"]
+    covered = [n for e in kmap if e["role"] != "layout" for n in e["nodes"]]
+    assert sorted(covered) == ["conv", "fc", "flat", "gap", "pool", "relu"]  # each node in one kernel
+    conv = next(e for e in kmap if "conv" in e["nodes"])
+    assert conv["ops"] == ["Conv", "Relu"] and conv["flops"] == CONV_FLOPS and not conv["int8"]
+    assert conv["schedule"]  # how it was scheduled, in words
+    assert next(e for e in kmap if "fc" in e["nodes"])["flops"] == FC_FLOPS
+
+
+def test_profile_rows_nodes_and_shares(files, capsys):
+    art, _ = files["static"]
+    res = _json(capsys, [art, "--profile", "--threads", "1", "--repeat", "3"])
+    p = res["profile"]
+    kmap = json.load(open(f"{art}/manifest.json"))["kernel_map"]
+    ran = iter(e["kernel"] for e in kmap)  # one row per call, in the map's (call) order
+    assert all(any(k == r["kernel"] for k in ran) for r in p["rows"])
+    assert [r["index"] for r in p["rows"]] == list(range(len(p["rows"])))
+    idle = len(kmap) - len(p["rows"])  # (reshapes the build turned into views): said in a note
+    assert idle == 0 or any("did not run" in n and f"{idle} kernel" in n for n in p["notes"])
+    assert sum(r["share"] for r in p["rows"]) == pytest.approx(100.0, abs=1e-6)
+    assert p["kernel_total_ms"] == pytest.approx(sum(r["ms"] for r in p["rows"]))
+    conv = _row_with(p["rows"], "conv")
+    assert conv["flops"] == CONV_FLOPS and conv["ms"] > 0
+    assert conv["gflops"] == pytest.approx(CONV_FLOPS / conv["ms"] / 1e6)
+    if p["peak"] is not None:  # (where the OS reports a clock)
+        assert conv["peak_pct"] == pytest.approx(100 * conv["gflops"] / p["peak"]["gflops"])
+        assert "FMA unit" in p["peak"]["how"]
+    assert set(conv) >= {"kernel", "nodes", "ops", "flops", "ms", "share", "gflops", "peak_pct", "schedule", "role"}
+    assert p["threads"] == 1 and p["latency_ms"] > 0
+
+
+def test_profile_sorted_and_top_text(files, capsys):
+    art, _ = files["static"]
+    capsys.readouterr()
+    assert main([art, "--profile", "--sort", "time", "--top", "2", "--threads", "1", "--repeat", "3"]) == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln[:4].strip().isdigit()]
+    assert len(lines) == 2
+    assert "more:" in out and "peak" in out
+
+
+def test_symbolic_dims_flops_follow_the_shapes(files, capsys):
+    art, _ = files["symbolic"]
+    p = _json(capsys, [art, "--profile", "--dim", "N=3", "--threads", "1", "--repeat", "3"])["profile"]
+    assert _row_with(p["rows"], "conv")["flops"] == 3 * CONV_FLOPS
+
+
+def test_onnx_profile_and_benchmark_on_onnxruntime(files, capsys):
+    _, model = files["static"]
+    res = _json(capsys, [model, "--profile", "--benchmark", "--repeat", "5", "--threads", "1"])
+    assert res["latency"]["runs"] == 5
+    p = res["profile"]
+    assert p["runtime"].startswith("onnxruntime")
+    assert sum(r["share"] for r in p["rows"]) == pytest.approx(100.0, abs=1e-6)
+    conv = _row_with(p["rows"], "conv")  # onnxruntime fuses Conv+Relu: traced back to both nodes
+    assert {"conv", "relu"} <= set(conv["nodes"]) and conv["flops"] == CONV_FLOPS
+    covered = [n for r in p["rows"] for n in r["nodes"]]
+    assert len(covered) == len(set(covered))  # every ONNX node charged once
+
+
+def test_compare_lines_up_by_onnx_node(files, capsys):
+    art, model = files["static"]
+    c = _json(capsys, [art, "--compare", model, "--threads", "1", "--repeat", "3"])["compare"]
+    row = next(r for r in c["rows"] if "conv" in r["nodes"])
+    assert row["graphopt_ms"] > 0 and row["onnxruntime_ms"] > 0
+    assert row["ratio"] == pytest.approx(row["graphopt_ms"] / row["onnxruntime_ms"])
+    fc = next(r for r in c["rows"] if "fc" in r["nodes"])
+    assert fc["kernels"] and fc["onnxruntime_nodes"]
+    t = c["totals"]
+    assert t["ratio"] == pytest.approx(t["graphopt_ms"] / t["onnxruntime_ms"])
+    assert sum(r["graphopt_ms"] or 0 for r in c["rows"]) == pytest.approx(t["graphopt_ms"])
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--compare", "missing.onnx"], "no such file"),
+    (["--profile", "--top", "0"], "--top 0"),
+    (["--top", "3"], "applies to --profile"),
+    (["--profile", "--peak-gflops", "-1"], "positive"),
+])
+def test_bad_input_is_one_line_exit_2(files, capsys, extra, says):
+    art, _ = files["static"]
+    capsys.readouterr()
+    assert main([art, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1
+
+
+def test_onnx_model_refuses_compare_and_cold(files, capsys):
+    _, model = files["static"]
+    for extra in (["--compare", model], ["--profile", "--cold"]):
+        capsys.readouterr()
+        assert main([model, *extra]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_compare_with_another_models_inputs_is_refused(files, capsys, tmp_path):
+    art, _ = files["static"]
+    m = _model(1)
+    m.graph.input[0].name = "other"
+    m.graph.node[0].input[0] = "other"
+    onnx.save(m, str(tmp_path / "other.onnx"))
+    capsys.readouterr()
+    assert main([art, "--compare", str(tmp_path / "other.onnx")]) == 2
+    assert "inputs" in capsys.readouterr().err

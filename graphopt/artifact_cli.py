@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 from typing import Any
 
 from graphopt.errors import UsageError
@@ -22,7 +23,9 @@ from graphopt.errors import UsageError
 
 def compile_artifact(opts: Any) -> int:
     from graphopt import cli
-    from graphopt.check import NumericMismatchError, compare_outputs, run_onnxruntime
+    from graphopt.check import NumericMismatchError
+    from graphopt.report import pass_details
+    from graphopt.verification import reference_outputs, verify_outputs
     from graphopt.target import CompileOptions, get_target, sha256_file
     from graphopt.transform import PassContext, optimize
 
@@ -42,6 +45,8 @@ def compile_artifact(opts: Any) -> int:
     if opts.threads is not None and opts.threads < 1:
         raise UsageError("--threads must be at least 1")
     target = get_target(opts.target)
+    if getattr(opts, "compare", False) and target.name != "cpu":
+        raise UsageError(f"--compare runs the result on this machine: it supports --target onnx and cpu, not {target.name}")
 
     machine = target.machine_model(opts.threads)
     if opts.verify and machine is not None:
@@ -55,7 +60,7 @@ def compile_artifact(opts: Any) -> int:
     model = cli.load_input(opts, ctx.log)  # checked by onnx's checker, sparse initializers dense
     passes = cli._resolve(opts, ctx.log)
     feeds = cli._feeds(opts, model) if opts.verify else None
-    reference = run_onnxruntime(model, feeds) if feeds is not None else None
+    reference = reference_outputs(model, feeds) if feeds is not None else None
     t = time.perf_counter()
     optimized = optimize(model, passes, verify_each=opts.verify_each, ctx=ctx)
     pass_seconds = time.perf_counter() - t
@@ -68,26 +73,34 @@ def compile_artifact(opts: Any) -> int:
     report["output"] = opts.output
     report["disabled"] = list(opts.disable)
     report["log"] = list(ctx.log)
+    report.update(pass_details(ctx.data))
     report.setdefault("seconds", {})["passes"] = round(pass_seconds, 3)
     status = "ok"
     if reference is not None and feeds is not None:
         actual = art.run(feeds)
-        cmp = compare_outputs(reference, actual, rtol=opts.rtol, atol=opts.atol)
-        report["verify"] = {"ok": cmp.ok, "max_abs": cmp.max_abs, "max_rel": cmp.max_rel, "rtol": opts.rtol,
-                            "atol": opts.atol, "inputs": opts.inputs or f"random(seed={opts.seed})", "detail": cmp.detail}
-        if not cmp.ok:
+        verified = verify_outputs(reference, actual, rtol=opts.rtol, atol=opts.atol, feeds=feeds,
+                                  inputs=opts.inputs or f"random(seed={opts.seed})", thresholds=getattr(opts, "verify_metric", ()))
+        report["verify"] = asdict(verified)
+        if not verified.ok:
             status = "verify-failed"
+    if getattr(opts, "compare", False) and status == "ok":
+        from graphopt.compare import compare_models
+
+        report["compare"] = compare_models(opts.model, art.path, kind="artifact", model=model, eval_data=opts.eval_data,
+                                           seed=opts.seed, threads=opts.threads)
     report["status"] = status
     report["seconds"]["wall"] = round(time.perf_counter() - start, 3)
     with open(os.path.join(art.path, "report.json"), "w", encoding="utf-8") as f:
         f.write(json.dumps(report, indent=2, default=str) + "\n")
     if opts.report:
+        from graphopt.html_report import is_html, render_html
         from graphopt.onnx_io import atomic_write
 
+        text = render_html(report) if is_html(opts.report) else json.dumps(report, indent=2, default=str) + "\n"
         with cli.writing(opts.report):  # a read-only or full disk is exit 2 naming the path
             os.makedirs(os.path.dirname(os.path.abspath(opts.report)), exist_ok=True)
             with atomic_write(opts.report) as f:
-                f.write((json.dumps(report, indent=2, default=str) + "\n").encode())
+                f.write(text.encode())
     if status != "ok":
         raise NumericMismatchError(f"--verify: the compiled artifact's outputs differ from the original: "
                                    f"{report['verify']['detail']}; {opts.output} was not written")
@@ -98,10 +111,13 @@ def compile_artifact(opts: Any) -> int:
         secs = report.get("seconds", {})
         line = (f"{cli.PROG}: {opts.output}: target {opts.target}, {k.get('groups', '?')} kernel groups "
                 f"({len(k.get('inline', {}))} inline), compiled in {secs.get('wall', 0):.1f} s")
-        if "verify" in report:
-            v = report["verify"]
-            line += f"; verify ok (max abs {v['max_abs']:.3g}, max rel {v['max_rel']:.3g})"
         print(line, file=sys.stderr)
+        if "verify" in report:
+            print(verified.summary(), file=sys.stderr)
+        if "compare" in report:
+            from graphopt.compare import format_table
+
+            print(format_table(report["compare"]), file=sys.stderr)
     for w in report.get("warnings", []):  # (shown with --quiet too)
         print(f"{cli.PROG}: warning: {w}", file=sys.stderr)
     return 0

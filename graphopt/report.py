@@ -34,6 +34,17 @@ class VerifyResult:
     atol: float
     inputs: str  # where the inputs came from: a .npz path or "random(seed=N)"
     detail: str
+    shapes: dict[str, list[int]] = field(default_factory=dict)  # the input shapes it ran
+    # onnxruntime's own noise: max |optimizations on - off| per output; atol is at least that
+    noise: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] | None = None  # --verify-metric: the measured metrics
+    thresholds: list[str] = field(default_factory=list)  # --verify-metric: what had to hold
+
+    def summary(self) -> str:
+        """The terminal line (both targets print it)."""
+        from graphopt.verification import summary_line
+
+        return summary_line(self)
 
 
 @dataclass
@@ -54,6 +65,8 @@ class Report:
     verify: VerifyResult | None = None
     verify_each: list[tuple[str, float]] | None = None
     seconds: float = 0.0
+    compare: dict[str, Any] | None = None  # --compare: graphopt.compare's before/after table
+    details: dict[str, Any] = field(default_factory=dict)  # passes' own reports (pass_details)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -89,6 +102,8 @@ class Report:
             if self.verify_each is None
             else [{"pass": spec, "max_abs": _finite(err)} for spec, err in self.verify_each],
             "seconds": self.seconds,
+            **({"compare": self.compare} if self.compare is not None else {}),
+            **self.details,
         }
 
     def to_json(self) -> str:
@@ -119,14 +134,31 @@ class Report:
         size_after = "-" if self.size_after is None else f"{self.size_after} bytes"
         lines.append(f"size: {self.size_before} bytes -> {size_after}")
         if self.verify is not None:
-            v = self.verify
-            verdict = "ok" if v.ok else "FAILED"
-            lines.append(
-                f"verify: {verdict}: max abs error {v.max_abs:.3g}, max rel error {v.max_rel:.3g}"
-                f" (rtol={v.rtol}, atol={v.atol}, inputs {v.inputs})"
-            )
+            lines.append(self.verify.summary())
+        if self.compare is not None:
+            from graphopt.compare import format_table
+
+            lines.append(format_table(self.compare))
         lines.append(f"time: {self.seconds:.3f} s")
         return "\n".join(lines)
+
+
+#: PassContext.data keys whose content the report carries (quantize's per-layer table, prune's groups)
+DETAIL_KEYS = ("quantize", "prune")
+
+
+def pass_details(data: Any) -> dict[str, Any]:
+    """The passes' own reports from PassContext.data, as plain JSON values."""
+    out = {k: data[k] for k in DETAIL_KEYS if k in data}
+    return json.loads(json.dumps(out, default=_json_value)) if out else {}
+
+
+def _json_value(o: Any) -> Any:
+    if hasattr(o, "item"):  # numpy scalars
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
 
 
 def _fmt(v: int | float) -> str:

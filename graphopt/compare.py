@@ -83,7 +83,7 @@ def artifact_runner(path: str, *, threads: int | None = None) -> tuple[Runner, s
 
 
 def paired_latency(a: Runner, b: Runner, feeds: Feeds, *, seconds: float = LATENCY_SECONDS,
-                   min_rounds: int = 10, max_rounds: int = 1000) -> dict[str, Any]:
+                   min_rounds: int = 5, max_rounds: int = 1000) -> dict[str, Any]:
     """Median ms per call of `a` and `b` and the median of per-round ratios t_a / t_b (with
     its 10th-90th percentile): rounds alternate a,b / b,a; a round times `calls` calls of each,
     enough for ~2 ms per model, so the timer's resolution does not matter on tiny models."""
@@ -236,11 +236,22 @@ def evaluation_batches(model: Any, eval_data: str | None, *, seed: int = 0) -> t
     return batches, lab, f"{eval_data} ({data.num_samples} samples{', labelled' if lab is not None else ''})"
 
 
+def latency_feeds(model: Any, batch: Feeds) -> dict[str, np.ndarray]:
+    """One sample for inputs whose batch dim is symbolic (latency as an online request sees
+    it, like trtexec's default); fixed shapes as they are."""
+    out = dict(batch)
+    for v in model.graph.inputs:
+        dims = v.shape.dims if v.shape is not None else ()
+        if v.name in out and dims and not isinstance(dims[0], int) and np.ndim(out[v.name]):
+            out[v.name] = np.ascontiguousarray(out[v.name][:1])
+    return out
+
+
 # ------------------------------------------------------------------------------------ compare
 
 
 def compare_models(original: str, result: str, *, kind: str, model: Any, eval_data: str | None = None,
-                   seed: int = 0, threads: int | None = None, seconds: float = LATENCY_SECONDS,
+                   seed: int = 0, threads: int | None = None, seconds: float | None = None,
                    memory: bool = True) -> dict[str, Any]:
     """The before/after table as a dict (the report's `compare`; format_table prints it).
     `kind`: "onnx" (result is an .onnx file run on onnxruntime) or "artifact" (a cpu artifact
@@ -250,11 +261,11 @@ def compare_models(original: str, result: str, *, kind: str, model: Any, eval_da
         raise UsageError(f"--eval-data {eval_data}: holds no samples")
     run_a, rt_a = onnxruntime_runner(original, threads=threads)
     run_b, rt_b = onnxruntime_runner(result, threads=threads) if kind == "onnx" else artifact_runner(result, threads=threads)
-    feeds = batches[0]
+    feeds = latency_feeds(model, batches[0])
     out: dict[str, Any] = {
         "runtime": {"original": rt_a, "result": rt_b},
         "inputs": {k: [int(d) for d in np.shape(v)] for k, v in feeds.items()},
-        "latency": paired_latency(run_a, run_b, feeds, seconds=seconds),
+        "latency": paired_latency(run_a, run_b, feeds, seconds=LATENCY_SECONDS if seconds is None else seconds),
         "size": {"original": files_bytes(original), "result": files_bytes(result)},
     }
     if memory:
@@ -289,15 +300,19 @@ def _pct(a: float, b: float) -> str:
     return "" if not a else f"{(b - a) / a * 100:+.1f} %"
 
 
+def speed_verdict(lat: Mapping[str, Any]) -> str:
+    """`1.32x faster (...)`; a ratio whose p10-p90 band holds 1 is no clear difference."""
+    s, lo, hi = lat["speedup"], lat["speedup_p10"], lat["speedup_p90"]
+    word = "no clear difference" if lo <= 1.0 <= hi else "faster" if s > 1 else "slower"
+    return f"{s:.2f}x {word} (paired rounds: p10-p90 {lo:.2f}-{hi:.2f}x, {lat['rounds']} rounds)"
+
+
 def format_table(c: Mapping[str, Any]) -> str:
     """The comparison as terminal lines."""
     rows: list[tuple[str, str, str, str]] = []
     lat = c.get("latency")
     if lat:
-        s = lat["speedup"]
-        rows.append(("latency (median)", f"{lat['original_ms']:.3f} ms", f"{lat['result_ms']:.3f} ms",
-                     f"{s:.2f}x {'faster' if s >= 1 else 'slower'} (paired rounds: p10-p90 {lat['speedup_p10']:.2f}-"
-                     f"{lat['speedup_p90']:.2f}x, {lat['rounds']} rounds)"))
+        rows.append(("latency (median)", f"{lat['original_ms']:.3f} ms", f"{lat['result_ms']:.3f} ms", speed_verdict(lat)))
     size = c.get("size")
     if size:
         rows.append(("size", _mb(size["original"]), _mb(size["result"]), _pct(size["original"], size["result"])))

@@ -136,9 +136,9 @@ def _bytes(n: Any) -> str:
 def _table(head: Sequence[str], rows: Iterable[Sequence[Any]], *, num_cols: Iterable[int] = (),
            cls: str = "") -> str:
     nums = set(num_cols)
-    out = [f'<table class="{cls}"><thead><tr>' + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+    out = [f'<table{f" class={cls}" if cls else ""}><thead><tr>' + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead><tbody>"]
     for r in rows:
-        out.append("<tr>" + "".join(f'<td class="{"n" if i in nums else ""}">{c if isinstance(c, _Raw) else _e(c)}</td>'
+        out.append("<tr>" + "".join(f'<td{" class=n" if i in nums else ""}>{c if isinstance(c, _Raw) else _e(c)}</td>'
                                      for i, c in enumerate(r)) + "</tr>")
     out.append("</tbody></table>")
     return "".join(out)
@@ -190,9 +190,9 @@ def _compare(c: Mapping[str, Any]) -> str:
     rows: list[Sequence[Any]] = []
     lat = c.get("latency")
     if lat:
-        rows.append(("latency (median)", f"{lat['original_ms']:.3f} ms", f"{lat['result_ms']:.3f} ms",
-                     f"{lat['speedup']:.2f}x (p10–p90 {lat['speedup_p10']:.2f}–{lat['speedup_p90']:.2f}x, "
-                     f"{lat['rounds']} paired rounds)"))
+        from graphopt.compare import speed_verdict
+
+        rows.append(("latency (median)", f"{lat['original_ms']:.3f} ms", f"{lat['result_ms']:.3f} ms", speed_verdict(lat)))
     size = c.get("size")
     if size:
         rows.append(("size", _bytes(size["original"]), _bytes(size["result"]), _change(size["original"], size["result"])))

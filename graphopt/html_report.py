@@ -254,7 +254,8 @@ def _passes(r: Mapping[str, Any]) -> str:
             stats = ", ".join(f"{k}={_num(v)}" for k, v in (p.get("stats") or {}).items() if "/" not in k)
             rows.append((p["pass"], f"{p.get('seconds', 0) * 1e3:.2f}", f"{p.get('nodes_before')}→{p.get('nodes_after')}",
                          "yes" if p.get("changed") else "no", stats))
-        body += _long(_table(("pass", "ms", "nodes", "changed", "statistics"), rows, num_cols=(1,)), len(rows), "passes")
+        body += _long(_table(("pass", "ms", "nodes", "changed", "statistics"), rows, num_cols=(1,)), len(rows),
+                      "passes with their statistics", limit=12)
     stages = r.get("seconds")
     if isinstance(stages, Mapping) and stages:  # a compiled target: its stages
         body += _table(("stage", "seconds"), [(k, _num(v)) for k, v in stages.items()], num_cols=(1,))
@@ -273,7 +274,8 @@ def _nodes(r: Mapping[str, Any]) -> str:
     rows = [(o, before.get(o, 0), after.get(o, 0), "" if before.get(o, 0) == after.get(o, 0)
              else f"{after.get(o, 0) - before.get(o, 0):+d}") for o in sorted(ops)]
     rows.append((_Raw("<b>total</b>"), sum(before.values()), sum(after.values()), ""))
-    return body + _long(_table(("op", "before", "after", "change"), rows, num_cols=(1, 2, 3)), len(rows), "op types")
+    return body + _long(_table(("op", "before", "after", "change"), rows, num_cols=(1, 2, 3)), len(rows), "op types",
+                        limit=12)
 
 
 def _quantize(q: Mapping[str, Any]) -> str:
@@ -291,7 +293,7 @@ def _quantize(q: Mapping[str, Any]) -> str:
     for x in layers:
         counts[x.get("status", "?")] = counts.get(x.get("status", "?"), 0) + 1
     if counts:
-        body += f'<p class="note">{_e(", ".join(f"{v} {k}" for k, v in counts.items()))} layers</p>'
+        body += f'<p class="note">{len(layers)} units: {_e(", ".join(f"{v} {k}" for k, v in counts.items()))}</p>'
     sq = [x for x in layers if isinstance(x.get("sqnr_db"), (int, float))]
     if sq:
         top = sorted(sq, key=lambda x: x["sqnr_db"])[:MAX_BARS]  # the worst layers first: what a user checks
@@ -317,7 +319,7 @@ def _prune(runs: Sequence[Mapping[str, Any]], passes: Sequence[Mapping[str, Any]
         if pruned:
             top = sorted(pruned, key=lambda g: -g["pruned-units"] / max(1, g.get("units") or 1))[:MAX_BARS]
             body += _chart("prune", lambda top=top: _hbar(
-                [", ".join(g.get("layers") or [])[:60] for g in top],
+                [_group_label(g.get("layers") or []) for g in top],
                 [("removed %", [100 * g["pruned-units"] / max(1, g.get("units") or 1) for g in top], BLUE)],
                 "channels removed (%)"))
         rows = [(", ".join(g.get("layers") or []), g.get("channels"), g.get("units"),
@@ -325,6 +327,10 @@ def _prune(runs: Sequence[Mapping[str, Any]], passes: Sequence[Mapping[str, Any]
         body += _long(_table(("group (layers)", "channels", "units", "channels removed", "kept whole because"), rows,
                              num_cols=(1, 2, 3)), len(rows), "groups")
     return body
+
+
+def _group_label(layers: Sequence[str]) -> str:
+    return "?" if not layers else layers[0] + (f" (+{len(layers) - 1} more)" if len(layers) > 1 else "")
 
 
 def _cluster(p: Mapping[str, Any]) -> str:

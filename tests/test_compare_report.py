@@ -255,7 +255,7 @@ def _coloured(png: Path, hex_colour: str, tol: int = 24) -> int:
 
 def _screenshot(page: Path, png: Path) -> None:
     subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    "--window-size=1200,4000", f"--screenshot={png}", page.as_uri()],
+                    "--window-size=1200,12000", f"--screenshot={png}", page.as_uri()],
                    check=True, capture_output=True, timeout=120)
 
 

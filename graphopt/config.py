@@ -63,6 +63,9 @@ KEYS: dict[str, _Key] = {
     "calibration-method": _Key(str),
     "accuracy-budget": _Key(str),
     "quantize-speed": _Key(str),
+    "compare": _Key(bool),
+    "eval-data": _Key(str, is_path=True),
+    "verify-metric": _Key(str),
 }
 
 

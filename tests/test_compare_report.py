@@ -279,3 +279,25 @@ def test_html_report_renders_in_chromium(tmp_path: Path, capsys: pytest.CaptureF
     plain.write_text(html_report.render_html(r))
     _screenshot(plain, plain_png)
     assert _coloured(plain_png, html_report.BLUE) < 200 and _coloured(plain_png, html_report.ORANGE) < 50
+
+
+def test_config_file_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "g.toml"
+    cfg.write_text('[graphopt]\npasses = "-O2,cluster-weights{bits=5}"\nverify-metric = "sqnr:40"\n')
+    code, _, err = run_cli(capsys, EXAMPLE, "-o", tmp_path / "o.onnx", "--config", cfg)
+    assert code == cli.EXIT_VERIFY and "sqnr >= 40 dB" in err
+
+
+def test_cpu_target_compare_verify_metric_and_html(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   fast_compare: None) -> None:
+    pytest.importorskip("tvm")
+    out, page = tmp_path / "art", tmp_path / "r.html"
+    code, _, err = run_cli(capsys, EXAMPLE, "--target", "cpu", "-O2", "-o", out, "--compare", "--verify-metric",
+                           "cosine:0.999999", "--report", page)
+    assert code == 0, err
+    assert re.search(r"verify: ok: cosine 1\.000000, top1-agreement 1\.0000, sqnr \d+\.\d+ dB .*input\[2x3x16x16\]", err)
+    assert "result: compiled artifact (" in err and re.search(r"size +50\.3 kB +\d+\.\d+ (kB|MB)", err)
+    r = json.loads((out / "report.json").read_text())
+    assert r["compare"]["runtime"]["result"].startswith("compiled artifact") and r["verify"]["thresholds"]
+    html = page.read_text()
+    assert '<section id="compare">' in html and '<section id="kernels">' in html and '<section id="verify">' in html

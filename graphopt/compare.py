@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,8 @@ Runner = Callable[[Feeds], Sequence[np.ndarray]]
 LATENCY_SECONDS = 8.0
 #: samples of random inputs when no --eval-data is given
 RANDOM_SAMPLES = 16
+#: fresh processes per model for peak memory
+MEMORY_PROBES = 2
 #: batch size for inputs whose batch dim is symbolic
 EVAL_BATCH = 8
 
@@ -169,6 +171,12 @@ def peak_memory(path: str, kind: str, feeds_path: str, *, threads: int | None = 
     return {"bytes": max(0, d["peak"] - d["base"]), "process_peak": d["peak"]}
 
 
+def _smallest(probes: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    probes = list(probes)
+    ok = [p for p in probes if "bytes" in p]
+    return min(ok, key=lambda p: p["bytes"]) if ok else probes[0]
+
+
 def files_bytes(path: str) -> int:
     """An artifact folder's files, or an .onnx file with the external-data files it names."""
     if os.path.isdir(path):
@@ -272,9 +280,13 @@ def compare_models(original: str, result: str, *, kind: str, model: Any, eval_da
         with tempfile.TemporaryDirectory(prefix="graphopt-compare-") as tmp:
             fp = os.path.join(tmp, "feeds.npz")
             np.savez(fp, **{k: np.asarray(v) for k, v in feeds.items()})
-            out["peak_memory"] = {"original": peak_memory(original, "onnx", fp, threads=threads),
-                                  "result": peak_memory(result, kind, fp, threads=threads),
-                                  "how": "resident-set growth of a fresh process loading the model and running it once"}
+            # two probes each, alternating, the smaller kept: onnxruntime's arena and thread start-up
+            # vary by ~5 % between identical runs (ResNet-50: 264 vs 277 MB for the same file)
+            probes = [(peak_memory(original, "onnx", fp, threads=threads), peak_memory(result, kind, fp, threads=threads))
+                      for _ in range(MEMORY_PROBES)]
+            out["peak_memory"] = {"original": _smallest(p[0] for p in probes), "result": _smallest(p[1] for p in probes),
+                                  "how": f"resident-set growth of a fresh process loading the model and running it once "
+                                         f"(least of {MEMORY_PROBES})"}
     ref = [list(run_a(b)) for b in batches]
     res = [list(run_b(b)) for b in batches]
     acc: dict[str, Any] = {"data": source}

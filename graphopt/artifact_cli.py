@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import asdict
 from typing import Any
 
 from graphopt.errors import UsageError
@@ -24,10 +25,11 @@ from graphopt.errors import UsageError
 def compile_artifact(opts: Any) -> int:
     import graphopt
     from graphopt import cli
-    from graphopt.check import NumericMismatchError, compare_outputs, run_onnxruntime
-    from graphopt.report import Report, VerifyResult, op_counts
+    from graphopt.check import NumericMismatchError
+    from graphopt.report import Report, op_counts, pass_details
     from graphopt.target import CompileOptions, compile_model, get_target, sha256_file
     from graphopt.transform import PassContext, TimingInstrument, optimize
+    from graphopt.verification import reference_outputs, verify_outputs
 
     start = time.perf_counter()
     if not opts.model:
@@ -45,6 +47,8 @@ def compile_artifact(opts: Any) -> int:
     if opts.threads is not None and opts.threads < 1:
         raise UsageError("--threads must be at least 1")
     target = get_target(opts.target)
+    if getattr(opts, "compare", False) and target.name != "cpu":
+        raise UsageError(f"--compare runs the result on this machine: it supports --target onnx and cpu, not {target.name}")
 
     machine = target.machine_model(opts.threads)
     if opts.verify and machine is not None:
@@ -59,7 +63,7 @@ def compile_artifact(opts: Any) -> int:
     cli.load_calibration_data(opts, model, ctx)
     passes = cli._resolve(opts, ctx.log)
     feeds = cli._feeds(opts, model) if opts.verify else None
-    reference = run_onnxruntime(model, feeds) if feeds is not None else None
+    reference = reference_outputs(model, feeds) if feeds is not None else None
     # the onnx target's report (passes, nodes, size, verification), plus the target's kernels
     report = Report(graphopt_version=graphopt.__version__, model=opts.model, output=opts.output, target=opts.target,
                     pipeline=cli._format(passes), disabled=list(opts.disable), log=ctx.log,
@@ -85,19 +89,29 @@ def compile_artifact(opts: Any) -> int:
                                "manifest), not an .onnx file; the folder has that name")
     report.size_after = sum(os.path.getsize(os.path.join(art.path, f)) for f in os.listdir(art.path)
                             if os.path.isfile(os.path.join(art.path, f)))
+    report.details = pass_details(ctx.data)
     if reference is not None and feeds is not None:
-        cmp = compare_outputs(reference, art.run(feeds), rtol=opts.rtol, atol=opts.atol)
-        report.verify = VerifyResult(cmp.ok, cmp.max_abs, cmp.max_rel, opts.rtol, opts.atol,
-                                     opts.inputs or f"random(seed={opts.seed})", cmp.detail)
-        if not cmp.ok:
+        report.verify = verify_outputs(reference, art.run(feeds), rtol=opts.rtol, atol=opts.atol, feeds=feeds,
+                                       inputs=opts.inputs or f"random(seed={opts.seed})",
+                                       thresholds=getattr(opts, "verify_metric", ()))
+        if not report.verify.ok:
             report.status = "verify-failed"
     report.seconds = time.perf_counter() - start
+    if getattr(opts, "compare", False) and report.status == "ok":  # (after the compile's time)
+        from graphopt.compare import compare_models
+
+        t = time.perf_counter()
+        report.compare = compare_models(opts.model, art.path, kind="artifact", model=model, eval_data=opts.eval_data,
+                                        seed=opts.seed, threads=opts.threads)
+        report.target_report.setdefault("compile_seconds", {})["compare"] = round(time.perf_counter() - t, 3)
     text = report.to_json()
     with open(os.path.join(art.path, "report.json"), "w", encoding="utf-8") as f:
         f.write(text)
     if opts.report:
+        from graphopt.html_report import is_html, render_html
         from graphopt.onnx_io import atomic_write
 
+        text = render_html(report.to_dict()) if is_html(opts.report) else text
         with cli.writing(opts.report):  # a read-only or full disk is exit 2 naming the path
             os.makedirs(os.path.dirname(os.path.abspath(opts.report)), exist_ok=True)
             with atomic_write(opts.report) as f:

@@ -90,15 +90,18 @@ def _random_array(rng: np.random.Generator, dtype: DataType, shape: list[int]) -
         else rng.integers(0, 4, size=shape).astype(dtype.numpy())
 
 
-def run_onnxruntime(model: Model, inputs: Mapping[str, np.ndarray], *, threads: int = 1) -> list[np.ndarray]:
+def run_onnxruntime(model: Model, inputs: Mapping[str, np.ndarray], *, threads: int = 1,
+                    optimize: bool = False) -> list[np.ndarray]:
     """Export and run on onnxruntime's CPU provider with all its optimisations off, so the
-    result shows what the model computes, not what onnxruntime rewrote."""
+    result shows what the model computes, not what onnxruntime rewrote (`optimize=True`: all
+    on, as deployed; the difference between the two is the reference's own rounding noise)."""
     import onnxruntime as ort
 
     from graphopt.onnx_io import to_onnx
 
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize \
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.intra_op_num_threads = threads
     so.log_severity_level = 4  # fatal only: its error log would be a second stderr line; the exception says it
     try:

@@ -111,7 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=float, help="relative tolerance for verification (default 1e-4)")
     p.add_argument("--atol", type=float, help="absolute tolerance for verification (default 1e-5)")
     p.add_argument("--seed", type=int, help="seed of the random verification inputs (default 0)")
-    p.add_argument("--report", metavar="R.json", help="write a JSON report")
+    p.add_argument("--report", metavar="R.json", help="write a JSON report (R.html: a self-contained HTML report)")
+    # before/after (graphopt.compare) and metric-based verification (graphopt.verification)
+    p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure the original and the result side by side: latency, size, peak memory, accuracy")
+    p.add_argument("--eval-data", metavar="DATA.npz", help="--compare: samples (one array per input, stacked on the batch "
+                   "axis; a `labels` array of class indices gives top-1 accuracy); default: random inputs")
+    p.add_argument("--verify-metric", metavar="M:LIMIT", help="--verify with metrics instead of elementwise tolerances, "
+                   "for lossy pipelines: cosine:0.99, top1-agreement:0.99, sqnr:30 (comma-separated)")
     p.add_argument("--config", metavar="FILE.toml", help="read options from a [graphopt] table; flags override it")
     p.add_argument("--dump-ir", metavar="DIR", help="write the textual IR after every pass into DIR")
     p.add_argument("--print-pipeline", action="store_true", help="print the pipeline in pipeline syntax and exit")
@@ -161,6 +168,9 @@ class Options:
     dims: list[str] = field(default_factory=list)  # --dim SYMBOL=SIZE
     bind: list[str] = field(default_factory=list)  # --bind NAME=VALUE: inputs fixed to constants
     calibration_batch_axis: list[str] = field(default_factory=list)  # --calibration-batch-axis NAME:AXIS
+    compare: bool = False  # --compare: before/after table (graphopt.compare)
+    eval_data: str | None = None
+    verify_metric: list[Any] = field(default_factory=list)  # graphopt.metrics.Threshold (implies verify)
 
 
 def _join_spec_values(argv: Sequence[str]) -> list[str]:
@@ -225,6 +235,14 @@ def parse_options(argv: Sequence[str]) -> Options:
                       ("quantize-speed", "quantize_speed")):
         if getattr(ns, attr) is None and key in cfg:
             setattr(ns, attr, str(cfg[key]))
+    opts.compare, opts.eval_data = pick(ns.compare, "compare", False), pick(ns.eval_data, "eval-data", None)
+    if opts.eval_data and not opts.compare:
+        raise UsageError("--eval-data is used by --compare; add it")
+    metric = pick(ns.verify_metric, "verify-metric", None)
+    if metric:
+        from graphopt.metrics import parse_thresholds
+
+        opts.verify_metric, opts.verify = parse_thresholds(str(metric)), True
     opts.pipeline = _prune_spec(ns, opts.pipeline)
     opts.pipeline, opts.calibration = _quantize_spec(ns, opts.pipeline)
     modes = [m for m, on in (("--print-pipeline", opts.print_pipeline), ("--list-passes", opts.list_passes),
@@ -462,8 +480,9 @@ def _rule_names(pattern: Any) -> list[str]:
 
 def _compile(opts: Options) -> int:
     import graphopt
-    from graphopt.check import NumericMismatchError, compare_outputs, run_onnxruntime
-    from graphopt.report import Report, VerifyResult, op_counts
+    from graphopt.check import NumericMismatchError, run_onnxruntime
+    from graphopt.report import Report, op_counts, pass_details
+    from graphopt.verification import reference_outputs, verify_outputs
     from graphopt.transform import NumericCheckInstrument, PassContext, TimingInstrument, optimize
 
     start = time.perf_counter()
@@ -492,7 +511,7 @@ def _compile(opts: Options) -> int:
     load_calibration_data(opts, model, ctx)
     passes = _resolve(opts, ctx.log)
     feeds = _feeds(opts, model) if (opts.verify or opts.verify_each) else None
-    reference = run_onnxruntime(model, feeds) if opts.verify and feeds is not None else None
+    reference = reference_outputs(model, feeds) if opts.verify and feeds is not None else None
 
     report = Report(
         graphopt_version=graphopt.__version__,
@@ -528,19 +547,24 @@ def _compile(opts: Options) -> int:
         if opts.check:
             _check_output(staged, opts.output)
         report.nodes_after = op_counts(optimized)
+        report.details = pass_details(ctx.data)
         report.size_after = sum(os.path.getsize(os.path.join(stage, f)) for f in os.listdir(stage))
         report.warnings.extend(option_warnings(timing.records))
         if reference is not None and feeds is not None:
             # verify what was written, not the in-memory IR: this also covers export and save
             actual = run_onnxruntime(graphopt.load(staged), feeds)
-            cmp = compare_outputs(reference, actual, rtol=opts.rtol, atol=opts.atol)
-            report.verify = VerifyResult(cmp.ok, cmp.max_abs, cmp.max_rel, opts.rtol, opts.atol,
-                                         opts.inputs or f"random(seed={opts.seed})", cmp.detail)
-            if not cmp.ok:
+            report.verify = verify_outputs(reference, actual, rtol=opts.rtol, atol=opts.atol, feeds=feeds,
+                                           inputs=opts.inputs or f"random(seed={opts.seed})", thresholds=opts.verify_metric)
+            if not report.verify.ok:
                 report.status = "verify-failed"
                 _finish(opts, report, start)
                 raise NumericMismatchError(f"--verify: the compiled model's outputs differ from the original: "
-                                           f"{cmp.detail}; {opts.output} was not written")
+                                           f"{report.verify.detail}; {opts.output} was not written")
+        if opts.compare:
+            from graphopt.compare import compare_models
+
+            report.compare = compare_models(opts.model, staged, kind="onnx", model=model, eval_data=opts.eval_data,
+                                            seed=opts.seed)
         with writing(opts.output):
             _publish(stage, folder, os.path.basename(opts.output))
     _finish(opts, report, start)
@@ -552,8 +576,13 @@ def _finish(opts: Options, report: Any, start: float) -> None:
 
     report.seconds = time.perf_counter() - start
     if opts.report:
+        from graphopt.html_report import charts_note, is_html, render_html
+
+        text = render_html(report.to_dict()) if is_html(opts.report) else report.to_json()
         with writing(opts.report), _output_folder(opts.report), atomic_write(opts.report) as f:
-            f.write(report.to_json().encode())
+            f.write(text.encode())
+        if is_html(opts.report) and charts_note():
+            _note(f"{opts.report}: {charts_note()}")
     if not opts.quiet:
         print(report.format_table(), file=sys.stderr)
     for w in report.warnings:  # (shown with --quiet too)

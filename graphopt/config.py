@@ -67,6 +67,9 @@ KEYS: dict[str, _Key] = {
     "dim": _Key(str, is_list=True),  # ["batch=1"], like --dim
     "bind": _Key(str, is_list=True),  # ["NAME=VALUE", ...]; a relative .npy path is the config file's
     "calibration-batch-axis": _Key(str, is_list=True),  # ["NAME:AXIS", ...]
+    "compare": _Key(bool),
+    "eval-data": _Key(str, is_path=True),
+    "verify-metric": _Key(str),
 }
 
 

@@ -34,6 +34,17 @@ class VerifyResult:
     atol: float
     inputs: str  # where the inputs came from: a .npz path or "random(seed=N)"
     detail: str
+    shapes: dict[str, list[int]] = field(default_factory=dict)  # the input shapes it ran
+    # onnxruntime's own noise: max |optimizations on - off| per output; atol is at least that
+    noise: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] | None = None  # --verify-metric: the measured metrics
+    thresholds: list[str] = field(default_factory=list)  # --verify-metric: what had to hold
+
+    def summary(self) -> str:
+        """The terminal line (both targets print it)."""
+        from graphopt.verification import summary_line
+
+        return summary_line(self)
 
 
 @dataclass
@@ -62,6 +73,8 @@ class Report:
     target_report: dict[str, Any] = field(default_factory=dict)
     # log lines from before the pipeline (fixed input shapes...), shown in the terminal summary
     notes: list[str] = field(default_factory=list)
+    compare: dict[str, Any] | None = None  # --compare: graphopt.compare's before/after table
+    details: dict[str, Any] = field(default_factory=dict)  # passes' own reports (pass_details)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -99,6 +112,8 @@ class Report:
             else [{"pass": spec, "max_abs": _finite(err)} for spec, err in self.verify_each],
             "seconds": self.seconds,
             "warnings": list(self.warnings),
+            **({"compare": self.compare} if self.compare is not None else {}),
+            **self.details,
         } | {k: v for k, v in self.target_report.items() if k not in _COMMON_KEYS}
 
     def to_json(self) -> str:
@@ -136,12 +151,11 @@ class Report:
             lines.append(f"kernels: {k.get('groups', '?')} groups ({len(k.get('inline', {}))} inline, "
                          f"{k.get('primfuncs', '?')} TIR functions)")
         if self.verify is not None:
-            v = self.verify
-            verdict = "ok" if v.ok else "FAILED"
-            lines.append(
-                f"verify: {verdict}: max abs error {v.max_abs:.3g}, max rel error {v.max_rel:.3g}"
-                f" (rtol={v.rtol}, atol={v.atol}, inputs {v.inputs})"
-            )
+            lines.append(self.verify.summary())
+        if self.compare is not None:
+            from graphopt.compare import format_table
+
+            lines.append(format_table(self.compare))
         lines.append(f"time: {self.seconds:.3f} s")
         return "\n".join(lines)
 
@@ -149,6 +163,24 @@ class Report:
 #: the keys every report has; a target's own section may not override them
 _COMMON_KEYS = frozenset({"schema", "graphopt_version", "status", "model", "output", "target", "pipeline", "disabled",
                           "log", "passes", "nodes", "size", "verify", "verify_each", "seconds", "warnings"})
+
+
+#: PassContext.data keys whose content the report carries (quantize's per-layer table, prune's groups)
+DETAIL_KEYS = ("quantize", "prune")
+
+
+def pass_details(data: Any) -> dict[str, Any]:
+    """The passes' own reports from PassContext.data, as plain JSON values."""
+    out = {k: data[k] for k in DETAIL_KEYS if k in data}
+    return json.loads(json.dumps(out, default=_json_value)) if out else {}
+
+
+def _json_value(o: Any) -> Any:
+    if hasattr(o, "item"):  # numpy scalars
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
 
 
 def _fmt(v: int | float) -> str:

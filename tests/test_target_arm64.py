@@ -315,7 +315,7 @@ def test_cli_compile_verify_and_run(tmp_path) -> None:
     r = subprocess.run([sys.executable, "-m", "graphopt.cli", str(src), "--target", "arm64{profile=cortex-a76}", "-o", str(out),
                         "--verify"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "verify ok" in r.stderr
+    assert "verify: ok" in r.stderr and "x[2x3x16x16]" in r.stderr  # (the verdict names the shapes it ran)
     x = np.random.default_rng(5).standard_normal((2, 3, 16, 16)).astype(np.float32)
     np.savez(tmp_path / "x.npz", x=x)
     r = subprocess.run([sys.executable, "-m", "graphopt.run_cli", str(out), "--inputs", str(tmp_path / "x.npz"),

@@ -17,6 +17,7 @@ import numpy as np
 
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import Model
+from graphopt.metrics import sqnr_db  # noqa: F401 - re-exported (graphopt.passes.quantize.sqnr_db); one home
 
 Batch = Mapping[str, np.ndarray]
 
@@ -52,18 +53,6 @@ def run(model: Model, batches: Sequence[Batch], *, threads: int = 0) -> list[lis
 
 
 # ------------------------------------------------------------------------------------ metrics
-
-
-def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
-    """10·log10(‖ref‖² / ‖ref − test‖²); inf when equal."""
-    r = np.asarray(ref, np.float64).ravel()
-    e = r - np.asarray(test, np.float64).ravel()
-    num, den = float(r @ r), float(e @ e)
-    if den == 0.0:
-        return math.inf
-    if num == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(num / den)
 
 
 def output_metrics(ref: Sequence[Sequence[np.ndarray]], test: Sequence[Sequence[np.ndarray]]) -> dict[str, float]:

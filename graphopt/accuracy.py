@@ -90,6 +90,14 @@ def output_metrics(ref: Sequence[Sequence[np.ndarray]], test: Sequence[Sequence[
             if not np.issubdtype(np.asarray(r).dtype, np.floating):
                 continue
             r64, t64 = np.asarray(r, np.float64), np.asarray(t, np.float64)
+            # non-finite values (a -inf mask passed through) count as equal where both agree, as
+            # an infinite error where they do not
+            fin = np.isfinite(r64) & np.isfinite(t64)
+            if not fin.all():
+                same = (r64 == t64) | (np.isnan(r64) & np.isnan(t64))
+                if (~fin & ~same).any():
+                    den = math.inf
+                r64, t64 = np.where(fin, r64, 0.0), np.where(fin, t64, 0.0)
             num += float(np.sum(r64 ** 2))
             den += float(np.sum((r64 - t64) ** 2))
             if i == 0 and r64.ndim >= 1:

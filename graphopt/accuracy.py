@@ -110,7 +110,7 @@ def output_metrics(ref: Sequence[Sequence[np.ndarray]], test: Sequence[Sequence[
                 flips += int(np.sum(ra != ta))
                 total += int(ra.size)
     return {
-        "sqnr": math.inf if den == 0 else (10 * math.log10(num / den) if num > 0 else -math.inf),
+        "sqnr": math.inf if den == 0 else (10 * math.log10(num / den) if num > 0 and den < math.inf else -math.inf),
         "rel": 0.0 if num == 0 and den == 0 else math.sqrt(den / num) if num > 0 else math.inf,
         "cosine": float(np.mean(cos)) if cos else 1.0,
         "top1": 100.0 * flips / total if total else 0.0,

@@ -346,7 +346,8 @@ class Prune(Pass):
                                 "sensitivity-sqnr-db": round(sens[g.index], 2) if math.isfinite(sens[g.index]) else 999.0}
             if n != plan[g.index]:
                 ctx.info(f"prune: {choice} for group {names[g.index]} ({total * g.unit} channels): accuracy budget {budget}; "
-                         f"alone at the requested ratio it gives SQNR {sens[g.index]:.1f} dB (sensitivity rank {rank + 1} of {len(order)})")
+                         f"alone at the requested ratio it gives SQNR {sens[g.index]:.1f} dB{' before the refit' if reconstruct else ''} "
+                         f"(sensitivity rank {rank + 1} of {len(order)})")
         if k > len(refine):
             ctx.info(f"prune: {k - len(refine)} more sensitive groups kept whole without trying a lower ratio (at most {MAX_REFINE} are tried)")
         ratio = _ratio(an, counts)
@@ -355,8 +356,9 @@ class Prune(Pass):
         acc.update(holds=budget.holds(final), final=final, choices=choices, **{"groups-kept-whole": n_whole,
                    "groups-lower-ratio": n_lower, "achieved-ratio": round(ratio, 4), "evaluations": len(cache),
                    "seconds": round(time.perf_counter() - t0, 2)})
-        acc["result"] = (f"ratio {_ratio(an, plan):.3f} gave {describe(requested)}: outside the budget {budget}; "
-                         f"{n_whole} of {len(order)} groups kept whole, {n_lower} at a lower ratio")
+        acc["result"] = (f"the accuracy budget {budget} does not hold at any ratio tried: ratio {_ratio(an, plan):.3f} gave "
+                         f"{describe(requested)}; {n_whole} of {len(order)} groups kept whole"
+                         + ("" if reconstruct else " (calibration data would enable the least-squares refit, which often recovers it)"))
         ctx.info(f"prune: accuracy budget {budget} on {ref.source}: the requested ratio {_ratio(an, plan):.3f} gave "
                  f"{budget.metric} {requested[budget.metric]:.4g}; backed off {n_whole + n_lower} of {len(order)} groups "
                  f"({n_whole} kept whole, {n_lower} at a lower ratio): best ratio meeting it {ratio:.3f} "

@@ -599,6 +599,11 @@ def test_cli_prune_shortcut(tmp_path, capsys):
     assert main(["-O1", "--prune", "0.5", "--print-pipeline"]) == 0
     assert capsys.readouterr().out.strip().endswith(",dce,prune{ratio=0.5}")
     assert main(["--prune", "1.5", "--print-pipeline"]) == 2
+    assert main(["--prune", "0.5", "--accuracy-budget", "top1:1", "--print-pipeline"]) == 0
+    assert capsys.readouterr().out.strip().endswith(",prune{ratio=0.5,accuracy-budget=top1:1}")
+    assert main(["--prune", "0.5", "--accuracy-budget", "psnr:3", "--print-pipeline"]) == 2
+    assert main(["--accuracy-budget", "none", "--print-pipeline"]) == 2
+    assert "needs --quantize int8 or --prune" in capsys.readouterr().err
     src, dst = tmp_path / "m.onnx", tmp_path / "out.onnx"
     graphopt.save(wide(), str(src))
     assert main([str(src), "-o", str(dst), "--passes", "-O1,prune{ratio=0.5,accuracy-budget=none}", "--quiet"]) == 0

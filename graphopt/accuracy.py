@@ -179,6 +179,18 @@ class Reference:
     def samples(self) -> int:
         return sum(max((len(v) for v in b.values() if np.ndim(v)), default=1) for b in self.batches)
 
+    def subset(self, samples: int) -> Reference:
+        """The first batches holding at least `samples` samples, sharing this one's outputs (a
+        cheaper reference for ranking, e.g. per-layer sensitivity)."""
+        k, seen = 0, 0
+        while k < len(self.batches) and seen < samples:
+            seen += max((len(v) for v in self.batches[k].values() if np.ndim(v)), default=1)
+            k += 1
+        sub = object.__new__(Reference)
+        sub.batches, sub.outputs = self.batches[:k], self.outputs[:k]
+        sub.source, sub.threads, sub.evaluations = f"{seen} of {self.source}", self.threads, 0
+        return sub
+
     def score(self, model: Model) -> dict[str, float]:
         self.evaluations += 1
         return output_metrics(self.outputs, run(model, self.batches, threads=self.threads))

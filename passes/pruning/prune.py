@@ -25,6 +25,8 @@ SCOPES = ("uniform", "global")
 BACKOFF = (0.75, 0.5, 0.25)
 #: backed-off groups that try a lower ratio (least sensitive first); the rest stay whole
 MAX_REFINE = 16
+#: samples the per-group sensitivity (a ranking) is measured on
+SENSITIVITY_SAMPLES = 8
 
 
 def ensure_shapes(model: Model) -> None:
@@ -276,6 +278,8 @@ class Prune(Pass):
         t0 = time.perf_counter()
         cache: dict[tuple[tuple[int, int], ...], dict[str, float]] = {}
 
+        rank_ref = ref.subset(SENSITIVITY_SAMPLES)  # sensitivity only ranks: fewer samples do
+
         def score(counts: dict[int, int], recover: bool = True) -> dict[str, float]:
             key = tuple(sorted((k, v) for k, v in counts.items() if v)) + ((-1, int(recover)),)
             if key not in cache:
@@ -286,7 +290,7 @@ class Prune(Pass):
                 mask = self._mask(an, scores, pruned, plan, counts)
                 if mask.any():
                     self._apply(original, m, a, mask, data, reconstruct and recover, reestimate and recover, lambda s: None)
-                    cache[key] = ref.score(m)
+                    cache[key] = (ref if recover else rank_ref).score(m)
                 else:
                     cache[key] = {"cosine": 1.0, "sqnr": math.inf, "rel": 0.0, "top1": 0.0}
             return cache[key]

@@ -540,21 +540,23 @@ class ClusterWeights(Pass):
         t0 = time.perf_counter()
         cache: dict[tuple[tuple[int, int], ...], dict[str, float]] = {}
 
-        def score(assign: dict[int, int]) -> dict[str, float]:
-            key = tuple(sorted((i, b) for i, b in assign.items() if b))
+        rank_ref = ref.subset(SENSITIVITY_SAMPLES)  # sensitivity only ranks: fewer samples do
+
+        def score(assign: dict[int, int], reference: Reference = ref) -> dict[str, float]:
+            key = tuple(sorted((i, b) for i, b in assign.items() if b)) + ((-1, int(reference is ref)),)
             if key not in cache:
-                if not key:
+                if len(key) == 1:
                     cache[key] = {"cosine": 1.0, "sqnr": math.inf, "rel": 0.0, "top1": 0.0}
                 else:
                     m = model.clone()
                     graphs = list(m.graphs())
-                    for i, b in key:
+                    for i, b in key[:-1]:
                         f = fit(i, b)
                         g, w, _ = todo[i]
                         if f is not None:
                             v = graphs[gindex[id(g)]].initializers[w.name]
                             v.const_value = NumpyTensor(f.decode(tuple(w.const_value.shape)))  # type: ignore[union-attr]
-                    cache[key] = ref.score(m)
+                    cache[key] = reference.score(m)
             return cache[key]
 
         requested = score(chosen)
@@ -563,7 +565,7 @@ class ClusterWeights(Pass):
             ctx.info(f"cluster-weights: accuracy budget {budget} holds at the requested bits on {ref.source} ({describe(requested)})")
             return chosen
         live = [i for i, b in chosen.items() if b and fit(i, b) is not None]
-        sens = {i: score({i: chosen[i]})["sqnr"] for i in live}
+        sens = {i: score({i: chosen[i]}, rank_ref)["sqnr"] for i in live}
         order = sorted(live, key=lambda i: sens[i])  # lowest SQNR first: most sensitive
 
         def floats(k: int) -> dict[int, int]:
@@ -640,6 +642,8 @@ class ClusterWeights(Pass):
 
 #: backed-off weights that try more bits (least sensitive first); the rest stay float
 MAX_REFINE = 16
+#: samples the per-weight sensitivity (a ranking) is measured on
+SENSITIVITY_SAMPLES = 8
 
 
 @dataclass

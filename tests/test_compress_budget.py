@@ -109,6 +109,9 @@ def test_prune_budget_forces_back_off(cnn):
     backed = acc["groups-kept-whole"] + acc["groups-lower-ratio"]
     assert backed == sum(1 for c in acc["choices"] if c["choice"] != "requested ratio") >= 1
     assert len(acc["choices"]) == 2  # both conv groups got a choice; fc reaches the output
+    groups = ctx.data["prune"][-1]["groups"]
+    assert [g.get("choice") for g in groups].count(None) == 1  # the per-group report has them too
+    assert stats["groups-pruned"] == sum(1 for c in acc["choices"] if c["pruned-units"])
     assert any("sensitivity rank" in line for line in ctx.log)
     # the held-out images agree: the budget measured on random inputs transferred
     m, acc0, acc1 = held_out(base, out, data)

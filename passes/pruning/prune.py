@@ -190,11 +190,9 @@ class Prune(Pass):
             counts, acc = self._fit_budget(an, scores, pruned, plan, original, data, ref, budget,
                                            reconstruct, reestimate, ctx)
             report["accuracy"] = acc
-            for rg in report["groups"]:
-                g_i = next(g.index for g in an.groups if g.names == rg["layers"])
-                rg["pruned-units"] = counts.get(g_i, 0)
-                if g_i in acc.get("choices", {}):
-                    rg.update(acc["choices"][g_i])
+            for g, rg in zip(an.groups, report["groups"]):  # built in this order above
+                rg["pruned-units"] = counts.get(g.index, 0)
+                rg.update(acc.get("choices", {}).get(g.index, {}))
             acc["choices"] = list(acc.get("choices", {}).values())
         pruned = self._mask(an, scores, pruned, plan, counts)
         # onnxruntime's CPU convs use its blocked NCHWc layout only for channel counts that are

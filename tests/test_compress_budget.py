@@ -238,3 +238,14 @@ def test_cluster_exact_codebook_holds_the_default_budget():
     base = graphopt.load(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString())
     _, stats, _ = run(base, "cluster-weights{bits=2}")
     assert stats["tensors-clustered"] == 1 and "tensors-backed-off" not in stats
+
+
+def test_cluster_back_off_never_stores_more_than_float(cnn):
+    """A backed-off small tensor whose codebook at more bits would outgrow the float weight (fc:
+    128 values; 7 bits = 128 codebook entries) stays float instead."""
+    base, _, _ = cnn
+    _, stats, ctx = run(base, "cluster-weights{bits=2,min-size=64}")
+    assert stats["tensors-backed-off"] >= 1 and stats["output-cosine"] >= 0.99
+    clustered = [k[: -len("/bits")] for k in stats if k.endswith("/bits")]
+    assert clustered and all(stats[f"{w}/bytes-after"] < stats[f"{w}/bytes-before"] for w in clustered)
+    assert stats.get("w3/budget-choice", 2) in (0, 2, 3, 4)

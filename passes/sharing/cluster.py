@@ -581,7 +581,14 @@ class ClusterWeights(Pass):
         out = floats(hi)
         refine = order[:hi][::-1][:MAX_REFINE]
         for i in refine:
-            opts = list(range(chosen[i] + 1, 9))
+            g, w, _ = todo[i]
+            t = w.const_value
+            assert t is not None
+            n = math.prod(t.shape)
+            # only bit widths that still store fewer bytes than the float weight (a small tensor's
+            # codebook can outgrow it)
+            opts = [b for b in range(chosen[i] + 1, 9)
+                    if cbk.storage_bytes(n, b, self._storage(model, g, b)) + (1 << b) * t.dtype.numpy().itemsize < t.nbytes]
             lo2, hi2 = -1, len(opts)  # hi2 == len(opts): kept float
             while hi2 - lo2 > 1:
                 mid = (lo2 + hi2) // 2

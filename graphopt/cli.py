@@ -88,14 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuning-db", metavar="DIR", help="cpu target: tuning database folder, reused by later compiles")
     p.add_argument("--threads", type=int, metavar="T", help="cpu target: worker threads (default: every core)")
     p.add_argument("--quantize", metavar="SCHEME", help="append the quantize pass (SCHEME: int8) to the pipeline")
-    p.add_argument("--calibration", metavar="DATA", help="--quantize: calibration .npz (one array per input, samples "
+    p.add_argument("--calibration", metavar="DATA", help="--quantize/--prune: calibration .npz (one array per input, samples "
                    "stacked on the batch axis) or a folder of them (default: synthetic, labelled as such)")
     p.add_argument("--calibration-method", metavar="M", help="--quantize: minmax (default), percentile, entropy or mse")
     p.add_argument("--quantize-speed", choices=("measure", "rules", "off"),
                    help="--quantize: measure (default: keep float where int8 is not faster here), rules (depthwise "
                         "and tiny layers float; reproducible output) or off")
-    p.add_argument("--accuracy-budget", metavar="B", help="--quantize: top1:P, cosine:C, sqnr:DB or rel:E; the most "
-                   "sensitive layers stay float until it holds")
+    p.add_argument("--accuracy-budget", metavar="B", help="--quantize/--prune: top1:P, cosine:C, sqnr:DB, rel:E or none; the "
+                   "most sensitive layers stay float / groups back off until it holds (--prune's default: cosine:0.99)")
     p.add_argument("--bind", metavar="NAME=VALUE", action="append", help="fix input NAME to a constant (a number, "
                    "a comma list or a .npy file; repeatable): it leaves the interface and cleanup folds what it decides")
     p.add_argument("--calibration-batch-axis", metavar="NAME:AXIS", action="append", help="--quantize: the batch "
@@ -257,9 +257,11 @@ def _quantize_spec(ns: argparse.Namespace, pipeline: str) -> tuple[str, str | No
     given = [f for f, v in (("--calibration", ns.calibration), ("--calibration-method", ns.calibration_method),
                             ("--accuracy-budget", ns.accuracy_budget), ("--quantize-speed", ns.quantize_speed)) if v is not None]
     if ns.quantize is None:
-        if given:
-            raise UsageError(f"{given[0]} needs --quantize int8")
-        return pipeline, None
+        # --prune reads --calibration (refit, evaluation) and --accuracy-budget too
+        bad = [f for f in given if ns.prune is None or f not in ("--calibration", "--accuracy-budget")]
+        if bad:
+            raise UsageError(f"{bad[0]} needs --quantize int8" + (" or --prune" if bad[0] in ("--calibration", "--accuracy-budget") else ""))
+        return pipeline, ns.calibration
     if ns.quantize != "int8":
         raise UsageError(f"--quantize {ns.quantize}: unknown scheme (have: int8)")
     opts = ["scheme=int8"] + ([f"calibration={ns.calibration_method}"] if ns.calibration_method else []) \
@@ -281,7 +283,15 @@ def _prune_spec(ns: argparse.Namespace, pipeline: str) -> str:
         ratio = -1.0
     if not 0.0 <= ratio < 1.0:
         raise UsageError(f"--prune {ns.prune}: expected a ratio in [0, 1)")
-    return ",".join(x for x in (pipeline, f"prune{{ratio={ratio:g}}}") if x)
+    budget = ""
+    if ns.accuracy_budget is not None:
+        from graphopt.accuracy import parse_budget
+
+        parse_budget(ns.accuracy_budget)  # a bad value is a one-line usage error here
+        if any(c in ns.accuracy_budget for c in ",{}="):
+            raise UsageError(f"--accuracy-budget: bad value {ns.accuracy_budget!r}")
+        budget = f",accuracy-budget={ns.accuracy_budget}"
+    return ",".join(x for x in (pipeline, f"prune{{ratio={ratio:g}{budget}}}") if x)
 
 
 def _pipeline_spec(ns: argparse.Namespace, cfg: dict[str, Any]) -> str:

@@ -142,6 +142,8 @@ class Report:
                 lines.append(f"  {op:<{w}}  {b:>7}  {a:>7}{'' if a == b else f'  ({a - b:+d})'}")
             tb, ta = sum(self.nodes_before.values()), sum(self.nodes_after.values())
             lines.append(f"  {'total':<{w}}  {tb:>7}  {ta:>7}{'' if ta == tb else f'  ({ta - tb:+d})'}")
+        # what compression passes measured (accuracy budgets, output deviation) and every warning
+        lines.extend(f"  {m}" for m in self.log if any(k in m for k in _TERMINAL_LOG))
         size_after = "-" if self.size_after is None else f"{self.size_after} bytes"
         grew = self.size_after is not None and self.size_after > self.size_before > 0
         lines.append(f"size: {self.size_before} bytes -> {size_after}"
@@ -185,6 +187,10 @@ def _json_value(o: Any) -> Any:
 
 def _fmt(v: int | float) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+#: pass log lines (ctx.info) the terminal summary repeats: warnings and measured accuracy
+_TERMINAL_LOG = ("WARNING", "accuracy budget", "output vs the original")
 
 
 def _per_item_table(r: PassRecord) -> list[str]:

@@ -76,7 +76,7 @@ def _clustered(bits: int, opset: int, ir: int, per_channel: bool):
     """(clustered model, its stats, its cpu artifact), compiled once per module."""
     key = (bits, opset, ir, per_channel)
     if key not in _BUILT:
-        m = graphopt.optimize(_net(opset, ir), f"cluster-weights{{bits={bits},min-size=512,per-channel={str(per_channel).lower()}}}")
+        m = graphopt.optimize(_net(opset, ir), f"cluster-weights{{accuracy-budget=none,bits={bits},min-size=512,per-channel={str(per_channel).lower()}}}")
         _BUILT[key] = (m, m.meta["pass_timings"][-1].stats, graphopt.compile(m, "cpu", "-O1"))
     return _BUILT[key]
 
@@ -127,7 +127,7 @@ def test_tampered_params_are_refused(tmp_path):
 
 
 def test_expand_decodes_gives_the_decoded_weights():
-    clustered = graphopt.optimize(_net(), "cluster-weights{bits=5,min-size=512,per-channel=true}")
+    clustered = graphopt.optimize(_net(), "cluster-weights{accuracy-budget=none,bits=5,min-size=512,per-channel=true}")
     feeds = _feeds()
     want = _ort(clustered, feeds)
     expanded = clustered.clone()
@@ -152,7 +152,7 @@ def test_every_compiled_target_keeps_the_compressed_form(spec):
     test_target_arm64 / test_target_cuda; this needs no cross compiler)."""
     from graphopt.target import get_target
 
-    clustered = graphopt.optimize(_net(), "cluster-weights{bits=4,min-size=512}")
+    clustered = graphopt.optimize(_net(), "cluster-weights{accuracy-budget=none,bits=4,min-size=512}")
     expanded = get_target(spec).expand_codebooks(clustered)
     assert len(expanded) == 4
     assert not any(cbk.CODEBOOK_KEY in n.metadata_props for n in clustered.graph)

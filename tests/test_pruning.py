@@ -77,8 +77,12 @@ class Net:
 
 
 def prune(model: Model, spec: str = "prune", **options) -> tuple[Model, dict, PassContext]:
+    """Structure tests: random weights, no accuracy budget (test_pruning_budget.py tests that)."""
     out = model.clone()
-    p = parse_pipeline(spec)[0] if not options else Prune(**options)
+    options.setdefault("accuracy_budget", "none")
+    if spec != "prune" and "accuracy-budget" not in spec:
+        spec = spec.replace("prune{", "prune{accuracy-budget=none,", 1)
+    p = parse_pipeline(spec)[0] if spec != "prune" else Prune(**options)
     ctx = PassContext()
     res = p.run(out, ctx)
     check_valid(out)
@@ -595,11 +599,21 @@ def test_cli_prune_shortcut(tmp_path, capsys):
     assert main(["-O1", "--prune", "0.5", "--print-pipeline"]) == 0
     assert capsys.readouterr().out.strip().endswith(",dce,prune{ratio=0.5}")
     assert main(["--prune", "1.5", "--print-pipeline"]) == 2
+    assert main(["--prune", "0.5", "--accuracy-budget", "top1:1", "--print-pipeline"]) == 0
+    assert capsys.readouterr().out.strip().endswith(",prune{ratio=0.5,accuracy-budget=top1:1}")
+    assert main(["--prune", "0.5", "--accuracy-budget", "psnr:3", "--print-pipeline"]) == 2
+    assert main(["--accuracy-budget", "none", "--print-pipeline"]) == 2
+    assert "needs --quantize int8 or --prune" in capsys.readouterr().err
     src, dst = tmp_path / "m.onnx", tmp_path / "out.onnx"
     graphopt.save(wide(), str(src))
-    assert main([str(src), "-o", str(dst), "-O1", "--prune", "0.5", "--quiet"]) == 0
-    out = graphopt.load(str(dst))
-    assert weight(out, "A")[0] == 16
+    assert main([str(src), "-o", str(dst), "--passes", "-O1,prune{ratio=0.5,accuracy-budget=none}", "--quiet"]) == 0
+    assert weight(graphopt.load(str(dst)), "A")[0] == 16
+    # --prune holds the default budget (cosine 0.99): random weights make every channel count,
+    # so the pass backs off and says so
+    assert main([str(src), "-o", str(dst), "-O1", "--prune", "0.5"]) == 0
+    out = capsys.readouterr()
+    assert "accuracy budget cosine >= 0.99" in out.out + out.err
+    assert weight(graphopt.load(str(dst)), "A")[0] > 16
 
 
 def test_chunk_with_computed_bounds():

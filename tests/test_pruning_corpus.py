@@ -40,9 +40,9 @@ def test_corpus_model_prunes_validly(name):
     base = graphopt.optimize(graphopt.load(path), "-O1")
     feeds = feeds_for(name, base)
     ref = run_onnxruntime(base, feeds)
-    specs = ["prune{ratio=0.3}", "prune{ratio=0.5,criterion=l2,round-to=8}"]
+    specs = ["prune{ratio=0.3,accuracy-budget=none}", "prune{ratio=0.5,criterion=l2,round-to=8,accuracy-budget=none}"]
     if name in FAST:
-        specs.append("prune{ratio=0.5,scope=global}")
+        specs.append("prune{ratio=0.5,scope=global,accuracy-budget=none}")
     for spec in specs:
         m = base.clone()
         stats = parse_pipeline(spec)[0].run(m, PassContext()).stats
@@ -67,12 +67,12 @@ def test_bert_after_contrib_attention_fusion_prunes_heads():
     fuse = "fuse-attention{contrib-ops=1},-O2"
     m = graphopt.optimize(raw.clone(), f"-O2,{fuse}")
     assert sum(n.op_type == "MultiHeadAttention" for n in m.graph) == 12
-    stats = parse_pipeline("prune{ratio=0.5}")[0].run(m, PassContext()).stats
+    stats = parse_pipeline("prune{ratio=0.5,accuracy-budget=none}")[0].run(m, PassContext()).stats
     assert stats["groups-pruned"] >= 24, stats
     assert [n.attr("num_heads") for n in m.graph if n.op_type == "MultiHeadAttention"] == [6] * 12
     m.verify()
     onnx.checker.check_model(graphopt.to_onnx(m))
-    other = graphopt.optimize(raw.clone(), f"-O1,prune{{ratio=0.5}},-O2,{fuse}")
+    other = graphopt.optimize(raw.clone(), f"-O1,prune{{ratio=0.5,accuracy-budget=none}},-O2,{fuse}")
     feeds = feeds_for("bert_base_s128", m)
     for a, b in zip(run_onnxruntime(m, feeds), run_onnxruntime(other, feeds)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -99,7 +99,7 @@ def conv_nets(draw):
 @SETTINGS
 def test_random_conv_nets_stay_valid(model, ratio, criterion, scope, round_to):
     out = model.clone()
-    spec = f"prune{{ratio={ratio},criterion={criterion},scope={scope},round-to={round_to}}}"
+    spec = f"prune{{ratio={ratio},criterion={criterion},scope={scope},round-to={round_to},accuracy-budget=none}}"
     stats = parse_pipeline(spec)[0].run(out, PassContext()).stats
     out.verify()
     proto = graphopt.to_onnx(out)

@@ -55,10 +55,10 @@ def run(model: Model, **options):
     """cluster-weights on a copy: (new model, stats); checks verify() and that a second run is a
     no-op."""
     out = model.clone()
-    result = get_pass("cluster-weights")(**options).run(out, PassContext())
+    result = get_pass("cluster-weights")(**{"accuracy_budget": "none", **options}).run(out, PassContext())
     out.verify()
     again = out.clone()
-    second = get_pass("cluster-weights")(**options).run(again, PassContext())
+    second = get_pass("cluster-weights")(**{"accuracy_budget": "none", **options}).run(again, PassContext())
     assert not second.changed and second.stats["tensors-clustered"] == 0
     return out, result.stats
 
@@ -178,13 +178,13 @@ def test_layer_bits_override_and_keep_float():
         n.name = f"node{i}"
     out, stats = run(m2, bits=4, layer_bits="node2:0")  # matched by the reader's node name (Gemm of W1)
     assert "W1/bits" not in stats and stats["tensors-kept-float"] == 1 and "W1" in out.graph.initializers
-    p = parse_pipeline("cluster-weights{bits=6,layer-bits=conv1:8;fc*:0,per-channel=true}")[0]
+    p = parse_pipeline("cluster-weights{accuracy-budget=none,bits=6,layer-bits=conv1:8;fc*:0,per-channel=true}")[0]
     assert (p.bits, p.layer_bits, p.per_channel) == (6, "conv1:8;fc*:0", True)
 
 
 @pytest.mark.parametrize(
     "spec",
-    ["cluster-weights{bits=1}", "cluster-weights{bits=9}", "cluster-weights{layer-bits=fc}", "cluster-weights{layer-bits=fc:12}",
+    ["cluster-weights{accuracy-budget=none,bits=1}", "cluster-weights{accuracy-budget=none,bits=9}", "cluster-weights{layer-bits=fc}", "cluster-weights{layer-bits=fc:12}",
      "cluster-weights{init=random}", "cluster-weights{storage=int2}", "cluster-weights{weighting=magic}"],
 )
 def test_bad_options_are_usage_errors(spec):
@@ -247,7 +247,7 @@ def test_runs_after_the_O2_pipeline_and_through_the_report(tmp_path):
     from graphopt.transform import PassRecord
 
     m = mlp(dims=(64, 64, 10))
-    out = graphopt.optimize(m, "-O2,share-weights,cluster-weights{bits=5}")
+    out = graphopt.optimize(m, "-O2,share-weights,cluster-weights{accuracy-budget=none,bits=5}")
     rec = out.meta["pass_timings"][-1]
     assert rec.stats["tensors-clustered"] == 1  # W1 (64x10) is below min-size
     lines = _per_item_table(PassRecord(rec.spec, rec.seconds, rec.changed, rec.stats, 0, 0))

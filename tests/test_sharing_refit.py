@@ -53,7 +53,7 @@ def two_layer(trans_b: bool = False) -> Model:
 
 def cluster(model: Model, ctx: PassContext | None = None, **options):
     out = model.clone()
-    res = get_pass("cluster-weights")(**options).run(out, ctx or PassContext())
+    res = get_pass("cluster-weights")(**{"accuracy_budget": "none", **options}).run(out, ctx or PassContext())
     out.verify()
     return out, res.stats
 
@@ -93,7 +93,7 @@ def test_refit_lowers_the_output_error_on_held_out_inputs(trans_b, per_channel):
     assert e_refit < 0.6 * e_plain, (e_refit, e_plain)
     # a second run changes nothing (the decoded weights are no initializers any more)
     again = refit.clone()
-    second = get_pass("cluster-weights")(bits=3, min_size=256, refit="activations").run(again, ctx)
+    second = get_pass("cluster-weights")(bits=3, min_size=256, refit="activations", accuracy_budget="none").run(again, ctx)
     assert not second.changed and second.stats["tensors-clustered"] == 0
 
 
@@ -190,7 +190,7 @@ def test_channel_overhead_gives_per_channel_codebooks_only_where_cheap():
 ])
 def test_bad_options(options, exc):
     with pytest.raises(exc):
-        get_pass("cluster-weights")(**options)
+        get_pass("cluster-weights")(**{"accuracy_budget": "none", **options})
 
 
 def test_refit_without_data_or_with_a_missing_file_is_a_clean_error(tmp_path):
@@ -207,7 +207,7 @@ def test_refit_without_data_or_with_a_missing_file_is_a_clean_error(tmp_path):
 def test_pipeline_syntax(tmp_path):
     path = tmp_path / "c.npz"
     np.savez(path, x=correlated(32, 48, 6))
-    out = graphopt.optimize(two_layer(), "cluster-weights{bits=4,min-size=256,refit=activations,refit-iters=1,"
+    out = graphopt.optimize(two_layer(), "cluster-weights{accuracy-budget=none,bits=4,min-size=256,refit=activations,refit-iters=1,"
                                          f"token-mask=none,calibration-samples=16,calibration={path}}}")
     stats = out.meta["pass_timings"][-1].stats
     assert stats["tensors-refit"] == 2 and stats["W0/output-rel-l2"] <= stats["W0/output-rel-l2-kmeans"]

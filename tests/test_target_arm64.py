@@ -382,7 +382,7 @@ def _clustered_arm64(bits: int, per_channel: bool):
     """(clustered model, cluster-weights stats, its arm64 artifact), compiled once per module."""
     key = (bits, per_channel)
     if key not in _CLUSTERED:
-        m = graphopt.optimize(_clusterable_net(), f"cluster-weights{{bits={bits},min-size=512,per-channel={str(per_channel).lower()}}}")
+        m = graphopt.optimize(_clusterable_net(), f"cluster-weights{{accuracy-budget=none,bits={bits},min-size=512,per-channel={str(per_channel).lower()}}}")
         _CLUSTERED[key] = (m, m.meta["pass_timings"][-1].stats, graphopt.compile(m, "arm64{profile=cortex-a76}", "-O1"))
     return _CLUSTERED[key]
 

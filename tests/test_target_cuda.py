@@ -161,7 +161,7 @@ def _transposed_net() -> onnx.ModelProto:
 def _clustered(net: onnx.ModelProto, bits: int = 4):
     from graphopt.onnx_io import load
 
-    return graphopt.optimize(load(net), f"cluster-weights{{bits={bits},min-size=512}}")
+    return graphopt.optimize(load(net), f"cluster-weights{{accuracy-budget=none,bits={bits},min-size=512}}")
 
 
 def _params_bytes(art) -> int:

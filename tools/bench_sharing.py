@@ -95,7 +95,8 @@ def cluster_spec(bits: int, args: argparse.Namespace, name: str = "", layer_bits
         opts += [f"refit={args.refit}", f"calibration={rm.calibration_path(name)}"]
     if layer_bits:
         opts.append(f"layer-bits={layer_bits}")
-    return "share-weights,cluster-weights{" + ",".join(opts) + "}"
+    # the table is accuracy per requested bits: no budget back-off (tools/bench_compress_budget.py has that)
+    return "share-weights,cluster-weights{" + ",".join(["accuracy-budget=none"] + opts) + "}"
 
 
 def _loss(ref: np.ndarray, out: np.ndarray) -> float:
@@ -121,7 +122,7 @@ def sensitivity_bits(name: str, base: graphopt.Model, bits: int, args: argparse.
     names = [k[: -len("/bits")] for k in st if k.endswith("/bits")]
     loss = {}
     for nm in names:
-        one = graphopt.optimize(base, "cluster-weights{" + f"bits={bits},min-size={args.min_size},init={args.init},"
+        one = graphopt.optimize(base, "cluster-weights{" + f"accuracy-budget=none,bits={bits},min-size={args.min_size},init={args.init},"
                                 f"channel-overhead={args.channel_overhead},layer-bits={nm}:{bits};*:0" + "}")
         loss[nm] = _loss(ref, rm.run_batched(rm.session(one, args.threads), feeds))
     total = sum(loss.values())
@@ -267,7 +268,7 @@ def bench_big(args: argparse.Namespace, tmp: str) -> None:
     params = sum(v.const_value.size for g in model.graphs() for v in g.initializers.values() if v.const_value is not None)
     print(f"\n100M run: {label}, {params / 1e6:.1f}M parameters in initializers")
     t = time.perf_counter()
-    out = graphopt.optimize(model, "share-weights,cluster-weights{bits=5}")
+    out = graphopt.optimize(model, "share-weights,cluster-weights{accuracy-budget=none,bits=5}")
     total = time.perf_counter() - t
     recs = {r.spec.split("{")[0]: r for r in out.meta["pass_timings"]}
     st = recs["cluster-weights"].stats

@@ -2,7 +2,7 @@
 
 FLOPs are 2 x multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul (the layers pruning
 shrinks, attention's batched Q·Kᵀ and P·V MatMuls included; elementwise work is ignored).
-Symbolic dims (the batch) count as 1. `uncounted_layers` names the layers whose count is a
+Symbolic dims (the batch) and negative ones (`-1` written as a dim value) count as 1. `uncounted_layers` names the layers whose count is a
 guess: a shape unknown, or a symbolic dim beyond the leading (batch) axis, e.g. a channel count
 that shape inference lost; then the total is an undercount, and it says so instead of silently.
 """
@@ -17,7 +17,9 @@ from graphopt.ir import Model, TensorType, Value
 def _dims(v: Value | None) -> list[int] | None:
     if v is None or not isinstance(v.type, TensorType) or v.type.shape is None:
         return None
-    return [d if isinstance(d, int) else 1 for d in v.type.shape.dims]
+    # a negative dim is "unknown" written as an int (paddle2onnx writes dim_value -1): counting
+    # it made a classifier's FLOPs come out as -248144
+    return [d if isinstance(d, int) and d >= 0 else 1 for d in v.type.shape.dims]
 
 
 def _numel(d: list[int] | None) -> int:
@@ -48,7 +50,7 @@ def layer_flops(n) -> int | None:  # type: ignore[no-untyped-def]
 def _symbolic_beyond_batch(v: Value | None) -> bool:
     if v is None or not isinstance(v.type, TensorType) or v.type.shape is None:
         return True
-    return any(not isinstance(d, int) for d in v.type.shape.dims[1:])
+    return any(not isinstance(d, int) or d < 0 for d in v.type.shape.dims[1:])
 
 
 def uncounted_layers(model: Model) -> list[str]:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
-from graphopt.errors import UsageError
+from graphopt.accuracy import DEFAULT_BUDGET, Budget, Reference, describe, parse_budget
+from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import Model
 from graphopt.passes.cleanup.control_flow import bodies_holding
 from graphopt.transform import Pass, PassContext, PassResult, register_pass
@@ -20,6 +22,12 @@ from graphopt.passes.pruning.importance import CRITERIA, activation, bn_scale, m
 from graphopt.passes.pruning.surgery import apply_pruning
 
 SCOPES = ("uniform", "global")
+#: parts of its ratio a backed-off group tries, largest first (then it is kept whole)
+BACKOFF = (0.75, 0.5, 0.25)
+#: backed-off groups that try a lower ratio (least sensitive first); the rest stay whole
+MAX_REFINE = 16
+#: samples the per-group sensitivity (a ranking) is measured on
+SENSITIVITY_SAMPLES = 8
 
 
 def ensure_shapes(model: Model) -> None:
@@ -51,6 +59,15 @@ class Prune(Pass):
     refit of the layers that read removed channels; auto: only with a calibration file) and
     `bn-reestimate` (re-estimate BatchNorm statistics; auto: with a calibration file and no refit).
 
+    Accuracy: `accuracy-budget` (cosine:C | sqnr:DB | top1:P | rel:E, default cosine:0.99; none:
+    no back-off) is measured on `eval-samples` held-out calibration samples (random inputs when
+    none are given, and the log says so) against the original. When the requested ratio breaks
+    it, every pruned group's sensitivity is measured (output SQNR with that group alone pruned),
+    the fewest most sensitive groups are kept whole until it holds, and those then take the
+    largest part of their ratio (3/4, 1/2, 1/4) that still holds; each choice is logged and
+    reported (`ctx.data["prune"][-1]["accuracy"]`). With or without a budget the final output
+    deviation is printed, with a WARNING when it is outside cosine 0.99.
+
     Must not fire (the group is kept whole and reported with the reason): channels that reach a
     graph output, meet an op the analysis does not know, a LayerNorm/GroupNorm/Softmax/Reduce
     over the channel axis, a non-constant weight, an elementwise operand that is neither tracked
@@ -72,6 +89,8 @@ class Prune(Pass):
     reconstruct: str = "auto"
     bn_reestimate: str = "auto"
     seed: int = 0
+    accuracy_budget: str = DEFAULT_BUDGET  # cosine:C | sqnr:DB | top1:P | rel:E | none
+    eval_samples: int = 32
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -86,6 +105,9 @@ class Prune(Pass):
             if flag not in ("auto", "true", "false", "1", "0"):
                 raise ValueError(f"reconstruct/bn-reestimate must be auto, true or false, got {flag!r}")
         self.parsed_layer_ratios()
+        parse_budget(self.accuracy_budget)
+        if self.eval_samples < 1:
+            raise ValueError(f"eval-samples must be >= 1, got {self.eval_samples}")
 
     def parsed_layer_ratios(self) -> list[tuple[str, float]]:
         out = []
@@ -100,29 +122,29 @@ class Prune(Pass):
             out.append((pat, val))
         return out
 
-    def _flag(self, value: str) -> bool:
+    @staticmethod
+    def _flag(value: str, auto: bool) -> bool:
         if value in ("true", "1"):
             return True
         if value in ("false", "0"):
             return False
-        return bool(self.calibration)
+        return auto
 
     # ------------------------------------------------------------------------------------------
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         t0 = time.perf_counter()
+        budget = parse_budget(self.accuracy_budget)
         ensure_shapes(model)
         an = analyze(model)
-        reconstruct = self._flag(self.reconstruct)
+        data = _Data(self, model, ctx)
+        reconstruct = self._flag(self.reconstruct, data.real)
         # a refit already matches the original layer outputs; re-estimating BN statistics on
         # top of it measured worse (mnist_resnet8), so `auto` re-estimates only without a refit
-        reestimate = bool(an.bns) and (self._flag(self.bn_reestimate) if self.bn_reestimate != "auto"
-                                       else bool(self.calibration) and not reconstruct)
-        calib = None
-        if self.criterion == "activation" or reconstruct or reestimate:
-            calib = self._calibration(model)
-            if calib.synthetic:
-                ctx.info(f"prune: calibration is SYNTHETIC ({calib.source})")
-        scores, rms_note = self._scores(an, calib)
+        reestimate = bool(an.bns) and (self._flag(self.bn_reestimate, data.real) if self.bn_reestimate != "auto"
+                                       else data.real and not reconstruct)
+        if (self.criterion == "activation" or reconstruct or reestimate) and not data.real:
+            ctx.info(f"prune: calibration is SYNTHETIC ({data.source})")
+        scores, rms_note = self._scores(an, data.fit() if self.criterion == "activation" else None)
         pruned, plan = self.choose(an, scores)
         flops0, params0 = count_flops(model), count_params(model)
         report: dict[str, Any] = {
@@ -132,7 +154,7 @@ class Prune(Pass):
                  "blocked": list(dict.fromkeys(g.blocked.values()))[:3]}
                 for g in an.groups
             ],
-            "calibration": None if calib is None else calib.source,
+            "calibration": data.source if (reconstruct or reestimate or self.criterion == "activation") else None,
         }
         ctx.data.setdefault("prune", []).append(report)
         unprunable = [g for g in an.groups if len(g.blocked) == len(g.classes)]
@@ -146,6 +168,40 @@ class Prune(Pass):
             ctx.info(f"prune: {len(uncounted)} layers have unknown or symbolic dims beyond the batch axis "
                      f"({', '.join(uncounted[:3])}{' ...' if len(uncounted) > 3 else ''}): FLOPs count those dims "
                      "as 1; where they are channel counts shape inference lost, simplify-shapes (in -O1) may fix them")
+        stats: dict[str, int | float] = {
+            "groups": len(an.groups),
+            "groups-unprunable": len(unprunable),
+            "flops-uncounted-layers": len(uncounted),
+        }
+        if not pruned.any():
+            stats.update({"groups-pruned": 0, "layers-unaligned": 0, "channels-removed": 0, "flops-before": flops0,
+                          "flops-after": flops0, "params-before": params0, "params-after": params0,
+                          "seconds": round(time.perf_counter() - t0, 3)})
+            why = ("no channel group to prune (no Conv/Gemm whose output channels can shrink)" if not an.groups else
+                   f"all {len(an.groups)} channel groups are unprunable (reasons in the log)" if len(unprunable) == len(an.groups)
+                   else f"ratio {self.ratio:g} removes no whole unit from any of the {len(an.groups) - len(unprunable)} prunable groups")
+            return PassResult(False, stats, note=f"nothing pruned: {why}")
+
+        # accuracy: the original's outputs on evaluation data; with a budget, the most sensitive
+        # groups back off (a lower ratio, or kept whole) until it holds
+        original = model.clone()
+        ref: Reference | None = None
+        try:
+            ref = Reference(original, data.evaluation(), source=data.eval_source)
+        except GraphoptError as e:
+            ctx.info(f"prune: WARNING cannot measure the output deviation ({e}): the accuracy budget is not checked")
+            stats["accuracy-unmeasured"] = 1
+        counts = dict(plan)
+        acc: dict[str, Any] = {}
+        if ref is not None and budget is not None:
+            counts, acc = self._fit_budget(an, scores, pruned, plan, original, data, ref, budget,
+                                           reconstruct, reestimate, ctx)
+            report["accuracy"] = acc
+            for g, rg in zip(an.groups, report["groups"]):  # built in this order above
+                rg["pruned-units"] = counts.get(g.index, 0)
+                rg.update(acc.get("choices", {}).get(g.index, {}))
+            acc["choices"] = list(acc.get("choices", {}).values())
+        pruned = self._mask(an, scores, pruned, plan, counts)
         # onnxruntime's CPU convs use its blocked NCHWc layout only for channel counts that are
         # multiples of 8 (AVX2 block); others fall back to plain convs plus layout reorders:
         # MobileNetV2 at ratio 0.3 ran 1.13x SLOWER than unpruned without round-to=8
@@ -156,48 +212,167 @@ class Prune(Pass):
         if unaligned:
             ctx.info(f"prune: {unaligned} layers had channel counts that were multiples of 8 and are not after pruning; "
                      "CPU kernels (onnxruntime's NCHWc convs) run such counts much slower: consider round-to=8")
-        stats: dict[str, int | float] = {
-            "groups": len(an.groups),
-            "groups-unprunable": len(unprunable),
-            "groups-pruned": sum(1 for v in plan.values() if v),
-            "flops-uncounted-layers": len(uncounted),
-            "layers-unaligned": unaligned,
-        }
+        stats["groups-pruned"] = sum(1 for v in counts.values() if v)
+        stats["layers-unaligned"] = unaligned
         if not pruned.any():
+            ctx.info("prune: nothing pruned: " + str(acc.get("result", "no channel to remove")))
             stats.update({"channels-removed": 0, "flops-before": flops0, "flops-after": flops0,
                           "params-before": params0, "params-after": params0,
                           "seconds": round(time.perf_counter() - t0, 3)})
-            why = ("no channel group to prune (no Conv/Gemm whose output channels can shrink)" if not an.groups else
-                   f"all {len(an.groups)} channel groups are unprunable (reasons in the log)" if len(unprunable) == len(an.groups)
-                   else f"ratio {self.ratio:g} removes no whole unit from any of the {len(an.groups) - len(unprunable)} prunable groups")
-            return PassResult(False, stats, note=f"nothing pruned: {why}")
-        original = model.clone() if (reconstruct or reestimate) else None
-        stats["channels-removed"] = apply_pruning(an, pruned)
-        if original is not None and calib is not None:
-            from graphopt.passes.pruning.recovery import recover
-
-            rs = recover(original, model, an, pruned, calib, refit=reconstruct, bn=reestimate, seed=self.seed, log=ctx.info)
-            stats.update(rs)
-        if not an.bns and (reconstruct or self.bn_reestimate in ("true", "1")):
-            ctx.info("prune: no BatchNormalization left (folded into the conv weights): no statistics to re-estimate")
+            return PassResult(False, stats, note="nothing pruned: " + str(acc.get("result", "no channel to remove")))
+        stats.update(self._apply(original, model, an, pruned, data, reconstruct, reestimate, ctx.info))
+        if not an.bns and self.bn_reestimate in ("true", "1"):
+            ctx.info("prune: no BatchNormalization in the model (or folded into the conv weights): no statistics to re-estimate")
+        if not reconstruct and data.real is False and self.reconstruct == "auto":
+            ctx.info("prune: no refit (reconstruct=auto refits only with calibration data: calibration= or --calibration)")
         ensure_shapes(model)
         flops1, params1 = count_flops(model), count_params(model)
         stats.update({
             "flops-before": flops0, "flops-after": flops1, "params-before": params0, "params-after": params1,
-            "seconds": round(time.perf_counter() - t0, 3),
+            "achieved-ratio": round(_ratio(an, counts), 4),
         })
+        if ref is not None:
+            final = ref.score(model)
+            report["deviation"] = dict(final, evaluated_on=ref.source)
+            stats.update({f"output-{k}": round(v, 6) if math.isfinite(v) else 999.0 for k, v in final.items()})
+            line = (f"prune: output vs the original on {ref.source}: {describe(final)}; removed {_ratio(an, counts):.3f} of "
+                    f"prunable channels, FLOPs {flops0} -> {flops1} ({100 * (1 - flops1 / max(flops0, 1)):.1f} % less)")
+            warn = parse_budget(DEFAULT_BUDGET)
+            if budget is None and warn is not None and not warn.holds(final):
+                line = f"prune: WARNING large output deviation (outside {warn}; accuracy-budget=none): " + line[len("prune: "):]
+            ctx.info(line)
+        stats["seconds"] = round(time.perf_counter() - t0, 3)
         if rms_note:
             ctx.info(rms_note)
         return PassResult(True, stats)
 
     # ------------------------------------------------------------------------------------------
-    def _calibration(self, model: Model):  # type: ignore[no-untyped-def]
-        from graphopt.calibration import load_calibration, synthetic_calibration
+    def _apply(self, original: Model, model: Model, an: Analysis, pruned: np.ndarray, data: _Data,
+               reconstruct: bool, reestimate: bool, log: Callable[[str], None]) -> dict[str, int | float]:
+        """Remove the marked classes from `model` (analysed as `an`), then refit / re-estimate."""
+        stats: dict[str, int | float] = {"channels-removed": apply_pruning(an, pruned)}
+        if reconstruct or reestimate:
+            from graphopt.passes.pruning.recovery import recover
 
-        if self.calibration:
-            return load_calibration(self.calibration, model, batch_size=self.batch, limit=self.samples)
-        return synthetic_calibration(model, num_batches=max(1, math.ceil(self.samples / self.batch)), seed=self.seed,
-                                     batch_size=self.batch)
+            stats.update(recover(original, model, an, pruned, data.fit(), refit=reconstruct, bn=reestimate,
+                                 seed=self.seed, log=log))
+        return stats
+
+    def _mask(self, an: Analysis, scores: np.ndarray, pruned: np.ndarray, plan: dict[int, int],
+              counts: dict[int, int]) -> np.ndarray:
+        """`pruned` with the groups whose count differs from `plan` re-taken at `counts`."""
+        out = pruned.copy()
+        changed = False
+        for g in an.groups:
+            n = counts.get(g.index, 0)
+            if n != plan.get(g.index, 0):
+                out[g.classes] = False
+                self._take(g, n, scores, out)
+                changed = True
+        if changed:
+            self._keep_every_tensor(an, scores, out)
+        return out
+
+    def _fit_budget(self, an: Analysis, scores: np.ndarray, pruned: np.ndarray, plan: dict[int, int], original: Model,
+                    data: _Data, ref: Reference, budget: Budget, reconstruct: bool, reestimate: bool,
+                    ctx: PassContext) -> tuple[dict[int, int], dict[str, Any]]:
+        """The pruning counts per group that meet `budget`: the plan if it holds; else each pruned
+        group's sensitivity (its SQNR when it alone is pruned), then the fewest most sensitive
+        groups kept whole (bisection), then each of those, least sensitive first, at the largest
+        part of its ratio (3/4, 1/2, 1/4) that still holds."""
+        t0 = time.perf_counter()
+        cache: dict[tuple[tuple[int, int], ...], dict[str, float]] = {}
+
+        rank_ref = ref.subset(SENSITIVITY_SAMPLES)  # sensitivity only ranks: fewer samples do
+
+        def score(counts: dict[int, int], recover: bool = True) -> dict[str, float]:
+            key = tuple(sorted((k, v) for k, v in counts.items() if v)) + ((-1, int(recover)),)
+            if key not in cache:
+                m = original.clone()
+                a = analyze(m)
+                if a.root is None or an.root is None or len(a.root) != len(an.root):
+                    raise GraphoptError("prune: the channel analysis of a copy of the model differs from the original's")
+                mask = self._mask(an, scores, pruned, plan, counts)
+                if mask.any():
+                    self._apply(original, m, a, mask, data, reconstruct and recover, reestimate and recover, lambda s: None)
+                    cache[key] = (ref if recover else rank_ref).score(m)
+                else:
+                    cache[key] = {"cosine": 1.0, "sqnr": math.inf, "rel": 0.0, "top1": 0.0}
+            return cache[key]
+
+        active = [g for g in an.groups if plan.get(g.index, 0)]
+        names = {g.index: ", ".join(g.names[:2]) + (" ..." if len(g.names) > 2 else "") for g in active}
+        requested = score(plan)
+        acc: dict[str, Any] = {"budget": str(budget), "evaluated-on": ref.source, "requested": requested,
+                               "requested-ratio": round(_ratio(an, plan), 4)}
+        if budget.holds(requested):
+            acc.update(holds=True, result=f"the requested ratio meets the budget ({describe(requested)})",
+                       evaluations=len(cache), seconds=round(time.perf_counter() - t0, 2))
+            ctx.info(f"prune: accuracy budget {budget} holds at the requested ratio on {ref.source}")
+            return dict(plan), acc
+        # sensitivity: each group pruned alone (without recovery: it ranks, the search decides)
+        sens = {g.index: score({g.index: plan[g.index]}, recover=False)["sqnr"] for g in active}
+        order = sorted(active, key=lambda g: sens[g.index])  # lowest SQNR first: most sensitive
+
+        def whole(k: int) -> dict[int, int]:
+            c = dict(plan)
+            for g in order[:k]:
+                c[g.index] = 0
+            return c
+
+        # 1. the fewest most sensitive groups kept whole (bisection; all whole prunes nothing and holds)
+        lo, hi = 0, len(order)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if budget.holds(score(whole(mid))):
+                hi = mid
+            else:
+                lo = mid
+        k = hi
+        counts = whole(k)
+        # 2. each of them, least sensitive first, takes the largest part of its ratio that still holds
+        refine = order[:k][::-1][:MAX_REFINE]
+        for g in refine:
+            opts = sorted({n for f in BACKOFF for n in [self._count(g, plan[g.index] / len(g.classes) * f)]
+                           if 0 < n < plan[g.index]}, reverse=True)
+            lo, hi = -1, len(opts)  # hi == len(opts): none of them (whole) holds
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if budget.holds(score({**counts, g.index: opts[mid]})):
+                    hi = mid
+                else:
+                    lo = mid
+            if hi < len(opts):
+                counts[g.index] = opts[hi]
+        final = score(counts)
+        choices: dict[int, dict[str, Any]] = {}
+        for rank, g in enumerate(order):
+            n, total = counts.get(g.index, 0), len(g.classes)
+            choice = ("requested ratio" if n == plan[g.index] else "kept whole" if n == 0
+                      else f"ratio {n / total:.3f} instead of {plan[g.index] / total:.3f}")
+            choices[g.index] = {"layers": g.names, "choice": choice, "pruned-units": n, "planned-units": plan[g.index],
+                                "sensitivity-rank": rank + 1,
+                                "sensitivity-sqnr-db": round(sens[g.index], 2) if math.isfinite(sens[g.index]) else 999.0}
+            if n != plan[g.index]:
+                ctx.info(f"prune: {choice} for group {names[g.index]} ({total * g.unit} channels): accuracy budget {budget}; "
+                         f"alone at the requested ratio it gives SQNR {sens[g.index]:.1f} dB{' before the refit' if reconstruct else ''} "
+                         f"(sensitivity rank {rank + 1} of {len(order)})")
+        if k > len(refine):
+            ctx.info(f"prune: {k - len(refine)} more sensitive groups kept whole without trying a lower ratio (at most {MAX_REFINE} are tried)")
+        ratio = _ratio(an, counts)
+        n_whole = sum(1 for c in choices.values() if c["choice"] == "kept whole")
+        n_lower = sum(1 for c in choices.values() if c["choice"].startswith("ratio "))
+        acc.update(holds=budget.holds(final), final=final, choices=choices, **{"groups-kept-whole": n_whole,
+                   "groups-lower-ratio": n_lower, "achieved-ratio": round(ratio, 4), "evaluations": len(cache),
+                   "seconds": round(time.perf_counter() - t0, 2)})
+        acc["result"] = (f"the accuracy budget {budget} does not hold at any ratio tried: ratio {_ratio(an, plan):.3f} gave "
+                         f"{describe(requested)}; {n_whole} of {len(order)} groups kept whole"
+                         + ("" if reconstruct else " (calibration data would enable the least-squares refit, which often recovers it)"))
+        ctx.info(f"prune: accuracy budget {budget} on {ref.source}: the requested ratio {_ratio(an, plan):.3f} gave "
+                 f"{budget.metric} {requested[budget.metric]:.4g}; backed off {n_whole + n_lower} of {len(order)} groups "
+                 f"({n_whole} kept whole, {n_lower} at a lower ratio): best ratio meeting it {ratio:.3f} "
+                 f"({budget.metric} {final[budget.metric]:.4g}; {len(cache)} evaluations, {time.perf_counter() - t0:.1f} s)")
+        return counts, acc
 
     def _scores(self, an: Analysis, calib: Any) -> tuple[np.ndarray, str]:
         if self.criterion in ("l1", "l2"):
@@ -304,6 +479,84 @@ class Prune(Pass):
                     best = uniq[np.argmax(np.nan_to_num(scores[uniq], nan=-np.inf))]
                     pruned[best] = False
                     changed = True
+
+
+def _ratio(an: Analysis, counts: dict[int, int]) -> float:
+    """Channels removed / channels of the groups that have any prunable channel."""
+    total = sum(len(g.classes) * g.unit for g in an.groups if len(g.prunable))
+    return sum(counts.get(g.index, 0) * g.unit for g in an.groups) / total if total else 0.0
+
+
+def _samples(batch: dict[str, np.ndarray]) -> int:
+    return max((len(v) for v in batch.values() if np.ndim(v)), default=1)
+
+
+class _Data:
+    """Prune's data: `fit()` for importance and recovery, `evaluation()` for the accuracy check.
+
+    Calibration data (`calibration=`, else the context's `--calibration`) is split: the last
+    `eval-samples` go to the evaluation when at least as many remain for fitting, else both use
+    all of it (and the log says so). Without any, both are random inputs (different seeds)."""
+
+    def __init__(self, p: Prune, model: Model, ctx: PassContext) -> None:
+        from graphopt.calibration import CalibrationData, load_calibration
+
+        self.p, self.model = p, model
+        given = p.calibration or ctx.data.get("calibration")
+        self._batches: list[dict[str, np.ndarray]] | None = None
+        self._given: CalibrationData | None = None
+        if isinstance(given, CalibrationData):
+            self._given = given
+        elif isinstance(given, str) and given:
+            self._given = load_calibration(given, model, batch_size=p.batch, limit=p.samples + p.eval_samples)
+        self.real = self._given is not None and not self._given.synthetic
+        self.source = self._given.source if self._given is not None else "synthetic random inputs (no calibration data)"
+        self.eval_source = ""
+        self._fit: list[dict[str, np.ndarray]] | None = None
+        self._eval: list[dict[str, np.ndarray]] | None = None
+
+    def _split(self) -> None:
+        assert self._given is not None
+        batches = [dict(b) for b in self._given]
+        if not batches:
+            raise UsageError(f"prune: the calibration data holds no batches ({self._given.source})")
+        n = [_samples(b) for b in batches]
+        k, seen = len(batches), 0
+        while k > 0 and seen < self.p.eval_samples:
+            k -= 1
+            seen += n[k]
+        if k > 0 and sum(n[:k]) >= seen:
+            self._fit, self._eval = batches[:k], batches[k:]
+            self.eval_source = f"{seen} held-out calibration samples"
+        else:
+            self._fit, self._eval = batches, batches[-max(1, len(batches) - k):]
+            self.eval_source = f"{sum(_samples(b) for b in self._eval)} calibration samples (also used for fitting: too few to hold some out)"
+
+    def fit(self) -> list[dict[str, np.ndarray]]:
+        if self._fit is None:
+            if self._given is not None:
+                self._split()
+            else:
+                from graphopt.calibration import synthetic_calibration
+
+                self._fit = list(synthetic_calibration(self.model, num_batches=max(1, math.ceil(self.p.samples / self.p.batch)),
+                                                       seed=self.p.seed, batch_size=self.p.batch))
+        assert self._fit is not None
+        return self._fit
+
+    def evaluation(self) -> list[dict[str, np.ndarray]]:
+        if self._eval is None:
+            if self._given is not None:
+                self._split()
+            else:
+                from graphopt.calibration import synthetic_calibration
+
+                # other seeds than the fitting data's: a refit is not scored on what it fitted
+                self._eval = list(synthetic_calibration(self.model, num_batches=max(1, math.ceil(self.p.eval_samples / self.p.batch)),
+                                                        seed=self.p.seed + 7919, batch_size=self.p.batch))
+                self.eval_source = f"{sum(_samples(b) for b in self._eval)} RANDOM-input samples (no calibration data given)"
+        assert self._eval is not None
+        return self._eval
 
 
 def parse_ratio(value: str) -> float:

@@ -119,22 +119,32 @@ def _conv_geometry(node: Node, x_shape: tuple[int, ...], w_shape: tuple[int, ...
     return strides, dil, pads
 
 
-def _refit_tasks(an: Analysis, pruned: np.ndarray) -> list[_Refit]:
+def _refit_tasks(an: Analysis, pruned: np.ndarray) -> tuple[list[_Refit], dict[str, str]]:
+    """Refit tasks for the layers that read removed channels, and why the others get none."""
     out_masks = {id(p.node): an.keep_mask(p.ids, pruned) for p in an.producers}
     tasks = []
+    skipped: dict[str, str] = {}
     with model_context(an.model):
         for c in an.consumers:
-            if c.grouped or c.kind == "convT":
-                continue
             if an.keep_mask(c.ids, pruned).all():
                 continue
             node = c.node
+            label = node.name or node.outputs[0].name
+            if c.grouped:
+                skipped[label] = "grouped/depthwise conv: each output reads its own channels, it only loses them (the next dense layer is refitted)"
+                continue
+            if c.kind == "convT":
+                skipped[label] = "ConvTranspose: no refit for it"
+                continue
             w = const_array(node.inputs[c.w_index])
             if w is None:
+                skipped[label] = "its weight is not a constant"
                 continue
             if c.kind == "conv" and (w.ndim != 4 or int(node.attr("group", 1)) != 1):
+                skipped[label] = f"{w.ndim - 2}-D conv kernel: refit handles 2-D convs"
                 continue
             if c.kind == "gemm" and int(node.attr("transA", 0)):
+                skipped[label] = "Gemm with transA=1"
                 continue
             t = _Refit(c, out_masks.get(id(node)), node.outputs[0].name)
             if c.kind == "matmul":
@@ -146,7 +156,7 @@ def _refit_tasks(an: Analysis, pruned: np.ndarray) -> list[_Refit]:
                     if b is not None and b.ndim == 1 and b.shape[0] == w.shape[1]:
                         t.bias_add = add
             tasks.append(t)
-    return tasks
+    return tasks, skipped
 
 
 def _waves(model: Model, task_nodes: list[Node]) -> list[list[int]]:
@@ -304,7 +314,7 @@ def recover(
     """Refit consumers / re-estimate BatchNorm statistics of the pruned `model` in place."""
     t0 = time.perf_counter()
     batches = list(calib)
-    tasks = _refit_tasks(an, pruned) if refit else []
+    tasks, skipped = _refit_tasks(an, pruned) if refit else ([], {})
     bn_tasks: list[_BN] = []
     if bn:
         changed = {t.node for t in tasks} | {p.node for p in an.producers if not an.keep_mask(p.ids, pruned).all()}
@@ -343,6 +353,7 @@ def recover(
                 _write_bn(model, t)
                 continue
             if t.G is None:
+                skipped[t.node.name or t.y_name] = "no calibration rows reached it"
                 continue
             with model_context(model):
                 w = const_array(t.node.inputs[t.c.w_index])
@@ -356,13 +367,25 @@ def recover(
             t.rows = []
     stats: dict[str, int | float] = {
         "layers-refit": len(errs1),
+        "layers-not-refit": len(skipped),
         "bn-reestimated": len(bn_tasks),
         "recovery-seconds": round(time.perf_counter() - t0, 3),
     }
     if errs0:
         stats["refit-rel-error-before"] = round(float(np.mean(errs0)), 5)
         stats["refit-rel-error-after"] = round(float(np.mean(errs1)), 5)
-    log(f"prune: recovery refit {len(errs1)} layers, re-estimated {len(bn_tasks)} BatchNorms in {len(waves)} waves")
+    if refit:
+        msg = f"prune: recovery refit {len(errs1)} of {len(errs1) + len(skipped)} layers that read removed channels"
+        if errs0:
+            msg += f" (their output error {np.mean(errs0):.4f} -> {np.mean(errs1):.4f} relative)"
+        log(msg + f", re-estimated {len(bn_tasks)} BatchNorms in {len(waves)} waves")
+        by_reason: dict[str, list[str]] = {}
+        for name, why in skipped.items():
+            by_reason.setdefault(why, []).append(name)
+        for why, names in by_reason.items():
+            log(f"prune: not refitted ({why}): {len(names)} layers: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}")
+    else:
+        log(f"prune: recovery re-estimated {len(bn_tasks)} BatchNorms in {len(waves)} waves (no refit)")
     return stats
 
 

@@ -7,117 +7,16 @@ kernels' own numerics (e.g. u8s8 saturation on CPUs without VNNI) show up in the
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
-import numpy as np
-
-from graphopt.errors import GraphoptError, UsageError
+# the accuracy side (session, run, metrics, budgets) lives in graphopt.accuracy, shared with
+# prune and cluster-weights; re-exported here for the quantize pass
+from graphopt.accuracy import Batch, Budget, output_metrics, run, session  # noqa: F401
+from graphopt.errors import GraphoptError
 from graphopt.ir import Model
 from graphopt.metrics import sqnr_db  # noqa: F401 - re-exported (graphopt.passes.quantize.sqnr_db); one home
-
-Batch = Mapping[str, np.ndarray]
-
-
-def session(model: Model, *, threads: int = 0, optimize: bool = True, extra_outputs: Sequence[str] = ()):
-    import onnx
-    import onnxruntime as ort
-
-    from graphopt import to_onnx
-
-    proto = to_onnx(model)
-    for n in extra_outputs:
-        proto.graph.output.append(onnx.ValueInfoProto(name=n))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise GraphoptError(f"onnxruntime cannot load the quantized model: {str(e).splitlines()[0]}") from None
-
-
-def run(model: Model, batches: Sequence[Batch], *, threads: int = 0) -> list[list[np.ndarray]]:
-    sess = session(model, threads=threads)
-    try:
-        return [list(sess.run(None, dict(b))) for b in batches]
-    except Exception as e:
-        raise GraphoptError(f"onnxruntime failed on an evaluation batch: {str(e).splitlines()[0]}") from None
-
-
-# ------------------------------------------------------------------------------------ metrics
-
-
-def output_metrics(ref: Sequence[Sequence[np.ndarray]], test: Sequence[Sequence[np.ndarray]]) -> dict[str, float]:
-    """Error of `test` against `ref` (per batch, a list of outputs) over all float outputs:
-    sqnr (dB), rel (‖Δ‖/‖ref‖), cosine (mean over samples of the first output, flattened per
-    sample) and top1 (percent of samples whose argmax over the last axis of the first output
-    differs)."""
-    num = den = 0.0
-    cos: list[float] = []
-    flips = total = 0
-    for rb, tb in zip(ref, test):
-        for i, (r, t) in enumerate(zip(rb, tb)):
-            if not np.issubdtype(np.asarray(r).dtype, np.floating):
-                continue
-            r64, t64 = np.asarray(r, np.float64), np.asarray(t, np.float64)
-            num += float(np.sum(r64 ** 2))
-            den += float(np.sum((r64 - t64) ** 2))
-            if i == 0 and r64.ndim >= 1:
-                rs = r64.reshape(r64.shape[0], -1) if r64.ndim > 1 else r64.reshape(1, -1)
-                ts = t64.reshape(rs.shape)
-                nr, nt = np.linalg.norm(rs, axis=1), np.linalg.norm(ts, axis=1)
-                c = np.sum(rs * ts, axis=1) / np.maximum(nr * nt, 1e-30)
-                cos.extend(np.where((nr == 0) & (nt == 0), 1.0, c).tolist())
-                ra, ta = r64.argmax(axis=-1), t64.argmax(axis=-1)
-                flips += int(np.sum(ra != ta))
-                total += int(ra.size)
-    return {
-        "sqnr": math.inf if den == 0 else (10 * math.log10(num / den) if num > 0 else -math.inf),
-        "rel": 0.0 if num == 0 and den == 0 else math.sqrt(den / num) if num > 0 else math.inf,
-        "cosine": float(np.mean(cos)) if cos else 1.0,
-        "top1": 100.0 * flips / total if total else 0.0,
-    }
-
-
-@dataclass(frozen=True)
-class Budget:
-    """An accuracy budget: `top1:P` (at most P percent of argmax predictions change), `cosine:C`
-    (mean cosine to fp32 >= C), `sqnr:D` (output SQNR >= D dB), `rel:E` or a bare number
-    (relative L2 output error <= E)."""
-
-    metric: str
-    limit: float
-
-    @staticmethod
-    def parse(text: str) -> Budget:
-        t = text.strip().lower()
-        key, sep, val = t.partition(":")
-        if not sep:
-            key, val = "rel", t
-        if key not in ("top1", "cosine", "sqnr", "rel"):
-            raise UsageError(f"accuracy budget {text!r}: unknown metric {key!r} (have top1:P, cosine:C, sqnr:DB, rel:E)")
-        try:
-            limit = float(val)
-        except ValueError:
-            raise UsageError(f"accuracy budget {text!r}: {val!r} is not a number") from None
-        return Budget(key, limit)
-
-    def holds(self, m: Mapping[str, float]) -> bool:
-        v = m[self.metric]
-        return v >= self.limit if self.metric in ("cosine", "sqnr") else v <= self.limit
-
-    def __str__(self) -> str:
-        op = ">=" if self.metric in ("cosine", "sqnr") else "<="
-        unit = " pt" if self.metric == "top1" else " dB" if self.metric == "sqnr" else ""
-        return f"{self.metric} {op} {self.limit:g}{unit}"
 
 
 # ------------------------------------------------------------------------------------ latency

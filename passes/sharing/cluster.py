@@ -10,8 +10,9 @@ from typing import ClassVar
 
 import numpy as np
 
+from graphopt.accuracy import DEFAULT_BUDGET, Budget, Reference, describe, parse_budget
 from graphopt.errors import GraphoptError, UsageError
-from graphopt.ir import DataType, Graph, Model, Value
+from graphopt.ir import DataType, Graph, Model, NumpyTensor, Value
 from graphopt.transform import Pass, PassContext, PassResult, register_pass
 
 from graphopt.passes.cleanup._util import constant_semantics, in_function, is_constant, opset_of
@@ -222,6 +223,8 @@ class ClusterWeights(Pass):
     calibration_samples: int = 128
     token_mask: str = "auto"
     channel_overhead: float = 0.0
+    accuracy_budget: str = DEFAULT_BUDGET  # cosine:C | sqnr:DB | top1:P | rel:E | none
+    eval_samples: int = 32
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -241,6 +244,9 @@ class ClusterWeights(Pass):
         if self.refit_iters < 0 or self.calibration_samples < 1:
             raise UsageError("cluster-weights: refit-iters must be >= 0 and calibration-samples positive")
         parse_layer_bits(self.layer_bits)
+        parse_budget(self.accuracy_budget)
+        if self.eval_samples < 1:
+            raise UsageError("cluster-weights: eval-samples must be >= 1")
 
     # --- which tensors ----------------------------------------------------------------------
     def _bits_for(self, w: Value, rules: list[tuple[str, int]]) -> int:
@@ -322,13 +328,36 @@ class ClusterWeights(Pass):
         if self.refit != "none" and todo:
             moments = self._moments(model, ctx, [w for _, w, _ in todo])
             stats["tensors-refit"] = 0
+        fits: dict[tuple[int, int], _Fit | None] = {}
+        gindex = {id(g): i for i, g in enumerate(model.graphs())}
+
+        def fit(i: int, bits: int) -> _Fit | None:
+            g, w, _ = todo[i]
+            if (i, bits) not in fits:
+                fits[(i, bits)] = self._fit(w, bits, importance.get(w.name), moments.get(w.name))
+            return fits[(i, bits)]
+
+        chosen = {i: b for i, (_, _, b) in enumerate(todo)}
+        for i in chosen:
+            fit(i, chosen[i])
+        ref = self._reference(model, ctx, stats) if todo else None
+        budget = parse_budget(self.accuracy_budget)
+        if ref is not None and budget is not None:
+            chosen = self._fit_budget(model, todo, gindex, chosen, fit, ref, budget, ctx, stats)
         shared = cbk.SharedConstants()
-        for g, w, bits in todo:
-            r = self._cluster_one(model, g, w, bits, importance.get(w.name), shared, moments.get(w.name), stats)
-            if r is None:
+        for i, (g, w, _) in enumerate(todo):
+            bits = chosen[i]
+            if bits == 0:
+                stats["tensors-kept-float"] += 1
+                continue
+            f = fit(i, bits)
+            if f is None:
                 stats["tensors-nonfinite"] += 1
                 continue
-            n, before, after, rel, sqnr, axis, storage = r
+            n, before, after, storage = self._emit(model, g, w, f, bits, shared)
+            rel, sqnr, axis = f.rel, f.sqnr, f.axis
+            for key, val in f.stats.items():
+                stats[key] = stats.get(key, 0) + val if key == "tensors-refit" else val
             stats["tensors-clustered"] += 1
             stats["params-clustered"] += n
             stats["bytes-before"] += before
@@ -345,6 +374,15 @@ class ClusterWeights(Pass):
                 f"cluster-weights: {w.name} {bits} bits ({storage}{', per channel' if axis is not None else ''}): "
                 f"rel-l2 {rel:.4f}, SQNR {sqnr:.1f} dB, {before} -> {after} bytes"
             )
+        if ref is not None and errors:
+            final = ref.score(model)
+            stats.update({f"output-{k}": round(v, 6) if math.isfinite(v) else 999.0 for k, v in final.items()})
+            line = f"cluster-weights: output vs the original on {ref.source}: {describe(final)}"
+            warn = parse_budget(DEFAULT_BUDGET)
+            if budget is None and warn is not None and not warn.holds(final):
+                line = (f"cluster-weights: WARNING large output deviation (outside {warn}; accuracy-budget=none): "
+                        + line[len("cluster-weights: "):])
+            ctx.info(line)
         if errors:
             stats["compression"] = stats["bytes-before"] / max(stats["bytes-after"], 1)
             stats["bits-per-weight"] = 8.0 * stats["bytes-after"] / max(stats["params-clustered"], 1)
@@ -357,14 +395,16 @@ class ClusterWeights(Pass):
                                   f"non-finite, of {len(self._candidates(model))} float weights of rank >= 2")
         return PassResult(bool(errors), stats, note=note)
 
-    def _batches(self, model: Model, ctx: PassContext, why: str) -> list[dict[str, np.ndarray]]:
+    def _batches(self, model: Model, ctx: PassContext, why: str, limit: int = 0) -> list[dict[str, np.ndarray]]:
         """The calibration batches: `calibration=`, else ctx.data["calibration"] (a path or
-        CalibrationData), else ctx.data["calibration-inputs"] (one batch)."""
+        CalibrationData), else ctx.data["calibration-inputs"] (one batch); at most `limit`
+        (default calibration-samples) samples."""
         from graphopt.calibration import CalibrationData, load_calibration
 
+        limit = limit or self.calibration_samples
         given = self.calibration or ctx.data.get("calibration")
         if isinstance(given, str) and given:
-            data = load_calibration(given, model, batch_size=8, limit=self.calibration_samples,
+            data = load_calibration(given, model, batch_size=8, limit=limit,
                                     batch_axis=ctx.data.get("calibration-batch-axis"))
         elif isinstance(given, CalibrationData):
             data = given
@@ -377,7 +417,7 @@ class ClusterWeights(Pass):
         out: list[dict[str, np.ndarray]] = []
         seen = 0
         for b in data:
-            if seen >= self.calibration_samples:
+            if seen >= limit:
                 break
             out.append(b)
             seen += max((len(v) for v in b.values() if np.ndim(v)), default=1)
@@ -407,10 +447,8 @@ class ClusterWeights(Pass):
             out[wname] = (h, trans)
         return out
 
-    def _cluster_one(
-        self, model: Model, g: Graph, w: Value, bits: int, importance: np.ndarray | None, shared: cbk.SharedConstants,
-        moment: tuple[np.ndarray, bool] | None = None, stats: dict | None = None,
-    ) -> tuple[int, int, int, float, float, int | None, str] | None:
+    def _fit(self, w: Value, bits: int, importance: np.ndarray | None, moment: tuple[np.ndarray, bool] | None = None) -> _Fit | None:
+        """The codebook(s) and indices of one weight at `bits` (None: non-finite values)."""
         t = w.const_value
         assert t is not None
         arr = t.numpy()
@@ -431,6 +469,7 @@ class ClusterWeights(Pass):
         probe = np.random.default_rng(self.seed).integers(0, n, size=min(n, 4 * k + 1))
         uniq = np.unique(x.reshape(-1)[probe])
         exact = None
+        refit_stats: dict[str, int | float] = {}
         if uniq.size <= k:
             full = np.unique(x)
             if full.size <= k:
@@ -456,18 +495,135 @@ class ClusterWeights(Pass):
                 wts = np.maximum(wts, 1e-12 * max(float(wts.max()), 1e-30))  # no zero-weight cluster collapse
             codebook, idx = cluster_rows(rows, k, weights=wts, init=self.init, sample=self.sample, seed=self.seed)
             if moment is not None and finite and (axis is None or len(shape) == 2):
-                codebook, idx = self._refit(w, x, codebook, idx, axis, moment, stats)
+                codebook, idx = self._refit(w, x, codebook, idx, axis, moment, refit_stats)
         cb = codebook.astype(arr.dtype)
         if exact is not None:
             rel, sqnr = 0.0, float("inf")
         else:
             rel, sqnr = _error(x, axis, cb, idx)
-        storage = self._storage(model, g, bits)
-        cbk.build_decode(g, w, cb, idx, bits=bits, storage=storage, axis=axis, shared=shared, opset=opset_of(model, g))
-        before = int(t.nbytes)
-        after = cbk.storage_bytes(n, bits, storage) + cb.nbytes + (shape[axis] * 4 if axis is not None else 0)
-        return n, before, after, rel, sqnr, axis, storage
+        return _Fit(cb, idx, axis, rel, sqnr, refit_stats)
 
+    def _emit(self, model: Model, g: Graph, w: Value, f: _Fit, bits: int, shared: cbk.SharedConstants) -> tuple[int, int, int, str]:
+        """Replace `w` by its codebook decode: (elements, bytes before, bytes after, storage)."""
+        t = w.const_value
+        assert t is not None
+        shape = tuple(t.shape)
+        n = math.prod(shape)
+        storage = self._storage(model, g, bits)
+        cbk.build_decode(g, w, f.codebook, f.idx, bits=bits, storage=storage, axis=f.axis, shared=shared, opset=opset_of(model, g))
+        before = int(t.nbytes)
+        after = cbk.storage_bytes(n, bits, storage) + f.codebook.nbytes + (shape[f.axis] * 4 if f.axis is not None else 0)
+        return n, before, after, storage
+
+    # --- accuracy budget ----------------------------------------------------------------------
+    def _reference(self, model: Model, ctx: PassContext, stats: dict) -> Reference | None:
+        """The original's outputs on `eval-samples` calibration samples (random inputs when
+        there is no calibration data, said in the log); None when onnxruntime cannot run it."""
+        try:
+            if self.calibration or ctx.data.get("calibration") or ctx.data.get(CALIBRATION_KEY):
+                batches = self._batches(model, ctx, "the accuracy check", limit=self.eval_samples)
+                src = f"{sum(_samples(b) for b in batches)} calibration samples"
+            else:
+                from graphopt.calibration import synthetic_calibration
+
+                data = synthetic_calibration(model, num_batches=max(1, math.ceil(self.eval_samples / 8)), seed=self.seed, batch_size=8)
+                batches = list(data)
+                src = f"{sum(_samples(b) for b in batches)} RANDOM-input samples (no calibration data given)"
+            return Reference(model, batches, source=src)
+        except GraphoptError as e:
+            ctx.info(f"cluster-weights: WARNING cannot measure the output deviation ({e}): the accuracy budget is not checked")
+            stats["accuracy-unmeasured"] = 1
+            return None
+
+    def _fit_budget(self, model: Model, todo: list[tuple[Graph, Value, int]], gindex: dict[int, int], chosen: dict[int, int],
+                    fit, ref: Reference, budget: Budget, ctx: PassContext, stats: dict) -> dict[int, int]:  # type: ignore[no-untyped-def]
+        """Bits per weight that meet `budget`: the requested ones if they hold; else each weight's
+        sensitivity (output SQNR with it alone clustered), the fewest most sensitive kept float
+        (bisection), then each of those, least sensitive first, at the fewest bits above the
+        requested that still hold."""
+        t0 = time.perf_counter()
+        cache: dict[tuple[tuple[int, int], ...], dict[str, float]] = {}
+
+        rank_ref = ref.subset(SENSITIVITY_SAMPLES)  # sensitivity only ranks: fewer samples do
+
+        def score(assign: dict[int, int], reference: Reference = ref) -> dict[str, float]:
+            key = tuple(sorted((i, b) for i, b in assign.items() if b)) + ((-1, int(reference is ref)),)
+            if key not in cache:
+                if len(key) == 1:
+                    cache[key] = {"cosine": 1.0, "sqnr": math.inf, "rel": 0.0, "top1": 0.0}
+                else:
+                    m = model.clone()
+                    graphs = list(m.graphs())
+                    for i, b in key[:-1]:
+                        f = fit(i, b)
+                        g, w, _ = todo[i]
+                        if f is not None:
+                            v = graphs[gindex[id(g)]].initializers[w.name]
+                            v.const_value = NumpyTensor(f.decode(tuple(w.const_value.shape)))  # type: ignore[union-attr]
+                    cache[key] = reference.score(m)
+            return cache[key]
+
+        requested = score(chosen)
+        stats["accuracy-requested-" + budget.metric] = round(requested[budget.metric], 6)
+        if budget.holds(requested):
+            ctx.info(f"cluster-weights: accuracy budget {budget} holds at the requested bits on {ref.source} ({describe(requested)})")
+            return chosen
+        live = [i for i, b in chosen.items() if b and fit(i, b) is not None]
+        sens = {i: score({i: chosen[i]}, rank_ref)["sqnr"] for i in live}
+        order = sorted(live, key=lambda i: sens[i])  # lowest SQNR first: most sensitive
+
+        def floats(k: int) -> dict[int, int]:
+            return {**chosen, **{i: 0 for i in order[:k]}}
+
+        lo, hi = 0, len(order)  # all float is the original: holds
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if budget.holds(score(floats(mid))):
+                hi = mid
+            else:
+                lo = mid
+        out = floats(hi)
+        refine = order[:hi][::-1][:MAX_REFINE]
+        for i in refine:
+            g, w, _ = todo[i]
+            t = w.const_value
+            assert t is not None
+            n = math.prod(t.shape)
+            # only bit widths that still store fewer bytes than the float weight (a small tensor's
+            # codebook can outgrow it)
+            opts = [b for b in range(chosen[i] + 1, 9)
+                    if cbk.storage_bytes(n, b, self._storage(model, g, b)) + (1 << b) * t.dtype.numpy().itemsize < t.nbytes]
+            lo2, hi2 = -1, len(opts)  # hi2 == len(opts): kept float
+            while hi2 - lo2 > 1:
+                mid = (lo2 + hi2) // 2
+                if budget.holds(score({**out, i: opts[mid]})):
+                    hi2 = mid
+                else:
+                    lo2 = mid
+            if hi2 < len(opts):
+                out[i] = opts[hi2]
+        final = score(out)
+        for rank, i in enumerate(order):
+            if out[i] != chosen[i]:
+                w = todo[i][1]
+                what = "kept float" if out[i] == 0 else f"{out[i]} bits instead of {chosen[i]}"
+                stats[f"{w.name}/budget-choice"] = out[i]
+                ctx.info(f"cluster-weights: {what} for {w.name}: accuracy budget {budget}; alone at {chosen[i]} bits it gives "
+                         f"SQNR {sens[i]:.1f} dB (sensitivity rank {rank + 1} of {len(order)})")
+        n_float = sum(1 for i in order if out[i] == 0)
+        n_more = sum(1 for i in order if 0 < out[i] != chosen[i])
+        if hi > len(refine):
+            ctx.info(f"cluster-weights: {hi - len(refine)} more sensitive tensors kept float without trying more bits "
+                     f"(at most {MAX_REFINE} are tried)")
+        params = {i: math.prod(todo[i][1].const_value.shape) for i in live}  # type: ignore[union-attr]
+        mean_bits = sum(out[i] * params[i] for i in live if out[i]) / max(1, sum(params[i] for i in live if out[i]))
+        stats.update({"tensors-backed-off": n_float + n_more, "tensors-kept-float-for-budget": n_float,
+                      "tensors-more-bits": n_more, "budget-evaluations": len(cache)})
+        ctx.info(f"cluster-weights: accuracy budget {budget} on {ref.source}: the requested bits gave {budget.metric} "
+                 f"{requested[budget.metric]:.4g}; backed off {n_float + n_more} of {len(order)} tensors ({n_float} kept float, "
+                 f"{n_more} at more bits): {budget.metric} {final[budget.metric]:.4g}, mean {mean_bits:.2f} bits over the "
+                 f"clustered ones ({len(cache)} evaluations, {time.perf_counter() - t0:.1f} s)")
+        return out
 
     def _refit(self, w: Value, x: np.ndarray, codebook: np.ndarray, idx: np.ndarray, axis: int | None,
                moment: tuple[np.ndarray, bool], stats: dict | None) -> tuple[np.ndarray, np.ndarray]:
@@ -493,6 +649,35 @@ class ClusterWeights(Pass):
             stats[f"{w.name}/output-rel-l2-kmeans"] = math.sqrt(e0 / ref) if ref > 0 else 0.0
             stats[f"{w.name}/output-rel-l2"] = math.sqrt(e1 / ref) if ref > 0 else 0.0
         return cb, np.ascontiguousarray(new_idx, dtype=np.uint8)
+
+
+#: backed-off weights that try more bits (least sensitive first); the rest stay float
+MAX_REFINE = 16
+#: samples the per-weight sensitivity (a ranking) is measured on
+SENSITIVITY_SAMPLES = 8
+
+
+@dataclass
+class _Fit:
+    codebook: np.ndarray  # [R, 2^bits] in the weight's dtype
+    idx: np.ndarray  # [R, n/R] uint8, rows along `axis` when per channel
+    axis: int | None
+    rel: float
+    sqnr: float
+    stats: dict[str, int | float]  # the refit's, merged into the pass's for the bits chosen
+
+    def decode(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The weight the decode graph computes."""
+        vals = np.take_along_axis(self.codebook, self.idx.astype(np.int64), axis=1)
+        if self.axis is None:
+            return vals.reshape(shape)
+        moved = list(shape)
+        moved.insert(0, moved.pop(self.axis))
+        return np.moveaxis(vals.reshape(moved), 0, self.axis)
+
+
+def _samples(batch: dict[str, np.ndarray]) -> int:
+    return max((len(v) for v in batch.values() if np.ndim(v)), default=1)
 
 
 def _concat(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

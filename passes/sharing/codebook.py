@@ -192,7 +192,10 @@ def build_decode(
         lo = (j * bits) // 8
         hi = np.minimum(lo + 1, bits - 1)
         spans = shift + bits > 8  # slot j continues into byte lo+1
-        lo_i, hi_i = c(lo.astype(np.int64), f"lo{bits}"), c(hi.astype(np.int64), f"hi{bits}")
+        lo_i = c(lo.astype(np.int64), f"lo{bits}")
+        # only where a slot spans two bytes (3, 5, 6, 7 bits): an unread initializer made
+        # onnxruntime warn "Removing initializer 'codebook.hi2'" on every 2-bit model
+        hi_i = c(hi.astype(np.int64), f"hi{bits}") if spans.any() else None
         if opset >= 14:
             # uint8 throughout (Div/Mod/Mul/Add take uint8 from opset 14): intermediates are n
             # bytes, not 4n, which is what onnxruntime's folding at session creation pays for
@@ -200,7 +203,7 @@ def build_decode(
             low = op("Gather", [idx_v, lo_i], {"axis": 0})  # row copies: [8, G]
             val = op("Mod", [op("Div", [low, c((1 << shift).astype(u8).reshape(8, 1), f"shift{bits}")]), c(np.array(k, u8), f"k{bits}")])
             if spans.any():  # 3, 5, 6, 7 bits: the high part of slot j is the low bits of byte lo+1
-                high = op("Gather", [idx_v, hi_i], {"axis": 0})
+                high = op("Gather", [idx_v, hi_i], {"axis": 0})  # type: ignore[list-item]
                 keep = c(np.where(spans, 1 << (shift + bits - 8), 1).astype(u8).reshape(8, 1), f"himod{bits}")
                 up = c(np.where(spans, 1 << (8 - shift), 0).astype(u8).reshape(8, 1), f"himul{bits}")
                 val = op("Add", [val, op("Mul", [op("Mod", [high, keep]), up])])
@@ -210,7 +213,7 @@ def build_decode(
             p32 = op("Cast", [idx_v], {"to": int(i32)})
             both = op("Gather", [p32, lo_i], {"axis": 0})
             if spans.any():
-                high = op("Gather", [p32, hi_i], {"axis": 0})
+                high = op("Gather", [p32, hi_i], {"axis": 0})  # type: ignore[list-item]
                 both = op("Add", [both, op("Mul", [high, c(np.where(lo + 1 < bits, 256, 0).astype(np.int32).reshape(8, 1), f"himul32_{bits}")])])
             q = op("Div", [both, c((1 << shift).astype(np.int32).reshape(8, 1), f"shift32_{bits}")])
             ints = op("Mod", [q, c(np.array(k, np.int32), f"k32_{bits}")])

@@ -1,0 +1,185 @@
+"""Accuracy of a changed model against its original, on onnxruntime: output metrics and budgets.
+
+The one home of what compression passes (quantize, prune, cluster-weights) measure:
+
+    ref = Reference(original, batches)            # runs the original once
+    m = ref.score(candidate)                      # {"cosine", "sqnr", "rel", "top1"}
+    budget = parse_budget("cosine:0.99")          # None for "none"
+    budget.holds(m), describe(m)
+
+Metrics (over all float outputs of all batches): `sqnr` (dB), `rel` (‖Δ‖/‖ref‖), `cosine` (mean
+over samples of the first output, flattened per sample) and `top1` (percent of argmaxes over the
+last axis of the first output that changed). Budgets: `cosine:C` (>= C), `sqnr:DB` (>= DB),
+`top1:P` (<= P percent), `rel:E` or a bare number (<= E).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphopt.errors import GraphoptError, UsageError
+from graphopt.ir.core import Model
+from graphopt.metrics import sqnr_db  # noqa: F401 - one home (graphopt.metrics); re-exported
+
+Batch = Mapping[str, np.ndarray]
+
+#: the budget compression passes hold by default (the issue's goal: never lose more end to end)
+DEFAULT_BUDGET = "cosine:0.99"
+
+
+def session(model: Model, *, threads: int = 0, optimize: bool = True, extra_outputs: Sequence[str] = ()):  # type: ignore[no-untyped-def]
+    """An onnxruntime CPU session for `model` (optionally with intermediate values as outputs)."""
+    import onnx
+    import onnxruntime as ort
+
+    from graphopt import to_onnx
+
+    proto = to_onnx(model)
+    for n in extra_outputs:
+        proto.graph.output.append(onnx.ValueInfoProto(name=n))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise GraphoptError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from None
+
+
+def run(model: Model, batches: Sequence[Batch], *, threads: int = 0) -> list[list[np.ndarray]]:
+    """Outputs of `model` on every batch (onnxruntime, all optimizations)."""
+    sess = session(model, threads=threads)
+    try:
+        return [list(sess.run(None, dict(b))) for b in batches]
+    except Exception as e:
+        raise GraphoptError(f"onnxruntime failed on an evaluation batch: {str(e).splitlines()[0]}") from None
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+
+def output_metrics(ref: Sequence[Sequence[np.ndarray]], test: Sequence[Sequence[np.ndarray]]) -> dict[str, float]:
+    """Error of `test` against `ref` (per batch, a list of outputs) over all float outputs:
+    sqnr (dB), rel (‖Δ‖/‖ref‖), cosine (mean over samples of the first output, flattened per
+    sample) and top1 (percent of samples whose argmax over the last axis of the first output
+    differs)."""
+    num = den = 0.0
+    cos: list[float] = []
+    flips = total = 0
+    for rb, tb in zip(ref, test):
+        for i, (r, t) in enumerate(zip(rb, tb)):
+            if not np.issubdtype(np.asarray(r).dtype, np.floating):
+                continue
+            r64, t64 = np.asarray(r, np.float64), np.asarray(t, np.float64)
+            # non-finite values (a -inf mask passed through) count as equal where both agree, as
+            # an infinite error where they do not
+            fin = np.isfinite(r64) & np.isfinite(t64)
+            if not fin.all():
+                same = (r64 == t64) | (np.isnan(r64) & np.isnan(t64))
+                if (~fin & ~same).any():
+                    den = math.inf
+                r64, t64 = np.where(fin, r64, 0.0), np.where(fin, t64, 0.0)
+            num += float(np.sum(r64 ** 2))
+            den += float(np.sum((r64 - t64) ** 2))
+            if i == 0 and r64.ndim >= 1:
+                rs = r64.reshape(r64.shape[0], -1) if r64.ndim > 1 else r64.reshape(1, -1)
+                ts = t64.reshape(rs.shape)
+                nr, nt = np.linalg.norm(rs, axis=1), np.linalg.norm(ts, axis=1)
+                c = np.sum(rs * ts, axis=1) / np.maximum(nr * nt, 1e-30)
+                cos.extend(np.where((nr == 0) & (nt == 0), 1.0, c).tolist())
+                ra, ta = r64.argmax(axis=-1), t64.argmax(axis=-1)
+                flips += int(np.sum(ra != ta))
+                total += int(ra.size)
+    return {
+        "sqnr": math.inf if den == 0 else (10 * math.log10(num / den) if num > 0 and den < math.inf else -math.inf),
+        "rel": 0.0 if num == 0 and den == 0 else math.sqrt(den / num) if num > 0 else math.inf,
+        "cosine": float(np.mean(cos)) if cos else 1.0,
+        "top1": 100.0 * flips / total if total else 0.0,
+    }
+
+
+def describe(m: Mapping[str, float]) -> str:
+    """One line: `cosine 0.99871, SQNR 23.4 dB, rel 0.0676, top1 changed 0.0 %`."""
+    return (f"cosine {m['cosine']:.5f}, SQNR {m['sqnr']:.1f} dB, rel {m['rel']:.4f}, "
+            f"top1 changed {m['top1']:.1f} %")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """An accuracy budget: `top1:P` (at most P percent of argmax predictions change), `cosine:C`
+    (mean cosine to fp32 >= C), `sqnr:D` (output SQNR >= D dB), `rel:E` or a bare number
+    (relative L2 output error <= E)."""
+
+    metric: str
+    limit: float
+
+    @staticmethod
+    def parse(text: str) -> Budget:
+        t = text.strip().lower()
+        key, sep, val = t.partition(":")
+        if not sep:
+            key, val = "rel", t
+        if key not in ("top1", "cosine", "sqnr", "rel"):
+            raise UsageError(f"accuracy budget {text!r}: unknown metric {key!r} (have top1:P, cosine:C, sqnr:DB, rel:E, none)")
+        try:
+            limit = float(val)
+        except ValueError:
+            raise UsageError(f"accuracy budget {text!r}: {val!r} is not a number") from None
+        return Budget(key, limit)
+
+    def holds(self, m: Mapping[str, float]) -> bool:
+        v = m[self.metric]
+        return v >= self.limit if self.metric in ("cosine", "sqnr") else v <= self.limit
+
+    def __str__(self) -> str:
+        op = ">=" if self.metric in ("cosine", "sqnr") else "<="
+        unit = " pt" if self.metric == "top1" else " dB" if self.metric == "sqnr" else ""
+        return f"{self.metric} {op} {self.limit:g}{unit}"
+
+
+def parse_budget(text: str) -> Budget | None:
+    """`Budget.parse`, with `none` (or empty) meaning no budget."""
+    return None if text.strip().lower() in ("", "none", "off") else Budget.parse(text)
+
+
+class Reference:
+    """The original model's outputs on evaluation batches, to score candidates against.
+
+    `source` says where the batches came from (repeat it in logs: random inputs are not data)."""
+
+    def __init__(self, original: Model, batches: Iterable[Batch], *, source: str = "", threads: int = 0) -> None:
+        self.batches = [dict(b) for b in batches]
+        if not self.batches:
+            raise GraphoptError("no evaluation batches to measure accuracy on")
+        self.source = source
+        self.threads = threads
+        self.outputs = run(original, self.batches, threads=threads)
+        self.evaluations = 0
+
+    @property
+    def samples(self) -> int:
+        return sum(max((len(v) for v in b.values() if np.ndim(v)), default=1) for b in self.batches)
+
+    def subset(self, samples: int) -> Reference:
+        """The first batches holding at least `samples` samples, sharing this one's outputs (a
+        cheaper reference for ranking, e.g. per-layer sensitivity)."""
+        k, seen = 0, 0
+        while k < len(self.batches) and seen < samples:
+            seen += max((len(v) for v in self.batches[k].values() if np.ndim(v)), default=1)
+            k += 1
+        sub = object.__new__(Reference)
+        sub.batches, sub.outputs = self.batches[:k], self.outputs[:k]
+        sub.source, sub.threads, sub.evaluations = f"{seen} of {self.source}", self.threads, 0
+        return sub
+
+    def score(self, model: Model) -> dict[str, float]:
+        self.evaluations += 1
+        return output_metrics(self.outputs, run(model, self.batches, threads=self.threads))

@@ -21,8 +21,11 @@ import numpy as np
 
 from graphopt.errors import UsageError
 
-#: metric -> (direction, unit) for thresholds: a value must be >= the limit
-METRICS = {"cosine": "", "top1-agreement": "", "sqnr": " dB"}
+#: metric -> unit for thresholds; cosine, top1-agreement and sqnr must be >= the limit, top1
+#: (percent of argmax predictions that changed) and rel (relative L2 error) <= it: the forms
+#: `--accuracy-budget` takes (graphopt.accuracy.Budget), so `top1:1` means the same in both
+METRICS = {"cosine": "", "top1-agreement": "", "sqnr": " dB", "top1": " pt", "rel": ""}
+_AT_MOST = ("top1", "rel")
 
 
 def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
@@ -83,11 +86,15 @@ def output_agreement(reference: Sequence[Sequence[np.ndarray]], result: Sequence
                 total += int(ra.size)
     sq = {i: (math.inf if den[i] == 0 else (10 * math.log10(num[i] / den[i]) if num[i] > 0 else -math.inf))
           for i in num}
+    n_all, d_all = sum(num.values()), sum(den.values())
+    rel = (0.0 if d_all == 0 else math.sqrt(d_all / n_all) if n_all > 0 else math.inf) if num else None
     worst = min(sq, key=lambda i: sq[i]) if sq else None
     label = (lambda i: names[i] if names is not None and i < len(names) else f"output {i}")
     return {
         "cosine": float(np.mean(cos)) if cos else None,
         "top1-agreement": same / total if total else None,
+        "top1": 100.0 * (total - same) / total if total else None,  # percent changed (--accuracy-budget's top1)
+        "rel": rel,
         "sqnr": sq[worst] if worst is not None else None,
         "sqnr-output": label(worst) if worst is not None else None,
         "metric-output": label(first) if first is not None else None,
@@ -117,10 +124,12 @@ class Threshold:
 
     def holds(self, m: dict[str, float | int | str | None]) -> bool:
         v = m.get(self.metric)
-        return isinstance(v, (int, float)) and not math.isnan(v) and v >= self.limit
+        if not isinstance(v, (int, float)) or math.isnan(v):
+            return False
+        return v <= self.limit if self.metric in _AT_MOST else v >= self.limit
 
     def __str__(self) -> str:
-        return f"{self.metric} >= {self.limit:g}{METRICS[self.metric]}"
+        return f"{self.metric} {'<=' if self.metric in _AT_MOST else '>='} {self.limit:g}{METRICS[self.metric]}"
 
 
 def parse_thresholds(text: str) -> list[Threshold]:
@@ -129,18 +138,19 @@ def parse_thresholds(text: str) -> list[Threshold]:
     for item in (t.strip() for t in str(text).split(",")):
         key, sep, val = item.partition(":")
         key = key.strip().lower().replace("_", "-")
-        if key in ("top1", "top-1-agreement"):
+        if key == "top-1-agreement":
             key = "top1-agreement"
         if not sep or key not in METRICS:
             raise UsageError(f"--verify-metric {text!r}: expected METRIC:LIMIT with METRIC one of "
-                             f"{', '.join(METRICS)} (e.g. cosine:0.99, top1-agreement:0.99, sqnr:30)")
+                             f"{', '.join(METRICS)} (e.g. cosine:0.99, top1-agreement:0.99, sqnr:30, top1:1 "
+                             "= at most 1 % of predictions changed, as --accuracy-budget)")
         try:
             limit = float(val)
         except ValueError:
             raise UsageError(f"--verify-metric {text!r}: {val.strip()!r} is not a number") from None
-        if key != "sqnr" and limit > 1:
+        if key in ("cosine", "top1-agreement") and limit > 1:
             limit /= 100.0  # top1-agreement:99 means 99 %
-        if key != "sqnr" and not 0 <= limit <= 1:
+        if key in ("cosine", "top1-agreement") and not 0 <= limit <= 1:
             raise UsageError(f"--verify-metric {text!r}: {key} is a fraction in [0, 1]")
         out[key] = Threshold(key, limit)
     return list(out.values())

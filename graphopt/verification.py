@@ -77,7 +77,7 @@ def verify_outputs(ref: Reference, actual: Sequence[np.ndarray], *, rtol: float,
             metrics = output_agreement([ref.outputs], [list(actual)], ref.names)
             failed = [t for t in thresholds if not t.holds(metrics)]
             ok = not failed
-            detail = "; ".join(f"{t.metric} {_metric(metrics.get(t.metric), t.metric)} < {t.limit:g}" for t in failed) \
+            detail = "; ".join(f"{t.metric} {_metric(metrics.get(t.metric), t.metric)}, needs {t}" for t in failed) \
                 or ", ".join(f"{t.metric} {_metric(metrics.get(t.metric), t.metric)}" for t in thresholds)
         return VerifyResult(ok, max_abs, max_rel, rtol, atol, inputs, detail, input_shapes(feeds), dict(ref.noise),
                             metrics, [str(t) for t in thresholds])
@@ -99,7 +99,7 @@ def verify_outputs(ref: Reference, actual: Sequence[np.ndarray], *, rtol: float,
 def _metric(v: object, key: str) -> str:
     if not isinstance(v, (int, float)):
         return "n/a"
-    return f"{v:.2f} dB" if key == "sqnr" else f"{v:.6f}" if key == "cosine" else f"{v:.4f}"
+    return f"{v:.2f} dB" if key == "sqnr" else f"{v:.6f}" if key == "cosine" else f"{v:.2f} pt" if key == "top1" else f"{v:.4f}"
 
 
 def summary_line(v: VerifyResult) -> str:

@@ -131,7 +131,7 @@ def test_verify_metric_checks_a_lossy_pipeline(tmp_path: Path, capsys: pytest.Ca
     out.unlink()
     code, _, err = run_cli(capsys, EXAMPLE, "-o", out, "--passes", spec, "--verify-metric", "sqnr:40")
     assert code == cli.EXIT_VERIFY and not out.exists()
-    assert re.search(r"error: --verify: .*sqnr 1\d\.\d+ dB < 40", err)
+    assert re.search(r"error: --verify: .*sqnr 1\d\.\d+ dB, needs sqnr >= 40 dB", err)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -301,3 +301,23 @@ def test_cpu_target_compare_verify_metric_and_html(tmp_path: Path, capsys: pytes
     assert r["compare"]["runtime"]["result"].startswith("compiled artifact") and r["verify"]["thresholds"]
     html = page.read_text()
     assert '<section id="compare">' in html and '<section id="kernels">' in html and '<section id="verify">' in html
+
+
+def test_verify_metric_top1_means_what_accuracy_budget_top1_means() -> None:
+    """`top1:P` is "at most P percent of argmax predictions changed" in --verify-metric as in
+    --accuracy-budget (not an alias of top1-agreement, whose limit is a fraction kept); `rel:E`
+    bounds the relative L2 error."""
+    from graphopt.accuracy import Budget
+
+    ref = np.array([[3.0, 1, 0], [0, 2, 1], [1, 0, 5], [2, 3, 0]], np.float32)
+    res = ref.copy()
+    res[3] = [3.0, 2, 0]  # one of four predictions changes
+    m = output_agreement([[ref]], [[res]])
+    assert m["top1"] == pytest.approx(25.0) and m["top1-agreement"] == 0.75
+    assert m["rel"] == pytest.approx(float(np.linalg.norm(res - ref) / np.linalg.norm(ref)))
+    (t,) = parse_thresholds("top1:30")
+    assert (t.metric, t.limit) == ("top1", 30.0) and t.holds(m) and str(t) == "top1 <= 30 pt"
+    assert not parse_thresholds("top1:20")[0].holds(m)
+    assert Budget.parse("top1:30").holds({"top1": m["top1"]}) and not Budget.parse("top1:20").holds({"top1": m["top1"]})
+    (r,) = parse_thresholds("rel:0.5")
+    assert r.holds(m) and not parse_thresholds("rel:0.01")[0].holds(m)

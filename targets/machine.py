@@ -90,6 +90,26 @@ class MachineModel:
     def has(self, feature: str) -> bool:
         return feature in self.features
 
+    #: a core's clock the estimates below assume (a typical server base clock; they only decide
+    #: whether a kernel is small, within a factor of two either way)
+    ASSUMED_HZ = 2.5e9
+    #: bytes per second one core streams from L2/L3 (ditto)
+    ASSUMED_CORE_BANDWIDTH = 16e9
+    #: a kernel below this many seconds of one core's work runs serially: a parallel launch on
+    #: TVM's pool costs a few µs per call (a recurrent step of three 128-wide matmuls: 6.3 µs on
+    #: one thread, 16.6 µs on two)
+    SERIAL_BELOW_S = 10e-6
+
+    def core_seconds(self, flops: float, bytes_touched: float) -> float:
+        """One core's time for `flops` fp32 FLOPs at peak and `bytes_touched` streamed, whichever
+        is longer (a lower bound)."""
+        peak = self.lanes(32) * 2 * max(self.fma_units, 1) * self.ASSUMED_HZ
+        return max(flops / peak, bytes_touched / self.ASSUMED_CORE_BANDWIDTH)
+
+    def runs_serially(self, flops: float, bytes_touched: float) -> bool:
+        """Whether a kernel is too small to split across threads (see SERIAL_BELOW_S)."""
+        return self.core_seconds(flops, bytes_touched) < self.SERIAL_BELOW_S
+
     @property
     def accumulators(self) -> int:
         """fp32 accumulator vectors a conv/matmul micro-kernel keeps in registers: the rest hold

@@ -1072,8 +1072,11 @@ def apply_default_schedules(
     mod: "tvm.IRModule",
     target: "tvm.target.Target",
     stats: ScheduleStats | None = None,
+    serial_small: bool = False,
 ) -> "tvm.IRModule":
-    """Schedule every unscheduled PrimFunc of `mod` for a CPU `target` (see module docstring).
+    """Schedule every unscheduled PrimFunc of `mod` for a CPU `target` (see module docstring);
+    `serial_small`: kernels too small to split across threads get no parallel loop
+    (`serial_if_small`; the build asks for it, the schedule rules' own tests look at the rules).
 
     Functions already marked `tirx.is_scheduled` (e.g. from a tuning database) are left alone.
     Returns a new IRModule; `stats`, when given, records which rule scheduled which function.
@@ -1085,8 +1088,10 @@ def apply_default_schedules(
         target = tvm.target.Target(target)
     if str(target.kind.name) == "llvm" and _FAST_ERF:
         use_fast_erf()
+    from .machine import machine_model
     from .tir_match import kernel_flops
 
+    machine = machine_model(target)
     updates = {}
     for gv, func in mod.functions_items():
         if not isinstance(func, tirx.PrimFunc):
@@ -1105,6 +1110,8 @@ def apply_default_schedules(
                 stats.failures[gv.name_hint] = notes
             stats.by_func[gv.name_hint] = rule or "none"
         if new is not None:
+            if serial_small:
+                new = serial_if_small(new, func, machine)
             updates[gv] = new.with_attr("tirx.is_scheduled", True)
     if not updates:
         return mod
@@ -1112,6 +1119,59 @@ def apply_default_schedules(
     for gv, func in updates.items():
         mod[gv] = func
     return mod
+
+
+def _param_bytes(func: "tvm.tirx.PrimFunc") -> float | None:
+    """Bytes of the kernel's buffer parameters (None when one has a symbolic shape)."""
+    total = 0.0
+    for p in func.params:
+        buf = func.buffer_map.get(p) if hasattr(func, "buffer_map") and p in func.buffer_map else p
+        shape = getattr(buf, "shape", None)
+        if shape is None:
+            continue  # (a scalar parameter)
+        n = 1
+        for d in shape:
+            v = _int(d)
+            if v is None:
+                return None
+            n *= v
+        total += n * max(tvm_dtype_bits(str(buf.dtype)) // 8, 1)
+    return total
+
+
+def tvm_dtype_bits(dtype: str) -> int:
+    import tvm
+
+    return int(tvm.DataType(dtype).bits) * max(int(tvm.DataType(dtype).lanes), 1)
+
+
+def serial_if_small(scheduled: "tvm.tirx.PrimFunc", original: "tvm.tirx.PrimFunc", machine: Any) -> "tvm.tirx.PrimFunc":
+    """`scheduled` with its parallel loops made serial when `original` (its unscheduled form) is
+    a small kernel on `machine` (`MachineModel.runs_serially`: its FLOPs and the bytes of its
+    parameters): a parallel launch costs more than it saves there. Kept as it is when the work
+    is unknown (symbolic shapes), the machine has one core, or the function does not round-trip
+    through TVMScript (there is no statement mutator in the Python API)."""
+    import tvm
+
+    from .tir_match import kernel_flops
+
+    if getattr(machine, "cores", 1) <= 1:
+        return scheduled
+    text = scheduled.script()
+    if "T.parallel(" not in text:
+        return scheduled
+    nbytes = _param_bytes(original)
+    try:
+        flops = kernel_flops(original)
+    except Exception:  # noqa: BLE001 - a kernel the counter does not understand: keep it parallel
+        return scheduled
+    if nbytes is None or not machine.runs_serially(flops, nbytes):
+        return scheduled
+    try:
+        serial = tvm.script.from_source(text.replace("T.parallel(", "T.serial("))
+    except Exception:  # noqa: BLE001 - TVMScript that does not parse back: keep it parallel
+        return scheduled
+    return serial.with_attrs(scheduled.attrs) if scheduled.attrs is not None else serial
 
 
 def is_tunable_kernel(func: "tvm.tirx.PrimFunc") -> bool:

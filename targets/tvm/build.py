@@ -132,7 +132,7 @@ def schedule(
     if scheds is not None:
         try:
             stats = scheds.ScheduleStats()
-            mod = scheds.apply_default_schedules(mod, target, stats=stats)
+            mod = scheds.apply_default_schedules(mod, target, stats=stats, serial_small=True)
             info.default_schedules = "applied"
             info.by_rule = stats.count()
             info.by_func = dict(stats.by_func)

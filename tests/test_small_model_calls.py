@@ -1,4 +1,5 @@
-"""The cpu runner reuses one staging tensor per input and copies outputs through DLPack: the
+"""Small-model calls on the cpu target: the runner reuses one staging tensor per input and copies
+outputs through DLPack, and kernels too small to split across threads run serially: the
 per-call overhead of a small model (issue: calls 5-9x slower than onnxruntime's) without
 changing what a call returns."""
 
@@ -70,3 +71,47 @@ def test_non_contiguous_and_wrong_inputs(runner) -> None:
         runner.run({"x": x.astype(np.float64)})
     with pytest.raises(UsageError, match=r"shape \[4, 3\] given"):
         runner.run({"x": np.zeros((4, 3), np.float32)})
+
+
+def _matmul_chain(width: int, rows: int) -> onnx.ModelProto:
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(2)
+    w = nh.from_array((rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), "w")
+    g = h.make_graph([h.make_node("MatMul", ["x", "w"], ["m"]), h.make_node("Tanh", ["m"], ["y"])], "g",
+                     [h.make_tensor_value_info("x", TP.FLOAT, [rows, width])],
+                     [h.make_tensor_value_info("y", TP.FLOAT, [rows, width])], [w])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+
+
+def _scheduled_text(m: onnx.ModelProto, threads: int) -> str:
+    import tvm
+
+    from graphopt.passes.fusion.kernel_groups import PlanKernels
+    from graphopt.target import CompileOptions, get_target
+    from graphopt.targets.tvm import lower as L
+    from graphopt.transform import PassContext
+
+    g = graphopt.load(m)
+    PlanKernels().run(g, PassContext())
+    target = tvm.target.Target({"kind": "llvm", "mtriple": str(tvm.target.codegen.llvm_get_system_triple()),
+                                "mcpu": "znver3", "num-cores": threads})
+    _, mod = L.lower_and_fuse(g, target)
+    mod, _ = get_target("cpu").schedule(mod, target, CompileOptions())
+    return "\n".join(f.script() for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+
+
+def test_small_kernels_run_serially_large_ones_in_parallel() -> None:
+    """A 1 x 128 x 128 matmul (about 1 µs of one core's work) gets no parallel loop with 2
+    threads; a 256 x 512 x 512 matmul keeps one; with 1 core nothing changes."""
+    assert "T.parallel(" not in _scheduled_text(_matmul_chain(128, 1), threads=2)
+    assert "T.parallel(" in _scheduled_text(_matmul_chain(512, 256), threads=2)
+
+
+def test_machine_model_decides_what_is_small() -> None:
+    from graphopt.targets.machine import machine_model
+
+    m = machine_model({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3", "num-cores": 2})
+    assert m.runs_serially(2 * 128 * 128, 4 * (128 * 128 + 2 * 128))
+    assert not m.runs_serially(2 * 256 * 512 * 512, 4 * (512 * 512 + 2 * 256 * 512))
+    assert not m.runs_serially(1e3, 4e6)  # a large copy: bandwidth-bound, worth two cores

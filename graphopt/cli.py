@@ -5,6 +5,7 @@
                      [--dump-ir DIR] [--quiet] [--debug]
     graphopt-compile [-O2 | --passes SPEC] --print-pipeline
     graphopt-compile --list-passes
+    graphopt-compile --help-pass NAME
     graphopt-compile MODEL.onnx --explain RULE
 
 Exit codes: 0 success; 1 internal error (a bug in graphopt or in a pass); 2 bad input or usage;
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-ir", metavar="DIR", help="write the textual IR after every pass into DIR")
     p.add_argument("--print-pipeline", action="store_true", help="print the pipeline in pipeline syntax and exit")
     p.add_argument("--list-passes", action="store_true", help="list the available passes and exit")
+    p.add_argument("--help-pass", metavar="NAME", help="describe pass NAME and its options (pipeline syntax) and exit")
     p.add_argument("--explain", metavar="RULE", help="explain why pattern rule RULE does (not) match MODEL")
     p.add_argument("-q", "--quiet", action=argparse.BooleanOptionalAction, default=None, help="no summary table")
     p.add_argument("--debug", action="store_true", help="show the traceback of internal errors")
@@ -158,6 +160,7 @@ class Options:
     quiet: bool = False
     print_pipeline: bool = False
     list_passes: bool = False
+    help_pass: str | None = None  # --help-pass NAME
     explain: str | None = None
     tune: int = 0
     tune_minutes: float | None = None
@@ -219,6 +222,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         quiet=pick(ns.quiet, "quiet", False),
         print_pipeline=ns.print_pipeline,
         list_passes=ns.list_passes,
+        help_pass=ns.help_pass,
         explain=ns.explain,
         tune=pick(ns.tune, "tune", 0),
         tune_minutes=pick(ns.tune_minutes, "tune-minutes", None),
@@ -246,7 +250,7 @@ def parse_options(argv: Sequence[str]) -> Options:
     opts.pipeline = _prune_spec(ns, opts.pipeline)
     opts.pipeline, opts.calibration = _quantize_spec(ns, opts.pipeline)
     modes = [m for m, on in (("--print-pipeline", opts.print_pipeline), ("--list-passes", opts.list_passes),
-                             ("--explain", opts.explain is not None)) if on]
+                             ("--explain", opts.explain is not None), ("--help-pass", opts.help_pass is not None)) if on]
     if len(modes) > 1:
         raise UsageError(f"{' and '.join(modes)} cannot be combined")
     return opts
@@ -380,6 +384,8 @@ def _note(message: str) -> None:
 def _run(opts: Options) -> int:
     if opts.list_passes:
         return _list_passes()
+    if opts.help_pass is not None:
+        return _help_pass(opts.help_pass)
     if opts.print_pipeline:
         passes = _resolve(opts)
         if opts.calibration:  # replayable: the data goes into quantize's own `data` option
@@ -421,11 +427,52 @@ def _list_passes() -> int:
     if not passes:
         print("(no passes registered)")
         return EXIT_OK
+    import textwrap
+
     width = max(len(n) for n in passes)
+    cols = _columns()
     for name, cls in passes.items():
         origin = pass_origin(name)
         tail = f"  [{origin}]" if origin.startswith("plugin ") else ""
-        print(f"{name:<{width}}  {cls.summary()}{tail}")
+        # the whole first paragraph of the docstring: wrapped under the name column on a
+        # terminal, one line per pass into a pipe (grep)
+        line = f"{name:<{width}}  {cls.description()}{tail}"
+        print(textwrap.fill(line, width=cols, subsequent_indent=" " * (width + 2), break_on_hyphens=False) if cols else line)
+    print(f"\n(options of a pass: {PROG} --help-pass NAME)")
+    return EXIT_OK
+
+
+def _columns() -> int:
+    """The terminal's width for wrapped text; 0 when stdout is not a terminal."""
+    if not (hasattr(sys.stdout, "isatty") and sys.stdout.isatty()):
+        return 0
+    return max(60, shutil.get_terminal_size((100, 24)).columns - 1)
+
+
+def _help_pass(name: str) -> int:
+    """--help-pass NAME: the pass's description and its options (fields) with defaults."""
+    import textwrap
+
+    from graphopt.transform import get_pass
+    from graphopt.transform.registry import pass_origin
+
+    cls = get_pass(name)  # an unknown name: UsageError with the closest match
+    cols = _columns() or 100
+    print(f"{cls.name}  ({pass_origin(cls.name)})")
+    print(textwrap.fill(cls.description(), width=cols, initial_indent="  ", subsequent_indent="  "))
+    opts = cls.options_help()
+    if not opts:
+        print(f"\noptions: none (in a pipeline: {cls.name})")
+        return EXIT_OK
+    print(f"\noptions (pipeline syntax: {cls.name}{{{opts[0]['name']}={opts[0]['default']},...}}; lists are ':'-separated):")
+    w = max(len(o["name"]) for o in opts)
+    tw = max(len(o["type"]) for o in opts)
+    for o in opts:
+        head = f"  {o['name']:<{w}}  {o['type']:<{tw}}  default {o['default']}"
+        print(head)
+        if o["doc"]:
+            print(textwrap.fill(o["doc"], width=cols, initial_indent=" " * (w + 4), subsequent_indent=" " * (w + 4),
+                                break_on_hyphens=False))
     return EXIT_OK
 
 

@@ -438,7 +438,6 @@ def _list_passes() -> int:
         # terminal, one line per pass into a pipe (grep)
         line = f"{name:<{width}}  {cls.description()}{tail}"
         print(textwrap.fill(line, width=cols, subsequent_indent=" " * (width + 2), break_on_hyphens=False) if cols else line)
-    print(f"\n(options of a pass: {PROG} --help-pass NAME)")
     return EXIT_OK
 
 

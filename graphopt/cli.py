@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "axis; a `labels` array of class indices gives top-1 accuracy); default: random inputs")
     p.add_argument("--verify-metric", metavar="M:LIMIT", help="--verify with metrics instead of elementwise tolerances, "
                    "for lossy pipelines: cosine:0.99, top1-agreement:0.99, sqnr:30 (comma-separated)")
+    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
+                   help="profile the result (graphopt.profiler: per kernel, or per node on onnxruntime) on random "
+                        "inputs (symbolic dims 1) or --inputs; the slowest rows in the summary, all in --report")
     p.add_argument("--config", metavar="FILE.toml", help="read options from a [graphopt] table; flags override it")
     p.add_argument("--dump-ir", metavar="DIR", help="write the textual IR after every pass into DIR")
     p.add_argument("--print-pipeline", action="store_true", help="print the pipeline in pipeline syntax and exit")
@@ -174,6 +177,7 @@ class Options:
     compare: bool = False  # --compare: before/after table (graphopt.compare)
     eval_data: str | None = None
     verify_metric: list[Any] = field(default_factory=list)  # graphopt.metrics.Threshold (implies verify)
+    profile: bool = False  # --profile: graphopt.profiler on the result (report key `profile`)
 
 
 def _join_spec_values(argv: Sequence[str]) -> list[str]:
@@ -240,6 +244,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         if getattr(ns, attr) is None and key in cfg:
             setattr(ns, attr, str(cfg[key]))
     opts.compare, opts.eval_data = pick(ns.compare, "compare", False), pick(ns.eval_data, "eval-data", None)
+    opts.profile = bool(pick(ns.profile, "profile", False))
     if opts.eval_data and not opts.compare:
         raise UsageError("--eval-data is used by --compare; add it")
     metric = pick(ns.verify_metric, "verify-metric", None)
@@ -544,8 +549,8 @@ def _compile(opts: Options) -> int:
         raise UsageError(f"-o {opts.output} is a folder; give the path of the .onnx file to write")
     if opts.target not in TARGETS:
         raise UsageError(f"unknown target {opts.target!r} (have: {', '.join(TARGETS)})")
-    if opts.inputs and not (opts.verify or opts.verify_each):
-        raise UsageError("--inputs is only used by --verify or --verify-each; add one of them")
+    if opts.inputs and not (opts.verify or opts.verify_each or opts.profile):
+        raise UsageError("--inputs is only used by --verify, --verify-each or --profile; add one of them")
     tvm_only = [f for f, v in (("--tune", opts.tune), ("--tune-minutes", opts.tune_minutes), ("--tuning-db", opts.tuning_db),
                                ("--threads", opts.threads)) if v]
     if tvm_only:
@@ -611,6 +616,8 @@ def _compile(opts: Options) -> int:
 
             report.compare = compare_models(opts.model, staged, kind="onnx", model=model, eval_data=opts.eval_data,
                                             seed=opts.seed)
+        if opts.profile:
+            report.profile = profile_result(staged, "onnx", model, opts)
         with writing(opts.output):
             _publish(stage, folder, os.path.basename(opts.output))
     _finish(opts, report, start)
@@ -633,6 +640,28 @@ def _finish(opts: Options, report: Any, start: float) -> None:
         print(report.format_table(), file=sys.stderr)
     for w in report.warnings:  # (shown with --quiet too)
         print(f"{PROG}: warning: {_one_line(w)}", file=sys.stderr)
+
+
+def profile_result(path: str, kind: str, model: Any, opts: Any) -> dict[str, Any]:
+    """--profile: graphopt.profiler on the result at `path` (`kind` "onnx": the .onnx on
+    onnxruntime's profiler, per node; else an artifact folder, per kernel) on --inputs or random
+    inputs with every symbolic dim 1 (graphopt-run's default), as the report's JSON."""
+    from graphopt import profiler as P
+    from graphopt.check import random_inputs
+    from graphopt.input_shapes import symbolic_input_dims
+
+    if opts.inputs:
+        feeds = _feeds(opts, model)
+    else:
+        feeds = random_inputs(model, seed=opts.seed, dim_values={d: 1 for ds in symbolic_input_dims(model).values() for d in ds})
+    if kind == "onnx":
+        prof = P.profile_onnx(path, feeds, threads=getattr(opts, "threads", None))
+    else:
+        from graphopt.runtime import load
+
+        prof = P.profile_artifact(load(path, threads=opts.threads), feeds)
+    prof.source = opts.output or path  # (the staged copy's path means nothing to the user)
+    return prof.to_json()
 
 
 #: passes that run only because the user asked for them: one that changes nothing is a warning

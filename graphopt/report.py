@@ -14,6 +14,9 @@ from typing import Any
 from graphopt.ir.core import Model
 from graphopt.transform.instruments import PassRecord
 
+#: kernels of --profile the terminal summary shows (the report has them all)
+PROFILE_ROWS = 10
+
 #: bump when a key changes meaning, so build pipelines can check what they read
 SCHEMA_VERSION = 1
 
@@ -75,6 +78,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     compare: dict[str, Any] | None = None  # --compare: graphopt.compare's before/after table
     details: dict[str, Any] = field(default_factory=dict)  # passes' own reports (pass_details)
+    profile: dict[str, Any] | None = None  # --profile: graphopt.profiler's JSON of the result
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -113,6 +117,7 @@ class Report:
             "seconds": self.seconds,
             "warnings": list(self.warnings),
             **({"compare": self.compare} if self.compare is not None else {}),
+            **({"profile": self.profile} if self.profile is not None else {}),
             **self.details,
         } | {k: v for k, v in self.target_report.items() if k not in _COMMON_KEYS}
 
@@ -156,13 +161,18 @@ class Report:
             from graphopt.compare import format_table
 
             lines.append(format_table(self.compare))
+        if self.profile is not None:  # the slowest kernels; graphopt-run --profile lists every one
+            from graphopt.profiler import Profile, format_profile
+
+            lines.append("profile (slowest first; every kernel: graphopt-run OUT --profile):")
+            lines.append(format_profile(Profile.from_json(self.profile), sort="time", top=PROFILE_ROWS))
         lines.append(f"time: {self.seconds:.3f} s")
         return "\n".join(lines)
 
 
 #: the keys every report has; a target's own section may not override them
 _COMMON_KEYS = frozenset({"schema", "graphopt_version", "status", "model", "output", "target", "pipeline", "disabled",
-                          "log", "passes", "nodes", "size", "verify", "verify_each", "seconds", "warnings"})
+                          "log", "passes", "nodes", "size", "verify", "verify_each", "seconds", "warnings", "profile"})
 
 
 #: PassContext.data keys whose content the report carries (quantize's per-layer table, prune's groups)

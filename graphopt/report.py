@@ -155,6 +155,9 @@ class Report:
         if isinstance(k, dict):
             lines.append(f"kernels: {k.get('groups', '?')} groups ({len(k.get('inline', {}))} inline, "
                          f"{k.get('primfuncs', '?')} TIR functions)")
+        tuning = self.target_report.get("tuning")
+        if isinstance(tuning, dict) and tuning.get("status"):
+            lines.append(tuning_line(tuning))
         if self.verify is not None:
             lines.append(self.verify.summary())
         if self.compare is not None:
@@ -168,6 +171,22 @@ class Report:
             lines.append(format_profile(Profile.from_json(self.profile), sort="time", top=PROFILE_ROWS))
         lines.append(f"time: {self.seconds:.3f} s")
         return "\n".join(lines)
+
+
+def tuning_line(t: dict[str, Any]) -> str:
+    """The compiled targets' tuning in one line: what ran, and how many kernels keep their default
+    schedule / a tuned one (`kept`: per task after tuning, counts per kind from a database)."""
+    kept = t.get("kept") or {}
+    kinds = [v.get("kept") for v in kept.values() if isinstance(v, dict)] if any(isinstance(v, dict) for v in kept.values()) \
+        else [k for k, n in kept.items() if isinstance(n, int) for _ in range(n)]
+    counts = Counter(kinds)
+    parts = [f"{counts[k]} {label}" for k, label in (("default", "kept the default schedule"), ("tuned", "a tuned one"),
+                                                      ("variant", "a measured variant of the default")) if counts[k]]
+    what = str(t["status"])
+    if "new_trials" in t:
+        what += f" ({t['new_trials']} new trials, stopped: {t.get('stopped', '?')})"
+    tail = f": {len(kinds)} kernels: {', '.join(parts)}" if parts else ""
+    return f"tuning: {what}{tail}" + (f"; database {t['db']}" if t.get("db") else "")
 
 
 #: the keys every report has; a target's own section may not override them

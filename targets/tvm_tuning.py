@@ -364,6 +364,7 @@ class TuningProgress:
             s["tasks"] = ev["selected"]
             s["budget"] = ev["budget"]
             s["skipped"] = ev["skipped"]
+            s["dynamic"] = ev.get("dynamic", 0)
             s["trials"] = 0  # (a restarted child counts its own trials against what is left)
             s["phase"], s["phase_tasks"], s["done"] = "", ev["selected"], set()
         elif kind == "task":
@@ -404,7 +405,13 @@ class TuningProgress:
         n = {k: sum(1 for v in self.kept.values() if v == k) for k in ("default", "tuned", "variant", "none")}
         if not self.kept:
             skipped = int((end or {}).get("skipped", self.state["skipped"]) or 0)
-            why = f"all {skipped} already tuned in the database" if skipped else "no kernel was measured"
+            dynamic = int(self.state.get("dynamic") or 0)
+            if skipped:
+                why = f"all {skipped} already tuned in the database"
+            elif dynamic:
+                why = f"no kernel to tune ({dynamic} with symbolic shapes keep their default schedules)"
+            else:
+                why = "no kernel was measured"
             return f"tune: done ({(end or {}).get('stopped', 'done')}): {why}"
         parts = [f"{n['default']} kept the default schedule", f"{n['tuned']} a tuned one"]
         if n["variant"]:

@@ -76,6 +76,9 @@ def test_final_line_when_everything_was_in_the_database(monkeypatch: pytest.Monk
                   {"ev": "end", "stopped": "done", "tasks_total": 9, "selected": 4, "skipped": 4}], monkeypatch)
     assert lines[-1] == "tune: done (done): all 4 already tuned in the database"
     assert "0/4 tasks" in lines[-2] or "4/4 tasks" in lines[-2]
+    lines = _run([{"ev": "start", "tasks_total": 9, "selected": 0, "skipped": 0, "dynamic": 4, "budget": 0, "per_task": 0},
+                  {"ev": "end", "stopped": "done", "tasks_total": 9, "selected": 0, "skipped": 0}], monkeypatch)
+    assert lines[-1] == "tune: done (done): no kernel to tune (4 with symbolic shapes keep their default schedules)"
 
 
 def test_hook_gets_the_events_and_nothing_is_printed(monkeypatch: pytest.MonkeyPatch) -> None:

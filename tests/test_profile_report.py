@@ -164,3 +164,42 @@ def test_profile_html_sections_from_profiler_json() -> None:
     # the profile comes first: what a "why is it slow" reader looks for
     order = re.findall(r'<section id="([a-z-]+)">', page)
     assert order.index("profile") < order.index("pipeline")
+
+
+@pytest.mark.slow
+def test_profile_chart_renders_in_chromium(compiled: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real profile alone on a page, screenshot in headless chromium: the kernel bars (blue)
+    and the time-by-schedule bars (orange) are drawn; without matplotlib neither is (control)."""
+    import shutil
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium (apt-get install -y chromium)")
+
+    def pixels(page: str, name: str) -> tuple[int, int]:
+        html, png = tmp_path / f"{name}.html", tmp_path / f"{name}.png"
+        html.write_text(page)
+        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        "--window-size=1280,2400", f"--screenshot={png}", html.as_uri()], check=True, capture_output=True,
+                       timeout=120)
+        img = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
+
+        def count(hex_colour: str) -> int:
+            c = np.array([int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)], dtype=np.int16)
+            return int((np.abs(img - c).max(axis=-1) <= 24).sum())
+
+        return count(html_report.BLUE), count(html_report.ORANGE)
+
+    r = {"model": "m.onnx", "profile": compiled["report"]["profile"]}
+    blue, orange = pixels(html_report.render_html(r), "profile")
+    assert blue > 2000 and orange > 500, (blue, orange)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    blue, orange = pixels(html_report.render_html(r), "plain")
+    assert blue < 200 and orange < 50, (blue, orange)

@@ -296,7 +296,7 @@ def _write_report(path: str, ns: argparse.Namespace, result: dict[str, Any], *, 
     r.setdefault("status", "ok")
     r.setdefault("model", ns.artifact)
     r.setdefault("target", "onnx (onnxruntime)" if is_onnx else "artifact")
-    r["output"] = ns.artifact
+    r["output"] = "onnxruntime (graphopt-run)" if is_onnx else ns.artifact
     for key in ("profile", "latency"):
         if key in result:
             r[key] = result[key]

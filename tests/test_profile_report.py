@@ -203,3 +203,25 @@ def test_profile_chart_renders_in_chromium(compiled: dict, tmp_path: Path, monke
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     blue, orange = pixels(html_report.render_html(r), "plain")
     assert blue < 200 and orange < 50, (blue, orange)
+
+
+def test_profile_from_the_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "g.toml"
+    cfg.write_text('[graphopt]\nprofile = true\n')
+    code = compile_main([str(EXAMPLE), "-o", str(tmp_path / "o.onnx"), "--config", str(cfg), "--report", str(tmp_path / "r.json")])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    rows = json.loads((tmp_path / "r.json").read_text())["profile"]["rows"]
+    assert rows and {"Conv", "Gemm"} <= {op for x in rows for op in x["ops"]}
+    code = compile_main([str(EXAMPLE), "-o", str(tmp_path / "o2.onnx"), "--config", str(cfg), "--no-profile", "--report",
+                         str(tmp_path / "r2.json")])
+    capsys.readouterr()
+    assert code == 0 and "profile" not in json.loads((tmp_path / "r2.json").read_text())
+
+
+def test_profile_of_an_emulated_target_is_refused_before_compiling(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tvm")
+    code = compile_main([str(EXAMPLE), "--target", "arm64", "-o", str(tmp_path / "a"), "--profile"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "--profile times the kernels on this machine" in err and "graphopt-run OUT --profile" in err
+    assert not (tmp_path / "a").exists()

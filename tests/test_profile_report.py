@@ -225,3 +225,12 @@ def test_profile_of_an_emulated_target_is_refused_before_compiling(tmp_path: Pat
     _, err = capsys.readouterr()
     assert code == 2 and "--profile times the kernels on this machine" in err and "graphopt-run OUT --profile" in err
     assert not (tmp_path / "a").exists()
+
+
+def test_run_html_flag_writes_html_whatever_the_name(compiled: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    path = compiled["dir"] / "page.out"
+    assert run_main([str(compiled["art"]), "--benchmark", "--repeat", "3", "--html", str(path)]) == 0
+    capsys.readouterr()
+    page = path.read_text()
+    assert page.startswith("<!DOCTYPE html>") and "latency (benchmark)" in page
+    assert '<section id="profile">' not in page  # (no --profile: no profile section)

@@ -233,4 +233,5 @@ def test_run_html_flag_writes_html_whatever_the_name(compiled: dict, capsys: pyt
     capsys.readouterr()
     page = path.read_text()
     assert page.startswith("<!DOCTYPE html>") and "latency (benchmark)" in page
-    assert '<section id="profile">' not in page  # (no --profile: no profile section)
+    # (no --profile here: the profile shown is the one the compile report carries)
+    assert '<section id="profile">' in page and "profile-compare" not in page

@@ -38,8 +38,8 @@ def compile_artifact(opts: Any) -> int:
         raise UsageError(f"no output given: add -o OUT_DIR (the artifact folder of target {opts.target})")
     if os.path.exists(opts.output) and not os.path.isdir(opts.output):
         raise UsageError(f"-o {opts.output} is a file; target {opts.target} writes an artifact folder")
-    if opts.inputs and not opts.verify:
-        raise UsageError("--inputs is only used by --verify; add it")
+    if opts.inputs and not (opts.verify or getattr(opts, "profile", False)):
+        raise UsageError("--inputs is only used by --verify or --profile; add one of them")
     if opts.tune and not opts.tuning_db:
         raise UsageError("--tune needs --tuning-db DIR (the database later compiles reuse)")
     if opts.tune < 0 or (opts.tune_minutes is not None and opts.tune_minutes <= 0):
@@ -49,6 +49,9 @@ def compile_artifact(opts: Any) -> int:
     target = get_target(opts.target)
     if getattr(opts, "compare", False) and target.name != "cpu":
         raise UsageError(f"--compare runs the result on this machine: it supports --target onnx and cpu, not {target.name}")
+    if getattr(opts, "profile", False) and target.name != "cpu":
+        raise UsageError(f"--profile times the kernels on this machine: it supports --target onnx and cpu, not "
+                         f"{target.name} (profile the artifact on its own hardware: graphopt-run OUT --profile)")
 
     machine = target.machine_model(opts.threads)
     if opts.verify and machine is not None:
@@ -104,6 +107,10 @@ def compile_artifact(opts: Any) -> int:
         report.compare = compare_models(opts.model, art.path, kind="artifact", model=model, eval_data=opts.eval_data,
                                         seed=opts.seed, threads=opts.threads)
         report.target_report.setdefault("compile_seconds", {})["compare"] = round(time.perf_counter() - t, 3)
+    if getattr(opts, "profile", False) and report.status == "ok":
+        t = time.perf_counter()
+        report.profile = cli.profile_result(art.path, "artifact", model, opts)
+        report.target_report.setdefault("compile_seconds", {})["profile"] = round(time.perf_counter() - t, 3)
     text = report.to_json()
     with open(os.path.join(art.path, "report.json"), "w", encoding="utf-8") as f:
         f.write(text)

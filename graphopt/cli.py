@@ -5,6 +5,7 @@
                      [--dump-ir DIR] [--quiet] [--debug]
     graphopt-compile [-O2 | --passes SPEC] --print-pipeline
     graphopt-compile --list-passes
+    graphopt-compile --help-pass NAME
     graphopt-compile MODEL.onnx --explain RULE
 
 Exit codes: 0 success; 1 internal error (a bug in graphopt or in a pass); 2 bad input or usage;
@@ -119,10 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "axis; a `labels` array of class indices gives top-1 accuracy); default: random inputs")
     p.add_argument("--verify-metric", metavar="M:LIMIT", help="--verify with metrics instead of elementwise tolerances, "
                    "for lossy pipelines: cosine:0.99, top1-agreement:0.99, sqnr:30 (comma-separated)")
+    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
+                   help="profile the result (graphopt.profiler: per kernel, or per node on onnxruntime) on random "
+                        "inputs (symbolic dims 1) or --inputs; the slowest rows in the summary, all in --report")
     p.add_argument("--config", metavar="FILE.toml", help="read options from a [graphopt] table; flags override it")
     p.add_argument("--dump-ir", metavar="DIR", help="write the textual IR after every pass into DIR")
     p.add_argument("--print-pipeline", action="store_true", help="print the pipeline in pipeline syntax and exit")
     p.add_argument("--list-passes", action="store_true", help="list the available passes and exit")
+    p.add_argument("--help-pass", metavar="NAME", help="describe pass NAME and its options (pipeline syntax) and exit")
     p.add_argument("--explain", metavar="RULE", help="explain why pattern rule RULE does (not) match MODEL")
     p.add_argument("-q", "--quiet", action=argparse.BooleanOptionalAction, default=None, help="no summary table")
     p.add_argument("--debug", action="store_true", help="show the traceback of internal errors")
@@ -158,6 +163,7 @@ class Options:
     quiet: bool = False
     print_pipeline: bool = False
     list_passes: bool = False
+    help_pass: str | None = None  # --help-pass NAME
     explain: str | None = None
     tune: int = 0
     tune_minutes: float | None = None
@@ -171,6 +177,7 @@ class Options:
     compare: bool = False  # --compare: before/after table (graphopt.compare)
     eval_data: str | None = None
     verify_metric: list[Any] = field(default_factory=list)  # graphopt.metrics.Threshold (implies verify)
+    profile: bool = False  # --profile: graphopt.profiler on the result (report key `profile`)
 
 
 def _join_spec_values(argv: Sequence[str]) -> list[str]:
@@ -219,6 +226,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         quiet=pick(ns.quiet, "quiet", False),
         print_pipeline=ns.print_pipeline,
         list_passes=ns.list_passes,
+        help_pass=ns.help_pass,
         explain=ns.explain,
         tune=pick(ns.tune, "tune", 0),
         tune_minutes=pick(ns.tune_minutes, "tune-minutes", None),
@@ -236,6 +244,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         if getattr(ns, attr) is None and key in cfg:
             setattr(ns, attr, str(cfg[key]))
     opts.compare, opts.eval_data = pick(ns.compare, "compare", False), pick(ns.eval_data, "eval-data", None)
+    opts.profile = bool(pick(ns.profile, "profile", False))
     if opts.eval_data and not opts.compare:
         raise UsageError("--eval-data is used by --compare; add it")
     metric = pick(ns.verify_metric, "verify-metric", None)
@@ -246,7 +255,7 @@ def parse_options(argv: Sequence[str]) -> Options:
     opts.pipeline = _prune_spec(ns, opts.pipeline)
     opts.pipeline, opts.calibration = _quantize_spec(ns, opts.pipeline)
     modes = [m for m, on in (("--print-pipeline", opts.print_pipeline), ("--list-passes", opts.list_passes),
-                             ("--explain", opts.explain is not None)) if on]
+                             ("--explain", opts.explain is not None), ("--help-pass", opts.help_pass is not None)) if on]
     if len(modes) > 1:
         raise UsageError(f"{' and '.join(modes)} cannot be combined")
     return opts
@@ -390,6 +399,8 @@ def _note(message: str) -> None:
 def _run(opts: Options) -> int:
     if opts.list_passes:
         return _list_passes()
+    if opts.help_pass is not None:
+        return _help_pass(opts.help_pass)
     if opts.print_pipeline:
         passes = _resolve(opts)
         if opts.calibration:  # replayable: the data goes into quantize's own `data` option
@@ -431,11 +442,51 @@ def _list_passes() -> int:
     if not passes:
         print("(no passes registered)")
         return EXIT_OK
+    import textwrap
+
     width = max(len(n) for n in passes)
+    cols = _columns()
     for name, cls in passes.items():
         origin = pass_origin(name)
         tail = f"  [{origin}]" if origin.startswith("plugin ") else ""
-        print(f"{name:<{width}}  {cls.summary()}{tail}")
+        # the whole first paragraph of the docstring: wrapped under the name column on a
+        # terminal, one line per pass into a pipe (grep)
+        line = f"{name:<{width}}  {cls.description()}{tail}"
+        print(textwrap.fill(line, width=cols, subsequent_indent=" " * (width + 2), break_on_hyphens=False) if cols else line)
+    return EXIT_OK
+
+
+def _columns() -> int:
+    """The terminal's width for wrapped text; 0 when stdout is not a terminal."""
+    if not (hasattr(sys.stdout, "isatty") and sys.stdout.isatty()):
+        return 0
+    return max(60, shutil.get_terminal_size((100, 24)).columns - 1)
+
+
+def _help_pass(name: str) -> int:
+    """--help-pass NAME: the pass's description and its options (fields) with defaults."""
+    import textwrap
+
+    from graphopt.transform import get_pass
+    from graphopt.transform.registry import pass_origin
+
+    cls = get_pass(name)  # an unknown name: UsageError with the closest match
+    cols = _columns() or 100
+    print(f"{cls.name}  ({pass_origin(cls.name)})")
+    print(textwrap.fill(cls.description(), width=cols, initial_indent="  ", subsequent_indent="  "))
+    opts = cls.options_help()
+    if not opts:
+        print(f"\noptions: none (in a pipeline: {cls.name})")
+        return EXIT_OK
+    print(f"\noptions (pipeline syntax: {cls.name}{{{opts[0]['name']}={opts[0]['default']},...}}; lists are ':'-separated):")
+    w = max(len(o["name"]) for o in opts)
+    tw = max(len(o["type"]) for o in opts)
+    for o in opts:
+        head = f"  {o['name']:<{w}}  {o['type']:<{tw}}  default {o['default']}"
+        print(head)
+        if o["doc"]:
+            print(textwrap.fill(o["doc"], width=cols, initial_indent=" " * (w + 4), subsequent_indent=" " * (w + 4),
+                                break_on_hyphens=False))
     return EXIT_OK
 
 
@@ -508,8 +559,8 @@ def _compile(opts: Options) -> int:
         raise UsageError(f"-o {opts.output} is a folder; give the path of the .onnx file to write")
     if opts.target not in TARGETS:
         raise UsageError(f"unknown target {opts.target!r} (have: {', '.join(TARGETS)})")
-    if opts.inputs and not (opts.verify or opts.verify_each):
-        raise UsageError("--inputs is only used by --verify or --verify-each; add one of them")
+    if opts.inputs and not (opts.verify or opts.verify_each or opts.profile):
+        raise UsageError("--inputs is only used by --verify, --verify-each or --profile; add one of them")
     tvm_only = [f for f, v in (("--tune", opts.tune), ("--tune-minutes", opts.tune_minutes), ("--tuning-db", opts.tuning_db),
                                ("--threads", opts.threads)) if v]
     if tvm_only:
@@ -575,6 +626,8 @@ def _compile(opts: Options) -> int:
 
             report.compare = compare_models(opts.model, staged, kind="onnx", model=model, eval_data=opts.eval_data,
                                             seed=opts.seed)
+        if opts.profile:
+            report.profile = profile_result(staged, "onnx", model, opts)
         with writing(opts.output):
             _publish(stage, folder, os.path.basename(opts.output))
     _finish(opts, report, start)
@@ -597,6 +650,28 @@ def _finish(opts: Options, report: Any, start: float) -> None:
         print(report.format_table(), file=sys.stderr)
     for w in report.warnings:  # (shown with --quiet too)
         print(f"{PROG}: warning: {_one_line(w)}", file=sys.stderr)
+
+
+def profile_result(path: str, kind: str, model: Any, opts: Any) -> dict[str, Any]:
+    """--profile: graphopt.profiler on the result at `path` (`kind` "onnx": the .onnx on
+    onnxruntime's profiler, per node; else an artifact folder, per kernel) on --inputs or random
+    inputs with every symbolic dim 1 (graphopt-run's default), as the report's JSON."""
+    from graphopt import profiler as P
+    from graphopt.check import random_inputs
+    from graphopt.input_shapes import symbolic_input_dims
+
+    if opts.inputs:
+        feeds = _feeds(opts, model)
+    else:
+        feeds = random_inputs(model, seed=opts.seed, dim_values={d: 1 for ds in symbolic_input_dims(model).values() for d in ds})
+    if kind == "onnx":
+        prof = P.profile_onnx(path, feeds, threads=getattr(opts, "threads", None))
+    else:
+        from graphopt.runtime import load
+
+        prof = P.profile_artifact(load(path, threads=opts.threads), feeds)
+    prof.source = opts.output or path  # (the staged copy's path means nothing to the user)
+    return prof.to_json()
 
 
 #: passes that run only because the user asked for them: one that changes nothing is a warning

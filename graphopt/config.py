@@ -68,6 +68,7 @@ KEYS: dict[str, _Key] = {
     "bind": _Key(str, is_list=True),  # ["NAME=VALUE", ...]; a relative .npy path is the config file's
     "calibration-batch-axis": _Key(str, is_list=True),  # ["NAME:AXIS", ...]
     "compare": _Key(bool),
+    "profile": _Key(bool),
     "eval-data": _Key(str, is_path=True),
     "verify-metric": _Key(str),
 }

@@ -5,7 +5,9 @@
 Sections, each present when the report carries its data: summary, before/after comparison
 (--compare), pipeline with pass timings, node counts by op before/after, sizes, the per-layer
 quantization table (status, reason, SQNR), pruning per group, clustering per weight, the kernel
-profile (rows {kernel, nodes, ms, share} under `profile`), verification and the log.
+profile (graphopt.profiler's JSON under `profile`, or rows {kernel, nodes, ms, share}) with its
+time by schedule, the kernels against onnxruntime by ONNX node (`profile_compare`, from
+graphopt-run --compare), verification and the log.
 
 Charts are drawn by matplotlib (an optional extra: pip install 'graphopt[report]') as inline
 SVG: no script, no network, the file opens anywhere. Without matplotlib the report has the
@@ -175,6 +177,13 @@ def _summary(r: Mapping[str, Any]) -> str:
     if lat:
         s = lat["speedup"]
         cards.append(("latency", f"{lat['original_ms']:.3g} → {lat['result_ms']:.3g} ms ({s:.2f}x)"))
+    prof = r.get("profile")
+    if isinstance(prof, Mapping) and isinstance(prof.get("latency_ms"), (int, float)):
+        rows = profile_rows(r)
+        cards.append(("profiled run", f"{prof['latency_ms']:.3g} ms end to end, {len(rows)} kernels"))
+    bench = r.get("latency")
+    if isinstance(bench, Mapping) and isinstance(bench.get("p50_ms"), (int, float)):
+        cards.append(("latency (benchmark)", f"p50 {bench['p50_ms']:.3g} ms, p90 {bench.get('p90_ms', 0):.3g} ms"))
     v = r.get("verify")
     if isinstance(v, Mapping):
         cards.append(("verify", ("ok" if v.get("ok") else "FAILED") + f" (max abs {_num(v.get('max_abs'), 3)})"))
@@ -362,17 +371,92 @@ def profile_rows(r: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [x for x in prof if isinstance(x, Mapping) and "ms" in x] if isinstance(prof, list) else []
 
 
-def _profile(rows: Sequence[Mapping[str, Any]]) -> str:
+def _profile(rows: Sequence[Mapping[str, Any]], meta: Any = None) -> str:
+    """graphopt.profiler's rows (graphopt-run --profile, graphopt-compile --profile): what was
+    measured, the slowest kernels as bars (labelled by their ONNX nodes), the time by schedule
+    (where a generic fallback shows), and every row."""
+    meta = meta if isinstance(meta, Mapping) else {}
     total = sum(float(x["ms"]) for x in rows) or 1.0
-    top = sorted(rows, key=lambda x: -float(x["ms"]))[:MAX_BARS]
     share = (lambda x: float(x["share"]) if isinstance(x.get("share"), (int, float)) else 100 * float(x["ms"]) / total)
-    body = _chart("profile", lambda: _hbar([str(x.get("kernel")) for x in top], [("ms", [float(x["ms"]) for x in top], BLUE)],
-                                           "median milliseconds per run", annotate=[f"{share(x):.1f} %" for x in top]))
-    extra = [k for k in dict.fromkeys(k for x in rows for k in x) if k not in ("kernel", "nodes", "ms", "share")]
+    body = ""
+    if meta:
+        peak = meta.get("peak") if isinstance(meta.get("peak"), Mapping) else {}
+        lat = meta.get("latency_ms")
+        body += (f'<p class="note">{_e(meta.get("runtime", ""))}: {_e(meta.get("source", ""))}, {_e(meta.get("threads", "?"))} '
+                 f'threads · {len(rows)} kernels, sum {total:.3f} ms'
+                 + (f"; end-to-end {lat:.3f} ms (median)" if isinstance(lat, (int, float)) else "")
+                 + f' · {_e(meta.get("timing", ""))}' + (f' · peak: {_e(peak.get("how"))}' if peak else "") + "</p>")
+        body += "".join(f'<p class="note">note: {_e(n)}</p>' for n in meta.get("notes") or [])
+
+    def label(x: Mapping[str, Any]) -> str:
+        nodes = x.get("nodes") if isinstance(x.get("nodes"), list) else []
+        first = _short(str(nodes[0]), 30) + (f" +{len(nodes) - 1}" if len(nodes) > 1 else "") if nodes else ""
+        return f"{x.get('kernel')}  {first}".rstrip()
+
+    def note(x: Mapping[str, Any]) -> str:
+        rate = f" · {x['gflops']:.0f} GFLOP/s" if isinstance(x.get("gflops"), (int, float)) else ""
+        return f"{share(x):.1f} %{rate}"
+
+    top = sorted(rows, key=lambda x: -float(x["ms"]))[:MAX_BARS]
+    body += _chart("profile", lambda: _hbar([label(x) for x in top], [("ms", [float(x["ms"]) for x in top], BLUE)],
+                                            f"median milliseconds per run (the {len(top)} slowest of {len(rows)} kernels)",
+                                            annotate=[note(x) for x in top]))
+    by_sched: dict[str, list[float]] = {}
+    for x in rows:
+        if x.get("schedule"):
+            by_sched.setdefault(str(x["schedule"]), []).append(float(x["ms"]))
+    if len(by_sched) > 1:  # where the time goes by how kernels were scheduled (a generic fallback stands out)
+        kinds = sorted(by_sched, key=lambda k: -sum(by_sched[k]))[:MAX_BARS]
+        body += _chart("profile-schedules", lambda: _hbar(
+            kinds, [("ms", [sum(by_sched[k]) for k in kinds], ORANGE)], "milliseconds per run, by schedule",
+            annotate=[f"{100 * sum(by_sched[k]) / total:.1f} % · {len(by_sched[k])} kernels" for k in kinds]))
+    known = ("index", "kernel", "nodes", "ops", "flops", "ms", "share", "gflops", "peak_pct", "schedule", "role", "int8")
+    extra = [k for k in dict.fromkeys(k for x in rows for k in x) if k not in known]
+    cols = [c for c in ("ops", "flops") if any(x.get(c) for x in rows)]
+    tail = [c for c in ("gflops", "peak_pct", "schedule") if any(x.get(c) not in (None, "") for x in rows)]
+    names = {"ops": "ops", "flops": "FLOPs", "gflops": "GFLOP/s", "peak_pct": "% peak", "schedule": "schedule"}
+
+    def cell(x: Mapping[str, Any], c: str) -> Any:
+        v = x.get(c)
+        if c == "ops":
+            return ",".join(v) if isinstance(v, list) else (v or "")
+        if c in ("gflops", "peak_pct"):
+            return f"{v:.1f}" if isinstance(v, (int, float)) else "–"
+        if c == "flops":
+            return f"{v / 1e6:.1f} M" if isinstance(v, (int, float)) and v else "–"
+        return _num(v) if v is not None else ""
+
     table_rows = [(x.get("kernel"), _short(", ".join(x["nodes"]) if isinstance(x.get("nodes"), list) else x.get("nodes", ""), 120),
-                   f"{float(x['ms']):.3f}", f"{share(x):.1f}", *(_num(x.get(k)) for k in extra)) for x in rows]
-    return body + _long(_table(("kernel", "ONNX nodes", "ms", "%", *extra), table_rows, num_cols=range(2, 4 + len(extra))),
-                        len(rows), "kernels")
+                   *(cell(x, c) for c in cols), f"{float(x['ms']):.3f}", f"{share(x):.1f}",
+                   *(cell(x, c) for c in tail), *(_num(x.get(k)) for k in extra)) for x in rows]
+    head = ("kernel", "ONNX nodes", *(names[c] for c in cols), "ms", "%", *(names[c] for c in tail), *extra)
+    first_num = 2 + len(cols) - (1 if "flops" in cols else 0)
+    nums = [i for i in range(first_num, len(head)) if head[i] not in ("schedule", *extra)]
+    return body + _long(_table(head, table_rows, num_cols=nums), len(rows), "kernels")
+
+
+def _profile_compare(c: Mapping[str, Any]) -> str:
+    """graphopt-run ARTIFACT --compare MODEL.onnx: kernel time against onnxruntime's, by ONNX node."""
+    t = c.get("totals") or {}
+    rows = [r for r in c.get("rows") or [] if isinstance(r, Mapping)]
+    body = (f'<p class="note">kernels: {_num(t.get("graphopt_ms"))} ms (graphopt) vs {_num(t.get("onnxruntime_ms"))} ms '
+            f'(onnxruntime), {_num(t.get("ratio"), 3)}x; end-to-end {_num(t.get("graphopt_latency_ms"))} vs '
+            f'{_num(t.get("onnxruntime_latency_ms"))} ms</p>')
+    top = sorted(rows, key=lambda r: -max(r.get("graphopt_ms") or 0.0, r.get("onnxruntime_ms") or 0.0))[:MAX_BARS]
+
+    def label(r: Mapping[str, Any]) -> str:
+        nodes = list(r.get("nodes") or [])
+        return (_short(str(nodes[0]), 36) + (f" +{len(nodes) - 1}" if len(nodes) > 1 else "")) if nodes else "(layout)"
+
+    body += _chart("profile-compare", lambda: _hbar(
+        [label(r) for r in top], [("graphopt", [r.get("graphopt_ms") or 0.0 for r in top], BLUE),
+                                  ("onnxruntime", [r.get("onnxruntime_ms") or 0.0 for r in top], GREY)],
+        "milliseconds per run, by ONNX node"))
+    table_rows = [(_short(", ".join(r.get("nodes") or []), 100), ",".join(r.get("ops") or []), _num(r.get("graphopt_ms")),
+                   _num(r.get("onnxruntime_ms")), _num(r.get("ratio"), 3), ", ".join(r.get("kernels") or []))
+                  for r in rows]
+    return body + _long(_table(("ONNX nodes", "ops", "graphopt ms", "onnxruntime ms", "ratio", "kernels"), table_rows,
+                               num_cols=(2, 3, 4)), len(rows), "rows")
 
 
 def _verify(v: Mapping[str, Any]) -> str:
@@ -420,6 +504,12 @@ def render_html(r: Mapping[str, Any]) -> str:
     sections: list[tuple[str, str, str]] = []  # (anchor, title, body)
     if r.get("compare"):
         sections.append(("compare", "Before / after", _compare(r["compare"])))
+    # the profile early: it is what "why is my model slow" looks for
+    rows = profile_rows(r)
+    if rows:
+        sections.append(("profile", "Kernel profile", _profile(rows, r.get("profile"))))
+    if isinstance(r.get("profile_compare"), Mapping):
+        sections.append(("profile-compare", "Kernels vs onnxruntime, by ONNX node", _profile_compare(r["profile_compare"])))
     sections.append(("pipeline", "Pipeline and timings", _passes(r)))
     nodes = _nodes(r)
     if nodes:
@@ -436,9 +526,6 @@ def render_html(r: Mapping[str, Any]) -> str:
     for p in passes:
         if str(p.get("pass", "")).startswith("cluster-weights"):
             sections.append(("cluster", "Clustering per weight", _cluster(p)))
-    rows = profile_rows(r)
-    if rows:
-        sections.append(("profile", "Kernel profile", _profile(rows)))
     for key, title in (("kernels", "Kernels"), ("schedules", "Schedules"), ("tuning", "Tuning")):
         if isinstance(r.get(key), Mapping) and r[key]:
             sections.append((key, title, _kv(r[key])))

@@ -81,6 +81,15 @@ class Profile:
     def total_ms(self) -> float:
         return sum(r.ms for r in self.rows)
 
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "Profile":
+        """The inverse of `to_json` (a report's `profile` section back into a Profile)."""
+        peak = d.get("peak")
+        return cls(source=str(d.get("source", "")), runtime=str(d.get("runtime", "")), threads=int(d.get("threads") or 0),
+                   timing=str(d.get("timing", "")), rows=[Row(**r) for r in d.get("rows") or []],
+                   latency_ms=d.get("latency_ms"), peak=Peak(**peak) if isinstance(peak, Mapping) else None,
+                   notes=list(d.get("notes") or []))
+
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source, "runtime": self.runtime, "threads": self.threads, "timing": self.timing,
                 "latency_ms": self.latency_ms, "kernel_total_ms": self.total_ms,

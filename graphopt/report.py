@@ -14,6 +14,9 @@ from typing import Any
 from graphopt.ir.core import Model
 from graphopt.transform.instruments import PassRecord
 
+#: kernels of --profile the terminal summary shows (the report has them all)
+PROFILE_ROWS = 10
+
 #: bump when a key changes meaning, so build pipelines can check what they read
 SCHEMA_VERSION = 1
 
@@ -75,6 +78,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     compare: dict[str, Any] | None = None  # --compare: graphopt.compare's before/after table
     details: dict[str, Any] = field(default_factory=dict)  # passes' own reports (pass_details)
+    profile: dict[str, Any] | None = None  # --profile: graphopt.profiler's JSON of the result
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -113,6 +117,7 @@ class Report:
             "seconds": self.seconds,
             "warnings": list(self.warnings),
             **({"compare": self.compare} if self.compare is not None else {}),
+            **({"profile": self.profile} if self.profile is not None else {}),
             **self.details,
         } | {k: v for k, v in self.target_report.items() if k not in _COMMON_KEYS}
 
@@ -152,19 +157,43 @@ class Report:
         if isinstance(k, dict):
             lines.append(f"kernels: {k.get('groups', '?')} groups ({len(k.get('inline', {}))} inline, "
                          f"{k.get('primfuncs', '?')} TIR functions)")
+        tuning = self.target_report.get("tuning")
+        if isinstance(tuning, dict) and tuning.get("status"):
+            lines.append(tuning_line(tuning))
         if self.verify is not None:
             lines.append(self.verify.summary())
         if self.compare is not None:
             from graphopt.compare import format_table
 
             lines.append(format_table(self.compare))
+        if self.profile is not None:  # the slowest kernels; graphopt-run --profile lists every one
+            from graphopt.profiler import Profile, format_profile
+
+            lines.append("profile (slowest first; every kernel: graphopt-run OUT --profile):")
+            lines.append(format_profile(Profile.from_json(self.profile), sort="time", top=PROFILE_ROWS))
         lines.append(f"time: {self.seconds:.3f} s")
         return "\n".join(lines)
 
 
+def tuning_line(t: dict[str, Any]) -> str:
+    """The compiled targets' tuning in one line: what ran, and how many kernels keep their default
+    schedule / a tuned one (`kept`: per task after tuning, counts per kind from a database)."""
+    kept = t.get("kept") or {}
+    kinds = [v.get("kept") for v in kept.values() if isinstance(v, dict)] if any(isinstance(v, dict) for v in kept.values()) \
+        else [k for k, n in kept.items() if isinstance(n, int) for _ in range(n)]
+    counts = Counter(kinds)
+    parts = [f"{counts[k]} {label}" for k, label in (("default", "kept the default schedule"), ("tuned", "a tuned one"),
+                                                      ("variant", "a measured variant of the default")) if counts[k]]
+    what = str(t["status"])
+    if "new_trials" in t:
+        what += f" ({t['new_trials']} new trials, stopped: {t.get('stopped', '?')})"
+    tail = f": {len(kinds)} kernels: {', '.join(parts)}" if parts else ""
+    return f"tuning: {what}{tail}" + (f"; database {t['db']}" if t.get("db") else "")
+
+
 #: the keys every report has; a target's own section may not override them
 _COMMON_KEYS = frozenset({"schema", "graphopt_version", "status", "model", "output", "target", "pipeline", "disabled",
-                          "log", "passes", "nodes", "size", "verify", "verify_each", "seconds", "warnings"})
+                          "log", "passes", "nodes", "size", "verify", "verify_each", "seconds", "warnings", "profile"})
 
 
 #: PassContext.data keys whose content the report carries (quantize's per-layer table, prune's groups)

@@ -5,6 +5,7 @@
     graphopt-run ARTIFACT --profile [--sort time] [--top N] [--cold] [--json]
     graphopt-run ARTIFACT --compare MODEL.onnx [--sort time] [--top N] [--json]
     graphopt-run MODEL.onnx [--benchmark | --profile]          (onnxruntime)
+    graphopt-run ARTIFACT --profile [--compare MODEL.onnx] --report out.html   (the page, with its charts)
 
 Without `--inputs`, random inputs are made from the manifest (symbolic dims: `--dim N=4`, default 1).
 Outputs go to `-o` (.npz, keyed by output name) or, without it, a summary per output to stdout.
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "from the CPU caches (as a model's weights are when larger than the caches)")
     g.add_argument("--peak-gflops", type=float, default=None, metavar="X",
                    help="the fp32 peak for %%peak (default: threads x FMA units x lanes x 2 x clock)")
+    p.add_argument("--report", metavar="R.html", help="also write the result to R.html: a self-contained HTML page (the "
+                   "artifact's compile report with the kernel profile chart, by-node comparison, latency), or R.json")
+    p.add_argument("--html", metavar="R.html", help="the same as --report, always HTML")
     p.add_argument("--debug", action="store_true", help="show the traceback of internal errors")
     return p
 
@@ -207,8 +211,16 @@ def _run(ns: argparse.Namespace) -> int:
                         ("--peak-gflops", ns.peak_gflops is not None)):
         if given and not profiling:
             raise UsageError(f"{flag} applies to --profile and --compare")
+    if ns.report and ns.html:
+        raise UsageError("--report and --html name the same page; give one")
+    report_path = ns.html or ns.report
+    if report_path and not (profiling or ns.benchmark):
+        raise UsageError(f"--{'html' if ns.html else 'report'} {report_path}: the page shows a measurement; add --profile, "
+                         "--compare or --benchmark")
     if ns.output:
         _check_output(ns.output)
+    if report_path:
+        _check_output(report_path)
     runner: Any = load_onnx(ns.artifact, threads=ns.threads) if is_onnx else load(ns.artifact, threads=ns.threads)
     if ns.inputs:
         feeds = _load_npz(ns.inputs)
@@ -245,6 +257,8 @@ def _run(ns: argparse.Namespace) -> int:
         if ns.profile or not ns.compare:
             result["profile"] = prof.to_json()
             text.insert(0, P.format_profile(prof, sort=ns.sort, top=ns.top))
+    if report_path:
+        _write_report(report_path, ns, result, html=bool(ns.html), is_onnx=is_onnx)
     if ns.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -260,6 +274,45 @@ def _run(ns: argparse.Namespace) -> int:
     for t in text:
         print(t)
     return 0
+
+
+def _write_report(path: str, ns: argparse.Namespace, result: dict[str, Any], *, html: bool, is_onnx: bool) -> None:
+    """--report/--html: the artifact's compile report (its report.json) with this run's profile,
+    by-node comparison and latency, as the HTML page of graphopt-compile --report (or JSON)."""
+    import graphopt
+    from graphopt.html_report import charts_note, is_html, render_html
+    from graphopt.onnx_io import atomic_write
+
+    base: dict[str, Any] = {}
+    compiled = os.path.join(ns.artifact, "report.json")
+    if not is_onnx and os.path.isfile(compiled):
+        try:
+            with open(compiled, encoding="utf-8") as f:
+                base = json.load(f)
+        except (OSError, ValueError):  # (an artifact's report is a nicety: the page has the run's part anyway)
+            base = {}
+    r: dict[str, Any] = base if isinstance(base, dict) else {}
+    r.setdefault("graphopt_version", graphopt.__version__)
+    r.setdefault("status", "ok")
+    r.setdefault("model", ns.artifact)
+    r.setdefault("target", "onnx (onnxruntime)" if is_onnx else "artifact")
+    r["output"] = "onnxruntime (graphopt-run)" if is_onnx else ns.artifact
+    for key in ("profile", "latency"):
+        if key in result:
+            r[key] = result[key]
+    if "compare" in result:
+        r["profile_compare"] = result["compare"]
+    if "latency" in result:  # (the summary's latency card)
+        r.setdefault("log", []).append(f"graphopt-run --benchmark: p50 {result['latency']['p50_ms']:.3f} ms over "
+                                       f"{result['latency']['runs']} runs, {result['latency']['threads']} threads")
+    text = render_html(r) if html or is_html(path) else json.dumps(r, indent=2, default=str) + "\n"
+    try:
+        with atomic_write(path) as f:
+            f.write(text.encode())
+    except OSError as e:
+        raise UsageError(f"--report {path}: cannot write it: {e.strerror or e}") from None
+    note = charts_note() if html or is_html(path) else None
+    print(f"{PROG}: report written to {path}" + (f" ({note})" if note else ""), file=sys.stderr)
 
 
 def _onnx_feeds(path: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -14,6 +14,7 @@ neither loading nor running repacks them (`runtime.packed` in the manifest count
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -183,7 +184,8 @@ class CpuTarget(Target):
         from graphopt.targets.tvm import build as B
 
         return B.schedule(mod, target, tune_trials=options.tune, tune_minutes=options.tune_minutes,
-                          tuning_db=options.tuning_db, progress=options.progress)
+                          tuning_db=options.tuning_db, progress=options.progress,
+                          task_labels=options.extra.get("task-labels"))
 
     def int8_kernels(self, mod: Any, target: Any, params: dict[str, np.ndarray]) -> tuple[Any, dict[str, str]]:
         """int8 × int8 → int32 matmul kernels with AVX2 micro-kernels (targets/x86_int8_schedules.py;
@@ -290,6 +292,8 @@ class CpuTarget(Target):
         t = time.perf_counter()
         activity.what = f"scheduling {sum(1 for gv in mod.get_global_vars() if isinstance(mod[gv], tvm.tirx.PrimFunc))} kernels"
         mod, int8 = self.int8_kernels(mod, target, lowered.params)
+        if options.tune > 0:  # tuning's progress bar names each kernel's ONNX nodes
+            options = dataclasses.replace(options, extra={**options.extra, "task-labels": KM.node_labels(lowered)})
         mod, sched = self.schedule(mod, target, options)
         if int8:
             kinds = sorted(set(int8.values()))

@@ -54,7 +54,7 @@ import tempfile
 import threading
 import time
 import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     import tvm
 
 __all__ = ["tune", "apply_database", "open_database", "cpu_only_intrinsics", "TuningSummary", "repair_database",
-           "kept_schedules", "normalize_for_tuning", "clean_stale_work_dirs"]
+           "kept_schedules", "normalize_for_tuning", "clean_stale_work_dirs", "TuningProgress"]
 
 _GPU_INTRIN = ("cuda", "rocm", "hexagon", "riscv_cpu", "metal")
 _WORKLOAD_FILE = "database_workload.json"
@@ -334,16 +334,27 @@ class TuningSummary:
         return dict(self.__dict__)
 
 
-class _Progress:
-    """Renders the child's JSON events as a one-line progress bar on stderr (or calls a hook)."""
+class TuningProgress:
+    """Renders the child's JSON events as a one-line progress bar on stderr (or calls a hook), and
+    at the end one line: how many kernels kept their default schedule and how many a tuned one.
 
-    def __init__(self, mode: bool | Callable[[dict[str, Any]], Any] | None, minutes: float | None) -> None:
+    Tuning runs in phases: the default schedule and its variants of every task, then the search
+    (with a time budget in rounds: every task to 16 trials, then 32...). The bar counts the tasks
+    of the current phase against that phase's own total (the child says it in its "round"
+    event), so it never passes its totals; `labels` ({kernel: its ONNX nodes}) names the nodes of
+    the kernel being tuned."""
+
+    def __init__(self, mode: bool | Callable[[dict[str, Any]], Any] | None, minutes: float | None,
+                 labels: Mapping[str, str] | None = None) -> None:
         self.hook = mode if callable(mode) else None
         self.enabled = bool(mode)
         self.tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
         self.t0 = time.monotonic()
         self.minutes = minutes
-        self.state: dict[str, Any] = {"tasks": 0, "done": 0, "trials": 0, "budget": 0, "best": {}, "task": ""}
+        self.labels = dict(labels or {})
+        self.state: dict[str, Any] = {"tasks": 0, "done": set(), "trials": 0, "budget": 0, "best": {}, "task": "",
+                                      "phase": "", "phase_tasks": 0, "skipped": 0}
+        self.kept: dict[str, str] = {}  # task → "default" | "tuned" | "variant" | "none"
         self._last_line = 0.0
 
     def event(self, ev: dict[str, Any]) -> None:
@@ -352,17 +363,25 @@ class _Progress:
         if kind == "start":
             s["tasks"] = ev["selected"]
             s["budget"] = ev["budget"]
-            s["done"] = ev["skipped"]
+            s["skipped"] = ev["skipped"]
+            s["dynamic"] = ev.get("dynamic", 0)
+            s["trials"] = 0  # (a restarted child counts its own trials against what is left)
+            s["phase"], s["phase_tasks"], s["done"] = "", ev["selected"], set()
         elif kind == "task":
             s["task"] = ev["name"]
         elif kind == "batch":
             s["trials"] = ev["total_new"]
-            if ev.get("best_ms") is not None:
-                s["best"][ev["name"]] = ev["best_ms"]
+            if ev.get("best_ms") is not None:  # the best of every schedule measured for it so far
+                s["best"][ev["name"]] = min(ev["best_ms"], s["best"].get(ev["name"], math.inf))
         elif kind in ("task_done", "variants_done"):
-            s["done"] += 1
-        elif kind == "round":  # tuning in rounds (time budget): the bar counts the tasks of this round
-            s["done"] = 0
+            s["done"].add(ev.get("name"))
+        elif kind == "round":
+            cap = int(ev.get("cap") or 0)
+            s["phase"] = "defaults" if cap == 0 else f"search to {cap}"
+            s["phase_tasks"] = int(ev.get("tasks", s["tasks"]))
+            s["done"] = set()
+        elif kind == "kept":
+            self.kept[ev["name"]] = str(ev.get("kept"))
         elif kind == "waiting" and self.enabled and self.hook is None:
             sys.stderr.write(f"tune: waiting for the tuning run that holds the database (pid {ev.get('holder') or '?'})\n")
         if self.hook is not None:
@@ -372,29 +391,68 @@ class _Progress:
                 pass
         if self.enabled and self.hook is None:
             self._render(final=kind == "end")
+            if kind == "end":
+                sys.stderr.write(self.kept_line(ev) + "\n")
+                sys.stderr.flush()
+
+    def label(self, task: str) -> str:
+        """`task` with the ONNX nodes its kernel computes."""
+        nodes = self.labels.get(task) or self.labels.get(task.rsplit("_", 1)[0] if task[-1:].isdigit() else task)
+        return f"{task} ({nodes})" if nodes else task
+
+    def kept_line(self, end: Mapping[str, Any] | None = None) -> str:
+        """How many of the kernels this run measured keep the default schedule / a tuned one."""
+        n = {k: sum(1 for v in self.kept.values() if v == k) for k in ("default", "tuned", "variant", "none")}
+        if not self.kept:
+            skipped = int((end or {}).get("skipped", self.state["skipped"]) or 0)
+            dynamic = int(self.state.get("dynamic") or 0)
+            if skipped:
+                why = f"all {skipped} already tuned in the database"
+            elif dynamic:
+                why = f"no kernel to tune ({dynamic} with symbolic shapes keep their default schedules)"
+            else:
+                why = "no kernel was measured"
+            return f"tune: done ({(end or {}).get('stopped', 'done')}): {why}"
+        parts = [f"{n['default']} kept the default schedule", f"{n['tuned']} a tuned one"]
+        if n["variant"]:
+            parts.append(f"{n['variant']} a measured variant of the default")
+        if n["none"]:
+            parts.append(f"{n['none']} could not be measured")
+        won = [self.label(t) for t, v in self.kept.items() if v in ("tuned", "variant")]
+        tail = f" (tuned: {', '.join(won[:3])}{', ...' if len(won) > 3 else ''})" if won else ""
+        return f"tune: {len(self.kept)} kernels: {', '.join(parts)}{tail}"
 
     def _render(self, final: bool = False) -> None:
         s = self.state
         el = time.monotonic() - self.t0
+        trials = min(s["trials"], s["budget"]) if s["budget"] else s["trials"]
         if self.minutes:
             left = max(0.0, self.minutes * 60 - el)
-        elif s["trials"]:
-            left = el / s["trials"] * max(0, s["budget"] - s["trials"])
+        elif trials:
+            left = el / trials * max(0, s["budget"] - trials)
         else:
             left = float("nan")
         width = 20
-        frac = s["done"] / s["tasks"] if s["tasks"] else 1.0
+        total = s["phase_tasks"] or s["tasks"]
+        done = min(len(s["done"]), total)
+        frac = done / total if total else 1.0
         bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
         best = s["best"].get(s["task"])
         best_txt = f"{best:.3f} ms" if best is not None else "-"
-        line = (f"tune [{bar}] tasks {s['done']}/{s['tasks']} | trials {s['trials']}/{s['budget']} | "
-                f"{s['task'][:28]} best {best_txt} | {_fmt_s(el)} elapsed, {_fmt_s(left)} left")
+        phase = f"{s['phase']} " if s["phase"] else ""
+        task = _short(self.label(s["task"]), 48)
+        line = (f"tune [{bar}] {phase}{done}/{total} tasks | trials {trials}/{s['budget']} | "
+                f"{task} best {best_txt} | {_fmt_s(el)} elapsed, {_fmt_s(left)} left")
         if self.tty:
-            sys.stderr.write("\r" + line[:160].ljust(160) + ("\n" if final else ""))
+            sys.stderr.write("\r" + line[:200].ljust(200) + ("\n" if final else ""))
         elif final or time.monotonic() - self._last_line > 5:
             sys.stderr.write(line + "\n")
             self._last_line = time.monotonic()
         sys.stderr.flush()
+
+
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def _fmt_s(sec: float) -> str:
@@ -423,13 +481,15 @@ def tune(
     runner_timeout: float = 60.0,
     max_restarts: int = 3,
     seed: int | None = None,
+    task_labels: Mapping[str, str] | None = None,
 ) -> Any:
     """Tune the PrimFuncs of a Relax module `mod` (after FuseTIR) into the database in `db_dir`.
 
     `trials`: new measurements this call may make (all tasks together). `max_trials_per_task`:
     the total a workload may have in the database (earlier calls count); by default the budget
     split evenly over the selected tasks (at least one batch each). `minutes`: wall-clock budget.
-    `kernels`: "anchor" (conv/matmul kernels only) or "all". Returns the JSONDatabase; the summary
+    `kernels`: "anchor" (conv/matmul kernels only) or "all". `task_labels`: {PrimFunc name: the
+    ONNX nodes it computes}, for the progress bar. Returns the JSONDatabase; the summary
     of this call is in `db_dir/graphopt_last_tune.json` and `last_summary(db_dir)`.
     """
     import tvm
@@ -448,7 +508,7 @@ def tune(
     tspec = {k: v for k, v in tspec.items() if k in ("kind", "mtriple", "mcpu", "mattr", "num-cores", "mabi")}
 
     summary = TuningSummary()
-    prog = _Progress(progress, minutes)
+    prog = TuningProgress(progress, minutes, task_labels)
     t0 = time.monotonic()
     deadline = None if minutes is None else t0 + minutes * 60.0
     if trials == 0:
@@ -650,7 +710,7 @@ def _default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def _run_child(spec_path: str, db_dir: str, threads: int, prog: _Progress, deadline: float | None, stub: list[str]):
+def _run_child(spec_path: str, db_dir: str, threads: int, prog: TuningProgress, deadline: float | None, stub: list[str]):
     """Run one tuning child; returns (exit code or "interrupted", events)."""
     env = dict(os.environ)
     env["TVM_NUM_THREADS"] = str(threads)  # trap 3: runner workers inherit it
@@ -908,7 +968,7 @@ def _child_tune(spec: dict[str, Any], out: Any) -> None:  # noqa: C901 - one pro
     # measured tile choices per kernel are where a short budget pays most; then the search
     todo = [d for d in pending if "variants" not in ledger.get(d["key"], {})]
     if todo:
-        emit({"ev": "round", "cap": 0})
+        emit({"ev": "round", "cap": 0, "tasks": len(todo)})
     for d in todo:
         if deadline is not None and time.monotonic() >= deadline:
             break
@@ -925,8 +985,8 @@ def _child_tune(spec: dict[str, Any], out: Any) -> None:  # noqa: C901 - one pro
     for cap, d in rounds:
         if d["done"] >= cap:
             continue
-        if cap != last_cap and len(caps) > 1:
-            emit({"ev": "round", "cap": cap})
+        if cap != last_cap:  # (the progress bar counts each round's tasks against its own total)
+            emit({"ev": "round", "cap": cap, "tasks": sum(1 for c, x in rounds if c == cap and x["done"] < cap)})
         last_cap = cap
         print(f"[{t_print() - t_start:7.1f}s] task {d['name']} (to {cap} trials)", file=sys.stderr, flush=True)
         if deadline is not None and time.monotonic() >= deadline:

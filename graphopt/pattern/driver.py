@@ -313,8 +313,8 @@ class RewritePass(Pass):
 
     name: ClassVar[str] = ""
     rules: ClassVar[Sequence[Rule]] = ()
-    max_iterations: int = 10
-    max_rewrites: int | None = None
+    max_iterations: int = 10  # sweeps over each graph at most (the log says when it was still changing)
+    max_rewrites: int | None = None  # stop after this many rewrites (None: no limit; bisects a bad rewrite)
 
     def get_rules(self) -> Sequence[Rule]:
         return self.rules

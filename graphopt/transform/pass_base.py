@@ -18,6 +18,10 @@ The fields double as pipeline syntax: `prune{ratio=0.3,criterion=l1}`.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import io
+import re
+import tokenize
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -99,6 +103,38 @@ class Pass:
         return doc.splitlines()[0] if doc else ""
 
     @classmethod
+    def description(cls) -> str:
+        """The docstring's first paragraph as one line (what `--list-passes` shows, whole)."""
+        doc = inspect.cleandoc(cls.__doc__ or "")
+        return " ".join(doc.split("\n\n")[0].split())
+
+    @classmethod
+    def options_help(cls) -> list[dict[str, str]]:
+        """Each option (field) for `--help-pass`: kebab name, type, default in pipeline syntax,
+        and its description: the field's comment in the source, else the docstring's
+        "`name` (...)" for it."""
+        hints = typing.get_type_hints(cls)
+        comments = _field_comments(cls)
+        doc = " ".join(inspect.cleandoc(cls.__doc__ or "").split())
+        out = []
+        for f in cls.option_fields():
+            if f.default is not dataclasses.MISSING:
+                default = _format_value(f.default)
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                default = _format_value(f.default_factory())  # type: ignore[misc]
+            else:
+                default = "(required)"
+            hint = hints.get(f.name, str)
+            tname = getattr(hint, "__name__", None) if typing.get_origin(hint) is None else None
+            text = comments.get(f.name, "")
+            if not text:  # "`round-to` (kept channel counts are ...)" in the docstring
+                m = re.search(r"`(?:%s|%s)` \(((?:[^()]|\([^()]*\))*)\)" % (re.escape(_kebab(f.name)), re.escape(f.name)), doc)
+                text = m.group(1) if m else ""
+            out.append({"name": _kebab(f.name), "type": tname or str(hint).replace("typing.", ""),
+                        "default": default if default != "" else "''", "doc": text})
+        return out
+
+    @classmethod
     def option_fields(cls) -> list[dataclasses.Field[Any]]:
         return [f for f in dataclasses.fields(cls) if f.init]
 
@@ -130,6 +166,40 @@ class Pass:
             if value != default:
                 parts.append(f"{_kebab(f.name)}={_format_value(value)}")
         return self.name + ("{" + ",".join(parts) + "}" if parts else "")
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """{field: its comment} from the source of `cls` and its bases: the comment at the end of
+    the field's line, else the `#:` / `#` lines right above it."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object or not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):  # (no source: a class made at run time)
+            continue
+        above: list[str] = []
+        pending: dict[int, str] = {}  # line -> field assigned on it
+        lines = src.splitlines()
+        for i, line in enumerate(lines):
+            m = re.match(r"\s{4}([a-z_][a-z0-9_]*)\s*:\s*[^=]+?(?:=.*)?$", line)
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                above.append(stripped.lstrip("#:").strip())
+                continue
+            if m and line.startswith("    ") and not line.startswith("     "):
+                pending[i] = m.group(1)
+                if above:
+                    out[m.group(1)] = " ".join(above)
+            above = []
+        try:  # trailing comments, found by the tokenizer (a '#' inside a string is not one)
+            for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+                if tok.type == tokenize.COMMENT and tok.start[0] - 1 in pending and not lines[tok.start[0] - 1].strip().startswith("#"):
+                    out[pending[tok.start[0] - 1]] = tok.string.lstrip("#:").strip()
+        except (tokenize.TokenError, IndentationError):
+            pass
+    return out
 
 
 def _kebab(name: str) -> str:

@@ -20,7 +20,7 @@ import os
 import sys
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,8 +99,10 @@ def schedule(
     tune_minutes: float | None = None,
     tuning_db: str | None = None,
     progress: Callable[..., Any] | bool | None = None,
+    task_labels: Mapping[str, str] | None = None,
 ) -> tuple[tvm.IRModule, ScheduleInfo]:
-    """Apply tuned schedules (tuning first when asked) and then default schedules to the rest."""
+    """Apply tuned schedules (tuning first when asked) and then default schedules to the rest.
+    `task_labels`: {PrimFunc name: its ONNX nodes} for tuning's progress bar."""
     info = ScheduleInfo()
     if tune_trials > 0 or tuning_db:
         tuning = _optional("graphopt.targets.tvm_tuning")
@@ -111,7 +113,8 @@ def schedule(
             if tune_trials > 0:
                 if not tuning_db:
                     raise ValueError("tuning needs a database folder")
-                db = tuning.tune(mod, target, db_dir=tuning_db, trials=tune_trials, minutes=tune_minutes, progress=progress)
+                db = tuning.tune(mod, target, db_dir=tuning_db, trials=tune_trials, minutes=tune_minutes, progress=progress,
+                                 task_labels=task_labels)
                 info.tuning = _summary(db, tune_trials, tune_minutes, tuning_db)
                 last = getattr(tuning, "last_summary", None)
                 if callable(last):

@@ -125,6 +125,17 @@ def schedule_label(name: str, group: str | None, *, rules: Mapping[str, str], in
     return " ".join(parts)
 
 
+def node_labels(lowered: Any, width: int = 2) -> dict[str, str]:
+    """{kernel group: its ONNX nodes, the first `width` named and "+N" more} of a
+    lower.LoweredModule (tuning's progress bar names what it tunes with these)."""
+    out = {}
+    for group, nodes in lowered.group_nodes.items():
+        names = [n.name or n.label() for n in nodes]
+        if names:
+            out[group] = ", ".join(names[:width]) + (f" +{len(names) - width}" if len(names) > width else "")
+    return out
+
+
 def kernel_map(mod: tvm.IRModule, lowered: Any, facts: Mapping[str, Mapping[str, Any]], *,
                rules: Mapping[str, str], int8: Mapping[str, str], tuned: bool,
                other: str = "unscheduled") -> list[dict[str, Any]]:

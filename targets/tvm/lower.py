@@ -28,6 +28,7 @@ by node; `LoweredModule.inline_groups` lists them with the reason.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -1482,19 +1483,58 @@ def _float_subtract(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 
 
 def legalize_and_fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """LegalizeOps → AnnotateTIROpPattern → FuseTIR: one PrimFunc per primitive group function."""
+    """LegalizeOps → AnnotateTIROpPattern → FuseTIR: one PrimFunc per primitive group function.
+    A legalization that raises is raised after LegalizeOps, not through it (guarded_legalizations)."""
+    failures: list[tuple[str, BaseException]] = []
     with target:
+        mod = tvm.transform.Sequential([relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()])(mod)
+        mod = relax.transform.LegalizeOps(guarded_legalizations({"relax.subtract": _float_subtract}, failures))(mod)
+        if failures:
+            raise failures[0][1]
         seq = tvm.transform.Sequential(
             [
-                relax.backend.DispatchSampling(),
-                relax.backend.DispatchSortScan(),
-                relax.transform.LegalizeOps({"relax.subtract": _float_subtract}),
                 relax.transform.AnnotateTIROpPattern(),
                 relax.transform.FuseTIR(),
                 relax.transform.DeadCodeElimination(),
             ]
         )
         return seq(mod)
+
+
+def guarded_legalizations(custom: dict[str, Any], failures: list[tuple[str, BaseException]]) -> dict[str, Any]:
+    """LegalizeOps' map for every operator that has a legalization (`custom` first), each wrapped
+    so that an exception does not unwind through LegalizeOps' C++ mutator: that leaves its
+    BlockBuilder with open blocks, and TVM prints "BlockBuilder destroyed with remaining blocks!"
+    on stderr when it is destroyed (an extra line after graphopt's own error, or on a compile that
+    then succeeds by emitting the group inline). The wrapper records (op, exception) in
+    `failures`, leaves the call as it is, and the caller raises the first failure after the pass."""
+
+    def guard(name: str, f: Any) -> Any:
+        def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+            if failures:  # (the pass is lost anyway: leave the rest alone)
+                return call
+            try:
+                return f(bb, call)
+            except Exception as e:  # noqa: BLE001 - raised by the caller, after the pass
+                failures.append((name, e))
+                return call
+
+        return legalize
+
+    registered = _registered_legalizations(len(tvm.ir.Op.list_op_names()))
+    return {name: guard(name, custom.get(name) or f) for name, f in {**registered, **custom}.items()}
+
+
+@functools.lru_cache(maxsize=4)
+def _registered_legalizations(n_ops: int) -> dict[str, Any]:
+    """{operator name: its FLegalize} of every registered operator (~0.1 s to read: cached, and
+    read again when `n_ops`, the number of registered operators, grows)."""
+    out = {}
+    for name in tvm.ir.Op.list_op_names():
+        f = tvm.ir.Op.get(name).get_attr("FLegalize")
+        if f is not None:
+            out[str(name)] = f
+    return out
 
 
 from . import converters as _converters  # noqa: E402,F401  (registers more of CONVERTERS)

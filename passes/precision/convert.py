@@ -194,8 +194,8 @@ class _Planner:
         for node in self.model.graph:
             fin = [i for i, v in enumerate(node.inputs) if v is not None and v.dtype == DataType.FLOAT]
             fout = [j for j, o in enumerate(node.outputs) if o.dtype == DataType.FLOAT]
-            if node.op_type in ("Cast", "CastLike") and not node.domain:
-                continue  # decided below from their readers
+            if node.op_type in ("Cast", "CastLike", "Constant") and not node.domain:
+                continue  # Casts: decided below from their readers; Constants: converted where read
             if not fin and not fout:
                 continue
             why = self._why_not(node, fin, fout, lowvals)
@@ -291,8 +291,10 @@ def _schema_split(node: Node, opset: int, low: DataType, fin: list[int], fout: l
             return "schema: unknown output"
         if f.type_str in conv_vars:
             outs.append(j)
-        elif f.type_str in allowed:  # a type variable not bound by a converted input: set by an attribute
-            return "output type set by an attribute"
+        elif f.type_str in allowed:
+            if any(q.type_str == f.type_str for q in schema.inputs):
+                return f"schema: {node.op_type}-{schema.since_version} has no {low.name.lower()}"
+            return "output type set by an attribute"  # a type variable no input binds (RandomNormal...)
     # an input of a converted type variable that is not float32 (mixed types): leave the node
     for i, v in enumerate(node.inputs):
         f = formal(schema.inputs, i)

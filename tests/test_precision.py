@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
 from graphopt.check import run_onnxruntime
-from graphopt.ir import DataType, Model
+from graphopt.ir import Attr, AttrType, DataType, Model
 from graphopt.passes.cleanup.infer import infer_types
 from graphopt.passes.precision import kernels
 from graphopt.transform import PassContext, get_pass, parse_pipeline
@@ -41,7 +41,7 @@ def convert(model: Model, ctx: PassContext | None = None, **options):
     result = get_pass("convert-precision")(**options).run(out, ctx)
     out.verify()
     again = out.clone()
-    second = get_pass("convert-precision")(**options).run(again, PassContext(data=dict(ctx.data)))
+    second = get_pass("convert-precision")(**options).run(again, PassContext(data=dict(ctx.data), machine=ctx.machine))
     assert not second.changed, second.stats
     assert str(again) == str(out)
     onnx.checker.check_model(graphopt.to_onnx(out))
@@ -145,21 +145,33 @@ def test_conv_net_converts_all_but_softmax_keeps_io_types_and_numbers():
     assert "Softmax x1" in " ".join(ctx.log)
 
 
-def test_transformer_block_keeps_layernorm_softmax_fp32_and_numbers():
+def test_transformer_block_keeps_softmax_fp32_and_numbers():
     m = transformer()
     x = RNG.standard_normal((1, 16, 32)).astype(np.float32)
     out, r, _ = convert(m, kernels="any")
-    assert r.stats["kept-sensitive"] == 2  # LayerNormalization, Softmax
-    assert r.stats["converted"] == 18
-    assert ops(out, "LayerNormalization")[0].outputs[0].dtype == DataType.FLOAT
+    # Softmax kept; LayerNormalization (stash_type=1: statistics in fp32 by the spec) converts
+    assert r.stats["kept-sensitive"] == 1 and r.stats["kept-fp32"] == 1
+    assert r.stats["converted"] == 19
+    assert ops(out, "LayerNormalization")[0].outputs[0].dtype == DataType.FLOAT16
     assert all(n.outputs[0].dtype == DataType.FLOAT16 for n in ops(out, "MatMul"))
     assert no_cast_pairs(out)
-    # the LayerNorm output is cast once for its three readers (q, k, v)
-    ln = ops(out, "LayerNormalization")[0].outputs[0]
-    assert len(ln.consumers()) == 1 and ln.consumers()[0].op_type == "Cast"
+    # the input is cast once for its two readers (LayerNorm, the residual Add); Softmax gets one
+    # Cast in and one out; the output one Cast back
+    assert r.stats["casts-added"] == 4
+    xin = out.graph.inputs[0]
+    assert len(xin.consumers()) == 1 and xin.consumers()[0].op_type == "Cast"
     ref = run_onnxruntime(m, {"x": x})
     got = run_onnxruntime(out, {"x": x})
     assert got[0].dtype == np.float32 and cos(ref[0], got[0]) >= 0.999
+
+
+def test_layernorm_with_fp16_statistics_stays_fp32():
+    m = transformer()
+    ln = ops(m, "LayerNormalization")[0]
+    ln.set_attr(Attr("stash_type", AttrType.INT, 0))
+    out, r, ctx = convert(m, kernels="any")
+    assert r.stats["kept-sensitive"] == 2
+    assert ops(out, "LayerNormalization")[0].outputs[0].dtype == DataType.FLOAT
 
 
 def test_keep_io_types_false_makes_io_fp16():
@@ -298,3 +310,42 @@ def test_bad_options():
         parse_pipeline("convert-precision{dtype=fp8}")
     with pytest.raises(graphopt.UsageError):
         parse_pipeline("convert-precision{kernels=gpu}")
+
+
+def test_gather_from_embedding_table_converts_the_table():
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"]), helper.make_node("MatMul", ["e", "w"], ["y"])]
+    m = make(nodes, [vi("ids", [2, 5], I64)], [vi("y", [2, 5, 4])], [w("emb", 50, 8), w("w", 8, 4)])
+    out, r, _ = convert(m, kernels="any")
+    assert r.stats["converted"] == 2 and r.stats["initializers-converted"] == 2
+    assert ops(out, "Gather")[0].inputs[0].dtype == DataType.FLOAT16
+    assert all(v.dtype == DataType.FLOAT16 for v in out.graph.initializers.values())
+    ids = RNG.integers(0, 50, (2, 5)).astype(np.int64)
+    assert cos(run_onnxruntime(m, {"ids": ids})[0], run_onnxruntime(out, {"ids": ids})[0]) >= 0.999
+
+
+class _Machine:  # a compiled target's machine model: only its presence matters to the pass
+    features = frozenset({"avx512bf16"})
+
+
+def test_compiled_target_converts_only_dot_product_ops_and_their_data_movement():
+    out, r, ctx = convert(conv_net(), PassContext(machine=_Machine()), dtype="bf16")
+    low = [n.op_type for n in out.graph if n.op_type != "Cast" and n.outputs[0].dtype == DataType.BFLOAT16]
+    # opset 17's Conv has no bf16 in ONNX, but a compiled target lowers it anyway
+    assert low == ["Conv", "Relu", "Conv", "Gemm"]
+    assert r.stats["kept-kernel"] == 2 and r.stats["kept-sensitive"] == 1  # Add, GlobalAveragePool; Softmax
+    assert any("compiled target: bfloat16 only for the dot-product ops" in line for line in ctx.log)
+
+
+@pytest.mark.parametrize("dtype", ["bf16"])
+def test_cpu_target_runs_bf16_model(dtype, tmp_path):
+    pytest.importorskip("tvm")
+    m = conv_net()
+    path = str(tmp_path / "m.onnx")
+    onnx.save(graphopt.to_onnx(m), path)
+    art = graphopt.compile(path, target="cpu", pipeline=f"-O2,convert-precision{{dtype={dtype}}}", dims={"N": 1})
+    x = RNG.standard_normal((1, 3, 16, 16)).astype(np.float32)
+    ref = run_onnxruntime(m, {"x": x})
+    got = list(art.run({"x": x}))
+    assert [g.dtype for g in got] == [np.float32, np.float32]
+    assert min(cos(a, b) for a, b in zip(ref, got)) >= 0.999
+    assert art.manifest["runtime"].get("bfloat16")  # bf16 weights stored as their bits

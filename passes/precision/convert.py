@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from graphopt.errors import UsageError
-from graphopt.ir import Attr, AttrType, Builder, DataType, Model, Node, NumpyTensor, TensorType, Value
+from graphopt.ir import Attr, AttrType, Builder, unique_name, DataType, Model, Node, NumpyTensor, TensorType, Value
 from graphopt.passes.cleanup.infer import infer_types
 from graphopt.passes.precision import kernels
 from graphopt.pattern import const_array
@@ -69,7 +69,8 @@ class ConvertPrecision(Pass):
 
     Must not fire (the node stays fp32, counted per reason in the stats, named in ctx.log):
     nodes matching `keep` (fnmatch globs on the node name or first output, ':'-separated); the
-    sensitive ops (reductions and CumSum, Softmax/LogSoftmax and normalization statistics,
+    sensitive ops (reductions and CumSum, Softmax/LogSoftmax and normalization statistics --
+    LayerNormalization with stash_type=1 converts, the spec computes its statistics in fp32 --,
     Exp/Log/Pow/Softplus) and onnxruntime's float16-tool block list (TopK, NonMaxSuppression,
     RoiAlign, Range, Min, Max, classical ML...); nodes that read or write a tensor whose
     calibrated |x| exceeds 32752 (fp16's max / 2; fp16 only, with calibration data: `data=` or
@@ -223,11 +224,11 @@ class _Planner:
             return "has subgraphs (If/Loop/Scan bodies stay fp32)"
         if node.domain not in ("", "ai.onnx"):
             return f"domain {node.domain!r}: no ONNX schema"
-        if node.op_type in SENSITIVE_OPS:
+        if node.op_type in SENSITIVE_OPS and not _stats_in_fp32(node):
             return f"sensitive: {SENSITIVE_OPS[node.op_type]}"
         if node.op_type in BLOCKED_OPS:
             return "onnxruntime float16 block list"
-        split = _schema_split(node, self.opset, self.low, fin, fout)
+        split = _schema_split(node, self.opset, self.low, fin, fout, compiled=self.kernels == "compiled")
         if isinstance(split, str):
             return split
         ins, outs = split
@@ -237,8 +238,8 @@ class _Planner:
             r = self.ranges.get(v.name) if v is not None else None
             if r is not None and r > OVERFLOW_LIMIT:
                 return "calibrated range overflows fp16" + (" (sentinel values)" if r == np.inf else f" (|x| up to {r:.3g})")
-        if node.op_type in FOLLOWER_OPS and not any(node.inputs[i] in lowvals for i in ins):
-            return ""
+        if node.op_type in FOLLOWER_OPS and not any(node.inputs[i] in lowvals or const_array(node.inputs[i]) is not None for i in ins):
+            return ""  # (a constant input converts for free: Gather from an embedding table does)
         if self.kernels == "compiled" and node.op_type not in COMPILED_LOW_OPS and node.op_type not in FOLLOWER_OPS:
             return f"compiled target: {self.low.name.lower()} only for the dot-product ops"
         if self.kernels == "onnxruntime":
@@ -252,13 +253,22 @@ class _Planner:
         return ins, outs
 
 
+def _stats_in_fp32(node: Node) -> bool:
+    """LayerNormalization computes its mean and variance in float32 whatever its input type
+    (stash_type=1, the default, by the ONNX spec): its statistics stay fp32 in fp16 too."""
+    return node.op_type == "LayerNormalization" and not node.domain and node.attr("stash_type", 1) == 1
+
+
 #: on a compiled target, the ops that run in low precision (its dot-product instructions)
 COMPILED_LOW_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
 
 
-def _schema_split(node: Node, opset: int, low: DataType, fin: list[int], fout: list[int]) -> str | tuple[tuple[int, ...], tuple[int, ...]]:
-    """Which float32 inputs/outputs change type: those of a type variable that allows `low`.
-    A reason string when the node cannot be converted consistently."""
+def _schema_split(node: Node, opset: int, low: DataType, fin: list[int], fout: list[int], *,
+                  compiled: bool = False) -> str | tuple[tuple[int, ...], tuple[int, ...]]:
+    """Which float32 inputs/outputs change type: those of a type variable that allows `low`
+    (`compiled`: that allows float -- a compiled target lowers any float type, whatever the
+    opset's schema lists: Conv has bf16 only from opset 22). A reason string when the node
+    cannot be converted consistently."""
     import onnx.defs
 
     try:
@@ -281,7 +291,7 @@ def _schema_split(node: Node, opset: int, low: DataType, fin: list[int], fout: l
         f = formal(schema.inputs, i)
         if f is None or i in always:
             continue
-        if lowstr in allowed.get(f.type_str, ()):
+        if lowstr in allowed.get(f.type_str, ()) or (compiled and "tensor(float)" in allowed.get(f.type_str, ())):
             conv_vars.add(f.type_str)
             ins.append(i)
     outs: list[int] = []
@@ -317,6 +327,10 @@ def _low_array(a: np.ndarray, low: DataType) -> tuple[np.ndarray, int]:
     return a.astype(low.numpy()), clamped
 
 
+def _suffix(dtype: DataType) -> str:
+    return {DataType.FLOAT16: "_fp16", DataType.BFLOAT16: "_bf16"}.get(dtype, "_fp32")
+
+
 def _with_dtype(v: Value, dtype: DataType) -> None:
     v.type = TensorType(dtype, v.shape) if isinstance(v.type, TensorType) else TensorType(dtype)
 
@@ -334,7 +348,7 @@ def _apply(model: Model, p: _Plan, low: DataType, keep_io_types: bool) -> tuple[
     def cast_after(v: Value, dtype: DataType) -> Value:
         prod = v.producer()
         ctx_mgr = g.inserting_after(prod) if prod is not None else g.inserting_before(next(iter(g))) if len(g) else None
-        base = (v.name or "v") + ("_fp16" if dtype == DataType.FLOAT16 else "_bf16" if dtype == DataType.BFLOAT16 else "_fp32")
+        base = (v.name or "v") + _suffix(dtype)
         if ctx_mgr is None:
             node = b.node("Cast", [v], {"to": int(dtype)}, output_names=[base])
         else:
@@ -353,7 +367,7 @@ def _apply(model: Model, p: _Plan, low: DataType, keep_io_types: bool) -> tuple[
         arr = const_array(v)
         if arr is not None and arr.dtype == np.float32 and (v.is_initializer() or v.producer() is not None):
             la, clamped = _low_array(arr, low)
-            nv = b.initializer(NumpyTensor(la), (v.name or "const") + ("_fp16" if low == DataType.FLOAT16 else "_bf16"))
+            nv = b.initializer(NumpyTensor(la), (v.name or "const") + _suffix(low))
             stats["initializers-converted"] += 1
             stats["constants-clamped"] += clamped
             old_consts.append(v)
@@ -395,13 +409,13 @@ def _apply(model: Model, p: _Plan, low: DataType, keep_io_types: bool) -> tuple[
         if keep_io_types and o.dtype == low and o in lowvals:
             back = to_f32.get(o) or cast_after(o, DataType.FLOAT)
             name = o.name
-            o.name, back.name = back.name, name
+            o.name, back.name = unique_name(g, name + _suffix(low)), name
             g.outputs[k] = back
             changed = True
         elif not keep_io_types and o.dtype == DataType.FLOAT:
             lo = cast_after(o, low)
             name = o.name
-            o.name, lo.name = lo.name, name
+            o.name, lo.name = unique_name(g, name + _suffix(DataType.FLOAT)), name
             g.outputs[k] = lo
             changed = True
     if not keep_io_types:  # model inputs become low; the fp32 Casts made for them read the input directly

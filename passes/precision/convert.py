@@ -165,7 +165,7 @@ class ConvertPrecision(Pass):
 
 
 def _category(reason: str) -> str:
-    for key in ("keep=", "sensitive", "block list", "overflow", "kernel", "subgraph", "schema", "attribute", "compiled"):
+    for key in ("keep=", "sensitive", "block list", "overflow", "kernel", "subgraph", "schema", "attribute", "compiled", "isolated"):
         if key in reason:
             return {"keep=": "glob", "block list": "blocked", "attribute": "schema", "compiled": "kernel"}.get(key, key)
     return "other"
@@ -207,6 +207,8 @@ class _Planner:
             ins, outs = why
             p.low[node], p.outs[node] = ins, outs
             lowvals.update(node.outputs[j] for j in outs)
+        if self.kernels == "onnxruntime":
+            self._drop_islands(p, lowvals)
         for node in self.model.graph:  # Cast(to=float) read only by converted ops: cast to low directly
             if node.op_type == "Cast" and not node.domain and node.attr("to") == int(DataType.FLOAT):
                 o = node.outputs[0]
@@ -214,6 +216,19 @@ class _Planner:
                 if readers and not o.is_graph_output() and all(n in p.low and i in p.low[n] for n, i in readers):
                     p.retarget.append(node)
         return p
+
+    def _drop_islands(self, p: _Plan, lowvals: set[Value]) -> None:
+        """A converted op none of whose non-constant float inputs is low and none of whose low
+        outputs is read by a converted op would only sit between a Cast in and a Cast out (a
+        lone LayerNormalization among fp32 ops on x86 onnxruntime): it stays fp32."""
+        for node in list(p.low):
+            ins, outs = p.low[node], p.outs[node]
+            fed = any(node.inputs[i] in lowvals for i in ins)
+            feeds = any(n in p.low and i in p.low[n] for j in outs for n, i in node.outputs[j].uses())
+            if not fed and not feeds:
+                del p.low[node], p.outs[node]
+                lowvals.difference_update(node.outputs[j] for j in outs)
+                p.kept[node] = "isolated: its Casts would cost more than fp16 saves"
 
     def _why_not(self, node: Node, fin: list[int], fout: list[int], lowvals: set[Value]) -> str | tuple[tuple[int, ...], tuple[int, ...]]:
         label = [node.name, node.outputs[0].name if node.outputs else ""]

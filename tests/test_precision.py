@@ -351,3 +351,22 @@ def test_cpu_target_runs_bf16_model(dtype, tmp_path):
     assert [g.dtype for g in got] == [np.float32, np.float32]
     assert min(cos(a, b) for a, b in zip(ref, got)) >= 0.999
     assert art.manifest["runtime"].get("bfloat16")  # bf16 weights stored as their bits
+
+
+def test_random_models_convert_run_and_are_idempotent():
+    """Random runnable models (If bodies, functions, shape ops): the fp16 model verifies, loads
+    and runs on onnxruntime with the same output dtypes and shapes, and a second run is a no-op."""
+    from hypothesis import HealthCheck, given, settings
+
+    from graphopt.testing import models, random_inputs
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(models(allow_shape_ops=True))
+    def check(m: Model) -> None:
+        out, r, _ = convert(m, kernels="any")
+        feeds = random_inputs(m, seed=1)
+        ref = run_onnxruntime(m, feeds)
+        got = run_onnxruntime(out, feeds)
+        assert [(a.dtype, a.shape) for a in ref] == [(b.dtype, b.shape) for b in got]
+
+    check()

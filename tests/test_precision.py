@@ -338,7 +338,7 @@ def test_compiled_target_converts_only_dot_product_ops_and_their_data_movement()
     assert any("compiled target: bfloat16 only for the dot-product ops" in line for line in ctx.log)
 
 
-@pytest.mark.parametrize("dtype", ["bf16"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_cpu_target_runs_bf16_model(dtype, tmp_path):
     pytest.importorskip("tvm")
     m = conv_net()
@@ -350,7 +350,7 @@ def test_cpu_target_runs_bf16_model(dtype, tmp_path):
     got = list(art.run({"x": x}))
     assert [g.dtype for g in got] == [np.float32, np.float32]
     assert min(cos(a, b) for a, b in zip(ref, got)) >= 0.999
-    assert art.manifest["runtime"].get("bfloat16")  # bf16 weights stored as their bits
+    assert bool(art.manifest["runtime"].get("bfloat16")) == (dtype == "bf16")  # bf16 weights stored as their bits
 
 
 def test_random_models_convert_run_and_are_idempotent():

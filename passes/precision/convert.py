@@ -132,6 +132,12 @@ class ConvertPrecision(Pass):
         for cat in sorted({_category(r) for r in plan.kept.values()}):
             stats[f"kept-{cat}"] = sum(1 for r in plan.kept.values() if _category(r) == cat)
         stats["kept-fp32"] = len(plan.kept)
+        if changed and kernels_mode == "compiled":
+            # said once, so nobody reads bf16 as "uses the bf16 dot-product instructions"
+            has = getattr(ctx.machine, "has", None)
+            dot = " (this CPU's avx512bf16 vdpbf16ps is not used yet)" if callable(has) and has("avx512bf16") else ""
+            ctx.info(f"convert-precision: compiled kernels store {self.dtype} and compute with fp32 FMAs: TVM 0.27 "
+                     f"legalizes {self.dtype} arithmetic to fp32{dot}; weights and activations take half the bytes")
         ctx.data["convert-precision"] = {
             "dtype": self.dtype, "kernels": kernels_mode, "calibrated-tensors": len(ranges),
             "converted": [n.name or n.outputs[0].name for n in plan.low],

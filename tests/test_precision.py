@@ -370,3 +370,13 @@ def test_random_models_convert_run_and_are_idempotent():
         assert [(a.dtype, a.shape) for a in ref] == [(b.dtype, b.shape) for b in got]
 
     check()
+
+
+def test_cast_to_float_between_converted_ops_is_removed():
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"]), helper.make_node("Cast", ["a"], ["c"], to=F),
+             helper.make_node("MatMul", ["c", "w2"], ["y"])]
+    m = make(nodes, [vi("x", [2, 4])], [vi("y", [2, 3])], [w("w", 4, 4), w("w2", 4, 3)])
+    out, r, _ = convert(m, kernels="any")
+    assert r.stats["casts-removed"] == 1
+    assert [c.attr("to") for c in ops(out, "Cast")] == [int(DataType.FLOAT16), int(DataType.FLOAT)]  # input in, output out
+    assert no_cast_pairs(out)

@@ -47,7 +47,7 @@ ALWAYS_FLOAT_INPUTS = {"Resize": (2,), "GroupNorm": (1, 2), "SkipGroupNorm": (1,
 FOLLOWER_OPS = frozenset({
     "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Concat", "Split", "Slice", "Gather", "GatherElements",
     "GatherND", "Identity", "Expand", "Tile", "Pad", "DepthToSpace", "SpaceToDepth", "MaxPool", "GlobalMaxPool",
-    "ReduceMax", "ReduceMin", "Relu", "Abs", "Neg", "Where", "Clip", "ScatterND", "ScatterElements", "Shape", "Size",
+    "ReduceMax", "ReduceMin", "Relu", "Abs", "Neg", "Where", "Clip", "ScatterND", "ScatterElements",
 })
 DTYPES = {"fp16": DataType.FLOAT16, "bf16": DataType.BFLOAT16}
 KERNELS = ("auto", "onnxruntime", "any")
@@ -201,8 +201,8 @@ class _Planner:
         for node in self.model.graph:
             fin = [i for i, v in enumerate(node.inputs) if v is not None and v.dtype == DataType.FLOAT]
             fout = [j for j, o in enumerate(node.outputs) if o.dtype == DataType.FLOAT]
-            if node.op_type in ("Cast", "CastLike", "Constant") and not node.domain:
-                continue  # Casts: decided below from their readers; Constants: converted where read
+            if node.op_type in ("Cast", "CastLike", "Constant", "Shape", "Size") and not node.domain:
+                continue  # Casts: decided below from their readers; Constants: converted where read; Shape/Size read any type
             if not fin and not fout:
                 continue
             why = self._why_not(node, fin, fout, lowvals)
@@ -224,17 +224,39 @@ class _Planner:
         return p
 
     def _drop_islands(self, p: _Plan, lowvals: set[Value]) -> None:
-        """A converted op none of whose non-constant float inputs is low and none of whose low
-        outputs is read by a converted op would only sit between a Cast in and a Cast out (a
-        lone LayerNormalization among fp32 ops on x86 onnxruntime): it stays fp32."""
+        """A group of converted ops joined by low activations (constants and what data movement
+        makes of them do not join) with fewer than two compute ops would mostly sit between Casts
+        in and out (a lone LayerNormalization among fp32 ops on x86 onnxruntime, with the Gather
+        after it): it stays fp32 (data-movement ops silently)."""
+        constlike: set[Value] = set()
+        for node, outs in p.outs.items():  # graph order: a follower of constants yields a constant
+            if node.op_type in FOLLOWER_OPS and all(const_array(node.inputs[i]) is not None or node.inputs[i] in constlike
+                                                    for i in p.low[node]):
+                constlike.update(node.outputs[j] for j in outs)
+        # groups of converted ops joined by low activations (union-find)
+        parent: dict[Node, Node] = {n: n for n in p.low}
+
+        def root(n: Node) -> Node:
+            while parent[n] is not n:
+                parent[n] = parent[parent[n]]
+                n = parent[n]
+            return n
+
+        for node, ins in p.low.items():
+            for i in ins:
+                v = node.inputs[i]
+                prod = v.producer() if v is not None else None
+                if prod is not None and prod in p.low and v not in constlike:
+                    parent[root(node)] = root(prod)
+        compute: dict[Node, int] = {}
+        for node in p.low:
+            compute[root(node)] = compute.get(root(node), 0) + (node.op_type not in FOLLOWER_OPS)
         for node in list(p.low):
-            ins, outs = p.low[node], p.outs[node]
-            fed = any(node.inputs[i] in lowvals for i in ins)
-            feeds = any(n in p.low and i in p.low[n] for j in outs for n, i in node.outputs[j].uses())
-            if not fed and not feeds:
-                del p.low[node], p.outs[node]
-                lowvals.difference_update(node.outputs[j] for j in outs)
-                p.kept[node] = "isolated: its Casts would cost more than fp16 saves"
+            if compute[root(node)] < 2:
+                del p.low[node]
+                lowvals.difference_update(node.outputs[j] for j in p.outs.pop(node))
+                if node.op_type not in FOLLOWER_OPS:
+                    p.kept[node] = "isolated: its Casts would cost more than fp16 saves"
 
     def _why_not(self, node: Node, fin: list[int], fout: list[int], lowvals: set[Value]) -> str | tuple[tuple[int, ...], tuple[int, ...]]:
         label = [node.name, node.outputs[0].name if node.outputs else ""]
@@ -455,8 +477,8 @@ def _apply(model: Model, p: _Plan, low: DataType, keep_io_types: bool) -> tuple[
                         n.replace_input_with(i, back)
                 changed = True
     # 4. Casts that now cast to the type they read are removed (a former Cast(to=float) of a low value)
-    for node in list(g):
-        if node.op_type == "Cast" and not node.domain and node.inputs and node.inputs[0] is not None \
+    for node in p.retarget:  # (only these: the model's own same-type Casts are remove-noops' business)
+        if node.inputs and node.inputs[0] is not None \
                 and node.inputs[0].dtype is not None and node.inputs[0].dtype == node.outputs[0].dtype \
                 and not node.outputs[0].is_graph_output():
             node.outputs[0].replace_all_uses_with(node.inputs[0])

@@ -361,7 +361,7 @@ def _low_array(a: np.ndarray, low: DataType) -> tuple[np.ndarray, int]:
     """`a` in the low precision; fp16 clamps to its finite range (count of clamped values)."""
     a = np.asarray(a)
     clamped = 0
-    if low == DataType.FLOAT16:
+    if low == DataType.FLOAT16 and a.size and max(float(np.nanmax(a)), -float(np.nanmin(a))) > FP16_MAX:  # rare: a cheap check first
         finite = np.isfinite(a)
         big = finite & (np.abs(a) > FP16_MAX)
         clamped = int(big.sum())

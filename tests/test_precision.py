@@ -380,3 +380,15 @@ def test_cast_to_float_between_converted_ops_is_removed():
     assert r.stats["casts-removed"] == 1
     assert [c.attr("to") for c in ops(out, "Cast")] == [int(DataType.FLOAT16), int(DataType.FLOAT)]  # input in, output out
     assert no_cast_pairs(out)
+
+
+def test_calibration_file_option(tmp_path):
+    big = numpy_helper.from_array(np.array(300.0, np.float32), "big")
+    nodes = [helper.make_node("Mul", ["x", "big"], ["m"]), helper.make_node("Mul", ["m", "big"], ["y"])]
+    m = make(nodes, [vi("x", ["N", 4])], [vi("y", ["N", 4])], [big])
+    path = str(tmp_path / "calib.npz")
+    np.savez(path, x=RNG.uniform(-1, 1, (8, 4)).astype(np.float32))
+    out, r, _ = convert(m, kernels="any", data=path)
+    # y reaches ~9e4 > 65504: the second Mul stays fp32, the first (|m| <= 300) converts
+    assert r.stats["kept-overflow"] == 1 and r.stats["converted"] == 1
+    assert ops(out, "Mul")[1].outputs[0].dtype == DataType.FLOAT

@@ -257,6 +257,8 @@ def _quantize_spec(ns: argparse.Namespace, pipeline: str) -> tuple[str, str | No
     given = [f for f, v in (("--calibration", ns.calibration), ("--calibration-method", ns.calibration_method),
                             ("--accuracy-budget", ns.accuracy_budget), ("--quantize-speed", ns.quantize_speed)) if v is not None]
     if ns.quantize is None:
+        if given == ["--calibration"] and "convert-precision" in (pipeline or ""):  # its fp16-overflow check reads it
+            return pipeline, ns.calibration
         if given:
             raise UsageError(f"{given[0]} needs --quantize int8")
         return pipeline, None

@@ -392,3 +392,19 @@ def test_calibration_file_option(tmp_path):
     # y reaches ~9e4 > 65504: the second Mul stays fp32, the first (|m| <= 300) converts
     assert r.stats["kept-overflow"] == 1 and r.stats["converted"] == 1
     assert ops(out, "Mul")[1].outputs[0].dtype == DataType.FLOAT
+
+
+def test_cli_calibration_reaches_convert_precision(tmp_path, capsys):
+    from graphopt.cli import main
+
+    big = numpy_helper.from_array(np.array(300.0, np.float32), "big")
+    nodes = [helper.make_node("Mul", ["x", "big"], ["m"]), helper.make_node("Mul", ["m", "big"], ["y"])]
+    m = make(nodes, [vi("x", ["N", 4])], [vi("y", ["N", 4])], [big])
+    src, calib, dst = str(tmp_path / "m.onnx"), str(tmp_path / "c.npz"), str(tmp_path / "o.onnx")
+    onnx.save(graphopt.to_onnx(m), src)
+    np.savez(calib, x=RNG.uniform(-1, 1, (8, 4)).astype(np.float32))
+    code = main([src, "--passes", "convert-precision{kernels=any}", "--calibration", calib, "-o", dst])
+    cap = capsys.readouterr()
+    out = cap.out + cap.err
+    assert code == 0 and "1 ops to fp16, 1 kept fp32" in out and "(3 tensors calibrated)" in out
+    assert main([src, "--passes", "dce", "--calibration", calib, "-o", dst]) == 2  # still refused where nothing reads it

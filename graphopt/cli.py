@@ -261,16 +261,24 @@ def parse_options(argv: Sequence[str]) -> Options:
     return opts
 
 
+#: passes besides quantize and prune that read --calibration (ctx.data["calibration"])
+CALIBRATION_READERS = ("cluster-weights", "convert-precision", "low-rank")
+
+
 def _quantize_spec(ns: argparse.Namespace, pipeline: str) -> tuple[str, str | None]:
     """--quantize int8 [--calibration-method M] [--accuracy-budget B] appends quantize{...}."""
     given = [f for f, v in (("--calibration", ns.calibration), ("--calibration-method", ns.calibration_method),
                             ("--accuracy-budget", ns.accuracy_budget), ("--quantize-speed", ns.quantize_speed)) if v is not None]
     if ns.quantize is None:
-        # --prune reads --calibration (refit, evaluation) and --accuracy-budget too
-        bad = [f for f in given if ns.prune is None or f not in ("--calibration", "--accuracy-budget")]
+        # --calibration is read by --prune (refit, evaluation) and by passes in the pipeline that
+        # calibrate; --accuracy-budget by --prune
+        readers = ns.prune is not None or any(p in (pipeline or "") for p in CALIBRATION_READERS)
+        bad = [f for f in given if not ((f == "--calibration" and readers) or (f == "--accuracy-budget" and ns.prune is not None))]
         if bad:
-            raise UsageError(f"{bad[0]} needs --quantize int8" + (" or --prune" if bad[0] in ("--calibration", "--accuracy-budget") else ""))
-        return pipeline, ns.calibration
+            also = {"--calibration": f" or --prune or a pass that reads it ({', '.join(CALIBRATION_READERS)})",
+                    "--accuracy-budget": " or --prune"}.get(bad[0], "")
+            raise UsageError(f"{bad[0]} needs --quantize int8{also}")
+        return pipeline, ns.calibration if "--calibration" in given else None
     if ns.quantize != "int8":
         raise UsageError(f"--quantize {ns.quantize}: unknown scheme (have: int8)")
     opts = ["scheme=int8"] + ([f"calibration={ns.calibration_method}"] if ns.calibration_method else []) \

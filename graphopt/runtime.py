@@ -185,6 +185,10 @@ def _param(data: Any, name: str, rt: Mapping[str, Any]) -> np.ndarray:
     its bit-packed indices and codebook and decoded here."""
     entry = rt.get("codebooks", {}).get(name)
     if entry is None:
+        if name in rt.get("bfloat16", ()):  # stored as its uint16 bits (.npz has no bfloat16)
+            import ml_dtypes
+
+            return np.asarray(data[name]).view(ml_dtypes.bfloat16)
         return data[name]
     from graphopt.passes.sharing.codebook import decode_artifact
 

@@ -325,7 +325,10 @@ class CpuTarget(Target):
             t = time.perf_counter()
             lib = os.path.join(folder, LIBRARY)
             self.export(exe, lib)
-            np.savez(os.path.join(folder, PARAMS), **stored)
+            # bf16 weights (convert-precision{dtype=bf16}): .npz has no bfloat16, so their bits go
+            # as uint16 and the runtime views them back (runtime.bfloat16 lists them)
+            bf16 = [k for k, v in stored.items() if np.asarray(v).dtype.name == "bfloat16"]
+            np.savez(os.path.join(folder, PARAMS), **{k: (np.asarray(v).view(np.uint16) if k in bf16 else v) for k, v in stored.items()})
             times["export"] = time.perf_counter() - t
             g = model.graph
             inputs = [v for v in g.inputs if not (v.is_initializer() and v.const_value is not None)]
@@ -366,7 +369,8 @@ class CpuTarget(Target):
                 # params: main's weights after the inputs, packed already by `packed` hoisted functions
                 "runtime": {"kind": "tvm-relax-vm", "entry": "main", "params": list(params), "packed": hoisted}
                 | ({"codebooks": codebook_params} if codebook_params else {})
-                | ({"transform": B.TRANSFORM_PARAMS} if transform is not None else {}),
+                | ({"transform": B.TRANSFORM_PARAMS} if transform is not None else {})
+                | ({"bfloat16": bf16} if bf16 else {}),
             }
             write_manifest(folder, manifest)
             times["total"] = time.perf_counter() - t0

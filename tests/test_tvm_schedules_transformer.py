@@ -303,8 +303,8 @@ def test_encoder_layer_runs_like_onnxruntime(monkeypatch):
     seen = ScheduleStats()
     real = S.apply_default_schedules
 
-    def spy(mod, target, stats=None):
-        out = real(mod, target, stats=seen)
+    def spy(mod, target, stats=None, **kw):
+        out = real(mod, target, stats=seen, **kw)
         if stats is not None:
             stats.by_func.update(seen.by_func)
         return out

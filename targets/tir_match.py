@@ -75,10 +75,11 @@ def _is_mac(store: Any) -> bool:
     return isinstance(mul, tirx.Mul) and load(mul.a) and load(mul.b)
 
 
-def kernel_flops(func: Any) -> float:
+def kernel_flops(func: Any, symbolic_as: float | None = None) -> float:
     """2 x the iteration count of each multiply-accumulate block (a reduction reading two tensors:
     conv, dense, matmul) of an unscheduled PrimFunc; 0 for kernels without one (softmax, layer
-    norm, copies) and for blocks with a symbolic extent."""
+    norm, copies). A block with a symbolic extent counts 0, or with that extent taken as
+    `symbolic_as` (1: per batch item, for shares of a model's work)."""
     from tvm import s_tir
     from tvm.tirx import IterVar
 
@@ -92,6 +93,8 @@ def kernel_flops(func: Any) -> float:
             if any(iv.iter_type == IterVar.CommReduce for iv in stmt.iter_vars) and len(stmt.writes) == 1:
                 out = stmt.writes[0].source
                 exts = [static_int(iv.dom.extent) for iv in stmt.iter_vars]
+                if symbolic_as is not None:
+                    exts = [symbolic_as if e is None else e for e in exts]
                 if (len({r.source.name for r in stmt.reads if not r.source.same_as(out)}) >= 2
                         and _is_mac(stmt.body) and all(e is not None for e in exts)):
                     n = 1.0

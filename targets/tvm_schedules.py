@@ -1114,7 +1114,8 @@ def apply_default_schedules(
         scheduled = func.attrs is not None and int(func.attrs.get("tirx.is_scheduled", 0)) == 1
         if stats is not None:
             try:
-                stats.flops[gv.name_hint] = 0.0 if scheduled else kernel_flops(func)
+                # (symbolic dims as 1: a symbolic-batch kernel on a generic schedule is reported too)
+                stats.flops[gv.name_hint] = 0.0 if scheduled else kernel_flops(func, symbolic_as=1.0)
             except Exception:  # noqa: BLE001 - a kernel the counter does not understand counts 0
                 stats.flops[gv.name_hint] = 0.0
         if scheduled:

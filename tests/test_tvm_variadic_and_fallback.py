@@ -102,3 +102,28 @@ def test_a_generic_schedule_is_reported_with_its_flop_share():
     (line,) = _fallback_warnings(fb)
     assert line.startswith("50% of the model's multiply-add FLOPs run on generic (slow) schedules in 1 kernel: slow (")
     assert _fallback_warnings({"share": 0.02, "kernels": fb["kernels"]}) == []  # below 3 %: quiet
+
+
+def test_symbolic_batch_kernel_on_a_generic_schedule_is_reported() -> None:
+    """A kernel whose batch is symbolic counts its FLOPs per batch item in the fallback share (it
+    counted 0: a symbolic-batch classifier on dlight's reduction rule went unreported)."""
+    from tvm import relax, tirx
+
+    from graphopt.targets.tvm_schedules import ScheduleStats, apply_default_schedules
+    from tvm_kernels import avx2_target, primitive_kernel
+
+    R, TT = relax.op, relax.TensorType
+    n = tirx.Var("n", "int64")
+    x, w = relax.Var("x", TT((n, 16, 14, 14), "float32")), relax.Var("w", TT((16, 16, 3, 3), "float32"))
+
+    def stacked(bb, x, w):
+        c = bb.emit(R.nn.conv2d(x, w, padding=[1, 1, 1, 1]))
+        return R.nn.relu(bb.emit(R.sum(R.stack([c, x], axis=0), axis=[0])))
+
+    mod = tvm.IRModule({"slow": primitive_kernel([x, w], stacked)})
+    stats = ScheduleStats()
+    apply_default_schedules(mod, avx2_target(), stats=stats)
+    fb = stats.fallback()
+    assert stats.by_func["slow"] in ("dlight-reduction", "fallback-parallel"), stats.by_func
+    assert [k["kernel"] for k in fb["kernels"]] == ["slow"] and fb["share"] == pytest.approx(1.0)
+    assert fb["kernels"][0]["gflop"] == pytest.approx(2 * 16 * 16 * 9 * 14 * 14 / 1e9, rel=1e-3)

@@ -214,3 +214,110 @@ def test_prune_names_the_bodies_it_cannot_see() -> None:
     graphopt.optimize(m, "-O2,prune{ratio=0.3}", ctx=ctx)
     lines = [x for x in ctx.log if "not pruned" in x]
     assert len(lines) == 2 and any("then_branch (Conv x" in x for x in lines)
+
+
+def _rank_if_range_model(limit: int) -> onnx.ModelProto:
+    """AffineGrid's expanded function in small: `D = If(Size(size) == 4) <then: D = [limit] (a
+    1-element 1-D constant), else: D = size[0:1]>`, then `Range(0, D, 1)`. onnxruntime's Range
+    kernel takes the 1-element tensor, but its load-time inference rejects a *constant* non-scalar
+    Range input: inlining the If makes D that constant."""
+    c = lambda name, arr: numpy_helper.from_array(np.asarray(arr, dtype=np.int64), name)  # noqa: E731
+    then_g = helper.make_graph([helper.make_node("Identity", ["limit_1d"], ["D_then"])], "then", [],
+                               [helper.make_tensor_value_info("D_then", TensorProto.INT64, None)])
+    else_g = helper.make_graph([helper.make_node("Slice", ["size", "zero_1d", "one_1d"], ["D_else"])], "else", [],
+                               [helper.make_tensor_value_info("D_else", TensorProto.INT64, None)])
+    nodes = [
+        helper.make_node("Size", ["size"], ["rank"]),
+        helper.make_node("Equal", ["rank", "four"], ["is_2d"]),
+        helper.make_node("If", ["is_2d"], ["D"], then_branch=then_g, else_branch=else_g),
+        helper.make_node("Range", ["zero", "D", "one"], ["steps"]),
+        helper.make_node("Cast", ["steps"], ["steps_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["steps_f", "x"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes, "rank_if_range",
+        [helper.make_tensor_value_info("size", TensorProto.INT64, [4]), helper.make_tensor_value_info("x", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [c("four", 4), c("zero", 0), c("one", 1), c("zero_1d", [0]), c("one_1d", [1]), c("limit_1d", [limit])],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+
+
+@pytest.mark.parametrize("limit", [5, 5000])  # 5: Range folds; 5000: too big to fold, stays a Range
+def test_inlined_if_feeding_range_keeps_scalar_inputs(limit: int) -> None:
+    """Regression (ONNX backend test affine_grid_2d_expanded at -O2): Size(size) folds to 4, the
+    If inlines, and Range(0, [limit], 1) must not reach onnxruntime with a constant 1-D input."""
+    model = _rank_if_range_model(limit)
+    feeds = {"size": np.array([2, 3, 4, 5], np.int64), "x": np.array(0.5, np.float32)}
+    want = _ort(model, feeds)
+    m = graphopt.load(model.SerializeToString())
+    graphopt.optimize(m, "-O1", inplace=True, verify_each=True)
+    m.verify()
+    out = graphopt.to_onnx(m)
+    assert "If" not in _ops(out)  # the rewrite fired
+    assert ("Range" in _ops(out)) == (limit > 1024)
+    onnx.shape_inference.infer_shapes(out, strict_mode=True, data_prop=True)  # what onnxruntime checks on load
+    got = _ort(out, feeds)
+    np.testing.assert_array_equal(want[0], got[0])
+    again = graphopt.load(out.SerializeToString())
+    assert not _run_pass(again, "fold-constants").changed and not _run_pass(again).changed
+
+
+def _declared_dims_hold(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, set[int]]:
+    """Run `model` with every value_info as an extra output; what each dim symbol stood for.
+    One symbol, one size: onnxruntime plans buffers on these names."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    declared = {vi.name: vi.type.tensor_type.shape for vi in probe.graph.value_info}
+    del probe.graph.value_info[:]
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in declared)
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    sizes: dict[str, set[int]] = {}
+    for name, arr in zip(names, sess.run(None, feeds)):
+        if name not in declared:
+            continue
+        for d, n in zip(declared[name].dim, arr.shape):
+            if d.dim_param:
+                sizes.setdefault(d.dim_param, set()).add(n)
+            elif d.HasField("dim_value"):
+                assert d.dim_value == n, name
+    return sizes
+
+
+def test_inlined_if_keeps_dim_symbols_of_one_inference_run() -> None:
+    """Regression (ONNX backend test affine_grid_2d_expanded at -O2, onnxruntime: "Shape mismatch
+    attempting to re-use buffer"): once the If is inlined, the values typed before (through the
+    If's outputs) kept made-up symbols ("unk__2") that the next inference run gave to another dim."""
+    c = lambda name, arr: numpy_helper.from_array(np.asarray(arr, dtype=np.int64), name)  # noqa: E731
+    i64 = lambda name: helper.make_tensor_value_info(name, TensorProto.INT64, None)  # noqa: E731
+    then_g = helper.make_graph([helper.make_node("Split", ["size"], ["H_t", "W_t"], num_outputs=2)], "then", [], [i64("H_t"), i64("W_t")])
+    else_g = helper.make_graph([helper.make_node("ReduceMax", ["size"], ["H_e"], keepdims=0), helper.make_node("Identity", ["size"], ["W_e"])],
+                               "else", [], [i64("H_e"), i64("W_e")])
+    nodes = [
+        helper.make_node("Size", ["size"], ["rank"]),
+        helper.make_node("Equal", ["rank", "two"], ["is_2d"]),
+        helper.make_node("If", ["is_2d"], ["H", "W"], then_branch=then_g, else_branch=else_g),
+        helper.make_node("Range", ["zero", "H", "one"], ["rh"]),
+        helper.make_node("Range", ["zero", "W", "one"], ["rw"]),
+        helper.make_node("Cast", ["rh"], ["fh"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["rw"], ["fw"], to=TensorProto.FLOAT),
+        helper.make_node("Concat", ["H", "W"], ["hw"], axis=0),
+        helper.make_node("ConstantOfShape", ["hw"], ["zeros"]),
+        helper.make_node("Add", ["zeros", "fw"], ["gw"]),
+        helper.make_node("Unsqueeze", ["fh", "one_1d"], ["fh2"]),
+        helper.make_node("Add", ["zeros", "fh2"], ["gh"]),
+        helper.make_node("Add", ["gw", "gh"], ["y"]),
+    ]
+    g = helper.make_graph(nodes, "grid", [helper.make_tensor_value_info("size", TensorProto.INT64, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [c("two", 2), c("zero", 0), c("one", 1), c("one_1d", [1])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    feeds = {"size": np.array([3, 5], np.int64)}  # H != W: a shared symbol would be wrong
+    m = graphopt.load(model.SerializeToString())
+    graphopt.optimize(m, "-O1", inplace=True, verify_each=True)
+    out = graphopt.to_onnx(m)
+    assert "If" not in _ops(out)
+    sizes = _declared_dims_hold(out, feeds)
+    assert sizes and all(len(s) == 1 for s in sizes.values()), sizes
+    np.testing.assert_array_equal(_ort(model, feeds)[0], _ort(out, feeds)[0])

@@ -19,6 +19,7 @@ from graphopt.passes.cleanup._util import (
     graphs_preorder,
     in_function,
     is_constant,
+    make_constant,
     replace_with_constant,
 )
 
@@ -177,7 +178,46 @@ def _dtype(arr: np.ndarray):  # type: ignore[no-untyped-def]
 
 
 def try_fold(node: Node, model: Model, *, max_size: int, max_expand: int) -> bool:
-    """Fold `node` when every input is a constant and the result is small enough. True if done."""
+    """Fold `node` when every input is a constant and the result is small enough. True if done.
+
+    A Range left unfolded gets scalar constants for its constant 1-element inputs (see
+    `_scalar_range_inputs`)."""
+    if _fold(node, model, max_size=max_size, max_expand=max_expand):
+        return True
+    if node.op_type == "Range" and node.domain in STANDARD_DOMAINS:
+        _scalar_range_inputs(node)
+    return False
+
+
+def _one_element_as_scalar(node: Node, arrays: list[np.ndarray | None]) -> list[np.ndarray | None]:
+    """Range's inputs as the scalars onnxruntime's kernel reads (it takes 1-element tensors too)."""
+    if node.op_type != "Range":
+        return arrays
+    return [a.reshape(()) if a is not None and a.ndim > 0 and a.size == 1 else a for a in arrays]
+
+
+def _scalar_range_inputs(node: Node) -> int:
+    """`Range(0, L, 1)` with L a constant of shape [1]  →  `Range(0, L', 1)`, L' the same value as
+    a scalar. ONNX wants scalars; onnxruntime's kernel also takes 1-element tensors, so models
+    rely on it (AffineGrid's expanded function feeds Range a dim split off `size`), but its
+    load-time inference rejects the model once such an input is a constant: inlining an If or
+    folding its producer makes one out of a value that was computed before. Returns the count."""
+    g = node.graph
+    if g is None:
+        return 0
+    changed = 0
+    for i, v in enumerate(node.inputs[:3]):
+        if v is None or not is_constant(v):
+            continue
+        arr = const_array(v)
+        if arr is None or arr.ndim == 0 or arr.size != 1:
+            continue
+        node.replace_input_with(i, make_constant(g, arr.reshape(()), v, before=node))
+        changed += 1
+    return changed
+
+
+def _fold(node: Node, model: Model, *, max_size: int, max_expand: int) -> bool:
     if node.domain not in STANDARD_DOMAINS or node.op_type in _NEVER_FOLD or node.subgraphs():
         return False
     present = [v for v in node.inputs if v is not None]
@@ -188,7 +228,7 @@ def try_fold(node: Node, model: Model, *, max_size: int, max_expand: int) -> boo
     sizes = [const_numel(v) or 0 for v in present]
     if sum(sizes) > max_size * 4:  # inputs this big: evaluation costs more than it saves
         return False
-    arrays = [None if v is None else const_array(v) for v in node.inputs]
+    arrays = _one_element_as_scalar(node, [None if v is None else const_array(v) for v in node.inputs])
     # elements (and stored bytes) that disappear with the node: constant inputs read by nothing else
     freed = freed_bytes = 0
     seen: set[int] = set()

@@ -127,4 +127,26 @@ def infer_types(model: Model) -> int:
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
     except Exception:
         return 0
+    _forget_anonymous(model)
     return _apply(model.graph, inferred.graph)
+
+
+def _forget_anonymous(model: Model) -> None:
+    """Drop the made-up dim symbols an earlier run left on inner values, before this run's types go on.
+
+    Each inference run numbers its made-up symbols afresh, so "unk__5" of an earlier run and
+    "unk__5" of this one are different dims; kept side by side (merge_type keeps the old symbol
+    when the new one is made up too) they claim two different sizes are equal, and onnxruntime
+    refuses the exported value_info at run time ("Shape mismatch attempting to re-use buffer").
+    Inlining an If mixes them: the branch's values keep the types of a run that saw them inside
+    the branch. The model's inputs and outputs keep theirs (the interface does not change)."""
+    interface = {id(v) for v in (*model.graph.inputs, *model.graph.outputs)}
+    for n in model.graph.all_nodes():
+        values = list(n.outputs) + [v for sg in n.subgraphs() for v in sg.inputs]
+        for v in values:
+            t = v.type
+            if id(v) in interface or not isinstance(t, TensorType) or t.shape is None:
+                continue
+            if any(_anonymous(d) for d in t.shape.dims):
+                dims = tuple(None if _anonymous(d) else d for d in t.shape.dims)
+                v.type = TensorType(t.dtype, Shape(dims, t.shape.denotations), t.denotation)

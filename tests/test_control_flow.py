@@ -321,3 +321,33 @@ def test_inlined_if_keeps_dim_symbols_of_one_inference_run() -> None:
     sizes = _declared_dims_hold(out, feeds)
     assert sizes and all(len(s) == 1 for s in sizes.values()), sizes
     np.testing.assert_array_equal(_ort(model, feeds)[0], _ort(out, feeds)[0])
+
+
+def test_loop_invariant_carried_value_rewired_and_reported() -> None:
+    """A carried value the body passes through unchanged: its readers inside the body read the
+    initial value, and the pass says it changed the model (it reported nothing when that was
+    all it did); numbers equal, a second run changes nothing."""
+    f = TensorProto.FLOAT
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["b_in", "a_in"], ["b_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("a_in", f, [2]), helper.make_tensor_value_info("b_in", f, [2])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("a_in", f, [2]),
+         helper.make_tensor_value_info("b_out", f, [2])])
+    g = helper.make_graph(
+        [helper.make_node("Loop", ["trip", "", "a", "b"], ["a_final", "b_final"], body=body)], "g",
+        [helper.make_tensor_value_info("a", f, [2]), helper.make_tensor_value_info("b", f, [2])],
+        [helper.make_tensor_value_info("a_final", f, [2]), helper.make_tensor_value_info("b_final", f, [2])],
+        [numpy_helper.from_array(np.array(3, np.int64), "trip")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {"a": np.array([1.0, 2.0], np.float32), "b": np.array([0.5, -1.0], np.float32)}
+    m = graphopt.load(model)
+    res = get_pass("simplify-control-flow")().run(m, PassContext())
+    assert res.changed and res.stats["loop-invariants-rewired"] == 1, res.stats
+    m.verify()
+    out = graphopt.to_onnx(m)
+    for got, want in zip(_ort(out, feeds), _ort(model, feeds)):
+        np.testing.assert_array_equal(got, want)
+    again = get_pass("simplify-control-flow")().run(m, PassContext())
+    assert not again.changed, again.stats

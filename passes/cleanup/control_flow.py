@@ -90,9 +90,10 @@ class SimplifyControlFlow(Pass):
                 if n.op_type == "If":
                     stats["if-outputs-removed"] += _drop_if_outputs(n)
                 elif n.op_type == "Loop":
-                    s, c = _simplify_loop(n)
+                    s, c, r = _simplify_loop(n)
                     stats["loop-outputs-removed"] += s
                     stats["loop-carried-removed"] += c
+                    stats["loop-invariants-rewired"] = stats.get("loop-invariants-rewired", 0) + r
         changed = any(v for k, v in stats.items() if k != "folded")
         return PassResult(changed, stats)
 
@@ -251,14 +252,16 @@ def _reads(g: Graph, targets: list[Value]) -> set[int]:
     return out
 
 
-def _simplify_loop(node: Node) -> tuple[int, int]:
+def _simplify_loop(node: Node) -> tuple[int, int, int]:
+    """(scan outputs removed, carried values removed, readers of a loop-invariant carried value
+    rewired to its initial value)."""
     a = node.attributes.get("body")
     if a is None or a.value is None:
-        return 0, 0
+        return 0, 0, 0
     body: Graph = a.value
     n_carried = len(node.inputs) - 2
     if n_carried < 0 or len(body.inputs) != n_carried + 2 or len(body.outputs) != len(node.outputs) + 1:
-        return 0, 0
+        return 0, 0, 0
     n_scan = len(node.outputs) - n_carried
     changed_c = 0
     # a carried value the body passes through unchanged is loop-invariant: read the initial value
@@ -266,8 +269,10 @@ def _simplify_loop(node: Node) -> tuple[int, int]:
         v_in, v_out, init = body.inputs[2 + j], body.outputs[1 + j], node.inputs[2 + j]
         if v_out is v_in and init is not None and v_in.uses():
             v_in.replace_all_uses_with(init)
+            changed_c += 1
         if v_out is v_in and init is not None and node.outputs[j].uses() and not node.outputs[j].is_graph_output():
             node.outputs[j].replace_all_uses_with(init)
+            changed_c += 1
     dead_scan = [k for k in range(n_scan) if _unused(node.outputs[n_carried + k])]
     dead_carried: list[int] = []
     for j in range(n_carried):
@@ -279,7 +284,7 @@ def _simplify_loop(node: Node) -> tuple[int, int]:
             continue
         dead_carried.append(j)
     if not dead_scan and not dead_carried:
-        return 0, 0
+        return 0, 0, changed_c
     keep_c = [j for j in range(n_carried) if j not in dead_carried]
     keep_s = [k for k in range(n_scan) if k not in dead_scan]
     body.outputs = [body.outputs[0]] + [body.outputs[1 + j] for j in keep_c] + [body.outputs[1 + n_carried + k] for k in keep_s]
@@ -290,12 +295,12 @@ def _simplify_loop(node: Node) -> tuple[int, int]:
         if v_in.uses():
             init = node.inputs[2 + j]
             if init is None:
-                return 0, 0  # pragma: no cover - a carried value always has an initial one
+                return 0, 0, changed_c  # pragma: no cover - a carried value always has an initial one
             v_in.replace_all_uses_with(init)
     body.set_inputs(body.inputs[:2] + [body.inputs[2 + j] for j in keep_c])
     node.set_inputs(list(node.inputs[:2]) + [node.inputs[2 + j] for j in keep_c])
     _rebuild(node, keep_c + [n_carried + k for k in keep_s])
-    return len(dead_scan), len(dead_carried)
+    return len(dead_scan), len(dead_carried), changed_c
 
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import asdict
 from typing import Any
 
 from graphopt.errors import UsageError

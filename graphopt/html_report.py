@@ -377,7 +377,9 @@ def _profile(rows: Sequence[Mapping[str, Any]], meta: Any = None) -> str:
     (where a generic fallback shows), and every row."""
     meta = meta if isinstance(meta, Mapping) else {}
     total = sum(float(x["ms"]) for x in rows) or 1.0
-    share = (lambda x: float(x["share"]) if isinstance(x.get("share"), (int, float)) else 100 * float(x["ms"]) / total)
+    def share(x: Mapping[str, Any]) -> float:
+        return float(x["share"]) if isinstance(x.get("share"), (int, float)) else 100 * float(x["ms"]) / total
+
     body = ""
     if meta:
         peak = meta.get("peak") if isinstance(meta.get("peak"), Mapping) else {}

@@ -89,7 +89,9 @@ def output_agreement(reference: Sequence[Sequence[np.ndarray]], result: Sequence
     n_all, d_all = sum(num.values()), sum(den.values())
     rel = (0.0 if d_all == 0 else math.sqrt(d_all / n_all) if n_all > 0 else math.inf) if num else None
     worst = min(sq, key=lambda i: sq[i]) if sq else None
-    label = (lambda i: names[i] if names is not None and i < len(names) else f"output {i}")
+    def label(i: int) -> str:
+        return names[i] if names is not None and i < len(names) else f"output {i}"
+
     return {
         "cosine": float(np.mean(cos)) if cos else None,
         "top1-agreement": same / total if total else None,

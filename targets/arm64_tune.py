@@ -88,7 +88,6 @@ def rpc_tune(
     from graphopt.targets.tvm.build import cpu_only_intrinsics
 
     cpu_only_intrinsics()
-    import tvm
     from tvm.s_tir import meta_schedule as ms
 
     from graphopt.targets.tvm_schedules import is_tunable_kernel

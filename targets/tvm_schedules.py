@@ -35,7 +35,7 @@ so a surprising kernel falls back to a simpler schedule instead of failing the c
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 

@@ -21,7 +21,6 @@ import graphopt
 from graphopt import cli, compare, html_report
 from graphopt.errors import UsageError
 from graphopt.metrics import output_agreement, parse_thresholds, sqnr_db, top1_accuracy
-from graphopt.report import VerifyResult
 from graphopt.verification import Reference, reference_outputs, verify_outputs
 
 ROOT = Path(__file__).resolve().parents[1]

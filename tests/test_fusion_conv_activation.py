@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 import graphopt
 from graphopt.check import check_same_outputs
 from graphopt.ir import Model
-from graphopt.pattern import get_rule, list_rules
+from graphopt.pattern import list_rules
 from graphopt.transform import PassContext, get_pass
 
 F = TensorProto.FLOAT

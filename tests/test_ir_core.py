@@ -336,7 +336,7 @@ def test_remove_batch_in_a_subgraph_with_uses_in_a_nested_subgraph() -> None:
     body = Graph([], [keep.outputs[0]], [a, inner_if, keep], name="body")
     outer = Node("", "If", [Value("c", TensorType(DataType.BOOL, ()))], {"then_branch": body, "else_branch": Graph([], [x], [], name="e")},
                  outputs=[Value("y", F32)], name="outer")
-    g = Graph([x, outer.inputs[0]], [outer.outputs[0]], [outer])
+    Graph([x, outer.inputs[0]], [outer.outputs[0]], [outer])  # (owns `outer`: body is a subgraph)
     body.remove([a, inner_if])
     assert _names(body) == ["keep"]
     assert _uses(x) == [("keep", 0)]

@@ -31,7 +31,6 @@ from graphopt.calibration import (
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.passes.quantize import (
     Budget,
-    QParams,
     Quantize,
     activation_params,
     dequantize_array,

@@ -18,7 +18,6 @@ import graphopt  # noqa: E402
 from graphopt.check import run_onnxruntime  # noqa: E402
 from graphopt.passes.fusion.kernel_groups import PlanKernels  # noqa: E402
 from graphopt.targets.schedule_variants import variants  # noqa: E402
-from graphopt.targets.tvm import build as B  # noqa: E402
 from graphopt.targets.tvm import lower as L  # noqa: E402
 from graphopt.targets.tvm_schedules import default_schedule  # noqa: E402
 from graphopt.transform import PassContext, optimize  # noqa: E402

@@ -222,7 +222,6 @@ def test_symbolic_shape_kernels_are_not_tuned(tmp_path):
 def _graphopt_conv_kernel():
     """Conv(+bias)+Relu lowered the way the cpu target does (graphopt's kernel groups): the bias
     arrives as an argument and is reshaped inside the kernel."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     import graphopt

@@ -4,7 +4,6 @@ which kernels with multiply-add work run on a generic schedule, with their share
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import onnx

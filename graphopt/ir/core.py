@@ -367,7 +367,7 @@ class Graph:
     # --- inputs / initializers -----------------------------------------------------------------
     def set_inputs(self, inputs: Sequence[Value]) -> None:
         for v in self.inputs:
-            if not self.initializers.get(v.name) is v:
+            if self.initializers.get(v.name) is not v:
                 v._graph = None
         self.inputs = list(inputs)
         self._input_set = set(self.inputs)

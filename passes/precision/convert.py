@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from graphopt.errors import UsageError
 from graphopt.ir import Attr, AttrType, Builder, unique_name, DataType, Model, Node, NumpyTensor, TensorType, Value
 from graphopt.passes.cleanup.infer import infer_types
 from graphopt.passes.precision import kernels

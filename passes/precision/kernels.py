@@ -46,7 +46,6 @@ _CACHE: dict[tuple[object, ...], tuple[str, str]] = {}
 def _probe(node: Node, in_types: list[DataType | None], ranks: list[int | None], opset: int) -> tuple[str, str]:
     import onnx
     import onnxruntime as ort
-    from onnx import helper
 
     from graphopt.ir import Graph, Model, Value
     from graphopt.ir.types import Shape, TensorType

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from graphopt.calibration import TensorStats
-from graphopt.ir import Builder, DataType, Model, Node, NumpyTensor, Shape, TensorType, Value
+from graphopt.ir import Builder, DataType, Model, Node, Shape, TensorType, Value
 from graphopt.pattern import const_array, drop_unused_initializers
 
 COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")

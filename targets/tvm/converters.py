@@ -472,7 +472,7 @@ def _recurrent(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -
     default = {"RNN": ["Tanh"], "GRU": ["Sigmoid", "Tanh"], "LSTM": ["Sigmoid", "Tanh", "Tanh"]}[op]
     c = _rnn_common(bb, node, ins, gates, default)
     x, dtype, hsz = c["x"], _dt(c["x"]), c["hidden"]
-    t, batch = c["t"], c["batch"]
+    t = c["t"]
     init_h = ins[5] if len(ins) > 5 else None
     init_c = ins[6] if op == "LSTM" and len(ins) > 6 else None
     peep = ins[7] if op == "LSTM" and len(ins) > 7 else None

@@ -44,7 +44,7 @@ from tvm.relax.frontend.onnx import onnx_frontend as _fe
 
 from graphopt import GraphoptError
 from graphopt.ir import Model, Node, Value
-from graphopt.ir.core import Attr, AttrType
+from graphopt.ir.core import AttrType
 from graphopt.ir.types import TensorType
 from graphopt.targets.machine import MachineModel, machine_model
 
@@ -152,11 +152,11 @@ def _conv_integer(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int
                             "w_zero_point on the cpu target")
     if len(ins[1].ty.shape) != 4 or str(_attr(node, "auto_pad", "NOTSET")) != "NOTSET":
         raise LoweringError(f"node {node.label()}: only 2-D ConvInteger with explicit pads is supported by the cpu target")
-    t, l, b_, r = (list(_attr(node, "pads", [0, 0, 0, 0])) + [0, 0, 0, 0])[:4]
+    top, left, bottom, right = (list(_attr(node, "pads", [0, 0, 0, 0])) + [0, 0, 0, 0])[:4]
     z = int(zx.reshape(()))
     x = ins[0]
-    if t or l or b_ or r:
-        x = bb.normalize(relax.op.nn.pad(x, [0, 0, 0, 0, t, b_, l, r], pad_value=float(z)))
+    if top or left or bottom or right:
+        x = bb.normalize(relax.op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(z)))
     y = bb.normalize(relax.op.nn.conv2d(x, ins[1], strides=list(_attr(node, "strides", [1, 1])), padding=[0, 0, 0, 0],
                                         dilation=list(_attr(node, "dilations", [1, 1])),
                                         groups=int(_attr(node, "group", 1)), out_dtype="int32"))

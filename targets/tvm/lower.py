@@ -69,6 +69,61 @@ class LoweringError(GraphoptError):
     """The model uses something the TVM lowering cannot express."""
 
 
+class ShapeUnificationError(LoweringError):
+    """A node needs dims of its inputs equal that are different expressions of the symbolic input
+    dims (a Concat of an upsampled map with a skip connection: `((H - 3) // 8 + 1) * 2` and
+    `(H - 3) // 4 + 1`); `divisors` maps each symbolic dim to the multiple that makes them equal
+    expressions (the product of the floor divisions it goes through)."""
+
+    def __init__(self, msg: str, divisors: dict[str, int]) -> None:
+        super().__init__(msg)
+        self.divisors = divisors
+
+
+def _floordiv_multiple(e: Any, out: dict[str, int]) -> None:
+    """For each var of dim expression `e`, the product of the constant floor divisors above it
+    (lcm over the paths): `(H - 3) // 8 + 1` → {"H": 8}."""
+    import math
+
+    def walk(x: Any, factor: int) -> None:
+        if isinstance(x, tvm.tirx.Var):
+            out[x.name] = math.lcm(out.get(x.name, 1), factor)
+            return
+        if isinstance(x, (tvm.tirx.FloorDiv, tvm.tirx.FloorMod, tvm.tirx.Div, tvm.tirx.Mod)):
+            d = x.b
+            walk(x.a, factor * int(d.value) if isinstance(d, tvm.tirx.IntImm) and int(d.value) > 0 else factor)
+            walk(x.b, factor)
+            return
+        for k in ("a", "b", "value", "condition", "true_value", "false_value"):
+            sub = getattr(x, k, None)
+            if isinstance(sub, tvm.ir.expr.Expr) and not isinstance(x, tvm.tirx.IntImm):
+                walk(sub, factor)
+
+    walk(e, 1)
+
+
+def _check_unified(node: Node, ins: list[Any], outs: list[Any]) -> None:
+    """Raise ShapeUnificationError when `node` lost its output shape (rank only) although every
+    tensor input had one: Relax could not prove dims equal that the op needs equal."""
+    def shaped(e: Any) -> bool:
+        ty = getattr(e, "ty", None) if isinstance(e, relax.Expr) else None
+        return not isinstance(ty, relax.TensorType) or isinstance(ty.shape, relax.ShapeExpr)
+
+    if all(shaped(o) for o in outs) or not all(shaped(e) for e in ins if e is not None):
+        return
+    divisors: dict[str, int] = {}
+    shown = []
+    for e in ins:
+        ty = getattr(e, "ty", None) if isinstance(e, relax.Expr) else None
+        if isinstance(ty, relax.TensorType) and isinstance(ty.shape, relax.ShapeExpr):
+            for d in ty.shape.values:
+                if not isinstance(d, tvm.tirx.IntImm):
+                    _floordiv_multiple(d, divisors)
+            shown.append("[" + ", ".join(str(d) for d in ty.shape.values) + "]")
+    raise ShapeUnificationError(f"node {node.label()}: {node.op_type} of inputs of shapes {', '.join(shown)} "
+                                "that are not equal for every size of the symbolic dims", divisors)
+
+
 @dataclass
 class LoweredModule:
     mod: tvm.IRModule
@@ -85,6 +140,9 @@ class LoweredModule:
     # group (an inline group's ops, layout changes) are traced back to ONNX nodes through it
     bindings: dict[str, str] = field(default_factory=dict)
     group_nodes: dict[str, list[Node]] = field(default_factory=dict)  # group name → its nodes
+    # symbolic input dims: name → {"input", "axis", "multiple"} (multiple > 1: the dim is
+    # re-expressed as multiple x a new var, checked at run time; see `lower_and_fuse`)
+    symbolic_dims: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 # --- attributes -----------------------------------------------------------------------------------
@@ -853,9 +911,10 @@ class _LiftConstants(relax.PyExprMutator):  # type: ignore[misc]
 def _lift_constants(func: relax.Function) -> tuple[relax.Function, list[tvm.ir.GenericConst]]:
     m = _LiftConstants()
     body = m.visit_expr(func.body)
-    if not m.lifted:
+    if not m.lifted and not any(str(p.name) == "dims" for p in func.params):
         return func, []
-    params = list(func.params) + [v for v, _ in m.lifted]
+    shapes = [p for p in func.params if str(p.name) == "dims"]  # (kept last: see _primitive)
+    params = shapes + [p for p in func.params if str(p.name) != "dims"] + [v for v, _ in m.lifted]
     new = relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs)
     return new, [c for _, c in m.lifted]
 
@@ -944,8 +1003,11 @@ def _group_name(k: str) -> str:
 
 class _Lowerer:
     def __init__(self, model: Model, force_inline: dict[str, str] | None = None, block: int | None = None,
-                 winograd: str | None = None, machine: MachineModel | None = None, activity: Any = None) -> None:
+                 winograd: str | None = None, machine: MachineModel | None = None, activity: Any = None,
+                 multiples: dict[str, int] | None = None) -> None:
         self.model = model
+        self.multiples = dict(multiples or {})  # symbolic input dim → the multiple it is re-expressed in
+        self.definers: list[Any] = []  # main's tensors whose plain dims define symbolic vars (see _primitive)
         self.activity = activity  # told the node being lowered (the compile watchdog names it)
         self.machine = machine  # the target's machine model (blocked convs' tiles)
         self.force_inline = dict(force_inline or {})
@@ -1009,8 +1071,16 @@ class _Lowerer:
                 if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
                     self._constant_node(n)
         param_vars = [p for p, _ in self.params]
+        sym_dims: dict[str, dict[str, Any]] = {}
+        for v, rv in zip(inputs, in_vars):
+            if isinstance(rv.ty.shape, relax.ShapeExpr):
+                for ax, d in enumerate(rv.ty.shape.values):
+                    if isinstance(d, tvm.tirx.Var) and d.name not in sym_dims:
+                        sym_dims[d.name] = {"input": v.name, "axis": ax, "multiple": int(self.multiples.get(d.name, 1))}
+        self.symbolic_dims = sym_dims
         with function_scope(self.bb, "main", in_vars + param_vars, {"num_input": len(in_vars)}):
             with self.bb.dataflow():
+                self._reexpress_dims(inputs, in_vars)
                 for k, nodes in groups:
                     nodes = [n for n in nodes if id(n.outputs[0]) not in self.env] if nodes else nodes
                     if not nodes:
@@ -1043,7 +1113,38 @@ class _Lowerer:
             block=self.plan.block if self.plan is not None and self.plan.groups else None,
             bindings=self.bindings,
             group_nodes={_group_name(k): list(ns) for k, ns in groups},
+            symbolic_dims=self.symbolic_dims,
         )
+
+    def _reexpress_dims(self, inputs: list[Value], in_vars: list[relax.Var]) -> None:
+        """Each symbolic input dim D with a multiple m > 1 becomes m * D_m (D_m = D // m, a new
+        var defined by a match_cast of a shape, the input then match_cast to the new dims: the VM
+        checks D == m * D_m when it runs). Strided convs and pools then give exact dims (a 3x3
+        stride-2 conv of 8 * H_8 rows has 4 * H_8), equal where the upsampled maps meet their skip
+        connections, so Concat and Add keep their shapes."""
+        self.definers = [rv for rv in in_vars if isinstance(rv.ty.shape, relax.ShapeExpr)]
+        new: dict[str, Any] = {}
+        for name, m in self.multiples.items():
+            if m > 1 and name in self.sym:
+                new[name] = tvm.tirx.Var(f"{name}_{m}", "int64")
+        if not new:
+            return
+        names = sorted(new)
+        # (through a run-time tensor: a D_m defined by the ShapeExpr D // m directly is resolved
+        # back to that expression by FuseTIR's RemoveUnusedParameters, which FuseTIR then rejects:
+        # "All shape inputs are expected to be single tirx var")
+        R = relax.op
+        t = self.bb.emit(R.shape_to_tensor(relax.ShapeExpr([self.sym[n] for n in names])))
+        t = self.bb.emit(R.floor_divide(t, relax.const(np.array([self.multiples[n] for n in names], np.int64), "int64")))
+        sh = self.bb.emit(R.tensor_to_shape(t))
+        self.definers.insert(0, self.bb.match_cast(sh, relax.ShapeType([new[n] for n in names])))
+        for v, rv in zip(inputs, in_vars):
+            if not isinstance(rv.ty.shape, relax.ShapeExpr):
+                continue
+            dims = [new[d.name] * self.multiples[d.name] if isinstance(d, tvm.tirx.Var) and d.name in new else d
+                    for d in rv.ty.shape.values]
+            if any(not a.same_as(b) for a, b in zip(dims, rv.ty.shape.values)):
+                self.env[id(v)] = self.bb.match_cast(rv, relax.TensorType(dims, rv.ty.dtype))
 
     def _constant(self, v: Value, arr: np.ndarray) -> None:
         if arr.dtype == object or arr.dtype.kind in "SUO":
@@ -1119,6 +1220,7 @@ class _Lowerer:
                 out = _layout.convert_blocked(bb, n, role, ins, self.plan,
                                               lambda b_, n_, i_: convert_node(b_, n_, i_, self.opset),
                                               self.plan.winograd.get(id(n), 0))
+                _check_unified(n, ins, [out])
                 env[id(n.outputs[0])] = out
                 continue
             sym = _sym_eval(n, ins) if n.domain in ("", "ai.onnx") else None
@@ -1145,6 +1247,7 @@ class _Lowerer:
                 detail = msg[-1] if msg else type(e).__name__
                 raise LoweringError(f"node {n.label()}: {n.op_type} cannot be lowered: {type(e).__name__}: {detail[:300]}") from None
             outs = _split_outputs(bb, n, out, self.opset)
+            _check_unified(n, ins, outs)
             _check_outputs(n, outs)
             for v, e in zip(n.outputs, outs):
                 env[id(v)] = e
@@ -1282,14 +1385,16 @@ class _Lowerer:
         func = None
         if why is None:
             try:
-                func, consts = self._primitive(gname, nodes, ext, outs)
+                func, consts, dim_args = self._primitive(gname, nodes, ext, outs)
             except LoweringError as e:
                 why = str(e)
         if func is not None:
             why = _primitive_refusal(func)
         if why is None and func is not None:
             gv = self.bb.add_func(func, gname)
+            dim_args = [self._dim_shape(a) if isinstance(a, relax.ShapeExpr) else a for a in dim_args]
             args = [self._in_form(self.bb, self.env, v, form) for v, form in ext if not self._is_inline_const(v)] + consts
+            args = dim_args + args  # (the vars' definer first: FuseTIR maps the kernel's vars from it)
             call = self.bb.emit(relax.Call(gv, args))
             if len(outs) == 1:
                 self.env[id(outs[0])] = call
@@ -1301,6 +1406,15 @@ class _Lowerer:
         # inline into main, node by node
         self.inline[gname] = why or "not a primitive function"
         self._convert_into(self.bb, nodes, self.env)
+
+    def _dim_shape(self, shape: relax.ShapeExpr) -> relax.Expr:
+        """A group's shape argument as a match_cast var in main (FuseTIR rejects a ShapeExpr,
+        bound or not: "All shape inputs are expected to be single tirx var"), one per var list."""
+        key = tuple(str(v) for v in shape.values)
+        cache = self.__dict__.setdefault("_dim_shapes", {})
+        if key not in cache:
+            cache[key] = self.bb.match_cast(self.bb.emit(shape), relax.ShapeType(list(shape.values)))
+        return cache[key]
 
     def _try_symbolic(self, nodes: list[Node]) -> bool:
         """Evaluate a group of shape arithmetic at compile time (no kernel); False if it is not one."""
@@ -1322,7 +1436,8 @@ class _Lowerer:
     def _is_inline_const(self, v: Value) -> bool:
         return isinstance(self.env.get(id(v)), (tvm.ir.GenericConst, Sym))
 
-    def _primitive(self, gname: str, nodes: list[Node], ext: list[tuple[Value, str]], outs: list[Value]) -> tuple[relax.Function, list[tvm.ir.GenericConst]]:
+    def _primitive(self, gname: str, nodes: list[Node], ext: list[tuple[Value, str]], outs: list[Value]
+                   ) -> tuple[relax.Function, list[tvm.ir.GenericConst], list[relax.Expr]]:
         gbb = relax.BlockBuilder()
         env: dict[Any, Any] = {}
         params = []
@@ -1341,6 +1456,25 @@ class _Lowerer:
             params.append(p)
             native = self.plan is None or self.plan.native(v) == form
             env[id(v) if native else (id(v), form)] = p
+        # a param dim that is an expression of symbolic dims (`(H - 1) // 2 + 1` after a stride-2
+        # conv) defines no var: its vars come in as a shape argument, else the function's shapes
+        # are erased to rank-only ones (and blocked TE computes, pooling, Resize cannot take those)
+        defined = {v for p in params for v in relax.analysis.definable_tir_vars_in_type(p.ty)}
+        missing = sorted({v for p in params for v in relax.analysis.tir_vars_in_type(p.ty) if v not in defined}, key=lambda v: v.name)
+        dim_args: list[relax.Expr] = []
+        if missing:
+            # a tensor of main whose dims include those vars as plain dims (an input, or the
+            # zero-copy view of one that `_reexpress_dims` makes), passed along unread: a Shape
+            # argument defines them too, but FuseTIR rejects it in some modules ("All shape
+            # inputs are expected to be single tirx var")
+            definer = next((d for d in self.definers
+                            if set(missing) <= set(relax.analysis.definable_tir_vars_in_type(d.ty))), None)
+            if definer is not None:
+                params.append(relax.Var("dims", definer.ty))
+                dim_args.append(definer)
+            else:
+                params.append(relax.Var("dims", relax.ShapeType(missing)))
+                dim_args.append(relax.ShapeExpr(missing))
         with function_scope(gbb, gname, params, {"Primitive": True}, private=True):
             with gbb.dataflow():
                 self._convert_into(gbb, nodes, env)
@@ -1364,7 +1498,7 @@ class _Lowerer:
             table = {gv: self.bb.add_func(sub[gv], gv.name_hint) for gv in extra}
             func = _rebind_globals(func, table)
         func, consts = _lift_constants(func)
-        return func, consts
+        return func, consts, dim_args
 
 
 def _check_body_arity(n: Node, n_in: int) -> None:
@@ -1402,13 +1536,37 @@ def _rebind_globals(func: relax.Function, table: dict[tvm.ir.GlobalVar, tvm.ir.G
 
 
 def lower(model: Model, force_inline: dict[str, str] | None = None, block: int | None = None,
-          winograd: str | None = None, machine: MachineModel | None = None, activity: Any = None) -> LoweredModule:
+          winograd: str | None = None, machine: MachineModel | None = None, activity: Any = None,
+          multiples: dict[str, int] | None = None) -> LoweredModule:
     """Lower `model` (planned with `plan-kernels`). Groups named in `force_inline` are emitted
     inline into main (with that reason). With `block`, convolution groups run on channel-blocked
     activations where they can (see layout.py), 3x3 convs in Winograd form per `winograd` (a
     `layout.plan_layout` mode), tiled for `machine` (the target's machine model; needed with `block`).
     `activity` (a compile_watchdog.Activity) is told which node is being lowered."""
-    return _Lowerer(model, force_inline, block, winograd, machine, activity).lower()
+    return _Lowerer(model, force_inline, block, winograd, machine, activity, multiples).lower()
+
+
+#: how many times `lower_unified` re-lowers with larger multiples before it gives up
+UNIFY_ROUNDS = 4
+
+
+def lower_unified(model: Model, **kw: Any) -> LoweredModule:
+    """`lower`, re-expressing symbolic input dims as multiples where a node needs dims equal that
+    are not for every size (see ShapeUnificationError): each round raises the multiples to what
+    the failing node's dim expressions divide by; a node still failing after UNIFY_ROUNDS, or one
+    that names no divisor, is reported."""
+    import math
+
+    multiples: dict[str, int] = {}
+    for _ in range(UNIFY_ROUNDS + 1):
+        try:
+            return lower(model, multiples=multiples, **kw)
+        except ShapeUnificationError as e:
+            grown = {k: math.lcm(multiples.get(k, 1), m) for k, m in e.divisors.items() if m > 1}
+            if not grown or all(multiples.get(k, 1) == m for k, m in grown.items()):
+                raise LoweringError(f"{e}; fix those dims with --dim NAME=N or --input-shape") from None
+            multiples.update(grown)
+    raise LoweringError(f"symbolic dims still not unified with multiples {multiples}")
 
 
 def lower_and_fuse(model: Model, target: tvm.target.Target, block: int | None = None,
@@ -1416,7 +1574,8 @@ def lower_and_fuse(model: Model, target: tvm.target.Target, block: int | None = 
     """`lower` then `legalize_and_fuse`. When FuseTIR refuses the module, each primitive group is
     tried on its own, the ones it refuses are emitted inline instead, and the model is lowered again."""
     machine = machine_model(target)
-    lowered = lower(model, block=block, winograd=winograd, machine=machine, activity=activity)
+    lowered = lower_unified(model, block=block, winograd=winograd, machine=machine, activity=activity)
+    multiples = {k: d["multiple"] for k, d in lowered.symbolic_dims.items() if d["multiple"] > 1}
     if activity is not None:
         activity.what = "legalizing and fusing the kernels (LegalizeOps, FuseTIR)"
     try:
@@ -1425,7 +1584,8 @@ def lower_and_fuse(model: Model, target: tvm.target.Target, block: int | None = 
         bad = failing_groups(lowered.mod, target)
         if not bad:
             raise LoweringError(f"LegalizeOps/FuseTIR failed: {_last_line(first)}") from None
-    lowered = lower(model, force_inline=bad, block=block, winograd=winograd, machine=machine, activity=activity)
+    lowered = lower(model, force_inline=bad, block=block, winograd=winograd, machine=machine, activity=activity,
+                    multiples=multiples)
     if activity is not None:
         activity.what = "legalizing and fusing the kernels (LegalizeOps, FuseTIR)"
     try:

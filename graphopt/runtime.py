@@ -180,6 +180,38 @@ def check_params(artifact: Artifact, path: str) -> None:
                                 f"(uint8{packed} and [{entries}] expected)")
 
 
+def check_dims(manifest: Mapping[str, Any], names: Sequence[str], arrays: Sequence[np.ndarray]) -> None:
+    """The symbolic dims' run-time constraints the compiler recorded (manifest "dims"): a dim
+    named in several places has one size, a multiple where strided maps meet again, a minimum
+    where a conv or pool window must fit. One line naming the input, the dim and the rule."""
+    sym = (manifest.get("dims") or {}).get("symbolic") or {}
+    if not sym:
+        return
+    index = {n: i for i, n in enumerate(names)}
+    seen: dict[str, tuple[str, int]] = {}
+    for spec, a in zip(manifest.get("inputs", []), arrays):  # the same name everywhere: one size
+        for ax, d in enumerate(spec.get("shape") or []):
+            if isinstance(d, str) and ax < a.ndim:
+                if d in seen and seen[d][1] != a.shape[ax]:
+                    raise UsageError(f"input {spec['name']!r}: dim {d} (axis {ax}) is {a.shape[ax]}, but {d} is "
+                                     f"{seen[d][1]} in input {seen[d][0]!r}")
+                seen.setdefault(d, (spec["name"], int(a.shape[ax])))
+    for name, d in sym.items():
+        i = index.get(d.get("input"))
+        if i is None or int(d.get("axis", -1)) >= arrays[i].ndim:
+            continue
+        size = int(arrays[i].shape[int(d["axis"])])
+        where = f"input {d['input']!r}: dim {name} (axis {d['axis']}) is {size}"
+        m = int(d.get("multiple", 1))
+        if m > 1 and size % m:
+            why = f" ({d['why']})" if d.get("why") else ""
+            raise UsageError(f"{where}; this compiled model needs a multiple of {m}{why}: pad the input "
+                             f"to {-(-size // m) * m}, or compile with --input-shape")
+        lo = int(d.get("min", 0))
+        if size < lo:
+            raise UsageError(f"{where}; this compiled model needs at least {lo} (its convolution and pooling windows)")
+
+
 def _param(data: Any, name: str, rt: Mapping[str, Any]) -> np.ndarray:
     """Param `name` of an artifact's params file; a clustered weight (cpu target) is stored as
     its bit-packed indices and codebook and decoded here."""
@@ -303,8 +335,9 @@ class Runner:
                 if len(shape) != a.ndim or any(isinstance(d, int) and d != s for d, s in zip(shape, a.shape)):
                     shown = "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
                     raise UsageError(f"input {spec['name']!r}: shape {list(a.shape)} given, the model takes {shown}")
-            out.append(self._to_device(_contiguous(a)))
-        return out
+            out.append(_contiguous(a))
+        check_dims(self.manifest, [s["name"] for s in self.inputs], out)
+        return [self._to_device(a) for a in out]
 
     # hooks for runners of other devices (graphopt.targets.cuda, graphopt.targets.arm64)
     def _make_device(self, tvm: Any) -> Any:

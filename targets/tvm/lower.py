@@ -143,6 +143,7 @@ class LoweredModule:
     # symbolic input dims: name → {"input", "axis", "multiple"} (multiple > 1: the dim is
     # re-expressed as multiple x a new var, checked at run time; see `lower_and_fuse`)
     symbolic_dims: dict[str, dict[str, Any]] = field(default_factory=dict)
+    winograd_symbolic: list[str] = field(default_factory=list)  # convs kept direct: symbolic maps
 
 
 # --- attributes -----------------------------------------------------------------------------------
@@ -768,6 +769,9 @@ def _static_dims(shape: relax.ShapeExpr) -> list[Any]:
     return [int(d) if isinstance(d, tvm.tirx.IntImm) else d for d in shape.values]
 
 
+#: ops whose spatial output dims must be at least 1 (a window that fits the input)
+WINDOW_OPS = {"Conv", "ConvInteger", "ConvTranspose", "MaxPool", "AveragePool", "LpPool"}
+
 #: what a formal input or output of a schema holds
 SEQ, TENSOR, EITHER = "sequence", "tensor", "either"
 
@@ -1008,6 +1012,7 @@ class _Lowerer:
         self.model = model
         self.multiples = dict(multiples or {})  # symbolic input dim → the multiple it is re-expressed in
         self.definers: list[Any] = []  # main's tensors whose plain dims define symbolic vars (see _primitive)
+        self.windows: list[Any] = []  # symbolic output dims of convs and pools (see _note_window)
         self.activity = activity  # told the node being lowered (the compile watchdog names it)
         self.machine = machine  # the target's machine model (blocked convs' tiles)
         self.force_inline = dict(force_inline or {})
@@ -1100,6 +1105,7 @@ class _Lowerer:
                 res = self.bb.emit_output(relax.Tuple(outs) if len(outs) != 1 else outs[0])
             self.bb.emit_func_output(res)
         mod = self.bb.get()
+        self._min_sizes()
         return LoweredModule(
             mod=mod,
             input_names=[v.name for v in inputs],
@@ -1114,6 +1120,7 @@ class _Lowerer:
             bindings=self.bindings,
             group_nodes={_group_name(k): list(ns) for k, ns in groups},
             symbolic_dims=self.symbolic_dims,
+            winograd_symbolic=list(self.plan.winograd_symbolic) if self.plan is not None else [],
         )
 
     def _reexpress_dims(self, inputs: list[Value], in_vars: list[relax.Var]) -> None:
@@ -1221,6 +1228,7 @@ class _Lowerer:
                                               lambda b_, n_, i_: convert_node(b_, n_, i_, self.opset),
                                               self.plan.winograd.get(id(n), 0))
                 _check_unified(n, ins, [out])
+                self._note_window(n, [out])
                 env[id(n.outputs[0])] = out
                 continue
             sym = _sym_eval(n, ins) if n.domain in ("", "ai.onnx") else None
@@ -1248,6 +1256,7 @@ class _Lowerer:
                 raise LoweringError(f"node {n.label()}: {n.op_type} cannot be lowered: {type(e).__name__}: {detail[:300]}") from None
             outs = _split_outputs(bb, n, out, self.opset)
             _check_unified(n, ins, outs)
+            self._note_window(n, outs)
             _check_outputs(n, outs)
             for v, e in zip(n.outputs, outs):
                 env[id(v)] = e
@@ -1407,6 +1416,44 @@ class _Lowerer:
         self.inline[gname] = why or "not a primitive function"
         self._convert_into(self.bb, nodes, self.env)
 
+    def _note_window(self, n: Node, outs: list[Any]) -> None:
+        """Keep the symbolic spatial output dims of a convolution or pooling window: each must be
+        at least 1, which sets the smallest input size (`_min_sizes`)."""
+        if n.op_type not in WINDOW_OPS:
+            return
+        for o in outs:
+            ty = getattr(o, "ty", None) if isinstance(o, relax.Expr) else None
+            if isinstance(ty, relax.TensorType) and isinstance(ty.shape, relax.ShapeExpr) and ty.ndim >= 3:
+                self.windows.extend(d for d in list(ty.shape.values)[2:] if not isinstance(d, tvm.tirx.IntImm))
+
+    def _min_sizes(self) -> None:
+        """symbolic_dims[D]["min"]: the smallest size of D (a multiple of its "multiple") for which
+        every window output that depends on D alone is at least 1 (searched up to 2**16)."""
+        by_var: dict[str, list[Any]] = {}
+        for e in self.windows:
+            names = {v.name for v in tvm.tirx.analysis.undefined_vars(e)}
+            if len(names) == 1:
+                by_var.setdefault(names.pop(), []).append(e)
+        for name, info in self.symbolic_dims.items():
+            m = int(info["multiple"])
+            var_name = f"{name}_{m}" if m > 1 else name
+            exprs = by_var.get(var_name, [])
+            if not exprs:
+                info["min"] = m
+                continue
+            var = next(v for v in tvm.tirx.analysis.undefined_vars(exprs[0]) if v.name == var_name)
+
+            def ok(k: int) -> bool:  # (k: the var's value)
+                a = tvm.sym.Analyzer()
+                a.bind(var, tvm.tirx.IntImm("int64", k))
+                vals = [a.simplify(e) for e in exprs]
+                return all(isinstance(v, tvm.tirx.IntImm) and int(v.value) >= 1 for v in vals)
+
+            k = 1
+            while k < (1 << 16) and not ok(k):
+                k += 1 if k < 64 else k // 8
+            info["min"] = k * m if m > 1 else k
+
     def _dim_shape(self, shape: relax.ShapeExpr) -> relax.Expr:
         """A group's shape argument as a match_cast var in main (FuseTIR rejects a ShapeExpr,
         bound or not: "All shape inputs are expected to be single tirx var"), one per var list."""
@@ -1558,14 +1605,23 @@ def lower_unified(model: Model, **kw: Any) -> LoweredModule:
     import math
 
     multiples: dict[str, int] = {}
+    why: dict[str, str] = {}
     for _ in range(UNIFY_ROUNDS + 1):
         try:
-            return lower(model, multiples=multiples, **kw)
+            lowered = lower(model, multiples=multiples, **kw)
         except ShapeUnificationError as e:
             grown = {k: math.lcm(multiples.get(k, 1), m) for k, m in e.divisors.items() if m > 1}
             if not grown or all(multiples.get(k, 1) == m for k, m in grown.items()):
                 raise LoweringError(f"{e}; fix those dims with --dim NAME=N or --input-shape") from None
             multiples.update(grown)
+            node = str(e).split(": ", 1)[0].removeprefix("node ")
+            for k in grown:
+                why.setdefault(k, f"{node} joins maps of different strides")
+            continue
+        for k, info in lowered.symbolic_dims.items():
+            if k in why and info["multiple"] > 1:
+                info["why"] = why[k]
+        return lowered
     raise LoweringError(f"symbolic dims still not unified with multiples {multiples}")
 
 

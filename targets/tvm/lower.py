@@ -102,6 +102,12 @@ def _floordiv_multiple(e: Any, out: dict[str, int]) -> None:
     walk(e, 1)
 
 
+#: ops whose output shape joins their inputs' dims (equal, or broadcast): where a strided map meets
+#: an unstrided one, `_check_unified` asks for multiples
+JOINING_OPS = frozenset("""Concat Add Sub Mul Div Pow Max Min Sum Mean Where And Or Xor Equal Less Greater
+    LessOrEqual GreaterOrEqual PRelu BitShift Mod MatMul Gemm Conv ConvInteger BatchNormalization""".split())
+
+
 def _check_unified(node: Node, ins: list[Any], outs: list[Any]) -> None:
     """Raise ShapeUnificationError when `node` lost its output shape (rank only) although every
     tensor input had one: Relax could not prove dims equal that the op needs equal."""
@@ -109,7 +115,7 @@ def _check_unified(node: Node, ins: list[Any], outs: list[Any]) -> None:
         ty = getattr(e, "ty", None) if isinstance(e, relax.Expr) else None
         return not isinstance(ty, relax.TensorType) or isinstance(ty.shape, relax.ShapeExpr)
 
-    if all(shaped(o) for o in outs) or not all(shaped(e) for e in ins if e is not None):
+    if node.op_type not in JOINING_OPS or all(shaped(o) for o in outs) or not all(shaped(e) for e in ins if e is not None):
         return
     divisors: dict[str, int] = {}
     shown = []
@@ -120,6 +126,8 @@ def _check_unified(node: Node, ins: list[Any], outs: list[Any]) -> None:
                 if not isinstance(d, tvm.tirx.IntImm):
                     _floordiv_multiple(d, divisors)
             shown.append("[" + ", ".join(str(d) for d in ty.shape.values) + "]")
+    if not any(m > 1 for m in divisors.values()):
+        return  # (no strided map among them: not what multiples fix)
     raise ShapeUnificationError(f"node {node.label()}: {node.op_type} of inputs of shapes {', '.join(shown)} "
                                 "that are not equal for every size of the symbolic dims", divisors)
 

@@ -804,8 +804,8 @@ class RowReduction(_Rule):
         blocks = sch.get_child_blocks(_root(sch))
         last = blocks[-1]
         loops = sch.get_loops(last)
-        if len(loops) < 2 or _int(sch.get(loops[-1]).extent) is None:
-            return None
+        if len(loops) < 2 or (_int(sch.get(loops[-1]).extent) is None and not _SYMBOLIC_ROWS):
+            return None  # (a symbolic row length, softmax over S: rows parallel, not vectorised)
         row = _fuse_parallel(sch, loops[:-1])
         for block in reversed(blocks[:-1]):
             sch.compute_at(block, row, preserve_unit_loops=False)

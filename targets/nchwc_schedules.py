@@ -227,9 +227,21 @@ class _Match:
     symbolic: bool = False  # the output map's rows or columns are symbolic (ext holds SYMBOLIC_MAP)
 
 
-#: the output rows and columns a conv with a symbolic map is tiled for (a size no tile divides, so
-#: the tile choice is one with a ragged tail tile: the columns' count is known only at run time)
+#: the output rows and columns a conv with a symbolic map is tiled for: this prime times the
+#: multiple the symbolic size is known to be (4 * W_8 columns: 4 * 1009), so a tile dividing that
+#: multiple is chosen when the machine has one (whole tiles, no predicates), else a ragged tail
 SYMBOLIC_MAP = 1009
+
+
+def _multiple_of(extent: Any) -> int:
+    """The largest power of two up to 64 that symbolic `extent` is provably a multiple of."""
+    import tvm
+
+    analyzer = tvm.sym.Analyzer()
+    for c in (64, 32, 16, 8, 4, 2):
+        if analyzer.can_prove(tvm.tirx.floormod(extent, c) == 0):
+            return c
+    return 1
 
 
 def match_blocked_conv(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> _Match | None:
@@ -296,11 +308,12 @@ def match_blocked_conv(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> _M
     ext = {iv.var: _int(iv.dom.extent) for iv in ivs}
     e = {k: ext[v] for k, v in roles.items()}
     symbolic = e["y"] is None or e["x"] is None
-    if symbolic:  # (a detector's H x W): whole tiles plus a ragged one, peeled at run time's size
+    if symbolic:  # (a detector's H x W): tiled for SYMBOLIC_MAP times what the size is a multiple of
         if kind != "conv" or flat_read:
             return None
-        e["y"] = SYMBOLIC_MAP if e["y"] is None else e["y"]
-        e["x"] = SYMBOLIC_MAP if e["x"] is None else e["x"]
+        dom = {iv.var: iv.dom.extent for iv in ivs}
+        e["y"] = SYMBOLIC_MAP * _multiple_of(dom[y]) if e["y"] is None else e["y"]
+        e["x"] = SYMBOLIC_MAP * _multiple_of(dom[x]) if e["x"] is None else e["x"]
     if any(v is None for k, v in e.items() if k != "n"):
         return None
     if e["oi"] % lanes or (kind == "conv" and flat_read and e["y"] != 1):
@@ -476,7 +489,7 @@ class BlockedConv(_Rule):
         if m.ext["ob"] % obt:
             return None
         ob_o, ob_i = sch.split(L["ob"], factors=[None, obt])
-        ragged = m.symbolic or m.ext["x"] % rt != 0
+        ragged = m.ext["x"] % rt != 0  # (symbolic: SYMBOLIC_MAP x the known multiple)
         if ragged and (not tile.tail or tile.order not in ("ob", "row") or tile.serial_tiles is False):
             # (a predicated tail tile keeps its accumulators in memory, and tiles of the fused
             # row*column axis that cross rows are written back wrongly: the write-back's region

@@ -1021,6 +1021,7 @@ class _Lowerer:
         self.multiples = dict(multiples or {})  # symbolic input dim → the multiple it is re-expressed in
         self.definers: list[Any] = []  # main's tensors whose plain dims define symbolic vars (see _primitive)
         self.windows: list[Any] = []  # symbolic output dims of convs and pools (see _note_window)
+        self.dim_shapes: dict[tuple[str, ...], Any] = {}  # `_dim_shape`'s match_casts
         self.activity = activity  # told the node being lowered (the compile watchdog names it)
         self.machine = machine  # the target's machine model (blocked convs' tiles)
         self.force_inline = dict(force_inline or {})
@@ -1466,7 +1467,7 @@ class _Lowerer:
         """A group's shape argument as a match_cast var in main (FuseTIR rejects a ShapeExpr,
         bound or not: "All shape inputs are expected to be single tirx var"), one per var list."""
         key = tuple(str(v) for v in shape.values)
-        cache = self.__dict__.setdefault("_dim_shapes", {})
+        cache = self.dim_shapes
         if key not in cache:
             cache[key] = self.bb.match_cast(self.bb.emit(shape), relax.ShapeType(list(shape.values)))
         return cache[key]

@@ -1110,6 +1110,8 @@ class _Lowerer:
                     e = self._in_form(self.bb, self.env, v, _layout.PLAIN)
                     if e is None:
                         raise LoweringError(f"graph output {v.name!r} is not computed")
+                    if isinstance(e, Sym):  # (shape arithmetic as an output: Shape -> Gather of a symbolic dim)
+                        e = _materialise(self.bb, e, "")
                     outs.append(e)
                 res = self.bb.emit_output(relax.Tuple(outs) if len(outs) != 1 else outs[0])
             self.bb.emit_func_output(res)

@@ -180,6 +180,38 @@ def check_params(artifact: Artifact, path: str) -> None:
                                 f"(uint8{packed} and [{entries}] expected)")
 
 
+def check_dims(manifest: Mapping[str, Any], names: Sequence[str], arrays: Sequence[np.ndarray]) -> None:
+    """The symbolic dims' run-time constraints the compiler recorded (manifest "dims"): a dim
+    named in several places has one size, a multiple where strided maps meet again, a minimum
+    where a conv or pool window must fit. One line naming the input, the dim and the rule."""
+    sym = (manifest.get("dims") or {}).get("symbolic") or {}
+    if not sym:
+        return
+    index = {n: i for i, n in enumerate(names)}
+    seen: dict[str, tuple[str, int]] = {}
+    for spec, a in zip(manifest.get("inputs", []), arrays):  # the same name everywhere: one size
+        for ax, d in enumerate(spec.get("shape") or []):
+            if isinstance(d, str) and ax < a.ndim:
+                if d in seen and seen[d][1] != a.shape[ax]:
+                    raise UsageError(f"input {spec['name']!r}: dim {d} (axis {ax}) is {a.shape[ax]}, but {d} is "
+                                     f"{seen[d][1]} in input {seen[d][0]!r}")
+                seen.setdefault(d, (spec["name"], int(a.shape[ax])))
+    for name, d in sym.items():
+        i = index.get(d.get("input"))
+        if i is None or int(d.get("axis", -1)) >= arrays[i].ndim:
+            continue
+        size = int(arrays[i].shape[int(d["axis"])])
+        where = f"input {d['input']!r}: dim {name} (axis {d['axis']}) is {size}"
+        m = int(d.get("multiple", 1))
+        if m > 1 and size % m:
+            why = f" ({d['why']})" if d.get("why") else ""
+            raise UsageError(f"{where}; this compiled model needs a multiple of {m}{why}: pad the input "
+                             f"to {-(-size // m) * m}, or compile with --input-shape")
+        lo = int(d.get("min", 0))
+        if size < lo:
+            raise UsageError(f"{where}; this compiled model needs at least {lo} (its convolution and pooling windows)")
+
+
 def _param(data: Any, name: str, rt: Mapping[str, Any]) -> np.ndarray:
     """Param `name` of an artifact's params file; a clustered weight (cpu target) is stored as
     its bit-packed indices and codebook and decoded here."""
@@ -275,6 +307,7 @@ class Runner:
                         None if i.get("shape") is None else [(k, d) for k, d in enumerate(i["shape"]) if isinstance(d, int)])
                        for i in self.inputs]
         self._staged: dict[int, Any] = {}
+        self._symbolic_dims = bool((m.get("dims") or {}).get("symbolic"))  # run-time checks (check_dims)
 
     def _function(self, name: str) -> Any:
         try:
@@ -313,8 +346,10 @@ class Runner:
             if rank is not None and (a.ndim != rank or any(a.shape[k] != d for k, d in static)):
                 shown = "[" + ",".join("?" if d is None else str(d) for d in spec["shape"]) + "]"
                 raise UsageError(f"input {spec['name']!r}: shape {list(a.shape)} given, the model takes {shown}")
-            out.append(self._stage(i, a if a.flags.c_contiguous else _contiguous(a)))
-        return out
+            out.append(a if a.flags.c_contiguous else _contiguous(a))
+        if self._symbolic_dims:
+            check_dims(self.manifest, self.input_names, out)
+        return [self._stage(i, a) for i, a in enumerate(out)]
 
     def _stage(self, i: int, a: np.ndarray) -> Any:
         """Input `i` on the device: its staging tensor refilled when the shape and dtype are those

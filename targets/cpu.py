@@ -82,6 +82,21 @@ def _fallback_warnings(fallback: dict[str, Any]) -> list[str]:
             "(report.json schedules.fallback lists them)"]
 
 
+def _dims_warnings(lowered: Any) -> list[str]:
+    """One line per constraint the symbolic dims put on the input sizes, and one for 3x3 convs kept
+    direct (not Winograd) because their maps are symbolic."""
+    out = []
+    for name, d in lowered.symbolic_dims.items():
+        if d.get("multiple", 1) > 1:
+            out.append(f"symbolic dim {name} (input {d['input']!r}, axis {d['axis']}) must be a multiple of {d['multiple']} "
+                       f"at run time: {d.get('why', 'maps of different strides meet')}")
+    if lowered.winograd_symbolic:
+        n = len(lowered.winograd_symbolic)
+        out.append(f"{n} 3x3 conv{'s' if n != 1 else ''} run direct, not in Winograd form: {'their' if n != 1 else 'its'} "
+                   "maps are symbolic (the Winograd kernels tile static maps; --input-shape pins them)")
+    return out
+
+
 def _io(values: Any) -> list[dict[str, Any]]:
     out = []
     for v in values:
@@ -347,6 +362,8 @@ class CpuTarget(Target):
                 "symbolic": len(lowered.symbolic_groups),
                 "primfuncs": sum(1 for gv in mod.get_global_vars() if isinstance(mod[gv], tvm.tirx.PrimFunc)),
             }
+            if lowered.winograd_symbolic:
+                kernels["winograd_symbolic"] = len(lowered.winograd_symbolic)
             manifest = {
                 "format": FORMAT,
                 "version": FORMAT_VERSION,
@@ -362,6 +379,9 @@ class CpuTarget(Target):
                 "versions": {"graphopt": graphopt.__version__, "tvm": tvm.__version__, "onnx": onnx.__version__,
                              "python": platform.python_version()},
                 "kernels": kernels,
+                # symbolic input dims: {"H": {"input", "axis", "multiple", "min", "why"?}}; one
+                # library serves every size graphopt.runtime accepts (it checks multiple and min)
+                "dims": {"symbolic": lowered.symbolic_dims},
                 "schedules": {"default": sched.default_schedules, "rules": sched.by_rule,
                               "fallback": sched.fallback},
                 "tuning": sched.tuning,
@@ -383,7 +403,8 @@ class CpuTarget(Target):
                 "schedules": {"default": sched.default_schedules, "rules": sched.by_rule,
                               "fallback": sched.fallback},
                 "weights": {"packed_at_compile": hoisted},
-                "warnings": _fallback_warnings(sched.fallback),
+                "dims": {"symbolic": lowered.symbolic_dims},
+                "warnings": _fallback_warnings(sched.fallback) + _dims_warnings(lowered),
                 "python": sys.version.split()[0],
             }
             with open(os.path.join(folder, REPORT), "w", encoding="utf-8") as f:

@@ -224,6 +224,24 @@ class _Match:
     loops: dict[str, Any]  # role -> loop
     ext: dict[str, int]
     shape: ConvShape
+    symbolic: bool = False  # the output map's rows or columns are symbolic (ext holds SYMBOLIC_MAP)
+
+
+#: the output rows and columns a conv with a symbolic map is tiled for: this prime times the
+#: multiple the symbolic size is known to be (4 * W_8 columns: 4 * 1009), so a tile dividing that
+#: multiple is chosen when the machine has one (whole tiles, no predicates), else a ragged tail
+SYMBOLIC_MAP = 1009
+
+
+def _multiple_of(extent: Any) -> int:
+    """The largest power of two up to 64 that symbolic `extent` is provably a multiple of."""
+    import tvm
+
+    analyzer = tvm.sym.Analyzer()
+    for c in (64, 32, 16, 8, 4, 2):
+        if analyzer.can_prove(tvm.tirx.floormod(extent, c) == 0):
+            return c
+    return 1
 
 
 def match_blocked_conv(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> _Match | None:
@@ -289,6 +307,13 @@ def match_blocked_conv(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> _M
     loop_of = {iv.var: lp for iv, lp in zip(ivs, loops)}
     ext = {iv.var: _int(iv.dom.extent) for iv in ivs}
     e = {k: ext[v] for k, v in roles.items()}
+    symbolic = e["y"] is None or e["x"] is None
+    if symbolic:  # (a detector's H x W): tiled for SYMBOLIC_MAP times what the size is a multiple of
+        if kind != "conv" or flat_read:
+            return None
+        dom = {iv.var: iv.dom.extent for iv in ivs}
+        e["y"] = SYMBOLIC_MAP * _multiple_of(dom[y]) if e["y"] is None else e["y"]
+        e["x"] = SYMBOLIC_MAP * _multiple_of(dom[x]) if e["x"] is None else e["x"]
     if any(v is None for k, v in e.items() if k != "n"):
         return None
     if e["oi"] % lanes or (kind == "conv" and flat_read and e["y"] != 1):
@@ -300,7 +325,7 @@ def match_blocked_conv(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> _M
     rows = stmt.annotations.get(FLAT_ROWS) if kind == "conv" and e["y"] == 1 else None
     pad_rows = tuple(int(v) for v in rows) if rows is not None and len(rows) == 6 else ()
     shape = ConvShape(kind, e["ob"], e["y"], e["x"], red_len, e["kh"], e["kw"], stride, pad_rows)
-    return _Match(kind, {k: loop_of[v] for k, v in roles.items()}, e, shape)
+    return _Match(kind, {k: loop_of[v] for k, v in roles.items()}, e, shape, symbolic)
 
 
 def _stride_of(region: Any, var: Any) -> int | None:
@@ -464,7 +489,7 @@ class BlockedConv(_Rule):
         if m.ext["ob"] % obt:
             return None
         ob_o, ob_i = sch.split(L["ob"], factors=[None, obt])
-        ragged = m.ext["x"] % rt != 0
+        ragged = m.ext["x"] % rt != 0  # (symbolic: SYMBOLIC_MAP x the known multiple)
         if ragged and (not tile.tail or tile.order not in ("ob", "row") or tile.serial_tiles is False):
             # (a predicated tail tile keeps its accumulators in memory, and tiles of the fused
             # row*column axis that cross rows are written back wrongly: the write-back's region
@@ -758,9 +783,24 @@ def apply_loop_marks(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":
     out: list[str] = []
     i = 0
     head = re.compile(r"^(\s*)for (\w+) in T\.serial\((T\.int64\()?(\d+)\)?, annotations=\{([^}]*)\}\):$")
+    sym_head = re.compile(r"^(\s*)for (\w+) in T\.serial\((.+), annotations=\{([^}]*)\}\):$")
     row_var = None
     while i < len(lines):
         mt = head.match(lines[i])
+        ms = sym_head.match(lines[i]) if mt is None else None
+        if ms is not None and PEEL_LAST in ms.group(4):  # a symbolic tile count (a conv on a symbolic map)
+            ind, var, n_expr = ms.group(1), ms.group(2), ms.group(3)
+            one = "T.int64(1)" if "T.int64" in n_expr else "1"
+            j = i + 1
+            while j < len(lines) and (not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > len(ind)):
+                j += 1
+            body = lines[i + 1 : j]
+            out.append(f"{ind}for {var} in range({n_expr} - {one}):")
+            out += body
+            out.append(f"{ind}for {var} in range({n_expr} - {one}, {n_expr}):")
+            out += body
+            i = j
+            continue
         if mt is None or (PEEL_LAST not in mt.group(5) and ROW_PASS not in mt.group(5)):
             out.append(lines[i])
             i += 1

@@ -78,6 +78,9 @@ _MATMUL_WIDE_VT = True
 _ROW_REDUCTION = True
 # a vector axis that is no multiple of the lanes padded to one (pad_einsum) instead of declined
 _PAD_VECTOR_AXIS = True
+# matmuls whose row axis is symbolic (a sequence length) take OuterProduct with one-row tiles
+# (off: WindowReduction's generic tiles, as before)
+_SYMBOLIC_ROWS = True
 # matmul-like kernels: reduction blocked by this many (0: off)
 _MATMUL_K_BLOCK = 128
 
@@ -561,13 +564,15 @@ class OuterProduct(_Rule):
         vec_var = innermost(ex_b)
         reg_var = innermost(ex_a)
         n_vec, n_reg = ext[vec_var], ext[reg_var]
-        if n_vec is None:
+        # a symbolic register axis (a sequence length S as the rows of [S, K] x [K, N]): one row
+        # per tile, as many vectors wide as the accumulators allow (a row tile of a symbolic
+        # length would be ragged, and a ragged tile's write-back is not bounded: see below)
+        sym_rows = n_reg is None and n_vec is not None and _SYMBOLIC_ROWS
+        if n_vec is None or (n_reg is None and not sym_rows):
             return None  # the vector axis must be static; outer ones (batch) may be symbolic
-        # a symbolic register axis (a classifier's batch: [batch, 2048] x [2048, 1000]): one row
-        # per tile, the rows outermost and serial, the column panels in parallel (dlight's
-        # reduction schedule took it: 5.3 ms for batch 1, against 0.18 ms with the batch fixed)
-        sym_rows = n_reg is None
-        if n_vec % lanes and n_vec > 2 * lanes and not sym_rows and n_reg >= 16 and not padded and _PAD_VECTOR_AXIS:
+        if sym_rows:
+            n_reg = 1 << 20  # (for the choices below; the row tile is 1)
+        if n_vec % lanes and n_vec > 2 * lanes and n_reg >= 16 and not padded and _PAD_VECTOR_AXIS and not sym_rows:
             # a vector axis that is no multiple of the lanes (ViT's 197 tokens as the columns of
             # the attention scores): padded to one (zero columns in, cropped out) rather than
             # left to WindowReduction's scalar tiles (12x197x64x197 on 2 threads: 7.9 -> 1.06 ms).
@@ -611,9 +616,7 @@ class OuterProduct(_Rule):
         max_rows = max(1, (max_acc * lanes) // max(vt, lanes))
         divs = [d for d in _divisors(n_reg) if d <= max_rows] if not sym_rows else [1]
         rt = max(divs)
-        if sym_rows:
-            pass
-        elif rt < 4:
+        if rt < 4 and not sym_rows:
             # 7x7 / 14x14 outputs: a whole 7-row tile (14 accumulators, B read as a memory
             # operand of the FMA) beats a predicated 6-row tail tile
             # (only when that tile covers the whole axis: 14 wide as 2x7 measured slower than 6+6+2)
@@ -629,7 +632,7 @@ class OuterProduct(_Rule):
             rt = max(d for d in _divisors(n_reg) if d <= max_rows)
             if rt < 3 and n_reg > max_rows:
                 rt = max_rows
-        if (_MATMUL_WIDE_VT and not sym_rows and out_order and out_order[-1].same_as(vec_var) and vt == 2 * lanes
+        if (_MATMUL_WIDE_VT and out_order and out_order[-1].same_as(vec_var) and (vt == 2 * lanes or sym_rows)
                 and n_reg % rt == 0 and rt * 2 < max_acc):
             # matmul-like (the output's last axis is the vector axis), whole row tiles leaving
             # accumulators unused (M = 128: 4 rows, no 6 divides it; 4 x 2 vectors is 8 of 12):
@@ -676,8 +679,6 @@ class OuterProduct(_Rule):
         # matmul: n/16, m/rt), so a packed B panel is reused across the register tiles
         s_order = [v for v in out_order if v in s_vars and v != reg_var] + [reg_var]
         s_order += [v for v in s_vars if v not in s_order]
-        if sym_rows:  # (leading symbolic loops stay serial outside the parallel one: _fuse_parallel)
-            s_order = [reg_var] + [v for v in s_order if not v.same_as(reg_var)]
         sch.reorder(*[loop_of[v] for v in s_order], *[loop_of[v] for v in r_vars])
         v_o, v_i = sch.split(loop_of[vec_var], factors=[None, vt])
         r_o, r_i = sch.split(loop_of[reg_var], factors=[None, rt])
@@ -808,8 +809,8 @@ class RowReduction(_Rule):
         blocks = sch.get_child_blocks(_root(sch))
         last = blocks[-1]
         loops = sch.get_loops(last)
-        if len(loops) < 2 or _int(sch.get(loops[-1]).extent) is None:
-            return None
+        if len(loops) < 2 or (_int(sch.get(loops[-1]).extent) is None and not _SYMBOLIC_ROWS):
+            return None  # (a symbolic row length, softmax over S: rows parallel, not vectorised)
         row = _fuse_parallel(sch, loops[:-1])
         for block in reversed(blocks[:-1]):
             sch.compute_at(block, row, preserve_unit_loops=False)

@@ -657,7 +657,6 @@ def _resize(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> A
     if opset < 11:
         return NotImplemented
     x = ins[0]
-    shape = _static(node, x, "input")
     consts = []
     for e in ins[1:4]:
         if e is None:
@@ -669,11 +668,138 @@ def _resize(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> A
         consts.append(np.asarray(v))
     while len(consts) < 3:
         consts.append(None)
+    if not all(isinstance(d, int) for d in _dims_of(x)) or (
+            _str_attr(node, "mode", "nearest") == "linear" and _resize_direct(node, consts[0]) and _dt(x).startswith("float")):
+        # (static linear too: the weight-matrix form below runs as a reduction, a generic
+        # schedule: the detector's 2x upsampling of 32 x 16 x 16, 15 ms vs 0.75 ms)
+        return _resize_symbolic(bb, node, x, *consts)
+    shape = _static(node, x, "input")
     try:
         plan = _resize_plan(node, shape, *consts)
     except (ImportError, AttributeError):  # onnx's reference moved: the frontend's converter
         return NotImplemented
     return _apply_resize(bb, node, x, shape, plan, _str_attr(node, "mode", "nearest"), float(node.attr("extrapolation_value", 0.0)))
+
+
+def _resize_direct(node: Node, roi: np.ndarray | None) -> bool:
+    """Resize that `_resize_symbolic` computes in one kernel: nearest or linear, no antialias, no
+    roi, a plain coordinate transformation, the stretch policy."""
+    return (_str_attr(node, "mode", "nearest") in ("nearest", "linear") and not node.attr("antialias", 0)
+            and (roi is None or not roi.size)
+            and _str_attr(node, "coordinate_transformation_mode", "half_pixel") in (
+                "asymmetric", "half_pixel", "pytorch_half_pixel", "align_corners")
+            and _str_attr(node, "keep_aspect_ratio_policy", "stretch") == "stretch")
+
+
+def _resize_symbolic(bb: relax.BlockBuilder, node: Node, x: Any, roi: np.ndarray | None, scales: np.ndarray | None,
+                     sizes: np.ndarray | None) -> Any:
+    """Resize with constant scales or sizes of an input with symbolic dims (a detector's x2
+    upsampling of an H x W map): a resized axis of symbolic length n gets the exact output length
+    floor(n * scale) = (n * p) // q for the scale's fraction p / q (scales; the float scale is
+    exactly p / q for the power-of-two and small-ratio scales exporters write), or the constant
+    size. nearest and linear (no antialias, no roi) are one kernel in the data's type over all
+    resized axes, source coordinates computed in float64 as the reference; the other modes take the
+    run-time kernels (`_resize_runtime_core`, float64)."""
+    from fractions import Fraction
+
+    from tvm import te, tirx
+
+    dims = _dims_of(x)
+    r = len(dims)
+    axes = [a + r if a < 0 else a for a in (node.attr("axes", None) or range(r))]
+    mode = _str_attr(node, "mode", "nearest")
+    ctm = _str_attr(node, "coordinate_transformation_mode", "half_pixel")
+    if not _resize_direct(node, roi) or mode == "linear" and not _dt(x).startswith("float"):
+        def c(a: np.ndarray | None) -> Any:
+            return None if a is None or not a.size else relax.const(a, str(a.dtype))
+        return _resize_runtime_core(bb, node, x, c(roi), c(scales), c(sizes), node.attr)
+    scale: dict[int, Any] = {}  # axis → its scale (a python float, or an f64 expression of the dims)
+    out = list(dims)
+    for i, a in enumerate(axes):
+        n = dims[a]
+        if sizes is not None and sizes.size:
+            out[a] = int(sizes[i])
+            scale[a] = float(out[a]) / n if isinstance(n, int) else None
+        elif scales is not None and scales.size:
+            sc = float(scales[i])
+            scale[a] = sc
+            if isinstance(n, int):
+                out[a] = int(sc * n)
+            else:
+                f = Fraction(sc).limit_denominator(1 << 16)
+                if float(f) != sc:
+                    raise LoweringError(f"node {node.label()}: Resize scale {sc} of a symbolic dim is not a ratio of small "
+                                        "integers; the cpu target cannot size its output at compile time")
+                out[a] = n * f.numerator if f.denominator == 1 else tirx.floordiv(n * f.numerator, f.denominator)
+        else:
+            raise LoweringError(f"node {node.label()}: Resize needs scales or sizes")
+    resized = [a for a in axes if not (scale.get(a) == 1.0 and isinstance(out[a], type(dims[a])) and out[a] is dims[a])]
+    nmode = _str_attr(node, "nearest_mode", "round_prefer_floor")
+    f64 = "float64"
+
+    def compute(data: Any) -> Any:
+        shp = list(data.shape)
+        osh = [out[d] if d in resized else shp[d] for d in range(r)]
+
+        def coord(a: int, o: Any) -> Any:
+            n_f = tirx.Cast(f64, shp[a])
+            m_f = tirx.Cast(f64, osh[a])
+            s = tirx.const(scale[a], f64) if scale.get(a) is not None else m_f / n_f
+            o_f = tirx.Cast(f64, o)
+            if ctm == "asymmetric":
+                return o_f / s
+            if ctm == "align_corners":
+                return tirx.Select(m_f == tirx.const(1.0, f64), tirx.const(0.0, f64),
+                                   o_f * (n_f - 1.0) / (m_f * 1.0 - 1.0))
+            if ctm == "pytorch_half_pixel":
+                return tirx.Select(m_f == tirx.const(1.0, f64), tirx.const(-0.5, f64), (o_f + 0.5) / s - 0.5)
+            return (o_f + 0.5) / s - 0.5
+
+        def clamp(i: Any, n: Any) -> Any:
+            return tirx.max(tirx.min(i, n - 1), tirx.const(0, "int64"))
+
+        if mode == "nearest":
+            def nearest(a: int, o: Any) -> Any:
+                xc = coord(a, o)
+                if nmode == "floor":
+                    i = tirx.floor(xc)
+                elif nmode == "ceil":
+                    i = tirx.ceil(xc)
+                elif nmode == "round_prefer_ceil":
+                    i = tirx.floor(xc + 0.5)
+                else:  # round_prefer_floor
+                    i = tirx.ceil(xc - 0.5)
+                return clamp(tirx.Cast("int64", i), shp[a])
+
+            return te.compute(osh, lambda *o: data[tuple(nearest(d, o[d]) if d in resized else o[d] for d in range(r))],
+                              name="resize_nearest")
+
+        def body(*o: Any) -> Any:
+            taps = []  # per resized axis: (index0, index1, weight of index1)
+            for a in resized:
+                xc = coord(a, o[a])
+                if ctm != "align_corners":
+                    xc = tirx.max(xc, tirx.const(0.0, f64))  # (the reference clamps below 0 to the edge)
+                x0 = tirx.floor(xc)
+                w1 = tirx.Cast(data.dtype, xc - x0)
+                i0 = tirx.Cast("int64", x0)
+                taps.append((clamp(i0, shp[a]), clamp(i0 + 1, shp[a]), w1))
+            acc = None
+            for corner in range(1 << len(resized)):
+                w = None
+                idx = list(o)
+                for j, a in enumerate(resized):
+                    hi = (corner >> j) & 1
+                    idx[a] = taps[j][1] if hi else taps[j][0]
+                    wj = taps[j][2] if hi else tirx.const(1.0, data.dtype) - taps[j][2]
+                    w = wj if w is None else w * wj
+                term = w * data[tuple(idx)]
+                acc = term if acc is None else acc + term
+            return acc
+
+        return te.compute(osh, body, name="resize_linear")
+
+    return bb.emit_te(compute, x, primfunc_name_hint=f"resize_{mode}")
 
 
 def _apply_resize(bb: relax.BlockBuilder, node: Node, x: Any, shape: list[int], plan: list[Any], mode: str, ev: float) -> Any:

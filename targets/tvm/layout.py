@@ -106,6 +106,8 @@ class LayoutPlan:
     roles: dict[int, str] = field(default_factory=dict)
     groups: list[str] = field(default_factory=list)  # blocked kernel groups, in order
     winograd: dict[int, int] = field(default_factory=dict)  # conv (by id) → m of F(m x m, 3 x 3)
+    # convs Winograd would take but for their symbolic maps (the transforms tile static maps): direct
+    winograd_symbolic: list[str] = field(default_factory=list)
 
     def role(self, node: Node) -> str | None:
         return self.roles.get(id(node))
@@ -300,6 +302,8 @@ def plan_layout(model: Model, groups: list[tuple[str, list[Node]]], block: int, 
             m = winograd_m(n, block, mode) if roles.get(id(n)) == "conv" else 0
             if m:
                 plan.winograd[id(n)] = m
+            elif roles.get(id(n)) == "conv" and _symbolic_maps(n) and winograd_m(n, block, mode, static=False):
+                plan.winograd_symbolic.append(n.label())
         for n in nodes:
             for v in n.outputs:
                 blocked.add(id(v))
@@ -462,7 +466,12 @@ def flat_px_multiple(kernel: tuple[int, int], pads: Any, dilations: Any, out_cha
     return next((rt for rt, obt in machine.conv_tiles if ob % obt == 0), machine.odd_tile(ob)[0])
 
 
-def winograd_m(n: Node, block: int, mode: str = "auto") -> int:
+def _symbolic_maps(n: Node) -> bool:
+    x, y = _dims4(n.inputs[0]), _dims4(n.outputs[0])
+    return x is not None and y is not None and not all(isinstance(d, int) for d in list(x[2:]) + list(y[2:]))
+
+
+def winograd_m(n: Node, block: int, mode: str = "auto", static: bool = True) -> int:
     """The m of F(m x m, 3 x 3) blocked conv `n` runs in (`winograd_ops`), or 0 (direct): 3x3
     kernels, stride 1, no dilation, pads of at most 1, static maps (the batch may be symbolic),
     at least WINOGRAD_MIN_CHANNELS channels in and out.
@@ -481,8 +490,11 @@ def winograd_m(n: Node, block: int, mode: str = "auto") -> int:
     x, y, w = _dims4(n.inputs[0]), _dims4(n.outputs[0]), _dims4(n.inputs[1])
     if x is None or y is None or w is None or int(n.attr("group", 1)) != 1:
         return 0
-    if not all(isinstance(d, int) for d in list(x[1:]) + list(y[1:]) + list(w)):
-        return 0  # (a symbolic batch is fine)
+    if not all(isinstance(d, int) for d in [x[1], y[1]] + list(w)) or static and not all(
+            isinstance(d, int) for d in list(x[2:]) + list(y[2:])):
+        return 0  # (a symbolic batch is fine; symbolic maps are not: `winograd_ops` tiles static maps)
+    if not static:
+        y = [y[0], y[1], 10**6, 10**6]  # (the m it would take on a large map)
     if list(w[2:]) != [3, 3] or any(int(s) != 1 for s in n.attr("strides", [1, 1])):
         return 0
     if any(int(d) != 1 for d in n.attr("dilations", [1, 1])) or any(p > 1 for p in pads_of(n)):

@@ -70,6 +70,69 @@ class LoweringError(GraphoptError):
     """The model uses something the TVM lowering cannot express."""
 
 
+class ShapeUnificationError(LoweringError):
+    """A node needs dims of its inputs equal that are different expressions of the symbolic input
+    dims (a Concat of an upsampled map with a skip connection: `((H - 3) // 8 + 1) * 2` and
+    `(H - 3) // 4 + 1`); `divisors` maps each symbolic dim to the multiple that makes them equal
+    expressions (the product of the floor divisions it goes through)."""
+
+    def __init__(self, msg: str, divisors: dict[str, int]) -> None:
+        super().__init__(msg)
+        self.divisors = divisors
+
+
+def _floordiv_multiple(e: Any, out: dict[str, int]) -> None:
+    """For each var of dim expression `e`, the product of the constant floor divisors above it
+    (lcm over the paths): `(H - 3) // 8 + 1` → {"H": 8}."""
+    import math
+
+    def walk(x: Any, factor: int) -> None:
+        if isinstance(x, tvm.tirx.Var):
+            out[x.name] = math.lcm(out.get(x.name, 1), factor)
+            return
+        if isinstance(x, (tvm.tirx.FloorDiv, tvm.tirx.FloorMod, tvm.tirx.Div, tvm.tirx.Mod)):
+            d = x.b
+            walk(x.a, factor * int(d.value) if isinstance(d, tvm.tirx.IntImm) and int(d.value) > 0 else factor)
+            walk(x.b, factor)
+            return
+        for k in ("a", "b", "value", "condition", "true_value", "false_value"):
+            sub = getattr(x, k, None)
+            if isinstance(sub, tvm.ir.expr.Expr) and not isinstance(x, tvm.tirx.IntImm):
+                walk(sub, factor)
+
+    walk(e, 1)
+
+
+#: ops whose output shape joins their inputs' dims (equal, or broadcast): where a strided map meets
+#: an unstrided one, `_check_unified` asks for multiples
+JOINING_OPS = frozenset("""Concat Add Sub Mul Div Pow Max Min Sum Mean Where And Or Xor Equal Less Greater
+    LessOrEqual GreaterOrEqual PRelu BitShift Mod MatMul Gemm Conv ConvInteger BatchNormalization""".split())
+
+
+def _check_unified(node: Node, ins: list[Any], outs: list[Any]) -> None:
+    """Raise ShapeUnificationError when `node` lost its output shape (rank only) although every
+    tensor input had one: Relax could not prove dims equal that the op needs equal."""
+    def shaped(e: Any) -> bool:
+        ty = getattr(e, "ty", None) if isinstance(e, relax.Expr) else None
+        return not isinstance(ty, relax.TensorType) or isinstance(ty.shape, relax.ShapeExpr)
+
+    if node.op_type not in JOINING_OPS or all(shaped(o) for o in outs) or not all(shaped(e) for e in ins if e is not None):
+        return
+    divisors: dict[str, int] = {}
+    shown = []
+    for e in ins:
+        ty = getattr(e, "ty", None) if isinstance(e, relax.Expr) else None
+        if isinstance(ty, relax.TensorType) and isinstance(ty.shape, relax.ShapeExpr):
+            for d in ty.shape.values:
+                if not isinstance(d, tvm.tirx.IntImm):
+                    _floordiv_multiple(d, divisors)
+            shown.append("[" + ", ".join(str(d) for d in ty.shape.values) + "]")
+    if not any(m > 1 for m in divisors.values()):
+        return  # (no strided map among them: not what multiples fix)
+    raise ShapeUnificationError(f"node {node.label()}: {node.op_type} of inputs of shapes {', '.join(shown)} "
+                                "that are not equal for every size of the symbolic dims", divisors)
+
+
 @dataclass
 class LoweredModule:
     mod: tvm.IRModule
@@ -86,6 +149,10 @@ class LoweredModule:
     # group (an inline group's ops, layout changes) are traced back to ONNX nodes through it
     bindings: dict[str, str] = field(default_factory=dict)
     group_nodes: dict[str, list[Node]] = field(default_factory=dict)  # group name → its nodes
+    # symbolic input dims: name → {"input", "axis", "multiple"} (multiple > 1: the dim is
+    # re-expressed as multiple x a new var, checked at run time; see `lower_and_fuse`)
+    symbolic_dims: dict[str, dict[str, Any]] = field(default_factory=dict)
+    winograd_symbolic: list[str] = field(default_factory=list)  # convs kept direct: symbolic maps
 
 
 # --- attributes -----------------------------------------------------------------------------------
@@ -711,6 +778,9 @@ def _static_dims(shape: relax.ShapeExpr) -> list[Any]:
     return [int(d) if isinstance(d, tvm.tirx.IntImm) else d for d in shape.values]
 
 
+#: ops whose spatial output dims must be at least 1 (a window that fits the input)
+WINDOW_OPS = {"Conv", "ConvInteger", "ConvTranspose", "MaxPool", "AveragePool", "LpPool"}
+
 #: what a formal input or output of a schema holds
 SEQ, TENSOR, EITHER = "sequence", "tensor", "either"
 
@@ -854,9 +924,10 @@ class _LiftConstants(relax.PyExprMutator):  # type: ignore[misc]
 def _lift_constants(func: relax.Function) -> tuple[relax.Function, list[tvm.ir.GenericConst]]:
     m = _LiftConstants()
     body = m.visit_expr(func.body)
-    if not m.lifted:
+    if not m.lifted and not any(str(p.name) == "dims" for p in func.params):
         return func, []
-    params = list(func.params) + [v for v, _ in m.lifted]
+    shapes = [p for p in func.params if str(p.name) == "dims"]  # (kept last: see _primitive)
+    params = shapes + [p for p in func.params if str(p.name) != "dims"] + [v for v, _ in m.lifted]
     new = relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs)
     return new, [c for _, c in m.lifted]
 
@@ -945,8 +1016,13 @@ def _group_name(k: str) -> str:
 
 class _Lowerer:
     def __init__(self, model: Model, force_inline: dict[str, str] | None = None, block: int | None = None,
-                 winograd: str | None = None, machine: MachineModel | None = None, activity: Any = None) -> None:
+                 winograd: str | None = None, machine: MachineModel | None = None, activity: Any = None,
+                 multiples: dict[str, int] | None = None) -> None:
         self.model = model
+        self.multiples = dict(multiples or {})  # symbolic input dim → the multiple it is re-expressed in
+        self.definers: list[Any] = []  # main's tensors whose plain dims define symbolic vars (see _primitive)
+        self.windows: list[Any] = []  # symbolic output dims of convs and pools (see _note_window)
+        self.dim_shapes: dict[tuple[str, ...], Any] = {}  # `_dim_shape`'s match_casts
         self.activity = activity  # told the node being lowered (the compile watchdog names it)
         self.machine = machine  # the target's machine model (blocked convs' tiles)
         self.force_inline = dict(force_inline or {})
@@ -1010,8 +1086,16 @@ class _Lowerer:
                 if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
                     self._constant_node(n)
         param_vars = [p for p, _ in self.params]
+        sym_dims: dict[str, dict[str, Any]] = {}
+        for v, rv in zip(inputs, in_vars):
+            if isinstance(rv.ty.shape, relax.ShapeExpr):
+                for ax, d in enumerate(rv.ty.shape.values):
+                    if isinstance(d, tvm.tirx.Var) and d.name not in sym_dims:
+                        sym_dims[d.name] = {"input": v.name, "axis": ax, "multiple": int(self.multiples.get(d.name, 1))}
+        self.symbolic_dims = sym_dims
         with function_scope(self.bb, "main", in_vars + param_vars, {"num_input": len(in_vars)}):
             with self.bb.dataflow():
+                self._reexpress_dims(inputs, in_vars)
                 for k, nodes in groups:
                     nodes = [n for n in nodes if id(n.outputs[0]) not in self.env] if nodes else nodes
                     if not nodes:
@@ -1027,10 +1111,13 @@ class _Lowerer:
                     e = self._in_form(self.bb, self.env, v, _layout.PLAIN)
                     if e is None:
                         raise LoweringError(f"graph output {v.name!r} is not computed")
+                    if isinstance(e, Sym):  # (shape arithmetic as an output: Shape -> Gather of a symbolic dim)
+                        e = _materialise(self.bb, e, "")
                     outs.append(e)
                 res = self.bb.emit_output(relax.Tuple(outs) if len(outs) != 1 else outs[0])
             self.bb.emit_func_output(res)
         mod = self.bb.get()
+        self._min_sizes()
         return LoweredModule(
             mod=mod,
             input_names=[v.name for v in inputs],
@@ -1044,7 +1131,39 @@ class _Lowerer:
             block=self.plan.block if self.plan is not None and self.plan.groups else None,
             bindings=self.bindings,
             group_nodes={_group_name(k): list(ns) for k, ns in groups},
+            symbolic_dims=self.symbolic_dims,
+            winograd_symbolic=list(self.plan.winograd_symbolic) if self.plan is not None else [],
         )
+
+    def _reexpress_dims(self, inputs: list[Value], in_vars: list[relax.Var]) -> None:
+        """Each symbolic input dim D with a multiple m > 1 becomes m * D_m (D_m = D // m, a new
+        var defined by a match_cast of a shape, the input then match_cast to the new dims: the VM
+        checks D == m * D_m when it runs). Strided convs and pools then give exact dims (a 3x3
+        stride-2 conv of 8 * H_8 rows has 4 * H_8), equal where the upsampled maps meet their skip
+        connections, so Concat and Add keep their shapes."""
+        self.definers = [rv for rv in in_vars if isinstance(rv.ty.shape, relax.ShapeExpr)]
+        new: dict[str, Any] = {}
+        for name, m in self.multiples.items():
+            if m > 1 and name in self.sym:
+                new[name] = tvm.tirx.Var(f"{name}_{m}", "int64")
+        if not new:
+            return
+        names = sorted(new)
+        # (through a run-time tensor: a D_m defined by the ShapeExpr D // m directly is resolved
+        # back to that expression by FuseTIR's RemoveUnusedParameters, which FuseTIR then rejects:
+        # "All shape inputs are expected to be single tirx var")
+        R = relax.op
+        t = self.bb.emit(R.shape_to_tensor(relax.ShapeExpr([self.sym[n] for n in names])))
+        t = self.bb.emit(R.floor_divide(t, relax.const(np.array([self.multiples[n] for n in names], np.int64), "int64")))
+        sh = self.bb.emit(R.tensor_to_shape(t))
+        self.definers.insert(0, self.bb.match_cast(sh, relax.ShapeType([new[n] for n in names])))
+        for v, rv in zip(inputs, in_vars):
+            if not isinstance(rv.ty.shape, relax.ShapeExpr):
+                continue
+            dims = [new[d.name] * self.multiples[d.name] if isinstance(d, tvm.tirx.Var) and d.name in new else d
+                    for d in rv.ty.shape.values]
+            if any(not a.same_as(b) for a, b in zip(dims, rv.ty.shape.values)):
+                self.env[id(v)] = self.bb.match_cast(rv, relax.TensorType(dims, rv.ty.dtype))
 
     def _constant(self, v: Value, arr: np.ndarray) -> None:
         if arr.dtype == object or arr.dtype.kind in "SUO":
@@ -1120,6 +1239,8 @@ class _Lowerer:
                 out = _layout.convert_blocked(bb, n, role, ins, self.plan,
                                               lambda b_, n_, i_: convert_node(b_, n_, i_, self.opset),
                                               self.plan.winograd.get(id(n), 0))
+                _check_unified(n, ins, [out])
+                self._note_window(n, [out])
                 env[id(n.outputs[0])] = out
                 continue
             sym = _sym_eval(n, ins) if n.domain in ("", "ai.onnx") else None
@@ -1146,6 +1267,8 @@ class _Lowerer:
                 detail = msg[-1] if msg else type(e).__name__
                 raise LoweringError(f"node {n.label()}: {n.op_type} cannot be lowered: {type(e).__name__}: {detail[:300]}") from None
             outs = _split_outputs(bb, n, out, self.opset)
+            _check_unified(n, ins, outs)
+            self._note_window(n, outs)
             _check_outputs(n, outs)
             for v, e in zip(n.outputs, outs):
                 env[id(v)] = e
@@ -1283,14 +1406,16 @@ class _Lowerer:
         func = None
         if why is None:
             try:
-                func, consts = self._primitive(gname, nodes, ext, outs)
+                func, consts, dim_args = self._primitive(gname, nodes, ext, outs)
             except LoweringError as e:
                 why = str(e)
         if func is not None:
             why = _primitive_refusal(func)
         if why is None and func is not None:
             gv = self.bb.add_func(func, gname)
+            dim_args = [self._dim_shape(a) if isinstance(a, relax.ShapeExpr) else a for a in dim_args]
             args = [self._in_form(self.bb, self.env, v, form) for v, form in ext if not self._is_inline_const(v)] + consts
+            args = dim_args + args  # (the vars' definer first: FuseTIR maps the kernel's vars from it)
             call = self.bb.emit(relax.Call(gv, args))
             if len(outs) == 1:
                 self.env[id(outs[0])] = call
@@ -1302,6 +1427,53 @@ class _Lowerer:
         # inline into main, node by node
         self.inline[gname] = why or "not a primitive function"
         self._convert_into(self.bb, nodes, self.env)
+
+    def _note_window(self, n: Node, outs: list[Any]) -> None:
+        """Keep the symbolic spatial output dims of a convolution or pooling window: each must be
+        at least 1, which sets the smallest input size (`_min_sizes`)."""
+        if n.op_type not in WINDOW_OPS:
+            return
+        for o in outs:
+            ty = getattr(o, "ty", None) if isinstance(o, relax.Expr) else None
+            if isinstance(ty, relax.TensorType) and isinstance(ty.shape, relax.ShapeExpr) and ty.ndim >= 3:
+                self.windows.extend(d for d in list(ty.shape.values)[2:] if not isinstance(d, tvm.tirx.IntImm))
+
+    def _min_sizes(self) -> None:
+        """symbolic_dims[D]["min"]: the smallest size of D (a multiple of its "multiple") for which
+        every window output that depends on D alone is at least 1 (searched up to 2**16)."""
+        by_var: dict[str, list[Any]] = {}
+        for e in self.windows:
+            names = {v.name for v in tvm.tirx.analysis.undefined_vars(e)}
+            if len(names) == 1:
+                by_var.setdefault(names.pop(), []).append(e)
+        for name, info in self.symbolic_dims.items():
+            m = int(info["multiple"])
+            var_name = f"{name}_{m}" if m > 1 else name
+            exprs = by_var.get(var_name, [])
+            if not exprs:
+                info["min"] = m
+                continue
+            var = next(v for v in tvm.tirx.analysis.undefined_vars(exprs[0]) if v.name == var_name)
+
+            def ok(k: int) -> bool:  # (k: the var's value)
+                a = tvm.sym.Analyzer()
+                a.bind(var, tvm.tirx.IntImm("int64", k))
+                vals = [a.simplify(e) for e in exprs]
+                return all(isinstance(v, tvm.tirx.IntImm) and int(v.value) >= 1 for v in vals)
+
+            k = 1
+            while k < (1 << 16) and not ok(k):
+                k += 1 if k < 64 else k // 8
+            info["min"] = k * m if m > 1 else k
+
+    def _dim_shape(self, shape: relax.ShapeExpr) -> relax.Expr:
+        """A group's shape argument as a match_cast var in main (FuseTIR rejects a ShapeExpr,
+        bound or not: "All shape inputs are expected to be single tirx var"), one per var list."""
+        key = tuple(str(v) for v in shape.values)
+        cache = self.dim_shapes
+        if key not in cache:
+            cache[key] = self.bb.match_cast(self.bb.emit(shape), relax.ShapeType(list(shape.values)))
+        return cache[key]
 
     def _try_symbolic(self, nodes: list[Node]) -> bool:
         """Evaluate a group of shape arithmetic at compile time (no kernel); False if it is not one."""
@@ -1323,7 +1495,8 @@ class _Lowerer:
     def _is_inline_const(self, v: Value) -> bool:
         return isinstance(self.env.get(id(v)), (tvm.ir.GenericConst, Sym))
 
-    def _primitive(self, gname: str, nodes: list[Node], ext: list[tuple[Value, str]], outs: list[Value]) -> tuple[relax.Function, list[tvm.ir.GenericConst]]:
+    def _primitive(self, gname: str, nodes: list[Node], ext: list[tuple[Value, str]], outs: list[Value]
+                   ) -> tuple[relax.Function, list[tvm.ir.GenericConst], list[relax.Expr]]:
         gbb = relax.BlockBuilder()
         env: dict[Any, Any] = {}
         params = []
@@ -1342,6 +1515,25 @@ class _Lowerer:
             params.append(p)
             native = self.plan is None or self.plan.native(v) == form
             env[id(v) if native else (id(v), form)] = p
+        # a param dim that is an expression of symbolic dims (`(H - 1) // 2 + 1` after a stride-2
+        # conv) defines no var: its vars come in as a shape argument, else the function's shapes
+        # are erased to rank-only ones (and blocked TE computes, pooling, Resize cannot take those)
+        defined = {v for p in params for v in relax.analysis.definable_tir_vars_in_type(p.ty)}
+        missing = sorted({v for p in params for v in relax.analysis.tir_vars_in_type(p.ty) if v not in defined}, key=lambda v: v.name)
+        dim_args: list[relax.Expr] = []
+        if missing:
+            # a tensor of main whose dims include those vars as plain dims (an input, or the
+            # zero-copy view of one that `_reexpress_dims` makes), passed along unread: a Shape
+            # argument defines them too, but FuseTIR rejects it in some modules ("All shape
+            # inputs are expected to be single tirx var")
+            definer = next((d for d in self.definers
+                            if set(missing) <= set(relax.analysis.definable_tir_vars_in_type(d.ty))), None)
+            if definer is not None:
+                params.append(relax.Var("dims", definer.ty))
+                dim_args.append(definer)
+            else:
+                params.append(relax.Var("dims", relax.ShapeType(missing)))
+                dim_args.append(relax.ShapeExpr(missing))
         with function_scope(gbb, gname, params, {"Primitive": True}, private=True):
             with gbb.dataflow():
                 self._convert_into(gbb, nodes, env)
@@ -1365,7 +1557,7 @@ class _Lowerer:
             table = {gv: self.bb.add_func(sub[gv], gv.name_hint) for gv in extra}
             func = _rebind_globals(func, table)
         func, consts = _lift_constants(func)
-        return func, consts
+        return func, consts, dim_args
 
 
 def _check_body_arity(n: Node, n_in: int) -> None:
@@ -1403,13 +1595,46 @@ def _rebind_globals(func: relax.Function, table: dict[tvm.ir.GlobalVar, tvm.ir.G
 
 
 def lower(model: Model, force_inline: dict[str, str] | None = None, block: int | None = None,
-          winograd: str | None = None, machine: MachineModel | None = None, activity: Any = None) -> LoweredModule:
+          winograd: str | None = None, machine: MachineModel | None = None, activity: Any = None,
+          multiples: dict[str, int] | None = None) -> LoweredModule:
     """Lower `model` (planned with `plan-kernels`). Groups named in `force_inline` are emitted
     inline into main (with that reason). With `block`, convolution groups run on channel-blocked
     activations where they can (see layout.py), 3x3 convs in Winograd form per `winograd` (a
     `layout.plan_layout` mode), tiled for `machine` (the target's machine model; needed with `block`).
     `activity` (a compile_watchdog.Activity) is told which node is being lowered."""
-    return _Lowerer(model, force_inline, block, winograd, machine, activity).lower()
+    return _Lowerer(model, force_inline, block, winograd, machine, activity, multiples).lower()
+
+
+#: how many times `lower_unified` re-lowers with larger multiples before it gives up
+UNIFY_ROUNDS = 4
+
+
+def lower_unified(model: Model, **kw: Any) -> LoweredModule:
+    """`lower`, re-expressing symbolic input dims as multiples where a node needs dims equal that
+    are not for every size (see ShapeUnificationError): each round raises the multiples to what
+    the failing node's dim expressions divide by; a node still failing after UNIFY_ROUNDS, or one
+    that names no divisor, is reported."""
+    import math
+
+    multiples: dict[str, int] = {}
+    why: dict[str, str] = {}
+    for _ in range(UNIFY_ROUNDS + 1):
+        try:
+            lowered = lower(model, multiples=multiples, **kw)
+        except ShapeUnificationError as e:
+            grown = {k: math.lcm(multiples.get(k, 1), m) for k, m in e.divisors.items() if m > 1}
+            if not grown or all(multiples.get(k, 1) == m for k, m in grown.items()):
+                raise LoweringError(f"{e}; fix those dims with --dim NAME=N or --input-shape") from None
+            multiples.update(grown)
+            node = str(e).split(": ", 1)[0].removeprefix("node ")
+            for k in grown:
+                why.setdefault(k, f"{node} joins maps of different strides")
+            continue
+        for k, info in lowered.symbolic_dims.items():
+            if k in why and info["multiple"] > 1:
+                info["why"] = why[k]
+        return lowered
+    raise LoweringError(f"symbolic dims still not unified with multiples {multiples}")
 
 
 def lower_and_fuse(model: Model, target: tvm.target.Target, block: int | None = None,
@@ -1417,7 +1642,8 @@ def lower_and_fuse(model: Model, target: tvm.target.Target, block: int | None = 
     """`lower` then `legalize_and_fuse`. When FuseTIR refuses the module, each primitive group is
     tried on its own, the ones it refuses are emitted inline instead, and the model is lowered again."""
     machine = machine_model(target)
-    lowered = lower(model, block=block, winograd=winograd, machine=machine, activity=activity)
+    lowered = lower_unified(model, block=block, winograd=winograd, machine=machine, activity=activity)
+    multiples = {k: d["multiple"] for k, d in lowered.symbolic_dims.items() if d["multiple"] > 1}
     if activity is not None:
         activity.what = "legalizing and fusing the kernels (LegalizeOps, FuseTIR)"
     try:
@@ -1426,7 +1652,8 @@ def lower_and_fuse(model: Model, target: tvm.target.Target, block: int | None = 
         bad = failing_groups(lowered.mod, target)
         if not bad:
             raise LoweringError(f"LegalizeOps/FuseTIR failed: {_last_line(first)}") from None
-    lowered = lower(model, force_inline=bad, block=block, winograd=winograd, machine=machine, activity=activity)
+    lowered = lower(model, force_inline=bad, block=block, winograd=winograd, machine=machine, activity=activity,
+                    multiples=multiples)
     if activity is not None:
         activity.what = "legalizing and fusing the kernels (LegalizeOps, FuseTIR)"
     try:

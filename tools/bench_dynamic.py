@@ -1,0 +1,85 @@
+"""Latency of one dynamic-shape cpu artifact at several sizes, against the same model compiled with
+fixed shapes (`--input-shape`) and against onnxruntime (ORT_ENABLE_ALL), all in one process.
+
+    .venv/bin/python tools/bench_dynamic.py [--models detector_dyn,encoder_dyn] [--threads 2]
+        [--repeat 50] [--sizes detector_dyn=1x3x64x64,1x3x160x96]
+
+For each model (tools/dynamic_models.py) the dynamic artifact is compiled once; per size it checks
+the outputs against onnxruntime, compiles the fixed-shape artifact, and prints the median
+latencies and the ratios dynamic / fixed and dynamic / onnxruntime (issue 21's goals: <= 1.3x
+and <= 1.2x). Timings interleave the three runners per size, `--rounds` times, and keep each
+runner's best median (a shared machine's noise hits all three alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dynamic_models as dm  # noqa: E402
+
+import graphopt  # noqa: E402
+
+
+def _median_ms(fn, repeat: int) -> float:
+    fn()
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(ts))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="detector_dyn,encoder_dyn")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--target", default="cpu")
+    ap.add_argument("--sizes", action="append", default=[], metavar="MODEL=AxBxC,...",
+                    help="sizes to run for MODEL (default: tools/dynamic_models.SIZES)")
+    args = ap.parse_args(argv)
+    wanted = {k: [tuple(int(d) for d in s.split("x")) for s in v.split(",")]
+              for k, v in (x.split("=", 1) for x in args.sizes)}
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = args.threads
+    print(f"threads={args.threads} target={args.target} (median ms, best of {args.rounds} rounds of {args.repeat})")
+    print(f"{'model':14s} {'size':16s} {'dynamic':>9s} {'fixed':>9s} {'ort':>9s} {'dyn/fixed':>9s} {'dyn/ort':>8s}  max|err|")
+    for name in args.models.split(","):
+        model = dm.MODELS[name]()
+        inp, sizes = dm.SIZES[name]
+        sizes = wanted.get(name, sizes[:3])
+        t = time.perf_counter()
+        dyn = graphopt.compile(model, args.target, "-O2", threads=args.threads)
+        t_dyn = time.perf_counter() - t
+        dyn_run = dyn.runner(threads=args.threads)
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        for size in sizes:
+            x = np.random.default_rng(0).standard_normal(size).astype(np.float32)
+            feeds = {inp: x}
+            got, want = dyn_run.run(feeds), sess.run(None, feeds)
+            err = max(float(np.abs(g - w).max()) for g, w in zip(got, want))
+            fixed = graphopt.compile(model, args.target, "-O2", threads=args.threads, input_shapes={inp: size})
+            fixed_run = fixed.runner(threads=args.threads)
+            best = {"dyn": np.inf, "fixed": np.inf, "ort": np.inf}
+            for _ in range(args.rounds):
+                best["dyn"] = min(best["dyn"], _median_ms(lambda: dyn_run.run(feeds), args.repeat))
+                best["fixed"] = min(best["fixed"], _median_ms(lambda: fixed_run.run(feeds), args.repeat))
+                best["ort"] = min(best["ort"], _median_ms(lambda: sess.run(None, feeds), args.repeat))
+            print(f"{name:14s} {'x'.join(map(str, size)):16s} {best['dyn']:9.3f} {best['fixed']:9.3f} {best['ort']:9.3f} "
+                  f"{best['dyn'] / best['fixed']:9.2f} {best['dyn'] / best['ort']:8.2f}  {err:.1e}")
+        print(f"{name}: dynamic artifact compiled once in {t_dyn:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

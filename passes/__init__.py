@@ -11,3 +11,4 @@ from graphopt.passes import fusion  # noqa: E402,F401  (registers fuse-conv-bn a
 from graphopt.passes import sharing  # noqa: E402,F401  (registers share-weights, cluster-weights)
 from graphopt.passes import quantize  # noqa: E402,F401  (registers quantize: int8 QDQ with calibration, accuracy budget, speed check)
 from graphopt.passes import pruning  # noqa: E402,F401  (registers prune: structured channel pruning with dependency groups and recovery)
+from graphopt.passes import lowrank  # noqa: E402,F401  (registers low-rank: SVD factorization of MatMul/Gemm/Conv weights)

@@ -72,9 +72,28 @@ def _split(u: np.ndarray, s: np.ndarray, vt: np.ndarray, r: int) -> tuple[np.nda
     return u[:, :r] * h[None, :], h[:, None] * vt[:r]
 
 
+def svd(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Thin SVD U, S, Vᵀ of m [K, N] through the eigendecomposition of the smaller Gram matrix
+    (LAPACK's divide-and-conquer SVD ran 20x slower than `eigh` on this 2-core machine under
+    load: 8.8 s against 0.43 s for 384x1536). Singular values below 1e-7·σ_max get zero
+    vectors; the truncations here never keep them."""
+    m = np.asarray(m, np.float64)
+    tall = m.shape[0] >= m.shape[1]
+    g = m.T @ m if tall else m @ m.T
+    e, q = np.linalg.eigh(g)
+    order = np.argsort(e)[::-1]
+    e, q = np.maximum(e[order], 0.0), q[:, order]
+    s = np.sqrt(e)
+    ok = s > 1e-7 * (s[0] if len(s) else 0.0)
+    inv = np.where(ok, 1.0 / np.where(ok, s, 1.0), 0.0)
+    if tall:  # q = V: U = m V / s
+        return (m @ q) * inv[None, :], s, q.T
+    return q, s, (q.T @ m) * inv[:, None]  # q = U: Vᵀ = Uᵀ m / s
+
+
 def plain(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """SVD of W [K, N] (thin): U, S, Vᵀ."""
-    return np.linalg.svd(np.asarray(w, np.float64), full_matrices=False)
+    return svd(w)
 
 
 def _sqrt_psd(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -127,7 +146,7 @@ def whiten(m: Moments, w: np.ndarray, bias: np.ndarray | None, *, centered: bool
         target = np.linalg.solve(cov + lam * np.eye(k), cxy + lam * w)
     else:
         target = w
-    u, s, vt = np.linalg.svd(sq @ target, full_matrices=False)
+    u, s, vt = svd(sq @ target)
     return Whitened(u, s, vt, inv, mu if centered else None, y_mean if centered else None)
 
 

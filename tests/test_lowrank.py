@@ -305,3 +305,17 @@ def test_bad_options():
                  "low-rank{error-budget=foo:1}"):
         with pytest.raises(UsageError):
             parse_pipeline(spec)
+
+
+def test_cli_prints_the_per_layer_table(tmp_path, capsys):
+    from graphopt.cli import main
+
+    src, dst = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    graphopt.save(mlp(), str(src))
+    code = main([str(src), "-o", str(dst), "--passes", "low-rank{energy=0.95}"])
+    out = capsys.readouterr()
+    assert code == 0 and dst.exists()
+    text = out.out + out.err
+    assert "fc0" in text and "flops-after" in text and "sqnr-db" in text
+    code = main([str(src), "-o", str(dst), "--passes", "low-rank{energy=2}"])
+    assert code == 2

@@ -64,33 +64,41 @@ def data_aware(layer: Layer) -> bool:
     return layer.kind != "conv" or len(layer.kernel) == 2
 
 
-def _rows(layer: Layer, li: int, bi: int, x: np.ndarray, y: np.ndarray | None, mask: np.ndarray | None,
-          seed: int) -> tuple[np.ndarray, np.ndarray | None]:
-    if layer.kind == "conv":
-        ref = y if y is not None else None
-        n = x.shape[0]
-        if ref is not None:
-            ho, wo = ref.shape[2], ref.shape[3]
-        else:  # output size from the geometry
-            strides, dil, pads = _pads(layer.node, x.shape, layer.kernel)
-            ho = (x.shape[2] + pads[0] + pads[2] - dil[0] * (layer.kernel[0] - 1) - 1) // strides[0] + 1
-            wo = (x.shape[3] + pads[1] + pads[3] - dil[1] * (layer.kernel[1] - 1) - 1) // strides[1] + 1
-        total = n * ho * wo
-        rng = np.random.default_rng([seed, li, bi])
-        pick = np.sort(rng.choice(total, size=min(total, ROWS_PER_BATCH), replace=False))
-        img, rem = np.divmod(pick, ho * wo)
-        i, j = np.divmod(rem, wo)
-        xr = _patches(x, layer, (img, i, j))
-        yr = None if y is None else y[img, :, i, j]
-        return xr.astype(np.float64), None if yr is None else yr.astype(np.float64)
-    xr = x.reshape(-1, x.shape[-1])
-    yr = None if y is None else y.reshape(-1, y.shape[-1])
-    lead = x.shape[:-1]
+def _positions(li: int, bi: int, n: int, ho: int, wo: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The output positions (img, i, j) sampled for layer `li` in batch `bi` (the same for the
+    original model's outputs and the current model's inputs)."""
+    total = n * ho * wo
+    rng = np.random.default_rng([seed, li, bi])
+    pick = np.sort(rng.choice(total, size=min(total, ROWS_PER_BATCH), replace=False))
+    img, rem = np.divmod(pick, ho * wo)
+    i, j = np.divmod(rem, wo)
+    return img, i, j
+
+
+def _masked(a: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    rows = a.reshape(-1, a.shape[-1])
+    lead = a.shape[:-1]
     if mask is not None and (lead == mask.shape or lead == (mask.size,)):
-        keep = mask.reshape(-1) != 0
-        xr = xr[keep]
-        yr = None if yr is None else yr[keep]
-    return xr.astype(np.float64), None if yr is None else yr.astype(np.float64)
+        rows = rows[mask.reshape(-1) != 0]
+    return rows
+
+
+def _x_rows(layer: Layer, li: int, bi: int, x: np.ndarray, mask: np.ndarray | None, seed: int) -> np.ndarray:
+    if layer.kind == "conv":
+        strides, dil, pads = _pads(layer.node, x.shape, layer.kernel)
+        ho = (x.shape[2] + pads[0] + pads[2] - dil[0] * (layer.kernel[0] - 1) - 1) // strides[0] + 1
+        wo = (x.shape[3] + pads[1] + pads[3] - dil[1] * (layer.kernel[1] - 1) - 1) // strides[1] + 1
+        return _patches(x, layer, _positions(li, bi, x.shape[0], ho, wo, seed)).astype(np.float64)
+    return _masked(x, mask).astype(np.float64)
+
+
+def _y_rows(layer: Layer, li: int, bi: int, y: np.ndarray, mask: np.ndarray | None, seed: int) -> np.ndarray:
+    """The target rows, kept as float32 until the wave's inputs are read (a conv's full output
+    maps of every batch would not fit in memory on a large net)."""
+    if layer.kind == "conv":
+        img, i, j = _positions(li, bi, y.shape[0], y.shape[2], y.shape[3], seed)
+        return np.asarray(y[img, :, i, j], np.float32)
+    return np.asarray(_masked(y, mask), np.float32)
 
 
 def _run(model: Model, names: list[str], batches: Sequence[Batch]):  # type: ignore[no-untyped-def]
@@ -115,23 +123,23 @@ def collect(model: Model, layers: Sequence[Layer], ids: Sequence[int], batches: 
     if not want:
         return out
     ys: dict[int, dict[int, np.ndarray]] = {}
+    masks = [token_mask(model, b, mask_spec) for b in batches]
     if original is not None:
-        # the original outputs of this wave's layers, per batch (a conv's full map: small models)
         ynames = {i: layers[i].out.name for i in want}
         for bi, got in _run(original, list(ynames.values()), batches):
             for i, nm in ynames.items():
                 if nm in got:
-                    ys.setdefault(bi, {})[i] = got[nm]
+                    ys.setdefault(bi, {})[i] = _y_rows(layers[i], i, bi, np.asarray(got[nm]), masks[bi], seed)
     xnames = {i: layers[i].x.name for i in want}
-    masks = [token_mask(model, b, mask_spec) for b in batches]
     for bi, got in _run(model, list(xnames.values()), batches):
         for i, nm in xnames.items():
             if nm not in got:
                 continue
             layer = layers[i]
             y = ys.get(bi, {}).get(i) if original is not None else None
-            xr, yr = _rows(layer, i, bi, np.asarray(got[nm]), None if y is None else np.asarray(y), masks[bi], seed)
-            if len(xr) == 0:
+            xr = _x_rows(layer, i, bi, np.asarray(got[nm]), masks[bi], seed)
+            yr = None if y is None else y.astype(np.float64)
+            if len(xr) == 0 or (yr is not None and len(yr) != len(xr)):
                 continue
             xa = np.concatenate([xr, np.ones((len(xr), 1))], axis=1)
             m = out.get(i)

@@ -20,8 +20,8 @@ The rank comes from an energy: the smallest r whose leading σ² hold that share
 squared output error on the calibration data, up to the refit's irreducible residual).
 
 All in float64. Σ is damped by `DAMP`·mean(diag Σ) before the square roots: a few thousand
-calibration rows for ~1500 inputs give a noisy Σ whose small eigenvalues would otherwise steer
-the factors (measured on MiniLM, see the README).
+calibration rows for ~1500 inputs give a noisy Σ whose smallest eigenvalues would otherwise
+steer the factors towards directions the data barely saw (the value is not tuned).
 """
 
 from __future__ import annotations

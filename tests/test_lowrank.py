@@ -270,7 +270,7 @@ def test_conv_data_aware_and_energy_on_output(tmp_path):
     x = (x + np.roll(x, 1, axis=1)) / 2  # correlated channels
     calib = tmp_path / "c.npz"
     np.savez(calib, x=x)
-    out, res, _ = lowrank(m, energy=0.95, min_size=1024, calibration=str(calib), batch=16, samples=64)
+    out, res, _ = lowrank(m, energy=0.95, min_size=1024, calibration=str(calib), batch=16, samples=64, refit="true")
     assert res.stats["layers-factorized"] == 2
     # the energy is the share of output kept on the calibration data: per-layer SQNR >= -10 log10(1 - E) (- the refit residual)
     assert res.stats["conv3x3/sqnr-db"] > 10 * np.log10(1 / 0.05) - 3
@@ -282,7 +282,7 @@ def test_error_budget_picks_an_energy(tmp_path):
     m = mlp()
     calib = tmp_path / "c.npz"
     np.savez(calib, x=np.random.default_rng(9).standard_normal((64, 256)).astype(np.float32))
-    out, res, log = lowrank(m, error_budget="rel:0.05", calibration=str(calib), refit="false")
+    out, res, log = lowrank(m, error_budget="rel:0.05", calibration=str(calib))
     e = res.stats["energy"]
     assert 0.5 <= e <= 0.999 and res.stats["budget-trials"] >= 2
     x = np.random.default_rng(9).standard_normal((64, 256)).astype(np.float32)

@@ -56,10 +56,11 @@ class LowRank(Pass):
 
     With calibration data (`calibration=FILE.npz`, or `--calibration`) the factorization is
     data-aware (ASVD / SVD-LLM): the SVD of Σ^½·W with Σ the covariance of the layer's inputs on
-    that data, so the energy is the share of the layer's *output* kept; then (`refit=auto|true`)
-    the layers are refitted by least squares in graph order, each on the inputs of the
-    already-factorized model against the original model's outputs (reduced-rank regression;
-    upstream error is compensated). Without data: plain SVD of W (said so in the log).
+    that data, so the energy is the share of the layer's *output* kept. `refit=true` then refits
+    the layers by least squares in graph order, each on the inputs of the already-factorized
+    model against the original model's outputs (reduced-rank regression; upstream error is
+    compensated). Off by default: on MiniLM it was slower (a model run per wave) and worse on
+    the test sentences (it fits the calibration tokens; see the README). Without data: plain SVD of W (said so in the log).
     See graphopt/passes/lowrank/factor.py for the arithmetic.
 
     Must not fire (counted in `layers-skipped-*`, reasons in the log): weights that are not
@@ -84,7 +85,7 @@ class LowRank(Pass):
     samples: int = 128
     batch: int = 8
     min_size: int = 4096
-    refit: str = "auto"
+    refit: str = "false"
     speed: str = "flops"
     min_speedup: float = 1.05
     layers: tuple[str, ...] = ()
@@ -96,8 +97,8 @@ class LowRank(Pass):
             raise ValueError(f"energy must be in (0, 1], got {self.energy}")
         if self.rank < 0 or self.min_size < 0 or self.samples < 1 or self.batch < 1:
             raise ValueError("rank and min-size must be >= 0, samples and batch >= 1")
-        if self.refit not in ("auto", "true", "false", "1", "0"):
-            raise ValueError(f"refit must be auto, true or false, got {self.refit!r}")
+        if self.refit not in ("true", "false", "1", "0"):
+            raise ValueError(f"refit must be true or false, got {self.refit!r}")
         if self.speed not in ("flops", "measure"):
             raise ValueError(f"speed must be flops or measure, got {self.speed!r}")
         if self._budget() is not None and self.rank:
@@ -135,7 +136,7 @@ class LowRank(Pass):
 
         budget = self._budget()
         batches, source = self._batches(model, ctx, need=budget is not None)
-        refit = bool(batches) and (self.refit in ("true", "1") or self.refit == "auto")
+        refit = bool(batches) and self.refit in ("true", "1")
         if batches:
             ctx.info(f"low-rank: data-aware factorization on {source}" + (", least-squares refit in graph order" if refit else ""))
         else:

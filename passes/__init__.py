@@ -12,3 +12,4 @@ from graphopt.passes import sharing  # noqa: E402,F401  (registers share-weights
 from graphopt.passes import quantize  # noqa: E402,F401  (registers quantize: int8 QDQ with calibration, accuracy budget, speed check)
 from graphopt.passes import pruning  # noqa: E402,F401  (registers prune: structured channel pruning with dependency groups and recovery)
 from graphopt.passes import precision  # noqa: E402,F401  (registers convert-precision: fp16/bf16 mixed precision)
+from graphopt.passes import lowrank  # noqa: E402,F401  (registers low-rank: SVD factorization of MatMul/Gemm/Conv weights)

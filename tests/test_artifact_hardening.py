@@ -73,6 +73,10 @@ def _edit_params(path: str, change: Callable[[dict[str, np.ndarray]], None]) -> 
     np.savez(p, **arrays)
 
 
+def _first(arrays: dict[str, np.ndarray]) -> str:
+    return sorted(arrays)[0]
+
+
 def _set(keys: tuple[Any, ...], value: Any) -> Callable[[str, dict[str, Any]], None]:
     def edit(path: str, man: dict[str, Any]) -> None:
         d = man
@@ -105,11 +109,12 @@ TAMPERS: dict[str, tuple[Callable[[str, dict[str, Any]], None], str]] = {
     "runtime null": (_set(("runtime",), None), "runtime is NoneType"),
     "target null": (_set(("target",), None), "target is NoneType"),
     "threads a string": (_set(("target", "threads"), "x"), "target.threads is str"),
-    "params of another shape": (lambda p, m: _edit_params(p, lambda a: a.__setitem__("p0", np.zeros((3, 3), a["p0"].dtype))),
-                                "array 'p0' is float32\\[3, 3\\], the manifest says float32"),
-    "params of another dtype": (lambda p, m: _edit_params(p, lambda a: a.__setitem__("p0", a["p0"].astype(np.float64))),
-                                "array 'p0' is float64"),
-    "a dropped array": (lambda p, m: _edit_params(p, lambda a: a.pop("p0")), "array 'p0' of the manifest is missing"),
+    # (the first array the manifest lists, whatever the build named it: p0 raw, w0 packed)
+    "params of another shape": (lambda p, m: _edit_params(p, lambda a: a.__setitem__(_first(a), np.zeros((3, 3), a[_first(a)].dtype))),
+                                "array '\\w+' is float32\\[3, 3\\], the manifest says float32"),
+    "params of another dtype": (lambda p, m: _edit_params(p, lambda a: a.__setitem__(_first(a), a[_first(a)].astype(np.float64))),
+                                "array '\\w+' is float64"),
+    "a dropped array": (lambda p, m: _edit_params(p, lambda a: a.pop(_first(a))), "array '\\w+' of the manifest is missing"),
     "an extra array": (lambda p, m: _edit_params(p, lambda a: a.__setitem__("zz", np.zeros(2))), "array 'zz' is not in the manifest"),
     "shortened runtime.params": (lambda p, m: m["runtime"]["params"].pop(), "main takes 6 arguments"),
     "runtime.params naming a missing array": (lambda p, m: m["runtime"]["params"].__setitem__(0, "nope"), "no array 'nope'"),

@@ -156,6 +156,12 @@ def test_compiled_target_without_tvm_is_exit_2(tmp_path: Path, capsys: pytest.Ca
     import sys
 
     for name in [m for m in sys.modules if m == "tvm" or m.startswith(("tvm.", "graphopt.targets."))]:
+        parent, _, child = name.rpartition(".")
+        if parent in sys.modules and hasattr(sys.modules[parent], child):
+            # (a fresh import of the submodule rebinds the parent's attribute: put it back after,
+            # or `from graphopt.targets import cpu` in a later test gets another class than
+            # get_target's, and its monkeypatches miss)
+            monkeypatch.setattr(sys.modules[parent], child, getattr(sys.modules[parent], child))
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "tvm", None)  # import tvm -> ModuleNotFoundError
     code, err = _run(capsys, EXAMPLE, "--target", "cpu", "-o", tmp_path / "art")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -26,6 +26,10 @@ from graphopt.verification import Reference, reference_outputs, verify_outputs
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "tiny_cnn.onnx"
 LOSSY = "-O2,prune{ratio=0.3},cluster-weights{bits=5},quantize{scheme=int8,speed=off}"
+# ... with every step taken as asked (the example's random weights sit near the default accuracy
+# budget: whether prune backs off everything varied between machines, and with it the prune chart)
+LOSSY_AS_ASKED = ("-O2,prune{ratio=0.3,accuracy-budget=none},cluster-weights{bits=5,accuracy-budget=none},"
+                  "quantize{scheme=int8,speed=off}")
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
@@ -68,6 +72,8 @@ def test_agreement_counts_flips_and_names_the_worst_output() -> None:
 def test_sqnr_does_not_depend_on_scale(ref: np.ndarray, noise: np.ndarray, k: float) -> None:
     r, t = ref.astype(np.float64), ref.astype(np.float64) + noise  # (float64: scaling itself must not round)
     a, b = sqnr_db(r, t), sqnr_db(r * k, t * k)
+    # (noise at float64's own rounding, ~300 dB, is changed by the scaling's rounding: not a property)
+    assume(math.isinf(a) or a < 200)
     assert (a == b) or abs(a - b) < 1e-6 * max(1.0, abs(a))
 
 
@@ -182,8 +188,8 @@ def test_compare_on_random_inputs_says_so(tmp_path: Path, capsys: pytest.Capture
 # ------------------------------------------------------------------------------------ html
 
 
-def _lossy_report(tmp_path: Path, capsys: pytest.CaptureFixture[str], *extra: object) -> dict:
-    code, _, err = run_cli(capsys, EXAMPLE, "-o", tmp_path / "o.onnx", "--passes", LOSSY, "--report",
+def _lossy_report(tmp_path: Path, capsys: pytest.CaptureFixture[str], *extra: object, passes: str = LOSSY_AS_ASKED) -> dict:
+    code, _, err = run_cli(capsys, EXAMPLE, "-o", tmp_path / "o.onnx", "--passes", passes, "--report",
                            tmp_path / "r.json", *extra)
     assert code == 0, err
     return json.loads((tmp_path / "r.json").read_text())

@@ -7,7 +7,8 @@
     graphopt-run MODEL.onnx [--benchmark | --profile]          (onnxruntime)
     graphopt-run ARTIFACT --profile [--compare MODEL.onnx] --report out.html   (the page, with its charts)
 
-Without `--inputs`, random inputs are made from the manifest (symbolic dims: `--dim N=4`, default 1).
+Without `--inputs`, random inputs are made from the manifest (symbolic dims: `--dim N=4`; default 1,
+or the smallest size the artifact accepts where it records a multiple or a minimum).
 Outputs go to `-o` (.npz, keyed by output name) or, without it, a summary per output to stdout.
 `--benchmark` prints latency percentiles (ms). `--profile` prints one row per kernel (graphopt.profiler);
 an .onnx file runs on onnxruntime instead (its profiler for --profile). Exit codes: 0 ok, 1 internal error, 2 bad input
@@ -154,6 +155,19 @@ def _check_output(path: str) -> None:
         raise UsageError(f"-o {path}: folder {folder} is not writable")
 
 
+def _default_dims(runner: Any) -> dict[str, int]:
+    """For random inputs: each symbolic dim the artifact constrains (manifest dims.symbolic: a
+    multiple, a minimum) at the smallest size it accepts; the others stay 1 (`_random_inputs`)."""
+    sym = ((getattr(runner, "manifest", None) or {}).get("dims") or {}).get("symbolic") or {}
+    out: dict[str, int] = {}
+    for name, d in sym.items() if isinstance(sym, dict) else ():
+        if not isinstance(d, dict):
+            continue
+        m, lo = max(int(d.get("multiple", 1) or 1), 1), max(int(d.get("min", 1) or 1), 1)
+        out[str(name)] = -(-lo // m) * m
+    return out
+
+
 def _dims(given: list[str], specs: list[dict[str, Any]]) -> dict[str, int]:
     """--dim NAME=SIZE values, NAME a symbolic dim of the inputs."""
     names = {str(d) for s in specs for d in (s.get("shape") or []) if isinstance(d, str)}
@@ -225,7 +239,7 @@ def _run(ns: argparse.Namespace) -> int:
     if ns.inputs:
         feeds = _load_npz(ns.inputs)
     else:
-        feeds = _random_inputs(runner.inputs, _dims(ns.dim, runner.inputs), ns.seed)
+        feeds = _random_inputs(runner.inputs, {**_default_dims(runner), **_dims(ns.dim, runner.inputs)}, ns.seed)
     outputs = runner.run(feeds)
     result: dict[str, Any] = {"outputs": {n: {"shape": list(a.shape), "dtype": str(a.dtype)} for n, a in zip(runner.output_names, outputs)}}
     if ns.output:

@@ -100,6 +100,8 @@ def test_graphopt_run_exit_2_on_a_size_it_cannot_take(detector_blocked, tmp_path
     assert main([path, "--dim", "H=60", "--dim", "W=96"]) == 2
     err = capsys.readouterr().err
     assert "multiple of 8" in err and len(err.strip().splitlines()) == 1
+    # without --dim, random inputs take the smallest sizes the artifact accepts (H = W = 8, not 1)
+    assert main([path]) == 0, capsys.readouterr().err
 
 
 def test_detector_nchw_layout(detector):

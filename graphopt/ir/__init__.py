@@ -15,11 +15,12 @@ from graphopt.ir.types import (
     TensorType,
     Type,
 )
+from graphopt.ir.order import independent_waves
 from graphopt.ir.verify import verify, verify_graph
 
 __all__ = [
     "Builder", "unique_name",
     "Attr", "AttrType", "DataType", "Dim", "ExternalTensor", "Function", "Graph", "MapType", "Model",
     "Node", "NumpyTensor", "OpaqueType", "OptionalType", "ProtoTensor", "SequenceType", "Shape",
-    "SparseTensor", "SparseTensorType", "Tensor", "TensorType", "Type", "Value", "verify", "verify_graph",
+    "SparseTensor", "SparseTensorType", "Tensor", "TensorType", "Type", "Value", "independent_waves", "verify", "verify_graph",
 ]

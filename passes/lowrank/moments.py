@@ -154,32 +154,6 @@ def collect(model: Model, layers: Sequence[Layer], ids: Sequence[int], batches: 
     return out
 
 
-def waves(model: Model, layers: Sequence[Layer]) -> list[list[int]]:
-    """Layer indices (graph order) in waves: no layer of a wave depends on another of the same
-    wave, so one run of the model reads the inputs of a whole wave."""
-    idx = {layer.node: i for i, layer in enumerate(layers)}
-    upstream: dict[Node, frozenset[int]] = {}
-    for n in model.graph:
-        acc: set[int] = set()
-        for v in n.inputs:
-            p = v.producer() if v is not None else None
-            if p is not None and p in upstream:
-                acc |= upstream[p]
-                if p in idx:
-                    acc.add(idx[p])
-        upstream[n] = frozenset(acc)
-    out: list[list[int]] = []
-    cur: list[int] = []
-    for i, layer in enumerate(layers):
-        if any(j in upstream[layer.node] for j in cur):
-            out.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        out.append(cur)
-    return out
-
-
 def rows_note(ms: Mapping[int, Moments]) -> str:
     n = [m.n for m in ms.values()]
     return f"{min(n)}..{max(n)} rows per layer" if n else "no rows"

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from graphopt.errors import GraphoptError, UsageError
-from graphopt.ir import Model
+from graphopt.ir import Model, independent_waves
 from graphopt.pattern import const_array, model_context
 from graphopt.transform import Pass, PassContext, PassResult, register_pass
 
@@ -154,7 +154,7 @@ class LowRank(Pass):
             assert original is not None
             # the layers' inputs are read in `model` as it is rewritten wave by wave, the
             # targets in the untouched `original`
-            for wave in mo.waves(model, layers):
+            for wave in independent_waves(model.graph, [la.node for la in layers]):
                 ms = mo.collect(model, layers, wave, batches, original=original, mask_spec=self.token_mask, seed=self.seed)
                 for i in wave:
                     la = layers[i]

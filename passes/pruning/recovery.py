@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.ir import Attr, AttrType, Builder, Model, Node
+from graphopt.ir import Attr, AttrType, Builder, Model, Node, independent_waves
 from graphopt.pattern import const_array, drop_unused_initializers, model_context
 
 from graphopt.passes.pruning.dependency import Analysis, Consumer
@@ -157,33 +157,6 @@ def _refit_tasks(an: Analysis, pruned: np.ndarray) -> tuple[list[_Refit], dict[s
                         t.bias_add = add
             tasks.append(t)
     return tasks, skipped
-
-
-def _waves(model: Model, task_nodes: list[Node]) -> list[list[int]]:
-    """Split tasks (in topological order) into waves of mutually independent ones."""
-    order = {n: i for i, n in enumerate(model.graph)}
-    idx = sorted(range(len(task_nodes)), key=lambda i: order[task_nodes[i]])
-    is_task = {task_nodes[i]: i for i in range(len(task_nodes))}
-    upstream: dict[Node, frozenset[int]] = {}
-    for n in model.graph:
-        acc: set[int] = set()
-        for v in n.inputs:
-            p = v.producer() if v is not None else None
-            if p is not None and p in upstream:
-                acc |= upstream[p]
-                if p in is_task:
-                    acc.add(is_task[p])
-        upstream[n] = frozenset(acc)
-    waves: list[list[int]] = []
-    cur: list[int] = []
-    for i in idx:
-        if any(j in upstream[task_nodes[i]] for j in cur):
-            waves.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        waves.append(cur)
-    return waves
 
 
 def _rows_conv(x: np.ndarray, node: Node, wshape: tuple[int, ...], sel: tuple[np.ndarray, ...]) -> np.ndarray:
@@ -325,7 +298,7 @@ def recover(
         _targets(original, tasks, batches, seed)
     nodes: list[Node] = [t.node for t in tasks] + [b.node for b in bn_tasks]
     all_tasks: list[Any] = list(tasks) + list(bn_tasks)
-    waves = _waves(model, nodes) if nodes else []
+    waves = independent_waves(model.graph, nodes) if nodes else []
     errs0, errs1 = [], []
     for wave in waves:
         wt = [all_tasks[i] for i in wave]

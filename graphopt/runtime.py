@@ -248,6 +248,46 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
+class InputChecks:
+    """A model's inputs as its manifest lists them ({name, dtype, shape}), and the checks every
+    runner applies to what a caller passes: names (a mapping) or count (a sequence), dtype, rank
+    and static dims, one line each. The per-input parts are precomputed (a call's own cost)."""
+
+    def __init__(self, specs: Sequence[Mapping[str, Any]]) -> None:
+        self.specs = list(specs)
+        self.names = [str(i["name"]) for i in self.specs]
+        self._want = [(np.dtype(i["dtype"]) if i.get("dtype") is not None else None,
+                       None if i.get("shape") is None else len(i["shape"]),
+                       None if i.get("shape") is None else [(k, d) for k, d in enumerate(i["shape"]) if isinstance(d, int)])
+                      for i in self.specs]
+
+    def arrays(self, inputs: Mapping[str, Any] | Sequence[Any]) -> list[np.ndarray]:
+        """The inputs as arrays in the model's order, checked."""
+        names = self.names
+        if isinstance(inputs, Mapping):
+            unknown = sorted(set(inputs) - set(names))
+            if unknown:
+                raise UsageError(f"the model has no input {unknown[0]!r} (inputs: {', '.join(names) or 'none'})")
+            missing = [n for n in names if n not in inputs]
+            if missing:
+                raise UsageError(f"no value for input {missing[0]!r}")
+            given = [inputs[n] for n in names]
+        else:
+            given = list(inputs)
+            if len(given) != len(names):
+                raise UsageError(f"the model takes {len(names)} inputs, {len(given)} were given")
+        out = []
+        for spec, (want, rank, static), a in zip(self.specs, self._want, given):
+            a = np.asarray(a)
+            if want is not None and a.dtype != want:
+                raise UsageError(f"input {spec['name']!r}: dtype {a.dtype} given, the model takes {spec['dtype']}")
+            if rank is not None and (a.ndim != rank or any(a.shape[k] != d for k, d in static)):
+                shown = "[" + ",".join("?" if d is None else str(d) for d in spec["shape"]) + "]"
+                raise UsageError(f"input {spec['name']!r}: shape {list(a.shape)} given, the model takes {shown}")
+            out.append(a)
+        return out
+
+
 class Runner:
     """A loaded cpu artifact: the Relax VM with the weights bound. Not thread-safe (one VM, and
     one staging tensor per input that each call refills): a thread per Runner."""
@@ -300,12 +340,9 @@ class Runner:
             self._params = [out[i] for i in range(len(out))]
         self.inputs = m["inputs"]
         self.outputs = m["outputs"]
-        # per input: (dtype, rank, static dims) for the checks, and the device tensor its values
-        # are copied into (a new tensor per call cost 15 µs of a tiny model's 50: allocation)
-        self._specs = [(np.dtype(i["dtype"]) if i.get("dtype") is not None else None,
-                        None if i.get("shape") is None else len(i["shape"]),
-                        None if i.get("shape") is None else [(k, d) for k, d in enumerate(i["shape"]) if isinstance(d, int)])
-                       for i in self.inputs]
+        self._checks = InputChecks(self.inputs)
+        # per input, the device tensor its values are copied into (a new tensor per call cost
+        # 15 µs of a tiny model's 50: allocation)
         self._staged: dict[int, Any] = {}
         self._symbolic_dims = bool((m.get("dims") or {}).get("symbolic"))  # run-time checks (check_dims)
 
@@ -324,29 +361,7 @@ class Runner:
         return [o["name"] for o in self.outputs]
 
     def _feeds(self, inputs: Mapping[str, Any] | Sequence[Any]) -> list[Any]:
-        names = self.input_names
-        if isinstance(inputs, Mapping):
-            unknown = sorted(set(inputs) - set(names))
-            if unknown:
-                raise UsageError(f"the model has no input {unknown[0]!r} (inputs: {', '.join(names) or 'none'})")
-            missing = [n for n in names if n not in inputs]
-            if missing:
-                raise UsageError(f"no value for input {missing[0]!r}")
-            arrays = [inputs[n] for n in names]
-        else:
-            arrays = list(inputs)
-            if len(arrays) != len(names):
-                raise UsageError(f"the model takes {len(names)} inputs, {len(arrays)} were given")
-        out = []
-        for i, (spec, a) in enumerate(zip(self.inputs, arrays)):
-            a = np.asarray(a)
-            want, rank, static = self._specs[i]
-            if want is not None and a.dtype != want:
-                raise UsageError(f"input {spec['name']!r}: dtype {a.dtype} given, the model takes {spec['dtype']}")
-            if rank is not None and (a.ndim != rank or any(a.shape[k] != d for k, d in static)):
-                shown = "[" + ",".join("?" if d is None else str(d) for d in spec["shape"]) + "]"
-                raise UsageError(f"input {spec['name']!r}: shape {list(a.shape)} given, the model takes {shown}")
-            out.append(a if a.flags.c_contiguous else _contiguous(a))
+        out = [a if a.flags.c_contiguous else _contiguous(a) for a in self._checks.arrays(inputs)]
         if self._symbolic_dims:
             check_dims(self.manifest, self.input_names, out)
         return [self._stage(i, a) for i, a in enumerate(out)]
@@ -578,6 +593,7 @@ class OrtRunner:
         self.inputs = [{"name": i.name, "dtype": _ort_dtype(i.type), "shape": [d if isinstance(d, int) else (str(d) if d else None) for d in (i.shape or [])]}
                        for i in self.session.get_inputs()]
         self.outputs = [{"name": o.name} for o in self.session.get_outputs()]
+        self._checks = InputChecks(self.inputs)
 
     @property
     def input_names(self) -> list[str]:
@@ -588,24 +604,7 @@ class OrtRunner:
         return [o["name"] for o in self.outputs]
 
     def _feeds(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        names = self.input_names
-        unknown = sorted(set(inputs) - set(names))
-        if unknown:
-            raise UsageError(f"the model has no input {unknown[0]!r} (inputs: {', '.join(names) or 'none'})")
-        missing = [n for n in names if n not in inputs]
-        if missing:
-            raise UsageError(f"no value for input {missing[0]!r}")
-        out = {}
-        for spec in self.inputs:
-            a = np.asarray(inputs[spec["name"]])
-            if spec["dtype"] is not None and a.dtype != np.dtype(spec["dtype"]):
-                raise UsageError(f"input {spec['name']!r}: dtype {a.dtype} given, the model takes {spec['dtype']}")
-            shape = spec["shape"]
-            if len(shape) != a.ndim or any(isinstance(d, int) and d != s for d, s in zip(shape, a.shape)):
-                shown = "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
-                raise UsageError(f"input {spec['name']!r}: shape {list(a.shape)} given, the model takes {shown}")
-            out[spec["name"]] = a
-        return out
+        return dict(zip(self._checks.names, self._checks.arrays(inputs)))
 
     def run(self, inputs: Mapping[str, Any]) -> list[np.ndarray]:
         return [np.asarray(a) for a in self.session.run(None, self._feeds(inputs))]

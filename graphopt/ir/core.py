@@ -364,6 +364,16 @@ class Graph:
         for n in nodes:
             self.append(n)
 
+    def is_attached(self) -> bool:
+        """False for a subgraph whose owning node, or an owner further up, has been removed from
+        its graph (a pass walking `Model.graphs()` while it removes nodes skips such bodies)."""
+        parent = self.parent
+        while isinstance(parent, Node):
+            if parent.graph is None:
+                return False
+            parent = parent.graph.parent
+        return True
+
     # --- inputs / initializers -----------------------------------------------------------------
     def set_inputs(self, inputs: Sequence[Value]) -> None:
         for v in self.inputs:

@@ -60,7 +60,7 @@ class SimplifyControlFlow(Pass):
         for _ in range(_MAX_ROUNDS):
             touched: list[Graph] = []
             for g in graphs_preorder(model):
-                if not _alive(g):
+                if not g.is_attached():
                     continue
                 for n in list(g):
                     if n.graph is not g or n.domain not in STANDARD_DOMAINS:
@@ -69,7 +69,7 @@ class SimplifyControlFlow(Pass):
                         stats["if-inlined"] += 1
                         touched.append(g)
             for g in dict.fromkeys(touched):
-                if _alive(g):
+                if g.is_attached():
                     stats["folded"] += fold_graph(g, model, 1 << 20, 1024)[0]
             if not touched:
                 break
@@ -82,7 +82,7 @@ class SimplifyControlFlow(Pass):
             stats["folded"] += sum(int(v) for v in r.stats.values())
         # children before parents: dropping an inner output can free an outer one
         for g in reversed(graphs_preorder(model)):
-            if not _alive(g):
+            if not g.is_attached():
                 continue
             for n in list(g):
                 if n.graph is not g or n.domain not in STANDARD_DOMAINS:
@@ -96,15 +96,6 @@ class SimplifyControlFlow(Pass):
                     stats["loop-invariants-rewired"] = stats.get("loop-invariants-rewired", 0) + r
         changed = any(v for k, v in stats.items() if k != "folded")
         return PassResult(changed, stats)
-
-
-def _alive(g: Graph) -> bool:
-    parent = g.parent
-    while isinstance(parent, Node):
-        if parent.graph is None:
-            return False
-        parent = parent.graph.parent
-    return True
 
 
 # --- If with a constant condition ----------------------------------------------------------------

@@ -43,7 +43,7 @@ class DeadCodeElimination(Pass):
         # children before parents: a dead read inside a subgraph may be what keeps an outer
         # value alive, so subgraphs are swept first
         for g in reversed(graphs_preorder(model)):
-            if not _alive(g):
+            if not g.is_attached():
                 continue
             n, i = _sweep(g, self.keep_custom, local)
             nodes += n
@@ -51,16 +51,6 @@ class DeadCodeElimination(Pass):
         funcs = _drop_unused_functions(model)
         changed = bool(nodes or inits or funcs)
         return PassResult(changed, {"nodes-removed": nodes, "initializers-removed": inits, "functions-removed": funcs})
-
-
-def _alive(g: Graph) -> bool:
-    """False for a subgraph whose owning node was removed earlier in this run."""
-    parent = g.parent
-    while isinstance(parent, Node):
-        if parent.graph is None:
-            return False
-        parent = parent.graph.parent
-    return True
 
 
 def _removable(n: Node, keep_custom: bool, local_domains: set[str]) -> bool:

@@ -319,25 +319,34 @@ def speed_verdict(lat: Mapping[str, Any]) -> str:
     return f"{s:.2f}x {word} (paired rounds: p10-p90 {lo:.2f}-{hi:.2f}x, {lat['rounds']} rounds)"
 
 
-def format_table(c: Mapping[str, Any]) -> str:
-    """The comparison as terminal lines."""
+def table_rows(c: Mapping[str, Any], size: Callable[[Any], str], change: Callable[[float, float], str]) -> list[tuple[str, str, str, str]]:
+    """(what, original, result, change) rows of the comparison `c` (latency, size, peak memory,
+    top-1 accuracy where there were labels): the terminal table's and the HTML report's, each with
+    its own byte formatting (`size`) and relative change (`change`)."""
     rows: list[tuple[str, str, str, str]] = []
     lat = c.get("latency")
     if lat:
         rows.append(("latency (median)", f"{lat['original_ms']:.3f} ms", f"{lat['result_ms']:.3f} ms", speed_verdict(lat)))
-    size = c.get("size")
-    if size:
-        rows.append(("size", _mb(size["original"]), _mb(size["result"]), _pct(size["original"], size["result"])))
+    sz = c.get("size")
+    if sz:
+        rows.append(("size", size(sz["original"]), size(sz["result"]), change(sz["original"], sz["result"])))
     mem = c.get("peak_memory")
     if mem:
         a, b = mem["original"], mem["result"]
         err = a.get("error") or b.get("error")
-        rows.append(("peak memory", _mb(a.get("bytes")), _mb(b.get("bytes")),
-                     f"n/a: {err}" if err else _pct(a["bytes"], b["bytes"])))
-    acc = c.get("accuracy", {})
+        rows.append(("peak memory", size(a.get("bytes")), size(b.get("bytes")),
+                     f"n/a: {err}" if err else change(a["bytes"], b["bytes"])))
+    acc = c.get("accuracy") or {}
     if "original_top1" in acc:
         rows.append(("top-1 accuracy", f"{acc['original_top1'] * 100:.2f} %", f"{acc['result_top1'] * 100:.2f} %",
                      f"{(acc['result_top1'] - acc['original_top1']) * 100:+.2f} pt"))
+    return rows
+
+
+def format_table(c: Mapping[str, Any]) -> str:
+    """The comparison as terminal lines."""
+    rows = table_rows(c, _mb, _pct)
+    acc = c.get("accuracy", {})
     w = [max(len(r[i]) for r in rows + [("", "original", "result", "")]) for i in range(3)]
     lines = [f"compare: original vs result (original: {c['runtime']['original']}; result: {c['runtime']['result']})",
              "  inputs " + ", ".join(f"{k}[{'x'.join(map(str, s))}]" for k, s in c.get("inputs", {}).items())]

@@ -196,25 +196,11 @@ def _summary(r: Mapping[str, Any]) -> str:
 
 
 def _compare(c: Mapping[str, Any]) -> str:
-    rows: list[Sequence[Any]] = []
-    lat = c.get("latency")
-    if lat:
-        from graphopt.compare import speed_verdict
+    from graphopt.compare import table_rows
 
-        rows.append(("latency (median)", f"{lat['original_ms']:.3f} ms", f"{lat['result_ms']:.3f} ms", speed_verdict(lat)))
-    size = c.get("size")
-    if size:
-        rows.append(("size", _bytes(size["original"]), _bytes(size["result"]), _change(size["original"], size["result"])))
-    mem = c.get("peak_memory")
-    if mem:
-        a, b = mem["original"], mem["result"]
-        err = a.get("error") or b.get("error")
-        rows.append(("peak memory", _bytes(a.get("bytes")), _bytes(b.get("bytes")),
-                     f"n/a: {err}" if err else _change(a["bytes"], b["bytes"])))
+    rows: list[Sequence[Any]] = list(table_rows(c, _bytes, _change))
+    lat, size, mem = c.get("latency"), c.get("size"), c.get("peak_memory")
     acc = c.get("accuracy") or {}
-    if "original_top1" in acc:
-        rows.append(("top-1 accuracy", f"{acc['original_top1'] * 100:.2f} %", f"{acc['result_top1'] * 100:.2f} %",
-                     f"{(acc['result_top1'] - acc['original_top1']) * 100:+.2f} pt"))
     for key, label, fmt in (("cosine", "cosine similarity", lambda x: f"{x:.6f}"),
                             ("top1-agreement", "top-1 agreement", lambda x: f"{x * 100:.2f} %"),
                             ("sqnr", "SQNR", lambda x: "∞" if math.isinf(x) else f"{x:.1f} dB")):

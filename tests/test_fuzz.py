@@ -359,14 +359,14 @@ def test_mutations_change_outcomes() -> None:
     assert proto_outcomes == {"model", "error"}
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)  # (the whole hypothesis run, on a loaded machine)
 @_fast_bytes
 @given(seed=st.integers(0, len(SEEDS) - 1), ops=_ops)
 def test_fuzz_bytes(seed: int, ops: list[tuple[int, int, int, bytes]]) -> None:
     exercise(mutate_bytes(SEEDS[seed], ops, SEEDS), BASE_DIR)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 @_fast_structure
 @given(seed=st.integers(0, len(SEEDS) - 1), rseed=st.integers(0, 2**32 - 1), steps=st.integers(1, 4))
 def test_fuzz_structure(seed: int, rseed: int, steps: int) -> None:

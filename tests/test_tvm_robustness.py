@@ -336,6 +336,77 @@ def test_conv_epilogue_keeps_nan_like_onnxruntime(act):
     _same_specials(got, want)
 
 
+def _np_max_pool(x: np.ndarray, k: int, s: int, pad: int, ceil: bool = False) -> np.ndarray:
+    """MaxPool of NCHW `x` as numpy's max: any NaN in a window makes it NaN (-inf padding)."""
+    n, c, hh, ww = x.shape
+    size = lambda d: (-(-(d + 2 * pad - k) // s) if ceil else (d + 2 * pad - k) // s) + 1  # noqa: E731
+    oh, ow = size(hh), size(ww)
+    p = np.full((n, c, (oh - 1) * s + k, (ow - 1) * s + k), -np.inf, np.float32)
+    p[:, :, pad:pad + hh, pad:pad + ww] = x[:, :, :p.shape[2] - pad, :p.shape[3] - pad]
+    out = np.empty((n, c, oh, ow), np.float32)
+    for i in range(oh):
+        for j in range(ow):
+            out[:, :, i, j] = p[:, :, i * s:i * s + k, j * s:j * s + k].max(axis=(2, 3))
+    return out
+
+
+def _with_nan(shape, seed: int, frac: float = 0.03) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32)
+    flat = x.reshape(-1)
+    flat[rng.choice(flat.size, size=max(1, int(flat.size * frac)), replace=False)] = np.nan
+    return x
+
+
+@pytest.mark.parametrize("op,axes,keep", [("ReduceMax", [1], 1), ("ReduceMin", [1], 0), ("ReduceMax", [0, 2], 1),
+                                          ("ReduceMin", None, 0)])
+def test_reduce_max_min_propagate_nan_as_numpy(op, axes, keep):
+    """Any NaN among the reduced elements gives NaN (numpy's max/min, IEEE 754-2019 maximum);
+    onnxruntime's answer depends on where the NaN sits (ReduceMax([0, nan, 2, .., 15]) is 14)."""
+    shape = [3, 37, 5]
+    attrs = {"keepdims": keep} | ({"axes": axes} if axes is not None else {})
+    m = _model([h.make_node(op, ["x"], ["y"], **attrs)], [_vi("x", shape)], [_vi("y", None)], opset=13)
+    x = _with_nan(shape, 3)
+    got = graphopt.compile(m, "cpu", "-O2", threads=1).run({"x": x})[0]
+    fn = np.max if op == "ReduceMax" else np.min
+    want = fn(x, axis=None if axes is None else tuple(axes), keepdims=bool(keep))
+    assert np.isnan(want).any() and (want.size == 1 or not np.isnan(want).all())
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("k,s,pad,ceil", [(2, 2, 0, 0), (3, 1, 1, 0), (3, 2, 1, 1)])
+def test_max_pool_propagates_nan_as_numpy(k, s, pad, ceil):
+    """MaxPool (plain NCHW: 3 channels) and GlobalMaxPool: a window with a NaN gives NaN."""
+    shape = [2, 3, 9, 9]
+    m = _model([h.make_node("MaxPool", ["x"], ["y"], kernel_shape=[k, k], strides=[s, s], pads=[pad] * 4, ceil_mode=ceil),
+                h.make_node("GlobalMaxPool", ["x"], ["g"])], [_vi("x", shape)], [_vi("y", None), _vi("g", None)])
+    x = _with_nan(shape, k + s)
+    y, g = graphopt.compile(m, "cpu", "-O2", threads=1).run({"x": x})
+    want = _np_max_pool(x, k, s, pad, bool(ceil))
+    assert np.isnan(want).any() and not np.isnan(want).all()
+    np.testing.assert_array_equal(y, want)
+    np.testing.assert_array_equal(g, x.max(axis=(2, 3), keepdims=True))
+
+
+def test_blocked_max_pool_propagates_nan():
+    """A MaxPool on a conv's blocked output ([N, C/b, H, W, b]) and a GlobalMaxPool after it: one
+    NaN pixel of the conv output is NaN in every window over it (the conv from onnxruntime)."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((32, 32, 1, 1)).astype(np.float32)
+    m = _model([h.make_node("Conv", ["x", "w"], ["c"]), h.make_node("MaxPool", ["c"], ["y"], kernel_shape=[3, 3], pads=[1] * 4),
+                h.make_node("GlobalMaxPool", ["y"], ["g"])],
+               [_vi("x", [1, 32, 12, 12])], [_vi("c", None), _vi("y", None), _vi("g", None)], [nh.from_array(w, "w")])
+    x = rng.standard_normal((1, 32, 12, 12)).astype(np.float32)
+    x[0, 5, 3, 4] = x[0, 9, 11, 0] = np.nan
+    art = graphopt.compile(m, "cpu", "-O2", threads=1)
+    assert art.report["kernels"]["blocked"] == 3  # conv, MaxPool and GlobalMaxPool in NCHW16c/NCHW8c
+    c, y, g = art.run({"x": x})
+    want = _np_max_pool(c, 3, 1, 1)
+    assert np.isnan(want).sum() == 32 * (9 + 4)
+    np.testing.assert_array_equal(y, want)
+    np.testing.assert_array_equal(g, want.max(axis=(2, 3), keepdims=True))
+
+
 # --- the compile watchdog -----------------------------------------------------------------------
 
 _RUNAWAY = r"""

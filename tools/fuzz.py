@@ -399,8 +399,9 @@ def random_graph(rng: random.Random, shape: list[Any] | None = None, nodes: int 
 
 
 #: ops whose NaN result onnxruntime decides by the NaN's position in the window (ReduceMax is NaN
-#: only when the first element is, MaxPool follows the last, GlobalMaxPool neither): no
-#: implementation-independent answer to compare with, so their graphs get no NaN inputs
+#: only when the first element is, MaxPool follows the last, GlobalMaxPool neither), while the cpu
+#: target propagates NaN as numpy (tests/test_tvm_robustness.py checks that against numpy): no
+#: onnxruntime answer to compare with, so their graphs get no NaN inputs
 NAN_POSITIONAL_OPS = frozenset({"MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin", "ArgMax", "ArgMin"})
 #: ops that sum many elements: near 3e38 they overflow to Inf or not depending on the summation
 #: order (ordinary float behaviour, no order is specified), so their graphs get no huge values

@@ -27,6 +27,7 @@ from typing import Any
 from tvm import te, tirx
 
 from ..nchwc_schedules import FLAT_ROWS
+from .minmax_ops import nan_max
 
 __all__ = [
     "to_blocked",
@@ -46,6 +47,7 @@ __all__ = [
     "conv2d_int8_stem",
     "depthwise_blocked",
     "pool_blocked",
+    "max_pool_nchw",
     "global_pool_blocked",
 ]
 
@@ -340,7 +342,7 @@ def pool_blocked(
     ceil_mode: bool = False,
 ) -> te.Tensor:
     """Max or average pooling over H, W of a blocked [N, C/b, H, W, b] tensor (ONNX semantics:
-    max ignores padding; average divides by the window's count of real elements unless
+    max ignores padding and propagates NaN (`minmax_ops`); average divides by the window's count of real elements unless
     `count_include_pad`, and never counts the extra cells a ceil-mode window reaches past the
     padded input)."""
     n, cb_n, h, wd, b = x.shape
@@ -359,7 +361,7 @@ def pool_blocked(
         p = _pad_spatial(x, 2, pads, float("-inf"), extra)
         return te.compute(
             (n, cb_n, oh, ow, b),
-            lambda i, cb, y, xx, ci: te.max(p[i, cb, y * sh + kh * dh, xx * sw + kw * dw, ci], axis=[kh, kw]),
+            lambda i, cb, y, xx, ci: nan_max(p[i, cb, y * sh + kh * dh, xx * sw + kw * dw, ci], axis=[kh, kw]),
             name="maxpool_blocked",
         )
     if kind != "avg":
@@ -388,13 +390,23 @@ def pool_blocked(
     return te.compute((n, cb_n, oh, ow, b), avg, name="avgpool_blocked")
 
 
+def max_pool_nchw(x: te.Tensor, kernel: Sequence[int], strides: Sequence[int], pads: Sequence[int],
+                  dilations: Sequence[int] = (1, 1), ceil_mode: bool = False) -> te.Tensor:
+    """MaxPool of a plain [N, C, H, W] tensor (NaN-propagating, as `pool_blocked`): the blocked
+    kernel on the tensor seen as blocks of one channel (views the schedule inlines)."""
+    n, c, h, w = x.shape
+    x5 = te.compute((n, c, h, w, 1), lambda i, ch, y, xx, _b: x[i, ch, y, xx], name="as_blocks")
+    y5 = pool_blocked(x5, "max", kernel, strides, pads, dilations, ceil_mode=ceil_mode)
+    return te.compute(tuple(y5.shape[:4]), lambda i, ch, y, xx: y5[i, ch, y, xx, 0], name="maxpool")
+
+
 def global_pool_blocked(x: te.Tensor, kind: str) -> te.Tensor:
     """GlobalAveragePool / GlobalMaxPool of [N, C/b, H, W, b] → [N, C/b, 1, 1, b]."""
     n, cb_n, h, wd, b = x.shape
     ry = te.reduce_axis((0, h), "ry")
     rx = te.reduce_axis((0, wd), "rx")
     if kind == "max":
-        return te.compute((n, cb_n, 1, 1, b), lambda i, cb, _y, _x, ci: te.max(x[i, cb, ry, rx, ci], axis=[ry, rx]),
+        return te.compute((n, cb_n, 1, 1, b), lambda i, cb, _y, _x, ci: nan_max(x[i, cb, ry, rx, ci], axis=[ry, rx]),
                           name="global_maxpool_blocked")
     s = te.compute((n, cb_n, 1, 1, b), lambda i, cb, _y, _x, ci: te.sum(x[i, cb, ry, rx, ci], axis=[ry, rx]),
                    name="global_avgpool_sum")

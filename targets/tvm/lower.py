@@ -48,6 +48,9 @@ from graphopt.ir.core import AttrType
 from graphopt.ir.types import TensorType
 from graphopt.targets.machine import MachineModel, machine_model
 
+from .blocked_ops import max_pool_nchw
+from .minmax_ops import reduce_max_min
+
 KERNEL_KEY = "graphopt.kernel"
 
 #: int32/int64/bool constants up to this many elements are inlined (shape-deciding inputs, indices;
@@ -1709,13 +1712,44 @@ def _float_subtract(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     return bb.call_te(f, a, b, primfunc_name_hint="subtract")
 
 
+def _float(dtype: str) -> bool:
+    return dtype in ("float16", "float32", "float64", "bfloat16")
+
+
+def _nan_max_min(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """relax.max / relax.min (ReduceMax/Min, GlobalMaxPool in NCHW) of floats NaN-propagating
+    (`minmax_ops`: any NaN reduced gives NaN, as numpy); other dtypes as TVM legalizes them."""
+    x = call.args[0]
+    if not _float(str(x.ty.dtype)):
+        return _registered_legalizations(len(tvm.ir.Op.list_op_names()))[call.op.name](bb, call)
+    axes = None if call.attrs.axis is None else [int(a) for a in call.attrs.axis]
+    kind = "max" if call.op.name == "relax.max" else "min"
+    return bb.call_te(reduce_max_min, x, kind, axes, bool(call.attrs.keepdims), primfunc_name_hint=kind)
+
+
+def _nan_max_pool2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """relax.nn.max_pool2d of a float NCHW tensor NaN-propagating (`blocked_ops.max_pool_nchw`);
+    other layouts and dtypes as TVM legalizes them."""
+    a, x = call.attrs, call.args[0]
+    if not _float(str(x.ty.dtype)) or str(a.layout) != "NCHW" or str(a.out_layout) != "NCHW":
+        return _registered_legalizations(len(tvm.ir.Op.list_op_names()))[call.op.name](bb, call)
+    return bb.call_te(max_pool_nchw, x, [int(k) for k in a.pool_size], [int(s) for s in a.strides],
+                      [int(p) for p in a.padding], [int(d) for d in a.dilation], bool(a.ceil_mode),
+                      primfunc_name_hint="max_pool2d")
+
+
+#: graphopt's legalizations in place of TVM's (IEEE-correct float results)
+LEGALIZATIONS = {"relax.subtract": _float_subtract, "relax.max": _nan_max_min, "relax.min": _nan_max_min,
+                 "relax.nn.max_pool2d": _nan_max_pool2d}
+
+
 def legalize_and_fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """LegalizeOps → AnnotateTIROpPattern → FuseTIR: one PrimFunc per primitive group function.
     A legalization that raises is raised after LegalizeOps, not through it (guarded_legalizations)."""
     failures: list[tuple[str, BaseException]] = []
     with target:
         mod = tvm.transform.Sequential([relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()])(mod)
-        mod = relax.transform.LegalizeOps(guarded_legalizations({"relax.subtract": _float_subtract}, failures))(mod)
+        mod = relax.transform.LegalizeOps(guarded_legalizations(LEGALIZATIONS, failures))(mod)
         if failures:
             raise failures[0][1]
         seq = tvm.transform.Sequential(

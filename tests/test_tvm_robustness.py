@@ -374,6 +374,21 @@ def test_reduce_max_min_propagate_nan_as_numpy(op, axes, keep):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("op,axis,keep", [("ArgMax", 1, 1), ("ArgMin", 0, 0), ("ArgMax", -1, 0)])
+def test_arg_max_min_as_numpy_with_nan_and_ties(op, axis, keep):
+    """ArgMax/ArgMin: the first NaN's index where there is one, else the first extreme (numpy)."""
+    shape = [6, 37, 5]
+    x = _with_nan(shape, 7, frac=0.01)
+    x[0, 3, 0] = x[0, 7, 0] = 9.0
+    x[1, :, 1] = 2.0
+    x[2] = -np.inf
+    m = _model([h.make_node(op, ["x"], ["y"], axis=axis, keepdims=keep)], [_vi("x", shape)],
+               [h.make_tensor_value_info("y", TP.INT64, None)], opset=13)
+    got = graphopt.compile(m, "cpu", "-O2", threads=1).run({"x": x})[0]
+    want = (np.argmax if op == "ArgMax" else np.argmin)(x, axis=axis, keepdims=bool(keep))
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("k,s,pad,ceil", [(2, 2, 0, 0), (3, 1, 1, 0), (3, 2, 1, 1)])
 def test_max_pool_propagates_nan_as_numpy(k, s, pad, ceil):
     """MaxPool (plain NCHW: 3 channels) and GlobalMaxPool: a window with a NaN gives NaN."""

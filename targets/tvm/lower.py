@@ -49,7 +49,7 @@ from graphopt.ir.types import TensorType
 from graphopt.targets.machine import MachineModel, machine_model
 
 from .blocked_ops import max_pool_nchw
-from .minmax_ops import reduce_max_min
+from .minmax_ops import arg_max_min, reduce_max_min
 
 KERNEL_KEY = "graphopt.kernel"
 
@@ -1738,9 +1738,22 @@ def _nan_max_pool2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
                       primfunc_name_hint="max_pool2d")
 
 
+def _nan_arg_max_min(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """relax.argmax / relax.argmin of floats as numpy's (the first NaN's index where there is one:
+    `minmax_ops.arg_max_min`); other dtypes as TVM legalizes them."""
+    x = call.args[0]
+    if not _float(str(x.ty.dtype)):
+        return _registered_legalizations(len(tvm.ir.Op.list_op_names()))[call.op.name](bb, call)
+    axis = None if call.attrs.axis is None else int(call.attrs.axis)
+    kind = "max" if call.op.name == "relax.argmax" else "min"
+    return bb.call_te(arg_max_min, x, kind, axis, bool(call.attrs.keepdims), str(call.ty.dtype),
+                      primfunc_name_hint=f"arg{kind}")
+
+
 #: graphopt's legalizations in place of TVM's (IEEE-correct float results)
 LEGALIZATIONS = {"relax.subtract": _float_subtract, "relax.max": _nan_max_min, "relax.min": _nan_max_min,
-                 "relax.nn.max_pool2d": _nan_max_pool2d}
+                 "relax.nn.max_pool2d": _nan_max_pool2d, "relax.argmax": _nan_arg_max_min,
+                 "relax.argmin": _nan_arg_max_min}
 
 
 def legalize_and_fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:

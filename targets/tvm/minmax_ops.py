@@ -20,7 +20,7 @@ from typing import Any
 
 from tvm import te, tirx
 
-__all__ = ["nan_max", "nan_min", "reduce_max_min"]
+__all__ = ["nan_max", "nan_min", "reduce_max_min", "arg_max_min"]
 
 
 def _combine(kind: str) -> Any:
@@ -69,3 +69,37 @@ def reduce_max_min(x: te.Tensor, kind: str, axes: Sequence[int] | None, keepdims
         return reducer(x[tuple(src)], axis=[raxes[a] for a in red])
 
     return te.compute(out_shape, body, name=f"reduce_{kind}")
+
+
+def arg_max_min(x: te.Tensor, kind: str, axis: int | None, keepdims: bool, out_dtype: str) -> te.Tensor:
+    """ArgMax/ArgMin of float `x` along `axis` (None: the flattened tensor) as numpy's: the index of
+    the first NaN where there is one, else of the first extreme element. Two reductions: the
+    NaN-propagating extreme, then the smallest index that holds it (a tuple reducer's two
+    selects would each see the other's update)."""
+    rank = len(x.shape)
+    axes = list(range(rank)) if axis is None else [axis % rank]
+    ext = reduce_max_min(x, kind, axes, True)
+    raxes = {a: te.reduce_axis((0, x.shape[a]), f"r{a}") for a in axes}
+    out_shape = [1 if a in raxes else x.shape[a] for a in range(rank)] if keepdims else \
+        [x.shape[a] for a in range(rank) if a not in raxes]
+    none = tirx.max_value(out_dtype)
+
+    def body(*idx: Any) -> Any:
+        it = iter(idx)
+        src, at = {}, {}
+        for a in range(rank):
+            if a in raxes:
+                if keepdims:
+                    next(it)
+                src[a], at[a] = raxes[a], 0
+            else:
+                src[a] = at[a] = next(it)
+        flat = tirx.const(0, out_dtype)  # the index along `axis`, or in the flattened tensor
+        for a in axes:
+            flat = flat * tirx.Cast(out_dtype, x.shape[a]) + tirx.Cast(out_dtype, src[a])
+        v = x[tuple(src[a] for a in range(rank))]
+        e = ext[tuple(at[a] for a in range(rank))]
+        hit = tirx.Select(tirx.isnan(e), tirx.isnan(v), v == e)
+        return te.min(tirx.Select(hit, flat, none), axis=[raxes[a] for a in axes])
+
+    return te.compute(out_shape, body, name=f"arg{kind}")

@@ -1,10 +1,14 @@
-"""prune on the real architectures of the corpus (.cache/corpus, made by tools/make_corpus.py; the
-tests skip when a model is absent): at several ratios the result passes verify(), the onnx
-checker and runs on onnxruntime with the original output shapes, and really shrinks."""
+"""prune on the real architectures of the corpus: at several ratios the result passes verify(), the
+onnx checker and runs on onnxruntime with the original output shapes, and really shrinks.
+
+The models are .cache/corpus's exports (tools/make_corpus.py) where they are built, else the
+exported graphs shipped as skeletons in tests/data/corpus with seeded weights
+(tools/corpus_skeletons.py): CI runs these tests without torch. A model with neither skips."""
 
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import onnx
@@ -14,7 +18,9 @@ import graphopt
 from graphopt.check import random_inputs, run_onnxruntime
 from graphopt.transform import PassContext, parse_pipeline
 
-CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "corpus")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+import corpus_skeletons  # noqa: E402
+
 FAST = {"mobilenetv2", "squeezenet11"}
 MODELS = ["mobilenetv2", "squeezenet11", "resnet50", "efficientnet_b0", "densenet121", "shufflenetv2", "googlenet",
           "vit_b16", "bert_base_s128"]
@@ -34,10 +40,9 @@ def feeds_for(name: str, model):
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in MODELS])
 def test_corpus_model_prunes_validly(name):
-    path = os.path.join(CORPUS, name + ".onnx")
-    if not os.path.exists(path):
-        pytest.skip(f"{path} not built (tools/make_corpus.py)")
-    base = graphopt.optimize(graphopt.load(path), "-O1")
+    if not corpus_skeletons.available(name):
+        pytest.skip(f"{name}: not in .cache/corpus (tools/make_corpus.py) nor tests/data/corpus")
+    base = graphopt.optimize(graphopt.load(corpus_skeletons.load(name)), "-O1")
     feeds = feeds_for(name, base)
     ref = run_onnxruntime(base, feeds)
     specs = ["prune{ratio=0.3,accuracy-budget=none}", "prune{ratio=0.5,criterion=l2,round-to=8,accuracy-budget=none}"]
@@ -60,10 +65,9 @@ def test_corpus_model_prunes_validly(name):
 def test_bert_after_contrib_attention_fusion_prunes_heads():
     """Pruning after fuse-attention{contrib-ops=1}: the com.microsoft MultiHeadAttention nodes lose
     whole heads (num_heads shrinks) exactly as when the fusion runs after pruning."""
-    path = os.path.join(CORPUS, "bert_base_s128.onnx")
-    if not os.path.exists(path):
-        pytest.skip(f"{path} not built (tools/make_corpus.py)")
-    raw = graphopt.load(path)
+    if not corpus_skeletons.available("bert_base_s128"):
+        pytest.skip("bert_base_s128: not in .cache/corpus nor tests/data/corpus")
+    raw = graphopt.load(corpus_skeletons.load("bert_base_s128"))
     fuse = "fuse-attention{contrib-ops=1},-O2"
     m = graphopt.optimize(raw.clone(), f"-O2,{fuse}")
     assert sum(n.op_type == "MultiHeadAttention" for n in m.graph) == 12

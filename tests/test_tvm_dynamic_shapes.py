@@ -190,6 +190,9 @@ def test_encoder_symbolic_sequence_length():
     assert not art.manifest["kernels"]["inline"]
     # the projections' rows are S: one-row OuterProduct tiles, not WindowReduction's generic ones
     assert art.manifest["schedules"]["rules"].get("outer-product", 0) >= 4
+    # the S x S scores (rows and columns symbolic): SymbolicColumns, not dlight's generic reduction
+    assert art.manifest["schedules"]["rules"].get("symbolic-columns", 0) >= 1
+    assert "dlight-reduction" not in art.manifest["schedules"]["rules"]
     for shape in [(1, 7, 64), (2, 33, 64), (1, 128, 64), (1, 1, 64)]:
         _check(art, m, {"x": _x(shape, 5)}, tol=1e-4)
 

@@ -242,6 +242,8 @@ def _run(ns: argparse.Namespace) -> int:
         feeds = _random_inputs(runner.inputs, {**_default_dims(runner), **_dims(ns.dim, runner.inputs)}, ns.seed)
     outputs = runner.run(feeds)
     result: dict[str, Any] = {"outputs": {n: {"shape": list(a.shape), "dtype": str(a.dtype)} for n, a in zip(runner.output_names, outputs)}}
+    if getattr(runner, "last_dispatch", None):
+        result["dispatch"] = runner.last_dispatch
     if ns.output:
         from graphopt.onnx_io import atomic_write
 
@@ -285,6 +287,8 @@ def _run(ns: argparse.Namespace) -> int:
         where = "onnxruntime, " if is_onnx else ""
         print(f"latency over {lat['runs']} runs, {where}{lat['threads']} threads: p50 {lat['p50_ms']:.3f} ms, "
               f"p90 {lat['p90_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms (min {lat['min_ms']:.3f}, mean {lat['mean_ms']:.3f})")
+    if getattr(runner, "last_dispatch", None):  # (shape buckets: which kernels ran)
+        print(f"shape: {runner.last_dispatch}")
     for t in text:
         print(t)
     return 0

@@ -288,6 +288,43 @@ class InputChecks:
         return out
 
 
+class _BucketArtifact:
+    """One shape bucket of an artifact as Runner reads it: the folder, the bucket's manifest."""
+
+    def __init__(self, path: str, manifest: dict[str, Any]) -> None:
+        self.path = path
+        self.manifest = manifest
+
+
+class _Buckets:
+    """An artifact's shape buckets (manifest "buckets", targets/shape_buckets.py): a Runner per
+    bucket, picked when the input's sizes of the bucket dims equal the bucket's."""
+
+    def __init__(self, runner: "Runner") -> None:
+        from graphopt.target import check_manifest
+
+        spec = runner.manifest["buckets"]
+        sym = runner.manifest.get("dims", {}).get("symbolic", {})
+        where = f"{runner.artifact.path}: manifest.json buckets"
+        try:
+            self.dims = [str(d) for d in spec["dims"]]
+            self.at = [(runner.input_names.index(sym[d]["input"]), int(sym[d]["axis"])) for d in self.dims]
+            self.runners: dict[tuple[int, ...], Runner] = {}
+            for e in spec["entries"]:
+                check_manifest(e["manifest"], where)
+                key = tuple(int(e["sizes"][d]) for d in self.dims)
+                self.runners[key] = Runner(_BucketArtifact(runner.artifact.path, e["manifest"]), threads=runner.threads)  # type: ignore[arg-type]
+        except (KeyError, ValueError, TypeError) as e:
+            raise ArtifactError(f"{where} is malformed: {_first_line(e)}") from None
+
+    def pick(self, arrays: Sequence[np.ndarray]) -> tuple["Runner | None", str]:
+        key = tuple(int(arrays[i].shape[ax]) for i, ax in self.at)
+        sizes = " ".join(f"{d}={v}" for d, v in zip(self.dims, key))
+        sub = self.runners.get(key)
+        return sub, (f"bucket {sizes} (specialised kernels)" if sub is not None
+                     else f"symbolic kernels (no bucket for {sizes})")
+
+
 class Runner:
     """A loaded cpu artifact: the Relax VM with the weights bound. Not thread-safe (one VM, and
     one staging tensor per input that each call refills): a thread per Runner."""
@@ -345,6 +382,9 @@ class Runner:
         # 15 µs of a tiny model's 50: allocation)
         self._staged: dict[int, Any] = {}
         self._symbolic_dims = bool((m.get("dims") or {}).get("symbolic"))  # run-time checks (check_dims)
+        # shape buckets (cpu{buckets=...}): a Runner per bucket; `last_dispatch` says which kernels ran
+        self._buckets = _Buckets(self) if m.get("buckets") else None
+        self.last_dispatch: str | None = None
 
     def _function(self, name: str) -> Any:
         try:
@@ -394,8 +434,23 @@ class Runner:
     def _to_device(self, a: np.ndarray) -> Any:
         return self._tvm.runtime.tensor(a, self.device)
 
+    def _bucket(self, inputs: Mapping[str, Any] | Sequence[Any]) -> tuple[Any, list[np.ndarray]] | None:
+        """(the bucket's Runner or None for the symbolic kernels, the checked arrays) where the
+        artifact has shape buckets; None where it has none."""
+        if self._buckets is None:
+            return None
+        arrays = self._checks.arrays(inputs)
+        check_dims(self.manifest, self.input_names, arrays)
+        sub, self.last_dispatch = self._buckets.pick(arrays)
+        return sub, arrays
+
     def run(self, inputs: Mapping[str, Any] | Sequence[Any]) -> list[np.ndarray]:
         """Outputs in the model's output order, as numpy arrays."""
+        picked = self._bucket(inputs)
+        if picked is not None:
+            sub, inputs = picked
+            if sub is not None:
+                return sub.run(inputs)
         res = self._call(self._feeds(inputs))
         return _flatten(res, len(self.outputs))
 
@@ -413,6 +468,9 @@ class Runner:
     def benchmark(self, inputs: Mapping[str, Any] | Sequence[Any], *, warmup: int = 3, repeat: int = 30,
                   seconds: float | None = None) -> dict[str, Any]:
         """Latency of `run` without the input/output copies: percentiles in milliseconds."""
+        picked = self._bucket(inputs)
+        if picked is not None and picked[0] is not None:
+            return picked[0].benchmark(picked[1], warmup=warmup, repeat=repeat, seconds=seconds)
         feeds = self._feeds(inputs)
         self._call(feeds)  # (one untimed run at least: the library's argument checks)
         for _ in range(max(warmup - 1, 0)):
@@ -441,6 +499,9 @@ class Runner:
         `benchmark` stay as they were."""
         from tvm import relax
 
+        picked = self._bucket(inputs)
+        if picked is not None and picked[0] is not None:
+            return picked[0].profile_kernels(picked[1], repeat=repeat, min_repeat_ms=min_repeat_ms, cold=cold, cpu_time=cpu_time)
         feeds = self._feeds(inputs)
         self._call(feeds)  # (the library's argument checks, and a warm-up)
         kernels = _kernel_module(self._library)

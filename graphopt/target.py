@@ -115,8 +115,13 @@ def parse_target_spec(spec: str) -> tuple[str, dict[str, str]]:
         return name, options
     if not rest.endswith("}") or "{" in rest[:-1] or "}" in rest[:-1]:
         raise UsageError(f"target {spec!r}: options go in one pair of braces, e.g. arm64{{mcpu=cortex-a76}}")
+    last = ""
     for part in filter(None, (p.strip() for p in rest[:-1].split(","))):
         key, eq, value = (x.strip() for x in part.partition("="))
+        if not eq and ":" in options.get(last, ""):  # a list value: buckets=H:320,640;W:320
+            options[last] += "," + part
+            continue
+        last = key
         if not eq or not key:
             raise UsageError(f"target {name!r}: option {part!r} is not key=value")
         if key in options:

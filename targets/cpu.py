@@ -128,6 +128,10 @@ class CpuTarget(Target):
     #: "2", or "4" (F(4x4) on maps of 28x28 and more: faster, about 5x the fp32 error)
     winograd: str = "auto"
 
+    #: shape buckets {dim: [sizes]} (`cpu{buckets=H:320,640;W:320}`): kernels specialised per
+    #: combination beside the symbolic ones, dispatched by exact size (targets/shape_buckets.py)
+    buckets: dict[str, list[int]] | None = None
+
     # (winograd: layout.WINOGRAD_MODES, not imported here: layout imports tvm, which is slow)
     _OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {"layout": ("auto", "nchwc", "nchw"),
                                                       "winograd": ("auto", "off", "2", "4")}
@@ -137,13 +141,18 @@ class CpuTarget(Target):
     def from_options(cls, options: Any) -> "CpuTarget":
         t = cls()
         for key, value in options.items():
+            if key == "buckets":
+                from graphopt.targets.shape_buckets import parse_buckets
+
+                t.buckets = parse_buckets(str(value))
+                continue
             if key in cls._FREE_OPTIONS:
                 setattr(t, key, str(value))
                 t._check_cpu(t.mcpu, t.mattr)
                 continue
             allowed = cls._OPTIONS.get(key)
             if allowed is None:
-                have = ", ".join((*cls._OPTIONS, *cls._FREE_OPTIONS))
+                have = ", ".join((*cls._OPTIONS, *cls._FREE_OPTIONS, "buckets"))
                 raise UsageError(f"target {cls.name}: unknown option {key!r} (have: {have})")
             if value not in allowed:
                 raise UsageError(f"target {cls.name}: {key}={value!r} is not one of {', '.join(allowed)}")
@@ -271,6 +280,11 @@ class CpuTarget(Target):
         from graphopt.targets.tvm import build as B
         from graphopt.transform import PassContext
 
+        if self.buckets:  # the symbolic kernels plus one specialised library per bucket
+            from graphopt.input_shapes import fix_input_shapes
+            from graphopt.targets.shape_buckets import compile_with_buckets
+
+            return compile_with_buckets(self, model, options, source_sha256, lambda m, d: fix_input_shapes(m, dims=d))
         t0 = time.perf_counter()
         times: dict[str, float] = {}
         if options.tune > 0 and not options.tuning_db:

@@ -309,7 +309,7 @@ def match_blocked_conv(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> _M
     e = {k: ext[v] for k, v in roles.items()}
     symbolic = e["y"] is None or e["x"] is None
     if symbolic:  # (a detector's H x W): tiled for SYMBOLIC_MAP times what the size is a multiple of
-        if kind != "conv" or flat_read:
+        if kind == "conv" and flat_read:
             return None
         dom = {iv.var: iv.dom.extent for iv in ivs}
         e["y"] = SYMBOLIC_MAP * _multiple_of(dom[y]) if e["y"] is None else e["y"]
@@ -617,6 +617,7 @@ class _WindowMatch:
     loops: dict[str, Any]
     ext: dict[str, int]
     pad: Any  # the pad block (or None)
+    mult: dict[str, int] | None = None  # symbolic map: what its rows / columns are provably a multiple of
 
 
 def match_blocked_window(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> _WindowMatch | None:
@@ -660,13 +661,16 @@ def match_blocked_window(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> 
     loop_of = {iv.var: lp for iv, lp in zip(ivs, loops)}
     ext = {iv.var: _int(iv.dom.extent) for iv in ivs}
     e = {k: ext[v] for k, v in roles.items()}
-    if any(v is None for k, v in e.items() if k != "n") or e["ci"] % lanes:
+    if any(v is None for k, v in e.items() if k not in ("n", "y", "x")) or e["ci"] % lanes:
         return None
+    dom = {iv.var: iv.dom.extent for iv in ivs}
+    # a symbolic map (a detector's or recognizer's H x W): tiles dividing what its size is a multiple of
+    mult = {k: _multiple_of(dom[roles[k]]) for k in ("y", "x") if e[k] is None} or None
     pad = None
     for prod in sch.get_producers(anchor):
         if sch.get(prod).writes[0].source.same_as(xs[0].source) and not _is_reduction(sch.get(prod)):
             pad = prod
-    return _WindowMatch("depthwise" if ws else "pool", {k: loop_of[v] for k, v in roles.items()}, e, pad)
+    return _WindowMatch("depthwise" if ws else "pool", {k: loop_of[v] for k, v in roles.items()}, e, pad, mult)
 
 
 class BlockedWindow(_Rule):
@@ -702,13 +706,18 @@ class BlockedWindow(_Rule):
             return None
         L = m.loops
         ow, oh = m.ext["x"], m.ext["y"]
-        pad_mode = self.pad or ("row" if m.pad is not None and ow > 7 else "inline")
+        mult = m.mult or {}
+        if mult and self.pad not in (None, "inline"):
+            return None  # (the row-wise pad's column partition needs static columns)
+        pad_mode = self.pad or ("row" if m.pad is not None and not mult and ow > 7 else "inline")
         if m.pad is not None and pad_mode == "inline":
             sch.compute_inline(m.pad)
-        # two output rows per tile share their input rows (4 x 2 pixels measured best)
-        ry = self.ry or (2 if oh % 2 == 0 else 1)
-        rt = self.rt or max(d for d in _divisors(ow) if d * ry <= 8)
-        if ow % rt or oh % ry:
+        # two output rows per tile share their input rows (4 x 2 pixels measured best); a symbolic
+        # extent takes tiles dividing its known multiple (whole tiles, no predicate)
+        oh_k, ow_k = mult.get("y", oh), mult.get("x", ow)
+        ry = self.ry or (2 if oh_k % 2 == 0 else 1)
+        rt = self.rt or max(d for d in _divisors(ow_k) if d * ry <= 8)
+        if ow_k % rt or oh_k % ry:
             return None
         ci_o, ci_i = sch.split(L["ci"], factors=[None, lanes])
         x_o, x_i = sch.split(L["x"], factors=[None, rt])

@@ -190,6 +190,9 @@ def test_encoder_symbolic_sequence_length():
     assert not art.manifest["kernels"]["inline"]
     # the projections' rows are S: one-row OuterProduct tiles, not WindowReduction's generic ones
     assert art.manifest["schedules"]["rules"].get("outer-product", 0) >= 4
+    # the S x S scores (rows and columns symbolic): SymbolicColumns, not dlight's generic reduction
+    assert art.manifest["schedules"]["rules"].get("symbolic-columns", 0) >= 1
+    assert "dlight-reduction" not in art.manifest["schedules"]["rules"]
     for shape in [(1, 7, 64), (2, 33, 64), (1, 128, 64), (1, 1, 64)]:
         _check(art, m, {"x": _x(shape, 5)}, tol=1e-4)
 
@@ -200,3 +203,140 @@ def test_fixed_shapes_unchanged(detector):
     assert art.manifest["dims"]["symbolic"] == {}
     assert art.manifest["kernels"]["winograd"] and "winograd_symbolic" not in art.manifest["kernels"]
     _check(art, detector, {"image": _x((1, 3, 64, 64))})
+
+
+# --- recurrences over a symbolic length (recurrent_ops: one kernel looping over time) -------------
+
+
+def test_crnn_symbolic_width():
+    """Conv + MaxPool + BiLSTM over W/4 + classifier: compiled once, 3 widths equal onnxruntime;
+    the LSTM is one looping kernel (its group inline in main, said so), not unrolled."""
+    m = dm.crnn()
+    art = graphopt.compile(m, "cpu", "-O2", threads=1)
+    assert set(art.manifest["dims"]["symbolic"]) == {"N", "W"}
+    kernels = {k["kernel"] for k in art.manifest["kernel_map"]}
+    assert "lstm_recurrence" in kernels
+    assert any("hand-written kernel" in why for why in art.manifest["kernels"]["inline"].values())
+    for w in (36, 160, 320):
+        probs, = _check(art, m, {"line": _x((1, 3, 32, w), w)})
+        assert probs.shape == (w // 4, 1, 20)
+    _check(art, m, {"line": _x((3, 3, 32, 64), 9)})  # a batch of 3 lines
+
+
+def _rnn(op: str, direction: str, layout: int = 0, lens: bool = False, **attrs) -> onnx.ModelProto:
+    g, hid, i_sz = {"LSTM": 4, "GRU": 3, "RNN": 1}[op], 8, 5
+    d = 2 if direction == "bidirectional" else 1
+    rng = np.random.default_rng(7)
+    inits = [nh.from_array((rng.standard_normal((d, g * hid, i_sz)) * 0.4).astype(np.float32), "W"),
+             nh.from_array((rng.standard_normal((d, g * hid, hid)) * 0.4).astype(np.float32), "R"),
+             nh.from_array((rng.standard_normal((d, 2 * g * hid)) * 0.2).astype(np.float32), "B")]
+    outs = ["Y", "Y_h"] + (["Y_c"] if op == "LSTM" else [])
+    ins = ["x", "W", "R", "B"] + (["lens"] if lens else [])
+    node = h.make_node(op, ins, outs, hidden_size=hid, direction=direction, layout=layout, **attrs)
+    xs = ["T", "N", i_sz] if not layout else ["N", "T", i_sz]
+    inputs = [h.make_tensor_value_info("x", TP.FLOAT, xs)] + ([h.make_tensor_value_info("lens", TP.INT32, ["N"])] if lens else [])
+    gr = h.make_graph([node], "g", inputs, [h.make_tensor_value_info(o, TP.FLOAT, None) for o in outs], inits)
+    m = h.make_model(gr, opset_imports=[h.make_opsetid("", 14)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("op,direction,layout,lens,attrs", [
+    ("LSTM", "bidirectional", 0, False, {}),
+    ("LSTM", "reverse", 1, True, {"clip": 0.7}),
+    ("GRU", "bidirectional", 0, True, {"linear_before_reset": 0}),
+    ("GRU", "forward", 1, False, {"linear_before_reset": 1}),
+    ("RNN", "bidirectional", 0, False, {"activations": ["Relu", "Tanh"]}),
+], ids=lambda v: str(v) if not isinstance(v, dict) else ",".join(f"{k}={x}" for k, x in v.items()))
+def test_recurrence_symbolic_length_and_batch(op, direction, layout, lens, attrs):
+    m = _rnn(op, direction, layout, lens, **attrs)
+    ref = _rnn(op, direction, 0, lens, **attrs)  # (onnxruntime runs layout 0 only: batch-major compared transposed)
+    art = graphopt.compile(m, "cpu", "-O2", threads=1)
+    for t, n in ((1, 1), (6, 3), (13, 2)):
+        feeds = {"x": _x((t, n, 5), t)}
+        if lens:
+            feeds["lens"] = np.random.default_rng(t).integers(1, t + 1, n).astype(np.int32)
+        want = _ort(ref, feeds)
+        if layout:
+            feeds["x"] = feeds["x"].transpose(1, 0, 2).copy()
+            want = [want[0].transpose(2, 0, 1, 3)] + [w.transpose(1, 0, 2) for w in want[1:]]
+        got = art.run(feeds)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+# --- shape buckets (targets/shape_buckets.py) -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bucketed(tmp_path_factory):
+    art = graphopt.compile(_classifier(), "cpu{buckets=H:32,48;W:40}", "-O2", threads=1)
+    return art, art.save(str(tmp_path_factory.mktemp("bk") / "art"))
+
+
+def test_buckets_exact_dispatch_equal_onnxruntime(bucketed):
+    """Sizes equal to a bucket run its specialised library, any other the symbolic one: all equal
+    onnxruntime at the true size; the manifest lists the buckets and why inputs are not padded."""
+    art, path = bucketed
+    m = _classifier()
+    b = art.manifest["buckets"]
+    assert b["dims"] == ["H", "W"] and b["dispatch"] == "exact"
+    assert [e["sizes"] for e in b["entries"]] == [{"H": 32, "W": 40}, {"H": 48, "W": 40}]
+    # (its second conv reads the first one's border, and the global pool averages over the padding)
+    assert "padding is not exact" in b["padding"] and "Conv -> 'c2'" in b["padding"]
+    assert all(e["manifest"]["dims"]["symbolic"] == {} for e in b["entries"])
+    r = graphopt.Artifact(path).runner(threads=1)
+    for shape, used in [((1, 3, 32, 40), "bucket H=32 W=40"), ((1, 3, 48, 40), "bucket H=48 W=40"),
+                        ((1, 3, 40, 40), "symbolic kernels (no bucket for H=40 W=40)"),
+                        ((1, 3, 32, 41), "symbolic kernels (no bucket for H=32 W=41)")]:
+        x = {"x": _x(shape, shape[2] + shape[3])}
+        got, want = r.run(x), _ort(m, x)
+        np.testing.assert_allclose(got[0], want[0], rtol=2e-5, atol=2e-5)
+        assert r.last_dispatch.startswith(used), r.last_dispatch
+        assert r.benchmark(x, repeat=2)["p50_ms"] > 0 and r.last_dispatch.startswith(used)
+    with pytest.raises(UsageError, match="at least 5"):  # the symbolic library's checks still apply
+        r.run({"x": np.zeros((1, 3, 4, 40), np.float32)})
+
+
+def test_buckets_graphopt_run_says_which(bucketed, capsys):
+    from graphopt.run_cli import main
+
+    _, path = bucketed
+    assert main([path, "--dim", "H=48", "--dim", "W=40"]) == 0
+    assert "shape: bucket H=48 W=40 (specialised kernels)" in capsys.readouterr().out
+    assert main([path, "--dim", "H=47", "--dim", "W=40"]) == 0
+    assert "shape: symbolic kernels (no bucket for H=47 W=40)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spec,msg", [
+    ("H", "is not DIM:SIZE"), ("H:32,abc", "size 'abc' of H"), ("H:0", "size '0' of H"), ("H:;W:40", "H has no sizes"),
+    ("H:32;H:48", "dim H given twice"), ("H:1,2,3,4,5;W:1,2,3,4", "20 combinations"),
+    ("Q:32", "Q is not a symbolic input dim"),
+])
+def test_bad_bucket_specs_one_line(spec, msg):
+    with pytest.raises(UsageError, match=msg) as e:
+        graphopt.compile(_classifier(), f"cpu{{buckets={spec}}}", "-O0", threads=1)
+    assert "\n" not in str(e.value)
+
+
+def test_bucket_size_the_model_cannot_take(detector):
+    with pytest.raises(UsageError, match="H=100 is not a multiple of 8") as e:
+        graphopt.compile(detector, "cpu{layout=nchw,buckets=H:100;W:64}", "-O0", threads=1)
+    assert "\n" not in str(e.value)
+
+
+def test_padding_to_a_bucket_is_not_exact(detector):
+    """Why buckets dispatch by exact size: the detector run on an input zero-padded from 56 to 64
+    rows, cropped, differs from its true-size result near the border (the second conv reads the
+    first one's non-zero border); the manifest's note names that conv."""
+    x = _x((1, 3, 56, 64), 3)
+    padded = np.zeros((1, 3, 64, 64), np.float32)
+    padded[:, :, :56] = x
+    true_prob = _ort(detector, {"image": x})[0]
+    pad_prob = _ort(detector, {"image": padded})[0][:, :, :28]
+    err = np.abs(true_prob - pad_prob).max(axis=(0, 1, 3))
+    assert err[:10].max() < 1e-5 and err[-4:].min() > 1e-3  # rows far from the border agree, the last ones do not
+    from graphopt.targets.shape_buckets import padding_note
+
+    note = padding_note(graphopt.load(detector), ["H"])
+    assert "Conv" in note and "reads the padded border" in note

@@ -1,14 +1,15 @@
 """Latency of one dynamic-shape cpu artifact at several sizes, against the same model compiled with
 fixed shapes (`--input-shape`) and against onnxruntime (ORT_ENABLE_ALL), all in one process.
 
-    .venv/bin/python tools/bench_dynamic.py [--models detector_dyn,encoder_dyn] [--threads 2]
-        [--repeat 50] [--sizes detector_dyn=1x3x64x64,1x3x160x96]
+    .venv/bin/python tools/bench_dynamic.py [--models detector_dyn,encoder_dyn,crnn_dyn] [--threads 2]
+        [--repeat 50] [--sizes detector_dyn=1x3x64x64,1x3x160x96] [--buckets]
 
 For each model (tools/dynamic_models.py) the dynamic artifact is compiled once; per size it checks
 the outputs against onnxruntime, compiles the fixed-shape artifact, and prints the median
 latencies and the ratios dynamic / fixed and dynamic / onnxruntime (issue 21's goals: <= 1.3x
-and <= 1.2x). Timings interleave the three runners per size, `--rounds` times, and keep each
-runner's best median (a shared machine's noise hits all three alike).
+and <= 1.2x). `--buckets` adds the same model compiled with shape buckets at the sizes run
+(`cpu{buckets=...}`, targets/shape_buckets.py). Timings interleave the runners per size,
+`--rounds` times, and keep each runner's best median (a shared machine's noise hits them alike).
 """
 
 from __future__ import annotations
@@ -27,13 +28,17 @@ import dynamic_models as dm  # noqa: E402
 import graphopt  # noqa: E402
 
 
+#: the clock timings read: wall time, or this process's CPU time (`--cpu-time`)
+_CLOCK = time.perf_counter
+
+
 def _median_ms(fn, repeat: int) -> float:
     fn()
     ts = []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = _CLOCK()
         fn()
-        ts.append((time.perf_counter() - t) * 1e3)
+        ts.append((_CLOCK() - t) * 1e3)
     return float(np.median(ts))
 
 
@@ -46,14 +51,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", default="cpu")
     ap.add_argument("--sizes", action="append", default=[], metavar="MODEL=AxBxC,...",
                     help="sizes to run for MODEL (default: tools/dynamic_models.SIZES)")
+    ap.add_argument("--buckets", action="store_true",
+                    help="also compile cpu{buckets=...} with the sizes run (every symbolic dim but N) and time it "
+                         "(the 'bucket' column: dispatch to the specialised kernels included)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with this process's CPU time, not wall time: robust on a shared, overloaded machine "
+                         "with --threads 1 (with more threads it sums theirs)")
     args = ap.parse_args(argv)
+    global _CLOCK
+    _CLOCK = time.process_time if args.cpu_time else time.perf_counter
     wanted = {k: [tuple(int(d) for d in s.split("x")) for s in v.split(",")]
               for k, v in (x.split("=", 1) for x in args.sizes)}
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = args.threads
-    print(f"threads={args.threads} target={args.target} (median ms, best of {args.rounds} rounds of {args.repeat})")
-    print(f"{'model':14s} {'size':16s} {'dynamic':>9s} {'fixed':>9s} {'ort':>9s} {'dyn/fixed':>9s} {'dyn/ort':>8s}  max|err|")
+    print(f"threads={args.threads} target={args.target} (median {'CPU' if args.cpu_time else 'wall'} ms, "
+          f"best of {args.rounds} rounds of {args.repeat})")
+    print(f"{'model':14s} {'size':16s} {'dynamic':>9s} {'fixed':>9s} {'ort':>9s} {'dyn/fixed':>9s} {'dyn/ort':>8s}  max|err|"
+          + ("   bucket  bkt/ort" if args.buckets else ""))
     for name in args.models.split(","):
         model = dm.MODELS[name]()
         inp, sizes = dm.SIZES[name]
@@ -62,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         dyn = graphopt.compile(model, args.target, "-O2", threads=args.threads)
         t_dyn = time.perf_counter() - t
         dyn_run = dyn.runner(threads=args.threads)
+        bkt_run = None
+        if args.buckets:  # every symbolic dim of the input but the batch, at the sizes run
+            dims = [d.dim_param for d in next(i for i in model.graph.input if i.name == inp).type.tensor_type.shape.dim]
+            spec = ";".join(f"{d}:{','.join(sorted({str(s[ax]) for s in sizes}, key=int))}"
+                            for ax, d in enumerate(dims) if d and d != "N")
+            bkt_run = graphopt.compile(model, f"{args.target}{{buckets={spec}}}", "-O2", threads=args.threads).runner(threads=args.threads)
         sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         for size in sizes:
             x = np.random.default_rng(0).standard_normal(size).astype(np.float32)
@@ -70,13 +91,18 @@ def main(argv: list[str] | None = None) -> int:
             err = max(float(np.abs(g - w).max()) for g, w in zip(got, want))
             fixed = graphopt.compile(model, args.target, "-O2", threads=args.threads, input_shapes={inp: size})
             fixed_run = fixed.runner(threads=args.threads)
-            best = {"dyn": np.inf, "fixed": np.inf, "ort": np.inf}
+            best = {"dyn": np.inf, "fixed": np.inf, "ort": np.inf, "bkt": np.inf}
             for _ in range(args.rounds):
+                if bkt_run is not None:
+                    best["bkt"] = min(best["bkt"], _median_ms(lambda: bkt_run.run(feeds), args.repeat))
                 best["dyn"] = min(best["dyn"], _median_ms(lambda: dyn_run.run(feeds), args.repeat))
                 best["fixed"] = min(best["fixed"], _median_ms(lambda: fixed_run.run(feeds), args.repeat))
                 best["ort"] = min(best["ort"], _median_ms(lambda: sess.run(None, feeds), args.repeat))
             print(f"{name:14s} {'x'.join(map(str, size)):16s} {best['dyn']:9.3f} {best['fixed']:9.3f} {best['ort']:9.3f} "
-                  f"{best['dyn'] / best['fixed']:9.2f} {best['dyn'] / best['ort']:8.2f}  {err:.1e}")
+                  f"{best['dyn'] / best['fixed']:9.2f} {best['dyn'] / best['ort']:8.2f}  {err:.1e}"
+                  + (f" {best['bkt']:8.3f} {best['bkt'] / best['ort']:8.2f}" if bkt_run is not None else ""))
+            if bkt_run is not None:
+                assert bkt_run.last_dispatch.startswith("bucket"), bkt_run.last_dispatch
         print(f"{name}: dynamic artifact compiled once in {t_dyn:.1f} s")
     return 0
 

@@ -306,7 +306,17 @@ def _lift_weight_only(mod: tvm.IRModule) -> tuple[tvm.IRModule, tvm.IRModule, in
     own first) lifted into `main_transform_params`: (the module with both functions, the
     transform alone, PrimFuncs lifted), or None when nothing depends on weights alone."""
     # (SplitLayoutRewritePreproc asserts on some kernels without an annotated block: only when needed)
-    split = relax.transform.SplitLayoutRewritePreproc()(keep_param_packing(mod)) if has_layout_rewrite(mod) else mod
+    if has_layout_rewrite(mod):
+        # (hand-written kernels, the recurrences, have no compute block under the root: the pass
+        # asserts on them; they pack no weight, so it runs without them)
+        own = {gv: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None
+               and "graphopt.own_kernel" in f.attrs}
+        rest = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv not in own}, attrs=mod.attrs) if own else mod
+        split = relax.transform.SplitLayoutRewritePreproc()(keep_param_packing(rest))
+        if own:
+            split = tvm.IRModule({**dict(split.functions_items()), **own}, attrs=split.attrs)
+    else:
+        split = mod
     lifted = relax.transform.LiftTransformParams()(split)
     if TRANSFORM_PARAMS not in {gv.name_hint for gv in lifted.get_global_vars()}:
         return None

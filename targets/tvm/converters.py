@@ -3,9 +3,10 @@
 Registered into `lower.CONVERTERS` on import (lower.py imports this module at its end). Each
 converter takes (block builder, node, relax inputs (None for omitted ones), opset) and returns a
 Relax expression or a list of them (one per node output), or NotImplemented to fall back to the
-frontend's converter. Recurrences (LSTM/GRU/RNN, LinearAttention) are unrolled over their
-sequence length, which must be static: the kernels stay ordinary tensor ops that FuseTIR and the
-default schedules handle.
+frontend's converter. RNN/GRU/LSTM run as one kernel looping over their sequence length, which
+may be symbolic (`recurrent_ops`; the unrolled form is kept for sequences up to UNROLL_STEPS, 0
+now: crnn_dyn's 40-step BiLSTM unrolled into one kernel of generic schedule and a 230 s compile of
+the whole model on a loaded 2-core box); LinearAttention is unrolled over its static length.
 """
 
 from __future__ import annotations
@@ -383,14 +384,14 @@ def _rnn_common(bb: relax.BlockBuilder, node: Node, ins: list[Any], gates: int, 
     layout = node.attr("layout", 0)
     if layout:
         x = bb.emit(R.permute_dims(x, [1, 0, 2]))
-    t, batch, _ = _static(node, x, "input")
+    t, batch, _ = _dims_of(x)  # (T and B may be symbolic: `recurrent_ops` loops over T inside one kernel)
     dirs, gh, _ = _static(node, w, "weight")
     hidden = node.attr("hidden_size") or gh // gates
     direction = _str_attr(node, "direction", "forward")
     lens = None  # per-batch lengths other than the full one: steps at or past a length keep the state
     if seq_lens is not None:
         v = _const_value(seq_lens)
-        if v is None or not np.all(v == t):
+        if v is None or not isinstance(t, int) or not np.all(v == t):
             lens = bb.emit(R.reshape(R.astype(seq_lens, "int64"), [batch, 1]))
     acts = [a.decode() if isinstance(a, bytes) else a for a in (node.attr("activations") or [])] or default_acts * dirs
     alphas = list(node.attr("activation_alpha") or [])
@@ -408,12 +409,12 @@ def _dir_slice(bb: relax.BlockBuilder, e: Any, d: int) -> Any:
     return bb.emit(R.squeeze(_slice(bb, e, 0, d, d + 1), [0]))
 
 
-def _acts_of(c: dict[str, Any], d: int, dtype: str) -> list[Any]:
-    """Direction d's activation functions; activation_alpha/beta are consumed in order by the
-    activations that take them (as onnxruntime reads them)."""
+def _act_specs(c: dict[str, Any], d: int) -> list[tuple[str, float | None, float | None]]:
+    """Direction d's activations as (name, alpha, beta); activation_alpha/beta are consumed in
+    order by the activations that take them (as onnxruntime reads them)."""
     takes_alpha = {"affine", "leakyrelu", "thresholdedrelu", "scaledtanh", "hardsigmoid", "elu"}
     takes_beta = {"affine", "scaledtanh", "hardsigmoid"}
-    per, fns, ai, bi = c["per"], [], 0, 0
+    per, specs, ai, bi = c["per"], [], 0, 0
     for k, name in enumerate(c["acts"]):
         a = bt = None
         if name.lower() in takes_alpha and ai < len(c["alphas"]):
@@ -421,8 +422,13 @@ def _acts_of(c: dict[str, Any], d: int, dtype: str) -> list[Any]:
         if name.lower() in takes_beta and bi < len(c["betas"]):
             bt, bi = c["betas"][bi], bi + 1
         if d * per <= k < (d + 1) * per:
-            fns.append(lambda e, n=name, a=a, bt=bt: _act(n, e, a, bt, dtype))
-    return fns
+            specs.append((name, a, bt))
+    return specs
+
+
+def _acts_of(c: dict[str, Any], d: int, dtype: str) -> list[Any]:
+    """Direction d's activation functions (Relax)."""
+    return [lambda e, n=n, a=a, bt=bt: _act(n, e, a, bt, dtype) for n, a, bt in _act_specs(c, d)]
 
 
 def _clip(c: dict[str, Any], e: Any, dtype: str) -> Any:
@@ -463,6 +469,48 @@ def _directions(c: dict[str, Any]) -> list[bool]:
     return [c["direction"] == "reverse"]
 
 
+#: sequences up to this many steps are unrolled (one kernel per step and op, which fuse with their
+#: neighbours); longer or symbolic ones run as one looping kernel (`recurrent_ops`)
+UNROLL_STEPS = 0
+
+
+def _recurrent_loop(bb: relax.BlockBuilder, node: Node, ins: list[Any], c: dict[str, Any], gates: int) -> list[Any]:
+    """RNN / GRU / LSTM as the input projection of every step and direction (one matmul) and
+    one kernel that loops over the (possibly symbolic) sequence length (`recurrent_ops`)."""
+    from . import recurrent_ops as RO
+
+    op, x, dtype, hsz, dirs = node.op_type, c["x"], _dt(c["x"]), c["hidden"], c["dirs"]
+    gh = gates * hsz
+    n_in = _static(node, c["w"], "weight")[2]
+    wt = bb.emit(R.permute_dims(R.reshape(c["w"], [dirs * gh, n_in]), [1, 0]))  # [I, D*G*H]
+    xw = bb.emit(R.matmul(x, wt))  # [T, B, D*G*H]
+    rt = bb.emit(R.permute_dims(c["r"], [0, 2, 1]))  # [D, H, G*H]
+    bias = c["b"] if c["b"] is not None else relax.const(np.zeros((dirs, 2 * gh), dtype), dtype)
+
+    def state(i: int) -> Any:
+        e = ins[i] if len(ins) > i else None
+        if e is not None and c["layout"]:
+            e = bb.emit(R.permute_dims(e, [1, 0, 2]))
+        return e
+
+    h0 = state(5)
+    c0 = state(6) if op == "LSTM" else None
+    peep = ins[7] if op == "LSTM" and len(ins) > 7 else None
+    lens = bb.emit(R.astype(ins[4], "int64")) if c["lens"] is not None else None
+    acts = [_act_specs(c, d) for d in range(dirs)]
+    clip = float(c["clip"]) if c["clip"] is not None else None
+    res = bb.emit_te(RO.recurrence, op, xw, rt, bias, h0, c0, peep, lens, hidden=hsz, backwards=_directions(c),
+                     acts=acts, clip=clip, input_forget=bool(node.attr("input_forget", 0)),
+                     linear_before_reset=bool(node.attr("linear_before_reset", 0)), primfunc_name_hint=f"{op.lower()}_recurrence")
+    call = bb.lookup_binding(res)
+    gv = call.args[0]
+    bb.update_func(gv, bb.get()[gv].with_attrs({"tirx.is_scheduled": True, RO.OWN_KERNEL_ATTR: f"{op} over time"}))
+    outs = [bb.emit(relax.TupleGetItem(res, i)) for i in range(3 if op == "LSTM" else 2)]
+    if c["layout"]:
+        outs = [bb.emit(R.permute_dims(outs[0], [2, 0, 1, 3]))] + [bb.emit(R.permute_dims(o, [1, 0, 2])) for o in outs[1:]]
+    return outs[: len(node.outputs)]
+
+
 @converter("RNN", "GRU", "LSTM")
 def _recurrent(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
     """RNN / GRU / LSTM unrolled over the static sequence length: the input projection of all
@@ -473,6 +521,8 @@ def _recurrent(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -
     c = _rnn_common(bb, node, ins, gates, default)
     x, dtype, hsz = c["x"], _dt(c["x"]), c["hidden"]
     t = c["t"]
+    if not isinstance(t, int) or t > UNROLL_STEPS:
+        return _recurrent_loop(bb, node, ins, c, gates)
     init_h = ins[5] if len(ins) > 5 else None
     init_c = ins[6] if op == "LSTM" and len(ins) > 6 else None
     peep = ins[7] if op == "LSTM" and len(ins) > 7 else None

@@ -1557,6 +1557,10 @@ class _Lowerer:
         if extra:  # emit_te created PrimFuncs: carry them over as call_tir targets
             # (add_func renames a clash, e.g. two groups' `conv_blocked` of different shapes, and
             # returns an equal function's GlobalVar: map each by what it returned, not by name)
+            own = [sub[gv].attrs[_OWN_KERNEL] for gv in extra
+                   if isinstance(sub[gv], tvm.tirx.PrimFunc) and sub[gv].attrs is not None and _OWN_KERNEL in sub[gv].attrs]
+            if own:  # a hand-written kernel (a recurrence looping over time) stays a kernel of its own
+                raise LoweringError(f"a hand-written kernel ({own[0]}) runs on its own")
             table = {gv: self.bb.add_func(sub[gv], gv.name_hint) for gv in extra}
             func = _rebind_globals(func, table)
         func, consts = _lift_constants(func)
@@ -1607,6 +1611,9 @@ def lower(model: Model, force_inline: dict[str, str] | None = None, block: int |
     `activity` (a compile_watchdog.Activity) is told which node is being lowered."""
     return _Lowerer(model, force_inline, block, winograd, machine, activity, multiples).lower()
 
+
+#: a PrimFunc attribute (recurrent_ops.OWN_KERNEL_ATTR): the group holding it is emitted inline into main
+_OWN_KERNEL = "graphopt.own_kernel"
 
 #: how many times `lower_unified` re-lowers with larger multiples before it gives up
 UNIFY_ROUNDS = 4

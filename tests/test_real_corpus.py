@@ -1,0 +1,185 @@
+"""tools/real_corpus.py: its data generators, metrics and If composition on tiny hand-built models
+(no torch, no cache needed), and graphopt on models of the corpus's kinds (an If whose branches
+read outer-scope weights, chosen by a sample-rate input; a recurrent state with the batch on axis
+1). The end-to-end check on the built corpus is marked slow and skips without `.cache/real`."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import graphopt
+from graphopt.target import bind_inputs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def rc():
+    spec = importlib.util.spec_from_file_location("real_corpus_under_test", ROOT / "tools" / "real_corpus.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look the module up while the class is created
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.modules.pop(spec.name, None)
+    assert "torch" not in vars(mod)  # evaluation must not need torch
+    return mod
+
+
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    return sess.run(None, {k: v for k, v in feeds.items() if k in names})
+
+
+# ------------------------------------------------------------------------------ data and metrics
+
+
+def test_render_line_is_deterministic_and_sized(rc):
+    a = rc.render_line("AB12", np.random.default_rng(5))
+    b = rc.render_line("AB12", np.random.default_rng(5))
+    assert a.dtype == np.uint8 and a.shape[:2] == (3, 32) and a.shape[2] >= 16
+    np.testing.assert_array_equal(a, b)
+    long = [rc.render_line("W" * 10, np.random.default_rng(s)).shape[2] for s in range(5)]
+    short = [rc.render_line("W" * 3, np.random.default_rng(s)).shape[2] for s in range(5)]
+    assert min(long) > max(short)  # width follows the text: the model's W must be dynamic
+    assert set(rc.CHARSET) == set(rc._GLYPHS)
+    assert all(g.shape == (7, 5) and 0 < g.sum() < 35 for g in rc._GLYPHS.values())
+    x = rc.ocr_input(a)
+    assert x.shape == (1, *a.shape) and x.dtype == np.float32 and -1.0 <= x.min() and x.max() <= 1.0
+
+
+def test_ctc_greedy_and_edit_distance(rc):
+    c = len(rc.CHARSET) + 1
+    path = [1, 1, 0, 1, 2, 2, 0, 0, 11]  # "0", "0" after a blank, "1", "A"
+    probs = np.full((1, len(path), c), 0.01, np.float32)
+    probs[0, np.arange(len(path)), path] = 1.0
+    assert rc.ctc_greedy(probs) == ["001A"]
+    assert rc.edit_distance("001A", "001A") == 0
+    assert rc.edit_distance("01A", "001A") == 1
+    assert rc.edit_distance("", "ABC") == 3
+    assert rc.edit_distance("AXC", "ABC") == 1
+
+
+def test_audio_stream_labels_and_chunks(rc):
+    x, lab = rc.audio_stream(np.random.default_rng(0), 6.0, 16000)
+    assert x.dtype == np.float32 and x.shape == (96000,) and np.abs(x).max() <= 0.9 + 1e-6
+    assert 0.1 < lab.mean() < 0.9  # both speech and non-speech
+    chunks, y = rc.chunk_stream(x, lab, 16000)
+    assert chunks.shape == (187, 512) and y.shape == (187,) and set(np.unique(y)) <= {0, 1}
+    # speech segments carry more energy in the voiced band than the noise floor around them
+    assert 0.0 < y.mean() < 1.0
+
+
+# ------------------------------------------------------------------------------ If composition
+
+
+def _branch_model(scale: float, chunk: int) -> onnx.ModelProto:
+    """What the exporter writes per sample rate, in miniature: input [B, chunk] -> MatMul(w) ->
+    a state update -> output [B, 1], stateN [2, B, 4]; weights as initializers."""
+    rng = np.random.default_rng(int(scale * 10))
+    w = (rng.standard_normal((chunk, 4)) * scale).astype(np.float32)
+    v = rng.standard_normal((4, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["input", "w"], ["h"]),
+        helper.make_node("Add", ["h", "s0"], ["h2"]),
+        helper.make_node("Tanh", ["h2"], ["h3"]),
+        helper.make_node("MatMul", ["h3", "v"], ["o"]),
+        helper.make_node("Sigmoid", ["o"], ["output"]),
+        helper.make_node("Unsqueeze", ["h3", "ax0"], ["h4"]),
+        helper.make_node("Concat", ["h4", "h4"], ["stateN"], axis=0),
+        helper.make_node("Gather", ["state", "zero"], ["s0"], axis=0),
+    ]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(v, "v"),
+             numpy_helper.from_array(np.array([0], np.int64), "ax0"), numpy_helper.from_array(np.array(0, np.int64), "zero")]
+    g = helper.make_graph(
+        [nodes[-1], *nodes[:-1]], "branch",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", chunk]),
+         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1]),
+         helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "batch", 4])], inits)  # fmt: skip
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 16)])
+
+
+@pytest.fixture(scope="module")
+def tiny_vad_if(rc, monkeypatch_module=None):
+    old = rc.HIDDEN
+    rc.HIDDEN = 4
+    try:
+        return rc._compose_if(_branch_model(0.5, 8), _branch_model(2.0, 8), 16)
+    finally:
+        rc.HIDDEN = old
+
+
+def test_compose_if_selects_the_branch_by_sample_rate(tiny_vad_if):
+    m = tiny_vad_if
+    assert [n.op_type for n in m.graph.node] == ["Constant", "Equal", "If"]
+    assert {t.name.split("/")[0] for t in m.graph.initializer} == {"sr16k", "sr8k"}  # outer-scope weights
+    rng = np.random.default_rng(0)
+    feeds = {"input": rng.standard_normal((3, 8)).astype(np.float32), "state": rng.standard_normal((2, 3, 4)).astype(np.float32)}
+    out16 = _run(m, {**feeds, "sr": np.array(16000, np.int64)})
+    out8 = _run(m, {**feeds, "sr": np.array(8000, np.int64)})
+    np.testing.assert_allclose(out16[0], _run(_branch_model(0.5, 8), feeds)[0], rtol=1e-6)
+    np.testing.assert_allclose(out8[0], _run(_branch_model(2.0, 8), feeds)[0], rtol=1e-6)
+    assert out16[1].shape == (2, 3, 4)
+
+
+def test_bind_folds_the_composed_if_and_prune_sees_the_network(tiny_vad_if):
+    """--bind sr=16000 on a model whose branches read outer-scope initializers: the If is inlined,
+    the 8 kHz weights are dropped, outputs equal the 16 kHz branch."""
+    m = graphopt.load(tiny_vad_if.SerializeToString())
+    bind_inputs(m, {"sr": np.array(16000, np.int64)})
+    out = graphopt.to_onnx(graphopt.optimize(m, "-O2"))
+    ops = [n.op_type for n in out.graph.node]
+    assert "If" not in ops and "MatMul" in ops
+    assert not any(t.name.startswith("sr8k") for t in out.graph.initializer)
+    assert [i.name for i in out.graph.input] == ["input", "state"]
+    rng = np.random.default_rng(1)
+    feeds = {"input": rng.standard_normal((2, 8)).astype(np.float32), "state": rng.standard_normal((2, 2, 4)).astype(np.float32)}
+    ref = _run(tiny_vad_if, {**feeds, "sr": np.array(16000, np.int64)})
+    for a, b in zip(ref, _run(out, feeds)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ the built corpus
+
+
+def _built(rc, name: str) -> bool:
+    return name in rc.list_models()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ocr_crnn", "vad_gru", "vad_if"])
+def test_corpus_compression_holds_the_default_budget_end_to_end(rc, name, tmp_path):
+    """prune 0.3 and cluster-weights 5 bits at the default budget, calibrated on the corpus's own
+    data (a folder of lines of different widths; VAD states with the batch on axis 1), scored on
+    the test split: cosine >= 0.99 and <= 1 % top-1 changes (OCR), <= 1 % decision flips (VAD)."""
+    if not _built(rc, name):
+        pytest.skip(f"{name} is not built (tools/real_corpus.py build needs torch)")
+    from graphopt.transform import PassContext, parse_pipeline
+
+    base = graphopt.load(str(rc.model_path(name)))
+    if name == "vad_if":
+        bind_inputs(base, {"sr": np.array(16000, np.int64)})
+    base = graphopt.optimize(base, "-O2")
+    cal = str(rc.calibration_path(name))
+    for spec in ("prune{ratio=0.3,calibration=" + cal + "}", "cluster-weights{bits=5,calibration=" + cal + "}"):
+        m = base.clone()
+        ctx = PassContext()
+        ctx.data["calibration"] = cal
+        parse_pipeline(spec)[0].run(m, ctx)
+        got = rc.evaluate(name, m)
+        if "flips" in got:
+            assert got["flips"] <= 0.01 * got["decisions"], (spec, got)
+        else:
+            assert got["cosine"] >= 0.99 and got["top1_changed"] <= 1.0, (spec, got)

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "most sensitive layers stay float / groups back off until it holds (--prune's default: cosine:0.99)")
     p.add_argument("--bind", metavar="NAME=VALUE", action="append", help="fix input NAME to a constant (a number, "
                    "a comma list or a .npy file; repeatable): it leaves the interface and cleanup folds what it decides")
-    p.add_argument("--calibration-batch-axis", metavar="NAME:AXIS", action="append", help="--quantize: the batch "
+    p.add_argument("--calibration-batch-axis", metavar="NAME:AXIS", action="append", help="--calibration: the batch "
                    "axis of input NAME in the calibration data (default: from the model's symbolic dims, else 0)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
                    help="run onnx's checker (full check, with shape inference) on the input first and refuse a "

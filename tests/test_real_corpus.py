@@ -183,3 +183,45 @@ def test_corpus_compression_holds_the_default_budget_end_to_end(rc, name, tmp_pa
             assert got["flips"] <= 0.01 * got["decisions"], (spec, got)
         else:
             assert got["cosine"] >= 0.99 and got["top1_changed"] <= 1.0, (spec, got)
+
+
+def _state_mlp() -> onnx.ModelProto:
+    """x [N, 8] -> MatMul 16 -> Relu -> MatMul 4 -> + state[0] -> y [N, 4]; stateN = stack(y, y).
+    The state's batch dim has its own symbol `m`, so only an override finds axis 1."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array(0, np.int64), "zero"), numpy_helper.from_array(np.array([0], np.int64), "ax0")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["o"]), helper.make_node("Gather", ["state", "zero"], ["s0"], axis=0),
+             helper.make_node("Add", ["o", "s0"], ["y"]), helper.make_node("Unsqueeze", ["y", "ax0"], ["y1"]),
+             helper.make_node("Concat", ["y1", "y1"], ["stateN"], axis=0)]
+    g = helper.make_graph(nodes, "state_mlp",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8]),
+                           helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "m", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]),
+                           helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "m", 4])], inits)  # fmt: skip
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_prune_reads_the_calibration_batch_axis_override(tmp_path):
+    """--calibration-batch-axis state:1 reaches prune (it reached quantize and cluster-weights only):
+    without it the state [2, 64, 4] is cut on axis 0 and the file is refused."""
+    from graphopt.calibration import CalibrationError
+    from graphopt.transform import PassContext, parse_pipeline
+
+    rng = np.random.default_rng(1)
+    path = tmp_path / "cal.npz"
+    np.savez(path, x=rng.standard_normal((64, 8)).astype(np.float32), state=rng.standard_normal((2, 64, 4)).astype(np.float32))
+    base = graphopt.load(_state_mlp().SerializeToString())
+    spec = "prune{ratio=0.25,accuracy-budget=none,eval-samples=8}"
+    with pytest.raises(CalibrationError):
+        parse_pipeline(spec)[0].run(base.clone(), PassContext(data={"calibration": str(path)}))
+    m = base.clone()
+    ctx = PassContext(data={"calibration": str(path), "calibration-batch-axis": {"state": 1}})
+    res = parse_pipeline(spec)[0].run(m, ctx)
+    assert res.changed and res.stats["channels-removed"] == 4 and res.stats["layers-refit"] == 1
+    m.verify()
+    feeds = {"x": rng.standard_normal((3, 8)).astype(np.float32), "state": rng.standard_normal((2, 3, 4)).astype(np.float32)}
+    ref, got = _run(_state_mlp(), feeds), _run(graphopt.to_onnx(m), feeds)
+    assert got[0].shape == (3, 4) and np.allclose(ref[1][0] - ref[0], got[1][0] - got[0])

@@ -508,7 +508,8 @@ class _Data:
         if isinstance(given, CalibrationData):
             self._given = given
         elif isinstance(given, str) and given:
-            self._given = load_calibration(given, model, batch_size=p.batch, limit=p.samples + p.eval_samples)
+            self._given = load_calibration(given, model, batch_size=p.batch, limit=p.samples + p.eval_samples,
+                                           batch_axis=ctx.data.get("calibration-batch-axis"))
         self.real = self._given is not None and not self._given.synthetic
         self.source = self._given.source if self._given is not None else "synthetic random inputs (no calibration data)"
         self.eval_source = ""

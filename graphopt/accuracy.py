@@ -9,7 +9,8 @@ The one home of what compression passes (quantize, prune, cluster-weights) measu
 
 Metrics (over all float outputs of all batches): `sqnr` (dB), `rel` (‖Δ‖/‖ref‖), `cosine` (mean
 over samples of the first output, flattened per sample) and `top1` (percent of argmaxes over the
-last axis of the first output that changed). Budgets: `cosine:C` (>= C), `sqnr:DB` (>= DB),
+last axis of the first output that changed; for one value per sample, [N, 1]: the cosine over all
+samples and the percent of decisions at 0.5 / 0 that changed). Budgets: `cosine:C` (>= C), `sqnr:DB` (>= DB),
 `top1:P` (<= P percent), `rel:E` or a bare number (<= E).
 """
 
@@ -70,10 +71,17 @@ def output_metrics(ref: Sequence[Sequence[np.ndarray]], test: Sequence[Sequence[
     """Error of `test` against `ref` (per batch, a list of outputs) over all float outputs:
     sqnr (dB), rel (‖Δ‖/‖ref‖), cosine (mean over samples of the first output, flattened per
     sample) and top1 (percent of samples whose argmax over the last axis of the first output
-    differs)."""
+    differs). A first output with one value per sample ([N] with N = 1, [N, 1]: a VAD's speech
+    probability) gets the cosine of all its values over all batches as one vector, and top1
+    counts changed decisions (value > 0.5 for values in [0, 1], else > 0)."""
     num = den = 0.0
     cos: list[float] = []
     flips = total = 0
+    # one value per sample ([N], [N, 1]: a probability, a score): the cosine of a 1-element
+    # vector is always 1 and an argmax over one class never changes, so these values are
+    # gathered over all batches into one vector (its cosine) and compared as decisions
+    scal_r: list[np.ndarray] = []
+    scal_t: list[np.ndarray] = []
     for rb, tb in zip(ref, test):
         for i, (r, t) in enumerate(zip(rb, tb)):
             if not np.issubdtype(np.asarray(r).dtype, np.floating):
@@ -89,7 +97,10 @@ def output_metrics(ref: Sequence[Sequence[np.ndarray]], test: Sequence[Sequence[
                 r64, t64 = np.where(fin, r64, 0.0), np.where(fin, t64, 0.0)
             num += float(np.sum(r64 ** 2))
             den += float(np.sum((r64 - t64) ** 2))
-            if i == 0 and r64.ndim >= 1:
+            if i == 0 and r64.ndim >= 1 and r64.size == r64.shape[0] and (r64.ndim > 1 or r64.size == 1):
+                scal_r.append(r64.reshape(-1))
+                scal_t.append(t64.reshape(-1))
+            elif i == 0 and r64.ndim >= 1:
                 rs = r64.reshape(r64.shape[0], -1) if r64.ndim > 1 else r64.reshape(1, -1)
                 ts = t64.reshape(rs.shape)
                 nr, nt = np.linalg.norm(rs, axis=1), np.linalg.norm(ts, axis=1)
@@ -98,6 +109,14 @@ def output_metrics(ref: Sequence[Sequence[np.ndarray]], test: Sequence[Sequence[
                 ra, ta = r64.argmax(axis=-1), t64.argmax(axis=-1)
                 flips += int(np.sum(ra != ta))
                 total += int(ra.size)
+    if scal_r:
+        rs, ts = np.concatenate(scal_r), np.concatenate(scal_t)
+        nr, nt = float(np.linalg.norm(rs)), float(np.linalg.norm(ts))
+        cos.append(1.0 if nr == 0 and nt == 0 else float(rs @ ts) / max(nr * nt, 1e-30))
+        # decisions: at 0.5 for values in [0, 1] (a sigmoid probability), else at 0 (a logit)
+        thr = 0.5 if rs.min() >= 0.0 and rs.max() <= 1.0 else 0.0
+        flips += int(np.sum((rs > thr) != (ts > thr)))
+        total += int(rs.size)
     return {
         "sqnr": math.inf if den == 0 else (10 * math.log10(num / den) if num > 0 and den < math.inf else -math.inf),
         "rel": 0.0 if num == 0 and den == 0 else math.sqrt(den / num) if num > 0 else math.inf,

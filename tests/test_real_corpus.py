@@ -225,3 +225,27 @@ def test_prune_reads_the_calibration_batch_axis_override(tmp_path):
     feeds = {"x": rng.standard_normal((3, 8)).astype(np.float32), "state": rng.standard_normal((2, 3, 4)).astype(np.float32)}
     ref, got = _run(_state_mlp(), feeds), _run(graphopt.to_onnx(m), feeds)
     assert got[0].shape == (3, 4) and np.allclose(ref[1][0] - ref[0], got[1][0] - got[0])
+
+
+def test_metrics_of_one_value_per_sample_see_flipped_decisions():
+    """A VAD's first output is [N, 1]: per-sample cosine was always 1 and the argmax over one
+    class never changed, so a budget could not trip. Now: cosine over all samples of all batches,
+    top1 = decisions (p > 0.5) that changed."""
+    from graphopt.accuracy import Budget, output_metrics
+
+    rng = np.random.default_rng(0)
+    ref = [[rng.uniform(0, 1, (1, 1)).astype(np.float32)] for _ in range(40)]  # 40 batches of 1
+    same = output_metrics(ref, ref)
+    assert same["cosine"] == pytest.approx(1.0) and same["top1"] == 0.0
+    flipped = [[1.0 - r[0]] for r in ref]
+    m = output_metrics(ref, flipped)
+    assert m["cosine"] < 0.9 and m["top1"] > 90.0
+    assert not Budget.parse("cosine:0.99").holds(m)
+    near = [[np.clip(r[0] + 0.01, 0, 1)] for r in ref]
+    assert output_metrics(ref, near)["cosine"] > 0.999
+    # logits (not in [0, 1]): decisions at 0; [N, 1] in one batch as well
+    logits = [[rng.standard_normal((16, 1)).astype(np.float32)]]
+    assert output_metrics(logits, [[-logits[0][0]]])["top1"] == 100.0
+    # per-sample vectors keep the per-sample cosine and argmax
+    vec = [[rng.standard_normal((4, 10)).astype(np.float32)]]
+    assert output_metrics(vec, vec)["cosine"] == pytest.approx(1.0)

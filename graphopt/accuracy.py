@@ -55,13 +55,42 @@ def session(model: Model, *, threads: int = 0, optimize: bool = True, extra_outp
         raise GraphoptError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from None
 
 
-def run(model: Model, batches: Sequence[Batch], *, threads: int = 0) -> list[list[np.ndarray]]:
-    """Outputs of `model` on every batch (onnxruntime, all optimizations)."""
+def run(model: Model, batches: Sequence[Batch], *, threads: int = 0, feedback: Mapping[str, str] | None = None) -> list[list[np.ndarray]]:
+    """Outputs of `model` on every batch (onnxruntime, all optimizations). With `feedback`
+    ({state input: output}), the batches are one sequence: from the second on, each state input
+    takes the model's own output of the step before (where the shapes agree), so the error a
+    compressed model carries in its state adds up as it does in a stream."""
     sess = session(model, threads=threads)
+    names = [o.name for o in sess.get_outputs()]
+    state: dict[str, np.ndarray] = {}
+    outs: list[list[np.ndarray]] = []
     try:
-        return [list(sess.run(None, dict(b))) for b in batches]
+        for b in batches:
+            feed = dict(b)
+            for i, v in state.items():
+                if np.shape(v) == np.shape(feed.get(i)):
+                    feed[i] = v
+            res = list(sess.run(None, feed))
+            state = {i: res[names.index(o)] for i, o in (feedback or {}).items() if o in names}
+            outs.append(res)
     except Exception as e:
         raise GraphoptError(f"onnxruntime failed on an evaluation batch: {str(e).splitlines()[0]}") from None
+    return outs
+
+
+def _single_steps(model: Model, batches: Sequence[Batch]) -> list[dict[str, np.ndarray]]:
+    """Batches cut into one-sample steps (each input along its batch axis), in order."""
+    from graphopt.calibration import batch_axes
+
+    axes = batch_axes(model)
+    steps: list[dict[str, np.ndarray]] = []
+    for b in batches:
+        cut = {k: axes.get(k) for k, v in b.items() if axes.get(k) is not None and np.ndim(v) > (axes.get(k) or 0)}
+        n = max((np.shape(b[k])[ax] for k, ax in cut.items()), default=1)  # type: ignore[index]
+        for j in range(n):
+            steps.append({k: (np.take(v, [j], axis=cut[k]) if k in cut and np.shape(v)[cut[k]] == n else v)  # type: ignore[index]
+                          for k, v in b.items()})  # fmt: skip
+    return steps
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -174,31 +203,47 @@ class Reference:
 
     `source` says where the batches came from (repeat it in logs: random inputs are not data)."""
 
-    def __init__(self, original: Model, batches: Iterable[Batch], *, source: str = "", threads: int = 0) -> None:
+    def __init__(self, original: Model, batches: Iterable[Batch], *, source: str = "", threads: int = 0,
+                 feedback: Mapping[str, str] | None = None) -> None:
+        from graphopt.calibration import state_feedback
+
         self.batches = [dict(b) for b in batches]
         if not self.batches:
             raise GraphoptError("no evaluation batches to measure accuracy on")
+        # a streaming model (state in, next state out: `state` -> `stateN`) is scored as one
+        # sequence of single samples with its own state fed back: one step with the original's
+        # state hides the error that builds up over a stream
+        self.feedback = dict(state_feedback(original) if feedback is None else feedback)
+        if self.feedback:
+            self.batches = _single_steps(original, self.batches)
+            fb = ", ".join(f"{i} <- {o}" for i, o in self.feedback.items())
+            source = f"{source}, run as one sequence with the state fed back ({fb})" if source else f"one sequence ({fb})"
         self.source = source
         self.threads = threads
-        self.outputs = run(original, self.batches, threads=threads)
+        self.outputs = run(original, self.batches, threads=threads, feedback=self.feedback)
         self.evaluations = 0
 
     @property
     def samples(self) -> int:
-        return sum(max((len(v) for v in b.values() if np.ndim(v)), default=1) for b in self.batches)
+        return sum(self._count(b) for b in self.batches)
+
+    def _count(self, b: Batch) -> int:
+        # a sequence's steps hold one sample each (a state [2, 1, 64] has its batch on axis 1)
+        return 1 if self.feedback else max((len(v) for v in b.values() if np.ndim(v)), default=1)
 
     def subset(self, samples: int) -> Reference:
         """The first batches holding at least `samples` samples, sharing this one's outputs (a
         cheaper reference for ranking, e.g. per-layer sensitivity)."""
         k, seen = 0, 0
         while k < len(self.batches) and seen < samples:
-            seen += max((len(v) for v in self.batches[k].values() if np.ndim(v)), default=1)
+            seen += self._count(self.batches[k])
             k += 1
         sub = object.__new__(Reference)
         sub.batches, sub.outputs = self.batches[:k], self.outputs[:k]
         sub.source, sub.threads, sub.evaluations = f"{seen} of {self.source}", self.threads, 0
+        sub.feedback = self.feedback
         return sub
 
     def score(self, model: Model) -> dict[str, float]:
         self.evaluations += 1
-        return output_metrics(self.outputs, run(model, self.batches, threads=self.threads))
+        return output_metrics(self.outputs, run(model, self.batches, threads=self.threads, feedback=self.feedback))

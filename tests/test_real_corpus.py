@@ -249,3 +249,58 @@ def test_metrics_of_one_value_per_sample_see_flipped_decisions():
     # per-sample vectors keep the per-sample cosine and argmax
     vec = [[rng.standard_normal((4, 10)).astype(np.float32)]]
     assert output_metrics(vec, vec)["cosine"] == pytest.approx(1.0)
+
+
+def _recurrent_step(gain: float = 0.9) -> onnx.ModelProto:
+    """x [N, 4], state [1, N, 4] -> y = sigmoid(sum(h)) [N, 1], stateN = h = tanh(x W + gain * state)."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((4, 4)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Mul", ["state", "g"], ["gs"]),
+             helper.make_node("Add", ["xw", "gs"], ["pre"]), helper.make_node("Tanh", ["pre"], ["stateN"]),
+             helper.make_node("ReduceSum", ["stateN", "ax"], ["s"], keepdims=1), helper.make_node("Squeeze", ["s", "ax0"], ["s2"]),
+             helper.make_node("Sigmoid", ["s2"], ["y"])]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(gain, np.float32), "g"),
+             numpy_helper.from_array(np.array([2], np.int64), "ax"), numpy_helper.from_array(np.array([0], np.int64), "ax0")]
+    g = helper.make_graph(nodes, "rec",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+                           helper.make_tensor_value_info("state", TensorProto.FLOAT, [1, "batch", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1]),
+                           helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [1, "batch", 4])], inits)  # fmt: skip
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_reference_runs_a_streaming_model_as_a_sequence():
+    """state -> stateN is found; the evaluation batches become one sequence of single samples with
+    the model's own state fed back, so an error in the recurrence (gain 0.9 -> 1.0) shows where a
+    single step from the original's state hides most of it."""
+    from graphopt.accuracy import Reference
+    from graphopt.calibration import state_feedback
+
+    base = graphopt.load(_recurrent_step(0.9).SerializeToString())
+    worse = graphopt.load(_recurrent_step(1.0).SerializeToString())
+    assert state_feedback(base) == {"state": "stateN"}
+    assert state_feedback(graphopt.load(_state_mlp().SerializeToString())) == {"state": "stateN"}
+    renamed = _recurrent_step(0.9)
+    renamed.graph.output[1].name = "hidden"  # no name that says "next state"
+    renamed.graph.node[3].output[0] = "hidden"
+    renamed.graph.node[4].input[0] = "hidden"
+    assert state_feedback(graphopt.load(renamed.SerializeToString())) == {}
+    other = _recurrent_step(0.9)
+    other.graph.output[1].type.tensor_type.shape.dim[2].dim_value = 5  # declared shape differs
+    assert state_feedback(graphopt.load(other.SerializeToString())) == {}
+    rng = np.random.default_rng(0)
+    xs = rng.standard_normal((32, 4)).astype(np.float32) * 0.3
+    batches = [{"x": xs[i : i + 8], "state": np.zeros((1, 8, 4), np.float32)} for i in range(0, 32, 8)]
+    seq = Reference(base, batches, source="test")
+    assert seq.feedback == {"state": "stateN"} and len(seq.batches) == 32 and seq.samples == 32
+    assert "state <- stateN" in seq.source and seq.subset(8).samples == 8
+    # the reference's own outputs: step k's state is step k-1's stateN
+    sess = ort.InferenceSession(_recurrent_step(0.9).SerializeToString(), providers=["CPUExecutionProvider"])
+    st = np.zeros((1, 1, 4), np.float32)
+    for k in range(32):
+        y, st = sess.run(None, {"x": xs[k : k + 1], "state": st})
+        np.testing.assert_allclose(seq.outputs[k][0], y, rtol=1e-5)
+    one_step = Reference(base, batches, source="test", feedback={})
+    assert len(one_step.batches) == 4
+    assert seq.score(worse)["sqnr"] < one_step.score(worse)["sqnr"] - 3  # the stream shows more error
+    assert seq.score(base)["cosine"] == pytest.approx(1.0)

@@ -437,7 +437,8 @@ def evaluate(name: str, model: Any = None, *, limit: int | None = None, threads:
     "top1_changed": percent of time steps whose argmax class differs from fp32}; each line runs
     alone at its own width (the model's W is dynamic). `limit`: first N lines.
     VADs: {"accuracy": decisions (p > 0.5) equal to the labels, "flips": decisions that differ
-    from the fp32 model's, "decisions", "max_prob_diff"} over the test streams run chunk by chunk
+    from the fp32 model's, "decisions", "max_prob_diff", "cosine" of all probabilities to fp32's}
+    over the test streams run chunk by chunk
     with the state carried; vad_if adds "accuracy_8k" / "flips_8k" with sr=8000 (a model whose
     `sr` was bound to 16000 gets only the 16 kHz figures). `limit`: first N streams.
     """
@@ -472,6 +473,8 @@ def evaluate(name: str, model: Any = None, *, limit: int | None = None, threads:
         out[f"flips{sfx}"] = int((dec != ref_dec).sum())
         out[f"decisions{sfx}"] = int(dec.size)
         out[f"max_prob_diff{sfx}"] = float(np.abs(probs - ref).max())
+        a, b = probs.reshape(-1).astype(np.float64), ref.reshape(-1).astype(np.float64)
+        out[f"cosine{sfx}"] = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
     return out
 
 

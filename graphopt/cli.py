@@ -261,8 +261,8 @@ def parse_options(argv: Sequence[str]) -> Options:
     return opts
 
 
-#: passes besides quantize and prune that read --calibration (ctx.data["calibration"])
-CALIBRATION_READERS = ("cluster-weights", "convert-precision", "low-rank")
+#: passes besides quantize that read --calibration (ctx.data["calibration"]; prune also as --prune)
+CALIBRATION_READERS = ("prune", "cluster-weights", "convert-precision", "low-rank")
 
 
 def _quantize_spec(ns: argparse.Namespace, pipeline: str) -> tuple[str, str | None]:

@@ -304,3 +304,22 @@ def test_reference_runs_a_streaming_model_as_a_sequence():
     assert len(one_step.batches) == 4
     assert seq.score(worse)["sqnr"] < one_step.score(worse)["sqnr"] - 3  # the stream shows more error
     assert seq.score(base)["cosine"] == pytest.approx(1.0)
+
+
+def test_cli_calibration_reaches_prune_spelled_in_the_pipeline(tmp_path, capsys):
+    """`--passes '...,prune{...}' --calibration DATA` (prune options beyond --prune's ratio) was
+    refused with exit 2; the state's batch axis override travels with it."""
+    from graphopt.cli import main
+
+    rng = np.random.default_rng(2)
+    src, dst, cal = tmp_path / "m.onnx", tmp_path / "out.onnx", tmp_path / "cal.npz"
+    onnx.save(_state_mlp(), str(src))
+    np.savez(cal, x=rng.standard_normal((64, 8)).astype(np.float32), state=rng.standard_normal((2, 64, 4)).astype(np.float32))
+    args = [str(src), "-o", str(dst), "-q", "--passes", "-O1,prune{ratio=0.25,accuracy-budget=sqnr:10,eval-samples=16}",
+            "--calibration", str(cal), "--calibration-batch-axis", "state:1"]
+    assert main(args) == 0, capsys.readouterr().err
+    out = onnx.load(str(dst))
+    shapes = sorted(list(t.dims) for t in out.graph.initializer if len(t.dims) == 2)
+    assert shapes == [[8, 12], [12, 4]], shapes  # 4 of the 16 hidden units removed
+    assert main([*args[:-2]]) == 2  # without the override the state file does not fit: exit 2, one line
+    assert "calibration" in capsys.readouterr().err

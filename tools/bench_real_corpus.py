@@ -102,7 +102,7 @@ def holds_e2e(m: dict[str, Any]) -> str:
 
 def _pass_stats(rep: dict[str, Any], pass_name: str) -> dict[str, Any]:
     for p in reversed(rep["passes"]):
-        if p["pass"] == pass_name:
+        if p["pass"].split("{")[0] == pass_name:
             return p.get("stats", {})
     return {}
 

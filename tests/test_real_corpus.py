@@ -154,17 +154,18 @@ def test_bind_folds_the_composed_if_and_prune_sees_the_network(tiny_vad_if):
 # ------------------------------------------------------------------------------ the built corpus
 
 
-def _built(rc, name: str) -> bool:
-    return name in rc.list_models()
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ocr_crnn", "vad_gru", "vad_if"])
-def test_corpus_compression_holds_the_default_budget_end_to_end(rc, name, tmp_path):
-    """prune 0.3 and cluster-weights 5 bits at the default budget, calibrated on the corpus's own
-    data (a folder of lines of different widths; VAD states with the batch on axis 1), scored on
-    the test split: cosine >= 0.99 and <= 1 % top-1 changes (OCR), <= 1 % decision flips (VAD)."""
-    if not _built(rc, name):
+@pytest.mark.parametrize("name,opts", [
+    ("ocr_crnn", ""),  # the default budget, cosine:0.99
+    ("vad_gru", ",accuracy-budget=sqnr:30,eval-samples=256"),  # cosine of a probability is lenient: README
+    ("vad_if", ",accuracy-budget=sqnr:30,eval-samples=256"),
+])  # fmt: skip
+def test_corpus_compression_holds_its_budget_end_to_end(rc, name, opts):
+    """prune 0.3 and cluster-weights 5 bits, calibrated on the corpus's own data as shipped (a
+    folder of lines of different widths; VAD states with the batch on axis 1; vad_if with sr bound
+    to 16000 so the passes see the network), scored on the test split: cosine >= 0.99 and CER <= 1 %
+    (OCR; fp32 0.04 %), <= 1 % of speech decisions flipped over 4 x 20 s (VAD)."""
+    if name not in rc.list_models():
         pytest.skip(f"{name} is not built (tools/real_corpus.py build needs torch)")
     from graphopt.transform import PassContext, parse_pipeline
 
@@ -172,17 +173,17 @@ def test_corpus_compression_holds_the_default_budget_end_to_end(rc, name, tmp_pa
     if name == "vad_if":
         bind_inputs(base, {"sr": np.array(16000, np.int64)})
     base = graphopt.optimize(base, "-O2")
+    assert not any(n.op_type == "If" for n in base.graph)
     cal = str(rc.calibration_path(name))
-    for spec in ("prune{ratio=0.3,calibration=" + cal + "}", "cluster-weights{bits=5,calibration=" + cal + "}"):
+    for spec in (f"prune{{ratio=0.3{opts}}}", f"cluster-weights{{bits=5{opts}}}"):
         m = base.clone()
-        ctx = PassContext()
-        ctx.data["calibration"] = cal
-        parse_pipeline(spec)[0].run(m, ctx)
+        res = parse_pipeline(spec)[0].run(m, PassContext(data={"calibration": cal}))
+        assert res.changed, spec
         got = rc.evaluate(name, m)
         if "flips" in got:
             assert got["flips"] <= 0.01 * got["decisions"], (spec, got)
         else:
-            assert got["cosine"] >= 0.99 and got["top1_changed"] <= 1.0, (spec, got)
+            assert got["cosine"] >= 0.99 and got["cer"] <= 0.01, (spec, got)
 
 
 def _state_mlp() -> onnx.ModelProto:

@@ -324,3 +324,22 @@ def test_cli_calibration_reaches_prune_spelled_in_the_pipeline(tmp_path, capsys)
     assert shapes == [[8, 12], [12, 4]], shapes  # 4 of the 16 hidden units removed
     assert main([*args[:-2]]) == 2  # without the override the state file does not fit: exit 2, one line
     assert "calibration" in capsys.readouterr().err
+
+
+def test_prune_says_the_network_sits_in_if_branches(tiny_vad_if):
+    """Without --bind the composed VAD's layers are all inside the If: the one-line reason names
+    the body and the fix instead of 'no Conv/Gemm'; with sr bound, the pass sees the layers."""
+    from graphopt.transform import PassContext, parse_pipeline
+
+    m = graphopt.load(tiny_vad_if.SerializeToString())
+    ctx = PassContext()
+    res = parse_pipeline("prune{ratio=0.5,accuracy-budget=none}")[0].run(m, ctx)
+    assert not res.changed
+    assert "2 If/Loop bodies (If 'sr_select' " in res.note and "(MatMul x2)" in res.note and "--bind" in res.note
+    assert sum("not pruned: channel pruning follows the main graph only" in line for line in ctx.log) == 2
+    b = graphopt.load(tiny_vad_if.SerializeToString())
+    bind_inputs(b, {"sr": np.array(16000, np.int64)})
+    b = graphopt.optimize(b, "-O1")
+    ctx2 = PassContext()
+    res2 = parse_pipeline("prune{ratio=0.5,accuracy-budget=none}")[0].run(b, ctx2)
+    assert res2.stats["groups"] == 2 and not any("If/Loop" in line or "not pruned" in line for line in ctx2.log)

@@ -155,13 +155,13 @@ def test_bind_folds_the_composed_if_and_prune_sees_the_network(tiny_vad_if):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,opts", [
+@pytest.mark.parametrize("name,cluster_opts", [
     ("ocr_crnn", ""),  # the default budget, cosine:0.99
     ("vad_gru", ",accuracy-budget=sqnr:30,eval-samples=256"),  # cosine of a probability is lenient: README
     ("vad_if", ",accuracy-budget=sqnr:30,eval-samples=256"),
 ])  # fmt: skip
-def test_corpus_compression_holds_its_budget_end_to_end(rc, name, opts):
-    """prune 0.3 and cluster-weights 5 bits, calibrated on the corpus's own data as shipped (a
+def test_corpus_compression_holds_its_budget_end_to_end(rc, name, cluster_opts):
+    """prune 0.3 at the default budget and cluster-weights 5 bits, calibrated on the corpus's own data as shipped (a
     folder of lines of different widths; VAD states with the batch on axis 1; vad_if with sr bound
     to 16000 so the passes see the network), scored on the test split: cosine >= 0.99 and CER <= 1 %
     (OCR; fp32 0.04 %), <= 1 % of speech decisions flipped over 4 x 20 s (VAD)."""
@@ -175,7 +175,7 @@ def test_corpus_compression_holds_its_budget_end_to_end(rc, name, opts):
     base = graphopt.optimize(base, "-O2")
     assert not any(n.op_type == "If" for n in base.graph)
     cal = str(rc.calibration_path(name))
-    for spec in (f"prune{{ratio=0.3{opts}}}", f"cluster-weights{{bits=5{opts}}}"):
+    for spec in ("prune{ratio=0.3}", f"cluster-weights{{bits=5{cluster_opts}}}"):
         m = base.clone()
         res = parse_pipeline(spec)[0].run(m, PassContext(data={"calibration": cal}))
         assert res.changed, spec
@@ -385,3 +385,39 @@ def test_prune_refits_1d_convs(tmp_path):
         got = _run(graphopt.to_onnx(m), test)[0]
         errs[reconstruct] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
     assert errs["true"] < 0.7 * errs["false"], errs
+
+
+def _transpose_gather(perm: list[int], axis: int, index: np.ndarray, extra_reader: bool = False) -> onnx.ModelProto:
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=perm), helper.make_node("Gather", ["t", "i"], ["y"], axis=axis)]
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if extra_reader:
+        nodes.append(helper.make_node("Relu", ["t"], ["z"]))
+        outs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+    g = helper.make_graph(nodes, "tg", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 3, 4])], outs,
+                          [numpy_helper.from_array(index, "i")])  # fmt: skip
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("perm,axis,index,fires", [
+    ([1, 0, 2], 1, np.array(-1, np.int64), True),   # an RNN's y.transpose(0, 1)[:, -1]
+    ([1, 0, 2], -2, np.array(2, np.int64), True),   # negative axis
+    ([2, 0, 1], 0, np.array(1, np.int64), True),    # rest [0, 1] keeps its order
+    ([2, 0, 1], 1, np.array(1, np.int64), False),   # rest [2, 1] would be reordered
+    ([1, 0, 2], 1, np.array([0, 2], np.int64), False),  # a 1-D index lands in permuted order
+])  # fmt: skip
+def test_fuse_linear_transpose_into_gather(perm, axis, index, fires):
+    from graphopt.transform import PassContext, parse_pipeline
+
+    proto = _transpose_gather(perm, axis, index)
+    m = graphopt.load(proto.SerializeToString())
+    res = parse_pipeline("fuse-linear")[0].run(m, PassContext())
+    m.verify()
+    ops = [n.op_type for n in m.graph]
+    assert ops == (["Gather"] if fires else ["Transpose", "Gather"]), ops
+    assert res.stats.get("transpose-into-gather", 0) == int(fires)
+    x = {"x": np.random.default_rng(0).standard_normal((5, 3, 4)).astype(np.float32)}
+    np.testing.assert_array_equal(_run(proto, x)[0], _run(graphopt.to_onnx(m), x)[0])
+    assert not parse_pipeline("fuse-linear")[0].run(m, PassContext()).changed  # a second run changes nothing
+    shared = graphopt.load(_transpose_gather(perm, axis, index, extra_reader=True).SerializeToString())
+    res2 = parse_pipeline("fuse-linear")[0].run(shared, PassContext())
+    assert res2.stats.get("transpose-into-gather", 0) == 0  # the Transpose has another reader

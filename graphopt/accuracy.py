@@ -78,18 +78,32 @@ def run(model: Model, batches: Sequence[Batch], *, threads: int = 0, feedback: M
     return outs
 
 
-def _single_steps(model: Model, batches: Sequence[Batch]) -> list[dict[str, np.ndarray]]:
-    """Batches cut into one-sample steps (each input along its batch axis), in order."""
+def _single_steps(model: Model, batches: Sequence[Batch], feedback: Mapping[str, str]) -> list[dict[str, np.ndarray]]:
+    """Batches cut into one-sample steps (each input along its batch axis), in order. The batch
+    size comes from the inputs that are not states; a state whose detected axis does not hold it
+    (`[2, m, 4]` beside `x [N, 8]`) is cut on its one open dim of that size, else kept whole."""
     from graphopt.calibration import batch_axes
 
     axes = batch_axes(model)
+    dims = {v.name: (v.shape.dims if v.shape is not None else None) for v in model.graph.inputs}
     steps: list[dict[str, np.ndarray]] = []
     for b in batches:
-        cut = {k: axes.get(k) for k, v in b.items() if axes.get(k) is not None and np.ndim(v) > (axes.get(k) or 0)}
-        n = max((np.shape(b[k])[ax] for k, ax in cut.items()), default=1)  # type: ignore[index]
+        sizes = [np.shape(v)[axes[k]] for k, v in b.items()  # type: ignore[index]
+                 if k not in feedback and axes.get(k) is not None and np.ndim(v) > (axes.get(k) or 0)]
+        n = int(sizes[0]) if sizes else max((len(v) for v in b.values() if np.ndim(v)), default=1)
+        cut: dict[str, int] = {}
+        for k, v in b.items():
+            ax = axes.get(k)
+            if ax is not None and np.ndim(v) > ax and np.shape(v)[ax] == n:
+                cut[k] = ax
+                continue
+            d = dims.get(k)
+            open_n = [i for i in range(np.ndim(v)) if np.shape(v)[i] == n and d is not None and i < len(d)
+                      and (not isinstance(d[i], int) or d[i] <= 0)]  # fmt: skip
+            if ax is not None and len(open_n) == 1:
+                cut[k] = open_n[0]
         for j in range(n):
-            steps.append({k: (np.take(v, [j], axis=cut[k]) if k in cut and np.shape(v)[cut[k]] == n else v)  # type: ignore[index]
-                          for k, v in b.items()})  # fmt: skip
+            steps.append({k: (np.take(v, [j], axis=cut[k]) if k in cut else v) for k, v in b.items()})
     return steps
 
 
@@ -215,7 +229,7 @@ class Reference:
         # state hides the error that builds up over a stream
         self.feedback = dict(state_feedback(original) if feedback is None else feedback)
         if self.feedback:
-            self.batches = _single_steps(original, self.batches)
+            self.batches = _single_steps(original, self.batches, self.feedback)
             fb = ", ".join(f"{i} <- {o}" for i, o in self.feedback.items())
             source = f"{source}, run as one sequence with the state fed back ({fb})" if source else f"one sequence ({fb})"
         self.source = source

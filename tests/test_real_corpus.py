@@ -421,3 +421,17 @@ def test_fuse_linear_transpose_into_gather(perm, axis, index, fires):
     shared = graphopt.load(_transpose_gather(perm, axis, index, extra_reader=True).SerializeToString())
     res2 = parse_pipeline("fuse-linear")[0].run(shared, PassContext())
     assert res2.stats.get("transpose-into-gather", 0) == 0  # the Transpose has another reader
+
+
+def test_sequence_steps_cut_a_state_whose_batch_symbol_differs():
+    """state [2, m, 4] beside x [N, 8]: batch_axes says axis 0 for the state, but its size there
+    (2) is not the batch (8): the step cut takes its one open dim of size 8."""
+    from graphopt.accuracy import Reference
+
+    m = graphopt.load(_state_mlp().SerializeToString())
+    rng = np.random.default_rng(0)
+    b = [{"x": rng.standard_normal((8, 8)).astype(np.float32), "state": rng.standard_normal((2, 8, 4)).astype(np.float32)}]
+    r = Reference(m, b, source="t")
+    assert len(r.batches) == 8
+    assert all(s["x"].shape == (1, 8) and s["state"].shape == (2, 1, 4) for s in r.batches)
+    np.testing.assert_array_equal(r.batches[0]["state"], b[0]["state"][:, :1])

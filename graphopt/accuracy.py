@@ -9,7 +9,8 @@ The one home of what compression passes (quantize, prune, cluster-weights) measu
 
 Metrics (over all float outputs of all batches): `sqnr` (dB), `rel` (‖Δ‖/‖ref‖), `cosine` (mean
 over samples of the first output, flattened per sample) and `top1` (percent of argmaxes over the
-last axis of the first output that changed). Budgets: `cosine:C` (>= C), `sqnr:DB` (>= DB),
+last axis of the first output that changed; for one value per sample, [N, 1]: the cosine over all
+samples and the percent of decisions at 0.5 / 0 that changed). Budgets: `cosine:C` (>= C), `sqnr:DB` (>= DB),
 `top1:P` (<= P percent), `rel:E` or a bare number (<= E).
 """
 
@@ -54,13 +55,56 @@ def session(model: Model, *, threads: int = 0, optimize: bool = True, extra_outp
         raise GraphoptError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from None
 
 
-def run(model: Model, batches: Sequence[Batch], *, threads: int = 0) -> list[list[np.ndarray]]:
-    """Outputs of `model` on every batch (onnxruntime, all optimizations)."""
+def run(model: Model, batches: Sequence[Batch], *, threads: int = 0, feedback: Mapping[str, str] | None = None) -> list[list[np.ndarray]]:
+    """Outputs of `model` on every batch (onnxruntime, all optimizations). With `feedback`
+    ({state input: output}), the batches are one sequence: from the second on, each state input
+    takes the model's own output of the step before (where the shapes agree), so the error a
+    compressed model carries in its state adds up as it does in a stream."""
     sess = session(model, threads=threads)
+    names = [o.name for o in sess.get_outputs()]
+    state: dict[str, np.ndarray] = {}
+    outs: list[list[np.ndarray]] = []
     try:
-        return [list(sess.run(None, dict(b))) for b in batches]
+        for b in batches:
+            feed = dict(b)
+            for i, v in state.items():
+                if np.shape(v) == np.shape(feed.get(i)):
+                    feed[i] = v
+            res = list(sess.run(None, feed))
+            state = {i: res[names.index(o)] for i, o in (feedback or {}).items() if o in names}
+            outs.append(res)
     except Exception as e:
         raise GraphoptError(f"onnxruntime failed on an evaluation batch: {str(e).splitlines()[0]}") from None
+    return outs
+
+
+def _single_steps(model: Model, batches: Sequence[Batch], feedback: Mapping[str, str]) -> list[dict[str, np.ndarray]]:
+    """Batches cut into one-sample steps (each input along its batch axis), in order. The batch
+    size comes from the inputs that are not states; a state whose detected axis does not hold it
+    (`[2, m, 4]` beside `x [N, 8]`) is cut on its one open dim of that size, else kept whole."""
+    from graphopt.calibration import batch_axes
+
+    axes = batch_axes(model)
+    dims = {v.name: (v.shape.dims if v.shape is not None else None) for v in model.graph.inputs}
+    steps: list[dict[str, np.ndarray]] = []
+    for b in batches:
+        sizes = [np.shape(v)[axes[k]] for k, v in b.items()  # type: ignore[index]
+                 if k not in feedback and axes.get(k) is not None and np.ndim(v) > (axes.get(k) or 0)]
+        n = int(sizes[0]) if sizes else max((len(v) for v in b.values() if np.ndim(v)), default=1)
+        cut: dict[str, int] = {}
+        for k, v in b.items():
+            ax = axes.get(k)
+            if ax is not None and np.ndim(v) > ax and np.shape(v)[ax] == n:
+                cut[k] = ax
+                continue
+            d = dims.get(k)
+            open_n = [i for i in range(np.ndim(v)) if np.shape(v)[i] == n and d is not None and i < len(d)
+                      and (not isinstance(d[i], int) or d[i] <= 0)]  # fmt: skip
+            if ax is not None and len(open_n) == 1:
+                cut[k] = open_n[0]
+        for j in range(n):
+            steps.append({k: (np.take(v, [j], axis=cut[k]) if k in cut else v) for k, v in b.items()})
+    return steps
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -70,10 +114,17 @@ def output_metrics(ref: Sequence[Sequence[np.ndarray]], test: Sequence[Sequence[
     """Error of `test` against `ref` (per batch, a list of outputs) over all float outputs:
     sqnr (dB), rel (‖Δ‖/‖ref‖), cosine (mean over samples of the first output, flattened per
     sample) and top1 (percent of samples whose argmax over the last axis of the first output
-    differs)."""
+    differs). A first output with one value per sample ([N] with N = 1, [N, 1]: a VAD's speech
+    probability) gets the cosine of all its values over all batches as one vector, and top1
+    counts changed decisions (value > 0.5 for values in [0, 1], else > 0)."""
     num = den = 0.0
     cos: list[float] = []
     flips = total = 0
+    # one value per sample ([N], [N, 1]: a probability, a score): the cosine of a 1-element
+    # vector is always 1 and an argmax over one class never changes, so these values are
+    # gathered over all batches into one vector (its cosine) and compared as decisions
+    scal_r: list[np.ndarray] = []
+    scal_t: list[np.ndarray] = []
     for rb, tb in zip(ref, test):
         for i, (r, t) in enumerate(zip(rb, tb)):
             if not np.issubdtype(np.asarray(r).dtype, np.floating):
@@ -89,7 +140,10 @@ def output_metrics(ref: Sequence[Sequence[np.ndarray]], test: Sequence[Sequence[
                 r64, t64 = np.where(fin, r64, 0.0), np.where(fin, t64, 0.0)
             num += float(np.sum(r64 ** 2))
             den += float(np.sum((r64 - t64) ** 2))
-            if i == 0 and r64.ndim >= 1:
+            if i == 0 and r64.ndim >= 1 and r64.size == r64.shape[0] and (r64.ndim > 1 or r64.size == 1):
+                scal_r.append(r64.reshape(-1))
+                scal_t.append(t64.reshape(-1))
+            elif i == 0 and r64.ndim >= 1:
                 rs = r64.reshape(r64.shape[0], -1) if r64.ndim > 1 else r64.reshape(1, -1)
                 ts = t64.reshape(rs.shape)
                 nr, nt = np.linalg.norm(rs, axis=1), np.linalg.norm(ts, axis=1)
@@ -98,6 +152,14 @@ def output_metrics(ref: Sequence[Sequence[np.ndarray]], test: Sequence[Sequence[
                 ra, ta = r64.argmax(axis=-1), t64.argmax(axis=-1)
                 flips += int(np.sum(ra != ta))
                 total += int(ra.size)
+    if scal_r:
+        rs, ts = np.concatenate(scal_r), np.concatenate(scal_t)
+        nr, nt = float(np.linalg.norm(rs)), float(np.linalg.norm(ts))
+        cos.append(1.0 if nr == 0 and nt == 0 else float(rs @ ts) / max(nr * nt, 1e-30))
+        # decisions: at 0.5 for values in [0, 1] (a sigmoid probability), else at 0 (a logit)
+        thr = 0.5 if rs.min() >= 0.0 and rs.max() <= 1.0 else 0.0
+        flips += int(np.sum((rs > thr) != (ts > thr)))
+        total += int(rs.size)
     return {
         "sqnr": math.inf if den == 0 else (10 * math.log10(num / den) if num > 0 and den < math.inf else -math.inf),
         "rel": 0.0 if num == 0 and den == 0 else math.sqrt(den / num) if num > 0 else math.inf,
@@ -155,31 +217,47 @@ class Reference:
 
     `source` says where the batches came from (repeat it in logs: random inputs are not data)."""
 
-    def __init__(self, original: Model, batches: Iterable[Batch], *, source: str = "", threads: int = 0) -> None:
+    def __init__(self, original: Model, batches: Iterable[Batch], *, source: str = "", threads: int = 0,
+                 feedback: Mapping[str, str] | None = None) -> None:
+        from graphopt.calibration import state_feedback
+
         self.batches = [dict(b) for b in batches]
         if not self.batches:
             raise GraphoptError("no evaluation batches to measure accuracy on")
+        # a streaming model (state in, next state out: `state` -> `stateN`) is scored as one
+        # sequence of single samples with its own state fed back: one step with the original's
+        # state hides the error that builds up over a stream
+        self.feedback = dict(state_feedback(original) if feedback is None else feedback)
+        if self.feedback:
+            self.batches = _single_steps(original, self.batches, self.feedback)
+            fb = ", ".join(f"{i} <- {o}" for i, o in self.feedback.items())
+            source = f"{source}, run as one sequence with the state fed back ({fb})" if source else f"one sequence ({fb})"
         self.source = source
         self.threads = threads
-        self.outputs = run(original, self.batches, threads=threads)
+        self.outputs = run(original, self.batches, threads=threads, feedback=self.feedback)
         self.evaluations = 0
 
     @property
     def samples(self) -> int:
-        return sum(max((len(v) for v in b.values() if np.ndim(v)), default=1) for b in self.batches)
+        return sum(self._count(b) for b in self.batches)
+
+    def _count(self, b: Batch) -> int:
+        # a sequence's steps hold one sample each (a state [2, 1, 64] has its batch on axis 1)
+        return 1 if self.feedback else max((len(v) for v in b.values() if np.ndim(v)), default=1)
 
     def subset(self, samples: int) -> Reference:
         """The first batches holding at least `samples` samples, sharing this one's outputs (a
         cheaper reference for ranking, e.g. per-layer sensitivity)."""
         k, seen = 0, 0
         while k < len(self.batches) and seen < samples:
-            seen += max((len(v) for v in self.batches[k].values() if np.ndim(v)), default=1)
+            seen += self._count(self.batches[k])
             k += 1
         sub = object.__new__(Reference)
         sub.batches, sub.outputs = self.batches[:k], self.outputs[:k]
         sub.source, sub.threads, sub.evaluations = f"{seen} of {self.source}", self.threads, 0
+        sub.feedback = self.feedback
         return sub
 
     def score(self, model: Model) -> dict[str, float]:
         self.evaluations += 1
-        return output_metrics(self.outputs, run(model, self.batches, threads=self.threads))
+        return output_metrics(self.outputs, run(model, self.batches, threads=self.threads, feedback=self.feedback))

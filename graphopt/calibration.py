@@ -55,6 +55,7 @@ __all__ = [
     "intermediate_outputs",
     "load_calibration",
     "parse_batch_axes",
+    "state_feedback",
     "synthetic_calibration",
 ]
 
@@ -169,6 +170,28 @@ def batch_axes(model: Model, override: Mapping[str, int] | None = None) -> dict[
         unnamed = [i for i, d in enumerate(dims) if d is None or (isinstance(d, int) and d <= 0)]
         out[v.name] = unnamed[0] if len(unnamed) == 1 and not _unknown(dims[0]) else 0
     return out
+
+
+#: output-name suffixes that mark a recurrent state's next value (state -> stateN, h0 -> hn)
+_NEXT_SUFFIXES = ("n", "N", "_n", "_out", "out", "Out", "_next", "_new", "T")
+
+
+def state_feedback(model: Model) -> dict[str, str]:
+    """Recurrent state pairs of a streaming model, {input: output}: a float input X and an output
+    with the same declared shape named X + `N`/`_out`/`_next`/... (`state` -> `stateN`), or with a
+    trailing `0`/`_in` of X replaced so (`h0` -> `hn`, `c_in` -> `c_out`). Empty when none."""
+    outs = {v.name: v for v in model.graph.outputs}
+    pairs: dict[str, str] = {}
+    for v in _model_inputs(model):
+        if v.shape is None or v.dtype is None or not v.dtype.is_floating:
+            continue
+        bases = [v.name] + [v.name[: -len(t)] for t in ("0", "_in", "In") if v.name.endswith(t) and len(v.name) > len(t)]
+        for cand in (b + sfx for b in bases for sfx in _NEXT_SUFFIXES):
+            o = outs.get(cand)
+            if o is not None and o.shape is not None and o.shape.dims == v.shape.dims and cand not in pairs.values():
+                pairs[v.name] = cand
+                break
+    return pairs
 
 
 def parse_batch_axes(items: Iterable[str]) -> dict[str, int]:

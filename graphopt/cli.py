@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "most sensitive layers stay float / groups back off until it holds (--prune's default: cosine:0.99)")
     p.add_argument("--bind", metavar="NAME=VALUE", action="append", help="fix input NAME to a constant (a number, "
                    "a comma list or a .npy file; repeatable): it leaves the interface and cleanup folds what it decides")
-    p.add_argument("--calibration-batch-axis", metavar="NAME:AXIS", action="append", help="--quantize: the batch "
+    p.add_argument("--calibration-batch-axis", metavar="NAME:AXIS", action="append", help="--calibration: the batch "
                    "axis of input NAME in the calibration data (default: from the model's symbolic dims, else 0)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
                    help="run onnx's checker (full check, with shape inference) on the input first and refuse a "
@@ -261,8 +261,8 @@ def parse_options(argv: Sequence[str]) -> Options:
     return opts
 
 
-#: passes besides quantize and prune that read --calibration (ctx.data["calibration"])
-CALIBRATION_READERS = ("cluster-weights", "convert-precision", "low-rank")
+#: passes besides quantize that read --calibration (ctx.data["calibration"]; prune also as --prune)
+CALIBRATION_READERS = ("prune", "cluster-weights", "convert-precision", "low-rank")
 
 
 def _quantize_spec(ns: argparse.Namespace, pipeline: str) -> tuple[str, str | None]:

@@ -1,6 +1,6 @@
 """Control-flow models (a VAD-like detector, a streaming Loop) and -O2 node counts vs onnxruntime.
 
-    .venv/bin/python tools/control_flow_models.py [--save DIR] [--runs N]
+    .venv/bin/python tools/control_flow_models.py [--save DIR] [--corpus]
 
 Builds small models with onnx.helper that look like a streaming voice-activity detector: a
 sample-rate input `sr` picks one of two If branches (16 kHz / 8 kHz), each a conv "STFT", a conv
@@ -17,7 +17,8 @@ For each variant it prints the node count (every graph, bodies included) of the 
 graphopt -O2 (and -O2 with `--bind sr=16000`), and of onnxruntime's optimizer at
 ORT_ENABLE_EXTENDED and ORT_ENABLE_ALL (SessionOptions.optimized_model_filepath, CPU EP), and
 checks that -O2 outputs equal the original's on onnxruntime. tests/test_control_flow.py imports
-the builders from here.
+the builders from here. `--corpus` adds the trained models of tools/real_corpus.py that are built
+(ocr_crnn, vad_gru, vad_if: GRU/LSTM nodes, an If with the network in its branches).
 """
 
 from __future__ import annotations
@@ -247,6 +248,26 @@ def graphopt_o2(model: onnx.ModelProto, bind: dict[str, np.ndarray] | None = Non
     return graphopt.to_onnx(graphopt.optimize(m, passes))
 
 
+def corpus_cases() -> list[tuple[str, Callable[[], onnx.ModelProto], Callable[[], dict[str, np.ndarray]]]]:
+    """The built models of tools/real_corpus.py, each with a test input (a VAD chunk from the
+    middle of a test stream with a state the model reached there; an OCR text line)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import real_corpus as rc
+
+    def feeds(name: str) -> dict[str, np.ndarray]:
+        z = rc.test_data(name)
+        if name == "ocr_crnn":
+            return {"x": rc.ocr_input(z["images"][:, :, : int(z["widths"][0])])}
+        sess = rc.session(rc.model_path(name), 1)
+        state = np.zeros((2, 1, rc.HIDDEN), np.float32)
+        for c in z["chunks_16000"][0][:40]:  # 40 chunks in: a state the model really reaches
+            f = {"input": c[None], "state": state} | ({"sr": np.array(16000, np.int64)} if name == "vad_if" else {})
+            state = sess.run(None, f)[1]
+        return {"input": z["chunks_16000"][0][40][None], "state": state, "sr": np.array(16000, np.int64)}
+
+    return [(n, (lambda n=n: onnx.load(str(rc.model_path(n)))), (lambda n=n: feeds(n))) for n in rc.list_models()]
+
+
 def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     import onnxruntime as ort
 
@@ -260,15 +281,20 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarra
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--save", metavar="DIR", help="also write the original models here")
+    ap.add_argument("--corpus", action="store_true", help="also the trained models of tools/real_corpus.py that are built")
     args = ap.parse_args(argv)
     rows = []
+    cases: list[tuple[str, Callable[[], onnx.ModelProto], Callable[[], dict[str, np.ndarray]]]] = [
+        (name, make, loop_feeds if name.startswith("loop") else vad_feeds) for name, make in VARIANTS.items()]
+    if args.corpus:
+        cases += corpus_cases()
     with tempfile.TemporaryDirectory() as tmp:
-        for name, make in VARIANTS.items():
+        for name, make, make_feeds in cases:
             model = make()
             if args.save:
                 os.makedirs(args.save, exist_ok=True)
                 onnx.save(model, os.path.join(args.save, name + ".onnx"))
-            feeds = loop_feeds() if name.startswith("loop") else vad_feeds()
+            feeds = make_feeds()
             ref = _run(model, feeds)
             o2 = graphopt_o2(model)
             o2c = graphopt_o2(model, contrib=True)
@@ -278,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                    "ort EXTENDED": count_nodes(ort_optimized(model, "EXTENDED", os.path.join(tmp, "e.onnx")).graph),
                    "ort ALL": count_nodes(ort_optimized(model, "ALL", os.path.join(tmp, "a.onnx")).graph),
                    "max |diff|": f"{worst:.1e}"}
-            if "sr" in feeds:
+            if any(i.name == "sr" for i in model.graph.input):
                 bound = graphopt_o2(model, bind={"sr": np.array(16000, np.int64)})
                 diff = max(float(np.max(np.abs(a - b))) for a, b in zip(ref, _run(bound, feeds)))
                 row["-O2 --bind sr=16000"] = f"{count_nodes(bound.graph)} ({diff:.1e})"

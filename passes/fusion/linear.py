@@ -521,6 +521,43 @@ class ReshapeChain(PlanRule):
         return b.op.Reshape(m[self.x2], shape)
 
 
+# --- transpose-into-gather -----------------------------------------------------------------------
+class TransposeIntoGather(PlanRule):
+    """Gather(Transpose(x, perm), i, axis=a) with a constant scalar index → Gather(x, i,
+    axis=perm[a]) when the axes left after the gather keep their order (perm without a is
+    increasing): an exporter's `y.transpose(0, 1)[:, -1]` (the last step of an RNN's output).
+
+    Must not fire: a non-scalar index (its dims would land at a, in the permuted order); the
+    remaining axes reordered (a Transpose would still be needed); perm unknown (default perm
+    and unknown rank); the Transpose's output read elsewhere.
+    """
+
+    name = "transpose-into-gather"
+    x = P.any("x")
+    t = P.op("Transpose", x)
+    idx = P.const(name="idx")
+    pattern = P.op("Gather", t, idx)
+
+    def plan(self, m: Match) -> int | Fail:
+        perm = _perm(m[self.t])
+        if perm is None:
+            return Fail("the Transpose has no perm and its input's rank is unknown")
+        if m.const(self.idx).ndim != 0:
+            return Fail("the index is not a scalar: its dims would land in the permuted order")
+        r = len(perm)
+        a = int(m.root.attr("axis", 0))
+        a = a + r if a < 0 else a
+        if not 0 <= a < r:
+            return Fail(f"Gather axis {a} out of range for rank {r}")
+        rest = [p for k, p in enumerate(perm) if k != a]
+        if rest != sorted(rest):
+            return Fail(f"perm {perm} without axis {a} reorders the remaining axes")
+        return perm[a]
+
+    def build(self, m: Match, b: RewriteBuilder, plan: Any) -> Value:
+        return b.op.Gather(m[self.x], m.value(self.idx), axis=int(plan))
+
+
 # --- the pass --------------------------------------------------------------------------------------
 _GEMM_RULE = MatMulAddToGemm()
 _DEFAULT_RULES: tuple[Rule, ...] = (
@@ -530,6 +567,7 @@ _DEFAULT_RULES: tuple[Rule, ...] = (
     PadIntoConv(),
     PadIntoPool(),
     ReshapeChain(),
+    TransposeIntoGather(),
 )
 _CONTRIB_RULES: tuple[Rule, ...] = tuple(TransposeIntoMatMul(contrib=True) if isinstance(r, TransposeIntoMatMul) else r for r in _DEFAULT_RULES)
 for _r in _DEFAULT_RULES:
@@ -543,10 +581,11 @@ def _uses_domain(model: Model, domain: str) -> bool:
 @register_pass
 @dataclass(frozen=True)
 class FuseLinear(RewritePass):
-    """Fuse around linear ops: MatMul+Add → Gemm, Transposes into Gemm/MatMul, Pad into Conv/pools, Reshape chains.
+    """Fuse around linear ops: MatMul+Add → Gemm, Transposes into Gemm/MatMul/Gather, Pad into Conv/pools, Reshape chains.
 
     Rules: matmul-add-to-gemm, transpose-into-gemm, transpose-into-matmul, pad-into-conv,
-    pad-into-pool, reshape-chain (stats: rewrites per rule, and initializers-removed).
+    pad-into-pool, reshape-chain, transpose-into-gather (stats: rewrites per rule, and
+    initializers-removed).
     `contrib-ops=true` lets transpose-into-matmul emit com.microsoft FusedMatMul (onnxruntime
     only) for a Transpose of a non-constant operand.
     """

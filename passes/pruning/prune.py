@@ -160,7 +160,8 @@ class Prune(Pass):
         unprunable = [g for g in an.groups if len(g.blocked) == len(g.classes)]
         for line in an.unprunable_report():
             ctx.info(f"prune: unprunable group {line}")
-        for body in bodies_holding(model, {"Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN"}):
+        bodies = bodies_holding(model, {"Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN"})
+        for body in bodies:
             ctx.info(f"prune: {body} not pruned: channel pruning follows the main graph only "
                      "(--bind the input that decides an If to inline its branch)")
         uncounted = uncounted_layers(model)
@@ -177,7 +178,10 @@ class Prune(Pass):
             stats.update({"groups-pruned": 0, "layers-unaligned": 0, "channels-removed": 0, "flops-before": flops0,
                           "flops-after": flops0, "params-before": params0, "params-after": params0,
                           "seconds": round(time.perf_counter() - t0, 3)})
-            why = ("no channel group to prune (no Conv/Gemm whose output channels can shrink)" if not an.groups else
+            why = (f"the layers sit in {len(bodies)} If/Loop bodies ({bodies[0]}{', ...' if len(bodies) > 1 else ''}), "
+                   "which channel pruning does not enter: --bind the input that decides an If to inline its branch"
+                   if not an.groups and bodies else
+                   "no channel group to prune (no Conv/Gemm whose output channels can shrink)" if not an.groups else
                    f"all {len(an.groups)} channel groups are unprunable (reasons in the log)" if len(unprunable) == len(an.groups)
                    else f"ratio {self.ratio:g} removes no whole unit from any of the {len(an.groups) - len(unprunable)} prunable groups")
             return PassResult(False, stats, note=f"nothing pruned: {why}")
@@ -508,7 +512,8 @@ class _Data:
         if isinstance(given, CalibrationData):
             self._given = given
         elif isinstance(given, str) and given:
-            self._given = load_calibration(given, model, batch_size=p.batch, limit=p.samples + p.eval_samples)
+            self._given = load_calibration(given, model, batch_size=p.batch, limit=p.samples + p.eval_samples,
+                                           batch_axis=ctx.data.get("calibration-batch-axis"))
         self.real = self._given is not None and not self._given.synthetic
         self.source = self._given.source if self._given is not None else "synthetic random inputs (no calibration data)"
         self.eval_source = ""

@@ -97,25 +97,30 @@ class _BN:
 
 
 def _conv_geometry(node: Node, x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> tuple[list[int], list[int], list[int]] | None:
+    """(strides, dilations, pads [top, left, bottom, right]) of a 2-D conv; a 1-D conv is the
+    2-D one with a height-1 kernel over a height-1 input (stride and dilation 1, no pads in H)."""
     k = list(w_shape[2:])
-    if len(k) != 2:
+    r = len(k)
+    if r not in (1, 2):
         return None
-    strides = list(node.attr("strides", [1, 1]))
-    dil = list(node.attr("dilations", [1, 1]))
+    strides = list(node.attr("strides", [1] * r))
+    dil = list(node.attr("dilations", [1] * r))
     auto = node.attr("auto_pad", "NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
     if auto in ("NOTSET", None, ""):
-        pads = list(node.attr("pads", [0, 0, 0, 0]))
+        pads = list(node.attr("pads", [0] * 2 * r))
     elif auto == "VALID":
-        pads = [0, 0, 0, 0]
+        pads = [0] * 2 * r
     else:
-        pads = [0, 0, 0, 0]
-        for i in range(2):
+        pads = [0] * 2 * r
+        for i in range(r):
             size = x_shape[2 + i]
             out = -(-size // strides[i])
             total = max(0, (out - 1) * strides[i] + (k[i] - 1) * dil[i] + 1 - size)
             lo = total // 2 if auto == "SAME_UPPER" else total - total // 2
-            pads[i], pads[i + 2] = lo, total - lo
+            pads[i], pads[i + r] = lo, total - lo
+    if r == 1:
+        return [1, strides[0]], [1, dil[0]], [0, pads[0], 0, pads[1]]
     return strides, dil, pads
 
 
@@ -140,8 +145,8 @@ def _refit_tasks(an: Analysis, pruned: np.ndarray) -> tuple[list[_Refit], dict[s
             if w is None:
                 skipped[label] = "its weight is not a constant"
                 continue
-            if c.kind == "conv" and (w.ndim != 4 or int(node.attr("group", 1)) != 1):
-                skipped[label] = f"{w.ndim - 2}-D conv kernel: refit handles 2-D convs"
+            if c.kind == "conv" and (w.ndim not in (3, 4) or int(node.attr("group", 1)) != 1):
+                skipped[label] = f"{w.ndim - 2}-D conv kernel: refit handles 1-D and 2-D convs"
                 continue
             if c.kind == "gemm" and int(node.attr("transA", 0)):
                 skipped[label] = "Gemm with transA=1"
@@ -163,6 +168,8 @@ def _rows_conv(x: np.ndarray, node: Node, wshape: tuple[int, ...], sel: tuple[np
     geo = _conv_geometry(node, x.shape, wshape)
     assert geo is not None
     strides, dil, pads = geo
+    if x.ndim == 3:  # 1-D: height 1
+        x, wshape = x[:, :, None, :], (*wshape[:2], 1, wshape[2])
     kh, kw = wshape[2], wshape[3]
     xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     img, i, j = sel
@@ -183,7 +190,8 @@ def _targets(original: Model, tasks: list[_Refit], batches: list[Mapping[str, np
                 continue
             rng = np.random.default_rng([seed, ti, bi])
             if t.c.kind == "conv":
-                n, m, ho, wo = y.shape
+                n, m, ho, wo = y.shape if y.ndim == 4 else (y.shape[0], y.shape[1], 1, y.shape[2])
+                y = y.reshape(n, m, ho, wo)
                 total = n * ho * wo
                 pick = rng.choice(total, size=min(total, per_batch), replace=False)
                 img, rem = np.divmod(pick, ho * wo)

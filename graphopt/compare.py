@@ -14,7 +14,7 @@ models run:
   the imports) from loading the model and running it once;
 - accuracy: on `--eval-data` (one array per input, samples stacked on the batch axis, optional
   `labels`: top-1 of both) or random inputs (said so): cosine, top-1 agreement and SQNR of the
-  result against the original (graphopt.metrics).
+  result against the original (graphopt.accuracy).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from graphopt.errors import GraphoptError, UsageError
-from graphopt.metrics import output_agreement, top1_accuracy
+from graphopt.accuracy import output_agreement, top1_accuracy
 
 Feeds = Mapping[str, np.ndarray]
 Runner = Callable[[Feeds], Sequence[np.ndarray]]

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from graphopt.accuracy import Batch, Budget, output_metrics, run, session  # noqa: F401
 from graphopt.errors import GraphoptError
 from graphopt.ir import Model
-from graphopt.metrics import sqnr_db  # noqa: F401 - re-exported (graphopt.passes.quantize.sqnr_db); one home
+from graphopt.accuracy import sqnr_db  # noqa: F401 - re-exported (graphopt.passes.quantize.sqnr_db); one home
 
 
 # ------------------------------------------------------------------------------------ latency

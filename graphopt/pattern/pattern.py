@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from graphopt.ir.types import DataType
+from graphopt.ir.query import const_array
 
 #: A predicate with the reason reported when it is false.
 Predicate = tuple[Callable[[Any], bool], str]
@@ -372,36 +373,3 @@ def value_dtype(v: Any) -> DataType | None:
         return DataType.from_numpy(arr.dtype)
     except Exception:
         return None
-
-
-def const_array(v: Any) -> np.ndarray | None:
-    """The value of a constant: an initializer that is not also a graph input (a user can feed
-    those) -- except in IR < 4 models, where every initializer is listed as an input and
-    onnxruntime treats them as constants -- or the output of a `Constant` node."""
-    from graphopt.ir.tensor import Tensor
-    from graphopt.pattern.context import current_model
-
-    if v is None:
-        return None
-    cv = v.const_value
-    if cv is not None and isinstance(cv, Tensor):
-        model = current_model()
-        if not v.is_graph_input() or (model is not None and model.ir_version < 4):
-            return cv.numpy()
-    node = v.producer()
-    if node is None or node.op_type != "Constant" or normalize_domain(node.domain) != "":
-        return None
-    for key, a in node.attributes.items():
-        if a.value is None:  # a function-body reference to a caller attribute: not known here
-            return None
-        if key == "value" and isinstance(a.value, Tensor):
-            return a.value.numpy()
-        if key == "value_float":
-            return np.array(a.value, np.float32)
-        if key == "value_floats":
-            return np.array(a.value, np.float32)
-        if key == "value_int":
-            return np.array(a.value, np.int64)
-        if key == "value_ints":
-            return np.array(a.value, np.int64)
-    return None

@@ -8,7 +8,7 @@ from typing import ClassVar
 from graphopt.ir import Graph, Model, Node, SparseTensor, Value
 from graphopt.transform import Pass, PassContext, PassResult, register_pass
 
-from graphopt.passes.cleanup._util import constant_semantics, NONDETERMINISTIC_OPS, attr_key, graphs_preorder
+from graphopt.ir import NONDETERMINISTIC_OPS, attr_key, constant_semantics
 
 #: Binary ops whose two operands may be swapped (inputs are keyed as a multiset).
 _COMMUTATIVE = frozenset({"Add", "Mul", "Max", "Min", "Sum", "Mean", "And", "Or", "Xor", "Equal", "BitwiseAnd", "BitwiseOr", "BitwiseXor"})
@@ -43,7 +43,7 @@ class CommonSubexpressionElimination(Pass):
 
     def _run(self, model: Model, ctx: PassContext) -> PassResult:
         consts = nodes = 0
-        for g in graphs_preorder(model):
+        for g in list(model.graphs()):
             if g.parent is not None and isinstance(g.parent, Node) and g.parent.graph is None:
                 continue  # its owner was merged away
             consts += _merge_small_initializers(g)

@@ -7,16 +7,15 @@ from typing import ClassVar
 
 import numpy as np
 
-from graphopt.ir import Graph, Model, Node, Shape, TensorType, Value
+from graphopt.ir import Graph, Model, Node, Shape, TensorType, Value, opset_version
 from graphopt.transform import Pass, PassContext, PassResult, register_pass
 
-from graphopt.passes.cleanup._util import (
-    constant_semantics,
+from graphopt.ir import (
     NONDETERMINISTIC_OPS,
     STANDARD_DOMAINS,
     const_array,
     const_numel,
-    graphs_preorder,
+    constant_semantics,
     in_function,
     is_constant,
     make_constant,
@@ -153,7 +152,7 @@ def _eval_reference(node: Node, arrays: list[np.ndarray | None], model: Model) -
     outs = [Value(f"out{i}") for i in range(len(node.outputs))]
     copy = IRNode(node.domain, node.op_type, ins, list(node.attributes.values()), outputs=outs)
     g = IRGraph([v for v in ins if v is not None], outs, [copy])
-    opsets = {"": model.opset_imports.get("", model.opset_imports.get("ai.onnx", 21))}
+    opsets = {"": opset_version(model, default=21)}
     m = IRModel(g, ir_version=max(model.ir_version, 7), opset_imports=opsets)
     try:
         proto: onnx.ModelProto = to_onnx(m)
@@ -323,7 +322,7 @@ class FoldConstants(Pass):
 
     def _run(self, model: Model, ctx: PassContext) -> PassResult:
         folded = converted = 0
-        for g in graphs_preorder(model):
+        for g in list(model.graphs()):
             f, c = fold_graph(g, model, self.max_size, self.max_expand)
             folded += f
             converted += c

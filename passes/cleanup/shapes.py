@@ -14,16 +14,15 @@ import numpy as np
 from graphopt.ir import Model, Node, Shape, TensorType, Value
 from graphopt.transform import Pass, PassContext, PassResult, register_pass
 
-from graphopt.passes.cleanup._util import (
-    constant_semantics,
+from graphopt.ir import (
     STANDARD_DOMAINS,
     const_array,
     const_ints,
+    constant_semantics,
     dims_of,
-    graphs_preorder,
     is_constant,
     make_constant,
-    opset_of,
+    opset_version,
     replace_with_constant,
 )
 from graphopt.passes.cleanup.fold import try_fold
@@ -80,10 +79,10 @@ class SimplifyShapes(Pass):
         return PassResult(any(stats.values()), stats)
 
     def _round(self, model: Model, stats: dict[str, int]) -> None:
-        for g in graphs_preorder(model):
+        for g in list(model.graphs()):
             if isinstance(g.parent, Node) and g.parent.graph is None:
                 continue
-            opset = opset_of(model, g)
+            opset = opset_version(model, g, default=1)
             memo: dict[Value, list[Elem] | None] = {}
             for n in g:
                 if n.domain not in STANDARD_DOMAINS:

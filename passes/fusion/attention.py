@@ -53,10 +53,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from graphopt.ir import DataType, Model, Shape, TensorType, Value
+from graphopt.ir import DataType, Shape, TensorType, Value
 from graphopt.pattern import Fail, Match, P, Pattern, PlanRule, RewriteBuilder, RewritePass, Rule, const_array, register_rule
-from graphopt.passes.fusion.activations import MS_DOMAIN, contrib_allowed, has_opset, import_contrib, opset_of, with_run
-from graphopt.transform import PassContext, PassResult, register_pass
+from graphopt.passes.fusion.activations import MS_DOMAIN, contrib_allowed, has_opset, import_contrib
+from graphopt.transform import register_pass
 
 ATTENTION_OPSET = 23
 _FLOATS = frozenset({DataType.FLOAT16, DataType.FLOAT, DataType.DOUBLE, DataType.BFLOAT16})
@@ -185,7 +185,7 @@ class SdpaAttention(Rule):
             return "std"
         ok = contrib_allowed(m)
         if not ok:
-            return Fail(f"opset {opset_of(m)} < {ATTENTION_OPSET} has no Attention, and {ok}")
+            return Fail(f"opset {m.opset()} < {ATTENTION_OPSET} has no Attention, and {ok}")
         return "contrib"
 
     def check(self, m: Match) -> bool | Fail:
@@ -199,7 +199,7 @@ class SdpaAttention(Rule):
         dt = q.dtype or m.root.outputs[0].dtype
         if dt is None or dt not in _FLOATS:
             return Fail(f"element type {dt.text if dt else 'unknown'} is not a float type")
-        ver = opset_of(m)
+        ver = m.opset()
         if target == "contrib":
             if dt not in (DataType.FLOAT, DataType.FLOAT16):
                 return Fail(f"element type {dt.text} has no com.microsoft MultiHeadAttention kernel")
@@ -302,7 +302,7 @@ class SdpaAttention(Rule):
         qd, vd = _dims(q), _dims(v)
         assert qd is not None and vd is not None
         heads, size = int(qd[1]), int(qd[3])
-        import_contrib()
+        import_contrib(b.match)
 
         def static(d: object) -> int:
             return d if isinstance(d, int) else 0  # 0: Reshape copies the dim
@@ -417,6 +417,3 @@ class FuseAttention(RewritePass):
 
     def get_rules(self):  # type: ignore[no-untyped-def]
         return _CONTRIB_RULES if self.contrib_ops else _RULES
-
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        return with_run(model, lambda: RewritePass.run(self, model, ctx))

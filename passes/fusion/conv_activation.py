@@ -18,7 +18,7 @@ from typing import ClassVar
 import numpy as np
 
 from graphopt.ir import Attr, DataType, Model, Value
-from graphopt.passes.fusion.activations import MS_DOMAIN, contrib_allowed, import_contrib, opset_of, with_run
+from graphopt.passes.fusion.activations import MS_DOMAIN, contrib_allowed, import_contrib
 from graphopt.pattern import Fail, Match, P, RewriteBuilder, RewritePass, Rule, const_array, register_rule
 from graphopt.transform import PassContext, PassResult, register_pass
 
@@ -128,7 +128,7 @@ class ConvActivation(Rule):
         params = self._params(m)
         if isinstance(params, Fail):
             return params
-        opset = opset_of(m) or 17
+        opset = m.opset() or 17
         if not _fused_conv_kernel(opset, DataType.FLOAT, m.get(self.bias) is not None):
             return Fail(f"onnxruntime has no com.microsoft FusedConv kernel for float under opset {opset}")
         return True
@@ -136,7 +136,7 @@ class ConvActivation(Rule):
     def rewrite(self, m: Match, b: RewriteBuilder) -> Value:
         activation, params = self._params(m)  # type: ignore[misc]
         conv = m.node(self.conv)
-        import_contrib()
+        import_contrib(m)
         attrs = [a for k, a in conv.attributes.items() if k not in ("activation", "activation_params")]
         attrs.append(Attr.infer("activation", activation))
         if params:
@@ -166,4 +166,4 @@ class FuseConvActivation(RewritePass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         if not self.contrib_ops:
             return PassResult(changed=False, note="off: FusedConv is an onnxruntime contrib op (--contrib-ops turns it on)")
-        return with_run(model, lambda: RewritePass.run(self, model, ctx))
+        return super().run(model, ctx)

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from graphopt.ir import DataType, Model, Node, Value
+from graphopt.ir import DataType, Node, Value
 from graphopt.pattern import Fail, Match, P, Pattern, PlanRule, RewriteBuilder, RewritePass, Rule, const_array, register_rule
 from graphopt.passes.fusion.activations import (
     MS_DOMAIN,
@@ -35,9 +35,8 @@ from graphopt.passes.fusion.activations import (
     standard_op,
     import_contrib,
     scalar_consts,
-    with_run,
 )
-from graphopt.transform import PassContext, PassResult, register_pass
+from graphopt.transform import register_pass
 
 
 def _mul(a: Pattern, b: Pattern) -> Pattern:
@@ -336,7 +335,7 @@ class SkipLayerNorm(Rule):
         return True
 
     def rewrite(self, m: Match, b: RewriteBuilder) -> Value:
-        import_contrib()
+        import_contrib(m)
         ln = m.root
         s = m.value(self.add)
         others = [(u, i) for u, i in s.uses() if u is not ln]
@@ -375,6 +374,3 @@ class FuseNormalization(RewritePass):
 
     def get_rules(self):  # type: ignore[no-untyped-def]
         return _CONTRIB_RULES if self.contrib_ops else _PLAIN_RULES
-
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        return with_run(model, lambda: RewritePass.run(self, model, ctx))

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from graphopt.ir import Attr, AttrType, Builder, unique_name, DataType, Model, Node, NumpyTensor, TensorType, Value
+from graphopt.ir import Attr, AttrType, Builder, unique_name, DataType, Model, Node, NumpyTensor, TensorType, Value, opset_version
 from graphopt.passes.cleanup.infer import infer_types
 from graphopt.passes.precision import kernels
 from graphopt.pattern import const_array
@@ -106,7 +106,7 @@ class ConvertPrecision(Pass):
     # -------------------------------------------------------------------------------------- run
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         low = DTYPES[self.dtype]
-        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+        opset = opset_version(model, default=0)
         kernels_mode = self.kernels
         if kernels_mode == "auto":
             kernels_mode = "onnxruntime" if ctx.machine is None else "compiled"

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.ir import Graph, Model, Node, TensorType, Value
+from graphopt.ir import Graph, Model, Node, TensorType, Value, opset_version
 from graphopt.pattern import const_array, model_context
 
 # ops that keep every tensor element in place (ids pass through on every axis)
@@ -695,7 +695,7 @@ class _Analyzer:
         self._softmax(node, ins)
 
     def _softmax(self, node: Node, ins: list[ChannelInfo | None]) -> None:
-        opset = self.model.opset_imports.get("", 13)
+        opset = opset_version(self.model, node.graph, default=13)
         axis = int(node.attr("axis", -1 if opset >= 13 else 1))
         x, r = ins[0], _rank(node.inputs[0])
         if r is not None and opset < 13 and x is not None and x.axis >= (axis + r if axis < 0 else axis):

@@ -21,7 +21,7 @@ from graphopt.calibration import (
     synthetic_calibration,
 )
 from graphopt.errors import UsageError
-from graphopt.ir import Model
+from graphopt.ir import Model, opset_version
 from graphopt.passes.cleanup.infer import infer_types
 from graphopt.passes.quantize import measure
 from graphopt.passes.quantize.qdq import QDQ_OPS, Applied, QuantOptions, Unit, apply, float_subgraphs, plan_units
@@ -101,7 +101,7 @@ class Quantize(Pass):
             ctx.info("quantize: the model is already quantized (has QuantizeLinear/MatMulInteger...); nothing to do")
             ctx.data["quantize"] = {"result": "already quantized: nothing to do", "layers": []}
             return PassResult(False, {}, note="already quantized: nothing to do")  # a second run reports nothing
-        opset = base.opset_imports.get("", base.opset_imports.get("ai.onnx", 0))
+        opset = opset_version(base, default=0)
         if 0 < opset < 13:  # per-channel QuantizeLinear needs opset 13: upgrade with onnx's converter
             try:
                 base = _upgraded(base, 13)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from graphopt.calibration import TensorStats
-from graphopt.ir import Builder, DataType, Model, Node, Shape, TensorType, Value
+from graphopt.ir import Builder, DataType, Model, Node, Shape, TensorType, Value, opset_version
 from graphopt.pattern import const_array, drop_unused_initializers
 
 COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -141,7 +141,7 @@ def plan_units(model: Model, opts: QuantOptions) -> list[Unit]:
     (ops inside If/Loop/Scan bodies and function bodies stay float: see float_subgraphs)."""
     g = model.graph
     units: list[Unit] = []
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    opset = opset_version(model, default=0)
     softmax_inputs = {n.inputs[0] for n in g if n.op_type == "Softmax" and n.inputs}
     for node in g:
         if node.domain not in ("", "ai.onnx"):

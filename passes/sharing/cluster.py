@@ -15,7 +15,7 @@ from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import DataType, Graph, Model, NumpyTensor, Value
 from graphopt.transform import Pass, PassContext, PassResult, register_pass
 
-from graphopt.passes.cleanup._util import constant_semantics, in_function, is_constant, opset_of
+from graphopt.ir import constant_semantics, in_function, is_constant, opset_version
 from graphopt.passes.sharing import codebook as cbk
 from graphopt.passes.sharing import refit as rf
 from graphopt.passes.sharing.kmeans import cluster_rows
@@ -257,7 +257,7 @@ class ClusterWeights(Pass):
         return self.bits
 
     def _storage(self, model: Model, graph: Graph, bits: int) -> str:
-        opset = opset_of(model, graph)
+        opset = opset_version(model, graph, default=1)
         uint4_ok = opset >= 21 and model.ir_version >= 10
         if self.storage == "uint4":
             if not uint4_ok or bits > 4:
@@ -510,7 +510,7 @@ class ClusterWeights(Pass):
         shape = tuple(t.shape)
         n = math.prod(shape)
         storage = self._storage(model, g, bits)
-        cbk.build_decode(g, w, f.codebook, f.idx, bits=bits, storage=storage, axis=f.axis, shared=shared, opset=opset_of(model, g))
+        cbk.build_decode(g, w, f.codebook, f.idx, bits=bits, storage=storage, axis=f.axis, shared=shared, opset=opset_version(model, g, default=1))
         before = int(t.nbytes)
         after = cbk.storage_bytes(n, bits, storage) + f.codebook.nbytes + (shape[f.axis] * 4 if f.axis is not None else 0)
         return n, before, after, storage

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from graphopt.check import onnxruntime_session
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir.core import Model
 
@@ -42,24 +43,10 @@ DEFAULT_BUDGET = "cosine:0.99"
 
 
 def session(model: Model, *, threads: int = 0, optimize: bool = True, extra_outputs: Sequence[str] = ()):  # type: ignore[no-untyped-def]
-    """An onnxruntime CPU session for `model` (optionally with intermediate values as outputs)."""
-    import onnx
-    import onnxruntime as ort
-
-    from graphopt import to_onnx
-
-    proto = to_onnx(model)
-    for n in extra_outputs:
-        proto.graph.output.append(onnx.ValueInfoProto(name=n))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    """An onnxruntime CPU session for `model` (optionally with intermediate values as outputs);
+    a fixed thread count also stops the pool spinning (graphopt.check.onnxruntime_session)."""
     try:
-        return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return onnxruntime_session(model, threads=threads, spinning=not threads, optimize=optimize, extra_outputs=extra_outputs)
     except Exception as e:
         raise GraphoptError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from None
 

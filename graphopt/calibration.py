@@ -739,23 +739,10 @@ class HistogramObserver:
 
 def intermediate_outputs(model: Model, names: Sequence[str], *, optimize: bool = True, threads: int = 0):
     """An onnxruntime session over `model` whose outputs are `names` (any tensors of the main graph)."""
-    import onnx
-    import onnxruntime as ort
+    from graphopt.check import onnxruntime_session
 
-    from graphopt.onnx_io import to_onnx
-
-    proto = to_onnx(model)
-    del proto.graph.output[:]
-    for n in names:
-        proto.graph.output.append(onnx.ValueInfoProto(name=n))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return onnxruntime_session(model, threads=threads, optimize=optimize, outputs=list(names))
     except Exception as e:
         raise GraphoptError(f"onnxruntime cannot run the model for calibration: {str(e).splitlines()[0]}") from None
 

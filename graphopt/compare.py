@@ -55,15 +55,12 @@ def onnxruntime_runner(path: str, *, threads: int | None = None) -> tuple[Runner
     """An onnxruntime session as deployed: CPU provider, all graph optimizations."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    # no spinning: a pool that spins after its run steals the cores of the other model's next
-    # run, and paired rounds alternate the two (tiny models measured up to 8x apart otherwise)
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        so.intra_op_num_threads = threads
+    from graphopt.check import onnxruntime_session
+
     try:
-        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        # no spinning: a pool that spins after its run steals the cores of the other model's next
+        # run, and paired rounds alternate the two (tiny models measured up to 8x apart otherwise)
+        sess = onnxruntime_session(path, threads=threads or 0, spinning=False)
     except Exception as e:  # noqa: BLE001 - its message, one line
         raise GraphoptError(f"--compare: onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
     names = [o.name for o in sess.get_outputs()]

@@ -32,6 +32,8 @@ import numpy as np
 from graphopt.errors import UsageError
 from graphopt.target import Artifact, ArtifactError, npz_arrays, sha256_file
 
+__all__ = ["OrtRunner", "Runner", "load", "load_onnx"]  # the stable API (README "Stable API")
+
 
 def _contiguous(a: np.ndarray) -> np.ndarray:
     """C-contiguous, keeping 0-d arrays 0-d (np.ascontiguousarray makes them 1-d)."""
@@ -572,22 +574,16 @@ class OrtRunner:
     Runner's interface: `inputs` specs as a manifest lists them, `run`, `benchmark`."""
 
     def __init__(self, path: str, *, threads: int | None = None, profile_dir: str | None = None) -> None:
-        import onnxruntime as ort
+        from graphopt.check import onnxruntime_session
 
         self.path = path
         self.threads = check_threads(threads) or _cores()
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = self.threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        if profile_dir is not None:  # onnxruntime's per-node profile, and the graph it runs (node names)
-            so.enable_profiling = True
-            so.profile_file_prefix = os.path.join(profile_dir, "ort_profile")
-            so.optimized_model_filepath = os.path.join(profile_dir, "optimized.onnx")
-        self.options = so
+        # with profile_dir: onnxruntime's per-node profile, and the graph it runs (node names)
         try:
-            self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            self.session = onnxruntime_session(
+                path, threads=self.threads, inter_op_threads=1,
+                profile_prefix=None if profile_dir is None else os.path.join(profile_dir, "ort_profile"),
+                optimized_model_path=None if profile_dir is None else os.path.join(profile_dir, "optimized.onnx"))
         except Exception as e:  # noqa: BLE001 - onnxruntime's loader errors are the user's model
             raise UsageError(f"{path}: onnxruntime cannot load it: {_first_line(e)[:300]}") from None
         self.inputs = [{"name": i.name, "dtype": _ort_dtype(i.type), "shape": [d if isinstance(d, int) else (str(d) if d else None) for d in (i.shape or [])]}

@@ -40,7 +40,7 @@ from graphopt.ir.types import (
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
 
-__all__ = ["assert_same_outputs", "models", "random_inputs", "rich_models", "run_model"]
+__all__ = ["assert_same_outputs", "check_pass", "models", "random_inputs", "rich_models", "run_model"]
 
 # names that stress quoting: plain identifiers and ONNX-exporter style paths, unicode, keywords
 _NAME_STYLES = ["v{}", "/layer{}/Conv_output_0", "x.{}", "onnx::Add_{}", "näme {}", "float{}", "_{}"]
@@ -82,13 +82,9 @@ def random_inputs(model: Model, *, seed: int = 0, dim_sizes: Mapping[str, int] |
 
 def run_model(model: Model, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """Outputs of the model under onnxruntime (CPU), in graph-output order."""
-    import onnxruntime as ort
+    from graphopt.check import onnxruntime_session
 
-    from graphopt.onnx_io import to_onnx
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4  # fatal only: the exception carries the error
-    sess = ort.InferenceSession(to_onnx(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = onnxruntime_session(model, log_severity=4)  # fatal only: the exception carries the error
     return sess.run(None, dict(feeds))
 
 

@@ -94,10 +94,7 @@ def _input_channel(w: Value) -> list[tuple[Value, int, int]]:
 def _calibration_importance(model: Model, weights: list[Value], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per-weight importance E[x_c^2] of the input channel each weight element multiplies,
     measured by running the model on onnxruntime with the activations as extra outputs."""
-    import onnx
-    import onnxruntime as ort
-
-    from graphopt import to_onnx
+    from graphopt.check import onnxruntime_session
 
     wanted: dict[str, list[tuple[Value, int, int]]] = {}
     names: dict[str, None] = {}
@@ -108,16 +105,8 @@ def _calibration_importance(model: Model, weights: list[Value], feeds: dict[str,
             names.update({x.name: None for x, _, _ in readers})
     if not names:
         return {}
-    proto = to_onnx(model)
-    have = {o.name for o in proto.graph.output}
-    for nm in names:
-        if nm not in have:
-            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(nm))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
     try:
-        sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess = onnxruntime_session(model, optimize=False, extra_outputs=list(names))
         order = [o.name for o in sess.get_outputs()]
         acts = dict(zip(order, sess.run(None, feeds)))
     except Exception as e:

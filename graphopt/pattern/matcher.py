@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from graphopt.ir.core import Function, Graph, Model, Node, Value
-from graphopt.ir.query import enclosing_function, opset_version
+from graphopt.ir.query import const_array, enclosing_function, opset_version
 from graphopt.pattern.pattern import (
     AnyPattern,
     ConstPattern,
@@ -26,7 +26,6 @@ from graphopt.pattern.pattern import (
     OrPattern,
     OutputPattern,
     Pattern,
-    const_array,
     normalize_domain,
 )
 
@@ -201,7 +200,7 @@ def attr_default(domain: str, op_type: str, name: str) -> Any:
 
     try:
         schema = onnx.defs.get_schema(op_type, domain)
-    except Exception:
+    except onnx.defs.SchemaError:  # an op onnx does not know: no defaults to offer
         return None
     a = schema.attributes.get(name)
     if a is None or a.default_value is None or a.default_value.type == 0:

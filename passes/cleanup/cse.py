@@ -62,7 +62,7 @@ def _merge_small_initializers(g: Graph) -> int:
             continue
         try:
             key = (int(t.dtype), tuple(t.shape), t.content_hash())
-        except Exception:
+        except (OSError, ValueError):  # external data that cannot be read: not merged by value
             continue
         keep = seen.setdefault(key, v)
         if keep is not v:
@@ -96,7 +96,7 @@ def _merge_nodes(g: Graph) -> int:
     for n in g:
         try:
             key = _key(n)
-        except Exception:
+        except Exception:  # noqa: BLE001 - an attribute that cannot be keyed (unreadable tensor): never merged
             key = None
         if key is None:
             continue

@@ -89,7 +89,7 @@ def float_dtype(
             if arr is not None:
                 try:
                     dt = DataType.from_numpy(arr.dtype)
-                except Exception:
+                except (ValueError, KeyError, TypeError):  # no ONNX element type for it
                     dt = None
     if dt is None:
         return Fail("element type of x is unknown")

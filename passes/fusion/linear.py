@@ -60,7 +60,7 @@ def _np_dtype(v: Value | None) -> np.dtype | None:
     if dt is not None:
         try:
             return np.dtype(dt.numpy())
-        except Exception:
+        except (KeyError, ValueError, TypeError):  # an element type numpy cannot hold
             return None
     arr = const_array(v)
     return None if arr is None else arr.dtype

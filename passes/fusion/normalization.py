@@ -117,7 +117,7 @@ def _affine(v: Value | None, dims: tuple[int, ...], dtype: DataType, what: str, 
     try:
         if DataType.from_numpy(arr.dtype) != dtype:
             return Fail(f"{what} dtype {arr.dtype} differs from x's {dtype.text}")
-    except Exception:
+    except (ValueError, KeyError, TypeError):  # no ONNX element type for it
         return Fail(f"{what} dtype {arr.dtype} is not supported")
     shape = tuple(arr.shape)
     while len(shape) > len(dims) and shape[0] == 1:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from graphopt.errors import GraphoptError, UsageError
-from graphopt.ir.core import Model
+from graphopt.ir.core import Model, Value
 from graphopt.ir.types import DataType, TensorType
 
 __all__ = [
@@ -101,7 +101,7 @@ class CalibrationData:
 
     def take(self, n: int) -> list[dict[str, np.ndarray]]:
         """The first `n` batches, in memory."""
-        out = []
+        out: list[dict[str, np.ndarray]] = []
         for b in self:
             if len(out) >= n:
                 break
@@ -112,7 +112,7 @@ class CalibrationData:
         return sum(1 for _ in self)
 
 
-def _model_inputs(model: Model) -> list:
+def _model_inputs(model: Model) -> list[Value]:
     return [v for v in model.graph.inputs if not v.is_initializer()]
 
 
@@ -198,7 +198,7 @@ def _batch_sizes(model: Model, batch_size: int | None, axes: Mapping[str, int | 
             out[v.name] = None
             continue
         d = v.shape.dims[ax]
-        out[v.name] = d if not _unknown(d) else (batch_size or 1)
+        out[v.name] = d if isinstance(d, int) and not _unknown(d) else (batch_size or 1)
     return out
 
 
@@ -275,7 +275,8 @@ def _batch_len(b: Mapping[str, np.ndarray], sizes: Mapping[str, int | None], axe
 
 def _open(path: str) -> Mapping[str, np.ndarray]:
     try:
-        return np.load(path, allow_pickle=False)
+        archive: Mapping[str, np.ndarray] = np.load(path, allow_pickle=False)  # an NpzFile for .npz
+        return archive
     except (OSError, ValueError) as e:
         raise CalibrationError(f"calibration file {path}: not a readable .npz archive: {str(e).splitlines()[0]}") from None
 
@@ -560,8 +561,9 @@ def synthetic_calibration(model: Model, *, num_batches: int = 8, seed: int = 0, 
     dims: dict[str, int] = {}
     for v in _model_inputs(model):
         ax = axes.get(v.name)
-        if ax is not None and v.shape is not None and isinstance(v.shape.dims[ax], str):
-            dims[v.shape.dims[ax]] = sizes[v.name] or 1
+        sym = v.shape.dims[ax] if ax is not None and v.shape is not None else None
+        if isinstance(sym, str):
+            dims[sym] = sizes[v.name] or 1
 
     def make() -> Iterator[dict[str, np.ndarray]]:
         for i in range(num_batches):
@@ -688,7 +690,7 @@ class HistogramObserver:
 
     def _abs_hist(self) -> np.ndarray:
         half = self.bins // 2
-        return self.hist[half:] + self.hist[:half][::-1]
+        return np.asarray(self.hist[half:] + self.hist[:half][::-1])
 
     def _entropy_threshold(self, target_bins: int = 128) -> float:
         """TensorRT's KL-divergence threshold over the |x| histogram."""
@@ -737,7 +739,7 @@ class HistogramObserver:
 # --------------------------------------------------------------------------------- collection
 
 
-def intermediate_outputs(model: Model, names: Sequence[str], *, optimize: bool = True, threads: int = 0):
+def intermediate_outputs(model: Model, names: Sequence[str], *, optimize: bool = True, threads: int = 0) -> Any:
     """An onnxruntime session over `model` whose outputs are `names` (any tensors of the main graph)."""
     from graphopt.check import onnxruntime_session
 

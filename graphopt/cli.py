@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -540,7 +540,7 @@ def _explain(opts: Options) -> int:
 
 
 def _rule_names(pattern: Any) -> list[str]:
-    rules = getattr(pattern, "list_rules", lambda: [])()
+    rules: Iterable[Any] = getattr(pattern, "list_rules", lambda: [])()
     return sorted(r if isinstance(r, str) else str(getattr(r, "name", r)) for r in rules)
 
 

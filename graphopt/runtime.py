@@ -129,7 +129,7 @@ def elf_machine(path: str, *, where: str) -> int:
             if sh_type != 8 and sh_offset + sh_size > size:  # SHT_NOBITS takes no file bytes
                 raise ArtifactError(f"{where}: ELF section {i} ends at byte {sh_offset + sh_size}, past the end "
                                     f"of the file ({size} bytes): truncated?")
-    return e_machine
+    return int(e_machine)
 
 
 def _triple_arch(target: Mapping[str, Any]) -> str:
@@ -165,17 +165,17 @@ def check_params(artifact: Artifact, path: str) -> None:
             if name not in stored:
                 raise ArtifactError(f"{where}: param {name!r} of runtime.params has no array {name!r}")
             continue
-        e = codebooks[name]
-        for n in (e["indices"], e["codebook"]):
+        cb = codebooks[name]
+        for n in (cb["indices"], cb["codebook"]):
             if n not in stored:
                 raise ArtifactError(f"{where}: param {name!r} of runtime.params has no array {n!r}")
-        # the stored forms must be those of a weight of e["shape"] (codebook.pack's layout)
-        shape, bits, axis = e["shape"], e["bits"], e["axis"]
+        # the stored forms must be those of a weight of cb["shape"] (codebook.pack's layout)
+        shape, bits, axis = cb["shape"], cb["bits"], cb["axis"]
         if axis is not None and not 0 <= axis < len(shape):
             raise ArtifactError(f"{where}: param {name!r}: codebook axis {axis} of a {len(shape)}-d weight")
         packed = [bits, max(1, -(-int(np.prod(shape, dtype=object)) // 8))]
         entries = (1 if axis is None else shape[axis]) << bits
-        got_i, got_c = stored[e["indices"]], stored[e["codebook"]]
+        got_i, got_c = stored[cb["indices"]], stored[cb["codebook"]]
         if got_i != (np.dtype(np.uint8), tuple(packed)) or got_c[0].kind != "f" or got_c[1] != (entries,):
             raise ArtifactError(f"{where}: param {name!r}: indices {got_i[0]}{list(got_i[1])} and codebook "
                                 f"{got_c[0]}{list(got_c[1])} are not those of a {bits}-bit {shape} weight "
@@ -223,10 +223,10 @@ def _param(data: Any, name: str, rt: Mapping[str, Any]) -> np.ndarray:
             import ml_dtypes
 
             return np.asarray(data[name]).view(ml_dtypes.bfloat16)
-        return data[name]
+        return np.asarray(data[name])
     from graphopt.passes.sharing.codebook import decode_artifact
 
-    a = decode_artifact(data[entry["indices"]], data[entry["codebook"]], entry)
+    a: np.ndarray = decode_artifact(data[entry["indices"]], data[entry["codebook"]], entry)
     if list(a.shape) != list(entry["shape"]):
         raise ValueError(f"param {name!r} decodes to shape {list(a.shape)}, its codebook entry says {entry['shape']}")
     return a
@@ -258,9 +258,10 @@ class InputChecks:
     def __init__(self, specs: Sequence[Mapping[str, Any]]) -> None:
         self.specs = list(specs)
         self.names = [str(i["name"]) for i in self.specs]
-        self._want = [(np.dtype(i["dtype"]) if i.get("dtype") is not None else None,
+        self._want: list[tuple[np.dtype[Any] | None, int | None, list[tuple[int, int]]]] = [
+                      (np.dtype(i["dtype"]) if i.get("dtype") is not None else None,
                        None if i.get("shape") is None else len(i["shape"]),
-                       None if i.get("shape") is None else [(k, d) for k, d in enumerate(i["shape"]) if isinstance(d, int)])
+                       [] if i.get("shape") is None else [(k, d) for k, d in enumerate(i["shape"]) if isinstance(d, int)])
                       for i in self.specs]
 
     def arrays(self, inputs: Mapping[str, Any] | Sequence[Any]) -> list[np.ndarray]:
@@ -419,7 +420,7 @@ class Runner:
         self._call(feeds)  # (one untimed run at least: the library's argument checks)
         for _ in range(max(warmup - 1, 0)):
             self._main(*feeds, *self._params)
-        times = []
+        times: list[float] = []
         deadline = None if seconds is None else time.perf_counter() + seconds
         while len(times) < repeat and (deadline is None or time.perf_counter() < deadline or len(times) < 3):
             t = time.perf_counter()
@@ -522,7 +523,7 @@ def _to_numpy(t: Any) -> np.ndarray:
     try:
         return np.from_dlpack(t).copy()
     except Exception:  # noqa: BLE001 - a device or dtype DLPack cannot hand to numpy
-        return t.numpy()
+        return np.asarray(t.numpy())
 
 
 def _check_cpu(artifact: Artifact) -> None:
@@ -565,7 +566,8 @@ def load(path: str, *, threads: int | None = None) -> Runner:
         import importlib
 
         mod_name, fn = spec.split(":")
-        return getattr(importlib.import_module(mod_name), fn)(art, threads=threads)
+        runner: Runner = getattr(importlib.import_module(mod_name), fn)(art, threads=threads)
+        return runner
     return Runner(art, threads=threads)
 
 

@@ -254,8 +254,8 @@ def apply_rules(
             result.stats["initializers-removed"] = removed
     if not result.changed and not result.note:
         if not state.candidates:
-            roots = sorted({op for r in ordered for _, op in r.root_ops})
-            result.note = f"no match: the model has no {'/'.join(roots[:6]) or 'root'} nodes to start from"
+            root_ops = sorted({op for r in ordered for _, op in r.root_ops})
+            result.note = f"no match: the model has no {'/'.join(root_ops[:6]) or 'root'} nodes to start from"
         else:
             result.note = f"no match at {state.candidates} candidate nodes" + (f" (first: {state.miss})" if state.miss else "")
     return result

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from graphopt.ir.types import DataType
-from graphopt.ir.query import const_array
+from graphopt.ir.query import const_array as const_array  # re-exported: graphopt.pattern.const_array
 
 #: A predicate with the reason reported when it is false.
 Predicate = tuple[Callable[[Any], bool], str]
@@ -39,7 +39,7 @@ def _as_dtype(d: DataType | str | Any) -> DataType:
             return DataType.from_text(d.lower())
         except ValueError:
             pass
-    return DataType.from_numpy(d)
+    return DataType.from_numpy(np.dtype(d))
 
 
 class Pattern:
@@ -363,7 +363,7 @@ def _as_value(obj: Any) -> Any:
 
 
 def value_dtype(v: Any) -> DataType | None:
-    dt = v.dtype
+    dt: DataType | None = v.dtype
     if dt is not None:
         return dt
     arr = const_array(v)
@@ -371,5 +371,5 @@ def value_dtype(v: Any) -> DataType | None:
         return None
     try:
         return DataType.from_numpy(arr.dtype)
-    except Exception:
+    except (ValueError, KeyError, TypeError):  # a numpy dtype with no ONNX element type
         return None

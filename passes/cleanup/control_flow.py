@@ -122,7 +122,7 @@ def _inline_if(node: Node) -> bool:
         if name in parent.initializers:
             v.name = unique_name(parent, name)
             if v.const_value is not None and hasattr(v.const_value, "name"):
-                v.const_value.name = v.name  # type: ignore[union-attr]
+                v.const_value.name = v.name
         parent.register_initializer(v)
     if moved_consts:
         parent.insert_before(node, moved_consts)

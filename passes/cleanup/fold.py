@@ -170,7 +170,7 @@ def _stored_bytes(arr: np.ndarray) -> int:
     return (int(arr.size) + 1) // 2 if arr.dtype.name in _PACKED_4BIT else int(arr.nbytes)
 
 
-def _dtype(arr: np.ndarray):  # type: ignore[no-untyped-def]
+def _dtype(arr: np.ndarray):
     from graphopt.ir import DataType
 
     return DataType.from_numpy(arr.dtype)

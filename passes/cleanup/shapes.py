@@ -233,9 +233,9 @@ def _dim_of(e: Elem) -> int | str | None:
     if isinstance(e, int):
         return e
     if e[0] == "sym":
-        return e[1]  # type: ignore[return-value]
-    dims = dims_of(e[1])  # type: ignore[arg-type]
-    d = dims[e[2]] if dims is not None else None  # type: ignore[index]
+        return e[1]
+    dims = dims_of(e[1])
+    d = dims[e[2]] if dims is not None else None
     return d if isinstance(d, (int, str)) else None
 
 
@@ -298,7 +298,7 @@ def _out_shape(n: Node, elems: list[Elem] | None) -> tuple[int, ...] | None:
     if n.op_type == "Gather":
         idx = n.inputs[1]
         st = dims_of(idx)
-        return tuple(st) if st is not None and all(isinstance(d, int) for d in st) else None  # type: ignore[return-value]
+        return tuple(st) if st is not None and all(isinstance(d, int) for d in st) else None
     return None
 
 
@@ -398,7 +398,7 @@ def _resolve_minus_one(n: Node) -> bool:
         out_dims.append(d)
         if d == -1:
             continue
-        c, s = _mono(d)  # type: ignore[arg-type]
+        c, s = _mono(d)
         if c == 0 or coeff % c or any(syms[k] < v for k, v in s.items()):
             return False
         coeff, syms = coeff // c, syms - s

@@ -259,7 +259,7 @@ class BiasGelu(Rule):
         return b.op[MS_DOMAIN].BiasGelu(m[self.x], m.value(self.bias))
 
 
-def _approximate(node) -> str:  # type: ignore[no-untyped-def]
+def _approximate(node) -> str:
     a = node.attr("approximate", "none")
     return a.decode() if isinstance(a, bytes) else str(a)
 
@@ -312,7 +312,7 @@ class Silu(Rule):
 
 
 # --- HardSwish ----------------------------------------------------------------------------------
-def _near(value: float):  # type: ignore[no-untyped-def]
+def _near(value: float):
     def ok(a: object) -> bool:
         return isinstance(a, (int, float)) and abs(float(a) - value) <= RTOL * abs(value)
 
@@ -379,5 +379,5 @@ class FuseActivations(RewritePass):
     name: ClassVar[str] = "fuse-activations"
     contrib_ops: bool = False
 
-    def get_rules(self):  # type: ignore[no-untyped-def]
+    def get_rules(self):
         return _CONTRIB_RULES if self.contrib_ops else _PLAIN_RULES

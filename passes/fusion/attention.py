@@ -401,5 +401,5 @@ class FuseAttention(RewritePass):
     name: ClassVar[str] = "fuse-attention"
     contrib_ops: bool = False
 
-    def get_rules(self):  # type: ignore[no-untyped-def]
+    def get_rules(self):
         return _CONTRIB_RULES if self.contrib_ops else _RULES

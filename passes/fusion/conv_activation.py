@@ -141,7 +141,7 @@ class FuseConvActivation(RewritePass):
     name: ClassVar[str] = "fuse-conv-activation"
     contrib_ops: bool = False
 
-    def get_rules(self):  # type: ignore[no-untyped-def]
+    def get_rules(self):
         return _RULES
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:

@@ -325,5 +325,5 @@ class FuseConvBn(RewritePass):
     name: ClassVar[str] = "fuse-conv-bn"
     copy_shared: bool = False
 
-    def get_rules(self):  # type: ignore[no-untyped-def]
+    def get_rules(self):
         return _COPY_RULES if self.copy_shared else _DEFAULT_RULES

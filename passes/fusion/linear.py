@@ -168,7 +168,7 @@ class TransposeIntoGemm(Rule):
 
     def rewrite(self, m: Match, b: RewriteBuilder) -> Value:
         gemm = m.root
-        which = m.which(self.pattern)  # type: ignore[arg-type]
+        which = m.which(self.pattern)
         t, idx, flag = (m[self.ta], 0, "transA") if which == 0 else (m[self.tb], 1, "transB")
         inputs = list(gemm.inputs)
         inputs[idx] = t.inputs[0]
@@ -211,7 +211,7 @@ class TransposeIntoMatMul(Rule):
         self.contrib = contrib
 
     def _which(self, m: Match) -> tuple[Node, int]:
-        which = m.which(self.pattern)  # type: ignore[arg-type]
+        which = m.which(self.pattern)
         t = m[(self.ta, self.tb, self.fta, self.ftb)[which]]
         return t, which % 2
 
@@ -458,7 +458,7 @@ class ReshapeChain(PlanRule):
     pattern = P.alt(outer_reshape, outer_flatten)
 
     def plan(self, m: Match) -> np.ndarray | Fail:
-        if m.which(self.pattern) == 0:  # type: ignore[arg-type]
+        if m.which(self.pattern) == 0:
             s2 = m.const(self.s2)
             if s2.ndim != 1 or s2.dtype != np.int64:
                 return Fail(f"s2 is not a 1-D int64 tensor ({s2.dtype}, rank {s2.ndim})")
@@ -493,7 +493,7 @@ class ReshapeChain(PlanRule):
         return all(i < len(s1) and s1[i] == 0 for i in np.flatnonzero(s2 == 0))
 
     def build(self, m: Match, b: RewriteBuilder, plan: Any) -> Value:
-        if m.which(self.pattern) == 0:  # type: ignore[arg-type]
+        if m.which(self.pattern) == 0:
             return b.node("Reshape", [m[self.x1], m.value(self.s2)], list(m.root.attributes.values())).outputs[0]
         shape = b.constant(plan, "flatten_shape")
         return b.op.Reshape(m[self.x2], shape)
@@ -532,7 +532,7 @@ class FuseLinear(RewritePass):
     name: ClassVar[str] = "fuse-linear"
     contrib_ops: bool = False
 
-    def get_rules(self):  # type: ignore[no-untyped-def]
+    def get_rules(self):
         return _CONTRIB_RULES if self.contrib_ops else _DEFAULT_RULES
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:

@@ -372,5 +372,5 @@ class FuseNormalization(RewritePass):
     name: ClassVar[str] = "fuse-normalization"
     contrib_ops: bool = False
 
-    def get_rules(self):  # type: ignore[no-untyped-def]
+    def get_rules(self):
         return _CONTRIB_RULES if self.contrib_ops else _PLAIN_RULES

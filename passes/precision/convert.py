@@ -289,7 +289,7 @@ class _Planner:
             ranks = [None if v is None or v.shape is None else v.shape.rank for v in node.inputs]
             if any(t is None and v is not None for t, v in zip(types, node.inputs)):
                 return "an input's type is unknown"
-            answer, detail = kernels.onnxruntime_kernel(node, types, ranks, self.opset)  # type: ignore[arg-type]
+            answer, detail = kernels.onnxruntime_kernel(node, types, ranks, self.opset)
             if answer != kernels.NATIVE:
                 return f"no {self.low.name.lower()} kernel in onnxruntime's CPU EP" + ("" if answer == kernels.NONE else " (it would cast to float)")
         return ins, outs

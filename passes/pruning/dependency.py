@@ -609,10 +609,10 @@ class _Analyzer:
         for i, (v, inf, rk) in enumerate(zip(node.inputs, ins, ranks)):
             if inf is not None or v is None:
                 continue
-            local = ax - (r - rk)  # type: ignore[operator]
+            local = ax - (r - rk)
             if local < 0:
                 continue
-            d = _shape(v)[local]  # type: ignore[index]
+            d = _shape(v)[local]
             if d == 1:
                 continue
             if not self.slice_const(node, i, local, ids):

@@ -238,7 +238,7 @@ def _write(t: _Refit, model: Model, theta: np.ndarray, bias: np.ndarray | None) 
     replaced = [w_old]
     if kind == "conv":
         w_new = theta.T.reshape(w_arr.shape).astype(dtype)  # type: ignore[union-attr]
-        node.replace_input_with(1, b.initializer(w_new, (w_old.name or "w") + "_refit"))  # type: ignore[union-attr]
+        node.replace_input_with(1, b.initializer(w_new, (w_old.name or "w") + "_refit"))
         if bias is not None:
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 replaced.append(node.inputs[2])
@@ -249,7 +249,7 @@ def _write(t: _Refit, model: Model, theta: np.ndarray, bias: np.ndarray | None) 
         alpha = float(node.attr("alpha", 1.0))
         wt = theta / alpha
         w_new = (wt.T if int(node.attr("transB", 0)) else wt).astype(dtype)
-        node.replace_input_with(1, b.initializer(w_new, (w_old.name or "w") + "_refit"))  # type: ignore[union-attr]
+        node.replace_input_with(1, b.initializer(w_new, (w_old.name or "w") + "_refit"))
         if bias is not None:
             c_old = node.inputs[2] if len(node.inputs) > 2 else None
             if c_old is not None:
@@ -261,7 +261,7 @@ def _write(t: _Refit, model: Model, theta: np.ndarray, bias: np.ndarray | None) 
                 node.set_inputs(list(node.inputs[:2]) + [b.initializer(bias.astype(dtype), "gemm_bias_refit")])
                 node.set_attr(Attr("beta", AttrType.FLOAT, 1.0))
     else:
-        node.replace_input_with(1, b.initializer(theta.astype(dtype), (w_old.name or "w") + "_refit"))  # type: ignore[union-attr]
+        node.replace_input_with(1, b.initializer(theta.astype(dtype), (w_old.name or "w") + "_refit"))
         if bias is not None and t.bias_add is not None:
             add = t.bias_add
             k = 0 if add.inputs[0] is not node.outputs[0] else 1

@@ -525,7 +525,7 @@ class ClusterWeights(Pass):
             return None
 
     def _fit_budget(self, model: Model, todo: list[tuple[Graph, Value, int]], gindex: dict[int, int], chosen: dict[int, int],
-                    fit, ref: Reference, budget: Budget, ctx: PassContext, stats: dict) -> dict[int, int]:  # type: ignore[no-untyped-def]
+                    fit, ref: Reference, budget: Budget, ctx: PassContext, stats: dict) -> dict[int, int]:
         """Bits per weight that meet `budget`: the requested ones if they hold; else each weight's
         sensitivity (output SQNR with it alone clustered), the fewest most sensitive kept float
         (bisection), then each of those, least sensitive first, at the fewest bits above the

@@ -247,7 +247,7 @@ def build_decode(
     return nodes
 
 
-def expand_decodes(model) -> dict[str, dict]:  # type: ignore[no-untyped-def]
+def expand_decodes(model) -> dict[str, dict]:
     """For a compiled target that stores clustered weights compressed: replace each decode
     chain of the main graph (found by the `graphopt.codebook` metadata of its final Gather) by
     the decoded float weight as an initializer, so the kernels read a plain weight. Returns, per

@@ -224,7 +224,7 @@ def _param(data: Any, name: str, rt: Mapping[str, Any]) -> np.ndarray:
 
             return np.asarray(data[name]).view(ml_dtypes.bfloat16)
         return np.asarray(data[name])
-    from graphopt.passes.sharing.codebook import decode_artifact
+    from graphopt.codebook import decode_artifact
 
     a: np.ndarray = decode_artifact(data[entry["indices"]], data[entry["codebook"]], entry)
     if list(a.shape) != list(entry["shape"]):

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.ir import Attr, AttrType, Builder, Model, Node, independent_waves
-from graphopt.pattern import const_array, drop_unused_initializers, model_context
+from graphopt.ir import Attr, AttrType, Builder, Model, Node, independent_waves, constant_semantics
+from graphopt.pattern import const_array, drop_unused_initializers
 
 from graphopt.passes.pruning.dependency import Analysis, Consumer
 
@@ -124,7 +124,7 @@ def _refit_tasks(an: Analysis, pruned: np.ndarray) -> tuple[list[_Refit], dict[s
     out_masks = {id(p.node): an.keep_mask(p.ids, pruned) for p in an.producers}
     tasks = []
     skipped: dict[str, str] = {}
-    with model_context(an.model):
+    with constant_semantics(an.model):
         for c in an.consumers:
             if an.keep_mask(c.ids, pruned).all():
                 continue
@@ -208,7 +208,7 @@ def _x_rows(t: _Refit, x: np.ndarray, sel: Any, wshape: tuple[int, ...]) -> np.n
 def _theta0(t: _Refit, w: np.ndarray, model: Model) -> tuple[np.ndarray, np.ndarray | None]:
     """Current weight as (in features, out features), and the current bias (or None)."""
     node, kind = t.node, t.c.kind
-    with model_context(model):
+    with constant_semantics(model):
         if kind == "conv":
             b = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
             return w.reshape(w.shape[0], -1).T.astype(np.float64), None if b is None else b.astype(np.float64)
@@ -303,7 +303,7 @@ def recover(
     for wave in waves:
         wt = [all_tasks[i] for i in wave]
         names = [t.c.x.name if isinstance(t, _Refit) else t.node.inputs[0].name for t in wt]
-        with model_context(model):
+        with constant_semantics(model):
             wshapes = {id(t): const_array(t.node.inputs[t.c.w_index]).shape for t in wt if isinstance(t, _Refit)}  # type: ignore[union-attr]
         for bi, outs in _session_runs(model, names, batches):
             for t in wt:
@@ -328,13 +328,13 @@ def recover(
             if t.G is None:
                 skipped[t.node.name or t.y_name] = "no calibration rows reached it"
                 continue
-            with model_context(model):
+            with constant_semantics(model):
                 w = const_array(t.node.inputs[t.c.w_index])
             theta0, b0 = _theta0(t, w, model)  # type: ignore[arg-type]
             e0, e1, theta, bias = _solve(t, theta0, b0)
             errs0.append(e0)
             errs1.append(e1)
-            with model_context(model):
+            with constant_semantics(model):
                 _write(t, model, theta, bias)
             t.G = t.B = None
             t.rows = []
@@ -396,7 +396,7 @@ def _write_bn(model: Model, t: _BN) -> None:
     node = t.node
     b = Builder(model.graph)
     replaced = []
-    with model_context(model):
+    with constant_semantics(model):
         for k, arr in ((3, mean), (4, var)):
             old = node.inputs[k]
             dtype = const_array(old).dtype  # type: ignore[union-attr]

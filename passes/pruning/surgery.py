@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphopt.ir import Attr, AttrType, Builder, DataType, Node, Shape, TensorType, Value
-from graphopt.pattern import const_array, drop_unused_initializers, model_context
+from graphopt.ir import Attr, AttrType, Builder, DataType, Node, Shape, TensorType, Value, constant_semantics
+from graphopt.pattern import const_array, drop_unused_initializers
 
 from graphopt.passes.pruning.dependency import Analysis, Edit
 
@@ -156,7 +156,7 @@ def apply_pruning(an: Analysis, pruned: np.ndarray) -> int:
     """Rewrite `an.model` so that every class marked in `pruned` (bool, by root id) is gone.
     Returns how many channel positions were removed from producer outputs."""
     s = _Surgeon(an, pruned)
-    with model_context(an.model):
+    with constant_semantics(an.model):
         # Reshape/Expand edits read the *current* target constants, slices the current weights
         for e in an.edits:
             s.apply(e)

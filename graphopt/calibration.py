@@ -137,7 +137,7 @@ def batch_axes(model: Model, override: Mapping[str, int] | None = None) -> dict[
     override = dict(override or {})
     ins = _model_inputs(model)
     names = {v.name for v in ins}
-    for k, ax in override.items():
+    for k in override:
         if k not in names:
             raise CalibrationError(f"calibration batch axis for {k!r}: the model has no input of that name "
                                    f"(inputs: {', '.join(sorted(names)) or 'none'})")

@@ -16,6 +16,7 @@ same tables and one line saying the charts are missing and why.
 
 from __future__ import annotations
 
+import functools
 import html
 import io
 import math
@@ -305,6 +306,12 @@ def _quantize(q: Mapping[str, Any]) -> str:
     return body
 
 
+def _prune_bars(top: Sequence[Mapping[str, Any]]) -> str:
+    return _hbar([_group_label(g.get("layers") or []) for g in top],
+                 [("removed %", [100 * g["pruned-units"] / max(1, g.get("units") or 1) for g in top], BLUE)],
+                 "channels removed (%)")
+
+
 def _prune(runs: Sequence[Mapping[str, Any]], passes: Sequence[Mapping[str, Any]]) -> str:
     body = ""
     stats = next((p.get("stats") for p in passes if str(p.get("pass", "")).startswith("prune")), None) or {}
@@ -315,10 +322,7 @@ def _prune(runs: Sequence[Mapping[str, Any]], passes: Sequence[Mapping[str, Any]
         pruned = [g for g in groups if g.get("pruned-units")]
         if pruned:
             top = sorted(pruned, key=lambda g: -g["pruned-units"] / max(1, g.get("units") or 1))[:MAX_BARS]
-            body += _chart("prune", lambda: _hbar(
-                [_group_label(g.get("layers") or []) for g in top],
-                [("removed %", [100 * g["pruned-units"] / max(1, g.get("units") or 1) for g in top], BLUE)],
-                "channels removed (%)"))
+            body += _chart("prune", functools.partial(_prune_bars, top))
         rows = [(", ".join(g.get("layers") or []), g.get("channels"), g.get("units"),
                  g.get("pruned-units", 0) * (g.get("unit") or 1), "; ".join(map(str, g.get("blocked") or []))) for g in groups]
         body += _long(_table(("group (layers)", "channels", "units", "channels removed", "kept whole because"), rows,

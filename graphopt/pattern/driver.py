@@ -272,7 +272,7 @@ def _run_graph(
     model: Model,
     options: Mapping[str, object] | None,
 ) -> None:
-    for iteration in range(max_iterations):
+    for _ in range(max_iterations):
         changed = False
         work: deque[Node] = deque(g)
         queued: set[Node] = set(work)

@@ -320,7 +320,7 @@ def _qdq_to_arith(g, b: Builder, touched: list[Value]) -> dict[str, int]:
         axis = int(node.attr("axis", 1))
         axis = axis + rank if axis < 0 else axis
 
-        def bshape(a: np.ndarray) -> np.ndarray:
+        def bshape(a: np.ndarray, axis: int = axis, rank: int = rank) -> np.ndarray:
             return a.reshape(()) if a.size == 1 else a.reshape([-1 if i == axis else 1 for i in range(rank)])
 
         out = node.outputs[0]

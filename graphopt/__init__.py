@@ -1,7 +1,12 @@
 """graphopt: a compiler for trained neural networks.
 
-Stable public API: `load`, `save`, `to_onnx` (and the IR classes in `graphopt.ir`);
-`compile` (a compiled target's Artifact) and `graphopt.runtime.load` (run a saved artifact).
+Stable API (the README's "Stable API" section lists the same; tests/test_public_api.py records
+names and signatures): what `__all__` exports in `graphopt` (load, save, to_onnx, optimize,
+compile, the IR and pass classes, the errors), `graphopt.errors`, `graphopt.ir` (IR classes,
+Builder, the pass author's constant/shape/opset queries and edits), `graphopt.pattern` (patterns,
+rules, the rewrite driver), `graphopt.transform` (passes, pipelines, registry),
+`graphopt.runtime` (load and run a saved artifact) and `graphopt.testing` (pass checks and
+hypothesis strategies). Everything else may change between versions.
 """
 
 from graphopt.errors import (

@@ -120,8 +120,8 @@ def compile_artifact(opts: Any) -> int:
         text = render_html(report.to_dict()) if is_html(opts.report) else text
         with cli.writing(opts.report):  # a read-only or full disk is exit 2 naming the path
             os.makedirs(os.path.dirname(os.path.abspath(opts.report)), exist_ok=True)
-            with atomic_write(opts.report) as f:
-                f.write(text.encode())
+            with atomic_write(opts.report) as out:
+                out.write(text.encode())
     if report.status != "ok":
         assert report.verify is not None
         raise NumericMismatchError(f"--verify: the compiled artifact's outputs differ from the original: "

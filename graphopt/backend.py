@@ -66,7 +66,7 @@ class GraphoptBackend(Backend):
         return m, graphopt.to_onnx(m)
 
     @classmethod
-    def prepare(  # type: ignore[override]
+    def prepare(
         cls,
         model: str | os.PathLike[str] | bytes | onnx.ModelProto,
         device: str = "CPU",
@@ -80,7 +80,7 @@ class GraphoptBackend(Backend):
         return GraphoptBackendRep(m, exported, ort_rep)
 
     @classmethod
-    def run_model(  # type: ignore[override]
+    def run_model(
         cls,
         model: str | os.PathLike[str] | bytes | onnx.ModelProto,
         inputs: Any,
@@ -91,7 +91,7 @@ class GraphoptBackend(Backend):
         return cls.prepare(model, device, pipeline=pipeline, **kwargs).run(inputs)
 
     @classmethod
-    def run_node(  # type: ignore[override]
+    def run_node(
         cls,
         node: onnx.NodeProto,
         inputs: Any,

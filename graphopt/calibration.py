@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from graphopt.errors import GraphoptError, UsageError
-from graphopt.ir.core import Model
+from graphopt.ir.core import Model, Value
 from graphopt.ir.types import DataType, TensorType
 
 __all__ = [
@@ -102,7 +102,7 @@ class CalibrationData:
 
     def take(self, n: int) -> list[dict[str, np.ndarray]]:
         """The first `n` batches, in memory."""
-        out = []
+        out: list[dict[str, np.ndarray]] = []
         for b in self:
             if len(out) >= n:
                 break
@@ -113,7 +113,7 @@ class CalibrationData:
         return sum(1 for _ in self)
 
 
-def _model_inputs(model: Model) -> list:
+def _model_inputs(model: Model) -> list[Value]:
     return [v for v in model.graph.inputs if not v.is_initializer()]
 
 
@@ -138,7 +138,7 @@ def batch_axes(model: Model, override: Mapping[str, int] | None = None) -> dict[
     override = dict(override or {})
     ins = _model_inputs(model)
     names = {v.name for v in ins}
-    for k, ax in override.items():
+    for k in override:
         if k not in names:
             raise CalibrationError(f"calibration batch axis for {k!r}: the model has no input of that name "
                                    f"(inputs: {', '.join(sorted(names)) or 'none'})")
@@ -221,7 +221,7 @@ def _batch_sizes(model: Model, batch_size: int | None, axes: Mapping[str, int | 
             out[v.name] = None
             continue
         d = v.shape.dims[ax]
-        out[v.name] = d if not _unknown(d) else (batch_size or 1)
+        out[v.name] = d if isinstance(d, int) and not _unknown(d) else (batch_size or 1)
     return out
 
 
@@ -298,7 +298,8 @@ def _batch_len(b: Mapping[str, np.ndarray], sizes: Mapping[str, int | None], axe
 
 def _open(path: str) -> Mapping[str, np.ndarray]:
     try:
-        return np.load(path, allow_pickle=False)
+        archive: Mapping[str, np.ndarray] = np.load(path, allow_pickle=False)  # an NpzFile for .npz
+        return archive
     except (OSError, ValueError) as e:
         raise CalibrationError(f"calibration file {path}: not a readable .npz archive: {str(e).splitlines()[0]}") from None
 
@@ -583,8 +584,9 @@ def synthetic_calibration(model: Model, *, num_batches: int = 8, seed: int = 0, 
     dims: dict[str, int] = {}
     for v in _model_inputs(model):
         ax = axes.get(v.name)
-        if ax is not None and v.shape is not None and isinstance(v.shape.dims[ax], str):
-            dims[v.shape.dims[ax]] = sizes[v.name] or 1
+        sym = v.shape.dims[ax] if ax is not None and v.shape is not None else None
+        if isinstance(sym, str):
+            dims[sym] = sizes[v.name] or 1
 
     def make() -> Iterator[dict[str, np.ndarray]]:
         for i in range(num_batches):
@@ -711,7 +713,7 @@ class HistogramObserver:
 
     def _abs_hist(self) -> np.ndarray:
         half = self.bins // 2
-        return self.hist[half:] + self.hist[:half][::-1]
+        return np.asarray(self.hist[half:] + self.hist[:half][::-1])
 
     def _entropy_threshold(self, target_bins: int = 128) -> float:
         """TensorRT's KL-divergence threshold over the |x| histogram."""
@@ -760,25 +762,12 @@ class HistogramObserver:
 # --------------------------------------------------------------------------------- collection
 
 
-def intermediate_outputs(model: Model, names: Sequence[str], *, optimize: bool = True, threads: int = 0):
+def intermediate_outputs(model: Model, names: Sequence[str], *, optimize: bool = True, threads: int = 0) -> Any:
     """An onnxruntime session over `model` whose outputs are `names` (any tensors of the main graph)."""
-    import onnx
-    import onnxruntime as ort
+    from graphopt.check import onnxruntime_session
 
-    from graphopt.onnx_io import to_onnx
-
-    proto = to_onnx(model)
-    del proto.graph.output[:]
-    for n in names:
-        proto.graph.output.append(onnx.ValueInfoProto(name=n))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return onnxruntime_session(model, threads=threads, optimize=optimize, outputs=list(names))
     except Exception as e:
         raise GraphoptError(f"onnxruntime cannot run the model for calibration: {str(e).splitlines()[0]}") from None
 

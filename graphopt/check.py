@@ -1,4 +1,5 @@
-"""Numeric checks against onnxruntime: run a model, make inputs, compare outputs.
+"""Numeric checks against onnxruntime: run a model, make inputs, compare outputs; the one
+onnxruntime session builder (`onnxruntime_session`) and kernel probe (`onnxruntime_has_kernel`).
 
 Everything that changes values (fusion reorders float math, int8, pruning) is checked by
 running the model before and after on onnxruntime with the same inputs.
@@ -8,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -90,22 +93,80 @@ def _random_array(rng: np.random.Generator, dtype: DataType, shape: list[int]) -
         else rng.integers(0, 4, size=shape).astype(dtype.numpy())
 
 
+def onnxruntime_session(
+    model: Model | Any,
+    *,
+    threads: int = 0,
+    optimize: bool = True,
+    spinning: bool = True,
+    log_severity: int = 3,
+    outputs: Sequence[str] | None = None,
+    extra_outputs: Sequence[str] = (),
+    inter_op_threads: int = 0,
+    profile_prefix: str | None = None,
+    optimized_model_path: str | None = None,
+) -> Any:
+    """An onnxruntime CPU InferenceSession: the one place graphopt builds one.
+
+    `model`: an IR Model, an onnx.ModelProto, serialized bytes or a path. `threads`: intra-op
+    threads (0: onnxruntime's default); `spinning=False` stops the pool spinning after a run
+    (measurements that alternate two sessions, or share the cores); `optimize=False` turns all
+    graph optimizations off (what the model computes, not what onnxruntime rewrote it into);
+    `log_severity` 3 keeps warnings quiet, 4 also errors (the exception carries them).
+    `outputs` replaces the graph outputs by these names, `extra_outputs` adds intermediate values
+    as outputs. `profile_prefix` turns on onnxruntime's profiler; `optimized_model_path` writes
+    the graph onnxruntime runs. onnxruntime's own exceptions propagate: callers say in one line
+    what failed for them.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = log_severity
+    if threads:
+        so.intra_op_num_threads = threads
+    if inter_op_threads:
+        so.inter_op_num_threads = inter_op_threads
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    if optimized_model_path is not None:
+        so.optimized_model_filepath = optimized_model_path
+    source: Any = model
+    if isinstance(model, Model) or outputs is not None or extra_outputs:
+        import onnx
+
+        from graphopt.onnx_io import to_onnx
+
+        proto = to_onnx(model) if isinstance(model, Model) else (
+            onnx.load(os.fspath(model)) if isinstance(model, (str, os.PathLike))
+            else onnx.load_from_string(model) if isinstance(model, bytes) else model)
+        if outputs is not None or extra_outputs:
+            if outputs is not None:
+                del proto.graph.output[:]
+            have = {o.name for o in proto.graph.output}
+            for n in [*(outputs or ()), *extra_outputs]:
+                if n not in have:
+                    proto.graph.output.append(onnx.ValueInfoProto(name=n))
+                    have.add(n)
+        source = proto.SerializeToString()
+    elif not isinstance(model, (bytes, str, os.PathLike)):
+        source = model.SerializeToString()  # an onnx.ModelProto
+    return ort.InferenceSession(os.fspath(source) if isinstance(source, os.PathLike) else source, so,
+                                providers=["CPUExecutionProvider"])
+
+
 def run_onnxruntime(model: Model, inputs: Mapping[str, np.ndarray], *, threads: int = 1,
                     optimize: bool = False) -> list[np.ndarray]:
     """Export and run on onnxruntime's CPU provider with all its optimisations off, so the
     result shows what the model computes, not what onnxruntime rewrote (`optimize=True`: all
     on, as deployed; the difference between the two is the reference's own rounding noise)."""
-    import onnxruntime as ort
-
-    from graphopt.onnx_io import to_onnx
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize \
-        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 4  # fatal only: its error log would be a second stderr line; the exception says it
     try:
-        sess = ort.InferenceSession(to_onnx(model).SerializeToString(), so, providers=["CPUExecutionProvider"])
+        # log 4, fatal only: its error log would be a second stderr line; the exception says it
+        sess = onnxruntime_session(model, threads=threads, optimize=optimize, log_severity=4)
         return list(sess.run(None, dict(inputs)))
     except Exception as e:
         raise GraphoptError(f"onnxruntime cannot run the model: {str(e).splitlines()[0]}") from None
@@ -176,30 +237,46 @@ def check_same_outputs(
 
 
 @functools.lru_cache(maxsize=None)
-def onnxruntime_has_kernel(op_type: str, opset: int, dtype: DataType = DataType.FLOAT, domain: str = "", num_inputs: int = 1) -> bool:
-    """Whether the installed onnxruntime's CPU provider runs `op_type` under `opset` with
-    `num_inputs` inputs of `dtype`, found by building a one-node session (cached).
+def onnxruntime_has_kernel(
+    op_type: str,
+    opset: int,
+    dtype: DataType = DataType.FLOAT,
+    domain: str = "",
+    num_inputs: int = 1,
+    *,
+    shapes: tuple[tuple[int, ...], ...] | None = None,
+    attributes: tuple[tuple[str, Any], ...] = (),
+    run: bool = False,
+) -> bool:
+    """Whether the installed onnxruntime's CPU provider runs `op_type` under default-domain
+    `opset` (and opset 1 of `domain`), found by building a one-node session (cached): the one
+    onnxruntime kernel probe.
+
+    Inputs: `num_inputs` of `dtype`, rank 1 ([2]) unless `shapes` gives each input's shape (ops
+    whose shape inference wants real ranks: Attention, Conv); `attributes` as (name, value)
+    pairs; `run=True` also runs it once on zeros (a kernel that loads but fails at run time).
 
     A rewrite that emits an op for the ONNX target must produce a model onnxruntime loads; op
     registration does not always follow the ONNX spec's version ranges (onnxruntime 1.32 runs
     Swish only under opset 24, not 25..27), so asking the runtime itself is the reliable way.
     """
     import onnx
-    import onnxruntime as ort
     from onnx import helper
 
     tt = int(dtype)
-    ins = [helper.make_tensor_value_info(f"x{i}", tt, [2]) for i in range(num_inputs)]
-    node = helper.make_node(op_type, [f"x{i}" for i in range(num_inputs)], ["y"], domain=domain)
+    dims = list(shapes) if shapes is not None else [(2,)] * num_inputs
+    names = [f"x{i}" for i in range(len(dims))]
+    ins = [helper.make_tensor_value_info(n, tt, list(d)) for n, d in zip(names, dims)]
+    node = helper.make_node(op_type, names, ["y"], domain=domain, **dict(attributes))
     g = helper.make_graph([node], "probe", ins, [helper.make_tensor_value_info("y", tt, None)])
     opsets = [helper.make_opsetid("", opset if not domain else max(opset, 1))]
     if domain:
         opsets.append(helper.make_opsetid(domain, 1))
     model = helper.make_model(g, opset_imports=opsets, ir_version=min(onnx.IR_VERSION, 10))
-    so = ort.SessionOptions()
-    so.log_severity_level = 4
     try:
-        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    except Exception:
+        sess = onnxruntime_session(model.SerializeToString(), log_severity=4)
+        if run:
+            sess.run(None, {n: np.zeros(d, dtype.numpy()) for n, d in zip(names, dims)})
+    except Exception:  # noqa: BLE001 - any refusal (load or run) means: no kernel here
         return False
     return True

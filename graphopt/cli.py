@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -176,7 +176,7 @@ class Options:
     calibration_batch_axis: list[str] = field(default_factory=list)  # --calibration-batch-axis NAME:AXIS
     compare: bool = False  # --compare: before/after table (graphopt.compare)
     eval_data: str | None = None
-    verify_metric: list[Any] = field(default_factory=list)  # graphopt.metrics.Threshold (implies verify)
+    verify_metric: list[Any] = field(default_factory=list)  # graphopt.accuracy.Budget (implies verify)
     profile: bool = False  # --profile: graphopt.profiler on the result (report key `profile`)
 
 
@@ -249,9 +249,9 @@ def parse_options(argv: Sequence[str]) -> Options:
         raise UsageError("--eval-data is used by --compare; add it")
     metric = pick(ns.verify_metric, "verify-metric", None)
     if metric:
-        from graphopt.metrics import parse_thresholds
+        from graphopt.accuracy import parse_budgets
 
-        opts.verify_metric, opts.verify = parse_thresholds(str(metric)), True
+        opts.verify_metric, opts.verify = parse_budgets(str(metric)), True
     opts.pipeline = _prune_spec(ns, opts.pipeline)
     opts.pipeline, opts.calibration = _quantize_spec(ns, opts.pipeline)
     modes = [m for m, on in (("--print-pipeline", opts.print_pipeline), ("--list-passes", opts.list_passes),
@@ -540,7 +540,7 @@ def _explain(opts: Options) -> int:
 
 
 def _rule_names(pattern: Any) -> list[str]:
-    rules = getattr(pattern, "list_rules", lambda: [])()
+    rules: Iterable[Any] = getattr(pattern, "list_rules", lambda: [])()
     return sorted(r if isinstance(r, str) else str(getattr(r, "name", r)) for r in rules)
 
 

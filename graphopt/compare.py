@@ -14,7 +14,7 @@ models run:
   the imports) from loading the model and running it once;
 - accuracy: on `--eval-data` (one array per input, samples stacked on the batch axis, optional
   `labels`: top-1 of both) or random inputs (said so): cosine, top-1 agreement and SQNR of the
-  result against the original (graphopt.metrics).
+  result against the original (graphopt.accuracy).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from graphopt.errors import GraphoptError, UsageError
-from graphopt.metrics import output_agreement, top1_accuracy
+from graphopt.accuracy import output_agreement, top1_accuracy
 
 Feeds = Mapping[str, np.ndarray]
 Runner = Callable[[Feeds], Sequence[np.ndarray]]
@@ -55,21 +55,19 @@ def onnxruntime_runner(path: str, *, threads: int | None = None) -> tuple[Runner
     """An onnxruntime session as deployed: CPU provider, all graph optimizations."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    # no spinning: a pool that spins after its run steals the cores of the other model's next
-    # run, and paired rounds alternate the two (tiny models measured up to 8x apart otherwise)
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        so.intra_op_num_threads = threads
+    from graphopt.check import onnxruntime_session
+
     try:
-        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        # no spinning: a pool that spins after its run steals the cores of the other model's next
+        # run, and paired rounds alternate the two (tiny models measured up to 8x apart otherwise)
+        sess = onnxruntime_session(path, threads=threads or 0, spinning=False)
     except Exception as e:  # noqa: BLE001 - its message, one line
         raise GraphoptError(f"--compare: onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
     names = [o.name for o in sess.get_outputs()]
 
     def run(feeds: Feeds) -> Sequence[np.ndarray]:
-        return sess.run(names, dict(feeds))
+        out: Sequence[np.ndarray] = sess.run(names, dict(feeds))
+        return out
 
     return run, f"onnxruntime {ort.__version__} (all optimizations, {threads or 'default'} threads, no spinning)"
 
@@ -279,7 +277,8 @@ def compare_models(original: str, result: str, *, kind: str, model: Any, eval_da
     if memory:
         with tempfile.TemporaryDirectory(prefix="graphopt-compare-") as tmp:
             fp = os.path.join(tmp, "feeds.npz")
-            np.savez(fp, **{k: np.asarray(v) for k, v in feeds.items()})
+            arrays: dict[str, Any] = {k: np.asarray(v) for k, v in feeds.items()}
+            np.savez(fp, **arrays)
             # two probes each, alternating, the smaller kept: onnxruntime's arena and thread start-up
             # vary by ~5 % between identical runs (ResNet-50: 264 vs 277 MB for the same file)
             probes = [(peak_memory(original, "onnx", fp, threads=threads), peak_memory(result, kind, fp, threads=threads))

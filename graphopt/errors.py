@@ -6,6 +6,7 @@ internal error (exit code 1).
 
 from __future__ import annotations
 
+__all__ = ["ExternalDataError", "GraphoptError", "ModelLoadError", "ParseError", "UsageError", "VerifyError"]
 
 # every character str.splitlines() breaks on, and the other C0 controls, shown escaped
 _ESCAPES = {c: repr(chr(c))[1:-1] for c in [*range(0x20), 0x7F, 0x85, 0x2028, 0x2029] if chr(c) != "\t"}

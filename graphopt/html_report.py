@@ -16,6 +16,7 @@ same tables and one line saying the charts are missing and why.
 
 from __future__ import annotations
 
+import functools
 import html
 import io
 import math
@@ -201,9 +202,11 @@ def _compare(c: Mapping[str, Any]) -> str:
     rows: list[Sequence[Any]] = list(table_rows(c, _bytes, _change))
     lat, size, mem = c.get("latency"), c.get("size"), c.get("peak_memory")
     acc = c.get("accuracy") or {}
-    for key, label, fmt in (("cosine", "cosine similarity", lambda x: f"{x:.6f}"),
-                            ("top1-agreement", "top-1 agreement", lambda x: f"{x * 100:.2f} %"),
-                            ("sqnr", "SQNR", lambda x: "∞" if math.isinf(x) else f"{x:.1f} dB")):
+    metrics: tuple[tuple[str, str, Callable[[float], str]], ...] = (
+        ("cosine", "cosine similarity", lambda x: f"{x:.6f}"),
+        ("top1-agreement", "top-1 agreement", lambda x: f"{x * 100:.2f} %"),
+        ("sqnr", "SQNR", lambda x: "∞" if math.isinf(x) else f"{x:.1f} dB"))
+    for key, label, fmt in metrics:
         if acc.get(key) is not None:
             rows.append((label, "(reference)", fmt(acc[key]), "result vs original"))
     rt = c.get("runtime") or {}
@@ -303,6 +306,12 @@ def _quantize(q: Mapping[str, Any]) -> str:
     return body
 
 
+def _prune_bars(top: Sequence[Mapping[str, Any]]) -> str:
+    return _hbar([_group_label(g.get("layers") or []) for g in top],
+                 [("removed %", [100 * g["pruned-units"] / max(1, g.get("units") or 1) for g in top], BLUE)],
+                 "channels removed (%)")
+
+
 def _prune(runs: Sequence[Mapping[str, Any]], passes: Sequence[Mapping[str, Any]]) -> str:
     body = ""
     stats = next((p.get("stats") for p in passes if str(p.get("pass", "")).startswith("prune")), None) or {}
@@ -313,10 +322,7 @@ def _prune(runs: Sequence[Mapping[str, Any]], passes: Sequence[Mapping[str, Any]
         pruned = [g for g in groups if g.get("pruned-units")]
         if pruned:
             top = sorted(pruned, key=lambda g: -g["pruned-units"] / max(1, g.get("units") or 1))[:MAX_BARS]
-            body += _chart("prune", lambda top=top: _hbar(
-                [_group_label(g.get("layers") or []) for g in top],
-                [("removed %", [100 * g["pruned-units"] / max(1, g.get("units") or 1) for g in top], BLUE)],
-                "channels removed (%)"))
+            body += _chart("prune", functools.partial(_prune_bars, top))
         rows = [(", ".join(g.get("layers") or []), g.get("channels"), g.get("units"),
                  g.get("pruned-units", 0) * (g.get("unit") or 1), "; ".join(map(str, g.get("blocked") or []))) for g in groups]
         body += _long(_table(("group (layers)", "channels", "units", "channels removed", "kept whole because"), rows,

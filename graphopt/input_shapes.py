@@ -74,10 +74,10 @@ def fix_input_shapes(model: Model, input_shapes: Mapping[str, Sequence[int]] | N
         return []
     g = model.graph
     inputs = {v.name: v for v in g.inputs if not v.is_initializer()}
-    for name, v in list(input_shapes.items()) + list(dims.items()):
-        for d in (v if isinstance(v, tuple) else (v,)):
+    for name, given in list(input_shapes.items()) + list(dims.items()):
+        for d in (given if isinstance(given, tuple) else (given,)):
             if d < 1:
-                raise UsageError(f"{'--input-shape' if isinstance(v, tuple) else '--dim'} {name}: sizes must be at least 1")
+                raise UsageError(f"{'--input-shape' if isinstance(given, tuple) else '--dim'} {name}: sizes must be at least 1")
     bind: dict[str, int] = {}  # symbol -> value, from --dim and from the symbols an --input-shape fixes
     for sym, val in dims.items():
         bind[sym] = val
@@ -118,7 +118,7 @@ def fix_input_shapes(model: Model, input_shapes: Mapping[str, Sequence[int]] | N
         v = inputs[name]
         tt = v.type
         assert isinstance(tt, TensorType)
-        shape_dims = list(tt.shape.dims) if tt.shape is not None else [None] * len(input_shapes[name])
+        shape_dims: list[int | str | None] = list(tt.shape.dims) if tt.shape is not None else [None] * len(input_shapes[name])
         for axis, val in axes.items():
             shape_dims[axis] = val
         v.type = _with_dims(tt, tuple(shape_dims))

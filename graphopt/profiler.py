@@ -28,9 +28,9 @@ import os
 import statistics
 import tempfile
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -126,7 +126,7 @@ def machine_peak(machine: Mapping[str, Any] | None, threads: int, *, peak_gflops
     rate = INT8_RATE.get(str(machine.get("int8_dot"))) if machine else None
     if peak_gflops is not None:
         return Peak(float(peak_gflops), float(peak_gflops) * rate if rate else None, "given (--peak-gflops)")
-    if not lanes or not fma:
+    if not lanes or not fma or not machine:
         return None
     ghz, src = cpu_clock_ghz()
     if ghz is None:
@@ -152,7 +152,8 @@ def host_machine() -> dict[str, Any] | None:
         return None
     spec = {"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu()),
             "mtriple": str(tvm.target.codegen.llvm_get_system_triple())}
-    return machine_model(spec).to_json()
+    model: dict[str, Any] = machine_model(spec).to_json()
+    return model
 
 
 def _rate(row: Row, peak: Peak | None) -> None:
@@ -199,8 +200,9 @@ def _eval_flops(expr: Any, dims: Mapping[str, Sequence[int]], shapes: Sequence[A
             return env[n.id]
         if isinstance(n, ast.BinOp):
             a, b = ev(n.left), ev(n.right)
-            ops = {ast.Mult: lambda: a * b, ast.Add: lambda: a + b, ast.Sub: lambda: a - b,
-                   ast.FloorDiv: lambda: a // b if b else 0}
+            ops: dict[type[ast.operator], Callable[[], int]] = {
+                ast.Mult: lambda: a * b, ast.Add: lambda: a + b, ast.Sub: lambda: a - b,
+                ast.FloorDiv: lambda: a // b if b else 0}
             if type(n.op) in ops:
                 return ops[type(n.op)]()
         raise ValueError("not a FLOPs expression")
@@ -326,7 +328,7 @@ def _ort_cover(original: Any, optimized: Any) -> dict[str, list[str]]:
     by_name: set[str] = set()
     for k, n in enumerate(optimized.graph.node):
         hint = n.name.removesuffix("_nchwc") if n.name.endswith("_nchwc") else None
-        if hint in producer:
+        if hint is not None and hint in producer:
             claims[k] = [hint]
             by_name.add(hint)
     for k, n in enumerate(optimized.graph.node):
@@ -451,7 +453,7 @@ def compare(ours: Profile, ref: Profile) -> dict[str, Any]:
                      "graphopt_ms": tg if gs else None, "onnxruntime_ms": to if os_ else None,
                      "ratio": tg / to if gs and os_ and to > 0 else None,
                      "_key": (gs[0].index if gs else 10**9, os_[0].index if os_ else 0)})
-    rows.sort(key=lambda r: r.pop("_key"))
+    rows.sort(key=lambda r: cast("tuple[int, int]", r.pop("_key")))
     tg, to = ours.total_ms, ref.total_ms
     return {"graphopt": ours.to_json(), "onnxruntime": ref.to_json(), "rows": rows,
             "totals": {"graphopt_ms": tg, "onnxruntime_ms": to, "ratio": tg / to if to else None,

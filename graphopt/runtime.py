@@ -32,6 +32,8 @@ import numpy as np
 from graphopt.errors import UsageError
 from graphopt.target import Artifact, ArtifactError, npz_arrays, sha256_file
 
+__all__ = ["OrtRunner", "Runner", "load", "load_onnx"]  # the stable API (README "Stable API")
+
 
 def _contiguous(a: np.ndarray) -> np.ndarray:
     """C-contiguous, keeping 0-d arrays 0-d (np.ascontiguousarray makes them 1-d)."""
@@ -127,7 +129,7 @@ def elf_machine(path: str, *, where: str) -> int:
             if sh_type != 8 and sh_offset + sh_size > size:  # SHT_NOBITS takes no file bytes
                 raise ArtifactError(f"{where}: ELF section {i} ends at byte {sh_offset + sh_size}, past the end "
                                     f"of the file ({size} bytes): truncated?")
-    return e_machine
+    return int(e_machine)
 
 
 def _triple_arch(target: Mapping[str, Any]) -> str:
@@ -163,17 +165,17 @@ def check_params(artifact: Artifact, path: str) -> None:
             if name not in stored:
                 raise ArtifactError(f"{where}: param {name!r} of runtime.params has no array {name!r}")
             continue
-        e = codebooks[name]
-        for n in (e["indices"], e["codebook"]):
+        cb = codebooks[name]
+        for n in (cb["indices"], cb["codebook"]):
             if n not in stored:
                 raise ArtifactError(f"{where}: param {name!r} of runtime.params has no array {n!r}")
-        # the stored forms must be those of a weight of e["shape"] (codebook.pack's layout)
-        shape, bits, axis = e["shape"], e["bits"], e["axis"]
+        # the stored forms must be those of a weight of cb["shape"] (codebook.pack's layout)
+        shape, bits, axis = cb["shape"], cb["bits"], cb["axis"]
         if axis is not None and not 0 <= axis < len(shape):
             raise ArtifactError(f"{where}: param {name!r}: codebook axis {axis} of a {len(shape)}-d weight")
         packed = [bits, max(1, -(-int(np.prod(shape, dtype=object)) // 8))]
         entries = (1 if axis is None else shape[axis]) << bits
-        got_i, got_c = stored[e["indices"]], stored[e["codebook"]]
+        got_i, got_c = stored[cb["indices"]], stored[cb["codebook"]]
         if got_i != (np.dtype(np.uint8), tuple(packed)) or got_c[0].kind != "f" or got_c[1] != (entries,):
             raise ArtifactError(f"{where}: param {name!r}: indices {got_i[0]}{list(got_i[1])} and codebook "
                                 f"{got_c[0]}{list(got_c[1])} are not those of a {bits}-bit {shape} weight "
@@ -221,10 +223,10 @@ def _param(data: Any, name: str, rt: Mapping[str, Any]) -> np.ndarray:
             import ml_dtypes
 
             return np.asarray(data[name]).view(ml_dtypes.bfloat16)
-        return data[name]
-    from graphopt.passes.sharing.codebook import decode_artifact
+        return np.asarray(data[name])
+    from graphopt.codebook import decode_artifact
 
-    a = decode_artifact(data[entry["indices"]], data[entry["codebook"]], entry)
+    a: np.ndarray = decode_artifact(data[entry["indices"]], data[entry["codebook"]], entry)
     if list(a.shape) != list(entry["shape"]):
         raise ValueError(f"param {name!r} decodes to shape {list(a.shape)}, its codebook entry says {entry['shape']}")
     return a
@@ -256,9 +258,10 @@ class InputChecks:
     def __init__(self, specs: Sequence[Mapping[str, Any]]) -> None:
         self.specs = list(specs)
         self.names = [str(i["name"]) for i in self.specs]
-        self._want = [(np.dtype(i["dtype"]) if i.get("dtype") is not None else None,
+        self._want: list[tuple[np.dtype[Any] | None, int | None, list[tuple[int, int]]]] = [
+                      (np.dtype(i["dtype"]) if i.get("dtype") is not None else None,
                        None if i.get("shape") is None else len(i["shape"]),
-                       None if i.get("shape") is None else [(k, d) for k, d in enumerate(i["shape"]) if isinstance(d, int)])
+                       [] if i.get("shape") is None else [(k, d) for k, d in enumerate(i["shape"]) if isinstance(d, int)])
                       for i in self.specs]
 
     def arrays(self, inputs: Mapping[str, Any] | Sequence[Any]) -> list[np.ndarray]:
@@ -475,7 +478,7 @@ class Runner:
         self._call(feeds)  # (one untimed run at least: the library's argument checks)
         for _ in range(max(warmup - 1, 0)):
             self._main(*feeds, *self._params)
-        times = []
+        times: list[float] = []
         deadline = None if seconds is None else time.perf_counter() + seconds
         while len(times) < repeat and (deadline is None or time.perf_counter() < deadline or len(times) < 3):
             t = time.perf_counter()
@@ -581,7 +584,7 @@ def _to_numpy(t: Any) -> np.ndarray:
     try:
         return np.from_dlpack(t).copy()
     except Exception:  # noqa: BLE001 - a device or dtype DLPack cannot hand to numpy
-        return t.numpy()
+        return np.asarray(t.numpy())
 
 
 def _check_cpu(artifact: Artifact) -> None:
@@ -624,7 +627,8 @@ def load(path: str, *, threads: int | None = None) -> Runner:
         import importlib
 
         mod_name, fn = spec.split(":")
-        return getattr(importlib.import_module(mod_name), fn)(art, threads=threads)
+        runner: Runner = getattr(importlib.import_module(mod_name), fn)(art, threads=threads)
+        return runner
     return Runner(art, threads=threads)
 
 
@@ -633,22 +637,16 @@ class OrtRunner:
     Runner's interface: `inputs` specs as a manifest lists them, `run`, `benchmark`."""
 
     def __init__(self, path: str, *, threads: int | None = None, profile_dir: str | None = None) -> None:
-        import onnxruntime as ort
+        from graphopt.check import onnxruntime_session
 
         self.path = path
         self.threads = check_threads(threads) or _cores()
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = self.threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        if profile_dir is not None:  # onnxruntime's per-node profile, and the graph it runs (node names)
-            so.enable_profiling = True
-            so.profile_file_prefix = os.path.join(profile_dir, "ort_profile")
-            so.optimized_model_filepath = os.path.join(profile_dir, "optimized.onnx")
-        self.options = so
+        # with profile_dir: onnxruntime's per-node profile, and the graph it runs (node names)
         try:
-            self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            self.session = onnxruntime_session(
+                path, threads=self.threads, inter_op_threads=1,
+                profile_prefix=None if profile_dir is None else os.path.join(profile_dir, "ort_profile"),
+                optimized_model_path=None if profile_dir is None else os.path.join(profile_dir, "optimized.onnx"))
         except Exception as e:  # noqa: BLE001 - onnxruntime's loader errors are the user's model
             raise UsageError(f"{path}: onnxruntime cannot load it: {_first_line(e)[:300]}") from None
         self.inputs = [{"name": i.name, "dtype": _ort_dtype(i.type), "shape": [d if isinstance(d, int) else (str(d) if d else None) for d in (i.shape or [])]}

@@ -148,11 +148,13 @@ def get_target(name: str | Target) -> Target:
         raise
     cls = getattr(module, cls_name)
     if not target_options:
-        return cls()
+        target: Target = cls()
+        return target
     from_options = getattr(cls, "from_options", None)
     if from_options is None:
         raise UsageError(f"target {name!r} takes no options (got {', '.join(target_options)})")
-    return from_options(target_options)
+    target = from_options(target_options)
+    return target
 
 
 def sha256_file(path: str) -> str:
@@ -223,7 +225,7 @@ class Artifact:
         return self._runner
 
     def run(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> list[np.ndarray]:
-        return self.runner().run(inputs)
+        return list(self.runner().run(inputs))
 
     def save(self, dest: str) -> str:
         """Copy the artifact to folder `dest` atomically; an existing artifact there is replaced
@@ -265,8 +267,9 @@ class Artifact:
     def __del__(self) -> None:
         if getattr(self, "_owned", False):
             shutil.rmtree(self.path, ignore_errors=True)
-        if getattr(self, "_lock", None) is not None:
-            os.close(self._lock)
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            os.close(lock)
 
     def __repr__(self) -> str:
         t = self.manifest.get("target", {}).get("name", "?")
@@ -405,7 +408,7 @@ class _Schema:
         return v
 
     def count(self, d: Mapping[str, Any], parent: str, key: str, *, optional: bool = False, low: int = 0) -> int | None:
-        v = self.get(d, parent, key, int, optional=optional)
+        v: int | None = self.get(d, parent, key, int, optional=optional)
         if v is not None and v < low:
             self.fail(f"{parent}.{key}", f"is {v}, expected at least {low}")
         return v
@@ -456,7 +459,8 @@ class _Schema:
         if not _SHA256.fullmatch(digest):
             self.fail(f"{at}.sha256", f"{_short(digest)} is not a sha256 hex digest")
         self.count(entry, at, "bytes")
-        return entry
+        checked: dict[str, Any] = entry
+        return checked
 
 
 def check_manifest(m: Any, where: str) -> None:

@@ -40,7 +40,7 @@ from graphopt.ir.types import (
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
 
-__all__ = ["assert_same_outputs", "models", "random_inputs", "rich_models", "run_model"]
+__all__ = ["assert_same_outputs", "check_pass", "models", "random_inputs", "rich_models", "run_model"]
 
 # names that stress quoting: plain identifiers and ONNX-exporter style paths, unicode, keywords
 _NAME_STYLES = ["v{}", "/layer{}/Conv_output_0", "x.{}", "onnx::Add_{}", "näme {}", "float{}", "_{}"]
@@ -82,14 +82,10 @@ def random_inputs(model: Model, *, seed: int = 0, dim_sizes: Mapping[str, int] |
 
 def run_model(model: Model, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """Outputs of the model under onnxruntime (CPU), in graph-output order."""
-    import onnxruntime as ort
+    from graphopt.check import onnxruntime_session
 
-    from graphopt.onnx_io import to_onnx
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4  # fatal only: the exception carries the error
-    sess = ort.InferenceSession(to_onnx(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, dict(feeds))
+    sess = onnxruntime_session(model, log_severity=4)  # fatal only: the exception carries the error
+    return list(sess.run(None, dict(feeds)))
 
 
 def assert_same_outputs(
@@ -167,7 +163,7 @@ def models(
         inputs = []
         pool: list[tuple[Value, tuple[int | str, ...]]] = []
         for _ in range(n_in):
-            shape = (batch, draw(st.integers(1, 4)))
+            shape: tuple[int | str, ...] = (batch, draw(st.integers(1, 4)))
             v = Value(names.new(), TensorType(DataType.FLOAT, Shape(shape)))
             inputs.append(v)
             pool.append((v, shape))
@@ -196,7 +192,8 @@ def models(
             return out
 
         def pick() -> tuple[Value, tuple[int | str, ...]]:
-            return pool[draw(st.integers(0, len(pool) - 1))]
+            i: int = draw(st.integers(0, len(pool) - 1))
+            return pool[i]
 
         n_nodes = draw(st.integers(1, max_nodes))
         for _ in range(n_nodes):
@@ -234,7 +231,7 @@ def models(
                 add("Reshape", [x, target], (shape[0], a, k // a))
             elif op == "reshape" and len(shape) == 3 and all(isinstance(d, int) for d in shape[1:]) and shape[0] == batch:
                 target = init(np.array([0, -1], dtype=np.int64))
-                add("Reshape", [x, target], (shape[0], shape[1] * shape[2]))  # type: ignore[operator]
+                add("Reshape", [x, target], (shape[0], int(shape[1]) * int(shape[2])))
             elif op == "flatten-by-shape" and len(shape) >= 2:
                 dims = Value(names.new())
                 g.append(Node("", "Shape", [x], outputs=[dims]))
@@ -244,7 +241,7 @@ def models(
                 g.append(Node("", "Concat", [first, init(np.array([-1], dtype=np.int64))], {"axis": 0}, outputs=[target]))
                 rest = list(shape[1:])
                 # a fresh symbol when a dim is symbolic: one shared name would claim equal sizes
-                flat: int | str = math.prod(rest) if all(isinstance(d, int) for d in rest) else f"M{len(pool)}"  # type: ignore[arg-type]
+                flat: int | str = math.prod(int(d) for d in rest) if all(isinstance(d, int) for d in rest) else f"M{len(pool)}"
                 add("Reshape", [x, target], (shape[0], flat))
             elif op == "zeros-like":
                 dims = Value(names.new())

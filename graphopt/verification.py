@@ -21,7 +21,7 @@ import numpy as np
 
 from graphopt.check import compare_outputs, run_onnxruntime
 from graphopt.ir.core import Model
-from graphopt.metrics import Threshold, output_agreement
+from graphopt.accuracy import Budget, output_agreement
 from graphopt.report import VerifyResult
 
 
@@ -65,7 +65,7 @@ def input_shapes(feeds: Mapping[str, np.ndarray]) -> dict[str, list[int]]:
 
 def verify_outputs(ref: Reference, actual: Sequence[np.ndarray], *, rtol: float, atol: float,
                    feeds: Mapping[str, np.ndarray], inputs: str,
-                   thresholds: Sequence[Threshold] = ()) -> VerifyResult:
+                   thresholds: Sequence[Budget] = ()) -> VerifyResult:
     """Elementwise per output |a - e| <= max(atol, noise) + rtol·|e|; or, with `thresholds`,
     the metrics (cosine, top-1 agreement, SQNR against the original) instead."""
     whole = compare_outputs(ref.outputs, list(actual), rtol=math.inf, atol=math.inf)  # the error, whatever it is

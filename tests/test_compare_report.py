@@ -20,7 +20,7 @@ from hypothesis.extra.numpy import arrays
 import graphopt
 from graphopt import cli, compare, html_report
 from graphopt.errors import UsageError
-from graphopt.metrics import output_agreement, parse_thresholds, sqnr_db, top1_accuracy
+from graphopt.accuracy import output_agreement, parse_budgets, sqnr_db, top1_accuracy
 from graphopt.verification import Reference, reference_outputs, verify_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,12 +78,12 @@ def test_sqnr_does_not_depend_on_scale(ref: np.ndarray, noise: np.ndarray, k: fl
 
 
 def test_thresholds_parse_and_refuse() -> None:
-    t = parse_thresholds("cosine:0.99, top1-agreement:99, sqnr:30")
+    t = parse_budgets("cosine:0.99, top1-agreement:99, sqnr:30")
     assert [(x.metric, x.limit) for x in t] == [("cosine", 0.99), ("top1-agreement", 0.99), ("sqnr", 30.0)]
     assert t[2].holds({"sqnr": 31.0}) and not t[2].holds({"sqnr": 29.0}) and not t[0].holds({"cosine": None})
     for bad in ("cosine", "l2:3", "sqnr:abc", "cosine:1.5x"):
         with pytest.raises(UsageError):
-            parse_thresholds(bad)
+            parse_budgets(bad)
 
 
 # ------------------------------------------------------------------------------------ verify
@@ -320,9 +320,9 @@ def test_verify_metric_top1_means_what_accuracy_budget_top1_means() -> None:
     m = output_agreement([[ref]], [[res]])
     assert m["top1"] == pytest.approx(25.0) and m["top1-agreement"] == 0.75
     assert m["rel"] == pytest.approx(float(np.linalg.norm(res - ref) / np.linalg.norm(ref)))
-    (t,) = parse_thresholds("top1:30")
+    (t,) = parse_budgets("top1:30")
     assert (t.metric, t.limit) == ("top1", 30.0) and t.holds(m) and str(t) == "top1 <= 30 pt"
-    assert not parse_thresholds("top1:20")[0].holds(m)
+    assert not parse_budgets("top1:20")[0].holds(m)
     assert Budget.parse("top1:30").holds({"top1": m["top1"]}) and not Budget.parse("top1:20").holds({"top1": m["top1"]})
-    (r,) = parse_thresholds("rel:0.5")
-    assert r.holds(m) and not parse_thresholds("rel:0.01")[0].holds(m)
+    (r,) = parse_budgets("rel:0.5")
+    assert r.holds(m) and not parse_budgets("rel:0.01")[0].holds(m)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 from graphopt.ir.core import Attr, AttrType, Function, Graph, Model, Node, Value
 
@@ -51,6 +52,7 @@ def clone_graph(graph: Graph, value_map: dict[Value, Value] | None = None) -> Gr
 
 
 def _clone_attr(a: Attr, vm: dict[Value, Value]) -> Attr:
+    value: Any
     if a.value is None:  # a reference (`ref_attr_name`) inside a function body
         value = None
     elif a.type == AttrType.GRAPH:

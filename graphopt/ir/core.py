@@ -711,4 +711,4 @@ class Model:
         return f"Model(ir_version={self.ir_version}, opsets={self.opset_imports}, {len(self.graph)} nodes)"
 
 
-AttrValue = Union[int, float, str, bytes, Tensor, Graph, list]
+AttrValue = Union[int, float, str, bytes, Tensor, Graph, list[Any]]

@@ -305,7 +305,7 @@ class _Parser:
         t = self.tok
         if t.kind in ("ID", "STR"):
             self.next()
-            return t.value
+            return str(t.value)
         raise self.error(f"expected {what}, found {self.describe(t)}")
 
     def value_key(self, what: str = "a value name") -> tuple[str, str, Tok]:
@@ -320,7 +320,7 @@ class _Parser:
         raise self.error(f"expected {what}, found {self.describe(t)}")
 
     def string(self, what: str = "a string") -> str:
-        return self.expect("STR", what).value
+        return str(self.expect("STR", what).value)
 
     def integer(self) -> int:
         t = self.expect("INT", "an integer")
@@ -948,7 +948,7 @@ class _Parser:
             if not self.at("["):
                 raise self.error(f"expected '[' for a {kind.name.lower()} list")  # type: ignore[union-attr]
             self.next()
-            elem_kind = _LIST_KIND.get(kind) if kind is not None else None  # type: ignore[arg-type]
+            elem_kind = _LIST_KIND.get(kind) if kind is not None else None
             items: list[Any] = []
             kinds: list[AttrType] = []
             while not self.at("]"):

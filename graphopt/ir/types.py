@@ -141,7 +141,8 @@ class Shape:
             return None
         n = 1
         for d in self.dims:
-            n *= d  # type: ignore[operator]
+            assert isinstance(d, int)  # is_static
+            n *= d
         return n
 
     def __len__(self) -> int:

@@ -46,6 +46,7 @@ def _verify_graph(graph: Graph, outer: frozenset[Value], domains: set[str] | Non
         names[v.name] = v
 
     visible: set[Value] = set(outer)
+    v: Value | None
     for v in graph.inputs:
         claim(v, None, "graph input defined twice")
         visible.add(v)
@@ -61,8 +62,8 @@ def _verify_graph(graph: Graph, outer: frozenset[Value], domains: set[str] | Non
     defined_later: dict[Value, Node] = {}
     seen_nodes: set[Node] = set()
     for n in graph:
-        for v in n.outputs:
-            defined_later[v] = n
+        for out in n.outputs:
+            defined_later[out] = n
 
     for n in graph:
         if n.graph is not graph:

@@ -8,6 +8,7 @@ external data file and referenced.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import onnx
 from onnx import numpy_helper
@@ -191,7 +192,7 @@ class _Exporter:
 
     def attribute(self, a: Attr, ap: onnx.AttributeProto) -> None:
         ap.name = a.name
-        ap.type = int(a.type)
+        ap.type = cast("onnx.AttributeProto.AttributeType", int(a.type))
         if a.doc_string:
             ap.doc_string = a.doc_string
         if a.ref_attr_name:

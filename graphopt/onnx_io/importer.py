@@ -315,6 +315,7 @@ class _Importer:
             scope[v.name] = v
 
         inputs = [self.value_info(vi) for vi in gp.input]
+        v: Value | None
         for v, vi in zip(inputs, gp.input):
             if not v.name:
                 raise ModelLoadError(f"graph {graph_name!r} has an input without a name")
@@ -343,13 +344,13 @@ class _Importer:
                 doc_string=npb.doc_string,
                 metadata_props=_props(npb.metadata_props),
             )
-            for v in outs:
-                if v.name:
-                    if v.name in scope:
+            for out in outs:
+                if out.name:
+                    if out.name in scope:
                         raise ModelLoadError(
-                            f"duplicate value name {v.name!r}: output of node {n.label()} is already defined in graph {graph_name!r}"
+                            f"duplicate value name {out.name!r}: output of node {n.label()} is already defined in graph {graph_name!r}"
                         )
-                    scope[v.name] = v
+                    scope[out.name] = out
             nodes.append((n, npb))
         chain = [scope, *outer]
         # pass 2: wire inputs and read attributes (subgraphs see this graph's whole scope)

@@ -9,6 +9,7 @@ from types import MappingProxyType
 from contextvars import ContextVar
 
 from graphopt.ir.core import Model
+from graphopt.ir.query import constant_semantics
 
 _MODEL: ContextVar[Model | None] = ContextVar("graphopt_pattern_model", default=None)
 _NO_OPTIONS: Mapping[str, object] = MappingProxyType({})
@@ -29,10 +30,15 @@ def current_options() -> Mapping[str, object]:
 
 @contextlib.contextmanager
 def model_context(model: Model, options: Mapping[str, object] | None = None) -> Iterator[None]:
+    """Within this block `current_model()` is `model`, `current_options()` are `options`, and
+    constants follow `model`'s IR version (graphopt.ir.constant_semantics). Rules read the model
+    and options through their Match (`m.model`, `m.options`); these remain for code outside a
+    rule (analyses that call const_array) and for rules written against them."""
     token = _MODEL.set(model)
     otoken = _OPTIONS.set(MappingProxyType(dict(options)) if options else _NO_OPTIONS)
     try:
-        yield
+        with constant_semantics(model):
+            yield
     finally:
         _OPTIONS.reset(otoken)
         _MODEL.reset(token)

@@ -216,11 +216,17 @@ def apply_rules(
     max_iterations: int = 10,
     max_rewrites: int | None = None,
     options: Mapping[str, object] | None = None,
+    drop_orphaned_initializers: bool = False,
 ) -> PassResult:
     """Apply `rules` greedily to every graph of `model` until nothing matches (or the bounds
     stop it: `max_iterations` sweeps per graph, `max_rewrites` and `ctx.rewrite_limit` rewrites
-    in total). Stats: rewrites per rule name. Rewrites: each one applied, in order. The rules'
-    checks see `options` through `graphopt.pattern.current_options()`."""
+    in total). Stats: rewrites per rule name. Rewrites: each one applied, in order. Each Match
+    carries `model` and `options` (`m.model`, `m.options`, `m.opset()`) for the rules' checks
+    and rewrites.
+
+    `drop_orphaned_initializers`: initializers that were read before and that no node reads
+    after the rewrites (a folded weight's old version) are removed at the end (stat
+    `initializers-removed`), so the model never carries both versions. RewritePass sets it."""
     ctx = ctx if ctx is not None else PassContext()
     ordered = sorted(rules, key=lambda r: -r.benefit)  # stable: ties keep the given order
     index: dict[tuple[str, str], list[tuple[Rule, Matcher]]] = {}
@@ -233,18 +239,23 @@ def apply_rules(
     limits = [k for k in (ctx.rewrite_limit, max_rewrites) if k is not None]
     state = _State(limit=min(limits) if limits else None)
     roots = {id(model.graph)} | {id(f.graph) for f in model.functions.values()}
+    live = [v for g in model.graphs() for v in g.initializers.values() if v.uses()] if drop_orphaned_initializers else []
     with model_context(model, options):
         for g in list(model.graphs()):
             if state.exhausted():
                 break
             if not _graph_alive(g, roots):
                 continue
-            _run_graph(g, index, rewriter, result, state, max_iterations, ctx)
+            _run_graph(g, index, rewriter, result, state, max_iterations, ctx, model, options)
     result.changed = state.count > 0
+    if result.changed and live:
+        removed = drop_unused_initializers(live)
+        if removed:
+            result.stats["initializers-removed"] = removed
     if not result.changed and not result.note:
         if not state.candidates:
-            roots = sorted({op for r in ordered for _, op in r.root_ops})
-            result.note = f"no match: the model has no {'/'.join(roots[:6]) or 'root'} nodes to start from"
+            root_ops = sorted({op for r in ordered for _, op in r.root_ops})
+            result.note = f"no match: the model has no {'/'.join(root_ops[:6]) or 'root'} nodes to start from"
         else:
             result.note = f"no match at {state.candidates} candidate nodes" + (f" (first: {state.miss})" if state.miss else "")
     return result
@@ -258,8 +269,10 @@ def _run_graph(
     state: _State,
     max_iterations: int,
     ctx: PassContext,
+    model: Model,
+    options: Mapping[str, object] | None,
 ) -> None:
-    for iteration in range(max_iterations):
+    for _ in range(max_iterations):
         changed = False
         work: deque[Node] = deque(g)
         queued: set[Node] = set(work)
@@ -277,7 +290,7 @@ def _run_graph(
             if n.graph is not g:
                 continue
             for rule, matcher in index.get((_dom(n.domain), n.op_type), ()):
-                mr = rule.try_match(n, matcher)
+                mr = rule.try_match(n, matcher, model=model, options=options)
                 state.candidates += 1
                 if mr.match is None:
                     if not state.miss and mr.reason:
@@ -309,7 +322,8 @@ def _dom(domain: str) -> str:
 class RewritePass(Pass):
     """Base of rule-based passes: set `name` and `rules` (class attributes), or override
     `get_rules` when the rules depend on the pass's options. `max_iterations` bounds the
-    sweeps per graph."""
+    sweeps per graph. The rules see the pass's options as `m.options`; initializers the
+    rewrites left unread are dropped (stat `initializers-removed`)."""
 
     name: ClassVar[str] = ""
     rules: ClassVar[Sequence[Rule]] = ()
@@ -321,4 +335,5 @@ class RewritePass(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         options = {f.name: getattr(self, f.name) for f in self.option_fields()}
-        return apply_rules(model, self.get_rules(), ctx, max_iterations=self.max_iterations, max_rewrites=self.max_rewrites, options=options)
+        return apply_rules(model, self.get_rules(), ctx, max_iterations=self.max_iterations, max_rewrites=self.max_rewrites,
+                           options=options, drop_orphaned_initializers=True)

@@ -48,7 +48,7 @@ def explain_candidates(model: Model, rule: Rule, options: Mapping[str, object] |
         for g in model.graphs():
             where = _graph_label(model, g)
             for n in rule.candidates(g):
-                out.append(Candidate(where, rule.try_match(n, matcher)))
+                out.append(Candidate(where, rule.try_match(n, matcher, model=model, options=options)))
     # stable sort: graph order among equals
     out.sort(key=lambda c: (not bool(c.result), -c.result.depth))
     return out

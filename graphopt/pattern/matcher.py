@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from graphopt.ir.core import Graph, Node, Value
+from graphopt.ir.core import Function, Graph, Model, Node, Value
+from graphopt.ir.query import const_array, enclosing_function, opset_version
 from graphopt.pattern.pattern import (
     AnyPattern,
     ConstPattern,
@@ -24,7 +26,6 @@ from graphopt.pattern.pattern import (
     OrPattern,
     OutputPattern,
     Pattern,
-    const_array,
     normalize_domain,
 )
 
@@ -54,12 +55,20 @@ class Match:
 
     Op patterns give the Node, every other pattern the Value (None for an absent optional
     input). `m.value(p)`, `m.node(p)` and `m.const(p)` ask for a specific kind.
+
+    What a check needs beyond the matched nodes comes with the match: `m.model` (the model being
+    rewritten or explained; None for a bare graph), `m.options` (the applying pass's options, or
+    those `explain` was given), `m.opset()` (the opset governing the root's graph) and
+    `m.function` (the function whose body the match is in).
     """
 
-    def __init__(self, root: Node, bindings: Bindings) -> None:
+    def __init__(self, root: Node, bindings: Bindings, model: Model | None = None,
+                 options: Mapping[str, object] | None = None) -> None:
         self.root = root
         self._b = bindings
         self._nodes: list[Node] | None = None
+        self.model = model
+        self.options: Mapping[str, object] = MappingProxyType(dict(options or {}))
 
     def __getitem__(self, p: Pattern) -> Any:
         try:
@@ -103,6 +112,16 @@ class Match:
     def graph(self) -> Graph:
         assert self.root.graph is not None
         return self.root.graph
+
+    @property
+    def function(self) -> Function | None:
+        """The model-local function whose body the match is in, else None."""
+        return enclosing_function(self.graph)
+
+    def opset(self, domain: str = "") -> int | None:
+        """The opset of `domain` governing the match's graph (graphopt.ir.opset_version); None
+        when unknown (no model given: callers assume a modern opset)."""
+        return opset_version(self.model, self.graph, domain)
 
     @property
     def nodes(self) -> list[Node]:
@@ -181,7 +200,7 @@ def attr_default(domain: str, op_type: str, name: str) -> Any:
 
     try:
         schema = onnx.defs.get_schema(op_type, domain)
-    except Exception:
+    except onnx.defs.SchemaError:  # an op onnx does not know: no defaults to offer
         return None
     a = schema.attributes.get(name)
     if a is None or a.default_value is None or a.default_value.type == 0:
@@ -228,8 +247,9 @@ class Matcher:
         self._graph: Graph | None = None  # the root's graph: matches never leave it
 
     # --- public -------------------------------------------------------------------------------
-    def matches(self, node: Node) -> Iterator[Match]:
-        """Every complete match rooted at `node`, in search order."""
+    def matches(self, node: Node, model: Model | None = None, options: Mapping[str, object] | None = None) -> Iterator[Match]:
+        """Every complete match rooted at `node`, in search order (each carrying `model` and
+        `options`, see Match)."""
         self._best = None
         self._graph = node.graph
         for b in self._root(self.pattern, node, {}):
@@ -237,7 +257,7 @@ class Matcher:
             if reason:
                 self._fail(b, reason)
                 continue
-            yield Match(node, b)
+            yield Match(node, b, model, options)
 
     def failure(self) -> tuple[str, list[Node]]:
         """The deepest failure of the last search: reason and the partial match's nodes."""

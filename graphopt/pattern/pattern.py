@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from graphopt.ir.types import DataType
+from graphopt.ir.query import const_array as const_array  # re-exported: graphopt.pattern.const_array
 
 #: A predicate with the reason reported when it is false.
 Predicate = tuple[Callable[[Any], bool], str]
@@ -38,7 +39,7 @@ def _as_dtype(d: DataType | str | Any) -> DataType:
             return DataType.from_text(d.lower())
         except ValueError:
             pass
-    return DataType.from_numpy(d)
+    return DataType.from_numpy(np.dtype(d))
 
 
 class Pattern:
@@ -362,7 +363,7 @@ def _as_value(obj: Any) -> Any:
 
 
 def value_dtype(v: Any) -> DataType | None:
-    dt = v.dtype
+    dt: DataType | None = v.dtype
     if dt is not None:
         return dt
     arr = const_array(v)
@@ -370,38 +371,5 @@ def value_dtype(v: Any) -> DataType | None:
         return None
     try:
         return DataType.from_numpy(arr.dtype)
-    except Exception:
+    except (ValueError, KeyError, TypeError):  # a numpy dtype with no ONNX element type
         return None
-
-
-def const_array(v: Any) -> np.ndarray | None:
-    """The value of a constant: an initializer that is not also a graph input (a user can feed
-    those) -- except in IR < 4 models, where every initializer is listed as an input and
-    onnxruntime treats them as constants -- or the output of a `Constant` node."""
-    from graphopt.ir.tensor import Tensor
-    from graphopt.pattern.context import current_model
-
-    if v is None:
-        return None
-    cv = v.const_value
-    if cv is not None and isinstance(cv, Tensor):
-        model = current_model()
-        if not v.is_graph_input() or (model is not None and model.ir_version < 4):
-            return cv.numpy()
-    node = v.producer()
-    if node is None or node.op_type != "Constant" or normalize_domain(node.domain) != "":
-        return None
-    for key, a in node.attributes.items():
-        if a.value is None:  # a function-body reference to a caller attribute: not known here
-            return None
-        if key == "value" and isinstance(a.value, Tensor):
-            return a.value.numpy()
-        if key == "value_float":
-            return np.array(a.value, np.float32)
-        if key == "value_floats":
-            return np.array(a.value, np.float32)
-        if key == "value_int":
-            return np.array(a.value, np.int64)
-        if key == "value_ints":
-            return np.array(a.value, np.int64)
-    return None

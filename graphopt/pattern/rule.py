@@ -25,16 +25,17 @@ from __future__ import annotations
 
 
 import importlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Union
 
 import numpy as np
 
 from graphopt.errors import UsageError
 from graphopt.ir.builder import Builder
-from graphopt.ir.core import Attr, Function, Graph, Node, Value
+from graphopt.ir.core import Attr, Function, Graph, Model, Node, Value
 from graphopt.ir.tensor import NumpyTensor, Tensor
 from graphopt.ir.types import Shape, TensorType
+from graphopt.pattern.context import current_model, current_options
 from graphopt.pattern.matcher import Fail, Match, Matcher, MatchResult
 from graphopt.pattern.pattern import Pattern, root_op_keys
 
@@ -141,10 +142,16 @@ class Rule:
         assert self.pattern is not None
         return Matcher(self.pattern, allow_shared=bool(self.allow_shared))
 
-    def try_match(self, node: Node, matcher: Matcher | None = None) -> MatchResult:
-        """The first match at `node` that passes `check`, or the deepest failure and its reason."""
+    def try_match(self, node: Node, matcher: Matcher | None = None, *, model: Model | None = None,
+                  options: Mapping[str, object] | None = None) -> MatchResult:
+        """The first match at `node` that passes `check`, or the deepest failure and its reason.
+        The match carries `model` and `options` (default: those of an enclosing
+        `model_context`, else none) for the check and the rewrite."""
         m = matcher or self.matcher()
-        for match in m.matches(node):
+        if model is None:
+            model = current_model()
+            options = current_options() if options is None else options
+        for match in m.matches(node, model, options):
             verdict = self.check(match)
             if verdict is None or verdict is True:
                 return MatchResult(node, match)

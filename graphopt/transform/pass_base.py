@@ -120,8 +120,8 @@ class Pass:
         for f in cls.option_fields():
             if f.default is not dataclasses.MISSING:
                 default = _format_value(f.default)
-            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                default = _format_value(f.default_factory())  # type: ignore[misc]
+            elif f.default_factory is not dataclasses.MISSING:
+                default = _format_value(f.default_factory())
             else:
                 default = "(required)"
             hint = hints.get(f.name, str)
@@ -161,7 +161,7 @@ class Pass:
         for f in self.option_fields():
             value = getattr(self, f.name)
             default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING  # type: ignore[misc]
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
             )
             if value != default:
                 parts.append(f"{_kebab(f.name)}={_format_value(value)}")

@@ -101,7 +101,7 @@ def with_contrib_ops(passes: Sequence[Pass], enabled: bool = True) -> list[Pass]
     """The pipeline with `contrib-ops` set on every pass that has that option: the pipeline-wide
     switch (`graphopt-compile --contrib-ops`, `optimize(..., contrib_ops=True)`) for deployments on
     onnxruntime only, which may then use its com.microsoft ops."""
-    return [dataclasses.replace(p, contrib_ops=enabled) if hasattr(p, "contrib_ops") else p for p in passes]
+    return [dataclasses.replace(p, **{"contrib_ops": enabled}) if hasattr(p, "contrib_ops") else p for p in passes]
 
 
 def format_pipeline(passes: Sequence[Pass]) -> str:

@@ -13,14 +13,7 @@ from graphopt.ir.core import Attr, AttrType
 from graphopt.ir.builder import unique_name
 from graphopt.transform import Pass, PassContext, PassResult, register_pass
 
-from graphopt.passes.cleanup._util import (
-    STANDARD_DOMAINS,
-    const_array,
-    constant_semantics,
-    graphs_preorder,
-    in_function,
-    is_constant,
-)
+from graphopt.ir import STANDARD_DOMAINS, const_array, constant_semantics, in_function, is_constant
 from graphopt.passes.cleanup.fold import fold_graph
 
 _MAX_ROUNDS = 32  # an inlined branch may hold an If whose condition folds next round
@@ -59,7 +52,7 @@ class SimplifyControlFlow(Pass):
                  "folded": 0}
         for _ in range(_MAX_ROUNDS):
             touched: list[Graph] = []
-            for g in graphs_preorder(model):
+            for g in list(model.graphs()):
                 if not g.is_attached():
                     continue
                 for n in list(g):
@@ -81,7 +74,7 @@ class SimplifyControlFlow(Pass):
             r = SimplifyShapes().run(model, ctx)
             stats["folded"] += sum(int(v) for v in r.stats.values())
         # children before parents: dropping an inner output can free an outer one
-        for g in reversed(graphs_preorder(model)):
+        for g in reversed(list(model.graphs())):
             if not g.is_attached():
                 continue
             for n in list(g):
@@ -129,7 +122,7 @@ def _inline_if(node: Node) -> bool:
         if name in parent.initializers:
             v.name = unique_name(parent, name)
             if v.const_value is not None and hasattr(v.const_value, "name"):
-                v.const_value.name = v.name  # type: ignore[union-attr]
+                v.const_value.name = v.name
         parent.register_initializer(v)
     if moved_consts:
         parent.insert_before(node, moved_consts)

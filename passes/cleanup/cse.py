@@ -8,7 +8,7 @@ from typing import ClassVar
 from graphopt.ir import Graph, Model, Node, SparseTensor, Value
 from graphopt.transform import Pass, PassContext, PassResult, register_pass
 
-from graphopt.passes.cleanup._util import constant_semantics, NONDETERMINISTIC_OPS, attr_key, graphs_preorder
+from graphopt.ir import NONDETERMINISTIC_OPS, attr_key, constant_semantics
 
 #: Binary ops whose two operands may be swapped (inputs are keyed as a multiset).
 _COMMUTATIVE = frozenset({"Add", "Mul", "Max", "Min", "Sum", "Mean", "And", "Or", "Xor", "Equal", "BitwiseAnd", "BitwiseOr", "BitwiseXor"})
@@ -43,7 +43,7 @@ class CommonSubexpressionElimination(Pass):
 
     def _run(self, model: Model, ctx: PassContext) -> PassResult:
         consts = nodes = 0
-        for g in graphs_preorder(model):
+        for g in list(model.graphs()):
             if g.parent is not None and isinstance(g.parent, Node) and g.parent.graph is None:
                 continue  # its owner was merged away
             consts += _merge_small_initializers(g)
@@ -62,7 +62,7 @@ def _merge_small_initializers(g: Graph) -> int:
             continue
         try:
             key = (int(t.dtype), tuple(t.shape), t.content_hash())
-        except Exception:
+        except (OSError, ValueError):  # external data that cannot be read: not merged by value
             continue
         keep = seen.setdefault(key, v)
         if keep is not v:
@@ -96,7 +96,7 @@ def _merge_nodes(g: Graph) -> int:
     for n in g:
         try:
             key = _key(n)
-        except Exception:
+        except Exception:  # noqa: BLE001 - an attribute that cannot be keyed (unreadable tensor): never merged
             key = None
         if key is None:
             continue

@@ -8,7 +8,7 @@ from typing import ClassVar
 from graphopt.ir import Graph, Model, Node
 from graphopt.transform import Pass, PassContext, PassResult, register_pass
 
-from graphopt.passes.cleanup._util import constant_semantics, graphs_preorder
+from graphopt.ir import constant_semantics
 
 #: Domains whose ops are known to be pure (no side effects), even when `keep_custom` is set.
 _PURE_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "graphopt"})
@@ -42,7 +42,7 @@ class DeadCodeElimination(Pass):
         nodes = inits = 0
         # children before parents: a dead read inside a subgraph may be what keeps an outer
         # value alive, so subgraphs are swept first
-        for g in reversed(graphs_preorder(model)):
+        for g in reversed(list(model.graphs())):
             if not g.is_attached():
                 continue
             n, i = _sweep(g, self.keep_custom, local)

@@ -7,16 +7,15 @@ from typing import ClassVar
 
 import numpy as np
 
-from graphopt.ir import Graph, Model, Node, Shape, TensorType, Value
+from graphopt.ir import Graph, Model, Node, Shape, TensorType, Value, opset_version
 from graphopt.transform import Pass, PassContext, PassResult, register_pass
 
-from graphopt.passes.cleanup._util import (
-    constant_semantics,
+from graphopt.ir import (
     NONDETERMINISTIC_OPS,
     STANDARD_DOMAINS,
     const_array,
     const_numel,
-    graphs_preorder,
+    constant_semantics,
     in_function,
     is_constant,
     make_constant,
@@ -63,7 +62,7 @@ def _predicted_size(node: Node, arrays: list[np.ndarray | None]) -> int | None:
             return max(int(np.ceil((limit - start) / delta)), 0) if delta else None
         if op == "EyeLike":
             return int(arrays[0].size)
-    except Exception:
+    except Exception:  # noqa: BLE001 - inputs the size formula cannot take: size unknown, not folded
         return None
     return None  # Resize, Pad, OneHot...: only with a static output type
 
@@ -153,12 +152,12 @@ def _eval_reference(node: Node, arrays: list[np.ndarray | None], model: Model) -
     outs = [Value(f"out{i}") for i in range(len(node.outputs))]
     copy = IRNode(node.domain, node.op_type, ins, list(node.attributes.values()), outputs=outs)
     g = IRGraph([v for v in ins if v is not None], outs, [copy])
-    opsets = {"": model.opset_imports.get("", model.opset_imports.get("ai.onnx", 21))}
+    opsets = {"": opset_version(model, default=21)}
     m = IRModel(g, ir_version=max(model.ir_version, 7), opset_imports=opsets)
     try:
         proto: onnx.ModelProto = to_onnx(m)
         results = ReferenceEvaluator(proto).run(None, feeds)
-    except Exception:
+    except Exception:  # noqa: BLE001 - the reference evaluator refuses (its errors vary by op): not folded
         return None
     return list(results)
 
@@ -171,7 +170,7 @@ def _stored_bytes(arr: np.ndarray) -> int:
     return (int(arr.size) + 1) // 2 if arr.dtype.name in _PACKED_4BIT else int(arr.nbytes)
 
 
-def _dtype(arr: np.ndarray):  # type: ignore[no-untyped-def]
+def _dtype(arr: np.ndarray):
     from graphopt.ir import DataType
 
     return DataType.from_numpy(arr.dtype)
@@ -247,7 +246,7 @@ def _fold(node: Node, model: Model, *, max_size: int, max_expand: int) -> bool:
     results = None
     try:
         results = _eval_numpy(node, arrays)
-    except Exception:
+    except Exception:  # noqa: BLE001 - the numpy shortcut does not cover it: the reference evaluator below
         results = None
     if results is None:
         results = _eval_reference(node, arrays, model)
@@ -265,7 +264,7 @@ def _fold(node: Node, model: Model, *, max_size: int, max_expand: int) -> bool:
             try:
                 if r.dtype != want.numpy():
                     r = r.astype(want.numpy())  # the reference evaluator sometimes widens
-            except Exception:
+            except (KeyError, ValueError, TypeError):  # no numpy cast to the declared type: not folded
                 return False
         if out.shape is not None and out.shape.is_static() and tuple(out.shape.dims) != r.shape:
             return False  # disagrees with the declared type: better not touch it
@@ -323,7 +322,7 @@ class FoldConstants(Pass):
 
     def _run(self, model: Model, ctx: PassContext) -> PassResult:
         folded = converted = 0
-        for g in graphs_preorder(model):
+        for g in list(model.graphs()):
             f, c = fold_graph(g, model, self.max_size, self.max_expand)
             folded += f
             converted += c

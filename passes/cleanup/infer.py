@@ -3,6 +3,8 @@ propagation and symbolic dims) run on the exported model, its results put back o
 
 from __future__ import annotations
 
+import logging
+
 import onnx
 
 from graphopt import to_onnx
@@ -125,7 +127,8 @@ def infer_types(model: Model) -> int:
                 if d.dim_param.startswith("unk__"):
                     d.Clear()
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
-    except Exception:
+    except Exception as e:  # noqa: BLE001 - inference is advice: the passes then know less
+        logging.getLogger(__name__).info("onnx shape inference failed, types not refined: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
         return 0
     _forget_anonymous(model)
     return _apply(model.graph, inferred.graph)

@@ -10,18 +10,17 @@ import numpy as np
 from graphopt.ir import Attr, AttrType, Model, Node, Value
 from graphopt.transform import Pass, PassContext, PassResult, register_pass
 
-from graphopt.passes.cleanup._util import (
-    constant_semantics,
+from graphopt.ir import (
     STANDARD_DOMAINS,
     alias,
     const_array,
     const_ints,
     const_numel,
+    constant_semantics,
     dims_of,
     dtype_of,
-    graphs_preorder,
     is_constant,
-    opset_of,
+    opset_version,
     remove_if_dead,
 )
 from graphopt.passes.cleanup.infer import infer_types
@@ -64,10 +63,10 @@ class RemoveNoops(Pass):
         if self.infer and any(v.type is None for n in model.graph for v in n.outputs):
             infer_types(model)
         stats: dict[str, int] = {}
-        for g in graphs_preorder(model):
+        for g in list(model.graphs()):
             if isinstance(g.parent, Node) and g.parent.graph is None:
                 continue
-            opset = opset_of(model, g)
+            opset = opset_version(model, g, default=1)
             for n in g:
                 if n.domain not in STANDARD_DOMAINS or len(n.outputs) == 0:
                     continue

@@ -14,16 +14,15 @@ import numpy as np
 from graphopt.ir import Model, Node, Shape, TensorType, Value
 from graphopt.transform import Pass, PassContext, PassResult, register_pass
 
-from graphopt.passes.cleanup._util import (
-    constant_semantics,
+from graphopt.ir import (
     STANDARD_DOMAINS,
     const_array,
     const_ints,
+    constant_semantics,
     dims_of,
-    graphs_preorder,
     is_constant,
     make_constant,
-    opset_of,
+    opset_version,
     replace_with_constant,
 )
 from graphopt.passes.cleanup.fold import try_fold
@@ -80,10 +79,10 @@ class SimplifyShapes(Pass):
         return PassResult(any(stats.values()), stats)
 
     def _round(self, model: Model, stats: dict[str, int]) -> None:
-        for g in graphs_preorder(model):
+        for g in list(model.graphs()):
             if isinstance(g.parent, Node) and g.parent.graph is None:
                 continue
-            opset = opset_of(model, g)
+            opset = opset_version(model, g, default=1)
             memo: dict[Value, list[Elem] | None] = {}
             for n in g:
                 if n.domain not in STANDARD_DOMAINS:
@@ -234,9 +233,9 @@ def _dim_of(e: Elem) -> int | str | None:
     if isinstance(e, int):
         return e
     if e[0] == "sym":
-        return e[1]  # type: ignore[return-value]
-    dims = dims_of(e[1])  # type: ignore[arg-type]
-    d = dims[e[2]] if dims is not None else None  # type: ignore[index]
+        return e[1]
+    dims = dims_of(e[1])
+    d = dims[e[2]] if dims is not None else None
     return d if isinstance(d, (int, str)) else None
 
 
@@ -299,7 +298,7 @@ def _out_shape(n: Node, elems: list[Elem] | None) -> tuple[int, ...] | None:
     if n.op_type == "Gather":
         idx = n.inputs[1]
         st = dims_of(idx)
-        return tuple(st) if st is not None and all(isinstance(d, int) for d in st) else None  # type: ignore[return-value]
+        return tuple(st) if st is not None and all(isinstance(d, int) for d in st) else None
     return None
 
 
@@ -399,7 +398,7 @@ def _resolve_minus_one(n: Node) -> bool:
         out_dims.append(d)
         if d == -1:
             continue
-        c, s = _mono(d)  # type: ignore[arg-type]
+        c, s = _mono(d)
         if c == 0 or coeff % c or any(syms[k] < v for k, v in s.items()):
             return False
         coeff, syms = coeff // c, syms - s

@@ -28,10 +28,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from graphopt.ir import DataType, Function, Model, Value
+from graphopt.ir import DataType, Value
 from graphopt.check import onnxruntime_has_kernel
-from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, RewritePass, Rule, const_array, current_model, current_options, drop_unused_initializers, register_rule
-from graphopt.transform import PassContext, PassResult, register_pass
+from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, RewritePass, Rule, const_array, register_rule
+from graphopt.transform import register_pass
 
 RTOL = 1e-4
 MS_DOMAIN = "com.microsoft"
@@ -40,36 +40,8 @@ _STD_FLOATS = frozenset({DataType.FLOAT16, DataType.FLOAT, DataType.DOUBLE, Data
 _CONTRIB_FLOATS = frozenset({DataType.FLOAT16, DataType.FLOAT})
 
 
-def with_run(model: Model, fn) -> PassResult:  # type: ignore[no-untyped-def]
-    """Call fn() (a RewritePass run: its rules read the model and the `contrib_ops` option through
-    `current_model()` / `current_options()`), then drop the initializers the rewrites left
-    without readers (stat: initializers-removed)."""
-    live = [v for v in model.graph.initializers.values() if v.uses()]
-    result = fn()
-    if result.changed:
-        removed = drop_unused_initializers(live)
-        if removed:
-            result.stats["initializers-removed"] = removed
-    return result
-
-
-def in_function(m: Match) -> Function | None:
-    parent = m.graph.root().parent
-    return parent if isinstance(parent, Function) else None
-
-
-def opset_of(m: Match) -> int | None:
-    """The default-domain opset the match lives under (None: unknown, assume a modern one)."""
-    f = in_function(m)
-    model = current_model()
-    imports = f.opset_imports if f is not None else (model.opset_imports if model is not None else None)
-    if imports is None:
-        return None
-    return imports.get("", imports.get("ai.onnx"))
-
-
 def has_opset(m: Match, since: int) -> bool:
-    v = opset_of(m)
+    v = m.opset()
     return v is None or v >= since
 
 
@@ -77,8 +49,8 @@ def standard_op(m: Match, op: str, since: int, x: Value, num_inputs: int = 1) ->
     """The model's opset has the standard `op` and the installed onnxruntime runs it there for
     x's dtype (its registrations do not always follow the spec: Swish runs only under opset 24)."""
     if not has_opset(m, since):
-        return Fail(f"opset {opset_of(m)} < {since} has no {op}")
-    v = opset_of(m)
+        return Fail(f"opset {m.opset()} < {since} has no {op}")
+    v = m.opset()
     dt = x.dtype or DataType.FLOAT
     if v is not None and not onnxruntime_has_kernel(op, v, dt, num_inputs=num_inputs):
         return Fail(f"onnxruntime has no {op} kernel for {dt.text} under opset {v}")
@@ -87,16 +59,16 @@ def standard_op(m: Match, op: str, since: int, x: Value, num_inputs: int = 1) ->
 
 def contrib_allowed(m: Match) -> bool | Fail:
     # the applying pass's option, or the options `--explain RULE --contrib-ops` explains with
-    if not current_options().get("contrib_ops"):
+    if not m.options.get("contrib_ops"):
         return Fail("contrib ops are off (contrib-ops=1 allows com.microsoft ops)")
-    if in_function(m) is not None:
+    if m.function is not None:
         return Fail("inside a function body: no com.microsoft ops there")
     return True
 
 
-def import_contrib() -> None:
+def import_contrib(m: Match) -> None:
     """Give the model the com.microsoft opset import (before a com.microsoft node is built)."""
-    model = current_model()
+    model = m.model
     if model is not None:
         model.opset_imports.setdefault(MS_DOMAIN, 1)
 
@@ -117,7 +89,7 @@ def float_dtype(
             if arr is not None:
                 try:
                     dt = DataType.from_numpy(arr.dtype)
-                except Exception:
+                except (ValueError, KeyError, TypeError):  # no ONNX element type for it
                     dt = None
     if dt is None:
         return Fail("element type of x is unknown")
@@ -202,7 +174,7 @@ class GeluErf(Rule):
     def rewrite(self, m: Match, b: RewriteBuilder) -> Value:
         if self._target(m) == "std":
             return b.op.Gelu(m[self.x])
-        import_contrib()
+        import_contrib(m)
         return b.op[MS_DOMAIN].Gelu(m[self.x])
 
 
@@ -240,7 +212,7 @@ class GeluTanh(Rule):
     def rewrite(self, m: Match, b: RewriteBuilder) -> Value:
         if self._target(m) == "std":
             return b.op.Gelu(m[self.x], approximate="tanh")
-        import_contrib()
+        import_contrib(m)
         return b.op[MS_DOMAIN].FastGelu(m[self.x])
 
 
@@ -279,7 +251,7 @@ class BiasGelu(Rule):
         return True
 
     def rewrite(self, m: Match, b: RewriteBuilder) -> Value:
-        import_contrib()
+        import_contrib(m)
         root = m.root
         tanh = root.op_type == "FastGelu" or (root.domain in ("", "ai.onnx") and _approximate(root) == "tanh")
         if tanh:
@@ -287,7 +259,7 @@ class BiasGelu(Rule):
         return b.op[MS_DOMAIN].BiasGelu(m[self.x], m.value(self.bias))
 
 
-def _approximate(node) -> str:  # type: ignore[no-untyped-def]
+def _approximate(node) -> str:
     a = node.attr("approximate", "none")
     return a.decode() if isinstance(a, bytes) else str(a)
 
@@ -335,12 +307,12 @@ class Silu(Rule):
         alpha = self._alpha(m)
         if self._target(m) == "std":
             return b.op.Swish(m[self.x], alpha=None if alpha == 1.0 else alpha)
-        import_contrib()
+        import_contrib(m)
         return b.op[MS_DOMAIN].QuickGelu(m[self.x], alpha=alpha)
 
 
 # --- HardSwish ----------------------------------------------------------------------------------
-def _near(value: float):  # type: ignore[no-untyped-def]
+def _near(value: float):
     def ok(a: object) -> bool:
         return isinstance(a, (int, float)) and abs(float(a) - value) <= RTOL * abs(value)
 
@@ -407,8 +379,5 @@ class FuseActivations(RewritePass):
     name: ClassVar[str] = "fuse-activations"
     contrib_ops: bool = False
 
-    def get_rules(self):  # type: ignore[no-untyped-def]
+    def get_rules(self):
         return _CONTRIB_RULES if self.contrib_ops else _PLAIN_RULES
-
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        return with_run(model, lambda: RewritePass.run(self, model, ctx))

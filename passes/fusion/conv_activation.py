@@ -17,8 +17,9 @@ from typing import ClassVar
 
 import numpy as np
 
+from graphopt.check import onnxruntime_has_kernel
 from graphopt.ir import Attr, DataType, Model, Value
-from graphopt.passes.fusion.activations import MS_DOMAIN, contrib_allowed, import_contrib, opset_of, with_run
+from graphopt.passes.fusion.activations import MS_DOMAIN, contrib_allowed, import_contrib
 from graphopt.pattern import Fail, Match, P, RewriteBuilder, RewritePass, Rule, const_array, register_rule
 from graphopt.transform import PassContext, PassResult, register_pass
 
@@ -29,31 +30,11 @@ _SIMPLE = ("Relu", "Sigmoid", "Tanh")
 @functools.lru_cache(maxsize=None)
 def _fused_conv_kernel(opset: int, dtype: DataType, with_bias: bool) -> bool:
     """Whether the installed onnxruntime loads a 4-D com.microsoft FusedConv of `dtype` under
-    default-domain `opset` (a one-node probe session; the 1-D probe of
-    graphopt.check.onnxruntime_has_kernel does not suit Conv's shapes)."""
-    try:
-        import onnx
-        import onnxruntime as ort
-        from onnx import helper
-    except ImportError:  # pragma: no cover
-        return False
-    tt = int(dtype)
-    names = ["x", "w"] + (["b"] if with_bias else [])
-    shapes = {"x": [1, 2, 4, 4], "w": [3, 2, 3, 3], "b": [3]}
-    ins = [helper.make_tensor_value_info(n, tt, shapes[n]) for n in names]
-    node = helper.make_node("FusedConv", names, ["y"], domain=MS_DOMAIN, activation="Relu", kernel_shape=[3, 3])
-    g = helper.make_graph([node], "probe", ins, [helper.make_tensor_value_info("y", tt, None)])
-    opsets = [helper.make_opsetid("", max(opset, 7)), helper.make_opsetid(MS_DOMAIN, 1)]
-    model = helper.make_model(g, opset_imports=opsets, ir_version=min(onnx.IR_VERSION, 10))
-    so = ort.SessionOptions()
-    so.log_severity_level = 4
-    try:
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        feeds = {n: np.zeros(shapes[n], dtype.numpy()) for n in names}
-        sess.run(None, feeds)
-    except Exception:
-        return False
-    return True
+    default-domain `opset` and runs it (a 4-D one-node probe: Conv's shape inference needs the
+    ranks)."""
+    shapes = ((1, 2, 4, 4), (3, 2, 3, 3)) + (((3,),) if with_bias else ())
+    return onnxruntime_has_kernel("FusedConv", max(opset, 7), dtype, MS_DOMAIN, shapes=shapes,
+                                  attributes=(("activation", "Relu"), ("kernel_shape", (3, 3))), run=True)
 
 
 def _scalar(v: Value | None) -> float | None | Fail:
@@ -128,7 +109,7 @@ class ConvActivation(Rule):
         params = self._params(m)
         if isinstance(params, Fail):
             return params
-        opset = opset_of(m) or 17
+        opset = m.opset() or 17
         if not _fused_conv_kernel(opset, DataType.FLOAT, m.get(self.bias) is not None):
             return Fail(f"onnxruntime has no com.microsoft FusedConv kernel for float under opset {opset}")
         return True
@@ -136,7 +117,7 @@ class ConvActivation(Rule):
     def rewrite(self, m: Match, b: RewriteBuilder) -> Value:
         activation, params = self._params(m)  # type: ignore[misc]
         conv = m.node(self.conv)
-        import_contrib()
+        import_contrib(m)
         attrs = [a for k, a in conv.attributes.items() if k not in ("activation", "activation_params")]
         attrs.append(Attr.infer("activation", activation))
         if params:
@@ -160,10 +141,10 @@ class FuseConvActivation(RewritePass):
     name: ClassVar[str] = "fuse-conv-activation"
     contrib_ops: bool = False
 
-    def get_rules(self):  # type: ignore[no-untyped-def]
+    def get_rules(self):
         return _RULES
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         if not self.contrib_ops:
             return PassResult(changed=False, note="off: FusedConv is an onnxruntime contrib op (--contrib-ops turns it on)")
-        return with_run(model, lambda: RewritePass.run(self, model, ctx))
+        return super().run(model, ctx)

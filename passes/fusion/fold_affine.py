@@ -21,47 +21,21 @@ reader and add a rescaled copy (the model grows), so by default the rules refuse
 
 from __future__ import annotations
 
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
-from graphopt.ir import Model, Node, Value
-from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, RewritePass, Rule, const_array, current_model, drop_unused_initializers, register_rule
-from graphopt.transform import PassContext, PassResult, register_pass
+from graphopt.ir import Node, Value
+from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, RewritePass, Rule, const_array, register_rule
+from graphopt.transform import register_pass
 
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-
-# Set by FuseConvBn.run: the model's IR version and default-domain opset (None: unknown, e.g.
-# in `--explain`, where the strict reading of constants and a modern opset are assumed).
-_OPSET: ContextVar[int | None] = ContextVar("fuse_conv_bn_opset", default=None)
-
-
-def _model_opset() -> int | None:
-    """The default-domain opset of the model being rewritten or explained (None: unknown)."""
-    model = current_model()
-    return None if model is None else model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
-
 
 def _k(name: str) -> Pattern:
     """A constant (P.const: an initializer a user cannot override -- in IR < 4 models those listed
     as graph inputs too -- or a Constant node)."""
     return P.const(name=name)
-
-
-# Constants read by applied rewrites (set by FuseConvBn.run): the ones left unused afterwards
-# are dropped at the end of the pass, so the model does not carry both weight versions.
-_READ: ContextVar[dict[Value, None] | None] = ContextVar("fuse_conv_bn_read", default=None)
-
-
-def _note_read(m: Match, *patterns: Pattern) -> None:
-    read = _READ.get()
-    if read is not None:
-        for q in patterns:
-            v = m.value(q)
-            if v is not None:
-                read[v] = None
 
 
 def _array(v: Value | None) -> np.ndarray | None:
@@ -80,7 +54,7 @@ class _Producer:
     channels: int  # number of output channels (the axis the affine op must act on)
 
 
-def _producer(node: Node, w_val: Value, b_val: Value | None, copy_shared: bool) -> _Producer | Fail:
+def _producer(node: Node, w_val: Value, b_val: Value | None, copy_shared: bool, opset: int | None) -> _Producer | Fail:
     """Read the producer's weight and bias; Fail when folding into it is not safe."""
     w = _array(w_val)
     b = _array(b_val)
@@ -116,7 +90,6 @@ def _producer(node: Node, w_val: Value, b_val: Value | None, copy_shared: bool) 
         if b is not None and b.shape != (channels,):
             return Fail(f"bias shape {list(b.shape)} is not [{channels}]")
         return _Producer(node, w, None if b is None else b.astype(np.float64), channels)
-    opset = _OPSET.get() or _model_opset()
     if opset is not None and opset < 7:
         return Fail(f"opset {opset} < 7: Gemm's bias does not broadcast there")
     if w.ndim != 2:
@@ -227,7 +200,7 @@ class ConvBatchNormalization(_FoldRule):
         extra = [o.name for o in bn.outputs[1:] if o.uses() or o.is_graph_output()]
         if extra:
             return Fail(f"BatchNormalization's training outputs are used: {', '.join(extra)}")
-        p = _producer(m[self.prod], m.value(self.w), m.value(self.bias), self.copy_shared)
+        p = _producer(m[self.prod], m.value(self.w), m.value(self.bias), self.copy_shared, m.opset())
         if isinstance(p, Fail):
             return p
         params = [_array(m.value(q)) for q in (self.scale, self.shift, self.mean, self.var)]
@@ -252,7 +225,6 @@ class ConvBatchNormalization(_FoldRule):
         if isinstance(plan, Fail):
             return plan
         assert plan is not None
-        _note_read(m, self.w, self.bias, self.scale, self.shift, self.mean, self.var)
         p, w, bias = plan
         bname = m.value(self.bias).name if m.value(self.bias) is not None else m.value(self.w).name + "_bias"
         return _rebuild(b, p, m[self.x], m.value(self.w).name, w, bias, bname)
@@ -262,7 +234,7 @@ class _ConvElementwise(_FoldRule):
     op_type: ClassVar[str] = ""
 
     def _plan(self, m: Match, compute: bool = True) -> tuple[_Producer, np.ndarray, np.ndarray | None] | Fail | None:
-        p = _producer(m[self.prod], m.value(self.w), m.value(self.bias), self.copy_shared)  # type: ignore[attr-defined]
+        p = _producer(m[self.prod], m.value(self.w), m.value(self.bias), self.copy_shared, m.opset())  # type: ignore[attr-defined]
         if isinstance(p, Fail):
             return p
         c = _array(m.value(self.c))  # type: ignore[attr-defined]
@@ -284,7 +256,6 @@ class _ConvElementwise(_FoldRule):
             return plan
         assert plan is not None
         p, w, bias = plan
-        _note_read(m, self.w, self.bias, self.c)  # type: ignore[attr-defined]
         wv, bv = m.value(self.w), m.value(self.bias)  # type: ignore[attr-defined]
         return _rebuild(b, p, m[self.x], wv.name, w, bias, bv.name if bv is not None else wv.name + "_bias")  # type: ignore[attr-defined]
 
@@ -354,18 +325,5 @@ class FuseConvBn(RewritePass):
     name: ClassVar[str] = "fuse-conv-bn"
     copy_shared: bool = False
 
-    def get_rules(self):  # type: ignore[no-untyped-def]
+    def get_rules(self):
         return _COPY_RULES if self.copy_shared else _DEFAULT_RULES
-
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        t2 = _OPSET.set(model.opset_imports.get("", model.opset_imports.get("ai.onnx")))
-        read: dict[Value, None] = {}
-        t3 = _READ.set(read)
-        try:
-            result = super().run(model, ctx)
-        finally:
-            _READ.reset(t3)
-            _OPSET.reset(t2)
-        if result.changed:
-            result.stats["initializers-removed"] = drop_unused_initializers(read)
-        return result

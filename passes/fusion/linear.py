@@ -25,32 +25,17 @@ Reshape's shape) are removed at the end of the pass (stat `initializers-removed`
 
 from __future__ import annotations
 
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
-from graphopt.ir import Attr, AttrType, Function, Model, Node, Value
-from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, PlanRule, RewritePass, Rule, const_array, current_model, drop_unused_initializers, register_rule
+from graphopt.ir import Attr, AttrType, Model, Node, Value, in_function
+from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, PlanRule, RewritePass, Rule, const_array, register_rule
 from graphopt.transform import PassContext, PassResult, register_pass
 
 MS_DOMAIN = "com.microsoft"
 _GEMM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-# Set by FuseLinear.run: the model's default-domain opset (None: unknown, e.g. in `--explain`,
-# where a modern opset is assumed), and the constants read by applied rewrites.
-_OPSET: ContextVar[int | None] = ContextVar("fuse_linear_opset", default=None)
-_READ: ContextVar[dict[Value, None] | None] = ContextVar("fuse_linear_read", default=None)
-
-
-def _note_read(*values: Value | None) -> None:
-    read = _READ.get()
-    if read is not None:
-        for v in values:
-            if v is not None:
-                read[v] = None
-
 
 def _rank(v: Value | None) -> int | None:
     if v is None:
@@ -75,7 +60,7 @@ def _np_dtype(v: Value | None) -> np.dtype | None:
     if dt is not None:
         try:
             return np.dtype(dt.numpy())
-        except Exception:
+        except (KeyError, ValueError, TypeError):  # an element type numpy cannot hold
             return None
     arr = const_array(v)
     return None if arr is None else arr.dtype
@@ -87,8 +72,7 @@ def _str_attr(node: Node, name: str, default: str) -> str:
 
 
 def _in_function(node: Node) -> bool:
-    g = node.graph
-    return g is not None and isinstance(g.root().parent, Function)
+    return node.graph is not None and in_function(node.graph)
 
 
 def _attrs_except(node: Node, *names: str) -> list[Attr]:
@@ -130,8 +114,7 @@ class MatMulAddToGemm(Rule):
     pattern = P.op("Add", mm, c, commutative=True)
 
     def check(self, m: Match) -> bool | Fail:
-        model = current_model()
-        opset = _OPSET.get() or (None if model is None else model.opset_imports.get("", model.opset_imports.get("ai.onnx")))
+        opset = m.opset()
         if opset is not None and opset < 7:
             return Fail(f"opset {opset} < 7: Gemm's C does not broadcast there")
         rank = _rank(m[self.a])
@@ -185,7 +168,7 @@ class TransposeIntoGemm(Rule):
 
     def rewrite(self, m: Match, b: RewriteBuilder) -> Value:
         gemm = m.root
-        which = m.which(self.pattern)  # type: ignore[arg-type]
+        which = m.which(self.pattern)
         t, idx, flag = (m[self.ta], 0, "transA") if which == 0 else (m[self.tb], 1, "transB")
         inputs = list(gemm.inputs)
         inputs[idx] = t.inputs[0]
@@ -228,7 +211,7 @@ class TransposeIntoMatMul(Rule):
         self.contrib = contrib
 
     def _which(self, m: Match) -> tuple[Node, int]:
-        which = m.which(self.pattern)  # type: ignore[arg-type]
+        which = m.which(self.pattern)
         t = m[(self.ta, self.tb, self.fta, self.ftb)[which]]
         return t, which % 2
 
@@ -270,7 +253,6 @@ class TransposeIntoMatMul(Rule):
         inputs = list(root.inputs)
         k = const_array(x)
         if k is not None:
-            _note_read(x)
             inputs[idx] = b.initializer(np.ascontiguousarray(np.swapaxes(k, -1, -2)), (x.name or "w") + "_T")
             return b.node(root.op_type, inputs, list(root.attributes.values()), domain=root.domain).outputs[0]
         flag = "transA" if idx == 0 else "transB"
@@ -363,7 +345,6 @@ def _pad_pattern() -> Pattern:
 
 def _rewrite_with_pads(m: Match, b: RewriteBuilder, pad: Node, full: list[int]) -> Value:
     node = m.root
-    _note_read(*pad.inputs[1:])
     inputs = [pad.inputs[0]] + list(node.inputs[1:])
     attrs = _attrs_except(node, "pads", "auto_pad") + [Attr("pads", AttrType.INTS, _merged_pads(node, full))]
     return b.node(node.op_type, inputs, attrs, domain=node.domain).outputs[0]
@@ -477,7 +458,7 @@ class ReshapeChain(PlanRule):
     pattern = P.alt(outer_reshape, outer_flatten)
 
     def plan(self, m: Match) -> np.ndarray | Fail:
-        if m.which(self.pattern) == 0:  # type: ignore[arg-type]
+        if m.which(self.pattern) == 0:
             s2 = m.const(self.s2)
             if s2.ndim != 1 or s2.dtype != np.int64:
                 return Fail(f"s2 is not a 1-D int64 tensor ({s2.dtype}, rank {s2.ndim})")
@@ -512,11 +493,8 @@ class ReshapeChain(PlanRule):
         return all(i < len(s1) and s1[i] == 0 for i in np.flatnonzero(s2 == 0))
 
     def build(self, m: Match, b: RewriteBuilder, plan: Any) -> Value:
-        if m.which(self.pattern) == 0:  # type: ignore[arg-type]
-            inner = m[self.inner1]
-            _note_read(*inner.inputs[1:])
+        if m.which(self.pattern) == 0:
             return b.node("Reshape", [m[self.x1], m.value(self.s2)], list(m.root.attributes.values())).outputs[0]
-        _note_read(m.value(self.s1))
         shape = b.constant(plan, "flatten_shape")
         return b.op.Reshape(m[self.x2], shape)
 
@@ -593,23 +571,15 @@ class FuseLinear(RewritePass):
     name: ClassVar[str] = "fuse-linear"
     contrib_ops: bool = False
 
-    def get_rules(self):  # type: ignore[no-untyped-def]
+    def get_rules(self):
         return _CONTRIB_RULES if self.contrib_ops else _DEFAULT_RULES
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         added_ms = self.contrib_ops and MS_DOMAIN not in model.opset_imports
         if added_ms:
             model.opset_imports[MS_DOMAIN] = 1
-        t1 = _OPSET.set(model.opset_imports.get("", model.opset_imports.get("ai.onnx")))
-        read: dict[Value, None] = {}
-        t2 = _READ.set(read)
         try:
-            result = super().run(model, ctx)
+            return super().run(model, ctx)
         finally:
-            _READ.reset(t2)
-            _OPSET.reset(t1)
             if added_ms and not _uses_domain(model, MS_DOMAIN):
                 del model.opset_imports[MS_DOMAIN]
-        if result.changed:
-            result.stats["initializers-removed"] = drop_unused_initializers(read)
-        return result

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from graphopt.ir import DataType, Model, Node, Value
+from graphopt.ir import DataType, Node, Value
 from graphopt.pattern import Fail, Match, P, Pattern, PlanRule, RewriteBuilder, RewritePass, Rule, const_array, register_rule
 from graphopt.passes.fusion.activations import (
     MS_DOMAIN,
@@ -35,9 +35,8 @@ from graphopt.passes.fusion.activations import (
     standard_op,
     import_contrib,
     scalar_consts,
-    with_run,
 )
-from graphopt.transform import PassContext, PassResult, register_pass
+from graphopt.transform import register_pass
 
 
 def _mul(a: Pattern, b: Pattern) -> Pattern:
@@ -118,7 +117,7 @@ def _affine(v: Value | None, dims: tuple[int, ...], dtype: DataType, what: str, 
     try:
         if DataType.from_numpy(arr.dtype) != dtype:
             return Fail(f"{what} dtype {arr.dtype} differs from x's {dtype.text}")
-    except Exception:
+    except (ValueError, KeyError, TypeError):  # no ONNX element type for it
         return Fail(f"{what} dtype {arr.dtype} is not supported")
     shape = tuple(arr.shape)
     while len(shape) > len(dims) and shape[0] == 1:
@@ -336,7 +335,7 @@ class SkipLayerNorm(Rule):
         return True
 
     def rewrite(self, m: Match, b: RewriteBuilder) -> Value:
-        import_contrib()
+        import_contrib(m)
         ln = m.root
         s = m.value(self.add)
         others = [(u, i) for u, i in s.uses() if u is not ln]
@@ -373,8 +372,5 @@ class FuseNormalization(RewritePass):
     name: ClassVar[str] = "fuse-normalization"
     contrib_ops: bool = False
 
-    def get_rules(self):  # type: ignore[no-untyped-def]
+    def get_rules(self):
         return _CONTRIB_RULES if self.contrib_ops else _PLAIN_RULES
-
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        return with_run(model, lambda: RewritePass.run(self, model, ctx))

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphopt.ir import Builder, Model, Node, Value
-from graphopt.pattern import const_array, drop_unused_initializers, model_context
+from graphopt.ir import Builder, Model, Node, Value, constant_semantics
+from graphopt.pattern import const_array, drop_unused_initializers
 
 from graphopt.passes.pruning import layer_flops
 
@@ -99,7 +99,7 @@ def find_layers(model: Model, min_size: int) -> tuple[list[Layer], dict[str, lis
     def skip(node: Node, why: str) -> None:
         skipped.setdefault(why, []).append(node.name or node.outputs[0].name)
 
-    with model_context(model):
+    with constant_semantics(model):
         for node in model.graph:
             if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Conv"):
                 continue
@@ -233,6 +233,6 @@ def apply(model: Model, layer: Layer, f: Factors, rank: int) -> None:
             old.append(layer.bias_val)
             add.replace_input_with(i, b.initializer(f.bias.reshape(shape).astype(bdt), base + "_lowrank_bias"))
     node.metadata_props.update({META: "2/2", META + ".rank": str(rank)})
-    with model_context(model):
+    with constant_semantics(model):
         drop_unused_initializers(old)
 

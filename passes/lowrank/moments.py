@@ -101,7 +101,7 @@ def _y_rows(layer: Layer, li: int, bi: int, y: np.ndarray, mask: np.ndarray | No
     return np.asarray(_masked(y, mask), np.float32)
 
 
-def _run(model: Model, names: list[str], batches: Sequence[Batch]):  # type: ignore[no-untyped-def]
+def _run(model: Model, names: list[str], batches: Sequence[Batch]):
     """Yield (batch index, {name: array}) per batch, reading `names` CHUNK per session."""
     from graphopt.calibration import intermediate_outputs
 

@@ -11,8 +11,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from graphopt.errors import GraphoptError, UsageError
-from graphopt.ir import Model, independent_waves
-from graphopt.pattern import const_array, model_context
+from graphopt.ir import Model, independent_waves, constant_semantics
+from graphopt.pattern import const_array
 from graphopt.transform import Pass, PassContext, PassResult, register_pass
 
 from graphopt.passes.cleanup.infer import infer_types
@@ -350,7 +350,7 @@ def layer_speedup(model: Model, p: _Plan, budget_s: float = 0.6) -> float | None
     dims = [d if isinstance(d, int) and d > 0 else 1 for d in shape.dims]
     node = la.node
     inits = [la.w_val] + ([la.bias_val] if la.bias_val is not None and la.kind != "matmul" else [])
-    with model_context(model):
+    with constant_semantics(model):
         arrays = [const_array(v) for v in inits]
     if any(a is None for a in arrays):
         return None

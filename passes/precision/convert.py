@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from graphopt.ir import Attr, AttrType, Builder, unique_name, DataType, Model, Node, NumpyTensor, TensorType, Value
+from graphopt.ir import Attr, AttrType, Builder, unique_name, DataType, Model, Node, NumpyTensor, TensorType, Value, opset_version
 from graphopt.passes.cleanup.infer import infer_types
 from graphopt.passes.precision import kernels
 from graphopt.pattern import const_array
@@ -106,7 +106,7 @@ class ConvertPrecision(Pass):
     # -------------------------------------------------------------------------------------- run
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         low = DTYPES[self.dtype]
-        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+        opset = opset_version(model, default=0)
         kernels_mode = self.kernels
         if kernels_mode == "auto":
             kernels_mode = "onnxruntime" if ctx.machine is None else "compiled"
@@ -289,7 +289,7 @@ class _Planner:
             ranks = [None if v is None or v.shape is None else v.shape.rank for v in node.inputs]
             if any(t is None and v is not None for t, v in zip(types, node.inputs)):
                 return "an input's type is unknown"
-            answer, detail = kernels.onnxruntime_kernel(node, types, ranks, self.opset)  # type: ignore[arg-type]
+            answer, detail = kernels.onnxruntime_kernel(node, types, ranks, self.opset)
             if answer != kernels.NATIVE:
                 return f"no {self.low.name.lower()} kernel in onnxruntime's CPU EP" + ("" if answer == kernels.NONE else " (it would cast to float)")
         return ins, outs

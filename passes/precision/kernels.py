@@ -45,8 +45,8 @@ _CACHE: dict[tuple[object, ...], tuple[str, str]] = {}
 
 def _probe(node: Node, in_types: list[DataType | None], ranks: list[int | None], opset: int) -> tuple[str, str]:
     import onnx
-    import onnxruntime as ort
 
+    from graphopt.check import onnxruntime_session
     from graphopt.ir import Graph, Model, Value
     from graphopt.ir.types import Shape, TensorType
     from graphopt.onnx_io import to_onnx
@@ -72,12 +72,8 @@ def _probe(node: Node, in_types: list[DataType | None], ranks: list[int | None],
     fd, path = tempfile.mkstemp(suffix=".onnx")
     os.close(fd)
     try:
-        so = ort.SessionOptions()
-        so.log_severity_level = 4
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        so.optimized_model_filepath = path
         try:
-            ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            onnxruntime_session(proto, optimize=False, log_severity=4, optimized_model_path=path)
         except Exception as e:  # noqa: BLE001 - any refusal means: not runnable this way
             return NONE, str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         ops = [n.op_type for n in onnx.load(path).graph.node]

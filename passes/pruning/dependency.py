@@ -44,8 +44,8 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.ir import Graph, Model, Node, TensorType, Value
-from graphopt.pattern import const_array, model_context
+from graphopt.ir import Graph, Model, Node, TensorType, Value, opset_version, constant_semantics
+from graphopt.pattern import const_array
 
 # ops that keep every tensor element in place (ids pass through on every axis)
 UNARY = frozenset(
@@ -551,7 +551,7 @@ class _Analyzer:
             else:
                 self.block_inputs(node, "MatMul contracts channels against an untracked operand")
                 return
-        for inf, rk, shp, other_rank, other_shape, other in ((a, ra, sa, rb, sb, b), (b, rb, sb, ra, sa, a)):
+        for inf, rk, _shp, other_rank, other_shape, other in ((a, ra, sa, rb, sb, b), (b, rb, sb, ra, sa, a)):
             if inf is None or (inf is a and ka) or (inf is b and kb):
                 continue
             if inf is a and inf.axis == ra - 2:
@@ -609,10 +609,10 @@ class _Analyzer:
         for i, (v, inf, rk) in enumerate(zip(node.inputs, ins, ranks)):
             if inf is not None or v is None:
                 continue
-            local = ax - (r - rk)  # type: ignore[operator]
+            local = ax - (r - rk)
             if local < 0:
                 continue
-            d = _shape(v)[local]  # type: ignore[index]
+            d = _shape(v)[local]
             if d == 1:
                 continue
             if not self.slice_const(node, i, local, ids):
@@ -695,7 +695,7 @@ class _Analyzer:
         self._softmax(node, ins)
 
     def _softmax(self, node: Node, ins: list[ChannelInfo | None]) -> None:
-        opset = self.model.opset_imports.get("", 13)
+        opset = opset_version(self.model, node.graph, default=13)
         axis = int(node.attr("axis", -1 if opset >= 13 else 1))
         x, r = ins[0], _rank(node.inputs[0])
         if r is not None and opset < 13 and x is not None and x.axis >= (axis + r if axis < 0 else axis):
@@ -1153,7 +1153,7 @@ class _Analyzer:
 
 def analyze(model: Model) -> Analysis:
     """Run the channel-dependency analysis on `model`'s main graph (shapes must be inferred)."""
-    with model_context(model):
+    with constant_semantics(model):
         a = _Analyzer(model)
         a.run()
     an = Analysis(model, a.uf, a.info, a.spaces, a.edits, a.consumers, a.producers, a.bns, a.blocks)

@@ -26,7 +26,7 @@ def _numel(d: list[int] | None) -> int:
     return int(np.prod(d)) if d else (1 if d == [] else 0)
 
 
-def layer_flops(n) -> int | None:  # type: ignore[no-untyped-def]
+def layer_flops(n) -> int | None:
     """FLOPs of one Conv/ConvTranspose/Gemm/MatMul; None when its shapes are unknown; 0 for other ops."""
     op = n.op_type
     if n.domain not in ("", "ai.onnx"):

@@ -19,7 +19,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from graphopt.pattern import const_array, model_context
+from graphopt.ir import constant_semantics
+from graphopt.pattern import const_array
 
 from graphopt.passes.pruning.dependency import Analysis
 
@@ -54,7 +55,7 @@ def magnitude(an: Analysis, kind: str) -> np.ndarray:
     """Per root id: normalised l1/l2 magnitude of the class's weight slices (NaN: none)."""
     assert an.root is not None
     acc = _Acc(len(an.root))
-    with model_context(an.model):
+    with constant_semantics(an.model):
         for p in an.producers:
             w = const_array(p.node.inputs[p.w_index])
             if w is not None and w.shape[p.w_axis] == len(p.ids):
@@ -69,7 +70,7 @@ def magnitude(an: Analysis, kind: str) -> np.ndarray:
 def bn_scale(an: Analysis) -> np.ndarray:
     assert an.root is not None
     acc = _Acc(len(an.root))
-    with model_context(an.model):
+    with constant_semantics(an.model):
         for node, ids in an.bns:
             gamma = const_array(node.inputs[1])
             var = const_array(node.inputs[4])
@@ -90,7 +91,7 @@ def activation(an: Analysis, rms: Mapping[str, np.ndarray]) -> np.ndarray:
     """`rms`: consumer input name -> sqrt(E[x^2]) per channel along the consumer's channel axis."""
     assert an.root is not None
     acc = _Acc(len(an.root))
-    with model_context(an.model):
+    with constant_semantics(an.model):
         for c in an.consumers:
             r = rms.get(c.x.name)
             w = const_array(c.node.inputs[c.w_index])

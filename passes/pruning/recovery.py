@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.ir import Attr, AttrType, Builder, Model, Node, independent_waves
-from graphopt.pattern import const_array, drop_unused_initializers, model_context
+from graphopt.ir import Attr, AttrType, Builder, Model, Node, independent_waves, constant_semantics
+from graphopt.pattern import const_array, drop_unused_initializers
 
 from graphopt.passes.pruning.dependency import Analysis, Consumer
 
@@ -129,7 +129,7 @@ def _refit_tasks(an: Analysis, pruned: np.ndarray) -> tuple[list[_Refit], dict[s
     out_masks = {id(p.node): an.keep_mask(p.ids, pruned) for p in an.producers}
     tasks = []
     skipped: dict[str, str] = {}
-    with model_context(an.model):
+    with constant_semantics(an.model):
         for c in an.consumers:
             if an.keep_mask(c.ids, pruned).all():
                 continue
@@ -216,7 +216,7 @@ def _x_rows(t: _Refit, x: np.ndarray, sel: Any, wshape: tuple[int, ...]) -> np.n
 def _theta0(t: _Refit, w: np.ndarray, model: Model) -> tuple[np.ndarray, np.ndarray | None]:
     """Current weight as (in features, out features), and the current bias (or None)."""
     node, kind = t.node, t.c.kind
-    with model_context(model):
+    with constant_semantics(model):
         if kind == "conv":
             b = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
             return w.reshape(w.shape[0], -1).T.astype(np.float64), None if b is None else b.astype(np.float64)
@@ -246,7 +246,7 @@ def _write(t: _Refit, model: Model, theta: np.ndarray, bias: np.ndarray | None) 
     replaced = [w_old]
     if kind == "conv":
         w_new = theta.T.reshape(w_arr.shape).astype(dtype)  # type: ignore[union-attr]
-        node.replace_input_with(1, b.initializer(w_new, (w_old.name or "w") + "_refit"))  # type: ignore[union-attr]
+        node.replace_input_with(1, b.initializer(w_new, (w_old.name or "w") + "_refit"))
         if bias is not None:
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 replaced.append(node.inputs[2])
@@ -257,7 +257,7 @@ def _write(t: _Refit, model: Model, theta: np.ndarray, bias: np.ndarray | None) 
         alpha = float(node.attr("alpha", 1.0))
         wt = theta / alpha
         w_new = (wt.T if int(node.attr("transB", 0)) else wt).astype(dtype)
-        node.replace_input_with(1, b.initializer(w_new, (w_old.name or "w") + "_refit"))  # type: ignore[union-attr]
+        node.replace_input_with(1, b.initializer(w_new, (w_old.name or "w") + "_refit"))
         if bias is not None:
             c_old = node.inputs[2] if len(node.inputs) > 2 else None
             if c_old is not None:
@@ -269,7 +269,7 @@ def _write(t: _Refit, model: Model, theta: np.ndarray, bias: np.ndarray | None) 
                 node.set_inputs(list(node.inputs[:2]) + [b.initializer(bias.astype(dtype), "gemm_bias_refit")])
                 node.set_attr(Attr("beta", AttrType.FLOAT, 1.0))
     else:
-        node.replace_input_with(1, b.initializer(theta.astype(dtype), (w_old.name or "w") + "_refit"))  # type: ignore[union-attr]
+        node.replace_input_with(1, b.initializer(theta.astype(dtype), (w_old.name or "w") + "_refit"))
         if bias is not None and t.bias_add is not None:
             add = t.bias_add
             k = 0 if add.inputs[0] is not node.outputs[0] else 1
@@ -311,7 +311,7 @@ def recover(
     for wave in waves:
         wt = [all_tasks[i] for i in wave]
         names = [t.c.x.name if isinstance(t, _Refit) else t.node.inputs[0].name for t in wt]
-        with model_context(model):
+        with constant_semantics(model):
             wshapes = {id(t): const_array(t.node.inputs[t.c.w_index]).shape for t in wt if isinstance(t, _Refit)}  # type: ignore[union-attr]
         for bi, outs in _session_runs(model, names, batches):
             for t in wt:
@@ -336,13 +336,13 @@ def recover(
             if t.G is None:
                 skipped[t.node.name or t.y_name] = "no calibration rows reached it"
                 continue
-            with model_context(model):
+            with constant_semantics(model):
                 w = const_array(t.node.inputs[t.c.w_index])
             theta0, b0 = _theta0(t, w, model)  # type: ignore[arg-type]
             e0, e1, theta, bias = _solve(t, theta0, b0)
             errs0.append(e0)
             errs1.append(e1)
-            with model_context(model):
+            with constant_semantics(model):
                 _write(t, model, theta, bias)
             t.G = t.B = None
             t.rows = []
@@ -404,7 +404,7 @@ def _write_bn(model: Model, t: _BN) -> None:
     node = t.node
     b = Builder(model.graph)
     replaced = []
-    with model_context(model):
+    with constant_semantics(model):
         for k, arr in ((3, mean), (4, var)):
             old = node.inputs[k]
             dtype = const_array(old).dtype  # type: ignore[union-attr]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphopt.ir import Attr, AttrType, Builder, DataType, Node, Shape, TensorType, Value
-from graphopt.pattern import const_array, drop_unused_initializers, model_context
+from graphopt.ir import Attr, AttrType, Builder, DataType, Node, Shape, TensorType, Value, constant_semantics
+from graphopt.pattern import const_array, drop_unused_initializers
 
 from graphopt.passes.pruning.dependency import Analysis, Edit
 
@@ -58,7 +58,7 @@ class _Surgeon:
         self.set_input(e.node, e.index, hit)
 
     def e_group(self, e: Edit) -> None:
-        n = int(self.keep(e.ids).sum())  # type: ignore[arg-type]
+        n = int(self.keep(e.ids).sum())
         e.node.set_attr(Attr(e.extra or "group", AttrType.INT, n))
 
     def e_split(self, e: Edit) -> None:
@@ -67,10 +67,10 @@ class _Surgeon:
             e.node.set_attr(Attr("split", AttrType.INTS, sizes))
         else:
             v = e.node.inputs[e.index]
-            self.set_input(e.node, e.index, self.new_const(np.array(sizes, np.int64), v))  # type: ignore[arg-type]
+            self.set_input(e.node, e.index, self.new_const(np.array(sizes, np.int64), v))
 
     def e_slice_range(self, e: Edit) -> None:
-        mask = self.keep(e.ids)  # type: ignore[arg-type]
+        mask = self.keep(e.ids)
         st, en, starts, ends = e.extra
         before = np.concatenate([[0], np.cumsum(mask)])
         nst, nen = int(before[st]), int(before[en])
@@ -85,20 +85,20 @@ class _Surgeon:
             new[e.index] = val
             if arr is not None and np.array_equal(np.asarray(arr).reshape(-1), new):
                 continue
-            self.set_input(e.node, inp, self.new_const(new.astype(dtype), v))  # type: ignore[arg-type]
+            self.set_input(e.node, inp, self.new_const(new.astype(dtype), v))
 
     def e_gather(self, e: Edit) -> None:
-        mask = self.keep(e.ids)  # type: ignore[arg-type]
+        mask = self.keep(e.ids)
         newpos = np.cumsum(mask) - 1
         idx = e.extra[mask[e.extra]]
         v = e.node.inputs[1]
         dtype = const_array(v).dtype  # type: ignore[union-attr]
-        self.set_input(e.node, 1, self.new_const(newpos[idx].astype(dtype), v))  # type: ignore[arg-type]
+        self.set_input(e.node, 1, self.new_const(newpos[idx].astype(dtype), v))
 
     def e_reshape(self, e: Edit) -> None:
         """Output dim `axis` of a Reshape (or entry `axis` of an Expand/Resize shape) becomes the
         kept count."""
-        n = int(self.keep(e.ids).sum())  # type: ignore[arg-type]
+        n = int(self.keep(e.ids).sum())
         node = e.node
         v = node.inputs[e.index]
         arr = const_array(v)
@@ -114,14 +114,14 @@ class _Surgeon:
             if entry == n:
                 return
             arr[e.axis] = n
-            self.set_input(node, e.index, self.new_const(arr, v))  # type: ignore[arg-type]
+            self.set_input(node, e.index, self.new_const(arr, v))
             return
         if arr is not None:
             arr = np.array(arr, dtype=np.int64).reshape(-1).copy()
             if int(arr[e.axis]) == n:
                 return
             arr[e.axis] = n
-            self.set_input(node, e.index, self.new_const(arr, v))  # type: ignore[arg-type]
+            self.set_input(node, e.index, self.new_const(arr, v))
             return
         src = v.producer() if v is not None else None
         if node.op_type == "Reshape" and src is not None and src.op_type == "Concat":
@@ -156,7 +156,7 @@ def apply_pruning(an: Analysis, pruned: np.ndarray) -> int:
     """Rewrite `an.model` so that every class marked in `pruned` (bool, by root id) is gone.
     Returns how many channel positions were removed from producer outputs."""
     s = _Surgeon(an, pruned)
-    with model_context(an.model):
+    with constant_semantics(an.model):
         # Reshape/Expand edits read the *current* target constants, slices the current weights
         for e in an.edits:
             s.apply(e)

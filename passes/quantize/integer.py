@@ -209,7 +209,7 @@ class QdqToInteger(Pass):
         return PassResult(changed=bool(n_conv or n_mm), stats={k: v for k, v in stats.items() if v})
 
     @staticmethod
-    def _rewrite_matmul(g, b: Builder, node, touched: list[Value]) -> bool:  # type: ignore[no-untyped-def]
+    def _rewrite_matmul(g, b: Builder, node, touched: list[Value]) -> bool:
         """Gemm/MatMul of a DQ activation and a DQ constant weight → MatMulInteger (see docstring)."""
         gemm = node.op_type == "Gemm"
         ins = list(node.inputs) + [None] * (3 - len(node.inputs))
@@ -256,7 +256,7 @@ class QdqToInteger(Pass):
         return True
 
     @staticmethod
-    def _plan(node) -> tuple[Value, int, np.ndarray, np.ndarray, np.ndarray | None, list[int]] | None:  # type: ignore[no-untyped-def]
+    def _plan(node) -> tuple[Value, int, np.ndarray, np.ndarray, np.ndarray | None, list[int]] | None:
         if str(node.attr("auto_pad", "NOTSET")) not in ("NOTSET", "b'NOTSET'"):
             return None
         ins = list(node.inputs) + [None] * (3 - len(node.inputs))
@@ -298,7 +298,7 @@ class QdqToInteger(Pass):
 
 
 
-def _qdq_to_arith(g, b: Builder, touched: list[Value]) -> dict[str, int]:  # type: ignore[no-untyped-def]
+def _qdq_to_arith(g, b: Builder, touched: list[Value]) -> dict[str, int]:
     """The other QuantizeLinear/DequantizeLinear nodes (constant scale and zero point) as the
     elementwise arithmetic they define, which compiled targets fuse into the neighbouring
     kernels (their Q/DQ ops are not kernels of their own there):
@@ -320,7 +320,7 @@ def _qdq_to_arith(g, b: Builder, touched: list[Value]) -> dict[str, int]:  # typ
         axis = int(node.attr("axis", 1))
         axis = axis + rank if axis < 0 else axis
 
-        def bshape(a: np.ndarray) -> np.ndarray:
+        def bshape(a: np.ndarray, axis: int = axis, rank: int = rank) -> np.ndarray:
             return a.reshape(()) if a.size == 1 else a.reshape([-1 if i == axis else 1 for i in range(rank)])
 
         out = node.outputs[0]
@@ -365,7 +365,7 @@ def _qdq_to_arith(g, b: Builder, touched: list[Value]) -> dict[str, int]:  # typ
     return counts
 
 
-def _replace_by_scaled_sum(g, b: Builder, node, acc: Value, scale: np.ndarray, bias: np.ndarray | None,  # type: ignore[no-untyped-def]
+def _replace_by_scaled_sum(g, b: Builder, node, acc: Value, scale: np.ndarray, bias: np.ndarray | None,
                            base: str, touched: list[Value]) -> None:
     """`node`'s float output → Cast(acc, float) · scale [+ bias] (acc: the integer conv/matmul
     written before it), typed as the output was; `node` removed, its name given to acc's node
@@ -392,7 +392,7 @@ def _scalar_const(v: Value | None) -> float | None:
     return float(c.reshape(())) if c is not None and c.size == 1 and c.dtype == np.float32 else None
 
 
-def _fold_requantize_scales(g, b: Builder, touched: list[Value]) -> int:  # type: ignore[no-untyped-def]
+def _fold_requantize_scales(g, b: Builder, touched: list[Value]) -> int:
     """One multiply per requantize, as onnxruntime's QLinearConv does (acc · s_x·s_w/s_y):
 
         Round(Div([Relu](Cast(acc) · s[c] [+ b[c]]), s_y))  →  Round([Relu](Cast(acc) · (s/s_y)[c] [+ (b/s_y)[c]]))

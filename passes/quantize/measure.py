@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from graphopt.accuracy import Batch, Budget, output_metrics, run, session  # noqa: F401
 from graphopt.errors import GraphoptError
 from graphopt.ir import Model
-from graphopt.metrics import sqnr_db  # noqa: F401 - re-exported (graphopt.passes.quantize.sqnr_db); one home
+from graphopt.accuracy import sqnr_db  # noqa: F401 - re-exported (graphopt.passes.quantize.sqnr_db); one home
 
 
 # ------------------------------------------------------------------------------------ latency
@@ -62,19 +62,11 @@ def profile_nodes(model: Model, feeds: Batch, *, threads: int = 0, runs: int = 1
     import re
     import tempfile
 
-    import onnxruntime as ort
+    from graphopt.check import onnxruntime_session
 
-    from graphopt import to_onnx
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads or 2
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.enable_profiling = True
     with tempfile.TemporaryDirectory(prefix="graphopt-profile-") as d:
-        so.profile_file_prefix = os.path.join(d, "p")
         try:
-            sess = ort.InferenceSession(to_onnx(model).SerializeToString(), so, providers=["CPUExecutionProvider"])
+            sess = onnxruntime_session(model, threads=threads or 2, spinning=False, profile_prefix=os.path.join(d, "p"))
             feeds = dict(feeds)
             for _ in range(runs + 1):
                 sess.run(None, feeds)

@@ -20,8 +20,8 @@ from graphopt.calibration import (
     load_calibration,
     synthetic_calibration,
 )
-from graphopt.errors import UsageError
-from graphopt.ir import Model
+from graphopt.errors import GraphoptError, UsageError
+from graphopt.ir import Model, opset_version
 from graphopt.passes.cleanup.infer import infer_types
 from graphopt.passes.quantize import measure
 from graphopt.passes.quantize.qdq import QDQ_OPS, Applied, QuantOptions, Unit, apply, float_subgraphs, plan_units
@@ -101,7 +101,7 @@ class Quantize(Pass):
             ctx.info("quantize: the model is already quantized (has QuantizeLinear/MatMulInteger...); nothing to do")
             ctx.data["quantize"] = {"result": "already quantized: nothing to do", "layers": []}
             return PassResult(False, {}, note="already quantized: nothing to do")  # a second run reports nothing
-        opset = base.opset_imports.get("", base.opset_imports.get("ai.onnx", 0))
+        opset = opset_version(base, default=0)
         if 0 < opset < 13:  # per-channel QuantizeLinear needs opset 13: upgrade with onnx's converter
             try:
                 base = _upgraded(base, 13)
@@ -295,7 +295,7 @@ class Quantize(Pass):
             return as_calibration(given, model, batch_size=bs, limit=limit, batch_axis=axes)
         return synthetic_calibration(model, num_batches=8, batch_size=bs)
 
-    def _search(self, order: list[Unit], budget: measure.Budget, sens: dict[str, float], build, score, extra: dict[str, str]) -> tuple[int, bool]:  # type: ignore[no-untyped-def]
+    def _search(self, order: list[Unit], budget: measure.Budget, sens: dict[str, float], build, score, extra: dict[str, str]) -> tuple[int, bool]:
         """Smallest k such that the k most sensitive layers in float meet the budget (doubling, then bisection)."""
         def revert(k: int) -> dict[str, str]:
             return {u.name: f"accuracy budget ({budget}): sensitive layer, {sens[u.name]:.1f} dB output SQNR "
@@ -320,7 +320,7 @@ class Quantize(Pass):
         extra.update(revert(hi))
         return hi, True
 
-    def _speed(self, base: Model, qm: Model, qunits: list[Unit], applied: Applied, extra: dict[str, str], build, feeds, rep):  # type: ignore[no-untyped-def]
+    def _speed(self, base: Model, qm: Model, qunits: list[Unit], applied: Applied, extra: dict[str, str], build, feeds, rep):
         cands: list[tuple[str, Model, list[Unit], Applied, dict[str, str]]] = [("all selected layers int8", qm, qunits, applied, dict(extra))]
         groups: dict[str, dict[str, str]] = {}
         if self.depthwise == "auto":
@@ -371,7 +371,7 @@ class Quantize(Pass):
         _, m, us, ap, _ = cands[best]
         return m, us, ap, True
 
-    def _layer_timing(self, base: Model, qm: Model, units: list[Unit], feeds) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    def _layer_timing(self, base: Model, qm: Model, units: list[Unit], feeds) -> dict[str, Any]:
         """Per quantized layer: microseconds of its kernels in fp32 and in int8 (onnxruntime's
         profiler; kernels matched by node name or output name, so a layer fused into its
         neighbour in one of the two is only counted where it has a kernel of its own)."""
@@ -407,7 +407,7 @@ class Quantize(Pass):
         }
         return {"summary": summary, "layers": layers}
 
-    def _layer_sqnr(self, base: Model, qm: Model, applied: Applied, batches: list) -> dict[str, float]:  # type: ignore[type-arg]
+    def _layer_sqnr(self, base: Model, qm: Model, applied: Applied, batches: list) -> dict[str, float]:
         """SQNR (dB) of every quantized tensor in the int8 model against the same tensor in fp32."""
         pairs = [(k, v) for k, v in applied.dq_of.items()][:400]
         out: dict[str, float] = {}
@@ -416,7 +416,7 @@ class Quantize(Pass):
             try:
                 fs = measure.session(base, threads=self.threads, extra_outputs=[k for k, _ in chunk])
                 qs = measure.session(qm, threads=self.threads, extra_outputs=[v for _, v in chunk])
-            except Exception:
+            except GraphoptError:  # onnxruntime cannot expose these tensors: the report has the layers so far
                 return out
             nf, nq = len(fs.get_outputs()) - len(chunk), len(qs.get_outputs()) - len(chunk)
             acc: dict[str, list[float]] = {}

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from graphopt.calibration import TensorStats
-from graphopt.ir import Builder, DataType, Model, Node, Shape, TensorType, Value
+from graphopt.ir import Builder, DataType, Model, Node, Shape, TensorType, Value, opset_version
 from graphopt.pattern import const_array, drop_unused_initializers
 
 COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -141,7 +141,7 @@ def plan_units(model: Model, opts: QuantOptions) -> list[Unit]:
     (ops inside If/Loop/Scan bodies and function bodies stay float: see float_subgraphs)."""
     g = model.graph
     units: list[Unit] = []
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    opset = opset_version(model, default=0)
     softmax_inputs = {n.inputs[0] for n in g if n.op_type == "Softmax" and n.inputs}
     for node in g:
         if node.domain not in ("", "ai.onnx"):
@@ -190,14 +190,14 @@ def float_subgraphs(model: Model) -> list[dict[str, object]]:
     handles in the main graph (plan_units only plans the main graph): where, which ops, why float."""
     out: list[dict[str, object]] = []
 
-    def count(g) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    def count(g) -> dict[str, int]:
         ops: dict[str, int] = {}
         for n in g.all_nodes():
             if n.domain in ("", "ai.onnx") and n.op_type in QUANTIZABLE:
                 ops[n.op_type] = ops.get(n.op_type, 0) + 1
         return ops
 
-    def walk(g, where: str) -> None:  # type: ignore[no-untyped-def]
+    def walk(g, where: str) -> None:
         for n in g:
             for key, a in n.attributes.items():
                 gs = [a.value] if a.type == 5 else list(a.value or []) if a.type == 10 else []
@@ -379,7 +379,7 @@ def apply(model: Model, units: Iterable[Unit], stats: dict[str, TensorStats], op
         if u.kind == "passthrough":
             src = u.node.inputs[0]
             if src in params:
-                params[u.node.outputs[0]] = params[src]  # type: ignore[index]
+                params[u.node.outputs[0]] = params[src]
             continue
         for v in u.act_values():
             if v not in params:

@@ -15,7 +15,7 @@ from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import DataType, Graph, Model, NumpyTensor, Value
 from graphopt.transform import Pass, PassContext, PassResult, register_pass
 
-from graphopt.passes.cleanup._util import constant_semantics, in_function, is_constant, opset_of
+from graphopt.ir import constant_semantics, in_function, is_constant, opset_version
 from graphopt.passes.sharing import codebook as cbk
 from graphopt.passes.sharing import refit as rf
 from graphopt.passes.sharing.kmeans import cluster_rows
@@ -94,10 +94,7 @@ def _input_channel(w: Value) -> list[tuple[Value, int, int]]:
 def _calibration_importance(model: Model, weights: list[Value], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per-weight importance E[x_c^2] of the input channel each weight element multiplies,
     measured by running the model on onnxruntime with the activations as extra outputs."""
-    import onnx
-    import onnxruntime as ort
-
-    from graphopt import to_onnx
+    from graphopt.check import onnxruntime_session
 
     wanted: dict[str, list[tuple[Value, int, int]]] = {}
     names: dict[str, None] = {}
@@ -108,16 +105,8 @@ def _calibration_importance(model: Model, weights: list[Value], feeds: dict[str,
             names.update({x.name: None for x, _, _ in readers})
     if not names:
         return {}
-    proto = to_onnx(model)
-    have = {o.name for o in proto.graph.output}
-    for nm in names:
-        if nm not in have:
-            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(nm))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
     try:
-        sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess = onnxruntime_session(model, optimize=False, extra_outputs=list(names))
         order = [o.name for o in sess.get_outputs()]
         acts = dict(zip(order, sess.run(None, feeds)))
     except Exception as e:
@@ -257,7 +246,7 @@ class ClusterWeights(Pass):
         return self.bits
 
     def _storage(self, model: Model, graph: Graph, bits: int) -> str:
-        opset = opset_of(model, graph)
+        opset = opset_version(model, graph, default=1)
         uint4_ok = opset >= 21 and model.ir_version >= 10
         if self.storage == "uint4":
             if not uint4_ok or bits > 4:
@@ -510,7 +499,7 @@ class ClusterWeights(Pass):
         shape = tuple(t.shape)
         n = math.prod(shape)
         storage = self._storage(model, g, bits)
-        cbk.build_decode(g, w, f.codebook, f.idx, bits=bits, storage=storage, axis=f.axis, shared=shared, opset=opset_of(model, g))
+        cbk.build_decode(g, w, f.codebook, f.idx, bits=bits, storage=storage, axis=f.axis, shared=shared, opset=opset_version(model, g, default=1))
         before = int(t.nbytes)
         after = cbk.storage_bytes(n, bits, storage) + f.codebook.nbytes + (shape[f.axis] * 4 if f.axis is not None else 0)
         return n, before, after, storage
@@ -536,7 +525,7 @@ class ClusterWeights(Pass):
             return None
 
     def _fit_budget(self, model: Model, todo: list[tuple[Graph, Value, int]], gindex: dict[int, int], chosen: dict[int, int],
-                    fit, ref: Reference, budget: Budget, ctx: PassContext, stats: dict) -> dict[int, int]:  # type: ignore[no-untyped-def]
+                    fit, ref: Reference, budget: Budget, ctx: PassContext, stats: dict) -> dict[int, int]:
         """Bits per weight that meet `budget`: the requested ones if they hold; else each weight's
         sensitivity (output SQNR with it alone clustered), the fewest most sensitive kept float
         (bisection), then each of those, least sensitive first, at the fewest bits above the

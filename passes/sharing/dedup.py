@@ -13,7 +13,7 @@ from graphopt.errors import UsageError
 from graphopt.ir import Attr, AttrType, DataType, Function, Graph, Model, Node, NumpyTensor, Shape, Tensor, TensorType, Value, unique_name
 from graphopt.transform import Pass, PassContext, PassResult, register_pass
 
-from graphopt.passes.cleanup._util import STANDARD_DOMAINS, const_array, constant_semantics, in_function, is_constant
+from graphopt.ir import STANDARD_DOMAINS, const_array, constant_semantics, in_function, is_constant
 
 
 @dataclass

@@ -74,7 +74,7 @@ def readers(w: Value) -> tuple[list[Value], bool] | None:
     return xs, trans.pop()
 
 
-def token_mask(model, feeds: Mapping[str, np.ndarray], spec: str) -> np.ndarray | None:  # type: ignore[no-untyped-def]
+def token_mask(model, feeds: Mapping[str, np.ndarray], spec: str) -> np.ndarray | None:
     """The [batch, seq] 0/1 mask of the rows that count (`spec`: a graph input's name, `auto`:
     the 2-D integer input named like `attention_mask`, `none`): a transformer's padding
     positions are computed but never reach the output (masked keys, masked pooling), and with
@@ -106,7 +106,7 @@ def _rows(a: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return x
 
 
-def second_moments(model, names: list[str], batches: Iterable[Mapping[str, np.ndarray]],  # type: ignore[no-untyped-def]
+def second_moments(model, names: list[str], batches: Iterable[Mapping[str, np.ndarray]],
                    mask: str = "auto") -> dict[str, tuple[np.ndarray, int]]:
     """{activation: (sum over rows of x^T x in float64, number of rows)}: rows are the
     activation flattened to its last axis (padding tokens dropped, see `token_mask`), over every

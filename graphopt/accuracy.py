@@ -65,7 +65,7 @@ def run(model: Model, batches: Sequence[Batch], *, threads: int = 0, feedback: M
         for b in batches:
             feed = dict(b)
             for i, v in state.items():
-                if np.shape(v) == np.shape(feed.get(i)):
+                if i in feed and np.shape(v) == np.shape(feed[i]):
                     feed[i] = v
             res = list(sess.run(None, feed))
             state = {i: res[names.index(o)] for i, o in (feedback or {}).items() if o in names}
@@ -74,6 +74,11 @@ def run(model: Model, batches: Sequence[Batch], *, threads: int = 0, feedback: M
         raise GraphoptError(f"onnxruntime failed on an evaluation batch: {str(e).splitlines()[0]}") from None
     return outs
 
+
+
+def _open_dim(dim: int | str | None) -> bool:
+    """A symbolic or unknown (-1, 0) dim of a model input."""
+    return not isinstance(dim, int) or dim <= 0
 
 def _single_steps(model: Model, batches: Sequence[Batch], feedback: Mapping[str, str]) -> list[dict[str, np.ndarray]]:
     """Batches cut into one-sample steps (each input along its batch axis), in order. The batch
@@ -96,7 +101,7 @@ def _single_steps(model: Model, batches: Sequence[Batch], feedback: Mapping[str,
                 continue
             d = dims.get(k)
             open_n = [i for i in range(np.ndim(v)) if np.shape(v)[i] == n and d is not None and i < len(d)
-                      and (not isinstance(d[i], int) or d[i] <= 0)]  # fmt: skip
+                      and _open_dim(d[i])]
             if ax is not None and len(open_n) == 1:
                 cut[k] = open_n[0]
         for j in range(n):

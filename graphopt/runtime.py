@@ -453,7 +453,8 @@ class Runner:
         if picked is not None:
             sub, inputs = picked
             if sub is not None:
-                return sub.run(inputs)
+                outs: list[np.ndarray] = sub.run(inputs)
+                return outs
         res = self._call(self._feeds(inputs))
         return _flatten(res, len(self.outputs))
 
@@ -473,7 +474,8 @@ class Runner:
         """Latency of `run` without the input/output copies: percentiles in milliseconds."""
         picked = self._bucket(inputs)
         if picked is not None and picked[0] is not None:
-            return picked[0].benchmark(picked[1], warmup=warmup, repeat=repeat, seconds=seconds)
+            stats: dict[str, Any] = picked[0].benchmark(picked[1], warmup=warmup, repeat=repeat, seconds=seconds)
+            return stats
         feeds = self._feeds(inputs)
         self._call(feeds)  # (one untimed run at least: the library's argument checks)
         for _ in range(max(warmup - 1, 0)):
@@ -504,7 +506,9 @@ class Runner:
 
         picked = self._bucket(inputs)
         if picked is not None and picked[0] is not None:
-            return picked[0].profile_kernels(picked[1], repeat=repeat, min_repeat_ms=min_repeat_ms, cold=cold, cpu_time=cpu_time)
+            calls: list[dict[str, Any]] = picked[0].profile_kernels(picked[1], repeat=repeat, min_repeat_ms=min_repeat_ms,
+                                                                   cold=cold, cpu_time=cpu_time)
+            return calls
         feeds = self._feeds(inputs)
         self._call(feeds)  # (the library's argument checks, and a warm-up)
         kernels = _kernel_module(self._library)

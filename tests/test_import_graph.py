@@ -27,8 +27,6 @@ KNOWN_CYCLES: set[tuple[str, ...]] = {
 
 #: (importing module, imported module, private name or "(module)") still imported across modules
 KNOWN_PRIVATE: set[tuple[str, str, str]] = {
-    ("graphopt.passes.sharing.cluster", "graphopt.passes.cleanup._util", "(module)"),
-    ("graphopt.passes.sharing.dedup", "graphopt.passes.cleanup._util", "(module)"),
     ("graphopt.targets.arm64", "graphopt.runtime", "_param"),
     ("graphopt.targets.tvm.dynamic", "graphopt.targets.tvm.lower", "_materialise"),
     ("graphopt.targets.tvm.converters", "graphopt.targets.tvm.lower", "_const_value"),

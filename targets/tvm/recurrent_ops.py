@@ -171,6 +171,7 @@ def recurrence(op: str, xw: te.Tensor, r: te.Tensor, bias: te.Tensor, h0: te.Ten
                         _for_vec(hs, zr)
                         if not linear_before_reset:
                             def reset(j: Any) -> None:
+                                assert rh is not None
                                 rh[j] = gx[hs + j] * h[j]
                             _for_vec(hs, reset)
                             matvec(2 * hs, gh, rh)

@@ -7,11 +7,12 @@ layout is described in graphopt.passes.sharing.codebook's docstring.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-__all__ = ["decode_artifact", "decode_numpy", "pack", "storage_bytes", "unpack"]
+__all__ = ["decode_artifact", "decode_numpy", "pack", "storage_bytes", "stored_param", "unpack"]
 
 
 def pack(idx: np.ndarray, bits: int) -> np.ndarray:
@@ -78,3 +79,20 @@ def decode_artifact(indices: np.ndarray, codebook: np.ndarray, entry: dict[str, 
     """The float weight from an artifact's stored indices (`pack`ed uint8) and codebook."""
     return decode_numpy(indices, codebook, {"bits": entry["bits"], "storage": "packed", "axis": entry["axis"],
                                             "shape": entry["shape"]})
+
+
+def stored_param(data: Any, name: str, rt: Mapping[str, Any]) -> np.ndarray:
+    """Param `name` of a compiled artifact's params file (`data`, an .npz mapping; `rt`, the
+    manifest's runtime section): a clustered weight is stored as its bit-packed indices and
+    codebook and decoded here, a bfloat16 one as its uint16 bits."""
+    entry = rt.get("codebooks", {}).get(name)
+    if entry is None:
+        if name in rt.get("bfloat16", ()):  # (.npz has no bfloat16)
+            import ml_dtypes
+
+            return np.asarray(data[name]).view(ml_dtypes.bfloat16)
+        return np.asarray(data[name])
+    a: np.ndarray = decode_artifact(data[entry["indices"]], data[entry["codebook"]], entry)
+    if list(a.shape) != list(entry["shape"]):
+        raise ValueError(f"param {name!r} decodes to shape {list(a.shape)}, its codebook entry says {entry['shape']}")
+    return a

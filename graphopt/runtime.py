@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from graphopt.codebook import stored_param
 from graphopt.errors import UsageError
 from graphopt.target import Artifact, ArtifactError, npz_arrays, sha256_file
 
@@ -214,24 +215,6 @@ def check_dims(manifest: Mapping[str, Any], names: Sequence[str], arrays: Sequen
             raise UsageError(f"{where}; this compiled model needs at least {lo} (its convolution and pooling windows)")
 
 
-def _param(data: Any, name: str, rt: Mapping[str, Any]) -> np.ndarray:
-    """Param `name` of an artifact's params file; a clustered weight (cpu target) is stored as
-    its bit-packed indices and codebook and decoded here."""
-    entry = rt.get("codebooks", {}).get(name)
-    if entry is None:
-        if name in rt.get("bfloat16", ()):  # stored as its uint16 bits (.npz has no bfloat16)
-            import ml_dtypes
-
-            return np.asarray(data[name]).view(ml_dtypes.bfloat16)
-        return np.asarray(data[name])
-    from graphopt.codebook import decode_artifact
-
-    a: np.ndarray = decode_artifact(data[entry["indices"]], data[entry["codebook"]], entry)
-    if list(a.shape) != list(entry["shape"]):
-        raise ValueError(f"param {name!r} decodes to shape {list(a.shape)}, its codebook entry says {entry['shape']}")
-    return a
-
-
 def check_threads(threads: int | None) -> int | None:
     """`threads` as given (None: the default), refused unless a positive int."""
     if threads is None:
@@ -369,7 +352,7 @@ class Runner:
                                 f"lists {len(m['inputs'])} inputs and {len(rt['params'])} params")
         try:
             with np.load(paths["params"], allow_pickle=False) as data:
-                params = [_contiguous(_param(data, name, rt)) for name in rt["params"]]
+                params = [_contiguous(stored_param(data, name, rt)) for name in rt["params"]]
         except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile, zlib.error) as e:
             # (data that its headers did not give away, or a codebook entry that does not decode)
             raise ArtifactError(f"{artifact.path}: params file: {_first_line(e)}") from None

@@ -282,14 +282,14 @@ class QemuRunner:
         return a
 
     def _params(self) -> list[str]:
-        from graphopt.runtime import _param
+        from graphopt.codebook import stored_param
 
         if self._params_dir is None:
             self._params_dir = tempfile.mkdtemp(prefix="graphopt-arm64-params-")
             with np.load(self._paths["params"], allow_pickle=False) as data:
                 for i, name in enumerate(self._param_names):
                     f = os.path.join(self._params_dir, f"p{i}.npy")
-                    np.save(f, np.require(_param(data, name, self._runtime), requirements="C"))  # codebooks decoded
+                    np.save(f, np.require(stored_param(data, name, self._runtime), requirements="C"))  # codebooks decoded
                     self._param_files.append(f)
         return self._param_files
 

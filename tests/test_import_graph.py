@@ -19,18 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"graphopt": ROOT / "graphopt", "graphopt.passes": ROOT / "passes", "graphopt.targets": ROOT / "targets"}
 
 #: module-level cycles still there: (sorted members of one strongly connected component)
-KNOWN_CYCLES: set[tuple[str, ...]] = {
-    # lower.py registers converters.py's converters by importing it at its last line; converters
-    # imports lower's helpers (issue 22: a converter registry module of its own breaks it)
-    ("graphopt.targets.tvm.converters", "graphopt.targets.tvm.lower"),
-}
+KNOWN_CYCLES: set[tuple[str, ...]] = set()
 
 #: (importing module, imported module, private name or "(module)") still imported across modules
 KNOWN_PRIVATE: set[tuple[str, str, str]] = {
-    ("graphopt.targets.arm64", "graphopt.runtime", "_param"),
-    ("graphopt.targets.tvm.dynamic", "graphopt.targets.tvm.lower", "_materialise"),
-    ("graphopt.targets.tvm.converters", "graphopt.targets.tvm.lower", "_const_value"),
-    ("graphopt.targets.tvm.converters", "graphopt.targets.tvm.lower", "_dims_of"),
     # the schedule rules' shared helpers live in tvm_schedules under private names (issue 22:
     # a public ScheduleRule base and helpers module)
     *{("graphopt.targets.nchwc_schedules", "graphopt.targets.tvm_schedules", n) for n in (

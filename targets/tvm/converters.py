@@ -1,6 +1,6 @@
 """More of graphopt's own Relax converters (ops Relax's ONNX frontend lacks or gets wrong).
 
-Registered into `lower.CONVERTERS` on import (lower.py imports this module at its end). Each
+Registered into `converter_registry.CONVERTERS` on import (lower.py imports this module at its end). Each
 converter takes (block builder, node, relax inputs (None for omitted ones), opset) and returns a
 Relax expression or a list of them (one per node output), or NotImplemented to fall back to the
 frontend's converter. RNN/GRU/LSTM run as one kernel looping over their sequence length, which
@@ -20,7 +20,7 @@ from tvm import relax
 
 from graphopt.ir import Node
 
-from .lower import LoweringError, _const_value, _dims_of, converter
+from .converter_registry import CONVERTERS, LoweringError, const_value, converter, dims_of
 
 R = relax.op
 
@@ -34,7 +34,7 @@ def _dt(e: Any) -> str:
 
 
 def _static(node: Node, e: Any, what: str) -> list[int]:
-    dims = _dims_of(e)
+    dims = dims_of(e)
     if not all(isinstance(d, int) for d in dims):
         raise LoweringError(f"node {node.label()}: {node.op_type} needs a static {what} shape on the cpu target")
     return dims
@@ -45,7 +45,7 @@ def _slice(bb: relax.BlockBuilder, x: Any, axis: int, begin: int, end: int, step
 
 
 def _int_const(node: Node, e: Any, what: str) -> np.ndarray:
-    v = _const_value(e) if e is not None else None
+    v = const_value(e) if e is not None else None
     if v is None:
         raise LoweringError(f"node {node.label()}: {node.op_type} needs a constant {what} on the cpu target")
     return v
@@ -85,14 +85,14 @@ def _causal_conv(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int)
         y = bb.emit(R.astype(yf, dtype)) if dtype != "float32" else yf
     elif act != "none":
         raise LoweringError(f"node {node.label()}: activation {act!r} is not one of none, silu, swish")
-    total = _dims_of(padded)[2]
+    total = dims_of(padded)[2]
     present = _slice(bb, padded, 2, total - (k - 1), total)
     return [y, present]
 
 
 def _heads(bb: relax.BlockBuilder, x: Any, h: int) -> Any:
     """(B, T, H*D) → (B, H, T, D)."""
-    b, t, hd = _dims_of(x)
+    b, t, hd = dims_of(x)
     return bb.emit(R.permute_dims(R.reshape(x, (b, t, h, hd // h)), [0, 2, 1, 3]))
 
 
@@ -112,22 +112,22 @@ def _linear_attention(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset:
     b, t, _ = _static(node, q, "query")
     dtype = _dt(q)
     f32 = "float32"
-    dk = _dims_of(q)[2] // hq
-    dv = _dims_of(v)[2] // hkv
+    dk = dims_of(q)[2] // hq
+    dv = dims_of(v)[2] // hkv
     group = hq // hkv
     q4 = bb.emit(R.astype(_heads(bb, q, hq), f32))
     k4 = bb.emit(R.astype(_heads(bb, k, hkv), f32))
     v4 = bb.emit(R.astype(_heads(bb, v, hkv), f32))
     d4 = b4 = None
     if gating:
-        last = _dims_of(decay)[2]
+        last = dims_of(decay)[2]
         if last == hkv:
             d4 = bb.emit(R.permute_dims(R.reshape(decay, (b, t, hkv, 1)), [0, 2, 1, 3]))
         else:
             d4 = _heads(bb, decay, hkv)
         d4 = bb.emit(R.exp(R.astype(d4, f32)))
     if delta:
-        last = _dims_of(beta)[2]
+        last = dims_of(beta)[2]
         b4 = bb.emit(R.astype(R.permute_dims(R.reshape(beta, (b, t, last, 1)), [0, 2, 1, 3]), f32))
     state_dtype = _dt(past) if past is not None else dtype
     state = bb.emit(R.astype(past, f32)) if past is not None else bb.emit(R.zeros((b, hkv, dk, dv), f32))
@@ -166,7 +166,7 @@ def _rotary(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> A
         if not nh:
             raise LoweringError(f"node {node.label()}: RotaryEmbedding of a 3-D input needs num_heads")
         xs = bb.emit(R.reshape(x, (shape[0], shape[1], nh, shape[2] // nh)))
-    head = _dims_of(xs)[3]
+    head = dims_of(xs)[3]
     rd = node.attr("rotary_embedding_dim", 0) or head
     if pos is not None:
         cos = bb.emit(R.take(cos, pos, axis=0, mode="clip"))
@@ -181,7 +181,7 @@ def _rotary(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> A
     real = bb.emit(R.subtract(R.multiply(cos, x1), R.multiply(sin, x2)))
     imag = bb.emit(R.add(R.multiply(sin, x1), R.multiply(cos, x2)))
     if node.attr("interleaved", 0):
-        rot = bb.emit(R.reshape(R.stack([real, imag], axis=-1), _dims_of(rot)))
+        rot = bb.emit(R.reshape(R.stack([real, imag], axis=-1), dims_of(rot)))
     else:
         rot = bb.emit(R.concat([real, imag], axis=-1))
     out = bb.emit(R.concat([rot, _slice(bb, xs, 3, rd, head)], axis=-1)) if rd < head else rot
@@ -284,7 +284,7 @@ def _isinf(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> An
     if neg:
         outs.append(R.equal(x, _c(-np.inf, dtype)))
     if not outs:
-        return bb.emit(R.zeros(_dims_of(x), "bool"))
+        return bb.emit(R.zeros(dims_of(x), "bool"))
     return bb.emit(outs[0] if len(outs) == 1 else R.logical_or(outs[0], outs[1]))
 
 
@@ -384,13 +384,13 @@ def _rnn_common(bb: relax.BlockBuilder, node: Node, ins: list[Any], gates: int, 
     layout = node.attr("layout", 0)
     if layout:
         x = bb.emit(R.permute_dims(x, [1, 0, 2]))
-    t, batch, _ = _dims_of(x)  # (T and B may be symbolic: `recurrent_ops` loops over T inside one kernel)
+    t, batch, _ = dims_of(x)  # (T and B may be symbolic: `recurrent_ops` loops over T inside one kernel)
     dirs, gh, _ = _static(node, w, "weight")
     hidden = node.attr("hidden_size") or gh // gates
     direction = _str_attr(node, "direction", "forward")
     lens = None  # per-batch lengths other than the full one: steps at or past a length keep the state
     if seq_lens is not None:
-        v = _const_value(seq_lens)
+        v = const_value(seq_lens)
         if v is None or not isinstance(t, int) or not np.all(v == t):
             lens = bb.emit(R.reshape(R.astype(seq_lens, "int64"), [batch, 1]))
     acts = [a.decode() if isinstance(a, bytes) else a for a in (node.attr("activations") or [])] or default_acts * dirs
@@ -712,13 +712,13 @@ def _resize(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> A
         if e is None:
             consts.append(None)
             continue
-        v = _const_value(e)
+        v = const_value(e)
         if v is None:
             raise LoweringError(f"node {node.label()}: Resize with run-time roi/scales/sizes is not supported by the cpu target (they decide the output shape)")
         consts.append(np.asarray(v))
     while len(consts) < 3:
         consts.append(None)
-    if not all(isinstance(d, int) for d in _dims_of(x)) or (
+    if not all(isinstance(d, int) for d in dims_of(x)) or (
             _str_attr(node, "mode", "nearest") == "linear" and _resize_direct(node, consts[0]) and _dt(x).startswith("float")):
         # (static linear too: the weight-matrix form below runs as a reduction, a generic
         # schedule: the detector's 2x upsampling of 32 x 16 x 16, 15 ms vs 0.75 ms)
@@ -754,7 +754,7 @@ def _resize_symbolic(bb: relax.BlockBuilder, node: Node, x: Any, roi: np.ndarray
 
     from tvm import te, tirx
 
-    dims = _dims_of(x)
+    dims = dims_of(x)
     r = len(dims)
     axes = [a + r if a < 0 else a for a in (node.attr("axes", None) or range(r))]
     mode = _str_attr(node, "mode", "nearest")
@@ -1046,7 +1046,7 @@ def _qlinear_conv(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int
         return NotImplemented
     xi = bb.emit(R.subtract(R.astype(x, "int32"), R.astype(_zp(x_zp, _dt(x)), "int32")))
     wz = R.astype(_zp(w_zp, _dt(w)), "int32")
-    if w_zp is not None and w_zp.ty.ndim == 1 and _dims_of(w_zp)[0] != 1:
+    if w_zp is not None and w_zp.ty.ndim == 1 and dims_of(w_zp)[0] != 1:
         wz = R.reshape(wz, (-1, 1, 1, 1))
     wi = bb.emit(R.subtract(R.astype(w, "int32"), wz))
     pads = list(node.attr("pads") or [0] * 4)
@@ -1117,16 +1117,16 @@ def _dropout(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> 
     x = ins[0]
     training = ins[2] if len(ins) > 2 else None
     if training is not None:
-        t = _const_value(training)
+        t = const_value(training)
         if t is None:
             raise LoweringError(f"node {node.label()}: Dropout with a run-time training_mode is not supported by the cpu target")
         if bool(np.asarray(t).reshape(-1)[0]):
-            r = _const_value(ins[1]) if len(ins) > 1 and ins[1] is not None else np.array(0.5)
+            r = const_value(ins[1]) if len(ins) > 1 and ins[1] is not None else np.array(0.5)
             if r is None or float(np.asarray(r).reshape(-1)[0]) != 0.0:
                 raise LoweringError(f"node {node.label()}: training-mode Dropout (random) is not supported by the cpu target")
     y = bb.emit(R.astype(x, _dt(x)))
     if len(node.outputs) > 1:
-        return [y, bb.emit(R.ones(_dims_of(x), "bool"))]
+        return [y, bb.emit(R.ones(dims_of(x), "bool"))]
     return y
 
 
@@ -1178,7 +1178,7 @@ def _reverse_sequence(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset:
 def _pad(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
     """Constant Pad whose pad value is a run-time scalar: pad with zeros, then the value where a
     compile-time mask marks the padding (the frontend takes only a constant value)."""
-    if opset < 11 or len(ins) < 3 or ins[2] is None or _const_value(ins[2]) is not None:
+    if opset < 11 or len(ins) < 3 or ins[2] is None or const_value(ins[2]) is not None:
         return NotImplemented
     if _str_attr(node, "mode", "constant") != "constant":
         return NotImplemented
@@ -1207,7 +1207,7 @@ def _nms_guard(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -
     score_threshold only when they are constants (it silently uses defaults otherwise): refuse
     run-time ones instead of computing something else."""
     for i, what in ((2, "max_output_boxes_per_class"), (3, "iou_threshold"), (4, "score_threshold")):
-        if len(ins) > i and ins[i] is not None and _const_value(ins[i]) is None:
+        if len(ins) > i and ins[i] is not None and const_value(ins[i]) is None:
             raise LoweringError(f"node {node.label()}: NonMaxSuppression with a run-time {what} is not supported by the cpu target")
     return NotImplemented
 
@@ -1245,7 +1245,6 @@ def _tensor_scatter(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: i
 # --- run-time shape-deciding inputs, compiled ahead of time (targets/tvm/dynamic.py) ---------------
 
 from . import dynamic as D  # noqa: E402
-from .lower import CONVERTERS  # noqa: E402
 
 
 def _chained(*ops: str) -> Any:
@@ -1269,7 +1268,7 @@ def _chained(*ops: str) -> Any:
 
 def _runtime(e: Any) -> bool:
     """`e` is a tensor computed at run time (not a constant the IR knows, nor a shape value)."""
-    return e is not None and _const_value(e) is None and isinstance(getattr(e, "ty", None), relax.TensorType)
+    return e is not None and const_value(e) is None and isinstance(getattr(e, "ty", None), relax.TensorType)
 
 
 def _static_len(e: Any) -> int | None:
@@ -1307,10 +1306,10 @@ def _reduce_empty_set(bb: relax.BlockBuilder, node: Node, ins: list[Any]) -> Any
     if node.op_type not in ("ReduceMax", "ReduceMin") or not _dt(ins[0]).startswith("float"):
         return NotImplemented
     x = ins[0]
-    dims = _dims_of(x)
+    dims = dims_of(x)
     axes = node.attr("axes")
     if len(ins) > 1 and ins[1] is not None:
-        v = _const_value(ins[1])
+        v = const_value(ins[1])
         axes = None if v is None else [int(a) for a in np.asarray(v).reshape(-1)]
     axes = list(range(len(dims))) if not axes else [a % len(dims) for a in axes]
     if not any(dims[a] == 0 for a in axes):
@@ -1352,7 +1351,7 @@ def _reduce_runtime_axes(bb: relax.BlockBuilder, node: Node, ins: list[Any], ops
         if not keep:
             y = bb.emit(R.reshape(y, []))
     else:
-        dims = _dims_of(x)
+        dims = dims_of(x)
         r = len(dims)
         a64 = bb.emit(R.astype(axes, "int64")) if _dt(axes) != "int64" else axes
         if a64.ty.ndim == 0:
@@ -1467,7 +1466,7 @@ def _pad_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int)
     mode = _str_attr(node, "mode", "constant")
     dtype = _dt(x)
     value = ins[2] if len(ins) > 2 else None
-    cv = _const_value(value) if value is not None else None
+    cv = const_value(value) if value is not None else None
 
     def compute(data: Any, *rest: Any) -> Any:
         dims = list(data.shape)
@@ -1861,7 +1860,7 @@ def _trilu_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: in
     if len(ins) < 2 or not _runtime(ins[1]):
         return NotImplemented
     x = ins[0]
-    m, n = _dims_of(x)[-2:]
+    m, n = dims_of(x)[-2:]
     if isinstance(m, int) and isinstance(n, int):
         diff = relax.const(np.arange(n)[None, :] - np.arange(m)[:, None], "int64")
     else:
@@ -1911,7 +1910,7 @@ def _split_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: in
 
     if opset < 13 or len(ins) < 2 or ins[1] is None:
         return NotImplemented
-    const = _const_value(ins[1])
+    const = const_value(ins[1])
     if const is not None and (const.size == 0 or np.all(np.asarray(const) > 0)):
         return NotImplemented  # the frontend's split (it refuses zero-size pieces)
     x = ins[0]
@@ -1971,7 +1970,7 @@ def _col2im_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: i
         raise LoweringError(f"node {node.label()}: Col2Im needs image_shape and block_shape of one static length")
 
     def dims_of(e: Any, prefix: str) -> list[Any]:
-        v = _const_value(e)
+        v = const_value(e)
         if v is not None:
             return [tvm.tirx.const(int(a), "int64") for a in v.reshape(-1)]
         return list(D.shape_of_tensor(bb, e, nd, prefix).values)
@@ -2037,7 +2036,7 @@ def _dropout_runtime(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: 
     bb.emit(R.assert_op(ok, format="training-mode Dropout with a nonzero ratio is not supported by the cpu target"))
     y = bb.emit(R.astype(x, _dt(x)))
     if len(node.outputs) > 1:
-        return [y, bb.emit(R.ones(_dims_of(x), "bool"))]
+        return [y, bb.emit(R.ones(dims_of(x), "bool"))]
     return y
 
 
@@ -2099,7 +2098,7 @@ def _window(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> A
     from tvm import te, tirx
 
     size = ins[0]
-    sv = _const_value(size)
+    sv = const_value(size)
     n = int(np.asarray(sv).reshape(-1)[0]) if sv is not None else _scalar_dim(bb, size, "win")
     dtype = _onnx_dtype(int(node.attr("output_datatype", 1)))
     periodic = bool(node.attr("periodic", 1))
@@ -2275,7 +2274,7 @@ def _clip_op(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> 
             if e is None:
                 bounds.append(None)
                 continue
-            v = _const_value(e)
+            v = const_value(e)
             if v is None or v.size != 1:
                 return NotImplemented
             f = float(v.reshape(()))

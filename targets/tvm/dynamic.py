@@ -222,7 +222,7 @@ def _captured(g: Any) -> list[Any]:
 def runtime_if(lowerer: Any, bb: relax.BlockBuilder, node: Any, cond: Any, env: dict[Any, Any]) -> list[Any]:
     """If whose condition is computed at run time: both branches compiled (each a function over
     the outer values it reads), one run, chosen on the host (`switch`)."""
-    from .lower import LoweringError, Sym, _materialise
+    from .lower import LoweringError, Sym, materialise
 
     then_g, else_g = node.attr("then_branch"), node.attr("else_branch")
     captured: list[Any] = []
@@ -237,13 +237,13 @@ def runtime_if(lowerer: Any, bb: relax.BlockBuilder, node: Any, cond: Any, env: 
         if e is None:
             continue  # an outer value no branch computes before use: _body reports it
         if isinstance(e, Sym) and e.static() is None:
-            e = _materialise(bb, e, "")
+            e = materialise(bb, e, "")
         if isinstance(e, Sym) or isinstance(e, tvm.ir.GenericConst):
             fixed[id(v)] = e
         else:
             passed.append((v, e))
     if isinstance(cond, Sym):
-        cond = _materialise(bb, cond, "")
+        cond = materialise(bb, cond, "")
 
     def branch(g: Any) -> Callable[[relax.BlockBuilder, list[relax.Var]], Any]:
         def fn(fbb: relax.BlockBuilder, params: list[relax.Var]) -> Any:
@@ -282,10 +282,10 @@ def runtime_loop(lowerer: Any, bb: relax.BlockBuilder, node: Any, ins: list[Any]
     body's condition and values, and each scan output appended to its accumulator. The loop
     state is typed by rank only (dims may change between iterations); what L returns is cast to
     fresh symbolic dims in `bb`."""
-    from .lower import LoweringError, Sym, _materialise
+    from .lower import LoweringError, Sym, materialise
 
     body = node.attr("body")
-    ins = [_materialise(bb, e, "") if isinstance(e, Sym) else e for e in ins]
+    ins = [materialise(bb, e, "") if isinstance(e, Sym) else e for e in ins]
     trip = ins[0] if ins else None
     cond = ins[1] if len(ins) > 1 else None
     carried = list(ins[2:])
@@ -297,7 +297,7 @@ def runtime_loop(lowerer: Any, bb: relax.BlockBuilder, node: Any, ins: list[Any]
         if e is None:
             continue
         if isinstance(e, Sym) and e.static() is None:
-            e = _materialise(bb, e, "")
+            e = materialise(bb, e, "")
         if isinstance(e, (Sym, tvm.ir.GenericConst)):
             fixed[id(v)] = e
         else:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +48,7 @@ from graphopt.ir.types import TensorType
 from graphopt.targets.machine import MachineModel, machine_model
 
 from .blocked_ops import max_pool_nchw
+from .converter_registry import CONVERTERS, LoweringError, const_value, converter, dims_of
 from .minmax_ops import arg_max_min, reduce_max_min
 
 KERNEL_KEY = "graphopt.kernel"
@@ -67,10 +67,6 @@ MAX_ELEMENTS = 2**31 - 1
 def _contiguous(a: np.ndarray) -> np.ndarray:
     """C-contiguous, keeping 0-d arrays 0-d (np.ascontiguousarray makes them 1-d)."""
     return np.require(a, requirements="C")
-
-
-class LoweringError(GraphoptError):
-    """The model uses something the TVM lowering cannot express."""
 
 
 class ShapeUnificationError(LoweringError):
@@ -190,24 +186,6 @@ def _attr(node: Node, name: str, default: Any = None) -> Any:
 
 # --- converters ---------------------------------------------------------------------------------
 
-#: graphopt's own converters: (block builder, node, relax inputs (None for omitted), opset) → expr
-Converter = Callable[[relax.BlockBuilder, Node, list[Any], int], Any]
-CONVERTERS: dict[str, Converter] = {}
-
-
-def converter(*ops: str) -> Callable[[Converter], Converter]:
-    def deco(fn: Converter) -> Converter:
-        for op in ops:
-            CONVERTERS[op] = fn
-        return fn
-
-    return deco
-
-
-def _const_value(e: Any) -> np.ndarray | None:
-    return e.value.numpy() if isinstance(e, tvm.ir.GenericConst) else None
-
-
 @converter("ConvInteger")
 def _conv_integer(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
     """2-D ConvInteger (the frontend has none; grouped too) with constant zero points, weight zero point 0:
@@ -273,7 +251,7 @@ _SHAPE_CONSUMERS = {"Reshape", "Expand", "ConstantOfShape"}
 def _as_sym(e: Any) -> Sym | None:
     if isinstance(e, Sym):
         return e
-    v = _const_value(e)
+    v = const_value(e)
     if v is not None and v.dtype.kind in "iu" and v.ndim <= 1 and v.size <= 64:
         return Sym([int(x) for x in v.reshape(-1)], scalar=v.ndim == 0, dtype=str(v.dtype))
     return None
@@ -409,7 +387,7 @@ def _simplify(v: Any) -> Any:
     return int(r.value) if isinstance(r, tvm.tirx.IntImm) else r
 
 
-def _materialise(bb: relax.BlockBuilder, s: Sym, consumer: str) -> Any:
+def materialise(bb: relax.BlockBuilder, s: Sym, consumer: str) -> Any:
     """A Sym as what a converter can take: a constant when static, a ShapeExpr for shape
     consumers, else a runtime tensor."""
     arr = s.static()
@@ -454,13 +432,6 @@ def _layer_norm(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) 
     return [y, mean, inv]
 
 
-def _dims_of(e: Any) -> list[Any]:
-    shape = e.ty.shape
-    if shape is None or not isinstance(shape, relax.ShapeExpr):
-        raise LoweringError("a tensor of unknown shape")
-    return [int(v) if isinstance(v, tvm.tirx.IntImm) else v for v in shape.values]
-
-
 @converter("Attention")
 def _attention(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
     """ONNX Attention (opset 23): 3-D or 4-D Q/K/V, attn_mask (bool or additive, padded to the
@@ -484,23 +455,23 @@ def _attention(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -
     qh, kvh = node.attr("q_num_heads"), node.attr("kv_num_heads")
     if rank3:
         def heads(x: Any, h: int) -> Any:
-            b, sq, hid = _dims_of(x)
+            b, sq, hid = dims_of(x)
             x = emit(R.reshape(x, [b, sq, h, hid // h]))
             return emit(R.permute_dims(x, [0, 2, 1, 3]))
 
         q, k, v = heads(q, qh), heads(k, kvh), heads(v, kvh)
-    dq = _dims_of(q)[3]
+    dq = dims_of(q)[3]
     scale = node.attr("scale")
     scale = 1.0 / np.sqrt(dq) if scale is None else float(scale)
     sq_scale = relax.const(np.array(np.sqrt(scale), dtype=dtype), dtype)
     present_k = emit(R.concat([past_k, k], axis=2)) if past_k is not None else k
     present_v = emit(R.concat([past_v, v], axis=2)) if past_v is not None else v
-    qlen, kvlen = _dims_of(q)[2], _dims_of(present_k)[2]
+    qlen, kvlen = dims_of(q)[2], dims_of(present_k)[2]
     neg_inf = relax.const(np.array(-np.inf, dtype=dtype), dtype)
     zero = relax.const(np.array(0, dtype=dtype), dtype)
     bias = None
     if mask is not None:
-        mdims = _dims_of(mask)
+        mdims = dims_of(mask)
         pad = kvlen - mdims[-1] if isinstance(kvlen, int) and isinstance(mdims[-1], int) else 0
         if pad > 0:
             fill = np.zeros(mdims[:-1] + [pad], dtype=bool) if str(mask.ty.dtype) == "bool" else np.full(mdims[:-1] + [pad], -np.inf, dtype=str(mask.ty.dtype))
@@ -520,7 +491,7 @@ def _attention(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -
         if npd is not None and past_k is None:
             diff = emit(R.add(relax.const(rel.astype(np.int64), "int64"), R.subtract(npd, relax.const(np.array(qlen, np.int64), "int64"))))
         else:
-            offset = _dims_of(past_k)[2] if past_k is not None else 0
+            offset = dims_of(past_k)[2] if past_k is not None else 0
             diff = relax.const((rel + offset).astype(np.int64), "int64")
         allowed = None
         zero64 = relax.const(np.array(0, np.int64), "int64")
@@ -539,7 +510,7 @@ def _attention(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -
         if allowed is not None:
             extra = emit(R.where(allowed, zero, neg_inf))
             bias = emit(R.add(bias, extra)) if bias is not None else extra
-    nq, nk = _dims_of(q)[1], _dims_of(present_k)[1]
+    nq, nk = dims_of(q)[1], dims_of(present_k)[1]
     kk, vv = present_k, present_v
     if isinstance(nq, int) and isinstance(nk, int) and nq != nk and nq % nk == 0:
         kk = emit(R.repeat(kk, nq // nk, axis=1))
@@ -582,7 +553,7 @@ def _attention(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -
     y = emit(R.matmul(probs, vv))
     if rank3:
         y = emit(R.permute_dims(y, [0, 2, 1, 3]))
-        b, sq, h, d = _dims_of(y)
+        b, sq, h, d = dims_of(y)
         y = emit(R.reshape(y, [b, sq, h * d]))
     if out_dtype != dtype:
         y, present_k, present_v = (emit(R.astype(e, out_dtype)) for e in (y, present_k, present_v))
@@ -634,7 +605,7 @@ def _nll(bb: relax.BlockBuilder, node: Node, logp: Any, target: Any, weight: Any
     if reduction not in ("none", "sum", "mean"):
         raise LoweringError(f"node {node.label()}: reduction {reduction!r} is not one of none, sum, mean")
     ignore = node.attr("ignore_index")
-    c = _dims_of(logp)[1]
+    c = dims_of(logp)[1]
     if not isinstance(c, int):
         raise LoweringError(f"node {node.label()}: {node.op_type} needs a static class count on the cpu target")
     # clipped targets: an ignored (or out-of-range) index must not read outside the tensor
@@ -1115,7 +1086,7 @@ class _Lowerer:
                     if e is None:
                         raise LoweringError(f"graph output {v.name!r} is not computed")
                     if isinstance(e, Sym):  # (shape arithmetic as an output: Shape -> Gather of a symbolic dim)
-                        e = _materialise(self.bb, e, "")
+                        e = materialise(self.bb, e, "")
                     outs.append(e)
                 res = self.bb.emit_output(relax.Tuple(outs) if len(outs) != 1 else outs[0])
             self.bb.emit_func_output(res)
@@ -1210,7 +1181,7 @@ class _Lowerer:
             if src is None:
                 return None
             if isinstance(src, Sym):
-                src = _materialise(bb, src, "")
+                src = materialise(bb, src, "")
             e = env[(id(v), want)] = _layout.convert_form(bb, src, v, have, want, self.plan.block)
         return e
 
@@ -1260,7 +1231,7 @@ class _Lowerer:
                 for v, e in zip(n.outputs, outs):
                     env[id(v)] = e
                 continue
-            ins = [_materialise(bb, e, n.op_type) if isinstance(e, Sym) else e for e in ins]
+            ins = [materialise(bb, e, n.op_type) if isinstance(e, Sym) else e for e in ins]
             try:
                 out = convert_node(bb, n, ins, self.opset)
             except GraphoptError:
@@ -1294,20 +1265,20 @@ class _Lowerer:
             if id(v) not in sub:
                 raise LoweringError(f"subgraph output {v.name!r} is not computed")
             e = sub[id(v)]
-            outs.append(_materialise(bb, e, "") if isinstance(e, Sym) else e)
+            outs.append(materialise(bb, e, "") if isinstance(e, Sym) else e)
         return outs
 
     def _control_flow(self, bb: relax.BlockBuilder, n: Node, ins: list[Any], env: dict[int, Any]) -> list[Any]:
         R = relax.op
         if n.op_type == "If":
-            c = ins[0].static() if isinstance(ins[0], Sym) else _const_value(ins[0])
+            c = ins[0].static() if isinstance(ins[0], Sym) else const_value(ins[0])
             if c is None:  # both branches compiled, one chosen at run time
                 from . import dynamic
 
                 return dynamic.runtime_if(self, bb, n, ins[0], env)
             branch = n.attr("then_branch") if bool(np.asarray(c).reshape(-1)[0]) else n.attr("else_branch")
             return self._body(bb, branch, [], env)
-        ins = [_materialise(bb, e, "") if isinstance(e, Sym) else e for e in ins]
+        ins = [materialise(bb, e, "") if isinstance(e, Sym) else e for e in ins]
         if n.op_type == "Scan":
             if self.opset < 9:
                 raise LoweringError(f"node {n.label()}: Scan-8 (batched, sequence_lens) is not supported by the cpu target")
@@ -1323,7 +1294,7 @@ class _Lowerer:
             if not xs:
                 raise LoweringError(f"node {n.label()}: Scan without scan inputs")
             in_axes = [a + xs[i].ty.ndim if a < 0 else a for i, a in enumerate(in_axes)]
-            t = _dims_of(xs[0])[in_axes[0]]
+            t = dims_of(xs[0])[in_axes[0]]
             if not isinstance(t, int) or t > self.MAX_UNROLL:
                 raise LoweringError(f"node {n.label()}: Scan needs a static sequence length ≤ {self.MAX_UNROLL} on the cpu target")
             per: list[list[Any]] = [[] for _ in range(k)]
@@ -1348,9 +1319,9 @@ class _Lowerer:
         trip = ins[0] if ins else None
         cond = ins[1] if len(ins) > 1 else None
         carried = list(ins[2:])
-        tv = _const_value(trip) if trip is not None else None
+        tv = const_value(trip) if trip is not None else None
         max_trip = int(np.asarray(tv).reshape(-1)[0]) if tv is not None else None
-        cv = _const_value(cond) if cond is not None else None
+        cv = const_value(cond) if cond is not None else None
         if trip is not None and tv is None or cond is not None and cv is None:  # a recursive function, run on the host
             from . import dynamic
 
@@ -1367,7 +1338,7 @@ class _Lowerer:
             i_e = _const(np.array(it, dtype=np.int64))
             c_e = _const(np.array(True))
             outs = self._body(bb, body, [i_e, c_e] + carried, env)
-            c_out = _const_value(outs[0]) if isinstance(outs[0], relax.Expr) else None
+            c_out = const_value(outs[0]) if isinstance(outs[0], relax.Expr) else None
             if c_out is None:
                 raise LoweringError(f"node {n.label()}: Loop whose condition is computed at run time is not supported by the cpu target")
             go = bool(np.asarray(c_out).reshape(-1)[0])

@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-storage", metavar="URL", help="--search: an Optuna RDB storage URL shared by several workers "
                    "(default sqlite:///DIR/study.db)")
     p.add_argument("--trial-timeout", type=float, metavar="S", help="--search: seconds a trial may take (default 900)")
+    p.add_argument("--latency-batch", type=int, metavar="N", help="--search: samples per timed call where the batch dim is "
+                   "symbolic (default 1: an online request)")
     p.add_argument("--config", metavar="FILE.toml", help="read options from a [graphopt] table; flags override it")
     p.add_argument("--dump-ir", metavar="DIR", help="write the textual IR after every pass into DIR")
     p.add_argument("--print-pipeline", action="store_true", help="print the pipeline in pipeline syntax and exit")
@@ -211,7 +213,8 @@ def parse_options(argv: Sequence[str]) -> Options:
         from graphopt.config import load_config
 
         cfg = load_config(ns.config)
-    if ns.search or any(getattr(ns, a) is not None for a in ("objective", "trials", "search_dir", "search_storage", "trial_timeout")):
+    if ns.search or any(getattr(ns, a) is not None for a in ("objective", "trials", "search_dir", "search_storage", "trial_timeout",
+                                                              "latency_batch")):
         from graphopt.pipeline_search.cli import search_options
 
         return search_options(ns, cfg, Options)

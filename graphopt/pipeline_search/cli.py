@@ -3,7 +3,7 @@
     graphopt-compile MODEL --search --eval-data val.npz [--objective latency|size]
                      [--accuracy-budget top1:1|cosine:0.99] [--trials 40] [--search-dir DIR]
                      [--search-storage URL] [--calibration cal.npz] [--target onnx] [-O2 | --passes BASE]
-                     [--trial-timeout S] [-o BEST.onnx]
+                     [--trial-timeout S] [--latency-batch N] [-o BEST.onnx]
 
 -O / --passes is the base pipeline every trial starts from (default -O2); the search appends the
 compression passes. The options that pick a pipeline by hand (--prune, --quantize, ...) and
@@ -21,7 +21,7 @@ from graphopt.errors import UsageError
 PROG = "graphopt-compile"
 #: flags only the search reads
 SEARCH_ONLY = {"objective": "--objective", "trials": "--trials", "search_dir": "--search-dir",
-               "search_storage": "--search-storage", "trial_timeout": "--trial-timeout"}
+               "search_storage": "--search-storage", "trial_timeout": "--trial-timeout", "latency_batch": "--latency-batch"}
 #: flags of a single compile that a search does not take
 REFUSED = {"prune": "--prune", "quantize": "--quantize", "calibration_method": "--calibration-method",
            "quantize_speed": "--quantize-speed", "verify": "--verify", "verify_each": "--verify-each",
@@ -57,6 +57,8 @@ def search_options(ns: argparse.Namespace, cfg: dict[str, Any], options_type: ty
     parse_budget(str(budget))  # a bad budget: one line, exit 2, before anything runs
     if ns.trials is not None and ns.trials < 1:
         raise UsageError(f"--trials {ns.trials}: expected at least 1")
+    if ns.latency_batch is not None and ns.latency_batch < 1:
+        raise UsageError(f"--latency-batch {ns.latency_batch}: expected at least 1")
     if ns.trial_timeout is not None and ns.trial_timeout <= 0:
         raise UsageError(f"--trial-timeout {ns.trial_timeout:g}: expected a positive number of seconds")
     settings = Settings(
@@ -64,7 +66,7 @@ def search_options(ns: argparse.Namespace, cfg: dict[str, Any], options_type: ty
         objective=ns.objective or "latency", budget=str(budget), trials=ns.trials or 40,
         target=ns.target or cfg.get("target", "onnx"), storage=ns.search_storage,
         calibration=ns.calibration or cfg.get("calibration"), base=base,
-        trial_timeout=ns.trial_timeout or 900.0, threads=ns.threads, seed=ns.seed or 0,
+        trial_timeout=ns.trial_timeout or 900.0, latency_batch=ns.latency_batch or 1, threads=ns.threads, seed=ns.seed or 0,
         output=ns.output, quiet=bool(ns.quiet or cfg.get("quiet", False)))
     opts = options_type(model=str(model), output=ns.output, target=settings.target, quiet=settings.quiet)
     opts.search = settings

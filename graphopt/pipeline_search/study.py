@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from graphopt.accuracy import DEFAULT_BUDGET, Budget, parse_budget
-from graphopt.errors import GraphoptError, UsageError
+from graphopt.errors import UsageError
 from graphopt.pipeline_search.space import Space, describe, layer_groups
 from graphopt.pipeline_search.trial import Job, Outcome, run_trial
 
@@ -59,6 +59,7 @@ class Settings:
     groups: int = 3  # int8 layer groups
     trial_timeout: float = 900.0
     latency_seconds: float = 4.0
+    latency_batch: int = 1  # samples per timed call (inputs with a symbolic batch dim)
     threads: int | None = None
     seed: int = 0
     references: bool = False  # also measure int8-alone and prune-alone (each pass with the budget itself)
@@ -322,7 +323,8 @@ class Search:
             f.write(self.config_text(pipeline, out_name))
         job = Job(number=number, config=config, output=os.path.join(folder, out_name), kind=self.kind,
                   original=self.model_path, eval_data=os.path.abspath(self.s.eval_data), reference=self.reference,
-                  result=os.path.join(folder, "result.json"), seconds=self.s.latency_seconds, threads=self.s.threads)
+                  result=os.path.join(folder, "result.json"), seconds=self.s.latency_seconds, batch=self.s.latency_batch,
+                  threads=self.s.threads)
         return run_trial(job, timeout=self.s.trial_timeout, log=os.path.join(folder, "log.txt"))
 
     def record(self, number: int, params: dict[str, Any], pipeline: str, label: str, o: Outcome) -> TrialRecord:

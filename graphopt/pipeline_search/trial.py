@@ -46,6 +46,7 @@ class Job:
     reference: str  # .npz of the original's outputs on the evaluation batches (b{i}_o{j})
     result: str  # where the child writes its measurements
     seconds: float = 4.0  # of paired latency rounds
+    batch: int = 1  # samples per latency call where the batch dim is symbolic (1: an online request)
     threads: int | None = None
 
 
@@ -122,8 +123,7 @@ def measure(job: Job) -> dict[str, Any]:
     """Latency, size and accuracy of the compiled result against the original."""
     import graphopt
     from graphopt.accuracy import output_metrics
-    from graphopt.compare import (artifact_runner, evaluation_batches, files_bytes, latency_feeds, onnxruntime_runner,
-                                  paired_latency)
+    from graphopt.compare import artifact_runner, evaluation_batches, files_bytes, onnxruntime_runner, paired_latency
     from graphopt.metrics import top1_accuracy
 
     model = graphopt.load(job.original)
@@ -136,9 +136,26 @@ def measure(job: Job) -> dict[str, Any]:
     acc: dict[str, Any] = output_metrics(ref, res)
     if labels is not None:
         acc["accuracy"] = top1_accuracy(res, labels)
-    lat = paired_latency(run_a, run_b, latency_feeds(model, batches[0]), seconds=job.seconds)
+    lat = paired_latency(run_a, run_b, latency_batch(model, batches, job.batch), seconds=job.seconds)
     return {"latency": lat, "size": {"original": files_bytes(job.original), "result": files_bytes(job.output)},
             "accuracy": acc}
+
+
+def latency_batch(model: Any, batches: list[dict[str, np.ndarray]], batch: int) -> dict[str, np.ndarray]:
+    """The first `batch` evaluation samples for inputs whose batch dim is symbolic (one, like
+    graphopt.compare, for batch 1); fixed-shape inputs as the data has them."""
+    from graphopt.compare import latency_feeds
+
+    if batch <= 1:
+        return latency_feeds(model, batches[0])
+    out = dict(batches[0])
+    for v in model.graph.inputs:
+        dims = v.shape.dims if v.shape is not None else ()
+        if v.name in out and dims and not isinstance(dims[0], int):
+            whole = np.concatenate([b[v.name] for b in batches], axis=0)
+            reps = -(-batch // len(whole))  # fewer samples than asked: repeated
+            out[v.name] = np.ascontiguousarray(np.concatenate([whole] * reps, axis=0)[:batch])
+    return out
 
 
 def child(job_path: str) -> int:

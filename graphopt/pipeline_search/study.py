@@ -238,11 +238,11 @@ def _alive(pid: int) -> bool:
 
 
 def counted(trials: Sequence[Any]) -> int:
-    """Trials that count towards --trials: finished (ok or failed) or running, not those whose
-    worker died (their point is tried again by the sampler if it is worth it)."""
+    """Trials that count towards --trials: finished (ok or failed) or running (not enqueued ones, nor those whose
+    worker died: the sampler may try their point again)."""
     from optuna.trial import TrialState
 
-    return sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+    return sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING)
                or (t.state == TrialState.FAIL and t.user_attrs.get("state") not in ("died", None)))
 
 

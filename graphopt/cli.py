@@ -7,6 +7,8 @@
     graphopt-compile --list-passes
     graphopt-compile --help-pass NAME
     graphopt-compile MODEL.onnx --explain RULE
+    graphopt-compile MODEL.onnx --search --eval-data VAL.npz [--objective latency|size] [--accuracy-budget B]
+                     [--trials N] [--search-dir DIR] [--search-storage URL]   (graphopt.pipeline_search)
 
 Exit codes: 0 success; 1 internal error (a bug in graphopt or in a pass); 2 bad input or usage;
 3 numeric verification failed (--verify or --verify-each: the compiled model's outputs left the

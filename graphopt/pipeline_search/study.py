@@ -296,7 +296,10 @@ class Search:
             self.notes.append(f"no --calibration: the passes calibrate on the evaluation data ({s.eval_data})")
         groups, notes = layer_groups(model, s.base, s.groups)
         self.notes.extend(notes)
-        self.space = Space(base=s.base, groups=groups, calibration=cal)
+        # onnxruntime's CPU provider has no bf16 kernels (convert-precision refuses it there); the
+        # compiled targets have bf16 dot products where the host does
+        precisions = ("fp32", "fp16") if self.kind == "onnx" else ("fp32", "bf16", "fp16")
+        self.space = Space(base=s.base, groups=groups, calibration=cal, precisions=precisions)
 
     def say(self, line: str) -> None:
         if self.s.log is not None:

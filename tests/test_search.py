@@ -192,12 +192,15 @@ def test_study_of_another_objective_is_refused(searched, data):
 
 def test_crashing_trial_is_a_failed_trial_not_a_failed_search(data, tmp_path, monkeypatch):
     monkeypatch.setenv("GRAPHOPT_SEARCH_FAULT", "0:crash")
-    res = run_search(settings(data, tmp_path, trials=2, budget="cosine:0.99"))
+    res = run_search(settings(data, tmp_path, trials=2, budget="cosine:0.99", objective="latency"))
     states = {t.number: t.state for t in res.trials}
     assert states == {0: "crashed", 1: "ok"}
     assert "SIGABRT" in res.trials[0].reason
     doc = json.loads((tmp_path / "pareto.json").read_text())
     assert doc["trials"][0]["state"] == "crashed" and doc["best"] == 1
+    # objective latency: the front's fastest are re-measured with longer rounds, the best among them
+    assert doc["trials"][1]["confirmed_speedup"] > 0 and (tmp_path / "trials" / "0001" / "confirm.json").exists()
+    assert "re-measured" in (tmp_path / "best.toml").read_text()
 
 
 def test_timeout_kills_the_trial_and_its_process_group(data, tmp_path, monkeypatch):

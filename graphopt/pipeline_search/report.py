@@ -113,7 +113,8 @@ def format_front(res: SearchResult) -> str:
     rows: list[list[str]] = []
 
     def row(name: str, t: TrialRecord) -> list[str]:
-        r = [name, f"{t.speedup:.2f}x", f"{t.latency_ms:.3f} ms", f"{t.size / 1e6:.3f} MB ({t.size / max(1, t.original_size or 1):.2f}x)",
+        speed = f"{t.speedup:.2f}x" + (f" ({t.confirmed_speedup:.2f}x)" if t.confirmed_speedup is not None else "")
+        r = [name, speed, f"{t.latency_ms:.3f} ms", f"{t.size / 1e6:.3f} MB ({t.size / max(1, t.original_size or 1):.2f}x)",
              _acc_text(t, metric)]
         r += [f"{t.accuracy['accuracy'] * 100:.2f} %" if "accuracy" in t.accuracy else "-"] if labelled else []
         return r + [t.label]
@@ -144,6 +145,8 @@ def format_front(res: SearchResult) -> str:
     lines.extend(fmt(r) for r in rows)
     if not res.front:
         lines.append("  (no trial within the budget yet)")
+    if any(t.confirmed_speedup is not None for t in res.front):
+        lines.append("  (in brackets: re-measured at the end with longer paired rounds; the best is the fastest of those)")
     if res.best is not None:
         lines.append(f"best (*): trial {res.best.number}; replay: graphopt-compile --config {res.best_config}"
                      + (f"; model: {res.best_output}" if res.best_output else ""))

@@ -48,6 +48,7 @@ class Job:
     seconds: float = 4.0  # of paired latency rounds
     batch: int = 1  # samples per latency call where the batch dim is symbolic (1: an online request)
     threads: int | None = None
+    compile: bool = True  # False: measure the output that is there (re-measuring a trial)
 
 
 @dataclass
@@ -165,9 +166,10 @@ def child(job_path: str) -> int:
     with open(job_path) as f:
         job = Job(**json.load(f))
     _fault(job.number)
-    rc = compile_main(["--config", job.config, "--quiet"])
-    if rc != 0:
-        return rc
+    if job.compile:
+        rc = compile_main(["--config", job.config, "--quiet"])
+        if rc != 0:
+            return rc
     try:
         out = measure(job)
     except Exception as e:  # noqa: BLE001 - the trial fails with this line; the search goes on

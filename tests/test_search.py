@@ -304,3 +304,15 @@ def test_two_workers_share_one_study(data, tmp_path):
     workers = {t.user_attrs["worker"] for t in done}
     assert len(workers) == 2  # both worked on it
     assert len({t.number for t in done}) == len(done)
+
+
+def test_repeated_pipeline_is_answered_from_its_twin(searched, data):
+    """(After the other checks of the module's search: it adds trials to that study.)"""
+    storage = f"sqlite:///{data['dir'] / 's' / 'study.db'}"
+    study = optuna.load_study(study_name="graphopt-search", storage=storage)
+    study.enqueue_trial(searched.trials[0].params)  # the base pipeline again
+    res = run_search(settings(data, data["dir"] / "s", trials=5))
+    dup = [t for t in res.trials if t.state == "duplicate"]
+    assert len(dup) == 1 and dup[0].reason == "same pipeline as trial 0" and dup[0].number == 4
+    assert not (data["dir"] / "s" / "trials" / "0004").exists()  # nothing compiled
+    assert len([t for t in res.trials if t.state != "duplicate"]) == 5 and dup[0] not in res.front

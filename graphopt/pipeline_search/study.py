@@ -43,6 +43,8 @@ GRACE = 120
 #: trial's paired rounds on a loaded machine vary by +-30 %, and the fastest of 40 noisy figures
 #: overstates its pipeline (the winner's curse)
 CONFIRM = 3
+#: proposals in a row that repeat measured pipelines before the search stops (a small space)
+MAX_REPEATS = 30
 OPTUNA_MISSING = "--search needs optuna: pip install 'graphopt[search]'"
 
 
@@ -77,7 +79,7 @@ class TrialRecord:
     """One trial as pareto.json lists it."""
 
     number: int
-    state: str  # ok | failed | crashed | timeout | died | running
+    state: str  # ok | failed | crashed | timeout | died | running | duplicate (of a pipeline measured before)
     params: dict[str, Any]
     pipeline: str
     label: str
@@ -246,13 +248,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _measured(study: Any, pipeline: str, number: int) -> Any:
+    """The earlier finished trial (measured, not itself a duplicate) of the same pipeline, if any."""
+    for t in study.get_trials(deepcopy=False):
+        if (t.number != number and t.state.is_finished() and t.user_attrs.get("pipeline") == pipeline
+                and "duplicate_of" not in t.user_attrs and t.user_attrs.get("state") not in ("died", None)):
+            return t
+    return None
+
+
 def counted(trials: Sequence[Any]) -> int:
-    """Trials that count towards --trials: finished (ok or failed) or running (not enqueued ones, nor those whose
-    worker died: the sampler may try their point again)."""
+    """Trials that count towards --trials: finished (ok or failed) or running; not enqueued ones,
+    those whose worker died (the sampler may try their point again) nor duplicates (a pipeline
+    measured before, answered from its figures)."""
     from optuna.trial import TrialState
 
-    return sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING)
-               or (t.state == TrialState.FAIL and t.user_attrs.get("state") not in ("died", None)))
+    return sum(1 for t in trials if "duplicate_of" not in t.user_attrs and (
+        t.state in (TrialState.COMPLETE, TrialState.RUNNING)
+        or (t.state == TrialState.FAIL and t.user_attrs.get("state") not in ("died", None))))
 
 
 # ------------------------------------------------------------------------------------ running
@@ -361,6 +374,19 @@ class Search:
             params = self.space.suggest(t)
             pipeline, label = self.space.pipeline(params), describe(params, self.space)
             t.set_user_attr("pipeline", pipeline)
+            twin = _measured(study, pipeline, t.number)
+            if twin is not None:  # TPE proposed a pipeline measured before: its figures, not another compile
+                r = TrialRecord(t.number, "duplicate", params, pipeline, label, f"same pipeline as trial {twin.number}")
+                done.append(r)
+                for k in ("state", "reason"):
+                    t.set_user_attr(k, getattr(r, k))
+                t.set_user_attr("duplicate_of", twin.number)
+                if twin.state.name != "COMPLETE":
+                    raise TrialFailed(r.reason)
+                if hasattr(t, "set_constraint"):
+                    t.set_constraint("accuracy-budget", float(twin.user_attrs.get("violation", 0.0)))
+                t.set_user_attr("violation", twin.user_attrs.get("violation", 0.0))
+                return list(twin.values)
             o = self.measure(t.number, pipeline, os.path.join(self.dir, "trials", f"{t.number:04d}"))
             r = self.record(t.number, params, pipeline, label, o)
             done.append(r)
@@ -434,8 +460,15 @@ class Search:
                  + (f", {died} whose worker died marked failed" if died else "")
                  + f"; objectives: {self.s.objective} and accuracy ({self.budget or 'no budget'}) on {self.data_source}")
         refs = self.references(study)
+        repeats = 0
         while counted(study.get_trials(deepcopy=False)) < self.s.trials:
             r = self.trial(study)
+            repeats = repeats + 1 if r.state == "duplicate" else 0
+            if repeats >= MAX_REPEATS:
+                self.say(f"stopping: the last {repeats} proposals were pipelines measured before (the space is exhausted)")
+                break
+            if r.state == "duplicate":
+                continue
             n = counted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)))
             self.say(f"trial {r.number} ({n}/{self.s.trials}): {r.label}: {line_of(r, self.budget)}")
         return self.finish(study, refs)

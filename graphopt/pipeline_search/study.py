@@ -94,6 +94,7 @@ class TrialRecord:
     feasible: bool | None = None
     objectives: list[float] | None = None
     worker: str = ""
+    warnings: list[str] = field(default_factory=list)  # graphopt-compile's, e.g. a pass that changed nothing
     confirmed_speedup: float | None = None  # the front's fastest, re-measured with longer rounds at the end
 
     def to_json(self) -> dict[str, Any]:
@@ -353,7 +354,8 @@ class Search:
         return run_trial(job, timeout=self.s.trial_timeout, log=os.path.join(folder, "log.txt"))
 
     def record(self, number: int, params: dict[str, Any], pipeline: str, label: str, o: Outcome) -> TrialRecord:
-        r = TrialRecord(number, o.state, params, pipeline, label, o.reason, round(o.seconds, 2), worker=_worker_id())
+        r = TrialRecord(number, o.state, params, pipeline, label, o.reason, round(o.seconds, 2), worker=_worker_id(),
+                        warnings=o.warnings)
         if o.state == "ok":
             m = o.metrics
             lat, size = m["latency"], m["size"]
@@ -539,9 +541,10 @@ def line_of(r: TrialRecord, budget: Budget | None) -> str:
     shown = f"{metric} {v:.5f}" if metric == "cosine" else f"{metric} {v:.2f}" + (" %" if metric == "top1" else "")
     verdict = "within budget" if r.feasible else f"over budget ({budget})"
     extra = f", top-1 accuracy {acc['accuracy'] * 100:.2f} %" if "accuracy" in acc else ""
+    said = f"; {r.warnings[0]}" if r.warnings else ""
     again = f" (re-measured {r.confirmed_speedup:.2f}x)" if r.confirmed_speedup is not None else ""
     return (f"{r.speedup:.2f}x speed{again}, {r.size / 1e6:.3f} MB ({r.size / max(1, r.original_size or 1):.2f}x), "
-            f"{shown}{extra}, {verdict} ({r.seconds:.0f} s)")
+            f"{shown}{extra}, {verdict} ({r.seconds:.0f} s){said}")
 
 
 def _from_json(d: Mapping[str, Any]) -> TrialRecord:
@@ -559,7 +562,8 @@ def _from_frozen(t: Any, space: Space) -> TrialRecord:
     r = TrialRecord(t.number, state, params, ua.get("pipeline", space.pipeline(params)), describe(params, space),
                     ua.get("reason", ""), ua.get("seconds"), ua.get("speedup"), ua.get("latency_ms"), ua.get("original_ms"),
                     ua.get("size"), ua.get("original_size"), dict(ua.get("accuracy") or {}), ua.get("feasible"),
-                    list(t.values) if t.state == TrialState.COMPLETE and t.values else None, ua.get("worker", ""))
+                    list(t.values) if t.state == TrialState.COMPLETE and t.values else None, ua.get("worker", ""),
+                    list(ua.get("warnings") or []))
     if t.state == TrialState.RUNNING:
         r.state = "running"
     r.accuracy = {k: float(v) for k, v in r.accuracy.items()}  # ("inf" strings back to floats)

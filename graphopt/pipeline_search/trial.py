@@ -57,6 +57,7 @@ class Outcome:
     reason: str = ""
     seconds: float = 0.0
     metrics: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # graphopt-compile's (a pass that changed nothing)
 
 
 def run_trial(job: Job, *, timeout: float, log: str) -> Outcome:
@@ -79,7 +80,7 @@ def run_trial(job: Job, *, timeout: float, log: str) -> Outcome:
     took = time.perf_counter() - start
     if rc == 0 and os.path.exists(job.result):
         with open(job.result) as f:
-            return Outcome("ok", "", took, json.load(f))
+            return Outcome("ok", "", took, json.load(f), _warnings(log))
     last = _last_error(log)
     if rc < 0:
         name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
@@ -94,6 +95,14 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+
+
+def _warnings(log: str) -> list[str]:
+    try:
+        with open(log, errors="replace") as f:
+            return [ln.strip().partition("warning: ")[2] for ln in f if "warning: " in ln][:5]
+    except OSError:
+        return []
 
 
 def _last_error(log: str) -> str:

@@ -115,7 +115,7 @@ def test_space_sampling_conditions_and_pipelines(data):
     p = space.suggest(on)
     assert "prune-scope" in on.asked and "int8-calib" in on.asked and "cluster" not in on.asked
     spec = space.pipeline(p)
-    assert spec.startswith("-O2,prune{ratio=0.1,scope=global,accuracy-budget=none,calibration=/c.npz},low-rank{energy=0.8")
+    assert spec.startswith("-O2,prune{ratio=0.1,scope=global,round-to=8,accuracy-budget=none,calibration=/c.npz},low-rank{energy=0.8")
     assert "quantize{scheme=int8,calibration=percentile,speed=rules,data=/c.npz}" in spec and "exclude" not in spec
     p["int8-g1"] = False  # a group off: its layers are listed in exclude
     assert "exclude=" + ":".join(groups[1].names) in space.pipeline(p)

@@ -109,7 +109,9 @@ class Space:
         parts = [self.base] if self.base else []
         cal = self.calibration
         if p.get("prune", 0) > 0:
-            opts = [f"ratio={p['prune']:g}", f"scope={p.get('prune-scope', 'uniform')}", "accuracy-budget=none"]
+            # round-to=8: kept channel counts in multiples of 8, what onnxruntime's NCHWc convs and the
+            # cpu target's vector widths want (the prune pass logs unaligned layers otherwise)
+            opts = [f"ratio={p['prune']:g}", f"scope={p.get('prune-scope', 'uniform')}", "round-to=8", "accuracy-budget=none"]
             parts.append("prune{" + ",".join(opts + ([f"calibration={cal}"] if cal else [])) + "}")
         if p.get("low-rank", 0) > 0:
             parts.append("low-rank{" + ",".join([f"energy={p['low-rank']:g}"] + ([f"calibration={cal}"] if cal else [])) + "}")

@@ -225,7 +225,7 @@ def _reap_dead(optuna: Any, study: Any) -> int:
 
     host = socket.gethostname()
     n = 0
-    storage = study._storage  # (Optuna's documented way to reach a study's storage from its object)
+    storage = study._storage  # (no public handle on a study's storage; Optuna's own fail_stale_trials uses it)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = str(t.user_attrs.get("worker", ""))
         h, _, pid = worker.rpartition(":")

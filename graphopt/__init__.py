@@ -24,6 +24,15 @@ from graphopt.transform import Pass, PassContext, PassResult, optimize, register
 
 __version__ = "0.1.0"
 
+
+def search(model: str, eval_data: str, **options):  # type: ignore[no-untyped-def]
+    """Search for the best compression pipeline under an accuracy budget (graphopt.pipeline_search;
+    needs optuna: pip install 'graphopt[search]'). Returns a pipeline_search.SearchResult."""
+    from graphopt.pipeline_search import search as _search
+
+    return _search(model, eval_data, **options)
+
+
 __all__ = [
     "Artifact",
     "compile",
@@ -45,5 +54,6 @@ __all__ = [
     "optimize",
     "register_pass",
     "save",
+    "search",
     "to_onnx",
 ]

@@ -7,6 +7,8 @@
     graphopt-compile --list-passes
     graphopt-compile --help-pass NAME
     graphopt-compile MODEL.onnx --explain RULE
+    graphopt-compile MODEL.onnx --search --eval-data VAL.npz [--objective latency|size] [--accuracy-budget B]
+                     [--trials N] [--search-dir DIR] [--search-storage URL]   (graphopt.pipeline_search)
 
 Exit codes: 0 success; 1 internal error (a bug in graphopt or in a pass); 2 bad input or usage;
 3 numeric verification failed (--verify or --verify-each: the compiled model's outputs left the
@@ -123,6 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                    help="profile the result (graphopt.profiler: per kernel, or per node on onnxruntime) on random "
                         "inputs (symbolic dims 1) or --inputs; the slowest rows in the summary, all in --report")
+    # graphopt.pipeline_search: --search picks the pipeline under --accuracy-budget (Optuna)
+    p.add_argument("--search", action="store_true", help="search the compression pipeline (prune, low-rank, int8 per layer "
+                   "group, cluster bits, precision) for the best --objective within --accuracy-budget on --eval-data "
+                   "(needs optuna: pip install 'graphopt[search]')")
+    p.add_argument("--objective", choices=("latency", "size"), help="--search: what to minimize (default latency)")
+    p.add_argument("--trials", type=int, metavar="N", help="--search: trials in the study, those done before included (default 40)")
+    p.add_argument("--search-dir", metavar="DIR", help="--search: study.db, trials/, pareto.json, best.toml (default graphopt-search)")
+    p.add_argument("--search-storage", metavar="URL", help="--search: an Optuna RDB storage URL shared by several workers "
+                   "(default sqlite:///DIR/study.db)")
+    p.add_argument("--trial-timeout", type=float, metavar="S", help="--search: seconds a trial may take (default 900)")
+    p.add_argument("--latency-batch", type=int, metavar="N", help="--search: samples per timed call where the batch dim is "
+                   "symbolic (default 1: an online request)")
     p.add_argument("--config", metavar="FILE.toml", help="read options from a [graphopt] table; flags override it")
     p.add_argument("--dump-ir", metavar="DIR", help="write the textual IR after every pass into DIR")
     p.add_argument("--print-pipeline", action="store_true", help="print the pipeline in pipeline syntax and exit")
@@ -178,6 +192,7 @@ class Options:
     eval_data: str | None = None
     verify_metric: list[Any] = field(default_factory=list)  # graphopt.accuracy.Budget (implies verify)
     profile: bool = False  # --profile: graphopt.profiler on the result (report key `profile`)
+    search: Any = None  # --search: graphopt.pipeline_search.Settings
 
 
 def _join_spec_values(argv: Sequence[str]) -> list[str]:
@@ -200,6 +215,12 @@ def parse_options(argv: Sequence[str]) -> Options:
         from graphopt.config import load_config
 
         cfg = load_config(ns.config)
+    if ns.search or any(getattr(ns, a) is not None for a in ("objective", "trials", "search_dir", "search_storage", "trial_timeout",
+                                                              "latency_batch")):
+        from graphopt.pipeline_search.cli import search_options
+
+        searched: Options = search_options(ns, cfg, Options)
+        return searched
 
     def pick(flag: Any, key: str, default: Any) -> Any:
         # a flag given on the command line wins over the config file, which wins over the default
@@ -405,6 +426,10 @@ def _note(message: str) -> None:
 
 
 def _run(opts: Options) -> int:
+    if opts.search is not None:
+        from graphopt.pipeline_search.cli import run_search_cli
+
+        return run_search_cli(opts.search)
     if opts.list_passes:
         return _list_passes()
     if opts.help_pass is not None:

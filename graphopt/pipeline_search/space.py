@@ -1,0 +1,178 @@
+"""The search space: which compression pipelines a trial may build, and the pipeline of a choice.
+
+A point of the space is a dict of plain values (what Optuna stores as the trial's params):
+
+    prune          fraction of channels removed (0: no pruning)
+    prune-scope    uniform (the ratio in every group) | global (one ranking, at most 0.9 of a group)
+    low-rank       energy kept by the factorization (0: no low-rank)
+    int8-gN        int8 on for layer group N (the quantizable layers in graph order, cut into
+                   `groups` runs of equal size: early/middle/late layers differ most in sensitivity)
+    int8-calib     minmax | percentile | entropy | mse (when any group is int8)
+    cluster        codebook bits of cluster-weights (0: off; only where no layer is int8)
+    precision      fp32 | fp16 | bf16 (convert-precision; only where no layer is int8)
+
+`pipeline(point)` turns a point into graphopt's pipeline syntax, in the order the passes compose
+(structure first, then numerics): base, prune, low-rank, then quantize | cluster-weights |
+convert-precision. Every pass runs with its own accuracy budget off (the search holds the budget
+on the whole pipeline) and with options whose output is reproducible (quantize speed=rules, not
+timing), so a chosen pipeline replays to the same bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+#: characters the pipeline syntax reserves; a layer name holding one cannot be listed in exclude
+_RESERVED = set(",{}:=@ ")
+
+PRUNE_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+LOW_RANK_ENERGIES = (0.0, 0.8, 0.9, 0.95, 0.98, 0.99)
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
+CLUSTER_BITS = (0, 4, 5, 6, 8)
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+#: the layers quantize considers and that own a weight
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+class Suggester(Protocol):
+    """What `Space.suggest` needs of an optuna.Trial (kept structural: optuna is optional)."""
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any: ...
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """A run of consecutive quantizable layers; `names` are what quantize's exclude matches."""
+
+    index: int
+    names: tuple[str, ...]
+    first: str
+    last: str
+
+
+@dataclass(frozen=True)
+class Space:
+    """The choices of one search, fixed for its study (every worker must build the same space)."""
+
+    base: str = "-O2"
+    groups: tuple[LayerGroup, ...] = ()
+    calibration: str | None = None  # .npz (or folder) the calibrating passes read; absolute
+    prune_ratios: tuple[float, ...] = PRUNE_RATIOS
+    low_rank_energies: tuple[float, ...] = LOW_RANK_ENERGIES
+    calibration_methods: tuple[str, ...] = CALIBRATION_METHODS
+    cluster_bits: tuple[int, ...] = CLUSTER_BITS
+    precisions: tuple[str, ...] = PRECISIONS
+    notes: tuple[str, ...] = field(default=())
+
+    # ------------------------------------------------------------------ sampling
+
+    def suggest(self, trial: Suggester) -> dict[str, Any]:
+        """Sample a point (conditional choices only where they matter, so TPE learns them)."""
+        p: dict[str, Any] = {"prune": trial.suggest_categorical("prune", list(self.prune_ratios))}
+        if p["prune"] > 0:
+            p["prune-scope"] = trial.suggest_categorical("prune-scope", ["uniform", "global"])
+        p["low-rank"] = trial.suggest_categorical("low-rank", list(self.low_rank_energies))
+        for g in self.groups:
+            p[f"int8-g{g.index}"] = trial.suggest_categorical(f"int8-g{g.index}", [False, True])
+        if self.int8_groups(p):
+            p["int8-calib"] = trial.suggest_categorical("int8-calib", list(self.calibration_methods))
+        else:
+            p["cluster"] = trial.suggest_categorical("cluster", list(self.cluster_bits))
+            p["precision"] = trial.suggest_categorical("precision", list(self.precisions))
+        return p
+
+    def int8_groups(self, p: Mapping[str, Any]) -> list[LayerGroup]:
+        return [g for g in self.groups if p.get(f"int8-g{g.index}")]
+
+    # ------------------------------------------------------------------ points of interest
+
+    def baseline(self) -> dict[str, Any]:
+        """The base pipeline alone (no compression): the fp32 point of the front."""
+        p: dict[str, Any] = {"prune": 0.0, "low-rank": 0.0}
+        p.update({f"int8-g{g.index}": False for g in self.groups})
+        p.update({"cluster": 0, "precision": "fp32"})
+        return p
+
+    def int8_everywhere(self) -> dict[str, Any]:
+        p = {k: v for k, v in self.baseline().items() if k not in ("cluster", "precision")}
+        p.update({f"int8-g{g.index}": True for g in self.groups})
+        p["int8-calib"] = self.calibration_methods[0]
+        return p
+
+    # ------------------------------------------------------------------ pipeline
+
+    def pipeline(self, p: Mapping[str, Any]) -> str:
+        """The pipeline spec of point `p` (graphopt's pipeline syntax)."""
+        parts = [self.base] if self.base else []
+        cal = self.calibration
+        if p.get("prune", 0) > 0:
+            # round-to=8: kept channel counts in multiples of 8, what onnxruntime's NCHWc convs and the
+            # cpu target's vector widths want (the prune pass logs unaligned layers otherwise)
+            opts = [f"ratio={p['prune']:g}", f"scope={p.get('prune-scope', 'uniform')}", "round-to=8", "accuracy-budget=none"]
+            parts.append("prune{" + ",".join(opts + ([f"calibration={cal}"] if cal else [])) + "}")
+        if p.get("low-rank", 0) > 0:
+            parts.append("low-rank{" + ",".join([f"energy={p['low-rank']:g}"] + ([f"calibration={cal}"] if cal else [])) + "}")
+        on = self.int8_groups(p)
+        if on:
+            off = [n for g in self.groups if g not in on for n in g.names]
+            opts = ["scheme=int8", f"calibration={p.get('int8-calib', 'minmax')}", "speed=rules"]
+            opts += [f"data={cal}"] if cal else []
+            opts += ["exclude=" + ":".join(off)] if off else []
+            parts.append("quantize{" + ",".join(opts) + "}")
+        else:
+            if p.get("cluster", 0):
+                parts.append("cluster-weights{" + ",".join([f"bits={p['cluster']}", "accuracy-budget=none"]
+                                                           + ([f"calibration={cal}"] if cal else [])) + "}")
+            if p.get("precision", "fp32") != "fp32":
+                parts.append("convert-precision{" + ",".join([f"dtype={p['precision']}"] + ([f"data={cal}"] if cal else [])) + "}")
+        return ",".join(parts)
+
+
+def describe(p: Mapping[str, Any], space: Space) -> str:
+    """A short human label of a point: `prune 0.3 + int8 g0,g2 (entropy) + low-rank 0.95`."""
+    out = []
+    if p.get("prune", 0) > 0:
+        out.append(f"prune {p['prune']:g}" + (" global" if p.get("prune-scope") == "global" else ""))
+    if p.get("low-rank", 0) > 0:
+        out.append(f"low-rank {p['low-rank']:g}")
+    on = space.int8_groups(p)
+    if on:
+        which = "all" if len(on) == len(space.groups) else ",".join(f"g{g.index}" for g in on)
+        out.append(f"int8 {which} ({p.get('int8-calib', 'minmax')})")
+    if p.get("cluster", 0):
+        out.append(f"cluster {p['cluster']} bits")
+    if p.get("precision", "fp32") != "fp32":
+        out.append(str(p["precision"]))
+    return " + ".join(out) or "fp32 (base pipeline only)"
+
+
+def layer_groups(model: Any, base: str, count: int = 3) -> tuple[tuple[LayerGroup, ...], list[str]]:
+    """The quantizable layers of `model` after the base pipeline (those quantize sees), in graph
+    order, cut into `count` groups; returns (groups, notes). A layer whose name the pipeline
+    syntax cannot carry is left out of the groups (it follows quantize's own choice) and noted."""
+    from graphopt.transform import optimize
+
+    m = optimize(model, base) if base else model  # (on a copy)
+    layers: list[tuple[str, ...]] = []
+    skipped = 0
+    for node in m.graph:
+        if node.op_type not in WEIGHT_OPS or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        if node.inputs[1].const_value is None:  # activations x activations (attention): not a weight layer
+            continue
+        names = tuple(n for n in (node.name, node.outputs[0].name, node.name and node.name + "_lowrank_a")
+                      if n and not (set(n) & _RESERVED))
+        if not names:
+            skipped += 1
+            continue
+        layers.append(names)
+    notes = [f"{skipped} weight layers have names the pipeline syntax cannot list; int8 groups leave them to quantize"] if skipped else []
+    count = max(0, min(count, len(layers)))
+    groups = []
+    for i in range(count):
+        chunk = layers[i * len(layers) // count:(i + 1) * len(layers) // count]
+        groups.append(LayerGroup(i, tuple(n for names in chunk for n in names), chunk[0][0], chunk[-1][0]))
+    return tuple(groups), notes

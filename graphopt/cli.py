@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "model it rejects (default); --no-check compiles it anyway, and says so")
     p.add_argument("--input-shape", action="append", metavar="NAME:DIMS", help="fix input NAME's shape before the "
                    "passes, e.g. x:1x3x224x224 (repeatable); its symbolic dims take these values everywhere")
+    p.add_argument("--shape-buckets", metavar="DIM:SIZES;...", help="cpu target: kernels specialised for these sizes of "
+                   "symbolic dims beside the symbolic ones, e.g. 'H:320,640;W:320' (the target option buckets=)")
     p.add_argument("--dim", action="append", metavar="SYMBOL=SIZE", help="fix the symbolic dim SYMBOL (e.g. batch=1) "
                    "in every input before the passes (repeatable)")
     p.add_argument("--inputs", metavar="X.npz", help="inputs for --verify/--verify-each (default: random)")
@@ -256,6 +258,9 @@ def parse_options(argv: Sequence[str]) -> Options:
         input_shapes=list(pick(ns.input_shape, "input-shape", [])),
         dims=list(pick(ns.dim, "dim", [])),
     )
+    buckets = pick(ns.shape_buckets, "shape-buckets", None)
+    if buckets:
+        opts.target = _with_buckets(opts.target, str(buckets))
     opts.bind = list(pick(ns.bind, "bind", []))
     opts.calibration_batch_axis = list(pick(ns.calibration_batch_axis, "calibration-batch-axis", []))
     # the pipeline shortcuts: a flag wins over the config file
@@ -280,6 +285,19 @@ def parse_options(argv: Sequence[str]) -> Options:
     if len(modes) > 1:
         raise UsageError(f"{' and '.join(modes)} cannot be combined")
     return opts
+
+
+def _with_buckets(target: str, buckets: str) -> str:
+    """The target spec with `buckets=` (--shape-buckets) among its options: the cpu target's only."""
+    from graphopt.target import parse_target_spec
+
+    name, options = parse_target_spec(target)
+    if name != "cpu":
+        raise UsageError(f"--shape-buckets is a cpu target option; the target is {name!r} (add --target cpu)")
+    if "buckets" in options:
+        raise UsageError("--shape-buckets and the target's buckets= option both given: keep one")
+    body = ",".join([f"{k}={v}" for k, v in options.items()] + [f"buckets={buckets}"])
+    return f"cpu{{{body}}}"
 
 
 #: passes besides quantize that read --calibration (ctx.data["calibration"]; prune also as --prune)

@@ -340,3 +340,24 @@ def test_padding_to_a_bucket_is_not_exact(detector):
 
     note = padding_note(graphopt.load(detector), ["H"])
     assert "Conv" in note and "reads the padded border" in note
+
+
+def test_shape_buckets_flag_is_the_target_option(tmp_path, capsys):
+    """`graphopt-compile --target cpu --shape-buckets 'H:32;W:40'` builds the same buckets as
+    `cpu{buckets=...}` (other target options kept); with another target, or with both spellings,
+    exit 2 in one line."""
+    import json
+
+    from graphopt.cli import main
+
+    src = tmp_path / "m.onnx"
+    onnx.save(_classifier(), str(src))
+    out = tmp_path / "art"
+    assert main([str(src), "-o", str(out), "-q", "-O1", "--target", "cpu{layout=auto}", "--threads", "1", "--shape-buckets", "H:32;W:40"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [e["sizes"] for e in manifest["buckets"]["entries"]] == [{"H": 32, "W": 40}]
+    capsys.readouterr()
+    for target in ("onnx", "cpu{buckets=H:32;W:40}"):
+        assert main([str(src), "-o", str(tmp_path / "x"), "--target", target, "--shape-buckets", "H:32;W:40"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "--shape-buckets" in err and "\n" not in err

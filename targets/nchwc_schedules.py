@@ -424,6 +424,15 @@ def _partition_pad_cols(sch: "tvm.s_tir.Schedule", pad: Any, col_loop: Any) -> N
         sch.loop_partition(col_loop, [*factors[:-1], None])  # (the last part: what remains)
 
 
+def _below(sch: "tvm.s_tir.Schedule", block: Any, loop: Any) -> list[Any]:
+    """The loops of `block` inside `loop` (a symbolic batch adds a serial loop outside it, so
+    counting from the outermost loop is off by one: it unrolled the tile loop, or a small
+    parallel loop, of every blocked conv / depthwise of a model with a symbolic batch)."""
+    loops = sch.get_loops(block)
+    at = next(k for k, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(loop)))
+    return loops[at + 1 :]
+
+
 def _write_back_loops(sch: "tvm.s_tir.Schedule", loops: list[Any], lanes: int) -> None:
     """The write-back's loops below its tile loop (and a Winograd transform's loops below its
     parallel one): the innermost vectorised when it spans one vector (the block's channels), the
@@ -599,11 +608,7 @@ class BlockedConv(_Rule):
         init = sch.decompose_reduction(anchor, red[0])
         sch.vectorize(sch.get_loops(init)[-1])
 
-        wl = sch.get_loops(wb)
-        if pad is not None:
-            _write_back_loops(sch, wl[len(outer) - 1 :], lanes)  # below the tile loop
-        else:
-            _write_back_loops(sch, wl[3:] if serial else wl[1:], lanes)
+        _write_back_loops(sch, _below(sch, wb, tile_loop), lanes)
         done = {sch.get(b).name_hint for b in (anchor, wb, init)}  # (a pad under the row loop is no root block)
         _schedule_rest(sch, done, lanes)
         if ragged:
@@ -741,8 +746,7 @@ class BlockedWindow(_Rule):
         sch.unroll(L["kw"])
         init = sch.decompose_reduction(anchor, L["kh"])
         sch.vectorize(sch.get_loops(init)[-1])
-        wl = sch.get_loops(wb)
-        _write_back_loops(sch, wl[2:] if row_pad else wl[1:], lanes)
+        _write_back_loops(sch, _below(sch, wb, tile_loop), lanes)
         done = {sch.get(b).name_hint for b in (anchor, wb, init)}  # (a pad under the row loop is no root block)
         _schedule_rest(sch, done, lanes)
         return sch

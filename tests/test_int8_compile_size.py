@@ -24,6 +24,7 @@ from onnx import numpy_helper as nh
 pytest.importorskip("tvm")
 
 import graphopt  # noqa: E402
+import graphopt.runtime  # noqa: E402
 from graphopt.target import get_target  # noqa: E402
 
 from tvm_kernels import AVX2_MCPU, AVX512_MCPU  # noqa: E402
@@ -176,3 +177,48 @@ def test_int8_llvm_ir_no_larger_than_twice_fp32(spec) -> None:
     fp, q = ir(_float_cnn()), ir(_quantized(spec))
     assert sum(q.values()) <= 2 * sum(fp.values()), (sum(q.values()), sum(fp.values()))
     assert max(q.values()) <= 2 * max(fp.values()), (max(q, key=q.get), max(q.values()), max(fp.values()))
+
+
+def _silu_cnn() -> onnx.ModelProto:
+    """conv → SiLU (x · sigmoid(x)) → 1x1 conv: EfficientNet's block, whose quantized epilogue
+    branches (the requantized x read by the sigmoid and by the product) and meets again."""
+    rng = np.random.default_rng(26)
+    nodes = [h.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             h.make_node("Sigmoid", ["c1"], ["s1"]), h.make_node("Mul", ["c1", "s1"], ["m1"]),
+             h.make_node("Conv", ["m1", "w2", "b2"], ["c2"], name="conv2"),
+             h.make_node("Sigmoid", ["c2"], ["s2"]), h.make_node("Mul", ["c2", "s2"], ["y"])]
+    inits = [nh.from_array((rng.standard_normal((32, 16, 3, 3)) * 0.2).astype(np.float32), "w1"),
+             nh.from_array((rng.standard_normal(32) * 0.1).astype(np.float32), "b1"),
+             nh.from_array((rng.standard_normal((16, 32, 1, 1)) * 0.2).astype(np.float32), "w2"),
+             nh.from_array((rng.standard_normal(16) * 0.1).astype(np.float32), "b2")]
+    g = h.make_graph(nodes, "silu", [h.make_tensor_value_info("x", TP.FLOAT, ["N", 16, 14, 14])],
+                     [h.make_tensor_value_info("y", TP.FLOAT, ["N", 16, 14, 14])], inits)
+    return onnx.shape_inference.infer_shapes(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]))
+
+
+def test_int8_silu_epilogue_joins_the_vnni_kernel() -> None:
+    """A quantized SiLU after an int8 conv (its epilogue branches and meets again) is inlined into
+    the conv's write-back: both convs run the blocked VNNI kernel (before: the default
+    schedules), and the numbers equal onnxruntime's QDQ model within a quantization step."""
+    import onnxruntime as ort
+
+    from graphopt.calibration import calibration_from_arrays
+    from graphopt.passes.quantize import Quantize
+    from graphopt.targets.machine import machine_model, missing_features
+    from graphopt.transform import PassContext
+
+    spec = SPECS[0]
+    m = graphopt.load(_silu_cnn())
+    ctx = PassContext(machine=get_target(spec).machine_model(2))
+    ctx.data["calibration"] = calibration_from_arrays(m, {"x": np.random.default_rng(27).standard_normal((8, 16, 14, 14)).astype(np.float32)})
+    Quantize(speed="off").run(m, ctx)
+    q = graphopt.to_onnx(m)
+    _, int8 = _scheduled(q, spec)
+    assert sorted(int8.values()) == ["int8-vnni-blocked"] * 2, int8
+    if missing_features(machine_model(get_target(spec).tvm_target(2))):
+        pytest.skip(f"this CPU cannot run {spec} code")
+    art = graphopt.compile(q, spec, "-O2", threads=2)
+    x = np.random.default_rng(28).standard_normal((2, 16, 14, 14)).astype(np.float32)
+    y = graphopt.runtime.load(art.path).run({"x": x})[0]
+    ref = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, ref, atol=0.05 * np.abs(ref).max())

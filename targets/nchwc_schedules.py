@@ -69,6 +69,7 @@ from .tvm_schedules import (
     _divisors,
     _fuse_parallel,
     _inline_consumers,
+    merge_epilogue_branches,
     _inline_copies,
     _int,
     _is_reduction,
@@ -433,6 +434,23 @@ def _below(sch: "tvm.s_tir.Schedule", block: Any, loop: Any) -> list[Any]:
     return loops[at + 1 :]
 
 
+#: calls that make an epilogue long per element (dozens of instructions per vector)
+_TRANSCENDENTAL = ("T.sigmoid(", "T.exp(", "T.tanh(", "T.erf(", "T.log(")
+
+
+def _heavy_int8_epilogue(sch: "tvm.s_tir.Schedule", wb: Any) -> bool:
+    """Whether the write-back `wb` of int32 sums (an int8 kernel) carries a transcendental in its
+    inlined epilogue (a quantized SiLU: requantize, dequantize, sigmoid, requantize, multiply,
+    requantize). Unrolled over the tile's 8 pixels, such a write-back made each int8 depthwise
+    kernel of EfficientNet-B0 ~5.8k lines of LLVM IR; it stays a loop (one vector per pixel is
+    plenty of work per iteration). fp32 kernels keep their unrolled write-backs."""
+    stmt = sch.get(wb)
+    if not stmt.reads or not any(str(r.source.dtype) == "int32" for r in stmt.reads):
+        return False
+    text = stmt.body.script() if hasattr(stmt.body, "script") else str(stmt.body)
+    return any(t in text for t in _TRANSCENDENTAL)
+
+
 def _write_back_loops(sch: "tvm.s_tir.Schedule", loops: list[Any], lanes: int) -> None:
     """The write-back's loops below its tile loop (and a Winograd transform's loops below its
     parallel one): the innermost vectorised when it spans one vector (the block's channels), the
@@ -732,6 +750,11 @@ class BlockedWindow(_Rule):
         wb = sch.cache_write(anchor, 0, "local")
         sch.reverse_compute_at(wb, tile_loop, preserve_unit_loops=True)
         _inline_consumers(sch, wb)
+        # an int8 depthwise's quantized SiLU (branches that meet again): inlined too, instead of
+        # ~25 passes over the whole tensor, one per elementwise op (fp32 kernels: unchanged)
+        while (sch.get_consumers(wb) and any(str(r.source.dtype) == "int32" for r in sch.get(wb).reads)
+               and merge_epilogue_branches(sch, wb)):
+            _inline_consumers(sch, wb)
         if m.pad is not None and pad_mode in ("at", "row"):
             sch.compute_at(m.pad, fused, preserve_unit_loops=True)
             pl = sch.get_loops(m.pad)
@@ -746,7 +769,10 @@ class BlockedWindow(_Rule):
         sch.unroll(L["kw"])
         init = sch.decompose_reduction(anchor, L["kh"])
         sch.vectorize(sch.get_loops(init)[-1])
-        _write_back_loops(sch, _below(sch, wb, tile_loop), lanes)
+        below = _below(sch, wb, tile_loop)
+        if _heavy_int8_epilogue(sch, wb):
+            below = below[-1:]  # (the lanes vectorized; the pixels stay a loop)
+        _write_back_loops(sch, below, lanes)
         done = {sch.get(b).name_hint for b in (anchor, wb, init)}  # (a pad under the row loop is no root block)
         _schedule_rest(sch, done, lanes)
         return sch

@@ -478,6 +478,32 @@ def _inline_consumers(sch, wb) -> None:
             return
 
 
+def merge_epilogue_branches(sch: "tvm.s_tir.Schedule", wb: Any) -> bool:
+    """Inline forward (compute_inline) the blocks that read the write-back `wb`, where they can
+    be: an epilogue that branches and meets again (a quantized SiLU, x · sigmoid(x), x read by
+    both) then has fewer readers of `wb`, down to the one where the branches meet, which
+    reverse_compute_inline can take into `wb`. True when a block moved (call it, then inline the
+    chain again, until it returns False). The cheap part of x is computed once per branch."""
+    moved = False
+    wb_name = sch.get(wb).name_hint
+    for b in sch.get_consumers(wb):
+        # (a reader's other producers that read nothing computed, e.g. `ieee_guard` constants of
+        # a quantized subtract, go into it first: reverse_compute_inline wants wb its only producer)
+        for p in sch.get_producers(b):
+            if sch.get(p).name_hint != wb_name and not sch.get_producers(p):
+                try:
+                    sch.compute_inline(p)
+                    moved = True
+                except Exception:  # noqa: BLE001 - left where it is
+                    pass
+        try:
+            sch.compute_inline(b)  # (an output block refuses: it stays, the others move into it)
+            moved = True
+        except Exception:  # noqa: BLE001 - not inlinable forward: left where it is
+            continue
+    return moved
+
+
 def _schedule_rest(sch, done: set[str], lanes: int) -> None:
     """Injective schedule for the root-level blocks a rule did not place (pads, packs, tails)."""
     for block in sch.get_child_blocks(_root(sch)):

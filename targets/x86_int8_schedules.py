@@ -39,6 +39,7 @@ import numpy as np
 
 from graphopt.targets.tir_match import int8_dot_desc, int8_matmul_operands
 from graphopt.targets.tir_match import static_int as _static
+from graphopt.targets.tvm_schedules import merge_epilogue_branches
 
 LAYOUT_REWRITE_ANN = "meta_schedule.layout_rewrite_preproc"
 #: |weight| bound for which vpmaddubsw's int16 pair sums cannot saturate with uint8 activations
@@ -338,14 +339,7 @@ def _inline_epilogue(sch: Any, wb: Any) -> bool:
                 continue
             except Exception:  # noqa: BLE001 - (an output block reading more than wb: forward inlining may help)
                 pass
-        merged = False
-        for b in consumers:
-            try:
-                sch.compute_inline(b)  # (an output block refuses: it stays, the others move into it)
-                merged = True
-            except Exception:  # noqa: BLE001
-                continue
-        if not merged:
+        if not merge_epilogue_branches(sch, wb):
             break
     return not sch.get_consumers(wb)
 

@@ -180,15 +180,20 @@ def test_int8_llvm_ir_no_larger_than_twice_fp32(spec) -> None:
 
 
 def _silu_cnn() -> onnx.ModelProto:
-    """conv → SiLU (x · sigmoid(x)) → 1x1 conv: EfficientNet's block, whose quantized epilogue
-    branches (the requantized x read by the sigmoid and by the product) and meets again."""
+    """conv → SiLU (x · sigmoid(x)) → depthwise → SiLU → 1x1 conv → SiLU: EfficientNet's block,
+    whose quantized epilogues branch (the requantized x read by the sigmoid and by the product)
+    and meet again."""
     rng = np.random.default_rng(26)
     nodes = [h.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
              h.make_node("Sigmoid", ["c1"], ["s1"]), h.make_node("Mul", ["c1", "s1"], ["m1"]),
-             h.make_node("Conv", ["m1", "w2", "b2"], ["c2"], name="conv2"),
+             h.make_node("Conv", ["m1", "wd", "bd"], ["d"], pads=[1, 1, 1, 1], group=32, name="dw"),
+             h.make_node("Sigmoid", ["d"], ["sd"]), h.make_node("Mul", ["d", "sd"], ["md"]),
+             h.make_node("Conv", ["md", "w2", "b2"], ["c2"], name="conv2"),
              h.make_node("Sigmoid", ["c2"], ["s2"]), h.make_node("Mul", ["c2", "s2"], ["y"])]
     inits = [nh.from_array((rng.standard_normal((32, 16, 3, 3)) * 0.2).astype(np.float32), "w1"),
              nh.from_array((rng.standard_normal(32) * 0.1).astype(np.float32), "b1"),
+             nh.from_array((rng.standard_normal((32, 1, 3, 3)) * 0.4).astype(np.float32), "wd"),
+             nh.from_array((rng.standard_normal(32) * 0.1).astype(np.float32), "bd"),
              nh.from_array((rng.standard_normal((16, 32, 1, 1)) * 0.2).astype(np.float32), "w2"),
              nh.from_array((rng.standard_normal(16) * 0.1).astype(np.float32), "b2")]
     g = h.make_graph(nodes, "silu", [h.make_tensor_value_info("x", TP.FLOAT, ["N", 16, 14, 14])],
@@ -196,10 +201,11 @@ def _silu_cnn() -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]))
 
 
-def test_int8_silu_epilogue_joins_the_vnni_kernel() -> None:
-    """A quantized SiLU after an int8 conv (its epilogue branches and meets again) is inlined into
-    the conv's write-back: both convs run the blocked VNNI kernel (before: the default
-    schedules), and the numbers equal onnxruntime's QDQ model within a quantization step."""
+def test_int8_silu_epilogue_joins_the_int8_kernels() -> None:
+    """A quantized SiLU after an int8 conv or depthwise (its epilogue branches and meets again) is
+    inlined into the write-back: both convs run the blocked VNNI kernel (before: the default
+    schedules), the depthwise one parallel loop, and the numbers equal onnxruntime's QDQ model
+    within a quantization step."""
     import onnxruntime as ort
 
     from graphopt.calibration import calibration_from_arrays
@@ -213,8 +219,13 @@ def test_int8_silu_epilogue_joins_the_vnni_kernel() -> None:
     ctx.data["calibration"] = calibration_from_arrays(m, {"x": np.random.default_rng(27).standard_normal((8, 16, 14, 14)).astype(np.float32)})
     Quantize(speed="off").run(m, ctx)
     q = graphopt.to_onnx(m)
-    _, int8 = _scheduled(q, spec)
+    scripts, int8 = _scheduled(q, spec)
     assert sorted(int8.values()) == ["int8-vnni-blocked"] * 2, int8
+    # the int8 depthwise (default window schedule) takes its SiLU into the write-back as well: one
+    # parallel loop (not one pass per elementwise op), the write-back's pixels a loop
+    (dw,) = [t for t in scripts.values() if "depthwise_blocked" in t and "uint8" in t]
+    assert dw.count("T.parallel(") == 1 and "T.sigmoid(" in dw, dw
+    assert unrolled_copies(dw) == 36  # 2 rows x 2 pixels (14 wide) x 9 taps: the epilogue adds none
     if missing_features(machine_model(get_target(spec).tvm_target(2))):
         pytest.skip(f"this CPU cannot run {spec} code")
     art = graphopt.compile(q, spec, "-O2", threads=2)

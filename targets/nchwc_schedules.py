@@ -69,7 +69,6 @@ from .tvm_schedules import (
     _divisors,
     _fuse_parallel,
     _inline_consumers,
-    merge_epilogue_branches,
     _inline_copies,
     _int,
     _is_reduction,
@@ -749,12 +748,7 @@ class BlockedWindow(_Rule):
             tile_loop = fused
         wb = sch.cache_write(anchor, 0, "local")
         sch.reverse_compute_at(wb, tile_loop, preserve_unit_loops=True)
-        _inline_consumers(sch, wb)
-        # an int8 depthwise's quantized SiLU (branches that meet again): inlined too, instead of
-        # ~25 passes over the whole tensor, one per elementwise op (fp32 kernels: unchanged)
-        while (sch.get_consumers(wb) and any(str(r.source.dtype) == "int32" for r in sch.get(wb).reads)
-               and merge_epilogue_branches(sch, wb)):
-            _inline_consumers(sch, wb)
+        _inline_consumers(sch, wb)  # (an int8 depthwise's quantized SiLU included)
         if m.pad is not None and pad_mode in ("at", "row"):
             sch.compute_at(m.pad, fused, preserve_unit_loops=True)
             pl = sch.get_loops(m.pad)

@@ -462,9 +462,15 @@ def _inline_consumers(sch, wb) -> None:
     write-back sits under a tile loop: there reverse_compute_inline bounds the write with a
     predicate, while at the root it keeps the write-back's wider domain and writes past the end
     of the smaller output (apache-tvm 0.27; a sentinel after the output buffer caught it)."""
+    # (int32 sums, an int8 kernel: an epilogue that branches and meets again, a quantized SiLU,
+    # is inlined too, `merge_epilogue_branches`, instead of one pass over the tensor per op; fp32
+    # kernels keep what they had)
+    int8 = any(str(r.source.dtype) == "int32" for r in sch.get(wb).reads)
     while True:
         consumers = sch.get_consumers(wb)
         if len(consumers) != 1:
+            if consumers and int8 and merge_epilogue_branches(sch, wb):
+                continue
             return
         wb_stmt, c_stmt = sch.get(wb), sch.get(consumers[0])
         if len(c_stmt.writes) != 1 or len(wb_stmt.writes) != 1:
@@ -475,6 +481,8 @@ def _inline_consumers(sch, wb) -> None:
         try:
             sch.reverse_compute_inline(consumers[0])
         except Exception:
+            if int8 and merge_epilogue_branches(sch, wb):
+                continue
             return
 
 

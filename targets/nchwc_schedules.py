@@ -424,6 +424,32 @@ def _partition_pad_cols(sch: "tvm.s_tir.Schedule", pad: Any, col_loop: Any) -> N
         sch.loop_partition(col_loop, [*factors[:-1], None])  # (the last part: what remains)
 
 
+def _below(sch: "tvm.s_tir.Schedule", block: Any, loop: Any) -> list[Any]:
+    """The loops of `block` inside `loop` (a symbolic batch adds a serial loop outside it, so
+    counting from the outermost loop is off by one: it unrolled the tile loop, or a small
+    parallel loop, of every blocked conv / depthwise of a model with a symbolic batch)."""
+    loops = sch.get_loops(block)
+    at = next(k for k, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(loop)))
+    return loops[at + 1 :]
+
+
+#: calls that make an epilogue long per element (dozens of instructions per vector)
+_TRANSCENDENTAL = ("T.sigmoid(", "T.exp(", "T.tanh(", "T.erf(", "T.log(")
+
+
+def _heavy_int8_epilogue(sch: "tvm.s_tir.Schedule", wb: Any) -> bool:
+    """Whether the write-back `wb` of int32 sums (an int8 kernel) carries a transcendental in its
+    inlined epilogue (a quantized SiLU: requantize, dequantize, sigmoid, requantize, multiply,
+    requantize). Unrolled over the tile's 8 pixels, such a write-back made each int8 depthwise
+    kernel of EfficientNet-B0 ~5.8k lines of LLVM IR; it stays a loop (one vector per pixel is
+    plenty of work per iteration). fp32 kernels keep their unrolled write-backs."""
+    stmt = sch.get(wb)
+    if not stmt.reads or not any(str(r.source.dtype) == "int32" for r in stmt.reads):
+        return False
+    text = stmt.body.script() if hasattr(stmt.body, "script") else str(stmt.body)
+    return any(t in text for t in _TRANSCENDENTAL)
+
+
 def _write_back_loops(sch: "tvm.s_tir.Schedule", loops: list[Any], lanes: int) -> None:
     """The write-back's loops below its tile loop (and a Winograd transform's loops below its
     parallel one): the innermost vectorised when it spans one vector (the block's channels), the
@@ -599,11 +625,7 @@ class BlockedConv(_Rule):
         init = sch.decompose_reduction(anchor, red[0])
         sch.vectorize(sch.get_loops(init)[-1])
 
-        wl = sch.get_loops(wb)
-        if pad is not None:
-            _write_back_loops(sch, wl[len(outer) - 1 :], lanes)  # below the tile loop
-        else:
-            _write_back_loops(sch, wl[3:] if serial else wl[1:], lanes)
+        _write_back_loops(sch, _below(sch, wb, tile_loop), lanes)
         done = {sch.get(b).name_hint for b in (anchor, wb, init)}  # (a pad under the row loop is no root block)
         _schedule_rest(sch, done, lanes)
         if ragged:
@@ -735,7 +757,7 @@ class BlockedWindow(_Rule):
             tile_loop = fused
         wb = sch.cache_write(anchor, 0, "local")
         sch.reverse_compute_at(wb, tile_loop, preserve_unit_loops=True)
-        _inline_consumers(sch, wb)
+        _inline_consumers(sch, wb)  # (an int8 depthwise's quantized SiLU included)
         if m.pad is not None and pad_mode in ("at", "row"):
             sch.compute_at(m.pad, fused, preserve_unit_loops=True)
             pl = sch.get_loops(m.pad)
@@ -750,8 +772,10 @@ class BlockedWindow(_Rule):
         sch.unroll(L["kw"])
         init = sch.decompose_reduction(anchor, L["kh"])
         sch.vectorize(sch.get_loops(init)[-1])
-        wl = sch.get_loops(wb)
-        _write_back_loops(sch, wl[2:] if row_pad else wl[1:], lanes)
+        below = _below(sch, wb, tile_loop)
+        if _heavy_int8_epilogue(sch, wb):
+            below = below[-1:]  # (the lanes vectorized; the pixels stay a loop)
+        _write_back_loops(sch, below, lanes)
         done = {sch.get(b).name_hint for b in (anchor, wb, init)}  # (a pad under the row loop is no root block)
         _schedule_rest(sch, done, lanes)
         return sch

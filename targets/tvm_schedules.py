@@ -507,9 +507,15 @@ def _inline_consumers(sch, wb) -> None:
     write-back sits under a tile loop: there reverse_compute_inline bounds the write with a
     predicate, while at the root it keeps the write-back's wider domain and writes past the end
     of the smaller output (apache-tvm 0.27; a sentinel after the output buffer caught it)."""
+    # (int32 sums, an int8 kernel: an epilogue that branches and meets again, a quantized SiLU,
+    # is inlined too, `merge_epilogue_branches`, instead of one pass over the tensor per op; fp32
+    # kernels keep what they had)
+    int8 = any(str(r.source.dtype) == "int32" for r in sch.get(wb).reads)
     while True:
         consumers = sch.get_consumers(wb)
         if len(consumers) != 1:
+            if consumers and int8 and merge_epilogue_branches(sch, wb):
+                continue
             return
         wb_stmt, c_stmt = sch.get(wb), sch.get(consumers[0])
         if len(c_stmt.writes) != 1 or len(wb_stmt.writes) != 1:
@@ -520,7 +526,35 @@ def _inline_consumers(sch, wb) -> None:
         try:
             sch.reverse_compute_inline(consumers[0])
         except Exception:
+            if int8 and merge_epilogue_branches(sch, wb):
+                continue
             return
+
+
+def merge_epilogue_branches(sch: "tvm.s_tir.Schedule", wb: Any) -> bool:
+    """Inline forward (compute_inline) the blocks that read the write-back `wb`, where they can
+    be: an epilogue that branches and meets again (a quantized SiLU, x · sigmoid(x), x read by
+    both) then has fewer readers of `wb`, down to the one where the branches meet, which
+    reverse_compute_inline can take into `wb`. True when a block moved (call it, then inline the
+    chain again, until it returns False). The cheap part of x is computed once per branch."""
+    moved = False
+    wb_name = sch.get(wb).name_hint
+    for b in sch.get_consumers(wb):
+        # (a reader's other producers that read nothing computed, e.g. `ieee_guard` constants of
+        # a quantized subtract, go into it first: reverse_compute_inline wants wb its only producer)
+        for p in sch.get_producers(b):
+            if sch.get(p).name_hint != wb_name and not sch.get_producers(p):
+                try:
+                    sch.compute_inline(p)
+                    moved = True
+                except Exception:  # noqa: BLE001 - left where it is
+                    pass
+        try:
+            sch.compute_inline(b)  # (an output block refuses: it stays, the others move into it)
+            moved = True
+        except Exception:  # noqa: BLE001 - not inlinable forward: left where it is
+            continue
+    return moved
 
 
 def _schedule_rest(sch, done: set[str], lanes: int) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from .nchwc_schedules import BlockedConv, ConvTile, _write_back_loops, kernel_block
+from .nchwc_schedules import BlockedConv, ConvTile, _below, _write_back_loops, kernel_block
 from .tvm_schedules import _Rule, _fuse_parallel, _inline_consumers, _int, _one_reduction, _root
 
 if TYPE_CHECKING:
@@ -41,13 +41,6 @@ def _is(name_hint: str, name: str) -> bool:
 
 def _named(sch: "tvm.s_tir.Schedule", name: str) -> list[Any]:
     return [b for b in sch.get_child_blocks(_root(sch)) if _is(sch.get(b).name_hint, name)]
-
-
-def _below(sch: "tvm.s_tir.Schedule", block: Any, loop: Any) -> list[Any]:
-    """The loops of `block` inside `loop` (a symbolic batch adds a serial loop outside it)."""
-    loops = sch.get_loops(block)
-    at = next(k for k, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(loop)))
-    return loops[at + 1 :]
 
 
 class WinogradConv(_Rule):

@@ -216,6 +216,41 @@ def build(mod: tvm.IRModule, target: tvm.target.Target) -> relax.VMExecutable:
     return relax.build(mod, target, relax_pipeline=finish_pipeline(target))
 
 
+def llvm_ir_lines(exe: relax.VMExecutable) -> dict[str, int]:
+    """{LLVM function: lines of optimized IR} of a built executable's library, each parallel
+    region's body (`__tvm_parallel_lambda.N`) counted in the function that launches it: the size
+    LLVM's code generation works on per kernel (its time grows with it; an over-unrolled kernel
+    shows here), for benchmarks and structural tests."""
+    import re
+
+    lib = exe.mod
+    lines: dict[str, int] = {}
+    launched_by: dict[str, str] = {}
+    for m in [lib, *lib.imports]:
+        try:
+            src = m.inspect_source("ll")
+        except Exception:  # noqa: BLE001 - a module without LLVM IR (the VM's bytecode)
+            continue
+        cur = None
+        for line in src.splitlines():
+            head = re.match(r"define .*@([\w.]+)\(", line)
+            if head:
+                cur = head.group(1)
+            elif line.startswith("}"):
+                cur = None
+            elif cur:
+                lines[cur] = lines.get(cur, 0) + 1
+                for lam in re.findall(r"@(__tvm_parallel_lambda[\w.]*)", line):
+                    if lam != cur:
+                        launched_by.setdefault(lam, cur)
+    out: dict[str, int] = {}
+    for fn, n in lines.items():
+        while fn in launched_by:
+            fn = launched_by[fn]
+        out[fn] = out.get(fn, 0) + n
+    return out
+
+
 #: the function LiftTransformParams writes for `main`
 TRANSFORM_PARAMS = "main_transform_params"
 

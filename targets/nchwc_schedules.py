@@ -64,18 +64,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .machine import MachineModel, machine_model
+from .tir_match import static_int
 from .tvm_schedules import (
-    _Rule,
-    _divisors,
-    _fuse_parallel,
-    _inline_consumers,
-    _inline_copies,
-    _int,
-    _is_reduction,
-    _one_reduction,
-    _region_vars,
-    _root,
-    _schedule_rest,
+    ScheduleRule,
+    divisors_of,
+    fuse_parallel,
+    inline_consumers,
+    inline_copies,
+    is_reduction,
+    one_reduction,
+    region_vars,
+    root_block,
+    schedule_rest,
 )
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ def kernel_block(func: "tvm.tirx.PrimFunc", lanes: int) -> int:
     else `lanes`."""
     try:
         shape = func.params[-1].shape  # (0.27: a buffer parameter is the Var, with its shape)
-        b = _int(shape[-1]) if shape is not None and len(shape) == 5 else None
+        b = static_int(shape[-1]) if shape is not None and len(shape) == 5 else None
     except Exception:  # noqa: BLE001 - not a kernel of this layout
         return lanes
     return b if b is not None and 4 <= b < lanes and lanes % b == 0 else lanes
@@ -186,7 +186,7 @@ def conv_tile(s: ConvShape, machine: MachineModel, row_passes: bool = True, bloc
         per_icb = s.kh * s.kw * lanes * lanes * 4
         for rt, obt in tiles:
             if s.ob % obt == 0 and icb * per_icb * obt > l2_weights:
-                chunk = max([d for d in _divisors(icb) if d < icb
+                chunk = max([d for d in divisors_of(icb) if d < icb
                              and d * per_icb * obt <= machine.l2_bytes * _CHUNK_WEIGHT_SHARE] or [0])
                 break
     for rt, obt in tiles:  # the accumulators, exact
@@ -196,7 +196,7 @@ def conv_tile(s: ConvShape, machine: MachineModel, row_passes: bool = True, bloc
                 # input rows reach, in chunks of input blocks whose weights for the kernel row stay
                 # in L1 (single thread vs onnxruntime, 3x3 512 on 7x7: 1.05x -> 0.95x)
                 per_icb = s.kw * lanes * lanes * 4 * obt
-                chunk = max([d for d in _divisors(icb) if d * per_icb <= machine.l1d_bytes * _PASS_WEIGHT_SHARE] or [1])
+                chunk = max([d for d in divisors_of(icb) if d * per_icb <= machine.l1d_bytes * _PASS_WEIGHT_SHARE] or [1])
                 return ConvTile(rt, obt, order, row_passes=True, k_chunk=chunk)
             return ConvTile(rt, obt, order, pad_row=row, k_chunk=chunk)
     if order in ("ob", "row") and s.kind == "conv":  # (the 7x7 stem: 1.05x ragged, 0.98x 4 x 2)
@@ -262,7 +262,7 @@ def match_blocked_conv(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> _M
     ins = [r for r in stmt.reads if not r.source.same_as(out_buf)]
     if len(ins) != 2:
         return None
-    od = _region_vars(stmt.writes[0], block_vars)
+    od = region_vars(stmt.writes[0], block_vars)
     if len(od) != 5 or any(len(d) != 1 for d in od):
         return None
     n, ob, y, x, oi = (next(iter(d)) for d in od)
@@ -271,7 +271,7 @@ def match_blocked_conv(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> _M
         return None
     # the weight: its first dim is ob, its last oi; or (a batched conv: winograd_ops' GEMM, a
     # weight per batch item) its first dim the batch, then ob
-    dims = [_region_vars(r, block_vars) for r in ins]
+    dims = [region_vars(r, block_vars) for r in ins]
     wi = next((k for k, d in enumerate(dims) if d and d[0] == {ob} and d[-1] == {oi}), None)
     batched = wi is None
     if batched:
@@ -305,7 +305,7 @@ def match_blocked_conv(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> _M
     if len(roles) != len(ivs) or set(roles.values()) != block_vars:
         return None
     loop_of = {iv.var: lp for iv, lp in zip(ivs, loops)}
-    ext = {iv.var: _int(iv.dom.extent) for iv in ivs}
+    ext = {iv.var: static_int(iv.dom.extent) for iv in ivs}
     e = {k: ext[v] for k, v in roles.items()}
     symbolic = e["y"] is None or e["x"] is None
     if symbolic:  # (a detector's H x W): tiled for SYMBOLIC_MAP times what the size is a multiple of
@@ -338,7 +338,7 @@ def _stride_of(region: Any, var: Any) -> int | None:
         except Exception:
             continue
         if len(coeffs) == 2:
-            c = _int(coeffs[0])
+            c = static_int(coeffs[0])
             if c:
                 return c
     return None
@@ -357,7 +357,7 @@ def _serial_tiles(sch: "tvm.s_tir.Schedule", tile: ConvTile, parallel: list[Any]
         return tile.serial_tiles
     n = 1
     for lp in parallel:
-        e = _int(sch.get(lp).extent)
+        e = static_int(sch.get(lp).extent)
         n *= e if e is not None else _SERIAL_TILES_MIN_PARALLEL
     return n >= _SERIAL_TILES_MIN_PARALLEL
 
@@ -381,7 +381,7 @@ def row_tile_ranges(rows: tuple[int, ...], kh_n: int, rt: int, tiles: int) -> li
 
 
 def _cores(target: Any) -> int:
-    v = _int(target.attrs.get("num-cores", 1)) if hasattr(target, "attrs") else None
+    v = static_int(target.attrs.get("num-cores", 1)) if hasattr(target, "attrs") else None
     return max(1, v or 1)
 
 
@@ -407,15 +407,15 @@ def _partition_pad_cols(sch: "tvm.s_tir.Schedule", pad: Any, col_loop: Any) -> N
     region = stmt.reads[0].region
     src_shape = stmt.reads[0].source.shape
     loop = sch.get(col_loop)
-    ext = _int(loop.extent)
+    ext = static_int(loop.extent)
     dim = 3  # [n, c, rows, cols, (b)]
     if ext is None or len(region) <= dim or len(stmt.iter_vars) <= dim:
         return
     coeffs = detect_linear_equation(region[dim].min, [stmt.iter_vars[dim].var])
-    width = _int(src_shape[dim])
-    if len(coeffs) != 2 or _int(coeffs[0]) != 1 or _int(coeffs[1]) is None or width is None:
+    width = static_int(src_shape[dim])
+    if len(coeffs) != 2 or static_int(coeffs[0]) != 1 or static_int(coeffs[1]) is None or width is None:
         return
-    left = -_int(coeffs[1])  # the pad column c reads input column c - left
+    left = -static_int(coeffs[1])  # the pad column c reads input column c - left
     mid = min(width, ext - left)
     if left < 0 or mid <= 0:
         return
@@ -424,7 +424,7 @@ def _partition_pad_cols(sch: "tvm.s_tir.Schedule", pad: Any, col_loop: Any) -> N
         sch.loop_partition(col_loop, [*factors[:-1], None])  # (the last part: what remains)
 
 
-def _below(sch: "tvm.s_tir.Schedule", block: Any, loop: Any) -> list[Any]:
+def loops_below(sch: "tvm.s_tir.Schedule", block: Any, loop: Any) -> list[Any]:
     """The loops of `block` inside `loop` (a symbolic batch adds a serial loop outside it, so
     counting from the outermost loop is off by one: it unrolled the tile loop, or a small
     parallel loop, of every blocked conv / depthwise of a model with a symbolic batch)."""
@@ -450,22 +450,22 @@ def _heavy_int8_epilogue(sch: "tvm.s_tir.Schedule", wb: Any) -> bool:
     return any(t in text for t in _TRANSCENDENTAL)
 
 
-def _write_back_loops(sch: "tvm.s_tir.Schedule", loops: list[Any], lanes: int) -> None:
+def write_back_loops(sch: "tvm.s_tir.Schedule", loops: list[Any], lanes: int) -> None:
     """The write-back's loops below its tile loop (and a Winograd transform's loops below its
     parallel one): the innermost vectorised when it spans one vector (the block's channels), the
     others unrolled up to 64 iterations (the tile's pixels and output blocks; the transform's
     positions)."""
     inner = list(loops)
-    if inner and _int(sch.get(inner[-1]).extent) == lanes:
+    if inner and static_int(sch.get(inner[-1]).extent) == lanes:
         sch.vectorize(inner[-1])
         inner = inner[:-1]
     for lp in inner:
-        e = _int(sch.get(lp).extent)
+        e = static_int(sch.get(lp).extent)
         if e is not None and 1 < e <= 64:
             sch.unroll(lp)
 
 
-class BlockedConv(_Rule):
+class BlockedConv(ScheduleRule):
     """conv2d_blocked / conv2d_stem + epilogue (see module docstring); depthwise_blocked and
     pool_blocked kernels go to `BlockedWindow` (so one entry in the default rules covers the
     blocked layout's kernels)."""
@@ -484,7 +484,7 @@ class BlockedConv(_Rule):
 
     def _conv(self, func, target, lanes):
         lanes = kernel_block(func, lanes)
-        opened = _one_reduction(func)
+        opened = one_reduction(func)
         if opened is None:
             return None
         return self.schedule_conv(*opened, target, lanes)
@@ -503,13 +503,13 @@ class BlockedConv(_Rule):
             pads = [p for p in sch.get_producers(anchor) if "if_then_else" in str(sch.get(p).body)]
             pad = pads[0] if len(pads) == 1 else None
         if pad is None:
-            _inline_copies(sch, anchor, moves_only=_MATERIALISE_PROLOGUE)
+            inline_copies(sch, anchor, moves_only=_MATERIALISE_PROLOGUE)
         m = match_blocked_conv(sch, anchor, lanes)  # loops are the same, refetch the handles
         if m is None:
             return None
         # conv2d_blocked_flat: pixel tiles of a one-row conv whose write-back (crop, unflatten
         # and epilogue inlined) writes out[.., p // W, p % W, ..]; the tile loop stays serial
-        flat = m.ext["y"] == 1 and any(sch.get(b).name_hint.startswith("unflatten") for b in sch.get_child_blocks(_root(sch)))
+        flat = m.ext["y"] == 1 and any(sch.get(b).name_hint.startswith("unflatten") for b in sch.get_child_blocks(root_block(sch)))
         L = m.loops
         rt, obt = tile.rt, tile.obt
         if m.ext["ob"] % obt:
@@ -549,7 +549,7 @@ class BlockedConv(_Rule):
             # blocks inside a row (weights read once, the input once per chunk)
             n_o = m.ext["ob"] // obt
             per_block = m.shape.red * lanes * obt * 4  # bytes of weights per tile column
-            chunk = max([d for d in _divisors(n_o) if d * per_block <= machine.l2_bytes * _L2_WEIGHT_SHARE] or [1])
+            chunk = max([d for d in divisors_of(n_o) if d * per_block <= machine.l2_bytes * _L2_WEIGHT_SHARE] or [1])
             ob_oo, ob_oi = sch.split(ob_o, factors=[None, chunk])
             outer = [L["n"], ob_oo, L["y"], *part, ob_oi, p_o]
         else:
@@ -571,10 +571,10 @@ class BlockedConv(_Rule):
             red_in = [icb_i, L["kw"], L["ii"]] if passes else [icb_i, L["kh"], L["kw"], L["ii"]]
             chunk_loops = [chunk_loop, L["kh"]] if passes else [chunk_loop]
             sch.reorder(L["n"], ob_o, *part, *chunk_loops, L["y"], p_o, oi_o, *red_in, *inner_tile, oi_i)
-            fused = _fuse_parallel(sch, [L["n"], ob_o, *part])
+            fused = fuse_parallel(sch, [L["n"], ob_o, *part])
             wb = sch.cache_write(anchor, 0, "local")
             sch.reverse_compute_at(wb, fused, preserve_unit_loops=True)
-            _inline_consumers(sch, wb)
+            inline_consumers(sch, wb)
             sch.vectorize(oi_i)
             sch.unroll(p_i)
             sch.unroll(ob_i)
@@ -582,9 +582,9 @@ class BlockedConv(_Rule):
             init = sch.decompose_reduction(anchor, chunk_loop)
             sch.vectorize(sch.get_loops(init)[-1])
             wl = sch.get_loops(wb)
-            if _int(sch.get(wl[-1]).extent) == lanes:
+            if static_int(sch.get(wl[-1]).extent) == lanes:
                 sch.vectorize(wl[-1])
-            _schedule_rest(sch, {sch.get(b).name_hint for b in (anchor, wb, init)}, lanes)
+            schedule_rest(sch, {sch.get(b).name_hint for b in (anchor, wb, init)}, lanes)
             if ragged:
                 sch.annotate(p_o, PEEL_LAST, 1)
             if passes:
@@ -596,21 +596,21 @@ class BlockedConv(_Rule):
         outer = outer + [oi_o]
         serial = pad is None and ((flat and parts) or ragged or _serial_tiles(sch, tile, outer[:-2]))
         if pad is not None:
-            fused = _fuse_parallel(sch, outer[:2])  # (n, y)
+            fused = fuse_parallel(sch, outer[:2])  # (n, y)
             tile_loop = outer[-1]
         elif serial:
-            fused = _fuse_parallel(sch, outer[:-2])
+            fused = fuse_parallel(sch, outer[:-2])
             tile_loop = outer[-1]
         else:
-            fused = tile_loop = _fuse_parallel(sch, outer)
+            fused = tile_loop = fuse_parallel(sch, outer)
 
         wb = sch.cache_write(anchor, 0, "local")
         sch.reverse_compute_at(wb, tile_loop, preserve_unit_loops=True)
-        _inline_consumers(sch, wb)
+        inline_consumers(sch, wb)
         if pad is not None:
             sch.compute_at(pad, fused, preserve_unit_loops=True)
             pl = sch.get_loops(pad)
-            if _int(sch.get(pl[-1]).extent) == lanes:
+            if static_int(sch.get(pl[-1]).extent) == lanes:
                 sch.vectorize(pl[-1])
                 if tile.partition_pad:
                     _partition_pad_cols(sch, pad, pl[-2])
@@ -625,9 +625,9 @@ class BlockedConv(_Rule):
         init = sch.decompose_reduction(anchor, red[0])
         sch.vectorize(sch.get_loops(init)[-1])
 
-        _write_back_loops(sch, _below(sch, wb, tile_loop), lanes)
+        write_back_loops(sch, loops_below(sch, wb, tile_loop), lanes)
         done = {sch.get(b).name_hint for b in (anchor, wb, init)}  # (a pad under the row loop is no root block)
-        _schedule_rest(sch, done, lanes)
+        schedule_rest(sch, done, lanes)
         if ragged:
             sch.annotate(p_o, PEEL_LAST, 1)
         return sch
@@ -658,7 +658,7 @@ def match_blocked_window(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> 
     block_vars = {iv.var for iv in ivs}
     out_buf = stmt.writes[0].source
     ins = [r for r in stmt.reads if not r.source.same_as(out_buf)]
-    od = _region_vars(stmt.writes[0], block_vars)
+    od = region_vars(stmt.writes[0], block_vars)
     if len(od) != 5 or any(len(d) != 1 for d in od):
         return None
     n, cb, y, x, ci = (next(iter(d)) for d in od)
@@ -670,18 +670,18 @@ def match_blocked_window(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> 
     ws = [r for r in ins if len(r.region) == 4]
     if len(xs) != 1 or len(xs) + len(ws) != len(ins) or len(ws) > 1:
         return None
-    xd = _region_vars(xs[0], block_vars)
+    xd = region_vars(xs[0], block_vars)
     if xd[0] != {n} or xd[1] != {cb} or xd[4] != {ci} or len(xd[2]) != 2 or len(xd[3]) != 2:
         return None
     (kh,) = xd[2] - {y}
     (kw,) = xd[3] - {x}
     if {kh, kw} != set(reds) or y not in xd[2] or x not in xd[3]:
         return None
-    if ws and _region_vars(ws[0], block_vars) != [{cb}, {kh}, {kw}, {ci}]:
+    if ws and region_vars(ws[0], block_vars) != [{cb}, {kh}, {kw}, {ci}]:
         return None
     roles = {"n": n, "cb": cb, "y": y, "x": x, "ci": ci, "kh": kh, "kw": kw}
     loop_of = {iv.var: lp for iv, lp in zip(ivs, loops)}
-    ext = {iv.var: _int(iv.dom.extent) for iv in ivs}
+    ext = {iv.var: static_int(iv.dom.extent) for iv in ivs}
     e = {k: ext[v] for k, v in roles.items()}
     if any(v is None for k, v in e.items() if k not in ("n", "y", "x")) or e["ci"] % lanes:
         return None
@@ -690,12 +690,12 @@ def match_blocked_window(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> 
     mult = {k: _multiple_of(dom[roles[k]]) for k in ("y", "x") if e[k] is None} or None
     pad = None
     for prod in sch.get_producers(anchor):
-        if sch.get(prod).writes[0].source.same_as(xs[0].source) and not _is_reduction(sch.get(prod)):
+        if sch.get(prod).writes[0].source.same_as(xs[0].source) and not is_reduction(sch.get(prod)):
             pad = prod
     return _WindowMatch("depthwise" if ws else "pool", {k: loop_of[v] for k, v in roles.items()}, e, pad, mult)
 
 
-class BlockedWindow(_Rule):
+class BlockedWindow(ScheduleRule):
     """depthwise_blocked / pool_blocked (+ epilogue: bias, Clip, the average's division): a tile
     of `rt` output pixels x `ry` output rows x the `b` channels of a block (one vector each)
     accumulated in registers, the window (kh, kw) unrolled around it.
@@ -719,7 +719,7 @@ class BlockedWindow(_Rule):
 
     def apply(self, func, target, lanes):
         lanes = kernel_block(func, lanes)
-        opened = _one_reduction(func)
+        opened = one_reduction(func)
         if opened is None:
             return None
         sch, anchor = opened
@@ -738,7 +738,7 @@ class BlockedWindow(_Rule):
         # extent takes tiles dividing its known multiple (whole tiles, no predicate)
         oh_k, ow_k = mult.get("y", oh), mult.get("x", ow)
         ry = self.ry or (2 if oh_k % 2 == 0 else 1)
-        rt = self.rt or max(d for d in _divisors(ow_k) if d * ry <= 8)
+        rt = self.rt or max(d for d in divisors_of(ow_k) if d * ry <= 8)
         if ow_k % rt or oh_k % ry:
             return None
         ci_o, ci_i = sch.split(L["ci"], factors=[None, lanes])
@@ -750,18 +750,18 @@ class BlockedWindow(_Rule):
             # the padded input rows of `ry` output rows, computed under the (batch, block, rows)
             # loop: the window loop reads them without conditions (decompose_padding refuses a
             # pad block under compute_at, so the copy keeps its condition per pixel)
-            fused = _fuse_parallel(sch, [L["n"], L["cb"], y_o])
+            fused = fuse_parallel(sch, [L["n"], L["cb"], y_o])
             tile_loop = x_o
         else:
-            fused = _fuse_parallel(sch, [L["n"], L["cb"], y_o, x_o, ci_o])
+            fused = fuse_parallel(sch, [L["n"], L["cb"], y_o, x_o, ci_o])
             tile_loop = fused
         wb = sch.cache_write(anchor, 0, "local")
         sch.reverse_compute_at(wb, tile_loop, preserve_unit_loops=True)
-        _inline_consumers(sch, wb)  # (an int8 depthwise's quantized SiLU included)
+        inline_consumers(sch, wb)  # (an int8 depthwise's quantized SiLU included)
         if m.pad is not None and pad_mode in ("at", "row"):
             sch.compute_at(m.pad, fused, preserve_unit_loops=True)
             pl = sch.get_loops(m.pad)
-            if _int(sch.get(pl[-1]).extent) == lanes:
+            if static_int(sch.get(pl[-1]).extent) == lanes:
                 sch.vectorize(pl[-1])
             if row_pad and self.partition_pad:
                 _partition_pad_cols(sch, m.pad, pl[-2])
@@ -772,12 +772,12 @@ class BlockedWindow(_Rule):
         sch.unroll(L["kw"])
         init = sch.decompose_reduction(anchor, L["kh"])
         sch.vectorize(sch.get_loops(init)[-1])
-        below = _below(sch, wb, tile_loop)
+        below = loops_below(sch, wb, tile_loop)
         if _heavy_int8_epilogue(sch, wb):
             below = below[-1:]  # (the lanes vectorized; the pixels stay a loop)
-        _write_back_loops(sch, below, lanes)
+        write_back_loops(sch, below, lanes)
         done = {sch.get(b).name_hint for b in (anchor, wb, init)}  # (a pad under the row loop is no root block)
-        _schedule_rest(sch, done, lanes)
+        schedule_rest(sch, done, lanes)
         return sch
 
 

@@ -39,6 +39,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from graphopt.targets.tir_match import static_int
+
 if TYPE_CHECKING:  # tvm is an optional dependency: import it lazily
     import tvm
 
@@ -130,13 +132,6 @@ def vector_lanes(target: "tvm.target.Target", dtype_bits: int = 32) -> int:
 # --------------------------------------------------------------------------- helpers
 
 
-def _int(x: Any) -> int | None:
-    try:
-        return int(x)
-    except Exception:
-        return None
-
-
 def _vars_in(expr: Any) -> set:
     import tvm_ffi
     from tvm import tirx
@@ -146,17 +141,17 @@ def _vars_in(expr: Any) -> set:
     return found
 
 
-def _region_vars(region: Any, block_vars: set) -> list[set]:
+def region_vars(region: Any, block_vars: set) -> list[set]:
     """Per-dimension sets of block iter vars used by a buffer access region."""
     return [(_vars_in(r.min) & block_vars) for r in region.region]
 
 
-def _root(sch: "tvm.s_tir.Schedule") -> Any:
+def root_block(sch: "tvm.s_tir.Schedule") -> Any:
     func = sch.mod["main"]
     return sch.get_sblock(func.body.block.name_hint)
 
 
-def _is_reduction(stmt: Any) -> bool:
+def is_reduction(stmt: Any) -> bool:
     from tvm.tirx import IterVar
 
     return any(iv.iter_type == IterVar.CommReduce for iv in stmt.iter_vars)
@@ -168,9 +163,9 @@ def _try_inline_all(sch: "tvm.s_tir.Schedule", keep: Sequence[Any] = ()) -> None
     changed = True
     while changed:
         changed = False
-        for block in sch.get_child_blocks(_root(sch)):
+        for block in sch.get_child_blocks(root_block(sch)):
             stmt = sch.get(block)
-            if stmt.name_hint in keep_names or _is_reduction(stmt):
+            if stmt.name_hint in keep_names or is_reduction(stmt):
                 continue
             try:
                 sch.compute_inline(block)
@@ -180,7 +175,7 @@ def _try_inline_all(sch: "tvm.s_tir.Schedule", keep: Sequence[Any] = ()) -> None
                 continue
 
 
-def _divisors(n: int) -> list[int]:
+def divisors_of(n: int) -> list[int]:
     """Divisors of n in increasing order (O(√n): a batch of 2**40 made the loop run for minutes)."""
     small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
     return small + [n // d for d in reversed(small) if d * d != n]
@@ -193,7 +188,7 @@ def _schedule_injective_block(
     loops = sch.get_loops(block)
     if not loops:
         return
-    extents = [_int(sch.get(lp).extent) for lp in loops]
+    extents = [static_int(sch.get(lp).extent) for lp in loops]
     if (len(loops) > 1 and extents[-1] is not None and extents[-1] % lanes and not sch.get(block).reads
             and all(e is not None for e in extents) and math.prod(extents) % lanes == 0):
         # a constant fill (the pad value of a decomposed pad): one flat loop, parallel vectors
@@ -216,19 +211,19 @@ def _schedule_injective_block(
     if max_parallel_loops is not None:
         outer = outer[:max_parallel_loops]
     if outer:
-        _fuse_parallel(sch, outer)
+        fuse_parallel(sch, outer)
     if vec is not None:
         sch.vectorize(vec)
 
 
-def _fuse_parallel(sch: "tvm.s_tir.Schedule", loops: Sequence[Any]) -> Any:
+def fuse_parallel(sch: "tvm.s_tir.Schedule", loops: Sequence[Any]) -> Any:
     """Fuse `loops` into one parallel loop and return it. Leading loops of symbolic extent (a
     dynamic batch) stay serial outside: fused with them, every index inside is recovered with
     divisions by symbolic values (ResNet-50 with a symbolic batch ran 1.7x slower than with
     batch 1 fixed, same schedules)."""
     loops = list(loops)
     lead = 0
-    while lead < len(loops) - 1 and _int(sch.get(loops[lead]).extent) is None:
+    while lead < len(loops) - 1 and static_int(sch.get(loops[lead]).extent) is None:
         lead += 1
     rest = loops[lead:] if _SERIAL_SYMBOLIC_OUTER else loops
     fused = sch.fuse(*rest) if len(rest) > 1 else rest[0]
@@ -239,14 +234,14 @@ def _fuse_parallel(sch: "tvm.s_tir.Schedule", loops: Sequence[Any]) -> Any:
 # --------------------------------------------------------------------------- rules
 
 
-class _Rule:
+class ScheduleRule:
     name = "rule"
 
     def apply(self, func: Any, target: Any, lanes: int) -> "tvm.s_tir.Schedule | None":
         raise NotImplementedError
 
 
-class Injective(_Rule):
+class Injective(ScheduleRule):
     """Inline what can be inlined; parallel + vectorise every remaining block."""
 
     name = "injective"
@@ -255,16 +250,16 @@ class Injective(_Rule):
         from tvm import s_tir
 
         sch = s_tir.Schedule(func)
-        blocks = sch.get_child_blocks(_root(sch))
-        if any(_is_reduction(sch.get(b)) for b in blocks):
+        blocks = sch.get_child_blocks(root_block(sch))
+        if any(is_reduction(sch.get(b)) for b in blocks):
             return None
         _try_inline_all(sch)
-        for block in sch.get_child_blocks(_root(sch)):
+        for block in sch.get_child_blocks(root_block(sch)):
             _schedule_injective_block(sch, block, lanes)
         return sch
 
 
-class SymbolicColumns(_Rule):
+class SymbolicColumns(ScheduleRule):
     """A matmul-like reduction whose output's innermost axis is symbolic (the S x S attention
     scores of a sequence of any length: [.., S, d] x [.., d, S]) and innermost in one input too:
     parallel over the other spatial loops, the reduction outside the column loop, which stays a
@@ -274,7 +269,7 @@ class SymbolicColumns(_Rule):
     name = "symbolic-columns"
 
     def apply(self, func, target, lanes):
-        opened = _one_reduction(func)
+        opened = one_reduction(func)
         if opened is None:
             return None
         sch, anchor = opened
@@ -290,26 +285,26 @@ class SymbolicColumns(_Rule):
         if len(sp) < 2 or not red or len(sp) + len(red) != len(loops) or loops[: len(sp)] != sp:
             return None
         col = ivs[len(sp) - 1].var
-        if _int(ivs[len(sp) - 1].dom.extent) is not None:
+        if static_int(ivs[len(sp) - 1].dom.extent) is not None:
             return None
         block_vars = {iv.var for iv in ivs}
-        out = _region_vars(stmt.writes[0], block_vars)
+        out = region_vars(stmt.writes[0], block_vars)
         reads = [r for r in stmt.reads if not r.source.same_as(stmt.writes[0].source)]
-        if not out or out[-1] != {col} or not any(_region_vars(r, block_vars)[-1:] == [{col}] for r in reads):
+        if not out or out[-1] != {col} or not any(region_vars(r, block_vars)[-1:] == [{col}] for r in reads):
             return None
         sch.reorder(*sp[:-1], *red, sp[-1])
-        fused = _fuse_parallel(sch, sp[:-1])
+        fused = fuse_parallel(sch, sp[:-1])
         sch.decompose_reduction(anchor, red[0])
         for c in sch.get_consumers(anchor):
             try:
                 sch.reverse_compute_at(c, fused, preserve_unit_loops=True)
             except Exception:  # noqa: BLE001 - left at the root: scheduled on its own below
                 pass
-        _schedule_rest(sch, {sch.get(anchor).name_hint}, lanes)
+        schedule_rest(sch, {sch.get(anchor).name_hint}, lanes)
         return sch
 
 
-class WindowReduction(_Rule):
+class WindowReduction(ScheduleRule):
     """Reductions whose innermost output axis stays innermost in an input (depthwise conv,
     pooling): out tile of `lanes` along that axis in a local accumulator, reduction loops
     outside the vector loop, parallel over the other spatial loops."""
@@ -319,7 +314,7 @@ class WindowReduction(_Rule):
     def apply(self, func, target, lanes):
         from tvm.tirx import IterVar
 
-        opened = _one_reduction(func)
+        opened = one_reduction(func)
         if opened is None:
             return None
         sch, anchor = opened
@@ -333,20 +328,20 @@ class WindowReduction(_Rule):
         if not s_idx or not r_idx or s_idx != list(range(len(s_idx))):
             return None
         inner_var = ivs[s_idx[-1]].var
-        inner_ext = _int(ivs[s_idx[-1]].dom.extent)
+        inner_ext = static_int(ivs[s_idx[-1]].dom.extent)
         if inner_ext is None or inner_ext < 4:
             return None  # global pooling and the like: leave to dlight / injective rules
         block_vars = {iv.var for iv in ivs}
         # the innermost output axis must index the last dimension of some input
         ok = False
         for reg in stmt.reads:
-            dims = _region_vars(reg, block_vars)
+            dims = region_vars(reg, block_vars)
             if dims and inner_var in dims[-1]:
                 ok = True
         if not ok:
             return None
         if _DECOMPOSE_PADDING:
-            _inline_copies(sch, anchor)
+            inline_copies(sch, anchor)
             loops = sch.get_loops(anchor)
         sl = [loops[i] for i in s_idx]
         rl = [loops[i] for i in r_idx]
@@ -359,10 +354,10 @@ class WindowReduction(_Rule):
         # latency-bound: measured 1-2.5 GFLOP/s on MobileNetV2's depthwise convs)
         yt = 1
         if _WINDOW_ROW_TILE and len(sl) >= 2 and inner_ext % vt == 0:
-            y_ext = _int(sch.get(sl[-2]).extent)
+            y_ext = static_int(sch.get(sl[-2]).extent)
             n_vec = -(-vt // lanes)
             if y_ext:
-                yt = max(d for d in _divisors(y_ext) if d * n_vec <= _WINDOW_ACC_VECTORS)
+                yt = max(d for d in divisors_of(y_ext) if d * n_vec <= _WINDOW_ACC_VECTORS)
         x_o, x_i = sch.split(sl[-1], factors=[None, vt])
         if yt > 1:
             y_o, y_i = sch.split(sl[-2], factors=[None, yt])
@@ -371,25 +366,25 @@ class WindowReduction(_Rule):
         else:
             sch.reorder(*sl[:-1], x_o, *rl, x_i)
             outer = [*sl[:-1], x_o]
-        fused = _fuse_parallel(sch, outer)
+        fused = fuse_parallel(sch, outer)
         wb = sch.cache_write(anchor, 0, "local")
         sch.reverse_compute_at(wb, fused, preserve_unit_loops=True)
-        _inline_consumers(sch, wb)
+        inline_consumers(sch, wb)
         if inner_ext % vt == 0:
             sch.vectorize(x_i)
             if yt > 1:
                 sch.unroll(y_i)
             for r in rl:  # the window (3x3): unrolled, so the row chains interleave
-                if (_int(sch.get(r).extent) or 99) <= 7:
+                if (static_int(sch.get(r).extent) or 99) <= 7:
                     sch.unroll(r)
             init = sch.decompose_reduction(anchor, rl[0])
             sch.vectorize(sch.get_loops(init)[-1])
             wl = sch.get_loops(wb)
-            if _int(sch.get(wl[-1]).extent) == vt:
+            if static_int(sch.get(wl[-1]).extent) == vt:
                 sch.vectorize(wl[-1])
         else:
             sch.decompose_reduction(anchor, rl[0])
-        _schedule_rest(sch, {sch.get(anchor).name_hint, sch.get(wb).name_hint}, lanes)
+        schedule_rest(sch, {sch.get(anchor).name_hint, sch.get(wb).name_hint}, lanes)
         return sch
 
 
@@ -404,7 +399,7 @@ def _inline_arg_copies(sch, func) -> None:
     [1, C, 1, 1]): left in place, the epilogue that reads them cannot be inlined into the
     accumulator write-back, and bias/ReLU6 ran as three extra parallel passes over the output."""
     intermediates = {buf.name for buf in func.body.block.alloc_buffers}
-    for block in sch.get_child_blocks(_root(sch)):
+    for block in sch.get_child_blocks(root_block(sch)):
         stmt = sch.get(block)
         if stmt.init is not None or not _is_copy(stmt):
             continue
@@ -416,7 +411,7 @@ def _inline_arg_copies(sch, func) -> None:
             pass
 
 
-def _one_reduction(func) -> tuple[Any, Any] | None:
+def one_reduction(func) -> tuple[Any, Any] | None:
     """A schedule of `func` (argument copies inlined first) and its reduction block, or None
     unless it has exactly one: where the conv/matmul/window rules start."""
     from tvm import s_tir
@@ -424,11 +419,11 @@ def _one_reduction(func) -> tuple[Any, Any] | None:
     sch = s_tir.Schedule(func)
     if _INLINE_ARG_COPIES:
         _inline_arg_copies(sch, func)
-    reds = [b for b in sch.get_child_blocks(_root(sch)) if _is_reduction(sch.get(b))]
+    reds = [b for b in sch.get_child_blocks(root_block(sch)) if is_reduction(sch.get(b))]
     return (sch, reds[0]) if len(reds) == 1 else None
 
 
-def _inline_copies(sch, anchor, moves_only: bool = False) -> None:
+def inline_copies(sch, anchor, moves_only: bool = False) -> None:
     """compute_inline producers of the anchor that only move data (a pad of 0, a transpose,
     a reshape): the anchor reads through them. Real pads (if_then_else) stay materialised so the
     inner loop has no conditions. `moves_only`: only copies are touched; producers that compute (a
@@ -436,7 +431,7 @@ def _inline_copies(sch, anchor, moves_only: bool = False) -> None:
     value once per tile of output blocks, inside its reduction loop) and pads are left whole."""
     for prod in sch.get_producers(anchor):
         stmt = sch.get(prod)
-        if _is_reduction(stmt):
+        if is_reduction(stmt):
             continue
         if moves_only and not _is_copy(stmt):
             # (a pad stays one block with its condition: BlockedConv's flat padded convs, 2
@@ -485,7 +480,7 @@ def _inline_epilogue(sch, anchor) -> None:
         while frontier:
             block = frontier.pop()
             stmt = sch.get(block)
-            if stmt.name_hint in seen or _is_reduction(stmt):
+            if stmt.name_hint in seen or is_reduction(stmt):
                 continue
             seen.add(stmt.name_hint)
             consumers = list(sch.get_consumers(block))
@@ -499,7 +494,7 @@ def _inline_epilogue(sch, anchor) -> None:
             frontier.extend(consumers)
 
 
-def _inline_consumers(sch, wb) -> None:
+def inline_consumers(sch, wb) -> None:
     """reverse_compute_inline the elementwise epilogue chain into the write-back block.
 
     A consumer that writes a buffer of another shape than the write-back's (the `crop` after a
@@ -520,7 +515,7 @@ def _inline_consumers(sch, wb) -> None:
         wb_stmt, c_stmt = sch.get(wb), sch.get(consumers[0])
         if len(c_stmt.writes) != 1 or len(wb_stmt.writes) != 1:
             return
-        same = [_int(d) for d in c_stmt.writes[0].source.shape] == [_int(d) for d in wb_stmt.writes[0].source.shape]
+        same = [static_int(d) for d in c_stmt.writes[0].source.shape] == [static_int(d) for d in wb_stmt.writes[0].source.shape]
         if not same and len(sch.get_loops(wb)) <= len(wb_stmt.iter_vars):
             return  # (at the root: inlined after reverse_compute_at, if the rule does that)
         try:
@@ -557,9 +552,9 @@ def merge_epilogue_branches(sch: "tvm.s_tir.Schedule", wb: Any) -> bool:
     return moved
 
 
-def _schedule_rest(sch, done: set[str], lanes: int) -> None:
+def schedule_rest(sch, done: set[str], lanes: int) -> None:
     """Injective schedule for the root-level blocks a rule did not place (pads, packs, tails)."""
-    for block in sch.get_child_blocks(_root(sch)):
+    for block in sch.get_child_blocks(root_block(sch)):
         name = sch.get(block).name_hint
         if name in done:
             continue
@@ -574,7 +569,7 @@ def _schedule_rest(sch, done: set[str], lanes: int) -> None:
             pass
 
 
-class OuterProduct(_Rule):
+class OuterProduct(ScheduleRule):
     """conv2d / dense / matmul / batch_matmul + elementwise epilogue (see module docstring)."""
 
     name = "outer-product"
@@ -583,7 +578,7 @@ class OuterProduct(_Rule):
         self.pack_weights = pack_weights
 
     def apply(self, func, target, lanes):
-        opened = _one_reduction(func)
+        opened = one_reduction(func)
         if opened is None:
             return None
         return self._schedule(*opened, target, lanes)
@@ -617,15 +612,15 @@ class OuterProduct(_Rule):
         r_vars = [iv.var for iv in ivs if iv.iter_type == IterVar.CommReduce]
         if not r_vars:
             return None
-        ext = {iv.var: _int(iv.dom.extent) for iv in ivs}
+        ext = {iv.var: static_int(iv.dom.extent) for iv in ivs}
         loop_of = {iv.var: lp for iv, lp in zip(ivs, loops)}
-        out_dims = _region_vars(stmt.writes[0], block_vars)
+        out_dims = region_vars(stmt.writes[0], block_vars)
         if any(len(d) > 1 for d in out_dims):
             return None
         out_order = [next(iter(d)) for d in out_dims if d]
 
         (ia, ra), (ib, rb) = ins
-        da, db = _region_vars(ra, block_vars), _region_vars(rb, block_vars)
+        da, db = region_vars(ra, block_vars), region_vars(rb, block_vars)
         va = set().union(*da) & set(s_vars)
         vb = set().union(*db) & set(s_vars)
         ex_a, ex_b = va - vb, vb - va
@@ -663,12 +658,12 @@ class OuterProduct(_Rule):
             n_pad = -(-n_vec // lanes) * lanes
             vt_guess = 2 * lanes if n_pad % (2 * lanes) == 0 and n_reg >= 4 else lanes
             rows = max(1, max_acc * lanes // vt_guess)
-            pad_rows = rows if max(d for d in _divisors(n_reg) if d <= rows) < 4 else 1
+            pad_rows = rows if max(d for d in divisors_of(n_reg) if d <= rows) < 4 else 1
             name = stmt.name_hint
             sch.pad_einsum(anchor, [lanes if iv.var.same_as(vec_var) else pad_rows if iv.var.same_as(reg_var) else 1
                                     for iv in ivs])
             return self._schedule(sch, sch.get_sblock(name), target, lanes, padded=True)
-        _inline_copies(sch, anchor)
+        inline_copies(sch, anchor)
         if _INLINE_EPILOGUE:
             _inline_epilogue(sch, anchor)
         # inlining may change the anchor's reads (a producer's add inlined into an operand): B's
@@ -693,7 +688,7 @@ class OuterProduct(_Rule):
         else:
             return None
         max_rows = max(1, (max_acc * lanes) // max(vt, lanes))
-        divs = [d for d in _divisors(n_reg) if d <= max_rows] if not sym_rows else [1]
+        divs = [d for d in divisors_of(n_reg) if d <= max_rows] if not sym_rows else [1]
         rt = max(divs)
         if rt < 4 and not sym_rows:
             # 7x7 / 14x14 outputs: a whole 7-row tile (14 accumulators, B read as a memory
@@ -708,7 +703,7 @@ class OuterProduct(_Rule):
         elif rt < 3 and vt == 2 * lanes:
             vt = lanes
             max_rows = max_acc
-            rt = max(d for d in _divisors(n_reg) if d <= max_rows)
+            rt = max(d for d in divisors_of(n_reg) if d <= max_rows)
             if rt < 3 and n_reg > max_rows:
                 rt = max_rows
         if (_MATMUL_WIDE_VT and out_order and out_order[-1].same_as(vec_var) and (vt == 2 * lanes or sym_rows)
@@ -764,7 +759,7 @@ class OuterProduct(_Rule):
         red_loops = [loop_of[v] for v in r_vars]
         par = [v_o if v.same_as(vec_var) else r_o if v.same_as(reg_var) else loop_of[v] for v in s_order]
         sch.reorder(*par, *red_loops, r_i, v_i)
-        k_ext = _int(sch.get(red_loops[0]).extent) if len(red_loops) == 1 else None
+        k_ext = static_int(sch.get(red_loops[0]).extent) if len(red_loops) == 1 else None
         if (_MATMUL_K_BLOCK and out_order and out_order[-1].same_as(vec_var) and par[-1].same_as(r_o)
                 and k_ext is not None and k_ext > _MATMUL_K_BLOCK and k_ext % _MATMUL_K_BLOCK == 0
                 and len(par) > 1):
@@ -774,9 +769,9 @@ class OuterProduct(_Rule):
             k_o, k_i = sch.split(red_loops[0], factors=[None, _MATMUL_K_BLOCK])
             sch.reorder(*par[:-1], k_o, r_o, k_i, r_i, v_i)
             red_loops = [k_o, k_i]
-            fused = _fuse_parallel(sch, par[:-1])
+            fused = fuse_parallel(sch, par[:-1])
         else:
-            fused = _fuse_parallel(sch, par)
+            fused = fuse_parallel(sch, par)
 
         # accumulator tile in registers, laid out [.., reg, vec] so the vector axis is contiguous
         wb = sch.cache_write(anchor, 0, "local")
@@ -784,9 +779,9 @@ class OuterProduct(_Rule):
         sch.transform_layout(
             anchor, ("write", 0), lambda *d: (*d[:p_vec], *d[p_vec + 1 :], d[p_vec])
         )
-        _inline_consumers(sch, wb)
+        inline_consumers(sch, wb)
         sch.reverse_compute_at(wb, fused, preserve_unit_loops=True)
-        _inline_consumers(sch, wb)  # a crop of rounded-up rows only now (see _inline_consumers)
+        inline_consumers(sch, wb)  # a crop of rounded-up rows only now (see inline_consumers)
 
         # vectorise/unroll before decompose_reduction: afterwards the update block is no
         # longer a "reduction block" and vectorize refuses its loops
@@ -795,7 +790,7 @@ class OuterProduct(_Rule):
         sch.unroll(r_i)
         # small innermost reduction loops (kw) unroll well
         inner_red = red_loops[-1]
-        if len(red_loops) > 1 and len(r_vars) > 1 and (_int(sch.get(inner_red).extent) or 99) <= 7:
+        if len(red_loops) > 1 and len(r_vars) > 1 and (static_int(sch.get(inner_red).extent) or 99) <= 7:
             sch.unroll(inner_red)
         init = sch.decompose_reduction(anchor, red_loops[0])
         il = sch.get_loops(init)
@@ -810,14 +805,14 @@ class OuterProduct(_Rule):
         if wl_inner and out_order and out_order[-1].same_as(vec_var) and n_vec % vt == 0:
             # matmul-like: the output's last axis is the vector axis, contiguous in both the
             # accumulator and the output: the epilogue (bias, GELU, ...) runs vectorised
-            if _int(sch.get(wl_inner[-1]).extent) == vt:
+            if static_int(sch.get(wl_inner[-1]).extent) == vt:
                 try:
                     _vectorize_tile(sch, wl_inner[-1], vt, lanes)
                     vec_last = True
                 except Exception:
                     pass
         for lp in wl_inner[:-1] if vec_last else wl_inner:
-            e = _int(sch.get(lp).extent)
+            e = static_int(sch.get(lp).extent)
             if e is not None and e > 1 and e <= 64:
                 try:
                     sch.unroll(lp)
@@ -825,11 +820,11 @@ class OuterProduct(_Rule):
                     pass
 
         done = {sch.get(b).name_hint for b in (anchor, wb, init)}
-        _schedule_rest(sch, done, lanes)
+        schedule_rest(sch, done, lanes)
         return sch
 
 
-class RowReduction(_Rule):
+class RowReduction(ScheduleRule):
     """Kernels made of reductions over the innermost axis of rows and elementwise steps on the
     same rows (softmax, layer norm): one parallel loop over the rows with every block computed
     inside it, elementwise steps vectorised, each reduction split into `lanes` partial results
@@ -848,10 +843,10 @@ class RowReduction(_Rule):
         sch = s_tir.Schedule(func)
         if _INLINE_ARG_COPIES:
             _inline_arg_copies(sch, func)
-        blocks = sch.get_child_blocks(_root(sch))
+        blocks = sch.get_child_blocks(root_block(sch))
         stmts = [sch.get(b) for b in blocks]
-        reds = [st for st in stmts if _is_reduction(st)]
-        if not reds or _is_reduction(stmts[-1]):
+        reds = [st for st in stmts if is_reduction(st)]
+        if not reds or is_reduction(stmts[-1]):
             return None
         for st in reds:
             kinds = [iv.iter_type for iv in st.iter_vars]
@@ -860,42 +855,42 @@ class RowReduction(_Rule):
             # a row reduction: the reduced axis indexes the last dimension of what it reads
             rv = st.iter_vars[-1].var
             block_vars = {iv.var for iv in st.iter_vars}
-            if not any(_region_vars(r, block_vars) and _region_vars(r, block_vars)[-1] == {rv} for r in st.reads):
+            if not any(region_vars(r, block_vars) and region_vars(r, block_vars)[-1] == {rv} for r in st.reads):
                 return None
             if len({r.source.name for r in st.reads if not r.source.same_as(st.writes[0].source)}) > 1 and \
                     _mac_like(st):
                 return None  # a matmul: not this rule's
         # one result per row: the reductions' spatial domain is the output's rows (x - mean(x) written
         # transposed would recompute every row's mean for each output row)
-        out_rows = [_int(sch.get(lp).extent) for lp in sch.get_loops(blocks[-1])[:-1]]
+        out_rows = [static_int(sch.get(lp).extent) for lp in sch.get_loops(blocks[-1])[:-1]]
         out_rows = [e for e in out_rows if e != 1]
         for st in reds:
-            dom = [e for e in (_int(iv.dom.extent) for iv in st.iter_vars[:-1]) if e != 1]
+            dom = [e for e in (static_int(iv.dom.extent) for iv in st.iter_vars[:-1]) if e != 1]
             if dom != out_rows:
                 return None
         # reductions: `lanes` partial results (rfactor) accumulated as one vector, summed at the end
         rf_blocks = []
         for block in blocks:
             stmt = sch.get(block)
-            if not _is_reduction(stmt):
+            if not is_reduction(stmt):
                 continue
             k = sch.get_loops(block)[-1]
-            ext = _int(sch.get(k).extent)
+            ext = static_int(sch.get(k).extent)
             if ext is None or ext % lanes or ext < 2 * lanes:
                 continue
             _, ki = sch.split(k, factors=[None, lanes])
             rf_blocks.append(sch.rfactor(ki, factor_axis=len(stmt.writes[0].region)))
-        blocks = sch.get_child_blocks(_root(sch))
+        blocks = sch.get_child_blocks(root_block(sch))
         last = blocks[-1]
         loops = sch.get_loops(last)
-        if len(loops) < 2 or (_int(sch.get(loops[-1]).extent) is None and not _SYMBOLIC_ROWS):
+        if len(loops) < 2 or (static_int(sch.get(loops[-1]).extent) is None and not _SYMBOLIC_ROWS):
             return None  # (a symbolic row length, softmax over S: rows parallel, not vectorised)
-        row = _fuse_parallel(sch, loops[:-1])
+        row = fuse_parallel(sch, loops[:-1])
         for block in reversed(blocks[:-1]):
             sch.compute_at(block, row, preserve_unit_loops=False)
         row_var = sch.get(row).loop_var  # (the For node itself is replaced as its body changes)
         rf_names = {sch.get(b).name_hint for b in rf_blocks}
-        for name in [sch.get(b).name_hint for b in sch.get_child_blocks(_root(sch))]:
+        for name in [sch.get(b).name_hint for b in sch.get_child_blocks(root_block(sch))]:
             block = sch.get_sblock(name)
             stmt = sch.get(block)
             bl = sch.get_loops(block)
@@ -913,8 +908,8 @@ class RowReduction(_Rule):
                 sch.vectorize(spatial_loops[0])
                 init = sch.decompose_reduction(block, red_loops[0])
                 sch.vectorize(sch.get_loops(init)[-1])
-            elif not _is_reduction(stmt):
-                ext = _int(sch.get(inner[-1]).extent)
+            elif not is_reduction(stmt):
+                ext = static_int(sch.get(inner[-1]).extent)
                 if ext is None or ext % lanes or ext < 2 * lanes:
                     continue
                 _, vi = sch.split(inner[-1], factors=[None, lanes])
@@ -955,7 +950,7 @@ def _mac_like(stmt) -> bool:
     return isinstance(mul, tirx.Mul) and load(mul.a) and load(mul.b)
 
 
-class _DlightRule(_Rule):
+class _DlightRule(ScheduleRule):
     def __init__(self, rule: Any, name: str) -> None:
         self.rule = rule
         self.name = name
@@ -965,7 +960,7 @@ class _DlightRule(_Rule):
             return self.rule.apply(func, target, False)
 
 
-def default_rules(target: "tvm.target.Target") -> list[_Rule]:
+def default_rules(target: "tvm.target.Target") -> list[ScheduleRule]:
     from tvm.s_tir import dlight as dl
 
     from .nchwc_schedules import BlockedConv  # channel-blocked (NCHW8c) convs; declines the rest
@@ -985,7 +980,7 @@ def default_rules(target: "tvm.target.Target") -> list[_Rule]:
     ]
 
 
-class _Fallback(_Rule):
+class _Fallback(ScheduleRule):
     """Anything else: parallelise each root block's outermost loops (no vectorisation)."""
 
     name = "fallback-parallel"
@@ -994,12 +989,12 @@ class _Fallback(_Rule):
         from tvm import s_tir
 
         sch = s_tir.Schedule(func)
-        for block in sch.get_child_blocks(_root(sch)):
+        for block in sch.get_child_blocks(root_block(sch)):
             stmt = sch.get(block)
             loops = sch.get_loops(block)
             if not loops:
                 continue
-            if _is_reduction(stmt):
+            if is_reduction(stmt):
                 # parallel only over leading spatial loops
                 from tvm.tirx import IterVar
 
@@ -1022,7 +1017,7 @@ class _Fallback(_Rule):
 def default_schedule(
     func: "tvm.tirx.PrimFunc",
     target: "tvm.target.Target",
-    rules: Sequence[_Rule] | None = None,
+    rules: Sequence[ScheduleRule] | None = None,
 ) -> tuple["tvm.s_tir.Schedule | None", str | None, list[str]]:
     """The default schedule of one PrimFunc as a traced Schedule (its trace replays on the same
     workload, which is how tuning stores it as a database record): (schedule or None, rule name,
@@ -1046,7 +1041,7 @@ def default_schedule(
 def schedule_prim_func(
     func: "tvm.tirx.PrimFunc",
     target: "tvm.target.Target",
-    rules: Sequence[_Rule] | None = None,
+    rules: Sequence[ScheduleRule] | None = None,
     name: str = "main",
 ) -> tuple["tvm.tirx.PrimFunc | None", str | None, list[str]]:
     """Schedule one PrimFunc: (scheduled func or None, rule name, failure notes)."""
@@ -1228,7 +1223,7 @@ def _param_bytes(func: "tvm.tirx.PrimFunc") -> float | None:
             continue  # (a scalar parameter)
         n = 1
         for d in shape:
-            v = _int(d)
+            v = static_int(d)
             if v is None:
                 return None
             n *= v
@@ -1278,12 +1273,12 @@ def is_tunable_kernel(func: "tvm.tirx.PrimFunc") -> bool:
 
     try:
         sch = s_tir.Schedule(func)
-        blocks = sch.get_child_blocks(_root(sch))
+        blocks = sch.get_child_blocks(root_block(sch))
     except Exception:
         return False
     for block in blocks:
         stmt = sch.get(block)
-        if not _is_reduction(stmt) or len(stmt.writes) != 1:
+        if not is_reduction(stmt) or len(stmt.writes) != 1:
             continue
         out = stmt.writes[0].source
         if len({r.source.name for r in stmt.reads if not r.source.same_as(out)}) >= 2:

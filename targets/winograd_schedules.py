@@ -25,8 +25,9 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from .nchwc_schedules import BlockedConv, ConvTile, _below, _write_back_loops, kernel_block
-from .tvm_schedules import _Rule, _fuse_parallel, _inline_consumers, _int, _one_reduction, _root
+from .nchwc_schedules import BlockedConv, ConvTile, loops_below, write_back_loops, kernel_block
+from .tir_match import static_int
+from .tvm_schedules import ScheduleRule, fuse_parallel, inline_consumers, one_reduction, root_block
 
 if TYPE_CHECKING:
     import tvm
@@ -40,10 +41,10 @@ def _is(name_hint: str, name: str) -> bool:
 
 
 def _named(sch: "tvm.s_tir.Schedule", name: str) -> list[Any]:
-    return [b for b in sch.get_child_blocks(_root(sch)) if _is(sch.get(b).name_hint, name)]
+    return [b for b in sch.get_child_blocks(root_block(sch)) if _is(sch.get(b).name_hint, name)]
 
 
-class WinogradConv(_Rule):
+class WinogradConv(ScheduleRule):
     """winograd_ops' transforms + GEMM + epilogue (see module docstring); `tile` forces the
     GEMM's micro-kernel (as `BlockedConv(tile)`)."""
 
@@ -54,7 +55,7 @@ class WinogradConv(_Rule):
 
     def apply(self, func, target, lanes):
         lanes = kernel_block(func, lanes)
-        opened = _one_reduction(func)
+        opened = one_reduction(func)
         if opened is None:
             return None
         sch, gemm = opened
@@ -63,7 +64,7 @@ class WinogradConv(_Rule):
         blocks = {k: _named(sch, "winograd_" + k) for k in ("in_rows", "in", "out_cols", "out")}
         if any(len(v) != 1 for v in blocks.values()):
             return None
-        a = _int(sch.get(blocks["in_rows"][0]).iter_vars[3].dom.extent)  # m + 2
+        a = static_int(sch.get(blocks["in_rows"][0]).iter_vars[3].dom.extent)  # m + 2
         if a is None:
             return None
         self._input(sch, blocks["in_rows"][0], blocks["in"][0], a, lanes)
@@ -76,20 +77,20 @@ class WinogradConv(_Rule):
         n, pos = sch.split(pi, factors=[None, a * a])
         a1, a2 = sch.split(pos, factors=[a, a])
         sch.reorder(n, cb, z, t, a1, a2, ii)
-        fused = _fuse_parallel(sch, [n, cb, z, t])
+        fused = fuse_parallel(sch, [n, cb, z, t])
         sch.compute_at(rows, fused, preserve_unit_loops=True)
-        _write_back_loops(sch, _below(sch, rows, fused), lanes)
-        _write_back_loops(sch, [a1, a2, ii], lanes)
+        write_back_loops(sch, loops_below(sch, rows, fused), lanes)
+        write_back_loops(sch, [a1, a2, ii], lanes)
 
     @staticmethod
     def _output(sch: "tvm.s_tir.Schedule", cols: Any, out: Any, lanes: int) -> None:
-        _inline_consumers(sch, out)  # the epilogue: bias, activation, residual add
-        m = _int(sch.get(cols).iter_vars[4].dom.extent)
+        inline_consumers(sch, out)  # the epilogue: bias, activation, residual add
+        m = static_int(sch.get(cols).iter_vars[4].dom.extent)
         n, ob, y, x, oi = sch.get_loops(out)
         yo, yi = sch.split(y, factors=[None, m])
         xo, xi = sch.split(x, factors=[None, m])
         sch.reorder(n, ob, yo, xo, yi, xi, oi)
-        _fuse_parallel(sch, [n, ob, yo])
+        fuse_parallel(sch, [n, ob, yo])
         sch.compute_at(cols, xo, preserve_unit_loops=True)
-        _write_back_loops(sch, _below(sch, cols, xo), lanes)
-        _write_back_loops(sch, [yi, xi, oi], lanes)
+        write_back_loops(sch, loops_below(sch, cols, xo), lanes)
+        write_back_loops(sch, [yi, xi, oi], lanes)

@@ -337,7 +337,7 @@ def test_conv_epilogue_keeps_nan_like_onnxruntime(act):
 
 
 def _np_max_pool(x: np.ndarray, k: int, s: int, pad: int, ceil: bool = False) -> np.ndarray:
-    """MaxPool of NCHW `x` as numpy's max: any NaN in a window makes it NaN (-inf padding)."""
+    """MaxPool of NCHW `x` with maxNum semantics (np.fmax: NaN skipped, -inf padding)."""
     n, c, hh, ww = x.shape
     size = lambda d: (-(-(d + 2 * pad - k) // s) if ceil else (d + 2 * pad - k) // s) + 1  # noqa: E731
     oh, ow = size(hh), size(ww)
@@ -346,7 +346,7 @@ def _np_max_pool(x: np.ndarray, k: int, s: int, pad: int, ceil: bool = False) ->
     out = np.empty((n, c, oh, ow), np.float32)
     for i in range(oh):
         for j in range(ow):
-            out[:, :, i, j] = p[:, :, i * s:i * s + k, j * s:j * s + k].max(axis=(2, 3))
+            out[:, :, i, j] = np.fmax.reduce(p[:, :, i * s:i * s + k, j * s:j * s + k], axis=(2, 3))
     return out
 
 
@@ -360,23 +360,25 @@ def _with_nan(shape, seed: int, frac: float = 0.03) -> np.ndarray:
 
 @pytest.mark.parametrize("op,axes,keep", [("ReduceMax", [1], 1), ("ReduceMin", [1], 0), ("ReduceMax", [0, 2], 1),
                                           ("ReduceMin", None, 0)])
-def test_reduce_max_min_propagate_nan_as_numpy(op, axes, keep):
-    """Any NaN among the reduced elements gives NaN (numpy's max/min, IEEE 754-2019 maximum);
-    onnxruntime's answer depends on where the NaN sits (ReduceMax([0, nan, 2, .., 15]) is 14)."""
+def test_reduce_max_min_skip_nan_as_fmax(op, axes, keep):
+    """NaN elements are skipped (IEEE maxNum, np.fmax.reduce), NaN only where all are: TIR's max
+    kept or dropped a NaN by its position in the schedule's order."""
     shape = [3, 37, 5]
     attrs = {"keepdims": keep} | ({"axes": axes} if axes is not None else {})
     m = _model([h.make_node(op, ["x"], ["y"], **attrs)], [_vi("x", shape)], [_vi("y", None)], opset=13)
     x = _with_nan(shape, 3)
+    x[1, :, 2] = np.nan  # (an all-NaN row: NaN)
     got = graphopt.compile(m, "cpu", "-O2", threads=1).run({"x": x})[0]
-    fn = np.max if op == "ReduceMax" else np.min
-    want = fn(x, axis=None if axes is None else tuple(axes), keepdims=bool(keep))
-    assert np.isnan(want).any() and (want.size == 1 or not np.isnan(want).all())
+    fn = np.fmax if op == "ReduceMax" else np.fmin
+    want = fn.reduce(x, axis=None if axes is None else tuple(axes), keepdims=bool(keep))
+    naive = (np.max if op == "ReduceMax" else np.min)(x, axis=None if axes is None else tuple(axes), keepdims=bool(keep))
+    assert np.isnan(naive).sum() > np.isnan(want).sum()  # (NaN in the data that the reduction skips)
     np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("op,axis,keep", [("ArgMax", 1, 1), ("ArgMin", 0, 0), ("ArgMax", -1, 0)])
-def test_arg_max_min_as_numpy_with_nan_and_ties(op, axis, keep):
-    """ArgMax/ArgMin: the first NaN's index where there is one, else the first extreme (numpy)."""
+def test_arg_max_min_skip_nan_first_of_ties(op, axis, keep):
+    """ArgMax/ArgMin: NaN skipped as by ReduceMax (numpy's nanargmax), the first of equal extremes."""
     shape = [6, 37, 5]
     x = _with_nan(shape, 7, frac=0.01)
     x[0, 3, 0] = x[0, 7, 0] = 9.0
@@ -385,27 +387,28 @@ def test_arg_max_min_as_numpy_with_nan_and_ties(op, axis, keep):
     m = _model([h.make_node(op, ["x"], ["y"], axis=axis, keepdims=keep)], [_vi("x", shape)],
                [h.make_tensor_value_info("y", TP.INT64, None)], opset=13)
     got = graphopt.compile(m, "cpu", "-O2", threads=1).run({"x": x})[0]
-    want = (np.argmax if op == "ArgMax" else np.argmin)(x, axis=axis, keepdims=bool(keep))
+    want = (np.nanargmax if op == "ArgMax" else np.nanargmin)(x, axis=axis, keepdims=bool(keep))
     np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("k,s,pad,ceil", [(2, 2, 0, 0), (3, 1, 1, 0), (3, 2, 1, 1)])
-def test_max_pool_propagates_nan_as_numpy(k, s, pad, ceil):
-    """MaxPool (plain NCHW: 3 channels) and GlobalMaxPool: a window with a NaN gives NaN."""
+def test_max_pool_skips_nan(k, s, pad, ceil):
+    """MaxPool (plain NCHW: 3 channels) and GlobalMaxPool skip NaN (maxNum), as onnxruntime's do
+    in its 2x2 windows and global pool."""
     shape = [2, 3, 9, 9]
     m = _model([h.make_node("MaxPool", ["x"], ["y"], kernel_shape=[k, k], strides=[s, s], pads=[pad] * 4, ceil_mode=ceil),
                 h.make_node("GlobalMaxPool", ["x"], ["g"])], [_vi("x", shape)], [_vi("y", None), _vi("g", None)])
     x = _with_nan(shape, k + s)
     y, g = graphopt.compile(m, "cpu", "-O2", threads=1).run({"x": x})
     want = _np_max_pool(x, k, s, pad, bool(ceil))
-    assert np.isnan(want).any() and not np.isnan(want).all()
+    assert not np.isnan(want).any() and np.isnan(x).any()
     np.testing.assert_array_equal(y, want)
-    np.testing.assert_array_equal(g, x.max(axis=(2, 3), keepdims=True))
+    np.testing.assert_array_equal(g, np.fmax.reduce(x, axis=(2, 3), keepdims=True))
 
 
-def test_blocked_max_pool_propagates_nan():
-    """A MaxPool on a conv's blocked output ([N, C/b, H, W, b]) and a GlobalMaxPool after it: one
-    NaN pixel of the conv output is NaN in every window over it (the conv from onnxruntime)."""
+def test_blocked_max_pool_skips_nan():
+    """A MaxPool on a conv's blocked output ([N, C/b, H, W, b]) and a GlobalMaxPool after it: the
+    NaN pixels of the conv output are skipped (the conv from onnxruntime)."""
     rng = np.random.default_rng(4)
     w = rng.standard_normal((32, 32, 1, 1)).astype(np.float32)
     m = _model([h.make_node("Conv", ["x", "w"], ["c"]), h.make_node("MaxPool", ["c"], ["y"], kernel_shape=[3, 3], pads=[1] * 4),
@@ -417,9 +420,9 @@ def test_blocked_max_pool_propagates_nan():
     assert art.report["kernels"]["blocked"] == 3  # conv, MaxPool and GlobalMaxPool in NCHW16c/NCHW8c
     c, y, g = art.run({"x": x})
     want = _np_max_pool(c, 3, 1, 1)
-    assert np.isnan(want).sum() == 32 * (9 + 4)
+    assert np.isnan(c).sum() == 32 * 2 and not np.isnan(want).any()
     np.testing.assert_array_equal(y, want)
-    np.testing.assert_array_equal(g, want.max(axis=(2, 3), keepdims=True))
+    np.testing.assert_array_equal(g, np.fmax.reduce(want, axis=(2, 3), keepdims=True))
 
 
 # --- the compile watchdog -----------------------------------------------------------------------

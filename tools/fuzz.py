@@ -398,10 +398,10 @@ def random_graph(rng: random.Random, shape: list[Any] | None = None, nodes: int 
     return m
 
 
-#: ops whose NaN result onnxruntime decides by the NaN's position in the window (ReduceMax is NaN
-#: only when the first element is, MaxPool follows the last, GlobalMaxPool neither), while the cpu
-#: target propagates NaN as numpy (tests/test_tvm_robustness.py checks that against numpy): no
-#: onnxruntime answer to compare with, so their graphs get no NaN inputs
+#: ops whose NaN result onnxruntime decides by the NaN's position (it skips NaN unless the NaN is
+#: the element its loop starts from: ReduceMax([nan, 1, ...]) is NaN), while the cpu target skips
+#: NaN everywhere (maxNum; tests/test_tvm_robustness.py checks that against numpy's fmax): their
+#: graphs get no NaN inputs
 NAN_POSITIONAL_OPS = frozenset({"MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin", "ArgMax", "ArgMin"})
 #: ops that sum many elements: near 3e38 they overflow to Inf or not depending on the summation
 #: order (ordinary float behaviour, no order is specified), so their graphs get no huge values

@@ -342,7 +342,7 @@ def pool_blocked(
     ceil_mode: bool = False,
 ) -> te.Tensor:
     """Max or average pooling over H, W of a blocked [N, C/b, H, W, b] tensor (ONNX semantics:
-    max ignores padding and propagates NaN (`minmax_ops`); average divides by the window's count of real elements unless
+    max ignores padding and skips NaN (maxNum, `minmax_ops`); average divides by the window's count of real elements unless
     `count_include_pad`, and never counts the extra cells a ceil-mode window reaches past the
     padded input)."""
     n, cb_n, h, wd, b = x.shape
@@ -392,7 +392,7 @@ def pool_blocked(
 
 def max_pool_nchw(x: te.Tensor, kernel: Sequence[int], strides: Sequence[int], pads: Sequence[int],
                   dilations: Sequence[int] = (1, 1), ceil_mode: bool = False) -> te.Tensor:
-    """MaxPool of a plain [N, C, H, W] tensor (NaN-propagating, as `pool_blocked`): the blocked
+    """MaxPool of a plain [N, C, H, W] tensor (NaN skipped, as by `pool_blocked`): the blocked
     kernel on the tensor seen as blocks of one channel (views the schedule inlines)."""
     n, c, h, w = x.shape
     x5 = te.compute((n, c, h, w, 1), lambda i, ch, y, xx, _b: x[i, ch, y, xx], name="as_blocks")

@@ -1695,8 +1695,8 @@ def _float(dtype: str) -> bool:
 
 
 def _nan_max_min(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    """relax.max / relax.min (ReduceMax/Min, GlobalMaxPool in NCHW) of floats NaN-propagating
-    (`minmax_ops`: any NaN reduced gives NaN, as numpy); other dtypes as TVM legalizes them."""
+    """relax.max / relax.min (ReduceMax/Min, GlobalMaxPool in NCHW) of floats with NaN skipped
+    (maxNum, `minmax_ops`: NaN only where every element is); other dtypes as TVM legalizes them."""
     x = call.args[0]
     if not _float(str(x.ty.dtype)):
         return _registered_legalizations(len(tvm.ir.Op.list_op_names()))[call.op.name](bb, call)
@@ -1706,7 +1706,7 @@ def _nan_max_min(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 
 
 def _nan_max_pool2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    """relax.nn.max_pool2d of a float NCHW tensor NaN-propagating (`blocked_ops.max_pool_nchw`);
+    """relax.nn.max_pool2d of a float NCHW tensor with NaN skipped (`blocked_ops.max_pool_nchw`);
     other layouts and dtypes as TVM legalizes them."""
     a, x = call.attrs, call.args[0]
     if not _float(str(x.ty.dtype)) or str(a.layout) != "NCHW" or str(a.out_layout) != "NCHW":
@@ -1717,8 +1717,8 @@ def _nan_max_pool2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 
 
 def _nan_arg_max_min(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    """relax.argmax / relax.argmin of floats as numpy's (the first NaN's index where there is one:
-    `minmax_ops.arg_max_min`); other dtypes as TVM legalizes them."""
+    """relax.argmax / relax.argmin of floats with NaN skipped, as numpy's nanargmax
+    (`minmax_ops.arg_max_min`); other dtypes as TVM legalizes them."""
     x = call.args[0]
     if not _float(str(x.ty.dtype)):
         return _registered_legalizations(len(tvm.ir.Op.list_op_names()))[call.op.name](bb, call)
@@ -1733,7 +1733,7 @@ LEGALIZATIONS = {"relax.subtract": _float_subtract, "relax.max": _nan_max_min, "
                  "relax.nn.max_pool2d": _nan_max_pool2d, "relax.argmax": _nan_arg_max_min,
                  "relax.argmin": _nan_arg_max_min}
 #: ... on GPUs: dlight's cross-thread reductions know only TIR's own reducers (its rfactor finds
-#: no "matched reducer" for the NaN-propagating ones), so max/min/pools stay TVM's there
+#: no "matched reducer" for the maxNum ones), so max/min/pools stay TVM's there
 GPU_LEGALIZATIONS = {"relax.subtract": _float_subtract}
 
 

@@ -1,16 +1,19 @@
-"""Max/min reductions that propagate NaN: the reducers (also max pooling's, `blocked_ops`) and ReduceMax/Min.
+"""Max/min reductions with IEEE 754-2008 maxNum/minNum semantics (C's fmax, numpy's fmax.reduce):
+NaN elements are skipped, a result is NaN only when every reduced element is. The reducers (also
+max pooling's, `blocked_ops`), ReduceMax/Min and ArgMax/Min.
 
-TIR's `max`/`min` reducers are LLVM's `maxnum`-style selects: a NaN inside the window or the
-reduced axes is dropped or kept depending on where it sits. onnxruntime has no consistent answer
-either (1.2x, CPU EP: `ReduceMax([0, nan, 2, ..., 15])` is 14.0, `ReduceMax([nan, 1, ...])` is
-NaN, a 2x2 MaxPool window drops NaN, a 3x3 padded one keeps it, GlobalMaxPool drops it), so the
-cpu target follows what numpy's `max`, PyTorch's `amax`/`max_pool2d` and IEEE 754-2019's
-`maximum` do: any NaN among the reduced elements makes the result NaN. Empty reductions give
--inf (max) / +inf (min), the identities.
+TIR's own `max` reducer is a select whose NaN handling depends on where the NaN sits in the
+reduction order (and so on the schedule). onnxruntime (1.2x, CPU EP) skips NaN too, except where
+the NaN is the element its loop starts from: `ReduceMax([nan, 1, ...])` is NaN there, and
+`ReduceMax([0, nan, 2, ..., 15])` is 14.0 (its vectorised loop loses an element); a 2x2 MaxPool
+window and GlobalMaxPool skip NaN, an all-NaN window gives NaN. Skipping NaN agrees with it in all
+but the first-element case, costs little, and is a standard (maxNum); propagating NaN (numpy's
+`max`) would make `--verify` against onnxruntime fail on models that make a NaN before a pool.
 
-The combiner `select(isnan(acc) || acc > x, acc, x)` is symmetric in NaN-ness, so the order in
-which a schedule reorders, splits or vectorises the reduction does not change which results are
-NaN; LLVM turns it into a compare and a blend beside the `vmaxps`.
+The combiner `select(isnan(acc) || x > acc, x, acc)` with identity NaN: a NaN element fails the
+compare and is skipped, a NaN accumulator (only the identity, or an all-NaN partial) takes the
+next element; symmetric in NaN-ness, so the order in which a schedule splits or vectorises the
+reduction does not change the result.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ __all__ = ["nan_max", "nan_min", "reduce_max_min", "arg_max_min"]
 
 def _combine(kind: str) -> Any:
     def combine(acc: Any, x: Any) -> Any:
-        better = acc > x if kind == "max" else acc < x
+        better = x > acc if kind == "max" else x < acc
         if not str(acc.ty.dtype).startswith(("float", "bfloat")):
-            return tirx.Select(better, acc, x)  # (integers: plain max/min)
-        return tirx.Select(tirx.isnan(acc) | better, acc, x)
+            return tirx.Select(better, x, acc)  # (integers: plain max/min)
+        return tirx.Select(tirx.isnan(acc) | better, x, acc)
 
     return combine
 
@@ -37,18 +40,18 @@ def _identity(kind: str) -> Any:
     def identity(dtype: str) -> Any:
         if not str(dtype).startswith(("float", "bfloat")):
             return tirx.min_value(dtype) if kind == "max" else tirx.max_value(dtype)
-        return tirx.const(float("-inf") if kind == "max" else float("inf"), dtype)
+        return tirx.const(float("nan"), dtype)  # (an empty or all-NaN reduction stays NaN)
 
     return identity
 
 
-#: NaN-propagating reducers for float tensors (`nan_max(expr, axis=[...])`, as te.max)
+#: maxNum/minNum reducers for float tensors (`nan_max(expr, axis=[...])`, as te.max)
 nan_max = te.comm_reducer(_combine("max"), _identity("max"), name="nan_max")
 nan_min = te.comm_reducer(_combine("min"), _identity("min"), name="nan_min")
 
 
 def reduce_max_min(x: te.Tensor, kind: str, axes: Sequence[int] | None, keepdims: bool) -> te.Tensor:
-    """ReduceMax/ReduceMin of float `x` over `axes` (None: all), NaN-propagating."""
+    """ReduceMax/ReduceMin of float `x` over `axes` (None: all), NaN elements skipped (maxNum)."""
     rank = len(x.shape)
     red = sorted({a % rank for a in axes}) if axes is not None else list(range(rank))
     raxes = {a: te.reduce_axis((0, x.shape[a]), f"r{a}") for a in red}
@@ -72,10 +75,10 @@ def reduce_max_min(x: te.Tensor, kind: str, axes: Sequence[int] | None, keepdims
 
 
 def arg_max_min(x: te.Tensor, kind: str, axis: int | None, keepdims: bool, out_dtype: str) -> te.Tensor:
-    """ArgMax/ArgMin of float `x` along `axis` (None: the flattened tensor) as numpy's: the index of
-    the first NaN where there is one, else of the first extreme element. Two reductions: the
-    NaN-propagating extreme, then the smallest index that holds it (a tuple reducer's two
-    selects would each see the other's update)."""
+    """ArgMax/ArgMin of float `x` along `axis` (None: the flattened tensor), NaN skipped as by
+    `reduce_max_min` (numpy's nanargmax; an all-NaN row gives 0): the first index holding the
+    extreme. Two reductions, the extreme then the smallest index that holds it (a one-pass
+    (index, value) tuple reducer gave wrong indices here)."""
     rank = len(x.shape)
     axes = list(range(rank)) if axis is None else [axis % rank]
     ext = reduce_max_min(x, kind, axes, True)

@@ -50,16 +50,15 @@ nan_max = te.comm_reducer(_combine("max"), _identity("max"), name="nan_max")
 nan_min = te.comm_reducer(_combine("min"), _identity("min"), name="nan_min")
 
 
-def reduce_max_min(x: te.Tensor, kind: str, axes: Sequence[int] | None, keepdims: bool) -> te.Tensor:
-    """ReduceMax/ReduceMin of float `x` over `axes` (None: all), NaN elements skipped (maxNum)."""
+def _reduction(x: te.Tensor, axes: Sequence[int], keepdims: bool) -> tuple[dict[int, Any], list[Any], Any]:
+    """(reduce axis per reduced dim, output shape, `source(idx)`: the index into `x` of output
+    index `idx`, the reduce axes at the reduced dims) of a reduction of `x` over `axes`."""
     rank = len(x.shape)
-    red = sorted({a % rank for a in axes}) if axes is not None else list(range(rank))
-    raxes = {a: te.reduce_axis((0, x.shape[a]), f"r{a}") for a in red}
+    raxes = {a: te.reduce_axis((0, x.shape[a]), f"r{a}") for a in axes}
     out_shape = [1 if a in raxes else x.shape[a] for a in range(rank)] if keepdims else \
         [x.shape[a] for a in range(rank) if a not in raxes]
-    reducer = nan_max if kind == "max" else nan_min
 
-    def body(*idx: Any) -> Any:
+    def source(idx: Sequence[Any]) -> list[Any]:
         it = iter(idx)
         src = []
         for a in range(rank):
@@ -69,7 +68,20 @@ def reduce_max_min(x: te.Tensor, kind: str, axes: Sequence[int] | None, keepdims
                 src.append(raxes[a])
             else:
                 src.append(next(it))
-        return reducer(x[tuple(src)], axis=[raxes[a] for a in red])
+        return src
+
+    return raxes, out_shape, source
+
+
+def reduce_max_min(x: te.Tensor, kind: str, axes: Sequence[int] | None, keepdims: bool) -> te.Tensor:
+    """ReduceMax/ReduceMin of float `x` over `axes` (None: all), NaN elements skipped (maxNum)."""
+    rank = len(x.shape)
+    red = sorted({a % rank for a in axes}) if axes is not None else list(range(rank))
+    raxes, out_shape, source = _reduction(x, red, keepdims)
+    reducer = nan_max if kind == "max" else nan_min
+
+    def body(*idx: Any) -> Any:
+        return reducer(x[tuple(source(idx))], axis=[raxes[a] for a in red])
 
     return te.compute(out_shape, body, name=f"reduce_{kind}")
 
@@ -82,26 +94,16 @@ def arg_max_min(x: te.Tensor, kind: str, axis: int | None, keepdims: bool, out_d
     rank = len(x.shape)
     axes = list(range(rank)) if axis is None else [axis % rank]
     ext = reduce_max_min(x, kind, axes, True)
-    raxes = {a: te.reduce_axis((0, x.shape[a]), f"r{a}") for a in axes}
-    out_shape = [1 if a in raxes else x.shape[a] for a in range(rank)] if keepdims else \
-        [x.shape[a] for a in range(rank) if a not in raxes]
+    raxes, out_shape, source = _reduction(x, axes, keepdims)
     none = tirx.max_value(out_dtype)
 
     def body(*idx: Any) -> Any:
-        it = iter(idx)
-        src, at = {}, {}
-        for a in range(rank):
-            if a in raxes:
-                if keepdims:
-                    next(it)
-                src[a], at[a] = raxes[a], 0
-            else:
-                src[a] = at[a] = next(it)
+        src = source(idx)
         flat = tirx.const(0, out_dtype)  # the index along `axis`, or in the flattened tensor
         for a in axes:
             flat = flat * tirx.Cast(out_dtype, x.shape[a]) + tirx.Cast(out_dtype, src[a])
-        v = x[tuple(src[a] for a in range(rank))]
-        e = ext[tuple(at[a] for a in range(rank))]
+        v = x[tuple(src)]
+        e = ext[tuple(0 if a in raxes else src[a] for a in range(rank))]
         hit = tirx.Select(tirx.isnan(e), tirx.isnan(v), v == e)
         return te.min(tirx.Select(hit, flat, none), axis=[raxes[a] for a in axes])
 

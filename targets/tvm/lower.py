@@ -1694,12 +1694,17 @@ def _float(dtype: str) -> bool:
     return dtype in ("float16", "float32", "float64", "bfloat16")
 
 
+def _tvm_legalization(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """`call` legalized by TVM's own FLegalize (where graphopt's leaves a dtype or layout to it)."""
+    return _registered_legalizations(len(tvm.ir.Op.list_op_names()))[call.op.name](bb, call)
+
+
 def _nan_max_min(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     """relax.max / relax.min (ReduceMax/Min, GlobalMaxPool in NCHW) of floats with NaN skipped
     (maxNum, `minmax_ops`: NaN only where every element is); other dtypes as TVM legalizes them."""
     x = call.args[0]
     if not _float(str(x.ty.dtype)):
-        return _registered_legalizations(len(tvm.ir.Op.list_op_names()))[call.op.name](bb, call)
+        return _tvm_legalization(bb, call)
     axes = None if call.attrs.axis is None else [int(a) for a in call.attrs.axis]
     kind = "max" if call.op.name == "relax.max" else "min"
     return bb.call_te(reduce_max_min, x, kind, axes, bool(call.attrs.keepdims), primfunc_name_hint=kind)
@@ -1710,7 +1715,7 @@ def _nan_max_pool2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     other layouts and dtypes as TVM legalizes them."""
     a, x = call.attrs, call.args[0]
     if not _float(str(x.ty.dtype)) or str(a.layout) != "NCHW" or str(a.out_layout) != "NCHW":
-        return _registered_legalizations(len(tvm.ir.Op.list_op_names()))[call.op.name](bb, call)
+        return _tvm_legalization(bb, call)
     return bb.call_te(max_pool_nchw, x, [int(k) for k in a.pool_size], [int(s) for s in a.strides],
                       [int(p) for p in a.padding], [int(d) for d in a.dilation], bool(a.ceil_mode),
                       primfunc_name_hint="max_pool2d")
@@ -1721,7 +1726,7 @@ def _nan_arg_max_min(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     (`minmax_ops.arg_max_min`); other dtypes as TVM legalizes them."""
     x = call.args[0]
     if not _float(str(x.ty.dtype)):
-        return _registered_legalizations(len(tvm.ir.Op.list_op_names()))[call.op.name](bb, call)
+        return _tvm_legalization(bb, call)
     axis = None if call.attrs.axis is None else int(call.attrs.axis)
     kind = "max" if call.op.name == "relax.argmax" else "min"
     return bb.call_te(arg_max_min, x, kind, axis, bool(call.attrs.keepdims), str(call.ty.dtype),

@@ -536,23 +536,11 @@ def _record(name: str, entry: dict[str, Any]) -> None:
     os.replace(tmp, MANIFEST)
 
 
-def count_nodes(g: Any) -> int:
-    """Nodes of an onnx GraphProto and of every If/Loop/Scan body in it."""
-    import onnx
-
-    n = 0
-    for node in g.node:
-        n += 1
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                n += count_nodes(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                n += sum(count_nodes(x) for x in a.graphs)
-    return n
-
-
 def _facts(path: Path) -> dict[str, Any]:
     import onnx
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from control_flow_models import count_nodes
 
     m = onnx.load(str(path))
     params = int(sum(np.prod(t.dims) for t in m.graph.initializer))

@@ -5,14 +5,13 @@ read outer-scope weights, chosen by a sample-rate input; a recurrent state with 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from tool_modules import load_tool
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
@@ -23,13 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def rc():
-    spec = importlib.util.spec_from_file_location("real_corpus_under_test", ROOT / "tools" / "real_corpus.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look the module up while the class is created
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.modules.pop(spec.name, None)
+    mod = load_tool("real_corpus.py", "real_corpus_under_test")
     assert "torch" not in vars(mod)  # evaluation must not need torch
     return mod
 

@@ -3,13 +3,12 @@ cache (the real cache and torch are not needed)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from tool_modules import load_tool
 from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,13 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture()
 def rm(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("real_models_under_test", ROOT / "tools" / "real_models.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look the module up while the class is created
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.modules.pop(spec.name, None)
+    mod = load_tool("real_models.py", "real_models_under_test")
     assert not hasattr(mod, "torch")  # evaluation must not need torch
     monkeypatch.setattr(mod, "CACHE", tmp_path)
     monkeypatch.setattr(mod, "DATA", tmp_path / "data")

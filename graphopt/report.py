@@ -42,6 +42,8 @@ class VerifyResult:
     noise: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, Any] | None = None  # --verify-metric: the measured metrics
     thresholds: list[str] = field(default_factory=list)  # --verify-metric: what had to hold
+    # max/min-type nodes that read a NaN: the reference ran them skipping NaN (verification.py)
+    nan_skipped: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """The terminal line (both targets print it)."""

@@ -425,6 +425,77 @@ def test_blocked_max_pool_skips_nan():
     np.testing.assert_array_equal(g, np.fmax.reduce(want, axis=(2, 3), keepdims=True))
 
 
+def _nan_made_inside(seed: int = 38):
+    """Sqrt of negative inputs makes NaN inside the graph and a 2x2 MaxPool reads it (fuzz case
+    valid-cpu:4:38): onnxruntime's MaxPool keeps or drops such a NaN by its vector lanes."""
+    m = _model([h.make_node("Sqrt", ["x"], ["r"]), h.make_node("MaxPool", ["r"], ["y"], kernel_shape=[2, 2], strides=[2, 2],
+                                                              name="pool")],
+               [_vi("x", [1, 4, 5, 6])], [_vi("y", None)])
+    x = np.random.default_rng(seed).standard_normal((1, 4, 5, 6)).astype(np.float32)
+    return m, x
+
+
+def test_verify_compares_with_onnxruntime_skipping_the_nan_a_max_reads(tmp_path):
+    """--verify passes a model whose MaxPool reads NaN made inside the graph (it failed before:
+    onnxruntime's window [a, NaN, b, c] gives max(b, c), not a NaN and not max(a, b, c)): the
+    reference is onnxruntime with that MaxPool skipping NaN, equal to numpy's fmax, and the
+    verdict line names the node."""
+    m, x = _nan_made_inside()
+    np.savez(os.path.join(tmp_path, "x.npz"), x=x)
+    p = _cli(m, tmp_path, "--verify", "--inputs", os.path.join(tmp_path, "x.npz"))
+    assert p.returncode == 0, p.stderr
+    line = next(ln for ln in p.stderr.splitlines() if ln.startswith("verify: ok"))
+    assert "max abs error 0," in line and "onnxruntime with MaxPool 'pool' skipping the NaN it reads" in line
+    ours = graphopt.runtime.load(os.path.join(tmp_path, "out")).run({"x": x})[0]
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(ours, _np_max_pool(np.sqrt(x), 2, 2, 0))
+    assert not np.array_equal(_ort(m, {"x": x})[0], ours, equal_nan=True)  # onnxruntime's own answer differs
+
+
+@pytest.mark.parametrize("op", ["ReduceMax", "ReduceMin", "GlobalMaxPool", "ArgMax"])
+def test_skip_nan_reference_is_fmax(op):
+    """The rewritten reference of a max/min that reads NaN is numpy's fmax/fmin/nanargmax, with
+    NaN where a whole row is NaN."""
+    from graphopt.verification import nan_fed_nodes, skip_nan_model
+
+    attrs = {"axes": [3], "keepdims": 0} if op.startswith("Reduce") else {"axis": 3, "keepdims": 0} if op == "ArgMax" else {}
+    m = _model([h.make_node(op, ["x"], ["y"], **attrs)], [_vi("x", [1, 2, 3, 4])],
+               [_vi("y", None, TP.INT64 if op == "ArgMax" else F)], opset=17)
+    x = np.arange(24, dtype=np.float32).reshape(1, 2, 3, 4) % 7
+    x[0, 0, 0, :] = np.nan  # a whole row
+    x[0, 1, 2, 1] = x[0, 0, 1, 3] = np.nan
+    model = graphopt.load(m)
+    fed = nan_fed_nodes(model, {"x": x})
+    assert [str(f) for f in fed] == [f"{op} 'y'"]
+    got = ort.InferenceSession(skip_nan_model(model, fed).SerializeToString(),
+                               providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    with np.errstate(invalid="ignore"):
+        want = {"ReduceMax": lambda: np.fmax.reduce(x, axis=3), "ReduceMin": lambda: np.fmin.reduce(x, axis=3),
+                "GlobalMaxPool": lambda: np.fmax.reduce(x, axis=(2, 3), keepdims=True),
+                "ArgMax": lambda: np.nanargmax(np.where(np.isnan(x).all(3, keepdims=True), 0, x), axis=3)}[op]()
+    np.testing.assert_array_equal(got, want)
+
+
+def test_verify_stays_strict_without_a_max_reading_nan():
+    """Near-misses: the same NaN reaching an output through no max/min is compared strictly, and
+    a MaxPool that reads no NaN gets no second reference."""
+    from graphopt.verification import nan_fed_nodes, reference_outputs, verify_outputs
+
+    m, x = _nan_made_inside()
+    model = graphopt.load(m)
+    assert [str(f) for f in nan_fed_nodes(model, {"x": x})] == ["MaxPool 'pool'"]
+    assert nan_fed_nodes(model, {"x": np.abs(x)}) == []
+    plain = graphopt.load(_model([h.make_node("Sqrt", ["x"], ["y"])], [_vi("x", [1, 4, 5, 6])], [_vi("y", None)]))
+    ref = reference_outputs(plain, {"x": x})
+    assert ref.skip_nan_outputs is None and ref.nan_skipped == [] and np.isnan(ref.outputs[0]).any()
+    assert not verify_outputs(ref, [np.nan_to_num(ref.outputs[0])], rtol=1e-4, atol=1e-5, feeds={"x": x}, inputs="x").ok
+    pool = reference_outputs(model, {"x": np.abs(x)})
+    assert pool.skip_nan_outputs is None
+    wrong = pool.outputs[0].copy()
+    wrong[0, 0, 0, 0] = np.nan
+    assert not verify_outputs(pool, [wrong], rtol=1e-4, atol=1e-5, feeds={"x": np.abs(x)}, inputs="x").ok
+
+
 # --- the compile watchdog -----------------------------------------------------------------------
 
 _RUNAWAY = r"""

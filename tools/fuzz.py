@@ -258,6 +258,16 @@ def judge_main(request_path: str) -> None:
                 got = [arrays[k] for k in req["output_names"]] if all(k in arrays for k in req["output_names"]) \
                     else list(arrays.values())
             res["compare"] = compare(ref, got)
+            if res["compare"] and "candidate_outputs" in req:
+                # a max/min that read a NaN: ONNX leaves its answer open, and the cpu target skips
+                # NaN; the reference is then onnxruntime doing the same, as --verify's is
+                import graphopt
+                from graphopt.verification import reference_outputs
+
+                second = reference_outputs(graphopt.load(req["reference"]), inputs)
+                if second.skip_nan_outputs is not None:
+                    res["compare"] = compare(second.skip_nan_outputs, got)
+                    res["nan_skipped"] = second.nan_skipped
     print(json.dumps(res))
 
 

@@ -125,6 +125,28 @@ def test_space_sampling_conditions_and_pipelines(data):
         parse_pipeline(space.pipeline(q))  # every pipeline of the space parses
 
 
+def test_per_group_prune_ratios(data):
+    """prune-scope per-group: a ratio per layer group, carried to prune's layer-ratios; each
+    group's layers lose their own share (g0's convs keep their channels, g1's c3 loses half)."""
+    from graphopt.ir.query import const_array
+
+    groups, _ = layer_groups(graphopt.load(data["model"]), "-O2", 2)
+    space = Space(groups=groups, prune_ratios=(0.0, 0.5, 0.25))
+    assert [g.layers for g in groups] == [("c1", "c2"), ("c3", "logits")]
+    t = FixedTrial(2)  # prune 0.25, scope per-group, every group 0.25 ...
+    p = space.suggest(t)
+    assert p["prune-scope"] == "per-group" and {"prune-g0", "prune-g1"} <= set(t.asked)
+    p.update({"prune-g0": 0.0, "prune-g1": 0.5, "low-rank": 0.0, "int8-g0": False, "int8-g1": False})
+    spec = space.pipeline(p)
+    entries = [f"{n}@0" for n in groups[0].layers] + [f"{n}@0.5" for n in groups[1].layers]
+    assert "scope=uniform,layer-ratios=" + ":".join(entries) + ",round-to=8" in spec
+    assert describe(p, space).startswith("prune g0 0/g1 0.5")
+    out = graphopt.optimize(graphopt.load(data["model"]), spec)
+    widths = {n.outputs[0].name: const_array(n.inputs[1]).shape[0] for n in out.graph if n.op_type == "Conv"}
+    assert widths == {"c1": 16, "c2": 32, "c3": 16}
+    assert not Space(groups=groups[:1]).per_group_prune()  # one group: nothing to split
+
+
 def test_objectives_constraint_and_front():
     b = Budget.parse("top1:1")
     assert violation({"top1": 0.5}, b) < 0 < violation({"top1": 2.0}, b)

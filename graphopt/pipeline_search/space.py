@@ -4,6 +4,9 @@ A point of the space is a dict of plain values (what Optuna stores as the trial'
 
     prune          fraction of channels removed (0: no pruning)
     prune-scope    uniform (the ratio in every group) | global (one ranking, at most 0.9 of a group)
+                   | per-group (with 2+ layer groups: a ratio per layer group, `prune-gN`)
+    prune-gN       fraction removed in layer group N's layers (per-group scope; early layers
+                   usually take less than late ones)
     low-rank       energy kept by the factorization (0: no low-rank)
     int8-gN        int8 on for layer group N (the quantizable layers in graph order, cut into
                    `groups` runs of equal size: early/middle/late layers differ most in sensitivity)
@@ -51,6 +54,7 @@ class LayerGroup:
     names: tuple[str, ...]
     first: str
     last: str
+    layers: tuple[str, ...] = ()  # one name per layer (what prune's layer-ratios match)
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,11 @@ class Space:
         """Sample a point (conditional choices only where they matter, so TPE learns them)."""
         p: dict[str, Any] = {"prune": trial.suggest_categorical("prune", list(self.prune_ratios))}
         if p["prune"] > 0:
-            p["prune-scope"] = trial.suggest_categorical("prune-scope", ["uniform", "global"])
+            scopes = ["uniform", "global"] + (["per-group"] if self.per_group_prune() else [])
+            p["prune-scope"] = trial.suggest_categorical("prune-scope", scopes)
+            if p["prune-scope"] == "per-group":
+                for g in self.groups:
+                    p[f"prune-g{g.index}"] = trial.suggest_categorical(f"prune-g{g.index}", list(self.prune_ratios))
         p["low-rank"] = trial.suggest_categorical("low-rank", list(self.low_rank_energies))
         for g in self.groups:
             p[f"int8-g{g.index}"] = trial.suggest_categorical(f"int8-g{g.index}", [False, True])
@@ -83,6 +91,9 @@ class Space:
             p["cluster"] = trial.suggest_categorical("cluster", list(self.cluster_bits))
             p["precision"] = trial.suggest_categorical("precision", list(self.precisions))
         return p
+
+    def per_group_prune(self) -> bool:
+        return len(self.groups) >= 2 and all(g.layers for g in self.groups)
 
     def int8_groups(self, p: Mapping[str, Any]) -> list[LayerGroup]:
         return [g for g in self.groups if p.get(f"int8-g{g.index}")]
@@ -111,7 +122,12 @@ class Space:
         if p.get("prune", 0) > 0:
             # round-to=8: kept channel counts in multiples of 8, what onnxruntime's NCHWc convs and the
             # cpu target's vector widths want (the prune pass logs unaligned layers otherwise)
-            opts = [f"ratio={p['prune']:g}", f"scope={p.get('prune-scope', 'uniform')}", "round-to=8", "accuracy-budget=none"]
+            scope = p.get("prune-scope", "uniform")
+            opts = [f"ratio={p['prune']:g}", f"scope={'uniform' if scope == 'per-group' else scope}"]
+            if scope == "per-group":  # (`ratio` is left for layers in no group: names the syntax cannot carry)
+                opts.append("layer-ratios=" + ":".join(f"{name}@{p.get(f'prune-g{g.index}', 0.0):g}"
+                                                       for g in self.groups for name in g.layers))
+            opts += ["round-to=8", "accuracy-budget=none"]
             parts.append("prune{" + ",".join(opts + ([f"calibration={cal}"] if cal else [])) + "}")
         if p.get("low-rank", 0) > 0:
             parts.append("low-rank{" + ",".join([f"energy={p['low-rank']:g}"] + ([f"calibration={cal}"] if cal else [])) + "}")
@@ -135,7 +151,10 @@ def describe(p: Mapping[str, Any], space: Space) -> str:
     """A short human label of a point: `prune 0.3 + int8 g0,g2 (entropy) + low-rank 0.95`."""
     out = []
     if p.get("prune", 0) > 0:
-        out.append(f"prune {p['prune']:g}" + (" global" if p.get("prune-scope") == "global" else ""))
+        if p.get("prune-scope") == "per-group":
+            out.append("prune " + "/".join(f"g{g.index} {p.get(f'prune-g{g.index}', 0.0):g}" for g in space.groups))
+        else:
+            out.append(f"prune {p['prune']:g}" + (" global" if p.get("prune-scope") == "global" else ""))
     if p.get("low-rank", 0) > 0:
         out.append(f"low-rank {p['low-rank']:g}")
     on = space.int8_groups(p)
@@ -174,5 +193,6 @@ def layer_groups(model: Any, base: str, count: int = 3) -> tuple[tuple[LayerGrou
     groups = []
     for i in range(count):
         chunk = layers[i * len(layers) // count:(i + 1) * len(layers) // count]
-        groups.append(LayerGroup(i, tuple(n for names in chunk for n in names), chunk[0][0], chunk[-1][0]))
+        groups.append(LayerGroup(i, tuple(n for names in chunk for n in names), chunk[0][0], chunk[-1][0],
+                                 tuple(names[0] for names in chunk)))
     return tuple(groups), notes

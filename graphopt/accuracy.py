@@ -114,8 +114,8 @@ def _single_steps(model: Model, batches: Sequence[Batch], feedback: Mapping[str,
 #: metric -> unit for budgets; cosine, top1-agreement and sqnr must be >= the limit, top1
 #: (percent of argmax predictions that changed) and rel (relative L2 error) <= it; `top1:1`
 #: means the same in `--accuracy-budget` and `--verify-metric`
-METRICS = {"cosine": "", "top1-agreement": "", "sqnr": " dB", "top1": " pt", "rel": ""}
-_AT_MOST = ("top1", "rel")
+METRICS = {"cosine": "", "top1-agreement": "", "sqnr": " dB", "top1": " pt", "rel": "", "accuracy-drop": " pt"}
+_AT_MOST = ("top1", "rel", "accuracy-drop")
 
 
 def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
@@ -276,19 +276,24 @@ class Budget:
     """An accuracy budget, `METRIC:LIMIT`: `top1:P` (at most P percent of argmax predictions
     change), `cosine:C` (mean cosine to the reference >= C), `top1-agreement:A` (share of
     unchanged argmaxes >= A), `sqnr:D` (output SQNR >= D dB), `rel:E` or a bare number (relative
-    L2 output error <= E). A metric that is absent or NaN in the measurements does not hold."""
+    L2 output error <= E), `accuracy-drop:P` (top-1 accuracy on the data's labels at most P
+    points below the original's: only where labels are measured, `labels=True`). A metric that
+    is absent or NaN in the measurements does not hold."""
 
     metric: str
     limit: float
 
     @staticmethod
-    def parse(text: str) -> Budget:
+    def parse(text: str, *, labels: bool = False) -> Budget:
         t = text.strip().lower()
         key, sep, val = t.partition(":")
         if not sep:
             key, val = "rel", t
-        if key not in ("top1", "cosine", "sqnr", "rel"):
-            raise UsageError(f"accuracy budget {text!r}: unknown metric {key!r} (have top1:P, cosine:C, sqnr:DB, rel:E, none)")
+        if key == "accuracy-drop" and not labels:
+            raise UsageError(f"accuracy budget {text!r}: accuracy-drop needs labelled evaluation data, which only "
+                             "--search measures; a pass compares with the original (top1:P bounds the drop too)")
+        if key not in ("top1", "cosine", "sqnr", "rel", "accuracy-drop"):
+            raise UsageError(f"accuracy budget {text!r}: unknown metric {key!r} (have top1:P, cosine:C, sqnr:DB, rel:E, none; accuracy-drop:P in --search)")
         try:
             limit = float(val)
         except ValueError:
@@ -305,9 +310,9 @@ class Budget:
         return f"{self.metric} {'<=' if self.metric in _AT_MOST else '>='} {self.limit:g}{METRICS[self.metric]}"
 
 
-def parse_budget(text: str) -> Budget | None:
+def parse_budget(text: str, *, labels: bool = False) -> Budget | None:
     """`Budget.parse`, with `none` (or empty) meaning no budget."""
-    return None if text.strip().lower() in ("", "none", "off") else Budget.parse(text)
+    return None if text.strip().lower() in ("", "none", "off") else Budget.parse(text, labels=labels)
 
 
 def parse_budgets(text: str) -> list[Budget]:

@@ -277,6 +277,24 @@ def test_cli_usage_errors(data, capsys):
     assert "unknown metric 'top5'" in capsys.readouterr().err
 
 
+def test_accuracy_drop_budget_on_labels(data, tmp_path, capsys):
+    """accuracy-drop:P holds top-1 accuracy on the eval data's labels within P points of the
+    original's; the base pipeline drops 0; without labels, and in a pass, it is refused."""
+    res = run_search(settings(data, tmp_path / "s", budget="accuracy-drop:0", trials=2))
+    base = next(t for t in res.trials if t.label.startswith("fp32"))
+    assert base.accuracy["accuracy-drop"] == 0.0 and base.feasible
+    for t in res.trials:
+        if t.state == "ok":
+            assert t.feasible == (t.accuracy["accuracy-drop"] <= 0)
+    nolabels = tmp_path / "nolabels.npz"
+    np.savez(nolabels, x=np.load(data["val"])["x"])
+    with pytest.raises(UsageError, match="has no `labels` array"):
+        run_search(settings(data, tmp_path / "n", budget="accuracy-drop:1", eval_data=str(nolabels)))
+    assert compile_main([data["model"], "-o", str(tmp_path / "p.onnx"), "--passes",
+                         "prune{ratio=0.3,accuracy-budget=accuracy-drop:1}"]) == 2
+    assert "accuracy-drop needs labelled evaluation data" in capsys.readouterr().err
+
+
 def test_missing_optuna_is_one_line(data, tmp_path):
     code = ("import sys; sys.modules['optuna'] = None\nfrom graphopt.cli import main\n"
             f"sys.exit(main([{data['model']!r}, '--search', '--eval-data', {data['val']!r}, '--search-dir', {str(tmp_path)!r}]))")

@@ -54,7 +54,7 @@ def search_options(ns: argparse.Namespace, cfg: dict[str, Any], options_type: ty
     budget = ns.accuracy_budget if ns.accuracy_budget is not None else cfg.get("accuracy-budget", "cosine:0.99")
     from graphopt.accuracy import parse_budget
 
-    parse_budget(str(budget))  # a bad budget: one line, exit 2, before anything runs
+    parse_budget(str(budget), labels=True)  # a bad budget: one line, exit 2, before anything runs
     if ns.trials is not None and ns.trials < 1:
         raise UsageError(f"--trials {ns.trials}: expected at least 1")
     if ns.latency_batch is not None and ns.latency_batch < 1:

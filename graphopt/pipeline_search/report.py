@@ -100,7 +100,7 @@ def _acc_text(t: TrialRecord, metric: str) -> str:
         return f"{v:.5f}"
     if metric == "sqnr":
         return "inf" if math.isinf(v) else f"{v:.1f} dB"
-    return f"{v:.2f} %" if metric == "top1" else f"{v:.4f}"
+    return f"{v:.2f} %" if metric == "top1" else f"{v:.2f} pt" if metric == "accuracy-drop" else f"{v:.4f}"
 
 
 def format_front(res: SearchResult) -> str:
@@ -181,7 +181,7 @@ def plot_front(res: SearchResult, path: str) -> str | None:
     metric = res.budget.metric if res.budget else "cosine"
     ax.set_xlabel("speedup over the original (x)" if res.objective == "latency" else "size (MB)")
     ax.set_ylabel({"cosine": "1 - cosine", "top1": "top-1 predictions changed (%)", "sqnr": "-SQNR (dB)",
-                   "rel": "relative error"}[metric])
+                   "rel": "relative error", "accuracy-drop": "top-1 accuracy drop (points)"}[metric])
     if metric == "cosine" and ok and all(y > 0 for y in ys(ok)):
         ax.set_yscale("log")
     ax.grid(alpha=0.3)

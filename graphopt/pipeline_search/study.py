@@ -291,7 +291,7 @@ class Search:
             raise UsageError(f"{s.model}: no such model file")
         if not os.path.exists(s.eval_data):
             raise UsageError(f"--eval-data {s.eval_data}: no such file or folder")
-        self.budget = parse_budget(s.budget)
+        self.budget = parse_budget(s.budget, labels=True)
         self.dir = os.path.abspath(s.directory)
         os.makedirs(os.path.join(self.dir, "trials"), exist_ok=True)
         self.notes: list[str] = []
@@ -307,6 +307,14 @@ class Search:
         self.reference = os.path.join(self.dir, "reference.npz")
         run, _ = onnxruntime_runner(self.model_path, threads=s.threads)
         outs = [list(run(b)) for b in batches]
+        self.original_accuracy: float | None = None
+        if labels is not None:
+            from graphopt.accuracy import top1_accuracy
+
+            self.original_accuracy = top1_accuracy(outs, labels)
+        if self.budget is not None and self.budget.metric == "accuracy-drop" and labels is None:
+            raise UsageError(f"--accuracy-budget {s.budget}: --eval-data {s.eval_data} has no `labels` array to "
+                             "measure top-1 accuracy on (top1:P bounds the share of changed predictions instead)")
         arrays = {f"b{i}_o{j}": np.asarray(o) for i, bo in enumerate(outs) for j, o in enumerate(bo)}
         from graphopt.onnx_io import atomic_write
 
@@ -363,6 +371,8 @@ class Search:
             r.speedup, r.latency_ms, r.original_ms = lat["speedup"], lat["result_ms"], lat["original_ms"]
             r.size, r.original_size = size["result"], size["original"]
             r.accuracy = {k: float(v) for k, v in m["accuracy"].items()}
+            if "accuracy" in r.accuracy and self.original_accuracy is not None:
+                r.accuracy["accuracy-drop"] = 100.0 * (self.original_accuracy - r.accuracy["accuracy"])
             r.feasible = violation(r.accuracy, self.budget) <= 0
             primary = 1.0 / r.speedup if self.s.objective == "latency" else r.size / max(1, r.original_size)
             r.objectives = [primary, accuracy_loss(r.accuracy, self.budget)]
@@ -417,6 +427,9 @@ class Search:
         if not self.s.references:
             return out
         budget = self.s.budget if self.budget else "none"
+        if self.budget is not None and self.budget.metric == "accuracy-drop":
+            # a pass measures against the original, not the labels: changed predictions bound the drop
+            budget = f"top1:{self.budget.limit:g}"
         cal = self.space.calibration
         wanted = {
             "int8-alone": f"{self.s.base},quantize{{scheme=int8,accuracy-budget={budget},data={cal}}}",

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from graphopt.accuracy import DEFAULT_BUDGET, Budget, Reference, describe, parse_budget
+from graphopt.accuracy import AUTO_BUDGET, DEFAULT_BUDGET, EVAL_SAMPLES_MAX, Budget, Budgets, Reference, describe, parse_budget, resolve_budget
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import Model
 from graphopt.passes.cleanup.control_flow import bodies_holding
@@ -89,8 +89,8 @@ class Prune(Pass):
     reconstruct: str = "auto"
     bn_reestimate: str = "auto"
     seed: int = 0
-    accuracy_budget: str = DEFAULT_BUDGET  # cosine:C | sqnr:DB | top1:P | rel:E | none
-    eval_samples: int = 32
+    accuracy_budget: str = AUTO_BUDGET  # auto | cosine:C | sqnr:DB | top1:P | rel:E | none
+    eval_samples: int = 0  # 0: auto (_Data)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -106,8 +106,8 @@ class Prune(Pass):
                 raise ValueError(f"reconstruct/bn-reestimate must be auto, true or false, got {flag!r}")
         self.parsed_layer_ratios()
         parse_budget(self.accuracy_budget)
-        if self.eval_samples < 1:
-            raise ValueError(f"eval-samples must be >= 1, got {self.eval_samples}")
+        if self.eval_samples < 0:
+            raise ValueError(f"eval-samples must be >= 0 (0: auto), got {self.eval_samples}")
 
     def parsed_layer_ratios(self) -> list[tuple[str, float]]:
         out = []
@@ -133,7 +133,7 @@ class Prune(Pass):
     # ------------------------------------------------------------------------------------------
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         t0 = time.perf_counter()
-        budget = parse_budget(self.accuracy_budget)
+        budget = resolve_budget(self.accuracy_budget, model)
         ensure_shapes(model)
         an = analyze(model)
         data = _Data(self, model, ctx)
@@ -278,7 +278,7 @@ class Prune(Pass):
         return out
 
     def _fit_budget(self, an: Analysis, scores: np.ndarray, pruned: np.ndarray, plan: dict[int, int], original: Model,
-                    data: _Data, ref: Reference, budget: Budget, reconstruct: bool, reestimate: bool,
+                    data: _Data, ref: Reference, budget: Budget | Budgets, reconstruct: bool, reestimate: bool,
                     ctx: PassContext) -> tuple[dict[int, int], dict[str, Any]]:
         """The pruning counts per group that meet `budget`: the plan if it holds; else each pruned
         group's sensitivity (its SQNR when it alone is pruned), then the fewest most sensitive
@@ -309,6 +309,9 @@ class Prune(Pass):
         requested = score(plan)
         acc: dict[str, Any] = {"budget": str(budget), "evaluated-on": ref.source, "requested": requested,
                                "requested-ratio": round(_ratio(an, plan), 4)}
+        if isinstance(budget, Budgets) and budget.why:
+            acc["budget-why"] = budget.why
+            ctx.info(f"prune: accuracy budget {budget} ({budget.why}), checked one standard error below what {ref.source} measure")
         if budget.holds(requested):
             acc.update(holds=True, result=f"the requested ratio meets the budget ({describe(requested)})",
                        evaluations=len(cache), seconds=round(time.perf_counter() - t0, 2))
@@ -373,9 +376,9 @@ class Prune(Pass):
                          f"{describe(requested)}; {n_whole} of {len(order)} groups kept whole"
                          + ("" if reconstruct else " (calibration data would enable the least-squares refit, which often recovers it)"))
         ctx.info(f"prune: accuracy budget {budget} on {ref.source}: the requested ratio {_ratio(an, plan):.3f} gave "
-                 f"{budget.metric} {requested[budget.metric]:.4g}; backed off {n_whole + n_lower} of {len(order)} groups "
+                 f"{budget.show(requested)}; backed off {n_whole + n_lower} of {len(order)} groups "
                  f"({n_whole} kept whole, {n_lower} at a lower ratio): best ratio meeting it {ratio:.3f} "
-                 f"({budget.metric} {final[budget.metric]:.4g}; {len(cache)} evaluations, {time.perf_counter() - t0:.1f} s)")
+                 f"({budget.show(final)}; {len(cache)} evaluations, {time.perf_counter() - t0:.1f} s)")
         return counts, acc
 
     def _scores(self, an: Analysis, calib: Any) -> tuple[np.ndarray, str]:
@@ -512,7 +515,7 @@ class _Data:
         if isinstance(given, CalibrationData):
             self._given = given
         elif isinstance(given, str) and given:
-            self._given = load_calibration(given, model, batch_size=p.batch, limit=p.samples + p.eval_samples,
+            self._given = load_calibration(given, model, batch_size=p.batch, limit=p.samples + (p.eval_samples or EVAL_SAMPLES_MAX),
                                            batch_axis=ctx.data.get("calibration-batch-axis"))
         self.real = self._given is not None and not self._given.synthetic
         self.source = self._given.source if self._given is not None else "synthetic random inputs (no calibration data)"
@@ -526,8 +529,11 @@ class _Data:
         if not batches:
             raise UsageError(f"prune: the calibration data holds no batches ({self._given.source})")
         n = [_samples(b) for b in batches]
+        # eval-samples=0: what remains after `samples` for fitting, at least half, at most
+        # EVAL_SAMPLES_MAX (a budget measured on few samples is not what holds end to end)
+        want = self.p.eval_samples or min(EVAL_SAMPLES_MAX, max(sum(n) - self.p.samples, sum(n) // 2, 1))
         k, seen = len(batches), 0
-        while k > 0 and seen < self.p.eval_samples:
+        while k > 0 and seen < want:
             k -= 1
             seen += n[k]
         if k > 0 and sum(n[:k]) >= seen:
@@ -557,7 +563,7 @@ class _Data:
                 from graphopt.calibration import synthetic_calibration
 
                 # other seeds than the fitting data's: a refit is not scored on what it fitted
-                self._eval = list(synthetic_calibration(self.model, num_batches=max(1, math.ceil(self.p.eval_samples / self.p.batch)),
+                self._eval = list(synthetic_calibration(self.model, num_batches=max(1, math.ceil((self.p.eval_samples or 32) / self.p.batch)),
                                                         seed=self.p.seed + 7919, batch_size=self.p.batch))
                 self.eval_source = f"{sum(_samples(b) for b in self._eval)} RANDOM-input samples (no calibration data given)"
         assert self._eval is not None

@@ -20,7 +20,9 @@ scores from Softmax/LogSoftmax/Sigmoid; a 2-D classifier head Gemm/MatMul [N, C]
 at most 1 % of the decisions change, what a user of a detector or classifier loses. Against
 sampling error (a budget measured on 32 samples held there and missed end to end), `score`
 adds the one-standard-error bounds and a budget must hold at them: cosine at its mean minus one
-standard error of the per-sample cosines, top1 at the Wilson upper bound (z = 1) of the flips;
+standard error of the per-sample cosines, top1 at the Wilson upper bound (z = 1) of the flips (at
+the measure itself where too few decisions could not show even 0 flips within the limit: fewer
+than 99 for top1:1);
 the passes also measure on all held-out calibration data they have (up to `EVAL_SAMPLES_MAX`).
 
 What `--compare` and `--verify-metric` report (`output_agreement`; conventions of polygraphy /
@@ -333,6 +335,9 @@ class Budget:
         """At the metric's sampling bound where `m` has one (`cosine-low`, `top1-high`: what
         Reference.score measures), else at the metric."""
         v = m.get(_BOUND.get(self.metric, ""), m.get(self.metric))
+        n = m.get("decisions")
+        if self.metric == "top1" and isinstance(n, int) and n and 100.0 * wilson_upper(0, n) > self.limit:
+            v = m.get("top1")  # too few decisions to show even 0 flips within the limit: the measure
         if not isinstance(v, (int, float)) or math.isnan(v):
             return False
         return v <= self.limit if self.metric in _AT_MOST else v >= self.limit
@@ -407,13 +412,16 @@ def decision_output(model: Model) -> str:
     return ""
 
 
-def resolve_budget(text: str, model: Model) -> Budget | Budgets | None:
+def resolve_budget(text: str, model: Model, *, real_data: bool = True) -> Budget | Budgets | None:
     """The budget `text` means for `model`: `auto` is DEFAULT_BUDGET, plus DECISION_BUDGET where
-    the first output holds decisions (decision_output); anything else is parse_budget's."""
+    the first output holds decisions (decision_output) and the evaluation runs on real data
+    (decisions on random inputs say nothing); anything else is parse_budget's."""
     if text.strip().lower() != AUTO_BUDGET:
         return parse_budget(text)
     base = Budget.parse(DEFAULT_BUDGET)
     why = decision_output(model)
+    if why and not real_data:
+        return Budgets((base,), why=f"auto: {why}, but random inputs are no data to count decisions on")
     if not why:
         return Budgets((base,), why="auto: the first output does not look like decisions")
     return Budgets((base, Budget.parse(DECISION_BUDGET)), why=f"auto: {why}")

@@ -42,7 +42,8 @@ class SlicesToSplit(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         with constant_semantics(model):
-            if any(v.type is None for n in model.graph for v in n.outputs if n.op_type == "Slice"):
+            # simplify-shapes usually ran just before and left types on every value
+            if any(v.type is None for n in model.graph for v in n.outputs):
                 infer_types(model)
             merged = slices = 0
             for g in list(model.graphs()):
@@ -55,7 +56,7 @@ class SlicesToSplit(Pass):
                     k = _merge(g, x, opset)
                     if k:
                         merged, slices = merged + 1, slices + k
-        return PassResult(bool(merged), {"splits": merged, "slices-replaced": slices})
+        return PassResult(bool(merged), {"splits": merged, "slices-replaced": slices} if merged else {})
 
 
 def _sliced_values(g: Graph) -> list[Value]:

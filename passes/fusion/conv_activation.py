@@ -210,5 +210,5 @@ class FuseConvActivation(RewritePass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         if not self.contrib_ops:
-            return PassResult(changed=False, note="off: FusedConv/FusedGemm are onnxruntime contrib ops (--contrib-ops turns them on)")
+            return PassResult(changed=False, note="off: FusedConv is an onnxruntime contrib op (so is FusedGemm; --contrib-ops turns them on)")
         return super().run(model, ctx)

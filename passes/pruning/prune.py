@@ -59,9 +59,12 @@ class Prune(Pass):
     refit of the layers that read removed channels; auto: only with a calibration file) and
     `bn-reestimate` (re-estimate BatchNorm statistics; auto: with a calibration file and no refit).
 
-    Accuracy: `accuracy-budget` (cosine:C | sqnr:DB | top1:P | rel:E, default cosine:0.99; none:
-    no back-off) is measured on `eval-samples` held-out calibration samples (random inputs when
-    none are given, and the log says so) against the original. When the requested ratio breaks
+    Accuracy: `accuracy-budget` (auto | cosine:C | sqnr:DB | top1:P | rel:E; none: no back-off;
+    auto, the default: cosine:0.99, plus top1:1 where the first output holds decisions and there
+    is calibration data: graphopt.accuracy.resolve_budget) is measured on `eval-samples`
+    held-out calibration samples (0: what remains beyond `samples`, at least half, at most 512;
+    32 random inputs when none are given, and the log says so) against the original, and must
+    hold one standard error on the safe side of the measure (graphopt.accuracy). When the requested ratio breaks
     it, every pruned group's sensitivity is measured (output SQNR with that group alone pruned),
     the fewest most sensitive groups are kept whole until it holds, and those then take the
     largest part of their ratio (3/4, 1/2, 1/4) that still holds; each choice is logged and
@@ -133,10 +136,10 @@ class Prune(Pass):
     # ------------------------------------------------------------------------------------------
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         t0 = time.perf_counter()
-        budget = resolve_budget(self.accuracy_budget, model)
         ensure_shapes(model)
         an = analyze(model)
         data = _Data(self, model, ctx)
+        budget = resolve_budget(self.accuracy_budget, model, real_data=data.real)
         reconstruct = self._flag(self.reconstruct, data.real)
         # a refit already matches the original layer outputs; re-estimating BN statistics on
         # top of it measured worse (mnist_resnet8), so `auto` re-estimates only without a refit
@@ -502,7 +505,8 @@ class _Data:
     """Prune's data: `fit()` for importance and recovery, `evaluation()` for the accuracy check.
 
     Calibration data (`calibration=`, else the context's `--calibration`) is split: the last
-    `eval-samples` go to the evaluation when at least as many remain for fitting, else both use
+    `eval-samples` (0: what remains beyond `samples`, at least half, at most EVAL_SAMPLES_MAX)
+    go to the evaluation when at least as many remain for fitting, else both use
     all of it (and the log says so). Without any, both are random inputs (different seeds)."""
 
     def __init__(self, p: Prune, model: Model, ctx: PassContext) -> None:

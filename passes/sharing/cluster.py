@@ -187,6 +187,12 @@ class ClusterWeights(Pass):
     attention_mask), `min-size` (elements),
     `sample` (values used to fit each tensor's codebook), `storage=auto|uint8|uint4|packed`.
 
+    Accuracy: `accuracy-budget` (auto | cosine:C | sqnr:DB | top1:P | rel:E | none; auto, the
+    default: cosine:0.99, plus top1:1 where the first output holds decisions and there is
+    calibration data) on `eval-samples` calibration samples (0: all, at most 512; 32 random
+    inputs without data), held one standard error on the safe side of the measure: when the
+    requested bits break it, the most sensitive weights back off (kept float, or more bits).
+
     Does not fire on: tensors with fewer than `min-size` elements or fewer than 2 dims (biases,
     norm scales), non-float tensors (integer, shape and index tensors), initializers a caller
     can override (graph inputs from IR 4 on), graph outputs, tensors with NaN/Inf (unless they
@@ -330,7 +336,7 @@ class ClusterWeights(Pass):
         for i in chosen:
             fit(i, chosen[i])
         ref = self._reference(model, ctx, stats) if todo else None
-        budget = resolve_budget(self.accuracy_budget, model)
+        budget = resolve_budget(self.accuracy_budget, model, real_data=ref is not None and "RANDOM" not in ref.source)
         if ref is not None and budget is not None:
             chosen = self._fit_budget(model, todo, gindex, chosen, fit, ref, budget, ctx, stats)
         shared = cbk.SharedConstants()

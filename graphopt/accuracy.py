@@ -395,10 +395,10 @@ def decision_output(model: Model) -> str:
     dims = out.shape.dims if out.shape is not None else None
     if dims is not None and (len(dims) == 1 or (len(dims) == 2 and dims[1] == 1)):
         return f"{out.name!r} holds one value per sample"
-    v, node = out, out.producer()
+    node = out.producer()
     while node is not None and node.op_type in ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose") and node.inputs:
-        v = node.inputs[0]
-        node = v.producer() if v is not None else None
+        src = node.inputs[0]
+        node = src.producer() if src is not None else None
     if node is None:
         return ""
     if node.op_type in ("Softmax", "LogSoftmax", "Sigmoid"):
@@ -427,12 +427,12 @@ def resolve_budget(text: str, model: Model, *, real_data: bool = True) -> Budget
     return Budgets((base, Budget.parse(DECISION_BUDGET)), why=f"auto: {why}")
 
 
-def parse_budget(text: str) -> Budget | Budgets | None:
-    """`Budget.parse`, with `none` (or empty) meaning no budget and `auto` DEFAULT_BUDGET (the
-    model's decisions added by resolve_budget)."""
+def parse_budget(text: str) -> Budget | None:
+    """`Budget.parse`, with `none` (or empty) meaning no budget and `auto` DEFAULT_BUDGET (what
+    it means without a model; resolve_budget adds the model's decisions)."""
     t = text.strip().lower()
     if t == AUTO_BUDGET:
-        return Budgets((Budget.parse(DEFAULT_BUDGET),), why="auto")
+        return Budget.parse(DEFAULT_BUDGET)
     return None if t in ("", "none", "off") else Budget.parse(text)
 
 

@@ -325,3 +325,13 @@ def test_auto_budget_counts_decisions_and_backs_off(cnn):
     m_cos, _, _ = held_out(base, cos_only, data)
     m_auto, _, _ = held_out(base, auto, data)
     assert m_auto["top1"] <= m_cos["top1"] and m_auto["top1"] <= 1.0
+
+
+@pytest.mark.parametrize("n,held_out", [(96, 48), (256, 128), (1024, 512)])
+def test_prune_holds_out_what_the_data_allows(cnn, tmp_path, n, held_out):
+    """eval-samples=0: what remains beyond the 256 fitting samples, at least half, at most 512."""
+    base, data, _ = cnn
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=data.x_train[:n])
+    _, _, ctx = run(base, f"prune{{ratio=0.1,calibration={calib},accuracy-budget=cosine:0.5}}")
+    assert ctx.data["prune"][-1]["accuracy"]["evaluated-on"].startswith(f"{held_out} held-out calibration samples")

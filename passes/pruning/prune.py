@@ -540,7 +540,7 @@ class _Data:
         while k > 0 and seen < want:
             k -= 1
             seen += n[k]
-        if k > 0 and sum(n[:k]) >= seen:
+        if k > 0 and sum(n[:k]) >= min(seen, self.p.samples):  # the fit keeps `samples` when it can
             self._fit, self._eval = batches[:k], batches[k:]
             self.eval_source = f"{seen} held-out calibration samples"
         else:

@@ -158,3 +158,30 @@ def test_corpus_vads_reach_onnxruntime_node_counts():
             o2 = cfm.graphopt_o2(model, contrib=True)
             ort = cfm.ort_optimized(model, "ALL", f"{tmp}/{name}.onnx")
             assert cfm.count_nodes(o2.graph) <= cfm.count_nodes(ort.graph), name
+
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover
+    pass
+else:
+    @settings(max_examples=25, deadline=None)
+    @given(sizes=st.lists(st.integers(1, 4), min_size=2, max_size=4), axis=st.integers(0, 2),
+           order=st.randoms(use_true_random=False), neg=st.booleans(), open_end=st.booleans())
+    def test_any_tiling_becomes_one_split_with_the_same_numbers(sizes, axis, order, neg, open_end):
+        """Tilings of an axis in any order, with negative starts or an open end: one Split, and
+        onnxruntime gives the same outputs (check_pass); a Slice dropped leaves a gap: no Split."""
+        total = sum(sizes)
+        shape = [3, 2, 2]
+        shape[axis] = total
+        bounds = np.cumsum([0] + sizes)
+        ranges = [(int(s - total) if neg and s else int(s), BIG if open_end and e == total else int(e))
+                  for s, e in zip(bounds[:-1], bounds[1:])]
+        order.shuffle(ranges)
+        x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+        out, stats = check_pass(slices_model(ranges, axis=axis, shape=tuple(shape)), "slices-to-split", {"x": x})
+        assert stats == {"splits": 1, "slices-replaced": len(sizes)} and "Slice" not in ops(out)
+        if len(ranges) > 2:
+            _, stats = check_pass(slices_model(ranges[:-1], axis=axis, shape=tuple(shape)), "slices-to-split", {"x": x})
+            assert stats == {}  # the parts left cover less than the axis: no Split

@@ -540,7 +540,9 @@ class _Data:
         while k > 0 and seen < want:
             k -= 1
             seen += n[k]
-        if k > 0 and sum(n[:k]) >= min(seen, self.p.samples):  # the fit keeps `samples` when it can
+        # eval-samples=0 left at least half for fitting by construction (up to one batch's rounding);
+        # an explicit one is held out only when as many remain for fitting (up to `samples`)
+        if k > 0 and (not self.p.eval_samples or sum(n[:k]) >= min(seen, self.p.samples)):
             self._fit, self._eval = batches[:k], batches[k:]
             self.eval_source = f"{seen} held-out calibration samples"
         else:

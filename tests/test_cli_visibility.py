@@ -33,7 +33,7 @@ def test_every_pass_has_one_line_saying_what_it_did(tmp_path: Path, capsys: pyte
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["warnings"] == []
     rows = [line for line in err.splitlines() if line.startswith("  ") and ("yes " in line or " no " in line)]
-    assert len(rows) == len(r["passes"]) == 19
+    assert len(rows) == len(r["passes"]) == 20
     for p, row in zip(r["passes"], rows):
         assert p["note"] and row.split()[0] == p["pass"] and row.rstrip().endswith(p["note"])
     notes = {p["pass"]: p["note"] for p in r["passes"]}
@@ -211,7 +211,7 @@ def test_explain_into_a_closed_pipe_is_quiet() -> None:
 
 def test_explain_runs_at_the_rules_point(capsys: pytest.CaptureFixture[str]) -> None:
     code, err = _run(capsys, EXAMPLE, "--explain", "pad-into-conv")
-    assert code == 0 and "checked at its point in the pipeline: before pass 'fuse-linear', after 8 passes" in err
+    assert code == 0 and "checked at its point in the pipeline: before pass 'fuse-linear', after 9 passes" in err
     code, err = _run(capsys, EXAMPLE, "--explain", "pad-into-conv", "-O0")
     assert code == 0 and "checked on the input model" in err
 

@@ -107,6 +107,16 @@ def _pass_stats(rep: dict[str, Any], pass_name: str) -> dict[str, Any]:
     return {}
 
 
+def _measured(st: dict[str, Any]) -> str:
+    """What the pass measured on its evaluation samples: cosine, and decisions changed (with the
+    bound its budget was checked at) where it counted them."""
+    out = f"cosine {st.get('output-cosine', '?')}"
+    if st.get("output-decisions"):
+        out += (f", top1 {st.get('output-top1', 0):.2f} % (bound {st.get('output-top1-high', 0):.2f} %) "
+                f"of {st['output-decisions']} decisions")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="ocr_crnn,vad_gru,vad_if,mnist_resnet8")
@@ -144,11 +154,13 @@ def main(argv: list[str] | None = None) -> int:
             st = _pass_stats(rep, {"prune": "prune", "cluster": "cluster-weights", "int8": "quantize"}[goal])
             if goal == "prune":
                 chosen = f"ratio {st.get('achieved-ratio', '?')}, FLOPs x{st.get('flops-after', 0) / max(st.get('flops-before', 1), 1):.2f}, refit {st.get('layers-refit', 0)}/{st.get('layers-refit', 0) + st.get('layers-not-refit', 0)}"
-                measured = f"cosine {st.get('output-cosine', '?')}"
+                measured = _measured(st)
             elif goal == "cluster":
                 backed = {k: v for k, v in st.items() if k.endswith("/budget-choice")}
-                chosen = f"{st.get('tensors-clustered', '?')} tensors at {a.bits} bits, {st.get('tensors-backed-off', 0)} backed off {list(backed.values())[:3]}"
-                measured = f"cosine {st.get('output-cosine', '?')}"
+                chosen = (f"{st.get('tensors-clustered', '?')} tensors clustered (asked {a.bits} bits), {st.get('tensors-backed-off', 0)} "
+                          f"backed off {list(backed.values())[:5]} (0 = float), {st.get('bits-per-weight', 0):.2f} bits/weight, "
+                          f"{st.get('compression', 0):.2f}x smaller")
+                measured = _measured(st)
             else:
                 chosen = f"{st.get('units-int8', '?')} of {st.get('units-int8', 0) + st.get('units-float', 0)} units int8"
                 measured = f"SQNR {st.get('output-sqnr-db', '?')} dB"

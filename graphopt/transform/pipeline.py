@@ -20,7 +20,7 @@ from graphopt.transform.registry import get_pass
 #: The -O levels, spelled in the pipeline syntax itself so `--print-pipeline` shows the truth.
 OPT_LEVELS: dict[str, str] = {
     "-O0": "",
-    "-O1": "fold-constants,fuse-conv-bn,simplify-shapes,simplify-control-flow,remove-noops,cse,dce",
+    "-O1": "fold-constants,fuse-conv-bn,simplify-shapes,simplify-control-flow,remove-noops,cse,slices-to-split,dce",
     # fuse-attention comes before fuse-linear, whose contrib FusedMatMul would hide Q·Kᵀ;
     # fuse-conv-activation only fires with contrib-ops; the second fuse-linear merges the Reshape
     # pairs that fuse-attention's head split/merge leaves once remove-noops cancels the Transposes

@@ -1,4 +1,5 @@
-"""`fuse-conv-activation`: Conv followed by an activation  →  onnxruntime's com.microsoft FusedConv.
+"""`fuse-conv-activation`: Conv / Gemm followed by an activation  →  onnxruntime's com.microsoft
+FusedConv / FusedGemm.
 
 Rule `conv-activation` (registered, so `graphopt-compile --explain conv-activation` shows why it
 did not fire): Conv(x, W[, b]) then Relu / LeakyRelu / Clip / Sigmoid / Tanh / HardSigmoid  →
@@ -7,6 +8,10 @@ attributes. FusedConv is not standard ONNX (onnxruntime's CPU provider runs it, 
 only), so the pass changes nothing unless `fuse-conv-activation{contrib-ops=1}` asks for it; it
 never fires inside a model-local function body, and adds the `com.microsoft` opset import only
 when it creates a FusedConv.
+
+Rule `gemm-activation`: Gemm(a, b[, c]) then Relu / LeakyRelu / Sigmoid / Tanh / HardSigmoid  →
+com.microsoft FusedGemm(a, b[, c], the Gemm's attributes, activation=..., activation_alpha/beta),
+as onnxruntime's own GemmActivationFusion does (a classifier or detector head: Gemm + Sigmoid).
 """
 
 from __future__ import annotations
@@ -126,7 +131,65 @@ class ConvActivation(Rule):
         return b.node("FusedConv", inputs, attrs, domain=MS_DOMAIN).outputs[0]
 
 
-_RULES = (ConvActivation(),)
+@functools.lru_cache(maxsize=None)
+def _fused_gemm_kernel(opset: int, with_c: bool) -> bool:
+    """Whether the installed onnxruntime loads and runs a float com.microsoft FusedGemm under
+    default-domain `opset`."""
+    shapes = ((2, 3), (3, 4)) + (((4,),) if with_c else ())
+    return onnxruntime_has_kernel("FusedGemm", max(opset, 7), DataType.FLOAT, MS_DOMAIN, shapes=shapes,
+                                  attributes=(("activation", "Sigmoid"),), run=True)
+
+
+class GemmActivation(Rule):
+    """Gemm(a, b[, c]) then Relu / LeakyRelu(alpha) / Sigmoid / Tanh / HardSigmoid(alpha, beta)
+    → com.microsoft FusedGemm(a, b[, c], alpha, beta, transA, transB, activation=...,
+    activation_alpha=..., activation_beta=...).
+
+    Must not fire: contrib-ops off, inside a function body, the Gemm not float32 (onnxruntime
+    has FusedGemm for float only), the Gemm output also read elsewhere or a graph output (the
+    pattern's single-use rule), Clip (FusedGemm takes no bounds), an installed onnxruntime
+    without the kernel.
+    """
+
+    name = "gemm-activation"
+    a, bm = P.any(), P.any()
+    c = P.optional()
+    gemm = P.op("Gemm", a, bm, c)
+    pattern = P.op(_SIMPLE + ("LeakyRelu", "HardSigmoid"), gemm)
+
+    def check(self, m: Match) -> bool | Fail:
+        ok = contrib_allowed(m)
+        if not ok:
+            return ok
+        gemm = m.node(self.gemm)
+        dt = m[self.a].dtype or gemm.outputs[0].dtype or m.root.outputs[0].dtype or m[self.bm].dtype
+        if dt is None:
+            return Fail("element type of the Gemm is unknown")
+        if dt != DataType.FLOAT:
+            return Fail(f"Gemm element type {dt.text} is not float32 (FusedGemm runs float only)")
+        for a in gemm.attributes.values():
+            if getattr(a, "ref_attr_name", None):
+                return Fail(f"Gemm attribute {a.name!r} refers to a function attribute")
+        opset = m.opset() or 17
+        if not _fused_gemm_kernel(opset, m.get(self.c) is not None):
+            return Fail(f"onnxruntime has no com.microsoft FusedGemm kernel for float under opset {opset}")
+        return True
+
+    def rewrite(self, m: Match, b: RewriteBuilder) -> Value:
+        act, gemm = m.root, m.node(self.gemm)
+        import_contrib(m)
+        attrs = [a for k, a in gemm.attributes.items() if k in ("alpha", "beta", "transA", "transB")]
+        attrs.append(Attr.infer("activation", act.op_type))
+        if act.op_type == "LeakyRelu":
+            attrs.append(Attr.infer("activation_alpha", float(act.attr("alpha", 0.01))))
+        elif act.op_type == "HardSigmoid":
+            attrs.append(Attr.infer("activation_alpha", float(act.attr("alpha", 0.2))))
+            attrs.append(Attr.infer("activation_beta", float(act.attr("beta", 0.5))))
+        inputs = [m[self.a], m[self.bm]] + ([m[self.c]] if m.get(self.c) is not None else [])
+        return b.node("FusedGemm", inputs, attrs, domain=MS_DOMAIN).outputs[0]
+
+
+_RULES = (ConvActivation(), GemmActivation())
 for _r in _RULES:
     register_rule(_r)
 
@@ -135,8 +198,9 @@ for _r in _RULES:
 @dataclass(frozen=True)
 class FuseConvActivation(RewritePass):
     """Fuse Conv + Relu / LeakyRelu / Clip / Sigmoid / Tanh / HardSigmoid into onnxruntime's
-    com.microsoft FusedConv (rule conv-activation; stats: rewrites per rule). Only with
-    contrib-ops=1: without it the pass changes nothing (FusedConv is not standard ONNX)."""
+    com.microsoft FusedConv (rule conv-activation) and Gemm + Relu / LeakyRelu / Sigmoid / Tanh /
+    HardSigmoid into FusedGemm (rule gemm-activation; stats: rewrites per rule). Only with
+    contrib-ops=1: without it the pass changes nothing (neither is standard ONNX)."""
 
     name: ClassVar[str] = "fuse-conv-activation"
     contrib_ops: bool = False
@@ -146,5 +210,5 @@ class FuseConvActivation(RewritePass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         if not self.contrib_ops:
-            return PassResult(changed=False, note="off: FusedConv is an onnxruntime contrib op (--contrib-ops turns it on)")
+            return PassResult(changed=False, note="off: FusedConv is an onnxruntime contrib op (so is FusedGemm; --contrib-ops turns them on)")
         return super().run(model, ctx)

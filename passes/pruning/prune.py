@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from graphopt.accuracy import DEFAULT_BUDGET, Budget, Reference, describe, parse_budget
+from graphopt.accuracy import AUTO_BUDGET, DEFAULT_BUDGET, EVAL_SAMPLES_MAX, Budget, Budgets, Reference, describe, parse_budget, resolve_budget
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import Model
 from graphopt.passes.cleanup.control_flow import bodies_holding
@@ -59,9 +59,12 @@ class Prune(Pass):
     refit of the layers that read removed channels; auto: only with a calibration file) and
     `bn-reestimate` (re-estimate BatchNorm statistics; auto: with a calibration file and no refit).
 
-    Accuracy: `accuracy-budget` (cosine:C | sqnr:DB | top1:P | rel:E, default cosine:0.99; none:
-    no back-off) is measured on `eval-samples` held-out calibration samples (random inputs when
-    none are given, and the log says so) against the original. When the requested ratio breaks
+    Accuracy: `accuracy-budget` (auto | cosine:C | sqnr:DB | top1:P | rel:E; none: no back-off;
+    auto, the default: cosine:0.99, plus top1:1 where the first output holds decisions and there
+    is calibration data: graphopt.accuracy.resolve_budget) is measured on `eval-samples`
+    held-out calibration samples (0: what remains beyond `samples`, at least half, at most 512;
+    32 random inputs when none are given, and the log says so) against the original, and must
+    hold one standard error on the safe side of the measure (graphopt.accuracy). When the requested ratio breaks
     it, every pruned group's sensitivity is measured (output SQNR with that group alone pruned),
     the fewest most sensitive groups are kept whole until it holds, and those then take the
     largest part of their ratio (3/4, 1/2, 1/4) that still holds; each choice is logged and
@@ -89,8 +92,8 @@ class Prune(Pass):
     reconstruct: str = "auto"
     bn_reestimate: str = "auto"
     seed: int = 0
-    accuracy_budget: str = DEFAULT_BUDGET  # cosine:C | sqnr:DB | top1:P | rel:E | none
-    eval_samples: int = 32
+    accuracy_budget: str = AUTO_BUDGET  # auto | cosine:C | sqnr:DB | top1:P | rel:E | none
+    eval_samples: int = 0  # 0: auto (_Data)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -106,8 +109,8 @@ class Prune(Pass):
                 raise ValueError(f"reconstruct/bn-reestimate must be auto, true or false, got {flag!r}")
         self.parsed_layer_ratios()
         parse_budget(self.accuracy_budget)
-        if self.eval_samples < 1:
-            raise ValueError(f"eval-samples must be >= 1, got {self.eval_samples}")
+        if self.eval_samples < 0:
+            raise ValueError(f"eval-samples must be >= 0 (0: auto), got {self.eval_samples}")
 
     def parsed_layer_ratios(self) -> list[tuple[str, float]]:
         out = []
@@ -133,10 +136,10 @@ class Prune(Pass):
     # ------------------------------------------------------------------------------------------
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         t0 = time.perf_counter()
-        budget = parse_budget(self.accuracy_budget)
         ensure_shapes(model)
         an = analyze(model)
         data = _Data(self, model, ctx)
+        budget = resolve_budget(self.accuracy_budget, model, real_data=data.real)
         reconstruct = self._flag(self.reconstruct, data.real)
         # a refit already matches the original layer outputs; re-estimating BN statistics on
         # top of it measured worse (mnist_resnet8), so `auto` re-estimates only without a refit
@@ -278,7 +281,7 @@ class Prune(Pass):
         return out
 
     def _fit_budget(self, an: Analysis, scores: np.ndarray, pruned: np.ndarray, plan: dict[int, int], original: Model,
-                    data: _Data, ref: Reference, budget: Budget, reconstruct: bool, reestimate: bool,
+                    data: _Data, ref: Reference, budget: Budget | Budgets, reconstruct: bool, reestimate: bool,
                     ctx: PassContext) -> tuple[dict[int, int], dict[str, Any]]:
         """The pruning counts per group that meet `budget`: the plan if it holds; else each pruned
         group's sensitivity (its SQNR when it alone is pruned), then the fewest most sensitive
@@ -309,6 +312,9 @@ class Prune(Pass):
         requested = score(plan)
         acc: dict[str, Any] = {"budget": str(budget), "evaluated-on": ref.source, "requested": requested,
                                "requested-ratio": round(_ratio(an, plan), 4)}
+        if isinstance(budget, Budgets) and budget.why:
+            acc["budget-why"] = budget.why
+            ctx.info(f"prune: accuracy budget {budget} ({budget.why}), checked one standard error below what {ref.source} measure")
         if budget.holds(requested):
             acc.update(holds=True, result=f"the requested ratio meets the budget ({describe(requested)})",
                        evaluations=len(cache), seconds=round(time.perf_counter() - t0, 2))
@@ -373,9 +379,9 @@ class Prune(Pass):
                          f"{describe(requested)}; {n_whole} of {len(order)} groups kept whole"
                          + ("" if reconstruct else " (calibration data would enable the least-squares refit, which often recovers it)"))
         ctx.info(f"prune: accuracy budget {budget} on {ref.source}: the requested ratio {_ratio(an, plan):.3f} gave "
-                 f"{budget.metric} {requested[budget.metric]:.4g}; backed off {n_whole + n_lower} of {len(order)} groups "
+                 f"{budget.show(requested)}; backed off {n_whole + n_lower} of {len(order)} groups "
                  f"({n_whole} kept whole, {n_lower} at a lower ratio): best ratio meeting it {ratio:.3f} "
-                 f"({budget.metric} {final[budget.metric]:.4g}; {len(cache)} evaluations, {time.perf_counter() - t0:.1f} s)")
+                 f"({budget.show(final)}; {len(cache)} evaluations, {time.perf_counter() - t0:.1f} s)")
         return counts, acc
 
     def _scores(self, an: Analysis, calib: Any) -> tuple[np.ndarray, str]:
@@ -499,7 +505,8 @@ class _Data:
     """Prune's data: `fit()` for importance and recovery, `evaluation()` for the accuracy check.
 
     Calibration data (`calibration=`, else the context's `--calibration`) is split: the last
-    `eval-samples` go to the evaluation when at least as many remain for fitting, else both use
+    `eval-samples` (0: what remains beyond `samples`, at least half, at most EVAL_SAMPLES_MAX)
+    go to the evaluation when at least as many remain for fitting, else both use
     all of it (and the log says so). Without any, both are random inputs (different seeds)."""
 
     def __init__(self, p: Prune, model: Model, ctx: PassContext) -> None:
@@ -512,7 +519,7 @@ class _Data:
         if isinstance(given, CalibrationData):
             self._given = given
         elif isinstance(given, str) and given:
-            self._given = load_calibration(given, model, batch_size=p.batch, limit=p.samples + p.eval_samples,
+            self._given = load_calibration(given, model, batch_size=p.batch, limit=p.samples + (p.eval_samples or EVAL_SAMPLES_MAX),
                                            batch_axis=ctx.data.get("calibration-batch-axis"))
         self.real = self._given is not None and not self._given.synthetic
         self.source = self._given.source if self._given is not None else "synthetic random inputs (no calibration data)"
@@ -526,11 +533,16 @@ class _Data:
         if not batches:
             raise UsageError(f"prune: the calibration data holds no batches ({self._given.source})")
         n = [_samples(b) for b in batches]
+        # eval-samples=0: what remains after `samples` for fitting, at least half, at most
+        # EVAL_SAMPLES_MAX (a budget measured on few samples is not what holds end to end)
+        want = self.p.eval_samples or min(EVAL_SAMPLES_MAX, max(sum(n) - self.p.samples, sum(n) // 2, 1))
         k, seen = len(batches), 0
-        while k > 0 and seen < self.p.eval_samples:
+        while k > 0 and seen < want:
             k -= 1
             seen += n[k]
-        if k > 0 and sum(n[:k]) >= seen:
+        # eval-samples=0 left at least half for fitting by construction (up to one batch's rounding);
+        # an explicit one is held out only when as many remain for fitting (up to `samples`)
+        if k > 0 and (not self.p.eval_samples or sum(n[:k]) >= min(seen, self.p.samples)):
             self._fit, self._eval = batches[:k], batches[k:]
             self.eval_source = f"{seen} held-out calibration samples"
         else:
@@ -557,7 +569,7 @@ class _Data:
                 from graphopt.calibration import synthetic_calibration
 
                 # other seeds than the fitting data's: a refit is not scored on what it fitted
-                self._eval = list(synthetic_calibration(self.model, num_batches=max(1, math.ceil(self.p.eval_samples / self.p.batch)),
+                self._eval = list(synthetic_calibration(self.model, num_batches=max(1, math.ceil((self.p.eval_samples or 32) / self.p.batch)),
                                                         seed=self.p.seed + 7919, batch_size=self.p.batch))
                 self.eval_source = f"{sum(_samples(b) for b in self._eval)} RANDOM-input samples (no calibration data given)"
         assert self._eval is not None

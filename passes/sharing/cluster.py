@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from graphopt.accuracy import DEFAULT_BUDGET, Budget, Reference, describe, parse_budget
+from graphopt.accuracy import AUTO_BUDGET, DEFAULT_BUDGET, EVAL_SAMPLES_MAX, Budget, Budgets, Reference, describe, parse_budget, resolve_budget
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import DataType, Graph, Model, NumpyTensor, Value
 from graphopt.transform import Pass, PassContext, PassResult, register_pass
@@ -187,6 +187,12 @@ class ClusterWeights(Pass):
     attention_mask), `min-size` (elements),
     `sample` (values used to fit each tensor's codebook), `storage=auto|uint8|uint4|packed`.
 
+    Accuracy: `accuracy-budget` (auto | cosine:C | sqnr:DB | top1:P | rel:E | none; auto, the
+    default: cosine:0.99, plus top1:1 where the first output holds decisions and there is
+    calibration data) on `eval-samples` calibration samples (0: all, at most 512; 32 random
+    inputs without data), held one standard error on the safe side of the measure: when the
+    requested bits break it, the most sensitive weights back off (kept float, or more bits).
+
     Does not fire on: tensors with fewer than `min-size` elements or fewer than 2 dims (biases,
     norm scales), non-float tensors (integer, shape and index tensors), initializers a caller
     can override (graph inputs from IR 4 on), graph outputs, tensors with NaN/Inf (unless they
@@ -212,8 +218,8 @@ class ClusterWeights(Pass):
     calibration_samples: int = 128
     token_mask: str = "auto"
     channel_overhead: float = 0.0
-    accuracy_budget: str = DEFAULT_BUDGET  # cosine:C | sqnr:DB | top1:P | rel:E | none
-    eval_samples: int = 32
+    accuracy_budget: str = AUTO_BUDGET  # auto | cosine:C | sqnr:DB | top1:P | rel:E | none
+    eval_samples: int = 0  # 0: all calibration samples up to EVAL_SAMPLES_MAX (32 random ones without data)
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -234,8 +240,8 @@ class ClusterWeights(Pass):
             raise UsageError("cluster-weights: refit-iters must be >= 0 and calibration-samples positive")
         parse_layer_bits(self.layer_bits)
         parse_budget(self.accuracy_budget)
-        if self.eval_samples < 1:
-            raise UsageError("cluster-weights: eval-samples must be >= 1")
+        if self.eval_samples < 0:
+            raise UsageError("cluster-weights: eval-samples must be >= 0 (0: all calibration samples, up to 512)")
 
     # --- which tensors ----------------------------------------------------------------------
     def _bits_for(self, w: Value, rules: list[tuple[str, int]]) -> int:
@@ -330,7 +336,7 @@ class ClusterWeights(Pass):
         for i in chosen:
             fit(i, chosen[i])
         ref = self._reference(model, ctx, stats) if todo else None
-        budget = parse_budget(self.accuracy_budget)
+        budget = resolve_budget(self.accuracy_budget, model, real_data=ref is not None and "RANDOM" not in ref.source)
         if ref is not None and budget is not None:
             chosen = self._fit_budget(model, todo, gindex, chosen, fit, ref, budget, ctx, stats)
         shared = cbk.SharedConstants()
@@ -510,12 +516,12 @@ class ClusterWeights(Pass):
         there is no calibration data, said in the log); None when onnxruntime cannot run it."""
         try:
             if self.calibration or ctx.data.get("calibration") or ctx.data.get(CALIBRATION_KEY):
-                batches = self._batches(model, ctx, "the accuracy check", limit=self.eval_samples)
+                batches = self._batches(model, ctx, "the accuracy check", limit=self.eval_samples or EVAL_SAMPLES_MAX)
                 src = f"{sum(_samples(b) for b in batches)} calibration samples"
             else:
                 from graphopt.calibration import synthetic_calibration
 
-                data = synthetic_calibration(model, num_batches=max(1, math.ceil(self.eval_samples / 8)), seed=self.seed, batch_size=8)
+                data = synthetic_calibration(model, num_batches=max(1, math.ceil((self.eval_samples or 32) / 8)), seed=self.seed, batch_size=8)
                 batches = list(data)
                 src = f"{sum(_samples(b) for b in batches)} RANDOM-input samples (no calibration data given)"
             return Reference(model, batches, source=src)
@@ -525,7 +531,7 @@ class ClusterWeights(Pass):
             return None
 
     def _fit_budget(self, model: Model, todo: list[tuple[Graph, Value, int]], gindex: dict[int, int], chosen: dict[int, int],
-                    fit, ref: Reference, budget: Budget, ctx: PassContext, stats: dict) -> dict[int, int]:
+                    fit, ref: Reference, budget: Budget | Budgets, ctx: PassContext, stats: dict) -> dict[int, int]:
         """Bits per weight that meet `budget`: the requested ones if they hold; else each weight's
         sensitivity (output SQNR with it alone clustered), the fewest most sensitive kept float
         (bisection), then each of those, least sensitive first, at the fewest bits above the
@@ -554,6 +560,9 @@ class ClusterWeights(Pass):
 
         requested = score(chosen)
         stats["accuracy-requested-" + budget.metric] = round(requested[budget.metric], 6)
+        if isinstance(budget, Budgets) and budget.why:
+            ctx.info(f"cluster-weights: accuracy budget {budget} ({budget.why}), checked one standard error below what "
+                     f"{ref.source} measure")
         if budget.holds(requested):
             ctx.info(f"cluster-weights: accuracy budget {budget} holds at the requested bits on {ref.source} ({describe(requested)})")
             return chosen
@@ -608,9 +617,9 @@ class ClusterWeights(Pass):
         mean_bits = sum(out[i] * params[i] for i in live if out[i]) / max(1, sum(params[i] for i in live if out[i]))
         stats.update({"tensors-backed-off": n_float + n_more, "tensors-kept-float-for-budget": n_float,
                       "tensors-more-bits": n_more, "budget-evaluations": len(cache)})
-        ctx.info(f"cluster-weights: accuracy budget {budget} on {ref.source}: the requested bits gave {budget.metric} "
-                 f"{requested[budget.metric]:.4g}; backed off {n_float + n_more} of {len(order)} tensors ({n_float} kept float, "
-                 f"{n_more} at more bits): {budget.metric} {final[budget.metric]:.4g}, mean {mean_bits:.2f} bits over the "
+        ctx.info(f"cluster-weights: accuracy budget {budget} on {ref.source}: the requested bits gave {budget.show(requested)}"
+                 f"; backed off {n_float + n_more} of {len(order)} tensors ({n_float} kept float, "
+                 f"{n_more} at more bits): {budget.show(final)}, mean {mean_bits:.2f} bits over the "
                  f"clustered ones ({len(cache)} evaluations, {time.perf_counter() - t0:.1f} s)")
         return out
 

@@ -1,4 +1,4 @@
-"""Default schedules for channel-blocked (NCHW8c) kernels (graphopt.targets.nchwc_schedules):
+"""Default schedules for channel-blocked (NCHW8c) kernels (graphopt.targets.tvm.schedules.nchwc):
 BlockedConv fires on the fused conv2d_blocked / conv2d_stem / depthwise_blocked / pool_blocked
 kernels the lowering makes (pad → compute → bias / activation / residual epilogue), keeps their
 numbers (against onnxruntime on the NCHW operator), and declines every other kernel."""
@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from graphopt.targets.nchwc_schedules import (  # noqa: E402
+from graphopt.targets.tvm.schedules.nchwc import (  # noqa: E402
     BlockedConv,
     BlockedWindow,
     ConvShape,
@@ -27,11 +27,11 @@ from graphopt.targets.nchwc_schedules import (  # noqa: E402
 )
 from tvm_kernels import AVX2_MCPU, AVX512_MCPU, host_runs, isa_target, primitive_kernel  # noqa: E402
 
-from graphopt.targets import nchwc_schedules as NS  # noqa: E402
+from graphopt.targets.tvm.schedules import nchwc as NS  # noqa: E402
 from graphopt.targets.machine import machine_model  # noqa: E402
-from graphopt.targets.tvm import blocked_ops as BO  # noqa: E402
-from graphopt.targets.tvm.lower import legalize_and_fuse  # noqa: E402
-from graphopt.targets.tvm_schedules import (  # noqa: E402
+from graphopt.targets.tvm.kernels import blocked as BO  # noqa: E402
+from graphopt.targets.tvm.lower.lowerer import legalize_and_fuse  # noqa: E402
+from graphopt.targets.tvm.schedules.base import (  # noqa: E402
     OuterProduct,
     ScheduleStats,
     apply_default_schedules,
@@ -373,9 +373,9 @@ def test_k_chunked_conv_matches_the_default(k):
     import tvm
     from tvm import te
 
-    from graphopt.targets import nchwc_schedules as NS
-    from graphopt.targets.tvm import blocked_ops as BO
-    from graphopt.targets.tvm_schedules import default_schedule
+    from graphopt.targets.tvm.schedules import nchwc as NS
+    from graphopt.targets.tvm.kernels import blocked as BO
+    from graphopt.targets.tvm.schedules.base import default_schedule
 
     target = _target(threads=1)
 

@@ -1,4 +1,4 @@
-"""Default CPU schedules for transformer kernels (graphopt.targets.tvm_schedules): a matmul's
+"""Default CPU schedules for transformer kernels (graphopt.targets.tvm.schedules.base): a matmul's
 decomposed GELU epilogue becomes one block in the accumulator write-back, matmul-like kernels get
 the wide register tile and K blocking, and softmax / layer norm get the RowReduction rule. Every
 kernel is checked against numpy, a small encoder layer against onnxruntime."""
@@ -23,8 +23,8 @@ from onnx import helper as h  # noqa: E402
 from tvm_kernels import fuse, fused as _fused, avx2_target as _target, run as _run  # noqa: E402  (AVX2 expectations)
 
 import graphopt  # noqa: E402
-import graphopt.targets.tvm_schedules as S  # noqa: E402
-from graphopt.targets.tvm_schedules import LAYOUT_REWRITE_ANN, ScheduleStats, apply_default_schedules  # noqa: E402
+from graphopt.targets.tvm.schedules import base as S  # noqa: E402
+from graphopt.targets.tvm.schedules.base import LAYOUT_REWRITE_ANN, ScheduleStats, apply_default_schedules  # noqa: E402
 
 TT = relax.TensorType
 _erf = np.vectorize(erf)

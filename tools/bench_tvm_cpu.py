@@ -137,9 +137,9 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
         saved = {}
         for kv in args.schedule_knobs.split(";"):
             k, v = (t.strip() for t in kv.split("=", 1))
-            # NAME: a tvm_schedules knob; MODULE.NAME: one of graphopt.targets.MODULE (tvm.layout.FLAT_MAX_IH)
+            # NAME: a tvm.schedules.base knob; MODULE.NAME: one of graphopt.targets.MODULE (tvm.layout.FLAT_MAX_IH)
             mod_name, _, attr = k.rpartition(".")
-            mod = importlib.import_module(f"graphopt.targets.{mod_name or 'tvm_schedules'}")
+            mod = importlib.import_module(f"graphopt.targets.{mod_name or 'tvm.schedules.base'}")
             if not hasattr(mod, attr):
                 raise SystemExit(f"--schedule-knobs: {mod.__name__} has no {attr!r}")
             old = getattr(mod, attr)

@@ -719,7 +719,7 @@ def _run_child(spec_path: str, db_dir: str, threads: int, prog: TuningProgress, 
     # the builders' artifacts go inside the work folder, which goes with it even after a kill
     env["TMPDIR"] = os.path.join(os.path.dirname(spec_path), "tmp")
     os.makedirs(env["TMPDIR"], exist_ok=True)
-    cmd = [sys.executable, "-c", "from graphopt.targets.tvm_tuning import _child_main; _child_main()", spec_path]
+    cmd = [sys.executable, "-c", "from graphopt.targets.tvm.tuning.tuner import _child_main; _child_main()", spec_path]
     events: list[dict[str, Any]] = []
     with open(os.path.join(db_dir, _LOG_FILE), "ab") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True)
@@ -800,7 +800,7 @@ def _child_tune(spec: dict[str, Any], out: Any) -> None:  # noqa: C901 - one pro
     from tvm.s_tir import meta_schedule as ms
     from tvm.ir.utils import derived_object
 
-    from graphopt.targets.tvm_schedules import is_tunable_kernel
+    from graphopt.targets.tvm.schedules.base import is_tunable_kernel
 
     db_dir = spec["db_dir"]
     threads = int(spec["threads"])
@@ -1057,14 +1057,14 @@ def _static_shapes(func: Any) -> bool:
 
 
 def _measure_default(task_mod: Any, target: Any, database: Any, builder: Any, runner: Any) -> tuple[float | None, str | None, str]:
-    """Build and run the default schedule (graphopt.targets.tvm_schedules) of one workload with
+    """Build and run the default schedule (graphopt.targets.tvm.schedules.base) of one workload with
     the tuning builder/runner and commit it to `database` as a tuning record (its trace replays
     the schedule). Returns (mean ms or None, rule, error)."""
     import shutil
 
     from tvm.s_tir import meta_schedule as ms
 
-    from graphopt.targets.tvm_schedules import default_schedule
+    from graphopt.targets.tvm.schedules.base import default_schedule
 
     try:
         sch, rule, _notes = default_schedule(task_mod["main"], target)
@@ -1116,7 +1116,7 @@ def _paired_check(task_mod: Any, target: Any, database: Any, builder: Any, runne
     from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
-    from graphopt.targets.tvm_schedules import default_schedule
+    from graphopt.targets.tvm.schedules.base import default_schedule
 
     workload = database.commit_workload(task_mod)
     recs = list(database.get_top_k(workload, 64))
@@ -1186,10 +1186,10 @@ def _measure_variants(task_mod: Any, target: Any, database: Any, builder: Any, r
 
     from tvm.s_tir import meta_schedule as ms
 
-    from graphopt.targets.tvm_schedules import vector_lanes
+    from graphopt.targets.tvm.schedules.base import vector_lanes
 
     try:
-        from graphopt.targets.schedule_variants import variants
+        from graphopt.targets.tvm.tuning.variants import variants
 
         found = variants(task_mod["main"], target, vector_lanes(target))
     except Exception:  # noqa: BLE001 - a variant bug only loses the variants
@@ -1244,6 +1244,6 @@ def _build_with_hooks(mod: Any, target: Any, params: Any) -> Any:
     cpu_only_intrinsics()
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build
 
-    from .nchwc_schedules import apply_loop_marks_to_module
+    from ..schedules.nchwc import apply_loop_marks_to_module
 
     return default_build(apply_loop_marks_to_module(mod), target, params)

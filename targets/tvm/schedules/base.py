@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from graphopt.targets.tir_match import static_int
+from graphopt.targets.tvm.tir_match import static_int
 
 if TYPE_CHECKING:  # tvm is an optional dependency: import it lazily
     import tvm
@@ -124,7 +124,7 @@ class ScheduleStats:
 def vector_lanes(target: "tvm.target.Target", dtype_bits: int = 32) -> int:
     """SIMD lanes for `dtype_bits` elements on `target` (AVX2: 8 fp32, AVX-512: 16, NEON: 4):
     the target's machine model (graphopt.targets.machine)."""
-    from .machine import machine_model
+    from ...machine import machine_model
 
     return machine_model(target).lanes(dtype_bits)
 
@@ -586,7 +586,7 @@ class OuterProduct(ScheduleRule):
     def _schedule(self, sch, anchor, target, lanes, padded: bool = False):  # noqa: C901 - one schedule, step by step
         from tvm.tirx import IterVar
 
-        from .machine import machine_model
+        from ...machine import machine_model
 
         machine = machine_model(target)
         max_acc, max_acc_wide = machine.accumulators, machine.accumulators_wide
@@ -963,8 +963,8 @@ class _DlightRule(ScheduleRule):
 def default_rules(target: "tvm.target.Target") -> list[ScheduleRule]:
     from tvm.s_tir import dlight as dl
 
-    from .nchwc_schedules import BlockedConv  # channel-blocked (NCHW8c) convs; declines the rest
-    from .winograd_schedules import WinogradConv  # winograd_ops' kernels; declines the rest
+    from .nchwc import BlockedConv  # channel-blocked (NCHW8c) convs; declines the rest
+    from .winograd import WinogradConv  # winograd_ops' kernels; declines the rest
 
     return [
         Injective(),
@@ -1179,8 +1179,8 @@ def apply_default_schedules(
         target = tvm.target.Target(target)
     if str(target.kind.name) == "llvm" and _FAST_ERF:
         use_fast_erf()
-    from .machine import machine_model
-    from .tir_match import kernel_flops
+    from ...machine import machine_model
+    from ..tir_match import kernel_flops
 
     machine = machine_model(target)
     updates = {}
@@ -1245,7 +1245,7 @@ def serial_if_small(scheduled: "tvm.tirx.PrimFunc", original: "tvm.tirx.PrimFunc
     through TVMScript (there is no statement mutator in the Python API)."""
     import tvm
 
-    from .tir_match import kernel_flops
+    from ..tir_match import kernel_flops
 
     if getattr(machine, "cores", 1) <= 1:
         return scheduled

@@ -63,9 +63,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .machine import MachineModel, machine_model
-from .tir_match import static_int
-from .tvm_schedules import (
+from ...machine import MachineModel, machine_model
+from ..tir_match import static_int
+from .base import (
     ScheduleRule,
     divisors_of,
     fuse_parallel,
@@ -96,7 +96,7 @@ _CHUNK_WEIGHT_SHARE = 5 / 16
 # (12 KiB of 32) 2.37-2.41 ms, of 1-2 blocks 2.41-2.47 ms, 8 blocks 2.60 ms, 16 2.77 ms (3x3 512 on 7x7)
 _PASS_WEIGHT_SHARE = 3 / 8
 _MATERIALISE_PROLOGUE = True  # (off: inlined into the conv's reads, as before)
-_ROW_PASSES = True  # (off: to compare, tools/bench_tvm_cpu.py --schedule-knobs nchwc_schedules._ROW_PASSES=0)
+_ROW_PASSES = True  # (off: to compare, tools/bench_tvm_cpu.py --schedule-knobs tvm.schedules.nchwc._ROW_PASSES=0)
 
 
 def kernel_block(func: "tvm.tirx.PrimFunc", lanes: int) -> int:

@@ -47,9 +47,9 @@ from graphopt.ir.core import AttrType
 from graphopt.ir.types import TensorType
 from graphopt.targets.machine import MachineModel, machine_model
 
-from .blocked_ops import max_pool_nchw
-from .converter_registry import CONVERTERS, LoweringError, const_value, converter, dims_of
-from .minmax_ops import arg_max_min, reduce_max_min
+from ..kernels.blocked import max_pool_nchw
+from .registry import CONVERTERS, LoweringError, const_value, converter, dims_of
+from ..kernels.minmax import arg_max_min, reduce_max_min
 
 KERNEL_KEY = "graphopt.kernel"
 
@@ -1800,4 +1800,4 @@ def _registered_legalizations(n_ops: int) -> dict[str, Any]:
 
 from . import converters as _converters  # noqa: E402,F401  (registers more of CONVERTERS)
 from .dynamic import function_scope  # noqa: E402
-from . import layout as _layout  # noqa: E402
+from .. import layout as _layout  # noqa: E402

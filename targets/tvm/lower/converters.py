@@ -20,7 +20,7 @@ from tvm import relax
 
 from graphopt.ir import Node
 
-from .converter_registry import CONVERTERS, LoweringError, const_value, converter, dims_of
+from .registry import CONVERTERS, LoweringError, const_value, converter, dims_of
 
 R = relax.op
 
@@ -477,7 +477,7 @@ UNROLL_STEPS = 0
 def _recurrent_loop(bb: relax.BlockBuilder, node: Node, ins: list[Any], c: dict[str, Any], gates: int) -> list[Any]:
     """RNN / GRU / LSTM as the input projection of every step and direction (one matmul) and
     one kernel that loops over the (possibly symbolic) sequence length (`recurrent_ops`)."""
-    from . import recurrent_ops as RO
+    from ..kernels import recurrent as RO
 
     op, x, dtype, hsz, dirs = node.op_type, c["x"], _dt(c["x"]), c["hidden"], c["dirs"]
     gh = gates * hsz
@@ -1395,7 +1395,7 @@ def _value_switch(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int
     """Convert `node` once per possible value of its run-time scalar input `pos` (as a constant:
     the existing converters specialise on it) and pick the branch at run time. `normalise` maps
     the run-time value to one of `values` first (negative axes)."""
-    from .lower import convert_node
+    from .lowerer import convert_node
 
     v = ins[pos]
     dt = _dt(v)

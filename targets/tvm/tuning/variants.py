@@ -36,9 +36,9 @@ def _hash(sch: Any) -> int:
 
 def variants(func: "tvm.tirx.PrimFunc", target: "tvm.target.Target", lanes: int) -> list[tuple[str, Any]]:
     """(label, traced Schedule) for each variant of `func`'s default schedule that differs from it."""
-    from .machine import machine_model
-    from .nchwc_schedules import BlockedConv, BlockedWindow, ConvTile
-    from .winograd_schedules import WinogradConv
+    from ...machine import machine_model
+    from ..schedules.nchwc import BlockedConv, BlockedWindow, ConvTile
+    from ..schedules.winograd import WinogradConv
 
     machine = machine_model(target)
     exact = machine.conv_tiles

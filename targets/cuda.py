@@ -191,7 +191,7 @@ def _tune_on_gpu(mod: Any, target: Any, options: CompileOptions) -> dict[str, An
     import tvm.support.nvcc  # noqa: F401 - registers the CUDA compile callback the builder needs
     from tvm.s_tir import meta_schedule as ms
 
-    from graphopt.targets.tvm.schedules.base import is_tunable_kernel
+    from graphopt.targets.tvm.schedules import is_tunable_kernel
 
     os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc" if nvcc() else "nvrtc")
     db_dir = os.path.abspath(str(options.tuning_db))

@@ -346,7 +346,7 @@ def test_conv_prologue_is_computed_once_not_per_tile():
     conv and leaves the BN + Relu prologue a block of its own, computed once per input value (it
     used to be inlined into the conv's reads: recomputed for every tile of output blocks, inside
     the reduction; DenseNet-121 42.7 -> 36.6 ms). Numbers against onnxruntime."""
-    from graphopt.targets.tvm.schedules.base import ScheduleStats, apply_default_schedules
+    from graphopt.targets.tvm.schedules import ScheduleStats, apply_default_schedules
 
     m = _parse(_HEAD + """g (float[1, 16, 12, 12] x) => (float[1, 32, 12, 12] y) {
     a = Conv <kernel_shape = [1, 1]> (x, w1)

@@ -46,7 +46,7 @@ def _apply_and_check(db):
     softmax never) and the tuned + default-scheduled module keeps its numbers."""
     from tvm.relax.backend.cpu_generic import pipeline as cp
 
-    from graphopt.targets.tvm.schedules.base import apply_default_schedules
+    from graphopt.targets.tvm.schedules import apply_default_schedules
 
     (entry,) = json.load(open(os.path.join(db, "graphopt_ledger.json"))).values()
     tuned = apply_database(_matmul_relu(), _target(), db)
@@ -70,7 +70,7 @@ def _check_kept_the_faster(db, summary):
     database gives exactly the default schedule when it won (a tuned one when it did not)."""
     import tvm_ffi
 
-    from graphopt.targets.tvm.schedules.base import apply_default_schedules
+    from graphopt.targets.tvm.schedules import apply_default_schedules
     from graphopt.targets.tvm.tuning.tuner import kept_schedules
 
     ledger = json.load(open(os.path.join(db, "graphopt_ledger.json")))
@@ -289,7 +289,7 @@ def test_paired_check_reorders_records_measured_under_different_load(tmp_path):
     from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
-    from graphopt.targets.tvm.schedules.base import default_schedule
+    from graphopt.targets.tvm.schedules import default_schedule
 
     tvm_tuning.cpu_only_intrinsics()
     mod = tvm_tuning.normalize_for_tuning(_matmul_relu(m=64, k=64, n=64))

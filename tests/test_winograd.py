@@ -20,12 +20,12 @@ import graphopt  # noqa: E402
 from graphopt.check import run_onnxruntime  # noqa: E402
 from graphopt.errors import UsageError  # noqa: E402
 from graphopt.passes.fusion.kernel_groups import PlanKernels  # noqa: E402
-from graphopt.targets.tvm.schedules import nchwc as NS  # noqa: E402
+from graphopt.targets.tvm.schedules import loop_marks as LM  # noqa: E402
 from graphopt.targets.tvm.tuning.variants import variants  # noqa: E402
 from graphopt.targets.tvm import layout as TL  # noqa: E402
 from graphopt.targets.tvm.lower import lowerer as L  # noqa: E402
 from graphopt.targets.tvm.kernels import winograd as WO  # noqa: E402
-from graphopt.targets.tvm.schedules.base import default_rules, default_schedule  # noqa: E402
+from graphopt.targets.tvm.schedules import default_rules, default_schedule  # noqa: E402
 from graphopt.targets.tvm.schedules.winograd import WinogradConv  # noqa: E402
 from graphopt.transform import PassContext, optimize  # noqa: E402
 from tvm_kernels import AVX2_CPU, AVX2_MCPU, primitive_kernel  # noqa: E402
@@ -288,7 +288,7 @@ def _run_kernel(func, c=32, h=14, oc=32, m=2, seed=0):
     ref = sum(np.einsum("nchw,oc->nohw", xp[:, :, i : i + h, j : j + h], w[:, :, i, j].astype(np.float64))
               for i in range(3) for j in range(3))
     ref = np.maximum(ref + bias.reshape(1, -1, 1, 1) + r, 0)
-    lib = tvm.compile(tvm.IRModule({"main": NS.apply_loop_marks(func).with_attr("global_symbol", "main")}),
+    lib = tvm.compile(tvm.IRModule({"main": LM.apply_loop_marks(func).with_attr("global_symbol", "main")}),
                       target=host_target())
     shape = (1, oc // B, h, h, B)
     size = int(np.prod(shape))

@@ -390,7 +390,7 @@ class OrtTimer:
 def _compile(func, target):
     import tvm
 
-    from graphopt.targets.tvm.schedules.nchwc import apply_loop_marks
+    from graphopt.targets.tvm.schedules.loop_marks import apply_loop_marks
 
     return tvm.compile(tvm.IRModule({"main": apply_loop_marks(func).with_attr("global_symbol", "main")}), target=target)
 
@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TVM_NUM_THREADS", str(a.threads))
     if os.environ["TVM_NUM_THREADS"] != str(a.threads):
         print(f"warning: TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']} but --threads {a.threads}", file=sys.stderr)
-    from graphopt.targets.tvm.schedules.nchwc import ConvTile
+    from graphopt.targets.tvm.schedules.tiles import ConvTile
     from graphopt.targets.tvm.build import host_target
 
     target = host_target(threads=a.threads)

@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         return profile_model(args.profile_model, args.threads, cpu_time=args.cpu_time, cold=args.cold)
     import tvm
 
-    from graphopt.targets.tvm.schedules.base import ScheduleStats, apply_default_schedules
+    from graphopt.targets.tvm.schedules import ScheduleStats, apply_default_schedules
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
                                 "num-cores": args.threads})

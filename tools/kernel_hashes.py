@@ -32,7 +32,7 @@ def hashes(model: str, mcpu: str, keep_symbolic: bool = False) -> dict[str, int]
     from graphopt.target import get_target
     from graphopt.targets.tvm import build as B
     from graphopt.targets.tvm.lower import lowerer as L
-    from graphopt.targets.tvm.schedules.base import apply_default_schedules
+    from graphopt.targets.tvm.schedules import apply_default_schedules
     from graphopt.transform import PassContext
 
     B.host_cpu = lambda: mcpu  # (trees from before the machine model read the host's mcpu)

@@ -90,7 +90,7 @@ def rpc_tune(
     cpu_only_intrinsics()
     from tvm.s_tir import meta_schedule as ms
 
-    from graphopt.targets.tvm.schedules.base import is_tunable_kernel
+    from graphopt.targets.tvm.schedules import is_tunable_kernel
 
     if trials <= 0:
         raise GraphoptError("rpc tuning needs a positive trial budget")

@@ -131,7 +131,7 @@ def schedule(
                     info.tuning["kept"] = kept(tuning_db)  # workloads keeping default / tuned schedules
             if tuning_db and os.path.isdir(tuning_db):
                 mod = tuning.apply_database(mod, target, tuning_db)
-    scheds = _optional("graphopt.targets.tvm.schedules.base")
+    scheds = _optional("graphopt.targets.tvm.schedules")
     if scheds is not None:
         try:
             stats = scheds.ScheduleStats()
@@ -201,7 +201,7 @@ def finish_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0)
     def _finish(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        from .schedules.nchwc import apply_loop_marks_to_module
+        from .schedules.loop_marks import apply_loop_marks_to_module
 
         mod = apply_loop_marks_to_module(mod)  # ragged pixel tiles, row passes
         with target:

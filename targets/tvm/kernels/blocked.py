@@ -26,7 +26,7 @@ from typing import Any
 
 from tvm import te, tirx
 
-from ..schedules.nchwc import FLAT_ROWS
+from .annotations import FLAT_ROWS
 from .minmax import nan_max
 
 __all__ = [

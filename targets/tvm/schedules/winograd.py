@@ -25,9 +25,10 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from .nchwc import BlockedConv, ConvTile, loops_below, write_back_loops, kernel_block
 from ..tir_match import static_int
 from .base import ScheduleRule, fuse_parallel, inline_consumers, one_reduction, root_block
+from .nchwc import BlockedConv, kernel_block, loops_below, write_back_loops
+from .tiles import ConvTile
 
 if TYPE_CHECKING:
     import tvm

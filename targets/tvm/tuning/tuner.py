@@ -800,7 +800,7 @@ def _child_tune(spec: dict[str, Any], out: Any) -> None:  # noqa: C901 - one pro
     from tvm.s_tir import meta_schedule as ms
     from tvm.ir.utils import derived_object
 
-    from graphopt.targets.tvm.schedules.base import is_tunable_kernel
+    from graphopt.targets.tvm.schedules import is_tunable_kernel
 
     db_dir = spec["db_dir"]
     threads = int(spec["threads"])
@@ -1064,7 +1064,7 @@ def _measure_default(task_mod: Any, target: Any, database: Any, builder: Any, ru
 
     from tvm.s_tir import meta_schedule as ms
 
-    from graphopt.targets.tvm.schedules.base import default_schedule
+    from graphopt.targets.tvm.schedules import default_schedule
 
     try:
         sch, rule, _notes = default_schedule(task_mod["main"], target)
@@ -1116,7 +1116,7 @@ def _paired_check(task_mod: Any, target: Any, database: Any, builder: Any, runne
     from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
-    from graphopt.targets.tvm.schedules.base import default_schedule
+    from graphopt.targets.tvm.schedules import default_schedule
 
     workload = database.commit_workload(task_mod)
     recs = list(database.get_top_k(workload, 64))
@@ -1186,7 +1186,7 @@ def _measure_variants(task_mod: Any, target: Any, database: Any, builder: Any, r
 
     from tvm.s_tir import meta_schedule as ms
 
-    from graphopt.targets.tvm.schedules.base import vector_lanes
+    from graphopt.targets.tvm.schedules import vector_lanes
 
     try:
         from graphopt.targets.tvm.tuning.variants import variants
@@ -1244,6 +1244,6 @@ def _build_with_hooks(mod: Any, target: Any, params: Any) -> Any:
     cpu_only_intrinsics()
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build
 
-    from ..schedules.nchwc import apply_loop_marks_to_module
+    from ..schedules.loop_marks import apply_loop_marks_to_module
 
     return default_build(apply_loop_marks_to_module(mod), target, params)

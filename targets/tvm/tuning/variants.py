@@ -37,7 +37,8 @@ def _hash(sch: Any) -> int:
 def variants(func: "tvm.tirx.PrimFunc", target: "tvm.target.Target", lanes: int) -> list[tuple[str, Any]]:
     """(label, traced Schedule) for each variant of `func`'s default schedule that differs from it."""
     from ...machine import machine_model
-    from ..schedules.nchwc import BlockedConv, BlockedWindow, ConvTile
+    from ..schedules.nchwc import BlockedConv, BlockedWindow
+    from ..schedules.tiles import ConvTile
     from ..schedules.winograd import WinogradConv
 
     machine = machine_model(target)

@@ -27,7 +27,7 @@ from graphopt.targets.tvm.schedules import nchwc as NS  # noqa: E402
 from graphopt.targets.tvm.schedules import tiles as TI  # noqa: E402
 from graphopt.targets.machine import machine_model  # noqa: E402
 from graphopt.targets.tvm.kernels import blocked as BO  # noqa: E402
-from graphopt.targets.tvm.lower.lowerer import legalize_and_fuse  # noqa: E402
+from graphopt.targets.tvm.lower.legalize import legalize_and_fuse  # noqa: E402
 from graphopt.targets.tvm.schedules import ScheduleStats, apply_default_schedules, default_schedule  # noqa: E402
 from graphopt.targets.tvm.schedules.outer_product import OuterProduct  # noqa: E402
 

@@ -190,7 +190,7 @@ def build_module(case: Case, target, winograd: int = 0):
 
     from graphopt.targets.tvm.kernels import blocked as BO
     from graphopt.targets.tvm.kernels import winograd as WO
-    from graphopt.targets.tvm.lower.lowerer import legalize_and_fuse
+    from graphopt.targets.tvm.lower.legalize import legalize_and_fuse
 
     TT = relax.TensorType
     c, h, oc, k, s, oh = case.c, case.h, case.oc, case.k, case.s, case.oh

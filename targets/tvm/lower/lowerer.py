@@ -12,7 +12,7 @@ AnnotateTIROpPattern → FuseTIR, giving one TIR PrimFunc per group, named after
 Per node, Relax expressions come from Relax's ONNX frontend converters where one exists (they
 are called one node at a time, with the block builder, the node's inputs and its parsed
 attributes; this relies on private helpers of apache-tvm 0.27, so the version is pinned) and
-from graphopt's own converters (`CONVERTERS` below) for ops it lacks or gets wrong.
+from graphopt's own converters (`CONVERTERS`, registered by `converters/`) for ops it lacks or gets wrong.
 
 Constants: large initializers (weights) become parameters of `main` (bound at load time from
 the artifact's params file, so the library stays small) and reach a group as arguments (FuseTIR
@@ -28,28 +28,29 @@ by node; `LoweredModule.inline_groups` lists them with the reason.
 
 from __future__ import annotations
 
-import functools
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
 import numpy as np
-import onnx
 import tvm
 import tvm.sym  # the Analyzer (0.27 moved tvm.arith to tvm.sym)
 from tvm import relax
-from tvm.relax.frontend.onnx import onnx_frontend as _fe
 
 from graphopt import GraphoptError
 from graphopt.ir import Model, Node, Value
-from graphopt.ir.core import AttrType
 from graphopt.ir.types import TensorType
 from graphopt.targets.machine import MachineModel, machine_model
 
-from ..kernels.blocked import max_pool_nchw
-from .registry import CONVERTERS, LoweringError, const_value, converter, dims_of
-from ..kernels.minmax import arg_max_min, reduce_max_min
+from .. import layout as _layout
+from . import converters  # noqa: F401  (registers graphopt's converters into CONVERTERS)
+from .dynamic import function_scope
+from .checks import check_body_arity, check_not_empty, check_outputs, check_schema, check_size
+from .legalize import legalize_and_fuse
+from .node import convert_node, split_outputs
+from .registry import LoweringError, const_value, contiguous_array, dims_of, relax_constant
+from .symbolic import ShapeUnificationError, Sym, sym_eval, check_unified, materialise
+
 
 KERNEL_KEY = "graphopt.kernel"
 
@@ -58,78 +59,6 @@ KERNEL_KEY = "graphopt.kernel"
 INLINE_INT_ELEMS = 4096
 #: any constant up to this many elements is inlined
 INLINE_ANY_ELEMS = 16
-#: elements per tensor: TVM folds shapes and flat indices into int32 literals in places
-#: (RewriteDataflowReshape rejected a 2**42-element Tile), and a schedule's loops over a dim of
-#: 2**40 ran for minutes before building anything
-MAX_ELEMENTS = 2**31 - 1
-
-
-def _contiguous(a: np.ndarray) -> np.ndarray:
-    """C-contiguous, keeping 0-d arrays 0-d (np.ascontiguousarray makes them 1-d)."""
-    return np.require(a, requirements="C")
-
-
-class ShapeUnificationError(LoweringError):
-    """A node needs dims of its inputs equal that are different expressions of the symbolic input
-    dims (a Concat of an upsampled map with a skip connection: `((H - 3) // 8 + 1) * 2` and
-    `(H - 3) // 4 + 1`); `divisors` maps each symbolic dim to the multiple that makes them equal
-    expressions (the product of the floor divisions it goes through)."""
-
-    def __init__(self, msg: str, divisors: dict[str, int]) -> None:
-        super().__init__(msg)
-        self.divisors = divisors
-
-
-def _floordiv_multiple(e: Any, out: dict[str, int]) -> None:
-    """For each var of dim expression `e`, the product of the constant floor divisors above it
-    (lcm over the paths): `(H - 3) // 8 + 1` → {"H": 8}."""
-    import math
-
-    def walk(x: Any, factor: int) -> None:
-        if isinstance(x, tvm.tirx.Var):
-            out[x.name] = math.lcm(out.get(x.name, 1), factor)
-            return
-        if isinstance(x, (tvm.tirx.FloorDiv, tvm.tirx.FloorMod, tvm.tirx.Div, tvm.tirx.Mod)):
-            d = x.b
-            walk(x.a, factor * int(d.value) if isinstance(d, tvm.tirx.IntImm) and int(d.value) > 0 else factor)
-            walk(x.b, factor)
-            return
-        for k in ("a", "b", "value", "condition", "true_value", "false_value"):
-            sub = getattr(x, k, None)
-            if isinstance(sub, tvm.ir.expr.Expr) and not isinstance(x, tvm.tirx.IntImm):
-                walk(sub, factor)
-
-    walk(e, 1)
-
-
-#: ops whose output shape joins their inputs' dims (equal, or broadcast): where a strided map meets
-#: an unstrided one, `_check_unified` asks for multiples
-JOINING_OPS = frozenset("""Concat Add Sub Mul Div Pow Max Min Sum Mean Where And Or Xor Equal Less Greater
-    LessOrEqual GreaterOrEqual PRelu BitShift Mod MatMul Gemm Conv ConvInteger BatchNormalization""".split())
-
-
-def _check_unified(node: Node, ins: list[Any], outs: list[Any]) -> None:
-    """Raise ShapeUnificationError when `node` lost its output shape (rank only) although every
-    tensor input had one: Relax could not prove dims equal that the op needs equal."""
-    def shaped(e: Any) -> bool:
-        ty = getattr(e, "ty", None) if isinstance(e, relax.Expr) else None
-        return not isinstance(ty, relax.TensorType) or isinstance(ty.shape, relax.ShapeExpr)
-
-    if node.op_type not in JOINING_OPS or all(shaped(o) for o in outs) or not all(shaped(e) for e in ins if e is not None):
-        return
-    divisors: dict[str, int] = {}
-    shown = []
-    for e in ins:
-        ty = getattr(e, "ty", None) if isinstance(e, relax.Expr) else None
-        if isinstance(ty, relax.TensorType) and isinstance(ty.shape, relax.ShapeExpr):
-            for d in ty.shape.values:
-                if not isinstance(d, tvm.tirx.IntImm):
-                    _floordiv_multiple(d, divisors)
-            shown.append("[" + ", ".join(str(d) for d in ty.shape.values) + "]")
-    if not any(m > 1 for m in divisors.values()):
-        return  # (no strided map among them: not what multiples fix)
-    raise ShapeUnificationError(f"node {node.label()}: {node.op_type} of inputs of shapes {', '.join(shown)} "
-                                "that are not equal for every size of the symbolic dims", divisors)
 
 
 @dataclass
@@ -154,707 +83,10 @@ class LoweredModule:
     winograd_symbolic: list[str] = field(default_factory=list)  # convs kept direct: symbolic maps
 
 
-# --- attributes -----------------------------------------------------------------------------------
-
-
-def onnx_attrs(node: Node) -> dict[str, Any]:
-    """The attribute dict Relax's ONNX frontend passes its converters (ONNXGraphImporter._parse_attr)."""
-    out: dict[str, Any] = {}
-    for a in node.attributes.values():
-        v = a.value
-        t = a.type
-        if t == AttrType.INT or t == AttrType.FLOAT:
-            out[a.name] = v
-        elif t == AttrType.STRING:
-            out[a.name] = v.encode() if isinstance(v, str) else v
-        elif t in (AttrType.INTS, AttrType.FLOATS):
-            if list(v):
-                out[a.name] = tuple(v)
-        elif t == AttrType.STRINGS:
-            if list(v):
-                out[a.name] = tuple(s.encode() if isinstance(s, str) else s for s in v)
-        elif t == AttrType.TENSOR:
-            out[a.name] = onnx.numpy_helper.from_array(np.asarray(v.numpy()))
-        else:
-            raise LoweringError(f"node {node.label()}: attribute {a.name!r} of kind {AttrType(t).name} is not supported by the cpu target")
-    return out
-
-
-def _attr(node: Node, name: str, default: Any = None) -> Any:
-    return node.attr(name, default)
-
-
-# --- converters ---------------------------------------------------------------------------------
-
-@converter("ConvInteger")
-def _conv_integer(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
-    """2-D ConvInteger (the frontend has none; grouped too) with constant zero points, weight zero point 0:
-    Pad(x, value x_zp) → conv2d accumulating in int32 → − x_zp·ΣW[oc] (the filter sums from the
-    weight's value), so the reduction is a plain int8 product the int8 kernels tensorize."""
-    from graphopt.pattern import const_array
-
-    zx, zw = (const_array(node.inputs[i]) if len(node.inputs) > i and node.inputs[i] is not None else np.zeros(())
-              for i in (2, 3))
-    if zx is None or zw is None or zx.size != 1 or np.any(zw != 0):
-        raise LoweringError(f"node {node.label()}: ConvInteger needs a constant scalar x_zero_point and a zero "
-                            "w_zero_point on the cpu target")
-    if len(ins[1].ty.shape) != 4 or str(_attr(node, "auto_pad", "NOTSET")) != "NOTSET":
-        raise LoweringError(f"node {node.label()}: only 2-D ConvInteger with explicit pads is supported by the cpu target")
-    top, left, bottom, right = (list(_attr(node, "pads", [0, 0, 0, 0])) + [0, 0, 0, 0])[:4]
-    z = int(zx.reshape(()))
-    x = ins[0]
-    if top or left or bottom or right:
-        x = bb.normalize(relax.op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(z)))
-    y = bb.normalize(relax.op.nn.conv2d(x, ins[1], strides=list(_attr(node, "strides", [1, 1])), padding=[0, 0, 0, 0],
-                                        dilation=list(_attr(node, "dilations", [1, 1])),
-                                        groups=int(_attr(node, "group", 1)), out_dtype="int32"))
-    if z:
-        w = const_array(node.inputs[1])
-        if w is None:
-            raise LoweringError(f"node {node.label()}: ConvInteger with a zero point needs constant weights on the cpu target")
-        corr = (z * w.reshape(w.shape[0], -1).astype(np.int64).sum(axis=1)).astype(np.int32).reshape(1, -1, 1, 1)
-        y = relax.op.subtract(y, relax.const(corr, "int32"))
-    return y
-
-
-# --- shape arithmetic, evaluated while lowering ----------------------------------------------------
-
-
-@dataclass
-class Sym:
-    """An integer tensor of rank 0 or 1 whose elements are known expressions of the symbolic
-    dims (Shape → Gather → Unsqueeze → Concat chains): evaluated here instead of computed at run
-    time, so Reshape/Expand/... get a static or symbolic shape and stay kernels."""
-
-    vals: list[Any]  # ints or tirx PrimExprs (int64)
-    scalar: bool = False
-    dtype: str = "int64"
-
-    def static(self) -> np.ndarray | None:
-        out = []
-        for v in self.vals:
-            if isinstance(v, (bool, np.bool_)):
-                out.append(bool(v))
-            elif isinstance(v, (int, np.integer)):
-                out.append(int(v))
-            elif isinstance(v, tvm.tirx.IntImm):
-                out.append(int(v.value))
-            else:
-                return None
-        arr = np.asarray(out, dtype=bool if self.dtype == "bool" else self.dtype)
-        return arr.reshape(()) if self.scalar else arr
-
-
-_SHAPE_CONSUMERS = {"Reshape", "Expand", "ConstantOfShape"}
-
-
-def _as_sym(e: Any) -> Sym | None:
-    if isinstance(e, Sym):
-        return e
-    v = const_value(e)
-    if v is not None and v.dtype.kind in "iu" and v.ndim <= 1 and v.size <= 64:
-        return Sym([int(x) for x in v.reshape(-1)], scalar=v.ndim == 0, dtype=str(v.dtype))
-    return None
-
-
-def _sym_eval(node: Node, ins: list[Any]) -> list[Sym] | None:
-    """Outputs of `node` as Syms when its inputs allow (at least one a Sym); None otherwise."""
-    op = node.op_type
-    if op == "Shape":
-        x = ins[0]
-        ty = getattr(x, "ty", None)
-        if not isinstance(ty, relax.TensorType) or ty.shape is None or not isinstance(ty.shape, relax.ShapeExpr):
-            return None
-        dims = list(ty.shape.values)
-        start, end = node.attr("start", 0), node.attr("end", None)
-        return [Sym(dims[start:end])]
-    if not any(isinstance(e, Sym) for e in ins):
-        return None
-    syms = [_as_sym(e) if e is not None else None for e in ins]
-    if any(e is not None and s is None for e, s in zip(ins, syms)):
-        return None
-    a = syms[0]
-    assert a is not None
-    if op in ("Identity",):
-        return [a]
-    if op == "Cast":
-        to = onnx.helper.tensor_dtype_to_np_dtype(node.attr("to"))
-        if to.kind not in "iu":
-            return None
-        return [Sym(a.vals, a.scalar, str(to))]
-    if op == "Gather":
-        idx = syms[1]
-        if idx is None or idx.static() is None or a.scalar or node.attr("axis", 0) != 0:
-            return None
-        n = len(a.vals)
-        picked = [a.vals[int(i) + n if int(i) < 0 else int(i)] for i in idx.vals]
-        return [Sym(picked, idx.scalar, a.dtype)]
-    if op == "Unsqueeze":
-        if not a.scalar:
-            return None
-        return [Sym(a.vals, False, a.dtype)]
-    if op == "Squeeze":
-        if a.scalar or len(a.vals) != 1:
-            return None
-        return [Sym(a.vals, True, a.dtype)]
-    if op == "Concat":
-        if any(s is None or s.scalar for s in syms):
-            return None
-        return [Sym([v for s in syms for v in s.vals], False, a.dtype)]  # type: ignore[union-attr]
-    if op == "Reshape":
-        if a.scalar:
-            return None
-        shape = syms[1].static() if syms[1] is not None else None
-        if shape is None or shape.size > 1:
-            return None
-        return [Sym(a.vals, shape.size == 0, a.dtype)]
-    if op == "Slice" and not a.scalar:
-        rest = [s.static() if s is not None else None for s in syms[1:]]
-        if any(r is None for r in rest[:2]):
-            return None
-        if len(rest) > 2 and rest[2] is not None and list(rest[2]) not in ([0], [-1]):
-            return None
-        step = int(rest[3][0]) if len(rest) > 3 and rest[3] is not None else 1
-        return [Sym(a.vals[slice(int(rest[0][0]), int(rest[1][0]), step)], False, a.dtype)]
-    if op == "Equal" and len(syms) == 2 and syms[1] is not None:
-        b = syms[1]
-        la, lb = len(a.vals), len(b.vals)
-        if la != lb and la != 1 and lb != 1:
-            return None
-        n = max(la, lb)
-        pairs = zip(a.vals * n if la == 1 else a.vals, b.vals * n if lb == 1 else b.vals)
-        res = [_decide_equal(_prim(x), _prim(y)) for x, y in pairs]
-        if any(r is None for r in res):
-            return None
-        return [Sym(res, a.scalar and b.scalar, "bool")]
-    if op == "Where" and len(syms) == 3 and all(x is not None for x in syms):
-        c, x, y = syms
-        cond = c.static()
-        if cond is None:
-            return None
-        n = max(len(c.vals), len(x.vals), len(y.vals))
-        cv = list(cond.reshape(-1)) * (n if cond.size == 1 else 1)
-        xv = x.vals * n if len(x.vals) == 1 else x.vals
-        yv = y.vals * n if len(y.vals) == 1 else y.vals
-        if not (len(cv) == len(xv) == len(yv) == n):
-            return None
-        return [Sym([xi if ci else yi for ci, xi, yi in zip(cv, xv, yv)], c.scalar and x.scalar and y.scalar, x.dtype)]
-    if op in ("Add", "Sub", "Mul", "Div") and len(syms) == 2 and syms[1] is not None:
-        b = syms[1]
-        la, lb = len(a.vals), len(b.vals)
-        if la != lb and la != 1 and lb != 1:
-            return None
-        n = max(la, lb)
-        av = a.vals * n if la == 1 else a.vals
-        bv = b.vals * n if lb == 1 else b.vals
-        fn = {"Add": lambda x, y: x + y, "Sub": lambda x, y: x - y, "Mul": lambda x, y: x * y,
-              "Div": lambda x, y: x // y if isinstance(x, int) and isinstance(y, int) else tvm.tirx.floordiv(x, y)}[op]
-        vals = [_simplify(fn(_prim(x), _prim(y))) for x, y in zip(av, bv)]
-        return [Sym(vals, a.scalar and b.scalar, a.dtype)]
-    return None
-
-
-_ANALYZER: Any = None
-
-
-def _decide_equal(x: Any, y: Any) -> bool | None:
-    """x == y for ints or dim expressions; None when it cannot be decided at compile time.
-    Dims are never negative, so a dim never equals a negative constant (Reshape's -1)."""
-    if isinstance(x, int) and isinstance(y, int):
-        return x == y
-    if isinstance(x, int) and x < 0 or isinstance(y, int) and y < 0:
-        return False
-    global _ANALYZER
-    if _ANALYZER is None:
-        _ANALYZER = tvm.sym.Analyzer()
-    d = _ANALYZER.simplify(x - y)
-    if isinstance(d, tvm.tirx.IntImm):
-        return int(d.value) == 0
-    return None
-
-
-def _prim(v: Any) -> Any:
-    return int(v) if isinstance(v, (int, np.integer)) else v
-
-
-def _simplify(v: Any) -> Any:
-    global _ANALYZER
-    if isinstance(v, int):
-        return v
-    if _ANALYZER is None:
-        _ANALYZER = tvm.sym.Analyzer()
-    r = _ANALYZER.simplify(v)
-    return int(r.value) if isinstance(r, tvm.tirx.IntImm) else r
-
-
-def materialise(bb: relax.BlockBuilder, s: Sym, consumer: str) -> Any:
-    """A Sym as what a converter can take: a constant when static, a ShapeExpr for shape
-    consumers, else a runtime tensor."""
-    arr = s.static()
-    if arr is not None:
-        return _const(arr)
-    if consumer in _SHAPE_CONSUMERS and not s.scalar:
-        return relax.ShapeExpr([tvm.tirx.IntImm("int64", v) if isinstance(v, int) else v for v in s.vals])
-    t = bb.emit(relax.op.shape_to_tensor(relax.ShapeExpr([tvm.tirx.IntImm("int64", v) if isinstance(v, int) else v for v in s.vals])))
-    if s.dtype != "int64":
-        t = bb.emit(relax.op.astype(t, s.dtype))
-    if s.scalar:
-        t = bb.emit(relax.op.reshape(t, []))
-    return t
-
-
-@converter("LayerNormalization")
-def _layer_norm(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
-    """LayerNormalization with its optional Mean and InvStdDev outputs computed (the frontend
-    returns zeros for them); with only Y used, Relax's layer_norm."""
-    x, scale, bias = ins[0], ins[1], ins[2] if len(ins) > 2 else None
-    ndim = x.ty.ndim
-    axis = node.attr("axis", -1)
-    axis = axis + ndim if axis < 0 else axis
-    axes = list(range(axis, ndim))
-    eps = float(node.attr("epsilon", 1e-5))
-    dtype = str(x.ty.dtype)
-    extra_used = any(v.uses() or v.is_graph_output() for v in node.outputs[1:])
-    if not extra_used and bias is not None and _same_shape(scale, x, axes) and _same_shape(bias, x, axes):
-        return NotImplemented  # the frontend's layer_norm
-    stash = "float32" if dtype in ("float16", "bfloat16") else dtype
-    xs = bb.emit(relax.op.astype(x, stash)) if stash != dtype else x
-    mean = bb.emit(relax.op.mean(xs, axes, keepdims=True))
-    d = bb.emit(relax.op.subtract(xs, mean))
-    var = bb.emit(relax.op.mean(relax.op.multiply(d, d), axes, keepdims=True))
-    inv = bb.emit(relax.op.rsqrt(relax.op.add(var, relax.const(eps, stash))))
-    y = bb.emit(relax.op.multiply(d, inv))
-    if stash != dtype:
-        y = bb.emit(relax.op.astype(y, dtype))
-    y = bb.emit(relax.op.multiply(y, scale))
-    if bias is not None:
-        y = bb.emit(relax.op.add(y, bias))
-    return [y, mean, inv]
-
-
-@converter("Attention")
-def _attention(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
-    """ONNX Attention (opset 23): 3-D or 4-D Q/K/V, attn_mask (bool or additive, padded to the
-    key length), past key/value, is_causal (offset by the past length), GQA, scale, softcap,
-    softmax_precision, qk_matmul_output_mode; fully masked rows give zeros (as the reference)."""
-    nonpad = ins[6] if len(ins) > 6 else None
-    q, k, v = ins[0], ins[1], ins[2]
-    mask = ins[3] if len(ins) > 3 else None
-    past_k = ins[4] if len(ins) > 4 else None
-    past_v = ins[5] if len(ins) > 5 else None
-    dtype = str(q.ty.dtype)
-    emit = bb.emit
-    R = relax.op
-    rank3 = q.ty.ndim == 3
-    out_dtype = dtype
-    if dtype == "float16":  # computed in float32 (as onnxruntime's CPU kernels), rounded once at the end
-        dtype = "float32"
-        q, k, v, past_k, past_v = (emit(R.astype(e, dtype)) if e is not None else None for e in (q, k, v, past_k, past_v))
-        if mask is not None and str(mask.ty.dtype) == "float16":
-            mask = emit(R.astype(mask, dtype))
-    qh, kvh = node.attr("q_num_heads"), node.attr("kv_num_heads")
-    if rank3:
-        def heads(x: Any, h: int) -> Any:
-            b, sq, hid = dims_of(x)
-            x = emit(R.reshape(x, [b, sq, h, hid // h]))
-            return emit(R.permute_dims(x, [0, 2, 1, 3]))
-
-        q, k, v = heads(q, qh), heads(k, kvh), heads(v, kvh)
-    dq = dims_of(q)[3]
-    scale = node.attr("scale")
-    scale = 1.0 / np.sqrt(dq) if scale is None else float(scale)
-    sq_scale = relax.const(np.array(np.sqrt(scale), dtype=dtype), dtype)
-    present_k = emit(R.concat([past_k, k], axis=2)) if past_k is not None else k
-    present_v = emit(R.concat([past_v, v], axis=2)) if past_v is not None else v
-    qlen, kvlen = dims_of(q)[2], dims_of(present_k)[2]
-    neg_inf = relax.const(np.array(-np.inf, dtype=dtype), dtype)
-    zero = relax.const(np.array(0, dtype=dtype), dtype)
-    bias = None
-    if mask is not None:
-        mdims = dims_of(mask)
-        pad = kvlen - mdims[-1] if isinstance(kvlen, int) and isinstance(mdims[-1], int) else 0
-        if pad > 0:
-            fill = np.zeros(mdims[:-1] + [pad], dtype=bool) if str(mask.ty.dtype) == "bool" else np.full(mdims[:-1] + [pad], -np.inf, dtype=str(mask.ty.dtype))
-            mask = emit(R.concat([mask, relax.const(fill, str(fill.dtype))], axis=-1))
-        if str(mask.ty.dtype) == "bool":
-            mask = emit(R.where(mask, zero, neg_inf))
-        bias = mask
-    left, right = node.attr("left_window_size", -1), node.attr("right_window_size", -1)
-    windowed = left is not None and left >= 0 or right is not None and right >= 0
-    if node.attr("is_causal", 0) or windowed or nonpad is not None:
-        if not (isinstance(qlen, int) and isinstance(kvlen, int)):
-            raise LoweringError(f"node {node.label()}: causal/windowed/padded Attention needs static sequence lengths on the cpu target")
-        # diff[i, j] = (query i's absolute position) - j; the offset is the past length, or per
-        # batch nonpad_kv_seqlen - q_len (external cache) as a run-time [B, 1, 1, 1] tensor
-        rel = np.arange(qlen)[:, None] - np.arange(kvlen)[None, :]
-        npd = emit(R.reshape(emit(R.astype(nonpad, "int64")), (-1, 1, 1, 1))) if nonpad is not None else None
-        if npd is not None and past_k is None:
-            diff = emit(R.add(relax.const(rel.astype(np.int64), "int64"), R.subtract(npd, relax.const(np.array(qlen, np.int64), "int64"))))
-        else:
-            offset = dims_of(past_k)[2] if past_k is not None else 0
-            diff = relax.const((rel + offset).astype(np.int64), "int64")
-        allowed = None
-        zero64 = relax.const(np.array(0, np.int64), "int64")
-        conds = []
-        if node.attr("is_causal", 0):
-            conds.append(R.greater_equal(diff, zero64))
-        if left is not None and left >= 0:
-            conds.append(R.less_equal(diff, relax.const(np.array(left, np.int64), "int64")))
-        if right is not None and right >= 0:
-            conds.append(R.less_equal(R.negative(diff), relax.const(np.array(right, np.int64), "int64")))
-        if nonpad is not None:
-            conds.append(R.less(relax.const(np.arange(kvlen, dtype=np.int64), "int64"), npd))
-        for c in conds:
-            c = emit(c)
-            allowed = c if allowed is None else emit(R.logical_and(allowed, c))
-        if allowed is not None:
-            extra = emit(R.where(allowed, zero, neg_inf))
-            bias = emit(R.add(bias, extra)) if bias is not None else extra
-    nq, nk = dims_of(q)[1], dims_of(present_k)[1]
-    kk, vv = present_k, present_v
-    if isinstance(nq, int) and isinstance(nk, int) and nq != nk and nq % nk == 0:
-        kk = emit(R.repeat(kk, nq // nk, axis=1))
-        vv = emit(R.repeat(vv, nq // nk, axis=1))
-    qk = emit(R.matmul(emit(R.multiply(q, sq_scale)), emit(R.permute_dims(emit(R.multiply(kk, sq_scale)), [0, 1, 3, 2]))))
-    softcap = node.attr("softcap")
-    if softcap is not None and float(softcap) > 0:
-        c = relax.const(np.array(float(softcap), dtype=dtype), dtype)
-        qk = emit(R.multiply(R.tanh(R.divide(qk, c)), c))
-    mode = node.attr("qk_matmul_output_mode", 0)
-    out_qk = qk
-    scores = emit(R.add(qk, bias)) if bias is not None else qk
-    if mode == 2:
-        out_qk = scores
-    sdtype = dtype
-    prec = node.attr("softmax_precision")
-    if prec is not None:
-        sdtype = str(onnx.helper.tensor_dtype_to_np_dtype(prec))
-        if sdtype != dtype:
-            scores = emit(R.astype(scores, sdtype))
-    if bias is None:
-        probs = emit(R.nn.softmax(scores, axis=-1))
-    else:
-        s_zero = relax.const(np.array(0, dtype=sdtype), sdtype)
-        s_ninf = relax.const(np.array(-np.inf, dtype=sdtype), sdtype)
-        mx = emit(R.max(scores, axis=[-1], keepdims=True))
-        mx = emit(R.where(R.equal(mx, s_ninf), s_zero, mx))
-        e = emit(R.exp(R.subtract(scores, mx)))
-        tot = emit(R.sum(e, axis=[-1], keepdims=True))
-        tot = emit(R.where(R.equal(tot, s_zero), relax.const(np.array(1, dtype=sdtype), sdtype), tot))
-        probs = emit(R.divide(e, tot))
-        masked = emit(R.equal(R.max(bias, axis=[-1], keepdims=True), neg_inf))
-        probs = emit(R.where(masked, s_zero, probs))
-    if mode == 3:
-        out_qk = probs
-    if str(out_qk.ty.dtype) != out_dtype:
-        out_qk = emit(R.astype(out_qk, out_dtype))
-    if sdtype != dtype:
-        probs = emit(R.astype(probs, dtype))
-    y = emit(R.matmul(probs, vv))
-    if rank3:
-        y = emit(R.permute_dims(y, [0, 2, 1, 3]))
-        b, sq, h, d = dims_of(y)
-        y = emit(R.reshape(y, [b, sq, h * d]))
-    if out_dtype != dtype:
-        y, present_k, present_v = (emit(R.astype(e, out_dtype)) for e in (y, present_k, present_v))
-    return [y, present_k, present_v, out_qk]
-
-
-@converter("Celu")
-def _celu(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
-    """Celu(x) = max(0, x) + min(0, alpha * (exp(x / alpha) - 1))."""
-    x = ins[0]
-    dtype = str(x.ty.dtype)
-    a = relax.const(np.array(float(node.attr("alpha", 1.0)), dtype=dtype), dtype)
-    zero = relax.const(np.array(0, dtype=dtype), dtype)
-    one = relax.const(np.array(1, dtype=dtype), dtype)
-    neg = relax.op.minimum(zero, relax.op.multiply(a, relax.op.subtract(relax.op.exp(relax.op.divide(x, a)), one)))
-    return bb.emit(relax.op.add(relax.op.maximum(zero, x), neg))
-
-
-@converter("RMSNormalization")
-def _rms_norm(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
-    """RMSNormalization: x / sqrt(mean(x², axes from `axis` on) + epsilon) · scale, in stash_type."""
-    x, scale = ins[0], ins[1]
-    ndim = x.ty.ndim
-    axis = node.attr("axis", -1)
-    axis = axis + ndim if axis < 0 else axis
-    axes = list(range(axis, ndim))
-    dtype = str(x.ty.dtype)
-    stash = str(onnx.helper.tensor_dtype_to_np_dtype(node.attr("stash_type", 1)))
-    xs = bb.emit(relax.op.astype(x, stash)) if stash != dtype else x
-    ms = bb.emit(relax.op.mean(relax.op.multiply(xs, xs), axes, keepdims=True))
-    inv = bb.emit(relax.op.rsqrt(relax.op.add(ms, relax.const(np.array(float(node.attr("epsilon", 1e-5)), dtype=stash), stash))))
-    y = bb.emit(relax.op.multiply(xs, inv))
-    if stash != dtype:
-        y = bb.emit(relax.op.astype(y, dtype))
-    return bb.emit(relax.op.multiply(y, scale))
-
-
-def _nll(bb: relax.BlockBuilder, node: Node, logp: Any, target: Any, weight: Any) -> Any:
-    """The ONNX NLL loss of log-probabilities `logp` [N, C, d...] at int `target` [N, d...]:
-    loss = -logp[n, t, d...] · w (w = weight[t], 0 where t == ignore_index); reduction "none"
-    keeps the [N, d...] losses, "sum" adds them, "mean" divides that sum by sum(w) (by the count
-    of losses when there is neither weight nor ignore_index)."""
-    R = relax.op
-    emit = bb.emit
-    dtype = str(logp.ty.dtype)
-    tdt = str(target.ty.dtype)
-    reduction = node.attr("reduction", "mean")
-    reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
-    if reduction not in ("none", "sum", "mean"):
-        raise LoweringError(f"node {node.label()}: reduction {reduction!r} is not one of none, sum, mean")
-    ignore = node.attr("ignore_index")
-    c = dims_of(logp)[1]
-    if not isinstance(c, int):
-        raise LoweringError(f"node {node.label()}: {node.op_type} needs a static class count on the cpu target")
-    # clipped targets: an ignored (or out-of-range) index must not read outside the tensor
-    t = emit(R.clip(target, 0, c - 1))
-    picked = emit(R.squeeze(R.gather_elements(logp, R.expand_dims(t, [1]), axis=1), [1]))
-    loss = emit(R.negative(picked))
-    w = None
-    if weight is not None:
-        w = emit(R.take(weight, t, axis=0, mode="clip"))
-    zero = relax.const(np.array(0, dtype=dtype), dtype)
-    if ignore is not None:
-        keep = emit(R.not_equal(target, relax.const(np.array(int(ignore), dtype=tdt), tdt)))
-        w = emit(R.where(keep, w, zero)) if w is not None else emit(R.astype(keep, dtype))
-    if w is not None:
-        loss = emit(R.multiply(loss, w))
-    if reduction == "none":
-        return loss
-    total = emit(R.sum(loss))
-    if reduction == "sum":
-        return total
-    if w is None:
-        return emit(R.mean(loss))
-    return emit(R.divide(total, R.sum(w)))
-
-
-@converter("NegativeLogLikelihoodLoss")
-def _nll_loss(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
-    """NegativeLogLikelihoodLoss(input [N, C, d...], target [N, d...], weight [C]?)."""
-    return _nll(bb, node, ins[0], ins[1], ins[2] if len(ins) > 2 else None)
-
-
-@converter("SoftmaxCrossEntropyLoss")
-def _sce_loss(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: int) -> Any:
-    """SoftmaxCrossEntropyLoss = NLL loss of log_softmax(scores, axis=1); the optional second
-    output is that log_softmax."""
-    logp = bb.emit(relax.op.nn.log_softmax(ins[0], axis=1))
-    loss = _nll(bb, node, logp, ins[1], ins[2] if len(ins) > 2 else None)
-    return [loss, logp] if len(node.outputs) > 1 else loss
-
-
-def _same_shape(p: Any, x: Any, axes: list[int]) -> bool:
-    """`p` has exactly the normalized dims of `x` (what Relax's layer_norm takes)."""
-    ps, xs = p.ty.shape, x.ty.shape
-    if ps is None or xs is None or not isinstance(ps, relax.ShapeExpr) or not isinstance(xs, relax.ShapeExpr):
-        return False
-    want = [xs.values[a] for a in axes]
-    if len(ps.values) != len(want):
-        return False
-    return all(isinstance(a, tvm.tirx.IntImm) and isinstance(b, tvm.tirx.IntImm) and int(a) == int(b) for a, b in zip(ps.values, want))
-
-
-def frontend_ops() -> set[str]:
-    return set(_fe._get_convert_map())
-
-
-def supported_ops() -> set[str]:
-    return frontend_ops() | set(CONVERTERS)
-
-
-def check_schema(node: Node, opset: int) -> None:
-    """Refuse a node of the standard domain that its ONNX schema rejects (input or output count,
-    an attribute of the wrong kind, a required one missing): TVM's frontend would fail on it with
-    an internal error, or silently ignore the extra inputs. An op the schema registry does not
-    know at this opset is left to the converters."""
-    if node.domain not in ("", "ai.onnx"):
-        return
-    try:
-        schema = onnx.defs.get_schema(node.op_type, opset, "")
-    except onnx.defs.SchemaError:
-        return
-    n_in, n_out = len(node.inputs), len(node.outputs)
-    if not schema.min_input <= n_in <= schema.max_input:
-        raise LoweringError(f"node {node.label()}: {node.op_type} takes {_arity(schema.min_input, schema.max_input)} inputs, "
-                            f"this one has {n_in}")
-    if not schema.min_output <= n_out <= schema.max_output:
-        raise LoweringError(f"node {node.label()}: {node.op_type} has {_arity(schema.min_output, schema.max_output)} outputs, "
-                            f"this one has {n_out}")
-    for name, a in node.attributes.items():
-        spec = schema.attributes.get(name)
-        if spec is None or a.ref_attr_name is not None:
-            continue  # unknown attributes: the converters ignore them (as onnxruntime does)
-        want = int(spec.type)
-        if int(a.type) != want and not (want == AttrType.FLOAT and a.type == AttrType.INT):
-            raise LoweringError(f"node {node.label()}: attribute {name!r} is of kind {AttrType(a.type).name}, "
-                                f"{node.op_type} takes {AttrType(want).name}")
-    for name, spec in schema.attributes.items():
-        if spec.required and name not in node.attributes:
-            raise LoweringError(f"node {node.label()}: {node.op_type} needs attribute {name!r}")
-
-
-def _arity(lo: int, hi: int) -> str:
-    return str(lo) if lo == hi else f"{lo} or more" if hi > 1000 else f"{lo} to {hi}"
-
-
-#: ops whose TVM kernels divide by the element count of a window or axis (or build no shape
-#: for an empty one): fed an empty tensor, legalization fails with "Divide by zero"
-EMPTY_REFUSED = {"ReduceMean", "AveragePool", "GlobalAveragePool", "LpPool", "GlobalLpPool",
-                 "Conv", "ConvTranspose", "ConvInteger", "InstanceNormalization", "LayerNormalization",
-                 "GroupNormalization", "MeanVarianceNormalization", "BatchNormalization", "RMSNormalization",
-                 "MaxPool", "GlobalMaxPool", "LRN", "Resize", "Upsample"}
-
-
-def check_size(what: str, dims: list[Any], dtype: str) -> None:
-    """Refuse a tensor (`what` names it) of static shape `dims` with a negative dim or more than
-    MAX_ELEMENTS elements; symbolic dims are the run time's business."""
-    static = [d for d in dims if isinstance(d, (int, np.integer))]
-    shown = "[" + ", ".join(str(d) for d in dims) + "]"
-    for i, d in enumerate(dims):
-        if isinstance(d, (int, np.integer)) and d < 0:
-            raise LoweringError(f"{what} has shape {shown}: dim {i} is {d}")
-        if isinstance(d, (int, np.integer)) and d > MAX_ELEMENTS:
-            raise LoweringError(f"{what} has shape {shown}: dim {i} is {d}, above the cpu target's limit of "
-                                f"{MAX_ELEMENTS} (2**31 - 1) elements per tensor")
-    total = int(np.prod(static, dtype=object)) if static else 1
-    if total > MAX_ELEMENTS:
-        raise LoweringError(f"{what} has shape {shown}: {total} elements, above the cpu target's limit of "
-                            f"{MAX_ELEMENTS} (2**31 - 1) per tensor")
-
-
-def _check_outputs(node: Node, outs: list[Any]) -> None:
-    """check_size on what `node` computes (constants and shape arithmetic are not kernels)."""
-    for v, e in zip(node.outputs, outs):
-        if isinstance(e, (Sym, tvm.ir.GenericConst)) or not isinstance(e, relax.Expr):
-            continue
-        ty = e.ty
-        if isinstance(ty, relax.TensorType) and isinstance(ty.shape, relax.ShapeExpr):
-            check_size(f"node {node.label()}: output {v.name!r}", _static_dims(ty.shape), str(ty.dtype))
-
-
-def _check_not_empty(node: Node, inputs: list[Any]) -> None:
-    """Refuse an empty tensor fed to an op of EMPTY_REFUSED (naming the node and the input)."""
-    if node.op_type not in EMPTY_REFUSED or node.domain not in ("", "ai.onnx"):
-        return
-    for v, e in zip(node.inputs, inputs):
-        ty = getattr(e, "ty", None) if isinstance(e, relax.Expr) else None
-        if isinstance(ty, relax.TensorType) and isinstance(ty.shape, relax.ShapeExpr) and str(ty.dtype).startswith(("float", "bfloat")):
-            dims = _static_dims(ty.shape)  # (data, not axes or sizes: an empty axes list is fine)
-            if any(isinstance(d, int) and d == 0 for d in dims):
-                raise LoweringError(f"node {node.label()}: input {v.name!r} is empty (shape [{', '.join(str(d) for d in dims)}]); "
-                                    f"the cpu target does not compile {node.op_type} of an empty tensor")
-
-
-def _static_dims(shape: relax.ShapeExpr) -> list[Any]:
-    return [int(d) if isinstance(d, tvm.tirx.IntImm) else d for d in shape.values]
-
-
 #: ops whose spatial output dims must be at least 1 (a window that fits the input)
 WINDOW_OPS = {"Conv", "ConvInteger", "ConvTranspose", "MaxPool", "AveragePool", "LpPool"}
 
-#: what a formal input or output of a schema holds
-SEQ, TENSOR, EITHER = "sequence", "tensor", "either"
 
-
-def sequence_io(node: Node, opset: int) -> tuple[list[str], list[str]]:
-    """SEQ / TENSOR / EITHER for each input and output of `node`, from its ONNX schema (all
-    EITHER when the schema is unknown); a variadic last parameter covers the rest."""
-    try:
-        schema = onnx.defs.get_schema(node.op_type, opset, "") if node.domain in ("", "ai.onnx") else None
-    except onnx.defs.SchemaError:
-        schema = None
-    if schema is None:
-        return [EITHER] * len(node.inputs), [EITHER] * len(node.outputs)
-    allowed = {t.type_param_str: list(t.allowed_type_strs) for t in schema.type_constraints}
-
-    def kinds(formals: Any, n: int) -> list[str]:
-        out = []
-        for f in formals:
-            types = allowed.get(f.type_str, [f.type_str])
-            seq = [t.startswith("seq(") for t in types]
-            out.append(SEQ if all(seq) else EITHER if any(seq) else TENSOR)
-        return (out + [out[-1] if out else EITHER] * n)[:n]
-
-    return kinds(schema.inputs, len(node.inputs)), kinds(schema.outputs, len(node.outputs))
-
-
-def _sequence_inputs(bb: relax.BlockBuilder, node: Node, inputs: list[Any], kinds: list[str]) -> list[Any]:
-    """Sequence inputs as explicit relax.Tuples, everything else checked against the schema.
-
-    Why: the frontend's sequence converters iterate their input, and iterating a Relax Var
-    (`Expr.__getitem__` builds a TupleGetItem for any index and never stops) loops forever,
-    growing memory: a ConcatFromSequence fed a tensor did that."""
-    out = []
-    for i, (e, kind) in enumerate(zip(inputs, kinds)):
-        ty = getattr(e, "ty", None) if isinstance(e, relax.Expr) else None
-        is_seq = isinstance(ty, relax.TupleType)
-        if e is None or not is_seq and kind != SEQ:
-            out.append(e)
-        elif kind == SEQ and not is_seq:
-            raise LoweringError(f"node {node.label()}: input {i} of {node.op_type} must be a sequence, it is a "
-                                f"{type(ty).__name__ if ty is not None else type(e).__name__}")
-        elif kind == TENSOR and is_seq:
-            raise LoweringError(f"node {node.label()}: input {i} of {node.op_type} must be a tensor, it is a sequence")
-        elif isinstance(e, relax.Tuple):
-            out.append(e)
-        else:  # a Var (or call) of tuple type: its fields, finitely many
-            out.append(relax.Tuple([bb.emit(relax.TupleGetItem(e, j)) for j in range(len(ty.fields))]))
-    return out + list(inputs[len(out):])
-
-
-def convert_node(bb: relax.BlockBuilder, node: Node, inputs: list[Any], opset: int) -> Any:
-    """Relax expression (or tuple of them) for one node."""
-    if node.domain not in ("", "ai.onnx"):
-        raise LoweringError(f"node {node.label()}: domain {node.domain!r} is not supported by the cpu target")
-    if node.subgraphs():
-        raise LoweringError(f"node {node.label()}: {node.op_type} with subgraphs is not supported by the cpu target")
-    inputs = _sequence_inputs(bb, node, inputs, sequence_io(node, opset)[0])
-    own = CONVERTERS.get(node.op_type)
-    if own is not None:
-        out = own(bb, node, inputs, opset)
-        if out is not NotImplemented:
-            return out
-    conv = _fe._get_convert_map().get(node.op_type)
-    if conv is None:
-        raise LoweringError(f"node {node.label()}: operator {node.op_type} is not supported by the cpu target")
-    attrs = onnx_attrs(node)
-    attrs["tvm_custom"] = {"name": node.name, "num_outputs": len(node.outputs)}
-    fn = conv.get_converter(opset)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = fn(bb, _fe.onnx_input(inputs), attrs, [{}, {}])
-    if isinstance(out, relax.Call) and isinstance(out.op, tvm.ir.Op) and out.op.name == "relax.take":
-        # the frontend's take uses mode "fast", which reads out of bounds (or segfaults) on a bad
-        # index; "clip" keeps a wrong input from touching memory outside the tensor
-        out = relax.op.take(out.args[0], out.args[1], out.attrs.axis, mode="clip")
-    if isinstance(out, relax.Expr):
-        out = bb.normalize(out)
-    return out
-
-
-def _split_outputs(bb: relax.BlockBuilder, node: Node, out: Any, opset: int) -> list[Any]:
-    """One relax expression per node output (a sequence output: the whole tuple)."""
-    n = len(node.outputs)
-    if n == 1 and isinstance(getattr(out, "ty", None), relax.TupleType) and sequence_io(node, opset)[1][0] != TENSOR:
-        return [out]
-    if isinstance(out, (list, tuple)):
-        items = list(out)
-    elif isinstance(out, relax.Tuple):
-        items = list(out.fields)
-    elif isinstance(out, relax.Expr) and isinstance(out.ty, relax.TupleType) and (n > 1 or node.op_type == "Dropout"):
-        # (Dropout's converter gives (output, mask) even when the node has only the output)
-        items = [bb.emit(relax.TupleGetItem(out, i)) for i in range(len(out.ty.fields))]
-    else:
-        items = [out]
-    if len(items) < n:
-        raise LoweringError(f"node {node.label()}: converter gave {len(items)} outputs, the node has {n}")
-    return items[:n]
-
-
-# --- the lowering -------------------------------------------------------------------------------
 
 
 def _dtype(v: Value) -> str:
@@ -873,16 +105,8 @@ def _is_inline(arr: np.ndarray) -> bool:
     return arr.size <= INLINE_ANY_ELEMS or (wide_int and arr.size <= INLINE_INT_ELEMS)
 
 
-def _const(arr: np.ndarray) -> tvm.ir.GenericConst:
-    arr = _contiguous(arr)
-    if arr.dtype == np.bool_:
-        return relax.const(arr, "bool")
-    # the dtype explicitly: relax.const narrows int64 → int32 and float64 → float32 without it
-    return relax.const(arr, str(arr.dtype))
-
-
 @relax.expr_functor.mutator
-class _LiftConstants(relax.PyExprMutator):  # type: ignore[misc]
+class _LiftConstants(relax.PyExprMutator):
     """Replace tensor constants in a function body with new parameters."""
 
     def __init__(self) -> None:
@@ -1143,10 +367,10 @@ class _Lowerer:
         if arr.dtype == object or arr.dtype.kind in "SUO":
             raise LoweringError(f"constant {v.name!r} of dtype {arr.dtype} is not supported by the cpu target")
         if _is_inline(arr):
-            self.env[id(v)] = _const(arr)
+            self.env[id(v)] = relax_constant(arr)
         else:
             p = relax.Var(f"p{len(self.params)}", relax.TensorType(list(arr.shape), "bool" if arr.dtype == np.bool_ else str(arr.dtype)))
-            self.params.append((p, _contiguous(arr)))
+            self.params.append((p, contiguous_array(arr)))
             self.env[id(v)] = p
 
     def _constant_node(self, n: Node) -> None:
@@ -1198,7 +422,7 @@ class _Lowerer:
             if self.activity is not None:
                 self.activity.what = f"lowering node {n.label()}"
             check_schema(n, self.opset)
-            ins = []
+            ins: list[Any] = []
             for i, v in enumerate(n.inputs):
                 if v is None or (not v.name and v.producer() is None and not v.is_graph_input()):
                     ins.append(None)
@@ -1207,27 +431,27 @@ class _Lowerer:
                 if e is None:
                     raise LoweringError(f"node {n.label()}: input {v.name!r} is not computed before it")
                 ins.append(e)
-            _check_not_empty(n, ins)
+            check_not_empty(n, ins)
             role = self.plan.role(n) if self.plan is not None else None
             if role is not None:
                 out = _layout.convert_blocked(bb, n, role, ins, self.plan,
                                               lambda b_, n_, i_: convert_node(b_, n_, i_, self.opset),
                                               self.plan.winograd.get(id(n), 0))
-                _check_unified(n, ins, [out])
+                check_unified(n, ins, [out])
                 self._note_window(n, [out])
                 env[id(n.outputs[0])] = out
                 continue
-            sym = _sym_eval(n, ins) if n.domain in ("", "ai.onnx") else None
+            sym = sym_eval(n, ins) if n.domain in ("", "ai.onnx") else None
             if sym is not None:
                 for v, e in zip(n.outputs, sym):
                     env[id(v)] = e
                 continue
             if n.op_type in ("If", "Scan", "Loop") and n.domain in ("", "ai.onnx") and n.subgraphs():
-                _check_body_arity(n, len(ins))
+                check_body_arity(n, len(ins))
                 outs = self._control_flow(bb, n, ins, env)
                 if len(outs) < len(n.outputs):
                     raise LoweringError(f"node {n.label()}: {n.op_type} computes {len(outs)} outputs, the node has {len(n.outputs)}")
-                _check_outputs(n, outs)
+                check_outputs(n, outs)
                 for v, e in zip(n.outputs, outs):
                     env[id(v)] = e
                 continue
@@ -1240,10 +464,10 @@ class _Lowerer:
                 msg = str(e).strip().splitlines()
                 detail = msg[-1] if msg else type(e).__name__
                 raise LoweringError(f"node {n.label()}: {n.op_type} cannot be lowered: {type(e).__name__}: {detail[:300]}") from None
-            outs = _split_outputs(bb, n, out, self.opset)
-            _check_unified(n, ins, outs)
+            outs = split_outputs(bb, n, out, self.opset)
+            check_unified(n, ins, outs)
             self._note_window(n, outs)
-            _check_outputs(n, outs)
+            check_outputs(n, outs)
             for v, e in zip(n.outputs, outs):
                 env[id(v)] = e
 
@@ -1258,7 +482,7 @@ class _Lowerer:
             sub[id(v)] = a
         for v in g.initializers.values():
             if v.const_value is not None:
-                sub[id(v)] = _const(np.asarray(v.const_value.numpy()))
+                sub[id(v)] = relax_constant(np.asarray(v.const_value.numpy()))
         self._convert_into(bb, list(g.nodes), sub)
         outs = []
         for v in g.outputs:
@@ -1335,8 +559,8 @@ class _Lowerer:
         while go and (max_trip is None or it < max_trip):
             if it >= self.MAX_UNROLL:
                 raise LoweringError(f"node {n.label()}: Loop runs more than {self.MAX_UNROLL} iterations; the cpu target unrolls loops")
-            i_e = _const(np.array(it, dtype=np.int64))
-            c_e = _const(np.array(True))
+            i_e = relax_constant(np.array(it, dtype=np.int64))
+            c_e = relax_constant(np.array(True))
             outs = self._body(bb, body, [i_e, c_e] + carried, env)
             c_out = const_value(outs[0]) if isinstance(outs[0], relax.Expr) else None
             if c_out is None:
@@ -1458,7 +682,7 @@ class _Lowerer:
             if self.plan is not None and any(v is not None and self.plan.native(v) != _layout.PLAIN for v in n.inputs):
                 return False
             ins = [None if v is None else local.get(id(v), self.env.get(id(v))) for v in n.inputs]
-            sym = _sym_eval(n, ins)
+            sym = sym_eval(n, ins)
             if sym is None:
                 return False
             for v, e in zip(n.outputs, sym):
@@ -1538,34 +762,13 @@ class _Lowerer:
         return func, consts, dim_args
 
 
-def _check_body_arity(n: Node, n_in: int) -> None:
-    """Refuse If/Loop/Scan whose bodies do not take and give what the node passes and expects
-    (ONNX: If's branches give the node's outputs; Loop's body takes (i, cond, v...) and gives
-    (cond, v..., scans...); Scan's takes (states..., scan items...) and gives (states..., scans...))."""
-    bodies = [(k, g) for k, g in ((k, n.attr(k)) for k in ("then_branch", "else_branch", "body")) if g is not None]
-    n_out = len(n.outputs)
-    for key, g in bodies:
-        gi, go = len(g.inputs), len(g.outputs)
-        if n.op_type == "If":
-            want_in, ok_out, said = 0, go == n_out, f"{n_out}"
-        elif n.op_type == "Loop":
-            carried = max(n_in - 2, 0)
-            want_in, ok_out, said = 2 + carried, go == 1 + n_out and n_out >= carried, f"{1 + n_out} (cond, {carried} carried, the scans)"
-        else:
-            want_in, ok_out, said = n_in, go == n_out, f"{n_out}"
-        if gi != want_in:
-            raise LoweringError(f"node {n.label()}: {n.op_type}'s {key} takes {gi} inputs, the node passes {want_in}")
-        if not ok_out:
-            raise LoweringError(f"node {n.label()}: {n.op_type}'s {key} gives {go} outputs, the node needs {said}")
-
-
 def _rebind_globals(func: relax.Function, table: dict[tvm.ir.GlobalVar, tvm.ir.GlobalVar]) -> relax.Function:
     """`func` with its GlobalVars replaced per `table`."""
     if not table:
         return func
 
     @relax.expr_functor.mutator
-    class _M(relax.PyExprMutator):  # type: ignore[misc]
+    class _M(relax.PyExprMutator):
         def visit_global_var_(self, op: tvm.ir.GlobalVar) -> relax.Expr:  # noqa: N802
             return table.get(op, op)
 
@@ -1667,137 +870,3 @@ def failing_groups(mod: tvm.IRModule, target: tvm.target.Target) -> dict[str, st
         except Exception as e:
             bad[gv.name_hint] = f"FuseTIR: {_last_line(e)}"
     return bad
-
-
-def _float_subtract(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    """relax.subtract of floats as a - b with b's bits passed through a reinterpret pair: TVM's
-    arithmetic simplifier cancels a float `x - x` (also `select(c, x, y) - x`) to 0 once the
-    fused kernel's expressions meet, which turns NaN and Inf into 0 (apache/tvm#11373); it
-    cannot prove the pair equal to x, LLVM drops the pair, and without fast-math LLVM keeps
-    x - x as IEEE says (NaN - NaN = NaN, Inf - Inf = NaN)."""
-    from tvm import te, tirx, topi
-
-    a, b = call.args
-    dtype = str(b.ty.dtype)
-    if not dtype.startswith("float") or dtype not in ("float16", "float32", "float64"):
-        return bb.call_te(topi.subtract, a, b)
-    bits = {"float16": "int16", "float32": "int32", "float64": "int64"}[dtype]
-
-    def f(x: te.Tensor, y: te.Tensor) -> te.Tensor:
-        opaque = te.compute(y.shape, lambda *i: tirx.reinterpret(dtype, tirx.reinterpret(bits, y(*i))), name="ieee_guard")
-        return topi.subtract(x, opaque)
-
-    return bb.call_te(f, a, b, primfunc_name_hint="subtract")
-
-
-def _float(dtype: str) -> bool:
-    return dtype in ("float16", "float32", "float64", "bfloat16")
-
-
-def _tvm_legalization(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    """`call` legalized by TVM's own FLegalize (where graphopt's leaves a dtype or layout to it)."""
-    return _registered_legalizations(len(tvm.ir.Op.list_op_names()))[call.op.name](bb, call)
-
-
-def _nan_max_min(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    """relax.max / relax.min (ReduceMax/Min, GlobalMaxPool in NCHW) of floats with NaN skipped
-    (maxNum, `minmax_ops`: NaN only where every element is); other dtypes as TVM legalizes them."""
-    x = call.args[0]
-    if not _float(str(x.ty.dtype)):
-        return _tvm_legalization(bb, call)
-    axes = None if call.attrs.axis is None else [int(a) for a in call.attrs.axis]
-    kind = "max" if call.op.name == "relax.max" else "min"
-    return bb.call_te(reduce_max_min, x, kind, axes, bool(call.attrs.keepdims), primfunc_name_hint=kind)
-
-
-def _nan_max_pool2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    """relax.nn.max_pool2d of a float NCHW tensor with NaN skipped (`blocked_ops.max_pool_nchw`);
-    other layouts and dtypes as TVM legalizes them."""
-    a, x = call.attrs, call.args[0]
-    if not _float(str(x.ty.dtype)) or str(a.layout) != "NCHW" or str(a.out_layout) != "NCHW":
-        return _tvm_legalization(bb, call)
-    return bb.call_te(max_pool_nchw, x, [int(k) for k in a.pool_size], [int(s) for s in a.strides],
-                      [int(p) for p in a.padding], [int(d) for d in a.dilation], bool(a.ceil_mode),
-                      primfunc_name_hint="max_pool2d")
-
-
-def _nan_arg_max_min(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    """relax.argmax / relax.argmin of floats with NaN skipped, as numpy's nanargmax
-    (`minmax_ops.arg_max_min`); other dtypes as TVM legalizes them."""
-    x = call.args[0]
-    if not _float(str(x.ty.dtype)):
-        return _tvm_legalization(bb, call)
-    axis = None if call.attrs.axis is None else int(call.attrs.axis)
-    kind = "max" if call.op.name == "relax.argmax" else "min"
-    return bb.call_te(arg_max_min, x, kind, axis, bool(call.attrs.keepdims), str(call.ty.dtype),
-                      primfunc_name_hint=f"arg{kind}")
-
-
-#: graphopt's legalizations in place of TVM's (IEEE-correct float results)
-LEGALIZATIONS = {"relax.subtract": _float_subtract, "relax.max": _nan_max_min, "relax.min": _nan_max_min,
-                 "relax.nn.max_pool2d": _nan_max_pool2d, "relax.argmax": _nan_arg_max_min,
-                 "relax.argmin": _nan_arg_max_min}
-#: ... on GPUs: dlight's cross-thread reductions know only TIR's own reducers (its rfactor finds
-#: no "matched reducer" for the maxNum ones), so max/min/pools stay TVM's there
-GPU_LEGALIZATIONS = {"relax.subtract": _float_subtract}
-
-
-def legalize_and_fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """LegalizeOps → AnnotateTIROpPattern → FuseTIR: one PrimFunc per primitive group function.
-    A legalization that raises is raised after LegalizeOps, not through it (guarded_legalizations)."""
-    failures: list[tuple[str, BaseException]] = []
-    with target:
-        mod = tvm.transform.Sequential([relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()])(mod)
-        custom = LEGALIZATIONS if str(target.kind.name) == "llvm" else GPU_LEGALIZATIONS
-        mod = relax.transform.LegalizeOps(guarded_legalizations(custom, failures))(mod)
-        if failures:
-            raise failures[0][1]
-        seq = tvm.transform.Sequential(
-            [
-                relax.transform.AnnotateTIROpPattern(),
-                relax.transform.FuseTIR(),
-                relax.transform.DeadCodeElimination(),
-            ]
-        )
-        return seq(mod)
-
-
-def guarded_legalizations(custom: dict[str, Any], failures: list[tuple[str, BaseException]]) -> dict[str, Any]:
-    """LegalizeOps' map for every operator that has a legalization (`custom` first), each wrapped
-    so that an exception does not unwind through LegalizeOps' C++ mutator: that leaves its
-    BlockBuilder with open blocks, and TVM prints "BlockBuilder destroyed with remaining blocks!"
-    on stderr when it is destroyed (an extra line after graphopt's own error, or on a compile that
-    then succeeds by emitting the group inline). The wrapper records (op, exception) in
-    `failures`, leaves the call as it is, and the caller raises the first failure after the pass."""
-
-    def guard(name: str, f: Any) -> Any:
-        def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-            if failures:  # (the pass is lost anyway: leave the rest alone)
-                return call
-            try:
-                return f(bb, call)
-            except Exception as e:  # noqa: BLE001 - raised by the caller, after the pass
-                failures.append((name, e))
-                return call
-
-        return legalize
-
-    registered = _registered_legalizations(len(tvm.ir.Op.list_op_names()))
-    return {name: guard(name, custom.get(name) or f) for name, f in {**registered, **custom}.items()}
-
-
-@functools.lru_cache(maxsize=4)
-def _registered_legalizations(n_ops: int) -> dict[str, Any]:
-    """{operator name: its FLegalize} of every registered operator (~0.1 s to read: cached, and
-    read again when `n_ops`, the number of registered operators, grows)."""
-    out = {}
-    for name in tvm.ir.Op.list_op_names():
-        f = tvm.ir.Op.get(name).get_attr("FLegalize")
-        if f is not None:
-            out[str(name)] = f
-    return out
-
-
-from . import converters as _converters  # noqa: E402,F401  (registers more of CONVERTERS)
-from .dynamic import function_scope  # noqa: E402
-from .. import layout as _layout  # noqa: E402

@@ -1,4 +1,4 @@
-"""Variants of the default schedules (targets/schedule_variants.py) and the phase of tuning that
+"""Variants of the default schedules (targets/tvm/tuning/variants.py) and the phase of tuning that
 measures them before meta_schedule's search."""
 
 from __future__ import annotations

@@ -423,7 +423,7 @@ g (float[1, 16, 12, 12] x) => (float[1, 24, 12, 12] y) {
 def test_avx512_block_halves_where_16_would_leave_convs_nchw(mid, want):
     """On a 16-lane machine the block is 16 when every blocked conv takes it, 8 when channel
     counts that are multiples of 8 only (MobileNetV2's 24) would leave conv work in NCHW; the
-    8-channel kernels are then scheduled with 8-lane vectors (nchwc_schedules.kernel_block)."""
+    8-channel kernels are then scheduled with 8-lane vectors (schedules.nchwc.kernel_block)."""
     text = MIXED24.replace("float[1, 24, 12, 12] y", f"float[1, {mid}, 12, 12] y")
     m = _parse(text, {"wa": (mid, 16, 1, 1), "wb": (mid, mid, 3, 3)})
     g = _planned(m)

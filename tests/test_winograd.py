@@ -1,5 +1,5 @@
-"""Winograd F(m x m, 3 x 3) convolutions of the cpu target (targets/tvm/winograd_ops.py,
-targets/winograd_schedules.py): the transform matrices, which convs take the form (and which must
+"""Winograd F(m x m, 3 x 3) convolutions of the cpu target (targets/tvm/kernels/winograd.py,
+targets/tvm/schedules/winograd.py): the transform matrices, which convs take the form (and which must
 not), the schedule, the `winograd=` option, and numbers against onnxruntime."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""x86 AVX2 int8 kernels of the cpu target (targets/x86_int8_schedules.py) and the
+"""x86 AVX2 int8 kernels of the cpu target (targets/tvm/schedules/int8_x86.py) and the
 `split-zero-points` pass that feeds them.
 
 Kernels: which variant fires (u8s8 vpmaddubsw for uint8 activations × weights known to be within

@@ -3,7 +3,7 @@
 
 Every ResNet-50 and MobileNetV2 conv shape (batch 1; plus their stem, depthwise and pooling
 kernels) is built the way graphopt's lowering builds it for the cpu target: one fused PrimFunc
-(pad → blocked compute from targets/tvm/blocked_ops.py → bias add → Relu / Clip(0, 6) →
+(pad → blocked compute from targets/tvm/kernels/blocked.py → bias add → Relu / Clip(0, 6) →
 residual Add), through Relax LegalizeOps → FuseTIR. Each is scheduled twice:
 
 - before: the default rules without `BlockedConv` (the generic OuterProduct / WindowReduction),
@@ -25,7 +25,7 @@ conv alone, the compiled kernel includes its epilogue.
     .venv/bin/python tools/bench_nchwc_kernels.py --only r50_3x3_128_28 --tune 16 --tuning-db /tmp/db
 
 `--winograd M` compares, for the 3x3 stride-1 convs only, the direct kernel (before) with the
-Winograd F(M x M, 3 x 3) kernel (after, targets/tvm/winograd_ops.py) that the lowering makes
+Winograd F(M x M, 3 x 3) kernel (after, targets/tvm/kernels/winograd.py) that the lowering makes
 for them (`cpu{winograd=...}`):
 
     .venv/bin/python tools/bench_nchwc_kernels.py --models resnet50 --winograd 2

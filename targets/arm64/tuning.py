@@ -11,7 +11,7 @@ database's reuse work the same. Keep one database per device: records carry no d
 when they are applied, so this refuses a folder tuned for another target triple.
 
 Only conv/matmul kernels are tuned by default (`kernels="anchor"`), as for the cpu target.
-The tuning runs in this process (unlike tvm_tuning's isolated child); the ARM tensor
+The tuning runs in this process (unlike tvm.tuning.tuner's isolated child); the ARM tensor
 intrinsics (dotprod) stay importable, the GPU ones are stubbed out (TVM-NOTES trap 4).
 """
 

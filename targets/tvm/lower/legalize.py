@@ -50,7 +50,7 @@ def _tvm_legalization(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 
 def _nan_max_min(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     """relax.max / relax.min (ReduceMax/Min, GlobalMaxPool in NCHW) of floats with NaN skipped
-    (maxNum, `minmax_ops`: NaN only where every element is); other dtypes as TVM legalizes them."""
+    (maxNum, `kernels.minmax`: NaN only where every element is); other dtypes as TVM legalizes them."""
     x = call.args[0]
     if not _float(str(x.ty.dtype)):
         return _tvm_legalization(bb, call)
@@ -60,7 +60,7 @@ def _nan_max_min(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 
 
 def _nan_max_pool2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    """relax.nn.max_pool2d of a float NCHW tensor with NaN skipped (`blocked_ops.max_pool_nchw`);
+    """relax.nn.max_pool2d of a float NCHW tensor with NaN skipped (`kernels.blocked.max_pool_nchw`);
     other layouts and dtypes as TVM legalizes them."""
     a, x = call.attrs, call.args[0]
     if not _float(str(x.ty.dtype)) or str(a.layout) != "NCHW" or str(a.out_layout) != "NCHW":
@@ -72,7 +72,7 @@ def _nan_max_pool2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 
 def _nan_arg_max_min(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     """relax.argmax / relax.argmin of floats with NaN skipped, as numpy's nanargmax
-    (`minmax_ops.arg_max_min`); other dtypes as TVM legalizes them."""
+    (`kernels.minmax.arg_max_min`); other dtypes as TVM legalizes them."""
     x = call.args[0]
     if not _float(str(x.ty.dtype)):
         return _tvm_legalization(bb, call)

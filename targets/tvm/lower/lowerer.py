@@ -786,7 +786,7 @@ def lower(model: Model, force_inline: dict[str, str] | None = None, block: int |
     return _Lowerer(model, force_inline, block, winograd, machine, activity, multiples).lower()
 
 
-#: a PrimFunc attribute (recurrent_ops.OWN_KERNEL_ATTR): the group holding it is emitted inline into main
+#: a PrimFunc attribute (kernels.recurrent.OWN_KERNEL_ATTR): the group holding it is emitted inline into main
 _OWN_KERNEL = "graphopt.own_kernel"
 
 #: how many times `lower_unified` re-lowers with larger multiples before it gives up

@@ -1,6 +1,6 @@
-"""Default CPU schedules for the channel-blocked (NCHW[b]c) kernels of `targets/tvm/blocked_ops.py`.
+"""Default CPU schedules for the channel-blocked (NCHW[b]c) kernels of `targets/tvm/kernels/blocked.py`.
 
-`BlockedConv` (one entry in `tvm_schedules.default_rules`, in front of OuterProduct) schedules the
+`BlockedConv` (one entry in `default.default_rules`, in front of OuterProduct) schedules the
 fused PrimFuncs of the blocked layout:
 
     pad → conv2d_blocked | conv2d_stem reduction → epilogue (bias, Relu/Clip, residual Add, ...)
@@ -19,7 +19,7 @@ onnxruntime's MLAS NCHWc kernels take:
   condition per FMA (a predicated tile kept its accumulators in memory: 1.5-2x slower). Else 8
   accumulators (4x2, 2x4, 8x1) that divide the row. Block counts none of the 12-accumulator tiles
   divides take their largest divisor up to 6 blocks (`MachineModel.odd_tile`: 125 blocks → 2 x 5). Convs that
-  blocked_ops computes on their flattened output pixels (`conv2d_blocked_flat`: unpadded 1x1 convs, maps of at most 28 input
+  kernels.blocked computes on their flattened output pixels (`conv2d_blocked_flat`: unpadded 1x1 convs, maps of at most 28 input
   rows) are one row of OH*OW pixels rounded up to the tile, written back through
   `out[.., p // W, p % W, ..]`; where their (batch, output block) loop does not divide among the
   cores, the pixel tiles join the parallel loop (in parts: `_flat_parts`);
@@ -153,7 +153,7 @@ def match_blocked_conv(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> _M
     kinds = {iv.var: iv.iter_type for iv in ivs}
     if any(kinds[v] != IterVar.DataPar for v in (n, ob, y, x, oi)):
         return None
-    # the weight: its first dim is ob, its last oi; or (a batched conv: winograd_ops' GEMM, a
+    # the weight: its first dim is ob, its last oi; or (a batched conv: kernels.winograd's GEMM, a
     # weight per batch item) its first dim the batch, then ob
     dims = [region_vars(r, block_vars) for r in ins]
     wi = next((k for k, d in enumerate(dims) if d and d[0] == {ob} and d[-1] == {oi}), None)

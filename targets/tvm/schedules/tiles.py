@@ -38,7 +38,7 @@ class ConvShape:
     kh: int
     kw: int
     stride: int  # 1 when both strides are 1, else the larger one
-    pad_rows: tuple[int, ...] = ()  # (flat convs with padded rows) blocked_ops.FLAT_ROWS: OW, OH,
+    pad_rows: tuple[int, ...] = ()  # (flat convs with padded rows) annotations.FLAT_ROWS: OW, OH,
     # H, stride, dilation and top pad of the rows
 
 

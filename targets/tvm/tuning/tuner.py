@@ -3,7 +3,7 @@
     db = tune(mod, target, db_dir="~/.cache/graphopt/tuning", trials=2000, minutes=30)
     mod = apply_database(mod, target, db_dir)    # tuned kernels; the rest keep default schedules
 
-What it adds to TVM's meta_schedule (see /work/shared/TVM-NOTES.md for why):
+What it adds to TVM's meta_schedule (the TVM traps behind each item are in the project's TVM notes):
 
 - **Persistent, shared database.** `db_dir` holds meta_schedule's JSONDatabase
   (`database_workload.json`, `database_tuning_record.json`), which appends every measured record
@@ -21,7 +21,7 @@ What it adds to TVM's meta_schedule (see /work/shared/TVM-NOTES.md for why):
   counting earlier calls) and `minutes` (wall clock; the child stops between batches, a hard kill
   follows a grace period). With `minutes` and no per-task cap, tasks are tuned in rounds (each to
   16 trials, then 32, 64, ...) so the time is spread over them.
-- **Never loses.** After tuning a task, its default schedule (`tvm_schedules`) is built and run by
+- **Never loses.** After tuning a task, its default schedule (`schedules`) is built and run by
   the same builder/runner and committed as a record too: the database's best, which
   `apply_database` uses, is the faster of the two. The two finalists (the best record and the
   best of the other kind) are then run again alternately and the database ranks them as that
@@ -29,7 +29,7 @@ What it adds to TVM's meta_schedule (see /work/shared/TVM-NOTES.md for why):
   the minimum of many tuned trials picked slower tuned kernels). The ledger (`kept`, `paired`)
   and the summary say which.
 - **Only conv/matmul kernels by default** (`kernels="anchor"`): they are where tuning pays; the
-  rest keep `tvm_schedules`' default schedules. Tasks go biggest (FLOPs × uses) first, so a time
+  rest keep `schedules`' default schedules. Tasks go biggest (FLOPs × uses) first, so a time
   budget is spent where it matters.
 - **Cheap start.** The GPU tensor-intrinsic modules are replaced by empty ones in every process
   (TVM-NOTES trap 4, 35-40 s of import each time otherwise).
@@ -1178,7 +1178,7 @@ def _paired_check(task_mod: Any, target: Any, database: Any, builder: Any, runne
 
 def _measure_variants(task_mod: Any, target: Any, database: Any, builder: Any, runner: Any,
                       deadline: float | None) -> tuple[int, float | None, str | None]:
-    """Build and run the variants of one workload's default schedule (`schedule_variants`: e.g.
+    """Build and run the variants of one workload's default schedule (`variants`: e.g.
     the blocked conv rule's other micro-kernel tiles), committing each as a
     tuning record (unmarked: a faster one replays as a tuned schedule). Returns (variants
     measured, best mean ms or None, its label)."""

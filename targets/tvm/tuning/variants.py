@@ -6,7 +6,7 @@ kernel one of graphopt's own rules schedules, the other choices of that rule (fo
 convolutions: pixels x output blocks per tile, loop order, padded rows per row, reduction chunks,
 row passes; for the Winograd convolutions: the GEMM's tile and reduction chunks; for the blocked
 depthwise convs and pooling: pixels per tile, rows per tile, how the pad is read). Tuning builds
-and runs them like its own candidates and keeps the fastest as a record (`tvm_tuning`), so a
+and runs them like its own candidates and keeps the fastest as a record (`tuner`), so a
 short budget spends its first minutes on a dozen good candidates per kernel instead of on random
 points of meta_schedule's design space. Kernels no rule here matches get no variants.
 """

@@ -58,7 +58,7 @@ def _rnn_common(bb: relax.BlockBuilder, node: Node, ins: list[Any], gates: int, 
     layout = node.attr("layout", 0)
     if layout:
         x = bb.emit(R.permute_dims(x, [1, 0, 2]))
-    t, batch, _ = dims_of(x)  # (T and B may be symbolic: `recurrent_ops` loops over T inside one kernel)
+    t, batch, _ = dims_of(x)  # (T and B may be symbolic: `kernels.recurrent` loops over T inside one kernel)
     dirs, gh, _ = static_dims(node, w, "weight")
     hidden = node.attr("hidden_size") or gh // gates
     direction = str_attr(node, "direction", "forward")
@@ -144,13 +144,13 @@ def _directions(c: dict[str, Any]) -> list[bool]:
 
 
 #: sequences up to this many steps are unrolled (one kernel per step and op, which fuse with their
-#: neighbours); longer or symbolic ones run as one looping kernel (`recurrent_ops`)
+#: neighbours); longer or symbolic ones run as one looping kernel (`kernels.recurrent`)
 UNROLL_STEPS = 0
 
 
 def _recurrent_loop(bb: relax.BlockBuilder, node: Node, ins: list[Any], c: dict[str, Any], gates: int) -> list[Any]:
     """RNN / GRU / LSTM as the input projection of every step and direction (one matmul) and
-    one kernel that loops over the (possibly symbolic) sequence length (`recurrent_ops`)."""
+    one kernel that loops over the (possibly symbolic) sequence length (`kernels.recurrent`)."""
     from ...kernels import recurrent as RO
 
     op, x, dtype, hsz, dirs = node.op_type, c["x"], dtype_of(c["x"]), c["hidden"], c["dirs"]

@@ -103,7 +103,7 @@ def carry_over(bb: relax.BlockBuilder, sub: tvm.IRModule, name: str) -> tvm.ir.G
             table[gv] = bb.add_func(sub[gv], gv.name_hint)
 
     @relax.expr_functor.mutator
-    class _M(relax.PyExprMutator):  # type: ignore[misc]
+    class _M(relax.PyExprMutator):
         def visit_global_var_(self, op: tvm.ir.GlobalVar) -> relax.Expr:  # noqa: N802
             return table.get(op, op)
 

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import tvm
 
+    from ..schedules.base import ScheduleRule
+
 __all__ = ["variants"]
 
 # (pixels, output channel blocks) per micro-kernel besides the machine model's exact ones
@@ -60,6 +62,7 @@ def variants(func: "tvm.tirx.PrimFunc", target: "tvm.target.Target", lanes: int)
     if default is None:
         return out
     seen = {_hash(default)}
+    cands: list[tuple[str, ScheduleRule]]
     if winograd:  # the transforms have one schedule; the GEMM's micro-kernel varies
         cands = [(f"winograd gemm tile {rt}x{obt}{f' k-chunk {c}' if c else ''}",
                   WinogradConv(ConvTile(rt, obt, "ob", tail=True, k_chunk=c)))

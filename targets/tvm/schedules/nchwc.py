@@ -355,7 +355,7 @@ class BlockedConv(ScheduleRule):
             return None
         return self.schedule_conv(*opened, target, lanes)
 
-    def schedule_conv(self, sch, anchor, target, lanes):  # noqa: C901 - one schedule, step by step
+    def schedule_conv(self, sch, anchor, target, lanes):
         """Schedule the conv reduction `anchor` of `sch` and its epilogue (the root-level blocks
         left unscheduled get an injective schedule; those with a parallel or vector loop already
         are left as they are); None where it does not apply (`sch` may be half scheduled then)."""
@@ -427,76 +427,112 @@ class BlockedConv(ScheduleRule):
         else:
             red = [L["ic"], L["kh"], L["kw"]]
         inner_tile = (p_i, ob_i) if tile.ob_inner else (ob_i, p_i)
+        s = _ConvSplit(L, ob_o, ob_i, p_o, p_i, oi_o, oi_i, part, red, inner_tile)
         if chunked or passes:
-            # n, ob | icb chunk | row, pixel tile | icb in chunk, kh, kw, ii | tile ; the
-            # accumulators of all the block's pixels in a local buffer, written back (with the
-            # epilogue) after the last chunk: a chunk's weights stay in L2 across every tile.
-            # Row passes: n, ob | icb chunk, kh | pixel tiles in the kernel row's range | icb in
-            # chunk, kw, ii | tile (the pass's weights stay in L1)
-            chunk_loop, icb_i = sch.split(L["icb"], factors=[None, tile.k_chunk])
-            red_in = [icb_i, L["kw"], L["ii"]] if passes else [icb_i, L["kh"], L["kw"], L["ii"]]
-            chunk_loops = [chunk_loop, L["kh"]] if passes else [chunk_loop]
-            sch.reorder(L["n"], ob_o, *part, *chunk_loops, L["y"], p_o, oi_o, *red_in, *inner_tile, oi_i)
-            fused = fuse_parallel(sch, [L["n"], ob_o, *part])
-            wb = sch.cache_write(anchor, 0, "local")
-            sch.reverse_compute_at(wb, fused, preserve_unit_loops=True)
-            inline_consumers(sch, wb)
-            sch.vectorize(oi_i)
-            sch.unroll(p_i)
-            sch.unroll(ob_i)
-            sch.unroll(L["ii"])
-            init = sch.decompose_reduction(anchor, chunk_loop)
-            sch.vectorize(sch.get_loops(init)[-1])
-            wl = sch.get_loops(wb)
-            if static_int(sch.get(wl[-1]).extent) == lanes:
-                sch.vectorize(wl[-1])
-            schedule_rest(sch, {sch.get(b).name_hint for b in (anchor, wb, init)}, lanes)
-            if ragged:
-                sch.annotate(p_o, PEEL_LAST, 1)
-            if passes:
-                ranges = row_tile_ranges(m.shape.pad_rows, m.ext["kh"], rt, m.ext["x"] // rt)
-                sch.annotate(L["kh"], ROW_PASS, "kh")
-                sch.annotate(p_o, ROW_PASS, ";".join(f"{lo},{hi}" for lo, hi in ranges))
-            return sch
-        sch.reorder(*outer, oi_o, *red, *inner_tile, oi_i)
-        outer = outer + [oi_o]
-        serial = pad is None and ((flat and parts) or ragged or _serial_tiles(sch, tile, outer[:-2]))
-        if pad is not None:
-            fused = fuse_parallel(sch, outer[:2])  # (n, y)
-            tile_loop = outer[-1]
-        elif serial:
-            fused = fuse_parallel(sch, outer[:-2])
-            tile_loop = outer[-1]
-        else:
-            fused = tile_loop = fuse_parallel(sch, outer)
+            return _schedule_chunked(sch, anchor, m, tile, s, lanes, bool(passes), ragged)
+        return _schedule_tiles(sch, anchor, m, tile, s, outer, lanes, pad, bool(flat and parts), ragged)
 
-        wb = sch.cache_write(anchor, 0, "local")
-        sch.reverse_compute_at(wb, tile_loop, preserve_unit_loops=True)
-        inline_consumers(sch, wb)
-        if pad is not None:
-            sch.compute_at(pad, fused, preserve_unit_loops=True)
-            pl = sch.get_loops(pad)
-            if static_int(sch.get(pl[-1]).extent) == lanes:
-                sch.vectorize(pl[-1])
-                if tile.partition_pad:
-                    _partition_pad_cols(sch, pad, pl[-2])
 
-        sch.vectorize(oi_i)
-        sch.unroll(p_i)
-        sch.unroll(ob_i)
-        if m.kind == "conv":
-            sch.unroll(L["ii"])
-        if tile.unroll_kw or m.kind == "stem":
-            sch.unroll(L["kw"])
-        init = sch.decompose_reduction(anchor, red[0])
-        sch.vectorize(sch.get_loops(init)[-1])
+@dataclass
+class _ConvSplit:
+    """A blocked conv's loops after the tile splits (`BlockedConv.schedule_conv`)."""
 
-        write_back_loops(sch, loops_below(sch, wb, tile_loop), lanes)
-        done = {sch.get(b).name_hint for b in (anchor, wb, init)}  # (a pad under the row loop is no root block)
-        schedule_rest(sch, done, lanes)
-        if ragged:
-            sch.annotate(p_o, PEEL_LAST, 1)
-        return sch
+    L: dict[str, Any]  # role -> loop, as matched
+    ob_o: Any
+    ob_i: Any  # output blocks of the tile
+    p_o: Any
+    p_i: Any  # pixels of the tile
+    oi_o: Any
+    oi_i: Any  # the block's channels (one vector)
+    part: list[Any]  # (flat convs) the pixel tiles' part loop joining the parallel loop
+    red: list[Any]  # the reduction loops
+    inner_tile: tuple[Any, Any]  # the unrolled tile, outer first
+
+
+def _schedule_chunked(sch: Any, anchor: Any, m: _Match, tile: ConvTile, s: _ConvSplit, lanes: int, passes: bool,
+                      ragged: bool) -> Any:
+    """The reduction in chunks of input blocks (`ConvTile.k_chunk`) or in row passes
+    (`ConvTile.row_passes`), the accumulators of all the block's pixels in a local buffer."""
+    L, ob_o, ob_i, p_o, p_i, oi_o, oi_i = s.L, s.ob_o, s.ob_i, s.p_o, s.p_i, s.oi_o, s.oi_i
+    part, inner_tile, rt = s.part, s.inner_tile, tile.rt
+    # n, ob | icb chunk | row, pixel tile | icb in chunk, kh, kw, ii | tile ; the
+    # accumulators of all the block's pixels in a local buffer, written back (with the
+    # epilogue) after the last chunk: a chunk's weights stay in L2 across every tile.
+    # Row passes: n, ob | icb chunk, kh | pixel tiles in the kernel row's range | icb in
+    # chunk, kw, ii | tile (the pass's weights stay in L1)
+    chunk_loop, icb_i = sch.split(L["icb"], factors=[None, tile.k_chunk])
+    red_in = [icb_i, L["kw"], L["ii"]] if passes else [icb_i, L["kh"], L["kw"], L["ii"]]
+    chunk_loops = [chunk_loop, L["kh"]] if passes else [chunk_loop]
+    sch.reorder(L["n"], ob_o, *part, *chunk_loops, L["y"], p_o, oi_o, *red_in, *inner_tile, oi_i)
+    fused = fuse_parallel(sch, [L["n"], ob_o, *part])
+    wb = sch.cache_write(anchor, 0, "local")
+    sch.reverse_compute_at(wb, fused, preserve_unit_loops=True)
+    inline_consumers(sch, wb)
+    sch.vectorize(oi_i)
+    sch.unroll(p_i)
+    sch.unroll(ob_i)
+    sch.unroll(L["ii"])
+    init = sch.decompose_reduction(anchor, chunk_loop)
+    sch.vectorize(sch.get_loops(init)[-1])
+    wl = sch.get_loops(wb)
+    if static_int(sch.get(wl[-1]).extent) == lanes:
+        sch.vectorize(wl[-1])
+    schedule_rest(sch, {sch.get(b).name_hint for b in (anchor, wb, init)}, lanes)
+    if ragged:
+        sch.annotate(p_o, PEEL_LAST, 1)
+    if passes:
+        ranges = row_tile_ranges(m.shape.pad_rows, m.ext["kh"], rt, m.ext["x"] // rt)
+        sch.annotate(L["kh"], ROW_PASS, "kh")
+        sch.annotate(p_o, ROW_PASS, ";".join(f"{lo},{hi}" for lo, hi in ranges))
+    return sch
+
+
+def _schedule_tiles(sch: Any, anchor: Any, m: _Match, tile: ConvTile, s: _ConvSplit, outer: list[Any], lanes: int,
+                    pad: Any, serial_flat: bool, ragged: bool) -> Any:
+    """The register tile under the outer loops (the usual case): the accumulators in
+    registers for the whole reduction, written back through the epilogue; a pad computed under
+    the row loop where the tile asks for it."""
+    L, ob_i, p_o, p_i, oi_o, oi_i = s.L, s.ob_i, s.p_o, s.p_i, s.oi_o, s.oi_i
+    red, inner_tile = s.red, s.inner_tile
+    sch.reorder(*outer, oi_o, *red, *inner_tile, oi_i)
+    outer = outer + [oi_o]
+    serial = pad is None and (serial_flat or ragged or _serial_tiles(sch, tile, outer[:-2]))
+    if pad is not None:
+        fused = fuse_parallel(sch, outer[:2])  # (n, y)
+        tile_loop = outer[-1]
+    elif serial:
+        fused = fuse_parallel(sch, outer[:-2])
+        tile_loop = outer[-1]
+    else:
+        fused = tile_loop = fuse_parallel(sch, outer)
+
+    wb = sch.cache_write(anchor, 0, "local")
+    sch.reverse_compute_at(wb, tile_loop, preserve_unit_loops=True)
+    inline_consumers(sch, wb)
+    if pad is not None:
+        sch.compute_at(pad, fused, preserve_unit_loops=True)
+        pl = sch.get_loops(pad)
+        if static_int(sch.get(pl[-1]).extent) == lanes:
+            sch.vectorize(pl[-1])
+            if tile.partition_pad:
+                _partition_pad_cols(sch, pad, pl[-2])
+
+    sch.vectorize(oi_i)
+    sch.unroll(p_i)
+    sch.unroll(ob_i)
+    if m.kind == "conv":
+        sch.unroll(L["ii"])
+    if tile.unroll_kw or m.kind == "stem":
+        sch.unroll(L["kw"])
+    init = sch.decompose_reduction(anchor, red[0])
+    sch.vectorize(sch.get_loops(init)[-1])
+
+    write_back_loops(sch, loops_below(sch, wb, tile_loop), lanes)
+    done = {sch.get(b).name_hint for b in (anchor, wb, init)}  # (a pad under the row loop is no root block)
+    schedule_rest(sch, done, lanes)
+    if ragged:
+        sch.annotate(p_o, PEEL_LAST, 1)
+    return sch
 
 
 @dataclass

@@ -465,6 +465,37 @@ def _fmt_s(sec: float) -> str:
 # --------------------------------------------------------------------------- public API
 
 
+def _child_target_spec(target: "tvm.target.Target", threads: int) -> dict[str, Any]:
+    """The target as the tuning child rebuilds it: the CPU keys only, with the core count
+    meta_schedule reads from the target."""
+    tspec = dict(target.export())
+    tspec["num-cores"] = threads  # meta_schedule reads the core count from the target
+    return {k: v for k, v in tspec.items() if k in ("kind", "mtriple", "mcpu", "mattr", "num-cores", "mabi")}
+
+
+def _summarize_events(summary: "TuningSummary", events: list[dict[str, Any]], attempt: int) -> None:
+    """Fold one child run's events (`attempt`: 0 for the first run, then each restart) into
+    `summary`."""
+    for ev in events:
+        if ev.get("ev") == "end":
+            summary.tasks_total = ev["tasks_total"]
+            summary.tasks_selected = ev["selected"]
+            summary.tasks_skipped_done = max(summary.tasks_skipped_done, ev["skipped"]) if attempt == 0 else summary.tasks_skipped_done
+            summary.stopped = ev["stopped"]
+        elif ev.get("ev") == "start" and attempt == 0:
+            summary.tasks_dynamic = ev.get("dynamic", 0)
+            summary.tasks_skipped_done = ev["skipped"]
+            summary.tasks_total = ev["tasks_total"]
+            summary.tasks_selected = ev["selected"]
+        elif ev.get("ev") == "batch":
+            summary.best_ms[ev["name"]] = ev["best_ms"] if ev.get("best_ms") is not None else summary.best_ms.get(ev["name"])
+            summary.failed_trials += ev.get("failed", 0)
+        elif ev.get("ev") == "task_done":
+            summary.tasks_tuned += 1
+        elif ev.get("ev") == "kept":
+            summary.kept[ev["name"]] = {k: ev.get(k) for k in ("kept", "default_ms", "tuned_ms")}
+
+
 def tune(
     mod: "tvm.IRModule",
     target: "tvm.target.Target",
@@ -503,9 +534,7 @@ def tune(
     if not isinstance(target, tvm.target.Target):
         target = tvm.target.Target(target)
     threads = int(threads or _target_cores(target) or _default_threads())
-    tspec = dict(target.export())
-    tspec["num-cores"] = threads  # meta_schedule reads the core count from the target
-    tspec = {k: v for k, v in tspec.items() if k in ("kind", "mtriple", "mcpu", "mattr", "num-cores", "mabi")}
+    tspec = _child_target_spec(target, threads)
 
     summary = TuningSummary()
     prog = TuningProgress(progress, minutes, task_labels)
@@ -544,24 +573,7 @@ def tune(
             spec_path = os.path.join(work, f"spec{attempt}.json")
             _write_json_atomic(spec_path, spec)
             rc, events = _run_child(spec_path, db_dir, threads, prog, deadline, _unused_intrinsics(target))
-            for ev in events:
-                if ev.get("ev") == "end":
-                    summary.tasks_total = ev["tasks_total"]
-                    summary.tasks_selected = ev["selected"]
-                    summary.tasks_skipped_done = max(summary.tasks_skipped_done, ev["skipped"]) if attempt == 0 else summary.tasks_skipped_done
-                    summary.stopped = ev["stopped"]
-                elif ev.get("ev") == "start" and attempt == 0:
-                    summary.tasks_dynamic = ev.get("dynamic", 0)
-                    summary.tasks_skipped_done = ev["skipped"]
-                    summary.tasks_total = ev["tasks_total"]
-                    summary.tasks_selected = ev["selected"]
-                elif ev.get("ev") == "batch":
-                    summary.best_ms[ev["name"]] = ev["best_ms"] if ev.get("best_ms") is not None else summary.best_ms.get(ev["name"])
-                    summary.failed_trials += ev.get("failed", 0)
-                elif ev.get("ev") == "task_done":
-                    summary.tasks_tuned += 1
-                elif ev.get("ev") == "kept":
-                    summary.kept[ev["name"]] = {k: ev.get(k) for k in ("kept", "default_ms", "tuned_ms")}
+            _summarize_events(summary, events, attempt)
             new_total += sum(ev.get("new", 0) for ev in events if ev.get("ev") == "batch")
             if rc == 0:
                 break

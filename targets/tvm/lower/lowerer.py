@@ -38,8 +38,7 @@ import tvm.sym  # the Analyzer (0.27 moved tvm.arith to tvm.sym)
 from tvm import relax
 
 from graphopt import GraphoptError
-from graphopt.ir import Model, Node, Value
-from graphopt.ir.types import TensorType
+from graphopt.ir import Model, Node, TensorType, Value
 from graphopt.targets.machine import MachineModel, machine_model
 
 from .. import layout as _layout

@@ -15,8 +15,7 @@ import tvm.sym  # the Analyzer (0.27 moved tvm.arith to tvm.sym)
 from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend as _fe
 
-from graphopt.ir import Node
-from graphopt.ir.core import AttrType
+from graphopt.ir import AttrType, Node
 
 from .registry import CONVERTERS, LoweringError
 

@@ -446,3 +446,23 @@ def test_runner_built_from_other_source_counts_as_missing(tmp_path, monkeypatch)
     for line, ok in (("", False), ("runner=0123456789abcdef\n", False), (f"runner={digest}\n", True)):
         stamp.write_text(f"apache-tvm={tvm_v}\napache-tvm-ffi={ffi_v}\n{line}")
         assert (arm64_env.status().runner is not None) is ok, line
+
+
+def test_runner_source_ships_as_package_data() -> None:
+    """The runner's C++ source and build script live in the package (targets/arm64/runner/, listed
+    as package data in pyproject.toml), so an installed graphopt can build the runner: library
+    code does not read tools/ at run time."""
+    from pathlib import Path
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    src = arm64_env.runner_source()
+    pkg = Path(arm64_env.__file__).resolve().parent
+    assert src is not None and src.parent == pkg / "runner" and (src.parent / "build.sh").is_file()
+    root = Path(__file__).resolve().parents[1]
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "runner/*" in data["graphopt.targets.arm64"]
+    assert '"tools"' not in (pkg / "toolchain.py").read_text()  # (it joined root / "tools" / "arm64_runner" before)

@@ -598,7 +598,7 @@ def _cores() -> int:
 #: target name → "module:function(artifact, threads=...)" making the runner of artifacts that are
 #: not for this process's CPU (an aarch64 library run under qemu on x86, a CUDA device)
 RUNNERS: dict[str, str] = {
-    "arm64": "graphopt.targets.arm64:load_runner",
+    "arm64": "graphopt.targets.arm64.target:load_runner",
     "cuda": "graphopt.targets.cuda:load_runner",
 }
 

@@ -65,7 +65,7 @@ FORMAT_VERSION = 1
 #: target name → "module:Class"
 TARGETS: dict[str, str] = {
     "cpu": "graphopt.targets.cpu:CpuTarget",
-    "arm64": "graphopt.targets.arm64:Arm64Target",
+    "arm64": "graphopt.targets.arm64.target:Arm64Target",
     "cuda": "graphopt.targets.cuda:CudaTarget",
 }
 

@@ -147,7 +147,7 @@ class Watchdog:
         if self._thread is not None:
             self._thread.join()
         if self._old_handler is not None:
-            signal.signal(self._signum, self._old_handler)  # type: ignore[arg-type]
+            signal.signal(self._signum, self._old_handler)
         if exc is not None and self.tripped is not None and not isinstance(exc, CompileLimitError):
             # the interrupt surfaced inside code that wrapped it (a converter's except clause)
             raise CompileLimitError(self.tripped) from None

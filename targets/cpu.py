@@ -214,7 +214,7 @@ class CpuTarget(Target):
     def int8_kernels(self, mod: Any, target: Any, params: dict[str, np.ndarray]) -> tuple[Any, dict[str, str]]:
         """int8 × int8 → int32 matmul kernels with AVX2 micro-kernels (targets/x86_int8_schedules.py;
         a no-op on other ISAs), scheduled before the default schedules. Returns {function: kind}."""
-        from graphopt.targets.x86_int8_schedules import schedule_int8_kernels
+        from graphopt.targets.tvm.schedules.int8_x86 import schedule_int8_kernels
 
         return schedule_int8_kernels(mod, target, params)
 
@@ -310,7 +310,7 @@ class CpuTarget(Target):
         import tvm
 
         from graphopt.targets.tvm import build as B
-        from graphopt.targets.tvm import lower as L
+        from graphopt.targets.tvm.lower import lowerer as L
 
         lowered, mod = L.lower_and_fuse(model, target, block=self.activation_block(target), winograd=self.winograd,
                                         activity=activity)

@@ -112,7 +112,7 @@ class CudaTarget(CpuTarget):
                                     "drop --tune, or tune on a GPU machine with the same --tuning-db)")
             info.tuning = _tune_on_gpu(mod, target, options)
         if options.tuning_db and os.path.isdir(options.tuning_db):
-            from graphopt.targets import tvm_tuning
+            from graphopt.targets.tvm.tuning import tuner as tvm_tuning
 
             mod = tvm_tuning.apply_database(mod, target, options.tuning_db)
             info.tuning.setdefault("status", "database applied")
@@ -191,7 +191,7 @@ def _tune_on_gpu(mod: Any, target: Any, options: CompileOptions) -> dict[str, An
     import tvm.support.nvcc  # noqa: F401 - registers the CUDA compile callback the builder needs
     from tvm.s_tir import meta_schedule as ms
 
-    from graphopt.targets.tvm_schedules import is_tunable_kernel
+    from graphopt.targets.tvm.schedules import is_tunable_kernel
 
     os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc" if nvcc() else "nvrtc")
     db_dir = os.path.abspath(str(options.tuning_db))

@@ -115,5 +115,5 @@ def test_no_private_names_imported_across_modules_beyond_the_known_ones():
 def test_the_scan_sees_imports():
     """The scanner itself: it finds the package's own edges (a scan that saw nothing would pass)."""
     graph, _ = _scan()
-    assert graph.has_edge("graphopt.targets.tvm.lower", "graphopt.targets.tvm.blocked_ops")
+    assert graph.has_edge("graphopt.targets.tvm.lower.legalize", "graphopt.targets.tvm.kernels.blocked")
     assert graph.number_of_edges() > 100

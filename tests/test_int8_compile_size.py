@@ -88,8 +88,8 @@ def _scheduled(model: onnx.ModelProto, spec: str) -> tuple[dict[str, str], dict[
 
     from graphopt.passes.fusion.kernel_groups import PlanKernels
     from graphopt.passes.quantize.integer import QdqToInteger, SplitZeroPoints
-    from graphopt.targets.tvm import lower as L
-    from graphopt.targets.tvm_schedules import apply_default_schedules
+    from graphopt.targets.tvm.lower import lowerer as L
+    from graphopt.targets.tvm.schedules import apply_default_schedules
     from graphopt.transform import PassContext
 
     m = graphopt.optimize(graphopt.load(model), "-O2")

@@ -12,7 +12,7 @@ tvm = pytest.importorskip("tvm")
 
 from tvm import relax, tirx  # noqa: E402
 
-from graphopt.targets.tvm.lower import guarded_legalizations, legalize_and_fuse  # noqa: E402
+from graphopt.targets.tvm.lower.legalize import guarded_legalizations, legalize_and_fuse  # noqa: E402
 
 NOISE = "remaining blocks"
 

@@ -1,4 +1,4 @@
-"""Default schedules for channel-blocked (NCHW8c) kernels (graphopt.targets.nchwc_schedules):
+"""Default schedules for channel-blocked (NCHW8c) kernels (graphopt.targets.tvm.schedules.nchwc):
 BlockedConv fires on the fused conv2d_blocked / conv2d_stem / depthwise_blocked / pool_blocked
 kernels the lowering makes (pad → compute → bias / activation / residual epilogue), keeps their
 numbers (against onnxruntime on the NCHW operator), and declines every other kernel."""
@@ -18,25 +18,18 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from graphopt.targets.nchwc_schedules import (  # noqa: E402
-    BlockedConv,
-    BlockedWindow,
-    ConvShape,
-    ConvTile,
-    conv_tile,
-)
+from graphopt.targets.tvm.schedules.nchwc import BlockedConv, BlockedWindow  # noqa: E402
+from graphopt.targets.tvm.schedules.tiles import ConvShape, ConvTile, conv_tile  # noqa: E402
 from tvm_kernels import AVX2_MCPU, AVX512_MCPU, host_runs, isa_target, primitive_kernel  # noqa: E402
 
-from graphopt.targets import nchwc_schedules as NS  # noqa: E402
+from graphopt.targets.tvm.schedules import loop_marks as LM  # noqa: E402
+from graphopt.targets.tvm.schedules import nchwc as NS  # noqa: E402
+from graphopt.targets.tvm.schedules import tiles as TI  # noqa: E402
 from graphopt.targets.machine import machine_model  # noqa: E402
-from graphopt.targets.tvm import blocked_ops as BO  # noqa: E402
-from graphopt.targets.tvm.lower import legalize_and_fuse  # noqa: E402
-from graphopt.targets.tvm_schedules import (  # noqa: E402
-    OuterProduct,
-    ScheduleStats,
-    apply_default_schedules,
-    default_schedule,
-)
+from graphopt.targets.tvm.kernels import blocked as BO  # noqa: E402
+from graphopt.targets.tvm.lower.legalize import legalize_and_fuse  # noqa: E402
+from graphopt.targets.tvm.schedules import ScheduleStats, apply_default_schedules, default_schedule  # noqa: E402
+from graphopt.targets.tvm.schedules.outer_product import OuterProduct  # noqa: E402
 
 # the kernels here are AVX2's (8-channel blocks, 16 registers), built for an explicit AVX2 mcpu so
 # the checks are the same on every x86 host; the AVX-512 ones (16-channel blocks, 32 registers) at
@@ -165,7 +158,7 @@ _GUARD = 256  # floats of sentinel after the output: a kernel writing past its e
 
 def _run(func, args, out_shape, b=B, target=None):
     n, oc, oh, ow = out_shape
-    func = NS.apply_loop_marks(func)  # (as the build does)
+    func = LM.apply_loop_marks(func)  # (as the build does)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target or _target())
     shape = (n, oc // b, oh, ow, b)
     size = int(np.prod(shape))
@@ -373,9 +366,9 @@ def test_k_chunked_conv_matches_the_default(k):
     import tvm
     from tvm import te
 
-    from graphopt.targets import nchwc_schedules as NS
-    from graphopt.targets.tvm import blocked_ops as BO
-    from graphopt.targets.tvm_schedules import default_schedule
+    from graphopt.targets.tvm.schedules import nchwc as NS
+    from graphopt.targets.tvm.kernels import blocked as BO
+    from graphopt.targets.tvm.schedules import default_schedule
 
     target = _target(threads=1)
 
@@ -387,7 +380,7 @@ def test_k_chunked_conv_matches_the_default(k):
         return te.create_prim_func([x, w, r])
 
     f = func(k)
-    tile = NS.ConvTile(6, 2, "ob", k_chunk=4)
+    tile = TI.ConvTile(6, 2, "ob", k_chunk=4)
     sch = NS.BlockedConv(tile=tile).apply(f, target, 8)
     assert sch is not None and "icb_0" in sch.mod["main"].script()
     base, _, _ = default_schedule(f, target)
@@ -476,10 +469,10 @@ def test_row_tile_ranges():
     (pixels 0-6: tiles 0-1 whole), row 2 skips row 6 (pixels 42-48 and the extra two: tiles 14-16);
     a 7x7 kernel (pad 3) on a 2x2 map: rows 0, 1, 5 and 6 reach no input row, 2 only output row 1
     (tiles 0-1: pixels 2-3 and the 2 extra), 4 only output row 0 (tile 0)."""
-    assert NS.row_tile_ranges((7, 7, 7, 1, 1, 1), 3, 3, 17) == [(2, 17), (0, 17), (0, 14)]
-    assert NS.row_tile_ranges((2, 2, 2, 1, 1, 3), 7, 3, 2) == [(0, 0), (0, 0), (0, 2), (0, 2), (0, 1), (0, 0), (0, 0)]
+    assert TI.row_tile_ranges((7, 7, 7, 1, 1, 1), 3, 3, 17) == [(2, 17), (0, 17), (0, 14)]
+    assert TI.row_tile_ranges((2, 2, 2, 1, 1, 3), 7, 3, 2) == [(0, 0), (0, 0), (0, 2), (0, 2), (0, 1), (0, 0), (0, 0)]
     # stride 2, 14 -> 7 (pad 1): only output row 0 reads the top padding for kernel row 0
-    assert NS.row_tile_ranges((7, 7, 14, 2, 1, 1), 3, 3, 17) == [(2, 17), (0, 17), (0, 17)]
+    assert TI.row_tile_ranges((7, 7, 14, 2, 1, 1), 3, 3, 17) == [(2, 17), (0, 17), (0, 17)]
 
 
 @pytest.mark.parametrize("c,h,oc,k,residual", [
@@ -497,9 +490,9 @@ def test_row_passes_skip_padded_rows_and_keep_numbers(c, h, oc, k, residual):
     sch, rule, _ = default_schedule(func, _target())
     assert rule == "blocked-conv"
     text = sch.mod["main"].script()
-    assert text.count(NS.ROW_PASS) == 2
-    marked = NS.apply_loop_marks(sch.mod["main"]).script()
-    assert NS.ROW_PASS not in marked and "T.Select" in marked
+    assert text.count(LM.ROW_PASS) == 2
+    marked = LM.apply_loop_marks(sch.mod["main"]).script()
+    assert LM.ROW_PASS not in marked and "T.Select" in marked
     args, ref = _data("conv", c, h, oc, k, 1, residual)
     np.testing.assert_allclose(_run(sch.mod["main"], args, oshape), np.maximum(ref, 0), rtol=1e-4, atol=1e-4)
 
@@ -512,7 +505,7 @@ def test_row_passes_skip_padded_rows_and_keep_numbers(c, h, oc, k, residual):
 def test_row_passes_do_not_fire_without_padded_rows_at_stride_1(c, h, oc, k, s):
     func, oshape = _kernel("conv", c, h, oc, k, s, "relu", False, flat=3)
     sch, rule, _ = default_schedule(func, _target())
-    assert rule == "blocked-conv" and NS.ROW_PASS not in sch.mod["main"].script()
+    assert rule == "blocked-conv" and LM.ROW_PASS not in sch.mod["main"].script()
     args, ref = _data("conv", c, h, oc, k, s)
     np.testing.assert_allclose(_run(sch.mod["main"], args, oshape), np.maximum(ref, 0), rtol=1e-4, atol=1e-4)
 
@@ -567,10 +560,10 @@ def test_ragged_tile_is_peeled_and_keeps_numbers(tile, w):
     sch = BlockedConv(tile).apply(func, _target(), 8)
     assert sch is not None
     sfunc = sch.mod["main"]
-    assert NS.PEEL_LAST in sfunc.script()
-    peeled = NS.apply_loop_marks(sfunc).script()
+    assert LM.PEEL_LAST in sfunc.script()
+    peeled = LM.apply_loop_marks(sfunc).script()
     n = -(-w // 3)
-    assert NS.PEEL_LAST not in peeled
+    assert LM.PEEL_LAST not in peeled
     assert re.search(rf"in range\((T\.int64\()?{n - 1}\)?, (T\.int64\()?{n}\)?\):", peeled)
     args, ref = _data("conv", 32, 14, 32, 3, 1, True, w=w)
     np.testing.assert_allclose(_run(sfunc, args, oshape), np.maximum(ref, 0), rtol=1e-4, atol=1e-4)
@@ -597,10 +590,10 @@ def test_loop_marks_change_only_marked_functions():
     marked = BlockedConv(ConvTile(3, 4, "ob", tail=True)).apply(func, _target(), 8).mod["main"]
     plain = BlockedConv().apply(_kernel("conv", 16, 12, 32, 3, 1)[0], _target(), 8).mod["main"]
     mod = tvm.IRModule({"a": marked, "b": plain})
-    out = NS.apply_loop_marks_to_module(mod)
+    out = LM.apply_loop_marks_to_module(mod)
     assert out["b"].same_as(mod["b"])
-    assert NS.PEEL_LAST in mod["a"].script() and NS.PEEL_LAST not in out["a"].script()
-    again = NS.apply_loop_marks_to_module(out)
+    assert LM.PEEL_LAST in mod["a"].script() and LM.PEEL_LAST not in out["a"].script()
+    again = LM.apply_loop_marks_to_module(out)
     assert again["a"].same_as(out["a"]) and again["b"].same_as(out["b"])
 
 

@@ -1,4 +1,4 @@
-"""Variants of the default schedules (targets/schedule_variants.py) and the phase of tuning that
+"""Variants of the default schedules (targets/tvm/tuning/variants.py) and the phase of tuning that
 measures them before meta_schedule's search."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import tvm_ffi  # noqa: E402
 import graphopt  # noqa: E402
 from graphopt.check import run_onnxruntime  # noqa: E402
 from graphopt.passes.fusion.kernel_groups import PlanKernels  # noqa: E402
-from graphopt.targets.schedule_variants import variants  # noqa: E402
-from graphopt.targets.tvm import lower as L  # noqa: E402
-from graphopt.targets.tvm_schedules import default_schedule  # noqa: E402
+from graphopt.targets.tvm.tuning.variants import variants  # noqa: E402
+from graphopt.targets.tvm.lower import lowerer as L  # noqa: E402
+from graphopt.targets.tvm.schedules import default_schedule  # noqa: E402
 from graphopt.transform import PassContext, optimize  # noqa: E402
 from tvm_kernels import AVX2_CPU, avx2_target  # noqa: E402  (the variants listed are AVX2's)
 
@@ -49,7 +49,7 @@ def _kernels():
 
 
 def _run(func, args):
-    from graphopt.targets.nchwc_schedules import apply_loop_marks
+    from graphopt.targets.tvm.schedules.loop_marks import apply_loop_marks
 
     func = apply_loop_marks(func)  # (as the build does)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=avx2_target(threads=1))

@@ -89,7 +89,7 @@ def _scheduled_text(m: onnx.ModelProto, threads: int) -> str:
 
     from graphopt.passes.fusion.kernel_groups import PlanKernels
     from graphopt.target import CompileOptions, get_target
-    from graphopt.targets.tvm import lower as L
+    from graphopt.targets.tvm.lower import lowerer as L
     from graphopt.transform import PassContext
 
     g = graphopt.load(m)

@@ -29,8 +29,8 @@ import graphopt  # noqa: E402
 import graphopt.runtime  # noqa: E402
 from graphopt.errors import UsageError  # noqa: E402
 from graphopt.target import ArtifactError, get_target  # noqa: E402
-from graphopt.targets import arm64_env  # noqa: E402
-from graphopt.targets.arm64 import Arm64Target, QemuRunner, assembly  # noqa: E402
+from graphopt.targets.arm64 import toolchain as arm64_env  # noqa: E402
+from graphopt.targets.arm64.target import Arm64Target, QemuRunner, assembly  # noqa: E402
 
 ENV = arm64_env.status()
 needs_cxx = pytest.mark.skipif(not ENV.can_build, reason="no aarch64 cross compiler (apt-get install g++-aarch64-linux-gnu)")
@@ -157,7 +157,7 @@ def _asm(model: onnx.ModelProto, spec: str) -> tuple[str, str]:
     """Lower, schedule and build `model` for the arm64 target `spec`; the assembly and the
     schedules line (what the compile does, minus the cross link)."""
     from graphopt.passes.fusion.kernel_groups import PlanKernels
-    from graphopt.targets.tvm import lower as L
+    from graphopt.targets.tvm.lower import lowerer as L
     from graphopt.transform import PassContext, optimize
 
     m = optimize(graphopt.load(model), "-O2")
@@ -344,7 +344,7 @@ def test_rpc_tuning_on_loopback(tmp_path) -> None:
     x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
     np.testing.assert_allclose(art.run({"x": x})[0], _ort(m, {"x": x})[0], rtol=1e-4, atol=1e-5)
     # a database tuned for aarch64 is not applied to another device's triple
-    from graphopt.targets.arm64_tune import _check_db_target
+    from graphopt.targets.arm64.tuning import _check_db_target
 
     with pytest.raises(graphopt.GraphoptError, match="one database per device"):
         _check_db_target(str(db), tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"}))
@@ -446,3 +446,23 @@ def test_runner_built_from_other_source_counts_as_missing(tmp_path, monkeypatch)
     for line, ok in (("", False), ("runner=0123456789abcdef\n", False), (f"runner={digest}\n", True)):
         stamp.write_text(f"apache-tvm={tvm_v}\napache-tvm-ffi={ffi_v}\n{line}")
         assert (arm64_env.status().runner is not None) is ok, line
+
+
+def test_runner_source_ships_as_package_data() -> None:
+    """The runner's C++ source and build script live in the package (targets/arm64/runner/, listed
+    as package data in pyproject.toml), so an installed graphopt can build the runner: library
+    code does not read tools/ at run time."""
+    from pathlib import Path
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    src = arm64_env.runner_source()
+    pkg = Path(arm64_env.__file__).resolve().parent
+    assert src is not None and src.parent == pkg / "runner" and (src.parent / "build.sh").is_file()
+    root = Path(__file__).resolve().parents[1]
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "runner/*" in data["graphopt.targets.arm64"]
+    assert '"tools"' not in (pkg / "toolchain.py").read_text()  # (it joined root / "tools" / "arm64_runner" before)

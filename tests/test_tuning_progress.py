@@ -13,7 +13,7 @@ import re
 import pytest
 
 from graphopt.report import tuning_line
-from graphopt.targets.tvm_tuning import TuningProgress
+from graphopt.targets.tvm.tuning.tuner import TuningProgress
 
 LABELS = {"k0": "Conv -> 'conv', relu1", "k1": "Conv -> 'conv_59', relu2", "k4": "fc1, relu3", "k5": "fc2"}
 TASKS = ["k1", "k0", "k4", "k5"]

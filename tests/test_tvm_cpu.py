@@ -82,7 +82,7 @@ def test_one_kernel_per_plan_kernels_group():
     """Each group plan-kernels chose becomes one primitive Relax function and one PrimFunc."""
     from graphopt.passes.fusion.kernel_groups import kernel_groups
     from graphopt.targets.tvm import build as B
-    from graphopt.targets.tvm import lower as L
+    from graphopt.targets.tvm.lower import lowerer as L
 
     model = graphopt.optimize(graphopt.load(_cnn(2)), "-O2,plan-kernels")
     groups = kernel_groups(model)

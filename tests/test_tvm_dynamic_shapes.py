@@ -205,7 +205,7 @@ def test_fixed_shapes_unchanged(detector):
     _check(art, detector, {"image": _x((1, 3, 64, 64))})
 
 
-# --- recurrences over a symbolic length (recurrent_ops: one kernel looping over time) -------------
+# --- recurrences over a symbolic length (kernels.recurrent: one kernel looping over time) -------------
 
 
 def test_crnn_symbolic_width():

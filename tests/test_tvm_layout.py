@@ -21,7 +21,7 @@ from graphopt.check import run_onnxruntime  # noqa: E402
 from graphopt.errors import UsageError  # noqa: E402
 from graphopt.passes.fusion.kernel_groups import PlanKernels  # noqa: E402
 from graphopt.targets.tvm import layout as TL  # noqa: E402
-from graphopt.targets.tvm import lower as L  # noqa: E402
+from graphopt.targets.tvm.lower import lowerer as L  # noqa: E402
 from graphopt.transform import PassContext, optimize  # noqa: E402
 from graphopt.targets.machine import machine_model  # noqa: E402
 from tvm_kernels import AVX2_CPU, AVX2_MCPU, AVX512_MCPU, avx2_target, host_runs, isa_target  # noqa: E402
@@ -346,7 +346,7 @@ def test_conv_prologue_is_computed_once_not_per_tile():
     conv and leaves the BN + Relu prologue a block of its own, computed once per input value (it
     used to be inlined into the conv's reads: recomputed for every tile of output blocks, inside
     the reduction; DenseNet-121 42.7 -> 36.6 ms). Numbers against onnxruntime."""
-    from graphopt.targets.tvm_schedules import ScheduleStats, apply_default_schedules
+    from graphopt.targets.tvm.schedules import ScheduleStats, apply_default_schedules
 
     m = _parse(_HEAD + """g (float[1, 16, 12, 12] x) => (float[1, 32, 12, 12] y) {
     a = Conv <kernel_shape = [1, 1]> (x, w1)
@@ -423,7 +423,7 @@ g (float[1, 16, 12, 12] x) => (float[1, 24, 12, 12] y) {
 def test_avx512_block_halves_where_16_would_leave_convs_nchw(mid, want):
     """On a 16-lane machine the block is 16 when every blocked conv takes it, 8 when channel
     counts that are multiples of 8 only (MobileNetV2's 24) would leave conv work in NCHW; the
-    8-channel kernels are then scheduled with 8-lane vectors (nchwc_schedules.kernel_block)."""
+    8-channel kernels are then scheduled with 8-lane vectors (schedules.nchwc.kernel_block)."""
     text = MIXED24.replace("float[1, 24, 12, 12] y", f"float[1, {mid}, 12, 12] y")
     m = _parse(text, {"wa": (mid, 16, 1, 1), "wb": (mid, mid, 3, 3)})
     g = _planned(m)

@@ -116,7 +116,7 @@ def test_lowering_failure_is_one_stderr_line(tmp_path):
 def test_function_scope_closes_the_builder_on_error(capfd):
     from tvm import relax
 
-    from graphopt.targets.tvm.dynamic import function_scope
+    from graphopt.targets.tvm.lower.dynamic import function_scope
 
     x = relax.Var("x", relax.TensorType([2], "float32"))
     bb = relax.BlockBuilder()
@@ -502,7 +502,8 @@ _RUNAWAY = r"""
 import ctypes, sys, onnx, graphopt
 from onnx import helper as h, TensorProto as TP
 from graphopt.errors import GraphoptError
-from graphopt.targets.tvm import lower as L
+from graphopt.targets.tvm.lower import lowerer  # (imports the converters: the override below comes after them)
+from graphopt.targets.tvm.lower.registry import CONVERTERS
 
 def runaway(bb, node, ins, opset):
     if sys.argv[1] == "loop":
@@ -515,7 +516,7 @@ def runaway(bb, node, ins, opset):
             hog[-1][::4096] = b"x" * len(hog[-1][::4096])
     ctypes.CDLL(None).sleep(120)  # native code: no Python bytecode to interrupt
 
-L.CONVERTERS["Relu"] = runaway
+CONVERTERS["Relu"] = runaway
 g = h.make_graph([h.make_node("Relu", ["x"], ["y"], name="r0")], "g", [h.make_tensor_value_info("x", TP.FLOAT, [1, 8])],
                  [h.make_tensor_value_info("y", TP.FLOAT, None)])
 m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
@@ -604,7 +605,7 @@ def test_requantize_clip_before_an_integer_cast_is_plain_min_max():
     """Clip(…, 0, 255) whose only reader is a Cast to uint8 (a requantize) lowers to plain
     maximum/minimum (NaN has no uint8 value to keep; the NaN-keeping selects cost int8 ResNet-50
     13 %); a Clip read as float keeps NaN."""
-    from graphopt.targets.tvm import lower as L
+    from graphopt.targets.tvm.lower import lowerer as L
 
     def text(cast: bool) -> str:
         tail = [h.make_node("Cast", ["c"], ["y"], to=TP.UINT8)] if cast else [h.make_node("Identity", ["c"], ["y"])]

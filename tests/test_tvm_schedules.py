@@ -1,4 +1,4 @@
-"""Default CPU schedules (graphopt.targets.tvm_schedules): every kernel kind gets a real schedule
+"""Default CPU schedules (graphopt.targets.tvm.schedules.base): every kernel kind gets a real schedule
 (not the naive loops) and keeps its numbers (compared against numpy)."""
 
 from __future__ import annotations
@@ -13,12 +13,7 @@ from tvm_kernels import fused as _fused  # noqa: E402
 from tvm_kernels import host_target as _target  # noqa: E402
 from tvm_kernels import run as _run  # noqa: E402
 
-from graphopt.targets.tvm_schedules import (  # noqa: E402
-    LAYOUT_REWRITE_ANN,
-    ScheduleStats,
-    apply_default_schedules,
-    is_tunable_kernel,
-)
+from graphopt.targets.tvm.schedules import LAYOUT_REWRITE_ANN, ScheduleStats, apply_default_schedules, is_tunable_kernel  # noqa: E402
 
 TT = relax.TensorType
 
@@ -227,9 +222,9 @@ def test_fast_erf_keeps_float32_accuracy():
     ref = np.array([[math.erf(float(v)) for v in x[0]]])
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)  # (NaN == NaN for assert_allclose)
     assert np.isnan(got[0, -1]) and np.all(np.abs(got[0, :-1]) <= 1.0)
-    from graphopt.targets import tvm_schedules
+    from graphopt.targets.tvm.schedules import fast_math
 
-    assert tvm_schedules._FAST_ERF_REGISTERED
+    assert fast_math._FAST_ERF_REGISTERED
 
 
 def test_fast_exp_keeps_float32_accuracy():

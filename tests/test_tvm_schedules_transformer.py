@@ -1,4 +1,4 @@
-"""Default CPU schedules for transformer kernels (graphopt.targets.tvm_schedules): a matmul's
+"""Default CPU schedules for transformer kernels (graphopt.targets.tvm.schedules.base): a matmul's
 decomposed GELU epilogue becomes one block in the accumulator write-back, matmul-like kernels get
 the wide register tile and K blocking, and softmax / layer norm get the RowReduction rule. Every
 kernel is checked against numpy, a small encoder layer against onnxruntime."""
@@ -23,8 +23,10 @@ from onnx import helper as h  # noqa: E402
 from tvm_kernels import fuse, fused as _fused, avx2_target as _target, run as _run  # noqa: E402  (AVX2 expectations)
 
 import graphopt  # noqa: E402
-import graphopt.targets.tvm_schedules as S  # noqa: E402
-from graphopt.targets.tvm_schedules import LAYOUT_REWRITE_ANN, ScheduleStats, apply_default_schedules  # noqa: E402
+from graphopt.targets.tvm import schedules as S  # noqa: E402
+from graphopt.targets.tvm.schedules import knobs  # noqa: E402
+from graphopt.targets.tvm.schedules.row_reduction import RowReduction  # noqa: E402
+from graphopt.targets.tvm.schedules import LAYOUT_REWRITE_ANN, ScheduleStats, apply_default_schedules  # noqa: E402
 
 TT = relax.TensorType
 _erf = np.vectorize(erf)
@@ -67,14 +69,14 @@ def test_decomposed_gelu_epilogue_is_one_block_in_the_write_back():
     assert "T.erf(" in script and script.count("T.sblock_alloc_buffer") <= 2
     np.testing.assert_allclose(_run(smod, [x, w]), _gelu_ref(x, w), rtol=1e-5, atol=1e-5)
     # the knob off: the same kernel keeps its numbers with the epilogue as separate passes
-    old = S._INLINE_EPILOGUE
+    old = knobs.INLINE_EPILOGUE
     try:
-        S._INLINE_EPILOGUE = False
+        knobs.INLINE_EPILOGUE = False
         smod2, _, (func2,) = _schedule(mod)
         assert func2.script().count("T.parallel(") > 2
         np.testing.assert_allclose(_run(smod2, [x, w]), _gelu_ref(x, w), rtol=1e-5, atol=1e-5)
     finally:
-        S._INLINE_EPILOGUE = old
+        knobs.INLINE_EPILOGUE = old
 
 
 def test_transposing_epilogue_keeps_numbers():
@@ -107,7 +109,7 @@ def test_matmul_wide_tile_and_k_blocking():
     vt = 3 * lanes
     assert f"T.int64({n // vt}), T.int64(384), T.int64({vt})" in script  # the packed panels
     assert LAYOUT_REWRITE_ANN in script
-    assert f"T.int64(3), T.int64(32), T.int64({S._MATMUL_K_BLOCK})" in script  # k_o, row tiles, k_i
+    assert f"T.int64(3), T.int64(32), T.int64({knobs.MATMUL_K_BLOCK})" in script  # k_o, row tiles, k_i
     assert f"T.sblock_alloc_buffer((T.int64(128), T.int64({n})), scope=\"local\")" in script
     ref = (x.astype(np.float64) @ w + b).astype(np.float32)
     np.testing.assert_allclose(_run(smod, [x, w, b]), ref, rtol=1e-4, atol=1e-4)
@@ -139,13 +141,13 @@ def test_convs_keep_the_register_tile():
     x = rng.standard_normal((1, 64, 8, 8)).astype(np.float32)
     w = (rng.standard_normal((48, 64, 3, 3)) / 16).astype(np.float32)
     mod = _fused(lambda bb, a, wv: bb.emit(relax.op.nn.conv2d(a, wv, padding=1)), [("x", x.shape), ("w", w.shape)])
-    old = (S._MATMUL_WIDE_VT, S._MATMUL_K_BLOCK)
+    old = (knobs.MATMUL_WIDE_VT, knobs.MATMUL_K_BLOCK)
     try:
         _, _, (f_on,) = _schedule(mod)
-        S._MATMUL_WIDE_VT, S._MATMUL_K_BLOCK = False, 0
+        knobs.MATMUL_WIDE_VT, knobs.MATMUL_K_BLOCK = False, 0
         _, _, (f_off,) = _schedule(mod)
     finally:
-        S._MATMUL_WIDE_VT, S._MATMUL_K_BLOCK = old
+        knobs.MATMUL_WIDE_VT, knobs.MATMUL_K_BLOCK = old
     import tvm_ffi
 
     assert tvm_ffi.structural_equal(f_on, f_off)
@@ -209,14 +211,14 @@ def test_row_reductions(case):
     if c % S.vector_lanes(_target()) == 0:
         assert "_rf" in script and "T.vectorized(" in script  # partial results as one vector
     np.testing.assert_allclose(_run(smod, args), ref, rtol=1e-5, atol=1e-5)
-    old = S._ROW_REDUCTION
+    old = knobs.ROW_REDUCTION
     try:
-        S._ROW_REDUCTION = False  # the rule off: dlight's reduction schedule, same numbers
+        knobs.ROW_REDUCTION = False  # the rule off: dlight's reduction schedule, same numbers
         smod2, stats2, _ = _schedule(mod)
         assert "row-reduction" not in stats2.by_func.values()
         np.testing.assert_allclose(_run(smod2, args), ref, rtol=1e-5, atol=1e-5)
     finally:
-        S._ROW_REDUCTION = old
+        knobs.ROW_REDUCTION = old
 
 
 def test_row_reduction_declines_other_axes_and_matmuls():
@@ -229,7 +231,7 @@ def test_row_reduction_declines_other_axes_and_matmuls():
     assert "row-reduction" not in stats.by_func.values()
     e = np.exp(x - x.max(1, keepdims=True))
     np.testing.assert_allclose(_run(smod, [x]), e / e.sum(1, keepdims=True), rtol=1e-5, atol=1e-6)
-    assert S.RowReduction().apply(next(f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)),
+    assert RowReduction().apply(next(f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)),
                                   _target(), 8) is None
     # the row statistics written transposed: the output's rows are not the reduction's rows
     y = rng.standard_normal((6, 40)).astype(np.float32)
@@ -242,7 +244,7 @@ def test_row_reduction_declines_other_axes_and_matmuls():
     # a matmul reduces over the innermost axis of its left operand too: not a row reduction
     mm = _fused(lambda bb, p, q: bb.emit(relax.op.matmul(p, q)), [("a", (8, 64)), ("b", (64, 16))])
     func = next(f for _, f in mm.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
-    assert S.RowReduction().apply(func, _target(), 8) is None
+    assert RowReduction().apply(func, _target(), 8) is None
 
 
 # --------------------------------------------------------------------------- a whole encoder layer

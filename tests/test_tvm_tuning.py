@@ -1,4 +1,4 @@
-"""Tuning (graphopt.targets.tvm_tuning): a persistent database that later calls reuse, survival
+"""Tuning (graphopt.targets.tvm.tuning.tuner): a persistent database that later calls reuse, survival
 of crashing workers and of a killed tuning process (resume), applying the database."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ for _dep in ("xgboost", "psutil", "cloudpickle", "tornado"):
 
 from tvm_kernels import fuse, host_target as _target  # noqa: E402
 
-from graphopt.targets import tvm_tuning  # noqa: E402
-from graphopt.targets.tvm_tuning import apply_database, last_summary, repair_database, tune  # noqa: E402
+from graphopt.targets.tvm.tuning import tuner as tvm_tuning  # noqa: E402
+from graphopt.targets.tvm.tuning.tuner import apply_database, last_summary, repair_database, tune  # noqa: E402
 
 TT = relax.TensorType
 
@@ -46,7 +46,7 @@ def _apply_and_check(db):
     softmax never) and the tuned + default-scheduled module keeps its numbers."""
     from tvm.relax.backend.cpu_generic import pipeline as cp
 
-    from graphopt.targets.tvm_schedules import apply_default_schedules
+    from graphopt.targets.tvm.schedules import apply_default_schedules
 
     (entry,) = json.load(open(os.path.join(db, "graphopt_ledger.json"))).values()
     tuned = apply_database(_matmul_relu(), _target(), db)
@@ -70,8 +70,8 @@ def _check_kept_the_faster(db, summary):
     database gives exactly the default schedule when it won (a tuned one when it did not)."""
     import tvm_ffi
 
-    from graphopt.targets.tvm_schedules import apply_default_schedules
-    from graphopt.targets.tvm_tuning import kept_schedules
+    from graphopt.targets.tvm.schedules import apply_default_schedules
+    from graphopt.targets.tvm.tuning.tuner import kept_schedules
 
     ledger = json.load(open(os.path.join(db, "graphopt_ledger.json")))
     (entry,) = ledger.values()
@@ -226,7 +226,7 @@ def _graphopt_conv_kernel():
 
     import graphopt
     from graphopt.passes.fusion.kernel_groups import PlanKernels
-    from graphopt.targets.tvm import lower as L
+    from graphopt.targets.tvm.lower import lowerer as L
     from graphopt.transform import PassContext
 
     rng = np.random.default_rng(0)
@@ -249,7 +249,7 @@ def test_normalize_for_tuning_makes_graphopt_conv_kernels_tunable():
     tvm_tuning.cpu_only_intrinsics()  # (meta_schedule imports the GPU intrinsics otherwise: ~35 s)
     from tvm.s_tir import meta_schedule as ms
 
-    from graphopt.targets.tvm_tuning import normalize_for_tuning
+    from graphopt.targets.tvm.tuning.tuner import normalize_for_tuning
 
     mod = _graphopt_conv_kernel()
     norm = normalize_for_tuning(mod)
@@ -289,7 +289,7 @@ def test_paired_check_reorders_records_measured_under_different_load(tmp_path):
     from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
-    from graphopt.targets.tvm_schedules import default_schedule
+    from graphopt.targets.tvm.schedules import default_schedule
 
     tvm_tuning.cpu_only_intrinsics()
     mod = tvm_tuning.normalize_for_tuning(_matmul_relu(m=64, k=64, n=64))
@@ -327,7 +327,7 @@ import json, sys
 sys.path.insert(0, {tests!r})
 from test_tvm_tuning import _matmul_relu
 from tvm_kernels import host_target
-from graphopt.targets.tvm_tuning import tune
+from graphopt.targets.tvm.tuning.tuner import tune
 tune(_matmul_relu(), host_target(), db_dir={db!r}, trials=8, trials_per_iter=4, progress=False, threads=2)
 """
 

@@ -78,7 +78,7 @@ def test_a_generic_schedule_is_reported_with_its_flop_share():
     from tvm import relax
 
     from graphopt.targets.cpu import _fallback_warnings
-    from graphopt.targets.tvm_schedules import ScheduleStats, apply_default_schedules
+    from graphopt.targets.tvm.schedules import ScheduleStats, apply_default_schedules
     from tvm_kernels import avx2_target, primitive_kernel
 
     R, TT = relax.op, relax.TensorType
@@ -108,7 +108,7 @@ def test_symbolic_batch_kernel_on_a_generic_schedule_is_reported() -> None:
     counted 0: a symbolic-batch classifier on dlight's reduction rule went unreported)."""
     from tvm import relax, tirx
 
-    from graphopt.targets.tvm_schedules import ScheduleStats, apply_default_schedules
+    from graphopt.targets.tvm.schedules import ScheduleStats, apply_default_schedules
     from tvm_kernels import avx2_target, primitive_kernel
 
     R, TT = relax.op, relax.TensorType

@@ -1,5 +1,5 @@
-"""Winograd F(m x m, 3 x 3) convolutions of the cpu target (targets/tvm/winograd_ops.py,
-targets/winograd_schedules.py): the transform matrices, which convs take the form (and which must
+"""Winograd F(m x m, 3 x 3) convolutions of the cpu target (targets/tvm/kernels/winograd.py,
+targets/tvm/schedules/winograd.py): the transform matrices, which convs take the form (and which must
 not), the schedule, the `winograd=` option, and numbers against onnxruntime."""
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import graphopt  # noqa: E402
 from graphopt.check import run_onnxruntime  # noqa: E402
 from graphopt.errors import UsageError  # noqa: E402
 from graphopt.passes.fusion.kernel_groups import PlanKernels  # noqa: E402
-from graphopt.targets import nchwc_schedules as NS  # noqa: E402
-from graphopt.targets.schedule_variants import variants  # noqa: E402
+from graphopt.targets.tvm.schedules import loop_marks as LM  # noqa: E402
+from graphopt.targets.tvm.tuning.variants import variants  # noqa: E402
 from graphopt.targets.tvm import layout as TL  # noqa: E402
-from graphopt.targets.tvm import lower as L  # noqa: E402
-from graphopt.targets.tvm import winograd_ops as WO  # noqa: E402
-from graphopt.targets.tvm_schedules import default_rules, default_schedule  # noqa: E402
-from graphopt.targets.winograd_schedules import WinogradConv  # noqa: E402
+from graphopt.targets.tvm.lower import lowerer as L  # noqa: E402
+from graphopt.targets.tvm.kernels import winograd as WO  # noqa: E402
+from graphopt.targets.tvm.schedules import default_rules, default_schedule  # noqa: E402
+from graphopt.targets.tvm.schedules.winograd import WinogradConv  # noqa: E402
 from graphopt.transform import PassContext, optimize  # noqa: E402
 from tvm_kernels import AVX2_CPU, AVX2_MCPU, primitive_kernel  # noqa: E402
 from tvm_kernels import avx2_target as host_target  # noqa: E402  (8-channel blocks: AVX2)
@@ -288,7 +288,7 @@ def _run_kernel(func, c=32, h=14, oc=32, m=2, seed=0):
     ref = sum(np.einsum("nchw,oc->nohw", xp[:, :, i : i + h, j : j + h], w[:, :, i, j].astype(np.float64))
               for i in range(3) for j in range(3))
     ref = np.maximum(ref + bias.reshape(1, -1, 1, 1) + r, 0)
-    lib = tvm.compile(tvm.IRModule({"main": NS.apply_loop_marks(func).with_attr("global_symbol", "main")}),
+    lib = tvm.compile(tvm.IRModule({"main": LM.apply_loop_marks(func).with_attr("global_symbol", "main")}),
                       target=host_target())
     shape = (1, oc // B, h, h, B)
     size = int(np.prod(shape))
@@ -325,7 +325,7 @@ def test_symbolic_batch_keeps_the_transforms_parallel():
 
 def test_winograd_conv_declines_other_kernels():
     """A direct blocked conv (and anything else) is not its kernel: None, so the next rule runs."""
-    from graphopt.targets.tvm import blocked_ops as BO
+    from graphopt.targets.tvm.kernels import blocked as BO
 
     params = [relax.Var("x", TT((1, 4, 14, 14, B), "float32")), relax.Var("w", TT((4, 4, 3, 3, B, B), "float32"))]
     func = primitive_kernel(params, lambda bb, x, w: bb.emit_te(BO.conv2d_blocked, x, w, [1, 1], [1, 1, 1, 1], [1, 1]))

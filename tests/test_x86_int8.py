@@ -1,4 +1,4 @@
-"""x86 AVX2 int8 kernels of the cpu target (targets/x86_int8_schedules.py) and the
+"""x86 AVX2 int8 kernels of the cpu target (targets/tvm/schedules/int8_x86.py) and the
 `split-zero-points` pass that feeds them.
 
 Kernels: which variant fires (u8s8 vpmaddubsw for uint8 activations × weights known to be within
@@ -25,7 +25,7 @@ tvm = pytest.importorskip("tvm")
 import graphopt  # noqa: E402
 import graphopt.runtime  # noqa: E402
 from graphopt.target import CompileOptions, get_target  # noqa: E402
-from graphopt.targets import x86_int8_schedules as X  # noqa: E402
+from graphopt.targets.tvm.schedules import int8_x86 as X  # noqa: E402
 from graphopt.targets.tvm import build as B  # noqa: E402
 from graphopt.testing import check_pass  # noqa: E402
 
@@ -91,8 +91,8 @@ def _compile(m: onnx.ModelProto, spec: str = AVX2_CPU):
 
 def _asm(m: onnx.ModelProto, target=HOST) -> tuple[str, dict[str, str]]:
     from graphopt.passes.fusion.kernel_groups import PlanKernels
-    from graphopt.targets.arm64 import assembly
-    from graphopt.targets.tvm import lower as L
+    from graphopt.targets.arm64.target import assembly
+    from graphopt.targets.tvm.lower import lowerer as L
     from graphopt.transform import PassContext
 
     g = graphopt.load(m)
@@ -479,7 +479,7 @@ def _clip_cast(lo: float, hi: float, to: int = TP.UINT8, clip: bool = True) -> o
 
 
 def _relax_text(m: onnx.ModelProto) -> str:
-    from graphopt.targets.tvm import lower as L
+    from graphopt.targets.tvm.lower import lowerer as L
 
     return L.lower(graphopt.load(m)).mod.script()
 
@@ -569,7 +569,7 @@ def test_blocked_int8_chain_has_no_relayout_between_convs() -> None:
     float input) and one out of it (the pooled features), none between the convs."""
     from graphopt.passes.fusion.kernel_groups import PlanKernels
     from graphopt.passes.quantize.integer import QdqToInteger, SplitZeroPoints
-    from graphopt.targets.tvm import lower as L
+    from graphopt.targets.tvm.lower import lowerer as L
     from graphopt.transform import PassContext
 
     m = graphopt.optimize(graphopt.load(_qdq_chain()), "-O2")
@@ -600,7 +600,7 @@ def test_avx2_int8_convs_keep_nchw_kernels() -> None:
     """AVX2 (8 int32 lanes, no VNNI): the int8 convs keep their NCHW kernels (same kernels as before)."""
     from graphopt.passes.fusion.kernel_groups import PlanKernels
     from graphopt.passes.quantize.integer import QdqToInteger, SplitZeroPoints
-    from graphopt.targets.tvm import lower as L
+    from graphopt.targets.tvm.lower import lowerer as L
     from graphopt.transform import PassContext
 
     m = graphopt.optimize(graphopt.load(_qdq_chain()), "-O2")

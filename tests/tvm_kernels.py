@@ -81,7 +81,7 @@ def primitive_kernel(params: Sequence[relax.Var], build_body: Callable[..., Any]
     """The one PrimFunc the lowering makes of a primitive group function `k(*params)` whose
     dataflow body is `build_body(bb, *params)` (its result is the output): `main` calls it, then
     LegalizeOps → AnnotateTIROpPattern → FuseTIR (graphopt's `legalize_and_fuse`)."""
-    from graphopt.targets.tvm.lower import legalize_and_fuse
+    from graphopt.targets.tvm.lower.legalize import legalize_and_fuse
 
     bb = relax.BlockBuilder()
     with bb.function("k", list(params), {"Primitive": True}, private=True):

@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 import graphopt
 import graphopt.runtime
-from graphopt.targets import arm64_env
+from graphopt.targets.arm64 import toolchain as arm64_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.join(ROOT, ".cache", "corpus")

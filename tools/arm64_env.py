@@ -6,12 +6,12 @@
 
 Needs Debian's g++-aarch64-linux-gnu and qemu-user (apt-get install g++-aarch64-linux-gnu
 qemu-user); `--python` also `dpkg --add-architecture arm64 && apt-get update`. Everything is
-cached in .cache/arm64/ ($GRAPHOPT_ARM64_HOME). See graphopt.targets.arm64_env.
+cached in .cache/arm64/ ($GRAPHOPT_ARM64_HOME). See graphopt.targets.arm64.toolchain.
 """
 
 import sys
 
-from graphopt.targets.arm64_env import main
+from graphopt.targets.arm64.toolchain import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,7 @@
 
 Every ResNet-50 and MobileNetV2 conv shape (batch 1; plus their stem, depthwise and pooling
 kernels) is built the way graphopt's lowering builds it for the cpu target: one fused PrimFunc
-(pad → blocked compute from targets/tvm/blocked_ops.py → bias add → Relu / Clip(0, 6) →
+(pad → blocked compute from targets/tvm/kernels/blocked.py → bias add → Relu / Clip(0, 6) →
 residual Add), through Relax LegalizeOps → FuseTIR. Each is scheduled twice:
 
 - before: the default rules without `BlockedConv` (the generic OuterProduct / WindowReduction),
@@ -25,7 +25,7 @@ conv alone, the compiled kernel includes its epilogue.
     .venv/bin/python tools/bench_nchwc_kernels.py --only r50_3x3_128_28 --tune 16 --tuning-db /tmp/db
 
 `--winograd M` compares, for the 3x3 stride-1 convs only, the direct kernel (before) with the
-Winograd F(M x M, 3 x 3) kernel (after, targets/tvm/winograd_ops.py) that the lowering makes
+Winograd F(M x M, 3 x 3) kernel (after, targets/tvm/kernels/winograd.py) that the lowering makes
 for them (`cpu{winograd=...}`):
 
     .venv/bin/python tools/bench_nchwc_kernels.py --models resnet50 --winograd 2
@@ -188,9 +188,9 @@ def build_module(case: Case, target, winograd: int = 0):
     """The Relax module of `case` after FuseTIR: `main` calling the one fused kernel."""
     from tvm import relax
 
-    from graphopt.targets.tvm import blocked_ops as BO
-    from graphopt.targets.tvm import winograd_ops as WO
-    from graphopt.targets.tvm.lower import legalize_and_fuse
+    from graphopt.targets.tvm.kernels import blocked as BO
+    from graphopt.targets.tvm.kernels import winograd as WO
+    from graphopt.targets.tvm.lower.legalize import legalize_and_fuse
 
     TT = relax.TensorType
     c, h, oc, k, s, oh = case.c, case.h, case.oc, case.k, case.s, case.oh
@@ -390,7 +390,7 @@ class OrtTimer:
 def _compile(func, target):
     import tvm
 
-    from graphopt.targets.nchwc_schedules import apply_loop_marks
+    from graphopt.targets.tvm.schedules.loop_marks import apply_loop_marks
 
     return tvm.compile(tvm.IRModule({"main": apply_loop_marks(func).with_attr("global_symbol", "main")}), target=target)
 
@@ -399,8 +399,8 @@ def run_case(case: Case, target, threads: int, rounds: int, tile=None, winograd:
     """Time `case` before / after (see module docstring; `winograd`: direct vs F(m x m, 3 x 3))."""
     import tvm
 
-    from graphopt.targets import nchwc_schedules as NS
-    from graphopt.targets import tvm_schedules as TS
+    from graphopt.targets.tvm.schedules import nchwc as NS
+    from graphopt.targets.tvm.schedules import base as TS
 
     func, shapes = build_kernel(case, target)
     rules_after = TS.default_rules(target)
@@ -412,7 +412,7 @@ def run_case(case: Case, target, threads: int, rounds: int, tile=None, winograd:
     if winograd:
         sch_b, rule_b, _ = TS.default_schedule(func, target, rules_after)
         sch_a, rule_a, notes = TS.default_schedule(build_kernel(case, target, winograd)[0], target, rules_after)
-        from graphopt.targets.tvm.winograd_ops import pack_winograd_weight_numpy
+        from graphopt.targets.tvm.kernels.winograd import pack_winograd_weight_numpy
 
         args_a = {**args, "w": pack_winograd_weight_numpy(nchw["W"], B, winograd)}
     else:
@@ -465,8 +465,8 @@ def tune_case(case: Case, target, threads: int, trials: int, db_dir: str) -> dic
     default schedule and onnxruntime."""
     import tvm
 
-    from graphopt.targets import tvm_schedules as TS
-    from graphopt.targets import tvm_tuning as TT
+    from graphopt.targets.tvm.schedules import base as TS
+    from graphopt.targets.tvm.tuning import tuner as TT
 
     mod = build_module(case, target)
     TT.tune(mod, target, db_dir=db_dir, trials=trials, progress=False, threads=threads)
@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TVM_NUM_THREADS", str(a.threads))
     if os.environ["TVM_NUM_THREADS"] != str(a.threads):
         print(f"warning: TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']} but --threads {a.threads}", file=sys.stderr)
-    from graphopt.targets.nchwc_schedules import ConvTile
+    from graphopt.targets.tvm.schedules.tiles import ConvTile
     from graphopt.targets.tvm.build import host_target
 
     target = host_target(threads=a.threads)

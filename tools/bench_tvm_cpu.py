@@ -5,7 +5,7 @@
 
     # before/after a default-schedule change, in the same rounds (the knobs off = the old schedules):
     .venv/bin/python tools/bench_tvm_cpu.py --models bert_base_s128 --budget 30 \
-        --schedule-knobs '_INLINE_EPILOGUE=0;_MATMUL_WIDE_VT=0;_MATMUL_K_BLOCK=0;_ROW_REDUCTION=0'
+        --schedule-knobs 'INLINE_EPILOGUE=0;MATMUL_WIDE_VT=0;MATMUL_K_BLOCK=0;ROW_REDUCTION=0'
 
     # tune into a database for 25 minutes, benchmark the tuned artifact, then recompile with the
     # warm database (timed) and benchmark that too, all against onnxruntime in the same rounds:
@@ -137,9 +137,9 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
         saved = {}
         for kv in args.schedule_knobs.split(";"):
             k, v = (t.strip() for t in kv.split("=", 1))
-            # NAME: a tvm_schedules knob; MODULE.NAME: one of graphopt.targets.MODULE (tvm.layout.FLAT_MAX_IH)
+            # NAME: a tvm.schedules.knobs switch; MODULE.NAME: one of graphopt.targets.MODULE (tvm.layout.FLAT_MAX_IH)
             mod_name, _, attr = k.rpartition(".")
-            mod = importlib.import_module(f"graphopt.targets.{mod_name or 'tvm_schedules'}")
+            mod = importlib.import_module(f"graphopt.targets.{mod_name or 'tvm.schedules.knobs'}")
             if not hasattr(mod, attr):
                 raise SystemExit(f"--schedule-knobs: {mod.__name__} has no {attr!r}")
             old = getattr(mod, attr)
@@ -301,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1, help="compile with symbolic input dims fixed to this (the "
                    "benchmark's batch; 0: keep them symbolic, which tuning cannot handle)")
     p.add_argument("--schedule-knobs", default="",
-                   help="also compile with these tvm_schedules module knobs ('_NAME=INT;...', or MODULE.NAME=INT "
-                        "for graphopt.targets.MODULE, e.g. '_MATMUL_K_BLOCK=0;_ROW_REDUCTION=0' or "
+                   help="also compile with these default-schedule knobs ('NAME=INT;...' of tvm.schedules.knobs, or MODULE.NAME=INT "
+                        "for graphopt.targets.MODULE, e.g. 'MATMUL_K_BLOCK=0;ROW_REDUCTION=0' or "
                         "'tvm.layout.FLAT_MAX_IH=0') and benchmark it in the same rounds")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--in-process", action="store_true", help="all models in this process (default: one process each)")

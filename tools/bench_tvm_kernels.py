@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         return profile_model(args.profile_model, args.threads, cpu_time=args.cpu_time, cold=args.cold)
     import tvm
 
-    from graphopt.targets.tvm_schedules import ScheduleStats, apply_default_schedules
+    from graphopt.targets.tvm.schedules import ScheduleStats, apply_default_schedules
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
                                 "num-cores": args.threads})
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tune:
         import tempfile
 
-        from graphopt.targets.tvm_tuning import apply_database, tune
+        from graphopt.targets.tvm.tuning.tuner import apply_database, tune
 
         db_dir = args.tuning_db or tempfile.mkdtemp(prefix="graphopt-bench-db-")
     hdr = f"{'case':32} {'ort ms':>8} {'default':>8} {'x ort':>6} {'GF/s':>6} {'%peak':>5} {'rule':>16}"

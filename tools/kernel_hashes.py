@@ -5,7 +5,7 @@ the check that a change leaves some ISA's kernels exactly as they were.
     # the same for an older commit, from a copy of its packages (graphopt/, passes/ → graphopt/passes,
     # targets/ → graphopt/targets) in OLD_TREE: --tree OLD_TREE > old.json
     .venv/bin/python tools/kernel_hashes.py --compare old.json new.json
-    # an int8 (QDQ) model: a path; its int8 kernels (x86_int8_schedules) are hashed too
+    # an int8 (QDQ) model: a path; its int8 kernels (schedules.int8_x86) are hashed too
     .venv/bin/python tools/kernel_hashes.py .cache/int8_compile/mobilenetv2.avx512-vnni.int8.onnx --mcpu znver4
 
 Symbolic dims are fixed to 1 (as bench_tvm_cpu does; `--keep-symbolic` leaves them, as a compile
@@ -31,8 +31,8 @@ def hashes(model: str, mcpu: str, keep_symbolic: bool = False) -> dict[str, int]
     from graphopt.passes.fusion.kernel_groups import PlanKernels
     from graphopt.target import get_target
     from graphopt.targets.tvm import build as B
-    from graphopt.targets.tvm import lower as L
-    from graphopt.targets.tvm_schedules import apply_default_schedules
+    from graphopt.targets.tvm.lower import lowerer as L
+    from graphopt.targets.tvm.schedules import apply_default_schedules
     from graphopt.transform import PassContext
 
     B.host_cpu = lambda: mcpu  # (trees from before the machine model read the host's mcpu)

@@ -90,7 +90,7 @@ class CpuBackend(Backend):
         return device == "CPU"
 
     @classmethod
-    def prepare(cls, model: Any, device: str = "CPU", **kwargs: Any) -> CpuBackendRep:  # type: ignore[override]
+    def prepare(cls, model: Any, device: str = "CPU", **kwargs: Any) -> CpuBackendRep:
         proto = model if isinstance(model, onnx.ModelProto) else onnx.load(model)
         inits = {i.name for i in proto.graph.initializer}
         names = [i.name for i in proto.graph.input if i.name not in inits]
@@ -103,11 +103,11 @@ class CpuBackend(Backend):
         return CpuBackendRep(art, names)
 
     @classmethod
-    def run_model(cls, model: Any, inputs: Any, device: str = "CPU", **kwargs: Any) -> tuple[Any, ...]:  # type: ignore[override]
+    def run_model(cls, model: Any, inputs: Any, device: str = "CPU", **kwargs: Any) -> tuple[Any, ...]:
         return cls.prepare(model, device, **kwargs).run(inputs)
 
     @classmethod
-    def run_node(cls, node: onnx.NodeProto, inputs: Any, device: str = "CPU", outputs_info: Any = None, **kwargs: Any) -> tuple[Any, ...]:  # type: ignore[override]
+    def run_node(cls, node: onnx.NodeProto, inputs: Any, device: str = "CPU", outputs_info: Any = None, **kwargs: Any) -> tuple[Any, ...]:
         from graphopt.backend import GraphoptBackend
 
         # build the one-node model the same way GraphoptBackend does, then compile it
@@ -127,6 +127,6 @@ class SpecializingCpuBackend(CpuBackend):
     GRAPHOPT_CPU_BACKEND_SPECIALIZE=1 behaviour as a class, for a test suite of its own)."""
 
     @classmethod
-    def prepare(cls, model: Any, device: str = "CPU", **kwargs: Any) -> CpuBackendRep:  # type: ignore[override]
+    def prepare(cls, model: Any, device: str = "CPU", **kwargs: Any) -> CpuBackendRep:
         kwargs.setdefault("specialize", True)
         return super().prepare(model, device, **kwargs)

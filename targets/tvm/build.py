@@ -8,8 +8,8 @@
 
 TVM 0.27 takes targets as JSON dicts only and rejects `-mcpu=native` with its triple, so the host
 is mapped to the mcpu LLVM reports for it (`llvm_get_system_cpu`). The schedules come from the
-modules `graphopt.targets.tvm_schedules` (default schedules for CPU) and
-`graphopt.targets.tvm_tuning` (meta_schedule with a persistent database); each is optional, and
+modules `graphopt.targets.tvm.schedules.base` (default schedules for CPU) and
+`graphopt.targets.tvm.tuning.tuner` (meta_schedule with a persistent database); each is optional, and
 without it the kernels build unscheduled.
 """
 
@@ -105,9 +105,9 @@ def schedule(
     `task_labels`: {PrimFunc name: its ONNX nodes} for tuning's progress bar."""
     info = ScheduleInfo()
     if tune_trials > 0 or tuning_db:
-        tuning = _optional("graphopt.targets.tvm_tuning")
+        tuning = _optional("graphopt.targets.tvm.tuning.tuner")
         if tuning is None:
-            info.tuning = {"status": "unavailable (graphopt.targets.tvm_tuning is not installed)"}
+            info.tuning = {"status": "unavailable (graphopt.targets.tvm.tuning.tuner is not installed)"}
         else:
             cpu_only_intrinsics()
             if tune_trials > 0:
@@ -131,7 +131,7 @@ def schedule(
                     info.tuning["kept"] = kept(tuning_db)  # workloads keeping default / tuned schedules
             if tuning_db and os.path.isdir(tuning_db):
                 mod = tuning.apply_database(mod, target, tuning_db)
-    scheds = _optional("graphopt.targets.tvm_schedules")
+    scheds = _optional("graphopt.targets.tvm.schedules")
     if scheds is not None:
         try:
             stats = scheds.ScheduleStats()
@@ -201,7 +201,7 @@ def finish_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0)
     def _finish(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        from ..nchwc_schedules import apply_loop_marks_to_module
+        from .schedules.loop_marks import apply_loop_marks_to_module
 
         mod = apply_loop_marks_to_module(mod)  # ragged pixel tiles, row passes
         with target:

@@ -21,8 +21,8 @@ from typing import Any
 import tvm
 from tvm import relax
 
-from graphopt.targets.tir_match import mac_flops_terms
-from graphopt.targets.tvm_schedules import GENERIC_RULES
+from graphopt.targets.tvm.tir_match import mac_flops_terms
+from graphopt.targets.tvm.schedules import GENERIC_RULES
 
 _CALL_TIR = ("relax.call_tir", "relax.call_tir_inplace")
 # (a kernel whose weight packing was hoisted: SplitLayoutRewritePreproc renames it)

@@ -58,8 +58,8 @@ from graphopt.ir import Model, Node, Value
 from graphopt.passes.pruning.flops import layer_flops
 
 from ..machine import MachineModel
-from . import blocked_ops as BO
-from . import winograd_ops as WO
+from .kernels import blocked as BO
+from .kernels import winograd as WO
 
 #: channels per block: the machine model's fp32 lanes (`CpuTarget.activation_block`): 8 on AVX2,
 #: 16 on AVX-512, as onnxruntime's MLAS NCHWc blocks

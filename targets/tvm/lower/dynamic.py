@@ -29,6 +29,9 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from .registry import LoweringError
+from .symbolic import Sym, materialise
+
 R = relax.op
 
 _COUNTER = itertools.count()
@@ -100,7 +103,7 @@ def carry_over(bb: relax.BlockBuilder, sub: tvm.IRModule, name: str) -> tvm.ir.G
             table[gv] = bb.add_func(sub[gv], gv.name_hint)
 
     @relax.expr_functor.mutator
-    class _M(relax.PyExprMutator):  # type: ignore[misc]
+    class _M(relax.PyExprMutator):
         def visit_global_var_(self, op: tvm.ir.GlobalVar) -> relax.Expr:  # noqa: N802
             return table.get(op, op)
 
@@ -222,7 +225,6 @@ def _captured(g: Any) -> list[Any]:
 def runtime_if(lowerer: Any, bb: relax.BlockBuilder, node: Any, cond: Any, env: dict[Any, Any]) -> list[Any]:
     """If whose condition is computed at run time: both branches compiled (each a function over
     the outer values it reads), one run, chosen on the host (`switch`)."""
-    from .lower import LoweringError, Sym, materialise
 
     then_g, else_g = node.attr("then_branch"), node.attr("else_branch")
     captured: list[Any] = []
@@ -282,7 +284,6 @@ def runtime_loop(lowerer: Any, bb: relax.BlockBuilder, node: Any, ins: list[Any]
     body's condition and values, and each scan output appended to its accumulator. The loop
     state is typed by rank only (dims may change between iterations); what L returns is cast to
     fresh symbolic dims in `bb`."""
-    from .lower import LoweringError, Sym, materialise
 
     body = node.attr("body")
     ins = [materialise(bb, e, "") if isinstance(e, Sym) else e for e in ins]

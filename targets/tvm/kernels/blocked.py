@@ -26,8 +26,8 @@ from typing import Any
 
 from tvm import te, tirx
 
-from ..nchwc_schedules import FLAT_ROWS
-from .minmax_ops import nan_max
+from .annotations import FLAT_ROWS
+from .minmax import nan_max
 
 __all__ = [
     "to_blocked",

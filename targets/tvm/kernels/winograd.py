@@ -13,7 +13,7 @@ from 9 m^2 multiply-adds per pixel block into (m+2)^2 small GEMMs. F(2x2, 3x3) d
 output pixels (2.25x fewer than 36), F(4x4, 3x3) 36 per 16 (4x fewer).
 
 The kernel is four stages, each a separate TE compute so the schedule
-(`winograd_schedules.WinogradConv`) can place them:
+(`schedules.winograd.WinogradConv`) can place them:
 
 - `winograd_in_rows` / `winograd_in`: the input transform `B^T d B` of every tile (two passes of
   `B^T`, rows then columns), the padding read as zeros, into

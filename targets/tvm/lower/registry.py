@@ -1,6 +1,6 @@
 """The converter registry of the TVM lowering: graphopt's own ONNX-node converters by op type, and
-the small queries on Relax expressions that converters share (`lower` and `converters` both
-import this module; neither imports the other's privates)."""
+the small queries and constructors on Relax expressions that the lowerer and the converters share
+(the bottom of lower/: it imports nothing of the package)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tvm import relax
 from graphopt import GraphoptError
 from graphopt.ir import Node
 
-__all__ = ["LoweringError", "Converter", "CONVERTERS", "converter", "const_value", "dims_of"]
+__all__ = ["LoweringError", "Converter", "CONVERTERS", "converter", "const_value", "dims_of", "contiguous_array", "relax_constant"]
 
 
 class LoweringError(GraphoptError):
@@ -48,3 +48,17 @@ def dims_of(e: Any) -> list[Any]:
     if shape is None or not isinstance(shape, relax.ShapeExpr):
         raise LoweringError("a tensor of unknown shape")
     return [int(v) if isinstance(v, tvm.tirx.IntImm) else v for v in shape.values]
+
+
+
+def contiguous_array(a: np.ndarray) -> np.ndarray:
+    """C-contiguous, keeping 0-d arrays 0-d (np.ascontiguousarray makes them 1-d)."""
+    return np.require(a, requirements="C")
+
+
+def relax_constant(arr: np.ndarray) -> tvm.ir.GenericConst:
+    arr = contiguous_array(arr)
+    if arr.dtype == np.bool_:
+        return relax.const(arr, "bool")
+    # the dtype explicitly: relax.const narrows int64 → int32 and float64 → float32 without it
+    return relax.const(arr, str(arr.dtype))

@@ -1,6 +1,6 @@
-"""Default CPU schedules for the channel-blocked (NCHW[b]c) kernels of `targets/tvm/blocked_ops.py`.
+"""Default CPU schedules for the channel-blocked (NCHW[b]c) kernels of `targets/tvm/kernels/blocked.py`.
 
-`BlockedConv` (one entry in `tvm_schedules.default_rules`, in front of OuterProduct) schedules the
+`BlockedConv` (one entry in `default.default_rules`, in front of OuterProduct) schedules the
 fused PrimFuncs of the blocked layout:
 
     pad → conv2d_blocked | conv2d_stem reduction → epilogue (bias, Relu/Clip, residual Add, ...)
@@ -19,7 +19,7 @@ onnxruntime's MLAS NCHWc kernels take:
   condition per FMA (a predicated tile kept its accumulators in memory: 1.5-2x slower). Else 8
   accumulators (4x2, 2x4, 8x1) that divide the row. Block counts none of the 12-accumulator tiles
   divides take their largest divisor up to 6 blocks (`MachineModel.odd_tile`: 125 blocks → 2 x 5). Convs that
-  blocked_ops computes on their flattened output pixels (`conv2d_blocked_flat`: unpadded 1x1 convs, maps of at most 28 input
+  kernels.blocked computes on their flattened output pixels (`conv2d_blocked_flat`: unpadded 1x1 convs, maps of at most 28 input
   rows) are one row of OH*OW pixels rounded up to the tile, written back through
   `out[.., p // W, p % W, ..]`; where their (batch, output block) loop does not divide among the
   cores, the pixel tiles join the parallel loop (in parts: `_flat_parts`);
@@ -63,9 +63,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .machine import MachineModel, machine_model
-from .tir_match import static_int
-from .tvm_schedules import (
+from ...machine import machine_model
+from ..kernels.annotations import FLAT_ROWS
+from ..tir_match import static_int
+from . import knobs
+from .base import (
     ScheduleRule,
     divisors_of,
     fuse_parallel,
@@ -77,26 +79,14 @@ from .tvm_schedules import (
     root_block,
     schedule_rest,
 )
+from .loop_marks import PEEL_LAST, ROW_PASS
+from .tiles import L2_WEIGHT_SHARE, ConvShape, ConvTile, conv_tile, row_tile_ranges
 
 if TYPE_CHECKING:
     import tvm
 
-__all__ = ["BlockedConv", "ConvTile", "ConvShape", "conv_tile", "kernel_block", "match_blocked_conv",
-           "apply_loop_marks", "apply_loop_marks_to_module", "row_tile_ranges"]
-
-# cache budgets, as shares of the machine model's caches (measured on a 32 KiB L1 / 512 KiB L2
-# core, where they were 12 KiB / 256 KiB / 160 KiB):
-# weights of one chunk of output blocks (order "blk"): half of L2
-_L2_WEIGHT_SHARE = 1 / 2
-# weights of one reduction chunk (`ConvTile.k_chunk` by default): 16 of 64 input blocks of a 3x3
-# 512-channel conv x 4 output blocks (147 KiB) measured 0.94x onnxruntime's time, 8 (74 KiB) 0.96x
-_CHUNK_WEIGHT_SHARE = 5 / 16
-# weights of one row pass (`ConvTile.row_passes`: a kernel row x a chunk of input blocks x the
-# tile's output blocks): 3x3 convs on 7/14/28-wide maps, single thread, chunks of 4 input blocks
-# (12 KiB of 32) 2.37-2.41 ms, of 1-2 blocks 2.41-2.47 ms, 8 blocks 2.60 ms, 16 2.77 ms (3x3 512 on 7x7)
-_PASS_WEIGHT_SHARE = 3 / 8
-_MATERIALISE_PROLOGUE = True  # (off: inlined into the conv's reads, as before)
-_ROW_PASSES = True  # (off: to compare, tools/bench_tvm_cpu.py --schedule-knobs nchwc_schedules._ROW_PASSES=0)
+__all__ = ["BlockedConv", "BlockedWindow", "kernel_block", "match_blocked_conv", "match_blocked_window", "loops_below",
+           "write_back_loops"]
 
 
 def kernel_block(func: "tvm.tirx.PrimFunc", lanes: int) -> int:
@@ -110,112 +100,6 @@ def kernel_block(func: "tvm.tirx.PrimFunc", lanes: int) -> int:
     except Exception:  # noqa: BLE001 - not a kernel of this layout
         return lanes
     return b if b is not None and 4 <= b < lanes and lanes % b == 0 else lanes
-
-
-#: block annotation of a flat conv's reduction (blocked_ops.conv2d_blocked_flat) with padded rows:
-#: [OW, OH, H, stride, dilation, top pad] of its rows, from which `row_tile_ranges` tells the pixel
-#: tiles whose window row of each kernel row lies inside the input
-FLAT_ROWS = "graphopt.flat_rows"
-
-
-@dataclass(frozen=True)
-class ConvShape:
-    """What the tile choice looks at (per batch item)."""
-
-    kind: str  # "conv" | "stem"
-    ob: int  # output channel blocks
-    oh: int
-    ow: int
-    red: int  # reduction length (C * KH * KW)
-    kh: int
-    kw: int
-    stride: int  # 1 when both strides are 1, else the larger one
-    pad_rows: tuple[int, ...] = ()  # (flat convs with padded rows) blocked_ops.FLAT_ROWS: OW, OH,
-    # H, stride, dilation and top pad of the rows
-
-
-@dataclass(frozen=True)
-class ConvTile:
-    """One micro-kernel choice."""
-
-    rt: int  # output pixels per tile
-    obt: int  # adjacent output channel blocks per tile
-    # outer loop order: "ob" (n, ob, y, x), "row" (n, y, ob, x), "pix" (n, y, x, ob), "blk" (n, ob
-    # chunk, y, ob in chunk, x: a chunk's weights fit in L2)
-    order: str = "ob"
-    ob_inner: bool = False  # in the unrolled tile, output blocks inside pixels
-    pad_row: bool = False  # (order "row") the padded input rows of each output row computed
-    # under the row loop, instead of a fill + copy of the whole padded input before the conv
-    partition_pad: bool = False  # ... with the pad's column loop split into borders and interior
-    unroll_kw: bool = False  # unroll kw too (LLVM then keeps the broadcasts that neighbouring
-    # kw taps share in registers, and spills the accumulators for them)
-    k_chunk: int = 0  # (1x1 convs, order "ob") input channel blocks per reduction chunk: a row's
-    # accumulators live in a local buffer between chunks, so a chunk of the weight panel stays in
-    # L1 across the row's tiles instead of streaming the whole panel from L2 for every tile
-    tail: bool = False  # rows that `rt` does not divide: whole tiles plus one ragged tile, the
-    # tile loop's last iteration peeled into code of its own (`apply_loop_marks`)
-    row_passes: bool = False  # (flat convs with padded rows, order "ob", with `k_chunk`) one
-    # reduction pass per (chunk of input blocks, kernel row) over only the pixel tiles whose window
-    # row lies inside the input (the FMAs on padded rows skipped; accumulators in a local buffer
-    # between passes; `row_tile_ranges`)
-    serial_tiles: bool | None = None  # the innermost outer loop (pixel tiles; output blocks for
-    # "pix") left out of the parallel loop, so a tile's indices are increments rather than
-    # divisions of one fused index; None: where the fused rest has enough iterations
-
-
-def conv_tile(s: ConvShape, machine: MachineModel, row_passes: bool = True, block: int | None = None) -> ConvTile:
-    """The micro-kernel for shape `s` on `machine` (see module docstring) with channel blocks of
-    `block` (default: the machine's fp32 lanes); `row_passes=False`: none (where the pixel tiles
-    are split among the cores)."""
-    lanes = block or machine.lanes(32)
-    tiles = machine.conv_tiles
-    l2_weights = int(machine.l2_bytes * _L2_WEIGHT_SHARE)
-    # padded convs with enough rows for the threads: rows outermost, each row's padded input
-    # rows computed under the row loop (3x3 stride 2 on 56x56: 1.22x -> 1.07x onnxruntime's time)
-    row = s.kh > 1 and s.oh >= 14
-    # strided 1x1 convs (ResNet's downsampling): chunks of output blocks whose weights fit in L2
-    # ("blk"); with output blocks outermost the whole (4x larger) input streams from L3 once per
-    # block pair (1024->2048 on 14x14 s2, single thread vs onnxruntime: 1.76x "ob", 1.21x "blk")
-    order = "row" if row else "blk" if (s.kh == 1 and s.kw == 1 and s.stride > 1) else "ob"
-    chunk = 0
-    icb = s.red // (s.kh * s.kw * lanes)  # input channel blocks (conv)
-    if s.kind == "conv" and order == "ob":
-        # a weight panel (the reduction x the tile's output blocks) larger than L2 streams from
-        # L3 for every pixel tile: the reduction in chunks whose panel stays in L2, the block's
-        # accumulators in a local buffer between chunks (3x3 512->512 on 7x7: 1.08x -> 0.94x)
-        per_icb = s.kh * s.kw * lanes * lanes * 4
-        for rt, obt in tiles:
-            if s.ob % obt == 0 and icb * per_icb * obt > l2_weights:
-                chunk = max([d for d in divisors_of(icb) if d < icb
-                             and d * per_icb * obt <= machine.l2_bytes * _CHUNK_WEIGHT_SHARE] or [0])
-                break
-    for rt, obt in tiles:  # the accumulators, exact
-        if s.ow % rt == 0 and s.ob % obt == 0:
-            if row_passes and _ROW_PASSES and s.pad_rows and s.pad_rows[3] == 1 and order == "ob" and s.kind == "conv":
-                # a flat conv with padded rows: passes per kernel row over the pixel tiles its
-                # input rows reach, in chunks of input blocks whose weights for the kernel row stay
-                # in L1 (single thread vs onnxruntime, 3x3 512 on 7x7: 1.05x -> 0.95x)
-                per_icb = s.kw * lanes * lanes * 4 * obt
-                chunk = max([d for d in divisors_of(icb) if d * per_icb <= machine.l1d_bytes * _PASS_WEIGHT_SHARE] or [1])
-                return ConvTile(rt, obt, order, row_passes=True, k_chunk=chunk)
-            return ConvTile(rt, obt, order, pad_row=row, k_chunk=chunk)
-    if order in ("ob", "row") and s.kind == "conv":  # (the 7x7 stem: 1.05x ragged, 0.98x 4 x 2)
-        for rt, obt in tiles:  # the accumulators, whole tiles + a ragged one (3x3 on 56/28/14
-            # rows: 0.96-0.98x the time of rows rounded up to 57/30/15, which waste 2-7 %)
-            if s.ob % obt == 0 and s.ow > rt:
-                return ConvTile(rt, obt, order, pad_row=row, k_chunk=chunk, tail=True)
-    if not any(s.ob % obt == 0 for _, obt in tiles):
-        rt, obt = machine.odd_tile(s.ob)  # (SqueezeNet's 125 blocks: 2 x 5; 8-accumulator tiles would take 1 block: 1 x 1 on 13-wide rows)
-        if s.ow % rt == 0:
-            return ConvTile(rt, obt, order, pad_row=row)
-        if order in ("ob", "row") and s.kind == "conv" and s.ow > rt:
-            return ConvTile(rt, obt, order, pad_row=row, tail=True)
-    # two thirds of the accumulators, in tiles that divide the row (AVX2: 4x2, 2x4, 8x1)
-    wide = ((8, 2), (4, 4), (16, 1), (14, 1), (7, 2)) if machine.accumulators >= 24 else ()
-    for rt, obt in (*wide, (4, 2), (2, 4), (8, 1), (7, 1), (2, 2), (1, 4), (2, 1), (1, 2), (1, 1)):
-        if s.ow % rt == 0 and s.ob % obt == 0:
-            return ConvTile(rt, obt, order, pad_row=row, k_chunk=chunk)
-    return ConvTile(1, 1)
 
 
 @dataclass
@@ -269,7 +153,7 @@ def match_blocked_conv(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> _M
     kinds = {iv.var: iv.iter_type for iv in ivs}
     if any(kinds[v] != IterVar.DataPar for v in (n, ob, y, x, oi)):
         return None
-    # the weight: its first dim is ob, its last oi; or (a batched conv: winograd_ops' GEMM, a
+    # the weight: its first dim is ob, its last oi; or (a batched conv: kernels.winograd's GEMM, a
     # weight per batch item) its first dim the batch, then ob
     dims = [region_vars(r, block_vars) for r in ins]
     wi = next((k for k, d in enumerate(dims) if d and d[0] == {ob} and d[-1] == {oi}), None)
@@ -360,24 +244,6 @@ def _serial_tiles(sch: "tvm.s_tir.Schedule", tile: ConvTile, parallel: list[Any]
         e = static_int(sch.get(lp).extent)
         n *= e if e is not None else _SERIAL_TILES_MIN_PARALLEL
     return n >= _SERIAL_TILES_MIN_PARALLEL
-
-
-def row_tile_ranges(rows: tuple[int, ...], kh_n: int, rt: int, tiles: int) -> list[tuple[int, int]]:
-    """Per kernel row of a flat conv (`rows`: FLAT_ROWS), the range [lo, hi) of the `tiles`
-    pixel tiles (`rt` pixels each) whose window row lies inside the input for some pixel of the
-    tile: the others read only padding for that kernel row. The rounded-up pixels past the map
-    read the last pixel's window (they belong to the last row)."""
-    ow, oh, h, sh, dh, top = rows
-    out = []
-    for kh in range(kh_n):
-        off = kh * dh - top  # output row r reads input row r * sh + off
-        r_lo, r_hi = max(0, -(off // sh)), min(oh - 1, (h - 1 - off) // sh)
-        if r_lo > r_hi:
-            out.append((0, 0))
-            continue
-        hi = tiles if r_hi == oh - 1 else -(-((r_hi + 1) * ow) // rt)
-        out.append((r_lo * ow // rt, hi))
-    return out
 
 
 def _cores(target: Any) -> int:
@@ -489,7 +355,7 @@ class BlockedConv(ScheduleRule):
             return None
         return self.schedule_conv(*opened, target, lanes)
 
-    def schedule_conv(self, sch, anchor, target, lanes):  # noqa: C901 - one schedule, step by step
+    def schedule_conv(self, sch, anchor, target, lanes):
         """Schedule the conv reduction `anchor` of `sch` and its epilogue (the root-level blocks
         left unscheduled get an injective schedule; those with a parallel or vector loop already
         are left as they are); None where it does not apply (`sch` may be half scheduled then)."""
@@ -503,7 +369,7 @@ class BlockedConv(ScheduleRule):
             pads = [p for p in sch.get_producers(anchor) if "if_then_else" in str(sch.get(p).body)]
             pad = pads[0] if len(pads) == 1 else None
         if pad is None:
-            inline_copies(sch, anchor, moves_only=_MATERIALISE_PROLOGUE)
+            inline_copies(sch, anchor, moves_only=knobs.MATERIALISE_PROLOGUE)
         m = match_blocked_conv(sch, anchor, lanes)  # loops are the same, refetch the handles
         if m is None:
             return None
@@ -549,7 +415,7 @@ class BlockedConv(ScheduleRule):
             # blocks inside a row (weights read once, the input once per chunk)
             n_o = m.ext["ob"] // obt
             per_block = m.shape.red * lanes * obt * 4  # bytes of weights per tile column
-            chunk = max([d for d in divisors_of(n_o) if d * per_block <= machine.l2_bytes * _L2_WEIGHT_SHARE] or [1])
+            chunk = max([d for d in divisors_of(n_o) if d * per_block <= machine.l2_bytes * L2_WEIGHT_SHARE] or [1])
             ob_oo, ob_oi = sch.split(ob_o, factors=[None, chunk])
             outer = [L["n"], ob_oo, L["y"], *part, ob_oi, p_o]
         else:
@@ -561,76 +427,112 @@ class BlockedConv(ScheduleRule):
         else:
             red = [L["ic"], L["kh"], L["kw"]]
         inner_tile = (p_i, ob_i) if tile.ob_inner else (ob_i, p_i)
+        s = _ConvSplit(L, ob_o, ob_i, p_o, p_i, oi_o, oi_i, part, red, inner_tile)
         if chunked or passes:
-            # n, ob | icb chunk | row, pixel tile | icb in chunk, kh, kw, ii | tile ; the
-            # accumulators of all the block's pixels in a local buffer, written back (with the
-            # epilogue) after the last chunk: a chunk's weights stay in L2 across every tile.
-            # Row passes: n, ob | icb chunk, kh | pixel tiles in the kernel row's range | icb in
-            # chunk, kw, ii | tile (the pass's weights stay in L1)
-            chunk_loop, icb_i = sch.split(L["icb"], factors=[None, tile.k_chunk])
-            red_in = [icb_i, L["kw"], L["ii"]] if passes else [icb_i, L["kh"], L["kw"], L["ii"]]
-            chunk_loops = [chunk_loop, L["kh"]] if passes else [chunk_loop]
-            sch.reorder(L["n"], ob_o, *part, *chunk_loops, L["y"], p_o, oi_o, *red_in, *inner_tile, oi_i)
-            fused = fuse_parallel(sch, [L["n"], ob_o, *part])
-            wb = sch.cache_write(anchor, 0, "local")
-            sch.reverse_compute_at(wb, fused, preserve_unit_loops=True)
-            inline_consumers(sch, wb)
-            sch.vectorize(oi_i)
-            sch.unroll(p_i)
-            sch.unroll(ob_i)
-            sch.unroll(L["ii"])
-            init = sch.decompose_reduction(anchor, chunk_loop)
-            sch.vectorize(sch.get_loops(init)[-1])
-            wl = sch.get_loops(wb)
-            if static_int(sch.get(wl[-1]).extent) == lanes:
-                sch.vectorize(wl[-1])
-            schedule_rest(sch, {sch.get(b).name_hint for b in (anchor, wb, init)}, lanes)
-            if ragged:
-                sch.annotate(p_o, PEEL_LAST, 1)
-            if passes:
-                ranges = row_tile_ranges(m.shape.pad_rows, m.ext["kh"], rt, m.ext["x"] // rt)
-                sch.annotate(L["kh"], ROW_PASS, "kh")
-                sch.annotate(p_o, ROW_PASS, ";".join(f"{lo},{hi}" for lo, hi in ranges))
-            return sch
-        sch.reorder(*outer, oi_o, *red, *inner_tile, oi_i)
-        outer = outer + [oi_o]
-        serial = pad is None and ((flat and parts) or ragged or _serial_tiles(sch, tile, outer[:-2]))
-        if pad is not None:
-            fused = fuse_parallel(sch, outer[:2])  # (n, y)
-            tile_loop = outer[-1]
-        elif serial:
-            fused = fuse_parallel(sch, outer[:-2])
-            tile_loop = outer[-1]
-        else:
-            fused = tile_loop = fuse_parallel(sch, outer)
+            return _schedule_chunked(sch, anchor, m, tile, s, lanes, bool(passes), ragged)
+        return _schedule_tiles(sch, anchor, m, tile, s, outer, lanes, pad, bool(flat and parts), ragged)
 
-        wb = sch.cache_write(anchor, 0, "local")
-        sch.reverse_compute_at(wb, tile_loop, preserve_unit_loops=True)
-        inline_consumers(sch, wb)
-        if pad is not None:
-            sch.compute_at(pad, fused, preserve_unit_loops=True)
-            pl = sch.get_loops(pad)
-            if static_int(sch.get(pl[-1]).extent) == lanes:
-                sch.vectorize(pl[-1])
-                if tile.partition_pad:
-                    _partition_pad_cols(sch, pad, pl[-2])
 
-        sch.vectorize(oi_i)
-        sch.unroll(p_i)
-        sch.unroll(ob_i)
-        if m.kind == "conv":
-            sch.unroll(L["ii"])
-        if tile.unroll_kw or m.kind == "stem":
-            sch.unroll(L["kw"])
-        init = sch.decompose_reduction(anchor, red[0])
-        sch.vectorize(sch.get_loops(init)[-1])
+@dataclass
+class _ConvSplit:
+    """A blocked conv's loops after the tile splits (`BlockedConv.schedule_conv`)."""
 
-        write_back_loops(sch, loops_below(sch, wb, tile_loop), lanes)
-        done = {sch.get(b).name_hint for b in (anchor, wb, init)}  # (a pad under the row loop is no root block)
-        schedule_rest(sch, done, lanes)
-        if ragged:
-            sch.annotate(p_o, PEEL_LAST, 1)
-        return sch
+    L: dict[str, Any]  # role -> loop, as matched
+    ob_o: Any
+    ob_i: Any  # output blocks of the tile
+    p_o: Any
+    p_i: Any  # pixels of the tile
+    oi_o: Any
+    oi_i: Any  # the block's channels (one vector)
+    part: list[Any]  # (flat convs) the pixel tiles' part loop joining the parallel loop
+    red: list[Any]  # the reduction loops
+    inner_tile: tuple[Any, Any]  # the unrolled tile, outer first
+
+
+def _schedule_chunked(sch: Any, anchor: Any, m: _Match, tile: ConvTile, s: _ConvSplit, lanes: int, passes: bool,
+                      ragged: bool) -> Any:
+    """The reduction in chunks of input blocks (`ConvTile.k_chunk`) or in row passes
+    (`ConvTile.row_passes`), the accumulators of all the block's pixels in a local buffer."""
+    L, ob_o, ob_i, p_o, p_i, oi_o, oi_i = s.L, s.ob_o, s.ob_i, s.p_o, s.p_i, s.oi_o, s.oi_i
+    part, inner_tile, rt = s.part, s.inner_tile, tile.rt
+    # n, ob | icb chunk | row, pixel tile | icb in chunk, kh, kw, ii | tile ; the
+    # accumulators of all the block's pixels in a local buffer, written back (with the
+    # epilogue) after the last chunk: a chunk's weights stay in L2 across every tile.
+    # Row passes: n, ob | icb chunk, kh | pixel tiles in the kernel row's range | icb in
+    # chunk, kw, ii | tile (the pass's weights stay in L1)
+    chunk_loop, icb_i = sch.split(L["icb"], factors=[None, tile.k_chunk])
+    red_in = [icb_i, L["kw"], L["ii"]] if passes else [icb_i, L["kh"], L["kw"], L["ii"]]
+    chunk_loops = [chunk_loop, L["kh"]] if passes else [chunk_loop]
+    sch.reorder(L["n"], ob_o, *part, *chunk_loops, L["y"], p_o, oi_o, *red_in, *inner_tile, oi_i)
+    fused = fuse_parallel(sch, [L["n"], ob_o, *part])
+    wb = sch.cache_write(anchor, 0, "local")
+    sch.reverse_compute_at(wb, fused, preserve_unit_loops=True)
+    inline_consumers(sch, wb)
+    sch.vectorize(oi_i)
+    sch.unroll(p_i)
+    sch.unroll(ob_i)
+    sch.unroll(L["ii"])
+    init = sch.decompose_reduction(anchor, chunk_loop)
+    sch.vectorize(sch.get_loops(init)[-1])
+    wl = sch.get_loops(wb)
+    if static_int(sch.get(wl[-1]).extent) == lanes:
+        sch.vectorize(wl[-1])
+    schedule_rest(sch, {sch.get(b).name_hint for b in (anchor, wb, init)}, lanes)
+    if ragged:
+        sch.annotate(p_o, PEEL_LAST, 1)
+    if passes:
+        ranges = row_tile_ranges(m.shape.pad_rows, m.ext["kh"], rt, m.ext["x"] // rt)
+        sch.annotate(L["kh"], ROW_PASS, "kh")
+        sch.annotate(p_o, ROW_PASS, ";".join(f"{lo},{hi}" for lo, hi in ranges))
+    return sch
+
+
+def _schedule_tiles(sch: Any, anchor: Any, m: _Match, tile: ConvTile, s: _ConvSplit, outer: list[Any], lanes: int,
+                    pad: Any, serial_flat: bool, ragged: bool) -> Any:
+    """The register tile under the outer loops (the usual case): the accumulators in
+    registers for the whole reduction, written back through the epilogue; a pad computed under
+    the row loop where the tile asks for it."""
+    L, ob_i, p_o, p_i, oi_o, oi_i = s.L, s.ob_i, s.p_o, s.p_i, s.oi_o, s.oi_i
+    red, inner_tile = s.red, s.inner_tile
+    sch.reorder(*outer, oi_o, *red, *inner_tile, oi_i)
+    outer = outer + [oi_o]
+    serial = pad is None and (serial_flat or ragged or _serial_tiles(sch, tile, outer[:-2]))
+    if pad is not None:
+        fused = fuse_parallel(sch, outer[:2])  # (n, y)
+        tile_loop = outer[-1]
+    elif serial:
+        fused = fuse_parallel(sch, outer[:-2])
+        tile_loop = outer[-1]
+    else:
+        fused = tile_loop = fuse_parallel(sch, outer)
+
+    wb = sch.cache_write(anchor, 0, "local")
+    sch.reverse_compute_at(wb, tile_loop, preserve_unit_loops=True)
+    inline_consumers(sch, wb)
+    if pad is not None:
+        sch.compute_at(pad, fused, preserve_unit_loops=True)
+        pl = sch.get_loops(pad)
+        if static_int(sch.get(pl[-1]).extent) == lanes:
+            sch.vectorize(pl[-1])
+            if tile.partition_pad:
+                _partition_pad_cols(sch, pad, pl[-2])
+
+    sch.vectorize(oi_i)
+    sch.unroll(p_i)
+    sch.unroll(ob_i)
+    if m.kind == "conv":
+        sch.unroll(L["ii"])
+    if tile.unroll_kw or m.kind == "stem":
+        sch.unroll(L["kw"])
+    init = sch.decompose_reduction(anchor, red[0])
+    sch.vectorize(sch.get_loops(init)[-1])
+
+    write_back_loops(sch, loops_below(sch, wb, tile_loop), lanes)
+    done = {sch.get(b).name_hint for b in (anchor, wb, init)}  # (a pad under the row loop is no root block)
+    schedule_rest(sch, done, lanes)
+    if ragged:
+        sch.annotate(p_o, PEEL_LAST, 1)
+    return sch
 
 
 @dataclass
@@ -779,114 +681,3 @@ class BlockedWindow(ScheduleRule):
         done = {sch.get(b).name_hint for b in (anchor, wb, init)}  # (a pad under the row loop is no root block)
         schedule_rest(sch, done, lanes)
         return sch
-
-
-#: loop annotation: the loop's last iteration becomes a copy of the body of its own (see
-#: `apply_loop_marks`)
-PEEL_LAST = "graphopt.peel_last"
-#: loop annotations of a conv's row passes (ConvTile.row_passes): "kh" on the kernel-row loop,
-#: "lo,hi;lo,hi;..." (per kernel row, `row_tile_ranges`) on the pixel-tile loop inside it
-ROW_PASS = "graphopt.row_pass"
-
-
-def apply_loop_marks(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":
-    """Rewrite the loops a schedule marked (the build and the tuning builder run this after
-    scheduling; unmarked functions come back as they are):
-
-    - PEEL_LAST: `for v in range(n)` → `for v in range(n - 1)` + `for v in range(n - 1, n)`,
-      the body twice. A ragged pixel tile (3-pixel tiles over 7 columns) is a predicated copy of
-      the whole tile; with the last iteration apart, lowering proves the predicates of the whole
-      tiles true and folds the ragged tile's to constants once its pixel loop is unrolled, so
-      neither keeps a condition per FMA (which kept the accumulators in memory).
-    - ROW_PASS: the pixel-tile loop `for t in range(n)` inside the kernel-row loop `kh` →
-      `for t in range(lo[kh], hi[kh])`: the tiles whose input rows for that kernel row are all
-      padding are skipped (they would add zeros).
-
-    apache-tvm 0.27's Python API has no statement mutator, its loop_partition primitive crashes
-    on these nests and loop bounds cannot depend on an outer loop in a schedule, so the rewrite
-    is made on the function's TVMScript text and parsed back."""
-    import re
-
-    import tvm
-
-    text = func.script()
-    if PEEL_LAST not in text and ROW_PASS not in text:
-        return func
-    lines = text.split("\n")
-    out: list[str] = []
-    i = 0
-    head = re.compile(r"^(\s*)for (\w+) in T\.serial\((T\.int64\()?(\d+)\)?, annotations=\{([^}]*)\}\):$")
-    sym_head = re.compile(r"^(\s*)for (\w+) in T\.serial\((.+), annotations=\{([^}]*)\}\):$")
-    row_var = None
-    while i < len(lines):
-        mt = head.match(lines[i])
-        ms = sym_head.match(lines[i]) if mt is None else None
-        if ms is not None and PEEL_LAST in ms.group(4):  # a symbolic tile count (a conv on a symbolic map)
-            ind, var, n_expr = ms.group(1), ms.group(2), ms.group(3)
-            one = "T.int64(1)" if "T.int64" in n_expr else "1"
-            j = i + 1
-            while j < len(lines) and (not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > len(ind)):
-                j += 1
-            body = lines[i + 1 : j]
-            out.append(f"{ind}for {var} in range({n_expr} - {one}):")
-            out += body
-            out.append(f"{ind}for {var} in range({n_expr} - {one}, {n_expr}):")
-            out += body
-            i = j
-            continue
-        if mt is None or (PEEL_LAST not in mt.group(5) and ROW_PASS not in mt.group(5)):
-            out.append(lines[i])
-            i += 1
-            continue
-        ind, var, n = mt.group(1), mt.group(2), int(mt.group(4))
-        ty = "T.int64" if mt.group(3) else ""
-        num = (lambda v: f"{ty}({v})") if ty else str
-        if ROW_PASS in mt.group(5):
-            value = re.search(rf'"{ROW_PASS}": "([^"]*)"', mt.group(5))
-            assert value is not None, mt.group(5)
-            if value.group(1) == "kh":
-                row_var = var
-                out.append(f"{ind}for {var} in range({num(n)}):")
-            else:
-                assert row_var is not None, "a ROW_PASS tile loop outside a marked kernel-row loop"
-                ranges = [tuple(int(v) for v in r.split(",")) for r in value.group(1).split(";")]
-
-                def pick(k: int, _ranges=ranges) -> str:  # the bound for the value of row_var
-                    expr = num(_ranges[-1][k])
-                    for kh in range(len(_ranges) - 2, -1, -1):
-                        expr = f"T.Select({row_var} == {num(kh)}, {num(_ranges[kh][k])}, {expr})"
-                    return expr
-
-                out.append(f"{ind}for {var} in range({pick(0)}, {pick(1)}):")
-            i += 1
-            continue
-        j = i + 1
-        while j < len(lines) and (not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > len(ind)):
-            j += 1
-        body = lines[i + 1 : j]
-        if n > 1:
-            out.append(f"{ind}for {var} in range({num(n - 1)}):")
-            out += body
-        out.append(f"{ind}for {var} in range({num(n - 1)}, {num(n)}):")
-        out += body
-        i = j
-    return tvm.script.from_source("\n".join(out))
-
-
-def apply_loop_marks_to_module(mod: "tvm.IRModule") -> "tvm.IRModule":
-    """`apply_loop_marks` on every PrimFunc of `mod` (the build and the tuning builder run it
-    after scheduling)."""
-    import tvm
-
-    changed = {}
-    for gv, f in mod.functions_items():
-        if isinstance(f, tvm.tirx.PrimFunc):
-            g = apply_loop_marks(f)
-            if g is not f:
-                changed[gv] = g.with_attrs(f.attrs) if f.attrs is not None else g
-    if not changed:
-        return mod
-    mod = mod.clone() if hasattr(mod, "clone") else tvm.IRModule(dict(mod.functions_items()))
-    for gv, f in changed.items():
-        mod.update_func(gv, f)
-    return mod

@@ -15,13 +15,13 @@ The pipeline, kernel groups, lowering, default schedules, artifact layout (model
   is an AArch64 ELF.
 - Running: on an aarch64 machine the artifact loads into TVM in-process like a cpu artifact; on
   x86 `graphopt.runtime.load` returns a `QemuRunner` that runs the library with the native
-  aarch64 runner (`graphopt.targets.arm64_env`) under qemu-aarch64, passing .npy files.
+  aarch64 runner (`graphopt.targets.arm64.toolchain`) under qemu-aarch64, passing .npy files.
 - Codebook-clustered weights (cluster-weights) stay compressed in params.npz as on the cpu
   target; either runner decodes them with numpy at load time and has the library's lifted
   `main_transform_params` (the weight packing) run once before `main` (the C++ runner with
   `--transform`).
 - Tuning measures on the device through TVM RPC (`rpc=HOST:PORT` of a tracker, `rpc_key=KEY`);
-  see `graphopt.targets.arm64_tune`.
+  see `graphopt.targets.arm64.tuning`.
 
 Options (`arm64{key=value,...}`):
     profile   generic | cortex-a55 | cortex-a72 | cortex-a76 | neoverse-n1 | neoverse-v1 |
@@ -173,7 +173,7 @@ class Arm64Target(CpuTarget):
                 raise GraphoptError("tuning for arm64 measures on the device through TVM RPC: give the tracker "
                                     "and the device key as target options, arm64{...,rpc=HOST:PORT,rpc_key=KEY} "
                                     "(see README: tuning on a board)")
-            from graphopt.targets import arm64_tune
+            from graphopt.targets.arm64 import tuning as arm64_tune
 
             summary = arm64_tune.rpc_tune(mod, target, db_dir=str(options.tuning_db), trials=options.tune,
                                           minutes=options.tune_minutes, tracker=self.rpc, key=self.rpc_key,
@@ -190,12 +190,12 @@ class Arm64Target(CpuTarget):
 
     @staticmethod
     def _int8(mod: Any, target: Any) -> tuple[Any, dict[str, str]]:
-        from graphopt.targets.arm64_schedules import schedule_int8_kernels
+        from graphopt.targets.tvm.schedules.int8_arm64 import schedule_int8_kernels
 
         return schedule_int8_kernels(mod, target)
 
     def _compiler(self) -> str:
-        from graphopt.targets import arm64_env
+        from graphopt.targets.arm64 import toolchain as arm64_env
 
         cxx = shutil.which(self.cxx) if self.cxx else arm64_env.cross_compiler()
         if cxx is None:
@@ -234,7 +234,7 @@ def assembly(exe: Any) -> str:
 def load_runner(artifact: Artifact, *, threads: int | None = None) -> Any:
     """The runner of an arm64 artifact: TVM in-process on an aarch64 machine, qemu otherwise."""
     from graphopt.runtime import Runner
-    from graphopt.targets import arm64_env
+    from graphopt.targets.arm64 import toolchain as arm64_env
 
     if arm64_env.is_aarch64_host():
         return Runner(artifact, threads=threads)
@@ -249,7 +249,7 @@ class QemuRunner:
 
     def __init__(self, artifact: Artifact, *, threads: int | None = None) -> None:
         from graphopt.runtime import Runner, checked_files
-        from graphopt.targets import arm64_env
+        from graphopt.targets.arm64 import toolchain as arm64_env
 
         m = artifact.manifest
         rt = m.get("runtime", {})

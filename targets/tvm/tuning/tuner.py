@@ -3,7 +3,7 @@
     db = tune(mod, target, db_dir="~/.cache/graphopt/tuning", trials=2000, minutes=30)
     mod = apply_database(mod, target, db_dir)    # tuned kernels; the rest keep default schedules
 
-What it adds to TVM's meta_schedule (see /work/shared/TVM-NOTES.md for why):
+What it adds to TVM's meta_schedule (the TVM traps behind each item are in the project's TVM notes):
 
 - **Persistent, shared database.** `db_dir` holds meta_schedule's JSONDatabase
   (`database_workload.json`, `database_tuning_record.json`), which appends every measured record
@@ -21,7 +21,7 @@ What it adds to TVM's meta_schedule (see /work/shared/TVM-NOTES.md for why):
   counting earlier calls) and `minutes` (wall clock; the child stops between batches, a hard kill
   follows a grace period). With `minutes` and no per-task cap, tasks are tuned in rounds (each to
   16 trials, then 32, 64, ...) so the time is spread over them.
-- **Never loses.** After tuning a task, its default schedule (`tvm_schedules`) is built and run by
+- **Never loses.** After tuning a task, its default schedule (`schedules`) is built and run by
   the same builder/runner and committed as a record too: the database's best, which
   `apply_database` uses, is the faster of the two. The two finalists (the best record and the
   best of the other kind) are then run again alternately and the database ranks them as that
@@ -29,7 +29,7 @@ What it adds to TVM's meta_schedule (see /work/shared/TVM-NOTES.md for why):
   the minimum of many tuned trials picked slower tuned kernels). The ledger (`kept`, `paired`)
   and the summary say which.
 - **Only conv/matmul kernels by default** (`kernels="anchor"`): they are where tuning pays; the
-  rest keep `tvm_schedules`' default schedules. Tasks go biggest (FLOPs × uses) first, so a time
+  rest keep `schedules`' default schedules. Tasks go biggest (FLOPs × uses) first, so a time
   budget is spent where it matters.
 - **Cheap start.** The GPU tensor-intrinsic modules are replaced by empty ones in every process
   (TVM-NOTES trap 4, 35-40 s of import each time otherwise).
@@ -223,7 +223,7 @@ def clean_stale_work_dirs(tmp_dir: str | None = None) -> list[str]:
     owner's lock can be taken; one without a lock file only when older than an hour. Returns the
     folders removed."""
     tmp_dir = tmp_dir or tempfile.gettempdir()
-    removed = []
+    removed: list[str] = []
     try:
         names = [n for n in os.listdir(tmp_dir) if n.startswith(_WORK_PREFIX)]
     except OSError:
@@ -324,7 +324,7 @@ class TuningSummary:
     restarts: int = 0
     seconds: float = 0.0
     stopped: str = "done"  # "done" | "time budget" | "trial budget" | "child failed" | "interrupted"
-    best_ms: dict[str, float] = field(default_factory=dict)
+    best_ms: dict[str, float | None] = field(default_factory=dict)
     #: per task: which schedule the database keeps ("default" when tuning did not beat the
     #: default schedule, "tuned" otherwise) with both measured times
     kept: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -465,6 +465,37 @@ def _fmt_s(sec: float) -> str:
 # --------------------------------------------------------------------------- public API
 
 
+def _child_target_spec(target: "tvm.target.Target", threads: int) -> dict[str, Any]:
+    """The target as the tuning child rebuilds it: the CPU keys only, with the core count
+    meta_schedule reads from the target."""
+    tspec = dict(target.export())
+    tspec["num-cores"] = threads  # meta_schedule reads the core count from the target
+    return {k: v for k, v in tspec.items() if k in ("kind", "mtriple", "mcpu", "mattr", "num-cores", "mabi")}
+
+
+def _summarize_events(summary: "TuningSummary", events: list[dict[str, Any]], attempt: int) -> None:
+    """Fold one child run's events (`attempt`: 0 for the first run, then each restart) into
+    `summary`."""
+    for ev in events:
+        if ev.get("ev") == "end":
+            summary.tasks_total = ev["tasks_total"]
+            summary.tasks_selected = ev["selected"]
+            summary.tasks_skipped_done = max(summary.tasks_skipped_done, ev["skipped"]) if attempt == 0 else summary.tasks_skipped_done
+            summary.stopped = ev["stopped"]
+        elif ev.get("ev") == "start" and attempt == 0:
+            summary.tasks_dynamic = ev.get("dynamic", 0)
+            summary.tasks_skipped_done = ev["skipped"]
+            summary.tasks_total = ev["tasks_total"]
+            summary.tasks_selected = ev["selected"]
+        elif ev.get("ev") == "batch":
+            summary.best_ms[ev["name"]] = ev["best_ms"] if ev.get("best_ms") is not None else summary.best_ms.get(ev["name"])
+            summary.failed_trials += ev.get("failed", 0)
+        elif ev.get("ev") == "task_done":
+            summary.tasks_tuned += 1
+        elif ev.get("ev") == "kept":
+            summary.kept[ev["name"]] = {k: ev.get(k) for k in ("kept", "default_ms", "tuned_ms")}
+
+
 def tune(
     mod: "tvm.IRModule",
     target: "tvm.target.Target",
@@ -503,9 +534,7 @@ def tune(
     if not isinstance(target, tvm.target.Target):
         target = tvm.target.Target(target)
     threads = int(threads or _target_cores(target) or _default_threads())
-    tspec = dict(target.export())
-    tspec["num-cores"] = threads  # meta_schedule reads the core count from the target
-    tspec = {k: v for k, v in tspec.items() if k in ("kind", "mtriple", "mcpu", "mattr", "num-cores", "mabi")}
+    tspec = _child_target_spec(target, threads)
 
     summary = TuningSummary()
     prog = TuningProgress(progress, minutes, task_labels)
@@ -544,24 +573,7 @@ def tune(
             spec_path = os.path.join(work, f"spec{attempt}.json")
             _write_json_atomic(spec_path, spec)
             rc, events = _run_child(spec_path, db_dir, threads, prog, deadline, _unused_intrinsics(target))
-            for ev in events:
-                if ev.get("ev") == "end":
-                    summary.tasks_total = ev["tasks_total"]
-                    summary.tasks_selected = ev["selected"]
-                    summary.tasks_skipped_done = max(summary.tasks_skipped_done, ev["skipped"]) if attempt == 0 else summary.tasks_skipped_done
-                    summary.stopped = ev["stopped"]
-                elif ev.get("ev") == "start" and attempt == 0:
-                    summary.tasks_dynamic = ev.get("dynamic", 0)
-                    summary.tasks_skipped_done = ev["skipped"]
-                    summary.tasks_total = ev["tasks_total"]
-                    summary.tasks_selected = ev["selected"]
-                elif ev.get("ev") == "batch":
-                    summary.best_ms[ev["name"]] = ev["best_ms"] if ev.get("best_ms") is not None else summary.best_ms.get(ev["name"])
-                    summary.failed_trials += ev.get("failed", 0)
-                elif ev.get("ev") == "task_done":
-                    summary.tasks_tuned += 1
-                elif ev.get("ev") == "kept":
-                    summary.kept[ev["name"]] = {k: ev.get(k) for k in ("kept", "default_ms", "tuned_ms")}
+            _summarize_events(summary, events, attempt)
             new_total += sum(ev.get("new", 0) for ev in events if ev.get("ev") == "batch")
             if rc == 0:
                 break
@@ -719,7 +731,7 @@ def _run_child(spec_path: str, db_dir: str, threads: int, prog: TuningProgress, 
     # the builders' artifacts go inside the work folder, which goes with it even after a kill
     env["TMPDIR"] = os.path.join(os.path.dirname(spec_path), "tmp")
     os.makedirs(env["TMPDIR"], exist_ok=True)
-    cmd = [sys.executable, "-c", "from graphopt.targets.tvm_tuning import _child_main; _child_main()", spec_path]
+    cmd = [sys.executable, "-c", "from graphopt.targets.tvm.tuning.tuner import _child_main; _child_main()", spec_path]
     events: list[dict[str, Any]] = []
     with open(os.path.join(db_dir, _LOG_FILE), "ab") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True)
@@ -782,59 +794,14 @@ def _child_main() -> None:
         sys.stdout = real_stdout
 
 
-def _child_tune(spec: dict[str, Any], out: Any) -> None:  # noqa: C901 - one procedure
-    def emit(ev: dict[str, Any]) -> None:
-        try:
-            out.write(json.dumps(ev) + "\n")
-            out.flush()
-        except BrokenPipeError:  # the parent is gone: nobody wants the rest
-            _kill_own_group()
+def _child_tune(spec: dict[str, Any], out: Any) -> None:
+    """The tuning child's procedure (see `tune`), step by step in `_ChildTuning.run`."""
+    _ChildTuning(spec, out).run()
 
-    _die_with_parent(int(spec.get("parent_pid") or os.getppid()))
 
-    t_start = time.monotonic()
-    deadline = None if spec.get("deadline_s") is None else t_start + float(spec["deadline_s"])
-    cpu_only_intrinsics()
-    import tvm
-    import tvm_ffi
-    from tvm.s_tir import meta_schedule as ms
-    from tvm.ir.utils import derived_object
-
-    from graphopt.targets.tvm_schedules import is_tunable_kernel
-
-    db_dir = spec["db_dir"]
-    threads = int(spec["threads"])
-    target = tvm.target.Target(spec["target"])
-    with open(spec["mod"], encoding="utf-8") as f:
-        mod = tvm.ir.load_json(f.read())
-
-    extracted = ms.relax_integration.extract_tasks(mod, target)
-    # the ledger is read only once this child owns the database: a tuner still running on it
-    # (another compile) would otherwise tune the same tasks and overwrite its counts
-    _lock_database(db_dir, lambda holder: emit({"ev": "waiting", "holder": holder}))
-    repair_database(db_dir)
-    ledger_path = os.path.join(db_dir, _LEDGER_FILE)
-    ledger: dict[str, Any] = _read_json(ledger_path, {})
-
-    tasks_info = []
-    dynamic = 0
-    for t in extracted:
-        func = t.dispatched[0]["main"]
-        if spec["kernels"] == "anchor" and not is_tunable_kernel(func):
-            continue
-        if not _static_shapes(func):
-            dynamic += 1  # meta_schedule tunes static shapes only (its design spaces fail on them)
-            continue
-        key = str(tvm_ffi.structural_hash(t.dispatched[0]))
-        try:
-            flops = float(tvm.s_tir.analysis.estimate_tir_flops(t.dispatched[0]))
-        except Exception:
-            flops = 0.0
-        tasks_info.append({"task": t, "key": key, "name": t.task_name, "weight": int(t.weight), "flops": flops})
-    tasks_info.sort(key=lambda d: -d["flops"] * max(d["weight"], 1))
-    n_sel = len(tasks_info)
+def _trial_plan(spec: dict[str, Any], n_sel: int, deadline: float | None) -> tuple[int, list[int], int]:
+    """(trials per task, the rounds' caps, trials per batch) for `n_sel` selected tasks."""
     per_iter = int(spec.get("trials_per_iter") or 0)
-    budget_new = int(spec["trials"])
     per_task = spec.get("max_trials_per_task")
     auto_cap = per_task is None
     if per_task is None:
@@ -850,91 +817,180 @@ def _child_tune(spec: dict[str, Any], out: Any) -> None:  # noqa: C901 - one pro
         caps = [c for c in (16, 32, 64, 128, 256, 512, 1024) if c < per_task] + [per_task]
     if not per_iter:
         per_iter = max(1, min(32, per_task))
-    pending = []
-    skipped = 0
-    for d in tasks_info:
-        done = int(ledger.get(d["key"], {}).get("trials", 0))
-        d["done"] = done
-        if done >= per_task:
-            skipped += 1
-        else:
-            pending.append(d)
-    emit({"ev": "start", "tasks_total": len(extracted), "selected": n_sel, "skipped": skipped, "dynamic": dynamic,
-          "budget": min(budget_new, sum(per_task - d["done"] for d in pending)), "per_task": per_task})
+    return per_task, caps, per_iter
 
-    stopped = "done"
-    if not pending and all("kept" in ledger.get(d["key"], {}) for d in tasks_info if ledger.get(d["key"], {}).get("trials")):
-        emit({"ev": "end", "stopped": stopped, "tasks_total": len(extracted), "selected": n_sel, "skipped": skipped})
-        return
 
-    database = ms.database.JSONDatabase(work_dir=db_dir, module_equality="structural")
-    builder = ms.builder.LocalBuilder(
-        max_workers=threads, timeout_sec=float(spec["builder_timeout"]),
-        initializer=_worker_init, f_build=_build_with_hooks,
-    )
-    runner = ms.runner.LocalRunner(
-        timeout_sec=float(spec["runner_timeout"]), initializer=_worker_init,
-        evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50,
-                                                   enable_cpu_cache_flush=False),
-    )
-    cost_model = ms.cost_model.XGBModel(num_tuning_cores=threads)
-    total_new = 0
-    kill_after = int(os.environ.get("GRAPHOPT_TUNE_TEST_KILL_AFTER", "0") or 0)
-    kill_marker = os.path.join(db_dir, ".test-killed")
+class _ChildTuning:
+    """One run of the tuning child: select the tasks, measure each one's default schedule and its
+    variants, search in rounds under the trial and time budgets, keep whichever is fastest per
+    task. Progress goes to `out` as one JSON event per line; the ledger in the database folder
+    counts the trials per task so a restarted child resumes."""
 
-    state = {"name": "", "key": "", "best": None, "task_trials": 0}
+    def __init__(self, spec: dict[str, Any], out: Any) -> None:
+        self.spec = spec
+        self.out = out
+        self.t_start = time.monotonic()
+        self.deadline = None if spec.get("deadline_s") is None else self.t_start + float(spec["deadline_s"])
+        self.db_dir = spec["db_dir"]
+        self.threads = int(spec["threads"])
+        self.ledger_path = os.path.join(self.db_dir, _LEDGER_FILE)
+        self.ledger: dict[str, Any] = {}
+        self.total_new = 0
+        self.state: dict[str, Any] = {"name": "", "key": "", "best": None, "task_trials": 0}
 
-    @derived_object
-    class _Tracker(ms.measure_callback.PyMeasureCallback):
-        """Counts trials into the ledger after each batch, reports progress, enforces the
-        time and trial budgets (by terminating the task)."""
+    def emit(self, ev: dict[str, Any]) -> None:
+        try:
+            self.out.write(json.dumps(ev) + "\n")
+            self.out.flush()
+        except BrokenPipeError:  # the parent is gone: nobody wants the rest
+            _kill_own_group()
 
-        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-            nonlocal total_new
-            n = len(measure_candidates)
-            failed = 0
-            for br, rr in zip(builder_results, runner_results):
-                if br.error_msg is not None or rr.error_msg is not None or not rr.run_secs:
-                    failed += 1
-                    continue
-                secs = [float(x) for x in rr.run_secs]
-                ms_ = 1e3 * sum(secs) / len(secs)
-                if state["best"] is None or ms_ < state["best"]:
-                    state["best"] = ms_
-            total_new += n
-            state["task_trials"] += n
-            entry = ledger.setdefault(state["key"], {"name": state["name"], "trials": 0})
-            entry["trials"] = int(entry.get("trials", 0)) + n
-            entry["name"] = state["name"]
-            if state["best"] is not None:
-                entry["best_ms"] = min(entry.get("best_ms", state["best"]), state["best"])
-            _write_json_atomic(ledger_path, ledger)
-            emit({"ev": "batch", "name": state["name"], "new": n, "failed": failed, "total_new": total_new,
-                  "task_trials": state["task_trials"], "best_ms": state["best"]})
-            if kill_after and total_new >= kill_after and not os.path.exists(kill_marker):
-                open(kill_marker, "w").close()
-                os.kill(os.getpid(), signal.SIGKILL)  # test hook: an interruption mid-tuning
-            if deadline is not None and time.monotonic() >= deadline:
-                state["timed_out"] = True
-                task_scheduler.terminate_task(task_id)
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
-    tracker = _Tracker()
-    callbacks = [ms.measure_callback.AddToDatabase(), ms.measure_callback.RemoveBuildArtifact(),
-                 ms.measure_callback.UpdateCostModel(), tracker]
+    def run(self) -> None:
+        _die_with_parent(int(self.spec.get("parent_pid") or os.getppid()))
+        cpu_only_intrinsics()
+        import tvm
 
-    def keep_default_if_faster(d: dict[str, Any]) -> None:
+        spec = self.spec
+        self.target = tvm.target.Target(spec["target"])
+        with open(spec["mod"], encoding="utf-8") as f:
+            mod = tvm.ir.load_json(f.read())
+        from tvm.s_tir import meta_schedule as ms
+
+        extracted = ms.relax_integration.extract_tasks(mod, self.target)
+        # the ledger is read only once this child owns the database: a tuner still running on it
+        # (another compile) would otherwise tune the same tasks and overwrite its counts
+        _lock_database(self.db_dir, lambda holder: self.emit({"ev": "waiting", "holder": holder}))
+        repair_database(self.db_dir)
+        self.ledger = _read_json(self.ledger_path, {})
+
+        tasks_info, dynamic = self._select_tasks(extracted)
+        n_sel = len(tasks_info)
+        budget_new = int(spec["trials"])
+        per_task, caps, per_iter = _trial_plan(spec, n_sel, self.deadline)
+        pending = []
+        skipped = 0
+        for d in tasks_info:
+            done = int(self.ledger.get(d["key"], {}).get("trials", 0))
+            d["done"] = done
+            if done >= per_task:
+                skipped += 1
+            else:
+                pending.append(d)
+        self.emit({"ev": "start", "tasks_total": len(extracted), "selected": n_sel, "skipped": skipped, "dynamic": dynamic,
+                   "budget": min(budget_new, sum(per_task - d["done"] for d in pending)), "per_task": per_task})
+        end = {"ev": "end", "stopped": "done", "tasks_total": len(extracted), "selected": n_sel, "skipped": skipped}
+        ledger = self.ledger
+        if not pending and all("kept" in ledger.get(d["key"], {}) for d in tasks_info if ledger.get(d["key"], {}).get("trials")):
+            self.emit(end)
+            return
+
+        self._open_measurement()
+        self._default_and_variants(pending)
+        stopped = self._search(pending, caps, per_task, per_iter, budget_new)
+        # tasks tuned by an earlier call (or an older graphopt) that have no default measured yet
+        for d in tasks_info:
+            entry = self.ledger.get(d["key"], {})
+            if entry.get("trials") and "kept" not in entry and not self.out_of_time():
+                self.keep_default_if_faster(d)
+        self.emit({**end, "stopped": stopped})
+
+    def _select_tasks(self, extracted: Any) -> tuple[list[dict[str, Any]], int]:
+        """The tasks to tune, biggest (FLOPs x uses) first, and how many have symbolic shapes
+        (meta_schedule tunes static shapes only: its design spaces fail on them)."""
+        import tvm
+        import tvm_ffi
+
+        from graphopt.targets.tvm.schedules import is_tunable_kernel
+
+        tasks_info = []
+        dynamic = 0
+        for t in extracted:
+            func = t.dispatched[0]["main"]
+            if self.spec["kernels"] == "anchor" and not is_tunable_kernel(func):
+                continue
+            if not _static_shapes(func):
+                dynamic += 1
+                continue
+            key = str(tvm_ffi.structural_hash(t.dispatched[0]))
+            try:
+                flops = float(tvm.s_tir.analysis.estimate_tir_flops(t.dispatched[0]))
+            except Exception:
+                flops = 0.0
+            tasks_info.append({"task": t, "key": key, "name": t.task_name, "weight": int(t.weight), "flops": flops})
+        tasks_info.sort(key=lambda d: -d["flops"] * max(d["weight"], 1))
+        return tasks_info, dynamic
+
+    def _open_measurement(self) -> None:
+        """The database, the builder and runner (isolated worker processes), the cost model and
+        the measure callbacks (the ledger's `_Tracker` last)."""
+        from tvm.s_tir import meta_schedule as ms
+
+        spec, threads = self.spec, self.threads
+        self.database = ms.database.JSONDatabase(work_dir=self.db_dir, module_equality="structural")
+        self.builder = ms.builder.LocalBuilder(
+            max_workers=threads, timeout_sec=float(spec["builder_timeout"]),
+            initializer=_worker_init, f_build=_build_with_hooks,
+        )
+        self.runner = ms.runner.LocalRunner(
+            timeout_sec=float(spec["runner_timeout"]), initializer=_worker_init,
+            evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50,
+                                                       enable_cpu_cache_flush=False),
+        )
+        self.cost_model = ms.cost_model.XGBModel(num_tuning_cores=threads)
+        self.callbacks = [ms.measure_callback.AddToDatabase(), ms.measure_callback.RemoveBuildArtifact(),
+                          ms.measure_callback.UpdateCostModel(), _tracker(self)]
+
+    def count_batch(self, task_scheduler: Any, task_id: int, measure_candidates: Any, builder_results: Any,
+                    runner_results: Any) -> None:
+        """After each measured batch: the trials into the ledger, a progress event, the time
+        budget enforced (by terminating the task)."""
+        state = self.state
+        n = len(measure_candidates)
+        failed = 0
+        for br, rr in zip(builder_results, runner_results):
+            if br.error_msg is not None or rr.error_msg is not None or not rr.run_secs:
+                failed += 1
+                continue
+            secs = [float(x) for x in rr.run_secs]
+            ms_ = 1e3 * sum(secs) / len(secs)
+            if state["best"] is None or ms_ < state["best"]:
+                state["best"] = ms_
+        self.total_new += n
+        state["task_trials"] += n
+        entry = self.ledger.setdefault(state["key"], {"name": state["name"], "trials": 0})
+        entry["trials"] = int(entry.get("trials", 0)) + n
+        entry["name"] = state["name"]
+        if state["best"] is not None:
+            entry["best_ms"] = min(entry.get("best_ms", state["best"]), state["best"])
+        _write_json_atomic(self.ledger_path, self.ledger)
+        self.emit({"ev": "batch", "name": state["name"], "new": n, "failed": failed, "total_new": self.total_new,
+                   "task_trials": state["task_trials"], "best_ms": state["best"]})
+        kill_after = int(os.environ.get("GRAPHOPT_TUNE_TEST_KILL_AFTER", "0") or 0)
+        kill_marker = os.path.join(self.db_dir, ".test-killed")
+        if kill_after and self.total_new >= kill_after and not os.path.exists(kill_marker):
+            open(kill_marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: an interruption mid-tuning
+        if self.out_of_time():
+            state["timed_out"] = True
+            task_scheduler.terminate_task(task_id)
+
+    def keep_default_if_faster(self, d: dict[str, Any]) -> None:
         """Tuning never loses: the task's default schedule is measured with the same builder and
         runner and committed as a record too, so the database's best (what apply_database uses)
         is the faster of the default and the tuned schedules; the ledger says which."""
-        entry = ledger.setdefault(d["key"], {"name": d["name"], "trials": 0})
+        target, database, builder, runner = self.target, self.database, self.builder, self.runner
+        entry = self.ledger.setdefault(d["key"], {"name": d["name"], "trials": 0})
         if entry.get("default_ms") is None and not entry.get("default_error"):
             ms_, rule, err = _measure_default(d["task"].dispatched[0], target, database, builder, runner)
             if ms_ is None:
                 entry["default_error"] = err or "no default schedule"
             else:
                 entry["default_ms"], entry["default_rule"] = ms_, rule
-        if "variants" not in entry and (deadline is None or time.monotonic() < deadline):
-            n_var, v_ms, label = _measure_variants(d["task"].dispatched[0], target, database, builder, runner, deadline)
+        if "variants" not in entry and not self.out_of_time():
+            n_var, v_ms, label = _measure_variants(d["task"].dispatched[0], target, database, builder, runner, self.deadline)
             entry["variants"] = n_var
             if v_ms is not None:
                 entry["variant_ms"], entry["variant"] = v_ms, label
@@ -961,88 +1017,109 @@ def _child_tune(spec: dict[str, Any], out: Any) -> None:  # noqa: C901 - one pro
                 entry["kept"] = "default"
             elif entry["kept"] == "default":
                 entry["kept"] = "variant" if variant is not None and (tuned is None or variant <= tuned) else "tuned"
-        _write_json_atomic(ledger_path, ledger)
-        emit({"ev": "kept", "name": d["name"], "kept": entry["kept"], "default_ms": default, "tuned_ms": tuned})
-    t_print = time.monotonic
-    # first the default schedule and its rule's variants of every task (biggest first): a few
-    # measured tile choices per kernel are where a short budget pays most; then the search
-    todo = [d for d in pending if "variants" not in ledger.get(d["key"], {})]
-    if todo:
-        emit({"ev": "round", "cap": 0, "tasks": len(todo)})
-    for d in todo:
-        if deadline is not None and time.monotonic() >= deadline:
-            break
-        print(f"[{t_print() - t_start:7.1f}s] task {d['name']}: default schedule and its variants", file=sys.stderr, flush=True)
-        emit({"ev": "task", "name": d["name"], "want": 0, "done_before": d["done"]})
-        keep_default_if_faster(d)
-        e = ledger.get(d["key"], {})
-        best = min((e[k] for k in ("default_ms", "variant_ms", "best_ms") if e.get(k) is not None), default=None)
-        # (a "batch" of no trials: the progress bar and the restart logic see the phase advance)
-        emit({"ev": "batch", "name": d["name"], "new": 0, "failed": 0, "total_new": total_new, "task_trials": 0, "best_ms": best})
-        emit({"ev": "variants_done", "name": d["name"], "best_ms": best, "variants": e.get("variants", 0)})
-    rounds = [(cap, d) for cap in caps for d in pending]
-    last_cap = None
-    for cap, d in rounds:
-        if d["done"] >= cap:
-            continue
-        if cap != last_cap:  # (the progress bar counts each round's tasks against its own total)
-            emit({"ev": "round", "cap": cap, "tasks": sum(1 for c, x in rounds if c == cap and x["done"] < cap)})
-        last_cap = cap
-        print(f"[{t_print() - t_start:7.1f}s] task {d['name']} (to {cap} trials)", file=sys.stderr, flush=True)
-        if deadline is not None and time.monotonic() >= deadline:
-            stopped = "time budget"
-            break
-        if total_new >= budget_new:
-            stopped = "trial budget"
-            break
-        want = min(cap - d["done"], budget_new - total_new)
-        state.update(name=d["name"], key=d["key"], best=None, task_trials=0)
-        prior = ledger.get(d["key"], {}).get("best_ms")
-        state["best"] = prior
-        emit({"ev": "task", "name": d["name"], "want": want, "done_before": d["done"]})
+        _write_json_atomic(self.ledger_path, self.ledger)
+        self.emit({"ev": "kept", "name": d["name"], "kept": entry["kept"], "default_ms": default, "tuned_ms": tuned})
+
+    def _default_and_variants(self, pending: list[dict[str, Any]]) -> None:
+        """First the default schedule and its rule's variants of every task (biggest first): a
+        few measured tile choices per kernel are where a short budget pays most."""
+        todo = [d for d in pending if "variants" not in self.ledger.get(d["key"], {})]
+        if todo:
+            self.emit({"ev": "round", "cap": 0, "tasks": len(todo)})
+        for d in todo:
+            if self.out_of_time():
+                break
+            print(f"[{time.monotonic() - self.t_start:7.1f}s] task {d['name']}: default schedule and its variants", file=sys.stderr,
+                  flush=True)
+            self.emit({"ev": "task", "name": d["name"], "want": 0, "done_before": d["done"]})
+            self.keep_default_if_faster(d)
+            e = self.ledger.get(d["key"], {})
+            best = min((e[k] for k in ("default_ms", "variant_ms", "best_ms") if e.get(k) is not None), default=None)
+            # (a "batch" of no trials: the progress bar and the restart logic see the phase advance)
+            self.emit({"ev": "batch", "name": d["name"], "new": 0, "failed": 0, "total_new": self.total_new, "task_trials": 0,
+                       "best_ms": best})
+            self.emit({"ev": "variants_done", "name": d["name"], "best_ms": best, "variants": e.get("variants", 0)})
+
+    def _search(self, pending: list[dict[str, Any]], caps: list[int], per_task: int, per_iter: int, budget_new: int) -> str:
+        """Then the search, in rounds of rising caps (biggest tasks first in each): why it stopped."""
+        state = self.state
+        rounds = [(cap, d) for cap in caps for d in pending]
+        last_cap = None
+        for cap, d in rounds:
+            if d["done"] >= cap:
+                continue
+            if cap != last_cap:  # (the progress bar counts each round's tasks against its own total)
+                self.emit({"ev": "round", "cap": cap, "tasks": sum(1 for c, x in rounds if c == cap and x["done"] < cap)})
+            last_cap = cap
+            print(f"[{time.monotonic() - self.t_start:7.1f}s] task {d['name']} (to {cap} trials)", file=sys.stderr, flush=True)
+            if self.out_of_time():
+                return "time budget"
+            if self.total_new >= budget_new:
+                return "trial budget"
+            want = min(cap - d["done"], budget_new - self.total_new)
+            state.update(name=d["name"], key=d["key"], best=None, task_trials=0)
+            state["best"] = self.ledger.get(d["key"], {}).get("best_ms")
+            self.emit({"ev": "task", "name": d["name"], "want": want, "done_before": d["done"]})
+            error = self._tune_task(d, cap, want, per_iter)
+            if error is not None:
+                if state.get("timed_out"):
+                    self.emit({"ev": "task_done", "name": d["name"], "best_ms": state["best"], "partial": True})
+                    return "time budget"
+                self.emit({"ev": "task_error", "name": d["name"], "error": error})
+                # count it as tuned so a resume does not retry it forever
+                entry = self.ledger.setdefault(d["key"], {"name": d["name"], "trials": 0})
+                entry["trials"] = max(int(entry.get("trials", 0)), per_task)
+                entry["error"] = error
+                _write_json_atomic(self.ledger_path, self.ledger)
+            d["done"] = int(self.ledger.get(d["key"], {}).get("trials", d["done"] + state["task_trials"]))
+            self.keep_default_if_faster(d)  # also for a task cut by the time budget: its records apply
+            if state.get("timed_out"):
+                self.emit({"ev": "task_done", "name": d["name"], "best_ms": state["best"], "partial": True})
+                return "time budget"
+            self.emit({"ev": "task_done", "name": d["name"], "best_ms": state["best"]})
+        return "done"
+
+    def _tune_task(self, d: dict[str, Any], cap: int, want: int, per_iter: int) -> str | None:
+        """meta_schedule's search on one task for `want` trials; the error's last line if it
+        failed (one task's failure, a schedule-space bug, must not stop the rest)."""
+        from tvm.s_tir import meta_schedule as ms
+
+        spec = self.spec
         ctx = ms.TuneContext(
-            mod=d["task"].dispatched[0], target=target, space_generator="post-order-apply",
+            mod=d["task"].dispatched[0], target=self.target, space_generator="post-order-apply",
             # a smaller population for small budgets: candidate generation costs 10+ s per batch
             # at the default 512 on this 2-core machine
             search_strategy=ms.search_strategy.EvolutionarySearch(
-                population_size=512 if cap >= 128 else 128, init_min_unmeasured=16 if cap < 128 else 50), task_name=d["name"], num_threads=threads,
+                population_size=512 if cap >= 128 else 128, init_min_unmeasured=16 if cap < 128 else 50), task_name=d["name"],
+            num_threads=self.threads,
             rand_state=int(spec["seed"]) if spec.get("seed") is not None else -1,
             logger=None,
         ).clone()
         try:
             ms.tune.tune_tasks(
-                tasks=[ctx], task_weights=[float(d["weight"])], work_dir=db_dir,
+                tasks=[ctx], task_weights=[float(d["weight"])], work_dir=self.db_dir,
                 max_trials_global=want, max_trials_per_task=want, num_trials_per_iter=min(per_iter, want),
-                builder=builder, runner=runner, database=database, cost_model=cost_model,
-                measure_callbacks=callbacks, task_scheduler="round-robin",
+                builder=self.builder, runner=self.runner, database=self.database, cost_model=self.cost_model,
+                measure_callbacks=self.callbacks, task_scheduler="round-robin",
             )
-        except Exception as exc:  # one task's failure (a schedule-space bug) must not stop the rest
-            if state.get("timed_out"):
-                stopped = "time budget"
-                emit({"ev": "task_done", "name": d["name"], "best_ms": state["best"], "partial": True})
-                break
+        except Exception as exc:
             msg = str(exc).strip().splitlines()
-            emit({"ev": "task_error", "name": d["name"], "error": msg[-1][:300] if msg else type(exc).__name__})
-            # count it as tuned so a resume does not retry it forever
-            entry = ledger.setdefault(d["key"], {"name": d["name"], "trials": 0})
-            entry["trials"] = max(int(entry.get("trials", 0)), per_task)
-            entry["error"] = msg[-1][:300] if msg else type(exc).__name__
-            _write_json_atomic(ledger_path, ledger)
-        d["done"] = int(ledger.get(d["key"], {}).get("trials", d["done"] + state["task_trials"]))
-        keep_default_if_faster(d)  # also for a task cut by the time budget: its records apply
-        if state.get("timed_out"):
-            stopped = "time budget"
-            emit({"ev": "task_done", "name": d["name"], "best_ms": state["best"], "partial": True})
-            break
-        emit({"ev": "task_done", "name": d["name"], "best_ms": state["best"]})
-    else:
-        stopped = "done"
-    # tasks tuned by an earlier call (or an older graphopt) that have no default measured yet
-    for d in tasks_info:
-        entry = ledger.get(d["key"], {})
-        if entry.get("trials") and "kept" not in entry and (deadline is None or time.monotonic() < deadline):
-            keep_default_if_faster(d)
-    emit({"ev": "end", "stopped": stopped, "tasks_total": len(extracted), "selected": n_sel, "skipped": skipped})
+            return msg[-1][:300] if msg else type(exc).__name__
+        return None
+
+
+def _tracker(run: _ChildTuning) -> Any:
+    """The measure callback that hands each batch to `run.count_batch` (a meta_schedule
+    PyMeasureCallback, defined here because tvm is imported lazily)."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class _Tracker(ms.measure_callback.PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            run.count_batch(task_scheduler, task_id, measure_candidates, builder_results, runner_results)
+
+    return _Tracker()
 
 
 def _static_shapes(func: Any) -> bool:
@@ -1057,14 +1134,14 @@ def _static_shapes(func: Any) -> bool:
 
 
 def _measure_default(task_mod: Any, target: Any, database: Any, builder: Any, runner: Any) -> tuple[float | None, str | None, str]:
-    """Build and run the default schedule (graphopt.targets.tvm_schedules) of one workload with
+    """Build and run the default schedule (graphopt.targets.tvm.schedules.base) of one workload with
     the tuning builder/runner and commit it to `database` as a tuning record (its trace replays
     the schedule). Returns (mean ms or None, rule, error)."""
     import shutil
 
     from tvm.s_tir import meta_schedule as ms
 
-    from graphopt.targets.tvm_schedules import default_schedule
+    from graphopt.targets.tvm.schedules import default_schedule
 
     try:
         sch, rule, _notes = default_schedule(task_mod["main"], target)
@@ -1116,7 +1193,7 @@ def _paired_check(task_mod: Any, target: Any, database: Any, builder: Any, runne
     from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
-    from graphopt.targets.tvm_schedules import default_schedule
+    from graphopt.targets.tvm.schedules import default_schedule
 
     workload = database.commit_workload(task_mod)
     recs = list(database.get_top_k(workload, 64))
@@ -1178,7 +1255,7 @@ def _paired_check(task_mod: Any, target: Any, database: Any, builder: Any, runne
 
 def _measure_variants(task_mod: Any, target: Any, database: Any, builder: Any, runner: Any,
                       deadline: float | None) -> tuple[int, float | None, str | None]:
-    """Build and run the variants of one workload's default schedule (`schedule_variants`: e.g.
+    """Build and run the variants of one workload's default schedule (`variants`: e.g.
     the blocked conv rule's other micro-kernel tiles), committing each as a
     tuning record (unmarked: a faster one replays as a tuned schedule). Returns (variants
     measured, best mean ms or None, its label)."""
@@ -1186,10 +1263,10 @@ def _measure_variants(task_mod: Any, target: Any, database: Any, builder: Any, r
 
     from tvm.s_tir import meta_schedule as ms
 
-    from graphopt.targets.tvm_schedules import vector_lanes
+    from graphopt.targets.tvm.schedules import vector_lanes
 
     try:
-        from graphopt.targets.schedule_variants import variants
+        from graphopt.targets.tvm.tuning.variants import variants
 
         found = variants(task_mod["main"], target, vector_lanes(target))
     except Exception:  # noqa: BLE001 - a variant bug only loses the variants
@@ -1244,6 +1321,6 @@ def _build_with_hooks(mod: Any, target: Any, params: Any) -> Any:
     cpu_only_intrinsics()
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build
 
-    from .nchwc_schedules import apply_loop_marks_to_module
+    from ..schedules.loop_marks import apply_loop_marks_to_module
 
     return default_build(apply_loop_marks_to_module(mod), target, params)

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from graphopt.targets.tir_match import int8_dot_desc, int8_matmul_operands
-from graphopt.targets.tir_match import static_int as _static
+from graphopt.targets.tvm.tir_match import int8_dot_desc, int8_matmul_operands
+from graphopt.targets.tvm.tir_match import static_int as _static
 
 _REGISTERED: set[str] = set()
 

@@ -6,12 +6,12 @@
 Candidates are built on this machine and linked with the aarch64 cross compiler (the builder's
 export function), then uploaded to an RPC server that the tracker hands out under `key`, loaded
 and timed there (meta_schedule's RPCRunner). The records go to the same JSON database format
-as the cpu target's tuning (`graphopt.targets.tvm_tuning`), so `apply_database` and the
+as the cpu target's tuning (`graphopt.targets.tvm.tuning.tuner`), so `apply_database` and the
 database's reuse work the same. Keep one database per device: records carry no device filter
 when they are applied, so this refuses a folder tuned for another target triple.
 
 Only conv/matmul kernels are tuned by default (`kernels="anchor"`), as for the cpu target.
-The tuning runs in this process (unlike tvm_tuning's isolated child); the ARM tensor
+The tuning runs in this process (unlike tvm.tuning.tuner's isolated child); the ARM tensor
 intrinsics (dotprod) stay importable, the GPU ones are stubbed out (TVM-NOTES trap 4).
 """
 
@@ -90,7 +90,7 @@ def rpc_tune(
     cpu_only_intrinsics()
     from tvm.s_tir import meta_schedule as ms
 
-    from graphopt.targets.tvm_schedules import is_tunable_kernel
+    from graphopt.targets.tvm.schedules import is_tunable_kernel
 
     if trials <= 0:
         raise GraphoptError("rpc tuning needs a positive trial budget")

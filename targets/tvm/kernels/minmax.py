@@ -1,6 +1,6 @@
 """Max/min reductions with IEEE 754-2008 maxNum/minNum semantics (C's fmax, numpy's fmax.reduce):
 NaN elements are skipped, a result is NaN only when every reduced element is. The reducers (also
-max pooling's, `blocked_ops`), ReduceMax/Min and ArgMax/Min.
+max pooling's, `kernels.blocked`), ReduceMax/Min and ArgMax/Min.
 
 TIR's own `max` reducer is a select whose NaN handling depends on where the NaN sits in the
 reduction order (and so on the schedule). onnxruntime (1.2x, CPU EP) skips NaN too, except where

@@ -1,6 +1,6 @@
 """The aarch64 toolchain and runtime that build and run arm64 artifacts on an x86 machine.
 
-    python tools/arm64_env.py setup [--python]     # or: python -m graphopt.targets.arm64_env setup
+    python tools/arm64_env.py setup [--python]     # or: python -m graphopt.targets.arm64.toolchain setup
     env = arm64_env.status()        # what is there, what is missing and how to get it
     cmd = arm64_env.runner_command(threads=2)   # [qemu-aarch64, -L, SYSROOT, ..., graphopt-arm64-run]
 
@@ -10,7 +10,7 @@ Pieces (cached under `.cache/arm64/` of the project, or $GRAPHOPT_ARM64_HOME, so
   library of an arm64 artifact, and the runner.
 - **Runtime** (`runtime/lib`): `libtvm_runtime.so` and `libtvm_ffi.so` taken from the manylinux
   aarch64 wheels of the *same* apache-tvm / apache-tvm-ffi versions as the compiler on this
-  machine (`pip download`), plus `graphopt-arm64-run`, built from `tools/arm64_runner/runner.cc`: it
+  machine (`pip download`), plus `graphopt-arm64-run`, built from `targets/arm64/runner/runner.cc` (package data): it
   loads the library, creates the Relax VM, calls `main` on .npy files and writes the outputs as .npy.
 - **Emulator** (Debian `qemu-user`): runs the runner with `-L` pointing at the aarch64 sysroot the
   cross-compiler packages install (`/usr/aarch64-linux-gnu`); no root filesystem needed.
@@ -68,7 +68,7 @@ def is_aarch64_host() -> bool:
 
 def project_root() -> Path | None:
     """The source checkout graphopt runs from (editable install), if any."""
-    here = Path(__file__).resolve().parent.parent  # targets/ -> the project root
+    here = Path(__file__).resolve().parents[2]  # targets/arm64/ -> the project root
     return here if (here / "pyproject.toml").exists() else None
 
 
@@ -107,9 +107,8 @@ def python_wrapper() -> Path:
 
 
 def runner_source() -> Path | None:
-    root = project_root()
-    src = root / "tools" / "arm64_runner" / "runner.cc" if root is not None else None
-    return src if src is not None and src.exists() else None
+    src = Path(__file__).resolve().parent / "runner" / "runner.cc"  # package data (pyproject)
+    return src if src.exists() else None
 
 
 def runner_digest() -> str | None:
@@ -277,7 +276,7 @@ def setup_runtime(force: bool = False) -> Path:
         raise Arm64EnvError("no aarch64 cross compiler: apt-get install g++-aarch64-linux-gnu")
     src = runner_source()
     if src is None:
-        raise Arm64EnvError("tools/arm64_runner/runner.cc not found: run setup from a graphopt source checkout")
+        raise Arm64EnvError(f"{Path(__file__).parent / 'runner' / 'runner.cc'} not found: reinstall graphopt (it ships as package data)")
     tvm_v, ffi_v = tvm_versions()
     wheels = home() / "wheels"
     _log(f"downloading the aarch64 wheels of apache-tvm {tvm_v} and apache-tvm-ffi {ffi_v} into {wheels}")

@@ -1,4 +1,4 @@
-"""Default CPU schedule of the Winograd convolutions of `targets/tvm/winograd_ops.py`.
+"""Default CPU schedule of the Winograd convolutions of `targets/tvm/kernels/winograd.py`.
 
 The fused PrimFunc is
 
@@ -12,7 +12,7 @@ and `WinogradConv` places it as three parallel passes:
   (m+2)^2 positions of `V`; both with their position loops unrolled (the chain of Selects over
   the position folds to one expression each) and the block's channels as one vector;
 - the GEMM: BlockedConv's register-tiled micro-kernel (the GEMM is a 1x1 conv whose weights are
-  indexed by the batch axis too: `nchwc_schedules.match_blocked_conv` takes it), parallel over
+  indexed by the batch axis too: `nchwc.match_blocked_conv` takes it), parallel over
   (position, output block tiles);
 - output transform: parallel over (batch, output block, tile row); per tile the column pass into
   a local buffer, the row pass writing the m x m output pixels through the inlined epilogue.
@@ -25,9 +25,10 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from .nchwc_schedules import BlockedConv, ConvTile, loops_below, write_back_loops, kernel_block
-from .tir_match import static_int
-from .tvm_schedules import ScheduleRule, fuse_parallel, inline_consumers, one_reduction, root_block
+from ..tir_match import static_int
+from .base import ScheduleRule, fuse_parallel, inline_consumers, one_reduction, root_block
+from .nchwc import BlockedConv, kernel_block, loops_below, write_back_loops
+from .tiles import ConvTile
 
 if TYPE_CHECKING:
     import tvm
@@ -45,7 +46,7 @@ def _named(sch: "tvm.s_tir.Schedule", name: str) -> list[Any]:
 
 
 class WinogradConv(ScheduleRule):
-    """winograd_ops' transforms + GEMM + epilogue (see module docstring); `tile` forces the
+    """kernels.winograd's transforms + GEMM + epilogue (see module docstring); `tile` forces the
     GEMM's micro-kernel (as `BlockedConv(tile)`)."""
 
     name = "winograd-conv"

@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.targets.tir_match import int8_dot_desc, int8_matmul_operands
-from graphopt.targets.tir_match import static_int as _static
-from graphopt.targets.tvm_schedules import merge_epilogue_branches
+from graphopt.targets.tvm.tir_match import int8_dot_desc, int8_matmul_operands
+from graphopt.targets.tvm.tir_match import static_int as _static
+from graphopt.targets.tvm.schedules.base import merge_epilogue_branches
 
 LAYOUT_REWRITE_ANN = "meta_schedule.layout_rewrite_preproc"
 #: |weight| bound for which vpmaddubsw's int16 pair sums cannot saturate with uint8 activations
@@ -155,7 +155,7 @@ def _kernel_choice(a_dt: str, b_dt: str, bound: int | None, target: Any, n: int 
     machine model: vpdpbusd where it has VNNI and the operands are u8 x s8 (the quantize pass's
     form; zmm, or ymm where the `n` output columns are a multiple of 8 but not 16: a 1000-class
     classifier), AVX2's vpmaddubsw pair for u8 x s8 with weights known to be narrow, else s16."""
-    from .machine import machine_model
+    from ...machine import machine_model
 
     dot = machine_model(target).int8_dot
     if dot in ("avx512-vnni", "avx-vnni") and a_dt == "uint8" and b_dt == "int8":
@@ -499,7 +499,7 @@ def schedule_int8_conv_blocked(func: Any, target: Any, weight_absmax: Mapping[in
     a machine whose int8 dot is AVX-512 VNNI, with uint8 activations and int8 weights."""
     from tvm import s_tir, tirx
 
-    from .machine import machine_model
+    from ...machine import machine_model
 
     machine = machine_model(target)
     if machine.int8_dot != "avx512-vnni":

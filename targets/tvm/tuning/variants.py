@@ -6,7 +6,7 @@ kernel one of graphopt's own rules schedules, the other choices of that rule (fo
 convolutions: pixels x output blocks per tile, loop order, padded rows per row, reduction chunks,
 row passes; for the Winograd convolutions: the GEMM's tile and reduction chunks; for the blocked
 depthwise convs and pooling: pixels per tile, rows per tile, how the pad is read). Tuning builds
-and runs them like its own candidates and keeps the fastest as a record (`tvm_tuning`), so a
+and runs them like its own candidates and keeps the fastest as a record (`tuner`), so a
 short budget spends its first minutes on a dozen good candidates per kernel instead of on random
 points of meta_schedule's design space. Kernels no rule here matches get no variants.
 """
@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import tvm
+
+    from ..schedules.base import ScheduleRule
 
 __all__ = ["variants"]
 
@@ -36,9 +38,10 @@ def _hash(sch: Any) -> int:
 
 def variants(func: "tvm.tirx.PrimFunc", target: "tvm.target.Target", lanes: int) -> list[tuple[str, Any]]:
     """(label, traced Schedule) for each variant of `func`'s default schedule that differs from it."""
-    from .machine import machine_model
-    from .nchwc_schedules import BlockedConv, BlockedWindow, ConvTile
-    from .winograd_schedules import WinogradConv
+    from ...machine import machine_model
+    from ..schedules.nchwc import BlockedConv, BlockedWindow
+    from ..schedules.tiles import ConvTile
+    from ..schedules.winograd import WinogradConv
 
     machine = machine_model(target)
     exact = machine.conv_tiles
@@ -59,6 +62,7 @@ def variants(func: "tvm.tirx.PrimFunc", target: "tvm.target.Target", lanes: int)
     if default is None:
         return out
     seen = {_hash(default)}
+    cands: list[tuple[str, ScheduleRule]]
     if winograd:  # the transforms have one schedule; the GEMM's micro-kernel varies
         cands = [(f"winograd gemm tile {rt}x{obt}{f' k-chunk {c}' if c else ''}",
                   WinogradConv(ConvTile(rt, obt, "ob", tail=True, k_chunk=c)))

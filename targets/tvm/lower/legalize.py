@@ -1,0 +1,147 @@
+"""Legalization of the lowered module: LegalizeOps with graphopt's NaN-preserving overrides
+(`LEGALIZATIONS`: max/min, max pool, arg max/min, float subtract) and only where the registry's
+legalization is still TVM's own (`guarded_legalizations`), then AnnotateTIROpPattern → FuseTIR
+(`legalize_and_fuse`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import tvm
+import tvm.sym  # the Analyzer (0.27 moved tvm.arith to tvm.sym)
+from tvm import relax
+
+
+from ..kernels.blocked import max_pool_nchw
+from ..kernels.minmax import arg_max_min, reduce_max_min
+
+
+def _float_subtract(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """relax.subtract of floats as a - b with b's bits passed through a reinterpret pair: TVM's
+    arithmetic simplifier cancels a float `x - x` (also `select(c, x, y) - x`) to 0 once the
+    fused kernel's expressions meet, which turns NaN and Inf into 0 (apache/tvm#11373); it
+    cannot prove the pair equal to x, LLVM drops the pair, and without fast-math LLVM keeps
+    x - x as IEEE says (NaN - NaN = NaN, Inf - Inf = NaN)."""
+    from tvm import te, tirx, topi
+
+    a, b = call.args
+    dtype = str(b.ty.dtype)
+    if not dtype.startswith("float") or dtype not in ("float16", "float32", "float64"):
+        return bb.call_te(topi.subtract, a, b)
+    bits = {"float16": "int16", "float32": "int32", "float64": "int64"}[dtype]
+
+    def f(x: te.Tensor, y: te.Tensor) -> te.Tensor:
+        opaque = te.compute(y.shape, lambda *i: tirx.reinterpret(dtype, tirx.reinterpret(bits, y(*i))), name="ieee_guard")
+        return topi.subtract(x, opaque)
+
+    return bb.call_te(f, a, b, primfunc_name_hint="subtract")
+
+
+def _float(dtype: str) -> bool:
+    return dtype in ("float16", "float32", "float64", "bfloat16")
+
+
+def _tvm_legalization(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """`call` legalized by TVM's own FLegalize (where graphopt's leaves a dtype or layout to it)."""
+    return _registered_legalizations(len(tvm.ir.Op.list_op_names()))[call.op.name](bb, call)
+
+
+def _nan_max_min(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """relax.max / relax.min (ReduceMax/Min, GlobalMaxPool in NCHW) of floats with NaN skipped
+    (maxNum, `kernels.minmax`: NaN only where every element is); other dtypes as TVM legalizes them."""
+    x = call.args[0]
+    if not _float(str(x.ty.dtype)):
+        return _tvm_legalization(bb, call)
+    axes = None if call.attrs.axis is None else [int(a) for a in call.attrs.axis]
+    kind = "max" if call.op.name == "relax.max" else "min"
+    return bb.call_te(reduce_max_min, x, kind, axes, bool(call.attrs.keepdims), primfunc_name_hint=kind)
+
+
+def _nan_max_pool2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """relax.nn.max_pool2d of a float NCHW tensor with NaN skipped (`kernels.blocked.max_pool_nchw`);
+    other layouts and dtypes as TVM legalizes them."""
+    a, x = call.attrs, call.args[0]
+    if not _float(str(x.ty.dtype)) or str(a.layout) != "NCHW" or str(a.out_layout) != "NCHW":
+        return _tvm_legalization(bb, call)
+    return bb.call_te(max_pool_nchw, x, [int(k) for k in a.pool_size], [int(s) for s in a.strides],
+                      [int(p) for p in a.padding], [int(d) for d in a.dilation], bool(a.ceil_mode),
+                      primfunc_name_hint="max_pool2d")
+
+
+def _nan_arg_max_min(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """relax.argmax / relax.argmin of floats with NaN skipped, as numpy's nanargmax
+    (`kernels.minmax.arg_max_min`); other dtypes as TVM legalizes them."""
+    x = call.args[0]
+    if not _float(str(x.ty.dtype)):
+        return _tvm_legalization(bb, call)
+    axis = None if call.attrs.axis is None else int(call.attrs.axis)
+    kind = "max" if call.op.name == "relax.argmax" else "min"
+    return bb.call_te(arg_max_min, x, kind, axis, bool(call.attrs.keepdims), str(call.ty.dtype),
+                      primfunc_name_hint=f"arg{kind}")
+
+
+#: graphopt's legalizations in place of TVM's (IEEE-correct float results)
+LEGALIZATIONS = {"relax.subtract": _float_subtract, "relax.max": _nan_max_min, "relax.min": _nan_max_min,
+                 "relax.nn.max_pool2d": _nan_max_pool2d, "relax.argmax": _nan_arg_max_min,
+                 "relax.argmin": _nan_arg_max_min}
+#: ... on GPUs: dlight's cross-thread reductions know only TIR's own reducers (its rfactor finds
+#: no "matched reducer" for the maxNum ones), so max/min/pools stay TVM's there
+GPU_LEGALIZATIONS = {"relax.subtract": _float_subtract}
+
+
+def legalize_and_fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """LegalizeOps → AnnotateTIROpPattern → FuseTIR: one PrimFunc per primitive group function.
+    A legalization that raises is raised after LegalizeOps, not through it (guarded_legalizations)."""
+    failures: list[tuple[str, BaseException]] = []
+    with target:
+        mod = tvm.transform.Sequential([relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()])(mod)
+        custom = LEGALIZATIONS if str(target.kind.name) == "llvm" else GPU_LEGALIZATIONS
+        mod = relax.transform.LegalizeOps(guarded_legalizations(custom, failures))(mod)
+        if failures:
+            raise failures[0][1]
+        seq = tvm.transform.Sequential(
+            [
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FuseTIR(),
+                relax.transform.DeadCodeElimination(),
+            ]
+        )
+        return seq(mod)
+
+
+def guarded_legalizations(custom: dict[str, Any], failures: list[tuple[str, BaseException]]) -> dict[str, Any]:
+    """LegalizeOps' map for every operator that has a legalization (`custom` first), each wrapped
+    so that an exception does not unwind through LegalizeOps' C++ mutator: that leaves its
+    BlockBuilder with open blocks, and TVM prints "BlockBuilder destroyed with remaining blocks!"
+    on stderr when it is destroyed (an extra line after graphopt's own error, or on a compile that
+    then succeeds by emitting the group inline). The wrapper records (op, exception) in
+    `failures`, leaves the call as it is, and the caller raises the first failure after the pass."""
+
+    def guard(name: str, f: Any) -> Any:
+        def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+            if failures:  # (the pass is lost anyway: leave the rest alone)
+                return call
+            try:
+                return f(bb, call)
+            except Exception as e:  # noqa: BLE001 - raised by the caller, after the pass
+                failures.append((name, e))
+                return call
+
+        return legalize
+
+    registered = _registered_legalizations(len(tvm.ir.Op.list_op_names()))
+    return {name: guard(name, custom.get(name) or f) for name, f in {**registered, **custom}.items()}
+
+
+@functools.lru_cache(maxsize=4)
+def _registered_legalizations(n_ops: int) -> dict[str, Any]:
+    """{operator name: its FLegalize} of every registered operator (~0.1 s to read: cached, and
+    read again when `n_ops`, the number of registered operators, grows)."""
+    out = {}
+    for name in tvm.ir.Op.list_op_names():
+        f = tvm.ir.Op.get(name).get_attr("FLegalize")
+        if f is not None:
+            out[str(name)] = f
+    return out

@@ -1,0 +1,298 @@
+"""The public base of the default schedules: `ScheduleRule` (what a rule implements),
+`ScheduleStats`, and the TIR schedule helpers the rules share (block queries, inlining the
+prologue copies and the epilogue, fusing the parallel loops, the injective fallback for the rest).
+A new rule subclasses `ScheduleRule` in a module of its own and takes its place in
+`default.default_rules`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..tir_match import static_int
+from . import knobs
+
+if TYPE_CHECKING:  # tvm is an optional dependency: import it lazily
+    import tvm
+
+__all__ = ["ScheduleRule", "ScheduleStats", "GENERIC_RULES", "LAYOUT_REWRITE_ANN", "vector_lanes", "vars_in", "region_vars", "root_block", "is_reduction", "divisors_of", "schedule_injective_block", "fuse_parallel", "inline_arg_copies", "one_reduction", "inline_copies", "inline_consumers", "merge_epilogue_branches", "schedule_rest"]
+
+
+#: Block annotation that SplitLayoutRewritePreproc looks for (weight-packing blocks).
+LAYOUT_REWRITE_ANN = "meta_schedule.layout_rewrite_preproc"
+
+
+
+#: rules that schedule a kernel without knowing what it computes: a conv or matmul that lands on
+#: one of them runs at a few percent of peak (what `ScheduleStats.fallback` reports)
+GENERIC_RULES = frozenset({"dlight-gemv", "dlight-reduction", "fallback-parallel", "none"})
+
+
+@dataclass
+class ScheduleStats:
+    """Which rule scheduled which PrimFunc, and each one's multiply-add FLOPs (for reports and tests)."""
+
+    by_func: dict[str, str] = field(default_factory=dict)
+    failures: dict[str, list[str]] = field(default_factory=dict)
+    flops: dict[str, float] = field(default_factory=dict)  # every PrimFunc of the module, scheduled already or not
+
+    def fallback(self) -> dict[str, Any]:
+        """The kernels with multiply-add work that a generic rule scheduled (GENERIC_RULES), with
+        their share of the module's FLOPs: {"share": f, "kernels": [{name, rule, gflop, share}]}."""
+        total = sum(self.flops.values())
+        rows: list[dict[str, Any]] = [{"kernel": k, "rule": r, "gflop": round(self.flops.get(k, 0.0) / 1e9, 6),
+                 "share": round(self.flops.get(k, 0.0) / total, 4) if total else 0.0}
+                for k, r in self.by_func.items() if r in GENERIC_RULES and self.flops.get(k, 0.0) > 0]
+        rows.sort(key=lambda r: -r["gflop"])
+        return {"share": round(sum(r["share"] for r in rows), 4), "kernels": rows}
+
+    def count(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for rule in self.by_func.values():
+            out[rule] = out.get(rule, 0) + 1
+        return out
+
+
+def vector_lanes(target: "tvm.target.Target", dtype_bits: int = 32) -> int:
+    """SIMD lanes for `dtype_bits` elements on `target` (AVX2: 8 fp32, AVX-512: 16, NEON: 4):
+    the target's machine model (graphopt.targets.machine)."""
+    from ...machine import machine_model
+
+    return machine_model(target).lanes(dtype_bits)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def vars_in(expr: Any) -> set:
+    import tvm_ffi
+    from tvm import tirx
+
+    found: set = set()
+    tvm_ffi.structural_walk(expr, (tirx.Var, found.add), order="post")
+    return found
+
+
+def region_vars(region: Any, block_vars: set) -> list[set]:
+    """Per-dimension sets of block iter vars used by a buffer access region."""
+    return [(vars_in(r.min) & block_vars) for r in region.region]
+
+
+def root_block(sch: "tvm.s_tir.Schedule") -> Any:
+    func = sch.mod["main"]
+    return sch.get_sblock(func.body.block.name_hint)
+
+
+def is_reduction(stmt: Any) -> bool:
+    from tvm.tirx import IterVar
+
+    return any(iv.iter_type == IterVar.CommReduce for iv in stmt.iter_vars)
+
+
+def divisors_of(n: int) -> list[int]:
+    """Divisors of n in increasing order (O(√n): a batch of 2**40 made the loop run for minutes)."""
+    small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
+
+
+def schedule_injective_block(
+    sch: "tvm.s_tir.Schedule", block: Any, lanes: int, max_parallel_loops: int | None = None
+) -> None:
+    """Parallel over the outer loops, vectorise the innermost (when it splits evenly)."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    extents = [static_int(sch.get(lp).extent) for lp in loops]
+    if (len(loops) > 1 and extents[-1] is not None and extents[-1] % lanes and not sch.get(block).reads
+            and all(e is not None for e in extents) and math.prod(e or 0 for e in extents) % lanes == 0):
+        # a constant fill (the pad value of a decomposed pad): one flat loop, parallel vectors
+        p_o, v_i = sch.split(sch.fuse(*loops), factors=[None, lanes])
+        sch.parallel(p_o)
+        sch.vectorize(v_i)
+        return
+    inner = loops[-1]
+    inner_ext = extents[-1]
+    vec = None
+    if inner_ext is not None and inner_ext > 1:
+        if inner_ext <= 2 * lanes:
+            vec = inner
+        elif inner_ext % lanes == 0:
+            _, vec = sch.split(inner, factors=[None, lanes])
+        # otherwise: leave scalar (a predicated vector loop costs more than it saves here)
+    outer = loops[:-1] if vec is not None and vec.same_as(inner) else loops[:-1]
+    if vec is None:
+        outer = loops[:-1] if len(loops) > 1 else []
+    if max_parallel_loops is not None:
+        outer = outer[:max_parallel_loops]
+    if outer:
+        fuse_parallel(sch, outer)
+    if vec is not None:
+        sch.vectorize(vec)
+
+
+def fuse_parallel(sch: "tvm.s_tir.Schedule", loops: Sequence[Any]) -> Any:
+    """Fuse `loops` into one parallel loop and return it. Leading loops of symbolic extent (a
+    dynamic batch) stay serial outside: fused with them, every index inside is recovered with
+    divisions by symbolic values (ResNet-50 with a symbolic batch ran 1.7x slower than with
+    batch 1 fixed, same schedules)."""
+    loops = list(loops)
+    lead = 0
+    while lead < len(loops) - 1 and static_int(sch.get(loops[lead]).extent) is None:
+        lead += 1
+    rest = loops[lead:] if knobs.SERIAL_SYMBOLIC_OUTER else loops
+    fused = sch.fuse(*rest) if len(rest) > 1 else rest[0]
+    sch.parallel(fused)
+    return fused
+
+
+# --------------------------------------------------------------------------- rules
+
+
+class ScheduleRule:
+    name = "rule"
+
+    def apply(self, func: Any, target: Any, lanes: int) -> "tvm.s_tir.Schedule | None":
+        raise NotImplementedError
+
+
+def _is_copy(stmt) -> bool:
+    """A block whose body stores one loaded value: it moves data, computes nothing."""
+    body = stmt.body
+    return type(body).__name__ == "BufferStore" and type(body.value).__name__ in ("TensorLoad", "BufferLoad")
+
+
+def inline_arg_copies(sch, func) -> None:
+    """compute_inline the blocks that only copy a kernel argument (the bias reshaped to
+    [1, C, 1, 1]): left in place, the epilogue that reads them cannot be inlined into the
+    accumulator write-back, and bias/ReLU6 ran as three extra parallel passes over the output."""
+    intermediates = {buf.name for buf in func.body.block.alloc_buffers}
+    for block in sch.get_child_blocks(root_block(sch)):
+        stmt = sch.get(block)
+        if stmt.init is not None or not _is_copy(stmt):
+            continue
+        if len(stmt.reads) != 1 or stmt.reads[0].source.name in intermediates:
+            continue
+        try:
+            sch.compute_inline(block)
+        except Exception:
+            pass
+
+
+def one_reduction(func) -> tuple[Any, Any] | None:
+    """A schedule of `func` (argument copies inlined first) and its reduction block, or None
+    unless it has exactly one: where the conv/matmul/window rules start."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    if knobs.INLINE_ARG_COPIES:
+        inline_arg_copies(sch, func)
+    reds = [b for b in sch.get_child_blocks(root_block(sch)) if is_reduction(sch.get(b))]
+    return (sch, reds[0]) if len(reds) == 1 else None
+
+
+def inline_copies(sch, anchor, moves_only: bool = False) -> None:
+    """compute_inline producers of the anchor that only move data (a pad of 0, a transpose,
+    a reshape): the anchor reads through them. Real pads (if_then_else) stay materialised so the
+    inner loop has no conditions. `moves_only`: only copies are touched; producers that compute (a
+    BatchNorm + Relu before a conv) stay materialised (inlined, the conv recomputes each input
+    value once per tile of output blocks, inside its reduction loop) and pads are left whole."""
+    for prod in sch.get_producers(anchor):
+        stmt = sch.get(prod)
+        if is_reduction(stmt):
+            continue
+        if moves_only and not _is_copy(stmt):
+            # (a pad stays one block with its condition: BlockedConv's flat padded convs, 2
+            # threads, 3x3 128 on 28x28 1.20 ms against 1.23 ms with the fill + copy below)
+            continue
+        if "if_then_else" in str(stmt.body):
+            if knobs.DECOMPOSE_PADDING:
+                # a fill of the pad value plus a copy of the interior: neither has a condition,
+                # both vectorise (the padded copy's rows, 58 or 114 wide, ran as scalar code)
+                try:
+                    loops = sch.get_loops(prod)
+                    if loops and sch.can_decompose_padding(prod, loops[0]):
+                        sch.decompose_padding(prod, loops[0])
+                except Exception:
+                    pass
+            continue
+        try:
+            sch.compute_inline(prod)
+        except Exception:
+            pass
+
+
+def inline_consumers(sch, wb) -> None:
+    """reverse_compute_inline the elementwise epilogue chain into the write-back block.
+
+    A consumer that writes a buffer of another shape than the write-back's (the `crop` after a
+    conv computed on rows rounded up to the micro-kernel's width) is inlined only once the
+    write-back sits under a tile loop: there reverse_compute_inline bounds the write with a
+    predicate, while at the root it keeps the write-back's wider domain and writes past the end
+    of the smaller output (apache-tvm 0.27; a sentinel after the output buffer caught it)."""
+    # (int32 sums, an int8 kernel: an epilogue that branches and meets again, a quantized SiLU,
+    # is inlined too, `merge_epilogue_branches`, instead of one pass over the tensor per op; fp32
+    # kernels keep what they had)
+    int8 = any(str(r.source.dtype) == "int32" for r in sch.get(wb).reads)
+    while True:
+        consumers = sch.get_consumers(wb)
+        if len(consumers) != 1:
+            if consumers and int8 and merge_epilogue_branches(sch, wb):
+                continue
+            return
+        wb_stmt, c_stmt = sch.get(wb), sch.get(consumers[0])
+        if len(c_stmt.writes) != 1 or len(wb_stmt.writes) != 1:
+            return
+        same = [static_int(d) for d in c_stmt.writes[0].source.shape] == [static_int(d) for d in wb_stmt.writes[0].source.shape]
+        if not same and len(sch.get_loops(wb)) <= len(wb_stmt.iter_vars):
+            return  # (at the root: inlined after reverse_compute_at, if the rule does that)
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except Exception:
+            if int8 and merge_epilogue_branches(sch, wb):
+                continue
+            return
+
+
+def merge_epilogue_branches(sch: "tvm.s_tir.Schedule", wb: Any) -> bool:
+    """Inline forward (compute_inline) the blocks that read the write-back `wb`, where they can
+    be: an epilogue that branches and meets again (a quantized SiLU, x · sigmoid(x), x read by
+    both) then has fewer readers of `wb`, down to the one where the branches meet, which
+    reverse_compute_inline can take into `wb`. True when a block moved (call it, then inline the
+    chain again, until it returns False). The cheap part of x is computed once per branch."""
+    moved = False
+    wb_name = sch.get(wb).name_hint
+    for b in sch.get_consumers(wb):
+        # (a reader's other producers that read nothing computed, e.g. `ieee_guard` constants of
+        # a quantized subtract, go into it first: reverse_compute_inline wants wb its only producer)
+        for p in sch.get_producers(b):
+            if sch.get(p).name_hint != wb_name and not sch.get_producers(p):
+                try:
+                    sch.compute_inline(p)
+                    moved = True
+                except Exception:  # noqa: BLE001 - left where it is
+                    pass
+        try:
+            sch.compute_inline(b)  # (an output block refuses: it stays, the others move into it)
+            moved = True
+        except Exception:  # noqa: BLE001 - not inlinable forward: left where it is
+            continue
+    return moved
+
+
+def schedule_rest(sch, done: set[str], lanes: int) -> None:
+    """Injective schedule for the root-level blocks a rule did not place (pads, packs, tails)."""
+    for block in sch.get_child_blocks(root_block(sch)):
+        name = sch.get(block).name_hint
+        if name in done:
+            continue
+        loops = sch.get_loops(block)
+        if loops and any(
+            sch.get(lp).kind != 0 for lp in loops  # already parallel/vectorised
+        ):
+            continue
+        try:
+            schedule_injective_block(sch, block, lanes)
+        except Exception:
+            pass

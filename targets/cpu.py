@@ -132,6 +132,11 @@ class CpuTarget(Target):
     #: combination beside the symbolic ones, dispatched by exact size (targets/shape_buckets.py)
     buckets: dict[str, list[int]] | None = None
 
+    #: the default schedules' refinements switched off or resized for a before/after comparison
+    #: (`cpu{schedule-knobs=INLINE_EPILOGUE:0;MATMUL_K_BLOCK:0}`; tvm/schedules/knobs.py); None:
+    #: every refinement on
+    schedule_knobs: Any = None
+
     # (winograd: layout.WINOGRAD_MODES, not imported here: layout imports tvm, which is slow)
     _OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {"layout": ("auto", "nchwc", "nchw"),
                                                       "winograd": ("auto", "off", "2", "4")}
@@ -146,13 +151,18 @@ class CpuTarget(Target):
 
                 t.buckets = parse_buckets(str(value))
                 continue
+            if key == "schedule-knobs":
+                from graphopt.targets.tvm.schedules.knobs import ScheduleKnobs
+
+                t.schedule_knobs = ScheduleKnobs.parse(str(value))
+                continue
             if key in cls._FREE_OPTIONS:
                 setattr(t, key, str(value))
                 t._check_cpu(t.mcpu, t.mattr)
                 continue
             allowed = cls._OPTIONS.get(key)
             if allowed is None:
-                have = ", ".join((*cls._OPTIONS, *cls._FREE_OPTIONS, "buckets"))
+                have = ", ".join((*cls._OPTIONS, *cls._FREE_OPTIONS, "buckets", "schedule-knobs"))
                 raise UsageError(f"target {cls.name}: unknown option {key!r} (have: {have})")
             if value not in allowed:
                 raise UsageError(f"target {cls.name}: {key}={value!r} is not one of {', '.join(allowed)}")
@@ -209,7 +219,7 @@ class CpuTarget(Target):
 
         return B.schedule(mod, target, tune_trials=options.tune, tune_minutes=options.tune_minutes,
                           tuning_db=options.tuning_db, progress=options.progress,
-                          task_labels=options.extra.get("task-labels"))
+                          task_labels=options.extra.get("task-labels"), knobs=self.schedule_knobs)
 
     def int8_kernels(self, mod: Any, target: Any, params: dict[str, np.ndarray]) -> tuple[Any, dict[str, str]]:
         """int8 × int8 → int32 matmul kernels with AVX2 micro-kernels (targets/x86_int8_schedules.py;
@@ -271,8 +281,11 @@ class CpuTarget(Target):
     def manifest_target(self, target: Any, threads: int) -> dict[str, Any]:
         from graphopt.targets.tvm import build as B
 
-        return {"name": self.name, "tvm": B.target_json(target), "threads": threads,
-                "machine": self.machine(target).to_json()}
+        out = {"name": self.name, "tvm": B.target_json(target), "threads": threads,
+               "machine": self.machine(target).to_json()}
+        if self.schedule_knobs is not None and self.schedule_knobs.changed():
+            out["schedule_knobs"] = self.schedule_knobs.spec()
+        return out
 
     def compile(self, model: Model, options: CompileOptions, *, source_sha256: str | None = None) -> Artifact:
         from graphopt.passes.fusion.kernel_groups import KERNEL_KEY, PlanKernels

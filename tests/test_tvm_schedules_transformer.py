@@ -69,14 +69,11 @@ def test_decomposed_gelu_epilogue_is_one_block_in_the_write_back():
     assert "T.erf(" in script and script.count("T.sblock_alloc_buffer") <= 2
     np.testing.assert_allclose(_run(smod, [x, w]), _gelu_ref(x, w), rtol=1e-5, atol=1e-5)
     # the knob off: the same kernel keeps its numbers with the epilogue as separate passes
-    old = knobs.INLINE_EPILOGUE
-    try:
-        knobs.INLINE_EPILOGUE = False
+    with knobs.using(knobs.ScheduleKnobs(inline_epilogue=False)):
         smod2, _, (func2,) = _schedule(mod)
-        assert func2.script().count("T.parallel(") > 2
-        np.testing.assert_allclose(_run(smod2, [x, w]), _gelu_ref(x, w), rtol=1e-5, atol=1e-5)
-    finally:
-        knobs.INLINE_EPILOGUE = old
+    assert func2.script().count("T.parallel(") > 2
+    np.testing.assert_allclose(_run(smod2, [x, w]), _gelu_ref(x, w), rtol=1e-5, atol=1e-5)
+    assert knobs.current().inline_epilogue  # (scoped: the defaults again after the block)
 
 
 def test_transposing_epilogue_keeps_numbers():
@@ -109,7 +106,7 @@ def test_matmul_wide_tile_and_k_blocking():
     vt = 3 * lanes
     assert f"T.int64({n // vt}), T.int64(384), T.int64({vt})" in script  # the packed panels
     assert LAYOUT_REWRITE_ANN in script
-    assert f"T.int64(3), T.int64(32), T.int64({knobs.MATMUL_K_BLOCK})" in script  # k_o, row tiles, k_i
+    assert f"T.int64(3), T.int64(32), T.int64({knobs.current().matmul_k_block})" in script  # k_o, row tiles, k_i
     assert f"T.sblock_alloc_buffer((T.int64(128), T.int64({n})), scope=\"local\")" in script
     ref = (x.astype(np.float64) @ w + b).astype(np.float32)
     np.testing.assert_allclose(_run(smod, [x, w, b]), ref, rtol=1e-4, atol=1e-4)
@@ -141,13 +138,9 @@ def test_convs_keep_the_register_tile():
     x = rng.standard_normal((1, 64, 8, 8)).astype(np.float32)
     w = (rng.standard_normal((48, 64, 3, 3)) / 16).astype(np.float32)
     mod = _fused(lambda bb, a, wv: bb.emit(relax.op.nn.conv2d(a, wv, padding=1)), [("x", x.shape), ("w", w.shape)])
-    old = (knobs.MATMUL_WIDE_VT, knobs.MATMUL_K_BLOCK)
-    try:
-        _, _, (f_on,) = _schedule(mod)
-        knobs.MATMUL_WIDE_VT, knobs.MATMUL_K_BLOCK = False, 0
+    _, _, (f_on,) = _schedule(mod)
+    with knobs.using(knobs.ScheduleKnobs.parse("MATMUL_WIDE_VT:0;MATMUL_K_BLOCK:0")):
         _, _, (f_off,) = _schedule(mod)
-    finally:
-        knobs.MATMUL_WIDE_VT, knobs.MATMUL_K_BLOCK = old
     import tvm_ffi
 
     assert tvm_ffi.structural_equal(f_on, f_off)
@@ -211,14 +204,10 @@ def test_row_reductions(case):
     if c % S.vector_lanes(_target()) == 0:
         assert "_rf" in script and "T.vectorized(" in script  # partial results as one vector
     np.testing.assert_allclose(_run(smod, args), ref, rtol=1e-5, atol=1e-5)
-    old = knobs.ROW_REDUCTION
-    try:
-        knobs.ROW_REDUCTION = False  # the rule off: dlight's reduction schedule, same numbers
+    with knobs.using(knobs.ScheduleKnobs(row_reduction=False)):  # the rule off: dlight's reduction schedule
         smod2, stats2, _ = _schedule(mod)
-        assert "row-reduction" not in stats2.by_func.values()
-        np.testing.assert_allclose(_run(smod2, args), ref, rtol=1e-5, atol=1e-5)
-    finally:
-        knobs.ROW_REDUCTION = old
+    assert "row-reduction" not in stats2.by_func.values()
+    np.testing.assert_allclose(_run(smod2, args), ref, rtol=1e-5, atol=1e-5)  # same numbers
 
 
 def test_row_reduction_declines_other_axes_and_matmuls():
@@ -393,3 +382,30 @@ def test_padded_attention_scores_match_onnxruntime():
     art = graphopt.compile(m, AVX2_CPU, "-O2", threads=2)
     assert art.manifest["schedules"]["rules"].get("outer-product", 0) >= 1, art.manifest["schedules"]["rules"]
     np.testing.assert_allclose(art.run(feeds)[0], run_onnxruntime(graphopt.load(m), feeds)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_schedule_knobs_travel_with_the_target_options():
+    """`cpu{schedule-knobs=ROW_REDUCTION:0}` turns the row-reduction rule off for that compile
+    only (dlight's reduction schedule, same numbers), and the manifest records it; a knob that
+    does not exist is a one-line usage error naming the known ones."""
+    from onnx import TensorProto as TP
+    from onnx import helper as h
+
+    import graphopt
+    from graphopt.errors import UsageError
+
+    m = h.make_model(h.make_graph([h.make_node("Softmax", ["x"], ["y"], axis=-1)], "g",
+                                  [h.make_tensor_value_info("x", TP.FLOAT, [4, 256])],
+                                  [h.make_tensor_value_info("y", TP.FLOAT, [4, 256])]),
+                     opset_imports=[h.make_opsetid("", 17)])
+    x = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32)
+    off = graphopt.compile(m, "cpu{schedule-knobs=ROW_REDUCTION:0}", "-O2", threads=1)
+    on = graphopt.compile(m, "cpu", "-O2", threads=1)
+    assert off.report["schedules"]["rules"] == {"dlight-reduction": 1}
+    assert on.report["schedules"]["rules"] == {"row-reduction": 1}  # (not left switched off)
+    assert off.manifest["target"]["schedule_knobs"] == "ROW_REDUCTION:0" and "schedule_knobs" not in on.manifest["target"]
+    np.testing.assert_allclose(off.run({"x": x})[0], on.run({"x": x})[0], rtol=1e-6, atol=1e-7)
+    with pytest.raises(UsageError, match="expected NAME:VALUE with NAME one of .*ROW_REDUCTION"):
+        graphopt.compile(m, "cpu{schedule-knobs=NO_SUCH:0}", "-O2")
+    with pytest.raises(UsageError, match="takes an integer"):
+        knobs.ScheduleKnobs.parse("MATMUL_K_BLOCK:big")

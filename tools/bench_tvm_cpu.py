@@ -5,7 +5,7 @@
 
     # before/after a default-schedule change, in the same rounds (the knobs off = the old schedules):
     .venv/bin/python tools/bench_tvm_cpu.py --models bert_base_s128 --budget 30 \
-        --schedule-knobs 'INLINE_EPILOGUE=0;MATMUL_WIDE_VT=0;MATMUL_K_BLOCK=0;ROW_REDUCTION=0'
+        --schedule-knobs 'INLINE_EPILOGUE:0;MATMUL_WIDE_VT:0;MATMUL_K_BLOCK:0;ROW_REDUCTION:0'
 
     # tune into a database for 25 minutes, benchmark the tuned artifact, then recompile with the
     # warm database (timed) and benchmark that too, all against onnxruntime in the same rounds:
@@ -103,6 +103,13 @@ def peak_gflops(threads: int) -> float:
     return 2 * 2048**3 / best / 1e9
 
 
+def with_target_option(spec: str, key: str, value: str) -> str:
+    """`cpu{mcpu=znver3}` + schedule-knobs=X -> `cpu{mcpu=znver3,schedule-knobs=X}`."""
+    name, brace, rest = spec.partition("{")
+    inner = rest.rstrip("}").strip() if brace else ""
+    return f"{name}{{{inner + ',' if inner else ''}{key}={value}}}"
+
+
 def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
     path = os.path.join(CORPUS, f"{name}.onnx")
     if not os.path.exists(path):
@@ -131,27 +138,12 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
     knob_art = None
     if args.schedule_knobs:
         # the same compile with default-schedule knobs changed (e.g. the pre-change schedules), benchmarked
-        # in the same rounds: a before/after comparison on a shared machine
-        import importlib
-
-        saved = {}
-        for kv in args.schedule_knobs.split(";"):
-            k, v = (t.strip() for t in kv.split("=", 1))
-            # NAME: a tvm.schedules.knobs switch; MODULE.NAME: one of graphopt.targets.MODULE (tvm.layout.FLAT_MAX_IH)
-            mod_name, _, attr = k.rpartition(".")
-            mod = importlib.import_module(f"graphopt.targets.{mod_name or 'tvm.schedules.knobs'}")
-            if not hasattr(mod, attr):
-                raise SystemExit(f"--schedule-knobs: {mod.__name__} has no {attr!r}")
-            old = getattr(mod, attr)
-            saved[(mod, attr)] = old
-            setattr(mod, attr, type(old)(int(v)) if isinstance(old, (bool, int)) else v)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                knob_art = graphopt.compile(source, args.target, "-O2", threads=args.threads)
-        finally:
-            for (mod, attr), v in saved.items():
-                setattr(mod, attr, v)
+        # in the same rounds: a before/after comparison on a shared machine; the knobs travel as a
+        # target option (cpu{schedule-knobs=...}), never as module state
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            knob_art = graphopt.compile(source, with_target_option(args.target, "schedule-knobs", args.schedule_knobs),
+                                        "-O2", threads=args.threads)
     if args.compare:  # another target spec (machine model), same rounds
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -301,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1, help="compile with symbolic input dims fixed to this (the "
                    "benchmark's batch; 0: keep them symbolic, which tuning cannot handle)")
     p.add_argument("--schedule-knobs", default="",
-                   help="also compile with these default-schedule knobs ('NAME=INT;...' of tvm.schedules.knobs, or MODULE.NAME=INT "
+                   help="also compile with these default-schedule knobs ('NAME:INT;...' of tvm/schedules/knobs.py, the target's schedule-knobs option; "
                         "for graphopt.targets.MODULE, e.g. 'MATMUL_K_BLOCK=0;ROW_REDUCTION=0' or "
                         "'tvm.layout.FLAT_MAX_IH=0') and benchmark it in the same rounds")
     p.add_argument("--json", help="write the rows here")

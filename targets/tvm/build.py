@@ -100,9 +100,28 @@ def schedule(
     tuning_db: str | None = None,
     progress: Callable[..., Any] | bool | None = None,
     task_labels: Mapping[str, str] | None = None,
+    knobs: Any = None,
 ) -> tuple[tvm.IRModule, ScheduleInfo]:
     """Apply tuned schedules (tuning first when asked) and then default schedules to the rest.
-    `task_labels`: {PrimFunc name: its ONNX nodes} for tuning's progress bar."""
+    `task_labels`: {PrimFunc name: its ONNX nodes} for tuning's progress bar; `knobs`: the
+    default schedules' ScheduleKnobs (tvm/schedules/knobs.py; None: the defaults)."""
+    from graphopt.targets.tvm.schedules.knobs import using
+
+    with using(knobs):
+        return _schedule(mod, target, tune_trials=tune_trials, tune_minutes=tune_minutes, tuning_db=tuning_db,
+                         progress=progress, task_labels=task_labels)
+
+
+def _schedule(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    *,
+    tune_trials: int,
+    tune_minutes: float | None,
+    tuning_db: str | None,
+    progress: Callable[..., Any] | bool | None,
+    task_labels: Mapping[str, str] | None,
+) -> tuple[tvm.IRModule, ScheduleInfo]:
     info = ScheduleInfo()
     if tune_trials > 0 or tuning_db:
         tuning = _optional("graphopt.targets.tvm.tuning.tuner")

@@ -141,7 +141,7 @@ def fuse_parallel(sch: "tvm.s_tir.Schedule", loops: Sequence[Any]) -> Any:
     lead = 0
     while lead < len(loops) - 1 and static_int(sch.get(loops[lead]).extent) is None:
         lead += 1
-    rest = loops[lead:] if knobs.SERIAL_SYMBOLIC_OUTER else loops
+    rest = loops[lead:] if knobs.current().serial_symbolic_outer else loops
     fused = sch.fuse(*rest) if len(rest) > 1 else rest[0]
     sch.parallel(fused)
     return fused
@@ -186,7 +186,7 @@ def one_reduction(func) -> tuple[Any, Any] | None:
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
-    if knobs.INLINE_ARG_COPIES:
+    if knobs.current().inline_arg_copies:
         inline_arg_copies(sch, func)
     reds = [b for b in sch.get_child_blocks(root_block(sch)) if is_reduction(sch.get(b))]
     return (sch, reds[0]) if len(reds) == 1 else None
@@ -207,7 +207,7 @@ def inline_copies(sch, anchor, moves_only: bool = False) -> None:
             # threads, 3x3 128 on 28x28 1.20 ms against 1.23 ms with the fill + copy below)
             continue
         if "if_then_else" in str(stmt.body):
-            if knobs.DECOMPOSE_PADDING:
+            if knobs.current().decompose_padding:
                 # a fill of the pad value plus a copy of the interior: neither has a condition,
                 # both vectorise (the padded copy's rows, 58 or 114 wide, ran as scalar code)
                 try:

@@ -84,6 +84,7 @@ def apply_default_schedules(
     target: "tvm.target.Target",
     stats: ScheduleStats | None = None,
     serial_small: bool = False,
+    schedule_knobs: "knobs.ScheduleKnobs | None" = None,
 ) -> "tvm.IRModule":
     """Schedule every unscheduled PrimFunc of `mod` for a CPU `target` (see module docstring);
     `serial_small`: kernels too small to split across threads get no parallel loop
@@ -91,13 +92,20 @@ def apply_default_schedules(
 
     Functions already marked `tirx.is_scheduled` (e.g. from a tuning database) are left alone.
     Returns a new IRModule; `stats`, when given, records which rule scheduled which function.
+    `schedule_knobs`: refinements switched off (knobs.py; None: the current ones).
     """
+    with knobs.using(schedule_knobs):
+        return _apply_default_schedules(mod, target, stats, serial_small)
+
+
+def _apply_default_schedules(mod: "tvm.IRModule", target: "tvm.target.Target", stats: ScheduleStats | None,
+                             serial_small: bool) -> "tvm.IRModule":
     import tvm
     from tvm import tirx
 
     if not isinstance(target, tvm.target.Target):
         target = tvm.target.Target(target)
-    if str(target.kind.name) == "llvm" and knobs.FAST_ERF:
+    if str(target.kind.name) == "llvm" and knobs.current().fast_erf:
         use_fast_erf()
     from ...machine import machine_model
     from ..tir_match import kernel_flops

@@ -1,38 +1,109 @@
 """Switches of the default schedules' refinements, each on by default: turning one off gives the
-schedule from before that refinement, for before/after comparisons in the same run
-(`tools/bench_tvm_cpu.py --schedule-knobs 'INLINE_EPILOGUE=0;MATMUL_K_BLOCK=0'`) and for tests.
-The rules read them when they run (`knobs.NAME`), so setting one takes effect at the next compile."""
+schedule from before that refinement, for before/after comparisons in the same run and for tests.
+
+They travel with the target's options, never as module state: `cpu{schedule-knobs=INLINE_EPILOGUE:0;
+MATMUL_K_BLOCK:0}` (or `tools/bench_tvm_cpu.py --schedule-knobs ...`) gives the build a
+`ScheduleKnobs`, and the build schedules inside `using(knobs)`; the rules read `current()`. A
+scoped value rather than a rule argument because dlight's rule interface (`apply(func, target,
+...)`) has no options channel, the way TVM's own passes read `PassContext.current().config`."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+from graphopt.errors import UsageError
+
+__all__ = ["ScheduleKnobs", "DEFAULTS", "current", "using"]
 
 
-# window reductions (depthwise conv, pooling): a tile of output rows x one vector row, up to
-# this many accumulator vectors
-WINDOW_ROW_TILE = True
-# pack [K, N] weights of dense/matmul kernels into [N/vt, K, vt] panels too
-PACK_KN_WEIGHTS = True
-# inline argument copies (bias reshapes) first so the epilogue inlines into the write-back
-INLINE_ARG_COPIES = True
-# erf lowered to a vectorisable polynomial on LLVM targets (see use_fast_erf)
-FAST_ERF = True
-# symbolic (dynamic batch) outer loops stay serial, outside the fused parallel loop
-SERIAL_SYMBOLIC_OUTER = True
-# materialised pads: decompose into a fill and an interior copy (both vectorisable)
-DECOMPOSE_PADDING = True
-WINDOW_ACC_VECTORS = 8
-# the elementwise blocks after a matmul/conv inlined into one (GELU reads the matmul twice)
-INLINE_EPILOGUE = True
-# matmul-like kernels whose row count leaves accumulators unused (4 rows x 2 vectors) widen the vector tile
-MATMUL_WIDE_VT = True
-# softmax / layer norm: vectorised row reductions (RowReduction) instead of dlight's serial ones
-ROW_REDUCTION = True
-# a vector axis that is no multiple of the lanes padded to one (pad_einsum) instead of declined
-PAD_VECTOR_AXIS = True
-# matmuls whose row axis is symbolic (a sequence length) take OuterProduct with one-row tiles
-# (off: WindowReduction's generic tiles, as before)
-SYMBOLIC_ROWS = True
-# matmul-like kernels: reduction blocked by this many (0: off)
-MATMUL_K_BLOCK = 128
+@dataclass(frozen=True)
+class ScheduleKnobs:
+    #: window reductions (depthwise conv, pooling): a tile of output rows x one vector row, up to
+    #: `window_acc_vectors` accumulator vectors
+    window_row_tile: bool = True
+    window_acc_vectors: int = 8
+    #: pack [K, N] weights of dense/matmul kernels into [N/vt, K, vt] panels too
+    pack_kn_weights: bool = True
+    #: inline argument copies (bias reshapes) first so the epilogue inlines into the write-back
+    inline_arg_copies: bool = True
+    #: erf lowered to a vectorisable polynomial on LLVM targets (see fast_math.use_fast_erf)
+    fast_erf: bool = True
+    #: symbolic (dynamic batch) outer loops stay serial, outside the fused parallel loop
+    serial_symbolic_outer: bool = True
+    #: materialised pads: decompose into a fill and an interior copy (both vectorisable)
+    decompose_padding: bool = True
+    #: the elementwise blocks after a matmul/conv inlined into one (GELU reads the matmul twice)
+    inline_epilogue: bool = True
+    #: matmul-like kernels whose row count leaves accumulators unused (4 rows x 2 vectors) widen
+    #: the vector tile
+    matmul_wide_vt: bool = True
+    #: softmax / layer norm: vectorised row reductions (RowReduction) instead of dlight's serial ones
+    row_reduction: bool = True
+    #: a vector axis that is no multiple of the lanes padded to one (pad_einsum) instead of declined
+    pad_vector_axis: bool = True
+    #: matmuls whose row axis is symbolic (a sequence length) take OuterProduct with one-row tiles
+    #: (off: WindowReduction's generic tiles, as before)
+    symbolic_rows: bool = True
+    #: matmul-like kernels: reduction blocked by this many (0: off)
+    matmul_k_block: int = 128
+    #: channel-blocked convs (nchwc): the prologue (pad) materialised before the conv (off: inlined
+    #: into the conv's reads, as before)
+    materialise_prologue: bool = True
+    #: flat convs with padded rows: one reduction pass per kernel row over the tiles it reaches
+    #: (tiles.conv_tile)
+    row_passes: bool = True
 
-# channel-blocked convs (nchwc): the prologue (pad) materialised before the conv
-MATERIALISE_PROLOGUE = True  # (off: inlined into the conv's reads, as before)
-# flat convs with padded rows: one reduction pass per kernel row over the tiles it reaches (tiles.conv_tile)
-ROW_PASSES = True
+    @classmethod
+    def parse(cls, text: str) -> ScheduleKnobs:
+        """`INLINE_EPILOGUE:0;MATMUL_K_BLOCK:64` (`=` for `:` too; names in any case, `-` or `_`)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        changes: dict[str, bool | int] = {}
+        for item in filter(None, (p.strip() for p in text.replace(",", ";").split(";"))):
+            name, sep, value = item.replace("=", ":", 1).partition(":")
+            key = name.strip().lower().replace("-", "_")
+            if key not in fields or not sep:
+                raise UsageError(f"schedule knob {item!r}: expected NAME:VALUE with NAME one of "
+                                 f"{', '.join(n.upper() for n in fields)}")
+            v = value.strip().lower()
+            if fields[key].type in ("bool", bool):
+                if v not in ("0", "1", "true", "false", "on", "off"):
+                    raise UsageError(f"schedule knob {item!r}: {name.strip()} is on or off (1/0)")
+                changes[key] = v in ("1", "true", "on")
+            else:
+                try:
+                    changes[key] = int(v)
+                except ValueError:
+                    raise UsageError(f"schedule knob {item!r}: {name.strip()} takes an integer") from None
+        return cls(**changes)  # type: ignore[arg-type]
+
+    def changed(self) -> dict[str, bool | int]:
+        """The knobs that differ from the defaults (what a manifest records)."""
+        default = DEFAULTS
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(default, f.name)}
+
+    def spec(self) -> str:
+        return ";".join(f"{k.upper()}:{int(v)}" for k, v in self.changed().items())
+
+
+DEFAULTS = ScheduleKnobs()  # (frozen: safe to share)
+_CURRENT: ContextVar[ScheduleKnobs] = ContextVar("graphopt_schedule_knobs", default=DEFAULTS)
+
+
+def current() -> ScheduleKnobs:
+    """The knobs of the schedules being built now (the defaults outside `using`)."""
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def using(knobs: ScheduleKnobs | None) -> Iterator[ScheduleKnobs]:
+    """Schedule with `knobs` inside the block (None: keep the current ones)."""
+    token = _CURRENT.set(knobs if knobs is not None else _CURRENT.get())
+    try:
+        yield _CURRENT.get()
+    finally:
+        _CURRENT.reset(token)

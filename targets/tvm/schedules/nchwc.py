@@ -369,7 +369,7 @@ class BlockedConv(ScheduleRule):
             pads = [p for p in sch.get_producers(anchor) if "if_then_else" in str(sch.get(p).body)]
             pad = pads[0] if len(pads) == 1 else None
         if pad is None:
-            inline_copies(sch, anchor, moves_only=knobs.MATERIALISE_PROLOGUE)
+            inline_copies(sch, anchor, moves_only=knobs.current().materialise_prologue)
         m = match_blocked_conv(sch, anchor, lanes)  # loops are the same, refetch the handles
         if m is None:
             return None

@@ -185,7 +185,7 @@ def _register_tile(m: _Operands, n_vec: int, n_reg: int, lanes: int, machine: An
         rt = max(d for d in divisors_of(n_reg) if d <= max_rows)
         if rt < 3 and n_reg > max_rows:
             rt = max_rows
-    if (knobs.MATMUL_WIDE_VT and m.out_order and m.out_order[-1].same_as(m.vec_var) and (vt == 2 * lanes or sym_rows)
+    if (knobs.current().matmul_wide_vt and m.out_order and m.out_order[-1].same_as(m.vec_var) and (vt == 2 * lanes or sym_rows)
             and n_reg % rt == 0 and rt * 2 < max_acc):
         # matmul-like (the output's last axis is the vector axis), whole row tiles leaving
         # accumulators unused (M = 128: 4 rows, no 6 divides it; 4 x 2 vectors is 8 of 12):
@@ -212,13 +212,13 @@ def _tile_loops(sch: Any, anchor: Any, m: _Operands, vt: int, rt: int) -> tuple[
     par = [v_o if v.same_as(vec_var) else r_o if v.same_as(reg_var) else loop_of[v] for v in s_order]
     sch.reorder(*par, *red_loops, r_i, v_i)
     k_ext = static_int(sch.get(red_loops[0]).extent) if len(red_loops) == 1 else None
-    if (knobs.MATMUL_K_BLOCK and out_order and out_order[-1].same_as(vec_var) and par[-1].same_as(r_o)
-            and k_ext is not None and k_ext > knobs.MATMUL_K_BLOCK and k_ext % knobs.MATMUL_K_BLOCK == 0
+    if (knobs.current().matmul_k_block and out_order and out_order[-1].same_as(vec_var) and par[-1].same_as(r_o)
+            and k_ext is not None and k_ext > knobs.current().matmul_k_block and k_ext % knobs.current().matmul_k_block == 0
             and len(par) > 1):
         # K blocking: a [kc, vt] block of the B panel stays in L1 while every row tile of the
         # column panel uses it; the accumulators of the whole panel ([M, vt]) live in a
         # local buffer between the K blocks
-        k_o, k_i = sch.split(red_loops[0], factors=[None, knobs.MATMUL_K_BLOCK])
+        k_o, k_i = sch.split(red_loops[0], factors=[None, knobs.current().matmul_k_block])
         sch.reorder(*par[:-1], k_o, r_o, k_i, r_i, v_i)
         red_loops = [k_o, k_i]
         fused = fuse_parallel(sch, par[:-1])
@@ -309,15 +309,15 @@ class OuterProduct(ScheduleRule):
         # a symbolic register axis (a sequence length S as the rows of [S, K] x [K, N]): one row
         # per tile, as many vectors wide as the accumulators allow (a row tile of a symbolic
         # length would be ragged, and a ragged tile's write-back is not bounded: see below)
-        sym_rows = n_reg is None and n_vec is not None and knobs.SYMBOLIC_ROWS
+        sym_rows = n_reg is None and n_vec is not None and knobs.current().symbolic_rows
         if sym_rows:
             n_reg = 1 << 20  # (for the choices below; the row tile is 1)
         if n_vec is None or n_reg is None:
             return None  # the vector axis must be static; outer ones (batch) may be symbolic
-        if n_vec % lanes and n_vec > 2 * lanes and n_reg >= 16 and not padded and knobs.PAD_VECTOR_AXIS and not sym_rows:
+        if n_vec % lanes and n_vec > 2 * lanes and n_reg >= 16 and not padded and knobs.current().pad_vector_axis and not sym_rows:
             return self._pad_vector_axis(sch, anchor, m, target, lanes, n_vec, n_reg, machine)
         inline_copies(sch, anchor)
-        if knobs.INLINE_EPILOGUE:
+        if knobs.current().inline_epilogue:
             _inline_epilogue(sch, anchor)
         # inlining may change the anchor's reads (a producer's add inlined into an operand): B's
         # read index is found again by its buffer, and B must still be read as it was
@@ -379,7 +379,7 @@ class OuterProduct(ScheduleRule):
                 intermediates = {buf.name for buf in sch.mod["main"].body.block.alloc_buffers}
                 if rb.source.name not in intermediates:  # a kernel argument (weights)
                     sch.annotate(pack, LAYOUT_REWRITE_ANN, True)
-        elif (knobs.PACK_KN_WEIGHTS and self.pack_weights and len(db) == 2 and b_dim == 1 and n_vec % vt == 0
+        elif (knobs.current().pack_kn_weights and self.pack_weights and len(db) == 2 and b_dim == 1 and n_vec % vt == 0
               and b_region.same_as(vec_var)
               and rb.source.name not in {buf.name for buf in sch.mod["main"].body.block.alloc_buffers}):
             # a [K, N] weight (dense/matmul): its vector axis is innermost already, but a panel of

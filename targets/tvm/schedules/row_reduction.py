@@ -26,10 +26,10 @@ class RowReduction(ScheduleRule):
         from tvm import s_tir
         from tvm.tirx import IterVar
 
-        if not knobs.ROW_REDUCTION:
+        if not knobs.current().row_reduction:
             return None
         sch = s_tir.Schedule(func)
-        if knobs.INLINE_ARG_COPIES:
+        if knobs.current().inline_arg_copies:
             inline_arg_copies(sch, func)
         blocks = sch.get_child_blocks(root_block(sch))
         stmts = [sch.get(b) for b in blocks]
@@ -71,7 +71,7 @@ class RowReduction(ScheduleRule):
         blocks = sch.get_child_blocks(root_block(sch))
         last = blocks[-1]
         loops = sch.get_loops(last)
-        if len(loops) < 2 or (static_int(sch.get(loops[-1]).extent) is None and not knobs.SYMBOLIC_ROWS):
+        if len(loops) < 2 or (static_int(sch.get(loops[-1]).extent) is None and not knobs.current().symbolic_rows):
             return None  # (a symbolic row length, softmax over S: rows parallel, not vectorised)
         row = fuse_parallel(sch, loops[:-1])
         for block in reversed(blocks[:-1]):

@@ -99,7 +99,7 @@ def conv_tile(s: ConvShape, machine: MachineModel, row_passes: bool = True, bloc
                 break
     for rt, obt in tiles:  # the accumulators, exact
         if s.ow % rt == 0 and s.ob % obt == 0:
-            if row_passes and knobs.ROW_PASSES and s.pad_rows and s.pad_rows[3] == 1 and order == "ob" and s.kind == "conv":
+            if row_passes and knobs.current().row_passes and s.pad_rows and s.pad_rows[3] == 1 and order == "ob" and s.kind == "conv":
                 # a flat conv with padded rows: passes per kernel row over the pixel tiles its
                 # input rows reach, in chunks of input blocks whose weights for the kernel row stay
                 # in L1 (single thread vs onnxruntime, 3x3 512 on 7x7: 1.05x -> 0.95x)

@@ -47,7 +47,7 @@ class WindowReduction(ScheduleRule):
                 ok = True
         if not ok:
             return None
-        if knobs.DECOMPOSE_PADDING:
+        if knobs.current().decompose_padding:
             inline_copies(sch, anchor)
             loops = sch.get_loops(anchor)
         sl = [loops[i] for i in s_idx]
@@ -60,11 +60,11 @@ class WindowReduction(ScheduleRule):
         # several independent accumulator vectors (one vector's chain of 9 dependent FMAs is
         # latency-bound: measured 1-2.5 GFLOP/s on MobileNetV2's depthwise convs)
         yt = 1
-        if knobs.WINDOW_ROW_TILE and len(sl) >= 2 and inner_ext % vt == 0:
+        if knobs.current().window_row_tile and len(sl) >= 2 and inner_ext % vt == 0:
             y_ext = static_int(sch.get(sl[-2]).extent)
             n_vec = -(-vt // lanes)
             if y_ext:
-                yt = max(d for d in divisors_of(y_ext) if d * n_vec <= knobs.WINDOW_ACC_VECTORS)
+                yt = max(d for d in divisors_of(y_ext) if d * n_vec <= knobs.current().window_acc_vectors)
         x_o, x_i = sch.split(sl[-1], factors=[None, vt])
         if yt > 1:
             y_o, y_i = sch.split(sl[-2], factors=[None, yt])

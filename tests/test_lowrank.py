@@ -319,3 +319,23 @@ def test_cli_prints_the_per_layer_table(tmp_path, capsys):
     assert "fc0" in text and "flops-after" in text and "sqnr-db" in text
     code = main([str(src), "-o", str(dst), "--passes", "low-rank{energy=2}"])
     assert code == 2
+
+
+@pytest.mark.parametrize("k, n", [(96, 32), (40, 24), (32, 96), (64, 64)])
+def test_whitened_factors_do_not_depend_on_the_route(k, n):
+    """Fewer outputs than inputs take the N x N route (Tᵀ Σ T, no Σ^½): the same singular values
+    and factors as the whitened SVD through Σ^½, to rounding."""
+    from graphopt.passes.lowrank import factor as fa
+
+    rng = np.random.default_rng(k * 1000 + n)
+    x = rng.standard_normal((500, k)) @ rng.standard_normal((k, k)) * 0.3 + 1.0
+    cov = np.cov(x.T, bias=True)
+    w = rng.standard_normal((k, n))
+    left, s, vt = fa._right_side(cov, w)
+    sq, inv = fa._sqrt_psd(cov)
+    u, s2, vt2 = fa.svd(sq @ w)
+    r = max(1, min(k, n) // 3)
+    f1 = fa.truncate(fa.Whitened(left, s, vt, None, None), r)
+    f2 = fa.truncate(fa.Whitened(inv @ u, s2, vt2, None, None), r)
+    np.testing.assert_allclose(s[:r], s2[:r], rtol=1e-10)
+    np.testing.assert_allclose(f1.a @ f1.b, f2.a @ f2.b, atol=1e-10 * np.abs(w).max())

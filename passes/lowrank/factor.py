@@ -100,7 +100,7 @@ def _sqrt_psd(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(C^½, C^-½) of a symmetric PSD matrix, damped by DAMP·mean(diag C)."""
     k = len(c)
     lam = DAMP * float(np.trace(c)) / max(k, 1) + 1e-12
-    e, q = np.linalg.eigh((c + c.T) / 2 + lam * np.eye(k))
+    e, q = np.linalg.eigh(_damped(c))
     e = np.maximum(e, lam)
     r = np.sqrt(e)
     return (q * r) @ q.T, (q / r) @ q.T
@@ -108,15 +108,35 @@ def _sqrt_psd(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class Whitened:
-    """A data-aware problem, ready to truncate at any rank: target W_t [K, N], the whitening
-    S = Σ^½ and its inverse, the SVD of S·W_t, and how to rebuild the bias."""
+    """A data-aware problem, ready to truncate at any rank: the singular values `s` and right
+    vectors `vt` of Σ^½·W_t (W_t the target [K, N]), `left` = Σ^-½·U (so A = left_r·S_r^½),
+    and how to rebuild the bias."""
 
-    u: np.ndarray
+    left: np.ndarray
     s: np.ndarray
     vt: np.ndarray
-    inv: np.ndarray  # Σ^-½
     mu: np.ndarray | None  # input mean (centered problem) or None
     y_mean: np.ndarray | None  # target mean: bias' = y_mean − μ W'
+
+
+def _damped(c: np.ndarray) -> np.ndarray:
+    k = len(c)
+    lam = DAMP * float(np.trace(c)) / max(k, 1) + 1e-12
+    return (c + c.T) / 2 + lam * np.eye(k)
+
+
+def _right_side(cov: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(left, s, vt) of Σ^½·T through the N x N matrix Tᵀ Σ T = V S² Vᵀ, without Σ^½: U = Σ^½ T V
+    S⁻¹, so Σ^-½ U = T V S⁻¹ (for K > N: one N x N eigendecomposition instead of a K x K one
+    and the Gram of Σ^½ T; 1536 -> 384 on a transformer's FFN output projection)."""
+    g = target.T @ (_damped(cov) @ target)
+    e, q = np.linalg.eigh((g + g.T) / 2)
+    order = np.argsort(e)[::-1]
+    e, q = np.maximum(e[order], 0.0), q[:, order]
+    s = np.sqrt(e)
+    ok = s > 1e-7 * (s[0] if len(s) else 0.0)
+    inv = np.where(ok, 1.0 / np.where(ok, s, 1.0), 0.0)
+    return (target @ q) * inv[None, :], s, q.T
 
 
 def whiten(m: Moments, w: np.ndarray, bias: np.ndarray | None, *, centered: bool, refit: bool) -> Whitened:
@@ -140,19 +160,23 @@ def whiten(m: Moments, w: np.ndarray, bias: np.ndarray | None, *, centered: bool
         cxy = exy - np.outer(mu, y_mean)
     else:
         cov, cxy = exx, exy
-    sq, inv = _sqrt_psd(cov)
     if refit:
         lam = RIDGE * float(np.trace(cov)) / max(k, 1) + 1e-12
         target = np.linalg.solve(cov + lam * np.eye(k), cxy + lam * w)
     else:
         target = w
-    u, s, vt = svd(sq @ target)
-    return Whitened(u, s, vt, inv, mu if centered else None, y_mean if centered else None)
+    if target.shape[1] < k:  # fewer outputs than inputs: the N x N route (same factors)
+        left, s, vt = _right_side(cov, target)
+    else:
+        sq, inv = _sqrt_psd(cov)
+        u, s, vt = svd(sq @ target)
+        left = inv @ u
+    return Whitened(left, s, vt, mu if centered else None, y_mean if centered else None)
 
 
 def truncate(wh: Whitened, r: int) -> Factors:
-    a, b = _split(wh.u, wh.s, wh.vt, r)
-    a = wh.inv @ a
+    h = np.sqrt(wh.s[:r])
+    a, b = wh.left[:, :r] * h[None, :], h[:, None] * wh.vt[:r]
     bias = None
     if wh.mu is not None and wh.y_mean is not None:
         bias = wh.y_mean - (wh.mu @ a) @ b

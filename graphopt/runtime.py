@@ -16,8 +16,8 @@ runner sets the thread count explicitly: `threads` (default: every core this pro
 
 `pool` says how the runner's thread pool shares the machine (POOLS): "shared" (the default) for
 a process that also runs onnxruntime sessions or other threads: TVM's workers float over the
-allowed cores (never pinned, the caller's affinity untouched) and sleep ~0.5 ms after their last
-task; graphopt's onnxruntime sessions stop spinning when a run ends. "exclusive" for the most
+allowed cores (never pinned, the caller's affinity untouched) and sleep as soon as their task is
+done; graphopt's onnxruntime sessions stop spinning when a run ends. "exclusive" for the most
 single-model throughput when the model has the cores to itself: TVM's own defaults (a worker
 pinned to each core, ~150 ms of spinning after every task) and onnxruntime's (spinning between
 runs). Both runtimes' spinning workers starve the other's threads: GoogLeNet's artifact ran 3-4x
@@ -56,11 +56,14 @@ def _contiguous(a: np.ndarray) -> np.ndarray:
 
 #: thread-pool policies (Runner's and OrtRunner's `pool`; module docstring)
 POOLS = ("shared", "exclusive")
-#: TVM workers' spin before they sleep, in sched_yield calls (TVM_THREAD_POOL_SPIN_COUNT): "shared"
-#: ~0.5 ms (a yield costs ~0.5 µs on a 2-core Zen 4), enough to bridge one call's kernels, not the
-#: gap to the next call; "exclusive" TVM's default (thread_pool.cc kDefaultSpinCount): 143-174 ms
-#: of a core burnt after each GoogLeNet call on 2 cores
-POOL_SPIN = {"shared": 1000, "exclusive": 300000}
+#: TVM workers' spin before they sleep, in sched_yield calls (TVM_THREAD_POOL_SPIN_COUNT).
+#: "exclusive": TVM's default (thread_pool.cc kDefaultSpinCount), 143-174 ms of a core burnt after
+#: each GoogLeNet call on 2 cores. "shared": none. A worker that spins by yielding stays runnable,
+#: and on contended cores it waits behind the other threads for its turn, while the caller waits
+#: for it: a 0.05 ms VAD ran 200-300x slower beside an onnxruntime session in another thread at
+#: 1000 yields (a few hundred µs when idle), 1.0x at 0; the price is a futex wake per parallel
+#: kernel (+8 µs per call of that VAD alone, one parallel kernel), tools/bench_mixed_runtimes.py
+POOL_SPIN = {"shared": 0, "exclusive": 300000}
 _SPIN_ENV = "TVM_THREAD_POOL_SPIN_COUNT"
 #: the spin count set before graphopt touched it (the user's; None: graphopt's policy decides)
 _USER_SPIN = os.environ.get(_SPIN_ENV)

@@ -11,7 +11,7 @@ of its own (TVM fixes its pool's spin count once per process) and names both sid
 
     exclusive / shared    graphopt.runtime.load(pool=...): "exclusive" is TVM's defaults (a worker
                           pinned per core, ~150 ms of spinning after each task), "shared" the
-                          default (floating workers, ~0.5 ms of spinning)
+                          default (floating workers that sleep when done)
     ort-default           an InferenceSession as a user builds it (onnxruntime spins between runs)
     ort-shared            graphopt's OrtRunner(pool="shared"): session.force_spinning_stop
     ort-nospin            session.intra_op.allow_spinning=0

@@ -135,6 +135,13 @@ def test_spin_count_is_set_once_for_the_process(monkeypatch: pytest.MonkeyPatch)
     assert R.POOL_SPIN["exclusive"] == 300000  # TVM's kDefaultSpinCount
 
 
+def test_a_cpu_compile_fixes_the_spin_count_before_tvms_pool_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    # (its weight packing runs TVM kernels in this process: the pool's spin count is fixed then)
+    monkeypatch.delenv("TVM_THREAD_POOL_SPIN_COUNT", raising=False)
+    graphopt.compile(_model(), "cpu", "-O2", threads=1)
+    assert os.environ["TVM_THREAD_POOL_SPIN_COUNT"] == str(R.POOL_SPIN["shared"])
+
+
 def test_ort_runner_stops_spinning_between_runs_when_shared(onnx_path: str) -> None:
     shared = R.load_onnx(onnx_path, threads=2)
     ex = R.load_onnx(onnx_path, threads=2, pool="exclusive")

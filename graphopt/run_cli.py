@@ -289,7 +289,8 @@ def _run(ns: argparse.Namespace) -> int:
     if ns.benchmark:
         lat = result["latency"]
         where = "onnxruntime, " if is_onnx else ""
-        print(f"latency over {lat['runs']} runs, {where}{lat['threads']} threads: p50 {lat['p50_ms']:.3f} ms, "
+        pool = f" ({lat['pool']} pool)" if "pool" in lat else ""
+        print(f"latency over {lat['runs']} runs, {where}{lat['threads']} threads{pool}: p50 {lat['p50_ms']:.3f} ms, "
               f"p90 {lat['p90_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms (min {lat['min_ms']:.3f}, mean {lat['mean_ms']:.3f})")
     if getattr(runner, "last_dispatch", None):  # (shape buckets: which kernels ran)
         print(f"shape: {runner.last_dispatch}")

@@ -566,7 +566,7 @@ class Runner:
             t = time.perf_counter()
             self._main(*feeds, *self._params)
             times.append((time.perf_counter() - t) * 1e3)
-        return latency_stats(times) | {"threads": self.threads}
+        return latency_stats(times) | {"threads": self.threads, "pool": self.pool_settings.pool}
 
 
     def profile_kernels(self, inputs: Mapping[str, Any] | Sequence[Any], *, repeat: int = 5, min_repeat_ms: float = 10.0,
@@ -774,7 +774,7 @@ class OrtRunner:
             t = time.perf_counter()
             self.session.run(None, feeds)
             times.append((time.perf_counter() - t) * 1e3)
-        return latency_stats(times) | {"threads": self.threads}
+        return latency_stats(times) | {"threads": self.threads, "pool": self.pool}
 
 
 def _ort_dtype(t: str) -> str | None:

@@ -163,3 +163,16 @@ def test_bad_pool_is_a_usage_error(art: str, onnx_path: str, capsys: pytest.Capt
 
     assert main([art, "--pool", "fast"]) == 2
     assert "--pool" in capsys.readouterr().err
+
+
+def test_graphopt_run_takes_the_pool_and_says_which(art: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from graphopt.run_cli import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (the process's spin count: shared's)
+        assert main([art, "--pool", "exclusive", "--benchmark", "--repeat", "3"]) == 0
+    assert "threads (exclusive pool): p50" in capsys.readouterr().out
+    assert R.applied_pool() is not None and R.applied_pool().bind  # type: ignore[union-attr]
+    R.load(art, threads=1).run(X)  # (this thread's pool back to shared for the tests after)
+    assert main([art, "--benchmark", "--repeat", "3"]) == 0
+    assert "(shared pool): p50" in capsys.readouterr().out

@@ -72,6 +72,33 @@ _USER_SPIN = os.environ.get(_SPIN_ENV)
 _THREAD_POOL = threading.local()
 
 
+#: under "shared", a model whose call is under this much of one core's work (its kernels' FLOPs at
+#: peak and its weights streamed once: the machine model's lower bound) runs on one thread unless
+#: `threads` is given. Its parallel kernels then run inline: a hand-off to a worker costs a futex
+#: wake when the cores are idle and up to a scheduler period when other threads hold them (a
+#: 0.06 ms VAD beside three onnxruntime sessions in three threads: 207x slower on 2 threads, 1.02x
+#: on one; alone 0.050 ms on one vs 0.055-0.062 on two, busy 2-core Zen 4)
+SHARED_ONE_THREAD_BELOW_S = 50e-6
+
+
+def small_call(manifest: Mapping[str, Any]) -> bool:
+    """Whether a call of the artifact is under SHARED_ONE_THREAD_BELOW_S of one core's work (False
+    where the manifest has no machine model or kernel map to say)."""
+    machine, kmap = manifest.get("target", {}).get("machine"), manifest.get("kernel_map")
+    if not isinstance(machine, dict) or not kmap:
+        return False
+    from graphopt.targets.machine import MachineModel
+
+    try:
+        model = MachineModel.from_json(machine)
+        flops = sum(float(e.get("flops") or 0) for e in kmap)
+        weights = sum(int(np.prod(a["shape"], dtype=np.int64)) * np.dtype(a["dtype"]).itemsize
+                      for a in manifest["files"]["params"]["arrays"].values())
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return False
+    return bool(model.core_seconds(flops, weights) < SHARED_ONE_THREAD_BELOW_S)
+
+
 def check_pool(pool: str) -> str:
     if pool not in POOLS:
         raise UsageError(f"pool={pool!r}: expected one of {', '.join(POOLS)}")
@@ -413,8 +440,10 @@ class Runner:
             raise ArtifactError(f"{artifact.path}: the library is for ELF machine {lib_machine}, this is "
                                 f"{platform.machine()}; it cannot be loaded here")
         _check_cpu(artifact)
-        self.threads = check_threads(threads) or int(m["target"].get("threads") or _cores())
-        self.pool_settings = pool_settings(check_pool(pool), self.threads)
+        check_pool(pool)
+        self.threads = check_threads(threads) or (1 if pool == "shared" and small_call(m) else
+                                                  int(m["target"].get("threads") or _cores()))
+        self.pool_settings = pool_settings(pool, self.threads)
         if self.pool_settings.spin != POOL_SPIN[pool] and _USER_SPIN is None:
             warnings.warn(f"pool={pool!r}: TVM's workers keep spinning {self.pool_settings.spin} yields (set for this "
                           f"process when its first pool started; {POOL_SPIN[pool]} asked): set {_SPIN_ENV} before "

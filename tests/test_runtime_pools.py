@@ -176,3 +176,21 @@ def test_graphopt_run_takes_the_pool_and_says_which(art: str, capsys: pytest.Cap
     R.load(art, threads=1).run(X)  # (this thread's pool back to shared for the tests after)
     assert main([art, "--benchmark", "--repeat", "3"]) == 0
     assert "(shared pool): p50" in capsys.readouterr().out
+
+
+def test_shared_runs_a_small_model_on_one_thread_unless_told(art: str) -> None:
+    import json
+
+    with open(os.path.join(art, "manifest.json")) as f:
+        manifest = json.load(f)
+    assert R.small_call(manifest)  # a Relu of 16 floats
+    assert R.load(art).threads == 1 and _in_thread(lambda: (R.load(art).run(X), _num_threads())[1]) == 1
+    assert R.load(art, threads=2).threads == 2  # asked: honoured
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert R.load(art, pool="exclusive").threads == manifest["target"]["threads"]  # the compile's count
+    # a model with a call's worth of work keeps every core: ~1.9 GFLOP (GoogLeNet's)
+    big = {**manifest, "kernel_map": [{**manifest["kernel_map"][0], "flops": 1.9e9}]}
+    assert not R.small_call(big)
+    # nothing to judge by (an artifact from before the machine model): no rule
+    assert not R.small_call({k: v for k, v in manifest.items() if k != "kernel_map"})

@@ -3,7 +3,7 @@ each other down? (issue 24 item 6: a pipeline that runs some models on onnxrunti
 
     .venv/bin/python tools/bench_mixed_runtimes.py [--models tiny_cnn,vad_gru,vad_if,googlenet]
         [--configs exclusive+ort-default,shared+ort-default,shared+ort-shared] [--threads 2]
-        [--repeats 3] [--seconds 0.6] [--cache DIR] [--recompile]
+        [--repeats 3] [--seconds 0.6] [--sessions 1] [--cache DIR] [--recompile]
 
 Per model, the artifact (graphopt-compile --target cpu, batch 1; cached in --cache) and
 onnxruntime on the same .onnx, both with --threads intra-op threads. Each config runs in a process
@@ -117,19 +117,22 @@ def _burn(f: Callable[[], Any]) -> float:
     return (time.process_time() - c) * 1e3
 
 
-def child(name: str, config: str, art: str, threads: int, repeats: int, seconds: float) -> dict[str, Any]:
+def child(name: str, config: str, art: str, threads: int, repeats: int, seconds: float,
+          sessions: int = 1) -> dict[str, Any]:
     import graphopt.runtime as R
 
     pool, ort = config.split("+")
     runner = R.load(art, threads=threads, pool=pool)
-    sess = _session(os.path.join(ROOT, MODELS[name][0]), threads, ort)
+    sess = [_session(os.path.join(ROOT, MODELS[name][0]), threads, ort) for _ in range(sessions)]
     feeds = MODELS[name][2]()
     art_feeds = {k: v for k, v in feeds.items() if k in runner.input_names}
     a = lambda: runner.run(art_feeds)  # noqa: E731
-    o = lambda: sess.run(None, feeds)  # noqa: E731
+    os_ = [lambda s=s: s.run(None, feeds) for s in sess]
+    o = os_[0]
     for _ in range(10):
         a()
-        o()
+        for f in os_:
+            f()
     t: dict[str, list[float]] = {k: [] for k in ("a", "o", "a_alt", "o_alt", "a_conc", "o_conc")}
     burn: dict[str, list[float]] = {"a": [], "o": []}
     for _ in range(repeats):
@@ -137,19 +140,21 @@ def child(name: str, config: str, art: str, threads: int, repeats: int, seconds:
         _timed(o, time.perf_counter() + seconds, t["o"])
         end = time.perf_counter() + 2 * seconds
         while time.perf_counter() < end:
-            for k, f in (("a_alt", a), ("o_alt", o)):
+            for k, f in (("a_alt", a), *(("o_alt", g) for g in os_)):
                 s = time.perf_counter()
                 f()
                 t[k].append(time.perf_counter() - s)
         end = time.perf_counter() + 2 * seconds
-        th = threading.Thread(target=_timed, args=(o, end, t["o_conc"]))
-        th.start()
+        ths = [threading.Thread(target=_timed, args=(g, end, t["o_conc"])) for g in os_]
+        for th in ths:
+            th.start()
         _timed(a, end, t["a_conc"])
-        th.join()
+        for th in ths:
+            th.join()
         burn["a"].append(_burn(a))
         burn["o"].append(_burn(o))
     med = {k: statistics.median(v) * 1e3 for k, v in t.items()}
-    return {"model": name, "config": config, "ms": med, "calls": {k: len(v) for k, v in t.items()},
+    return {"model": name, "config": config, "sessions": sessions, "ms": med, "calls": {k: len(v) for k, v in t.items()},
             "burn_ms": {k: statistics.median(v) for k, v in burn.items()},
             "pool": dataclasses.asdict(runner.pool_settings)}
 
@@ -170,11 +175,14 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=0.6, help="length of one block of calls")
     ap.add_argument("--cache", default=os.path.join(ROOT, ".cache", "mixed_runtimes"))
     ap.add_argument("--recompile", action="store_true")
+    ap.add_argument("--sessions", type=int, default=1,
+                    help="onnxruntime sessions beside the artifact (a pipeline of several models: alternating, "
+                         "each session's call follows the artifact's; concurrently, a Python thread each)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--child", nargs=3, metavar=("MODEL", "CONFIG", "ARTIFACT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child, args.threads, args.repeats, args.seconds)))
+        print(json.dumps(child(*args.child, args.threads, args.repeats, args.seconds, args.sessions)))
         return 0
     models, configs = args.models.split(","), args.configs.split(",")
     for x, known in ((models, MODELS), (configs, CONFIGS)):
@@ -183,7 +191,8 @@ def main() -> int:
             ap.error(f"unknown {bad[0]!r} (have: {', '.join(known)})")
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model_name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
-    print(f"# CPU: {model_name}; {os.cpu_count()} vCPUs; {args.threads} threads each side")
+    print(f"# CPU: {model_name}; {os.cpu_count()} vCPUs; {args.threads} threads each side; "
+          f"{args.sessions} onnxruntime session(s) of the same model beside the artifact")
     print(f"# load before: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
     arts = {m: artifact(m, args.cache, args.threads, args.recompile) for m in models}
     print(f"{'model':10s} {'config':22s} {'art ms':>8s} {'ort ms':>8s} {'art/ort':>7s} | alternating    | concurrent     "
@@ -194,7 +203,8 @@ def main() -> int:
     for m in models:
         for c in configs:
             p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", m, c, arts[m], "--threads",
-                                str(args.threads), "--repeats", str(args.repeats), "--seconds", str(args.seconds)],
+                                str(args.threads), "--repeats", str(args.repeats), "--seconds", str(args.seconds),
+                                "--sessions", str(args.sessions)],
                                capture_output=True, text=True)
             if p.returncode != 0:
                 print(f"{m:10s} {c:22s} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}", flush=True)

@@ -3,7 +3,7 @@ each other down? (issue 24 item 6: a pipeline that runs some models on onnxrunti
 
     .venv/bin/python tools/bench_mixed_runtimes.py [--models tiny_cnn,vad_gru,vad_if,googlenet]
         [--configs exclusive+ort-default,shared+ort-default,shared+ort-shared] [--threads 2]
-        [--repeats 3] [--seconds 0.6] [--sessions 1] [--cache DIR] [--recompile]
+        [--art-threads T] [--repeats 3] [--seconds 0.6] [--sessions 1] [--cache DIR] [--recompile]
 
 Per model, the artifact (graphopt-compile --target cpu, batch 1; cached in --cache) and
 onnxruntime on the same .onnx, both with --threads intra-op threads. Each config runs in a process
@@ -118,11 +118,11 @@ def _burn(f: Callable[[], Any]) -> float:
 
 
 def child(name: str, config: str, art: str, threads: int, repeats: int, seconds: float,
-          sessions: int = 1) -> dict[str, Any]:
+          sessions: int = 1, art_threads: int | None = None) -> dict[str, Any]:
     import graphopt.runtime as R
 
     pool, ort = config.split("+")
-    runner = R.load(art, threads=threads, pool=pool)
+    runner = R.load(art, threads=art_threads or None, pool=pool)  # (0: the policy's count)
     sess = [_session(os.path.join(ROOT, MODELS[name][0]), threads, ort) for _ in range(sessions)]
     feeds = MODELS[name][2]()
     art_feeds = {k: v for k, v in feeds.items() if k in runner.input_names}
@@ -154,14 +154,14 @@ def child(name: str, config: str, art: str, threads: int, repeats: int, seconds:
         burn["a"].append(_burn(a))
         burn["o"].append(_burn(o))
     med = {k: statistics.median(v) * 1e3 for k, v in t.items()}
-    return {"model": name, "config": config, "sessions": sessions, "ms": med, "calls": {k: len(v) for k, v in t.items()},
+    return {"model": name, "config": config, "sessions": sessions, "art_threads": runner.threads, "ms": med, "calls": {k: len(v) for k, v in t.items()},
             "burn_ms": {k: statistics.median(v) for k, v in burn.items()},
             "pool": dataclasses.asdict(runner.pool_settings)}
 
 
 def _row(r: dict[str, Any]) -> str:
     m, b = r["ms"], r["burn_ms"]
-    return (f"{r['model']:10s} {r['config']:22s} {m['a']:8.3f} {m['o']:8.3f} {m['a'] / m['o']:6.2f}x | "
+    return (f"{r['model']:12s} {r['config']:22s} {r['art_threads']:2d} {m['a']:8.3f} {m['o']:8.3f} {m['a'] / m['o']:6.2f}x | "
             f"{m['a_alt'] / m['a']:5.2f}x {m['o_alt'] / m['o']:5.2f}x | {m['a_conc'] / m['a']:5.2f}x "
             f"{m['o_conc'] / m['o']:5.2f}x | {b['a']:5.0f} {b['o']:5.0f}")
 
@@ -170,7 +170,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="tiny_cnn,vad_gru,vad_if,googlenet")
     ap.add_argument("--configs", default="exclusive+ort-default,shared+ort-default,shared+ort-shared")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="onnxruntime's intra-op threads, the compile's threads")
+    ap.add_argument("--art-threads", type=int, default=None,
+                    help="the artifact's threads at run time (default --threads; 0: the pool policy's own count)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=0.6, help="length of one block of calls")
     ap.add_argument("--cache", default=os.path.join(ROOT, ".cache", "mixed_runtimes"))
@@ -182,7 +184,7 @@ def main() -> int:
     ap.add_argument("--child", nargs=3, metavar=("MODEL", "CONFIG", "ARTIFACT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child, args.threads, args.repeats, args.seconds, args.sessions)))
+        print(json.dumps(child(*args.child, args.threads, args.repeats, args.seconds, args.sessions, args.art_threads)))
         return 0
     models, configs = args.models.split(","), args.configs.split(",")
     for x, known in ((models, MODELS), (configs, CONFIGS)):
@@ -195,19 +197,20 @@ def main() -> int:
           f"{args.sessions} onnxruntime session(s) of the same model beside the artifact")
     print(f"# load before: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
     arts = {m: artifact(m, args.cache, args.threads, args.recompile) for m in models}
-    print(f"{'model':10s} {'config':22s} {'art ms':>8s} {'ort ms':>8s} {'art/ort':>7s} | alternating    | concurrent     "
+    print(f"{'model':12s} {'config':22s} {'t':>2s} {'art ms':>8s} {'ort ms':>8s} {'art/ort':>7s} | alternating    | concurrent     "
           f"| CPU ms burnt")
-    print(f"{'':10s} {'':22s} {'alone':>8s} {'alone':>8s} {'':7s} | {'art':>5s}  {'ort':>5s}  | {'art':>5s}  {'ort':>5s}  "
+    print(f"{'':12s} {'':22s} {'':2s} {'alone':>8s} {'alone':>8s} {'':7s} | {'art':>5s}  {'ort':>5s}  | {'art':>5s}  {'ort':>5s}  "
           f"| after art, ort")
     results = []
     for m in models:
         for c in configs:
             p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", m, c, arts[m], "--threads",
                                 str(args.threads), "--repeats", str(args.repeats), "--seconds", str(args.seconds),
-                                "--sessions", str(args.sessions)],
+                                "--sessions", str(args.sessions),
+                                "--art-threads", str(args.threads if args.art_threads is None else args.art_threads)],
                                capture_output=True, text=True)
             if p.returncode != 0:
-                print(f"{m:10s} {c:22s} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}", flush=True)
+                print(f"{m:12s} {c:22s} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}", flush=True)
                 continue
             r = json.loads(p.stdout.strip().splitlines()[-1])
             results.append(r)

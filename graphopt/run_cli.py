@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="the artifact folder, or an .onnx file")
     p.add_argument("--inputs", metavar="X.npz", help="input arrays keyed by input name (default: random)")
     p.add_argument("-o", "--output", metavar="Y.npz", help="write the outputs here")
-    p.add_argument("--threads", type=int, help="worker threads (default: the artifact's, else every core)")
+    p.add_argument("--threads", type=int, help="worker threads (default: the artifact's, else every core; one for a "
+                   "model with under 50 µs of work per call in the shared pool)")
     p.add_argument("--pool", choices=("shared", "exclusive"), default=None,
                    help="thread pools: shared (default: workers unpinned, no spinning between runs, for a process "
                         "that runs other models too) or exclusive (pinned, spinning: the most single-model throughput)")

@@ -12,7 +12,9 @@ manifest's names, dtypes and shapes. Inputs are checked against the manifest's n
 static dims.
 
 TVM's thread pool counts half the vCPUs on some machines (one thread on a 2-vCPU box), so the
-runner sets the thread count explicitly: `threads` (default: every core this process may use).
+runner sets the thread count explicitly: `threads` (default: the compile's, else every core this
+process may use; one where the pool is "shared" and a call is under SHARED_ONE_THREAD_BELOW_S of
+one core's work).
 
 `pool` says how the runner's thread pool shares the machine (POOLS): "shared" (the default) for
 a process that also runs onnxruntime sessions or other threads: TVM's workers float over the

@@ -99,6 +99,7 @@ def onnxruntime_session(
     threads: int = 0,
     optimize: bool = True,
     spinning: bool = True,
+    spin_between_runs: bool = True,
     log_severity: int = 3,
     outputs: Sequence[str] | None = None,
     extra_outputs: Sequence[str] = (),
@@ -109,8 +110,10 @@ def onnxruntime_session(
     """An onnxruntime CPU InferenceSession: the one place graphopt builds one.
 
     `model`: an IR Model, an onnx.ModelProto, serialized bytes or a path. `threads`: intra-op
-    threads (0: onnxruntime's default); `spinning=False` stops the pool spinning after a run
-    (measurements that alternate two sessions, or share the cores); `optimize=False` turns all
+    threads (0: onnxruntime's default); `spinning=False` stops the pool spinning altogether
+    (measurements that alternate two sessions, or share the cores), `spin_between_runs=False`
+    only once a run ends (session.force_spinning_stop: the workers still spin between one run's
+    operators, and leave the cores to other threads between runs); `optimize=False` turns all
     graph optimizations off (what the model computes, not what onnxruntime rewrote it into);
     `log_severity` 3 keeps warnings quiet, 4 also errors (the exception carries them).
     `outputs` replaces the graph outputs by these names, `extra_outputs` adds intermediate values
@@ -128,6 +131,8 @@ def onnxruntime_session(
         so.inter_op_num_threads = inter_op_threads
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not spin_between_runs:
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if profile_prefix is not None:

@@ -44,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="the artifact folder, or an .onnx file")
     p.add_argument("--inputs", metavar="X.npz", help="input arrays keyed by input name (default: random)")
     p.add_argument("-o", "--output", metavar="Y.npz", help="write the outputs here")
-    p.add_argument("--threads", type=int, help="worker threads (default: the artifact's, else every core)")
+    p.add_argument("--threads", type=int, help="worker threads (default: the artifact's, else every core; one for a "
+                   "model with under 50 µs of work per call in the shared pool)")
+    p.add_argument("--pool", choices=("shared", "exclusive"), default=None,
+                   help="thread pools: shared (default: workers unpinned, no spinning between runs, for a process "
+                        "that runs other models too) or exclusive (pinned, spinning: the most single-model throughput)")
     p.add_argument("--benchmark", action="store_true", help="time repeated runs and print latency percentiles")
     p.add_argument("--repeat", type=int, default=None,
                    help="timed runs for --benchmark (default 50); timings per kernel for --profile (default 5; "
@@ -235,7 +239,8 @@ def _run(ns: argparse.Namespace) -> int:
         _check_output(ns.output)
     if report_path:
         _check_output(report_path)
-    runner: Any = load_onnx(ns.artifact, threads=ns.threads) if is_onnx else load(ns.artifact, threads=ns.threads)
+    runner: Any = (load_onnx(ns.artifact, threads=ns.threads, pool=ns.pool or "shared") if is_onnx
+                   else load(ns.artifact, threads=ns.threads, pool=ns.pool))
     if ns.inputs:
         feeds = _load_npz(ns.inputs)
     else:
@@ -285,7 +290,8 @@ def _run(ns: argparse.Namespace) -> int:
     if ns.benchmark:
         lat = result["latency"]
         where = "onnxruntime, " if is_onnx else ""
-        print(f"latency over {lat['runs']} runs, {where}{lat['threads']} threads: p50 {lat['p50_ms']:.3f} ms, "
+        pool = f" ({lat['pool']} pool)" if "pool" in lat else ""
+        print(f"latency over {lat['runs']} runs, {where}{lat['threads']} threads{pool}: p50 {lat['p50_ms']:.3f} ms, "
               f"p90 {lat['p90_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms (min {lat['min_ms']:.3f}, mean {lat['mean_ms']:.3f})")
     if getattr(runner, "last_dispatch", None):  # (shape buckets: which kernels ran)
         print(f"shape: {runner.last_dispatch}")

@@ -12,7 +12,19 @@ manifest's names, dtypes and shapes. Inputs are checked against the manifest's n
 static dims.
 
 TVM's thread pool counts half the vCPUs on some machines (one thread on a 2-vCPU box), so the
-runner sets the thread count explicitly: `threads` (default: every core this process may use).
+runner sets the thread count explicitly: `threads` (default: the compile's, else every core this
+process may use; one where the pool is "shared" and a call is under SHARED_ONE_THREAD_BELOW_S of
+one core's work).
+
+`pool` says how the runner's thread pool shares the machine (POOLS): "shared" (the default) for
+a process that also runs onnxruntime sessions or other threads: TVM's workers float over the
+allowed cores (never pinned, the caller's affinity untouched) and sleep as soon as their task is
+done; graphopt's onnxruntime sessions stop spinning when a run ends. "exclusive" for the most
+single-model throughput when the model has the cores to itself: TVM's own defaults (a worker
+pinned to each core, ~150 ms of spinning after every task) and onnxruntime's (spinning between
+runs). Both runtimes' spinning workers starve the other's threads: GoogLeNet's artifact ran 3-4x
+slower beside a spinning 2-thread onnxruntime session on 2 cores (tools/bench_mixed_runtimes.py).
+TVM keeps a pool per calling thread: a Runner configures the pool of each thread that calls it.
 """
 
 from __future__ import annotations
@@ -21,10 +33,13 @@ import os
 import platform
 import stat
 import struct
+import threading
 import time
+import warnings
 import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,15 +56,111 @@ def _contiguous(a: np.ndarray) -> np.ndarray:
     return a if a.flags.c_contiguous else np.require(a, requirements="C")
 
 
-def _configure_threads(threads: int) -> None:
-    # before TVM creates its pool the environment decides; afterwards only config_threadpool
-    # with an explicit CPU list changes the count (without the list it keeps the old count)
-    os.environ["TVM_NUM_THREADS"] = str(threads)
+#: thread-pool policies (Runner's and OrtRunner's `pool`; module docstring)
+POOLS = ("shared", "exclusive")
+#: TVM workers' spin before they sleep, in sched_yield calls (TVM_THREAD_POOL_SPIN_COUNT).
+#: "exclusive": TVM's default (thread_pool.cc kDefaultSpinCount), 143-174 ms of a core burnt after
+#: each GoogLeNet call on 2 cores. "shared": none. A worker that spins by yielding stays runnable,
+#: and on contended cores it waits behind the other threads for its turn, while the caller waits
+#: for it: a 0.05 ms VAD ran 200-300x slower beside an onnxruntime session in another thread at
+#: 1000 yields (a few hundred µs when idle), 1.0x at 0; the price is a futex wake per parallel
+#: kernel (+8 µs per call of that VAD alone, one parallel kernel), tools/bench_mixed_runtimes.py
+POOL_SPIN = {"shared": 0, "exclusive": 300000}
+_SPIN_ENV = "TVM_THREAD_POOL_SPIN_COUNT"
+#: the spin count set before graphopt touched it (the user's; None: graphopt's policy decides)
+_USER_SPIN = os.environ.get(_SPIN_ENV)
+#: per calling thread, the pool settings last applied to TVM's pool of that thread (TVM's pools are
+#: thread-local: ThreadPool::ThreadLocal in thread_pool.cc)
+_THREAD_POOL = threading.local()
+
+
+#: under "shared", a model whose call is under this much of one core's work (its kernels' FLOPs at
+#: peak and its weights streamed once: the machine model's lower bound) runs on one thread unless
+#: `threads` is given. Its parallel kernels then run inline: a hand-off to a worker costs a futex
+#: wake when the cores are idle and up to a scheduler period when other threads hold them (a
+#: 0.06 ms VAD beside three onnxruntime sessions in three threads: 207x slower on 2 threads, 1.02x
+#: on one; alone 0.050 ms on one vs 0.055-0.062 on two, busy 2-core Zen 4)
+SHARED_ONE_THREAD_BELOW_S = 50e-6
+
+
+def small_call(manifest: Mapping[str, Any]) -> bool:
+    """Whether a call of the artifact is under SHARED_ONE_THREAD_BELOW_S of one core's work (False
+    where the manifest has no machine model or kernel map to say)."""
+    machine, kmap = manifest.get("target", {}).get("machine"), manifest.get("kernel_map")
+    if not isinstance(machine, dict) or not kmap:
+        return False
+    from graphopt.targets.machine import MachineModel
+
+    try:
+        model = MachineModel.from_json(machine)
+        flops = sum(float(e.get("flops") or 0) for e in kmap)
+        weights = sum(int(np.prod(a["shape"], dtype=np.int64)) * np.dtype(a["dtype"]).itemsize
+                      for a in manifest["files"]["params"]["arrays"].values())
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return False
+    return bool(model.core_seconds(flops, weights) < SHARED_ONE_THREAD_BELOW_S)
+
+
+def check_pool(pool: str) -> str:
+    if pool not in POOLS:
+        raise UsageError(f"pool={pool!r}: expected one of {', '.join(POOLS)}")
+    return pool
+
+
+def tvm_spin_count(pool: str = "shared") -> int:
+    """The spin count of TVM's worker threads in this process, setting `pool`'s if nothing set it
+    yet. TVM reads TVM_THREAD_POOL_SPIN_COUNT once, when its first worker starts (a static in
+    thread_pool.cc): call this before anything makes a TVM pool (a cpu compile's weight packing
+    does) to have it apply."""
+    return int(os.environ.setdefault(_SPIN_ENV, str(POOL_SPIN[check_pool(pool)])))
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """What a Runner asks of TVM's thread pool: `threads` workers over `cpus`, pinned one per core
+    (`bind`) or floating, spinning `spin` yields after each task (a process-wide TVM setting)."""
+
+    pool: str
+    threads: int
+    cpus: tuple[int, ...]
+    bind: bool
+    spin: int
+
+
+def pool_settings(pool: str, threads: int) -> PoolSettings:
+    """The settings policy `pool` with `threads` workers asks for on this machine (the allowed cores)."""
+    cpus = tuple(sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1))
+    return PoolSettings(pool, threads, cpus, bind=pool == "exclusive", spin=tvm_spin_count(pool))
+
+
+def apply_pool(s: PoolSettings) -> None:
+    """Configure the calling thread's TVM pool as `s` says (runtime.config_threadpool). Mode -2
+    pins worker i to core i (the caller floats over all); mode -3 with TVM_BIND_THREADS=0 leaves
+    every affinity alone (TVM reads it at each configuration; without it even mode -3 narrows the
+    calling thread's affinity to the listed cores). The pool of a thread is made by its first
+    configuration with one worker per listed core (TVM_NUM_THREADS for one made by a kernel
+    launch first), so a thread's first configuration lists every core; then `threads` of them
+    are used. Unpinned, only `threads` cores are listed: TVM's kernels launch on as many workers
+    as cores listed (MaxConcurrency), and with one a parallel loop runs inline on the caller, no
+    hand-off to a worker at all."""
     import tvm_ffi
 
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    # mode -3: threads share all the listed cores (not pinned one per core: friendlier when shared)
-    tvm_ffi.get_global_func("runtime.config_threadpool")(-3, threads, [str(c) for c in cpus])
+    config = tvm_ffi.get_global_func("runtime.config_threadpool")
+    before = applied_pool()
+    os.environ["TVM_NUM_THREADS"] = str(s.threads)
+    # (pinned before: every thread back on all the cores, which only a binding configuration does)
+    os.environ["TVM_BIND_THREADS"] = "1" if s.bind or (before is not None and before.bind) else "0"
+    if before is None or before.bind:
+        config(-3, len(s.cpus), [str(c) for c in s.cpus])
+    os.environ["TVM_BIND_THREADS"] = "1" if s.bind else "0"
+    cpus = s.cpus if s.bind else s.cpus[:s.threads]
+    config(-2 if s.bind else -3, s.threads, [str(c) for c in cpus])
+    _THREAD_POOL.settings = s
+
+
+def applied_pool() -> PoolSettings | None:
+    """The settings last applied to the calling thread's TVM pool by a Runner (None: none yet)."""
+    return getattr(_THREAD_POOL, "settings", None)
 
 
 def checked_files(artifact: Artifact) -> dict[str, str]:
@@ -299,7 +410,8 @@ class _Buckets:
             for e in spec["entries"]:
                 check_manifest(e["manifest"], where)
                 key = tuple(int(e["sizes"][d]) for d in self.dims)
-                self.runners[key] = Runner(_BucketArtifact(runner.artifact.path, e["manifest"]), threads=runner.threads)  # type: ignore[arg-type]
+                self.runners[key] = Runner(_BucketArtifact(runner.artifact.path, e["manifest"]), threads=runner.threads,  # type: ignore[arg-type]
+                                           pool=runner.pool_settings.pool)
         except (KeyError, ValueError, TypeError) as e:
             raise ArtifactError(f"{where} is malformed: {_first_line(e)}") from None
 
@@ -313,9 +425,10 @@ class _Buckets:
 
 class Runner:
     """A loaded cpu artifact: the Relax VM with the weights bound. Not thread-safe (one VM, and
-    one staging tensor per input that each call refills): a thread per Runner."""
+    one staging tensor per input that each call refills): a thread per Runner. `pool`: how its
+    TVM thread pool shares the machine (POOLS; the module docstring)."""
 
-    def __init__(self, artifact: Artifact, *, threads: int | None = None) -> None:
+    def __init__(self, artifact: Artifact, *, threads: int | None = None, pool: str = "shared") -> None:
         m = artifact.manifest
         self.artifact = artifact
         self.manifest = m
@@ -329,13 +442,20 @@ class Runner:
             raise ArtifactError(f"{artifact.path}: the library is for ELF machine {lib_machine}, this is "
                                 f"{platform.machine()}; it cannot be loaded here")
         _check_cpu(artifact)
-        self.threads = check_threads(threads) or int(m["target"].get("threads") or _cores())
+        check_pool(pool)
+        self.threads = check_threads(threads) or (1 if pool == "shared" and small_call(m) else
+                                                  int(m["target"].get("threads") or _cores()))
+        self.pool_settings = pool_settings(pool, self.threads)
+        if self.pool_settings.spin != POOL_SPIN[pool] and _USER_SPIN is None:
+            warnings.warn(f"pool={pool!r}: TVM's workers keep spinning {self.pool_settings.spin} yields (set for this "
+                          f"process when its first pool started; {POOL_SPIN[pool]} asked): set {_SPIN_ENV} before "
+                          "loading or compiling to choose", RuntimeWarning, stacklevel=3)
         try:
             import tvm
             from tvm import relax
         except ModuleNotFoundError:
             raise UsageError("running a cpu artifact needs apache-tvm: pip install 'graphopt[tvm]'") from None
-        _configure_threads(self.threads)
+        apply_pool(self.pool_settings)
         self._tvm = tvm
         try:
             lib = tvm.runtime.load_module(paths["library"])
@@ -441,7 +561,15 @@ class Runner:
         res = self._call(self._feeds(inputs))
         return _flatten(res, len(self.outputs))
 
+    def _own_pool(self) -> None:
+        """The calling thread's TVM pool as this runner asks (another runner, or a new thread,
+        may have set it otherwise)."""
+        s = getattr(_THREAD_POOL, "settings", None)
+        if s is not self.pool_settings and s != self.pool_settings:
+            apply_pool(self.pool_settings)
+
     def _call(self, feeds: list[Any]) -> Any:
+        self._own_pool()
         try:
             return self._main(*feeds, *self._params)
         except (ValueError, TypeError, RuntimeError) as e:
@@ -469,7 +597,7 @@ class Runner:
             t = time.perf_counter()
             self._main(*feeds, *self._params)
             times.append((time.perf_counter() - t) * 1e3)
-        return latency_stats(times) | {"threads": self.threads}
+        return latency_stats(times) | {"threads": self.threads, "pool": self.pool_settings.pool}
 
 
     def profile_kernels(self, inputs: Mapping[str, Any] | Sequence[Any], *, repeat: int = 5, min_repeat_ms: float = 10.0,
@@ -603,35 +731,47 @@ RUNNERS: dict[str, str] = {
 }
 
 
-def load(path: str, *, threads: int | None = None) -> Runner:
-    """Load the artifact in folder `path` (checks its hashes) and return a Runner."""
+def load(path: str, *, threads: int | None = None, pool: str | None = None) -> Runner:
+    """Load the artifact in folder `path` (checks its hashes) and return a Runner. `pool`: how the
+    cpu runner's thread pool shares the machine (POOLS, default "shared"; module docstring)."""
     if not os.path.isdir(path):
         raise ArtifactError(f"{path}: no such artifact folder")
     art = Artifact(path)
     check_threads(threads)
+    if pool is not None:
+        check_pool(pool)
     spec = RUNNERS.get(art.manifest["target"]["name"])
+    if spec is not None and pool is not None:
+        raise UsageError(f"pool={pool!r}: the thread-pool policy is for cpu artifacts; {path} is for "
+                         f"{art.manifest['target']['name']}")
     if spec is not None:
         import importlib
 
         mod_name, fn = spec.split(":")
         runner: Runner = getattr(importlib.import_module(mod_name), fn)(art, threads=threads)
         return runner
-    return Runner(art, threads=threads)
+    return Runner(art, threads=threads, pool=pool or "shared")
 
 
 class OrtRunner:
     """An .onnx model on onnxruntime (CPUExecutionProvider, all graph optimizations), with the
-    Runner's interface: `inputs` specs as a manifest lists them, `run`, `benchmark`."""
+    Runner's interface: `inputs` specs as a manifest lists them, `run`, `benchmark`. `pool`
+    (POOLS): "shared" stops its intra-op workers spinning when a run ends (they still spin between
+    one run's operators), "exclusive" keeps onnxruntime's default (spinning on after a run). The
+    thread count is always explicit, which also keeps onnxruntime from pinning its workers (it
+    does where the count is left to it)."""
 
-    def __init__(self, path: str, *, threads: int | None = None, profile_dir: str | None = None) -> None:
+    def __init__(self, path: str, *, threads: int | None = None, profile_dir: str | None = None,
+                 pool: str = "shared") -> None:
         from graphopt.check import onnxruntime_session
 
         self.path = path
         self.threads = check_threads(threads) or _cores()
+        self.pool = check_pool(pool)
         # with profile_dir: onnxruntime's per-node profile, and the graph it runs (node names)
         try:
             self.session = onnxruntime_session(
-                path, threads=self.threads, inter_op_threads=1,
+                path, threads=self.threads, inter_op_threads=1, spin_between_runs=pool == "exclusive",
                 profile_prefix=None if profile_dir is None else os.path.join(profile_dir, "ort_profile"),
                 optimized_model_path=None if profile_dir is None else os.path.join(profile_dir, "optimized.onnx"))
         except Exception as e:  # noqa: BLE001 - onnxruntime's loader errors are the user's model
@@ -665,7 +805,7 @@ class OrtRunner:
             t = time.perf_counter()
             self.session.run(None, feeds)
             times.append((time.perf_counter() - t) * 1e3)
-        return latency_stats(times) | {"threads": self.threads}
+        return latency_stats(times) | {"threads": self.threads, "pool": self.pool}
 
 
 def _ort_dtype(t: str) -> str | None:
@@ -677,8 +817,10 @@ def _ort_dtype(t: str) -> str | None:
     return table.get(inner)
 
 
-def load_onnx(path: str, *, threads: int | None = None, profile_dir: str | None = None) -> OrtRunner:
-    """An OrtRunner of .onnx file `path` (`profile_dir`: onnxruntime's profiling on, its files there)."""
+def load_onnx(path: str, *, threads: int | None = None, profile_dir: str | None = None,
+              pool: str = "shared") -> OrtRunner:
+    """An OrtRunner of .onnx file `path` (`profile_dir`: onnxruntime's profiling on, its files there;
+    `pool`: POOLS, the module docstring)."""
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such file")
-    return OrtRunner(path, threads=threads, profile_dir=profile_dir)
+    return OrtRunner(path, threads=threads, profile_dir=profile_dir, pool=pool)

@@ -309,6 +309,10 @@ class CpuTarget(Target):
         if split or codebooks or not any(KERNEL_KEY in n.metadata_props for n in model.graph.nodes):
             PlanKernels().run(model, PassContext())
         threads = int(options.threads or B.default_threads())
+        # the weight packing below starts TVM's pool, which fixes its spin count for the process
+        from graphopt.runtime import tvm_spin_count
+
+        tvm_spin_count()
         target = self.tvm_target(threads)
         seconds, memory = W.limits_from(options.extra)
         # (time bound off while tuning: its own budget is --tune-minutes / trials)

@@ -1,0 +1,196 @@
+"""Thread pools of the cpu runner and graphopt's onnxruntime sessions (issue 24 item 6: an
+artifact and an onnxruntime session in one process slowed each other down, both pools spinning).
+What is asserted is the configuration applied: affinities, worker counts per calling thread, the
+spin settings and the onnxruntime session entries; the timings are tools/bench_mixed_runtimes.py's."""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper as h
+
+import graphopt
+import graphopt.runtime as R
+from graphopt.errors import UsageError
+
+pytest.importorskip("tvm")
+tvm_ffi = pytest.importorskip("tvm_ffi")
+
+TWO_CORES = hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) >= 2
+
+
+def _model() -> onnx.ModelProto:
+    g = h.make_graph([h.make_node("Relu", ["x"], ["y"])], "g", [h.make_tensor_value_info("x", TP.FLOAT, [2, 8])],
+                     [h.make_tensor_value_info("y", TP.FLOAT, [2, 8])])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return graphopt.compile(_model(), "cpu", "-O2", threads=2).save(str(tmp_path_factory.mktemp("art") / "relu"))
+
+
+@pytest.fixture(scope="module")
+def onnx_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    p = str(tmp_path_factory.mktemp("ort") / "relu.onnx")
+    onnx.save(_model(), p)
+    return p
+
+
+X = {"x": np.arange(16, dtype=np.float32).reshape(2, 8) - 8}
+
+
+def _affinities() -> dict[str, set[int]]:
+    """CPU affinity of every thread of this process."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            out[tid] = os.sched_getaffinity(int(tid))
+        except OSError:  # (a thread that ended meanwhile)
+            pass
+    return out
+
+
+def _num_threads() -> int:
+    return int(tvm_ffi.get_global_func("runtime.NumThreads")())
+
+
+def _in_thread(f):  # type: ignore[no-untyped-def]
+    box = []
+    t = threading.Thread(target=lambda: box.append(f()))
+    t.start()
+    t.join()
+    return box[0]
+
+
+@pytest.mark.skipif(not TWO_CORES, reason="needs two cores")
+def test_shared_pool_pins_nothing_and_uses_the_threads_asked(art: str) -> None:
+    allowed = os.sched_getaffinity(0)
+    with warnings.catch_warnings():  # the compile (in this process) left shared's spin count: nothing to say
+        warnings.simplefilter("error", RuntimeWarning)
+        r = R.load(art, threads=2)
+    np.testing.assert_array_equal(r.run(X)[0], np.maximum(X["x"], 0))
+    s = r.pool_settings
+    assert (s.pool, s.threads, s.bind) == ("shared", 2, False)
+    assert s.spin == int(os.environ["TVM_THREAD_POOL_SPIN_COUNT"])
+    assert _num_threads() == 2 and R.applied_pool() is s
+    assert all(a == allowed for a in _affinities().values())  # TVM's workers and the caller float
+
+
+@pytest.mark.skipif(not TWO_CORES, reason="needs two cores")
+def test_exclusive_pins_a_worker_per_core_and_shared_unpins_them(art: str) -> None:
+    allowed = os.sched_getaffinity(0)
+    with warnings.catch_warnings():  # (this process's spin count may be shared's: it says so)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ex = R.load(art, threads=2, pool="exclusive")
+    ex.run(X)
+    assert ex.pool_settings.bind and R.applied_pool() is ex.pool_settings
+    pinned = [a for a in _affinities().values() if len(a) == 1]
+    assert pinned, "exclusive: TVM's worker pinned to a core"
+    assert os.sched_getaffinity(0) == allowed  # the caller itself floats
+    sh = R.load(art, threads=2)
+    sh.run(X)  # the same calling thread's pool, back to shared
+    assert all(a == allowed for a in _affinities().values())
+
+
+def test_each_calling_thread_gets_the_runners_pool(art: str) -> None:
+    one = R.load(art, threads=1)
+    two = R.load(art, threads=2)
+
+    def call(r: R.Runner) -> tuple[object, int]:
+        r.run(X)
+        return R.applied_pool(), _num_threads()
+
+    # TVM keeps a pool per calling thread: a new thread's pool is configured on its first call
+    assert _in_thread(lambda: call(one)) == (one.pool_settings, 1)
+    assert _in_thread(lambda: call(two)) == (two.pool_settings, min(2, len(two.pool_settings.cpus)))
+    # two runners in one thread: the pool follows whichever runs
+    assert call(one) == (one.pool_settings, 1)
+    assert call(two)[1] == min(2, len(two.pool_settings.cpus))
+    assert call(one)[1] == 1
+
+
+def test_a_spin_count_other_than_the_policys_is_said(art: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TVM_THREAD_POOL_SPIN_COUNT", "300000")  # what an earlier exclusive runner leaves
+    monkeypatch.setattr(R, "_USER_SPIN", None)
+    with pytest.warns(RuntimeWarning, match=r"pool='shared': TVM's workers keep spinning 300000 yields .*TVM_THREAD_POOL_SPIN_COUNT"):
+        r = R.load(art, threads=1)
+    assert r.pool_settings.spin == 300000
+    monkeypatch.setattr(R, "_USER_SPIN", "300000")  # the user chose it: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        R.load(art, threads=1)
+
+
+def test_spin_count_is_set_once_for_the_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TVM_THREAD_POOL_SPIN_COUNT", raising=False)
+    assert R.tvm_spin_count("shared") == R.POOL_SPIN["shared"]
+    assert R.tvm_spin_count("exclusive") == R.POOL_SPIN["shared"]  # (TVM reads it once)
+    assert R.POOL_SPIN["exclusive"] == 300000  # TVM's kDefaultSpinCount
+
+
+def test_a_cpu_compile_fixes_the_spin_count_before_tvms_pool_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    # (its weight packing runs TVM kernels in this process: the pool's spin count is fixed then)
+    monkeypatch.delenv("TVM_THREAD_POOL_SPIN_COUNT", raising=False)
+    graphopt.compile(_model(), "cpu", "-O2", threads=1)
+    assert os.environ["TVM_THREAD_POOL_SPIN_COUNT"] == str(R.POOL_SPIN["shared"])
+
+
+def test_ort_runner_stops_spinning_between_runs_when_shared(onnx_path: str) -> None:
+    shared = R.load_onnx(onnx_path, threads=2)
+    ex = R.load_onnx(onnx_path, threads=2, pool="exclusive")
+    so_shared, so_ex = shared.session.get_session_options(), ex.session.get_session_options()
+    assert so_shared.get_session_config_entry("session.force_spinning_stop") == "1"
+    with pytest.raises(RuntimeError, match="does not have"):  # onnxruntime's default: spinning on
+        so_ex.get_session_config_entry("session.force_spinning_stop")
+    # an explicit thread count: onnxruntime pins its workers only where it picks the count
+    assert so_shared.intra_op_num_threads == so_ex.intra_op_num_threads == 2
+    np.testing.assert_array_equal(shared.run(X)[0], ex.run(X)[0])
+
+
+def test_bad_pool_is_a_usage_error(art: str, onnx_path: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(UsageError, match=r"pool='fast': expected one of shared, exclusive"):
+        R.load(art, pool="fast")
+    with pytest.raises(UsageError, match="pool='fast'"):
+        R.load_onnx(onnx_path, pool="fast")
+    from graphopt.run_cli import main
+
+    assert main([art, "--pool", "fast"]) == 2
+    assert "--pool" in capsys.readouterr().err
+
+
+def test_graphopt_run_takes_the_pool_and_says_which(art: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from graphopt.run_cli import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (the process's spin count: shared's)
+        assert main([art, "--pool", "exclusive", "--benchmark", "--repeat", "3"]) == 0
+    assert "threads (exclusive pool): p50" in capsys.readouterr().out
+    assert R.applied_pool() is not None and R.applied_pool().bind  # type: ignore[union-attr]
+    R.load(art, threads=1).run(X)  # (this thread's pool back to shared for the tests after)
+    assert main([art, "--benchmark", "--repeat", "3"]) == 0
+    assert "(shared pool): p50" in capsys.readouterr().out
+
+
+def test_shared_runs_a_small_model_on_one_thread_unless_told(art: str) -> None:
+    import json
+
+    with open(os.path.join(art, "manifest.json")) as f:
+        manifest = json.load(f)
+    assert R.small_call(manifest)  # a Relu of 16 floats
+    assert R.load(art).threads == 1 and _in_thread(lambda: (R.load(art).run(X), _num_threads())[1]) == 1
+    assert R.load(art, threads=2).threads == 2  # asked: honoured
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert R.load(art, pool="exclusive").threads == manifest["target"]["threads"]  # the compile's count
+    # a model with a call's worth of work keeps every core: ~1.9 GFLOP (GoogLeNet's)
+    big = {**manifest, "kernel_map": [{**manifest["kernel_map"][0], "flops": 1.9e9}]}
+    assert not R.small_call(big)
+    # nothing to judge by (an artifact from before the machine model): no rule
+    assert not R.small_call({k: v for k, v in manifest.items() if k != "kernel_map"})

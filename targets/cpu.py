@@ -90,6 +90,12 @@ def _dims_warnings(lowered: Any) -> list[str]:
         if d.get("multiple", 1) > 1:
             out.append(f"symbolic dim {name} (input {d['input']!r}, axis {d['axis']}) must be a multiple of {d['multiple']} "
                        f"at run time: {d.get('why', 'maps of different strides meet')}")
+    from graphopt.targets.tvm.lower.lowerer import UNROLL_WARN
+
+    for node, n in getattr(lowered, "unrolled", {}).items():
+        if n > UNROLL_WARN:
+            out.append(f"{node} unrolled {n} iterations: compile time grows with them (cpu{{loop-unroll={UNROLL_WARN}}} runs "
+                       "a Loop that long as a runtime loop: a faster compile, a slower run)")
     if lowered.winograd_symbolic:
         n = len(lowered.winograd_symbolic)
         out.append(f"{n} 3x3 conv{'s' if n != 1 else ''} run direct, not in Winograd form: {'their' if n != 1 else 'its'} "
@@ -137,6 +143,10 @@ class CpuTarget(Target):
     #: every refinement on
     schedule_knobs: Any = None
 
+    #: Loops of more static iterations than this run as a runtime loop instead of unrolled
+    #: (`cpu{loop-unroll=64}`; None: tvm/lower/lowerer.py LOOP_UNROLL, 256)
+    loop_unroll: int | None = None
+
     # (winograd: layout.WINOGRAD_MODES, not imported here: layout imports tvm, which is slow)
     _OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {"layout": ("auto", "nchwc", "nchw"),
                                                       "winograd": ("auto", "off", "2", "4")}
@@ -151,6 +161,11 @@ class CpuTarget(Target):
 
                 t.buckets = parse_buckets(str(value))
                 continue
+            if key == "loop-unroll":
+                if not str(value).isdigit():
+                    raise UsageError(f"target {cls.name}: loop-unroll={value!r} is not a count of iterations (0: never unroll)")
+                t.loop_unroll = int(value)
+                continue
             if key == "schedule-knobs":
                 from graphopt.targets.tvm.schedules.knobs import ScheduleKnobs
 
@@ -162,7 +177,7 @@ class CpuTarget(Target):
                 continue
             allowed = cls._OPTIONS.get(key)
             if allowed is None:
-                have = ", ".join((*cls._OPTIONS, *cls._FREE_OPTIONS, "buckets", "schedule-knobs"))
+                have = ", ".join((*cls._OPTIONS, *cls._FREE_OPTIONS, "buckets", "schedule-knobs", "loop-unroll"))
                 raise UsageError(f"target {cls.name}: unknown option {key!r} (have: {have})")
             if value not in allowed:
                 raise UsageError(f"target {cls.name}: {key}={value!r} is not one of {', '.join(allowed)}")
@@ -330,7 +345,7 @@ class CpuTarget(Target):
         from graphopt.targets.tvm.lower import lowerer as L
 
         lowered, mod = L.lower_and_fuse(model, target, block=self.activation_block(target), winograd=self.winograd,
-                                        activity=activity)
+                                        activity=activity, loop_unroll=self.loop_unroll)
         times["lower-fuse"] = time.perf_counter() - t0
         from graphopt.targets.tvm import kernel_map as KM
 

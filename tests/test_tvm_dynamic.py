@@ -165,6 +165,49 @@ def test_loop_runtime_trip_count():
             assert got[1].shape == (trip, 2)
 
 
+def _static_loop(trip: int) -> onnx.ModelProto:
+    """Loop with a constant trip count: h = tanh(h @ W + x_i), the h's as a scan output."""
+    vi = h.make_tensor_value_info
+    w = (np.random.default_rng(0).standard_normal((8, 8)) / 3).astype(np.float32)
+    body = h.make_graph(
+        [h.make_node("Gather", ["xs", "i"], ["xi"], axis=0),
+         h.make_node("MatMul", ["h_in", "w"], ["hw"]), h.make_node("Add", ["hw", "xi"], ["pre"]),
+         h.make_node("Tanh", ["pre"], ["h_out"]), h.make_node("Identity", ["c_in"], ["c_out"]),
+         h.make_node("Identity", ["h_out"], ["y"])],
+        "body", [vi("i", TP.INT64, []), vi("c_in", TP.BOOL, []), vi("h_in", TP.FLOAT, [1, 8])],
+        [vi("c_out", TP.BOOL, []), vi("h_out", TP.FLOAT, [1, 8]), vi("y", TP.FLOAT, [1, 8])])
+    consts = [h.make_node("Constant", [], ["M"], value=onnx.numpy_helper.from_array(np.array(trip, np.int64))),
+              h.make_node("Constant", [], ["c"], value=onnx.numpy_helper.from_array(np.array(True))),
+              h.make_node("Constant", [], ["w"], value=onnx.numpy_helper.from_array(w))]
+    return _model([*consts, h.make_node("Loop", ["M", "c", "h0"], ["hT", "ys"], body=body, name="time_loop")],
+                  [vi("xs", TP.FLOAT, [trip, 1, 8]), vi("h0", TP.FLOAT, [1, 8])],
+                  [vi("hT", TP.FLOAT, None), vi("ys", TP.FLOAT, None)], opset=16)
+
+
+def test_static_loop_past_the_unroll_limit_runs_as_a_runtime_loop():
+    """A static Loop of more iterations than `loop-unroll` compiles as a runtime loop (no warning,
+    numbers equal to onnxruntime's); at or under it, unrolled, and an unroll past 64 iterations
+    is named in a warning. 300 iterations were refused before (\"the cpu target unrolls loops\")."""
+    rng = np.random.default_rng(1)
+    feeds = lambda t: {"xs": rng.standard_normal((t, 1, 8)).astype(np.float32),  # noqa: E731
+                       "h0": rng.standard_normal((1, 8)).astype(np.float32)}
+    m = _static_loop(300)
+    art = graphopt.compile(m, "cpu", "-O2", threads=1)
+    _check(art, m, feeds(300))
+    assert not any("unrolled" in w for w in art.report["warnings"])
+    m = _static_loop(80)
+    unrolled = graphopt.compile(m, "cpu", "-O2", threads=1)
+    assert any("time_loop" in w and "unrolled 80 iterations" in w and "loop-unroll=64" in w
+               for w in unrolled.report["warnings"])
+    looped = graphopt.compile(m, "cpu{loop-unroll=16}", "-O2", threads=1)
+    assert not any("unrolled" in w for w in looped.report["warnings"])
+    f = feeds(80)
+    _check(unrolled, m, f)
+    _check(looped, m, f)
+    with pytest.raises(graphopt.UsageError, match="loop-unroll='many' is not a count"):
+        graphopt.compile(m, "cpu{loop-unroll=many}", "-O2")
+
+
 def test_onehot_nms_runtime_parameters():
     """OneHot's depth and NonMaxSuppression's max boxes / thresholds fed at run time."""
     vi = h.make_tensor_value_info

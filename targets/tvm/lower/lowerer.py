@@ -80,6 +80,7 @@ class LoweredModule:
     # re-expressed as multiple x a new var, checked at run time; see `lower_and_fuse`)
     symbolic_dims: dict[str, dict[str, Any]] = field(default_factory=dict)
     winograd_symbolic: list[str] = field(default_factory=list)  # convs kept direct: symbolic maps
+    unrolled: dict[str, int] = field(default_factory=dict)  # Loop/Scan node -> iterations unrolled
 
 
 #: ops whose spatial output dims must be at least 1 (a window that fits the input)
@@ -214,8 +215,11 @@ def _group_name(k: str) -> str:
 class _Lowerer:
     def __init__(self, model: Model, force_inline: dict[str, str] | None = None, block: int | None = None,
                  winograd: str | None = None, machine: MachineModel | None = None, activity: Any = None,
-                 multiples: dict[str, int] | None = None) -> None:
+                 multiples: dict[str, int] | None = None, loop_unroll: int | None = None) -> None:
         self.model = model
+        # Loops with a static trip count above this run as a runtime loop (None: LOOP_UNROLL)
+        self.loop_unroll = LOOP_UNROLL if loop_unroll is None else loop_unroll
+        self.unrolled: dict[str, int] = {}  # Loop/Scan node -> iterations unrolled
         self.multiples = dict(multiples or {})  # symbolic input dim → the multiple it is re-expressed in
         self.definers: list[Any] = []  # main's tensors whose plain dims define symbolic vars (see _primitive)
         self.windows: list[Any] = []  # symbolic output dims of convs and pools (see _note_window)
@@ -330,6 +334,7 @@ class _Lowerer:
             group_nodes={_group_name(k): list(ns) for k, ns in groups},
             symbolic_dims=self.symbolic_dims,
             winograd_symbolic=list(self.plan.winograd_symbolic) if self.plan is not None else [],
+            unrolled=dict(self.unrolled),
         )
 
     def _reexpress_dims(self, inputs: list[Value], in_vars: list[relax.Var]) -> None:
@@ -471,7 +476,8 @@ class _Lowerer:
                 env[id(v)] = e
 
     # control flow: If with a constant condition, Scan and Loop with static trip counts are
-    # unrolled at compile time (their bodies converted once per iteration)
+    # unrolled at compile time (their bodies converted once per iteration); a Loop of more
+    # iterations than `loop_unroll` runs as a runtime loop instead (dynamic.runtime_loop)
     MAX_UNROLL = 256
 
     def _body(self, bb: relax.BlockBuilder, g: Any, args: list[Any], env: dict[int, Any]) -> list[Any]:
@@ -530,6 +536,7 @@ class _Lowerer:
                 states = outs[:nstate]
                 for i in range(k):
                     per[i].append(outs[nstate + i])
+            self.unrolled[n.label()] = t
             results = list(states)
             for i in range(k):
                 seq = per[i][::-1] if out_dirs[i] else per[i]
@@ -550,6 +557,10 @@ class _Lowerer:
 
             return dynamic.runtime_loop(self, bb, n, ins, env)
         go = True if cv is None else bool(np.asarray(cv).reshape(-1)[0])
+        if max_trip is not None and max_trip > self.loop_unroll and go:
+            from . import dynamic
+
+            return dynamic.runtime_loop(self, bb, n, ins, env)
         if max_trip is None and cond is None:
             raise LoweringError(f"node {n.label()}: Loop without a trip count or condition")
         k = len(body.outputs) - 1 - len(carried)
@@ -569,6 +580,7 @@ class _Lowerer:
             for i in range(k):
                 per[i].append(outs[1 + len(carried) + i])
             it += 1
+        self.unrolled[n.label()] = it
         results = list(carried)
         for i in range(k):
             if not per[i]:
@@ -776,17 +788,27 @@ def _rebind_globals(func: relax.Function, table: dict[tvm.ir.GlobalVar, tvm.ir.G
 
 def lower(model: Model, force_inline: dict[str, str] | None = None, block: int | None = None,
           winograd: str | None = None, machine: MachineModel | None = None, activity: Any = None,
-          multiples: dict[str, int] | None = None) -> LoweredModule:
+          multiples: dict[str, int] | None = None, loop_unroll: int | None = None) -> LoweredModule:
     """Lower `model` (planned with `plan-kernels`). Groups named in `force_inline` are emitted
     inline into main (with that reason). With `block`, convolution groups run on channel-blocked
     activations where they can (see layout.py), 3x3 convs in Winograd form per `winograd` (a
     `layout.plan_layout` mode), tiled for `machine` (the target's machine model; needed with `block`).
-    `activity` (a compile_watchdog.Activity) is told which node is being lowered."""
-    return _Lowerer(model, force_inline, block, winograd, machine, activity, multiples).lower()
+    `activity` (a compile_watchdog.Activity) is told which node is being lowered. `loop_unroll`:
+    Loops of more static iterations run as runtime loops (None: LOOP_UNROLL)."""
+    return _Lowerer(model, force_inline, block, winograd, machine, activity, multiples, loop_unroll).lower()
 
 
 #: a PrimFunc attribute (kernels.recurrent.OWN_KERNEL_ATTR): the group holding it is emitted inline into main
 _OWN_KERNEL = "graphopt.own_kernel"
+
+#: the default `loop_unroll`: Loops of up to this many static iterations are unrolled (the body
+#: converted once per iteration: kernels as fast as a static graph's, compile time growing
+#: faster than the count; a 256-step Loop took 120-229 s, mostly LLVM); longer ones run as a
+#: runtime loop (a recursive function: ~20 µs per step over the body's kernels, and its scan
+#: outputs grown by concatenation)
+LOOP_UNROLL = 256
+#: unrolled Loops/Scans past this many iterations are named in a compile warning
+UNROLL_WARN = 64
 
 #: how many times `lower_unified` re-lowers with larger multiples before it gives up
 UNIFY_ROUNDS = 4
@@ -821,11 +843,13 @@ def lower_unified(model: Model, **kw: Any) -> LoweredModule:
 
 
 def lower_and_fuse(model: Model, target: tvm.target.Target, block: int | None = None,
-                   winograd: str | None = None, activity: Any = None) -> tuple[LoweredModule, tvm.IRModule]:
+                   winograd: str | None = None, activity: Any = None,
+                   loop_unroll: int | None = None) -> tuple[LoweredModule, tvm.IRModule]:
     """`lower` then `legalize_and_fuse`. When FuseTIR refuses the module, each primitive group is
     tried on its own, the ones it refuses are emitted inline instead, and the model is lowered again."""
     machine = machine_model(target)
-    lowered = lower_unified(model, block=block, winograd=winograd, machine=machine, activity=activity)
+    lowered = lower_unified(model, block=block, winograd=winograd, machine=machine, activity=activity,
+                            loop_unroll=loop_unroll)
     multiples = {k: d["multiple"] for k, d in lowered.symbolic_dims.items() if d["multiple"] > 1}
     if activity is not None:
         activity.what = "legalizing and fusing the kernels (LegalizeOps, FuseTIR)"
@@ -836,7 +860,7 @@ def lower_and_fuse(model: Model, target: tvm.target.Target, block: int | None = 
         if not bad:
             raise LoweringError(f"LegalizeOps/FuseTIR failed: {_last_line(first)}") from None
     lowered = lower(model, force_inline=bad, block=block, winograd=winograd, machine=machine, activity=activity,
-                    multiples=multiples)
+                    multiples=multiples, loop_unroll=loop_unroll)
     if activity is not None:
         activity.what = "legalizing and fusing the kernels (LegalizeOps, FuseTIR)"
     try:

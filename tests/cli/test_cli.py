@@ -30,7 +30,7 @@ from graphopt.ir import Model, NumpyTensor
 from graphopt.report import op_counts
 from graphopt.transform import OPT_LEVELS, Pass, PassContext, PassResult
 
-ROOT = Path(__file__).resolve().parent.parent
+from paths import ROOT
 EXAMPLE = ROOT / "examples" / "tiny_cnn.onnx"
 SCRIPT = Path(sys.executable).parent / "graphopt-compile"
 PREFIX = "graphopt-compile: error: "

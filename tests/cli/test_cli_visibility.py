@@ -18,7 +18,7 @@ from onnx import numpy_helper as nh
 from graphopt.artifact_cli import tune_warnings
 from graphopt.cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
+from paths import ROOT
 EXAMPLE = ROOT / "examples" / "tiny_cnn.onnx"
 
 

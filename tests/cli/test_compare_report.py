@@ -23,7 +23,7 @@ from graphopt.errors import UsageError
 from graphopt.accuracy import output_agreement, parse_budgets, sqnr_db, top1_accuracy
 from graphopt.verification import Reference, reference_outputs, verify_outputs
 
-ROOT = Path(__file__).resolve().parents[1]
+from paths import ROOT
 EXAMPLE = ROOT / "examples" / "tiny_cnn.onnx"
 LOSSY = "-O2,prune{ratio=0.3},cluster-weights{bits=5},quantize{scheme=int8,speed=off}"
 # ... with every step taken as asked (the example's random weights sit near the default accuracy

@@ -16,7 +16,9 @@ from graphopt import html_report
 from graphopt.cli import main as compile_main
 from graphopt.run_cli import main as run_main
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_cnn.onnx"
+from paths import EXAMPLES
+
+EXAMPLE = EXAMPLES / "tiny_cnn.onnx"
 
 
 def _charts(page: str) -> list[str]:

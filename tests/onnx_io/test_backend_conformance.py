@@ -31,8 +31,9 @@ from onnx import numpy_helper
 
 import graphopt
 from graphopt.backend import GraphoptBackend
+from paths import DATA
 
-EXCLUSIONS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "ort_backend_exclusions.txt")
+EXCLUSIONS_FILE = str(DATA / "ort_backend_exclusions.txt")
 ONNX_TEST_DATA = os.path.join(os.path.dirname(onnx.backend.test.__file__), "data")
 LIGHT_MODELS = sorted(glob.glob(os.path.join(ONNX_TEST_DATA, "light", "light_*.onnx")))
 

@@ -7,7 +7,6 @@ graphopt.optimize(-O2, with verify after each pass) between import and export.
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from typing import Any
@@ -17,8 +16,9 @@ import pytest
 
 import graphopt
 from graphopt.backend import GraphoptBackend
+from paths import DATA
 
-EXCLUSIONS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "ort_backend_exclusions.txt")
+EXCLUSIONS_FILE = str(DATA / "ort_backend_exclusions.txt")
 
 
 def _o2(model: graphopt.Model) -> graphopt.Model:

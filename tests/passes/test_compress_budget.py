@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -23,7 +22,7 @@ from graphopt.ir import Model
 from graphopt.passes.pruning import count_flops, layer_flops, uncounted_layers
 from graphopt.transform import PassContext, parse_pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
+from paths import ROOT
 
 
 @pytest.fixture(scope="module")

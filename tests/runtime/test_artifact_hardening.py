@@ -30,7 +30,9 @@ import graphopt.runtime  # noqa: E402
 from graphopt import run_cli  # noqa: E402
 from graphopt.target import Artifact, ArtifactError, sha256_file  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny_cnn.onnx"
+from paths import EXAMPLES  # noqa: E402
+
+EXAMPLE = EXAMPLES / "tiny_cnn.onnx"
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ CPU lacks), whatever the host."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 tvm = pytest.importorskip("tvm")
@@ -18,7 +16,9 @@ import graphopt.runtime  # noqa: E402
 from graphopt.cli import main  # noqa: E402
 from graphopt.targets.machine import X86_LEVELS, MachineModel, host_features, machine_model, missing_features  # noqa: E402
 
-EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "tiny_cnn.onnx")
+from paths import EXAMPLES  # noqa: E402
+
+EXAMPLE = str(EXAMPLES / "tiny_cnn.onnx")
 
 
 def _x86(mcpu: str, **extra) -> MachineModel:

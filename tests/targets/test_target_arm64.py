@@ -31,6 +31,7 @@ from graphopt.errors import UsageError  # noqa: E402
 from graphopt.target import ArtifactError, get_target  # noqa: E402
 from graphopt.targets.arm64 import toolchain as arm64_env  # noqa: E402
 from graphopt.targets.arm64.target import Arm64Target, QemuRunner, assembly  # noqa: E402
+from paths import ROOT  # noqa: E402
 
 ENV = arm64_env.status()
 needs_cxx = pytest.mark.skipif(not ENV.can_build, reason="no aarch64 cross compiler (apt-get install g++-aarch64-linux-gnu)")
@@ -462,7 +463,6 @@ def test_runner_source_ships_as_package_data() -> None:
     src = arm64_env.runner_source()
     pkg = Path(arm64_env.__file__).resolve().parent
     assert src is not None and src.parent == pkg / "runner" and (src.parent / "build.sh").is_file()
-    root = Path(__file__).resolve().parents[1]
-    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     assert "runner/*" in data["graphopt.targets.arm64"]
     assert '"tools"' not in (pkg / "toolchain.py").read_text()  # (it joined root / "tools" / "arm64_runner" before)

@@ -4,17 +4,15 @@ unmodified model: the exporters' real op patterns, in CI without torch."""
 
 from __future__ import annotations
 
-import os
-import sys
-
 import numpy as np
 import pytest
 
 import graphopt
 from graphopt.check import run_onnxruntime
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-import corpus_skeletons  # noqa: E402
+from tool_modules import load_tool
+
+corpus_skeletons = load_tool("corpus_skeletons.py", "corpus_skeletons_under_test")
 
 FAST = {"mobilenetv2", "resnet18", "efficientnet_b0", "googlenet", "densenet121"}
 

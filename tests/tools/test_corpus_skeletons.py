@@ -4,15 +4,14 @@ refilled they pass onnx's checker and run on onnxruntime with finite outputs."""
 from __future__ import annotations
 
 import gzip
-import os
-import sys
 
 import numpy as np
 import onnx
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-import corpus_skeletons as cs  # noqa: E402
+from tool_modules import load_tool  # noqa: E402
+
+cs = load_tool("corpus_skeletons.py", "corpus_skeletons_under_test")
 
 import graphopt  # noqa: E402
 from graphopt.check import run_onnxruntime  # noqa: E402

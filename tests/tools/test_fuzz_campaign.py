@@ -13,7 +13,9 @@ import numpy as np
 import onnx
 import pytest
 
-_TOOL = Path(__file__).resolve().parent.parent / "tools" / "fuzz.py"
+from paths import TOOLS
+
+_TOOL = TOOLS / "fuzz.py"
 _spec = importlib.util.spec_from_file_location("graphopt_fuzz_tool", _TOOL)
 fuzz = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = fuzz  # (dataclasses look their module up)

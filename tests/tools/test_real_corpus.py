@@ -5,8 +5,6 @@ read outer-scope weights, chosen by a sample-rate input; a recurrent state with 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -16,8 +14,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
 from graphopt.target import bind_inputs
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")

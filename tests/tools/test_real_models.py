@@ -3,15 +3,11 @@ cache (the real cache and torch are not needed)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
 from tool_modules import load_tool
 from onnx import TensorProto, helper, numpy_helper
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture()

@@ -24,7 +24,7 @@ from graphopt.config import tomllib
 from graphopt.report import op_counts
 from graphopt.transform import ENTRY_POINT_GROUP, Pass, PassResult
 
-ROOT = Path(__file__).resolve().parent.parent
+from paths import ROOT
 EXAMPLE = ROOT / "examples" / "tiny_cnn.onnx"
 SCRIPT = Path(sys.executable).parent / "graphopt-compile"
 PREFIX = "graphopt-compile: error: "

@@ -18,7 +18,7 @@ import graphopt
 from graphopt.target import bind_inputs
 from graphopt.transform import PassContext, get_pass
 
-ROOT = Path(__file__).resolve().parents[1]
+from paths import ROOT
 _spec = importlib.util.spec_from_file_location("control_flow_models_under_test", ROOT / "tools" / "control_flow_models.py")
 cf = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
 _spec.loader.exec_module(cf)  # type: ignore[union-attr]

@@ -138,13 +138,10 @@ def test_gemm_clip_is_not_fused():
 def test_corpus_vads_reach_onnxruntime_node_counts():
     """Goal of issue 24: -O2 (with contrib ops, what the onnxruntime deployment uses) has at most
     as many nodes as onnxruntime's ORT_ENABLE_ALL on the control-flow models of the corpus."""
-    import sys
-    from pathlib import Path
+    from tool_modules import load_tool
 
-    tools = Path(__file__).resolve().parents[1] / "tools"
-    sys.path.insert(0, str(tools))
-    import control_flow_models as cfm
-    import real_corpus as rc
+    cfm = load_tool("control_flow_models.py", "control_flow_models_under_test")
+    rc = load_tool("real_corpus.py", "real_corpus_under_test")
 
     built = [n for n in ("vad_gru", "vad_if") if n in rc.list_models()]
     if not built:

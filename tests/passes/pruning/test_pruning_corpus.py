@@ -7,9 +7,6 @@ exported graphs shipped as skeletons in tests/data/corpus with seeded weights
 
 from __future__ import annotations
 
-import os
-import sys
-
 import numpy as np
 import onnx
 import pytest
@@ -18,8 +15,9 @@ import graphopt
 from graphopt.check import random_inputs, run_onnxruntime
 from graphopt.transform import PassContext, parse_pipeline
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-import corpus_skeletons  # noqa: E402
+from tool_modules import load_tool
+
+corpus_skeletons = load_tool("corpus_skeletons.py", "corpus_skeletons_under_test")
 
 FAST = {"mobilenetv2", "squeezenet11"}
 MODELS = ["mobilenetv2", "squeezenet11", "resnet50", "efficientnet_b0", "densenet121", "shufflenetv2", "googlenet",

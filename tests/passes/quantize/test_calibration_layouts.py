@@ -25,7 +25,7 @@ from graphopt.calibration import (
 from graphopt.passes.quantize.pass_ import quantize
 from graphopt.target import bind_inputs
 
-ROOT = Path(__file__).resolve().parents[1]
+from paths import ROOT
 _spec = importlib.util.spec_from_file_location("control_flow_models_for_calibration", ROOT / "tools" / "control_flow_models.py")
 cf = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
 _spec.loader.exec_module(cf)  # type: ignore[union-attr]

@@ -8,7 +8,6 @@ against the float model.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import onnx
@@ -40,6 +39,7 @@ from graphopt.passes.quantize import (
     quantize_weight,
 )
 from graphopt.transform import PassContext, parse_pipeline
+from paths import CORPUS_CACHE
 
 F32_MIN = float(np.finfo(np.float32).min)
 
@@ -678,11 +678,11 @@ def test_cli_quantize_usage_errors(cnn_files, capsys) -> None:
     assert not (tmp / "o.onnx").exists()
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(__file__), "..", ".cache", "corpus", "resnet50.onnx")),
+@pytest.mark.skipif(not (CORPUS_CACHE / "resnet50.onnx").exists(),
                     reason="corpus not built")
 @pytest.mark.slow
 def test_resnet50_corpus_quantizes_accurately() -> None:
-    model = graphopt.load(os.path.join(os.path.dirname(__file__), "..", ".cache", "corpus", "resnet50.onnx"))
+    model = graphopt.load(str(CORPUS_CACHE / "resnet50.onnx"))
     res, ctx = run_pass(model, synthetic_calibration(model, num_batches=4), eval_batches=2)
     assert res.stats["int8-Conv"] == 53 and ctx.data["quantize"]["metrics"]["sqnr"] > 25
 

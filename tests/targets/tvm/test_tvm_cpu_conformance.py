@@ -89,11 +89,12 @@ def test_full_suite_pass_share(mode):
     """≥ 90% of the cases onnxruntime passes also pass through the cpu target: strict (compiled
     before any input is seen) and specialising run-time shape inputs at the first run (as
     tools/tvm_conformance.py [--specialize])."""
-    import os
     import subprocess
     import sys
 
-    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "tvm_conformance.py")
+    from paths import TOOLS
+
+    tool = str(TOOLS / "tvm_conformance.py")
     flags = ["--specialize"] if mode == "specialize" else []
     out = subprocess.run([sys.executable, tool, "--jobs", "2", *flags], capture_output=True, text=True, check=True).stdout
     m = re.search(r"cpu target: (\d+) of (\d+) cases pass", out)

@@ -9,7 +9,6 @@ from tools/dynamic_models.py. Skipped cleanly when apache-tvm is not installed.
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -24,7 +23,8 @@ tvm = pytest.importorskip("tvm")
 import graphopt  # noqa: E402
 from graphopt.errors import UsageError  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from paths import ROOT  # noqa: E402
+
 _spec = importlib.util.spec_from_file_location("dynamic_models_under_test", ROOT / "tools" / "dynamic_models.py")
 dm = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(dm)  # type: ignore[union-attr]

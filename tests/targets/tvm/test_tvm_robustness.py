@@ -27,7 +27,7 @@ tvm = pytest.importorskip("tvm")
 import graphopt  # noqa: E402
 from graphopt.errors import GraphoptError  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import TOOLS  # noqa: E402
 F = TP.FLOAT
 
 
@@ -218,7 +218,7 @@ def test_a_sequence_op_fed_a_tensor_is_refused_not_looped(tmp_path):
 
 
 def _harness():
-    spec = importlib.util.spec_from_file_location("tvm_conformance", os.path.join(ROOT, "tools", "tvm_conformance.py"))
+    spec = importlib.util.spec_from_file_location("tvm_conformance", TOOLS / "tvm_conformance.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -324,7 +324,7 @@ def test_paired_check_reorders_records_measured_under_different_load(tmp_path):
 
 _TUNE_SCRIPT = """
 import json, sys
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{here!r}, {tests!r}]
 from test_tvm_tuning import _matmul_relu
 from tvm_kernels import host_target
 from graphopt.targets.tvm.tuning.tuner import tune
@@ -351,7 +351,9 @@ def test_sigkilled_tune_call_leaves_no_tuner_and_no_folder_and_resume_skips_done
     tmp.mkdir()
     db = str(tmp_path / "db")
     env = dict(os.environ, TMPDIR=str(tmp))
-    script = _TUNE_SCRIPT.format(tests=os.path.dirname(__file__), db=db)
+    from paths import TESTS
+
+    script = _TUNE_SCRIPT.format(here=os.path.dirname(__file__), tests=str(TESTS), db=db)
     proc = subprocess.Popen([sys.executable, "-c", script], env=env)
     ledger_path = os.path.join(db, "graphopt_ledger.json")
     deadline = time.monotonic() + 300

@@ -11,7 +11,7 @@ Three layers:
 - the byte fuzzer again in a subprocess, so a segfault or abort in protobuf's C code is caught
   and reported with the input that caused it instead of killing pytest.
 
-Run this file as a script (`python tests/test_fuzz.py N SEED CRASHFILE`) for the worker.
+Run this file as a script (`python tests/onnx_io/test_fuzz.py N SEED CRASHFILE`) for the worker.
 """
 
 from __future__ import annotations

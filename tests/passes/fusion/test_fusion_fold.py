@@ -16,6 +16,7 @@ from graphopt.ir import Model
 from graphopt.pattern import get_rule
 from graphopt.testing import check_pass
 from graphopt.transform import OPT_LEVELS, PassContext, get_pass, parse_pipeline
+from onnx_builders import tensor as t, vi
 
 F = TensorProto.FLOAT
 D = TensorProto.DOUBLE
@@ -31,14 +32,6 @@ def make(nodes, inputs, outputs, inits=(), *, opset: int = 17, ir: int = 8, vali
     g = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
     proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir)
     return graphopt.load(onnx.shape_inference.infer_shapes(proto) if valid else proto)
-
-
-def vi(name, shape, dtype=F):
-    return helper.make_tensor_value_info(name, dtype, list(shape) if shape is not None else None)
-
-
-def t(name, arr):
-    return numpy_helper.from_array(np.asarray(arr), name)
 
 
 def rand(*shape, dtype=np.float32):

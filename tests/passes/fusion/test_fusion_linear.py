@@ -7,13 +7,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 import graphopt
 from graphopt.check import check_same_outputs
 from graphopt.ir import Model
 from graphopt.pattern import get_rule
 from graphopt.transform import PassContext, get_pass, parse_pipeline
+import onnx_builders
+from onnx_builders import tensor as t, vi
 
 F = TensorProto.FLOAT
 I64 = TensorProto.INT64
@@ -22,11 +24,9 @@ RULES = ["matmul-add-to-gemm", "transpose-into-gemm", "transpose-into-matmul", "
 
 
 # --- helpers -----------------------------------------------------------------------------------
-def make(nodes, inputs, outputs, inits=(), *, opset: int = 17, ir: int = 8, extra_opsets=()) -> Model:
-    g = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
-    ops = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in extra_opsets]
-    proto = helper.make_model(g, opset_imports=ops, ir_version=ir)
-    return graphopt.load(onnx.shape_inference.infer_shapes(proto))  # so that graph outputs get shapes
+def make(*args, **kw) -> Model:
+    """onnx_builders.model with onnx's shape inference, so that graph outputs get shapes."""
+    return onnx_builders.model(*args, infer=True, **kw)
 
 
 def checker_ok(model: Model) -> bool:
@@ -36,14 +36,6 @@ def checker_ok(model: Model) -> bool:
     except onnx.checker.ValidationError:
         return False
     return True
-
-
-def vi(name, shape, dtype=F):
-    return helper.make_tensor_value_info(name, dtype, list(shape) if shape is not None else None)
-
-
-def t(name, arr):
-    return numpy_helper.from_array(np.asarray(arr), name)
 
 
 def i64(name, vals):

@@ -30,6 +30,7 @@ from graphopt.passes.fusion.kernel_groups import (
     op_pattern,
 )
 from graphopt.transform import PassContext, get_pass, optimize, parse_pipeline
+from onnx_builders import model as make, vi
 
 F = TensorProto.FLOAT
 RNG = np.random.default_rng(0)
@@ -37,15 +38,6 @@ LIGHT = os.path.join(os.path.dirname(onnx.__file__), "backend/test/data/light")
 
 
 # --- helpers -----------------------------------------------------------------------------------
-def make(nodes, inputs, outputs, inits=(), *, opset: int = 17) -> Model:
-    g = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
-    return graphopt.load(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=8))
-
-
-def vi(name, shape):
-    return helper.make_tensor_value_info(name, F, list(shape))
-
-
 def t(name, arr):
     return numpy_helper.from_array(np.asarray(arr, dtype=np.float32), name)
 

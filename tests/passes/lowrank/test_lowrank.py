@@ -14,21 +14,13 @@ import graphopt
 from graphopt.check import run_onnxruntime
 from graphopt.ir import Model
 from graphopt.transform import PassContext, get_pass
+from onnx_builders import model as make, vi
 
 F = TensorProto.FLOAT
 
 
-def vi(name, shape):
-    return helper.make_tensor_value_info(name, F, shape)
-
-
 def t(name, arr):
     return numpy_helper.from_array(np.asarray(arr, np.float32), name)
-
-
-def make(nodes, inputs, outputs, inits=(), opset=17) -> Model:
-    g = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
-    return graphopt.load(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=8))
 
 
 def lowrank_matrix(rng, k, n, r, noise=0.02):

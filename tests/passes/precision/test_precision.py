@@ -16,18 +16,10 @@ from graphopt.ir import Attr, AttrType, DataType, Model
 from graphopt.passes.cleanup.infer import infer_types
 from graphopt.passes.precision import kernels
 from graphopt.transform import PassContext, get_pass, parse_pipeline
+from onnx_builders import model as make, vi
 
 F, H, I64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT64
 RNG = np.random.default_rng(0)
-
-
-def make(nodes, inputs, outputs, inits=(), opset: int = 17) -> Model:
-    g = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
-    return graphopt.load(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=8))
-
-
-def vi(name, shape, dtype=F):
-    return helper.make_tensor_value_info(name, dtype, shape)
 
 
 def w(name, *shape, scale=0.2):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto as TP
 from onnx import helper as h
@@ -18,16 +17,13 @@ from onnx import helper as h
 tvm = pytest.importorskip("tvm")
 
 import graphopt  # noqa: E402
+from onnx_builders import ort_run as _ort  # noqa: E402
 
 
 def _model(nodes, inputs, outputs, opset=18) -> onnx.ModelProto:
     m = h.make_model(h.make_graph(nodes, "g", inputs, outputs), opset_imports=[h.make_opsetid("", opset)])
     m.ir_version = 8
     return m
-
-
-def _ort(m: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
-    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
 def _compile(m: onnx.ModelProto) -> graphopt.Artifact:

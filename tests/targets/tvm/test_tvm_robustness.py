@@ -27,6 +27,7 @@ tvm = pytest.importorskip("tvm")
 import graphopt  # noqa: E402
 from graphopt.errors import GraphoptError  # noqa: E402
 
+from onnx_builders import ort_run as _ort  # noqa: E402
 from paths import TOOLS  # noqa: E402
 F = TP.FLOAT
 
@@ -40,10 +41,6 @@ def _model(nodes, inputs, outputs, inits=(), opset=17, infer=True) -> onnx.Model
 
 def _vi(name, shape, t=F):
     return h.make_tensor_value_info(name, t, shape)
-
-
-def _ort(m: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
-    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
 def _compile(m: onnx.ModelProto):

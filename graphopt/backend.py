@@ -4,7 +4,7 @@
 `Model -> Model`; none by default), exports it back to ONNX and hands the exported model to
 onnxruntime. With no pipeline this checks graphopt's import → export round trip: the exported
 model must behave exactly like the original. It is what `onnx.backend.test.BackendTest` drives
-in tests/test_backend_conformance.py.
+in tests/onnx_io/test_backend_conformance.py.
 
     from graphopt.backend import GraphoptBackend
     rep = GraphoptBackend.prepare(model_proto)          # or prepare(model, pipeline=my_passes)

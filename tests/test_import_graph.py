@@ -14,7 +14,7 @@ from pathlib import Path
 
 import networkx as nx
 
-ROOT = Path(__file__).resolve().parents[1]
+from paths import ROOT
 #: installed package → source folder (pyproject's package-dir)
 PACKAGES = {"graphopt": ROOT / "graphopt", "graphopt.passes": ROOT / "passes", "graphopt.targets": ROOT / "targets"}
 

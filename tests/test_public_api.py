@@ -15,14 +15,15 @@ import importlib
 import inspect
 import os
 import re
-from pathlib import Path
 
 import pytest
 
 import graphopt
 
-ROOT = Path(__file__).resolve().parent.parent
-EXPECT = Path(__file__).resolve().parent / "expect" / "public_api.txt"
+from paths import EXPECT as _EXPECT_DIR
+from paths import ROOT
+
+EXPECT = _EXPECT_DIR / "public_api.txt"
 
 #: the stable modules: what their __all__ exports is the public API
 STABLE = ["graphopt", "graphopt.errors", "graphopt.ir", "graphopt.pattern", "graphopt.transform", "graphopt.runtime",

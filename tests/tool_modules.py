@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 from types import ModuleType
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
+from paths import TOOLS
 
 
 def load_tool(script: str, name: str) -> ModuleType:

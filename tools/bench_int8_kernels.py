@@ -11,7 +11,7 @@ ConvInteger and both into its x86 int8 kernels); onnxruntime runs both ONNX file
 - which kernels the int8 artifact got (`x86 int8 kernels: N (int8-u8s8 / int8-s16)`);
 - exactness: the int8 artifact's int32 accumulators are checked against numpy's integer matmul
   on the first MatMulInteger of the model (a copy of the model that also outputs them; conv
-  kernels are checked against onnxruntime's ConvInteger in tests/test_x86_int8.py);
+  kernels are checked against onnxruntime's ConvInteger in tests/targets/tvm/schedules/test_x86_int8.py);
   whole-model outputs are compared with onnxruntime's int8 (max |diff| relative to max |y|) and
   with fp32 (cosine);
 - latency: the four variants run round-robin (one call each per round, `--rounds` rounds after

@@ -16,7 +16,7 @@ duplicated Shape/Gather chains, an If output nothing reads). Variants:
 For each variant it prints the node count (every graph, bodies included) of the original, of
 graphopt -O2 (and -O2 with `--bind sr=16000`), and of onnxruntime's optimizer at
 ORT_ENABLE_EXTENDED and ORT_ENABLE_ALL (SessionOptions.optimized_model_filepath, CPU EP), and
-checks that -O2 outputs equal the original's on onnxruntime. tests/test_control_flow.py imports
+checks that -O2 outputs equal the original's on onnxruntime. tests/passes/cleanup/test_control_flow.py imports
 the builders from here. `--corpus` adds the trained models of tools/real_corpus.py that are built
 (ocr_crnn, vad_gru, vad_if: GRU/LSTM nodes, an If with the network in its branches).
 """

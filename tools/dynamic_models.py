@@ -1,5 +1,5 @@
 """Models with symbolic dims beyond the batch, built with onnx.helper (no torch): the test corpus
-of the cpu target's dynamic shapes (issue 21). tests/test_tvm_dynamic_shapes.py and
+of the cpu target's dynamic shapes (issue 21). tests/targets/tvm/test_tvm_dynamic_shapes.py and
 tools/bench_dynamic.py import the builders from here; `make_corpus.py` style export:
 
     .venv/bin/python tools/dynamic_models.py [--out .cache/corpus]

@@ -410,7 +410,7 @@ def random_graph(rng: random.Random, shape: list[Any] | None = None, nodes: int 
 
 #: ops whose NaN result onnxruntime decides by the NaN's position (it skips NaN unless the NaN is
 #: the element its loop starts from: ReduceMax([nan, 1, ...]) is NaN), while the cpu target skips
-#: NaN everywhere (maxNum; tests/test_tvm_robustness.py checks that against numpy's fmax): their
+#: NaN everywhere (maxNum; tests/targets/tvm/test_tvm_robustness.py checks that against numpy's fmax): their
 #: graphs get no NaN inputs
 NAN_POSITIONAL_OPS = frozenset({"MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin", "ArgMax", "ArgMin"})
 #: ops that sum many elements: near 3e38 they overflow to Inf or not depending on the summation

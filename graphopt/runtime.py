@@ -770,8 +770,10 @@ class OrtRunner:
         self.pool = check_pool(pool)
         # with profile_dir: onnxruntime's per-node profile, and the graph it runs (node names)
         try:
+            # (log 4, fatal only: onnxruntime's own error log would be a second stderr line; the
+            # exception carries the message, which `run` turns into one line)
             self.session = onnxruntime_session(
-                path, threads=self.threads, inter_op_threads=1, spin_between_runs=pool == "exclusive",
+                path, threads=self.threads, inter_op_threads=1, spin_between_runs=pool == "exclusive", log_severity=4,
                 profile_prefix=None if profile_dir is None else os.path.join(profile_dir, "ort_profile"),
                 optimized_model_path=None if profile_dir is None else os.path.join(profile_dir, "optimized.onnx"))
         except Exception as e:  # noqa: BLE001 - onnxruntime's loader errors are the user's model
@@ -793,11 +795,20 @@ class OrtRunner:
         return dict(zip(self._checks.names, self._checks.arrays(inputs)))
 
     def run(self, inputs: Mapping[str, Any]) -> list[np.ndarray]:
-        return [np.asarray(a) for a in self.session.run(None, self._feeds(inputs))]
+        return [np.asarray(a) for a in self._session_run(self._feeds(inputs))]
+
+    def _session_run(self, feeds: Mapping[str, np.ndarray]) -> Any:
+        try:
+            return self.session.run(None, dict(feeds))
+        except Exception as e:  # noqa: BLE001 - a node that refuses these inputs: the user's data, one line
+            shapes = ", ".join(f"{k}[{'x'.join(map(str, np.shape(v)))}]" for k, v in feeds.items())
+            raise UsageError(f"{self.path}: onnxruntime cannot run it on these inputs ({shapes}): "
+                             f"{_first_line(e)[:300]} (give --inputs, or --dim NAME=N for a symbolic dim)") from None
 
     def benchmark(self, inputs: Mapping[str, Any], *, warmup: int = 3, repeat: int = 30) -> dict[str, Any]:
         """Latency of `run` (onnxruntime's, inputs already on the host): percentiles in milliseconds."""
         feeds = self._feeds(inputs)
+        self._session_run(feeds)  # (a refusal as one line before the timing loop)
         for _ in range(max(warmup, 1)):
             self.session.run(None, feeds)
         times = []

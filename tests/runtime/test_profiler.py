@@ -172,3 +172,21 @@ def test_compare_with_another_models_inputs_is_refused(files, capsys, tmp_path):
     capsys.readouterr()
     assert main([art, "--compare", str(tmp_path / "other.onnx")]) == 2
     assert "inputs" in capsys.readouterr().err
+
+
+def test_onnxruntime_refusing_the_inputs_is_one_line_exit_2(tmp_path, capfd):
+    """A model onnxruntime cannot run on the inputs graphopt-run made (a reflect Pad over a
+    symbolic dim of 1): exit 2, one stderr line naming the shapes, no onnxruntime log line
+    (it was exit 1 with onnxruntime's two '[E:onnxruntime...]' lines before)."""
+    m = h.make_model(h.make_graph([h.make_node("Pad", ["x", "p"], ["y"], mode="reflect")], "g",
+                                  [h.make_tensor_value_info("x", TP.FLOAT, [1, "n"])],
+                                  [h.make_tensor_value_info("y", TP.FLOAT, None)],
+                                  [nh.from_array(np.array([0, 2, 0, 2], np.int64), "p")]),
+                     opset_imports=[h.make_opsetid("", 18)])
+    path = str(tmp_path / "pad.onnx")
+    onnx.save(m, path)
+    capfd.readouterr()
+    assert main([path, "--benchmark"]) == 2
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "onnxruntime cannot run it on these inputs (x[1x1])" in err and "--dim NAME=N" in err

@@ -242,6 +242,10 @@ def runtime_if(lowerer: Any, bb: relax.BlockBuilder, node: Any, cond: Any, env: 
             e = materialise(bb, e, "")
         if isinstance(e, Sym) or isinstance(e, tvm.ir.GenericConst):
             fixed[id(v)] = e
+        elif (w := _small_weight(v)) is not None:
+            # a weight the branches read: a constant of theirs, so what they do to it alone
+            # (LSTM gate reorders, transposes) folds at compile time instead of running per call
+            fixed[id(v)] = relax.const(w)
         else:
             passed.append((v, e))
     if isinstance(cond, Sym):
@@ -267,6 +271,19 @@ def runtime_if(lowerer: Any, bb: relax.BlockBuilder, node: Any, cond: Any, env: 
     except ValueError as e:
         raise LoweringError(f"node {node.label()}: If with a run-time condition: {e}") from None
     return out if isinstance(out, list) else [out]
+
+
+#: captured initializers up to this size become constants of the branches that read them
+BRANCH_CONST_BYTES = 1 << 20
+
+
+def _small_weight(v: Any) -> np.ndarray | None:
+    from graphopt.ir.query import const_array, is_constant
+
+    if not is_constant(v):
+        return None
+    a = const_array(v)
+    return a if a is not None and a.nbytes <= BRANCH_CONST_BYTES and a.dtype.kind in "fiub" else None
 
 
 def _rank_only(ty: Any) -> Any:

@@ -7,6 +7,7 @@ legalization is still TVM's own (`guarded_legalizations`), then AnnotateTIROpPat
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 import tvm
@@ -101,6 +102,10 @@ def legalize_and_fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRMod
         mod = relax.transform.LegalizeOps(guarded_legalizations(custom, failures))(mod)
         if failures:
             raise failures[0][1]
+        if any(re.fullmatch(r"if_\d+_select", gv.name_hint) for gv in mod.get_global_vars()):
+            # run-time If branches (dynamic.runtime_if): what they compute from their constant
+            # weights alone (an LSTM's gate reorder, transposes) once here, not on every call
+            mod = relax.transform.FoldConstant()(mod)
         seq = tvm.transform.Sequential(
             [
                 relax.transform.AnnotateTIROpPattern(),

@@ -204,6 +204,35 @@ def test_static_loop_past_the_unroll_limit_runs_as_a_runtime_loop():
         graphopt.compile(m, "cpu{loop-unroll=many}", "-O2")
 
 
+def _if_over_a_weight(n: int) -> onnx.ModelProto:
+    """If(c) { x @ Transpose(W) } else { x @ W }: W [n, n] an outer initializer both branches read."""
+    vi = h.make_tensor_value_info
+    w = (np.random.default_rng(n).standard_normal((n, n)) / np.sqrt(n)).astype(np.float32)
+    then_g = h.make_graph([h.make_node("Transpose", ["W"], ["wt"]), h.make_node("MatMul", ["x", "wt"], ["y1"])], "then",
+                          [], [vi("y1", TP.FLOAT, [1, n])])
+    else_g = h.make_graph([h.make_node("MatMul", ["x", "W"], ["y2"])], "else", [], [vi("y2", TP.FLOAT, [1, n])])
+    g = h.make_graph([h.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)], "g",
+                     [vi("c", TP.BOOL, []), vi("x", TP.FLOAT, [1, n])], [vi("y", TP.FLOAT, [1, n])],
+                     [onnx.numpy_helper.from_array(w, "W")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_if_branches_fold_what_they_do_to_a_weight():
+    """A run-time If whose branch transposes an outer weight: the weight is a constant of the
+    branch and the transpose is done at compile time (one kernel fewer than the same model with
+    a weight past the 1 MiB limit, which is passed in and transposed per call); both equal
+    onnxruntime in both branches."""
+    small, big = _if_over_a_weight(64), _if_over_a_weight(640)  # 16 KiB, 1.6 MiB
+    arts = {n: _compile(m) for n, m in ((64, small), (640, big))}
+    assert arts[64].report["kernels"]["primfuncs"] < arts[640].report["kernels"]["primfuncs"]
+    for n, m in ((64, small), (640, big)):
+        x = np.random.default_rng(0).standard_normal((1, n)).astype(np.float32)
+        for c in (True, False):
+            _check(arts[n], m, {"c": np.array(c), "x": x}, rtol=1e-4, atol=1e-4)
+
+
 def test_onehot_nms_runtime_parameters():
     """OneHot's depth and NonMaxSuppression's max boxes / thresholds fed at run time."""
     vi = h.make_tensor_value_info

@@ -106,6 +106,7 @@ def legalize_and_fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRMod
             # run-time If branches (dynamic.runtime_if): what they compute from their constant
             # weights alone (an LSTM's gate reorder, transposes) once here, not on every call
             mod = relax.transform.FoldConstant()(mod)
+            mod = _fuse_branches(mod)
         seq = tvm.transform.Sequential(
             [
                 relax.transform.AnnotateTIROpPattern(),
@@ -114,6 +115,35 @@ def legalize_and_fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRMod
             ]
         )
         return seq(mod)
+
+
+def _fuse_branches(mod: tvm.IRModule) -> tvm.IRModule:
+    """The run-time If branch functions (`if_N_bK`) with their elementwise chains fused, as
+    relax's FuseOps/FuseTIR do: their ops were lowered one call each, outside graphopt's kernel
+    groups (31 calls in a VAD's branch: square, square, add, sqrt, add, log...). Done on a module
+    of the branches and the PrimFuncs alone, so `main`'s kernels stay exactly as planned."""
+    branches = [gv for gv in mod.get_global_vars() if re.fullmatch(r"if_\d+_b\d+", gv.name_hint)]
+    if not branches:
+        return mod
+    # (public in the sub-module: FuseTIR drops functions no public one reaches)
+    funcs = {gv: (mod[gv].with_attr("global_symbol", gv.name_hint) if gv in branches else mod[gv])
+             for gv in mod.get_global_vars() if gv in branches or isinstance(mod[gv], tvm.tirx.PrimFunc)}
+    sub = tvm.IRModule(funcs, attrs=mod.attrs)
+    try:
+        sub = tvm.transform.Sequential([relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps(),
+                                        relax.transform.FuseTIR()])(sub)
+    except Exception:  # noqa: BLE001 - unfused branches still compute the right thing
+        return mod
+    taken = {gv.name_hint for gv in mod.get_global_vars()}
+    out = mod.shallow_copy() if hasattr(mod, "shallow_copy") else tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    names = {gv.name_hint for gv in branches}
+    for gv, f in sub.functions_items():
+        if gv.name_hint in names:
+            f = f.without_attr("global_symbol")
+        elif gv.name_hint in taken and not any(g.same_as(gv) for g in mod.get_global_vars()):
+            return mod  # (a fused kernel's name clashes with one of main's: keep the branches unfused)
+        out[gv] = f
+    return out
 
 
 def guarded_legalizations(custom: dict[str, Any], failures: list[tuple[str, BaseException]]) -> dict[str, Any]:

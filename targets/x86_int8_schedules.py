@@ -502,7 +502,7 @@ def schedule_int8_conv_blocked(func: Any, target: Any, weight_absmax: Mapping[in
     from .machine import machine_model
 
     machine = machine_model(target)
-    if machine.int8_dot != "avx512-vnni":
+    if machine.int8_dot not in ("avx512-vnni", "avx2"):
         return None
     sch = s_tir.Schedule(func)
     root = _root(sch)
@@ -521,11 +521,13 @@ def schedule_int8_conv_blocked(func: Any, target: Any, weight_absmax: Mapping[in
     if [iv.iter_type == tirx.IterVar.CommReduce for iv in ivs] != [False] * 5 + [True] * (len(ivs) - 5):
         return None
     ext = [_static(iv.dom.extent) for iv in ivs]
-    if any(e is None for e in ext[1:]) or ext[4] != 16 or ext[-1] != 4:
-        return None
     reads = [r for r in stmt.reads if not r.source.same_as(stmt.writes[0].source)]
     if len(reads) != 2 or sorted(str(r.source.dtype) for r in reads) != ["int8", "uint8"]:
         return None
+    blocked = _blocked_int8_kernel(machine, func, reads, ext[4], ext[-1], weight_absmax)
+    if blocked is None or any(e is None for e in ext[1:]):
+        return None
+    variant, intrin = blocked
     # constants' relayouts (a per-channel scale made blocked) inline into their readers
     conv_name = stmt.name_hint
     operands = [r.source for r in reads]
@@ -538,7 +540,6 @@ def schedule_int8_conv_blocked(func: Any, target: Any, weight_absmax: Mapping[in
             except Exception:  # (an output block)
                 pass
     conv = sch.get_sblock(conv_name)
-    intrin = _register_vnni(16)
     _, ob_n, _, ow_n, _ = ext[:5]
     cores = _static(target.attrs.get("num-cores", 1)) or 1
 
@@ -568,8 +569,32 @@ def schedule_int8_conv_blocked(func: Any, target: Any, weight_absmax: Mapping[in
     sch.unroll(ow_i)
     sch.unroll(ob_i)
     wl = sch.get_loops(wb)
-    sch.vectorize(wl[-1])  # the 16 channels of a block
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True), "vnni-blocked"
+    sch.vectorize(wl[-1])  # the 16 (8) channels of a block
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True), variant
+
+
+def _blocked_int8_kernel(machine: Any, func: Any, reads: Any, lanes: int | None, step: int | None,
+                         weight_absmax: Mapping[int, int] | None) -> tuple[str, str] | None:
+    """(variant, tensor intrinsic) of a blocked int8 conv whose blocks are `lanes` channels and
+    whose innermost reduction sums `step` bytes per int32 lane, on `machine`; None where none fits.
+    AVX-512 VNNI: vpdpbusd on 16 lanes x 4 bytes. AVX2: vpmaddubsw + vpmaddwd on 8 lanes x 4 bytes
+    when the packed weight's values are known to be within ±U8S8_WEIGHT_BOUND (`weight_bounds`
+    sees through the packing), else vpmaddwd on int16 on 8 lanes x 2 bytes (the layout plan packs
+    such weights 2 bytes a lane: `layout.INT8_WEIGHT_S16`)."""
+    if machine.int8_dot == "avx512-vnni":
+        return ("vnni-blocked", _register_vnni(16)) if (lanes, step) == (16, 4) else None
+    if machine.int8_dot != "avx2" or lanes != LANES:
+        return None
+    w_buf = next(r.source for r in reads if str(r.source.dtype) == "int8")
+    if str(next(r.source for r in reads if r.source is not w_buf).dtype) != "uint8":
+        return None
+    w_param = next((i for i, p in enumerate(func.params) if p.same_as(w_buf)), None)
+    bound = (weight_absmax or {}).get(w_param) if w_param is not None else None
+    if step == 4 and bound is not None and bound <= U8S8_WEIGHT_BOUND:
+        return "u8s8-blocked", _register_u8s8()
+    if step == 2:
+        return "s16-blocked", _register_s16("uint8", "int8")
+    return None
 
 
 def weight_bounds(mod: Any, params: Mapping[str, np.ndarray] | list[np.ndarray] | None) -> dict[str, dict[int, int]]:
@@ -592,6 +617,16 @@ def weight_bounds(mod: Any, params: Mapping[str, np.ndarray] | list[np.ndarray] 
             calls.append(e)
 
     relax.analysis.post_order_visit(main.body, visit)
+    # an int8 weight packed for the blocked convs (`blocked_ops.pack_int8_*`: a relayout, zeros
+    # added at most) holds its weight's values: the packed argument's bound is the weight's
+    packed: dict[Any, Any] = {}
+    for blk in getattr(main.body, "blocks", []):
+        for bnd in blk.bindings:
+            v = getattr(bnd, "value", None)
+            if (isinstance(v, relax.Call) and getattr(v.op, "name", "") == "relax.call_tir"
+                    and v.args[0].name_hint.startswith("pack_int8")
+                    and isinstance(v.args[1], relax.Tuple) and len(v.args[1].fields) == 1):
+                packed[bnd.var] = v.args[1].fields[0]
     bounds: dict[str, dict[int, int]] = {}
     unknown: dict[str, set[int]] = {}
     for c in calls:
@@ -600,6 +635,7 @@ def weight_bounds(mod: Any, params: Mapping[str, np.ndarray] | list[np.ndarray] 
         name = gv.name_hint
         for i, a in enumerate(fields):
             arr = None
+            a = packed.get(a, a)
             if isinstance(a, ir.expr.Constant):
                 arr = a.value.numpy()
             elif isinstance(a, relax.Var) and a in weight_of:

@@ -58,6 +58,7 @@ from graphopt.ir import Model, Node, Value
 from graphopt.passes.pruning.flops import layer_flops
 
 from ..machine import MachineModel
+from ..x86_int8_schedules import U8S8_WEIGHT_BOUND
 from . import blocked_ops as BO
 from . import winograd_ops as WO
 
@@ -75,8 +76,12 @@ WINOGRAD_WEIGHT = "winograd-weight-"  # + m: [OC, C, 3, 3] → winograd_ops.pack
 INT8_WEIGHT = "int8-conv-weight"  # int8 [OC, C, KH, KW] → blocked_ops.pack_int8_conv_weight
 INT8_STEM_WEIGHT = "int8-stem-weight"  # int8 [OC, C, KH, KW] → blocked_ops.pack_int8_stem_weight
 #: int8 dot products whose ConvInteger kernels run blocked (`conv-int8`): the x86 int8 kernels
-#: tensorize the blocked form with vpdpbusd on 16 int32 lanes (AVX2's 8-lane kernels keep NCHW)
-INT8_BLOCKED_DOTS = {"avx512-vnni": 16}
+#: tensorize the blocked form with vpdpbusd on 16 int32 lanes, and on AVX2 with vpmaddubsw +
+#: vpmaddwd (7-bit weights, 4 bytes a lane) or vpmaddwd on int16 (full 8-bit weights, 2 bytes a
+#: lane: `INT8_WEIGHT_S16`) on 8 lanes
+INT8_BLOCKED_DOTS = {"avx512-vnni": 16, "avx2": 8}
+#: suffix of an int8 weight packed with 2 input channels a lane (AVX2, |w| > U8S8_WEIGHT_BOUND)
+INT8_WEIGHT_S16 = ":s16"
 
 #: `winograd_m`'s modes (the cpu target's `winograd=` values)
 WINOGRAD_MODES = ("auto", "off", "2", "4")
@@ -126,6 +131,8 @@ class LayoutPlan:
             return PLAIN  # (read as constants when the node is converted)
         if role in ("conv-int8", "stem-int8", "depthwise-int8"):  # (zero points: read as constants)
             weight = {"conv-int8": INT8_WEIGHT, "stem-int8": INT8_STEM_WEIGHT, "depthwise-int8": DW_WEIGHT}[role]
+            if i == 1 and role != "depthwise-int8" and not _u8s8_exact(self.machine, node.inputs[1]):
+                weight += INT8_WEIGHT_S16
             return {0: PLAIN if role == "stem-int8" else BLOCKED, 1: weight}.get(i, PLAIN)
         if role in ("conv", "stem", "depthwise"):
             if i == 0:
@@ -141,6 +148,16 @@ class LayoutPlan:
         if v is not None and _channel_const(v) is not None:
             return CHANNEL
         return BLOCKED
+
+
+def _u8s8_exact(machine: MachineModel, w: Value) -> bool:
+    """Whether u8 x s8 pairs summed in int16 (AVX2's vpmaddubsw) are exact for weight `w`: always
+    where the machine's int8 dot has no int16 step (VNNI), else for |w| ≤ U8S8_WEIGHT_BOUND (the
+    quantize pass's 7-bit weights on AVX2); wider weights are packed for the int16 kernel."""
+    if machine.int8_exact_u8s8:
+        return True
+    c = _const(w)
+    return c is not None and c.size > 0 and int(np.abs(c.astype(np.int64)).max()) <= U8S8_WEIGHT_BOUND
 
 
 def _const(v: Value) -> np.ndarray | None:
@@ -520,10 +537,12 @@ def convert_form(bb: relax.BlockBuilder, e: relax.Expr, v: Value, have: str, wan
         return bb.emit_te(BO.block_bias, e, block, primfunc_name_hint="block_bias")
     if want == CHANNEL:
         return bb.emit_te(BO.block_channel_const, e, block, primfunc_name_hint="block_channel_const")
-    if want == INT8_WEIGHT:
-        return bb.emit_te(BO.pack_int8_conv_weight, e, block, primfunc_name_hint="pack_int8_conv_weight")
-    if want == INT8_STEM_WEIGHT:
-        return bb.emit_te(BO.pack_int8_stem_weight, e, block, primfunc_name_hint="pack_int8_stem_weight")
+    if want in (INT8_WEIGHT, INT8_WEIGHT + INT8_WEIGHT_S16):
+        return bb.emit_te(BO.pack_int8_conv_weight, e, block, 2 if want.endswith(INT8_WEIGHT_S16) else 4,
+                          primfunc_name_hint="pack_int8_conv_weight")
+    if want in (INT8_STEM_WEIGHT, INT8_STEM_WEIGHT + INT8_WEIGHT_S16):
+        return bb.emit_te(BO.pack_int8_stem_weight, e, block, 2 if want.endswith(INT8_WEIGHT_S16) else 4,
+                          primfunc_name_hint="pack_int8_stem_weight")
     if want.startswith(WINOGRAD_WEIGHT):
         m = int(want[len(WINOGRAD_WEIGHT):])
         return bb.emit_te(WO.pack_winograd_weight, e, block, m, primfunc_name_hint="pack_winograd_weight")

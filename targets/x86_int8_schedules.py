@@ -557,10 +557,18 @@ def schedule_int8_conv_blocked(func: Any, target: Any, weight_absmax: Mapping[in
     sch.reverse_compute_at(wb, outer, preserve_unit_loops=True)
     if not _inline_epilogue(sch, wb):
         return None
-    # the padded input (a real pad: if_then_else) is written by its own parallel loop
-    for b in sch.get_child_blocks(root):
-        if sch.get(b).name_hint == "pad":
+    # the padded input (a real pad: if_then_else), or the input an elementwise prologue computes,
+    # is written by its own parallel loop with the prologue inlined into it (DenseNet: the Concat
+    # of the earlier layers, BatchNorm, ReLU and the requantize to uint8 in front of each conv,
+    # each one a scalar loop nest of its own before: 14k LLVM IR lines a kernel at znver3)
+    data = next(r.source for r in reads if str(r.source.dtype) == "uint8")
+    writer = next((b for b in sch.get_child_blocks(root) if sch.get(b).name_hint == "pad"
+                   or any(w.source.same_as(data) for w in sch.get(b).writes)), None)
+    if writer is not None and not _is_reduction(sch.get(writer)):
+        for b in [writer, *_inline_prologue(sch, writer)]:
             pl = sch.get_loops(b)
+            if len(pl) < 4 or _is_reduction(sch.get(b)):
+                continue
             sch.parallel(sch.fuse(*pl[:3]))
             if len(pl) == 5:  # (blocked: the 16 channels; a stem's NCHW rows stay scalar copies)
                 sch.vectorize(pl[-1])
@@ -571,6 +579,38 @@ def schedule_int8_conv_blocked(func: Any, target: Any, weight_absmax: Mapping[in
     wl = sch.get_loops(wb)
     sch.vectorize(wl[-1])  # the 16 (8) channels of a block
     return sch.mod["main"].with_attr("tirx.is_scheduled", True), variant
+
+
+def _inline_prologue(sch: Any, blk: Any) -> list[Any]:
+    """Inline the elementwise producers of block `blk` (transitively) into it and return the
+    producers left (transitively): those that cannot be inlined (a reduction, one read by other
+    blocks too) and selections (a Concat's if_then_else chain over its inputs: inlined, a ReLU's
+    Select after it copied the chain, 24 inputs deep in DenseNet)."""
+    tried: set[str] = set()
+    kept: list[Any] = []
+    frontier = [blk]
+    while frontier:
+        b = frontier.pop()
+        while True:
+            for p in sch.get_producers(b):
+                name = sch.get(p).name_hint
+                if name in tried:
+                    continue
+                tried.add(name)
+                if "if_then_else" in str(sch.get(p).body):
+                    kept.append(p)
+                    frontier.append(p)
+                    continue
+                try:
+                    sch.compute_inline(p)
+                    break
+                except Exception:  # noqa: BLE001 - (left materialised)
+                    kept.append(p)
+                    frontier.append(p)
+                    continue
+            else:
+                break
+    return kept
 
 
 def _blocked_int8_kernel(machine: Any, func: Any, reads: Any, lanes: int | None, step: int | None,

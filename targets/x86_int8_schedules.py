@@ -637,6 +637,61 @@ def _blocked_int8_kernel(machine: Any, func: Any, reads: Any, lanes: int | None,
     return None
 
 
+#: multiply-adds up to which an int32 conv/matmul kernel that no int8 rule takes runs as one
+#: serial loop nest with its prologue and epilogue inlined (`schedule_int8_small`)
+SMALL_INT8_MACS = 1 << 16
+
+
+def schedule_int8_small(func: Any, target: Any, weight_absmax: Mapping[int, int] | None = None) -> tuple[Any, str] | None:
+    """A small int32-accumulating conv/matmul the other rules decline (EfficientNet's
+    squeeze-excite convs: 480 → 20 channels on a 1x1 map, channel counts no vector block divides,
+    or 6 → 144 whose epilogue multiplies the 56x56 activation by the excitation) with static sizes
+    and at most SMALL_INT8_MACS multiply-adds: its elementwise prologue inlined into the reduction
+    (a serial loop nest), its elementwise epilogue (requantize, SiLU, sigmoid, the broadcast
+    multiply: ~30 ops) inlined into the kernel's output block, one loop nest parallel over its
+    rows (when it is large) and vectorized across a channel block. The default schedules gave each
+    epilogue op a parallel loop of its own (30 parallel regions, ~7k LLVM IR lines a kernel)."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    root = _root(sch)
+    if root is None:
+        return None
+    reds = [b for b in sch.get_child_blocks(root) if _is_reduction(sch.get(b))]
+    if len(reds) != 1:
+        return None
+    red = reds[0]
+    red_name = sch.get(red).name_hint
+    exts = [_static(iv.dom.extent) for iv in sch.get(red).iter_vars]
+    if any(e is None for e in exts[1:]) or int(np.prod([e for e in exts[1:]])) > SMALL_INT8_MACS:
+        return None  # (the batch may be symbolic: the outer loop)
+    _inline_prologue(sch, sch.get_sblock(red_name))
+    changed = True
+    while changed:  # every other elementwise block into its readers (the output blocks stay)
+        changed = False
+        for b in sch.get_child_blocks(root):
+            st = sch.get(b)
+            if st.name_hint == red_name or _is_reduction(st):
+                continue
+            try:
+                sch.compute_inline(b)
+                changed = True
+                break
+            except Exception:  # noqa: BLE001 - (an output block, or one the reduction reads)
+                continue
+    cores = _static(target.attrs.get("num-cores", 1)) or 1
+    for b in sch.get_child_blocks(root):
+        if sch.get(b).name_hint == red_name:
+            continue
+        pl = sch.get_loops(b)
+        ext = [_static(sch.get(lp).extent) for lp in pl]
+        if len(pl) == 5 and ext[-1] in (8, 16):
+            sch.vectorize(pl[-1])
+        if len(pl) >= 4 and cores > 1 and all(e is not None for e in ext[1:]) and int(np.prod(ext[1:])) >= 4096:
+            sch.parallel(sch.fuse(*pl[:3]))
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True), "small"
+
+
 def weight_bounds(mod: Any, params: Mapping[str, np.ndarray] | list[np.ndarray] | None) -> dict[str, dict[int, int]]:
     """{PrimFunc name: {parameter index: max |value|}} for kernel arguments that `main` binds to
     a weight (one of its parameters after `num_input`, values in `params` in order) or to a
@@ -728,7 +783,7 @@ def schedule_int8_kernels(mod: Any, target: Any, params: Mapping[str, np.ndarray
                 continue
         except Exception:  # (a kernel the schedule cannot open: the default schedules take it)
             continue
-        for rule in (schedule_int8_conv_blocked, schedule_int8_matmul, schedule_int8_conv):
+        for rule in (schedule_int8_conv_blocked, schedule_int8_matmul, schedule_int8_conv, schedule_int8_small):
             try:
                 res = rule(func, target, bounds.get(gv.name_hint))
             except Exception:  # a surprising kernel: the next rule, or the default schedules, take it

@@ -621,8 +621,8 @@ def _blocked_int8_kernel(machine: Any, func: Any, reads: Any, lanes: int | None,
     when the packed weight's values are known to be within ±U8S8_WEIGHT_BOUND (`weight_bounds`
     sees through the packing), else vpmaddwd on int16 on 8 lanes x 2 bytes (the layout plan packs
     such weights 2 bytes a lane: `layout.INT8_WEIGHT_S16`)."""
-    if machine.int8_dot == "avx512-vnni":
-        return ("vnni-blocked", _register_vnni(16)) if (lanes, step) == (16, 4) else None
+    if machine.int8_dot == "avx512-vnni":  # (16 lanes on zmm; 8 on ymm: `layout.INT8_HALF_BLOCK_DOTS`)
+        return ("vnni-blocked", _register_vnni(lanes)) if lanes in (16, 8) and step == 4 else None
     if machine.int8_dot != "avx2" or lanes != LANES:
         return None
     w_buf = next(r.source for r in reads if str(r.source.dtype) == "int8")
@@ -662,6 +662,8 @@ def schedule_int8_small(func: Any, target: Any, weight_absmax: Mapping[int, int]
         return None
     red = reds[0]
     red_name = sch.get(red).name_hint
+    if red_name.startswith("depthwise"):
+        return None  # (`blocked_ops.depthwise_blocked`: the window schedule vectorizes it across a block)
     exts = [_static(iv.dom.extent) for iv in sch.get(red).iter_vars]
     if any(e is None for e in exts[1:]) or int(np.prod([e for e in exts[1:]])) > SMALL_INT8_MACS:
         return None  # (the batch may be symbolic: the outer loop)

@@ -19,7 +19,9 @@ A group is blocked when every node in it can run blocked and it has a reason to:
   VNNI: 16): the int8 network between its first and last blocked conv then holds uint8/int32
   values blocked, its requantize epilogues write 16 contiguous channels, and no conv relayouts
   its input (`blocked_ops.conv2d_int8_blocked`, `x86_int8_schedules.schedule_int8_conv_blocked`;
-  ResNet-50 int8, 1 thread: 46.1 → 33.0 ms);
+  ResNet-50 int8, 1 thread: 46.1 → 33.0 ms); AVX2 on blocks of 8 (vpmaddubsw on 7-bit weights,
+  vpmaddwd on int16 for wider ones: `INT8_WEIGHT_S16`), AVX-512 VNNI also on 8 (ymm) where
+  `choose_plan` halves the block (a quantized MobileNetV2's 24 channels);
 - `depthwise-int8`: a depthwise ConvInteger (group = C = OC, a multiple of b) on the same
   machines: uint8 blocks in, int32 sums per channel (`depthwise_blocked` widening to int32, the
   float depthwise's window schedule), so a quantized MobileNet stays 8-bit through its depthwise
@@ -82,6 +84,8 @@ INT8_STEM_WEIGHT = "int8-stem-weight"  # int8 [OC, C, KH, KW] → blocked_ops.pa
 INT8_BLOCKED_DOTS = {"avx512-vnni": 16, "avx2": 8}
 #: suffix of an int8 weight packed with 2 input channels a lane (AVX2, |w| > U8S8_WEIGHT_BOUND)
 INT8_WEIGHT_S16 = ":s16"
+#: ... and the half block `choose_plan` may take instead (AVX-512 VNNI: vpdpbusd on ymm, AVX512-VL)
+INT8_HALF_BLOCK_DOTS = {"avx512-vnni": 8}
 
 #: `winograd_m`'s modes (the cpu target's `winograd=` values)
 WINOGRAD_MODES = ("auto", "off", "2", "4")
@@ -308,7 +312,7 @@ def plan_layout(model: Model, groups: list[tuple[str, list[Node]]], block: int, 
         raise ValueError(f"winograd={mode!r} is not one of {', '.join(WINOGRAD_MODES)}")
     plan = LayoutPlan(block=block, machine=machine)
     blocked: set[int] = set()  # ids of values held blocked
-    int8 = INT8_BLOCKED_DOTS.get(machine.int8_dot or "") == block
+    int8 = block in (INT8_BLOCKED_DOTS.get(machine.int8_dot or ""), INT8_HALF_BLOCK_DOTS.get(machine.int8_dot or ""))
     for k, nodes in groups:
         roles = _group_roles(nodes, blocked, block, int8)
         if roles is None:
@@ -346,9 +350,20 @@ def choose_plan(model: Model, groups: list[tuple[str, list[Node]]], lanes: int, 
 
     def blocked_flops(plan: LayoutPlan) -> float:
         return float(sum(layer_flops(n) or 0 for _, nodes in groups for n in nodes
-                         if n.op_type == "Conv" and plan.role(n) in ("conv", "stem", "depthwise")))
+                         if n.op_type == "Conv" and plan.role(n) in ("conv", "stem", "depthwise"))
+                     + sum(_int8_conv_flops(n) for _, nodes in groups for n in nodes
+                           if plan.role(n) in ("conv-int8", "stem-int8", "depthwise-int8")))
 
     return full if blocked_flops(full) >= FULL_BLOCK_SHARE * blocked_flops(half) else half
+
+
+def _int8_conv_flops(n: Node) -> float:
+    """2 · output elements · weights per output channel of a ConvInteger (`layer_flops` counts
+    float layers only): a quantized MobileNetV2's 24-channel convs weigh in `choose_plan` too."""
+    y, w = _dims4(n.outputs[0], (np.int32,)), _const(n.inputs[1]) if len(n.inputs) > 1 and n.inputs[1] is not None else None
+    if y is None or w is None or not all(isinstance(d, int) for d in y[1:]):
+        return 0.0
+    return 2.0 * float(np.prod(y[1:])) * float(np.prod(w.shape[1:]))
 
 
 def _group_roles(nodes: list[Node], blocked: set[int], b: int, int8: bool = False) -> dict[int, str] | None:

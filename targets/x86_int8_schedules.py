@@ -20,10 +20,16 @@ kernel's epilogue (int32 → float cast, scales, bias, zero-point correction, re
 into the write-back: int8 × int8 → int32 accumulate, requantize in the epilogue. The packing of a
 weight is annotated as a layout rewrite, so the cpu target runs it once at compile time.
 
-2-D NCHW int8 convs (ConvInteger, which `qdq-to-integer` writes for static QDQ convs) use the
-same micro-kernels with the input laid out NHWC and the weights [OC/8, KH, KW, IC/s, 8, s]
-(`schedule_int8_conv`). On AVX-512 VNNI the layout plan runs them on 16-channel blocks instead
-(`schedule_int8_conv_blocked`: no relayout of inputs, requantize vectorized over the block).
+2-D int8 convs (ConvInteger, which `qdq-to-integer` writes for static QDQ convs) run on the
+channel blocks the layout plan gives them (`schedule_int8_conv_blocked`: uint8 [N, C/b, H, W, b]
+activations, weights packed at compile time, no relayout of inputs, requantize vectorized over
+the block, an elementwise prologue inlined into the pass that writes the conv's input): AVX-512
+VNNI on blocks of 16 (or 8, ymm), AVX2 on blocks of 8 with the u8s8 kernel (weights within ±64,
+4 bytes a lane) or the s16 one (2 bytes a lane). Convs the plan leaves NCHW use the same
+micro-kernels with the input laid out NHWC inside the kernel and the weights
+[OC/8, KH, KW, IC/s, 8, s] (`schedule_int8_conv`); small int32 kernels no rule takes
+(squeeze-excite convs, narrow classifiers) become one loop nest with their epilogue inlined
+(`schedule_int8_small`).
 
 The rule does not fire (the default schedules take the kernel) when the target has no AVX2, N is
 not a multiple of 8 or K of the step, the reduction is not a plain product of two 8-bit casts (a
@@ -626,7 +632,7 @@ def _blocked_int8_kernel(machine: Any, func: Any, reads: Any, lanes: int | None,
     if machine.int8_dot != "avx2" or lanes != LANES:
         return None
     w_buf = next(r.source for r in reads if str(r.source.dtype) == "int8")
-    if str(next(r.source for r in reads if r.source is not w_buf).dtype) != "uint8":
+    if str(next(r.source for r in reads if not r.source.same_as(w_buf)).dtype) != "uint8":
         return None
     w_param = next((i for i, p in enumerate(func.params) if p.same_as(w_buf)), None)
     bound = (weight_absmax or {}).get(w_param) if w_param is not None else None
@@ -766,8 +772,10 @@ def _one_int32_reduction(func: Any) -> bool:
 
 
 def schedule_int8_kernels(mod: Any, target: Any, params: Mapping[str, np.ndarray] | list[np.ndarray] | None = None) -> tuple[Any, dict[str, str]]:
-    """Apply `schedule_int8_matmul` to every unscheduled PrimFunc it fits (x86 AVX2 targets only).
-    Returns the module and {function: "int8-u8s8" | "int8-s16"} for the ones it scheduled."""
+    """Apply the int8 rules (blocked conv, matmul, NCHW conv, small) to every unscheduled PrimFunc
+    they fit (x86 AVX2 targets only). Returns the module and {function: "int8-<variant>"} for the
+    ones scheduled ("int8-u8s8", "int8-s16", "int8-vnni", "int8-u8s8-blocked", "int8-s16-blocked",
+    "int8-vnni-blocked", "int8-small")."""
     import tvm
     from tvm import tirx
 

@@ -237,7 +237,7 @@ class CpuTarget(Target):
                           task_labels=options.extra.get("task-labels"), knobs=self.schedule_knobs)
 
     def int8_kernels(self, mod: Any, target: Any, params: dict[str, np.ndarray]) -> tuple[Any, dict[str, str]]:
-        """int8 × int8 → int32 matmul kernels with AVX2 micro-kernels (targets/x86_int8_schedules.py;
+        """int8 × int8 → int32 matmul kernels with AVX2 micro-kernels (targets/tvm/schedules/int8_x86.py;
         a no-op on other ISAs), scheduled before the default schedules. Returns {function: kind}."""
         from graphopt.targets.tvm.schedules.int8_x86 import schedule_int8_kernels
 

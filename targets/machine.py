@@ -54,6 +54,10 @@ CACHES: dict[str, tuple[int, int, int, int]] = {
     "apple-m2": (128 << 10, 4 << 20, 0, 4),
 }
 _DEFAULT_X86 = (32 << 10, 512 << 10, 4 << 20, 2)
+#: |w| up to which AVX2's vpmaddubsw (u8 x s8 pairs summed in int16) cannot saturate: 2 x 255 x 64
+#: < 32767, so weights within it are exact on the u8s8 path; wider ones take vpmaddwd on int16
+U8S8_WEIGHT_BOUND = 64
+
 _DEFAULT_ARM = (64 << 10, 512 << 10, 1 << 20, 2)
 
 # LLVM feature names the model records, and how /proc/cpuinfo spells them
@@ -151,7 +155,7 @@ class MachineModel:
         return None
 
     @property
-    def int8_exact_u8s8(self) -> bool:
+    def int8_exact_u8s8(self) -> bool:  # (else exact only for |w| <= U8S8_WEIGHT_BOUND)
         """u8 x s8 products accumulate without int16 saturation (VNNI, dotprod): full 8-bit
         weights are exact; AVX2's vpmaddubsw needs 7-bit weights (`reduce-range`)."""
         return self.int8_dot not in ("avx2", None)

@@ -8,7 +8,7 @@ DynamicQuantizeLinear → MatMulInteger, conv nets static QDQ (synthetic calibra
 weights on CPUs without VNNI) are compiled for the cpu target (which turns QDQ convs into
 ConvInteger and both into its x86 int8 kernels); onnxruntime runs both ONNX files. Reported:
 
-- which kernels the int8 artifact got (`x86 int8 kernels: N (int8-u8s8 / int8-s16)`);
+- which kernels the int8 artifact got (`x86 int8 kernels: N (int8-u8s8-blocked, int8-small, ...)`);
 - exactness: the int8 artifact's int32 accumulators are checked against numpy's integer matmul
   on the first MatMulInteger of the model (a copy of the model that also outputs them; conv
   kernels are checked against onnxruntime's ConvInteger in tests/targets/tvm/schedules/test_x86_int8.py);

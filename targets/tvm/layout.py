@@ -2,7 +2,7 @@
 
 The lowering keeps graphopt's kernel groups; this module only decides, per group, whether its
 convolutions, pooling and elementwise epilogues read and write blocked tensors
-`[N, C/b, H, W, b]` (see `blocked_ops`) instead of NCHW. Like onnxruntime's NchwcTransformer, a
+`[N, C/b, H, W, b]` (see `kernels.blocked`) instead of NCHW. Like onnxruntime's NchwcTransformer, a
 layout change happens only at group boundaries: a blocked value read by a group that wants NCHW
 (a Flatten, a Softmax, a graph output) is converted once by a kernel of its own, and so is an NCHW
 value read by a blocked convolution; weights are packed by weight-only functions that the build
@@ -18,8 +18,10 @@ A group is blocked when every node in it can run blocked and it has a reason to:
   1, C and OC multiples of b, where the machine's int8 dot product takes blocks of b (AVX-512
   VNNI: 16): the int8 network between its first and last blocked conv then holds uint8/int32
   values blocked, its requantize epilogues write 16 contiguous channels, and no conv relayouts
-  its input (`blocked_ops.conv2d_int8_blocked`, `x86_int8_schedules.schedule_int8_conv_blocked`;
-  ResNet-50 int8, 1 thread: 46.1 → 33.0 ms);
+  its input (`kernels.blocked.conv2d_int8_blocked`, `schedules.int8_x86.schedule_int8_conv_blocked`;
+  ResNet-50 int8, 1 thread: 46.1 → 33.0 ms); AVX2 on blocks of 8 (vpmaddubsw on 7-bit weights,
+  vpmaddwd on int16 for wider ones: `INT8_WEIGHT_S16`), AVX-512 VNNI also on 8 (ymm) where
+  `choose_plan` halves the block (a quantized MobileNetV2's 24 channels);
 - `depthwise-int8`: a depthwise ConvInteger (group = C = OC, a multiple of b) on the same
   machines: uint8 blocks in, int32 sums per channel (`depthwise_blocked` widening to int32, the
   float depthwise's window schedule), so a quantized MobileNet stays 8-bit through its depthwise
@@ -36,7 +38,7 @@ A group is blocked when every node in it can run blocked and it has a reason to:
   `t` folded at compile time (DenseNet-121, 2 threads: 1.52x -> 1.15x onnxruntime's time, its
   pre-activation BNs after each Concat having kept those groups NCHW).
 
-A blocked 3x3 stride-1 conv may run in Winograd form (`winograd_m`, `winograd_ops`): its weight
+A blocked 3x3 stride-1 conv may run in Winograd form (`winograd_m`, `kernels.winograd`): its weight
 is then packed as `WINOGRAD_WEIGHT`.
 
 Must not block: 1-D/3-D convs, grouped convs other than depthwise, weights computed at run time,
@@ -58,6 +60,7 @@ from graphopt.ir import Model, Node, Value
 from graphopt.passes.pruning.flops import layer_flops
 
 from ..machine import MachineModel
+from ..machine import U8S8_WEIGHT_BOUND
 from .kernels import blocked as BO
 from .kernels import winograd as WO
 
@@ -75,8 +78,14 @@ WINOGRAD_WEIGHT = "winograd-weight-"  # + m: [OC, C, 3, 3] → winograd_ops.pack
 INT8_WEIGHT = "int8-conv-weight"  # int8 [OC, C, KH, KW] → blocked_ops.pack_int8_conv_weight
 INT8_STEM_WEIGHT = "int8-stem-weight"  # int8 [OC, C, KH, KW] → blocked_ops.pack_int8_stem_weight
 #: int8 dot products whose ConvInteger kernels run blocked (`conv-int8`): the x86 int8 kernels
-#: tensorize the blocked form with vpdpbusd on 16 int32 lanes (AVX2's 8-lane kernels keep NCHW)
-INT8_BLOCKED_DOTS = {"avx512-vnni": 16}
+#: tensorize the blocked form with vpdpbusd on 16 int32 lanes, and on AVX2 with vpmaddubsw +
+#: vpmaddwd (7-bit weights, 4 bytes a lane) or vpmaddwd on int16 (full 8-bit weights, 2 bytes a
+#: lane: `INT8_WEIGHT_S16`) on 8 lanes
+INT8_BLOCKED_DOTS = {"avx512-vnni": 16, "avx2": 8}
+#: suffix of an int8 weight packed with 2 input channels a lane (AVX2, |w| > U8S8_WEIGHT_BOUND)
+INT8_WEIGHT_S16 = ":s16"
+#: ... and the half block `choose_plan` may take instead (AVX-512 VNNI: vpdpbusd on ymm, AVX512-VL)
+INT8_HALF_BLOCK_DOTS = {"avx512-vnni": 8}
 
 #: `winograd_m`'s modes (the cpu target's `winograd=` values)
 WINOGRAD_MODES = ("auto", "off", "2", "4")
@@ -126,6 +135,8 @@ class LayoutPlan:
             return PLAIN  # (read as constants when the node is converted)
         if role in ("conv-int8", "stem-int8", "depthwise-int8"):  # (zero points: read as constants)
             weight = {"conv-int8": INT8_WEIGHT, "stem-int8": INT8_STEM_WEIGHT, "depthwise-int8": DW_WEIGHT}[role]
+            if i == 1 and role != "depthwise-int8" and not _u8s8_exact(self.machine, node.inputs[1]):
+                weight += INT8_WEIGHT_S16
             return {0: PLAIN if role == "stem-int8" else BLOCKED, 1: weight}.get(i, PLAIN)
         if role in ("conv", "stem", "depthwise"):
             if i == 0:
@@ -141,6 +152,16 @@ class LayoutPlan:
         if v is not None and _channel_const(v) is not None:
             return CHANNEL
         return BLOCKED
+
+
+def _u8s8_exact(machine: MachineModel, w: Value) -> bool:
+    """Whether u8 x s8 pairs summed in int16 (AVX2's vpmaddubsw) are exact for weight `w`: always
+    where the machine's int8 dot has no int16 step (VNNI), else for |w| ≤ U8S8_WEIGHT_BOUND (the
+    quantize pass's 7-bit weights on AVX2); wider weights are packed for the int16 kernel."""
+    if machine.int8_exact_u8s8:
+        return True
+    c = _const(w)
+    return c is not None and c.size > 0 and int(np.abs(c.astype(np.int64)).max()) <= U8S8_WEIGHT_BOUND
 
 
 def _const(v: Value) -> np.ndarray | None:
@@ -291,7 +312,7 @@ def plan_layout(model: Model, groups: list[tuple[str, list[Node]]], block: int, 
         raise ValueError(f"winograd={mode!r} is not one of {', '.join(WINOGRAD_MODES)}")
     plan = LayoutPlan(block=block, machine=machine)
     blocked: set[int] = set()  # ids of values held blocked
-    int8 = INT8_BLOCKED_DOTS.get(machine.int8_dot or "") == block
+    int8 = block in (INT8_BLOCKED_DOTS.get(machine.int8_dot or ""), INT8_HALF_BLOCK_DOTS.get(machine.int8_dot or ""))
     for k, nodes in groups:
         roles = _group_roles(nodes, blocked, block, int8)
         if roles is None:
@@ -329,9 +350,20 @@ def choose_plan(model: Model, groups: list[tuple[str, list[Node]]], lanes: int, 
 
     def blocked_flops(plan: LayoutPlan) -> float:
         return float(sum(layer_flops(n) or 0 for _, nodes in groups for n in nodes
-                         if n.op_type == "Conv" and plan.role(n) in ("conv", "stem", "depthwise")))
+                         if n.op_type == "Conv" and plan.role(n) in ("conv", "stem", "depthwise"))
+                     + sum(_int8_conv_flops(n) for _, nodes in groups for n in nodes
+                           if plan.role(n) in ("conv-int8", "stem-int8", "depthwise-int8")))
 
     return full if blocked_flops(full) >= FULL_BLOCK_SHARE * blocked_flops(half) else half
+
+
+def _int8_conv_flops(n: Node) -> float:
+    """2 · output elements · weights per output channel of a ConvInteger (`layer_flops` counts
+    float layers only): a quantized MobileNetV2's 24-channel convs weigh in `choose_plan` too."""
+    y, w = _dims4(n.outputs[0], (np.int32,)), _const(n.inputs[1]) if len(n.inputs) > 1 and n.inputs[1] is not None else None
+    if y is None or w is None or not all(isinstance(d, int) for d in y[1:]):
+        return 0.0
+    return 2.0 * float(np.prod(y[1:])) * float(np.prod(w.shape[1:]))
 
 
 def _group_roles(nodes: list[Node], blocked: set[int], b: int, int8: bool = False) -> dict[int, str] | None:
@@ -439,13 +471,13 @@ FLAT_MAX_IH = 28
 
 def flat_multiple(n: Node, block: int, machine: MachineModel) -> int:
     """The pixel multiple of blocked conv `n` computed on its flattened output pixels
-    (`blocked_ops.conv2d_blocked_flat`), or 0 (its rows as they are): unpadded 1x1 convs and
+    (`kernels.blocked.conv2d_blocked_flat`), or 0 (its rows as they are): unpadded 1x1 convs and
     convs with at most FLAT_MAX_OH output rows or FLAT_MAX_IH input rows, static shapes; the
     multiple is the pixels of the tile the output blocks take on `machine` (its `conv_tiles`, else
     its `odd_tile`).
     Single thread, same run, ResNet-50's shapes: 1x1 on 7x7 maps 1.19-1.23x onnxruntime's time ->
     1.01-1.02x, on 14x14 1.06-1.09x -> 0.98-1.02x, on 56x56 1.00-1.06x -> 0.97x; 3x3 512 -> 512 on
-    7x7 1.19x -> 0.94x (with the weight chunks of `nchwc_schedules.conv_tile`)."""
+    7x7 1.19x -> 0.94x (with the weight chunks of `schedules.tiles.conv_tile`)."""
     x, y, w = _dims4(n.inputs[0]), _dims4(n.outputs[0]), _dims4(n.inputs[1])
     if x is None or y is None or w is None or int(n.attr("group", 1)) != 1:
         return 0
@@ -472,7 +504,7 @@ def _symbolic_maps(n: Node) -> bool:
 
 
 def winograd_m(n: Node, block: int, mode: str = "auto", static: bool = True) -> int:
-    """The m of F(m x m, 3 x 3) blocked conv `n` runs in (`winograd_ops`), or 0 (direct): 3x3
+    """The m of F(m x m, 3 x 3) blocked conv `n` runs in (`kernels.winograd`), or 0 (direct): 3x3
     kernels, stride 1, no dilation, pads of at most 1, static maps (the batch may be symbolic),
     at least WINOGRAD_MIN_CHANNELS channels in and out.
 
@@ -492,7 +524,7 @@ def winograd_m(n: Node, block: int, mode: str = "auto", static: bool = True) -> 
         return 0
     if not all(isinstance(d, int) for d in [x[1], y[1]] + list(w)) or static and not all(
             isinstance(d, int) for d in list(x[2:]) + list(y[2:])):
-        return 0  # (a symbolic batch is fine; symbolic maps are not: `winograd_ops` tiles static maps)
+        return 0  # (a symbolic batch is fine; symbolic maps are not: `kernels.winograd` tiles static maps)
     if not static:
         y = [y[0], y[1], 10**6, 10**6]  # (the m it would take on a large map)
     if list(w[2:]) != [3, 3] or any(int(s) != 1 for s in n.attr("strides", [1, 1])):
@@ -520,10 +552,12 @@ def convert_form(bb: relax.BlockBuilder, e: relax.Expr, v: Value, have: str, wan
         return bb.emit_te(BO.block_bias, e, block, primfunc_name_hint="block_bias")
     if want == CHANNEL:
         return bb.emit_te(BO.block_channel_const, e, block, primfunc_name_hint="block_channel_const")
-    if want == INT8_WEIGHT:
-        return bb.emit_te(BO.pack_int8_conv_weight, e, block, primfunc_name_hint="pack_int8_conv_weight")
-    if want == INT8_STEM_WEIGHT:
-        return bb.emit_te(BO.pack_int8_stem_weight, e, block, primfunc_name_hint="pack_int8_stem_weight")
+    if want in (INT8_WEIGHT, INT8_WEIGHT + INT8_WEIGHT_S16):
+        return bb.emit_te(BO.pack_int8_conv_weight, e, block, 2 if want.endswith(INT8_WEIGHT_S16) else 4,
+                          primfunc_name_hint="pack_int8_conv_weight")
+    if want in (INT8_STEM_WEIGHT, INT8_STEM_WEIGHT + INT8_WEIGHT_S16):
+        return bb.emit_te(BO.pack_int8_stem_weight, e, block, 2 if want.endswith(INT8_WEIGHT_S16) else 4,
+                          primfunc_name_hint="pack_int8_stem_weight")
     if want.startswith(WINOGRAD_WEIGHT):
         m = int(want[len(WINOGRAD_WEIGHT):])
         return bb.emit_te(WO.pack_winograd_weight, e, block, m, primfunc_name_hint="pack_winograd_weight")

@@ -20,10 +20,16 @@ kernel's epilogue (int32 → float cast, scales, bias, zero-point correction, re
 into the write-back: int8 × int8 → int32 accumulate, requantize in the epilogue. The packing of a
 weight is annotated as a layout rewrite, so the cpu target runs it once at compile time.
 
-2-D NCHW int8 convs (ConvInteger, which `qdq-to-integer` writes for static QDQ convs) use the
-same micro-kernels with the input laid out NHWC and the weights [OC/8, KH, KW, IC/s, 8, s]
-(`schedule_int8_conv`). On AVX-512 VNNI the layout plan runs them on 16-channel blocks instead
-(`schedule_int8_conv_blocked`: no relayout of inputs, requantize vectorized over the block).
+2-D int8 convs (ConvInteger, which `qdq-to-integer` writes for static QDQ convs) run on the
+channel blocks the layout plan gives them (`schedule_int8_conv_blocked`: uint8 [N, C/b, H, W, b]
+activations, weights packed at compile time, no relayout of inputs, requantize vectorized over
+the block, an elementwise prologue inlined into the pass that writes the conv's input): AVX-512
+VNNI on blocks of 16 (or 8, ymm), AVX2 on blocks of 8 with the u8s8 kernel (weights within ±64,
+4 bytes a lane) or the s16 one (2 bytes a lane). Convs the plan leaves NCHW use the same
+micro-kernels with the input laid out NHWC inside the kernel and the weights
+[OC/8, KH, KW, IC/s, 8, s] (`schedule_int8_conv`); small int32 kernels no rule takes
+(squeeze-excite convs, narrow classifiers) become one loop nest with their epilogue inlined
+(`schedule_int8_small`).
 
 The rule does not fire (the default schedules take the kernel) when the target has no AVX2, N is
 not a multiple of 8 or K of the step, the reduction is not a plain product of two 8-bit casts (a
@@ -37,13 +43,12 @@ from typing import Any
 
 import numpy as np
 
+from graphopt.targets.machine import U8S8_WEIGHT_BOUND
 from graphopt.targets.tvm.tir_match import int8_dot_desc, int8_matmul_operands
 from graphopt.targets.tvm.tir_match import static_int as _static
 from graphopt.targets.tvm.schedules.base import merge_epilogue_branches
 
 LAYOUT_REWRITE_ANN = "meta_schedule.layout_rewrite_preproc"
-#: |weight| bound for which vpmaddubsw's int16 pair sums cannot saturate with uint8 activations
-U8S8_WEIGHT_BOUND = 64
 _REGISTERED: set[str] = set()
 LANES = 8  # int32 lanes of a ymm register (the AVX2 kernels; VNNI on zmm: 16)
 
@@ -486,7 +491,7 @@ def schedule_int8_conv(func: Any, target: Any, weight_absmax: Mapping[int, int] 
 
 
 def schedule_int8_conv_blocked(func: Any, target: Any, weight_absmax: Mapping[int, int] | None = None) -> tuple[Any, str] | None:  # noqa: C901
-    """A blocked int8 conv kernel (`blocked_ops.conv2d_int8_blocked`: uint8 [N, C/16, H, W, 16]
+    """A blocked int8 conv kernel (`kernels.blocked.conv2d_int8_blocked`: uint8 [N, C/16, H, W, 16]
     activations, int8 weights packed [OC/16, KH, KW, C/16, 4, 16, 4], int32 sums, its padding
     materialised, elementwise epilogue) as vpdpbusd micro-kernels: a register tile of `xt` output
     pixels of a row × `nt` output blocks (up to the machine's accumulator budget: 24 of 32 zmm),
@@ -502,7 +507,7 @@ def schedule_int8_conv_blocked(func: Any, target: Any, weight_absmax: Mapping[in
     from ...machine import machine_model
 
     machine = machine_model(target)
-    if machine.int8_dot != "avx512-vnni":
+    if machine.int8_dot not in ("avx512-vnni", "avx2"):
         return None
     sch = s_tir.Schedule(func)
     root = _root(sch)
@@ -521,11 +526,13 @@ def schedule_int8_conv_blocked(func: Any, target: Any, weight_absmax: Mapping[in
     if [iv.iter_type == tirx.IterVar.CommReduce for iv in ivs] != [False] * 5 + [True] * (len(ivs) - 5):
         return None
     ext = [_static(iv.dom.extent) for iv in ivs]
-    if any(e is None for e in ext[1:]) or ext[4] != 16 or ext[-1] != 4:
-        return None
     reads = [r for r in stmt.reads if not r.source.same_as(stmt.writes[0].source)]
     if len(reads) != 2 or sorted(str(r.source.dtype) for r in reads) != ["int8", "uint8"]:
         return None
+    blocked = _blocked_int8_kernel(machine, func, reads, ext[4], ext[-1], weight_absmax)
+    if blocked is None or any(e is None for e in ext[1:]):
+        return None
+    variant, intrin = blocked
     # constants' relayouts (a per-channel scale made blocked) inline into their readers
     conv_name = stmt.name_hint
     operands = [r.source for r in reads]
@@ -538,7 +545,6 @@ def schedule_int8_conv_blocked(func: Any, target: Any, weight_absmax: Mapping[in
             except Exception:  # (an output block)
                 pass
     conv = sch.get_sblock(conv_name)
-    intrin = _register_vnni(16)
     _, ob_n, _, ow_n, _ = ext[:5]
     cores = _static(target.attrs.get("num-cores", 1)) or 1
 
@@ -556,10 +562,18 @@ def schedule_int8_conv_blocked(func: Any, target: Any, weight_absmax: Mapping[in
     sch.reverse_compute_at(wb, outer, preserve_unit_loops=True)
     if not _inline_epilogue(sch, wb):
         return None
-    # the padded input (a real pad: if_then_else) is written by its own parallel loop
-    for b in sch.get_child_blocks(root):
-        if sch.get(b).name_hint == "pad":
+    # the padded input (a real pad: if_then_else), or the input an elementwise prologue computes,
+    # is written by its own parallel loop with the prologue inlined into it (DenseNet: the Concat
+    # of the earlier layers, BatchNorm, ReLU and the requantize to uint8 in front of each conv,
+    # each one a scalar loop nest of its own before: 14k LLVM IR lines a kernel at znver3)
+    data = next(r.source for r in reads if str(r.source.dtype) == "uint8")
+    writer = next((b for b in sch.get_child_blocks(root) if sch.get(b).name_hint == "pad"
+                   or any(w.source.same_as(data) for w in sch.get(b).writes)), None)
+    if writer is not None and not _is_reduction(sch.get(writer)):
+        for b in [writer, *_inline_prologue(sch, writer)]:
             pl = sch.get_loops(b)
+            if len(pl) < 4 or _is_reduction(sch.get(b)):
+                continue
             sch.parallel(sch.fuse(*pl[:3]))
             if len(pl) == 5:  # (blocked: the 16 channels; a stem's NCHW rows stay scalar copies)
                 sch.vectorize(pl[-1])
@@ -568,8 +582,121 @@ def schedule_int8_conv_blocked(func: Any, target: Any, weight_absmax: Mapping[in
     sch.unroll(ow_i)
     sch.unroll(ob_i)
     wl = sch.get_loops(wb)
-    sch.vectorize(wl[-1])  # the 16 channels of a block
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True), "vnni-blocked"
+    sch.vectorize(wl[-1])  # the 16 (8) channels of a block
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True), variant
+
+
+def _inline_prologue(sch: Any, blk: Any) -> list[Any]:
+    """Inline the elementwise producers of block `blk` (transitively) into it and return the
+    producers left (transitively): those that cannot be inlined (a reduction, one read by other
+    blocks too) and selections (a Concat's if_then_else chain over its inputs: inlined, a ReLU's
+    Select after it copied the chain, 24 inputs deep in DenseNet)."""
+    tried: set[str] = set()
+    kept: list[Any] = []
+    frontier = [blk]
+    while frontier:
+        b = frontier.pop()
+        while True:
+            for p in sch.get_producers(b):
+                name = sch.get(p).name_hint
+                if name in tried:
+                    continue
+                tried.add(name)
+                if "if_then_else" in str(sch.get(p).body):
+                    kept.append(p)
+                    frontier.append(p)
+                    continue
+                try:
+                    sch.compute_inline(p)
+                    break
+                except Exception:  # noqa: BLE001 - (left materialised)
+                    kept.append(p)
+                    frontier.append(p)
+                    continue
+            else:
+                break
+    return kept
+
+
+def _blocked_int8_kernel(machine: Any, func: Any, reads: Any, lanes: int | None, step: int | None,
+                         weight_absmax: Mapping[int, int] | None) -> tuple[str, str] | None:
+    """(variant, tensor intrinsic) of a blocked int8 conv whose blocks are `lanes` channels and
+    whose innermost reduction sums `step` bytes per int32 lane, on `machine`; None where none fits.
+    AVX-512 VNNI: vpdpbusd on 16 lanes x 4 bytes. AVX2: vpmaddubsw + vpmaddwd on 8 lanes x 4 bytes
+    when the packed weight's values are known to be within ±U8S8_WEIGHT_BOUND (`weight_bounds`
+    sees through the packing), else vpmaddwd on int16 on 8 lanes x 2 bytes (the layout plan packs
+    such weights 2 bytes a lane: `layout.INT8_WEIGHT_S16`)."""
+    if machine.int8_dot == "avx512-vnni":  # (16 lanes on zmm; 8 on ymm: `layout.INT8_HALF_BLOCK_DOTS`)
+        return ("vnni-blocked", _register_vnni(lanes)) if lanes in (16, 8) and step == 4 else None
+    if machine.int8_dot != "avx2" or lanes != LANES:
+        return None
+    w_buf = next(r.source for r in reads if str(r.source.dtype) == "int8")
+    if str(next(r.source for r in reads if not r.source.same_as(w_buf)).dtype) != "uint8":
+        return None
+    w_param = next((i for i, p in enumerate(func.params) if p.same_as(w_buf)), None)
+    bound = (weight_absmax or {}).get(w_param) if w_param is not None else None
+    if step == 4 and bound is not None and bound <= U8S8_WEIGHT_BOUND:
+        return "u8s8-blocked", _register_u8s8()
+    if step == 2:
+        return "s16-blocked", _register_s16("uint8", "int8")
+    return None
+
+
+#: multiply-adds up to which an int32 conv/matmul kernel that no int8 rule takes runs as one
+#: serial loop nest with its prologue and epilogue inlined (`schedule_int8_small`)
+SMALL_INT8_MACS = 1 << 16
+
+
+def schedule_int8_small(func: Any, target: Any, weight_absmax: Mapping[int, int] | None = None) -> tuple[Any, str] | None:
+    """A small int32-accumulating conv/matmul the other rules decline (EfficientNet's
+    squeeze-excite convs: 480 → 20 channels on a 1x1 map, channel counts no vector block divides,
+    or 6 → 144 whose epilogue multiplies the 56x56 activation by the excitation) with static sizes
+    and at most SMALL_INT8_MACS multiply-adds: its elementwise prologue inlined into the reduction
+    (a serial loop nest), its elementwise epilogue (requantize, SiLU, sigmoid, the broadcast
+    multiply: ~30 ops) inlined into the kernel's output block, one loop nest parallel over its
+    rows (when it is large) and vectorized across a channel block. The default schedules gave each
+    epilogue op a parallel loop of its own (30 parallel regions, ~7k LLVM IR lines a kernel)."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    root = _root(sch)
+    if root is None:
+        return None
+    reds = [b for b in sch.get_child_blocks(root) if _is_reduction(sch.get(b))]
+    if len(reds) != 1:
+        return None
+    red = reds[0]
+    red_name = sch.get(red).name_hint
+    if red_name.startswith("depthwise"):
+        return None  # (`kernels.blocked.depthwise_blocked`: the window schedule vectorizes it across a block)
+    exts = [_static(iv.dom.extent) for iv in sch.get(red).iter_vars]
+    if any(e is None for e in exts[1:]) or int(np.prod([e for e in exts[1:]])) > SMALL_INT8_MACS:
+        return None  # (the batch may be symbolic: the outer loop)
+    _inline_prologue(sch, sch.get_sblock(red_name))
+    changed = True
+    while changed:  # every other elementwise block into its readers (the output blocks stay)
+        changed = False
+        for b in sch.get_child_blocks(root):
+            st = sch.get(b)
+            if st.name_hint == red_name or _is_reduction(st):
+                continue
+            try:
+                sch.compute_inline(b)
+                changed = True
+                break
+            except Exception:  # noqa: BLE001 - (an output block, or one the reduction reads)
+                continue
+    cores = _static(target.attrs.get("num-cores", 1)) or 1
+    for b in sch.get_child_blocks(root):
+        if sch.get(b).name_hint == red_name:
+            continue
+        pl = sch.get_loops(b)
+        ext = [_static(sch.get(lp).extent) for lp in pl]
+        if len(pl) == 5 and ext[-1] in (8, 16):
+            sch.vectorize(pl[-1])
+        if len(pl) >= 4 and cores > 1 and all(e is not None for e in ext[1:]) and int(np.prod(ext[1:])) >= 4096:
+            sch.parallel(sch.fuse(*pl[:3]))
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True), "small"
 
 
 def weight_bounds(mod: Any, params: Mapping[str, np.ndarray] | list[np.ndarray] | None) -> dict[str, dict[int, int]]:
@@ -592,6 +719,16 @@ def weight_bounds(mod: Any, params: Mapping[str, np.ndarray] | list[np.ndarray] 
             calls.append(e)
 
     relax.analysis.post_order_visit(main.body, visit)
+    # an int8 weight packed for the blocked convs (`blocked_ops.pack_int8_*`: a relayout, zeros
+    # added at most) holds its weight's values: the packed argument's bound is the weight's
+    packed: dict[Any, Any] = {}
+    for blk in getattr(main.body, "blocks", []):
+        for bnd in blk.bindings:
+            v = getattr(bnd, "value", None)
+            if (isinstance(v, relax.Call) and getattr(v.op, "name", "") == "relax.call_tir"
+                    and v.args[0].name_hint.startswith("pack_int8")
+                    and isinstance(v.args[1], relax.Tuple) and len(v.args[1].fields) == 1):
+                packed[bnd.var] = v.args[1].fields[0]
     bounds: dict[str, dict[int, int]] = {}
     unknown: dict[str, set[int]] = {}
     for c in calls:
@@ -600,6 +737,7 @@ def weight_bounds(mod: Any, params: Mapping[str, np.ndarray] | list[np.ndarray] 
         name = gv.name_hint
         for i, a in enumerate(fields):
             arr = None
+            a = packed.get(a, a)
             if isinstance(a, ir.expr.Constant):
                 arr = a.value.numpy()
             elif isinstance(a, relax.Var) and a in weight_of:
@@ -633,8 +771,10 @@ def _one_int32_reduction(func: Any) -> bool:
 
 
 def schedule_int8_kernels(mod: Any, target: Any, params: Mapping[str, np.ndarray] | list[np.ndarray] | None = None) -> tuple[Any, dict[str, str]]:
-    """Apply `schedule_int8_matmul` to every unscheduled PrimFunc it fits (x86 AVX2 targets only).
-    Returns the module and {function: "int8-u8s8" | "int8-s16"} for the ones it scheduled."""
+    """Apply the int8 rules (blocked conv, matmul, NCHW conv, small) to every unscheduled PrimFunc
+    they fit (x86 AVX2 targets only). Returns the module and {function: "int8-<variant>"} for the
+    ones scheduled ("int8-u8s8", "int8-s16", "int8-vnni", "int8-u8s8-blocked", "int8-s16-blocked",
+    "int8-vnni-blocked", "int8-small")."""
     import tvm
     from tvm import tirx
 
@@ -652,7 +792,7 @@ def schedule_int8_kernels(mod: Any, target: Any, params: Mapping[str, np.ndarray
                 continue
         except Exception:  # (a kernel the schedule cannot open: the default schedules take it)
             continue
-        for rule in (schedule_int8_conv_blocked, schedule_int8_matmul, schedule_int8_conv):
+        for rule in (schedule_int8_conv_blocked, schedule_int8_matmul, schedule_int8_conv, schedule_int8_small):
             try:
                 res = rule(func, target, bounds.get(gv.name_hint))
             except Exception:  # a surprising kernel: the next rule, or the default schedules, take it

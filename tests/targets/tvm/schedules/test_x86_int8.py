@@ -193,7 +193,7 @@ def test_dynamic_quantized_matmul_exact_with_epilogue(wmax) -> None:
         assert np.array_equal(_ort(m, {"x": x})[1], ref)
 
 
-# --- near-misses: the default schedules take the kernel, results stay right ---------------------------------
+# --- near-misses: no vector kernel takes the kernel, results stay right ---------------------------------
 
 
 @needs_avx2
@@ -206,7 +206,8 @@ def test_near_misses_stay_default(a_shape, n, why) -> None:
     w = _weights((a_shape[-1], n), 64, seed=5)
     m = _matmul_integer(TP.UINT8, a_shape, w, scale=False)
     r, sched = _compile(m)
-    assert "x86 int8" not in sched, why
+    # no vector micro-kernel (these small products may take the small rule's plain loop nest)
+    assert not re.search(r"int8-(u8s8|s16|vnni)", sched), why
     a = np.random.default_rng(6).integers(0, 256, a_shape).astype(np.uint8)
     assert np.array_equal(r.run({"a": a})[0], _ref(a, w))
 
@@ -307,12 +308,18 @@ def _conv_integer(ic: int, oc: int, hw: int, k: int, stride: int = 1, pad: int =
 
 @needs_avx2
 @pytest.mark.parametrize("ic, oc, hw, k, stride, pad, wmax, kind", [
-    (16, 32, 8, 3, 1, 1, 64, "int8-u8s8"),    # padded with the zero point (7), not 0
-    (32, 16, 14, 3, 2, 1, 64, "int8-u8s8"),   # stride 2
-    (24, 16, 7, 1, 1, 0, 64, "int8-u8s8"),    # 1x1 on a 7x7 map: the input copied to NHWC
-    (16, 8, 6, 3, 1, 1, 127, "int8-s16"),     # full 8-bit weights
+    (16, 32, 8, 3, 1, 1, 64, "int8-u8s8-blocked"),    # padded with the zero point (7), not 0
+    (32, 16, 14, 3, 2, 1, 64, "int8-u8s8-blocked"),   # stride 2
+    (24, 16, 7, 1, 1, 0, 64, "int8-u8s8-blocked"),    # 1x1 on a 7x7 map, 3 input blocks
+    (16, 8, 6, 3, 1, 1, 127, "int8-s16-blocked"),     # full 8-bit weights: 2 bytes a lane
+    (16, 16, 6, 3, 1, 1, 65, "int8-s16-blocked"),     # one past vpmaddubsw's exact bound
+    (3, 16, 9, 3, 1, 1, 64, "int8-u8s8-blocked"),     # a stem (3 channels): NCHW in, blocks out
+    (3, 16, 16, 7, 2, 3, 127, "int8-s16-blocked"),    # ResNet's 7x7/2 stem, 8-bit weights
 ])
 def test_int8_conv_equals_onnxruntime_conv_integer(ic, oc, hw, k, stride, pad, wmax, kind) -> None:
+    """AVX2 (znver3 whatever the host): an int8 conv runs on 8-channel uint8 blocks, its weights
+    packed at compile time (4 bytes a lane for vpmaddubsw where |w| ≤ 64, else 2 for vpmaddwd on
+    int16): exactly onnxruntime's ConvInteger."""
     m, _ = _conv_integer(ic, oc, hw, k, stride, pad, wmax=wmax)
     r, sched = _compile(m)
     assert f"x86 int8 kernels: 1 ({kind})" in sched
@@ -321,7 +328,7 @@ def test_int8_conv_equals_onnxruntime_conv_integer(ic, oc, hw, k, stride, pad, w
 
 
 @needs_avx2
-@pytest.mark.parametrize("ic, oc, why", [(3, 16, "3 input channels"), (16, 12, "12 output channels")])
+@pytest.mark.parametrize("ic, oc, why", [(16, 12, "12 output channels, 110k multiply-adds")])
 def test_int8_conv_near_misses_stay_default(ic, oc, why) -> None:
     m, _ = _conv_integer(ic, oc, 8, 3, pad=1)
     r, sched = _compile(m)
@@ -388,7 +395,9 @@ def test_quantized_cnn_compiles_to_int8_convs_with_onnxruntime_outputs() -> None
     m = _qdq_cnn()
     art = graphopt.compile(graphopt.to_onnx(m), AVX2_CPU, "-O2", threads=2)
     sched = art.report["schedules"]["default"]
-    assert "x86 int8 kernels: 2 (int8-u8s8)" in sched
+    # conv1 and conv2 on 8-channel blocks (the depthwise: the blocked window schedule), the
+    # 10-class GEMV (no 8-column block) a small int8 kernel
+    assert "x86 int8 kernels: 3 (int8-small, int8-u8s8-blocked)" in sched
     x = np.random.default_rng(17).standard_normal((1, 8, 16, 16)).astype(np.float32)
     y = graphopt.runtime.load(art.path).run({"x": x})[0]
     ref = _ort(graphopt.to_onnx(m), {"x": x})[0]
@@ -460,8 +469,9 @@ def test_reduce_range_auto_follows_the_target_machine_model() -> None:
 def test_quantized_cnn_compiles_to_vnni_convs_with_onnxruntime_outputs() -> None:
     m = _qdq_cnn(reduce_range="false")
     art = graphopt.compile(graphopt.to_onnx(m), VNNI_CPU, "-O2", threads=2)
-    # conv1 reads 8 channels (a stem: NCHW in, blocks out), conv2 16 (a whole block)
-    assert "x86 int8 kernels: 2 (int8-vnni-blocked)" in art.report["schedules"]["default"]
+    # conv1 reads 8 channels (a stem: NCHW in, blocks out), conv2 16 (a whole block); the
+    # 10-class GEMV the small rule
+    assert "x86 int8 kernels: 3 (int8-small, int8-vnni-blocked)" in art.report["schedules"]["default"]
     x = np.random.default_rng(17).standard_normal((1, 8, 16, 16)).astype(np.float32)
     y = graphopt.runtime.load(art.path).run({"x": x})[0]
     ref = _ort(graphopt.to_onnx(m), {"x": x})[0]
@@ -584,20 +594,25 @@ def test_blocked_int8_chain_has_no_relayout_between_convs() -> None:
     assert "conv2d_nchw" not in text  # both convs blocked
 
 
-@needs_vnni
-def test_blocked_int8_chain_equals_onnxruntime() -> None:
+@pytest.mark.parametrize("spec, kind", [
+    pytest.param(VNNI_CPU, "int8-vnni-blocked", marks=needs_vnni, id="vnni"),
+    pytest.param(AVX2_CPU, "int8-s16-blocked", marks=needs_avx2, id="avx2-8bit-weights"),
+])
+def test_blocked_int8_chain_equals_onnxruntime(spec, kind) -> None:
     m = _qdq_chain()
-    art = graphopt.compile(m, VNNI_CPU, "-O2", threads=2)
+    art = graphopt.compile(m, spec, "-O2", threads=2)
     sched = art.report["schedules"]["default"]
-    assert "x86 int8 kernels: 2 (int8-vnni-blocked)" in sched  # (the 24-class GEMV: a default int32 schedule)
+    # (the 24-class GEMV: the small rule)
+    assert f"x86 int8 kernels: 3 ({', '.join(sorted([kind, 'int8-small']))})" in sched
     x = np.random.default_rng(23).standard_normal((1, 32, 14, 14)).astype(np.float32)
     y = graphopt.runtime.load(art.path).run({"x": x})[0]
     ref = _ort(m, {"x": x})[0]
     np.testing.assert_allclose(y, ref, atol=0.05 * np.abs(ref).max())
 
 
-def test_avx2_int8_convs_keep_nchw_kernels() -> None:
-    """AVX2 (8 int32 lanes, no VNNI): the int8 convs keep their NCHW kernels (same kernels as before)."""
+def test_avx2_int8_chain_runs_blocked() -> None:
+    """AVX2 (8 int32 lanes, no VNNI): the int8 convs run on 8-channel blocks as on VNNI on 16:
+    one layout change into the chain, none between the convs, no NCHW conv left."""
     from graphopt.passes.fusion.kernel_groups import PlanKernels
     from graphopt.passes.quantize.integer import QdqToInteger, SplitZeroPoints
     from graphopt.targets.tvm.lower import lowerer as L
@@ -607,7 +622,11 @@ def test_avx2_int8_convs_keep_nchw_kernels() -> None:
     for p in (QdqToInteger(), SplitZeroPoints(), PlanKernels()):
         p.run(m, PassContext())
     _, mod = L.lower_and_fuse(m, isa_target(AVX2_MCPU), block=8)
-    assert "conv2d_int8_blocked" not in mod.script()
+    names = [gv.name_hint for gv in mod.get_global_vars()]
+    assert sum("to_blocked" in n and "from" not in n for n in names) == 1, names
+    text = mod.script()
+    assert text.count("conv2d_int8_blocked") >= 2
+    assert "conv2d_nchw" not in text
 
 
 def _conv_integer_stem(ic: int, oc: int, hw: int, k: int, s: int, pad: int, zx: int) -> onnx.ModelProto:
@@ -747,7 +766,7 @@ def _depthwise_integer(c: int, hw: int, stride: int, pad: int, zx: int) -> onnx.
 
 @pytest.mark.parametrize("spec", [
     pytest.param(VNNI_CPU, marks=needs_vnni, id="vnni-blocked"),
-    pytest.param(AVX2_CPU, marks=needs_avx2, id="avx2-nchw"),
+    pytest.param(AVX2_CPU, marks=needs_avx2, id="avx2-blocked"),
 ])
 @pytest.mark.parametrize("c, hw, stride, pad, zx", [
     (32, 14, 1, 1, 131),   # padded with the zero point
@@ -755,14 +774,12 @@ def _depthwise_integer(c: int, hw: int, stride: int, pad: int, zx: int) -> onnx.
     (16, 7, 1, 0, 255),    # no padding, the largest zero point
 ])
 def test_depthwise_conv_integer_equals_onnxruntime(spec, c, hw, stride, pad, zx) -> None:
-    """A depthwise ConvInteger (group = C) compiled: exact against onnxruntime's, on 16-channel
-    uint8 blocks with VNNI (the window schedule, its 8-bit weight a packed parameter) and as a
-    grouped NCHW conv on AVX2."""
+    """A depthwise ConvInteger (group = C) compiled: exact against onnxruntime's, on uint8 blocks
+    (16 channels with VNNI, 8 on AVX2: the window schedule, its 8-bit weight a packed parameter)."""
     m = _depthwise_integer(c, hw, stride, pad, zx)
     art = graphopt.compile(m, spec, "-O2", threads=2)
     rules = art.report["schedules"]["rules"]
-    if spec == VNNI_CPU:
-        assert rules.get("blocked-conv") == 1 and "window-reduction" not in rules, rules
+    assert rules.get("blocked-conv") == 1 and "window-reduction" not in rules, rules
     x = np.random.default_rng(42).integers(0, 256, (1, c, hw, hw)).astype(np.uint8)
     y = graphopt.runtime.load(art.path).run({"x": x})[0]
     assert np.array_equal(y, _ort(m, {"x": x})[0])
@@ -770,8 +787,7 @@ def test_depthwise_conv_integer_equals_onnxruntime(spec, c, hw, stride, pad, zx)
 
 def test_depthwise_int8_plan_role() -> None:
     """The layout plan runs a depthwise ConvInteger blocked (`depthwise-int8`) where the int8 dot
-    takes 16-channel blocks; AVX2 (block 8, no VNNI) and a grouped conv that is not depthwise
-    stay NCHW."""
+    takes the block (VNNI: 16, AVX2: 8); a grouped conv that is not depthwise stays NCHW."""
     from graphopt.passes.fusion.kernel_groups import KERNEL_KEY, PlanKernels
     from graphopt.targets.tvm import layout as LY
     from graphopt.transform import PassContext
@@ -788,7 +804,7 @@ def test_depthwise_int8_plan_role() -> None:
 
     m = _depthwise_integer(32, 14, 1, 1, 131)
     assert roles(m, VNNI_CPU, 16) == ["depthwise-int8"]
-    assert roles(m, AVX2_CPU, 8) == [None]
+    assert roles(m, AVX2_CPU, 8) == ["depthwise-int8"]
     grouped = _depthwise_integer(32, 14, 1, 1, 131)
     grouped.graph.initializer[0].CopyFrom(nh.from_array(_weights((32, 2, 3, 3), 127), "w"))
     for a in grouped.graph.node[0].attribute:
@@ -807,6 +823,213 @@ def test_quantized_depthwise_net_equals_onnxruntime(spec) -> None:
     m = graphopt.to_onnx(_qdq_cnn("false"))
     art = graphopt.compile(m, spec, "-O2", threads=2)
     x = np.random.default_rng(43).standard_normal((1, 8, 16, 16)).astype(np.float32)
+    y = graphopt.runtime.load(art.path).run({"x": x})[0]
+    ref = _ort(m, {"x": x})[0]
+    np.testing.assert_allclose(y, ref, atol=0.05 * np.abs(ref).max())
+
+
+# --- AVX2 blocked int8: weight bounds, prologues, small kernels ----------------------------------------------
+
+
+def test_weight_bounds_see_through_the_int8_packing() -> None:
+    """A blocked conv reads its weight packed (`pack_int8_conv_weight`, hoisted at compile time):
+    its bound is the weight's |max|, so the u8s8 kernel is chosen on known values (64 → u8s8) and
+    one step past the bound is not (65 → the int16 kernel, weights packed 2 bytes a lane)."""
+    from graphopt.passes.fusion.kernel_groups import PlanKernels
+    from graphopt.targets.tvm import lower as L
+    from graphopt.transform import PassContext
+
+    for wmax, step in ((64, 4), (65, 2)):
+        m, _ = _conv_integer(16, 16, 6, 3, 1, 1, wmax=wmax)
+        g = graphopt.load(m)
+        PlanKernels().run(g, PassContext())
+        lowered, mod = L.lower_and_fuse(g, HOST, block=8)
+        bounds = X.weight_bounds(mod, lowered.params)
+        conv = next(gv.name_hint for gv, f in mod.functions_items()
+                    if isinstance(f, tvm.tirx.PrimFunc) and "conv2d_int8_blocked" in f.script())
+        packed = [p for p in mod[conv].params if str(p.dtype) == "int8"]  # (0.27: a buffer parameter is the buffer)
+        assert len(packed) == 1 and int(packed[0].shape[-1]) == step
+        assert bounds[conv][list(mod[conv].params).index(packed[0])] == wmax
+
+
+def _qdq_dense_block() -> onnx.ModelProto:
+    """DenseNet's pattern: Concat of three feature maps → BatchNorm → ReLU → 1x1 conv → BN → ReLU →
+    3x3 conv, quantized static (7-bit weights, as for AVX2)."""
+    from graphopt.calibration import calibration_from_arrays
+    from graphopt.passes.quantize import quantize
+
+    rng = np.random.default_rng(61)
+
+    def bn(name: str, c: int) -> list:
+        return [nh.from_array((rng.random(c) + 0.5).astype(np.float32), f"{name}s"),
+                nh.from_array((rng.standard_normal(c) * 0.1).astype(np.float32), f"{name}b"),
+                nh.from_array((rng.standard_normal(c) * 0.1).astype(np.float32), f"{name}m"),
+                nh.from_array((rng.random(c) + 0.5).astype(np.float32), f"{name}v")]
+
+    nodes = [h.make_node("Conv", ["x", "w0"], ["f0"], pads=[1, 1, 1, 1], name="c0"),
+             h.make_node("Conv", ["f0", "w1"], ["f1"], pads=[1, 1, 1, 1], name="c1"),
+             h.make_node("Concat", ["x", "f0", "f1"], ["cat"], axis=1),
+             h.make_node("BatchNormalization", ["cat", "n1s", "n1b", "n1m", "n1v"], ["bn1"]),
+             h.make_node("Relu", ["bn1"], ["r1"]),
+             h.make_node("Conv", ["r1", "w2"], ["c2"], name="c2"),
+             h.make_node("BatchNormalization", ["c2", "n2s", "n2b", "n2m", "n2v"], ["bn2"]),
+             h.make_node("Relu", ["bn2"], ["r2"]),
+             h.make_node("Conv", ["r2", "w3"], ["y"], pads=[1, 1, 1, 1], name="c3")]
+    inits = [nh.from_array((rng.standard_normal((8, 16, 3, 3)) * 0.1).astype(np.float32), "w0"),
+             nh.from_array((rng.standard_normal((8, 8, 3, 3)) * 0.1).astype(np.float32), "w1"),
+             nh.from_array((rng.standard_normal((32, 32, 1, 1)) * 0.2).astype(np.float32), "w2"),
+             nh.from_array((rng.standard_normal((8, 32, 3, 3)) * 0.1).astype(np.float32), "w3"),
+             *bn("n1", 32), *bn("n2", 32)]
+    m = graphopt.load(_model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [1, 16, 12, 12])],
+                             [h.make_tensor_value_info("y", TP.FLOAT, [1, 8, 12, 12])], inits))
+    calib = calibration_from_arrays(m, {"x": rng.standard_normal((8, 16, 12, 12)).astype(np.float32)})
+    quantize(m, calib, speed="off", reduce_range="true")
+    return graphopt.to_onnx(m)
+
+
+def _int8_scripts(m: onnx.ModelProto, spec: str) -> tuple[dict[str, str], dict[str, str]]:
+    from graphopt.passes.fusion.kernel_groups import PlanKernels
+    from graphopt.passes.quantize.integer import QdqToInteger, SplitZeroPoints
+    from graphopt.targets.tvm import lower as L
+    from graphopt.transform import PassContext
+
+    g = graphopt.optimize(graphopt.load(m), "-O2")
+    for p in (QdqToInteger(), SplitZeroPoints(), PlanKernels()):
+        p.run(g, PassContext())
+    t = get_target(spec)
+    target = t.tvm_target(2)
+    lowered, mod = L.lower_and_fuse(g, target, block=t.activation_block(target))
+    mod, done = t.int8_kernels(mod, target, lowered.params)
+    return {gv.name_hint: f.script() for gv, f in mod.functions_items() if gv.name_hint in done}, done
+
+
+def test_dense_block_prologue_is_one_parallel_pass() -> None:
+    """The Concat → BatchNorm → ReLU → requantize in front of an int8 conv (DenseNet) is one
+    parallel, vectorized pass writing the conv's input (the Concat's selection its own pass),
+    not one scalar loop nest per op: each blocked int8 kernel has at most 3 parallel loops
+    (concat, prologue, conv) and no loop nest outside them."""
+    scripts, done = _int8_scripts(_qdq_dense_block(), AVX2_CPU)
+    assert sorted(done.values()) == ["int8-u8s8-blocked"] * 4, done
+    for name, text in scripts.items():
+        top = [ln for ln in text.splitlines() if re.match(r"    for ", ln)]
+        assert all("T.parallel" in ln for ln in top), (name, top)
+        assert len(top) <= 3, (name, top)
+
+
+@pytest.mark.parametrize("spec", [pytest.param(AVX2_CPU, marks=needs_avx2, id="avx2"),
+                                  pytest.param(VNNI_CPU, marks=needs_vnni, id="vnni")])
+def test_dense_block_equals_onnxruntime(spec) -> None:
+    m = _qdq_dense_block()
+    art = graphopt.compile(m, spec, "-O2", threads=2)
+    x = np.random.default_rng(62).standard_normal((1, 16, 12, 12)).astype(np.float32)
+    y = graphopt.runtime.load(art.path).run({"x": x})[0]
+    ref = _ort(m, {"x": x})[0]
+    np.testing.assert_allclose(y, ref, atol=0.05 * np.abs(ref).max())
+
+
+def _qdq_squeeze_excite() -> onnx.ModelProto:
+    """EfficientNet's squeeze-excite block: x (40 channels) → GAP → 1x1 conv 40→10 → SiLU →
+    1x1 conv 10→40 → Sigmoid → x · s, quantized static."""
+    from graphopt.calibration import calibration_from_arrays
+    from graphopt.passes.quantize import quantize
+
+    rng = np.random.default_rng(63)
+    nodes = [h.make_node("Conv", ["x", "w0"], ["a"], pads=[1, 1, 1, 1], name="c0"),
+             h.make_node("GlobalAveragePool", ["a"], ["g"]),
+             h.make_node("Conv", ["g", "w1", "b1"], ["s1"], name="squeeze"),
+             h.make_node("Sigmoid", ["s1"], ["sg1"]), h.make_node("Mul", ["s1", "sg1"], ["m1"]),
+             h.make_node("Conv", ["m1", "w2", "b2"], ["s2"], name="excite"),
+             h.make_node("Sigmoid", ["s2"], ["sg2"]),
+             h.make_node("Mul", ["a", "sg2"], ["y"])]
+    inits = [nh.from_array((rng.standard_normal((40, 16, 3, 3)) * 0.1).astype(np.float32), "w0"),
+             nh.from_array((rng.standard_normal((10, 40, 1, 1)) * 0.3).astype(np.float32), "w1"),
+             nh.from_array((rng.standard_normal(10) * 0.1).astype(np.float32), "b1"),
+             nh.from_array((rng.standard_normal((40, 10, 1, 1)) * 0.3).astype(np.float32), "w2"),
+             nh.from_array((rng.standard_normal(40) * 0.1).astype(np.float32), "b2")]
+    m = graphopt.load(_model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [1, 16, 14, 14])],
+                             [h.make_tensor_value_info("y", TP.FLOAT, [1, 40, 14, 14])], inits))
+    calib = calibration_from_arrays(m, {"x": rng.standard_normal((8, 16, 14, 14)).astype(np.float32)})
+    quantize(m, calib, speed="off", reduce_range="true")
+    return graphopt.to_onnx(m)
+
+
+def test_squeeze_excite_convs_are_small_int8_kernels() -> None:
+    """The squeeze (40 → 10) and excite (10 → 40) convs of a 1x1 map have channel counts no
+    block fits or too few multiply-adds to vectorize: the small int8 rule takes them, each one
+    loop nest for the conv and one for its whole epilogue (the excite's: SiLU in, sigmoid and
+    the broadcast multiply by the 14x14 activation out), not one parallel loop per op."""
+    scripts, done = _int8_scripts(_qdq_squeeze_excite(), AVX2_CPU)
+    small = [scripts[k] for k, v in done.items() if v == "int8-small"]
+    assert len(small) == 2, done
+    for text in small:
+        top = [ln for ln in text.splitlines() if re.match(r"    for ", ln)]
+        assert len(top) <= 3 and sum("T.parallel" in ln for ln in top) <= 1, top
+
+
+@pytest.mark.parametrize("spec", [pytest.param(AVX2_CPU, marks=needs_avx2, id="avx2"),
+                                  pytest.param(VNNI_CPU, marks=needs_vnni, id="vnni")])
+def test_squeeze_excite_equals_onnxruntime(spec) -> None:
+    m = _qdq_squeeze_excite()
+    art = graphopt.compile(m, spec, "-O2", threads=2)
+    assert "int8-small" in art.report["schedules"]["default"]
+    x = np.random.default_rng(64).standard_normal((1, 16, 14, 14)).astype(np.float32)
+    y = graphopt.runtime.load(art.path).run({"x": x})[0]
+    ref = _ort(m, {"x": x})[0]
+    np.testing.assert_allclose(y, ref, atol=0.05 * np.abs(ref).max())
+
+
+def _qdq_narrow(c: int = 24) -> onnx.ModelProto:
+    """MobileNetV2's narrow layers: 3x3 conv 16 → `c` → ReLU → 1x1 conv `c` → 32, quantized for VNNI."""
+    from graphopt.calibration import calibration_from_arrays
+    from graphopt.passes.quantize import quantize
+
+    rng = np.random.default_rng(65)
+    nodes = [h.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             h.make_node("Relu", ["c1"], ["r1"]),
+             h.make_node("Conv", ["r1", "w2"], ["y"], name="conv2")]
+    inits = [nh.from_array((rng.standard_normal((c, 16, 3, 3)) * 0.1).astype(np.float32), "w1"),
+             nh.from_array((rng.standard_normal((32, c, 1, 1)) * 0.2).astype(np.float32), "w2")]
+    m = graphopt.load(_model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [1, 16, 14, 14])],
+                             [h.make_tensor_value_info("y", TP.FLOAT, [1, 32, 14, 14])], inits))
+    calib = calibration_from_arrays(m, {"x": rng.standard_normal((8, 16, 14, 14)).astype(np.float32)})
+    quantize(m, calib, speed="off", reduce_range="false")
+    return graphopt.to_onnx(m)
+
+
+def test_vnni_narrow_int8_convs_take_the_half_block() -> None:
+    """On AVX-512 VNNI an int8 net whose channel counts are multiples of 8 but not 16 (24) runs
+    on 8-channel blocks (vpdpbusd on ymm) instead of leaving those convs NCHW; a net of 16s and
+    32s keeps the 16-channel block."""
+    from graphopt.passes.fusion.kernel_groups import KERNEL_KEY, PlanKernels
+    from graphopt.passes.quantize.integer import QdqToInteger, SplitZeroPoints
+    from graphopt.targets.tvm import layout as LY
+    from graphopt.transform import PassContext
+
+    def plan(m: onnx.ModelProto) -> LY.LayoutPlan:
+        g = graphopt.optimize(graphopt.load(m), "-O2")
+        for p in (QdqToInteger(), SplitZeroPoints(), PlanKernels()):
+            p.run(g, PassContext())
+        groups: dict[str, list] = {}
+        for n in g.graph.nodes:
+            if KERNEL_KEY in n.metadata_props:
+                groups.setdefault(n.metadata_props[KERNEL_KEY], []).append(n)
+        p = LY.choose_plan(g, list(groups.items()), 16, get_target(VNNI_CPU).machine_model(2))
+        assert [p.role(n) for n in g.graph.nodes if n.op_type == "ConvInteger"] == ["conv-int8"] * 2
+        return p
+
+    assert plan(_qdq_narrow(24)).block == 8
+    assert plan(_qdq_narrow(16)).block == 16
+    scripts, done = _int8_scripts(_qdq_narrow(24), VNNI_CPU)
+    assert sorted(done.values()) == ["int8-vnni-blocked"] * 2, done
+    assert all("vpdpbusd.256" in t for t in scripts.values())
+
+
+@needs_vnni
+def test_vnni_half_block_int8_equals_onnxruntime() -> None:
+    m = _qdq_narrow(24)
+    art = graphopt.compile(m, VNNI_CPU, "-O2", threads=2)
+    assert "x86 int8 kernels: 2 (int8-vnni-blocked)" in art.report["schedules"]["default"]
+    x = np.random.default_rng(66).standard_normal((1, 16, 14, 14)).astype(np.float32)
     y = graphopt.runtime.load(art.path).run({"x": x})[0]
     ref = _ort(m, {"x": x})[0]
     np.testing.assert_allclose(y, ref, atol=0.05 * np.abs(ref).max())

@@ -74,9 +74,9 @@ STEM_WEIGHT = "stem-weight"
 DW_WEIGHT = "depthwise-weight"
 BIAS = "blocked-bias"  # [OC] → [OC/b, b]
 CHANNEL = "channel-const"  # a per-channel constant [C, 1, 1] / [1, C, 1, 1] → [1, C/b, 1, 1, b]
-WINOGRAD_WEIGHT = "winograd-weight-"  # + m: [OC, C, 3, 3] → winograd_ops.pack_winograd_weight
-INT8_WEIGHT = "int8-conv-weight"  # int8 [OC, C, KH, KW] → blocked_ops.pack_int8_conv_weight
-INT8_STEM_WEIGHT = "int8-stem-weight"  # int8 [OC, C, KH, KW] → blocked_ops.pack_int8_stem_weight
+WINOGRAD_WEIGHT = "winograd-weight-"  # + m: [OC, C, 3, 3] → kernels.winograd.pack_winograd_weight
+INT8_WEIGHT = "int8-conv-weight"  # int8 [OC, C, KH, KW] → kernels.blocked.pack_int8_conv_weight
+INT8_STEM_WEIGHT = "int8-stem-weight"  # int8 [OC, C, KH, KW] → kernels.blocked.pack_int8_stem_weight
 #: int8 dot products whose ConvInteger kernels run blocked (`conv-int8`): the x86 int8 kernels
 #: tensorize the blocked form with vpdpbusd on 16 int32 lanes, and on AVX2 with vpmaddubsw +
 #: vpmaddwd (7-bit weights, 4 bytes a lane) or vpmaddwd on int16 (full 8-bit weights, 2 bytes a

@@ -719,7 +719,7 @@ def weight_bounds(mod: Any, params: Mapping[str, np.ndarray] | list[np.ndarray] 
             calls.append(e)
 
     relax.analysis.post_order_visit(main.body, visit)
-    # an int8 weight packed for the blocked convs (`blocked_ops.pack_int8_*`: a relayout, zeros
+    # an int8 weight packed for the blocked convs (`kernels.blocked.pack_int8_*`: a relayout, zeros
     # added at most) holds its weight's values: the packed argument's bound is the weight's
     packed: dict[Any, Any] = {}
     for blk in getattr(main.body, "blocks", []):

@@ -836,7 +836,7 @@ def test_weight_bounds_see_through_the_int8_packing() -> None:
     its bound is the weight's |max|, so the u8s8 kernel is chosen on known values (64 → u8s8) and
     one step past the bound is not (65 → the int16 kernel, weights packed 2 bytes a lane)."""
     from graphopt.passes.fusion.kernel_groups import PlanKernels
-    from graphopt.targets.tvm import lower as L
+    from graphopt.targets.tvm.lower import lowerer as L
     from graphopt.transform import PassContext
 
     for wmax, step in ((64, 4), (65, 2)):
@@ -890,7 +890,7 @@ def _qdq_dense_block() -> onnx.ModelProto:
 def _int8_scripts(m: onnx.ModelProto, spec: str) -> tuple[dict[str, str], dict[str, str]]:
     from graphopt.passes.fusion.kernel_groups import PlanKernels
     from graphopt.passes.quantize.integer import QdqToInteger, SplitZeroPoints
-    from graphopt.targets.tvm import lower as L
+    from graphopt.targets.tvm.lower import lowerer as L
     from graphopt.transform import PassContext
 
     g = graphopt.optimize(graphopt.load(m), "-O2")

@@ -45,10 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", metavar="X.npz", help="input arrays keyed by input name (default: random)")
     p.add_argument("-o", "--output", metavar="Y.npz", help="write the outputs here")
     p.add_argument("--threads", type=int, help="worker threads (default: the artifact's, else every core; one for a "
-                   "model with under 50 µs of work per call in the shared pool)")
-    p.add_argument("--pool", choices=("shared", "exclusive"), default=None,
-                   help="thread pools: shared (default: workers unpinned, no spinning between runs, for a process "
-                        "that runs other models too) or exclusive (pinned, spinning: the most single-model throughput)")
+                   "model with under 50 µs of work per call, unless --pool exclusive)")
+    p.add_argument("--pool", choices=("balanced", "shared", "exclusive"), default=None,
+                   help="thread pools: balanced (default: workers unpinned, spinning ~1 ms after a call: fast, and "
+                        "fine beside onnxruntime runs in turn), shared (no spinning: runtimes running at the same time "
+                        "on the same cores) or exclusive (pinned, spinning ~150 ms: one model alone)")
     p.add_argument("--benchmark", action="store_true", help="time repeated runs and print latency percentiles")
     p.add_argument("--repeat", type=int, default=None,
                    help="timed runs for --benchmark (default 50); timings per kernel for --profile (default 5; "
@@ -239,7 +240,7 @@ def _run(ns: argparse.Namespace) -> int:
         _check_output(ns.output)
     if report_path:
         _check_output(report_path)
-    runner: Any = (load_onnx(ns.artifact, threads=ns.threads, pool=ns.pool or "shared") if is_onnx
+    runner: Any = (load_onnx(ns.artifact, threads=ns.threads, pool=ns.pool or "balanced") if is_onnx
                    else load(ns.artifact, threads=ns.threads, pool=ns.pool))
     if ns.inputs:
         feeds = _load_npz(ns.inputs)

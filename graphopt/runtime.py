@@ -13,17 +13,22 @@ static dims.
 
 TVM's thread pool counts half the vCPUs on some machines (one thread on a 2-vCPU box), so the
 runner sets the thread count explicitly: `threads` (default: the compile's, else every core this
-process may use; one where the pool is "shared" and a call is under SHARED_ONE_THREAD_BELOW_S of
-one core's work).
+process may use; one where the pool is not "exclusive" and a call is under
+SHARED_ONE_THREAD_BELOW_S of one core's work).
 
-`pool` says how the runner's thread pool shares the machine (POOLS): "shared" (the default) for
-a process that also runs onnxruntime sessions or other threads: TVM's workers float over the
-allowed cores (never pinned, the caller's affinity untouched) and sleep as soon as their task is
-done; graphopt's onnxruntime sessions stop spinning when a run ends. "exclusive" for the most
-single-model throughput when the model has the cores to itself: TVM's own defaults (a worker
-pinned to each core, ~150 ms of spinning after every task) and onnxruntime's (spinning between
-runs). Both runtimes' spinning workers starve the other's threads: GoogLeNet's artifact ran 3-4x
-slower beside a spinning 2-thread onnxruntime session on 2 cores (tools/bench_mixed_runtimes.py).
+`pool` says how the runner's thread pool shares the machine (POOLS). "balanced" (the default):
+TVM's workers float over the allowed cores and spin ~1 ms (POOL_SPIN) before they sleep, long
+enough to stay awake between one call's kernels (without it every parallel kernel pays a futex
+wake: EfficientNet-B0 13.2 ms instead of 8.1 ms, 2 threads), short enough to leave the cores
+to others right after a call: a process that runs onnxruntime sessions and artifacts one after
+the other (a pipeline) keeps both at speed. "shared" for runtimes that run at the same time on
+the same cores (two threads calling an artifact and an onnxruntime session at once): no
+spinning at all (a spinning worker that yields waits behind the other threads while its caller
+waits for it: GoogLeNet 39x slower concurrent beside onnxruntime at 2000 yields, 1.9x at none).
+"exclusive" for one model that has the machine to itself: TVM's own defaults (a worker pinned
+to each core, ~150 ms of spinning after every task) and onnxruntime's (spinning between runs);
+beside another runtime its spinning starves the other's threads. graphopt's onnxruntime
+sessions stop spinning when a run ends except under "exclusive".
 TVM keeps a pool per calling thread: a Runner configures the pool of each thread that calls it.
 """
 
@@ -57,7 +62,8 @@ def _contiguous(a: np.ndarray) -> np.ndarray:
 
 
 #: thread-pool policies (Runner's and OrtRunner's `pool`; module docstring)
-POOLS = ("shared", "exclusive")
+POOLS = ("balanced", "shared", "exclusive")
+DEFAULT_POOL = "balanced"
 #: TVM workers' spin before they sleep, in sched_yield calls (TVM_THREAD_POOL_SPIN_COUNT).
 #: "exclusive": TVM's default (thread_pool.cc kDefaultSpinCount), 143-174 ms of a core burnt after
 #: each GoogLeNet call on 2 cores. "shared": none. A worker that spins by yielding stays runnable,
@@ -65,7 +71,10 @@ POOLS = ("shared", "exclusive")
 #: for it: a 0.05 ms VAD ran 200-300x slower beside an onnxruntime session in another thread at
 #: 1000 yields (a few hundred µs when idle), 1.0x at 0; the price is a futex wake per parallel
 #: kernel (+8 µs per call of that VAD alone, one parallel kernel), tools/bench_mixed_runtimes.py
-POOL_SPIN = {"shared": 0, "exclusive": 300000}
+#: "balanced": 2000 yields (~1 ms when idle): EfficientNet-B0 8.13 ms against 7.99 at the default
+#: and 13.18 at none, and the onnxruntime run after it not slowed (8.78 ms vs 12.58 beside the
+#: default's spinning), tools/bench_tvm_cpu.py, quiet 2-core Zen 4
+POOL_SPIN = {"balanced": 2000, "shared": 0, "exclusive": 300000}
 _SPIN_ENV = "TVM_THREAD_POOL_SPIN_COUNT"
 #: the spin count set before graphopt touched it (the user's; None: graphopt's policy decides)
 _USER_SPIN = os.environ.get(_SPIN_ENV)
@@ -74,7 +83,7 @@ _USER_SPIN = os.environ.get(_SPIN_ENV)
 _THREAD_POOL = threading.local()
 
 
-#: under "shared", a model whose call is under this much of one core's work (its kernels' FLOPs at
+#: under "shared" and "balanced", a model whose call is under this much of one core's work (its kernels' FLOPs at
 #: peak and its weights streamed once: the machine model's lower bound) runs on one thread unless
 #: `threads` is given. Its parallel kernels then run inline: a hand-off to a worker costs a futex
 #: wake when the cores are idle and up to a scheduler period when other threads hold them (a
@@ -107,7 +116,7 @@ def check_pool(pool: str) -> str:
     return pool
 
 
-def tvm_spin_count(pool: str = "shared") -> int:
+def tvm_spin_count(pool: str = DEFAULT_POOL) -> int:
     """The spin count of TVM's worker threads in this process, setting `pool`'s if nothing set it
     yet. TVM reads TVM_THREAD_POOL_SPIN_COUNT once, when its first worker starts (a static in
     thread_pool.cc): call this before anything makes a TVM pool (a cpu compile's weight packing
@@ -428,7 +437,7 @@ class Runner:
     one staging tensor per input that each call refills): a thread per Runner. `pool`: how its
     TVM thread pool shares the machine (POOLS; the module docstring)."""
 
-    def __init__(self, artifact: Artifact, *, threads: int | None = None, pool: str = "shared") -> None:
+    def __init__(self, artifact: Artifact, *, threads: int | None = None, pool: str = DEFAULT_POOL) -> None:
         m = artifact.manifest
         self.artifact = artifact
         self.manifest = m
@@ -443,7 +452,7 @@ class Runner:
                                 f"{platform.machine()}; it cannot be loaded here")
         _check_cpu(artifact)
         check_pool(pool)
-        self.threads = check_threads(threads) or (1 if pool == "shared" and small_call(m) else
+        self.threads = check_threads(threads) or (1 if pool != "exclusive" and small_call(m) else
                                                   int(m["target"].get("threads") or _cores()))
         self.pool_settings = pool_settings(pool, self.threads)
         if self.pool_settings.spin != POOL_SPIN[pool] and _USER_SPIN is None:
@@ -733,7 +742,7 @@ RUNNERS: dict[str, str] = {
 
 def load(path: str, *, threads: int | None = None, pool: str | None = None) -> Runner:
     """Load the artifact in folder `path` (checks its hashes) and return a Runner. `pool`: how the
-    cpu runner's thread pool shares the machine (POOLS, default "shared"; module docstring)."""
+    cpu runner's thread pool shares the machine (POOLS, default "balanced"; module docstring)."""
     if not os.path.isdir(path):
         raise ArtifactError(f"{path}: no such artifact folder")
     art = Artifact(path)
@@ -750,19 +759,19 @@ def load(path: str, *, threads: int | None = None, pool: str | None = None) -> R
         mod_name, fn = spec.split(":")
         runner: Runner = getattr(importlib.import_module(mod_name), fn)(art, threads=threads)
         return runner
-    return Runner(art, threads=threads, pool=pool or "shared")
+    return Runner(art, threads=threads, pool=pool or DEFAULT_POOL)
 
 
 class OrtRunner:
     """An .onnx model on onnxruntime (CPUExecutionProvider, all graph optimizations), with the
     Runner's interface: `inputs` specs as a manifest lists them, `run`, `benchmark`. `pool`
-    (POOLS): "shared" stops its intra-op workers spinning when a run ends (they still spin between
+    (POOLS): "balanced" and "shared" stop its intra-op workers spinning when a run ends (they still spin between
     one run's operators), "exclusive" keeps onnxruntime's default (spinning on after a run). The
     thread count is always explicit, which also keeps onnxruntime from pinning its workers (it
     does where the count is left to it)."""
 
     def __init__(self, path: str, *, threads: int | None = None, profile_dir: str | None = None,
-                 pool: str = "shared") -> None:
+                 pool: str = DEFAULT_POOL) -> None:
         from graphopt.check import onnxruntime_session
 
         self.path = path
@@ -829,7 +838,7 @@ def _ort_dtype(t: str) -> str | None:
 
 
 def load_onnx(path: str, *, threads: int | None = None, profile_dir: str | None = None,
-              pool: str = "shared") -> OrtRunner:
+              pool: str = DEFAULT_POOL) -> OrtRunner:
     """An OrtRunner of .onnx file `path` (`profile_dir`: onnxruntime's profiling on, its files there;
     `pool`: POOLS, the module docstring)."""
     if not os.path.isfile(path):

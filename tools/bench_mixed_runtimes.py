@@ -2,16 +2,17 @@
 each other down? (issue 24 item 6: a pipeline that runs some models on onnxruntime.)
 
     .venv/bin/python tools/bench_mixed_runtimes.py [--models tiny_cnn,vad_gru,vad_if,googlenet]
-        [--configs exclusive+ort-default,shared+ort-default,shared+ort-shared] [--threads 2]
+        [--configs exclusive+ort-default,balanced+ort-shared,shared+ort-shared] [--threads 2]
         [--art-threads T] [--repeats 3] [--seconds 0.6] [--sessions 1] [--cache DIR] [--recompile]
 
 Per model, the artifact (graphopt-compile --target cpu, batch 1; cached in --cache) and
 onnxruntime on the same .onnx, both with --threads intra-op threads. Each config runs in a process
 of its own (TVM fixes its pool's spin count once per process) and names both sides' settings:
 
-    exclusive / shared    graphopt.runtime.load(pool=...): "exclusive" is TVM's defaults (a worker
-                          pinned per core, ~150 ms of spinning after each task), "shared" the
-                          default (floating workers that sleep when done)
+    exclusive / balanced  graphopt.runtime.load(pool=...): "exclusive" is TVM's defaults (a worker
+    / shared              pinned per core, ~150 ms of spinning after each task), "balanced" the
+                          default (floating workers spinning ~1 ms), "shared" floating workers
+                          that sleep when done
     ort-default           an InferenceSession as a user builds it (onnxruntime spins between runs)
     ort-shared            graphopt's OrtRunner(pool="shared"): session.force_spinning_stop
     ort-nospin            session.intra_op.allow_spinning=0
@@ -41,7 +42,7 @@ from typing import Any
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = ("exclusive+ort-default", "shared+ort-default", "shared+ort-shared", "shared+ort-nospin")
+CONFIGS = ("exclusive+ort-default", "balanced+ort-shared", "shared+ort-default", "shared+ort-shared", "shared+ort-nospin")
 
 #: model -> (.onnx path, graphopt-compile flags (--input-shape NAME:DIMS bare), feeds of batch 1);
 #: an input the compile binds (--bind) is fed to onnxruntime only
@@ -169,7 +170,7 @@ def _row(r: dict[str, Any]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="tiny_cnn,vad_gru,vad_if,googlenet")
-    ap.add_argument("--configs", default="exclusive+ort-default,shared+ort-default,shared+ort-shared")
+    ap.add_argument("--configs", default="exclusive+ort-default,balanced+ort-shared,shared+ort-shared")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime's intra-op threads, the compile's threads")
     ap.add_argument("--art-threads", type=int, default=None,
                     help="the artifact's threads at run time (default --threads; 0: the pool policy's own count)")

@@ -70,14 +70,14 @@ def _in_thread(f):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.skipif(not TWO_CORES, reason="needs two cores")
-def test_shared_pool_pins_nothing_and_uses_the_threads_asked(art: str) -> None:
+def test_default_pool_pins_nothing_and_uses_the_threads_asked(art: str) -> None:
     allowed = os.sched_getaffinity(0)
-    with warnings.catch_warnings():  # the compile (in this process) left shared's spin count: nothing to say
+    with warnings.catch_warnings():  # the compile (in this process) left the default's spin count: nothing to say
         warnings.simplefilter("error", RuntimeWarning)
         r = R.load(art, threads=2)
     np.testing.assert_array_equal(r.run(X)[0], np.maximum(X["x"], 0))
     s = r.pool_settings
-    assert (s.pool, s.threads, s.bind) == ("shared", 2, False)
+    assert (s.pool, s.threads, s.bind) == ("balanced", 2, False) and R.DEFAULT_POOL == "balanced"
     assert s.spin == int(os.environ["TVM_THREAD_POOL_SPIN_COUNT"])
     assert _num_threads() == 2 and R.applied_pool() is s
     assert all(a == allowed for a in _affinities().values())  # TVM's workers and the caller float
@@ -94,8 +94,10 @@ def test_exclusive_pins_a_worker_per_core_and_shared_unpins_them(art: str) -> No
     pinned = [a for a in _affinities().values() if len(a) == 1]
     assert pinned, "exclusive: TVM's worker pinned to a core"
     assert os.sched_getaffinity(0) == allowed  # the caller itself floats
-    sh = R.load(art, threads=2)
-    sh.run(X)  # the same calling thread's pool, back to shared
+    with warnings.catch_warnings():  # (the process's spin count is the default's: it says so)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sh = R.load(art, threads=2, pool="shared")
+    sh.run(X)  # the same calling thread's pool, back to unpinned
     assert all(a == allowed for a in _affinities().values())
 
 
@@ -120,12 +122,12 @@ def test_a_spin_count_other_than_the_policys_is_said(art: str, monkeypatch: pyte
     monkeypatch.setenv("TVM_THREAD_POOL_SPIN_COUNT", "300000")  # what an earlier exclusive runner leaves
     monkeypatch.setattr(R, "_USER_SPIN", None)
     with pytest.warns(RuntimeWarning, match=r"pool='shared': TVM's workers keep spinning 300000 yields .*TVM_THREAD_POOL_SPIN_COUNT"):
-        r = R.load(art, threads=1)
+        r = R.load(art, threads=1, pool="shared")
     assert r.pool_settings.spin == 300000
     monkeypatch.setattr(R, "_USER_SPIN", "300000")  # the user chose it: nothing to say
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        R.load(art, threads=1)
+        R.load(art, threads=1, pool="shared")
 
 
 def test_spin_count_is_set_once_for_the_process(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -133,17 +135,20 @@ def test_spin_count_is_set_once_for_the_process(monkeypatch: pytest.MonkeyPatch)
     assert R.tvm_spin_count("shared") == R.POOL_SPIN["shared"]
     assert R.tvm_spin_count("exclusive") == R.POOL_SPIN["shared"]  # (TVM reads it once)
     assert R.POOL_SPIN["exclusive"] == 300000  # TVM's kDefaultSpinCount
+    assert 0 < R.POOL_SPIN["balanced"] < R.POOL_SPIN["exclusive"]  # awake between kernels, not after
 
 
 def test_a_cpu_compile_fixes_the_spin_count_before_tvms_pool_starts(monkeypatch: pytest.MonkeyPatch) -> None:
     # (its weight packing runs TVM kernels in this process: the pool's spin count is fixed then)
     monkeypatch.delenv("TVM_THREAD_POOL_SPIN_COUNT", raising=False)
     graphopt.compile(_model(), "cpu", "-O2", threads=1)
-    assert os.environ["TVM_THREAD_POOL_SPIN_COUNT"] == str(R.POOL_SPIN["shared"])
+    assert os.environ["TVM_THREAD_POOL_SPIN_COUNT"] == str(R.POOL_SPIN[R.DEFAULT_POOL])
 
 
 def test_ort_runner_stops_spinning_between_runs_when_shared(onnx_path: str) -> None:
-    shared = R.load_onnx(onnx_path, threads=2)
+    assert R.load_onnx(onnx_path, threads=2, pool="shared").session.get_session_options() \
+        .get_session_config_entry("session.force_spinning_stop") == "1"
+    shared = R.load_onnx(onnx_path, threads=2)  # (the default, balanced: the same)
     ex = R.load_onnx(onnx_path, threads=2, pool="exclusive")
     so_shared, so_ex = shared.session.get_session_options(), ex.session.get_session_options()
     assert so_shared.get_session_config_entry("session.force_spinning_stop") == "1"
@@ -155,7 +160,7 @@ def test_ort_runner_stops_spinning_between_runs_when_shared(onnx_path: str) -> N
 
 
 def test_bad_pool_is_a_usage_error(art: str, onnx_path: str, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(UsageError, match=r"pool='fast': expected one of shared, exclusive"):
+    with pytest.raises(UsageError, match=r"pool='fast': expected one of balanced, shared, exclusive"):
         R.load(art, pool="fast")
     with pytest.raises(UsageError, match="pool='fast'"):
         R.load_onnx(onnx_path, pool="fast")
@@ -173,9 +178,9 @@ def test_graphopt_run_takes_the_pool_and_says_which(art: str, capsys: pytest.Cap
         assert main([art, "--pool", "exclusive", "--benchmark", "--repeat", "3"]) == 0
     assert "threads (exclusive pool): p50" in capsys.readouterr().out
     assert R.applied_pool() is not None and R.applied_pool().bind  # type: ignore[union-attr]
-    R.load(art, threads=1).run(X)  # (this thread's pool back to shared for the tests after)
+    R.load(art, threads=1).run(X)  # (this thread's pool back to the default for the tests after)
     assert main([art, "--benchmark", "--repeat", "3"]) == 0
-    assert "(shared pool): p50" in capsys.readouterr().out
+    assert "(balanced pool): p50" in capsys.readouterr().out
 
 
 def test_shared_runs_a_small_model_on_one_thread_unless_told(art: str) -> None:

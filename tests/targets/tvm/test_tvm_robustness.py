@@ -612,3 +612,22 @@ def test_requantize_clip_before_an_integer_cast_is_plain_min_max():
 
     assert "maximum" in text(True) and "clamp_nan" not in text(True)
     assert "clamp_nan" in text(False)
+
+
+def test_tanh_keeps_tiny_inputs_and_their_ratio():
+    """Tanh of tiny and denormal inputs is the input (TVM's exp form cancelled to 0 below ~3e-8,
+    so Tanh(x)/Tanh(x) gave NaN where onnxruntime gives 1: fuzz case valid-cpu:6:16); over
+    [-10, 10] within 1e-6 relative of float64's tanh; NaN, +-inf and -0.0 kept."""
+    special = np.array([1e-40, -1e-42, 1e-30, -1e-8, 0.049, 0.05, 0.051, np.nan, np.inf, -np.inf, 0.0, -0.0], np.float32)
+    grid = np.linspace(-10, 10, 4001, dtype=np.float32)
+    x = np.concatenate([special, grid])[None]
+    m = _model([h.make_node("Tanh", ["x"], ["t"]), h.make_node("Div", ["t", "t"], ["r"])],
+               [_vi("x", list(x.shape))], [_vi("t", None), _vi("r", None)])
+    t, r = graphopt.compile(m, "cpu", "-O0", threads=1).run({"x": x})
+    want_t, want_r = _ort(m, {"x": x})
+    np.testing.assert_array_equal(np.isnan(r), np.isnan(want_r))
+    np.testing.assert_array_equal(r[:, :7], np.ones((1, 7), np.float32))  # tiny / tiny = 1, as onnxruntime
+    np.testing.assert_array_equal(np.signbit(t), np.signbit(want_t))
+    exact = np.tanh(x.astype(np.float64))
+    fin = np.isfinite(exact) & (exact != 0)
+    assert float(np.max(np.abs(t[fin] - exact[fin]) / np.abs(exact[fin]))) < 1e-6

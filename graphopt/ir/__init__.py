@@ -35,6 +35,7 @@ from graphopt.ir.query import (
     in_function,
     is_constant,
     opset_version,
+    slice_params,
     static_shape,
 )
 from graphopt.ir.edit import alias, is_dead, make_constant, remove_if_dead, replace_with_constant
@@ -48,5 +49,5 @@ __all__ = [
     # pass-author toolbox (query, edit)
     "NONDETERMINISTIC_OPS", "STANDARD_DOMAINS", "alias", "attr_key", "const_array", "const_ints", "const_numel",
     "constant_semantics", "dims_of", "dtype_of", "enclosing_function", "in_function", "is_constant", "is_dead",
-    "make_constant", "opset_version", "remove_if_dead", "replace_with_constant", "static_shape",
+    "make_constant", "opset_version", "remove_if_dead", "replace_with_constant", "slice_params", "static_shape",
 ]

@@ -28,7 +28,7 @@ from graphopt.ir.types import DataType
 __all__ = [
     "NONDETERMINISTIC_OPS", "STANDARD_DOMAINS", "attr_key", "const_array", "const_ints", "const_numel",
     "constant_semantics", "dims_of", "dtype_of", "enclosing_function", "in_function", "is_constant",
-    "opset_version", "static_shape",
+    "opset_version", "slice_params", "static_shape",
 ]
 
 #: Domains whose ops are pure functions of their inputs that onnx's reference evaluator knows.
@@ -158,6 +158,26 @@ def const_ints(v: Value | None, limit: int = 4096) -> list[int] | None:
     if a is None or a.dtype.kind not in "iu":
         return None
     return [int(x) for x in a.reshape(-1)]
+
+
+def slice_params(n: Node, opset: int) -> tuple[list[int], list[int], list[int] | None, list[int] | None] | None:
+    """A Slice's constant (starts, ends, axes, steps): attributes before opset 10, inputs from
+    it; axes/steps None where the node leaves them out. None when a bound, or an axes/steps
+    input that is given, is not a constant."""
+    if opset < 10:
+        starts, ends, axes = n.attr("starts"), n.attr("ends"), n.attr("axes")
+        if starts is None or ends is None:
+            return None
+        return list(starts), list(ends), None if axes is None else list(axes), None
+    ins = list(n.inputs) + [None] * (5 - len(n.inputs))
+    starts, ends = const_ints(ins[1]), const_ints(ins[2])
+    axes = const_ints(ins[3]) if ins[3] is not None else None
+    steps = const_ints(ins[4]) if ins[4] is not None else None
+    if (ins[3] is not None and axes is None) or (ins[4] is not None and steps is None):
+        return None
+    if starts is None or ends is None:
+        return None
+    return starts, ends, axes, steps
 
 
 # --- shapes and types -------------------------------------------------------------------------

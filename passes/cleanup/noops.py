@@ -22,6 +22,7 @@ from graphopt.ir import (
     is_constant,
     opset_version,
     remove_if_dead,
+    slice_params,
 )
 from graphopt.passes.cleanup.infer import infer_types
 
@@ -178,17 +179,10 @@ def _slice(n: Node, opset: int) -> str | None:
     dims = dims_of(x)
     if dims is None:
         return None
-    if opset < 10:
-        starts, ends, axes, steps = n.attr("starts"), n.attr("ends"), n.attr("axes"), None
-    else:
-        ins = list(n.inputs) + [None] * (5 - len(n.inputs))
-        starts, ends = const_ints(ins[1]), const_ints(ins[2])
-        axes = const_ints(ins[3]) if ins[3] is not None else None
-        steps = const_ints(ins[4]) if ins[4] is not None else None
-        if (ins[3] is not None and axes is None) or (ins[4] is not None and steps is None):
-            return None
-    if starts is None or ends is None:
+    params = slice_params(n, opset)
+    if params is None:
         return None
+    starts, ends, axes, steps = params
     axes = list(axes) if axes is not None else list(range(len(starts)))
     steps = list(steps) if steps is not None else [1] * len(starts)
     rank = len(dims)

@@ -10,7 +10,7 @@ import numpy as np
 from graphopt.ir import Attr, AttrType, Graph, Model, Node, Value
 from graphopt.transform import Pass, PassContext, PassResult, register_pass
 
-from graphopt.ir import STANDARD_DOMAINS, alias, const_ints, constant_semantics, dims_of, make_constant, opset_version
+from graphopt.ir import STANDARD_DOMAINS, alias, constant_semantics, dims_of, make_constant, opset_version, slice_params
 from graphopt.passes.cleanup.infer import infer_types
 
 
@@ -71,16 +71,11 @@ def _sliced_values(g: Graph) -> list[Value]:
 
 def _range(n: Node, opset: int, dims: tuple[int | str | None, ...]) -> tuple[int, int, int] | None:
     """(axis, start, end) of a one-axis, step-1 Slice with constant bounds, clamped to the dim."""
-    if opset < 10:
-        starts, ends, axes, steps = n.attr("starts"), n.attr("ends"), n.attr("axes"), None
-    else:
-        ins = list(n.inputs) + [None] * (5 - len(n.inputs))
-        starts, ends = const_ints(ins[1]), const_ints(ins[2])
-        axes = const_ints(ins[3]) if ins[3] is not None else None
-        steps = const_ints(ins[4]) if ins[4] is not None else None
-        if (ins[3] is not None and axes is None) or (ins[4] is not None and steps is None):
-            return None
-    if starts is None or ends is None or len(starts) != 1 or len(ends) != 1:
+    params = slice_params(n, opset)
+    if params is None:
+        return None
+    starts, ends, axes, steps = params
+    if len(starts) != 1 or len(ends) != 1:
         return None
     axis = int(list(axes)[0]) if axes else 0
     if steps is not None and list(steps) != [1]:

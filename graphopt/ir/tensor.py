@@ -223,10 +223,16 @@ class SparseTensor:
         dense = np.zeros(self.dims, dtype=self.values.numpy().dtype)
         idx = self.indices.numpy()
         vals = self.values.numpy()
-        if idx.ndim == 1:
-            dense.reshape(-1)[idx] = vals
-        else:
-            dense[tuple(idx.T)] = vals
+        try:
+            if idx.ndim == 1:
+                dense.reshape(-1)[idx] = vals
+            else:
+                dense[tuple(idx.T)] = vals
+        except (IndexError, ValueError) as e:  # indices past the dims, or counts that disagree
+            from graphopt.errors import ModelLoadError
+
+            raise ModelLoadError(f"sparse tensor {self.name!r}: its indices do not fit its dims "
+                                 f"{list(self.dims)}: {e}") from None
         return dense
 
     def content_hash(self) -> str:

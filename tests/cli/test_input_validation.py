@@ -397,6 +397,19 @@ def test_a_valid_sparse_initializer_compiles(tmp_path: Path, capsys: pytest.Capt
     np.testing.assert_array_equal(y, (x + [1.5, 0, 0, -2]) * [1.5, 0, 0, -2])
 
 
+def test_a_sparse_initializer_with_indices_past_its_dims_is_one_line(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # was: IndexError from SparseTensor.numpy (the importer fuzz test, seed 3993172399, #675)
+    values = numpy_helper.from_array(np.array([1.5, -2.0], np.float32), "w")
+    indices = numpy_helper.from_array(np.array([0, 59], np.int64), "w_indices")
+    sp = helper.make_sparse_tensor(values, indices, [4])
+    m = _model([helper.make_node("Add", ["x", "w"], ["y"])], [4], sparse_initializer=[sp])
+    code, err = _cli(capsys, _save(tmp_path, m), "-O2", "-q", "--no-check", "-o", tmp_path / "out.onnx")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "sparse tensor 'w': its indices do not fit its dims [4]" in err, err
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_cse_keeps_sparse_initializers() -> None:
     """The passes see sparse initializers when a model is loaded through the Python API."""
     from graphopt.transform import optimize, parse_pipeline

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from graphopt.check import compare_outputs, onnxruntime_session, run_onnxruntime
-from graphopt.ir.core import Model
+from graphopt.ir.core import Model, Node
 from graphopt.onnx_io import to_onnx
 from graphopt.ir.query import const_array
 from graphopt.accuracy import Budget, output_agreement
@@ -67,14 +67,12 @@ class NanFedNode:
         return f"{self.op_type} '{self.key}'"
 
 
-def nan_fed_nodes(model: Model, feeds: Mapping[str, np.ndarray]) -> list[NanFedNode]:
-    """The main graph's NAN_ORDER_OPS nodes whose data input holds a NaN on `feeds` (run on
-    onnxruntime, optimizations off; If/Loop bodies are not looked into)."""
+def _nan_probes(model: Model, feeds: Mapping[str, np.ndarray]) -> tuple[list[Node], dict[str, np.ndarray], list[str]]:
+    """The main graph's NAN_ORDER_OPS nodes, their data inputs already known (feeds, constants),
+    and the names of those onnxruntime must compute."""
     nodes = [n for n in model.graph.nodes if n.op_type in NAN_ORDER_OPS and n.domain in ("", "ai.onnx")
              and n.inputs and n.inputs[0] is not None and n.outputs]
-    if not nodes:
-        return []
-    known: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in feeds.items()}
+    known: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in feeds.items()} if nodes else {}
     wanted: list[str] = []
     for n in nodes:
         v = n.inputs[0]
@@ -84,12 +82,10 @@ def nan_fed_nodes(model: Model, feeds: Mapping[str, np.ndarray]) -> list[NanFedN
             known[v.name] = c
         elif v.name not in known and v.name not in wanted:
             wanted.append(v.name)
-    if wanted:
-        try:
-            sess = onnxruntime_session(model, threads=1, optimize=False, log_severity=4, outputs=wanted)
-            known.update(zip(wanted, sess.run(None, dict(feeds))))
-        except Exception:  # noqa: BLE001 - no answer means no second reference: the strict one stands
-            return []
+    return nodes, known, wanted
+
+
+def _nan_fed(nodes: Sequence[Node], known: Mapping[str, np.ndarray]) -> list[NanFedNode]:
     fed = []
     for n in nodes:
         v = n.inputs[0]
@@ -98,6 +94,19 @@ def nan_fed_nodes(model: Model, feeds: Mapping[str, np.ndarray]) -> list[NanFedN
         if a is not None and a.dtype.kind == "f" and bool(np.isnan(a).any()):
             fed.append(NanFedNode(n.op_type, n.name or n.outputs[0].name, a.dtype))
     return fed
+
+
+def nan_fed_nodes(model: Model, feeds: Mapping[str, np.ndarray]) -> list[NanFedNode]:
+    """The main graph's NAN_ORDER_OPS nodes whose data input holds a NaN on `feeds` (run on
+    onnxruntime, optimizations off; If/Loop bodies are not looked into)."""
+    nodes, known, wanted = _nan_probes(model, feeds)
+    if wanted:
+        try:
+            sess = onnxruntime_session(model, threads=1, optimize=False, log_severity=4, outputs=wanted)
+            known.update(zip(wanted, sess.run(None, dict(feeds))))
+        except Exception:  # noqa: BLE001 - no answer means no second reference: the strict one stands
+            return []
+    return _nan_fed(nodes, known)
 
 
 def skip_nan_model(model: Model, fed: Sequence[NanFedNode]) -> onnx.ModelProto:
@@ -156,18 +165,31 @@ def skip_nan_model(model: Model, fed: Sequence[NanFedNode]) -> onnx.ModelProto:
 
 
 def reference_outputs(model: Model, feeds: Mapping[str, np.ndarray]) -> Reference:
-    plain = run_onnxruntime(model, feeds)
+    names = [v.name for v in model.graph.outputs]
+    nodes, known, wanted = _nan_probes(model, feeds)
+    plain: list[np.ndarray] | None = None
+    if wanted:
+        # one run gives the reference and the max/min nodes' data inputs
+        try:
+            sess = onnxruntime_session(model, threads=1, optimize=False, log_severity=4,
+                                       extra_outputs=[w for w in wanted if w not in names])
+            got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, dict(feeds))))
+            plain = [got[n] for n in names]
+            known.update((w, got[w]) for w in wanted)
+        except Exception:  # noqa: BLE001 - the plain run below says what is wrong, in one line
+            plain, nodes = None, []
+    if plain is None:
+        plain = run_onnxruntime(model, feeds)
     try:
         optimized = run_onnxruntime(model, feeds, optimize=True)
     except Exception:  # noqa: BLE001 - an optimizer onnxruntime cannot run gives no floor, not a failure
         optimized = None
-    names = [v.name for v in model.graph.outputs]
     noise = {}
     if optimized is not None:
         for name, a, b in zip(names, plain, optimized):
             noise[name] = max_abs_difference(a, b)
     ref = Reference(plain, names, noise)
-    fed = nan_fed_nodes(model, feeds)
+    fed = _nan_fed(nodes, known)
     if fed:
         try:
             sess = onnxruntime_session(skip_nan_model(model, fed), threads=1, optimize=False, log_severity=4)

@@ -493,6 +493,35 @@ def test_verify_stays_strict_without_a_max_reading_nan():
     assert not verify_outputs(pool, [wrong], rtol=1e-4, atol=1e-5, feeds={"x": np.abs(x)}, inputs="x").ok
 
 
+
+def test_reference_probes_max_inputs_in_the_plain_run(monkeypatch):
+    """The strict reference and the max/min nodes' data inputs come from one onnxruntime session:
+    a model with a NaN-fed MaxPool costs three sessions (plain with probes, optimized, NaN-skipping),
+    and the reference equals the plain run's."""
+    import graphopt.verification as verification
+
+    made: list[str] = []
+    session, run = verification.onnxruntime_session, verification.run_onnxruntime
+
+    def counting_session(*a, **k):
+        made.append("session optimize" if k.get("optimize") else "session plain")
+        return session(*a, **k)
+
+    def counting_run(*a, **k):
+        made.append("run optimize" if k.get("optimize") else "run plain")
+        return run(*a, **k)
+
+    m, x = _nan_made_inside()
+    model = graphopt.load(m)
+    want = _ort(m, {"x": x})[0]
+    monkeypatch.setattr(verification, "onnxruntime_session", counting_session)
+    monkeypatch.setattr(verification, "run_onnxruntime", counting_run)
+    ref = verification.reference_outputs(model, {"x": x})
+    assert ref.nan_skipped == ["MaxPool 'pool'"] and ref.skip_nan_outputs is not None
+    assert len(ref.outputs) == 1
+    np.testing.assert_array_equal(ref.outputs[0], want)
+    assert made == ["session plain", "run optimize", "session plain"]
+
 # --- the compile watchdog -----------------------------------------------------------------------
 
 _RUNAWAY = r"""

@@ -25,7 +25,7 @@ import numpy as np
 from graphopt.check import onnxruntime_has_kernel
 from graphopt.ir import Attr, DataType, Model, Value
 from graphopt.passes.fusion.activations import MS_DOMAIN, contrib_allowed, import_contrib
-from graphopt.pattern import Fail, Match, P, RewriteBuilder, RewritePass, Rule, const_array, register_rule
+from graphopt.pattern import Fail, Match, P, Pattern, RewriteBuilder, RewritePass, Rule, const_array, register_rule
 from graphopt.transform import PassContext, PassResult, register_pass
 
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -53,6 +53,26 @@ def _scalar(v: Value | None) -> float | None | Fail:
     if arr.size != 1:
         return Fail(f"Clip bound {v.name!r} has {arr.size} elements, not one")
     return float(arr.reshape(-1)[0])
+
+
+def _float_producer(m: Match, producer: Pattern, first: Value, weight: Value, fused: str) -> bool | Fail:
+    """The checks a Conv and a Gemm share before their fused contrib op: contrib ops allowed,
+    float32 (the element type of the data input; when not inferred yet, the producer's output,
+    the activation's or the weight's), no attribute referring to a function attribute."""
+    ok = contrib_allowed(m)
+    if not ok:
+        return ok
+    node = m.node(producer)
+    op = node.op_type
+    dt = first.dtype or node.outputs[0].dtype or m.root.outputs[0].dtype or weight.dtype
+    if dt is None:
+        return Fail(f"element type of the {op} is unknown")
+    if dt != DataType.FLOAT:
+        return Fail(f"{op} element type {dt.text} is not float32 ({fused} runs float only)")
+    for a in node.attributes.values():
+        if getattr(a, "ref_attr_name", None):
+            return Fail(f"{op} attribute {a.name!r} refers to a function attribute")
+    return True
 
 
 class ConvActivation(Rule):
@@ -98,19 +118,9 @@ class ConvActivation(Rule):
         return "Clip", [lo, hi]
 
     def check(self, m: Match) -> bool | Fail:
-        ok = contrib_allowed(m)
-        if not ok:
+        ok = _float_producer(m, self.conv, m[self.x], m[self.w], "FusedConv")
+        if ok is not True:
             return ok
-        conv = m.node(self.conv)
-        # x's type; when not inferred yet, the Conv output's, the activation's or the weight's
-        dt = m[self.x].dtype or conv.outputs[0].dtype or m.root.outputs[0].dtype or m[self.w].dtype
-        if dt is None:
-            return Fail("element type of the Conv is unknown")
-        if dt != DataType.FLOAT:
-            return Fail(f"Conv element type {dt.text} is not float32 (FusedConv runs float only)")
-        for a in conv.attributes.values():
-            if getattr(a, "ref_attr_name", None):
-                return Fail(f"Conv attribute {a.name!r} refers to a function attribute")
         params = self._params(m)
         if isinstance(params, Fail):
             return params
@@ -158,18 +168,9 @@ class GemmActivation(Rule):
     pattern = P.op(_SIMPLE + ("LeakyRelu", "HardSigmoid"), gemm)
 
     def check(self, m: Match) -> bool | Fail:
-        ok = contrib_allowed(m)
-        if not ok:
+        ok = _float_producer(m, self.gemm, m[self.a], m[self.bm], "FusedGemm")
+        if ok is not True:
             return ok
-        gemm = m.node(self.gemm)
-        dt = m[self.a].dtype or gemm.outputs[0].dtype or m.root.outputs[0].dtype or m[self.bm].dtype
-        if dt is None:
-            return Fail("element type of the Gemm is unknown")
-        if dt != DataType.FLOAT:
-            return Fail(f"Gemm element type {dt.text} is not float32 (FusedGemm runs float only)")
-        for a in gemm.attributes.values():
-            if getattr(a, "ref_attr_name", None):
-                return Fail(f"Gemm attribute {a.name!r} refers to a function attribute")
         opset = m.opset() or 17
         if not _fused_gemm_kernel(opset, m.get(self.c) is not None):
             return Fail(f"onnxruntime has no com.microsoft FusedGemm kernel for float under opset {opset}")

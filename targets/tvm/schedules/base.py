@@ -244,7 +244,9 @@ def inline_consumers(sch, wb) -> None:
         wb_stmt, c_stmt = sch.get(wb), sch.get(consumers[0])
         if len(c_stmt.writes) != 1 or len(wb_stmt.writes) != 1:
             return
-        same = [static_int(d) for d in c_stmt.writes[0].source.shape] == [static_int(d) for d in wb_stmt.writes[0].source.shape]
+        # (shapes compared as expressions: a symbolic S and S rounded up to the tile both have no
+        # static extent, and are not the same)
+        same = _same_shape(c_stmt.writes[0].source.shape, wb_stmt.writes[0].source.shape)
         if not same and len(sch.get_loops(wb)) <= len(wb_stmt.iter_vars):
             return  # (at the root: inlined after reverse_compute_at, if the rule does that)
         try:
@@ -253,6 +255,13 @@ def inline_consumers(sch, wb) -> None:
             if int8 and merge_epilogue_branches(sch, wb):
                 continue
             return
+
+
+def _same_shape(a: Any, b: Any) -> bool:
+    import tvm_ffi
+
+    return len(a) == len(b) and all(static_int(x) == static_int(y) if static_int(x) is not None else
+                                    tvm_ffi.structural_equal(x, y) for x, y in zip(a, b))
 
 
 def merge_epilogue_branches(sch: "tvm.s_tir.Schedule", wb: Any) -> bool:

@@ -48,6 +48,9 @@ class ScheduleKnobs:
     #: matmuls whose row axis is symbolic (a sequence length) take OuterProduct with one-row tiles
     #: (off: WindowReduction's generic tiles, as before)
     symbolic_rows: bool = True
+    #: ... and those rows padded (pad_einsum) to a multiple of the row tile a large static row
+    #: count gets, so the symbolic kernel runs the static micro-kernel (off: one-row tiles)
+    pad_symbolic_rows: bool = True
     #: matmul-like kernels: reduction blocked by this many (0: off)
     matmul_k_block: int = 128
     #: channel-blocked convs (nchwc): the prologue (pad) materialised before the conv (off: inlined

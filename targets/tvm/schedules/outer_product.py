@@ -37,6 +37,9 @@ from .base import (
 
 __all__ = ["OuterProduct"]
 
+#: a row count every row tile divides (2^4 * 3^2 * 5 * 7): the tile a long static axis gets
+_MANY_ROWS = 5040
+
 
 def _vectorize_tile(sch, loop, vt: int, lanes: int) -> None:
     """Vectorise a vector-tile loop of `vt` elements: up to two vectors as one (LLVM splits a
@@ -146,6 +149,15 @@ def _match_operands(sch: Any, anchor: Any) -> _Operands | None:
     ):
         (ia, ra, da, ex_a), (ib, rb, db, ex_b) = (ib, rb, db, ex_b), (ia, ra, da, ex_a)
     return _Operands(stmt, ivs, s_vars, r_vars, ext, loop_of, out_order, rb, db, vec_var=innermost(ex_b), reg_var=innermost(ex_a))
+
+
+def _one_symbolic_row_axis(m: _Operands) -> bool:
+    """Whether the register axis is the only symbolic spatial axis that A alone indexes. The
+    padding to the row tile pays off where that axis is long (a sequence: attention values
+    [h, S, S] x [h, S, d]) and costs the tile's factor where it is 1 at run time; with two such axes
+    ([T, N, K] x [K, C] after a time-major LSTM, N the batch) which one is long is unknown."""
+    a_only = [v for v in m.s_vars if m.ext[v] is None and not any(v in d for d in m.db)]
+    return len(a_only) == 1 and a_only[0].same_as(m.reg_var)
 
 
 def _register_tile(m: _Operands, n_vec: int, n_reg: int, lanes: int, machine: Any, sym_rows: bool) -> tuple[int, int] | None:
@@ -295,10 +307,11 @@ class OuterProduct(ScheduleRule):
             return None
         return self._schedule(*opened, target, lanes)
 
-    def _schedule(self, sch, anchor, target, lanes, padded: bool = False):
-        """The steps: match the operands, pad a ragged vector axis (then start over), inline the
-        prologue copies and the epilogue, choose the tile, pack B, tile the loops, accumulate in
-        registers, write back."""
+    def _schedule(self, sch, anchor, target, lanes, padded: bool = False, row_multiple: int = 0):
+        """The steps: match the operands, pad a ragged vector axis or a symbolic row axis (then
+        start over), inline the prologue copies and the epilogue, choose the tile, pack B, tile
+        the loops, accumulate in registers, write back. `row_multiple`: the register axis is
+        symbolic but padded to a multiple of this (the row tile)."""
         from ...machine import machine_model
 
         machine = machine_model(target)
@@ -306,10 +319,20 @@ class OuterProduct(ScheduleRule):
         if m is None:
             return None
         n_vec, n_reg = m.ext[m.vec_var], m.ext[m.reg_var]
-        # a symbolic register axis (a sequence length S as the rows of [S, K] x [K, N]): one row
-        # per tile, as many vectors wide as the accumulators allow (a row tile of a symbolic
-        # length would be ragged, and a ragged tile's write-back is not bounded: see below)
+        if n_reg is None and row_multiple:
+            n_reg = row_multiple  # (the tile choices below give the same tile again)
+        # a symbolic register axis (a sequence length S as the rows of [S, K] x [K, N]): padded to
+        # a multiple of the row tile a long static axis gets (a ragged tile of a symbolic length
+        # would have an unbounded write-back, see below), else one row per tile
         sym_rows = n_reg is None and n_vec is not None and knobs.current().symbolic_rows
+        if sym_rows and n_vec is not None and knobs.current().pad_symbolic_rows and not padded and n_vec % lanes == 0 \
+                and _one_symbolic_row_axis(m):
+            tile = _register_tile(m, n_vec, _MANY_ROWS, lanes, machine, False)
+            if tile is not None and tile[1] > 1:
+                rt = tile[1]
+                name = m.stmt.name_hint
+                sch.pad_einsum(anchor, [rt if iv.var.same_as(m.reg_var) else 1 for iv in m.ivs])
+                return self._schedule(sch, sch.get_sblock(name), target, lanes, padded=True, row_multiple=rt)
         if sym_rows:
             n_reg = 1 << 20  # (for the choices below; the row tile is 1)
         if n_vec is None or n_reg is None:

@@ -384,6 +384,53 @@ def test_padded_attention_scores_match_onnxruntime():
     np.testing.assert_allclose(art.run(feeds)[0], run_onnxruntime(graphopt.load(m), feeds)[0], rtol=1e-4, atol=1e-4)
 
 
+
+def _guarded_call(func, arrays, out_shape, guard=256):
+    """Run a scheduled PrimFunc on the host; its output buffer has `guard` sentinel floats after
+    it, which a write past the end would change."""
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=_target())
+    size = int(np.prod(out_shape))
+    guarded = tvm.runtime.tensor(np.full(size + guard, 7.0, np.float32))
+    lib["main"](*[tvm.runtime.tensor(a) for a in arrays], guarded._create_view(out_shape, "float32"))
+    flat = guarded.numpy()
+    assert (flat[size:] == 7.0).all(), "the kernel wrote past the end of its output"
+    return flat[:size].reshape(out_shape)
+
+
+@pytest.mark.parametrize("kind", ["ffn_gelu", "attention_values"])
+def test_symbolic_rows_are_padded_to_the_row_tile(kind):
+    """A matmul whose row axis is a symbolic sequence length S ([S, 64] x [64, 64] + GELU; the
+    attention's [h, S, S] x [h, S, 16]) is padded to a multiple of the row tile a long static axis
+    gets (pad_einsum): one compiled kernel runs the static micro-kernel at every S, writes only the
+    S real rows (a sentinel after the output stays), and gives numpy's numbers at S = 1 .. 130.
+    PAD_SYMBOLIC_ROWS:0 gives the one-row tiles of before (no pad)."""
+    seq = tvm.tirx.Var("S", "int64")
+    if kind == "ffn_gelu":
+        params = [("x", (seq, 64)), ("w", (64, 64))]
+        body = _gelu_body
+    else:
+        params = [("a", (4, seq, seq)), ("v", (4, seq, 16))]
+        body = lambda bb, a, v: bb.emit(relax.op.matmul(a, v))  # noqa: E731
+    mod = _fused(body, params)
+    _, stats, (func,) = _schedule(mod)
+    assert set(stats.by_func.values()) == {"outer-product"}
+    assert "_pad" in func.script()
+    with knobs.using(knobs.ScheduleKnobs.parse("PAD_SYMBOLIC_ROWS:0")):
+        _, stats_off, (func_off,) = _schedule(mod)
+    assert "_pad" not in func_off.script() and set(stats_off.by_func.values()) == {"outer-product"}
+    rng = np.random.default_rng(11)
+    for n in (1, 5, 12, 77, 130):
+        if kind == "ffn_gelu":
+            x = rng.standard_normal((n, 64)).astype(np.float32)
+            w = (rng.standard_normal((64, 64)) / 8).astype(np.float32)
+            arrays, want = [x, w], _gelu_ref(x, w)
+        else:
+            a = rng.standard_normal((4, n, n)).astype(np.float32)
+            v = rng.standard_normal((4, n, 16)).astype(np.float32)
+            arrays, want = [a, v], (a.astype(np.float64) @ v).astype(np.float32)
+        for f in (func, func_off):
+            np.testing.assert_allclose(_guarded_call(f, arrays, want.shape), want, rtol=1e-4, atol=1e-4)
+
 def test_schedule_knobs_travel_with_the_target_options():
     """`cpu{schedule-knobs=ROW_REDUCTION:0}` turns the row-reduction rule off for that compile
     only (dlight's reduction schedule, same numbers), and the manifest records it; a knob that

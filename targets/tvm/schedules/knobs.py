@@ -49,7 +49,8 @@ class ScheduleKnobs:
     #: (off: WindowReduction's generic tiles, as before)
     symbolic_rows: bool = True
     #: ... and those rows padded (pad_einsum) to a multiple of the row tile a large static row
-    #: count gets, so the symbolic kernel runs the static micro-kernel (off: one-row tiles)
+    #: count gets, a symbolic column axis to two vectors, so the symbolic kernel runs the static
+    #: micro-kernel (off: one-row tiles; SymbolicColumns for symbolic columns)
     pad_symbolic_rows: bool = True
     #: matmul-like kernels: reduction blocked by this many (0: off)
     matmul_k_block: int = 128

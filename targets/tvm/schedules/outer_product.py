@@ -307,11 +307,13 @@ class OuterProduct(ScheduleRule):
             return None
         return self._schedule(*opened, target, lanes)
 
-    def _schedule(self, sch, anchor, target, lanes, padded: bool = False, row_multiple: int = 0):
+    def _schedule(self, sch, anchor, target, lanes, padded: bool = False, row_multiple: int = 0,
+                  col_multiple: int = 0):
         """The steps: match the operands, pad a ragged vector axis or a symbolic row axis (then
         start over), inline the prologue copies and the epilogue, choose the tile, pack B, tile
         the loops, accumulate in registers, write back. `row_multiple`: the register axis is
-        symbolic but padded to a multiple of this (the row tile)."""
+        symbolic but padded to a multiple of this (the row tile); `col_multiple` the same for the
+        vector axis."""
         from ...machine import machine_model
 
         machine = machine_model(target)
@@ -321,6 +323,24 @@ class OuterProduct(ScheduleRule):
         n_vec, n_reg = m.ext[m.vec_var], m.ext[m.reg_var]
         if n_reg is None and row_multiple:
             n_reg = row_multiple  # (the tile choices below give the same tile again)
+        if n_vec is None and col_multiple:
+            n_vec = col_multiple
+        if n_vec is None and knobs.current().pad_symbolic_rows and not padded:
+            # a symbolic vector axis (the S x S attention scores [h, S, d] x [h, d, S]): padded to
+            # two vectors (a copy of B per call, d x S), the rows as below where they are symbolic
+            # too, then the static micro-kernel (else SymbolicColumns' serial column loop, its
+            # accumulators in memory)
+            cm = 2 * lanes
+            rt = 1
+            if n_reg is None and _one_symbolic_row_axis(m):
+                tile = _register_tile(m, cm, _MANY_ROWS, lanes, machine, False)
+                rt = tile[1] if tile is not None else 1
+            if n_reg is not None or rt > 1:
+                name = m.stmt.name_hint
+                sch.pad_einsum(anchor, [cm if iv.var.same_as(m.vec_var) else rt if iv.var.same_as(m.reg_var) else 1
+                                        for iv in m.ivs])
+                return self._schedule(sch, sch.get_sblock(name), target, lanes, padded=True,
+                                      row_multiple=rt if n_reg is None else 0, col_multiple=cm)
         # a symbolic register axis (a sequence length S as the rows of [S, K] x [K, N]): padded to
         # a multiple of the row tile a long static axis gets (a ragged tile of a symbolic length
         # would have an unbounded write-back, see below), else one row per tile

@@ -397,37 +397,46 @@ def _guarded_call(func, arrays, out_shape, guard=256):
     return flat[:size].reshape(out_shape)
 
 
-@pytest.mark.parametrize("kind", ["ffn_gelu", "attention_values"])
+@pytest.mark.parametrize("kind", ["ffn_gelu", "attention_values", "attention_scores"])
 def test_symbolic_rows_are_padded_to_the_row_tile(kind):
     """A matmul whose row axis is a symbolic sequence length S ([S, 64] x [64, 64] + GELU; the
     attention's [h, S, S] x [h, S, 16]) is padded to a multiple of the row tile a long static axis
-    gets (pad_einsum): one compiled kernel runs the static micro-kernel at every S, writes only the
-    S real rows (a sentinel after the output stays), and gives numpy's numbers at S = 1 .. 130.
-    PAD_SYMBOLIC_ROWS:0 gives the one-row tiles of before (no pad)."""
+    gets (pad_einsum), and a symbolic column axis (the scores [h, S, 16] x [h, 16, S]) to two
+    vectors: one compiled kernel runs the static micro-kernel at every S, writes only the real
+    outputs (a sentinel after the output stays), and gives numpy's numbers at S = 1 .. 130.
+    PAD_SYMBOLIC_ROWS:0 gives the kernels of before (one-row tiles; SymbolicColumns' column loop)."""
     seq = tvm.tirx.Var("S", "int64")
     if kind == "ffn_gelu":
         params = [("x", (seq, 64)), ("w", (64, 64))]
         body = _gelu_body
-    else:
+    elif kind == "attention_values":
         params = [("a", (4, seq, seq)), ("v", (4, seq, 16))]
         body = lambda bb, a, v: bb.emit(relax.op.matmul(a, v))  # noqa: E731
+    else:
+        params = [("q", (4, seq, 16)), ("k", (4, 16, seq))]
+        body = lambda bb, q, k: bb.emit(relax.op.multiply(relax.op.matmul(q, k), relax.const(0.25, "float32")))  # noqa: E731
     mod = _fused(body, params)
     _, stats, (func,) = _schedule(mod)
     assert set(stats.by_func.values()) == {"outer-product"}
     assert "_pad" in func.script()
     with knobs.using(knobs.ScheduleKnobs.parse("PAD_SYMBOLIC_ROWS:0")):
         _, stats_off, (func_off,) = _schedule(mod)
-    assert "_pad" not in func_off.script() and set(stats_off.by_func.values()) == {"outer-product"}
+    before = "symbolic-columns" if kind == "attention_scores" else "outer-product"
+    assert "_pad" not in func_off.script() and set(stats_off.by_func.values()) == {before}
     rng = np.random.default_rng(11)
     for n in (1, 5, 12, 77, 130):
         if kind == "ffn_gelu":
             x = rng.standard_normal((n, 64)).astype(np.float32)
             w = (rng.standard_normal((64, 64)) / 8).astype(np.float32)
             arrays, want = [x, w], _gelu_ref(x, w)
-        else:
+        elif kind == "attention_values":
             a = rng.standard_normal((4, n, n)).astype(np.float32)
             v = rng.standard_normal((4, n, 16)).astype(np.float32)
             arrays, want = [a, v], (a.astype(np.float64) @ v).astype(np.float32)
+        else:
+            q = rng.standard_normal((4, n, 16)).astype(np.float32)
+            k = rng.standard_normal((4, 16, n)).astype(np.float32)
+            arrays, want = [q, k], (q.astype(np.float64) @ k * 0.25).astype(np.float32)
         for f in (func, func_off):
             np.testing.assert_allclose(_guarded_call(f, arrays, want.shape), want, rtol=1e-4, atol=1e-4)
 

@@ -60,6 +60,10 @@ class ScheduleKnobs:
     #: flat convs with padded rows: one reduction pass per kernel row over the tiles it reaches
     #: (tiles.conv_tile)
     row_passes: bool = True
+    #: channel-blocked convs (nchwc): the elementwise chain computing the conv's input inside the
+    #: kernel (DenseNet's Concat -> BatchNorm -> Relu) fused into one pass, a concat's channel loop
+    #: split at its inputs' boundaries (off: one parallel pass per op, the concat's select chain)
+    fuse_prologue: bool = True
 
     @classmethod
     def parse(cls, text: str) -> ScheduleKnobs:

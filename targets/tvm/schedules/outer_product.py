@@ -152,10 +152,13 @@ def _match_operands(sch: Any, anchor: Any) -> _Operands | None:
 
 
 def _one_symbolic_row_axis(m: _Operands) -> bool:
-    """Whether the register axis is the only symbolic spatial axis that A alone indexes. The
+    """Whether the register axis is the only symbolic spatial axis that A alone indexes, in a
+    matmul-like kernel (the vector axis is the output's last; convs keep their own tiles). The
     padding to the row tile pays off where that axis is long (a sequence: attention values
     [h, S, S] x [h, S, d]) and costs the tile's factor where it is 1 at run time; with two such axes
     ([T, N, K] x [K, C] after a time-major LSTM, N the batch) which one is long is unknown."""
+    if not (m.out_order and m.out_order[-1].same_as(m.vec_var)):
+        return False
     a_only = [v for v in m.s_vars if m.ext[v] is None and not any(v in d for d in m.db)]
     return len(a_only) == 1 and a_only[0].same_as(m.reg_var)
 
@@ -325,7 +328,8 @@ class OuterProduct(ScheduleRule):
             n_reg = row_multiple  # (the tile choices below give the same tile again)
         if n_vec is None and col_multiple:
             n_vec = col_multiple
-        if n_vec is None and knobs.current().pad_symbolic_rows and not padded:
+        if n_vec is None and knobs.current().pad_symbolic_rows and not padded and m.out_order \
+                and m.out_order[-1].same_as(m.vec_var):
             # a symbolic vector axis (the S x S attention scores [h, S, d] x [h, d, S]): padded to
             # two vectors (a copy of B per call, d x S), the rows as below where they are symbolic
             # too, then the static micro-kernel (else SymbolicColumns' serial column loop, its

@@ -132,6 +132,10 @@ def schedule_injective_block(
         sch.vectorize(vec)
 
 
+#: a parallel loop of fewer iterations than this under serial symbolic loops takes them in
+_FEW_PARALLEL = 16
+
+
 def fuse_parallel(sch: "tvm.s_tir.Schedule", loops: Sequence[Any]) -> Any:
     """Fuse `loops` into one parallel loop and return it. Leading loops of symbolic extent (a
     dynamic batch) stay serial outside: fused with them, every index inside is recovered with
@@ -141,7 +145,11 @@ def fuse_parallel(sch: "tvm.s_tir.Schedule", loops: Sequence[Any]) -> Any:
     lead = 0
     while lead < len(loops) - 1 and static_int(sch.get(loops[lead]).extent) is None:
         lead += 1
-    rest = loops[lead:] if knobs.current().serial_symbolic_outer else loops
+    rest_ext = [static_int(sch.get(lp).extent) for lp in loops[lead:]]
+    # ... unless what remains is a handful of iterations (an encoder's head split: S serial
+    # around a parallel loop over 4 heads, one thread-pool launch per token)
+    few = lead > 0 and all(e is not None for e in rest_ext) and math.prod(e or 0 for e in rest_ext) < _FEW_PARALLEL
+    rest = loops[lead:] if knobs.current().serial_symbolic_outer and not few else loops
     fused = sch.fuse(*rest) if len(rest) > 1 else rest[0]
     sch.parallel(fused)
     return fused

@@ -237,3 +237,22 @@ def test_fast_exp_keeps_float32_accuracy():
     np.testing.assert_allclose(got[:4000], ref[:4000], rtol=1e-6)
     assert got[4000] == 0 and got[4001] == 1 and np.isnan(got[4002]) and got[4003] == 0
     assert got[4004] == np.inf and got[4005] == np.inf
+
+
+def test_symbolic_outer_loops_join_a_small_parallel_loop():
+    """Serial symbolic outer loops (batch N, length S) around a parallel loop of a handful of
+    static iterations (4 heads of 4 values) would launch the thread pool once per (n, s): the
+    parallel loop takes the symbolic loops in; a large static remainder keeps them serial outside."""
+    import re
+
+    seq, n = tvm.tirx.Var("S", "int64"), tvm.tirx.Var("N", "int64")
+    mod = _fused(lambda bb, x: bb.emit(relax.op.nn.relu(x)), [("x", (n, seq, 4, 4))])
+    smod = apply_default_schedules(mod, _target())
+    func = next(f for _, f in smod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+    par = re.findall(r"T\.parallel\(([^)]*)\)", func.script())
+    assert par and all("S" in p and "N" in p for p in par), par
+    big = _fused(lambda bb, x: bb.emit(relax.op.nn.relu(x)), [("x", (n, 64, 32, 16))])
+    fbig = next(f for _, f in apply_default_schedules(big, _target()).functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+    assert all("N" not in p for p in re.findall(r"T\.parallel\(([^)]*)\)", fbig.script()))
+    x = np.random.default_rng(2).standard_normal((2, 5, 4, 4)).astype(np.float32)
+    np.testing.assert_array_equal(_run(smod, [x]), np.maximum(x, 0))

@@ -152,7 +152,7 @@ def tune_warnings(trials: int, tuning: Any) -> list[str]:
     if not tuning.get("tasks_selected", 1):
         return [f"--tune {trials} changed nothing: no kernel to tune ({tuning.get('tasks_total', 0)} tasks, "
                 f"{tuning.get('tasks_skipped_done', 0)} already in the database, {tuning.get('tasks_dynamic', 0)} with "
-                "symbolic shapes: fix them with --input-shape/--dim)"]
+                "symbolic shapes: fix them with --input-shape/--dim, or pick their schedules at sizes with --tune-shapes)"]
     kept = [k.get("kept") for k in (tuning.get("kept") or {}).values() if isinstance(k, dict)]
     if kept and all(k == "default" for k in kept):
         return [f"--tune {trials} changed nothing: tuning did not beat the default schedule of any of the "

@@ -149,9 +149,11 @@ def _value(expr: Any, binding: Mapping[str, int]) -> int | None:
     return int(e.value) if isinstance(e, tirx.IntImm) else None
 
 
-def _unify(dims: Sequence[Any], values: Sequence[int], binding: dict[str, int], where: str) -> None:
+def _unify(dims: Sequence[Any], values: Sequence[int], binding: dict[str, int], where: str,
+           names: Sequence[str] | None = None) -> None:
     """Bind the symbols of `dims` (TIR expressions: `H`, `H_8 * 8`) so they equal `values`; a dim
-    that is known already and differs is a UsageError (a size the model cannot take)."""
+    that is known already and differs is a UsageError (a size the model cannot take). `names`:
+    what to call each dim in that error (the input's symbol where `dims` re-express it)."""
     from tvm import tirx
 
     from ..schedules.base import vars_in
@@ -173,7 +175,9 @@ def _unify(dims: Sequence[Any], values: Sequence[int], binding: dict[str, int], 
         elif isinstance(d, tirx.Mul) and isinstance(d.a, tirx.Var) and isinstance(d.b, tirx.IntImm):
             c = int(d.b.value)
             if v % c:
-                raise UsageError(f"--tune-shapes: {where}: dim {axis} is {d}: {v} is not a multiple of {c}")
+                what = names[axis] if names is not None else f"{where}: dim {axis} ({d})"
+                raise UsageError(f"--tune-shapes: {what} = {v} is not a multiple of {c}, which the compiled model "
+                                 "needs (its dims.symbolic: maps of different strides meet)")
             binding[x.name] = v // c
 
 
@@ -204,7 +208,7 @@ def size_bindings(main: Any, inputs: Sequence[Sequence[int] | None]) -> dict[str
                 continue
             vals = [_value(d, binding) for d in src]
             if all(v is not None for v in vals):
-                _unify(dst, [int(v) for v in vals if v is not None], binding, f"{b.var.name}")
+                _unify(dst, [int(v) for v in vals if v is not None], binding, f"{b.var.name}", names=[str(d) for d in src])
     return binding
 
 
@@ -508,7 +512,11 @@ def tune_shapes(
     for size in sizes:
         if len(size) != n_in:
             raise UsageError(f"--tune-shapes: {len(size)} input shapes for {n_in} inputs")
-        bindings.append(size_bindings(main, list(size)))
+        try:
+            bindings.append(size_bindings(main, list(size)))
+        except UsageError as e:
+            spec = ";".join(f"{p.name}={'x'.join(map(str, s))}" for p, s in zip(main.params, size) if s is not None)
+            raise UsageError(f"--tune-shapes {spec}: {str(e).removeprefix('--tune-shapes: ')}") from None
         result.sizes.append({str(p.name): list(s) for p, s in zip(main.params, size) if s is not None})
     sites = call_sites(main)
     lanes = vector_lanes(target)

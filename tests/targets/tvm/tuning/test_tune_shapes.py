@@ -179,3 +179,19 @@ def test_cli_prints_one_line_for_a_kernel_that_kept_its_default(tmp_path: Path, 
     rep = json.loads((tmp_path / "r.json").read_text())
     shapes = rep["tuning"]["shapes"]
     assert shapes["stopped"] == "time budget" and shapes["kept_default"] == 1
+
+
+def test_a_size_the_compiled_model_cannot_take_is_one_line() -> None:
+    """The detector's H and W must be multiples of 8 (maps of strides 2, 4, 8 are concatenated):
+    a tuning size of 100 is refused before anything is measured."""
+    import importlib.util
+
+    from paths import ROOT
+
+    spec = importlib.util.spec_from_file_location("dynamic_models_for_tune_shapes", ROOT / "tools" / "dynamic_models.py")
+    dm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dm)  # type: ignore[union-attr]
+    with pytest.raises(UsageError) as e:
+        graphopt.compile(dm.MODELS["detector_dyn"](), "cpu", tune_shapes="image=1x3x64x64;image=1x3x100x96")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("--tune-shapes image=1x3x100x96: H = 100 is not a multiple of 8"), msg

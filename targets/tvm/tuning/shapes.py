@@ -421,26 +421,36 @@ def _geomean_ratio(ms: Sequence[float], base: Sequence[float]) -> float:
 # --------------------------------------------------------------------------- database
 
 
+class _Store(dict[str, Any]):
+    """The choices file of a database folder, held under its lock while a compile tunes; each
+    choice is written (atomically) as soon as it is made, so an interrupted compile keeps them."""
+
+    def __init__(self, db_dir: str) -> None:
+        super().__init__()
+        self.path = os.path.join(db_dir, CHOICES_FILE)
+        self.db_dir = db_dir
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                self.update(json.load(f))
+        except (OSError, json.JSONDecodeError):
+            pass
+
+    def put(self, key: str, record: dict[str, Any]) -> None:
+        self[key] = record
+        tmp_fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.db_dir)
+        with os.fdopen(tmp_fd, "w", encoding="utf-8") as f:
+            json.dump(dict(self), f, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)
+
+
 @contextlib.contextmanager
-def _locked(db_dir: str) -> Iterator[dict[str, Any]]:
-    """The choices file of `db_dir`, read under its lock; written back (atomically) after."""
+def _locked(db_dir: str) -> Iterator[_Store]:
+    """The choices of `db_dir`, under its lock (one compile tunes with a database at a time)."""
     os.makedirs(db_dir, exist_ok=True)
     fd = os.open(os.path.join(db_dir, _LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        path = os.path.join(db_dir, CHOICES_FILE)
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            data = {}
-        before = json.dumps(data, sort_keys=True)
-        yield data
-        if json.dumps(data, sort_keys=True) != before:
-            tmp_fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=db_dir)
-            with os.fdopen(tmp_fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
+        yield _Store(db_dir)
     finally:
         os.close(fd)
 
@@ -622,7 +632,7 @@ def tune_shapes(
                 ch.candidates = 1
                 _say(progress, {"ev": "kept", "kernel": name, "line": f"tune-shapes: {label(name)} keeps its default schedule ({rule}): {ch.why}"})
                 if store is not None:
-                    store[key] = {"choice": "default", "why": ch.why, "candidates": 1, "kernel": name}
+                    store.put(key, {"choice": "default", "why": ch.why, "candidates": 1, "kernel": name})
                 continue
             measure = _Measure([b for b in fb if b is not None], deadline)
             timings = measure.run(built)
@@ -653,6 +663,6 @@ def tune_shapes(
                 ch.why = f"no candidate was faster over the sizes ({best}; a change needs < {WIN_RATIO}x)"
                 _say(progress, {"ev": "kept", "kernel": name, "line": f"tune-shapes: {label(name)} keeps its default schedule ({rule}): {ch.why}"})
             if store is not None:
-                store[key] = {k: v for k, v in ch.as_dict().items() if k not in ("kernel", "reused", "args")}
+                store.put(key, {k: v for k, v in ch.as_dict().items() if k not in ("reused", "args")})
     result.seconds = time.monotonic() - t0
     return with_functions(mod, updates), result

@@ -62,6 +62,13 @@ def compile_artifact(opts: Any) -> int:
                              f"(target mcpu={machine.mcpu}): drop --verify, or verify on such a machine")
     ctx = PassContext(machine=machine)
     model = cli.load_input(opts, ctx.log)  # checked by onnx's checker, sparse initializers dense
+    sizes = None
+    if getattr(opts, "tune_shapes", None):  # checked against the model before any pass runs
+        from graphopt.input_shapes import check_tune_shapes, parse_tune_shapes
+
+        if target.name != "cpu":
+            raise UsageError(f"--tune-shapes times kernels on this machine: it supports --target cpu, not {target.name}")
+        sizes = check_tune_shapes(model, parse_tune_shapes(str(opts.tune_shapes)))
     cli.load_calibration_data(opts, model, ctx)
     passes = cli._resolve(opts, ctx.log)
     feeds = cli._feeds(opts, model) if opts.verify else None
@@ -79,6 +86,7 @@ def compile_artifact(opts: Any) -> int:
     report.nodes_after = op_counts(optimized)
     options = CompileOptions(pipeline=cli._format(passes), threads=opts.threads, tune=opts.tune or 0,
                              tune_minutes=opts.tune_minutes, tuning_db=opts.tuning_db, progress=not opts.quiet,
+                             tune_shapes=sizes,
                              extra={"watchdog-hard-exit": True})  # (this process is graphopt-compile's own)
     art = compile_model(target, optimized, options, source_sha256=sha256_file(opts.model))
     own = dict(art.report)
@@ -144,7 +152,7 @@ def tune_warnings(trials: int, tuning: Any) -> list[str]:
     if not tuning.get("tasks_selected", 1):
         return [f"--tune {trials} changed nothing: no kernel to tune ({tuning.get('tasks_total', 0)} tasks, "
                 f"{tuning.get('tasks_skipped_done', 0)} already in the database, {tuning.get('tasks_dynamic', 0)} with "
-                "symbolic shapes: fix them with --input-shape/--dim)"]
+                "symbolic shapes: fix them with --input-shape/--dim, or pick their schedules at sizes with --tune-shapes)"]
     kept = [k.get("kept") for k in (tuning.get("kept") or {}).values() if isinstance(k, dict)]
     if kept and all(k == "default" for k in kept):
         return [f"--tune {trials} changed nothing: tuning did not beat the default schedule of any of the "

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune", type=int, metavar="TRIALS", help="cpu target: meta_schedule trial budget (needs --tuning-db)")
     p.add_argument("--tune-minutes", type=float, metavar="M", help="cpu target: stop tuning after M minutes")
     p.add_argument("--tuning-db", metavar="DIR", help="cpu target: tuning database folder, reused by later compiles")
+    p.add_argument("--tune-shapes", metavar="NAME=DIMS;...", help="cpu target: tune the kernels with symbolic dims at "
+                   "these input sizes (e.g. 'x=1x3x320x320;x=1x3x640x480'); the best schedule over them serves every "
+                   "size (--tuning-db keeps the choices)")
     p.add_argument("--threads", type=int, metavar="T", help="cpu target: worker threads (default: every core)")
     p.add_argument("--quantize", metavar="SCHEME", help="append the quantize pass (SCHEME: int8) to the pipeline")
     p.add_argument("--calibration", metavar="DATA", help="--quantize/--prune: calibration .npz (one array per input, samples "
@@ -184,6 +187,7 @@ class Options:
     tune: int = 0
     tune_minutes: float | None = None
     tuning_db: str | None = None
+    tune_shapes: str | None = None  # --tune-shapes NAME=DIMS;... (graphopt.input_shapes.parse_tune_shapes)
     threads: int | None = None
     calibration: str | None = None  # --quantize's data, handed to the pass through PassContext.data
     input_shapes: list[str] = field(default_factory=list)  # --input-shape NAME:DIMS (graphopt.input_shapes)
@@ -254,6 +258,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         tune=pick(ns.tune, "tune", 0),
         tune_minutes=pick(ns.tune_minutes, "tune-minutes", None),
         tuning_db=pick(ns.tuning_db, "tuning-db", None),
+        tune_shapes=pick(ns.tune_shapes, "tune-shapes", None),
         threads=pick(ns.threads, "threads", None),
         input_shapes=list(pick(ns.input_shape, "input-shape", [])),
         dims=list(pick(ns.dim, "dim", [])),
@@ -613,7 +618,7 @@ def _compile(opts: Options) -> int:
     if opts.inputs and not (opts.verify or opts.verify_each or opts.profile):
         raise UsageError("--inputs is only used by --verify, --verify-each or --profile; add one of them")
     tvm_only = [f for f, v in (("--tune", opts.tune), ("--tune-minutes", opts.tune_minutes), ("--tuning-db", opts.tuning_db),
-                               ("--threads", opts.threads)) if v]
+                               ("--tune-shapes", opts.tune_shapes), ("--threads", opts.threads)) if v]
     if tvm_only:
         raise UsageError(f"{tvm_only[0]} is for the compiled targets (--target cpu, arm64, cuda); target onnx has no "
                          "kernels to tune (onnxruntime picks its own)")

@@ -56,6 +56,7 @@ KEYS: dict[str, _Key] = {
     "tune": _Key(int),
     "tune-minutes": _Key((int, float)),
     "tuning-db": _Key(str, is_path=True),
+    "tune-shapes": _Key(str),  # "x=1x3x320x320;x=1x3x640x480", like --tune-shapes
     "threads": _Key(int),
     "prune": _Key((int, float)),
     "quantize": _Key(str),

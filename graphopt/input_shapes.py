@@ -161,3 +161,77 @@ def symbolic_input_dims(model: Model) -> dict[str, list[str]]:
         if syms:
             out[v.name] = syms
     return out
+
+
+def parse_tune_shapes(text: str) -> list[dict[str, tuple[int, ...]]]:
+    """`x=1x3x320x320;x=1x3x640x480` -> [{"x": (1, 3, 320, 320)}, {"x": (1, 3, 640, 480)}]: the
+    representative sizes of `--tune-shapes`. Items are `NAME=DIMS` separated by ';'; an input's
+    k-th item belongs to the k-th size (`x=..;mask=..;x=..;mask=..` for two inputs), and an input
+    given once is that size in every one. Syntax only: `check_tune_shapes` checks them against a
+    model."""
+    per_input: dict[str, list[tuple[int, ...]]] = {}
+    items = [p.strip() for p in str(text).split(";") if p.strip()]
+    if not items:
+        raise UsageError(f"--tune-shapes {text!r}: expected NAME=DIMS;NAME=DIMS..., e.g. x=1x3x320x320;x=1x3x640x480")
+    for item in items:
+        name, sep, dims = (s.strip() for s in item.partition("="))
+        body = dims.removeprefix("[").removesuffix("]").strip()
+        parts = [p.strip() for p in re.split(r"[x,]", body)] if body else []
+        if not sep or not name or any(re.fullmatch(r"[0-9]{1,12}", p) is None for p in parts):
+            raise UsageError(f"--tune-shapes {item!r}: expected NAME=DIMS with whole numbers separated by 'x', "
+                             "e.g. x=1x3x320x320")
+        shape = tuple(int(p) for p in parts)
+        if any(d < 1 for d in shape):
+            raise UsageError(f"--tune-shapes {item!r}: sizes must be at least 1")
+        per_input.setdefault(name, []).append(shape)
+    n = max(len(v) for v in per_input.values())
+    for name, shapes in per_input.items():
+        if len(shapes) not in (1, n):
+            raise UsageError(f"--tune-shapes: input {name!r} has {len(shapes)} sizes, others {n} (give each input "
+                             "once, or once per size)")
+    return [{name: shapes[k if len(shapes) > 1 else 0] for name, shapes in per_input.items()} for k in range(n)]
+
+
+def check_tune_shapes(model: Model, sizes: Sequence[Mapping[str, Sequence[int]]]) -> list[dict[str, tuple[int, ...]]]:
+    """Check `--tune-shapes` sizes against `model`'s inputs (after any --input-shape/--dim) and
+    complete them: an unknown input, a wrong rank, a size that contradicts a fixed dim, one symbol
+    given two values in a size, or an input with symbolic dims left without a size are each one
+    UsageError line; so is a model without symbolic input dims (nothing to tune). Returns the
+    sizes with every input that has symbolic dims."""
+    inputs = {v.name: v for v in model.graph.inputs if not v.is_initializer()}
+    symbolic = symbolic_input_dims(model)
+    if not symbolic:
+        raise UsageError("--tune-shapes: the model has no symbolic input dims (nothing to tune at other sizes)")
+    out = []
+    for k, size in enumerate(sizes):
+        where = f"--tune-shapes size {k + 1}"
+        bind: dict[str, int] = {}
+        row: dict[str, tuple[int, ...]] = {}
+        for name, shape in size.items():
+            shape = tuple(int(d) for d in shape)
+            v = inputs.get(name)
+            if v is None:
+                raise UsageError(f"{where}: {name}={_fmt(shape)}: the model has no input {name!r} "
+                                 f"(inputs: {', '.join(inputs) or 'none'})")
+            if not isinstance(v.type, TensorType) or v.type.shape is None:
+                raise UsageError(f"{where}: input {name!r} has no known rank")
+            old = v.type.shape
+            if old.rank != len(shape):
+                raise UsageError(f"{where}: {name}={_fmt(shape)}: input {name!r} has rank {old.rank} "
+                                 f"({_fmt(old.dims)}), not {len(shape)}")
+            for axis, (d, new) in enumerate(zip(old.dims, shape)):
+                if isinstance(d, int) and d != new:
+                    raise UsageError(f"{where}: {name}={_fmt(shape)}: dim {axis} of input {name!r} is fixed to {d} "
+                                     f"({_fmt(old.dims)})")
+                if isinstance(d, str):
+                    if d in bind and bind[d] != new:
+                        raise UsageError(f"{where}: {name}={_fmt(shape)}: dim {axis} is the symbol {d!r}, which this "
+                                         f"size sets to {bind[d]} elsewhere")
+                    bind[d] = new
+            row[name] = shape
+        missing = [n for n in symbolic if n not in row]
+        if missing:
+            raise UsageError(f"{where}: input {missing[0]!r} has symbolic dims ({', '.join(symbolic[missing[0]])}) "
+                             "and no size")
+        out.append(row)
+    return out

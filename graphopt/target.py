@@ -48,7 +48,7 @@ import warnings
 import zipfile
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -83,8 +83,11 @@ class CompileOptions:
     tune: int = 0  # meta_schedule trials (0: untuned, default schedules)
     tune_minutes: float | None = None
     tuning_db: str | None = None
-    progress: bool = False
+    progress: bool | Callable[[dict[str, Any]], Any] = False  # True: lines on stderr; a callable gets the events
     bind: Mapping[str, np.ndarray] | None = None  # inputs fixed to these values (constants)
+    #: representative sizes for the kernels with symbolic dims ([{input: shape}, ...]:
+    #: graphopt.input_shapes.parse_tune_shapes); None: they keep their default schedules
+    tune_shapes: Sequence[Mapping[str, Sequence[int]]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -616,10 +619,11 @@ def compile(  # noqa: A001 - the public name the issue asks for
     tune_minutes: float | None = None,
     tuning_db: str | None = None,
     threads: int | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[dict[str, Any]], Any] = False,
     bind: Mapping[str, Any] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     dims: Mapping[str, int] | None = None,
+    tune_shapes: str | Sequence[Mapping[str, Sequence[int]]] | None = None,
 ) -> Artifact:
     """Optimize `model` (a path, bytes, onnx.ModelProto or graphopt Model) with `pipeline` and
     compile it for `target`. `tune` is the meta_schedule trial budget (0: untuned; the default
@@ -627,7 +631,10 @@ def compile(  # noqa: A001 - the public name the issue asks for
     inputs to constant values (arrays, scalars or .npy paths; see bind_inputs): they leave the
     interface, and the If branches and shape arithmetic they decide are folded.
     `input_shapes` ({"x": (1, 3, 224, 224)}) and `dims` ({"batch": 1}) fix input dims before the
-    passes (graphopt.input_shapes); a symbolic dim the target cannot compile is a UsageError naming it."""
+    passes (graphopt.input_shapes); a symbolic dim the target cannot compile is a UsageError naming it.
+    `tune_shapes` ("x=1x3x320x320;x=1x3x640x480", or [{"x": (1, 3, 320, 320)}, ...]): the cpu
+    target schedules each kernel with symbolic dims with the candidate fastest over these sizes
+    (targets/tvm/tuning/shapes.py); the artifact stays symbolic."""
     import graphopt
     from graphopt.transform import optimize
 
@@ -645,12 +652,17 @@ def compile(  # noqa: A001 - the public name the issue asks for
         from graphopt.input_shapes import fix_input_shapes
 
         fix_input_shapes(m, input_shapes, dims)
+    sizes = None
+    if tune_shapes is not None:
+        from graphopt.input_shapes import check_tune_shapes, parse_tune_shapes
+
+        sizes = check_tune_shapes(m, parse_tune_shapes(tune_shapes) if isinstance(tune_shapes, str) else tune_shapes)
     tgt = get_target(target)
     from graphopt.transform import PassContext
 
     m = optimize(m, pipeline, inplace=True, ctx=PassContext(machine=tgt.machine_model(threads)))
     opts = CompileOptions(pipeline=pipeline, threads=threads, tune=tune, tune_minutes=tune_minutes,
-                          tuning_db=tuning_db, progress=progress, bind=bind)
+                          tuning_db=tuning_db, progress=progress, bind=bind, tune_shapes=sizes)
     art = compile_model(tgt, m, opts, source_sha256=source_sha)
     for w in art.report.get("warnings", []):  # (the CLI prints them as one line each)
         warnings.warn(w, stacklevel=2)

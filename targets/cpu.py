@@ -14,6 +14,7 @@ neither loading nor running repacks them (`runtime.packed` in the manifest count
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -143,6 +144,11 @@ class CpuTarget(Target):
     #: every refinement on
     schedule_knobs: Any = None
 
+    #: representative input sizes for the kernels with symbolic dims (`cpu{tune-shapes=x=1x3x320x320;
+    #: x=1x3x640x480}`, or --tune-shapes / CompileOptions.tune_shapes): each takes the schedule
+    #: fastest over them (tvm/tuning/shapes.py); None: the default schedules
+    tune_shapes: list[dict[str, tuple[int, ...]]] | None = None
+
     #: Loops of more static iterations than this run as a runtime loop instead of unrolled
     #: (`cpu{loop-unroll=64}`; None: tvm/lower/lowerer.py LOOP_UNROLL, 256)
     loop_unroll: int | None = None
@@ -161,6 +167,11 @@ class CpuTarget(Target):
 
                 t.buckets = parse_buckets(str(value))
                 continue
+            if key == "tune-shapes":
+                from graphopt.input_shapes import parse_tune_shapes
+
+                t.tune_shapes = parse_tune_shapes(str(value))
+                continue
             if key == "loop-unroll":
                 if not str(value).isdigit():
                     raise UsageError(f"target {cls.name}: loop-unroll={value!r} is not a count of iterations (0: never unroll)")
@@ -177,7 +188,7 @@ class CpuTarget(Target):
                 continue
             allowed = cls._OPTIONS.get(key)
             if allowed is None:
-                have = ", ".join((*cls._OPTIONS, *cls._FREE_OPTIONS, "buckets", "schedule-knobs", "loop-unroll"))
+                have = ", ".join((*cls._OPTIONS, *cls._FREE_OPTIONS, "buckets", "schedule-knobs", "loop-unroll", "tune-shapes"))
                 raise UsageError(f"target {cls.name}: unknown option {key!r} (have: {have})")
             if value not in allowed:
                 raise UsageError(f"target {cls.name}: {key}={value!r} is not one of {', '.join(allowed)}")
@@ -234,7 +245,8 @@ class CpuTarget(Target):
 
         return B.schedule(mod, target, tune_trials=options.tune, tune_minutes=options.tune_minutes,
                           tuning_db=options.tuning_db, progress=options.progress,
-                          task_labels=options.extra.get("task-labels"), knobs=self.schedule_knobs)
+                          task_labels=options.extra.get("task-labels"), knobs=self.schedule_knobs,
+                          tune_shapes=options.extra.get("tune-shapes-inputs"))
 
     def int8_kernels(self, mod: Any, target: Any, params: dict[str, np.ndarray]) -> tuple[Any, dict[str, str]]:
         """int8 × int8 → int32 matmul kernels with AVX2 micro-kernels (targets/tvm/schedules/int8_x86.py;
@@ -308,6 +320,17 @@ class CpuTarget(Target):
         from graphopt.targets.tvm import build as B
         from graphopt.transform import PassContext
 
+        if self.tune_shapes is not None:
+            if options.tune_shapes is not None:
+                raise UsageError("--tune-shapes and the target's tune-shapes= option both given: keep one")
+            options = dataclasses.replace(options, tune_shapes=self.tune_shapes)
+            plain = copy.copy(self)
+            plain.tune_shapes = None
+            return plain.compile(model, options, source_sha256=source_sha256)
+        if options.tune_shapes is not None:  # (checked again: the Python API's Target.compile comes here directly)
+            from graphopt.input_shapes import check_tune_shapes
+
+            options = dataclasses.replace(options, tune_shapes=check_tune_shapes(model, options.tune_shapes))
         if self.buckets:  # the symbolic kernels plus one specialised library per bucket
             from graphopt.input_shapes import fix_input_shapes
             from graphopt.targets.shape_buckets import compile_with_buckets
@@ -330,9 +353,9 @@ class CpuTarget(Target):
         tvm_spin_count()
         target = self.tvm_target(threads)
         seconds, memory = W.limits_from(options.extra)
-        # (time bound off while tuning: its own budget is --tune-minutes / trials)
+        # (time bound off while tuning: its own budget is --tune-minutes / trials / candidates)
         activity = W.Activity()
-        with W.Watchdog(0.0 if options.tune > 0 else seconds, memory, activity,
+        with W.Watchdog(0.0 if options.tune > 0 or options.tune_shapes else seconds, memory, activity,
                         hard_exit=bool(options.extra.get("watchdog-hard-exit", False))):
             return self._compile_bounded(model, options, target, threads, activity, t0, times, codebooks, source_sha256)
 
@@ -353,8 +376,12 @@ class CpuTarget(Target):
         t = time.perf_counter()
         activity.what = f"scheduling {sum(1 for gv in mod.get_global_vars() if isinstance(mod[gv], tvm.tirx.PrimFunc))} kernels"
         mod, int8 = self.int8_kernels(mod, target, lowered.params)
-        if options.tune > 0:  # tuning's progress bar names each kernel's ONNX nodes
+        if options.tune > 0 or options.tune_shapes:  # tuning's progress bar names each kernel's ONNX nodes
             options = dataclasses.replace(options, extra={**options.extra, "task-labels": KM.node_labels(lowered)})
+        if options.tune_shapes:  # the shapes of main's inputs in order at each size (None: not given)
+            names = [v.name for v in model.graph.inputs if not (v.is_initializer() and v.const_value is not None)]
+            per_size = [[tuple(s[n]) if n in s else None for n in names] for s in options.tune_shapes]
+            options = dataclasses.replace(options, extra={**options.extra, "tune-shapes-inputs": per_size})
         mod, sched = self.schedule(mod, target, options)
         if int8:
             kinds = sorted(set(int8.values()))

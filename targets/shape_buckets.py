@@ -23,6 +23,7 @@ the padding). `padding_note` names the first such node of the model, recorded in
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import os
@@ -153,7 +154,8 @@ def compile_with_buckets(target: Any, model: Model, options: Any, source_sha256:
                 raise UsageError(f"target cpu: buckets: {d}={v} is under {info['min']}, the smallest size the model takes")
         fix_dims(m, sizes)
         try:
-            sub = plain.compile(m, options, source_sha256=source_sha256)
+            # (the sizes of --tune-shapes are for the symbolic kernels: the buckets' are specialised)
+            sub = plain.compile(m, dataclasses.replace(options, tune_shapes=None), source_sha256=source_sha256)
         except UsageError as e:
             raise UsageError(f"target cpu: bucket {bucket_name(sizes)}: {e}") from None
         name = bucket_name(sizes)

@@ -3,6 +3,7 @@ fixed shapes (`--input-shape`) and against onnxruntime (ORT_ENABLE_ALL), all in 
 
     .venv/bin/python tools/bench_dynamic.py [--models detector_dyn,encoder_dyn,crnn_dyn] [--threads 2]
         [--repeat 50] [--sizes detector_dyn=1x3x64x64,1x3x160x96] [--buckets]
+        [--tune-shapes [--tune-sizes detector_dyn=1x3x96x128,1x3x320x320] [--tune-minutes M] [--tuning-db DIR]]
 
 For each model (tools/dynamic_models.py) the dynamic artifact is compiled once; per size it checks
 the outputs against onnxruntime, compiles the fixed-shape artifact, and prints the median
@@ -10,6 +11,10 @@ latencies and the ratios dynamic / fixed and dynamic / onnxruntime (issue 21's g
 and <= 1.2x). `--buckets` adds the same model compiled with shape buckets at the sizes run
 (`cpu{buckets=...}`, targets/shape_buckets.py). Timings interleave the runners per size,
 `--rounds` times, and keep each runner's best median (a shared machine's noise hits them alike).
+`--tune-shapes` adds the same dynamic model compiled with `tune_shapes=` (the symbolic kernels
+scheduled with the candidate fastest over those sizes, targets/tvm/tuning/shapes.py), tuned at
+`--tune-sizes` (default: the sizes run), timed in the same rounds: the 'tuned' columns, and the
+per-kernel choices after each model.
 """
 
 from __future__ import annotations
@@ -54,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--buckets", action="store_true",
                     help="also compile cpu{buckets=...} with the sizes run (every symbolic dim but N) and time it "
                          "(the 'bucket' column: dispatch to the specialised kernels included)")
+    ap.add_argument("--tune-shapes", action="store_true",
+                    help="also compile the dynamic model with tune_shapes= at --tune-sizes and time it (the 'tuned' columns)")
+    ap.add_argument("--tune-sizes", action="append", default=[], metavar="MODEL=AxBxC,...",
+                    help="--tune-shapes: the sizes to tune MODEL at (default: the sizes run)")
+    ap.add_argument("--tune-minutes", type=float, default=None, help="--tune-shapes: time budget per model")
+    ap.add_argument("--tuning-db", default=None, help="--tune-shapes: keep/reuse the choices in this folder")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time with this process's CPU time, not wall time: robust on a shared, overloaded machine "
                          "with --threads 1 (with more threads it sums theirs)")
@@ -62,13 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     _CLOCK = time.process_time if args.cpu_time else time.perf_counter
     wanted = {k: [tuple(int(d) for d in s.split("x")) for s in v.split(",")]
               for k, v in (x.split("=", 1) for x in args.sizes)}
+    tune_at = {k: [tuple(int(d) for d in s.split("x")) for s in v.split(",")]
+               for k, v in (x.split("=", 1) for x in args.tune_sizes)}
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = args.threads
     print(f"threads={args.threads} target={args.target} (median {'CPU' if args.cpu_time else 'wall'} ms, "
           f"best of {args.rounds} rounds of {args.repeat})")
     print(f"{'model':14s} {'size':16s} {'dynamic':>9s} {'fixed':>9s} {'ort':>9s} {'dyn/fixed':>9s} {'dyn/ort':>8s}  max|err|"
-          + ("   bucket  bkt/ort" if args.buckets else ""))
+          + ("   bucket  bkt/ort" if args.buckets else "")
+          + ("    tuned tun/dyn tun/fix tun/ort  tuned|err|" if args.tune_shapes else ""))
     for name in args.models.split(","):
         model = dm.MODELS[name]()
         inp, sizes = dm.SIZES[name]
@@ -83,6 +97,15 @@ def main(argv: list[str] | None = None) -> int:
             spec = ";".join(f"{d}:{','.join(sorted({str(s[ax]) for s in sizes}, key=int))}"
                             for ax, d in enumerate(dims) if d and d != "N")
             bkt_run = graphopt.compile(model, f"{args.target}{{buckets={spec}}}", "-O2", threads=args.threads).runner(threads=args.threads)
+        tun_run = None
+        if args.tune_shapes:
+            at = tune_at.get(name, sizes)
+            spec = ";".join(f"{inp}={'x'.join(map(str, s))}" for s in at)
+            t = time.perf_counter()
+            tun = graphopt.compile(model, args.target, "-O2", threads=args.threads, tune_shapes=spec,
+                                   tune_minutes=args.tune_minutes, tuning_db=args.tuning_db)
+            t_tun = time.perf_counter() - t
+            tun_run = tun.runner(threads=args.threads)
         sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         for size in sizes:
             x = np.random.default_rng(0).standard_normal(size).astype(np.float32)
@@ -91,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
             err = max(float(np.abs(g - w).max()) for g, w in zip(got, want))
             fixed = graphopt.compile(model, args.target, "-O2", threads=args.threads, input_shapes={inp: size})
             fixed_run = fixed.runner(threads=args.threads)
-            best = {"dyn": np.inf, "fixed": np.inf, "ort": np.inf, "bkt": np.inf}
+            best = {"dyn": np.inf, "fixed": np.inf, "ort": np.inf, "bkt": np.inf, "tun": np.inf}
+            tun_err = max(float(np.abs(g - w).max()) for g, w in zip(tun_run.run(feeds), want)) if tun_run is not None else 0.0
             for _ in range(args.rounds):
+                if tun_run is not None:
+                    best["tun"] = min(best["tun"], _median_ms(lambda: tun_run.run(feeds), args.repeat))
                 if bkt_run is not None:
                     best["bkt"] = min(best["bkt"], _median_ms(lambda: bkt_run.run(feeds), args.repeat))
                 best["dyn"] = min(best["dyn"], _median_ms(lambda: dyn_run.run(feeds), args.repeat))
@@ -100,10 +126,21 @@ def main(argv: list[str] | None = None) -> int:
                 best["ort"] = min(best["ort"], _median_ms(lambda: sess.run(None, feeds), args.repeat))
             print(f"{name:14s} {'x'.join(map(str, size)):16s} {best['dyn']:9.3f} {best['fixed']:9.3f} {best['ort']:9.3f} "
                   f"{best['dyn'] / best['fixed']:9.2f} {best['dyn'] / best['ort']:8.2f}  {err:.1e}"
-                  + (f" {best['bkt']:8.3f} {best['bkt'] / best['ort']:8.2f}" if bkt_run is not None else ""))
+                  + (f" {best['bkt']:8.3f} {best['bkt'] / best['ort']:8.2f}" if bkt_run is not None else "")
+                  + (f" {best['tun']:8.3f} {best['tun'] / best['dyn']:7.2f} {best['tun'] / best['fixed']:7.2f} "
+                     f"{best['tun'] / best['ort']:7.2f}  {tun_err:.1e}" if tun_run is not None else ""))
             if bkt_run is not None:
                 assert bkt_run.last_dispatch.startswith("bucket"), bkt_run.last_dispatch
         print(f"{name}: dynamic artifact compiled once in {t_dyn:.1f} s")
+        if tun_run is not None:
+            shp = tun.manifest["tuning"]["shapes"]
+            print(f"{name}: tuned at {'; '.join('x'.join(map(str, s)) for s in tune_at.get(name, sizes))} in {t_tun:.1f} s "
+                  f"({shp['tuned']} kernels tuned, {shp['kept_default']} kept the default, {shp['reused']} from the database, "
+                  f"stopped: {shp['stopped']})")
+            for k, c in shp["kernels"].items():
+                how = (f"{c['choice']} {c.get('ratio', 1.0):.2f}x" if c["choice"] != "default"
+                       else f"default ({c.get('why', '')})")
+                print(f"  {k}: {c.get('rule')}: {how}")
     return 0
 
 

@@ -101,15 +101,19 @@ def schedule(
     progress: Callable[..., Any] | bool | None = None,
     task_labels: Mapping[str, str] | None = None,
     knobs: Any = None,
+    tune_shapes: Any = None,
 ) -> tuple[tvm.IRModule, ScheduleInfo]:
     """Apply tuned schedules (tuning first when asked) and then default schedules to the rest.
     `task_labels`: {PrimFunc name: its ONNX nodes} for tuning's progress bar; `knobs`: the
-    default schedules' ScheduleKnobs (tvm/schedules/knobs.py; None: the defaults)."""
+    default schedules' ScheduleKnobs (tvm/schedules/knobs.py; None: the defaults);
+    `tune_shapes`: sizes (per size, the shapes of `main`'s inputs in order) at which the kernels
+    with symbolic dims pick their schedule (tvm/tuning/shapes.py; the choices are kept in
+    `tuning_db` when given)."""
     from graphopt.targets.tvm.schedules.knobs import using
 
     with using(knobs):
         return _schedule(mod, target, tune_trials=tune_trials, tune_minutes=tune_minutes, tuning_db=tuning_db,
-                         progress=progress, task_labels=task_labels)
+                         progress=progress, task_labels=task_labels, tune_shapes=tune_shapes)
 
 
 def _schedule(
@@ -121,6 +125,7 @@ def _schedule(
     tuning_db: str | None,
     progress: Callable[..., Any] | bool | None,
     task_labels: Mapping[str, str] | None,
+    tune_shapes: Any = None,
 ) -> tuple[tvm.IRModule, ScheduleInfo]:
     info = ScheduleInfo()
     if tune_trials > 0 or tuning_db:
@@ -150,12 +155,23 @@ def _schedule(
                     info.tuning["kept"] = kept(tuning_db)  # workloads keeping default / tuned schedules
             if tuning_db and os.path.isdir(tuning_db):
                 mod = tuning.apply_database(mod, target, tuning_db)
+    shaped: dict[str, str] = {}
+    if tune_shapes:
+        from graphopt.targets.tvm.tuning.shapes import tune_shapes as tune_at_sizes
+
+        cpu_only_intrinsics()
+        threads = int(target.attrs.get("num-cores") or default_threads()) if "num-cores" in target.attrs else default_threads()
+        mod, shapes = tune_at_sizes(mod, target, tune_shapes, db_dir=tuning_db, minutes=tune_minutes, progress=progress,
+                                    labels=task_labels, threads=threads)
+        info.tuning["shapes"] = shapes.as_dict()
+        shaped = {k: f"{c.rule} (tune-shapes: {c.choice})" for k, c in shapes.kernels.items() if c.choice != "default"}
     scheds = _optional("graphopt.targets.tvm.schedules")
     if scheds is not None:
         try:
             stats = scheds.ScheduleStats()
             mod = scheds.apply_default_schedules(mod, target, stats=stats, serial_small=True)
             info.default_schedules = "applied"
+            stats.by_func.update(shaped)  # (scheduled already: the rule of their default, and the choice)
             info.by_rule = stats.count()
             info.by_func = dict(stats.by_func)
             info.fallback = stats.fallback()

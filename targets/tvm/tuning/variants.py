@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from ..schedules.base import ScheduleRule
 
-__all__ = ["variants"]
+__all__ = ["variants", "variant_rules"]
 
 # (pixels, output channel blocks) per micro-kernel besides the machine model's exact ones
 # (`MachineModel.conv_tiles`): 8-14 accumulator vectors, and 16-24 with 32 registers
@@ -36,8 +36,10 @@ def _hash(sch: Any) -> int:
     return int(tvm_ffi.structural_hash(sch.mod["main"]))
 
 
-def variants(func: "tvm.tirx.PrimFunc", target: "tvm.target.Target", lanes: int) -> list[tuple[str, Any]]:
-    """(label, traced Schedule) for each variant of `func`'s default schedule that differs from it."""
+def variant_rules(func: "tvm.tirx.PrimFunc", target: "tvm.target.Target", lanes: int) -> tuple[Any, list[tuple[str, "ScheduleRule"]]]:
+    """(`func`'s default schedule by these rules or None, [(label, rule)] of its other choices):
+    the rules before they are applied, so a caller can apply one again by its label (the
+    `--tune-shapes` choices, targets/tvm/tuning/shapes.py). Empty when no rule here matches."""
     from ...machine import machine_model
     from ..schedules.nchwc import BlockedConv, BlockedWindow
     from ..schedules.tiles import ConvTile
@@ -47,7 +49,6 @@ def variants(func: "tvm.tirx.PrimFunc", target: "tvm.target.Target", lanes: int)
     exact = machine.conv_tiles
     tiles = tuple(dict.fromkeys((*exact, *(_MORE_TILES_32_REGS if machine.vector_registers >= 32 else ()), *_MORE_TILES)))
 
-    out: list[tuple[str, Any]] = []
     try:  # the default schedule (WinogradConv, else BlockedConv.apply: the conv schedule, else the window one)
         default = WinogradConv().apply(func, target, lanes)
         winograd = default is not None
@@ -58,10 +59,9 @@ def variants(func: "tvm.tirx.PrimFunc", target: "tvm.target.Target", lanes: int)
         if default is None:
             default = BlockedWindow().apply(func, target, lanes)
     except Exception:  # noqa: BLE001 - not a kernel of these rules
-        return out
+        return None, []
     if default is None:
-        return out
-    seen = {_hash(default)}
+        return None, []
     cands: list[tuple[str, ScheduleRule]]
     if winograd:  # the transforms have one schedule; the GEMM's micro-kernel varies
         cands = [(f"winograd gemm tile {rt}x{obt}{f' k-chunk {c}' if c else ''}",
@@ -82,6 +82,16 @@ def variants(func: "tvm.tirx.PrimFunc", target: "tvm.target.Target", lanes: int)
     else:
         cands = [(f"window {rt} px x {ry} rows pad {pad}", BlockedConv(window=BlockedWindow(rt=rt, pad=pad, ry=ry)))
                  for rt, pad, ry in _WINDOW]
+    return default, cands
+
+
+def variants(func: "tvm.tirx.PrimFunc", target: "tvm.target.Target", lanes: int) -> list[tuple[str, Any]]:
+    """(label, traced Schedule) for each variant of `func`'s default schedule that differs from it."""
+    out: list[tuple[str, Any]] = []
+    default, cands = variant_rules(func, target, lanes)
+    if default is None:
+        return out
+    seen = {_hash(default)}
     for label, rule in cands:
         try:
             sch = rule.apply(func, target, lanes)

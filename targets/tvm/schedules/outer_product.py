@@ -148,6 +148,21 @@ def _match_operands(sch: Any, anchor: Any) -> _Operands | None:
     return _Operands(stmt, ivs, s_vars, r_vars, ext, loop_of, out_order, rb, db, vec_var=innermost(ex_b), reg_var=innermost(ex_a))
 
 
+def _bare_symbolic_rows(m: _Operands) -> bool:
+    """Whether a symbolic register axis can take one-row tiles: always for matmul-like kernels
+    (the vector axis is the output's last), else only when its extent is a bare variable. A
+    conv's output width of `L - 2` or `L // 128 - 1` (no padding, or a stride) fused with the
+    channel panels into one parallel loop gave the accumulator tile a shape TVM 0.27 could not
+    bound (`Select(...)` extents): the kernel wrote past its buffers (wrong outputs, heap
+    corruption) on a Conv1d 64->64 k3 and a strided Conv1d k256/s128 of symbolic length."""
+    import tvm
+
+    if m.out_order and m.out_order[-1].same_as(m.vec_var):
+        return True
+    extent = next(iv.dom.extent for iv in m.ivs if iv.var.same_as(m.reg_var))
+    return isinstance(extent, tvm.tirx.Var)
+
+
 def _register_tile(m: _Operands, n_vec: int, n_reg: int, lanes: int, machine: Any, sym_rows: bool) -> tuple[int, int] | None:
     """(vt, rt): the vector tile (elements of the vector axis) and the register tile (rows) of the
     micro-kernel, as many accumulators as the machine has (None: no vector tile fits)."""
@@ -310,6 +325,8 @@ class OuterProduct(ScheduleRule):
         # per tile, as many vectors wide as the accumulators allow (a row tile of a symbolic
         # length would be ragged, and a ragged tile's write-back is not bounded: see below)
         sym_rows = n_reg is None and n_vec is not None and knobs.current().symbolic_rows
+        if sym_rows and not _bare_symbolic_rows(m):
+            return None
         if sym_rows:
             n_reg = 1 << 20  # (for the choices below; the row tile is 1)
         if n_vec is None or n_reg is None:

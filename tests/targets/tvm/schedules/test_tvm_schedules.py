@@ -11,6 +11,7 @@ relax = pytest.importorskip("tvm.relax")
 
 from tvm_kernels import fused as _fused  # noqa: E402
 from tvm_kernels import host_target as _target  # noqa: E402
+from tvm_kernels import fuse as _fuse  # noqa: E402
 from tvm_kernels import run as _run  # noqa: E402
 
 from graphopt.targets.tvm.schedules import LAYOUT_REWRITE_ANN, ScheduleStats, apply_default_schedules, is_tunable_kernel  # noqa: E402
@@ -237,3 +238,28 @@ def test_fast_exp_keeps_float32_accuracy():
     np.testing.assert_allclose(got[:4000], ref[:4000], rtol=1e-6)
     assert got[4000] == 0 and got[4001] == 1 and np.isnan(got[4002]) and got[4003] == 0
     assert got[4004] == np.inf and got[4005] == np.inf
+
+
+def test_conv1d_layout_with_expression_width_keeps_numbers():
+    """The schedule rule alone: a conv1d in conv layout whose output width is `L - 2` is not tiled
+    one row at a time (that tile wrote past the kernel's buffers: wrong outputs, heap corruption);
+    a padded one (width L) still is. Both equal numpy."""
+    n, length = tvm.tirx.Var("n", "int64"), tvm.tirx.Var("l", "int64")
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((64, 64, 3)) / 14).astype(np.float32)
+    x = rng.standard_normal((2, 64, 40)).astype(np.float32)
+    for pad, rule_ok in ((0, lambda r: r != "outer-product"), (1, lambda r: r == "outer-product")):
+        bb = relax.BlockBuilder()
+        xv = relax.Var("x", relax.TensorType([n, 64, length], "float32"))
+        wv = relax.Var("w", relax.TensorType([64, 64, 3], "float32"))
+        with bb.function("main", [xv, wv]):
+            with bb.dataflow():
+                out = bb.emit_output(bb.emit(relax.op.nn.conv1d(xv, wv, padding=pad)))
+            bb.emit_func_output(out)
+        stats = ScheduleStats()
+        smod = apply_default_schedules(_fuse(bb.get()), _target(), stats=stats)
+        (rule,) = stats.by_func.values()
+        assert rule_ok(rule), (pad, stats.by_func, stats.failures)
+        xp = np.pad(x, ((0, 0), (0, 0), (pad, pad))).astype(np.float64)
+        ref = np.stack([np.einsum("nck,ock->no", xp[:, :, i:i + 3], w) for i in range(xp.shape[2] - 2)], axis=-1)
+        np.testing.assert_allclose(_run(smod, [x, w]), ref, rtol=1e-4, atol=1e-4)

@@ -23,11 +23,13 @@ CHANNEL_MULTIPLE = 16
 
 
 def _frames_fires(node: Node, x: Any, w: np.ndarray | None) -> bool:
-    """Conv1d as frames x matmul: a 1-D Conv (rank-3 input), one group, no dilation, a constant
-    float weight, and an output width that is a symbolic expression, not a bare dim (a stride, or
-    a kernel wider than its padding: `(L - 256) // 128 + 1`). Not for a static or bare symbolic
-    width: the conv form schedules those (outer-product in conv layout)."""
-    if x is None or w is None or x.ty.ndim != 3 or w.ndim != 3 or w.dtype != np.float32 or dtype_of(x) != "float32":
+    """Conv1d as frames x matmul: a 1-D Conv (rank-3 input of known shape), one group, no
+    dilation, a constant float32 weight, and an output width that is a symbolic expression, not
+    a bare dim (a stride, or a kernel wider than its padding: `(L - 256) // 128 + 1`). Not for a
+    static or bare symbolic width: the conv form schedules those (outer-product in conv layout)."""
+    if x is None or w is None or not isinstance(getattr(x, "ty", None), relax.TensorType) or x.ty.ndim != 3:
+        return False
+    if not isinstance(x.ty.shape, relax.ShapeExpr) or w.ndim != 3 or w.dtype != np.float32 or dtype_of(x) != "float32":
         return False
     if int(node.attr("group", 1)) != 1 or any(int(d) != 1 for d in (node.attr("dilations", None) or [1])):
         return False

@@ -10,7 +10,8 @@ reused when there), or taken from --artifact NAME=DIR (an artifact another tree 
 baseline, measured in the same rounds). Feeds: the model's first test chunk (vad_if: sr=16000,
 and sr=8000 as vad_if@8k). Printed per model and thread count: median µs per `Runner.run`
 (numpy in, numpy out) of each artifact and of onnxruntime's `InferenceSession.run`, and their
-ratio; calls alternate between the runtimes, so load that comes and goes hits all. Outputs are
+ratio (on 1 thread also the calling thread's mean CPU time, which leaves out time other
+processes took: a truer ratio on a loaded machine); calls alternate between the runtimes, so load that comes and goes hits all. Outputs are
 checked against onnxruntime's first (max abs difference printed).
 """
 
@@ -75,15 +76,23 @@ def measure(label: str, model: Path, arts: dict[str, Path], feeds: dict[str, np.
         for _ in range(100):
             f()
     ts: dict[str, list[float]] = {k: [] for k in calls}
+    cpu: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(rounds):
         for k, f in calls.items():
+            c = time.thread_time()
             t = time.perf_counter()
             f()
             ts[k].append(time.perf_counter() - t)
+            cpu[k].append(time.thread_time() - c)
     med = {k: statistics.median(v) * 1e6 for k, v in ts.items()}
     o = med["onnxruntime"]
     parts = "  ".join(f"{k} {v:7.1f} µs ({v / o:.2f}x)" for k, v in med.items() if k != "onnxruntime")
     print(f"{label:10s} threads {threads}: onnxruntime {o:7.1f} µs  {parts}", flush=True)
+    if threads == 1:  # everything runs on the calling thread: its CPU time leaves out time the load took
+        mc = {k: statistics.mean(v) * 1e6 for k, v in cpu.items()}
+        oc = mc["onnxruntime"]
+        parts = "  ".join(f"{k} {v:7.1f} µs ({v / oc:.2f}x)" for k, v in mc.items() if k != "onnxruntime")
+        print(f"{'':10s}   cpu time (mean): onnxruntime {oc:7.1f} µs  {parts}", flush=True)
     return med
 
 

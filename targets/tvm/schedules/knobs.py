@@ -56,6 +56,9 @@ class ScheduleKnobs:
     #: flat convs with padded rows: one reduction pass per kernel row over the tiles it reaches
     #: (tiles.conv_tile)
     row_passes: bool = True
+    #: outer-product kernels: an elementwise prologue chain (a log-magnitude before a conv) is
+    #: folded into its last block, one pass instead of one per op (off: a pass per op, as before)
+    fold_prologue: bool = True
 
     @classmethod
     def parse(cls, text: str) -> ScheduleKnobs:

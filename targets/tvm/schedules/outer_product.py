@@ -26,6 +26,7 @@ from .base import (
     LAYOUT_REWRITE_ANN,
     ScheduleRule,
     divisors_of,
+    fold_prologue,
     fuse_parallel,
     inline_consumers,
     inline_copies,
@@ -333,6 +334,8 @@ class OuterProduct(ScheduleRule):
             return None  # the vector axis must be static; outer ones (batch) may be symbolic
         if n_vec % lanes and n_vec > 2 * lanes and n_reg >= 16 and not padded and knobs.current().pad_vector_axis and not sym_rows:
             return self._pad_vector_axis(sch, anchor, m, target, lanes, n_vec, n_reg, machine)
+        if knobs.current().fold_prologue:
+            fold_prologue(sch, anchor)
         inline_copies(sch, anchor)
         if knobs.current().inline_epilogue:
             _inline_epilogue(sch, anchor)

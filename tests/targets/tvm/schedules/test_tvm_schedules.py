@@ -263,3 +263,42 @@ def test_conv1d_layout_with_expression_width_keeps_numbers():
         xp = np.pad(x, ((0, 0), (0, 0), (pad, pad))).astype(np.float64)
         ref = np.stack([np.einsum("nck,ock->no", xp[:, :, i:i + 3], w) for i in range(xp.shape[2] - 2)], axis=-1)
         np.testing.assert_allclose(_run(smod, [x, w]), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_elementwise_prologue_chain_is_folded_into_one_pass():
+    """A log-magnitude (square, square, add, sqrt, add, log) before a matmul, in one kernel as
+    the lowering groups it: one materialised pass over its input, not one parallel pass per op;
+    a per-row value that a broadcast reads (sqrt of s [M, 1], near miss) stays a pass of its own.
+    Numbers kept, and with the knob off (a pass per op, as before)."""
+    from graphopt.targets.tvm.schedules import knobs, schedule_prim_func
+    from tvm_kernels import primitive_kernel
+
+    rng = np.random.default_rng(5)
+    re_, im_ = rng.standard_normal((24, 96)).astype(np.float32), rng.standard_normal((24, 96)).astype(np.float32)
+    s = (rng.random((24, 1)) + 0.5).astype(np.float32)
+    w = (rng.standard_normal((96, 32)) / 10).astype(np.float32)
+    R = relax.op
+
+    def body(bb, a, b, sv, wv):
+        mag = R.log(R.add(R.sqrt(R.add(R.multiply(a, a), R.multiply(b, b))), relax.const(1e-3, "float32")))
+        return bb.emit(R.matmul(R.multiply(mag, R.sqrt(sv)), wv))
+
+    params = [relax.Var(n, TT(list(a.shape), "float32")) for n, a in (("a", re_), ("b", im_), ("s", s), ("w", w))]
+    func = primitive_kernel(params, body)
+    ref = (np.log(np.sqrt(re_.astype(np.float64) ** 2 + im_.astype(np.float64) ** 2) + 1e-3) * np.sqrt(s)) @ w
+
+    def scheduled_run():
+        sched, rule, notes = schedule_prim_func(func, _target())
+        assert rule == "outer-product", notes
+        lib = tvm.compile(tvm.IRModule({"main": sched.with_attr("global_symbol", "main")}), target=_target())
+        args = [tvm.runtime.tensor(a) for a in (re_, im_, s, w)] + [tvm.runtime.tensor(np.zeros((24, 32), np.float32))]
+        lib["main"](*args)
+        np.testing.assert_allclose(args[-1].numpy(), ref, rtol=1e-4, atol=1e-4)
+        return sched.script()
+
+    text = scheduled_run()
+    assert "T.log(T.sqrt(" in text, text
+    assert text.count("T.parallel(") <= 4, text  # weight pack, folded prologue, sqrt(s), matmul
+    with knobs.using(knobs.ScheduleKnobs(fold_prologue=False)):
+        text2 = scheduled_run()
+    assert "T.log(T.sqrt(" not in text2 and text2.count("T.parallel(") > text.count("T.parallel(") + 3

@@ -241,8 +241,8 @@ def fold_prologue(sch, anchor) -> None:
         if len(sa) != len(sb):
             return False
         for da, db in zip(sa, sb):
-            d = ana.simplify(db - da)
-            if static_int(d) is None or not 0 <= static_int(d) <= 16:
+            d = static_int(ana.simplify(db - da))
+            if d is None or not 0 <= d <= 16:
                 return False
         return True
 

@@ -60,13 +60,13 @@ def measure(label: str, model: Path, arts: dict[str, Path], feeds: dict[str, np.
     import graphopt.runtime
 
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
+    so.intra_op_num_threads = threads or os.cpu_count() or 1
     so.inter_op_num_threads = 1
     s = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
     ref = s.run(None, feeds)
     calls: dict[str, Any] = {"onnxruntime": lambda: s.run(None, feeds)}
     for k, path in arts.items():
-        r = graphopt.runtime.load(str(path), threads=threads)
+        r = graphopt.runtime.load(str(path), threads=threads or None)
         want = {n: v for n, v in feeds.items() if n in r.input_names}
         got = r.run(want)
         diff = max(float(np.abs(np.asarray(g) - e).max()) for g, e in zip(got, ref))
@@ -99,7 +99,7 @@ def measure(label: str, model: Path, arts: dict[str, Path], feeds: dict[str, np.
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="vad_if,vad_gru")
-    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--threads", default="1,2", help="0: the runner's own choice (onnxruntime: every core)")
     ap.add_argument("--rounds", type=int, default=2000)
     ap.add_argument("--artifact", action="append", default=[], help="NAME=DIR: also measure this artifact (LABEL@NAME=DIR)")
     ap.add_argument("--out", default=str(ROOT / "out" / "bench_small_models"))

@@ -61,8 +61,10 @@ def _conv1d_frames(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: in
     schedule takes it with one-row tiles over a symbolic frame count, where the conv layout is
     refused (its accumulator tile could not be bounded: see `outer_product._bare_symbolic_rows`)
     and fell to the generic fallback schedule (a VAD's STFT as a strided conv with a 256-wide
-    fixed basis: 0.24 ms on one core, 8x onnxruntime). The weight is padded with zero filters to
-    CHANNEL_MULTIPLE at compile time. Does not fire (NotImplemented: the frontend's conv) for
+    fixed basis: 0.24 ms on one core, 8x onnxruntime). A filter count that is not a multiple of
+    CHANNEL_MULTIPLE is padded with zero filters at compile time: that weight becomes a constant
+    of the library (the VAD's 258 x 256 basis: 264 KB in model.so, not params.npz); other weights
+    are read as the kernel argument they are. Does not fire (NotImplemented: the frontend's conv) for
     2-D+ convs, groups, dilation, auto_pad, a weight computed at run time, non-float32 data, or a
     static or bare symbolic output width (see `_frames_fires`)."""
     x = ins[0]
@@ -78,8 +80,12 @@ def _conv1d_frames(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: in
     if any(pads):
         x = bb.emit(R.nn.pad(x, [0, 0, 0, 0, pads[0], pads[1]]))
     o_pad = -(-o // CHANNEL_MULTIPLE) * CHANNEL_MULTIPLE
-    wp = np.zeros((o_pad, c, k), np.float32)
-    wp[:o] = w
+    if o_pad == o:
+        wp = ins[1]  # (a kernel argument where it is one: the weight stays in params.npz, prepacked at compile time)
+    else:  # zero filters appended: a constant of the library (the padded copy is made once, here)
+        wp_arr = np.zeros((o_pad, c, k), np.float32)
+        wp_arr[:o] = w
+        wp = relax.const(wp_arr, "float32")
     width = tvm.sym.Analyzer().simplify((dims_of(x)[2] - k) // s + 1)  # (symbolic: _frames_fires)
 
     def frames_matmul(xt: te.Tensor, wt: te.Tensor) -> te.Tensor:
@@ -89,7 +95,7 @@ def _conv1d_frames(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: in
                           lambda n, f, oc: te.sum(xt[n, rc, f * s + rk] * wt[oc, rc, rk], axis=[rc, rk]),
                           name="conv1d_frames")
 
-    y = bb.emit_te(frames_matmul, x, relax.const(wp, "float32"), primfunc_name_hint="conv1d_frames")
+    y = bb.emit_te(frames_matmul, x, wp, primfunc_name_hint="conv1d_frames")
     if o_pad != o:
         y = bb.emit(R.strided_slice(y, axes=[2], begin=[0], end=[o]))
     y = bb.emit(R.permute_dims(y, [0, 2, 1]))

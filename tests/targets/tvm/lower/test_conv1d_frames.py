@@ -89,7 +89,10 @@ def test_unpadded_conv1d_of_symbolic_length_matches_onnxruntime():
     """k3 without padding: width L - 2, an expression (the conv layout wrote past its buffers)."""
     m = _conv_model(64, 64, 3)
     assert _fires(m)
-    _equal_to_onnxruntime(m, [(2, 40), (1, 3)])
+    art = _equal_to_onnxruntime(m, [(2, 40), (1, 3)])
+    # 64 filters need no padding: the weight stays a parameter (params.npz), not a library constant
+    arrays = art.manifest["files"]["params"]["arrays"].values()
+    assert sum(int(np.prod(a["shape"])) for a in arrays) == 64 * 64 * 3, list(arrays)
 
 
 @pytest.mark.parametrize("case", ["static_width", "bare_symbolic_width", "group", "dilation", "runtime_weight"])

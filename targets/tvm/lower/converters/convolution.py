@@ -14,7 +14,8 @@ from graphopt.ir import Node
 from graphopt.ir.query import const_array
 
 from .common import R, dtype_of
-from ..registry import converter, dims_of
+from ..registry import const_value, converter, dims_of
+from ...schedules.base import LAYOUT_REWRITE_ANN
 
 #: output channels are padded (zero filters, cropped after) to a multiple of this: a whole number
 #: of vectors at every CPU target's fp32 width (4, 8 or 16 lanes), so the matmul schedule's
@@ -61,10 +62,10 @@ def _conv1d_frames(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: in
     schedule takes it with one-row tiles over a symbolic frame count, where the conv layout is
     refused (its accumulator tile could not be bounded: see `outer_product._bare_symbolic_rows`)
     and fell to the generic fallback schedule (a VAD's STFT as a strided conv with a 256-wide
-    fixed basis: 0.24 ms on one core, 8x onnxruntime). A filter count that is not a multiple of
-    CHANNEL_MULTIPLE is padded with zero filters at compile time: that weight becomes a constant
-    of the library (the VAD's 258 x 256 basis: 264 KB in model.so, not params.npz); other weights
-    are read as the kernel argument they are. Does not fire (NotImplemented: the frontend's conv) for
+    fixed basis: 0.24 ms on one core, 8x onnxruntime). The filters are zero-padded to a multiple
+    of CHANNEL_MULTIPLE and laid out [C, K, O_pad]: a weight argument by a block marked as weight
+    packing, which the build hoists out of the kernel and applies to params.npz at compile time
+    (as the schedules' own packs), a constant (an If branch's) right away. Does not fire (NotImplemented: the frontend's conv) for
     2-D+ convs, groups, dilation, auto_pad, a weight computed at run time, non-float32 data, or a
     static or bare symbolic output width (see `_frames_fires`)."""
     x = ins[0]
@@ -80,22 +81,34 @@ def _conv1d_frames(bb: relax.BlockBuilder, node: Node, ins: list[Any], opset: in
     if any(pads):
         x = bb.emit(R.nn.pad(x, [0, 0, 0, 0, pads[0], pads[1]]))
     o_pad = -(-o // CHANNEL_MULTIPLE) * CHANNEL_MULTIPLE
-    if o_pad == o:
-        wp = ins[1]  # (a kernel argument where it is one: the weight stays in params.npz, prepacked at compile time)
-    else:  # zero filters appended: a constant of the library (the padded copy is made once, here)
-        wp_arr = np.zeros((o_pad, c, k), np.float32)
-        wp_arr[:o] = w
-        wp = relax.const(wp_arr, "float32")
     width = tvm.sym.Analyzer().simplify((dims_of(x)[2] - k) // s + 1)  # (symbolic: _frames_fires)
 
     def frames_matmul(xt: te.Tensor, wt: te.Tensor) -> te.Tensor:
         rc = te.reduce_axis((0, c), name="rc")
         rk = te.reduce_axis((0, k), name="rk")
         return te.compute((xt.shape[0], width, o_pad),
-                          lambda n, f, oc: te.sum(xt[n, rc, f * s + rk] * wt[oc, rc, rk], axis=[rc, rk]),
+                          lambda n, f, oc: te.sum(xt[n, rc, f * s + rk] * wt[rc, rk, oc], axis=[rc, rk]),
                           name="conv1d_frames")
 
-    y = bb.emit_te(frames_matmul, x, wp, primfunc_name_hint="conv1d_frames")
+    if const_value(ins[1]) is not None:  # a constant (an If branch's weight): [C, K, O_pad] now
+        wt_arr = np.zeros((c, k, o_pad), np.float32)
+        wt_arr[:, :, :o] = w.transpose(1, 2, 0)
+        return _finish(bb, node, ins, bb.emit_te(frames_matmul, x, relax.const(wt_arr, "float32"),
+                                                 primfunc_name_hint="conv1d_frames"), o, o_pad)
+
+    def frames_matmul_packed(xt: te.Tensor, wt: te.Tensor) -> te.Tensor:
+        # the weight argument as [C, K, O_pad] (zero filters appended), a block marked as weight
+        # packing: the build hoists it out of the kernel and packs the weights once, at compile time
+        packed = te.compute((c, k, o_pad), lambda cc, kk, oc: tvm.tirx.if_then_else(
+            oc < o, wt[tvm.tirx.min(oc, o - 1), cc, kk], tvm.tirx.const(0.0, "float32")),
+            name="conv1d_frames_weight", attrs={LAYOUT_REWRITE_ANN: True})
+        return frames_matmul(xt, packed)
+
+    return _finish(bb, node, ins, bb.emit_te(frames_matmul_packed, x, ins[1], primfunc_name_hint="conv1d_frames"), o, o_pad)
+
+
+def _finish(bb: relax.BlockBuilder, node: Node, ins: list[Any], y: Any, o: int, o_pad: int) -> Any:
+    """[N, F, O_pad] -> [N, O, F] (+ bias)."""
     if o_pad != o:
         y = bb.emit(R.strided_slice(y, axes=[2], begin=[0], end=[o]))
     y = bb.emit(R.permute_dims(y, [0, 2, 1]))

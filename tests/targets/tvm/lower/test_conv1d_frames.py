@@ -76,6 +76,10 @@ def test_strided_wide_conv1d_of_symbolic_length_fires_and_matches_onnxruntime():
     assert art.manifest["dims"]["symbolic"]["L"]["min"] == 256
     sched = art.manifest["schedules"]
     assert sched["fallback"]["kernels"] == [], sched
+    # the basis padded to 272 filters and packed [C, K, O_pad] once, at compile time: a weight of
+    # params.npz (not a library constant, not a copy made at every call)
+    shapes = [list(a["shape"]) for a in art.manifest["files"]["params"]["arrays"].values()]
+    assert [1, 256, 272] in shapes and [258, 1, 256] not in shapes, shapes
     assert sched["rules"].get("outer-product", 0) >= 1, sched
 
 

@@ -92,9 +92,11 @@ _THREAD_POOL = threading.local()
 SHARED_ONE_THREAD_BELOW_S = 50e-6
 
 
-def small_call(manifest: Mapping[str, Any]) -> bool:
+def small_call(manifest: Mapping[str, Any], sizes: Mapping[str, int] | None = None) -> bool:
     """Whether a call of the artifact is under SHARED_ONE_THREAD_BELOW_S of one core's work (False
-    where the manifest has no machine model or kernel map to say)."""
+    where the manifest has no machine model or kernel map to say). A kernel's FLOPs that depend on
+    symbolic dims (`((batch * (samples // 128)) * 139264)`) are counted at `sizes` (dim name ->
+    size: `dim_sizes`); without them such a model is not judged small."""
     machine, kmap = manifest.get("target", {}).get("machine"), manifest.get("kernel_map")
     if not isinstance(machine, dict) or not kmap:
         return False
@@ -102,12 +104,51 @@ def small_call(manifest: Mapping[str, Any]) -> bool:
 
     try:
         model = MachineModel.from_json(machine)
-        flops = sum(float(e.get("flops") or 0) for e in kmap)
+        flops = sum(_flops(e.get("flops"), sizes or {}) for e in kmap)
         weights = sum(int(np.prod(a["shape"], dtype=np.int64)) * np.dtype(a["dtype"]).itemsize
                       for a in manifest["files"]["params"]["arrays"].values())
-    except (TypeError, ValueError, KeyError, AttributeError):
+    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError):
         return False
     return bool(model.core_seconds(flops, weights) < SHARED_ONE_THREAD_BELOW_S)
+
+
+def _flops(value: Any, sizes: Mapping[str, int]) -> float:
+    """A kernel map's FLOPs: a number, or an expression of symbolic dims (+ - * // and integers
+    only, read with `ast`, never evaluated as code) at `sizes`; ValueError when a dim is unknown."""
+    if not isinstance(value, str):
+        return float(value or 0)
+    import ast
+
+    def ev(n: ast.AST) -> int:
+        if isinstance(n, ast.Expression):
+            return ev(n.body)
+        if isinstance(n, ast.Constant) and isinstance(n.value, int):
+            return n.value
+        if isinstance(n, ast.Name) and n.id in sizes:
+            return int(sizes[n.id])
+        if isinstance(n, ast.BinOp) and isinstance(n.op, (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv)):
+            a, b = ev(n.left), ev(n.right)
+            return a + b if isinstance(n.op, ast.Add) else a - b if isinstance(n.op, ast.Sub) else a * b if isinstance(n.op, ast.Mult) else a // b
+        raise ValueError(f"kernel FLOPs {value!r}: cannot count {ast.dump(n)[:40]}")
+
+    return float(ev(ast.parse(value, mode="eval")))
+
+
+def dim_sizes(manifest: Mapping[str, Any], names: Sequence[str], arrays: Sequence[np.ndarray]) -> dict[str, int]:
+    """The symbolic dims' sizes in these inputs (manifest "dims"), by the names the kernel map's
+    FLOPs use (a dim kept as a multiple m also as NAME_m, its size // m)."""
+    out: dict[str, int] = {}
+    index = {n: i for i, n in enumerate(names)}
+    for name, d in ((manifest.get("dims") or {}).get("symbolic") or {}).items():
+        i = index.get(d.get("input"))
+        ax = int(d.get("axis", -1))
+        if i is None or not 0 <= ax < arrays[i].ndim:
+            continue
+        size, m = int(arrays[i].shape[ax]), int(d.get("multiple", 1))
+        out[name] = size
+        if m > 1:
+            out[f"{name}_{m}"] = size // m
+    return out
 
 
 def check_pool(pool: str) -> str:
@@ -455,6 +496,13 @@ class Runner:
         self.threads = check_threads(threads) or (1 if pool != "exclusive" and small_call(m) else
                                                   int(m["target"].get("threads") or _cores()))
         self.pool_settings = pool_settings(pool, self.threads)
+        # a model whose work depends on symbolic dims is judged per input shape at the call
+        # (`_choose_threads`): a VAD's 512-sample chunk is small, a long recording is not
+        self._per_shape = (threads is None and pool != "exclusive" and self.threads > 1
+                           and bool((m.get("dims") or {}).get("symbolic"))
+                           and any(isinstance(e.get("flops"), str) for e in m.get("kernel_map") or []))
+        self._full_threads, self._pool = self.threads, pool
+        self._threads_for: tuple[tuple[int, ...], ...] | None = None
         if self.pool_settings.spin != POOL_SPIN[pool] and _USER_SPIN is None:
             warnings.warn(f"pool={pool!r}: TVM's workers keep spinning {self.pool_settings.spin} yields (set for this "
                           f"process when its first pool started; {POOL_SPIN[pool]} asked): set {_SPIN_ENV} before "
@@ -497,6 +545,9 @@ class Runner:
         # 15 µs of a tiny model's 50: allocation)
         self._staged: dict[int, Any] = {}
         self._symbolic_dims = bool((m.get("dims") or {}).get("symbolic"))  # run-time checks (check_dims)
+        # the input shapes check_dims last accepted: a stream of same-shaped calls (a VAD's chunks)
+        # skips the check (4 µs of a 0.1 ms model's call)
+        self._dims_ok: tuple[tuple[int, ...], ...] | None = None
         # shape buckets (cpu{buckets=...}): a Runner per bucket; `last_dispatch` says which kernels ran
         self._buckets = _Buckets(self) if m.get("buckets") else None
         self.last_dispatch: str | None = None
@@ -518,8 +569,23 @@ class Runner:
     def _feeds(self, inputs: Mapping[str, Any] | Sequence[Any]) -> list[Any]:
         out = [a if a.flags.c_contiguous else _contiguous(a) for a in self._checks.arrays(inputs)]
         if self._symbolic_dims:
-            check_dims(self.manifest, self.input_names, out)
+            shapes = tuple(a.shape for a in out)
+            if shapes != self._dims_ok:
+                check_dims(self.manifest, self.input_names, out)
+                self._dims_ok = shapes
+            if self._per_shape and shapes != self._threads_for:
+                self._choose_threads(out)
+                self._threads_for = shapes
         return [self._stage(i, a) for i, a in enumerate(out)]
+
+    def _choose_threads(self, arrays: Sequence[np.ndarray]) -> None:
+        """One thread for inputs whose call is small (`small_call` at their dims' sizes), else the
+        default count; the calling thread's pool follows at the call (`_own_pool`)."""
+        sizes = dim_sizes(self.manifest, self.input_names, arrays)
+        want = 1 if small_call(self.manifest, sizes) else self._full_threads
+        if want != self.threads:
+            self.threads = want
+            self.pool_settings = pool_settings(self._pool, want)
 
     def _stage(self, i: int, a: np.ndarray) -> Any:
         """Input `i` on the device: its staging tensor refilled when the shape and dtype are those

@@ -199,3 +199,33 @@ def test_shared_runs_a_small_model_on_one_thread_unless_told(art: str) -> None:
     assert not R.small_call(big)
     # nothing to judge by (an artifact from before the machine model): no rule
     assert not R.small_call({k: v for k, v in manifest.items() if k != "kernel_map"})
+
+
+@pytest.mark.skipif(not TWO_CORES, reason="needs two cores")
+def test_symbolic_work_is_judged_per_input_shape(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """[N, 256] x [256, 256] with a symbolic N: its FLOPs are an expression of N, so the runner
+    decides per input shape: one thread at N = 1 (~0.1 MFLOP), every core at N = 8192 (1 GFLOP),
+    one again at N = 1; threads= given or the exclusive pool: never changed. Outputs equal."""
+    from onnx import numpy_helper as nh
+
+    w = (np.random.default_rng(0).standard_normal((256, 256)) / 16).astype(np.float32)
+    g = h.make_graph([h.make_node("MatMul", ["x", "w"], ["y"])], "g", [h.make_tensor_value_info("x", TP.FLOAT, ["N", 256])],
+                     [h.make_tensor_value_info("y", TP.FLOAT, ["N", 256])], [nh.from_array(w, "w")])
+    path = graphopt.compile(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]), "cpu", "-O2", threads=2).save(
+        str(tmp_path / "mm"))
+    r = R.load(path)
+    assert r.threads == 2  # (no input seen yet)
+    small, big = np.ones((1, 256), np.float32), np.ones((8192, 256), np.float32)
+    for x, want in ((small, 1), (big, 2), (small, 1)):
+        np.testing.assert_allclose(r.run({"x": x})[0], x @ w, rtol=1e-4, atol=1e-4)
+        assert r.threads == want and _num_threads() == want
+    assert R.load(path, threads=2).run({"x": small}) and R.load(path, threads=2).threads == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ex = R.load(path, pool="exclusive")
+        ex.run({"x": small})
+        assert ex.threads == 2
+    R.load(path, threads=1).run({"x": small})  # (this thread's pool back to one for the tests after)
+    with pytest.raises(ValueError):  # the FLOPs are read, never evaluated
+        R._flops("__import__('os').getpid()", {"N": 1})
+    assert R._flops("((N * (L // 128)) * 3)", {"N": 2, "L": 640}) == 30.0

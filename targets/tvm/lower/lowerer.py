@@ -649,7 +649,8 @@ class _Lowerer:
 
     def _min_sizes(self) -> None:
         """symbolic_dims[D]["min"]: the smallest size of D (a multiple of its "multiple") for which
-        every window output that depends on D alone is at least 1 (searched up to 2**16)."""
+        every window output that depends on D alone is at least 1 (searched up to 2**16; window
+        outputs grow with D, so the last size that failed and the first that fits bound it)."""
         by_var: dict[str, list[Any]] = {}
         for e in self.windows:
             names = {v.name for v in tvm.tirx.analysis.undefined_vars(e)}
@@ -670,9 +671,16 @@ class _Lowerer:
                 vals = [a.simplify(e) for e in exprs]
                 return all(isinstance(v, tvm.tirx.IntImm) and int(v.value) >= 1 for v in vals)
 
-            k = 1
+            k, last_bad = 1, 0
             while k < (1 << 16) and not ok(k):
+                last_bad = k
                 k += 1 if k < 64 else k // 8
+            while k - last_bad > 1:  # (the steps above 64 overshoot: the least size between, by bisection)
+                mid = (k + last_bad) // 2
+                if ok(mid):
+                    k = mid
+                else:
+                    last_bad = mid
             info["min"] = k * m if m > 1 else k
 
     def _dim_shape(self, shape: relax.ShapeExpr) -> relax.Expr:

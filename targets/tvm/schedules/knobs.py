@@ -64,6 +64,9 @@ class ScheduleKnobs:
     #: kernel (DenseNet's Concat -> BatchNorm -> Relu) fused into one pass, a concat's channel loop
     #: split at its inputs' boundaries (off: one parallel pass per op, the concat's select chain)
     fuse_prologue: bool = True
+    #: outer-product kernels: an elementwise prologue chain (a log-magnitude before a conv) is
+    #: folded into its last block, one pass instead of one per op (off: a pass per op, as before)
+    fold_prologue: bool = True
 
     @classmethod
     def parse(cls, text: str) -> ScheduleKnobs:

@@ -26,6 +26,7 @@ from .base import (
     LAYOUT_REWRITE_ANN,
     ScheduleRule,
     divisors_of,
+    fold_prologue,
     fuse_parallel,
     inline_consumers,
     inline_copies,
@@ -161,6 +162,21 @@ def _one_symbolic_row_axis(m: _Operands) -> bool:
         return False
     a_only = [v for v in m.s_vars if m.ext[v] is None and not any(v in d for d in m.db)]
     return len(a_only) == 1 and a_only[0].same_as(m.reg_var)
+
+
+def _bare_symbolic_rows(m: _Operands) -> bool:
+    """Whether a symbolic register axis can take one-row tiles: always for matmul-like kernels
+    (the vector axis is the output's last), else only when its extent is a bare variable. A
+    conv's output width of `L - 2` or `L // 128 - 1` (no padding, or a stride) fused with the
+    channel panels into one parallel loop gave the accumulator tile a shape TVM 0.27 could not
+    bound (`Select(...)` extents): the kernel wrote past its buffers (wrong outputs, heap
+    corruption) on a Conv1d 64->64 k3 and a strided Conv1d k256/s128 of symbolic length."""
+    import tvm
+
+    if m.out_order and m.out_order[-1].same_as(m.vec_var):
+        return True
+    extent = next(iv.dom.extent for iv in m.ivs if iv.var.same_as(m.reg_var))
+    return isinstance(extent, tvm.tirx.Var)
 
 
 def _register_tile(m: _Operands, n_vec: int, n_reg: int, lanes: int, machine: Any, sym_rows: bool) -> tuple[int, int] | None:
@@ -349,6 +365,8 @@ class OuterProduct(ScheduleRule):
         # a multiple of the row tile a long static axis gets (a ragged tile of a symbolic length
         # would have an unbounded write-back, see below), else one row per tile
         sym_rows = n_reg is None and n_vec is not None and knobs.current().symbolic_rows
+        if sym_rows and not _bare_symbolic_rows(m):
+            return None
         if sym_rows and n_vec is not None and knobs.current().pad_symbolic_rows and not padded and n_vec % lanes == 0 \
                 and _one_symbolic_row_axis(m):
             tile = _register_tile(m, n_vec, _MANY_ROWS, lanes, machine, False)
@@ -363,6 +381,8 @@ class OuterProduct(ScheduleRule):
             return None  # the vector axis must be static; outer ones (batch) may be symbolic
         if n_vec % lanes and n_vec > 2 * lanes and n_reg >= 16 and not padded and knobs.current().pad_vector_axis and not sym_rows:
             return self._pad_vector_axis(sch, anchor, m, target, lanes, n_vec, n_reg, machine)
+        if knobs.current().fold_prologue:
+            fold_prologue(sch, anchor)
         inline_copies(sch, anchor)
         if knobs.current().inline_epilogue:
             _inline_epilogue(sch, anchor)

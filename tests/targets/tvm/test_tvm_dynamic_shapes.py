@@ -141,6 +141,13 @@ def test_classifier_any_size_no_multiple():
         _check(art, m, {"x": _x(shape, 2)})
     with pytest.raises(UsageError, match="at least 5"):
         art.run({"x": np.zeros((1, 3, 4, 9), np.float32)})
+    # the runner skips the check for the shapes it last accepted, never for a refused one
+    with pytest.raises(UsageError, match="at least 5"):
+        art.run({"x": np.zeros((1, 3, 4, 9), np.float32)})
+    _check(art, m, {"x": _x((1, 3, 5, 5), 3)})
+    _check(art, m, {"x": _x((1, 3, 5, 5), 4)})
+    with pytest.raises(UsageError, match="at least 5"):
+        art.run({"x": np.zeros((1, 3, 5, 4), np.float32)})
 
 
 def _resize_model(mode: str, ctm: str, nearest: str, scale: float | None, sizes: list[int] | None) -> onnx.ModelProto:

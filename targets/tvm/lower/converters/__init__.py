@@ -12,5 +12,5 @@ One module per op family; the `runtime_*` modules chain converters in front of t
 for constant inputs (`common.chained`), so they are imported last.
 """
 
-from . import activations, attention, losses, math, normalization, quantized, recurrent, resize, tensor  # noqa: F401
+from . import activations, attention, convolution, losses, math, normalization, quantized, recurrent, resize, tensor  # noqa: F401
 from . import runtime_axes, runtime_resize, runtime_shapes  # noqa: F401  (after the converters they chain in front of)

@@ -11,6 +11,7 @@ relax = pytest.importorskip("tvm.relax")
 
 from tvm_kernels import fused as _fused  # noqa: E402
 from tvm_kernels import host_target as _target  # noqa: E402
+from tvm_kernels import fuse as _fuse  # noqa: E402
 from tvm_kernels import run as _run  # noqa: E402
 
 from graphopt.targets.tvm.schedules import LAYOUT_REWRITE_ANN, ScheduleStats, apply_default_schedules, is_tunable_kernel  # noqa: E402
@@ -256,3 +257,65 @@ def test_symbolic_outer_loops_join_a_small_parallel_loop():
     assert all("N" not in p for p in re.findall(r"T\.parallel\(([^)]*)\)", fbig.script()))
     x = np.random.default_rng(2).standard_normal((2, 5, 4, 4)).astype(np.float32)
     np.testing.assert_array_equal(_run(smod, [x]), np.maximum(x, 0))
+def test_conv1d_layout_with_expression_width_keeps_numbers():
+    """The schedule rule alone: a conv1d in conv layout whose output width is `L - 2` is not tiled
+    one row at a time (that tile wrote past the kernel's buffers: wrong outputs, heap corruption);
+    a padded one (width L) still is. Both equal numpy."""
+    n, length = tvm.tirx.Var("n", "int64"), tvm.tirx.Var("l", "int64")
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((64, 64, 3)) / 14).astype(np.float32)
+    x = rng.standard_normal((2, 64, 40)).astype(np.float32)
+    for pad, rule_ok in ((0, lambda r: r != "outer-product"), (1, lambda r: r == "outer-product")):
+        bb = relax.BlockBuilder()
+        xv = relax.Var("x", relax.TensorType([n, 64, length], "float32"))
+        wv = relax.Var("w", relax.TensorType([64, 64, 3], "float32"))
+        with bb.function("main", [xv, wv]):
+            with bb.dataflow():
+                out = bb.emit_output(bb.emit(relax.op.nn.conv1d(xv, wv, padding=pad)))
+            bb.emit_func_output(out)
+        stats = ScheduleStats()
+        smod = apply_default_schedules(_fuse(bb.get()), _target(), stats=stats)
+        (rule,) = stats.by_func.values()
+        assert rule_ok(rule), (pad, stats.by_func, stats.failures)
+        xp = np.pad(x, ((0, 0), (0, 0), (pad, pad))).astype(np.float64)
+        ref = np.stack([np.einsum("nck,ock->no", xp[:, :, i:i + 3], w) for i in range(xp.shape[2] - 2)], axis=-1)
+        np.testing.assert_allclose(_run(smod, [x, w]), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_elementwise_prologue_chain_is_folded_into_one_pass():
+    """A log-magnitude (square, square, add, sqrt, add, log) before a matmul, in one kernel as
+    the lowering groups it: one materialised pass over its input, not one parallel pass per op;
+    a per-row value that a broadcast reads (sqrt of s [M, 1], near miss) stays a pass of its own.
+    Numbers kept, and with the knob off (a pass per op, as before)."""
+    from graphopt.targets.tvm.schedules import knobs, schedule_prim_func
+    from tvm_kernels import primitive_kernel
+
+    rng = np.random.default_rng(5)
+    re_, im_ = rng.standard_normal((24, 96)).astype(np.float32), rng.standard_normal((24, 96)).astype(np.float32)
+    s = (rng.random((24, 1)) + 0.5).astype(np.float32)
+    w = (rng.standard_normal((96, 32)) / 10).astype(np.float32)
+    R = relax.op
+
+    def body(bb, a, b, sv, wv):
+        mag = R.log(R.add(R.sqrt(R.add(R.multiply(a, a), R.multiply(b, b))), relax.const(1e-3, "float32")))
+        return bb.emit(R.matmul(R.multiply(mag, R.sqrt(sv)), wv))
+
+    params = [relax.Var(n, TT(list(a.shape), "float32")) for n, a in (("a", re_), ("b", im_), ("s", s), ("w", w))]
+    func = primitive_kernel(params, body)
+    ref = (np.log(np.sqrt(re_.astype(np.float64) ** 2 + im_.astype(np.float64) ** 2) + 1e-3) * np.sqrt(s)) @ w
+
+    def scheduled_run():
+        sched, rule, notes = schedule_prim_func(func, _target())
+        assert rule == "outer-product", notes
+        lib = tvm.compile(tvm.IRModule({"main": sched.with_attr("global_symbol", "main")}), target=_target())
+        args = [tvm.runtime.tensor(a) for a in (re_, im_, s, w)] + [tvm.runtime.tensor(np.zeros((24, 32), np.float32))]
+        lib["main"](*args)
+        np.testing.assert_allclose(args[-1].numpy(), ref, rtol=1e-4, atol=1e-4)
+        return sched.script()
+
+    text = scheduled_run()
+    assert "T.log(T.sqrt(" in text, text
+    assert text.count("T.parallel(") <= 4, text  # weight pack, folded prologue, sqrt(s), matmul
+    with knobs.using(knobs.ScheduleKnobs(fold_prologue=False)):
+        text2 = scheduled_run()
+    assert "T.log(T.sqrt(" not in text2 and text2.count("T.parallel(") > text.count("T.parallel(") + 3

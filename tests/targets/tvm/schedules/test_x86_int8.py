@@ -1033,3 +1033,62 @@ def test_vnni_half_block_int8_equals_onnxruntime() -> None:
     y = graphopt.runtime.load(art.path).run({"x": x})[0]
     ref = _ort(m, {"x": x})[0]
     np.testing.assert_allclose(y, ref, atol=0.05 * np.abs(ref).max())
+
+
+def _write_back_loops(func) -> list[list[str]]:
+    """For each store into `func`'s output: the kinds of the loops of more than one iteration
+    around it, inside the outermost (parallel) loop."""
+    from tvm import tirx
+
+    out = func.params[-1].name
+    found: list[list[str]] = []
+
+    def walk(s, kinds: list[str]) -> None:
+        if isinstance(s, tirx.For):
+            one = isinstance(s.extent, tirx.IntImm) and int(s.extent) == 1
+            walk(s.body, [*kinds, "one" if one else tirx.ForKind(int(s.kind)).name.lower()])
+        elif isinstance(s, tirx.BufferStore):
+            if s.buffer.name == out:
+                found.append([k for k in kinds[1:] if k != "one"])
+        else:
+            for name in ("body", "then_case", "else_case", "block"):
+                child = getattr(s, name, None)
+                if child is not None:
+                    walk(child, kinds)
+            for child in getattr(s, "seq", []) or []:
+                walk(child, kinds)
+
+    walk(func.body, [])
+    return found
+
+
+@pytest.mark.parametrize("spec, net, kind", [
+    (VNNI_CPU, "chain", "int8-vnni-blocked"),
+    (VNNI_CPU, "narrow", "int8-vnni-blocked"),
+    (AVX2_CPU, "chain", "int8-s16-blocked"),
+])
+def test_blocked_int8_write_back_is_unrolled_over_the_tile(spec, net, kind) -> None:
+    """The blocked int8 conv's write-back (requantize epilogue) runs unrolled over the register
+    tile and vectorized over the channel block, so each accumulator vector goes from its register
+    through the epilogue to the output: no serial loop around the output store (as a loop, LLVM
+    stored the tile into a workspace buffer and re-vectorized the epilogue across pixels)."""
+    from graphopt.passes.fusion.kernel_groups import PlanKernels
+    from graphopt.passes.quantize.integer import QdqToInteger, SplitZeroPoints
+    from graphopt.targets.tvm.lower import lowerer as L
+    from graphopt.transform import PassContext
+
+    g = graphopt.optimize(graphopt.load(_qdq_chain() if net == "chain" else _qdq_narrow(24)), "-O2")
+    for p in (QdqToInteger(), SplitZeroPoints(), PlanKernels()):
+        p.run(g, PassContext())
+    t = get_target(spec)
+    target = t.tvm_target(2)
+    lowered, mod = L.lower_and_fuse(g, target, block=t.activation_block(target))
+    mod, done = t.int8_kernels(mod, target, lowered.params)
+    convs = [name for name, k in done.items() if k == kind]
+    assert len(convs) == 2, done
+    for name in convs:
+        loops = _write_back_loops(mod[name])
+        assert loops, name
+        for kinds in loops:
+            assert kinds and kinds[-1] == "vectorized", (name, kinds)
+            assert all(k in ("unrolled", "vectorized") for k in kinds), (name, kinds)

@@ -1142,3 +1142,73 @@ def test_qdq_classifier_equals_onnxruntime() -> None:
         x = np.random.default_rng(72 + n).standard_normal((n, 64, 7, 7)).astype(np.float32)
         ref = _ort(m, {"x": x})[0]
         np.testing.assert_allclose(r.run({"x": x})[0], ref, atol=0.02 * np.abs(ref).max())
+
+
+def _qdq_pool_net(pads: int = 1) -> onnx.ModelProto:
+    """ResNet's stem: conv 7x7/2 → ReLU → MaxPool 3x3/2 → conv 3x3, quantized static (QDQ): the pool
+    between a DQ and a Q of the same scale and zero point."""
+    from graphopt.calibration import calibration_from_arrays
+    from graphopt.passes.quantize import quantize
+
+    rng = np.random.default_rng(81)
+    nodes = [h.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[3, 3, 3, 3], strides=[2, 2], name="stem"),
+             h.make_node("Relu", ["c1"], ["r1"]),
+             h.make_node("MaxPool", ["r1"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[pads] * 4, name="pool"),
+             h.make_node("Conv", ["p", "w2"], ["y"], pads=[1, 1, 1, 1], name="conv2")]
+    inits = [nh.from_array(rng.standard_normal((16, 3, 7, 7)).astype(np.float32) * 0.1, "w1"),
+             nh.from_array(rng.standard_normal(16).astype(np.float32) * 0.1 - 0.2, "b1"),
+             nh.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.1, "w2")]
+    m = graphopt.load(_model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [1, 3, 32, 32])],
+                             [h.make_tensor_value_info("y", TP.FLOAT, [1, 16, 8, 8])], inits))
+    calib = calibration_from_arrays(m, {"x": rng.standard_normal((8, 3, 32, 32)).astype(np.float32)})
+    quantize(m, calib, speed="off", reduce_range="false")
+    return graphopt.to_onnx(m)
+
+
+def test_qdq_maxpool_runs_on_8_bit_values() -> None:
+    """Q(MaxPool(DQ(xq, s, z)), s, z) → MaxPool(xq): the pool reads and writes uint8 and the stem's
+    kernel ends in a requantize (no float tensor between them); equal to the QDQ graph on
+    onnxruntime (exactly: max commutes with the dequantize)."""
+    m = graphopt.optimize(graphopt.load(_qdq_pool_net()), "-O2")
+    x = np.random.default_rng(82).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    out, stats = check_pass(m, "qdq-to-integer", {"x": x}, rtol=0, atol=1e-5)
+    assert stats["maxpool"] == 1 and stats["conv"] == 2, stats
+    pool = next(n for n in out.graph if n.op_type == "MaxPool")
+    assert pool.inputs[0].dtype == graphopt.ir.DataType.UINT8 and pool.outputs[0].dtype == graphopt.ir.DataType.UINT8
+    assert pool.inputs[0].producer().op_type == "Cast"  # (the stem's requantize)
+
+
+def test_qdq_maxpool_near_misses() -> None:
+    """Not rewritten when the Q after the pool has another scale, or the pool's output is also read
+    as float."""
+    m = graphopt.load(_qdq_pool_net())
+    pool = next(n for n in m.graph if n.op_type == "MaxPool")
+    q = pool.outputs[0].consumers()[0]
+    assert q.op_type == "QuantizeLinear"
+    s = q.inputs[1].const_value.numpy()
+    from graphopt.ir import Builder
+
+    b = Builder(m.graph)
+    q.replace_input_with(1, b.initializer((s * 1.5).astype(np.float32), "other_scale"))
+    _, stats = check_pass(m, "qdq-to-integer")
+    assert "maxpool" not in stats, stats
+    m = graphopt.load(_qdq_pool_net())
+    pool = next(n for n in m.graph if n.op_type == "MaxPool")
+    m.graph.outputs.append(pool.outputs[0])
+    _, stats = check_pass(m, "qdq-to-integer")
+    assert "maxpool" not in stats, stats
+
+
+@pytest.mark.parametrize("spec, pads", [
+    pytest.param(VNNI_CPU, 1, marks=needs_vnni, id="vnni"),
+    pytest.param(VNNI_CPU, 0, marks=needs_vnni, id="vnni-unpadded"),
+    pytest.param(AVX2_CPU, 1, marks=needs_avx2, id="avx2"),
+])
+def test_qdq_maxpool_net_equals_onnxruntime(spec, pads) -> None:
+    """The uint8 pool on blocks (padding that never wins: 0, the least uint8) equals onnxruntime."""
+    m = _qdq_pool_net(pads)
+    art = graphopt.compile(m, spec, "-O2", threads=2)
+    x = np.random.default_rng(83).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    y = graphopt.runtime.load(art.path).run({"x": x})[0]
+    ref = _ort(m, {"x": x})[0]
+    np.testing.assert_allclose(y, ref, atol=0.05 * np.abs(ref).max())

@@ -1212,3 +1212,19 @@ def test_qdq_maxpool_net_equals_onnxruntime(spec, pads) -> None:
     y = graphopt.runtime.load(art.path).run({"x": x})[0]
     ref = _ort(m, {"x": x})[0]
     np.testing.assert_allclose(y, ref, atol=0.05 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("spec, net", [(VNNI_CPU, "narrow"), (VNNI_CPU, "chain"), (AVX2_CPU, "chain")])
+def test_small_accumulator_tiles_live_on_the_stack(spec, net) -> None:
+    """A blocked int8 conv whose accumulator tile is under TVM's stack-allocation limit (8-lane
+    blocks: 24 ymm, 768 bytes; AVX2: 12 ymm) keeps it in a "global" buffer, which TVM allocates on
+    the stack (registers after LLVM's SROA), not in a "local" one from TVMBackendAllocWorkspace,
+    allocated and freed per tile; wider tiles (24 zmm, 1536 bytes) keep the workspace."""
+    scripts, done = _int8_scripts(_qdq_chain() if net == "chain" else _qdq_narrow(24), spec)
+    convs = [k for k, v in done.items() if v.endswith("-blocked")]
+    assert len(convs) == 2, done
+    for k in convs:
+        acc = [ln for ln in scripts[k].splitlines()
+               if re.match(r"\s+conv2d_int8\w* = T\.sblock_alloc_buffer\(", ln) and '"int32"' in ln]
+        assert len(acc) == 1 and "scope=" not in acc[0], (k, acc)  # (global: the script leaves the scope out)
+    assert X._tile_scope(768) == "global" and X._tile_scope(1536) == "local"

@@ -146,6 +146,14 @@ class QdqToInteger(Pass):
     (a float GEMV that re-quantized its input inside the reduction, 2048 x 1000 in ResNet-50: 5.7
     ms, becomes the int8 matmul kernels' work).
 
+    Q(MaxPool(DQ(xq, s, z)), s, z) → MaxPool(xq) (same scalar scale and zero point, every reader
+    of the MaxPool such a Q; opset ≥ 12): max commutes with the increasing dequantize and the
+    requantize of a dequantized 8-bit value with the same parameters gives it back, so the pool
+    runs on the 8-bit values (as onnxruntime's QDQ MaxPool) and the conv before it writes 8-bit
+    values instead of float (ResNet-50's stem wrote 112x112x64 floats, the pool read them and
+    quantized them). Runs only where convs or matmuls were rewritten (a net the integer kernels
+    take).
+
     Grouped and depthwise convs keep their `group` (ConvInteger has one): on AVX-512 VNNI a
     depthwise ConvInteger runs on uint8 channel blocks, so a MobileNet's activations stay 8-bit
     between its 1x1 convs instead of going through float for each depthwise conv.
@@ -155,12 +163,15 @@ class QdqToInteger(Pass):
     that are not constant int8/uint8, a float (non-DQ) input, a bias that is neither a DQ of a
     constant nor a float constant; for Gemm also alpha/beta other than 1, transA, a weight scale
     along K, activations of rank other than 2 (MatMul: weights other than 2-D).
+    MaxPool: a per-channel or non-constant scale or zero point, a reader of its output
+    that is not a Q with the same scale and zero point (or a graph output), its Indices output
+    used, opset below 12.
     """
 
     name: ClassVar[str] = "qdq-to-integer"
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        n_conv = n_mm = 0
+        n_conv = n_mm = n_pool = 0
         arith: dict[str, int] = {}
         touched: list[Value] = []
         for g in model.graphs():
@@ -190,6 +201,8 @@ class QdqToInteger(Pass):
                 _replace_by_scaled_sum(g, b, node, acc, scale.reshape(1, oc, 1, 1),
                                        None if bias is None else bias.reshape(1, oc, 1, 1), base, touched)
                 n_conv += 1
+            if n_conv or n_mm:
+                n_pool += _integer_maxpools(g, b, model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)), touched)
             # DequantizeLinear nodes (weights, biases) nothing reads any more
             for dq in [n for n in g.nodes if n.op_type == "DequantizeLinear"]:
                 if not any(o.uses() or o.is_graph_output() for o in dq.outputs):
@@ -203,9 +216,10 @@ class QdqToInteger(Pass):
                     arith["requantize-folded"] = arith.get("requantize-folded", 0) + folded
         drop_unused_initializers(touched)
         if n_conv or n_mm:
-            ctx.info(f"qdq-to-integer: {n_conv} QDQ convs as ConvInteger, {n_mm} QDQ Gemm/MatMul as MatMulInteger; "
+            ctx.info(f"qdq-to-integer: {n_conv} QDQ convs as ConvInteger, {n_mm} QDQ Gemm/MatMul as MatMulInteger, "
+                     f"{n_pool} MaxPool on 8-bit values; "
                      f"other Q/DQ as arithmetic {arith}")
-        stats = {"conv": n_conv, "matmul": n_mm, **arith} if n_conv or n_mm else {}
+        stats = {"conv": n_conv, "matmul": n_mm, "maxpool": n_pool, **arith} if n_conv or n_mm else {}
         return PassResult(changed=bool(n_conv or n_mm), stats={k: v for k, v in stats.items() if v})
 
     @staticmethod
@@ -390,6 +404,56 @@ def _replace_by_scaled_sum(g, b: Builder, node, acc: Value, scale: np.ndarray, b
 def _scalar_const(v: Value | None) -> float | None:
     c = const_array(v) if v is not None else None
     return float(c.reshape(())) if c is not None and c.size == 1 and c.dtype == np.float32 else None
+
+
+def _integer_maxpools(g, b: Builder, opset: int, touched: list[Value]) -> int:
+    """Q(MaxPool(DQ(xq, s, z)), s, z) → MaxPool(xq) (see QdqToInteger); returns how many."""
+    if opset < 12:
+        return 0
+    n = 0
+    for node in list(g.nodes):
+        if node.op_type != "MaxPool" or node.domain not in ("", "ai.onnx") or node.graph is not g:
+            continue
+        if len(node.outputs) > 1 and any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
+            continue
+        parts = _dq_parts(node.inputs[0])
+        if parts is None:
+            continue
+        xq, s, z, _ = parts
+        if s.size != 1 or z.size != 1 or xq.dtype not in (DataType.UINT8, DataType.INT8):
+            continue
+        y = node.outputs[0]
+        readers = y.consumers()
+        if y.is_graph_output() or not readers:
+            continue
+        ok = True
+        for q in readers:
+            ins = list(q.inputs) + [None] * (3 - len(q.inputs))
+            if q.op_type != "QuantizeLinear" or q.domain not in ("", "ai.onnx") or ins[0] is not y or ins[2] is None:
+                ok = False
+                break
+            qs, qz = const_array(ins[1]) if ins[1] is not None else None, const_array(ins[2])
+            if (qs is None or qz is None or qs.size != 1 or qz.size != 1 or q.attr("block_size") not in (None, 0)
+                    or np.float32(qs.reshape(())) != np.float32(s.reshape(())) or qz.dtype != z.dtype
+                    or int(qz.reshape(())) != int(z.reshape(()))):
+                ok = False
+                break
+        if not ok:
+            continue
+        with g.inserting_before(node):
+            attrs = {k: node.attr(k) for k in node.attributes}
+            out = b.op.MaxPool(xq, **attrs)
+            out.type = TensorType(xq.dtype, y.shape)
+        for q in readers:
+            touched += [v for v in q.inputs[1:] if v is not None]
+            q.outputs[0].replace_all_uses_with(out, replace_graph_outputs=True)
+            if q.outputs[0].is_graph_output():
+                out.name, q.outputs[0].name = q.outputs[0].name, out.name
+            g.remove(q)
+        out.producer().name = node.name
+        g.remove(node)
+        n += 1
+    return n
 
 
 def _fold_requantize_scales(g, b: Builder, touched: list[Value]) -> int:

@@ -358,7 +358,9 @@ def pool_blocked(
     kh = te.reduce_axis((0, kh_n), "kh")
     kw = te.reduce_axis((0, kw_n), "kw")
     if kind == "max":
-        p = _pad_spatial(x, 2, pads, float("-inf"), extra)
+        # (padding never wins: -inf, or the type's least value for an 8-bit quantized MaxPool)
+        low = float("-inf") if str(x.dtype).startswith(("float", "bfloat")) else int(tirx.min_value(x.dtype).value)
+        p = _pad_spatial(x, 2, pads, low, extra)
         return te.compute(
             (n, cb_n, oh, ow, b),
             lambda i, cb, y, xx, ci: nan_max(p[i, cb, y * sh + kh * dh, xx * sw + kw * dw, ci], axis=[kh, kw]),

@@ -51,14 +51,23 @@ from graphopt.targets.tvm.schedules.base import merge_epilogue_branches
 LAYOUT_REWRITE_ANN = "meta_schedule.layout_rewrite_preproc"
 _REGISTERED: set[str] = set()
 LANES = 8  # int32 lanes of a ymm register (the AVX2 kernels; VNNI on zmm: 16)
+#: TVM's LowerTVMBuiltin leaves a "global" allocation of fewer bytes than this (its kMaxStackAlloca)
+#: as a stack array, which LLVM promotes to registers; larger ones and every "local" one come from
+#: TVMBackendAllocWorkspace, a call to allocate and one to free (per register tile, inside a kernel)
+STACK_ALLOCA_BYTES = 1024
 
 
-def _register_u8s8() -> str:
-    """C[8] += Σ_k4 u8 A[k] · s8 B[i, k] via vpmaddubsw + vpmaddwd(ones)."""
+def _intrin_name(base: str, scope: str) -> str:
+    return base if scope == "local" else f"{base}_{scope}"
+
+
+def _register_u8s8(scope: str = "local") -> str:
+    """C[8] += Σ_k4 u8 A[k] · s8 B[i, k] via vpmaddubsw + vpmaddwd(ones); C in `scope` (the
+    accumulator tile's: see `_tile_scope`)."""
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
-    name = "graphopt_x86_avx2_u8s8_8x4"
+    name = _intrin_name("graphopt_x86_avx2_u8s8_8x4", scope)
     if name in _REGISTERED:
         return name
 
@@ -66,7 +75,7 @@ def _register_u8s8() -> str:
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
         B = T.match_buffer(b, (8, 4), "int8", offset_factor=1)
-        C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope=scope)
         with T.sblock("root"):
             T.reads(C[0:8], A[0:4], B[0:8, 0:4])
             T.writes(C[0:8])
@@ -84,17 +93,17 @@ def _register_u8s8() -> str:
                 dtype="int32x8",
             )
 
-    TensorIntrin.register(name, int8_dot_desc("uint8", "int8", 8, 4), impl, override=True)
+    TensorIntrin.register(name, int8_dot_desc("uint8", "int8", 8, 4, scope), impl, override=True)
     _REGISTERED.add(name)
     return name
 
 
-def _register_s16(a_dt: str, b_dt: str) -> str:
+def _register_s16(a_dt: str, b_dt: str, scope: str = "local") -> str:
     """C[8] += Σ_k2 A[k] · B[i, k], both widened to int16, via vpmaddwd (exact for 8-bit values)."""
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
-    name = f"graphopt_x86_avx2_s16_{a_dt}_{b_dt}_8x2"
+    name = _intrin_name(f"graphopt_x86_avx2_s16_{a_dt}_{b_dt}_8x2", scope)
     if name in _REGISTERED:
         return name
 
@@ -102,7 +111,7 @@ def _register_s16(a_dt: str, b_dt: str) -> str:
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (2,), a_dt, offset_factor=1)
         B = T.match_buffer(b, (8, 2), b_dt, offset_factor=1)
-        C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope=scope)
         with T.sblock("root"):
             T.reads(C[0:8], A[0:2], B[0:8, 0:2])
             T.writes(C[0:8])
@@ -114,19 +123,19 @@ def _register_s16(a_dt: str, b_dt: str) -> str:
                 dtype="int32x8",
             )
 
-    TensorIntrin.register(name, int8_dot_desc(a_dt, b_dt, 8, 2), impl, override=True)
+    TensorIntrin.register(name, int8_dot_desc(a_dt, b_dt, 8, 2, scope), impl, override=True)
     _REGISTERED.add(name)
     return name
 
 
-def _register_vnni(lanes: int) -> str:
+def _register_vnni(lanes: int, scope: str = "local") -> str:
     """C[lanes] += Σ_k4 u8 A[k] · s8 B[i, k] via vpdpbusd (AVX-512-VNNI on zmm for 16 lanes,
     AVX-VNNI / AVX-512-VNNI+VL on ymm for 8): four u8 x s8 products summed straight into int32,
     exact for every 8-bit value (no int16 intermediate to saturate)."""
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
-    name = f"graphopt_x86_vnni_u8s8_{lanes}x4"
+    name = _intrin_name(f"graphopt_x86_vnni_u8s8_{lanes}x4", scope)
     if name in _REGISTERED:
         return name
     intrin = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
@@ -135,7 +144,7 @@ def _register_vnni(lanes: int) -> str:
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
         B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope=scope)
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
             T.writes(C[0:lanes])
@@ -150,7 +159,7 @@ def _register_vnni(lanes: int) -> str:
                 dtype=f"int32x{lanes}",
             )
 
-    TensorIntrin.register(name, int8_dot_desc("uint8", "int8", lanes, 4), impl, override=True)
+    TensorIntrin.register(name, int8_dot_desc("uint8", "int8", lanes, 4, scope), impl, override=True)
     _REGISTERED.add(name)
     return name
 
@@ -219,12 +228,17 @@ def schedule_int8_matmul(func: Any, target: Any, weight_absmax: Mapping[int, int
         return None  # (not a matmul: a conv or window; decided before the costly inlining below)
     mm_name = sch.get(mm).name_hint
     # producers (casts, transposes of the operands, small scale vectors) inline into their readers;
-    # what stays besides the reduction must be its elementwise epilogue chain
+    # what stays besides the reduction must be its elementwise epilogue chain. A quantize of a float
+    # operand (a QDQ classifier's Div → Round → Clip → Cast to uint8 of the pooled features) stays
+    # its own pass writing the 8-bit operand, its float chain inlined into it: inlined into the
+    # reduction, the operand would no longer be an 8-bit load, and the kernel fell to the generic
+    # float schedules (MobileNetV2's 1280 → 1000 classifier 0.45 ms, onnxruntime's QGemm 0.09)
+    keep = {sch.get(b).name_hint for b in sch.get_child_blocks(root) if _is_quantize(sch.get(b))}
     changed = True
     while changed:
         changed = False
         for b in sch.get_child_blocks(root):
-            if sch.get(b).name_hint == mm_name:
+            if sch.get(b).name_hint == mm_name or sch.get(b).name_hint in keep:
                 continue
             try:
                 sch.compute_inline(b)
@@ -280,9 +294,8 @@ def schedule_int8_matmul(func: Any, target: Any, weight_absmax: Mapping[int, int
     if not others:
         return None  # a matrix-vector product: nothing to reuse B across
     m_loop, batch = others[-1], others[:-1]
-    m_ext = _static(sch.get(m_loop).extent)
-    if m_ext is None:
-        return None
+    # (a symbolic row count: the batch of a classifier's [batch, features] input: one row a tile)
+    m_ext = _static(sch.get(m_loop).extent) or 1
     # rows x 2 vectors of accumulators: 8 of 16 ymm (AVX2), up to 12 of 32 zmm
     mt = next(d for d in ((6, 4, 3, 2, 1) if lanes == 16 else (4, 3, 2, 1)) if m_ext % d == 0)
     n_blocks = n_ext // lanes
@@ -324,6 +337,17 @@ def schedule_int8_matmul(func: Any, target: Any, weight_absmax: Mapping[int, int
     return sch.mod["main"].with_attr("tirx.is_scheduled", True), variant
 
 
+def _is_quantize(stmt: Any) -> bool:
+    """Whether block `stmt` writes an 8-bit buffer with a cast of a float value (a quantize), not a
+    copy or relayout of 8-bit data."""
+    from tvm import tirx
+
+    body = stmt.body
+    return (len(stmt.writes) == 1 and str(stmt.writes[0].source.dtype) in ("int8", "uint8")
+            and isinstance(body, tirx.BufferStore) and isinstance(body.value, tirx.Cast)
+            and str(body.value.value.ty).startswith("float"))
+
+
 def _inline_epilogue(sch: Any, wb: Any) -> bool:
     """Inline the elementwise chain after the accumulators' write-back block `wb` into it (the
     epilogue runs on the tile while it is in registers); False when something else is left
@@ -347,6 +371,16 @@ def _inline_epilogue(sch: Any, wb: Any) -> bool:
         if not merge_epilogue_branches(sch, wb):
             break
     return not sch.get_consumers(wb)
+
+
+def _tile_scope(tile_bytes: int) -> str:
+    """Storage scope of an int32 accumulator tile of `tile_bytes`: "global" below
+    STACK_ALLOCA_BYTES (a stack array per tile that LLVM keeps in registers), else "local" (a
+    workspace buffer per tile: two runtime calls, paid back by the long reductions of wide
+    tiles). The scope is only where TVM puts the buffer, never what the kernel computes.
+    MobileNetV2's VNNI 1x1 convs on 8-channel blocks (24 ymm accumulators, 768 bytes),
+    1 thread, znver4: 16 -> 96 @112 0.244 -> 0.203 ms, 32 -> 192 @28 0.045 -> 0.035."""
+    return "global" if tile_bytes < STACK_ALLOCA_BYTES else "local"
 
 
 def _widest_tile(ow: int, n_blocks: int, max_acc: int, max_xt: int) -> tuple[int, int]:
@@ -529,8 +563,15 @@ def schedule_int8_conv_blocked(func: Any, target: Any, weight_absmax: Mapping[in
     reads = [r for r in stmt.reads if not r.source.same_as(stmt.writes[0].source)]
     if len(reads) != 2 or sorted(str(r.source.dtype) for r in reads) != ["int8", "uint8"]:
         return None
-    blocked = _blocked_int8_kernel(machine, func, reads, ext[4], ext[-1], weight_absmax)
-    if blocked is None or any(e is None for e in ext[1:]):
+    if any(e is None for e in ext[1:]):
+        return None
+    _, ob_n, _, ow_n, _ = ext[:5]
+    # register tile: most accumulators within the budget, more output blocks first (each
+    # broadcast of 4 input bytes then feeds more vpdpbusd)
+    xt, nt = _widest_tile(ow_n, ob_n, machine.accumulators, 14)
+    scope = _tile_scope(xt * nt * ext[4] * 4)
+    blocked = _blocked_int8_kernel(machine, func, reads, ext[4], ext[-1], weight_absmax, scope)
+    if blocked is None:
         return None
     variant, intrin = blocked
     # constants' relayouts (a per-channel scale made blocked) inline into their readers
@@ -545,12 +586,7 @@ def schedule_int8_conv_blocked(func: Any, target: Any, weight_absmax: Mapping[in
             except Exception:  # (an output block)
                 pass
     conv = sch.get_sblock(conv_name)
-    _, ob_n, _, ow_n, _ = ext[:5]
     cores = _static(target.attrs.get("num-cores", 1)) or 1
-
-    # register tile: most accumulators within the budget, more output blocks first (each
-    # broadcast of 4 input bytes then feeds more vpdpbusd)
-    xt, nt = _widest_tile(ow_n, ob_n, machine.accumulators, 14)
     n_l, ob_l, oh_l, ow_l, oi_l, *red = sch.get_loops(conv)
     ob_o, ob_i = sch.split(ob_l, [None, nt])
     ow_o, ow_i = sch.split(ow_l, [None, xt])
@@ -558,7 +594,7 @@ def schedule_int8_conv_blocked(func: Any, target: Any, weight_absmax: Mapping[in
     outer = sch.fuse(n_l, ob_o, oh_l, ow_o)
     if cores > 1:
         sch.parallel(outer)
-    wb = sch.cache_write(conv, 0, "local")
+    wb = sch.cache_write(conv, 0, scope)
     sch.reverse_compute_at(wb, outer, preserve_unit_loops=True)
     if not _inline_epilogue(sch, wb):
         return None
@@ -583,6 +619,14 @@ def schedule_int8_conv_blocked(func: Any, target: Any, weight_absmax: Mapping[in
     sch.unroll(ob_i)
     wl = sch.get_loops(wb)
     sch.vectorize(wl[-1])  # the 16 (8) channels of a block
+    # the write-back unrolled over the tile: each accumulator vector goes from its register through
+    # the epilogue to the output, and the [xt, nt, b] int32 tile never exists in memory (as a loop,
+    # LLVM kept the tile in a buffer from TVMBackendAllocWorkspace, allocated and freed per tile,
+    # stored the registers into it, and re-vectorized the epilogue across pixels with permutes:
+    # MobileNetV2's 16 -> 96 expand conv at 112x112 0.47 -> 0.23 ms, 1 thread, znver4)
+    for lp in wl[1:-1]:
+        if (_static(sch.get(lp).extent) or 0) > 1:
+            sch.unroll(lp)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True), variant
 
 
@@ -619,7 +663,7 @@ def _inline_prologue(sch: Any, blk: Any) -> list[Any]:
 
 
 def _blocked_int8_kernel(machine: Any, func: Any, reads: Any, lanes: int | None, step: int | None,
-                         weight_absmax: Mapping[int, int] | None) -> tuple[str, str] | None:
+                         weight_absmax: Mapping[int, int] | None, scope: str = "local") -> tuple[str, str] | None:
     """(variant, tensor intrinsic) of a blocked int8 conv whose blocks are `lanes` channels and
     whose innermost reduction sums `step` bytes per int32 lane, on `machine`; None where none fits.
     AVX-512 VNNI: vpdpbusd on 16 lanes x 4 bytes. AVX2: vpmaddubsw + vpmaddwd on 8 lanes x 4 bytes
@@ -627,7 +671,7 @@ def _blocked_int8_kernel(machine: Any, func: Any, reads: Any, lanes: int | None,
     sees through the packing), else vpmaddwd on int16 on 8 lanes x 2 bytes (the layout plan packs
     such weights 2 bytes a lane: `layout.INT8_WEIGHT_S16`)."""
     if machine.int8_dot == "avx512-vnni":  # (16 lanes on zmm; 8 on ymm: `layout.INT8_HALF_BLOCK_DOTS`)
-        return ("vnni-blocked", _register_vnni(lanes)) if lanes in (16, 8) and step == 4 else None
+        return ("vnni-blocked", _register_vnni(lanes, scope)) if lanes in (16, 8) and step == 4 else None
     if machine.int8_dot != "avx2" or lanes != LANES:
         return None
     w_buf = next(r.source for r in reads if str(r.source.dtype) == "int8")
@@ -636,9 +680,9 @@ def _blocked_int8_kernel(machine: Any, func: Any, reads: Any, lanes: int | None,
     w_param = next((i for i, p in enumerate(func.params) if p.same_as(w_buf)), None)
     bound = (weight_absmax or {}).get(w_param) if w_param is not None else None
     if step == 4 and bound is not None and bound <= U8S8_WEIGHT_BOUND:
-        return "u8s8-blocked", _register_u8s8()
+        return "u8s8-blocked", _register_u8s8(scope)
     if step == 2:
-        return "s16-blocked", _register_s16("uint8", "int8")
+        return "s16-blocked", _register_s16("uint8", "int8", scope)
     return None
 
 

@@ -1,7 +1,8 @@
 """Legalization of the lowered module: LegalizeOps with graphopt's NaN-preserving overrides
 (`LEGALIZATIONS`: max/min, max pool, arg max/min, float subtract) and only where the registry's
 legalization is still TVM's own (`guarded_legalizations`), then AnnotateTIROpPattern → FuseTIR
-(`legalize_and_fuse`).
+(`legalize_and_fuse`), then the kernels' one-element constant arguments become immediates or
+by-value scalars (`scalar_args`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tvm import relax
 
 from ..kernels.blocked import max_pool_nchw
 from ..kernels.minmax import arg_max_min, reduce_max_min
+from .scalar_args import scalar_constants_to_immediates
 
 
 def _float_subtract(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
@@ -93,7 +95,8 @@ GPU_LEGALIZATIONS = {"relax.subtract": _float_subtract}
 
 
 def legalize_and_fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """LegalizeOps → AnnotateTIROpPattern → FuseTIR: one PrimFunc per primitive group function.
+    """LegalizeOps → AnnotateTIROpPattern → FuseTIR: one PrimFunc per primitive group function,
+    its one-element constant arguments made immediates or by-value scalars (`scalar_args`).
     A legalization that raises is raised after LegalizeOps, not through it (guarded_legalizations)."""
     failures: list[tuple[str, BaseException]] = []
     with target:
@@ -114,7 +117,7 @@ def legalize_and_fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRMod
                 relax.transform.DeadCodeElimination(),
             ]
         )
-        return seq(mod)
+        return scalar_constants_to_immediates(seq(mod))
 
 
 def _fuse_branches(mod: tvm.IRModule) -> tvm.IRModule:

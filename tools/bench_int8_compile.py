@@ -3,6 +3,7 @@ as fast as fp32", goal ≤ 2x).
 
     .venv/bin/python tools/bench_int8_compile.py [--models mobilenetv2,resnet50]
         [--targets 'cpu{mcpu=znver4};cpu{mcpu=znver3}'] [--threads 2] [--top 8] [--json out.json]
+        [--corpus .cache/real --models digits_cnn]
 
 Per model and target: the fp32 model and its int8 version (`-O2,quantize{speed=off}`, static QDQ
 calibrated on synthetic inputs, reduce-range following the target's machine model: the same int8
@@ -43,13 +44,13 @@ PHASES = ("lower-fuse", "schedule", "pack-weights", "build", "export", "total", 
 GOAL = 2.0
 
 
-def quantized(name: str, machine: Any, cache: str) -> onnx.ModelProto:
+def quantized(name: str, machine: Any, cache: str, corpus: str = CORPUS) -> onnx.ModelProto:
     """The int8 (static QDQ) version of corpus model `name` for `machine` (cached)."""
     key = f"{name}.{machine.int8_dot or 'none'}.int8.onnx"
     path = os.path.join(cache, key)
     if os.path.exists(path):
         return onnx.load(path)
-    m = graphopt.load(os.path.join(CORPUS, f"{name}.onnx"))
+    m = graphopt.load(os.path.join(corpus, f"{name}.onnx"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = graphopt.to_onnx(optimize(m, parse_pipeline("-O2,quantize{speed=off}"), ctx=PassContext(machine=machine)))
@@ -86,11 +87,11 @@ def compile_one(model: onnx.ModelProto, spec: str, threads: int, want_ir: bool) 
 
 
 def bench(name: str, spec: str, args: argparse.Namespace) -> dict:
-    path = os.path.join(CORPUS, f"{name}.onnx")
+    path = os.path.join(args.corpus, f"{name}.onnx")
     if not os.path.exists(path):
-        return {"model": name, "target": spec, "skipped": f"{path} missing (tools/make_corpus.py)"}
+        return {"model": name, "target": spec, "skipped": f"{path} missing (tools/make_corpus.py, tools/real_corpus.py)"}
     machine = get_target(spec).machine_model(args.threads)
-    q = quantized(name, machine, args.cache)
+    q = quantized(name, machine, args.cache, args.corpus)
     fp = onnx.load(path)
     want_ir = args.top > 0
     fp_s, fp_ir = compile_one(fp, spec, args.threads, want_ir)
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", default="cpu{mcpu=znver4};cpu{mcpu=znver3}", help="';'-separated cpu target specs")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=0, help="list the N largest int8 kernels by LLVM IR lines")
+    ap.add_argument("--corpus", default=CORPUS, help="folder of the models (default .cache/corpus; the real-model "
+                    "corpus: .cache/real)")
     ap.add_argument("--cache", default=os.path.join(ROOT, ".cache", "int8_compile"))
     ap.add_argument("--json")
     args = ap.parse_args(argv)

@@ -100,45 +100,11 @@ def _calls(mod: tvm.IRModule) -> tuple[dict[tvm.ir.GlobalVar, list[relax.Call]],
     return calls, refs
 
 
-def _loads_only(func: tvm.tirx.PrimFunc, params: list[Any]) -> set[int]:
-    """Indices (into `params`) of the parameters whose every use in `func`'s body is an element
-    load or a block's read region."""
-    counts = [[0, 0] for _ in params]  # [loads + read regions, all occurrences]
-
-    def index(v: Any) -> int:
-        for i, p in enumerate(params):
-            if v.same_as(p):
-                return i
-        return -1
-
-    def on_access(e: Any) -> None:
-        i = index(e.source)
-        if i >= 0:
-            counts[i][0] += 1
-
-    def on_var(v: Any) -> None:
-        i = index(v)
-        if i >= 0:
-            counts[i][1] += 1
-
-    tvm_ffi.structural_walk(func.body, [((tvm.ir.expr.TensorLoad, tvm.ir.expr.TensorRegion), on_access), (tvm.ir.Var, on_var)])
-    # a read region counts once as an access; a block's *write* region of the parameter makes the
-    # occurrences outnumber the accesses... unless it is also counted as an access: exclude writes
-    writes = [0] * len(params)
-
-    def on_block(b: Any) -> None:
-        for r in b.writes:
-            i = index(r.source)
-            if i >= 0:
-                writes[i] += 1
-
-    tvm_ffi.structural_walk(func.body, [(tvm.s_tir.stmt.SBlock, on_block)])
-    return {i for i, (acc, occ) in enumerate(counts) if acc == occ and writes[i] == 0 and acc > 0}
-
-
-def _rewrite_func(func: tvm.tirx.PrimFunc, subst: dict[int, Any]) -> tvm.tirx.PrimFunc:
+def _rewrite_func(func: tvm.tirx.PrimFunc, subst: dict[int, Any]) -> tuple[tvm.tirx.PrimFunc, set[int]]:
     """`func` with parameter i's loads replaced by `subst[i]` (an immediate, or a scalar Var that
-    takes the parameter's place), its read regions dropped, immediates' parameters removed."""
+    takes the parameter's place), its read regions dropped, immediates' parameters removed; and
+    the parameters of `subst` that the body still refers to after that (a store, a write region,
+    a matched sub-buffer, a pointer: the caller leaves those alone; the function is then invalid)."""
     params = list(func.params)
     targets = [(params[i], e) for i, e in subst.items()]
 
@@ -160,6 +126,8 @@ def _rewrite_func(func: tvm.tirx.PrimFunc, subst: dict[int, Any]) -> tvm.tirx.Pr
                                      b.match_buffers, b.annotations, b.span)
 
     body = tvm_ffi.structural_map(func.body, [(tvm.ir.expr.TensorLoad, on_load), (tvm.s_tir.stmt.SBlock, on_block)])
+    free = tvm.tirx.analysis.undefined_vars(body)
+    stuck = {i for i in subst if any(params[i].same_as(u) for u in free)}
     new_params = []
     for i, p in enumerate(params):
         e = subst.get(i)
@@ -167,7 +135,7 @@ def _rewrite_func(func: tvm.tirx.PrimFunc, subst: dict[int, Any]) -> tvm.tirx.Pr
             new_params.append(p)
         elif isinstance(e, tvm.ir.Var):
             new_params.append(e)
-    return tvm.tirx.PrimFunc(new_params, body, ret_type=func.ret_type, attrs=func.attrs, span=func.span)
+    return tvm.tirx.PrimFunc(new_params, body, ret_type=func.ret_type, attrs=func.attrs, span=func.span), stuck
 
 
 def scalar_constants_to_immediates(mod: tvm.IRModule) -> tvm.IRModule:
@@ -176,6 +144,7 @@ def scalar_constants_to_immediates(mod: tvm.IRModule) -> tvm.IRModule:
     when nothing qualifies."""
     calls, refs = _calls(mod)
     plans: dict[tvm.ir.GlobalVar, dict[int, tuple[str, Any, bool]]] = {}  # gv -> {arg: (dtype, value, immediate)}
+    rewritten: dict[tvm.ir.GlobalVar, tvm.tirx.PrimFunc] = {}
     for gv, sites in calls.items():
         func = mod[gv]
         if not isinstance(func, tvm.tirx.PrimFunc) or refs.get(gv, 0) != len(sites):
@@ -203,29 +172,23 @@ def scalar_constants_to_immediates(mod: tvm.IRModule) -> tvm.IRModule:
             if any(v[0] != dtype for v in vals):  # type: ignore[index]
                 continue
             cand[i] = vals  # type: ignore[assignment]
-        if not cand:
-            continue
-        usable = _loads_only(func, [params[i] for i in cand])
         plan = {}
-        for k, i in enumerate(cand):
-            if k not in usable:
-                continue
-            vals = cand[i]
+        for i, vals in cand.items():
             dtype, value = vals[0]
             same = len({_key(*v) for v in vals}) == 1
             plan[i] = (dtype, value, same and _immediate_safe(dtype, value))
-        if plan:
-            plans[gv] = plan
+        while plan:  # (again without the parameters the kernel uses other than by loads)
+            subst = {i: (_imm(dtype, value) if imm else tvm.tirx.Var(str(params[i].name), dtype))
+                     for i, (dtype, value, imm) in plan.items()}
+            new, stuck = _rewrite_func(func, subst)
+            if not stuck:
+                plans[gv], rewritten[gv] = plan, new
+                break
+            plan = {i: step for i, step in plan.items() if i not in stuck}
     if not plans:
         return mod
-    out = mod.shallow_copy() if hasattr(mod, "shallow_copy") else tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
-    rewritten = {}
-    for gv, plan in plans.items():
-        func = mod[gv]
-        params = list(func.params)
-        subst = {i: (_imm(dtype, value) if imm else tvm.tirx.Var(str(params[i].name), dtype))
-                 for i, (dtype, value, imm) in plan.items()}
-        rewritten[gv] = _rewrite_func(func, subst)
+    out = mod.clone()  # (a copy: `mod` stays as it was)
+    for gv in plans:
         del out[gv]
     # new GlobalVars: a GlobalVar carries its function's signature, which the callers are checked against
     bb = relax.BlockBuilder(out)

@@ -161,18 +161,19 @@ def scalar_constants_to_immediates(mod: tvm.IRModule) -> tvm.IRModule:
         params = list(func.params)
         cand: dict[int, list[tuple[str, Any]]] = {}
         for i in range(min(n, len(params))):
-            vals = [_scalar_value(f[i]) for f in fields]
-            if any(v is None for v in vals):
+            found = [_scalar_value(f[i]) for f in fields]
+            vals = [v for v in found if v is not None]
+            if len(vals) != len(found):
                 continue
             p = params[i]
             shape = getattr(p, "shape", None)
             dtype = str(getattr(p, "dtype", ""))
             if shape is None or any(not isinstance(d, tvm.tirx.IntImm) or int(d) != 1 for d in shape):
                 continue
-            if any(v[0] != dtype for v in vals):  # type: ignore[index]
+            if any(v[0] != dtype for v in vals):
                 continue
-            cand[i] = vals  # type: ignore[assignment]
-        plan = {}
+            cand[i] = vals
+        plan: dict[int, tuple[str, Any, bool]] = {}
         for i, vals in cand.items():
             dtype, value = vals[0]
             same = len({_key(*v) for v in vals}) == 1

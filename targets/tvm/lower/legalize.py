@@ -1,8 +1,7 @@
 """Legalization of the lowered module: LegalizeOps with graphopt's NaN-preserving overrides
 (`LEGALIZATIONS`: max/min, max pool, arg max/min, float subtract) and only where the registry's
 legalization is still TVM's own (`guarded_legalizations`), then AnnotateTIROpPattern → FuseTIR
-(`legalize_and_fuse`), then the kernels' one-element constant arguments become immediates or
-by-value scalars (`scalar_args`).
+(`legalize_and_fuse`).
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from tvm import relax
 
 from ..kernels.blocked import max_pool_nchw
 from ..kernels.minmax import arg_max_min, reduce_max_min
-from .scalar_args import scalar_constants_to_immediates
 
 
 def _float_subtract(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
@@ -95,8 +93,7 @@ GPU_LEGALIZATIONS = {"relax.subtract": _float_subtract}
 
 
 def legalize_and_fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """LegalizeOps → AnnotateTIROpPattern → FuseTIR: one PrimFunc per primitive group function,
-    its one-element constant arguments made immediates or by-value scalars (`scalar_args`).
+    """LegalizeOps → AnnotateTIROpPattern → FuseTIR: one PrimFunc per primitive group function.
     A legalization that raises is raised after LegalizeOps, not through it (guarded_legalizations)."""
     failures: list[tuple[str, BaseException]] = []
     with target:
@@ -117,7 +114,7 @@ def legalize_and_fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRMod
                 relax.transform.DeadCodeElimination(),
             ]
         )
-        return scalar_constants_to_immediates(seq(mod))
+        return seq(mod)
 
 
 def _fuse_branches(mod: tvm.IRModule) -> tvm.IRModule:

@@ -1,4 +1,4 @@
-"""Scalar constants out of the kernels' buffer parameters (after FuseTIR).
+"""Scalar constants out of the kernels' buffer parameters (`build.build`, on the scheduled module).
 
 A kernel group's small constants reach its PrimFunc as arguments (FuseTIR rejects a constant
 captured inside a primitive function, `lowerer._lift_constants`), so every quantization scale,
@@ -140,8 +140,9 @@ def _rewrite_func(func: tvm.tirx.PrimFunc, subst: dict[int, Any]) -> tuple[tvm.t
 
 def scalar_constants_to_immediates(mod: tvm.IRModule) -> tvm.IRModule:
     """Kernel parameters bound to one-element constants at every call become immediates or
-    by-value scalars (see the module docstring); `mod` after FuseTIR. Returns `mod` unchanged
-    when nothing qualifies."""
+    by-value scalars (see the module docstring). `mod`: the scheduled module, its weight packing
+    already lifted out (SplitLayoutRewritePreproc does not take a kernel with scalar parameters).
+    Returns `mod` unchanged when nothing qualifies."""
     calls, refs = _calls(mod)
     plans: dict[tvm.ir.GlobalVar, dict[int, tuple[str, Any, bool]]] = {}  # gv -> {arg: (dtype, value, immediate)}
     rewritten: dict[tvm.ir.GlobalVar, tvm.tirx.PrimFunc] = {}

@@ -248,7 +248,14 @@ def finish_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
 
 
 def build(mod: tvm.IRModule, target: tvm.target.Target) -> relax.VMExecutable:
-    return relax.build(mod, target, relax_pipeline=finish_pipeline(target))
+    """The scheduled module as a library: the kernels' one-element constant arguments (quantization
+    scales, zero points, clip bounds) made immediates or by-value scalars first
+    (`lower.scalar_args`: each buffer argument costs the kernel's packed-API wrapper its checks;
+    done here, after scheduling and the weight packing, because SplitLayoutRewritePreproc does not
+    take a kernel with scalar parameters), then relax.build with the CPU pipeline."""
+    from .lower.scalar_args import scalar_constants_to_immediates
+
+    return relax.build(scalar_constants_to_immediates(mod), target, relax_pipeline=finish_pipeline(target))
 
 
 def llvm_ir_lines(exe: relax.VMExecutable) -> dict[str, int]:

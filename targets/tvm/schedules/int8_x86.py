@@ -782,8 +782,8 @@ def weight_bounds(mod: Any, params: Mapping[str, np.ndarray] | list[np.ndarray] 
         for i, a in enumerate(fields):
             arr = None
             a = packed.get(a, a)
-            if isinstance(a, ir.expr.Constant):
-                arr = a.value.numpy()
+            if isinstance(a, ir.expr.Constant):  # a tensor constant, or a by-value scalar (lower.scalar_args)
+                arr = a.value.numpy() if hasattr(a.value, "numpy") else np.asarray(a.value)
             elif isinstance(a, relax.Var) and a in weight_of:
                 arr = weight_of[a]
             if arr is None or arr.dtype.kind not in "iu" or arr.size == 0:

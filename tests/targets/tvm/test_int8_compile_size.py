@@ -179,6 +179,48 @@ def test_int8_llvm_ir_no_larger_than_twice_fp32(spec) -> None:
     assert max(q.values()) <= 2 * max(fp.values()), (max(q, key=q.get), max(q.values()), max(fp.values()))
 
 
+def _one_element_buffers(func) -> list[str]:  # noqa: ANN001 - a tvm PrimFunc
+    """Names of `func`'s buffer parameters of one element."""
+    import tvm
+
+    return [str(p.name) for p in func.params if getattr(p, "shape", None) is not None
+            and all(isinstance(d, tvm.tirx.IntImm) and int(d) == 1 for d in p.shape)]
+
+
+def test_quantized_cnn_kernels_take_no_scalar_buffers(monkeypatch) -> None:  # noqa: ANN001
+    """No kernel of the quantized CNN (symbolic batch) that reaches LLVM takes a one-element buffer
+    (lower/scalar_args.py, applied by build.build: before, 7 of its 15 kernels took 2-13 each, its
+    scales, zero points and clip bounds, and each cost the packed-API wrapper a buffer's checks),
+    and the compiled model still matches onnxruntime's QDQ model within a quantization step."""
+    import onnxruntime as ort
+    import tvm
+    from tvm import relax
+
+    from graphopt.targets.machine import machine_model, missing_features
+
+    built: dict[str, tvm.IRModule] = {}
+    plain = relax.build
+
+    def build(mod, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202 - relax.build, its module kept
+        built["mod"] = mod
+        return plain(mod, *args, **kw)
+
+    monkeypatch.setattr(relax, "build", build)
+    spec = SPECS[0]
+    q = _quantized(spec)
+    art = graphopt.compile(q, spec, "-O2", threads=2)
+    kernels = {gv.name_hint: f for gv, f in built["mod"].functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    scalar = {k: _one_element_buffers(f) for k, f in kernels.items()}
+    assert not any(scalar.values()), {k: v for k, v in scalar.items() if v}
+    assert sum('"uint8"' in f.script() for f in kernels.values()) >= 5  # (the int8 kernels are there)
+    if missing_features(machine_model(get_target(spec).tvm_target(2))):
+        pytest.skip(f"this CPU cannot run {spec} code")
+    x = np.random.default_rng(29).standard_normal((3, 3, 48, 48)).astype(np.float32)
+    y = graphopt.runtime.load(art.path).run({"x": x})[0]
+    ref = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, ref, atol=0.05 * np.abs(ref).max())
+
+
 def _silu_cnn() -> onnx.ModelProto:
     """conv → SiLU (x · sigmoid(x)) → depthwise → SiLU → 1x1 conv → SiLU: EfficientNet's block,
     whose quantized epilogues branch (the requantized x read by the sigmoid and by the product)

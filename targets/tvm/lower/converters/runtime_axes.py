@@ -39,8 +39,9 @@ _REDUCE_PARTS: dict[str, tuple[Any, Any, Any]] = {
 
 
 def _reduce_empty_set(bb: relax.BlockBuilder, node: Node, ins: list[Any]) -> Any:
-    """ReduceMax/Min (float) over constant axes that include a dim of static size 0: -inf/+inf
-    (the TIR reduction's init is the finite extreme); NotImplemented otherwise."""
+    """ReduceMax/Min (float) over constant axes that include a dim of static size 0: -inf/+inf,
+    filled in the reduction's shape (its values are never read: with no element to reduce, its
+    result buffer is never written, not even its init); NotImplemented otherwise."""
     if node.op_type not in ("ReduceMax", "ReduceMin") or not dtype_of(ins[0]).startswith("float"):
         return NotImplemented
     x = ins[0]
@@ -56,7 +57,7 @@ def _reduce_empty_set(bb: relax.BlockBuilder, node: Node, ins: list[Any]) -> Any
     fn = R.max if node.op_type == "ReduceMax" else R.min
     inf = -np.inf if node.op_type == "ReduceMax" else np.inf
     y = bb.emit(fn(x, axes, keep))
-    return bb.emit(R.add(R.multiply(y, scalar_const(0, dtype_of(x))), scalar_const(inf, dtype_of(x))))
+    return bb.emit(R.full_like(y, scalar_const(inf, dtype_of(x))))
 
 
 @chained(*_REDUCE_PARTS)
@@ -102,9 +103,10 @@ def _reduce_runtime_axes(bb: relax.BlockBuilder, node: Node, ins: list[Any], ops
                 continue
             cond = bb.emit(R.greater(R.take(mask, relax.const(a, "int64"), axis=0), scalar_const(0, "int64")))
             if dims[a] == 0 and node.op_type in ("ReduceMax", "ReduceMin") and dtype.startswith("float"):
-                # max/min of an empty set: -inf/+inf (the reduction's init is the finite extreme)
+                # max/min of an empty set: -inf/+inf in the reduction's shape (its values, never
+                # written when there is no element, are not read)
                 inf = -np.inf if node.op_type == "ReduceMax" else np.inf
-                reduce_a = lambda fbb, p, a=a, inf=inf: fbb.emit(R.add(R.multiply(fbb.emit(along(p[0], a)), scalar_const(0, dtype)), scalar_const(inf, dtype)))  # noqa: E731
+                reduce_a = lambda fbb, p, a=a, inf=inf: fbb.emit(R.full_like(fbb.emit(along(p[0], a)), scalar_const(inf, dtype)))  # noqa: E731
             else:
                 reduce_a = lambda fbb, p, a=a: fbb.emit(along(p[0], a))  # noqa: E731
             y = D.switch(bb, [cond], [reduce_a, lambda fbb, p: p[0]], [y], name=f"reduce_axis{a}_")

@@ -736,7 +736,14 @@ class _Lowerer:
         # conv) defines no var: its vars come in as a shape argument, else the function's shapes
         # are erased to rank-only ones (and blocked TE computes, pooling, Resize cannot take those)
         defined = {v for p in params for v in relax.analysis.definable_tir_vars_in_type(p.ty)}
-        missing = sorted({v for p in params for v in relax.analysis.tir_vars_in_type(p.ty) if v not in defined}, key=lambda v: v.name)
+        used = {v for p in params for v in relax.analysis.tir_vars_in_type(p.ty)}
+        # ... and the vars of symbolic shape values the group reads (a ConstantOfShape of
+        # [2, batch, 64], PyTorch's zero initial LSTM state: nothing else brings `batch` in)
+        for v, _form in ext:
+            e = env.get(id(v))
+            if isinstance(e, Sym):
+                used |= {u for x in e.vals if not isinstance(x, int) for u in tvm.tirx.analysis.undefined_vars(x)}
+        missing = sorted({v for v in used if v not in defined}, key=lambda v: v.name)
         dim_args: list[relax.Expr] = []
         if missing:
             # a tensor of main whose dims include those vars as plain dims (an input, or the

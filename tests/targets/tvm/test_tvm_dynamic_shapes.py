@@ -370,3 +370,34 @@ def test_shape_buckets_flag_is_the_target_option(tmp_path, capsys):
         assert main([str(src), "-o", str(tmp_path / "x"), "--target", target, "--shape-buckets", "H:32;W:40"]) == 2
         err = capsys.readouterr().err.strip()
         assert "--shape-buckets" in err and "\n" not in err
+
+
+def test_lstm_zero_state_from_a_runtime_shape():
+    """PyTorch exports an LSTM's zero initial state as ConstantOfShape(Concat([2], batch, [H]))
+    with `batch` read by Shape/Gather from the input: that group's only tie to `batch` is the
+    shape value, so the kernel takes it as a shape argument (its output's shape was erased to
+    rank 3, and `call_tir` refused it: the trained OCR recognizer did not compile). Symbolic batch
+    and length, bidirectional, equal to onnxruntime at three sizes."""
+    hid, feat = 8, 6
+    rng = np.random.default_rng(3)
+    w = nh.from_array((rng.standard_normal((2, 4 * hid, feat)) * 0.3).astype(np.float32), "w")
+    r = nh.from_array((rng.standard_normal((2, 4 * hid, hid)) * 0.3).astype(np.float32), "r")
+    b = nh.from_array((rng.standard_normal((2, 8 * hid)) * 0.1).astype(np.float32), "b")
+    consts = [nh.from_array(np.array(v, np.int64), n) for v, n in
+              (([2], "two"), ([hid], "hid"), (1, "one"))]
+    nodes = [
+        h.make_node("Shape", ["x"], ["shp"]),
+        h.make_node("Gather", ["shp", "one"], ["bsz"], axis=0),
+        h.make_node("Unsqueeze", ["bsz", "zero_axes"], ["bsz1"]),
+        h.make_node("Concat", ["two", "bsz1", "hid"], ["state_shape"], axis=0),
+        h.make_node("ConstantOfShape", ["state_shape"], ["zeros"], value=nh.from_array(np.zeros(1, np.float32))),
+        h.make_node("LSTM", ["x", "w", "r", "b", "", "zeros", "zeros"], ["y", "yh", "yc"], hidden_size=hid,
+                    direction="bidirectional"),
+    ]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TP.FLOAT, ["T", "N", feat])],
+                     [h.make_tensor_value_info("y", TP.FLOAT, None), h.make_tensor_value_info("yh", TP.FLOAT, None)],
+                     [w, r, b, *consts, nh.from_array(np.array([0], np.int64), "zero_axes")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 13)])
+    art = graphopt.compile(m, "cpu", "-O2", threads=1)
+    for shape in [(5, 1, feat), (11, 3, feat), (1, 2, feat)]:
+        _check(art, m, {"x": _x(shape, 7)}, tol=1e-5)

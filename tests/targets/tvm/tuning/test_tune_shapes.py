@@ -171,7 +171,7 @@ def test_cli_prints_one_line_for_a_kernel_that_kept_its_default(tmp_path: Path, 
     onnx.save(_conv16(), src)
     # (a budget that ends before the first kernel: it keeps its default, and says so)
     code = main([str(src), "--target", "cpu", "-o", str(tmp_path / "art"), "--tune-shapes", "x=1x16x8x8;x=1x16x16x16",
-                 "--tune-minutes", "0.001", "--report", str(tmp_path / "r.json")])
+                 "--tune-minutes", "1e-9", "--report", str(tmp_path / "r.json")])
     err = capsys.readouterr().err
     assert code == 0, err
     lines = [ln for ln in err.splitlines() if ln.startswith("tune-shapes:")]

@@ -37,6 +37,7 @@ from __future__ import annotations
 import os
 import platform
 import stat
+import statistics
 import struct
 import threading
 import time
@@ -44,7 +45,7 @@ import warnings
 import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -90,6 +91,11 @@ _THREAD_POOL = threading.local()
 #: 0.06 ms VAD beside three onnxruntime sessions in three threads: 207x slower on 2 threads, 1.02x
 #: on one; alone 0.050 ms on one vs 0.055-0.062 on two, busy 2-core Zen 4)
 SHARED_ONE_THREAD_BELOW_S = 50e-6
+#: an estimate under this many times SHARED_ONE_THREAD_BELOW_S is too close to call: the runner
+#: times its first calls with one thread and with all, and keeps the faster (`ThreadProbe`)
+PROBE_BELOW_FACTOR = 4
+#: calls per thread count the probe times (after one warm-up call of each)
+PROBE_CALLS = 4
 
 
 def small_call(manifest: Mapping[str, Any], sizes: Mapping[str, int] | None = None) -> bool:
@@ -97,9 +103,16 @@ def small_call(manifest: Mapping[str, Any], sizes: Mapping[str, int] | None = No
     where the manifest has no machine model or kernel map to say). A kernel's FLOPs that depend on
     symbolic dims (`((batch * (samples // 128)) * 139264)`) are counted at `sizes` (dim name ->
     size: `dim_sizes`); without them such a model is not judged small."""
+    t = call_core_seconds(manifest, sizes)
+    return t is not None and t < SHARED_ONE_THREAD_BELOW_S
+
+
+def call_core_seconds(manifest: Mapping[str, Any], sizes: Mapping[str, int] | None = None) -> float | None:
+    """The machine model's estimate of one core's time for a call (its kernels' FLOPs, its weights
+    streamed once); None where the manifest cannot say."""
     machine, kmap = manifest.get("target", {}).get("machine"), manifest.get("kernel_map")
     if not isinstance(machine, dict) or not kmap:
-        return False
+        return None
     from graphopt.targets.machine import MachineModel
 
     try:
@@ -108,8 +121,8 @@ def small_call(manifest: Mapping[str, Any], sizes: Mapping[str, int] | None = No
         weights = sum(int(np.prod(a["shape"], dtype=np.int64)) * np.dtype(a["dtype"]).itemsize
                       for a in manifest["files"]["params"]["arrays"].values())
     except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError):
-        return False
-    return bool(model.core_seconds(flops, weights) < SHARED_ONE_THREAD_BELOW_S)
+        return None
+    return float(model.core_seconds(flops, weights))
 
 
 def _flops(value: Any, sizes: Mapping[str, int]) -> float:
@@ -473,10 +486,43 @@ class _Buckets:
                      else f"symbolic kernels (no bucket for {sizes})")
 
 
+@dataclass
+class ThreadProbe:
+    """The first calls of a runner whose call the machine model cannot judge small or large:
+    PROBE_CALLS timed calls on one thread and on `full` threads, alternating (one warm-up call of
+    each first), then the faster median is kept (`choice`; `medians` records what was measured)."""
+
+    full: int
+    done: bool = False
+    choice: int = 0
+    calls: int = 0
+    times: dict[int, list[float]] = field(default_factory=dict)
+    medians: dict[int, float] = field(default_factory=dict)
+
+    def next_threads(self) -> int:
+        return 1 if self.calls % 2 == 0 else self.full
+
+    def record(self, threads: int, seconds: float) -> bool:
+        """Count a call; True once the choice is made."""
+        self.calls += 1
+        if self.calls > 2:  # (the first call of each: warm-up)
+            self.times.setdefault(threads, []).append(seconds)
+        if self.calls < 2 * (PROBE_CALLS + 1):
+            return False
+        self.medians = {k: statistics.median(v) for k, v in self.times.items()}
+        self.choice = min(self.medians, key=lambda k: (self.medians[k], k))
+        self.done = True
+        return True
+
+
 class Runner:
     """A loaded cpu artifact: the Relax VM with the weights bound. Not thread-safe (one VM, and
     one staging tensor per input that each call refills): a thread per Runner. `pool`: how its
     TVM thread pool shares the machine (POOLS; the module docstring)."""
+
+    #: whether a call the machine model cannot judge is timed on one thread and on all (a runner
+    #: of another device sets False: its host threads are not what the call spends)
+    measures_threads = True
 
     def __init__(self, artifact: Artifact, *, threads: int | None = None, pool: str = DEFAULT_POOL) -> None:
         m = artifact.manifest
@@ -503,6 +549,12 @@ class Runner:
                            and any(isinstance(e.get("flops"), str) for e in m.get("kernel_map") or []))
         self._full_threads, self._pool = self.threads, pool
         self._threads_for: tuple[tuple[int, ...], ...] | None = None
+        # a call the estimate cannot call small or large (a model whose If branches' kernels it
+        # does not see: vad_if ran 1.76x onnxruntime on both cores, 0.78x on one): measured
+        est = (call_core_seconds(m) if self.measures_threads and threads is None and pool != "exclusive" and self.threads > 1
+               and not self._per_shape else None)
+        self.thread_probe: ThreadProbe | None = (
+            ThreadProbe(self.threads) if est is not None and est < PROBE_BELOW_FACTOR * SHARED_ONE_THREAD_BELOW_S else None)
         if self.pool_settings.spin != POOL_SPIN[pool] and _USER_SPIN is None:
             warnings.warn(f"pool={pool!r}: TVM's workers keep spinning {self.pool_settings.spin} yields (set for this "
                           f"process when its first pool started; {POOL_SPIN[pool]} asked): set {_SPIN_ENV} before "
@@ -633,7 +685,19 @@ class Runner:
             if sub is not None:
                 outs: list[np.ndarray] = sub.run(inputs)
                 return outs
-        res = self._call(self._feeds(inputs))
+        feeds = self._feeds(inputs)
+        probe = self.thread_probe
+        if probe is not None and not probe.done:
+            want = probe.next_threads()
+            if want != self.threads:
+                self.threads, self.pool_settings = want, pool_settings(self._pool, want)
+            t0 = time.perf_counter()
+            res = self._call(feeds)
+            if probe.record(want, time.perf_counter() - t0):
+                self.threads = probe.choice
+                self.pool_settings = pool_settings(self._pool, probe.choice)
+        else:
+            res = self._call(feeds)
         return _flatten(res, len(self.outputs))
 
     def _own_pool(self) -> None:
@@ -662,6 +726,8 @@ class Runner:
         if picked is not None and picked[0] is not None:
             stats: dict[str, Any] = picked[0].benchmark(picked[1], warmup=warmup, repeat=repeat, seconds=seconds)
             return stats
+        while self.thread_probe is not None and not self.thread_probe.done:
+            self.run(inputs)  # (the thread count it settles on is what gets timed)
         feeds = self._feeds(inputs)
         self._call(feeds)  # (one untimed run at least: the library's argument checks)
         for _ in range(max(warmup - 1, 0)):

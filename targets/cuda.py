@@ -211,6 +211,8 @@ def _tune_on_gpu(mod: Any, target: Any, options: CompileOptions) -> dict[str, An
 class CudaRunner(Runner):
     """The Relax VM on CUDA device 0 (weights copied to the GPU once)."""
 
+    measures_threads = False  # (its kernels run on the GPU: host threads are not the question)
+
     def _make_device(self, tvm: Any) -> Any:
         dev = tvm.cuda(0)
         if not dev.exist:

@@ -229,3 +229,47 @@ def test_symbolic_work_is_judged_per_input_shape(tmp_path) -> None:  # type: ign
     with pytest.raises(ValueError):  # the FLOPs are read, never evaluated
         R._flops("__import__('os').getpid()", {"N": 1})
     assert R._flops("((N * (L // 128)) * 3)", {"N": 2, "L": 640}) == 30.0
+
+
+def test_thread_probe_keeps_the_faster_count() -> None:
+    """The probe alternates one thread and all (a warm-up call of each first), then keeps the
+    thread count whose median was lower; a tie goes to one thread."""
+    p = R.ThreadProbe(full=2)
+    order, n = [], 0
+    while not p.done:
+        t = p.next_threads()
+        order.append(t)
+        n += 1
+        p.record(t, 5e-6 if t == 2 else 9e-6)  # two threads faster here
+    assert order[:4] == [1, 2, 1, 2] and n == 2 * (R.PROBE_CALLS + 1)
+    assert p.choice == 2 and p.medians == {1: 9e-6, 2: 5e-6}
+    tie = R.ThreadProbe(full=4)
+    while not tie.done:
+        tie.record(tie.next_threads(), 7e-6)
+    assert tie.choice == 1
+
+
+@pytest.mark.skipif(not TWO_CORES, reason="needs two cores")
+def test_a_call_the_estimate_cannot_judge_is_measured(art: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call whose estimate falls between small and large (under PROBE_BELOW_FACTOR x the
+    one-thread rule, over the rule: a model whose If branches' kernels the kernel map does not
+    hold) is timed on one thread and on every core over its first calls, then keeps the faster;
+    threads= given and the exclusive pool are never probed. Outputs equal at every call."""
+    borderline = 2 * R.SHARED_ONE_THREAD_BELOW_S
+    monkeypatch.setattr(R, "call_core_seconds", lambda manifest, sizes=None: borderline)
+    r = R.load(art)
+    assert r.threads == 2 and r.thread_probe is not None
+    want = r.run(X)[0]
+    for _ in range(2 * R.PROBE_CALLS + 1):
+        np.testing.assert_array_equal(r.run(X)[0], want)
+    assert r.thread_probe.done and r.threads == r.thread_probe.choice in (1, 2)
+    assert set(r.thread_probe.medians) == {1, 2}
+    fresh = R.load(art)
+    stats = fresh.benchmark(X, repeat=3)  # (the probe first: what is timed is the count it keeps)
+    assert fresh.thread_probe is not None and fresh.thread_probe.done and stats["threads"] == fresh.thread_probe.choice
+    assert R.load(art, threads=2).thread_probe is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert R.load(art, pool="exclusive").thread_probe is None
+    monkeypatch.setattr(R, "call_core_seconds", lambda manifest, sizes=None: 10 * borderline)
+    assert R.load(art).thread_probe is None  # clearly large: every core, no probe

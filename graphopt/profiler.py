@@ -22,13 +22,12 @@ vpmaddubsw). A clock the OS under-reports (a VM's nominal one, turbo) can give o
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import statistics
 import tempfile
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
@@ -186,30 +185,11 @@ def _eval_flops(expr: Any, dims: Mapping[str, Sequence[int]], shapes: Sequence[A
             env[name] = int(shapes[arg][dim])
         except (IndexError, TypeError, ValueError):
             return None
-    try:
-        tree = ast.parse(expr, mode="eval")
-    except SyntaxError:
-        return None
-
-    def ev(n: ast.AST) -> int:
-        if isinstance(n, ast.Expression):
-            return ev(n.body)
-        if isinstance(n, ast.Constant) and isinstance(n.value, int):
-            return n.value
-        if isinstance(n, ast.Name) and n.id in env:
-            return env[n.id]
-        if isinstance(n, ast.BinOp):
-            a, b = ev(n.left), ev(n.right)
-            ops: dict[type[ast.operator], Callable[[], int]] = {
-                ast.Mult: lambda: a * b, ast.Add: lambda: a + b, ast.Sub: lambda: a - b,
-                ast.FloorDiv: lambda: a // b if b else 0}
-            if type(n.op) in ops:
-                return ops[type(n.op)]()
-        raise ValueError("not a FLOPs expression")
+    from graphopt.runtime import eval_dim_expr
 
     try:
-        return ev(tree)
-    except ValueError:
+        return eval_dim_expr(expr, env)
+    except (ValueError, ZeroDivisionError):
         return None
 
 

@@ -126,10 +126,18 @@ def call_core_seconds(manifest: Mapping[str, Any], sizes: Mapping[str, int] | No
 
 
 def _flops(value: Any, sizes: Mapping[str, int]) -> float:
-    """A kernel map's FLOPs: a number, or an expression of symbolic dims (+ - * // and integers
-    only, read with `ast`, never evaluated as code) at `sizes`; ValueError when a dim is unknown."""
+    """A kernel map's FLOPs: a number, or an expression of symbolic dims at `sizes`
+    (`eval_dim_expr`); ValueError when a dim is unknown."""
     if not isinstance(value, str):
         return float(value or 0)
+    return float(eval_dim_expr(value, sizes))
+
+
+def eval_dim_expr(expr: str, sizes: Mapping[str, int]) -> int:
+    """An integer expression of named dims as the compiler writes kernel FLOPs
+    (`((batch * (samples // 128)) * 139264)`): + - * // on integers and names in `sizes`, read
+    with `ast`, never evaluated as code; ValueError for anything else (ZeroDivisionError for a
+    division by zero)."""
     import ast
 
     def ev(n: ast.AST) -> int:
@@ -142,9 +150,13 @@ def _flops(value: Any, sizes: Mapping[str, int]) -> float:
         if isinstance(n, ast.BinOp) and isinstance(n.op, (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv)):
             a, b = ev(n.left), ev(n.right)
             return a + b if isinstance(n.op, ast.Add) else a - b if isinstance(n.op, ast.Sub) else a * b if isinstance(n.op, ast.Mult) else a // b
-        raise ValueError(f"kernel FLOPs {value!r}: cannot count {ast.dump(n)[:40]}")
+        raise ValueError(f"kernel FLOPs {expr!r}: cannot count {ast.dump(n)[:40]}")
 
-    return float(ev(ast.parse(value, mode="eval")))
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except SyntaxError:
+        raise ValueError(f"kernel FLOPs {expr!r}: not an expression") from None
+    return ev(tree)
 
 
 def dim_sizes(manifest: Mapping[str, Any], names: Sequence[str], arrays: Sequence[np.ndarray]) -> dict[str, int]:

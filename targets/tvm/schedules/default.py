@@ -124,14 +124,13 @@ def _apply_default_schedules(mod: "tvm.IRModule", target: "tvm.target.Target", s
                 stats.flops[gv.name_hint] = 0.0
         if scheduled:
             continue
-        new, rule, notes = schedule_prim_func(func, target)
+        sch, rule, notes = default_schedule(func, target)
         if stats is not None:
             if notes:
                 stats.failures[gv.name_hint] = notes
             stats.by_func[gv.name_hint] = rule or "none"
-        if new is not None:
-            if serial_small:
-                new = serial_if_small(new, func, machine)
+        if sch is not None:
+            new = serial_if_small(sch, func, machine) if serial_small else sch.mod["main"]
             updates[gv] = new.with_attr("tirx.is_scheduled", True)
     if not updates:
         return mod
@@ -165,20 +164,29 @@ def tvm_dtype_bits(dtype: str) -> int:
     return int(tvm.DataType(dtype).bits) * max(int(tvm.DataType(dtype).lanes), 1)
 
 
-def serial_if_small(scheduled: "tvm.tirx.PrimFunc", original: "tvm.tirx.PrimFunc", machine: Any) -> "tvm.tirx.PrimFunc":
-    """`scheduled` with its parallel loops made serial when `original` (its unscheduled form) is
-    a small kernel on `machine` (`MachineModel.runs_serially`: its FLOPs and the bytes of its
-    parameters): a parallel launch costs more than it saves there. Kept as it is when the work
-    is unknown (symbolic shapes), the machine has one core, or the function does not round-trip
-    through TVMScript (there is no statement mutator in the Python API)."""
-    import tvm
+def serial_if_small(sch: "tvm.s_tir.Schedule", original: "tvm.tirx.PrimFunc", machine: Any) -> "tvm.tirx.PrimFunc":
+    """The function `sch` scheduled, with its parallel loops serial when `original` (the
+    unscheduled form) is a small kernel on `machine` (`MachineModel.runs_serially`: its FLOPs
+    and the bytes of its parameters): a parallel launch costs more than it saves there.
+
+    parallel → serial: the schedule's trace is replayed on `original` without its `Parallel`
+    instructions (they bind no new loop or block, so the rest of the trace replays unchanged;
+    a trace replays on its workload by design, which is how tuning records are applied).
+    Kept as it is when the work is unknown (symbolic shapes), the machine has one core, the
+    trace has no Parallel instruction (a kernel written with parallel loops in its TIR), or the
+    replay fails."""
+    from tvm import s_tir
 
     from ..tir_match import kernel_flops
 
+    scheduled = sch.mod["main"]
     if getattr(machine, "cores", 1) <= 1:
         return scheduled
-    text = scheduled.script()
-    if "T.parallel(" not in text:
+    trace = sch.trace
+    if trace is None:
+        return scheduled
+    kept = [inst for inst in trace.insts if inst.kind.name != "Parallel"]
+    if len(kept) == len(trace.insts):
         return scheduled
     nbytes = _param_bytes(original)
     try:
@@ -187,11 +195,13 @@ def serial_if_small(scheduled: "tvm.tirx.PrimFunc", original: "tvm.tirx.PrimFunc
         return scheduled
     if nbytes is None or not machine.runs_serially(flops, nbytes):
         return scheduled
+    decisions = {inst: trace.get_decision(inst) for inst in kept if trace.get_decision(inst) is not None}
     try:
-        serial = tvm.script.from_source(text.replace("T.parallel(", "T.serial("))
-    except Exception:  # noqa: BLE001 - TVMScript that does not parse back: keep it parallel
+        serial = s_tir.Schedule(original)
+        s_tir.schedule.Trace(kept, decisions).apply_to_schedule(serial, remove_postproc=False)
+    except Exception:  # noqa: BLE001 - a trace that does not replay: keep it parallel
         return scheduled
-    return serial.with_attrs(scheduled.attrs) if scheduled.attrs is not None else serial
+    return serial.mod["main"]
 
 
 def is_tunable_kernel(func: "tvm.tirx.PrimFunc") -> bool:

@@ -96,3 +96,38 @@ def primitive_kernel(params: Sequence[relax.Var], build_body: Callable[..., Any]
     mod = legalize_and_fuse(bb.get(), host_target())
     (func,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     return func
+
+
+def integer_kernel_graph(model: Any, optimize: bool = True) -> Any:
+    """A QDQ model as the cpu target's compile sees it before lowering: `-O2` (unless `optimize`
+    is False: `model` is then taken as it is), then the integer rewrite (qdq-to-integer,
+    split-zero-points) and the kernel groups. `model`: an onnx.ModelProto or a graphopt.Model."""
+    import graphopt
+    from graphopt.passes.fusion.kernel_groups import PlanKernels
+    from graphopt.passes.quantize.integer import QdqToInteger, SplitZeroPoints
+    from graphopt.transform import PassContext
+
+    g = graphopt.load(model) if not isinstance(model, graphopt.Model) else model
+    if optimize:
+        g = graphopt.optimize(g, "-O2")
+    for p in (QdqToInteger(), SplitZeroPoints(), PlanKernels()):
+        p.run(g, PassContext())
+    return g
+
+
+def int8_lowered(model: Any, spec: str | None = None, target: tvm.target.Target | None = None,
+                 block: int | None = None, int8_rules: bool = True) -> tuple[Any, tvm.IRModule, dict[str, str]]:
+    """`integer_kernel_graph(model)` lowered and fused for the cpu target `spec` (its TVM target at
+    2 threads and its activation block; or an explicit `target` / `block`), then, when
+    `int8_rules`, the int8 kernel rules applied: (lowered, module, {kernel: int8 kind})."""
+    from graphopt.target import get_target
+    from graphopt.targets.tvm.lower import lowerer as L
+
+    t = get_target(spec or "cpu")
+    target = target if target is not None else t.tvm_target(2)
+    lowered, mod = L.lower_and_fuse(integer_kernel_graph(model), target,
+                                    block=block if block is not None else t.activation_block(target))
+    done: dict[str, str] = {}
+    if int8_rules:
+        mod, done = t.int8_kernels(mod, target, lowered.params)
+    return lowered, mod, done

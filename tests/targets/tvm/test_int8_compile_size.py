@@ -27,7 +27,7 @@ import graphopt  # noqa: E402
 import graphopt.runtime  # noqa: E402
 from graphopt.target import get_target  # noqa: E402
 
-from tvm_kernels import AVX2_MCPU, AVX512_MCPU  # noqa: E402
+from tvm_kernels import AVX2_MCPU, AVX512_MCPU, int8_lowered  # noqa: E402
 
 #: unrolled copies of a loop body any kernel may hold (the largest register tile x window: 4 x 2
 #: pixels x 9 taps = 72 for a depthwise, 24 accumulators x 16 bytes for a conv; the fp32 kernels
@@ -86,20 +86,10 @@ def _scheduled(model: onnx.ModelProto, spec: str) -> tuple[dict[str, str], dict[
     schedules them (integer rewrite, kernel groups, lowering, int8 rules, default schedules)."""
     import tvm
 
-    from graphopt.passes.fusion.kernel_groups import PlanKernels
-    from graphopt.passes.quantize.integer import QdqToInteger, SplitZeroPoints
-    from graphopt.targets.tvm.lower import lowerer as L
     from graphopt.targets.tvm.schedules import apply_default_schedules
-    from graphopt.transform import PassContext
 
-    m = graphopt.optimize(graphopt.load(model), "-O2")
-    for p in (QdqToInteger(), SplitZeroPoints(), PlanKernels()):
-        p.run(m, PassContext())
-    t = get_target(spec)
-    target = t.tvm_target(2)
-    lowered, mod = L.lower_and_fuse(m, target, block=t.activation_block(target))
-    mod, int8 = t.int8_kernels(mod, target, lowered.params)
-    mod = apply_default_schedules(mod, target)
+    _, mod, int8 = int8_lowered(model, spec)
+    mod = apply_default_schedules(mod, get_target(spec).tvm_target(2))
     return {gv.name_hint: f.script() for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}, int8
 
 

@@ -29,7 +29,8 @@ from graphopt.targets.tvm.schedules import int8_x86 as X  # noqa: E402
 from graphopt.targets.tvm import build as B  # noqa: E402
 from graphopt.testing import check_pass  # noqa: E402
 
-from tvm_kernels import AVX2_CPU, AVX2_MCPU, AVX512_MCPU, host_runs, isa_target  # noqa: E402
+from tvm_kernels import (AVX2_CPU, AVX2_MCPU, AVX512_MCPU, host_runs, int8_lowered,  # noqa: E402
+                         integer_kernel_graph, isa_target)
 
 # the AVX2 kernels (vpmaddubsw / vpmaddwd) are checked on an explicit AVX2 mcpu, whatever the host;
 # the VNNI ones (vpdpbusd) on an AVX-512-VNNI mcpu (codegen anywhere, numbers where the host runs it)
@@ -46,6 +47,15 @@ def _model(nodes, inputs, outputs, inits=(), opset=17) -> onnx.ModelProto:
     m = h.make_model(g, opset_imports=[h.make_opsetid("", opset)])
     m.ir_version = 8
     return m
+
+
+def _quantize_static(m: graphopt.Model, x: np.ndarray, reduce_range: str) -> onnx.ModelProto:
+    """`m` (input "x") quantized static (QDQ), calibrated on the batch `x`, as an onnx model."""
+    from graphopt.calibration import calibration_from_arrays
+    from graphopt.passes.quantize import quantize
+
+    quantize(m, calibration_from_arrays(m, {"x": x}), speed="off", reduce_range=reduce_range)
+    return graphopt.to_onnx(m)
 
 
 def _ort(m: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
@@ -341,14 +351,8 @@ def test_int8_conv_near_misses_stay_default(ic, oc, why) -> None:
 
 
 def _qdq_cnn(reduce_range: str = "true") -> graphopt.Model:
-    from graphopt.calibration import calibration_from_arrays
-    from graphopt.passes.quantize import quantize
-
-    m = _qdq_cnn_float()
-    rng = np.random.default_rng(16)
-    calib = calibration_from_arrays(m, {"x": rng.standard_normal((8, 8, 16, 16)).astype(np.float32)})
-    quantize(m, calib, speed="off", reduce_range=reduce_range)
-    return m
+    return graphopt.load(_quantize_static(_qdq_cnn_float(), np.random.default_rng(16).standard_normal((8, 8, 16, 16)).astype(np.float32),
+                                          reduce_range))
 
 
 def _qdq_cnn_float() -> graphopt.Model:
@@ -523,9 +527,6 @@ def test_cast_near_misses_keep_the_frontend_cast(lo, hi, to, clip, why) -> None:
 
 def _qdq_chain(c: int = 32, hw: int = 14) -> onnx.ModelProto:
     """conv 3x3 → relu → conv 1x1 (+ residual) → relu → GAP → Gemm, quantized static (QDQ)."""
-    from graphopt.calibration import calibration_from_arrays
-    from graphopt.passes.quantize import quantize
-
     rng = np.random.default_rng(21)
     nodes = [h.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
              h.make_node("Relu", ["c1"], ["r1"]),
@@ -543,9 +544,7 @@ def _qdq_chain(c: int = 32, hw: int = 14) -> onnx.ModelProto:
              nh.from_array(rng.standard_normal(24).astype(np.float32), "b3")]
     m = graphopt.load(_model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [1, c, hw, hw])],
                              [h.make_tensor_value_info("y", TP.FLOAT, [1, 24])], inits))
-    calib = calibration_from_arrays(m, {"x": rng.standard_normal((8, c, hw, hw)).astype(np.float32)})
-    quantize(m, calib, speed="off", reduce_range="false")
-    return graphopt.to_onnx(m)
+    return _quantize_static(m, rng.standard_normal((8, c, hw, hw)).astype(np.float32), "false")
 
 
 def test_qdq_gemm_becomes_matmul_integer() -> None:
@@ -577,16 +576,7 @@ def test_blocked_int8_chain_has_no_relayout_between_convs() -> None:
     """With a VNNI machine model the int8 convs and their epilogues (requantize, the residual's
     dequantize/add/requantize) run on 16-channel blocks: one layout change into the chain (the
     float input) and one out of it (the pooled features), none between the convs."""
-    from graphopt.passes.fusion.kernel_groups import PlanKernels
-    from graphopt.passes.quantize.integer import QdqToInteger, SplitZeroPoints
-    from graphopt.targets.tvm.lower import lowerer as L
-    from graphopt.transform import PassContext
-
-    m = graphopt.optimize(graphopt.load(_qdq_chain()), "-O2")
-    for p in (QdqToInteger(), SplitZeroPoints(), PlanKernels()):
-        p.run(m, PassContext())
-    target = isa_target(AVX512_MCPU)
-    _, mod = L.lower_and_fuse(m, target, block=16)
+    _, mod, _ = int8_lowered(_qdq_chain(), target=isa_target(AVX512_MCPU), block=16, int8_rules=False)
     names = [gv.name_hint for gv in mod.get_global_vars()]
     assert sum("to_blocked" in n and "from" not in n for n in names) == 1, names
     text = mod.script()
@@ -613,15 +603,7 @@ def test_blocked_int8_chain_equals_onnxruntime(spec, kind, fc) -> None:
 def test_avx2_int8_chain_runs_blocked() -> None:
     """AVX2 (8 int32 lanes, no VNNI): the int8 convs run on 8-channel blocks as on VNNI on 16:
     one layout change into the chain, none between the convs, no NCHW conv left."""
-    from graphopt.passes.fusion.kernel_groups import PlanKernels
-    from graphopt.passes.quantize.integer import QdqToInteger, SplitZeroPoints
-    from graphopt.targets.tvm.lower import lowerer as L
-    from graphopt.transform import PassContext
-
-    m = graphopt.optimize(graphopt.load(_qdq_chain()), "-O2")
-    for p in (QdqToInteger(), SplitZeroPoints(), PlanKernels()):
-        p.run(m, PassContext())
-    _, mod = L.lower_and_fuse(m, isa_target(AVX2_MCPU), block=8)
+    _, mod, _ = int8_lowered(_qdq_chain(), target=isa_target(AVX2_MCPU), block=8, int8_rules=False)
     names = [gv.name_hint for gv in mod.get_global_vars()]
     assert sum("to_blocked" in n and "from" not in n for n in names) == 1, names
     text = mod.script()
@@ -658,14 +640,10 @@ def test_int8_stem_equals_onnxruntime(ic, oc, hw, k, s, pad, zx) -> None:
 def test_int8_stem_plan_keeps_its_input_quantize_nchw() -> None:
     """The quantize of the float image in front of an int8 stem stays NCHW (3 channels), the
     stem and what follows run blocked."""
-    from graphopt.passes.fusion.kernel_groups import KERNEL_KEY, PlanKernels
-    from graphopt.passes.quantize.integer import QdqToInteger, SplitZeroPoints
+    from graphopt.passes.fusion.kernel_groups import KERNEL_KEY
     from graphopt.targets.tvm import layout as LY
-    from graphopt.transform import PassContext
 
-    m = graphopt.optimize(graphopt.load(_qdq_stem()), "-O2")
-    for p in (QdqToInteger(), SplitZeroPoints(), PlanKernels()):
-        p.run(m, PassContext())
+    m = integer_kernel_graph(_qdq_stem())
     groups: dict[str, list] = {}
     for n in m.graph.nodes:
         if KERNEL_KEY in n.metadata_props:
@@ -680,9 +658,6 @@ def test_int8_stem_plan_keeps_its_input_quantize_nchw() -> None:
 
 
 def _qdq_stem() -> onnx.ModelProto:
-    from graphopt.calibration import calibration_from_arrays
-    from graphopt.passes.quantize import quantize
-
     rng = np.random.default_rng(31)
     nodes = [h.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[3, 3, 3, 3], strides=[2, 2], name="stem"),
              h.make_node("Relu", ["c1"], ["r1"]),
@@ -692,9 +667,7 @@ def _qdq_stem() -> onnx.ModelProto:
              nh.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.1, "w2")]
     m = graphopt.load(_model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [1, 3, 32, 32])],
                              [h.make_tensor_value_info("y", TP.FLOAT, [1, 16, 16, 16])], inits))
-    calib = calibration_from_arrays(m, {"x": rng.standard_normal((8, 3, 32, 32)).astype(np.float32)})
-    quantize(m, calib, speed="off", reduce_range="false")
-    return graphopt.to_onnx(m)
+    return _quantize_static(m, rng.standard_normal((8, 3, 32, 32)).astype(np.float32), "false")
 
 
 @needs_vnni
@@ -855,9 +828,6 @@ def test_weight_bounds_see_through_the_int8_packing() -> None:
 def _qdq_dense_block() -> onnx.ModelProto:
     """DenseNet's pattern: Concat of three feature maps → BatchNorm → ReLU → 1x1 conv → BN → ReLU →
     3x3 conv, quantized static (7-bit weights, as for AVX2)."""
-    from graphopt.calibration import calibration_from_arrays
-    from graphopt.passes.quantize import quantize
-
     rng = np.random.default_rng(61)
 
     def bn(name: str, c: int) -> list:
@@ -882,24 +852,11 @@ def _qdq_dense_block() -> onnx.ModelProto:
              *bn("n1", 32), *bn("n2", 32)]
     m = graphopt.load(_model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [1, 16, 12, 12])],
                              [h.make_tensor_value_info("y", TP.FLOAT, [1, 8, 12, 12])], inits))
-    calib = calibration_from_arrays(m, {"x": rng.standard_normal((8, 16, 12, 12)).astype(np.float32)})
-    quantize(m, calib, speed="off", reduce_range="true")
-    return graphopt.to_onnx(m)
+    return _quantize_static(m, rng.standard_normal((8, 16, 12, 12)).astype(np.float32), "true")
 
 
 def _int8_scripts(m: onnx.ModelProto, spec: str) -> tuple[dict[str, str], dict[str, str]]:
-    from graphopt.passes.fusion.kernel_groups import PlanKernels
-    from graphopt.passes.quantize.integer import QdqToInteger, SplitZeroPoints
-    from graphopt.targets.tvm.lower import lowerer as L
-    from graphopt.transform import PassContext
-
-    g = graphopt.optimize(graphopt.load(m), "-O2")
-    for p in (QdqToInteger(), SplitZeroPoints(), PlanKernels()):
-        p.run(g, PassContext())
-    t = get_target(spec)
-    target = t.tvm_target(2)
-    lowered, mod = L.lower_and_fuse(g, target, block=t.activation_block(target))
-    mod, done = t.int8_kernels(mod, target, lowered.params)
+    _, mod, done = int8_lowered(m, spec)
     return {gv.name_hint: f.script() for gv, f in mod.functions_items() if gv.name_hint in done}, done
 
 
@@ -930,9 +887,6 @@ def test_dense_block_equals_onnxruntime(spec) -> None:
 def _qdq_squeeze_excite() -> onnx.ModelProto:
     """EfficientNet's squeeze-excite block: x (40 channels) → GAP → 1x1 conv 40→10 → SiLU →
     1x1 conv 10→40 → Sigmoid → x · s, quantized static."""
-    from graphopt.calibration import calibration_from_arrays
-    from graphopt.passes.quantize import quantize
-
     rng = np.random.default_rng(63)
     nodes = [h.make_node("Conv", ["x", "w0"], ["a"], pads=[1, 1, 1, 1], name="c0"),
              h.make_node("GlobalAveragePool", ["a"], ["g"]),
@@ -948,9 +902,7 @@ def _qdq_squeeze_excite() -> onnx.ModelProto:
              nh.from_array((rng.standard_normal(40) * 0.1).astype(np.float32), "b2")]
     m = graphopt.load(_model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [1, 16, 14, 14])],
                              [h.make_tensor_value_info("y", TP.FLOAT, [1, 40, 14, 14])], inits))
-    calib = calibration_from_arrays(m, {"x": rng.standard_normal((8, 16, 14, 14)).astype(np.float32)})
-    quantize(m, calib, speed="off", reduce_range="true")
-    return graphopt.to_onnx(m)
+    return _quantize_static(m, rng.standard_normal((8, 16, 14, 14)).astype(np.float32), "true")
 
 
 def test_squeeze_excite_convs_are_small_int8_kernels() -> None:
@@ -980,9 +932,6 @@ def test_squeeze_excite_equals_onnxruntime(spec) -> None:
 
 def _qdq_narrow(c: int = 24) -> onnx.ModelProto:
     """MobileNetV2's narrow layers: 3x3 conv 16 → `c` → ReLU → 1x1 conv `c` → 32, quantized for VNNI."""
-    from graphopt.calibration import calibration_from_arrays
-    from graphopt.passes.quantize import quantize
-
     rng = np.random.default_rng(65)
     nodes = [h.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
              h.make_node("Relu", ["c1"], ["r1"]),
@@ -991,24 +940,18 @@ def _qdq_narrow(c: int = 24) -> onnx.ModelProto:
              nh.from_array((rng.standard_normal((32, c, 1, 1)) * 0.2).astype(np.float32), "w2")]
     m = graphopt.load(_model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [1, 16, 14, 14])],
                              [h.make_tensor_value_info("y", TP.FLOAT, [1, 32, 14, 14])], inits))
-    calib = calibration_from_arrays(m, {"x": rng.standard_normal((8, 16, 14, 14)).astype(np.float32)})
-    quantize(m, calib, speed="off", reduce_range="false")
-    return graphopt.to_onnx(m)
+    return _quantize_static(m, rng.standard_normal((8, 16, 14, 14)).astype(np.float32), "false")
 
 
 def test_vnni_narrow_int8_convs_take_the_half_block() -> None:
     """On AVX-512 VNNI an int8 net whose channel counts are multiples of 8 but not 16 (24) runs
     on 8-channel blocks (vpdpbusd on ymm) instead of leaving those convs NCHW; a net of 16s and
     32s keeps the 16-channel block."""
-    from graphopt.passes.fusion.kernel_groups import KERNEL_KEY, PlanKernels
-    from graphopt.passes.quantize.integer import QdqToInteger, SplitZeroPoints
+    from graphopt.passes.fusion.kernel_groups import KERNEL_KEY
     from graphopt.targets.tvm import layout as LY
-    from graphopt.transform import PassContext
 
     def plan(m: onnx.ModelProto) -> LY.LayoutPlan:
-        g = graphopt.optimize(graphopt.load(m), "-O2")
-        for p in (QdqToInteger(), SplitZeroPoints(), PlanKernels()):
-            p.run(g, PassContext())
+        g = integer_kernel_graph(m)
         groups: dict[str, list] = {}
         for n in g.graph.nodes:
             if KERNEL_KEY in n.metadata_props:
@@ -1072,18 +1015,7 @@ def test_blocked_int8_write_back_is_unrolled_over_the_tile(spec, net, kind) -> N
     tile and vectorized over the channel block, so each accumulator vector goes from its register
     through the epilogue to the output: no serial loop around the output store (as a loop, LLVM
     stored the tile into a workspace buffer and re-vectorized the epilogue across pixels)."""
-    from graphopt.passes.fusion.kernel_groups import PlanKernels
-    from graphopt.passes.quantize.integer import QdqToInteger, SplitZeroPoints
-    from graphopt.targets.tvm.lower import lowerer as L
-    from graphopt.transform import PassContext
-
-    g = graphopt.optimize(graphopt.load(_qdq_chain() if net == "chain" else _qdq_narrow(24)), "-O2")
-    for p in (QdqToInteger(), SplitZeroPoints(), PlanKernels()):
-        p.run(g, PassContext())
-    t = get_target(spec)
-    target = t.tvm_target(2)
-    lowered, mod = L.lower_and_fuse(g, target, block=t.activation_block(target))
-    mod, done = t.int8_kernels(mod, target, lowered.params)
+    _, mod, done = int8_lowered(_qdq_chain() if net == "chain" else _qdq_narrow(24), spec)
     convs = [name for name, k in done.items() if k == kind]
     assert len(convs) == 2, done
     for name in convs:
@@ -1097,9 +1029,6 @@ def test_blocked_int8_write_back_is_unrolled_over_the_tile(spec, net, kind) -> N
 def _qdq_classifier(c: int = 64, classes: int = 1000) -> onnx.ModelProto:
     """A quantized CNN's head with a symbolic batch: GlobalAveragePool → Flatten → Gemm(`classes`),
     quantized static (QDQ): the classifier's MatMulInteger reads the quantize of the pooled features."""
-    from graphopt.calibration import calibration_from_arrays
-    from graphopt.passes.quantize import quantize
-
     rng = np.random.default_rng(71)
     nodes = [h.make_node("Relu", ["x"], ["r"]),
              h.make_node("GlobalAveragePool", ["r"], ["g"]),
@@ -1109,9 +1038,7 @@ def _qdq_classifier(c: int = 64, classes: int = 1000) -> onnx.ModelProto:
              nh.from_array(rng.standard_normal(classes).astype(np.float32) * 0.1, "b")]
     m = graphopt.load(_model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, ["N", c, 7, 7])],
                              [h.make_tensor_value_info("y", TP.FLOAT, ["N", classes])], inits))
-    calib = calibration_from_arrays(m, {"x": rng.standard_normal((8, c, 7, 7)).astype(np.float32)})
-    quantize(m, calib, speed="off", reduce_range="false")
-    return graphopt.to_onnx(m)
+    return _quantize_static(m, rng.standard_normal((8, c, 7, 7)).astype(np.float32), "false")
 
 
 @pytest.mark.parametrize("spec, kind, instr", [
@@ -1147,9 +1074,6 @@ def test_qdq_classifier_equals_onnxruntime() -> None:
 def _qdq_pool_net(pads: int = 1) -> onnx.ModelProto:
     """ResNet's stem: conv 7x7/2 → ReLU → MaxPool 3x3/2 → conv 3x3, quantized static (QDQ): the pool
     between a DQ and a Q of the same scale and zero point."""
-    from graphopt.calibration import calibration_from_arrays
-    from graphopt.passes.quantize import quantize
-
     rng = np.random.default_rng(81)
     nodes = [h.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[3, 3, 3, 3], strides=[2, 2], name="stem"),
              h.make_node("Relu", ["c1"], ["r1"]),
@@ -1160,9 +1084,7 @@ def _qdq_pool_net(pads: int = 1) -> onnx.ModelProto:
              nh.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.1, "w2")]
     m = graphopt.load(_model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [1, 3, 32, 32])],
                              [h.make_tensor_value_info("y", TP.FLOAT, [1, 16, 8, 8])], inits))
-    calib = calibration_from_arrays(m, {"x": rng.standard_normal((8, 3, 32, 32)).astype(np.float32)})
-    quantize(m, calib, speed="off", reduce_range="false")
-    return graphopt.to_onnx(m)
+    return _quantize_static(m, rng.standard_normal((8, 3, 32, 32)).astype(np.float32), "false")
 
 
 def test_qdq_maxpool_runs_on_8_bit_values() -> None:

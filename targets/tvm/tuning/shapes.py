@@ -21,8 +21,10 @@ schedules:
    equal schedules must not swap them). The kernel stays symbolic: one artifact serves every
    size, and sizes not given run the same code.
 
-Timing runs in the compiling process (not the tuner's isolated child): the candidates are
-graphopt's own rules on kernels the default schedules already build. With a tuning database
+Timing runs isolated: each kernel's built candidates are exported and timed by a child process
+(`shapes_worker`), so a candidate that crashes or hangs when run costs that kernel's choice, not
+the compile: the crashing candidate is named in one line and left out, the rest are timed again
+(a second crash, or one of the default schedule, keeps the default). With a tuning database
 (`--tuning-db`), each kernel's choice is stored in `graphopt_tune_shapes.json` keyed by the
 kernel's TIR, the target, the schedule knobs and its argument shapes at the sizes: a later
 compile with the same database reuses it without measuring. `--tune-minutes` bounds the time;
@@ -72,6 +74,8 @@ MAX_CANDIDATES = 16
 ROUNDS = 3
 #: each timing runs the kernel for at least this long
 MIN_REPEAT_MS = 15
+#: a timing worker still running after this many seconds (a candidate that hangs) is killed
+WORKER_TIMEOUT_S = 300.0
 #: single changes of the default schedules' knobs tried as candidates (those giving the same TIR
 #: as the default are dropped). `fast_erf` is left out: it changes the numerics, not the schedule.
 KNOB_CHANGES: tuple[dict[str, Any], ...] = (
@@ -340,78 +344,119 @@ def _build(sch: Any, target: Any) -> Any:
     return mod["main"], tvm.tirx.build(mod, target=target)
 
 
-def _arrays(func: Any, binding: Mapping[str, int], rng: Any) -> list[Any] | None:
-    """Random arguments for the built `func` (its packed-weight shapes) at one size."""
-    import numpy as np
-    import tvm
-
-    dev = tvm.cpu()
-    out: list[Any] = []
+def _argument_specs(func: Any, binding: Mapping[str, int]) -> list[dict[str, Any]] | None:
+    """The built `func`'s arguments at one size for the timing worker: a tensor's shape (its
+    packed-weight shape) and dtype, a scalar's value; None when a dim is not known."""
+    out: list[dict[str, Any]] = []
     for p in func.params:
         shape = getattr(p, "shape", None)
         if shape is None:
             if p.name not in binding:
                 return None
-            out.append(int(binding[p.name]))
+            out.append({"int": int(binding[p.name])})
             continue
         dims = [_value(d, binding) for d in shape]
         if any(d is None for d in dims):
             return None
-        dtype = str(p.dtype)
-        if dtype.startswith("float"):
-            a = rng.standard_normal(dims).astype(dtype)
-        elif dtype.startswith(("int", "uint")):
-            a = rng.integers(0, 8, dims).astype(dtype)
-        else:
-            a = np.zeros(dims, dtype=dtype)
-        out.append(tvm.runtime.tensor(a, dev))
+        out.append({"shape": dims, "dtype": str(p.dtype)})
     return out
 
 
-class _Measure:
-    """Times built candidates of one kernel at every size, interleaved."""
+@dataclass
+class _Timed:
+    """What the timing worker measured for one kernel: {label: [best ms per size]}, whether the
+    time budget cut the rounds, and the crashes it survived (or the reason it failed)."""
 
-    def __init__(self, bindings: list[dict[str, int]], deadline: float | None) -> None:
-        import numpy as np
+    best: dict[str, list[float]] = field(default_factory=dict)
+    cut: bool = False
+    dropped: list[str] = field(default_factory=list)  # "LABEL: why" of candidates left out after a crash
+    failed: str | None = None
 
-        self.bindings = bindings
-        self.deadline = deadline
-        self.rng = np.random.default_rng(0)
-        self.cut = False  # rounds left out for the time budget
 
-    def out_of_time(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
+def _run_worker(job: dict[str, Any], work: str) -> tuple[dict[str, Any] | None, str | None, str]:
+    """Run one timing worker on `job`: (its result or None, the candidate it was running last,
+    what went wrong)."""
+    import signal
+    import subprocess
 
-    def run(self, built: list[tuple[str, Any, Any]]) -> dict[str, list[float]]:
-        """{label: [best ms per size]} over ROUNDS rounds (a candidate whose run fails is dropped)."""
-        import tvm
+    path = os.path.join(work, "job.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(job, f)
+    env = dict(os.environ)
+    env["TVM_NUM_THREADS"] = str(job["threads"])
+    cmd = [sys.executable, "-m", "graphopt.targets.tvm.tuning.shapes_worker", path]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    limit = WORKER_TIMEOUT_S + float(job.get("seconds") or 0.0)
+    try:
+        out, err = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        why = f"timed out after {limit:.0f} s"
+    else:
+        why = ""
+    last, result = None, None
+    for raw in out.decode("utf-8", "replace").splitlines():
+        try:
+            ev = json.loads(raw)
+        except json.JSONDecodeError:
+            continue
+        if "running" in ev:
+            last = str(ev["running"])
+        elif "best" in ev:
+            result = ev
+    if result is not None and proc.returncode == 0:
+        return result, last, ""
+    if not why:
+        rc = proc.returncode
+        try:
+            why = f"crashed ({signal.Signals(-rc).name})" if rc < 0 else f"exited {rc}"
+        except ValueError:
+            why = f"crashed (signal {-rc})"
+        tail = [ln for ln in err.decode("utf-8", "replace").splitlines() if ln.strip()]
+        if rc > 0 and tail:
+            why += f": {tail[-1][:200]}"
+    return None, last, why
 
-        runs: dict[str, list[Any]] = {}
-        for label, func, lib in built:
-            per_size = []
-            for b in self.bindings:
-                args = _arrays(func, b, self.rng)
-                if args is None:
-                    break
-                f = lib.time_evaluator("main", tvm.cpu(), number=1, repeat=1, min_repeat_ms=int(MIN_REPEAT_MS))
-                per_size.append((f, args))
-            if len(per_size) == len(self.bindings):
-                runs[label] = per_size
-        best: dict[str, list[float]] = {k: [math.inf] * len(self.bindings) for k in runs}
-        for r in range(ROUNDS):
-            if r and self.out_of_time():
-                self.cut = True
-                break
-            for label, per_size in list(runs.items()):
-                for i, (f, args) in enumerate(per_size):
-                    try:
-                        t = 1e3 * float(f(*args).mean)
-                    except Exception:  # noqa: BLE001 - a candidate that fails to run is dropped
-                        runs.pop(label, None)
-                        best.pop(label, None)
-                        break
-                    best[label][i] = min(best[label][i], t)
-        return best
+
+def _measure_isolated(built: list[tuple[str, Any, Any]], bindings: list[dict[str, int]], deadline: float | None,
+                      threads: int) -> _Timed:
+    """Time the built candidates at every size in a child process (`shapes_worker`). A crash or a
+    hang while a candidate other than the default runs: that candidate is left out and the rest
+    timed again once; otherwise the kernel's timing fails (`_Timed.failed`)."""
+    from graphopt.runtime import DEFAULT_POOL
+
+    timed = _Timed()
+    with tempfile.TemporaryDirectory(prefix="graphopt-tune-shapes-") as work:
+        cands: list[dict[str, Any]] = []
+        for i, (label, func, lib) in enumerate(built):
+            sizes = [_argument_specs(func, b) for b in bindings]
+            if any(a is None for a in sizes):
+                continue
+            so = os.path.join(work, f"c{i}.so")
+            try:
+                lib.export_library(so)
+            except Exception:  # noqa: BLE001 - a candidate that does not link is left out
+                continue
+            cands.append({"label": label, "lib": so, "sizes": sizes})
+        for _attempt in range(2):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            job = {"threads": threads, "pool": DEFAULT_POOL, "rounds": ROUNDS, "min_repeat_ms": MIN_REPEAT_MS,
+                   "seconds": left, "candidates": cands}
+            result, last, why = _run_worker(job, work)
+            if result is not None:
+                timed.best = {k: [float(x) for x in v] for k, v in result["best"].items()}
+                timed.cut = bool(result.get("cut"))
+                timed.failed = None
+                return timed
+            running = f" running candidate {last}" if last else ""
+            timed.failed = f"its timing worker {why}{running}"
+            if last is None or last == "default" or not any(c["label"] == last for c in cands):
+                return timed
+            timed.dropped.append(f"{last}: the timing worker {why} running it")
+            cands = [c for c in cands if c["label"] != last]
+        return timed
 
 
 def _geomean_ratio(ms: Sequence[float], base: Sequence[float]) -> float:
@@ -506,8 +551,6 @@ def tune_shapes(
     default schedule (and why) and one per winner; a callable gets the events."""
     from tvm import tirx
 
-    from graphopt.runtime import DEFAULT_POOL, apply_pool, pool_settings
-
     from ..build import default_threads, with_functions
     from ..schedules import is_tunable_kernel, vector_lanes
     from ..tir_match import kernel_flops
@@ -553,7 +596,7 @@ def tune_shapes(
             flops = 0.0
         todo.append((flops, gv, func))
     todo.sort(key=lambda t: -t[0])
-    apply_pool(pool_settings(DEFAULT_POOL, int(threads or default_threads())))
+    n_threads = int(threads or default_threads())
     updates: dict[Any, Any] = {}
     with contextlib.ExitStack() as stack:
         store = stack.enter_context(_locked(db_dir)) if db_dir else None
@@ -634,9 +677,16 @@ def tune_shapes(
                 if store is not None:
                     store.put(key, {"choice": "default", "why": ch.why, "candidates": 1, "kernel": name})
                 continue
-            measure = _Measure([b for b in fb if b is not None], deadline)
-            timings = measure.run(built)
-            ch.partial = ch.partial or measure.cut
+            measured = _measure_isolated(built, [b for b in fb if b is not None], deadline, n_threads)
+            for d in measured.dropped:
+                _say(progress, {"ev": "dropped", "kernel": name,
+                                "line": f"tune-shapes: {label(name)}: candidate {d}; left out"})
+            if measured.failed is not None:
+                ch.why = measured.failed
+                _say(progress, {"ev": "kept", "kernel": name, "line": f"tune-shapes: {label(name)} keeps its default schedule ({rule}): {ch.why}"})
+                continue
+            timings = measured.best
+            ch.partial = ch.partial or measured.cut
             if "default" not in timings:
                 ch.why = "its default schedule failed to run alone"
                 _say(progress, {"ev": "kept", "kernel": name, "line": f"tune-shapes: {label(name)} keeps its default schedule ({rule}): {ch.why}"})

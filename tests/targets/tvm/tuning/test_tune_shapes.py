@@ -197,3 +197,30 @@ def test_a_size_the_compiled_model_cannot_take_is_one_line() -> None:
         graphopt.compile(dm.MODELS["detector_dyn"](), "cpu", tune_shapes="image=1x3x64x64;image=1x3x100x96")
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("--tune-shapes image=1x3x100x96: H = 100 is not a multiple of 8"), msg
+
+
+@pytest.mark.parametrize("crash", ["first-variant", "default"])
+def test_a_candidate_that_crashes_when_run_costs_its_kernel_not_the_compile(crash: str, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Candidates are timed in a child process: a variant that crashes it is named in one line and
+    left out, the others are timed again and one is chosen; a crash of the default schedule's run
+    keeps the default (with the reason). Either way the compile finishes and equals onnxruntime."""
+    from graphopt.targets.tvm.tuning.shapes_worker import TEST_CRASH_ENV
+
+    monkeypatch.setenv(TEST_CRASH_ENV, crash)
+    m = _conv16()
+    events: list[dict] = []
+    art = graphopt.compile(m, "cpu", tune_shapes="x=1x16x24x40;x=1x16x40x16", tuning_db=str(tmp_path / "db"), threads=2,
+                           progress=events.append)
+    [(name, c)] = art.manifest["tuning"]["shapes"]["kernels"].items()
+    built = [e["candidate"] for e in events if e.get("ev") == "built" and e.get("kernel") == name]
+    if crash == "default":
+        assert c["choice"] == "default" and c["why"] == "its timing worker crashed (SIGSEGV) running candidate default", c
+        assert any(e.get("ev") == "kept" and c["why"] in e["line"] for e in events)
+    else:
+        [drop] = [e for e in events if e.get("ev") == "dropped"]
+        assert drop["line"].startswith(f"tune-shapes: {name} (") and drop["line"].endswith(
+            f"): candidate {built[1]}: the timing worker crashed (SIGSEGV) running it; left out"), drop
+        assert built[1] not in c["timings"] and "default" in c["timings"] and c["candidates"] == len(built) - 1, c
+    x = np.random.default_rng(3).standard_normal((1, 16, 21, 27)).astype(np.float32)
+    np.testing.assert_allclose(art.run({"x": x})[0], ort_run(m, {"x": x})[0], rtol=1e-4, atol=1e-4)

@@ -8,7 +8,8 @@ One entry per kernel call in `main`, in call order. A group's own PrimFunc is na
 group (role "kernel"); an inline group's ops are kernels named after the op (role "inline");
 anything else `main` calls — a layout change between plain and channel-blocked activations, a
 weight-independent prologue — is charged to the group it feeds, the next one `main` computes
-(role "layout"). `flops` is twice the multiply-adds of the unscheduled kernel (0 for kernels
+(role "layout"); a kernel whose call the weight prepacking re-emitted (`_prepacked`) is charged
+to the group whose lowering created it. `flops` is twice the multiply-adds of the unscheduled kernel (0 for kernels
 without a multiply-accumulate reduction: copies, pooling, softmax; see tir_match.kernel_flops).
 """
 
@@ -168,6 +169,10 @@ def kernel_map(mod: tvm.IRModule, lowered: Any, facts: Mapping[str, Mapping[str,
             if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name in _CALL_TIR:
                 callee = v.args[0].name_hint
             group = lowered.bindings.get(str(b.var.name))
+            if callee is not None and callee != base_name(callee):
+                # (the prepacking rewrite re-emits these calls under fresh var names, which can
+                # be another group's: the group that created the kernel is the one it computes)
+                group = lowered.kernel_groups.get(base_name(callee))
             if callee is not None:
                 own = base_name(callee)
                 if own in groups:  # (a group's PrimFunc that an equal later group calls too)
@@ -179,7 +184,8 @@ def kernel_map(mod: tvm.IRModule, lowered: Any, facts: Mapping[str, Mapping[str,
                     pending.append(e)
                 out.append(e)
             if group is not None and pending:
+                role = "inline" if group in lowered.inline_groups else "layout"
                 for e in pending:
-                    e.update({k: v for k, v in entry(e["kernel"], group, "layout").items() if k != "kernel"})
+                    e.update({k: v for k, v in entry(e["kernel"], group, role).items() if k != "kernel"})
                 pending = []
     return out

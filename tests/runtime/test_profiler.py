@@ -190,3 +190,32 @@ def test_onnxruntime_refusing_the_inputs_is_one_line_exit_2(tmp_path, capfd):
     err = capfd.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert "onnxruntime cannot run it on these inputs (x[1x1])" in err and "--dim NAME=N" in err
+
+
+def test_prepacked_kernels_are_charged_to_the_group_that_computes_them(tmp_path):
+    """The weight prepacking re-emits a kernel's call under a fresh var name, which can be
+    another group's (the CRNN's LSTM input projection came out charged to the first conv): a
+    `_prepacked` kernel is charged to the group that created it, or to the group it feeds."""
+    import importlib.util
+
+    from paths import ROOT
+
+    spec = importlib.util.spec_from_file_location("dynamic_models_for_profiler", ROOT / "tools" / "dynamic_models.py")
+    dm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dm)  # type: ignore[union-attr]
+    m = dm.MODELS["crnn_dyn"]()
+    for d, v in zip(m.graph.input[0].type.tensor_type.shape.dim, (1, 3, 32, 64)):
+        d.Clear()
+        d.dim_value = v
+    art = graphopt.compile(m, "cpu", "-O2", threads=1)
+    kmap = art.manifest["kernel_map"]
+    packed = [e for e in kmap if e["kernel"].endswith("_prepacked")]
+    assert len(packed) >= 2, [e["kernel"] for e in kmap]  # the LSTM's input projection and the classifier
+    for e in packed:
+        assert e["ops"] in (["LSTM"], ["MatMul"]), e
+    lstm = [e for e in packed if e["ops"] == ["LSTM"]]
+    assert lstm and all(e["role"] == "inline" for e in lstm), lstm
+    # each conv's nodes appear in its own kernel only (nothing else is charged to them)
+    for e in kmap:
+        if "Conv" in e["ops"]:
+            assert e["role"] == "kernel" or not e["kernel"].endswith("_prepacked"), e

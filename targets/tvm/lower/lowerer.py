@@ -75,6 +75,9 @@ class LoweredModule:
     # main's binding (var name) → the group whose node it computes: kernels not named after a
     # group (an inline group's ops, layout changes) are traced back to ONNX nodes through it
     bindings: dict[str, str] = field(default_factory=dict)
+    # PrimFunc name → the group whose lowering created it (not the ones reused from an earlier
+    # group): read where a later pass gives main's bindings new var names (weight prepacking)
+    kernel_groups: dict[str, str] = field(default_factory=dict)
     group_nodes: dict[str, list[Node]] = field(default_factory=dict)  # group name → its nodes
     # symbolic input dims: name → {"input", "axis", "multiple"} (multiple > 1: the dim is
     # re-expressed as multiple x a new var, checked at run time; see `lower_and_fuse`)
@@ -239,6 +242,7 @@ class _Lowerer:
         self.inline: dict[str, str] = {}
         self.symbolic: list[str] = []  # groups evaluated at compile time (shape arithmetic)
         self.bindings: dict[str, str] = {}  # LoweredModule.bindings
+        self.kernel_groups: dict[str, str] = {}  # LoweredModule.kernel_groups
 
     # shapes
     def _shape(self, v: Value) -> list[Any] | None:
@@ -301,7 +305,11 @@ class _Lowerer:
                     nodes = [n for n in nodes if id(n.outputs[0]) not in self.env] if nodes else nodes
                     if not nodes:
                         continue
+                    before = {gv.name_hint for gv in self.bb.get().get_global_vars()}
                     self._group(k, nodes)
+                    for gv in self.bb.get().get_global_vars():
+                        if gv.name_hint not in before:
+                            self.kernel_groups.setdefault(gv.name_hint, _group_name(k))
                     for n in nodes:  # (the values it computes: see `bindings`)
                         for v in n.outputs:
                             e = self.env.get(id(v))
@@ -331,6 +339,7 @@ class _Lowerer:
             winograd_convs=self._winograd_convs(),
             block=self.plan.block if self.plan is not None and self.plan.groups else None,
             bindings=self.bindings,
+            kernel_groups=self.kernel_groups,
             group_nodes={_group_name(k): list(ns) for k, ns in groups},
             symbolic_dims=self.symbolic_dims,
             winograd_symbolic=list(self.plan.winograd_symbolic) if self.plan is not None else [],

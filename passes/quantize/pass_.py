@@ -20,6 +20,7 @@ from graphopt.calibration import (
     load_calibration,
     synthetic_calibration,
 )
+from graphopt.accuracy import parse_budget
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import Model, opset_version
 from graphopt.passes.cleanup.infer import infer_types
@@ -68,7 +69,7 @@ class Quantize(Pass):
     activations: str = "uint8"  # uint8 (asymmetric) | int8 (symmetric)
     reduce_range: str = "auto"  # auto (7-bit weights on x86 without VNNI) | true | false
     per_channel: bool = True
-    accuracy_budget: str = ""  # top1:P | cosine:C | sqnr:DB | rel:E (see measure.Budget)
+    accuracy_budget: str = ""  # top1:P | cosine:C | sqnr:DB | rel:E | none (see accuracy.parse_budget)
     eval_batches: int = 8
     speed: str = "measure"  # measure (time variants on onnxruntime) | rules (depthwise, tiny layers float) | off
     min_speedup: float = 1.03
@@ -91,7 +92,7 @@ class Quantize(Pass):
             if val not in allowed:
                 raise ValueError(f"{key}={val!r} is not one of {', '.join(allowed)}")
         if self.accuracy_budget:
-            measure.Budget.parse(self.accuracy_budget)
+            parse_budget(self.accuracy_budget)
 
     # -------------------------------------------------------------------------------- run
     def run(self, model: Model, ctx: PassContext) -> PassResult:
@@ -208,7 +209,7 @@ class Quantize(Pass):
         extra: dict[str, str] = {}
         sensitivity: dict[str, float] = {}
         # 3. accuracy budget: leave the most sensitive layers float until it holds
-        budget = measure.Budget.parse(self.accuracy_budget) if self.accuracy_budget else None
+        budget = parse_budget(self.accuracy_budget) if self.accuracy_budget else None  # (none/off: no budget)
         qm, qunits, applied = build(extra)
         metrics = score(qm)
         if budget is not None:

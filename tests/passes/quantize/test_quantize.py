@@ -557,6 +557,20 @@ def test_budget_syntax() -> None:
         Budget.parse("acc:1")
 
 
+@pytest.mark.parametrize("none", ["none", "off"])
+def test_accuracy_budget_none_quantizes_every_layer(none: str) -> None:
+    """`accuracy-budget=none` (what --help offers) means no budget: every layer int8, nothing
+    measured against a limit; it was refused as "'none' is not a number"."""
+    model = small_cnn()
+    data = cnn_data(model, 8)
+    _, ctx0 = run_pass(model.clone(), data)
+    _, ctx = run_pass(model, data, accuracy_budget=none)
+    rep = ctx.data["quantize"]
+    assert "accuracy" not in rep and rep["layers"] == ctx0.data["quantize"]["layers"]
+    (p,) = parse_pipeline(f"quantize{{accuracy-budget={none}}}")
+    assert isinstance(p, Quantize) and p.accuracy_budget == none
+
+
 def test_pipeline_syntax_and_bad_options(tmp_path) -> None:
     (p,) = parse_pipeline("quantize{scheme=int8,calibration=entropy,speed=rules}")
     assert isinstance(p, Quantize) and p.calibration == "entropy"

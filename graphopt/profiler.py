@@ -61,7 +61,7 @@ class Row:
     gflops: float | None = None
     peak_pct: float | None = None
     schedule: str = ""
-    role: str = "kernel"  # kernel | inline | layout (cpu target) | node (onnxruntime)
+    role: str = "kernel"  # kernel | inline | layout | branch (cpu target) | node (onnxruntime)
     int8: bool = False
 
 
@@ -228,7 +228,10 @@ def profile_artifact(runner: Any, feeds: Mapping[str, Any], *, repeat: int = 5, 
         _rate(row, peak)
         rows.append(row)
     _shares(rows)
-    idle = [e for q in queue.values() for e in q]
+    idle = [e for q in queue.values() for e in q if e.get("role") != "branch"]
+    untaken = sum(1 for q in queue.values() for e in q if e.get("role") == "branch")
+    if untaken:
+        notes.append(f"{untaken} kernel call{'s' if untaken > 1 else ''} of run-time If branches not taken on these inputs")
     if idle:  # (a reshape kernel the build turned into a view, for one)
         names = ", ".join(f"{e.get('kernel')} ({_names(e.get('nodes') or [], 40)})" for e in idle[:4])
         notes.append(f"{len(idle)} kernel{'s' if len(idle) > 1 else ''} of the kernel_map did not run (the build made "

@@ -4,11 +4,12 @@
     [{"kernel": "k3", "group": "k3", "role": "kernel", "nodes": ["/layer1/conv1/Conv", ...],
       "ops": ["Conv", "Relu"], "flops": 231211008, "int8": false, "schedule": "nchw16c blocked-conv"}, ...]
 
-One entry per kernel call in `main`, in call order. A group's own PrimFunc is named after the
+One entry per kernel call in `main`, in call order, then the calls of the branch functions. A group's own PrimFunc is named after the
 group (role "kernel"); an inline group's ops are kernels named after the op (role "inline");
 anything else `main` calls — a layout change between plain and channel-blocked activations, a
 weight-independent prologue — is charged to the group it feeds, the next one `main` computes
-(role "layout"); a kernel whose call the weight prepacking re-emitted (`_prepacked`) is charged
+(role "layout"); the kernels of a run-time If's branch functions are charged to the If's group
+(role "branch"); a kernel whose call the weight prepacking re-emitted (`_prepacked`) is charged
 to the group whose lowering created it. `flops` is twice the multiply-adds of the unscheduled kernel (0 for kernels
 without a multiply-accumulate reduction: copies, pooling, softmax; see tir_match.kernel_flops).
 """
@@ -188,4 +189,24 @@ def kernel_map(mod: tvm.IRModule, lowered: Any, facts: Mapping[str, Mapping[str,
                 for e in pending:
                     e.update({k: v for k, v in entry(e["kernel"], group, role).items() if k != "kernel"})
                 pending = []
+    # kernels of the Relax functions a group's lowering created (the branches of a run-time If):
+    # charged to that group, role "branch" (a run takes one branch: the others' do not run)
+    for gv, f in mod.functions_items():
+        group = lowered.kernel_groups.get(gv.name_hint)
+        if gv.name_hint == "main" or not isinstance(f, relax.Function) or group is None:
+            continue
+        for callee in _kernel_calls(f):
+            out.append(entry(callee, group, "branch"))
     return out
+
+
+def _kernel_calls(func: relax.Function) -> list[str]:
+    """The PrimFuncs `func` calls (call_tir), in the order its body is visited."""
+    names: list[str] = []
+
+    def visit(e: Any) -> None:
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name in _CALL_TIR:
+            names.append(e.args[0].name_hint)
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return names

@@ -219,3 +219,32 @@ def test_prepacked_kernels_are_charged_to_the_group_that_computes_them(tmp_path)
     for e in kmap:
         if "Conv" in e["ops"]:
             assert e["role"] == "kernel" or not e["kernel"].endswith("_prepacked"), e
+
+
+def test_run_time_if_branch_kernels_are_profiled(tmp_path, capsys):
+    """A run-time If's branches are Relax functions of their own: their kernels are in the
+    kernel_map (role "branch", charged to the If) and in the profile of the branch taken; the
+    other branch's are one note, not "did not run"."""
+    vi = h.make_tensor_value_info
+    n = 64
+    w = (np.random.default_rng(5).standard_normal((n, n)) / 8).astype(np.float32)
+    then_g = h.make_graph([h.make_node("MatMul", ["x", "W"], ["m1"]), h.make_node("Relu", ["m1"], ["y1"])], "then",
+                          [], [vi("y1", TP.FLOAT, [1, n])])
+    else_g = h.make_graph([h.make_node("MatMul", ["x", "W"], ["m2"]), h.make_node("Sigmoid", ["m2"], ["y2"])], "else",
+                          [], [vi("y2", TP.FLOAT, [1, n])])
+    g = h.make_graph([h.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g, name="gate")], "g",
+                     [vi("c", TP.BOOL, []), vi("x", TP.FLOAT, [1, n])], [vi("y", TP.FLOAT, [1, n])], [nh.from_array(w, "W")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    art = graphopt.compile(m, "cpu", "-O2", threads=1)
+    art.save(str(tmp_path / "art"))
+    kmap = art.manifest["kernel_map"]
+    branch = [e for e in kmap if e["role"] == "branch"]
+    assert len(branch) >= 2 and all(e["nodes"] == ["gate"] and e["ops"] == ["If"] for e in branch), kmap
+    x = np.random.default_rng(6).standard_normal((1, n)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", c=np.array(True), x=x)
+    prof = _json(capsys, [str(tmp_path / "art"), "--profile", "--inputs", str(tmp_path / "in.npz"), "--repeat", "2"])
+    rows = prof["profile"]["rows"]
+    assert any(r["role"] == "branch" and r["nodes"] == ["gate"] for r in rows), rows
+    notes = " ".join(prof["profile"].get("notes") or [])
+    assert "did not run" not in notes and "If branches not taken" in notes, notes

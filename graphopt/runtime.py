@@ -117,12 +117,28 @@ def call_core_seconds(manifest: Mapping[str, Any], sizes: Mapping[str, int] | No
 
     try:
         model = MachineModel.from_json(machine)
-        flops = sum(_flops(e.get("flops"), sizes or {}) for e in kmap)
+        flops = _call_flops(kmap, sizes or {})
         weights = sum(int(np.prod(a["shape"], dtype=np.int64)) * np.dtype(a["dtype"]).itemsize
                       for a in manifest["files"]["params"]["arrays"].values())
     except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError):
         return None
     return float(model.core_seconds(flops, weights))
+
+
+def _call_flops(kmap: Sequence[Mapping[str, Any]], sizes: Mapping[str, int]) -> float:
+    """FLOPs of one call: every kernel of `main`, and of each run-time If (its group) the branch
+    function with the most (a call runs one branch)."""
+    total = 0.0
+    branches: dict[str, dict[str, float]] = {}  # If group -> branch function -> FLOPs
+    for e in kmap:
+        f = _flops(e.get("flops"), sizes)
+        if e.get("role") == "branch":
+            per = branches.setdefault(str(e.get("group")), {})
+            fn = str(e.get("function"))
+            per[fn] = per.get(fn, 0.0) + f
+        else:
+            total += f
+    return total + sum(max(per.values()) for per in branches.values())
 
 
 def _flops(value: Any, sizes: Mapping[str, int]) -> float:

@@ -9,7 +9,7 @@ group (role "kernel"); an inline group's ops are kernels named after the op (rol
 anything else `main` calls — a layout change between plain and channel-blocked activations, a
 weight-independent prologue — is charged to the group it feeds, the next one `main` computes
 (role "layout"); the kernels of a run-time If's branch functions are charged to the If's group
-(role "branch"); a kernel whose call the weight prepacking re-emitted (`_prepacked`) is charged
+(role "branch", `function`: the branch function); a kernel whose call the weight prepacking re-emitted (`_prepacked`) is charged
 to the group whose lowering created it. `flops` is twice the multiply-adds of the unscheduled kernel (0 for kernels
 without a multiply-accumulate reduction: copies, pooling, softmax; see tir_match.kernel_flops).
 """
@@ -196,7 +196,7 @@ def kernel_map(mod: tvm.IRModule, lowered: Any, facts: Mapping[str, Mapping[str,
         if gv.name_hint == "main" or not isinstance(f, relax.Function) or group is None:
             continue
         for callee in _kernel_calls(f):
-            out.append(entry(callee, group, "branch"))
+            out.append({**entry(callee, group, "branch"), "function": gv.name_hint})
     return out
 
 

@@ -199,6 +199,13 @@ def test_shared_runs_a_small_model_on_one_thread_unless_told(art: str) -> None:
     assert not R.small_call(big)
     # nothing to judge by (an artifact from before the machine model): no rule
     assert not R.small_call({k: v for k, v in manifest.items() if k != "kernel_map"})
+    # a run-time If's branches: a call runs one, so the branch with the most work counts
+    e = manifest["kernel_map"][0]
+    branches = [{**e, "role": "branch", "group": "k1", "function": fn, "flops": f}
+                for fn, f in (("if_0_b0", 1e9), ("if_0_b0", 0.5e9), ("if_0_b1", 1.2e9))]
+    one = R.call_core_seconds({**manifest, "kernel_map": [{**e, "flops": 1.5e9}]})
+    both = R.call_core_seconds({**manifest, "kernel_map": branches})
+    assert one is not None and both == pytest.approx(one)
 
 
 @pytest.mark.skipif(not TWO_CORES, reason="needs two cores")

@@ -210,7 +210,7 @@ def test_prepacked_kernels_are_charged_to_the_group_that_computes_them(tmp_path)
     art = graphopt.compile(m, "cpu", "-O2", threads=1)
     kmap = art.manifest["kernel_map"]
     packed = [e for e in kmap if e["kernel"].endswith("_prepacked")]
-    assert len(packed) >= 2, [e["kernel"] for e in kmap]  # the LSTM's input projection and the classifier
+    assert packed, [e["kernel"] for e in kmap]  # the LSTM's input projection (and on AVX-512 the classifier)
     for e in packed:
         assert e["ops"] in (["LSTM"], ["MatMul"]), e
     lstm = [e for e in packed if e["ops"] == ["LSTM"]]

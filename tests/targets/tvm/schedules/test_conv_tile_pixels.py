@@ -56,8 +56,20 @@ def test_tile_choice_fires_on_few_output_blocks_and_not_on_four():
     s4 = TI.ConvShape("conv", 4, 56, 56, 64 * 9, 3, 3, 1)
     assert (lambda t: (t.rt, t.obt))(TI.conv_tile(s4, M5)) == (6, 4)
     assert (lambda t: (t.rt, t.obt))(TI.conv_tile(TI.ConvShape("conv", 4, 56, 56, 128 * 9, 3, 3, 1), M2)) == (3, 4)
-    # one block (no tile of conv_tiles divides it): odd_tile as before
-    assert M5.odd_tile(1) == (24, 1)
+
+
+def test_one_block_tiles_take_at_most_12_pixels():
+    """16 output channels on AVX-512 (one block, no exact tile): 12 x 1 (was the machine model's
+    24 x 1); AVX2's 12 x 1 and the multi-block odd tiles (125 blocks: 4 x 5) stay."""
+    assert (TI.odd_tile(M5, 1), TI.odd_tile(M5, 7), TI.odd_tile(M5, 125)) == ((12, 1), (12, 1), (4, 5))
+    assert (TI.odd_tile(M2, 1), TI.odd_tile(M2, 125)) == (M2.odd_tile(1), M2.odd_tile(125)) == ((12, 1), (2, 5))
+    with K.using(OLD):
+        assert TI.odd_tile(M5, 1) == M5.odd_tile(1) == (24, 1)
+    # a flat 1x1 conv on 56x56 (3136 pixels rounded up to 3144): whole 12 x 1 tiles
+    t = TI.conv_tile(TI.ConvShape("conv", 1, 1, 3144, 128, 1, 1, 1), M5)
+    assert (t.rt, t.obt, t.tail) == (12, 1, False)
+    assert TL.flat_px_multiple((1, 1), [0] * 4, [1, 1], 16, 56, 16, 56, M5) == 12
+    assert TL.flat_px_multiple((1, 1), [0] * 4, [1, 1], 8, 56, 8, 56, M2) == 12  # AVX2: as before
 
 
 @pytest.mark.parametrize("oc, b, m, pixels", [(32, 16, M5, 6), (64, 16, M5, 6), (32, 8, M2, 3), (48, 16, M5, 6)])

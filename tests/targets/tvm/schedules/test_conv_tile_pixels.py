@@ -23,9 +23,11 @@ from graphopt.check import run_onnxruntime  # noqa: E402
 from graphopt.targets.machine import machine_model  # noqa: E402
 from graphopt.targets.tvm import layout as TL  # noqa: E402
 from graphopt.targets.tvm.kernels import blocked as BO  # noqa: E402
+from graphopt.targets.tvm.kernels import winograd as WO  # noqa: E402
 from graphopt.targets.tvm.schedules import knobs as K  # noqa: E402
 from graphopt.targets.tvm.schedules import tiles as TI  # noqa: E402
 from graphopt.targets.tvm.schedules.nchwc import BlockedConv  # noqa: E402
+from graphopt.targets.tvm.schedules.winograd import WinogradConv  # noqa: E402
 from tvm_kernels import AVX2_MCPU, AVX512_MCPU, host_runs, isa_target, primitive_kernel  # noqa: E402
 
 TT = relax.TensorType
@@ -111,6 +113,26 @@ def test_blocked_conv_schedule_unrolls_the_6x2_tile(h):
     assert 12 in _unrolled(old.mod["main"])
     avx2 = BlockedConv().apply(_conv_kernel(128, h, 32, 8, AVX2), AVX2, 8)
     assert {3, 4, 8} <= _unrolled(avx2.mod["main"]) and 6 not in _unrolled(avx2.mod["main"])
+
+
+def _winograd_kernel(c: int, h: int, oc: int, b: int) -> tvm.tirx.PrimFunc:
+    """The F(2x2, 3x3) kernel (kernels.winograd) of a `c` -> `oc` 3x3 conv on `h` x `h`."""
+    params = [relax.Var("x", TT((1, c // b, h, h, b), "float32")),
+              relax.Var("w", TT((16, oc // b, c // b, 1, 1, b, b), "float32"))]
+    return primitive_kernel(params, lambda bb, x, w: bb.emit_te(WO.conv2d_winograd, x, w, [1] * 4, 2,
+                                                                 primfunc_name_hint="conv_winograd"))
+
+
+def test_winograd_gemm_takes_the_6x2_tile():
+    """DenseNet's 3x3 128 -> 32 in Winograd form (the default for it): the GEMM's micro-kernel
+    is 6 tile pixels x 2 blocks on AVX-512 (was 12 x 2); AVX2 (4 blocks of 8) keeps 3 x 4."""
+    new = WinogradConv().apply(_winograd_kernel(128, 28, 32, 16), AVX512, 16)
+    assert new is not None and {6, 2} <= _unrolled(new.mod["main"]) and 12 not in _unrolled(new.mod["main"])
+    with K.using(OLD):
+        old = WinogradConv().apply(_winograd_kernel(128, 28, 32, 16), AVX512, 16)
+    assert 12 in _unrolled(old.mod["main"])
+    avx2 = WinogradConv().apply(_winograd_kernel(128, 28, 32, 8), AVX2, 8)
+    assert {3, 4} <= _unrolled(avx2.mod["main"]) and 6 not in _unrolled(avx2.mod["main"])
 
 
 def _dense_layer(h: int, seed: int = 0) -> onnx.ModelProto:

@@ -367,8 +367,11 @@ class CpuTarget(Target):
         from graphopt.targets.tvm import build as B
         from graphopt.targets.tvm.lower import lowerer as L
 
-        lowered, mod = L.lower_and_fuse(model, target, block=self.activation_block(target), winograd=self.winograd,
-                                        activity=activity, loop_unroll=self.loop_unroll)
+        from graphopt.targets.tvm.schedules.knobs import using
+
+        with using(self.schedule_knobs):  # (the layout plan reads some: a flat conv's tile pixels)
+            lowered, mod = L.lower_and_fuse(model, target, block=self.activation_block(target), winograd=self.winograd,
+                                            activity=activity, loop_unroll=self.loop_unroll)
         times["lower-fuse"] = time.perf_counter() - t0
         from graphopt.targets.tvm import kernel_map as KM
 

@@ -164,8 +164,22 @@ MOBILENETV2 = [
     _mb("mb_1x1_320_1280_7", 320, 7, 1280, 1, 1),
 ]
 
-MODELS = {"resnet50": RESNET50, "mobilenetv2": MOBILENETV2}
-B = 8  # the block size between layers
+
+def _dn(name, c, h, oc, k, s):
+    return _conv(name, c, h, oc, k, s, "none", False, "dn121")
+
+
+# DenseNet-121 (224x224): each dense layer's 3x3 conv takes the 128 channels of its 1x1
+# bottleneck (whose BN-ReLU epilogue runs in the bottleneck's kernel) to 32 (the growth rate),
+# no activation; 6, 12, 24 and 16 of them on 56, 28, 14 and 7-wide maps
+DENSENET121 = [_dn(f"dn_3x3_128_32_{h}", 128, h, 32, 3, 1) for h in (56, 28, 14, 7)]
+
+MODELS = {"resnet50": RESNET50, "mobilenetv2": MOBILENETV2, "densenet121": DENSENET121}
+#: the channel block between layers: the machine model's fp32 lanes (main() sets it from the
+#: target, or --block)
+B = 8
+#: the machine model of the target (main() sets it)
+MACHINE = None
 
 
 # --------------------------------------------------------------------------- the kernels
@@ -253,7 +267,7 @@ def _flat_multiple(case: Case) -> int:
 
     if os.environ.get("GRAPHOPT_NO_FLAT") or case.kind != "conv":
         return 0
-    return LY.flat_px_multiple((case.k, case.k), [case.pad] * 4, [1, 1], case.oc, case.oh, B, case.h)
+    return LY.flat_px_multiple((case.k, case.k), [case.pad] * 4, [1, 1], case.oc, case.oh, B, case.h, MACHINE)
 
 
 def blocked(a: np.ndarray) -> np.ndarray:
@@ -400,7 +414,7 @@ def run_case(case: Case, target, threads: int, rounds: int, tile=None, winograd:
     import tvm
 
     from graphopt.targets.tvm.schedules import nchwc as NS
-    from graphopt.targets.tvm.schedules import base as TS
+    from graphopt.targets.tvm.schedules import default as TS
 
     func, shapes = build_kernel(case, target)
     rules_after = TS.default_rules(target)
@@ -465,7 +479,7 @@ def tune_case(case: Case, target, threads: int, trials: int, db_dir: str) -> dic
     default schedule and onnxruntime."""
     import tvm
 
-    from graphopt.targets.tvm.schedules import base as TS
+    from graphopt.targets.tvm.schedules import default as TS
     from graphopt.targets.tvm.tuning import tuner as TT
 
     mod = build_module(case, target)
@@ -508,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kinds", default="", help="comma list of kinds (conv, stem, depthwise, maxpool, gavgpool); default all")
     ap.add_argument("--only", default="", help="comma list of case names (substrings)")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--mcpu", default="", help="compile for this LLVM cpu (default: the host's)")
+    ap.add_argument("--block", type=int, default=0, help="channel block (default: the machine model's fp32 lanes)")
     ap.add_argument("--tile", default="", help="force BlockedConv's tile: rt,obt[,order]")
     ap.add_argument("--json", default="", help="write the rows to this file")
     ap.add_argument("--tune", type=int, default=0, help="check tuning: this many trials per kernel (see above)")
@@ -521,7 +537,12 @@ def main(argv: list[str] | None = None) -> int:
     from graphopt.targets.tvm.schedules.tiles import ConvTile
     from graphopt.targets.tvm.build import host_target
 
-    target = host_target(threads=a.threads)
+    target = host_target(threads=a.threads, mcpu=a.mcpu or None)
+    global B, MACHINE
+    from graphopt.targets.machine import machine_model
+
+    MACHINE = machine_model(target)
+    B = a.block or MACHINE.lanes(32)
     tile = None
     if a.tile:
         v = a.tile.split(",")
@@ -544,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(r), flush=True)
             bad += r["err"] > 1e-4
         return 1 if bad else 0
-    print(f"target {target.attrs.get('mcpu')} threads {a.threads}; {len(cases)} kernels; ratios are medians of "
+    print(f"target {target.attrs.get('mcpu')} block {B} threads {a.threads}; {len(cases)} kernels; ratios are medians of "
           f"per-round ratios over {a.rounds} paired rounds (shared machine: absolute times are noisy)", flush=True)
     hdr = (f"{'case':28s} {'ms':>7s} {'GF/s':>5s} {'ortGF':>5s} {'bef/ort':>7s} {'aft/ort':>7s} {'aft/bef':>7s} "
            f"{'min:bef':>7s} {'min:aft':>7s}  {'rule (before → after)':36s} {'ort op':12s} err")

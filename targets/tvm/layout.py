@@ -63,6 +63,7 @@ from ..machine import MachineModel
 from ..machine import U8S8_WEIGHT_BOUND
 from .kernels import blocked as BO
 from .kernels import winograd as WO
+from .schedules.tiles import exact_tiles, odd_tile
 
 #: channels per block: the machine model's fp32 lanes (`CpuTarget.activation_block`): 8 on AVX2,
 #: 16 on AVX-512, as onnxruntime's MLAS NCHWc blocks
@@ -473,8 +474,8 @@ def flat_multiple(n: Node, block: int, machine: MachineModel) -> int:
     """The pixel multiple of blocked conv `n` computed on its flattened output pixels
     (`kernels.blocked.conv2d_blocked_flat`), or 0 (its rows as they are): unpadded 1x1 convs and
     convs with at most FLAT_MAX_OH output rows or FLAT_MAX_IH input rows, static shapes; the
-    multiple is the pixels of the tile the output blocks take on `machine` (its `conv_tiles`, else
-    its `odd_tile`).
+    multiple is the pixels of the tile the output blocks take on `machine` (`schedules.tiles.exact_tiles`,
+    else `schedules.tiles.odd_tile`).
     Single thread, same run, ResNet-50's shapes: 1x1 on 7x7 maps 1.19-1.23x onnxruntime's time ->
     1.01-1.02x, on 14x14 1.06-1.09x -> 0.98-1.02x, on 56x56 1.00-1.06x -> 0.97x; 3x3 512 -> 512 on
     7x7 1.19x -> 0.94x (with the weight chunks of `schedules.tiles.conv_tile`)."""
@@ -495,7 +496,7 @@ def flat_px_multiple(kernel: tuple[int, int], pads: Any, dilations: Any, out_cha
     if not pointwise and out_rows > FLAT_MAX_OH and in_rows > FLAT_MAX_IH:
         return 0
     ob = out_channels // block
-    return next((rt for rt, obt in machine.conv_tiles if ob % obt == 0), machine.odd_tile(ob)[0])
+    return next((rt for rt, obt in exact_tiles(machine) if ob % obt == 0), odd_tile(machine, ob)[0])
 
 
 def _symbolic_maps(n: Node) -> bool:

@@ -67,6 +67,11 @@ class ScheduleKnobs:
     #: outer-product kernels: an elementwise prologue chain (a log-magnitude before a conv) is
     #: folded into its last block, one pass instead of one per op (off: a pass per op, as before)
     fold_prologue: bool = True
+    #: channel-blocked convs: pixels of a micro-kernel tile at most, twice that for one output
+    #: block (`tiles.exact_tiles`, `tiles.odd_tile`; 0: the machine model's tiles as they are,
+    #: which fill the accumulators: AVX-512's 8x3, 12x2 and 24x1).
+    #: Read by the layout plan too (a flat conv's pixel multiple), so the lowering runs inside it
+    conv_tile_pixels: int = 6
 
     @classmethod
     def parse(cls, text: str) -> ScheduleKnobs:

@@ -12,7 +12,8 @@ onnxruntime's MLAS NCHWc kernels take:
 - the output tile is `rt` pixels along the output row x `obt` adjacent output channel blocks x the
   `b` channels of a block (one vector): `rt * obt` accumulator vectors stay in registers for the
   whole reduction. The machine model's accumulators (`MachineModel.conv_tiles`: 12 of AVX2's 16
-  registers as 2x6, 3x4, 4x3, 6x2; 24 of AVX-512's 32 as 4x6, 6x4, 8x3, 12x2) wherever the block count
+  registers as 2x6, 3x4, 4x3, 6x2; 24 of AVX-512's 32 as 4x6, 6x4, and for 3 or 2 blocks 6x3, 6x2
+  rather than 8x3, 12x2: at most 6 pixels, `tiles.exact_tiles`) wherever the block count
   allows: a row the pixel count does not divide (ResNet-50's 56/28/14 with 3-pixel tiles) gets
   whole tiles plus a ragged last one (`ConvTile.tail`): the tile loop is marked and the build
   peels its last iteration into code of its own (`apply_loop_marks`), so neither copy keeps a

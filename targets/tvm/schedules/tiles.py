@@ -11,7 +11,7 @@ from ...machine import MachineModel
 from . import knobs
 from .base import divisors_of
 
-__all__ = ["ConvShape", "ConvTile", "conv_tile", "row_tile_ranges", "L2_WEIGHT_SHARE"]
+__all__ = ["ConvShape", "ConvTile", "conv_tile", "exact_tiles", "odd_tile", "row_tile_ranges", "L2_WEIGHT_SHARE"]
 
 # cache budgets, as shares of the machine model's caches (measured on a 32 KiB L1 / 512 KiB L2
 # core, where they were 12 KiB / 256 KiB / 160 KiB):
@@ -24,6 +24,34 @@ CHUNK_WEIGHT_SHARE = 5 / 16
 # tile's output blocks): 3x3 convs on 7/14/28-wide maps, single thread, chunks of 4 input blocks
 # (12 KiB of 32) 2.37-2.41 ms, of 1-2 blocks 2.41-2.47 ms, 8 blocks 2.60 ms, 16 2.77 ms (3x3 512 on 7x7)
 PASS_WEIGHT_SHARE = 3 / 8
+
+
+def exact_tiles(machine: MachineModel) -> tuple[tuple[int, int], ...]:
+    """The (pixels, output blocks) tiles a blocked conv tries first, in order: the machine model's
+    `conv_tiles` (which fill its accumulators), each with at most `knobs.conv_tile_pixels` pixels
+    (6, MLAS's NCHWc kernels' outputs). AVX2's 12 accumulators are unchanged (2x6, 3x4, 4x3, 6x2);
+    AVX-512's 24 give 4x6, 6x4, 6x3, 6x2 instead of 8x3 and 12x2: a tile of more pixels spilled
+    in LLVM's schedule of the unrolled reduction step (a broadcast per pixel beside the
+    accumulators and the blocks' weights). Zen 4, single thread, against onnxruntime
+    (tools/bench_nchwc_kernels.py --models densenet121): DenseNet-121's 3x3 128 -> 32 (2 output
+    blocks) on 56/28/14/7-wide maps 12 x 2 ran 2.4x / 1.4x / 1.6x / 2.9x its time, 6 x 2 0.9-1.15x
+    (4 x 2 about the same, 7 x 2, 8 x 2 and 14 x 2 1.4-2.4x); 3x3 96 -> 96 (6 blocks) on 28x28
+    8 x 3 1.18x, 6 x 3 0.93x; 1x1 128 -> 32 on 28x28 12 x 2 1.44x, 6 x 2 1.04x."""
+    cap = knobs.current().conv_tile_pixels
+    return tuple((min(rt, cap) if cap > 0 else rt, ob) for rt, ob in machine.conv_tiles)
+
+
+def odd_tile(machine: MachineModel, ob: int) -> tuple[int, int]:
+    """The tile for `ob` output blocks that no `exact_tiles` tile divides: the machine model's
+    `odd_tile` (its largest divisor up to 6 blocks, pixels filling the accumulators), a one-block
+    tile (ob 1, 7, 11, ...) with at most 2 x `knobs.conv_tile_pixels` pixels: AVX-512's 24 x 1
+    becomes 12 x 1, AVX2's 12 x 1 stays. Zen 4, single thread, 16 output channels, two runs,
+    time against the generic OuterProduct schedule's in the same rounds: 1x1 128 -> 16 on 56x56
+    24 x 1 1.46x / 1.34x, 12 x 1 0.86x / 0.86x; 3x3 64 -> 16 on 28x28 1.37x / 1.33x vs 1.06x / 0.95x;
+    1x1 256 -> 16 on 14x14 1.19x / 1.16x vs 0.99x / 0.97x."""
+    rt, d = machine.odd_tile(ob)
+    cap = knobs.current().conv_tile_pixels
+    return (min(rt, cap * (2 if d == 1 else 1)) if cap > 0 else rt, d)
 
 
 @dataclass(frozen=True)
@@ -76,7 +104,7 @@ def conv_tile(s: ConvShape, machine: MachineModel, row_passes: bool = True, bloc
     `block` (default: the machine's fp32 lanes); `row_passes=False`: none (where the pixel tiles
     are split among the cores)."""
     lanes = block or machine.lanes(32)
-    tiles = machine.conv_tiles
+    tiles = exact_tiles(machine)
     l2_weights = int(machine.l2_bytes * L2_WEIGHT_SHARE)
     # padded convs with enough rows for the threads: rows outermost, each row's padded input
     # rows computed under the row loop (3x3 stride 2 on 56x56: 1.22x -> 1.07x onnxruntime's time)
@@ -113,7 +141,7 @@ def conv_tile(s: ConvShape, machine: MachineModel, row_passes: bool = True, bloc
             if s.ob % obt == 0 and s.ow > rt:
                 return ConvTile(rt, obt, order, pad_row=row, k_chunk=chunk, tail=True)
     if not any(s.ob % obt == 0 for _, obt in tiles):
-        rt, obt = machine.odd_tile(s.ob)  # (SqueezeNet's 125 blocks: 2 x 5; 8-accumulator tiles would take 1 block: 1 x 1 on 13-wide rows)
+        rt, obt = odd_tile(machine, s.ob)  # (SqueezeNet's 125 blocks: 2 x 5; 8-accumulator tiles would take 1 block: 1 x 1 on 13-wide rows)
         if s.ow % rt == 0:
             return ConvTile(rt, obt, order, pad_row=row)
         if order in ("ob", "row") and s.kind == "conv" and s.ow > rt:

@@ -42,11 +42,11 @@ def variant_rules(func: "tvm.tirx.PrimFunc", target: "tvm.target.Target", lanes:
     `--tune-shapes` choices, targets/tvm/tuning/shapes.py). Empty when no rule here matches."""
     from ...machine import machine_model
     from ..schedules.nchwc import BlockedConv, BlockedWindow
-    from ..schedules.tiles import ConvTile
+    from ..schedules.tiles import ConvTile, exact_tiles
     from ..schedules.winograd import WinogradConv
 
     machine = machine_model(target)
-    exact = machine.conv_tiles
+    exact = exact_tiles(machine)
     tiles = tuple(dict.fromkeys((*exact, *(_MORE_TILES_32_REGS if machine.vector_registers >= 32 else ()), *_MORE_TILES)))
 
     try:  # the default schedule (WinogradConv, else BlockedConv.apply: the conv schedule, else the window one)

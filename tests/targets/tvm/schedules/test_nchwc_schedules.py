@@ -610,6 +610,7 @@ def test_avx512_machine_model_tiles_for_32_registers():
     m = machine_model(AVX512)
     assert (m.lanes(32), m.vector_registers, m.accumulators) == (16, 32, 24)
     assert m.conv_tiles == ((4, 6), (6, 4), (8, 3), (12, 2))
+    assert TI.exact_tiles(m) == ((4, 6), (6, 4), (6, 3), (6, 2))  # at most 6 pixels: 8x3 and 12x2 spilled
     assert _M.conv_tiles == ((2, 6), (3, 4), (4, 3), (6, 2))  # AVX2's, as before the machine model
     # ResNet-50's 64 -> 64 3x3 on 56x56 (4 blocks of 16): 6 pixels x 4 blocks with a ragged tile
     t = conv_tile(ConvShape("conv", 4, 56, 56, 64 * 9, 3, 3, 1), m)

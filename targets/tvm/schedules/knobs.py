@@ -67,6 +67,12 @@ class ScheduleKnobs:
     #: outer-product kernels: an elementwise prologue chain (a log-magnitude before a conv) is
     #: folded into its last block, one pass instead of one per op (off: a pass per op, as before)
     fold_prologue: bool = True
+    #: kernels with symbolic shapes: each parallel loop nest also compiled serial, the serial one
+    #: run where the call's work is small (default.serial_if_small; off: always parallel, as before)
+    serial_small_symbolic: bool = True
+    #: row reductions over [.., h, S, ..] rows: h parallel, the symbolic rows serial inside, not
+    #: one fused parallel loop whose divisions by S lose the per-row buffers' bound (row_reduction)
+    symbolic_row_loops: bool = True
 
     @classmethod
     def parse(cls, text: str) -> ScheduleKnobs:

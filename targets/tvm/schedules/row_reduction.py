@@ -73,7 +73,7 @@ class RowReduction(ScheduleRule):
         loops = sch.get_loops(last)
         if len(loops) < 2 or (static_int(sch.get(loops[-1]).extent) is None and not knobs.current().symbolic_rows):
             return None  # (a symbolic row length, softmax over S: rows parallel, not vectorised)
-        row = fuse_parallel(sch, loops[:-1])
+        row = _row_loop(sch, loops[:-1])
         for block in reversed(blocks[:-1]):
             sch.compute_at(block, row, preserve_unit_loops=False)
         row_var = sch.get(row).loop_var  # (the For node itself is replaced as its body changes)
@@ -103,6 +103,28 @@ class RowReduction(ScheduleRule):
                 _, vi = sch.split(inner[-1], factors=[None, lanes])
                 sch.vectorize(vi)
         return sch
+
+
+def _row_loop(sch, rows: list) -> Any:
+    """The loop every step is computed at: the row loops fused into one parallel loop, except
+    where a symbolic row loop would be fused with others (softmax over [N, h, S, S]: h x S rows).
+    There the row index is recovered as fused // S and fused % S, the compacted per-row buffers
+    lose their bound (every row allocated the whole [h, S, S] exp buffer: a 128-token softmax
+    ran 16x its fixed-shape time), so the outer static loop is parallel and the rows serial in it."""
+    lead = 0
+    while lead < len(rows) - 1 and static_int(sch.get(rows[lead]).extent) is None:
+        lead += 1
+    rest = rows[lead:]
+    if len(rest) > 1 and any(static_int(sch.get(lp).extent) is None for lp in rest):
+        static = [lp for lp in rest if static_int(sch.get(lp).extent) is not None]
+        first_sym = next(i for i, lp in enumerate(rest) if static_int(sch.get(lp).extent) is None)
+        if knobs.current().symbolic_row_loops and first_sym > 0 and static:
+            outer = rest[:first_sym]
+            par = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+            sch.parallel(par)
+            inner = rest[first_sym:]
+            return sch.fuse(*inner) if len(inner) > 1 else inner[0]
+    return fuse_parallel(sch, rows)
 
 
 def _is_reduce_iv(iv) -> bool:

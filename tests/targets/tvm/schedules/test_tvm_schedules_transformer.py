@@ -236,6 +236,55 @@ def test_row_reduction_declines_other_axes_and_matmuls():
     assert RowReduction().apply(func, _target(), 8) is None
 
 
+def _symbolic_row_model(op: str) -> onnx.ModelProto:
+    """Softmax over the scores [N, 4, S, S] of an attention, or a layer norm over [N, S, 64]."""
+    if op == "softmax":
+        return onnx.parser.parse_model('<ir_version: 8, opset_import: ["" : 17]>\n'
+                                       "g (float[N, 4, S, S] x) => (float[N, 4, S, S] y) {\n"
+                                       "    y = Softmax <axis = -1> (x)\n}")
+    rng = np.random.default_rng(8)
+    g = numpy_helper.from_array(rng.uniform(0.5, 1.5, 64).astype(np.float32), "g")
+    b = numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "b")
+    graph = h.make_graph([h.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, epsilon=1e-5)], "g",
+                         [h.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", 64])],
+                         [h.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S", 64])], [g, b])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("op", ["softmax", "layer_norm"])
+def test_symbolic_row_reductions_equal_onnxruntime(op):
+    """Row reductions whose rows (and, for softmax, row length) are a symbolic S: one compiled
+    kernel gives onnxruntime's numbers at S = 1, 5, 16, 17, 77 (no multiple of the lanes among
+    some) and N = 1, 2. Softmax over [N, 4, S, S] is parallel over the 4 heads with the S rows
+    serial inside (SYMBOLIC_ROW_LOOPS: one loop h x S, its rows found again by // S and % S); the
+    knob off gives the fused loop and the same numbers."""
+    from graphopt.check import run_onnxruntime
+
+    m = _symbolic_row_model(op)
+    art = graphopt.compile(m, "cpu", "-O2", threads=2)
+    assert art.manifest["schedules"]["rules"].get("row-reduction", 0) >= 1, art.manifest["schedules"]["rules"]
+    off = graphopt.compile(m, "cpu{schedule-knobs=SYMBOLIC_ROW_LOOPS:0}", "-O2", threads=2)
+    ref = graphopt.load(m)
+    for n, s in ((1, 1), (1, 5), (2, 16), (1, 17), (2, 77)):
+        shape = (n, 4, s, s) if op == "softmax" else (n, s, 64)
+        x = (np.random.default_rng(s).standard_normal(shape) * 3).astype(np.float32)
+        want = run_onnxruntime(ref, {"x": x})[0]
+        for a in (art, off):
+            np.testing.assert_allclose(a.run({"x": x})[0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_symbolic_softmax_rows_serial_inside_the_heads():
+    seq, n = tvm.tirx.Var("S", "int64"), tvm.tirx.Var("N", "int64")
+    mod = _fused(lambda bb, a: bb.emit(relax.op.nn.softmax(a, axis=-1)), [("x", (n, 4, seq, seq))])
+    _, stats, (func,) = _schedule(mod)
+    assert set(stats.by_func.values()) == {"row-reduction"}
+    script = func.script()
+    assert "T.parallel(T.int64(4))" in script and "// S" not in script, script
+    with knobs.using(knobs.ScheduleKnobs(symbolic_row_loops=False)):
+        _, _, (func_off,) = _schedule(mod)
+    assert "// S" in func_off.script()
+
+
 # --------------------------------------------------------------------------- a whole encoder layer
 
 

@@ -204,7 +204,7 @@ def _work_exprs(original: "tvm.tirx.PrimFunc") -> tuple[Any, Any] | None:
     from ..tir_match import mac_flops_terms
 
     def i64(e: Any) -> Any:
-        return e if str(getattr(e, "dtype", "int64")) == "int64" else tirx.Cast("int64", e)
+        return e if str(getattr(e, "ty", "int64")) == "int64" else tirx.Cast("int64", e)
 
     nbytes: Any = tirx.const(0, "int64")
     for p in original.params:

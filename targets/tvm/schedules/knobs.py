@@ -73,6 +73,9 @@ class ScheduleKnobs:
     #: row reductions over [.., h, S, ..] rows: h parallel, the symbolic rows serial inside, not
     #: one fused parallel loop whose divisions by S lose the per-row buffers' bound (row_reduction)
     symbolic_row_loops: bool = True
+    #: ... and a symbolic row length S compiled twice, vectorised where S is a multiple of the
+    #: lanes (a run-time branch; off: scalar rows at every S, as before)
+    vector_symbolic_rows: bool = True
 
     @classmethod
     def parse(cls, text: str) -> ScheduleKnobs:

@@ -263,9 +263,9 @@ def test_symbolic_row_reductions_equal_onnxruntime(op):
     m = _symbolic_row_model(op)
     art = graphopt.compile(m, "cpu", "-O2", threads=2)
     assert art.manifest["schedules"]["rules"].get("row-reduction", 0) >= 1, art.manifest["schedules"]["rules"]
-    off = graphopt.compile(m, "cpu{schedule-knobs=SYMBOLIC_ROW_LOOPS:0}", "-O2", threads=2)
+    off = graphopt.compile(m, "cpu{schedule-knobs=SYMBOLIC_ROW_LOOPS:0;VECTOR_SYMBOLIC_ROWS:0}", "-O2", threads=2)
     ref = graphopt.load(m)
-    for n, s in ((1, 1), (1, 5), (2, 16), (1, 17), (2, 77)):
+    for n, s in ((1, 1), (1, 5), (2, 16), (1, 17), (1, 32), (2, 77), (1, 128)):
         shape = (n, 4, s, s) if op == "softmax" else (n, s, 64)
         x = (np.random.default_rng(s).standard_normal(shape) * 3).astype(np.float32)
         want = run_onnxruntime(ref, {"x": x})[0]
@@ -279,10 +279,23 @@ def test_symbolic_softmax_rows_serial_inside_the_heads():
     _, stats, (func,) = _schedule(mod)
     assert set(stats.by_func.values()) == {"row-reduction"}
     script = func.script()
-    assert "T.parallel(T.int64(4))" in script and "// S" not in script, script
-    with knobs.using(knobs.ScheduleKnobs(symbolic_row_loops=False)):
+    lanes = S.vector_lanes(_target())
+    # S a whole number of vectors: rfactor and vectorised steps; else the scalar rows
+    assert f"if S % T.int64({lanes}) == T.int64(0):" in script and "_rf" in script and "T.vectorized(" in script, script
+    scalar = script.split("else:")[-1]
+    assert "T.parallel(T.int64(4))" in scalar and "S * T.int64(4)" not in scalar, script
+    with knobs.using(knobs.ScheduleKnobs(symbolic_row_loops=False, vector_symbolic_rows=False)):
         _, _, (func_off,) = _schedule(mod)
-    assert "// S" in func_off.script()
+    assert "S * T.int64(4)" in func_off.script() and "_rf" not in func_off.script()
+    # the row length an expression, not a bare variable: no vector branch (near miss)
+    mod2 = _fused(lambda bb, a: bb.emit(relax.op.nn.softmax(a, axis=-1)), [("x", (4, seq * 2))])
+    _, _, (func2,) = _schedule(mod2)
+    assert "if S" not in func2.script()
+    rng = np.random.default_rng(12)
+    for s in (1, 7, 16, 40):
+        x = (rng.standard_normal((2, 4, s, s)) * 3).astype(np.float32)
+        e = np.exp(x - x.max(-1, keepdims=True))
+        np.testing.assert_allclose(_guarded_call(func, [x], x.shape), e / e.sum(-1, keepdims=True), rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- a whole encoder layer

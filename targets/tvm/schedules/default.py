@@ -254,8 +254,10 @@ def _serial_when_small(scheduled: "tvm.tirx.PrimFunc", original: "tvm.tirx.PrimF
     while i < len(lines):
         ln = lines[i]
         j = i + 1
-        if ln.startswith("    ") and not ln.startswith("     ") and ln.lstrip().startswith(("for ", "with ")):
-            while j < len(lines) and (lines[j].startswith("     ") or not lines[j].strip()):
+        if ln.startswith("    ") and not ln.startswith("     ") and ln.lstrip().startswith(("for ", "with ", "if ")):
+            # (an if statement: a rule's run-time branch, both sides taken along)
+            while j < len(lines) and (lines[j].startswith("     ") or not lines[j].strip()
+                                      or lines[j] == "    else:" or lines[j].startswith("    elif ")):
                 j += 1
         chunk = lines[i:j]
         body = "\n".join(chunk)

@@ -273,6 +273,54 @@ def test_symbolic_row_reductions_equal_onnxruntime(op):
             np.testing.assert_allclose(a.run({"x": x})[0], want, rtol=1e-5, atol=1e-6)
 
 
+def _projection_model(gelu: bool) -> onnx.ModelProto:
+    """x [N, S, 64] @ w [64, 96] + b (then GELU as exported op by op): two symbolic row axes."""
+    rng = np.random.default_rng(13)
+    inits = [numpy_helper.from_array((rng.standard_normal((64, 96)) / 8).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(96).astype(np.float32), "b"),
+             numpy_helper.from_array(np.array(np.sqrt(2), np.float32), "r2"),
+             numpy_helper.from_array(np.array(1, np.float32), "one"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "half")]
+    nodes = [h.make_node("MatMul", ["x", "w"], ["m"]), h.make_node("Add", ["m", "b"], ["y" if not gelu else "f"])]
+    if gelu:
+        nodes += [h.make_node("Div", ["f", "r2"], ["d"]), h.make_node("Erf", ["d"], ["e"]),
+                  h.make_node("Add", ["e", "one"], ["e1"]), h.make_node("Mul", ["f", "e1"], ["g"]),
+                  h.make_node("Mul", ["g", "half"], ["y"])]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", 64])],
+                         [h.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S", 96])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("gelu", [False, True], ids=["bias", "gelu"])
+def test_two_symbolic_row_axes_batch_one_branch(gelu):
+    """[N, S, 64] x [64, 96] (+ bias, + GELU), N and S symbolic: besides the general kernel's
+    one-row tiles, a branch for N = 1 at run time with S padded to the row tile (the weight read
+    from the general kernel's pack, which the build lifts); equal to onnxruntime at N = 1 and 2 and
+    S = 1, 5, 16, 17, 77 (through both branches), with BATCH_ONE_BRANCH off too."""
+    from graphopt.check import run_onnxruntime
+
+    m = _projection_model(gelu)
+    seq, n = tvm.tirx.Var("S", "int64"), tvm.tirx.Var("N", "int64")
+    mod = _fused(lambda bb, x, w: bb.emit(relax.op.matmul(x, w)), [("x", (n, seq, 64)), ("w", (64, 96))])
+    _, stats, (func,) = _schedule(mod)
+    assert "if N == T.int64(1):" in func.script() and "_pad" in func.script(), func.script()
+    with knobs.using(knobs.ScheduleKnobs(batch_one_branch=False)):
+        _, _, (func_off,) = _schedule(mod)
+    assert "if N" not in func_off.script()
+    # near miss: one symbolic row axis (the padded kernel already), no branch
+    mod1 = _fused(lambda bb, x, w: bb.emit(relax.op.matmul(x, w)), [("x", (1, seq, 64)), ("w", (64, 96))])
+    _, _, (func1,) = _schedule(mod1)
+    assert "if " not in func1.script().split('# with T.sblock("root"):')[1]
+    art = graphopt.compile(m, "cpu", "-O2", threads=2)
+    off = graphopt.compile(m, "cpu{schedule-knobs=BATCH_ONE_BRANCH:0}", "-O2", threads=2)
+    ref = graphopt.load(m)
+    for shape in ((1, 1, 64), (1, 5, 64), (1, 16, 64), (1, 17, 64), (1, 77, 64), (2, 5, 64), (2, 77, 64)):
+        x = np.random.default_rng(shape[1]).standard_normal(shape).astype(np.float32)
+        want = run_onnxruntime(ref, {"x": x})[0]
+        for a in (art, off):
+            np.testing.assert_allclose(a.run({"x": x})[0], want, rtol=1e-4, atol=1e-5)
+
+
 def test_symbolic_softmax_rows_serial_inside_the_heads():
     seq, n = tvm.tirx.Var("S", "int64"), tvm.tirx.Var("N", "int64")
     mod = _fused(lambda bb, a: bb.emit(relax.op.nn.softmax(a, axis=-1)), [("x", (n, 4, seq, seq))])

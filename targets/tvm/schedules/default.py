@@ -131,7 +131,7 @@ def _apply_default_schedules(mod: "tvm.IRModule", target: "tvm.target.Target", s
             stats.by_func[gv.name_hint] = rule or "none"
         if new is not None:
             if serial_small:
-                new = serial_if_small(new, func, machine)
+                new = serial_if_small(new, func, machine, rule=rule)
             updates[gv] = new.with_attr("tirx.is_scheduled", True)
     if not updates:
         return mod
@@ -165,7 +165,14 @@ def tvm_dtype_bits(dtype: str) -> int:
     return int(tvm.DataType(dtype).bits) * max(int(tvm.DataType(dtype).lanes), 1)
 
 
-def serial_if_small(scheduled: "tvm.tirx.PrimFunc", original: "tvm.tirx.PrimFunc", machine: Any) -> "tvm.tirx.PrimFunc":
+#: rules whose kernels are not compiled twice for a run-time serial branch: channel-blocked convs
+#: and windows, heavily unrolled micro-kernels whose second copy tripled a conv net's LLVM time
+#: (crnn_dyn 15 -> 42 s) for launches that are a small share of their work
+_NO_SERIAL_BRANCH = frozenset({"blocked-conv", "blocked-window", "winograd-conv"})
+
+
+def serial_if_small(scheduled: "tvm.tirx.PrimFunc", original: "tvm.tirx.PrimFunc", machine: Any,
+                    rule: str | None = None) -> "tvm.tirx.PrimFunc":
     """`scheduled` with its parallel loops made serial when `original` (its unscheduled form) is
     a small kernel on `machine` (`MachineModel.runs_serially`: its FLOPs and the bytes of its
     parameters): a parallel launch costs more than it saves there. Kept as it is when the work
@@ -181,7 +188,7 @@ def serial_if_small(scheduled: "tvm.tirx.PrimFunc", original: "tvm.tirx.PrimFunc
     if "T.parallel(" not in text:
         return scheduled
     nbytes = _param_bytes(original)
-    if nbytes is None and knobs.current().serial_small_symbolic:
+    if nbytes is None and knobs.current().serial_small_symbolic and rule not in _NO_SERIAL_BRANCH:
         return _serial_when_small(scheduled, original, machine, text)
     try:
         flops = kernel_flops(original)

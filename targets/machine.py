@@ -114,6 +114,12 @@ class MachineModel:
         """Whether a kernel is too small to split across threads (see SERIAL_BELOW_S)."""
         return self.core_seconds(flops, bytes_touched) < self.SERIAL_BELOW_S
 
+    def serial_limits(self) -> tuple[float, float]:
+        """(FLOPs, bytes) below both of which a kernel `runs_serially`: the same rule as bounds a
+        kernel whose work is known only at run time can test (a symbolic sequence length)."""
+        peak = self.lanes(32) * 2 * max(self.fma_units, 1) * self.ASSUMED_HZ
+        return self.SERIAL_BELOW_S * peak, self.SERIAL_BELOW_S * self.ASSUMED_CORE_BANDWIDTH
+
     @property
     def accumulators(self) -> int:
         """fp32 accumulator vectors a conv/matmul micro-kernel keeps in registers: the rest hold

@@ -17,7 +17,7 @@ from . import knobs
 if TYPE_CHECKING:  # tvm is an optional dependency: import it lazily
     import tvm
 
-__all__ = ["ScheduleRule", "ScheduleStats", "GENERIC_RULES", "LAYOUT_REWRITE_ANN", "vector_lanes", "vars_in", "region_vars", "root_block", "is_reduction", "divisors_of", "schedule_injective_block", "fuse_parallel", "inline_arg_copies", "one_reduction", "inline_copies", "inline_consumers", "merge_epilogue_branches", "schedule_rest"]
+__all__ = ["ScheduleRule", "ScheduleStats", "GENERIC_RULES", "LAYOUT_REWRITE_ANN", "vector_lanes", "vars_in", "region_vars", "root_block", "is_reduction", "divisors_of", "schedule_injective_block", "fuse_parallel", "inline_arg_copies", "one_reduction", "inline_copies", "inline_consumers", "merge_epilogue_branches", "schedule_rest", "branch_kernels"]
 
 
 #: Block annotation that SplitLayoutRewritePreproc looks for (weight-packing blocks).
@@ -371,3 +371,88 @@ def schedule_rest(sch, done: set[str], lanes: int) -> None:
             schedule_injective_block(sch, block, lanes)
         except Exception:
             pass
+
+
+def _root_parts(text: str) -> tuple[list[str], list[str], list[list[str]]] | None:
+    """A scheduled kernel's TVMScript as (the lines up to the root block, its buffer allocations,
+    its top-level statements, each a list of lines)."""
+    import re
+
+    lines = text.split("\n")
+    try:
+        start = next(i for i, ln in enumerate(lines) if ln.strip() == '# with T.sblock("root"):') + 1
+    except StopIteration:
+        return None
+    i = start
+    while i < len(lines) and re.match(r"^    \w+ = T\.sblock_alloc_buffer\(", lines[i]):
+        i += 1
+    chunks: list[list[str]] = []
+    for ln in lines[i:]:
+        if not ln.strip():
+            continue
+        if ln.startswith("    ") and not ln.startswith("     "):
+            chunks.append([ln])
+        elif chunks:
+            chunks[-1].append(ln)
+        else:
+            return None
+    return lines[:start], lines[start:i], chunks
+
+
+def branch_kernels(cond: str, then_text: str, else_text: str, suffix: str) -> str | None:
+    """One kernel's TVMScript from two schedules of it: `if cond: <then_text's statements> else:
+    <else_text's>`, the signature and attributes of `else_text`. The then-kernel's buffers and
+    blocks get `suffix`; top-level statements that pack weights (LAYOUT_REWRITE_ANN, hoisted to
+    load time by the build) stay outside the branch, both kernels' packs side by side. None when
+    either text is not in the expected form."""
+    import re
+
+    t, e = _root_parts(then_text), _root_parts(else_text)
+    if t is None or e is None:
+        return None
+    then_lines = "\n".join(t[1] + ["@@BODY@@"] + ["\n".join(c) for c in t[2]])
+    for ln in t[1]:
+        buf = ln.split("=", 1)[0].strip()
+        then_lines = re.sub(rf"\b{buf}\b", f"{buf}{suffix}", then_lines)
+    then_lines = re.sub(r'T\.sblock\("([\w.]+)"\)', rf'T.sblock("\1{suffix}")', then_lines)
+    allocs_t, body_t = then_lines.split("\n@@BODY@@")
+    packs: list[str] = []
+    branch_t: list[str] = []
+    stmts_t: list[list[str]] = []
+    for ln in body_t.split("\n"):
+        if not ln.strip():
+            continue
+        if ln.startswith("    ") and not ln.startswith("     "):
+            stmts_t.append([ln])
+        elif stmts_t:
+            stmts_t[-1].append(ln)
+    allocs = [a for a in allocs_t.split("\n") if a.strip()]
+    branch_e: list[str] = []
+    for c in e[2]:
+        (packs if LAYOUT_REWRITE_ANN in "\n".join(c) else branch_e).extend(c)
+    e_packs = "\n".join(packs)
+    for c in stmts_t:
+        if LAYOUT_REWRITE_ANN not in "\n".join(c):
+            branch_t.extend(c)
+            continue
+        # a weight pack: the build lifts one per weight, so the then-kernel must read the
+        # else-kernel's packed buffer, packed the same way (same tile), or there is no branch
+        plain = "\n".join(c).replace(suffix, "")
+        if plain not in e_packs:
+            return None
+        bufs = set(re.findall(rf"\b(\w+){suffix}\b", "\n".join(c)))
+        for buf in bufs:
+            mine = next((a for a in allocs if a.startswith(f"    {buf}{suffix} = ")), None)
+            if mine is not None:
+                if mine.replace(suffix, "") not in e[1]:
+                    return None
+                allocs.remove(mine)
+    # (the then-kernel's reads of a packed buffer it shares: the else-kernel's name)
+    for a in list(e[1]):
+        buf = a.split("=", 1)[0].strip()
+        if any(f"{buf}{suffix}" in ln for ln in branch_t) and not any(x.startswith(f"    {buf}{suffix} = ") for x in allocs):
+            branch_t = [re.sub(rf"\b{buf}{suffix}\b", buf, ln) for ln in branch_t]
+    if not branch_t or not branch_e:
+        return None
+    return "\n".join(e[0] + e[1] + allocs + packs + [f"    if {cond}:"] + ["    " + ln for ln in branch_t]
+                     + ["    else:"] + ["    " + ln for ln in branch_e])

@@ -130,7 +130,7 @@ def _apply_default_schedules(mod: "tvm.IRModule", target: "tvm.target.Target", s
                 stats.failures[gv.name_hint] = notes
             stats.by_func[gv.name_hint] = rule or "none"
         if sch is not None:
-            new = serial_if_small(sch, func, machine) if serial_small else sch.mod["main"]
+            new = serial_if_small(sch, func, machine, rule=rule) if serial_small else sch.mod["main"]
             updates[gv] = new.with_attr("tirx.is_scheduled", True)
     if not updates:
         return mod
@@ -164,7 +164,14 @@ def tvm_dtype_bits(dtype: str) -> int:
     return int(tvm.DataType(dtype).bits) * max(int(tvm.DataType(dtype).lanes), 1)
 
 
-def serial_if_small(sch: "tvm.s_tir.Schedule", original: "tvm.tirx.PrimFunc", machine: Any) -> "tvm.tirx.PrimFunc":
+#: rules whose kernels are not compiled twice for a run-time serial branch: channel-blocked convs
+#: and windows, heavily unrolled micro-kernels whose second copy tripled a conv net's LLVM time
+#: (crnn_dyn 15 -> 42 s) for launches that are a small share of their work
+_NO_SERIAL_BRANCH = frozenset({"blocked-conv", "blocked-window", "winograd-conv"})
+
+
+def serial_if_small(sch: "tvm.s_tir.Schedule", original: "tvm.tirx.PrimFunc", machine: Any,
+                    rule: str | None = None) -> "tvm.tirx.PrimFunc":
     """The function `sch` scheduled, with its parallel loops serial when `original` (the
     unscheduled form) is a small kernel on `machine` (`MachineModel.runs_serially`: its FLOPs
     and the bytes of its parameters): a parallel launch costs more than it saves there.
@@ -172,9 +179,10 @@ def serial_if_small(sch: "tvm.s_tir.Schedule", original: "tvm.tirx.PrimFunc", ma
     parallel → serial: the schedule's trace is replayed on `original` without its `Parallel`
     instructions (they bind no new loop or block, so the rest of the trace replays unchanged;
     a trace replays on its workload by design, which is how tuning records are applied).
-    Kept as it is when the work is unknown (symbolic shapes), the machine has one core, the
-    trace has no Parallel instruction (a kernel written with parallel loops in its TIR), or the
-    replay fails."""
+    A kernel with symbolic shapes (its work known only at the call) gets a run-time branch
+    instead (`_serial_when_small`; knob `serial_small_symbolic`, not for `rule`s in
+    `_NO_SERIAL_BRANCH`). Kept as it is when the machine has one core, the trace has no Parallel
+    instruction (a kernel written with parallel loops in its TIR), or the replay fails."""
     from tvm import s_tir
 
     from ..tir_match import kernel_flops
@@ -182,13 +190,19 @@ def serial_if_small(sch: "tvm.s_tir.Schedule", original: "tvm.tirx.PrimFunc", ma
     scheduled = sch.mod["main"]
     if getattr(machine, "cores", 1) <= 1:
         return scheduled
+    nbytes = _param_bytes(original)
+    if nbytes is None:  # (symbolic shapes; a rule's run-time branches come as TIR, not as a trace)
+        if knobs.current().serial_small_symbolic and rule not in _NO_SERIAL_BRANCH:
+            text = scheduled.script()
+            if "T.parallel(" in text:
+                return _serial_when_small(scheduled, original, machine, text)
+        return scheduled
     trace = sch.trace
     if trace is None:
         return scheduled
     kept = [inst for inst in trace.insts if inst.kind.name != "Parallel"]
     if len(kept) == len(trace.insts):
         return scheduled
-    nbytes = _param_bytes(original)
     try:
         flops = kernel_flops(original)
     except Exception:  # noqa: BLE001 - a kernel the counter does not understand: keep it parallel
@@ -202,6 +216,89 @@ def serial_if_small(sch: "tvm.s_tir.Schedule", original: "tvm.tirx.PrimFunc", ma
     except Exception:  # noqa: BLE001 - a trace that does not replay: keep it parallel
         return scheduled
     return serial.mod["main"]
+
+
+def _work_exprs(original: "tvm.tirx.PrimFunc") -> tuple[Any, Any] | None:
+    """(FLOPs, bytes of the parameters) of `original` as int64 expressions of its symbolic dims,
+    counted as `kernel_flops` and `_param_bytes` count them; None for a kernel they cannot count."""
+    from tvm import tirx
+
+    from ..tir_match import mac_flops_terms
+
+    def i64(e: Any) -> Any:
+        return e if str(getattr(e, "ty", "int64")) == "int64" else tirx.Cast("int64", e)
+
+    nbytes: Any = tirx.const(0, "int64")
+    for p in original.params:
+        buf = original.buffer_map.get(p) if hasattr(original, "buffer_map") and p in original.buffer_map else p
+        if getattr(buf, "shape", None) is None:
+            continue  # (a scalar parameter)
+        n: Any = tirx.const(max(tvm_dtype_bits(str(buf.dtype)) // 8, 1), "int64")
+        for d in buf.shape:
+            n = n * i64(d)
+        nbytes = nbytes + n
+    flops: Any = tirx.const(0, "int64")
+    try:
+        for t in mac_flops_terms(original):
+            flops = flops + (tirx.const(t, "int64") if isinstance(t, int) else i64(t))
+    except Exception:  # noqa: BLE001 - a kernel the counter does not understand
+        return None
+    return flops, nbytes
+
+
+def _serial_when_small(scheduled: "tvm.tirx.PrimFunc", original: "tvm.tirx.PrimFunc", machine: Any,
+                       text: str) -> "tvm.tirx.PrimFunc":
+    """A kernel with symbolic shapes (its work known only at the call): each top-level loop nest
+    with a parallel loop becomes `if small: <the nest, serial> else: <the nest>`, `small` being
+    `machine.runs_serially` of the kernel's FLOPs and parameter bytes at the call's sizes (the
+    rule that makes a fixed-shape kernel serial at compile time: a parallel launch costs a few µs,
+    an encoder's head-split transposes and layer norms at S = 16 ran 2-4x their fixed-shape time
+    on two threads). Weight-packing nests (hoisted to load time) stay as they are. Kept as it is
+    when the work cannot be counted or the TVMScript does not parse back."""
+    import tvm
+    from tvm import tirx
+
+    from .base import LAYOUT_REWRITE_ANN
+
+    work = _work_exprs(original)
+    if work is None:
+        return scheduled
+    max_flops, max_bytes = machine.serial_limits()
+    cond = tirx.And(work[0] < tirx.const(int(max_flops), "int64"), work[1] < tirx.const(int(max_bytes), "int64"))
+    lines = text.split("\n")
+    try:
+        start = next(i for i, ln in enumerate(lines) if ln.strip() == '# with T.sblock("root"):') + 1
+    except StopIteration:
+        return scheduled
+    out = lines[:start]
+    i = start
+    changed = False
+    while i < len(lines):
+        ln = lines[i]
+        j = i + 1
+        if ln.startswith("    ") and not ln.startswith("     ") and ln.lstrip().startswith(("for ", "with ", "if ")):
+            # (an if statement: a rule's run-time branch, both sides taken along)
+            while j < len(lines) and (lines[j].startswith("     ") or not lines[j].strip()
+                                      or lines[j] == "    else:" or lines[j].startswith("    elif ")):
+                j += 1
+        chunk = lines[i:j]
+        body = "\n".join(chunk)
+        if len(chunk) > 1 and "T.parallel(" in body and LAYOUT_REWRITE_ANN not in body:
+            out.append(f"    if {cond}:")
+            out.extend("    " + c.replace("T.parallel(", "T.serial(") for c in chunk)
+            out.append("    else:")
+            out.extend("    " + c for c in chunk)
+            changed = True
+        else:
+            out.extend(chunk)
+        i = j
+    if not changed:
+        return scheduled
+    try:
+        both = tvm.script.from_source("\n".join(out))
+    except Exception:  # noqa: BLE001 - TVMScript that does not parse back: keep it parallel
+        return scheduled
+    return both.with_attrs(scheduled.attrs) if scheduled.attrs is not None else both
 
 
 def is_tunable_kernel(func: "tvm.tirx.PrimFunc") -> bool:

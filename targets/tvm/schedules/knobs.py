@@ -72,6 +72,18 @@ class ScheduleKnobs:
     #: which fill the accumulators: AVX-512's 8x3, 12x2 and 24x1).
     #: Read by the layout plan too (a flat conv's pixel multiple), so the lowering runs inside it
     conv_tile_pixels: int = 6
+    #: kernels with symbolic shapes: each parallel loop nest also compiled serial, the serial one
+    #: run where the call's work is small (default.serial_if_small; off: always parallel, as before)
+    serial_small_symbolic: bool = True
+    #: row reductions over [.., h, S, ..] rows: h parallel, the symbolic rows serial inside, not
+    #: one fused parallel loop whose divisions by S lose the per-row buffers' bound (row_reduction)
+    symbolic_row_loops: bool = True
+    #: ... and a symbolic row length S compiled twice, vectorised where S is a multiple of the
+    #: lanes (a run-time branch; off: scalar rows at every S, as before)
+    vector_symbolic_rows: bool = True
+    #: matmuls with two symbolic row axes [N, S, K]: also compiled for N = 1 (one symbolic row
+    #: axis, padded to the row tile), chosen at the call (off: one-row tiles at every N)
+    batch_one_branch: bool = True
 
     @classmethod
     def parse(cls, text: str) -> ScheduleKnobs:

@@ -25,6 +25,7 @@ from . import knobs
 from .base import (
     LAYOUT_REWRITE_ANN,
     ScheduleRule,
+    branch_kernels,
     divisors_of,
     fold_prologue,
     fuse_parallel,
@@ -324,7 +325,73 @@ class OuterProduct(ScheduleRule):
         opened = one_reduction(func)
         if opened is None:
             return None
-        return self._schedule(*opened, target, lanes)
+        sch = self._schedule(*opened, target, lanes)
+        if sch is not None and knobs.current().batch_one_branch:
+            both = self._batch_one_branch(func, target, lanes, sch)
+            if both is not None:
+                return both
+        return sch
+
+    def _batch_one_branch(self, func, target, lanes, general):
+        """Two symbolic row axes that A alone indexes, the outer a bare variable N ([N, S, K] x
+        [K, M]: the projections and FFN of an encoder on [N, S, 64]) take one-row tiles (which of
+        the two is long is unknown). With N = 1 at run time the kernel has one symbolic row axis,
+        which pads to the static micro-kernel's row tile: the kernel is scheduled twice, `if N ==
+        1: <scheduled with N written 1> else: <general>` (base.branch_kernels). None (keep
+        `general`) where that is not the case or the N = 1 schedule does not pad its rows."""
+        import re
+
+        import tvm
+        from tvm import tirx
+
+        opened = one_reduction(func)
+        m = _match_operands(*opened) if opened is not None else None
+        if m is None or not (m.out_order and m.out_order[-1].same_as(m.vec_var)):
+            return None
+        a_only = [v for v in m.out_order if m.ext[v] is None and not any(v in d for d in m.db)]
+        if len(a_only) != 2:
+            return None
+        outer = next(iv.dom.extent for iv in m.ivs if iv.var.same_as(a_only[0]))
+        if not isinstance(outer, tirx.Var) or str(outer.ty) not in ("int64", "int32"):
+            return None
+        name, one = outer.name, f"T.{outer.ty}(1)"
+        src = func.script()
+        decl = f'{name} = TypeVar("{name}")'
+        if decl not in src.split("\n"):
+            return None
+        spec = "\n".join(ln for ln in src.split("\n") if ln != decl)
+        spec = re.sub(rf"(?<![\w.\"]){name}(?![\w\"])", one, spec)
+        g_text = general.mod["main"].script()
+        # the general kernel's weight pack, where it keeps the [K, M] layout (its one-row tile is
+        # the whole row): packed[0, k, m] = w[k, m]. The build lifts that pack and hands the
+        # kernel the packed weight instead of w, so the N = 1 branch reads it (unpacked itself:
+        # a second pack of another tile would be a second rewrite of the same parameter)
+        ident = re.findall(r"^ +(\w+)\[T\.int64\(0\), (\w+), (\w+)\] = (\w+)\[\2, \3\]$", g_text, re.M)
+        if LAYOUT_REWRITE_ANN in g_text and len(ident) != g_text.count(LAYOUT_REWRITE_ANN):
+            return None
+        try:
+            sfunc = tvm.script.from_source(spec)
+            s_opened = one_reduction(sfunc)
+            rule = OuterProduct(pack_weights=False) if ident else self
+            single = rule._schedule(*s_opened, target, lanes) if s_opened is not None else None
+        except Exception:  # noqa: BLE001 - the N = 1 branch is an extra: keep the general kernel
+            return None
+        if single is None:
+            return None
+        s_text = single.mod["main"].script()
+        if "_pad" not in s_text or LAYOUT_REWRITE_ANN in s_text:
+            return None
+        for packed, _, _, w in ident:
+            s_text = re.sub(rf"(?<![\w.]){w}\[", f"{packed}[T.int64(0), ", s_text)
+        text = branch_kernels(f"{name} == {one}", s_text, g_text, "_n1")
+        if text is None:
+            return None
+        try:
+            from tvm import s_tir
+
+            return s_tir.Schedule(tvm.script.from_source(text))
+        except Exception:  # noqa: BLE001 - TVMScript that does not parse back: the general kernel
+            return None
 
     def _schedule(self, sch, anchor, target, lanes, padded: bool = False, row_multiple: int = 0,
                   col_multiple: int = 0):

@@ -23,6 +23,14 @@ class RowReduction(ScheduleRule):
     name = "row-reduction"
 
     def apply(self, func, target, lanes):
+        sch = self._apply(func, target, lanes)
+        if sch is not None and knobs.current().vector_symbolic_rows:
+            both = _whole_vector_rows(self, func, sch, target, lanes)
+            if both is not None:
+                return both
+        return sch
+
+    def _apply(self, func, target, lanes):
         from tvm import s_tir
         from tvm.tirx import IterVar
 
@@ -63,8 +71,7 @@ class RowReduction(ScheduleRule):
             if not is_reduction(stmt):
                 continue
             k = sch.get_loops(block)[-1]
-            ext = static_int(sch.get(k).extent)
-            if ext is None or ext % lanes or ext < 2 * lanes:
+            if not _whole_vectors(sch.get(k).extent, lanes):
                 continue
             _, ki = sch.split(k, factors=[None, lanes])
             rf_blocks.append(sch.rfactor(ki, factor_axis=len(stmt.writes[0].region)))
@@ -73,7 +80,7 @@ class RowReduction(ScheduleRule):
         loops = sch.get_loops(last)
         if len(loops) < 2 or (static_int(sch.get(loops[-1]).extent) is None and not knobs.current().symbolic_rows):
             return None  # (a symbolic row length, softmax over S: rows parallel, not vectorised)
-        row = fuse_parallel(sch, loops[:-1])
+        row = _row_loop(sch, loops[:-1])
         for block in reversed(blocks[:-1]):
             sch.compute_at(block, row, preserve_unit_loops=False)
         row_var = sch.get(row).loop_var  # (the For node itself is replaced as its body changes)
@@ -97,12 +104,120 @@ class RowReduction(ScheduleRule):
                 init = sch.decompose_reduction(block, red_loops[0])
                 sch.vectorize(sch.get_loops(init)[-1])
             elif not is_reduction(stmt):
-                ext = static_int(sch.get(inner[-1]).extent)
-                if ext is None or ext % lanes or ext < 2 * lanes:
+                if not _whole_vectors(sch.get(inner[-1]).extent, lanes):
                     continue
                 _, vi = sch.split(inner[-1], factors=[None, lanes])
                 sch.vectorize(vi)
         return sch
+
+
+def _whole_vectors(extent: Any, lanes: int) -> bool:
+    """Whether a row of `extent` is a whole number of vectors, at least two: a static multiple of
+    `lanes`, or a symbolic one (`S_vec * lanes`, the specialised branch of `_whole_vector_rows`)."""
+    import tvm
+
+    ext = static_int(extent)
+    if ext is not None:
+        return ext % lanes == 0 and ext >= 2 * lanes
+    ms = tvm.sym.Analyzer().modular_set(extent)
+    return int(ms.base) == 0 and int(ms.coeff) > 0 and int(ms.coeff) % lanes == 0
+
+
+def _whole_vector_rows(rule: "RowReduction", func: Any, scalar: Any, target: Any, lanes: int) -> Any:
+    """A row length that is a bare symbolic S (softmax over [N, h, S, S]): the kernel scheduled
+    twice, `if S % lanes == 0: <rows as S_vec * lanes: rfactor into a vector of partial results,
+    vectorised steps> else: <scalar rows>`, where a fixed S gets one or the other at compile time
+    (at S = 128 the scalar softmax ran 6x the fixed-shape kernel). The vector branch is the rule
+    applied to the kernel with S written S_vec * lanes, then S_vec read back as S // lanes (its
+    buffers renamed). None (keep `scalar`) where the row length is not a bare variable, the vector
+    branch did not vectorise, or the TVMScript does not parse back. (A ragged S is not split with
+    a predicate: TVM 0.27's rfactor drops it, wrong sums; loop_partition refuses symbolic extents.)"""
+    import re
+
+    import tvm
+    from tvm import s_tir, tirx
+
+    out = func.params[-1]
+    shape = getattr(out, "shape", None)
+    if shape is None and hasattr(func, "buffer_map") and out in func.buffer_map:
+        shape = func.buffer_map[out].shape
+    if not shape or not isinstance(shape[-1], tirx.Var):
+        return None
+    name = shape[-1].name
+    src = func.script()
+    vname = f"{name}_vec"
+    if re.search(rf"\b{vname}\b", src) or not re.search(rf'^{name} = TypeVar\("{name}"\)$', src, re.M):
+        return None
+    dtype = str(shape[-1].ty)
+    whole = f"T.{dtype}({lanes})" if dtype in ("int64", "int32") else None
+    if whole is None:
+        return None
+    spec = re.sub(rf'^{name} = TypeVar\("{name}"\)$', f'{vname} = TypeVar("{vname}")', src, flags=re.M)
+    spec = re.sub(rf"(?<![\w.\"]){name}(?![\w\"])", f"({vname} * {whole})", spec.replace(f'{vname} = TypeVar("{vname}")', "@@DECL@@"))
+    spec = spec.replace("@@DECL@@", f'{vname} = TypeVar("{vname}")')
+    try:
+        vec = rule._apply(tvm.script.from_source(spec), target, lanes)
+    except Exception:  # noqa: BLE001 - the vector branch is an extra: keep the scalar kernel
+        return None
+    if vec is None:
+        return None
+    vtext = vec.mod["main"].script()
+    if "T.vectorized(" not in vtext or "_rf" not in vtext:
+        return None
+
+    def split(text: str) -> tuple[list[str], list[str], list[str]] | None:
+        lines = text.split("\n")
+        try:
+            start = next(i for i, ln in enumerate(lines) if ln.strip() == '# with T.sblock("root"):') + 1
+        except StopIteration:
+            return None
+        i = start
+        while i < len(lines) and re.match(r"^    \w+ = T\.sblock_alloc_buffer\(", lines[i]):
+            i += 1
+        return lines[:start], lines[start:i], [ln for ln in lines[i:] if ln.strip()]
+
+    s_parts, v_parts = split(scalar.mod["main"].script()), split(vtext)
+    if s_parts is None or v_parts is None:
+        return None
+    v_allocs, v_body = v_parts[1], "\n".join(v_parts[2])
+    for ln in v_parts[1]:
+        buf = ln.split("=", 1)[0].strip()
+        v_allocs = [re.sub(rf"\b{buf}\b", f"{buf}_vec", a) for a in v_allocs]
+        v_body = re.sub(rf"\b{buf}\b", f"{buf}_vec", v_body)
+    back = f"({name} // {whole})"
+    v_allocs = [re.sub(rf"\b{vname}\b", back, a) for a in v_allocs]
+    v_body = re.sub(rf"\b{vname}\b", back, v_body)
+    head = [ln for ln in s_parts[0] if ln != f'{vname} = TypeVar("{vname}")']
+    text = "\n".join(head + s_parts[1] + v_allocs
+                      + [f"    if {name} % {whole} == T.{dtype}(0):"] + ["    " + ln for ln in v_body.split("\n")]
+                      + ["    else:"] + ["    " + ln for ln in s_parts[2]])
+    try:
+        both = tvm.script.from_source(text)
+    except Exception:  # noqa: BLE001 - TVMScript that does not parse back: the scalar kernel
+        return None
+    return s_tir.Schedule(both)
+
+
+def _row_loop(sch, rows: list) -> Any:
+    """The loop every step is computed at: the row loops fused into one parallel loop, except
+    where a symbolic row loop would be fused with others (softmax over [N, h, S, S]: h x S rows).
+    There the row index is recovered as fused // S and fused % S, the compacted per-row buffers
+    lose their bound (every row allocated the whole [h, S, S] exp buffer: a 128-token softmax
+    ran 16x its fixed-shape time), so the outer static loop is parallel and the rows serial in it."""
+    lead = 0
+    while lead < len(rows) - 1 and static_int(sch.get(rows[lead]).extent) is None:
+        lead += 1
+    rest = rows[lead:]
+    if len(rest) > 1 and any(static_int(sch.get(lp).extent) is None for lp in rest):
+        static = [lp for lp in rest if static_int(sch.get(lp).extent) is not None]
+        first_sym = next(i for i, lp in enumerate(rest) if static_int(sch.get(lp).extent) is None)
+        if knobs.current().symbolic_row_loops and first_sym > 0 and static:
+            outer = rest[:first_sym]
+            par = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+            sch.parallel(par)
+            inner = rest[first_sym:]
+            return sch.fuse(*inner) if len(inner) > 1 else inner[0]
+    return fuse_parallel(sch, rows)
 
 
 def _is_reduce_iv(iv) -> bool:

@@ -73,7 +73,7 @@ def test_non_contiguous_and_wrong_inputs(runner) -> None:
         runner.run({"x": np.zeros((4, 3), np.float32)})
 
 
-def _matmul_chain(width: int, rows: int) -> onnx.ModelProto:
+def _matmul_chain(width: int, rows: int | str) -> onnx.ModelProto:
     from onnx import numpy_helper as nh
 
     rng = np.random.default_rng(2)
@@ -106,6 +106,34 @@ def test_small_kernels_run_serially_large_ones_in_parallel() -> None:
     threads; a 256 x 512 x 512 matmul keeps one; with 1 core nothing changes."""
     assert "T.parallel(" not in _scheduled_text(_matmul_chain(128, 1), threads=2)
     assert "T.parallel(" in _scheduled_text(_matmul_chain(512, 256), threads=2)
+
+
+def test_symbolic_kernels_choose_serial_at_the_call() -> None:
+    """Rows a symbolic S: the work is known only at the call, so the parallel nest is compiled
+    twice, `if <FLOPs and bytes under the machine model's serial limits>: serial else: parallel`
+    (the rule a fixed-shape kernel gets at compile time); SERIAL_SMALL_SYMBOLIC:0 keeps it
+    parallel only. Outputs equal onnxruntime's on both sides of the threshold (S = 1, 13, 77, 700),
+    serial and parallel; fixed shapes get no branch; one core: no branch either."""
+    from graphopt.check import run_onnxruntime
+    from graphopt.targets.machine import machine_model
+
+    m = _matmul_chain(128, "S")
+    text = _scheduled_text(m, threads=2)
+    assert "T.parallel(" in text and "else:" in text, text
+    for branch in text.split("else:")[:-1]:  # what runs when small: no parallel loop
+        assert "T.parallel(" not in branch.rsplit("    if ", 1)[-1]
+    limits = machine_model({"kind": "llvm", "mcpu": "znver3", "num-cores": 2}).serial_limits()
+    assert str(int(limits[0])) in text and str(int(limits[1])) in text
+    assert "else:" not in _scheduled_text(_matmul_chain(128, 64), threads=2)
+    assert "else:" not in _scheduled_text(m, threads=1)
+    art = graphopt.compile(m, "cpu", "-O2", threads=2)
+    off = graphopt.compile(m, "cpu{schedule-knobs=SERIAL_SMALL_SYMBOLIC:0}", "-O2", threads=2)
+    ref = graphopt.load(m)
+    for rows in (1, 13, 77, 700):
+        x = np.random.default_rng(rows).standard_normal((rows, 128)).astype(np.float32)
+        want = run_onnxruntime(ref, {"x": x})[0]
+        for a in (art, off):
+            np.testing.assert_allclose(a.run({"x": x})[0], want, rtol=1e-5, atol=1e-5)
 
 
 def test_machine_model_decides_what_is_small() -> None:

@@ -236,6 +236,116 @@ def test_row_reduction_declines_other_axes_and_matmuls():
     assert RowReduction().apply(func, _target(), 8) is None
 
 
+def _symbolic_row_model(op: str) -> onnx.ModelProto:
+    """Softmax over the scores [N, 4, S, S] of an attention, or a layer norm over [N, S, 64]."""
+    if op == "softmax":
+        return onnx.parser.parse_model('<ir_version: 8, opset_import: ["" : 17]>\n'
+                                       "g (float[N, 4, S, S] x) => (float[N, 4, S, S] y) {\n"
+                                       "    y = Softmax <axis = -1> (x)\n}")
+    rng = np.random.default_rng(8)
+    g = numpy_helper.from_array(rng.uniform(0.5, 1.5, 64).astype(np.float32), "g")
+    b = numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "b")
+    graph = h.make_graph([h.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, epsilon=1e-5)], "g",
+                         [h.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", 64])],
+                         [h.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S", 64])], [g, b])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("op", ["softmax", "layer_norm"])
+def test_symbolic_row_reductions_equal_onnxruntime(op):
+    """Row reductions whose rows (and, for softmax, row length) are a symbolic S: one compiled
+    kernel gives onnxruntime's numbers at S = 1, 5, 16, 17, 77 (no multiple of the lanes among
+    some) and N = 1, 2. Softmax over [N, 4, S, S] is parallel over the 4 heads with the S rows
+    serial inside (SYMBOLIC_ROW_LOOPS: one loop h x S, its rows found again by // S and % S); the
+    knob off gives the fused loop and the same numbers."""
+    from graphopt.check import run_onnxruntime
+
+    m = _symbolic_row_model(op)
+    art = graphopt.compile(m, "cpu", "-O2", threads=2)
+    assert art.manifest["schedules"]["rules"].get("row-reduction", 0) >= 1, art.manifest["schedules"]["rules"]
+    off = graphopt.compile(m, "cpu{schedule-knobs=SYMBOLIC_ROW_LOOPS:0;VECTOR_SYMBOLIC_ROWS:0}", "-O2", threads=2)
+    ref = graphopt.load(m)
+    for n, s in ((1, 1), (1, 5), (2, 16), (1, 17), (1, 32), (2, 77), (1, 128)):
+        shape = (n, 4, s, s) if op == "softmax" else (n, s, 64)
+        x = (np.random.default_rng(s).standard_normal(shape) * 3).astype(np.float32)
+        want = run_onnxruntime(ref, {"x": x})[0]
+        for a in (art, off):
+            np.testing.assert_allclose(a.run({"x": x})[0], want, rtol=1e-5, atol=1e-6)
+
+
+def _projection_model(gelu: bool) -> onnx.ModelProto:
+    """x [N, S, 64] @ w [64, 96] + b (then GELU as exported op by op): two symbolic row axes."""
+    rng = np.random.default_rng(13)
+    inits = [numpy_helper.from_array((rng.standard_normal((64, 96)) / 8).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(96).astype(np.float32), "b"),
+             numpy_helper.from_array(np.array(np.sqrt(2), np.float32), "r2"),
+             numpy_helper.from_array(np.array(1, np.float32), "one"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "half")]
+    nodes = [h.make_node("MatMul", ["x", "w"], ["m"]), h.make_node("Add", ["m", "b"], ["y" if not gelu else "f"])]
+    if gelu:
+        nodes += [h.make_node("Div", ["f", "r2"], ["d"]), h.make_node("Erf", ["d"], ["e"]),
+                  h.make_node("Add", ["e", "one"], ["e1"]), h.make_node("Mul", ["f", "e1"], ["g"]),
+                  h.make_node("Mul", ["g", "half"], ["y"])]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", 64])],
+                         [h.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S", 96])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("gelu", [False, True], ids=["bias", "gelu"])
+def test_two_symbolic_row_axes_batch_one_branch(gelu):
+    """[N, S, 64] x [64, 96] (+ bias, + GELU), N and S symbolic: besides the general kernel's
+    one-row tiles, a branch for N = 1 at run time with S padded to the row tile (the weight read
+    from the general kernel's pack, which the build lifts); equal to onnxruntime at N = 1 and 2 and
+    S = 1, 5, 16, 17, 77 (through both branches), with BATCH_ONE_BRANCH off too."""
+    from graphopt.check import run_onnxruntime
+
+    m = _projection_model(gelu)
+    seq, n = tvm.tirx.Var("S", "int64"), tvm.tirx.Var("N", "int64")
+    mod = _fused(lambda bb, x, w: bb.emit(relax.op.matmul(x, w)), [("x", (n, seq, 64)), ("w", (64, 96))])
+    _, stats, (func,) = _schedule(mod)
+    assert "if N == T.int64(1):" in func.script() and "_pad" in func.script(), func.script()
+    with knobs.using(knobs.ScheduleKnobs(batch_one_branch=False)):
+        _, _, (func_off,) = _schedule(mod)
+    assert "if N" not in func_off.script()
+    # near miss: one symbolic row axis (the padded kernel already), no branch
+    mod1 = _fused(lambda bb, x, w: bb.emit(relax.op.matmul(x, w)), [("x", (1, seq, 64)), ("w", (64, 96))])
+    _, _, (func1,) = _schedule(mod1)
+    assert "if " not in func1.script().split('# with T.sblock("root"):')[1]
+    art = graphopt.compile(m, "cpu", "-O2", threads=2)
+    off = graphopt.compile(m, "cpu{schedule-knobs=BATCH_ONE_BRANCH:0}", "-O2", threads=2)
+    ref = graphopt.load(m)
+    for shape in ((1, 1, 64), (1, 5, 64), (1, 16, 64), (1, 17, 64), (1, 77, 64), (2, 5, 64), (2, 77, 64)):
+        x = np.random.default_rng(shape[1]).standard_normal(shape).astype(np.float32)
+        want = run_onnxruntime(ref, {"x": x})[0]
+        for a in (art, off):
+            np.testing.assert_allclose(a.run({"x": x})[0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_symbolic_softmax_rows_serial_inside_the_heads():
+    seq, n = tvm.tirx.Var("S", "int64"), tvm.tirx.Var("N", "int64")
+    mod = _fused(lambda bb, a: bb.emit(relax.op.nn.softmax(a, axis=-1)), [("x", (n, 4, seq, seq))])
+    _, stats, (func,) = _schedule(mod)
+    assert set(stats.by_func.values()) == {"row-reduction"}
+    script = func.script()
+    lanes = S.vector_lanes(_target())
+    # S a whole number of vectors: rfactor and vectorised steps; else the scalar rows
+    assert f"if S % T.int64({lanes}) == T.int64(0):" in script and "_rf" in script and "T.vectorized(" in script, script
+    scalar = script.split("else:")[-1]
+    assert "T.parallel(T.int64(4))" in scalar and "S * T.int64(4)" not in scalar, script
+    with knobs.using(knobs.ScheduleKnobs(symbolic_row_loops=False, vector_symbolic_rows=False)):
+        _, _, (func_off,) = _schedule(mod)
+    assert "S * T.int64(4)" in func_off.script() and "_rf" not in func_off.script()
+    # the row length an expression, not a bare variable: no vector branch (near miss)
+    mod2 = _fused(lambda bb, a: bb.emit(relax.op.nn.softmax(a, axis=-1)), [("x", (4, seq * 2))])
+    _, _, (func2,) = _schedule(mod2)
+    assert "if S" not in func2.script()
+    rng = np.random.default_rng(12)
+    for s in (1, 7, 16, 40):
+        x = (rng.standard_normal((2, 4, s, s)) * 3).astype(np.float32)
+        e = np.exp(x - x.max(-1, keepdims=True))
+        np.testing.assert_allclose(_guarded_call(func, [x], x.shape), e / e.sum(-1, keepdims=True), rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- a whole encoder layer
 
 

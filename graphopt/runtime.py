@@ -127,17 +127,22 @@ def call_core_seconds(manifest: Mapping[str, Any], sizes: Mapping[str, int] | No
 
 def _call_flops(kmap: Sequence[Mapping[str, Any]], sizes: Mapping[str, int]) -> float:
     """FLOPs of one call: every kernel of `main`, and of each run-time If (its group) the branch
-    function with the most (a call runs one branch)."""
+    function with the most (a call runs one branch). A branch kernel's FLOPs written in its own
+    function's dims (not `main`'s, which `sizes` names) are left out: the estimate cannot see
+    them (the runner measures such a borderline call: `ThreadProbe`)."""
     total = 0.0
     branches: dict[str, dict[str, float]] = {}  # If group -> branch function -> FLOPs
     for e in kmap:
-        f = _flops(e.get("flops"), sizes)
         if e.get("role") == "branch":
+            try:
+                f = _flops(e.get("flops"), sizes)
+            except ValueError:
+                continue
             per = branches.setdefault(str(e.get("group")), {})
             fn = str(e.get("function"))
             per[fn] = per.get(fn, 0.0) + f
         else:
-            total += f
+            total += _flops(e.get("flops"), sizes)
     return total + sum(max(per.values()) for per in branches.values())
 
 
@@ -574,7 +579,8 @@ class Runner:
         # (`_choose_threads`): a VAD's 512-sample chunk is small, a long recording is not
         self._per_shape = (threads is None and pool != "exclusive" and self.threads > 1
                            and bool((m.get("dims") or {}).get("symbolic"))
-                           and any(isinstance(e.get("flops"), str) for e in m.get("kernel_map") or []))
+                           and any(isinstance(e.get("flops"), str) and e.get("role") != "branch"
+                                   for e in m.get("kernel_map") or []))
         self._full_threads, self._pool = self.threads, pool
         self._threads_for: tuple[tuple[int, ...], ...] | None = None
         # a call the estimate cannot call small or large (a model whose If branches' kernels it

@@ -151,7 +151,7 @@ def _shift_last_tile(text: str, out: list[str], body: list[str], ind: str, var: 
     rt_s = f"{ty}({rt})" if ty else str(rt)
     tile = re.compile(rf"\b{v} \* {k}")
     kept = [ln for ln in (_drop_conjuncts(ln, true) for ln in body) if ln is not None]
-    if any(re.search(rf"\b{v}\b", tile.sub("", ln)) for ln in kept):
+    if any(re.search(rf"\b{v}\b", tile.sub("", ln)) for ln in kept) or not _locals_inside(text, out, body):
         return [f"{ind}for {var} in range({n_expr}):", *body]
     whole = [tile.sub(f"T.min({var} * {rt_s}, {bound} - {rt_s})", ln) for ln in kept]
     whole, ragged = _local_per_part(text, out, [whole, body], rt_s)
@@ -180,6 +180,25 @@ def _drop_conjuncts(line: str, true: list[Any]) -> str | None:
     if not left:
         return None
     return line if len(left) == len(terms) else f"{mw.group(1)}T.where({' and '.join(left)})"
+
+
+def _locals_inside(text: str, out: list[str], body: list[str]) -> bool:
+    """Whether every local buffer `body` uses is used nowhere else: the shifted last tile
+    recomputes pixels of the tile before it, right only where each tile starts its accumulators
+    afresh (a conv whose reduction runs in chunks keeps all the row's accumulators in one local
+    buffer across the tiles: the overlap would be added twice)."""
+    import re
+
+    decl = re.compile(r"^\s*(\w+) = T\.sblock_alloc_buffer\(.*scope=\"local\"\)$")
+    for ln in out:
+        md = decl.match(ln)
+        if md is None:
+            continue
+        word = re.compile(rf"\b{md.group(1)}\b")
+        in_body = sum(len(word.findall(x)) for x in body)
+        if in_body and len(word.findall(text)) != in_body + 1:
+            return False
+    return True
 
 
 def _local_per_part(text: str, out: list[str], parts: list[list[str]], rt_s: str) -> list[list[str]]:

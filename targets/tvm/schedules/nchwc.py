@@ -541,12 +541,13 @@ class _ConvSplit:
     inner_tile: tuple[Any, Any]  # the unrolled tile, outer first
 
 
-def _mark_ragged(sch: Any, p_o: Any, m: _Match, rt: int) -> None:
+def _mark_ragged(sch: Any, p_o: Any, m: _Match, rt: int, shift: bool = True) -> None:
     """Mark the pixel-tile loop `p_o` of a ragged row for `apply_loop_marks` (its last iteration
     peeled); on symbolic columns with the tile's pixel count and the split extent too, so the
-    whole tiles' copy drops the split predicates (`loop_marks.PEEL_BOUND`). Static rows keep
-    the plain mark."""
-    if m.x_extent is None:
+    tiles run without split predicates, the last one shifted back (`loop_marks.PEEL_BOUND`).
+    Static rows, and (`shift=False`) tiles that do not start their accumulators afresh (a
+    reduction in chunks: the overlap would be added twice), keep the plain mark."""
+    if m.x_extent is None or not shift:
         sch.annotate(p_o, PEEL_LAST, 1)
         return
     sch.annotate(p_o, PEEL_LAST, rt)
@@ -583,7 +584,7 @@ def _schedule_chunked(sch: Any, anchor: Any, m: _Match, tile: ConvTile, s: _Conv
         sch.vectorize(wl[-1])
     schedule_rest(sch, {sch.get(b).name_hint for b in (anchor, wb, init)}, lanes)
     if ragged:
-        _mark_ragged(sch, p_o, m, tile.rt)
+        _mark_ragged(sch, p_o, m, tile.rt, shift=False)
     if passes:
         ranges = row_tile_ranges(m.shape.pad_rows, m.ext["kh"], rt, m.ext["x"] // rt)
         sch.annotate(L["kh"], ROW_PASS, "kh")

@@ -690,3 +690,19 @@ def test_symbolic_map_kernels_keep_numbers_at_every_size(case):
         assert (flat[size:] == 7.0).all(), f"{h}x{w}: the kernel wrote past the end of its output"
         got = _unblocked(flat[:size].reshape(shape))
         np.testing.assert_allclose(got, _act(ref, act), rtol=1e-4, atol=1e-4, err_msg=f"{h}x{w}")
+
+
+def test_symbolic_map_chunked_reduction_keeps_the_predicated_last_tile():
+    """A reduction in chunks keeps all the row's accumulators in one local buffer across the pixel
+    tiles: a last tile shifted back would add the overlapped pixels twice, so such a loop keeps the
+    plain mark (whole tiles, then the predicated last one), numbers equal to onnxruntime's."""
+    H, W = tvm.tirx.Var("H", "int64"), tvm.tirx.Var("W", "int64")
+    func, _ = _kernel("conv", 32, H, 16, 1, 1, "relu", w=W)
+    sch = BlockedConv(ConvTile(3, 2, "ob", k_chunk=2, tail=True)).apply(func, _target(), 8)
+    assert sch is not None
+    sfunc = sch.mod["main"]
+    assert LM.PEEL_LAST in sfunc.script() and LM.PEEL_BOUND not in sfunc.script()
+    for h, w in [(1, 1), (2, 5), (3, 7), (4, 13)]:
+        args, ref = _data("conv", 32, h, 16, 1, 1, w=w)
+        np.testing.assert_allclose(_run(sfunc, args, (1, 16, h, w)), np.maximum(ref, 0), rtol=1e-4, atol=1e-4,
+                                   err_msg=f"{h}x{w}")

@@ -116,7 +116,8 @@ class LayoutPlan:
     roles: dict[int, str] = field(default_factory=dict)
     groups: list[str] = field(default_factory=list)  # blocked kernel groups, in order
     winograd: dict[int, int] = field(default_factory=dict)  # conv (by id) → m of F(m x m, 3 x 3)
-    # convs Winograd would take but for their symbolic maps (the transforms tile static maps): direct
+    # convs Winograd would take but for their symbolic maps, kept direct (none since symbolic maps
+    # take F(2x2) too; the lowering, manifest and warning still read it)
     winograd_symbolic: list[str] = field(default_factory=list)
 
     def role(self, node: Node) -> str | None:
@@ -322,10 +323,12 @@ def plan_layout(model: Model, groups: list[tuple[str, list[Node]]], block: int, 
         plan.groups.append(k)
         for n in nodes:
             m = winograd_m(n, block, mode) if roles.get(id(n)) == "conv" else 0
+            if not m and roles.get(id(n)) == "conv" and _symbolic_maps(n) and winograd_m(n, block, mode, static=False):
+                # symbolic maps: F(2x2) (their size unknown, F(4x4)'s ragged tiles and 2.25x weights
+                # lose on small maps), its tile count an expression (kernels.winograd)
+                m = 2
             if m:
                 plan.winograd[id(n)] = m
-            elif roles.get(id(n)) == "conv" and _symbolic_maps(n) and winograd_m(n, block, mode, static=False):
-                plan.winograd_symbolic.append(n.label())
         for n in nodes:
             for v in n.outputs:
                 blocked.add(id(v))
@@ -506,7 +509,8 @@ def _symbolic_maps(n: Node) -> bool:
 
 def winograd_m(n: Node, block: int, mode: str = "auto", static: bool = True) -> int:
     """The m of F(m x m, 3 x 3) blocked conv `n` runs in (`kernels.winograd`), or 0 (direct): 3x3
-    kernels, stride 1, no dilation, pads of at most 1, static maps (the batch may be symbolic),
+    kernels, stride 1, no dilation, pads of at most 1, static maps (the batch may be symbolic;
+    `static=False`: maps of any size, where `plan_layout` gives convs on symbolic maps F(2x2)),
     at least WINOGRAD_MIN_CHANNELS channels in and out.
 
     `mode` "auto": F(2x2). Its fp32 error (1-2e-6 of the output's range per conv) is the direct

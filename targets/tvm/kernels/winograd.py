@@ -86,9 +86,15 @@ def winograd_matrices(m: int, r: int = 3) -> tuple[np.ndarray, np.ndarray, np.nd
     return tuple(np.array([[float(v) for v in row] for row in mat]) for mat in (at, g, bt))  # type: ignore[return-value]
 
 
-def winograd_tiles(oh: int, ow: int, m: int) -> tuple[int, int]:
-    """Tile rows and columns of an `oh` x `ow` output in m x m tiles."""
-    return -(-oh // m), -(-ow // m)
+def winograd_tiles(oh: Any, ow: Any, m: int) -> tuple[Any, Any]:
+    """Tile rows and columns of an `oh` x `ow` output in m x m tiles (ints, or expressions of a
+    symbolic map's size)."""
+    return (oh + m - 1) // m, (ow + m - 1) // m
+
+
+def _dim(d: Any) -> Any:
+    """A shape dim as an int where it is static, else the (symbolic) expression."""
+    return int(d) if isinstance(d, (int, tirx.IntImm)) else d
 
 
 def _combo(coeffs: Sequence[float], terms: Sequence[Any], dtype: str) -> Any:
@@ -172,7 +178,8 @@ def conv2d_winograd(x: te.Tensor, u: te.Tensor, pads: Sequence[int], m: int) -> 
     if a2n != a * a:
         raise ValueError(f"weights for {a2n} positions, F({m}) needs {a * a}")
     top, left, bottom, right = (int(p) for p in pads)
-    oh, ow = int(h) + top + bottom - 2, int(wd) + left + right - 2
+    h, wd = _dim(h), _dim(wd)  # (a symbolic map: its tile count is an expression; see schedules.winograd)
+    oh, ow = h + top + bottom - 2, wd + left + right - 2
     th, tw = winograd_tiles(oh, ow, m)
     nt = th * tw
     at, _, bt = winograd_matrices(m)

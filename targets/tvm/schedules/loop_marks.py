@@ -5,12 +5,12 @@ peeled into code of its own (`PEEL_LAST`), a conv's row passes bounded per kerne
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import tvm
 
-__all__ = ["PEEL_LAST", "ROW_PASS", "apply_loop_marks", "apply_loop_marks_to_module"]
+__all__ = ["PEEL_BOUND", "PEEL_LAST", "ROW_PASS", "apply_loop_marks", "apply_loop_marks_to_module"]
 
 #: loop annotation: the loop's last iteration becomes a copy of the body of its own (see
 #: `apply_loop_marks`)
@@ -18,6 +18,9 @@ PEEL_LAST = "graphopt.peel_last"
 #: loop annotations of a conv's row passes (ConvTile.row_passes): "kh" on the kernel-row loop,
 #: "lo,hi;lo,hi;..." (per kernel row, `row_tile_ranges`) on the pixel-tile loop inside it
 ROW_PASS = "graphopt.row_pass"
+#: loop annotation beside PEEL_LAST (whose value is then the tile's pixel count) on a symbolic
+#: tile loop: the split extent, as TVMScript text; the whole tiles' copy drops its split predicates
+PEEL_BOUND = "graphopt.peel_bound"
 
 
 def apply_loop_marks(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":
@@ -59,10 +62,14 @@ def apply_loop_marks(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":
             while j < len(lines) and (not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > len(ind)):
                 j += 1
             body = lines[i + 1 : j]
-            out.append(f"{ind}for {var} in range({n_expr} - {one}):")
-            out += body
-            out.append(f"{ind}for {var} in range({n_expr} - {one}, {n_expr}):")
-            out += body
+            split = _symbolic_split(ms.group(4))
+            if split is None:
+                out.append(f"{ind}for {var} in range({n_expr} - {one}):")
+                out += body
+                out.append(f"{ind}for {var} in range({n_expr} - {one}, {n_expr}):")
+                out += body
+            else:
+                out += _shift_last_tile(text, out, body, ind, var, n_expr, *split)
             i = j
             continue
         if mt is None or (PEEL_LAST not in mt.group(5) and ROW_PASS not in mt.group(5)):
@@ -102,6 +109,144 @@ def apply_loop_marks(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":
         out += body
         i = j
     return tvm.script.from_source("\n".join(out))
+
+
+def _symbolic_split(annotations: str) -> tuple[int, str] | None:
+    """(rt, bound) of a symbolic tile loop marked with PEEL_LAST = rt and PEEL_BOUND = bound."""
+    import re
+
+    rt = re.search(rf'"{PEEL_LAST}": (\d+)', annotations)
+    bound = re.search(rf'"{PEEL_BOUND}": "([^"]*)"', annotations)
+    if rt is None or bound is None or int(rt.group(1)) < 2:
+        return None
+    return int(rt.group(1)), bound.group(1)
+
+
+def _shift_last_tile(text: str, out: list[str], body: list[str], ind: str, var: str, n_expr: str, rt: int,
+                   bound: str) -> list[str]:
+    """The symbolic tile loop `for var in range(n)` (n = ceildiv(bound, rt), bound symbolic) as
+
+        if rt <= bound:                  # every tile whole, the last one shifted back to end at bound
+            for var in range(n):
+                body[var * rt := min(var * rt, bound - rt)], the split predicates dropped
+        else:                            # a map narrower than one tile: the predicated tile
+            for var in range(n):
+                body
+
+    The split predicates `var * rt + inner < bound` kept a branch around each FMA and the
+    accumulators in memory (TVM's arithmetic cannot prove them over a symbolic bound, where a
+    static row peels its ragged tile, `apply_loop_marks`). The shifted last tile recomputes up
+    to rt - 1 pixels of the tile before it, with the same code, so it writes the same values
+    again. Local buffers used only inside the loop get a copy per branch (`_local_per_part`), so
+    each is compacted to one tile, which LLVM keeps in registers. Only predicates written exactly
+    so are dropped; a body that uses `var` otherwise than as `var * rt` is left as it was."""
+    import re
+
+    k = f"(?:T\\.int64\\({rt}\\)|{rt})"
+    v = re.escape(var)
+    # the conjuncts that hold on every tile: the split's `var * rt + inner < bound`, and the
+    # write-back's `var - n < 0` (from its loop's range)
+    true = [re.compile(rf"{v} \* {k} \+ \w+ < {re.escape(bound)}"), re.compile(rf"{v} - {re.escape(n_expr)} < (T\.int64\(0\)|0)")]
+    ty = "T.int64" if "T.int64" in n_expr or "T.int64" in bound else ""
+    rt_s = f"{ty}({rt})" if ty else str(rt)
+    tile = re.compile(rf"\b{v} \* {k}")
+    kept = [ln for ln in (_drop_conjuncts(ln, true) for ln in body) if ln is not None]
+    if any(re.search(rf"\b{v}\b", tile.sub("", ln)) for ln in kept) or not _locals_inside(text, out, body):
+        return [f"{ind}for {var} in range({n_expr}):", *body]
+    whole = [tile.sub(f"T.min({var} * {rt_s}, {bound} - {rt_s})", ln) for ln in kept]
+    whole, ragged = _local_per_part(text, out, [whole, body], rt_s)
+    return [f"{ind}if {rt_s} <= {bound}:", f"{ind}    for {var} in range({n_expr}):", *("    " + ln for ln in whole),
+            f"{ind}else:", f"{ind}    for {var} in range({n_expr}):", *("    " + ln for ln in ragged)]
+
+
+def _drop_conjuncts(line: str, true: list[Any]) -> str | None:
+    """`line` without the conjuncts of its `T.where(...)` that one of the patterns `true` matches
+    whole; None where none is left (no predicate); other lines as they are."""
+    import re
+
+    mw = re.match(r"^(\s*)T\.where\((.*)\)$", line)
+    if mw is None:
+        return line
+    terms, depth, cur = [], 0, ""
+    for tok in re.split(r"( and |[()])", mw.group(2)):
+        if tok == " and " and depth == 0:
+            terms.append(cur)
+            cur = ""
+            continue
+        depth += (tok == "(") - (tok == ")")
+        cur += tok
+    terms.append(cur)
+    left = [t for t in terms if not any(p.fullmatch(t.strip()) for p in true)]
+    if not left:
+        return None
+    return line if len(left) == len(terms) else f"{mw.group(1)}T.where({' and '.join(left)})"
+
+
+def _locals_inside(text: str, out: list[str], body: list[str]) -> bool:
+    """Whether every local buffer `body` uses is used nowhere else: the shifted last tile
+    recomputes pixels of the tile before it, right only where each tile starts its accumulators
+    afresh (a conv whose reduction runs in chunks keeps all the row's accumulators in one local
+    buffer across the tiles: the overlap would be added twice)."""
+    import re
+
+    decl = re.compile(r"^\s*(\w+) = T\.sblock_alloc_buffer\(.*scope=\"local\"\)$")
+    for ln in out:
+        md = decl.match(ln)
+        if md is None:
+            continue
+        word = re.compile(rf"\b{md.group(1)}\b")
+        in_body = sum(len(word.findall(x)) for x in body)
+        if in_body and len(word.findall(text)) != in_body + 1:
+            return False
+    return True
+
+
+def _local_per_part(text: str, out: list[str], parts: list[list[str]], rt_s: str) -> list[list[str]]:
+    """`parts` (copies of one loop body) with each local buffer that only the body uses renamed
+    per copy (`NAME_p0`, `NAME_p1`, ...), its allocation line in `out` replaced by one per copy
+    whose symbolic dims are declared at least `rt_s` (`_at_least`)."""
+    import re
+
+    decl = re.compile(r"^(\s*)(\w+) = T\.sblock_alloc_buffer\((.*)scope=\"local\"\)$")
+    for at in reversed(range(len(out))):
+        ln = out[at]
+        md = decl.match(ln)
+        if md is None:
+            continue
+        name = md.group(2)
+        word = re.compile(rf"\b{name}\b")
+        in_body = sum(len(word.findall(x)) for x in parts[-1])
+        if not in_body or len(word.findall(text)) != in_body + 1:  # (used outside the loop too)
+            continue
+        ln = _at_least(ln, rt_s)
+        out[at : at + 1] = [word.sub(f"{name}_p{p}", ln, count=1) for p in range(len(parts))]
+        parts = [[word.sub(f"{name}_p{p}", x) for x in part] for p, part in enumerate(parts)]
+    return parts
+
+
+def _at_least(decl: str, rt_s: str) -> str:
+    """A buffer allocation line with each symbolic dim `e` of its shape declared `T.max(e, rt_s)`:
+    compacting a buffer takes the smaller of the region a tile touches and the declared dim, and
+    min(12, max(e, 12)) folds to 12 where min(12, e) stays symbolic (a heap workspace). Declaring
+    a larger dim is safe: the accesses stay inside the smaller one."""
+    import re
+
+    start = decl.index("T.sblock_alloc_buffer((") + len("T.sblock_alloc_buffer((")
+    depth, dims, cur, end = 0, [], "", start
+    for end in range(start, len(decl)):
+        ch = decl[end]
+        if ch == ")" and depth == 0:
+            break
+        if ch == "," and depth == 0:
+            dims.append(cur.strip())
+            cur = ""
+            continue
+        depth += (ch == "(") - (ch == ")")
+        cur += ch
+    dims.append(cur.strip())
+    static = re.compile(r"^(T\.int64\(\d+\)|\d+)$")
+    dims = [d if not d or static.match(d) else f"T.max({d}, {rt_s})" for d in dims]
+    return decl[:start] + ", ".join(d for d in dims if d) + decl[end:]
 
 
 def apply_loop_marks_to_module(mod: "tvm.IRModule") -> "tvm.IRModule":

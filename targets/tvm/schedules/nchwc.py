@@ -83,7 +83,7 @@ from .base import (
     root_block,
     schedule_rest,
 )
-from .loop_marks import PEEL_LAST, ROW_PASS
+from .loop_marks import PEEL_BOUND, PEEL_LAST, ROW_PASS
 from .tiles import L2_WEIGHT_SHARE, ConvShape, ConvTile, conv_tile, row_tile_ranges
 
 if TYPE_CHECKING:
@@ -113,6 +113,7 @@ class _Match:
     ext: dict[str, int]
     shape: ConvShape
     symbolic: bool = False  # the output map's rows or columns are symbolic (ext holds SYMBOLIC_MAP)
+    x_extent: Any = None  # (symbolic columns) the column loop's extent
 
 
 #: the output rows and columns a conv with a symbolic map is tiled for: this prime times the
@@ -213,7 +214,8 @@ def match_blocked_conv(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> _M
     rows = stmt.annotations.get(FLAT_ROWS) if kind == "conv" and e["y"] == 1 else None
     pad_rows = tuple(int(v) for v in rows) if rows is not None and len(rows) == 6 else ()
     shape = ConvShape(kind, e["ob"], e["y"], e["x"], red_len, e["kh"], e["kw"], stride, pad_rows)
-    return _Match(kind, {k: loop_of[v] for k, v in roles.items()}, e, shape, symbolic)
+    x_extent = dom[x] if symbolic and ext[x] is None else None
+    return _Match(kind, {k: loop_of[v] for k, v in roles.items()}, e, shape, symbolic, x_extent)
 
 
 def _stride_of(region: Any, var: Any) -> int | None:
@@ -540,6 +542,19 @@ class _ConvSplit:
     inner_tile: tuple[Any, Any]  # the unrolled tile, outer first
 
 
+def _mark_ragged(sch: Any, p_o: Any, m: _Match, rt: int, shift: bool = True) -> None:
+    """Mark the pixel-tile loop `p_o` of a ragged row for `apply_loop_marks` (its last iteration
+    peeled); on symbolic columns with the tile's pixel count and the split extent too, so the
+    tiles run without split predicates, the last one shifted back (`loop_marks.PEEL_BOUND`).
+    Static rows, and (`shift=False`) tiles that do not start their accumulators afresh (a
+    reduction in chunks: the overlap would be added twice), keep the plain mark."""
+    if m.x_extent is None or not shift:
+        sch.annotate(p_o, PEEL_LAST, 1)
+        return
+    sch.annotate(p_o, PEEL_LAST, rt)
+    sch.annotate(p_o, PEEL_BOUND, str(m.x_extent))
+
+
 def _schedule_chunked(sch: Any, anchor: Any, m: _Match, tile: ConvTile, s: _ConvSplit, lanes: int, passes: bool,
                       ragged: bool) -> Any:
     """The reduction in chunks of input blocks (`ConvTile.k_chunk`) or in row passes
@@ -570,7 +585,7 @@ def _schedule_chunked(sch: Any, anchor: Any, m: _Match, tile: ConvTile, s: _Conv
         sch.vectorize(wl[-1])
     schedule_rest(sch, {sch.get(b).name_hint for b in (anchor, wb, init)}, lanes)
     if ragged:
-        sch.annotate(p_o, PEEL_LAST, 1)
+        _mark_ragged(sch, p_o, m, tile.rt, shift=False)
     if passes:
         ranges = row_tile_ranges(m.shape.pad_rows, m.ext["kh"], rt, m.ext["x"] // rt)
         sch.annotate(L["kh"], ROW_PASS, "kh")
@@ -622,7 +637,7 @@ def _schedule_tiles(sch: Any, anchor: Any, m: _Match, tile: ConvTile, s: _ConvSp
     done = {sch.get(b).name_hint for b in (anchor, wb, init)}  # (a pad under the row loop is no root block)
     schedule_rest(sch, done, lanes)
     if ragged:
-        sch.annotate(p_o, PEEL_LAST, 1)
+        _mark_ragged(sch, p_o, m, tile.rt)
     return sch
 
 
@@ -633,6 +648,7 @@ class _WindowMatch:
     ext: dict[str, int]
     pad: Any  # the pad block (or None)
     mult: dict[str, int] | None = None  # symbolic map: what its rows / columns are provably a multiple of
+    x_extent: Any = None  # (symbolic columns) the column loop's extent
 
 
 def match_blocked_window(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> _WindowMatch | None:
@@ -685,7 +701,8 @@ def match_blocked_window(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> 
     for prod in sch.get_producers(anchor):
         if sch.get(prod).writes[0].source.same_as(xs[0].source) and not is_reduction(sch.get(prod)):
             pad = prod
-    return _WindowMatch("depthwise" if ws else "pool", {k: loop_of[v] for k, v in roles.items()}, e, pad, mult)
+    x_extent = dom[x] if e["x"] is None else None
+    return _WindowMatch("depthwise" if ws else "pool", {k: loop_of[v] for k, v in roles.items()}, e, pad, mult, x_extent)
 
 
 class BlockedWindow(ScheduleRule):
@@ -728,11 +745,17 @@ class BlockedWindow(ScheduleRule):
         if m.pad is not None and pad_mode == "inline":
             sch.compute_inline(m.pad)
         # two output rows per tile share their input rows (4 x 2 pixels measured best); a symbolic
-        # extent takes tiles dividing its known multiple (whole tiles, no predicate)
+        # extent takes tiles dividing its known multiple (whole tiles, no predicate); symbolic
+        # columns whose multiple gives a tile of fewer than 8 // ry pixels (a recognizer's W: 1 x 2)
+        # take the static rule's tile at a wide row instead, its last tile shifted back to end at
+        # the row's end (`_symbolic_tail`)
         oh_k, ow_k = mult.get("y", oh), mult.get("x", ow)
         ry = self.ry or (2 if oh_k % 2 == 0 else 1)
         rt = self.rt or max(d for d in divisors_of(ow_k) if d * ry <= 8)
-        if ow_k % rt or oh_k % ry:
+        tail = "x" in mult and self.rt is None and rt * ry < 8
+        if tail:
+            rt = 8 // ry
+        if (ow_k % rt and not tail) or oh_k % ry:
             return None
         ci_o, ci_i = sch.split(L["ci"], factors=[None, lanes])
         x_o, x_i = sch.split(L["x"], factors=[None, rt])
@@ -744,6 +767,14 @@ class BlockedWindow(ScheduleRule):
             # loop: the window loop reads them without conditions (decompose_padding refuses a
             # pad block under compute_at, so the copy keeps its condition per pixel)
             fused = fuse_parallel(sch, [L["n"], L["cb"], y_o])
+            tile_loop = x_o
+        elif "x" in mult:
+            # symbolic columns: the column tiles a serial loop under (batch, block, rows, the
+            # block's vector), whose indices are then increments (fused in, each tile recovered its
+            # indices by divisions by the symbolic row length: the recognizer's 2x2 pools ran
+            # 1.7-2x the static kernel's time)
+            sch.reorder(y_o, ci_o, x_o)
+            fused = fuse_parallel(sch, [L["n"], L["cb"], y_o, ci_o])
             tile_loop = x_o
         else:
             fused = fuse_parallel(sch, [L["n"], L["cb"], y_o, x_o, ci_o])
@@ -771,4 +802,7 @@ class BlockedWindow(ScheduleRule):
         write_back_loops(sch, below, lanes)
         done = {sch.get(b).name_hint for b in (anchor, wb, init)}  # (a pad under the row loop is no root block)
         schedule_rest(sch, done, lanes)
+        if tail:
+            sch.annotate(x_o, PEEL_LAST, rt)
+            sch.annotate(x_o, PEEL_BOUND, str(m.x_extent))
         return sch

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from graphopt.targets.tvm.schedules.nchwc import BlockedConv, BlockedWindow  # noqa: E402
 from graphopt.targets.tvm.schedules.tiles import ConvShape, ConvTile, conv_tile  # noqa: E402
-from tvm_kernels import AVX2_MCPU, AVX512_MCPU, host_runs, isa_target, primitive_kernel  # noqa: E402
+from tvm_kernels import AVX2_MCPU, AVX512_MCPU, host_runs, host_target, isa_target, primitive_kernel  # noqa: E402
 
 from graphopt.targets.tvm.schedules import loop_marks as LM  # noqa: E402
 from graphopt.targets.tvm.schedules import nchwc as NS  # noqa: E402
@@ -66,7 +66,7 @@ def _out(h, k, s, p):
 def _kernel(kind, c, h, oc, k, s, act="relu", residual=False, pool="max", w=None, n=1, flat=0, b=B):
     """The fused PrimFunc the lowering makes for one blocked kernel group (Relax primitive
     function → LegalizeOps → FuseTIR) and the shapes of its parameters."""
-    w = w or h
+    w = h if w is None else w
     p = k // 2 if kind != "pool" or pool == "max" else 0
     oh, ow = _out(h, k, s, p), _out(w, k, s, p)
     x = relax.Var("x", TT((n, c, h, w) if kind == "stem" else (n, c // b, h, w, b), "float32"))
@@ -643,3 +643,67 @@ def test_avx512_kernel_uses_zmm_fmas():
     func8, _ = _kernel("conv", 16, 12, 32, 3, 1, "relu")
     asm8 = _asm(_schedule(func8)[0], AVX2)
     assert re.search(r"vfmadd\w+\s+[^\n]*ymm", asm8) and "zmm" not in asm8
+
+
+# --- symbolic maps (a detector's H x W, a recognizer's W): the host's machine model ---------------
+
+SYMBOLIC = [
+    # (id, kind, c, oc, k, s, pool, act, residual): channels in blocks of the host's block
+    ("conv3x3_residual", "conv", 2, 2, 3, 1, "max", "relu", True),
+    ("conv3x3_s2", "conv", 2, 4, 3, 2, "max", "clip", False),
+    ("conv1x1", "conv", 4, 2, 1, 1, "max", "none", False),
+    ("stem3x3", "stem", 3, 2, 3, 1, "max", "relu", False),
+    ("depthwise3x3", "depthwise", 2, 2, 3, 1, "max", "clip", False),
+    ("maxpool2x2_s2", "pool", 1, 1, 2, 2, "max", "none", False),
+    ("maxpool3x3_s2", "pool", 1, 1, 3, 2, "max", "none", False),
+    ("avgpool2x2_s2", "pool", 1, 1, 2, 2, "avg", "none", False),
+]
+
+
+@pytest.mark.parametrize("case", SYMBOLIC, ids=[c[0] for c in SYMBOLIC])
+def test_symbolic_map_kernels_keep_numbers_at_every_size(case):
+    """One kernel over a symbolic H x W, run at the smallest map and at sizes no tile divides
+    (narrower than a tile: the predicated tile; wider: whole tiles, the last shifted back to end at
+    the row's end), equal to onnxruntime's; the conv's whole tiles keep no split predicate."""
+    _, kind, c, oc, k, s, pool, act, residual = case
+    target = host_target()
+    b = machine_model(target).lanes()
+    c, oc = (c if kind == "stem" else c * b), (c * b if kind in ("pool", "depthwise") else oc * b)
+    H, W = tvm.tirx.Var("H", "int64"), tvm.tirx.Var("W", "int64")
+    func, _ = _kernel(kind, c, H, oc, k, s, act, residual, pool=pool, w=W, b=b)
+    sfunc, rule = _schedule(func, target=target)
+    assert rule == "blocked-conv"
+    if kind == "conv" and k == 3 and s == 1:
+        assert LM.PEEL_BOUND in sfunc.script()
+        marked = LM.apply_loop_marks(sfunc).script()
+        assert LM.PEEL_LAST not in marked and "T.min(" in marked
+    p = k // 2 if kind != "pool" or pool == "max" else 0
+    smallest = max(1, k - 2 * p)
+    lib = tvm.compile(tvm.IRModule({"main": LM.apply_loop_marks(sfunc).with_attr("global_symbol", "main")}), target=target)
+    for h, w in [(smallest, smallest), (smallest, 2), (3, 5), (5, 13), (9, 30), (2, 47)]:
+        args, ref = _data(kind, c, h, oc, k, s, residual, pool=pool, w=w, b=b)
+        oh, ow = _out(h, k, s, p), _out(w, k, s, p)
+        shape = (1, oc // b, oh, ow, b)
+        size = int(np.prod(shape))
+        guarded = tvm.runtime.tensor(np.full(size + _GUARD, 7.0, np.float32))
+        lib["main"](*[tvm.runtime.tensor(a) for a in args], guarded._create_view(shape, "float32"))
+        flat = guarded.numpy()
+        assert (flat[size:] == 7.0).all(), f"{h}x{w}: the kernel wrote past the end of its output"
+        got = _unblocked(flat[:size].reshape(shape))
+        np.testing.assert_allclose(got, _act(ref, act), rtol=1e-4, atol=1e-4, err_msg=f"{h}x{w}")
+
+
+def test_symbolic_map_chunked_reduction_keeps_the_predicated_last_tile():
+    """A reduction in chunks keeps all the row's accumulators in one local buffer across the pixel
+    tiles: a last tile shifted back would add the overlapped pixels twice, so such a loop keeps the
+    plain mark (whole tiles, then the predicated last one), numbers equal to onnxruntime's."""
+    H, W = tvm.tirx.Var("H", "int64"), tvm.tirx.Var("W", "int64")
+    func, _ = _kernel("conv", 32, H, 16, 1, 1, "relu", w=W)
+    sch = BlockedConv(ConvTile(3, 2, "ob", k_chunk=2, tail=True)).apply(func, _target(), 8)
+    assert sch is not None
+    sfunc = sch.mod["main"]
+    assert LM.PEEL_LAST in sfunc.script() and LM.PEEL_BOUND not in sfunc.script()
+    for h, w in [(1, 1), (2, 5), (3, 7), (4, 13)]:
+        args, ref = _data("conv", 32, h, 16, 1, 1, w=w)
+        np.testing.assert_allclose(_run(sfunc, args, (1, 16, h, w)), np.maximum(ref, 0), rtol=1e-4, atol=1e-4,
+                                   err_msg=f"{h}x{w}")

@@ -150,13 +150,30 @@ def test_plan_picks_3x3_stride_1_convs_only(monkeypatch):
         _plan(m, "3")
 
 
-def test_symbolic_maps_stay_direct():
+def test_symbolic_maps_take_f2():
+    """A symbolic H x W takes F(2x2) (its tile count an expression), also where F(4x4) is asked
+    for (its size unknown); "off" still keeps it direct."""
     m = _model("""
 g (float[N, 32, H, W] x) => (float[N, 32, H, W] y) {
     y = Conv <pads = [1, 1, 1, 1], kernel_shape = [3, 3]> (x, w)
 }
 """, {"w": (32, 32, 3, 3)})
-    assert _plan(m) == {}
+    assert _plan(m) == {"y": 2}
+    assert _plan(m, "4") == {"y": 2}
+    assert _plan(m, "off") == {}
+
+
+@pytest.mark.parametrize("target", ["avx2", "host"])
+def test_symbolic_map_residual_block_matches_onnxruntime(target):
+    """Two Winograd convs (+ bias, Relu, residual Add) on a symbolic H x W, compiled once, equal
+    onnxruntime's at the smallest map, at sizes no tile divides (odd rows: a ragged Winograd tile;
+    fewer transform tiles than the GEMM's pixel tile, and more) and with batch 2."""
+    model = _model(BLOCK.format(h="H", w="W").replace("float[1, 32", "float[N, 32"), BLOCK_W)
+    assert _plan(model) == {"c": 2, "d": 2}
+    art = graphopt.compile(model, AVX2_CPU if target == "avx2" else "cpu", "-O2", threads=2)
+    assert art.manifest["kernels"]["winograd"] == {"2": 2} and "winograd_symbolic" not in art.manifest["kernels"]
+    for shape in [(1, 32, 1, 1), (1, 32, 3, 2), (1, 32, 7, 9), (1, 32, 14, 14), (1, 32, 5, 61), (2, 32, 9, 30)]:
+        _compare(model, art, _feeds(shape, seed=shape[2]), rtol=2e-5, atol=2e-5)
 
 
 def test_symbolic_batch_takes_winograd_and_matches_onnxruntime():

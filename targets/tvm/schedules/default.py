@@ -192,7 +192,7 @@ def serial_if_small(sch: "tvm.s_tir.Schedule", original: "tvm.tirx.PrimFunc", ma
         return scheduled
     nbytes = _param_bytes(original)
     if nbytes is None:  # (symbolic shapes; a rule's run-time branches come as TIR, not as a trace)
-        if knobs.current().serial_small_symbolic and rule not in _NO_SERIAL_BRANCH:
+        if knobs.current().serial_small_symbolic and rule not in _NO_SERIAL_BRANCH and _can_be_small(original, machine):
             text = scheduled.script()
             if "T.parallel(" in text:
                 return _serial_when_small(scheduled, original, machine, text)
@@ -244,6 +244,31 @@ def _work_exprs(original: "tvm.tirx.PrimFunc") -> tuple[Any, Any] | None:
     except Exception:  # noqa: BLE001 - a kernel the counter does not understand
         return None
     return flops, nbytes
+
+
+def _can_be_small(original: "tvm.tirx.PrimFunc", machine: Any) -> bool:
+    """Whether a kernel with symbolic shapes is under the machine's serial limits at some size:
+    its work grows with every dim, so at the smallest (every symbol 1) decides. A symbolic-batch
+    CNN's elementwise kernels over whole feature maps are over them at batch 1 already, and get
+    no run-time branch (each costs a TVMScript print and parse: 0.15 s; int8 EfficientNet-B0 has
+    20). True when the work cannot be evaluated."""
+    import tvm
+    from tvm import tirx
+
+    work = _work_exprs(original)
+    if work is None:
+        return True
+    try:
+        analyzer = tvm.sym.Analyzer()
+        for v in {v for e in work for v in tirx.analysis.undefined_vars(e)}:
+            analyzer.bind(v, tirx.const(1, str(v.ty)))
+        flops, nbytes = (analyzer.simplify(e) for e in work)
+    except Exception:  # noqa: BLE001 - an expression the analyzer cannot bind: assume it can be
+        return True
+    if not isinstance(flops, tirx.IntImm) or not isinstance(nbytes, tirx.IntImm):
+        return True
+    max_flops, max_bytes = machine.serial_limits()
+    return int(flops.value) < int(max_flops) and int(nbytes.value) < int(max_bytes)
 
 
 def _serial_when_small(scheduled: "tvm.tirx.PrimFunc", original: "tvm.tirx.PrimFunc", machine: Any,

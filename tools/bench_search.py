@@ -44,13 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=4.0, help="paired latency rounds per trial")
     ap.add_argument("--dir", default=None, help="default .cache/search/<model>")
     ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument("--target", default="onnx", help="what each trial compiles for (onnx: onnxruntime; cpu: the "
+                    "compiled artifact), timed against the fp32 original on onnxruntime")
     args = ap.parse_args(argv)
 
     import graphopt
 
     spec = rm.SPECS[args.model]
     budget = args.budget or ("top1:1" if spec.kind == "classifier" else "cosine:0.99")
-    d = Path(args.dir or ROOT / ".cache" / "search" / args.model)
+    d = Path(args.dir or ROOT / ".cache" / "search" / (args.model if args.target == "onnx" else f"{args.model}-{args.target}"))
     d.mkdir(parents=True, exist_ok=True)
     x, y = rm.test_data(args.model, limit=args.eval)
     val = d / "val.npz"
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     res = graphopt.search(str(rm.model_path(args.model)), str(val), directory=str(d), budget=budget, trials=args.trials,
                           calibration=str(rm.calibration_path(args.model)), references=True,
-                          latency_seconds=args.seconds, latency_batch=args.latency_batch, trial_timeout=args.timeout)
+                          latency_seconds=args.seconds, latency_batch=args.latency_batch, trial_timeout=args.timeout,
+                          target=args.target)
     took = time.perf_counter() - t0
     summary: dict[str, object] = {"model": args.model, "budget": budget, "trials": len(res.trials), "seconds": round(took),
                                   "latency_batch": args.latency_batch, "front": [t.number for t in res.front]}

@@ -373,9 +373,27 @@ def schedule_rest(sch, done: set[str], lanes: int) -> None:
             pass
 
 
-def _root_parts(text: str) -> tuple[list[str], list[str], list[list[str]]] | None:
+def top_level_statements(lines: list[str]) -> list[list[str]] | None:
+    """The statements of a root block's body in TVMScript lines (4-space indent), each with its
+    nested lines (an `else:` / `elif` stays with its `if`); blank lines dropped. None when a
+    line comes before the first statement."""
+    chunks: list[list[str]] = []
+    for ln in lines:
+        if not ln.strip():
+            continue
+        starts = ln.startswith("    ") and not ln.startswith("     ")
+        if starts and ln != "    else:" and not ln.startswith("    elif "):
+            chunks.append([ln])
+        elif chunks:
+            chunks[-1].append(ln)
+        else:
+            return None
+    return chunks
+
+
+def root_parts(text: str) -> tuple[list[str], list[str], list[list[str]]] | None:
     """A scheduled kernel's TVMScript as (the lines up to the root block, its buffer allocations,
-    its top-level statements, each a list of lines)."""
+    its top-level statements: `top_level_statements`); None when it is not in that form."""
     import re
 
     lines = text.split("\n")
@@ -386,17 +404,8 @@ def _root_parts(text: str) -> tuple[list[str], list[str], list[list[str]]] | Non
     i = start
     while i < len(lines) and re.match(r"^    \w+ = T\.sblock_alloc_buffer\(", lines[i]):
         i += 1
-    chunks: list[list[str]] = []
-    for ln in lines[i:]:
-        if not ln.strip():
-            continue
-        if ln.startswith("    ") and not ln.startswith("     "):
-            chunks.append([ln])
-        elif chunks:
-            chunks[-1].append(ln)
-        else:
-            return None
-    return lines[:start], lines[start:i], chunks
+    chunks = top_level_statements(lines[i:])
+    return None if chunks is None else (lines[:start], lines[start:i], chunks)
 
 
 def branch_kernels(cond: str, then_text: str, else_text: str, suffix: str) -> str | None:
@@ -407,7 +416,7 @@ def branch_kernels(cond: str, then_text: str, else_text: str, suffix: str) -> st
     either text is not in the expected form."""
     import re
 
-    t, e = _root_parts(then_text), _root_parts(else_text)
+    t, e = root_parts(then_text), root_parts(else_text)
     if t is None or e is None:
         return None
     then_lines = "\n".join(t[1] + ["@@BODY@@"] + ["\n".join(c) for c in t[2]])
@@ -418,14 +427,7 @@ def branch_kernels(cond: str, then_text: str, else_text: str, suffix: str) -> st
     allocs_t, body_t = then_lines.split("\n@@BODY@@")
     packs: list[str] = []
     branch_t: list[str] = []
-    stmts_t: list[list[str]] = []
-    for ln in body_t.split("\n"):
-        if not ln.strip():
-            continue
-        if ln.startswith("    ") and not ln.startswith("     "):
-            stmts_t.append([ln])
-        elif stmts_t:
-            stmts_t[-1].append(ln)
+    stmts_t = top_level_statements(body_t.split("\n")) or []
     allocs = [a for a in allocs_t.split("\n") if a.strip()]
     branch_e: list[str] = []
     for c in e[2]:

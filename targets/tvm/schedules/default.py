@@ -283,30 +283,19 @@ def _serial_when_small(scheduled: "tvm.tirx.PrimFunc", original: "tvm.tirx.PrimF
     import tvm
     from tvm import tirx
 
-    from .base import LAYOUT_REWRITE_ANN
+    from .base import LAYOUT_REWRITE_ANN, root_parts
 
     work = _work_exprs(original)
     if work is None:
         return scheduled
     max_flops, max_bytes = machine.serial_limits()
     cond = tirx.And(work[0] < tirx.const(int(max_flops), "int64"), work[1] < tirx.const(int(max_bytes), "int64"))
-    lines = text.split("\n")
-    try:
-        start = next(i for i, ln in enumerate(lines) if ln.strip() == '# with T.sblock("root"):') + 1
-    except StopIteration:
+    parts = root_parts(text)
+    if parts is None:
         return scheduled
-    out = lines[:start]
-    i = start
+    out = parts[0] + parts[1]
     changed = False
-    while i < len(lines):
-        ln = lines[i]
-        j = i + 1
-        if ln.startswith("    ") and not ln.startswith("     ") and ln.lstrip().startswith(("for ", "with ", "if ")):
-            # (an if statement: a rule's run-time branch, both sides taken along)
-            while j < len(lines) and (lines[j].startswith("     ") or not lines[j].strip()
-                                      or lines[j] == "    else:" or lines[j].startswith("    elif ")):
-                j += 1
-        chunk = lines[i:j]
+    for chunk in parts[2]:
         body = "\n".join(chunk)
         if len(chunk) > 1 and "T.parallel(" in body and LAYOUT_REWRITE_ANN not in body:
             out.append(f"    if {cond}:")
@@ -316,7 +305,6 @@ def _serial_when_small(scheduled: "tvm.tirx.PrimFunc", original: "tvm.tirx.PrimF
             changed = True
         else:
             out.extend(chunk)
-        i = j
     if not changed:
         return scheduled
     try:

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..tir_match import static_int
 from . import knobs
-from .base import ScheduleRule, fuse_parallel, inline_arg_copies, is_reduction, region_vars, root_block, vars_in
+from .base import ScheduleRule, fuse_parallel, inline_arg_copies, is_reduction, region_vars, root_block, root_parts, vars_in
 
 __all__ = ["RowReduction"]
 
@@ -165,21 +165,11 @@ def _whole_vector_rows(rule: "RowReduction", func: Any, scalar: Any, target: Any
     if "T.vectorized(" not in vtext or "_rf" not in vtext:
         return None
 
-    def split(text: str) -> tuple[list[str], list[str], list[str]] | None:
-        lines = text.split("\n")
-        try:
-            start = next(i for i, ln in enumerate(lines) if ln.strip() == '# with T.sblock("root"):') + 1
-        except StopIteration:
-            return None
-        i = start
-        while i < len(lines) and re.match(r"^    \w+ = T\.sblock_alloc_buffer\(", lines[i]):
-            i += 1
-        return lines[:start], lines[start:i], [ln for ln in lines[i:] if ln.strip()]
-
-    s_parts, v_parts = split(scalar.mod["main"].script()), split(vtext)
+    s_parts, v_parts = root_parts(scalar.mod["main"].script()), root_parts(vtext)
     if s_parts is None or v_parts is None:
         return None
-    v_allocs, v_body = v_parts[1], "\n".join(v_parts[2])
+    s_body = [ln for c in s_parts[2] for ln in c]
+    v_allocs, v_body = v_parts[1], "\n".join(ln for c in v_parts[2] for ln in c)
     for ln in v_parts[1]:
         buf = ln.split("=", 1)[0].strip()
         v_allocs = [re.sub(rf"\b{buf}\b", f"{buf}_vec", a) for a in v_allocs]
@@ -190,7 +180,7 @@ def _whole_vector_rows(rule: "RowReduction", func: Any, scalar: Any, target: Any
     head = [ln for ln in s_parts[0] if ln != f'{vname} = TypeVar("{vname}")']
     text = "\n".join(head + s_parts[1] + v_allocs
                       + [f"    if {name} % {whole} == T.{dtype}(0):"] + ["    " + ln for ln in v_body.split("\n")]
-                      + ["    else:"] + ["    " + ln for ln in s_parts[2]])
+                      + ["    else:"] + ["    " + ln for ln in s_body])
     try:
         both = tvm.script.from_source(text)
     except Exception:  # noqa: BLE001 - TVMScript that does not parse back: the scalar kernel

@@ -192,10 +192,11 @@ def serial_if_small(sch: "tvm.s_tir.Schedule", original: "tvm.tirx.PrimFunc", ma
         return scheduled
     nbytes = _param_bytes(original)
     if nbytes is None:  # (symbolic shapes; a rule's run-time branches come as TIR, not as a trace)
-        if knobs.current().serial_small_symbolic and rule not in _NO_SERIAL_BRANCH and _can_be_small(original, machine):
+        work = _work_exprs(original) if knobs.current().serial_small_symbolic and rule not in _NO_SERIAL_BRANCH else None
+        if work is not None and _can_be_small(work, machine):
             text = scheduled.script()
             if "T.parallel(" in text:
-                return _serial_when_small(scheduled, original, machine, text)
+                return _serial_when_small(scheduled, work, machine, text)
         return scheduled
     trace = sch.trace
     if trace is None:
@@ -246,18 +247,15 @@ def _work_exprs(original: "tvm.tirx.PrimFunc") -> tuple[Any, Any] | None:
     return flops, nbytes
 
 
-def _can_be_small(original: "tvm.tirx.PrimFunc", machine: Any) -> bool:
+def _can_be_small(work: tuple[Any, Any], machine: Any) -> bool:
     """Whether a kernel with symbolic shapes is under the machine's serial limits at some size:
     its work grows with every dim, so at the smallest (every symbol 1) decides. A symbolic-batch
     CNN's elementwise kernels over whole feature maps are over them at batch 1 already, and get
     no run-time branch (each costs a TVMScript print and parse: 0.15 s; int8 EfficientNet-B0 has
-    20). True when the work cannot be evaluated."""
+    20). `work`: `_work_exprs` of the kernel. True when it cannot be evaluated."""
     import tvm
     from tvm import tirx
 
-    work = _work_exprs(original)
-    if work is None:
-        return True
     try:
         analyzer = tvm.sym.Analyzer()
         for v in {v for e in work for v in tirx.analysis.undefined_vars(e)}:
@@ -271,23 +269,20 @@ def _can_be_small(original: "tvm.tirx.PrimFunc", machine: Any) -> bool:
     return int(flops.value) < int(max_flops) and int(nbytes.value) < int(max_bytes)
 
 
-def _serial_when_small(scheduled: "tvm.tirx.PrimFunc", original: "tvm.tirx.PrimFunc", machine: Any,
+def _serial_when_small(scheduled: "tvm.tirx.PrimFunc", work: tuple[Any, Any], machine: Any,
                        text: str) -> "tvm.tirx.PrimFunc":
     """A kernel with symbolic shapes (its work known only at the call): each top-level loop nest
     with a parallel loop becomes `if small: <the nest, serial> else: <the nest>`, `small` being
     `machine.runs_serially` of the kernel's FLOPs and parameter bytes at the call's sizes (the
     rule that makes a fixed-shape kernel serial at compile time: a parallel launch costs a few µs,
     an encoder's head-split transposes and layer norms at S = 16 ran 2-4x their fixed-shape time
-    on two threads). Weight-packing nests (hoisted to load time) stay as they are. Kept as it is
-    when the work cannot be counted or the TVMScript does not parse back."""
+    on two threads). `work`: the kernel's `_work_exprs`. Weight-packing nests (hoisted to load
+    time) stay as they are. Kept as it is when the TVMScript does not parse back."""
     import tvm
     from tvm import tirx
 
     from .base import LAYOUT_REWRITE_ANN, root_parts
 
-    work = _work_exprs(original)
-    if work is None:
-        return scheduled
     max_flops, max_bytes = machine.serial_limits()
     cond = tirx.And(work[0] < tirx.const(int(max_flops), "int64"), work[1] < tirx.const(int(max_bytes), "int64"))
     parts = root_parts(text)

@@ -28,6 +28,9 @@ A group is blocked when every node in it can run blocked and it has a reason to:
   convs instead of writing float for them;
 - `pool`: MaxPool / AveragePool (2-D, one output) and `global-pool`: GlobalAveragePool /
   GlobalMaxPool, when their input is blocked already;
+- `resize`: Resize of H and W (nearest or linear, constant scales, no roi: `resize_blocked_ok`)
+  when its input is blocked already: a detector's x2 upsampling reads and writes whole channel
+  vectors instead of going to NCHW and back around it;
 - `concat`: Concat along the channels when every input's channel count is a multiple of b and
   one input is blocked already (a concat of channel blocks);
 - `elementwise`: unary elementwise ops (Cast included: int8 groups requantize), and binary ones whose operands are blocked activations of
@@ -133,7 +136,7 @@ class LayoutPlan:
         role = self.roles.get(id(node))
         if role is None:
             return PLAIN
-        if role == "batchnorm" and i > 0:
+        if role in ("batchnorm", "resize") and i > 0:
             return PLAIN  # (read as constants when the node is converted)
         if role in ("conv-int8", "stem-int8", "depthwise-int8"):  # (zero points: read as constants)
             weight = {"conv-int8": INT8_WEIGHT, "stem-int8": INT8_STEM_WEIGHT, "depthwise-int8": DW_WEIGHT}[role]
@@ -294,6 +297,26 @@ def _stem_prologue(nodes: list[Node], b: int) -> set[int]:
     return out
 
 
+def _resize_ok(n: Node) -> bool:
+    """Whether Resize `n` can run on channel blocks (`resize.resize_blocked_ok`: nearest or linear
+    over H and W only, constant scales, no roi)."""
+    from .lower.converters.resize import resize_blocked_ok
+
+    ins = _resize_inputs(n)
+    consts = [(_const(v) if v is not None else None) for v in ins]
+    if any(c is None and v is not None for c, v in zip(consts, ins)):
+        return False  # (run-time roi, scales or sizes)
+    roi, scales, sizes = consts
+    return resize_blocked_ok(n, len(n.inputs[0].shape.dims) if n.inputs[0] is not None and n.inputs[0].shape is not None else 0,
+                             roi, scales, sizes)
+
+
+def _resize_inputs(n: Node) -> list[Value | None]:
+    """Resize's roi, scales and sizes inputs, None where absent (or given as "")."""
+    ins = (list(n.inputs[1:4]) + [None] * 3)[:3]
+    return [None if v is None or (not v.name and v.producer() is None and not v.is_graph_input()) else v for v in ins]
+
+
 def _pool_ok(n: Node) -> bool:
     if len(n.outputs) != 1 or not _auto_pad_ok(n) or _dims4(n.outputs[0]) is None:
         return False
@@ -399,6 +422,13 @@ def _group_roles(nodes: list[Node], blocked: set[int], b: int, int8: bool = Fals
                 return None
             role = "pool"
             reason = True
+        elif op == "Resize":
+            # a spatial resize (x2 upsampling) of a blocked map: the block axis is untouched
+            out = _dims4(n.outputs[0])
+            if not x_blocked or out is None or not _resize_ok(n):
+                return None
+            role = "resize"
+            reason = True
         elif op in ("GlobalAveragePool", "GlobalMaxPool"):
             if not x_blocked or _dims4(n.outputs[0]) is None:
                 return None
@@ -411,7 +441,7 @@ def _group_roles(nodes: list[Node], blocked: set[int], b: int, int8: bool = Fals
             out = _dims4(n.outputs[0])
             if out is None or int(n.attr("axis", 0)) not in (1, -3) or not dims:
                 return None
-            if not all(isinstance(d, int) for d in out[2:]):
+            if not all(isinstance(d, int) for d in out[2:]) and any(u.op_type == "Shape" for u, _ in n.outputs[0].uses()):
                 return None  # (a Shape of it would no longer be evaluated while lowering)
             if any(d is None or d[1] % b or _const(v) is not None for d, v in zip(dims, n.inputs)):
                 return None
@@ -617,6 +647,11 @@ def convert_blocked(bb: relax.BlockBuilder, n: Node, role: str, ins: list[Any], 
             BO.pool_blocked, x, kind, [int(k) for k in n.attr("kernel_shape")], strides, pads, dilations,
             bool(n.attr("count_include_pad", 0)), bool(n.attr("ceil_mode", 0)), primfunc_name_hint=f"{kind}pool_blocked",
         )
+    if role == "resize":
+        from .lower.converters.resize import resize_blocked
+
+        roi, scales, sizes = ((_const(v) if v is not None else None) for v in _resize_inputs(n))
+        return resize_blocked(bb, n, x, roi, scales, sizes)
     if role == "concat":
         return bb.emit(relax.op.concat(ins, axis=1))
     if role == "batchnorm":

@@ -127,7 +127,7 @@ def schedule_injective_block(
     if max_parallel_loops is not None:
         outer = outer[:max_parallel_loops]
     if outer:
-        fuse_parallel(sch, outer)
+        fuse_parallel(sch, outer, serial_symbolic_inner=knobs.current().serial_symbolic_inner)
     if vec is not None:
         sch.vectorize(vec)
 
@@ -136,11 +136,15 @@ def schedule_injective_block(
 _FEW_PARALLEL = 16
 
 
-def fuse_parallel(sch: "tvm.s_tir.Schedule", loops: Sequence[Any]) -> Any:
+def fuse_parallel(sch: "tvm.s_tir.Schedule", loops: Sequence[Any], serial_symbolic_inner: bool = False) -> Any:
     """Fuse `loops` into one parallel loop and return it. Leading loops of symbolic extent (a
     dynamic batch) stay serial outside: fused with them, every index inside is recovered with
     divisions by symbolic values (ResNet-50 with a symbolic batch ran 1.7x slower than with
-    batch 1 fixed, same schedules)."""
+    batch 1 fixed, same schedules). `serial_symbolic_inner` (injective kernels, whose loops
+    carry no tile state): the loops after the first symbolic one stay serial inside the parallel
+    loop where one of them is symbolic too ([C/b, H, W] of an upsampled blocked map: `C/b x H`
+    parallel, `W` serial inside, one division by H per row instead of three by H·W, H and W per
+    vector); not for tiled kernels, whose write-back is computed at the returned loop."""
     loops = list(loops)
     lead = 0
     while lead < len(loops) - 1 and static_int(sch.get(loops[lead]).extent) is None:
@@ -150,6 +154,10 @@ def fuse_parallel(sch: "tvm.s_tir.Schedule", loops: Sequence[Any]) -> Any:
     # around a parallel loop over 4 heads, one thread-pool launch per token)
     few = lead > 0 and all(e is not None for e in rest_ext) and math.prod(e or 0 for e in rest_ext) < _FEW_PARALLEL
     rest = loops[lead:] if knobs.current().serial_symbolic_outer and not few else loops
+    if serial_symbolic_inner and rest is not loops:
+        sym = [i for i, lp in enumerate(rest) if static_int(sch.get(lp).extent) is None]
+        if len(sym) > 1:
+            rest = rest[: sym[0] + 1]
     fused = sch.fuse(*rest) if len(rest) > 1 else rest[0]
     sch.parallel(fused)
     return fused

@@ -34,6 +34,10 @@ class ScheduleKnobs:
     fast_erf: bool = True
     #: symbolic (dynamic batch) outer loops stay serial, outside the fused parallel loop
     serial_symbolic_outer: bool = True
+    #: injective kernels: the symbolic loops after the first symbolic one inside the fused
+    #: parallel loop stay serial inside it (base.fuse_parallel; off: all fused, a division by a
+    #: symbolic extent per vector, as before)
+    serial_symbolic_inner: bool = True
     #: materialised pads: decompose into a fill and an interior copy (both vectorisable)
     decompose_padding: bool = True
     #: the elementwise blocks after a matmul/conv inlined into one (GELU reads the matmul twice)

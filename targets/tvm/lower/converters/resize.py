@@ -144,21 +144,56 @@ def _resize_direct(node: Node, roi: np.ndarray | None) -> bool:
             and str_attr(node, "keep_aspect_ratio_policy", "stretch") == "stretch")
 
 
+def resize_blocked(bb: relax.BlockBuilder, node: Node, x: Any, roi: np.ndarray | None, scales: np.ndarray | None,
+                   sizes: np.ndarray | None) -> Any:
+    """Resize (nearest or linear, `resize_blocked_ok`) of a channel-blocked activation
+    [N, C/b, H, W, b] (layout role `resize`): H and W resized as `_resize_symbolic` resizes them
+    in NCHW, the channel-block axes untouched; the innermost axis is the block, so the source
+    coordinates are computed once per output pixel and the taps are whole vectors (in NCHW the
+    vector axis is the output column, whose taps are a gather)."""
+    if not resize_blocked_ok(node, x_rank=4, roi=roi, scales=scales, sizes=sizes):
+        raise LoweringError(f"node {node.label()}: Resize cannot run on channel blocks")
+    return _resize_symbolic(bb, node, x, roi, scales, sizes, blocked=True)
+
+
+def resize_blocked_ok(node: Node, x_rank: int, roi: np.ndarray | None, scales: np.ndarray | None,
+                      sizes: np.ndarray | None) -> bool:
+    """Whether Resize `node` (opset 11 or later: inputs X, roi, scales, sizes) of a rank-4 NCHW
+    input resizes only H and W in one direct kernel (`_resize_direct`: nearest or linear, no roi,
+    a plain coordinate transformation but align_corners), with constant scales whose N and C
+    factors are 1 (not sizes: they would pin N and C), so it can run on channel blocks. Not for: opset 10's
+    Resize(X, scales) (its attributes mean other things), an `axes` attribute, cubic/antialias,
+    tf_crop_and_resize, run-time scales."""
+    if x_rank != 4 or len(node.inputs) < 3 or node.attr("axes", None) is not None:
+        return False
+    if not _resize_direct(node, roi) or (sizes is not None and sizes.size):
+        return False
+    if str_attr(node, "coordinate_transformation_mode", "half_pixel") == "align_corners":
+        # its coordinate scale (n - 1) / (m - 1) of symbolic dims: TVM 0.27's LLVM codegen failed
+        # on the blocked kernel ("IntImm supports only int ... float64"): it stays NCHW
+        return False
+    return scales is not None and scales.shape == (4,) and float(scales[0]) == 1.0 and float(scales[1]) == 1.0 \
+        and all(float(s) > 0 for s in scales)
+
+
 def _resize_symbolic(bb: relax.BlockBuilder, node: Node, x: Any, roi: np.ndarray | None, scales: np.ndarray | None,
-                     sizes: np.ndarray | None) -> Any:
+                     sizes: np.ndarray | None, blocked: bool = False) -> Any:
     """Resize with constant scales or sizes of an input with symbolic dims (a detector's x2
     upsampling of an H x W map): a resized axis of symbolic length n gets the exact output length
     floor(n * scale) = (n * p) // q for the scale's fraction p / q (scales; the float scale is
     exactly p / q for the power-of-two and small-ratio scales exporters write), or the constant
     size. nearest and linear (no antialias, no roi) are one kernel in the data's type over all
     resized axes, source coordinates computed in float64 as the reference; the other modes take the
-    run-time kernels (`resize_runtime_core`, float64)."""
+    run-time kernels (`resize_runtime_core`, float64). Axes of scale 1 are copied, not
+    interpolated (a symbolic batch's 2 taps doubled the loads of a linear x2 upsampling).
+    `blocked`: x is [N, C/b, H, W, b] and the node's scales are those of its NCHW form
+    (`resize_blocked`)."""
     from fractions import Fraction
 
     from tvm import te, tirx
 
     dims = dims_of(x)
-    r = len(dims)
+    r = len(dims) - 1 if blocked else len(dims)
     axes = [a + r if a < 0 else a for a in (node.attr("axes", None) or range(r))]
     mode = str_attr(node, "mode", "nearest")
     ctm = str_attr(node, "coordinate_transformation_mode", "half_pixel")
@@ -176,7 +211,9 @@ def _resize_symbolic(bb: relax.BlockBuilder, node: Node, x: Any, roi: np.ndarray
         elif scales is not None and scales.size:
             sc = float(scales[i])
             scale[a] = sc
-            if isinstance(n, int):
+            if sc == 1.0:
+                out[a] = n
+            elif isinstance(n, int):
                 out[a] = int(sc * n)
             else:
                 f = Fraction(sc).limit_denominator(1 << 16)
@@ -187,6 +224,9 @@ def _resize_symbolic(bb: relax.BlockBuilder, node: Node, x: Any, roi: np.ndarray
         else:
             raise LoweringError(f"node {node.label()}: Resize needs scales or sizes")
     resized = [a for a in axes if not (scale.get(a) == 1.0 and isinstance(out[a], type(dims[a])) and out[a] is dims[a])]
+    if blocked:
+        out.append(dims[r])  # (the channel block)
+        r += 1
     nmode = str_attr(node, "nearest_mode", "round_prefer_floor")
     f64 = "float64"
 
@@ -252,7 +292,7 @@ def _resize_symbolic(bb: relax.BlockBuilder, node: Node, x: Any, roi: np.ndarray
 
         return te.compute(osh, body, name="resize_linear")
 
-    return bb.emit_te(compute, x, primfunc_name_hint=f"resize_{mode}")
+    return bb.emit_te(compute, x, primfunc_name_hint=f"resize_{mode}{'_blocked' if blocked else ''}")
 
 
 def apply_resize(bb: relax.BlockBuilder, node: Node, x: Any, shape: list[int], plan: list[Any], mode: str, ev: float) -> Any:

@@ -11,6 +11,10 @@ hoists out of the model (packed once at compile time).
 A group is blocked when every node in it can run blocked and it has a reason to:
 
 - `conv`: 2-D Conv, group 1, constant float weights, C and OC multiples of b;
+- `pointwise-plain`: a 1x1 Conv (stride 1, no pads, group 1) with OC < b of a blocked input, C a
+  multiple of b: it reads the blocks and writes NCHW (`kernels.blocked.pointwise_to_plain`: a
+  detector's 1-channel logit map), and its elementwise epilogue in the group runs on that NCHW
+  output in the same kernel; a blocked activation never changes layout for it;
 - `stem`: the same with C not a multiple of b (its input stays NCHW, its output is blocked: the
   first conv of a CNN reads an RGB image);
 - `depthwise`: group = C = OC, a multiple of b;
@@ -129,13 +133,15 @@ class LayoutPlan:
     def native(self, v: Value) -> str:
         """The layout `v`'s producer writes it in."""
         p = v.producer()
-        return BLOCKED if p is not None and id(p) in self.roles else PLAIN
+        return BLOCKED if p is not None and id(p) in self.roles and self.roles[id(p)] != "pointwise-plain" else PLAIN
 
     def wants(self, node: Node, i: int) -> str:
         """The form node `node` reads its input `i` in."""
         role = self.roles.get(id(node))
         if role is None:
             return PLAIN
+        if role == "pointwise-plain":
+            return BLOCKED if i == 0 else PLAIN  # (its weight and bias: read as they are)
         if role in ("batchnorm", "resize") and i > 0:
             return PLAIN  # (read as constants when the node is converted)
         if role in ("conv-int8", "stem-int8", "depthwise-int8"):  # (zero points: read as constants)
@@ -242,7 +248,9 @@ def _conv_role(n: Node, b: int, x_blocked: bool) -> str | None:
     c = int(x[1])
     g = int(n.attr("group", 1))
     if oc % b:
-        return None
+        pointwise = (wc.shape[2:] == (1, 1) and [int(s) for s in n.attr("strides", [1, 1])] == [1, 1]
+                     and pads_of(n) == (0, 0, 0, 0))
+        return "pointwise-plain" if pointwise and oc < b and g == 1 and cg == c and c % b == 0 and x_blocked else None
     if g == 1 and cg == c:
         if c % b == 0:
             return "conv"
@@ -401,12 +409,21 @@ def _group_roles(nodes: list[Node], blocked: set[int], b: int, int8: bool = Fals
     reason = False  # a conv in the group, or a blocked input
     prologue = _stem_prologue(nodes, b) if int8 else set()
     inside -= {id(v) for n in nodes if id(n) in prologue for v in n.outputs}
+    plain: set[int] = set()  # values a `pointwise-plain` conv of the group wrote (NCHW), and ops on them
     for n in nodes:
         if id(n) in prologue:
             continue  # (stays NCHW: the quantize of an int8 stem's 3-channel input)
         op = n.op_type
         x = n.inputs[0] if n.inputs else None
         x_blocked = x is not None and (id(x) in blocked or id(x) in inside)
+        if any(v is not None and id(v) in plain for v in n.inputs):
+            # after a pointwise-plain conv: its elementwise epilogue (Sigmoid) runs on the NCHW
+            # output, in the same kernel; anything else there keeps the whole group NCHW
+            acts = [v for v in n.inputs if v is not None and not _is_scalar_const(v)]
+            if op not in _UNARY and op not in _BINARY or len(n.outputs) != 1 or any(id(v) not in plain for v in acts):
+                return None
+            plain.add(id(n.outputs[0]))
+            continue
         if op == "Conv":
             role = _conv_role(n, b, x_blocked)
             if role is None:
@@ -483,6 +500,10 @@ def _group_roles(nodes: list[Node], blocked: set[int], b: int, int8: bool = Fals
             role = "elementwise"
         else:
             return None
+        if role == "pointwise-plain":
+            roles[id(n)] = role
+            plain.add(id(n.outputs[0]))
+            continue
         y = _dims4(n.outputs[0], _ANY)
         if y is None or y[1] % b:
             return None
@@ -629,6 +650,9 @@ def convert_blocked(bb: relax.BlockBuilder, n: Node, role: str, ins: list[Any], 
             corr = (z * w.reshape(w.shape[0], -1).sum(axis=1)).astype(np.int32).reshape(1, -1, 1, 1, block)
             y = bb.emit(relax.op.subtract(y, relax.const(corr, "int32")))
         return y
+    if role == "pointwise-plain":
+        bias = ins[2] if len(ins) > 2 and ins[2] is not None else None
+        return bb.emit_te(BO.pointwise_to_plain, x, ins[1], bias, primfunc_name_hint="pointwise_plain")
     if role in ("conv", "stem", "depthwise"):
         flat = flat_multiple(n, block, plan.machine) if role == "conv" else 0
         if role == "conv" and winograd:

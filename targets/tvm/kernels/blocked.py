@@ -49,6 +49,7 @@ __all__ = [
     "pool_blocked",
     "max_pool_nchw",
     "global_pool_blocked",
+    "pointwise_to_plain",
 ]
 
 
@@ -415,3 +416,32 @@ def global_pool_blocked(x: te.Tensor, kind: str) -> te.Tensor:
     return te.compute(s.shape, lambda i, cb, y, xx, ci: s[i, cb, y, xx, ci] / tirx.Cast(x.dtype, h * wd),
                       name="global_avgpool_blocked")
 
+
+
+def pointwise_to_plain(x: te.Tensor, w: te.Tensor, bias: te.Tensor | None = None) -> te.Tensor:
+    """A 1x1 conv with fewer output channels than a block (a detector's 1-channel logit map) of a
+    blocked input: x [N, C/b, H, W, b], w [OC, C, 1, 1] (plain), bias [OC] → NCHW [N, OC, H, W]
+    (layout role `pointwise-plain`). Per pixel and output channel, the b-lane partial sums over
+    the channel blocks (`pointwise_acc`, one vector FMA per block), then halved lane by lane
+    (`pointwise_sum{b/2}` ... `pointwise_sum1`: a tree of vector adds) and the bias added
+    (`pointwise_out`); `schedules.pointwise.PointwisePlain` keeps all of it per pixel in
+    registers. In NCHW the input went through a layout change first and the conv's only vector
+    axis was its one output channel (scalar code)."""
+    n, cbn, h, wd, b = x.shape
+    oc = w.shape[0]
+    bb = int(b)
+    cb = te.reduce_axis((0, cbn), "cb")
+    acc = te.compute((n, oc, h, wd, b), lambda i, o, y, xx, ci: te.sum(x[i, cb, y, xx, ci] * w[o, cb * bb + ci, 0, 0], axis=[cb]),
+                     name="pointwise_acc")
+
+    def halve(prev: te.Tensor, half: int) -> Any:
+        return lambda i, o, y, xx, k: prev[i, o, y, xx, k] + prev[i, o, y, xx, k + half]
+
+    prev, width = acc, bb
+    while width > 1:
+        width //= 2
+        prev = te.compute((n, oc, h, wd, width), halve(prev, width), name=f"pointwise_sum{width}")
+    last = prev
+    if bias is None:
+        return te.compute((n, oc, h, wd), lambda i, o, y, xx: last[i, o, y, xx, 0], name="pointwise_out")
+    return te.compute((n, oc, h, wd), lambda i, o, y, xx: last[i, o, y, xx, 0] + bias[o], name="pointwise_out")

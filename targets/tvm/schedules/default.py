@@ -16,6 +16,7 @@ from .fast_math import use_fast_erf
 from .injective import Injective
 from .nchwc import BlockedConv
 from .outer_product import OuterProduct
+from .pointwise import PointwisePlain
 from .row_reduction import RowReduction
 from .symbolic_columns import SymbolicColumns
 from .window import WindowReduction
@@ -33,6 +34,7 @@ def default_rules(target: "tvm.target.Target") -> list[ScheduleRule]:
     return [
         Injective(),
         WinogradConv(),  # kernels.winograd's kernels; declines the rest
+        PointwisePlain(),  # kernels.blocked.pointwise_to_plain's; declines the rest
         BlockedConv(),  # channel-blocked (NCHW8c) convs; declines the rest
         OuterProduct(),
         SymbolicColumns(),

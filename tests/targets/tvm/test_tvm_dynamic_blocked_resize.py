@@ -143,3 +143,67 @@ def test_injective_parallel_loop_stops_at_the_first_symbolic_loop(knob, parallel
     text = sch.mod["main"].script()
     assert f"T.parallel({parallel})" in text, text
     assert "T.vectorized(T.int64(16))" in text
+
+
+# --------------------------------------------------------------------------- pointwise-plain
+
+
+def _head(tail: str, weights: dict[str, tuple[int, ...]], out_c: int, dims: str = "N, 3, H, W") -> onnx.ModelProto:
+    """A stem conv 3 -> 16 + Relu on [DIMS], then `tail` (reading `r`) writing `y` [N, out_c, ...]."""
+    text = _HEAD + f"""g (float[{dims}] x) => (float[N, {out_c}, H2, W2] y) {{
+    c0 = Conv <pads = [1, 1, 1, 1], kernel_shape = [3, 3]> (x, w0)
+    r = Relu (c0)
+{tail}
+}}
+"""
+    m = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(1)
+    for name, shape in {"w0": (16, 3, 3, 3), **weights}.items():
+        m.graph.initializer.append(nh.from_array((rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]) or 1)).astype(np.float32), name))
+    return onnx.shape_inference.infer_shapes(m)
+
+
+_LOGIT = ("    c1 = Conv <kernel_shape = [1, 1]> (r, w1, b1)\n    y = Sigmoid (c1)", {"w1": (1, 16, 1, 1), "b1": (1,)}, 1)
+_THREE = ("    y = Conv <kernel_shape = [1, 1]> (r, w1)", {"w1": (3, 16, 1, 1)}, 3)
+
+
+@pytest.mark.parametrize("tail,weights,out_c", [_LOGIT, _THREE], ids=["logit-sigmoid", "three-no-bias"])
+def test_pointwise_conv_to_fewer_channels_reads_the_blocks(tail, weights, out_c):
+    roles = _roles(_head(tail, weights, out_c))
+    assert roles.get("Conv:c1" if "c1" in tail else "Conv:y") == "pointwise-plain", roles
+    assert "Sigmoid:y" not in roles  # (its epilogue runs on the NCHW output, no role)
+
+
+@pytest.mark.parametrize("tail,weights,out_c,why", [
+    ("    y = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (r, w1)", {"w1": (1, 16, 3, 3)}, 1, "3x3"),
+    ("    y = Conv <kernel_shape = [1, 1], strides = [2, 2]> (r, w1)", {"w1": (1, 16, 1, 1)}, 1, "stride 2"),
+    ("    y = Conv <kernel_shape = [1, 1], pads = [1, 1, 1, 1]> (r, w1)", {"w1": (1, 16, 1, 1)}, 1, "padded"),
+    ("    y = Conv <kernel_shape = [1, 1]> (r, w1)", {"w1": (12, 16, 1, 1)}, 12, "12 >= a block of 8"),
+])
+def test_pointwise_near_misses(tail, weights, out_c, why):
+    roles = _roles(_head(tail, weights, out_c))
+    assert "pointwise-plain" not in roles.values(), why
+
+
+def test_pointwise_of_an_nchw_input_stays_nchw():
+    """The first conv of the model (its input is the NCHW image): nothing blocked to read."""
+    m = _head("    y = Conv <kernel_shape = [1, 1]> (x, w1)", {"w1": (1, 3, 1, 1)}, 1)
+    assert "pointwise-plain" not in _roles(m).values()
+
+
+@pytest.mark.parametrize("target", [AVX2_CPU, "cpu"], ids=["avx2", "host"])
+@pytest.mark.parametrize("tail,weights,out_c", [_LOGIT, _THREE], ids=["logit-sigmoid", "three-no-bias"])
+def test_pointwise_to_plain_equals_onnxruntime_at_every_size(target, tail, weights, out_c):
+    m = _head(tail, weights, out_c)
+    art = graphopt.compile(m, target, "-O2", threads=2)
+    names = [e["kernel"] if isinstance(e, dict) else str(e) for e in art.manifest.get("kernel_map", [])]
+    assert not any(str(n).startswith("from_blocked") for n in names), names  # (the conv reads the blocks)
+    sched = art.manifest.get("schedules") or {}
+    assert "pointwise-plain" in str(sched) or "pointwise-plain" in str(art.manifest), "the rule did not schedule it"
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    for shape in [(1, 3, 8, 12), (1, 3, 13, 7), (2, 3, 20, 33)]:
+        x = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32)
+        got, want = art.run({"x": x}), sess.run(None, {"x": x})
+        for g, w in zip(got, want):
+            assert g.shape == w.shape
+            np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)

@@ -360,7 +360,12 @@ def plan_layout(model: Model, groups: list[tuple[str, list[Node]]], block: int, 
                 m = 2
             if m:
                 plan.winograd[id(n)] = m
+        plain: set[int] = set()  # (a pointwise-plain conv's NCHW output and its epilogue's)
         for n in nodes:
+            if roles.get(id(n)) == "pointwise-plain" or (id(n) not in roles and any(
+                    v is not None and id(v) in plain for v in n.inputs)):
+                plain.update(id(v) for v in n.outputs)
+                continue
             for v in n.outputs:
                 blocked.add(id(v))
     return plan

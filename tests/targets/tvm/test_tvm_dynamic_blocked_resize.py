@@ -207,3 +207,18 @@ def test_pointwise_to_plain_equals_onnxruntime_at_every_size(target, tail, weigh
         for g, w in zip(got, want):
             assert g.shape == w.shape
             np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
+
+
+def test_pointwise_output_read_by_a_later_conv_is_nchw():
+    """The 3-channel NCHW map a pointwise-plain conv writes, read by a 3x3 conv of another group:
+    that conv is a stem (it reads NCHW), not a blocked conv of a 'blocked' 3-channel input."""
+    tail = ("    p = Conv <kernel_shape = [1, 1]> (r, w1)\n    q = Relu (p)\n"
+            "    y = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (q, w2)")
+    m = _head(tail, {"w1": (3, 16, 1, 1), "w2": (16, 3, 3, 3)}, 16)
+    roles = _roles(m)
+    assert roles.get("Conv:p") == "pointwise-plain" and roles.get("Conv:y") == "stem", roles
+    art = graphopt.compile(m, AVX2_CPU, "-O2", threads=2)
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    for shape in [(1, 3, 9, 12), (2, 3, 16, 5), (1, 3, 24, 24)]:
+        x = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32)
+        np.testing.assert_allclose(art.run({"x": x})[0], sess.run(None, {"x": x})[0], rtol=2e-5, atol=2e-5)

@@ -34,6 +34,10 @@ class ScheduleKnobs:
     fast_erf: bool = True
     #: symbolic (dynamic batch) outer loops stay serial, outside the fused parallel loop
     serial_symbolic_outer: bool = True
+    #: ... except where one launch of the static loops inside is little work (given the machine
+    #: model): the symbolic loops then join the parallel loop (base.fuse_parallel; off: serial
+    #: symbolic loops around every such launch, as before)
+    symbolic_small_launch: bool = True
     #: materialised pads: decompose into a fill and an interior copy (both vectorisable)
     decompose_padding: bool = True
     #: the elementwise blocks after a matmul/conv inlined into one (GELU reads the matmul twice)
@@ -84,6 +88,10 @@ class ScheduleKnobs:
     #: matmuls with two symbolic row axes [N, S, K]: also compiled for N = 1 (one symbolic row
     #: axis, padded to the row tile), chosen at the call (off: one-row tiles at every N)
     batch_one_branch: bool = True
+    #: channel-blocked convs parallel over whole batch items (flat convs on small maps): their
+    #: materialised pad computed per item under that loop, not as a pass over the whole batch
+    #: (nchwc._pad_per_item; off: a parallel pad pass first, as before)
+    pad_per_item: bool = True
 
     @classmethod
     def parse(cls, text: str) -> ScheduleKnobs:

@@ -92,6 +92,9 @@ class ScheduleKnobs:
     #: materialised pad computed per item under that loop, not as a pass over the whole batch
     #: (nchwc._pad_per_item; off: a parallel pad pass first, as before)
     pad_per_item: bool = True
+    #: LLVM targets: nearbyint (Round, QuantizeLinear) as llvm.roundeven, which TVM vectorises
+    #: (fast_math.vectorisable_rounding; off: nearbyint, its lanes scalar)
+    vector_rounding: bool = True
 
     @classmethod
     def parse(cls, text: str) -> ScheduleKnobs:

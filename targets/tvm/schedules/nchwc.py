@@ -570,10 +570,13 @@ def _schedule_chunked(sch: Any, anchor: Any, m: _Match, tile: ConvTile, s: _Conv
     red_in = [icb_i, L["kw"], L["ii"]] if passes else [icb_i, L["kh"], L["kw"], L["ii"]]
     chunk_loops = [chunk_loop, L["kh"]] if passes else [chunk_loop]
     sch.reorder(L["n"], ob_o, *part, *chunk_loops, L["y"], p_o, oi_o, *red_in, *inner_tile, oi_i)
+    per_item = all(static_int(sch.get(lp).extent) == 1 for lp in [ob_o, *part])
     fused = fuse_parallel(sch, [L["n"], ob_o, *part], machine)
     wb = sch.cache_write(anchor, 0, "local")
     sch.reverse_compute_at(wb, fused, preserve_unit_loops=True)
     inline_consumers(sch, wb)
+    if per_item and knobs.current().pad_per_item:
+        _pad_per_item(sch, anchor, fused, lanes)
     sch.vectorize(oi_i)
     sch.unroll(p_i)
     sch.unroll(ob_i)

@@ -367,9 +367,31 @@ def inline_consumers(sch, wb) -> None:
         try:
             sch.reverse_compute_inline(consumers[0])
         except Exception:
+            if knobs.current().inline_guard_constants and _inline_constant_producers(sch, consumers[0], wb):
+                continue
             if int8 and merge_epilogue_branches(sch, wb):
                 continue
             return
+
+
+def _inline_constant_producers(sch: "tvm.s_tir.Schedule", block: Any, wb: Any) -> bool:
+    """compute_inline the producers of epilogue `block` other than the write-back `wb` that
+    read nothing computed (a float Subtract's `ieee_guard` copy of its constant operand,
+    lower/legalize.py): with them in place reverse_compute_inline refuses `block` (two
+    producers), and the rest of the epilogue ran as passes of its own over the output (a
+    requantize-dequantize before int8 mnist_resnet8's residual adds: a subtract and a multiply
+    pass over each shortcut conv's output). True when one moved."""
+    moved = False
+    wb_name = sch.get(wb).name_hint
+    for p in sch.get_producers(block):
+        if sch.get(p).name_hint == wb_name or sch.get_producers(p):
+            continue
+        try:
+            sch.compute_inline(p)
+            moved = True
+        except Exception:  # noqa: BLE001 - left where it is
+            pass
+    return moved
 
 
 def _same_shape(a: Any, b: Any) -> bool:

@@ -95,6 +95,10 @@ class ScheduleKnobs:
     #: LLVM targets: nearbyint (Round, QuantizeLinear) as llvm.roundeven, which TVM vectorises
     #: (fast_math.vectorisable_rounding; off: nearbyint, its lanes scalar)
     vector_rounding: bool = True
+    #: an epilogue op whose other operand is a constant copied by a block of its own (a float
+    #: Subtract's ieee_guard): that block inlined first, so the epilogue joins the write-back
+    #: (base._inline_constant_producers; off: the rest of the epilogue as passes of their own)
+    inline_guard_constants: bool = True
 
     @classmethod
     def parse(cls, text: str) -> ScheduleKnobs:

@@ -337,7 +337,7 @@ def write_back_loops(sch: "tvm.s_tir.Schedule", loops: list[Any], lanes: int) ->
             sch.unroll(lp)
 
 
-def fuse_prologue(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> Any:
+def fuse_prologue(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int, machine: Any = None) -> Any:
     """Fuse the elementwise chain that computes blocked conv `anchor`'s input inside the kernel
     into one pass, and schedule it; returns the fused block, or None where it does not apply.
 
@@ -409,7 +409,7 @@ def fuse_prologue(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> Any:
             bounds |= {-off, -off + src_c}  # (a concat input read at c - k: channel blocks [k, k + its count))
     cuts = sorted(bounds)
     sch.reorder(n, h, w, c, b)
-    fuse_parallel(sch, [n, h, w])
+    fuse_parallel(sch, [n, h, w], machine)  # (the machine model: a small pass takes a symbolic batch in)
     parts = [c]
     if len(cuts) > 2:
         sizes = [hi - lo for lo, hi in zip(cuts, cuts[1:])]
@@ -462,7 +462,7 @@ class BlockedConv(ScheduleRule):
         if pad is None:
             inline_copies(sch, anchor, moves_only=knobs.current().materialise_prologue)
             if knobs.current().fuse_prologue and knobs.current().materialise_prologue:
-                fuse_prologue(sch, anchor, lanes)
+                fuse_prologue(sch, anchor, lanes, machine)
         m = match_blocked_conv(sch, anchor, lanes)  # loops are the same, refetch the handles
         if m is None:
             return None

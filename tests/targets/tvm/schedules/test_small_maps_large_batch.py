@@ -209,6 +209,17 @@ def test_requantize_rounding_stays_vector() -> None:
         assert scalar_off > 0  # vectoriser put them back together)
 
 
+def test_guarded_subtract_joins_the_write_back() -> None:
+    """The quantized CNN's float shortcut conv ends in requantize -> dequantize (a Subtract whose
+    constant operand the lowering copies through an `ieee_guard` block): that block is inlined
+    and the whole epilogue runs in the conv's write-back, no subtract pass of its own
+    (INLINE_GUARD_CONSTANTS:0: both blocks stay, a parallel pass over the output each)."""
+    text = _scalar_requantize()[2]
+    assert 'T.sblock("ieee_guard")' not in text and 'T.sblock("T_subtract' not in text
+    off = _scalar_requantize("INLINE_GUARD_CONSTANTS:0")[2]
+    assert 'T.sblock("ieee_guard")' in off and 'T.sblock("T_subtract' in off
+
+
 def test_quantized_symbolic_batch_numbers_match_onnxruntime() -> None:
     """The quantized CNN compiled with a symbolic batch, run at N = 64, against onnxruntime on
     the same QDQ model (its QLinear kernels round on their own: within a step or so)."""

@@ -223,7 +223,7 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
     mt, mo = statistics.median(times[0]), statistics.median(times[1])
     # per round tvm/ort (both ran back to back): load that drifts between rounds cancels in each ratio
     paired = statistics.median(a / b for a, b in zip(times[0], times[1]))
-    flops = model_flops(path)
+    flops = model_flops(path) * run_batch  # (symbolic dims count 1: the batch run scales them)
     rep = art.report
     row = {
         "model": name,

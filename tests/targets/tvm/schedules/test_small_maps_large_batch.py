@@ -174,10 +174,10 @@ def _scalar_requantize(knobs: str = "") -> tuple[int, int, str]:
         p.run(g, PassContext())
     t = get_target("cpu")
     target = t.tvm_target(2)
-    lowered, mod = L.lower_and_fuse(g, target, block=t.activation_block(target))
-    mod, _ = t.int8_kernels(mod, target, lowered.params)
     stats = ScheduleStats()
-    with using(ScheduleKnobs.parse(knobs)):
+    with using(ScheduleKnobs.parse(knobs)):  # (the lowering too, as in a compile)
+        lowered, mod = L.lower_and_fuse(g, target, block=t.activation_block(target))
+        mod, _ = t.int8_kernels(mod, target, lowered.params)
         mod = apply_default_schedules(mod, target, stats=stats)
     count = kernels = 0
     text = "\n".join(f.script() for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))

@@ -103,6 +103,10 @@ class MachineModel:
     #: TVM's pool costs a few µs per call (a recurrent step of three 128-wide matmuls: 6.3 µs on
     #: one thread, 16.6 µs on two)
     SERIAL_BELOW_S = 10e-6
+    #: a parallel loop whose one launch is under this much of one core's work takes the symbolic
+    #: (batch) loops around it into its iterations rather than being launched once per batch item
+    #: (`schedules.base.fuse_parallel`): the few µs of each launch are then paid once per call
+    LAUNCH_AMORTISED_S = 50e-6
 
     def core_seconds(self, flops: float, bytes_touched: float) -> float:
         """One core's time for `flops` fp32 FLOPs at peak and `bytes_touched` streamed, whichever

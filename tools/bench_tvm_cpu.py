@@ -7,12 +7,20 @@
     .venv/bin/python tools/bench_tvm_cpu.py --models bert_base_s128 --budget 30 \
         --schedule-knobs 'INLINE_EPILOGUE:0;MATMUL_WIDE_VT:0;MATMUL_K_BLOCK:0;ROW_REDUCTION:0'
 
+    # a trained model at batch 64 (symbolic batch, as shipped) beside the same model compiled with the
+    # batch fixed to 64, and its int8 build (the quantize pass + the cpu target), all against
+    # onnxruntime fp32 at N = 64 in the same rounds:
+    .venv/bin/python tools/bench_tvm_cpu.py --models .cache/real/mnist_resnet8.onnx --batch 0 --run-batch 64 \
+        --compare-batch 64 --threads 2
+    .venv/bin/python tools/bench_tvm_cpu.py --models .cache/real/mnist_resnet8.onnx --batch 0 --run-batch 64 \
+        --pipeline='-O2,quantize{scheme=int8,speed=off,data=.cache/real/mnist_resnet8.calib.npz}'
+
     # tune into a database for 25 minutes, benchmark the tuned artifact, then recompile with the
     # warm database (timed) and benchmark that too, all against onnxruntime in the same rounds:
     nice -n 10 .venv/bin/python tools/bench_tvm_cpu.py --models resnet50 --tune-minutes 25 --tuning-db DIR
 
-Per model (.cache/corpus/<name>.onnx, made by tools/make_corpus.py; batch 1, compiled with the
-symbolic batch fixed to 1 unless --batch 0):
+Per model (.cache/corpus/<name>.onnx, made by tools/make_corpus.py, or a path to an .onnx file; batch 1,
+compiled with the symbolic batch fixed to 1 unless --batch 0 (then run at --run-batch)):
 - compile: wall seconds of graphopt.compile(model, "cpu", "-O2") and its stages (passes are
   included in the wall figure), kernel groups (and how many were emitted inline), and whether
   the default schedules were applied;
@@ -111,7 +119,7 @@ def with_target_option(spec: str, key: str, value: str) -> str:
 
 
 def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
-    path = os.path.join(CORPUS, f"{name}.onnx")
+    path = name if name.endswith(".onnx") else os.path.join(CORPUS, f"{name}.onnx")
     if not os.path.exists(path):
         print(f"{name}: {path} missing (run tools/make_corpus.py)", file=sys.stderr)
         return {"model": name, "missing": True}
@@ -122,7 +130,7 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        art = graphopt.compile(source, args.target, "-O2", threads=args.threads, tune=args.tune,
+        art = graphopt.compile(source, args.target, args.pipeline, threads=args.threads, tune=args.tune,
                                tune_minutes=args.tune_minutes, tuning_db=args.tuning_db, progress=args.tune > 0)
     compile_s = time.perf_counter() - t
     warm = None
@@ -132,7 +140,7 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
         t = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            warm = graphopt.compile(source, args.target, "-O2", threads=args.threads, tuning_db=args.tuning_db)
+            warm = graphopt.compile(source, args.target, args.pipeline, threads=args.threads, tuning_db=args.tuning_db)
         warm_s = time.perf_counter() - t
         print(f"{name}: warm-database recompile {warm_s:.1f} s", flush=True)
     knob_art = None
@@ -143,18 +151,24 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             knob_art = graphopt.compile(source, with_target_option(args.target, "schedule-knobs", args.schedule_knobs),
-                                        "-O2", threads=args.threads)
+                                        args.pipeline, threads=args.threads)
     if args.compare:  # another target spec (machine model), same rounds
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            knob_art = graphopt.compile(source, args.compare, "-O2", threads=args.threads)
+            knob_art = graphopt.compile(source, args.compare, args.pipeline, threads=args.threads)
+    if args.compare_batch:  # the same target and pipeline, the symbolic dims fixed to this batch, same rounds
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            knob_art = graphopt.compile(static_batch(path, args.compare_batch), args.target, args.pipeline,
+                                        threads=args.threads)
     mm = art.manifest["target"].get("machine", {})
     print(f"{name}: machine model {mm.get('mcpu')} ({mm.get('vector_bits')}-bit, {mm.get('lanes_fp32')} fp32 lanes, "
           f"{mm.get('accumulators')} accumulators, int8 {mm.get('int8_dot')})", flush=True)
     model = graphopt.load(path)
     from graphopt.check import random_inputs
 
-    feeds = random_inputs(model, seed=0, dim_values={d: 1 for d in ("batch", "N", "batch_size")})
+    run_batch = args.run_batch or args.batch or 1
+    feeds = random_inputs(model, seed=0, dim_values={d: run_batch for d in ("batch", "N", "batch_size")})
     # integer inputs are token ids / type ids / masks: keep them valid for every vocabulary
     feeds = {k: (v % 2 if v.dtype.kind in "iu" else v) for k, v in feeds.items()}
     so = ort.SessionOptions()
@@ -209,10 +223,12 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
     mt, mo = statistics.median(times[0]), statistics.median(times[1])
     # per round tvm/ort (both ran back to back): load that drifts between rounds cancels in each ratio
     paired = statistics.median(a / b for a, b in zip(times[0], times[1]))
-    flops = model_flops(path)
+    flops = model_flops(path) * run_batch  # (symbolic dims count 1: the batch run scales them)
     rep = art.report
     row = {
         "model": name,
+        "pipeline": args.pipeline,
+        "run_batch": run_batch,
         "compile_s": round(compile_s, 2),
         "stages_s": rep.get("seconds", {}),
         "groups": art.manifest["kernels"]["groups"],
@@ -240,7 +256,7 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
         else:  # per task, from the tuning run
             row["kept"] = {k: sum(1 for v in kept.values() if v.get("kept") == k) for k in ("tuned", "default", "none")}
     if knob_idx is not None:
-        row.update({"schedule_knobs": args.compare or args.schedule_knobs, "knobs_ms": statistics.median(times[knob_idx]) * 1e3,
+        row.update({"schedule_knobs": args.compare or args.schedule_knobs or f"batch fixed to {args.compare_batch}", "knobs_ms": statistics.median(times[knob_idx]) * 1e3,
                     "paired_ratio_knobs_over_ort": statistics.median(a / b for a, b in zip(times[knob_idx], times[1])),
                     "knobs_max_abs_vs_ort": knob_maxabs})
     if warm is not None:
@@ -253,7 +269,8 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
           f"ort {mo*1e3:.2f} ms, tvm/ort {mt/mo:.2f}x (paired {paired:.3f}x); GFLOP/s tvm {row['tvm_gflops']:.1f}, ort {row['ort_gflops']:.1f} "
           f"(peak {peak:.1f}: {row['tvm_gflops']/peak:.0%} / {row['ort_gflops']/peak:.0%})", flush=True)
     if knob_idx is not None:
-        label = f"--compare {args.compare!r}" if args.compare else f"--schedule-knobs {args.schedule_knobs!r}"
+        label = (f"--compare {args.compare!r}" if args.compare else f"--compare-batch {args.compare_batch}" if args.compare_batch
+                 else f"--schedule-knobs {args.schedule_knobs!r}")
         print(f"{name}: with {label}: {row['knobs_ms']:.2f} ms, paired "
               f"{row['paired_ratio_knobs_over_ort']:.3f}x ort (this compile: {paired:.3f}x); "
               f"max|knobs-ort| {knob_maxabs:.2e}", flush=True)
@@ -292,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-warm", action="store_true", help="skip the warm-database recompile after tuning")
     p.add_argument("--batch", type=int, default=1, help="compile with symbolic input dims fixed to this (the "
                    "benchmark's batch; 0: keep them symbolic, which tuning cannot handle)")
+    p.add_argument("--run-batch", type=int, default=0, help="the batch both sides run (default: --batch, or 1 "
+                   "with --batch 0)")
+    p.add_argument("--compare-batch", type=int, default=0, help="also compile with the symbolic dims fixed to this "
+                   "batch (with --batch 0: symbolic vs fixed) and benchmark it in the same rounds")
+    p.add_argument("--pipeline", default="-O2", help="the pipeline every artifact is compiled with (write --pipeline=SPEC; e.g. "
+                   "'-O2,quantize{scheme=int8,speed=off,data=calib.npz}'); onnxruntime runs the original model")
     p.add_argument("--schedule-knobs", default="",
                    help="also compile with these default-schedule knobs ('NAME:INT;...' of tvm/schedules/knobs.py, the target's schedule-knobs option; "
                         "for graphopt.targets.MODULE, e.g. 'MATMUL_K_BLOCK=0;ROW_REDUCTION=0' or "
@@ -301,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.tune_minutes and args.tune <= 0:
         args.tune = 1_000_000  # a time budget only: the minutes decide
-    if args.compare and args.schedule_knobs:
-        p.error("--compare and --schedule-knobs: one at a time")
+    if sum(map(bool, (args.compare, args.schedule_knobs, args.compare_batch))) > 1:
+        p.error("--compare, --compare-batch and --schedule-knobs: one at a time")
     if args.tune > 0 and not args.tuning_db:
         p.error("--tune/--tune-minutes need --tuning-db DIR")
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -320,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
                 out = os.path.join(d, "rows.json")
                 argv_m = [sys.executable, os.path.abspath(__file__), "--models", m, "--threads", str(args.threads),
                           "--budget", str(args.budget), "--gap-ms", str(args.gap_ms), "--min-runs", str(args.min_runs), "--max-runs", str(args.max_runs),
-                          "--tune", str(args.tune), "--json", out, "--batch", str(args.batch)]
+                          "--tune", str(args.tune), "--json", out, "--batch", str(args.batch),
+                          "--run-batch", str(args.run_batch), "--compare-batch", str(args.compare_batch),
+                          f"--pipeline={args.pipeline}"]
                 argv_m += ["--tune-minutes", str(args.tune_minutes)] if args.tune_minutes else []
                 argv_m += ["--tuning-db", args.tuning_db] if args.tuning_db else []
                 argv_m += ["--no-warm"] if args.no_warm else []

@@ -83,6 +83,30 @@ def _nan_arg_max_min(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
                       primfunc_name_hint=f"arg{kind}")
 
 
+def _round_even(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """relax.round (ONNX Round, QuantizeLinear's rounding) of floats as `llvm.roundeven` on LLVM
+    targets: round half to even, the values of TVM's `nearbyint` in the default rounding mode, but
+    TVM's vectoriser widens an LLVM intrinsic call and not `tirx.nearbyint` (no TVectorizable):
+    every requantize epilogue ran a scalar multiply, rounding, clamp and conversion per lane.
+    `schedules.fast_math.vectorisable_rounding` rewrites what reaches the schedules still holding
+    nearbyint (a TVMScript round trip, 0.14 s a kernel: done here it costs nothing). Other dtypes
+    as TVM legalizes them (and every dtype under the knob VECTOR_ROUNDING:0, which the lowering
+    runs inside)."""
+    from tvm import te, tirx
+
+    from ..schedules import knobs
+
+    x = call.args[0]
+    dtype = str(x.ty.dtype)
+    if dtype not in ("float16", "float32", "float64") or not knobs.current().vector_rounding:
+        return _tvm_legalization(bb, call)
+
+    def f(t: te.Tensor) -> te.Tensor:
+        return te.compute(t.shape, lambda *i: tirx.call_llvm_pure_intrin(dtype, "llvm.roundeven", t(*i)), name="round")
+
+    return bb.call_te(f, x, primfunc_name_hint="round")
+
+
 #: graphopt's legalizations in place of TVM's (IEEE-correct float results)
 def reshape_groups(src: list[Any], dst: list[Any]) -> list[tuple[int, int, int, int]] | None:
     """Pair the dims of a reshape `src` -> `dst` into groups [(i0, i1, j0, j1)]: src[i0:i1] holds
@@ -172,7 +196,7 @@ def _grouped_reshape(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 
 LEGALIZATIONS = {"relax.subtract": _float_subtract, "relax.max": _nan_max_min, "relax.min": _nan_max_min,
                  "relax.nn.max_pool2d": _nan_max_pool2d, "relax.argmax": _nan_arg_max_min,
-                 "relax.argmin": _nan_arg_max_min, "relax.reshape": _grouped_reshape}
+                 "relax.argmin": _nan_arg_max_min, "relax.reshape": _grouped_reshape, "relax.round": _round_even}
 #: ... on GPUs: dlight's cross-thread reductions know only TIR's own reducers (its rfactor finds
 #: no "matched reducer" for the maxNum ones), so max/min/pools stay TVM's there
 GPU_LEGALIZATIONS = {"relax.subtract": _float_subtract}

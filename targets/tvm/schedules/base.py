@@ -17,7 +17,7 @@ from . import knobs
 if TYPE_CHECKING:  # tvm is an optional dependency: import it lazily
     import tvm
 
-__all__ = ["ScheduleRule", "ScheduleStats", "GENERIC_RULES", "LAYOUT_REWRITE_ANN", "vector_lanes", "vars_in", "region_vars", "root_block", "is_reduction", "divisors_of", "schedule_injective_block", "fuse_parallel", "inline_arg_copies", "one_reduction", "inline_copies", "inline_consumers", "merge_epilogue_branches", "schedule_rest", "branch_kernels"]
+__all__ = ["ScheduleRule", "ScheduleStats", "GENERIC_RULES", "LAYOUT_REWRITE_ANN", "vector_lanes", "vars_in", "region_vars", "root_block", "is_reduction", "divisors_of", "schedule_injective_block", "fuse_parallel", "launch_work", "small_launch", "inline_arg_copies", "one_reduction", "inline_copies", "inline_consumers", "merge_epilogue_branches", "schedule_rest", "branch_kernels"]
 
 
 #: Block annotation that SplitLayoutRewritePreproc looks for (weight-packing blocks).
@@ -98,9 +98,10 @@ def divisors_of(n: int) -> list[int]:
 
 
 def schedule_injective_block(
-    sch: "tvm.s_tir.Schedule", block: Any, lanes: int, max_parallel_loops: int | None = None
+    sch: "tvm.s_tir.Schedule", block: Any, lanes: int, max_parallel_loops: int | None = None, machine: Any = None
 ) -> None:
-    """Parallel over the outer loops, vectorise the innermost (when it splits evenly)."""
+    """Parallel over the outer loops, vectorise the innermost (when it splits evenly); `machine`:
+    the target's machine model, for `fuse_parallel`."""
     loops = sch.get_loops(block)
     if not loops:
         return
@@ -127,7 +128,7 @@ def schedule_injective_block(
     if max_parallel_loops is not None:
         outer = outer[:max_parallel_loops]
     if outer:
-        fuse_parallel(sch, outer, serial_symbolic_inner=knobs.current().serial_symbolic_inner)
+        fuse_parallel(sch, outer, machine, serial_symbolic_inner=knobs.current().serial_symbolic_inner)
     if vec is not None:
         sch.vectorize(vec)
 
@@ -136,15 +137,25 @@ def schedule_injective_block(
 _FEW_PARALLEL = 16
 
 
-def fuse_parallel(sch: "tvm.s_tir.Schedule", loops: Sequence[Any], serial_symbolic_inner: bool = False) -> Any:
+def fuse_parallel(sch: "tvm.s_tir.Schedule", loops: Sequence[Any], machine: Any = None,
+                  serial_symbolic_inner: bool = False) -> Any:
     """Fuse `loops` into one parallel loop and return it. Leading loops of symbolic extent (a
     dynamic batch) stay serial outside: fused with them, every index inside is recovered with
     divisions by symbolic values (ResNet-50 with a symbolic batch ran 1.7x slower than with
-    batch 1 fixed, same schedules). `serial_symbolic_inner` (injective kernels, whose loops
-    carry no tile state): the loops after the first symbolic one stay serial inside the parallel
-    loop where one of them is symbolic too ([C/b, H, W] of an upsampled blocked map: `C/b x H`
-    parallel, `W` serial inside, one division by H per row instead of three by H·W, H and W per
-    vector); not for tiled kernels, whose write-back is computed at the returned loop."""
+    batch 1 fixed, same schedules) ... unless what remains is a handful of iterations, or (given
+    the target's `machine` model) one launch of it is little work (`small_launch`): then the
+    symbolic loops join the parallel loop, outermost, so the indices come from divisions by the
+    static extents inside. `for n in range(N): parallel(900 pixels of a pad)` launched the thread
+    pool N times for ~1 µs of work each: a small-map CNN at batch 64 spent most of its pads' and
+    stems' time in launches (mnist_resnet8: the pads of its flat convs, the 28-row stem, the
+    Winograd input transforms). Must not fire where a launch of the static rest is long enough
+    to pay for itself (a 56x56 conv's rows keep the serial batch loop outside, as before).
+
+    `serial_symbolic_inner` (injective kernels, whose loops carry no tile state): the loops after
+    the first symbolic one stay serial inside the parallel loop where one of them is symbolic too
+    ([C/b, H, W] of an upsampled blocked map: `C/b x H` parallel, `W` serial inside, one division
+    by H per row instead of three by H·W, H and W per vector); not for tiled kernels, whose
+    write-back is computed at the returned loop."""
     loops = list(loops)
     lead = 0
     while lead < len(loops) - 1 and static_int(sch.get(loops[lead]).extent) is None:
@@ -153,7 +164,9 @@ def fuse_parallel(sch: "tvm.s_tir.Schedule", loops: Sequence[Any], serial_symbol
     # ... unless what remains is a handful of iterations (an encoder's head split: S serial
     # around a parallel loop over 4 heads, one thread-pool launch per token)
     few = lead > 0 and all(e is not None for e in rest_ext) and math.prod(e or 0 for e in rest_ext) < _FEW_PARALLEL
-    rest = loops[lead:] if knobs.current().serial_symbolic_outer and not few else loops
+    small = (lead > 0 and not few and machine is not None and knobs.current().symbolic_small_launch
+             and small_launch(sch, loops[lead:], machine))
+    rest = loops[lead:] if knobs.current().serial_symbolic_outer and not few and not small else loops
     if serial_symbolic_inner and rest is not loops:
         sym = [i for i, lp in enumerate(rest) if static_int(sch.get(lp).extent) is None]
         if len(sym) > 1:
@@ -161,6 +174,45 @@ def fuse_parallel(sch: "tvm.s_tir.Schedule", loops: Sequence[Any], serial_symbol
     fused = sch.fuse(*rest) if len(rest) > 1 else rest[0]
     sch.parallel(fused)
     return fused
+
+
+def launch_work(sch: "tvm.s_tir.Schedule", loops: Sequence[Any]) -> tuple[float, float] | None:
+    """(FLOPs, bytes) of one pass over the nested `loops` (outermost first, static extents): per
+    block under the innermost, its iterations (2 FLOPs each in a reduction, else an element
+    stored and each of its reads loaded, 4 bytes each) times the extents of the loops between.
+    None where an extent is symbolic or the loops are not nested."""
+    total = 1
+    for lp in loops:
+        e = static_int(sch.get(lp).extent)
+        if e is None:
+            return None
+        total *= e
+    inner = sch.get(loops[-1])
+    flops = nbytes = 0.0
+    for block in sch.get_child_blocks(loops[-1]):
+        bl = sch.get_loops(block)
+        at = next((k for k, lp in enumerate(bl) if sch.get(lp).same_as(inner)), None)
+        if at is None:
+            return None
+        iters = 1
+        for lp in bl[at + 1:]:
+            e = static_int(sch.get(lp).extent)
+            if e is None:
+                return None
+            iters *= e
+        stmt = sch.get(block)
+        if is_reduction(stmt):
+            flops += 2.0 * iters
+        else:
+            nbytes += 4.0 * iters * (1 + len(stmt.reads))
+    return flops * total, nbytes * total
+
+
+def small_launch(sch: "tvm.s_tir.Schedule", loops: Sequence[Any], machine: Any) -> bool:
+    """Whether one parallel launch over `loops` (`launch_work`) is under the machine model's
+    `LAUNCH_AMORTISED_S` of one core's work (`MachineModel.core_seconds`); False where unknown."""
+    work = launch_work(sch, loops)
+    return work is not None and machine.core_seconds(*work) < machine.LAUNCH_AMORTISED_S
 
 
 # --------------------------------------------------------------------------- rules
@@ -326,9 +378,31 @@ def inline_consumers(sch, wb) -> None:
         try:
             sch.reverse_compute_inline(consumers[0])
         except Exception:
+            if knobs.current().inline_guard_constants and _inline_constant_producers(sch, consumers[0], wb):
+                continue
             if int8 and merge_epilogue_branches(sch, wb):
                 continue
             return
+
+
+def _inline_constant_producers(sch: "tvm.s_tir.Schedule", block: Any, wb: Any) -> bool:
+    """compute_inline the producers of epilogue `block` other than the write-back `wb` that
+    read nothing computed (a float Subtract's `ieee_guard` copy of its constant operand,
+    lower/legalize.py): with them in place reverse_compute_inline refuses `block` (two
+    producers), and the rest of the epilogue ran as passes of its own over the output (a
+    requantize-dequantize before int8 mnist_resnet8's residual adds: a subtract and a multiply
+    pass over each shortcut conv's output). True when one moved."""
+    moved = False
+    wb_name = sch.get(wb).name_hint
+    for p in sch.get_producers(block):
+        if sch.get(p).name_hint == wb_name or sch.get_producers(p):
+            continue
+        try:
+            sch.compute_inline(p)
+            moved = True
+        except Exception:  # noqa: BLE001 - left where it is
+            pass
+    return moved
 
 
 def _same_shape(a: Any, b: Any) -> bool:
@@ -364,8 +438,9 @@ def merge_epilogue_branches(sch: "tvm.s_tir.Schedule", wb: Any) -> bool:
     return moved
 
 
-def schedule_rest(sch, done: set[str], lanes: int) -> None:
-    """Injective schedule for the root-level blocks a rule did not place (pads, packs, tails)."""
+def schedule_rest(sch, done: set[str], lanes: int, machine: Any = None) -> None:
+    """Injective schedule for the root-level blocks a rule did not place (pads, packs, tails);
+    `machine`: the target's machine model, for `fuse_parallel`."""
     for block in sch.get_child_blocks(root_block(sch)):
         name = sch.get(block).name_hint
         if name in done:
@@ -376,7 +451,7 @@ def schedule_rest(sch, done: set[str], lanes: int) -> None:
         ):
             continue
         try:
-            schedule_injective_block(sch, block, lanes)
+            schedule_injective_block(sch, block, lanes, machine=machine)
         except Exception:
             pass
 

@@ -12,7 +12,7 @@ from ..tir_match import static_int
 from . import knobs
 from .base import ScheduleRule, ScheduleStats, is_reduction, root_block, vector_lanes
 from .fallback import DlightRule, Fallback
-from .fast_math import use_fast_erf
+from .fast_math import use_fast_erf, vectorisable_rounding
 from .injective import Injective
 from .nchwc import BlockedConv
 from .outer_product import OuterProduct
@@ -109,6 +109,7 @@ def _apply_default_schedules(mod: "tvm.IRModule", target: "tvm.target.Target", s
         target = tvm.target.Target(target)
     if str(target.kind.name) == "llvm" and knobs.current().fast_erf:
         use_fast_erf()
+    llvm = str(target.kind.name) == "llvm"
     from ...machine import machine_model
     from ..tir_match import kernel_flops
 
@@ -125,6 +126,10 @@ def _apply_default_schedules(mod: "tvm.IRModule", target: "tvm.target.Target", s
             except Exception:  # noqa: BLE001 - a kernel the counter does not understand counts 0
                 stats.flops[gv.name_hint] = 0.0
         if scheduled:
+            if llvm and knobs.current().vector_rounding:
+                new = vectorisable_rounding(func)
+                if not new.same_as(func):
+                    updates[gv] = new
             continue
         sch, rule, notes = default_schedule(func, target)
         if stats is not None:
@@ -133,6 +138,8 @@ def _apply_default_schedules(mod: "tvm.IRModule", target: "tvm.target.Target", s
             stats.by_func[gv.name_hint] = rule or "none"
         if sch is not None:
             new = serial_if_small(sch, func, machine, rule=rule) if serial_small else sch.mod["main"]
+            if llvm and knobs.current().vector_rounding:
+                new = vectorisable_rounding(new)
             updates[gv] = new.with_attr("tirx.is_scheduled", True)
     if not updates:
         return mod

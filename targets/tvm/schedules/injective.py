@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ...machine import machine_model
 from .base import ScheduleRule, is_reduction, root_block, schedule_injective_block
 
 if TYPE_CHECKING:  # tvm is an optional dependency: import it lazily
@@ -46,6 +47,7 @@ class Injective(ScheduleRule):
         if any(is_reduction(sch.get(b)) for b in blocks):
             return None
         _try_inline_all(sch)
+        machine = machine_model(target)
         for block in sch.get_child_blocks(root_block(sch)):
-            schedule_injective_block(sch, block, lanes)
+            schedule_injective_block(sch, block, lanes, machine=machine)
         return sch

@@ -38,6 +38,10 @@ class ScheduleKnobs:
     #: parallel loop stay serial inside it (base.fuse_parallel; off: all fused, a division by a
     #: symbolic extent per vector, as before)
     serial_symbolic_inner: bool = True
+    #: ... except where one launch of the static loops inside is little work (given the machine
+    #: model): the symbolic loops then join the parallel loop (base.fuse_parallel; off: serial
+    #: symbolic loops around every such launch, as before)
+    symbolic_small_launch: bool = True
     #: materialised pads: decompose into a fill and an interior copy (both vectorisable)
     decompose_padding: bool = True
     #: the elementwise blocks after a matmul/conv inlined into one (GELU reads the matmul twice)
@@ -88,6 +92,17 @@ class ScheduleKnobs:
     #: matmuls with two symbolic row axes [N, S, K]: also compiled for N = 1 (one symbolic row
     #: axis, padded to the row tile), chosen at the call (off: one-row tiles at every N)
     batch_one_branch: bool = True
+    #: channel-blocked convs parallel over whole batch items (flat convs on small maps): their
+    #: materialised pad computed per item under that loop, not as a pass over the whole batch
+    #: (nchwc._pad_per_item; off: a parallel pad pass first, as before)
+    pad_per_item: bool = True
+    #: LLVM targets: nearbyint (Round, QuantizeLinear) as llvm.roundeven, which TVM vectorises
+    #: (fast_math.vectorisable_rounding; off: nearbyint, its lanes scalar)
+    vector_rounding: bool = True
+    #: an epilogue op whose other operand is a constant copied by a block of its own (a float
+    #: Subtract's ieee_guard): that block inlined first, so the epilogue joins the write-back
+    #: (base._inline_constant_producers; off: the rest of the epilogue as passes of their own)
+    inline_guard_constants: bool = True
 
     @classmethod
     def parse(cls, text: str) -> ScheduleKnobs:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
+from ...machine import machine_model
 from ..tir_match import static_int
 from .base import ScheduleRule, fuse_parallel, inline_consumers, one_reduction, root_block
 from .nchwc import BlockedConv, kernel_block, loops_below, write_back_loops
@@ -68,30 +69,31 @@ class WinogradConv(ScheduleRule):
         a = static_int(sch.get(blocks["in_rows"][0]).iter_vars[3].dom.extent)  # m + 2
         if a is None:
             return None
-        self._input(sch, blocks["in_rows"][0], blocks["in"][0], a, lanes)
-        self._output(sch, blocks["out_cols"][0], blocks["out"][0], lanes)
+        machine = machine_model(target)
+        self._input(sch, blocks["in_rows"][0], blocks["in"][0], a, lanes, machine)
+        self._output(sch, blocks["out_cols"][0], blocks["out"][0], lanes, machine)
         return BlockedConv(self.tile).schedule_conv(sch, gemm, target, lanes)
 
     @staticmethod
-    def _input(sch: "tvm.s_tir.Schedule", rows: Any, v: Any, a: int, lanes: int) -> None:
+    def _input(sch: "tvm.s_tir.Schedule", rows: Any, v: Any, a: int, lanes: int, machine: Any = None) -> None:
         pi, cb, z, t, ii = sch.get_loops(v)
         n, pos = sch.split(pi, factors=[None, a * a])
         a1, a2 = sch.split(pos, factors=[a, a])
         sch.reorder(n, cb, z, t, a1, a2, ii)
-        fused = fuse_parallel(sch, [n, cb, z, t])
+        fused = fuse_parallel(sch, [n, cb, z, t], machine)
         sch.compute_at(rows, fused, preserve_unit_loops=True)
         write_back_loops(sch, loops_below(sch, rows, fused), lanes)
         write_back_loops(sch, [a1, a2, ii], lanes)
 
     @staticmethod
-    def _output(sch: "tvm.s_tir.Schedule", cols: Any, out: Any, lanes: int) -> None:
+    def _output(sch: "tvm.s_tir.Schedule", cols: Any, out: Any, lanes: int, machine: Any = None) -> None:
         inline_consumers(sch, out)  # the epilogue: bias, activation, residual add
         m = static_int(sch.get(cols).iter_vars[4].dom.extent)
         n, ob, y, x, oi = sch.get_loops(out)
         yo, yi = sch.split(y, factors=[None, m])
         xo, xi = sch.split(x, factors=[None, m])
         sch.reorder(n, ob, yo, xo, yi, xi, oi)
-        fuse_parallel(sch, [n, ob, yo])
+        fuse_parallel(sch, [n, ob, yo], machine)
         sch.compute_at(cols, xo, preserve_unit_loops=True)
         write_back_loops(sch, loops_below(sch, cols, xo), lanes)
         write_back_loops(sch, [yi, xi, oi], lanes)

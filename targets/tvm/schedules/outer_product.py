@@ -414,8 +414,8 @@ class OuterProduct(ScheduleRule):
         ([T, N, K] after a time-major LSTM, N the batch; [N, S, K]): which one is long is known only
         at the call, and a length under the tile would run the predicated tile (rt - 1 of its rows
         branched around per FMA, at N = 1). The kernel is scheduled twice, `if rt <= S: <shifted
-        tiles> else: <one-row tiles>` (base.branch_kernels; the same vector tile, so one weight
-        pack serves both). None (keep `shifted`) with one symbolic row axis (under the tile it is
+        tiles> else: <one-row tiles, parallel over the other, long, axis>` (base.branch_kernels;
+        the same vector tile, so one weight pack serves both). None (keep `shifted`) with one symbolic row axis (under the tile it is
         short: the predicated tile is cheap), a symbolic column axis, or TVMScript that does not
         parse back."""
         import dataclasses
@@ -431,7 +431,8 @@ class OuterProduct(ScheduleRule):
         if plan is None or plan.rows_alone or plan.col_bound is not None or plan.rt <= 1:
             return None
         try:
-            short = self._schedule_shifted(*opened, m, dataclasses.replace(plan, rt=1), lanes, machine_model(target))
+            short = self._schedule_shifted(*opened, m, dataclasses.replace(plan, rt=1), lanes, machine_model(target),
+                                           parallel_lead=True)
         except Exception:  # noqa: BLE001 - the short branch is an extra: keep the shifted kernel
             return None
         if short is None:
@@ -590,7 +591,8 @@ class OuterProduct(ScheduleRule):
         schedule_rest(sch, done, lanes)
         return sch
 
-    def _schedule_shifted(self, sch, anchor, m: _Operands, plan: _ShiftPlan, lanes: int, machine: Any):
+    def _schedule_shifted(self, sch, anchor, m: _Operands, plan: _ShiftPlan, lanes: int, machine: Any,
+                          parallel_lead: bool = False):
         """A symbolic row axis S (and column axis, `_shift_plan`) in whole register tiles over the
         operands as they are, no padded copies:
 
@@ -605,7 +607,10 @@ class OuterProduct(ScheduleRule):
         its write-back run vectorised at every length where the padded kernel copied both operands
         and scalarised the write-back of its column tail (the scores at S = 77 ran 3x the fixed
         kernel). Where the static axes give fewer iterations than the machine's cores, the row
-        tile loop is the parallel one. A length under the tile runs the predicated tile."""
+        tile loop is the parallel one. A length under the tile runs the predicated tile.
+        `parallel_lead`: the outermost symbolic axis outside the tiles is the parallel loop (the
+        rows are short there: `_one_row_when_short`; [T, N, K] at N = 1 launched the thread pool
+        once per time step)."""
         import math
 
         vt, rt, n_vec = plan.vt, plan.rt, plan.n_vec
@@ -629,7 +634,10 @@ class OuterProduct(ScheduleRule):
         if plan.col_bound is None:
             static.append(v_o)
         work = math.prod(static_int(sch.get(lp).extent) or 1 for lp in static)
-        if static and work >= getattr(machine, "cores", 2):
+        lead = [loop_of[v] for v in others if m.ext[v] is None]
+        if parallel_lead and lead:
+            sch.parallel(lead[0])
+        elif static and work >= getattr(machine, "cores", 2):
             sch.parallel(sch.fuse(*static) if len(static) > 1 else static[0])
         else:
             sch.parallel(r_o)

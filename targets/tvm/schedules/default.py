@@ -286,7 +286,12 @@ def _serial_when_small(scheduled: "tvm.tirx.PrimFunc", work: tuple[Any, Any], ma
     rule that makes a fixed-shape kernel serial at compile time: a parallel launch costs a few µs,
     an encoder's head-split transposes and layer norms at S = 16 ran 2-4x their fixed-shape time
     on two threads). `work`: the kernel's `_work_exprs`. Weight-packing nests (hoisted to load
-    time) stay as they are. Kept as it is when the TVMScript does not parse back."""
+    time) stay as they are. A local buffer (accumulators) that only the nest uses gets a copy of
+    its own in the serial nest (`NAME_ser`): the build's loop marks shift a tile only where its
+    accumulators are the tile loop's own (loop_marks). Kept as it is when the TVMScript does not
+    parse back."""
+    import re
+
     import tvm
     from tvm import tirx
 
@@ -299,11 +304,19 @@ def _serial_when_small(scheduled: "tvm.tirx.PrimFunc", work: tuple[Any, Any], ma
         return scheduled
     out = parts[0] + parts[1]
     changed = False
+    local_decl = re.compile(r'^    (\w+) = T\.sblock_alloc_buffer\(.*scope="local"\)$')
+    locals_ = [(md.group(1), ln) for ln in parts[1] if (md := local_decl.match(ln)) is not None]
     for chunk in parts[2]:
         body = "\n".join(chunk)
         if len(chunk) > 1 and "T.parallel(" in body and LAYOUT_REWRITE_ANN not in body:
+            serial = [c.replace("T.parallel(", "T.serial(") for c in chunk]
+            for name, decl in locals_:
+                word = re.compile(rf"\b{name}\b")
+                if word.search(body) and not any(word.search(ln) for other in parts[2] if other is not chunk for ln in other):
+                    serial = [word.sub(f"{name}_ser", c) for c in serial]
+                    out.insert(len(parts[0]) + len(parts[1]), word.sub(f"{name}_ser", decl, count=1))
             out.append(f"    if {cond}:")
-            out.extend("    " + c.replace("T.parallel(", "T.serial(") for c in chunk)
+            out.extend("    " + c for c in serial)
             out.append("    else:")
             out.extend("    " + c for c in chunk)
             changed = True

@@ -60,6 +60,11 @@ class ScheduleKnobs:
     #: count gets, a symbolic column axis to two vectors, so the symbolic kernel runs the static
     #: micro-kernel (off: one-row tiles; SymbolicColumns for symbolic columns)
     pad_symbolic_rows: bool = True
+    #: matmul-like kernels whose row axis (and column axis) is a symbolic length: whole register
+    #: tiles over the unpadded operands, the last tile shifted back to end at the length
+    #: (outer_product, loop_marks.PEEL_BOUND; off, or SYMBOLIC_ROWS off: padded rows/columns or
+    #: one-row tiles, as before)
+    shift_symbolic_tiles: bool = True
     #: matmul-like kernels: reduction blocked by this many (0: off)
     matmul_k_block: int = 128
     #: channel-blocked convs (nchwc): the prologue (pad) materialised before the conv (off: inlined

@@ -36,40 +36,58 @@ def apply_loop_marks(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":
       `for t in range(lo[kh], hi[kh])`: the tiles whose input rows for that kernel row are all
       padding are skipped (they would add zeros).
 
+    Marked loops nested in marked loops (a matmul's column and row tiles over a symbolic length,
+    outer_product) are rewritten pass by pass, the outer first: each pass copies the inner loop
+    with its marks into every part of the outer one. A marked symbolic loop that is parallel stays
+    parallel in every copy.
+
     apache-tvm 0.27's Python API has no statement mutator, its loop_partition primitive crashes
     on these nests and loop bounds cannot depend on an outer loop in a schedule, so the rewrite
     is made on the function's TVMScript text and parsed back."""
-    import re
-
     import tvm
 
     text = func.script()
     if PEEL_LAST not in text and ROW_PASS not in text:
         return func
+    for _ in range(8):  # (one pass per level of nested marks; two in practice)
+        new = _apply_marks_once(text)
+        if new == text:
+            break
+        text = new
+        if PEEL_LAST not in text and ROW_PASS not in text:
+            break
+    return tvm.script.from_source(text)
+
+
+def _apply_marks_once(text: str) -> str:
+    """One pass of `apply_loop_marks` over a kernel's TVMScript: every marked loop not inside
+    another marked loop rewritten (the copies of its body keep the marks of loops inside)."""
+    import re
+
     lines = text.split("\n")
     out: list[str] = []
     i = 0
     head = re.compile(r"^(\s*)for (\w+) in T\.serial\((T\.int64\()?(\d+)\)?, annotations=\{([^}]*)\}\):$")
-    sym_head = re.compile(r"^(\s*)for (\w+) in T\.serial\((.+), annotations=\{([^}]*)\}\):$")
+    sym_head = re.compile(r"^(\s*)for (\w+) in T\.(serial|parallel)\((.+), annotations=\{([^}]*)\}\):$")
     row_var = None
     while i < len(lines):
         mt = head.match(lines[i])
         ms = sym_head.match(lines[i]) if mt is None else None
-        if ms is not None and PEEL_LAST in ms.group(4):  # a symbolic tile count (a conv on a symbolic map)
-            ind, var, n_expr = ms.group(1), ms.group(2), ms.group(3)
+        if ms is not None and PEEL_LAST in ms.group(5):  # a symbolic tile count (a conv on a symbolic map)
+            ind, var, kind, n_expr = ms.group(1), ms.group(2), ms.group(3), ms.group(4)
             one = "T.int64(1)" if "T.int64" in n_expr else "1"
             j = i + 1
             while j < len(lines) and (not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > len(ind)):
                 j += 1
             body = lines[i + 1 : j]
-            split = _symbolic_split(ms.group(4))
+            split = _symbolic_split(ms.group(5))
             if split is None:
                 out.append(f"{ind}for {var} in range({n_expr} - {one}):")
                 out += body
                 out.append(f"{ind}for {var} in range({n_expr} - {one}, {n_expr}):")
                 out += body
             else:
-                out += _shift_last_tile(text, out, body, ind, var, n_expr, *split)
+                out += _shift_last_tile(text, out, body, ind, var, n_expr, *split, parallel=kind == "parallel")
             i = j
             continue
         if mt is None or (PEEL_LAST not in mt.group(5) and ROW_PASS not in mt.group(5)):
@@ -108,7 +126,7 @@ def apply_loop_marks(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":
         out.append(f"{ind}for {var} in range({num(n - 1)}, {num(n)}):")
         out += body
         i = j
-    return tvm.script.from_source("\n".join(out))
+    return "\n".join(out)
 
 
 def _symbolic_split(annotations: str) -> tuple[int, str] | None:
@@ -123,7 +141,7 @@ def _symbolic_split(annotations: str) -> tuple[int, str] | None:
 
 
 def _shift_last_tile(text: str, out: list[str], body: list[str], ind: str, var: str, n_expr: str, rt: int,
-                   bound: str) -> list[str]:
+                     bound: str, parallel: bool = False) -> list[str]:
     """The symbolic tile loop `for var in range(n)` (n = ceildiv(bound, rt), bound symbolic) as
 
         if rt <= bound:                  # every tile whole, the last one shifted back to end at bound
@@ -139,7 +157,8 @@ def _shift_last_tile(text: str, out: list[str], body: list[str], ind: str, var: 
     to rt - 1 pixels of the tile before it, with the same code, so it writes the same values
     again. Local buffers used only inside the loop get a copy per branch (`_local_per_part`), so
     each is compacted to one tile, which LLVM keeps in registers. Only predicates written exactly
-    so are dropped; a body that uses `var` otherwise than as `var * rt` is left as it was."""
+    so are dropped; a body that uses `var` otherwise than as `var * rt` is left as it was.
+    `parallel`: the loop was parallel; every copy of it is."""
     import re
 
     k = f"(?:T\\.int64\\({rt}\\)|{rt})"
@@ -151,12 +170,13 @@ def _shift_last_tile(text: str, out: list[str], body: list[str], ind: str, var: 
     rt_s = f"{ty}({rt})" if ty else str(rt)
     tile = re.compile(rf"\b{v} \* {k}")
     kept = [ln for ln in (_drop_conjuncts(ln, true) for ln in body) if ln is not None]
+    loop = f"T.parallel({n_expr})" if parallel else f"range({n_expr})"
     if any(re.search(rf"\b{v}\b", tile.sub("", ln)) for ln in kept) or not _locals_inside(text, out, body):
-        return [f"{ind}for {var} in range({n_expr}):", *body]
+        return [f"{ind}for {var} in {loop}:", *body]
     whole = [tile.sub(f"T.min({var} * {rt_s}, {bound} - {rt_s})", ln) for ln in kept]
     whole, ragged = _local_per_part(text, out, [whole, body], rt_s)
-    return [f"{ind}if {rt_s} <= {bound}:", f"{ind}    for {var} in range({n_expr}):", *("    " + ln for ln in whole),
-            f"{ind}else:", f"{ind}    for {var} in range({n_expr}):", *("    " + ln for ln in ragged)]
+    return [f"{ind}if {rt_s} <= {bound}:", f"{ind}    for {var} in {loop}:", *("    " + ln for ln in whole),
+            f"{ind}else:", f"{ind}    for {var} in {loop}:", *("    " + ln for ln in ragged)]
 
 
 def _drop_conjuncts(line: str, true: list[Any]) -> str | None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..tir_match import static_int
 from . import knobs
+from .loop_marks import PEEL_BOUND, PEEL_LAST
 from .base import (
     LAYOUT_REWRITE_ANN,
     ScheduleRule,
@@ -41,6 +42,10 @@ __all__ = ["OuterProduct"]
 
 #: a row count every row tile divides (2^4 * 3^2 * 5 * 7): the tile a long static axis gets
 _MANY_ROWS = 5040
+#: rows of a register tile over a symbolic length at most (shifted tiles, `_shift_plan`): the
+#: shifted last tile recomputes up to this many rows less one, and a length under it runs the
+#: predicated tile (16 tokens: two whole 8-row tiles, where 12-row ones overlap by 8)
+_SYMBOLIC_ROW_TILE = 8
 
 
 def _vectorize_tile(sch, loop, vt: int, lanes: int) -> None:
@@ -178,6 +183,75 @@ def _bare_symbolic_rows(m: _Operands) -> bool:
         return True
     extent = next(iv.dom.extent for iv in m.ivs if iv.var.same_as(m.reg_var))
     return isinstance(extent, tvm.tirx.Var)
+
+
+@dataclass
+class _ShiftPlan:
+    """Shifted tiles over a symbolic row axis (and column axis) of a matmul-like kernel (see
+    `OuterProduct._schedule_shifted`): the tile, the extents the marks bound the tile loops by,
+    and whether the column axis is symbolic."""
+
+    vt: int
+    rt: int
+    n_vec: int  # the vector axis' extent as the tile helpers see it (vt where it is symbolic)
+    row_bound: Any  # the register axis' extent (a tirx.Var)
+    col_bound: Any  # the vector axis' extent where symbolic (a tirx.Var), else None
+    rows_alone: bool  # the register axis is the only symbolic axis that A alone indexes
+
+
+def _shift_plan(m: _Operands, lanes: int, machine: Any) -> _ShiftPlan | None:
+    """The shifted-tile plan of a matmul-like kernel (the output's last axis is the vector axis),
+    or None where it does not apply: the register axis' extent must be a bare symbolic variable
+    (a sequence length S); the vector axis static (a multiple of the lanes) or a bare symbolic
+    variable that B indexes alone in its last dim (read in place, one vector wide: the attention
+    scores [h, S, d] x [h, d, S]); the other output axes one loop each, the symbolic ones (a batch
+    N) outside the static ones. Not for convs (their own tiles) or static rows."""
+    from tvm import tirx
+
+    if not (m.out_order and m.out_order[-1].same_as(m.vec_var)) or len(m.out_order) != len(m.s_vars):
+        return None
+    extent = {iv.var: iv.dom.extent for iv in m.ivs}
+    row_bound = extent[m.reg_var]
+    if m.ext[m.reg_var] is not None or not isinstance(row_bound, tirx.Var):
+        return None
+    others = [v for v in m.out_order if not v.same_as(m.reg_var) and not v.same_as(m.vec_var)]
+    seen_static = False
+    for v in others:
+        if m.ext[v] is not None:
+            seen_static = True
+        elif seen_static:
+            return None  # (a symbolic axis inside static ones: the parallel loop would divide by it)
+    col_bound = None
+    n_vec = m.ext[m.vec_var]
+    if n_vec is None:
+        col_bound = extent[m.vec_var]
+        b_dim = next((k for k, d in enumerate(m.db) if m.vec_var in d), None)
+        if (not isinstance(col_bound, tirx.Var) or b_dim != len(m.db) - 1 or len(m.db[b_dim]) != 1
+                or not m.rb.region[b_dim].min.same_as(m.vec_var)):
+            return None
+        n_vec = lanes
+    elif n_vec % lanes:
+        return None
+    tile = _register_tile(m, n_vec, _MANY_ROWS, lanes, machine, False)
+    if tile is None:
+        return None
+    vt, rt = tile
+    if col_bound is not None:
+        vt, n_vec = lanes, lanes
+    a_only = [v for v in m.s_vars if m.ext[v] is None and not any(v in d for d in m.db)]
+    return _ShiftPlan(vt=vt, rt=max(1, min(rt, _SYMBOLIC_ROW_TILE)), n_vec=n_vec, row_bound=row_bound,
+                      col_bound=col_bound, rows_alone=len(a_only) == 1)
+
+
+def _is_shifted(sch: Any) -> bool:
+    """Whether a schedule has tile loops marked for shifting (`OuterProduct._schedule_shifted`)."""
+    from .base import root_block
+
+    for block in sch.get_child_blocks(root_block(sch)):
+        for lp in sch.get_loops(block):
+            if PEEL_BOUND in sch.get(lp).annotations:
+                return True
+    return False
 
 
 def _register_tile(m: _Operands, n_vec: int, n_reg: int, lanes: int, machine: Any, sym_rows: bool) -> tuple[int, int] | None:
@@ -326,11 +400,52 @@ class OuterProduct(ScheduleRule):
         if opened is None:
             return None
         sch = self._schedule(*opened, target, lanes)
+        if sch is not None and _is_shifted(sch):
+            both = self._one_row_when_short(func, target, lanes, sch)
+            return both if both is not None else sch
         if sch is not None and knobs.current().batch_one_branch:
             both = self._batch_one_branch(func, target, lanes, sch)
             if both is not None:
                 return both
         return sch
+
+    def _one_row_when_short(self, func, target, lanes, shifted):
+        """Shifted row tiles (`_schedule_shifted`) where another symbolic axis is a row axis too
+        ([T, N, K] after a time-major LSTM, N the batch; [N, S, K]): which one is long is known only
+        at the call, and a length under the tile would run the predicated tile (rt - 1 of its rows
+        branched around per FMA, at N = 1). The kernel is scheduled twice, `if rt <= S: <shifted
+        tiles> else: <one-row tiles, parallel over the other, long, axis>` (base.branch_kernels;
+        the same vector tile, so one weight pack serves both). None (keep `shifted`) with one symbolic row axis (under the tile it is
+        short: the predicated tile is cheap), a symbolic column axis, or TVMScript that does not
+        parse back."""
+        import dataclasses
+
+        import tvm
+        from tvm import s_tir
+
+        from ...machine import machine_model
+
+        opened = one_reduction(func)
+        m = _match_operands(*opened) if opened is not None else None
+        plan = _shift_plan(m, lanes, machine_model(target)) if m is not None else None
+        if plan is None or plan.rows_alone or plan.col_bound is not None or plan.rt <= 1:
+            return None
+        try:
+            short = self._schedule_shifted(*opened, m, dataclasses.replace(plan, rt=1), lanes, machine_model(target),
+                                           parallel_lead=True)
+        except Exception:  # noqa: BLE001 - the short branch is an extra: keep the shifted kernel
+            return None
+        if short is None:
+            return None
+        bound = plan.row_bound
+        text = branch_kernels(f"T.{bound.ty}({plan.rt}) <= {bound}", shifted.mod["main"].script(),
+                              short.mod["main"].script(), "_rows")
+        if text is None:
+            return None
+        try:
+            return s_tir.Schedule(tvm.script.from_source(text))
+        except Exception:  # noqa: BLE001 - TVMScript that does not parse back: the shifted kernel
+            return None
 
     def _batch_one_branch(self, func, target, lanes, general):
         """Two symbolic row axes that A alone indexes, the outer a bare variable N ([N, S, K] x
@@ -407,6 +522,10 @@ class OuterProduct(ScheduleRule):
         if m is None:
             return None
         n_vec, n_reg = m.ext[m.vec_var], m.ext[m.reg_var]
+        if not padded and knobs.current().shift_symbolic_tiles and knobs.current().symbolic_rows:
+            plan = _shift_plan(m, lanes, machine)
+            if plan is not None:
+                return self._schedule_shifted(sch, anchor, m, plan, lanes, machine)
         if n_reg is None and row_multiple:
             n_reg = row_multiple  # (the tile choices below give the same tile again)
         if n_vec is None and col_multiple:
@@ -468,6 +587,68 @@ class OuterProduct(ScheduleRule):
         fused, red_loops, r_i, v_i = _tile_loops(sch, anchor, m, vt, rt)
         wb, init = _accumulate_in_registers(sch, anchor, m, fused, red_loops, r_i, v_i, vt, n_vec, lanes)
         _unroll_write_back(sch, wb, fused, m, vt, n_vec, lanes)
+        done = {sch.get(b).name_hint for b in (anchor, wb, init)}
+        schedule_rest(sch, done, lanes)
+        return sch
+
+    def _schedule_shifted(self, sch, anchor, m: _Operands, plan: _ShiftPlan, lanes: int, machine: Any,
+                          parallel_lead: bool = False):
+        """A symbolic row axis S (and column axis, `_shift_plan`) in whole register tiles over the
+        operands as they are, no padded copies:
+
+            for n (symbolic, serial), <static axes: parallel>:
+                for j_o in ceildiv(S, vt)      # (symbolic columns only) marked
+                    for i_o in ceildiv(S, rt)  # marked
+                        rt x vt accumulators; the epilogue in their write-back
+
+        The tile loops are marked (`loop_marks.PEEL_LAST` = tile, `PEEL_BOUND` = S): the build
+        turns each into `if tile <= S: <every tile whole, the last one shifted back to end at S,
+        no predicates> else: <the predicated tile>` (`apply_loop_marks`), so the micro-kernel and
+        its write-back run vectorised at every length where the padded kernel copied both operands
+        and scalarised the write-back of its column tail (the scores at S = 77 ran 3x the fixed
+        kernel). Where the static axes give fewer iterations than the machine's cores, the row
+        tile loop is the parallel one. A length under the tile runs the predicated tile.
+        `parallel_lead`: the outermost symbolic axis outside the tiles is the parallel loop (the
+        rows are short there: `_one_row_when_short`; [T, N, K] at N = 1 launched the thread pool
+        once per time step)."""
+        import math
+
+        vt, rt, n_vec = plan.vt, plan.rt, plan.n_vec
+        if knobs.current().fold_prologue:
+            fold_prologue(sch, anchor)
+        inline_copies(sch, anchor)
+        if knobs.current().inline_epilogue:
+            _inline_epilogue(sch, anchor)
+        reads_now = list(sch.get(anchor).reads)
+        ib = next((i for i, r in enumerate(reads_now) if r.source.same_as(m.rb.source)), -1)
+        if ib < 0 or not self._pack_vector_operand(sch, anchor, m, ib, vt, n_vec):
+            return None
+        loop_of, vec_var, reg_var = m.loop_of, m.vec_var, m.reg_var
+        others = [v for v in m.out_order if not v.same_as(reg_var) and not v.same_as(vec_var)]
+        sch.reorder(*[loop_of[v] for v in [*others, vec_var, reg_var]], *[loop_of[v] for v in m.r_vars])
+        v_o, v_i = sch.split(loop_of[vec_var], factors=[None, vt])
+        r_o, r_i = sch.split(loop_of[reg_var], factors=[None, rt])
+        red_loops = [loop_of[v] for v in m.r_vars]
+        sch.reorder(*[loop_of[v] for v in others], v_o, r_o, *red_loops, r_i, v_i)
+        static = [loop_of[v] for v in others if m.ext[v] is not None]
+        if plan.col_bound is None:
+            static.append(v_o)
+        work = math.prod(static_int(sch.get(lp).extent) or 1 for lp in static)
+        lead = [loop_of[v] for v in others if m.ext[v] is None]
+        if parallel_lead and lead:
+            sch.parallel(lead[0])
+        elif static and work >= getattr(machine, "cores", 2):
+            sch.parallel(sch.fuse(*static) if len(static) > 1 else static[0])
+        else:
+            sch.parallel(r_o)
+        wb, init = _accumulate_in_registers(sch, anchor, m, r_o, red_loops, r_i, v_i, vt, n_vec, lanes)
+        _unroll_write_back(sch, wb, r_o, m, vt, n_vec, lanes)
+        if rt > 1:
+            sch.annotate(r_o, PEEL_LAST, rt)
+            sch.annotate(r_o, PEEL_BOUND, str(plan.row_bound))
+        if plan.col_bound is not None:
+            sch.annotate(v_o, PEEL_LAST, vt)
+            sch.annotate(v_o, PEEL_BOUND, str(plan.col_bound))
         done = {sch.get(b).name_hint for b in (anchor, wb, init)}
         schedule_rest(sch, done, lanes)
         return sch

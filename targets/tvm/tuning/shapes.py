@@ -83,7 +83,7 @@ KNOB_CHANGES: tuple[dict[str, Any], ...] = (
     {"matmul_wide_vt": False}, {"pack_kn_weights": False}, {"inline_epilogue": False},
     {"symbolic_rows": False}, {"materialise_prologue": False}, {"row_passes": False},
     {"window_row_tile": False}, {"window_acc_vectors": 4}, {"window_acc_vectors": 12},
-    {"serial_symbolic_outer": False}, {"decompose_padding": False},
+    {"serial_symbolic_outer": False}, {"decompose_padding": False}, {"shift_symbolic_tiles": False},
 )
 
 

@@ -195,15 +195,50 @@ def test_encoder_symbolic_sequence_length():
     sym = art.manifest["dims"]["symbolic"]
     assert set(sym) == {"N", "S"} and all(d["multiple"] == 1 for d in sym.values())
     assert not art.manifest["kernels"]["inline"]
-    # the projections' rows are S, the S x S scores' rows and columns: OuterProduct (rows and
-    # columns padded to its tile), not WindowReduction's or dlight's generic schedules
+    # the projections' rows are S, the S x S scores' rows and columns: OuterProduct (whole tiles,
+    # the last shifted back to end at S), not WindowReduction's or dlight's generic schedules
     rules = art.manifest["schedules"]["rules"]
     assert rules.get("outer-product", 0) >= 6 and "symbolic-columns" not in rules, rules
     assert "dlight-reduction" not in rules
-    with_knob_off = graphopt.compile(m, "cpu{schedule-knobs=PAD_SYMBOLIC_ROWS:0}", "-O2", threads=1)
+    with_knob_off = graphopt.compile(m, "cpu{schedule-knobs=PAD_SYMBOLIC_ROWS:0;SHIFT_SYMBOLIC_TILES:0}", "-O2", threads=1)
     assert with_knob_off.manifest["schedules"]["rules"].get("symbolic-columns", 0) >= 1
     for shape in [(1, 7, 64), (2, 33, 64), (1, 128, 64), (1, 1, 64)]:
         _check(art, m, {"x": _x(shape, 5)}, tol=1e-4)
+
+
+@pytest.mark.parametrize("mcpu", [None, "haswell"], ids=["host", "haswell"])
+def test_encoder_attention_and_projections_take_shifted_tiles(mcpu, monkeypatch):
+    """encoder_dyn on [N, S, 64]: its matmuls over S (the q/k/v/output projections and the FFN
+    [N, S, K] x [K, C], the scores [N, 4, S, 16] x [N, 4, 16, S], the values [N, 4, S, S] x
+    [N, 4, S, 16]) run whole register tiles over the unpadded operands, shifted at S's end
+    (outer_product._schedule_shifted: no `_pad` copies, tile loops marked for loop_marks); equal to
+    onnxruntime at S = 5, 16, 77 and 2 x 128 (and 3 x 33), on the host's machine model and AVX2."""
+    from graphopt.targets.tvm import schedules as S
+    from graphopt.targets.tvm.schedules.loop_marks import PEEL_BOUND
+    from graphopt.targets.machine import machine_model, missing_features
+
+    m = dm.encoder()
+    target = "cpu" if mcpu is None else f"cpu{{mcpu={mcpu}}}"
+    if mcpu is not None and missing_features(machine_model(tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))):
+        pytest.skip(f"this host does not run {mcpu} code")
+    real = S.apply_default_schedules
+    scheduled: dict[str, str] = {}
+
+    def spy(mod, tgt, stats=None, **kw):
+        out = real(mod, tgt, stats=stats, **kw)
+        for gv, f in out.functions_items():
+            if isinstance(f, tvm.tirx.PrimFunc):
+                scheduled[gv.name_hint] = f.script()
+        return out
+
+    monkeypatch.setattr(S, "apply_default_schedules", spy)
+    art = graphopt.compile(m, target, "-O2", threads=2)
+    shifted = [k for k, t in scheduled.items() if PEEL_BOUND in t]
+    matmuls = [k for k, t in scheduled.items() if "matmul" in t]
+    assert len(shifted) >= 6 and set(shifted) == set(matmuls), (shifted, matmuls)
+    assert not any("_pad" in scheduled[k] for k in shifted)
+    for shape in [(1, 5, 64), (1, 16, 64), (1, 77, 64), (2, 128, 64), (3, 33, 64)]:
+        _check(art, m, {"x": _x(shape, 6)}, tol=1e-4)
 
 
 def test_fixed_shapes_unchanged(detector):

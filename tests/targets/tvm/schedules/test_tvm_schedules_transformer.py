@@ -5,6 +5,7 @@ kernel is checked against numpy, a small encoder layer against onnxruntime."""
 
 from __future__ import annotations
 
+import re
 from math import erf
 
 import numpy as np
@@ -21,10 +22,12 @@ from onnx import TensorProto, numpy_helper  # noqa: E402
 from onnx import helper as h  # noqa: E402
 
 from tvm_kernels import fuse, fused as _fused, avx2_target as _target, run as _run  # noqa: E402  (AVX2 expectations)
+from tvm_kernels import AVX2_MCPU, AVX512_MCPU  # noqa: E402
 
 import graphopt  # noqa: E402
 from graphopt.targets.tvm import schedules as S  # noqa: E402
 from graphopt.targets.tvm.schedules import knobs  # noqa: E402
+from graphopt.targets.tvm.schedules import loop_marks as LM  # noqa: E402
 from graphopt.targets.tvm.schedules.row_reduction import RowReduction  # noqa: E402
 from graphopt.targets.tvm.schedules import LAYOUT_REWRITE_ANN, ScheduleStats, apply_default_schedules  # noqa: E402
 
@@ -293,31 +296,39 @@ def _projection_model(gelu: bool) -> onnx.ModelProto:
 
 @pytest.mark.parametrize("gelu", [False, True], ids=["bias", "gelu"])
 def test_two_symbolic_row_axes_batch_one_branch(gelu):
-    """[N, S, 64] x [64, 96] (+ bias, + GELU), N and S symbolic: besides the general kernel's
-    one-row tiles, a branch for N = 1 at run time with S padded to the row tile (the weight read
-    from the general kernel's pack, which the build lifts); equal to onnxruntime at N = 1 and 2 and
-    S = 1, 5, 16, 17, 77 (through both branches), with BATCH_ONE_BRANCH off too."""
+    """[N, S, 64] x [64, 96] (+ bias, + GELU), N and S symbolic, with SHIFT_SYMBOLIC_TILES off (by
+    default the shifted S tiles take every N, test_symbolic_tiles_are_shifted): besides the
+    general kernel's one-row tiles, a branch for N = 1 at run time with S padded to the row tile
+    (the weight read from the general kernel's pack, which the build lifts); equal to onnxruntime
+    at N = 1 and 2 and S = 1, 5, 16, 17, 77 (through both branches), with BATCH_ONE_BRANCH off
+    too, and with the default (shifted) kernels."""
     from graphopt.check import run_onnxruntime
 
     m = _projection_model(gelu)
     seq, n = tvm.tirx.Var("S", "int64"), tvm.tirx.Var("N", "int64")
     mod = _fused(lambda bb, x, w: bb.emit(relax.op.matmul(x, w)), [("x", (n, seq, 64)), ("w", (64, 96))])
-    _, stats, (func,) = _schedule(mod)
+    _, _, (func_shifted,) = _schedule(mod)
+    assert "if N" not in func_shifted.script() and LM.PEEL_BOUND in func_shifted.script()
+    unshifted = knobs.ScheduleKnobs(shift_symbolic_tiles=False)
+    with knobs.using(unshifted):
+        _, stats, (func,) = _schedule(mod)
     assert "if N == T.int64(1):" in func.script() and "_pad" in func.script(), func.script()
-    with knobs.using(knobs.ScheduleKnobs(batch_one_branch=False)):
+    with knobs.using(knobs.ScheduleKnobs(shift_symbolic_tiles=False, batch_one_branch=False)):
         _, _, (func_off,) = _schedule(mod)
     assert "if N" not in func_off.script()
     # near miss: one symbolic row axis (the padded kernel already), no branch
     mod1 = _fused(lambda bb, x, w: bb.emit(relax.op.matmul(x, w)), [("x", (1, seq, 64)), ("w", (64, 96))])
-    _, _, (func1,) = _schedule(mod1)
+    with knobs.using(unshifted):
+        _, _, (func1,) = _schedule(mod1)
     assert "if " not in func1.script().split('# with T.sblock("root"):')[1]
     art = graphopt.compile(m, "cpu", "-O2", threads=2)
-    off = graphopt.compile(m, "cpu{schedule-knobs=BATCH_ONE_BRANCH:0}", "-O2", threads=2)
+    branch = graphopt.compile(m, "cpu{schedule-knobs=SHIFT_SYMBOLIC_TILES:0}", "-O2", threads=2)
+    off = graphopt.compile(m, "cpu{schedule-knobs=SHIFT_SYMBOLIC_TILES:0;BATCH_ONE_BRANCH:0}", "-O2", threads=2)
     ref = graphopt.load(m)
     for shape in ((1, 1, 64), (1, 5, 64), (1, 16, 64), (1, 17, 64), (1, 77, 64), (2, 5, 64), (2, 77, 64)):
         x = np.random.default_rng(shape[1]).standard_normal(shape).astype(np.float32)
         want = run_onnxruntime(ref, {"x": x})[0]
-        for a in (art, off):
+        for a in (art, branch, off):
             np.testing.assert_allclose(a.run({"x": x})[0], want, rtol=1e-4, atol=1e-5)
 
 
@@ -495,10 +506,12 @@ def test_padded_attention_scores_match_onnxruntime():
 
 
 
-def _guarded_call(func, arrays, out_shape, guard=256):
+def _guarded_call(func, arrays, out_shape, guard=256, target=None):
     """Run a scheduled PrimFunc on the host; its output buffer has `guard` sentinel floats after
     it, which a write past the end would change."""
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=_target())
+    # (the loop marks applied, as the build applies them: the shifted tiles are what runs)
+    func = LM.apply_loop_marks(func)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target or _target())
     size = int(np.prod(out_shape))
     guarded = tvm.runtime.tensor(np.full(size + guard, 7.0, np.float32))
     lib["main"](*[tvm.runtime.tensor(a) for a in arrays], guarded._create_view(out_shape, "float32"))
@@ -514,7 +527,9 @@ def test_symbolic_rows_are_padded_to_the_row_tile(kind):
     gets (pad_einsum), and a symbolic column axis (the scores [h, S, 16] x [h, 16, S]) to two
     vectors: one compiled kernel runs the static micro-kernel at every S, writes only the real
     outputs (a sentinel after the output stays), and gives numpy's numbers at S = 1 .. 130.
-    PAD_SYMBOLIC_ROWS:0 gives the kernels of before (one-row tiles; SymbolicColumns' column loop)."""
+    PAD_SYMBOLIC_ROWS:0 gives the kernels of before (one-row tiles; SymbolicColumns' column loop).
+    (Both with SHIFT_SYMBOLIC_TILES off: by default these kernels take shifted tiles,
+    test_symbolic_tiles_are_shifted.)"""
     seq = tvm.tirx.Var("S", "int64")
     if kind == "ffn_gelu":
         params = [("x", (seq, 64)), ("w", (64, 64))]
@@ -526,10 +541,11 @@ def test_symbolic_rows_are_padded_to_the_row_tile(kind):
         params = [("q", (4, seq, 16)), ("k", (4, 16, seq))]
         body = lambda bb, q, k: bb.emit(relax.op.multiply(relax.op.matmul(q, k), relax.const(0.25, "float32")))  # noqa: E731
     mod = _fused(body, params)
-    _, stats, (func,) = _schedule(mod)
+    with knobs.using(knobs.ScheduleKnobs.parse("SHIFT_SYMBOLIC_TILES:0")):
+        _, stats, (func,) = _schedule(mod)
     assert set(stats.by_func.values()) == {"outer-product"}
     assert "_pad" in func.script()
-    with knobs.using(knobs.ScheduleKnobs.parse("PAD_SYMBOLIC_ROWS:0")):
+    with knobs.using(knobs.ScheduleKnobs.parse("PAD_SYMBOLIC_ROWS:0;SHIFT_SYMBOLIC_TILES:0")):
         _, stats_off, (func_off,) = _schedule(mod)
     before = "symbolic-columns" if kind == "attention_scores" else "outer-product"
     assert "_pad" not in func_off.script() and set(stats_off.by_func.values()) == {before}
@@ -549,6 +565,137 @@ def test_symbolic_rows_are_padded_to_the_row_tile(kind):
             arrays, want = [q, k], (q.astype(np.float64) @ k * 0.25).astype(np.float32)
         for f in (func, func_off):
             np.testing.assert_allclose(_guarded_call(f, arrays, want.shape), want, rtol=1e-4, atol=1e-4)
+
+def _whole_tile_branches(text: str) -> list[str]:
+    """The bodies of the innermost `if T.int64(t) <= S:` branches apply_loop_marks writes (every
+    tile whole along every marked loop; an outer one holds the inner loop's predicated branch too)."""
+    lines = text.split("\n")
+    out = []
+    for i, ln in enumerate(lines):
+        if re.match(r"^\s*if T\.int64\(\d+\) <= S:$", ln):
+            ind = len(ln) - len(ln.lstrip())
+            j = i + 1
+            while j < len(lines) and (not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > ind):
+                j += 1
+            body = "\n".join(lines[i + 1 : j])
+            if " <= S:" not in body:
+                out.append(body)
+    return out
+
+
+_SHIFT_KINDS = ["ffn_gelu", "attention_values", "attention_scores", "projection_n_s"]
+
+
+@pytest.mark.parametrize("mcpu", [AVX2_MCPU, AVX512_MCPU])
+@pytest.mark.parametrize("kind", _SHIFT_KINDS)
+def test_symbolic_tiles_are_shifted(kind, mcpu):
+    """A matmul whose rows are a symbolic length S ([S, 64] x [64, 64] + GELU, the attention's
+    [h, S, S] x [h, S, 16], a projection [N, S, 64] x [64, 96] with N symbolic too) and, for the
+    scores [h, S, 16] x [h, 16, S], whose columns are S as well, runs whole register tiles over its
+    operands as they are: no padded copies, the tile loops marked (loop_marks.PEEL_BOUND = S), which
+    the build turns into `if tile <= S:` every tile whole, the last shifted back, no predicate, the
+    vector loops vectorised, `else:` the predicated tile; with N symbolic too, the kernel holds a
+    one-row-tile branch for S under the tile. Under both machine models (AVX2, AVX-512),
+    a sentinel after the output stays and the numbers are numpy's at S = 1 .. 130 (the shifted and
+    the predicated branch), N = 1 and 3."""
+    from tvm_kernels import host_runs, isa_target
+
+    seq, nn = tvm.tirx.Var("S", "int64"), tvm.tirx.Var("N", "int64")
+    if kind == "ffn_gelu":
+        params = [("x", (seq, 64)), ("w", (64, 64))]
+        body = _gelu_body
+    elif kind == "attention_values":
+        params = [("a", (4, seq, seq)), ("v", (4, seq, 16))]
+        body = lambda bb, a, v: bb.emit(relax.op.matmul(a, v))  # noqa: E731
+    elif kind == "attention_scores":
+        params = [("q", (4, seq, 16)), ("k", (4, 16, seq))]
+        body = lambda bb, q, k: bb.emit(relax.op.multiply(relax.op.matmul(q, k), relax.const(0.25, "float32")))  # noqa: E731
+    else:
+        params = [("x", (nn, seq, 64)), ("w", (64, 96))]
+        body = lambda bb, x, w: bb.emit(relax.op.matmul(x, w))  # noqa: E731
+    target = isa_target(mcpu)
+    mod = _fused(body, params)
+    stats = ScheduleStats()
+    smod = apply_default_schedules(mod, target, stats=stats)
+    (func,) = [f for _, f in smod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert set(stats.by_func.values()) == {"outer-product"}
+    script = func.script()
+    assert "_pad" not in script and "if N" not in script, script
+    # two symbolic row axes (which is long is known at the call): one-row tiles under the tile
+    two_axes = re.search(r"^    if T\.int64\(\d+\) <= S:$", script, re.M) is not None
+    assert two_axes == (kind == "projection_n_s"), script
+    marked = re.findall(rf'"{LM.PEEL_BOUND}": "S", "{LM.PEEL_LAST}": (\d+)', script)
+    assert len(marked) == (2 if kind == "attention_scores" else 1), marked  # (one nest: no serial branch here)
+    peeled = LM.apply_loop_marks(func).script()
+    assert LM.PEEL_LAST not in peeled and "T.min(" in peeled
+    whole = _whole_tile_branches(peeled)  # (the first: whole along every marked loop; a later one
+    # may sit in an outer loop's predicated branch)
+    assert whole and "T.where(" not in whole[0] and "T.vectorized(" in whole[0], peeled
+    if not host_runs(target):
+        return
+    rng = np.random.default_rng(17)
+    for n in (1, 5, 8, 12, 16, 17, 77, 130):
+        if kind == "ffn_gelu":
+            x = rng.standard_normal((n, 64)).astype(np.float32)
+            w = (rng.standard_normal((64, 64)) / 8).astype(np.float32)
+            arrays, want = [x, w], _gelu_ref(x, w)
+        elif kind == "attention_values":
+            a = rng.standard_normal((4, n, n)).astype(np.float32)
+            v = rng.standard_normal((4, n, 16)).astype(np.float32)
+            arrays, want = [a, v], (a.astype(np.float64) @ v).astype(np.float32)
+        elif kind == "attention_scores":
+            q = rng.standard_normal((4, n, 16)).astype(np.float32)
+            k = rng.standard_normal((4, 16, n)).astype(np.float32)
+            arrays, want = [q, k], (q.astype(np.float64) @ k * 0.25).astype(np.float32)
+        else:
+            x = rng.standard_normal((1 if n % 2 else 3, n, 64)).astype(np.float32)
+            w = (rng.standard_normal((64, 96)) / 8).astype(np.float32)
+            arrays, want = [x, w], (x.astype(np.float64) @ w).astype(np.float32)
+        np.testing.assert_allclose(_guarded_call(func, arrays, want.shape, target=target), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mcpu", [AVX2_MCPU, AVX512_MCPU])
+def test_time_major_rows_one_row_branch_parallel_over_time(mcpu):
+    """[T, N, 32] x [32, 256] (an LSTM's input projection, time-major, T and N symbolic): N rows in
+    shifted tiles where N is at least the tile; under it (N = 1, the usual batch) one-row tiles
+    parallel over T, one launch of the thread pool, not one per time step (crnn_dyn at W = 320:
+    0.4-0.65 -> 0.08-0.11 ms). Numbers equal numpy at (T, N) = (80, 1), (3, 9), (5, 17)."""
+    from tvm_kernels import host_runs, isa_target
+
+    t, n = tvm.tirx.Var("L", "int64"), tvm.tirx.Var("N", "int64")  # (T: TVMScript's module name)
+    target = isa_target(mcpu)
+    mod = _fused(lambda bb, x, w: bb.emit(relax.op.matmul(x, w)), [("x", (t, n, 32)), ("w", (32, 256))])
+    smod = apply_default_schedules(mod, target)
+    (func,) = [f for _, f in smod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    script = func.script()
+    branch = re.search(r"^    if T\.int64\((\d+)\) <= N:$", script, re.M)
+    assert branch is not None and f'"{LM.PEEL_BOUND}": "N"' in script, script
+    short = script.split("\n    else:\n", 1)[1]
+    assert "in T.parallel(L):" in short and LM.PEEL_BOUND not in short, short
+    if not host_runs(target):
+        return
+    rng = np.random.default_rng(19)
+    for shape in ((80, 1, 32), (3, 9, 32), (5, 17, 32)):
+        x = rng.standard_normal(shape).astype(np.float32)
+        w = (rng.standard_normal((32, 256)) / 8).astype(np.float32)
+        want = (x.astype(np.float64) @ w).astype(np.float32)
+        np.testing.assert_allclose(_guarded_call(func, [x, w], want.shape, target=target), want, rtol=1e-4, atol=1e-4)
+
+
+def test_shifted_tiles_near_misses():
+    """Not shifted: static rows (the static micro-kernel's tiles), rows that are an expression of
+    S rather than S itself (2S: the marks bound a tile loop by a bare length), and any of them
+    with SHIFT_SYMBOLIC_TILES off (the padded kernels of before)."""
+    seq = tvm.tirx.Var("S", "int64")
+    cases = [[("x", (77, 64)), ("w", (64, 64))], [("x", (seq * 2, 64)), ("w", (64, 64))]]
+    for params in cases:
+        _, stats, (func,) = _schedule(_fused(lambda bb, x, w: bb.emit(relax.op.matmul(x, w)), params))
+        assert set(stats.by_func.values()) == {"outer-product"}
+        assert LM.PEEL_BOUND not in func.script()
+    with knobs.using(knobs.ScheduleKnobs(shift_symbolic_tiles=False)):
+        _, _, (func,) = _schedule(_fused(lambda bb, x, w: bb.emit(relax.op.matmul(x, w)), [("x", (seq, 64)), ("w", (64, 64))]))
+    assert LM.PEEL_BOUND not in func.script() and "_pad" in func.script()
+
 
 def test_schedule_knobs_travel_with_the_target_options():
     """`cpu{schedule-knobs=ROW_REDUCTION:0}` turns the row-reduction rule off for that compile

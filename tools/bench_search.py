@@ -29,6 +29,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import real_models as rm  # noqa: E402
 
+from graphopt.pipeline_search import reference_standing  # noqa: E402
+
 
 def _fmt(m: dict[str, float]) -> str:
     return f"accuracy {100 * m['accuracy']:.2f} %" if "accuracy" in m else f"mean cosine {m['mean_cosine']:.5f}"
@@ -80,12 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         summary.update(best=b.number, best_label=b.label, best_speedup=b.speedup, best_confirmed_speedup=b.confirmed_speedup, best_size_ratio=b.size / max(1, b.original_size or 1),
                        best_test=full, fp32_test=ref)
     for name, r in res.references.items():
-        dom = [t.number for t in res.front if t.objectives and r.objectives
-               and all(a <= c for a, c in zip(t.objectives, r.objectives)) and t.objectives != r.objectives]
-        line = (f"{r.speedup:.2f}x speed, accuracy objective {r.objectives[1]:.4g}, within budget: {r.feasible}"
+        st = reference_standing(r, res.front, "latency")
+        again = f" (re-measured {r.confirmed_speedup:.2f}x)" if r.confirmed_speedup else ""
+        line = (f"{r.speedup:.2f}x speed{again}, accuracy objective {r.objectives[1]:.4g}, within budget: {r.feasible}"
                 if r.state == "ok" and r.objectives else f"{r.state}: {r.reason}")
-        print(f"{name}: {line}; dominated by front trials {dom or 'none'}")
-        summary[name] = {"speedup": r.speedup, "objectives": r.objectives, "feasible": r.feasible, "dominated_by": dom}
+        print(f"{name}: {line}; dominated by front trials {st['dominated_by'] or 'none'}"
+              + (f"; the same model as front trials {st['matched_by']}" if st["matched_by"] else ""))
+        summary[name] = {"speedup": r.speedup, "confirmed_speedup": r.confirmed_speedup, "objectives": r.objectives,
+                         "feasible": r.feasible, **st}
     (d / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"summary: {d / 'summary.json'}; front and every trial: {d / 'pareto.json'}; plot: {d / 'pareto.png'}")
     return 0

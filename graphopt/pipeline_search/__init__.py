@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from graphopt.pipeline_search.study import SearchResult, Settings, TrialRecord, run_search
+from graphopt.pipeline_search.study import SearchResult, Settings, TrialRecord, reference_standing, run_search
 
-__all__ = ["SearchResult", "Settings", "TrialRecord", "run_search", "search"]
+__all__ = ["SearchResult", "Settings", "TrialRecord", "reference_standing", "run_search", "search"]
 
 
 def search(model: str, eval_data: str, *, directory: str = "graphopt-search", objective: str = "latency",

@@ -18,11 +18,10 @@ import math
 import os
 import shutil
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 from graphopt.onnx_io import atomic_write
-from graphopt.pipeline_search.study import Search, SearchResult, TrialRecord, dominates, line_of
+from graphopt.pipeline_search.study import Search, SearchResult, TrialRecord, line_of, reference_standing
 
 NO_PLOT = "no plot: matplotlib is not installed (pip install 'graphopt[report]')"
 
@@ -57,7 +56,7 @@ def write_outputs(search: Search, res: SearchResult) -> None:
                                   for g in search.space.groups]},
         "front": [t.number for t in res.front],
         "best": best.number if best else None,
-        "references": {k: _dominated_by(v, res.front) | v.to_json() for k, v in res.references.items()},
+        "references": {k: reference_standing(v, res.front, res.objective) | v.to_json() for k, v in res.references.items()},
         "trials": [t.to_json() for t in res.trials],
     }
     with atomic_write(os.path.join(d, "pareto.json")) as f:
@@ -83,13 +82,6 @@ def _copy(src: str, dst: str) -> None:
     else:
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
-
-
-def _dominated_by(ref: TrialRecord, front: Sequence[TrialRecord]) -> dict[str, Any]:
-    """Which front trials dominate a reference point (both objectives at least as good, one better)."""
-    if ref.objectives is None:
-        return {"dominated_by": []}
-    return {"dominated_by": [t.number for t in front if t.objectives and dominates(t.objectives, ref.objectives)]}
 
 
 def _acc_text(t: TrialRecord, metric: str) -> str:
@@ -123,10 +115,13 @@ def format_front(res: SearchResult) -> str:
         rows.append(row(("* " if res.best is t else "  ") + str(t.number), t))
     for name, ref in res.references.items():
         if ref.state == "ok":
-            dom = _dominated_by(ref, res.front)["dominated_by"]
+            st = reference_standing(ref, res.front, res.objective)
+            dom, same = st["dominated_by"], st["matched_by"]
+            verdict = (f"dominated by trial {', '.join(map(str, dom[:3]))}" if dom else
+                       f"matched by trial {', '.join(map(str, same[:3]))} (the same model: equal size and accuracy)" if same
+                       else "not dominated by the front")
             r = row("  " + name, ref)
-            r[-1] = f"{ref.label}: " + (f"dominated by trial {', '.join(map(str, dom[:3]))}" if dom else "not dominated by the front") \
-                + ("" if ref.feasible else "; over budget")
+            r[-1] = f"{ref.label}: {verdict}" + ("" if ref.feasible else "; over budget")
             rows.append(r)
         else:
             rows.append(["  " + name] + ["-"] * (len(head) - 2) + [f"{ref.state}: {ref.reason}"])

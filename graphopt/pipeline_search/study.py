@@ -95,7 +95,7 @@ class TrialRecord:
     objectives: list[float] | None = None
     worker: str = ""
     warnings: list[str] = field(default_factory=list)  # graphopt-compile's, e.g. a pass that changed nothing
-    confirmed_speedup: float | None = None  # the front's fastest, re-measured with longer rounds at the end
+    confirmed_speedup: float | None = None  # the front's fastest and the references, re-measured with longer rounds at the end
 
     def to_json(self) -> dict[str, Any]:
         return {k: _finite(v) for k, v in self.__dict__.items()}
@@ -148,6 +148,43 @@ def violation(m: Mapping[str, float], budget: Budget | None) -> float:
 
 def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
     return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+
+def compared_objectives(t: TrialRecord, other: TrialRecord, objective: str = "latency") -> list[float] | None:
+    """`t`'s objectives for comparing it with `other`: the latency objective from the re-measured
+    speedups where both were re-measured (the same longer rounds at the end of the search: a
+    reference measured at the start, under another load, is not comparable with a trial's first
+    figure), else the first figures."""
+    if t.objectives is None:
+        return None
+    if objective == "latency" and t.confirmed_speedup and other.confirmed_speedup:
+        return [1.0 / t.confirmed_speedup, *t.objectives[1:]]
+    return list(t.objectives)
+
+
+def same_model(a: TrialRecord, b: TrialRecord) -> bool:
+    """Two measured pipelines that gave the same model, as far as the search sees it: equal size
+    and equal accuracy figures (e.g. the int8-alone reference and the trial quantizing every
+    group with the same calibration). Their latencies differ by measurement noise only."""
+    return (a.size is not None and a.size == b.size and bool(a.accuracy)
+            and all(abs(a.accuracy.get(k, math.nan) - v) <= 1e-9 * max(1.0, abs(v)) for k, v in b.accuracy.items()
+                    if not k.endswith(("-low", "-high")) and math.isfinite(v)))
+
+
+def reference_standing(ref: TrialRecord, front: Sequence[TrialRecord], objective: str = "latency") -> dict[str, list[int]]:
+    """Where a reference (int8-alone, prune-alone) stands against the front: the front trials that
+    dominate it (both objectives at least as good, one better; latency re-measured in the same
+    end-of-search rounds where both were) and those that are the same model (`same_model`):
+    a tie, not a win, whatever the noise in their latencies says."""
+    if ref.objectives is None:
+        return {"dominated_by": [], "matched_by": []}
+    matched = [t.number for t in front if same_model(t, ref)]
+    dom = []
+    for t in front:
+        a, b = compared_objectives(t, ref, objective), compared_objectives(ref, t, objective)
+        if a is not None and b is not None and t.number not in matched and dominates(a, b):
+            dom.append(t.number)
+    return {"dominated_by": dom, "matched_by": matched}
 
 
 def pareto_front(trials: Sequence[TrialRecord]) -> list[TrialRecord]:
@@ -499,6 +536,7 @@ class Search:
         front = pareto_front(trials)
         if self.s.objective == "latency":
             self.confirm(study, front[:CONFIRM])
+            self.confirm_references(study, refs)
         best = pick_best(front)
         res = SearchResult(trials, front, best, refs, self.budget, self.s.objective, self.dir, notes=list(self.notes))
         write_outputs(self, res)
@@ -512,23 +550,47 @@ class Search:
             if t.confirmed_speedup is not None:
                 continue
             folder = os.path.join(self.dir, "trials", f"{t.number:04d}")
-            out = os.path.join(folder, "model.onnx" if self.kind == "onnx" else "model")
-            if not os.path.exists(out):
+            speedup = self.remeasure(t.number, folder)
+            if speedup is None:
+                self.say(f"trial {t.number}: re-measuring failed; its first figure stands")
                 continue
-            job = Job(number=t.number, config=os.path.join(folder, "config.toml"), output=out, kind=self.kind,
-                      original=self.model_path, eval_data=os.path.abspath(self.s.eval_data), reference=self.reference,
-                      result=os.path.join(folder, "confirm.json"), seconds=CONFIRM * self.s.latency_seconds,
-                      batch=self.s.latency_batch, threads=self.s.threads, compile=False)
-            o = run_trial(job, timeout=self.s.trial_timeout, log=os.path.join(folder, "confirm.log"))
-            if o.state != "ok":
-                self.say(f"trial {t.number}: re-measuring failed ({o.reason}); its first figure stands")
-                continue
-            t.confirmed_speedup = float(o.metrics["latency"]["speedup"])
+            t.confirmed_speedup = speedup
             # (a finished trial's attributes are frozen: the study keeps the re-measured figures)
             confirmed = dict(study.user_attrs.get("confirmed") or {})
             confirmed[str(t.number)] = t.confirmed_speedup
             study.set_user_attr("confirmed", confirmed)
             self.say(f"trial {t.number}: re-measured {t.confirmed_speedup:.2f}x speed (first {t.speedup:.2f}x): {t.label}")
+
+    def confirm_references(self, study: Any, refs: Mapping[str, TrialRecord]) -> None:
+        """Re-measure the references in the same longer rounds as the front (right after it), so
+        that whether the front dominates them is judged on figures measured under the same
+        conditions; kept in the study's "references" attribute."""
+        have = dict(study.user_attrs.get("references") or {})
+        for name, r in refs.items():
+            if r.state != "ok" or r.confirmed_speedup is not None:
+                continue
+            speedup = self.remeasure(-1, os.path.join(self.dir, "references", name))
+            if speedup is None:
+                self.say(f"reference {name}: re-measuring failed; its first figure stands")
+                continue
+            r.confirmed_speedup = speedup
+            if name in have:
+                have[name] = {**have[name], "confirmed_speedup": speedup}
+                study.set_user_attr("references", have)
+            self.say(f"reference {name}: re-measured {speedup:.2f}x speed (first {r.speedup:.2f}x)")
+
+    def remeasure(self, number: int, folder: str) -> float | None:
+        """The speedup of the compiled output in `folder` (not compiled again), paired against the
+        original in CONFIRM times longer rounds; None where it is gone or the run failed."""
+        out = os.path.join(folder, "model.onnx" if self.kind == "onnx" else "model")
+        if not os.path.exists(out):
+            return None
+        job = Job(number=number, config=os.path.join(folder, "config.toml"), output=out, kind=self.kind,
+                  original=self.model_path, eval_data=os.path.abspath(self.s.eval_data), reference=self.reference,
+                  result=os.path.join(folder, "confirm.json"), seconds=CONFIRM * self.s.latency_seconds,
+                  batch=self.s.latency_batch, threads=self.s.threads, compile=False)
+        o = run_trial(job, timeout=self.s.trial_timeout, log=os.path.join(folder, "confirm.log"))
+        return float(o.metrics["latency"]["speedup"]) if o.state == "ok" else None
 
     def prune_outputs(self, trials: Sequence[TrialRecord], front: Sequence[TrialRecord]) -> None:
         """Delete the compiled models of trials off the front (a MiniLM trial is 90 MB): their

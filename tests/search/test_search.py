@@ -162,6 +162,48 @@ def test_objectives_constraint_and_front():
     assert [t.number for t in front] == [1, 0]  # 2 is dominated by 1; 3 is over budget
 
 
+def test_reference_standing_ties_and_remeasured_latency():
+    from graphopt.pipeline_search import reference_standing
+    from graphopt.pipeline_search.study import TrialRecord
+
+    def rec(n, speed, cos, size, confirmed=None):
+        return TrialRecord(n, "ok", {}, "", "", speedup=speed, size=size, accuracy={"cosine": cos, "cosine-low": cos - 1e-3},
+                           objectives=[1.0 / speed, 1.0 - cos], feasible=True, confirmed_speedup=confirmed)
+
+    # the same model (equal size and accuracy): a tie whatever the latencies say, never "dominated"
+    ref = rec(-1, 2.06, 0.99333, 58_000_000)
+    twin = rec(1, 1.82, 0.99333, 58_000_000)
+    assert reference_standing(ref, [twin]) == {"dominated_by": [], "matched_by": [1]}
+    faster_twin = rec(1, 2.5, 0.99333, 58_000_000)
+    assert reference_standing(ref, [faster_twin]) == {"dominated_by": [], "matched_by": [1]}
+    # more accurate, first figure slower; re-measured in the same end-of-search rounds it is faster
+    better = rec(2, 1.9, 0.996, 60_000_000, confirmed=2.2)
+    assert reference_standing(ref, [better])["dominated_by"] == []  # the reference was not re-measured
+    ref.confirmed_speedup = 2.1
+    assert reference_standing(ref, [better]) == {"dominated_by": [2], "matched_by": []}
+    ref.confirmed_speedup = 2.3
+    assert reference_standing(ref, [better])["dominated_by"] == []
+    # objective size: latency figures play no part
+    sized = TrialRecord(3, "ok", {}, "", "", speedup=1.0, size=10, accuracy={"cosine": 0.999}, objectives=[0.1, 0.001],
+                        feasible=True, confirmed_speedup=9.0)
+    small_ref = TrialRecord(-1, "ok", {}, "", "", speedup=1.0, size=20, accuracy={"cosine": 0.998}, objectives=[0.2, 0.002],
+                            feasible=True, confirmed_speedup=0.1)
+    assert reference_standing(small_ref, [sized], "size")["dominated_by"] == [3]
+
+
+def test_references_are_remeasured_with_the_front(data, tmp_path):
+    res = run_search(settings(data, tmp_path, trials=2, budget="cosine:0.99", objective="latency", references=True))
+    assert set(res.references) == {"int8-alone", "prune-alone"}
+    doc = json.loads((tmp_path / "pareto.json").read_text())
+    for name, ref in doc["references"].items():
+        assert ref["state"] == "ok", (name, ref)
+        assert ref["confirmed_speedup"] > 0 and "matched_by" in ref and "dominated_by" in ref
+        assert (tmp_path / "references" / name / "confirm.json").exists()
+    # resumed: the re-measured figures come back from the study, nothing is measured again
+    again = run_search(settings(data, tmp_path, trials=2, budget="cosine:0.99", objective="latency", references=True))
+    assert {k: r.confirmed_speedup for k, r in again.references.items()} == {k: r["confirmed_speedup"] for k, r in doc["references"].items()}
+
+
 # ------------------------------------------------------------------------------------ a search
 
 

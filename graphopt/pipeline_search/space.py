@@ -69,6 +69,10 @@ class Space:
     calibration_methods: tuple[str, ...] = CALIBRATION_METHODS
     cluster_bits: tuple[int, ...] = CLUSTER_BITS
     precisions: tuple[str, ...] = PRECISIONS
+    #: kept channel counts of pruned layers are multiples of this: 8 for onnxruntime's NCHWc convs;
+    #: a compiled cpu target's channel block (16 on AVX-512), else one odd layer makes the
+    #: layout planner block the whole model by 8 and the pruned model gains nothing
+    round_to: int = 8
     notes: tuple[str, ...] = field(default=())
 
     # ------------------------------------------------------------------ sampling
@@ -120,14 +124,14 @@ class Space:
         parts = [self.base] if self.base else []
         cal = self.calibration
         if p.get("prune", 0) > 0:
-            # round-to=8: kept channel counts in multiples of 8, what onnxruntime's NCHWc convs and the
-            # cpu target's vector widths want (the prune pass logs unaligned layers otherwise)
+            # round-to: kept channel counts in multiples of what the target's convs block by (the
+            # prune pass logs unaligned layers otherwise)
             scope = p.get("prune-scope", "uniform")
             opts = [f"ratio={p['prune']:g}", f"scope={'uniform' if scope == 'per-group' else scope}"]
             if scope == "per-group":  # (`ratio` is left for layers in no group: names the syntax cannot carry)
                 opts.append("layer-ratios=" + ":".join(f"{name}@{p.get(f'prune-g{g.index}', 0.0):g}"
                                                        for g in self.groups for name in g.layers))
-            opts += ["round-to=8", "accuracy-budget=none"]
+            opts += [f"round-to={self.round_to}", "accuracy-budget=none"]
             parts.append("prune{" + ",".join(opts + ([f"calibration={cal}"] if cal else [])) + "}")
         if p.get("low-rank", 0) > 0:
             parts.append("low-rank{" + ",".join([f"energy={p['low-rank']:g}"] + ([f"calibration={cal}"] if cal else [])) + "}")

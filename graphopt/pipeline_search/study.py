@@ -146,6 +146,15 @@ def violation(m: Mapping[str, float], budget: Budget | None) -> float:
     return budget.limit - v if budget.metric in ("cosine", "sqnr") else v - budget.limit
 
 
+def _channel_multiple(target: str) -> int:
+    """The channel count a compiled target's convs block by (its machine model's fp32 lanes: 16
+    on AVX-512, 8 on AVX2), at least 8; 8 where the target has no CPU machine model."""
+    from graphopt.target import get_target
+
+    machine = get_target(target).machine_model()
+    return max(8, int(machine.lanes(32))) if machine is not None else 8
+
+
 def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
     return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
 
@@ -368,7 +377,8 @@ class Search:
         # onnxruntime's CPU provider has no bf16 kernels (convert-precision refuses it there); the
         # compiled targets have bf16 dot products where the host does
         precisions = ("fp32", "fp16") if self.kind == "onnx" else ("fp32", "bf16", "fp16")
-        self.space = Space(base=s.base, groups=groups, calibration=cal, precisions=precisions)
+        self.space = Space(base=s.base, groups=groups, calibration=cal, precisions=precisions,
+                           round_to=_channel_multiple(s.target) if self.kind != "onnx" else 8)
 
     def say(self, line: str) -> None:
         if self.s.log is not None:

@@ -125,6 +125,25 @@ def test_space_sampling_conditions_and_pipelines(data):
         parse_pipeline(space.pipeline(q))  # every pipeline of the space parses
 
 
+def test_prune_rounds_channels_to_the_targets_block(data):
+    """Pruned channel counts follow the target's conv block: 8 for onnxruntime and AVX2, 16 for an
+    AVX-512 cpu target (48 kept channels made the whole compiled model block by 8)."""
+    from graphopt.pipeline_search.study import _channel_multiple
+
+    assert _channel_multiple("cpu{mcpu=haswell}") == 8 and _channel_multiple("cpu{mcpu=znver4}") == 16
+    assert _channel_multiple("cpu{mcpu=skylake-avx512}") == 16 and _channel_multiple("cuda") == 8
+    point = {"prune": 0.3, "prune-scope": "uniform", "low-rank": 0.0}
+    assert "round-to=8," in Space().pipeline(point)
+    spec = Space(round_to=16).pipeline(point)
+    assert "round-to=16," in spec
+    def widths(spec: str) -> list[int]:
+        out = graphopt.optimize(graphopt.load(data["model"]), spec)
+        return [n.outputs[0].shape[1] for n in out.graph if n.op_type == "Conv" and n.outputs[0].name != "logits"]
+
+    assert any(w % 16 for w in widths(Space().pipeline(point)))  # 32 channels at 0.3 keep 24 by 8s
+    assert all(w % 16 == 0 for w in widths(spec))
+
+
 def test_per_group_prune_ratios(data):
     """prune-scope per-group: a ratio per layer group, carried to prune's layer-ratios; each
     group's layers lose their own share (g0's convs keep their channels, g1's c3 loses half)."""

@@ -104,7 +104,9 @@ class CudaTarget(CpuTarget):
         from tvm.s_tir import dlight as dl
 
         from graphopt.targets.tvm import build as B
+        from graphopt.targets.tvm.schedules.fast_math import use_vector_isnan
 
+        use_vector_isnan(False)  # (a cpu build before this one in the process marked it for LLVM only)
         info = B.ScheduleInfo()
         if options.tune > 0:
             if not gpu_available():

@@ -12,7 +12,7 @@ from ..tir_match import static_int
 from . import knobs
 from .base import ScheduleRule, ScheduleStats, is_reduction, root_block, vector_lanes
 from .fallback import DlightRule, Fallback
-from .fast_math import use_fast_erf, vectorisable_rounding
+from .fast_math import use_fast_erf, use_vector_isnan, vectorisable_rounding
 from .injective import Injective
 from .nchwc import BlockedConv
 from .outer_product import OuterProduct
@@ -110,6 +110,7 @@ def _apply_default_schedules(mod: "tvm.IRModule", target: "tvm.target.Target", s
     if str(target.kind.name) == "llvm" and knobs.current().fast_erf:
         use_fast_erf()
     llvm = str(target.kind.name) == "llvm"
+    use_vector_isnan(llvm and knobs.current().vector_isnan)
     from ...machine import machine_model
     from ..tir_match import kernel_flops
 

@@ -1,11 +1,12 @@
 """Vectorisable erf and exp for LLVM targets (`use_fast_erf`): without them TVM calls libm per
-lane, and GELU, softmax and sigmoid do not vectorise."""
+lane, and GELU, softmax and sigmoid do not vectorise. Vectorisable `isnan` (`use_vector_isnan`):
+without it every loop that tests for NaN (max pooling, ReduceMax/Min, Max/Min, Sign) stays scalar."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["use_fast_erf", "vectorisable_rounding"]
+__all__ = ["use_fast_erf", "use_vector_isnan", "vectorisable_rounding"]
 
 
 # Eigen's float32 erf (the rational approximation TVM's topi.fast_erf and onnxruntime's MLAS
@@ -171,3 +172,28 @@ def vectorisable_rounding(func: Any) -> Any:
         warnings.warn(f"nearbyint kept (its lanes run scalar): the rewritten kernel did not parse: {e}", stacklevel=2)
         return func
     return out
+
+
+def use_vector_isnan(on: bool) -> None:
+    """Mark `tirx.isnan` vectorisable (`on`) or not (TVM's own registration: off) for the builds
+    that follow in this process (the default schedules call it with the `vector_isnan` knob on LLVM
+    targets, off on others).
+
+    TVM 0.27 registers no `TVectorizable` for `tirx.isnan`, so `VectorizeLoop` scalarises every
+    loop whose body tests for NaN: the NaN-skipping max/min combiner of `kernels.minmax`
+    (`select(isnan(acc) || x > acc, x, acc)`: every max pooling, GlobalMaxPool, ReduceMax/Min) and
+    the NaN-propagating Max/Min/Sign. Before -> after, for a blocked 2x2 max pool: a scalar loop
+    over the block's 16 lanes per tap, the accumulator tile in memory (LLVM's SLP vectoriser
+    half-recovering it with masked loads) -> one vector compare-unordered, compare, or and blend
+    per tap, the tile's accumulators in registers. LLVM lowers a vector isnan as one `fcmp uno`
+    (x86 `vcmpunordps`, AArch64 `fcmuo`); the C/CUDA code generators get the scalar op as before,
+    since the mark is taken off for non-LLVM targets. Must not be on for a build whose code
+    generator cannot emit a vector `isnan`."""
+    import tvm
+
+    op = tvm.ir.Op.get("tirx.isnan")
+    marked = bool(op.get_attr("TVectorizable"))
+    if on and not marked:
+        op.set_attr("TVectorizable", True, plevel=20)
+    elif not on and marked:
+        op.reset_attr("TVectorizable")

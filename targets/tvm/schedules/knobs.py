@@ -32,6 +32,9 @@ class ScheduleKnobs:
     inline_arg_copies: bool = True
     #: erf lowered to a vectorisable polynomial on LLVM targets (see fast_math.use_fast_erf)
     fast_erf: bool = True
+    #: `tirx.isnan` vectorisable on LLVM targets (fast_math.use_vector_isnan): NaN-skipping max/min
+    #: reductions (max pooling, ReduceMax) vectorised (off: their loops scalarised, as before)
+    vector_isnan: bool = True
     #: symbolic (dynamic batch) outer loops stay serial, outside the fused parallel loop
     serial_symbolic_outer: bool = True
     #: injective kernels: the symbolic loops after the first symbolic one inside the fused

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..tir_match import static_int
 from . import knobs
+from .loop_marks import PEEL_LAST
 from .base import ScheduleRule, fuse_parallel, inline_arg_copies, is_reduction, region_vars, root_block, root_parts, vars_in
 
 __all__ = ["RowReduction"]
@@ -18,7 +19,16 @@ class RowReduction(ScheduleRule):
     inside it, elementwise steps vectorised, each reduction split into `lanes` partial results
     (rfactor) accumulated as one vector and summed at the end. dlight's CPU Reduction ran each
     reduction as a serial chain of 128-768 dependent adds/maxes per row (softmax 12x128x128:
-    3.7x onnxruntime's time)."""
+    3.7x onnxruntime's time).
+
+    A static row length that is no multiple of the lanes (77 attention scores on 16 lanes;
+    RAGGED_ROWS): `for k in range(77)` -> `for ko in range(5): for ki in vectorized(16): if
+    ko*16+ki < 77`, for the reductions (partial results) and the elementwise steps alike, the
+    last `ko` peeled (loop_marks.PEEL_LAST) so the whole vectors run without the predicate and
+    only the last one keeps it. The partial results get the predicate back (`_guard_partials`):
+    a shifted last vector (outer_product's SHIFT_SYMBOLIC_TILES) would count elements twice in a
+    sum. Not for rows under one vector, nor for a symbolic length that is no multiple of the
+    lanes (those keep scalar rows, see `_ragged`)."""
 
     name = "row-reduction"
 
@@ -65,16 +75,16 @@ class RowReduction(ScheduleRule):
             if dom != out_rows:
                 return None
         # reductions: `lanes` partial results (rfactor) accumulated as one vector, summed at the end
-        rf_blocks = []
+        rf_blocks: list[Any] = []
+        ragged_rf: list[tuple[Any, str]] = []
         for block in blocks:
             stmt = sch.get(block)
             if not is_reduction(stmt):
                 continue
             k = sch.get_loops(block)[-1]
-            if not _whole_vectors(sch.get(k).extent, lanes):
+            if not _whole_vectors(sch.get(k).extent, lanes) and not _ragged(sch.get(k).extent, lanes):
                 continue
-            _, ki = sch.split(k, factors=[None, lanes])
-            rf_blocks.append(sch.rfactor(ki, factor_axis=len(stmt.writes[0].region)))
+            _rfactor(sch, block, lanes, rf_blocks, ragged_rf)
         blocks = sch.get_child_blocks(root_block(sch))
         last = blocks[-1]
         loops = sch.get_loops(last)
@@ -85,6 +95,8 @@ class RowReduction(ScheduleRule):
             sch.compute_at(block, row, preserve_unit_loops=False)
         row_var = sch.get(row).loop_var  # (the For node itself is replaced as its body changes)
         rf_names = {sch.get(b).name_hint for b in rf_blocks}
+        ragged_names = {sch.get(b).name_hint: n for b, n in ragged_rf}
+        guards: list[tuple[str, str, str, str, str]] = []
         for name in [sch.get(b).name_hint for b in sch.get_child_blocks(root_block(sch))]:
             block = sch.get_sblock(name)
             stmt = sch.get(block)
@@ -103,12 +115,20 @@ class RowReduction(ScheduleRule):
                 sch.vectorize(spatial_loops[0])
                 init = sch.decompose_reduction(block, red_loops[0])
                 sch.vectorize(sch.get_loops(init)[-1])
+                if stmt.name_hint in ragged_names:
+                    sch.annotate(red_loops[0], PEEL_LAST, 1)  # whole vectors, then the predicated tail
+                    ko, ki = sch.get(red_loops[0]).loop_var, sch.get(spatial_loops[0]).loop_var
+                    guards.append((sch.get(block).name_hint, ko.name, ki.name, str(ko.ty), ragged_names[stmt.name_hint]))
             elif not is_reduction(stmt):
-                if not _whole_vectors(sch.get(inner[-1]).extent, lanes):
+                ext = sch.get(inner[-1]).extent
+                ragged = not _whole_vectors(ext, lanes) and _ragged(ext, lanes)
+                if not _whole_vectors(ext, lanes) and not ragged:
                     continue
-                _, vi = sch.split(inner[-1], factors=[None, lanes])
+                vo, vi = sch.split(inner[-1], factors=[None, lanes])
                 sch.vectorize(vi)
-        return sch
+                if ragged:
+                    sch.annotate(vo, PEEL_LAST, 1)
+        return _guard_partials(sch, guards, lanes) if guards else sch
 
 
 def _whole_vectors(extent: Any, lanes: int) -> bool:
@@ -121,6 +141,59 @@ def _whole_vectors(extent: Any, lanes: int) -> bool:
         return ext % lanes == 0 and ext >= 2 * lanes
     ms = tvm.sym.Analyzer().modular_set(extent)
     return int(ms.base) == 0 and int(ms.coeff) > 0 and int(ms.coeff) % lanes == 0
+
+
+def _rfactor(sch: Any, block: Any, lanes: int, rf_blocks: list[Any], ragged_rf: list[tuple[Any, str]]) -> None:
+    """The reduction `block` over its innermost loop split by `lanes` and rfactored into a vector of
+    partial results (appended to `rf_blocks`; to `ragged_rf` with the row length too where the
+    split is predicated)."""
+    k = sch.get_loops(block)[-1]
+    whole = _whole_vectors(sch.get(k).extent, lanes)
+    n = _bound_text(sch.get(k).extent)
+    _, ki = sch.split(k, factors=[None, lanes])
+    rf_blocks.append(sch.rfactor(ki, factor_axis=len(sch.get(block).writes[0].region)))
+    if not whole:
+        ragged_rf.append((rf_blocks[-1], n))
+
+
+def _guard_partials(sch: Any, guards: list[tuple[str, str, str, str, str]], lanes: int) -> Any:
+    """The split predicate `ko * lanes + ki < n` put back on the rfactor blocks of ragged rows:
+    TVM 0.27's rfactor drops it (the last vector's partial results then read past the row: wrong
+    sums and maxima). The rewrite is made on the TVMScript text (no schedule primitive adds a
+    predicate): the `T.where` goes after the block's axis bindings."""
+    import re
+
+    import tvm
+    from tvm import s_tir
+
+    lines = sch.mod["main"].script().split("\n")
+    for name, ko, ki, dtype, n in guards:
+        start = next(i for i, ln in enumerate(lines) if ln.strip() == f'with T.sblock("{name}"):')
+        j = start + 1
+        while re.match(r"^\s*\w+ = T\.axis\.", lines[j]):
+            j += 1
+        ind = lines[start + 1][: len(lines[start + 1]) - len(lines[start + 1].lstrip())]
+        num = (lambda v: f"T.{dtype}({v})") if dtype in ("int64", "int32") else str
+        lines.insert(j, f"{ind}T.where({ko} * {num(lanes)} + {ki} < {num(n) if n.isdigit() else n})")
+    return s_tir.Schedule(tvm.script.from_source("\n".join(lines)))
+
+
+def _ragged(extent: Any, lanes: int) -> bool:
+    """Whether a static row of `extent` that is no whole number of vectors is split anyway into
+    whole vectors and a predicated last one (RAGGED_ROWS; over one vector). Not a symbolic length:
+    tried as the `else` branch of `_whole_vector_rows` it ran 1.7x slower than the scalar rows at
+    S = 77 (the split predicates are not proven in the whole vectors, and the exp producer gets a
+    padded, guarded scalar loop), so a ragged symbolic S keeps the scalar rows."""
+    if not knobs.current().ragged_rows:
+        return False
+    ext = static_int(extent)
+    return ext is not None and ext > lanes and ext % lanes != 0
+
+
+def _bound_text(extent: Any) -> str:
+    """A row length as the split predicate's TVMScript writes it: digits, or the variable's name."""
+    ext = static_int(extent)
+    return str(ext) if ext is not None else str(extent.name)
 
 
 def _whole_vector_rows(rule: "RowReduction", func: Any, scalar: Any, target: Any, lanes: int) -> Any:

@@ -116,7 +116,8 @@ class RowReduction(ScheduleRule):
                 init = sch.decompose_reduction(block, red_loops[0])
                 sch.vectorize(sch.get_loops(init)[-1])
                 if stmt.name_hint in ragged_names:
-                    sch.annotate(red_loops[0], PEEL_LAST, 1)  # whole vectors, then the predicated tail
+                    # whole vectors, then the predicated tail
+                    sch.annotate(red_loops[0], *_tail_mark(ragged_names[stmt.name_hint]))
                     ko, ki = sch.get(red_loops[0]).loop_var, sch.get(spatial_loops[0]).loop_var
                     guards.append((sch.get(block).name_hint, ko.name, ki.name, str(ko.ty), ragged_names[stmt.name_hint]))
             elif not is_reduction(stmt):
@@ -127,8 +128,11 @@ class RowReduction(ScheduleRule):
                 vo, vi = sch.split(inner[-1], factors=[None, lanes])
                 sch.vectorize(vi)
                 if ragged:
-                    sch.annotate(vo, PEEL_LAST, 1)
-        return _guard_partials(sch, guards, lanes) if guards else sch
+                    sch.annotate(vo, *_tail_mark(_bound_text(ext)))
+        sch = _guard_partials(sch, guards, lanes) if guards else sch
+        if any(not n.isdigit() for n in ragged_names.values()):
+            sch = _symbolic_tails(sch, row_var.name, next(n for n in ragged_names.values() if not n.isdigit()), lanes)
+        return sch
 
 
 def _whole_vectors(extent: Any, lanes: int) -> bool:
@@ -149,7 +153,7 @@ def _rfactor(sch: Any, block: Any, lanes: int, rf_blocks: list[Any], ragged_rf: 
     split is predicated)."""
     k = sch.get_loops(block)[-1]
     whole = _whole_vectors(sch.get(k).extent, lanes)
-    n = _bound_text(sch.get(k).extent)
+    n = "" if whole else _bound_text(sch.get(k).extent)
     _, ki = sch.split(k, factors=[None, lanes])
     rf_blocks.append(sch.rfactor(ki, factor_axis=len(sch.get(block).writes[0].region)))
     if not whole:
@@ -179,15 +183,108 @@ def _guard_partials(sch: Any, guards: list[tuple[str, str, str, str, str]], lane
 
 
 def _ragged(extent: Any, lanes: int) -> bool:
-    """Whether a static row of `extent` that is no whole number of vectors is split anyway into
-    whole vectors and a predicated last one (RAGGED_ROWS; over one vector). Not a symbolic length:
-    tried as the `else` branch of `_whole_vector_rows` it ran 1.7x slower than the scalar rows at
-    S = 77 (the split predicates are not proven in the whole vectors, and the exp producer gets a
-    padded, guarded scalar loop), so a ragged symbolic S keeps the scalar rows."""
+    """Whether a row of `extent` that is no whole number of vectors is split anyway into whole
+    vectors and a predicated last one (RAGGED_ROWS): a static length over one vector, or a bare
+    symbolic length S (the `else` branch of `_whole_vector_rows`, S % lanes != 0; its tails are
+    made by `_symbolic_tails`)."""
+    from tvm import tirx
+
     if not knobs.current().ragged_rows:
         return False
     ext = static_int(extent)
-    return ext is not None and ext > lanes and ext % lanes != 0
+    if ext is None:
+        return isinstance(extent, tirx.Var) and knobs.current().ragged_symbolic_rows
+    return ext > lanes and ext % lanes != 0
+
+
+#: loop annotation of a symbolic ragged row's vector loop (`_symbolic_tails` rewrites it)
+RAGGED_TAIL = "graphopt.ragged_tail"
+
+
+def _tail_mark(bound: str) -> tuple[str, int]:
+    """The annotation of a ragged row's vector loop: a static row's last vector peeled by
+    loop_marks (PEEL_LAST), a symbolic one's split off by `_symbolic_tails`."""
+    return (PEEL_LAST, 1) if bound.isdigit() else (RAGGED_TAIL, 1)
+
+
+def _symbolic_tails(sch: Any, row: str, name: str, lanes: int) -> Any:
+    """A symbolic ragged row S's loops after scheduling, on the TVMScript text:
+
+    - a producer computed at the row loop over the split's padded range (softmax's exp: `for ax0
+      in range(max(1, ceil(S/l)*l) - min(0, ceil(S/l)*l - 1))` guarded by `0 <= i < S`) is the row
+      itself, `range(S)` (equal for every S >= 0), and gets split into vectors too;
+    - every loop marked RAGGED_TAIL, `for ko in range(ceil(S / l))` whose body is guarded by
+      `ko * l + ki < S`, becomes `for ko in range(S // l)` without the guards (whole vectors:
+      ko * l + ki <= S - 1) then the tail: for the partial results of a reduction the guarded
+      `for ko in range(S // l, ceil(S / l))` (a shifted vector would count elements twice), for
+      an elementwise step (exp, normalise) one whole vector shifted back to end at S (it writes
+      the values the vector before wrote again; the guarded loop where S < l). A guarded tail of
+      scalar exps left the S = 77 softmax no faster than the scalar rows.
+
+    TVM's arithmetic proves neither (the split guard stays on every vector and the vectoriser
+    scalarises it; the producer's padded range is no vector loop)."""
+    import re
+
+    import tvm
+    from tvm import s_tir
+
+    L = f"T.int64({lanes})"
+    ceil = f"({name} + T.int64({lanes - 1})) // {L}"
+    text = sch.mod["main"].script()
+    text = text.replace(f"T.min(T.int64(0), {ceil} * {L} - T.int64(1))", "T.int64(0)")
+    text = text.replace(f"T.max(T.int64(1), {ceil} * {L})", name)
+    sch = s_tir.Schedule(tvm.script.from_source(text))
+    row_loops = [lp for b in sch.get_child_blocks(root_block(sch)) for lp in sch.get_loops(b)
+                 if sch.get(lp).loop_var.name == row]
+    for block in sch.get_child_blocks(root_block(sch)):
+        st = sch.get(block)
+        loops = sch.get_loops(block)
+        if is_reduction(st) or not loops or not row_loops:
+            continue
+        inner = sch.get(loops[-1])
+        if str(inner.extent) != name or not any(sch.get(lp).loop_var.name == row for lp in loops[:-1]) \
+                or inner.kind != tvm.tirx.ForKind.SERIAL:
+            continue
+        vo, vi = sch.split(loops[-1], factors=[None, lanes])
+        sch.vectorize(vi)
+        sch.annotate(vo, RAGGED_TAIL, 1)
+    lines = sch.mod["main"].script().split("\n")
+    head = re.compile(rf'^(\s*)for (\w+) in T\.serial\((.+), annotations=\{{"{RAGGED_TAIL}": 1\}}\):$')
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        m = head.match(lines[i])
+        if m is None:
+            out.append(lines[i])
+            i += 1
+            continue
+        ind, var, ext = m.group(1), m.group(2), m.group(3)
+        j = i + 1
+        while j < len(lines) and (not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > len(ind)):
+            j += 1
+        body = lines[i + 1:j]
+        idx = rf"{var} \* {re.escape(L)} \+ \w+"
+        term = re.compile(rf"^(T\.int64\(0\) <= {idx}|{idx} < {name})$")
+
+        def split_guard(ln: str, _term: Any = term) -> bool:  # every conjunct: 0 <= ko * l + ki, ko * l + ki < S
+            m = re.match(r"^\s*T\.where\((.*)\)$", ln)
+            return m is not None and all(_term.match(t.strip()) for t in m.group(1).split(" and "))
+
+        whole = [ln for ln in body if not split_guard(ln)]
+        out.append(f"{ind}for {var} in range({name} // {L}):")
+        out += whole
+        shifted = [re.sub(rf"\b{var} \* {re.escape(L)}", f"({name} - {L})", ln) for ln in whole]
+        if any("T.axis.reduce" in ln for ln in body) or any(re.search(rf"\b{var}\b", ln) for ln in shifted):
+            out.append(f"{ind}for {var} in range({name} // {L}, {ext}):")  # partial results: the guarded tail
+            out += body
+        else:  # an elementwise step: the last vector shifted back to end at S (recomputes equal values)
+            out.append(f"{ind}if {name} % {L} != T.int64(0) and {name} >= {L}:")
+            out += ["    " + ln for ln in shifted]
+            out.append(f"{ind}elif {name} < {L}:")
+            out.append(f"{ind}    for {var} in range({ext}):")
+            out += ["    " + ln for ln in body]
+        i = j
+    return s_tir.Schedule(tvm.script.from_source("\n".join(out)))
 
 
 def _bound_text(extent: Any) -> str:

@@ -339,11 +339,17 @@ def test_symbolic_softmax_rows_serial_inside_the_heads():
     assert set(stats.by_func.values()) == {"row-reduction"}
     script = func.script()
     lanes = S.vector_lanes(_target())
-    # S a whole number of vectors: rfactor and vectorised steps; else the scalar rows
+    # S a whole number of vectors: rfactor and vectorised steps; else the ragged rows: whole vectors
+    # up to S // lanes without the split guard, then the guarded tail (RAGGED_SYMBOLIC_ROWS)
     assert f"if S % T.int64({lanes}) == T.int64(0):" in script and "_rf" in script and "T.vectorized(" in script, script
-    scalar = script.split("else:")[-1]
+    scalar = script.split("\n    else:\n")[-1]  # (the top-level branch)
     assert "T.parallel(T.int64(4))" in scalar and "S * T.int64(4)" not in scalar, script
-    with knobs.using(knobs.ScheduleKnobs(symbolic_row_loops=False, vector_symbolic_rows=False)):
+    assert scalar.count(f"in range(S // T.int64({lanes})):") == 4 and "_rf" in scalar, scalar  # max, exp, sum, norm
+    assert scalar.count(f"S - T.int64({lanes})") == 2, scalar  # exp and normalise: the last vector shifted back
+    with knobs.using(knobs.ScheduleKnobs(ragged_symbolic_rows=False)):
+        _, _, (func_old,) = _schedule(mod)
+    assert "_rf" not in func_old.script().split("\n    else:\n")[-1]  # scalar rows there, as before
+    with knobs.using(knobs.ScheduleKnobs(symbolic_row_loops=False, vector_symbolic_rows=False, ragged_symbolic_rows=False)):
         _, _, (func_off,) = _schedule(mod)
     assert "S * T.int64(4)" in func_off.script() and "_rf" not in func_off.script()
     # the row length an expression, not a bare variable: no vector branch (near miss)
@@ -351,10 +357,11 @@ def test_symbolic_softmax_rows_serial_inside_the_heads():
     _, _, (func2,) = _schedule(mod2)
     assert "if S" not in func2.script()
     rng = np.random.default_rng(12)
-    for s in (1, 7, 16, 40):
+    for s in (1, 7, 16, 40, 77):
         x = (rng.standard_normal((2, 4, s, s)) * 3).astype(np.float32)
         e = np.exp(x - x.max(-1, keepdims=True))
-        np.testing.assert_allclose(_guarded_call(func, [x], x.shape), e / e.sum(-1, keepdims=True), rtol=1e-5, atol=1e-6)
+        for fn in (func, func_old):
+            np.testing.assert_allclose(_guarded_call(fn, [x], x.shape), e / e.sum(-1, keepdims=True), rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- a whole encoder layer

@@ -757,6 +757,17 @@ def test_ragged_rows_are_vectorised():
     small = RowReduction().apply(_row_kernel(7), _target(), 8).mod["main"].script()
     assert "_rf" not in small and LM.PEEL_LAST not in small
 
+    def llvm(func: tvm.tirx.PrimFunc) -> str:
+        f = LM.apply_loop_marks(func).with_attr("global_symbol", "main")
+        return tvm.compile(tvm.IRModule({"main": f}), target=_target()).mod.inspect_source("ll")
+
+    # the LLVM: the max and the exp-sum run on 8-float vectors (before: scalar adds and maxes)
+    new_ll = llvm(RowReduction().apply(_row_kernel(77), _target(), 8).mod["main"])
+    assert re.search(r"fadd <8 x float>", new_ll) and re.search(r"maxnum\.v8f32|fcmp ogt <8 x float>", new_ll)
+    with knobs.using(knobs.ScheduleKnobs(ragged_rows=False)):
+        old_ll = llvm(RowReduction().apply(_row_kernel(77), _target(), 8).mod["main"])
+    assert not re.search(r"fadd <8 x float>", old_ll)
+
 
 def _reductions_model(n: int | str) -> onnx.ModelProto:
     """Softmax, LogSoftmax and a layer norm over the rows [2, 3, n] of one input."""

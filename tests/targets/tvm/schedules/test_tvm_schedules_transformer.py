@@ -761,12 +761,10 @@ def test_ragged_rows_are_vectorised():
         f = LM.apply_loop_marks(func).with_attr("global_symbol", "main")
         return tvm.compile(tvm.IRModule({"main": f}), target=_target()).mod.inspect_source("ll")
 
-    # the LLVM: the max and the exp-sum run on 8-float vectors (before: scalar adds and maxes)
+    # the LLVM: the max and the exp-sum run on 8-float vectors (the kernel of before: scalar rows,
+    # checked on the TIR above; LLVM's own vectoriser was seen to make vector adds of it in some runs)
     new_ll = llvm(RowReduction().apply(_row_kernel(77), _target(), 8).mod["main"])
     assert re.search(r"fadd <8 x float>", new_ll) and re.search(r"maxnum\.v8f32|fcmp ogt <8 x float>", new_ll)
-    with knobs.using(knobs.ScheduleKnobs(ragged_rows=False)):
-        old_ll = llvm(RowReduction().apply(_row_kernel(77), _target(), 8).mod["main"])
-    assert not re.search(r"fadd <8 x float>", old_ll)
 
 
 def _reductions_model(n: int | str) -> onnx.ModelProto:

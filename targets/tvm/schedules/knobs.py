@@ -97,6 +97,14 @@ class ScheduleKnobs:
     #: ... and a symbolic row length S compiled twice, vectorised where S is a multiple of the
     #: lanes (a run-time branch; off: scalar rows at every S, as before)
     vector_symbolic_rows: bool = True
+    #: row reductions over a static row length that is no multiple of the lanes (softmax over 77
+    #: scores): whole vectors plus a predicated last vector, peeled (loop_marks.PEEL_LAST), for the
+    #: reductions' partial results and the elementwise steps (off: scalar rows, as before)
+    ragged_rows: bool = True
+    #: ... and a symbolic row length S that is no multiple of the lanes (the `else` of
+    #: VECTOR_SYMBOLIC_ROWS' branch): whole vectors up to S // lanes, then the guarded tail
+    #: (row_reduction._symbolic_tails; off: scalar rows there, as before)
+    ragged_symbolic_rows: bool = True
     #: matmuls with two symbolic row axes [N, S, K]: also compiled for N = 1 (one symbolic row
     #: axis, padded to the row tile), chosen at the call (off: one-row tiles at every N)
     batch_one_branch: bool = True

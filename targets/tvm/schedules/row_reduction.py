@@ -7,6 +7,7 @@ from typing import Any
 
 from ..tir_match import static_int
 from . import knobs
+from .loop_marks import PEEL_LAST
 from .base import ScheduleRule, fuse_parallel, inline_arg_copies, is_reduction, region_vars, root_block, root_parts, vars_in
 
 __all__ = ["RowReduction"]
@@ -18,7 +19,16 @@ class RowReduction(ScheduleRule):
     inside it, elementwise steps vectorised, each reduction split into `lanes` partial results
     (rfactor) accumulated as one vector and summed at the end. dlight's CPU Reduction ran each
     reduction as a serial chain of 128-768 dependent adds/maxes per row (softmax 12x128x128:
-    3.7x onnxruntime's time)."""
+    3.7x onnxruntime's time).
+
+    A static row length that is no multiple of the lanes (77 attention scores on 16 lanes;
+    RAGGED_ROWS): `for k in range(77)` -> `for ko in range(5): for ki in vectorized(16): if
+    ko*16+ki < 77`, for the reductions (partial results) and the elementwise steps alike, the
+    last `ko` peeled (loop_marks.PEEL_LAST) so the whole vectors run without the predicate and
+    only the last one keeps it. The partial results get the predicate back (`_guard_partials`):
+    a shifted last vector (outer_product's SHIFT_SYMBOLIC_TILES) would count elements twice in a
+    sum. Not for rows under one vector, nor for a symbolic length that is no multiple of the
+    lanes (those keep scalar rows, see `_ragged`)."""
 
     name = "row-reduction"
 
@@ -65,16 +75,16 @@ class RowReduction(ScheduleRule):
             if dom != out_rows:
                 return None
         # reductions: `lanes` partial results (rfactor) accumulated as one vector, summed at the end
-        rf_blocks = []
+        rf_blocks: list[Any] = []
+        ragged_rf: list[tuple[Any, str]] = []
         for block in blocks:
             stmt = sch.get(block)
             if not is_reduction(stmt):
                 continue
             k = sch.get_loops(block)[-1]
-            if not _whole_vectors(sch.get(k).extent, lanes):
+            if not _whole_vectors(sch.get(k).extent, lanes) and not _ragged(sch.get(k).extent, lanes):
                 continue
-            _, ki = sch.split(k, factors=[None, lanes])
-            rf_blocks.append(sch.rfactor(ki, factor_axis=len(stmt.writes[0].region)))
+            _rfactor(sch, block, lanes, rf_blocks, ragged_rf)
         blocks = sch.get_child_blocks(root_block(sch))
         last = blocks[-1]
         loops = sch.get_loops(last)
@@ -85,6 +95,8 @@ class RowReduction(ScheduleRule):
             sch.compute_at(block, row, preserve_unit_loops=False)
         row_var = sch.get(row).loop_var  # (the For node itself is replaced as its body changes)
         rf_names = {sch.get(b).name_hint for b in rf_blocks}
+        ragged_names = {sch.get(b).name_hint: n for b, n in ragged_rf}
+        guards: list[tuple[str, str, str, str, str]] = []
         for name in [sch.get(b).name_hint for b in sch.get_child_blocks(root_block(sch))]:
             block = sch.get_sblock(name)
             stmt = sch.get(block)
@@ -103,11 +115,23 @@ class RowReduction(ScheduleRule):
                 sch.vectorize(spatial_loops[0])
                 init = sch.decompose_reduction(block, red_loops[0])
                 sch.vectorize(sch.get_loops(init)[-1])
+                if stmt.name_hint in ragged_names:
+                    # whole vectors, then the predicated tail
+                    sch.annotate(red_loops[0], *_tail_mark(ragged_names[stmt.name_hint]))
+                    ko, ki = sch.get(red_loops[0]).loop_var, sch.get(spatial_loops[0]).loop_var
+                    guards.append((sch.get(block).name_hint, ko.name, ki.name, str(ko.ty), ragged_names[stmt.name_hint]))
             elif not is_reduction(stmt):
-                if not _whole_vectors(sch.get(inner[-1]).extent, lanes):
+                ext = sch.get(inner[-1]).extent
+                ragged = not _whole_vectors(ext, lanes) and _ragged(ext, lanes)
+                if not _whole_vectors(ext, lanes) and not ragged:
                     continue
-                _, vi = sch.split(inner[-1], factors=[None, lanes])
+                vo, vi = sch.split(inner[-1], factors=[None, lanes])
                 sch.vectorize(vi)
+                if ragged:
+                    sch.annotate(vo, *_tail_mark(_bound_text(ext)))
+        sch = _guard_partials(sch, guards, lanes) if guards else sch
+        if any(not n.isdigit() for n in ragged_names.values()):
+            sch = _symbolic_tails(sch, row_var.name, next(n for n in ragged_names.values() if not n.isdigit()), lanes)
         return sch
 
 
@@ -121,6 +145,152 @@ def _whole_vectors(extent: Any, lanes: int) -> bool:
         return ext % lanes == 0 and ext >= 2 * lanes
     ms = tvm.sym.Analyzer().modular_set(extent)
     return int(ms.base) == 0 and int(ms.coeff) > 0 and int(ms.coeff) % lanes == 0
+
+
+def _rfactor(sch: Any, block: Any, lanes: int, rf_blocks: list[Any], ragged_rf: list[tuple[Any, str]]) -> None:
+    """The reduction `block` over its innermost loop split by `lanes` and rfactored into a vector of
+    partial results (appended to `rf_blocks`; to `ragged_rf` with the row length too where the
+    split is predicated)."""
+    k = sch.get_loops(block)[-1]
+    whole = _whole_vectors(sch.get(k).extent, lanes)
+    n = "" if whole else _bound_text(sch.get(k).extent)
+    _, ki = sch.split(k, factors=[None, lanes])
+    rf_blocks.append(sch.rfactor(ki, factor_axis=len(sch.get(block).writes[0].region)))
+    if not whole:
+        ragged_rf.append((rf_blocks[-1], n))
+
+
+def _guard_partials(sch: Any, guards: list[tuple[str, str, str, str, str]], lanes: int) -> Any:
+    """The split predicate `ko * lanes + ki < n` put back on the rfactor blocks of ragged rows:
+    TVM 0.27's rfactor drops it (the last vector's partial results then read past the row: wrong
+    sums and maxima). The rewrite is made on the TVMScript text (no schedule primitive adds a
+    predicate): the `T.where` goes after the block's axis bindings."""
+    import re
+
+    import tvm
+    from tvm import s_tir
+
+    lines = sch.mod["main"].script().split("\n")
+    for name, ko, ki, dtype, n in guards:
+        start = next(i for i, ln in enumerate(lines) if ln.strip() == f'with T.sblock("{name}"):')
+        j = start + 1
+        while re.match(r"^\s*\w+ = T\.axis\.", lines[j]):
+            j += 1
+        ind = lines[start + 1][: len(lines[start + 1]) - len(lines[start + 1].lstrip())]
+        num = (lambda v: f"T.{dtype}({v})") if dtype in ("int64", "int32") else str
+        lines.insert(j, f"{ind}T.where({ko} * {num(lanes)} + {ki} < {num(n) if n.isdigit() else n})")
+    return s_tir.Schedule(tvm.script.from_source("\n".join(lines)))
+
+
+def _ragged(extent: Any, lanes: int) -> bool:
+    """Whether a row of `extent` that is no whole number of vectors is split anyway into whole
+    vectors and a predicated last one (RAGGED_ROWS): a static length over one vector, or a bare
+    symbolic length S (the `else` branch of `_whole_vector_rows`, S % lanes != 0; its tails are
+    made by `_symbolic_tails`)."""
+    from tvm import tirx
+
+    if not knobs.current().ragged_rows:
+        return False
+    ext = static_int(extent)
+    if ext is None:
+        return isinstance(extent, tirx.Var) and knobs.current().ragged_symbolic_rows
+    return ext > lanes and ext % lanes != 0
+
+
+#: loop annotation of a symbolic ragged row's vector loop (`_symbolic_tails` rewrites it)
+RAGGED_TAIL = "graphopt.ragged_tail"
+
+
+def _tail_mark(bound: str) -> tuple[str, int]:
+    """The annotation of a ragged row's vector loop: a static row's last vector peeled by
+    loop_marks (PEEL_LAST), a symbolic one's split off by `_symbolic_tails`."""
+    return (PEEL_LAST, 1) if bound.isdigit() else (RAGGED_TAIL, 1)
+
+
+def _symbolic_tails(sch: Any, row: str, name: str, lanes: int) -> Any:
+    """A symbolic ragged row S's loops after scheduling, on the TVMScript text:
+
+    - a producer computed at the row loop over the split's padded range (softmax's exp: `for ax0
+      in range(max(1, ceil(S/l)*l) - min(0, ceil(S/l)*l - 1))` guarded by `0 <= i < S`) is the row
+      itself, `range(S)` (equal for every S >= 0), and gets split into vectors too;
+    - every loop marked RAGGED_TAIL, `for ko in range(ceil(S / l))` whose body is guarded by
+      `ko * l + ki < S`, becomes `for ko in range(S // l)` without the guards (whole vectors:
+      ko * l + ki <= S - 1) then the tail: for the partial results of a reduction the guarded
+      `for ko in range(S // l, ceil(S / l))` (a shifted vector would count elements twice), for
+      an elementwise step (exp, normalise) one whole vector shifted back to end at S (it writes
+      the values the vector before wrote again; the guarded loop where S < l). A guarded tail of
+      scalar exps left the S = 77 softmax no faster than the scalar rows.
+
+    TVM's arithmetic proves neither (the split guard stays on every vector and the vectoriser
+    scalarises it; the producer's padded range is no vector loop)."""
+    import re
+
+    import tvm
+    from tvm import s_tir
+
+    L = f"T.int64({lanes})"
+    ceil = f"({name} + T.int64({lanes - 1})) // {L}"
+    text = sch.mod["main"].script()
+    text = text.replace(f"T.min(T.int64(0), {ceil} * {L} - T.int64(1))", "T.int64(0)")
+    text = text.replace(f"T.max(T.int64(1), {ceil} * {L})", name)
+    sch = s_tir.Schedule(tvm.script.from_source(text))
+    row_loops = [lp for b in sch.get_child_blocks(root_block(sch)) for lp in sch.get_loops(b)
+                 if sch.get(lp).loop_var.name == row]
+    for block in sch.get_child_blocks(root_block(sch)):
+        st = sch.get(block)
+        loops = sch.get_loops(block)
+        if is_reduction(st) or not loops or not row_loops:
+            continue
+        inner = sch.get(loops[-1])
+        if str(inner.extent) != name or not any(sch.get(lp).loop_var.name == row for lp in loops[:-1]) \
+                or inner.kind != tvm.tirx.ForKind.SERIAL:
+            continue
+        vo, vi = sch.split(loops[-1], factors=[None, lanes])
+        sch.vectorize(vi)
+        sch.annotate(vo, RAGGED_TAIL, 1)
+    lines = sch.mod["main"].script().split("\n")
+    head = re.compile(rf'^(\s*)for (\w+) in T\.serial\((.+), annotations=\{{"{RAGGED_TAIL}": 1\}}\):$')
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        m = head.match(lines[i])
+        if m is None:
+            out.append(lines[i])
+            i += 1
+            continue
+        ind, var, ext = m.group(1), m.group(2), m.group(3)
+        j = i + 1
+        while j < len(lines) and (not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > len(ind)):
+            j += 1
+        body = lines[i + 1:j]
+        idx = rf"{var} \* {re.escape(L)} \+ \w+"
+        term = re.compile(rf"^(T\.int64\(0\) <= {idx}|{idx} < {name})$")
+
+        def split_guard(ln: str, _term: Any = term) -> bool:  # every conjunct: 0 <= ko * l + ki, ko * l + ki < S
+            m = re.match(r"^\s*T\.where\((.*)\)$", ln)
+            return m is not None and all(_term.match(t.strip()) for t in m.group(1).split(" and "))
+
+        whole = [ln for ln in body if not split_guard(ln)]
+        out.append(f"{ind}for {var} in range({name} // {L}):")
+        out += whole
+        shifted = [re.sub(rf"\b{var} \* {re.escape(L)}", f"({name} - {L})", ln) for ln in whole]
+        if any("T.axis.reduce" in ln for ln in body) or any(re.search(rf"\b{var}\b", ln) for ln in shifted):
+            out.append(f"{ind}for {var} in range({name} // {L}, {ext}):")  # partial results: the guarded tail
+            out += body
+        else:  # an elementwise step: the last vector shifted back to end at S (recomputes equal values)
+            out.append(f"{ind}if {name} % {L} != T.int64(0) and {name} >= {L}:")
+            out += ["    " + ln for ln in shifted]
+            out.append(f"{ind}elif {name} < {L}:")
+            out.append(f"{ind}    for {var} in range({ext}):")
+            out += ["    " + ln for ln in body]
+        i = j
+    return s_tir.Schedule(tvm.script.from_source("\n".join(out)))
+
+
+def _bound_text(extent: Any) -> str:
+    """A row length as the split predicate's TVMScript writes it: digits, or the variable's name."""
+    ext = static_int(extent)
+    return str(ext) if ext is not None else str(extent.name)
 
 
 def _whole_vector_rows(rule: "RowReduction", func: Any, scalar: Any, target: Any, lanes: int) -> Any:

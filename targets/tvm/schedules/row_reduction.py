@@ -248,6 +248,15 @@ def _symbolic_tails(sch: Any, row: str, name: str, lanes: int) -> Any:
         vo, vi = sch.split(loops[-1], factors=[None, lanes])
         sch.vectorize(vi)
         sch.annotate(vo, RAGGED_TAIL, 1)
+    scalar = [sch.get(b).name_hint for b in sch.get_child_blocks(root_block(sch))
+              if not is_reduction(sch.get(b)) and sch.get_loops(b)
+              and any(sch.get(lp).loop_var.name == row for lp in sch.get_loops(b)[:-1])
+              and sch.get(sch.get_loops(b)[-1]).kind == tvm.tirx.ForKind.SERIAL]
+    if scalar:  # (nothing silent: the printed forms this rewrite expects were not there)
+        import warnings
+
+        warnings.warn(f"row reduction over the symbolic length {name}: step(s) {', '.join(scalar)} stay scalar "
+                      "(their padded loop is not in a form the ragged-row rewrite knows)", stacklevel=2)
     lines = sch.mod["main"].script().split("\n")
     head = re.compile(rf'^(\s*)for (\w+) in T\.serial\((.+), annotations=\{{"{RAGGED_TAIL}": 1\}}\):$')
     out: list[str] = []

@@ -60,6 +60,19 @@ def _vectorize_tile(sch, loop, vt: int, lanes: int) -> None:
         sch.vectorize(loop)
 
 
+def _inline_around(sch, anchor, m: "_Operands") -> int:
+    """Fold the prologue, inline copies and the epilogue around the anchor (each as its knob says)
+    and return the index of B's read in the anchor's reads after that, -1 if B is no longer read
+    as it was (inlining may change the anchor's reads: a producer's add inlined into an operand)."""
+    if knobs.current().fold_prologue:
+        fold_prologue(sch, anchor)
+    inline_copies(sch, anchor)
+    if knobs.current().inline_epilogue:
+        _inline_epilogue(sch, anchor)
+    reads_now = list(sch.get(anchor).reads)
+    return next((i for i, r in enumerate(reads_now) if r.source.same_as(m.rb.source)), -1)
+
+
 def _inline_epilogue(sch, anchor) -> None:
     """compute_inline the elementwise blocks downstream of the anchor into one another, so that
     the epilogue is a single block reading the anchor's output (x * (erf(x / c) + 1) * 0.5 reads
@@ -567,15 +580,7 @@ class OuterProduct(ScheduleRule):
             return None  # the vector axis must be static; outer ones (batch) may be symbolic
         if n_vec % lanes and n_vec > 2 * lanes and n_reg >= 16 and not padded and knobs.current().pad_vector_axis and not sym_rows:
             return self._pad_vector_axis(sch, anchor, m, target, lanes, n_vec, n_reg, machine)
-        if knobs.current().fold_prologue:
-            fold_prologue(sch, anchor)
-        inline_copies(sch, anchor)
-        if knobs.current().inline_epilogue:
-            _inline_epilogue(sch, anchor)
-        # inlining may change the anchor's reads (a producer's add inlined into an operand): B's
-        # read index is found again by its buffer, and B must still be read as it was
-        reads_now = list(sch.get(anchor).reads)
-        ib = next((i for i, r in enumerate(reads_now) if r.source.same_as(m.rb.source)), -1)
+        ib = _inline_around(sch, anchor, m)
         if ib < 0:
             return None
         tile = _register_tile(m, n_vec, n_reg, lanes, machine, sym_rows)
@@ -614,13 +619,7 @@ class OuterProduct(ScheduleRule):
         import math
 
         vt, rt, n_vec = plan.vt, plan.rt, plan.n_vec
-        if knobs.current().fold_prologue:
-            fold_prologue(sch, anchor)
-        inline_copies(sch, anchor)
-        if knobs.current().inline_epilogue:
-            _inline_epilogue(sch, anchor)
-        reads_now = list(sch.get(anchor).reads)
-        ib = next((i for i, r in enumerate(reads_now) if r.source.same_as(m.rb.source)), -1)
+        ib = _inline_around(sch, anchor, m)
         if ib < 0 or not self._pack_vector_operand(sch, anchor, m, ib, vt, n_vec):
             return None
         loop_of, vec_var, reg_var = m.loop_of, m.vec_var, m.reg_var

@@ -119,7 +119,8 @@ class RowReduction(ScheduleRule):
                     # whole vectors, then the predicated tail
                     sch.annotate(red_loops[0], *_tail_mark(ragged_names[stmt.name_hint]))
                     ko, ki = sch.get(red_loops[0]).loop_var, sch.get(spatial_loops[0]).loop_var
-                    guards.append((sch.get(block).name_hint, ko.name, ki.name, str(ko.ty), ragged_names[stmt.name_hint]))
+                    guards.append((sch.get(block).name_hint, _binding_index(sch, block, ko),
+                                   _binding_index(sch, block, ki), str(ko.ty), ragged_names[stmt.name_hint]))
             elif not is_reduction(stmt):
                 ext = sch.get(inner[-1]).extent
                 ragged = not _whole_vectors(ext, lanes) and _ragged(ext, lanes)
@@ -160,22 +161,39 @@ def _rfactor(sch: Any, block: Any, lanes: int, rf_blocks: list[Any], ragged_rf: 
         ragged_rf.append((rf_blocks[-1], n))
 
 
-def _guard_partials(sch: Any, guards: list[tuple[str, str, str, str, str]], lanes: int) -> Any:
+def _binding_index(sch: Any, block: Any, loop_var: Any) -> int:
+    """The position, among `block`'s axis bindings, of the one bound to `loop_var` alone."""
+    import tvm_ffi
+
+    realize = tvm_ffi.get_global_func("s_tir.schedule.GetSBlockRealize")(sch, block)
+    return next(i for i, v in enumerate(realize.iter_values) if v.same_as(loop_var))
+
+
+def _guard_partials(sch: Any, guards: list[tuple[str, int, int, str, str]], lanes: int) -> Any:
     """The split predicate `ko * lanes + ki < n` put back on the rfactor blocks of ragged rows:
     TVM 0.27's rfactor drops it (the last vector's partial results then read past the row: wrong
     sums and maxima). The rewrite is made on the TVMScript text (no schedule primitive adds a
-    predicate): the `T.where` goes after the block's axis bindings."""
+    predicate): the `T.where` goes after the block's axis bindings. The loop names are read from
+    the printed bindings (`T.axis.remap("SSR", [ax0_1, ax0, ax1])`), by position: the printer
+    renames a loop whose name an enclosing loop has (the row loop `ax0` around a lane loop also
+    named `ax0`), and the name before printing then named the row loop (wrong softmax sums)."""
     import re
 
     import tvm
     from tvm import s_tir
 
     lines = sch.mod["main"].script().split("\n")
-    for name, ko, ki, dtype, n in guards:
+    for name, ko_at, ki_at, dtype, n in guards:
         start = next(i for i, ln in enumerate(lines) if ln.strip() == f'with T.sblock("{name}"):')
-        j = start + 1
-        while re.match(r"^\s*\w+ = T\.axis\.", lines[j]):
+        j, bound = start + 1, []
+        while re.match(r"^\s*[\w, ]+ = T\.axis\.", lines[j]):
+            remap = re.match(r'^\s*[\w, ]+ = T\.axis\.remap\("\w+", \[([\w, ]+)\]\)$', lines[j])
+            one = re.match(r"^\s*\w+ = T\.axis\.\w+\(.*, (\w+)\)$", lines[j])
+            bound += [v.strip() for v in remap.group(1).split(",")] if remap else [one.group(1) if one else ""]
             j += 1
+        ko, ki = (bound[k] if k < len(bound) else "" for k in (ko_at, ki_at))
+        if not (ko and ki):
+            raise ValueError(f"ragged rows: the loops bound in {name} are not readable from its TVMScript")
         ind = lines[start + 1][: len(lines[start + 1]) - len(lines[start + 1].lstrip())]
         num = (lambda v: f"T.{dtype}({v})") if dtype in ("int64", "int32") else str
         lines.insert(j, f"{ind}T.where({ko} * {num(lanes)} + {ki} < {num(n) if n.isdigit() else n})")

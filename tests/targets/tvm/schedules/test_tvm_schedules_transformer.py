@@ -802,3 +802,23 @@ def test_ragged_rows_equal_onnxruntime(cpu):
         x = (np.random.default_rng(n).standard_normal((2, 3, n)) * 3).astype(np.float32)
         for got, want in zip(art.run({"x": x}), run_onnxruntime(graphopt.load(m), {"x": x})):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("cpu", ["cpu", f"cpu{{mcpu={AVX2_MCPU}}}"])
+def test_ragged_rows_guard_the_lane_loop_when_loop_names_repeat(cpu):
+    """An opset-6 Softmax over [10, 20] lowers to reshape -> softmax -> reshape, whose row loop and
+    lane loop are both named `ax0` before printing (the printer makes the inner one `ax0_1`): the
+    partial results' guard must name the lane loop as printed. With the name from before printing
+    the guard read `ax1 * lanes + ax0 < 20` over the row loop, and the sums took elements past the
+    row end (softmax off by up to 0.15; the backend suite's test_Softmax, test_LogSoftmax and 15
+    more). Numbers equal onnxruntime's, on the host's lanes and AVX2's."""
+    from graphopt.check import run_onnxruntime
+
+    for op in ("Softmax", "LogSoftmax"):
+        m = onnx.parser.parse_model('<ir_version: 3, opset_import: ["" : 6]>\n'
+                                    f"g (float[10, 20] x) => (float[10, 20] y) {{\n    y = {op} <axis = 1> (x)\n}}")
+        art = graphopt.compile(m, cpu, "-O2", threads=2)
+        assert art.manifest["schedules"]["rules"].get("row-reduction", 0) == 1, art.manifest["schedules"]
+        x = (np.random.default_rng(3).standard_normal((10, 20)) * 3).astype(np.float32)
+        (got,), (want,) = art.run({"x": x}), run_onnxruntime(graphopt.load(m), {"x": x})
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)

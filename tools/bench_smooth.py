@@ -1,7 +1,7 @@
 """SmoothQuant (`quantize{smooth=ALPHA}`) on a trained model of tools/real_models.py (MiniLM).
 
     nice -n 10 .venv/bin/python tools/bench_smooth.py minilm [--alphas 0,0.5,0.75]
-        [--methods minmax,percentile,entropy] [--kinds] [--seconds 20]
+        [--methods minmax,percentile,entropy] [--kinds] [--activations] [--seconds 20]
 
 Variants: `-O2,quantize{scheme=int8,speed=rules,data=CALIB,calibration=M,smooth=A}` for every
 alpha A (0: off) with M=minmax, and the other methods M with the non-zero alphas (in dynamic mode
@@ -12,6 +12,9 @@ split (real_models.evaluate, 256 sentences), and the latency on onnxruntime (2 t
 the first test sentence) paired against the fp32 original in the same rounds (median of the
 per-round ratios, the order alternating); also the -O2 fp32 model with and without smoothing alone
 (the same kernels, unless onnxruntime's fusions stop matching the changed constants).
+
+--activations: also smooth-activations=true (the GELU's scalar 0.5 takes 1/s too: the FFN output
+projections are smoothed, and onnxruntime no longer fuses those GELUs into BiasGelu).
 
 --kinds: which layers carry the int8 error: int8 on one kind of layer only (BERT names: q/k/v,
 attention output, FFN in, FFN out), with and without smoothing, cosine on the test split.
@@ -52,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alphas", default="0,0.5,0.75")
     ap.add_argument("--methods", default="minmax,percentile,entropy")
     ap.add_argument("--kinds", action="store_true", help="int8 on one kind of layer at a time")
+    ap.add_argument("--activations", action="store_true", help="also the variants with smooth-activations=true")
     ap.add_argument("--seconds", type=float, default=20.0, help="paired latency rounds in all")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -69,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     variants += [(f"{m} a={a:g}", f"calibration={m},smooth={a:g}") for m in methods if m != "minmax" for a in alphas if a > 0]
     layer_names = [n.name for n in base.graph if n.op_type in ("MatMul", "Gemm") and n.inputs[1] is not None
                    and n.inputs[1].const_value is not None]
+    if args.activations:
+        variants += [(f"minmax a={a:g} +gelu", f"calibration=minmax,smooth={a:g},smooth-activations=true") for a in alphas if a > 0]
     if args.kinds:
         for k in KINDS:
             off = [n for n in layer_names if _kind(n) != k]
@@ -86,11 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         took = time.perf_counter() - t0
         sm = ctx.data["quantize"].get("smooth", {})
         cos = rm.evaluate(args.model, m, threads=args.threads)
+        c64 = rm.evaluate(args.model, m, threads=args.threads, limit=64)["mean_cosine"]  # the search's eval sentences
         row = {"smoothed-inputs": res.stats.get("smoothed-inputs", 0), "smoothed-layers": res.stats.get("smoothed-layers", 0),
-               "int8": res.stats.get("units-int8", 0), "mean_cosine": cos["mean_cosine"], "min_cosine": cos["min_cosine"],
+               "int8": res.stats.get("units-int8", 0), "mean_cosine": cos["mean_cosine"], "min_cosine": cos["min_cosine"], "cos64": c64,
                "max-scale": max((e["max-scale"] for e in sm.get("smoothed", [])), default=None), "quantize-s": round(took, 1)}
-        print(f"{label:24s} int8 {row['int8']:2d}  smoothed {row['smoothed-layers']:2d} layers / {row['smoothed-inputs']:2d} inputs"
-              f"  cosine mean {row['mean_cosine']:.5f} min {row['min_cosine']:.5f}  max scale {row['max-scale']}  ({took:.0f} s)", flush=True)
+        print(f"{label:26s} int8 {row['int8']:2d}  smoothed {row['smoothed-layers']:2d} layers / {row['smoothed-inputs']:2d} inputs"
+              f"  cosine mean {row['mean_cosine']:.5f} min {row['min_cosine']:.5f} first-64 {c64:.5f}  max scale {row['max-scale']}  ({took:.0f} s)", flush=True)
         if sm.get("not-smoothed") and label == variants[1][0]:
             for why, xs in sm["not-smoothed"].items():
                 print(f"    not smoothed: {len(xs)} x {why}")
@@ -115,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n# latency: onnxruntime {args.threads} threads, batch 1, paired rounds against fp32 ({t[0] * 1e3:.2f} ms); "
           f"load {load0:.2f} before, {os.getloadavg()[0]:.2f} after")
     for (label, _), ti, s in zip(timed, t[1:], sp[1:]):
-        print(f"{label:24s} {ti * 1e3:7.2f} ms  {s:.2f}x fp32")
+        print(f"{label:26s} {ti * 1e3:7.2f} ms  {s:.2f}x fp32")
     return 0
 
 

@@ -63,7 +63,9 @@ class Quantize(Pass):
     diag(s)·W, s_k = max|X_k|^alpha / max|W_k,:|^(1-alpha) from the calibration data; exact in
     float, no node added. Inputs whose producer cannot absorb 1/s (a residual Add, an activation, a
     graph input) or that another op also reads (a residual, a float layer) are left alone, one log
-    line per reason. The int8 model is still scored and timed against the original fp32 model.
+    line per reason; so is the scalar 0.5 ending a GELU, whose per-channel version stops onnxruntime
+    fusing the GELU (`smooth-activations=true` folds it anyway). The int8 model is still scored and
+    timed against the original fp32 model.
     """
 
     name: ClassVar[str] = "quantize"
@@ -89,6 +91,7 @@ class Quantize(Pass):
     threads: int = 0  # onnxruntime intra-op threads for timing and evaluation (0: its default / 2 for timing)
     exclude: tuple[str, ...] = ()  # unit names (node name or output tensor name) kept float
     smooth: float = 0.0  # SmoothQuant migration strength alpha in (0, 1] for MatMul/Gemm inputs (0: off); see smooth.py
+    smooth_activations: bool = False  # smooth also into the scalar 0.5 ending a GELU (onnxruntime then no longer fuses it)
     report: str = ""  # also write the report as JSON here
 
     def __post_init__(self) -> None:
@@ -301,7 +304,8 @@ class Quantize(Pass):
             if why is None and self.speed == "rules" and self.tiny_macs and 0 < u.macs < self.tiny_macs:
                 why = f"tiny layer ({u.macs} MACs/sample < tiny-macs={self.tiny_macs}), float under speed=rules"
             reasons[u.node] = why
-        srep = smooth_quant(m, data, float(self.smooth), float_reason=reasons, method=self.calibration,
+        srep = smooth_quant(m, data, float(self.smooth), float_reason=reasons, activation_tails=bool(self.smooth_activations),
+                            method=self.calibration,
                             percentile=self.percentile, threads=self.threads)
         rep["smooth"] = srep
         done = srep["smoothed"]

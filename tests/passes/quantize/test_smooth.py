@@ -36,14 +36,14 @@ def _vi(name, shape):
 
 def ln_model(seed: int = 0, outlier: float = 30.0) -> graphopt.Model:
     """LayerNormalization (channel 3 of its scale `outlier` times the rest) read by two MatMuls
-    (one with a bias Add); a GELU-like tail Mul by a constant 0.5 read by a third MatMul."""
+    (one with a bias Add); Tanh then a Mul by a per-channel constant read by a third MatMul."""
     rng = np.random.default_rng(seed)
     gamma = (1 + 0.1 * rng.standard_normal(D)).astype(np.float32)
     gamma[3] *= outlier
     inits = [numpy_helper.from_array(gamma, "gamma"), numpy_helper.from_array((0.1 * rng.standard_normal(D)).astype(np.float32), "beta"),
              _w(rng, "wa", (D, D)), _w(rng, "wb", (D, D)), _w(rng, "wc", (D, D)),
              numpy_helper.from_array((0.1 * rng.standard_normal(D)).astype(np.float32), "ba"),
-             numpy_helper.from_array(np.array(0.5, np.float32), "half")]
+             numpy_helper.from_array((0.5 + 0.1 * rng.random(D)).astype(np.float32), "half")]
     nodes = [
         helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["ln"], axis=-1, name="ln"),
         helper.make_node("MatMul", ["ln", "wa"], ["ma"], name="mm_a"),
@@ -258,6 +258,32 @@ def test_activation_producer_is_not_smoothed() -> None:
              helper.make_node("MatMul", ["e", "w2"], ["y"], name="mm2")]
     rep, _ = _near_miss(nodes, _ln_inits(rng), ["y"])
     assert any(k.startswith("produced by Erf") and v == ["e"] for k, v in rep["not-smoothed"].items()), rep
+
+
+def test_scalar_mul_ending_an_activation_is_not_smoothed() -> None:
+    """GELU spelled x·0.5·(1+erf(x/√2)): its scalar 0.5 stays a scalar (onnxruntime fuses it)."""
+    rng = np.random.default_rng(0)
+    inits = _ln_inits(rng) + [numpy_helper.from_array(np.array(v, np.float32), n)
+                              for n, v in (("sqrt2", np.sqrt(2)), ("one", 1.0), ("half", 0.5))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m"], name="mm1"),
+             helper.make_node("Div", ["m", "sqrt2"], ["d"], name="div"),
+             helper.make_node("Erf", ["d"], ["e"], name="erf"),
+             helper.make_node("Add", ["e", "one"], ["e1"], name="add1"),
+             helper.make_node("Mul", ["m", "e1"], ["g"], name="mul"),
+             helper.make_node("Mul", ["g", "half"], ["h"], name="mul_half"),
+             helper.make_node("MatMul", ["h", "w2"], ["y"], name="mm2")]
+    rep, _ = _near_miss(nodes, inits, ["y"])
+    assert any(k.startswith("the scalar Mul ending an activation") and v == ["h"] for k, v in rep["not-smoothed"].items()), rep
+    # smooth-activations=true folds 1/s into the 0.5 anyway (exact; the GELU is no longer a fusable pattern)
+    model = _model(nodes, [_vi("x", [1, S, D])], [_vi("y", [1, S, D])], inits)
+    before = model.clone()
+    res, ctx = _quantize(model, _data(model), smooth=0.5, smooth_activations=True)
+    assert res.stats["smoothed-layers"] == 1 and ctx.data["quantize"]["smooth"]["smoothed"][0]["input"] == "h"
+    (p,) = parse_pipeline("quantize{smooth=0.5,smooth-activations=true}")
+    assert p.smooth_activations is True  # type: ignore[attr-defined]
+    fs = before.clone()
+    smooth_quant(fs, _data(fs), 0.5, activation_tails=True)
+    _close(before, fs, _data(fs))
 
 
 def test_excluded_reader_is_not_smoothed() -> None:

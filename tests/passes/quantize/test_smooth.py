@@ -154,6 +154,32 @@ def test_attention_output_projection_is_smoothed_into_v() -> None:
     _close(before, model, data)
 
 
+def test_gemm_producer_and_transposed_gemm_reader() -> None:
+    """Gemm(transB) → Div by a per-channel constant → Gemm(transB): 1/s goes into the Div's
+    constant; a Gemm → Gemm pair: into the first Gemm's weight rows and bias."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((D, D)).astype(np.float32)
+    w1[4] *= 40  # output channel 4 of the first Gemm is an outlier
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(rng.standard_normal(D).astype(np.float32), "b1"),
+             _w(rng, "w2", (D, D)), numpy_helper.from_array(rng.standard_normal(D).astype(np.float32), "b2"),
+             _w(rng, "w3", (D, D)), numpy_helper.from_array((1 + rng.random(D)).astype(np.float32), "c")]
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["g1"], transB=1, name="g1"),
+             helper.make_node("Gemm", ["g1", "w2", "b2"], ["g2"], transB=1, name="g2"),
+             helper.make_node("Div", ["g2", "c"], ["d"], name="div"),
+             helper.make_node("Gemm", ["d", "w3"], ["y"], transB=1, name="g3")]
+    model = _model(nodes, [_vi("x", [S, D])], [_vi("y", [S, D])], inits)
+    before = model.clone()
+    data = calibration_from_arrays(model, {"x": np.random.default_rng(1).standard_normal((4 * S, D)).astype(np.float32)},
+                                   batch_size=S)
+    rep = smooth_quant(model, data, 0.5)
+    model.verify()
+    by = {e["input"]: e for e in rep["smoothed"]}
+    assert set(by) == {"g1", "d"} and by["g1"]["producer"].startswith("Gemm") and by["d"]["producer"].startswith("Div")
+    assert by["g1"]["max-scale"] > 2
+    assert list(rep["not-smoothed"].values()) == [["x"]]  # the graph input
+    _close(before, model, data)
+
+
 def test_quantize_smooth_option_counts_report_and_runs() -> None:
     model = ln_model()
     before = model.clone()

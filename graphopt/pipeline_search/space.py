@@ -11,6 +11,8 @@ A point of the space is a dict of plain values (what Optuna stores as the trial'
     int8-gN        int8 on for layer group N (the quantizable layers in graph order, cut into
                    `groups` runs of equal size: early/middle/late layers differ most in sensitivity)
     int8-calib     minmax | percentile | entropy | mse (when any group is int8)
+    int8-smooth    SmoothQuant alpha of quantize (0: off; when any group is int8 and some layer's
+                   input can be smoothed: MatMul/Gemm after LayerNorm, a projection, a constant Mul)
     cluster        codebook bits of cluster-weights (0: off; only where no layer is int8)
     precision      fp32 | fp16 | bf16 (convert-precision; only where no layer is int8)
 
@@ -33,6 +35,7 @@ _RESERVED = set(",{}:=@ ")
 PRUNE_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 LOW_RANK_ENERGIES = (0.0, 0.8, 0.9, 0.95, 0.98, 0.99)
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
+SMOOTH_ALPHAS = (0.0, 0.5, 0.75)
 CLUSTER_BITS = (0, 4, 5, 6, 8)
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -55,6 +58,7 @@ class LayerGroup:
     first: str
     last: str
     layers: tuple[str, ...] = ()  # one name per layer (what prune's layer-ratios match)
+    smoothable: int = -1  # layers whose input quantize's smooth= can fold (-1: not known)
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class Space:
     prune_ratios: tuple[float, ...] = PRUNE_RATIOS
     low_rank_energies: tuple[float, ...] = LOW_RANK_ENERGIES
     calibration_methods: tuple[str, ...] = CALIBRATION_METHODS
+    smooth_alphas: tuple[float, ...] = SMOOTH_ALPHAS
     cluster_bits: tuple[int, ...] = CLUSTER_BITS
     precisions: tuple[str, ...] = PRECISIONS
     #: kept channel counts of pruned layers are multiples of this: 8 for onnxruntime's NCHWc convs;
@@ -91,6 +96,8 @@ class Space:
             p[f"int8-g{g.index}"] = trial.suggest_categorical(f"int8-g{g.index}", [False, True])
         if self.int8_groups(p):
             p["int8-calib"] = trial.suggest_categorical("int8-calib", list(self.calibration_methods))
+            if self.smoothable():
+                p["int8-smooth"] = trial.suggest_categorical("int8-smooth", list(self.smooth_alphas))
         else:
             p["cluster"] = trial.suggest_categorical("cluster", list(self.cluster_bits))
             p["precision"] = trial.suggest_categorical("precision", list(self.precisions))
@@ -98,6 +105,12 @@ class Space:
 
     def per_group_prune(self) -> bool:
         return len(self.groups) >= 2 and all(g.layers for g in self.groups)
+
+    def smoothable(self) -> bool:
+        """Whether int8-smooth is a choice: alphas besides 0, and a layer whose input SmoothQuant
+        can fold (groups that do not know count as having one)."""
+        alphas = [a for a in self.smooth_alphas if a > 0]
+        return bool(alphas) and any(g.smoothable != 0 for g in self.groups)
 
     def int8_groups(self, p: Mapping[str, Any]) -> list[LayerGroup]:
         return [g for g in self.groups if p.get(f"int8-g{g.index}")]
@@ -115,7 +128,16 @@ class Space:
         p = {k: v for k, v in self.baseline().items() if k not in ("cluster", "precision")}
         p.update({f"int8-g{g.index}": True for g in self.groups})
         p["int8-calib"] = self.calibration_methods[0]
+        if self.smoothable():
+            p["int8-smooth"] = 0.0
         return p
+
+    def int8_smoothed(self) -> dict[str, Any] | None:
+        """int8 everywhere with SmoothQuant (the middle alpha), where the space offers it."""
+        alphas = [a for a in self.smooth_alphas if a > 0]
+        if not self.smoothable() or not alphas:
+            return None
+        return {**self.int8_everywhere(), "int8-smooth": alphas[0]}
 
     # ------------------------------------------------------------------ pipeline
 
@@ -141,6 +163,7 @@ class Space:
             opts = ["scheme=int8", f"calibration={p.get('int8-calib', 'minmax')}", "speed=rules"]
             opts += [f"data={cal}"] if cal else []
             opts += ["exclude=" + ":".join(off)] if off else []
+            opts += [f"smooth={p['int8-smooth']:g}"] if p.get("int8-smooth", 0) else []
             parts.append("quantize{" + ",".join(opts) + "}")
         else:
             if p.get("cluster", 0):
@@ -164,7 +187,8 @@ def describe(p: Mapping[str, Any], space: Space) -> str:
     on = space.int8_groups(p)
     if on:
         which = "all" if len(on) == len(space.groups) else ",".join(f"g{g.index}" for g in on)
-        out.append(f"int8 {which} ({p.get('int8-calib', 'minmax')})")
+        smooth = f", smooth {p['int8-smooth']:g}" if p.get("int8-smooth", 0) else ""
+        out.append(f"int8 {which} ({p.get('int8-calib', 'minmax')}{smooth})")
     if p.get("cluster", 0):
         out.append(f"cluster {p['cluster']} bits")
     if p.get("precision", "fp32") != "fp32":
@@ -180,6 +204,7 @@ def layer_groups(model: Any, base: str, count: int = 3) -> tuple[tuple[LayerGrou
 
     m = optimize(model, base) if base else model  # (on a copy)
     layers: list[tuple[str, ...]] = []
+    smooth = _smoothable(m)
     skipped = 0
     for node in m.graph:
         if node.op_type not in WEIGHT_OPS or len(node.inputs) < 2 or node.inputs[1] is None:
@@ -196,7 +221,22 @@ def layer_groups(model: Any, base: str, count: int = 3) -> tuple[tuple[LayerGrou
     count = max(0, min(count, len(layers)))
     groups = []
     for i in range(count):
-        chunk = layers[i * len(layers) // count:(i + 1) * len(layers) // count]
+        lo, hi = i * len(layers) // count, (i + 1) * len(layers) // count
+        chunk = layers[lo:hi]
         groups.append(LayerGroup(i, tuple(n for names in chunk for n in names), chunk[0][0], chunk[-1][0],
-                                 tuple(names[0] for names in chunk)))
+                                 tuple(names[0] for names in chunk),
+                                 -1 if smooth is None else sum(1 for names in chunk if set(names) & smooth)))
     return tuple(groups), notes
+
+
+def _smoothable(model: Any) -> set[str] | None:
+    """Names of the weight layers whose input quantize's `smooth=` can fold (None: quantize does not
+    say: a pass registry without it)."""
+    from graphopt.transform import get_pass
+
+    try:
+        q = get_pass("quantize")
+    except Exception:  # noqa: BLE001 - any registry failure means "not known"
+        return None
+    fn = getattr(q, "smoothable_layers", None)
+    return set(fn(model)) if fn is not None else None

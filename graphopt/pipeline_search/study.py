@@ -513,8 +513,9 @@ class Search:
                                  f"{mine[k]!r}: give another --search-dir (or --search-storage) for a new search")
         else:
             study.set_user_attr("settings", mine)
-            for p in (self.space.baseline(), self.space.int8_everywhere()):  # known points first: TPE starts from them
-                study.enqueue_trial(p, skip_if_exists=True)
+            smoothed = self.space.int8_smoothed()  # (int8 with SmoothQuant, where the space offers it)
+            for p in (self.space.baseline(), self.space.int8_everywhere(), *([smoothed] if smoothed else [])):
+                study.enqueue_trial(p, skip_if_exists=True)  # known points first: TPE starts from them
         died = _reap_dead(optuna, study)
         done = counted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)))
         for line in self.notes:

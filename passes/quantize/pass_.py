@@ -22,9 +22,10 @@ from graphopt.calibration import (
 )
 from graphopt.accuracy import parse_budget
 from graphopt.errors import GraphoptError, UsageError
-from graphopt.ir import Model, opset_version
+from graphopt.ir import Model, Node, opset_version
 from graphopt.passes.cleanup.infer import infer_types
 from graphopt.passes.quantize import measure
+from graphopt.passes.quantize.smooth import smooth_quant, smoothable_layers
 from graphopt.passes.quantize.qdq import QDQ_OPS, Applied, QuantOptions, Unit, apply, float_subgraphs, plan_units
 from graphopt.transform import Pass, PassContext, PassResult, register_pass
 
@@ -55,6 +56,16 @@ class Quantize(Pass):
     whole model is timed on onnxruntime against fp32; if no int8 variant is `min-speedup` faster,
     the model is left unchanged. A model below opset 13 is upgraded with onnx's version converter
     first (said in the log); when the converter cannot, the pass refuses with its reason.
+
+    `smooth=ALPHA` (0 < alpha <= 1; 0: off): SmoothQuant before quantizing (passes/quantize/smooth.py):
+    X -> MatMul/Gemm(X, W) with X / s folded into X's producer (LayerNormalization, MatMul/Gemm
+    [+ bias Add], Mul/Div by a constant, also through Transpose/Reshape/attention's probs·V) and
+    diag(s)·W, s_k = max|X_k|^alpha / max|W_k,:|^(1-alpha) from the calibration data; exact in
+    float, no node added. Inputs whose producer cannot absorb 1/s (a residual Add, an activation, a
+    graph input) or that another op also reads (a residual, a float layer) are left alone, one log
+    line per reason; so is the scalar 0.5 ending a GELU, whose per-channel version stops onnxruntime
+    fusing the GELU (`smooth-activations=true` folds it anyway). The int8 model is still scored and
+    timed against the original fp32 model.
     """
 
     name: ClassVar[str] = "quantize"
@@ -79,6 +90,8 @@ class Quantize(Pass):
     tiny_macs: int = 200_000  # convs/matmuls with fewer MACs per sample: float under speed=rules, a group speed=measure tries (0: none)
     threads: int = 0  # onnxruntime intra-op threads for timing and evaluation (0: its default / 2 for timing)
     exclude: tuple[str, ...] = ()  # unit names (node name or output tensor name) kept float
+    smooth: float = 0.0  # SmoothQuant migration strength alpha in (0, 1] for MatMul/Gemm inputs (0: off); see smooth.py
+    smooth_activations: bool = False  # smooth also into the scalar 0.5 ending a GELU (onnxruntime then no longer fuses it)
     report: str = ""  # also write the report as JSON here
 
     def __post_init__(self) -> None:
@@ -93,6 +106,8 @@ class Quantize(Pass):
                 raise ValueError(f"{key}={val!r} is not one of {', '.join(allowed)}")
         if self.accuracy_budget:
             parse_budget(self.accuracy_budget)
+        if not 0.0 <= float(self.smooth) <= 1.0:
+            raise ValueError(f"smooth={self.smooth!r}: the SmoothQuant alpha is in (0, 1] (0: off)")
 
     # -------------------------------------------------------------------------------- run
     def run(self, model: Model, ctx: PassContext) -> PassResult:
@@ -150,6 +165,9 @@ class Quantize(Pass):
             rep["result"] = "nothing to quantize"
             rep["layers"] = [self._layer(u, None) for u in units]
             return self._finish(model, None, rep, ctx, {"units-int8": 0, "units-float": len(units)})
+        orig = base  # the fp32 model the int8 one is scored and timed against
+        if self.smooth > 0:
+            base, units = self._smooth(base, units, data, opts, rep, ctx)
 
         # 1. calibration: ranges of every activation tensor a static unit reads or writes
         need = []
@@ -191,7 +209,7 @@ class Quantize(Pass):
         evals = data.take(max(1, self.eval_batches))
         if not evals:
             raise CalibrationError(f"quantize: the calibration data holds no batches ({data.source})")
-        ref = measure.run(base, evals, threads=self.threads)
+        ref = measure.run(orig, evals, threads=self.threads)
 
         def build(extra: dict[str, str]) -> tuple[Model, list[Unit], Applied]:
             m = base.clone()
@@ -234,7 +252,7 @@ class Quantize(Pass):
         # 4. speed: the whole model against fp32; try groups of layers back in float
         layer_timing: dict[str, dict[str, float]] | None = None
         if self.speed == "measure":
-            qm, qunits, applied, keep = self._speed(base, qm, qunits, applied, extra, build, evals[0], rep)
+            qm, qunits, applied, keep = self._speed(orig, qm, qunits, applied, extra, build, evals[0], rep)
             layer_timing = rep.pop("_layer-timing", None)
             if not keep:
                 rep["layers"] = [self._layer(u, stats, sensitivity, None, layer_timing) for u in qunits]
@@ -254,6 +272,9 @@ class Quantize(Pass):
         rep["result"] = f"quantized {nq} of {sum(1 for u in qunits if u.kind != 'passthrough')} layers"
         st: dict[str, int | float] = {"units-int8": nq, "units-float": sum(1 for u in qunits if not u.quantized and u.kind != "passthrough")}
         st.update(applied.counts)
+        if rep.get("smooth", {}).get("smoothed"):
+            st["smoothed-layers"] = len(rep["smooth"]["layers"])
+            st["smoothed-inputs"] = len(rep["smooth"]["smoothed"])
         if applied.bias_clipped:
             st["bias-clipped"] = applied.bias_clipped
         st["output-sqnr-db"] = round(metrics["sqnr"], 2) if math.isfinite(metrics["sqnr"]) else 999.0
@@ -261,7 +282,53 @@ class Quantize(Pass):
             st["synthetic-calibration"] = 1
         return self._finish(model, qm, rep, ctx, st)
 
+    @staticmethod
+    def smoothable_layers(model: Model) -> list[str]:
+        """The MatMul/Gemm layers of `model` whose input `smooth=` could fold (structure only; the
+        search offers smoothing where there are any)."""
+        return smoothable_layers(model.clone())
+
     # ----------------------------------------------------------------------------- helpers
+    def _smooth(self, base: Model, units: list[Unit], data: CalibrationData, opts: QuantOptions,
+                rep: dict[str, Any], ctx: PassContext) -> tuple[Model, list[Unit]]:
+        """SmoothQuant (smooth.py) on a copy of `base` for the MatMul/Gemm layers the plan makes
+        int8; returns (the smoothed copy, its units), or `base` unchanged when nothing was smoothed
+        or the smoothed float model does not match the original on a calibration batch."""
+        m = base.clone()
+        us = plan_units(m, opts)
+        reasons: dict[Node, str | None] = {}
+        for u in us:
+            if u.kind not in ("gemm", "matmul"):
+                continue
+            why = u.float_reason
+            if why is None and self.speed == "rules" and self.tiny_macs and 0 < u.macs < self.tiny_macs:
+                why = f"tiny layer ({u.macs} MACs/sample < tiny-macs={self.tiny_macs}), float under speed=rules"
+            reasons[u.node] = why
+        srep = smooth_quant(m, data, float(self.smooth), float_reason=reasons, activation_tails=bool(self.smooth_activations),
+                            method=self.calibration,
+                            percentile=self.percentile, threads=self.threads)
+        rep["smooth"] = srep
+        done = srep["smoothed"]
+        for why, xs in srep["not-smoothed"].items():
+            ctx.info(f"quantize: smooth: {len(xs)} input(s) not smoothed: {why} (e.g. {xs[0]!r})")
+        if not done:
+            ctx.info(f"quantize: smooth={self.smooth:g}: no MatMul/Gemm input could be smoothed")
+            return base, units
+        # smoothing is exact in float: check it on one batch before trusting it
+        batch = data.take(1)
+        if batch:
+            got = measure.output_metrics(measure.run(base, batch, threads=self.threads), measure.run(m, batch, threads=self.threads))
+            srep["float-check-sqnr-db"] = round(got["sqnr"], 1) if math.isfinite(got["sqnr"]) else 999.0
+            if got["sqnr"] < 60.0:
+                srep["result"] = f"left out: the smoothed float model differs from the original ({got['sqnr']:.1f} dB SQNR < 60)"
+                ctx.info(f"quantize: smooth: {srep['result']}")
+                srep["smoothed"], srep["layers"] = [], {}
+                return base, units
+        nl = sum(len(e["layers"]) for e in done)
+        srep["result"] = f"smoothed {len(done)} inputs of {nl} MatMul/Gemm layers (alpha {self.smooth:g})"
+        ctx.info(f"quantize: smooth: {srep['result']}; largest scale {max(e['max-scale'] for e in done):.3g}")
+        return m, us
+
     def _mode(self, model: Model) -> tuple[str, str]:
         """mode=auto decides by where the FLOPs are: conv-dominated models are static (even with a
         final Softmax: SqueezeNet, classifiers); MatMul-dominated ones with Softmax/LayerNormalization
@@ -464,6 +531,13 @@ class Quantize(Pass):
         if qm is not None:
             model.graph = qm.graph
             model.opset_imports = dict(qm.opset_imports)
+        if "smooth" in rep:
+            sm = rep["smooth"]
+            if qm is None and sm.get("smoothed"):
+                sm["result"] = "not applied: the model is left unchanged"
+            for layer in rep.get("layers", []):
+                if qm is not None and layer["name"] in sm.get("layers", {}):
+                    layer["smooth"] = {k: v for k, v in sm["layers"][layer["name"]].items() if k != "input"}
         ctx.data["quantize"] = rep
         floats = [layer for layer in rep.get("layers", []) if layer["status"] == "float" and layer.get("reason")]
         ctx.info(f"quantize: {rep.get('result', '')}; calibration {rep['calibration']['source']} ({rep['calibration']['method']})")

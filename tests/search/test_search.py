@@ -125,6 +125,50 @@ def test_space_sampling_conditions_and_pipelines(data):
         parse_pipeline(space.pipeline(q))  # every pipeline of the space parses
 
 
+def ln_matmuls(path: str) -> str:
+    """LayerNormalization read by two MatMuls (what quantize's smooth= can fold)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.ones(8, np.float32), "g"), numpy_helper.from_array(np.zeros(8, np.float32), "b"),
+             numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["ln"], axis=-1, name="ln"),
+             helper.make_node("MatMul", ["ln", "w1"], ["y1"], name="mm1"),
+             helper.make_node("MatMul", ["ln", "w2"], ["y2"], name="mm2")]
+    g = helper.make_graph(nodes, "ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8])],
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 4, 8]) for n in ("y1", "y2")], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_smooth_choice_only_with_int8_and_smoothable_layers(data, tmp_path):
+    """int8-smooth is asked when a group is int8 and some layer's input can be smoothed: not on the
+    CNN (its one Gemm reads Flatten), on LayerNorm → MatMuls; it reaches quantize's options."""
+    from graphopt.transform import parse_pipeline
+
+    groups, _ = layer_groups(graphopt.load(data["model"]), "-O2", 2)
+    assert [g.smoothable for g in groups] == [0, 0]
+    space = Space(groups=groups)
+    t = FixedTrial(1)
+    space.suggest(t)
+    assert "int8-calib" in t.asked and "int8-smooth" not in t.asked
+    assert space.int8_smoothed() is None and "int8-smooth" not in space.int8_everywhere()
+
+    groups, _ = layer_groups(graphopt.load(ln_matmuls(str(tmp_path / "ln.onnx"))), "-O2", 1)
+    assert [g.smoothable for g in groups] == [2]
+    space = Space(groups=groups, calibration="/c.npz")
+    off = FixedTrial(0)
+    assert "int8-smooth" not in space.suggest(off) and "int8-smooth" not in off.asked  # int8 off: not asked
+    p = space.suggest(FixedTrial(1))
+    assert p["int8-smooth"] == 0.5
+    spec = space.pipeline(p)
+    assert spec.endswith("quantize{scheme=int8,calibration=percentile,speed=rules,data=/c.npz,smooth=0.5}")
+    assert describe(p, space).endswith("int8 all (percentile, smooth 0.5)")
+    (q,) = [x for x in parse_pipeline(spec) if x.name == "quantize"]
+    assert q.smooth == 0.5  # type: ignore[attr-defined]
+    assert "smooth" not in space.pipeline(space.int8_everywhere())
+    assert space.int8_smoothed() == {**space.int8_everywhere(), "int8-smooth": 0.5}
+
+
 def test_prune_rounds_channels_to_the_targets_block(data):
     """Pruned channel counts follow the target's conv block: 8 for onnxruntime and AVX2, 16 for an
     AVX-512 cpu target (48 kept channels made the whole compiled model block by 8)."""

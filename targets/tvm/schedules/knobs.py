@@ -91,6 +91,10 @@ class ScheduleKnobs:
     #: kernels with symbolic shapes: each parallel loop nest also compiled serial, the serial one
     #: run where the call's work is small (default.serial_if_small; off: always parallel, as before)
     serial_small_symbolic: bool = True
+    #: ... and channel-blocked window kernels (pooling, depthwise) on symbolic maps too: small
+    #: unrolled windows, cheap to compile twice (default._NO_SERIAL_BRANCH keeps the convs out;
+    #: off: window kernels always parallel, as before)
+    serial_small_windows: bool = True
     #: row reductions over [.., h, S, ..] rows: h parallel, the symbolic rows serial inside, not
     #: one fused parallel loop whose divisions by S lose the per-row buffers' bound (row_reduction)
     symbolic_row_loops: bool = True
@@ -108,6 +112,11 @@ class ScheduleKnobs:
     #: matmuls with two symbolic row axes [N, S, K]: also compiled for N = 1 (one symbolic row
     #: axis, padded to the row tile), chosen at the call (off: one-row tiles at every N)
     batch_one_branch: bool = True
+    #: RNN/GRU/LSTM input projection X [T, B, I] x Wᵀ lowered as one [T*B, I] x [I, D*G*H] matmul
+    #: (reshape views; where T*B is symbolic one fresh row var, so the matmul has one symbolic row
+    #: axis and takes the shifted register tiles) instead of [T, B, I] with two symbolic row axes,
+    #: whose one-row tiles run at B = 1 (lower/converters/recurrent.py; off: [T, B, I], as before)
+    flat_recurrent_rows: bool = True
     #: channel-blocked convs parallel over whole batch items (flat convs on small maps): their
     #: materialised pad computed per item under that loop, not as a pass over the whole batch
     #: (nchwc._pad_per_item; off: a parallel pad pass first, as before)

@@ -112,6 +112,12 @@ class ScheduleKnobs:
     #: matmuls with two symbolic row axes [N, S, K]: also compiled for N = 1 (one symbolic row
     #: axis, padded to the row tile), chosen at the call (off: one-row tiles at every N)
     batch_one_branch: bool = True
+    #: channel-blocked convs on symbolic maps (nchwc._schedule_tiles): the reduction's `ii` loop
+    #: (the input block's channels) stays a loop around the register tile, not unrolled: unrolled,
+    #: LLVM hoisted the tile's broadcasts ahead of their FMAs and spilled them (crnn_dyn's 16->32
+    #: and Winograd 32->32 convs: 25-29 zmm spill/reload ops, none as a loop). Fixed shapes keep it
+    #: unrolled (off: unrolled on symbolic maps too, as before)
+    symbolic_conv_ii_loop: bool = True
     #: RNN/GRU/LSTM input projection X [T, B, I] x Wᵀ lowered as one [T*B, I] x [I, D*G*H] matmul
     #: (reshape views; where T*B is symbolic one fresh row var, so the matmul has one symbolic row
     #: axis and takes the shifted register tiles) instead of [T, B, I] with two symbolic row axes,

@@ -658,7 +658,7 @@ def _schedule_tiles(sch: Any, anchor: Any, m: _Match, tile: ConvTile, s: _ConvSp
     sch.vectorize(oi_i)
     sch.unroll(p_i)
     sch.unroll(ob_i)
-    if m.kind == "conv":
+    if m.kind == "conv" and not (m.symbolic and knobs.current().symbolic_conv_ii_loop):
         sch.unroll(L["ii"])
     if tile.unroll_kw or m.kind == "stem":
         sch.unroll(L["kw"])

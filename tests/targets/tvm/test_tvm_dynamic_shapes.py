@@ -291,7 +291,9 @@ def test_crnn_small_windows_serial_branch_and_flat_projection_rows(monkeypatch):
     miss: `_NO_SERIAL_BRANCH`), and a fixed width gets no branch at all; (b) the LSTM's input
     projection is one matmul over a single symbolic row count `rec_rows` (= T*N, zero-copy
     reshapes around it) with shifted 8-row register tiles, not [T, N, 32] x [32, 256] with two
-    symbolic row axes (knob FLAT_RECURRENT_ROWS). Both knobs off give the kernels from before.
+    symbolic row axes (knob FLAT_RECURRENT_ROWS); (c) its blocked convs on symbolic maps keep the
+    input block's `ii` loop a loop (SYMBOLIC_CONV_II_LOOP), the fixed-width ones unroll it as
+    before. The knobs off give the kernels from before.
     Outputs equal onnxruntime's at W = 36, 64, 160 and a batch of 3, either way (the target's
     machine model: the host's, or GRAPHOPT_CPU_MCPU's)."""
     from graphopt.targets.tvm.schedules.loop_marks import PEEL_BOUND, PEEL_LAST
@@ -305,17 +307,22 @@ def test_crnn_small_windows_serial_branch_and_flat_projection_rows(monkeypatch):
         body = t.split("else:")
         assert len(body) == 2 and "T.parallel(" not in body[0].split("    if ", 1)[-1] and "T.parallel(" in body[1], n
     assert not any("else:" in t for t in convs.values())
+    blocked = [t for t in convs.values() if "conv2d_blocked_update" in t or "winograd_gemm_update" in t]  # (not the stem: no `ii`)
+    assert len(blocked) >= 2 and not any("for ii in T.unroll(" in t for t in blocked)  # (SYMBOLIC_CONV_II_LOOP)
     proj = [n for n, t in k.items() if "rec_rows" in t]  # (the reshapes around it are views, no kernels)
     assert len(proj) == 1 and "matmul" in k[proj[0]] and f'"{PEEL_BOUND}": "rec_rows"' in k[proj[0]], proj
     rows = re.findall(rf'"{PEEL_LAST}": (\d+)', k[proj[0]])
     assert rows and min(int(r) for r in rows) >= 4, rows  # (register tiles of several rows: 8 on AVX-512, 6 on AVX2)
 
-    off, k_off = _scheduled_kernels(monkeypatch, m, "cpu{schedule-knobs=SERIAL_SMALL_WINDOWS:0;FLAT_RECURRENT_ROWS:0}")
+    off, k_off = _scheduled_kernels(monkeypatch, m, "cpu{schedule-knobs=SERIAL_SMALL_WINDOWS:0;FLAT_RECURRENT_ROWS:0;"
+                                                     "SYMBOLIC_CONV_II_LOOP:0}")
     assert not any("else:" in t for t in k_off.values() if "maxpool_blocked" in t)
+    assert sum("for ii in T.unroll(" in t for t in k_off.values() if "conv2d_blocked_update" in t or "winograd_gemm_update" in t) >= 2
     assert not any("rec_rows" in t for t in k_off.values())
 
     _, k_fix = _scheduled_kernels(monkeypatch, m, "cpu", input_shapes={"line": (1, 3, 32, 64)})
     assert not any("else:" in t for t in k_fix.values() if "maxpool_blocked" in t)
+    assert any("for ii in T.unroll(" in t for t in k_fix.values() if "conv2d_blocked_update" in t)  # (fixed shapes: as before)
     for a in (art, off):
         for shape, seed in (((1, 3, 32, 36), 1), ((1, 3, 32, 64), 2), ((1, 3, 32, 160), 3), ((3, 3, 32, 64), 4)):
             _check(a, m, {"line": _x(shape, seed)}, tol=1e-5)

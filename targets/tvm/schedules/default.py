@@ -191,7 +191,7 @@ def serial_if_small(sch: "tvm.s_tir.Schedule", original: "tvm.tirx.PrimFunc", ma
     a trace replays on its workload by design, which is how tuning records are applied).
     A kernel with symbolic shapes (its work known only at the call) gets a run-time branch
     instead (`_serial_when_small`; knob `serial_small_symbolic`, not for `rule`s in
-    `_NO_SERIAL_BRANCH`). Kept as it is when the machine has one core, the trace has no Parallel
+    `_NO_SERIAL_BRANCH` but their window kernels, `_serial_branch_allowed`). Kept as it is when the machine has one core, the trace has no Parallel
     instruction (a kernel written with parallel loops in its TIR), or the replay fails."""
     from tvm import s_tir
 
@@ -202,7 +202,7 @@ def serial_if_small(sch: "tvm.s_tir.Schedule", original: "tvm.tirx.PrimFunc", ma
         return scheduled
     nbytes = _param_bytes(original)
     if nbytes is None:  # (symbolic shapes; a rule's run-time branches come as TIR, not as a trace)
-        work = _work_exprs(original) if knobs.current().serial_small_symbolic and rule not in _NO_SERIAL_BRANCH else None
+        work = _work_exprs(original) if knobs.current().serial_small_symbolic and _serial_branch_allowed(rule, original, machine) else None
         if work is not None and _can_be_small(work, machine):
             text = scheduled.script()
             if "T.parallel(" in text:
@@ -227,6 +227,21 @@ def serial_if_small(sch: "tvm.s_tir.Schedule", original: "tvm.tirx.PrimFunc", ma
     except Exception:  # noqa: BLE001 - a trace that does not replay: keep it parallel
         return scheduled
     return serial.mod["main"]
+
+
+def _serial_branch_allowed(rule: str | None, original: "tvm.tirx.PrimFunc", machine: Any) -> bool:
+    """Whether a symbolic kernel scheduled by `rule` may get `_serial_when_small`'s run-time
+    branch: not the rules of `_NO_SERIAL_BRANCH`, except (knob `serial_small_windows`) their
+    pooling and depthwise kernels (`nchwc.is_blocked_window`): a window of a few unrolled vector
+    ops per pixel tile, cheap to compile twice, and on a recognizer's narrow maps (crnn_dyn's
+    2x2 and 8x1 max pools at W = 64: 16-80 KB) a parallel launch costs more than the pool."""
+    if rule not in _NO_SERIAL_BRANCH:
+        return True
+    if not knobs.current().serial_small_windows or rule not in ("blocked-conv", "blocked-window"):
+        return False
+    from .nchwc import is_blocked_window
+
+    return is_blocked_window(original, machine.lanes(32))
 
 
 def _work_exprs(original: "tvm.tirx.PrimFunc") -> tuple[Any, Any] | None:

@@ -91,6 +91,10 @@ class ScheduleKnobs:
     #: kernels with symbolic shapes: each parallel loop nest also compiled serial, the serial one
     #: run where the call's work is small (default.serial_if_small; off: always parallel, as before)
     serial_small_symbolic: bool = True
+    #: ... and channel-blocked window kernels (pooling, depthwise) on symbolic maps too: small
+    #: unrolled windows, cheap to compile twice (default._NO_SERIAL_BRANCH keeps the convs out;
+    #: off: window kernels always parallel, as before)
+    serial_small_windows: bool = True
     #: row reductions over [.., h, S, ..] rows: h parallel, the symbolic rows serial inside, not
     #: one fused parallel loop whose divisions by S lose the per-row buffers' bound (row_reduction)
     symbolic_row_loops: bool = True
@@ -108,6 +112,17 @@ class ScheduleKnobs:
     #: matmuls with two symbolic row axes [N, S, K]: also compiled for N = 1 (one symbolic row
     #: axis, padded to the row tile), chosen at the call (off: one-row tiles at every N)
     batch_one_branch: bool = True
+    #: channel-blocked convs on symbolic maps (nchwc._schedule_tiles): the reduction's `ii` loop
+    #: (the input block's channels) stays a loop around the register tile, not unrolled: unrolled,
+    #: LLVM hoisted the tile's broadcasts ahead of their FMAs and spilled them (crnn_dyn's 16->32
+    #: and Winograd 32->32 convs: 25-29 zmm spill/reload ops, none as a loop). Fixed shapes keep it
+    #: unrolled (off: unrolled on symbolic maps too, as before)
+    symbolic_conv_ii_loop: bool = True
+    #: RNN/GRU/LSTM input projection X [T, B, I] x Wᵀ lowered as one [T*B, I] x [I, D*G*H] matmul
+    #: (reshape views; where T*B is symbolic one fresh row var, so the matmul has one symbolic row
+    #: axis and takes the shifted register tiles) instead of [T, B, I] with two symbolic row axes,
+    #: whose one-row tiles run at B = 1 (lower/converters/recurrent.py; off: [T, B, I], as before)
+    flat_recurrent_rows: bool = True
     #: channel-blocked convs parallel over whole batch items (flat convs on small maps): their
     #: materialised pad computed per item under that loop, not as a pass over the whole batch
     #: (nchwc._pad_per_item; off: a parallel pad pass first, as before)

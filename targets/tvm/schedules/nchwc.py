@@ -89,7 +89,7 @@ from .tiles import L2_WEIGHT_SHARE, ConvShape, ConvTile, conv_tile, row_tile_ran
 if TYPE_CHECKING:
     import tvm
 
-__all__ = ["BlockedConv", "BlockedWindow", "kernel_block", "match_blocked_conv", "match_blocked_window", "loops_below",
+__all__ = ["BlockedConv", "BlockedWindow", "kernel_block", "match_blocked_conv", "match_blocked_window", "is_blocked_window", "loops_below",
            "write_back_loops"]
 
 
@@ -658,7 +658,7 @@ def _schedule_tiles(sch: Any, anchor: Any, m: _Match, tile: ConvTile, s: _ConvSp
     sch.vectorize(oi_i)
     sch.unroll(p_i)
     sch.unroll(ob_i)
-    if m.kind == "conv":
+    if m.kind == "conv" and not (m.symbolic and knobs.current().symbolic_conv_ii_loop):
         sch.unroll(L["ii"])
     if tile.unroll_kw or m.kind == "stem":
         sch.unroll(L["kw"])
@@ -681,6 +681,16 @@ class _WindowMatch:
     pad: Any  # the pad block (or None)
     mult: dict[str, int] | None = None  # symbolic map: what its rows / columns are provably a multiple of
     x_extent: Any = None  # (symbolic columns) the column loop's extent
+
+
+def is_blocked_window(func: "tvm.tirx.PrimFunc", lanes: int) -> bool:
+    """Whether `func` (unscheduled) is a depthwise_blocked or pool_blocked kernel: what
+    `BlockedConv` hands to `BlockedWindow` (both report the rule name "blocked-conv")."""
+    try:
+        opened = one_reduction(func)
+        return opened is not None and match_blocked_window(*opened, kernel_block(func, lanes)) is not None
+    except Exception:  # noqa: BLE001 - a kernel the matcher does not understand: not a window
+        return False
 
 
 def match_blocked_window(sch: "tvm.s_tir.Schedule", anchor: Any, lanes: int) -> _WindowMatch | None:

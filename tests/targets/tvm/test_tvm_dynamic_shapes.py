@@ -9,6 +9,7 @@ from tools/dynamic_models.py. Skipped cleanly when apache-tvm is not installed.
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import numpy as np
 import onnx
@@ -265,6 +266,66 @@ def test_crnn_symbolic_width():
         probs, = _check(art, m, {"line": _x((1, 3, 32, w), w)})
         assert probs.shape == (w // 4, 1, 20)
     _check(art, m, {"line": _x((3, 3, 32, 64), 9)})  # a batch of 3 lines
+
+
+def _scheduled_kernels(monkeypatch, m: onnx.ModelProto, target: str, **kw) -> tuple[graphopt.Artifact, dict[str, str]]:
+    """`m` compiled for `target`, and the TVMScript of each scheduled PrimFunc by name."""
+    from graphopt.targets.tvm import schedules as S
+
+    real = S.apply_default_schedules
+    scheduled: dict[str, str] = {}
+
+    def spy(mod, tgt, stats=None, **skw):
+        out = real(mod, tgt, stats=stats, **skw)
+        scheduled.update({gv.name_hint: f.script() for gv, f in out.functions_items() if isinstance(f, tvm.tirx.PrimFunc)})
+        return out
+
+    monkeypatch.setattr(S, "apply_default_schedules", spy)
+    return graphopt.compile(m, target, "-O2", threads=2, **kw), scheduled
+
+
+def test_crnn_small_windows_serial_branch_and_flat_projection_rows(monkeypatch):
+    """crnn_dyn on [N, 3, 32, W], 2 threads: (a) its three blocked max pools (symbolic W) get the
+    run-time serial branch (`if <work under the machine's serial limits>: serial else: parallel`,
+    knob SERIAL_SMALL_WINDOWS) while its blocked / Winograd convs keep one parallel nest (near
+    miss: `_NO_SERIAL_BRANCH`), and a fixed width gets no branch at all; (b) the LSTM's input
+    projection is one matmul over a single symbolic row count `rec_rows` (= T*N, zero-copy
+    reshapes around it) with shifted 8-row register tiles, not [T, N, 32] x [32, 256] with two
+    symbolic row axes (knob FLAT_RECURRENT_ROWS); (c) its blocked convs on symbolic maps keep the
+    input block's `ii` loop a loop (SYMBOLIC_CONV_II_LOOP), the fixed-width ones unroll it as
+    before. The knobs off give the kernels from before.
+    Outputs equal onnxruntime's at W = 36, 64, 160 and a batch of 3, either way (the target's
+    machine model: the host's, or GRAPHOPT_CPU_MCPU's)."""
+    from graphopt.targets.tvm.schedules.loop_marks import PEEL_BOUND, PEEL_LAST
+
+    m = dm.crnn()
+    art, k = _scheduled_kernels(monkeypatch, m, "cpu")
+    pools = {n: t for n, t in k.items() if "maxpool_blocked" in t}
+    convs = {n: t for n, t in k.items() if "conv2d_blocked" in t or "conv2d_stem" in t or "winograd" in t.lower()}
+    assert len(pools) == 3 and len(convs) >= 3, (sorted(pools), sorted(convs))
+    for n, t in pools.items():
+        body = t.split("else:")
+        assert len(body) == 2 and "T.parallel(" not in body[0].split("    if ", 1)[-1] and "T.parallel(" in body[1], n
+    assert not any("else:" in t for t in convs.values())
+    blocked = [t for t in convs.values() if "conv2d_blocked_update" in t or "winograd_gemm_update" in t]  # (not the stem: no `ii`)
+    assert len(blocked) >= 2 and not any("for ii in T.unroll(" in t for t in blocked)  # (SYMBOLIC_CONV_II_LOOP)
+    proj = [n for n, t in k.items() if "rec_rows" in t]  # (the reshapes around it are views, no kernels)
+    assert len(proj) == 1 and "matmul" in k[proj[0]] and f'"{PEEL_BOUND}": "rec_rows"' in k[proj[0]], proj
+    rows = re.findall(rf'"{PEEL_LAST}": (\d+)', k[proj[0]])
+    assert rows and min(int(r) for r in rows) >= 4, rows  # (register tiles of several rows: 8 on AVX-512, 6 on AVX2)
+
+    off, k_off = _scheduled_kernels(monkeypatch, m, "cpu{schedule-knobs=SERIAL_SMALL_WINDOWS:0;FLAT_RECURRENT_ROWS:0;"
+                                                     "SYMBOLIC_CONV_II_LOOP:0}")
+    assert not any("else:" in t for t in k_off.values() if "maxpool_blocked" in t)
+    assert sum("for ii in T.unroll(" in t for t in k_off.values() if "conv2d_blocked_update" in t or "winograd_gemm_update" in t) >= 2
+    assert not any("rec_rows" in t for t in k_off.values())
+
+    _, k_fix = _scheduled_kernels(monkeypatch, m, "cpu", input_shapes={"line": (1, 3, 32, 64)})
+    assert not any("else:" in t for t in k_fix.values() if "maxpool_blocked" in t)
+    assert any("for ii in T.unroll(" in t for t in k_fix.values() if "conv2d_blocked_update" in t)  # (fixed shapes: as before)
+    for a in (art, off):
+        for shape, seed in (((1, 3, 32, 36), 1), ((1, 3, 32, 64), 2), ((1, 3, 32, 160), 3), ((3, 3, 32, 64), 4)):
+            _check(a, m, {"line": _x(shape, seed)}, tol=1e-5)
 
 
 def _rnn(op: str, direction: str, layout: int = 0, lens: bool = False, **attrs) -> onnx.ModelProto:

@@ -148,6 +148,34 @@ def _directions(c: dict[str, Any]) -> list[bool]:
 UNROLL_STEPS = 0
 
 
+def _input_projection(bb: relax.BlockBuilder, x: Any, wt: Any, t: Any, batch: Any, n_in: int, cols: int, dtype: str) -> Any:
+    """X [T, B, I] x Wᵀ [I, cols] -> [T, B, cols]. With knob `flat_recurrent_rows`: the matmul on
+    X viewed as [T*B, I] (reshapes are views), the row count a fresh symbolic var where T or B is
+    symbolic (match_cast): one symbolic row axis, so the matmul schedule tiles the T*B rows with its
+    register tiles (shifted at the end). As [T, B, I] it had two symbolic row axes and took one-row
+    tiles over B (crnn_dyn at B = 1: 1 row x 2 vectors per tile, 32 dependent FMAs each). Off, or
+    a rank other than 3: the [T, B, I] matmul, as before."""
+    from tvm import tirx
+
+    from ...schedules import knobs
+
+    if not knobs.current().flat_recurrent_rows or len(dims_of(x)) != 3:
+        return bb.emit(R.matmul(x, wt))
+    if isinstance(t, int) and isinstance(batch, int):
+        return bb.emit(R.reshape(bb.emit(R.matmul(bb.emit(R.reshape(x, [t * batch, n_in])), wt)), [t, batch, cols]))
+    rows = tirx.Var("rec_rows", "int64")
+    x2 = bb.match_cast(_view(bb, x, [t * batch, n_in], dtype), relax.TensorType([rows, n_in], dtype))
+    return _view(bb, bb.emit(R.matmul(x2, wt)), [t, batch, cols], dtype)
+
+
+def _view(bb: relax.BlockBuilder, x: Any, shape: list[Any], dtype: str) -> Any:
+    """`x` (contiguous) seen with `shape` (as many elements): the VM's zero-copy reshape. A Relax
+    reshape between symbolic shapes whose sizes TVM cannot prove equal ([rec_rows, C] -> [T, N, C])
+    legalizes to a copy kernel (RewriteDataflowReshape turns only provable ones into views)."""
+    ty = relax.TensorType(shape, dtype)
+    return bb.emit(relax.op.call_pure_packed("vm.builtin.reshape", x, relax.ShapeExpr(shape), ty_args=[ty]))
+
+
 def _recurrent_loop(bb: relax.BlockBuilder, node: Node, ins: list[Any], c: dict[str, Any], gates: int) -> list[Any]:
     """RNN / GRU / LSTM as the input projection of every step and direction (one matmul) and
     one kernel that loops over the (possibly symbolic) sequence length (`kernels.recurrent`)."""
@@ -157,7 +185,7 @@ def _recurrent_loop(bb: relax.BlockBuilder, node: Node, ins: list[Any], c: dict[
     gh = gates * hsz
     n_in = static_dims(node, c["w"], "weight")[2]
     wt = bb.emit(R.permute_dims(R.reshape(c["w"], [dirs * gh, n_in]), [1, 0]))  # [I, D*G*H]
-    xw = bb.emit(R.matmul(x, wt))  # [T, B, D*G*H]
+    xw = _input_projection(bb, x, wt, c["t"], c["batch"], n_in, dirs * gh, dtype)  # [T, B, D*G*H]
     rt = bb.emit(R.permute_dims(c["r"], [0, 2, 1]))  # [D, H, G*H]
     bias = c["b"] if c["b"] is not None else relax.const(np.zeros((dirs, 2 * gh), dtype), dtype)
 

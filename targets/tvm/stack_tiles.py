@@ -18,8 +18,9 @@ pipeline unchanged), on larger buffers (a chunked conv's per-row accumulators st
 and on a kernel whose TVMScript does not round-trip (it keeps its workspace; one line says so).
 
 TVM 0.27 has no Python statement mutator and no hook between StorageRewrite and MakePackedAPI:
-the pass list below is `tvm.s_tir.pipeline.default_s_tir_pipeline`'s for the default config on
-CPU, with the annotation inserted; check it against that function when TVM moves.
+`default_passes` restates `tvm.s_tir.pipeline.default_s_tir_pipeline`'s pass list, with the
+annotation inserted before SplitHostDevice; a test checks that it lowers a kernel exactly as
+TVM's pipeline does (it fails when TVM moves).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 
 from ..machine import MachineModel
 
-__all__ = ["STACK_TILE", "stack_tile_bytes", "tir_pipeline"]
+__all__ = ["STACK_TILE", "default_passes", "stack_tile_bytes", "tir_pipeline"]
 
 #: write-back block annotation: its kernel's small "local" buffers become stack arrays
 STACK_TILE = "graphopt.stack_tile"
@@ -67,9 +68,52 @@ def _annotate(func: Any, limit: int) -> Any:
         return func
 
 
+def default_passes(config: Any) -> tuple[list[Any], list[Any]]:
+    """TVM 0.27's `default_s_tir_pipeline` for PassContext `config`, as (the passes up to and
+    including the last one before SplitHostDevice, the rest): the marks are applied between them.
+    A test checks that the two together lower a kernel exactly as TVM's pipeline does."""
+    from tvm import s_tir, tirx
+
+    st, tx = s_tir.transform, tirx.transform
+    flag = lambda key: bool(config.get(key, False))  # noqa: E731
+    head = [
+        st.CanonicalizeLoop(), st.LowerCrossThreadReduction(), st.LowerInitBlock(),
+        st.PlanAndUpdateBufferAllocationLocation(), st.ConvertBlocksToOpaque(), st.LiftThreadBinding(),
+        st.ManifestSharedMemoryLocalStage(), st.CompactBufferAllocation(), st.LowerAutoCopy(),
+        st.UnifyThreadBinding(), st.LowerMatchBuffer(), st.StmtSimplify(), st.InjectPermutedLayout(),
+        st.AnnotateIrregularLoop(), st.InjectSoftwarePipeline(), st.TransformMmaBufferLayout(),
+        st.LowerOpaqueBlock(), tx.FlattenBuffer(), tx.BF16ComputeLegalize(), tx.NarrowDataType(32),
+        st.LoopPartition(), tx.VectorizeLoop(not flag("tirx.disable_vectorize")),
+        st.InjectVirtualThread(), st.InjectDoubleBuffer(),
+    ]
+    if not flag("tirx.disable_storage_rewrite"):
+        head.append(tx.StorageRewrite())
+    if flag("tirx.use_async_copy"):
+        head.append(st.LowerAsyncDMA())
+    head += [st.HoistIfThenElse(), tx.UnrollLoop(), st.RenormalizeSplitPattern(), tx.StmtSimplify(),
+             tx.RemoveNoOp(), st.RewriteUnsafeSelect()]
+    if flag("tirx.instrument_bound_checkers"):
+        head.append(st.InstrumentBoundCheckers())
+    if flag("tirx.s_tir.ldg32"):
+        head.append(st.InjectPTXLDG32(True))
+    if not flag("tirx.disable_cse_tir"):
+        head.append(tx.CommonSubexprElim())
+    if flag("tirx.instrument_lwp"):
+        head.append(st.InstrumentProfileIntrinsics())
+    head += [tx.FP8ComputeLegalize(), st.VerifyVTCMLimit(), st.LowerVtcmAlloc(), tx.VerifyMemory(),
+             tx.AnnotateEntryFunc(), st.ThreadSync("shared"), st.ThreadSync("shared.dyn"), st.ThreadSync("warp"),
+             st.InferFragment(), st.LowerThreadAllreduce()]
+    if flag("tirx.use_async_copy"):
+        head.append(st.InjectPTXAsyncCopy())
+    if flag("tirx.s_tir.ldg32"):
+        head.append(st.InjectPTXLDG32())
+    head.append(st.MergeSharedMemoryAllocations())
+    tail = [tx.SplitHostDevice(), tx.MakePackedAPI(), tx.FP8StorageLegalize(), tx.BF16StorageLegalize()]
+    return head, tail
+
+
 def _lowering(limit: int) -> Any:
     import tvm
-    from tvm import s_tir, tirx
     from tvm.s_tir.pipeline import default_s_tir_pipeline
 
     @tvm.transform.module_pass(opt_level=0, name="graphopt.StackTileLowering")
@@ -78,32 +122,10 @@ def _lowering(limit: int) -> Any:
                   if isinstance(f, tvm.tirx.PrimFunc) and STACK_TILE in f.script()}
         if not marked:
             return default_s_tir_pipeline()[0](mod)
-        cfg = ctx.config
-        st, tx = s_tir.transform, tirx.transform
-        passes = [
-            st.CanonicalizeLoop(), st.LowerCrossThreadReduction(), st.LowerInitBlock(),
-            st.PlanAndUpdateBufferAllocationLocation(), st.ConvertBlocksToOpaque(), st.LiftThreadBinding(),
-            st.ManifestSharedMemoryLocalStage(), st.CompactBufferAllocation(), st.LowerAutoCopy(),
-            st.UnifyThreadBinding(), st.LowerMatchBuffer(), st.StmtSimplify(), st.InjectPermutedLayout(),
-            st.AnnotateIrregularLoop(), st.InjectSoftwarePipeline(), st.TransformMmaBufferLayout(),
-            st.LowerOpaqueBlock(), tx.FlattenBuffer(), tx.BF16ComputeLegalize(), tx.NarrowDataType(32),
-            st.LoopPartition(), tx.VectorizeLoop(not bool(cfg.get("tirx.disable_vectorize", False))),
-            st.InjectVirtualThread(), st.InjectDoubleBuffer(),
-        ]
-        if not bool(cfg.get("tirx.disable_storage_rewrite", False)):
-            passes.append(tx.StorageRewrite())
-        passes += [st.HoistIfThenElse(), tx.UnrollLoop(), st.RenormalizeSplitPattern(), tx.StmtSimplify(),
-                   tx.RemoveNoOp(), st.RewriteUnsafeSelect()]
-        if not bool(cfg.get("tirx.disable_cse_tir", False)):
-            passes.append(tx.CommonSubexprElim())
-        passes += [tx.FP8ComputeLegalize(), st.VerifyVTCMLimit(), st.LowerVtcmAlloc(), tx.VerifyMemory(),
-                   tx.AnnotateEntryFunc(), st.ThreadSync("shared"), st.ThreadSync("shared.dyn"), st.ThreadSync("warp"),
-                   st.InferFragment(), st.LowerThreadAllreduce(), st.MergeSharedMemoryAllocations()]
-        mod = tvm.transform.Sequential(passes)(mod)
+        head, tail = default_passes(ctx.config)
+        mod = tvm.transform.Sequential(head)(mod)
         funcs = {gv.name_hint: (_annotate(f, limit) if gv.name_hint in marked else f) for gv, f in mod.functions_items()}
-        out = tvm.IRModule(funcs, attrs=mod.attrs)
-        tail = [tx.SplitHostDevice(), tx.MakePackedAPI(), tx.FP8StorageLegalize(), tx.BF16StorageLegalize()]
-        return tvm.transform.Sequential(tail)(out)
+        return tvm.transform.Sequential(tail)(tvm.IRModule(funcs, attrs=mod.attrs))
 
     return run
 

@@ -780,3 +780,20 @@ def test_avx512_stack_tile_keeps_numbers(c, h, oc, residual, act):
     out = tvm.runtime.tensor(np.zeros((n, ocn // 16, oh, ow, 16), np.float32))
     lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
     np.testing.assert_allclose(_unblocked(out.numpy()), _act(ref, act), rtol=1e-4, atol=1e-4)
+
+
+def test_stack_tile_lowering_restates_tvms_pipeline():
+    """stack_tiles.default_passes lowers an unmarked kernel exactly as TVM's default S-TIR
+    pipeline does (it restates that pipeline's pass list: this fails when TVM changes it)."""
+    from tvm.s_tir.pipeline import default_s_tir_pipeline
+
+    from graphopt.targets.tvm.stack_tiles import default_passes
+
+    sfunc, _ = _scheduled(64, 14, 256, True, AVX512, 16, OFF)
+    mod = tvm.IRModule({"main": sfunc.with_attr("global_symbol", "main")})
+    mod = tvm.tirx.transform.BindTarget(AVX512.with_host(AVX512))(mod)  # (as tvm.tirx.build binds it)
+    with tvm.transform.PassContext(opt_level=3):
+        head, tail = default_passes(tvm.transform.PassContext.current().config)
+        ours = tvm.transform.Sequential(head + tail)(mod)
+        theirs = default_s_tir_pipeline()[0](mod)
+    tvm.ir.assert_structural_equal(ours, theirs)

@@ -252,10 +252,14 @@ def build(mod: tvm.IRModule, target: tvm.target.Target) -> relax.VMExecutable:
     scales, zero points, clip bounds) made immediates or by-value scalars first
     (`lower.scalar_args`: each buffer argument costs the kernel's packed-API wrapper its checks;
     done here, after scheduling and the weight packing, because SplitLayoutRewritePreproc does not
-    take a kernel with scalar parameters), then relax.build with the CPU pipeline."""
+    take a kernel with scalar parameters), then relax.build with the CPU pipeline and the TIR
+    lowering of `stack_tiles` (marked kernels' accumulator tiles on the stack)."""
+    from ..machine import machine_model
     from .lower.scalar_args import scalar_constants_to_immediates
+    from .stack_tiles import tir_pipeline
 
-    return relax.build(scalar_constants_to_immediates(mod), target, relax_pipeline=finish_pipeline(target))
+    return relax.build(scalar_constants_to_immediates(mod), target, relax_pipeline=finish_pipeline(target),
+                       tir_pipeline=tir_pipeline(machine_model(target)))
 
 
 def llvm_ir_lines(exe: relax.VMExecutable) -> dict[str, int]:

@@ -134,6 +134,10 @@ class ScheduleKnobs:
     #: Subtract's ieee_guard): that block inlined first, so the epilogue joins the write-back
     #: (base._inline_constant_producers; off: the rest of the epilogue as passes of their own)
     inline_guard_constants: bool = True
+    #: channel-blocked convs: the register tile's "local" buffer a stack array, not a heap
+    #: workspace with a memset and a store + reload of the accumulators per pixel tile
+    #: (nchwc._schedule_tiles marks the write-back, stack_tiles lowers it; off: workspace, as before)
+    stack_tile: bool = True
 
     @classmethod
     def parse(cls, text: str) -> ScheduleKnobs:

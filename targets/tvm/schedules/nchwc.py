@@ -83,6 +83,7 @@ from .base import (
     root_block,
     schedule_rest,
 )
+from ..stack_tiles import STACK_TILE, stack_tile_bytes
 from .loop_marks import PEEL_BOUND, PEEL_LAST, ROW_PASS
 from .tiles import L2_WEIGHT_SHARE, ConvShape, ConvTile, conv_tile, row_tile_ranges
 
@@ -620,6 +621,24 @@ def _pad_per_item(sch: Any, anchor: Any, fused: Any, lanes: int) -> bool:
     return True
 
 
+#: TVM's kMaxStackAlloca: "global" buffers below it are stack arrays already ("local" never are)
+STACK_ALLOCA_BYTES = 1024
+
+
+def stack_tile_fires(machine: Any, tile_bytes: int) -> bool:
+    """Whether a conv's register tile of `tile_bytes` is marked `STACK_TILE` (its "local"
+    buffer a stack array rather than a workspace with a memset and a store + reload per tile,
+    `targets.tvm.stack_tiles`): tiles of at least STACK_ALLOCA_BYTES (AVX-512's 24 zmm
+    accumulators, 1536 bytes) that fit the machine model's register file. Not AVX2's 12 ymm
+    (384 bytes): no gain measured there, its kernels stay as they were. Off with the
+    `stack_tile` knob. ResNet-50's 1x1 convs on 56x56, Zen 4, 2 threads, paired rounds at load
+    ~7 (tools/bench_stack_tiles.py): 64 -> 64 0.91x, 64 -> 256 0.94x / 0.90x (+ Add, Relu),
+    256 -> 64 0.95x, 1024 -> 256 on 14x14 0.96x the workspace tile's time."""
+    if machine is None or not knobs.current().stack_tile:
+        return False
+    return STACK_ALLOCA_BYTES <= tile_bytes <= stack_tile_bytes(machine)
+
+
 def _schedule_tiles(sch: Any, anchor: Any, m: _Match, tile: ConvTile, s: _ConvSplit, outer: list[Any], lanes: int,
                     pad: Any, serial_flat: bool, ragged: bool, machine: Any = None) -> Any:
     """The register tile under the outer loops (the usual case): the accumulators in
@@ -645,6 +664,8 @@ def _schedule_tiles(sch: Any, anchor: Any, m: _Match, tile: ConvTile, s: _ConvSp
     wb = sch.cache_write(anchor, 0, "local")
     sch.reverse_compute_at(wb, tile_loop, preserve_unit_loops=True)
     inline_consumers(sch, wb)
+    if stack_tile_fires(machine, tile.rt * tile.obt * lanes * 4):
+        sch.annotate(wb, STACK_TILE, 1)
     if pad is None and per_item and knobs.current().pad_per_item:
         _pad_per_item(sch, anchor, fused, lanes)
     if pad is not None:

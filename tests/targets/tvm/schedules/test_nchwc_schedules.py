@@ -30,6 +30,8 @@ from graphopt.targets.tvm.kernels import blocked as BO  # noqa: E402
 from graphopt.targets.tvm.lower.legalize import legalize_and_fuse  # noqa: E402
 from graphopt.targets.tvm.schedules import ScheduleStats, apply_default_schedules, default_schedule  # noqa: E402
 from graphopt.targets.tvm.schedules.outer_product import OuterProduct  # noqa: E402
+from graphopt.targets.tvm.schedules import knobs  # noqa: E402
+from graphopt.targets.tvm.stack_tiles import STACK_TILE, stack_tile_bytes, tir_pipeline  # noqa: E402
 
 # the kernels here are AVX2's (8-channel blocks, 16 registers), built for an explicit AVX2 mcpu so
 # the checks are the same on every x86 host; the AVX-512 ones (16-channel blocks, 32 registers) at
@@ -707,3 +709,91 @@ def test_symbolic_map_chunked_reduction_keeps_the_predicated_last_tile():
         args, ref = _data("conv", 32, h, 16, 1, 1, w=w)
         np.testing.assert_allclose(_run(sfunc, args, (1, 16, h, w)), np.maximum(ref, 0), rtol=1e-4, atol=1e-4,
                                    err_msg=f"{h}x{w}")
+
+
+# --- the register tile as a stack array (targets/tvm/stack_tiles.py, nchwc.stack_tile_fires) ----
+# AVX-512's 24-accumulator tiles lose their heap workspace (a memset and a store + reload of the
+# accumulators per pixel tile); AVX2's kernels stay as they were
+
+OFF = knobs.ScheduleKnobs(stack_tile=False)
+
+
+def _scheduled(c, h, oc, residual, target, b, knob=None, act="relu"):
+    func, oshape = _kernel("conv", c, h, oc, 1, 1, act, residual, flat=6 if b == 16 else 3, b=b)
+    with knobs.using(knob):
+        sfunc, rule = _schedule(func, target=target)
+    assert rule == "blocked-conv"
+    return sfunc, oshape
+
+
+def _lib(sfunc, target):
+    mod = tvm.IRModule({"main": LM.apply_loop_marks(sfunc).with_attr("global_symbol", "main")})
+    return tvm.tirx.build(mod, target=target, pipeline=tir_pipeline(machine_model(target)))
+
+
+def _workspace_calls(lib):
+    return len(re.findall(r"TVMBackendAllocWorkspace@GOTPCREL|memset@PLT", lib.inspect_source("asm")))
+
+
+def test_fires_for_tiles_between_the_stack_limit_and_the_register_file():
+    m512, m2 = machine_model(AVX512), machine_model(AVX2)
+    assert (stack_tile_bytes(m512), stack_tile_bytes(m2)) == (2048, 512)
+    assert NS.stack_tile_fires(m512, 6 * 4 * 16 * 4)  # AVX-512's 6 x 4 tile: 1536 bytes
+    assert NS.stack_tile_fires(m512, 4 * 6 * 16 * 4)
+    assert not NS.stack_tile_fires(m2, 3 * 4 * 8 * 4)  # AVX2's 12 ymm: 384 bytes, as before
+    assert not NS.stack_tile_fires(m512, 2 * 4 * 16 * 4)  # below kMaxStackAlloca (512 bytes)
+    assert not NS.stack_tile_fires(m512, 3000)  # more than the register file
+    assert not NS.stack_tile_fires(None, 1536)
+    with knobs.using(OFF):
+        assert not NS.stack_tile_fires(m512, 1536)
+
+
+def test_avx512_tile_is_a_stack_array_whatever_the_host():
+    """ResNet-50's 1x1 64 -> 256 (+ Add, Relu) on a 14x14 map at 16-channel blocks: marked, and
+    built without a workspace or memset; with the knob off the kernel is the one from before."""
+    on, _ = _scheduled(64, 14, 256, True, AVX512, 16)
+    off, _ = _scheduled(64, 14, 256, True, AVX512, 16, OFF)
+    assert STACK_TILE in on.script() and STACK_TILE not in off.script()
+    assert _workspace_calls(_lib(on, AVX512)) == 0
+    assert _workspace_calls(_lib(off, AVX512)) > 0
+
+
+def test_avx2_kernels_are_unchanged():
+    on, _ = _scheduled(32, 14, 128, True, AVX2, 8)
+    off, _ = _scheduled(32, 14, 128, True, AVX2, 8, OFF)
+    assert STACK_TILE not in on.script()
+    tvm.ir.assert_structural_equal(on, off)
+
+
+@needs_avx512
+@pytest.mark.parametrize("c,h,oc,residual,act", [
+    (64, 14, 256, True, "relu"),  # layer1's conv3 + Add + Relu, on a smaller map
+    (64, 14, 256, False, "none"),  # layer1.0's downsample (bias only)
+    (256, 7, 64, False, "relu"),  # layer1's conv1
+])
+def test_avx512_stack_tile_keeps_numbers(c, h, oc, residual, act):
+    sfunc, oshape = _scheduled(c, h, oc, residual, AVX512, 16, act=act)
+    assert STACK_TILE in sfunc.script()
+    args, ref = _data("conv", c, h, oc, 1, 1, residual, b=16)
+    lib = _lib(sfunc, AVX512)
+    n, ocn, oh, ow = oshape
+    out = tvm.runtime.tensor(np.zeros((n, ocn // 16, oh, ow, 16), np.float32))
+    lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
+    np.testing.assert_allclose(_unblocked(out.numpy()), _act(ref, act), rtol=1e-4, atol=1e-4)
+
+
+def test_stack_tile_lowering_restates_tvms_pipeline():
+    """stack_tiles.default_passes lowers an unmarked kernel exactly as TVM's default S-TIR
+    pipeline does (it restates that pipeline's pass list: this fails when TVM changes it)."""
+    from tvm.s_tir.pipeline import default_s_tir_pipeline
+
+    from graphopt.targets.tvm.stack_tiles import default_passes
+
+    sfunc, _ = _scheduled(64, 14, 256, True, AVX512, 16, OFF)
+    mod = tvm.IRModule({"main": sfunc.with_attr("global_symbol", "main")})
+    mod = tvm.tirx.transform.BindTarget(AVX512.with_host(AVX512))(mod)  # (as tvm.tirx.build binds it)
+    with tvm.transform.PassContext(opt_level=3):
+        head, tail = default_passes(tvm.transform.PassContext.current().config)
+        ours = tvm.transform.Sequential(head + tail)(mod)
+        theirs = default_s_tir_pipeline()[0](mod)
+    tvm.ir.assert_structural_equal(ours, theirs)

@@ -94,6 +94,7 @@ class Prune(Pass):
     seed: int = 0
     accuracy_budget: str = AUTO_BUDGET  # auto | cosine:C | sqnr:DB | top1:P | rel:E | none
     eval_samples: int = 0  # 0: auto (_Data)
+    token_mask: str = "auto"  # auto | none | a graph input's name (recovery.token_rows)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -262,7 +263,7 @@ class Prune(Pass):
             from graphopt.passes.pruning.recovery import recover
 
             stats.update(recover(original, model, an, pruned, data.fit(), refit=reconstruct, bn=reestimate,
-                                 seed=self.seed, log=log))
+                                 seed=self.seed, mask_spec=self.token_mask, log=log))
         return stats
 
     def _mask(self, an: Analysis, scores: np.ndarray, pruned: np.ndarray, plan: dict[int, int],
@@ -391,7 +392,7 @@ class Prune(Pass):
             return bn_scale(an), "" if an.bns else "prune: no BatchNormalization in the model: bn-scale fell back to l2"
         from graphopt.passes.pruning.recovery import channel_rms
 
-        return activation(an, channel_rms(an, calib)), ""
+        return activation(an, channel_rms(an, calib, self.token_mask)), ""
 
     def choose(self, an: Analysis, scores: np.ndarray) -> tuple[np.ndarray, dict[int, int]]:
         """Which classes go: bool by root id, and units pruned per group index."""

@@ -99,6 +99,70 @@ def channel_rms(an: Analysis, calib: Any, mask_spec: str = "auto") -> dict[str, 
     return {k: np.sqrt(v / max(1, counts[k])) for k, v in sums.items()}
 
 
+def contributions(an: Analysis, calib: Any, mask_spec: str = "auto") -> dict[int, np.ndarray]:
+    """Per consumer (index into an.consumers) that is a MatMul/Gemm whose output reaches a
+    LayerNorm (`norm_after`): per input position class (grouped by root id, in the order of
+    np.unique) the expected squared size of what the class adds to the normalised stream,
+    E_t[ w_t ‖x_t,c W_c diag(γ)‖² ] (w_t = 1/σ_t², `norm_weights`; γ the norm's constant scale),
+    over the real tokens of the calibration data: exactly the error of removing that class
+    alone, before any refit. Keys are consumer indices; values are aligned with
+    np.unique(an.root[c.ids])."""
+    assert an.root is not None
+    todo: dict[int, tuple[str, str, bool]] = {}
+    for i, c in enumerate(an.consumers):
+        if c.grouped or c.kind not in ("matmul", "gemm"):
+            continue
+        out = c.node.outputs[0]
+        found = norm_after(out)
+        if found is not None:
+            todo[i] = (c.x.name, found[0].name, found[1].op_type == "RMSNormalization")
+    if not todo:
+        return {}
+    blocks: dict[int, np.ndarray] = {}
+    layout: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
+    for i in todo:
+        roots = an.root[an.consumers[i].ids]
+        uniq, inv = np.unique(roots, return_inverse=True)
+        layout[i] = (uniq, [np.flatnonzero(inv == k) for k in range(len(uniq))])
+    batches = list(calib)
+    masks = token_masks(an.model, batches, mask_spec)
+    names = [n for x, ln, _ in todo.values() for n in (x, ln)]
+    acc: dict[int, list[np.ndarray]] = {}
+    for bi, outs in _session_runs(an.model, names, batches):
+        for i, (xn, ln, rms) in todo.items():
+            x, a = outs.get(xn), outs.get(ln)
+            if x is None or a is None or x.shape[:-1] != a.shape[:-1]:
+                continue
+            rows = token_rows(x, masks[bi])
+            X = x.reshape(-1, x.shape[-1])[rows].astype(np.float64)
+            w = norm_weights(a.reshape(-1, a.shape[-1])[rows], rms)
+            _, pos = layout[i]
+            cur = acc.setdefault(i, [np.zeros((len(p), len(p))) for p in pos])
+            xw = X * w[:, None]
+            if all(len(p) == 1 for p in pos):  # one position per class (FFN units): the diagonal
+                diag = (xw * X).sum(axis=0)
+                for k, p in enumerate(pos):
+                    cur[k] += diag[p[0]]
+                continue
+            for k, p in enumerate(pos):
+                cur[k] += xw[:, p].T @ X[:, p]
+    with constant_semantics(an.model):
+        for i, per in acc.items():
+            c = an.consumers[i]
+            wv = const_array(c.node.inputs[c.w_index])
+            if wv is None:
+                continue
+            W = np.moveaxis(wv.astype(np.float64), c.w_axis, 0).reshape(len(c.ids), -1)  # [K, N]
+            found = norm_after(c.node.outputs[0])
+            gamma = const_array(found[1].inputs[1]) if found is not None and len(found[1].inputs) > 1 else None
+            if gamma is not None and gamma.size == W.shape[1]:
+                W = W * np.asarray(gamma, np.float64).reshape(1, -1)
+            _, pos = layout[i]
+            n = max(1, len(batches))
+            blocks[i] = np.array([float(np.sum(g * (W[p] @ W[p].T))) / n for g, p in zip(per, pos)])
+    return blocks
+
+
 # --- tasks ----------------------------------------------------------------------------------------
 @dataclass
 class _Refit:

@@ -555,29 +555,36 @@ def _solve(t: _Refit, theta0: np.ndarray, b0: np.ndarray | None) -> tuple[float,
     def scale(g: np.ndarray) -> float:
         return float(np.trace(g)) / len(g) + 1e-12
 
-    def ridge_fits(g: np.ndarray, b: np.ndarray, rels: list[float]) -> list[np.ndarray]:
+    def eig(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         e, q = np.linalg.eigh((g + g.T) / 2)
-        e = np.maximum(e, 0.0)
-        out = []
-        for r in rels:
-            lam = r * scale(g)
-            out.append(q @ ((q.T @ (b + lam * full0)) / (e + lam)[:, None]))
-        return out
+        return np.maximum(e, 0.0), q
 
     ridges = list(RIDGES)
     choice = np.full(n_out, RIDGES.index(RIDGE))  # index into ridges; len(ridges): keep the weights
     if all(float(np.trace(Gs[f])) > 0 for f in (0, 1)):
         held = np.zeros((len(ridges) + 1, n_out))
         for f in (0, 1):
-            for i, th in enumerate(ridge_fits(Gs[1 - f], Bs[1 - f], ridges)):
-                held[i] += col_err(th, Gs[f], Bs[f], yys[f])
+            # fitted on fold 1-f, scored on fold f, in the eigenbasis of the fitted Gram: the fit
+            # is th = q c with c = (qᵀb + λ qᵀθ0) / (e + λ)
+            e, q = eig(Gs[1 - f])
+            lam0 = scale(Gs[1 - f])
+            qb, q0 = q.T @ Bs[1 - f], q.T @ full0
+            hg, hb = q.T @ Gs[f] @ q, q.T @ Bs[f]
+            for i, r in enumerate(ridges):
+                lam = r * lam0
+                c = (qb + lam * q0) / (e + lam)[:, None]
+                held[i] += np.maximum(0.0, (c * (hg @ c)).sum(axis=0) - 2 * (c * hb).sum(axis=0) + yys[f])
             held[-1] += col_err(full0, Gs[f], Bs[f], yys[f])
         choice = np.argmin(held, axis=0)
     theta = full0.copy()
     used = sorted(set(int(c) for c in choice if c < len(ridges)))
-    for i, th in zip(used, ridge_fits(G, B, [ridges[i] for i in used])):
-        cols = choice == i
-        theta[:, cols] = th[:, cols]
+    if used:
+        e, q = eig(G)
+        qb, q0 = q.T @ B, q.T @ full0
+        for i in used:
+            cols = choice == i
+            lam = ridges[i] * scale(G)
+            theta[:, cols] = q @ ((qb[:, cols] + lam * q0[:, cols]) / (e + lam)[:, None])
     e0, e1 = col_err(full0, G, B, yy), col_err(theta, G, B, yy)
     worse = e1 > e0  # never make a column worse on the data it was fitted on
     theta[:, worse] = full0[:, worse]

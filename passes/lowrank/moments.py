@@ -20,7 +20,7 @@ import numpy as np
 
 from graphopt.ir import Model, Node
 
-from graphopt.passes.pruning.recovery import norm_after, norm_weights
+from graphopt.passes.pruning.recovery import chunks, norm_after, norm_weights
 from graphopt.passes.sharing.refit import token_mask
 
 from graphopt.passes.lowrank.factor import Moments
@@ -106,13 +106,12 @@ def _y_rows(layer: Layer, li: int, bi: int, y: np.ndarray, mask: np.ndarray | No
     return np.asarray(_masked(y, mask), np.float32)
 
 
-def _run(model: Model, names: list[str], batches: Sequence[Batch]):
-    """Yield (batch index, {name: array}) per batch, reading `names` CHUNK per session."""
+def _run(model: Model, names: list[str], batches: Sequence[Batch], groups: Sequence[Sequence[str]] | None = None):
+    """Yield (batch index, {name: array}) per batch, reading `names` (or `groups`, each read
+    together) about CHUNK per session."""
     from graphopt.calibration import intermediate_outputs
 
-    names = list(dict.fromkeys(names))
-    for k in range(0, len(names), CHUNK):
-        part = names[k:k + CHUNK]
+    for part in chunks(groups if groups is not None else [[n] for n in names], CHUNK):
         sess = intermediate_outputs(model, part)
         for bi, feeds in enumerate(batches):
             yield bi, dict(zip(part, sess.run(part, dict(feeds))))
@@ -143,8 +142,8 @@ def collect(model: Model, layers: Sequence[Layer], ids: Sequence[int], batches: 
         found = norm_after(layers[i].out) if layers[i].kind != "conv" else None
         if found is not None:
             norms[i] = (found[0].name, found[1].op_type == "RMSNormalization")
-    names = list(xnames.values()) + [nm for nm, _ in norms.values()]
-    for bi, got in _run(model, names, batches):
+    groups = [[xnames[i]] + ([norms[i][0]] if i in norms else []) for i in want]
+    for bi, got in _run(model, [], batches, groups=groups):
         for i, nm in xnames.items():
             if nm not in got:
                 continue

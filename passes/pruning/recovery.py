@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,16 +39,38 @@ RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 CHUNK = 24  # intermediate tensors per onnxruntime session
 
 
-def _session_runs(model: Model, names: list[str], calib: Iterable[Mapping[str, np.ndarray]]):
-    """Yield (batch index, {name: array}) for every batch, reading `names` in chunks."""
+def chunks(groups: Iterable[Sequence[str]], size: int) -> list[list[str]]:
+    """Names in runs of about `size` (one onnxruntime session each), a group never split: the
+    tensors a caller combines (a layer's input and its LayerNorm's input) come in one run."""
+    out: list[list[str]] = []
+    cur: list[str] = []
+    done: set[tuple[str, ...]] = set()
+    for g in groups:
+        key = tuple(dict.fromkeys(g))
+        if key in done:
+            continue
+        done.add(key)
+        new = [n for n in key if n not in cur]
+        if cur and len(cur) + len(new) > size:
+            out.append(cur)
+            cur, new = [], list(key)
+        cur.extend(new)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _session_runs(model: Model, names: list[str], calib: Iterable[Mapping[str, np.ndarray]],
+                  groups: Sequence[Sequence[str]] | None = None):
+    """Yield (batch index, {name: array}) for every batch, reading `names` (or `groups`, each
+    read together) in chunks."""
     from graphopt.calibration import intermediate_outputs
 
-    names = list(dict.fromkeys(names))
-    if not names:
+    parts = chunks(groups if groups is not None else [[n] for n in names], CHUNK)
+    if not parts:
         return
     batches = list(calib) if not isinstance(calib, list) else calib
-    for k in range(0, len(names), CHUNK):
-        part = names[k:k + CHUNK]
+    for part in parts:
         sess = intermediate_outputs(model, part)
         for bi, feeds in enumerate(batches):
             outs = sess.run(part, dict(feeds))
@@ -126,9 +148,8 @@ def contributions(an: Analysis, calib: Any, mask_spec: str = "auto") -> dict[int
         layout[i] = (uniq, [np.flatnonzero(inv == k) for k in range(len(uniq))])
     batches = list(calib)
     masks = token_masks(an.model, batches, mask_spec)
-    names = [n for x, ln, _ in todo.values() for n in (x, ln)]
     acc: dict[int, list[np.ndarray]] = {}
-    for bi, outs in _session_runs(an.model, names, batches):
+    for bi, outs in _session_runs(an.model, [], batches, groups=[[x, ln] for x, ln, _ in todo.values()]):
         for i, (xn, ln, rms) in todo.items():
             x, a = outs.get(xn), outs.get(ln)
             if x is None or a is None or x.shape[:-1] != a.shape[:-1]:
@@ -314,8 +335,8 @@ def _targets(original: Model, tasks: list[_Refit], batches: list[Mapping[str, np
     real tokens only: `token_rows`), with their weights (1, or `norm_weights` where the layer's
     output reaches a LayerNorm: the refit then fits what the normalised stream sees)."""
     per_batch = max(1, math.ceil(MAX_ROWS / max(1, len(batches))))
-    names = [t.y_name for t in tasks] + [t.norm_in for t in tasks if t.norm_in]
-    for bi, outs in _session_runs(original, names, batches):
+    groups = [[t.y_name] + ([t.norm_in] if t.norm_in else []) for t in tasks]
+    for bi, outs in _session_runs(original, [], batches, groups=groups):
         for ti, t in enumerate(tasks):
             if t.y_name not in outs:
                 continue

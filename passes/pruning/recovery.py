@@ -7,10 +7,16 @@ literature: He et al. 2017, ThiNet):
 
     min_{W', b'} || [X_p, 1] [W'; b'] - Y ||^2 + lam || W' - W_0 ||^2
 
-X_p is read from the pruned model (im2col rows at sampled output positions for a Conv), Y from
-the original model at the same positions, W_0 is the pruned layer's current weight (the ridge
-term pulls towards it, so few samples cannot blow a layer up). Solved in float64 from the
-accumulated normal equations. BatchNormalization nodes downstream of a change get their running
+X_p is read from the pruned model (im2col rows at sampled output positions for a Conv; a
+transformer's real tokens only, its padding rows left out: `token_rows`), Y from the original
+model at the same positions, W_0 is the pruned layer's current weight (the ridge term pulls
+towards it, so few samples cannot blow a layer up). Solved in float64 from the accumulated
+normal equations, the ridge λ per output column chosen on held-out calibration batches (two
+folds; a column keeps its weights where no λ beats them there). A layer whose output reaches a
+LayerNorm through Adds (a transformer's attention output and FFN output projections) weighs
+each token's row by 1/σ_t² of that norm's input: the error the rest of the network sees.
+MiniLM before these three (fixed λ, padding and outlier tokens in the fit): prune 0.1 gave
+embedding cosine 0.39 with the refit, 0.89 without it. BatchNormalization nodes downstream of a change get their running
 mean/variance re-estimated on the pruned model's activations.
 
 Layers are processed in waves: a wave holds layers none of which depends on another in the same

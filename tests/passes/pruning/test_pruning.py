@@ -761,3 +761,11 @@ def test_norm_after_follows_adds_to_a_last_axis_layernorm():
     assert norm_after(node(m, "F2").outputs[0]) is not None
     assert norm_after(node(m, "F1").outputs[0]) is None  # a Relu first
     assert norm_after(node(_shaped(unit_block("relu")), "F2").outputs[0]) is None
+
+
+def test_chunks_never_split_a_group():
+    from graphopt.passes.pruning.recovery import chunks
+
+    assert chunks([["a"], ["b", "c"], ["a"], ["d", "a"], ["e"]], 3) == [["a", "b", "c"], ["d", "a", "e"]]
+    assert chunks([[str(i)] for i in range(5)], 2) == [["0", "1"], ["2", "3"], ["4"]]
+    assert chunks([["x", "y", "z"]], 2) == [["x", "y", "z"]]  # a group larger than a chunk stays whole

@@ -43,7 +43,7 @@ class Moments:
     for a refit, y of the original layer."""
 
     g: np.ndarray  # Σ x̃ᵀ x̃  [(K+1), (K+1)]
-    n: int  # rows
+    n: float  # rows (the sum of their weights)
     xy: np.ndarray | None = None  # Σ x̃ᵀ y [(K+1), N] (refit only)
     yy: float = 0.0  # Σ ‖y‖² (refit only)
 

@@ -2,7 +2,11 @@
 (x̃ = [x, 1]) and, for a refit, x̃ᵀy and ‖y‖² with y the original layer's output.
 
 Rows: a MatMul/Gemm input flattened to its last axis (a transformer's padding tokens left out:
-the `attention_mask` graph input, see graphopt.passes.sharing.refit.token_mask); a Conv input
+the `attention_mask` graph input, see graphopt.passes.sharing.refit.token_mask), weighted by
+1/σ_t² of the LayerNorm the layer's output reaches through Adds where it does (the attention
+output and FFN output projections: graphopt.passes.pruning.recovery.norm_weights; MiniLM's few
+outlier tokens, whose FFN output is ~30x the median and which the LayerNorm divides away, would
+otherwise take most of the energy); a Conv input
 as im2col patches at up to `ROWS_PER_BATCH` output positions drawn per batch (seeded, so the
 original model's outputs are read at the same positions). Tensors are read with onnxruntime,
 `CHUNK` per session.
@@ -16,6 +20,7 @@ import numpy as np
 
 from graphopt.ir import Model, Node
 
+from graphopt.passes.pruning.recovery import chunks, norm_after, norm_weights
 from graphopt.passes.sharing.refit import token_mask
 
 from graphopt.passes.lowrank.factor import Moments
@@ -101,13 +106,12 @@ def _y_rows(layer: Layer, li: int, bi: int, y: np.ndarray, mask: np.ndarray | No
     return np.asarray(_masked(y, mask), np.float32)
 
 
-def _run(model: Model, names: list[str], batches: Sequence[Batch]):
-    """Yield (batch index, {name: array}) per batch, reading `names` CHUNK per session."""
+def _run(model: Model, names: list[str], batches: Sequence[Batch], groups: Sequence[Sequence[str]] | None = None):
+    """Yield (batch index, {name: array}) per batch, reading `names` (or `groups`, each read
+    together) about CHUNK per session."""
     from graphopt.calibration import intermediate_outputs
 
-    names = list(dict.fromkeys(names))
-    for k in range(0, len(names), CHUNK):
-        part = names[k:k + CHUNK]
+    for part in chunks(groups if groups is not None else [[n] for n in names], CHUNK):
         sess = intermediate_outputs(model, part)
         for bi, feeds in enumerate(batches):
             yield bi, dict(zip(part, sess.run(part, dict(feeds))))
@@ -131,7 +135,15 @@ def collect(model: Model, layers: Sequence[Layer], ids: Sequence[int], batches: 
                 if nm in got:
                     ys.setdefault(bi, {})[i] = _y_rows(layers[i], i, bi, np.asarray(got[nm]), masks[bi], seed)
     xnames = {i: layers[i].x.name for i in want}
-    for bi, got in _run(model, list(xnames.values()), batches):
+    # a layer whose output reaches a LayerNorm through Adds (a transformer's attention output and
+    # FFN output projections): its rows weigh 1/σ_t² of that norm's input, read from `model`
+    norms: dict[int, tuple[str, bool]] = {}
+    for i in want:
+        found = norm_after(layers[i].out) if layers[i].kind != "conv" else None
+        if found is not None:
+            norms[i] = (found[0].name, found[1].op_type == "RMSNormalization")
+    groups = [[xnames[i]] + ([norms[i][0]] if i in norms else []) for i in want]
+    for bi, got in _run(model, [], batches, groups=groups):
         for i, nm in xnames.items():
             if nm not in got:
                 continue
@@ -141,16 +153,24 @@ def collect(model: Model, layers: Sequence[Layer], ids: Sequence[int], batches: 
             yr = None if y is None else y.astype(np.float64)
             if len(xr) == 0 or (yr is not None and len(yr) != len(xr)):
                 continue
+            w = np.ones(len(xr))
+            if i in norms and norms[i][0] in got:
+                a = np.asarray(got[norms[i][0]])
+                if a.ndim >= 2:
+                    ar = _masked(a, masks[bi])
+                    if len(ar) == len(xr):
+                        w = norm_weights(ar, norms[i][1])
             xa = np.concatenate([xr, np.ones((len(xr), 1))], axis=1)
             m = out.get(i)
             if m is None:
                 m = out[i] = Moments(np.zeros((xa.shape[1], xa.shape[1])), 0,
                                      None if original is None else np.zeros((xa.shape[1], layer.n)), 0.0)
-            m.g += xa.T @ xa
-            m.n += len(xr)
+            xw = xa * w[:, None]
+            m.g += xw.T @ xa
+            m.n += float(w.sum())
             if yr is not None and m.xy is not None:
-                m.xy += xa.T @ yr
-                m.yy += float(np.sum(yr * yr))
+                m.xy += xw.T @ yr
+                m.yy += float(np.sum(yr * yr * w[:, None]))
     return out
 
 

@@ -10,7 +10,13 @@ global ranking needs — and a class's importance is the mean of its contributio
   classes that meet no BatchNormalization fall back to `l2`.
 - `activation`: for each consumer, sqrt(E[x_c^2]) * ||W[:, c]||, the expected size of channel
   c's contribution to the consumer's output, with E over calibration data (onnxruntime reads the
-  consumer inputs); classes that no calibrated consumer reads fall back to `l2`.
+  consumer inputs; a transformer's padding tokens left out); classes that no calibrated consumer
+  reads fall back to `l2`. A MatMul/Gemm whose output reaches a LayerNorm through Adds (a
+  transformer's attention output and FFN output projections) instead scores a class by what its
+  removal changes in the normalised stream, E_t[‖x_t,c W_c diag(γ)‖² / σ_t²] per channel (σ_t
+  the norm's denominator at token t, γ its scale; a head's 32 dims together, with their
+  correlations): MiniLM's outlier tokens carry ~30x the median FFN output and the LayerNorm
+  divides them away, so raw activation sizes rank by those few tokens.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from graphopt.pattern import const_array
 
 from graphopt.passes.pruning.dependency import Analysis
 
-CRITERIA = ("l1", "l2", "bn-scale", "activation")
+CRITERIA = ("auto", "l1", "l2", "bn-scale", "activation")
 
 
 def _slice_norms(w: np.ndarray, axis: int, kind: str) -> np.ndarray:
@@ -87,12 +93,29 @@ def bn_scale(an: Analysis) -> np.ndarray:
     return np.where(np.isnan(res), fallback, res)
 
 
-def activation(an: Analysis, rms: Mapping[str, np.ndarray]) -> np.ndarray:
-    """`rms`: consumer input name -> sqrt(E[x^2]) per channel along the consumer's channel axis."""
+def activation(an: Analysis, rms: Mapping[str, np.ndarray], contrib: Mapping[int, np.ndarray] | None = None) -> np.ndarray:
+    """`rms`: consumer input name -> sqrt(E[x^2]) per channel along the consumer's channel axis.
+    `contrib`: consumer index -> per class (np.unique of its input roots) the class's expected
+    squared contribution to the LayerNorm-normalised stream (recovery.contributions); those
+    consumers score a class by it per channel, under one scale for all of them (so a global
+    ranking compares FFN units and heads of different layers by the error their removal makes),
+    and replace the rms score of the classes they read."""
     assert an.root is not None
     acc = _Acc(len(an.root))
+    contrib = contrib or {}
+    ln_total = np.zeros(len(an.root))
+    ln_count = np.zeros(len(an.root))
+    for i, per in contrib.items():
+        c = an.consumers[i]
+        roots, sizes = np.unique(an.root[c.ids], return_counts=True)
+        if len(per) != len(roots):
+            continue
+        np.add.at(ln_total, roots, per / sizes)
+        np.add.at(ln_count, roots, 1.0)
     with constant_semantics(an.model):
-        for c in an.consumers:
+        for i, c in enumerate(an.consumers):
+            if i in contrib:
+                continue
             r = rms.get(c.x.name)
             w = const_array(c.node.inputs[c.w_index])
             if r is None or w is None or c.grouped or len(r) != len(c.ids) or w.shape[c.w_axis] != len(c.ids):
@@ -100,5 +123,11 @@ def activation(an: Analysis, rms: Mapping[str, np.ndarray]) -> np.ndarray:
             wn = np.moveaxis(w.astype(np.float64), c.w_axis, 0).reshape(len(c.ids), -1)
             acc.add(an.root[c.ids], r * np.sqrt((wn * wn).sum(axis=1)))
     res = acc.result()
+    has = ln_count > 0
+    if has.any():
+        vals = ln_total[has] / ln_count[has]
+        mean = float(vals.mean())
+        res = res.copy()
+        res[has] = vals / (mean if mean > 0 and np.isfinite(mean) else 1.0)
     fallback = magnitude(an, "l2")
     return np.where(np.isnan(res), fallback, res)

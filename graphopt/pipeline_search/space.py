@@ -15,10 +15,14 @@ A point of the space is a dict of plain values (what Optuna stores as the trial'
                    input can be smoothed: MatMul/Gemm after LayerNorm, a projection, a constant Mul)
     cluster        codebook bits of cluster-weights (0: off; only where no layer is int8)
     precision      fp32 | fp16 | bf16 (convert-precision; only where no layer is int8)
+    contrib-ops    the base's fusions again with onnxruntime's com.microsoft ops, after prune and
+                   low-rank and before quantize (onnx target, where some layer is int8 and the
+                   fusions find something: Attention, SkipLayerNormalization, BiasGelu), so
+                   quantize sees the fused layers (Attention -> QAttention)
 
 `pipeline(point)` turns a point into graphopt's pipeline syntax, in the order the passes compose
-(structure first, then numerics): base, prune, low-rank, then quantize | cluster-weights |
-convert-precision. Every pass runs with its own accuracy budget off (the search holds the budget
+(structure first, then numerics): base, prune, low-rank, [contrib fusions,] then quantize |
+cluster-weights | convert-precision. Every pass runs with its own accuracy budget off (the search holds the budget
 on the whole pipeline) and with options whose output is reproducible (quantize speed=rules, not
 timing), so a chosen pipeline replays to the same bytes.
 """
@@ -40,7 +44,7 @@ CLUSTER_BITS = (0, 4, 5, 6, 8)
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 #: the layers quantize considers and that own a weight
-WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Attention")  # (Attention: com.microsoft's packed qkv weight)
 
 
 class Suggester(Protocol):
@@ -78,6 +82,10 @@ class Space:
     #: a compiled cpu target's channel block (16 on AVX-512), else one odd layer makes the
     #: layout planner block the whole model by 8 and the pruned model gains nothing
     round_to: int = 8
+    #: the contrib-ops stage (`contrib_stage`): its pipeline, and the layer groups quantize sees
+    #: after it (as many as `groups`, the same early/middle/late thirds); "" where not offered
+    contrib: str = ""
+    contrib_groups: tuple[LayerGroup, ...] = ()
     notes: tuple[str, ...] = field(default=())
 
     # ------------------------------------------------------------------ sampling
@@ -98,6 +106,8 @@ class Space:
             p["int8-calib"] = trial.suggest_categorical("int8-calib", list(self.calibration_methods))
             if self.smoothable():
                 p["int8-smooth"] = trial.suggest_categorical("int8-smooth", list(self.smooth_alphas))
+            if self.contrib:
+                p["contrib-ops"] = trial.suggest_categorical("contrib-ops", [False, True])
         else:
             p["cluster"] = trial.suggest_categorical("cluster", list(self.cluster_bits))
             p["precision"] = trial.suggest_categorical("precision", list(self.precisions))
@@ -130,7 +140,13 @@ class Space:
         p["int8-calib"] = self.calibration_methods[0]
         if self.smoothable():
             p["int8-smooth"] = 0.0
+        if self.contrib:
+            p["contrib-ops"] = False
         return p
+
+    def int8_contrib(self) -> dict[str, Any] | None:
+        """int8 everywhere after the contrib-op fusions, where the space offers them."""
+        return {**self.int8_everywhere(), "contrib-ops": True} if self.contrib else None
 
     def int8_smoothed(self) -> dict[str, Any] | None:
         """int8 everywhere with SmoothQuant (the middle alpha), where the space offers it."""
@@ -159,7 +175,12 @@ class Space:
             parts.append("low-rank{" + ",".join([f"energy={p['low-rank']:g}"] + ([f"calibration={cal}"] if cal else [])) + "}")
         on = self.int8_groups(p)
         if on:
-            off = [n for g in self.groups if g not in on for n in g.names]
+            groups = self.groups
+            if p.get("contrib-ops") and self.contrib:
+                parts.append(self.contrib)
+                groups = self.contrib_groups
+            on_index = {g.index for g in on}
+            off = [n for g in groups if g.index not in on_index for n in g.names]
             opts = ["scheme=int8", f"calibration={p.get('int8-calib', 'minmax')}", "speed=rules"]
             opts += [f"data={cal}"] if cal else []
             opts += ["exclude=" + ":".join(off)] if off else []
@@ -188,7 +209,8 @@ def describe(p: Mapping[str, Any], space: Space) -> str:
     if on:
         which = "all" if len(on) == len(space.groups) else ",".join(f"g{g.index}" for g in on)
         smooth = f", smooth {p['int8-smooth']:g}" if p.get("int8-smooth", 0) else ""
-        out.append(f"int8 {which} ({p.get('int8-calib', 'minmax')}{smooth})")
+        out.append(("contrib ops + " if p.get("contrib-ops") and space.contrib else "")
+                   + f"int8 {which} ({p.get('int8-calib', 'minmax')}{smooth})")
     if p.get("cluster", 0):
         out.append(f"cluster {p['cluster']} bits")
     if p.get("precision", "fp32") != "fp32":
@@ -227,6 +249,29 @@ def layer_groups(model: Any, base: str, count: int = 3) -> tuple[tuple[LayerGrou
                                  tuple(names[0] for names in chunk),
                                  -1 if smooth is None else sum(1 for names in chunk if set(names) & smooth)))
     return tuple(groups), notes
+
+
+def contrib_stage(model: Any, base: str, count: int = 3) -> tuple[str, tuple[LayerGroup, ...]]:
+    """The contrib-ops choice of an onnx-target search: the base's passes again with their
+    `contrib-ops` option on (a pipeline that runs after prune and low-rank), and the layer groups
+    quantize sees after it. Offered where it fuses attention into com.microsoft Attention (which
+    quantize makes QAttention); ("", ()) elsewhere, or where its groups do not line up with the
+    base's. fuse-conv-activation is left out: FusedConv/FusedGemm would hide those layers from
+    quantize, and onnxruntime fuses Conv+Relu itself."""
+    from graphopt.transform import format_pipeline, optimize, parse_pipeline, with_contrib_ops
+
+    if not base:
+        return "", ()
+    passes = [p for p in with_contrib_ops(parse_pipeline(base)) if p.name != "fuse-conv-activation"]
+    stage = format_pipeline(passes)
+    fused = optimize(optimize(model, base), stage)
+    if not any(n.domain == "com.microsoft" and n.op_type == "Attention" for n in fused.graph):
+        return "", ()
+    groups, _ = layer_groups(fused, "", count)
+    base_groups, _ = layer_groups(model, base, count)
+    if len(groups) != len(base_groups):
+        return "", ()
+    return stage, groups
 
 
 def _smoothable(model: Any) -> set[str] | None:

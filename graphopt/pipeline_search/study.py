@@ -31,7 +31,7 @@ import numpy as np
 
 from graphopt.accuracy import DEFAULT_BUDGET, Budget, parse_budget
 from graphopt.errors import UsageError
-from graphopt.pipeline_search.space import Space, describe, layer_groups
+from graphopt.pipeline_search.space import Space, contrib_stage, describe, layer_groups
 from graphopt.pipeline_search.trial import Job, Outcome, run_trial
 
 STUDY_NAME = "graphopt-search"
@@ -377,8 +377,11 @@ class Search:
         # onnxruntime's CPU provider has no bf16 kernels (convert-precision refuses it there); the
         # compiled targets have bf16 dot products where the host does
         precisions = ("fp32", "fp16") if self.kind == "onnx" else ("fp32", "bf16", "fp16")
+        # onnxruntime's com.microsoft ops (QAttention...) only where onnxruntime runs the model
+        contrib, contrib_groups = contrib_stage(model, s.base, s.groups) if self.kind == "onnx" else ("", ())
         self.space = Space(base=s.base, groups=groups, calibration=cal, precisions=precisions,
-                           round_to=_channel_multiple(s.target) if self.kind != "onnx" else 8)
+                           round_to=_channel_multiple(s.target) if self.kind != "onnx" else 8,
+                           contrib=contrib, contrib_groups=contrib_groups)
 
     def say(self, line: str) -> None:
         if self.s.log is not None:
@@ -513,8 +516,9 @@ class Search:
                                  f"{mine[k]!r}: give another --search-dir (or --search-storage) for a new search")
         else:
             study.set_user_attr("settings", mine)
-            smoothed = self.space.int8_smoothed()  # (int8 with SmoothQuant, where the space offers it)
-            for p in (self.space.baseline(), self.space.int8_everywhere(), *([smoothed] if smoothed else [])):
+            # (int8 with SmoothQuant, int8 after the contrib-op fusions: where the space offers them)
+            extra = [q for q in (self.space.int8_smoothed(), self.space.int8_contrib()) if q]
+            for p in (self.space.baseline(), self.space.int8_everywhere(), *extra):
                 study.enqueue_trial(p, skip_if_exists=True)  # known points first: TPE starts from them
         died = _reap_dead(optuna, study)
         done = counted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)))

@@ -169,6 +169,95 @@ def test_smooth_choice_only_with_int8_and_smoothable_layers(data, tmp_path):
     assert space.int8_smoothed() == {**space.int8_everywhere(), "int8-smooth": 0.5}
 
 
+def encoder_block(path: str, layers: int = 2) -> str:
+    """HF-BERT-style post-LN encoder layers (opset 17): q/k/v projections, masked softmax
+    attention ((1 - mask) * -10000), output projection, residual + LayerNorm (what -O2 with contrib
+    ops fuses into com.microsoft Attention and SkipLayerNormalization)."""
+    rng = np.random.default_rng(0)
+    S, E, H = 6, 16, 2
+    d = E // H
+    inits = [numpy_helper.from_array(np.array([1, S, H, d], np.int64), "heads"),
+             numpy_helper.from_array(np.array([1, S, E], np.int64), "flat"),
+             numpy_helper.from_array(np.array([1, 2], np.int64), "ax12"),
+             numpy_helper.from_array(np.float32(1.0), "one"), numpy_helper.from_array(np.float32(-10000.0), "neg"),
+             numpy_helper.from_array(np.float32(np.sqrt(d)), "sqrt_d")]
+    nodes = [helper.make_node("Unsqueeze", ["am", "ax12"], ["am4"]), helper.make_node("Sub", ["one", "am4"], ["inv"]),
+             helper.make_node("Mul", ["inv", "neg"], ["ext"])]
+    x = "x"
+    for i in range(layers):
+        def w(name: str, *shape: int) -> str:
+            inits.append(numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), f"{name}{i}"))
+            return f"{name}{i}"
+
+        for n in "qkv":
+            nodes += [helper.make_node("MatMul", [x, w(f"w{n}", E, E)], [f"{n}l{i}"], name=f"l{i}_{n}"),
+                      helper.make_node("Add", [f"{n}l{i}", w(f"b{n}", E)], [f"{n}a{i}"]),
+                      helper.make_node("Reshape", [f"{n}a{i}", "heads"], [f"{n}r{i}"])]
+        nodes += [helper.make_node("Transpose", [f"qr{i}"], [f"qh{i}"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Transpose", [f"kr{i}"], [f"kh{i}"], perm=[0, 2, 3, 1]),
+                  helper.make_node("Transpose", [f"vr{i}"], [f"vh{i}"], perm=[0, 2, 1, 3]),
+                  helper.make_node("MatMul", [f"qh{i}", f"kh{i}"], [f"s{i}"]),
+                  helper.make_node("Div", [f"s{i}", "sqrt_d"], [f"sd{i}"]),
+                  helper.make_node("Add", [f"sd{i}", "ext"], [f"sm{i}"]),
+                  helper.make_node("Softmax", [f"sm{i}"], [f"p{i}"], axis=-1),
+                  helper.make_node("MatMul", [f"p{i}", f"vh{i}"], [f"c{i}"]),
+                  helper.make_node("Transpose", [f"c{i}"], [f"ct{i}"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Reshape", [f"ct{i}", "flat"], [f"cf{i}"]),
+                  helper.make_node("MatMul", [f"cf{i}", w("wo", E, E)], [f"o{i}"], name=f"l{i}_out"),
+                  helper.make_node("Add", [f"o{i}", w("bo", E)], [f"ob{i}"]),
+                  helper.make_node("Add", [f"ob{i}", x], [f"r{i}"]),
+                  helper.make_node("LayerNormalization", [f"r{i}", w("g", E), w("b", E)], [f"h{i}"], axis=-1)]
+        x = f"h{i}"
+    g = helper.make_graph(nodes, "enc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, S, E]),
+                                         helper.make_tensor_value_info("am", TensorProto.FLOAT, [1, S])],
+                          [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, S, E])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_contrib_ops_choice_on_attention_models_only(data, tmp_path):
+    """contrib-ops is offered where the contrib fusions make com.microsoft Attention (not on the
+    CNN, whose Conv+Relu would only become FusedConv), asked only with int8 on; its stage runs
+    between the structure passes and quantize, and int8 groups then exclude the fused layers."""
+    from graphopt.pipeline_search.space import contrib_stage
+    from graphopt.transform import parse_pipeline
+
+    assert contrib_stage(graphopt.load(data["model"]), "-O2", 2) == ("", ())
+    assert contrib_stage(graphopt.load(data["model"]), "", 2) == ("", ())
+    enc = graphopt.load(encoder_block(str(tmp_path / "enc.onnx")))
+    groups, _ = layer_groups(enc, "-O2", 2)
+    stage, cgroups = contrib_stage(enc, "-O2", 2)
+    assert "fuse-attention{contrib-ops=true}" in stage and "fuse-conv-activation" not in stage
+    assert len(groups) == len(cgroups) == 2
+    assert [len(g.layers) for g in groups] == [4, 4] and [len(g.layers) for g in cgroups] == [2, 2]  # q/k/v packed
+    fused = graphopt.optimize(enc, "-O2," + stage)
+    att = [n.outputs[0].name for n in fused.graph if n.op_type == "Attention"]  # (fused nodes may be unnamed)
+    assert len(att) == 2 and att[0] in cgroups[0].names and att[1] in cgroups[1].names
+
+    space = Space(groups=groups, calibration="/c.npz", contrib=stage, contrib_groups=cgroups)
+    off = FixedTrial(0)
+    space.suggest(off)
+    assert "contrib-ops" not in off.asked  # int8 off: not asked
+    on = FixedTrial(1)
+    p = space.suggest(on)
+    assert "contrib-ops" in on.asked and p["contrib-ops"] is True
+    p.update({"prune": 0.0, "low-rank": 0.0, "int8-g1": False})
+    spec = space.pipeline(p)
+    assert spec.startswith("-O2," + stage + ",quantize{")
+    assert "exclude=" + ":".join(cgroups[1].names) in spec and groups[1].names[0] not in spec
+    assert describe(p, space).startswith("contrib ops + int8 g0")
+    assert space.int8_everywhere()["contrib-ops"] is False and space.int8_contrib() == {**space.int8_everywhere(), "contrib-ops": True}
+    assert Space(groups=groups).int8_contrib() is None and "contrib-ops" not in Space(groups=groups).int8_everywhere()
+    for q in (p, space.int8_contrib()):
+        parse_pipeline(space.pipeline(q))
+    # the stage is quantize-ready: outputs kept (fp32 stage before int8) against onnxruntime
+    from graphopt.check import check_same_outputs
+
+    feeds = {"x": np.random.default_rng(2).standard_normal((1, 6, 16)).astype(np.float32),
+             "am": np.array([[1, 1, 1, 1, 0, 0]], np.float32)}
+    check_same_outputs(enc, fused, feeds)
+
+
 def test_prune_rounds_channels_to_the_targets_block(data):
     """Pruned channel counts follow the target's conv block: 8 for onnxruntime and AVX2, 16 for an
     AVX-512 cpu target (48 kept channels made the whole compiled model block by 8)."""

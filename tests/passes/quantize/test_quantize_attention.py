@@ -197,12 +197,14 @@ def test_second_run_changes_nothing() -> None:
 # ----------------------------------------------------- masks in other forms (one Attention node)
 def attention_model(bias_nodes: list, bias: str | None, *, mask_inputs: dict[str, tuple[int, list]] | None = None,
                     attrs: dict | None = None, weight_input: bool = False, bias_consts: dict | None = None,
-                    past: bool = False) -> Model:
+                    past: bool = False, qkv_bias: bool = True) -> Model:
     """x [B, S, E] → com.microsoft Attention(x, W, b, ..., attention_bias=`bias` built by bias_nodes)."""
     rng = np.random.default_rng(3)
     consts = {"W": f32(rng.standard_normal((E, 3 * E)) * 0.3), "b": f32(rng.standard_normal(3 * E) * 0.1)}
     consts.update(bias_consts or {})
-    ins = ["x", "W", "b", "", "past" if past else "", bias or ""]
+    if not qkv_bias:
+        del consts["b"]
+    ins = ["x", "W", "b" if qkv_bias else "", "", "past" if past else "", bias or ""]
     while ins and ins[-1] == "":
         ins.pop()
     nodes = bias_nodes + [node("Attention", ins, ["y"], domain=MS, name="attn", num_heads=H, **(attrs or {}))]
@@ -270,10 +272,11 @@ def test_fill_where_true_and_batch_broadcast_mask() -> None:
     assert "Not" in ops(m) and "Expand" in ops(m)
 
 
-def test_no_bias_and_no_mask() -> None:
-    model = attention_model([], None)
-    m = _fires_and_matches(model)
-    assert ops(m).get("QAttention") == 1
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_without_mask_and_without_bias(qkv_bias: bool) -> None:
+    m = _fires_and_matches(attention_model([], None, qkv_bias=qkv_bias))
+    q = next(n for n in m.graph if n.op_type == "QAttention")
+    assert len(q.inputs) == 7 and q.inputs[5] is None and q.inputs[2] is not None  # QAttention needs a bias: zeros
 
 
 # ------------------------------------------------------------------------------- near-misses

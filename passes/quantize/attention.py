@@ -20,11 +20,14 @@ The mask: QAttention has no additive `attention_bias`, only `mask_index`, whose 
 Attention: identical outputs). So an attention_bias that is Where(cond, 0, fill) (or
 Where(cond, fill, 0): mask = Not(cond)) with a bool cond and one negative constant fill, possibly
 through Unsqueeze/Expand, becomes Cast(cond, int32) through the same Unsqueeze (and Expand, but
-for trailing Expands, which only broadcast), squeezed to [B, T] when its query dim is 1 (the key
-padding mask HF writes as [B, 1, 1, T], which fuse-attention expands to [B, 1, S, T]) or else to
+for trailing Expands, which only broadcast), squeezed to [B, T] when its query dim is 1 or else to
 [B, S, T], and Expanded to x's batch/sequence where the dims are not known to be equal;
-mask_filter_value = fill. One such mask is shared by every layer that
-reads the same bias; the float Where chain is removed when nothing else reads it.
+mask_filter_value = fill. Broadcasts are looked through for the narrowest [B|1, 1, S|1, T]
+source: trailing Expands of the bias (fuse-attention expands HF's [B, 1, 1, T] mask to
+[B, 1, S, T]) and, when there are only those, an Expand of the condition or its And with an
+all-true constant (HF's vmap'ed padding mask, MiniLM's export): a key padding mask then becomes
+the [B, T] form. One such mask is shared by every layer that reads the same bias; the float
+Where and what computed it are removed when nothing else reads them.
 
 Must not fire (the layer stays float, the report says why): static mode; x not float32 of rank
 3; a weight that is not a float32 constant [D, 3·H] (H divisible by num_heads), a bias that is not
@@ -61,10 +64,11 @@ class MaskPlan:
     """How an additive attention_bias becomes QAttention's 0/1 mask_index."""
 
     where: Node
-    cond: Value  # bool
+    source: Value  # the bool tensor cast to the mask: the Where's condition or what it broadcasts
     negate: bool  # the fill is where cond is true: mask = Not(cond)
     fill: float
-    chain: list[Node] = field(default_factory=list)  # Unsqueeze/Expand from the Where to the bias, in order
+    dims: tuple  # [B|1, 1, S|1, T|1]: the mask's dims after `replay`
+    replay: list[Node] = field(default_factory=list)  # Unsqueeze/Expand to apply to the mask, in order
 
 
 def _ins(node: Node, n: int) -> list[Value | None]:
@@ -128,7 +132,32 @@ def mask_plan(bias: Value) -> MaskPlan | str:
         return f"attention_bias is Where(cond, {av:g}, {cv:g}): not one 0 branch and one fill"
     if not fill < 0 or math.isnan(fill):
         return f"attention_bias fill {fill:g} is not negative: not a mask"
-    return MaskPlan(p, cond, negate, fill, list(reversed(chain)))
+    chain.reverse()
+    # trailing Expands only broadcast, and so do an Expand of the condition and an And with an all-true
+    # constant (HF's vmap'ed padding mask): the mask is expanded to x's batch/sequence at the end
+    # anyway, so the narrowest [B|1, 1, S|1, T] source is cast (a [B, 1, 1, T] one is a key padding mask)
+    k = len(chain)
+    while k and chain[k - 1].op_type == "Expand":
+        k -= 1
+    source, dims = cond, (_dims(chain[k - 1].outputs[0]) if k else cd)
+    if k == 0:
+        while True:
+            q = source.producer()
+            nxt: Value | None = None
+            if q is not None and q.domain in ("", "ai.onnx") and q.op_type == "Expand":
+                nxt = q.inputs[0]
+            elif q is not None and q.domain in ("", "ai.onnx") and q.op_type == "And" and len(q.inputs) == 2:
+                for i in (0, 1):
+                    cst = const_array(q.inputs[i])
+                    if cst is not None and cst.dtype == np.bool_ and bool(cst.all()):
+                        nxt = q.inputs[1 - i]
+            nd = _dims(nxt)
+            if nxt is None or nd is None or len(nd) != 4 or nd[1] != 1:
+                break
+            source, dims = nxt, nd
+    if dims is None or len(dims) != 4 or dims[1] != 1:
+        source, k, dims = cond, len(chain), d
+    return MaskPlan(p, source, negate, fill, dims, chain[:k])
 
 
 def float_reason(node: Node) -> str | None:
@@ -188,22 +217,14 @@ def _type(v: Value, dt: DataType, dims: tuple | list | None) -> None:
 
 def _mask_index(g: Graph, b: Builder, plan: MaskPlan, x: Value, bias: Value) -> Value:
     """QAttention's int32 mask_index for an attention_bias (see the module docstring)."""
-    cd = _dims(plan.cond)
-    m = b.op.Not(plan.cond) if plan.negate else plan.cond
+    cd = _dims(plan.source)
+    m = b.op.Not(plan.source) if plan.negate else plan.source
     if plan.negate:
         _type(m, DataType.BOOL, cd)
     m = b.op.Cast(m, to=int(DataType.INT32))
     _type(m, DataType.INT32, cd)
-    # trailing Expands only broadcast: the mask is expanded to x's batch/sequence below anyway, so
-    # a [B, 1, 1, T] bias that fuse-attention expanded to [B, 1, S, T] becomes a [B, T] key padding mask
-    k = len(plan.chain)
-    while k and plan.chain[k - 1].op_type == "Expand":
-        k -= 1
-    d = _dims(plan.chain[k - 1].outputs[0]) if k else cd
-    if d is None or len(d) != 4 or d[1] != 1:
-        k, d = len(plan.chain), _dims(bias)
-    assert d is not None
-    for p in plan.chain[:k]:  # the same Unsqueeze/Expand, on the 0/1 mask
+    d = plan.dims
+    for p in plan.replay:  # the same Unsqueeze/Expand, on the 0/1 mask
         attrs = {a: p.attr(a) for a in p.attributes}
         m = getattr(b.op, p.op_type)(m, *p.inputs[1:], **attrs)
         _type(m, DataType.INT32, _dims(p.outputs[0]))
@@ -271,17 +292,18 @@ def rewrite(g: Graph, b: Builder, node: Node, qmax: int, shared: dict[Value, tup
 
 
 def drop_dead_masks(g: Graph, biases: list[Value]) -> list[Value]:
-    """Remove the float Where/Unsqueeze/Expand chains of mapped attention biases that nothing reads
-    any more; returns the constants they read (for drop_unused_initializers)."""
+    """Remove what computed the float attention biases (the Where, its Unsqueeze/Expand, the
+    condition's broadcasts) where nothing reads it any more; returns the constants those nodes
+    read (for drop_unused_initializers)."""
     touched: list[Value] = []
-    for bias in biases:
-        v: Value | None = bias
-        while v is not None and not _used(v):
-            p = v.producer()
-            if p is None or p.graph is not g or any(_used(o) for o in p.outputs):
-                break
-            nxt = p.inputs[0] if p.op_type in ("Unsqueeze", "Expand") else None
-            touched += [i for i in p.inputs[1:] if i is not None]
-            g.remove(p)
-            v = nxt
+    work = list(biases)
+    while work:
+        v = work.pop()
+        p = v.producer()
+        if p is None or p.graph is not g or p.subgraphs() or any(_used(o) for o in p.outputs):
+            continue
+        ins = [i for i in p.inputs if i is not None]
+        g.remove(p)
+        touched += ins
+        work += ins
     return touched

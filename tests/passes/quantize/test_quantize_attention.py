@@ -261,6 +261,20 @@ def test_key_padding_bias_becomes_a_2d_mask() -> None:
     assert q.inputs[5].shape.dims == (B, S)  # [B, T] key padding
 
 
+def test_hf_vmap_padding_mask_becomes_a_2d_mask() -> None:
+    """transformers' sdpa mask as MiniLM's export has it: Expand(And(all-true [1, 1, S, 1],
+    Cast(m)[B, 1, 1, T]), [B, 1, S, T]) → Where(·, 0, finfo.min): a key padding mask."""
+    nodes = [node("Cast", ["am"], ["amb"], to=TensorProto.BOOL), node("Reshape", ["amb", "b11t"], ["amr"]),
+             node("And", ["all_true", "amr"], ["both"]), node("Expand", ["both", "full"], ["cond4"]),
+             node("Where", ["cond4", "zero_f", "fmin"], ["ab"])]
+    consts = {"b11t": np.array([-1, 1, 1, S], np.int64), "all_true": np.ones((1, 1, S, 1), bool),
+              "full": np.array([B, 1, S, S], np.int64), "zero_f": f32(0.0), "fmin": f32(F32_MIN)}
+    m = _fires_and_matches(attention_model(nodes, "ab", mask_inputs={"am": (TensorProto.INT64, [B, S])}, bias_consts=consts))
+    q = next(n for n in m.graph if n.op_type == "QAttention")
+    assert q.inputs[5].shape.dims == (B, S)
+    assert not {"And", "Expand", "Where"} & set(ops(m)), ops(m)  # the float mask's computation is gone
+
+
 def test_fill_where_true_and_batch_broadcast_mask() -> None:
     # Where(cond, fill, 0): masked where cond holds (mask = Not(cond)); cond [1, 1, S, S] for the whole batch
     nodes = [node("Where", ["cond", "fmin", "zero_f"], ["ab"])]

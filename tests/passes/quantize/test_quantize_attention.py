@@ -185,6 +185,20 @@ def test_padding_positions_stay_masked() -> None:
     assert err(unmasked) > 0.3
 
 
+def test_one_layer_excluded_keeps_the_float_mask_for_it() -> None:
+    model, c = contrib_bert()
+    first = next(n for n in c.graph if n.op_type == "Attention")
+    name = first.name or first.outputs[0].name
+    res, ctx = quantize(c, exclude=(name,))
+    o = ops(c)
+    assert o.get("QAttention") == 1 and o.get("Attention") == 1 and "Where" in o, o
+    assert layers(ctx)[name]["status"] == "float" and "excluded" in layers(ctx)[name]["reason"]
+    c.verify()
+    f = feeds_of()
+    cos, rel = close(ort_run(model, f), ort_run(c, f))
+    assert cos > 0.995 and rel < 0.1, (cos, rel)
+
+
 def test_second_run_changes_nothing() -> None:
     _, c = contrib_bert()
     quantize(c)

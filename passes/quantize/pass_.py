@@ -44,7 +44,10 @@ class Quantize(Pass):
     MaxPool/Reshape/Flatten/Transpose/Resize. Dynamic (transformers: `mode=auto` when MatMul/Gemm
     hold more FLOPs than Conv and the model has Softmax/LayerNormalization; a conv net ending in
     Softmax is static): MatMul/Gemm with constant weights → DynamicQuantizeLinear →
-    MatMulInteger → Cast → Mul. See passes/quantize/qdq.py for the exact layout.
+    MatMulInteger → Cast → Mul; com.microsoft Attention (packed Q/K/V, -O2 --contrib-ops) →
+    DynamicQuantizeLinear → com.microsoft QAttention, its additive Where mask as QAttention's 0/1
+    mask_index (passes/quantize/attention.py, which also says when it stays float). See
+    passes/quantize/qdq.py for the exact layout.
 
     Stays float (each named in the report with its reason): ops inside If/Loop/Scan bodies and
     model-local function bodies (listed under "float-subgraphs": calibration only sees main-graph
@@ -145,7 +148,7 @@ class Quantize(Pass):
         rr = str(self.reduce_range).lower()
         reduce_range = (vnni is False) if rr == "auto" else rr in ("true", "1")
         opts = QuantOptions(self.activations, reduce_range, self.per_channel, "dynamic" if mode == "dynamic" else "static",
-                            frozenset(self.exclude), frozenset({"MatMul", "Gemm"}) if mode == "dynamic" else None)
+                            frozenset(self.exclude), frozenset({"MatMul", "Gemm", "Attention"}) if mode == "dynamic" else None)
         data = self._data(base, ctx)
         rep: dict[str, Any] = {
             "scheme": "int8", "mode": mode, "mode-reason": mode_reason,

@@ -13,6 +13,9 @@ DequantizeLinear on every quantized input → the op → QuantizeLinear on its o
     Q/DQ around them and runs them on int8 data
     dynamic MatMul (transformers):  x → DynamicQuantizeLinear → MatMulInteger(·, Wq) → Cast → Mul(s_x·s_w)
                   (onnxruntime fuses this into DynamicQuantizeMatMul)
+    dynamic com.microsoft Attention (packed Q/K/V of -O2 --contrib-ops):  x → DynamicQuantizeLinear →
+                  com.microsoft QAttention(·, Wq per column, b, s_x, s_w, mask_index, z_x)
+                  (see attention.py: an additive Where mask becomes the 0/1 mask_index)
 
 Every activation tensor is quantized once (one Q, one DQ that all readers share); weights are
 int8 symmetric per output channel, within [-64, 64] when `reduce_range` (CPUs without VNNI,
@@ -29,6 +32,7 @@ import numpy as np
 from graphopt.calibration import TensorStats
 from graphopt.ir import Builder, DataType, Model, Node, Shape, TensorType, Value, opset_version
 from graphopt.pattern import const_array, drop_unused_initializers
+from graphopt.passes.quantize import attention as qattention
 
 COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 BINARY = ("Add", "Mul")
@@ -36,7 +40,7 @@ POOLS = ("AveragePool", "GlobalAveragePool")
 UNARY = ("Sigmoid", "LeakyRelu")  # onnxruntime has QLinearSigmoid / QLinearLeakyRelu (lookup tables)
 PASSTHROUGH = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Resize")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
-           "QLinearConv", "QLinearMatMul")
+           "QLinearConv", "QLinearMatMul", "QAttention")
 
 
 @dataclass
@@ -55,7 +59,7 @@ class Unit:
 
     node: Node
     name: str
-    kind: str  # conv | gemm | matmul | binary | concat | pool | unary | passthrough
+    kind: str  # conv | gemm | matmul | attention | binary | concat | pool | unary | passthrough
     acts: list[int]  # input indices that carry activations to quantize
     weight: int | None = None
     bias: int | None = None
@@ -143,12 +147,19 @@ def plan_units(model: Model, opts: QuantOptions) -> list[Unit]:
     units: list[Unit] = []
     opset = opset_version(model, default=0)
     softmax_inputs = {n.inputs[0] for n in g if n.op_type == "Softmax" and n.inputs}
+    u: Unit | None
     for node in g:
+        if qattention.is_contrib_attention(node):
+            u = Unit(node, unit_name(node), "attention", [0], weight=1,
+                     bias=2 if len(node.inputs) > 2 and node.inputs[2] is not None else None)
+            units.append(u)
+            u.float_reason = _why_float(u, opts, opset, softmax_inputs)
+            continue
         if node.domain not in ("", "ai.onnx"):
             continue
         op = node.op_type
         name = unit_name(node)
-        u: Unit | None = None
+        u = None
         if op in ("Conv", "ConvTranspose"):
             u = Unit(node, name, "conv", [0], weight=1, bias=2 if len(node.inputs) > 2 and node.inputs[2] is not None else None)
         elif op == "Gemm":
@@ -239,6 +250,15 @@ def _why_float(u: Unit, opts: QuantOptions, opset: int, softmax_inputs: set[Valu
         return "missing input"
     if node.outputs[0] in softmax_inputs:
         return "feeds Softmax (attention scores and masks stay float)"
+    if u.kind == "attention":
+        if opts.matmul != "dynamic":
+            return "com.microsoft Attention: its int8 form QAttention quantizes the input at run time (dynamic mode only)"
+        why = qattention.float_reason(node)
+        if why is not None:
+            return why
+        u.macs = qattention.macs(node)
+        u.mode = "dynamic"
+        return None
     if u.kind in ("conv", "gemm", "matmul"):
         w = _const(ins[1])
         if w is None or w.dtype != np.float32:
@@ -459,8 +479,14 @@ def apply(model: Model, units: Iterable[Unit], stats: dict[str, TensorStats], op
 
     # 5. dynamic MatMul/Gemm: DynamicQuantizeLinear (shared per input) → MatMulInteger → Cast → Mul
     dq_dyn: dict[Value, tuple[Value, Value, Value]] = {}
+    masks: dict[Value, Value] = {}
     for u in dynamic:
-        _dynamic(model, b, u, qmax, dq_dyn, res)
+        if u.kind == "attention":
+            _attention(model, b, u, qmax, dq_dyn, masks, res)
+        else:
+            _dynamic(model, b, u, qmax, dq_dyn, res)
+    if masks:
+        touched += qattention.drop_dead_masks(g, list(masks))
     for v in touched:  # Constant nodes nothing reads any more
         p = v.producer()
         if p is not None and p.op_type == "Constant" and p.graph is g and not v.uses() and not v.is_graph_output():
@@ -542,3 +568,18 @@ def _dynamic(model: Model, b: Builder, u: Unit, qmax: int, shared: dict[Value, t
     if node.name and mmi is not None:
         mmi.name = node.name  # the unit's name, so per-layer profiles find the int8 kernel
     res.counts[f"dynamic-{node.op_type}"] = res.counts.get(f"dynamic-{node.op_type}", 0) + 1
+
+
+def _attention(model: Model, b: Builder, u: Unit, qmax: int, shared: dict[Value, tuple[Value, Value, Value]],
+               masks: dict[Value, Value], res: Applied) -> None:
+    """com.microsoft Attention → DynamicQuantizeLinear → QAttention (attention.py)."""
+    g = model.graph
+    node = u.node
+    out, y = qattention.rewrite(g, b, node, qmax, shared, masks, quantize_weight)
+    orig = out.name
+    out.replace_all_uses_with(y, replace_graph_outputs=True)
+    if any(o is y for o in g.outputs):
+        y.name, out.name = out.name, y.name
+    res.dq_of[orig] = y.name
+    g.remove(node)
+    res.counts["dynamic-Attention"] = res.counts.get("dynamic-Attention", 0) + 1

@@ -847,3 +847,29 @@ def test_refit_with_kept_cut_tensors_equals_full_runs(tmp_path, monkeypatch):
         a = node(fast, f"F2_{i}").inputs[1].const_value.numpy()
         b = node(slow, f"F2_{i}").inputs[1].const_value.numpy()
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rank_deficient", [False, True])
+def test_ridge_fits_solve_matches_the_eigendecomposition(rank_deficient):
+    """The per-strength solves give the eigendecomposition's ridge fits (the refit's final step),
+    also for a rank-deficient Gram (more inputs than rows, a zero column)."""
+    from graphopt.passes.pruning.recovery import ridge_fits
+
+    rng = np.random.default_rng(3)
+    n, d, m = (20, 40, 7) if rank_deficient else (200, 30, 7)
+    x = rng.standard_normal((n, d))
+    if rank_deficient:
+        x[:, 5] = 0
+    y = x @ rng.standard_normal((d, m)) + 0.1 * rng.standard_normal((n, m))
+    g, b, th0 = x.T @ x, x.T @ y, rng.standard_normal((d, m))
+    scale = np.trace(g) / d
+    lams = [1e-6 * scale, 1e-2 * scale, 3.0 * scale]
+    cols = [np.arange(m) % 3 == k for k in range(3)]
+    a = ridge_fits(g, b, th0, lams, cols, "eigh")
+    s = ridge_fits(g, b, th0, lams, cols, "solve")
+    for lam, c, u, v in zip(lams, cols, a, s):
+        direct = np.linalg.lstsq(np.vstack([x, np.sqrt(lam) * np.eye(d)]),
+                                 np.vstack([y[:, c], np.sqrt(lam) * th0[:, c]]), rcond=None)[0]
+        np.testing.assert_allclose(u, direct, rtol=1e-6, atol=1e-8 * np.abs(direct).max())
+        np.testing.assert_allclose(v, direct, rtol=1e-6, atol=1e-8 * np.abs(direct).max())
+    assert len(ridge_fits(g, b, th0, lams, cols)) == 3  # auto: three strengths are solved

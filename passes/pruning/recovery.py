@@ -147,7 +147,9 @@ class WaveRunner:
         proto = to_onnx(model)
         g = proto.graph
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for nd in g.node for a in nd.attribute):
-            self.log("prune: recovery runs the whole model for every wave (its graph holds subgraphs)")
+            if self.cache_ok:
+                self.log("prune: recovery runs the whole model for every wave (its graph holds subgraphs)")
+                self.cache_ok = False
             yield from _session_runs(model, names, self.batches)
             return
         inputs = {i.name: i for i in g.input}

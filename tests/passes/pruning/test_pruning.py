@@ -873,3 +873,22 @@ def test_ridge_fits_solve_matches_the_eigendecomposition(rank_deficient):
         np.testing.assert_allclose(u, direct, rtol=1e-6, atol=1e-8 * np.abs(direct).max())
         np.testing.assert_allclose(v, direct, rtol=1e-6, atol=1e-8 * np.abs(direct).max())
     assert len(ridge_fits(g, b, th0, lams, cols)) == 3  # auto: three strengths are solved
+
+
+def test_refit_in_a_graph_with_subgraphs_runs_the_whole_model_and_says_so(tmp_path):
+    """An If in the main graph (its branches may read outer tensors): each wave runs the whole
+    model as before, one line says why, and the refit still happens."""
+    m = ffn_stack(layers=2)
+    proto = graphopt.to_onnx(m)
+    branch = lambda v: helper.make_graph(  # noqa: E731
+        [helper.make_node("Constant", [], [f"b{v}"], value=numpy_helper.from_array(np.array([v], np.float32)))],
+        f"br{v}", [], [helper.make_tensor_value_info(f"b{v}", F, [1])])
+    proto.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+    proto.graph.node.append(helper.make_node("If", ["cond"], ["side"], then_branch=branch(1), else_branch=branch(2)))
+    proto.graph.output.append(helper.make_tensor_value_info("side", F, [1]))
+    m = graphopt.load(proto)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **sentences(np.random.default_rng(0), 12))
+    out, stats, ctx = prune(m, f"prune{{ratio=0.25,calibration={calib},reconstruct=true}}")
+    assert stats["layers-refit"] == 2
+    assert sum("runs the whole model for every wave" in line for line in ctx.log) == 1

@@ -747,6 +747,24 @@ def ridge_fits(g: np.ndarray, b: np.ndarray, th0: np.ndarray, lams: Sequence[flo
     return out
 
 
+def held_out_errors(ga: np.ndarray, ba: np.ndarray, gf: np.ndarray, bf: np.ndarray, yyf: np.ndarray,
+                    th0: np.ndarray, lams: Sequence[float]) -> np.ndarray:
+    """[len(lams), columns]: per strength λ the squared error on the held-out rows (gf = XfᵀXf,
+    bf = XfᵀYf, yyf = per column YfᵀYf) of the ridge fit on the other rows (ga, ba):
+    th = (ga + λI)⁻¹ (ba + λ th0), error thᵀgf th - 2 thᵀbf + yyf, clipped at 0. One
+    eigendecomposition of ga serves every strength: th = q c, c = (qᵀba + λ qᵀth0) / (e + λ)
+    (eigenvalues clipped at 0). Per-strength LU solves measured no faster (12 strengths)."""
+    e, q = np.linalg.eigh((ga + ga.T) / 2)
+    e = np.maximum(e, 0.0)
+    qb, q0 = q.T @ ba, q.T @ th0
+    hg, hb = q.T @ gf @ q, q.T @ bf
+    out = np.empty((len(lams), ba.shape[1]))
+    for i, lam in enumerate(lams):
+        c = (qb + lam * q0) / (e + lam)[:, None]
+        out[i] = np.maximum(0.0, (c * (hg @ c)).sum(axis=0) - 2 * (c * hb).sum(axis=0) + yyf)
+    return out
+
+
 def _solve(t: _Refit, theta0: np.ndarray, b0: np.ndarray | None) -> tuple[float, float, np.ndarray, np.ndarray | None, list[float]]:
     """Ridge towards the current weights, its strength chosen per output column on held-out
     rows; returns (rel. error before, after, theta, bias, the strengths chosen (relative to
@@ -775,25 +793,15 @@ def _solve(t: _Refit, theta0: np.ndarray, b0: np.ndarray | None) -> tuple[float,
     def scale(g: np.ndarray) -> float:
         return float(np.trace(g)) / len(g) + 1e-12
 
-    def eig(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        e, q = np.linalg.eigh((g + g.T) / 2)
-        return np.maximum(e, 0.0), q
-
     ridges = list(RIDGES)
     choice = np.full(n_out, RIDGES.index(RIDGE))  # index into ridges; len(ridges): keep the weights
     if all(float(np.trace(Gs[f])) > 0 for f in (0, 1)):
         held = np.zeros((len(ridges) + 1, n_out))
         for f in (0, 1):
-            # fitted on fold 1-f, scored on fold f, in the eigenbasis of the fitted Gram: the fit
-            # is th = q c with c = (qᵀb + λ qᵀθ0) / (e + λ)
-            e, q = eig(Gs[1 - f])
+            # fitted on fold 1-f, scored on fold f
             lam0 = scale(Gs[1 - f])
-            qb, q0 = q.T @ Bs[1 - f], q.T @ full0
-            hg, hb = q.T @ Gs[f] @ q, q.T @ Bs[f]
-            for i, r in enumerate(ridges):
-                lam = r * lam0
-                c = (qb + lam * q0) / (e + lam)[:, None]
-                held[i] += np.maximum(0.0, (c * (hg @ c)).sum(axis=0) - 2 * (c * hb).sum(axis=0) + yys[f])
+            held[:-1] += held_out_errors(Gs[1 - f], Bs[1 - f], Gs[f], Bs[f], yys[f], full0,
+                                         [r * lam0 for r in ridges])
             held[-1] += col_err(full0, Gs[f], Bs[f], yys[f])
         choice = np.argmin(held, axis=0)
     theta = full0.copy()

@@ -892,3 +892,22 @@ def test_refit_in_a_graph_with_subgraphs_runs_the_whole_model_and_says_so(tmp_pa
     out, stats, ctx = prune(m, f"prune{{ratio=0.25,calibration={calib},reconstruct=true}}")
     assert stats["layers-refit"] == 2
     assert sum("runs the whole model for every wave" in line for line in ctx.log) == 1
+
+
+def test_held_out_errors_match_the_directly_fitted_weights():
+    """The fold scores of the ridge strengths, computed in the fitted Gram's eigenbasis, equal the
+    held-out error of the directly fitted weights."""
+    from graphopt.passes.pruning.recovery import held_out_errors
+
+    rng = np.random.default_rng(4)
+    d, m = 25, 6
+    w = rng.standard_normal((d, m))
+    xa, xf = rng.standard_normal((60, d)), rng.standard_normal((50, d))
+    ya, yf = xa @ w + 0.3 * rng.standard_normal((60, m)), xf @ w + 0.3 * rng.standard_normal((50, m))
+    th0 = rng.standard_normal((d, m))
+    lams = [1e-4, 1e-1, 10.0, 1e3]
+    args = (xa.T @ xa, xa.T @ ya, xf.T @ xf, xf.T @ yf, (yf * yf).sum(axis=0), th0, lams)
+    a = held_out_errors(*args)
+    direct = np.array([((xf @ np.linalg.solve(xa.T @ xa + lam * np.eye(d), xa.T @ ya + lam * th0) - yf) ** 2).sum(axis=0)
+                       for lam in lams])
+    np.testing.assert_allclose(a, direct, rtol=1e-8)

@@ -769,3 +769,145 @@ def test_chunks_never_split_a_group():
     assert chunks([["a"], ["b", "c"], ["a"], ["d", "a"], ["e"]], 3) == [["a", "b", "c"], ["d", "a", "e"]]
     assert chunks([[str(i)] for i in range(5)], 2) == [["0", "1"], ["2", "3"], ["4"]]
     assert chunks([["x", "y", "z"]], 2) == [["x", "y", "z"]]  # a group larger than a chunk stays whole
+
+
+# --- recovery's runs: each wave starts at the tensors the previous refits left unchanged ----------
+def ffn_stack(layers: int = 3, d: int = 16, f: int = 64, seed: int = 4) -> Model:
+    """`layers` BERT FFN sublayers in a row (each: MatMul-Add-Relu-MatMul-Add, residual Add,
+    LayerNormalization), the attention mask multiplied in at the end: one refit wave per layer."""
+    n = Net(seed)
+    x = "x"
+    for i in range(layers):
+        h = n.op("Relu", [n.linear(x, d, f, name=f"F1_{i}")])
+        r = n.op("Add", [n.linear(h, f, d, name=f"F2_{i}"), x])
+        x = n.op("LayerNormalization", [r, n.const(np.linspace(0.5, 1.5, d).astype(np.float32)),
+                                        n.const(np.zeros(d, np.float32))], axis=-1)
+    mask = n.op("Unsqueeze", [n.op("Cast", ["attention_mask"], to=F), n.const(np.array([-1], np.int64))])
+    out = n.op("Mul", [x, mask])
+    g = helper.make_graph(n.nodes, "g", [helper.make_tensor_value_info("x", F, ["N", 16, d]),
+                                         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", 16])],
+                          [helper.make_tensor_value_info(out, F, None)], initializer=n.inits)
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return graphopt.load(onnx.shape_inference.infer_shapes(proto))
+
+
+def test_wave_runner_matches_a_full_run_after_a_rewrite():
+    """Kept cut tensors + the slice after them give what a run of the whole model gives, also
+    after the weights before the cut changed (the stale kept tensors are dropped)."""
+    from graphopt.calibration import intermediate_outputs
+    from graphopt.passes.pruning.recovery import WaveRunner, cut_values
+
+    m = ffn_stack()
+    batches = [sentences(np.random.default_rng(i), 4) for i in range(3)]
+    f2 = [node(m, f"F2_{i}") for i in range(3)]
+    names = [[v.inputs[0].name] for v in f2]
+
+    def full(names: list[str]) -> list[list[np.ndarray]]:
+        sess = intermediate_outputs(m, names)
+        return [sess.run(names, dict(b)) for b in batches]
+
+    runner = WaveRunner(batches)
+    for k in range(3):
+        keep = cut_values(m, {f2[k]}, names[k + 1]) if k < 2 else []
+        if k < 2:  # what the next F2's input needs and this refit leaves alone: this F2's input, the stream
+            add_r = f2[k].outputs[0].uses()[0][0].outputs[0].uses()[0][0]
+            stream = add_r.inputs[1].name
+            assert set(keep) == {names[k][0]} | ({stream} if stream != "x" else set()), keep
+        got = {bi: outs for bi, outs in runner.runs(m, names[k], keep)}
+        # wave 0 runs up to F2_0 and F1_1's input; later waves only their layer's slice
+        assert runner.last_nodes <= (4 if k == 0 else 7), (k, runner.last_nodes)
+        for bi, want in enumerate(full(names[k])):
+            np.testing.assert_allclose(got[bi][names[k][0]], want[0], rtol=1e-5, atol=1e-5)
+        w = f2[k].inputs[1].const_value.numpy()
+        f2[k].inputs[1].const_value = NumpyTensor((w * 1.5 + 0.1).astype(np.float32))
+        runner.invalidate(m, {f2[k]})
+        assert not set(runner.cache) & {v.name for n in m.graph for v in n.outputs if n is f2[k]}
+    # the last wave after the rewrites: everything kept before F2_1 changed is stale or still right
+    got = {bi: outs for bi, outs in runner.runs(m, names[2])}
+    for bi, want in enumerate(full(names[2])):
+        np.testing.assert_allclose(got[bi][names[2][0]], want[0], rtol=1e-5, atol=1e-5)
+
+
+def test_refit_with_kept_cut_tensors_equals_full_runs(tmp_path, monkeypatch):
+    """The refit reading each wave from the kept tensors gives the weights of the refit that
+    reruns the whole model every wave (CUT_CACHE_BYTES 0 forces that, and says so)."""
+    import graphopt.passes.pruning.recovery as rec
+
+    m = ffn_stack()
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **sentences(np.random.default_rng(0), 12))
+    spec = f"prune{{ratio=0.25,calibration={calib},reconstruct=true}}"
+    fast, stats, ctx = prune(m, spec)
+    assert stats["layers-refit"] == 3
+    assert not any("reruns the model" in line for line in ctx.log)
+    monkeypatch.setattr(rec, "CUT_CACHE_BYTES", 0)
+    slow, stats_slow, ctx_slow = prune(m, spec)
+    assert any("reruns the model from its inputs" in line for line in ctx_slow.log)
+    for i in range(3):
+        a = node(fast, f"F2_{i}").inputs[1].const_value.numpy()
+        b = node(slow, f"F2_{i}").inputs[1].const_value.numpy()
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rank_deficient", [False, True])
+def test_ridge_fits_solve_matches_the_eigendecomposition(rank_deficient):
+    """The per-strength solves give the eigendecomposition's ridge fits (the refit's final step),
+    also for a rank-deficient Gram (more inputs than rows, a zero column)."""
+    from graphopt.passes.pruning.recovery import ridge_fits
+
+    rng = np.random.default_rng(3)
+    n, d, m = (20, 40, 7) if rank_deficient else (200, 30, 7)
+    x = rng.standard_normal((n, d))
+    if rank_deficient:
+        x[:, 5] = 0
+    y = x @ rng.standard_normal((d, m)) + 0.1 * rng.standard_normal((n, m))
+    g, b, th0 = x.T @ x, x.T @ y, rng.standard_normal((d, m))
+    scale = np.trace(g) / d
+    lams = [1e-6 * scale, 1e-2 * scale, 3.0 * scale]
+    cols = [np.arange(m) % 3 == k for k in range(3)]
+    a = ridge_fits(g, b, th0, lams, cols, "eigh")
+    s = ridge_fits(g, b, th0, lams, cols, "solve")
+    for lam, c, u, v in zip(lams, cols, a, s):
+        direct = np.linalg.lstsq(np.vstack([x, np.sqrt(lam) * np.eye(d)]),
+                                 np.vstack([y[:, c], np.sqrt(lam) * th0[:, c]]), rcond=None)[0]
+        np.testing.assert_allclose(u, direct, rtol=1e-6, atol=1e-8 * np.abs(direct).max())
+        np.testing.assert_allclose(v, direct, rtol=1e-6, atol=1e-8 * np.abs(direct).max())
+    assert len(ridge_fits(g, b, th0, lams, cols)) == 3  # auto: three strengths are solved
+
+
+def test_refit_in_a_graph_with_subgraphs_runs_the_whole_model_and_says_so(tmp_path):
+    """An If in the main graph (its branches may read outer tensors): each wave runs the whole
+    model as before, one line says why, and the refit still happens."""
+    m = ffn_stack(layers=2)
+    proto = graphopt.to_onnx(m)
+    branch = lambda v: helper.make_graph(  # noqa: E731
+        [helper.make_node("Constant", [], [f"b{v}"], value=numpy_helper.from_array(np.array([v], np.float32)))],
+        f"br{v}", [], [helper.make_tensor_value_info(f"b{v}", F, [1])])
+    proto.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+    proto.graph.node.append(helper.make_node("If", ["cond"], ["side"], then_branch=branch(1), else_branch=branch(2)))
+    proto.graph.output.append(helper.make_tensor_value_info("side", F, [1]))
+    m = graphopt.load(proto)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **sentences(np.random.default_rng(0), 12))
+    out, stats, ctx = prune(m, f"prune{{ratio=0.25,calibration={calib},reconstruct=true}}")
+    assert stats["layers-refit"] == 2
+    assert sum("runs the whole model for every wave" in line for line in ctx.log) == 1
+
+
+def test_held_out_errors_match_the_directly_fitted_weights():
+    """The fold scores of the ridge strengths, computed in the fitted Gram's eigenbasis, equal the
+    held-out error of the directly fitted weights."""
+    from graphopt.passes.pruning.recovery import held_out_errors
+
+    rng = np.random.default_rng(4)
+    d, m = 25, 6
+    w = rng.standard_normal((d, m))
+    xa, xf = rng.standard_normal((60, d)), rng.standard_normal((50, d))
+    ya, yf = xa @ w + 0.3 * rng.standard_normal((60, m)), xf @ w + 0.3 * rng.standard_normal((50, m))
+    th0 = rng.standard_normal((d, m))
+    lams = [1e-4, 1e-1, 10.0, 1e3]
+    args = (xa.T @ xa, xa.T @ ya, xf.T @ xf, xf.T @ yf, (yf * yf).sum(axis=0), th0, lams)
+    a = held_out_errors(*args)
+    direct = np.array([((xf @ np.linalg.solve(xa.T @ xa + lam * np.eye(d), xa.T @ ya + lam * th0) - yf) ** 2).sum(axis=0)
+                       for lam in lams])
+    np.testing.assert_allclose(a, direct, rtol=1e-8)

@@ -797,3 +797,94 @@ def test_stack_tile_lowering_restates_tvms_pipeline():
         ours = tvm.transform.Sequential(head + tail)(mod)
         theirs = default_s_tir_pipeline()[0](mod)
     tvm.ir.assert_structural_equal(ours, theirs)
+
+
+# --- the tuner lowers as the build does (build.build_kernel, stack_tiles.replayed_kernel) ---------
+# its builder timed the default schedules and their variants with TVM's default lowering (heap
+# workspace tiles), while the build puts marked tiles on the stack; and schedules replayed from the
+# database (variants, meta_schedule's) are lowered with every small "local" buffer on the stack
+
+
+def _candidate(sfunc, default):
+    """`sfunc` as the tuning builder gets it: one `main`, a default schedule's root block marked."""
+    from graphopt.targets.tvm.tuning.tuner import DEFAULT_MARK
+
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": sfunc.with_attr("global_symbol", "main")}))
+    if default:
+        sch.annotate(sch.get_sblock(sfunc.body.block.name_hint), DEFAULT_MARK, "blocked-conv")
+    return sch.mod
+
+
+def _tuning_build(mod, target):
+    from graphopt.targets.tvm.tuning import tuner
+
+    return tuner._build_with_hooks(mod, target, None)
+
+
+def _asm(lib):
+    return lib.inspect_source("asm")
+
+
+def test_tuning_builder_lowers_avx512_tiles_as_the_build():
+    """A default schedule's marked tile: no workspace in the tuning build either, the same code as
+    the cpu build's lowering; an unmarked one (knob off) keeps its workspace (as the build would)."""
+    on, _ = _scheduled(64, 14, 256, True, AVX512, 16)
+    off, _ = _scheduled(64, 14, 256, True, AVX512, 16, OFF)
+    built = _tuning_build(_candidate(on, True), AVX512)
+    assert _workspace_calls(built) == 0
+    assert _asm(built) == _asm(_lib(on, AVX512))
+    assert _workspace_calls(_tuning_build(_candidate(off, True), AVX512)) > 0
+
+
+def test_tuning_builder_replayed_candidates_get_stack_tiles_on_avx512():
+    """A candidate that is not a default schedule (a variant, a meta_schedule schedule) is lowered
+    as apply_database's replay is: its small "local" buffers on the stack, the tile unmarked by the
+    rule (a database tuned before the marks) and a 6x1 tile under kMaxStackAlloca (never marked)."""
+    off, _ = _scheduled(64, 14, 256, True, AVX512, 16, OFF)
+    assert _workspace_calls(_tuning_build(_candidate(off, False), AVX512)) == 0
+    func, _ = _kernel("conv", 64, 14, 64, 1, 1, "relu", flat=6, b=16)
+    small = BlockedConv(ConvTile(6, 1, "ob")).apply(func, AVX512, 16).mod["main"]
+    assert STACK_TILE not in small.script()
+    assert _workspace_calls(_tuning_build(_candidate(small, True), AVX512)) > 0
+    assert _workspace_calls(_tuning_build(_candidate(small, False), AVX512)) == 0
+
+
+def test_tuning_builder_leaves_avx2_kernels_unchanged():
+    """AVX2 (mcpu=haswell): the tuning build of a default schedule and of a replayed one is TVM's
+    default lowering of it, as before (12-ymm tiles are not stack tiles)."""
+    from graphopt.targets.tvm.schedules.loop_marks import apply_loop_marks_to_module
+
+    on, _ = _scheduled(32, 14, 128, True, AVX2, 8)
+    for default in (True, False):
+        mod = _candidate(on, default)
+        theirs = tvm.tirx.build(apply_loop_marks_to_module(mod), target=AVX2)
+        assert _asm(_tuning_build(mod, AVX2)) == _asm(theirs)
+
+
+def test_replayed_kernel_marks_on_avx512_only_and_strips_with_the_knob_off():
+    from graphopt.targets.tvm.stack_tiles import replayed_kernel
+
+    on, _ = _scheduled(64, 14, 256, True, AVX512, 16)
+    off, _ = _scheduled(64, 14, 256, True, AVX512, 16, OFF)
+    m512, m2 = machine_model(AVX512), machine_model(AVX2)
+    assert replayed_kernel(off, m512, True).attrs[STACK_TILE] == 1
+    assert replayed_kernel(off, m2, True) is off
+    stripped = replayed_kernel(on, m512, False)
+    assert STACK_TILE not in stripped.script()
+    tvm.ir.assert_structural_equal(stripped, off)
+    assert _workspace_calls(_lib(stripped, AVX512)) > 0
+
+
+@needs_avx512
+def test_replayed_small_tile_on_the_stack_keeps_numbers():
+    from graphopt.targets.tvm.stack_tiles import replayed_kernel
+
+    func, oshape = _kernel("conv", 64, 14, 64, 1, 1, "relu", flat=6, b=16)
+    small = BlockedConv(ConvTile(6, 1, "ob")).apply(func, AVX512, 16).mod["main"]
+    lib = _lib(replayed_kernel(small, machine_model(AVX512), True), AVX512)
+    assert _workspace_calls(lib) == 0
+    args, ref = _data("conv", 64, 14, 64, 1, 1, b=16)
+    n, ocn, oh, ow = oshape
+    out = tvm.runtime.tensor(np.zeros((n, ocn // 16, oh, ow, 16), np.float32))
+    lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
+    np.testing.assert_allclose(_unblocked(out.numpy()), np.maximum(ref, 0), rtol=1e-4, atol=1e-4)

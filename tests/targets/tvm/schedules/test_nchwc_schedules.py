@@ -821,7 +821,7 @@ def _tuning_build(mod, target):
     return tuner._build_with_hooks(mod, target, None)
 
 
-def _asm(lib):
+def _lib_asm(lib):
     return lib.inspect_source("asm")
 
 
@@ -832,7 +832,7 @@ def test_tuning_builder_lowers_avx512_tiles_as_the_build():
     off, _ = _scheduled(64, 14, 256, True, AVX512, 16, OFF)
     built = _tuning_build(_candidate(on, True), AVX512)
     assert _workspace_calls(built) == 0
-    assert _asm(built) == _asm(_lib(on, AVX512))
+    assert _lib_asm(built) == _lib_asm(_lib(on, AVX512))
     assert _workspace_calls(_tuning_build(_candidate(off, True), AVX512)) > 0
 
 
@@ -858,7 +858,7 @@ def test_tuning_builder_leaves_avx2_kernels_unchanged():
     for default in (True, False):
         mod = _candidate(on, default)
         theirs = tvm.tirx.build(apply_loop_marks_to_module(mod), target=AVX2)
-        assert _asm(_tuning_build(mod, AVX2)) == _asm(theirs)
+        assert _lib_asm(_tuning_build(mod, AVX2)) == _lib_asm(theirs)
 
 
 def test_replayed_kernel_marks_on_avx512_only_and_strips_with_the_knob_off():
@@ -888,3 +888,50 @@ def test_replayed_small_tile_on_the_stack_keeps_numbers():
     out = tvm.runtime.tensor(np.zeros((n, ocn // 16, oh, ow, 16), np.float32))
     lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
     np.testing.assert_allclose(_unblocked(out.numpy()), np.maximum(ref, 0), rtol=1e-4, atol=1e-4)
+
+
+# --- a static ragged tile's copies keep accumulators of their own (loop_marks._tiles_apart) ------
+
+
+def _lowered_locals(sfunc, target):
+    """The "local" allocations of `sfunc` lowered as the build lowers it, up to MakePackedAPI:
+    [(elements, lanes)]."""
+    from graphopt.targets.tvm.stack_tiles import default_passes
+
+    mod = tvm.IRModule({"main": LM.apply_loop_marks(sfunc).with_attr("global_symbol", "main")})
+    mod = tvm.tirx.transform.BindTarget(target.with_host(target))(mod)
+    head, _ = default_passes({})
+    text = tvm.transform.Sequential(head)(mod)["main"].script()
+    return [(int(n), int(x or 1)) for n, x in re.findall(r'T\.alloc_local\(\((\d+),\), "float32(?:x(\d+))?"\)', text)]
+
+
+@pytest.mark.parametrize("h,rt,obt", [(14, 4, 2), (7, 3, 1)])
+def test_ragged_static_tile_is_compacted_to_one_tile(h, rt, obt):
+    """A row the tile does not divide: the whole tiles and the peeled last one each get their own
+    accumulator buffer, compacted to one tile (one shared buffer was placed above the tile loop
+    and spanned the whole row: a heap workspace LLVM could not keep in registers); numbers equal
+    onnxruntime's."""
+    func, oshape = _kernel("conv", 32, h, 16, 3, 1, "relu")
+    sch = BlockedConv(ConvTile(rt, obt, "ob", tail=True)).apply(func, _target(), 8)
+    assert sch is not None
+    sfunc = sch.mod["main"]
+    assert LM.PEEL_LAST in sfunc.script()
+    locals_ = _lowered_locals(sfunc, _target())
+    assert len(locals_) == 2 and all(n * lanes <= rt * obt * 8 for n, lanes in locals_), locals_
+    args, ref = _data("conv", 32, h, 16, 3, 1)
+    np.testing.assert_allclose(_run(sfunc, args, oshape), np.maximum(ref, 0), rtol=1e-4, atol=1e-4)
+
+
+def test_tiles_apart_near_misses():
+    """The copies share their buffer where an iteration's values reach the next one: a reduction's
+    chunk loop (its var bound to a reduce axis), or a buffer also used outside the loop (a conv
+    whose reduction runs in chunks keeps the row's accumulators across its tiles)."""
+    body = ['with T.sblock("r"):', '    v_k = T.axis.reduce(T.int64(64), ko * T.int64(8) + ki)', '    acc[0] = acc[0] + x[v_k]']
+    out = ['    acc = T.sblock_alloc_buffer((T.int64(1),), scope="local")']
+    text = "\n".join(out + body)
+    assert not LM._tiles_apart(text, out, body, "ko")
+    remap = ['with T.sblock("r"):', '    v_i, v_k = T.axis.remap("SR", [i, ko])', '    acc[0] = acc[0] + x[v_k]']
+    assert not LM._tiles_apart("\n".join(out + remap), out, remap, "ko")
+    spatial = ['with T.sblock("r"):', '    v_x = T.axis.spatial(T.int64(64), ko * T.int64(8) + ki)', '    acc[v_x] = x[v_x]']
+    assert LM._tiles_apart("\n".join(out + spatial), out, spatial, "ko")
+    assert not LM._tiles_apart("\n".join(out + spatial + ["y[0] = acc[0]"]), out, spatial, "ko")

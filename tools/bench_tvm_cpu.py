@@ -258,7 +258,7 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
         if all(isinstance(v, int) for v in kept.values()):  # a compile that only applied the database
             row["kept"] = dict(kept)
         else:  # per task, from the tuning run
-            row["kept"] = {k: sum(1 for v in kept.values() if v.get("kept") == k) for k in ("tuned", "default", "none")}
+            row["kept"] = {k: sum(1 for v in kept.values() if v.get("kept") == k) for k in ("tuned", "variant", "default", "none")}
     if knob_idx is not None:
         row.update({"schedule_knobs": args.compare or args.schedule_knobs or f"batch fixed to {args.compare_batch}", "knobs_ms": statistics.median(times[knob_idx]) * 1e3,
                     "paired_ratio_knobs_over_ort": statistics.median(a / b for a, b in zip(times[knob_idx], times[1])),

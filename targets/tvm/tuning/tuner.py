@@ -1353,7 +1353,8 @@ def _build_with_hooks(mod: Any, target: Any, params: Any) -> Any:
     from ..stack_tiles import replayed_kernel
 
     func = mod["main"]
-    if DEFAULT_MARK not in str(func.body.block.annotations):
+    root = getattr(func.body, "block", None)  # (a default schedule's root block carries DEFAULT_MARK)
+    if root is None or DEFAULT_MARK not in root.annotations:
         # a variant or a meta_schedule candidate: the build replays it from the database, marked
         # (apply_database); the default schedules are rebuilt from today's rules with their own marks
         funcs = {gv.name_hint: f for gv, f in mod.functions_items()}

@@ -144,6 +144,10 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
         warm_s = time.perf_counter() - t
         print(f"{name}: warm-database recompile {warm_s:.1f} s", flush=True)
     knob_art = None
+    # the compared build applies the same tuning database (tuned by the first compile, if it
+    # tuned) without tuning: a tuned artifact against the untuned other build would compare more
+    # than the knobs or the target
+    compare_db = args.tuning_db if args.tuning_db and os.path.isdir(args.tuning_db) else None
     if args.schedule_knobs:
         # the same compile with default-schedule knobs changed (e.g. the pre-change schedules), benchmarked
         # in the same rounds: a before/after comparison on a shared machine; the knobs travel as a
@@ -151,11 +155,11 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             knob_art = graphopt.compile(source, with_target_option(args.target, "schedule-knobs", args.schedule_knobs),
-                                        args.pipeline, threads=args.threads)
+                                        args.pipeline, threads=args.threads, tuning_db=compare_db)
     if args.compare:  # another target spec (machine model), same rounds
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            knob_art = graphopt.compile(source, args.compare, args.pipeline, threads=args.threads)
+            knob_art = graphopt.compile(source, args.compare, args.pipeline, threads=args.threads, tuning_db=compare_db)
     if args.compare_batch:  # the same target and pipeline, the symbolic dims fixed to this batch, same rounds
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -254,7 +258,7 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> dict:
         if all(isinstance(v, int) for v in kept.values()):  # a compile that only applied the database
             row["kept"] = dict(kept)
         else:  # per task, from the tuning run
-            row["kept"] = {k: sum(1 for v in kept.values() if v.get("kept") == k) for k in ("tuned", "default", "none")}
+            row["kept"] = {k: sum(1 for v in kept.values() if v.get("kept") == k) for k in ("tuned", "variant", "default", "none")}
     if knob_idx is not None:
         row.update({"schedule_knobs": args.compare or args.schedule_knobs or f"batch fixed to {args.compare_batch}", "knobs_ms": statistics.median(times[knob_idx]) * 1e3,
                     "paired_ratio_knobs_over_ort": statistics.median(a / b for a, b in zip(times[knob_idx], times[1])),
@@ -294,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", default="cpu", help="target spec, e.g. 'cpu{mcpu=haswell}' (an AVX2 build on an "
                    "AVX-512 host) or 'cpu{mcpu=skylake-avx512}'")
     p.add_argument("--compare", default="", help="also compile with this target spec and benchmark it in the same "
-                   "rounds (e.g. --target cpu --compare 'cpu{mcpu=haswell}')")
+                   "rounds (e.g. --target cpu --compare 'cpu{mcpu=haswell}'); with --tuning-db it applies that "
+                   "database too (without tuning)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--budget", type=float, default=20.0, help="seconds of timed rounds per model")
     p.add_argument("--min-runs", type=int, default=5)

@@ -262,6 +262,25 @@ def build(mod: tvm.IRModule, target: tvm.target.Target) -> relax.VMExecutable:
                        tir_pipeline=tir_pipeline(machine_model(target)))
 
 
+def build_kernel(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.Module:
+    """One scheduled kernel (`mod`'s `main`) as a library, lowered as `build` lowers the model's
+    kernels: the loop marks applied (ragged tiles, row passes), the weight-layout rewrite blocks
+    dropped (its weights arrive packed, as in meta_schedule's default builder), then TVM's TIR
+    build with `stack_tiles.tir_pipeline(machine_model(target))` (marked kernels' accumulator tiles
+    on the stack). The tuner's builder (meta_schedule candidates, the default schedules and their
+    variants) and tune-shapes' candidates build with it, so what tuning times is what the artifact
+    runs; TVM's default lowering instead timed AVX-512 conv tiles as heap workspaces, 5-10 % slower
+    than the build makes them, and the comparisons against the default schedules were skewed."""
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    from ..machine import machine_model
+    from .schedules.loop_marks import apply_loop_marks_to_module
+    from .stack_tiles import tir_pipeline
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(apply_loop_marks_to_module(mod))
+    return tvm.tirx.build(mod, target=target, pipeline=tir_pipeline(machine_model(target)))
+
+
 def llvm_ir_lines(exe: relax.VMExecutable) -> dict[str, int]:
     """{LLVM function: lines of optimized IR} of a built executable's library, each parallel
     region's body (`__tvm_parallel_lambda.N`) counted in the function that launches it: the size

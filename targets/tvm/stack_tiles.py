@@ -31,10 +31,14 @@ from typing import Any
 
 from ..machine import MachineModel
 
-__all__ = ["STACK_TILE", "default_passes", "stack_tile_bytes", "tir_pipeline"]
+__all__ = ["STACK_ALLOCA_BYTES", "STACK_TILE", "default_passes", "replayed_kernel", "stack_tile_bytes", "tir_pipeline"]
 
-#: write-back block annotation: its kernel's small "local" buffers become stack arrays
+#: write-back block annotation (or PrimFunc attribute, `replayed_kernel`): its kernel's small
+#: "local" buffers become stack arrays
 STACK_TILE = "graphopt.stack_tile"
+
+#: TVM's kMaxStackAlloca: "global" buffers below it are stack arrays already ("local" never are)
+STACK_ALLOCA_BYTES = 1024
 
 _ALLOC = re.compile(r'(T\.alloc_local\(\((\d+),\), "float32(?:x(\d+))?"\))')
 
@@ -43,6 +47,43 @@ def stack_tile_bytes(machine: MachineModel) -> int:
     """Largest "local" buffer that becomes a stack array: the vector register file (32 zmm: 2048
     bytes, 16 ymm: 512)."""
     return machine.vector_registers * machine.vector_bits // 8
+
+
+def replayed_kernel(func: Any, machine: MachineModel, on: bool) -> Any:
+    """A kernel scheduled from the tuning database by replaying its trace (a measured variant of a
+    default rule, or a meta_schedule schedule), as the build should lower it.
+
+    on (the `stack_tile` knob): the whole kernel marked (`STACK_TILE` as a PrimFunc attribute), so
+    every float32 "local" buffer of at most `stack_tile_bytes` becomes a stack array, where the
+    machine's register file is at least STACK_ALLOCA_BYTES (AVX-512: 2048 bytes; AVX2's and NEON's
+    512 are not: their kernels stay as they were). Why: a trace recorded before the marks existed
+    replays without them (a database tuned before the stack tiles: 20 of ResNet-50's 25 tuned
+    kernels kept a variant and ran with heap workspace tiles), and variant tiles below
+    STACK_ALLOCA_BYTES (7x1, 12x1 pixels of one block) are never marked by the rule; meta_schedule's
+    own schedules keep their accumulators in whole-output "global" caches, which this leaves alone.
+    The tuner's builder marks every candidate but the default schedules the same way
+    (`build.build_kernel` callers), so tuning times what the build runs.
+    off: the trace's own marks removed (a database tuned with the knob on replays without them)."""
+    import tvm
+    from tvm import s_tir
+
+    if on:
+        if stack_tile_bytes(machine) < STACK_ALLOCA_BYTES:
+            return func
+        return func.with_attr(STACK_TILE, 1)
+    if STACK_TILE not in func.script():
+        return func
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+
+    def walk(block: Any) -> None:
+        for child in sch.get_child_blocks(block):
+            if STACK_TILE in sch.get(child).annotations:
+                sch.unannotate(child, STACK_TILE)
+            walk(child)
+
+    walk(sch.get_sblock(func.body.block.name_hint))
+    out = sch.mod["main"]
+    return out.without_attr(STACK_TILE) if out.attrs is not None and STACK_TILE in out.attrs else out
 
 
 def _annotate(func: Any, limit: int) -> Any:

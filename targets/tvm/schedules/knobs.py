@@ -138,6 +138,10 @@ class ScheduleKnobs:
     #: workspace with a memset and a store + reload of the accumulators per pixel tile
     #: (nchwc._schedule_tiles marks the write-back, stack_tiles lowers it; off: workspace, as before)
     stack_tile: bool = True
+    #: ... and kernels replayed from a tuning database (variants, meta_schedule's schedules) with
+    #: every small "local" buffer on the stack, as the tuner's builder timed them
+    #: (stack_tiles.replayed_kernel; off: only the tiles their trace marked, as before)
+    stack_tile_replayed: bool = True
 
     @classmethod
     def parse(cls, text: str) -> ScheduleKnobs:

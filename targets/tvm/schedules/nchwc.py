@@ -83,7 +83,7 @@ from .base import (
     root_block,
     schedule_rest,
 )
-from ..stack_tiles import STACK_TILE, stack_tile_bytes
+from ..stack_tiles import STACK_ALLOCA_BYTES, STACK_TILE, stack_tile_bytes
 from .loop_marks import PEEL_BOUND, PEEL_LAST, ROW_PASS
 from .tiles import L2_WEIGHT_SHARE, ConvShape, ConvTile, conv_tile, row_tile_ranges
 
@@ -621,8 +621,6 @@ def _pad_per_item(sch: Any, anchor: Any, fused: Any, lanes: int) -> bool:
     return True
 
 
-#: TVM's kMaxStackAlloca: "global" buffers below it are stack arrays already ("local" never are)
-STACK_ALLOCA_BYTES = 1024
 
 
 def stack_tile_fires(machine: Any, tile_bytes: int) -> bool:

@@ -331,17 +331,18 @@ def candidates(func: Any, target: Any, lanes: int) -> tuple[str | None, list[tup
 
 
 def _build(sch: Any, target: Any) -> Any:
-    """The kernel as the tuner's builder builds it: loop marks applied, weight packing removed
-    (its weight arrives packed), one function `main`."""
+    """The kernel as the tuner's builder builds it (`build.build_kernel`: loop marks applied,
+    weight packing removed, the cpu build's TIR lowering), one function `main`."""
     import tvm
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
+    from ..build import build_kernel
     from ..schedules.loop_marks import apply_loop_marks_to_module
 
     func = sch.mod["main"].with_attr("global_symbol", "main")
-    mod = apply_loop_marks_to_module(tvm.IRModule({"main": func}))
-    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    return mod["main"], tvm.tirx.build(mod, target=target)
+    mod = tvm.IRModule({"main": func})
+    built = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(apply_loop_marks_to_module(mod))
+    return built["main"], build_kernel(mod, target)
 
 
 def _argument_specs(func: Any, binding: Mapping[str, int]) -> list[dict[str, Any]] | None:

@@ -641,7 +641,28 @@ def apply_database(mod: "tvm.IRModule", target: "tvm.target.Target", db_dir: str
     if restore:
         for gv, func in restore.items():
             applied[gv] = func
+    # the replayed schedules' small accumulator buffers on the stack (or their trace's marks off),
+    # as the tuning builder lowered them (`stack_tiles.replayed_kernel`)
+    from ...machine import machine_model
+    from ..schedules import knobs
+    from ..stack_tiles import replayed_kernel
+
+    machine, on = machine_model(target), knobs.current().stack_tile
+    if on and not knobs.current().stack_tile_replayed:
+        return applied
+    before = {gv.name_hint: f for gv, f in mod.functions_items()}
+    for gv, func in list(applied.functions_items()):
+        if (isinstance(func, tvm.tirx.PrimFunc) and gv not in restore and func.attrs is not None
+                and int(func.attrs.get("tirx.is_scheduled", 0)) == 1 and not _is_scheduled(before.get(gv.name_hint))):
+            applied[gv] = replayed_kernel(func, machine, on)
     return applied
+
+
+def _is_scheduled(func: Any) -> bool:
+    import tvm
+
+    return (isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None
+            and int(func.attrs.get("tirx.is_scheduled", 0)) == 1)
 
 
 def normalize_for_tuning(mod: "tvm.IRModule") -> "tvm.IRModule":
@@ -1309,8 +1330,9 @@ def _measure_variants(task_mod: Any, target: Any, database: Any, builder: Any, r
 
 
 def _build_with_hooks(mod: Any, target: Any, params: Any) -> Any:
-    """The builder's build function (runs in a builder worker): TVM's default build, with a
-    test hook that crashes the worker the first N times (GRAPHOPT_TUNE_TEST_CRASH_BUILDS)."""
+    """The builder's build function (runs in a builder worker): the kernel lowered as the cpu
+    build lowers it (`build.build_kernel`: loop marks, the stack tiles' TIR pipeline for the
+    target's machine model), with a test hook that crashes the worker the first N times (GRAPHOPT_TUNE_TEST_CRASH_BUILDS)."""
     n = int(os.environ.get("GRAPHOPT_TUNE_TEST_CRASH_BUILDS", "0") or 0)
     if n:
         counter = os.environ.get("GRAPHOPT_TUNE_TEST_CRASH_FILE", "")
@@ -1323,8 +1345,19 @@ def _build_with_hooks(mod: Any, target: Any, params: Any) -> Any:
                     f.flush()
                     os.kill(os.getpid(), signal.SIGSEGV)
     cpu_only_intrinsics()
-    from tvm.s_tir.meta_schedule.builder.local_builder import default_build
+    import tvm
+    import tvm.s_tir.tensor_intrin  # noqa: F401 - (as meta_schedule's default build does)
 
-    from ..schedules.loop_marks import apply_loop_marks_to_module
+    from ...machine import machine_model
+    from ..build import build_kernel
+    from ..stack_tiles import replayed_kernel
 
-    return default_build(apply_loop_marks_to_module(mod), target, params)
+    func = mod["main"]
+    root = getattr(func.body, "block", None)  # (a default schedule's root block carries DEFAULT_MARK)
+    if root is None or DEFAULT_MARK not in root.annotations:
+        # a variant or a meta_schedule candidate: the build replays it from the database, marked
+        # (apply_database); the default schedules are rebuilt from today's rules with their own marks
+        funcs = {gv.name_hint: f for gv, f in mod.functions_items()}
+        funcs["main"] = replayed_kernel(func, machine_model(target), True)
+        mod = tvm.IRModule(funcs, attrs=mod.attrs)
+    return build_kernel(mod, target)

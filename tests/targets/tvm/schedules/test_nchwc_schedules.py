@@ -797,3 +797,141 @@ def test_stack_tile_lowering_restates_tvms_pipeline():
         ours = tvm.transform.Sequential(head + tail)(mod)
         theirs = default_s_tir_pipeline()[0](mod)
     tvm.ir.assert_structural_equal(ours, theirs)
+
+
+# --- the tuner lowers as the build does (build.build_kernel, stack_tiles.replayed_kernel) ---------
+# its builder timed the default schedules and their variants with TVM's default lowering (heap
+# workspace tiles), while the build puts marked tiles on the stack; and schedules replayed from the
+# database (variants, meta_schedule's) are lowered with every small "local" buffer on the stack
+
+
+def _candidate(sfunc, default):
+    """`sfunc` as the tuning builder gets it: one `main`, a default schedule's root block marked."""
+    from graphopt.targets.tvm.tuning.tuner import DEFAULT_MARK
+
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": sfunc.with_attr("global_symbol", "main")}))
+    if default:
+        sch.annotate(sch.get_sblock(sfunc.body.block.name_hint), DEFAULT_MARK, "blocked-conv")
+    return sch.mod
+
+
+def _tuning_build(mod, target):
+    from graphopt.targets.tvm.tuning import tuner
+
+    return tuner._build_with_hooks(mod, target, None)
+
+
+def _lib_asm(lib):
+    return lib.inspect_source("asm")
+
+
+def test_tuning_builder_lowers_avx512_tiles_as_the_build():
+    """A default schedule's marked tile: no workspace in the tuning build either, the same code as
+    the cpu build's lowering; an unmarked one (knob off) keeps its workspace (as the build would)."""
+    on, _ = _scheduled(64, 14, 256, True, AVX512, 16)
+    off, _ = _scheduled(64, 14, 256, True, AVX512, 16, OFF)
+    built = _tuning_build(_candidate(on, True), AVX512)
+    assert _workspace_calls(built) == 0
+    assert _lib_asm(built) == _lib_asm(_lib(on, AVX512))
+    assert _workspace_calls(_tuning_build(_candidate(off, True), AVX512)) > 0
+
+
+def test_tuning_builder_replayed_candidates_get_stack_tiles_on_avx512():
+    """A candidate that is not a default schedule (a variant, a meta_schedule schedule) is lowered
+    as apply_database's replay is: its small "local" buffers on the stack, the tile unmarked by the
+    rule (a database tuned before the marks) and a 6x1 tile under kMaxStackAlloca (never marked)."""
+    off, _ = _scheduled(64, 14, 256, True, AVX512, 16, OFF)
+    assert _workspace_calls(_tuning_build(_candidate(off, False), AVX512)) == 0
+    func, _ = _kernel("conv", 64, 14, 64, 1, 1, "relu", flat=6, b=16)
+    small = BlockedConv(ConvTile(6, 1, "ob")).apply(func, AVX512, 16).mod["main"]
+    assert STACK_TILE not in small.script()
+    assert _workspace_calls(_tuning_build(_candidate(small, True), AVX512)) > 0
+    assert _workspace_calls(_tuning_build(_candidate(small, False), AVX512)) == 0
+
+
+def test_tuning_builder_leaves_avx2_kernels_unchanged():
+    """AVX2 (mcpu=haswell): the tuning build of a default schedule and of a replayed one is TVM's
+    default lowering of it, as before (12-ymm tiles are not stack tiles)."""
+    from graphopt.targets.tvm.schedules.loop_marks import apply_loop_marks_to_module
+
+    on, _ = _scheduled(32, 14, 128, True, AVX2, 8)
+    for default in (True, False):
+        mod = _candidate(on, default)
+        theirs = tvm.tirx.build(apply_loop_marks_to_module(mod), target=AVX2)
+        assert _lib_asm(_tuning_build(mod, AVX2)) == _lib_asm(theirs)
+
+
+def test_replayed_kernel_marks_on_avx512_only_and_strips_with_the_knob_off():
+    from graphopt.targets.tvm.stack_tiles import replayed_kernel
+
+    on, _ = _scheduled(64, 14, 256, True, AVX512, 16)
+    off, _ = _scheduled(64, 14, 256, True, AVX512, 16, OFF)
+    m512, m2 = machine_model(AVX512), machine_model(AVX2)
+    assert replayed_kernel(off, m512, True).attrs[STACK_TILE] == 1
+    assert replayed_kernel(off, m2, True) is off
+    stripped = replayed_kernel(on, m512, False)
+    assert STACK_TILE not in stripped.script()
+    tvm.ir.assert_structural_equal(stripped, off)
+    assert _workspace_calls(_lib(stripped, AVX512)) > 0
+
+
+@needs_avx512
+def test_replayed_small_tile_on_the_stack_keeps_numbers():
+    from graphopt.targets.tvm.stack_tiles import replayed_kernel
+
+    func, oshape = _kernel("conv", 64, 14, 64, 1, 1, "relu", flat=6, b=16)
+    small = BlockedConv(ConvTile(6, 1, "ob")).apply(func, AVX512, 16).mod["main"]
+    lib = _lib(replayed_kernel(small, machine_model(AVX512), True), AVX512)
+    assert _workspace_calls(lib) == 0
+    args, ref = _data("conv", 64, 14, 64, 1, 1, b=16)
+    n, ocn, oh, ow = oshape
+    out = tvm.runtime.tensor(np.zeros((n, ocn // 16, oh, ow, 16), np.float32))
+    lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
+    np.testing.assert_allclose(_unblocked(out.numpy()), np.maximum(ref, 0), rtol=1e-4, atol=1e-4)
+
+
+# --- a static ragged tile's copies keep accumulators of their own (loop_marks._tiles_apart) ------
+
+
+def _lowered_locals(sfunc, target):
+    """The "local" allocations of `sfunc` lowered as the build lowers it, up to MakePackedAPI:
+    [(elements, lanes)]."""
+    from graphopt.targets.tvm.stack_tiles import default_passes
+
+    mod = tvm.IRModule({"main": LM.apply_loop_marks(sfunc).with_attr("global_symbol", "main")})
+    mod = tvm.tirx.transform.BindTarget(target.with_host(target))(mod)
+    head, _ = default_passes({})
+    text = tvm.transform.Sequential(head)(mod)["main"].script()
+    return [(int(n), int(x or 1)) for n, x in re.findall(r'T\.alloc_local\(\((\d+),\), "float32(?:x(\d+))?"\)', text)]
+
+
+@pytest.mark.parametrize("h,rt,obt", [(14, 4, 2), (7, 3, 1)])
+def test_ragged_static_tile_is_compacted_to_one_tile(h, rt, obt):
+    """A row the tile does not divide: the whole tiles and the peeled last one each get their own
+    accumulator buffer, compacted to one tile (one shared buffer was placed above the tile loop
+    and spanned the whole row: a heap workspace LLVM could not keep in registers); numbers equal
+    onnxruntime's."""
+    func, oshape = _kernel("conv", 32, h, 16, 3, 1, "relu")
+    sch = BlockedConv(ConvTile(rt, obt, "ob", tail=True)).apply(func, _target(), 8)
+    assert sch is not None
+    sfunc = sch.mod["main"]
+    assert LM.PEEL_LAST in sfunc.script()
+    locals_ = _lowered_locals(sfunc, _target())
+    assert len(locals_) == 2 and all(n * lanes <= rt * obt * 8 for n, lanes in locals_), locals_
+    args, ref = _data("conv", 32, h, 16, 3, 1)
+    np.testing.assert_allclose(_run(sfunc, args, oshape), np.maximum(ref, 0), rtol=1e-4, atol=1e-4)
+
+
+def test_tiles_apart_near_misses():
+    """The copies share their buffer where an iteration's values reach the next one: a reduction's
+    chunk loop (its var bound to a reduce axis), or a buffer also used outside the loop (a conv
+    whose reduction runs in chunks keeps the row's accumulators across its tiles)."""
+    body = ['with T.sblock("r"):', '    v_k = T.axis.reduce(T.int64(64), ko * T.int64(8) + ki)', '    acc[0] = acc[0] + x[v_k]']
+    out = ['    acc = T.sblock_alloc_buffer((T.int64(1),), scope="local")']
+    text = "\n".join(out + body)
+    assert not LM._tiles_apart(text, out, body, "ko")
+    remap = ['with T.sblock("r"):', '    v_i, v_k = T.axis.remap("SR", [i, ko])', '    acc[0] = acc[0] + x[v_k]']
+    assert not LM._tiles_apart("\n".join(out + remap), out, remap, "ko")
+    spatial = ['with T.sblock("r"):', '    v_x = T.axis.spatial(T.int64(64), ko * T.int64(8) + ki)', '    acc[v_x] = x[v_x]']
+    assert LM._tiles_apart("\n".join(out + spatial), out, spatial, "ko")
+    assert not LM._tiles_apart("\n".join(out + spatial + ["y[0] = acc[0]"]), out, spatial, "ko")

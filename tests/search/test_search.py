@@ -540,6 +540,26 @@ def test_two_workers_share_one_study(data, tmp_path):
     assert len({t.number for t in done}) == len(done)
 
 
+@pytest.mark.slow
+def test_two_latency_workers_re_measure_one_at_a_time(data, tmp_path):
+    """With objective latency both workers end by re-measuring the front: the one that finishes
+    first waits for the other's trial, then one re-measures while the other waits, and no trial
+    is re-measured twice (each beside the other's load, as a MiniLM search did)."""
+    storage = f"sqlite:///{tmp_path}/shared.db"
+    code = ("import sys; from graphopt.pipeline_search import Settings, run_search\n"
+            f"run_search(Settings(model={data['model']!r}, eval_data={data['val']!r}, directory=sys.argv[1], "
+            f"calibration={data['cal']!r}, objective='latency', budget='cosine:0.99999', trials=6, latency_seconds=0.3, "
+            f"trial_timeout=120, storage={storage!r}))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f"w{i}")], stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errs
+    remeasured = [line.split(":")[1].strip() for e in errs for line in e.splitlines() if "re-measured" in line and "trial" in line]
+    assert remeasured and len(remeasured) == len(set(remeasured)), errs
+    study = optuna.load_study(study_name="graphopt-search", storage=storage)
+    assert study.user_attrs.get("confirming") == {}  # the mark is released
+
+
 def test_repeated_pipeline_is_answered_from_its_twin(searched, data):
     """(After the other checks of the module's search: it adds trials to that study.)"""
     storage = f"sqlite:///{data['dir'] / 's' / 'study.db'}"

@@ -150,10 +150,9 @@ class Space:
 
     def int8_smoothed(self) -> dict[str, Any] | None:
         """int8 everywhere with SmoothQuant (the middle alpha), where the space offers it."""
-        alphas = [a for a in self.smooth_alphas if a > 0]
-        if not self.smoothable() or not alphas:
+        if not self.smoothable():  # (which needs an alpha above 0)
             return None
-        return {**self.int8_everywhere(), "int8-smooth": alphas[0]}
+        return {**self.int8_everywhere(), "int8-smooth": next(a for a in self.smooth_alphas if a > 0)}
 
     # ------------------------------------------------------------------ pipeline
 
@@ -251,10 +250,11 @@ def layer_groups(model: Any, base: str, count: int = 3) -> tuple[tuple[LayerGrou
     return tuple(groups), notes
 
 
-def contrib_stage(model: Any, base: str, count: int = 3) -> tuple[str, tuple[LayerGroup, ...]]:
+def contrib_stage(based: Any, base: str, count: int) -> tuple[str, tuple[LayerGroup, ...]]:
     """The contrib-ops choice of an onnx-target search: the base's passes again with their
     `contrib-ops` option on (a pipeline that runs after prune and low-rank), and the layer groups
-    quantize sees after it. Offered where it fuses attention into com.microsoft Attention (which
+    quantize sees after it. `based` is the model after `base`; `count` how many layer groups
+    the base's graph has. Offered where it fuses attention into com.microsoft Attention (which
     quantize makes QAttention); ("", ()) elsewhere, or where its groups do not line up with the
     base's. fuse-conv-activation is left out: FusedConv/FusedGemm would hide those layers from
     quantize, and onnxruntime fuses Conv+Relu itself."""
@@ -264,12 +264,11 @@ def contrib_stage(model: Any, base: str, count: int = 3) -> tuple[str, tuple[Lay
         return "", ()
     passes = [p for p in with_contrib_ops(parse_pipeline(base)) if p.name != "fuse-conv-activation"]
     stage = format_pipeline(passes)
-    fused = optimize(optimize(model, base), stage)
+    fused = optimize(based, stage)
     if not any(n.domain == "com.microsoft" and n.op_type == "Attention" for n in fused.graph):
         return "", ()
     groups, _ = layer_groups(fused, "", count)
-    base_groups, _ = layer_groups(model, base, count)
-    if len(groups) != len(base_groups):
+    if len(groups) != count:
         return "", ()
     return stage, groups
 

@@ -382,13 +382,14 @@ class Search:
         else:
             cal = os.path.abspath(s.eval_data)
             self.notes.append(f"no --calibration: the passes calibrate on the evaluation data ({s.eval_data})")
-        groups, notes = layer_groups(model, s.base, s.groups)
+        based = graphopt.optimize(model, s.base) if s.base else model  # (a copy) what the layer groups and the contrib stage read
+        groups, notes = layer_groups(based, "", s.groups)
         self.notes.extend(notes)
         # onnxruntime's CPU provider has no bf16 kernels (convert-precision refuses it there); the
         # compiled targets have bf16 dot products where the host does
         precisions = ("fp32", "fp16") if self.kind == "onnx" else ("fp32", "bf16", "fp16")
         # onnxruntime's com.microsoft ops (QAttention...) only where onnxruntime runs the model
-        contrib, contrib_groups = contrib_stage(model, s.base, s.groups) if self.kind == "onnx" else ("", ())
+        contrib, contrib_groups = contrib_stage(based, s.base, len(groups)) if self.kind == "onnx" else ("", ())
         self.space = Space(base=s.base, groups=groups, calibration=cal, precisions=precisions,
                            round_to=_channel_multiple(s.target) if self.kind != "onnx" else 8,
                            contrib=contrib, contrib_groups=contrib_groups)

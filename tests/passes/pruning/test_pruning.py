@@ -633,6 +633,18 @@ def test_chunk_with_computed_bounds():
 
 
 # --- transformer sublayers: padding tokens, outlier tokens, the LayerNorm after the residual -------
+def masked_model(n: Net, stream: str, d: int) -> Model:
+    """The model of `n`'s nodes: inputs x [N, 16, d] and attention_mask [N, 16] (int64), the
+    output `stream` times the mask (padding rows zeroed, as a sentence encoder's output)."""
+    mask = n.op("Unsqueeze", [n.op("Cast", ["attention_mask"], to=F), n.const(np.array([-1], np.int64))])
+    out = n.op("Mul", [stream, mask])
+    g = helper.make_graph(n.nodes, "g", [helper.make_tensor_value_info("x", F, ["N", 16, d]),
+                                         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", 16])],
+                          [helper.make_tensor_value_info(out, F, None)], initializer=n.inits)
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return graphopt.load(onnx.shape_inference.infer_shapes(proto))
+
+
 def ffn_block(d: int = 16, f: int = 128, seed: int = 3) -> Model:
     """x [N, S, d] (+ attention_mask [N, S]) → MatMul-Add-Relu-MatMul-Add → residual Add →
     LayerNormalization → times the mask: a BERT FFN sublayer whose hidden units can be pruned
@@ -643,13 +655,7 @@ def ffn_block(d: int = 16, f: int = 128, seed: int = 3) -> Model:
     r = n.op("Add", [y, "x"])
     gamma = np.linspace(0.5, 1.5, d).astype(np.float32)
     ln = n.op("LayerNormalization", [r, n.const(gamma), n.const(np.zeros(d, np.float32))], axis=-1)
-    mask = n.op("Unsqueeze", [n.op("Cast", ["attention_mask"], to=F), n.const(np.array([-1], np.int64))])
-    out = n.op("Mul", [ln, mask])
-    g = helper.make_graph(n.nodes, "g", [helper.make_tensor_value_info("x", F, ["N", 16, d]),
-                                         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", 16])],
-                          [helper.make_tensor_value_info(out, F, None)], initializer=n.inits)
-    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    return graphopt.load(onnx.shape_inference.infer_shapes(proto))
+    return masked_model(n, ln, d)
 
 
 def sentences(rng: np.random.Generator, count: int, d: int = 16) -> dict[str, np.ndarray]:
@@ -782,13 +788,7 @@ def ffn_stack(layers: int = 3, d: int = 16, f: int = 64, seed: int = 4) -> Model
         r = n.op("Add", [n.linear(h, f, d, name=f"F2_{i}"), x])
         x = n.op("LayerNormalization", [r, n.const(np.linspace(0.5, 1.5, d).astype(np.float32)),
                                         n.const(np.zeros(d, np.float32))], axis=-1)
-    mask = n.op("Unsqueeze", [n.op("Cast", ["attention_mask"], to=F), n.const(np.array([-1], np.int64))])
-    out = n.op("Mul", [x, mask])
-    g = helper.make_graph(n.nodes, "g", [helper.make_tensor_value_info("x", F, ["N", 16, d]),
-                                         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", 16])],
-                          [helper.make_tensor_value_info(out, F, None)], initializer=n.inits)
-    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    return graphopt.load(onnx.shape_inference.infer_shapes(proto))
+    return masked_model(n, x, d)
 
 
 def test_wave_runner_matches_a_full_run_after_a_rewrite():
